@@ -1,0 +1,186 @@
+"""The one error tree of `ukc`.
+
+Every error the controller raises on purpose is a `UkcError`; its `str()` is one line that
+names the object and gives the numbers, and never contains a secret (tokens, secret env
+values, private keys). The CLI prints that line and maps the class to an exit code.
+
+    UkcError
+    ├── SpecError                 user input is invalid (file, line, field); exit 2, never retried
+    ├── UsageError                bad command-line usage; exit 2
+    ├── LockedError               another applier holds the status file lock
+    ├── BackendError              talking to the cloud / sandbox failed; `retryable` says whether to retry
+    │   ├── ApiError              the platform answered with an error (HTTP status, item code)
+    │   │   ├── AuthError         401/403: wrong or missing token
+    │   │   ├── NotFoundError     item code 8 / empty list
+    │   │   ├── AlreadyExistsError item code 23 / 409
+    │   │   └── RateLimitedError  429 (retry_after seconds when the server said so)
+    │   ├── TransportError        connection refused/reset, TLS, timeouts (retryable)
+    │   └── RemoteError           the sandbox side misbehaved (SSH exec, exec API, hostile data)
+    ├── SandboxNotReadyError      readiness (SSH accepting) not reached in time (also a TimeoutError)
+    ├── SyncError                 the sync engine refused or failed
+    │   ├── SyncHaltedError       a safety guard tripped (missing/emptied root, ...); nothing deleted
+    │   └── HostileEntryError     the sandbox sent a path we refuse to write
+    ├── CommandFailedError        a session command exited non-zero or timed out
+    ├── LocalMetroError           the embedded local metro could not start or answer
+    └── ConvergenceError          apply did not converge within its round cap
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExistsError",
+    "ApiError",
+    "AuthError",
+    "BackendError",
+    "CommandFailedError",
+    "ConvergenceError",
+    "HostileEntryError",
+    "LocalMetroError",
+    "LockedError",
+    "NotFoundError",
+    "RateLimitedError",
+    "RemoteError",
+    "SandboxNotReadyError",
+    "SpecError",
+    "SyncError",
+    "SyncHaltedError",
+    "TransportError",
+    "UkcError",
+    "UsageError",
+]
+
+
+class UkcError(Exception):
+    """Base of every deliberate `ukc` error; `str()` is one secret-free line."""
+
+    exit_code: int = 1
+
+
+class SpecError(UkcError):
+    """A spec file is invalid. Carries where, so the message can point at it."""
+
+    exit_code = 2
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.field = field
+        self.reason = message
+        where = file or "<spec>"
+        if line is not None:
+            where += f":{line}"
+        if field:
+            where += f": {field}"
+        super().__init__(f"{where}: {message}")
+
+
+class UsageError(UkcError):
+    """The command line asks for something impossible."""
+
+    exit_code = 2
+
+
+class LockedError(UkcError):
+    """Another applier holds the lock on the same status file."""
+
+
+class BackendError(UkcError):
+    """Talking to a backend failed. `retryable` carries the retry semantics in the value."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class ApiError(BackendError):
+    """The platform API answered with an error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: int | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        if retryable is None:
+            retryable = status is not None and (status == 429 or status >= 500)
+        super().__init__(message, retryable=retryable)
+
+
+class AuthError(ApiError):
+    """401/403: the token is missing, wrong or revoked."""
+
+
+class NotFoundError(ApiError):
+    """The referenced object does not exist (item code 8 or an empty list)."""
+
+
+class AlreadyExistsError(ApiError):
+    """The name is taken (item code 23 or HTTP 409)."""
+
+
+class RateLimitedError(ApiError):
+    """429. `retry_after` is the server's hint in seconds, when it gave one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, status=429, retryable=True)
+        self.retry_after = retry_after
+
+
+class TransportError(BackendError):
+    """Connection refused/reset, TLS failure, timeout: worth retrying."""
+
+    retryable = True
+
+
+class RemoteError(BackendError):
+    """The sandbox side failed or sent something we do not accept."""
+
+
+class SandboxNotReadyError(UkcError, TimeoutError):
+    """The sandbox did not accept SSH (or the exec API) within the readiness deadline."""
+
+
+class SyncError(UkcError):
+    """The sync engine failed."""
+
+
+class SyncHaltedError(SyncError):
+    """A safety guard tripped; the sync stopped before deleting anything."""
+
+
+class HostileEntryError(SyncError):
+    """The sandbox offered an entry we refuse to write locally."""
+
+
+class CommandFailedError(UkcError):
+    """A session command exited non-zero or timed out."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.command_exit_code = exit_code
+
+
+class LocalMetroError(UkcError):
+    """The embedded local metro could not be started or did not answer."""
+
+
+class ConvergenceError(UkcError):
+    """Apply kept finding work after its round cap."""
+
+    def __init__(self, message: str, *, rounds: int) -> None:
+        super().__init__(message)
+        self.rounds = rounds

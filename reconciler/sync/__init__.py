@@ -1,0 +1,1 @@
+"""The sync engine: local manifests, remote state, batched transfer, guarded deletes, sync-back."""
