@@ -1,0 +1,152 @@
+"""Pure tests of the retry policy: injected clock, sleep and rng; no real waiting."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from reconciler.backends.retry import RetryPolicy, backoff_delays, call_with_retries
+from reconciler.errors import ApiError, RateLimitedError, SpecError, TransportError
+
+
+class FakeClock:
+    """A monotonic clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def failing_then(errors: list[Exception], value: str = "ok") -> tuple[list[int], Callable[[], str]]:
+    calls: list[int] = []
+
+    def fn() -> str:
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return value
+
+    return calls, fn
+
+
+class TestBackoffDelays:
+    def test_delays_are_full_jitter_below_the_doubling_capped_ceiling(self) -> None:
+        policy = RetryPolicy(max_attempts=8, base_s=1.0, cap_s=10.0, deadline_s=1000)
+        delays = list(backoff_delays(policy, random.Random(7)))
+        assert len(delays) == 7
+        ceilings = [1, 2, 4, 8, 10, 10, 10]
+        assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+
+    def test_the_same_seed_gives_the_same_delays(self) -> None:
+        policy = RetryPolicy(max_attempts=5, base_s=0.5, cap_s=4.0, deadline_s=100)
+        rng = random.Random(3)
+        expected = [rng.uniform(0, c) for c in (0.5, 1.0, 2.0, 4.0)]
+        assert list(backoff_delays(policy, random.Random(3))) == expected
+
+    def test_a_policy_with_zero_attempts_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="max_attempts 0"):
+            RetryPolicy(max_attempts=0)
+
+
+class TestCallWithRetries:
+    def test_retryable_errors_are_retried_with_the_jittered_delays(self) -> None:
+        clock = FakeClock()
+        policy = RetryPolicy(max_attempts=4, base_s=1.0, cap_s=8.0, deadline_s=100)
+        calls, fn = failing_then([TransportError("t1"), ApiError("5xx", status=503)])
+        result = call_with_retries(
+            fn,
+            policy=policy,
+            sleep=clock.sleep,
+            monotonic=clock.monotonic,
+            rng=random.Random(11),
+        )
+        assert result == "ok"
+        assert len(calls) == 3
+        assert clock.sleeps == list(backoff_delays(policy, random.Random(11)))[:2]
+
+    def test_a_validation_error_is_never_retried(self) -> None:
+        clock = FakeClock()
+        calls, fn = failing_then([ApiError("bad request", status=400)])
+        with pytest.raises(ApiError, match="bad request"):
+            call_with_retries(
+                fn,
+                policy=RetryPolicy(),
+                sleep=clock.sleep,
+                monotonic=clock.monotonic,
+                rng=random.Random(1),
+            )
+        assert len(calls) == 1
+        assert clock.sleeps == []
+
+    def test_errors_outside_the_backend_tree_are_not_retried(self) -> None:
+        clock = FakeClock()
+        calls, fn = failing_then([SpecError("broken")])
+        with pytest.raises(SpecError):
+            call_with_retries(
+                fn,
+                policy=RetryPolicy(),
+                sleep=clock.sleep,
+                monotonic=clock.monotonic,
+                rng=random.Random(1),
+            )
+        assert len(calls) == 1
+
+    def test_retry_after_is_a_floor_for_the_wait(self) -> None:
+        clock = FakeClock()
+        policy = RetryPolicy(max_attempts=3, base_s=0.1, cap_s=0.2, deadline_s=100)
+        calls, fn = failing_then([RateLimitedError("429", retry_after=7.5)])
+        assert (
+            call_with_retries(
+                fn,
+                policy=policy,
+                sleep=clock.sleep,
+                monotonic=clock.monotonic,
+                rng=random.Random(2),
+            )
+            == "ok"
+        )
+        assert clock.sleeps == [7.5]
+        assert len(calls) == 2
+
+    def test_giving_up_at_the_deadline_raises_the_last_error_without_sleeping_past_it(
+        self,
+    ) -> None:
+        clock = FakeClock()
+        policy = RetryPolicy(max_attempts=10, base_s=1.0, cap_s=1.0, deadline_s=5.0)
+        errors: list[Exception] = [RateLimitedError("first", retry_after=3.0)]
+        errors.append(RateLimitedError("second", retry_after=3.0))
+        calls, fn = failing_then(errors)
+        with pytest.raises(RateLimitedError, match="second"):
+            call_with_retries(
+                fn,
+                policy=policy,
+                sleep=clock.sleep,
+                monotonic=clock.monotonic,
+                rng=random.Random(2),
+            )
+        assert clock.sleeps == [3.0]
+        assert len(calls) == 2
+
+    def test_running_out_of_attempts_raises_the_last_error(self) -> None:
+        clock = FakeClock()
+        policy = RetryPolicy(max_attempts=3, base_s=0.0, cap_s=0.0, deadline_s=100)
+        calls, fn = failing_then([TransportError(f"t{i}") for i in range(5)])
+        with pytest.raises(TransportError, match="t2"):
+            call_with_retries(
+                fn,
+                policy=policy,
+                sleep=clock.sleep,
+                monotonic=clock.monotonic,
+                rng=random.Random(2),
+            )
+        assert len(calls) == 3
+        assert clock.sleeps == [0.0, 0.0]
