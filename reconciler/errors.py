@@ -8,17 +8,17 @@ values, private keys). The CLI prints that line and maps the class to an exit co
     ├── SpecError                 user input is invalid (file, line, field); exit 2, never retried
     ├── UsageError                bad command-line usage; exit 2
     ├── LockedError               another applier holds the status file lock
-    ├── BackendError              talking to the cloud / sandbox failed; `retryable` says whether to retry
+    ├── BackendError              talking to the cloud or a sandbox failed; `retryable` says if
     │   ├── ApiError              the platform answered with an error (HTTP status, item code)
     │   │   ├── AuthError         401/403: wrong or missing token
     │   │   ├── NotFoundError     item code 8 / empty list
     │   │   ├── AlreadyExistsError item code 23 / 409
     │   │   └── RateLimitedError  429 (retry_after seconds when the server said so)
     │   ├── TransportError        connection refused/reset, TLS, timeouts (retryable)
-    │   └── RemoteError           the sandbox side misbehaved (SSH exec, exec API, hostile data)
-    ├── SandboxNotReadyError      readiness (SSH accepting) not reached in time (also a TimeoutError)
+    │   └── RemoteError           the sandbox side misbehaved (SSH exec, exec API)
+    ├── SandboxNotReadyError      SSH not accepting in time (also a TimeoutError)
     ├── SyncError                 the sync engine refused or failed
-    │   ├── SyncHaltedError       a safety guard tripped (missing/emptied root, ...); nothing deleted
+    │   ├── SyncHaltedError       a safety guard tripped (missing/emptied root); nothing deleted
     │   └── HostileEntryError     the sandbox sent a path we refuse to write
     ├── CommandFailedError        a session command exited non-zero or timed out
     ├── LocalMetroError           the embedded local metro could not start or answer

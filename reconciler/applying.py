@@ -1,0 +1,178 @@
+"""The reconcile loop: observe → plan → execute, repeated until the plan is empty.
+
+Level-triggered: every round re-observes the cloud and the local trees, and the pure planner
+decides again from scratch; the executor only performs. A session that failed in this run is
+left alone for the remaining rounds (its sandbox is kept for inspection). The loop stops when a
+round plans nothing, or raises `ConvergenceError` after `max_rounds`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from reconciler import actions, errors, observer, planner, status
+from reconciler.executor import Executor, SessionOutcome
+from reconciler.metro import MetroRegistry
+from reconciler.reporting import Event, Reporter
+
+__all__ = ["ApplyResult", "apply_group", "plan_group"]
+
+
+@dataclass
+class ApplyResult:
+    ok: bool
+    plan: actions.Plan
+    rounds: int
+    outcomes: dict[str, SessionOutcome] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def plan_group(
+    group: observer.Group,
+    *,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    prune: bool = False,
+    now: Callable[[], float] = time.time,
+) -> tuple[actions.Plan, observer.Observation]:
+    """What apply would do right now (reads only; takes no lock)."""
+    doc = status.load(group.status_path)
+    obs = observer.observe(group, doc, metros, environ)
+    plan = planner.plan(obs.desired, obs.instances, doc, now(), prune=prune, owned=obs.owned)
+    return plan, obs
+
+
+def apply_group(
+    group: observer.Group,
+    *,
+    metros: MetroRegistry,
+    reporter: Reporter,
+    environ: Mapping[str, str],
+    prune: bool = False,
+    concurrency: int = 8,
+    lock_timeout_s: float = 0.0,
+    max_rounds: int = 3,
+    now: Callable[[], float] = time.time,
+    only: set[str] | None = None,
+) -> ApplyResult:
+    """Converge every session of `group` (one status file) and write its status."""
+    with status.lock(group.status_path, timeout_s=lock_timeout_s):
+        doc = status.load(group.status_path)
+        doc_lock = threading.Lock()
+        failed: dict[str, str] = {}
+        outcomes: dict[str, SessionOutcome] = {}
+        first_plan: actions.Plan | None = None
+        rounds = 0
+        obs: observer.Observation | None = None
+        ran: set[tuple[str, str]] = set()
+        while True:
+            obs = observer.observe(group, doc, metros, environ, only=only)
+            doc.project = obs.project
+            for name, why in obs.halted.items():
+                failed.setdefault(name, why)
+            desired = [d for d in obs.desired if d.name not in failed]
+            plan = planner.plan(
+                desired, obs.instances, doc, now(), prune=prune and not failed, owned=obs.owned
+            )
+            if first_plan is None:
+                first_plan = plan
+            if plan.empty:
+                break
+            rounds += 1
+            if rounds > max_rounds:
+                raise errors.ConvergenceError(
+                    f"apply still had work after {max_rounds} rounds: "
+                    + "; ".join(a.describe() for s in plan.sessions for a in s.changes)[:300],
+                    rounds=max_rounds,
+                )
+            executor = Executor(
+                group=group,
+                doc=doc,
+                observation=obs,
+                metros=metros,
+                reporter=reporter,
+                doc_lock=doc_lock,
+                ran=ran,
+            )
+            work = [s for s in plan.sessions if s.changes]
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+                for outcome in pool.map(executor.run_session, work):
+                    prev = outcomes.get(outcome.session)
+                    if prev is not None:
+                        outcome.ran_commands += prev.ran_commands
+                    outcomes[outcome.session] = outcome
+                    if not outcome.ok:
+                        failed[outcome.session] = outcome.error
+            if plan.prunes and not failed:
+                for prune_action in plan.prunes:
+                    pruned = executor.run_session(
+                        actions.SessionPlan(prune_action.session, (prune_action,))
+                    )
+                    outcomes[pruned.session] = pruned
+                    if not pruned.ok:
+                        failed[pruned.session] = pruned.error
+        assert obs is not None and first_plan is not None
+        _finalize(group, doc, obs, failed, reporter, ran)
+        return ApplyResult(
+            ok=not failed, plan=first_plan, rounds=rounds, outcomes=outcomes, failed=failed
+        )
+
+
+def _finalize(
+    group: observer.Group,
+    doc: status.StatusDoc,
+    obs: observer.Observation,
+    failed: Mapping[str, str],
+    reporter: Reporter,
+    ran: set[tuple[str, str]],
+) -> None:
+    """Record the converged state of every desired session; write only if something changed."""
+    before = doc.model_dump(mode="json", exclude={"updated_at"})
+    now = status.utc_now()
+    for desired in obs.desired:
+        name = desired.name
+        rec = doc.sessions.setdefault(name, status.SessionStatus())
+        rec.spec_hash = desired.spec_hash
+        rec.observed_generation = desired.spec_hash
+        rec.spec_file = str(obs.contexts[name].loaded.file)
+        rec.metro = desired.metro
+        inst = obs.instances.get(desired.instance_name)
+        if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
+            rec.instance.state = inst.state
+            rec.instance.fqdn = inst.fqdn
+        if desired.ttl_s is not None and rec.created_at:
+            created = planner._parse_time(rec.created_at)
+            if created is not None:
+                rec.expires_at = time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created + desired.ttl_s)
+                )
+        wanted = {c.name for c in desired.commands}
+        for cmd in rec.commands:
+            cmd.skipped = (name, cmd.name) not in ran
+        order = {c.name: i for i, c in enumerate(desired.commands)}
+        rec.commands = sorted(
+            (c for c in rec.commands if c.name in wanted), key=lambda c: order[c.name]
+        )
+        if name in failed:
+            if rec.phase != "Failed":
+                rec.phase = "Failed"
+                rec.message = failed[name]
+                status.set_condition(rec, "Ready", "False", "Failed", failed[name], now)
+            continue
+        if rec.phase in ("Expired", "Deleted") and inst is None:
+            continue
+        rec.phase = "Ready"
+        rec.message = ""
+        status.set_condition(rec, "InstanceReady", "True", "Running", "", now)
+        status.set_condition(rec, "Synced", "True", "Synced", "", now)
+        status.set_condition(rec, "CommandsSucceeded", "True", "Succeeded", "", now)
+        status.set_condition(rec, "Ready", "True", "Converged", "", now)
+        reporter.event(Event(name, "done", "ready"))
+    after = doc.model_dump(mode="json", exclude={"updated_at"})
+    if after != before or not group.status_path.exists():
+        doc.sessions = dict(sorted(doc.sessions.items()))
+        status.save(group.status_path, doc)

@@ -1,0 +1,411 @@
+"""`ukc`: the command line. Parses, builds the backends (composition root), calls the loop,
+renders. No logic of its own.
+
+Exit codes: 0 success (for `plan --detailed-exitcode`: nothing to do), 1 an action or a
+command failed, 2 invalid usage or spec (2 is also "changes pending" with
+`--detailed-exitcode`, as in Terraform).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from reconciler import actions, errors, observer, spec, status
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_paths_arg = click.argument(
+    "paths", nargs=-1, type=click.Path(path_type=Path, exists=False, dir_okay=True)
+)
+
+
+def _guard(fn: F) -> F:
+    """Turn every deliberate error into one line and its exit code; tracebacks only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug")) or os.environ.get("UKC_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except errors.UkcError as err:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _debug_option(fn: F) -> F:
+    return click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
+
+
+def _load(paths: Sequence[Path], status_override: Path | None) -> list[observer.Group]:
+    specset = spec.load_specs(list(paths) or [Path(".")], os.environ)
+    groups = observer.group_sessions(specset.sessions)
+    if not groups:
+        # No sessions: still a group per given directory, so prune/status know where to look.
+        for p in list(paths) or [Path(".")]:
+            base = p if p.is_dir() else p.parent
+            groups.append(observer.Group(base.resolve(), []))
+    if status_override is not None:
+        for g in groups:
+            g.status_override = status_override
+    return groups
+
+
+def _reporter(output: str) -> Any:
+    from reconciler import reporting
+
+    if output == "json":
+        return reporting.RecordingReporter()
+    if sys.stdout.isatty() and os.environ.get("TERM", "") not in ("", "dumb"):
+        return reporting.LiveReporter()
+    return reporting.PlainReporter()
+
+
+def _metros() -> Any:
+    from reconciler.metro import MetroRegistry
+
+    return MetroRegistry(os.environ)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ukc")
+def cli() -> None:
+    """Declarative Unikraft Cloud sandbox sessions."""
+
+
+@cli.command()
+@_paths_arg
+@_debug_option
+@_guard
+def validate(paths: tuple[Path, ...], debug: bool) -> None:
+    """Check spec files without contacting anything."""
+    specset = spec.load_specs(list(paths) or [Path(".")], os.environ)
+    for loaded in specset.sessions:
+        click.echo(f"ok  {loaded.spec.name}  ({loaded.file}:{loaded.line})")
+    click.echo(f"{len(specset.sessions)} session(s) valid")
+
+
+def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
+    lines: list[str] = []
+    marks = {
+        actions.CreateInstance: "+",
+        actions.DeleteInstance: "-",
+        actions.StartInstance: "^",
+        actions.WaitReady: " ",
+        actions.SyncUp: "~",
+        actions.RunCommand: ">",
+        actions.SyncBack: "<",
+    }
+    for splan in plan.sessions:
+        if not splan.changes:
+            lines.append(f"session {splan.session}: up to date")
+            if verbose:
+                lines.extend(f"    = {n}" for n in splan.noops)
+            continue
+        lines.append(f"session {splan.session}:")
+        for act in splan.actions:
+            if isinstance(act, actions.WaitReady):
+                continue
+            lines.append(f"  {marks[type(act)]} {act.describe()}")
+        if verbose:
+            lines.extend(f"    = {n}" for n in splan.noops)
+    if plan.prunes:
+        lines.append("prune:")
+        lines.extend(f"  - {p.describe()}" for p in plan.prunes)
+    creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
+    runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
+    files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
+    deletes = sum(isinstance(a, actions.DeleteInstance) for s in plan.sessions for a in s.actions)
+    deletes += len(plan.prunes)
+    lines.append(
+        f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
+        f"{runs} command(s) to run."
+        if not plan.empty
+        else "No changes. Sessions match their specs."
+    )
+    return lines
+
+
+def _plan_json(plan: actions.Plan) -> dict[str, Any]:
+    def act(a: actions.Action) -> dict[str, Any]:
+        d = {k: v for k, v in a.__dict__.items()}
+        d["action"] = type(a).__name__
+        d["description"] = a.describe()
+        return d
+
+    return {
+        "empty": plan.empty,
+        "sessions": {
+            s.session: {"actions": [act(a) for a in s.changes], "noops": list(s.noops)}
+            for s in plan.sessions
+        },
+        "prunes": [act(p) for p in plan.prunes],
+    }
+
+
+@cli.command()
+@_paths_arg
+@click.option("--prune", is_flag=True, help="Also plan deleting owned sessions no spec declares.")
+@click.option(
+    "--detailed-exitcode", is_flag=True, help="Exit 0 when nothing to do, 2 when changes."
+)
+@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
+@click.option("-v", "--verbose", is_flag=True, help="Also show why unchanged things are fine.")
+@_debug_option
+@_guard
+def plan(
+    paths: tuple[Path, ...],
+    prune: bool,
+    detailed_exitcode: bool,
+    output: str,
+    status_path: Path | None,
+    verbose: bool,
+    debug: bool,
+) -> None:
+    """Show what apply would do, and why (files to send, commands to re-run)."""
+    from reconciler import applying
+
+    metros = _metros()
+    try:
+        pending = False
+        doc_out: dict[str, Any] = {}
+        for group in _load(paths, status_path):
+            the_plan, _ = applying.plan_group(group, metros=metros, environ=os.environ, prune=prune)
+            pending = pending or not the_plan.empty
+            if output == "json":
+                doc_out[str(group.base_dir)] = _plan_json(the_plan)
+            else:
+                for line in _render_plan(the_plan, verbose):
+                    click.echo(line)
+        if output == "json":
+            click.echo(json.dumps(doc_out, indent=2))
+    finally:
+        metros.close()
+    if detailed_exitcode and pending:
+        sys.exit(2)
+
+
+@cli.command()
+@_paths_arg
+@click.option("--prune", is_flag=True, help="Delete owned sessions that no spec declares.")
+@click.option("--allow-empty", is_flag=True, help="Allow --prune with no sessions declared.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True)
+@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
+@click.option("--lock-timeout", type=float, default=0.0, help="Seconds to wait for the lock.")
+@click.option("--session", "only", multiple=True, help="Only these sessions (partial run).")
+@_debug_option
+@_guard
+def apply(
+    paths: tuple[Path, ...],
+    prune: bool,
+    allow_empty: bool,
+    concurrency: int,
+    output: str,
+    status_path: Path | None,
+    lock_timeout: float,
+    only: tuple[str, ...],
+    debug: bool,
+) -> None:
+    """Converge sessions to their specs: create, sync, run, bring back; write the status file."""
+    from reconciler import applying
+
+    groups = _load(paths, status_path)
+    if prune and not allow_empty and all(not g.sessions for g in groups):
+        raise errors.UsageError(
+            "refusing to prune: the specs declare no session (pass --allow-empty to delete all)"
+        )
+    if prune and only:
+        raise errors.UsageError("--prune cannot be combined with --session")
+    reporter = _reporter(output)
+    metros = _metros()
+    ok = True
+    summary: dict[str, Any] = {}
+    try:
+        for group in groups:
+            result = applying.apply_group(
+                group,
+                metros=metros,
+                reporter=reporter,
+                environ=os.environ,
+                prune=prune,
+                concurrency=concurrency,
+                lock_timeout_s=lock_timeout,
+                only=set(only) or None,
+            )
+            ok = ok and result.ok
+            summary[str(group.base_dir)] = {
+                "ok": result.ok,
+                "rounds": result.rounds,
+                "failed": result.failed,
+                "plan": _plan_json(result.plan),
+                "status": str(group.status_path),
+            }
+    finally:
+        reporter.close()
+        metros.close()
+    if output == "json":
+        click.echo(json.dumps({"ok": ok, "groups": summary}, indent=2))
+    else:
+        for item in summary.values():
+            for name, why in item["failed"].items():
+                click.echo(f"[{name}] FAILED: {why}", err=True)
+            click.echo(f"status: {item['status']}")
+    if not ok:
+        sys.exit(1)
+
+
+@cli.command()
+@_paths_arg
+@click.option("--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
+@_debug_option
+@_guard
+def status_cmd(paths: tuple[Path, ...], output: str, status_path: Path | None, debug: bool) -> None:
+    """Show the status file (what the last apply recorded)."""
+    groups = _load(paths, status_path)
+    docs = {str(g.status_path): status.load(g.status_path) for g in groups}
+    if output == "json":
+        click.echo(json.dumps({p: d.model_dump(mode="json") for p, d in docs.items()}, indent=2))
+        return
+    for path, doc in docs.items():
+        click.echo(f"{path}:")
+        if not doc.sessions:
+            click.echo("  (no sessions recorded)")
+        for name, rec in doc.sessions.items():
+            inst = rec.instance
+            where = f"{inst.name} {inst.state} {inst.fqdn or ''}".strip() if inst else "-"
+            click.echo(f"  {name:<20} {rec.phase:<10} {where}")
+            for cmd in rec.commands:
+                state = "skipped" if cmd.skipped else f"exit {cmd.exit_code}"
+                if cmd.timed_out:
+                    state = "timed out"
+                click.echo(f"      {cmd.name:<18} {state}")
+            if rec.message:
+                click.echo(f"      {rec.message}")
+
+
+cli.add_command(status_cmd, name="status")
+
+
+@cli.command()
+@_paths_arg
+@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
+@click.option("--lock-timeout", type=float, default=0.0)
+@_debug_option
+@_guard
+def delete(
+    paths: tuple[Path, ...], status_path: Path | None, lock_timeout: float, debug: bool
+) -> None:
+    """Delete the sessions the given specs declare (instances, keys, sync records)."""
+    from reconciler import deleting
+
+    metros = _metros()
+    reporter = _reporter("text")
+    ok = True
+    try:
+        for group in _load(paths, status_path):
+            ok = (
+                deleting.delete_group(
+                    group,
+                    metros=metros,
+                    reporter=reporter,
+                    environ=os.environ,
+                    lock_timeout_s=lock_timeout,
+                )
+                and ok
+            )
+    finally:
+        reporter.close()
+        metros.close()
+    if not ok:
+        sys.exit(1)
+
+
+@cli.group()
+def local() -> None:
+    """Manage the embedded local metro (an offline UKC emulator)."""
+
+
+@local.command("start")
+@_guard
+def local_start() -> None:
+    """Start the local metro daemon (if it is not running)."""
+    from reconciler.local import daemon
+
+    info = daemon.ensure_running()
+    click.echo(f"local metro running: {info.api_url} (pid {info.pid}, state {info.state_dir})")
+
+
+@local.command("stop")
+@_guard
+def local_stop() -> None:
+    """Stop the local metro and every sandbox it runs (instances are kept on disk)."""
+    from reconciler.local import daemon
+
+    click.echo("local metro stopped" if daemon.stop() else "local metro was not running")
+
+
+@local.command("status")
+@_guard
+def local_status() -> None:
+    """Say whether the local metro runs, and where."""
+    from reconciler.local import daemon
+
+    info = daemon.status()
+    if info is None:
+        click.echo("local metro: not running")
+        sys.exit(3)
+    click.echo(f"local metro: running, pid {info.pid}, api {info.api_url}, state {info.state_dir}")
+
+
+@local.command("env")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+@_guard
+def local_env(as_json: bool) -> None:
+    """How a client outside ukc reaches the local metro (API URL, token, edge ports, CA)."""
+    from reconciler.local import daemon
+
+    info = daemon.ensure_running()
+    data = {
+        "api_url": info.api_url,
+        "token": info.token,
+        "ca": str(info.ca_path),
+        "app_domain": info.app_domain,
+        "edge_host": info.edge_host,
+        "ports": {str(k): f"{info.edge_host}:{v}" for k, v in sorted(info.edge_ports.items())},
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"export UKC_METRO={data['api_url']}")
+    click.echo(f"export UKC_TOKEN={info.token}")
+    click.echo(f"export UKC_LOCAL_CA={data['ca']}")
+    for port, addr in data["ports"].items():
+        click.echo(f"# public port {port} -> {addr} (TLS, SNI = instance fqdn)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="ukc")
+
+
+if __name__ == "__main__":
+    main()

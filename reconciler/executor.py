@@ -1,0 +1,486 @@
+"""The executor: performs a session's planned actions, in order, and journals each one.
+
+It decides nothing: the plan says what and in which order; the executor talks to the backends
+(`CloudApi`, the SSH `RemoteShell`, the sync engine, the exec runners), records results in the
+status document after every step (so a kill at any point leaves an honest journal), and stops
+a session at its first failure. One SSH connection per session is opened at `WaitReady` and
+reused by sync, commands and sync-back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler import actions, errors, naming, status
+from reconciler.backends import CreateRequest, Instance, RemoteShell, Service
+from reconciler.backends import commands as remote_commands
+from reconciler.backends import ssh as ssh_backend
+from reconciler.backends.httpexec import HttpExec
+from reconciler.metro import MetroConnection, MetroRegistry
+from reconciler.observer import Group, Observation, SessionContext
+from reconciler.reporting import Event, Reporter
+from reconciler.sync import engine as sync_engine
+
+__all__ = ["Executor", "Redactor", "SessionOutcome"]
+
+#: public ports every session instance gets: SSH through the TLS edge, and the image's exec API
+SESSION_SERVICES = (
+    Service(2222, 2222, ("tls",)),
+    Service(443, 8080, ("tls", "http")),
+)
+#: the original workflow's scale-to-zero: idle sessions cost nothing, memory kept (stateful)
+SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
+
+
+class Redactor:
+    """Replaces secret values in any text before it is shown or stored."""
+
+    def __init__(self, values: Sequence[str]) -> None:
+        # Longest first so a secret containing another is masked whole.
+        self._values = sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for value in self._values:
+            text = text.replace(value, "***")
+        return text
+
+
+@dataclass
+class SessionOutcome:
+    session: str
+    ok: bool
+    error: str = ""
+    ran_commands: int = 0
+    changed: bool = False
+
+
+@dataclass
+class _Run:
+    """Mutable per-session state during one execution."""
+
+    inst: Instance | None
+    shell: RemoteShell | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        group: Group,
+        doc: status.StatusDoc,
+        observation: Observation,
+        metros: MetroRegistry,
+        reporter: Reporter,
+        doc_lock: threading.Lock,
+        ready_timeout_s: float = 60.0,
+        boot_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        ran: set[tuple[str, str]] | None = None,
+    ) -> None:
+        self.group = group
+        self.doc = doc
+        self.obs = observation
+        self.metros = metros
+        self.reporter = reporter
+        self.doc_lock = doc_lock
+        self.ready_timeout_s = ready_timeout_s
+        self.boot_timeout_s = boot_timeout_s
+        self.clock = clock
+        #: (session, command) pairs that ran in this apply; the rest are reported as skipped
+        self.ran = ran if ran is not None else set()
+
+    # -- journal ---------------------------------------------------------------------------
+
+    def _record(self, session: str) -> status.SessionStatus:
+        with self.doc_lock:
+            return self.doc.sessions.setdefault(session, status.SessionStatus())
+
+    def save(self) -> None:
+        with self.doc_lock:
+            status.save(self.group.status_path, self.doc)
+
+    def _say(self, session: str, kind: str, text: str, stream: str = "") -> None:
+        self.reporter.event(Event(session, kind, text, stream))
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def run_session(self, splan: actions.SessionPlan) -> SessionOutcome:
+        name = splan.session
+        ctx = self.obs.contexts.get(name)
+        run = _Run(inst=self.obs.owned.get(name))
+        outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
+        redact = Redactor(ctx.secret_values if ctx is not None else ())
+        try:
+            for action in splan.actions:
+                self._say(name, "action", action.describe())
+                started = self.clock()
+                self._dispatch(action, ctx, run, redact, outcome)
+                phase = _phase_of(action)
+                run.timings[phase] = run.timings.get(phase, 0.0) + self.clock() - started
+        except errors.UkcError as err:
+            outcome.ok = False
+            outcome.error = redact(str(err))
+            self._fail(name, outcome.error, err)
+        finally:
+            if run.shell is not None:
+                with contextlib.suppress(Exception):
+                    run.shell.close()
+            with self.doc_lock:
+                rec = self.doc.sessions.get(name)
+                if rec is not None and run.timings:
+                    rec.timings = {k: round(v, 3) for k, v in run.timings.items()}
+            self.save()
+        return outcome
+
+    def _fail(self, name: str, message: str, err: errors.UkcError) -> None:
+        rec = self._record(name)
+        now = status.utc_now()
+        with self.doc_lock:
+            rec.phase = "Failed"
+            rec.message = message
+            reason = type(err).__name__.removesuffix("Error") or "Error"
+            status.set_condition(rec, "Ready", "False", reason, message, now)
+        self._say(name, "failed", message)
+
+    def _dispatch(
+        self,
+        action: actions.Action,
+        ctx: SessionContext | None,
+        run: _Run,
+        redact: Redactor,
+        outcome: SessionOutcome,
+    ) -> None:
+        if isinstance(action, actions.DeleteInstance):
+            self._delete(action, ctx, run)
+            return
+        if ctx is None:
+            raise errors.UsageError(f"session {action.session!r} has no spec in this run")
+        conn = self.metros.get(ctx.desired.metro)
+        if isinstance(action, actions.CreateInstance):
+            self._create(action, ctx, conn, run)
+        elif isinstance(action, actions.StartInstance):
+            conn.api.start_instance(action.instance_name)
+            run.inst = self._await_up(conn, action.instance_name, action.session)
+            self._note_instance(action.session, run.inst)
+        elif isinstance(action, actions.WaitReady):
+            self._wait_ready(ctx, conn, run)
+        elif isinstance(action, actions.SyncUp):
+            self._sync_up(ctx, run)
+        elif isinstance(action, actions.RunCommand):
+            outcome.ran_commands += 1
+            self._run_command(action, ctx, conn, run, redact)
+        elif isinstance(action, actions.SyncBack):
+            self._sync_back(ctx, run)
+
+    # -- instance lifecycle ----------------------------------------------------------------
+
+    def _create(
+        self,
+        action: actions.CreateInstance,
+        ctx: SessionContext,
+        conn: MetroConnection,
+        run: _Run,
+    ) -> None:
+        session = action.session
+        public_key = ssh_backend.ensure_keypair(ctx.key_path)
+        rec = self._record(session)
+        with self.doc_lock:
+            # Journal the intent before the side effect: a lost answer is then adopted, not
+            # duplicated (the name is deterministic).
+            rec.phase = "Progressing"
+            rec.metro = conn.label
+            rec.spec_hash = ctx.desired.spec_hash
+            rec.spec_file = str(ctx.loaded.file)
+            rec.instance = status.InstanceRecord(
+                name=action.instance_name, uuid="", metro=conn.label, state="creating"
+            )
+            rec.sync = status.SyncRecord()
+        self.save()
+        request = CreateRequest(
+            name=action.instance_name,
+            image=ctx.desired.image,
+            env={"PUBKEY": public_key},
+            tags=ctx.desired.tags,
+            memory_mb=ctx.loaded.spec.memory_mb,
+            services=SESSION_SERVICES,
+            scale_to_zero=SESSION_SCALE_TO_ZERO,
+            autostart=True,
+        )
+        try:
+            conn.api.create_instance(request)
+        except errors.AlreadyExistsError:
+            found = conn.api.get_instance(action.instance_name)
+            if found is None:
+                raise
+            if naming.session_from_tags(found.tags, self.obs.project) != session:
+                raise errors.ApiError(
+                    f"instance name {action.instance_name} on metro {conn.label} is taken by "
+                    "an instance ukc does not own; rename the session"
+                ) from None
+            self._say(session, "info", f"adopted existing instance {found.name}")
+        run.inst = self._await_up(conn, action.instance_name, session)
+        self._note_instance(session, run.inst)
+
+    def _await_up(self, conn: MetroConnection, name: str, session: str) -> Instance:
+        """Until the instance runs (or sits in standby, which wakes on traffic)."""
+        deadline = self.clock() + self.boot_timeout_s
+        while True:
+            inst = conn.api.get_instance(name)
+            if inst is None:
+                raise errors.NotFoundError(f"instance {name} vanished while starting")
+            if inst.state in ("running", "standby"):
+                return inst
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise errors.SandboxNotReadyError(
+                    f"instance {name} of session {session!r} is still {inst.state} after "
+                    f"{self.boot_timeout_s:.0f}s"
+                )
+            if inst.state == "stopped" and inst.start_count:
+                raise errors.RemoteError(f"instance {name} stopped while booting")
+            with contextlib.suppress(errors.SandboxNotReadyError):
+                conn.api.wait_instance(name, "running", min(remaining, 5.0))
+
+    def _note_instance(self, session: str, inst: Instance) -> None:
+        rec = self._record(session)
+        with self.doc_lock:
+            host_key = (
+                rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
+            )
+            rec.instance = status.InstanceRecord(
+                name=inst.name,
+                uuid=inst.uuid,
+                fqdn=inst.fqdn,
+                metro=inst.metro or rec.metro,
+                state=inst.state,
+                created_at=inst.created_at,
+                start_count=inst.start_count,
+                host_key=host_key,
+            )
+            rec.created_at = inst.created_at
+        self.save()
+
+    def _delete(
+        self, action: actions.DeleteInstance, ctx: SessionContext | None, run: _Run
+    ) -> None:
+        conn = self.metros.get(action.metro)
+        if run.shell is not None:
+            run.shell.close()
+            run.shell = None
+        conn.api.delete_instance(action.instance_name)
+        run.inst = None
+        self.forget_local(action)
+
+    def forget_local(self, action: actions.DeleteInstance) -> None:
+        """The local half of a delete: journal it, and with `forget` drop key and sync records."""
+        rec = self._record(action.session)
+        with self.doc_lock:
+            if rec.instance is not None:
+                rec.instance.state = "deleted"
+            rec.sync = status.SyncRecord()
+            if action.forget:
+                rec.phase = action.final_phase  # type: ignore[assignment]
+                rec.commands = []
+                rec.message = action.reason
+                status.set_condition(
+                    rec, "Ready", "False", action.final_phase, action.reason, status.utc_now()
+                )
+        if action.forget:
+            key = self.group.state_dir / "keys" / action.session
+            for path in (key, key.with_name(key.name + ".pub")):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            ctx = self.obs.contexts.get(action.session)
+            if ctx is not None:
+                sync_engine.forget(ctx.sync_options)
+            else:
+                _forget_sync_dir(self.group.state_dir / "sync" / action.session)
+        self.save()
+
+    # -- shell work ------------------------------------------------------------------------
+
+    def _wait_ready(self, ctx: SessionContext, conn: MetroConnection, run: _Run) -> None:
+        if run.shell is not None:
+            return
+        inst = run.inst
+        if inst is None:
+            raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
+        if not inst.fqdn:
+            raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
+        rec = self._record(ctx.desired.name)
+        expected = (
+            rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
+        )
+        shell = ssh_backend.wait_ssh_ready(
+            conn.dialer,
+            inst.fqdn,
+            key_path=ctx.key_path,
+            deadline_s=self.ready_timeout_s,
+            expected_host_key=expected,
+        )
+        run.shell = shell
+        with self.doc_lock:
+            if rec.instance is not None:
+                rec.instance.host_key = shell.host_key_fingerprint
+
+    def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
+        assert run.shell is not None and run.inst is not None
+        result = sync_engine.push(
+            run.shell,
+            ctx.sync_options,
+            instance_uuid=run.inst.uuid,
+            local=ctx.manifest,  # type: ignore[arg-type]
+        )
+        rec = self._record(ctx.desired.name)
+        with self.doc_lock:
+            rec.sync = status.SyncRecord(
+                digest=result.digest,
+                instance_uuid=run.inst.uuid,
+                start_count=run.inst.start_count,
+                files=ctx.desired.tree.files,
+                bytes=ctx.desired.tree.bytes,
+                last_synced_at=status.utc_now(),
+                last_files_sent=result.files_sent,
+                last_bytes_sent=result.bytes_sent,
+                last_deleted=result.deleted,
+                remote_scanned=result.remote_scanned,
+            )
+            status.set_condition(
+                rec,
+                "Synced",
+                "True",
+                "Synced",
+                f"{result.files_sent} file(s) sent, {result.deleted} deleted",
+                status.utc_now(),
+            )
+        self._say(
+            ctx.desired.name,
+            "info",
+            f"synced: {result.files_sent} file(s) sent ({result.bytes_sent} bytes), "
+            f"{result.deleted} deleted" + (", remote scanned" if result.remote_scanned else ""),
+        )
+        self.save()
+
+    def _run_command(
+        self,
+        action: actions.RunCommand,
+        ctx: SessionContext,
+        conn: MetroConnection,
+        run: _Run,
+        redact: Redactor,
+    ) -> None:
+        session = action.session
+        assert run.inst is not None
+
+        def stream(kind: str) -> Callable[[bytes], None]:
+            def emit(data: bytes) -> None:
+                text = redact(data.decode("utf-8", "replace"))
+                self._say(session, "output", text, kind)
+
+            return emit
+
+        started = status.utc_now()
+        if ctx.loaded.spec.exec == "http":
+            assert run.inst.fqdn is not None
+            result = HttpExec(conn.dialer, conn.ssl_context).run(
+                run.inst.fqdn,
+                action.run,
+                env=ctx.env,
+                cwd="/workspace",
+                timeout_s=action.timeout_s,
+            )
+            if result.stdout_tail:
+                stream("stdout")(result.stdout_tail.encode())
+            if result.stderr_tail:
+                stream("stderr")(result.stderr_tail.encode())
+        else:
+            assert run.shell is not None
+            result = remote_commands.run_command(
+                run.shell,
+                action.run,
+                env=ctx.env,
+                cwd="/workspace",
+                timeout_s=action.timeout_s,
+                on_stdout=stream("stdout"),
+                on_stderr=stream("stderr"),
+            )
+        ok = result.exit_code == 0 and not result.timed_out
+        rec = self._record(session)
+        with self.doc_lock:
+            previous = next((c for c in rec.commands if c.name == action.name), None)
+            record = status.CommandRecord(
+                name=action.name,
+                run=action.run,
+                exit_code=result.exit_code,
+                timed_out=result.timed_out,
+                stdout=redact(result.stdout_tail),
+                stderr=redact(result.stderr_tail),
+                started_at=started,
+                finished_at=status.utc_now(),
+                duration_s=round(result.duration_s, 3),
+                skipped=False,
+                input_hash=action.input_hash,
+                instance_uuid=run.inst.uuid if ok else (previous.instance_uuid if previous else ""),
+                last_success_hash=action.input_hash
+                if ok
+                else (previous.last_success_hash if previous else ""),
+            )
+            rec.commands = [c for c in rec.commands if c.name != action.name] + [record]
+            self.ran.add((session, action.name))
+        self.save()
+        if not ok:
+            what = (
+                f"timed out after {action.timeout_s:.0f}s"
+                if result.timed_out
+                else f"exited {result.exit_code}"
+            )
+            raise errors.CommandFailedError(
+                f"command {action.name!r} of session {session!r} {what}",
+                exit_code=result.exit_code,
+            )
+        self._say(session, "info", f"command {action.name!r} exited 0 in {result.duration_s:.2f}s")
+
+    def _sync_back(self, ctx: SessionContext, run: _Run) -> None:
+        assert run.shell is not None
+        result = sync_engine.pull(run.shell, ctx.sync_options)
+        rec = self._record(ctx.desired.name)
+        with self.doc_lock:
+            rec.sync.pulled_files = result.files_written
+            rec.sync.conflicts = list(result.conflicts)
+            rec.sync.rejected = list(result.rejected)
+        for conflict in result.conflicts:
+            self._say(ctx.desired.name, "info", f"conflict kept beside local file: {conflict}")
+        for rejected in result.rejected:
+            self._say(ctx.desired.name, "info", f"refused from sandbox: {rejected}")
+        self._say(
+            ctx.desired.name,
+            "info",
+            f"brought back {result.files_written} file(s) ({result.bytes_written} bytes)",
+        )
+        self.save()
+
+
+def _phase_of(action: actions.Action) -> str:
+    if isinstance(action, actions.CreateInstance | actions.StartInstance):
+        return "create_s"
+    if isinstance(action, actions.WaitReady):
+        return "ready_s"
+    if isinstance(action, actions.SyncUp):
+        return "sync_s"
+    if isinstance(action, actions.RunCommand):
+        return "commands_s"
+    if isinstance(action, actions.SyncBack):
+        return "syncback_s"
+    return "delete_s"
+
+
+def _forget_sync_dir(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""Where a spec's `metro` points: API base URL, token, and how to reach instance FQDNs.
+
+The only differences between the local metro and the real UKC live here: the base URL, the
+token, the address an FQDN resolves to (the local edge) and the CA that signs its certificates
+(trusted for that metro only). Everything above this module is identical for both.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler import errors
+from reconciler.backends import CloudApi
+from reconciler.backends.tls import Dialer
+from reconciler.backends.ukc import UkcApi, metro_base_url
+
+__all__ = ["MetroConnection", "MetroRegistry", "metro_label"]
+
+_CODE = re.compile(r"^[a-z]{2,5}[0-9]?$")
+
+
+def metro_label(metro: str) -> str:
+    """The stable label a metro is recorded under in status files."""
+    return metro.rstrip("/")
+
+
+@dataclass
+class MetroConnection:
+    label: str
+    api: CloudApi
+    dialer: Dialer
+    local: bool
+    #: for `exec: http` — the CA to trust and where to connect for (fqdn, public port)
+    ssl_context: ssl.SSLContext = field(repr=False, default_factory=ssl.create_default_context)
+
+
+class MetroRegistry:
+    """Opens one connection per metro on first use and hands it to every session on it."""
+
+    def __init__(self, environ: Mapping[str, str], *, local_state_dir: Path | None = None) -> None:
+        self._environ = environ
+        self._local_state_dir = local_state_dir
+        self._conns: dict[str, MetroConnection] = {}
+        self._lock = threading.Lock()
+
+    def get(self, metro: str) -> MetroConnection:
+        label = metro_label(metro)
+        with self._lock:
+            conn = self._conns.get(label)
+            if conn is None:
+                conn = self._open(label)
+                self._conns[label] = conn
+            return conn
+
+    def _open(self, label: str) -> MetroConnection:
+        if label == "local":
+            return self._open_local()
+        if label.startswith(("http://", "https://")):
+            base = label
+        elif _CODE.match(label):
+            base = metro_base_url(label)
+        else:
+            raise errors.UsageError(f"metro {label!r} is neither 'local', a metro code nor a URL")
+        token = self._environ.get("UKC_TOKEN", "")
+        if not token:
+            raise errors.UsageError(f"metro {label!r} needs a token: set UKC_TOKEN")
+        context = ssl.create_default_context()
+        api = UkcApi(base, token, metro=label)
+        return MetroConnection(label, api, Dialer(context), local=False, ssl_context=context)
+
+    def _open_local(self) -> MetroConnection:
+        # The only import of the emulator from the controller side: start it on demand.
+        from reconciler.local import daemon
+
+        info = daemon.ensure_running(self._local_state_dir)
+        context = ssl.create_default_context(cafile=str(info.ca_path))
+        edge_host = info.edge_host
+        state_dir = info.state_dir
+
+        def address(fqdn: str, port: int) -> tuple[str, int]:
+            ports = info.edge_ports
+            if port not in ports:
+                # The edge opens ports lazily; re-read the daemon's current map once.
+                fresh = daemon.status(state_dir)
+                ports = fresh.edge_ports if fresh is not None else ports
+            if port not in ports:
+                raise errors.TransportError(f"local metro has no edge listener for port {port}")
+            return edge_host, ports[port]
+
+        api = UkcApi(info.api_url, info.token, metro="local")
+        return MetroConnection(
+            "local", api, Dialer(context, address), local=True, ssl_context=context
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns.values():
+                conn.api.close()
+            self._conns.clear()
+
+    def request_count(self) -> int:
+        return sum(int(getattr(c.api, "request_count", 0)) for c in self._conns.values())

@@ -1,0 +1,205 @@
+"""The observer: reads the world (cloud instances, local trees, secrets) for the planner.
+
+Reads only, never mutates anything remote. One paginated, tag-filtered list per metro per
+pass, never one request per session. Local trees are scanned with the sync engine's hash cache
+so unchanged files are never re-hashed. Everything the pure planner needs comes out of here
+as plain values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler import errors, naming, planner, spec, status
+from reconciler.backends import Instance
+from reconciler.metro import MetroRegistry, metro_label
+from reconciler.sync import engine as sync_engine
+from reconciler.sync.options import SyncOptions
+
+__all__ = ["Group", "Observation", "SessionContext", "group_sessions", "observe"]
+
+
+@dataclass
+class Group:
+    """Sessions that share one status file (one spec directory)."""
+
+    base_dir: Path
+    sessions: list[spec.LoadedSession]
+    #: `--status PATH` overrides where the status file lives (keys and records stay in .ukc/)
+    status_override: Path | None = None
+
+    @property
+    def status_path(self) -> Path:
+        if self.status_override is not None:
+            return self.status_override
+        return status.status_path_for(self.base_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base_dir / ".ukc"
+
+
+@dataclass
+class SessionContext:
+    """What the executor needs to act for one session (holds secret values: never print it)."""
+
+    loaded: spec.LoadedSession
+    desired: planner.DesiredSession
+    sync_options: SyncOptions
+    key_path: Path
+    env: dict[str, str] = field(repr=False)
+    secret_values: tuple[str, ...] = field(repr=False)
+    manifest: object | None = field(default=None, repr=False)
+
+
+@dataclass
+class Observation:
+    project: str
+    desired: list[planner.DesiredSession]
+    contexts: dict[str, SessionContext]
+    #: owned instances by instance name
+    instances: dict[str, Instance]
+    #: owned instances by session name
+    owned: dict[str, Instance]
+    #: sessions whose tree cannot be synced, with the reason
+    halted: dict[str, str]
+
+
+def group_sessions(loaded: Iterable[spec.LoadedSession]) -> list[Group]:
+    groups: dict[Path, Group] = {}
+    for item in loaded:
+        groups.setdefault(item.base_dir, Group(item.base_dir, [])).sessions.append(item)
+    return list(groups.values())
+
+
+def _salt(state_dir: Path) -> bytes:
+    """A per-project random salt, so hashes of secret values in the status file reveal nothing."""
+    path = state_dir / "salt"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_bytes(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(value)
+        return value
+
+
+def sync_options_for(group: Group, loaded: spec.LoadedSession) -> SyncOptions:
+    s = loaded.spec
+    return SyncOptions(
+        local_root=loaded.directory,
+        exclude=tuple(s.sync.exclude),
+        back=tuple(s.sync.back),
+        state_dir=group.state_dir / "sync" / s.name,
+    )
+
+
+def key_path_for(group: Group, session: str) -> Path:
+    return group.state_dir / "keys" / session
+
+
+def _context(
+    group: Group, loaded: spec.LoadedSession, project: str, environ: Mapping[str, str], salt: bytes
+) -> tuple[SessionContext, str | None]:
+    s = loaded.spec
+    secret_env = spec.resolve_secret_env(s, environ)
+    env = {**dict(s.env), **secret_env}
+    fingerprint = hashlib.sha256(
+        salt + json.dumps([sorted(s.env.items()), sorted(secret_env.items())]).encode()
+    ).hexdigest()[:32]
+    opts = sync_options_for(group, loaded)
+    halted: str | None = None
+    manifest = None
+    try:
+        manifest = sync_engine.scan_local(opts)
+        transfer = sync_engine.plan_push(manifest, opts)
+        tree = planner.TreeState(
+            digest=manifest.digest,
+            files=manifest.file_count,
+            bytes=manifest.total_bytes,
+            uploads=tuple(transfer.uploads),
+            upload_bytes=transfer.upload_bytes,
+            deletes=tuple(transfer.deletes),
+        )
+    except errors.SyncHaltedError as err:
+        halted = str(err)
+        tree = planner.TreeState(digest="", files=0, bytes=0, halted=halted)
+    inst_hash = naming.instance_hash(s.image, s.memory_mb)
+    desired = planner.DesiredSession(
+        name=s.name,
+        metro=metro_label(s.metro),
+        instance_name=naming.instance_name(project, s.name),
+        instance_hash=inst_hash,
+        image=s.image,
+        ttl_s=s.ttl_seconds,
+        spec_hash=spec.spec_hash(s),
+        commands=tuple(planner.CommandIntent(c.name, c.run, c.timeout_seconds) for c in s.commands),
+        env_fingerprint=fingerprint,
+        tree=tree,
+        back=tuple(s.sync.back),
+        tags=tuple(naming.owner_tags(project, s.name, inst_hash)),
+    )
+    ctx = SessionContext(
+        loaded=loaded,
+        desired=desired,
+        sync_options=opts,
+        key_path=key_path_for(group, s.name),
+        env=env,
+        secret_values=tuple(v for v in secret_env.values() if v),
+        manifest=manifest,
+    )
+    return ctx, halted
+
+
+def observe(
+    group: Group,
+    doc: status.StatusDoc,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    *,
+    only: set[str] | None = None,
+) -> Observation:
+    """Scan local trees and list owned instances (one list per metro in use)."""
+    project = naming.project_id(group.base_dir, environ)
+    salt = _salt(group.state_dir)
+    contexts: dict[str, SessionContext] = {}
+    halted: dict[str, str] = {}
+    for loaded in group.sessions:
+        if only is not None and loaded.spec.name not in only:
+            continue
+        ctx, why = _context(group, loaded, project, environ, salt)
+        contexts[loaded.spec.name] = ctx
+        if why is not None:
+            halted[loaded.spec.name] = why
+
+    used = {ctx.desired.metro for ctx in contexts.values()}
+    used |= {r.metro for r in doc.inventory().values() if r.metro}
+    instances: dict[str, Instance] = {}
+    owned: dict[str, Instance] = {}
+    for metro in sorted(used):
+        conn = metros.get(metro)
+        for inst in conn.api.list_instances([f"ukc.project={project}"]):
+            session = naming.session_from_tags(inst.tags, project)
+            if session is None:
+                continue  # not ours, whatever its name says
+            instances[inst.name] = inst
+            owned[session] = inst
+    return Observation(
+        project=project,
+        desired=[c.desired for c in contexts.values()],
+        contexts=contexts,
+        instances=instances,
+        owned=owned,
+        halted=halted,
+    )

@@ -1,0 +1,322 @@
+"""The planner: desired sessions + observed instances + the status journal → a Plan.
+
+PURE: no I/O, no clock, no randomness, no environment. Everything it needs arrives as values
+(`now` included), so equal inputs give equal plans and every case is a table test. The observer
+gathers the inputs; the executor performs the output.
+
+Ordering inside a session is fixed: (sync back before a replacement) → delete → create/start →
+wait ready → sync up → commands → sync back. Prunes come last, after every session converged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from reconciler import actions, naming
+from reconciler.backends import Instance
+from reconciler.status import SessionStatus, StatusDoc
+
+__all__ = [
+    "CommandIntent",
+    "DesiredSession",
+    "TreeState",
+    "command_input_hash",
+    "plan",
+    "plan_delete",
+]
+
+#: states in which the instance will serve us once woken or booted, without a start request
+_UP_STATES = frozenset({"running", "starting", "standby"})
+#: states from which a start request brings it back
+_DOWN_STATES = frozenset({"stopped", "stopping", "draining"})
+
+
+@dataclass(frozen=True)
+class TreeState:
+    """The local tree as the sync engine sees it (scanned by the observer)."""
+
+    digest: str
+    files: int
+    bytes: int
+    uploads: tuple[str, ...] = ()
+    upload_bytes: int = 0
+    deletes: tuple[str, ...] = ()
+    #: set when the tree cannot be synced (missing root, emptied root): nothing will be sent
+    halted: str | None = None
+
+
+@dataclass(frozen=True)
+class CommandIntent:
+    name: str
+    run: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class DesiredSession:
+    name: str
+    metro: str
+    instance_name: str
+    instance_hash: str
+    image: str
+    ttl_s: float | None
+    spec_hash: str
+    commands: tuple[CommandIntent, ...]
+    #: hash of env + secret values (salted by the caller): a change re-runs commands
+    env_fingerprint: str
+    tree: TreeState
+    back: tuple[str, ...] = ()
+    tags: tuple[str, ...] = field(default=())
+
+
+def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
+    """What a command's result depends on: the synced tree, the command, its env, the image."""
+    canon = json.dumps(
+        [session.tree.digest, session.image, session.env_fingerprint, command.name, command.run],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+
+def _parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _ttl_expired(
+    desired: DesiredSession, inst: Instance, record: SessionStatus | None, now: float
+) -> bool:
+    if desired.ttl_s is None:
+        return False
+    created = _parse_time(inst.created_at)
+    if created is None and record is not None and record.instance is not None:
+        created = _parse_time(record.instance.created_at)
+    return created is not None and now >= created + desired.ttl_s
+
+
+def _plan_session(
+    desired: DesiredSession,
+    inst: Instance | None,
+    record: SessionStatus | None,
+    now: float,
+) -> actions.SessionPlan:
+    name = desired.name
+    acts: list[actions.Action] = []
+    noops: list[str] = []
+
+    if desired.tree.halted is not None:
+        # Commands must never run against a tree we could not sync; the session fails instead.
+        return actions.SessionPlan(name, (), (f"not syncing: {desired.tree.halted}",))
+
+    # An expired session stays deleted until its spec changes (TTL is a promise about money).
+    if (
+        inst is None
+        and record is not None
+        and record.phase == "Expired"
+        and record.spec_hash == desired.spec_hash
+    ):
+        return actions.SessionPlan(
+            name, (), (f"session {name!r} expired (ttl); change the spec or run `ukc delete`",)
+        )
+
+    new_instance = False
+    if inst is not None and _ttl_expired(desired, inst, record, now):
+        acts.append(
+            actions.DeleteInstance(
+                name,
+                inst.name,
+                desired.metro,
+                f"ttl of {desired.ttl_s:.0f}s expired",
+                forget=True,
+                final_phase="Expired",
+            )
+        )
+        return actions.SessionPlan(name, tuple(acts), ())
+
+    if inst is not None and naming.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
+        # Image or memory changed: those are fixed at creation, so replace the instance.
+        if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
+            acts.append(actions.WaitReady(name, inst.name))
+            acts.append(
+                actions.SyncBack(name, desired.back, "outputs come home before the replacement")
+            )
+        acts.append(
+            actions.DeleteInstance(
+                name, inst.name, desired.metro, "image or memory changed", forget=False
+            )
+        )
+        inst = None
+        new_instance = True
+        reason_create = "replacing: image or memory changed"
+    else:
+        reason_create = "no instance"
+        if record is not None and record.instance is not None and record.phase != "Deleted":
+            reason_create = "instance deleted out of band"
+
+    if inst is None:
+        acts.append(
+            actions.CreateInstance(name, desired.instance_name, desired.metro, reason_create)
+        )
+        new_instance = True
+    elif inst.state in _DOWN_STATES:
+        acts.append(actions.StartInstance(name, inst.name, f"instance is {inst.state}"))
+    elif inst.state in _UP_STATES:
+        noops.append(f"instance {inst.name} is {inst.state}")
+    else:
+        # Unknown or transitional state we cannot act on (template, checkpoint, deleted, ...).
+        noops.append(f"instance {inst.name} is in state {inst.state!r}; waiting for it")
+
+    # --- sync up -------------------------------------------------------------------------
+    tree = desired.tree
+    sync = record.sync if record is not None else None
+    uuid = inst.uuid if inst is not None else ""
+    same_boot = (
+        not new_instance
+        and inst is not None
+        and sync is not None
+        and sync.instance_uuid == inst.uuid
+        and sync.start_count == inst.start_count
+        and inst.state not in _DOWN_STATES
+    )
+    need_shell = False
+    sync_action: actions.SyncUp | None = None
+    if not same_boot:
+        why = "new instance"
+        if not new_instance and sync is not None and sync.instance_uuid == uuid:
+            why = "instance restarted since the last sync"
+        sync_action = actions.SyncUp(
+            name, tree.files, tree.bytes, 0, True, why, tree.uploads[:5] if tree.uploads else ()
+        )
+    elif sync is not None and sync.digest != tree.digest:
+        sync_action = actions.SyncUp(
+            name,
+            len(tree.uploads),
+            tree.upload_bytes,
+            len(tree.deletes),
+            False,
+            "local files changed",
+            (tree.uploads + tree.deletes)[:5],
+        )
+    else:
+        noops.append(f"files in sync ({tree.files} file(s))")
+
+    # --- commands ------------------------------------------------------------------------
+    runs: list[actions.RunCommand] = []
+    rerun_rest = False
+    previous = {c.name: c for c in record.commands} if record is not None else {}
+    for index, cmd in enumerate(desired.commands):
+        input_hash = command_input_hash(desired, cmd)
+        last = previous.get(cmd.name)
+        reason = ""
+        if rerun_rest:
+            reason = "an earlier command re-ran"
+        elif new_instance or last is None:
+            reason = "new instance" if new_instance else "never ran"
+        elif last.instance_uuid != uuid:
+            reason = "never ran on this instance"
+        elif last.last_success_hash != input_hash:
+            reason = "last run failed" if last.exit_code not in (0, None) else _changed(last, cmd)
+            if last.last_success_hash == "" and last.exit_code is None:
+                reason = "never succeeded"
+        if reason:
+            rerun_rest = True
+            runs.append(
+                actions.RunCommand(
+                    name, index, cmd.name, cmd.run, cmd.timeout_s, input_hash, reason
+                )
+            )
+        else:
+            noops.append(f"command {cmd.name!r} unchanged since its last success")
+
+    if sync_action is not None:
+        need_shell = True
+    if runs:
+        need_shell = True
+    if need_shell:
+        acts.append(actions.WaitReady(name, desired.instance_name))
+    if sync_action is not None:
+        acts.append(sync_action)
+    acts.extend(runs)
+    if runs and desired.back:
+        acts.append(actions.SyncBack(name, desired.back, "commands ran"))
+    return actions.SessionPlan(name, tuple(acts), tuple(noops))
+
+
+def _changed(last: object, cmd: CommandIntent) -> str:
+    run = getattr(last, "run", None)
+    if run is not None and run != cmd.run:
+        return "command changed"
+    return "inputs changed (files, env or image)"
+
+
+def _has_run(record: SessionStatus | None, inst: Instance) -> bool:
+    return record is not None and any(
+        c.instance_uuid == inst.uuid and not c.skipped for c in record.commands
+    )
+
+
+def plan(
+    desired: Sequence[DesiredSession],
+    observed: Mapping[str, Instance],
+    status: StatusDoc,
+    now: float,
+    *,
+    prune: bool = False,
+    owned: Mapping[str, Instance] | None = None,
+    prune_metro: Mapping[str, str] | None = None,
+) -> actions.Plan:
+    """Plan every desired session; with `prune`, also delete owned instances no spec declares.
+
+    `observed` maps instance name → instance for every instance carrying our owner tags.
+    `owned` maps session name → instance for owned instances (by tags) in the listed metros;
+    a prune needs the instance in `owned` *and* the session in the status inventory.
+    """
+    sessions = tuple(
+        _plan_session(d, observed.get(d.instance_name), status.sessions.get(d.name), now)
+        for d in desired
+    )
+    prunes: list[actions.DeleteInstance] = []
+    if prune and owned is not None:
+        wanted = {d.name for d in desired}
+        inventory = status.inventory()
+        for session_name, inst in sorted(owned.items()):
+            if session_name in wanted:
+                continue
+            record = inventory.get(session_name)
+            if record is None or record.name != inst.name:
+                continue  # owned by tags but not in our inventory: not provably ours to delete
+            metro = (prune_metro or {}).get(session_name, inst.metro)
+            prunes.append(
+                actions.DeleteInstance(
+                    session_name, inst.name, metro, "no spec declares this session (prune)"
+                )
+            )
+    return actions.Plan(sessions, tuple(prunes))
+
+
+def plan_delete(
+    names: Sequence[tuple[str, str, str]],
+    observed: Mapping[str, Instance],
+) -> actions.Plan:
+    """Delete the sessions given as (session, instance name, metro) triples that still exist."""
+    sessions = []
+    for session, inst_name, metro in names:
+        inst = observed.get(inst_name)
+        if inst is None:
+            sessions.append(actions.SessionPlan(session, (), (f"instance {inst_name} is gone",)))
+            continue
+        sessions.append(
+            actions.SessionPlan(
+                session,
+                (actions.DeleteInstance(session, inst_name, metro, "ukc delete"),),
+            )
+        )
+    return actions.Plan(tuple(sessions))

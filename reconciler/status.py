@@ -1,0 +1,264 @@
+"""The status file: the contract other tools read, and the controller's journal.
+
+`.ukc/status.json` in the spec's directory. It records, per session, the phase, the instance,
+every command's last result, conditions and timings, plus what the planner needs to stay
+idempotent: the digest of the last synced tree and the input hash of each command's last
+*successful* run. It is a cache and a journal, never the source of truth about instances: every
+pass re-observes the cloud.
+
+Writes are atomic (temp file + fsync + rename + directory fsync, previous generation kept as
+`status.json.bak`), so a kill at any instant leaves a parseable file. One applier at a time per
+status file: `lock()` takes an `flock` that the kernel releases when the holder dies.
+Nothing secret is ever stored here (command output tails are redacted before they arrive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reconciler import errors
+
+__all__ = [
+    "STATUS_VERSION",
+    "CommandRecord",
+    "Condition",
+    "InstanceRecord",
+    "Phase",
+    "SessionStatus",
+    "StatusDoc",
+    "SyncRecord",
+    "load",
+    "lock",
+    "save",
+    "set_condition",
+    "status_path_for",
+    "utc_now",
+]
+
+STATUS_VERSION = 1
+
+Phase = Literal["Pending", "Progressing", "Ready", "Failed", "Deleted", "Expired"]
+
+
+class _Model(BaseModel):
+    # Tolerant on read: a newer ukc may add fields; we keep the ones we know.
+    model_config = ConfigDict(extra="ignore")
+
+
+class InstanceRecord(_Model):
+    name: str
+    uuid: str
+    fqdn: str | None = None
+    metro: str = ""
+    state: str = ""
+    created_at: str | None = None
+    start_count: int | None = None
+    host_key: str | None = None
+
+
+class SyncRecord(_Model):
+    digest: str = ""
+    instance_uuid: str = ""
+    start_count: int | None = None
+    files: int = 0
+    bytes: int = 0
+    last_synced_at: str | None = None
+    last_files_sent: int = 0
+    last_bytes_sent: int = 0
+    last_deleted: int = 0
+    remote_scanned: bool = False
+    pulled_files: int = 0
+    conflicts: list[str] = Field(default_factory=list)
+    rejected: list[str] = Field(default_factory=list)
+
+
+class CommandRecord(_Model):
+    name: str
+    run: str
+    exit_code: int | None = None
+    timed_out: bool = False
+    stdout: str = ""
+    stderr: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    skipped: bool = False
+    input_hash: str = ""
+    #: the instance the last successful run happened on (a new instance re-runs everything)
+    instance_uuid: str = ""
+    #: input hash of the last run that exited 0 (what skipping compares against)
+    last_success_hash: str = ""
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+
+
+class SessionStatus(_Model):
+    phase: Phase = "Pending"
+    spec_hash: str = ""
+    observed_generation: str = ""
+    spec_file: str = ""
+    metro: str = ""
+    instance: InstanceRecord | None = None
+    sync: SyncRecord = Field(default_factory=SyncRecord)
+    commands: list[CommandRecord] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    created_at: str | None = None
+    expires_at: str | None = None
+    last_applied_at: str | None = None
+    message: str = ""
+
+
+class StatusDoc(_Model):
+    version: int = STATUS_VERSION
+    project: str = ""
+    updated_at: str | None = None
+    sessions: dict[str, SessionStatus] = Field(default_factory=dict)
+
+    def inventory(self) -> dict[str, InstanceRecord]:
+        """Sessions whose instance we created and have not deleted: the prune inventory."""
+        return {
+            name: s.instance
+            for name, s in self.sessions.items()
+            if s.instance is not None and s.phase not in ("Deleted", "Expired")
+        }
+
+
+def status_path_for(base_dir: Path) -> Path:
+    return base_dir / ".ukc" / "status.json"
+
+
+def load(path: Path) -> StatusDoc:
+    """The status document at `path`; an empty one when the file does not exist yet.
+
+    A corrupt file falls back to the previous generation (`.bak`); if both are unreadable that
+    is an error, never a silent reset (a reset would forget the prune inventory).
+    """
+    for candidate in (path, path.with_name(path.name + ".bak")):
+        try:
+            raw = candidate.read_bytes()
+        except FileNotFoundError:
+            continue
+        try:
+            doc = StatusDoc.model_validate(json.loads(raw))
+        except (ValueError, ValidationError):
+            continue
+        if doc.version > STATUS_VERSION:
+            raise errors.UsageError(
+                f"{path} has status version {doc.version}; this ukc understands up to "
+                f"{STATUS_VERSION}: upgrade ukc"
+            )
+        return doc
+    if path.exists():
+        raise errors.UsageError(f"{path} is unreadable and has no readable backup; move it aside")
+    return StatusDoc()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(path: Path, doc: StatusDoc) -> None:
+    """Write atomically: temp + fsync + rename (+ directory fsync); keep one backup generation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc.updated_at = utc_now()
+    data = json.dumps(doc.model_dump(mode="json"), indent=2, sort_keys=False).encode() + b"\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            # The previous generation stays readable if this one is ever damaged.
+            os.replace(path, path.with_name(path.name + ".bak"))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def lock(path: Path, *, timeout_s: float = 0.0, poll_s: float = 0.1) -> Iterator[None]:
+    """Hold the applier lock beside the status file, waiting up to `timeout_s`.
+
+    The lock file records who holds it so the loser's message can say so; the kernel drops
+    the lock when the holder dies, so there are no stale locks on one host.
+    """
+    lock_path = path.with_name("status.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+                    raise errors.LockedError(
+                        f"another ukc holds {lock_path} ({holder or 'holder unknown'}); "
+                        "wait for it or pass --lock-timeout SECONDS"
+                    ) from None
+                time.sleep(poll_s)
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def set_condition(
+    session: SessionStatus,
+    type_: str,
+    status: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    now: str,
+) -> None:
+    """Set a condition, keeping `last_transition_time` when the status did not change."""
+    for cond in session.conditions:
+        if cond.type == type_:
+            if cond.status != status:
+                cond.last_transition_time = now
+            cond.status = status
+            cond.reason = reason
+            cond.message = message
+            return
+    session.conditions.append(
+        Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=now,
+        )
+    )

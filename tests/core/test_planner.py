@@ -1,0 +1,298 @@
+"""The planner is pure: these tests need no network, no clock and no files."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from reconciler import actions, naming, planner
+from reconciler.backends import Instance
+from reconciler.status import CommandRecord, InstanceRecord, SessionStatus, StatusDoc, SyncRecord
+
+NOW = 1_800_000_000.0
+PROJECT = "abcd1234"
+INST_HASH = naming.instance_hash("img:1", None)
+
+
+def desired(**overrides: object) -> planner.DesiredSession:
+    base = planner.DesiredSession(
+        name="hello",
+        metro="local",
+        instance_name=naming.instance_name(PROJECT, "hello"),
+        instance_hash=INST_HASH,
+        image="img:1",
+        ttl_s=None,
+        spec_hash="spec1",
+        commands=(
+            planner.CommandIntent("build", "make", 60.0),
+            planner.CommandIntent("test", "make test", 60.0),
+        ),
+        env_fingerprint="env1",
+        tree=planner.TreeState(digest="tree1", files=3, bytes=30),
+        back=("out/",),
+        tags=tuple(naming.owner_tags(PROJECT, "hello", INST_HASH)),
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def instance(d: planner.DesiredSession, **overrides: object) -> Instance:
+    base = Instance(
+        uuid="u-1",
+        name=d.instance_name,
+        state="running",
+        fqdn="x.local",
+        tags=d.tags,
+        created_at="2027-01-15T08:00:00Z",
+        start_count=1,
+        metro="local",
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def converged_record(d: planner.DesiredSession, inst: Instance) -> SessionStatus:
+    return SessionStatus(
+        phase="Ready",
+        spec_hash=d.spec_hash,
+        instance=InstanceRecord(name=inst.name, uuid=inst.uuid, start_count=inst.start_count),
+        sync=SyncRecord(
+            digest=d.tree.digest, instance_uuid=inst.uuid, start_count=inst.start_count
+        ),
+        commands=[
+            CommandRecord(
+                name=c.name,
+                run=c.run,
+                exit_code=0,
+                input_hash=planner.command_input_hash(d, c),
+                last_success_hash=planner.command_input_hash(d, c),
+                instance_uuid=inst.uuid,
+            )
+            for c in d.commands
+        ],
+    )
+
+
+def kinds(plan: actions.SessionPlan) -> list[str]:
+    return [type(a).__name__ for a in plan.actions]
+
+
+def plan_one(
+    d: planner.DesiredSession, inst: Instance | None, rec: SessionStatus | None
+) -> actions.SessionPlan:
+    doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
+    observed = {inst.name: inst} if inst is not None else {}
+    return planner.plan([d], observed, doc, NOW).sessions[0]
+
+
+class TestANewSession:
+    def test_a_session_without_instance_is_created_synced_run_and_brought_back(self) -> None:
+        d = desired()
+        p = plan_one(d, None, None)
+        assert kinds(p) == [
+            "CreateInstance",
+            "WaitReady",
+            "SyncUp",
+            "RunCommand",
+            "RunCommand",
+            "SyncBack",
+        ]
+        assert p.actions[0] == actions.CreateInstance(
+            "hello", d.instance_name, "local", "no instance"
+        )
+        sync = p.actions[2]
+        assert isinstance(sync, actions.SyncUp) and sync.full and sync.files == 3
+
+    def test_an_instance_deleted_out_of_band_is_recreated_with_that_reason(self) -> None:
+        d = desired()
+        rec = converged_record(d, instance(d))
+        p = plan_one(d, None, rec)
+        assert p.actions[0] == actions.CreateInstance(
+            "hello", d.instance_name, "local", "instance deleted out of band"
+        )
+        assert "RunCommand" in kinds(p)
+
+
+class TestAConvergedSession:
+    def test_a_second_plan_does_nothing(self) -> None:
+        d = desired()
+        inst = instance(d)
+        p = plan_one(d, inst, converged_record(d, inst))
+        assert p.actions == ()
+        assert any("unchanged since its last success" in n for n in p.noops)
+
+    def test_standby_is_fine_because_traffic_wakes_it(self) -> None:
+        d = desired()
+        inst = instance(d, state="standby")
+        p = plan_one(d, inst, converged_record(d, inst))
+        assert p.actions == ()
+
+    def test_an_unknown_state_is_not_acted_on_and_does_not_crash(self) -> None:
+        d = desired()
+        inst = instance(d, state="hibernating-v2")
+        p = plan_one(d, inst, converged_record(d, inst))
+        assert p.actions == ()
+        assert any("hibernating-v2" in n for n in p.noops)
+
+
+class TestChanges:
+    def test_a_changed_file_resyncs_and_reruns_every_command(self) -> None:
+        d = desired()
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        d2 = replace(
+            d,
+            tree=planner.TreeState(
+                digest="tree2", files=3, bytes=31, uploads=("a.txt",), upload_bytes=11
+            ),
+        )
+        p = plan_one(d2, inst, rec)
+        assert kinds(p) == ["WaitReady", "SyncUp", "RunCommand", "RunCommand", "SyncBack"]
+        sync = p.actions[1]
+        assert isinstance(sync, actions.SyncUp)
+        assert (sync.files, sync.bytes, sync.full, sync.sample) == (1, 11, False, ("a.txt",))
+
+    def test_changing_the_second_command_reruns_only_it(self) -> None:
+        d = desired()
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        d2 = replace(
+            d,
+            commands=(d.commands[0], planner.CommandIntent("test", "make check", 60.0)),
+        )
+        p = plan_one(d2, inst, rec)
+        runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
+        assert [(r.name, r.reason) for r in runs] == [("test", "command changed")]
+        assert "SyncUp" not in kinds(p)
+
+    def test_once_a_command_reruns_the_later_ones_rerun_too(self) -> None:
+        d = desired()
+        inst = instance(d)
+        d2 = replace(d, commands=(planner.CommandIntent("build", "make all", 60.0), d.commands[1]))
+        p = plan_one(d2, inst, converged_record(d, inst))
+        runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
+        assert [(r.name, r.reason) for r in runs] == [
+            ("build", "command changed"),
+            ("test", "an earlier command re-ran"),
+        ]
+
+    def test_a_failed_command_is_run_again(self) -> None:
+        d = desired()
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        rec.commands[1].exit_code = 3
+        rec.commands[1].last_success_hash = ""
+        p = plan_one(d, inst, rec)
+        runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
+        assert [(r.name, r.reason) for r in runs] == [("test", "last run failed")]
+
+    def test_a_changed_env_reruns_commands_but_sends_no_files(self) -> None:
+        d = desired()
+        inst = instance(d)
+        p = plan_one(replace(d, env_fingerprint="env2"), inst, converged_record(d, inst))
+        assert kinds(p) == ["WaitReady", "RunCommand", "RunCommand", "SyncBack"]
+
+    def test_a_stopped_instance_is_started_and_fully_resynced(self) -> None:
+        d = desired()
+        inst = instance(d, state="stopped")
+        p = plan_one(d, inst, converged_record(d, inst))
+        assert kinds(p)[:3] == ["StartInstance", "WaitReady", "SyncUp"]
+        sync = p.actions[2]
+        assert isinstance(sync, actions.SyncUp) and sync.full
+
+    def test_a_restarted_instance_is_fully_resynced_but_commands_are_kept(self) -> None:
+        d = desired()
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        p = plan_one(d, replace(inst, start_count=2), rec)
+        assert kinds(p) == ["WaitReady", "SyncUp"]
+        sync = p.actions[1]
+        assert isinstance(sync, actions.SyncUp)
+        assert sync.reason == "instance restarted since the last sync"
+
+    def test_a_new_image_replaces_the_instance_after_bringing_outputs_home(self) -> None:
+        d = desired()
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        new_hash = naming.instance_hash("img:2", None)
+        d2 = replace(d, image="img:2", instance_hash=new_hash)
+        p = plan_one(d2, inst, rec)
+        assert kinds(p)[:4] == ["WaitReady", "SyncBack", "DeleteInstance", "CreateInstance"]
+        delete = p.actions[2]
+        assert isinstance(delete, actions.DeleteInstance) and not delete.forget
+
+    def test_a_halted_tree_plans_nothing_and_says_why(self) -> None:
+        d = desired(tree=planner.TreeState("", 0, 0, halted="directory ./work is missing"))
+        p = plan_one(d, None, None)
+        assert p.actions == ()
+        assert p.noops == ("not syncing: directory ./work is missing",)
+
+
+class TestTtl:
+    def test_an_expired_session_is_deleted(self) -> None:
+        d = desired(ttl_s=3600.0)
+        inst = instance(d, created_at="2020-01-01T00:00:00Z")
+        p = plan_one(d, inst, converged_record(d, inst))
+        assert len(p.actions) == 1
+        act = p.actions[0]
+        assert isinstance(act, actions.DeleteInstance)
+        assert act.final_phase == "Expired" and "ttl" in act.reason
+
+    def test_an_unexpired_session_is_kept(self) -> None:
+        d = desired(ttl_s=3600.0)
+        created = "2027-01-15T07:30:00Z"  # NOW is 2027-01-15T08:00:00Z
+        inst = instance(d, created_at=created)
+        assert plan_one(d, inst, converged_record(d, inst)).actions == ()
+
+    def test_an_expired_session_is_not_recreated_until_its_spec_changes(self) -> None:
+        d = desired(ttl_s=3600.0)
+        rec = SessionStatus(phase="Expired", spec_hash=d.spec_hash)
+        assert plan_one(d, None, rec).actions == ()
+        assert kinds(plan_one(replace(d, spec_hash="spec2"), None, rec))[0] == "CreateInstance"
+
+
+class TestPrune:
+    def _world(self) -> tuple[planner.DesiredSession, Instance, StatusDoc]:
+        d = desired()
+        gone_hash = naming.instance_hash("img:1", None)
+        old = Instance(
+            uuid="u-old",
+            name=naming.instance_name(PROJECT, "old"),
+            state="running",
+            tags=tuple(naming.owner_tags(PROJECT, "old", gone_hash)),
+            metro="local",
+        )
+        doc = StatusDoc(
+            sessions={
+                "old": SessionStatus(
+                    phase="Ready",
+                    instance=InstanceRecord(name=old.name, uuid="u-old", metro="local"),
+                )
+            }
+        )
+        return d, old, doc
+
+    def test_prune_deletes_an_owned_inventoried_session_that_no_spec_declares(self) -> None:
+        d, old, doc = self._world()
+        p = planner.plan([d], {old.name: old}, doc, NOW, prune=True, owned={"old": old})
+        assert [x.instance_name for x in p.prunes] == [old.name]
+
+    def test_prune_never_deletes_what_is_not_in_the_inventory(self) -> None:
+        d, old, _ = self._world()
+        p = planner.plan([d], {old.name: old}, StatusDoc(), NOW, prune=True, owned={"old": old})
+        assert p.prunes == ()
+
+    def test_prune_never_deletes_an_instance_whose_name_differs_from_the_inventory(self) -> None:
+        d, old, doc = self._world()
+        other = replace(old, name="someone-else")
+        p = planner.plan([d], {}, doc, NOW, prune=True, owned={"old": other})
+        assert p.prunes == ()
+
+    def test_without_prune_nothing_is_deleted(self) -> None:
+        d, old, doc = self._world()
+        p = planner.plan([d], {old.name: old}, doc, NOW, prune=False, owned={"old": old})
+        assert p.prunes == ()
+
+
+def test_the_planner_is_deterministic_for_equal_inputs() -> None:
+    d = desired()
+    a = planner.plan([d], {}, StatusDoc(), NOW)
+    b = planner.plan([d], {}, StatusDoc(), NOW)
+    assert a == b
