@@ -1,0 +1,93 @@
+"""Diffing: local manifest vs the previous remote state -> `TransferPlan`. Pure.
+
+Who feeds it: `engine.plan_push` (previous = our last push record) and `push` (previous = the
+remote record when it is trusted, else a fresh remote scan). Who uses the plan: `push` executes
+it; `ukc plan` prints its counts. Safety rules live here so they are easy to test: a delete is
+only ever of a path present in `previous` and absent locally, never the root, never an excluded
+path, never a sync-back path or a directory holding one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reconciler.sync.ignore import IgnoreRules
+from reconciler.sync.manifest import Manifest
+
+__all__ = ["TransferPlan", "diff_manifests"]
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """What a push will do.
+
+    `uploads`: paths to (re)create remotely with their content (files, dirs, links), parents
+    first. `metas`: files whose content is already there but whose mode or mtime differ.
+    `deletes`: remote paths to remove, deepest first. `replaces`: paths whose type changed
+    (file <-> dir <-> link): the old object is removed after the deletes, then recreated, so an
+    error earlier in the sync leaves it untouched. `upload_bytes`: file content bytes to send.
+    """
+
+    uploads: tuple[str, ...] = ()
+    metas: tuple[str, ...] = ()
+    deletes: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()
+    upload_bytes: int = 0
+    reason: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.uploads or self.metas or self.deletes or self.replaces)
+
+    @property
+    def upload_files(self) -> int:
+        return len(self.uploads)
+
+
+def diff_manifests(
+    local: Manifest, previous: Manifest, rules: IgnoreRules, *, reason: str = ""
+) -> TransferPlan:
+    """The plan that turns `previous` (what the remote holds) into `local`."""
+    uploads: list[str] = []
+    metas: list[str] = []
+    replaces: list[str] = []
+    upload_bytes = 0
+    prev = previous.entries
+    for path in sorted(local.entries):
+        mine = local.entries[path]
+        theirs = prev.get(path)
+        if theirs is not None and theirs.type != mine.type:
+            replaces.append(path)
+            theirs = None
+        if theirs is None:
+            uploads.append(path)
+            upload_bytes += mine.size if mine.type == "f" else 0
+        elif mine.type == "f":
+            if mine.ref != theirs.ref or mine.size != theirs.size:
+                uploads.append(path)
+                upload_bytes += mine.size
+            elif mine.mode != theirs.mode or mine.mtime_ns != theirs.mtime_ns:
+                metas.append(path)
+        elif mine.type == "l":
+            if mine.ref != theirs.ref:
+                replaces.append(path)
+                uploads.append(path)
+        elif mine.mode != theirs.mode:
+            uploads.append(path)  # a dir: mkdir is idempotent and applies the mode
+    deletes = [
+        p
+        for p, e in prev.items()
+        if p not in local.entries and p and rules.deletable(p, e.type == "d")
+    ]
+    # a replaced path under a back path or excluded must never be touched
+    replaces = [p for p in replaces if rules.deletable(p, prev[p].type == "d")]
+    # deepest first, so a directory is emptied before it is removed
+    deletes.sort(key=lambda p: (-p.count("/"), p))
+    return TransferPlan(
+        uploads=tuple(uploads),
+        metas=tuple(metas),
+        deletes=tuple(deletes),
+        replaces=tuple(sorted(replaces)),
+        upload_bytes=upload_bytes,
+        reason=reason,
+    )

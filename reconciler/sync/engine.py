@@ -1,0 +1,71 @@
+"""The sync engine's facade: the names the controller's executor and `ukc plan` call.
+
+Who feeds it: the executor (a `RemoteShell` into the session's sandbox, `SyncOptions` from the
+spec and the session's state dir, the instance uuid). Who uses it: `executor`, `cli` (plan,
+delete), `watch` (`pulled_paths` to ignore files sync-back wrote).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+from reconciler.sync.diff import TransferPlan, diff_manifests
+from reconciler.sync.ignore import load_rules
+from reconciler.sync.manifest import Manifest, last_push_record, scan_local
+from reconciler.sync.options import SyncOptions
+from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
+from reconciler.sync.push import PushResult, push
+
+__all__ = [
+    "Manifest",
+    "PullPlan",
+    "PullResult",
+    "PushResult",
+    "SyncOptions",
+    "TransferPlan",
+    "forget",
+    "plan_pull",
+    "plan_push",
+    "pull",
+    "pulled_paths",
+    "push",
+    "scan_local",
+]
+
+
+def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:
+    """What a push would do, judged against our last push record only (no remote I/O).
+
+    Without a record everything is an upload. The real push may find less to do (a trusted
+    remote record) or more (a rebooted sandbox forces a scan).
+    """
+    rules = load_rules(opts)
+    last = last_push_record(opts)
+    if last is None:
+        return diff_manifests(local, Manifest({}), rules, reason="no push record: full upload")
+    return diff_manifests(local, last[0], rules, reason="against the last push record")
+
+
+@dataclass(frozen=True)
+class PullPlan:
+    """What sync-back covers: the declared paths and what our last pull wrote."""
+
+    back: tuple[str, ...]
+    known_files: int
+    known_bytes: int
+
+
+def plan_pull(opts: SyncOptions) -> PullPlan:
+    """The declared sync-back paths and the size of what the last pull brought back."""
+    record = pull_record(opts)
+    return PullPlan(
+        back=opts.back_paths(),
+        known_files=len(record),
+        known_bytes=sum(int(v[0]) for v in record.values()),
+    )
+
+
+def forget(opts: SyncOptions) -> None:
+    """Drop every local record of this session (the session was deleted)."""
+    shutil.rmtree(opts.state_dir, ignore_errors=True)

@@ -1,0 +1,468 @@
+"""The text of the remote sync helper: a small stdlib-only Python program run in the sandbox.
+
+Who feeds it: `remote.HelperSession` sends this text over the process's stdin after a short
+`python3 -c` bootstrap. Who uses it: `push` and `pull`, through `HelperSession`.
+
+Remote requirement: `python3` (>= 3.7, stdlib only) on the sandbox's PATH (or
+`SyncOptions.remote_python`). It is present in the local metro's sandboxes and in
+Debian-based sandbox images.
+
+Protocol (one process per push or pull, many operations): the client sends frames
+`u32be length + JSON`; `put` is followed by exactly `size` raw bytes and one trailer byte
+(1 = commit, 0 = discard). The helper answers only operations that need an answer
+(hello, scan, sync, remove, record, pull) with frames of the same shape. `pull` answers with a
+stream of entry headers; each regular file header is followed by chunk frames
+(`u32be length + bytes`, a zero length ends the file), and a final `{"end": true}`.
+Every write lands via a temp name in the same directory + rename, through directory fds
+opened with O_NOFOLLOW, so a symlink inside the tree is never followed.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HELPER_SOURCE"]
+
+HELPER_SOURCE = r'''
+import errno, hashlib, json, os, stat, struct, sys
+IN = sys.stdin.buffer
+OUT = sys.stdout.buffer
+CHUNK = 1 << 20
+DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+ST = {"root": None, "rootfd": None, "state": None, "errors": [], "nerr": 0,
+      "written": 0, "bytes": 0, "dirs": {}}
+TMP = ".ukc-tmp."
+
+
+def rd(n):
+    buf = IN.read(n)
+    if buf is None or len(buf) != n:
+        raise EOFError("short read")
+    return buf
+
+
+def recv():
+    hdr = IN.read(4)
+    if not hdr:
+        return None
+    if len(hdr) != 4:
+        raise EOFError("short header")
+    (n,) = struct.unpack(">I", hdr)
+    return json.loads(rd(n).decode("ascii"))
+
+
+def send(obj):
+    data = json.dumps(obj, separators=(",", ":")).encode("ascii")
+    OUT.write(struct.pack(">I", len(data)) + data)
+
+
+def err(path, exc):
+    ST["nerr"] += 1
+    if len(ST["errors"]) < 50:
+        ST["errors"].append("%s: %s" % (path, exc))
+
+
+def drop_dirs():
+    for fd in ST["dirs"].values():
+        os.close(fd)
+    ST["dirs"] = {}
+
+
+def open_dir(rel, create):
+    """fd of directory `rel` under the root, walked component by component with O_NOFOLLOW."""
+    if rel == "":
+        return ST["rootfd"]
+    fd = ST["dirs"].get(rel)
+    if fd is not None:
+        return fd
+    parent, _, name = rel.rpartition("/")
+    pfd = open_dir(parent, create)
+    try:
+        fd = os.open(name, DFLAGS, dir_fd=pfd)
+    except FileNotFoundError:
+        if not create:
+            raise
+        os.mkdir(name, 0o755, dir_fd=pfd)
+        fd = os.open(name, DFLAGS, dir_fd=pfd)
+    if len(ST["dirs"]) > 256:
+        drop_dirs()
+    ST["dirs"][rel] = fd
+    return fd
+
+
+def split(rel):
+    parent, _, name = rel.rpartition("/")
+    if not name or name in (".", "..") or ".." in rel.split("/"):
+        raise ValueError("bad path")
+    return parent, name
+
+
+def read_boot_id(paths):
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                value = f.read(256).decode("ascii", "replace").strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return ""
+
+
+def record_path():
+    return os.path.join(ST["state"], "record.json")
+
+
+def op_hello(req):
+    root = req["root"]
+    ST["root"] = root
+    ST["state"] = req["state_dir"]
+    os.makedirs(root, exist_ok=True)
+    ST["rootfd"] = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    boot = read_boot_id(req["boot_paths"])
+    rec = None
+    try:
+        with open(record_path(), "rb") as f:
+            rec = json.loads(f.read().decode("ascii"))
+    except (OSError, ValueError):
+        rec = None
+    fresh = bool(
+        isinstance(rec, dict) and boot
+        and rec.get("boot_id") == boot and rec.get("uuid") == req["uuid"]
+        and rec.get("digest") == req["digest"] and rec.get("root") == root
+    )
+    send({"boot_id": boot, "fresh": fresh, "has_record": rec is not None})
+
+
+def file_sha(fd):
+    h = hashlib.sha256()
+    while True:
+        b = os.read(fd, CHUNK)
+        if not b:
+            return h.hexdigest()
+        h.update(b)
+
+
+def op_scan(req):
+    want = req.get("want") or {}
+    out = {}
+
+    def walk(path, rel):
+        try:
+            it = os.scandir(path)
+        except OSError:
+            return
+        with it:
+            kids = list(it)
+        for d in kids:
+            r = rel + "/" + d.name if rel else d.name
+            try:
+                st = d.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            m = st.st_mode
+            if stat.S_ISDIR(m):
+                out[r] = ["d", 0, st.st_mtime_ns, stat.S_IMODE(m), ""]
+                walk(d.path, r)
+            elif stat.S_ISLNK(m):
+                t = os.readlink(d.path)
+                out[r] = ["l", len(t), st.st_mtime_ns, 0o777, t]
+            elif stat.S_ISREG(m):
+                ref = ""
+                w = want.get(r)
+                if w and w[0] == st.st_size and w[1] == st.st_mtime_ns:
+                    try:
+                        fd = os.open(d.path, os.O_RDONLY | os.O_NOFOLLOW)
+                        try:
+                            ref = file_sha(fd)
+                        finally:
+                            os.close(fd)
+                    except OSError:
+                        ref = ""
+                out[r] = ["f", st.st_size, st.st_mtime_ns, stat.S_IMODE(m), ref]
+            else:
+                out[r] = ["o", 0, st.st_mtime_ns, stat.S_IMODE(m), ""]
+
+    walk(ST["root"], "")
+    send({"entries": out})
+
+
+def op_put(req):
+    path, size = req["path"], req["size"]
+    fd = None
+    tmp = None
+    pfd = None
+    try:
+        parent, name = split(path)
+        pfd = open_dir(parent, True)
+        tmp = TMP + name[:100] + "." + str(os.getpid())
+        try:
+            os.unlink(tmp, dir_fd=pfd)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                     dir_fd=pfd)
+    except Exception as exc:
+        err(path, exc)
+    left = size
+    while left:
+        b = IN.read(min(left, CHUNK))
+        if not b:
+            raise EOFError("short data")
+        left -= len(b)
+        if fd is not None:
+            try:
+                _write_all(fd, b)
+            except OSError as exc:
+                err(path, exc)
+                os.close(fd)
+                fd = None
+    ok = rd(1) == b"\x01"
+    if fd is None:
+        if tmp is not None and pfd is not None:
+            _unlink_quiet(tmp, pfd)
+        return
+    try:
+        if not ok:
+            raise OSError("file changed while it was being sent")
+        os.fchmod(fd, req["mode"] & 0o7777)
+        os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
+        os.close(fd)
+        fd = None
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        ST["written"] += 1
+        ST["bytes"] += size
+    except Exception as exc:
+        if ok:
+            err(path, exc)
+        if fd is not None:
+            os.close(fd)
+        _unlink_quiet(tmp, pfd)
+
+
+def _write_all(fd, b):
+    view = memoryview(b)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _unlink_quiet(name, dfd):
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except OSError:
+        pass
+
+
+def op_mkdir(req):
+    path = req["path"]
+    try:
+        parent, name = split(path)
+        pfd = open_dir(parent, True)
+        try:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            pass
+        fd = os.open(name, DFLAGS, dir_fd=pfd)
+        try:
+            os.fchmod(fd, req["mode"] & 0o7777)
+        finally:
+            os.close(fd)
+    except Exception as exc:
+        err(path, exc)
+
+
+def op_link(req):
+    path = req["path"]
+    try:
+        parent, name = split(path)
+        pfd = open_dir(parent, True)
+        tmp = TMP + name[:100] + "." + str(os.getpid())
+        _unlink_quiet(tmp, pfd)
+        os.symlink(req["target"], tmp, dir_fd=pfd)
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except Exception as exc:
+        err(path, exc)
+
+
+def op_meta(req):
+    path = req["path"]
+    try:
+        parent, name = split(path)
+        pfd = open_dir(parent, False)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=pfd)
+        try:
+            os.fchmod(fd, req["mode"] & 0o7777)
+            os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
+        finally:
+            os.close(fd)
+    except Exception as exc:
+        err(path, exc)
+
+
+def protected(path, protect):
+    for p in protect:
+        if path == p or path.startswith(p + "/") or p.startswith(path + "/"):
+            return True
+    return False
+
+
+def op_remove(req):
+    """Remove files, links and empty dirs (never a non-empty dir, never the root)."""
+    removed, kept = 0, []
+    drop_dirs()
+    for path in req["paths"]:
+        if not path or protected(path, req.get("protect") or []):
+            kept.append(path)
+            continue
+        try:
+            parent, name = split(path)
+            pfd = open_dir(parent, False)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(name, dir_fd=pfd)
+            else:
+                os.unlink(name, dir_fd=pfd)
+            removed += 1
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                kept.append(path)
+                if req.get("strict"):
+                    err(path, exc)
+            else:
+                err(path, exc)
+        except Exception as exc:
+            err(path, exc)
+    drop_dirs()
+    send({"removed": removed, "kept": kept[:50]})
+
+
+def op_sync(req):
+    send({"errors": ST["errors"], "error_count": ST["nerr"], "written": ST["written"],
+          "bytes": ST["bytes"]})
+
+
+def op_record(req):
+    os.makedirs(ST["state"], mode=0o700, exist_ok=True)
+    rec = dict(req["record"])
+    rec["root"] = ST["root"]
+    data = json.dumps(rec, separators=(",", ":")).encode("ascii")
+    tmp = record_path() + ".tmp." + str(os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, record_path())
+    send({"ok": True})
+
+
+def op_unrecord(req):
+    try:
+        os.unlink(record_path())
+    except FileNotFoundError:
+        pass
+
+
+def emit_file(r, dpath_fd, name, st, have):
+    w = have.get(r)
+    if w and w[0] == st.st_size and w[1] == st.st_mtime_ns:
+        send({"path": r, "type": "f", "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+              "mtime_ns": st.st_mtime_ns, "unchanged": True})
+        return
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dpath_fd)
+    except OSError:
+        return
+    try:
+        fst = os.fstat(fd)
+        send({"path": r, "type": "f", "size": fst.st_size, "mode": stat.S_IMODE(fst.st_mode),
+              "mtime_ns": fst.st_mtime_ns})
+        left = fst.st_size
+        while left > 0:
+            b = os.read(fd, min(CHUNK, left))
+            if not b:
+                break
+            left -= len(b)
+            OUT.write(struct.pack(">I", len(b)))
+            OUT.write(b)
+        OUT.write(struct.pack(">I", 0))
+    finally:
+        os.close(fd)
+
+
+def pull_walk(dfd, rel, have):
+    try:
+        names = sorted(os.listdir(dfd))
+    except OSError:
+        return
+    for name in names:
+        r = rel + "/" + name
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            continue
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            send({"path": r, "type": "d", "size": 0, "mode": stat.S_IMODE(m),
+                  "mtime_ns": st.st_mtime_ns})
+            try:
+                sub = os.open(name, DFLAGS, dir_fd=dfd)
+            except OSError:
+                continue
+            try:
+                pull_walk(sub, r, have)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(m):
+            emit_file(r, dfd, name, st, have)
+        else:
+            kind = "l" if stat.S_ISLNK(m) else "o"
+            send({"path": r, "type": kind, "size": 0, "mode": stat.S_IMODE(m),
+                  "mtime_ns": st.st_mtime_ns})
+
+
+def op_pull(req):
+    have = req.get("have") or {}
+    for back in req["back"]:
+        try:
+            parent, name = split(back)
+            pfd = open_dir(parent, False)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except Exception:
+            continue
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            send({"path": back, "type": "d", "size": 0, "mode": stat.S_IMODE(m),
+                  "mtime_ns": st.st_mtime_ns})
+            sub = os.open(name, DFLAGS, dir_fd=pfd)
+            try:
+                pull_walk(sub, back, have)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(m):
+            emit_file(back, pfd, name, st, have)
+        else:
+            kind = "l" if stat.S_ISLNK(m) else "o"
+            send({"path": back, "type": kind, "size": 0, "mode": stat.S_IMODE(m),
+                  "mtime_ns": st.st_mtime_ns})
+    send({"end": True})
+
+
+OPS = {"hello": op_hello, "scan": op_scan, "put": op_put, "mkdir": op_mkdir, "link": op_link,
+       "meta": op_meta, "remove": op_remove, "sync": op_sync, "record": op_record,
+       "unrecord": op_unrecord, "pull": op_pull}
+
+
+def main():
+    while True:
+        req = recv()
+        if req is None:
+            break
+        OPS[req["op"]](req)
+        if req.get("flush"):
+            OUT.flush()
+    OUT.flush()
+
+
+main()
+'''

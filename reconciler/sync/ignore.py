@@ -1,0 +1,59 @@
+"""Ignore rules: which local paths the push leaves alone.
+
+Who feeds it: `SyncOptions` (spec `sync.exclude`) and the `.ukcignore` file in the local root.
+Who uses it: `manifest.scan_local` (to skip excluded paths) and `diff` (so an excluded or
+sync-back path is never deleted remotely). Gitignore semantics come from `pathspec`
+(negation, anchoring, directory-only rules); `.ukc/` is always excluded, and `sync.back`
+paths are excluded from the push because they are outputs of the sandbox, not inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import pathspec
+
+from reconciler.sync.options import SyncOptions
+
+__all__ = ["IGNORE_FILE", "IgnoreRules", "is_under", "load_rules"]
+
+IGNORE_FILE = ".ukcignore"
+_ALWAYS = (".ukc/",)
+
+
+def is_under(rel: str, roots: Iterable[str]) -> bool:
+    """True when `rel` equals one of `roots` or lies below one of them."""
+    return any(rel == r or rel.startswith(r + "/") for r in roots)
+
+
+class IgnoreRules:
+    """A compiled set of gitignore-style rules plus the sync-back paths."""
+
+    def __init__(self, patterns: Iterable[str], back: Iterable[str]) -> None:
+        self.patterns = tuple(_ALWAYS) + tuple(patterns)
+        self.back = tuple(back)
+        self._spec = pathspec.GitIgnoreSpec.from_lines(self.patterns)
+
+    def excluded(self, rel: str, is_dir: bool) -> bool:
+        """True when the path (relative, "/"-separated) is excluded or a sync-back path."""
+        if is_under(rel, self.back):
+            return True
+        return bool(self._spec.match_file(rel + "/" if is_dir else rel))
+
+    def deletable(self, rel: str, is_dir: bool) -> bool:
+        """True when a remote path may be deleted: neither excluded nor holding a back path."""
+        if self.excluded(rel, is_dir):
+            return False
+        # why: a directory that contains a sync-back path holds sandbox outputs
+        return not any(b.startswith(rel + "/") for b in self.back)
+
+
+def load_rules(opts: SyncOptions) -> IgnoreRules:
+    """Rules from the spec plus `<root>/.ukcignore` (when present)."""
+    lines = list(opts.exclude)
+    path = Path(opts.local_root) / IGNORE_FILE
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        lines += path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    return IgnoreRules(lines, opts.back_paths())

@@ -1,0 +1,358 @@
+"""Sync-back (pull): bring the declared `sync.back` paths from the sandbox into the local tree.
+
+Who feeds it: `engine.pull` (the executor) with a `RemoteShell` and `SyncOptions`; the other end
+is the helper's `pull` operation (see `helper_src`). Who uses the result: the executor (counts,
+conflicts and rejections go to status) and the watcher (`pulled_paths` are files we wrote, not
+user edits).
+
+Everything the sandbox sends is untrusted. Each entry is validated before anything is written
+(`check_path`): no absolute paths, no `..`, nothing outside the declared back paths, no
+symlinks, fifos, devices or sockets, no control characters, no backslashes, sizes bounded by
+what was announced. Writes go through directory fds opened component by component with
+O_NOFOLLOW (a local symlink swapped in cannot redirect a write), into a temp file created with
+O_EXCL|O_NOFOLLOW in the target directory, then `os.replace`. A local file changed since our
+last pull is never overwritten: the incoming copy lands beside it as `<name>.ukc-remote`.
+Remote deletions are not propagated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler.backends import RemoteShell
+from reconciler.errors import HostileEntryError, SyncHaltedError
+from reconciler.sync.ignore import is_under
+from reconciler.sync.manifest import CHUNK, hash_file
+from reconciler.sync.options import SyncOptions
+from reconciler.sync.records import PULL_RECORD, read_record, write_record
+from reconciler.sync.remote import HelperSession
+
+__all__ = [
+    "CONFLICT_SUFFIX",
+    "PullResult",
+    "check_path",
+    "pull",
+    "pull_record",
+    "pulled_paths",
+]
+
+CONFLICT_SUFFIX = ".ukc-remote"
+_TMP = ".ukc-pull."
+_HEADER_LIMIT = 1 << 16
+_DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+@dataclass
+class PullResult:
+    """What one pull did. `rejected`: "path: reason" for each hostile entry skipped."""
+
+    files_written: int = 0
+    bytes_written: int = 0
+    conflicts: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    #: why the stream was abandoned part-way (a hostile or broken sandbox), else None
+    aborted: str | None = None
+
+
+def check_path(path: object, back: tuple[str, ...]) -> str | None:
+    """Why a remote path is refused, or None when it may be written under the local root."""
+    if not isinstance(path, str):
+        return "path is not a string"
+    if not path:
+        return "empty path"
+    if len(path) > 4096:
+        return f"path of {len(path)} characters"
+    if path.startswith("/"):
+        return "absolute path"
+    if "\\" in path:
+        return "backslash in name"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in path):
+        return "control character in name"
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "'..', '.' or empty component"
+    if any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
+        return "name longer than 255 bytes"
+    if parts[0] == ".ukc":
+        return "inside .ukc/"
+    if parts[-1].startswith(_TMP):
+        return "reserved temp name"
+    if not is_under(path, back):
+        return "outside the declared sync-back paths"
+    return None
+
+
+def _safe_label(path: object) -> str:
+    """A printable, bounded form of an untrusted path for reports."""
+    text = path if isinstance(path, str) else repr(path)
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]
+
+
+def pull_record(opts: SyncOptions) -> dict[str, list[Any]]:
+    """Our last pull record: path -> [size, mtime_ns, sha256] of each file pull wrote."""
+    data = read_record(opts.state_dir, PULL_RECORD) or {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def pulled_paths(opts: SyncOptions) -> set[Path]:
+    """Absolute local paths of the files pull wrote (the watcher ignores their events)."""
+    root = Path(opts.local_root)
+    return {root / p for p in pull_record(opts)}
+
+
+class _Tree:
+    """Directory fds under the local root, opened with O_NOFOLLOW one component at a time."""
+
+    def __init__(self, root: Path) -> None:
+        try:
+            self.rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise SyncHaltedError(f"local root {root} is missing; nothing was pulled") from None
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        os.close(self.rootfd)
+
+    def dir(self, rel: str, mode: int = 0o755) -> int:
+        """fd of directory `rel`, creating missing ones; raises HostileEntryError on a link."""
+        if rel == "":
+            return self.rootfd
+        cached = self._fds.get(rel)
+        if cached is not None:
+            return cached
+        parent, _, name = rel.rpartition("/")
+        pfd = self.dir(parent)
+        try:
+            fd = os.open(name, _DFLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            os.mkdir(name, mode, dir_fd=pfd)
+            fd = os.open(name, _DFLAGS, dir_fd=pfd)
+        except OSError as exc:
+            # ELOOP: a symlink; ENOTDIR: a file. Either way we never go through it.
+            raise HostileEntryError(f"local parent {rel} is not a plain directory") from exc
+        self._fds[rel] = fd
+        return fd
+
+
+class _Puller:
+    def __init__(self, s: HelperSession, opts: SyncOptions, tree: _Tree) -> None:
+        self.s = s
+        self.opts = opts
+        self.tree = tree
+        self.back = opts.back_paths()
+        self.record = pull_record(opts)
+        self.new_record: dict[str, list[Any]] = dict(self.record)
+        self.result = PullResult()
+
+    def reject(self, path: object, reason: str) -> None:
+        self.result.rejected.append(f"{_safe_label(path)}: {reason}")
+
+    def drain(self, limit: int) -> int:
+        """Read and discard one file's chunks; returns the byte count (-1 when over `limit`)."""
+        total = 0
+        while True:
+            n = self.s.reader.u32()
+            if n == 0:
+                return total
+            if n > CHUNK or total + n > limit:
+                return -1
+            self.s.reader.exact(n)
+            total += n
+
+    def entry(self, hdr: Any) -> bool:
+        """Handle one header (and its data); False when the stream must be abandoned."""
+        if not isinstance(hdr, dict):
+            self.result.aborted = "sandbox sent a non-object header"
+            return False
+        path, kind = hdr.get("path"), hdr.get("type")
+        size, mode, mtime = hdr.get("size"), hdr.get("mode"), hdr.get("mtime_ns")
+        ints_ok = all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+            for v in (size, mode, mtime)
+        )
+        if kind not in ("f", "d", "l", "o") or not ints_ok:
+            self.result.aborted = f"sandbox sent a malformed header for {_safe_label(path)}"
+            return False
+        assert isinstance(size, int) and isinstance(mode, int) and isinstance(mtime, int)
+        has_data = kind == "f" and not hdr.get("unchanged")
+        reason = check_path(path, self.back)
+        if reason is None and kind == "l":
+            reason = "symlink (never followed or written)"
+        if reason is None and kind == "o":
+            reason = "not a regular file or directory (fifo, socket or device)"
+        if reason is not None:
+            self.reject(path, reason)
+            if has_data and self.drain(size) < 0:
+                self.result.aborted = f"{_safe_label(path)}: more data than announced"
+                return False
+            return True
+        assert isinstance(path, str)
+        if kind == "d":
+            try:
+                self.tree.dir(path, 0o700 | (mode & 0o755))
+            except (HostileEntryError, OSError) as exc:
+                self.reject(
+                    path, str(exc) if isinstance(exc, HostileEntryError) else "mkdir failed"
+                )
+            return True
+        if not has_data:
+            self.result.unchanged += 1
+            return True
+        return self.file(path, size, mode & 0o777, mtime)
+
+    def file(self, path: str, size: int, mode: int, mtime: int) -> bool:
+        parent, _, name = path.rpartition("/")
+        try:
+            pfd = self.tree.dir(parent)
+        except (HostileEntryError, OSError) as exc:
+            self.reject(path, str(exc) if isinstance(exc, HostileEntryError) else "no parent")
+            if self.drain(size) < 0:
+                self.result.aborted = f"{_safe_label(path)}: more data than announced"
+                return False
+            return True
+        tmp = f"{_TMP}{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
+        h = hashlib.sha256()
+        total = 0
+        keep = False
+        try:
+            while True:
+                n = self.s.reader.u32()
+                if n == 0:
+                    break
+                if n > CHUNK or total + n > size:
+                    self.reject(path, f"more than the announced {size} bytes")
+                    self.result.aborted = f"{_safe_label(path)}: more data than announced"
+                    return False
+                chunk = self.s.reader.exact(n)
+                h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                total += n
+            if total != size:
+                self.reject(path, f"sent {total} of the announced {size} bytes")
+                return True
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime, mtime))
+            keep = True
+        finally:
+            os.close(fd)
+            if not keep:
+                _unlink_quiet(tmp, pfd)
+        self.place(path, pfd, name, tmp, size, mtime, h.hexdigest())
+        return True
+
+    def place(
+        self, path: str, pfd: int, name: str, tmp: str, size: int, mtime: int, sha: str
+    ) -> None:
+        """Move the received temp file into place, or beside a locally changed file."""
+        try:
+            st: os.stat_result | None = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            _unlink_quiet(tmp, pfd)
+            self.reject(path, "a local directory has that name")
+            return
+        if st is not None:
+            local_sha = self._local_sha(pfd, name, st)
+            rec = self.record.get(path)
+            if local_sha == sha:
+                _unlink_quiet(tmp, pfd)  # same content already here
+                self.new_record[path] = [size, mtime, sha]
+                self.result.unchanged += 1
+                return
+            ours = isinstance(rec, list) and len(rec) == 3 and local_sha == rec[2]
+            if not ours:
+                os.replace(tmp, name + CONFLICT_SUFFIX, src_dir_fd=pfd, dst_dir_fd=pfd)
+                # recorded as the sandbox's version: reported once, not on every pull
+                self.new_record[path] = [size, mtime, sha]
+                self.result.conflicts.append(path)
+                return
+        os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        self.new_record[path] = [size, mtime, sha]
+        self.result.files_written += 1
+        self.result.bytes_written += size
+        self.result.written.append(path)
+
+    def _local_sha(self, pfd: int, name: str, st: os.stat_result) -> str | None:
+        """Content hash of the local file (None for a symlink or anything not regular)."""
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=pfd)
+        except OSError:
+            return None
+        try:
+            return hash_file(fd)
+        finally:
+            os.close(fd)
+
+
+def _unlink_quiet(name: str, dir_fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _have(record: dict[str, list[Any]]) -> dict[str, list[int]]:
+    """What we last pulled, as the sandbox had it: unchanged remote files are not resent."""
+    have: dict[str, list[int]] = {}
+    for path, rec in record.items():
+        if isinstance(rec, list) and len(rec) == 3:
+            have[path] = [int(rec[0]), int(rec[1])]
+    return have
+
+
+def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
+    """Bring the declared back paths home. Raises `SyncHaltedError` when the root is missing."""
+    back = opts.back_paths()
+    for b in back:
+        reason = check_path(b, back)
+        if reason is not None:
+            raise HostileEntryError(f"sync.back path {_safe_label(b)} refused: {reason}")
+    tree = _Tree(Path(opts.local_root))
+    try:
+        if not back:
+            return PullResult()
+        record = pull_record(opts)
+        with HelperSession(shell, opts) as s:
+            puller = _Puller(s, opts, tree)
+            s.send(
+                {
+                    "op": "hello",
+                    "root": opts.remote_root,
+                    "state_dir": opts.remote_state_dir,
+                    "boot_paths": list(opts.boot_id_paths),
+                    "uuid": "",
+                    "digest": "-",
+                }
+            )
+            s.send({"op": "pull", "back": list(back), "have": _have(record), "flush": True})
+            s.flush()
+            s.reader.frame(_HEADER_LIMIT)  # hello's answer: unused by pull
+            while True:
+                hdr = s.reader.frame(_HEADER_LIMIT)
+                if isinstance(hdr, dict) and hdr.get("end") is True:
+                    break
+                if not puller.entry(hdr):
+                    s.close(abort=True)
+                    break
+            result = puller.result
+            write_record(opts.state_dir, PULL_RECORD, {"version": 1, "files": puller.new_record})
+        return result
+    finally:
+        tree.close()

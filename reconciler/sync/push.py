@@ -1,0 +1,249 @@
+"""Push: make the sandbox's copy of the session directory equal the local tree.
+
+Who feeds it: `engine.push` (the executor's call) with a `RemoteShell`, `SyncOptions`, the
+instance uuid and optionally a manifest it already scanned. Who uses the result: the executor
+(counters go to status and to the no-change proof: `files_sent == 0`, `bytes_sent == 0`,
+`remote_scanned is False`).
+
+One helper process serves the whole push: hello (boot id + remote record) -> scan only when the
+record cannot be trusted -> batched uploads -> deletes last (skipped after any error) -> type
+swaps -> remote record -> local record. The remote record is dropped before the first change,
+so an interrupted push forces a full scan next time instead of trusting a half-applied tree.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reconciler.backends import RemoteShell
+from reconciler.errors import RemoteError, SyncError
+from reconciler.sync.diff import TransferPlan, diff_manifests
+from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
+from reconciler.sync.manifest import CHUNK, Entry, Manifest, last_push_record, scan_local
+from reconciler.sync.options import SyncOptions
+from reconciler.sync.records import PUSH_RECORD, write_record
+from reconciler.sync.remote import HelperSession
+
+__all__ = ["PushResult", "parse_remote_manifest", "push"]
+
+
+@dataclass
+class PushResult:
+    """What one push did. `bytes_sent` counts file content bytes only."""
+
+    files_sent: int
+    bytes_sent: int
+    deleted: int
+    remote_scanned: bool
+    boot_id: str
+    digest: str
+    plan: TransferPlan | None = None
+
+
+def parse_remote_manifest(raw: Any) -> Manifest:
+    """A manifest from the helper's scan answer, checked for shape (the sandbox is untrusted)."""
+    if not isinstance(raw, dict):
+        raise RemoteError("sync helper sent a scan that is not an object")
+    entries: dict[str, Entry] = {}
+    for path, value in raw.items():
+        ok = (
+            isinstance(path, str)
+            and path
+            and isinstance(value, list)
+            and len(value) == 5
+            and value[0] in ("f", "d", "l", "o")
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:4])
+            and isinstance(value[4], str)
+        )
+        if not ok:
+            raise RemoteError(f"sync helper sent a malformed scan entry ({len(entries)} read)")
+        entries[path] = Entry(value[0], value[1], value[2], value[3], value[4])
+    return Manifest(entries)
+
+
+class _Sender:
+    """Streams the plan's operations into one helper session."""
+
+    def __init__(self, session: HelperSession, local: Manifest, root: Path) -> None:
+        self.s = session
+        self.local = local
+        self.root = root
+        self.files = 0
+        self.bytes = 0
+        self.errors: list[str] = []
+
+    def upload(self, path: str) -> None:
+        e = self.local.entries[path]
+        if e.type == "d":
+            self.s.send({"op": "mkdir", "path": path, "mode": e.mode})
+        elif e.type == "l":
+            self.s.send({"op": "link", "path": path, "target": e.ref})
+        else:
+            self._put(path, e)
+
+    def meta(self, path: str) -> None:
+        e = self.local.entries[path]
+        self.s.send({"op": "meta", "path": path, "mode": e.mode, "mtime_ns": e.mtime_ns})
+
+    def _put(self, path: str, e: Entry) -> None:
+        try:
+            fd = os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
+            return
+        try:
+            st = os.fstat(fd)
+            intact = (
+                stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+            )
+            self.s.send(
+                {"op": "put", "path": path, "size": e.size, "mode": e.mode, "mtime_ns": e.mtime_ns}
+            )
+            left = e.size
+            while left:
+                chunk = os.read(fd, min(CHUNK, left)) if intact else b""
+                if not chunk:
+                    # changed under us: keep the stream in step, then tell the helper to discard
+                    intact = False
+                    chunk = bytes(min(CHUNK, left))
+                self.s.send_raw(chunk)
+                left -= len(chunk)
+            if intact:
+                after = os.fstat(fd)
+                intact = after.st_mtime_ns == e.mtime_ns and after.st_size == e.size
+            self.s.send_raw(b"\x01" if intact else b"\x00")
+        finally:
+            os.close(fd)
+        if intact:
+            self.files += 1
+            self.bytes += e.size
+        else:
+            self.errors.append(f"{path}: changed while it was being sent")
+
+    def barrier(self) -> list[str]:
+        """Wait for the helper to apply everything so far; all errors (ours and its)."""
+        reply = self.s.call({"op": "sync"})
+        remote = [str(x) for x in reply.get("errors", [])][:50]
+        return self.errors + remote
+
+
+def push(
+    shell: RemoteShell,
+    opts: SyncOptions,
+    *,
+    instance_uuid: str,
+    local: Manifest | None = None,
+    rules: IgnoreRules | None = None,
+) -> PushResult:
+    """Sync the local tree to the sandbox. Raises `SyncHaltedError` (guards) or `SyncError`."""
+    rules = rules if rules is not None else load_rules(opts)
+    if local is None:
+        local = scan_local(opts, rules)
+    elif not Path(opts.local_root).is_dir():
+        scan_local(opts, rules)  # raises the missing-root guard
+    last = last_push_record(opts)
+    last_digest = last[1].get("digest", "") if last else ""
+    with HelperSession(shell, opts) as s:
+        hello = s.call(
+            {
+                "op": "hello",
+                "root": opts.remote_root,
+                "state_dir": opts.remote_state_dir,
+                "boot_paths": list(opts.boot_id_paths),
+                "uuid": instance_uuid,
+                "digest": last_digest or "-",
+            },
+            limit=1 << 16,
+        )
+        boot_id = str(hello.get("boot_id", ""))[:128]
+        scanned = not (hello.get("fresh") is True and last is not None)
+        if scanned:
+            want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
+            previous = parse_remote_manifest(s.call({"op": "scan", "want": want}).get("entries"))
+            reason = "remote scanned (no trusted remote record)"
+        else:
+            assert last is not None
+            previous = last[0]
+            reason = "remote record matches our last push"
+        plan = diff_manifests(local, previous, rules, reason=reason)
+        result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
+        if plan.empty and not scanned:
+            _write_local_record(opts, local, instance_uuid, boot_id)
+            return result
+        deleted = _apply(s, plan, local, opts, rules, instance_uuid, boot_id, result)
+    result.deleted = deleted
+    _write_local_record(opts, local, instance_uuid, boot_id)
+    return result
+
+
+def _apply(
+    s: HelperSession,
+    plan: TransferPlan,
+    local: Manifest,
+    opts: SyncOptions,
+    rules: IgnoreRules,
+    instance_uuid: str,
+    boot_id: str,
+    result: PushResult,
+) -> int:
+    root = Path(opts.local_root)
+    sender = _Sender(s, local, root)
+    s.send({"op": "unrecord"})
+    for path in plan.uploads:
+        if not is_under(path, plan.replaces):
+            sender.upload(path)
+    for path in plan.metas:
+        sender.meta(path)
+    errors = sender.barrier()
+    result.files_sent, result.bytes_sent = sender.files, sender.bytes
+    if errors:
+        raise SyncError(
+            f"push to {opts.remote_root}: {len(errors)} errors ({errors[0]}); "
+            f"{len(plan.deletes)} deletes skipped"
+        )
+    deleted = 0
+    protect = list(rules.back)
+    if plan.deletes:
+        reply = s.call({"op": "remove", "paths": list(plan.deletes), "protect": protect})
+        deleted += int(reply.get("removed", 0))
+    if plan.replaces:
+        # deepest first: a swapped path under another swapped path goes before its parent
+        order = sorted(plan.replaces, key=lambda p: (-p.count("/"), p))
+        reply = s.call({"op": "remove", "paths": order, "protect": protect, "strict": True})
+        deleted += int(reply.get("removed", 0))
+        for path in plan.uploads:
+            if is_under(path, plan.replaces):
+                sender.upload(path)
+        errors = sender.barrier()
+        result.files_sent, result.bytes_sent = sender.files, sender.bytes
+        if errors:
+            raise SyncError(
+                f"push to {opts.remote_root}: {len(errors)} errors replacing "
+                f"{len(plan.replaces)} paths ({errors[0]})"
+            )
+    record = {
+        "version": 1,
+        "boot_id": boot_id,
+        "uuid": instance_uuid,
+        "digest": local.digest,
+        "entries": local.to_json(),
+    }
+    s.call({"op": "record", "record": record}, limit=1 << 16)
+    return deleted
+
+
+def _write_local_record(
+    opts: SyncOptions, local: Manifest, instance_uuid: str, boot_id: str
+) -> None:
+    data: dict[str, Any] = {
+        "version": 1,
+        "digest": local.digest,
+        "instance_uuid": instance_uuid,
+        "boot_id": boot_id,
+        "entries": local.to_json(),
+    }
+    write_record(opts.state_dir, PUSH_RECORD, data)

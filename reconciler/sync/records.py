@@ -1,0 +1,48 @@
+"""Small JSON records kept in the controller's per-session sync state dir.
+
+Who feeds it: `manifest` (hash cache, push record), `pull` (pull record). Who uses it: the same
+modules, and `engine.forget`. Writes are atomic (temp file in the same directory, fsync,
+rename) so a crash leaves either the old record or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HASH_CACHE", "PULL_RECORD", "PUSH_RECORD", "read_record", "write_record"]
+
+PUSH_RECORD = "push.json"
+PULL_RECORD = "pull.json"
+HASH_CACHE = "hashcache.json"
+
+
+def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:
+    """The record, or None when it is missing or unreadable (treated as no record)."""
+    try:
+        with open(Path(state_dir) / name, encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_record(state_dir: Path, name: str, data: dict[str, Any]) -> None:
+    """Write `data` as `state_dir/name` atomically (0600: records name user files)."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=state_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            json.dump(data, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_dir / name)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

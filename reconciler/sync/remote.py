@@ -1,0 +1,175 @@
+"""The client side of the remote sync helper: start it, frame requests, read answers.
+
+Who feeds it: `push` and `pull` give it a `RemoteShell` and `SyncOptions`. Who uses the other
+end: the helper program in `helper_src` (remote requirement: python3 >= 3.7, stdlib only, on
+the sandbox's PATH or at `SyncOptions.remote_python`). One remote process serves a whole push
+or pull: the program text goes over stdin after a one-line `python3 -c` bootstrap, so there
+are no per-file round trips. Writes are coalesced into ~1 MiB blocks because SSH channels are
+slow with small writes; replies are read with hard size caps because the sandbox is untrusted.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import struct
+from typing import Any
+
+from reconciler.backends import RemoteProcess, RemoteShell
+from reconciler.errors import RemoteError
+from reconciler.sync.helper_src import HELPER_SOURCE
+from reconciler.sync.options import SyncOptions
+
+__all__ = ["MAX_FRAME", "FrameReader", "HelperSession", "encode_frame", "helper_command"]
+
+#: largest control frame we accept from the sandbox (a scan of a huge tree is the biggest)
+MAX_FRAME = 256 << 20
+_FLUSH_AT = 1 << 20
+_BOOT = "import sys;exec(compile(sys.stdin.buffer.read(int(sys.argv[1])),'ukc-sync','exec'))"
+_PROGRAM = HELPER_SOURCE.encode("ascii")
+
+
+def helper_command(opts: SyncOptions) -> str:
+    """The shell command that starts the helper (it then reads its program from stdin)."""
+    python = shlex.quote(opts.remote_python)
+    return f"exec {python} -E -S -c {shlex.quote(_BOOT)} {len(_PROGRAM)}"
+
+
+def encode_frame(obj: Any) -> bytes:
+    """`u32be length + JSON` (ASCII: non-UTF-8 names travel as \\udcXX escapes)."""
+    data = json.dumps(obj, separators=(",", ":")).encode("ascii")
+    return struct.pack(">I", len(data)) + data
+
+
+class FrameReader:
+    """Buffered reads of frames and raw bytes from a process's stdout."""
+
+    def __init__(self, proc: RemoteProcess, on_eof: Any = None) -> None:
+        self._proc = proc
+        self._buf = bytearray()
+        self._on_eof = on_eof
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            chunk = self._proc.read(max(n - len(self._buf), 1 << 16))
+            if not chunk:
+                if self._on_eof is not None:
+                    self._on_eof()
+                raise RemoteError(
+                    f"sync helper closed its output after {len(self._buf)} of {n} bytes"
+                )
+            self._buf += chunk
+
+    def exact(self, n: int) -> bytes:
+        self._fill(n)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def u32(self) -> int:
+        value: int = struct.unpack(">I", self.exact(4))[0]
+        return value
+
+    def frame(self, limit: int = MAX_FRAME) -> Any:
+        n = self.u32()
+        if n > limit:
+            raise RemoteError(f"sync helper sent a {n}-byte frame; the limit is {limit}")
+        try:
+            return json.loads(self.exact(n).decode("ascii"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise RemoteError(f"sync helper sent a malformed {n}-byte frame") from exc
+
+
+class HelperSession:
+    """One running helper process. Use as a context manager; `close()` ends it."""
+
+    def __init__(self, shell: RemoteShell, opts: SyncOptions) -> None:
+        self.opts = opts
+        self.proc = shell.start(helper_command(opts))
+        self._out = bytearray()
+        self.reader = FrameReader(self.proc, on_eof=self._died)
+        self._closed = False
+        self._out += _PROGRAM
+
+    def __enter__(self) -> HelperSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(abort=exc[0] is not None)
+
+    def _died(self) -> None:
+        """The helper stopped talking: turn its exit status into a clear error."""
+        try:
+            code = self.proc.wait(timeout=5)
+        except TimeoutError:
+            return
+        if code == 127:
+            raise RemoteError(
+                f"sandbox has no {self.opts.remote_python} (the sync helper needs python3 >= "
+                "3.7); exit 127"
+            )
+        if code != 0:
+            raise RemoteError(f"sync helper in sandbox exited with code {code}: {self._stderr()}")
+
+    def _stderr(self) -> str:
+        try:
+            raw = self.proc.read_stderr(4096)
+        except Exception:  # the transport may already be gone
+            return ""
+        lines = raw.decode("utf-8", "replace").strip().splitlines()
+        last = lines[-1] if lines else ""
+        # untrusted text: printable only, bounded
+        return "".join(c if c.isprintable() else "?" for c in last)[:200]
+
+    def send(self, obj: Any) -> None:
+        self._out += encode_frame(obj)
+        if len(self._out) >= _FLUSH_AT:
+            self.flush()
+
+    def send_raw(self, data: bytes) -> None:
+        if len(data) >= _FLUSH_AT:
+            self.flush()
+            self._write(data)
+        else:
+            self._out += data
+            if len(self._out) >= _FLUSH_AT:
+                self.flush()
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.proc.write(data)
+        except (BrokenPipeError, OSError) as exc:
+            self._died()
+            raise RemoteError("sync helper in sandbox stopped reading its input") from exc
+
+    def flush(self) -> None:
+        if self._out:
+            data = bytes(self._out)
+            self._out.clear()
+            self._write(data)
+
+    def call(self, obj: Any, limit: int = MAX_FRAME) -> Any:
+        """Send a request that has an answer, and return the answer."""
+        self.send({**obj, "flush": True})
+        self.flush()
+        reply = self.reader.frame(limit)
+        if not isinstance(reply, dict):
+            raise RemoteError("sync helper answered with a non-object frame")
+        return reply
+
+    def close(self, *, abort: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if abort:
+            self.proc.kill()
+            return
+        try:
+            self.flush()
+            self.proc.close_stdin()
+            code = self.proc.wait(timeout=60)
+        except TimeoutError:
+            self.proc.kill()
+            raise RemoteError("sync helper in sandbox did not exit within 60 s") from None
+        if code != 0:
+            raise RemoteError(f"sync helper in sandbox exited with code {code}: {self._stderr()}")
