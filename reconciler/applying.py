@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from reconciler import actions, errors, observer, planner, status
-from reconciler.executor import Executor, SessionOutcome
+from reconciler.executor import Executor, SessionOutcome, ShellPool
 from reconciler.metro import MetroRegistry
 from reconciler.reporting import Event, Reporter
 
@@ -58,6 +58,7 @@ def apply_group(
     max_rounds: int = 3,
     now: Callable[[], float] = time.time,
     only: set[str] | None = None,
+    shells: ShellPool | None = None,
 ) -> ApplyResult:
     """Converge every session of `group` (one status file) and write its status."""
     with status.lock(group.status_path, timeout_s=lock_timeout_s):
@@ -97,6 +98,7 @@ def apply_group(
                 reporter=reporter,
                 doc_lock=doc_lock,
                 ran=ran,
+                shells=shells,
             )
             work = [s for s in plan.sessions if s.changes]
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

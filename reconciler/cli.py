@@ -340,6 +340,48 @@ def delete(
         sys.exit(1)
 
 
+@cli.command()
+@_paths_arg
+@click.option("--prune", is_flag=True, help="Delete sessions removed from the specs.")
+@click.option("--down", is_flag=True, help="Delete the sessions when watch exits.")
+@click.option("--resync", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True)
+@_debug_option
+@_guard
+def watch(
+    paths: tuple[Path, ...],
+    prune: bool,
+    down: bool,
+    resync: float,
+    concurrency: int,
+    debug: bool,
+) -> None:
+    """Converge, then keep sessions in step while files and specs change (Ctrl-C stops)."""
+    from reconciler.watch import Watcher, WatchOptions
+
+    metros = _metros()
+    reporter = _reporter("text")
+    watcher = Watcher(
+        WatchOptions(
+            paths=list(paths) or [Path(".")],
+            prune=prune,
+            down=down,
+            resync_s=resync,
+            concurrency=concurrency,
+        ),
+        metros=metros,
+        reporter=reporter,
+        environ=os.environ,
+    )
+    watcher.install_signal_handlers()
+    try:
+        code = watcher.run()
+    finally:
+        reporter.close()
+        metros.close()
+    sys.exit(code)
+
+
 @cli.group()
 def local() -> None:
     """Manage the embedded local metro (an offline UKC emulator)."""

@@ -26,7 +26,7 @@ from reconciler.observer import Group, Observation, SessionContext
 from reconciler.reporting import Event, Reporter
 from reconciler.sync import engine as sync_engine
 
-__all__ = ["Executor", "Redactor", "SessionOutcome"]
+__all__ = ["Executor", "Redactor", "SessionOutcome", "ShellPool"]
 
 #: public ports every session instance gets: SSH through the TLS edge, and the image's exec API
 SESSION_SERVICES = (
@@ -35,6 +35,51 @@ SESSION_SERVICES = (
 )
 #: the original workflow's scale-to-zero: idle sessions cost nothing, memory kept (stateful)
 SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
+
+
+class ShellPool:
+    """Live SSH connections kept across passes (watch mode), one per session and instance."""
+
+    def __init__(self) -> None:
+        self._shells: dict[str, tuple[str, RemoteShell]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, session: str, instance_uuid: str) -> RemoteShell | None:
+        """The kept connection if it belongs to this instance and is still alive."""
+        with self._lock:
+            item = self._shells.pop(session, None)
+        if item is None:
+            return None
+        uuid, shell = item
+        alive = getattr(shell, "is_alive", None)
+        if uuid == instance_uuid and (alive is None or alive()):
+            return shell
+        with contextlib.suppress(Exception):
+            shell.close()
+        return None
+
+    def keep(self, session: str, instance_uuid: str, shell: RemoteShell) -> None:
+        with self._lock:
+            old = self._shells.pop(session, None)
+            self._shells[session] = (instance_uuid, shell)
+        if old is not None and old[1] is not shell:
+            with contextlib.suppress(Exception):
+                old[1].close()
+
+    def drop(self, session: str) -> None:
+        with self._lock:
+            item = self._shells.pop(session, None)
+        if item is not None:
+            with contextlib.suppress(Exception):
+                item[1].close()
+
+    def close(self) -> None:
+        with self._lock:
+            items = list(self._shells.values())
+            self._shells.clear()
+        for _, shell in items:
+            with contextlib.suppress(Exception):
+                shell.close()
 
 
 class Redactor:
@@ -82,6 +127,7 @@ class Executor:
         boot_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         ran: set[tuple[str, str]] | None = None,
+        shells: ShellPool | None = None,
     ) -> None:
         self.group = group
         self.doc = doc
@@ -94,6 +140,8 @@ class Executor:
         self.clock = clock
         #: (session, command) pairs that ran in this apply; the rest are reported as skipped
         self.ran = ran if ran is not None else set()
+        #: watch mode keeps one live connection per session across passes
+        self.shells = shells
 
     # -- journal ---------------------------------------------------------------------------
 
@@ -129,8 +177,13 @@ class Executor:
             self._fail(name, outcome.error, err)
         finally:
             if run.shell is not None:
-                with contextlib.suppress(Exception):
-                    run.shell.close()
+                if self.shells is not None and run.inst is not None and outcome.ok:
+                    self.shells.keep(name, run.inst.uuid, run.shell)
+                else:
+                    with contextlib.suppress(Exception):
+                        run.shell.close()
+                    if self.shells is not None:
+                        self.shells.drop(name)
             with self.doc_lock:
                 rec = self.doc.sessions.get(name)
                 if rec is not None and run.timings:
@@ -309,6 +362,10 @@ class Executor:
         if run.shell is not None:
             return
         inst = run.inst
+        if self.shells is not None and inst is not None:
+            run.shell = self.shells.take(ctx.desired.name, inst.uuid)
+            if run.shell is not None:
+                return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
         if not inst.fqdn:
