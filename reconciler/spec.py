@@ -72,7 +72,11 @@ _COMMAND_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _fail(message: str) -> PydanticCustomError:
+def _fail(message: str, *, at: Sequence[str | int] = ()) -> PydanticCustomError:
+    """A validation error with a ready message; `at` extends the error's location so the
+    line points at the offending entry rather than at the list holding it."""
+    if at:
+        return PydanticCustomError("ukc", message, {"at": list(at)})
     return PydanticCustomError("ukc", message)
 
 
@@ -275,7 +279,8 @@ class SessionSpec(BaseModel):
             if command.name in seen:
                 raise _fail(
                     f"command name {command.name!r} is used by commands[{seen[command.name]}] "
-                    f"and commands[{index}]; names must be unique"
+                    f"and commands[{index}]; names must be unique",
+                    at=(index, "name"),
                 )
             seen[command.name] = index
         return value
@@ -293,7 +298,7 @@ class SessionSpec(BaseModel):
         env = info.data.get("env") or {}
         both = sorted(set(env) & set(value))
         if both:
-            raise _fail(f"{', '.join(both)} set in both env and secret_env; keep one")
+            raise _fail(f"{', '.join(both)} set in both env and secret_env; keep one", at=both[:1])
         return value
 
 
@@ -502,7 +507,8 @@ def _build(doc: YamlDocument, environ: Mapping[str, str]) -> SessionSpec:
         if image:
             from_env["image"] = "UKC_SANDBOX_IMAGE"
             data["image"] = image
-        elif data["metro"] == "local" or not isinstance(data["metro"], str):
+        elif data["metro"] == "local" or not _valid_metro(data["metro"]):
+            # why: an invalid metro is reported by validation; no second error about images.
             data["image"] = DEFAULT_LOCAL_IMAGE
         else:
             raise _DocumentError(
@@ -522,6 +528,13 @@ def _build(doc: YamlDocument, environ: Mapping[str, str]) -> SessionSpec:
         raise _DocumentError(problems) from None
 
 
+def _valid_metro(value: object) -> bool:
+    try:
+        return isinstance(value, str) and bool(_check_metro(value))
+    except PydanticCustomError:
+        return False
+
+
 _FIELDS: dict[str, tuple[str, ...]] = {
     "session": tuple(SessionSpec.model_fields),
     "command": tuple(CommandSpec.model_fields),
@@ -534,6 +547,9 @@ def _translate(err: ErrorDetails, doc: YamlDocument, from_env: Mapping[str, str]
     loc = err["loc"]
     is_key = bool(loc) and loc[-1] == "[key]"
     path: FieldPath = tuple(p for p in loc if p != "[key]")
+    at = err.get("ctx", {}).get("at") if err["type"] == "ukc" else None
+    if isinstance(at, list):
+        path = (*path, *(p for p in at if isinstance(p, str | int)))
     line = doc.line_of(path)
     field = format_path(path) or None
     kind = err["type"]
