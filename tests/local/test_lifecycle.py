@@ -1,0 +1,162 @@
+"""Daemon lifecycle: start once, find it again, stop it cleanly, persist across restarts.
+
+Each test runs its own daemon in its own state dir (the session daemon stays untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from reconciler.errors import LocalMetroError
+from reconciler.local import daemon as metro_daemon
+from reconciler.local.daemon import MetroInfo
+from tests.local.conftest import unique
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    sd = tmp_path / "metro"
+    try:
+        yield sd
+    finally:
+        metro_daemon.stop(sd)
+
+
+def client(info: MetroInfo) -> httpx.Client:
+    return httpx.Client(
+        base_url=info.api_url, headers={"Authorization": f"Bearer {info.token}"}, timeout=60
+    )
+
+
+def sandbox_pids(state_dir: Path) -> list[int]:
+    """Processes whose command line mentions this state dir, other than the daemon."""
+    out = []
+    needle = str(state_dir.resolve()).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmd and b"reconciler.local" not in cmd:
+            out.append(int(entry.name))
+    return out
+
+
+class TestStartAndFind:
+    def test_ensure_running_starts_one_daemon_and_then_finds_it(self, state_dir: Path) -> None:
+        first = metro_daemon.ensure_running(state_dir)
+        again = metro_daemon.ensure_running(state_dir)
+        assert again.pid == first.pid
+        assert metro_daemon.status(state_dir) == first
+        meta = json.loads((state_dir / "metro.json").read_text())
+        assert meta["pid"] == first.pid
+        assert set(meta["edge_ports"]) >= {"2222", "443"}
+        assert Path(meta["ca"]).exists()
+        assert first.token not in (state_dir / "metro.json").read_text()
+        assert (state_dir / "token").stat().st_mode & 0o777 == 0o600
+
+    def test_two_concurrent_callers_start_a_single_daemon(self, state_dir: Path) -> None:
+        got: list[MetroInfo] = []
+
+        def call() -> None:
+            got.append(metro_daemon.ensure_running(state_dir))
+
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len({i.pid for i in got}) == 1
+        assert len(got) == 3
+
+    def test_the_token_survives_a_restart(self, state_dir: Path) -> None:
+        first = metro_daemon.ensure_running(state_dir)
+        assert metro_daemon.stop(state_dir)
+        second = metro_daemon.ensure_running(state_dir)
+        assert second.token == first.token
+        assert second.pid != first.pid
+
+    def test_a_missing_bwrap_is_reported_with_the_package_to_install(
+        self, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("PATH", "/nonexistent")
+        with pytest.raises(LocalMetroError, match="apt-get install -y bubblewrap"):
+            metro_daemon.ensure_running(state_dir)
+
+    def test_status_is_none_when_nothing_runs(self, state_dir: Path) -> None:
+        assert metro_daemon.status(state_dir) is None
+        assert metro_daemon.stop(state_dir) is False
+
+    def test_default_state_dir_follows_the_environment(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        monkeypatch.setenv("UKC_LOCAL_STATE_DIR", str(tmp_path / "x"))
+        assert metro_daemon.default_state_dir() == tmp_path / "x"
+        monkeypatch.delenv("UKC_LOCAL_STATE_DIR")
+        monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+        assert metro_daemon.default_state_dir() == tmp_path / "xdg" / "ukc" / "local"
+
+
+def _wait_state(c: httpx.Client, name: str, want: str, timeout: float = 30) -> dict[str, Any]:
+    r = c.request(
+        "GET", "/v1/instances/wait", json=[{"name": name, "state": want, "timeout_s": timeout}]
+    )
+    assert r.json()["status"] == "success", r.text
+    got = c.get("/v1/instances", params={"name": name}).json()["data"]["instances"][0]
+    assert isinstance(got, dict)
+    return got
+
+
+class TestStopAndPersistence:
+    def test_stop_leaves_no_sandbox_process_behind(self, state_dir: Path) -> None:
+        info = metro_daemon.ensure_running(state_dir)
+        with client(info) as c:
+            r = c.post(
+                "/v1/instances",
+                json={"name": unique(), "image": "x", "autostart": True, "timeout_s": 30},
+            )
+            assert r.json()["data"]["instances"][0]["state"] == "running"
+        assert sandbox_pids(state_dir)
+        assert metro_daemon.stop(state_dir)
+        deadline = time.monotonic() + 5
+        while sandbox_pids(state_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandbox_pids(state_dir) == []
+        assert metro_daemon.status(state_dir) is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(info.pid, 0)
+
+    def test_instances_and_workspace_files_survive_a_restart_and_running_ones_run_again(
+        self, state_dir: Path
+    ) -> None:
+        info = metro_daemon.ensure_running(state_dir)
+        runner, idle = unique("run"), unique("idle")
+        with client(info) as c:
+            r = c.post(
+                "/v1/instances",
+                json={"name": runner, "image": "x", "autostart": True, "timeout_s": 30},
+            )
+            uid = r.json()["data"]["instances"][0]["uuid"]
+            c.post("/v1/instances", json={"name": idle, "image": "x", "autostart": False})
+            before = _wait_state(c, runner, "running")
+        (state_dir / "workspaces" / uid / "kept.txt").write_text("still here")
+        assert metro_daemon.stop(state_dir)
+        info2 = metro_daemon.ensure_running(state_dir)
+        with client(info2) as c:
+            after = _wait_state(c, runner, "running")
+            assert after["uuid"] == uid
+            assert after["start_count"] == before["start_count"] + 1
+            idle_now = c.get("/v1/instances", params={"name": idle}).json()["data"]["instances"]
+            assert idle_now[0]["state"] == "stopped"
+        assert (state_dir / "workspaces" / uid / "kept.txt").read_text() == "still here"
