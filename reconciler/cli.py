@@ -196,7 +196,7 @@ def plan(
                 for line in _render_plan(the_plan, verbose):
                     click.echo(line)
         if output == "json":
-            click.echo(json.dumps(doc_out, indent=2))
+            click.echo(json.dumps({"api_requests": metros.request_count(), **doc_out}, indent=2))
     finally:
         metros.close()
     if detailed_exitcode and pending:
@@ -259,11 +259,12 @@ def apply(
                 "plan": _plan_json(result.plan),
                 "status": str(group.status_path),
             }
+        requests = metros.request_count()
     finally:
         reporter.close()
         metros.close()
     if output == "json":
-        click.echo(json.dumps({"ok": ok, "groups": summary}, indent=2))
+        click.echo(json.dumps({"ok": ok, "api_requests": requests, "groups": summary}, indent=2))
     else:
         for item in summary.values():
             for name, why in item["failed"].items():

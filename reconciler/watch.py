@@ -265,6 +265,14 @@ class Watcher:
         finally:
             self.passes += 1
             self._last_ok = ok
+            which = "all" if sessions is None else ",".join(sorted(sessions))
+            self.reporter.event(
+                Event(
+                    "watch",
+                    "info",
+                    f"pass {self.passes} done ({which}): {'ok' if ok else 'failed'}",
+                )
+            )
             self._busy.clear()
             self._events.put(None)  # wake the loop: pending changes may be due
 

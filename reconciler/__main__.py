@@ -1,0 +1,5 @@
+"""`python -m reconciler` is `ukc`."""
+
+from reconciler.cli import main
+
+main()
