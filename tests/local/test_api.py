@@ -436,3 +436,106 @@ class TestRestartPolicy:
 
 async def _save(m: InProcessMetro) -> None:
     m.metro.save_now()
+
+
+SANDBOX_PLUGIN = [{"name": "sandbox", "image": "plugins/sandbox:latest"}]
+
+
+class TestPluginRoute:
+    def test_an_unknown_uuid_is_a_404_envelope(self, api: httpx.Client) -> None:
+        r = api.get("/v1/instances/00000000-0000-0000-0000-000000000000/plugins/sandbox/commands")
+        assert r.status_code == 404
+        assert r.json()["status"] == "error"
+
+    def test_an_instance_without_the_plugin_is_a_404(self, api: httpx.Client) -> None:
+        item = create(api)
+        try:
+            r = api.get(f"/v1/instances/{item['uuid']}/plugins/sandbox/commands")
+            assert r.status_code == 404
+        finally:
+            delete(api, item["name"])
+
+    def test_a_stopped_instance_answers_503(self, api: httpx.Client) -> None:
+        item = create(api, plugins=SANDBOX_PLUGIN)
+        try:
+            r = api.get(f"/v1/instances/{item['uuid']}/plugins/sandbox/commands")
+            assert r.status_code == 503
+            assert r.json()["status"] == "error"
+        finally:
+            delete(api, item["name"])
+
+    def test_a_running_instance_relays_status_type_and_body(self, api: httpx.Client) -> None:
+        item = create(api, plugins=SANDBOX_PLUGIN, autostart=True, timeout_s=30)
+        try:
+            base = f"/v1/instances/{item['uuid']}/plugins/sandbox"
+            r = api.post(
+                base + "/fs/write",
+                json={
+                    "path": "/workspace/x.txt",
+                    "append": False,
+                    "encoding": "utf-8",
+                    "data": "0123456789",
+                },
+            )
+            assert r.status_code == 200, r.text
+            r = api.post(base + "/fs/read_raw", json={"path": "/workspace/x.txt"})
+            assert r.headers["content-type"].startswith("application/octet-stream")
+            assert r.content == b"0123456789"
+            r = api.post(
+                base + "/fs/write",
+                json={"path": "/workspace", "append": False, "encoding": "utf-8", "data": "x"},
+            )
+            assert r.status_code == 500
+            assert "is a directory" in r.json()["message"].lower()
+        finally:
+            delete(api, item["name"])
+
+
+class TestScaleToZero:
+    def test_an_idle_instance_goes_to_standby_and_a_plugin_request_wakes_it(
+        self, api: httpx.Client
+    ) -> None:
+        item = create(
+            api,
+            autostart=True,
+            timeout_s=30,
+            plugins=SANDBOX_PLUGIN,
+            service_group=SSH_GROUP,
+            scale_to_zero={"policy": "on", "cooldown_time_ms": 300, "stateful": True},
+        )
+        try:
+            assert item["state"] == "running"
+            idle = poll_state(api, item["name"], "standby", 10)
+            assert idle["state"] == "standby"
+            assert idle["stop_reason"] == 39
+            r = api.get(f"/v1/instances/{item['uuid']}/plugins/sandbox/commands")
+            assert r.status_code == 200, r.text
+            assert get(api, item["name"])["state"] in ("running", "standby")
+            assert (
+                "scale-to-zero"
+                in base64.b64decode(
+                    api.request("GET", "/v1/instances/log", json=[{"name": item["name"]}]).json()[
+                        "data"
+                    ]["instances"][0]["output"]
+                ).decode()
+            )
+        finally:
+            delete(api, item["name"])
+
+    def test_a_stateless_standby_boots_cold_on_wake(self, api: httpx.Client) -> None:
+        item = create(
+            api,
+            autostart=True,
+            timeout_s=30,
+            plugins=SANDBOX_PLUGIN,
+            service_group=SSH_GROUP,
+            scale_to_zero={"policy": "on", "cooldown_time_ms": 300, "stateful": False},
+        )
+        try:
+            before = poll_state(api, item["name"], "standby", 10)
+            r = api.get(f"/v1/instances/{item['uuid']}/plugins/sandbox/commands")
+            assert r.status_code == 200, r.text
+            after = get(api, item["name"])
+            assert after["start_count"] == before["start_count"] + 1
+        finally:
+            delete(api, item["name"])
