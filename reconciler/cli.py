@@ -428,7 +428,7 @@ def local_env(as_json: bool) -> None:
     from reconciler.local import daemon
 
     info = daemon.ensure_running()
-    data = {
+    data: dict[str, Any] = {
         "api_url": info.api_url,
         "token": info.token,
         "ca": str(info.ca_path),

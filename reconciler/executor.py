@@ -10,6 +10,7 @@ reused by sync, commands and sync-back.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,9 +19,6 @@ from pathlib import Path
 
 from reconciler import actions, errors, naming, status
 from reconciler.backends import CreateRequest, Instance, RemoteShell, Service
-from reconciler.backends import commands as remote_commands
-from reconciler.backends import ssh as ssh_backend
-from reconciler.backends.httpexec import HttpExec
 from reconciler.metro import MetroConnection, MetroRegistry
 from reconciler.observer import Group, Observation, SessionContext
 from reconciler.reporting import Event, Reporter
@@ -51,8 +49,7 @@ class ShellPool:
         if item is None:
             return None
         uuid, shell = item
-        alive = getattr(shell, "is_alive", None)
-        if uuid == instance_uuid and (alive is None or alive()):
+        if uuid == instance_uuid and getattr(shell, "active", True):
             return shell
         with contextlib.suppress(Exception):
             shell.close()
@@ -241,7 +238,7 @@ class Executor:
         run: _Run,
     ) -> None:
         session = action.session
-        public_key = ssh_backend.ensure_keypair(ctx.key_path)
+        public_key = ensure_keypair(ctx.key_path)
         rec = self._record(session)
         with self.doc_lock:
             # Journal the intent before the side effect: a lost answer is then adopted, not
@@ -370,6 +367,9 @@ class Executor:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
         if not inst.fqdn:
             raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
+        # Imported here: paramiko costs ~0.15 s and a no-op apply never needs it.
+        from reconciler.backends import ssh as ssh_backend
+
         rec = self._record(ctx.desired.name)
         expected = (
             rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
@@ -444,6 +444,8 @@ class Executor:
 
         started = status.utc_now()
         if ctx.loaded.spec.exec == "http":
+            from reconciler.backends.httpexec import HttpExec
+
             assert run.inst.fqdn is not None
             result = HttpExec(conn.dialer, conn.ssl_context).run(
                 run.inst.fqdn,
@@ -457,6 +459,8 @@ class Executor:
             if result.stderr_tail:
                 stream("stderr")(result.stderr_tail.encode())
         else:
+            from reconciler.backends import commands as remote_commands
+
             assert run.shell is not None
             result = remote_commands.run_command(
                 run.shell,
@@ -521,6 +525,26 @@ class Executor:
             f"brought back {result.files_written} file(s) ({result.bytes_written} bytes)",
         )
         self.save()
+
+
+def ensure_keypair(path: Path) -> str:
+    """The session's public key line, generating the keypair (private 0600) on first use.
+
+    The key outlives a replacement of the instance and is removed only when the session is
+    deleted; an adopted instance (lost create answer) therefore still accepts it.
+    """
+    pub = path.with_name(path.name + ".pub")
+    if path.exists() and pub.exists():
+        return pub.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a private key without its public half: start over
+    from reconciler.backends import ssh as ssh_backend
+
+    line = ssh_backend.generate_keypair(path, comment=f"ukc-{path.name}")
+    pub.write_text(line + "\n")
+    return line
 
 
 def _phase_of(action: actions.Action) -> str:

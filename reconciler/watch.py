@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from reconciler import applying, deleting, errors, observer, spec
 from reconciler.executor import ShellPool
@@ -147,7 +148,7 @@ class Watcher:
         self._busy = threading.Event()
         self._spec_dirty = False
         self._state = _State()
-        self._observer: object | None = None
+        self._observer: Any = None
         self._scheduled: set[Path] = set()
         self._last_ok = True
 
@@ -177,7 +178,7 @@ class Watcher:
 
         events = self._events
 
-        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+        class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
                 if event.event_type in ("opened", "closed_no_write"):
                     return
@@ -205,7 +206,7 @@ class Watcher:
             if directory in self._scheduled:
                 continue
             with contextlib.suppress(OSError):
-                obs.schedule(handler, str(directory), recursive=recursive)  # type: ignore[attr-defined]
+                obs.schedule(handler, str(directory), recursive=recursive)
                 self._scheduled.add(directory)
 
     # -- classification ------------------------------------------------------------------
@@ -357,8 +358,8 @@ class Watcher:
             if self._observer is not None:
                 obs = self._observer
                 with contextlib.suppress(Exception):
-                    obs.stop()  # type: ignore[attr-defined]
-                    obs.join(2)  # type: ignore[attr-defined]
+                    obs.stop()
+                    obs.join(2)
             self.shells.close()
             if self.options.down:
                 self._down()
