@@ -36,11 +36,13 @@ from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.events import (
     AliasEvent,
-    CollectionEndEvent,
-    CollectionStartEvent,
     DocumentStartEvent,
     Event,
+    MappingEndEvent,
+    MappingStartEvent,
     ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
     StreamEndEvent,
 )
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -197,66 +199,61 @@ def _scan(text: str, source: str, limits: Limits) -> list[Event]:
     """
     loader = _EventLoader(text)
     events: list[Event] = []
+    append = events.append
     # per open collection: (anchor or None, expanded count when it started)
     open_frames: list[tuple[str | None, int]] = []
     anchor_sizes: dict[str, int] = {}
     expanded = aliases = documents = 0
+    max_nodes, max_depth = limits.max_nodes, limits.max_depth
+    # Any: the type is dispatched by identity below, which mypy cannot narrow on.
+    event: Any = None
+
+    def refuse(message: str) -> SpecError:
+        mark = event.start_mark if event is not None else None
+        return SpecError(message, file=source, line=mark.line + 1 if mark is not None else None)
+
+    # why: this loop sees every event of a file up to 1 MiB, so it dispatches on the exact
+    # type (cheaper than an isinstance chain) and builds error lines only when failing.
     try:
         while True:
             event = loader.get_event()
             if event is None:
                 break
-            events.append(event)
-            line = event.start_mark.line + 1 if event.start_mark is not None else None
-            if isinstance(event, StreamEndEvent):
-                break
-            if isinstance(event, DocumentStartEvent):
-                documents += 1
-                anchor_sizes.clear()
-                if documents > limits.max_documents:
-                    raise SpecError(
-                        f"more than {limits.max_documents} documents in one file",
-                        file=source,
-                        line=line,
-                    )
-            elif isinstance(event, CollectionStartEvent):
-                expanded += 1
-                open_frames.append((event.anchor, expanded - 1))
-                if len(open_frames) > limits.max_depth:
-                    raise SpecError(
-                        f"nesting deeper than {limits.max_depth} levels", file=source, line=line
-                    )
-            elif isinstance(event, CollectionEndEvent):
-                anchor, started = open_frames.pop()
-                if anchor is not None:
-                    anchor_sizes[anchor] = expanded - started
-            elif isinstance(event, ScalarEvent):
+            append(event)
+            kind = type(event)
+            if kind is ScalarEvent:
                 expanded += 1
                 if event.anchor is not None:
                     anchor_sizes[event.anchor] = 1
-            elif isinstance(event, AliasEvent):
+            elif kind is MappingStartEvent or kind is SequenceStartEvent:
+                expanded += 1
+                open_frames.append((event.anchor, expanded - 1))
+                if len(open_frames) > max_depth:
+                    raise refuse(f"nesting deeper than {max_depth} levels")
+            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+                anchor, started = open_frames.pop()
+                if anchor is not None:
+                    anchor_sizes[anchor] = expanded - started
+            elif kind is AliasEvent:
                 aliases += 1
                 if aliases > limits.max_aliases:
-                    raise SpecError(
-                        f"more than {limits.max_aliases} aliases in one file",
-                        file=source,
-                        line=line,
-                    )
+                    raise refuse(f"more than {limits.max_aliases} aliases in one file")
                 size = anchor_sizes.get(event.anchor or "")
                 if size is None:
                     # Either undefined, or pointing at a collection still open (a cycle).
-                    raise SpecError(
-                        f"alias *{_show(event.anchor)} refers to no complete anchored node",
-                        file=source,
-                        line=line,
+                    raise refuse(
+                        f"alias *{_show(event.anchor)} refers to no complete anchored node"
                     )
                 expanded += size
-            if expanded > limits.max_nodes:
-                raise SpecError(
-                    f"more than {limits.max_nodes} nodes once aliases are expanded",
-                    file=source,
-                    line=line,
-                )
+            elif kind is DocumentStartEvent:
+                documents += 1
+                anchor_sizes.clear()
+                if documents > limits.max_documents:
+                    raise refuse(f"more than {limits.max_documents} documents in one file")
+            elif kind is StreamEndEvent:
+                break
+            if expanded > max_nodes:
+                raise refuse(f"more than {max_nodes} nodes once aliases are expanded")
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, source) from None
     finally:
@@ -361,22 +358,28 @@ class _Builder:
             self.lines[(*path, key)] = key_node.start_mark.line + 1
             result[key] = self.build(value_node, (*path, key))
         # YAML merge keys (<<: *base): explicit keys win, then earlier sources over later.
-        explicit_lines = {k: v for k, v in self.lines.items() if k[: len(path)] == path}
+        # why: merge sources are built into a scratch line map, so that only the keys they
+        # actually contribute get lines, and explicit keys keep theirs (no rescans: linear).
         for merge in merges:
             sources = merge.value if isinstance(merge, SequenceNode) else [merge]
             for src in sources:
                 if not isinstance(src, MappingNode):
                     raise self.fail(
-                        "a merge key (<<) needs a mapping or list of mappings", src, path
+                        "a merge key (<<) needs a mapping or a list of mappings", src, path
                     )
-                merged = self.build(src, path)
+                kept, self.lines = self.lines, {}
+                try:
+                    merged = self.build(src, path)
+                finally:
+                    scratch, self.lines = self.lines, kept
                 assert isinstance(merged, dict)
-                for key, value in merged.items():
-                    result.setdefault(key, value)
-        if merges:
-            # why: building the merge sources under `path` recorded their lines there; the
-            # explicit keys keep their own lines.
-            self.lines.update(explicit_lines)
+                added = [key for key in merged if key not in result]
+                for key in added:
+                    result[key] = merged[key]
+                depth, merged_keys = len(path), set(added)
+                for sub_path, line in scratch.items():
+                    if len(sub_path) > depth and sub_path[depth] in merged_keys:
+                        self.lines[sub_path] = line
         return result
 
     def key(self, node: Node, path: FieldPath) -> str:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,28 @@ class TestLimits:
         with pytest.raises(SpecError) as info:
             load_yaml_file(tmp_path / "missing.yaml")
         assert "cannot read" in str(info.value)
+
+
+class TestMergeKeys:
+    def test_merged_nested_keys_get_the_lines_of_their_source(self) -> None:
+        text = "base: &b\n  env:\n    A: x\n  ttl: 5m\nc:\n  env:\n    B: y\n  <<: *b\n"
+        (doc,) = load_yaml_bytes(text.encode(), source="t.yaml")
+        assert doc.value == {
+            "base": {"env": {"A": "x"}, "ttl": "5m"},
+            "c": {"env": {"B": "y"}, "ttl": "5m"},
+        }
+        assert doc.lines[("c", "env", "B")] == 7
+        assert ("c", "env", "A") not in doc.lines
+        assert doc.lines[("c", "ttl")] == 4
+
+    def test_earlier_merge_sources_win_over_later_ones(self) -> None:
+        text = "a: &a {x: 1}\nb: &b {x: 2, y: 2}\nc:\n  <<: [*a, *b]\n"
+        assert load(text)[0] == {"a": {"x": 1}, "b": {"x": 2, "y": 2}, "c": {"x": 1, "y": 2}}
+
+    def test_many_inline_merges_stay_linear(self) -> None:
+        text = "l:\n" + "".join(f"  - {{<<: {{k{i}: 1}}, z: 2}}\n" for i in range(10_000))
+        started = time.perf_counter()
+        (value,) = load(text)
+        assert time.perf_counter() - started < 2.0
+        assert isinstance(value, dict)
+        assert len(value["l"]) == 10_000
