@@ -350,7 +350,8 @@ async def serve(
         shutdown=stop_event.set,
         status_extra=lambda: {"edge_ports": {str(k): v for k, v in edge.ports.items()}},
     )
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # why: open waits (timeout -1) must not hold a shutdown for aiohttp's default 60 s
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()

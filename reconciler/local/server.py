@@ -400,9 +400,11 @@ async def _wait(request: web.Request) -> web.Response:
         want = opts.get("state", "running")
         if want not in STATES:
             raise ItemError(f"wait: unknown state {want!r}", status=400)
-        timeout = _timeout(opts.get("timeout_s"), None if "timeout_ms" in opts else 0.0)
-        if opts.get("timeout_s") is None and "timeout_ms" in opts:
-            timeout = _timeout(opts["timeout_ms"] / 1000 if opts["timeout_ms"] >= 0 else -1, 0.0)
+        # no timeout given: block like a wait should (the SDK then stretches its read timeout)
+        timeout = _timeout(opts.get("timeout_s"), None)
+        raw_ms = opts.get("timeout_ms")
+        if opts.get("timeout_s") is None and isinstance(raw_ms, int | float):
+            timeout = _timeout(raw_ms / 1000 if raw_ms >= 0 else -1, None)
 
         def gone() -> bool:
             return rec.uuid not in metro.records
