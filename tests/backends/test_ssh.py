@@ -1,0 +1,199 @@
+"""`SshShell`, `wait_ssh_ready` and `generate_keypair` against a real sshd behind TLS."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from reconciler.backends.ssh import SshShell, generate_keypair, wait_ssh_ready
+from reconciler.backends.tls import Dialer
+from reconciler.errors import RemoteError, SandboxNotReadyError
+
+from .conftest import FQDN, CaFiles, Sshd, TlsForwarder, dialer_to, free_port
+
+
+def connect(dialer: Dialer, sshd: Sshd, **kw: object) -> SshShell:
+    return SshShell.connect(dialer, FQDN, key_path=sshd.client_key, user=sshd.user, **kw)  # type: ignore[arg-type]
+
+
+def run(shell: SshShell, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
+    proc = shell.start(command)
+    out, err = bytearray(), bytearray()
+
+    def drain_err() -> None:
+        while data := proc.read_stderr():
+            err.extend(data)
+
+    t = threading.Thread(target=drain_err)
+    t.start()
+    if stdin:
+        proc.write(stdin)
+    proc.close_stdin()
+    while data := proc.read():
+        out.extend(data)
+    t.join(30)
+    return proc.wait(30), bytes(out), bytes(err)
+
+
+class TestKeypair:
+    def test_the_private_key_is_0600_and_the_public_line_is_openssh(self, tmp_path: Path) -> None:
+        path = tmp_path / "k"
+        line = generate_keypair(path, "sess-1")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        kind, blob, comment = line.split(" ")
+        assert (kind, comment) == ("ssh-ed25519", "sess-1")
+        assert blob.startswith("AAAA")
+        loaded = paramiko.PKey.from_path(path)
+        assert loaded.get_base64() == blob
+
+    def test_an_existing_key_file_is_never_overwritten(self, tmp_path: Path) -> None:
+        path = tmp_path / "k"
+        path.write_text("keep me")
+        with pytest.raises(FileExistsError):
+            generate_keypair(path)
+        assert path.read_text() == "keep me"
+
+    def test_the_file_is_private_even_with_a_permissive_umask(self, tmp_path: Path) -> None:
+        old = os.umask(0)
+        try:
+            generate_keypair(tmp_path / "k")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
+
+
+class TestShell:
+    def test_exit_codes_and_both_streams_come_back(self, dialer: Dialer, sshd: Sshd) -> None:
+        with connect(dialer, sshd) as shell:
+            assert run(shell, "echo out; echo err >&2; exit 3") == (3, b"out\n", b"err\n")
+            assert run(shell, "true")[0] == 0
+            assert shell.bytes_in >= 8
+
+    def test_the_host_key_fingerprint_is_the_one_ssh_keygen_shows(
+        self, dialer: Dialer, sshd: Sshd
+    ) -> None:
+        shown = subprocess.run(
+            ["ssh-keygen", "-l", "-f", str(sshd.host_key_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[1]
+        with connect(dialer, sshd) as shell:
+            assert shell.host_key_fingerprint == shown
+
+    def test_an_unexpected_host_key_is_an_error(self, dialer: Dialer, sshd: Sshd) -> None:
+        with pytest.raises(RemoteError, match=r"host key SHA256:.* differs") as err:
+            connect(dialer, sshd, expected_host_key="SHA256:not-this-one")
+        assert err.value.retryable is False
+
+    def test_a_key_the_server_does_not_know_is_rejected_for_good(
+        self, dialer: Dialer, sshd: Sshd, tmp_path: Path
+    ) -> None:
+        generate_keypair(tmp_path / "stranger")
+        with pytest.raises(RemoteError, match="public key of stranger rejected") as err:
+            SshShell.connect(dialer, FQDN, key_path=tmp_path / "stranger", user=sshd.user)
+        assert err.value.retryable is False
+
+    def test_stdin_reaches_the_process(self, dialer: Dialer, sshd: Sshd) -> None:
+        with connect(dialer, sshd) as shell:
+            assert run(shell, "wc -c", b"x" * 100_000)[1].strip() == b"100000"
+
+    def test_wait_with_a_timeout_raises_timeout_error_and_kill_is_idempotent(
+        self, dialer: Dialer, sshd: Sshd
+    ) -> None:
+        with connect(dialer, sshd) as shell:
+            proc = shell.start("sleep 5")
+            with pytest.raises(TimeoutError):
+                proc.wait(0.2)
+            proc.kill()
+            proc.kill()
+
+    def test_8_mib_round_trips_through_the_bridge_20_times(
+        self, dialer: Dialer, sshd: Sshd
+    ) -> None:
+        payload = random.Random(1).randbytes(8 * 1024 * 1024)
+        for _ in range(20):
+            with connect(dialer, sshd) as shell:
+                code, out, _ = run(shell, "cat", payload)
+                assert code == 0
+                assert out == payload
+        assert not [t for t in threading.enumerate() if t.name == "tls-bridge"]
+
+
+class TestWaitReady:
+    def test_a_refused_then_accepted_connection_is_a_wake_up(
+        self, test_ca: CaFiles, sshd: Sshd
+    ) -> None:
+        port = free_port()
+        late = TlsForwarder(test_ca, sshd.port, port=port)
+        timer = threading.Timer(0.8, late.start)
+        timer.start()
+        try:
+            started = time.monotonic()
+            shell = wait_ssh_ready(
+                dialer_to(test_ca, port),
+                FQDN,
+                key_path=sshd.client_key,
+                user=sshd.user,
+                deadline_s=20,
+            )
+            with shell:
+                assert time.monotonic() - started >= 0.7
+                assert run(shell, "echo up")[1] == b"up\n"
+        finally:
+            timer.join()
+            late.stop()
+
+    def test_the_deadline_gives_sandbox_not_ready_naming_fqdn_seconds_and_attempts(
+        self, test_ca: CaFiles, sshd: Sshd
+    ) -> None:
+        now = [0.0]
+        sleeps: list[float] = []
+
+        def sleep(s: float) -> None:
+            sleeps.append(s)
+            now[0] += s
+
+        with pytest.raises(
+            SandboxNotReadyError, match=r"box1.sbx.test .* within 3 s \((\d+) attempts"
+        ) as err:
+            wait_ssh_ready(
+                dialer_to(test_ca, free_port()),
+                FQDN,
+                key_path=sshd.client_key,
+                deadline_s=3,
+                sleep=sleep,
+                monotonic=lambda: now[0],
+                rng=random.Random(0),
+            )
+        assert "connect failed" in str(err.value)
+        assert sum(sleeps) <= 3
+        assert len(sleeps) >= 3
+        assert isinstance(err.value, TimeoutError)
+
+    def test_an_edge_that_hangs_up_is_retried_like_a_refusal(
+        self, test_ca: CaFiles, sshd: Sshd
+    ) -> None:
+        fwd = TlsForwarder(test_ca, free_port()).start()  # TLS accepted, no sshd behind it
+        now = [0.0]
+        try:
+            with pytest.raises(SandboxNotReadyError, match="handshake failed"):
+                wait_ssh_ready(
+                    dialer_to(test_ca, fwd.port),
+                    FQDN,
+                    key_path=sshd.client_key,
+                    deadline_s=1,
+                    sleep=lambda s: now.__setitem__(0, now[0] + s),
+                    monotonic=lambda: now[0],
+                )
+            assert fwd.connections >= 2
+        finally:
+            fwd.stop()
