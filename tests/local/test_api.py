@@ -539,3 +539,97 @@ class TestScaleToZero:
             assert after["start_count"] == before["start_count"] + 1
         finally:
             delete(api, item["name"])
+
+
+def ssh_banner(daemon: Any, fqdn: str, timeout: float = 20.0) -> bytes:
+    """One TLS connection through the edge to public port 2222; what sshd says first."""
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(daemon.ca_path))
+    with (
+        socket.create_connection(
+            (daemon.edge_host, daemon.edge_ports[2222]), timeout=timeout
+        ) as raw,
+        ctx.wrap_socket(raw, server_hostname=fqdn) as tls,
+    ):
+        tls.settimeout(timeout)
+        try:
+            return tls.recv(64)
+        except (ssl.SSLError, OSError):
+            return b""
+
+
+def banner_within(daemon: Any, fqdn: str, deadline_s: float) -> bytes:
+    deadline = time.monotonic() + deadline_s
+    got = b""
+    while time.monotonic() < deadline:
+        try:
+            got = ssh_banner(daemon, fqdn)
+        except (OSError, ValueError):
+            got = b""
+        if got.startswith(b"SSH-"):
+            return got
+        time.sleep(0.05)
+    return got
+
+
+class TestEdge:
+    def test_sshd_answers_through_the_edge_by_sni(self, api: httpx.Client, daemon: Any) -> None:
+        item = create(api, autostart=True, timeout_s=30, service_group=SSH_GROUP)
+        try:
+            fqdn = item["service_group"]["domains"][0]["fqdn"]
+            assert banner_within(daemon, fqdn, 10).startswith(b"SSH-")
+        finally:
+            delete(api, item["name"])
+
+    def test_drop_edge_closes_the_next_connection_then_recovers(
+        self, api: httpx.Client, daemon: Any
+    ) -> None:
+        item = create(api, autostart=True, timeout_s=30, service_group=SSH_GROUP)
+        try:
+            fqdn = item["service_group"]["domains"][0]["fqdn"]
+            assert banner_within(daemon, fqdn, 10).startswith(b"SSH-")
+            api.post("/_local/faults", json={"drop_edge": {"count": 1}})
+            try:
+                first = ssh_banner(daemon, fqdn, 5)
+            except (OSError, ValueError):
+                first = b""
+            assert not first.startswith(b"SSH-")
+            assert api.get("/_local/status").json()["data"]["faults"]["drop_edge"]["count"] == 0
+            assert ssh_banner(daemon, fqdn).startswith(b"SSH-")
+        finally:
+            api.post("/_local/faults", json={"reset": True})
+            delete(api, item["name"])
+
+    def test_edge_traffic_wakes_a_standby_instance(self, api: httpx.Client, daemon: Any) -> None:
+        item = create(
+            api,
+            autostart=True,
+            timeout_s=30,
+            service_group=SSH_GROUP,
+            scale_to_zero={"policy": "on", "cooldown_time_ms": 300, "stateful": True},
+        )
+        try:
+            assert poll_state(api, item["name"], "standby", 10)["state"] == "standby"
+            fqdn = item["service_group"]["domains"][0]["fqdn"]
+            assert banner_within(daemon, fqdn, 15).startswith(b"SSH-")
+        finally:
+            delete(api, item["name"])
+
+
+class TestInstanceQuota:
+    def test_creating_beyond_max_instances_is_item_code_19(self, tmp_path: Any) -> None:
+        from reconciler.local.state import MetroLimits
+
+        m = InProcessMetro(tmp_path, MetroLimits(max_instances=2))
+        try:
+            with m.client() as c:
+                create(c)
+                create(c)
+                r = c.post("/v1/instances", json={"name": unique(), "image": "x"})
+                item = r.json()["data"]["instances"][0]
+                assert item["error"] == 19
+                assert "2 of 2" in item["message"]
+        finally:
+            m.close()

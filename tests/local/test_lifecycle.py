@@ -160,3 +160,22 @@ class TestStopAndPersistence:
             idle_now = c.get("/v1/instances", params={"name": idle}).json()["data"]["instances"]
             assert idle_now[0]["state"] == "stopped"
         assert (state_dir / "workspaces" / uid / "kept.txt").read_text() == "still here"
+
+
+class TestSignals:
+    def test_sigterm_shuts_down_gracefully_and_persists(self, state_dir: Path) -> None:
+        import signal
+
+        info = metro_daemon.ensure_running(state_dir)
+        name = unique()
+        with client(info) as c:
+            c.post("/v1/instances", json={"name": name, "image": "x", "autostart": False})
+        os.kill(info.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        # metro.json goes last, after instances.json was written and the sandboxes stopped
+        while (state_dir / "metro.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (state_dir / "metro.json").exists()
+        assert metro_daemon.status(state_dir) is None
+        saved = json.loads((state_dir / "instances.json").read_text())
+        assert [i["name"] for i in saved["instances"]] == [name]
