@@ -1,0 +1,222 @@
+"""Run one session command in a sandbox: env over stdin, streamed output, timeout with kill.
+
+Fed by the executor (one call per declared command) with a `RemoteShell` (`backends.ssh`
+in production, `backends.localshell` in tests). Returns a `CommandResult` the status file
+records; it never raises for a non-zero exit or a timeout (that is the caller's policy).
+
+Secrets: the environment holds `secret_env` values, so it never goes on a command line
+(where `ps` and `/proc/*/cmdline` would show it). The remote side runs a fixed bootstrap,
+`sh -c 'eval "$(head -c N)"'`, and reads a script of `export K='v'` lines from stdin.
+
+Timeouts: the script starts the command in its own session (`setsid`, when the sandbox has
+it) and first reports the id to kill on a marker line on stderr; on timeout we kill that
+whole process group from a second channel (TERM, then KILL), so no grandchild survives.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from reconciler.backends import RemoteProcess, RemoteShell
+from reconciler.errors import SpecError
+
+__all__ = [
+    "CommandResult",
+    "build_script",
+    "run_command",
+]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MARKER_LINE = re.compile(rb"__UKC_KILL__ (-?)([0-9]{1,9})\n")
+_READ = 256 * 1024
+#: after the process exits, how long stray holders of stdout/stderr may keep them open
+_DRAIN_S = 5.0
+_KILL_WAIT_S = 10.0
+
+# why: the command runs in the background of the bootstrap shell so it is never a process
+# group leader, which lets `setsid` (util-linux) make it one without forking; `$$` is then
+# both its pid and the id of its new process group.
+_LAUNCH = (
+    "if command -v setsid >/dev/null 2>&1; then "
+    'echo "__UKC_KILL__ -$$" >&2; exec setsid sh -lc "$0"; '
+    'else echo "__UKC_KILL__ $$" >&2; exec sh -lc "$0"; fi'
+)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command did. `exit_code` is None when it timed out (and was killed)."""
+
+    exit_code: int | None
+    timed_out: bool
+    stdout_tail: str
+    stderr_tail: str
+    duration_s: float
+
+
+def build_script(command: str, env: Mapping[str, str], cwd: str) -> bytes:
+    """The stdin script: exports (POSIX-quoted), then the command launched in /workspace."""
+    lines = []
+    for name, value in env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise SpecError(f"env name {name!r} is not a shell variable name", field="env")
+        if "\0" in value:
+            raise SpecError(f"env value of {name} contains a nul byte", field="env")
+        lines.append(f"export {name}={shlex.quote(value)}\n")
+    inner = f"cd {shlex.quote(cwd)} && {_LAUNCH}"
+    lines.append(f"sh -c {shlex.quote(inner)} {shlex.quote(command)} </dev/null &\n")
+    lines.append("wait $!\n")
+    return "".join(lines).encode()
+
+
+class _Tail:
+    """The last `limit` bytes of a stream."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > 2 * self.limit:
+            del self.buf[: len(self.buf) - self.limit]
+
+    def text(self) -> str:
+        return bytes(self.buf[-self.limit :] if self.limit else b"").decode(errors="replace")
+
+
+class _Reader(threading.Thread):
+    """Drains one stream as data arrives; on stderr, strips our kill marker line first."""
+
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        sink: Callable[[bytes], None],
+        tail: _Tail,
+        *,
+        marker: bool,
+    ) -> None:
+        super().__init__(name="ukc-cmd-reader", daemon=True)
+        self._read = read
+        self._sink = sink
+        self._tail = tail
+        self._marker = marker
+        self.kill_target: str | None = None
+        self.marker_seen = threading.Event()
+        self.error: BaseException | None = None
+
+    def _deliver(self, data: bytes) -> None:
+        if not data:
+            return
+        self._tail.add(data)
+        if self.error is None:
+            try:
+                self._sink(data)
+            except Exception as err:
+                # why: keep draining even so; a stalled stream would block the process.
+                self.error = err
+
+    def run(self) -> None:
+        head = b""
+        try:
+            while True:
+                data = self._read(_READ)
+                eof = not data
+                if self._marker:
+                    head += data
+                    if not eof and b"\n" not in head and len(head) < 64:
+                        continue
+                    self._marker = False
+                    match = _MARKER_LINE.match(head)
+                    if match and int(match.group(2)) > 1:
+                        self.kill_target = match.group(1).decode() + match.group(2).decode()
+                        head = head[match.end() :]
+                    self.marker_seen.set()
+                    data, head = head, b""
+                self._deliver(data)
+                if eof:
+                    break
+        except Exception as err:  # the channel broke
+            if self.error is None:
+                self.error = err
+        finally:
+            self.marker_seen.set()
+
+
+def _kill_group(shell: RemoteShell, target: str) -> None:
+    """TERM the process (group), give it 2 s, then KILL; from a separate channel."""
+    script = (
+        f"kill -TERM -- {target} 2>/dev/null || exit 0; i=0; "
+        f"while [ $i -lt 10 ] && kill -0 -- {target} 2>/dev/null; do sleep 0.2; i=$((i+1)); done; "
+        f"kill -KILL -- {target} 2>/dev/null; exit 0"
+    )
+    killer: RemoteProcess = shell.start(script)
+    try:
+        killer.close_stdin()
+        killer.wait(_KILL_WAIT_S)
+    except TimeoutError:
+        pass
+    finally:
+        killer.kill()
+
+
+def run_command(
+    shell: RemoteShell,
+    command: str,
+    *,
+    env: Mapping[str, str],
+    cwd: str = "/workspace",
+    timeout_s: float | None,
+    on_stdout: Callable[[bytes], None],
+    on_stderr: Callable[[bytes], None],
+    tail_bytes: int = 64 * 1024,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> CommandResult:
+    """Run `command` via `sh -lc` in `cwd` with `env`; stream output; kill at `timeout_s`.
+
+    `on_stdout` / `on_stderr` are called from two reader threads as data arrives (each
+    stream in order; the two streams concurrently).
+    """
+    script = build_script(command, env, cwd)
+    started = monotonic()
+    proc = shell.start(f"sh -c 'eval \"$(head -c {len(script)})\"'")
+    out_tail, err_tail = _Tail(tail_bytes), _Tail(tail_bytes)
+    out = _Reader(proc.read, on_stdout, out_tail, marker=False)
+    err = _Reader(proc.read_stderr, on_stderr, err_tail, marker=True)
+    out.start()
+    err.start()
+    timed_out = False
+    exit_code: int | None = None
+    try:
+        proc.write(script)
+        proc.close_stdin()
+        try:
+            remaining = None if timeout_s is None else max(0.0, timeout_s - (monotonic() - started))
+            exit_code = proc.wait(remaining)
+        except TimeoutError:
+            timed_out = True
+            err.marker_seen.wait(2.0)
+            if err.kill_target is not None:
+                _kill_group(shell, err.kill_target)
+            proc.kill()
+        for reader in (out, err):
+            reader.join(_DRAIN_S)
+    finally:
+        proc.kill()
+        for reader in (out, err):
+            reader.join(_DRAIN_S)
+    for reader in (out, err):
+        if reader.error is not None and not timed_out:
+            raise reader.error
+    return CommandResult(
+        exit_code=None if timed_out else exit_code,
+        timed_out=timed_out,
+        stdout_tail=out_tail.text(),
+        stderr_tail=err_tail.text(),
+        duration_s=monotonic() - started,
+    )

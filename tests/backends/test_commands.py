@@ -1,0 +1,235 @@
+"""`run_command` through a real SshShell (sshd behind the TLS forwarder)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.backends.commands import CommandResult, build_script, run_command
+from reconciler.backends.ssh import SshShell
+from reconciler.backends.tls import Dialer
+from reconciler.errors import SpecError
+
+from .conftest import FQDN, Sshd
+
+SECRET = "s3cr3t-CANARY-91d2"
+
+
+@pytest.fixture(scope="module")
+def shell(
+    test_ca: object, ssh_front: object, sshd: Sshd, request: pytest.FixtureRequest
+) -> Iterator[SshShell]:
+    from .conftest import dialer_to
+
+    dialer: Dialer = dialer_to(test_ca, ssh_front.port)  # type: ignore[arg-type,attr-defined]
+    with SshShell.connect(dialer, FQDN, key_path=sshd.client_key, user=sshd.user) as sh:
+        yield sh
+
+
+class Recorder:
+    """Collects both streams, in arrival order, with a lock (callbacks come from 2 threads)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, bytes]] = []
+        self.lock = threading.Lock()
+        self.first = threading.Event()
+
+    def out(self, data: bytes) -> None:
+        with self.lock:
+            self.events.append(("out", data))
+        self.first.set()
+
+    def err(self, data: bytes) -> None:
+        with self.lock:
+            self.events.append(("err", data))
+        self.first.set()
+
+    def text(self, stream: str) -> str:
+        return b"".join(d for s, d in self.events if s == stream).decode()
+
+
+def run(
+    shell: SshShell,
+    command: str,
+    rec: Recorder | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str = "/tmp",
+    timeout_s: float | None = 30,
+    **kw: object,
+) -> CommandResult:
+    rec = rec or Recorder()
+    return run_command(
+        shell,
+        command,
+        env=env or {},
+        cwd=cwd,
+        timeout_s=timeout_s,
+        on_stdout=rec.out,
+        on_stderr=rec.err,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def host_cmdlines() -> list[str]:
+    lines = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                lines.append(
+                    Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                )
+            except OSError:
+                continue
+    return lines
+
+
+class TestExitAndOutput:
+    def test_exit_codes_are_reported(self, shell: SshShell) -> None:
+        assert run(shell, "true").exit_code == 0
+        result = run(shell, "echo bad >&2; exit 7")
+        assert result.exit_code == 7
+        assert result.timed_out is False
+        assert result.stderr_tail == "bad\n"
+        assert result.duration_s > 0
+
+    def test_the_command_runs_in_the_given_directory(self, shell: SshShell, tmp_path: Path) -> None:
+        assert run(shell, "pwd", cwd=str(tmp_path)).stdout_tail == f"{tmp_path}\n"
+
+    def test_a_missing_directory_fails_the_command(self, shell: SshShell) -> None:
+        result = run(shell, "echo never", cwd="/nonexistent/dir")
+        assert result.exit_code != 0
+        assert "never" not in result.stdout_tail
+
+    def test_the_stderr_marker_line_never_reaches_the_caller(self, shell: SshShell) -> None:
+        rec = Recorder()
+        run(shell, "echo e1 >&2", rec)
+        assert rec.text("err") == "e1\n"
+
+
+class TestEnvironment:
+    def test_values_with_quotes_newlines_and_dollars_arrive_verbatim(self, shell: SshShell) -> None:
+        env = {
+            "A": 'it\'s "quoted"',
+            "B": "line1\nline2\n",
+            "C": "$HOME `id` $(id) \\ ;|&",
+            "EMPTY": "",
+            "UNICODE": "grüße ✓",
+        }
+        for name, value in env.items():
+            result = run(shell, f'printf %s "${name}"', env=env)
+            assert result.stdout_tail == value, name
+
+    def test_an_invalid_name_is_refused_before_anything_runs(self, shell: SshShell) -> None:
+        with pytest.raises(SpecError, match="env name '1BAD'"):
+            run(shell, "true", env={"1BAD": "x"})
+        with pytest.raises(SpecError, match="env name 'A B'"):
+            build_script("true", {"A B": "x"}, "/")
+
+    def test_the_secret_is_in_no_command_line_on_the_host(self, shell: SshShell) -> None:
+        rec = Recorder()
+        seen: list[str] = []
+        done = threading.Event()
+
+        def scan() -> None:
+            rec.first.wait(20)
+            while not done.is_set():
+                seen.extend(c for c in host_cmdlines() if "sleep 2.5" in c or SECRET in c)
+                time.sleep(0.05)
+
+        scanner = threading.Thread(target=scan)
+        scanner.start()
+        try:
+            result = run(shell, 'printf %s "$TOKEN" | wc -c; sleep 2.5', rec, env={"TOKEN": SECRET})
+        finally:
+            done.set()
+            scanner.join()
+        assert result.stdout_tail.strip() == str(len(SECRET))
+        assert any("sleep 2.5" in c for c in seen)  # we did look while it ran
+        assert not [c for c in seen if SECRET in c]
+
+
+class TestStreaming:
+    def test_output_arrives_while_the_command_runs_in_order(self, shell: SshShell) -> None:
+        rec = Recorder()
+        arrivals: list[tuple[str, float]] = []
+        started = time.monotonic()
+
+        def out(data: bytes) -> None:
+            arrivals.append((data.decode(), time.monotonic() - started))
+            rec.out(data)
+
+        def err(data: bytes) -> None:
+            arrivals.append((data.decode(), time.monotonic() - started))
+            rec.err(data)
+
+        result = run_command(
+            shell,
+            "echo a; sleep 0.4; echo b >&2; sleep 0.4; echo c",
+            env={},
+            cwd="/tmp",
+            timeout_s=30,
+            on_stdout=out,
+            on_stderr=err,
+        )
+        assert [a for a, _ in arrivals] == ["a\n", "b\n", "c\n"]
+        assert arrivals[0][1] < result.duration_s - 0.6  # "a" came long before the end
+        assert arrivals[1][1] < result.duration_s - 0.2
+
+    def test_10_mb_of_output_streams_without_deadlock_and_tails_are_bounded(
+        self, shell: SshShell
+    ) -> None:
+        total = {"out": 0, "err": 0}
+
+        def out(data: bytes) -> None:
+            total["out"] += len(data)
+
+        def err(data: bytes) -> None:
+            total["err"] += len(data)
+
+        result = run_command(
+            shell,
+            "head -c 10000000 /dev/zero | tr '\\0' x; head -c 3000000 /dev/zero | tr '\\0' e >&2",
+            env={},
+            cwd="/tmp",
+            timeout_s=60,
+            on_stdout=out,
+            on_stderr=err,
+            tail_bytes=1000,
+        )
+        assert result.exit_code == 0
+        assert total == {"out": 10_000_000, "err": 3_000_000}
+        assert result.stdout_tail == "x" * 1000
+        assert result.stderr_tail == "e" * 1000
+
+    def test_invalid_utf8_in_the_tail_is_replaced(self, shell: SshShell) -> None:
+        assert run(shell, "printf 'ok\\377'").stdout_tail == "ok\ufffd"
+
+
+class TestTimeout:
+    def test_a_timeout_kills_the_whole_remote_process_group(self, shell: SshShell) -> None:
+        rec = Recorder()
+        result = run(shell, "sleep 3117 & sleep 3118; echo after", rec, timeout_s=1.0)
+        assert result.timed_out is True
+        assert result.exit_code is None
+        assert "after" not in result.stdout_tail
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = [c for c in host_cmdlines() if "sleep 311" in c]
+            if not alive:
+                break
+            time.sleep(0.05)
+        assert alive == []
+        assert 1.0 <= result.duration_s < 8
+
+    def test_the_shell_stays_usable_after_a_timeout(self, shell: SshShell) -> None:
+        run(shell, "sleep 30", timeout_s=0.3)
+        assert run(shell, "echo still here").stdout_tail == "still here\n"
