@@ -151,6 +151,17 @@ def _check_env_name(value: str) -> str:
     return value
 
 
+def _check_secret_source(value: str) -> str:
+    # why: a value that is not a variable name is most likely the secret itself, pasted in
+    # the wrong place; it must not be echoed into an error message.
+    if not _ENV_NAME.fullmatch(value):
+        raise _fail(
+            "must be the name of a controller environment variable holding the secret, "
+            "not the secret itself (value not shown)"
+        )
+    return value
+
+
 def _check_env_value(value: str) -> str:
     if "\x00" in value:
         raise _fail("value contains a NUL character")
@@ -247,7 +258,9 @@ class SessionSpec(BaseModel):
     commands: tuple[CommandSpec, ...] = ()
     sync: SyncSpec = Field(default_factory=SyncSpec)
     env: dict[_EnvName, _EnvValue] = Field(default_factory=dict)
-    secret_env: dict[_EnvName, _EnvName] = Field(default_factory=dict)
+    secret_env: dict[_EnvName, Annotated[str, Strict(), AfterValidator(_check_secret_source)]] = (
+        Field(default_factory=dict)
+    )
     memory_mb: Annotated[int, Strict(), AfterValidator(_check_memory)] | None = None
     ttl: SpecDuration | None = None
     exec: Literal["ssh", "http"] = "ssh"
@@ -426,7 +439,7 @@ def load_spec_file(
     All problems of the file are collected and raised as one `SpecError` at the first.
     """
     source = str(file)
-    documents = load_yaml_file(file, display=source)
+    documents = load_yaml_file(file, display=source, redact=_REDACTED)
     base = _absolute(base_dir if base_dir is not None else file.parent, source)
     spec_dir = _absolute(file.parent, source)
     sessions: list[LoadedSession] = []
@@ -449,6 +462,9 @@ def load_spec_file(
 
 
 # --- internals -----------------------------------------------------------------------------
+
+#: paths whose values may be secrets typed in the wrong place: never quoted in errors
+_REDACTED: tuple[FieldPath, ...] = (("secret_env",),)
 
 _Problem = tuple[int, str | None, str]  # (line, field, message)
 
@@ -554,6 +570,8 @@ def _translate(err: ErrorDetails, doc: YamlDocument, from_env: Mapping[str, str]
     field = format_path(path) or None
     kind = err["type"]
     value = err.get("input")
+    if not is_key and any(path[: len(p)] == p for p in _REDACTED) and len(path) > 1:
+        value = _Redacted(value)
     if kind == "ukc":
         message = err["msg"]
         if is_key:
@@ -572,7 +590,9 @@ def _translate(err: ErrorDetails, doc: YamlDocument, from_env: Mapping[str, str]
         message = f"unknown field {_show(name)}{hint}"
     elif kind == "string_type":
         message = f"expected a string, got {_kind(value)}"
-        if isinstance(value, bool | int | float) or _is_date(value):
+        if isinstance(value, _Redacted):
+            message += "; secret_env values are names of controller environment variables"
+        elif isinstance(value, bool | int | float) or _is_date(value):
             message += f"; quote it ({_quoted_hint(value)})"
     elif kind == "int_type":
         message = f"expected a whole number, got {_kind(value)}"
@@ -592,6 +612,16 @@ def _translate(err: ErrorDetails, doc: YamlDocument, from_env: Mapping[str, str]
     return (line, field, " ".join(message.split()))
 
 
+class _Redacted:
+    """Stands for an input that must not be shown; only its kind survives."""
+
+    def __init__(self, value: object) -> None:
+        self.kind = _kind(value).split(" (")[0]
+
+    def __str__(self) -> str:
+        return "(value not shown)"
+
+
 def _quoted_hint(value: object) -> str:
     if isinstance(value, bool):
         return "yes/no/on/off/true/false are booleans in YAML"
@@ -605,6 +635,8 @@ def _is_date(value: object) -> bool:
 
 
 def _kind(value: object) -> str:
+    if isinstance(value, _Redacted):
+        return value.kind
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if value is None:

@@ -127,9 +127,17 @@ def format_path(path: Sequence[str | int]) -> str:
 
 
 def load_yaml_file(
-    path: Path, *, display: str | None = None, limits: Limits = DEFAULT_LIMITS
+    path: Path,
+    *,
+    display: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    redact: Sequence[FieldPath] = (),
 ) -> list[YamlDocument]:
-    """Read and load every document of `path`; `display` is the name used in errors."""
+    """Read and load every document of `path`; `display` is the name used in errors.
+
+    Scalars under a path prefix in `redact` are never quoted in error messages (they may be
+    secrets typed in the wrong place).
+    """
     source = display if display is not None else str(path)
     try:
         with path.open("rb") as fh:
@@ -142,11 +150,15 @@ def load_yaml_file(
         raise SpecError(
             f"file is larger than the {limits.max_bytes} byte limit for spec files", file=source
         )
-    return load_yaml_bytes(data, source=source, limits=limits)
+    return load_yaml_bytes(data, source=source, limits=limits, redact=redact)
 
 
 def load_yaml_bytes(
-    data: bytes, *, source: str, limits: Limits = DEFAULT_LIMITS
+    data: bytes,
+    *,
+    source: str,
+    limits: Limits = DEFAULT_LIMITS,
+    redact: Sequence[FieldPath] = (),
 ) -> list[YamlDocument]:
     """Load every document of `data` (the content of the file named `source`).
 
@@ -160,7 +172,7 @@ def load_yaml_bytes(
     text = _decode(data, source)
     events = _scan(text, source, limits)
     nodes = _compose(events, source)
-    return [_Builder(source).document(node) for node in nodes]
+    return [_Builder(source, redact).document(node) for node in nodes]
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -297,8 +309,9 @@ def _compose(events: list[Event], source: str) -> list[Node]:
 class _Builder:
     """Turns composed nodes into plain values, recording a line per field path."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, redact: Sequence[FieldPath] = ()) -> None:
         self.source = source
+        self.redact = tuple(tuple(p) for p in redact)
         self.lines: dict[FieldPath, int] = {}
         self._constructor = SafeConstructor()
         # ids of the nodes currently being built: a guard against cyclic graphs
@@ -309,6 +322,12 @@ class _Builder:
         self.lines[()] = line
         value = self.build(node, ())
         return YamlDocument(value=value, line=line, lines=self.lines)
+
+    def shown(self, text: str, path: FieldPath) -> str:
+        """`text` quoted for a message, or a placeholder under a redacted path."""
+        if any(path[: len(prefix)] == prefix for prefix in self.redact):
+            return "(value not shown)"
+        return _show(text)
 
     def fail(self, message: str, node: Node, path: FieldPath) -> SpecError:
         return SpecError(
@@ -388,7 +407,7 @@ class _Builder:
         value = self.scalar(node, path)
         if not isinstance(value, str):
             raise self.fail(
-                f"mapping key {_show(node.value)} is read by YAML as {_kind(value)}; "
+                f"mapping key {self.shown(node.value, path)} is read by YAML as {_kind(value)}; "
                 "quote it to make it a string",
                 node,
                 path,
@@ -406,18 +425,20 @@ class _Builder:
         if tag == _BOOL:
             flag = SafeConstructor.bool_values.get(text.lower())
             if flag is None:
-                raise self.fail(f"invalid boolean {_show(text)}", node, path)
+                raise self.fail(f"invalid boolean {self.shown(text, path)}", node, path)
             return flag
         if tag == _INT:
             cleaned = text.strip()
             if re.fullmatch(r"[-+]?[1-9][0-9]*", cleaned) and len(cleaned) > 18:
                 raise self.fail(
-                    f"number {_show(text)} is too large; quote it for a string", node, path
+                    f"number {self.shown(text, path)} is too large; quote it for a string",
+                    node,
+                    path,
                 )
             if not _PLAIN_INT.fullmatch(cleaned):
                 raise self.fail(
-                    f"number {_show(text)} has a YAML 1.1 meaning (octal, hex, base 60 or "
-                    "with _); write it in plain decimal, or quote it for a string",
+                    f"number {self.shown(text, path)} has a YAML 1.1 meaning (octal, hex, "
+                    "base 60 or with _); write it in plain decimal, or quote it for a string",
                     node,
                     path,
                 )
@@ -426,7 +447,8 @@ class _Builder:
             cleaned = text.strip()
             if not _PLAIN_FLOAT.fullmatch(cleaned):
                 raise self.fail(
-                    f"number {_show(text)} is not a plain decimal; quote it for a string",
+                    f"number {self.shown(text, path)} is not a plain decimal; "
+                    "quote it for a string",
                     node,
                     path,
                 )
@@ -435,7 +457,7 @@ class _Builder:
             stamp: object = self._constructor.construct_yaml_timestamp(node)
         except (ValueError, OverflowError, TypeError):
             raise self.fail(
-                f"invalid date {_show(text)}; quote it for a string", node, path
+                f"invalid date {self.shown(text, path)}; quote it for a string", node, path
             ) from None
         return stamp
 

@@ -183,6 +183,21 @@ class TestSecretEnv:
         assert resolve_secret_env(session.spec, {"V": ""}) == {"T": ""}
 
 
+class TestSecretsTypedInTheWrongPlace:
+    @pytest.mark.parametrize(
+        "value",
+        ["sk-live-4f9a8b7c", "'hunter2 with spaces'", "0755123", "123456789", "2026-13-45", "true"],
+    )
+    def test_a_secret_pasted_as_a_secret_env_value_is_never_echoed(
+        self, tmp_path: Path, value: str
+    ) -> None:
+        err = spec_error(tmp_path, f"name: a\nsecret_env:\n  API_KEY: {value}\n")
+        assert (err.line, err.field) == (3, "secret_env.API_KEY")
+        shown = value.strip("'")
+        assert shown not in str(err)
+        assert shown.lower() not in str(err).lower()
+
+
 class TestShippedExamples:
     def test_the_hello_quickstart_validates_and_its_directory_is_shipped(self) -> None:
         (session,) = load_specs([REPO / "specs" / "hello.yaml"], {})

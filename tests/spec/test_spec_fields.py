@@ -93,7 +93,7 @@ REFUSALS: list[tuple[str, int, str, str]] = [
     ("name: ok\nenv:\n  1X: x", 3, "env.1X", "not a valid environment variable name"),
     ("name: ok\nenv: [A]", 2, "env", "expected a mapping"),
     # secret_env
-    ("name: ok\nsecret_env:\n  TOKEN: my-var", 3, "secret_env.TOKEN", "not a valid environment"),
+    ("name: ok\nsecret_env:\n  TOKEN: my-var", 3, "secret_env.TOKEN", "not the secret itself"),
     ("name: ok\nsecret_env:\n  TOKEN: 5", 3, "secret_env.TOKEN", "expected a string"),
     ("name: ok\nenv: {A: x, B: y}\nsecret_env: {B: Z}", 3, "secret_env.B", "B set in both env"),
     # memory_mb
