@@ -487,7 +487,9 @@ def _spec_files(path: Path) -> list[tuple[Path, Path]]:
         if path.is_file():
             return [(path, path.parent)]
     except OSError as exc:
-        raise SpecError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+        raise SpecError(
+            f"cannot read: {str(exc.strerror or exc).lower()}", file=str(path)
+        ) from None
     raise SpecError("no such spec file or directory", file=str(path))
 
 

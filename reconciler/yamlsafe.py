@@ -145,7 +145,9 @@ def load_yaml_file(
             # ever holding more than the cap in memory.
             data = fh.read(limits.max_bytes + 1)
     except OSError as exc:
-        raise SpecError(f"cannot read file: {exc.strerror or exc}", file=source) from None
+        raise SpecError(
+            f"cannot read file: {str(exc.strerror or exc).lower()}", file=source
+        ) from None
     if len(data) > limits.max_bytes:
         raise SpecError(
             f"file is larger than the {limits.max_bytes} byte limit for spec files", file=source
