@@ -1,0 +1,202 @@
+"""`HttpExec`: run a session command through the image's `/exec` HTTP API (spec `exec: http`).
+
+The opt-in alternative to SSH for images that serve `POST /exec {"cmd": "..."}` on 8080,
+published on public port 443 with the `tls`+`http` handlers (ukc-api.md §12). The API is
+unauthenticated and returns everything at the end, so output is not streamed: the callbacks
+get the whole output once. Used by the executor when a spec says `exec: http`.
+
+It connects like `backends.tls.Dialer` (same address mapping and CA): httpx requests the
+mapped address with `sni_hostname` and `Host` set to the FQDN, so SNI routing and
+certificate verification are against the FQDN, not against 127.0.0.1.
+
+Limits of the API we cannot fix here: env values (secrets included) travel inside `cmd`, so
+the image's server puts them on its `sh -lc` command line; prefer `exec: ssh` for secrets.
+Everything the server answers is untrusted: types are checked and sizes capped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import ssl
+import time
+from collections.abc import Callable, Mapping
+
+import httpx
+
+from reconciler.backends.commands import CommandResult
+from reconciler.backends.tls import AddressMap, Dialer
+from reconciler.errors import RemoteError, SpecError, TransportError
+
+__all__ = [
+    "HttpExec",
+    "build_exec_cmd",
+]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_BODY = 32 * 1024 * 1024
+_MAX_MESSAGE = 200
+#: GNU timeout's exit status when it had to stop the command
+_TIMEOUT_EXIT = 124
+_KILL_AFTER_S = 5
+
+
+def build_exec_cmd(command: str, env: Mapping[str, str], cwd: str, timeout_s: float | None) -> str:
+    """`cd CWD && export K='v' && ... && (COMMAND)`, under `timeout` when one is given."""
+    parts = [f"cd {shlex.quote(cwd)}"]
+    for name, value in env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise SpecError(f"env name {name!r} is not a shell variable name", field="env")
+        if "\0" in value:
+            raise SpecError(f"env value of {name} contains a nul byte", field="env")
+        parts.append(f"export {name}={shlex.quote(value)}")
+    parts.append(f"({command})")
+    cmd = " && ".join(parts)
+    if timeout_s is not None:
+        # why: the HTTP API cannot cancel a command; GNU timeout kills its process group.
+        seconds = max(1, math.ceil(timeout_s))
+        cmd = f"exec timeout -k {_KILL_AFTER_S} {seconds} sh -c {shlex.quote(cmd)}"
+    return cmd
+
+
+def _tail(text: str, limit: int) -> str:
+    data = text.encode(errors="replace")
+    return data[-limit:].decode(errors="replace") if limit else ""
+
+
+class HttpExec:
+    """Client of the sandbox image's `/exec` API on public port 443."""
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        address: AddressMap | None = None,
+        *,
+        port: int = 443,
+        transport: httpx.BaseTransport | None = None,
+        max_body_bytes: int = _MAX_BODY,
+        connect_timeout: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.address: AddressMap = address or (lambda fqdn, p: (fqdn, p))
+        self.port = port
+        self._max_body = max_body_bytes
+        self._connect_timeout = connect_timeout
+        self._monotonic = monotonic
+        self._client = httpx.Client(verify=ssl_context, transport=transport, follow_redirects=False)
+
+    @classmethod
+    def from_dialer(cls, dialer: Dialer, *, port: int = 443) -> HttpExec:
+        """Same CA and address mapping as the SSH path."""
+        return cls(dialer.ssl_context, dialer.address, port=port)
+
+    def _scrub(self, text: str, env: Mapping[str, str]) -> str:
+        text = " ".join(text.split())[:_MAX_MESSAGE]
+        for value in env.values():
+            if len(value) >= 4:
+                text = text.replace(value, "***")
+        return text
+
+    def run(
+        self,
+        fqdn: str,
+        command: str,
+        env: Mapping[str, str],
+        cwd: str = "/workspace",
+        timeout_s: float | None = None,
+        *,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+        tail_bytes: int = 64 * 1024,
+    ) -> CommandResult:
+        """Run `command`; a non-zero exit is a result, a broken API a `RemoteError`."""
+        cmd = build_exec_cmd(command, env, cwd, timeout_s)
+        host, port = self.address(fqdn, self.port)
+        url = f"https://{host}:{port}/exec"
+        # why: the server holds the request for the whole run; allow the kill grace on top.
+        read = None if timeout_s is None else timeout_s + _KILL_AFTER_S + 10
+        started = self._monotonic()
+        where = f"exec api {fqdn}"
+        try:
+            with self._client.stream(
+                "POST",
+                url,
+                content=json.dumps({"cmd": cmd}).encode(),
+                headers={"host": fqdn, "content-type": "application/json"},
+                extensions={"sni_hostname": fqdn},
+                timeout=httpx.Timeout(read, connect=self._connect_timeout),
+            ) as response:
+                status = response.status_code
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > self._max_body:
+                        raise RemoteError(
+                            f"{where}: answer exceeds {self._max_body} bytes", retryable=False
+                        )
+        except httpx.TimeoutException as err:
+            if timeout_s is not None and isinstance(err, httpx.ReadTimeout):
+                return CommandResult(None, True, "", "", self._monotonic() - started)
+            raise TransportError(f"{where}: timed out ({type(err).__name__})") from None
+        except httpx.TransportError as err:
+            if _is_cert_error(err):
+                raise TransportError(
+                    f"{where}: certificate rejected for {fqdn}", retryable=False
+                ) from None
+            raise TransportError(f"{where}: connection failed ({type(err).__name__})") from None
+        duration = self._monotonic() - started
+        try:
+            decoded: object = json.loads(bytes(body))
+        except (ValueError, UnicodeDecodeError):
+            decoded = None
+        if status != 200:
+            message = ""
+            if isinstance(decoded, Mapping) and isinstance(decoded.get("error"), str):
+                message = self._scrub(decoded["error"], env)
+            detail = f"http {status}" + (f": {message}" if message else "")
+            if status in (502, 503, 504):
+                raise TransportError(f"{where}: {detail}")
+            raise RemoteError(f"{where}: {detail}", retryable=False)
+        if not isinstance(decoded, Mapping):
+            raise RemoteError(f"{where}: 200 answer is not a json object", retryable=False)
+        stdout, stderr, code = decoded.get("stdout"), decoded.get("stderr"), decoded.get("code")
+        if not isinstance(stdout, str) or not isinstance(stderr, str):
+            raise RemoteError(f"{where}: 200 answer lacks string stdout/stderr", retryable=False)
+        if not isinstance(code, int) or isinstance(code, bool) or not -1 <= code <= 255:
+            raise RemoteError(f"{where}: 200 answer has no exit code in -1..255", retryable=False)
+        if on_stdout is not None and stdout:
+            on_stdout(stdout.encode())
+        if on_stderr is not None and stderr:
+            on_stderr(stderr.encode())
+        timed_out = timeout_s is not None and code == _TIMEOUT_EXIT
+        return CommandResult(
+            exit_code=None if timed_out else code,
+            timed_out=timed_out,
+            stdout_tail=_tail(stdout, tail_bytes),
+            stderr_tail=_tail(stderr, tail_bytes),
+            duration_s=duration,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpExec:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_cert_error(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        if "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

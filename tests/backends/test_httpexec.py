@@ -1,0 +1,162 @@
+"""`HttpExec` against a real /exec server (like the image's) behind the TLS forwarder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
+
+import pytest
+
+from reconciler.backends.httpexec import HttpExec, build_exec_cmd
+from reconciler.backends.tls import Dialer
+from reconciler.errors import RemoteError, SpecError, TransportError
+
+from .conftest import FQDN, CaFiles, TlsForwarder, dialer_to
+
+
+class ExecHandler(BaseHTTPRequestHandler):
+    """The skill's contract: POST /exec {"cmd"} → sh -lc → {"stdout","stderr","code"}."""
+
+    #: a canned answer (status, raw body) for the next request, for hostile-server tests
+    canned: ClassVar[list[tuple[int, bytes]]] = []
+    seen: ClassVar[list[dict[str, Any]]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.seen.append({"path": self.path, "host": self.headers.get("host"), "raw": raw})
+        if self.canned:
+            self._send(*self.canned.pop(0))
+            return
+        if self.path != "/exec":
+            self._send(404, b'{"error": "not found"}')
+            return
+        try:
+            cmd = json.loads(raw)["cmd"]
+        except (ValueError, KeyError):
+            self._send(400, b'{"error": "invalid json"}')
+            return
+        if not isinstance(cmd, str):
+            self._send(400, b'{"error": "\\"cmd\\" must be a string"}')
+            return
+        proc = subprocess.run(["sh", "-lc", cmd], capture_output=True, check=False)
+        body = {
+            "stdout": proc.stdout.decode(errors="replace"),
+            "stderr": proc.stderr.decode(errors="replace"),
+            "code": proc.returncode,
+        }
+        self._send(200, json.dumps(body).encode())
+
+
+@pytest.fixture(scope="module")
+def exec_front(test_ca: CaFiles) -> Iterator[TlsForwarder]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ExecHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fwd = TlsForwarder(test_ca, server.server_address[1]).start()
+    yield fwd
+    fwd.stop()
+    server.shutdown()
+
+
+@pytest.fixture
+def http_exec(test_ca: CaFiles, exec_front: TlsForwarder) -> Iterator[HttpExec]:
+    ExecHandler.canned.clear()
+    ExecHandler.seen.clear()
+    with HttpExec.from_dialer(dialer_to(test_ca, exec_front.port)) as client:
+        yield client
+
+
+class TestRun:
+    def test_output_exit_code_env_and_cwd_arrive(
+        self, http_exec: HttpExec, tmp_path: object
+    ) -> None:
+        env = {"GREETING": "it's\nhere", "X": "$(id)"}
+        got: list[bytes] = []
+        result = http_exec.run(
+            FQDN,
+            'printf "%s|%s|" "$GREETING" "$X"; pwd; echo oops >&2; exit 5',
+            env,
+            cwd=str(tmp_path),
+            on_stdout=got.append,
+        )
+        assert result.exit_code == 5
+        assert result.stdout_tail == f"it's\nhere|$(id)|{tmp_path}\n"
+        assert result.stderr_tail == "oops\n"
+        assert got == [result.stdout_tail.encode()]
+        assert ExecHandler.seen[0]["host"] == FQDN
+        assert ExecHandler.seen[0]["path"] == "/exec"
+
+    def test_the_cmd_has_the_documented_shape(self) -> None:
+        cmd = build_exec_cmd("make test", {"A": "1 2"}, "/workspace", None)
+        assert cmd == "cd /workspace && export A='1 2' && (make test)"
+        with pytest.raises(SpecError):
+            build_exec_cmd("true", {"A-B": "x"}, "/", None)
+
+    def test_a_timeout_stops_the_command_and_reports_timed_out(self, http_exec: HttpExec) -> None:
+        result = http_exec.run(FQDN, "sleep 30; echo late", {}, cwd="/tmp", timeout_s=1)
+        assert result.timed_out is True
+        assert result.exit_code is None
+        assert result.duration_s < 10
+
+
+class TestHostileOrBrokenServer:
+    @pytest.mark.parametrize(
+        ("status", "body", "match"),
+        [
+            (400, b'{"error": "invalid json"}', "http 400: invalid json"),
+            (404, b'{"error": "not found"}', "http 404: not found"),
+            (500, b'{"error": "spawn failed"}', "http 500: spawn failed"),
+            (500, b"<html>", "http 500$"),
+            (200, b"[1, 2]", "not a json object"),
+            (200, b'{"stdout": 1, "stderr": "", "code": 0}', "string stdout"),
+            (200, b'{"stdout": "", "stderr": "", "code": true}', "exit code"),
+            (200, b'{"stdout": "", "stderr": "", "code": 70000}', "exit code"),
+        ],
+    )
+    def test_bad_answers_are_remote_errors(
+        self, http_exec: HttpExec, status: int, body: bytes, match: str
+    ) -> None:
+        ExecHandler.canned.append((status, body))
+        with pytest.raises(RemoteError, match=match):
+            http_exec.run(FQDN, "true", {})
+
+    def test_an_error_message_never_echoes_a_secret_value(self, http_exec: HttpExec) -> None:
+        ExecHandler.canned.append((500, b'{"error": "cannot run export K=hunter2-secret"}'))
+        with pytest.raises(RemoteError) as err:
+            http_exec.run(FQDN, "true", {"K": "hunter2-secret"})
+        assert "hunter2-secret" not in str(err.value)
+
+    def test_an_oversized_answer_is_refused(
+        self, test_ca: CaFiles, exec_front: TlsForwarder
+    ) -> None:
+        dialer = dialer_to(test_ca, exec_front.port)
+        client = HttpExec(dialer.ssl_context, dialer.address, max_body_bytes=1000)
+        ExecHandler.canned.append((200, b'{"stdout": "' + b"x" * 5000 + b'"}'))
+        with client, pytest.raises(RemoteError, match="exceeds 1000 bytes"):
+            client.run(FQDN, "true", {})
+
+    def test_the_certificate_is_verified_against_the_fqdn(
+        self, test_ca: CaFiles, exec_front: TlsForwarder
+    ) -> None:
+        client = HttpExec.from_dialer(dialer_to(test_ca, exec_front.port))
+        with client, pytest.raises(TransportError, match="certificate rejected") as err:
+            client.run("box1.not-our-domain.test", "true", {})
+        assert err.value.retryable is False
+
+    def test_an_untrusted_ca_is_refused(self, exec_front: TlsForwarder) -> None:
+        dialer = Dialer.with_ca(None, lambda f, p: ("127.0.0.1", exec_front.port))
+        with HttpExec.from_dialer(dialer) as client, pytest.raises(TransportError):
+            client.run(FQDN, "true", {})
