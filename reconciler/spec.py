@@ -274,8 +274,9 @@ class SessionSpec(BaseModel):
             return value
         out: list[object] = []
         for index, item in enumerate(value):
-            # why: "cmd-<n>" (1-based, as a human counts) keeps unnamed commands stable
-            # across edits elsewhere in the list only as long as their position holds.
+            # why: an unnamed command is named by its 1-based position ("cmd-2"), as a
+            # human counts; the name keys its status record, so give commands a name when
+            # they are reordered often.
             if isinstance(item, str):
                 out.append({"name": f"cmd-{index + 1}", "run": item})
             elif isinstance(item, dict) and "name" not in item:
@@ -300,7 +301,7 @@ class SessionSpec(BaseModel):
 
     @field_validator("sync", "env", "secret_env", mode="before")
     @classmethod
-    def _null_is_empty(cls, value: object, info: ValidationInfo) -> object:
+    def _null_is_empty(cls, value: object) -> object:
         if value is None:
             return {}
         return value
