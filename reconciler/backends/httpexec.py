@@ -71,8 +71,8 @@ class HttpExec:
 
     def __init__(
         self,
-        ssl_context: ssl.SSLContext,
-        address: AddressMap | None = None,
+        config: Dialer | ssl.SSLContext,
+        extra: AddressMap | ssl.SSLContext | None = None,
         *,
         port: int = 443,
         transport: httpx.BaseTransport | None = None,
@@ -80,17 +80,27 @@ class HttpExec:
         connect_timeout: float = 10.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`HttpExec(dialer)` (its CA and address map), `HttpExec(dialer, context)` (another
+        context), or `HttpExec(context, address)`."""
+        address: AddressMap | None
+        if isinstance(config, Dialer):
+            context = extra if isinstance(extra, ssl.SSLContext) else config.ssl_context
+            address = config.address
+        else:
+            if isinstance(extra, ssl.SSLContext):
+                raise TypeError("HttpExec(context, ...) takes an address map second")
+            context, address = config, extra
         self.address: AddressMap = address or (lambda fqdn, p: (fqdn, p))
         self.port = port
         self._max_body = max_body_bytes
         self._connect_timeout = connect_timeout
         self._monotonic = monotonic
-        self._client = httpx.Client(verify=ssl_context, transport=transport, follow_redirects=False)
+        self._client = httpx.Client(verify=context, transport=transport, follow_redirects=False)
 
     @classmethod
     def from_dialer(cls, dialer: Dialer, *, port: int = 443) -> HttpExec:
         """Same CA and address mapping as the SSH path."""
-        return cls(dialer.ssl_context, dialer.address, port=port)
+        return cls(dialer, port=port)
 
     def _scrub(self, text: str, env: Mapping[str, str]) -> str:
         text = " ".join(text.split())[:_MAX_MESSAGE]

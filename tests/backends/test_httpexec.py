@@ -99,6 +99,13 @@ class TestRun:
         assert ExecHandler.seen[0]["host"] == FQDN
         assert ExecHandler.seen[0]["path"] == "/exec"
 
+    def test_a_dialer_and_its_context_configure_it_like_the_ssh_path(
+        self, test_ca: CaFiles, exec_front: TlsForwarder
+    ) -> None:
+        dialer = dialer_to(test_ca, exec_front.port)
+        with HttpExec(dialer, dialer.ssl_context) as client:
+            assert client.run(FQDN, "echo hi", {}, cwd="/").stdout_tail == "hi\n"
+
     def test_the_cmd_has_the_documented_shape(self) -> None:
         cmd = build_exec_cmd("make test", {"A": "1 2"}, "/workspace", None)
         assert cmd == "cd /workspace && export A='1 2' && (make test)"
