@@ -180,6 +180,6 @@ class TestMergeKeys:
         text = "l:\n" + "".join(f"  - {{<<: {{k{i}: 1}}, z: 2}}\n" for i in range(10_000))
         started = time.perf_counter()
         (value,) = load(text)
-        assert time.perf_counter() - started < 2.0
+        assert time.perf_counter() - started < 5.0  # quadratic would take minutes
         assert isinstance(value, dict)
         assert len(value["l"]) == 10_000
