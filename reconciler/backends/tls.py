@@ -242,7 +242,9 @@ class _Pump:
                         self.app_eof = True
                 if self.to_tls:
                     try:
-                        sent = tls.send(self.to_tls)
+                        # why: bounded TLS writes, and a copy, so trimming the buffer never
+                        # moves memory OpenSSL may be asked to retry with.
+                        sent = tls.send(bytes(self.to_tls[:_CHUNK]))
                         del self.to_tls[:sent]
                     except want:
                         pass
