@@ -1,0 +1,138 @@
+"""The local manifest: hash cache, ignore rules, digest, and the pure diff."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from reconciler.sync.diff import diff_manifests
+from reconciler.sync.ignore import IgnoreRules, load_rules
+from reconciler.sync.manifest import Entry, Manifest, scan_local
+from tests.sync.conftest import Site, write
+
+
+class TestHashCache:
+    def test_an_unchanged_file_is_not_rehashed(self, site: Site) -> None:
+        p = write(site.local / "a.txt", "aaaa")
+        first = scan_local(site.opts()).entries["a.txt"].ref
+        st = p.stat()
+        # same inode, size and mtime but other bytes: only a re-hash could notice
+        with open(p, "r+b") as f:
+            f.write(b"bbbb")
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert scan_local(site.opts()).entries["a.txt"].ref == first
+
+    def test_a_changed_mtime_causes_a_rehash(self, site: Site) -> None:
+        p = write(site.local / "a.txt", "aaaa")
+        first = scan_local(site.opts()).entries["a.txt"].ref
+        p.write_text("bbbb")
+        os.utime(p, ns=(1, 1))
+        assert scan_local(site.opts()).entries["a.txt"].ref != first
+
+
+class TestIgnoreRules:
+    def test_spec_excludes_ukcignore_dot_ukc_and_back_paths_are_left_out(self, site: Site) -> None:
+        write(site.local / ".ukcignore", "*.log\n!keep.log\n/build/\n")
+        for rel in (
+            "a.log",
+            "keep.log",
+            "build/x.o",
+            "src/build/y.c",
+            ".ukc/status.json",
+            "out/r.txt",
+            "cache/z",
+            "main.py",
+        ):
+            write(site.local / rel, rel)
+        m = scan_local(site.opts(exclude=("cache/",), back=("out/",)))
+        files = {p for p, e in m.entries.items() if e.type == "f"}
+        assert files == {".ukcignore", "keep.log", "src/build/y.c", "main.py"}
+
+    def test_a_back_path_holding_directory_is_not_deletable(self) -> None:
+        rules = IgnoreRules([], ["work/out"])
+        assert not rules.deletable("work", True)
+        assert not rules.deletable("work/out/x", False)
+        assert rules.deletable("other", True)
+
+    def test_fifos_are_not_part_of_the_manifest(self, site: Site) -> None:
+        os.mkfifo(site.local / "pipe")
+        write(site.local / "a", "a")
+        assert set(scan_local(site.opts()).entries) == {"a"}
+
+
+class TestDigest:
+    def test_the_digest_ignores_mtimes_but_not_modes(self) -> None:
+        a = Manifest({"x": Entry("f", 1, 10, 0o644, "h")})
+        b = Manifest({"x": Entry("f", 1, 99, 0o644, "h")})
+        c = Manifest({"x": Entry("f", 1, 10, 0o755, "h")})
+        assert a.digest == b.digest != c.digest
+
+    def test_total_bytes_counts_files_only(self) -> None:
+        m = Manifest(
+            {
+                "d": Entry("d", 0, 0, 0o755, ""),
+                "d/f": Entry("f", 7, 0, 0o644, "h"),
+                "l": Entry("l", 3, 0, 0o777, "abc"),
+            }
+        )
+        assert (m.total_bytes, m.file_count) == (7, 1)
+
+
+def _f(ref: str, mode: int = 0o644, mtime: int = 1) -> Entry:
+    return Entry("f", len(ref), mtime, mode, ref)
+
+
+class TestDiff:
+    rules = IgnoreRules(["*.tmp"], ["out"])
+
+    def test_deletes_only_paths_of_the_previous_manifest_deepest_first(self) -> None:
+        prev = Manifest({"d": Entry("d", 0, 0, 0o755, ""), "d/x": _f("x"), "y": _f("y")})
+        plan = diff_manifests(Manifest({"y": _f("y")}), prev, self.rules)
+        assert plan.deletes == ("d/x", "d")
+        assert plan.uploads == ()
+
+    def test_excluded_and_back_paths_are_never_in_deletes(self) -> None:
+        prev = Manifest(
+            {
+                "a.tmp": _f("t"),
+                "out": Entry("d", 0, 0, 0o755, ""),
+                "out/r": _f("r"),
+                "": Entry("d", 0, 0, 0o755, ""),
+            }
+        )
+        plan = diff_manifests(Manifest({}), prev, self.rules)
+        assert plan.deletes == ()
+
+    def test_content_mode_and_type_changes_are_classified(self) -> None:
+        prev = Manifest(
+            {
+                "same": _f("s"),
+                "content": _f("c1"),
+                "mode": _f("m"),
+                "swap": _f("w"),
+                "link": Entry("l", 1, 0, 0o777, "a"),
+            }
+        )
+        local = Manifest(
+            {
+                "same": _f("s"),
+                "content": _f("c2"),
+                "mode": _f("m", 0o755),
+                "swap": Entry("d", 0, 0, 0o755, ""),
+                "swap/in": _f("i"),
+                "link": Entry("l", 1, 0, 0o777, "b"),
+            }
+        )
+        plan = diff_manifests(local, prev, self.rules)
+        assert plan.uploads == ("content", "link", "swap", "swap/in")
+        assert plan.metas == ("mode",)
+        assert plan.replaces == ("link", "swap")
+        assert plan.upload_bytes == 2 + 1
+
+
+def test_load_rules_without_a_ukcignore_uses_the_spec_only(tmp_path: Path) -> None:
+    from reconciler.sync.options import SyncOptions
+
+    rules = load_rules(SyncOptions(local_root=tmp_path, state_dir=tmp_path / "s", exclude=("*.o",)))
+    assert rules.excluded("x.o", False) and rules.excluded(".ukc", True)
+    assert not rules.excluded("x.c", False)

@@ -1,0 +1,207 @@
+"""Push: the batched transfer, the no-change proof, boot detection, guards and safe deletes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import SyncError, SyncHaltedError
+from reconciler.sync.engine import forget, plan_push, push, scan_local
+from tests.sync.conftest import Site, snapshot, write
+
+
+def seed(site: Site) -> None:
+    write(site.local / "main.py", "print('hi')\n", 0o644)
+    write(site.local / "bin/run.sh", "#!/bin/sh\necho run\n", 0o755)
+    write(site.local / "data/deep/blob.bin", os.urandom(300_000), 0o600)
+    os.symlink("../main.py", site.local / "bin/main-link")
+    os.symlink("/etc/passwd", site.local / "escaping-link")
+
+
+def tree(root: Path) -> dict[str, tuple[object, ...]]:
+    return {p: v[:3] for p, v in snapshot(root).items()}
+
+
+class TestInitialPush:
+    def test_the_remote_equals_the_local_tree_with_modes_links_and_mtimes(self, site: Site) -> None:
+        seed(site)
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert snapshot(site.remote) == snapshot(site.local)
+        assert result.files_sent == 3
+        assert result.bytes_sent == scan_local(site.opts()).total_bytes
+        assert result.remote_scanned is True
+
+    def test_a_link_escaping_the_root_is_sent_as_a_link_not_followed(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert os.readlink(site.remote / "escaping-link") == "/etc/passwd"
+
+    def test_one_remote_process_serves_the_whole_push(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert len(site.shell.started) == 1
+
+
+class TestNoChange:
+    def test_a_second_push_sends_nothing_and_does_not_walk_the_remote(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        again = push(site.shell, site.opts(), instance_uuid="u1")
+        assert (again.files_sent, again.bytes_sent, again.deleted) == (0, 0, 0)
+        assert again.remote_scanned is False
+
+    def test_ten_changed_files_send_exactly_their_bytes(self, site: Site) -> None:
+        for i in range(30):
+            write(site.local / f"f{i}.txt", f"v1 {i}\n")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        changed = 0
+        for i in range(10):
+            changed += write(site.local / f"f{i}.txt", f"version two {i}\n").stat().st_size
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert (result.files_sent, result.bytes_sent, result.remote_scanned) == (10, changed, False)
+        assert tree(site.remote) == tree(site.local)
+
+    def test_a_chmod_only_change_is_applied_without_sending_content(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        (site.local / "main.py").chmod(0o600)
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.bytes_sent == 0
+        assert snapshot(site.remote) == snapshot(site.local)
+
+
+class TestRemoteIdentity:
+    def test_a_new_boot_forces_a_scan_that_repairs_a_tampered_remote(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        victim = site.remote / "main.py"
+        st = victim.stat()
+        victim.write_text("print('HI')\n")  # same size, same mtime: only a hash can tell
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+        (site.remote / "bin/run.sh").unlink()
+        site.reboot("boot-2")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.remote_scanned is True
+        assert result.boot_id == "boot-2"
+        assert result.files_sent == 2
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_different_instance_uuid_forces_a_scan(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        result = push(site.shell, site.opts(), instance_uuid="u2")
+        assert result.remote_scanned is True
+        assert result.bytes_sent == 0  # the scan found every file already there
+
+    def test_a_missing_remote_record_forces_a_scan(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        shutil.rmtree(site.remote_state)
+        assert push(site.shell, site.opts(), instance_uuid="u1").remote_scanned is True
+
+    def test_forgetting_the_session_makes_the_next_plan_a_full_upload(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        forget(site.opts())
+        plan = plan_push(scan_local(site.opts()), site.opts())
+        assert len(plan.uploads) == len(scan_local(site.opts()).entries)
+
+
+class TestDeletes:
+    def test_a_local_delete_is_propagated_after_the_uploads(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        shutil.rmtree(site.local / "data")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.deleted == 3
+        assert not (site.remote / "data").exists()
+
+    def test_files_only_the_sandbox_created_are_never_deleted(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        write(site.remote / "data/deep/generated.log", "made in the sandbox")
+        shutil.rmtree(site.local / "data")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert (site.remote / "data/deep/generated.log").read_text() == "made in the sandbox"
+
+    def test_excluded_and_back_paths_are_never_deleted_even_after_a_scan(self, site: Site) -> None:
+        write(site.local / "src/a.py", "a")
+        write(site.remote / "node_modules/x/index.js", "built remotely")
+        write(site.remote / "out/result.txt", "an output")
+        site.reboot("boot-9")
+        opts = site.opts(exclude=("node_modules/",), back=("out/",))
+        result = push(site.shell, opts, instance_uuid="u1")
+        assert result.remote_scanned is True
+        assert (site.remote / "node_modules/x/index.js").exists()
+        assert (site.remote / "out/result.txt").exists()
+
+    def test_no_delete_happens_when_an_upload_failed_in_the_same_sync(self, site: Site) -> None:
+        write(site.local / "a/keep.txt", "k")
+        write(site.local / "c.txt", "c")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        # tamper behind the record's back: the uploads into a/ will fail
+        shutil.rmtree(site.remote / "a")
+        write(site.remote / "a", "now a file")
+        write(site.local / "a/new.txt", "n")
+        (site.local / "c.txt").unlink()
+        with pytest.raises(SyncError, match="1 deletes skipped"):
+            push(site.shell, site.opts(), instance_uuid="u1")
+        assert (site.remote / "c.txt").read_text() == "c"
+        # and the next push repairs it: the failed push dropped the remote record
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.remote_scanned is True
+        assert tree(site.remote) == tree(site.local)
+
+
+class TestGuards:
+    def test_a_missing_local_root_halts_before_anything_is_sent(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        before = snapshot(site.base / "sandbox")
+        started = len(site.shell.started)
+        shutil.rmtree(site.local)
+        with pytest.raises(SyncHaltedError, match="is missing"):
+            push(site.shell, site.opts(), instance_uuid="u1")
+        assert snapshot(site.base / "sandbox") == before
+        assert len(site.shell.started) == started
+
+    def test_an_emptied_local_root_halts_and_says_how_many_files_are_at_stake(
+        self, site: Site
+    ) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        before = snapshot(site.base / "sandbox")
+        for child in site.local.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        with pytest.raises(SyncHaltedError, match=r"last push had 3 files.*ukc delete"):
+            push(site.shell, site.opts(), instance_uuid="u1")
+        assert snapshot(site.base / "sandbox") == before
+
+    def test_an_empty_root_without_a_record_is_a_normal_empty_push(self, site: Site) -> None:
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert (result.files_sent, result.deleted) == (0, 0)
+
+    def test_a_root_that_is_a_file_halts(self, site: Site) -> None:
+        shutil.rmtree(site.local)
+        write(site.local, "not a dir")
+        with pytest.raises(SyncHaltedError, match="not a directory"):
+            push(site.shell, site.opts(), instance_uuid="u1")
+
+
+class TestTypeSwaps:
+    def test_file_dir_and_link_swaps_converge(self, site: Site) -> None:
+        write(site.local / "a", "file a")
+        write(site.local / "b/inner.txt", "in b")
+        os.symlink("a", site.local / "c")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        (site.local / "a").unlink()
+        write(site.local / "a/now-dir.txt", "x")
+        shutil.rmtree(site.local / "b")
+        os.symlink("a", site.local / "b")
+        (site.local / "c").unlink()
+        write(site.local / "c", "c is a file")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert tree(site.remote) == tree(site.local)
