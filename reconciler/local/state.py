@@ -535,7 +535,8 @@ class Metro:
             raise _bad(f"restart_policy {restart_policy!r} is not never, always or on-failure")
         if "delete-on-stop" in features and restart_policy != "never":
             raise _bad("feature delete-on-stop needs restart_policy never")
-        autostart = body.get("autostart", True)
+        # why: an absent autostart means false, so timeout_s alone is refused as UKC does
+        autostart = body.get("autostart", False)
         if not isinstance(autostart, bool):
             raise _bad("autostart must be a boolean")
         timeout_s = body.get("timeout_s")
