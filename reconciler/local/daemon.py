@@ -300,16 +300,8 @@ async def serve(
     started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     async def resolve(fqdn: str, public_port: int) -> Route | None:
-        rec = metro.by_fqdn(fqdn)
-        if rec is None:
-            return None
-        service = next((s for s in rec.services if s.port == public_port), None)
-        if service is None:
-            return None
-        if rec.state != "running" and not await metro.ensure_running(rec, 30.0):
-            return None
-        metro.on_activity(rec.uuid, 0)
-        return Route(uuid=rec.uuid, destination_port=service.destination_port)
+        found = await metro.route_for(fqdn, public_port)
+        return None if found is None else Route(uuid=found[0], destination_port=found[1])
 
     edge = Edge(
         ca=ca,

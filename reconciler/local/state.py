@@ -837,6 +837,24 @@ class Metro:
             and rec.state == "running"
         )
 
+    async def route_for(
+        self, fqdn: str, public_port: int, wake_timeout_s: float = 30.0
+    ) -> tuple[str, int] | None:
+        """(uuid, destination port) behind an edge connection; wakes a standby instance.
+
+        None when no instance has that FQDN, it publishes no such port, or it is not running
+        (and could not be woken) in time.
+        """
+        rec = self.by_fqdn(fqdn)
+        if rec is None:
+            return None
+        service = next((s for s in rec.services if s.port == public_port), None)
+        if service is None:
+            return None
+        if rec.state != "running" and not await self.ensure_running(rec, wake_timeout_s):
+            return None
+        return rec.uuid, service.destination_port
+
     async def _idle_monitor(self) -> None:
         while True:
             await asyncio.sleep(0.1)

@@ -633,3 +633,36 @@ class TestInstanceQuota:
                 assert "2 of 2" in item["message"]
         finally:
             m.close()
+
+
+class TestEdgeRouting:
+    """What the edge asks the metro for each connection (`Metro.route_for`)."""
+
+    def test_a_standby_instance_is_woken_and_routed_to_its_destination_port(
+        self, inproc: InProcessMetro
+    ) -> None:
+        group = {"services": [{"port": 2222, "destination_port": 22, "handlers": ["tls"]}]}
+        with inproc.client() as c:
+            item = create(
+                c,
+                autostart=True,
+                timeout_s=10,
+                service_group=group,
+                scale_to_zero={"policy": "on", "cooldown_time_ms": 100, "stateful": True},
+            )
+            assert poll_state(c, item["name"], "standby", 5)["state"] == "standby"
+            fqdn = item["service_group"]["domains"][0]["fqdn"]
+            route = inproc.call(inproc.metro.route_for(fqdn.upper() + ".", 2222))
+            assert route == (item["uuid"], 22)
+            assert get(c, item["name"])["state"] == "running"
+
+    def test_unknown_names_undeclared_ports_and_stopped_instances_get_no_route(
+        self, inproc: InProcessMetro
+    ) -> None:
+        with inproc.client() as c:
+            item = create(c, service_group=SSH_GROUP)
+            fqdn = item["service_group"]["domains"][0]["fqdn"]
+            metro = inproc.metro
+            assert inproc.call(metro.route_for("nobody.local.ukc.localhost", 2222)) is None
+            assert inproc.call(metro.route_for(fqdn, 443)) is None
+            assert inproc.call(metro.route_for(fqdn, 2222, 0.5)) is None
