@@ -108,6 +108,7 @@ class _Reader(threading.Thread):
         self._marker = marker
         self.kill_target: str | None = None
         self.marker_seen = threading.Event()
+        #: the first exception a callback raised (re-raised by run_command)
         self.error: BaseException | None = None
 
     def _deliver(self, data: bytes) -> None:
@@ -141,9 +142,10 @@ class _Reader(threading.Thread):
                 self._deliver(data)
                 if eof:
                     break
-        except Exception as err:  # the channel broke
-            if self.error is None:
-                self.error = err
+        except Exception:
+            # why: the channel broke or we closed it (timeout, stray pipe holder); the exit
+            # status tells the caller what happened, the tails hold what arrived.
+            pass
         finally:
             self.marker_seen.set()
 
@@ -151,9 +153,11 @@ class _Reader(threading.Thread):
 def _kill_group(shell: RemoteShell, target: str) -> None:
     """TERM the process (group), give it 2 s, then KILL; from a separate channel."""
     script = (
-        f"kill -TERM -- {target} 2>/dev/null || exit 0; i=0; "
-        f"while [ $i -lt 10 ] && kill -0 -- {target} 2>/dev/null; do sleep 0.2; i=$((i+1)); done; "
-        f"kill -KILL -- {target} 2>/dev/null; exit 0"
+        # why: no "--": dash's kill builtin takes a negative pid right after the signal
+        # but refuses "--"; bash accepts both forms.
+        f"kill -TERM {target} 2>/dev/null || exit 0; i=0; "
+        f"while [ $i -lt 10 ] && kill -0 {target} 2>/dev/null; do sleep 0.2; i=$((i+1)); done; "
+        f"kill -KILL {target} 2>/dev/null; exit 0"
     )
     killer: RemoteProcess = shell.start(script)
     try:
@@ -163,6 +167,13 @@ def _kill_group(shell: RemoteShell, target: str) -> None:
         pass
     finally:
         killer.kill()
+
+
+def _join(
+    a: threading.Thread, b: threading.Thread, deadline: float, now: Callable[[], float]
+) -> None:
+    for thread in (a, b):
+        thread.join(max(0.0, deadline - now()))
 
 
 def run_command(
@@ -204,12 +215,11 @@ def run_command(
             if err.kill_target is not None:
                 _kill_group(shell, err.kill_target)
             proc.kill()
-        for reader in (out, err):
-            reader.join(_DRAIN_S)
+        _join(out, err, monotonic() + _DRAIN_S, monotonic)
     finally:
+        # why: closing the channel ends readers stuck on a stray holder of stdout/stderr.
         proc.kill()
-        for reader in (out, err):
-            reader.join(_DRAIN_S)
+        _join(out, err, monotonic() + _DRAIN_S, monotonic)
     for reader in (out, err):
         if reader.error is not None and not timed_out:
             raise reader.error

@@ -233,3 +233,24 @@ class TestTimeout:
     def test_the_shell_stays_usable_after_a_timeout(self, shell: SshShell) -> None:
         run(shell, "sleep 30", timeout_s=0.3)
         assert run(shell, "echo still here").stdout_tail == "still here\n"
+
+
+class TestOverLocalShell:
+    """The same bootstrap works through `LocalShell` (tests of other parts rely on it), and a
+    timeout there kills only the command's own process group, never the test runner."""
+
+    def test_env_output_and_timeout_through_a_local_shell(self, tmp_path: Path) -> None:
+        from reconciler.backends.localshell import LocalShell
+
+        local = LocalShell()
+        try:
+            ok = run(local, 'printf %s "$V"', env={"V": "a'b"}, cwd=str(tmp_path))  # type: ignore[arg-type]
+            assert (ok.exit_code, ok.stdout_tail) == (0, "a'b")
+            slow = run(local, "sleep 3119", timeout_s=0.5)  # type: ignore[arg-type]
+            assert slow.timed_out is True
+            deadline = time.monotonic() + 10
+            while any("sleep 3119" in c for c in host_cmdlines()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not any("sleep 3119" in c for c in host_cmdlines())
+        finally:
+            local.close()
