@@ -49,7 +49,8 @@ PUMP_BUF = 256 * 1024
 MAX_BODY = 4 * 1024 * 1024
 READY_DEADLINE_S = 10.0
 _F_SETPIPE_SZ = 1031
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_MORE", 4)
+# why: never SPLICE_F_MORE, it corks the socket like MSG_MORE and delays every small packet
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1)
 
 SSHD_CONFIG = """\
 ListenAddress 127.0.0.1

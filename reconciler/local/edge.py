@@ -1,0 +1,238 @@
+"""The local metro's TLS edge: one TLS listener per public port, routing by SNI.
+
+The daemon creates one `Edge` and opens 2222 and 443 at start (other public ports when a service
+group first declares them). Each accepted connection is TLS-terminated with the metro CA's leaf
+(`local/ca.py`); the SNI name and the public port are handed to the daemon's `resolve`, which
+answers a `Route` (instance uuid + destination port inside the sandbox) and wakes a standby
+instance on the way. The edge then opens a byte stream into the sandbox through
+`SandboxRuntime.open_connection` (`local/sandbox.py`) and pumps both ways, reporting
+connection starts and ends to `on_activity` for scale-to-zero.
+
+Clients: `openssl s_client -connect 127.0.0.1:P -servername FQDN -CAfile ca.pem` (ssh, rsync)
+and `curl --cacert ca.pem --connect-to FQDN:443:127.0.0.1:P https://FQDN/exec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from reconciler.errors import LocalMetroError
+from reconciler.local.ca import CertificateAuthority
+
+__all__ = ["Edge", "Route"]
+
+log = logging.getLogger(__name__)
+
+BUF = 256 * 1024
+HANDSHAKE_TIMEOUT_S = 10.0
+# why: a standby wake may take some 100 ms after resolve returned; beyond this the client is
+# closed, which is what "the first connection during wake may be refused" means
+WAKE_RETRY_S = 2.0
+WAKE_RETRY_STEP_S = 0.025
+NOT_FOUND_BODY = (
+    b"<!DOCTYPE html>\n<html><head><title>404 Service not found</title></head>\n"
+    b"<body><h1>Service not found</h1></body></html>\n"
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a TLS connection goes: which instance, which port inside its sandbox."""
+
+    uuid: str
+    destination_port: int
+
+
+class _Runtime(Protocol):
+    async def open_connection(
+        self, uuid: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        writer.close()
+
+
+async def _pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, half_close: bool
+) -> None:
+    """Copy until EOF; then half-close (plain sockets) or close (TLS cannot half-close)."""
+    try:
+        while True:
+            data = await reader.read(BUF)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
+        half_close = False
+    finally:
+        if half_close and writer.can_write_eof():
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+        else:
+            _close(writer)
+
+
+class Edge:
+    """TLS listeners on `host`, one per public port, forwarding into sandboxes by SNI."""
+
+    def __init__(
+        self,
+        *,
+        ca: CertificateAuthority,
+        runtime: _Runtime,
+        resolve: Callable[[str, int], Awaitable[Route | None]],
+        on_activity: Callable[[str, int], None],
+        should_drop: Callable[[], bool],
+        host: str = "127.0.0.1",
+    ) -> None:
+        self._runtime = runtime
+        self._resolve = resolve
+        self._on_activity = on_activity
+        self._should_drop = should_drop
+        self._host = host
+        self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        self._ctx = ca.server_context()
+        self._ctx.sni_callback = self._record_sni
+        self._servers: dict[int, asyncio.Server] = {}
+        self._ports: dict[int, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def _record_sni(
+        self, sslobj: ssl.SSLSocket | ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext
+    ) -> None:
+        if isinstance(sslobj, ssl.SSLObject) and name:
+            self._sni[sslobj] = name.lower().rstrip(".")
+
+    @property
+    def ports(self) -> dict[int, int]:
+        """Public port → local port of every open listener."""
+        return dict(self._ports)
+
+    async def open_port(self, public_port: int, host_port: int = 0) -> int:
+        """Listen for `public_port` (on `host_port`, 0 = any free one); idempotent."""
+        async with self._lock:
+            if self._closed:
+                raise LocalMetroError(f"edge is closed; cannot open public port {public_port}")
+            if public_port in self._ports:
+                return self._ports[public_port]
+
+            async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                await self._track(self._handle(public_port, r, w))
+
+            try:
+                server = await asyncio.start_server(handler, self._host, host_port, limit=BUF)
+            except OSError as exc:
+                raise LocalMetroError(
+                    f"edge cannot listen for public port {public_port} on "
+                    f"{self._host}:{host_port}: {exc.strerror}"
+                ) from None
+            local_port = int(server.sockets[0].getsockname()[1])
+            self._servers[public_port] = server
+            self._ports[public_port] = local_port
+            return local_port
+
+    async def _track(self, coro: Awaitable[None]) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await coro
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _handle(
+        self, public_port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self._should_drop():
+            writer.transport.abort()
+            return
+        try:
+            await writer.start_tls(self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            writer.transport.abort()
+            return
+        sslobj = writer.get_extra_info("ssl_object")
+        sni = self._sni.pop(sslobj, "") if isinstance(sslobj, ssl.SSLObject) else ""
+        try:
+            route = await self._resolve(sni, public_port)
+        except Exception:
+            log.exception("edge: resolve(%r, %d) failed", sni, public_port)
+            route = None
+        if route is None:
+            if public_port == 443:
+                await self._not_found(reader, writer)
+            _close(writer)
+            return
+        upstream = await self._connect(route)
+        if upstream is None:
+            _close(writer)
+            return
+        up_reader, up_writer = upstream
+        self._on_activity(route.uuid, +1)
+        try:
+            to_sandbox = asyncio.create_task(_pump(reader, up_writer, True))
+            # why: the sandbox side ending (sshd exit, HTTP close) ends the whole connection
+            await _pump(up_reader, writer, False)
+            to_sandbox.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await to_sandbox
+        finally:
+            _close(up_writer)
+            _close(writer)
+            self._on_activity(route.uuid, -1)
+
+    async def _connect(
+        self, route: Route
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        deadline = time.monotonic() + WAKE_RETRY_S
+        while True:
+            try:
+                return await self._runtime.open_connection(route.uuid, route.destination_port)
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return None
+            await asyncio.sleep(WAKE_RETRY_STEP_S)
+
+    async def _not_found(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer an HTTP 404 "Service not found" page, as the metro's HTTP front does."""
+        with contextlib.suppress(Exception):
+            # why: read the request head first so closing does not reset the client mid-send
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
+        head = (
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/html; charset=utf-8\r\n"
+            f"Content-Length: {len(NOT_FOUND_BODY)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        with contextlib.suppress(Exception):
+            writer.write(head + NOT_FOUND_BODY)
+            await asyncio.wait_for(writer.drain(), 2.0)
+
+    async def close(self) -> None:
+        """Stop listening and cut every connection."""
+        async with self._lock:
+            self._closed = True
+            servers = list(self._servers.values())
+            self._servers.clear()
+            self._ports.clear()
+        for server in servers:
+            server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
