@@ -234,7 +234,7 @@ class _ExecHandler(_Handler):
                 capture_output=True,
                 check=False,
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: NUL byte in cmd
             self._json(500, {"error": str(exc)})
             return
         self._json(
@@ -453,6 +453,9 @@ class _PluginHandler(_Handler):
             return
         except OSError as exc:
             self._err(500, _os_message(exc))
+            return
+        except ValueError as exc:  # why: a NUL byte in cmd, cwd or env
+            self._err(400, str(exc))
             return
         with self.plugin.lock:
             self.plugin.commands[command.uuid] = command

@@ -118,7 +118,17 @@ def _rmtree(path: Path) -> None:
 class SandboxRuntime:
     """Starts, stops, freezes and connects to the bubblewrap sandboxes of one daemon."""
 
-    def __init__(self, state_dir: Path, on_exit: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        on_exit: Callable[[str, int], None],
+        *,
+        bwrap: str = BWRAP,
+        sshd: str = SSHD,
+    ) -> None:
+        # why: bwrap/sshd paths are injectable so the "not installed" answers can be tested
+        self._bwrap = bwrap
+        self._sshd = sshd
         self.state_dir = state_dir
         self._on_exit = on_exit
         self._boxes: dict[str, _Box] = {}
@@ -205,9 +215,9 @@ class SandboxRuntime:
             box = self._boxes.get(uuid)
             if box is not None and self.is_running(uuid):
                 return box.boot_id
-            if not os.access(BWRAP, os.X_OK):
+            if not os.access(self._bwrap, os.X_OK):
                 raise LocalMetroError("bwrap not found: apt-get install -y bubblewrap")
-            if not os.access(SSHD, os.X_OK):
+            if not os.access(self._sshd, os.X_OK):
                 raise LocalMetroError("sshd not found: apt-get install -y openssh-server")
             if not os.access(PYTHON, os.X_OK):
                 raise LocalMetroError("/usr/bin/python3 not found: apt-get install -y python3")
@@ -271,7 +281,7 @@ class SandboxRuntime:
     def _bwrap_argv(self, uuid: str, name: str, inst: Path, fds: dict[str, int]) -> list[str]:
         hostname = re.sub(r"[^A-Za-z0-9.-]", "-", name)[:63] or "sandbox"
         argv = [
-            BWRAP,
+            self._bwrap,
             "--ro-bind", "/usr", "/usr",
             "--symlink", "usr/bin", "/bin",
             "--symlink", "usr/sbin", "/sbin",
