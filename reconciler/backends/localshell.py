@@ -29,6 +29,15 @@ class LocalProcess:
         # a drain thread keeps stderr flowing and buffers it for read_stderr().
         self._drain = threading.Thread(target=self._drain_stderr, daemon=True)
         self._drain.start()
+        # why: Popen.wait(timeout) polls with sleeps (milliseconds lost per call); a thread
+        # blocked in wait() lets wait(timeout) return the moment the process exits
+        self._exited = threading.Event()
+        self._waiter = threading.Thread(target=self._wait_exit, daemon=True)
+        self._waiter.start()
+
+    def _wait_exit(self) -> None:
+        self._popen.wait()
+        self._exited.set()
 
     def _drain_stderr(self) -> None:
         stream = self._popen.stderr
@@ -85,11 +94,11 @@ class LocalProcess:
             return data
 
     def wait(self, timeout: float | None = None) -> int:
-        try:
-            code = self._popen.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise TimeoutError(f"local process {self._popen.pid} still running") from exc
+        if not self._exited.wait(timeout):
+            raise TimeoutError(f"local process {self._popen.pid} still running")
         self._drain.join(timeout=5)
+        code = self._popen.returncode
+        assert code is not None
         return code
 
     def kill(self) -> None:

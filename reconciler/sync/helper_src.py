@@ -10,7 +10,7 @@ Debian-based sandbox images.
 Protocol (one process per push or pull, many operations): the client sends frames
 `u32be length + JSON`; `put` is followed by exactly `size` raw bytes and one trailer byte
 (1 = commit, 0 = discard). The helper answers only operations that need an answer
-(hello, scan, sync, remove, record, pull) with frames of the same shape. `pull` answers with a
+(hello, scan, sync, remove, finish, pull) with frames of the same shape. `pull` answers with a
 stream of entry headers; each regular file header is followed by chunk frames
 (`u32be length + bytes`, a zero length ends the file), and a final `{"end": true}`.
 Every write lands via a temp name in the same directory + rename, through directory fds
@@ -342,18 +342,23 @@ def op_sync(req):
           "bytes": ST["bytes"]})
 
 
-def op_record(req):
-    os.makedirs(ST["state"], mode=0o700, exist_ok=True)
-    rec = dict(req["record"])
-    rec["root"] = ST["root"]
-    data = json.dumps(rec, separators=(",", ":")).encode("ascii")
-    tmp = record_path() + ".tmp." + str(os.getpid())
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, record_path())
-    send({"ok": True})
+def op_finish(req):
+    """Report the errors so far; write the record only when there were none."""
+    rec = req.get("record")
+    recorded = False
+    if rec is not None and ST["nerr"] == 0:
+        os.makedirs(ST["state"], mode=0o700, exist_ok=True)
+        rec = dict(rec)
+        rec["root"] = ST["root"]
+        data = json.dumps(rec, separators=(",", ":")).encode("ascii")
+        tmp = record_path() + ".tmp." + str(os.getpid())
+        # no fsync: the record lives on tmpfs (/run), and a lost record only forces a scan
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, record_path())
+        recorded = True
+    send({"errors": ST["errors"], "error_count": ST["nerr"], "written": ST["written"],
+          "bytes": ST["bytes"], "recorded": recorded})
 
 
 def op_unrecord(req):
@@ -449,7 +454,7 @@ def op_pull(req):
 
 
 OPS = {"hello": op_hello, "scan": op_scan, "put": op_put, "mkdir": op_mkdir, "link": op_link,
-       "meta": op_meta, "remove": op_remove, "sync": op_sync, "record": op_record,
+       "meta": op_meta, "remove": op_remove, "sync": op_sync, "finish": op_finish,
        "unrecord": op_unrecord, "pull": op_pull}
 
 

@@ -207,5 +207,5 @@ def scan_local(opts: SyncOptions, rules: IgnoreRules | None = None) -> Manifest:
                 "(`ukc delete`) and re-create it"
             )
     if hashed or set(new_cache) != set(cache):
-        write_record(opts.state_dir, HASH_CACHE, {"version": 1, "files": new_cache})
+        write_record(opts.state_dir, HASH_CACHE, {"version": 1, "files": new_cache}, durable=False)
     return manifest

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ __all__ = [
 CONFLICT_SUFFIX = ".ukc-remote"
 _TMP = ".ukc-pull."
 _HEADER_LIMIT = 1 << 16
+#: C0 controls (NUL, newline, escape...), DEL and C1 controls: never in a name we write
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
@@ -75,7 +78,7 @@ def check_path(path: object, back: tuple[str, ...]) -> str | None:
         return "absolute path"
     if "\\" in path:
         return "backslash in name"
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in path):
+    if _CONTROL.search(path):
         return "control character in name"
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
@@ -352,7 +355,13 @@ def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
                     s.close(abort=True)
                     break
             result = puller.result
-            write_record(opts.state_dir, PULL_RECORD, {"version": 1, "files": puller.new_record})
+            # no fsync: a lost record makes the next pull compare contents instead (safe)
+            write_record(
+                opts.state_dir,
+                PULL_RECORD,
+                {"version": 1, "files": puller.new_record},
+                durable=False,
+            )
         return result
     finally:
         tree.close()

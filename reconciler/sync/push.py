@@ -198,33 +198,28 @@ def _apply(
             sender.upload(path)
     for path in plan.metas:
         sender.meta(path)
-    errors = sender.barrier()
-    result.files_sent, result.bytes_sent = sender.files, sender.bytes
-    if errors:
-        raise SyncError(
-            f"push to {opts.remote_root}: {len(errors)} errors ({errors[0]}); "
-            f"{len(plan.deletes)} deletes skipped"
-        )
     deleted = 0
-    protect = list(rules.back)
-    if plan.deletes:
-        reply = s.call({"op": "remove", "paths": list(plan.deletes), "protect": protect})
-        deleted += int(reply.get("removed", 0))
-    if plan.replaces:
-        # deepest first: a swapped path under another swapped path goes before its parent
-        order = sorted(plan.replaces, key=lambda p: (-p.count("/"), p))
-        reply = s.call({"op": "remove", "paths": order, "protect": protect, "strict": True})
-        deleted += int(reply.get("removed", 0))
-        for path in plan.uploads:
-            if is_under(path, plan.replaces):
-                sender.upload(path)
+    if plan.deletes or plan.replaces:
+        # the barrier: no delete unless every upload so far landed
         errors = sender.barrier()
         result.files_sent, result.bytes_sent = sender.files, sender.bytes
         if errors:
             raise SyncError(
-                f"push to {opts.remote_root}: {len(errors)} errors replacing "
-                f"{len(plan.replaces)} paths ({errors[0]})"
+                f"push to {opts.remote_root}: {len(errors)} errors ({errors[0]}); "
+                f"{len(plan.deletes)} deletes skipped"
             )
+        protect = list(rules.back)
+        if plan.deletes:
+            reply = s.call({"op": "remove", "paths": list(plan.deletes), "protect": protect})
+            deleted += int(reply.get("removed", 0))
+        if plan.replaces:
+            # deepest first: a swapped path under another swapped path goes before its parent
+            order = sorted(plan.replaces, key=lambda p: (-p.count("/"), p))
+            reply = s.call({"op": "remove", "paths": order, "protect": protect, "strict": True})
+            deleted += int(reply.get("removed", 0))
+            for path in plan.uploads:
+                if is_under(path, plan.replaces):
+                    sender.upload(path)
     record = {
         "version": 1,
         "boot_id": boot_id,
@@ -232,7 +227,13 @@ def _apply(
         "digest": local.digest,
         "entries": local.to_json(),
     }
-    s.call({"op": "record", "record": record}, limit=1 << 16)
+    # one round trip: the helper records the new manifest only if it saw no error
+    reply = s.call({"op": "finish", "record": None if sender.errors else record})
+    errors = sender.errors + [str(x) for x in reply.get("errors", [])][:50]
+    result.files_sent, result.bytes_sent = sender.files, sender.bytes
+    if errors or reply.get("recorded") is not True:
+        first = errors[0] if errors else "manifest not recorded"
+        raise SyncError(f"push to {opts.remote_root}: {len(errors)} errors ({first})")
     return deleted
 
 
@@ -246,4 +247,5 @@ def _write_local_record(
         "boot_id": boot_id,
         "entries": local.to_json(),
     }
-    write_record(opts.state_dir, PUSH_RECORD, data)
+    # no fsync: a lost or torn record reads as "none", which only forces a remote scan
+    write_record(opts.state_dir, PUSH_RECORD, data, durable=False)

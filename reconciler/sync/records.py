@@ -31,16 +31,22 @@ def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_record(state_dir: Path, name: str, data: dict[str, Any]) -> None:
-    """Write `data` as `state_dir/name` atomically (0600: records name user files)."""
+def write_record(state_dir: Path, name: str, data: dict[str, Any], *, durable: bool = True) -> None:
+    """Write `data` as `state_dir/name` atomically (0600: records name user files).
+
+    `durable=False` skips the fsync, for caches whose loss only costs time (a torn or empty
+    file reads as "no record").
+    """
+    text = json.dumps(data, separators=(",", ":"))
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=state_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            json.dump(data, f, separators=(",", ":"))
+            f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, state_dir / name)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
