@@ -163,7 +163,7 @@ def test_a_spec_edit_adds_and_with_prune_removes_sessions(
 ) -> None:
     w = watch("session.yaml", "--prune")
     w.wait_for(lambda: ready(project))
-    project.write_spec(SPEC + "---\nname: extra\ndirectory: ./work\ncommands: [true]\n")
+    project.write_spec(SPEC + "---\nname: extra\ndirectory: ./work\ncommands: ['true']\n")
     w.wait_for(
         lambda: status(project)["sessions"].get("extra", {}).get("phase") == "Ready", timeout=60
     )
