@@ -35,6 +35,14 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _not_after(cert: x509.Certificate) -> datetime.datetime:
+    # why: Debian's python3-cryptography (38) predates `not_valid_after_utc`
+    aware = getattr(cert, "not_valid_after_utc", None)
+    if isinstance(aware, datetime.datetime):
+        return aware
+    return cert.not_valid_after.replace(tzinfo=datetime.UTC)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write a secret atomically with mode 0600 from the first byte on."""
     tmp = path.with_name(path.name + ".tmp")
@@ -156,7 +164,7 @@ class CertificateAuthority:
         return (
             leaf.issuer == self._ca_cert.subject
             and sorted(san.get_values_for_type(x509.DNSName)) == sorted(self._leaf_names())
-            and leaf.not_valid_after_utc - _RENEW_BEFORE > _now()
+            and _not_after(leaf) - _RENEW_BEFORE > _now()
         )
 
     def _ensure_leaf(self) -> None:
