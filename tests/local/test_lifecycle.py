@@ -149,6 +149,21 @@ class TestStopAndPersistence:
             )
             uid = r.json()["data"]["instances"][0]["uuid"]
             c.post("/v1/instances", json={"name": idle, "image": "x", "autostart": False})
+            sleeper = unique("sleep")
+            c.post(
+                "/v1/instances",
+                json={
+                    "name": sleeper,
+                    "image": "x",
+                    "autostart": True,
+                    "timeout_s": 30,
+                    "service_group": {
+                        "services": [{"port": 2222, "destination_port": 2222, "handlers": ["tls"]}]
+                    },
+                    "scale_to_zero": {"policy": "on", "cooldown_time_ms": 200, "stateful": True},
+                },
+            )
+            _wait_state(c, sleeper, "standby")
             before = _wait_state(c, runner, "running")
         (state_dir / "workspaces" / uid / "kept.txt").write_text("still here")
         assert metro_daemon.stop(state_dir)
@@ -159,6 +174,10 @@ class TestStopAndPersistence:
             assert after["start_count"] == before["start_count"] + 1
             idle_now = c.get("/v1/instances", params={"name": idle}).json()["data"]["instances"]
             assert idle_now[0]["state"] == "stopped"
+            asleep = c.get("/v1/instances", params={"name": sleeper}).json()["data"]["instances"]
+            assert asleep[0]["state"] == "standby"
+            c.put("/v1/instances/start", json=[{"name": sleeper}])
+            assert _wait_state(c, sleeper, "running")["state"] == "running"
         assert (state_dir / "workspaces" / uid / "kept.txt").read_text() == "still here"
 
 

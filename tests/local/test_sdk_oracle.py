@@ -7,6 +7,7 @@ If the SDK cannot tell the emulator from UKC for these calls, the controller's o
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -97,6 +98,40 @@ async def _state_after(ukc: UnikraftCloud, name: str, want: str) -> str:
     inst = await ukc.instances.get(name=name)
     state = inst.state
     return str(getattr(state, "value", state))
+
+
+class TestWaitAndLogs:
+    def test_a_lapsed_wait_raises_the_sdks_wait_timeout_with_the_state(
+        self, daemon: MetroInfo
+    ) -> None:
+        name = unique("sdk")
+
+        async def body(ukc: UnikraftCloud) -> Any:
+            await ukc.instances.create(name=name, image="x", autostart=False)
+            try:
+                await ukc.instances.get(name=name).wait(state="running", timeout_seconds=1)
+            except TimeoutError as exc:
+                return exc
+            finally:
+                await ukc.instances.get(name=name).delete()
+            return None
+
+        exc = run(daemon, body)
+        assert isinstance(exc, unikraft_cloud.WaitTimeoutError)
+        assert str(getattr(exc.state, "value", exc.state)) == "stopped"
+
+    def test_logs_come_back_through_the_sdk(self, daemon: MetroInfo) -> None:
+        name = unique("sdk")
+
+        async def body(ukc: UnikraftCloud) -> Any:
+            await ukc.instances.create(name=name, image="x", autostart=False)
+            try:
+                return await ukc.instances.get(name=name).logs(offset=-4096, limit=4096)
+            finally:
+                await ukc.instances.get(name=name).delete()
+
+        logs = run(daemon, body)
+        assert b"created" in base64.b64decode(logs.output)
 
 
 class TestListing:
