@@ -666,3 +666,63 @@ class TestEdgeRouting:
             assert inproc.call(metro.route_for("nobody.local.ukc.localhost", 2222)) is None
             assert inproc.call(metro.route_for(fqdn, 443)) is None
             assert inproc.call(metro.route_for(fqdn, 2222, 0.5)) is None
+
+
+def bwrap_pids(uuid: str) -> list[int]:
+    """Host pids of the bwrap process(es) whose command line binds this instance's workspace."""
+    from pathlib import Path
+
+    needle = f"workspaces/{uuid}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmd and cmd.split(b"\0", 1)[0].endswith(b"bwrap"):
+                pids.append(int(entry.name))
+    return pids
+
+
+class TestRealSandboxExit:
+    def test_a_killed_sandbox_is_restarted_under_restart_policy_always(
+        self, api: httpx.Client
+    ) -> None:
+        import os
+        import signal
+
+        item = create(api, autostart=True, timeout_s=30, restart_policy="always")
+        try:
+            pids = bwrap_pids(item["uuid"])
+            assert pids
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            got = get(api, item["name"])
+            while time.monotonic() < deadline and not (
+                got["state"] == "running" and got["restart_count"] == 1
+            ):
+                time.sleep(0.05)
+                got = get(api, item["name"])
+            assert got["state"] == "running"
+            assert got["restart_count"] == 1
+            assert got["start_count"] == 2
+        finally:
+            delete(api, item["name"])
+
+    def test_a_killed_sandbox_stays_stopped_under_restart_policy_never(
+        self, api: httpx.Client
+    ) -> None:
+        import os
+        import signal
+
+        item = create(api, autostart=True, timeout_s=30)
+        try:
+            for pid in bwrap_pids(item["uuid"]):
+                os.kill(pid, signal.SIGKILL)
+            got = poll_state(api, item["name"], "stopped", 10)
+            assert got["state"] == "stopped"
+            assert got["stop_reason"] == 3
+        finally:
+            delete(api, item["name"])
