@@ -1,0 +1,254 @@
+"""The in-sandbox agent's sandbox plugin API (ukc-api.md §11), spoken over its unix socket."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from reconciler.local.agent import _parse_signal
+from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools
+
+pytestmark = [needs_metro_tools, pytest.mark.metro]
+
+UUID = "agent-plugin-uuid"
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeHarness]:
+    h = EdgeHarness(tmp_path_factory.mktemp("agent"))
+    h.start(UUID, "plugin", env={"GREETING": "hello"})
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def api(harness: EdgeHarness) -> Iterator[httpx.Client]:
+    transport = httpx.HTTPTransport(uds=str(harness.runtime.plugin_socket(UUID)))
+    with httpx.Client(transport=transport, base_url="http://sandbox", timeout=30) as client:
+        yield client
+
+
+def _start(api: httpx.Client, cmd: str | list[str], **extra: Any) -> str:
+    r = api.post("/commands", json={"cmd": cmd, **extra})
+    assert r.status_code == 200, r.text
+    cid: str = r.json()["data"]["uuid"]
+    return cid
+
+
+def _finish(api: httpx.Client, cid: str) -> dict[str, Any]:
+    assert api.post(f"/commands/{cid}/wait").status_code == 200
+    info: dict[str, Any] = api.get(f"/commands/{cid}").json()["data"]
+    return info
+
+
+def _logs(api: httpx.Client, cid: str, **body: Any) -> dict[str, Any]:
+    r = api.request("GET", f"/commands/{cid}/logs", json=body or None)
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()["data"]
+    return data
+
+
+class TestCommands:
+    def test_the_readiness_probe_lists_commands_in_a_success_envelope(
+        self, api: httpx.Client
+    ) -> None:
+        r = api.get("/commands")
+        assert r.status_code == 200
+        assert r.json()["status"] == "success"
+        assert isinstance(r.json()["data"]["commands"], list)
+
+    def test_a_shell_line_runs_in_workspace_with_the_instance_env(self, api: httpx.Client) -> None:
+        cid = _start(api, "pwd; echo $GREETING; echo oops >&2; exit 3")
+        info = _finish(api, cid)
+        assert info["exitcode"] == 3
+        assert info["cmdline"] == "pwd; echo $GREETING; echo oops >&2; exit 3"
+        logs = _logs(api, cid)
+        assert base64.b64decode(logs["stdout"]) == b"/workspace\nhello\n"
+        assert base64.b64decode(logs["stderr"]) == b"oops\n"
+        assert (logs["stdout_available"], logs["stderr_available"]) == (17, 5)
+        assert cid in api.get("/commands").json()["data"]["commands"]
+
+    def test_an_argv_command_gets_its_cwd_and_env(self, api: httpx.Client) -> None:
+        cid = _start(api, ["sh", "-c", 'echo "$X" "$PWD"'], cwd="/tmp", env={"X": "y"})
+        assert _finish(api, cid)["exitcode"] == 0
+        assert base64.b64decode(_logs(api, cid)["stdout"]) == b"y /tmp\n"
+
+    def test_a_missing_program_or_empty_argv_is_answered_with_400(self, api: httpx.Client) -> None:
+        assert api.post("/commands", json={"cmd": ["/no/such/program"]}).status_code == 400
+        assert api.post("/commands", json={"cmd": []}).status_code == 400
+
+    def test_logs_honour_offsets_and_limits(self, api: httpx.Client) -> None:
+        cid = _start(api, "printf 0123456789")
+        _finish(api, cid)
+        logs = _logs(api, cid, stdout={"offset": 3, "limit": 4}, stderr={"offset": 0})
+        assert base64.b64decode(logs["stdout"]) == b"3456"
+        assert logs["stdout_available"] == 10
+
+    def test_stdin_is_fed_and_closed_with_eof(self, api: httpx.Client) -> None:
+        cid = _start(api, "cat")
+        data = base64.b64encode(b"abc").decode()
+        assert api.post(f"/commands/{cid}/stdin", json={"data": data}).status_code == 200
+        r = api.post(f"/commands/{cid}/stdin", json={"data": "", "eof": True})
+        assert r.status_code == 200
+        assert _finish(api, cid)["exitcode"] == 0
+        assert base64.b64decode(_logs(api, cid)["stdout"]) == b"abc"
+        again = api.post(f"/commands/{cid}/stdin", json={"data": data})
+        assert again.status_code == 400
+
+    def test_bad_base64_on_stdin_is_answered_with_400(self, api: httpx.Client) -> None:
+        cid = _start(api, "cat")
+        try:
+            assert api.post(f"/commands/{cid}/stdin", json={"data": "!!"}).status_code == 400
+        finally:
+            api.post(f"/commands/{cid}/stdin", json={"data": "", "eof": True})
+            _finish(api, cid)
+
+    def test_an_unknown_command_is_404_with_an_empty_body(self, api: httpx.Client) -> None:
+        r = api.get("/commands/00000000-0000-0000-0000-000000000000")
+        assert (r.status_code, r.content) == (404, b"")
+
+
+class TestWaitAndSignals:
+    def test_wait_timeout_answers_408_while_running_and_sigterm_gives_minus_15(
+        self, api: httpx.Client
+    ) -> None:
+        cid = _start(api, "sleep 30")
+        t0 = time.monotonic()
+        r = api.post(f"/commands/{cid}/wait_timeout", json={"timeout_s": 0.2})
+        assert r.status_code == 408
+        assert r.json()["status"] == "error"
+        assert time.monotonic() - t0 < 5
+        assert api.post(f"/commands/{cid}/signal", json={"signal": "TERM"}).status_code == 200
+        r = api.post(f"/commands/{cid}/wait_timeout", json={"timeout_s": 10})
+        assert r.status_code == 200
+        assert api.get(f"/commands/{cid}").json()["data"]["exitcode"] == -15
+
+    def test_a_signal_by_number_or_sig_name_is_delivered(self, api: httpx.Client) -> None:
+        for sig in (2, "SIGINT"):
+            cid = _start(api, "sleep 30")
+            assert api.post(f"/commands/{cid}/signal", json={"signal": sig}).status_code == 200
+            assert _finish(api, cid)["exitcode"] == -2
+
+    def test_an_unknown_signal_or_bad_duration_is_answered_with_400(
+        self, api: httpx.Client
+    ) -> None:
+        cid = _start(api, "true")
+        assert api.post(f"/commands/{cid}/signal", json={"signal": "BOGUS"}).status_code == 400
+        r = api.post(f"/commands/{cid}/wait_timeout", json={"timeout_s": "soon"})
+        assert r.status_code == 400
+
+    def test_delete_is_refused_while_running_and_then_forgets_the_command(
+        self, api: httpx.Client
+    ) -> None:
+        cid = _start(api, "sleep 30")
+        assert api.delete(f"/commands/{cid}").status_code == 409
+        api.post(f"/commands/{cid}/signal", json={"signal": 9})
+        _finish(api, cid)
+        assert api.delete(f"/commands/{cid}").status_code == 200
+        assert api.get(f"/commands/{cid}").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def cid(api: httpx.Client) -> str:
+    """A finished command whose stdout is `abcdefghij`."""
+    command = _start(api, "printf abcdefghij")
+    _finish(api, command)
+    return command
+
+
+class TestRawLogs:
+    def test_the_whole_stream_is_raw_octets(self, api: httpx.Client, cid: str) -> None:
+        r = api.get(f"/commands/{cid}/logs/raw/stdout")
+        assert (r.status_code, r.content) == (200, b"abcdefghij")
+        assert r.headers["content-type"] == "application/octet-stream"
+
+    def test_a_range_is_answered_with_206_and_content_range(
+        self, api: httpx.Client, cid: str
+    ) -> None:
+        r = api.get(f"/commands/{cid}/logs/raw/stdout", headers={"Range": "bytes=2-4"})
+        assert (r.status_code, r.content) == (206, b"cde")
+        assert r.headers["content-range"] == "bytes 2-4/10"
+        r = api.get(f"/commands/{cid}/logs/raw/stdout", headers={"Range": "bytes=-3"})
+        assert (r.status_code, r.content) == (206, b"hij")
+
+    def test_an_unsatisfiable_range_is_416(self, api: httpx.Client, cid: str) -> None:
+        r = api.get(f"/commands/{cid}/logs/raw/stdout", headers={"Range": "bytes=50-"})
+        assert r.status_code == 416
+        assert r.headers["content-range"] == "bytes */10"
+
+    def test_deleted_logs_are_gone_with_410(self, api: httpx.Client) -> None:
+        cid = _start(api, "echo x")
+        _finish(api, cid)
+        assert api.delete(f"/commands/{cid}/logs").status_code == 200
+        assert api.delete(f"/commands/{cid}/logs").status_code == 200  # idempotent
+        assert api.get(f"/commands/{cid}/logs").status_code == 410
+        assert api.get(f"/commands/{cid}/logs/raw/stdout").status_code == 410
+
+
+class TestFiles:
+    def test_write_append_read_and_read_raw_round_trip(
+        self, api: httpx.Client, harness: EdgeHarness
+    ) -> None:
+        assert api.post("/fs/mkdir", json={"path": "/workspace/d/e", "parents": True}).is_success
+        path = "/workspace/d/e/f.txt"
+        w = {"path": path, "append": False, "encoding": "utf-8", "data": "héllo "}
+        assert api.post("/fs/write", json=w).status_code == 200
+        more = base64.b64encode(b"\x00\xff").decode()
+        w2 = {"path": path, "append": True, "encoding": "base64", "data": more}
+        assert api.post("/fs/write", json=w2).status_code == 200
+        expected = "héllo ".encode() + b"\x00\xff"
+        r = api.post("/fs/read", json={"path": path})
+        assert base64.b64decode(r.json()["data"]["contents"]) == expected
+        raw = api.post("/fs/read_raw", json={"path": path})
+        assert (raw.content, raw.headers["content-type"]) == (expected, "application/octet-stream")
+        assert (harness.runtime.workspace(UUID) / "d/e/f.txt").read_bytes() == expected
+
+    def test_writing_to_a_directory_is_a_500_naming_os_error_21(self, api: httpx.Client) -> None:
+        w = {"path": "/workspace", "append": False, "encoding": "utf-8", "data": "x"}
+        r = api.post("/fs/write", json=w)
+        assert r.status_code == 500
+        assert r.json()["message"] == "Is a directory (os error 21)"
+
+    def test_bad_encoding_or_base64_is_400_and_a_missing_file_is_404(
+        self, api: httpx.Client
+    ) -> None:
+        w = {"path": "/workspace/x", "append": False, "encoding": "rot13", "data": "x"}
+        assert api.post("/fs/write", json=w).status_code == 400
+        w = {"path": "/workspace/x", "append": False, "encoding": "base64", "data": "@@"}
+        assert api.post("/fs/write", json=w).status_code == 400
+        assert api.post("/fs/read_raw", json={"path": "/workspace/nope"}).status_code == 404
+        assert api.post("/fs/read", json={"path": "/workspace/nope"}).status_code == 500
+
+    def test_upload_into_a_directory_uses_the_filename(self, api: httpx.Client) -> None:
+        body = {
+            "path": "/workspace/up/",
+            "filename": "u.bin",
+            "parents": True,
+            "encoding": "base64",
+            "data": base64.b64encode(b"UP").decode(),
+        }
+        assert api.post("/fs/upload", json=body).status_code == 200
+        r = api.post("/fs/read_raw", json={"path": "/workspace/up/u.bin"})
+        assert r.content == b"UP"
+
+    def test_an_unknown_route_is_404(self, api: httpx.Client) -> None:
+        assert api.post("/fs/chmod", json={"path": "/workspace"}).status_code == 404
+        assert api.get("/exec").status_code == 404
+
+
+class TestSignalNames:
+    @pytest.mark.parametrize(
+        ("value", "number"),
+        [(15, 15), ("15", 15), ("TERM", 15), ("SIGTERM", 15), ("int", 2), ("KILL", 9)],
+    )
+    def test_a_known_signal_is_parsed_to_its_number(self, value: object, number: int) -> None:
+        assert _parse_signal(value) == number
+
+    @pytest.mark.parametrize("value", ["BOGUS", "SIG_DFL", "", 0, 9999, True, None, 1.5])
+    def test_anything_else_is_rejected(self, value: object) -> None:
+        assert _parse_signal(value) is None
