@@ -137,6 +137,15 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def _is_metro_process(pid: int) -> bool:
+    # why: a stale metro.json may name a pid the kernel has since given to someone else
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"reconciler.local" in cmdline and b"serve" in cmdline
+
+
 def _read_info(state_dir: Path) -> MetroInfo | None:
     try:
         raw = json.loads((state_dir / "metro.json").read_text())
@@ -249,11 +258,11 @@ def stop(state_dir: Path | None = None) -> bool:
     """Stop the metro of `state_dir`; False when none was running."""
     sd = (state_dir or default_state_dir()).resolve()
     info = _read_info(sd)
-    if info is None or not _pid_alive(info.pid):
+    if info is None or not _pid_alive(info.pid) or not _is_metro_process(info.pid):
         return False
     with contextlib.suppress(OSError, ValueError):
         _request(info, "POST", "/_local/shutdown")
-    if not _wait_exit(info.pid, _STOP_TIMEOUT_S):
+    if not _wait_exit(info.pid, _STOP_TIMEOUT_S) and _is_metro_process(info.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGTERM)
         if not _wait_exit(info.pid, 5.0):
@@ -347,9 +356,7 @@ async def serve(
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    server = site._server
-    assert server is not None and isinstance(server, asyncio.base_events.Server)
-    api_port = server.sockets[0].getsockname()[1]
+    api_port = int(runner.addresses[0][1])
     await open_ports(set(_DEFAULT_PORTS) | metro.public_ports())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_event.set)
