@@ -260,6 +260,11 @@ class _Pump:
             pass  # the connection died; closing both ends tells paramiko
         finally:
             sel.close()
+            if not self.tls_eof:
+                # why: a TLS close_notify tells the edge this is a clean end, not a cut; one
+                # non-blocking attempt, we do not wait for the peer's answer.
+                with contextlib.suppress(OSError, ValueError):
+                    tls.unwrap()
             for sk in (mine, tls):
                 with contextlib.suppress(OSError):
                     sk.close()
