@@ -273,6 +273,7 @@ async def _create_instance(request: web.Request) -> web.Response:
         ref = {"name": body.get("name")} if isinstance(body, dict) else {}
         return envelope_response(request, items=[_error_item(ref, exc)], message=str(exc))
     assert isinstance(body, dict)
+    await metro.publish_ports(rec)
     timeout = _timeout(body.get("timeout_s"), 0.0)
     if body.get("timeout_s") is None and body.get("wait_timeout_ms") is not None:
         timeout = _timeout(-(-int(body["wait_timeout_ms"]) // 1000), 0.0)

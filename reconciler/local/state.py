@@ -632,11 +632,18 @@ class Metro:
         self._index(rec)
         self._log(rec, f"created image {image}")
         self._mark_dirty()
-        if services and self.on_ports is not None:
-            self._spawn(self.on_ports({s.port for s in services}))
         if autostart:
             self._begin_start(rec, reason="autostart")
         return rec
+
+    async def publish_ports(self, rec: InstanceRecord) -> None:
+        """Have the edge listen on the instance's public ports (and metro.json name them).
+
+        Awaited before the create is answered, so a client that reads metro.json after
+        its create finds every port it declared.
+        """
+        if rec.services and self.on_ports is not None:
+            await self.on_ports({s.port for s in rec.services})
 
     # ---------------------------------------------------------------- start / stop
 

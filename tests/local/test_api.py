@@ -726,3 +726,18 @@ class TestRealSandboxExit:
             assert got["stop_reason"] == 3
         finally:
             delete(api, item["name"])
+
+
+class TestEdgePorts:
+    def test_a_new_public_port_is_in_metro_json_when_the_create_answers(
+        self, api: httpx.Client, daemon: Any
+    ) -> None:
+        group = {"services": [{"port": 7001, "destination_port": 7001, "handlers": ["tls"]}]}
+        item = create(api, service_group=group)
+        try:
+            meta = json.loads((daemon.state_dir / "metro.json").read_text())
+            assert "7001" in meta["edge_ports"]
+            status = api.get("/_local/status").json()["data"]
+            assert status["edge_ports"]["7001"] == meta["edge_ports"]["7001"]
+        finally:
+            delete(api, item["name"])
