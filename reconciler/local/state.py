@@ -827,6 +827,8 @@ class Metro:
 
     def on_activity(self, uuid: str, delta: int) -> None:
         """Edge (or plugin proxy) connection opened (+1) or closed (-1)."""
+        if uuid not in self.records:
+            return
         n = self._connections.get(uuid, 0) + delta
         self._connections[uuid] = max(n, 0)
         self._last_activity[uuid] = time.monotonic()
