@@ -567,7 +567,10 @@ class SandboxRuntime:
             raise ConnectionRefusedError(f"sandbox {uuid} is not running") from None
         try:
             writer.write(f"{int(port)}\n".encode())
-            ack = await asyncio.wait_for(reader.readline(), CONNECT_ACK_TIMEOUT_S)
+            # why: exactly three bytes; whatever else the (untrusted) agent sends is not read here
+            ack = await asyncio.wait_for(reader.readexactly(3), CONNECT_ACK_TIMEOUT_S)
+        except asyncio.IncompleteReadError:
+            ack = b""
         except BaseException:
             writer.close()
             raise

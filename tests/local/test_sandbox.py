@@ -217,6 +217,41 @@ class TestLifecycle:
         assert not h.exits  # a deliberate close is not a crash
 
 
+class TestKilledDaemon:
+    SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from reconciler.local.sandbox import SandboxRuntime
+
+async def main() -> None:
+    rt = SandboxRuntime(Path(sys.argv[1]), lambda u, c: None)
+    await rt.start("orphan-uuid", name="orphan", env={})
+    print(" ".join(map(str, rt.pids("orphan-uuid"))), flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+    def test_a_sigkilled_daemon_takes_its_sandboxes_with_it(self, tmp_path: Path) -> None:
+        script = tmp_path / "daemon.py"
+        script.write_text(self.SCRIPT)
+        proc = subprocess.Popen(
+            [PY_FOR_USER, str(script), str(tmp_path / "state")],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=str(REPO),
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)},
+        )
+        try:
+            assert proc.stdout is not None
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) >= 4
+        finally:
+            proc.kill()
+            proc.wait()
+        assert _poll(lambda: _all_dead(pids))
+
+
 class TestFreeze:
     def test_freeze_stops_every_process_and_thaw_resumes_them(self, harness: EdgeHarness) -> None:
         harness.lt.run(harness.runtime.freeze(TWO))
