@@ -48,6 +48,9 @@ PUMP_BUF = 256 * 1024
 # framing of a 1 MiB SDK chunk stays well below this.
 MAX_BODY = 4 * 1024 * 1024
 READY_DEADLINE_S = 10.0
+# why: output is kept in memory for the log endpoints; a runaway command must not exhaust the
+# host, so each stream keeps its first 256 MiB (the rest is read and dropped)
+MAX_LOG = 256 * 1024 * 1024
 _F_SETPIPE_SZ = 1031
 # why: never SPLICE_F_MORE, it corks the socket like MSG_MORE and delays every small packet
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1)
@@ -324,8 +327,8 @@ class _Command:
             if not data:
                 break
             with self.lock:
-                if not self.logs_deleted:
-                    buf += data
+                if not self.logs_deleted and len(buf) < MAX_LOG:
+                    buf += data[: MAX_LOG - len(buf)]
         stream.close()
 
     def _wait(self) -> None:

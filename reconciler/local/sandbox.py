@@ -459,8 +459,9 @@ class SandboxRuntime:
             return
         # why: a sandbox that died on its own leaves stragglers only if bwrap's init survived
         await self._reap_namespace(box)
-        if self._boxes.get(box.uuid) is box:
-            del self._boxes[box.uuid]
+        if self._boxes.get(box.uuid) is not box:
+            return  # why: a newer boot already replaced this one; its death is old news
+        del self._boxes[box.uuid]
         try:
             self._on_exit(box.uuid, code)
         except Exception:
