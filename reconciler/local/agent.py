@@ -177,9 +177,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # why: request lines may carry paths of user files; the console stays quiet
 
     def _body(self) -> bytes | None:
-        """The request body, or None after answering 413 for an oversized one."""
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        """The request body, or None after answering 413 for a bad or oversized length."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY:
             self._send(413, b"", "text/plain")
             self.close_connection = True
             return None

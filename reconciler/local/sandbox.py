@@ -29,7 +29,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -68,8 +68,6 @@ class _Box:
     frozen: bool = False
     watcher: asyncio.Task[None] | None = None
     console_task: asyncio.Task[None] | None = None
-    ready: asyncio.Future[str] | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def _proc_pid_ns(pid: int) -> str:
@@ -366,8 +364,6 @@ class SandboxRuntime:
             raise LocalMetroError(
                 f"sandbox {uuid}: bwrap failed to start: {exc.strerror}"
             ) from None
-        finally:
-            pass
         os.close(status_w)
         os.close(info_w)
         plugin.close()
@@ -385,9 +381,10 @@ class SandboxRuntime:
                 timeout=READY_TIMEOUT_S,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            info_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError, ValueError):
-                box.init_pid = await info_task
+            # why: bwrap reports its child's pid before that child runs the agent, so once the
+            # agent is ready (or bwrap is gone) the info pipe has its answer or its EOF
+            with contextlib.suppress(OSError, ValueError, TimeoutError):
+                box.init_pid = await asyncio.wait_for(info_task, 5.0)
             if status_task in done and status_task.result():
                 box.boot_id = status_task.result()
             else:
