@@ -580,3 +580,12 @@ class SandboxRuntime:
     async def close(self) -> None:
         """Stop every sandbox (the daemon calls this on shutdown)."""
         await asyncio.gather(*(self.stop(u) for u in list(self._boxes)), return_exceptions=True)
+        # why: stopped sandboxes leave empty control dirs (and maybe a /tmp fallback base)
+        base = self._run_base
+        if base is not None and base.is_dir():
+            for child in base.iterdir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+            with contextlib.suppress(OSError):
+                base.rmdir()
+            self._run_base = None
