@@ -235,21 +235,26 @@ asyncio.run(main())
     def test_a_sigkilled_daemon_takes_its_sandboxes_with_it(self, tmp_path: Path) -> None:
         script = tmp_path / "daemon.py"
         script.write_text(self.SCRIPT)
-        proc = subprocess.Popen(
-            [PY_FOR_USER, str(script), str(tmp_path / "state")],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=str(REPO),
-            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)},
-        )
+        # why: a short state dir keeps the killed daemon's sockets inside it, cleaned up below
+        state = Path(tempfile.mkdtemp(prefix="ukc-killed-"))
         try:
-            assert proc.stdout is not None
-            pids = [int(p) for p in proc.stdout.readline().split()]
-            assert len(pids) >= 4
+            proc = subprocess.Popen(
+                [PY_FOR_USER, str(script), str(state)],
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=str(REPO),
+                env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)},
+            )
+            try:
+                assert proc.stdout is not None
+                pids = [int(p) for p in proc.stdout.readline().split()]
+                assert len(pids) >= 4
+            finally:
+                proc.kill()
+                proc.wait()
+            assert _poll(lambda: _all_dead(pids))
         finally:
-            proc.kill()
-            proc.wait()
-        assert _poll(lambda: _all_dead(pids))
+            shutil.rmtree(state, ignore_errors=True)
 
 
 class TestFreeze:
