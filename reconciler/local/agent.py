@@ -23,6 +23,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -83,25 +84,35 @@ def _log(message: str) -> None:
 # --------------------------------------------------------------------------- relay
 
 
+def _splice_all(src: socket.socket, dst: socket.socket) -> bool:
+    """Zero-copy src → dst through a pipe until EOF; False if splice is unusable here."""
+    rfd, wfd = os.pipe()
+    moved = False
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(wfd, _F_SETPIPE_SZ, 1024 * 1024)
+        while True:
+            try:
+                n = os.splice(src.fileno(), wfd, PUMP_BUF, flags=_SPLICE_FLAGS)
+            except OSError as exc:
+                if not moved and exc.errno in (errno.EINVAL, errno.ENOSYS):
+                    return False
+                raise
+            if n == 0:
+                return True
+            moved = True
+            while n > 0:
+                n -= os.splice(rfd, dst.fileno(), n, flags=_SPLICE_FLAGS)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
-    """Copy src → dst until EOF; splice through a pipe (zero copy) where the kernel allows."""
+    """Copy src → dst until EOF; splice where the kernel allows, else 256 KiB recv/send."""
     clean = False
     try:
-        if hasattr(os, "splice"):
-            rfd, wfd = os.pipe()
-            try:
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(wfd, _F_SETPIPE_SZ, 1024 * 1024)
-                while True:
-                    n = os.splice(src.fileno(), wfd, PUMP_BUF, flags=_SPLICE_FLAGS)
-                    if n == 0:
-                        break
-                    while n > 0:
-                        n -= os.splice(rfd, dst.fileno(), n, flags=_SPLICE_FLAGS)
-            finally:
-                os.close(rfd)
-                os.close(wfd)
-        else:
+        if not (hasattr(os, "splice") and _splice_all(src, dst)):
             while True:
                 data = src.recv(PUMP_BUF)
                 if not data:

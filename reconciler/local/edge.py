@@ -130,7 +130,12 @@ class Edge:
                 return self._ports[public_port]
 
             async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-                await self._track(self._handle(public_port, r, w))
+                try:
+                    await self._track(self._handle(public_port, r, w))
+                except asyncio.CancelledError:
+                    # why: close() cancels live connections; Python 3.11's stream server logs a
+                    # traceback for a connection task that ends cancelled
+                    w.transport.abort()
 
             try:
                 server = await asyncio.start_server(handler, self._host, host_port, limit=BUF)

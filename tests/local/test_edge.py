@@ -173,6 +173,36 @@ def _closed(s: socket.socket) -> bool:
         return False
 
 
+class TestClose:
+    def test_close_cuts_live_connections_and_stops_listening(self, tmp_path: Path) -> None:
+        h = EdgeHarness(tmp_path)
+        try:
+            h.start("edge-close-uuid", "closing")
+            ctx = ssl.create_default_context(cafile=str(h.ca.cert_path))
+            raw = socket.create_connection(("127.0.0.1", h.p2222), timeout=10)
+            with ctx.wrap_socket(raw, server_hostname=h.fqdn("closing")) as tls:
+                assert tls.recv(7) == b"SSH-2.0"
+                h.lt.run(h.edge.close())
+                assert _poll(lambda: _tls_closed(tls))
+            assert h.edge.ports == {}
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", h.p2222), timeout=2).close()
+        finally:
+            h.close()
+
+
+def _tls_closed(s: ssl.SSLSocket) -> bool:
+    s.settimeout(0.5)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except TimeoutError:
+        return False
+    except (ssl.SSLError, OSError):
+        return True
+
+
 class TestTls:
     def test_python_verifies_the_edge_against_the_metro_ca_by_name(
         self, harness: EdgeHarness
