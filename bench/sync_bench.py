@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""ukc's sync against the rsync-over-TLS-SSH baseline, side by side on local-metro sandboxes.
+
+    .venv/bin/python bench/sync_bench.py [--runs 3] [--rss]
+
+Both sides reach a sandbox the way UKC exposes it: TLS on public port 2222 at the metro's edge
+(SNI = the instance FQDN), SSH inside. rsync uses the original workflow's command
+(`rsync -az --delete` with an `openssl s_client` ProxyCommand), a fresh process per call; ukc is
+measured as a user runs it (`ukc apply`, a fresh process) and, where the issue asks for
+counters, through the engine. The tree is the baseline's (bench/treegen.py: 2,000 small files +
+5 × 8 MiB, 59.5 MB, seeded). Each run makes fresh sandboxes for both sides; figures are medians.
+
+Prints key=value lines: rsync_* and ukc_* seconds, their ratios, the no-change counters, and
+with --rss the peak RSS of a 1 GiB push (a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from treegen import gen_tree, modify_tree
+
+from reconciler.backends import ssh as ssh_backend
+from reconciler.backends.tls import Dialer, edge_address
+from reconciler.local import daemon
+from reconciler.sync import engine
+from reconciler.sync.options import SyncOptions
+
+SERVICES = {"services": [{"port": 2222, "destination_port": 2222, "handlers": ["tls"]}]}
+S2Z = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
+
+
+class Metro:
+    def __init__(self, state: Path) -> None:
+        self.info = daemon.ensure_running(state)
+        self.http = httpx.Client(
+            base_url=self.info.api_url,
+            headers={"Authorization": f"Bearer {self.info.token}"},
+            timeout=60,
+        )
+
+    def create(self, name: str, pubkey: str) -> dict[str, Any]:
+        body = {
+            "name": name,
+            "image": "bench/sandbox:latest",
+            "env": {"PUBKEY": pubkey},
+            "service_group": SERVICES,
+            "scale_to_zero": S2Z,
+            "autostart": True,
+        }
+        self.http.post("/v1/instances", json=body).raise_for_status()
+        self.http.request(
+            "GET", "/v1/instances/wait", json=[{"name": name, "state": "running", "timeout_s": 30}]
+        )
+        got = self.http.get("/v1/instances", params={"name": name}).json()
+        inst: dict[str, Any] = got["data"]["instances"][0]
+        return inst
+
+    def delete(self, name: str) -> None:
+        self.http.request("DELETE", "/v1/instances", json=[{"name": name}])
+
+    def dialer(self) -> Dialer:
+        return Dialer.with_ca(
+            self.info.ca_path, edge_address(self.info.edge_host, self.info.edge_ports)
+        )
+
+
+def timed(argv: list[str], **kw: Any) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True, **kw)
+    return time.perf_counter() - t0
+
+
+def rsync_cmd(metro: Metro, key: Path, fqdn: str, src: str, dst: str) -> list[str]:
+    port = metro.info.edge_ports[2222]
+    proxy = (
+        f"openssl s_client -quiet -verify_quiet -CAfile {metro.info.ca_path} "
+        f"-servername {fqdn} -connect {metro.info.edge_host}:{port} 2>/dev/null"
+    )
+    ssh = (
+        f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o UserKnownHostsFile=/dev/null "
+        f"-o StrictHostKeyChecking=no -o BatchMode=yes -o LogLevel=ERROR "
+        f"-o ProxyCommand='{proxy}'"
+    )
+    return ["rsync", "-az", "--delete", "-e", ssh, src, dst]
+
+
+def one_run(metro: Metro, work: Path, env: dict[str, str], k: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    # ---------------------------------------------------------------- rsync side
+    rs = work / f"rs{k}"
+    src = rs / "src"
+    src.mkdir(parents=True)
+    gen_tree(src)
+    key = rs / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    name = f"rsync-bench-{k}-{os.getpid()}"
+    inst = metro.create(name, key.with_suffix(".pub").read_text().strip())
+    fqdn = inst["service_group"]["domains"][0]["fqdn"]
+    dst = f"root@{fqdn}:/workspace/"
+    out["rsync_initial_s"] = timed(rsync_cmd(metro, key, fqdn, f"{src}/", dst))
+    out["rsync_nochange_s"] = timed(rsync_cmd(metro, key, fqdn, f"{src}/", dst))
+    modify_tree(src)
+    out["rsync_modified_s"] = timed(rsync_cmd(metro, key, fqdn, f"{src}/", dst))
+    back = rs / "back"
+    out["rsync_from_s"] = timed(rsync_cmd(metro, key, fqdn, dst, f"{back}/"))
+    metro.delete(name)
+
+    # ---------------------------------------------------------------- ukc side
+    proj = work / f"ukc{k}"
+    tree = proj / "tree"
+    tree.mkdir(parents=True)
+    (tree / "seed.txt").write_text("seed\n")
+    (proj / "s.yaml").write_text("name: bench\ndirectory: ./tree\n")
+    ukc = [sys.executable, "-m", "reconciler", "apply", "s.yaml"]
+    timed(ukc, cwd=proj, env=env)  # creates the sandbox (not measured: rsync had its own)
+    (tree / "seed.txt").unlink()
+    gen_tree(tree)
+    out["ukc_initial_s"] = timed(ukc, cwd=proj, env=env)
+    out["ukc_nochange_s"] = timed(ukc, cwd=proj, env=env)
+    modify_tree(tree)
+    out["ukc_modified_s"] = timed(ukc, cwd=proj, env=env)
+
+    status = json.loads((proj / ".ukc" / "status.json").read_text())["sessions"]["bench"]
+    fqdn = status["instance"]["fqdn"]
+    uuid = status["instance"]["uuid"]
+    keyp = proj / ".ukc" / "keys" / "bench"
+    opts = SyncOptions(local_root=tree, state_dir=proj / ".ukc" / "sync" / "bench")
+    # No change, the same sandbox booted once: prove it with the engine's counters.
+    shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=keyp)
+    try:
+        t0 = time.perf_counter()
+        res = engine.push(shell, opts, instance_uuid=uuid)
+        out["ukc_push_nochange_s"] = time.perf_counter() - t0
+        out["nochange_files_sent"] = res.files_sent
+        out["nochange_bytes_sent"] = res.bytes_sent
+        out["nochange_remote_scanned"] = int(res.remote_scanned)
+    finally:
+        shell.close()
+    # Sync-back of the whole tree into an empty directory, connection included.
+    back = proj / "back"
+    back.mkdir()
+    top = tuple(sorted(p.name + ("/" if p.is_dir() else "") for p in tree.iterdir()))
+    pull_opts = SyncOptions(local_root=back, state_dir=proj / "pullstate", back=top)
+    t0 = time.perf_counter()
+    shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=keyp)
+    try:
+        got = engine.pull(shell, pull_opts)
+    finally:
+        shell.close()
+    out["ukc_from_s"] = time.perf_counter() - t0
+    if got.files_written < 2005:
+        raise SystemExit(f"sync-back brought {got.files_written} files, expected 2005")
+    subprocess.run(
+        [sys.executable, "-m", "reconciler", "delete", "s.yaml"],
+        cwd=proj,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    shutil.rmtree(rs, ignore_errors=True)
+    shutil.rmtree(proj, ignore_errors=True)
+    return out
+
+
+def rss_child(state: Path, work: Path) -> None:
+    """Push a 1 GiB tree through the edge and print this process's peak RSS."""
+    metro = Metro(state)
+    tree = work / "gib"
+    (tree / "big").mkdir(parents=True)
+    chunk = os.urandom(1024 * 1024)
+    for i in range(16):  # 16 × 64 MiB
+        with open(tree / "big" / f"f{i:02d}.bin", "wb") as fh:
+            for j in range(64):
+                fh.write(chunk[j:] + chunk[:j])
+    for i in range(200):
+        (tree / f"small{i:03d}.txt").write_text("x" * 4096)
+    key = work / "key"
+    pub = ssh_backend.generate_keypair(key)
+    name = f"rss-bench-{os.getpid()}"
+    inst = metro.create(name, pub)
+    fqdn = inst["service_group"]["domains"][0]["fqdn"]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=key)
+    try:
+        res = engine.push(
+            shell, SyncOptions(local_root=tree, state_dir=work / "st"), instance_uuid=inst["uuid"]
+        )
+    finally:
+        shell.close()
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    metro.delete(name)
+    print(f"gib_push_s={elapsed:.2f}")
+    print(f"gib_push_bytes={res.bytes_sent}")
+    print(f"gib_push_peak_rss_mb={peak / 1024:.1f}")
+    print(f"gib_push_rss_before_mb={before / 1024:.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rss", action="store_true", help="also measure peak RSS of a 1 GiB push")
+    ap.add_argument("--rss-child", nargs=2, metavar=("STATE", "WORK"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.rss_child:
+        rss_child(Path(a.rss_child[0]), Path(a.rss_child[1]))
+        return
+    work = Path(tempfile.mkdtemp(prefix="ukc-sync-bench-"))
+    state = work / "metro"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
+    env["UKC_LOCAL_STATE_DIR"] = str(state)
+    try:
+        metro = Metro(state)
+        runs = [one_run(metro, work, env, k) for k in range(a.runs)]
+        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        print(f"# runs={a.runs} nproc={os.cpu_count()} tree=2000x1-16KiB+5x8MiB")
+        for key in sorted(med):
+            print(f"{key}={med[key]:.3f}" if key.endswith("_s") else f"{key}={int(med[key])}")
+        for what in ("initial", "nochange", "modified", "from"):
+            print(f"ratio_{what}={med[f'ukc_{what}_s'] / med[f'rsync_{what}_s']:.2f}")
+        if a.rss:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--rss-child", str(state), str(work / "rss")],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            print(proc.stdout.strip())
+    finally:
+        daemon.stop(state)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The baseline benchmark's test tree, generated the same way (same seed → same bytes).
+
+2,000 text-like files of 1–16 KiB in up to 4-level nested dirs + 5 incompressible 8 MiB files
+(59.5 MB), and the same "10 files changed" edit (8 small files edited, 1 touched, 1 big file
+patched by 64 KiB) as ../shared/bench/rsync_baseline.sh, so figures compare with it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+MTIME = 1577836800  # 2020-01-01, fixed so runs are comparable
+
+
+def gen_tree(
+    root: Path, seed: int = 1234, n_small: int = 2000, n_big: int = 5, big_mib: int = 8
+) -> int:
+    """Write the tree under `root`; return its total size in bytes."""
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 10)))
+        for _ in range(800)
+    ]
+    dirs = [""]
+    for i in range(60):
+        parent = rng.choice(dirs)
+        if parent.count("/") >= 3:
+            parent = ""
+        dirs.append(f"{parent}/d{i:02d}" if parent else f"d{i:02d}")
+    total = 0
+    for i in range(n_small):
+        d = rng.choice(dirs)
+        size = rng.randint(1024, 16 * 1024)
+        text: list[str] = []
+        n = 0
+        while n < size:
+            w = rng.choice(words) + (" " if rng.random() < 0.9 else "\n")
+            text.append(w)
+            n += len(w)
+        data = "".join(text).encode()[:size]
+        p = root / d / f"f{i:04d}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.utime(p, (MTIME, MTIME))
+        total += size
+    (root / "big").mkdir(parents=True, exist_ok=True)
+    for i in range(n_big):
+        p = root / "big" / f"blob{i}.bin"
+        p.write_bytes(rng.randbytes(big_mib * 1024 * 1024))
+        os.utime(p, (MTIME, MTIME))
+        total += big_mib * 1024 * 1024
+    return total
+
+
+def modify_tree(root: Path, seed: int = 1234) -> None:
+    """8 small files rewritten in place + appended, 1 touched, 1 big file patched (64 KiB)."""
+    rng = random.Random(seed + 1)
+    small = sorted(
+        os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".txt")
+    )
+    pick = rng.sample(small, 9)
+    for p in pick[:8]:
+        with open(p, "r+b") as f:
+            f.seek(rng.randint(0, 512))
+            f.write(b"EDITED-%d " % rng.randint(0, 10**6))
+        with open(p, "ab") as f:
+            f.write(b"appended line\n")
+    now = time.time()
+    os.utime(pick[8], (now, now))
+    bigs = sorted((root / "big").iterdir())
+    if bigs:
+        with open(bigs[0], "r+b") as f:
+            f.seek(4 * 1024 * 1024)
+            f.write(rng.randbytes(64 * 1024))
