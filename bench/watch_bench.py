@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Write-to-remote latency of `ukc watch` with the session connection warm.
+
+    .venv/bin/python bench/watch_bench.py [--edits 40] [--files 500]
+
+Starts `ukc watch` (a real process) on one local-metro session whose directory holds `--files`
+small files, waits until it converged, then edits one file at a time (0.3 s apart, so each edit
+finds the watcher idle) and measures the time from the write until the new content is in the
+sandbox's /workspace (read on the host side of the bind mount). Prints p50/p95/max in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from reconciler.local import daemon
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--edits", type=int, default=40)
+    ap.add_argument("--files", type=int, default=500)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ukc-watch-bench-"))
+    state = work / "metro"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
+    env["UKC_LOCAL_STATE_DIR"] = str(state)
+    proc = None
+    try:
+        info = daemon.ensure_running(state)
+        tree = work / "tree"
+        tree.mkdir()
+        for i in range(a.files):
+            (tree / f"f{i:04d}.txt").write_text(f"file {i}\n" * 50)
+        (work / "s.yaml").write_text("name: live\ndirectory: ./tree\n")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "watch", "s.yaml"],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        status = work / ".ukc" / "status.json"
+        deadline = time.monotonic() + 60
+        uuid = ""
+        while time.monotonic() < deadline:
+            try:
+                rec = json.loads(status.read_text())["sessions"]["live"]
+                if rec["phase"] == "Ready":
+                    uuid = rec["instance"]["uuid"]
+                    break
+            except (FileNotFoundError, KeyError, ValueError):
+                pass
+            time.sleep(0.05)
+        if not uuid:
+            raise SystemExit("watch did not converge within 60 s")
+        remote = info.state_dir / "workspaces" / uuid
+        time.sleep(1.0)
+        latencies = []
+        for k in range(a.edits):
+            name = f"f{k % a.files:04d}.txt"
+            content = f"edit {k} {time.time()}\n".encode()
+            t0 = time.perf_counter()
+            (tree / name).write_bytes(content)
+            target = remote / name
+            while True:
+                try:
+                    if target.read_bytes() == content:
+                        break
+                except FileNotFoundError:
+                    pass
+                if time.perf_counter() - t0 > 10:
+                    raise SystemExit(f"edit {k} did not arrive within 10 s")
+                time.sleep(0.001)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.3)
+        latencies.sort()
+        p95 = latencies[max(0, int(round(0.95 * len(latencies))) - 1)]
+        print(f"# edits={a.edits} files={a.files}")
+        print(f"watch_write_to_remote_p50_ms={statistics.median(latencies):.1f}")
+        print(f"watch_write_to_remote_p95_ms={p95:.1f}")
+        print(f"watch_write_to_remote_max_ms={latencies[-1]:.1f}")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        daemon.stop(state)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
