@@ -22,7 +22,7 @@ from __future__ import annotations
 __all__ = ["HELPER_SOURCE"]
 
 HELPER_SOURCE = r'''
-import errno, hashlib, json, os, stat, struct, sys
+import errno, json, os, stat, struct, sys
 IN = sys.stdin.buffer
 OUT = sys.stdout.buffer
 CHUNK = 1 << 20
@@ -133,6 +133,8 @@ def op_hello(req):
 
 
 def file_sha(fd):
+    import hashlib  # only scans hash; importing it costs a few ms at every start
+
     h = hashlib.sha256()
     while True:
         b = os.read(fd, CHUNK)
@@ -350,12 +352,14 @@ def op_finish(req):
         os.makedirs(ST["state"], mode=0o700, exist_ok=True)
         rec = dict(rec)
         rec["root"] = ST["root"]
-        data = json.dumps(rec, separators=(",", ":")).encode("ascii")
-        tmp = record_path() + ".tmp." + str(os.getpid())
-        # no fsync: the record lives on tmpfs (/run), and a lost record only forces a scan
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, record_path())
+        entries = rec.pop("entries", {})
+        # the manifest beside the small record: hello reads only the record
+        # no fsync: both live on tmpfs (/run), and a lost record only forces a scan
+        for path, obj in ((record_path()[:-5] + ".manifest.json", entries), (record_path(), rec)):
+            tmp = path + ".tmp." + str(os.getpid())
+            with open(tmp, "wb") as f:
+                f.write(json.dumps(obj, separators=(",", ":")).encode("ascii"))
+            os.replace(tmp, path)
         recorded = True
     send({"errors": ST["errors"], "error_count": ST["nerr"], "written": ST["written"],
           "bytes": ST["bytes"], "recorded": recorded})

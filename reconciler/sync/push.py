@@ -172,8 +172,7 @@ def push(
         plan = diff_manifests(local, previous, rules, reason=reason)
         result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
         if plan.empty and not scanned:
-            _write_local_record(opts, local, instance_uuid, boot_id)
-            return result
+            return result  # our record already describes this tree
         deleted = _apply(s, plan, local, opts, rules, instance_uuid, boot_id, result)
     result.deleted = deleted
     _write_local_record(opts, local, instance_uuid, boot_id)
