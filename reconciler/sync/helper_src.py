@@ -9,10 +9,12 @@ Debian-based sandbox images.
 
 Protocol (one process per push or pull, many operations): the client sends frames
 `u32be length + JSON`; `put` is followed by exactly `size` raw bytes and one trailer byte
-(1 = commit, 0 = discard). The helper answers only operations that need an answer
-(hello, scan, sync, remove, finish, pull) with frames of the same shape. `pull` answers with a
-stream of entry headers; each regular file header is followed by chunk frames
-(`u32be length + bytes`, a zero length ends the file), and a final `{"end": true}`.
+(1 = commit, 0 = discard); `patch` (a big file already there) is followed by only its
+changed fixed-size blocks and the trailer, and is checked against the file's sha256.
+The helper answers only operations that need an answer (hello, scan, blocks, sync, remove,
+finish, pull) with frames of the same shape. `pull` answers with a stream of entry headers;
+each regular file header is followed by chunk frames (`u32be length + bytes`, a zero length
+ends the file), and a final `{"end": true}`.
 Every write lands via a temp name in the same directory + rename, through directory fds
 opened with O_NOFOLLOW, so a symlink inside the tree is never followed.
 """
@@ -254,6 +256,96 @@ def _unlink_quiet(name, dfd):
         pass
 
 
+def op_blocks(req):
+    """Per-block hashes of existing remote files, for delta uploads of big files."""
+    import hashlib
+
+    bs = req["bs"]
+    out = {}
+    for path in req["paths"]:
+        try:
+            parent, name = split(path)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=open_dir(parent, False))
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError("not a regular file")
+                hashes = []
+                while True:
+                    b = os.read(fd, bs)
+                    if not b:
+                        break
+                    hashes.append(hashlib.sha1(b).hexdigest()[:16])
+                out[path] = hashes
+            finally:
+                os.close(fd)
+        except Exception:
+            out[path] = None
+    send({"blocks": out})
+
+
+def op_patch(req):
+    """A new version of an existing file: old content + the changed blocks, verified by sha256."""
+    import hashlib
+
+    path, size, bs, idxs = req["path"], req["size"], req["bs"], req["send"]
+    fd = src = pfd = tmp = None
+    try:
+        parent, name = split(path)
+        pfd = open_dir(parent, False)
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=pfd)
+        tmp = TMP + name[:100] + "." + str(os.getpid())
+        _unlink_quiet(tmp, pfd)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
+        left = size
+        while left > 0:
+            b = os.read(src, min(CHUNK, left))
+            if not b:
+                break
+            _write_all(fd, b)
+            left -= len(b)
+        os.ftruncate(fd, size)
+    except Exception as exc:
+        err(path, exc)
+        if fd is not None:
+            os.close(fd)
+            fd = None
+    finally:
+        if src is not None:
+            os.close(src)
+    for i in idxs:
+        b = rd(min(bs, size - i * bs))
+        if fd is not None:
+            view = memoryview(b)
+            off = i * bs
+            while view:
+                n = os.pwrite(fd, view, off)
+                view, off = view[n:], off + n
+    ok = rd(1) == b"\x01"
+    if fd is None:
+        if tmp is not None and pfd is not None:
+            _unlink_quiet(tmp, pfd)
+        return
+    try:
+        if not ok:
+            raise OSError("file changed while it was being sent")
+        os.lseek(fd, 0, 0)
+        if file_sha(fd) != req["sha256"]:
+            raise OSError("patched content does not match its sha256")
+        os.fchmod(fd, req["mode"] & 0o7777)
+        os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
+        os.close(fd)
+        fd = None
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        ST["written"] += 1
+        ST["bytes"] += sum(min(bs, size - i * bs) for i in idxs)
+    except Exception as exc:
+        if ok:
+            err(path, exc)
+        if fd is not None:
+            os.close(fd)
+        _unlink_quiet(tmp, pfd)
+
+
 def op_mkdir(req):
     path = req["path"]
     try:
@@ -459,7 +551,8 @@ def op_pull(req):
 
 OPS = {"hello": op_hello, "scan": op_scan, "put": op_put, "mkdir": op_mkdir, "link": op_link,
        "meta": op_meta, "remove": op_remove, "sync": op_sync, "finish": op_finish,
-       "unrecord": op_unrecord, "pull": op_pull}
+       "unrecord": op_unrecord, "pull": op_pull,
+       "blocks": op_blocks, "patch": op_patch}
 
 
 def main():

@@ -205,3 +205,35 @@ class TestTypeSwaps:
         write(site.local / "c", "c is a file")
         push(site.shell, site.opts(), instance_uuid="u1")
         assert tree(site.remote) == tree(site.local)
+
+
+class TestDeltaUploads:
+    def test_an_edited_big_file_sends_only_its_changed_blocks(self, site: Site) -> None:
+        big = write(site.local / "big.bin", os.urandom(3 << 20))
+        push(site.shell, site.opts(), instance_uuid="u1")
+        with open(big, "r+b") as f:
+            f.seek(2 << 20)
+            f.write(b"patched!")
+        with open(big, "ab") as f:
+            f.write(b"tail")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.files_sent == 1
+        assert result.bytes_sent == 65536 + 4  # one block in the middle, the new tail block
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_remote_block_tampered_behind_our_back_is_repaired_after_a_reboot(
+        self, site: Site
+    ) -> None:
+        big = write(site.local / "big.bin", os.urandom(2 << 20))
+        push(site.shell, site.opts(), instance_uuid="u1")
+        remote = site.remote / "big.bin"
+        with open(remote, "r+b") as f:
+            f.seek(100)
+            f.write(b"TAMPERED")
+        with open(big, "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"local edit")
+        site.reboot("boot-2")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.bytes_sent == 2 * 65536
+        assert snapshot(site.remote) == snapshot(site.local)
