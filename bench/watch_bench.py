@@ -85,7 +85,7 @@ def main() -> None:
             latencies.append((time.perf_counter() - t0) * 1000)
             time.sleep(0.3)
         latencies.sort()
-        p95 = latencies[max(0, int(round(0.95 * len(latencies))) - 1)]
+        p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)]
         print(f"# edits={a.edits} files={a.files}")
         print(f"watch_write_to_remote_p50_ms={statistics.median(latencies):.1f}")
         print(f"watch_write_to_remote_p95_ms={p95:.1f}")
