@@ -12,6 +12,7 @@ Usage: python bench/sync_ssh_bench.py [--runs N] [--shared DIR]   (root or a use
 Prints key=value lines (medians) and ratio_* = engine / rsync.
 """
 
+# ruff: noqa: E402, B023  (bench script: sys.path set up first; lambdas run immediately)
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def start_world(w: Path, shared: Path) -> tuple[list[subprocess.Popen[bytes]], i
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(cfg / "hostkey")], check=True
     )
     (cfg / "authorized_keys").write_text(generate_keypair(cfg / "clientkey") + "\n")
-    with socket_port() as port:
+    with FreePort() as port:
         sshd_port = port
     (cfg / "sshd.conf").write_text(
         "ListenAddress 127.0.0.1\nHostKey /sshcfg/hostkey\n"
@@ -138,7 +139,7 @@ def start_world(w: Path, shared: Path) -> tuple[list[subprocess.Popen[bytes]], i
     return [fwd, sshd], tls_port, cfg
 
 
-class socket_port:
+class FreePort:
     def __enter__(self) -> int:
         import socket
 
