@@ -23,6 +23,8 @@ import os
 import re
 import secrets
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ _TMP = ".ukc-pull."
 _HEADER_LIMIT = 1 << 16
 #: C0 controls (NUL, newline, escape...), DEL and C1 controls: never in a name we write
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SMALL = 1 << 20
 _DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
@@ -159,9 +162,19 @@ class _Puller:
         self.record = pull_record(opts)
         self.new_record: dict[str, list[Any]] = dict(self.record)
         self.result = PullResult()
+        # why: creating files is kernel-bound and slow on some disks; small files are written
+        # by a few threads (bounded: at most 32 files of <= 1 MiB held in memory)
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=4)
+        self.slots = threading.BoundedSemaphore(32)
 
     def reject(self, path: object, reason: str) -> None:
-        self.result.rejected.append(f"{_safe_label(path)}: {reason}")
+        with self.lock:
+            self.result.rejected.append(f"{_safe_label(path)}: {reason}")
+
+    def finish(self) -> None:
+        """Wait for every pooled write (their directory fds must outlive them)."""
+        self.pool.shutdown(wait=True)
 
     def drain(self, limit: int) -> int:
         """Read and discard one file's chunks; returns the byte count (-1 when over `limit`)."""
@@ -226,6 +239,8 @@ class _Puller:
                 self.result.aborted = f"{_safe_label(path)}: more data than announced"
                 return False
             return True
+        if size <= _SMALL:
+            return self._small(path, pfd, name, size, mode, mtime)
         tmp = f"{_TMP}{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
         h = hashlib.sha256()
@@ -256,8 +271,52 @@ class _Puller:
             os.close(fd)
             if not keep:
                 _unlink_quiet(tmp, pfd)
-        self.place(path, pfd, name, tmp, size, mtime, h.hexdigest())
+        with self.lock:
+            self.place(path, pfd, name, tmp, size, mtime, h.hexdigest())
         return True
+
+    def _small(self, path: str, pfd: int, name: str, size: int, mode: int, mtime: int) -> bool:
+        """Receive a small file whole (bounded by its announced size), write it on the pool."""
+        data = bytearray()
+        while True:
+            n = self.s.reader.u32()
+            if n == 0:
+                break
+            if n > CHUNK or len(data) + n > size:
+                self.reject(path, f"more than the announced {size} bytes")
+                self.result.aborted = f"{_safe_label(path)}: more data than announced"
+                return False
+            data += self.s.reader.exact(n)
+        if len(data) != size:
+            self.reject(path, f"sent {len(data)} of the announced {size} bytes")
+            return True
+        self.slots.acquire()
+        self.pool.submit(self._write_small, path, pfd, name, bytes(data), mode, mtime)
+        return True
+
+    def _write_small(
+        self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int
+    ) -> None:
+        tmp = f"{_TMP}{secrets.token_hex(6)}"
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd
+            )
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(mtime, mtime))
+            finally:
+                os.close(fd)
+            with self.lock:
+                self.place(path, pfd, name, tmp, len(data), mtime, hashlib.sha256(data).hexdigest())
+        except OSError:
+            _unlink_quiet(tmp, pfd)
+            self.reject(path, "local write failed")
+        finally:
+            self.slots.release()
 
     def place(
         self, path: str, pfd: int, name: str, tmp: str, size: int, mtime: int, sha: str
@@ -347,13 +406,16 @@ def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
             s.send({"op": "pull", "back": list(back), "have": _have(record), "flush": True})
             s.flush()
             s.reader.frame(_HEADER_LIMIT)  # hello's answer: unused by pull
-            while True:
-                hdr = s.reader.frame(_HEADER_LIMIT)
-                if isinstance(hdr, dict) and hdr.get("end") is True:
-                    break
-                if not puller.entry(hdr):
-                    s.close(abort=True)
-                    break
+            try:
+                while True:
+                    hdr = s.reader.frame(_HEADER_LIMIT)
+                    if isinstance(hdr, dict) and hdr.get("end") is True:
+                        break
+                    if not puller.entry(hdr):
+                        s.close(abort=True)
+                        break
+            finally:
+                puller.finish()
             result = puller.result
             # no fsync: a lost record makes the next pull compare contents instead (safe)
             write_record(
