@@ -9,6 +9,8 @@ so the same remote programs are exercised; only the transport differs.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import threading
 from collections.abc import Mapping
@@ -102,9 +104,12 @@ class LocalProcess:
         return code
 
     def kill(self) -> None:
-        if self._popen.poll() is None:
-            self._popen.kill()
-            self._popen.wait()
+        if not self._exited.is_set():
+            # the whole process group (it has its own session): `sh -c` may have children
+            # holding the pipes open
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._popen.pid, signal.SIGKILL)
+            self._exited.wait(10)
         self.close_stdin()
         if self._popen.stdout is not None:
             self._popen.stdout.close()
