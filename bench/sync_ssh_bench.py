@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -250,6 +251,18 @@ def main() -> None:
                 remote_python=PY,
             )
             r["engine_pull_s"] = timed(lambda: engine(lambda sh: pull(sh, po)))
+            # the same without the file-creation thread pools (write_threads=0), for comparison
+            (run_dir / "back_t0").mkdir()
+            po0 = replace(
+                po, local_root=run_dir / "back_t0", state_dir=run_dir / "st_t0", write_threads=0
+            )
+            r["engine_pull_t0_s"] = timed(lambda: engine(lambda sh: pull(sh, po0)))
+            o0 = replace(
+                o, remote_root=f"/workspace/sess_t0_{k}", state_dir=run_dir / "st0", write_threads=0
+            )
+            r["engine_initial_t0_s"] = timed(
+                lambda: engine(lambda sh: push(sh, o0, instance_uuid="b"))
+            )
             r["rsync_from_s"] = timed(lambda: rsync(rdst, f"{run_dir / 'back_rsync'}/"))
             same = subprocess.run(
                 ["diff", "-r", str(src), str(back / f"sess_engine_{k}")], capture_output=True

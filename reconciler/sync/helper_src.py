@@ -58,7 +58,7 @@ def send(obj):
 
 LOCK = threading.Lock()
 SMALL = 1 << 20
-POOL = {"q": None, "threads": []}
+POOL = {"q": None, "threads": [], "n": 0}
 SEQ = itertools.count()
 
 
@@ -85,7 +85,7 @@ def submit(job):
     overlap it (the GIL is released in the syscalls)."""
     if POOL["q"] is None:
         POOL["q"] = queue.Queue(maxsize=32)  # at most 32 small files (<= 32 MiB) in flight
-        for _ in range(4):
+        for _ in range(POOL["n"]):
             t = threading.Thread(target=_worker, args=(POOL["q"],), daemon=True)
             t.start()
             POOL["threads"].append(t)
@@ -153,6 +153,7 @@ def record_path():
 def op_hello(req):
     root = req["root"]
     ST["root"] = root
+    POOL["n"] = min(int(req.get("threads", 0)), 16)
     ST["state"] = req["state_dir"]
     os.makedirs(root, exist_ok=True)
     ST["rootfd"] = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -253,7 +254,7 @@ def _put_small(path, pfd, name, data, req):
 
 def op_put(req):
     path, size = req["path"], req["size"]
-    if size <= SMALL:
+    if size <= SMALL and POOL["n"] > 0:
         try:
             parent, name = split(path)
             pfd = open_dir(parent, True)

@@ -31,6 +31,9 @@ class SyncOptions:
     boot_id_paths: tuple[str, ...] = ("/run/ukc/boot_id", "/proc/sys/kernel/random/boot_id")
     #: interpreter the remote helper runs with (must be Python >= 3.7, stdlib only)
     remote_python: str = "python3"
+    #: threads that create small files (remote on push, local on pull); 0 = inline. Off by
+    #: default: on the TLS-SSH path they lost to inline writes (GIL contention with paramiko)
+    write_threads: int = 0
 
     def back_paths(self) -> tuple[str, ...]:
         """The `back` entries normalised to relative paths without trailing slashes."""

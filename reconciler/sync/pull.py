@@ -165,7 +165,8 @@ class _Puller:
         # why: creating files is kernel-bound and slow on some disks; small files are written
         # by a few threads (bounded: at most 32 files of <= 1 MiB held in memory)
         self.lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=4)
+        self.threads = opts.write_threads
+        self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
         self.slots = threading.BoundedSemaphore(32)
 
     def reject(self, path: object, reason: str) -> None:
@@ -239,7 +240,7 @@ class _Puller:
                 self.result.aborted = f"{_safe_label(path)}: more data than announced"
                 return False
             return True
-        if size <= _SMALL:
+        if size <= _SMALL and self.threads > 0:
             return self._small(path, pfd, name, size, mode, mtime)
         tmp = f"{_TMP}{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)

@@ -209,6 +209,7 @@ def push(
                 "boot_paths": list(opts.boot_id_paths),
                 "uuid": instance_uuid,
                 "digest": last_digest or "-",
+                "threads": opts.write_threads,
             },
             limit=1 << 16,
         )

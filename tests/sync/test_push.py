@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
-from reconciler.sync.engine import forget, plan_push, push, scan_local
+from reconciler.sync.engine import forget, plan_push, pull, push, scan_local
 from tests.sync.conftest import Site, snapshot, write
 
 
@@ -237,3 +237,18 @@ class TestDeltaUploads:
         result = push(site.shell, site.opts(), instance_uuid="u1")
         assert result.bytes_sent == 2 * 65536
         assert snapshot(site.remote) == snapshot(site.local)
+
+
+class TestWriteThreads:
+    def test_pooled_writes_give_the_same_trees_both_ways(self, site: Site) -> None:
+        for i in range(120):
+            write(site.local / f"d{i % 5}/f{i}.txt", f"{i}" * (i + 1), 0o640)
+        seed(site)
+        opts = site.opts(write_threads=4, back=("out/",))
+        push(site.shell, opts, instance_uuid="u1")
+        assert snapshot(site.remote) == snapshot(site.local)
+        for i in range(80):
+            write(site.remote / f"out/r{i}.txt", f"result {i}")
+        result = pull(site.shell, opts)
+        assert result.files_written == 80
+        assert snapshot(site.local / "out") == snapshot(site.remote / "out")
