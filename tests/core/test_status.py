@@ -57,9 +57,12 @@ def test_a_newer_status_version_is_refused(tmp_path: Path) -> None:
 
 def test_a_second_holder_of_the_lock_is_told_who_holds_it(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
-    with status.lock(path), pytest.raises(errors.LockedError, match=f"pid {os.getpid()}"):
-        with status.lock(path, timeout_s=0.05):
-            pass
+    with (
+        status.lock(path),
+        pytest.raises(errors.LockedError, match=f"pid {os.getpid()}"),
+        status.lock(path, timeout_s=0.05),
+    ):
+        pass
     with status.lock(path):  # released
         pass
 
@@ -92,7 +95,8 @@ def test_a_kill_during_many_saves_never_leaves_an_unparseable_file(tmp_path: Pat
         from reconciler import status
         doc = status.StatusDoc()
         for i in range(100000):
-            doc.sessions = {{f"s{{j}}": status.SessionStatus(message="x" * 200) for j in range(i % 50 + 1)}}
+            n = i % 50 + 1
+            doc.sessions = {{f"s{{j}}": status.SessionStatus(message="x" * 200) for j in range(n)}}
             status.save(Path({str(path)!r}), doc)
         """
     )
