@@ -108,9 +108,15 @@ class SyncBack:
     session: str
     paths: tuple[str, ...]
     reason: str
+    #: what the last sync-back brought (the exact list is only known once the sandbox answers)
+    last_files: int = 0
+    last_bytes: int = 0
 
     def describe(self) -> str:
-        return f"bring back {', '.join(self.paths)} ({self.reason})"
+        last = ""
+        if self.last_files:
+            last = f"; last time {self.last_files} file(s), {_size(self.last_bytes)}"
+        return f"bring back {', '.join(self.paths)} ({self.reason}{last})"
 
 
 Action = (

@@ -46,6 +46,16 @@ def _guard(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as err:  # an internal bug: still one line, the traceback on demand
+            if debug:
+                traceback.print_exc()
+            click.echo(
+                f"internal error: {type(err).__name__}: {err} (run with --debug for details)",
+                err=True,
+            )
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 

@@ -149,6 +149,7 @@ def _context(
         tree=tree,
         back=tuple(s.sync.back),
         tags=tuple(naming.owner_tags(project, s.name, inst_hash)),
+        back_known=_back_known(opts),
     )
     ctx = SessionContext(
         loaded=loaded,
@@ -160,6 +161,13 @@ def _context(
         manifest=manifest,
     )
     return ctx, halted
+
+
+def _back_known(opts: SyncOptions) -> tuple[int, int]:
+    if not opts.back:
+        return (0, 0)
+    known = sync_engine.plan_pull(opts)
+    return (known.known_files, known.known_bytes)
 
 
 def observe(

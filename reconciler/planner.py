@@ -71,6 +71,8 @@ class DesiredSession:
     tree: TreeState
     back: tuple[str, ...] = ()
     tags: tuple[str, ...] = field(default=())
+    #: (files, bytes) the last sync-back brought, for the plan's estimate
+    back_known: tuple[int, int] = (0, 0)
 
 
 def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
@@ -246,7 +248,8 @@ def _plan_session(
         acts.append(sync_action)
     acts.extend(runs)
     if runs and desired.back:
-        acts.append(actions.SyncBack(name, desired.back, "commands ran"))
+        files, size = desired.back_known
+        acts.append(actions.SyncBack(name, desired.back, "commands ran", files, size))
     return actions.SessionPlan(name, tuple(acts), tuple(noops))
 
 
