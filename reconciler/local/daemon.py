@@ -10,7 +10,6 @@ The controller (and `ukc local start|stop|status|env`) calls `ensure_running()`,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
@@ -26,10 +25,12 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.errors import LocalMetroError
-from reconciler.local.state import DEFAULT_APP_DOMAIN, Metro, MetroLimits
+
+if TYPE_CHECKING:
+    from reconciler.local.state import MetroLimits
 
 __all__ = [
     "MetroInfo",
@@ -283,12 +284,19 @@ async def serve(
     state_dir: Path,
     *,
     port: int = 0,
-    app_domain: str = DEFAULT_APP_DOMAIN,
+    app_domain: str | None = None,
     limits: MetroLimits | None = None,
 ) -> None:
     """Run the metro until /_local/shutdown, SIGTERM or SIGINT."""
+    # Imported here, not at the top: the controller imports this module on every `ukc` run
+    # (to find or start the daemon) and must not pay for asyncio, aiohttp or the state machine.
+    import asyncio
+
     from aiohttp import web
 
+    from reconciler.local.state import DEFAULT_APP_DOMAIN, Metro
+
+    app_domain = app_domain or DEFAULT_APP_DOMAIN
     from reconciler.local.ca import CertificateAuthority
     from reconciler.local.edge import Edge, Route
     from reconciler.local.faults import Faults
