@@ -107,6 +107,8 @@ class _Run:
 
     inst: Instance | None
     shell: RemoteShell | None = None
+    #: the shell came from the watch pool: it may have died while idle
+    pooled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -362,6 +364,7 @@ class Executor:
         if self.shells is not None and inst is not None:
             run.shell = self.shells.take(ctx.desired.name, inst.uuid)
             if run.shell is not None:
+                run.pooled = True
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
@@ -388,12 +391,29 @@ class Executor:
 
     def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
         assert run.shell is not None and run.inst is not None
-        result = sync_engine.push(
-            run.shell,
-            ctx.sync_options,
-            instance_uuid=run.inst.uuid,
-            local=ctx.manifest,  # type: ignore[arg-type]
-        )
+        try:
+            result = sync_engine.push(
+                run.shell,
+                ctx.sync_options,
+                instance_uuid=run.inst.uuid,
+                local=ctx.manifest,
+            )
+        except (errors.TransportError, errors.RemoteError):
+            if not run.pooled:
+                raise
+            # A kept connection can die while idle (edge restart, network): reconnect once.
+            # A push is safe to repeat: an interrupted one made the sandbox forget its record.
+            with contextlib.suppress(Exception):
+                run.shell.close()
+            run.shell, run.pooled = None, False
+            self._wait_ready(ctx, self.metros.get(ctx.desired.metro), run)
+            assert run.shell is not None
+            result = sync_engine.push(
+                run.shell,
+                ctx.sync_options,
+                instance_uuid=run.inst.uuid,
+                local=ctx.manifest,
+            )
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             rec.sync = status.SyncRecord(

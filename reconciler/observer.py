@@ -55,7 +55,7 @@ class SessionContext:
     key_path: Path
     env: dict[str, str] = field(repr=False)
     secret_values: tuple[str, ...] = field(repr=False)
-    manifest: object | None = field(default=None, repr=False)
+    manifest: sync_engine.Manifest | None = field(default=None, repr=False)
 
 
 @dataclass

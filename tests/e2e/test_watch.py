@@ -218,3 +218,21 @@ def test_down_deletes_the_sessions_on_exit(
     name = status(project)["sessions"]["live"]["instance"]["name"]
     assert w.stop() == 0
     assert name not in [i["name"] for i in project.instances()]
+
+
+def test_an_edit_after_the_instance_was_stopped_behind_our_back_still_arrives(
+    project: Ukc, watch: Callable[..., WatchProcess]
+) -> None:
+    w = watch("session.yaml")
+    w.wait_for(lambda: ready(project) and w.passes() >= 1)
+    name = status(project)["sessions"]["live"]["instance"]["name"]
+    with project.api() as client:
+        client.put("/v1/instances/stop", json=[{"name": name}])
+        client.request(
+            "GET", "/v1/instances/wait", json=[{"name": name, "state": "stopped", "timeout_s": 20}]
+        )
+    (project.project / "work" / "input.txt").write_text("after stop\n")
+    copy = project.project / "work" / "out" / "copy.txt"
+    w.wait_for(lambda: copy.read_text() == "after stop\n", timeout=60)
+    uuid = status(project)["sessions"]["live"]["instance"]["uuid"]
+    assert (project.workspace(uuid) / "input.txt").read_text() == "after stop\n"
