@@ -24,7 +24,7 @@ from __future__ import annotations
 __all__ = ["HELPER_SOURCE"]
 
 HELPER_SOURCE = r'''
-import errno, itertools, json, os, queue, stat, struct, sys, threading
+import _thread, errno, itertools, os, stat, struct, sys
 IN = sys.stdin.buffer
 OUT = sys.stdout.buffer
 CHUNK = 1 << 20
@@ -32,6 +32,53 @@ DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 ST = {"root": None, "rootfd": None, "state": None, "errors": [], "nerr": 0,
       "written": 0, "bytes": 0, "dirs": {}}
 TMP = ".ukc-tmp."
+
+
+def _json_codec():
+    """loads/dumps from the C module `_json` directly: `import json` pulls in `re` and `enum`
+    (~6 ms, paid on every push, pull and watch pass); the plain module is the fallback."""
+    try:
+        import _json
+
+        class Ctx(object):
+            strict = True
+            object_hook = None
+            object_pairs_hook = None
+            parse_float = float
+            parse_int = int
+            memo = {}
+
+            @staticmethod
+            def parse_constant(name):
+                raise ValueError("constant " + name)
+
+        scan = _json.make_scanner(Ctx())
+        enc = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ":", ",",
+                                 False, False, False)
+
+        def loads(text):
+            try:
+                obj, end = scan(text, 0)
+            except StopIteration:
+                raise ValueError("not json")
+            if end != len(text):
+                raise ValueError("extra data")
+            return obj
+
+        def dumps(obj):
+            return "".join(enc(obj, 0))
+
+        probe = {"a": [1, "\udcff\u00e9\n", None, True, {}]}
+        if loads(dumps(probe)) != probe:
+            raise ValueError("_json round trip")
+        return loads, dumps
+    except Exception:
+        import json
+
+        return json.loads, lambda obj: json.dumps(obj, separators=(",", ":"))
+
+
+JLOADS, JDUMPS = _json_codec()
 
 
 def rd(n):
@@ -48,15 +95,15 @@ def recv():
     if len(hdr) != 4:
         raise EOFError("short header")
     (n,) = struct.unpack(">I", hdr)
-    return json.loads(rd(n).decode("ascii"))
+    return JLOADS(rd(n).decode("ascii"))
 
 
 def send(obj):
-    data = json.dumps(obj, separators=(",", ":")).encode("ascii")
+    data = JDUMPS(obj).encode("ascii")
     OUT.write(struct.pack(">I", len(data)) + data)
 
 
-LOCK = threading.Lock()
+LOCK = _thread.allocate_lock()
 SMALL = 1 << 20
 POOL = {"q": None, "threads": [], "n": 0}
 SEQ = itertools.count()
@@ -84,6 +131,8 @@ def submit(job):
     """Run `job` on a small thread pool: creating many files is kernel-bound, and threads
     overlap it (the GIL is released in the syscalls)."""
     if POOL["q"] is None:
+        import queue, threading  # only pooled writes need them (~2 ms at every start)
+
         POOL["q"] = queue.Queue(maxsize=32)  # at most 32 small files (<= 32 MiB) in flight
         for _ in range(POOL["n"]):
             t = threading.Thread(target=_worker, args=(POOL["q"],), daemon=True)
@@ -161,7 +210,7 @@ def op_hello(req):
     rec = None
     try:
         with open(record_path(), "rb") as f:
-            rec = json.loads(f.read().decode("ascii"))
+            rec = JLOADS(f.read().decode("ascii"))
     except (OSError, ValueError):
         rec = None
     fresh = bool(
@@ -169,7 +218,12 @@ def op_hello(req):
         and rec.get("boot_id") == boot and rec.get("uuid") == req["uuid"]
         and rec.get("digest") == req["digest"] and rec.get("root") == root
     )
-    send({"boot_id": boot, "fresh": fresh, "has_record": rec is not None})
+    # the record's identity too: a client that sent hello before reading its own last record
+    # (to overlap this process's start with its local work) judges freshness itself
+    ident = None
+    if isinstance(rec, dict):
+        ident = dict((k, rec.get(k)) for k in ("boot_id", "uuid", "digest", "root"))
+    send({"boot_id": boot, "fresh": fresh, "has_record": rec is not None, "record": ident})
 
 
 def file_sha(fd):
@@ -525,7 +579,7 @@ def op_finish(req):
         for path, obj in ((record_path()[:-5] + ".manifest.json", entries), (record_path(), rec)):
             tmp = path + ".tmp." + str(os.getpid())
             with open(tmp, "wb") as f:
-                f.write(json.dumps(obj, separators=(",", ":")).encode("ascii"))
+                f.write(JDUMPS(obj).encode("ascii"))
             os.replace(tmp, path)
         recorded = True
     send({"errors": ST["errors"], "error_count": ST["nerr"], "written": ST["written"],
@@ -642,6 +696,8 @@ def main():
             OUT.flush()
     drain()
     OUT.flush()
+    # every file is closed and the output flushed: skip the interpreter's teardown
+    os._exit(0)
 
 
 main()

@@ -194,27 +194,35 @@ def push(
 ) -> PushResult:
     """Sync the local tree to the sandbox. Raises `SyncHaltedError` (guards) or `SyncError`."""
     rules = rules if rules is not None else load_rules(opts)
-    if local is None:
-        local = scan_local(opts, rules)
-    elif not Path(opts.local_root).is_dir():
-        scan_local(opts, rules)  # raises the missing-root guard
-    last = last_push_record(opts)
-    last_digest = last[1].get("digest", "") if last else ""
+    if not Path(opts.local_root).is_dir():
+        scan_local(opts, rules)  # raises the missing-root guard before any remote contact
     with HelperSession(shell, opts) as s:
-        hello = s.call(
+        # hello goes out first: the remote interpreter starts (tens of ms over TLS-SSH) while
+        # we scan the local tree and read our last record; freshness is judged here after
+        s.send(
             {
                 "op": "hello",
                 "root": opts.remote_root,
                 "state_dir": opts.remote_state_dir,
                 "boot_paths": list(opts.boot_id_paths),
                 "uuid": instance_uuid,
-                "digest": last_digest or "-",
+                "digest": "-",
                 "threads": opts.write_threads,
-            },
-            limit=1 << 16,
+                "flush": True,
+            }
         )
+        s.flush()
+        if local is None:
+            local = scan_local(opts, rules)
+        last = last_push_record(opts)
+        hello = s.reader.frame(1 << 16)
+        if not isinstance(hello, dict):
+            raise RemoteError("sync helper answered hello with a non-object frame")
         boot_id = str(hello.get("boot_id", ""))[:128]
-        scanned = not (hello.get("fresh") is True and last is not None)
+        fresh = last is not None and _record_matches(
+            hello.get("record"), boot_id, instance_uuid, last[1].get("digest", ""), opts
+        )
+        scanned = not fresh
         if scanned:
             want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
             previous = parse_remote_manifest(s.call({"op": "scan", "want": want}).get("entries"))
@@ -231,6 +239,21 @@ def push(
     result.deleted = deleted
     _write_local_record(opts, local, instance_uuid, boot_id)
     return result
+
+
+def _record_matches(
+    rec: Any, boot_id: str, instance_uuid: str, digest: object, opts: SyncOptions
+) -> bool:
+    """True when the sandbox's record is the one our last push wrote, in this very boot."""
+    return (
+        isinstance(rec, dict)
+        and bool(boot_id)
+        and bool(digest)
+        and rec.get("boot_id") == boot_id
+        and rec.get("uuid") == instance_uuid
+        and rec.get("digest") == digest
+        and rec.get("root") == opts.remote_root
+    )
 
 
 def _apply(

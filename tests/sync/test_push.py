@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -100,6 +101,24 @@ class TestRemoteIdentity:
         seed(site)
         push(site.shell, site.opts(), instance_uuid="u1")
         shutil.rmtree(site.remote_state)
+        assert push(site.shell, site.opts(), instance_uuid="u1").remote_scanned is True
+
+    def test_a_remote_record_of_another_tree_forces_a_scan(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        record = site.remote_state / "record.json"
+        data = json.loads(record.read_text())
+        record.write_text(json.dumps({**data, "digest": "0" * 64}))
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.remote_scanned is True
+        assert result.bytes_sent == 0
+
+    def test_a_remote_record_for_another_root_forces_a_scan(self, site: Site) -> None:
+        seed(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        record = site.remote_state / "record.json"
+        data = json.loads(record.read_text())
+        record.write_text(json.dumps({**data, "root": "/elsewhere"}))
         assert push(site.shell, site.opts(), instance_uuid="u1").remote_scanned is True
 
     def test_forgetting_the_session_makes_the_next_plan_a_full_upload(self, site: Site) -> None:
