@@ -150,6 +150,7 @@ def _context(
         back=tuple(s.sync.back),
         tags=tuple(naming.owner_tags(project, s.name, inst_hash)),
         back_known=_back_known(opts),
+        key_present=key_path_for(group, s.name).exists(),
     )
     ctx = SessionContext(
         loaded=loaded,

@@ -73,6 +73,8 @@ class DesiredSession:
     tags: tuple[str, ...] = field(default=())
     #: (files, bytes) the last sync-back brought, for the plan's estimate
     back_known: tuple[int, int] = (0, 0)
+    #: the session's private key is on disk (without it an existing instance is unreachable)
+    key_present: bool = True
 
 
 def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
@@ -143,7 +145,18 @@ def _plan_session(
         )
         return actions.SessionPlan(name, tuple(acts), ())
 
-    if inst is not None and naming.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
+    if inst is not None and not desired.key_present:
+        # Our private key is gone (e.g. `.ukc/` was deleted): the instance only accepts that
+        # key, so the only way back to a reachable sandbox is a new one with a new key.
+        acts.append(
+            actions.DeleteInstance(
+                name, inst.name, desired.metro, "its ssh key is lost; replacing", forget=False
+            )
+        )
+        inst = None
+        new_instance = True
+        reason_create = "replacing: the session's ssh key was lost"
+    elif inst is not None and naming.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
         # Image or memory changed: those are fixed at creation, so replace the instance.
         if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
             acts.append(actions.WaitReady(name, inst.name))

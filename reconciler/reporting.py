@@ -77,6 +77,7 @@ class _Row:
     state: str = "waiting"
     detail: str = ""
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
 
 
 class LiveReporter:
@@ -98,7 +99,8 @@ class LiveReporter:
         width = shutil.get_terminal_size((100, 20)).columns
         now = time.monotonic()
         for name, row in self._rows.items():
-            line = f"  {name:<20} {row.state:<10} {now - row.started:6.1f}s  {row.detail}"
+            took = (row.ended or now) - row.started
+            line = f"  {name:<20} {row.state:<10} {took:6.1f}s  {row.detail}"
             self._out.write(line[: width - 1] + "\n")
         self._drawn = len(self._rows)
         self._out.flush()
@@ -110,9 +112,9 @@ class LiveReporter:
             if event.kind == "action":
                 row.state, row.detail = "working", event.text
             elif event.kind == "done":
-                row.state, row.detail = "ready", event.text
+                row.state, row.detail, row.ended = "ready", event.text, time.monotonic()
             elif event.kind == "failed":
-                row.state, row.detail = "FAILED", event.text
+                row.state, row.detail, row.ended = "FAILED", event.text, time.monotonic()
             if event.kind in ("output", "failed", "done", "info", "session"):
                 self._plain.event(event)
             self._draw()

@@ -218,6 +218,14 @@ class TestChanges:
         delete = p.actions[2]
         assert isinstance(delete, actions.DeleteInstance) and not delete.forget
 
+    def test_a_lost_private_key_replaces_the_unreachable_instance(self) -> None:
+        d = desired(key_present=False)
+        inst = instance(d)
+        p = plan_one(d, inst, converged_record(d, inst))
+        assert kinds(p)[:2] == ["DeleteInstance", "CreateInstance"]
+        create = p.actions[1]
+        assert isinstance(create, actions.CreateInstance) and "key" in create.reason
+
     def test_a_halted_tree_plans_nothing_and_says_why(self) -> None:
         d = desired(tree=planner.TreeState("", 0, 0, halted="directory ./work is missing"))
         p = plan_one(d, None, None)

@@ -269,3 +269,18 @@ def test_a_second_applier_on_the_same_status_file_is_told_who_holds_the_lock(ukc
         assert "pid 4242" in proc.stderr
     finally:
         os.close(fd)
+
+
+def test_a_lost_ukc_directory_replaces_the_unreachable_instance_and_converges(ukc: Ukc) -> None:
+    import shutil
+
+    make_project(ukc)
+    ukc.run("apply", "session.yaml", check=0)
+    old = session(ukc)["instance"]
+    shutil.rmtree(ukc.project / ".ukc")
+    plan = ukc.run("plan", "session.yaml").stdout
+    assert "ssh key" in plan
+    ukc.run("apply", "session.yaml", check=0)
+    new = session(ukc)["instance"]
+    assert new["uuid"] != old["uuid"] and session(ukc)["phase"] == "Ready"
+    assert [i["name"] for i in ukc.instances()].count(new["name"]) == 1
