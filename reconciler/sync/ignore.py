@@ -35,11 +35,22 @@ class IgnoreRules:
         self.patterns = tuple(_ALWAYS) + tuple(patterns)
         self.back = tuple(back)
         self._spec = pathspec.GitIgnoreSpec.from_lines(self.patterns)
+        # why: with no user rule (blank lines and comments do not count) only `.ukc/` applies,
+        # and matching it by hand is ~10x cheaper than pathspec's regexes on every scanned path
+        self._only_ukc = not any(
+            line.strip() and not line.startswith("#") for line in self.patterns[len(_ALWAYS) :]
+        )
 
     def excluded(self, rel: str, is_dir: bool) -> bool:
         """True when the path (relative, "/"-separated) is excluded or a sync-back path."""
-        if is_under(rel, self.back):
+        if self.back and is_under(rel, self.back):
             return True
+        if self._only_ukc:
+            # gitignore `.ukc/`: a directory named .ukc at any depth, and everything below it
+            if ".ukc" not in rel:
+                return False
+            parts = rel.split("/")
+            return ".ukc" in parts[:-1] or (is_dir and parts[-1] == ".ukc")
         return bool(self._spec.match_file(rel + "/" if is_dir else rel))
 
     def deletable(self, rel: str, is_dir: bool) -> bool:

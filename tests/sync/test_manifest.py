@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pathspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from reconciler.sync.diff import diff_manifests
 from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.sync.manifest import Entry, Manifest, scan_local
@@ -136,3 +140,24 @@ def test_load_rules_without_a_ukcignore_uses_the_spec_only(tmp_path: Path) -> No
     rules = load_rules(SyncOptions(local_root=tmp_path, state_dir=tmp_path / "s", exclude=("*.o",)))
     assert rules.excluded("x.o", False) and rules.excluded(".ukc", True)
     assert not rules.excluded("x.c", False)
+
+
+_names = st.sampled_from([".ukc", "ukc", ".ukc~", "x.ukc", ".ukcignore", "a", "b.log"])
+
+
+class TestDotUkcFastPath:
+    @settings(max_examples=300, deadline=None)
+    @given(parts=st.lists(_names, min_size=1, max_size=4), is_dir=st.booleans())
+    def test_without_user_rules_the_shortcut_agrees_with_pathspec(
+        self, parts: list[str], is_dir: bool
+    ) -> None:
+        rel = "/".join(parts)
+        fast = IgnoreRules(["", "# only a comment"], ())
+        spec = pathspec.GitIgnoreSpec.from_lines([".ukc/"])
+        assert fast.excluded(rel, is_dir) == spec.match_file(rel + "/" if is_dir else rel)
+
+    def test_a_real_rule_turns_the_shortcut_off(self) -> None:
+        rules = IgnoreRules(["*.log"], ())
+        assert rules.excluded("a/b.log", False)
+        assert rules.excluded("a/.ukc/x", False)
+        assert not rules.excluded("a/b.txt", False)
