@@ -392,7 +392,8 @@ def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
         if not back:
             return PullResult()
         record = pull_record(opts)
-        with HelperSession(shell, opts) as s:
+        # read-only: a pull leaves nothing behind in the sandbox (not even the helper cache)
+        with HelperSession(shell, opts, read_only=True) as s:
             puller = _Puller(s, opts, tree)
             s.send(
                 {

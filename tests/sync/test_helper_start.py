@@ -1,15 +1,18 @@
-"""The remote helper's start: what it loads, and how its frame codec treats bad input."""
+"""The remote helper's start: what it loads, its compiled cache, and its frame codec."""
 
 from __future__ import annotations
 
 import json
+import marshal
 import struct
 import subprocess
 
 import pytest
 
+from reconciler.sync.engine import pull, push
 from reconciler.sync.helper_src import HELPER_SOURCE
-from tests.sync.conftest import REMOTE_PYTHON
+from reconciler.sync.remote import HelperSession
+from tests.sync.conftest import REMOTE_PYTHON, Site, write
 
 #: the helper without its final `main()` call: definitions only, for probing
 BODY = HELPER_SOURCE.rsplit("\nmain()\n", 1)[0]
@@ -60,3 +63,50 @@ def test_a_malformed_frame_stops_the_helper_with_an_error(raw: bytes) -> None:
     out = probe("main()", frame(raw))
     assert out.returncode != 0
     assert b"Error" in out.stderr
+
+
+class TestCompiledCache:
+    def test_the_first_start_caches_the_compiled_helper_in_the_remote_state_dir(
+        self, site: Site
+    ) -> None:
+        write(site.local / "a.txt", "a")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        cached = list(site.remote_state.glob("helper-*.bin"))
+        assert len(cached) == 1
+        assert marshal.loads(cached[0].read_bytes()).co_filename == "ukc-sync"
+
+    def test_a_corrupted_cache_is_recompiled_and_the_push_still_works(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        (cached,) = site.remote_state.glob("helper-*.bin")
+        cached.write_bytes(b"\x00garbage")
+        write(site.local / "b.txt", "b")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.files_sent == 1
+        assert (site.remote / "b.txt").read_text() == "b"
+        assert marshal.loads(cached.read_bytes()).co_filename == "ukc-sync"
+
+    def test_a_state_dir_that_cannot_hold_the_cache_only_costs_the_compile(
+        self, site: Site
+    ) -> None:
+        site.remote_state.parent.mkdir(parents=True)
+        site.remote_state.write_text("not a directory")
+        with HelperSession(site.shell, site.opts()) as s:
+            hello = s.call(
+                {
+                    "op": "hello",
+                    "root": str(site.remote),
+                    "state_dir": str(site.remote_state),
+                    "boot_paths": [str(site.boot)],
+                    "uuid": "u1",
+                    "digest": "-",
+                }
+            )
+        assert hello["boot_id"] == "boot-1"
+        assert hello["has_record"] is False
+
+    def test_a_pull_reads_the_cache_but_never_writes_one(self, site: Site) -> None:
+        write(site.remote / "out/r.txt", "r")
+        result = pull(site.shell, site.opts(back=("out/",)))
+        assert result.files_written == 1
+        assert not site.remote_state.exists()
