@@ -374,6 +374,10 @@ class Executor:
         from reconciler.backends import ssh as ssh_backend
 
         rec = self._record(ctx.desired.name)
+        if rec.instance is None or rec.instance.uuid != inst.uuid:
+            # Adopted: a run killed between the create and its journal entry left only the
+            # intent (no uuid); the observed instance is the one we work on, so record it.
+            self._note_instance(ctx.desired.name, inst)
         expected = (
             rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
         )
@@ -416,6 +420,8 @@ class Executor:
             )
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
+            # Outputs still owed from this same instance stay owed across a new push.
+            owed = rec.sync.back_pending and rec.sync.instance_uuid == run.inst.uuid
             rec.sync = status.SyncRecord(
                 digest=result.digest,
                 instance_uuid=run.inst.uuid,
@@ -427,6 +433,7 @@ class Executor:
                 last_bytes_sent=result.bytes_sent,
                 last_deleted=result.deleted,
                 remote_scanned=result.remote_scanned,
+                back_pending=owed,
             )
             status.set_condition(
                 rec,
@@ -513,6 +520,8 @@ class Executor:
                 else (previous.last_success_hash if previous else ""),
             )
             rec.commands = [c for c in rec.commands if c.name != action.name] + [record]
+            # Journaled with the command: if the sync-back never completes, the next plan owes it.
+            rec.sync.back_pending = bool(ctx.desired.back)
             self.ran.add((session, action.name))
         self.save()
         if not ok:
@@ -535,6 +544,7 @@ class Executor:
             rec.sync.pulled_files = result.files_written
             rec.sync.conflicts = list(result.conflicts)
             rec.sync.rejected = list(result.rejected)
+            rec.sync.back_pending = False
         for conflict in result.conflicts:
             self._say(ctx.desired.name, "info", f"conflict kept beside local file: {conflict}")
         for rejected in result.rejected:

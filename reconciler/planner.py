@@ -251,18 +251,28 @@ def _plan_session(
         else:
             noops.append(f"command {cmd.name!r} unchanged since its last success")
 
+    # A sync-back interrupted after its commands succeeded (kill, lost connection) is owed:
+    # the commands are skipped next time, so nothing else would bring their outputs home.
+    back_owed = (
+        bool(desired.back)
+        and not new_instance
+        and sync is not None
+        and sync.back_pending
+        and sync.instance_uuid == uuid
+    )
     if sync_action is not None:
         need_shell = True
-    if runs:
+    if runs or back_owed:
         need_shell = True
     if need_shell:
         acts.append(actions.WaitReady(name, desired.instance_name))
     if sync_action is not None:
         acts.append(sync_action)
     acts.extend(runs)
-    if runs and desired.back:
+    if (runs or back_owed) and desired.back:
         files, size = desired.back_known
-        acts.append(actions.SyncBack(name, desired.back, "commands ran", files, size))
+        why = "commands ran" if runs else "the last sync-back did not finish"
+        acts.append(actions.SyncBack(name, desired.back, why, files, size))
     return actions.SessionPlan(name, tuple(acts), tuple(noops))
 
 

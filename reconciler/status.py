@@ -80,6 +80,8 @@ class SyncRecord(_Model):
     pulled_files: int = 0
     conflicts: list[str] = Field(default_factory=list)
     rejected: list[str] = Field(default_factory=list)
+    #: commands ran since the last completed sync-back: their outputs are not home yet
+    back_pending: bool = False
 
 
 class CommandRecord(_Model):
@@ -227,9 +229,22 @@ def lock(path: Path, *, timeout_s: float = 0.0, poll_s: float = 0.1) -> Iterator
         info = f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
+        _sweep_temps(path)
         yield
     finally:
         os.close(fd)
+
+
+def _sweep_temps(path: Path) -> None:
+    """Remove temp files of `save()` left by a holder killed mid-write.
+
+    Only the lock holder writes the status file, so once we hold the lock every temp file
+    beside it belongs to a writer that died: nobody else will ever rename it into place.
+    """
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
 
 
 def utc_now() -> str:
