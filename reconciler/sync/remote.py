@@ -5,7 +5,8 @@ end: the helper program in `helper_src` (remote requirement: python3 >= 3.7, std
 the sandbox's PATH or at `SyncOptions.remote_python`). One remote process serves a whole push
 or pull: the program text goes over stdin after a one-line `python3 -c` bootstrap, so there
 are no per-file round trips. Writes are coalesced into ~1 MiB blocks because SSH channels are
-slow with small writes; replies are read with hard size caps because the sandbox is untrusted.
+slow with small writes, and handed to the transport in 128 KiB pieces (see `_PIECE`);
+replies are read with hard size caps because the sandbox is untrusted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ __all__ = ["MAX_FRAME", "FrameReader", "HelperSession", "encode_frame", "helper_
 #: largest control frame we accept from the sandbox (a scan of a huge tree is the biggest)
 MAX_FRAME = 256 << 20
 _FLUSH_AT = 1 << 20
+#: largest single write to the transport. why: paramiko's sendall re-slices the rest of the
+#: buffer after every 32 KiB packet (quadratic copying): 1 MiB writes cost ~40% more client
+#: CPU than 128 KiB ones on the TLS-SSH path (0.50 s vs 0.36 s per 96 MiB)
+_PIECE = 128 << 10
 _PROGRAM = HELPER_SOURCE.encode("ascii")
 _PROGRAM_ID = hashlib.sha256(_PROGRAM).hexdigest()[:16]
 #: The bootstrap: read the program (always sent), run its code object cached in the remote
@@ -165,18 +170,22 @@ class HelperSession:
             if len(self._out) >= _FLUSH_AT:
                 self.flush()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         try:
-            self.proc.write(data)
+            if len(data) <= _PIECE:
+                self.proc.write(bytes(data))
+                return
+            with memoryview(data) as view:
+                for start in range(0, len(view), _PIECE):
+                    self.proc.write(bytes(view[start : start + _PIECE]))
         except (BrokenPipeError, OSError) as exc:
             self._died()
             raise RemoteError("sync helper in sandbox stopped reading its input") from exc
 
     def flush(self) -> None:
         if self._out:
-            data = bytes(self._out)
+            self._write(self._out)
             self._out.clear()
-            self._write(data)
 
     def call(self, obj: Any, limit: int = MAX_FRAME) -> Any:
         """Send a request that has an answer, and return the answer."""
