@@ -70,6 +70,7 @@ def apply_group(
         rounds = 0
         obs: observer.Observation | None = None
         ran: set[tuple[str, str]] = set()
+        stop = threading.Event()
         while True:
             obs = observer.observe(group, doc, metros, environ, only=only)
             doc.project = obs.project
@@ -99,16 +100,24 @@ def apply_group(
                 doc_lock=doc_lock,
                 ran=ran,
                 shells=shells,
+                stop=stop,
             )
             work = [s for s in plan.sessions if s.changes]
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-                for outcome in pool.map(executor.run_session, work):
-                    prev = outcomes.get(outcome.session)
-                    if prev is not None:
-                        outcome.ran_commands += prev.ran_commands
-                    outcomes[outcome.session] = outcome
-                    if not outcome.ok:
-                        failed[outcome.session] = outcome.error
+                try:
+                    for outcome in pool.map(executor.run_session, work):
+                        prev = outcomes.get(outcome.session)
+                        if prev is not None:
+                            outcome.ran_commands += prev.ran_commands
+                        outcomes[outcome.session] = outcome
+                        if not outcome.ok:
+                            failed[outcome.session] = outcome.error
+                except KeyboardInterrupt:
+                    # Ctrl-C reaches only this thread; the workers would otherwise carry on
+                    # through every remaining action (sync deletes, commands) while the pool
+                    # shuts down. They stop at their next action boundary instead.
+                    stop.set()
+                    raise
             if plan.prunes and not failed:
                 for prune_action in plan.prunes:
                     pruned = executor.run_session(

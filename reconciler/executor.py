@@ -127,6 +127,7 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         ran: set[tuple[str, str]] | None = None,
         shells: ShellPool | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.group = group
         self.doc = doc
@@ -141,6 +142,8 @@ class Executor:
         self.ran = ran if ran is not None else set()
         #: watch mode keeps one live connection per session across passes
         self.shells = shells
+        #: set on Ctrl-C: no new action starts (the one in flight finishes and is journaled)
+        self.stop = stop
 
     # -- journal ---------------------------------------------------------------------------
 
@@ -165,6 +168,10 @@ class Executor:
         redact = Redactor(ctx.secret_values if ctx is not None else ())
         try:
             for action in splan.actions:
+                if self.stop is not None and self.stop.is_set():
+                    outcome.ok = False
+                    outcome.error = f"interrupted before: {action.describe()}"
+                    break
                 self._say(name, "action", action.describe())
                 started = self.clock()
                 self._dispatch(action, ctx, run, redact, outcome)

@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -242,7 +244,8 @@ def test_apply_killed_at_random_instants_converges_on_the_next_run_with_one_inst
         assert finish(again) == 0, f"kill at {delay:.3f}s: {again.stderr()}"
         assert_converged(tool)
         assert_plans_nothing(tool)
-    assert killed >= kills - 2, f"only {killed} of {kills} runs were actually killed"
+    # A kill point near the end can miss a run that went faster than the measured one.
+    assert killed >= kills * 3 // 4, f"only {killed} of {kills} runs were actually killed"
 
 
 def test_apply_killed_during_sync_back_brings_the_outputs_home_without_rerunning_commands(
@@ -303,26 +306,72 @@ def test_delete_killed_at_random_instants_is_finished_by_running_it_again(
 # -- 3. SIGINT once during apply -------------------------------------------------------------
 
 
-def test_one_sigint_during_apply_exits_with_one_line_and_the_next_apply_converges(
-    metro: MetroInfo, tmp_path: Path, projects: list[Ukc], clean_run_s: float
+#: how an action's line starts (`actions.*.describe()`); info lines ("synced: ...") do not
+ACTION_LINE = re.compile(
+    r"^\[[a-z0-9-]+\] (create instance|delete instance|start instance|wait until|full sync|"
+    r"send \d|run command|bring back) "
+)
+
+
+@pytest.mark.parametrize(
+    "trigger",
+    ["wait until", "full sync", "run command 'list'", None],
+    ids=["waiting", "syncing", "in-a-command", "random-instant"],
+)
+def test_one_sigint_during_apply_starts_no_new_action_and_the_next_apply_converges(
+    metro: MetroInfo, tmp_path: Path, projects: list[Ukc], trigger: str | None
 ) -> None:
     rng = random.Random(SEED + 200)
-    for i in range(3):
-        tool = new_project(metro, tmp_path / f"i{i}", random.Random(SEED + 200 + i))
-        projects.append(tool)
-        run = start(tool, "apply", "session.yaml", tag="sigint")
-        interrupted = signal_after(run, rng.uniform(0.3, clean_run_s), signal.SIGINT)
-        code = finish(run, timeout=60)
-        if interrupted:
-            assert code in (130, 1), code
-            lines = run.stderr().strip().splitlines()
-            assert len(lines) == 1, run.stderr()
-        status_file = tool.project / ".ukc" / "status.json"
-        if status_file.exists():  # an early signal may come before the first journal entry
-            json.loads(status_file.read_text())
-        tool.run("apply", "session.yaml", check=0)
-        assert_converged(tool)
-        assert_plans_nothing(tool)
+    tool = new_project(metro, tmp_path / "sigint", random.Random(SEED + 200))
+    projects.append(tool)
+    # A slow first command keeps the window between "signal sent" and "next action" wide.
+    tool.write_spec(SPEC.replace("sort > out/files.txt", "sort > out/files.txt && sleep 0.5"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
+        cwd=tool.project,
+        env=tool.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + rng.uniform(0.3, 1.0)
+    lines: list[str] = []
+    sent = threading.Event()
+
+    def interrupt() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            sent.set()
+
+    if trigger is None:
+        timer = threading.Timer(deadline - time.monotonic(), interrupt)
+        timer.start()
+        lines = [raw.decode(errors="replace") for raw in proc.stdout]
+        timer.join()
+    else:
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace"))
+            if lines[-1].startswith(f"[{SESSION}] {trigger}"):
+                interrupt()
+                break
+        after = [raw.decode(errors="replace") for raw in proc.stdout]
+        # The action in flight finishes (and is journaled); no new one starts.
+        assert [line for line in after if ACTION_LINE.match(line)] == [], after
+    code = proc.wait(timeout=60)
+    stderr = proc.stderr.read().decode(errors="replace")
+    assert sent.is_set() or trigger is None, lines
+    if sent.is_set():
+        assert code in (130, 1), (code, stderr)
+        assert len(stderr.strip().splitlines()) == 1, stderr
+    else:  # the random instant came after a fast run had finished
+        assert code == 0, stderr
+    status_file = tool.project / ".ukc" / "status.json"
+    if status_file.exists():  # an early signal may come before the first journal entry
+        json.loads(status_file.read_text())
+    tool.run("apply", "session.yaml", check=0)
+    assert_converged(tool)
+    assert_plans_nothing(tool)
 
 
 # -- 4. Two appliers racing on one spec directory --------------------------------------------
