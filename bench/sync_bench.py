@@ -80,6 +80,7 @@ class Metro:
 
 
 def timed(argv: list[str], **kw: Any) -> float:
+    os.sync()  # start every timed phase with no dirty pages of the previous one in flight
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, **kw)
     return time.perf_counter() - t0
@@ -102,8 +103,19 @@ def rsync_cmd(metro: Metro, key: Path, fqdn: str, src: str, dst: str) -> list[st
 def one_run(
     metro: Metro, work: Path, env: dict[str, str], k: int, cleanup: list[Any]
 ) -> dict[str, float]:
+    """Both sides once; odd runs measure ukc first, so neither always inherits the other's
+    dirty page cache."""
     out: dict[str, float] = {}
-    # ---------------------------------------------------------------- rsync side
+    sides = [rsync_side, ukc_side] if k % 2 == 0 else [ukc_side, rsync_side]
+    for side in sides:
+        out.update(side(metro, work, env, k, cleanup))
+    return out
+
+
+def rsync_side(
+    metro: Metro, work: Path, env: dict[str, str], k: int, cleanup: list[Any]
+) -> dict[str, float]:
+    out: dict[str, float] = {}
     rs = work / f"rs{k}"
     src = rs / "src"
     src.mkdir(parents=True)
@@ -123,8 +135,13 @@ def one_run(
     # Deleting thousands of files right before a timed phase slows the next file creations on
     # a journal-less ext4 (recently freed inodes are skipped): every delete waits for the end.
     cleanup.append(lambda: metro.delete(name))
+    return out
 
-    # ---------------------------------------------------------------- ukc side
+
+def ukc_side(
+    metro: Metro, work: Path, env: dict[str, str], k: int, cleanup: list[Any]
+) -> dict[str, float]:
+    out: dict[str, float] = {}
     proj = work / f"ukc{k}"
     tree = proj / "tree"
     tree.mkdir(parents=True)
@@ -160,6 +177,7 @@ def one_run(
     back.mkdir()
     top = tuple(sorted(p.name + ("/" if p.is_dir() else "") for p in tree.iterdir()))
     pull_opts = SyncOptions(local_root=back, state_dir=proj / "pullstate", back=top)
+    os.sync()
     t0 = time.perf_counter()
     shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=keyp)
     try:
