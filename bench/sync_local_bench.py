@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import resource
 import shutil
 import statistics
@@ -32,66 +31,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from treegen import gen_tree, modify_tree  # the baseline tree, shared by every bench
 
 from reconciler.backends.localshell import LocalShell
 from reconciler.sync.engine import SyncOptions, pull, push
 
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-MTIME = 1577836800
-
-
-def gen_tree(root: Path, seed: int = 1234, n_small: int = 2000, n_big: int = 5) -> None:
-    """The baseline tree, byte for byte (same generator as rsync_baseline.sh)."""
-    rng = random.Random(seed)
-    words = [
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 10)))
-        for _ in range(800)
-    ]
-    dirs = [""]
-    for i in range(60):
-        parent = rng.choice(dirs)
-        if parent.count("/") >= 3:
-            parent = ""
-        dirs.append(f"{parent}/d{i:02d}" if parent else f"d{i:02d}")
-    for i in range(n_small):
-        d = rng.choice(dirs)
-        size = rng.randint(1024, 16 * 1024)
-        text: list[str] = []
-        n = 0
-        while n < size:
-            w = rng.choice(words) + (" " if rng.random() < 0.9 else "\n")
-            text.append(w)
-            n += len(w)
-        p = root / d / f"f{i:04d}.txt"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes("".join(text).encode()[:size])
-        os.utime(p, (MTIME, MTIME))
-    (root / "big").mkdir(parents=True, exist_ok=True)
-    for i in range(n_big):
-        p = root / "big" / f"blob{i}.bin"
-        p.write_bytes(rng.randbytes(8 * 1024 * 1024))
-        os.utime(p, (MTIME, MTIME))
-
-
-def modify_tree(root: Path, seed: int = 1234) -> None:
-    """The baseline's edit: 8 small files edited, 1 touched, 1 big file patched (10 files)."""
-    rng = random.Random(seed + 1)
-    small = sorted(
-        os.path.join(dp, f) for dp, _, fs in os.walk(root) for f in fs if f.endswith(".txt")
-    )
-    pick = rng.sample(small, 9)
-    for p in pick[:8]:
-        with open(p, "r+b") as f:
-            f.seek(rng.randint(0, 512))
-            f.write(b"EDITED-%d " % rng.randint(0, 10**6))
-        with open(p, "ab") as f:
-            f.write(b"appended line\n")
-    now = time.time()
-    os.utime(pick[8], (now, now))
-    bigs = sorted((root / "big").iterdir())
-    with open(bigs[0], "r+b") as f:
-        f.seek(4 * 1024 * 1024)
-        f.write(rng.randbytes(64 * 1024))
 
 
 def timed(fn: object) -> float:

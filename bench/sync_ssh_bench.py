@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from sync_local_bench import PY, gen_tree, modify_tree, timed
+from sync_local_bench import PY, timed
+from treegen import gen_tree, modify_tree
 
 from reconciler.backends.ssh import SshShell, generate_keypair
 from reconciler.backends.tls import Dialer
