@@ -571,8 +571,13 @@ def ensure_keypair(path: Path) -> str:
     deleted; an adopted instance (lost create answer) therefore still accepts it.
     """
     pub = path.with_name(path.name + ".pub")
-    if path.exists() and pub.exists():
-        return pub.read_text().strip()
+    if path.exists():
+        with contextlib.suppress(FileNotFoundError):
+            line = pub.read_text().strip()
+            # A kill between creating the .pub and writing it leaves it empty; the public half
+            # is written before any create sends it, so starting over strands no instance.
+            if line.startswith("ssh-ed25519 "):
+                return line
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     with contextlib.suppress(FileNotFoundError):
@@ -580,7 +585,15 @@ def ensure_keypair(path: Path) -> str:
     from reconciler.backends import ssh as ssh_backend
 
     line = ssh_backend.generate_keypair(path, comment=f"ukc-{path.name}")
-    pub.write_text(line + "\n")
+    for stale in path.parent.glob(f".{pub.name}.*.tmp"):  # a killed writer's (we hold the lock)
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    tmp = pub.with_name(f".{pub.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, pub)
     return line
 
 

@@ -492,3 +492,21 @@ def test_apply_killed_right_after_the_create_with_a_lagging_list_adopts_by_name(
     assert len(owned(tool)) == 1
     assert_converged(tool)
     assert_plans_nothing(tool)
+
+
+def test_a_public_key_file_left_empty_by_a_kill_is_regenerated_before_the_create(
+    metro: MetroInfo, tmp_path: Path, projects: list[Ukc]
+) -> None:
+    # The state a kill leaves between creating `keys/<session>.pub` and writing it (the private
+    # key is complete: it is written and fsynced first). The create must not send an empty key.
+    tool = new_project(metro, tmp_path / "pub", random.Random(SEED + 600))
+    projects.append(tool)
+    keys = tool.project / ".ukc" / "keys"
+    keys.mkdir(parents=True, mode=0o700)
+    from reconciler.backends.ssh import generate_keypair
+
+    generate_keypair(keys / SESSION)
+    (keys / f"{SESSION}.pub").write_text("")
+    tool.run("apply", "session.yaml", check=0, timeout=120)
+    assert (keys / f"{SESSION}.pub").read_text().startswith("ssh-ed25519 ")
+    assert_converged(tool)
