@@ -79,20 +79,28 @@ def group_sessions(loaded: Iterable[spec.LoadedSession]) -> list[Group]:
 
 
 def _salt(state_dir: Path) -> bytes:
-    """A per-project random salt, so hashes of secret values in the status file reveal nothing."""
+    """A per-project random salt, so hashes of secret values in the status file reveal nothing.
+
+    Written to a temp file and renamed into place: a kill mid-write never leaves a short salt
+    behind (a short one is replaced; that only makes commands with secrets run once more).
+    """
     path = state_dir / "salt"
     try:
-        return path.read_bytes()
+        value = path.read_bytes()
+        if len(value) == 32:
+            return value
     except FileNotFoundError:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_bytes(32)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(value)
-        return value
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_bytes(32)
+    tmp = state_dir / f".salt.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(value)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return value
 
 
 def sync_options_for(group: Group, loaded: spec.LoadedSession) -> SyncOptions:

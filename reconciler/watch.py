@@ -258,6 +258,7 @@ class Watcher:
                     lock_timeout_s=60.0,
                     only=only if sessions is not None else None,
                     shells=self.shells,
+                    raise_on_cap=False,
                 )
                 ok = ok and result.ok
         except errors.UkcError as err:
