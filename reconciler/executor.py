@@ -417,7 +417,15 @@ class Executor:
             with contextlib.suppress(Exception):
                 run.shell.close()
             run.shell, run.pooled = None, False
-            self._wait_ready(ctx, self.metros.get(ctx.desired.metro), run)
+            conn = self.metros.get(ctx.desired.metro)
+            current = conn.api.get_instance(run.inst.name)
+            if current is None or current.uuid != run.inst.uuid:
+                # Deleted or replaced behind our back: do not wait a readiness deadline for
+                # a sandbox that is gone; the next pass re-observes and recreates it.
+                raise errors.NotFoundError(
+                    f"instance {run.inst.name} disappeared during the sync"
+                ) from None
+            self._wait_ready(ctx, conn, run)
             assert run.shell is not None
             result = sync_engine.push(
                 run.shell,

@@ -73,6 +73,16 @@ class WatchProcess:
             time.sleep(0.05)
         raise AssertionError(f"condition not met in {timeout}s; watch output:\n{self.output()}")
 
+    def settle(self, quiet_s: float = 1.0, timeout: float = 60.0) -> int:
+        """Wait until a pass finished and no other pass started for `quiet_s`; the pass count."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.wait_for(self.idle, timeout=timeout)
+            settled = self.passes()
+            time.sleep(quiet_s)
+            if (self.passes() == settled and self.idle()) or time.monotonic() > deadline:
+                return settled
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -148,14 +158,7 @@ def test_a_burst_of_500_writes_makes_one_or_two_passes(
     # A pass re-plans until nothing is left, so it may absorb the rest of the burst itself;
     # count once the watcher is idle and has stayed idle for a while.
     # (a pass may be followed by exactly one follow-up for events that arrived meanwhile).
-    deadline = time.monotonic() + 60
-    while True:
-        w.wait_for(w.idle, timeout=60)
-        settled = w.passes()
-        time.sleep(1.0)
-        if (w.passes() == settled and w.idle()) or time.monotonic() > deadline:
-            break
-    made = settled - before
+    made = w.settle() - before
     assert 1 <= made <= 2, w.output()
     assert len(list((project.workspace(uuid) / "burst").iterdir())) == 500
 
@@ -169,8 +172,7 @@ def test_sync_back_does_not_wake_the_watcher(
     copy = project.project / "work" / "out" / "copy.txt"
     w.wait_for(lambda: copy.read_text() == "v3\n", timeout=30)
     # The edit itself may make one follow-up pass (truncate, then write); let it finish.
-    time.sleep(1.0)
-    settled = w.passes()
+    settled = w.settle()
     time.sleep(2.5)
     assert w.passes() == settled, w.output()
     assert "pass" in w.output() and w.passes() <= 4
@@ -205,7 +207,7 @@ def test_an_instance_deleted_out_of_band_is_recreated_within_one_resync(
             status(project)["sessions"]["live"]["instance"]["uuid"] != old["uuid"]
             and ready(project)
         ),
-        timeout=30,
+        timeout=60,
     )
 
 
