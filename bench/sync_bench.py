@@ -17,6 +17,7 @@ with --rss the peak RSS of a 1 GiB push (a child process).
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from treegen import gen_tree, modify_tree
 
+import reconciler as reconciler_pkg
 from reconciler.backends import ssh as ssh_backend
 from reconciler.backends.tls import Dialer, edge_address
 from reconciler.local import daemon
@@ -138,6 +140,27 @@ def rsync_side(
     return out
 
 
+def engine_initial(metro: Metro, tree: Path, work: Path, cleanup: list[Any]) -> float:
+    """The engine alone on a fresh sandbox: connect + push of the whole tree, no process start
+    (what `ukc watch` or a long-lived client pays for an initial sync)."""
+    work.mkdir(parents=True)
+    key = work / "key"
+    pub = ssh_backend.generate_keypair(key)
+    name = f"engine-bench-{work.name}-{os.getpid()}"
+    inst = metro.create(name, pub)
+    cleanup.append(lambda: metro.delete(name))
+    fqdn = inst["service_group"]["domains"][0]["fqdn"]
+    opts = SyncOptions(local_root=tree, state_dir=work / "state")
+    os.sync()
+    t0 = time.perf_counter()
+    shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=key)
+    try:
+        engine.push(shell, opts, instance_uuid=inst["uuid"])
+    finally:
+        shell.close()
+    return time.perf_counter() - t0
+
+
 def ukc_side(
     metro: Metro, work: Path, env: dict[str, str], k: int, cleanup: list[Any]
 ) -> dict[str, float]:
@@ -153,6 +176,7 @@ def ukc_side(
     gen_tree(tree)
     out["ukc_initial_s"] = timed(ukc, cwd=proj, env=env)
     out["ukc_nochange_s"] = timed(ukc, cwd=proj, env=env)
+    out["ukc_engine_initial_s"] = engine_initial(metro, tree, work / f"eng{k}", cleanup)
     modify_tree(tree)
     out["ukc_modified_s"] = timed(ukc, cwd=proj, env=env)
 
@@ -235,6 +259,9 @@ def rss_child(state: Path, work: Path) -> None:
 
 
 def main() -> None:
+    # Byte-compile ukc as `pip install` would: with PYTHONDONTWRITEBYTECODE set (as on these
+    # machines) every fresh `ukc` process would otherwise recompile its modules from source.
+    compileall.compile_dir(str(Path(reconciler_pkg.__file__).parent), quiet=1)
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rss", action="store_true", help="also measure peak RSS of a 1 GiB push")
@@ -259,6 +286,7 @@ def main() -> None:
             print(f"{key}={med[key]:.3f}" if key.endswith("_s") else f"{key}={int(med[key])}")
         for what in ("initial", "nochange", "modified", "from"):
             print(f"ratio_{what}={med[f'ukc_{what}_s'] / med[f'rsync_{what}_s']:.2f}")
+        print(f"ratio_engine_initial={med['ukc_engine_initial_s'] / med['rsync_initial_s']:.2f}")
         if a.rss:
             proc = subprocess.run(
                 [sys.executable, __file__, "--rss-child", str(state), str(work / "rss")],
