@@ -449,9 +449,12 @@ def local_env(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"export UKC_METRO={data['api_url']}")
-    click.echo(f"export UKC_TOKEN={info.token}")
+    # Not UKC_METRO/UKC_TOKEN: those would make `ukc` itself treat the local API as a remote
+    # metro (no edge address mapping, no local CA). The SDK takes them from these on request.
+    click.echo(f"export UKC_LOCAL_API={data['api_url']}")
+    click.echo(f"export UKC_LOCAL_TOKEN={info.token}")
     click.echo(f"export UKC_LOCAL_CA={data['ca']}")
+    click.echo("# official SDK: UKC_METRO=$UKC_LOCAL_API UKC_TOKEN=$UKC_LOCAL_TOKEN python ...")
     for port, addr in data["ports"].items():
         click.echo(f"# public port {port} -> {addr} (TLS, SNI = instance fqdn)")
 
