@@ -115,14 +115,21 @@ class YamlDocument:
         return self.line
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def format_path(path: Sequence[str | int]) -> str:
     """("commands", 1, "timeout") -> "commands[1].timeout"."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
-        else:
+        elif _PLAIN_KEY.fullmatch(part):
             out += f".{part}" if out else part
+        else:
+            # Keys from a hostile file may hold newlines or escapes: quote them, so an error
+            # stays one printable line ("sync['\\n']").
+            out += f"[{_show(part)}]"
     return out
 
 
