@@ -268,3 +268,13 @@ def test_random_structures_under_spec_keys_only_ever_load_or_raise_spec_error(
     for key in ("name", "commands", "sync", "env", "secret_env", "ttl", "memory_mb", "exec"):
         doc = {"name": "a", key: value}
         _load_bytes(json.dumps(doc).encode())
+
+
+def test_a_key_with_a_newline_still_gives_a_one_line_error(tmp_path: Path) -> None:
+    # Regression: Hypothesis found `{"\n": None}` under `sync` printed a two-line field path.
+    path = tmp_path / "s.yaml"
+    path.write_text('name: x\nsync:\n  "\\n": null\n')
+    with pytest.raises(SpecError) as info:
+        load_specs([path], {})
+    message = str(info.value)
+    assert "\n" not in message and "sync['\\n']" in message
