@@ -402,13 +402,15 @@ class Executor:
 
     def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
         assert run.shell is not None and run.inst is not None
-        try:
-            result = sync_engine.push(
-                run.shell,
-                ctx.sync_options,
-                instance_uuid=run.inst.uuid,
-                local=ctx.manifest,
+        inst = run.inst
+
+        def push(shell: RemoteShell) -> sync_engine.PushResult:
+            return sync_engine.push(
+                shell, ctx.sync_options, instance_uuid=inst.uuid, local=ctx.manifest
             )
+
+        try:
+            result = push(run.shell)
         except (errors.TransportError, errors.RemoteError):
             if not run.pooled:
                 raise
@@ -418,21 +420,16 @@ class Executor:
                 run.shell.close()
             run.shell, run.pooled = None, False
             conn = self.metros.get(ctx.desired.metro)
-            current = conn.api.get_instance(run.inst.name)
-            if current is None or current.uuid != run.inst.uuid:
+            current = conn.api.get_instance(inst.name)
+            if current is None or current.uuid != inst.uuid:
                 # Deleted or replaced behind our back: do not wait a readiness deadline for
                 # a sandbox that is gone; the next pass re-observes and recreates it.
                 raise errors.NotFoundError(
-                    f"instance {run.inst.name} disappeared during the sync"
+                    f"instance {inst.name} disappeared during the sync"
                 ) from None
             self._wait_ready(ctx, conn, run)
             assert run.shell is not None
-            result = sync_engine.push(
-                run.shell,
-                ctx.sync_options,
-                instance_uuid=run.inst.uuid,
-                local=ctx.manifest,
-            )
+            result = push(run.shell)
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             # Outputs still owed from this same instance stay owed across a new push.

@@ -620,35 +620,39 @@ def emit_file(r, dpath_fd, name, st, have):
         os.close(fd)
 
 
+def pull_entry(dfd, name, rel, st, have):
+    """Announce one entry (and stream it, or walk into it); never follows a link."""
+    m = st.st_mode
+    if stat.S_ISDIR(m):
+        send({"path": rel, "type": "d", "size": 0, "mode": stat.S_IMODE(m),
+              "mtime_ns": st.st_mtime_ns})
+        try:
+            sub = os.open(name, DFLAGS, dir_fd=dfd)
+        except OSError:
+            return
+        try:
+            pull_walk(sub, rel, have)
+        finally:
+            os.close(sub)
+    elif stat.S_ISREG(m):
+        emit_file(rel, dfd, name, st, have)
+    else:
+        kind = "l" if stat.S_ISLNK(m) else "o"
+        send({"path": rel, "type": kind, "size": 0, "mode": stat.S_IMODE(m),
+              "mtime_ns": st.st_mtime_ns})
+
+
 def pull_walk(dfd, rel, have):
     try:
         names = sorted(os.listdir(dfd))
     except OSError:
         return
     for name in names:
-        r = rel + "/" + name
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except OSError:
             continue
-        m = st.st_mode
-        if stat.S_ISDIR(m):
-            send({"path": r, "type": "d", "size": 0, "mode": stat.S_IMODE(m),
-                  "mtime_ns": st.st_mtime_ns})
-            try:
-                sub = os.open(name, DFLAGS, dir_fd=dfd)
-            except OSError:
-                continue
-            try:
-                pull_walk(sub, r, have)
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(m):
-            emit_file(r, dfd, name, st, have)
-        else:
-            kind = "l" if stat.S_ISLNK(m) else "o"
-            send({"path": r, "type": kind, "size": 0, "mode": stat.S_IMODE(m),
-                  "mtime_ns": st.st_mtime_ns})
+        pull_entry(dfd, name, rel + "/" + name, st, have)
 
 
 def op_pull(req):
@@ -656,25 +660,11 @@ def op_pull(req):
     for back in req["back"]:
         try:
             parent, name = split(back)
-            pfd = open_dir(parent, False)
+            pfd = open_dir(parent, False)  # cached by open_dir: not ours to close
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except Exception:
             continue
-        m = st.st_mode
-        if stat.S_ISDIR(m):
-            send({"path": back, "type": "d", "size": 0, "mode": stat.S_IMODE(m),
-                  "mtime_ns": st.st_mtime_ns})
-            sub = os.open(name, DFLAGS, dir_fd=pfd)
-            try:
-                pull_walk(sub, back, have)
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(m):
-            emit_file(back, pfd, name, st, have)
-        else:
-            kind = "l" if stat.S_ISLNK(m) else "o"
-            send({"path": back, "type": kind, "size": 0, "mode": stat.S_IMODE(m),
-                  "mtime_ns": st.st_mtime_ns})
+        pull_entry(pfd, name, back, st, have)
     send({"end": True})
 
 
