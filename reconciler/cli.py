@@ -460,6 +460,10 @@ def local_env(as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # why: paramiko imports `invoke` (with unittest.mock and asyncio, ~28 ms of every apply that
+    # syncs) only to run ssh_config "Match exec" lines, which ukc never reads. Only this
+    # process's entry point does it: a library user's `import invoke` keeps working.
+    sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
     cli.main(args=list(argv) if argv is not None else None, prog_name="ukc")
 
 

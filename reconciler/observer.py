@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import errors, naming, planner, spec, status
+from reconciler.atomicfile import sweep_dead_temps, write_atomic
 from reconciler.backends import Instance
 from reconciler.metro import MetroRegistry, metro_label
 from reconciler.sync import engine as sync_engine
@@ -81,25 +81,21 @@ def group_sessions(loaded: Iterable[spec.LoadedSession]) -> list[Group]:
 def _salt(state_dir: Path) -> bytes:
     """A per-project random salt, so hashes of secret values in the status file reveal nothing.
 
-    Written to a temp file and renamed into place: a kill mid-write never leaves a short salt
-    behind (a short one is replaced; that only makes commands with secrets run once more).
+    Written through a temp file and a rename: a kill mid-write never leaves a short salt behind
+    (a short one is replaced; that only makes commands with secrets run once more), and the
+    temp file of a killed writer is swept by the next call.
     """
     path = state_dir / "salt"
     try:
         value = path.read_bytes()
         if len(value) == 32:
+            sweep_dead_temps(path)
             return value
     except FileNotFoundError:
         pass
     state_dir.mkdir(parents=True, exist_ok=True)
     value = secrets.token_bytes(32)
-    tmp = state_dir / f".salt.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(value)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, value)
     return value
 
 

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -169,7 +170,7 @@ class UkcApi:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         page_size: int = 100,
-        verify: bool | str = True,
+        verify: bool | ssl.SSLContext = True,
     ) -> None:
         if page_size < 1:
             raise ValueError(f"page size {page_size} is below 1")
@@ -182,6 +183,11 @@ class UkcApi:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._page_size = page_size
+        if verify is True and self.base_url.lower().startswith("http://"):
+            # why: httpx builds a verifying context (certifi's ~150 CA certificates, ~35 ms) even
+            # for a plain-HTTP base URL such as the local metro's; with redirects off it is never
+            # used. An empty one that trusts nothing fails closed if it ever were.
+            verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self._client = httpx.Client(
             base_url=self.base_url,
             transport=transport,

@@ -1,18 +1,18 @@
 """Small JSON records kept in the controller's per-session sync state dir.
 
 Who feeds it: `manifest` (hash cache, push record), `pull` (pull record). Who uses it: the same
-modules, and `engine.forget`. Writes are atomic (temp file in the same directory, fsync,
-rename) so a crash leaves either the old record or the new one, never a torn file.
+modules, and `engine.forget`. Writes are atomic (`atomicfile`: temp file in the same
+directory, fsync, rename) so a crash leaves either the old record or the new one, never a torn
+file, and a killed writer's temp file is swept by the next write.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from reconciler.atomicfile import write_atomic
 
 __all__ = ["HASH_CACHE", "PULL_RECORD", "PUSH_RECORD", "read_record", "write_record"]
 
@@ -37,18 +37,7 @@ def write_record(state_dir: Path, name: str, data: dict[str, Any], *, durable: b
     `durable=False` skips the fsync, for caches whose loss only costs time (a torn or empty
     file reads as "no record").
     """
-    text = json.dumps(data, separators=(",", ":"))
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, state_dir / name)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(data, separators=(",", ":"))
+    write_atomic(state_dir / name, text.encode("utf-8", "surrogateescape"), durable=durable)

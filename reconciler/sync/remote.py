@@ -15,6 +15,7 @@ import hashlib
 import json
 import shlex
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from reconciler.backends import RemoteProcess, RemoteShell
@@ -79,7 +80,7 @@ def encode_frame(obj: Any) -> bytes:
 class FrameReader:
     """Buffered reads of frames and raw bytes from a process's stdout."""
 
-    def __init__(self, proc: RemoteProcess, on_eof: Any = None) -> None:
+    def __init__(self, proc: RemoteProcess, on_eof: Callable[[], str] | None = None) -> None:
         self._proc = proc
         self._buf = bytearray()
         self._on_eof = on_eof
@@ -88,10 +89,11 @@ class FrameReader:
         while len(self._buf) < n:
             chunk = self._proc.read(max(n - len(self._buf), 1 << 16))
             if not chunk:
-                if self._on_eof is not None:
-                    self._on_eof()
+                # on_eof raises for a failed exit; otherwise it says how the helper ended
+                why = self._on_eof() if self._on_eof is not None else ""
                 raise RemoteError(
                     f"sync helper closed its output after {len(self._buf)} of {n} bytes"
+                    + (f" ({why})" if why else "")
                 )
             self._buf += chunk
 
@@ -132,12 +134,13 @@ class HelperSession:
     def __exit__(self, *exc: object) -> None:
         self.close(abort=exc[0] is not None)
 
-    def _died(self) -> None:
-        """The helper stopped talking: turn its exit status into a clear error."""
+    def _died(self) -> str:
+        """The helper stopped talking: raise a clear error for a failed exit, else say how it
+        ended (a clean exit without an answer means its input ended early)."""
         try:
             code = self.proc.wait(timeout=5)
         except TimeoutError:
-            return
+            return "it has not exited after 5 s"
         if code == 127:
             raise RemoteError(
                 f"sandbox has no {self.opts.remote_python} (the sync helper needs python3 >= "
@@ -145,6 +148,8 @@ class HelperSession:
             )
         if code != 0:
             raise RemoteError(f"sync helper in sandbox exited with code {code}: {self._stderr()}")
+        err = self._stderr()
+        return "it exited with status 0" + (f": {err}" if err else "")
 
     def _stderr(self) -> str:
         try:

@@ -1,0 +1,57 @@
+"""Small files written whole or not at all, and the temp files of killed writers swept away.
+
+Who uses it: the observer (the project salt) and the sync records. A writer writes
+`.NAME.PID.tmp` beside the target, then renames it into place; a writer killed in between leaves
+its temp file behind, which the next writer removes once that pid is gone. (The status file has
+its own sweep: only the lock holder writes it, so it removes every temp file it finds.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["sweep_dead_temps", "write_atomic"]
+
+
+def _temp_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
+
+
+def sweep_dead_temps(path: Path) -> None:
+    """Remove `path`'s temp files whose writer process no longer exists."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            pid = stale.name[len(path.name) + 2 : -len(".tmp")]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
+    """Write `data` to `path` through a temp file and a rename (fsync'd unless not durable)."""
+    tmp = _temp_for(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    sweep_dead_temps(path)

@@ -1,0 +1,51 @@
+"""Whole-or-nothing small files, and the temp files of killed writers."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from reconciler.atomicfile import sweep_dead_temps, write_atomic
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_write_atomic_leaves_the_new_content_with_the_given_mode_and_no_temp_file(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "salt"
+    target.write_bytes(b"old")
+    write_atomic(target, b"new content", mode=0o600)
+    assert target.read_bytes() == b"new content"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["salt"]
+
+
+def test_a_killed_writers_temp_file_is_swept_and_a_live_writers_is_kept(tmp_path: Path) -> None:
+    target = tmp_path / "push.json"
+    dead = tmp_path / f".push.json.{_dead_pid()}.tmp"
+    live = tmp_path / f".push.json.{os.getppid()}.tmp"  # our parent is alive while we run
+    other = tmp_path / ".other.json.1.tmp"
+    for path in (dead, live, other):
+        path.write_bytes(b"partial")
+    write_atomic(target, b"{}")
+    assert not dead.exists()
+    assert live.exists() and other.exists()
+
+
+def test_sweeping_ignores_names_that_carry_no_pid(tmp_path: Path) -> None:
+    odd = tmp_path / ".salt.notapid.tmp"
+    odd.write_bytes(b"x")
+    sweep_dead_temps(tmp_path / "salt")
+    assert odd.exists()
+
+
+def test_sweeping_a_missing_directory_is_a_no_op(tmp_path: Path) -> None:
+    sweep_dead_temps(tmp_path / "absent" / "salt")
