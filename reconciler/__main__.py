@@ -1,5 +1,5 @@
 """`python -m reconciler` is `ukc`."""
 
-from reconciler.cli import main
+from reconciler.launcher import main
 
 main()

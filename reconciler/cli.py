@@ -459,6 +459,41 @@ def local_env(as_json: bool) -> None:
         click.echo(f"# public port {port} -> {addr} (TLS, SNI = instance fqdn)")
 
 
+@cli.group()
+def warm() -> None:
+    """The warm process that runs short commands without import costs (UKC_WARM=0: off)."""
+
+
+@warm.command("status")
+@_guard
+def warm_status() -> None:
+    """Say whether a warm process serves this installation."""
+    from reconciler import warm as warm_process
+
+    path = warm_process.socket_path()
+    info = warm_process.status(path) if path is not None else None
+    if info is None:
+        click.echo("warm process: not running" + ("" if path else " (no private socket dir)"))
+        sys.exit(3)
+    click.echo(
+        f"warm process: pid {info.get('pid')}, up {info.get('uptime_s')} s, "
+        f"{info.get('commands')} command(s), idle {info.get('idle_s')} s"
+        + ("" if info.get("fresh") else ", stale (replaced at the next command)")
+        + f", socket {path}"
+    )
+
+
+@warm.command("stop")
+@_guard
+def warm_stop() -> None:
+    """Stop the warm process (commands it runs finish; the next command starts a new one)."""
+    from reconciler import warm as warm_process
+
+    path = warm_process.socket_path()
+    stopped = path is not None and warm_process.request_stop(path)
+    click.echo("warm process stopped" if stopped else "warm process was not running")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     # why: paramiko imports `invoke` (with unittest.mock and asyncio, ~28 ms of every apply that
     # syncs) only to run ssh_config "Match exec" lines, which ukc never reads. Only this

@@ -4,14 +4,40 @@ In CI, Hypothesis runs derandomized (the same examples every run) and without pe
 deadlines: a property that fails must fail on every run of the same commit, not by luck on a
 busy 2-core machine. Locally it explores new examples each run; a failure found there is kept
 in `.hypothesis/` and should become a named regression test.
+
+Every `ukc` process a test starts uses this test session's own warm process (in a private
+temp dir), stopped when the session ends: nothing from a user's warm process leaks in, and none
+outlives the suite.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
+
+from reconciler import warm
 
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("warm")
+    path.chmod(0o700)
+    before = os.environ.get("UKC_WARM_DIR")
+    os.environ["UKC_WARM_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        for sock in path.glob("warm-*.sock"):
+            warm.request_stop(sock)
+        if before is None:
+            os.environ.pop("UKC_WARM_DIR", None)
+        else:
+            os.environ["UKC_WARM_DIR"] = before

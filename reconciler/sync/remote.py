@@ -33,17 +33,20 @@ _FLUSH_AT = 1 << 20
 #: CPU than 128 KiB ones on the TLS-SSH path (0.50 s vs 0.36 s per 96 MiB)
 _PIECE = 128 << 10
 _PROGRAM = HELPER_SOURCE.encode("ascii")
-_PROGRAM_ID = hashlib.sha256(_PROGRAM).hexdigest()[:16]
 #: The bootstrap: read the program (always sent), run its code object cached in the remote
 #: state dir under (program hash, interpreter version), else compile it and cache it.
 #: why: compiling ~20 KB costs ~5 ms at every start, and watch mode starts one per pass. The
 #: cache lives in the sandbox, as does the interpreter: a tampered cache is no new power, and
 #: whatever the helper says is untrusted anyway. argv: program length, state dir, program id,
 #: "w" to write the cache ("r" for pulls, which leave the sandbox as they found it).
+#: Only a program read in full is run or cached. why: a client killed while sending it ends
+#: the stream early, and a program cut at a statement boundary still compiles; cached, that
+#: truncated program (which never reaches `main()`) answered nothing, forever, in that sandbox.
 _BOOT = "\n".join(
     [
         "import sys,os,marshal",
         "s=sys.stdin.buffer.read(int(sys.argv[1]))",
+        "if len(s)!=int(sys.argv[1]):sys.exit('ukc sync helper: program cut short')",
         "p='%s/helper-%s-%x.bin'%(sys.argv[2],sys.argv[3],sys.hexversion)",
         "try:",
         " with open(p,'rb') as f:c=marshal.loads(f.read())",
@@ -59,6 +62,9 @@ _BOOT = "\n".join(
         "exec(c)",
     ]
 )
+#: names the cache entry: the program and the bootstrap that reads it (a cache written by an
+#: older bootstrap is never trusted)
+_PROGRAM_ID = hashlib.sha256(_PROGRAM + _BOOT.encode("ascii")).hexdigest()[:16]
 
 
 def helper_command(opts: SyncOptions, *, cache: bool = True) -> str:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from reconciler import warm
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
 
@@ -33,6 +35,20 @@ def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetroInfo]:
         metro_daemon.stop(state_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_process(warm_dir: Path) -> Path:
+    """The suite's warm process, up before the first test: every `ukc` run is a warm one (the
+    way a user's second command runs), so timings measured in one test hold in the next."""
+    path = warm.socket_path()
+    assert path is not None and path.parent == warm_dir
+    warm.spawn(path)
+    deadline = time.monotonic() + 60
+    while warm.status(path) is None:
+        assert time.monotonic() < deadline, "the warm process did not start within 60 s"
+        time.sleep(0.05)
+    return path
+
+
 @dataclass
 class Ukc:
     """Runs `ukc` in a project directory against the test metro."""
@@ -42,7 +58,10 @@ class Ukc:
     extra_env: dict[str, str]
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
+        # the suite's own warm process (tests/conftest.py) is kept; every other UKC_ is not
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("UKC_") or k == "UKC_WARM_DIR"
+        }
         env["UKC_LOCAL_STATE_DIR"] = str(self.metro.state_dir)
         env.update(self.extra_env)
         return env

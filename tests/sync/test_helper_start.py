@@ -86,6 +86,28 @@ class TestCompiledCache:
         assert (site.remote / "b.txt").read_text() == "b"
         assert marshal.loads(cached.read_bytes()).co_filename == "ukc-sync"
 
+    @pytest.mark.parametrize("cut", ["nothing", "one byte", "a statement boundary"])
+    def test_a_helper_whose_client_died_while_sending_the_program_caches_nothing(
+        self, site: Site, cut: str
+    ) -> None:
+        # Regression (CI, crash test): a client killed before sending the program left an
+        # empty program, which compiled, was cached, and made every later helper in that
+        # sandbox exit 0 without a word. A program cut between two statements compiles too.
+        from reconciler.sync.remote import _PROGRAM, helper_command
+
+        sent = {"nothing": 0, "one byte": 1}.get(cut, _PROGRAM.index(b"\ndef rd("))
+        compile(_PROGRAM[:sent], "cut", "exec")  # the danger: each cut is valid Python
+        opts = site.opts()
+        proc = site.shell.start(helper_command(opts))
+        proc.write(_PROGRAM[:sent])
+        proc.close_stdin()
+        assert proc.wait(timeout=30) != 0
+        assert list(site.remote_state.glob("helper-*.bin")) == []
+        write(site.local / "a.txt", "a")
+        result = push(site.shell, opts, instance_uuid="u1")
+        assert result.files_sent == 1
+        assert (site.remote / "a.txt").read_text() == "a"
+
     def test_a_state_dir_that_cannot_hold_the_cache_only_costs_the_compile(
         self, site: Site
     ) -> None:

@@ -1,0 +1,283 @@
+"""The warm process: commands forked from a process that has ukc imported, run as the client.
+
+Each test starts its own warm process in its own private directory, and runs `ukc` as a real
+process (`python -m reconciler`), the way a user's shell does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler import warm
+
+SPEC = "name: hello\nimage: base:latest\ndirectory: .\n"
+
+
+@pytest.fixture
+def warm_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    sockets = tmp_path / "sockets"
+    sockets.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
+    env["UKC_WARM_DIR"] = str(sockets)
+    yield env
+    path = warm.socket_path(env)
+    if path is not None:
+        warm.request_stop(path)
+
+
+def start_server(env: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+    path = warm.socket_path(env)
+    assert path is not None
+    warm.spawn(path, env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info = warm.status(path)
+        if info is not None:
+            return path, info
+        time.sleep(0.05)
+    raise AssertionError("the warm process did not answer within 30 s")
+
+
+def ukc(
+    env: dict[str, str], cwd: Path, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def commands_run(path: Path) -> int:
+    info = warm.status(path)
+    assert info is not None
+    return int(info["commands"])
+
+
+def test_a_short_command_runs_in_the_warm_process_in_the_clients_directory_and_exit_code(
+    warm_env: dict[str, str], tmp_path: Path
+) -> None:
+    path, _ = start_server(warm_env)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "session.yaml").write_text(SPEC)
+    ok = ukc(warm_env, project, "validate")
+    assert ok.returncode == 0, ok.stderr
+    assert "ok  hello  (" in ok.stdout and "1 session(s) valid" in ok.stdout
+    (project / "session.yaml").write_text(SPEC + "bogus: 1\n")
+    bad = ukc(warm_env, project, "validate")
+    assert bad.returncode == 2
+    assert "bogus" in bad.stderr and "session.yaml:4" in bad.stderr
+    assert commands_run(path) == 2
+
+
+def test_each_command_sees_its_own_clients_environment(
+    warm_env: dict[str, str], tmp_path: Path
+) -> None:
+    path, _ = start_server(warm_env)
+    (tmp_path / "session.yaml").write_text(SPEC + "bogus: 1\n")
+    plain = ukc(warm_env, tmp_path, "validate")
+    debug = ukc({**warm_env, "UKC_DEBUG": "1"}, tmp_path, "validate")
+    again = ukc(warm_env, tmp_path, "validate")
+    assert "Traceback" not in plain.stderr
+    assert "Traceback" in debug.stderr  # UKC_DEBUG reached that command only
+    assert "Traceback" not in again.stderr
+    assert commands_run(path) == 3
+
+
+def test_without_a_warm_process_the_command_runs_here_and_starts_one_for_next_time(
+    warm_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "session.yaml").write_text(SPEC)
+    first = ukc(warm_env, tmp_path, "validate")
+    assert first.returncode == 0 and "1 session(s) valid" in first.stdout
+    path = warm.socket_path(warm_env)
+    assert path is not None
+    deadline = time.monotonic() + 30
+    while warm.status(path) is None:
+        assert time.monotonic() < deadline, "no warm process was started"
+        time.sleep(0.05)
+    second = ukc(warm_env, tmp_path, "validate")
+    assert second.returncode == 0 and commands_run(path) == 1
+
+
+def test_ukc_warm_0_runs_every_command_here(warm_env: dict[str, str], tmp_path: Path) -> None:
+    path, _ = start_server(warm_env)
+    (tmp_path / "session.yaml").write_text(SPEC)
+    done = ukc({**warm_env, "UKC_WARM": "0"}, tmp_path, "validate")
+    assert done.returncode == 0
+    assert commands_run(path) == 0
+
+
+def test_a_stale_warm_process_hands_the_command_back_and_exits(
+    warm_env: dict[str, str], tmp_path: Path
+) -> None:
+    # A directory on the server's sys.path stands for an upgraded package: it changes.
+    extra = tmp_path / "site"
+    extra.mkdir()
+    env = {**warm_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(extra), sys.path[0]]))}
+    path, info = start_server(env)
+    assert info["fresh"] is True
+    (extra / "new_package.py").write_text("")
+    assert warm.run(["validate"], path) is None
+    deadline = time.monotonic() + 10
+    while warm.status(path) is not None:
+        assert time.monotonic() < deadline, "the stale warm process did not exit"
+        time.sleep(0.05)
+
+
+def test_a_socket_directory_others_can_enter_is_never_used(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    assert warm.socket_path({"UKC_WARM_DIR": str(shared)}) is None
+    private = tmp_path / "private"
+    found = warm.socket_path({"UKC_WARM_DIR": str(private)})
+    assert found is not None and found.parent == private
+    assert private.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_client_that_never_says_go_gets_nothing_run(
+    warm_env: dict[str, str], tmp_path: Path
+) -> None:
+    path, _ = start_server(warm_env)
+    project = tmp_path / "empty"
+    project.mkdir()
+    request = {
+        "op": "run",
+        "argv": ["apply"],
+        "cwd": str(project),
+        "env": warm_env,
+        "umask": 0o022,
+        "streams": {},
+    }
+    payload = json.dumps(request).encode()
+    null = os.open(os.devnull, os.O_RDWR)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        fds = struct.pack("3i", null, null, null)
+        sock.sendmsg(
+            [struct.pack(">I", len(payload))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+        )
+        sock.sendall(payload)
+        assert sock.recv(1) == b"R"
+    os.close(null)
+    time.sleep(0.5)
+    # `apply` in an empty directory writes .ukc/status.json: it never started
+    assert not (project / ".ukc").exists()
+    done = ukc(warm_env, project, "apply")
+    assert done.returncode == 0 and (project / ".ukc" / "status.json").exists()
+
+
+class HangingApi:
+    """A TCP listener that accepts and never answers: a command talking to it blocks."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.accepted = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted.set()
+
+    def peer_closed(self, timeout: float) -> bool:
+        conn = self.conns[-1]
+        conn.settimeout(timeout)
+        try:
+            while conn.recv(4096):
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def hanging_api() -> Iterator[HangingApi]:
+    api = HangingApi()
+    yield api
+    api.close()
+
+
+def blocked_apply(env: dict[str, str], project: Path, api: HangingApi) -> subprocess.Popen[str]:
+    project.mkdir()
+    (project / "session.yaml").write_text(
+        SPEC.replace("image:", f"metro: http://127.0.0.1:{api.port}\nimage:")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "apply"],
+        cwd=project,
+        env={**env, "UKC_TOKEN": "t0ken"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert api.accepted.wait(30), "apply never reached the API"
+    return proc
+
+
+def test_ctrl_c_at_the_client_interrupts_the_warm_command(
+    warm_env: dict[str, str], tmp_path: Path, hanging_api: HangingApi
+) -> None:
+    path, _ = start_server(warm_env)
+    proc = blocked_apply(warm_env, tmp_path / "p", hanging_api)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert commands_run(path) == 1
+
+
+def test_a_killed_client_takes_its_warm_command_with_it(
+    warm_env: dict[str, str], tmp_path: Path, hanging_api: HangingApi
+) -> None:
+    start_server(warm_env)
+    proc = blocked_apply(warm_env, tmp_path / "p", hanging_api)
+    proc.kill()
+    proc.wait()
+    # the command's connection to the API closes: the process holding it is gone
+    assert hanging_api.peer_closed(timeout=10)
+
+
+def test_stop_ends_the_warm_process_and_the_cli_says_so(
+    warm_env: dict[str, str], tmp_path: Path
+) -> None:
+    path, info = start_server(warm_env)
+    shown = ukc({**warm_env, "UKC_WARM": "0"}, tmp_path, "warm", "status")
+    assert shown.returncode == 0 and f"pid {info['pid']}" in shown.stdout
+    stopped = ukc({**warm_env, "UKC_WARM": "0"}, tmp_path, "warm", "stop")
+    assert "warm process stopped" in stopped.stdout
+    assert warm.status(path) is None
+    after = ukc({**warm_env, "UKC_WARM": "0"}, tmp_path, "warm", "status")
+    assert after.returncode == 3 and "not running" in after.stdout
