@@ -4,7 +4,9 @@
     .venv/bin/python bench/apply_bench.py [--runs 5] [--sessions 500]
 
 Prints key=value lines:
-  noop_apply_s         median wall time of `ukc apply` (a new process) on a converged session
+  noop_apply_s         median wall time of `ukc apply` (a new process) on a converged session,
+                       forked by the warm process (as a user's second command is)
+  noop_apply_cold_s    the same with UKC_WARM=0 (no warm process: every import paid)
   noop_apply_requests  platform API requests that apply made (from its --output json)
   plan_500_s           median wall time of `ukc plan` over 500 sessions (a new process)
   plan_500_requests    platform API requests that plan made
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import reconciler as reconciler_pkg
+from reconciler import warm
 from reconciler.local import daemon
 
 
@@ -58,6 +61,11 @@ def main() -> None:
     state = work / "metro"
     env = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
     env["UKC_LOCAL_STATE_DIR"] = str(state)
+    env["UKC_WARM_DIR"] = str(work / "warm")  # the bench's own, stopped at the end
+    warm_socket = warm.socket_path(env)
+    if warm_socket is None:
+        raise SystemExit(f"no private directory for the warm process at {env['UKC_WARM_DIR']}")
+    warm.start(warm_socket, env)
     try:
         daemon.ensure_running(state)
         one = work / "one"
@@ -73,6 +81,8 @@ def main() -> None:
             requests.append(int(data["api_requests"]))  # type: ignore[call-overload]
         print(f"noop_apply_s={statistics.median(times):.3f}")
         print(f"noop_apply_requests={max(requests)}")
+        cold = [run(["apply", "s.yaml"], one, {**env, "UKC_WARM": "0"})[0] for _ in range(a.runs)]
+        print(f"noop_apply_cold_s={statistics.median(cold):.3f}")
         run(["delete", "s.yaml"], one, env)
 
         many = work / "many"
@@ -90,6 +100,7 @@ def main() -> None:
         print(f"plan_{a.sessions}_s={statistics.median(times):.3f}")
         print(f"plan_{a.sessions}_requests={max(requests)}")
     finally:
+        warm.request_stop(warm_socket)
         daemon.stop(state)
         shutil.rmtree(work, ignore_errors=True)
 

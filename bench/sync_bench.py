@@ -6,9 +6,11 @@
 Both sides reach a sandbox the way UKC exposes it: TLS on public port 2222 at the metro's edge
 (SNI = the instance FQDN), SSH inside. rsync uses the original workflow's command
 (`rsync -az --delete` with an `openssl s_client` ProxyCommand), a fresh process per call; ukc is
-measured as a user runs it (`ukc apply`, a fresh process) and, where the issue asks for
-counters, through the engine. The tree is the baseline's (bench/treegen.py: 2,000 small files +
-5 × 8 MiB, 59.5 MB, seeded). Each run makes fresh sandboxes for both sides; figures are medians.
+measured as a user runs it (`ukc apply`, a fresh process, forked by the warm process a first
+command starts; `ukc_modified_cold_s` is the same apply with UKC_WARM=0) and, where the issue
+asks for counters, through the engine. The tree is the baseline's (bench/treegen.py: 2,000
+small files + 5 × 8 MiB, 59.5 MB, seeded). Each run makes fresh sandboxes for both sides;
+figures are medians.
 
 Prints key=value lines: rsync_* and ukc_* seconds, their ratios, the no-change counters, and
 with --rss the peak RSS of a 1 GiB push (a child process).
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from treegen import gen_tree, modify_tree
 
 import reconciler as reconciler_pkg
+from reconciler import warm
 from reconciler.backends import ssh as ssh_backend
 from reconciler.backends.tls import Dialer, edge_address
 from reconciler.local import daemon
@@ -179,6 +182,9 @@ def ukc_side(
     out["ukc_engine_initial_s"] = engine_initial(metro, tree, work / f"eng{k}", cleanup)
     modify_tree(tree)
     out["ukc_modified_s"] = timed(ukc, cwd=proj, env=env)
+    # the same again without the warm process (a user's first command, or UKC_WARM=0)
+    modify_tree(tree)
+    out["ukc_modified_cold_s"] = timed(ukc, cwd=proj, env={**env, "UKC_WARM": "0"})
 
     status = json.loads((proj / ".ukc" / "status.json").read_text())["sessions"]["bench"]
     fqdn = status["instance"]["fqdn"]
@@ -274,6 +280,13 @@ def main() -> None:
     state = work / "metro"
     env = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
     env["UKC_LOCAL_STATE_DIR"] = str(state)
+    # ukc as a user runs it a second time: its warm process is up (`ukc_modified_cold_s` is
+    # measured without it). The bench's own, in a private dir, stopped at the end.
+    env["UKC_WARM_DIR"] = str(work / "warm")
+    warm_socket = warm.socket_path(env)
+    if warm_socket is None:
+        raise SystemExit(f"no private directory for the warm process at {env['UKC_WARM_DIR']}")
+    warm.start(warm_socket, env)
     try:
         metro = Metro(state)
         cleanup: list[Any] = []
@@ -287,6 +300,7 @@ def main() -> None:
         for what in ("initial", "nochange", "modified", "from"):
             print(f"ratio_{what}={med[f'ukc_{what}_s'] / med[f'rsync_{what}_s']:.2f}")
         print(f"ratio_engine_initial={med['ukc_engine_initial_s'] / med['rsync_initial_s']:.2f}")
+        print(f"ratio_modified_cold={med['ukc_modified_cold_s'] / med['rsync_modified_s']:.2f}")
         if a.rss:
             proc = subprocess.run(
                 [sys.executable, __file__, "--rss-child", str(state), str(work / "rss")],
@@ -296,6 +310,7 @@ def main() -> None:
             )
             print(proc.stdout.strip())
     finally:
+        warm.request_stop(warm_socket)
         daemon.stop(state)
         shutil.rmtree(work, ignore_errors=True)
 

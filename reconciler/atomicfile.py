@@ -12,17 +12,21 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["sweep_dead_temps", "write_atomic"]
+__all__ = ["pid_alive", "sweep_dead_temps", "write_atomic"]
 
 
 def _temp_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (pid reuse can only make a dead writer look
+    alive: its temp file then stays, which is harmless)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True  # someone else's process: not ours to judge
@@ -34,7 +38,7 @@ def sweep_dead_temps(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             pid = stale.name[len(path.name) + 2 : -len(".tmp")]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
 

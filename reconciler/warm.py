@@ -48,6 +48,7 @@ __all__ = [
     "run",
     "socket_path",
     "spawn",
+    "start",
     "status",
 ]
 
@@ -254,6 +255,21 @@ def spawn(path: Path, environ: dict[str, str] | os._Environ[str] | None = None) 
             start_new_session=True,
             close_fds=True,
         )
+
+
+def start(
+    path: Path, environ: dict[str, str] | os._Environ[str] | None = None, timeout_s: float = 60
+) -> dict[str, Any]:
+    """Start a server for `path` and wait until it answers (its status); TimeoutError if not."""
+    spawn(path, environ)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = status(path)
+        if info is not None:
+            return info
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the warm process for {path} did not answer within {timeout_s} s")
+        time.sleep(0.05)
 
 
 def _ask(path: Path, op: str) -> dict[str, Any] | None:
@@ -499,9 +515,8 @@ def _rebind_streams(streams: dict[str, Any]) -> None:
 
 
 def _preload() -> None:
-    """Import what commands use, so every fork starts with it loaded."""
-    import httpx
-
+    """Import what commands use, and build what every command would build, once: each fork
+    starts with it."""
     import reconciler.applying
     import reconciler.backends.ssh
     import reconciler.cli
@@ -511,10 +526,12 @@ def _preload() -> None:
     import reconciler.metro
     import reconciler.reporting
     import reconciler.sync.engine  # noqa: F401
+    from reconciler.backends.ukc import UkcApi, verifying_context
 
-    # why: the first client builds lazily imported parts (httpcore, h11, the SSL module's
-    # context code); building one here moves that cost out of every command
-    httpx.Client(verify=False).close()
+    # why: a first client imports its lazy parts (httpcore, h11); the CA bundle is the
+    # remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may set, build their own)
+    UkcApi("http://127.0.0.1:9", None, metro="warm").close()
+    verifying_context(None, None)
 
 
 def serve(path: Path) -> None:

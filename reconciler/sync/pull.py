@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler.atomicfile import pid_alive
 from reconciler.backends import RemoteShell
 from reconciler.errors import HostileEntryError, SyncHaltedError
 from reconciler.sync.ignore import is_under
@@ -125,6 +126,7 @@ class _Tree:
         except (FileNotFoundError, NotADirectoryError):
             raise SyncHaltedError(f"local root {root} is missing; nothing was pulled") from None
         self._fds: dict[str, int] = {}
+        _sweep_dead_temps(self.rootfd)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -143,6 +145,7 @@ class _Tree:
         pfd = self.dir(parent)
         try:
             fd = os.open(name, _DFLAGS, dir_fd=pfd)
+            _sweep_dead_temps(fd)
         except FileNotFoundError:
             os.mkdir(name, mode, dir_fd=pfd)
             fd = os.open(name, _DFLAGS, dir_fd=pfd)
@@ -242,7 +245,7 @@ class _Puller:
             return True
         if size <= _SMALL and self.threads > 0:
             return self._small(path, pfd, name, size, mode, mtime)
-        tmp = f"{_TMP}{secrets.token_hex(6)}"
+        tmp = _temp_name()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
         h = hashlib.sha256()
         total = 0
@@ -298,7 +301,7 @@ class _Puller:
     def _write_small(
         self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int
     ) -> None:
-        tmp = f"{_TMP}{secrets.token_hex(6)}"
+        tmp = _temp_name()
         try:
             fd = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd
@@ -364,6 +367,31 @@ class _Puller:
             return hash_file(fd)
         finally:
             os.close(fd)
+
+
+def _temp_name() -> str:
+    """`.ukc-pull.PID.RANDOM`: the pid tells a later pull whether the writer is still alive."""
+    return f"{_TMP}{os.getpid()}.{secrets.token_hex(6)}"
+
+
+def _sweep_dead_temps(dir_fd: int) -> None:
+    """Remove temp files that a killed pull left in this directory (a live pull's stay)."""
+    try:
+        names = os.listdir(dir_fd)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_TMP):
+            continue
+        pid = name[len(_TMP) :].partition(".")[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid))):
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            _unlink_quiet(name, dir_fd)
 
 
 def _unlink_quiet(name: str, dir_fd: int) -> None:

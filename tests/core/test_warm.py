@@ -41,14 +41,7 @@ def warm_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 def start_server(env: dict[str, str]) -> tuple[Path, dict[str, Any]]:
     path = warm.socket_path(env)
     assert path is not None
-    warm.spawn(path, env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        info = warm.status(path)
-        if info is not None:
-            return path, info
-        time.sleep(0.05)
-    raise AssertionError("the warm process did not answer within 30 s")
+    return path, warm.start(path, env, timeout_s=30)
 
 
 def ukc(

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +40,7 @@ def warm_process(warm_dir: Path) -> Path:
     way a user's second command runs), so timings measured in one test hold in the next."""
     path = warm.socket_path()
     assert path is not None and path.parent == warm_dir
-    warm.spawn(path)
-    deadline = time.monotonic() + 60
-    while warm.status(path) is None:
-        assert time.monotonic() < deadline, "the warm process did not start within 60 s"
-        time.sleep(0.05)
+    warm.start(path)
     return path
 
 

@@ -7,6 +7,8 @@ import io
 import os
 import stat
 import struct
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,27 @@ class TestPull:
             world.local / "out/sub/data.bin",
         }
         assert plan_pull(world.opts(back=BACK)).known_files == 2
+
+    def test_temp_files_of_a_killed_pull_are_swept_and_a_live_pulls_are_kept(
+        self, world: Site
+    ) -> None:
+        # Regression (crash test): a pull killed between writing a temp file and renaming it
+        # left `out/.ukc-pull.*` behind for good.
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        leftovers = {
+            "killed": world.local / f"out/.ukc-pull.{dead.pid}.0a1b2c3d4e5f",
+            "older ukc": world.local / "out/.ukc-pull.891d198e80c3",
+            "killed, top": world.local / f".ukc-pull.{dead.pid}.ffffffffffff",
+        }
+        live = world.local / f"out/.ukc-pull.{os.getppid()}.0a1b2c3d4e5f"
+        for path in [*leftovers.values(), live]:
+            write(path, "partial")
+        write(world.remote / "out/report.txt", "done")
+        result = pull(world.shell, world.opts(back=(*BACK, "top.txt")))
+        assert result.files_written == 1
+        assert [k for k, p in leftovers.items() if p.exists()] == []
+        assert live.exists()
 
     def test_an_unchanged_remote_is_not_resent(self, world: Site) -> None:
         write(world.remote / "out/report.txt", "done")
