@@ -109,7 +109,8 @@ def socket_path(environ: dict[str, str] | os._Environ[str] | None = None) -> Pat
     if base is None:
         return None
     here = os.path.dirname(os.path.abspath(__file__))
-    key = hashlib.sha256(f"{os.path.realpath(sys.executable)}\0{here}".encode()).hexdigest()
+    # why not the real path: venvs link to one base interpreter; sys.prefix tells them apart
+    key = hashlib.sha256(f"{sys.executable}\0{sys.prefix}\0{here}".encode()).hexdigest()
     return base / f"warm-{key[:12]}.sock"
 
 
@@ -246,15 +247,22 @@ def spawn(path: Path, environ: dict[str, str] | os._Environ[str] | None = None) 
     source = os.environ if environ is None else environ
     env = {k: v for k, v in source.items() if k in _SERVER_ENV}
     with contextlib.suppress(OSError):
-        subprocess.Popen(
-            [sys.executable, "-m", "reconciler.warm", "serve", str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            close_fds=True,
-        )
+        # why -P and cwd "/": `-m` would put the caller's directory first on sys.path, and a
+        # project's own `yaml.py` or `click.py` would then shadow the real one in every command
+        log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            subprocess.Popen(
+                [sys.executable, "-P", "-m", "reconciler.warm", "serve", str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,  # only the server's own failures; commands write to their caller
+                env=env,
+                cwd="/",
+                start_new_session=True,
+                close_fds=True,
+            )
+        finally:
+            os.close(log)
 
 
 def start(

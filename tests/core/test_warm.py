@@ -274,3 +274,14 @@ def test_stop_ends_the_warm_process_and_the_cli_says_so(
     assert warm.status(path) is None
     after = ukc({**warm_env, "UKC_WARM": "0"}, tmp_path, "warm", "status")
     assert after.returncode == 3 and "not running" in after.stdout
+
+
+def test_a_module_in_the_callers_directory_never_shadows_a_library_in_the_warm_process(
+    warm_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "click.py").write_text("raise SystemExit('shadowed')\n")
+    monkeypatch.chdir(tmp_path)
+    path, info = start_server(warm_env)  # it imports click while starting
+    assert info["fresh"] is True
+    log = path.with_suffix(".log")
+    assert "shadowed" not in log.read_text()
