@@ -223,26 +223,31 @@ def clean_run_s(metro: MetroInfo, tmp_path: Path) -> tuple[float, float]:
     Kill points are spread over that span: before the first action the process only imports
     and reads, which the kills would otherwise spend most of their budget on.
     """
-    tool = new_project(metro, tmp_path / "measure", random.Random(SEED))
-    try:
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
-            cwd=tool.project,
-            env=tool.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert proc.stdout is not None
-        first_action = 0.0
-        for raw in proc.stdout:
-            if not first_action and ACTION_LINE.match(raw.decode(errors="replace")):
-                first_action = time.monotonic() - started
-        assert proc.wait(timeout=120) == 0
-        elapsed = time.monotonic() - started
-        assert_converged(tool)
-    finally:
-        delete_everything(tool)
+    spans = []
+    for attempt in range(2):
+        tool = new_project(metro, tmp_path / f"measure{attempt}", random.Random(SEED))
+        try:
+            started = time.monotonic()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
+                cwd=tool.project,
+                env=tool.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            assert proc.stdout is not None
+            first_action = 0.0
+            for raw in proc.stdout:
+                if not first_action and ACTION_LINE.match(raw.decode(errors="replace")):
+                    first_action = time.monotonic() - started
+            assert proc.wait(timeout=120) == 0
+            spans.append((first_action, time.monotonic() - started))
+            assert_converged(tool)
+        finally:
+            delete_everything(tool)
+    # the faster of two: the first run on a fresh metro warms caches the later ones find warm,
+    # and kill points past the end of a typical run kill nothing
+    first_action, elapsed = min(spans, key=lambda span: span[1])
     return first_action, elapsed
 
 
