@@ -62,10 +62,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
     env["UKC_LOCAL_STATE_DIR"] = str(state)
     env["UKC_WARM_DIR"] = str(work / "warm")  # the bench's own, stopped at the end
-    warm_socket = warm.socket_path(env)
-    if warm_socket is None:
-        raise SystemExit(f"no private directory for the warm process at {env['UKC_WARM_DIR']}")
-    warm.start(warm_socket, env)
+    warm_socket = warm.start(env)
     try:
         daemon.ensure_running(state)
         one = work / "one"

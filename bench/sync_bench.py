@@ -283,10 +283,7 @@ def main() -> None:
     # ukc as a user runs it a second time: its warm process is up (`ukc_modified_cold_s` is
     # measured without it). The bench's own, in a private dir, stopped at the end.
     env["UKC_WARM_DIR"] = str(work / "warm")
-    warm_socket = warm.socket_path(env)
-    if warm_socket is None:
-        raise SystemExit(f"no private directory for the warm process at {env['UKC_WARM_DIR']}")
-    warm.start(warm_socket, env)
+    warm_socket = warm.start(env)
     try:
         metro = Metro(state)
         cleanup: list[Any] = []

@@ -1,6 +1,7 @@
 """Small files written whole or not at all, and the temp files of killed writers swept away.
 
-Who uses it: the observer (the project salt) and the sync records. A writer writes
+Who uses it: the observer (the project salt), the executor (the session's public key) and the
+sync records; `writer_alive` also judges the sync-back's temp files. A writer writes
 `.NAME.PID.tmp` beside the target, then renames it into place; a writer killed in between leaves
 its temp file behind, which the next writer removes once that pid is gone. (The status file has
 its own sweep: only the lock holder writes it, so it removes every temp file it finds.)
@@ -12,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["pid_alive", "sweep_dead_temps", "write_atomic"]
+__all__ = ["pid_alive", "sweep_dead_temps", "write_atomic", "writer_alive"]
 
 
 def _temp_for(path: Path) -> Path:
@@ -33,12 +34,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def writer_alive(pid: str) -> bool:
+    """Whether the writer a temp name's pid part names may still be writing (this process, or
+    another live one); False for a name that carries no pid."""
+    return pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid)))
+
+
 def sweep_dead_temps(path: Path) -> None:
     """Remove `path`'s temp files whose writer process no longer exists."""
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             pid = stale.name[len(path.name) + 2 : -len(".tmp")]
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if pid.isdigit() and not writer_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
 

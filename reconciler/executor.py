@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import actions, errors, naming, status
+from reconciler.atomicfile import write_atomic
 from reconciler.backends import CreateRequest, Instance, RemoteShell, Service
 from reconciler.metro import MetroConnection, MetroRegistry
 from reconciler.observer import Group, Observation, SessionContext
@@ -590,15 +591,7 @@ def ensure_keypair(path: Path) -> str:
     from reconciler.backends import ssh as ssh_backend
 
     line = ssh_backend.generate_keypair(path, comment=f"ukc-{path.name}")
-    for stale in path.parent.glob(f".{pub.name}.*.tmp"):  # a killed writer's (we hold the lock)
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    tmp = pub.with_name(f".{pub.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, pub)
+    write_atomic(pub, (line + "\n").encode(), mode=0o644)
     return line
 
 

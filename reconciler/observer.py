@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import errors, naming, planner, spec, status
-from reconciler.atomicfile import sweep_dead_temps, write_atomic
+from reconciler.atomicfile import write_atomic
 from reconciler.backends import Instance
 from reconciler.metro import MetroRegistry, metro_label
 from reconciler.sync import engine as sync_engine
@@ -82,14 +82,13 @@ def _salt(state_dir: Path) -> bytes:
     """A per-project random salt, so hashes of secret values in the status file reveal nothing.
 
     Written through a temp file and a rename: a kill mid-write never leaves a short salt behind
-    (a short one is replaced; that only makes commands with secrets run once more), and the
-    temp file of a killed writer is swept by the next call.
+    (a short one is replaced; that only makes commands with secrets run once more). A writer
+    killed before its rename left no salt, so the next call writes one and sweeps its temp file.
     """
     path = state_dir / "salt"
     try:
         value = path.read_bytes()
         if len(value) == 32:
-            sweep_dead_temps(path)
             return value
     except FileNotFoundError:
         pass

@@ -37,7 +37,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "spawn",
     "start",
     "status",
+    "wait_ready",
 ]
 
 #: the commands worth a warm start (short ones); `watch` and `local` run in-process
@@ -198,7 +199,7 @@ def run(argv: Sequence[str], path: Path) -> int | None:
         sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
         sock.sendall(payload)
         if _recv_exact(sock, 1) != b"R":
-            return None  # stale (b"S") or refused: nothing ran
+            raise EOFError("stale (b'S') or refused: nothing ran")
         sock.sendall(b"G")
     except (OSError, EOFError):
         sock.close()
@@ -265,11 +266,8 @@ def spawn(path: Path, environ: dict[str, str] | os._Environ[str] | None = None) 
             os.close(log)
 
 
-def start(
-    path: Path, environ: dict[str, str] | os._Environ[str] | None = None, timeout_s: float = 60
-) -> dict[str, Any]:
-    """Start a server for `path` and wait until it answers (its status); TimeoutError if not."""
-    spawn(path, environ)
+def wait_ready(path: Path, timeout_s: float = 60) -> dict[str, Any]:
+    """Wait until the server at `path` answers; its status. TimeoutError if it does not."""
     deadline = time.monotonic() + timeout_s
     while True:
         info = status(path)
@@ -278,6 +276,17 @@ def start(
         if time.monotonic() > deadline:
             raise TimeoutError(f"the warm process for {path} did not answer within {timeout_s} s")
         time.sleep(0.05)
+
+
+def start(environ: dict[str, str] | os._Environ[str] | None = None, timeout_s: float = 60) -> Path:
+    """Start the server `environ` points at (UKC_WARM_DIR...), wait until it answers, and
+    return its socket: what benches and test suites do before they time `ukc`."""
+    path = socket_path(environ)
+    if path is None:
+        raise RuntimeError("no private directory for the warm process (see UKC_WARM_DIR)")
+    spawn(path, environ)
+    wait_ready(path, timeout_s)
+    return path
 
 
 def _ask(path: Path, op: str) -> dict[str, Any] | None:
@@ -555,13 +564,7 @@ def serve(path: Path) -> None:
         server.close()
 
 
-def _main(argv: list[str], exit_: Callable[[int], None] = sys.exit) -> None:
-    if len(argv) == 2 and argv[0] == "serve":
-        serve(Path(argv[1]))
-        exit_(0)
-    sys.stderr.write("usage: python -m reconciler.warm serve SOCKET\n")
-    exit_(2)
-
-
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    if len(sys.argv) != 3 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m reconciler.warm serve SOCKET")
+    serve(Path(sys.argv[2]))

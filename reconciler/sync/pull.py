@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.atomicfile import pid_alive
+from reconciler.atomicfile import writer_alive
 from reconciler.backends import RemoteShell
 from reconciler.errors import HostileEntryError, SyncHaltedError
 from reconciler.sync.ignore import is_under
@@ -383,9 +383,8 @@ def _sweep_dead_temps(dir_fd: int) -> None:
     for name in names:
         if not name.startswith(_TMP):
             continue
-        pid = name[len(_TMP) :].partition(".")[0]
-        if pid.isdigit() and (int(pid) == os.getpid() or pid_alive(int(pid))):
-            continue
+        if writer_alive(name[len(_TMP) :].partition(".")[0]):
+            continue  # names without a pid are an older ukc's: swept
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError:

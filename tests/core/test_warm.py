@@ -39,9 +39,8 @@ def warm_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def start_server(env: dict[str, str]) -> tuple[Path, dict[str, Any]]:
-    path = warm.socket_path(env)
-    assert path is not None
-    return path, warm.start(path, env, timeout_s=30)
+    path = warm.start(env, timeout_s=30)
+    return path, warm.wait_ready(path, timeout_s=30)
 
 
 def ukc(
@@ -102,10 +101,7 @@ def test_without_a_warm_process_the_command_runs_here_and_starts_one_for_next_ti
     assert first.returncode == 0 and "1 session(s) valid" in first.stdout
     path = warm.socket_path(warm_env)
     assert path is not None
-    deadline = time.monotonic() + 30
-    while warm.status(path) is None:
-        assert time.monotonic() < deadline, "no warm process was started"
-        time.sleep(0.05)
+    warm.wait_ready(path, timeout_s=30)  # started by the first command
     second = ukc(warm_env, tmp_path, "validate")
     assert second.returncode == 0 and commands_run(path) == 1
 

@@ -38,9 +38,8 @@ def metro(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetroInfo]:
 def warm_process(warm_dir: Path) -> Path:
     """The suite's warm process, up before the first test: every `ukc` run is a warm one (the
     way a user's second command runs), so timings measured in one test hold in the next."""
-    path = warm.socket_path()
-    assert path is not None and path.parent == warm_dir
-    warm.start(path)
+    path = warm.start()
+    assert path.parent == warm_dir
     return path
 
 
