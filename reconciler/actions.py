@@ -111,12 +111,15 @@ class SyncBack:
     #: what the last sync-back brought (the exact list is only known once the sandbox answers)
     last_files: int = 0
     last_bytes: int = 0
+    #: `sync.back_delete`: files it brought back that the sandbox deleted are removed here
+    mirror_deletes: bool = False
 
     def describe(self) -> str:
         last = ""
         if self.last_files:
             last = f"; last time {self.last_files} file(s), {_size(self.last_bytes)}"
-        return f"bring back {', '.join(self.paths)} ({self.reason}{last})"
+        mirror = "; mirrors deletions of files it brought back" if self.mirror_deletes else ""
+        return f"bring back {', '.join(self.paths)} ({self.reason}{last}{mirror})"
 
 
 Action = (

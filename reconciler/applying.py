@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from reconciler import actions, errors, observer, planner, status
+from reconciler.backends import Instance, RemoteShell
 from reconciler.executor import Executor, SessionOutcome, ShellPool
 from reconciler.metro import MetroRegistry
 from reconciler.reporting import Event, Reporter
@@ -65,6 +66,45 @@ def apply_group(
     shells: ShellPool | None = None,
 ) -> ApplyResult:
     """Converge every session of `group` (one status file) and write its status."""
+    # One-shot applies get their own pool: connections opened ahead of need (see
+    # `ShellPool.prefetch`) or in one round serve the next round too, and all close at the end.
+    own = shells is None
+    pool = ShellPool() if shells is None else shells
+    try:
+        return _apply_locked(
+            group,
+            metros=metros,
+            reporter=reporter,
+            environ=environ,
+            prune=prune,
+            concurrency=concurrency,
+            lock_timeout_s=lock_timeout_s,
+            max_rounds=max_rounds,
+            raise_on_cap=raise_on_cap,
+            now=now,
+            only=only,
+            shells=pool,
+        )
+    finally:
+        if own:
+            pool.close()
+
+
+def _apply_locked(
+    group: observer.Group,
+    *,
+    metros: MetroRegistry,
+    reporter: Reporter,
+    environ: Mapping[str, str],
+    prune: bool,
+    concurrency: int,
+    lock_timeout_s: float,
+    max_rounds: int,
+    raise_on_cap: bool,
+    now: Callable[[], float],
+    only: set[str] | None,
+    shells: ShellPool,
+) -> ApplyResult:
     with status.lock(group.status_path, timeout_s=lock_timeout_s):
         doc = status.load(group.status_path)
         doc_lock = threading.Lock()
@@ -77,7 +117,14 @@ def apply_group(
         pending: set[str] = set()
         stop = threading.Event()
         while True:
-            obs = observer.observe(group, doc, metros, environ, only=only)
+            obs = observer.observe(
+                group,
+                doc,
+                metros,
+                environ,
+                only=only,
+                on_tree_changed=_prefetcher(group, doc, metros, shells),
+            )
             doc.project = obs.project
             for name, why in obs.halted.items():
                 failed.setdefault(name, why)
@@ -140,6 +187,32 @@ def apply_group(
         return ApplyResult(
             ok=not failed, plan=first_plan, rounds=rounds, outcomes=outcomes, failed=failed
         )
+
+
+def _prefetcher(
+    group: observer.Group, doc: status.StatusDoc, metros: MetroRegistry, shells: ShellPool
+) -> Callable[[str, str, Instance], None]:
+    """The observer's hint → a connection opened in the background for the push to come."""
+
+    def prefetch(session: str, metro: str, inst: Instance) -> None:
+        rec = doc.sessions.get(session)
+        known = rec.instance if rec is not None else None
+        # why only a known host key: a first connection records it, and that is the
+        # executor's job (it journals the instance it adopts at the same time)
+        if known is None or known.uuid != inst.uuid or not known.host_key or not inst.fqdn:
+            return
+        dialer = metros.get(metro).dialer
+        key_path = observer.key_path_for(group, session)
+        fqdn, host_key = inst.fqdn, known.host_key
+
+        def opener() -> RemoteShell:
+            from reconciler.backends.ssh import SshShell  # paramiko: only when a push is coming
+
+            return SshShell.connect(dialer, fqdn, key_path=key_path, expected_host_key=host_key)
+
+        shells.prefetch(session, inst.uuid, opener)
+
+    return prefetch
 
 
 def _finalize(

@@ -37,14 +37,49 @@ SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5
 
 
 class ShellPool:
-    """Live SSH connections kept across passes (watch mode), one per session and instance."""
+    """Live SSH connections kept across passes and rounds, one per session and instance.
+
+    Also opens connections ahead of need (`prefetch`): the apply loop asks for one as soon as a
+    scan sees that a session's tree changed, so the handshake overlaps the rest of the scan and
+    the planning. A prefetched connection is only ever a faster way to the same connection the
+    executor would open; if it failed, `take` returns None and the executor connects (and
+    reports errors) itself.
+    """
 
     def __init__(self) -> None:
         self._shells: dict[str, tuple[str, RemoteShell]] = {}
+        self._pending: dict[str, tuple[str, threading.Thread, list[RemoteShell]]] = {}
         self._lock = threading.Lock()
+
+    def prefetch(self, session: str, instance_uuid: str, opener: Callable[[], RemoteShell]) -> None:
+        """Start `opener()` in the background unless a connection is kept or on its way."""
+        with self._lock:
+            if session in self._shells or session in self._pending:
+                return
+            box: list[RemoteShell] = []
+
+            def open_one() -> None:
+                with contextlib.suppress(Exception):  # the executor's own attempt reports it
+                    box.append(opener())
+
+            thread = threading.Thread(target=open_one, name=f"prefetch-{session}", daemon=True)
+            self._pending[session] = (instance_uuid, thread, box)
+        thread.start()
+
+    def _settle(self, session: str) -> None:
+        """Wait for a prefetch of `session` and keep what it opened."""
+        with self._lock:
+            pending = self._pending.pop(session, None)
+        if pending is None:
+            return
+        uuid, thread, box = pending
+        thread.join()
+        if box:
+            self.keep(session, uuid, box[0])
 
     def take(self, session: str, instance_uuid: str) -> RemoteShell | None:
         """The kept connection if it belongs to this instance and is still alive."""
+        self._settle(session)
         with self._lock:
             item = self._shells.pop(session, None)
         if item is None:
@@ -65,6 +100,7 @@ class ShellPool:
                 old[1].close()
 
     def drop(self, session: str) -> None:
+        self._settle(session)
         with self._lock:
             item = self._shells.pop(session, None)
         if item is not None:
@@ -72,6 +108,8 @@ class ShellPool:
                 item[1].close()
 
     def close(self) -> None:
+        for session in list(self._pending):
+            self._settle(session)
         with self._lock:
             items = list(self._shells.values())
             self._shells.clear()
@@ -551,21 +589,38 @@ class Executor:
 
     def _sync_back(self, ctx: SessionContext, run: _Run) -> None:
         assert run.shell is not None
-        result = sync_engine.pull(run.shell, ctx.sync_options)
+        # the instance uuid (with the sandbox's boot id) says which sandbox a pulled file came
+        # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
+        uuid = run.inst.uuid if run.inst is not None else ""
+        result = sync_engine.pull(run.shell, ctx.sync_options, instance_uuid=uuid)
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             rec.sync.pulled_files = result.files_written
             rec.sync.conflicts = list(result.conflicts)
             rec.sync.rejected = list(result.rejected)
+            rec.sync.pulled_deleted = len(result.deleted)
+            rec.sync.deletes_kept = list(result.kept)
+            rec.sync.deletes_skipped = list(result.deletes_skipped)
             rec.sync.back_pending = False
+        name = ctx.desired.name
         for conflict in result.conflicts:
-            self._say(ctx.desired.name, "info", f"conflict kept beside local file: {conflict}")
+            self._say(name, "info", f"conflict kept beside local file: {conflict}")
         for rejected in result.rejected:
-            self._say(ctx.desired.name, "info", f"refused from sandbox: {rejected}")
+            self._say(name, "info", f"refused from sandbox: {rejected}")
+        listed = 20  # a bulk removal is summed up, not listed line by line
+        for path in result.deleted[:listed]:
+            self._say(name, "info", f"removed here, deleted in the sandbox: {path}")
+        if len(result.deleted) > listed:
+            self._say(name, "info", f"... and {len(result.deleted) - listed} more removed")
+        for kept in result.kept:
+            self._say(name, "info", f"kept: {kept}")
+        for why in result.deletes_skipped:
+            self._say(name, "info", f"deletions not mirrored: {why}")
+        removed = f", removed {len(result.deleted)}" if ctx.sync_options.back_delete else ""
         self._say(
-            ctx.desired.name,
+            name,
             "info",
-            f"brought back {result.files_written} file(s) ({result.bytes_written} bytes)",
+            f"brought back {result.files_written} file(s) ({result.bytes_written} bytes){removed}",
         )
         self.save()
 

@@ -8,10 +8,11 @@ as plain values.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def sync_options_for(group: Group, loaded: spec.LoadedSession) -> SyncOptions:
         local_root=loaded.directory,
         exclude=tuple(s.sync.exclude),
         back=tuple(s.sync.back),
+        back_delete=s.sync.back_delete,
         state_dir=group.state_dir / "sync" / s.name,
     )
 
@@ -113,7 +115,12 @@ def key_path_for(group: Group, session: str) -> Path:
 
 
 def _context(
-    group: Group, loaded: spec.LoadedSession, project: str, environ: Mapping[str, str], salt: bytes
+    group: Group,
+    loaded: spec.LoadedSession,
+    project: str,
+    environ: Mapping[str, str],
+    salt: bytes,
+    on_change: Callable[[], None] | None = None,
 ) -> tuple[SessionContext, str | None]:
     s = loaded.spec
     secret_env = spec.resolve_secret_env(s, environ)
@@ -125,7 +132,7 @@ def _context(
     halted: str | None = None
     manifest = None
     try:
-        manifest = sync_engine.scan_local(opts)
+        manifest = sync_engine.scan_local(opts, on_change=on_change)
         transfer = sync_engine.plan_push(manifest, opts)
         tree = planner.TreeState(
             digest=manifest.digest,
@@ -153,6 +160,7 @@ def _context(
         back=tuple(s.sync.back),
         tags=tuple(naming.owner_tags(project, s.name, inst_hash)),
         back_known=_back_known(opts),
+        back_delete=opts.back_delete,
         key_present=key_path_for(group, s.name).exists(),
     )
     ctx = SessionContext(
@@ -181,24 +189,24 @@ def observe(
     environ: Mapping[str, str],
     *,
     only: set[str] | None = None,
+    on_tree_changed: Callable[[str, str, Instance], None] | None = None,
 ) -> Observation:
-    """Scan local trees and list owned instances (one list per metro in use)."""
+    """List owned instances (one list per metro in use), then scan the local trees.
+
+    `on_tree_changed(session, metro, instance)` is called while a session's tree is being
+    scanned, as soon as it is seen to differ from the last push, when the session's instance is
+    running: the apply loop opens the connection the push will need meanwhile. A hint only;
+    nothing observed depends on it.
+    """
     project = naming.project_id(group.base_dir, environ)
     salt = _salt(group.state_dir)
-    contexts: dict[str, SessionContext] = {}
-    halted: dict[str, str] = {}
-    for loaded in group.sessions:
-        if only is not None and loaded.spec.name not in only:
-            continue
-        ctx, why = _context(group, loaded, project, environ, salt)
-        contexts[loaded.spec.name] = ctx
-        if why is not None:
-            halted[loaded.spec.name] = why
+    wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
 
-    used = {ctx.desired.metro for ctx in contexts.values()}
+    used = {metro_label(loaded.spec.metro) for loaded in wanted}
     used |= {r.metro for r in doc.inventory().values() if r.metro}
     instances: dict[str, Instance] = {}
     owned: dict[str, Instance] = {}
+    metro_of: dict[str, str] = {}
     for metro in sorted(used):
         conn = metros.get(metro)
         for inst in conn.api.list_instances([f"ukc.project={project}"]):
@@ -207,6 +215,20 @@ def observe(
                 continue  # not ours, whatever its name says
             instances[inst.name] = inst
             owned[session] = inst
+            metro_of[session] = metro
+
+    contexts: dict[str, SessionContext] = {}
+    halted: dict[str, str] = {}
+    for loaded in wanted:
+        name = loaded.spec.name
+        hint = None
+        mine = owned.get(name)
+        if on_tree_changed is not None and mine is not None and mine.state == "running":
+            hint = functools.partial(on_tree_changed, name, metro_of[name], mine)
+        ctx, why = _context(group, loaded, project, environ, salt, hint)
+        contexts[name] = ctx
+        if why is not None:
+            halted[name] = why
     return Observation(
         project=project,
         desired=[c.desired for c in contexts.values()],

@@ -75,6 +75,8 @@ class DesiredSession:
     back_known: tuple[int, int] = (0, 0)
     #: the session's private key is on disk (without it an existing instance is unreachable)
     key_present: bool = True
+    #: `sync.back_delete`: sync-back mirrors remote deletions of files it brought back
+    back_delete: bool = False
 
 
 def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
@@ -161,7 +163,12 @@ def _plan_session(
         if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
             acts.append(actions.WaitReady(name, inst.name))
             acts.append(
-                actions.SyncBack(name, desired.back, "outputs come home before the replacement")
+                actions.SyncBack(
+                    name,
+                    desired.back,
+                    "outputs come home before the replacement",
+                    mirror_deletes=desired.back_delete,
+                )
             )
         acts.append(
             actions.DeleteInstance(
@@ -272,7 +279,11 @@ def _plan_session(
     if (runs or back_owed) and desired.back:
         files, size = desired.back_known
         why = "commands ran" if runs else "the last sync-back did not finish"
-        acts.append(actions.SyncBack(name, desired.back, why, files, size))
+        acts.append(
+            actions.SyncBack(
+                name, desired.back, why, files, size, mirror_deletes=desired.back_delete
+            )
+        )
     return actions.SessionPlan(name, tuple(acts), tuple(noops))
 
 

@@ -235,6 +235,9 @@ class SyncSpec(BaseModel):
 
     exclude: tuple[Annotated[str, Strict(), AfterValidator(_check_exclude)], ...] = ()
     back: tuple[Annotated[str, Strict(), AfterValidator(_check_back)], ...] = ()
+    #: sync-back also removes local files it brought back that the sandbox deleted (guarded:
+    #: see `reconciler.sync.backdelete`); off by default, as deleting user files is opt-in
+    back_delete: Annotated[bool, Strict()] = False
 
     @field_validator("exclude", "back", mode="before")
     @classmethod
@@ -369,9 +372,12 @@ def spec_hash(spec: SessionSpec) -> str:
 
     Nothing secret is in it: `secret_env` only holds variable names.
     """
-    canonical = json.dumps(
-        spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    data = spec.model_dump(mode="json")
+    # why: a field added later is left out at its default, so upgrading ukc keeps every
+    # existing spec's hash (an expired session stays deleted until its spec really changes)
+    if not spec.sync.back_delete:
+        del data["sync"]["back_delete"]
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -599,6 +605,8 @@ def _translate(err: ErrorDetails, doc: YamlDocument, from_env: Mapping[str, str]
             message += f"; quote it ({_quoted_hint(value)})"
     elif kind == "int_type":
         message = f"expected a whole number, got {_kind(value)}"
+    elif kind == "bool_type":
+        message = f"expected true or false, got {_kind(value)}"
     elif kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         message = (

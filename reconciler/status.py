@@ -80,6 +80,11 @@ class SyncRecord(_Model):
     pulled_files: int = 0
     conflicts: list[str] = Field(default_factory=list)
     rejected: list[str] = Field(default_factory=list)
+    #: `sync.back_delete`: local files removed because the sandbox deleted them, files kept
+    #: because they changed here, and why deletions were not mirrored (last sync-back)
+    pulled_deleted: int = 0
+    deletes_kept: list[str] = Field(default_factory=list)
+    deletes_skipped: list[str] = Field(default_factory=list)
     #: commands ran since the last completed sync-back: their outputs are not home yet
     back_pending: bool = False
 

@@ -20,8 +20,8 @@ Protocol (a Unix socket in a private 0700 directory; both ends check the peer's 
       child raises on itself; EOF means the client died, and the child kills itself at once,
       as the in-process command would have died with it.
   child → client: b"X" + i32 exit code, then it exits.
-This module's top level imports only the standard library pieces a client needs; the server's
-imports happen in `serve`.
+The client half lives in `warmclient` (imported by every command, so it stays tiny); this
+module is the server, plus `ukc warm status|stop` and the start helpers benches and tests use.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ import json
 import os
 import signal
 import socket
-import stat
 import struct
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from reconciler import warmclient
+from reconciler.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, recv_exact
 
 __all__ = [
     "WARM_COMMANDS",
@@ -53,12 +55,8 @@ __all__ = [
     "wait_ready",
 ]
 
-#: the commands worth a warm start (short ones); `watch` and `local` run in-process
-WARM_COMMANDS = frozenset({"apply", "plan", "status", "delete", "validate"})
 #: the server exits after this long without a command (UKC_WARM_IDLE_S overrides)
 IDLE_S = 900.0
-#: signals a client passes on to its command
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: the only environment the server itself starts with: each command gets the client's own
 _SERVER_ENV = (
     "PATH",
@@ -77,42 +75,15 @@ _SERVER_ENV = (
     "UKC_WARM_IDLE_S",
 )
 _MAX_REQUEST = 4 << 20
-_HANDSHAKE_S = 5.0
 
 
 # -- where ---------------------------------------------------------------------------------
 
 
-def _private_dir(environ: dict[str, str] | os._Environ[str]) -> Path | None:
-    """The socket directory, created 0700; None when it is not ours alone (never trust it)."""
-    configured = environ.get("UKC_WARM_DIR")
-    if configured:
-        base = Path(configured)
-    elif environ.get("XDG_RUNTIME_DIR"):
-        base = Path(environ["XDG_RUNTIME_DIR"]) / "ukc"
-    else:
-        base = Path("/tmp") / f"ukc-{os.getuid()}"
-    try:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(base)
-    except OSError:
-        return None
-    # why: the socket carries the client's environment (tokens included); a directory another
-    # user created or can write could hold their listener under our socket's name
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return None
-    return base
-
-
 def socket_path(environ: dict[str, str] | os._Environ[str] | None = None) -> Path | None:
     """This interpreter's and this installation's server socket (None: no safe place)."""
-    base = _private_dir(os.environ if environ is None else environ)
-    if base is None:
-        return None
-    here = os.path.dirname(os.path.abspath(__file__))
-    # why not the real path: venvs link to one base interpreter; sys.prefix tells them apart
-    key = hashlib.sha256(f"{sys.executable}\0{sys.prefix}\0{here}".encode()).hexdigest()
-    return base / f"warm-{key[:12]}.sock"
+    path = warmclient.socket_path(environ)
+    return None if path is None else Path(path)
 
 
 def fingerprint() -> str:
@@ -131,114 +102,12 @@ def fingerprint() -> str:
     return h.hexdigest()
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"peer closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def _connect(path: Path) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(_HANDSHAKE_S)
-    try:
-        sock.connect(str(path))
-        if _peer_uid(sock) != os.getuid():
-            raise OSError("warm server runs as another user")
-    except OSError:
-        sock.close()
-        return None
-    return sock
-
-
-# -- client --------------------------------------------------------------------------------
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _streams() -> dict[str, list[str | None]]:
-    out: dict[str, list[str | None]] = {}
-    for name in ("stdin", "stdout", "stderr"):
-        stream = getattr(sys, name)
-        out[name] = [getattr(stream, "encoding", None), getattr(stream, "errors", None)]
-    return out
+# -- starting and asking ----------------------------------------------------------------------
 
 
 def run(argv: Sequence[str], path: Path) -> int | None:
-    """Run `ukc argv` in the warm server at `path`: its exit code, or None when no server took
-    it (none listening, stale, or it failed before the command started: run it here instead).
-    """
-    sock = _connect(path)
-    if sock is None:
-        return None
-    request = {
-        "op": "run",
-        "argv": list(argv),
-        "cwd": os.getcwd(),
-        "env": dict(os.environ),
-        "umask": _umask(),
-        "streams": _streams(),
-    }
-    payload = json.dumps(request, separators=(",", ":")).encode("utf-8", "surrogateescape")
-    try:
-        fds = array.array("i", [0, 1, 2])
-        head = struct.pack(">I", len(payload))
-        sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
-        sock.sendall(payload)
-        if _recv_exact(sock, 1) != b"R":
-            raise EOFError("stale (b'S') or refused: nothing ran")
-        sock.sendall(b"G")
-    except (OSError, EOFError):
-        sock.close()
-        return None
-    return _follow(sock)
-
-
-def _follow(sock: socket.socket) -> int:
-    """Pass signals on to the running command and wait for its exit code."""
-    sock.settimeout(None)
-    received: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        received.append(signum)
-        with contextlib.suppress(OSError):
-            sock.send(bytes([signum]))
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
-    try:
-        tail = bytearray()
-        while len(tail) < 5:
-            chunk = sock.recv(5 - len(tail))
-            if not chunk:
-                break
-            tail += chunk
-    finally:
-        for sig in FORWARDED:
-            default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
-            signal.signal(sig, default)
-    if len(tail) == 5 and tail[:1] == b"X":
-        code: int = struct.unpack(">i", bytes(tail[1:]))[0]
-        return code
-    if received:
-        # the command died of a signal we passed on: die of it too, as it would have here
-        signal.signal(received[-1], signal.SIG_DFL)
-        os.kill(os.getpid(), received[-1])
-    sys.stderr.write("ukc: the warm process running this command ended without an exit code\n")
-    return 1
+    """Run `ukc argv` in the warm server at `path` (see `warmclient.run`)."""
+    return warmclient.run(argv, path)
 
 
 def spawn(path: Path, environ: dict[str, str] | os._Environ[str] | None = None) -> None:
@@ -290,14 +159,14 @@ def start(environ: dict[str, str] | os._Environ[str] | None = None, timeout_s: f
 
 
 def _ask(path: Path, op: str) -> dict[str, Any] | None:
-    sock = _connect(path)
+    sock = warmclient.connect(str(path))
     if sock is None:
         return None
     try:
         payload = json.dumps({"op": op}).encode()
         sock.sendall(struct.pack(">I", len(payload)) + payload)
-        n = struct.unpack(">I", _recv_exact(sock, 4))[0]
-        answer = json.loads(_recv_exact(sock, min(n, 1 << 16)))
+        n = struct.unpack(">I", recv_exact(sock, 4))[0]
+        answer = json.loads(recv_exact(sock, min(n, 1 << 16)))
     except (OSError, EOFError, ValueError):
         return None
     finally:
@@ -362,16 +231,16 @@ class _Server:
 
     def handle(self, conn: socket.socket) -> bool:
         """Serve one connection; False when the server should exit."""
-        conn.settimeout(_HANDSHAKE_S)
+        conn.settimeout(HANDSHAKE_S)
         fds: list[int] = []
         try:
-            if _peer_uid(conn) != os.getuid():
+            if warmclient.peer_uid(conn) != os.getuid():
                 return True
             head, fds = _recv_with_fds(conn)
             n = struct.unpack(">I", head)[0]
             if n > _MAX_REQUEST:
                 return True
-            request = json.loads(_recv_exact(conn, n).decode("utf-8", "surrogateescape"))
+            request = json.loads(recv_exact(conn, n).decode("utf-8", "surrogateescape"))
         except (OSError, EOFError, ValueError, struct.error):
             _close_all(fds)
             return True
@@ -424,7 +293,7 @@ def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
     got = list(fds)
     if len(msg) < 4:
         try:
-            msg += _recv_exact(conn, 4 - len(msg))
+            msg += recv_exact(conn, 4 - len(msg))
         except BaseException:
             _close_all(got)
             raise
@@ -457,7 +326,7 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         argv = [str(a) for a in request["argv"]]
         sys.argv = ["ukc", *argv]
         conn.sendall(b"R")
-        if _recv_exact(conn, 1) != b"G":
+        if recv_exact(conn, 1) != b"G":
             os._exit(1)
         conn.settimeout(None)
         _watch_client(conn)

@@ -55,6 +55,7 @@ MAX_LOG = 256 * 1024 * 1024
 _F_SETPIPE_SZ = 1031
 # why: never SPLICE_F_MORE, it corks the socket like MSG_MORE and delays every small packet
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1)
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
 
 SSHD_CONFIG = """\
 ListenAddress 127.0.0.1
@@ -84,6 +85,19 @@ def _log(message: str) -> None:
 # --------------------------------------------------------------------------- relay
 
 
+def _ack_now(sock: socket.socket) -> None:
+    """Acknowledge what was just read from sshd at once (Linux leaves quick-ACK mode by itself).
+
+    why: sshd leaves Nagle on for sessions without a pty, and its answers come in pairs of small
+    writes (auth success, then a host-keys notice; a channel confirmation after it): the second
+    waited for our delayed ACK, 40 ms on every first channel of a connection. A real edge is
+    not a loopback peer with a 40 ms ACK timer; this relay is ours, so it must not add that.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+
+
 def _splice_all(src: socket.socket, dst: socket.socket) -> bool:
     """Zero-copy src → dst through a pipe until EOF; False if splice is unusable here."""
     rfd, wfd = os.pipe()
@@ -101,6 +115,7 @@ def _splice_all(src: socket.socket, dst: socket.socket) -> bool:
             if n == 0:
                 return True
             moved = True
+            _ack_now(src)
             while n > 0:
                 n -= os.splice(rfd, dst.fileno(), n, flags=_SPLICE_FLAGS)
     finally:
@@ -117,6 +132,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
                 data = src.recv(PUMP_BUF)
                 if not data:
                     break
+                _ack_now(src)
                 dst.sendall(data)
         clean = True
     except OSError:

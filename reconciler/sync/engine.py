@@ -54,6 +54,8 @@ class PullPlan:
     back: tuple[str, ...]
     known_files: int
     known_bytes: int
+    #: `sync.back_delete`: files a pull brought back and the sandbox deleted are removed here
+    mirrors_deletes: bool = False
 
 
 def plan_pull(opts: SyncOptions) -> PullPlan:
@@ -62,7 +64,10 @@ def plan_pull(opts: SyncOptions) -> PullPlan:
     return PullPlan(
         back=opts.back_paths(),
         known_files=len(record),
-        known_bytes=sum(int(v[0]) for v in record.values()),
+        known_bytes=sum(
+            v[0] for v in record.values() if isinstance(v, list) and v and type(v[0]) is int
+        ),
+        mirrors_deletes=opts.back_delete and bool(opts.back_paths()),
     )
 
 

@@ -14,7 +14,9 @@ changed fixed-size blocks and the trailer, and is checked against the file's sha
 The helper answers only operations that need an answer (hello, scan, blocks, sync, remove,
 finish, pull) with frames of the same shape. `pull` answers with a stream of entry headers;
 each regular file header is followed by chunk frames (`u32be length + bytes`, a zero length
-ends the file), and a final `{"end": true}`.
+ends the file), and a final `{"end": true, "errors": N, "missing": [back paths]}`: N counts
+entries it could not list or read (anything but a vanished path), so the client knows whether
+the listing was complete before it mirrors deletions.
 Every write lands via a temp name in the same directory + rename, through directory fds
 opened with O_NOFOLLOW, so a symlink inside the tree is never followed.
 """
@@ -32,6 +34,8 @@ DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 ST = {"root": None, "rootfd": None, "state": None, "errors": [], "nerr": 0,
       "written": 0, "bytes": 0, "dirs": {}}
 TMP = ".ukc-tmp."
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 def _json_codec():
@@ -281,20 +285,32 @@ def op_scan(req):
     send({"entries": out})
 
 
+def _create_temp(tmp, pfd, mode):
+    """A new temp file created with the file's final permission bits, so that no fchmod is
+    needed unless the umask strips some (`_finish_file`); a leftover of a killed helper with
+    our pid is replaced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(tmp, flags, mode & 0o777, dir_fd=pfd)
+    except FileExistsError:
+        _unlink_quiet(tmp, pfd)
+        return os.open(tmp, flags, mode & 0o777, dir_fd=pfd)
+
+
+def _finish_file(fd, req):
+    mode = req["mode"] & 0o7777
+    if mode != mode & ~UMASK & 0o777:  # the umask took bits, or set-id/sticky bits wanted
+        os.fchmod(fd, mode)
+    os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
+
+
 def _put_small(path, pfd, name, data, req):
     tmp = TMP + name[:100] + "." + str(os.getpid()) + "." + str(next(SEQ))
     try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                         dir_fd=pfd)
-        except FileExistsError:
-            _unlink_quiet(tmp, pfd)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                         dir_fd=pfd)
+        fd = _create_temp(tmp, pfd, req["mode"])
         try:
             _write_all(fd, data)
-            os.fchmod(fd, req["mode"] & 0o7777)
-            os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
+            _finish_file(fd, req)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
@@ -327,12 +343,7 @@ def op_put(req):
         parent, name = split(path)
         pfd = open_dir(parent, True)
         tmp = TMP + name[:100] + "." + str(os.getpid())
-        try:
-            os.unlink(tmp, dir_fd=pfd)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                     dir_fd=pfd)
+        fd = _create_temp(tmp, pfd, req["mode"])
     except Exception as exc:
         err(path, exc)
     left = size
@@ -356,8 +367,7 @@ def op_put(req):
     try:
         if not ok:
             raise OSError("file changed while it was being sent")
-        os.fchmod(fd, req["mode"] & 0o7777)
-        os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
+        _finish_file(fd, req)
         os.close(fd)
         fd = None
         os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
@@ -593,6 +603,18 @@ def op_unrecord(req):
         pass
 
 
+#: what one pull could not see, sent with the end of its stream: the client mirrors remote
+#: deletions only after a pull that listed and read everything
+PULL_ST = {"errors": 0, "missing": []}
+
+
+def pull_failed(exc):
+    """Count a failure to list, stat, open or read. A name that vanished meanwhile
+    (FileNotFoundError) is a genuine absence, not an error."""
+    if not isinstance(exc, FileNotFoundError):
+        PULL_ST["errors"] += 1
+
+
 def emit_file(r, dpath_fd, name, st, have):
     w = have.get(r)
     if w and w[0] == st.st_size and w[1] == st.st_mtime_ns:
@@ -601,7 +623,8 @@ def emit_file(r, dpath_fd, name, st, have):
         return
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dpath_fd)
-    except OSError:
+    except OSError as exc:
+        pull_failed(exc)
         return
     try:
         fst = os.fstat(fd)
@@ -609,7 +632,12 @@ def emit_file(r, dpath_fd, name, st, have):
               "mtime_ns": fst.st_mtime_ns})
         left = fst.st_size
         while left > 0:
-            b = os.read(fd, min(CHUNK, left))
+            try:
+                b = os.read(fd, min(CHUNK, left))
+            except OSError as exc:
+                # the file ends short (the client refuses it) and the stream stays framed
+                pull_failed(exc)
+                break
             if not b:
                 break
             left -= len(b)
@@ -628,7 +656,8 @@ def pull_entry(dfd, name, rel, st, have):
               "mtime_ns": st.st_mtime_ns})
         try:
             sub = os.open(name, DFLAGS, dir_fd=dfd)
-        except OSError:
+        except OSError as exc:
+            pull_failed(exc)
             return
         try:
             pull_walk(sub, rel, have)
@@ -645,27 +674,35 @@ def pull_entry(dfd, name, rel, st, have):
 def pull_walk(dfd, rel, have):
     try:
         names = sorted(os.listdir(dfd))
-    except OSError:
+    except OSError as exc:
+        pull_failed(exc)
         return
     for name in names:
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        except OSError:
+        except OSError as exc:
+            pull_failed(exc)
             continue
         pull_entry(dfd, name, rel + "/" + name, st, have)
 
 
 def op_pull(req):
     have = req.get("have") or {}
+    PULL_ST["errors"] = 0
+    PULL_ST["missing"] = []
     for back in req["back"]:
         try:
             parent, name = split(back)
             pfd = open_dir(parent, False)  # cached by open_dir: not ours to close
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            PULL_ST["missing"].append(back)  # it (or a parent) does not exist
+            continue
         except Exception:
+            PULL_ST["errors"] += 1
             continue
         pull_entry(pfd, name, back, st, have)
-    send({"end": True})
+    send({"end": True, "errors": PULL_ST["errors"], "missing": PULL_ST["missing"]})
 
 
 OPS = {"hello": op_hello, "scan": op_scan, "put": op_put, "mkdir": op_mkdir, "link": op_link,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -108,23 +108,56 @@ def hash_file(fd: int) -> str:
         h.update(chunk)
 
 
+#: parsed push records by path, with the (inode, size, mtime) they were parsed from: one apply
+#: reads the same record up to three times (plan, push, the converged pass), ~3 ms each
+_RECORDS: dict[Path, tuple[tuple[int, int, int], tuple[Manifest, dict[str, Any]]]] = {}
+_RECORDS_MAX = 64
+
+
 def last_push_record(opts: SyncOptions) -> tuple[Manifest, dict[str, Any]] | None:
-    """Our last push record (manifest + metadata), or None when we never pushed."""
+    """Our last push record (manifest + metadata), or None when we never pushed.
+
+    Callers must not modify what they get: it may be shared with the next caller.
+    """
+    path = Path(opts.state_dir) / PUSH_RECORD
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _RECORDS.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
     data = read_record(opts.state_dir, PUSH_RECORD)
     if data is None or not isinstance(data.get("entries"), dict):
         return None
     try:
-        return Manifest.from_json(data["entries"]), data
+        parsed = Manifest.from_json(data["entries"]), data
     except (TypeError, ValueError):
         return None
+    if len(_RECORDS) >= _RECORDS_MAX:
+        _RECORDS.clear()
+    # why the key is safe: records are replaced by rename (a new inode), never rewritten in place
+    _RECORDS[path] = (key, parsed)
+    return parsed
 
 
-def scan_local(opts: SyncOptions, rules: IgnoreRules | None = None) -> Manifest:
+def scan_local(
+    opts: SyncOptions,
+    rules: IgnoreRules | None = None,
+    *,
+    on_change: Callable[[], None] | None = None,
+) -> Manifest:
     """Walk the local root and build its manifest, hashing only files the cache cannot vouch for.
 
     Raises `SyncHaltedError` when the root is missing (or not a directory), or when it is empty
     while our last push record had files: both look like an accident (unmounted volume,
     `rm -rf` in the wrong window) and a push would delete the sandbox's copy.
+
+    `on_change` is called once, as soon as an entry is seen that differs from our last push
+    record (new, other type, size or mtime) or when the walk ends with entries missing: a hint
+    that a push is coming, which lets the caller open its connection while the walk goes on.
+    It decides nothing; the manifest does.
     """
     root = Path(opts.local_root)
     try:
@@ -142,6 +175,24 @@ def scan_local(opts: SyncOptions, rules: IgnoreRules | None = None) -> Manifest:
     new_cache: dict[str, list[Any]] = {}
     entries: dict[str, Entry] = {}
     hashed = 0
+    last = last_push_record(opts) if on_change is not None else None
+    pushed: Mapping[str, Entry] = last[0].entries if last is not None else {}
+    hint = on_change
+
+    def changed(rel: str, mode: int, size: int, mtime_ns: int) -> None:
+        nonlocal hint
+        was = pushed.get(rel)
+        if stat.S_ISDIR(mode):
+            news = was is None or was.type != "d"  # a directory's mtime moves with its files
+        elif stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            kind = "f" if stat.S_ISREG(mode) else "l"
+            news = was is None or (was.type, was.size, was.mtime_ns) != (kind, size, mtime_ns)
+        else:
+            news = False  # sockets, fifos, devices are never synced
+        call = hint
+        if news and call is not None:
+            hint = None
+            call()
 
     def walk(dir_path: str, rel_dir: str) -> None:
         nonlocal hashed
@@ -161,6 +212,8 @@ def scan_local(opts: SyncOptions, rules: IgnoreRules | None = None) -> Manifest:
             is_dir = stat.S_ISDIR(mode)
             if rules.excluded(rel, is_dir):
                 continue
+            if hint is not None:
+                changed(rel, mode, cst.st_size, cst.st_mtime_ns)
             if is_dir:
                 entries[rel] = Entry("d", 0, cst.st_mtime_ns, stat.S_IMODE(mode), "")
                 walk(child.path, rel)
@@ -196,6 +249,8 @@ def scan_local(opts: SyncOptions, rules: IgnoreRules | None = None) -> Manifest:
             # sockets, fifos and devices are not part of a source tree: skipped
 
     walk(str(root), "")
+    if hint is not None and last is not None and any(p not in entries for p in pushed):
+        hint()  # deletions only
     manifest = Manifest(entries)
     if not entries:
         last = last_push_record(opts)

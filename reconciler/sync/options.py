@@ -1,7 +1,8 @@
 """`SyncOptions`: everything the sync engine needs to know about one session's sync.
 
 Who feeds it: the controller's executor, from the spec (`directory`, `sync.exclude`,
-`sync.back`) and its own per-session state dir. Who uses it: every module of `reconciler.sync`.
+`sync.back`, `sync.back_delete`) and its own per-session state dir. Who uses it: every module
+of `reconciler.sync`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class SyncOptions:
     state_dir: Path
     exclude: tuple[str, ...] = ()
     back: tuple[str, ...] = ()
+    #: mirror remote deletions of files a pull brought back (`sync.back_delete`; see
+    #: `backdelete` for the guards)
+    back_delete: bool = False
     remote_root: str = "/workspace"
     remote_state_dir: str = "/run/ukc-sync"
     boot_id_paths: tuple[str, ...] = ("/run/ukc/boot_id", "/proc/sys/kernel/random/boot_id")

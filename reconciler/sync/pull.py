@@ -12,7 +12,9 @@ what was announced. Writes go through directory fds opened component by componen
 O_NOFOLLOW (a local symlink swapped in cannot redirect a write), into a temp file created with
 O_EXCL|O_NOFOLLOW in the target directory, then `os.replace`. A local file changed since our
 last pull is never overwritten: the incoming copy lands beside it as `<name>.ukc-remote`.
-Remote deletions are not propagated.
+Remote deletions are not propagated, unless `sync.back_delete` is on: then a file this pull
+record says we brought back from this same instance and boot, unchanged here since, is removed
+when the sandbox no longer has it, only after a whole pull without errors (see `backdelete`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 from reconciler.atomicfile import writer_alive
 from reconciler.backends import RemoteShell
 from reconciler.errors import HostileEntryError, SyncHaltedError
+from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
 from reconciler.sync.ignore import is_under
 from reconciler.sync.manifest import CHUNK, hash_file
 from reconciler.sync.options import SyncOptions
@@ -68,6 +71,12 @@ class PullResult:
     unchanged: int = 0
     #: why the stream was abandoned part-way (a hostile or broken sandbox), else None
     aborted: str | None = None
+    #: local files removed because the sandbox deleted them (`sync.back_delete`)
+    deleted: list[str] = field(default_factory=list)
+    #: "deleted in the sandbox but changed here: path" for each file left in place
+    kept: list[str] = field(default_factory=list)
+    #: why remote deletions were not mirrored (all of them, or under one back path)
+    deletes_skipped: list[str] = field(default_factory=list)
 
 
 def check_path(path: object, back: tuple[str, ...]) -> str | None:
@@ -87,7 +96,12 @@ def check_path(path: object, back: tuple[str, ...]) -> str | None:
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):
         return "'..', '.' or empty component"
-    if any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
+    try:
+        sizes = [len(p.encode("utf-8", "surrogateescape")) for p in parts]
+    except UnicodeEncodeError:
+        # a lone surrogate outside the \udc80-\udcff escapes names no file on any disk
+        return "name is not a valid file name"
+    if any(n > 255 for n in sizes):
         return "name longer than 255 bytes"
     if parts[0] == ".ukc":
         return "inside .ukc/"
@@ -105,7 +119,8 @@ def _safe_label(path: object) -> str:
 
 
 def pull_record(opts: SyncOptions) -> dict[str, list[Any]]:
-    """Our last pull record: path -> [size, mtime_ns, sha256] of each file pull wrote."""
+    """Our last pull record: path -> [size, mtime_ns, sha256, source] of each file pull
+    wrote; source ("instance-uuid/boot-id") is absent in an older ukc's entries."""
     data = read_record(opts.state_dir, PULL_RECORD) or {}
     files = data.get("files")
     return files if isinstance(files, dict) else {}
@@ -155,9 +170,35 @@ class _Tree:
         self._fds[rel] = fd
         return fd
 
+    def find(self, rel: str) -> int | None:
+        """fd of the existing directory `rel`, None when it or a parent is missing; never
+        creates one (deletions must not). Raises HostileEntryError on a link or a file."""
+        if rel == "":
+            return self.rootfd
+        cached = self._fds.get(rel)
+        if cached is not None:
+            return cached
+        parent, _, name = rel.rpartition("/")
+        pfd = self.find(parent)
+        if pfd is None:
+            return None
+        try:
+            fd = os.open(name, _DFLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise HostileEntryError(f"local parent {rel} is not a plain directory") from exc
+        self._fds[rel] = fd
+        return fd
+
+    def forget(self, rel: str) -> None:
+        """Close the cached fds of `rel` and below (the directory was removed)."""
+        for key in [k for k in self._fds if k == rel or k.startswith(rel + "/")]:
+            os.close(self._fds.pop(key))
+
 
 class _Puller:
-    def __init__(self, s: HelperSession, opts: SyncOptions, tree: _Tree) -> None:
+    def __init__(self, s: HelperSession, opts: SyncOptions, tree: _Tree, source: str) -> None:
         self.s = s
         self.opts = opts
         self.tree = tree
@@ -165,9 +206,13 @@ class _Puller:
         self.record = pull_record(opts)
         self.new_record: dict[str, list[Any]] = dict(self.record)
         self.result = PullResult()
+        #: every path the sandbox announced (refused ones too: they exist over there), and
+        #: local write failures: what deletions are judged by
+        self.seen = Seen(source=source, paths={})
         # why: creating files is kernel-bound and slow on some disks; small files are written
-        # by a few threads (bounded: at most 32 files of <= 1 MiB held in memory)
-        self.lock = threading.Lock()
+        # by a few threads (bounded: at most 32 files of <= 1 MiB held in memory). Reentrant:
+        # `place` runs under it and may `reject` (a plain Lock hung the pull right there)
+        self.lock = threading.RLock()
         self.threads = opts.write_threads
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
         self.slots = threading.BoundedSemaphore(32)
@@ -175,6 +220,16 @@ class _Puller:
     def reject(self, path: object, reason: str) -> None:
         with self.lock:
             self.result.rejected.append(f"{_safe_label(path)}: {reason}")
+
+    def local_failed(self, path: object, reason: str) -> None:
+        """A write here failed: reported like a refusal, and no deletions in this pull."""
+        self.reject(path, reason)
+        with self.lock:
+            self.seen.local_errors += 1
+
+    def entry_record(self, size: object, mtime: object, sha: object) -> list[Any]:
+        """A record entry for a file this sandbox has, tagged with its source when known."""
+        return [size, mtime, sha, self.seen.source] if self.seen.source else [size, mtime, sha]
 
     def finish(self) -> None:
         """Wait for every pooled write (their directory fds must outlive them)."""
@@ -213,6 +268,8 @@ class _Puller:
             reason = "symlink (never followed or written)"
         if reason is None and kind == "o":
             reason = "not a regular file or directory (fifo, socket or device)"
+        if isinstance(path, str):
+            self.seen.paths[path] = kind if reason is None else REFUSED
         if reason is not None:
             self.reject(path, reason)
             if has_data and self.drain(size) < 0:
@@ -223,13 +280,17 @@ class _Puller:
         if kind == "d":
             try:
                 self.tree.dir(path, 0o700 | (mode & 0o755))
-            except (HostileEntryError, OSError) as exc:
-                self.reject(
-                    path, str(exc) if isinstance(exc, HostileEntryError) else "mkdir failed"
-                )
+            except HostileEntryError as exc:
+                self.reject(path, str(exc))
+            except OSError:
+                self.local_failed(path, "mkdir failed")
             return True
         if not has_data:
             self.result.unchanged += 1
+            rec = self.record.get(path)
+            if isinstance(rec, list) and len(rec) >= 3:
+                # seen unchanged in this sandbox: from now on it is this sandbox's file
+                self.new_record[path] = self.entry_record(rec[0], rec[1], rec[2])
             return True
         return self.file(path, size, mode & 0o777, mtime)
 
@@ -238,7 +299,10 @@ class _Puller:
         try:
             pfd = self.tree.dir(parent)
         except (HostileEntryError, OSError) as exc:
-            self.reject(path, str(exc) if isinstance(exc, HostileEntryError) else "no parent")
+            if isinstance(exc, HostileEntryError):
+                self.reject(path, str(exc))
+            else:
+                self.local_failed(path, "no parent")
             if self.drain(size) < 0:
                 self.result.aborted = f"{_safe_label(path)}: more data than announced"
                 return False
@@ -318,7 +382,7 @@ class _Puller:
                 self.place(path, pfd, name, tmp, len(data), mtime, hashlib.sha256(data).hexdigest())
         except OSError:
             _unlink_quiet(tmp, pfd)
-            self.reject(path, "local write failed")
+            self.local_failed(path, "local write failed")
         finally:
             self.slots.release()
 
@@ -339,18 +403,19 @@ class _Puller:
             rec = self.record.get(path)
             if local_sha == sha:
                 _unlink_quiet(tmp, pfd)  # same content already here
-                self.new_record[path] = [size, mtime, sha]
+                self.new_record[path] = self.entry_record(size, mtime, sha)
                 self.result.unchanged += 1
                 return
-            ours = isinstance(rec, list) and len(rec) == 3 and local_sha == rec[2]
+            ours = isinstance(rec, list) and len(rec) >= 3 and local_sha == rec[2]
             if not ours:
                 os.replace(tmp, name + CONFLICT_SUFFIX, src_dir_fd=pfd, dst_dir_fd=pfd)
-                # recorded as the sandbox's version: reported once, not on every pull
+                # recorded as the sandbox's version: reported once, not on every pull; no
+                # source: the file in place is the user's, not one this pull brought
                 self.new_record[path] = [size, mtime, sha]
                 self.result.conflicts.append(path)
                 return
         os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        self.new_record[path] = [size, mtime, sha]
+        self.new_record[path] = self.entry_record(size, mtime, sha)
         self.result.files_written += 1
         self.result.bytes_written += size
         self.result.written.append(path)
@@ -402,13 +467,17 @@ def _have(record: dict[str, list[Any]]) -> dict[str, list[int]]:
     """What we last pulled, as the sandbox had it: unchanged remote files are not resent."""
     have: dict[str, list[int]] = {}
     for path, rec in record.items():
-        if isinstance(rec, list) and len(rec) == 3:
-            have[path] = [int(rec[0]), int(rec[1])]
+        if isinstance(rec, list) and len(rec) >= 3 and all(type(v) is int for v in rec[:2]):
+            have[path] = [rec[0], rec[1]]
     return have
 
 
-def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
-    """Bring the declared back paths home. Raises `SyncHaltedError` when the root is missing."""
+def pull(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str = "") -> PullResult:
+    """Bring the declared back paths home. Raises `SyncHaltedError` when the root is missing.
+
+    `instance_uuid` names the sandbox read: with the boot id the helper reports, it is the
+    source of what this pull brings; without it no remote deletion is ever mirrored.
+    """
     back = opts.back_paths()
     for b in back:
         reason = check_path(b, back)
@@ -421,7 +490,6 @@ def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
         record = pull_record(opts)
         # read-only: a pull leaves nothing behind in the sandbox (not even the helper cache)
         with HelperSession(shell, opts, read_only=True) as s:
-            puller = _Puller(s, opts, tree)
             s.send(
                 {
                     "op": "hello",
@@ -434,11 +502,14 @@ def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
             )
             s.send({"op": "pull", "back": list(back), "have": _have(record), "flush": True})
             s.flush()
-            s.reader.frame(_HEADER_LIMIT)  # hello's answer: unused by pull
+            hello = s.reader.frame(_HEADER_LIMIT)
+            boot = hello.get("boot_id") if isinstance(hello, dict) else None
+            puller = _Puller(s, opts, tree, source_id(instance_uuid, boot))
             try:
                 while True:
                     hdr = s.reader.frame(_HEADER_LIMIT)
                     if isinstance(hdr, dict) and hdr.get("end") is True:
+                        puller.seen.end = hdr
                         break
                     if not puller.entry(hdr):
                         s.close(abort=True)
@@ -446,6 +517,13 @@ def pull(shell: RemoteShell, opts: SyncOptions) -> PullResult:
             finally:
                 puller.finish()
             result = puller.result
+            puller.seen.aborted = result.aborted
+            if opts.back_delete:
+                # only now: the stream ended and every pooled write finished
+                outcome = mirror_deletes(tree, back, puller.record, puller.new_record, puller.seen)
+                result.deleted = outcome.deleted
+                result.kept = outcome.kept
+                result.deletes_skipped = outcome.skipped
             # no fsync: a lost record makes the next pull compare contents instead (safe)
             write_record(
                 opts.state_dir,

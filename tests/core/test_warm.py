@@ -281,3 +281,19 @@ def test_a_module_in_the_callers_directory_never_shadows_a_library_in_the_warm_p
     assert info["fresh"] is True
     log = path.with_suffix(".log")
     assert "shadowed" not in log.read_text()
+
+
+def test_the_clients_request_encoding_is_what_json_dumps_writes() -> None:
+    from reconciler.warmclient import _dumps
+
+    request = {
+        "op": "run",
+        "argv": ["apply", "spec dir/s.yaml", "--prune"],
+        "cwd": "/home/\u00e9l\u00e8ve/\udcff-not-utf8",
+        "env": {"LANG": "C.UTF-8", "QUOTE": 'a"b\\c\n\t\x00', "EMOJI": "\U0001f600"},
+        "umask": 18,
+        "streams": {"stdin": ["utf-8", "strict"], "stdout": [None, None]},
+        "flags": [True, False],
+    }
+    assert _dumps(request) == json.dumps(request, separators=(",", ":"))
+    assert json.loads(_dumps(request)) == request

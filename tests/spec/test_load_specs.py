@@ -147,7 +147,15 @@ class TestIdentity:
 
     @pytest.mark.parametrize(
         "change",
-        ["name: b", "commands: [x]", "env: {X: '2'}", "image: other", "exec: http", "ttl: 91"],
+        [
+            "name: b",
+            "commands: [x]",
+            "env: {X: '2'}",
+            "image: other",
+            "exec: http",
+            "ttl: 91",
+            "sync: {back_delete: true}",
+        ],
     )
     def test_the_hash_changes_with_any_declared_value(self, tmp_path: Path, change: str) -> None:
         base = {"name": "name: a", "env": "env: {X: '1'}", "ttl": "ttl: 90"}
@@ -156,6 +164,19 @@ class TestIdentity:
         one = load_one(tmp_path / "1", "\n".join(base.values()) + "\n").sessions[0]
         two = load_one(tmp_path / "2", "\n".join(changed.values()) + "\n").sessions[0]
         assert spec_hash(one.spec) != spec_hash(two.spec)
+
+    @pytest.mark.parametrize(
+        "sync", ["sync: {back: [out/]}", "sync: {back: [out/], back_delete: false}"]
+    )
+    def test_a_spec_without_back_delete_keeps_the_hash_it_had_before_the_field_existed(
+        self, tmp_path: Path, sync: str
+    ) -> None:
+        # why: the hash decides whether an expired session may come back; upgrading ukc must
+        # not change it. The value was computed by the ukc that had no back_delete.
+        (session,) = load_one(tmp_path, f"name: a\n{sync}\n")
+        assert spec_hash(session.spec) == (
+            "d0dc9d802d524cd1e0cbf62a1001f0d69d028df73c1c0f60628f43dc4a1a333a"
+        )
 
     def test_secret_values_never_reach_the_hash(self, tmp_path: Path) -> None:
         (session,) = load_one(tmp_path, "name: a\nsecret_env: {TOKEN: MY_TOKEN}\n")

@@ -84,6 +84,17 @@ REFUSALS: list[tuple[str, int, str, str]] = [
     ("name: ok\nsync:\n  back: [./]", 3, "sync.back[0]", "name something inside"),
     ('name: ok\nsync:\n  back: ["a\\nb"]', 3, "sync.back[0]", "control characters"),
     ("name: ok\nsync:\n  back: [5]", 3, "sync.back[0]", "expected a string"),
+    (
+        "name: ok\nsync:\n  back: [out/]\n  back_delete: 'true'",
+        4,
+        "sync.back_delete",
+        "expected true or false, got a string",
+    ),
+    ("name: ok\nsync:\n  back_delete: 1", 3, "sync.back_delete", "got a number (1)"),
+    ("name: ok\nsync:\n  back_delete:", 3, "sync.back_delete", "got an empty value (null)"),
+    ("name: ok\nsync:\n  back_delete: [true]", 3, "sync.back_delete", "got a list"),
+    ("name: ok\nsync:\n  back_delet: true", 3, "sync.back_delet", "did you mean 'back_delete'"),
+    ("name: ok\nsync:\n  mirror: true", 3, "sync.mirror", "allowed: exclude, back, back_delete"),
     # env
     ("name: ok\nenv:\n  PORT: 8080", 3, "env.PORT", 'quote it (write "8080")'),
     ("name: ok\nenv:\n  DEBUG: yes", 3, "env.DEBUG", "yes/no/on/off/true/false are booleans"),
@@ -210,6 +221,15 @@ exec: ssh
         (session,) = load_one(tmp_path, text)
         assert session.spec.commands == ()
         assert session.spec.sync == SyncSpec()
+
+    @pytest.mark.parametrize(("text", "value"), [("true", True), ("false", False), ("yes", True)])
+    def test_back_delete_accepts_a_boolean_and_is_off_by_default(
+        self, tmp_path: Path, text: str, value: bool
+    ) -> None:
+        (session,) = load_one(tmp_path / "1", f"name: a\nsync:\n  back_delete: {text}\n")
+        assert session.spec.sync.back_delete is value
+        (plain,) = load_one(tmp_path / "2", "name: a\nsync:\n  back: [out/]\n")
+        assert plain.spec.sync.back_delete is False
 
     def test_a_mapping_command_without_a_name_is_named_by_its_position(
         self, tmp_path: Path

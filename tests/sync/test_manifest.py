@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.sync.diff import diff_manifests
+from reconciler.sync.engine import push
 from reconciler.sync.ignore import IgnoreRules, load_rules
-from reconciler.sync.manifest import Entry, Manifest, scan_local
+from reconciler.sync.manifest import Entry, Manifest, last_push_record, scan_local
 from tests.sync.conftest import Site, write
 
 
@@ -161,3 +162,64 @@ class TestDotUkcFastPath:
         assert rules.excluded("a/b.log", False)
         assert rules.excluded("a/.ukc/x", False)
         assert not rules.excluded("a/b.txt", False)
+
+
+class TestChangeHint:
+    """`scan_local(on_change=...)`: the early "a push is coming" signal the apply loop uses to
+    open its connection while the walk goes on."""
+
+    def pushed(self, site: Site) -> None:
+        push(site.shell, site.opts(), instance_uuid="u1")
+
+    def scan_counting(self, site: Site) -> int:
+        calls: list[int] = []
+        scan_local(site.opts(), on_change=lambda: calls.append(1))
+        return len(calls)
+
+    def test_an_unchanged_tree_gives_no_hint(self, site: Site) -> None:
+        write(site.local / "a/b.txt", "b")
+        write(site.local / "c.txt", "c")
+        self.pushed(site)
+        assert self.scan_counting(site) == 0
+
+    def test_an_edited_file_gives_exactly_one_hint(self, site: Site) -> None:
+        for i in range(5):
+            write(site.local / f"f{i}.txt", "x")
+        self.pushed(site)
+        for i in range(5):
+            write(site.local / f"f{i}.txt", "longer content")
+        assert self.scan_counting(site) == 1
+
+    def test_a_deleted_file_alone_gives_a_hint(self, site: Site) -> None:
+        write(site.local / "keep.txt", "k")
+        write(site.local / "gone.txt", "g")
+        self.pushed(site)
+        (site.local / "gone.txt").unlink()
+        assert self.scan_counting(site) == 1
+
+    def test_a_new_directory_gives_a_hint(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        self.pushed(site)
+        (site.local / "empty").mkdir()
+        assert self.scan_counting(site) == 1
+
+    def test_a_tree_never_pushed_gives_a_hint(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        assert self.scan_counting(site) == 1
+
+    def test_a_new_fifo_or_an_excluded_file_gives_no_hint(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        self.pushed(site)
+        os.mkfifo(site.local / "pipe")
+        write(site.local / ".ukc/status.json", "{}")
+        assert self.scan_counting(site) == 0
+
+    def test_the_push_record_is_read_again_once_it_is_replaced(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        self.pushed(site)
+        first = last_push_record(site.opts())
+        assert first is not None and last_push_record(site.opts()) is first
+        write(site.local / "b.txt", "b")
+        self.pushed(site)
+        second = last_push_record(site.opts())
+        assert second is not None and "b.txt" in second[0].entries

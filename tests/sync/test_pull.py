@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import resource
+import shutil
 import stat
 import struct
 import subprocess
@@ -15,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.sync.engine import plan_pull, pull, pulled_paths
-from reconciler.sync.pull import CONFLICT_SUFFIX
+from reconciler.sync.engine import PullResult, plan_pull, pull, pulled_paths
+from reconciler.sync.pull import CONFLICT_SUFFIX, pull_record
+from reconciler.sync.records import PULL_RECORD, write_record
 from reconciler.sync.remote import encode_frame
 from tests.sync.conftest import Site, snapshot, write
 
@@ -86,11 +89,12 @@ def other_entry(path: Any, kind: str) -> bytes:
     return encode_frame({"path": path, "type": kind, "size": 0, "mode": 0o644, "mtime_ns": 1})
 
 
-def crafted(*entries: bytes) -> CraftedShell:
+def crafted(*entries: bytes, end: object = None) -> CraftedShell:
+    """A sandbox (boot id "b") that sends `entries`, then `end` (default `{"end": true}`)."""
     return CraftedShell(
         encode_frame({"boot_id": "b", "fresh": False, "has_record": False})
         + b"".join(entries)
-        + encode_frame({"end": True})
+        + encode_frame({"end": True} if end is None else end)
     )
 
 
@@ -192,6 +196,19 @@ class TestPull:
         pull(world.shell, world.opts(back=BACK))
         assert (world.local / "out/report.txt").read_text() == "v1"
 
+    @pytest.mark.timeout(30)
+    @pytest.mark.parametrize("threads", [0, 2])
+    def test_a_remote_file_where_a_local_directory_is_refused_without_hanging(
+        self, world: Site, threads: int
+    ) -> None:
+        # Regression: the refusal was made under the writer's lock, which it took again: the
+        # pull hung forever on the first such file.
+        write(world.local / "out/report/keep.txt", "mine")
+        write(world.remote / "out/report", "a file now")
+        result = pull(world.shell, world.opts(back=BACK, write_threads=threads))
+        assert result.rejected == ["out/report: a local directory has that name"]
+        assert (world.local / "out/report/keep.txt").read_text() == "mine"
+
     def test_setuid_bits_are_stripped(self, world: Site) -> None:
         write(world.remote / "out/tool", "#!/bin/sh\n", 0o4755)
         pull(world.shell, world.opts(back=BACK))
@@ -289,6 +306,7 @@ CRAFTED_CASES: dict[str, tuple[bytes, str]] = {
     "device entry": (other_entry("out/sda", "o"), "fifo, socket or device"),
     "symlink entry": (other_entry("out/lnk", "l"), "symlink"),
     "overlong name": (file_entry("out/" + "n" * 300, b"x"), "longer than 255"),
+    "lone surrogate in name": (file_entry("out/a\ud800b", b"x"), "not a valid file name"),
 }
 
 
@@ -348,3 +366,353 @@ def test_a_missing_local_root_halts_the_pull(world: Site, tmp_path: Path) -> Non
 
     with pytest.raises(SyncHaltedError, match="is missing"):
         pull(crafted(), world.opts(back=BACK, local_root=tmp_path / "nope"))
+
+
+# --- sync.back_delete: mirroring remote deletions, behind guards ---------------------------
+
+UUID = "3f1c9a2e-0001"
+CLEAN_END = {"end": True, "errors": 0, "missing": []}
+
+
+def mirrored(site: Site, uuid: str = UUID, **kw: Any) -> PullResult:
+    """A pull with `sync.back_delete: true` from instance `uuid` (boot id: the site's)."""
+    opts = site.opts(**{"back": BACK, "back_delete": True, **kw})
+    return pull(site.shell, opts, instance_uuid=uuid)
+
+
+def dir_entry(path: str) -> bytes:
+    return encode_frame({"path": path, "type": "d", "size": 0, "mode": 0o755, "mtime_ns": 1})
+
+
+def pulled_crafted(site: Site, *entries: bytes, end: object = None) -> PullResult:
+    """A crafted sandbox (boot id "b") pulled from with `sync.back_delete: true`."""
+    shell = crafted(*entries, end=CLEAN_END if end is None else end)
+    return pull(shell, site.opts(back=BACK, back_delete=True), instance_uuid=UUID)
+
+
+def crafted_abc(site: Site) -> None:
+    """A first crafted pull that brings out/a.txt, out/b.txt and out/c.txt home."""
+    first = pulled_crafted(
+        site,
+        dir_entry("out"),
+        file_entry("out/a.txt", b"a"),
+        file_entry("out/b.txt", b"b"),
+        file_entry("out/c.txt", b"c"),
+    )
+    assert first.files_written == 3
+
+
+class TestBackDelete:
+    def test_back_delete_is_off_by_default_so_a_remote_deletion_keeps_the_local_file(
+        self, world: Site
+    ) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "b")
+        pull(world.shell, world.opts(back=BACK), instance_uuid=UUID)
+        (world.remote / "out/b.txt").unlink()
+        result = pull(world.shell, world.opts(back=BACK), instance_uuid=UUID)
+        assert (world.local / "out/b.txt").read_text() == "b"
+        assert (result.deleted, result.kept, result.deletes_skipped) == ([], [], [])
+        assert not plan_pull(world.opts(back=BACK)).mirrors_deletes
+        assert plan_pull(world.opts(back=BACK, back_delete=True)).mirrors_deletes
+
+    def test_back_delete_removes_a_file_the_sandbox_deleted_when_unchanged_here(
+        self, world: Site
+    ) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "b")
+        write(world.remote / "out/sub/c.txt", "c")
+        assert mirrored(world).deleted == []
+        (world.remote / "out/b.txt").unlink()
+        result = mirrored(world)
+        assert result.deleted == ["out/b.txt"]
+        assert (result.kept, result.deletes_skipped) == ([], [])
+        assert result.unchanged == 2  # the other two were not resent
+        assert not (world.local / "out/b.txt").exists()
+        assert sorted(os.listdir(world.local / "out")) == [".keep", "a.txt", "sub"]
+        record = pull_record(world.opts())
+        assert "out/b.txt" not in record
+        assert record["out/a.txt"][3] == f"{UUID}/boot-1"
+
+    def test_a_file_pulled_with_its_source_is_still_updated_in_place(self, world: Site) -> None:
+        write(world.remote / "out/a.txt", "v1")
+        mirrored(world)
+        write(world.remote / "out/a.txt", "v2")
+        result = mirrored(world)
+        assert (result.files_written, result.conflicts) == (1, [])
+        assert (world.local / "out/a.txt").read_text() == "v2"
+
+    def test_back_delete_keeps_a_locally_edited_file_and_reports_it_once(self, world: Site) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "bbbb")
+        mirrored(world)
+        write(world.local / "out/b.txt", "BBBB")  # same size: only the content tells
+        (world.remote / "out/b.txt").unlink()
+        result = mirrored(world)
+        assert result.deleted == []
+        assert result.kept == ["deleted in the sandbox but changed here: out/b.txt"]
+        assert (world.local / "out/b.txt").read_text() == "BBBB"
+        again = mirrored(world)
+        assert (again.deleted, again.kept) == ([], [])
+        assert (world.local / "out/b.txt").read_text() == "BBBB"
+
+    def test_back_delete_never_removes_a_local_file_ukc_did_not_pull(self, world: Site) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "b")
+        write(world.local / "out/mine.txt", "mine")
+        write(world.local / "out/notes/todo.txt", "todo")
+        mirrored(world)
+        (world.remote / "out/b.txt").unlink()
+        result = mirrored(world)
+        assert result.deleted == ["out/b.txt"]
+        assert (world.local / "out/mine.txt").read_text() == "mine"
+        assert (world.local / "out/notes/todo.txt").read_text() == "todo"
+        assert (world.local / "out/.keep").exists()
+
+    def test_back_delete_never_removes_a_file_recorded_by_an_older_ukc(self, world: Site) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "b")
+        mirrored(world)
+        # an older ukc wrote [size, mtime_ns, sha256]: where it came from is unknown
+        old = {p: rec[:3] for p, rec in pull_record(world.opts()).items()}
+        write_record(world.state, PULL_RECORD, {"version": 1, "files": old})
+        (world.remote / "out/b.txt").unlink()
+        result = mirrored(world)
+        assert result.deleted == []
+        assert (world.local / "out/b.txt").read_text() == "b"
+        record = pull_record(world.opts())
+        assert record["out/b.txt"] == old["out/b.txt"]
+        assert record["out/a.txt"][3] == f"{UUID}/boot-1"  # seen unchanged: this sandbox's now
+
+    @pytest.mark.parametrize("change", ["rebooted", "another instance", "no instance uuid"])
+    def test_back_delete_deletes_nothing_pulled_from_another_sandbox_or_boot(
+        self, world: Site, change: str
+    ) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "b")
+        mirrored(world)
+        (world.remote / "out/b.txt").unlink()
+        uuid = {"rebooted": UUID, "another instance": "9d8e7f6a-0002", "no instance uuid": ""}
+        if change == "rebooted":
+            world.reboot("boot-2")
+        result = mirrored(world, uuid=uuid[change])
+        again = mirrored(world, uuid=uuid[change])  # nor on any later pull from it
+        assert result.deleted == again.deleted == []
+        assert (world.local / "out/b.txt").read_text() == "b"
+        assert "out/b.txt" in pull_record(world.opts())
+        if change == "no instance uuid":
+            assert "instance or boot id is unknown" in result.deletes_skipped[0]
+        else:
+            assert result.deletes_skipped == []
+
+    def test_back_delete_deletes_nothing_after_an_aborted_stream(self, world: Site) -> None:
+        crafted_abc(world)
+        result = pulled_crafted(
+            world,
+            dir_entry("out"),
+            file_entry("out/a.txt", b"a"),
+            encode_frame(["not", "a", "header"]),
+        )
+        assert result.aborted is not None
+        assert result.deleted == []
+        assert (world.local / "out/b.txt").read_bytes() == b"b"
+        assert result.deletes_skipped == ["the stream was abandoned: no remote deletions mirrored"]
+
+    def test_a_clean_crafted_stream_mirrors_its_deletions(self, world: Site) -> None:
+        # the control for the crafted guards below: the same stream with a clean end deletes
+        crafted_abc(world)
+        result = pulled_crafted(world, dir_entry("out"), file_entry("out/a.txt", b"a"))
+        assert result.deleted == ["out/b.txt", "out/c.txt"]
+
+    @pytest.mark.parametrize(
+        ("end", "why"),
+        [
+            ({"end": True, "errors": 2, "missing": []}, "could not list or read 2 entries"),
+            ({"end": True}, "malformed end of listing"),
+            ({"end": True, "errors": "0", "missing": []}, "malformed"),
+            ({"end": True, "errors": False, "missing": []}, "malformed"),
+            ({"end": True, "errors": -1, "missing": []}, "malformed"),
+            ({"end": True, "errors": 0, "missing": "out"}, "malformed"),
+            ({"end": True, "errors": 0, "missing": [5]}, "malformed"),
+            ({"end": True, "errors": 0, "missing": ["src"]}, "malformed"),
+        ],
+    )
+    def test_back_delete_deletes_nothing_when_the_sandbox_reports_an_error_or_garbles_it(
+        self, world: Site, end: dict[str, object], why: str
+    ) -> None:
+        crafted_abc(world)
+        result = pulled_crafted(world, dir_entry("out"), file_entry("out/a.txt", b"a"), end=end)
+        assert result.deleted == []
+        assert sorted(os.listdir(world.local / "out")) == [".keep", "a.txt", "b.txt", "c.txt"]
+        assert len(result.deletes_skipped) == 1 and why in result.deletes_skipped[0]
+
+    def test_back_delete_deletes_nothing_when_the_sandbox_cannot_list_a_back_path(
+        self, world: Site
+    ) -> None:
+        back = ("out/", "gen/x/")
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "b")
+        mirrored(world, back=back)
+        (world.remote / "out/b.txt").unlink()
+        write(world.remote / "gen", "a file where a directory should be")  # ENOTDIR: an error
+        result = mirrored(world, back=back)
+        assert result.deleted == []
+        assert (world.local / "out/b.txt").read_text() == "b"
+        assert result.deletes_skipped == [
+            "the sandbox could not list or read 1 entry: no remote deletions mirrored"
+        ]
+
+    def test_back_delete_deletes_nothing_after_a_local_write_failed(self, world: Site) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "b")
+        mirrored(world, write_threads=2)
+        (world.remote / "out/b.txt").unlink()
+        write(world.remote / "out/big.bin", os.urandom(200_000))
+        # why a file size limit: it makes a local write fail even for root (EFBIG; Python
+        # ignores SIGXFSZ), on the pooled small-file path
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+        try:
+            result = mirrored(world, write_threads=2)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert result.rejected == ["out/big.bin: local write failed"]
+        assert result.deleted == []
+        assert (world.local / "out/b.txt").read_text() == "b"
+        assert result.deletes_skipped == ["1 local write(s) failed: no remote deletions mirrored"]
+
+    @pytest.mark.parametrize(
+        ("change", "state"),
+        [("removed", "is missing"), ("emptied", "is empty"), ("now a file", "is no longer a")],
+    )
+    def test_back_delete_halts_under_a_back_directory_that_vanished_or_emptied(
+        self, world: Site, change: str, state: str
+    ) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/sub/b.txt", "b")
+        mirrored(world)
+        shutil.rmtree(world.remote / "out")
+        if change == "emptied":
+            (world.remote / "out").mkdir()
+        elif change == "now a file":
+            write(world.remote / "out", "x")
+        result = mirrored(world)
+        assert result.deleted == []
+        assert (world.local / "out/a.txt").read_text() == "a"
+        assert (world.local / "out/sub/b.txt").read_text() == "b"
+        assert len(result.deletes_skipped) == 1
+        assert result.deletes_skipped[0].startswith(f"out/ {state}")
+
+    def test_back_delete_removes_a_single_file_back_path_the_sandbox_deleted(
+        self, site: Site
+    ) -> None:
+        back = ("report.txt",)
+        write(site.remote / "report.txt", "r")
+        mirrored(site, back=back)
+        assert os.listdir(site.local) == ["report.txt"]
+        (site.remote / "report.txt").unlink()
+        result = mirrored(site, back=back)
+        assert (result.deleted, result.deletes_skipped) == (["report.txt"], [])
+        assert site.local.is_dir() and os.listdir(site.local) == []
+
+    def test_back_delete_keeps_a_single_file_back_path_not_reported_missing(
+        self, world: Site
+    ) -> None:
+        opts = world.opts(back=("report.txt",), back_delete=True)
+        pull(crafted(file_entry("report.txt", b"r"), end=CLEAN_END), opts, instance_uuid=UUID)
+        result = pull(crafted(end=CLEAN_END), opts, instance_uuid=UUID)
+        assert result.deleted == []
+        assert (world.local / "report.txt").read_bytes() == b"r"
+        assert "neither sent nor reported missing" in result.deletes_skipped[0]
+        reported = {"end": True, "errors": 0, "missing": ["report.txt"]}
+        assert pull(crafted(end=reported), opts, instance_uuid=UUID).deleted == ["report.txt"]
+
+    def test_back_delete_counts_a_refused_entry_as_present_and_still_mirrors_the_rest(
+        self, world: Site
+    ) -> None:
+        crafted_abc(world)
+        result = pulled_crafted(
+            world,
+            dir_entry("out"),
+            file_entry("out/a.txt", b"a"),
+            other_entry("out/b.txt", "l"),  # now a symlink there: refused, but it exists
+        )
+        assert len(result.rejected) == 1
+        assert result.deleted == ["out/c.txt"]
+        assert (world.local / "out/b.txt").read_bytes() == b"b"
+
+    def test_back_delete_keeps_files_under_a_remote_directory_that_became_a_symlink(
+        self, world: Site
+    ) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/sub/b.txt", "b")
+        mirrored(world)
+        shutil.rmtree(world.remote / "out/sub")
+        os.symlink(world.base / "outside/dir", world.remote / "out/sub")
+        result = mirrored(world)
+        assert result.deleted == []
+        assert (world.local / "out/sub/b.txt").read_text() == "b"
+
+    def test_back_delete_does_not_remove_a_symlink_swapped_in_for_the_file(
+        self, world: Site
+    ) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/b.txt", "precious")
+        mirrored(world)
+        (world.remote / "out/b.txt").unlink()
+        # the link's target has the recorded content: only not following it keeps the link
+        (world.local / "out/b.txt").unlink()
+        os.symlink(world.base / "outside/target.txt", world.local / "out/b.txt")
+        before = outside_state(world)
+        result = mirrored(world)
+        assert outside_state(world) == before
+        assert os.path.islink(world.local / "out/b.txt")
+        assert result.kept == ["deleted in the sandbox but changed here: out/b.txt"]
+        assert result.deleted == []
+
+    def test_back_delete_does_not_remove_through_a_symlink_swapped_in_for_a_parent(
+        self, world: Site
+    ) -> None:
+        write(world.remote / "out/a.txt", "a")
+        write(world.remote / "out/sub/b.txt", "b")
+        mirrored(world)
+        shutil.rmtree(world.remote / "out/sub")
+        moved = world.base / "outside/moved"
+        os.rename(world.local / "out/sub", moved)
+        os.symlink(moved, world.local / "out/sub")
+        before = outside_state(world)
+        result = mirrored(world)
+        assert outside_state(world) == before
+        assert (moved / "b.txt").read_text() == "b"
+        assert os.path.islink(world.local / "out/sub")
+        assert result.kept == [
+            "deleted in the sandbox but its local parent is not a plain directory here: "
+            "out/sub/b.txt"
+        ]
+        assert "out/sub/b.txt" not in pull_record(world.opts())
+
+    def test_back_delete_removes_emptied_directories_but_not_ones_still_in_use(
+        self, world: Site
+    ) -> None:
+        for rel in ("out/a.txt", "out/x/deep/f.txt", "out/y/g.txt", "out/z/h.txt"):
+            write(world.remote / rel, rel)
+        mirrored(world)
+        write(world.local / "out/z/mine.txt", "mine")  # the user's file keeps out/z
+        shutil.rmtree(world.remote / "out/x")
+        shutil.rmtree(world.remote / "out/z")
+        (world.remote / "out/y/g.txt").unlink()  # out/y stays in the sandbox, empty
+        result = mirrored(world)
+        assert result.deleted == ["out/x/deep/f.txt", "out/y/g.txt", "out/z/h.txt"]
+        assert not (world.local / "out/x").exists()
+        assert (world.local / "out/y").is_dir() and os.listdir(world.local / "out/y") == []
+        assert os.listdir(world.local / "out/z") == ["mine.txt"]
+        assert (world.local / "out/a.txt").exists()
+
+    def test_back_delete_never_removes_the_back_directory_itself(self, site: Site) -> None:
+        write(site.remote / "out/a.txt", "a")
+        mirrored(site)
+        (site.remote / "out/a.txt").unlink()
+        os.symlink("/etc", site.remote / "out/lnk")  # the sandbox still lists something
+        result = mirrored(site)
+        assert result.deleted == ["out/a.txt"]
+        assert (site.local / "out").is_dir() and os.listdir(site.local / "out") == []

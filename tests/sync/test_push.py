@@ -35,6 +35,20 @@ class TestInitialPush:
         assert result.bytes_sent == scan_local(site.opts()).total_bytes
         assert result.remote_scanned is True
 
+    def test_modes_a_umask_would_strip_and_set_id_bits_arrive_exactly(self, site: Site) -> None:
+        # the helper creates files with their final mode and skips fchmod when the umask keeps
+        # every bit; these are the modes where it must not skip it
+        write(site.local / "shared.txt", "w", 0o666)
+        write(site.local / "tool", "#!/bin/sh\n", 0o777)
+        write(site.local / "setid", "#!/bin/sh\n", 0o2755)
+        write(site.local / "plain.txt", "p", 0o644)
+        old = os.umask(0o077)  # the helper inherits it: stricter than any mode above
+        try:
+            push(site.shell, site.opts(), instance_uuid="u1")
+        finally:
+            os.umask(old)
+        assert snapshot(site.remote) == snapshot(site.local)
+
     def test_a_link_escaping_the_root_is_sent_as_a_link_not_followed(self, site: Site) -> None:
         seed(site)
         push(site.shell, site.opts(), instance_uuid="u1")

@@ -1,0 +1,91 @@
+"""`ShellPool`: kept connections, and connections opened ahead of need (`prefetch`)."""
+
+from __future__ import annotations
+
+import threading
+
+from reconciler.backends import RemoteShell
+from reconciler.executor import ShellPool
+
+
+class FakeShell:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active = True
+        self.closed = False
+
+    def start(self, command: str) -> object:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        self.closed = True
+        self.active = False
+
+
+def as_shell(shell: FakeShell) -> RemoteShell:
+    return shell  # type: ignore[return-value]
+
+
+def test_take_waits_for_a_prefetch_in_flight_and_returns_its_connection() -> None:
+    pool = ShellPool()
+    gate = threading.Event()
+    shell = FakeShell("prefetched")
+
+    def opener() -> RemoteShell:
+        gate.wait(5)
+        return as_shell(shell)
+
+    pool.prefetch("s1", "uuid-1", opener)
+    threading.Timer(0.05, gate.set).start()
+    assert pool.take("s1", "uuid-1") is shell
+    assert not shell.closed
+
+
+def test_a_failed_prefetch_leaves_nothing_and_the_executor_connects_itself() -> None:
+    pool = ShellPool()
+
+    def opener() -> RemoteShell:
+        raise OSError("refused")
+
+    pool.prefetch("s1", "uuid-1", opener)
+    assert pool.take("s1", "uuid-1") is None
+
+
+def test_a_prefetch_for_another_instance_is_closed_not_handed_out() -> None:
+    pool = ShellPool()
+    old = FakeShell("old instance")
+    pool.prefetch("s1", "uuid-old", lambda: as_shell(old))
+    assert pool.take("s1", "uuid-new") is None
+    assert old.closed
+
+
+def test_no_second_connection_is_opened_while_one_is_kept_or_coming() -> None:
+    pool = ShellPool()
+    opened: list[str] = []
+
+    def opener() -> RemoteShell:
+        opened.append("x")
+        return as_shell(FakeShell("x"))
+
+    pool.keep("kept", "u", as_shell(FakeShell("kept")))
+    pool.prefetch("kept", "u", opener)
+    gate = threading.Event()
+
+    def slow() -> RemoteShell:
+        gate.wait(5)
+        return opener()
+
+    pool.prefetch("coming", "u", slow)
+    pool.prefetch("coming", "u", opener)
+    gate.set()
+    assert pool.take("coming", "u") is not None
+    assert opened == ["x"]
+
+
+def test_closing_the_pool_closes_prefetched_connections_nobody_took() -> None:
+    pool = ShellPool()
+    shells = [FakeShell("a"), FakeShell("b")]
+    pool.prefetch("a", "u", lambda: as_shell(shells[0]))
+    pool.prefetch("b", "u", lambda: as_shell(shells[1]))
+    pool.close()
+    assert all(s.closed for s in shells)
