@@ -84,7 +84,9 @@ class LocalProcess:
         stdout = self._popen.stdout
         if stdout is None or stdout.closed:
             return b""
-        data = stdout.read(n)
+        # why the cap: os.read allocates all of `n` first, and callers may ask for megabytes
+        # (a pipe never holds more than 1 MiB)
+        data = stdout.read(min(n, 1 << 20))
         return data or b""
 
     def read_stderr(self, n: int = 65536) -> bytes:

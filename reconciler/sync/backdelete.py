@@ -114,7 +114,8 @@ def mirror_deletes(
     """Remove the local files the guards allow; drops them (and vanished ones) from
     `new_record`."""
     out = DeleteOutcome()
-    gone = [p for p in record if p not in seen.paths and is_under(p, back) and _plain(p)]
+    roots = frozenset(back)
+    gone = [p for p in record if p not in seen.paths and is_under(p, roots) and _plain(p)]
     ours = [p for p in gone if seen.source and entry_source(record[p]) == seen.source]
     if not ours:
         if gone and not seen.source and any(entry_source(record[p]) for p in gone):

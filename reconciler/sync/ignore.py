@@ -10,7 +10,7 @@ paths are excluded from the push because they are outputs of the sandbox, not in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import pathspec
@@ -23,9 +23,21 @@ IGNORE_FILE = ".ukcignore"
 _ALWAYS = (".ukc/",)
 
 
-def is_under(rel: str, roots: Iterable[str]) -> bool:
-    """True when `rel` equals one of `roots` or lies below one of them."""
-    return any(rel == r or rel.startswith(r + "/") for r in roots)
+def is_under(rel: str, roots: Collection[str]) -> bool:
+    """True when `rel` equals one of `roots` or lies below one of them.
+
+    `roots` are normalised relative paths (no trailing "/"). This looks up each "/"-prefix of
+    `rel`, so with a set the cost follows the path's depth, not the number of roots (a pull of
+    60 top-level back paths spent 50 ms in the one-by-one comparison).
+    """
+    if rel in roots:
+        return True
+    i = rel.find("/")
+    while i != -1:
+        if rel[:i] in roots:
+            return True
+        i = rel.find("/", i + 1)
+    return False
 
 
 class IgnoreRules:
@@ -34,6 +46,7 @@ class IgnoreRules:
     def __init__(self, patterns: Iterable[str], back: Iterable[str]) -> None:
         self.patterns = tuple(_ALWAYS) + tuple(patterns)
         self.back = tuple(back)
+        self._back_set = frozenset(self.back)
         self._spec = pathspec.GitIgnoreSpec.from_lines(self.patterns)
         # why: with no user rule (blank lines and comments do not count) only `.ukc/` applies,
         # and matching it by hand is ~10x cheaper than pathspec's regexes on every scanned path
@@ -43,7 +56,7 @@ class IgnoreRules:
 
     def excluded(self, rel: str, is_dir: bool) -> bool:
         """True when the path (relative, "/"-separated) is excluded or a sync-back path."""
-        if self.back and is_under(rel, self.back):
+        if self._back_set and is_under(rel, self._back_set):
             return True
         if self._only_ukc:
             # gitignore `.ukc/`: a directory named .ukc at any depth, and everything below it

@@ -26,6 +26,7 @@ import re
 import secrets
 import stat
 import threading
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ class PullResult:
     deletes_skipped: list[str] = field(default_factory=list)
 
 
-def check_path(path: object, back: tuple[str, ...]) -> str | None:
+def check_path(path: object, back: Collection[str]) -> str | None:
     """Why a remote path is refused, or None when it may be written under the local root."""
     if not isinstance(path, str):
         return "path is not a string"
@@ -203,6 +204,7 @@ class _Puller:
         self.opts = opts
         self.tree = tree
         self.back = opts.back_paths()
+        self.back_set = frozenset(self.back)  # checked for every entry (see is_under)
         self.record = pull_record(opts)
         self.new_record: dict[str, list[Any]] = dict(self.record)
         self.result = PullResult()
@@ -263,7 +265,7 @@ class _Puller:
             return False
         assert isinstance(size, int) and isinstance(mode, int) and isinstance(mtime, int)
         has_data = kind == "f" and not hdr.get("unchanged")
-        reason = check_path(path, self.back)
+        reason = check_path(path, self.back_set)
         if reason is None and kind == "l":
             reason = "symlink (never followed or written)"
         if reason is None and kind == "o":

@@ -271,8 +271,9 @@ def _apply(
     sender = _Sender(s, local, root, previous)
     sender.prepare_delta(plan.uploads)
     s.send({"op": "unrecord"})
+    replaced = frozenset(plan.replaces)
     for path in plan.uploads:
-        if not is_under(path, plan.replaces):
+        if not is_under(path, replaced):
             sender.upload(path)
     for path in plan.metas:
         sender.meta(path)
@@ -296,7 +297,7 @@ def _apply(
             reply = s.call({"op": "remove", "paths": order, "protect": protect, "strict": True})
             deleted += int(reply.get("removed", 0))
             for path in plan.uploads:
-                if is_under(path, plan.replaces):
+                if is_under(path, replaced):
                     sender.upload(path)
     record = {
         "version": 1,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from reconciler.sync.diff import diff_manifests
 from reconciler.sync.engine import push
-from reconciler.sync.ignore import IgnoreRules, load_rules
+from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import Entry, Manifest, last_push_record, scan_local
 from tests.sync.conftest import Site, write
 
@@ -223,3 +223,15 @@ class TestChangeHint:
         self.pushed(site)
         second = last_push_record(site.opts())
         assert second is not None and "b.txt" in second[0].entries
+
+
+_names = st.sampled_from(["a", "b", "ab", "a.b", "x y", "é"])
+_paths = st.lists(_names, min_size=1, max_size=4).map("/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rel=_paths, roots=st.lists(_paths, max_size=6))
+def test_is_under_agrees_with_the_plain_prefix_rule(rel: str, roots: list[str]) -> None:
+    expected = any(rel == r or rel.startswith(r + "/") for r in roots)
+    assert is_under(rel, roots) is expected
+    assert is_under(rel, frozenset(roots)) is expected
