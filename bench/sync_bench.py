@@ -13,7 +13,10 @@ small files + 5 × 8 MiB, 59.5 MB, seeded). Each run makes fresh sandboxes for b
 figures are medians.
 
 Prints key=value lines: rsync_* and ukc_* seconds, their ratios, the no-change counters, and
-with --rss the peak RSS of a 1 GiB push (a child process).
+with --rss the peak RSS of a 1 GiB push (a child process); a header names the filesystem.
+The work dir is under $TMPDIR: file creation dominates the initial sync and the sync-back, so
+run it where the filesystem is in a known state (see `describe_fs`), e.g. a fresh journaled
+ext4 (`truncate -s 8G img; mkfs.ext4 -q img; mount -o loop img /mnt/jfs; TMPDIR=/mnt/jfs`).
 """
 
 from __future__ import annotations
@@ -264,6 +267,36 @@ def rss_child(state: Path, work: Path) -> None:
     print(f"gib_push_rss_before_mb={before / 1024:.1f}")
 
 
+def describe_fs(path: Path) -> str:
+    """The filesystem both sides write to, and whether ext4 keeps a journal there.
+
+    why: on ext4 without a journal every new inode is searched past the inodes freed in the
+    last minutes (`recently_deleted` in the kernel), so after a test run that deleted thousands
+    of files both tools spend most of an initial sync allocating inodes; name it in the output.
+    """
+    best = ("", "?", "?")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            mount_point = fields[4]
+            sep = fields.index("-")
+            fstype, source = fields[sep + 1], fields[sep + 2]
+            inside = str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) > len(best[0]):
+                best = (mount_point, fstype, source)
+    mount_point, fstype, source = best
+    journal = ""
+    if fstype == "ext4":
+        dev = os.path.basename(source)
+        has = (
+            any(n.startswith(dev + "-") for n in os.listdir("/proc/fs/jbd2"))
+            if os.path.isdir("/proc/fs/jbd2")
+            else False
+        )
+        journal = f" journal={'yes' if has else 'no'}"
+    return f"fs={fstype} source={source} mount={mount_point}{journal}"
+
+
 def main() -> None:
     # Byte-compile ukc as `pip install` would: with PYTHONDONTWRITEBYTECODE set (as on these
     # machines) every fresh `ukc` process would otherwise recompile its modules from source.
@@ -292,6 +325,7 @@ def main() -> None:
             step()
         med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         print(f"# runs={a.runs} nproc={os.cpu_count()} tree=2000x1-16KiB+5x8MiB")
+        print(f"# workdir={work} {describe_fs(work)}")
         for key in sorted(med):
             print(f"{key}={med[key]:.3f}" if key.endswith("_s") else f"{key}={int(med[key])}")
         for what in ("initial", "nochange", "modified", "from"):

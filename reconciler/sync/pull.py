@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -205,6 +206,9 @@ class _Puller:
         self.tree = tree
         self.back = opts.back_paths()
         self.back_set = frozenset(self.back)  # checked for every entry (see is_under)
+        umask = _umask()
+        #: bits a new file may lose to the umask (all of them when it is unknown)
+        self.umask = 0o777 if umask is None else umask
         self.record = pull_record(opts)
         self.new_record: dict[str, list[Any]] = dict(self.record)
         self.result = PullResult()
@@ -311,8 +315,7 @@ class _Puller:
             return True
         if size <= _SMALL and self.threads > 0:
             return self._small(path, pfd, name, size, mode, mtime)
-        tmp = _temp_name()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
+        tmp, fd = _create_temp(pfd, mode)
         h = hashlib.sha256()
         total = 0
         keep = False
@@ -334,7 +337,8 @@ class _Puller:
             if total != size:
                 self.reject(path, f"sent {total} of the announced {size} bytes")
                 return True
-            os.fchmod(fd, mode)
+            if mode & self.umask:  # the umask took some of the bits: set them exactly
+                os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
             keep = True
         finally:
@@ -367,23 +371,23 @@ class _Puller:
     def _write_small(
         self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int
     ) -> None:
-        tmp = _temp_name()
+        tmp = ""
         try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd
-            )
+            tmp, fd = _create_temp(pfd, mode)
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fchmod(fd, mode)
+                if mode & self.umask:
+                    os.fchmod(fd, mode)
                 os.utime(fd, ns=(mtime, mtime))
             finally:
                 os.close(fd)
             with self.lock:
                 self.place(path, pfd, name, tmp, len(data), mtime, hashlib.sha256(data).hexdigest())
         except OSError:
-            _unlink_quiet(tmp, pfd)
+            if tmp:
+                _unlink_quiet(tmp, pfd)
             self.local_failed(path, "local write failed")
         finally:
             self.slots.release()
@@ -436,9 +440,40 @@ class _Puller:
             os.close(fd)
 
 
+_NAMES = itertools.count()
+_RUN = (0, "")
+
+
 def _temp_name() -> str:
-    """`.ukc-pull.PID.RANDOM`: the pid tells a later pull whether the writer is still alive."""
-    return f"{_TMP}{os.getpid()}.{secrets.token_hex(6)}"
+    """`.ukc-pull.PID.RANDOM`: the pid tells a later pull whether the writer is still alive.
+
+    RANDOM is drawn once per process, then counted (one urandom per file was 15 ms of a
+    2,000-file pull); a forked process (the warm process's commands) draws its own."""
+    global _RUN
+    pid = os.getpid()
+    if _RUN[0] != pid:
+        _RUN = (pid, secrets.token_hex(6))
+    return f"{_TMP}{pid}.{_RUN[1]}{next(_NAMES):x}"
+
+
+def _umask() -> int | None:
+    """This process's umask, read without changing it (`os.umask` would, for every thread);
+    None when the kernel does not say (then every file gets its fchmod)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _create_temp(pfd: int, mode: int) -> tuple[str, int]:
+    """A new temp file in `pfd`, created with its final permission bits."""
+    tmp = _temp_name()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    return tmp, os.open(tmp, flags, mode, dir_fd=pfd)
 
 
 def _sweep_dead_temps(dir_fd: int) -> None:

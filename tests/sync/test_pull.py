@@ -209,6 +209,24 @@ class TestPull:
         assert result.rejected == ["out/report: a local directory has that name"]
         assert (world.local / "out/report/keep.txt").read_text() == "mine"
 
+    @pytest.mark.parametrize("threads", [0, 2])
+    def test_modes_arrive_exactly_whatever_the_local_umask(self, world: Site, threads: int) -> None:
+        # files are created with their final mode and get an fchmod only when the umask
+        # took bits: these modes and umasks cover both ways
+        modes = {"out/a": 0o644, "out/b": 0o666, "out/c": 0o755, "out/d": 0o600, "out/e": 0o777}
+        for rel, mode in modes.items():
+            write(world.remote / rel, rel, mode)
+        for umask in (0o022, 0o077, 0o000):
+            old = os.umask(umask)
+            try:
+                shutil.rmtree(world.local / "out")
+                shutil.rmtree(world.state, ignore_errors=True)
+                pull(world.shell, world.opts(back=BACK, write_threads=threads))
+            finally:
+                os.umask(old)
+            got = {rel: stat.S_IMODE((world.local / rel).stat().st_mode) for rel in modes}
+            assert got == modes, f"umask {umask:03o}"
+
     def test_setuid_bits_are_stripped(self, world: Site) -> None:
         write(world.remote / "out/tool", "#!/bin/sh\n", 0o4755)
         pull(world.shell, world.opts(back=BACK))
