@@ -25,7 +25,6 @@ import argparse
 import compileall
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -232,6 +231,17 @@ def ukc_side(
     return out
 
 
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM). why not ru_maxrss: Linux carries the parent's
+    high-water mark over fork + exec into it, so a child of a big bench process would report
+    the parent's size."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def rss_child(state: Path, work: Path) -> None:
     """Push a 1 GiB tree through the edge and print this process's peak RSS."""
     metro = Metro(state)
@@ -249,7 +259,7 @@ def rss_child(state: Path, work: Path) -> None:
     name = f"rss-bench-{os.getpid()}"
     inst = metro.create(name, pub)
     fqdn = inst["service_group"]["domains"][0]["fqdn"]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_kib()
     t0 = time.perf_counter()
     shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=key)
     try:
@@ -259,7 +269,7 @@ def rss_child(state: Path, work: Path) -> None:
     finally:
         shell.close()
     elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     metro.delete(name)
     print(f"gib_push_s={elapsed:.2f}")
     print(f"gib_push_bytes={res.bytes_sent}")
