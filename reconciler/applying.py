@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from reconciler import actions, errors, observer, planner, status
 from reconciler.backends import Instance, RemoteShell
 from reconciler.executor import Executor, SessionOutcome, ShellPool
+from reconciler.interrupts import StopFlag
 from reconciler.metro import MetroRegistry
 from reconciler.reporting import Event, Reporter
 
@@ -70,6 +71,8 @@ def apply_group(
     # `ShellPool.prefetch`) or in one round serve the next round too, and all close at the end.
     own = shells is None
     pool = ShellPool() if shells is None else shells
+    stop = StopFlag()
+    stop.arm()  # the main thread's SIGINT reaches workers' action boundaries at once
     try:
         return _apply_locked(
             group,
@@ -84,8 +87,10 @@ def apply_group(
             now=now,
             only=only,
             shells=pool,
+            stop=stop,
         )
     finally:
+        stop.disarm()
         if own:
             pool.close()
 
@@ -104,6 +109,7 @@ def _apply_locked(
     now: Callable[[], float],
     only: set[str] | None,
     shells: ShellPool,
+    stop: StopFlag,
 ) -> ApplyResult:
     with status.lock(group.status_path, timeout_s=lock_timeout_s):
         doc = status.load(group.status_path)
@@ -115,7 +121,6 @@ def _apply_locked(
         obs: observer.Observation | None = None
         ran: set[tuple[str, str]] = set()
         pending: set[str] = set()
-        stop = threading.Event()
         while True:
             obs = observer.observe(
                 group,
@@ -171,7 +176,8 @@ def _apply_locked(
                 except KeyboardInterrupt:
                     # Ctrl-C reaches only this thread; the workers would otherwise carry on
                     # through every remaining action (sync deletes, commands) while the pool
-                    # shuts down. They stop at their next action boundary instead.
+                    # shuts down. They stop at their next action boundary instead (the flag
+                    # usually knows already: see StopFlag).
                     stop.set()
                     raise
             if plan.prunes and not failed:

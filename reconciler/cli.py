@@ -220,7 +220,12 @@ def plan(
 @click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True)
 @click.option("--output", type=click.Choice(["text", "json"]), default="text")
 @click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
-@click.option("--lock-timeout", type=float, default=0.0, help="Seconds to wait for the lock.")
+@click.option(
+    "--lock-timeout",
+    type=float,
+    default=0.0,
+    help="Seconds to wait for another applier's lock.",
+)
 @click.option("--session", "only", multiple=True, help="Only these sessions (partial run).")
 @_debug_option
 @_guard

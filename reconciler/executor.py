@@ -20,6 +20,7 @@ from pathlib import Path
 from reconciler import actions, errors, naming, status
 from reconciler.atomicfile import write_atomic
 from reconciler.backends import CreateRequest, Instance, RemoteShell, Service
+from reconciler.interrupts import StopFlag
 from reconciler.metro import MetroConnection, MetroRegistry
 from reconciler.observer import Group, Observation, SessionContext
 from reconciler.reporting import Event, Reporter
@@ -166,7 +167,7 @@ class Executor:
         clock: Callable[[], float] = time.monotonic,
         ran: set[tuple[str, str]] | None = None,
         shells: ShellPool | None = None,
-        stop: threading.Event | None = None,
+        stop: StopFlag | None = None,
     ) -> None:
         self.group = group
         self.doc = doc

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -207,31 +208,65 @@ def save(path: Path, doc: StatusDoc) -> None:
             tmp.unlink()
 
 
+#: the `ukc` process this one runs a command for (set by the warm process's child): the
+#: lock records it, so that a holder whose `ukc` is gone is known to be dying
+_CLIENT_PID: int | None = None
+#: how long an applier waits for a lock whose holder is dying. why: a command run by the warm
+#: process ends a few milliseconds after its `ukc` is killed (its watcher sees the closed
+#: socket, then kills it); an immediate re-run must not fail on that holder
+DYING_HOLDER_WAIT_S = 5.0
+_CLIENT_MARK = re.compile(r"\(for ukc pid (\d+)\)")
+
+
+def set_client_pid(pid: int | None) -> None:
+    """Name the `ukc` process the locks of this process are taken for (warm process)."""
+    global _CLIENT_PID
+    _CLIENT_PID = pid
+
+
+def _holder_dying(holder: str) -> bool:
+    """True when the lock's holder runs for a `ukc` that no longer exists."""
+    found = _CLIENT_MARK.search(holder)
+    if found is None:
+        return False
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
 @contextlib.contextmanager
-def lock(path: Path, *, timeout_s: float = 0.0, poll_s: float = 0.1) -> Iterator[None]:
+def lock(path: Path, *, timeout_s: float = 0.0, poll_s: float = 0.02) -> Iterator[None]:
     """Hold the applier lock beside the status file, waiting up to `timeout_s`.
 
     The lock file records who holds it so the loser's message can say so; the kernel drops
-    the lock when the holder dies, so there are no stale locks on one host.
+    the lock when the holder dies, so there are no stale locks on one host. A holder that is
+    dying (it runs for a `ukc` that is gone) is waited for, up to `DYING_HOLDER_WAIT_S`.
     """
     lock_path = path.with_name("status.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
     try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+                waited = time.monotonic() - started
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+                dying = waited < DYING_HOLDER_WAIT_S and _holder_dying(holder)
+                if waited >= timeout_s and not dying:
                     raise errors.LockedError(
                         f"another ukc holds {lock_path} ({holder or 'holder unknown'}); "
                         "wait for it or pass --lock-timeout SECONDS"
                     ) from None
                 time.sleep(poll_s)
-        info = f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}"
+        client = f" (for ukc pid {_CLIENT_PID})" if _CLIENT_PID is not None else ""
+        info = f"pid {os.getpid()}{client} on {socket.gethostname()} since {utc_now()}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         _sweep_temps(path)

@@ -14,10 +14,12 @@ Protocol (a Unix socket in a private 0700 directory; both ends check the peer's 
       stdin/stdout/stderr attached as SCM_RIGHTS, so output goes straight to the client's
       terminal or pipe and `isatty()` is the truth.
   server: if its code changed since it started it answers b"S" (stale) and exits; else it
-      forks. The child answers b"R" and waits for b"G" (go): a client that gave up before
-      the go never gets a command run behind its back.
-  client → child: one byte per signal the client receives (SIGINT, SIGTERM, SIGHUP), which the
-      child raises on itself; EOF means the client died, and the child kills itself at once,
+      forks. The child answers b"R" + its pid and the server's (2 × i32) and waits for b"G"
+      (go): a client that gave up before the go never gets a command run behind its back.
+  client → child: the signals the client receives (SIGINT, SIGTERM, SIGHUP) go straight to the
+      child through a pidfd (the kernel delivers them at once, and `interrupts.StopFlag` sees
+      a SIGINT before the next action starts); without pidfds, one byte per signal, which the
+      child raises on itself. EOF means the client died, and the child kills itself at once,
       as the in-process command would have died with it.
   child → client: b"X" + i32 exit code, then it exits.
 The client half lives in `warmclient` (imported by every command, so it stays tiny); this
@@ -326,7 +328,12 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
         argv = [str(a) for a in request["argv"]]
         sys.argv = ["ukc", *argv]
-        conn.sendall(b"R")
+        from reconciler import status  # loaded by the server already (_preload)
+
+        client = warmclient.peer_pid(conn)
+        # the locks this command takes name its `ukc`: once that is gone, we are dying
+        status.set_client_pid(client if client > 0 else None)
+        conn.sendall(b"R" + struct.pack(">ii", os.getpid(), os.getppid()))
         if recv_exact(conn, 1) != b"G":
             os._exit(1)
         conn.settimeout(None)

@@ -31,6 +31,7 @@ __all__ = [
     "HANDSHAKE_S",
     "WARM_COMMANDS",
     "connect",
+    "peer_pid",
     "peer_uid",
     "private_dir",
     "recv_exact",
@@ -99,9 +100,18 @@ def socket_path(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def peer_uid(sock: _socket.socket) -> int:
+    return _peer(sock)[1]
+
+
+def peer_pid(sock: _socket.socket) -> int:
+    return _peer(sock)[0]
+
+
+def _peer(sock: _socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, as this process's namespace sees them."""
     creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-    _pid, uid, _gid = _struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, _gid = _struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
 def recv_exact(sock: _socket.socket, n: int) -> bytes:
@@ -183,23 +193,43 @@ def run(argv: Sequence[str], path: str | os.PathLike[str]) -> int | None:
         sock.sendall(payload)
         if recv_exact(sock, 1) != b"R":
             raise EOFError("stale (b'S') or refused: nothing ran")
+        child, server = _struct.unpack(">ii", recv_exact(sock, 8))
+        # why the check: the pids are the server's view; they are ours only if its pid is
+        # the one the kernel reports for the socket's peer (no pid namespace in between)
+        pidfd = _pidfd(child) if server == peer_pid(sock) else None
         sock.sendall(b"G")
     except (OSError, EOFError):
         sock.close()
         return None
     try:
-        return _follow(sock)
+        return _follow(sock, pidfd)
     finally:
         sock.close()
+        if pidfd is not None:
+            os.close(pidfd)
 
 
-def _follow(sock: _socket.socket) -> int:
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for the child (it cannot be a recycled pid: the child is waiting for our go)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: signals go as bytes instead
+        return None
+
+
+def _follow(sock: _socket.socket, pidfd: int | None) -> int:
     """Pass signals on to the running command and wait for its exit code."""
     sock.settimeout(None)
     received: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
+        if pidfd is not None:
+            try:
+                _signal.pidfd_send_signal(pidfd, signum)
+                return
+            except OSError:
+                pass  # refused (a seccomp filter...): the byte below still carries it
         try:
             sock.send(bytes([signum]))
         except OSError:

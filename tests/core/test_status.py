@@ -87,6 +87,54 @@ def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path: Path) -> None:
         pass
 
 
+def _holder(path: Path, client_pid: int, hold_s: float) -> subprocess.Popen[str]:
+    """A process holding the lock for `client_pid` (as a warm-process child does)."""
+    code = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from reconciler import status
+        status.set_client_pid({client_pid})
+        with status.lock(Path({str(path)!r})):
+            print("held", flush=True)
+            time.sleep({hold_s})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_holder_whose_ukc_is_gone_is_waited_for_not_reported(tmp_path: Path) -> None:
+    # a warm-process command outlives its killed `ukc` by a few milliseconds; an immediate
+    # re-run must wait for it rather than fail on it
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = tmp_path / "status.json"
+    holder = _holder(path, gone.pid, 0.5)
+    try:
+        # it holds the lock now; with no --lock-timeout this would fail at once for a live one
+        with status.lock(path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_holder_whose_ukc_is_alive_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    holder = _holder(path, os.getpid(), 30)
+    try:
+        with (
+            pytest.raises(errors.LockedError, match=f"for ukc pid {os.getpid()}"),
+            status.lock(path),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_kill_during_many_saves_never_leaves_an_unparseable_file(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     code = textwrap.dedent(

@@ -166,7 +166,7 @@ def test_a_client_that_never_says_go_gets_nothing_run(
             [struct.pack(">I", len(payload))], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
         )
         sock.sendall(payload)
-        assert sock.recv(1) == b"R"
+        assert sock.recv(1) == b"R"  # then the child's pid, and it waits for b"G"
     os.close(null)
     time.sleep(0.5)
     # `apply` in an empty directory writes .ukc/status.json: it never started
