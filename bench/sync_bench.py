@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sync_local_bench import peak_rss_kib
 from treegen import gen_tree, modify_tree
 
 import reconciler as reconciler_pkg
@@ -229,17 +230,6 @@ def ukc_side(
         )
     )
     return out
-
-
-def peak_rss_kib() -> int:
-    """This process's peak RSS (VmHWM). why not ru_maxrss: Linux carries the parent's
-    high-water mark over fork + exec into it, so a child of a big bench process would report
-    the parent's size."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def rss_child(state: Path, work: Path) -> None:

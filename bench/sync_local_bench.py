@@ -143,10 +143,11 @@ def one_run(w: Path, do_rsync: bool) -> dict[str, float | str]:
     return out
 
 
-def _hwm_kib() -> int:
+def peak_rss_kib() -> int:
     """Peak RSS of this process (VmHWM). why not ru_maxrss: Linux carries the parent's
-    high-water mark over fork + exec. (The helper's figure, RUSAGE_CHILDREN, still includes
-    this process's size at the fork: an overstatement, never an understatement.)"""
+    high-water mark over fork + exec, so a child of a big bench process would report the
+    parent's size. (The helper's figure here, RUSAGE_CHILDREN, still includes this process's
+    size at the fork: an overstatement, never an understatement.)"""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -166,12 +167,12 @@ def rss_child(w: Path, gib: float) -> None:
         with open(p, "wb") as f:
             for j in range(per_file):
                 f.write(i.to_bytes(8, "big") + j.to_bytes(8, "big") + block[16:])
-    before = _hwm_kib()
+    before = peak_rss_kib()
     o = opts_for(w, src, "rss")
     shell = LocalShell()
     t = timed(lambda: push(shell, o, instance_uuid="bench"))
     shell.close()
-    me = _hwm_kib()
+    me = peak_rss_kib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(f"rss_push_gib={gib}")
     print(f"rss_push_s={t:.3f}")

@@ -8,6 +8,7 @@ round plans nothing, or raises `ConvergenceError` after `max_rounds`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -69,49 +70,13 @@ def apply_group(
     """Converge every session of `group` (one status file) and write its status."""
     # One-shot applies get their own pool: connections opened ahead of need (see
     # `ShellPool.prefetch`) or in one round serve the next round too, and all close at the end.
-    own = shells is None
-    pool = ShellPool() if shells is None else shells
-    stop = StopFlag()
-    stop.arm()  # the main thread's SIGINT reaches workers' action boundaries at once
-    try:
-        return _apply_locked(
-            group,
-            metros=metros,
-            reporter=reporter,
-            environ=environ,
-            prune=prune,
-            concurrency=concurrency,
-            lock_timeout_s=lock_timeout_s,
-            max_rounds=max_rounds,
-            raise_on_cap=raise_on_cap,
-            now=now,
-            only=only,
-            shells=pool,
-            stop=stop,
-        )
-    finally:
-        stop.disarm()
-        if own:
-            pool.close()
-
-
-def _apply_locked(
-    group: observer.Group,
-    *,
-    metros: MetroRegistry,
-    reporter: Reporter,
-    environ: Mapping[str, str],
-    prune: bool,
-    concurrency: int,
-    lock_timeout_s: float,
-    max_rounds: int,
-    raise_on_cap: bool,
-    now: Callable[[], float],
-    only: set[str] | None,
-    shells: ShellPool,
-    stop: StopFlag,
-) -> ApplyResult:
-    with status.lock(group.status_path, timeout_s=lock_timeout_s):
+    kept = shells if shells is not None else ShellPool()
+    with (
+        contextlib.closing(kept) if shells is None else contextlib.nullcontext(),
+        # the main thread's SIGINT reaches workers' action boundaries at once
+        StopFlag() as stop,
+        status.lock(group.status_path, timeout_s=lock_timeout_s),
+    ):
         doc = status.load(group.status_path)
         doc_lock = threading.Lock()
         failed: dict[str, str] = {}
@@ -128,7 +93,7 @@ def _apply_locked(
                 metros,
                 environ,
                 only=only,
-                on_tree_changed=_prefetcher(group, doc, metros, shells),
+                on_tree_changed=_prefetcher(group, doc, metros, kept),
             )
             doc.project = obs.project
             for name, why in obs.halted.items():
@@ -160,7 +125,7 @@ def _apply_locked(
                 reporter=reporter,
                 doc_lock=doc_lock,
                 ran=ran,
-                shells=shells,
+                shells=kept,
                 stop=stop,
             )
             work = [s for s in plan.sessions if s.changes]

@@ -39,12 +39,11 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from reconciler import warmclient
-from reconciler.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, recv_exact
+from reconciler.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, recv_exact, run
 
 __all__ = [
     "WARM_COMMANDS",
@@ -106,11 +105,6 @@ def fingerprint() -> str:
 
 
 # -- starting and asking ----------------------------------------------------------------------
-
-
-def run(argv: Sequence[str], path: Path) -> int | None:
-    """Run `ukc argv` in the warm server at `path` (see `warmclient.run`)."""
-    return warmclient.run(argv, path)
 
 
 def spawn(path: Path, environ: dict[str, str] | os._Environ[str] | None = None) -> None:

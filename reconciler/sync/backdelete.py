@@ -242,12 +242,9 @@ def _delete_one(tree: DirLookup, path: str, rec: list[Any]) -> str:
         return f"error: {exc.strerror or exc.errno}"
     if pfd is None:
         return "gone"
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return "gone"
-    except OSError as exc:
-        return f"error: {exc.strerror or exc.errno}"
+    st = _lstat(name, pfd)
+    if isinstance(st, str):
+        return st
     if not stat.S_ISREG(st.st_mode) or st.st_size != size:
         return "changed here"
     try:
@@ -267,12 +264,9 @@ def _delete_one(tree: DirLookup, path: str, rec: list[Any]) -> str:
     if local_sha != sha:
         return "changed here"
     # why: the name must still hold the file we hashed (a replacement meanwhile is the user's)
-    try:
-        again = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return "gone"
-    except OSError as exc:
-        return f"error: {exc.strerror or exc.errno}"
+    again = _lstat(name, pfd)
+    if isinstance(again, str):
+        return again
     if _identity(again) != _identity(st):
         return "changed here"
     try:
@@ -282,6 +276,16 @@ def _delete_one(tree: DirLookup, path: str, rec: list[Any]) -> str:
     except OSError as exc:
         return f"error: {exc.strerror or exc.errno}"
     return "deleted"
+
+
+def _lstat(name: str, pfd: int) -> os.stat_result | str:
+    """The entry's lstat, or the verdict when there is none ("gone", "error: ...")."""
+    try:
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as exc:
+        return f"error: {exc.strerror or exc.errno}"
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

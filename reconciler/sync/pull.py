@@ -153,42 +153,37 @@ class _Tree:
 
     def dir(self, rel: str, mode: int = 0o755) -> int:
         """fd of directory `rel`, creating missing ones; raises HostileEntryError on a link."""
-        if rel == "":
-            return self.rootfd
-        cached = self._fds.get(rel)
-        if cached is not None:
-            return cached
-        parent, _, name = rel.rpartition("/")
-        pfd = self.dir(parent)
-        try:
-            fd = os.open(name, _DFLAGS, dir_fd=pfd)
-            _sweep_dead_temps(fd)
-        except FileNotFoundError:
-            os.mkdir(name, mode, dir_fd=pfd)
-            fd = os.open(name, _DFLAGS, dir_fd=pfd)
-        except OSError as exc:
-            # ELOOP: a symlink; ENOTDIR: a file. Either way we never go through it.
-            raise HostileEntryError(f"local parent {rel} is not a plain directory") from exc
-        self._fds[rel] = fd
+        fd = self._open(rel, mode)
+        assert fd is not None  # creating never finds nothing
         return fd
 
     def find(self, rel: str) -> int | None:
         """fd of the existing directory `rel`, None when it or a parent is missing; never
         creates one (deletions must not). Raises HostileEntryError on a link or a file."""
+        return self._open(rel, None)
+
+    def _open(self, rel: str, create: int | None) -> int | None:
+        """The walk behind `dir` (`create` = the mode of new directories) and `find` (None)."""
         if rel == "":
             return self.rootfd
         cached = self._fds.get(rel)
         if cached is not None:
             return cached
         parent, _, name = rel.rpartition("/")
-        pfd = self.find(parent)
+        pfd = self._open(parent, None if create is None else 0o755)
         if pfd is None:
             return None
         try:
             fd = os.open(name, _DFLAGS, dir_fd=pfd)
+            if create is not None:
+                _sweep_dead_temps(fd)
         except FileNotFoundError:
-            return None
+            if create is None:
+                return None
+            os.mkdir(name, create, dir_fd=pfd)
+            fd = os.open(name, _DFLAGS, dir_fd=pfd)
         except OSError as exc:
+            # ELOOP: a symlink; ENOTDIR: a file. Either way we never go through it.
             raise HostileEntryError(f"local parent {rel} is not a plain directory") from exc
         self._fds[rel] = fd
         return fd
