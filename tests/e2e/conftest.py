@@ -7,21 +7,15 @@ instance names) and talks to one metro daemon shared by the test session.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from reconciler import warm
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
+from tests.support.ukc import Ukc
 
 
 @pytest.fixture(scope="session")
@@ -41,66 +35,6 @@ def warm_process(warm_dir: Path) -> Path:
     path = warm.start()
     assert path.parent == warm_dir
     return path
-
-
-@dataclass
-class Ukc:
-    """Runs `ukc` in a project directory against the test metro."""
-
-    project: Path
-    metro: MetroInfo
-    extra_env: dict[str, str]
-
-    def env(self) -> dict[str, str]:
-        # the suite's own warm process (tests/conftest.py) is kept; every other UKC_ is not
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith("UKC_") or k == "UKC_WARM_DIR"
-        }
-        env["UKC_LOCAL_STATE_DIR"] = str(self.metro.state_dir)
-        env.update(self.extra_env)
-        return env
-
-    def run(
-        self, *args: str, check: int | None = None, timeout: float = 180
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "reconciler", *args],
-            cwd=self.project,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check is not None:
-            assert proc.returncode == check, (
-                f"ukc {' '.join(args)} exited {proc.returncode}\n"
-                f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-            )
-        return proc
-
-    def write_spec(self, text: str, name: str = "session.yaml") -> Path:
-        path = self.project / name
-        path.write_text(textwrap.dedent(text))
-        return path
-
-    def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.project / ".ukc" / "status.json").read_text())
-        return data
-
-    def api(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.metro.api_url,
-            headers={"Authorization": f"Bearer {self.metro.token}"},
-            timeout=30,
-        )
-
-    def instances(self) -> list[dict[str, Any]]:
-        with self.api() as client:
-            body = client.get("/v1/instances", params={"details": "true"}).json()
-        return list(body["data"]["instances"])
-
-    def workspace(self, uuid: str) -> Path:
-        return self.metro.state_dir / "workspaces" / uuid
 
 
 @pytest.fixture

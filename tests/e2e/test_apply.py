@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from tests.e2e.conftest import Ukc
+from tests.support.ukc import Ukc
 
 pytestmark = pytest.mark.metro
 

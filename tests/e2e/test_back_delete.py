@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Ukc
+from tests.support.ukc import Ukc
 
 pytestmark = pytest.mark.metro
 

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from reconciler.local.daemon import MetroInfo
-from tests.e2e.conftest import Ukc
+from tests.support.ukc import Ukc
 
 pytestmark = pytest.mark.metro
 

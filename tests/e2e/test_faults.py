@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Ukc
+from tests.support.ukc import Ukc
 
 pytestmark = pytest.mark.metro
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.conftest import Ukc
+from tests.support.ukc import Ukc
 
 pytestmark = pytest.mark.metro
 
