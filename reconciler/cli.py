@@ -124,6 +124,9 @@ def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
         actions.SyncBack: "<",
     }
     for splan in plan.sessions:
+        if splan.refusal is not None:
+            lines.append(f"session {splan.session}: refused: {splan.refusal.reason}")
+            continue
         if not splan.changes:
             lines.append(f"session {splan.session}: up to date")
             if verbose:
@@ -139,6 +142,8 @@ def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     if plan.prunes:
         lines.append("prune:")
         lines.extend(f"  - {p.describe()}" for p in plan.prunes)
+    for refusal in plan.prune_refusals:
+        lines.append(f"prune of session {refusal.session}: refused: {refusal.reason}")
     creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
     runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
     files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
@@ -167,6 +172,7 @@ def _plan_json(plan: actions.Plan) -> dict[str, Any]:
             for s in plan.sessions
         },
         "prunes": [act(p) for p in plan.prunes],
+        "refused": {r.session: r.reason for r in plan.refusals},
     }
 
 
@@ -196,10 +202,12 @@ def plan(
     metros = _metros()
     try:
         pending = False
+        refused = False
         doc_out: dict[str, Any] = {}
         for group in _load(paths, status_path):
             the_plan, _ = applying.plan_group(group, metros=metros, environ=os.environ, prune=prune)
             pending = pending or not the_plan.empty
+            refused = refused or bool(the_plan.refusals)
             if output == "json":
                 doc_out[str(group.base_dir)] = _plan_json(the_plan)
             else:
@@ -209,6 +217,8 @@ def plan(
             click.echo(json.dumps({"api_requests": metros.request_count(), **doc_out}, indent=2))
     finally:
         metros.close()
+    if refused:
+        sys.exit(1)  # apply would fail those sessions: say so before it is run
     if detailed_exitcode and pending:
         sys.exit(2)
 

@@ -188,8 +188,9 @@ def test_prune_deletes_only_removed_sessions_and_refuses_an_empty_or_broken_spec
     (work / "f.txt").write_text("x\n")
     specs = ukc.project / "specs"
     specs.mkdir()
-    (specs / "a.yaml").write_text("name: alpha\ndirectory: ../work\ncommands: ['true']\n")
-    (specs / "b.yaml").write_text("name: beta\ndirectory: ../work\ncommands: ['true']\n")
+    outside = "directory: ../work\nallow_directory_outside_spec_dir: true\n"
+    (specs / "a.yaml").write_text(f"name: alpha\n{outside}commands: ['true']\n")
+    (specs / "b.yaml").write_text(f"name: beta\n{outside}commands: ['true']\n")
     ukc.run("apply", "specs", check=0)
     status_file = specs / ".ukc" / "status.json"
     beta = json.loads(status_file.read_text())["sessions"]["beta"]["instance"]["name"]
