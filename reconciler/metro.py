@@ -70,7 +70,7 @@ class MetroRegistry:
         try:
             endpoint = endpoints.resolve(label, self._environ)
         except endpoints.EndpointRefusedError as err:
-            raise errors.UsageError(f"metro {label}: {err}") from None
+            raise errors.UsageError(f"metro {err}") from None
         token = self._environ.get(endpoint.token_var, "")
         if not token:
             raise errors.UsageError(f"metro {label!r} needs a token: set {endpoint.token_var}")

@@ -265,7 +265,8 @@ def observe(
             # why: a status file comes with the checkout; it names a metro, it does not
             # choose where the token goes
             raise errors.UsageError(
-                f"{group.status_path}: session {recorded[metro]!r} was recorded on {err}"
+                f"{group.status_path}: session {recorded[metro]!r} was recorded on a metro "
+                f"ukc will not use: {err}"
             ) from None
         for inst in conn.api.list_instances([f"ukc.project={project}"]):
             session = naming.session_from_tags(inst.tags, project)

@@ -102,8 +102,9 @@ def prove(inst: Instance, owner: Owner, session: str, record: InstanceRecord | N
             False,
             f"its {OWNER_KEY} tag is another owner's (another checkout of project "
             f"{owner.project}, or another {SECRET_VAR}; ours comes from {owner.source})",
-            "if it is yours, run ukc from the checkout that created it, or give every "
-            f"checkout of this project the same {SECRET_VAR}; otherwise {rename}",
+            "if it is yours (made from another checkout, or before this checkout's .ukc/ "
+            f"was removed), run ukc where it was made, or with the {SECRET_VAR} it was made "
+            f"with, or delete it yourself; otherwise {rename}",
         )
     if (
         record is not None

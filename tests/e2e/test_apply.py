@@ -275,6 +275,8 @@ def test_a_second_applier_on_the_same_status_file_is_told_who_holds_the_lock(ukc
 def test_a_lost_ukc_directory_replaces_the_unreachable_instance_and_converges(ukc: Ukc) -> None:
     import shutil
 
+    # the project's secret proves ownership without `.ukc/` (without it, see tests/security)
+    ukc.extra_env["UKC_SESSION_SECRET"] = "e2e-secret-0123456789abcdef"
     make_project(ukc)
     ukc.run("apply", "session.yaml", check=0)
     old = session(ukc)["instance"]
