@@ -149,12 +149,16 @@ def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
     deletes = sum(isinstance(a, actions.DeleteInstance) for s in plan.sessions for a in s.actions)
     deletes += len(plan.prunes)
-    lines.append(
-        f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
-        f"{runs} command(s) to run."
-        if not plan.empty
-        else "No changes. Sessions match their specs."
-    )
+    refused = len(plan.refusals)
+    if not plan.empty:
+        lines.append(
+            f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
+            f"{runs} command(s) to run."
+        )
+    elif not refused:
+        lines.append("No changes. Sessions match their specs.")
+    if refused:
+        lines.append(f"Refused: {refused} session(s) hold an instance ukc cannot prove it owns.")
     return lines
 
 

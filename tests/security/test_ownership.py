@@ -89,7 +89,9 @@ def test_a_second_checkouts_apply_leaves_the_first_checkouts_instance_alone(
     assert "another owner" in proc.stderr
     # the first checkout still owns a working session
     assert "up to date" in two.a.run("plan", "session.yaml", check=0).stdout
-    assert two.b.run("plan", "session.yaml").returncode == 1
+    plan = two.b.run("plan", "session.yaml")
+    assert plan.returncode == 1 and "session test: refused: instance" in plan.stdout
+    assert "Refused: 1 session(s)" in plan.stdout and "No changes" not in plan.stdout
 
 
 def test_a_second_checkouts_spec_change_that_would_replace_leaves_the_instance_alone(
