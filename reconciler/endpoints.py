@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ALLOW_VAR",
+    "CREDENTIAL_VARS",
     "METRO_TOKEN_VAR",
     "METRO_VAR",
     "TOKEN_VAR",
@@ -40,6 +41,9 @@ TOKEN_VAR = "UKC_TOKEN"
 METRO_TOKEN_VAR = "UKC_METRO_TOKEN"
 ALLOW_VAR = "UKC_METRO_ALLOW"
 METRO_VAR = "UKC_METRO"
+
+#: ukc's own credentials: a spec cannot forward them into a sandbox (`secret_env`)
+CREDENTIAL_VARS = frozenset({TOKEN_VAR, METRO_TOKEN_VAR, "UKC_SESSION_SECRET", "UKC_LOCAL_TOKEN"})
 
 _CODE = re.compile(r"[a-z]{2,5}[0-9]?")
 _OFFICIAL_HOST = re.compile(r"api\.([a-z][a-z0-9-]{0,30})\.unikraft\.cloud")

@@ -160,6 +160,13 @@ def _check_secret_source(value: str) -> str:
             "must be the name of a controller environment variable holding the secret, "
             "not the secret itself (value not shown)"
         )
+    if value in endpoints.CREDENTIAL_VARS:
+        # why: a spec file is not trusted with ukc's credentials; forwarding one into a
+        # sandbox hands it to whatever the image and commands do with it
+        raise _fail(
+            f"{value} is ukc's own credential and cannot be forwarded into a sandbox; if the "
+            "sandbox really needs it, export it under another name and name that"
+        )
     return value
 
 

@@ -156,3 +156,20 @@ def test_the_environments_own_metro_gets_its_own_token_and_never_the_cloud_token
     }
     sent = [json.dumps(r.headers).encode() + r.path.encode() + r.body for r in listener.requests]
     assert_nowhere(canaries, texts=sent)
+
+
+@pytest.mark.parametrize("variable", ["UKC_TOKEN", "UKC_METRO_TOKEN", "UKC_SESSION_SECRET"])
+def test_a_spec_cannot_forward_ukcs_own_credentials_into_its_sandbox(
+    ukc: Ukc, canaries: Canaries, variable: str
+) -> None:
+    # the sandbox runs what the spec says: with the credential in its environment it could
+    # send it anywhere; here it only brings it home, where we can see it
+    ukc.extra_env[variable] = canaries.token
+    ukc.write_spec(
+        f"name: hello\nsecret_env: {{LOOT: {variable}}}\nsync:\n  back: [out]\n"
+        "commands: ['mkdir -p out && printf %s \"$LOOT\" > out/loot.txt']\n"
+    )
+    proc = ukc.run("apply", "session.yaml")
+    assert_nowhere(canaries, texts=[proc.stdout, proc.stderr], paths=[ukc.project])
+    assert proc.returncode == 2
+    assert f"session.yaml:2: secret_env.LOOT: {variable} is ukc's own credential" in proc.stderr
