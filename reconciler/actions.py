@@ -14,6 +14,7 @@ __all__ = [
     "CreateInstance",
     "DeleteInstance",
     "Plan",
+    "Refusal",
     "RunCommand",
     "SessionPlan",
     "StartInstance",
@@ -44,6 +45,8 @@ class DeleteInstance:
     forget: bool = True
     #: phase recorded afterwards
     final_phase: str = "Deleted"
+    #: the uuid ownership was proven for: the delete names exactly this instance
+    instance_uuid: str = ""
 
     def describe(self) -> str:
         return f"delete instance {self.instance_name} on metro {self.metro} ({self.reason})"
@@ -128,12 +131,27 @@ Action = (
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """An instance in a session's way that ukc cannot prove it owns: the session fails."""
+
+    session: str
+    instance_name: str
+    metro: str
+    reason: str
+
+    def describe(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
 class SessionPlan:
     """The ordered actions for one session plus human no-op reasons for what is already right."""
 
     session: str
     actions: tuple[Action, ...] = ()
     noops: tuple[str, ...] = ()
+    #: set when nothing may be done for the session (then `actions` is empty)
+    refusal: Refusal | None = None
 
     @property
     def changes(self) -> tuple[Action, ...]:
@@ -146,10 +164,18 @@ class Plan:
     sessions: tuple[SessionPlan, ...] = ()
     prunes: tuple[DeleteInstance, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    #: prunes refused because ownership could not be proven
+    prune_refusals: tuple[Refusal, ...] = ()
 
     @property
     def empty(self) -> bool:
         return not self.prunes and all(not s.changes for s in self.sessions)
+
+    @property
+    def refusals(self) -> tuple[Refusal, ...]:
+        """Every refusal, of sessions and of prunes."""
+        own = tuple(s.refusal for s in self.sessions if s.refusal is not None)
+        return own + self.prune_refusals
 
 
 def _size(n: int) -> str:

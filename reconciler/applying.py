@@ -46,7 +46,9 @@ def plan_group(
     """What apply would do right now (reads only; takes no lock)."""
     doc = status.load(group.status_path)
     obs = observer.observe(group, doc, metros, environ)
-    plan = planner.plan(obs.desired, obs.instances, doc, now(), prune=prune, owned=obs.owned)
+    plan = planner.plan(
+        obs.desired, obs.instances, doc, now(), owner=obs.owner, prune=prune, claimed=obs.claimed
+    )
     return plan, obs
 
 
@@ -100,10 +102,20 @@ def apply_group(
                 failed.setdefault(name, why)
             desired = [d for d in obs.desired if d.name not in failed]
             plan = planner.plan(
-                desired, obs.instances, doc, now(), prune=prune and not failed, owned=obs.owned
+                desired,
+                obs.instances,
+                doc,
+                now(),
+                owner=obs.owner,
+                prune=prune and not failed,
+                claimed=obs.claimed,
             )
             if first_plan is None:
                 first_plan = plan
+            for refusal in plan.refusals:
+                if refusal.session not in failed:
+                    failed[refusal.session] = refusal.reason
+                    reporter.event(Event(refusal.session, "failed", refusal.reason))
             if plan.empty:
                 break
             rounds += 1

@@ -1,7 +1,7 @@
 """Small files written whole or not at all, and the temp files of killed writers swept away.
 
-Who uses it: the observer (the project salt), the executor (the session's public key) and the
-sync records; `writer_alive` also judges the sync-back's temp files. A writer writes
+Who uses it: the observer (the project salt, the owner id), the executor (the session's public
+key) and the sync records; `writer_alive` also judges the sync-back's temp files. A writer writes
 `.NAME.PID.tmp` beside the target, then renames it into place; a writer killed in between leaves
 its temp file behind, which the next writer removes once that pid is gone. (The status file has
 its own sweep: only the lock holder writes it, so it removes every temp file it finds.)
@@ -13,7 +13,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["pid_alive", "sweep_dead_temps", "write_atomic", "writer_alive"]
+__all__ = ["create_atomic", "pid_alive", "sweep_dead_temps", "write_atomic", "writer_alive"]
 
 
 def _temp_for(path: Path) -> Path:
@@ -66,3 +66,24 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
             tmp.unlink()
         raise
     sweep_dead_temps(path)
+
+
+def create_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
+    """Like `write_atomic`, but only if `path` does not exist yet: the first writer wins and
+    a later one changes nothing. True when this call created it."""
+    tmp = _temp_for(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # why link, not rename: it fails instead of replacing
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    sweep_dead_temps(path)
+    return True

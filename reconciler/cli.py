@@ -124,6 +124,9 @@ def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
         actions.SyncBack: "<",
     }
     for splan in plan.sessions:
+        if splan.refusal is not None:
+            lines.append(f"session {splan.session}: refused: {splan.refusal.reason}")
+            continue
         if not splan.changes:
             lines.append(f"session {splan.session}: up to date")
             if verbose:
@@ -139,17 +142,23 @@ def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     if plan.prunes:
         lines.append("prune:")
         lines.extend(f"  - {p.describe()}" for p in plan.prunes)
+    for refusal in plan.prune_refusals:
+        lines.append(f"prune of session {refusal.session}: refused: {refusal.reason}")
     creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
     runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
     files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
     deletes = sum(isinstance(a, actions.DeleteInstance) for s in plan.sessions for a in s.actions)
     deletes += len(plan.prunes)
-    lines.append(
-        f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
-        f"{runs} command(s) to run."
-        if not plan.empty
-        else "No changes. Sessions match their specs."
-    )
+    refused = len(plan.refusals)
+    if not plan.empty:
+        lines.append(
+            f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
+            f"{runs} command(s) to run."
+        )
+    elif not refused:
+        lines.append("No changes. Sessions match their specs.")
+    if refused:
+        lines.append(f"Refused: {refused} session(s) hold an instance ukc cannot prove it owns.")
     return lines
 
 
@@ -167,6 +176,7 @@ def _plan_json(plan: actions.Plan) -> dict[str, Any]:
             for s in plan.sessions
         },
         "prunes": [act(p) for p in plan.prunes],
+        "refused": {r.session: r.reason for r in plan.refusals},
     }
 
 
@@ -196,10 +206,12 @@ def plan(
     metros = _metros()
     try:
         pending = False
+        refused = False
         doc_out: dict[str, Any] = {}
         for group in _load(paths, status_path):
             the_plan, _ = applying.plan_group(group, metros=metros, environ=os.environ, prune=prune)
             pending = pending or not the_plan.empty
+            refused = refused or bool(the_plan.refusals)
             if output == "json":
                 doc_out[str(group.base_dir)] = _plan_json(the_plan)
             else:
@@ -209,6 +221,8 @@ def plan(
             click.echo(json.dumps({"api_requests": metros.request_count(), **doc_out}, indent=2))
     finally:
         metros.close()
+    if refused:
+        sys.exit(1)  # apply would fail those sessions: say so before it is run
     if detailed_exitcode and pending:
         sys.exit(2)
 

@@ -1,8 +1,9 @@
 """`ukc delete`: remove the sessions that the given specs declare.
 
-Observes first (one list per metro), deletes what still exists, and always cleans the local
-side (private key, sync records) and records `Deleted`, so a delete interrupted half-way is
-finished by running it again.
+Observes first (one list per metro), deletes what still exists and is provably ours, and
+cleans the local side (private key, sync records) and records `Deleted`, so a delete
+interrupted half-way is finished by running it again. An instance under the session's name
+that is not provably ours is left alone, with the local side: the session fails instead.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def delete_group(
         doc = status.load(group.status_path)
         obs = observer.observe(group, doc, metros, environ)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
-        the_plan = planner.plan_delete(triples, obs.instances)
+        the_plan = planner.plan_delete(triples, obs.instances, doc, obs.owner)
         executor = Executor(
             group=group,
             doc=doc,
@@ -42,6 +43,13 @@ def delete_group(
         )
         ok = True
         for splan in the_plan.sessions:
+            if splan.refusal is not None:
+                ok = False
+                record = doc.sessions.setdefault(splan.session, status.SessionStatus())
+                record.phase = "Failed"
+                record.message = splan.refusal.reason
+                reporter.event(Event(splan.session, "failed", splan.refusal.reason))
+                continue
             if splan.actions:
                 ok = executor.run_session(splan).ok and ok
                 if ok:

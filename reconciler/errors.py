@@ -8,6 +8,7 @@ values, private keys). The CLI prints that line and maps the class to an exit co
     ├── SpecError                 user input is invalid (file, line, field); exit 2, never retried
     ├── UsageError                bad command-line usage; exit 2
     ├── LockedError               another applier holds the status file lock
+    ├── OwnershipError            an instance ukc cannot prove it owns is in the way; untouched
     ├── BackendError              talking to the cloud or a sandbox failed; `retryable` says if
     │   ├── ApiError              the platform answered with an error (HTTP status, item code)
     │   │   ├── AuthError         401/403: wrong or missing token
@@ -38,6 +39,7 @@ __all__ = [
     "LocalMetroError",
     "LockedError",
     "NotFoundError",
+    "OwnershipError",
     "RateLimitedError",
     "RemoteError",
     "SandboxNotReadyError",
@@ -89,6 +91,10 @@ class UsageError(UkcError):
 
 class LockedError(UkcError):
     """Another applier holds the lock on the same status file."""
+
+
+class OwnershipError(UkcError):
+    """An instance under our name is not provably ours: nothing was done to it."""
 
 
 class BackendError(UkcError):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import actions, errors, naming, status
+from reconciler import actions, errors, ownership, status
 from reconciler.atomicfile import write_atomic
 from reconciler.backends import CreateRequest, Instance, RemoteShell, Service
 from reconciler.interrupts import StopFlag
@@ -203,7 +203,8 @@ class Executor:
     def run_session(self, splan: actions.SessionPlan) -> SessionOutcome:
         name = splan.session
         ctx = self.obs.contexts.get(name)
-        run = _Run(inst=self.obs.owned.get(name))
+        # the planner acts only on an instance it proved ours (else the session is refused)
+        run = _Run(inst=self.obs.claimed.get(name))
         outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
         redact = Redactor(ctx.secret_values if ctx is not None else ())
         try:
@@ -314,14 +315,15 @@ class Executor:
         try:
             conn.api.create_instance(request)
         except errors.AlreadyExistsError:
+            # A create whose answer was lost made it, or someone else holds the name: adopt
+            # only what the ownership rule proves ours (the intent journaled above has no
+            # uuid, so only the owner tag can prove it).
             found = conn.api.get_instance(action.instance_name)
             if found is None:
                 raise
-            if naming.session_from_tags(found.tags, self.obs.project) != session:
-                raise errors.ApiError(
-                    f"instance name {action.instance_name} on metro {conn.label} is taken by "
-                    "an instance ukc does not own; rename the session"
-                ) from None
+            proof = ownership.prove(found, self.obs.owner, session, rec.instance)
+            if not proof.ours:
+                raise errors.OwnershipError(proof.refusal(found)) from None
             self._say(session, "info", f"adopted existing instance {found.name}")
         run.inst = self._await_up(conn, action.instance_name, session)
         self._note_instance(session, run.inst)
@@ -368,11 +370,16 @@ class Executor:
     def _delete(
         self, action: actions.DeleteInstance, ctx: SessionContext | None, run: _Run
     ) -> None:
+        if not action.instance_uuid:
+            raise errors.OwnershipError(
+                f"not deleting instance {action.instance_name} on metro {action.metro}: "
+                "no uuid was proven ours"
+            )
         conn = self.metros.get(action.metro)
         if run.shell is not None:
             run.shell.close()
             run.shell = None
-        conn.api.delete_instance(action.instance_name)
+        conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
         run.inst = None
         self.forget_local(action)
 

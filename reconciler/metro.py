@@ -1,5 +1,8 @@
 """Where a spec's `metro` points: API base URL, token, and how to reach instance FQDNs.
 
+Which token a metro may receive is decided by `endpoints.resolve`, here, for every
+connection: whoever named the metro cannot route the token elsewhere.
+
 The only differences between the local metro and the real UKC live here: the base URL, the
 token, the address an FQDN resolves to (the local edge) and the CA that signs its certificates
 (trusted for that metro only). Everything above this module is identical for both.
@@ -14,14 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import errors
+from reconciler import endpoints, errors
 from reconciler.backends import CloudApi
 from reconciler.backends.tls import Dialer
-from reconciler.backends.ukc import UkcApi, metro_base_url
+from reconciler.backends.ukc import UkcApi
 
 __all__ = ["MetroConnection", "MetroRegistry", "metro_label"]
 
-_CODE = re.compile(r"^[a-z]{2,5}[0-9]?$")
+_CODE = re.compile(r"[a-z]{2,5}[0-9]?")
 
 
 def metro_label(metro: str) -> str:
@@ -60,17 +63,19 @@ class MetroRegistry:
     def _open(self, label: str) -> MetroConnection:
         if label == "local":
             return self._open_local()
-        if label.startswith(("http://", "https://")):
-            base = label
-        elif _CODE.match(label):
-            base = metro_base_url(label)
-        else:
+        if not label.startswith(("http://", "https://")) and not _CODE.fullmatch(label):
             raise errors.UsageError(f"metro {label!r} is neither 'local', a metro code nor a URL")
-        token = self._environ.get("UKC_TOKEN", "")
+        # why: every connection passes the token routing rule here, whoever named the metro
+        # (a spec file, the environment, or a status file from a checkout)
+        try:
+            endpoint = endpoints.resolve(label, self._environ)
+        except endpoints.EndpointRefusedError as err:
+            raise errors.UsageError(f"metro {err}") from None
+        token = self._environ.get(endpoint.token_var, "")
         if not token:
-            raise errors.UsageError(f"metro {label!r} needs a token: set UKC_TOKEN")
+            raise errors.UsageError(f"metro {label!r} needs a token: set {endpoint.token_var}")
         context = ssl.create_default_context()
-        api = UkcApi(base, token, metro=label)
+        api = UkcApi(endpoint.base_url, token, metro=label)
         return MetroConnection(label, api, Dialer(context), local=False, ssl_context=context)
 
     def _open_local(self) -> MetroConnection:

@@ -1,8 +1,9 @@
 """Deterministic instance names and owner tags.
 
 Names are idempotency keys: the same project and session always map to the same instance name,
-so a create whose answer was lost can be found (and adopted) instead of duplicated. Tags mark
-ownership; `--prune` needs *both* the tags and an entry in the status file's inventory.
+so a create whose answer was lost can be found (and adopted) instead of duplicated. The project
+and session tags say which session an instance claims to be; only the `ukc.owner` tag proves
+it is ours (see `ownership`), because anyone can pick the same project and session name.
 
 Pure: no I/O except `project_id`, which reads nothing but the path string it is given.
 """
@@ -50,12 +51,13 @@ def instance_hash(image: str, memory_mb: int | None) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
-def owner_tags(project: str, session: str, inst_hash: str) -> list[str]:
+def owner_tags(project: str, session: str, inst_hash: str, owner_id: str) -> list[str]:
     return [
         OWNER_TAG,
         f"ukc.project={project}",
         f"ukc.session={session}",
         f"ukc.spec={inst_hash}",
+        f"ukc.owner={owner_id}",
     ]
 
 
@@ -69,7 +71,8 @@ def tag_value(tags: Sequence[str], key: str) -> str | None:
 
 
 def session_from_tags(tags: Sequence[str], project: str) -> str | None:
-    """The session an instance belongs to, if it carries our owner tags for `project`."""
+    """The session an instance claims, if it carries ukc's tags for `project` (a claim, not a
+    proof of ownership)."""
     if OWNER_TAG not in tags or tag_value(tags, "ukc.project") != project:
         return None
     return tag_value(tags, "ukc.session")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import errors, naming, planner, spec, status
-from reconciler.atomicfile import write_atomic
+from reconciler import errors, naming, ownership, planner, spec, status
+from reconciler.atomicfile import create_atomic, write_atomic
 from reconciler.backends import Instance
 from reconciler.metro import MetroRegistry, metro_label
 from reconciler.sync import engine as sync_engine
@@ -62,12 +63,14 @@ class SessionContext:
 @dataclass
 class Observation:
     project: str
+    #: this checkout as an owner (the planner proves ownership against it)
+    owner: ownership.Owner
     desired: list[planner.DesiredSession]
     contexts: dict[str, SessionContext]
-    #: owned instances by instance name
+    #: instances carrying the project's tags, by instance name (claims, not proofs)
     instances: dict[str, Instance]
-    #: owned instances by session name
-    owned: dict[str, Instance]
+    #: the same, by the session their tags name
+    claimed: dict[str, Instance]
     #: sessions whose tree cannot be synced, with the reason
     halted: dict[str, str]
 
@@ -99,6 +102,51 @@ def _salt(state_dir: Path) -> bytes:
     return value
 
 
+#: minimum length of `UKC_SESSION_SECRET`: a short one could be picked again by accident
+MIN_SECRET_LEN = 16
+_OWNER_ID = re.compile(rb"[0-9a-f]{32}\n?")
+
+
+def load_owner(state_dir: Path, project: str, environ: Mapping[str, str]) -> ownership.Owner:
+    """This checkout as an owner: the id derived from `UKC_SESSION_SECRET`, else the random
+    id in `.ukc/owner` (created on first use, 0600). With a secret, an id this checkout made
+    earlier still proves ownership of the instances it made before the secret was set."""
+    path = state_dir / "owner"
+    earlier = _read_owner_file(path)
+    secret = environ.get(ownership.SECRET_VAR, "")
+    if secret:
+        if len(secret) < MIN_SECRET_LEN:
+            raise errors.UsageError(
+                f"{ownership.SECRET_VAR} is {len(secret)} characters; use at least "
+                f"{MIN_SECRET_LEN} random ones (e.g. from `openssl rand -hex 32`)"
+            )
+        primary = ownership.owner_id_from_secret(secret, project)
+        accepted = {primary} | ({earlier} if earlier else set())
+        return ownership.Owner(project, primary, frozenset(accepted), ownership.SECRET_VAR)
+    if earlier is None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fresh = secrets.token_hex(ownership.OWNER_ID_LEN // 2)
+        # why exclusive: a concurrent `ukc plan` must not replace the id an apply tags with
+        create_atomic(path, (fresh + "\n").encode(), mode=0o600)
+        earlier = _read_owner_file(path)
+        assert earlier is not None
+    return ownership.Owner(project, earlier, frozenset({earlier}), str(path))
+
+
+def _read_owner_file(path: Path) -> str | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if not _OWNER_ID.fullmatch(raw):
+        raise errors.UsageError(
+            f"{path} does not hold an owner id (32 hex digits); restore it, or remove it: ukc "
+            "then no longer proves it owns the instances this checkout made (delete those "
+            "yourself)"
+        )
+    return raw.decode().strip()
+
+
 def sync_options_for(group: Group, loaded: spec.LoadedSession) -> SyncOptions:
     s = loaded.spec
     return SyncOptions(
@@ -117,7 +165,7 @@ def key_path_for(group: Group, session: str) -> Path:
 def _context(
     group: Group,
     loaded: spec.LoadedSession,
-    project: str,
+    owner: ownership.Owner,
     environ: Mapping[str, str],
     salt: bytes,
     on_change: Callable[[], None] | None = None,
@@ -149,7 +197,7 @@ def _context(
     desired = planner.DesiredSession(
         name=s.name,
         metro=metro_label(s.metro),
-        instance_name=naming.instance_name(project, s.name),
+        instance_name=naming.instance_name(owner.project, s.name),
         instance_hash=inst_hash,
         image=s.image,
         ttl_s=float(s.ttl) if s.ttl is not None else None,
@@ -158,7 +206,7 @@ def _context(
         env_fingerprint=fingerprint,
         tree=tree,
         back=tuple(s.sync.back),
-        tags=tuple(naming.owner_tags(project, s.name, inst_hash)),
+        tags=tuple(naming.owner_tags(owner.project, s.name, inst_hash, owner.id)),
         back_known=_back_known(opts),
         back_delete=opts.back_delete,
         key_present=key_path_for(group, s.name).exists(),
@@ -199,41 +247,59 @@ def observe(
     nothing observed depends on it.
     """
     project = naming.project_id(group.base_dir, environ)
+    owner = load_owner(group.state_dir, project, environ)
     salt = _salt(group.state_dir)
     wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
 
     used = {metro_label(loaded.spec.metro) for loaded in wanted}
-    used |= {r.metro for r in doc.inventory().values() if r.metro}
+    recorded = {r.metro: name for name, r in doc.inventory().items() if r.metro}
     instances: dict[str, Instance] = {}
-    owned: dict[str, Instance] = {}
+    claimed: dict[str, Instance] = {}
     metro_of: dict[str, str] = {}
-    for metro in sorted(used):
-        conn = metros.get(metro)
+    for metro in sorted(used | set(recorded)):
+        try:
+            conn = metros.get(metro)
+        except errors.UsageError as err:
+            if metro in used:
+                raise
+            # why: a status file comes with the checkout; it names a metro, it does not
+            # choose where the token goes
+            raise errors.UsageError(
+                f"{group.status_path}: session {recorded[metro]!r} was recorded on a metro "
+                f"ukc will not use: {err}"
+            ) from None
         for inst in conn.api.list_instances([f"ukc.project={project}"]):
             session = naming.session_from_tags(inst.tags, project)
             if session is None:
-                continue  # not ours, whatever its name says
+                continue  # not even claimed by a session of this project
             instances[inst.name] = inst
-            owned[session] = inst
+            claimed[session] = inst
             metro_of[session] = metro
 
+    records = {name: rec.instance for name, rec in doc.sessions.items()}
     contexts: dict[str, SessionContext] = {}
     halted: dict[str, str] = {}
     for loaded in wanted:
         name = loaded.spec.name
         hint = None
-        mine = owned.get(name)
-        if on_tree_changed is not None and mine is not None and mine.state == "running":
+        mine = claimed.get(name)
+        if (
+            on_tree_changed is not None
+            and mine is not None
+            and mine.state == "running"
+            and ownership.prove(mine, owner, name, records.get(name)).ours
+        ):
             hint = functools.partial(on_tree_changed, name, metro_of[name], mine)
-        ctx, why = _context(group, loaded, project, environ, salt, hint)
+        ctx, why = _context(group, loaded, owner, environ, salt, hint)
         contexts[name] = ctx
         if why is not None:
             halted[name] = why
     return Observation(
         project=project,
+        owner=owner,
         desired=[c.desired for c in contexts.values()],
         contexts=contexts,
         instances=instances,
-        owned=owned,
+        claimed=claimed,
         halted=halted,
     )

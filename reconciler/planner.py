@@ -6,6 +6,9 @@ gathers the inputs; the executor performs the output.
 
 Ordering inside a session is fixed: (sync back before a replacement) → delete → create/start →
 wait ready → sync up → commands → sync back. Prunes come last, after every session converged.
+
+An instance under a session's name that `ownership.prove` does not prove ours is never
+replaced, deleted, adopted or used: the session gets a `Refusal` instead of actions.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from reconciler import actions, naming
+from reconciler import actions, naming, ownership
 from reconciler.backends import Instance
 from reconciler.status import SessionStatus, StatusDoc
 
@@ -108,15 +111,26 @@ def _ttl_expired(
     return created is not None and now >= created + desired.ttl_s
 
 
+def _refusal(session: str, inst: Instance, proof: ownership.Proof) -> actions.Refusal:
+    return actions.Refusal(session, inst.name, inst.metro, proof.refusal(inst))
+
+
 def _plan_session(
     desired: DesiredSession,
     inst: Instance | None,
     record: SessionStatus | None,
     now: float,
+    owner: ownership.Owner,
 ) -> actions.SessionPlan:
     name = desired.name
     acts: list[actions.Action] = []
     noops: list[str] = []
+
+    if inst is not None:
+        proof = ownership.prove(inst, owner, name, record.instance if record else None)
+        if not proof.ours:
+            refusal = _refusal(name, inst, proof)
+            return actions.SessionPlan(name, (), (refusal.reason,), refusal)
 
     if desired.tree.halted is not None:
         # Commands must never run against a tree we could not sync; the session fails instead.
@@ -139,10 +153,11 @@ def _plan_session(
             actions.DeleteInstance(
                 name,
                 inst.name,
-                desired.metro,
+                inst.metro or desired.metro,
                 f"ttl of {desired.ttl_s:.0f}s expired",
                 forget=True,
                 final_phase="Expired",
+                instance_uuid=inst.uuid,
             )
         )
         return actions.SessionPlan(name, tuple(acts), ())
@@ -152,7 +167,12 @@ def _plan_session(
         # key, so the only way back to a reachable sandbox is a new one with a new key.
         acts.append(
             actions.DeleteInstance(
-                name, inst.name, desired.metro, "its ssh key is lost; replacing", forget=False
+                name,
+                inst.name,
+                inst.metro or desired.metro,
+                "its ssh key is lost; replacing",
+                forget=False,
+                instance_uuid=inst.uuid,
             )
         )
         inst = None
@@ -172,7 +192,12 @@ def _plan_session(
             )
         acts.append(
             actions.DeleteInstance(
-                name, inst.name, desired.metro, "image or memory changed", forget=False
+                name,
+                inst.name,
+                inst.metro or desired.metro,
+                "image or memory changed",
+                forget=False,
+                instance_uuid=inst.uuid,
             )
         )
         inst = None
@@ -306,54 +331,70 @@ def plan(
     status: StatusDoc,
     now: float,
     *,
+    owner: ownership.Owner,
     prune: bool = False,
-    owned: Mapping[str, Instance] | None = None,
-    prune_metro: Mapping[str, str] | None = None,
+    claimed: Mapping[str, Instance] | None = None,
 ) -> actions.Plan:
-    """Plan every desired session; with `prune`, also delete owned instances no spec declares.
+    """Plan every desired session; with `prune`, also delete our instances no spec declares.
 
-    `observed` maps instance name → instance for every instance carrying our owner tags.
-    `owned` maps session name → instance for owned instances (by tags) in the listed metros;
-    a prune needs the instance in `owned` *and* the session in the status inventory.
+    `observed` maps instance name → instance for every instance carrying the project's tags.
+    `claimed` maps session name → instance for those (the session their tags name). A prune
+    needs the session in the status inventory under that instance name *and* a proof of
+    ownership; an inventoried one without proof is refused, not deleted.
     """
     sessions = tuple(
-        _plan_session(d, observed.get(d.instance_name), status.sessions.get(d.name), now)
+        _plan_session(d, observed.get(d.instance_name), status.sessions.get(d.name), now, owner)
         for d in desired
     )
     prunes: list[actions.DeleteInstance] = []
-    if prune and owned is not None:
+    refused: list[actions.Refusal] = []
+    if prune and claimed is not None:
         wanted = {d.name for d in desired}
         inventory = status.inventory()
-        for session_name, inst in sorted(owned.items()):
+        for session_name, inst in sorted(claimed.items()):
             if session_name in wanted:
                 continue
             record = inventory.get(session_name)
             if record is None or record.name != inst.name:
-                continue  # owned by tags but not in our inventory: not provably ours to delete
-            metro = (prune_metro or {}).get(session_name, inst.metro)
+                continue  # not in our inventory: another checkout's session, not ours to judge
+            proof = ownership.prove(inst, owner, session_name, record)
+            if not proof.ours:
+                refused.append(_refusal(session_name, inst, proof))
+                continue
             prunes.append(
                 actions.DeleteInstance(
-                    session_name, inst.name, metro, "no spec declares this session (prune)"
+                    session_name,
+                    inst.name,
+                    inst.metro,
+                    "no spec declares this session (prune)",
+                    instance_uuid=inst.uuid,
                 )
             )
-    return actions.Plan(sessions, tuple(prunes))
+    return actions.Plan(sessions, tuple(prunes), prune_refusals=tuple(refused))
 
 
 def plan_delete(
     names: Sequence[tuple[str, str, str]],
     observed: Mapping[str, Instance],
+    status: StatusDoc,
+    owner: ownership.Owner,
 ) -> actions.Plan:
-    """Delete the sessions given as (session, instance name, metro) triples that still exist."""
+    """Delete the sessions given as (session, instance name, metro) triples that still exist
+    and are provably ours; the others are refused."""
     sessions = []
     for session, inst_name, metro in names:
         inst = observed.get(inst_name)
         if inst is None:
             sessions.append(actions.SessionPlan(session, (), (f"instance {inst_name} is gone",)))
             continue
-        sessions.append(
-            actions.SessionPlan(
-                session,
-                (actions.DeleteInstance(session, inst_name, metro, "ukc delete"),),
-            )
+        record = status.sessions.get(session)
+        proof = ownership.prove(inst, owner, session, record.instance if record else None)
+        if not proof.ours:
+            refusal = _refusal(session, inst, proof)
+            sessions.append(actions.SessionPlan(session, (), (refusal.reason,), refusal))
+            continue
+        delete = actions.DeleteInstance(
+            session, inst_name, inst.metro or metro, "ukc delete", instance_uuid=inst.uuid
         )
+        sessions.append(actions.SessionPlan(session, (delete,)))
     return actions.Plan(tuple(sessions))

@@ -40,6 +40,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from reconciler import endpoints
 from reconciler.durations import Duration, DurationError, parse_duration
 from reconciler.errors import SpecError
 from reconciler.yamlsafe import FieldPath, YamlDocument, format_path, load_yaml_file
@@ -159,6 +160,13 @@ def _check_secret_source(value: str) -> str:
             "must be the name of a controller environment variable holding the secret, "
             "not the secret itself (value not shown)"
         )
+    if value in endpoints.CREDENTIAL_VARS:
+        # why: a spec file is not trusted with ukc's credentials; forwarding one into a
+        # sandbox hands it to whatever the image and commands do with it
+        raise _fail(
+            f"{value} is ukc's own credential and cannot be forwarded into a sandbox; if the "
+            "sandbox really needs it, export it under another name and name that"
+        )
     return value
 
 
@@ -258,6 +266,9 @@ class SessionSpec(BaseModel):
     image: Annotated[str, Strict(), AfterValidator(_check_image)]
     metro: Annotated[str, Strict(), AfterValidator(_check_metro)] = "local"
     directory: Annotated[str, Strict(), AfterValidator(_check_directory)] = "."
+    #: `directory` may resolve outside the spec file's directory (it is mirrored into the
+    #: sandbox and `sync.back` writes into it, so leaving the spec's tree takes an opt-in)
+    allow_directory_outside_spec_dir: Annotated[bool, Strict()] = False
     commands: tuple[CommandSpec, ...] = ()
     sync: SyncSpec = Field(default_factory=SyncSpec)
     env: dict[_EnvName, _EnvValue] = Field(default_factory=dict)
@@ -377,6 +388,8 @@ def spec_hash(spec: SessionSpec) -> str:
     # existing spec's hash (an expired session stays deleted until its spec really changes)
     if not spec.sync.back_delete:
         del data["sync"]["back_delete"]
+    if not spec.allow_directory_outside_spec_dir:
+        del data["allow_directory_outside_spec_dir"]
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -460,6 +473,18 @@ def load_spec_file(
             problems.extend(exc.problems)
             continue
         directory = _absolute(spec_dir / spec.directory, source)
+        if not spec.allow_directory_outside_spec_dir and not directory.is_relative_to(spec_dir):
+            problems.append(
+                (
+                    doc.line_of(("directory",)),
+                    "directory",
+                    f"{_show(spec.directory)} resolves to {str(directory)!r}, outside the "
+                    f"spec file's directory {str(spec_dir)!r} (symlinks followed): a "
+                    "session's directory is sent to the sandbox and sync.back writes into "
+                    "it; keep it inside, or opt in with allow_directory_outside_spec_dir: true",
+                )
+            )
+            continue
         sessions.append(
             LoadedSession(spec=spec, file=file, line=doc.line, base_dir=base, directory=directory)
         )
@@ -547,10 +572,21 @@ def _build(doc: YamlDocument, environ: Mapping[str, str]) -> SessionSpec:
                 ]
             )
     try:
-        return SessionSpec.model_validate(data)
+        spec = SessionSpec.model_validate(data)
     except ValidationError as exc:
         problems = [_translate(err, doc, from_env) for err in exc.errors()]
         raise _DocumentError(problems) from None
+    if spec.metro != "local":
+        # why: a spec file is not trusted with the token; refused here so that validate,
+        # plan and apply all stop at the spec's line (the metro registry enforces it again)
+        try:
+            endpoints.resolve(spec.metro, environ)
+        except endpoints.EndpointRefusedError as exc:
+            message = str(exc)
+            if "metro" in from_env:
+                message += " (from $UKC_METRO)"
+            raise _DocumentError([(doc.line_of(("metro",)), "metro", message)]) from None
+    return spec
 
 
 def _valid_metro(value: object) -> bool:

@@ -94,8 +94,8 @@ class CloudApi(Protocol):
 
     def stop_instance(self, name: str) -> None: ...
 
-    def delete_instance(self, name: str) -> bool:
-        """Delete; returns False when it was already gone."""
+    def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
+        """Delete (exactly the instance `uuid` when given); False when it was already gone."""
         ...
 
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:

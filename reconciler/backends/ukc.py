@@ -5,8 +5,9 @@ same wire protocol, so the only differences are the URL and the token. This modu
 wire facts: the JSON envelope, per-item errors inside a 200, pagination with an inclusive
 `from` cursor, GET/DELETE with JSON bodies, and the mapping of failures onto
 `reconciler.errors`. Retries (429/5xx/transport) happen inside each method through
-`backends.retry`; a create is never retried blindly: after a lost answer we look the name up
-and adopt the instance when it is ours.
+`backends.retry`; a create is never retried blindly: after a lost answer we look the name up,
+and an instance found there is reported as `AlreadyExistsError` (whether it is ours to adopt
+is the controller's ownership rule, not a wire fact).
 
 The token lives only in this object's private attribute and the Authorization header; it never
 appears in `repr`, logs or exception text (server-sent text is scrubbed of it too).
@@ -417,21 +418,9 @@ class UkcApi:
             body["scale_to_zero"] = dict(request.scale_to_zero)
         return body
 
-    def _adoptable(self, request: CreateRequest) -> Instance | None:
-        """The existing instance of that name when it carries all our tags (ours), else None."""
-        existing = self._get_once(request.name)
-        if existing is None:
-            return None
-        if not set(request.tags).issubset(existing.tags):
-            raise AlreadyExistsError(
-                f"ukc api {self.metro}: create instance {request.name}: "
-                "name taken by an instance we do not own",
-                code=_CODE_ALREADY_EXISTS,
-            )
-        log.info("adopting instance %s after a lost create answer", request.name)
-        return existing
-
     def create_instance(self, request: CreateRequest) -> Instance:
+        """Create; `AlreadyExistsError` when the name is taken, also by an earlier attempt of
+        this call whose answer was lost (the caller decides whether to adopt it)."""
         what = f"create instance {request.name}"
         body = self._create_body(request)
         attempts = 0
@@ -439,21 +428,15 @@ class UkcApi:
         def attempt() -> Instance:
             nonlocal attempts
             attempts += 1
-            if attempts > 1:
+            if attempts > 1 and self._get_once(request.name) is not None:
                 # why: the previous POST may have succeeded with its answer lost; creating
                 # again would fail (name taken) or, worse, duplicate. Look first.
-                adopted = self._adoptable(request)
-                if adopted is not None:
-                    return adopted
+                raise AlreadyExistsError(
+                    f"ukc api {self.metro}: {what}: the name exists after a lost answer",
+                    code=_CODE_ALREADY_EXISTS,
+                )
             env = _Envelope(self._send("POST", "/v1/instances", what, body=body), "instances")
-            try:
-                self._check(what, env)
-            except AlreadyExistsError:
-                if attempts > 1:
-                    adopted = self._adoptable(request)
-                    if adopted is not None:
-                        return adopted
-                raise
+            self._check(what, env)
             inst = parse_instance(env.items[0], self.metro) if env.items else None
             if inst is None:
                 raise ApiError(f"ukc api {self.metro}: {what}: answer lacks uuid or name")
@@ -488,16 +471,16 @@ class UkcApi:
     def stop_instance(self, name: str) -> None:
         self._batch("PUT", "/v1/instances/stop", name, f"stop instance {name}")
 
-    def delete_instance(self, name: str) -> bool:
+    def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
+        """Delete by name, or exactly the instance `uuid` (then `name` is for messages)."""
         what = f"delete instance {name}"
+        ref = {"uuid": uuid} if uuid else {"name": name}
         attempts = 0
 
         def attempt() -> bool:
             nonlocal attempts
             attempts += 1
-            env = _Envelope(
-                self._send("DELETE", "/v1/instances", what, body=[{"name": name}]), "instances"
-            )
+            env = _Envelope(self._send("DELETE", "/v1/instances", what, body=[ref]), "instances")
             try:
                 self._check(what, env)
             except NotFoundError:

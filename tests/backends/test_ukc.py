@@ -118,9 +118,12 @@ class FakeUkc:
         if key == "DELETE /v1/instances":
             items = []
             for ref in body:
-                inst = self.by_name(ref["name"])
+                if "uuid" in ref:
+                    inst = next((i for i in self.instances if i["uuid"] == ref["uuid"]), None)
+                else:
+                    inst = self.by_name(ref["name"])
                 if inst is None:
-                    items.append({"status": "error", "name": ref["name"], "error": 8})
+                    items.append({"status": "error", **ref, "error": 8})
                 else:
                     self.instances.remove(inst)
                     items.append({"status": "success", "name": inst["name"]})
@@ -394,7 +397,7 @@ class TestCreate:
         assert err.value.code == 19
         assert api.request_count == 1
 
-    def test_a_lost_create_answer_adopts_the_instance_instead_of_creating_again(
+    def test_a_lost_create_answer_is_looked_up_and_reported_taken_instead_of_created_again(
         self, api: UkcApi, fake: FakeUkc, clock: Clock
     ) -> None:
         def lose_answer(request: httpx.Request) -> httpx.Response:
@@ -402,8 +405,9 @@ class TestCreate:
             raise httpx.ReadTimeout("read timed out", request=request)
 
         fake.fault("POST /v1/instances", lose_answer)
-        got = api.create_instance(request_for("s1"))
-        assert got.name == "s1"
+        # whether to adopt it is the controller's ownership rule, not the wire's
+        with pytest.raises(AlreadyExistsError, match="exists after a lost answer"):
+            api.create_instance(request_for("s1"))
         assert [i["name"] for i in fake.instances] == ["s1"]
         assert fake.paths() == ["POST /v1/instances", "GET /v1/instances?details=true&name=s1"]
         assert len(clock.sleeps) == 1
@@ -420,7 +424,7 @@ class TestCreate:
             "POST /v1/instances",
         ]
 
-    def test_a_name_taken_by_someone_else_after_a_lost_answer_is_not_adopted(
+    def test_a_name_taken_by_someone_else_after_a_lost_answer_is_not_returned(
         self, api: UkcApi, fake: FakeUkc
     ) -> None:
         def someone_else(request: httpx.Request) -> httpx.Response:
@@ -428,8 +432,9 @@ class TestCreate:
             raise httpx.ReadTimeout("read timed out", request=request)
 
         fake.fault("POST /v1/instances", someone_else)
-        with pytest.raises(AlreadyExistsError, match="do not own"):
+        with pytest.raises(AlreadyExistsError):
             api.create_instance(request_for("s1"))
+        assert [r.method for r in fake.requests].count("POST") == 1
 
 
 class TestErrors:
@@ -564,6 +569,21 @@ class TestActions:
         assert api.delete_instance("s1") is False
         assert fake.requests[0].method == "DELETE"
         assert json.loads(fake.requests[0].content) == [{"name": "s1"}]
+
+    def test_a_delete_by_uuid_names_only_the_uuid(self, api: UkcApi, fake: FakeUkc) -> None:
+        inst = fake.add("s1", OURS)
+        assert api.delete_instance("s1", uuid=inst["uuid"]) is True
+        assert json.loads(fake.requests[0].content) == [{"uuid": inst["uuid"]}]
+        assert fake.instances == []
+
+    def test_a_delete_by_uuid_leaves_a_new_instance_of_the_same_name_alone(
+        self, api: UkcApi, fake: FakeUkc
+    ) -> None:
+        old = fake.add("s1", OURS)
+        fake.instances.remove(old)
+        fake.add("s1", ["someone-else"])["uuid"] = str(uuidlib.uuid4())
+        assert api.delete_instance("s1", uuid=old["uuid"]) is False
+        assert [i["tags"] for i in fake.instances] == [["someone-else"]]
 
     def test_a_delete_whose_answer_was_lost_still_reports_deleted(
         self, api: UkcApi, fake: FakeUkc

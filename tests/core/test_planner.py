@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from reconciler import actions, naming, planner
+from reconciler import actions, naming, ownership, planner
 from reconciler.backends import Instance
 from reconciler.status import CommandRecord, InstanceRecord, SessionStatus, StatusDoc, SyncRecord
 
 NOW = 1_800_000_000.0
 PROJECT = "abcd1234"
 INST_HASH = naming.instance_hash("img:1", None)
+OWNER_ID = "0123456789abcdef0123456789abcdef"
+OWNER = ownership.Owner(PROJECT, OWNER_ID, frozenset({OWNER_ID}), "UKC_SESSION_SECRET")
 
 
 def desired(**overrides: object) -> planner.DesiredSession:
@@ -29,7 +31,7 @@ def desired(**overrides: object) -> planner.DesiredSession:
         env_fingerprint="env1",
         tree=planner.TreeState(digest="tree1", files=3, bytes=30),
         back=("out/",),
-        tags=tuple(naming.owner_tags(PROJECT, "hello", INST_HASH)),
+        tags=tuple(naming.owner_tags(PROJECT, "hello", INST_HASH, OWNER_ID)),
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -79,7 +81,7 @@ def plan_one(
 ) -> actions.SessionPlan:
     doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
     observed = {inst.name: inst} if inst is not None else {}
-    return planner.plan([d], observed, doc, NOW).sessions[0]
+    return planner.plan([d], observed, doc, NOW, owner=OWNER).sessions[0]
 
 
 class TestANewSession:
@@ -264,7 +266,7 @@ class TestPrune:
             uuid="u-old",
             name=naming.instance_name(PROJECT, "old"),
             state="running",
-            tags=tuple(naming.owner_tags(PROJECT, "old", gone_hash)),
+            tags=tuple(naming.owner_tags(PROJECT, "old", gone_hash, OWNER_ID)),
             metro="local",
         )
         doc = StatusDoc(
@@ -279,28 +281,34 @@ class TestPrune:
 
     def test_prune_deletes_an_owned_inventoried_session_that_no_spec_declares(self) -> None:
         d, old, doc = self._world()
-        p = planner.plan([d], {old.name: old}, doc, NOW, prune=True, owned={"old": old})
-        assert [x.instance_name for x in p.prunes] == [old.name]
+        p = planner.plan(
+            [d], {old.name: old}, doc, NOW, owner=OWNER, prune=True, claimed={"old": old}
+        )
+        assert [(x.instance_name, x.instance_uuid) for x in p.prunes] == [(old.name, "u-old")]
 
     def test_prune_never_deletes_what_is_not_in_the_inventory(self) -> None:
         d, old, _ = self._world()
-        p = planner.plan([d], {old.name: old}, StatusDoc(), NOW, prune=True, owned={"old": old})
+        p = planner.plan(
+            [d], {old.name: old}, StatusDoc(), NOW, owner=OWNER, prune=True, claimed={"old": old}
+        )
         assert p.prunes == ()
 
     def test_prune_never_deletes_an_instance_whose_name_differs_from_the_inventory(self) -> None:
         d, old, doc = self._world()
         other = replace(old, name="someone-else")
-        p = planner.plan([d], {}, doc, NOW, prune=True, owned={"old": other})
+        p = planner.plan([d], {}, doc, NOW, owner=OWNER, prune=True, claimed={"old": other})
         assert p.prunes == ()
 
     def test_without_prune_nothing_is_deleted(self) -> None:
         d, old, doc = self._world()
-        p = planner.plan([d], {old.name: old}, doc, NOW, prune=False, owned={"old": old})
+        p = planner.plan(
+            [d], {old.name: old}, doc, NOW, owner=OWNER, prune=False, claimed={"old": old}
+        )
         assert p.prunes == ()
 
 
 def test_the_planner_is_deterministic_for_equal_inputs() -> None:
     d = desired()
-    a = planner.plan([d], {}, StatusDoc(), NOW)
-    b = planner.plan([d], {}, StatusDoc(), NOW)
+    a = planner.plan([d], {}, StatusDoc(), NOW, owner=OWNER)
+    b = planner.plan([d], {}, StatusDoc(), NOW, owner=OWNER)
     assert a == b

@@ -227,7 +227,7 @@ def blocked_apply(env: dict[str, str], project: Path, api: HangingApi) -> subpro
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler", "apply"],
         cwd=project,
-        env={**env, "UKC_TOKEN": "t0ken"},
+        env={**env, "UKC_TOKEN": "t0ken", "UKC_METRO_ALLOW": f"http://127.0.0.1:{api.port}"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

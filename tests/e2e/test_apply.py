@@ -188,8 +188,9 @@ def test_prune_deletes_only_removed_sessions_and_refuses_an_empty_or_broken_spec
     (work / "f.txt").write_text("x\n")
     specs = ukc.project / "specs"
     specs.mkdir()
-    (specs / "a.yaml").write_text("name: alpha\ndirectory: ../work\ncommands: ['true']\n")
-    (specs / "b.yaml").write_text("name: beta\ndirectory: ../work\ncommands: ['true']\n")
+    outside = "directory: ../work\nallow_directory_outside_spec_dir: true\n"
+    (specs / "a.yaml").write_text(f"name: alpha\n{outside}commands: ['true']\n")
+    (specs / "b.yaml").write_text(f"name: beta\n{outside}commands: ['true']\n")
     ukc.run("apply", "specs", check=0)
     status_file = specs / ".ukc" / "status.json"
     beta = json.loads(status_file.read_text())["sessions"]["beta"]["instance"]["name"]
@@ -274,6 +275,8 @@ def test_a_second_applier_on_the_same_status_file_is_told_who_holds_the_lock(ukc
 def test_a_lost_ukc_directory_replaces_the_unreachable_instance_and_converges(ukc: Ukc) -> None:
     import shutil
 
+    # the project's secret proves ownership without `.ukc/` (without it, see tests/security)
+    ukc.extra_env["UKC_SESSION_SECRET"] = "e2e-secret-0123456789abcdef"
     make_project(ukc)
     ukc.run("apply", "session.yaml", check=0)
     old = session(ukc)["instance"]

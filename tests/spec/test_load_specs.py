@@ -44,7 +44,10 @@ class TestFilesAndDirectories:
     def test_a_file_belongs_to_its_own_directory_and_directory_resolves_against_it(
         self, tmp_path: Path
     ) -> None:
-        path = write(tmp_path / "proj" / "s.yaml", "name: a\ndirectory: ../work\n")
+        path = write(
+            tmp_path / "proj" / "s.yaml",
+            "name: a\ndirectory: ../work\nallow_directory_outside_spec_dir: true\n",
+        )
         (session,) = load_specs([path], {})
         assert session.base_dir == (tmp_path / "proj").resolve()
         assert session.directory == (tmp_path / "work").resolve()

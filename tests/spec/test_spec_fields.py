@@ -241,7 +241,9 @@ exec: ssh
         "metro", ["local", "fra", "was1", "sin", "https://api.example.com", "http://127.0.0.1:8080"]
     )
     def test_metro_codes_and_urls_are_accepted(self, tmp_path: Path, metro: str) -> None:
-        (session,) = load_one(tmp_path, f"name: a\nimage: i\nmetro: '{metro}'\n")
+        # a url is accepted once the environment trusts it (see the token routing tests)
+        env = {"UKC_METRO_ALLOW": metro} if "://" in metro else {}
+        (session,) = load_one(tmp_path, f"name: a\nimage: i\nmetro: '{metro}'\n", env)
         assert session.spec.metro == metro
 
     def test_an_absolute_directory_is_kept_and_may_not_exist(self, tmp_path: Path) -> None:
