@@ -115,7 +115,7 @@ class EdgeHarness:
         self.key = make_key(root)
         self.pubkey = (root / "id_ed25519.pub").read_text().strip()
         self.lt = LoopThread()
-        self.exits: list[tuple[str, int]] = []
+        self.exits: list[tuple[str, int, bool]] = []
         self.exit_event = threading.Event()
         self.activity: list[tuple[str, int]] = []
         self.routes: dict[tuple[str, int], Route] = {}
@@ -138,8 +138,8 @@ class EdgeHarness:
         self.p2222 = self.lt.run(self.edge.open_port(2222))
         self.p443 = self.lt.run(self.edge.open_port(443))
 
-    def _on_exit(self, uuid: str, code: int) -> None:
-        self.exits.append((uuid, code))
+    def _on_exit(self, uuid: str, code: int, out_of_memory: bool) -> None:
+        self.exits.append((uuid, code, out_of_memory))
         self.exit_event.set()
 
     async def _resolve(self, sni: str, port: int) -> Route | None:
@@ -155,10 +155,12 @@ class EdgeHarness:
     def fqdn(name: str) -> str:
         return f"{name}.{APP_DOMAIN}"
 
-    def start(self, uuid: str, name: str, env: dict[str, str] | None = None) -> str:
+    def start(
+        self, uuid: str, name: str, env: dict[str, str] | None = None, memory_mb: int = 128
+    ) -> str:
         """Boot a sandbox and route `<name>.local.ukc.localhost` 2222→2222, 443→8080 to it."""
         full_env = {"PUBKEY": self.pubkey, **(env or {})}
-        boot = self.lt.run(self.runtime.start(uuid, name=name, env=full_env))
+        boot = self.lt.run(self.runtime.start(uuid, env=full_env, memory_mb=memory_mb))
         self.routes[(self.fqdn(name), 2222)] = Route(uuid, 2222)
         self.routes[(self.fqdn(name), 443)] = Route(uuid, 8080)
         return boot

@@ -95,21 +95,21 @@ class TestBoot:
         assert b"Server listening on 127.0.0.1 port 2222" in harness.runtime.console(ONE)
 
     def test_a_missing_bwrap_names_the_debian_package(self, tmp_path: Path) -> None:
-        rt = SandboxRuntime(tmp_path, lambda u, c: None, bwrap=str(tmp_path / "no-bwrap"))
+        rt = SandboxRuntime(tmp_path, lambda u, c, m: None, bwrap=str(tmp_path / "no-bwrap"))
         with pytest.raises(
             LocalMetroError, match=r"^bwrap not found: apt-get install -y bubblewrap$"
         ):
-            asyncio.run(rt.start("x-uuid", name="x", env={}))
+            asyncio.run(rt.start("x-uuid", env={}))
 
     def test_a_missing_sshd_names_the_debian_package(self, tmp_path: Path) -> None:
-        rt = SandboxRuntime(tmp_path, lambda u, c: None, sshd=str(tmp_path / "no-sshd"))
+        rt = SandboxRuntime(tmp_path, lambda u, c, m: None, sshd=str(tmp_path / "no-sshd"))
         with pytest.raises(
             LocalMetroError, match=r"^sshd not found: apt-get install -y openssh-server$"
         ):
-            asyncio.run(rt.start("x-uuid", name="x", env={}))
+            asyncio.run(rt.start("x-uuid", env={}))
 
     def test_a_path_like_uuid_is_refused(self, tmp_path: Path) -> None:
-        rt = SandboxRuntime(tmp_path, lambda u, c: None)
+        rt = SandboxRuntime(tmp_path, lambda u, c, m: None)
         with pytest.raises(LocalMetroError, match="not a valid instance uuid"):
             rt.workspace("../escape")
 
@@ -224,8 +224,8 @@ from pathlib import Path
 from reconciler.local.sandbox import SandboxRuntime
 
 async def main() -> None:
-    rt = SandboxRuntime(Path(sys.argv[1]), lambda u, c: None)
-    await rt.start("orphan-uuid", name="orphan", env={})
+    rt = SandboxRuntime(Path(sys.argv[1]), lambda u, c, m: None)
+    await rt.start("orphan-uuid", env={})
     print(" ".join(map(str, rt.pids("orphan-uuid"))), flush=True)
     await asyncio.sleep(3600)
 
@@ -284,14 +284,14 @@ from reconciler.local.sandbox import SandboxRuntime
 
 async def main() -> None:
     root = Path(sys.argv[1])
-    rt = SandboxRuntime(root / "state", lambda u, c: None)
+    rt = SandboxRuntime(root / "state", lambda u, c, m: None)
     ca = CertificateAuthority.load_or_create(root / "state" / "ca", "local.ukc.localhost")
     async def resolve(sni: str, port: int) -> Route | None:
         return Route("nr-uuid", 2222)
     edge = Edge(ca=ca, runtime=rt, resolve=resolve, on_activity=lambda u, d: None,
                 should_drop=lambda: False)
     port = await edge.open_port(2222)
-    await rt.start("nr-uuid", name="nonroot", env={"PUBKEY": sys.argv[2]})
+    await rt.start("nr-uuid", env={"PUBKEY": sys.argv[2]})
     print(port, ca.cert_path, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await edge.close()
