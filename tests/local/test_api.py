@@ -668,33 +668,24 @@ class TestEdgeRouting:
             assert inproc.call(metro.route_for(fqdn, 2222, 0.5)) is None
 
 
-def bwrap_pids(uuid: str) -> list[int]:
-    """Host pids of the bwrap process(es) whose command line binds this instance's workspace."""
-    from pathlib import Path
+def bwrap_pids(daemon: Any, uuid: str) -> list[int]:
+    """Host pids of the bwrap processes (monitor and pid 1) of this instance's sandbox."""
+    from tests.support.sandboxes import cmdline, sandbox_pids
 
-    needle = f"workspaces/{uuid}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in cmd and cmd.split(b"\0", 1)[0].endswith(b"bwrap"):
-                pids.append(int(entry.name))
-    return pids
+    workspace = daemon.state_dir / "workspaces" / uuid
+    return [p for p in sandbox_pids(workspace) if cmdline(p)[:1] == ["/usr/bin/bwrap"]]
 
 
 class TestRealSandboxExit:
     def test_a_killed_sandbox_is_restarted_under_restart_policy_always(
-        self, api: httpx.Client
+        self, api: httpx.Client, daemon: Any
     ) -> None:
         import os
         import signal
 
         item = create(api, autostart=True, timeout_s=30, restart_policy="always")
         try:
-            pids = bwrap_pids(item["uuid"])
+            pids = bwrap_pids(daemon, item["uuid"])
             assert pids
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
@@ -712,14 +703,14 @@ class TestRealSandboxExit:
             delete(api, item["name"])
 
     def test_a_killed_sandbox_stays_stopped_under_restart_policy_never(
-        self, api: httpx.Client
+        self, api: httpx.Client, daemon: Any
     ) -> None:
         import os
         import signal
 
         item = create(api, autostart=True, timeout_s=30)
         try:
-            for pid in bwrap_pids(item["uuid"]):
+            for pid in bwrap_pids(daemon, item["uuid"]):
                 os.kill(pid, signal.SIGKILL)
             got = poll_state(api, item["name"], "stopped", 10)
             assert got["state"] == "stopped"

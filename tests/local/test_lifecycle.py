@@ -20,6 +20,7 @@ from reconciler.errors import LocalMetroError
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
 from tests.local.conftest import unique
+from tests.support.sandboxes import sandbox_pids as processes_of
 
 
 @pytest.fixture
@@ -38,19 +39,11 @@ def client(info: MetroInfo) -> httpx.Client:
 
 
 def sandbox_pids(state_dir: Path) -> list[int]:
-    """Processes whose command line mentions this state dir, other than the daemon."""
-    out = []
-    needle = str(state_dir.resolve()).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmd and b"reconciler.local" not in cmd:
-            out.append(int(entry.name))
-    return out
+    """Host processes of every sandbox of this state dir (nothing names it on a command line)."""
+    workspaces = state_dir / "workspaces"
+    if not workspaces.is_dir():
+        return []
+    return sorted({p for ws in workspaces.iterdir() for p in processes_of(ws)})
 
 
 class TestStartAndFind:
