@@ -666,8 +666,9 @@ class SandboxRuntime:
         def on_event() -> None:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.eventfd_read(efd)
-            cgroup = box.cgroup
-            if box.stopping or cgroup is None or cgroup.oom_kills() == 0:
+            # why: the kernel signals when the cgroup runs out of memory, before it picks and
+            # counts a victim; the only other signal, removal, comes after stop() set stopping
+            if box.stopping or box.cgroup is None:
                 return
             box.out_of_memory = True
             loop.remove_reader(efd)
