@@ -480,6 +480,9 @@ class SandboxRuntime:
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try",
             "--hostname", uuid,
+            # why: bwrap's own root is a tmpfs with no size limit; only the mounts on it are
+            # for writing
+            "--remount-ro", "/",
             "--die-with-parent",
             "--new-session",
             "--info-fd", str(fds["info"]),
