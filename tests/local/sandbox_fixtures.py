@@ -108,7 +108,7 @@ class LoopThread:
 class EdgeHarness:
     """Runtime + CA + edge over a tmp state dir, with `routes[fqdn] = Route`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **runtime_options: Any) -> None:
         self.root = root
         self.state = root / "state"
         self.state.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ class EdgeHarness:
         self.drop = False
         self.resolved: list[tuple[str, int]] = []
         self.wakers: dict[str, Any] = {}
-        self.runtime = SandboxRuntime(self.state, self._on_exit)
+        self.runtime = SandboxRuntime(self.state, self._on_exit, **runtime_options)
         self.ca = CertificateAuthority.load_or_create(self.state / "ca", APP_DOMAIN)
 
         async def make_edge() -> Edge:

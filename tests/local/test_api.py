@@ -394,6 +394,29 @@ class TestRestartPolicy:
             assert got["exit_code"] == 3
             assert got["stop_reason"] == 3
 
+    def test_out_of_memory_stops_it_with_the_kernel_bit_and_the_oom_stop_code(
+        self, inproc: InProcessMetro
+    ) -> None:
+        with inproc.client() as c:
+            item = self._running(inproc, c)
+            inproc.crash(item["uuid"], -9, out_of_memory=True)
+            got = poll_state(c, item["name"], "stopped", 5)
+            assert (got["stop_reason"], got["stop_code"]) == (1, 0x000C7F04)
+            assert "exit_code" not in got
+            # a user start clears the stop code with the rest of the stop record
+            c.put(f"/v1/instances/{item['uuid']}/start")
+            got = poll_state(c, item["name"], "running", 5)
+            assert "stop_code" not in got and "stop_reason" not in got
+
+    def test_on_failure_restarts_an_instance_that_ran_out_of_memory(
+        self, inproc: InProcessMetro
+    ) -> None:
+        with inproc.client() as c:
+            item = self._running(inproc, c, restart_policy="on-failure")
+            inproc.crash(item["uuid"], -9, out_of_memory=True)
+            got = poll_state(c, item["name"], "running", 5)
+            assert got["restart_count"] == 1
+
     def test_on_failure_does_not_restart_a_clean_exit(self, inproc: InProcessMetro) -> None:
         with inproc.client() as c:
             item = self._running(inproc, c, restart_policy="on-failure")

@@ -241,6 +241,23 @@ class TestNames:
             apply.communicate(timeout=180)
 
 
+class TestNonRootDaemon:
+    def test_a_sandbox_of_a_non_root_daemon_has_no_capabilities_and_no_user_namespaces(
+        self, tmp_path: Path
+    ) -> None:
+        with NonRootRuntime(tmp_path) as daemon:
+            out = daemon.ssh(
+                "grep -E '^Cap(Prm|Eff|Bnd|Amb)' /proc/self/status; "
+                "unshare -Ur true && echo NESTED; id -u"
+            )
+            caps = dict(line.split(":") for line in out.stdout.splitlines() if ":" in line)
+            assert {k: int(v, 16) for k, v in caps.items()} == {
+                "CapPrm": 0, "CapEff": 0, "CapBnd": 0, "CapAmb": 0
+            }, out.stdout  # fmt: skip
+            assert "NESTED" not in out.stdout
+            assert out.stdout.splitlines()[-1] == str(daemon.uid)
+
+
 class TestLeftovers:
     def test_destroying_a_sandbox_leaves_a_symlinked_host_files_mode_alone(
         self, tmp_path: Path
