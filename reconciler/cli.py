@@ -447,6 +447,8 @@ def local_status() -> None:
         click.echo("local metro: not running")
         sys.exit(3)
     click.echo(f"local metro: running, pid {info.pid}, api {info.api_url}, state {info.state_dir}")
+    if info.sandbox:
+        click.echo(f"sandboxes: {info.sandbox}")
 
 
 @local.command("env")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 from reconciler.errors import UkcError
 from reconciler.local.daemon import default_state_dir, serve
+from reconciler.local.sandbox import DEFAULT_MAX_PIDS
 from reconciler.local.state import DEFAULT_APP_DOMAIN, MetroLimits
 
 __all__ = ["main"]
@@ -26,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=0, help="API port (0 = pick a free one)")
     s.add_argument("--app-domain", default=DEFAULT_APP_DOMAIN)
     s.add_argument("--max-instances", type=int, default=MetroLimits().max_instances)
+    s.add_argument(
+        "--max-pids",
+        type=int,
+        default=int(os.environ.get("UKC_LOCAL_MAX_PIDS") or DEFAULT_MAX_PIDS),
+        help="tasks (processes and threads) one sandbox may have (env UKC_LOCAL_MAX_PIDS)",
+    )
     args = parser.parse_args(argv)
     state_dir: Path = args.state_dir or default_state_dir()
     try:
@@ -35,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 app_domain=args.app_domain,
                 limits=MetroLimits(max_instances=args.max_instances),
+                max_pids=args.max_pids,
             )
         )
     except UkcError as exc:

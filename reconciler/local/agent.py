@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -801,14 +802,49 @@ def _wait_accepting(port: int, sshd: subprocess.Popen[bytes], deadline: float) -
     return False
 
 
+def _load_env(fd: int) -> None:
+    """The instance env (a JSON object on `fd`) becomes this process's environment.
+
+    It comes through a pipe, not bwrap's environment, so nothing on the host side of the
+    sandbox ever runs with it (secret values, or an `LD_PRELOAD` aimed at the host).
+    """
+    with os.fdopen(fd, "rb") as f:
+        env = json.loads(f.read())
+    if not isinstance(env, dict):
+        raise ValueError("the env pipe must carry a JSON object")
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+
+
+def _limit(max_procs: int, max_data: int) -> None:
+    """The rlimit fallback (no usable cgroups): set before anything else of the sandbox runs.
+
+    Soft and hard alike: raising a hard limit needs CAP_SYS_RESOURCE in the host's user
+    namespace, which nothing in the sandbox has. RLIMIT_NPROC counts the processes of the
+    sandbox's user inside this user namespace only.
+    """
+    if max_procs:
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_procs, max_procs))
+    if max_data:
+        # why: thread stacks count as data; the agent's many small threads need little
+        threading.stack_size(1024 * 1024)
+        resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ukc-agent")
     ap.add_argument("--status-fd", type=int, required=True)
     ap.add_argument("--plugin-fd", type=int, required=True)
     ap.add_argument("--relay-fd", type=int, required=True)
+    ap.add_argument("--env-fd", type=int, required=True)
     ap.add_argument("--host-key", required=True)
+    ap.add_argument("--max-procs", type=int, default=0)
+    ap.add_argument("--max-data", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.max_procs or args.max_data:
+        _limit(args.max_procs, args.max_data)
 
+    _load_env(args.env_fd)
     boot_id = str(uuid.uuid4())
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     _write(f"{RUN_DIR}/boot_id", boot_id + "\n", 0o644)

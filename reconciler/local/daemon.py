@@ -61,6 +61,8 @@ class MetroInfo:
     edge_ports: dict[int, int]
     pid: int
     state_dir: Path
+    #: how sandboxes are isolated and limited (one line; empty from an older daemon)
+    sandbox: str = ""
 
     def __repr__(self) -> str:
         # why: the token must never reach a log line through a stray repr()
@@ -160,6 +162,7 @@ def _read_info(state_dir: Path) -> MetroInfo | None:
             edge_ports={int(k): int(v) for k, v in raw["edge_ports"].items()},
             pid=int(raw["pid"]),
             state_dir=state_dir,
+            sandbox=str(raw.get("sandbox", "")),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -286,6 +289,7 @@ async def serve(
     port: int = 0,
     app_domain: str | None = None,
     limits: MetroLimits | None = None,
+    max_pids: int | None = None,
 ) -> None:
     """Run the metro until /_local/shutdown, SIGTERM or SIGINT."""
     # Imported here, not at the top: the controller imports this module on every `ukc` run
@@ -300,7 +304,7 @@ async def serve(
     from reconciler.local.ca import CertificateAuthority
     from reconciler.local.edge import Edge, Route
     from reconciler.local.faults import Faults
-    from reconciler.local.sandbox import SandboxRuntime
+    from reconciler.local.sandbox import DEFAULT_MAX_PIDS, SandboxRuntime
     from reconciler.local.server import create_app
 
     check_prerequisites()
@@ -310,7 +314,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     metro = Metro(state_dir, app_domain=app_domain, limits=limits)
     metro.bind_loop(loop)
-    runtime = SandboxRuntime(state_dir, on_exit=metro.on_exit)
+    runtime = SandboxRuntime(
+        state_dir, on_exit=metro.on_exit, max_pids=max_pids or DEFAULT_MAX_PIDS
+    )
     metro.runtime = runtime
     ca = CertificateAuthority.load_or_create(state_dir, app_domain)
     faults = Faults()
@@ -340,6 +346,7 @@ async def serve(
             "edge_host": EDGE_HOST,
             "edge_ports": {str(k): v for k, v in sorted(edge.ports.items())},
             "started_at": started_at,
+            "sandbox": sandbox_line,
         }
         _write_atomic(state_dir / "metro.json", json.dumps(data, indent=2) + "\n")
 
@@ -352,12 +359,19 @@ async def serve(
 
     metro.on_ports = open_ports
     metro.load()
+    sandbox_line = runtime.describe()
+    print(f"sandboxes: {sandbox_line}", flush=True)
+    # why: a delete whose teardown a stop or a kill cut short left files no record names
+    await runtime.prune(metro.records)
     app = create_app(
         metro,
         faults,
         token,
         shutdown=stop_event.set,
-        status_extra=lambda: {"edge_ports": {str(k): v for k, v in edge.ports.items()}},
+        status_extra=lambda: {
+            "edge_ports": {str(k): v for k, v in edge.ports.items()},
+            "sandbox": sandbox_line,
+        },
     )
     # why: open waits (timeout -1) must not hold a shutdown for aiohttp's default 60 s
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
@@ -379,5 +393,6 @@ async def serve(
         await metro.close()
         await edge.close()
         await runtime.close()
+        await runtime.prune(metro.records)
         with contextlib.suppress(FileNotFoundError):
             (state_dir / "metro.json").unlink()

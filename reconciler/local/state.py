@@ -33,7 +33,9 @@ __all__ = [
     "CODE_TIMED_OUT",
     "DEFAULT_APP_DOMAIN",
     "STATES",
+    "STOP_CODE_OUT_OF_MEMORY",
     "STOP_REASON_APP_EXIT",
+    "STOP_REASON_KERNEL",
     "STOP_REASON_PLATFORM",
     "STOP_REASON_SCALE_TO_ZERO",
     "STOP_REASON_USER",
@@ -63,6 +65,13 @@ STOP_REASON_USER = 15
 STOP_REASON_SCALE_TO_ZERO = 39
 STOP_REASON_APP_EXIT = 3
 STOP_REASON_PLATFORM = 7
+# why: an instance that runs out of memory is stopped by its own (guest) kernel, not by the
+# user, the platform or its app: only the K bit (kernel exited, stop_code valid) is set, the
+# value UKC documents as a kernel crash; exit_code stays unset as the app never exited
+STOP_REASON_KERNEL = 1
+# kernel stop code (ukc-api.md §7.11): reason PGFAULT (4), init level 127 (app running),
+# errno ENOMEM (12) in bits 16-23
+STOP_CODE_OUT_OF_MEMORY = 0x000C7F04
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PLUGIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
@@ -84,7 +93,7 @@ class ItemError(ApiError):
 class Runtime(Protocol):
     """What the metro needs from the sandbox runtime (`local.sandbox.SandboxRuntime`)."""
 
-    async def start(self, uuid: str, *, name: str, env: dict[str, str]) -> str: ...
+    async def start(self, uuid: str, *, env: dict[str, str], memory_mb: int) -> str: ...
 
     async def stop(self, uuid: str) -> None: ...
 
@@ -93,6 +102,8 @@ class Runtime(Protocol):
     async def thaw(self, uuid: str) -> None: ...
 
     async def destroy(self, uuid: str) -> None: ...
+
+    async def prune(self, keep: Iterable[str]) -> list[str]: ...
 
     def is_running(self, uuid: str) -> bool: ...
 
@@ -151,6 +162,7 @@ class InstanceRecord:
     stopped_at: float | None = None
     uptime_ms_total: int = 0
     stop_reason: int | None = None
+    stop_code: int | None = None
     exit_code: int | None = None
     frozen: bool = False
     log: str = ""
@@ -200,6 +212,8 @@ class InstanceRecord:
             out["stop_reason"] = self.stop_reason
         if self.exit_code is not None:
             out["exit_code"] = self.exit_code
+        if self.stop_code is not None:
+            out["stop_code"] = self.stop_code
         if self.scale_to_zero is not None:
             out["scale_to_zero"] = dict(self.scale_to_zero)
         if self.service_group_uuid is not None:
@@ -318,6 +332,7 @@ class Metro:
         self._locks: dict[str, asyncio.Lock] = {}
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._teardowns: set[asyncio.Task[None]] = set()
         self._connections: dict[str, int] = {}
         self._last_activity: dict[str, float] = {}
         self._stopping_by_us: set[str] = set()
@@ -388,8 +403,15 @@ class Metro:
         await self._notify()
 
     async def close(self) -> None:
-        """Persist, cancel transitions and the monitor (the runtime is closed by the daemon)."""
+        """Finish deletes, cancel other transitions and the monitor, persist.
+
+        The runtime is closed by the daemon. A delete already answered must not leave its
+        workspace behind, so its teardown runs to the end.
+        """
         self._closed = True
+        teardowns = [t for t in self._teardowns if not t.done()]
+        if teardowns:
+            await asyncio.wait(teardowns)
         tasks = [t for t in self._tasks if not t.done()]
         for t in [*tasks, self._monitor, self._saver]:
             if t is not None and not t.done():
@@ -668,7 +690,7 @@ class Metro:
                 if thaw:
                     await runtime.thaw(rec.uuid)
                 else:
-                    await runtime.start(rec.uuid, name=rec.name, env=dict(rec.env))
+                    await runtime.start(rec.uuid, env=dict(rec.env), memory_mb=rec.memory_mb)
             except Exception as exc:  # any runtime failure ends this boot as a platform stop
                 self._log(rec, f"boot failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
                 rec.stop_reason = STOP_REASON_PLATFORM
@@ -682,6 +704,7 @@ class Metro:
             if not thaw:
                 rec.start_count += 1
             rec.stop_reason = None
+            rec.stop_code = None
             rec.exit_code = None
             self._set_state(rec, "running")
 
@@ -746,6 +769,7 @@ class Metro:
             finally:
                 self._stopping_by_us.discard(rec.uuid)
             rec.stop_reason = reason
+            rec.stop_code = None
             self._set_state(rec, to_state)
             if to_state == "stopped" and "delete-on-stop" in rec.features:
                 await self._destroy_locked(rec)
@@ -757,7 +781,14 @@ class Metro:
         self._unindex(rec)
         self._mark_dirty()
         await self._notify()
-        return self._spawn(self._destroy_unindexed(rec))
+        return self._spawn_teardown(self._destroy_unindexed(rec))
+
+    def _spawn_teardown(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """A task that removes an instance's sandbox; `close` waits for it, never cancels."""
+        task = self._spawn(coro)
+        self._teardowns.add(task)
+        task.add_done_callback(self._teardowns.discard)
+        return task
 
     async def _destroy_unindexed(self, rec: InstanceRecord) -> None:
         runtime = self._require_runtime()
@@ -777,39 +808,45 @@ class Metro:
 
     # ---------------------------------------------------------------- runtime callbacks
 
-    def on_exit(self, uuid: str, exit_code: int) -> None:
+    def on_exit(self, uuid: str, exit_code: int, out_of_memory: bool = False) -> None:
         """The runtime says a sandbox died on its own (may be called from any thread)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is not None:
-            loop.call_soon(self._handle_exit, uuid, exit_code)
+            loop.call_soon(self._handle_exit, uuid, exit_code, out_of_memory)
         elif self._loop is not None:
-            self._loop.call_soon_threadsafe(self._handle_exit, uuid, exit_code)
+            self._loop.call_soon_threadsafe(self._handle_exit, uuid, exit_code, out_of_memory)
 
     _loop: asyncio.AbstractEventLoop | None = None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def _handle_exit(self, uuid: str, exit_code: int) -> None:
+    def _handle_exit(self, uuid: str, exit_code: int, out_of_memory: bool) -> None:
         rec = self.records.get(uuid)
         if self._closed or rec is None or uuid in self._stopping_by_us:
             return
         if rec.state not in ("running", "starting", "draining"):
             return
-        self._log(rec, f"sandbox exited with code {exit_code}")
-        rec.exit_code = exit_code
-        rec.stop_reason = STOP_REASON_APP_EXIT
+        if out_of_memory:
+            self._log(rec, f"out of memory: more than memory_mb {rec.memory_mb} in use")
+            rec.exit_code = None
+            rec.stop_reason = STOP_REASON_KERNEL
+            rec.stop_code = STOP_CODE_OUT_OF_MEMORY
+        else:
+            self._log(rec, f"sandbox exited with code {exit_code}")
+            rec.exit_code = exit_code
+            rec.stop_reason = STOP_REASON_APP_EXIT
+            rec.stop_code = None
         healthy_for = time.time() - (rec.started_at or time.time())
         self._set_state(rec, "stopped")
         if "delete-on-stop" in rec.features:
-            self._spawn(self._destroy_locked(rec))
+            self._spawn_teardown(self._destroy_locked(rec))
             return
-        if rec.restart_policy == "always" or (
-            rec.restart_policy == "on-failure" and exit_code != 0
-        ):
+        failed = out_of_memory or exit_code != 0
+        if rec.restart_policy == "always" or (rec.restart_policy == "on-failure" and failed):
             if healthy_for >= _HEALTHY_RESET_S:
                 self._restart_attempt.pop(uuid, None)
             attempt = self._restart_attempt.get(uuid, 0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid as uuidlib
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,16 +65,16 @@ class FakeRuntime:
         self.frozen: set[str] = set()
         self.starts: list[str] = []
         self.destroyed: list[str] = []
-        self.on_exit: Callable[[str, int], None] = lambda u, c: None
+        self.on_exit: Callable[[str, int, bool], None] = lambda u, c, m: None
         self.fail_next_start = False
 
-    async def start(self, uuid: str, *, name: str, env: dict[str, str]) -> str:
+    async def start(self, uuid: str, *, env: dict[str, str], memory_mb: int) -> str:
         await asyncio.sleep(self.boot_delay_s)
         if self.fail_next_start:
             self.fail_next_start = False
             from reconciler.errors import LocalMetroError
 
-            raise LocalMetroError(f"sandbox {name} did not boot")
+            raise LocalMetroError(f"sandbox {uuid} did not boot")
         self.running.add(uuid)
         self.starts.append(uuid)
         return uuidlib.uuid4().hex
@@ -93,6 +93,9 @@ class FakeRuntime:
         await self.stop(uuid)
         self.destroyed.append(uuid)
 
+    async def prune(self, keep: Iterable[str]) -> list[str]:
+        return []
+
     def is_running(self, uuid: str) -> bool:
         return uuid in self.running
 
@@ -105,9 +108,9 @@ class FakeRuntime:
     async def close(self) -> None:
         self.running.clear()
 
-    def crash(self, uuid: str, code: int) -> None:
+    def crash(self, uuid: str, code: int, out_of_memory: bool = False) -> None:
         self.running.discard(uuid)
-        self.on_exit(uuid, code)
+        self.on_exit(uuid, code, out_of_memory)
 
 
 class InProcessMetro:
@@ -152,8 +155,8 @@ class InProcessMetro:
             base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30.0
         )
 
-    def crash(self, uuid: str, code: int) -> None:
-        self.loop.call_soon_threadsafe(self.runtime.crash, uuid, code)
+    def crash(self, uuid: str, code: int, out_of_memory: bool = False) -> None:
+        self.loop.call_soon_threadsafe(self.runtime.crash, uuid, code, out_of_memory)
 
     def close(self) -> None:
         async def shutdown() -> None:

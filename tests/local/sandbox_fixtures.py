@@ -108,21 +108,21 @@ class LoopThread:
 class EdgeHarness:
     """Runtime + CA + edge over a tmp state dir, with `routes[fqdn] = Route`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **runtime_options: Any) -> None:
         self.root = root
         self.state = root / "state"
         self.state.mkdir(parents=True, exist_ok=True)
         self.key = make_key(root)
         self.pubkey = (root / "id_ed25519.pub").read_text().strip()
         self.lt = LoopThread()
-        self.exits: list[tuple[str, int]] = []
+        self.exits: list[tuple[str, int, bool]] = []
         self.exit_event = threading.Event()
         self.activity: list[tuple[str, int]] = []
         self.routes: dict[tuple[str, int], Route] = {}
         self.drop = False
         self.resolved: list[tuple[str, int]] = []
         self.wakers: dict[str, Any] = {}
-        self.runtime = SandboxRuntime(self.state, self._on_exit)
+        self.runtime = SandboxRuntime(self.state, self._on_exit, **runtime_options)
         self.ca = CertificateAuthority.load_or_create(self.state / "ca", APP_DOMAIN)
 
         async def make_edge() -> Edge:
@@ -138,8 +138,8 @@ class EdgeHarness:
         self.p2222 = self.lt.run(self.edge.open_port(2222))
         self.p443 = self.lt.run(self.edge.open_port(443))
 
-    def _on_exit(self, uuid: str, code: int) -> None:
-        self.exits.append((uuid, code))
+    def _on_exit(self, uuid: str, code: int, out_of_memory: bool) -> None:
+        self.exits.append((uuid, code, out_of_memory))
         self.exit_event.set()
 
     async def _resolve(self, sni: str, port: int) -> Route | None:
@@ -155,10 +155,12 @@ class EdgeHarness:
     def fqdn(name: str) -> str:
         return f"{name}.{APP_DOMAIN}"
 
-    def start(self, uuid: str, name: str, env: dict[str, str] | None = None) -> str:
+    def start(
+        self, uuid: str, name: str, env: dict[str, str] | None = None, memory_mb: int = 128
+    ) -> str:
         """Boot a sandbox and route `<name>.local.ukc.localhost` 2222→2222, 443→8080 to it."""
         full_env = {"PUBKEY": self.pubkey, **(env or {})}
-        boot = self.lt.run(self.runtime.start(uuid, name=name, env=full_env))
+        boot = self.lt.run(self.runtime.start(uuid, env=full_env, memory_mb=memory_mb))
         self.routes[(self.fqdn(name), 2222)] = Route(uuid, 2222)
         self.routes[(self.fqdn(name), 443)] = Route(uuid, 8080)
         return boot

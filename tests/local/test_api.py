@@ -394,6 +394,29 @@ class TestRestartPolicy:
             assert got["exit_code"] == 3
             assert got["stop_reason"] == 3
 
+    def test_out_of_memory_stops_it_with_the_kernel_bit_and_the_oom_stop_code(
+        self, inproc: InProcessMetro
+    ) -> None:
+        with inproc.client() as c:
+            item = self._running(inproc, c)
+            inproc.crash(item["uuid"], -9, out_of_memory=True)
+            got = poll_state(c, item["name"], "stopped", 5)
+            assert (got["stop_reason"], got["stop_code"]) == (1, 0x000C7F04)
+            assert "exit_code" not in got
+            # a user start clears the stop code with the rest of the stop record
+            c.put(f"/v1/instances/{item['uuid']}/start")
+            got = poll_state(c, item["name"], "running", 5)
+            assert "stop_code" not in got and "stop_reason" not in got
+
+    def test_on_failure_restarts_an_instance_that_ran_out_of_memory(
+        self, inproc: InProcessMetro
+    ) -> None:
+        with inproc.client() as c:
+            item = self._running(inproc, c, restart_policy="on-failure")
+            inproc.crash(item["uuid"], -9, out_of_memory=True)
+            got = poll_state(c, item["name"], "running", 5)
+            assert got["restart_count"] == 1
+
     def test_on_failure_does_not_restart_a_clean_exit(self, inproc: InProcessMetro) -> None:
         with inproc.client() as c:
             item = self._running(inproc, c, restart_policy="on-failure")
@@ -668,33 +691,24 @@ class TestEdgeRouting:
             assert inproc.call(metro.route_for(fqdn, 2222, 0.5)) is None
 
 
-def bwrap_pids(uuid: str) -> list[int]:
-    """Host pids of the bwrap process(es) whose command line binds this instance's workspace."""
-    from pathlib import Path
+def bwrap_pids(daemon: Any, uuid: str) -> list[int]:
+    """Host pids of the bwrap processes (monitor and pid 1) of this instance's sandbox."""
+    from tests.support.sandboxes import cmdline, sandbox_pids
 
-    needle = f"workspaces/{uuid}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in cmd and cmd.split(b"\0", 1)[0].endswith(b"bwrap"):
-                pids.append(int(entry.name))
-    return pids
+    workspace = daemon.state_dir / "workspaces" / uuid
+    return [p for p in sandbox_pids(workspace) if cmdline(p)[:1] == ["/usr/bin/bwrap"]]
 
 
 class TestRealSandboxExit:
     def test_a_killed_sandbox_is_restarted_under_restart_policy_always(
-        self, api: httpx.Client
+        self, api: httpx.Client, daemon: Any
     ) -> None:
         import os
         import signal
 
         item = create(api, autostart=True, timeout_s=30, restart_policy="always")
         try:
-            pids = bwrap_pids(item["uuid"])
+            pids = bwrap_pids(daemon, item["uuid"])
             assert pids
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
@@ -712,14 +726,14 @@ class TestRealSandboxExit:
             delete(api, item["name"])
 
     def test_a_killed_sandbox_stays_stopped_under_restart_policy_never(
-        self, api: httpx.Client
+        self, api: httpx.Client, daemon: Any
     ) -> None:
         import os
         import signal
 
         item = create(api, autostart=True, timeout_s=30)
         try:
-            for pid in bwrap_pids(item["uuid"]):
+            for pid in bwrap_pids(daemon, item["uuid"]):
                 os.kill(pid, signal.SIGKILL)
             got = poll_state(api, item["name"], "stopped", 10)
             assert got["state"] == "stopped"

@@ -46,7 +46,8 @@ class TestSsh:
     ) -> None:
         out = harness.ssh("alpha", "id -u; whoami; pwd; hostname")
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["0", "root", "/root", "alpha"]
+        # the hostname is the instance uuid: nothing host-visible carries its name
+        assert out.stdout.split() == ["0", "root", "/root", ALPHA]
 
     def test_rsync_delete_into_workspace_mirrors_the_source_tree(
         self, harness: EdgeHarness, tmp_path: Path
@@ -147,12 +148,12 @@ class TestRouting:
         harness.lt.run(harness.runtime.stop(uuid))
 
         async def wake() -> None:
-            await harness.runtime.start(uuid, name="sleepy", env={"PUBKEY": harness.pubkey})
+            await harness.runtime.start(uuid, env={"PUBKEY": harness.pubkey})
 
         harness.wakers[uuid] = wake
         try:
             code, body = harness.curl("sleepy", "/exec", "-d", json.dumps({"cmd": "hostname"}))
-            assert (code, json.loads(body)["stdout"]) == (200, "sleepy\n")
+            assert (code, json.loads(body)["stdout"]) == (200, uuid + "\n")
         finally:
             harness.lt.run(harness.runtime.destroy(uuid))
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from reconciler.errors import LocalMetroError
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
 from tests.local.conftest import unique
+from tests.support.sandboxes import sandbox_pids as processes_of
 
 
 @pytest.fixture
@@ -38,19 +41,11 @@ def client(info: MetroInfo) -> httpx.Client:
 
 
 def sandbox_pids(state_dir: Path) -> list[int]:
-    """Processes whose command line mentions this state dir, other than the daemon."""
-    out = []
-    needle = str(state_dir.resolve()).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmd and b"reconciler.local" not in cmd:
-            out.append(int(entry.name))
-    return out
+    """Host processes of every sandbox of this state dir (nothing names it on a command line)."""
+    workspaces = state_dir / "workspaces"
+    if not workspaces.is_dir():
+        return []
+    return sorted({p for ws in workspaces.iterdir() for p in processes_of(ws)})
 
 
 class TestStartAndFind:
@@ -179,6 +174,40 @@ class TestStopAndPersistence:
             c.put("/v1/instances/start", json=[{"name": sleeper}])
             assert _wait_state(c, sleeper, "running")["state"] == "running"
         assert (state_dir / "workspaces" / uid / "kept.txt").read_text() == "still here"
+
+
+class TestLeftovers:
+    def test_files_of_an_instance_no_record_names_are_removed_when_the_metro_starts(
+        self, state_dir: Path
+    ) -> None:
+        # what a delete whose teardown was cut short by a killed daemon leaves behind
+        orphan = "0b7d1f3e-5c1a-4e8e-9a53-2f1c0d9e8b7a"
+        for sub in ("workspaces", "sandboxes"):
+            (state_dir / sub / orphan).mkdir(parents=True)
+            (state_dir / sub / orphan / "left.txt").write_text("orphaned")
+        info = metro_daemon.ensure_running(state_dir)
+        with client(info) as c:
+            r = c.post("/v1/instances", json={"name": unique(), "image": "x", "autostart": True,
+                                              "timeout_s": 30})  # fmt: skip
+            kept = r.json()["data"]["instances"][0]["uuid"]
+        assert not (state_dir / "workspaces" / orphan).exists()
+        assert not (state_dir / "sandboxes" / orphan).exists()
+        assert metro_daemon.stop(state_dir)
+        assert (state_dir / "workspaces" / kept).is_dir()  # a stopped instance keeps its files
+
+    def test_local_status_says_how_sandboxes_are_isolated_and_limited(
+        self, state_dir: Path
+    ) -> None:
+        metro_daemon.ensure_running(state_dir)
+        env = {**os.environ, "UKC_LOCAL_STATE_DIR": str(state_dir)}
+        out = subprocess.run(
+            [sys.executable, "-m", "reconciler", "local", "status"],
+            capture_output=True, text=True, env=env, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        line = next(ln for ln in out.splitlines() if ln.startswith("sandboxes: "))
+        assert "user namespace" in line
+        assert any(m in line for m in ("cgroup v2", "cgroup v1", "rlimit"))
+        assert "at most 512 tasks" in line
 
 
 class TestSignals:

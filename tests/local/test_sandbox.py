@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import LocalMetroError
+from reconciler.local.limits import Limiter
 from reconciler.local.sandbox import SandboxRuntime
 from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools, ssh_argv
 
@@ -95,21 +96,21 @@ class TestBoot:
         assert b"Server listening on 127.0.0.1 port 2222" in harness.runtime.console(ONE)
 
     def test_a_missing_bwrap_names_the_debian_package(self, tmp_path: Path) -> None:
-        rt = SandboxRuntime(tmp_path, lambda u, c: None, bwrap=str(tmp_path / "no-bwrap"))
+        rt = SandboxRuntime(tmp_path, lambda u, c, m: None, bwrap=str(tmp_path / "no-bwrap"))
         with pytest.raises(
             LocalMetroError, match=r"^bwrap not found: apt-get install -y bubblewrap$"
         ):
-            asyncio.run(rt.start("x-uuid", name="x", env={}))
+            asyncio.run(rt.start("x-uuid", env={}))
 
     def test_a_missing_sshd_names_the_debian_package(self, tmp_path: Path) -> None:
-        rt = SandboxRuntime(tmp_path, lambda u, c: None, sshd=str(tmp_path / "no-sshd"))
+        rt = SandboxRuntime(tmp_path, lambda u, c, m: None, sshd=str(tmp_path / "no-sshd"))
         with pytest.raises(
             LocalMetroError, match=r"^sshd not found: apt-get install -y openssh-server$"
         ):
-            asyncio.run(rt.start("x-uuid", name="x", env={}))
+            asyncio.run(rt.start("x-uuid", env={}))
 
     def test_a_path_like_uuid_is_refused(self, tmp_path: Path) -> None:
-        rt = SandboxRuntime(tmp_path, lambda u, c: None)
+        rt = SandboxRuntime(tmp_path, lambda u, c, m: None)
         with pytest.raises(LocalMetroError, match="not a valid instance uuid"):
             rt.workspace("../escape")
 
@@ -217,6 +218,59 @@ class TestLifecycle:
         assert not h.exits  # a deliberate close is not a crash
 
 
+class TestHostIds:
+    def test_a_workspace_written_by_host_root_becomes_the_sandboxs_own(
+        self, harness: EdgeHarness
+    ) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("only a root daemon gives sandboxes their own host ids")
+        uuid = "sbx-legacy-uuid"
+        ws = harness.runtime.workspace(uuid)
+        (ws / "sub").mkdir(parents=True)
+        (ws / "sub" / "old.txt").write_text("from an older daemon\n")
+        os.symlink("/etc/hostname", ws / "sub" / "link")
+        harness.start(uuid, "legacy")
+        try:
+            out = harness.ssh("legacy", "echo appended >> /workspace/sub/old.txt && echo ok")
+            assert out.stdout == "ok\n", out.stderr
+            base = ws.stat().st_uid
+            assert base >= 0x70000000
+            assert {(ws / "sub" / "old.txt").stat().st_uid, (ws / "sub").stat().st_uid} == {base}
+            assert (ws / "sub" / "link").lstat().st_uid == base
+            assert Path("/etc/hostname").stat().st_uid == 0  # the link was not followed
+        finally:
+            harness.lt.run(harness.runtime.destroy(uuid))
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeHarness]:
+    """A sandbox of a runtime that has no cgroups to use."""
+    h = EdgeHarness(tmp_path_factory.mktemp("rlimit"), limiter=Limiter("rlimit"), max_pids=64)
+    h.start("sbx-rlimit-uuid", "bare", memory_mb=64)
+    yield h
+    h.close()
+
+
+class TestRlimitFallback:
+    """Where no cgroup can be used, the agent limits tasks and data size with rlimits."""
+
+    def test_the_task_limit_refuses_forks_beyond_it(self, bare: EdgeHarness) -> None:
+        bomb = (
+            "import os\nn = 0\ntry:\n    while n < 500:\n"
+            "        if os.fork() == 0:\n            os.execv('/bin/sleep', ['sleep', '5'])\n"
+            "        n += 1\nexcept OSError:\n    print('refused', n)\n"
+        )
+        out = bare.ssh("bare", f"grep 'Max processes' /proc/self/limits; python3 -c \"{bomb}\"")
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[2:4] == ["64", "64"], out.stderr
+        assert lines[1].split()[0] == "refused" and int(lines[1].split()[1]) < 64
+
+    def test_the_memory_limit_is_a_per_process_data_limit(self, bare: EdgeHarness) -> None:
+        out = bare.ssh("bare", "python3 -c 'bytearray(200 << 20)' 2>&1 | tail -1; echo alive")
+        assert out.stdout.splitlines() == ["MemoryError", "alive"]
+        assert bare.runtime.is_running("sbx-rlimit-uuid")
+
+
 class TestKilledDaemon:
     SCRIPT = """
 import asyncio, sys
@@ -224,8 +278,8 @@ from pathlib import Path
 from reconciler.local.sandbox import SandboxRuntime
 
 async def main() -> None:
-    rt = SandboxRuntime(Path(sys.argv[1]), lambda u, c: None)
-    await rt.start("orphan-uuid", name="orphan", env={})
+    rt = SandboxRuntime(Path(sys.argv[1]), lambda u, c, m: None)
+    await rt.start("orphan-uuid", env={})
     print(" ".join(map(str, rt.pids("orphan-uuid"))), flush=True)
     await asyncio.sleep(3600)
 
@@ -284,14 +338,14 @@ from reconciler.local.sandbox import SandboxRuntime
 
 async def main() -> None:
     root = Path(sys.argv[1])
-    rt = SandboxRuntime(root / "state", lambda u, c: None)
+    rt = SandboxRuntime(root / "state", lambda u, c, m: None)
     ca = CertificateAuthority.load_or_create(root / "state" / "ca", "local.ukc.localhost")
     async def resolve(sni: str, port: int) -> Route | None:
         return Route("nr-uuid", 2222)
     edge = Edge(ca=ca, runtime=rt, resolve=resolve, on_activity=lambda u, d: None,
                 should_drop=lambda: False)
     port = await edge.open_port(2222)
-    await rt.start("nr-uuid", name="nonroot", env={"PUBKEY": sys.argv[2]})
+    await rt.start("nr-uuid", env={"PUBKEY": sys.argv[2]})
     print(port, ca.cert_path, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await edge.close()
