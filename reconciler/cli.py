@@ -139,6 +139,7 @@ def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     if plan.prunes:
         lines.append("prune:")
         lines.extend(f"  - {p.describe()}" for p in plan.prunes)
+    lines.extend(f"warning: {w}" for w in plan.warnings)
     creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
     runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
     files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
@@ -167,6 +168,7 @@ def _plan_json(plan: actions.Plan) -> dict[str, Any]:
             for s in plan.sessions
         },
         "prunes": [act(p) for p in plan.prunes],
+        "warnings": list(plan.warnings),
     }
 
 
@@ -282,6 +284,8 @@ def apply(
         click.echo(json.dumps({"ok": ok, "api_requests": requests, "groups": summary}, indent=2))
     else:
         for item in summary.values():
+            for warning in item["plan"]["warnings"]:
+                click.echo(f"warning: {warning}", err=True)
             for name, why in item["failed"].items():
                 click.echo(f"[{name}] FAILED: {why}", err=True)
             click.echo(f"status: {item['status']}")

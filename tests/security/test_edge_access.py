@@ -1,0 +1,280 @@
+"""Another local user against someone's local metro: the edge, the API, the state dir, sockets.
+
+The attacker is `nobody` on the same host (`tests.support.users`). It learns what any local
+user can: instance names from the world-readable bwrap command lines, listening ports from
+`/proc/net/tcp`, socket paths from `/proc/net/unix`. The victim (root, the metro's owner) runs
+`ukc apply` with a `secret_env` canary and a canary in `/workspace/.env`, and a command that
+keeps running while the attacker tries, so a process environment would be there to read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from reconciler.local.daemon import MetroInfo
+from tests.support.canary import Canaries, assert_nowhere
+from tests.support.ukc import Ukc
+from tests.support.users import OTHER_USER, need_other_user, run_as_other_user
+
+pytestmark = pytest.mark.metro
+
+#: the attacker's own program, run as `nobody` by the system python (stdlib only)
+ATTACK_EXEC = r"""
+import concurrent.futures, json, os, subprocess, sys
+
+domain, cmd = sys.argv[1], sys.argv[2]
+names = set()
+for pid in os.listdir("/proc"):
+    if not pid.isdigit():
+        continue
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        continue
+    if argv[0].endswith(b"bwrap") and b"--hostname" in argv:
+        names.add(argv[argv.index(b"--hostname") + 1].decode())
+ports = []
+for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    f = line.split()
+    ip, port = f[1].split(":")
+    if f[3] == "0A" and ip == "0100007F":
+        ports.append(int(port, 16))
+wanted = sys.argv[3]
+
+
+def attempt(port):
+    host = f"{wanted}.{domain}"
+    p = subprocess.run(
+        ["curl", "-sk", "--connect-timeout", "5", "--max-time", "15",
+         "--resolve", f"{host}:{port}:127.0.0.1", "-d", json.dumps({"cmd": cmd}),
+         "-w", "\nHTTP %{http_code}", f"https://{host}:{port}/exec"],
+        capture_output=True, text=True,
+    )
+    return {"port": port, "out": p.stdout, "err": p.stderr}
+
+
+with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    results = list(pool.map(attempt, ports))
+print(json.dumps({"names": sorted(names), "ports": ports, "results": results}))
+"""
+
+#: what the attacker runs inside once in: who am I, the secrets, a planted output, all envs
+EVIL = (
+    "id; cat /workspace/.env; mkdir -p /workspace/out; echo pwned > /workspace/out/evil.txt; "
+    "for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; done"
+)
+
+#: the victim's command: runs until the test releases it (or 120 s pass)
+HOLD = (
+    "i=0; while [ ! -e /workspace/release ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); "
+    "done; mkdir -p out; echo done > out/done.txt"
+)
+
+
+@dataclass
+class Victim:
+    ukc: Ukc
+    proc: subprocess.Popen[str]
+    lines: list[str]
+    instance: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.instance["name"])
+
+    @property
+    def fqdn(self) -> str:
+        return str(self.instance["service_group"]["domains"][0]["fqdn"])
+
+    def release(self) -> str:
+        """Let the held command finish; the apply's whole output."""
+        (self.ukc.workspace(self.instance["uuid"]) / "release").touch()
+        self.proc.wait(timeout=180)
+        return "".join(self.lines)
+
+
+def _spec(exec_mode: str) -> str:
+    return f"""\
+    name: victim
+    directory: ./work
+    exec: {exec_mode}
+    commands:
+      - name: hold
+        run: {json.dumps(HOLD)}
+        timeout: 3m
+    sync:
+      back: ["out/"]
+    secret_env: {{API_KEY: VICTIM_API_KEY}}
+    """
+
+
+@pytest.fixture
+def victim(ukc: Ukc, canaries: Canaries, request: pytest.FixtureRequest) -> Iterator[Victim]:
+    """`ukc apply` of a session whose command is running (held) while the test attacks."""
+    need_other_user()
+    exec_mode = getattr(request, "param", "ssh")
+    work = ukc.project / "work"
+    work.mkdir()
+    (work / ".env").write_text(f"DB_PASSWORD={canaries.secret}\n")
+    ukc.write_spec(_spec(exec_mode))
+    ukc.extra_env["VICTIM_API_KEY"] = canaries.secret
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "apply", "."],
+        cwd=ukc.project,
+        env=ukc.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    running = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "run command 'hold'" in line:
+                running.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert running.wait(120), "".join(lines)
+        (inst,) = [i for i in ukc.instances() if i["name"].endswith("-victim")]
+        yield Victim(ukc, proc, lines, inst)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _attack_exec(metro: MetroInfo, victim: Victim) -> dict[str, Any]:
+    out = run_as_other_user(
+        ["/usr/bin/python3", "-c", ATTACK_EXEC, metro.app_domain, EVIL, victim.name], timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    data: dict[str, Any] = json.loads(out.stdout)
+    # the attacker did find what it needs: the instance's name and the metro's edge ports
+    assert victim.name in data["names"]
+    assert {metro.edge_ports[2222], metro.edge_ports[443]} <= set(data["ports"])
+    return data
+
+
+def _assert_no_exec(data: dict[str, Any], canaries: Canaries) -> None:
+    texts = [r["out"] + r["err"] for r in data["results"]]
+    assert not [t for t in texts if "uid=" in t], texts
+    assert_nowhere(canaries, texts=texts)
+
+
+def _assert_nothing_planted(victim: Victim) -> None:
+    output = victim.release()
+    assert victim.proc.returncode == 0, output
+    assert (victim.ukc.project / "work" / "out" / "done.txt").exists()
+    assert not (victim.ukc.project / "work" / "out" / "evil.txt").exists()
+    assert not (victim.ukc.workspace(victim.instance["uuid"]) / "out" / "evil.txt").exists()
+
+
+def _edge_result(data: dict[str, Any], port: int) -> str:
+    (found,) = [r for r in data["results"] if r["port"] == port]
+    return str(found["out"])
+
+
+# ------------------------------------------------------------------ the edge
+
+
+def test_another_user_cannot_run_commands_in_an_ssh_sessions_sandbox(
+    metro: MetroInfo, victim: Victim, canaries: Canaries
+) -> None:
+    data = _attack_exec(metro, victim)
+    _assert_no_exec(data, canaries)
+    # refused by the edge before routing (and behind it, the instance has no 443 service)
+    assert "HTTP 403" in _edge_result(data, metro.edge_ports[443])
+    _assert_nothing_planted(victim)
+
+
+@pytest.mark.parametrize("victim", ["http"], indirect=True)
+def test_another_user_cannot_use_the_exec_api_of_an_http_session(
+    metro: MetroInfo, victim: Victim, canaries: Canaries
+) -> None:
+    data = _attack_exec(metro, victim)
+    _assert_no_exec(data, canaries)
+    answer = _edge_result(data, metro.edge_ports[443])
+    assert "HTTP 403" in answer
+    assert "serves only its owner" in answer
+    _assert_nothing_planted(victim)
+
+
+def test_an_ssh_sessions_instance_publishes_no_port_443(
+    ukc: Ukc, metro: MetroInfo, canaries: Canaries
+) -> None:
+    (ukc.project / "work").mkdir()
+    ukc.write_spec('name: plain\ndirectory: ./work\ncommands: ["true"]\n')
+    ukc.run("apply", ".", check=0)
+    (inst,) = [i for i in ukc.instances() if i["name"].endswith("-plain")]
+    services = inst["service_group"]["services"]
+    assert [(s["port"], s["destination_port"], s["handlers"]) for s in services] == [
+        (2222, 2222, ["tls"])
+    ]
+    assert "ukc.exec=ssh" in inst["tags"]
+
+
+def _s_client(port: int, fqdn: str, *extra: str) -> list[str]:
+    # stdin stays open 3 s: long enough for a banner, then s_client sees EOF and quits
+    return [
+        "sh", "-c",
+        f"sleep 3 | timeout 20 openssl s_client -quiet -connect 127.0.0.1:{port} "
+        f"-servername {fqdn} {' '.join(extra)} 2>&1",
+    ]  # fmt: skip
+
+
+def test_another_user_gets_no_ssh_banner_from_the_2222_edge_port(
+    metro: MetroInfo, victim: Victim
+) -> None:
+    attacker = run_as_other_user(_s_client(metro.edge_ports[2222], victim.fqdn))
+    assert "SSH-2.0" not in attacker.stdout
+    # the owner's own openssl s_client (the original workflow's ProxyCommand) still gets in
+    owner = subprocess.run(
+        _s_client(metro.edge_ports[2222], victim.fqdn, "-CAfile", str(metro.ca_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "SSH-2.0-OpenSSH" in owner.stdout
+    victim.release()
+
+
+@pytest.mark.parametrize("victim", ["http"], indirect=True)
+def test_the_owners_curl_still_reaches_an_http_sessions_exec_api(
+    metro: MetroInfo, victim: Victim
+) -> None:
+    out = subprocess.run(
+        ["curl", "-sS", "--cacert", str(metro.ca_path),
+         "--resolve", f"{victim.fqdn}:{metro.edge_ports[443]}:127.0.0.1",
+         "-d", json.dumps({"cmd": "id -u"}), f"https://{victim.fqdn}:{metro.edge_ports[443]}/exec"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(out.stdout) == {"stdout": "0\n", "stderr": "", "code": 0}, out.stderr
+    assert victim.release()
+    assert victim.proc.returncode == 0
+
+
+def test_a_refused_user_is_named_in_the_daemon_log(metro: MetroInfo, victim: Victim) -> None:
+    run_as_other_user(_s_client(metro.edge_ports[2222], victim.fqdn))
+    user = need_other_user()
+    # one line per user a minute: the line may be an earlier test's refusal of the same user
+    expected = f"from uid {user.pw_uid} ({OTHER_USER}): this local metro serves only its owner"
+    log = metro.state_dir / "daemon.log"
+    deadline = time.monotonic() + 10
+    while expected not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert expected in log.read_text()
+    victim.release()
