@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -278,3 +279,140 @@ def test_a_refused_user_is_named_in_the_daemon_log(metro: MetroInfo, victim: Vic
         time.sleep(0.1)
     assert expected in log.read_text()
     victim.release()
+
+
+# ------------------------------------------------------------------ the other doors
+
+#: the attacker tries every local listener as the platform API, without a token
+ATTACK_API = r"""
+import json, urllib.error, urllib.request
+ports = []
+for line in open("/proc/net/tcp").read().splitlines()[1:]:
+    f = line.split()
+    ip, port = f[1].split(":")
+    if f[3] == "0A" and ip == "0100007F":
+        ports.append(int(port, 16))
+answers = {}
+for port in ports:
+    for path in ("/v1/instances", "/_local/status"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+                answers[f"{port}{path}"] = [r.status, r.read(4096).decode("latin-1")]
+        except urllib.error.HTTPError as e:
+            answers[f"{port}{path}"] = [e.code, e.read(4096).decode("latin-1")]
+        except Exception as e:
+            answers[f"{port}{path}"] = [0, type(e).__name__]
+print(json.dumps(answers))
+"""
+
+
+def test_the_platform_api_answers_401_to_another_user_and_its_token_is_unreadable(
+    metro: MetroInfo, victim: Victim, canaries: Canaries
+) -> None:
+    out = run_as_other_user(["/usr/bin/python3", "-c", ATTACK_API], timeout=180)
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    api_port = metro.api_url.rsplit(":", 1)[1]
+    for path in ("/v1/instances", "/_local/status"):
+        status, body = answers[f"{api_port}{path}"]
+        assert status == 401, body
+        assert victim.name not in body
+    token = run_as_other_user(["cat", str(metro.state_dir / "token")])
+    assert token.returncode != 0
+    assert metro.token not in token.stdout + token.stderr
+    assert_nowhere(canaries, texts=[out.stdout, token.stdout])
+    _assert_nothing_planted(victim)
+
+
+FIND_WORKSPACES = r"""
+import os
+for pid in os.listdir("/proc"):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        continue
+    for i, arg in enumerate(argv[:-2]):
+        if arg == b"--bind" and argv[i + 2] == b"/workspace":
+            print(argv[i + 1].decode())
+"""
+
+
+def test_another_user_cannot_read_the_metro_state_dir_or_a_workspace(
+    metro: MetroInfo, victim: Victim, canaries: Canaries
+) -> None:
+    # the workspace's host path is on the sandbox's world-readable bwrap command line
+    found = run_as_other_user(["/usr/bin/python3", "-c", FIND_WORKSPACES])
+    ws = victim.ukc.workspace(victim.instance["uuid"])
+    assert str(ws) in found.stdout.splitlines(), found
+    sd = metro.state_dir
+    targets = [
+        ws / ".env", sd / "metro.json", sd / "token", sd / "ca.key", sd / "edge.key",
+        sd / "daemon.log", sd / "instances.json",
+    ]  # fmt: skip
+    for target in targets:
+        got = run_as_other_user(["cat", str(target)])
+        assert got.returncode != 0, f"{OTHER_USER} read {target}"
+        assert_nowhere(canaries, texts=[got.stdout])
+    for directory in (sd, sd / "workspaces", ws):
+        listing = run_as_other_user(["ls", "-a", str(directory)])
+        assert listing.returncode != 0, f"{OTHER_USER} listed {directory}: {listing.stdout}"
+    # nor can it plant anything the owner's next sync-back would bring home
+    plant = run_as_other_user(["sh", "-c", f"echo pwned > {ws}/out-evil.txt"])
+    assert plant.returncode != 0
+    _assert_nothing_planted(victim)
+
+
+#: the attacker finds the sandboxes' unix sockets in /proc/net/unix and asks the relay for 8080
+ATTACK_SOCKETS = r"""
+import json, socket, sys
+uuid = sys.argv[1]
+paths = sorted({l.split()[-1] for l in open("/proc/net/unix").read().splitlines()[1:]
+                if len(l.split()) >= 8 and uuid in l.split()[-1]})
+tried = {}
+for path in paths:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        if path.endswith("relay.sock"):
+            s.sendall(b"8080\n")
+            s.recv(16)
+            s.sendall(b'POST /exec HTTP/1.0\r\nContent-Length: 13\r\n\r\n{"cmd":"id"}\n')
+        else:
+            s.sendall(b"GET /commands HTTP/1.0\r\n\r\n")
+        tried[path] = "connected: " + s.recv(4096).decode("latin-1")
+    except OSError as e:
+        tried[path] = f"refused: {e.strerror}"
+    finally:
+        s.close()
+print(json.dumps(tried))
+"""
+
+
+def test_another_user_cannot_connect_to_a_sandboxs_relay_or_plugin_socket(
+    victim: Victim, canaries: Canaries
+) -> None:
+    out = run_as_other_user(
+        ["/usr/bin/python3", "-c", ATTACK_SOCKETS, victim.instance["uuid"]], timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    tried = json.loads(out.stdout)
+    assert {Path(p).name for p in tried} >= {"relay.sock", "plugin.sock"}, tried
+    assert all(v.startswith("refused") for v in tried.values()), tried
+    assert "uid=" not in out.stdout
+    assert_nowhere(canaries, texts=[out.stdout])
+    _assert_nothing_planted(victim)
+
+
+def test_ukc_local_env_run_by_another_user_on_the_owners_state_dir_reveals_nothing(
+    metro: MetroInfo,
+) -> None:
+    need_other_user()
+    out = run_as_other_user(
+        [sys.executable, "-m", "reconciler", "local", "env", "--json"],
+        env={"UKC_LOCAL_STATE_DIR": str(metro.state_dir), "UKC_WARM": "0"},
+    )
+    assert out.returncode != 0
+    assert metro.token not in out.stdout + out.stderr
+    assert str(metro.edge_ports[2222]) not in out.stdout
+    assert f"belongs to uid {metro.state_dir.stat().st_uid}, not to you" in out.stderr
