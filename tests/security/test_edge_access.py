@@ -357,7 +357,7 @@ def test_another_user_cannot_read_the_metro_state_dir_or_a_workspace(
         listing = run_as_other_user(["ls", "-a", str(directory)])
         assert listing.returncode != 0, f"{OTHER_USER} listed {directory}: {listing.stdout}"
     # nor can it plant anything the owner's next sync-back would bring home
-    plant = run_as_other_user(["sh", "-c", f"echo pwned > {ws}/out-evil.txt"])
+    plant = run_as_other_user(["sh", "-c", f"mkdir -p {ws}/out; echo pwned > {ws}/out/evil.txt"])
     assert plant.returncode != 0
     _assert_nothing_planted(victim)
 
