@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from reconciler.local.peercred import loopback_peer_uid
+from reconciler.local.peercred import loopback_peer_uid, peer_uid_by_diag, peer_uid_from_tables
 from tests.support.users import need_other_user
 
 HEADER = (
@@ -47,7 +47,7 @@ def test_the_client_sockets_uid_is_read_from_the_row_with_the_peer_as_local_addr
 ) -> None:
     # our own accepted socket (the reverse row) belongs to the daemon: it must not be used
     rows = _row(SERVER, CLIENT, "01", 0, 111) + _row(CLIENT, SERVER, "01", 1234, 222)
-    assert loopback_peer_uid(PEER, OURS, proc_net=_tables(tmp_path, rows)) == 1234
+    assert peer_uid_from_tables(PEER, OURS, _tables(tmp_path, rows)) == 1234
 
 
 @little_endian
@@ -56,7 +56,7 @@ def test_a_time_wait_or_closed_entry_listed_as_uid_0_is_not_taken_for_root(
 ) -> None:
     for state, inode in (("06", 0), ("05", 0)):
         rows = _row(CLIENT, SERVER, state, 0, inode)
-        assert loopback_peer_uid(PEER, OURS, proc_net=_tables(tmp_path, rows)) is None
+        assert peer_uid_from_tables(PEER, OURS, _tables(tmp_path, rows)) is None
 
 
 @little_endian
@@ -66,14 +66,23 @@ def test_an_ipv6_socket_that_reached_the_ipv4_listener_is_found_by_its_mapped_ad
     mapped_client = "0000000000000000FFFF00000100007F:A000"
     mapped_server = "0000000000000000FFFF00000100007F:1F90"
     rows6 = _row(mapped_client, mapped_server, "01", 4321, 333)
-    assert loopback_peer_uid(PEER, OURS, proc_net=_tables(tmp_path, tcp6=rows6)) == 4321
+    assert peer_uid_from_tables(PEER, OURS, _tables(tmp_path, tcp6=rows6)) == 4321
 
 
 @little_endian
 def test_no_matching_row_or_no_tables_means_unknown(tmp_path: Path) -> None:
     other = _row("0100007F:A001", SERVER, "01", 1234, 222)
-    assert loopback_peer_uid(PEER, OURS, proc_net=_tables(tmp_path, other)) is None
-    assert loopback_peer_uid(PEER, OURS, proc_net=tmp_path / "missing") is None
+    assert peer_uid_from_tables(PEER, OURS, _tables(tmp_path, other)) is None
+    assert peer_uid_from_tables(PEER, OURS, tmp_path / "missing") is None
+
+
+Lookup = Callable[[tuple[str, int], tuple[str, int]], "int | None"]
+LOOKUPS: dict[str, Lookup] = {
+    "sock_diag": peer_uid_by_diag,
+    "proc tables": peer_uid_from_tables,
+    "either": loopback_peer_uid,
+}
+lookups = pytest.mark.parametrize("lookup", list(LOOKUPS.values()), ids=list(LOOKUPS))
 
 
 @pytest.fixture
@@ -86,34 +95,74 @@ def listener() -> Iterator[socket.socket]:
     sock.close()
 
 
-def test_a_real_connection_from_another_user_is_attributed_to_that_user(
-    listener: socket.socket,
-) -> None:
+def _client_as_other_user(port: int, then: str) -> subprocess.Popen[bytes]:
+    """`nobody` connects to `port`, then closes at once ("close") or waits for stdin EOF."""
     user = need_other_user()
-    port = listener.getsockname()[1]
+    wait = "" if then == "close" else "sys.stdin.read(); "
     client = (
         f"import socket, sys; s = socket.create_connection(('127.0.0.1', {port})); "
-        "sys.stdin.read(); s.close()"
+        f"{wait}s.close(); print('closed', flush=True); sys.stdin.read()"
     )
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [
             "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
             "--", "/usr/bin/python3", "-c", client,
         ],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+@lookups
+def test_a_real_connection_from_another_user_is_attributed_to_that_user(
+    listener: socket.socket, lookup: Lookup
+) -> None:
+    user = need_other_user()
+    proc = _client_as_other_user(listener.getsockname()[1], then="wait")
     try:
         conn, _ = listener.accept()
         with conn:
-            assert loopback_peer_uid(conn.getpeername(), conn.getsockname()) == user.pw_uid
+            assert lookup(conn.getpeername(), conn.getsockname()) == user.pw_uid
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=30)
+        _finish(proc)
 
 
-def test_a_real_connection_of_our_own_is_attributed_to_us(listener: socket.socket) -> None:
+@lookups
+def test_a_client_that_closed_before_the_lookup_is_unknown_not_root(
+    listener: socket.socket, lookup: Lookup
+) -> None:
+    # the kernel reports the orphaned socket (FIN_WAIT2) of a closed client as uid 0
+    proc = _client_as_other_user(listener.getsockname()[1], then="close")
+    try:
+        conn, _ = listener.accept()
+        assert proc.stdout is not None and proc.stdout.readline() == b"closed\n"
+        with conn:
+            assert lookup(conn.getpeername(), conn.getsockname()) is None
+    finally:
+        _finish(proc)
+
+
+@lookups
+def test_a_real_connection_of_our_own_is_attributed_to_us(
+    listener: socket.socket, lookup: Lookup
+) -> None:
     client = socket.create_connection(listener.getsockname())
     conn, _ = listener.accept()
     with client, conn:
-        assert loopback_peer_uid(conn.getpeername(), conn.getsockname()) == os.getuid()
+        assert lookup(conn.getpeername(), conn.getsockname()) == os.getuid()
+
+
+def test_an_ipv6_client_of_the_ipv4_listener_is_found_by_sock_diag(
+    listener: socket.socket,
+) -> None:
+    client = socket.socket(socket.AF_INET6)
+    client.connect(("::ffff:127.0.0.1", listener.getsockname()[1]))
+    conn, _ = listener.accept()
+    with client, conn:
+        assert peer_uid_by_diag(conn.getpeername(), conn.getsockname()) == os.getuid()
