@@ -11,7 +11,9 @@ connection starts and ends to `on_activity` for scale-to-zero.
 The edge serves only the metro's owner: before any byte is read, the uid owning the client's
 socket (`local/peercred.py`) must be the daemon's own uid or root. Anyone else's connection is
 closed unanswered (tls ports) or, on 443, answered with a short HTTP 403 once TLS is up; either
-way nothing reaches a sandbox, and the daemon log says who was refused.
+way nothing reaches a sandbox, and the daemon log says who was refused. (Not client
+certificates: the kernel's answer needs nothing from the client, so the original workflow's
+`openssl s_client`, `curl` and ssh ProxyCommand lines keep working unchanged for the owner.)
 
 Clients: `openssl s_client -connect 127.0.0.1:P -servername FQDN -CAfile ca.pem` (ssh, rsync)
 and `curl --cacert ca.pem --connect-to FQDN:443:127.0.0.1:P https://FQDN/exec`.
