@@ -25,7 +25,6 @@ from pathlib import Path
 
 __all__ = ["loopback_peer_uid", "peer_uid_by_diag", "peer_uid_from_tables"]
 
-_TIME_WAIT = "06"
 _TCP_TIME_WAIT, _TCP_LISTEN = 6, 10
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
@@ -124,12 +123,13 @@ def _uid_in(table: bytes, needle: bytes) -> int | None:
         # sl local remote st tx:rx tr:when retrnsmt uid timeout inode ...
         if len(fields) < 10 or fields[1] + b" " + fields[2] != needle:
             continue
-        if fields[3].decode() == _TIME_WAIT or fields[9] == b"0":
-            continue
         try:
-            return int(fields[7])
+            state, uid, inode = int(fields[3], 16), int(fields[7]), int(fields[9])
         except ValueError:
-            return None
+            continue
+        if state in (_TCP_TIME_WAIT, _TCP_LISTEN) or inode == 0:
+            continue
+        return uid
 
 
 def loopback_peer_uid(peer: tuple[str, int], ours: tuple[str, int]) -> int | None:
