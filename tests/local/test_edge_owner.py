@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import subprocess
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
+from tests.support.users import need_other_user
 
 APP_DOMAIN = "local.ukc.localhost"
 OWNER = 1000
@@ -45,14 +47,23 @@ class _World:
         self.resolved.append((sni, port))
         return None
 
-    def edge(self) -> Edge:
+    def edge(self, owner_uid: int = OWNER, real_peer_uid: bool = False) -> Edge:
+        if real_peer_uid:
+            return Edge(
+                ca=self.ca,
+                runtime=self.runtime,
+                resolve=self._resolve,
+                on_activity=lambda uuid, delta: None,
+                should_drop=lambda: False,
+                owner_uid=owner_uid,
+            )
         return Edge(
             ca=self.ca,
             runtime=self.runtime,
             resolve=self._resolve,
             on_activity=lambda uuid, delta: None,
             should_drop=lambda: False,
-            owner_uid=OWNER,
+            owner_uid=owner_uid,
             peer_uid=lambda peer, ours: self.uid,
             refusal_log_every_s=self.log_every_s,
         )
@@ -143,3 +154,32 @@ def test_refusals_are_logged_once_per_user_and_interval_with_the_count_held_back
     assert len(lines) == 2, lines
     assert f"from uid {STRANGER}" in lines[0] and f"uid {OWNER}" in lines[0]
     assert "(2 more refused since the last line)" in lines[1]
+
+
+def test_a_metro_owned_by_another_uid_serves_that_uid_by_the_kernels_answer(
+    tmp_path: Path,
+) -> None:
+    user = need_other_user()
+    world = _World(tmp_path, None)
+
+    async def main() -> str:
+        edge = world.edge(owner_uid=user.pw_uid, real_peer_uid=True)
+        port = await edge.open_port(443)
+        host = f"box.{APP_DOMAIN}"
+        argv = [
+            "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+            # -k: the CA file sits in root's private temp dir; who connects is the point here
+            "--", "curl", "-sSk",
+            "--resolve", f"{host}:{port}:127.0.0.1", "-o", "/dev/null", "-w", "%{http_code}",
+            f"https://{host}:{port}/exec",
+        ]  # fmt: skip
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE)
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            return out.decode()
+        finally:
+            await edge.close()
+
+    # that user is served: its request is routed (no such instance here, hence 404), not 403
+    assert asyncio.run(main()) == "404"
+    assert world.resolved == [(f"box.{APP_DOMAIN}", 443)]
