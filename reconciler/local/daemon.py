@@ -118,8 +118,14 @@ def private_dir(path: Path) -> None:
     The state dir holds the API token, the CA key and every sandbox's `/workspace`; another
     user who could enter it would read them no matter how the files inside are locked.
     """
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = os.lstat(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(path)
+    except PermissionError:
+        raise LocalMetroError(
+            f"cannot use local metro state dir {path}: permission denied (uid {os.getuid()}); "
+            "set UKC_LOCAL_STATE_DIR to a directory of your own"
+        ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise LocalMetroError(f"local metro state path {path} is not a directory")
     if st.st_uid != os.getuid():

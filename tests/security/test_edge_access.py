@@ -228,11 +228,62 @@ def test_an_ssh_sessions_instance_publishes_no_port_443(
     assert "ukc.exec=ssh" in inst["tags"]
 
 
+#: every process's command line and (where readable) environment on the host
+SCAN_PROCESSES = r"""
+import os, sys
+for pid in os.listdir("/proc"):
+    for part in ("cmdline", "environ"):
+        try:
+            sys.stdout.buffer.write(open(f"/proc/{pid}/{part}", "rb").read() + b"\n")
+        except OSError:
+            pass
+"""
+
+
+@pytest.mark.parametrize("victim", ["ssh", "http"], indirect=True)
+def test_another_user_finds_no_secret_in_any_process_on_the_host(
+    victim: Victim, canaries: Canaries
+) -> None:
+    # while the command runs (with the secret in its environment inside the sandbox)
+    out = run_as_other_user(["/usr/bin/python3", "-c", SCAN_PROCESSES], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert victim.name in out.stdout  # the scan did see the sandbox's processes
+    assert_nowhere(canaries, texts=[out.stdout])
+    _assert_nothing_planted(victim)
+
+
+@pytest.mark.parametrize("victim", ["http"], indirect=True)
+def test_a_command_sent_to_the_exec_api_is_on_no_host_command_line(
+    metro: MetroInfo, victim: Victim, canaries: Canaries
+) -> None:
+    # the owner's own request, as the original workflow's exec script sends one: the secret is
+    # in `cmd`, and the command runs for a while
+    url = f"https://{victim.fqdn}:{metro.edge_ports[443]}/exec"
+    body = json.dumps({"cmd": f"TOKEN='{canaries.secret}'; sleep 4; echo ${{#TOKEN}}"})
+    owner = subprocess.Popen(
+        ["curl", "-sS", "--cacert", str(metro.ca_path),
+         "--resolve", f"{victim.fqdn}:{metro.edge_ports[443]}:127.0.0.1", "-d", "@-", url],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert owner.stdin is not None
+    owner.stdin.write(body)
+    owner.stdin.close()
+    time.sleep(1.5)
+    scan = run_as_other_user(["/usr/bin/python3", "-c", SCAN_PROCESSES], timeout=120)
+    assert owner.stdout is not None
+    answer = json.loads(owner.stdout.read())
+    owner.wait(timeout=60)
+    assert answer["stdout"] == f"{len(canaries.secret)}\n"  # it did run, with the secret
+    assert "sleep\x004" in scan.stdout  # the scan did see the command running
+    assert_nowhere(canaries, texts=[scan.stdout])
+    _assert_nothing_planted(victim)
+
+
 def _s_client(port: int, fqdn: str, *extra: str) -> list[str]:
     # stdin stays open 3 s: long enough for a banner, then s_client sees EOF and quits
     return [
         "sh", "-c",
-        f"sleep 3 | timeout 20 openssl s_client -quiet -connect 127.0.0.1:{port} "
+        f"sleep 3 | timeout 20 openssl s_client -quiet -no_ign_eof -connect 127.0.0.1:{port} "
         f"-servername {fqdn} {' '.join(extra)} 2>&1",
     ]  # fmt: skip
 
@@ -337,9 +388,19 @@ for pid in os.listdir("/proc"):
 """
 
 
+def _parents_reachable(state_dir: Path) -> None:
+    """Let another user walk down to `state_dir` (not into it), as the `metro` fixture does:
+    a concurrent pytest session resets its shared base temp dir to 0700."""
+    for parent in state_dir.parents:
+        if parent == Path(parent.anchor):
+            break
+        parent.chmod(parent.stat().st_mode | 0o011)
+
+
 def test_another_user_cannot_read_the_metro_state_dir_or_a_workspace(
     metro: MetroInfo, victim: Victim, canaries: Canaries
 ) -> None:
+    _parents_reachable(metro.state_dir)
     # the workspace's host path is on the sandbox's world-readable bwrap command line
     found = run_as_other_user(["/usr/bin/python3", "-c", FIND_WORKSPACES])
     ws = victim.ukc.workspace(victim.instance["uuid"])
@@ -408,6 +469,7 @@ def test_ukc_local_env_run_by_another_user_on_the_owners_state_dir_reveals_nothi
     metro: MetroInfo,
 ) -> None:
     need_other_user()
+    _parents_reachable(metro.state_dir)
     out = run_as_other_user(
         [sys.executable, "-m", "reconciler", "local", "env", "--json"],
         env={"UKC_LOCAL_STATE_DIR": str(metro.state_dir), "UKC_WARM": "0"},
