@@ -144,6 +144,7 @@ def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
         lines.extend(f"  - {p.describe()}" for p in plan.prunes)
     for refusal in plan.prune_refusals:
         lines.append(f"prune of session {refusal.session}: refused: {refusal.reason}")
+    lines.extend(f"warning: {w}" for w in plan.warnings)
     creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
     runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
     files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
@@ -177,6 +178,7 @@ def _plan_json(plan: actions.Plan) -> dict[str, Any]:
         },
         "prunes": [act(p) for p in plan.prunes],
         "refused": {r.session: r.reason for r in plan.refusals},
+        "warnings": list(plan.warnings),
     }
 
 
@@ -296,6 +298,8 @@ def apply(
         click.echo(json.dumps({"ok": ok, "api_requests": requests, "groups": summary}, indent=2))
     else:
         for item in summary.values():
+            for warning in item["plan"]["warnings"]:
+                click.echo(f"warning: {warning}", err=True)
             for name, why in item["failed"].items():
                 click.echo(f"[{name}] FAILED: {why}", err=True)
             click.echo(f"status: {item['status']}")

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import actions, errors, ownership, status
+from reconciler import actions, errors, ownership, services, status
 from reconciler.atomicfile import write_atomic
-from reconciler.backends import CreateRequest, Instance, RemoteShell, Service
+from reconciler.backends import CreateRequest, Instance, RemoteShell
 from reconciler.interrupts import StopFlag
 from reconciler.metro import MetroConnection, MetroRegistry
 from reconciler.observer import Group, Observation, SessionContext
@@ -28,11 +28,6 @@ from reconciler.sync import engine as sync_engine
 
 __all__ = ["Executor", "Redactor", "SessionOutcome", "ShellPool"]
 
-#: public ports every session instance gets: SSH through the TLS edge, and the image's exec API
-SESSION_SERVICES = (
-    Service(2222, 2222, ("tls",)),
-    Service(443, 8080, ("tls", "http")),
-)
 #: the original workflow's scale-to-zero: idle sessions cost nothing, memory kept (stateful)
 SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
 
@@ -306,9 +301,9 @@ class Executor:
             name=action.instance_name,
             image=ctx.desired.image,
             env={"PUBKEY": public_key},
-            tags=ctx.desired.tags,
+            tags=(*ctx.desired.tags, services.exec_tag(ctx.desired.exec_mode)),
             memory_mb=ctx.loaded.spec.memory_mb,
-            services=SESSION_SERVICES,
+            services=services.session_services(ctx.desired.exec_mode),
             scale_to_zero=SESSION_SCALE_TO_ZERO,
             autostart=True,
         )

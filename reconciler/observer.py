@@ -210,6 +210,7 @@ def _context(
         back_known=_back_known(opts),
         back_delete=opts.back_delete,
         key_present=key_path_for(group, s.name).exists(),
+        exec_mode=s.exec,
     )
     ctx = SessionContext(
         loaded=loaded,

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from reconciler import actions, naming, ownership
+from reconciler import actions, naming, ownership, services
 from reconciler.backends import Instance
 from reconciler.status import SessionStatus, StatusDoc
 
@@ -80,6 +80,8 @@ class DesiredSession:
     key_present: bool = True
     #: `sync.back_delete`: sync-back mirrors remote deletions of files it brought back
     back_delete: bool = False
+    #: `exec`: ssh, or http (the image's unauthenticated exec API on public port 443)
+    exec_mode: str = "ssh"
 
 
 def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
@@ -178,8 +180,8 @@ def _plan_session(
         inst = None
         new_instance = True
         reason_create = "replacing: the session's ssh key was lost"
-    elif inst is not None and naming.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
-        # Image or memory changed: those are fixed at creation, so replace the instance.
+    elif inst is not None and (replace_why := _baked_change(desired, inst)) is not None:
+        # Image, memory or exec mode (the public ports) changed: those are fixed at creation.
         if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
             acts.append(actions.WaitReady(name, inst.name))
             acts.append(
@@ -195,14 +197,14 @@ def _plan_session(
                 name,
                 inst.name,
                 inst.metro or desired.metro,
-                "image or memory changed",
+                replace_why,
                 forget=False,
                 instance_uuid=inst.uuid,
             )
         )
         inst = None
         new_instance = True
-        reason_create = "replacing: image or memory changed"
+        reason_create = f"replacing: {replace_why}"
     else:
         reason_create = "no instance"
         if record is not None and record.instance is not None and record.phase != "Deleted":
@@ -312,6 +314,37 @@ def _plan_session(
     return actions.SessionPlan(name, tuple(acts), tuple(noops))
 
 
+def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:
+    """Why the instance must be replaced to match what is fixed at creation, or None."""
+    if naming.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
+        return "image or memory changed"
+    made_for = naming.tag_value(inst.tags, services.EXEC_TAG)
+    if made_for is not None and made_for != desired.exec_mode:
+        # why: the public ports follow the exec mode (443 only for http) and are fixed too
+        return f"exec changed from {made_for} to {desired.exec_mode} (its public ports)"
+    return None
+
+
+def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
+    name = desired.name
+    if desired.exec_mode == "http":
+        return [
+            f"session {name}: exec: http runs commands through the image's unauthenticated "
+            "exec API on public port 443: on Unikraft Cloud anyone who knows the instance's "
+            "FQDN can run commands in it and read its files and env; use exec: ssh for "
+            "anything private"
+        ]
+    if inst is not None and naming.tag_value(inst.tags, services.EXEC_TAG) is None:
+        # An older ukc gave every instance port 443; replacing it silently would cost the
+        # session its /workspace and a re-run of every command, so the user decides.
+        return [
+            f"session {name}: instance {inst.name} was created by an older ukc and still "
+            "publishes port 443, the image's unauthenticated exec API; `ukc delete` then "
+            "`ukc apply` recreates it with SSH only"
+        ]
+    return []
+
+
 def _changed(last: object, cmd: CommandIntent) -> str:
     run = getattr(last, "run", None)
     if run is not None and run != cmd.run:
@@ -370,7 +403,11 @@ def plan(
                     instance_uuid=inst.uuid,
                 )
             )
-    return actions.Plan(sessions, tuple(prunes), prune_refusals=tuple(refused))
+    warnings: list[str] = []
+    for d, splan in zip(desired, sessions, strict=True):
+        replaced = any(isinstance(a, actions.DeleteInstance) for a in splan.actions)
+        warnings += _warnings(d, None if replaced else observed.get(d.instance_name))
+    return actions.Plan(sessions, tuple(prunes), tuple(warnings), prune_refusals=tuple(refused))
 
 
 def plan_delete(

@@ -10,7 +10,8 @@ mapped address with `sni_hostname` and `Host` set to the FQDN, so SNI routing an
 certificate verification are against the FQDN, not against 127.0.0.1.
 
 Limits of the API we cannot fix here: env values (secrets included) travel inside `cmd`, so
-the image's server puts them on its `sh -lc` command line; prefer `exec: ssh` for secrets.
+the image's server may put them on its own `sh -lc` command line (the local metro's does not);
+prefer `exec: ssh` for secrets. Nothing this side adds puts them on any other command line.
 Everything the server answers is untrusted: types are checked and sizes capped.
 """
 
@@ -44,7 +45,11 @@ _KILL_AFTER_S = 5
 
 
 def build_exec_cmd(command: str, env: Mapping[str, str], cwd: str, timeout_s: float | None) -> str:
-    """`cd CWD && export K='v' && ... && (COMMAND)`, under `timeout` when one is given."""
+    """`cd CWD && export K='v' && ... && (COMMAND)`, COMMAND under `timeout` when one is given.
+
+    The exports run in the server's own shell (builtins: no process, no argv); only COMMAND
+    goes on the command line of `timeout` and its `sh -c`, so env values never do.
+    """
     parts = [f"cd {shlex.quote(cwd)}"]
     for name, value in env.items():
         if not _ENV_NAME.fullmatch(name):
@@ -52,13 +57,14 @@ def build_exec_cmd(command: str, env: Mapping[str, str], cwd: str, timeout_s: fl
         if "\0" in value:
             raise SpecError(f"env value of {name} contains a nul byte", field="env")
         parts.append(f"export {name}={shlex.quote(value)}")
-    parts.append(f"({command})")
-    cmd = " && ".join(parts)
-    if timeout_s is not None:
+    if timeout_s is None:
+        parts.append(f"({command})")
+    else:
         # why: the HTTP API cannot cancel a command; GNU timeout kills its process group.
         seconds = max(1, math.ceil(timeout_s))
-        cmd = f"exec timeout -k {_KILL_AFTER_S} {seconds} sh -c {shlex.quote(cmd)}"
-    return cmd
+        inner = shlex.quote(f"({command})")
+        parts.append(f"exec timeout -k {_KILL_AFTER_S} {seconds} sh -c {inner}")
+    return " && ".join(parts)
 
 
 def _tail(text: str, limit: int) -> str:

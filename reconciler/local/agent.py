@@ -260,10 +260,15 @@ class _ExecHandler(_Handler):
         if not isinstance(cmd, str):
             self._json(400, {"error": '"cmd" must be a string'})
             return
+        # why: `sh -lc CMD`, as the image's server runs it, but CMD (env values included) goes
+        # through the environment: a sandbox process's command line is readable by every
+        # user of the host, its environment only by its own
+        env = dict(os.environ, UKC_EXEC_CMD=cmd)
         try:
             proc = subprocess.run(
-                ["sh", "-lc", cmd],
+                ["sh", "-lc", 'c=$UKC_EXEC_CMD; unset UKC_EXEC_CMD; eval "$c"'],
                 cwd=WORKSPACE,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 check=False,

@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "default_state_dir",
     "ensure_running",
     "load_or_create_token",
+    "private_dir",
     "serve",
     "status",
     "stop",
@@ -100,6 +102,8 @@ def load_or_create_token(state_dir: Path) -> str:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        if stat.S_IMODE(os.lstat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)
         token = path.read_text().strip()
         if not token:
             raise LocalMetroError(f"token file {path} is empty") from None
@@ -110,7 +114,40 @@ def load_or_create_token(state_dir: Path) -> str:
     return token
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+def private_dir(path: Path) -> None:
+    """Create `path` (0700) or check it: a directory of ours that no other user can enter.
+
+    The state dir holds the API token, the CA key and every sandbox's `/workspace`; another
+    user who could enter it would read them no matter how the files inside are locked.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(path)
+    except PermissionError:
+        raise LocalMetroError(
+            f"cannot use local metro state dir {path}: permission denied (uid {os.getuid()}); "
+            "set UKC_LOCAL_STATE_DIR to a directory of your own"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise LocalMetroError(f"local metro state path {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise LocalMetroError(
+            f"local metro state dir {path} belongs to uid {st.st_uid}, not to you "
+            f"(uid {os.getuid()}); set UKC_LOCAL_STATE_DIR to a directory of your own"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open (creating 0600) a file of the state dir, and make an older, looser one 0600."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as fh:
@@ -209,11 +246,11 @@ def _log_tail(log: Path, offset: int) -> str:
 def ensure_running(state_dir: Path | None = None) -> MetroInfo:
     """Return the running metro of `state_dir`, starting a detached daemon if needed."""
     sd = (state_dir or default_state_dir()).resolve()
-    sd.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(sd)
     info = status(sd)
     if info is not None:
         return info
-    with (sd / "daemon.lock").open("a") as lock:
+    with os.fdopen(_open_private(sd / "daemon.lock", os.O_WRONLY | os.O_APPEND), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         info = status(sd)
         if info is not None:
@@ -221,7 +258,7 @@ def ensure_running(state_dir: Path | None = None) -> MetroInfo:
         with contextlib.suppress(FileNotFoundError):
             (sd / "metro.json").unlink()
         log_path = sd / "daemon.log"
-        with log_path.open("ab") as log:
+        with os.fdopen(_open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log:
             offset = log.tell()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "reconciler.local", "serve", "--state-dir", str(sd)],
@@ -309,7 +346,10 @@ async def serve(
 
     check_prerequisites()
     state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state_dir)
+    # why: belt and braces under the private state dir; the workspaces are the sandboxes' files
+    for sub in ("workspaces", "sandboxes"):
+        private_dir(state_dir / sub)
     token = load_or_create_token(state_dir)
     loop = asyncio.get_running_loop()
     metro = Metro(state_dir, app_domain=app_domain, limits=limits)

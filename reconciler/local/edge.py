@@ -8,6 +8,13 @@ instance on the way. The edge then opens a byte stream into the sandbox through
 `SandboxRuntime.open_connection` (`local/sandbox.py`) and pumps both ways, reporting
 connection starts and ends to `on_activity` for scale-to-zero.
 
+The edge serves only the metro's owner: before any byte is read, the uid owning the client's
+socket (`local/peercred.py`) must be the daemon's own uid or root. Anyone else's connection is
+closed unanswered (tls ports) or, on 443, answered with a short HTTP 403 once TLS is up; either
+way nothing reaches a sandbox, and the daemon log says who was refused. (Not client
+certificates: the kernel's answer needs nothing from the client, so the original workflow's
+`openssl s_client`, `curl` and ssh ProxyCommand lines keep working unchanged for the owner.)
+
 Clients: `openssl s_client -connect 127.0.0.1:P -servername FQDN -CAfile ca.pem` (ssh, rsync)
 and `curl --cacert ca.pem --connect-to FQDN:443:127.0.0.1:P https://FQDN/exec`.
 """
@@ -17,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import ssl
 import time
 import weakref
@@ -26,6 +35,7 @@ from typing import Protocol
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.ca import CertificateAuthority
+from reconciler.local.peercred import loopback_peer_uid
 
 __all__ = ["Edge", "Route"]
 
@@ -41,6 +51,8 @@ NOT_FOUND_BODY = (
     b"<!DOCTYPE html>\n<html><head><title>404 Service not found</title></head>\n"
     b"<body><h1>Service not found</h1></body></html>\n"
 )
+# why: an attacker can open connections in a loop; one log line per user a minute is enough
+REFUSAL_LOG_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,15 @@ async def _pump(
             _close(writer)
 
 
+def _who(uid: int | None) -> str:
+    if uid is None:
+        return "an unknown local user (its socket was not found)"
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 class Edge:
     """TLS listeners on `host`, one per public port, forwarding into sandboxes by SNI."""
 
@@ -95,7 +116,15 @@ class Edge:
         on_activity: Callable[[str, int], None],
         should_drop: Callable[[], bool],
         host: str = "127.0.0.1",
+        owner_uid: int | None = None,
+        peer_uid: Callable[[tuple[str, int], tuple[str, int]], int | None] = loopback_peer_uid,
+        refusal_log_every_s: float = REFUSAL_LOG_EVERY_S,
     ) -> None:
+        #: the only users served: the daemon's own uid (or `owner_uid`) and root
+        self.owner_uid = os.getuid() if owner_uid is None else owner_uid
+        self._peer_uid = peer_uid
+        self._refusals: dict[int | None, tuple[float, int]] = {}
+        self._refusal_log_every_s = refusal_log_every_s
         self._runtime = runtime
         self._resolve = resolve
         self._on_activity = on_activity
@@ -165,6 +194,11 @@ class Edge:
         if self._should_drop():
             writer.transport.abort()
             return
+        uid = self._client_uid(writer)
+        if uid not in (0, self.owner_uid):
+            self._log_refusal(uid, public_port)
+            await self._refuse(public_port, uid, reader, writer)
+            return
         try:
             await writer.start_tls(self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
@@ -200,6 +234,62 @@ class Edge:
             _close(writer)
             self._on_activity(route.uuid, -1)
 
+    def _client_uid(self, writer: asyncio.StreamWriter) -> int | None:
+        peer = writer.get_extra_info("peername")
+        ours = writer.get_extra_info("sockname")
+        if not isinstance(peer, tuple) or not isinstance(ours, tuple):
+            return None
+        try:
+            return self._peer_uid((str(peer[0]), int(peer[1])), (str(ours[0]), int(ours[1])))
+        except (OSError, ValueError):
+            return None
+
+    def _log_refusal(self, uid: int | None, public_port: int) -> None:
+        now = time.monotonic()
+        every = self._refusal_log_every_s
+        last, suppressed = self._refusals.get(uid, (now - every, 0))
+        if now - last < every:
+            self._refusals[uid] = (last, suppressed + 1)
+            return
+        self._refusals[uid] = (now, 0)
+        more = f" ({suppressed} more refused since the last line)" if suppressed else ""
+        log.warning(
+            "edge: refused a connection to public port %d from %s: this local metro serves "
+            "only its owner (%s) and root%s",
+            public_port,
+            _who(uid),
+            _who(self.owner_uid),
+            more,
+        )
+
+    async def _refuse(
+        self,
+        public_port: int,
+        uid: int | None,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Close a connection from a user the metro does not serve; 443 gets an HTTP 403."""
+        if public_port != 443:
+            writer.transport.abort()
+            return
+        try:
+            await writer.start_tls(self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+            writer.transport.abort()
+            return
+        sslobj = writer.get_extra_info("ssl_object")
+        if isinstance(sslobj, ssl.SSLObject):
+            self._sni.pop(sslobj, None)
+        # why: plain uids here, no user-database lookup on a path anyone can trigger at will
+        came_from = "an unknown local user" if uid is None else f"uid {uid}"
+        body = (
+            f"403 Forbidden: this local ukc metro serves only its owner (uid {self.owner_uid}) "
+            f"and root; this connection came from {came_from}\n"
+        ).encode()
+        await self._answer(reader, writer, "403 Forbidden", "text/plain", body)
+        _close(writer)
+
     async def _connect(
         self, route: Route
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
@@ -214,15 +304,25 @@ class Edge:
 
     async def _not_found(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer an HTTP 404 "Service not found" page, as the metro's HTTP front does."""
+        await self._answer(reader, writer, "404 Not Found", "text/html", NOT_FOUND_BODY)
+
+    @staticmethod
+    async def _answer(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        status: str,
+        content_type: str,
+        body: bytes,
+    ) -> None:
         with contextlib.suppress(Exception):
             # why: read the request head first so closing does not reset the client mid-send
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2.0)
         head = (
-            "HTTP/1.1 404 Not Found\r\nContent-Type: text/html; charset=utf-8\r\n"
-            f"Content-Length: {len(NOT_FOUND_BODY)}\r\nConnection: close\r\n\r\n"
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         with contextlib.suppress(Exception):
-            writer.write(head + NOT_FOUND_BODY)
+            writer.write(head + body)
             await asyncio.wait_for(writer.drain(), 2.0)
 
     async def close(self) -> None:

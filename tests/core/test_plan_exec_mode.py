@@ -1,0 +1,83 @@
+"""Exec mode and public ports in the plan: which instances are replaced, which are only warned
+about, and the warnings `ukc plan` prints (pure planner and the CLI's rendering)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from reconciler import actions, planner, services
+from reconciler.backends import Instance
+from reconciler.cli import _plan_json, _render_plan
+from reconciler.status import StatusDoc
+from tests.core.test_planner import NOW, converged_record, desired, instance, kinds
+
+
+def _plan(d: planner.DesiredSession, inst: Instance | None) -> actions.Plan:
+    rec = converged_record(d, inst) if inst is not None else None
+    doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
+    return planner.plan([d], {inst.name: inst} if inst else {}, doc, NOW)
+
+
+def _made_for(d: planner.DesiredSession, mode: str | None) -> Instance:
+    tags = d.tags if mode is None else (*d.tags, services.exec_tag(mode))
+    return instance(d, tags=tags)
+
+
+def test_only_http_sessions_declare_port_443() -> None:
+    assert [s.port for s in services.session_services("ssh")] == [2222]
+    assert [
+        (s.port, s.destination_port, s.handlers) for s in services.session_services("http")
+    ] == [
+        (2222, 2222, ("tls",)),
+        (443, 8080, ("tls", "http")),
+    ]
+
+
+def test_an_ssh_session_on_an_instance_made_for_ssh_is_up_to_date_without_warnings() -> None:
+    d = desired()
+    p = _plan(d, _made_for(d, "ssh"))
+    assert p.empty and p.warnings == ()
+
+
+def test_an_older_instance_with_port_443_is_kept_and_named_in_a_warning() -> None:
+    d = desired()
+    p = _plan(d, _made_for(d, None))
+    assert p.empty
+    (warning,) = p.warnings
+    assert "created by an older ukc" in warning and "port 443" in warning
+    assert "`ukc delete` then `ukc apply`" in warning
+
+
+def test_an_http_session_on_an_older_instance_keeps_it_it_has_port_443() -> None:
+    d = desired(exec_mode="http")
+    p = _plan(d, _made_for(d, None))
+    assert p.empty
+    (warning,) = p.warnings
+    assert "exec: http" in warning and "anyone who knows the instance's FQDN" in warning
+
+
+def test_switching_exec_mode_replaces_the_instance_after_bringing_outputs_home() -> None:
+    for old, new in (("ssh", "http"), ("http", "ssh")):
+        d = desired(exec_mode=new)
+        p = _plan(d, _made_for(d, old))
+        (session,) = p.sessions
+        assert kinds(session)[:4] == ["WaitReady", "SyncBack", "DeleteInstance", "CreateInstance"]
+        delete = session.actions[2]
+        assert isinstance(delete, actions.DeleteInstance)
+        assert delete.reason == f"exec changed from {old} to {new} (its public ports)"
+        create = session.actions[3]
+        assert isinstance(create, actions.CreateInstance)
+        assert create.reason == f"replacing: exec changed from {old} to {new} (its public ports)"
+        # a replaced older instance is not warned about; an http session always is
+        assert len(p.warnings) == (1 if new == "http" else 0)
+
+
+def test_plan_text_and_json_carry_the_warnings() -> None:
+    d = desired(exec_mode="http")
+    p = _plan(d, None)
+    text = _render_plan(p)
+    assert any(line.startswith("warning: session hello: exec: http") for line in text)
+    assert _plan_json(p)["warnings"] == list(p.warnings)
+    quiet = replace(p, warnings=())
+    assert not [line for line in _render_plan(quiet) if line.startswith("warning")]
+    assert _plan_json(quiet)["warnings"] == []
