@@ -9,13 +9,13 @@ from reconciler import actions, planner, services
 from reconciler.backends import Instance
 from reconciler.cli import _plan_json, _render_plan
 from reconciler.status import StatusDoc
-from tests.core.test_planner import NOW, converged_record, desired, instance, kinds
+from tests.core.test_planner import NOW, OWNER, converged_record, desired, instance, kinds
 
 
 def _plan(d: planner.DesiredSession, inst: Instance | None) -> actions.Plan:
     rec = converged_record(d, inst) if inst is not None else None
     doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
-    return planner.plan([d], {inst.name: inst} if inst else {}, doc, NOW)
+    return planner.plan([d], {inst.name: inst} if inst else {}, doc, NOW, owner=OWNER)
 
 
 def _made_for(d: planner.DesiredSession, mode: str | None) -> Instance:
