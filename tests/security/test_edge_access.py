@@ -4,8 +4,9 @@ The attacker is `nobody` on the same host (`tests.support.users`). It learns wha
 user can: listening ports from `/proc/net/tcp`, socket paths from `/proc/net/unix`, and the
 instance name, which it is handed: host command lines no longer carry it, but names are
 deterministic (`ukc-<project hash>-<session>`) and so guessable. The victim (root, the metro's
-owner) runs `ukc apply` with a `secret_env` canary and a canary in `/workspace/.env`, and a command that
-keeps running while the attacker tries, so a process environment would be there to read.
+owner) runs `ukc apply` with a `secret_env` canary and a canary in `/workspace/.env`, and a
+command that keeps running while the attacker tries, so a process environment would be there to
+read.
 """
 
 from __future__ import annotations
@@ -377,19 +378,6 @@ def test_the_platform_api_answers_401_to_another_user_and_its_token_is_unreadabl
     assert metro.token not in token.stdout + token.stderr
     assert_nowhere(canaries, texts=[out.stdout, token.stdout])
     _assert_nothing_planted(victim)
-
-
-FIND_WORKSPACES = r"""
-import os
-for pid in os.listdir("/proc"):
-    try:
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-    except OSError:
-        continue
-    for i, arg in enumerate(argv[:-2]):
-        if arg == b"--bind" and argv[i + 2] == b"/workspace":
-            print(argv[i + 1].decode())
-"""
 
 
 def _parents_reachable(state_dir: Path) -> None:
