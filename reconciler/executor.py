@@ -13,20 +13,22 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import actions, errors, naming, status
 from reconciler.atomicfile import write_atomic
 from reconciler.backends import CreateRequest, Instance, RemoteShell, Service
+from reconciler.backends.commands import CommandResult
 from reconciler.interrupts import StopFlag
 from reconciler.metro import MetroConnection, MetroRegistry
 from reconciler.observer import Group, Observation, SessionContext
+from reconciler.redaction import OutputTail, Redactor
 from reconciler.reporting import Event, Reporter
 from reconciler.sync import engine as sync_engine
 
-__all__ = ["Executor", "Redactor", "SessionOutcome", "ShellPool"]
+__all__ = ["Executor", "SessionOutcome", "ShellPool"]
 
 #: public ports every session instance gets: SSH through the TLS edge, and the image's exec API
 SESSION_SERVICES = (
@@ -117,19 +119,6 @@ class ShellPool:
         for _, shell in items:
             with contextlib.suppress(Exception):
                 shell.close()
-
-
-class Redactor:
-    """Replaces secret values in any text before it is shown or stored."""
-
-    def __init__(self, values: Sequence[str]) -> None:
-        # Longest first so a secret containing another is masked whole.
-        self._values = sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for value in self._values:
-            text = text.replace(value, "***")
-        return text
 
 
 @dataclass
@@ -514,42 +503,39 @@ class Executor:
         session = action.session
         assert run.inst is not None
 
-        def stream(kind: str) -> Callable[[bytes], None]:
-            def emit(data: bytes) -> None:
-                text = redact(data.decode("utf-8", "replace"))
+        # one redacting stream per output stream: a secret split over several writes is
+        # still masked whole; the stored tails are cut from what was shown
+        streams = {kind: (redact.stream(), OutputTail()) for kind in ("stdout", "stderr")}
+
+        def show(kind: str, text: str) -> None:
+            if text:
+                streams[kind][1].add(text)
                 self._say(session, "output", text, kind)
 
-            return emit
+        def sink(kind: str) -> Callable[[bytes], None]:
+            stream = streams[kind][0]
+            return lambda data: show(kind, stream.feed(data))
 
         started = status.utc_now()
-        if ctx.loaded.spec.exec == "http":
-            from reconciler.backends.httpexec import HttpExec
+        try:
+            if ctx.loaded.spec.exec == "http":
+                result = self._run_http(action, ctx, conn, run, sink("stdout"), sink("stderr"))
+            else:
+                from reconciler.backends import commands as remote_commands
 
-            assert run.inst.fqdn is not None
-            result = HttpExec(conn.dialer, conn.ssl_context).run(
-                run.inst.fqdn,
-                action.run,
-                env=ctx.env,
-                cwd="/workspace",
-                timeout_s=action.timeout_s,
-            )
-            if result.stdout_tail:
-                stream("stdout")(result.stdout_tail.encode())
-            if result.stderr_tail:
-                stream("stderr")(result.stderr_tail.encode())
-        else:
-            from reconciler.backends import commands as remote_commands
-
-            assert run.shell is not None
-            result = remote_commands.run_command(
-                run.shell,
-                action.run,
-                env=ctx.env,
-                cwd="/workspace",
-                timeout_s=action.timeout_s,
-                on_stdout=stream("stdout"),
-                on_stderr=stream("stderr"),
-            )
+                assert run.shell is not None
+                result = remote_commands.run_command(
+                    run.shell,
+                    action.run,
+                    env=ctx.env,
+                    cwd="/workspace",
+                    timeout_s=action.timeout_s,
+                    on_stdout=sink("stdout"),
+                    on_stderr=sink("stderr"),
+                )
+        finally:
+            for kind, (stream, _tail) in streams.items():
+                show(kind, stream.close())
         ok = result.exit_code == 0 and not result.timed_out
         rec = self._record(session)
         with self.doc_lock:
@@ -559,8 +545,8 @@ class Executor:
                 run=action.run,
                 exit_code=result.exit_code,
                 timed_out=result.timed_out,
-                stdout=redact(result.stdout_tail),
-                stderr=redact(result.stderr_tail),
+                stdout=streams["stdout"][1].text(),
+                stderr=streams["stderr"][1].text(),
                 started_at=started,
                 finished_at=status.utc_now(),
                 duration_s=round(result.duration_s, 3),
@@ -587,6 +573,36 @@ class Executor:
                 exit_code=result.exit_code,
             )
         self._say(session, "info", f"command {action.name!r} exited 0 in {result.duration_s:.2f}s")
+
+    def _run_http(
+        self,
+        action: actions.RunCommand,
+        ctx: SessionContext,
+        conn: MetroConnection,
+        run: _Run,
+        on_stdout: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+    ) -> CommandResult:
+        """`exec: http`: the environment goes over SSH into a private file the command sources,
+        so no value (secrets included) is in the unauthenticated request or any argv."""
+        from reconciler.backends import httpexec
+
+        assert run.inst is not None and run.inst.fqdn is not None and run.shell is not None
+        env_file = httpexec.stage_env(run.shell, ctx.env) if ctx.env else None
+        try:
+            return httpexec.HttpExec(conn.dialer, conn.ssl_context).run(
+                run.inst.fqdn,
+                action.run,
+                env={},
+                env_file=env_file,
+                cwd="/workspace",
+                timeout_s=action.timeout_s,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        finally:
+            if env_file is not None:
+                httpexec.unstage_env(run.shell, env_file)
 
     def _sync_back(self, ctx: SessionContext, run: _Run) -> None:
         assert run.shell is not None
