@@ -485,8 +485,12 @@ def warm() -> None:
 def warm_status() -> None:
     """Say whether a warm process serves this installation."""
     from reconciler import warm as warm_process
+    from reconciler import warmclient
 
-    path = warm_process.socket_path()
+    found, warning = warmclient.locate_socket()
+    if warning:
+        click.echo(warning, err=True)
+    path = Path(found) if found is not None else None
     info = warm_process.status(path) if path is not None else None
     if info is None:
         click.echo("warm process: not running" + ("" if path else " (no private socket dir)"))
