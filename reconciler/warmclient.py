@@ -62,8 +62,9 @@ def worthy(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> boo
 
 #: the longest socket path a Unix socket address holds (108 bytes with the final NUL)
 _SUN_PATH_MAX = 107
-#: the socket's file name: "warm-" + 12 hex + ".sock"
-_SOCKET_NAME_LEN = 22
+#: room for the longest name bound in the directory: the server binds
+#: ".warm-<12 hex>.sock.<pid, up to 7 digits>.tmp" and renames it to "warm-<12 hex>.sock"
+_NAME_ROOM = 35
 
 
 def _candidates(environ: Mapping[str, str]) -> list[str]:
@@ -91,7 +92,7 @@ def _candidates(environ: Mapping[str, str]) -> list[str]:
 
 def _refusal(base: str) -> str | None:
     """Why `base` cannot hold our socket (None: it is ours alone), creating it 0700."""
-    if len(base) + 1 + _SOCKET_NAME_LEN > _SUN_PATH_MAX:
+    if len(os.fsencode(base)) + 1 + _NAME_ROOM > _SUN_PATH_MAX:
         return "is too long a path for a unix socket"
     try:
         os.makedirs(base, mode=0o700, exist_ok=True)
