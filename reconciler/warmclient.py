@@ -77,15 +77,19 @@ def _candidates(environ: Mapping[str, str]) -> list[str]:
     """
     configured = environ.get("UKC_WARM_DIR")
     if configured:
-        return [configured]
+        # absolute: the server, started with "/" as its directory, binds this very path
+        return [os.path.abspath(configured)]
     found = []
-    if environ.get("XDG_RUNTIME_DIR"):
-        found.append(os.path.join(environ["XDG_RUNTIME_DIR"], "ukc"))
-    found.append(os.path.join(environ.get("TMPDIR") or "/tmp", f"ukc-{os.getuid()}"))
-    cache = environ.get("XDG_CACHE_HOME") or (
-        os.path.join(environ["HOME"], ".cache") if environ.get("HOME") else ""
-    )
-    if os.path.isabs(cache):
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        found.append(os.path.join(runtime, "ukc"))
+    tmp = environ.get("TMPDIR", "")
+    found.append(os.path.join(tmp if os.path.isabs(tmp) else "/tmp", f"ukc-{os.getuid()}"))
+    home = environ.get("HOME", "")
+    cache = environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):
+        cache = os.path.join(home, ".cache") if os.path.isabs(home) else ""
+    if cache:
         found.append(os.path.join(cache, "ukc", "warm"))
     return found
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import re
 import urllib.parse
@@ -19,6 +20,7 @@ from reconciler.redaction import (
     secret_forms,
     short_secret_warnings,
 )
+from reconciler.reporting import Event, PlainReporter
 
 SECRET = "s3cr3t-Value/with+odd=chars&é"
 
@@ -95,6 +97,35 @@ def test_only_a_possible_beginning_of_a_secret_is_held_back() -> None:
     assert stream.feed(b"elele\n") == "ukelele\n"
     assert stream.feed(b"tail ukcSEC") == "tail "
     assert stream.close() == "ukcSEC"
+
+
+def test_holding_back_keeps_the_order_of_stdout_and_stderr_lines_a_reporter_prints() -> None:
+    secret = "ukcSECRET123"
+    writes = [
+        ("stdout", "step 1\n"),
+        ("stderr", "warn 1\n"),
+        ("stdout", "step 2 uk"),  # could be the secret's beginning: held
+        ("stderr", "warn 2\n"),
+        ("stdout", "elele\n"),
+        ("stderr", f"err {secret[:5]}"),
+        ("stdout", "step 3\n"),
+        ("stderr", f"{secret[5:]}\n"),
+    ]
+
+    def printed(redactor: Redactor) -> list[str]:
+        out = io.StringIO()
+        reporter = PlainReporter(out)
+        streams = {"stdout": redactor.stream(), "stderr": redactor.stream()}
+        for kind, text in writes:
+            reporter.event(Event("s", "output", streams[kind].feed(text.encode()), kind))
+        for kind, stream in streams.items():
+            reporter.event(Event("s", "output", stream.close(), kind))
+        reporter.close()
+        return out.getvalue().splitlines()
+
+    plain = printed(Redactor([]))
+    assert printed(Redactor([secret])) == [line.replace(secret, MASK) for line in plain]
+    assert plain[-1] == f"[s] ! err {secret}"
 
 
 def test_a_secret_straddling_two_chunks_by_one_character_is_still_masked() -> None:
