@@ -264,7 +264,7 @@ class Executor:
             outcome.ran_commands += 1
             self._run_command(action, ctx, conn, run, redact)
         elif isinstance(action, actions.SyncBack):
-            self._sync_back(ctx, run)
+            self._sync_back(ctx, run, redact)
 
     # -- instance lifecycle ----------------------------------------------------------------
 
@@ -604,34 +604,40 @@ class Executor:
             if env_file is not None:
                 httpexec.unstage_env(run.shell, env_file)
 
-    def _sync_back(self, ctx: SessionContext, run: _Run) -> None:
+    def _sync_back(self, ctx: SessionContext, run: _Run, redact: Redactor) -> None:
         assert run.shell is not None
         # the instance uuid (with the sandbox's boot id) says which sandbox a pulled file came
         # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
         uuid = run.inst.uuid if run.inst is not None else ""
         result = sync_engine.pull(run.shell, ctx.sync_options, instance_uuid=uuid)
+        # file names come from the sandbox, which knows the secrets: masked like its output
+        conflicts = [redact(c) for c in result.conflicts]
+        rejected = [redact(r) for r in result.rejected]
+        deleted = [redact(d) for d in result.deleted]
+        kept = [redact(k) for k in result.kept]
+        skipped = [redact(w) for w in result.deletes_skipped]
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             rec.sync.pulled_files = result.files_written
-            rec.sync.conflicts = list(result.conflicts)
-            rec.sync.rejected = list(result.rejected)
-            rec.sync.pulled_deleted = len(result.deleted)
-            rec.sync.deletes_kept = list(result.kept)
-            rec.sync.deletes_skipped = list(result.deletes_skipped)
+            rec.sync.conflicts = conflicts
+            rec.sync.rejected = rejected
+            rec.sync.pulled_deleted = len(deleted)
+            rec.sync.deletes_kept = kept
+            rec.sync.deletes_skipped = skipped
             rec.sync.back_pending = False
         name = ctx.desired.name
-        for conflict in result.conflicts:
+        for conflict in conflicts:
             self._say(name, "info", f"conflict kept beside local file: {conflict}")
-        for rejected in result.rejected:
-            self._say(name, "info", f"refused from sandbox: {rejected}")
+        for refused in rejected:
+            self._say(name, "info", f"refused from sandbox: {refused}")
         listed = 20  # a bulk removal is summed up, not listed line by line
-        for path in result.deleted[:listed]:
+        for path in deleted[:listed]:
             self._say(name, "info", f"removed here, deleted in the sandbox: {path}")
-        if len(result.deleted) > listed:
-            self._say(name, "info", f"... and {len(result.deleted) - listed} more removed")
-        for kept in result.kept:
-            self._say(name, "info", f"kept: {kept}")
-        for why in result.deletes_skipped:
+        if len(deleted) > listed:
+            self._say(name, "info", f"... and {len(deleted) - listed} more removed")
+        for item in kept:
+            self._say(name, "info", f"kept: {item}")
+        for why in skipped:
             self._say(name, "info", f"deletions not mirrored: {why}")
         removed = f", removed {len(result.deleted)}" if ctx.sync_options.back_delete else ""
         self._say(

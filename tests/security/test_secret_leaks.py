@@ -194,6 +194,24 @@ def test_a_two_character_secret_is_masked_and_validate_warns_about_it(leaky: Ukc
             assert b"[Qz]" not in path.read_bytes() and b"<Qz>" not in path.read_bytes()
 
 
+def test_a_file_named_after_the_secret_is_masked_in_what_sync_back_reports(
+    leaky: Ukc, canaries: Canaries
+) -> None:
+    # a name sync-back refuses (a control character in it): reported, so it must be masked
+    leaky.write_spec(
+        session(
+            "names",
+            command("name", "mkdir -p out && touch \"out/$SECRET$(printf '\\001')\""),
+            extra="sync: {back: [out/]}\n",
+        )
+    )
+    done = leaky.run("apply", check=0)
+    assert "[names] refused from sandbox: out/***" in done.stdout, done.stdout
+    (refused,) = leaky.status()["sessions"]["names"]["sync"]["rejected"]
+    assert refused.startswith("out/***")
+    assert_nowhere(canaries, texts=[done.stdout, done.stderr], paths=[leaky.project / ".ukc"])
+
+
 def test_a_canary_secret_printed_every_way_reaches_no_output_file_log_or_argv(
     leaky: Ukc, canaries: Canaries, warm_dir: Path
 ) -> None:
