@@ -506,6 +506,9 @@ class Executor:
         # one redacting stream per output stream: a secret split over several writes is
         # still masked whole; the stored tails are cut from what was shown
         streams = {kind: (redact.stream(), OutputTail()) for kind in ("stdout", "stderr")}
+        # why a lock per stream: a reader thread that outlived the command must not show its
+        # last piece after (or interleaved with) what closing the stream shows
+        locks = {kind: threading.Lock() for kind in streams}
 
         def show(kind: str, text: str) -> None:
             if text:
@@ -514,7 +517,12 @@ class Executor:
 
         def sink(kind: str) -> Callable[[bytes], None]:
             stream = streams[kind][0]
-            return lambda data: show(kind, stream.feed(data))
+
+            def feed(data: bytes) -> None:
+                with locks[kind]:
+                    show(kind, stream.feed(data))
+
+            return feed
 
         started = status.utc_now()
         try:
@@ -535,7 +543,8 @@ class Executor:
                 )
         finally:
             for kind, (stream, _tail) in streams.items():
-                show(kind, stream.close())
+                with locks[kind]:
+                    show(kind, stream.close())
         ok = result.exit_code == 0 and not result.timed_out
         rec = self._record(session)
         with self.doc_lock:

@@ -18,12 +18,11 @@ is guessed anyway).
 Why a stream holds text back: a command may print a secret in several writes (`printf %s "$A";
 sleep 1; printf %s "$B"`) and no chunk alone contains it. A stream keeps back the shortest tail
 of its text that could still be the beginning of a form (at most the longest form minus one
-character, plus an occurrence that touches that tail) and decides once more data arrives or the
-stream ends, so a value split over any number of writes at any boundaries is masked whole. Only a
-possible beginning of a secret is held, so a line that ends without one passes at once and the
-order of stdout and stderr lines is what it would be without redaction (reporters print whole
-lines). Bytes are decoded by one incremental UTF-8 decoder per stream: a character split between
-two chunks arrives whole.
+character) and decides once more data arrives or the stream ends, so a value split over any
+number of writes at any boundaries is masked whole. Only a possible beginning of a secret is
+held, so a line that ends without one passes at once and the order of stdout and stderr lines
+is what it would be without redaction (reporters print whole lines). Bytes are decoded by one
+incremental UTF-8 decoder per stream: a character split between two chunks arrives whole.
 
 Cost: a chunk without any form in it costs one substring search per form (C speed) plus the
 decoding; the slower span bookkeeping runs only for chunks that contain a secret.
