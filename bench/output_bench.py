@@ -5,8 +5,8 @@
 
 One local-metro session runs `yes LINE | head -c N` (N = --mb megabytes of 80-character lines)
 through the real `ukc apply` (stdout to a file, as in CI); the command's duration from the
-status file is the figure. Once with no `secret_env` (redaction has nothing to do) and once
-with three secret values (one of them 2 characters long), each --runs times, best run shown.
+status file is the figure. With no `secret_env` (redaction has nothing to do), with one secret
+value, and with three (one of them 2 characters long), each --runs times, best run shown.
 Also prints the redactor alone on the same text (MB/s), per-chunk as before and streaming.
 """
 
@@ -68,10 +68,11 @@ def main() -> None:
     daemon.ensure_running(state)
     command = f"yes '{LINE}' | head -c {a.mb * 1_000_000}"
     try:
-        for label, secret_env in (("no secret_env", ""), ("3 secrets", "S1,S2,S3")):
+        cases = (("no secret_env", ""), ("1 secret", "S1"), ("3 secrets", "S1,S2,S3"))
+        for label, secret_env in cases:
             project = work / label.replace(" ", "-")
             (project / "w").mkdir(parents=True)
-            lines = [f"name: out{len(secret_env)}", "directory: ./w"]
+            lines = [f"name: out{len(secret_env)}", "directory: ./w"]  # one session per case
             if secret_env:
                 lines.append("secret_env:")
                 lines += [f"  {n}: BENCH_{n}" for n in secret_env.split(",")]

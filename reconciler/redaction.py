@@ -55,32 +55,52 @@ _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 def secret_forms(value: str) -> frozenset[str]:
     """Every text whose presence in output would show `value` (see the module docstring)."""
+    return frozenset(form for family in _families(value) for form in family)
+
+
+def _families(value: str) -> list[set[str]]:
+    """`value`'s forms, grouped into variants of one encoding (they share long substrings)."""
     if not value:
-        return frozenset()
+        return []
     # why surrogateescape: a value from the environment that is not valid UTF-8 holds its
     # bytes as lone surrogates; output decoded with "replace" shows them as U+FFFD
     raw = value.encode("utf-8", "surrogateescape")
-    forms = {value, raw.decode("utf-8", "replace")}
+    families = [{value}, {raw.decode("utf-8", "replace")}]
     if len(value) >= MIN_ENCODED:
-        forms.add(raw.hex())
-        forms.add(raw.hex().upper())
-        for quoted in (
+        families.append({raw.hex(), raw.hex().upper()})
+        quoted = set()
+        for text in (
             urllib.parse.quote(raw, safe=""),
             urllib.parse.quote_plus(raw, safe=""),
             urllib.parse.quote(raw, safe="/"),
         ):
-            forms.add(quoted)
-            forms.add(_PERCENT.sub(lambda m: m.group(0).lower(), quoted))
-        for encode in (base64.b64encode, base64.urlsafe_b64encode):
-            for shift in range(3):
+            quoted |= {text, _PERCENT.sub(lambda m: m.group(0).lower(), text)}
+        families.append(quoted)
+        for shift in range(3):
+            cores = set()
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
                 # the value starting `shift` bytes into a base64 group; trailing zero bytes
                 # make its last characters appear without padding
                 text = encode(b"\0" * shift + raw + b"\0\0\0").decode("ascii")
                 first = -(-8 * shift // 6)  # the first character made of the value's bits only
-                end = 8 * (shift + len(raw)) // 6
-                forms.add(text[first:end])
-    forms.discard("")
-    return frozenset(forms)
+                cores.add(text[first : 8 * (shift + len(raw)) // 6])
+            families.append(cores)
+    return [family - {""} for family in families if family - {""}]
+
+
+def _common(texts: set[str]) -> str:
+    """The longest substring of the shortest text that every text contains."""
+    shortest = min(texts, key=len)
+    for size in range(len(shortest), 0, -1):
+        for start in range(len(shortest) - size + 1):
+            piece = shortest[start : start + size]
+            if all(piece in text for text in texts):
+                return piece
+    return ""
+
+
+#: an anchor shorter than this would be found all over ordinary output
+_MIN_ANCHOR = 6
 
 
 class Redactor:
@@ -88,11 +108,25 @@ class Redactor:
 
     def __init__(self, values: Iterable[str]) -> None:
         forms: set[str] = set()
+        anchors: set[str] = set()
         for value in values:
-            forms |= secret_forms(value)
+            for family in _families(value):
+                forms |= family
+                # why anchors: most chunks hold no secret, and proving that costs one search
+                # per anchor; the variants of an encoding (hex case, base64 alphabets, URL
+                # escapes) share a long substring that every one of them contains
+                common = _common(family)
+                if len(common) >= min(_MIN_ANCHOR, min(map(len, family))):
+                    anchors.add(common)
+                else:
+                    anchors |= family
         # longest first: spans of a form and of a shorter one inside it merge anyway, but
         # the checks below then stop early on the common case
         self._forms = tuple(sorted(forms, key=len, reverse=True))
+        #: every form contains one of these: none in a text, no form in it
+        self._anchors = tuple(
+            a for a in sorted(anchors, key=len) if not any(b in a for b in anchors if b != a)
+        )
         #: forms whose beginning may end a chunk (a one-character form is always decided)
         self._prefixable = tuple(f for f in self._forms if len(f) > 1)
 
@@ -124,7 +158,7 @@ class Redactor:
         if not self._forms:
             return text[masked:], "", 0, False
         hold = len(text) if final else self._hold_from(text)
-        if not masked and not any(form in text for form in self._forms):
+        if not masked and not any(anchor in text for anchor in self._anchors):
             return text[:hold], text[hold:], 0, joined and hold == 0
         pieces: list[str] = []
         pos = masked
