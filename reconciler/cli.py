@@ -78,6 +78,15 @@ def _load(paths: Sequence[Path], status_override: Path | None) -> list[observer.
     return groups
 
 
+def _warn_short_secrets(sessions: Sequence[spec.LoadedSession]) -> None:
+    """One stderr line per secret_env value too short to mask usefully (never the value)."""
+    from reconciler.redaction import short_secret_warnings
+
+    pairs = {s.spec.name: tuple(s.spec.secret_env.items()) for s in sessions}
+    for line in short_secret_warnings(pairs, os.environ):
+        click.echo(line, err=True)
+
+
 def _reporter(output: str) -> Any:
     from reconciler import reporting
 
@@ -107,6 +116,7 @@ def cli() -> None:
 def validate(paths: tuple[Path, ...], debug: bool) -> None:
     """Check spec files without contacting anything."""
     specset = spec.load_specs(list(paths) or [Path(".")], os.environ)
+    _warn_short_secrets(specset.sessions)
     for loaded in specset.sessions:
         click.echo(f"ok  {loaded.spec.name}  ({loaded.file}:{loaded.line})")
     click.echo(f"{len(specset.sessions)} session(s) valid")
@@ -266,6 +276,7 @@ def apply(
         )
     if prune and only:
         raise errors.UsageError("--prune cannot be combined with --session")
+    _warn_short_secrets([s for g in groups for s in g.sessions])
     reporter = _reporter(output)
     metros = _metros()
     ok = True
@@ -494,8 +505,12 @@ def warm() -> None:
 def warm_status() -> None:
     """Say whether a warm process serves this installation."""
     from reconciler import warm as warm_process
+    from reconciler import warmclient
 
-    path = warm_process.socket_path()
+    found, warning = warmclient.locate_socket()
+    if warning:
+        click.echo(warning, err=True)
+    path = Path(found) if found is not None else None
     info = warm_process.status(path) if path is not None else None
     if info is None:
         click.echo("warm process: not running" + ("" if path else " (no private socket dir)"))

@@ -13,20 +13,22 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import actions, errors, ownership, services, status
 from reconciler.atomicfile import write_atomic
 from reconciler.backends import CreateRequest, Instance, RemoteShell
+from reconciler.backends.commands import CommandResult
 from reconciler.interrupts import StopFlag
 from reconciler.metro import MetroConnection, MetroRegistry
 from reconciler.observer import Group, Observation, SessionContext
+from reconciler.redaction import OutputTail, Redactor
 from reconciler.reporting import Event, Reporter
 from reconciler.sync import engine as sync_engine
 
-__all__ = ["Executor", "Redactor", "SessionOutcome", "ShellPool"]
+__all__ = ["Executor", "SessionOutcome", "ShellPool"]
 
 #: the original workflow's scale-to-zero: idle sessions cost nothing, memory kept (stateful)
 SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
@@ -112,19 +114,6 @@ class ShellPool:
         for _, shell in items:
             with contextlib.suppress(Exception):
                 shell.close()
-
-
-class Redactor:
-    """Replaces secret values in any text before it is shown or stored."""
-
-    def __init__(self, values: Sequence[str]) -> None:
-        # Longest first so a secret containing another is masked whole.
-        self._values = sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for value in self._values:
-            text = text.replace(value, "***")
-        return text
 
 
 @dataclass
@@ -271,7 +260,7 @@ class Executor:
             outcome.ran_commands += 1
             self._run_command(action, ctx, conn, run, redact)
         elif isinstance(action, actions.SyncBack):
-            self._sync_back(ctx, run)
+            self._sync_back(ctx, run, redact)
 
     # -- instance lifecycle ----------------------------------------------------------------
 
@@ -516,42 +505,48 @@ class Executor:
         session = action.session
         assert run.inst is not None
 
-        def stream(kind: str) -> Callable[[bytes], None]:
-            def emit(data: bytes) -> None:
-                text = redact(data.decode("utf-8", "replace"))
+        # one redacting stream per output stream: a secret split over several writes is
+        # still masked whole; the stored tails are cut from what was shown
+        streams = {kind: (redact.stream(), OutputTail()) for kind in ("stdout", "stderr")}
+        # why a lock per stream: a reader thread that outlived the command must not show its
+        # last piece after (or interleaved with) what closing the stream shows
+        locks = {kind: threading.Lock() for kind in streams}
+
+        def show(kind: str, text: str) -> None:
+            if text:
+                streams[kind][1].add(text)
                 self._say(session, "output", text, kind)
 
-            return emit
+        def sink(kind: str) -> Callable[[bytes], None]:
+            stream = streams[kind][0]
+
+            def feed(data: bytes) -> None:
+                with locks[kind]:
+                    show(kind, stream.feed(data))
+
+            return feed
 
         started = status.utc_now()
-        if ctx.loaded.spec.exec == "http":
-            from reconciler.backends.httpexec import HttpExec
+        try:
+            if ctx.loaded.spec.exec == "http":
+                result = self._run_http(action, ctx, conn, run, sink("stdout"), sink("stderr"))
+            else:
+                from reconciler.backends import commands as remote_commands
 
-            assert run.inst.fqdn is not None
-            result = HttpExec(conn.dialer, conn.ssl_context).run(
-                run.inst.fqdn,
-                action.run,
-                env=ctx.env,
-                cwd="/workspace",
-                timeout_s=action.timeout_s,
-            )
-            if result.stdout_tail:
-                stream("stdout")(result.stdout_tail.encode())
-            if result.stderr_tail:
-                stream("stderr")(result.stderr_tail.encode())
-        else:
-            from reconciler.backends import commands as remote_commands
-
-            assert run.shell is not None
-            result = remote_commands.run_command(
-                run.shell,
-                action.run,
-                env=ctx.env,
-                cwd="/workspace",
-                timeout_s=action.timeout_s,
-                on_stdout=stream("stdout"),
-                on_stderr=stream("stderr"),
-            )
+                assert run.shell is not None
+                result = remote_commands.run_command(
+                    run.shell,
+                    action.run,
+                    env=ctx.env,
+                    cwd="/workspace",
+                    timeout_s=action.timeout_s,
+                    on_stdout=sink("stdout"),
+                    on_stderr=sink("stderr"),
+                )
+        finally:
+            for kind, (stream, _tail) in streams.items():
+                with locks[kind]:
+                    show(kind, stream.close())
         ok = result.exit_code == 0 and not result.timed_out
         rec = self._record(session)
         with self.doc_lock:
@@ -561,8 +556,8 @@ class Executor:
                 run=action.run,
                 exit_code=result.exit_code,
                 timed_out=result.timed_out,
-                stdout=redact(result.stdout_tail),
-                stderr=redact(result.stderr_tail),
+                stdout=streams["stdout"][1].text(),
+                stderr=streams["stderr"][1].text(),
                 started_at=started,
                 finished_at=status.utc_now(),
                 duration_s=round(result.duration_s, 3),
@@ -590,34 +585,70 @@ class Executor:
             )
         self._say(session, "info", f"command {action.name!r} exited 0 in {result.duration_s:.2f}s")
 
-    def _sync_back(self, ctx: SessionContext, run: _Run) -> None:
+    def _run_http(
+        self,
+        action: actions.RunCommand,
+        ctx: SessionContext,
+        conn: MetroConnection,
+        run: _Run,
+        on_stdout: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+    ) -> CommandResult:
+        """`exec: http`: the environment goes over SSH into a private file the command sources,
+        so no value (secrets included) is in the unauthenticated request or any argv."""
+        from reconciler.backends import httpexec
+
+        assert run.inst is not None and run.inst.fqdn is not None and run.shell is not None
+        env_file = httpexec.stage_env(run.shell, ctx.env) if ctx.env else None
+        try:
+            return httpexec.HttpExec(conn.dialer, conn.ssl_context).run(
+                run.inst.fqdn,
+                action.run,
+                env={},
+                env_file=env_file,
+                cwd="/workspace",
+                timeout_s=action.timeout_s,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        finally:
+            if env_file is not None:
+                httpexec.unstage_env(run.shell, env_file)
+
+    def _sync_back(self, ctx: SessionContext, run: _Run, redact: Redactor) -> None:
         assert run.shell is not None
         # the instance uuid (with the sandbox's boot id) says which sandbox a pulled file came
         # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
         uuid = run.inst.uuid if run.inst is not None else ""
         result = sync_engine.pull(run.shell, ctx.sync_options, instance_uuid=uuid)
+        # file names come from the sandbox, which knows the secrets: masked like its output
+        conflicts = [redact(c) for c in result.conflicts]
+        rejected = [redact(r) for r in result.rejected]
+        deleted = [redact(d) for d in result.deleted]
+        kept = [redact(k) for k in result.kept]
+        skipped = [redact(w) for w in result.deletes_skipped]
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             rec.sync.pulled_files = result.files_written
-            rec.sync.conflicts = list(result.conflicts)
-            rec.sync.rejected = list(result.rejected)
-            rec.sync.pulled_deleted = len(result.deleted)
-            rec.sync.deletes_kept = list(result.kept)
-            rec.sync.deletes_skipped = list(result.deletes_skipped)
+            rec.sync.conflicts = conflicts
+            rec.sync.rejected = rejected
+            rec.sync.pulled_deleted = len(deleted)
+            rec.sync.deletes_kept = kept
+            rec.sync.deletes_skipped = skipped
             rec.sync.back_pending = False
         name = ctx.desired.name
-        for conflict in result.conflicts:
+        for conflict in conflicts:
             self._say(name, "info", f"conflict kept beside local file: {conflict}")
-        for rejected in result.rejected:
-            self._say(name, "info", f"refused from sandbox: {rejected}")
+        for refused in rejected:
+            self._say(name, "info", f"refused from sandbox: {refused}")
         listed = 20  # a bulk removal is summed up, not listed line by line
-        for path in result.deleted[:listed]:
+        for path in deleted[:listed]:
             self._say(name, "info", f"removed here, deleted in the sandbox: {path}")
-        if len(result.deleted) > listed:
-            self._say(name, "info", f"... and {len(result.deleted) - listed} more removed")
-        for kept in result.kept:
-            self._say(name, "info", f"kept: {kept}")
-        for why in result.deletes_skipped:
+        if len(deleted) > listed:
+            self._say(name, "info", f"... and {len(deleted) - listed} more removed")
+        for item in kept:
+            self._say(name, "info", f"kept: {item}")
+        for why in skipped:
             self._say(name, "info", f"deletions not mirrored: {why}")
         removed = f", removed {len(result.deleted)}" if ctx.sync_options.back_delete else ""
         self._say(

@@ -25,7 +25,9 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if warmclient.worthy(args):
-        path = warmclient.socket_path()
+        path, warning = warmclient.locate_socket()
+        if warning:
+            sys.stderr.write(warning + "\n")
         if path is not None:
             code = warmclient.run(args, path)
             if code is not None:

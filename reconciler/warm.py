@@ -147,9 +147,10 @@ def wait_ready(path: Path, timeout_s: float = 60) -> dict[str, Any]:
 def start(environ: dict[str, str] | os._Environ[str] | None = None, timeout_s: float = 60) -> Path:
     """Start the server `environ` points at (UKC_WARM_DIR...), wait until it answers, and
     return its socket: what benches and test suites do before they time `ukc`."""
-    path = socket_path(environ)
-    if path is None:
-        raise RuntimeError("no private directory for the warm process (see UKC_WARM_DIR)")
+    found, warning = warmclient.locate_socket(environ)
+    if found is None:
+        raise RuntimeError(warning or "no private directory for the warm process")
+    path = Path(found)
     spawn(path, environ)
     wait_ready(path, timeout_s)
     return path

@@ -6,9 +6,12 @@ uses only what the interpreter has built in or `site` already loaded (`os`, `sys
 `socket`, `signal`, `json`, `pathlib`, `hashlib` and `typing` pull in enum, re, urllib and
 OpenSSL, ~35 ms together, while the warm process answers a no-op apply in ~30 ms.
 
-Who uses it: `launcher` (`worthy`, `socket_path`, `run`), and `warm` (the server half, which
-shares `private_dir`, `connect`, `recv_exact`, `peer_uid` and the constants; the protocol is
+Who uses it: `launcher` (`worthy`, `locate_socket`, `run`), and `warm` (the server half, which
+shares `socket_path`, `connect`, `recv_exact`, `peer_uid` and the constants; the protocol is
 described there).
+
+Where the socket lives: a private 0700 directory that is ours alone (`locate`); the first
+candidate that qualifies wins and every refused one is named in a warning line.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ __all__ = [
     "HANDSHAKE_S",
     "WARM_COMMANDS",
     "connect",
+    "locate",
+    "locate_socket",
     "peer_pid",
     "peer_uid",
     "private_dir",
@@ -55,26 +60,84 @@ def worthy(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> boo
     return not any(a in ("-h", "--help") for a in argv[1:])
 
 
-def private_dir(environ: Mapping[str, str]) -> str | None:
-    """The socket directory, created 0700; None when it is not ours alone (never trust it)."""
+#: the longest socket path a Unix socket address holds (108 bytes with the final NUL)
+_SUN_PATH_MAX = 107
+#: room for the longest name bound in the directory: the server binds
+#: ".warm-<12 hex>.sock.<pid, up to 7 digits>.tmp" and renames it to "warm-<12 hex>.sock"
+_NAME_ROOM = 35
+
+
+def _candidates(environ: Mapping[str, str]) -> list[str]:
+    """Where the socket directory may be, best first.
+
+    `UKC_WARM_DIR` alone when set. Otherwise the login session's runtime directory, then a
+    per-user name in the temp directory, then the user's cache directory: the temp name is
+    the one another local user can take first, and the cache is under the user's home where
+    nobody else can create it.
+    """
     configured = environ.get("UKC_WARM_DIR")
     if configured:
-        base = configured
-    elif environ.get("XDG_RUNTIME_DIR"):
-        base = os.path.join(environ["XDG_RUNTIME_DIR"], "ukc")
-    else:
-        base = f"/tmp/ukc-{os.getuid()}"
+        # absolute: the server, started with "/" as its directory, binds this very path
+        return [os.path.abspath(configured)]
+    found = []
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        found.append(os.path.join(runtime, "ukc"))
+    tmp = environ.get("TMPDIR", "")
+    found.append(os.path.join(tmp if os.path.isabs(tmp) else "/tmp", f"ukc-{os.getuid()}"))
+    home = environ.get("HOME", "")
+    cache = environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):
+        cache = os.path.join(home, ".cache") if os.path.isabs(home) else ""
+    if cache:
+        found.append(os.path.join(cache, "ukc", "warm"))
+    return found
+
+
+def _refusal(base: str) -> str | None:
+    """Why `base` cannot hold our socket (None: it is ours alone), creating it 0700."""
+    if len(os.fsencode(base)) + 1 + _NAME_ROOM > _SUN_PATH_MAX:
+        return "is too long a path for a unix socket"
     try:
         os.makedirs(base, mode=0o700, exist_ok=True)
         st = os.lstat(base)
-    except OSError:
-        return None
+    except OSError as err:
+        return f"cannot be created ({err.strerror or err})"
     # why: the socket carries the client's environment (tokens included); a directory another
     # user created or can write could hold their listener under our socket's name
-    is_dir = (st.st_mode & 0o170000) == 0o040000
-    if not is_dir or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return None
-    return base
+    if (st.st_mode & 0o170000) != 0o040000:
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return f"belongs to uid {st.st_uid}"
+    if st.st_mode & 0o077:
+        return f"can be entered by other users (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def locate(environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(the socket directory, created 0700, or None; a warning line when one was refused).
+
+    A refused directory is never used; the next candidate is (see `_candidates`), and the
+    warning says which was refused and why: a directory another user took first must not
+    silently make every command run cold, nor go unnoticed.
+    """
+    refused: list[str] = []
+    for base in _candidates(environ):
+        why = _refusal(base)
+        if why is None:
+            if not refused:
+                return base, ""
+            return base, f"ukc: warning: {'; '.join(refused)}; the warm process uses {base}"
+        refused.append(f"{base} {why}")
+    return None, (
+        f"ukc: warning: {'; '.join(refused)}; commands run without the warm process "
+        "(set UKC_WARM_DIR to a private directory, or UKC_WARM=0)"
+    )
+
+
+def private_dir(environ: Mapping[str, str]) -> str | None:
+    """The socket directory, created 0700; None when no candidate is ours alone."""
+    return locate(environ)[0]
 
 
 def _sha256_hex(data: bytes) -> str:
@@ -90,13 +153,19 @@ def _sha256_hex(data: bytes) -> str:
 
 def socket_path(environ: Mapping[str, str] | None = None) -> str | None:
     """This interpreter's and this installation's server socket (None: no safe place)."""
-    base = private_dir(os.environ if environ is None else environ)
+    return locate_socket(environ)[0]
+
+
+def locate_socket(environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """(`socket_path`, a warning line when a directory was refused: see `locate`)."""
+    base, warning = locate(os.environ if environ is None else environ)
     if base is None:
-        return None
+        return None, warning
     here = os.path.dirname(os.path.abspath(__file__))
-    # why not the real path: venvs link to one base interpreter; sys.prefix tells them apart
-    key = _sha256_hex(f"{sys.executable}\0{sys.prefix}\0{here}".encode())
-    return os.path.join(base, f"warm-{key[:12]}.sock")
+    # why not the real path: venvs link to one base interpreter; sys.prefix tells them apart;
+    # the host name: a home directory shared between machines holds one socket per machine
+    key = _sha256_hex(f"{sys.executable}\0{sys.prefix}\0{here}\0{os.uname().nodename}".encode())
+    return os.path.join(base, f"warm-{key[:12]}.sock"), warning
 
 
 def peer_uid(sock: _socket.socket) -> int:

@@ -9,9 +9,13 @@ It connects like `backends.tls.Dialer` (same address mapping and CA): httpx requ
 mapped address with `sni_hostname` and `Host` set to the FQDN, so SNI routing and
 certificate verification are against the FQDN, not against 127.0.0.1.
 
-Limits of the API we cannot fix here: env values (secrets included) travel inside `cmd`, so
-the image's server may put them on its own `sh -lc` command line (the local metro's does not);
-prefer `exec: ssh` for secrets. Nothing this side adds puts them on any other command line.
+Secrets: the API can only carry a command line (the image's server runs `sh -lc CMD`), so env
+values put into `cmd` would sit in the request to an unauthenticated server and on a command
+line in the sandbox. The executor therefore writes the environment over SSH into a private
+file in the sandbox (`stage_env`), and `cmd` only names that file: it is sourced and removed
+before the command starts (`unstage_env` removes it too if the request never ran).
+Nothing on this side puts env values on any command line: the exports (or the staged file)
+run in the server's own shell, and only COMMAND is on the command line of `timeout`.
 Everything the server answers is untrusted: types are checked and sizes capped.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 import shlex
 import ssl
 import time
@@ -27,6 +32,7 @@ from collections.abc import Callable, Mapping
 
 import httpx
 
+from reconciler.backends import RemoteShell
 from reconciler.backends.commands import CommandResult
 from reconciler.backends.tls import AddressMap, Dialer
 from reconciler.errors import RemoteError, SpecError, TransportError
@@ -34,6 +40,8 @@ from reconciler.errors import RemoteError, SpecError, TransportError
 __all__ = [
     "HttpExec",
     "build_exec_cmd",
+    "stage_env",
+    "unstage_env",
 ]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -44,19 +52,38 @@ _TIMEOUT_EXIT = 124
 _KILL_AFTER_S = 5
 
 
-def build_exec_cmd(command: str, env: Mapping[str, str], cwd: str, timeout_s: float | None) -> str:
-    """`cd CWD && export K='v' && ... && (COMMAND)`, COMMAND under `timeout` when one is given.
-
-    The exports run in the server's own shell (builtins: no process, no argv); only COMMAND
-    goes on the command line of `timeout` and its `sh -c`, so env values never do.
-    """
-    parts = [f"cd {shlex.quote(cwd)}"]
+def _exports(env: Mapping[str, str]) -> list[str]:
+    lines = []
     for name, value in env.items():
         if not _ENV_NAME.fullmatch(name):
             raise SpecError(f"env name {name!r} is not a shell variable name", field="env")
         if "\0" in value:
             raise SpecError(f"env value of {name} contains a nul byte", field="env")
-        parts.append(f"export {name}={shlex.quote(value)}")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    return lines
+
+
+def build_exec_cmd(
+    command: str,
+    env: Mapping[str, str],
+    cwd: str,
+    timeout_s: float | None,
+    *,
+    env_file: str | None = None,
+) -> str:
+    """`cd CWD && export K='v' && ... && (COMMAND)`, COMMAND under `timeout` when one is given.
+
+    The exports run in the server's own shell (builtins: no process, no argv); only COMMAND
+    goes on the command line of `timeout` and its `sh -c`. With `env_file` (see `stage_env`),
+    that file is sourced and removed first; `env` should then be empty, so no value is part of
+    the request either.
+    """
+    parts = []
+    if env_file is not None:
+        path = shlex.quote(env_file)
+        parts.append(f"{{ . {path}; s=$?; rm -f {path}; [ $s -eq 0 ]; }}")
+    parts.append(f"cd {shlex.quote(cwd)}")
+    parts.extend(_exports(env))
     if timeout_s is None:
         parts.append(f"({command})")
     else:
@@ -65,6 +92,46 @@ def build_exec_cmd(command: str, env: Mapping[str, str], cwd: str, timeout_s: fl
         inner = shlex.quote(f"({command})")
         parts.append(f"exec timeout -k {_KILL_AFTER_S} {seconds} sh -c {inner}")
     return " && ".join(parts)
+
+
+def stage_env(shell: RemoteShell, env: Mapping[str, str], timeout_s: float = 30.0) -> str:
+    """Write `env` as `export` lines to a new 0600 file in the sandbox's /tmp; its path.
+
+    The values travel over the SSH channel's stdin, never on a command line.
+    """
+    script = ("\n".join(_exports(env)) + "\n").encode()
+    path = f"/tmp/ukc-env.{secrets.token_hex(8)}"
+    # why noclobber: the file is created, never opened if something already has the name
+    proc = shell.start(f"umask 077 && set -C && cat > {path}")
+    try:
+        proc.write(script)
+        proc.close_stdin()
+        code = proc.wait(timeout_s)
+    except TimeoutError:
+        raise RemoteError(
+            f"staging the environment for exec: http took over {timeout_s:.0f}s"
+        ) from None
+    finally:
+        proc.kill()
+    if code != 0:
+        raise RemoteError(
+            f"could not stage the environment for exec: http in the sandbox (exit {code})",
+            retryable=False,
+        )
+    return path
+
+
+def unstage_env(shell: RemoteShell, path: str, timeout_s: float = 10.0) -> None:
+    """Remove a staged environment file (the command removes it itself once it started)."""
+    try:
+        proc = shell.start(f"rm -f {shlex.quote(path)}")
+        try:
+            proc.close_stdin()
+            proc.wait(timeout_s)
+        finally:
+            proc.kill()
+    except Exception:  # best effort: the file is private to the sandbox
+        return
 
 
 def _tail(text: str, limit: int) -> str:
@@ -123,12 +190,13 @@ class HttpExec:
         cwd: str = "/workspace",
         timeout_s: float | None = None,
         *,
+        env_file: str | None = None,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
         tail_bytes: int = 64 * 1024,
     ) -> CommandResult:
         """Run `command`; a non-zero exit is a result, a broken API a `RemoteError`."""
-        cmd = build_exec_cmd(command, env, cwd, timeout_s)
+        cmd = build_exec_cmd(command, env, cwd, timeout_s, env_file=env_file)
         host, port = self.address(fqdn, self.port)
         url = f"https://{host}:{port}/exec"
         # why: the server holds the request for the whole run; allow the kill grace on top.
@@ -182,10 +250,11 @@ class HttpExec:
             raise RemoteError(f"{where}: 200 answer lacks string stdout/stderr", retryable=False)
         if not isinstance(code, int) or isinstance(code, bool) or not -1 <= code <= 255:
             raise RemoteError(f"{where}: 200 answer has no exit code in -1..255", retryable=False)
+        # why "replace": a JSON string may hold lone surrogates, which UTF-8 cannot encode
         if on_stdout is not None and stdout:
-            on_stdout(stdout.encode())
+            on_stdout(stdout.encode("utf-8", "replace"))
         if on_stderr is not None and stderr:
-            on_stderr(stderr.encode())
+            on_stderr(stderr.encode("utf-8", "replace"))
         timed_out = timeout_s is not None and code == _TIMEOUT_EXIT
         return CommandResult(
             exit_code=None if timed_out else code,

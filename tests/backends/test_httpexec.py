@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -11,7 +12,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from reconciler.backends.httpexec import HttpExec, build_exec_cmd
+from reconciler.backends.httpexec import HttpExec, build_exec_cmd, stage_env, unstage_env
+from reconciler.backends.localshell import LocalShell
 from reconciler.backends.tls import Dialer
 from reconciler.errors import RemoteError, SpecError, TransportError
 
@@ -117,6 +119,33 @@ class TestRun:
         assert result.timed_out is True
         assert result.exit_code is None
         assert result.duration_s < 10
+
+
+class TestStagedEnvironment:
+    """Env values go through a private file written over the shell, not through the API."""
+
+    def test_values_reach_the_command_but_never_the_request_and_the_file_is_gone(
+        self, http_exec: HttpExec, tmp_path: object
+    ) -> None:
+        value = "s3cret-" + "x" * 20 + "'$(id)"
+        shell = LocalShell()
+        path = stage_env(shell, {"TOKEN": value})
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        result = http_exec.run(FQDN, 'printf "%s" "$TOKEN"', {}, cwd=str(tmp_path), env_file=path)
+        assert result.exit_code == 0 and result.stdout_tail == value
+        raw = ExecHandler.seen[0]["raw"]
+        assert b"s3cret" not in raw and path.encode() in raw
+        assert not os.path.exists(path)  # sourced, then removed before the command ran
+
+    def test_an_unused_staged_file_is_removed_and_a_failed_source_runs_nothing(
+        self, http_exec: HttpExec
+    ) -> None:
+        shell = LocalShell()
+        path = stage_env(shell, {"A": "1"})
+        unstage_env(shell, path)
+        assert not os.path.exists(path)
+        result = http_exec.run(FQDN, "echo ran", {}, cwd="/", env_file=path)
+        assert result.exit_code != 0 and "ran" not in result.stdout_tail
 
 
 class TestHostileOrBrokenServer:

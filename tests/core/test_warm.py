@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import warm
+from reconciler import warm, warmclient
 
 SPEC = "name: hello\nimage: base:latest\ndirectory: .\n"
 
@@ -140,6 +142,34 @@ def test_a_socket_directory_others_can_enter_is_never_used(tmp_path: Path) -> No
     found = warm.socket_path({"UKC_WARM_DIR": str(private)})
     assert found is not None and found.parent == private
     assert private.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_socket_directory_is_the_runtime_dir_then_the_temp_dir_then_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = Path(tempfile.mkdtemp(prefix="ukcw"))  # short: socket paths hold 107 bytes
+    try:
+        (base / "run").mkdir(mode=0o700)
+        env = {"XDG_RUNTIME_DIR": str(base / "run"), "TMPDIR": str(base), "HOME": str(base)}
+        assert warmclient.locate(env) == (str(base / "run" / "ukc"), "")
+        del env["XDG_RUNTIME_DIR"]
+        taken = base / f"ukc-{os.getuid()}"
+        assert warmclient.locate(env) == (str(taken), "")
+        taken.chmod(0o755)
+        found, warning = warmclient.locate(env)
+        assert found == str(base / ".cache" / "ukc" / "warm")
+        assert str(taken) in warning and "mode 755" in warning and found in warning
+        monkeypatch.chdir(base)
+        assert warmclient.locate({"UKC_WARM_DIR": "rel"})[0] == str(base / "rel")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_directory_too_long_for_a_unix_socket_is_refused_with_a_reason() -> None:
+    long_dir = "/tmp/" + "d" * 80
+    found, warning = warmclient.locate({"UKC_WARM_DIR": long_dir})
+    assert found is None and "too long a path for a unix socket" in warning
+    assert not os.path.exists(long_dir)
 
 
 def test_a_client_that_never_says_go_gets_nothing_run(
