@@ -595,19 +595,32 @@ class Executor:
         uuid = run.inst.uuid if run.inst is not None else ""
         result = sync_engine.pull(run.shell, ctx.sync_options, instance_uuid=uuid)
         rec = self._record(ctx.desired.name)
+        stopped = result.stopped or (
+            f"stopped: the sandbox broke its stream ({result.aborted})" if result.aborted else ""
+        )
+        rejected = list(result.rejected)
+        if result.refused > len(rejected):
+            rejected.append(f"... and {result.refused - len(rejected)} more refused")
+        listed = 100  # status lists stay small whatever the sandbox sends
+        conflicts = list(result.conflicts[:listed])
+        if len(result.conflicts) > listed:
+            conflicts.append(f"... and {len(result.conflicts) - listed} more conflicts")
         with self.doc_lock:
             rec.sync.pulled_files = result.files_written
-            rec.sync.conflicts = list(result.conflicts)
-            rec.sync.rejected = list(result.rejected)
+            rec.sync.conflicts = conflicts
+            rec.sync.rejected = rejected
             rec.sync.pulled_deleted = len(result.deleted)
             rec.sync.deletes_kept = list(result.kept)
             rec.sync.deletes_skipped = list(result.deletes_skipped)
-            rec.sync.back_pending = False
+            rec.sync.back_stopped = stopped
+            # stopped early: the outputs are still owed (the next pull resumes: files already
+            # home are not sent again)
+            rec.sync.back_pending = bool(stopped)
         name = ctx.desired.name
-        for conflict in result.conflicts:
+        for conflict in conflicts:
             self._say(name, "info", f"conflict kept beside local file: {conflict}")
-        for rejected in result.rejected:
-            self._say(name, "info", f"refused from sandbox: {rejected}")
+        for line in rejected:
+            self._say(name, "info", f"refused from sandbox: {line}")
         listed = 20  # a bulk removal is summed up, not listed line by line
         for path in result.deleted[:listed]:
             self._say(name, "info", f"removed here, deleted in the sandbox: {path}")
@@ -624,6 +637,11 @@ class Executor:
             f"brought back {result.files_written} file(s) ({result.bytes_written} bytes){removed}",
         )
         self.save()
+        if stopped:
+            raise errors.SyncLimitError(
+                f"sync-back of session {name!r} {stopped}; "
+                f"{result.files_written} file(s) brought back were kept, no deletions mirrored"
+            )
 
 
 def ensure_keypair(path: Path) -> str:
