@@ -408,8 +408,8 @@ class _Puller:
             if self.announced_bytes + size > self.max_bytes:
                 return (
                     f"stopped at sync.back_max_bytes = {self.max_bytes}: "
-                    f"{_safe_label(path)} announced {size} bytes with "
-                    f"{self.announced_bytes} already received"
+                    f"{_safe_label(path)} announces {size} bytes, only "
+                    f"{self.max_bytes - self.announced_bytes} are left"
                 )
             self.announced_bytes += size
         return None

@@ -95,10 +95,10 @@ def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> M
             chars += len(path)
             if others > MAX_REMOTE_ONLY or chars > MAX_REMOTE_ONLY_CHARS:
                 raise SyncLimitError(
-                    f"push to {s.opts.remote_root}: the sandbox lists more than "
-                    f"{min(others, MAX_REMOTE_ONLY) - 1} paths ({chars} characters) that are not "
-                    "in the local tree, more than a push may delete; stopped before any change "
-                    "(exclude them with sync.exclude or .ukcignore)"
+                    f"push to {s.opts.remote_root}: the sandbox lists {others} paths "
+                    f"({chars} characters) that are not in the local tree, more than a push may "
+                    f"delete ({MAX_REMOTE_ONLY} paths, {MAX_REMOTE_ONLY_CHARS} characters); "
+                    "stopped before any change (exclude them with sync.exclude or .ukcignore)"
                 )
             entries[path] = _REMOTE_ONLY[item[1]]
 
