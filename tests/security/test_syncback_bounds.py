@@ -288,13 +288,13 @@ def test_a_block_list_longer_than_asked_for_is_refused(attack: Attack) -> None:
         frame({"scan": [["big.bin", "f", 3 << 20, 1, 420, ""]]})
         frame({"scan_end": True, "count": 1})
         flush()
-        frame({"n": 1 << 40})
-        block = b"z" * (1 << 20)
-        while True:
-            OUT.write(block)
+        frame({"n": 49})  # the file has 48 blocks of 64 KiB: one digest more than asked for
+        OUT.write(b"d" * 8 * 49)
+        flush()
+        time.sleep(3600)
     """
     with pytest.raises(RemoteError, match=r"malformed block list for big\.bin"):
-        push(attack.shell, attack.opts(body, back=()), instance_uuid="u")
+        push(attack.shell, attack.opts(body, back=(), idle_timeout_s=5.0), instance_uuid="u")
 
 
 # --- descriptors and names ----------------------------------------------------------------
@@ -369,6 +369,37 @@ def test_a_250_byte_name_in_conflict_is_reported_and_the_local_file_kept(
         assert "cannot be kept beside it" in result.rejected[0]
         assert result.rejected[0].startswith("out/" + name[:100])
         assert sorted(os.listdir(attack.local / "out")) == ["after.txt", name]
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_local_file_that_cannot_be_replaced_is_reported_and_the_pull_goes_on(
+    attack: Attack, threads: int
+) -> None:
+    # an immutable file (chattr +i: even root gets EPERM) that an earlier pull brought back
+    def body(version: bytes) -> str:
+        return f"""
+            hello()
+            entry("out/locked.txt", size={len(version)})
+            chunk({version!r})
+            end_file()
+            entry("out/after.txt", size={len(version)})
+            chunk({version!r})
+            end_file()
+            frame({{"end": True, "errors": 0, "missing": []}})
+        """
+
+    pull(attack.shell, attack.opts(body(b"v1"), write_threads=threads))
+    locked = attack.local / "out/locked.txt"
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        result = pull(attack.shell, attack.opts(body(b"v2"), write_threads=threads))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert result.rejected == ["out/locked.txt: not written here: operation not permitted"]
+    assert locked.read_text() == "v1"
+    assert (attack.local / "out/after.txt").read_text() == "v2"
+    assert sorted(os.listdir(attack.local / "out")) == ["after.txt", "locked.txt"]
 
 
 def test_a_full_local_disk_stops_the_pull_and_keeps_what_fit(attack: Attack) -> None:
@@ -566,7 +597,8 @@ def test_a_real_sandboxs_outputs_stop_at_the_spec_cap_and_land_without_group_wri
         "head -c 3000000 /dev/zero > out/z-big.bin"
     )
     ukc.write_spec(_cap_spec(command))
-    old = os.umask(0o022)
+    # the common umask of users with a group of their own: it would keep a group write bit
+    old = os.umask(0o002)
     try:
         first = ukc.run("apply", "session.yaml", timeout=600)
     finally:
