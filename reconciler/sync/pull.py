@@ -118,11 +118,6 @@ class PullResult:
     #: the cap this pull stopped at, with the numbers (or a full local disk), else None
     stopped: str | None = None
 
-    @property
-    def complete(self) -> bool:
-        """True when the sandbox's whole listing was taken in (nothing stopped it)."""
-        return self.stopped is None and self.aborted is None
-
 
 def local_mode(remote: int) -> int:
     """The permission bits a pulled file is created with (the umask then applies): read bits
