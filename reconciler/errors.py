@@ -20,7 +20,9 @@ values, private keys). The CLI prints that line and maps the class to an exit co
     ├── SandboxNotReadyError      SSH not accepting in time (also a TimeoutError)
     ├── SyncError                 the sync engine refused or failed
     │   ├── SyncHaltedError       a safety guard tripped (missing/emptied root); nothing deleted
-    │   └── HostileEntryError     the sandbox sent a path we refuse to write
+    │   ├── HostileEntryError     the sandbox sent a path we refuse to write
+    │   ├── SyncStalledError      the sync helper stalled, or the sync outlived `sync.timeout`
+    │   └── SyncLimitError        a sync-back stopped at one of its `sync.back_max_*` caps
     ├── CommandFailedError        a session command exited non-zero or timed out
     ├── LocalMetroError           the embedded local metro could not start or answer
     └── ConvergenceError          apply did not converge within its round cap
@@ -46,6 +48,8 @@ __all__ = [
     "SpecError",
     "SyncError",
     "SyncHaltedError",
+    "SyncLimitError",
+    "SyncStalledError",
     "TransportError",
     "UkcError",
     "UsageError",
@@ -170,6 +174,16 @@ class SyncHaltedError(SyncError):
 
 class HostileEntryError(SyncError):
     """The sandbox offered an entry we refuse to write locally."""
+
+
+class SyncStalledError(SyncError):
+    """The sync helper sent or read nothing for `sync.idle_timeout`, or the push or pull
+    outlived `sync.timeout`; the helper was stopped. Not retried: a stalled sandbox stays so."""
+
+
+class SyncLimitError(SyncError):
+    """A sync-back stopped early: a `sync.back_max_*` cap was reached, or the sandbox broke
+    its stream. What was written stays; no remote deletion was mirrored."""
 
 
 class CommandFailedError(UkcError):

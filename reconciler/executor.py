@@ -621,13 +621,22 @@ class Executor:
         # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
         uuid = run.inst.uuid if run.inst is not None else ""
         result = sync_engine.pull(run.shell, ctx.sync_options, instance_uuid=uuid)
+        rec = self._record(ctx.desired.name)
+        stopped = result.stopped or (
+            f"stopped: the sandbox broke its stream ({result.aborted})" if result.aborted else ""
+        )
+        stopped = redact(stopped)
         # file names come from the sandbox, which knows the secrets: masked like its output
-        conflicts = [redact(c) for c in result.conflicts]
         rejected = [redact(r) for r in result.rejected]
+        if result.refused > len(rejected):
+            rejected.append(f"... and {result.refused - len(rejected)} more refused")
+        listed = 100  # status lists stay small whatever the sandbox sends
+        conflicts = [redact(c) for c in result.conflicts[:listed]]
+        if len(result.conflicts) > listed:
+            conflicts.append(f"... and {len(result.conflicts) - listed} more conflicts")
         deleted = [redact(d) for d in result.deleted]
         kept = [redact(k) for k in result.kept]
         skipped = [redact(w) for w in result.deletes_skipped]
-        rec = self._record(ctx.desired.name)
         with self.doc_lock:
             rec.sync.pulled_files = result.files_written
             rec.sync.conflicts = conflicts
@@ -635,12 +644,15 @@ class Executor:
             rec.sync.pulled_deleted = len(deleted)
             rec.sync.deletes_kept = kept
             rec.sync.deletes_skipped = skipped
-            rec.sync.back_pending = False
+            rec.sync.back_stopped = stopped
+            # stopped early: the outputs are still owed (the next pull resumes: files already
+            # home are not sent again)
+            rec.sync.back_pending = bool(stopped)
         name = ctx.desired.name
         for conflict in conflicts:
             self._say(name, "info", f"conflict kept beside local file: {conflict}")
-        for refused in rejected:
-            self._say(name, "info", f"refused from sandbox: {refused}")
+        for line in rejected:
+            self._say(name, "info", f"refused from sandbox: {line}")
         listed = 20  # a bulk removal is summed up, not listed line by line
         for path in deleted[:listed]:
             self._say(name, "info", f"removed here, deleted in the sandbox: {path}")
@@ -657,6 +669,11 @@ class Executor:
             f"brought back {result.files_written} file(s) ({result.bytes_written} bytes){removed}",
         )
         self.save()
+        if stopped:
+            raise errors.SyncLimitError(
+                f"sync-back of session {name!r} {stopped}; "
+                f"{result.files_written} file(s) brought back were kept, no deletions mirrored"
+            )
 
 
 def ensure_keypair(path: Path) -> str:

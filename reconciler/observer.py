@@ -155,6 +155,12 @@ def sync_options_for(group: Group, loaded: spec.LoadedSession) -> SyncOptions:
         back=tuple(s.sync.back),
         back_delete=s.sync.back_delete,
         state_dir=group.state_dir / "sync" / s.name,
+        session=s.name,
+        back_max_bytes=s.sync.back_max_bytes,
+        back_max_files=s.sync.back_max_files,
+        back_max_refused=s.sync.back_max_refused,
+        timeout_s=float(s.sync.timeout),
+        idle_timeout_s=float(s.sync.idle_timeout),
     )
 
 

@@ -43,6 +43,14 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from reconciler import endpoints
 from reconciler.durations import Duration, DurationError, parse_duration
 from reconciler.errors import SpecError
+from reconciler.sizes import SizeError, parse_size
+from reconciler.sync.options import (
+    DEFAULT_BACK_MAX_BYTES,
+    DEFAULT_BACK_MAX_FILES,
+    DEFAULT_BACK_MAX_REFUSED,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+)
 from reconciler.yamlsafe import FieldPath, YamlDocument, format_path, load_yaml_file
 
 __all__ = [
@@ -53,6 +61,7 @@ __all__ = [
     "SessionSpec",
     "SpecDuration",
     "SpecSet",
+    "SpecSize",
     "SyncSpec",
     "load_spec_file",
     "load_specs",
@@ -221,6 +230,37 @@ SpecDuration = Annotated[
     PlainSerializer(int, return_type=int),
 ]
 
+
+def _to_size(value: object) -> int:
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        raise _fail(str(exc)) from None
+
+
+#: A size field: "512MiB", "2GiB", "1.5GB" or whole bytes; serialized as bytes.
+SpecSize = Annotated[
+    int,
+    PlainValidator(_to_size, json_schema_input_type=str | int),
+    PlainSerializer(int, return_type=int),
+]
+
+#: counts users write (sync caps): whole numbers up to a billion
+_MAX_COUNT = 1_000_000_000
+
+
+def _check_count(value: int) -> int:
+    if not 1 <= value <= _MAX_COUNT:
+        raise _fail(f"must be a whole number from 1 to {_MAX_COUNT:,}, got {value}")
+    return value
+
+
+def _check_refusals(value: int) -> int:
+    if not 0 <= value <= _MAX_COUNT:
+        raise _fail(f"must be a whole number from 0 to {_MAX_COUNT:,}, got {value}")
+    return value
+
+
 _StrictStr = Annotated[str, Strict()]
 _EnvName = Annotated[str, Strict(), AfterValidator(_check_env_name)]
 _EnvValue = Annotated[str, Strict(), AfterValidator(_check_env_value)]
@@ -246,6 +286,18 @@ class SyncSpec(BaseModel):
     #: sync-back also removes local files it brought back that the sandbox deleted (guarded:
     #: see `reconciler.sync.backdelete`); off by default, as deleting user files is opt-in
     back_delete: Annotated[bool, Strict()] = False
+    #: caps of one sync-back: the file data it may bring (a size: "16GiB", or bytes), the
+    #: entries the sandbox may list (files and directories), the entries it may have refused
+    #: or not written (0: stop at the first). A sync-back that reaches one stops there.
+    back_max_bytes: SpecSize = DEFAULT_BACK_MAX_BYTES
+    back_max_files: Annotated[int, Strict(), AfterValidator(_check_count)] = DEFAULT_BACK_MAX_FILES
+    back_max_refused: Annotated[int, Strict(), AfterValidator(_check_refusals)] = (
+        DEFAULT_BACK_MAX_REFUSED
+    )
+    #: the longest one push or one sync-back may take, and the longest the sync helper in
+    #: the sandbox may stay silent (or not read) before the sync is stopped
+    timeout: SpecDuration = Duration(int(DEFAULT_TIMEOUT_S))
+    idle_timeout: SpecDuration = Duration(int(DEFAULT_IDLE_TIMEOUT_S))
 
     @field_validator("exclude", "back", mode="before")
     @classmethod
@@ -378,6 +430,18 @@ class SpecSet:
         return None
 
 
+#: `sync` fields that came after the first spec hashes were made (left out at their default)
+_SYNC_ADDED_LATER = (
+    "back_delete",
+    "back_max_bytes",
+    "back_max_files",
+    "back_max_refused",
+    "timeout",
+    "idle_timeout",
+)
+_SYNC_DEFAULTS = SyncSpec().model_dump(mode="json")
+
+
 def spec_hash(spec: SessionSpec) -> str:
     """sha256 hex of the spec's canonical JSON (durations as seconds, keys sorted).
 
@@ -386,8 +450,9 @@ def spec_hash(spec: SessionSpec) -> str:
     data = spec.model_dump(mode="json")
     # why: a field added later is left out at its default, so upgrading ukc keeps every
     # existing spec's hash (an expired session stays deleted until its spec really changes)
-    if not spec.sync.back_delete:
-        del data["sync"]["back_delete"]
+    for name in _SYNC_ADDED_LATER:
+        if data["sync"][name] == _SYNC_DEFAULTS[name]:
+            del data["sync"][name]
     if not spec.allow_directory_outside_spec_dir:
         del data["allow_directory_outside_spec_dir"]
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -88,6 +88,9 @@ class SyncRecord(_Model):
     deletes_skipped: list[str] = Field(default_factory=list)
     #: commands ran since the last completed sync-back: their outputs are not home yet
     back_pending: bool = False
+    #: why the last sync-back stopped before the end of the sandbox's listing (a
+    #: `sync.back_max_*` cap with its numbers, a full disk, a broken stream); "" when it did not
+    back_stopped: str = ""
 
 
 class CommandRecord(_Model):

@@ -36,7 +36,7 @@ from reconciler import applying, deleting, errors, observer, spec
 from reconciler.executor import ShellPool
 from reconciler.metro import MetroRegistry
 from reconciler.reporting import Event, Reporter
-from reconciler.sync.ignore import load_rules
+from reconciler.sync.ignore import IgnoreRules, load_rules
 
 __all__ = ["Coalescer", "WatchOptions", "Watcher"]
 
@@ -160,7 +160,11 @@ class Watcher:
         state = _State(groups=groups)
         for loaded in specset.sessions:
             opts = observer.sync_options_for(observer.Group(loaded.base_dir, [loaded]), loaded)
-            rules = load_rules(opts)
+            try:
+                rules = load_rules(opts)
+            except errors.SyncHaltedError:
+                # an unreadable .ukcignore: the pass reports it; watch with the spec's rules
+                rules = IgnoreRules(opts.exclude, opts.back_paths())
             state.sessions[loaded.spec.name] = _SessionPaths(
                 loaded.spec.name, loaded.directory, opts.back_paths(), rules.excluded
             )

@@ -8,9 +8,11 @@ Secrets: the environment holds `secret_env` values, so it never goes on a comman
 (where `ps` and `/proc/*/cmdline` would show it). The remote side runs a fixed bootstrap,
 `sh -c 'eval "$(head -c N)"'`, and reads a script of `export K='v'` lines from stdin.
 
-Timeouts: the script starts the command in its own session (`setsid`, when the sandbox has
-it) and first reports the id to kill on a marker line on stderr; on timeout we kill that
-whole process group from a second channel (TERM, then KILL), so no grandchild survives.
+Timeouts: the script is written from its own thread (a sandbox that never reads its input
+cannot block us before the timeout is armed); it starts the command in its own session
+(`setsid`, when the sandbox has it) and first reports the id to kill on a marker line on
+stderr; on timeout we kill that whole process group from a second channel (TERM, then KILL),
+so no grandchild survives.
 """
 
 from __future__ import annotations
@@ -203,9 +205,20 @@ def run_command(
     err.start()
     timed_out = False
     exit_code: int | None = None
+    # why a thread: the script goes through the channel's window, and a sandbox that never
+    # reads its input would block this write before the timeout below is even armed
+    fed: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            proc.write(script)
+            proc.close_stdin()
+        except Exception as exc:
+            fed.append(exc)
+
+    feeder = threading.Thread(target=feed, name="ukc-cmd-stdin", daemon=True)
     try:
-        proc.write(script)
-        proc.close_stdin()
+        feeder.start()
         try:
             remaining = None if timeout_s is None else max(0.0, timeout_s - (monotonic() - started))
             exit_code = proc.wait(remaining)
@@ -220,6 +233,9 @@ def run_command(
         # why: closing the channel ends readers stuck on a stray holder of stdout/stderr.
         proc.kill()
         _join(out, err, monotonic() + _DRAIN_S, monotonic)
+    feeder.join(_DRAIN_S)
+    if fed and not timed_out:
+        raise fed[0]
     for reader in (out, err):
         if reader.error is not None and not timed_out:
             raise reader.error

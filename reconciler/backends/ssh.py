@@ -39,6 +39,7 @@ from reconciler.errors import (
 )
 
 __all__ = [
+    "START_TIMEOUT_S",
     "SshProcess",
     "SshShell",
     "generate_keypair",
@@ -52,6 +53,10 @@ log = logging.getLogger(__name__)
 _WINDOW = 16 * 1024 * 1024
 _MAX_PACKET = 256 * 1024 - 1024
 # why: OpenSSH sshd caps packets at 256 KiB; we ask for a little less to leave room for headers
+#: how long opening a channel and starting a process in it may take. why: paramiko waits for
+#: the answer to an exec request without any limit, and a sandbox owns the server it answers
+#: from (it can stop its sshd and serve port 2222 itself): a silent one would hang us there
+START_TIMEOUT_S = 60.0
 
 
 def host_key_fingerprint(key: paramiko.PKey) -> str:
@@ -146,6 +151,9 @@ class SshProcess:
 class SshShell:
     """An authenticated SSH connection to one sandbox (a `RemoteShell`)."""
 
+    #: seconds `start` may take before it gives up (`START_TIMEOUT_S`)
+    start_timeout_s: float = START_TIMEOUT_S
+
     def __init__(
         self,
         transport: paramiko.Transport,
@@ -228,11 +236,34 @@ class SshShell:
 
     def start(self, command: str) -> SshProcess:
         """Run `command` (a shell command line) in a fresh exec channel."""
+        limit = self.start_timeout_s
         try:
-            channel = self._transport.open_session(window_size=_WINDOW, max_packet_size=_MAX_PACKET)
-            channel.exec_command(command)
+            channel = self._transport.open_session(
+                window_size=_WINDOW, max_packet_size=_MAX_PACKET, timeout=limit
+            )
         except (paramiko.SSHException, EOFError, OSError) as err:
             raise TransportError(f"ssh {self.fqdn}: cannot start a process ({err})") from None
+        # closing the channel is what ends paramiko's unbounded wait for the exec answer
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            channel.close()
+
+        timer = threading.Timer(limit, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            channel.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as err:
+            channel.close()
+            if expired.is_set():
+                raise TransportError(
+                    f"ssh {self.fqdn}: the sandbox did not start a process within {limit:g} s"
+                ) from None
+            raise TransportError(f"ssh {self.fqdn}: cannot start a process ({err})") from None
+        finally:
+            timer.cancel()
         return SshProcess(channel, self)
 
     @property

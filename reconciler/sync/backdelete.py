@@ -10,9 +10,9 @@ A local file is removed only when all of these hold; each one protects the user'
 1. the pull record says a pull wrote it: nothing else under the back paths is ever touched;
 2. it was pulled from this same instance and boot (the record's source, "uuid/boot_id"): a
    replaced or rebooted sandbox that lacks a file never "deleted" it;
-3. the sandbox did not announce it, and the pull had no error: not abandoned, no local write
-   failure, and the helper listed and read everything (its end frame says so; a missing or
-   malformed end frame counts as an error);
+3. the sandbox did not announce it, and the pull had no error: not abandoned, not stopped at
+   a cap, no local write failure, and the helper listed and read everything (its end frame
+   says so; a missing or malformed end frame counts as an error);
 4. its back path, when a directory, did not vanish, empty or change kind in the sandbox (far
    more often an accident than intent; Mutagen halts there too); a single-file back path
    must be reported missing by the helper;
@@ -92,6 +92,8 @@ class Seen:
     #: the helper's end frame, untrusted; None when the stream did not end
     end: object = None
     aborted: str | None = None
+    #: the cap the pull stopped at (it did not take in the whole listing)
+    stopped: str | None = None
     local_errors: int = 0
 
 
@@ -164,6 +166,8 @@ def _missing(seen: Seen, back: tuple[str, ...], out: DeleteOutcome) -> set[str] 
     missing = end.get("missing") if end is not None else None
     if seen.aborted is not None:
         why = "the stream was abandoned"
+    elif seen.stopped is not None:
+        why = "the sync-back stopped before the end of the listing"
     elif seen.local_errors:
         why = f"{seen.local_errors} local write(s) failed"
     elif end is None:

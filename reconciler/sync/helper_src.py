@@ -12,11 +12,15 @@ Protocol (one process per push or pull, many operations): the client sends frame
 (1 = commit, 0 = discard); `patch` (a big file already there) is followed by only its
 changed fixed-size blocks and the trailer, and is checked against the file's sha256.
 The helper answers only operations that need an answer (hello, scan, blocks, sync, remove,
-finish, pull) with frames of the same shape. `pull` answers with a stream of entry headers;
-each regular file header is followed by chunk frames (`u32be length + bytes`, a zero length
-ends the file), and a final `{"end": true, "errors": N, "missing": [back paths]}`: N counts
-entries it could not list or read (anything but a vanished path), so the client knows whether
-the listing was complete before it mirrors deletions.
+finish, pull) with frames of the same shape, each small (the client caps them at 1 MiB):
+`scan` answers with `{"scan": [[path, type, size, mtime_ns, mode, ref], ...]}` batches and a
+final `{"scan_end": true, "count": N}`; `blocks` with, per requested path, `{"n": N}` and N raw
+8-byte block digests (`{"n": -1}` when the file cannot be read), never more than asked for.
+`pull` answers with a stream of entry headers; each regular file header is followed by chunk
+frames (`u32be length + bytes`, a zero length ends the file), and a final
+`{"end": true, "errors": N, "missing": [back paths]}`: N counts entries it could not list or
+read (anything but a vanished path), so the client knows whether the listing was complete
+before it mirrors deletions.
 Every write lands via a temp name in the same directory + rename, through directory fds
 opened with O_NOFOLLOW, so a symlink inside the tree is never followed.
 """
@@ -126,7 +130,8 @@ def err(path, exc):
     with LOCK:
         ST["nerr"] += 1
         if len(ST["errors"]) < 50:
-            ST["errors"].append("%s: %s" % (path, exc))
+            # bounded: the answer carrying these must fit the client's frame cap
+            ST["errors"].append(("%s: %s" % (path, exc))[:400])
 
 
 def _worker(q):
@@ -250,9 +255,30 @@ def file_sha(fd):
         h.update(b)
 
 
+SCAN_BATCH = 128 << 10
+
+
 def op_scan(req):
+    """Stream the tree in batches: each frame stays far below the client's cap, and a long
+    walk keeps the channel busy (the client's idle timeout sees progress)."""
     want = req.get("want") or {}
-    out = {}
+    batch = []
+    state = {"size": 0, "count": 0}
+
+    def emit(item):
+        batch.append(item)
+        # worst case for the frame: every character escaped (\udcXX is 6 characters)
+        state["size"] += 6 * (len(item[0]) + len(item[5])) + 80
+        state["count"] += 1
+        if state["size"] >= SCAN_BATCH:
+            flush_batch()
+
+    def flush_batch():
+        if batch:
+            send({"scan": batch})
+            OUT.flush()
+            del batch[:]
+        state["size"] = 0
 
     def walk(path, rel):
         try:
@@ -269,11 +295,14 @@ def op_scan(req):
                 continue
             m = st.st_mode
             if stat.S_ISDIR(m):
-                out[r] = ["d", 0, st.st_mtime_ns, stat.S_IMODE(m), ""]
+                emit([r, "d", 0, st.st_mtime_ns, stat.S_IMODE(m), ""])
                 walk(d.path, r)
             elif stat.S_ISLNK(m):
-                t = os.readlink(d.path)
-                out[r] = ["l", len(t), st.st_mtime_ns, 0o777, t]
+                try:
+                    t = os.readlink(d.path)
+                except OSError:
+                    continue
+                emit([r, "l", len(t), st.st_mtime_ns, 0o777, t])
             elif stat.S_ISREG(m):
                 ref = ""
                 w = want.get(r)
@@ -286,12 +315,13 @@ def op_scan(req):
                             os.close(fd)
                     except OSError:
                         ref = ""
-                out[r] = ["f", st.st_size, st.st_mtime_ns, stat.S_IMODE(m), ref]
+                emit([r, "f", st.st_size, st.st_mtime_ns, stat.S_IMODE(m), ref])
             else:
-                out[r] = ["o", 0, st.st_mtime_ns, stat.S_IMODE(m), ""]
+                emit([r, "o", 0, st.st_mtime_ns, stat.S_IMODE(m), ""])
 
     walk(ST["root"], "")
-    send({"entries": out})
+    flush_batch()
+    send({"scan_end": True, "count": state["count"]})
 
 
 def _create_temp(tmp, pfd, mode):
@@ -405,30 +435,35 @@ def _unlink_quiet(name, dfd):
 
 
 def op_blocks(req):
-    """Per-block hashes of existing remote files, for delta uploads of big files."""
+    """Per-block digests of existing remote files, for delta uploads of big files: for each
+    path `{"n": N}` and N raw 8-byte digests (at most the count asked for), or `{"n": -1}`."""
     import hashlib
 
     bs = req["bs"]
-    out = {}
-    for path in req["paths"]:
+    for path, most in zip(req["paths"], req["max"]):
+        out = None
         try:
             parent, name = split(path)
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=open_dir(parent, False))
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise OSError("not a regular file")
-                hashes = []
-                while True:
+                digests = []
+                while len(digests) < most:
                     b = os.read(fd, bs)
                     if not b:
                         break
-                    hashes.append(hashlib.sha1(b).hexdigest()[:16])
-                out[path] = hashes
+                    digests.append(hashlib.sha1(b).digest()[:8])
+                out = b"".join(digests)
             finally:
                 os.close(fd)
         except Exception:
-            out[path] = None
-    send({"blocks": out})
+            out = None
+        if out is None:
+            send({"n": -1})
+        else:
+            send({"n": len(out) // 8})
+            OUT.write(out)
 
 
 def op_patch(req):
@@ -576,7 +611,7 @@ def op_remove(req):
         except Exception as exc:
             err(path, exc)
     drop_dirs()
-    send({"removed": removed, "kept": kept[:50]})
+    send({"removed": removed, "kept": kept[:10]})
 
 
 def op_sync(req):

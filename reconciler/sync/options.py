@@ -1,8 +1,8 @@
 """`SyncOptions`: everything the sync engine needs to know about one session's sync.
 
 Who feeds it: the controller's executor, from the spec (`directory`, `sync.exclude`,
-`sync.back`, `sync.back_delete`) and its own per-session state dir. Who uses it: every module
-of `reconciler.sync`.
+`sync.back`, `sync.back_delete`, the `sync` limits) and its own per-session state dir. Who uses
+it: every module of `reconciler.sync`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SyncOptions"]
+__all__ = [
+    "DEFAULT_BACK_MAX_BYTES",
+    "DEFAULT_BACK_MAX_FILES",
+    "DEFAULT_BACK_MAX_REFUSED",
+    "DEFAULT_IDLE_TIMEOUT_S",
+    "DEFAULT_TIMEOUT_S",
+    "SyncOptions",
+]
+
+#: what one sync-back may bring at most (`sync.back_max_bytes`, `sync.back_max_files`,
+#: `sync.back_max_refused`): far above what a session's outputs are by accident, low enough
+#: that a hostile sandbox cannot fill the disk, the inode table or our memory
+DEFAULT_BACK_MAX_BYTES = 16 << 30
+DEFAULT_BACK_MAX_FILES = 1_000_000
+DEFAULT_BACK_MAX_REFUSED = 10_000
+#: the longest one push or one sync-back may take (`sync.timeout`), and the longest the sync
+#: helper may stay silent, or not read, while we wait on it (`sync.idle_timeout`)
+DEFAULT_TIMEOUT_S = 3600.0
+DEFAULT_IDLE_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +56,17 @@ class SyncOptions:
     #: threads that create small files (remote on push, local on pull); 0 = inline. Off by
     #: default: on the TLS-SSH path they lost to inline writes (GIL contention with paramiko)
     write_threads: int = 0
+    #: the session's name, for messages
+    session: str = ""
+    #: per-pull caps: file data bytes the sandbox may send (announced sizes, checked before
+    #: any byte is written), entries it may list (files, directories and anything else), and
+    #: entries refused or failed before the pull stops
+    back_max_bytes: int = DEFAULT_BACK_MAX_BYTES
+    back_max_files: int = DEFAULT_BACK_MAX_FILES
+    back_max_refused: int = DEFAULT_BACK_MAX_REFUSED
+    #: seconds: the deadline of one push or pull, and the longest wait on a silent helper
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
     def back_paths(self) -> tuple[str, ...]:
         """The `back` entries normalised to relative paths without trailing slashes."""

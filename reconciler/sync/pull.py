@@ -2,16 +2,34 @@
 
 Who feeds it: `engine.pull` (the executor) with a `RemoteShell` and `SyncOptions`; the other end
 is the helper's `pull` operation (see `helper_src`). Who uses the result: the executor (counts,
-conflicts and rejections go to status) and the watcher (`pulled_paths` are files we wrote, not
-user edits).
+conflicts, rejections and why it stopped go to status) and the watcher (`pulled_paths` are
+files we wrote, not user edits).
 
-Everything the sandbox sends is untrusted. Each entry is validated before anything is written
-(`check_path`): no absolute paths, no `..`, nothing outside the declared back paths, no
-symlinks, fifos, devices or sockets, no control characters, no backslashes, sizes bounded by
-what was announced. Writes go through directory fds opened component by component with
-O_NOFOLLOW (a local symlink swapped in cannot redirect a write), into a temp file created with
-O_EXCL|O_NOFOLLOW in the target directory, then `os.replace`. A local file changed since our
-last pull is never overwritten: the incoming copy lands beside it as `<name>.ukc-remote`.
+Everything the sandbox sends is untrusted: it can replace the helper, so every byte of the
+stream is adversarial. Each entry is validated before anything is written (`check_path`): no
+absolute paths, no `..`, nothing outside the declared back paths, no `.ukc` component, no
+symlinks, fifos, devices or sockets, no control characters, no backslashes, no path over 4096
+characters (refused before it is stored anywhere), sizes bounded by what was announced. Writes
+go through directory fds opened component by component with O_NOFOLLOW (a local symlink
+swapped in cannot redirect a write), at most `_MAX_DIR_FDS` of them open at once, into a temp
+file created with O_EXCL|O_NOFOLLOW in the target directory, then `os.replace`. A local file
+changed since our last pull is never overwritten: the incoming copy lands beside it as
+`<name>.ukc-remote`. A local write that fails (name too long, no space, no permission...) is
+reported like a refusal and the pull goes on (a full disk stops it).
+
+Bounds (`SyncOptions.back_max_*`): the file data the sandbox may send (an announced size is
+checked against what is left *before* a byte is read), the entries it may list (with 256
+characters of path per allowed entry), and the entries refused or failed. A pull that reaches
+one stops there: what was written stays and is recorded, `PullResult.stopped` says which cap
+with the numbers, and no remote deletion is mirrored. A helper that stalls is ended by the
+session's watchdog (`SyncStalledError`); what was written is recorded all the same.
+
+Modes: a pulled file gets `local_mode(sandbox mode)`, created through the umask: the owner may
+always read and write it; group and others may read it when the sandbox lets them; it is
+executable (by whoever may read it) when the sandbox's owner execute bit is set. Write bits for
+group and others, set-id and sticky bits are never taken from the sandbox. New directories are
+`0o700 | (sandbox mode & 0o055)`, through the umask.
+
 Remote deletions are not propagated, unless `sync.back_delete` is on: then a file this pull
 record says we brought back from this same instance and boot, unchanged here since, is removed
 when the sandbox no longer has it, only after a whole pull without errors (see `backdelete`).
@@ -20,6 +38,7 @@ when the sandbox no longer has it, only after a whole pull without errors (see `
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -27,11 +46,12 @@ import re
 import secrets
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Never
 
 from reconciler.atomicfile import writer_alive
 from reconciler.backends import RemoteShell
@@ -47,6 +67,7 @@ __all__ = [
     "CONFLICT_SUFFIX",
     "PullResult",
     "check_path",
+    "local_mode",
     "pull",
     "pull_record",
     "pulled_paths",
@@ -54,16 +75,29 @@ __all__ = [
 
 CONFLICT_SUFFIX = ".ukc-remote"
 _TMP = ".ukc-pull."
+#: a header names one path (at most 4096 characters, each up to 12 once JSON-escaped)
 _HEADER_LIMIT = 1 << 16
+_PATH_MAX = 4096
 #: C0 controls (NUL, newline, escape...), DEL and C1 controls: never in a name we write
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SMALL = 1 << 20
 _DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+#: directory fds kept open by one pull (least recently used closed first): a sandbox listing
+#: thousands of directories must not run us out of descriptors
+_MAX_DIR_FDS = 64
+#: characters of path allowed per entry of `back_max_files`, over the whole pull: what we keep
+#: per entry (record, report) must not grow with the length of paths the sandbox makes up
+_NAME_CHARS_PER_FILE = 256
+#: refusals listed in the result (and the status); the rest are counted
+_LISTED = 100
+#: errors that will fail every later write as well: the pull stops at the first one
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
 class PullResult:
-    """What one pull did. `rejected`: "path: reason" for each hostile entry skipped."""
+    """What one pull did. `rejected`: "path: reason" for the first hostile or failed entries
+    (`refused` counts them all)."""
 
     files_written: int = 0
     bytes_written: int = 0
@@ -79,6 +113,19 @@ class PullResult:
     kept: list[str] = field(default_factory=list)
     #: why remote deletions were not mirrored (all of them, or under one back path)
     deletes_skipped: list[str] = field(default_factory=list)
+    #: entries refused or not written here, all of them (`rejected` lists the first ones)
+    refused: int = 0
+    #: the cap this pull stopped at, with the numbers (or a full local disk), else None
+    stopped: str | None = None
+
+
+def local_mode(remote: int) -> int:
+    """The permission bits a pulled file is created with (the umask then applies): read bits
+    as the sandbox has them, the owner's always; execute for each reader when the sandbox's
+    owner execute bit is set; write for the owner only. Nothing else comes from the sandbox."""
+    read = (remote & 0o444) | 0o400
+    execute = read >> 2 if remote & 0o100 else 0
+    return 0o200 | read | execute
 
 
 def check_path(path: object, back: Collection[str]) -> str | None:
@@ -87,8 +134,8 @@ def check_path(path: object, back: Collection[str]) -> str | None:
         return "path is not a string"
     if not path:
         return "empty path"
-    if len(path) > 4096:
-        return f"path of {len(path)} characters"
+    if len(path) > _PATH_MAX:
+        return f"path of {len(path)} characters (the limit is {_PATH_MAX})"
     if path.startswith("/"):
         return "absolute path"
     if "\\" in path:
@@ -105,8 +152,8 @@ def check_path(path: object, back: Collection[str]) -> str | None:
         return "name is not a valid file name"
     if any(n > 255 for n in sizes):
         return "name longer than 255 bytes"
-    if parts[0] == ".ukc":
-        return "inside .ukc/"
+    if ".ukc" in parts:
+        return "inside .ukc/ (ukc's state)"
     if parts[-1].startswith(_TMP):
         return "reserved temp name"
     if not is_under(path, back):
@@ -116,8 +163,13 @@ def check_path(path: object, back: Collection[str]) -> str | None:
 
 def _safe_label(path: object) -> str:
     """A printable, bounded form of an untrusted path for reports."""
-    text = path if isinstance(path, str) else repr(path)
-    return "".join(c if c.isprintable() else "?" for c in text)[:300]
+    text = path[:300] if isinstance(path, str) else repr(path)[:300]
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _why(exc: OSError) -> str:
+    """A short reason for a local failure: the system's words, never the (untrusted) path."""
+    return (exc.strerror or f"error {exc.errno}").lower()
 
 
 def pull_record(opts: SyncOptions) -> dict[str, list[Any]]:
@@ -135,14 +187,20 @@ def pulled_paths(opts: SyncOptions) -> set[Path]:
 
 
 class _Tree:
-    """Directory fds under the local root, opened with O_NOFOLLOW one component at a time."""
+    """Directory fds under the local root, opened with O_NOFOLLOW one component at a time.
+
+    At most `_MAX_DIR_FDS` stay open (least recently used closed first). An fd it returns is
+    valid until the next call; a pooled write takes its own duplicate.
+    """
 
     def __init__(self, root: Path) -> None:
         try:
             self.rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
             raise SyncHaltedError(f"local root {root} is missing; nothing was pulled") from None
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        #: directories whose dead temp files were swept in this pull (once each)
+        self._swept: set[str] = set()
         _sweep_dead_temps(self.rootfd)
 
     def close(self) -> None:
@@ -152,7 +210,8 @@ class _Tree:
         os.close(self.rootfd)
 
     def dir(self, rel: str, mode: int = 0o755) -> int:
-        """fd of directory `rel`, creating missing ones; raises HostileEntryError on a link."""
+        """fd of directory `rel`, creating missing ones; raises HostileEntryError on a link or
+        a file in the way, OSError when the system refuses (no space, too many files...)."""
         fd = self._open(rel, mode)
         assert fd is not None  # creating never finds nothing
         return fd
@@ -163,30 +222,72 @@ class _Tree:
         return self._open(rel, None)
 
     def _open(self, rel: str, create: int | None) -> int | None:
-        """The walk behind `dir` (`create` = the mode of new directories) and `find` (None)."""
+        """The walk behind `dir` (`create` = the mode of a new `rel`) and `find` (None): from
+        the deepest open ancestor down, one component at a time (no recursion: a path may
+        have 2,000 components)."""
         if rel == "":
             return self.rootfd
-        cached = self._fds.get(rel)
-        if cached is not None:
-            return cached
-        parent, _, name = rel.rpartition("/")
-        pfd = self._open(parent, None if create is None else 0o755)
-        if pfd is None:
-            return None
+        fds = self._fds
+        fd = fds.get(rel)
+        if fd is not None:
+            fds.move_to_end(rel)
+            return fd
+        fd, start = self.rootfd, 0
+        cut = rel.rfind("/")
+        while cut != -1:
+            hit = fds.get(rel[:cut])
+            if hit is not None:
+                fds.move_to_end(rel[:cut])
+                fd, start = hit, cut + 1
+                break
+            cut = rel.rfind("/", 0, cut)
+        while True:
+            cut = rel.find("/", start)
+            prefix = rel if cut == -1 else rel[:cut]
+            name = prefix[start:]
+            mode = create if create is None or cut == -1 else 0o755
+            child = self._step(fd, name, prefix, mode)
+            if child is None:
+                return None
+            fds[prefix] = child
+            if len(fds) > _MAX_DIR_FDS:
+                os.close(fds.popitem(last=False)[1])  # never `child`: it is the newest
+            if cut == -1:
+                return child
+            fd, start = child, cut + 1
+
+    def _step(self, pfd: int, name: str, rel: str, create: int | None) -> int | None:
         try:
             fd = os.open(name, _DFLAGS, dir_fd=pfd)
-            if create is not None:
-                _sweep_dead_temps(fd)
         except FileNotFoundError:
             if create is None:
                 return None
-            os.mkdir(name, create, dir_fd=pfd)
-            fd = os.open(name, _DFLAGS, dir_fd=pfd)
+            with contextlib.suppress(FileExistsError):  # made meanwhile: opened below
+                os.mkdir(name, create, dir_fd=pfd)
+            fd = self._reopen(pfd, name, rel)
+            self._swept.add(rel)  # new: nothing to sweep
+            return fd
         except OSError as exc:
-            # ELOOP: a symlink; ENOTDIR: a file. Either way we never go through it.
-            raise HostileEntryError(f"local parent {rel} is not a plain directory") from exc
-        self._fds[rel] = fd
+            self._refuse(exc, rel)
+        if create is not None and rel not in self._swept:
+            self._swept.add(rel)
+            _sweep_dead_temps(fd)
         return fd
+
+    def _reopen(self, pfd: int, name: str, rel: str) -> int:
+        try:
+            return os.open(name, _DFLAGS, dir_fd=pfd)
+        except OSError as exc:
+            self._refuse(exc, rel)
+
+    @staticmethod
+    def _refuse(exc: OSError, rel: str) -> Never:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            # a symlink or a file where a directory should be: we never go through it
+            raise HostileEntryError(
+                f"local parent {_safe_label(rel)} is not a plain directory"
+            ) from exc
+        raise exc
 
     def forget(self, rel: str) -> None:
         """Close the cached fds of `rel` and below (the directory was removed)."""
@@ -201,15 +302,21 @@ class _Puller:
         self.tree = tree
         self.back = opts.back_paths()
         self.back_set = frozenset(self.back)  # checked for every entry (see is_under)
-        umask = _umask()
-        #: bits a new file may lose to the umask (all of them when it is unknown)
-        self.umask = 0o777 if umask is None else umask
         self.record = pull_record(opts)
         self.new_record: dict[str, list[Any]] = dict(self.record)
         self.result = PullResult()
         #: every path the sandbox announced (refused ones too: they exist over there), and
-        #: local write failures: what deletions are judged by
+        #: local write failures: what deletions are judged by (paths kept only when they are)
         self.seen = Seen(source=source, paths={})
+        self.keep_seen = opts.back_delete
+        # the caps, and what this pull used of them so far
+        self.max_bytes = opts.back_max_bytes
+        self.max_files = opts.back_max_files
+        self.max_refused = opts.back_max_refused
+        self.max_chars = self.max_files * _NAME_CHARS_PER_FILE
+        self.announced_bytes = 0
+        self.entries = 0
+        self.chars = 0
         # why: creating files is kernel-bound and slow on some disks; small files are written
         # by a few threads (bounded: at most 32 files of <= 1 MiB held in memory). Reentrant:
         # `place` runs under it and may `reject` (a plain Lock hung the pull right there)
@@ -218,9 +325,22 @@ class _Puller:
         self.pool = ThreadPoolExecutor(max_workers=max(1, self.threads))
         self.slots = threading.BoundedSemaphore(32)
 
+    def stop(self, why: str) -> None:
+        """Record the first reason to stop (pooled writes may find one too)."""
+        with self.lock:
+            if self.result.stopped is None:
+                self.result.stopped = why
+
     def reject(self, path: object, reason: str) -> None:
         with self.lock:
-            self.result.rejected.append(f"{_safe_label(path)}: {reason}")
+            self.result.refused += 1
+            if len(self.result.rejected) < _LISTED:
+                self.result.rejected.append(f"{_safe_label(path)}: {reason}")
+            if self.result.refused > self.max_refused:
+                self.stop(
+                    f"stopped at sync.back_max_refused = {self.max_refused}: "
+                    f"{self.result.refused} entries refused or not written"
+                )
 
     def local_failed(self, path: object, reason: str) -> None:
         """A write here failed: reported like a refusal, and no deletions in this pull."""
@@ -228,12 +348,19 @@ class _Puller:
         with self.lock:
             self.seen.local_errors += 1
 
+    def write_failed(self, path: str, exc: OSError) -> None:
+        """A local write failed: reported; a full disk also stops the pull."""
+        self.local_failed(path, f"not written here: {_why(exc)}")
+        if exc.errno in _DISK_FULL:
+            label = _safe_label(path)
+            self.stop(f"stopped: the local disk is full ({_why(exc)}) while writing {label}")
+
     def entry_record(self, size: object, mtime: object, sha: object) -> list[Any]:
         """A record entry for a file this sandbox has, tagged with its source when known."""
         return [size, mtime, sha, self.seen.source] if self.seen.source else [size, mtime, sha]
 
     def finish(self) -> None:
-        """Wait for every pooled write (their directory fds must outlive them)."""
+        """Wait for every pooled write."""
         self.pool.shutdown(wait=True)
 
     def drain(self, limit: int) -> int:
@@ -247,6 +374,40 @@ class _Puller:
                 return -1
             self.s.reader.exact(n)
             total += n
+
+    def skip(self, path: object, size: int) -> bool:
+        """Skip a file's data after a refusal; False when it sends more than announced."""
+        if self.drain(size) < 0:
+            self.result.aborted = f"{_safe_label(path)}: more data than announced"
+            return False
+        return True
+
+    def over_budget(self, path: object, has_data: bool, size: int) -> str | None:
+        """Count one entry against the caps before anything of it is stored or written; the
+        first cap it would pass, with the numbers, or None."""
+        self.entries += 1
+        if self.entries > self.max_files:
+            return (
+                f"stopped at sync.back_max_files = {self.max_files}: the sandbox listed more "
+                "entries (files and directories)"
+            )
+        if isinstance(path, str):
+            self.chars += min(len(path), _PATH_MAX + 1)
+            if self.chars > self.max_chars:
+                return (
+                    f"stopped at sync.back_max_files = {self.max_files}: the paths listed "
+                    f"reach {self.chars} characters, over the {_NAME_CHARS_PER_FILE} per "
+                    "allowed entry"
+                )
+        if has_data:
+            if self.announced_bytes + size > self.max_bytes:
+                return (
+                    f"stopped at sync.back_max_bytes = {self.max_bytes}: "
+                    f"{_safe_label(path)} announces {size} bytes, only "
+                    f"{self.max_bytes - self.announced_bytes} are left"
+                )
+            self.announced_bytes += size
+        return None
 
     def entry(self, hdr: Any) -> bool:
         """Handle one header (and its data); False when the stream must be abandoned."""
@@ -264,56 +425,59 @@ class _Puller:
             return False
         assert isinstance(size, int) and isinstance(mode, int) and isinstance(mtime, int)
         has_data = kind == "f" and not hdr.get("unchanged")
+        over = self.over_budget(path, has_data, size)
+        if over is not None:
+            self.stop(over)
+            return False
         reason = check_path(path, self.back_set)
         if reason is None and kind == "l":
             reason = "symlink (never followed or written)"
         if reason is None and kind == "o":
             reason = "not a regular file or directory (fifo, socket or device)"
-        if isinstance(path, str):
+        if self.keep_seen and isinstance(path, str) and len(path) <= _PATH_MAX:
             self.seen.paths[path] = kind if reason is None else REFUSED
         if reason is not None:
             self.reject(path, reason)
-            if has_data and self.drain(size) < 0:
-                self.result.aborted = f"{_safe_label(path)}: more data than announced"
-                return False
-            return True
+            return (not has_data or self.skip(path, size)) and self.result.stopped is None
         assert isinstance(path, str)
         if kind == "d":
             try:
-                self.tree.dir(path, 0o700 | (mode & 0o755))
+                self.tree.dir(path, 0o700 | (mode & 0o055))
             except HostileEntryError as exc:
                 self.reject(path, str(exc))
-            except OSError:
-                self.local_failed(path, "mkdir failed")
-            return True
+            except OSError as exc:
+                self.write_failed(path, exc)
+            return self.result.stopped is None
         if not has_data:
             self.result.unchanged += 1
             rec = self.record.get(path)
             if isinstance(rec, list) and len(rec) >= 3:
                 # seen unchanged in this sandbox: from now on it is this sandbox's file
                 self.new_record[path] = self.entry_record(rec[0], rec[1], rec[2])
-            return True
-        return self.file(path, size, mode & 0o777, mtime)
+            return self.result.stopped is None
+        return self.file(path, size, local_mode(mode), mtime) and self.result.stopped is None
 
     def file(self, path: str, size: int, mode: int, mtime: int) -> bool:
         parent, _, name = path.rpartition("/")
         try:
             pfd = self.tree.dir(parent)
-        except (HostileEntryError, OSError) as exc:
-            if isinstance(exc, HostileEntryError):
-                self.reject(path, str(exc))
-            else:
-                self.local_failed(path, "no parent")
-            if self.drain(size) < 0:
-                self.result.aborted = f"{_safe_label(path)}: more data than announced"
-                return False
-            return True
+        except HostileEntryError as exc:
+            self.reject(path, str(exc))
+            return self.skip(path, size)
+        except OSError as exc:
+            self.write_failed(path, exc)
+            return self.skip(path, size)
         if size <= _SMALL and self.threads > 0:
             return self._small(path, pfd, name, size, mode, mtime)
-        tmp, fd = _create_temp(pfd, mode)
+        try:
+            tmp, fd = _create_temp(pfd, mode)
+        except OSError as exc:
+            self.write_failed(path, exc)
+            return self.skip(path, size)
         h = hashlib.sha256()
         total = 0
         keep = False
+        failed: OSError | None = None
         try:
             while True:
                 n = self.s.reader.u32()
@@ -324,17 +488,27 @@ class _Puller:
                     self.result.aborted = f"{_safe_label(path)}: more data than announced"
                     return False
                 chunk = self.s.reader.exact(n)
-                h.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
                 total += n
+                if failed is not None:
+                    continue  # keep the stream in step; the file is lost already
+                h.update(chunk)
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                except OSError as exc:
+                    failed = exc
+            if failed is not None:
+                self.write_failed(path, failed)
+                return True
             if total != size:
                 self.reject(path, f"sent {total} of the announced {size} bytes")
                 return True
-            if mode & self.umask:  # the umask took some of the bits: set them exactly
-                os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime, mtime))
+            try:
+                os.utime(fd, ns=(mtime, mtime))
+            except OSError as exc:
+                self.write_failed(path, exc)
+                return True
             keep = True
         finally:
             os.close(fd)
@@ -359,8 +533,13 @@ class _Puller:
         if len(data) != size:
             self.reject(path, f"sent {len(data)} of the announced {size} bytes")
             return True
+        try:
+            own = os.dup(pfd)  # the tree may close its fd before the pool gets to it
+        except OSError as exc:
+            self.write_failed(path, exc)
+            return True
         self.slots.acquire()
-        self.pool.submit(self._write_small, path, pfd, name, bytes(data), mode, mtime)
+        self.pool.submit(self._write_small, path, own, name, bytes(data), mode, mtime)
         return True
 
     def _write_small(
@@ -373,24 +552,32 @@ class _Puller:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                if mode & self.umask:
-                    os.fchmod(fd, mode)
                 os.utime(fd, ns=(mtime, mtime))
             finally:
                 os.close(fd)
             with self.lock:
                 self.place(path, pfd, name, tmp, len(data), mtime, hashlib.sha256(data).hexdigest())
-        except OSError:
+        except OSError as exc:
             if tmp:
                 _unlink_quiet(tmp, pfd)
-            self.local_failed(path, "local write failed")
+            self.write_failed(path, exc)
         finally:
+            os.close(pfd)
             self.slots.release()
 
     def place(
         self, path: str, pfd: int, name: str, tmp: str, size: int, mtime: int, sha: str
     ) -> None:
         """Move the received temp file into place, or beside a locally changed file."""
+        try:
+            self._place(path, pfd, name, tmp, size, mtime, sha)
+        except OSError as exc:
+            _unlink_quiet(tmp, pfd)
+            self.write_failed(path, exc)
+
+    def _place(
+        self, path: str, pfd: int, name: str, tmp: str, size: int, mtime: int, sha: str
+    ) -> None:
         try:
             st: os.stat_result | None = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -409,7 +596,16 @@ class _Puller:
                 return
             ours = isinstance(rec, list) and len(rec) >= 3 and local_sha == rec[2]
             if not ours:
-                os.replace(tmp, name + CONFLICT_SUFFIX, src_dir_fd=pfd, dst_dir_fd=pfd)
+                beside = name + CONFLICT_SUFFIX
+                if len(beside.encode("utf-8", "surrogateescape")) > 255:
+                    _unlink_quiet(tmp, pfd)
+                    self.local_failed(
+                        path,
+                        "changed here, and the sandbox's copy cannot be kept beside it (the "
+                        f"name with {CONFLICT_SUFFIX} is over 255 bytes); local file kept",
+                    )
+                    return
+                os.replace(tmp, beside, src_dir_fd=pfd, dst_dir_fd=pfd)
                 # recorded as the sandbox's version: reported once, not on every pull; no
                 # source: the file in place is the user's, not one this pull brought
                 self.new_record[path] = [size, mtime, sha]
@@ -426,7 +622,7 @@ class _Puller:
         if not stat.S_ISREG(st.st_mode):
             return None
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=pfd)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=pfd)
         except OSError:
             return None
         try:
@@ -451,21 +647,8 @@ def _temp_name() -> str:
     return f"{_TMP}{pid}.{_RUN[1]}{next(_NAMES):x}"
 
 
-def _umask() -> int | None:
-    """This process's umask, read without changing it (`os.umask` would, for every thread);
-    None when the kernel does not say (then every file gets its fchmod)."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _create_temp(pfd: int, mode: int) -> tuple[str, int]:
-    """A new temp file in `pfd`, created with its final permission bits."""
+    """A new temp file in `pfd`, created with `mode` through the umask (its final bits)."""
     tmp = _temp_name()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     return tmp, os.open(tmp, flags, mode, dir_fd=pfd)
@@ -505,7 +688,8 @@ def _have(record: dict[str, list[Any]]) -> dict[str, list[int]]:
 
 
 def pull(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str = "") -> PullResult:
-    """Bring the declared back paths home. Raises `SyncHaltedError` when the root is missing.
+    """Bring the declared back paths home. Raises `SyncHaltedError` when the root is missing,
+    `SyncStalledError` when the helper stalls or the pull outlives `opts.timeout_s`.
 
     `instance_uuid` names the sandbox read: with the boot id the helper reports, it is the
     source of what this pull brings; without it no remote deletion is ever mirrored.
@@ -546,23 +730,27 @@ def pull(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str = "") -> P
                     if not puller.entry(hdr):
                         s.close(abort=True)
                         break
-            finally:
+            except BaseException:
+                # a stalled or broken stream: what was written is ours all the same
                 puller.finish()
+                _save_record(opts, puller.new_record)
+                raise
+            puller.finish()
             result = puller.result
             puller.seen.aborted = result.aborted
+            puller.seen.stopped = result.stopped
             if opts.back_delete:
                 # only now: the stream ended and every pooled write finished
                 outcome = mirror_deletes(tree, back, puller.record, puller.new_record, puller.seen)
                 result.deleted = outcome.deleted
                 result.kept = outcome.kept
                 result.deletes_skipped = outcome.skipped
-            # no fsync: a lost record makes the next pull compare contents instead (safe)
-            write_record(
-                opts.state_dir,
-                PULL_RECORD,
-                {"version": 1, "files": puller.new_record},
-                durable=False,
-            )
+            _save_record(opts, puller.new_record)
         return result
     finally:
         tree.close()
+
+
+def _save_record(opts: SyncOptions, files: dict[str, list[Any]]) -> None:
+    # no fsync: a lost record makes the next pull compare contents instead (safe)
+    write_record(opts.state_dir, PULL_RECORD, {"version": 1, "files": files}, durable=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.backends import RemoteShell
-from reconciler.errors import RemoteError, SyncError
+from reconciler.errors import RemoteError, SyncError, SyncLimitError
 from reconciler.sync.diff import TransferPlan, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import CHUNK, Entry, Manifest, last_push_record, scan_local
@@ -29,7 +29,7 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.records import PUSH_RECORD, write_record
 from reconciler.sync.remote import HelperSession
 
-__all__ = ["PushResult", "parse_remote_manifest", "push"]
+__all__ = ["MAX_REMOTE_ONLY", "MAX_REMOTE_ONLY_CHARS", "PushResult", "push", "read_remote_scan"]
 
 
 @dataclass
@@ -45,25 +45,62 @@ class PushResult:
     plan: TransferPlan | None = None
 
 
-def parse_remote_manifest(raw: Any) -> Manifest:
-    """A manifest from the helper's scan answer, checked for shape (the sandbox is untrusted)."""
-    if not isinstance(raw, dict):
-        raise RemoteError("sync helper sent a scan that is not an object")
+#: a scan may name at most this many paths that are not in the local tree (and would be
+#: deleted), with at most this many characters of path between them. why: the sandbox
+#: decides what a scan holds; what we keep of it must not grow with what it claims. Paths in
+#: the local tree and excluded ones are bounded by the local tree, or not kept.
+MAX_REMOTE_ONLY = 1_000_000
+MAX_REMOTE_ONLY_CHARS = 64 << 20
+#: one shared entry per type for remote-only paths: deleting them needs only the path and type
+_REMOTE_ONLY = {t: Entry(t, 0, 0, 0, "") for t in ("f", "d", "l", "o")}
+
+
+def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> Manifest:
+    """The sandbox's tree from the helper's streamed scan, checked entry by entry.
+
+    Memory stays bounded whatever the helper sends: frames are small, a path of the local
+    tree keeps one entry however often it is repeated, excluded paths are dropped, and
+    other paths (deletion candidates) stop at `MAX_REMOTE_ONLY` / `MAX_REMOTE_ONLY_CHARS`.
+    """
+    mine = local.entries
     entries: dict[str, Entry] = {}
-    for path, value in raw.items():
-        ok = (
-            isinstance(path, str)
-            and path
-            and isinstance(value, list)
-            and len(value) == 5
-            and value[0] in ("f", "d", "l", "o")
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:4])
-            and isinstance(value[4], str)
-        )
-        if not ok:
-            raise RemoteError(f"sync helper sent a malformed scan entry ({len(entries)} read)")
-        entries[path] = Entry(value[0], value[1], value[2], value[3], value[4])
-    return Manifest(entries)
+    others = 0
+    chars = 0
+    while True:
+        frame = s.reader.frame()
+        batch = frame.get("scan") if isinstance(frame, dict) else None
+        if not isinstance(batch, list):
+            if isinstance(frame, dict) and frame.get("scan_end") is True:
+                return Manifest(entries)
+            raise RemoteError(f"sync helper sent a malformed scan frame ({len(entries)} read)")
+        for item in batch:
+            ok = (
+                isinstance(item, list)
+                and len(item) == 6
+                and isinstance(item[0], str)
+                and item[0]
+                and item[1] in _REMOTE_ONLY
+                and all(type(v) is int for v in item[2:5])
+                and isinstance(item[5], str)
+            )
+            if not ok:
+                raise RemoteError(f"sync helper sent a malformed scan entry ({len(entries)} read)")
+            path = item[0]
+            if path in mine:
+                entries[path] = Entry(item[1], item[2], item[3], item[4], item[5])
+                continue
+            if path in entries or not rules.deletable(path, item[1] == "d"):
+                continue
+            others += 1
+            chars += len(path)
+            if others > MAX_REMOTE_ONLY or chars > MAX_REMOTE_ONLY_CHARS:
+                raise SyncLimitError(
+                    f"push to {s.opts.remote_root}: the sandbox lists {others} paths "
+                    f"({chars} characters) that are not in the local tree, more than a push may "
+                    f"delete ({MAX_REMOTE_ONLY} paths, {MAX_REMOTE_ONLY_CHARS} characters); "
+                    "stopped before any change (exclude them with sync.exclude or .ukcignore)"
+                )
+            entries[path] = _REMOTE_ONLY[item[1]]
 
 
 #: files at least this big that the remote already has are sent as changed blocks only
@@ -85,25 +122,36 @@ class _Sender:
         self.files = 0
         self.bytes = 0
         self.errors: list[str] = []
-        self.remote_blocks: dict[str, list[str]] = {}
+        #: path -> the remote file's 8-byte block digests, concatenated
+        self.remote_blocks: dict[str, bytes] = {}
 
     def prepare_delta(self, paths: tuple[str, ...]) -> None:
-        """Ask (one round trip) for the block hashes of big files the remote already has."""
-        wanted = []
+        """Ask (one round trip) for the block digests of big files the remote already has."""
+        wanted: list[tuple[str, int]] = []
         for path in paths:
             mine, theirs = self.local.entries[path], self.previous.entries.get(path)
             if mine.type == "f" and mine.size >= DELTA_MIN and theirs and theirs.type == "f":
-                wanted.append(path)
+                wanted.append((path, (mine.size + BLOCK - 1) // BLOCK))
         if not wanted:
             return
-        reply = self.s.call({"op": "blocks", "paths": wanted, "bs": BLOCK})
-        blocks = reply.get("blocks")
-        if not isinstance(blocks, dict):
-            return
-        for path in wanted:
-            hashes = blocks.get(path)
-            if isinstance(hashes, list) and all(isinstance(h, str) for h in hashes):
-                self.remote_blocks[path] = hashes
+        self.s.send(
+            {
+                "op": "blocks",
+                "paths": [p for p, _ in wanted],
+                "max": [n for _, n in wanted],
+                "bs": BLOCK,
+                "flush": True,
+            }
+        )
+        self.s.flush()
+        for path, most in wanted:
+            head = self.s.reader.frame(1 << 10)
+            n = head.get("n") if isinstance(head, dict) else None
+            if type(n) is not int or not -1 <= n <= most:
+                raise RemoteError(f"sync helper sent a malformed block list for {path}")
+            if n >= 0:
+                # raw digests: bounded by what we asked for, never parsed into objects
+                self.remote_blocks[path] = self.s.reader.exact(8 * n)
 
     def upload(self, path: str) -> None:
         e = self.local.entries[path]
@@ -164,14 +212,14 @@ class _Sender:
             self.errors.append(f"{path}: changed while it was being sent")
 
     @staticmethod
-    def _changed_blocks(fd: int, e: Entry, remote: list[str] | None) -> list[int] | None:
+    def _changed_blocks(fd: int, e: Entry, remote: bytes | None) -> list[int] | None:
         """Indices of the blocks to send, or None when a whole upload is cheaper."""
         if remote is None:
             return None
         changed = []
         for i in range((e.size + BLOCK - 1) // BLOCK):
             block = os.pread(fd, BLOCK, i * BLOCK)
-            if i >= len(remote) or hashlib.sha1(block).hexdigest()[:16] != remote[i]:
+            if hashlib.sha1(block).digest()[:8] != remote[i * 8 : i * 8 + 8]:
                 changed.append(i)
         if len(changed) * BLOCK * 2 > e.size:
             return None
@@ -225,7 +273,9 @@ def push(
         scanned = not fresh
         if scanned:
             want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
-            previous = parse_remote_manifest(s.call({"op": "scan", "want": want}).get("entries"))
+            s.send({"op": "scan", "want": want, "flush": True})
+            s.flush()
+            previous = read_remote_scan(s, local, rules)
             reason = "remote scanned (no trusted remote record)"
         else:
             assert last is not None

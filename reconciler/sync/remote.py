@@ -5,8 +5,13 @@ end: the helper program in `helper_src` (remote requirement: python3 >= 3.7, std
 the sandbox's PATH or at `SyncOptions.remote_python`). One remote process serves a whole push
 or pull: the program text goes over stdin after a one-line `python3 -c` bootstrap, so there
 are no per-file round trips. Writes are coalesced into ~1 MiB blocks because SSH channels are
-slow with small writes, and handed to the transport in 128 KiB pieces (see `_PIECE`);
-replies are read with hard size caps because the sandbox is untrusted.
+slow with small writes, and handed to the transport in 128 KiB pieces (see `_PIECE`).
+
+The sandbox is untrusted, and it can replace the helper (or python3): every reply is read with
+a hard size cap small enough that parsing it costs a bounded amount of memory (JSON grows ~25x
+into Python objects), big answers come as many small frames or raw bytes, and a `Watchdog`
+ends the session when the helper stays silent (or stops reading) for `idle_timeout_s`, or when
+the push or pull outlives `timeout_s`.
 """
 
 from __future__ import annotations
@@ -15,18 +20,21 @@ import hashlib
 import json
 import shlex
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
 from reconciler.backends import RemoteProcess, RemoteShell
-from reconciler.errors import RemoteError
+from reconciler.errors import RemoteError, SyncStalledError
 from reconciler.sync.helper_src import HELPER_SOURCE
 from reconciler.sync.options import SyncOptions
+from reconciler.sync.watchdog import Watchdog
 
 __all__ = ["MAX_FRAME", "FrameReader", "HelperSession", "encode_frame", "helper_command"]
 
-#: largest control frame we accept from the sandbox (a scan of a huge tree is the biggest)
-MAX_FRAME = 256 << 20
+#: largest control frame we accept from the sandbox. why so small: a frame is parsed whole, and
+#: JSON like `[{},{},...]` grows ~25x into Python objects; scans come in many frames
+MAX_FRAME = 1 << 20
 _FLUSH_AT = 1 << 20
 #: largest single write to the transport. why: paramiko's sendall re-slices the rest of the
 #: buffer after every 32 KiB packet (quadratic copying): 1 MiB writes cost ~40% more client
@@ -88,18 +96,39 @@ def encode_frame(obj: Any) -> bytes:
 class FrameReader:
     """Buffered reads of frames and raw bytes from a process's stdout."""
 
-    def __init__(self, proc: RemoteProcess, on_eof: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        proc: RemoteProcess,
+        on_eof: Callable[[], str] | None = None,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self._proc = proc
         self._buf = bytearray()
         self._on_eof = on_eof
+        self._watchdog = watchdog
 
     def _fill(self, n: int) -> None:
+        dog = self._watchdog
         while len(self._buf) < n:
             # why so much: paramiko keeps received data in an array and moves what is left
             # to its front after every partial read (up to the 16 MiB window each time); a
             # read that takes all of it moves nothing (0.13 s of a 60 MB pull)
-            chunk = self._proc.read(max(n - len(self._buf), _READ))
+            if dog is None:
+                chunk = self._proc.read(max(n - len(self._buf), _READ))
+            else:
+                dog.waiting_for = "answer"
+                dog.since = time.monotonic()
+                try:
+                    chunk = self._proc.read(max(n - len(self._buf), _READ))
+                except Exception:
+                    if dog.expired is not None:
+                        raise SyncStalledError(dog.expired) from None
+                    raise
+                finally:
+                    dog.since = 0.0
             if not chunk:
+                if dog is not None and dog.expired is not None:
+                    raise SyncStalledError(dog.expired)
                 # on_eof raises for a failed exit; otherwise it says how the helper ended
                 why = self._on_eof() if self._on_eof is not None else ""
                 raise RemoteError(
@@ -134,11 +163,44 @@ class HelperSession:
 
     def __init__(self, shell: RemoteShell, opts: SyncOptions, *, read_only: bool = False) -> None:
         self.opts = opts
-        self.proc = shell.start(helper_command(opts, cache=not read_only))
+        self._shell = shell
+        self._proc: RemoteProcess | None = None
+        what = "sync-back" if read_only else "push"
+        self.watchdog = Watchdog(
+            name=f"{what} of session {opts.session!r}" if opts.session else what,
+            after=(
+                "files brought back so far are kept, no deletions mirrored"
+                if read_only
+                else "nothing more is sent or deleted"
+            ),
+            idle_s=opts.idle_timeout_s,
+            total_s=opts.timeout_s,
+            kill=self._kill,
+            escalate=shell.close,
+        )
+        dog = self.watchdog
+        dog.since = time.monotonic()
+        try:
+            self._proc = shell.start(helper_command(opts, cache=not read_only))
+        except Exception:
+            dog.stop()
+            if dog.expired is not None:
+                raise SyncStalledError(dog.expired) from None
+            raise
+        finally:
+            dog.since = 0.0
+        self.proc: RemoteProcess = self._proc
         self._out = bytearray()
-        self.reader = FrameReader(self.proc, on_eof=self._died)
+        self.reader = FrameReader(self.proc, on_eof=self._died, watchdog=dog)
         self._closed = False
         self._out += _PROGRAM
+
+    def _kill(self) -> None:
+        """The watchdog's way out: end the helper (or the connection, while it starts)."""
+        if self._proc is None:
+            self._shell.close()
+        else:
+            self._proc.kill()
 
     def __enter__(self) -> HelperSession:
         return self
@@ -149,6 +211,8 @@ class HelperSession:
     def _died(self) -> str:
         """The helper stopped talking: raise a clear error for a failed exit, else say how it
         ended (a clean exit without an answer means its input ended early)."""
+        if self.watchdog.expired is not None:
+            raise SyncStalledError(self.watchdog.expired)
         try:
             code = self.proc.wait(timeout=5)
         except TimeoutError:
@@ -188,6 +252,9 @@ class HelperSession:
                 self.flush()
 
     def _write(self, data: bytes | bytearray) -> None:
+        dog = self.watchdog
+        dog.waiting_for = "read its input"
+        dog.since = time.monotonic()
         try:
             if len(data) <= _PIECE:
                 self.proc.write(bytes(data))
@@ -195,9 +262,15 @@ class HelperSession:
             with memoryview(data) as view:
                 for start in range(0, len(view), _PIECE):
                     self.proc.write(bytes(view[start : start + _PIECE]))
-        except (BrokenPipeError, OSError) as exc:
+        except Exception as exc:
+            if dog.expired is not None:
+                raise SyncStalledError(dog.expired) from None
+            if not isinstance(exc, OSError):
+                raise
             self._died()
             raise RemoteError("sync helper in sandbox stopped reading its input") from exc
+        finally:
+            dog.since = 0.0
 
     def flush(self) -> None:
         if self._out:
@@ -218,6 +291,7 @@ class HelperSession:
             return
         self._closed = True
         if abort:
+            self.watchdog.stop()
             self.proc.kill()
             return
         try:
@@ -227,5 +301,7 @@ class HelperSession:
         except TimeoutError:
             self.proc.kill()
             raise RemoteError("sync helper in sandbox did not exit within 60 s") from None
+        finally:
+            self.watchdog.stop()
         if code != 0:
             raise RemoteError(f"sync helper in sandbox exited with code {code}: {self._stderr()}")

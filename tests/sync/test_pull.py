@@ -210,13 +210,26 @@ class TestPull:
         assert (world.local / "out/report/keep.txt").read_text() == "mine"
 
     @pytest.mark.parametrize("threads", [0, 2])
-    def test_modes_arrive_exactly_whatever_the_local_umask(self, world: Site, threads: int) -> None:
-        # files are created with their final mode and get an fchmod only when the umask
-        # took bits: these modes and umasks cover both ways
-        modes = {"out/a": 0o644, "out/b": 0o666, "out/c": 0o755, "out/d": 0o600, "out/e": 0o777}
-        for rel, mode in modes.items():
+    def test_modes_come_from_the_sandboxs_read_and_execute_bits_through_the_local_umask(
+        self, world: Site, threads: int
+    ) -> None:
+        # sandbox mode -> local mode under umask 022, 077 and 000: reads as the sandbox has
+        # them (the owner's always), execute where readable when the owner's x is set, write
+        # for the owner only
+        cases = {
+            "out/a": (0o644, 0o644, 0o600, 0o644),
+            "out/b": (0o666, 0o644, 0o600, 0o644),
+            "out/c": (0o755, 0o755, 0o700, 0o755),
+            "out/d": (0o600, 0o600, 0o600, 0o600),
+            "out/e": (0o777, 0o755, 0o700, 0o755),
+            "out/f": (0o640, 0o640, 0o600, 0o640),
+            "out/g": (0o700, 0o700, 0o700, 0o700),
+            "out/h": (0o444, 0o644, 0o600, 0o644),
+            "out/i": (0o070, 0o640, 0o600, 0o640),
+        }
+        for rel, (mode, *_) in cases.items():
             write(world.remote / rel, rel, mode)
-        for umask in (0o022, 0o077, 0o000):
+        for column, umask in enumerate((0o022, 0o077, 0o000), start=1):
             old = os.umask(umask)
             try:
                 shutil.rmtree(world.local / "out")
@@ -224,8 +237,9 @@ class TestPull:
                 pull(world.shell, world.opts(back=BACK, write_threads=threads))
             finally:
                 os.umask(old)
-            got = {rel: stat.S_IMODE((world.local / rel).stat().st_mode) for rel in modes}
-            assert got == modes, f"umask {umask:03o}"
+            got = {rel: oct(stat.S_IMODE((world.local / rel).stat().st_mode)) for rel in cases}
+            want = {rel: oct(row[column]) for rel, row in cases.items()}
+            assert got == want, f"umask {umask:03o}"
 
     def test_setuid_bits_are_stripped(self, world: Site) -> None:
         write(world.remote / "out/tool", "#!/bin/sh\n", 0o4755)
@@ -594,7 +608,7 @@ class TestBackDelete:
             result = mirrored(world, write_threads=2)
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        assert result.rejected == ["out/big.bin: local write failed"]
+        assert result.rejected == ["out/big.bin: not written here: file too large"]
         assert result.deleted == []
         assert (world.local / "out/b.txt").read_text() == "b"
         assert result.deletes_skipped == ["1 local write(s) failed: no remote deletions mirrored"]

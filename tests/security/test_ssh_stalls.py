@@ -1,0 +1,131 @@
+"""A sandbox's SSH peer that stalls: it must not hang `ukc` on the channel itself.
+
+A sandbox owns its network namespace: it can stop its sshd and answer port 2222 with
+anything, e.g. an SSH server that accepts a connection and then never answers a request or
+never reads what we send. Here that server is a real paramiko server on a real TCP socket
+whose handlers block; the client side is the production `SshShell` and `run_command`.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import paramiko
+import pytest
+
+from reconciler.backends.commands import CommandResult, run_command
+from reconciler.backends.ssh import SshShell
+from reconciler.errors import TransportError
+
+
+class _Stalling(paramiko.ServerInterface):
+    """Accepts anyone; `exec` requests either never get an answer or are accepted and then
+    their input is never read."""
+
+    def __init__(self, answer_exec: bool, release: threading.Event) -> None:
+        self.answer_exec = answer_exec
+        self.release = release
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "none"
+
+    def check_auth_none(self, username: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        if not self.answer_exec:
+            self.release.wait()  # the server's transport thread stops here: no answer
+            return False
+        return True  # accepted; nobody ever reads the channel
+
+
+@dataclass
+class Peer:
+    shell: SshShell
+    release: threading.Event
+
+
+def _peer(answer_exec: bool) -> Iterator[Peer]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    release = threading.Event()
+    servers: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        server = paramiko.Transport(conn)
+        servers.append(server)
+        server.add_server_key(paramiko.ECDSAKey.generate())
+        server.start_server(server=_Stalling(answer_exec, release))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    sock = socket.create_connection(listener.getsockname())
+    transport = paramiko.Transport(sock)
+    transport.start_client(timeout=30)
+    transport.auth_none("root")
+    shell = SshShell(transport, sock, fqdn="stalling.test", host_key_fingerprint="-")
+    try:
+        yield Peer(shell, release)
+    finally:
+        release.set()
+        shell.close()
+        for server in servers:
+            server.close()
+        listener.close()
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[Peer]:
+    yield from _peer(answer_exec=False)
+
+
+@pytest.fixture
+def deaf_peer() -> Iterator[Peer]:
+    yield from _peer(answer_exec=True)
+
+
+def _within(fn: object, seconds: float = 60) -> object:
+    """Run `fn` in a thread: what it returned or raised, or fail when it is still blocked."""
+    box: list[object] = [None]
+
+    def run() -> None:
+        try:
+            box[0] = fn()  # type: ignore[operator]
+        except BaseException as exc:
+            box[0] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds} s"
+    return box[0]
+
+
+def test_a_peer_that_never_answers_an_exec_request_fails_the_start(silent_peer: Peer) -> None:
+    silent_peer.shell.start_timeout_s = 2.0
+    outcome = _within(lambda: silent_peer.shell.start("true"))
+    assert isinstance(outcome, TransportError), outcome
+    assert str(outcome) == "ssh stalling.test: the sandbox did not start a process within 2 s"
+
+
+def test_a_command_whose_peer_never_reads_its_input_still_times_out(deaf_peer: Peer) -> None:
+    # the environment travels over stdin: 4 MiB of it is more than the channel's window
+    env = {"BIG": "x" * (4 << 20)}
+    outcome = _within(
+        lambda: run_command(
+            deaf_peer.shell,
+            "true",
+            env=env,
+            timeout_s=2,
+            on_stdout=lambda _: None,
+            on_stderr=lambda _: None,
+        )
+    )
+    assert isinstance(outcome, CommandResult), outcome
+    assert (outcome.timed_out, outcome.exit_code) == (True, None)
