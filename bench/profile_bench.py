@@ -12,7 +12,8 @@ session whose sandbox exists, the `treegen.gen_scale_tree` tree lent to it), the
               UKC_WARM=0 (py-spy starts it; the import time then shows as `<module>` frames
               under the launcher, which the warm process would have saved), `ukc watch` is
               attached to once it has converged, for `--edits` one-file edits
-  metro       `py-spy record --subprocesses --idle` of the metro daemon for the same span:
+  metro       `py-spy record --subprocesses` (CPU samples only) of the metro daemon for the
+              same span:
               the daemon (API, TLS edge), each sandbox's agent (the relay between the edge
               and sshd) and the in-sandbox sync helper (a Python process under sshd)
 
@@ -52,7 +53,10 @@ class Recorder:
     """`py-spy record` of a running process (tree) until `stop()`."""
 
     def __init__(self, pid: int, out: Path, rate: int, subprocesses: bool) -> None:
-        argv = [PY_SPY, "record", "--pid", str(pid), "-r", str(rate), "--idle", "--threads"]
+        # the metro (subprocesses) is recorded on CPU only: its many idle server threads would
+        # drown what it does; the controller with --idle, so waiting shows on its wall path
+        argv = [PY_SPY, "record", "--pid", str(pid), "-r", str(rate), "--threads"]
+        argv += [] if subprocesses else ["--idle"]
         argv += ["--nonblocking", "-f", "raw", "-o", str(out)]
         if subprocesses:
             argv.append("--subprocesses")
@@ -68,19 +72,6 @@ class Recorder:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-
-
-def summary(path: Path, title: str, thread: str | None = None, top: int = 30) -> str:
-    if not path.exists():
-        return f"## {title}: no samples ({path.name} missing)\n"
-    total, inclusive, self_ = stacks.summarize(stacks.load(path), thread=thread)
-    lines = [f"## {title}: {total} samples" + (f" (thread {thread})" if thread else "")]
-    if total:
-        lines.append("### inclusive")
-        lines += [f"{100 * n / total:6.1f}% {n:7d}  {f}" for f, n in inclusive.most_common(top)]
-        lines.append("### self")
-        lines += [f"{100 * n / total:6.1f}% {n:7d}  {f}" for f, n in self_.most_common(top)]
-    return "\n".join(lines) + "\n"
 
 
 class Profiler:
@@ -124,9 +115,22 @@ class Profiler:
         self.write_summary(phase, ctl, met)
 
     def write_summary(self, phase: str, ctl: Path, met: Path) -> None:
-        text = summary(ctl, f"{phase} controller, main thread", thread="MainThread")
-        text += summary(ctl, f"{phase} controller, all threads")
-        text += summary(met, f"{phase} metro (daemon + sandboxes)")
+        text = ""
+        if ctl.exists():
+            st = stacks.load(ctl)
+            text += stacks.report(
+                st, f"{phase} controller: critical path", keep=stacks.critical_path
+            )
+            text += stacks.report(
+                st, f"{phase} controller: sessions' work", under="Executor.run_session"
+            )
+            text += stacks.report(st, f"{phase} controller: every thread")
+        if met.exists():
+            st = stacks.load(met)
+            for kind in ("daemon", "agent", "sync-helper"):
+                text += stacks.report(
+                    st, f"{phase} metro: {kind}", keep=lambda f, k=kind: stacks.process_kind(f) == k
+                )
         (self.out / f"{phase}.summary.txt").write_text(text)
 
     def watch(self, project: Path, tree: Path, files: list[str], remote: Path) -> None:
