@@ -256,3 +256,65 @@ def rss_of(pid: int) -> dict[str, Any]:
     except OSError:
         pass
     return out
+
+
+def _kind(pid: int, root: int) -> str:
+    if pid == root:
+        return "daemon"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read(4096)
+    except OSError:
+        return "gone"
+    if b"agent.py" in cmd:
+        return "agent"
+    if b"marshal" in cmd or b"ukc sync helper" in cmd:
+        return "sync-helper"
+    if cmd.startswith(b"sshd") or b"/sshd" in cmd.split(b"\0")[0]:
+        return "sshd"
+    if b"bwrap" in cmd.split(b"\0")[0]:
+        return "bwrap"
+    return "command"
+
+
+class KindCpu:
+    """CPU seconds of a process tree (the metro daemon and its sandboxes) by kind of process:
+    daemon (API, TLS edge), agent (relay to sshd), sshd, sync-helper, bwrap, command.
+
+    Samples every `period_s` (own utime+stime of each member, by pid); a process that exits
+    between samples loses at most one period of CPU.
+    """
+
+    def __init__(self, root: int, period_s: float = 0.1) -> None:
+        self.root = root
+        self.period_s = period_s
+        self.start: dict[int, int] = {}
+        self.last: dict[int, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="kindcpu")
+        for pid in descendants(root) | {root}:
+            st = _stat(pid)
+            if st is not None:
+                self.start[pid] = int(st[11]) + int(st[12])
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for pid in descendants(self.root) | {self.root}:
+            st = _stat(pid)
+            if st is None:
+                continue
+            kind = self.last[pid][0] if pid in self.last else _kind(pid, self.root)
+            self.last[pid] = (kind, int(st[11]) + int(st[12]))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        out: dict[str, float] = {}
+        for pid, (kind, ticks) in self.last.items():
+            out[kind] = out.get(kind, 0.0) + (ticks - self.start.get(pid, 0)) / CLK_TCK
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))

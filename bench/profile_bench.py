@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stacks
 from fanout_bench import make_project
-from procmeter import rss_of, tree_cpu_s
+from procmeter import KindCpu, rss_of, tree_cpu_s
 from scale_bench import SESSION, WatchProc
 from treegen import edit_one, gen_scale_tree, scale_files
 from ukcenv import UKC, UkcEnv, session_status
@@ -92,17 +92,21 @@ class Profiler:
         met = self.out / f"{phase}.metro.txt"
         metro = Recorder(self.env.metro_pid, met, self.a.rate, subprocesses=True)
         metro_cpu0 = tree_cpu_s(self.env.metro_pid)
+        kinds = KindCpu(self.env.metro_pid)
         env = dict(self.env.env, UKC_WARM="0")
         if self.a.cprofile:
             argv = [sys.executable, CPROFILE_ALL, str(self.out / f"{phase}.prof"), "--", *args]
         else:
+            # --nonblocking: pausing a process of 60 threads 100 times a second to read its
+            # stacks doubled a 50-session apply; unpaused reads are slightly less exact
             argv = [PY_SPY, "record", "-r", str(self.a.rate), "--idle", "--threads"]
-            argv += ["-f", "raw", "-o", str(ctl), "--", *UKC, *args]
+            argv += ["--nonblocking", "-f", "raw", "-o", str(ctl), "--", *UKC, *args]
         os.sync()
         t0 = time.perf_counter()
         proc = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True)
         elapsed = time.perf_counter() - t0
         metro.stop()
+        by_kind = kinds.stop()
         metro_cpu = tree_cpu_s(self.env.metro_pid) - metro_cpu0
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
@@ -111,6 +115,8 @@ class Profiler:
         self.note(
             f"{phase}: wall_s={elapsed:.2f} exit={proc.returncode} metro_cpu_s={metro_cpu:.2f}"
             + (" (under cProfile)" if self.a.cprofile else " (under py-spy, UKC_WARM=0)")
+            + " metro_cpu_by_kind: "
+            + " ".join(f"{k}={v:.2f}" for k, v in by_kind.items())
         )
         self.write_summary(phase, ctl, met)
 
@@ -124,6 +130,8 @@ class Profiler:
             text += stacks.report(
                 st, f"{phase} controller: sessions' work", under="Executor.run_session"
             )
+            if phase == "watch":
+                text += stacks.report(st, "watch passes", under="Watcher._pass")
             text += stacks.report(st, f"{phase} controller: every thread")
         if met.exists():
             st = stacks.load(met)
@@ -143,6 +151,7 @@ class Profiler:
             met = self.out / "watch.metro.txt"
             rec = Recorder(w.proc.pid, ctl, self.a.rate, subprocesses=False)
             metro = Recorder(self.env.metro_pid, met, self.a.rate, subprocesses=True)
+            kinds = KindCpu(self.env.metro_pid)
             cpu0 = tree_cpu_s(w.proc.pid)
             lat = []
             t_all = time.perf_counter()
@@ -166,11 +175,14 @@ class Profiler:
             cpu = tree_cpu_s(w.proc.pid) - cpu0
             rec.stop()
             metro.stop()
+            by_kind = kinds.stop()
             lat.sort()
             self.note(
                 f"watch: edits={len(lat)} p50_s={lat[len(lat) // 2]:.2f} max_s={lat[-1]:.2f} "
                 f"span_s={span:.1f} watch_cpu_s={cpu:.2f} "
-                f"watch_rss_hwm_mb={rss_of(w.proc.pid).get('VmHWM', 0) / 1024:.0f}"
+                f"watch_rss_hwm_mb={rss_of(w.proc.pid).get('VmHWM', 0) / 1024:.0f} "
+                + "metro_cpu_by_kind: "
+                + " ".join(f"{k}={v:.2f}" for k, v in by_kind.items())
             )
             self.write_summary("watch", ctl, met)
         finally:
