@@ -8,7 +8,10 @@ Each session is new (a fresh project dir per measurement, so fresh instance name
 directory of `--files` small files and one command (`cat *.txt | wc -c`). One `ukc apply
 --concurrency C` (a fresh process forked by the warm process, as a user runs it) creates,
 boots, syncs and runs all of them; then `ukc delete` (not timed) and a wait until the metro
-has no sandbox left, so measurements do not overlap.
+has no sandbox left, so measurements do not overlap (`--settle S` waits S seconds more: the
+metro keeps reaping a deleted sandbox's namespace for up to 5 s after its processes are gone,
+and a reaper still running when the next sandboxes boot can kill one of them; see
+bench/PROFILE.md).
 
 Prints one line per (sessions, concurrency): the apply's wall seconds (time to converge),
 failures (count, exit code, the first error, and what the metro says of a failed instance:
@@ -75,7 +78,9 @@ def wait_sandboxes_gone(env: UkcEnv, baseline: int, timeout_s: float = 120) -> N
         time.sleep(0.2)
 
 
-def one(env: UkcEnv, work: Path, n: int, conc: int, files: int, tag: str) -> dict[str, Any]:
+def one(
+    env: UkcEnv, work: Path, n: int, conc: int, files: int, tag: str, settle_s: float = 0.0
+) -> dict[str, Any]:
     proj = make_project(work / f"p-{tag}", n, files)
     baseline = len(descendants(env.metro_pid))
     metro_cpu0 = tree_cpu_s(env.metro_pid)
@@ -110,6 +115,7 @@ def one(env: UkcEnv, work: Path, n: int, conc: int, files: int, tag: str) -> dic
         out["first_error"] = m.stderr.strip().splitlines()[-1:] or ["?"]
     env.ukc(["delete", "specs.yaml"], proj, check=False, timeout_s=600)
     wait_sandboxes_gone(env, baseline)
+    time.sleep(settle_s)
     shutil.rmtree(proj, ignore_errors=True)
     return out
 
@@ -120,6 +126,12 @@ def main() -> None:
     ap.add_argument("--concurrency", default="8,32,64")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--files", type=int, default=3, help="small files per session")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=0.0,
+        help="seconds to wait after a measurement's deletes (6 outlasts the metro's reapers)",
+    )
     ap.add_argument("--json", default=None, help="also write every measurement to this file")
     a = ap.parse_args()
     counts = [int(x) for x in a.sessions.split(",")]
@@ -134,7 +146,10 @@ def main() -> None:
         med: dict[tuple[int, int], dict[str, Any]] = {}
         for conc in concs:
             for n in counts:
-                got = [one(env, work, n, conc, a.files, f"{n}-{conc}-{r}") for r in range(a.runs)]
+                got = [
+                    one(env, work, n, conc, a.files, f"{n}-{conc}-{r}", a.settle)
+                    for r in range(a.runs)
+                ]
                 results.extend(got)
                 row = dict(got[0])
                 for key in ("wall_s", "ukc_cpu_s", "metro_cpu_s", "rss_mb", "failed"):
