@@ -2,7 +2,8 @@
 """Where the time goes: the scale and fan-out phases under py-spy, controller and metro side.
 
     .venv/bin/python bench/profile_bench.py OUTDIR [--files 100000] [--edits 5]
-        [--sessions 50] [--concurrency 8] [--phases initial,nochange,onefile,watch,fanout]
+        [--sessions 50] [--concurrency 8]
+        [--phases initial,nochange,onefile,watch,back,fanout]
         [--rate 100] [--cprofile]
 
 Needs py-spy (`.venv/bin/pip install py-spy`). Sets up what `scale_bench.py` does (one
@@ -197,7 +198,7 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=5)
     ap.add_argument("--sessions", type=int, default=50)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--phases", default="initial,nochange,onefile,watch,fanout")
+    ap.add_argument("--phases", default="initial,nochange,onefile,watch,back,fanout")
     ap.add_argument("--rate", type=int, default=100)
     ap.add_argument("--cprofile", action="store_true")
     a = ap.parse_args()
@@ -209,7 +210,7 @@ def main() -> None:
     env = UkcEnv(work)
     p = Profiler(env, a.outdir, a)
     try:
-        if {"initial", "nochange", "onefile", "watch"} & set(phases):
+        if {"initial", "nochange", "onefile", "watch", "back"} & set(phases):
             proj = work / "proj"
             tree = proj / "tree"
             tree.mkdir(parents=True)
@@ -232,6 +233,15 @@ def main() -> None:
                 p.apply("onefile", proj, ["apply", "s.yaml"])
             if "watch" in phases and not a.cprofile:
                 p.watch(proj, tree, files, env.state / "workspaces" / uuid)
+            if "back" in phases:
+                # as scale_bench: a command copies the tree to out/ in the sandbox (untimed
+                # here: its share shows as run_command), sync-back brings out/ home
+                (proj / "s.yaml").write_text(
+                    f"name: {SESSION}\ndirectory: ./tree\n"
+                    "commands: ['rm -rf out && mkdir out && cp -a d[0-9]* out/']\n"
+                    "sync:\n  back: [out/]\n"
+                )
+                p.apply("back", proj, ["apply", "s.yaml"])
             env.ukc(["delete", "s.yaml"], proj, check=False)
         if "fanout" in phases:
             fan = make_project(work / "fan", a.sessions, 3)
