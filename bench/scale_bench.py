@@ -28,6 +28,13 @@ Phases, per side (each run alternates which side goes first):
              SyncBack action alone, on the connection the command used); `ukc_back_apply_s`
              is that apply's wall time minus `timings.commands_s`.
 
+Where: `--workdir` holds the tree, both sandboxes' workspaces and the sync-back copies.
+Creating 100,000 files is what initial and sync-back measure, and on a filesystem where many
+files were recently deleted (ext4 without a journal, e.g. a busy /tmp) inode allocation slows
+both tools by 2-5x, unevenly: use a fresh filesystem with room for ~500,000 inodes per run,
+e.g. `truncate -s 20G img; mkfs.ext4 -q -N 4000000 img; mount -o loop img /mnt/fs;
+--workdir /mnt/fs` (the header names the filesystem).
+
 Prints key=value lines: seconds (medians over runs), ratio_* = ukc / rsync, and for every ukc
 phase the peak RSS and CPU of the ukc process tree (`procmeter`: the launcher plus the child
 the warm process forked for it, VmHWM sampled every 10 ms; `ukc watch` runs in its own
@@ -163,7 +170,10 @@ def watch_phase(
 
 
 def _tail(w: WatchProc) -> str:
-    return "\n".join(w.lines[-20:])
+    """The watcher's last lines, and any warning it printed earlier (watchdog logs a lost
+    inotify queue as a warning)."""
+    warned = [line for line in w.lines[:-20] if "warning" in line.lower() or "overflow" in line]
+    return "\n".join(warned[-10:] + w.lines[-20:])
 
 
 def ukc_side(
