@@ -75,3 +75,62 @@ def modify_tree(root: Path, seed: int = 1234) -> None:
         with open(bigs[0], "r+b") as f:
             f.seek(4 * 1024 * 1024)
             f.write(rng.randbytes(64 * 1024))
+
+
+SCALE_SEED = 4242
+
+
+def gen_scale_tree(
+    root: Path,
+    n_files: int = 100_000,
+    n_dirs: int = 1000,
+    seed: int = SCALE_SEED,
+    min_size: int = 200,
+    max_size: int = 2000,
+) -> int:
+    """The scale bench's tree: `n_files` text-like files of `min_size`-`max_size` bytes spread
+    evenly over `n_dirs` directories (`d000/f000000.txt` ...); returns the content bytes.
+
+    100,000 files of 0.2-2 KB in 1,000 directories is ~110 MB of content and ~395 MB on disk
+    (one 4 KiB block per file). Seeded: the same arguments give the same bytes and names.
+    """
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 10)))
+        for _ in range(800)
+    ]
+    # why a pool: drawing words per file costs ~10 s for 100,000 files; slices of one seeded
+    # text are as compressible (rsync -z) and take a fraction of that
+    pool = " ".join(rng.choice(words) for _ in range(400_000)).encode()
+    n_dirs = max(1, min(n_dirs, n_files))
+    width = max(3, len(str(n_dirs - 1)))
+    total = 0
+    for d in range(n_dirs):
+        (root / f"d{d:0{width}d}").mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        size = rng.randint(min_size, max_size)
+        start = rng.randrange(0, len(pool) - size)
+        p = root / f"d{i % n_dirs:0{width}d}" / f"f{i:06d}.txt"
+        with open(p, "wb") as f:
+            f.write(pool[start : start + size])
+        os.utime(p, (MTIME, MTIME))
+        total += size
+    return total
+
+
+def scale_files(root: Path) -> list[str]:
+    """The relative paths of a scale tree's files, sorted (what `edit_one` picks from)."""
+    return sorted(
+        os.path.relpath(os.path.join(dp, f), root) for dp, _, fs in os.walk(root) for f in fs
+    )
+
+
+def edit_one(root: Path, files: list[str], k: int, tag: str = "") -> tuple[str, bytes]:
+    """Rewrite one file of the tree (the k-th pick of a seeded sequence) with new content of a
+    similar size and a fresh mtime; returns its relative path and its new bytes."""
+    rng = random.Random(f"{SCALE_SEED}-{tag}-{k}")
+    rel = files[rng.randrange(len(files))]
+    body = f"edited {tag} {k} {time.time_ns()}\n".encode() + rng.randbytes(300).hex().encode()
+    with open(root / rel, "wb") as f:
+        f.write(body)
+    return rel, body

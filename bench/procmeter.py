@@ -1,0 +1,320 @@
+"""Peak RSS and CPU of a `ukc` command's process tree, read from /proc while it runs.
+
+A `ukc` command is two processes when the warm process serves it: the launcher the user
+started (small: interpreter built-ins and `warmclient`) and the child the warm server forks,
+which does the work. The child is not a descendant of the launcher, so `wait4`'s rusage cannot
+see it, and the warm server reaps its children through SIGCHLD=SIG_IGN, so its `cutime` never
+counts them either. `TreeMeter` therefore samples: every `period_s` it reads VmHWM (the
+kernel's own high-water mark of the resident set, monotonic) and utime+stime of every process
+it knows, and it finds new ones by scanning /proc for children of those processes and for
+children of the warm server started after the meter. VmHWM is a high-water mark, so sampling
+misses only growth in the last period before an exit; CPU ticks are 10 ms anyway.
+
+The forked child's RSS counts the pages it shares with the warm server (its imports): that is
+what the kernel reports as its resident set, and what a user sees in `ps`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [0] is field 3 (state)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2 :].decode("ascii", "replace").split()
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _uptime_ticks() -> int:
+    with open("/proc/uptime", encoding="ascii") as f:
+        return int(float(f.read().split()[0]) * CLK_TCK)
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of one process, in clock ticks (0 if it is gone)."""
+    st = _stat(pid)
+    if st is None:
+        return 0
+    return int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a live process tree: each member's own and its reaped children's.
+
+    Children that a parent never waits for (auto-reaped) vanish from the sum when they exit;
+    take a snapshot before and after and subtract, for a long-lived tree such as the metro.
+    """
+    members = descendants(pid) | {pid}
+    return sum(cpu_ticks(p) for p in members) / CLK_TCK
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of `pid` (one scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                children.setdefault(int(st[1]), []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+@dataclass
+class _Proc:
+    hwm_kib: int = 0
+    cpu_ticks: int = 0
+
+
+@dataclass
+class Measured:
+    """One command: wall seconds, exit code, output, and its process tree's figures."""
+
+    elapsed_s: float
+    returncode: int
+    stdout: str
+    stderr: str
+    #: sum over the tree's processes of each one's peak RSS (an upper bound of the tree's peak)
+    rss_peak_kib: int
+    #: the largest single process's peak RSS (the warm child, or the cold ukc process)
+    rss_max_kib: int
+    #: user + system CPU seconds of the tree
+    cpu_s: float
+    pids: list[int] = field(default_factory=list)
+
+    @property
+    def rss_peak_mb(self) -> float:
+        return self.rss_peak_kib / 1024
+
+
+class TreeMeter:
+    """Samples a process tree (plus a warm server's new children) until `stop()`."""
+
+    def __init__(self, warm_pid: int | None = None, period_s: float = 0.01) -> None:
+        self.warm_pid = warm_pid
+        self.period_s = period_s
+        self.procs: dict[int, _Proc] = {}
+        self._roots: set[int] = set()
+        self._t0 = _uptime_ticks() - 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="treemeter")
+
+    def start(self, root_pid: int) -> None:
+        self._roots.add(root_pid)
+        self.procs[root_pid] = _Proc()
+        self._thread.start()
+
+    def _scan(self) -> None:
+        watched = set(self.procs)
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            if pid in self.procs:
+                continue
+            st = _stat(pid)
+            if st is None:
+                continue
+            ppid, started = int(st[1]), int(st[19])
+            if ppid in watched or (ppid == self.warm_pid and started >= self._t0):
+                self.procs[pid] = _Proc()
+
+    def _sample(self) -> None:
+        for pid, proc in self.procs.items():
+            st = _stat(pid)
+            if st is None or st[0] in ("Z", "X"):
+                continue  # gone: its last sample stands
+            proc.cpu_ticks = int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
+            proc.hwm_kib = max(proc.hwm_kib, _hwm_kib(pid))
+
+    def _loop(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            # until the warm child is found, look for it at every tick (a no-op apply lives
+            # ~0.1 s); afterwards new descendants are rare (ukc spawns no programs)
+            found_child = len(self.procs) > len(self._roots)
+            if n % 10 == 0 or (self.warm_pid is not None and not found_child):
+                self._scan()
+            self._sample()
+            n += 1
+            self._stop.wait(self.period_s if found_child or self.warm_pid is None else 0.002)
+
+    def stop(self) -> None:
+        self._scan()
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+
+
+def run_measured(
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    warm_pid: int | None = None,
+    check: bool = True,
+    timeout_s: float | None = None,
+) -> Measured:
+    """Run `argv` to its end; wall time from spawn to exit, peak RSS and CPU of its tree.
+
+    The root process's CPU comes exactly from `wait4` (its reaped descendants included); its
+    peak RSS from the samples (`ru_maxrss` would carry the bench's own high-water mark over
+    fork + exec); the warm child's figures from the samples.
+    """
+    meter = TreeMeter(warm_pid)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    meter.start(proc.pid)
+    chunks: dict[str, bytes] = {}
+
+    def drain(name: str, stream: Any) -> None:
+        chunks[name] = stream.read()
+
+    readers = [
+        threading.Thread(target=drain, args=(n, s), daemon=True)
+        for n, s in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for r in readers:
+        r.start()
+    timer = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+    if timer is not None:
+        timer.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    if timer is not None:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for r in readers:
+        r.join()
+    meter.stop()
+    # the root's CPU exactly (wait4, its reaped descendants included); the others' (the warm
+    # child) from their last sample
+    root = meter.procs.pop(proc.pid)
+    cpu = usage.ru_utime + usage.ru_stime + sum(p.cpu_ticks for p in meter.procs.values()) / CLK_TCK
+    meter.procs[proc.pid] = root
+    m = Measured(
+        elapsed_s=elapsed,
+        returncode=proc.returncode,
+        stdout=chunks.get("out", b"").decode("utf-8", "replace"),
+        stderr=chunks.get("err", b"").decode("utf-8", "replace"),
+        rss_peak_kib=sum(p.hwm_kib for p in meter.procs.values()),
+        rss_max_kib=max((p.hwm_kib for p in meter.procs.values()), default=0),
+        cpu_s=cpu,
+        pids=sorted(meter.procs),
+    )
+    if check and proc.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(argv[:4])} ... failed ({proc.returncode}):\n{m.stderr[-2000:]}"
+        )
+    return m
+
+
+def rss_of(pid: int) -> dict[str, Any]:
+    """VmHWM and VmRSS of a live process, KiB."""
+    out: dict[str, Any] = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"VmHWM:", b"VmRSS:")):
+                    out[line.split(b":")[0].decode()] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def _kind(pid: int, root: int) -> str:
+    if pid == root:
+        return "daemon"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read(4096)
+    except OSError:
+        return "gone"
+    if b"agent.py" in cmd:
+        return "agent"
+    if b"marshal" in cmd or b"ukc sync helper" in cmd:
+        return "sync-helper"
+    if cmd.startswith(b"sshd") or b"/sshd" in cmd.split(b"\0")[0]:
+        return "sshd"
+    if b"bwrap" in cmd.split(b"\0")[0]:
+        return "bwrap"
+    return "command"
+
+
+class KindCpu:
+    """CPU seconds of a process tree (the metro daemon and its sandboxes) by kind of process:
+    daemon (API, TLS edge), agent (relay to sshd), sshd, sync-helper, bwrap, command.
+
+    Samples every `period_s` (own utime+stime of each member, by pid); a process that exits
+    between samples loses at most one period of CPU.
+    """
+
+    def __init__(self, root: int, period_s: float = 0.1) -> None:
+        self.root = root
+        self.period_s = period_s
+        self.start: dict[int, int] = {}
+        self.last: dict[int, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="kindcpu")
+        for pid in descendants(root) | {root}:
+            st = _stat(pid)
+            if st is not None:
+                self.start[pid] = int(st[11]) + int(st[12])
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for pid in descendants(self.root) | {self.root}:
+            st = _stat(pid)
+            if st is None:
+                continue
+            kind = self.last[pid][0] if pid in self.last else _kind(pid, self.root)
+            self.last[pid] = (kind, int(st[11]) + int(st[12]))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        out: dict[str, float] = {}
+        for pid, (kind, ticks) in self.last.items():
+            out[kind] = out.get(kind, 0.0) + (ticks - self.start.get(pid, 0)) / CLK_TCK
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""ukc against rsync on a 100,000-file tree, side by side on local-metro sandboxes.
+
+    .venv/bin/python bench/scale_bench.py [--files 100000] [--dirs 1000] [--runs 1]
+                                          [--edits 10] [--no-watch] [--no-back]
+
+Tree (`treegen.gen_scale_tree`, seeded): `--files` files of 0.2-2 KB in `--dirs` directories
+(100,000 in 1,000: ~110 MB of content, ~395 MB on disk). Generated once; both sides read the
+same tree.
+
+rsync: the original workflow's `rsync -az --delete` through `ssh` with an `openssl s_client`
+ProxyCommand, through the metro's TLS edge, into `/workspace` of its own sandbox (created
+beforehand through the API, not timed), a fresh process per call.
+ukc: the CLI as a user runs it (`ukc apply`, a fresh process forked by the warm process) on a
+session whose sandbox was created beforehand by an apply of a one-file tree (not timed).
+
+Phases, per side (each run alternates which side goes first):
+  initial    the whole tree into an empty /workspace
+  nochange   the same again
+  onefile    one file rewritten (`treegen.edit_one`), then one `ukc apply` / one rsync
+  watch      ukc only: `ukc watch` running and converged, one file rewritten at a time; the
+             time from the write until the new bytes are in the sandbox's /workspace (read on
+             the host side of its bind mount), p50/p95 over `--edits`; each edit waits for the
+             previous pass to end. `--resync 3600` keeps the periodic resync out of the way.
+  back       sync-back of the whole tree into an empty local dir. rsync: `/workspace/` → a
+             fresh dir. ukc: the session gets `commands: [cp -a d* out/]` and
+             `sync.back: [out/]`; the figure is the status file's `timings.syncback_s` (the
+             SyncBack action alone, on the connection the command used); `ukc_back_apply_s`
+             is that apply's wall time minus `timings.commands_s`.
+
+Where: `--workdir` holds the tree, both sandboxes' workspaces and the sync-back copies.
+Creating 100,000 files is what initial and sync-back measure, and on a filesystem where many
+files were recently deleted (ext4 without a journal, e.g. a busy /tmp) inode allocation slows
+both tools by 2-5x, unevenly: use a fresh filesystem with room for ~500,000 inodes per run,
+e.g. `truncate -s 20G img; mkfs.ext4 -q -N 4000000 img; mount -o loop img /mnt/fs;
+--workdir /mnt/fs` (the header names the filesystem).
+
+Prints key=value lines: seconds (medians over runs), ratio_* = ukc / rsync, and for every ukc
+phase the peak RSS and CPU of the ukc process tree (`procmeter`: the launcher plus the child
+the warm process forked for it, VmHWM sampled every 10 ms; `ukc watch` runs in its own
+process). The machine may be shared: compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procmeter import rss_of
+from sync_bench import describe_fs, rsync_cmd, timed
+from treegen import edit_one, gen_scale_tree, scale_files
+from ukcenv import UKC, UkcEnv, session_status
+
+SESSION = "scale"
+
+
+def rsync_side(
+    env: UkcEnv, tree: Path, files: list[str], work: Path, k: int, a: argparse.Namespace
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    rs = work / f"rs{k}"
+    rs.mkdir(parents=True)
+    key = rs / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    name = f"scale-rsync-{k}-{os.getpid()}"
+    inst = env.metro.create(name, key.with_suffix(".pub").read_text().strip())
+    fqdn = inst["service_group"]["domains"][0]["fqdn"]
+    dst = f"root@{fqdn}:/workspace/"
+
+    def rsync(src: str, to: str) -> float:
+        return timed(rsync_cmd(env.metro, key, fqdn, src, to))
+
+    out["rsync_initial_s"] = rsync(f"{tree}/", dst)
+    out["rsync_nochange_s"] = rsync(f"{tree}/", dst)
+    edit_one(tree, files, k, "rsync")
+    out["rsync_onefile_s"] = rsync(f"{tree}/", dst)
+    if not a.no_back:
+        out["rsync_back_s"] = rsync(dst, f"{rs / 'back'}/")
+    return out
+
+
+class WatchProc:
+    """`ukc watch` in its own process; its output lines, and a wait for the n-th pass."""
+
+    def __init__(self, env: UkcEnv, project: Path) -> None:
+        self.proc = subprocess.Popen(
+            [*UKC, "watch", "--resync", "3600", "s.yaml"],
+            cwd=project,
+            env=env.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.passes = 0
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                if line.startswith("[watch] pass ") and " done " in line:
+                    self.passes += 1
+                self._cond.notify_all()
+
+    def wait_passes(self, n: int, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.passes >= n, timeout_s)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def watch_phase(
+    env: UkcEnv, project: Path, tree: Path, files: list[str], remote: Path, a: argparse.Namespace
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    w = WatchProc(env, project)
+    try:
+        t0 = time.perf_counter()
+        if not w.wait_passes(1, 600):
+            raise SystemExit("ukc watch did not finish its first pass in 600 s:\n" + _tail(w))
+        out["ukc_watch_first_pass_s"] = time.perf_counter() - t0
+        time.sleep(0.5)
+        latencies = []
+        for k in range(a.edits):
+            before = w.passes
+            t0 = time.perf_counter()
+            rel, body = edit_one(tree, files, k, "watch")
+            target = remote / rel
+            while True:
+                try:
+                    if target.read_bytes() == body:
+                        break
+                except FileNotFoundError:
+                    pass
+                if time.perf_counter() - t0 > 120:
+                    raise SystemExit(f"watch edit {k} did not arrive in 120 s:\n" + _tail(w))
+                time.sleep(0.001)
+            latencies.append(time.perf_counter() - t0)
+            w.wait_passes(before + 1, 120)  # that pass is over: the next edit finds it idle
+            time.sleep(0.3)
+        latencies.sort()
+        out["ukc_watch_p50_s"] = statistics.median(latencies)
+        out["ukc_watch_p95_s"] = latencies[max(0, round(0.95 * len(latencies)) - 1)]
+        out["ukc_watch_max_s"] = latencies[-1]
+        out["ukc_watch_rss_mb"] = rss_of(w.proc.pid).get("VmHWM", 0) / 1024
+    finally:
+        w.stop()
+    return out
+
+
+def _tail(w: WatchProc) -> str:
+    """The watcher's last lines, and any warning it printed earlier (watchdog logs a lost
+    inotify queue as a warning)."""
+    warned = [line for line in w.lines[:-20] if "warning" in line.lower() or "overflow" in line]
+    return "\n".join(warned[-10:] + w.lines[-20:])
+
+
+def ukc_side(
+    env: UkcEnv,
+    master: Path,
+    files: list[str],
+    work: Path,
+    k: int,
+    a: argparse.Namespace,
+    cleanup: list[Any],
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    proj = work / f"ukc{k}"
+    tree = proj / "tree"
+    tree.mkdir(parents=True)
+    (tree / "seed.txt").write_text("seed\n")
+    (proj / "s.yaml").write_text(f"name: {SESSION}\ndirectory: ./tree\n")
+    env.ukc(["apply", "s.yaml"], proj)  # creates the sandbox (not timed: rsync had its own)
+    cleanup.append(lambda: env.ukc(["delete", "s.yaml"], proj, check=False))
+    uuid = session_status(proj, SESSION)["instance"]["uuid"]
+    remote = env.state / "workspaces" / uuid
+    shutil.rmtree(tree)
+    os.rename(master, tree)  # the one generated tree, lent to this project
+    try:
+
+        def phase(name: str) -> None:
+            os.sync()
+            m = env.ukc(["apply", "s.yaml"], proj)
+            out[f"ukc_{name}_s"] = m.elapsed_s
+            out[f"ukc_{name}_rss_mb"] = m.rss_peak_mb
+            out[f"ukc_{name}_cpu_s"] = m.cpu_s
+
+        phase("initial")
+        phase("nochange")
+        edit_one(tree, files, k, "ukc")
+        phase("onefile")
+        if not a.no_watch:
+            out.update(watch_phase(env, proj, tree, files, remote, a))
+        if not a.no_back:
+            (proj / "s.yaml").write_text(
+                f"name: {SESSION}\ndirectory: ./tree\n"
+                "commands: ['rm -rf out && mkdir out && cp -a d[0-9]* out/']\n"
+                "sync:\n  back: [out/]\n"
+            )
+            os.sync()
+            m = env.ukc(["apply", "s.yaml"], proj)
+            rec = session_status(proj, SESSION)
+            timings = rec.get("timings", {})
+            out["ukc_back_s"] = float(timings.get("syncback_s", 0.0))
+            out["ukc_back_apply_s"] = m.elapsed_s - float(timings.get("commands_s", 0.0))
+            out["ukc_back_rss_mb"] = m.rss_peak_mb
+            out["ukc_back_cpu_s"] = m.cpu_s
+            got = sum(len(fs) for _, _, fs in os.walk(tree / "out"))
+            if got != len(files):
+                raise SystemExit(f"sync-back brought {got} files, expected {len(files)}")
+    finally:
+        shutil.rmtree(tree / "out", ignore_errors=True)
+        os.rename(tree, master)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--dirs", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--edits", type=int, default=10, help="watch edits per run")
+    ap.add_argument("--no-watch", action="store_true")
+    ap.add_argument("--no-back", action="store_true")
+    ap.add_argument("--workdir", default=None, help="parent of the work dir (default $TMPDIR)")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ukc-scale-bench-", dir=a.workdir))
+    env = UkcEnv(work)
+    cleanup: list[Any] = []
+    try:
+        master = work / "tree"
+        t0 = time.perf_counter()
+        size = gen_scale_tree(master, a.files, a.dirs)
+        gen_s = time.perf_counter() - t0
+        files = scale_files(master)
+        runs = []
+        for k in range(a.runs):
+            sides = ["rsync", "ukc"] if k % 2 == 0 else ["ukc", "rsync"]
+            got: dict[str, float] = {}
+            for side in sides:
+                if side == "rsync":
+                    got.update(rsync_side(env, master, files, work, k, a))
+                else:
+                    got.update(ukc_side(env, master, files, work, k, a, cleanup))
+            runs.append(got)
+            print(f"# run {k}: " + " ".join(f"{key}={v:.3f}" for key, v in got.items()))
+            sys.stdout.flush()
+        for step in cleanup:
+            step()
+        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        print(
+            f"# scale_bench runs={a.runs} files={a.files} dirs={a.dirs} bytes={size} "
+            f"gen_s={gen_s:.1f} nproc={os.cpu_count()} load={os.getloadavg()[0]:.2f}"
+        )
+        print(f"# workdir={work} {describe_fs(work)}")
+        for key in sorted(med):
+            print(f"{key}={med[key]:.3f}")
+        for what in ("initial", "nochange", "onefile", "back"):
+            if f"rsync_{what}_s" in med and f"ukc_{what}_s" in med:
+                print(f"ratio_{what}={med[f'ukc_{what}_s'] / med[f'rsync_{what}_s']:.2f}")
+        if "ukc_watch_p50_s" in med:
+            print(f"watch_p50_ms={med['ukc_watch_p50_s'] * 1000:.1f}")
+            print(f"watch_p95_ms={med['ukc_watch_p95_s'] * 1000:.1f}")
+        rss = [v for key, v in med.items() if key.endswith("_rss_mb")]
+        print(f"rss_peak_mb_max={max(rss):.1f}")
+    finally:
+        env.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
