@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import actions, errors, ownership, services, status
-from reconciler.atomicfile import write_atomic
+from reconciler._util.atomic import write_atomic
 from reconciler.backends import CreateRequest, Instance, RemoteShell
 from reconciler.backends.commands import CommandResult
 from reconciler.interrupts import StopFlag

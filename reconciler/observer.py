@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import errors, naming, ownership, planner, spec, status
-from reconciler.atomicfile import create_atomic, write_atomic
+from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.backends import Instance
 from reconciler.metro import MetroRegistry, metro_label
 from reconciler.sync import engine as sync_engine

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Never
 
-from reconciler.atomicfile import writer_alive
+from reconciler._util.atomic import writer_alive
 from reconciler.backends import RemoteShell
 from reconciler.errors import HostileEntryError, SyncHaltedError
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id

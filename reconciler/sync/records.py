@@ -1,7 +1,7 @@
 """Small JSON records kept in the controller's per-session sync state dir.
 
 Who feeds it: `manifest` (hash cache, push record), `pull` (pull record). Who uses it: the same
-modules, and `engine.forget`. Writes are atomic (`atomicfile`: temp file in the same
+modules, and `engine.forget`. Writes are atomic (`_util.atomic`: temp file in the same
 directory, fsync, rename) so a crash leaves either the old record or the new one, never a torn
 file, and a killed writer's temp file is swept by the next write.
 """
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reconciler.atomicfile import write_atomic
+from reconciler._util.atomic import write_atomic
 
 __all__ = ["HASH_CACHE", "PULL_RECORD", "PUSH_RECORD", "read_record", "write_record"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from reconciler import errors, ownership
-from reconciler.atomicfile import create_atomic
+from reconciler._util.atomic import create_atomic
 from reconciler.observer import load_owner
 
 SECRET = "0123456789abcdef-project-secret"

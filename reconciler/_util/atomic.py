@@ -1,7 +1,6 @@
 """Small files written whole or not at all, and the temp files of killed writers swept away.
 
-Who uses it: the observer (the project salt, the owner id), the executor (the session's public
-key) and the sync records; `writer_alive` also judges the sync-back's temp files. A writer writes
+A writer writes
 `.NAME.PID.tmp` beside the target, then renames it into place; a writer killed in between leaves
 its temp file behind, which the next writer removes once that pid is gone. (The status file has
 its own sweep: only the lock holder writes it, so it removes every temp file it finds.)
@@ -13,25 +12,13 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["create_atomic", "pid_alive", "sweep_dead_temps", "write_atomic", "writer_alive"]
+from reconciler._util.pids import pid_alive
+
+__all__ = ["create_atomic", "sweep_dead_temps", "write_atomic", "writer_alive"]
 
 
 def _temp_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (pid reuse can only make a dead writer look
-    alive: its temp file then stays, which is harmless)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True  # someone else's process: not ours to judge
-    return True
 
 
 def writer_alive(pid: str) -> bool:

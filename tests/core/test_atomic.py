@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reconciler.atomicfile import sweep_dead_temps, write_atomic
+from reconciler._util.atomic import sweep_dead_temps, write_atomic
 
 
 def _dead_pid() -> int:
