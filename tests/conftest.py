@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from reconciler import warm
+from reconciler.cli import warm
 
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):

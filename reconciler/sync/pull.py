@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Never
 
 from reconciler._util.atomic import writer_alive
-from reconciler.backends import RemoteShell
 from reconciler.errors import HostileEntryError, SyncHaltedError
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
 from reconciler.sync.ignore import is_under
@@ -62,6 +61,7 @@ from reconciler.sync.manifest import CHUNK, hash_file
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.records import PULL_RECORD, read_record, write_record
 from reconciler.sync.remote import HelperSession
+from reconciler.transport.base import RemoteShell
 
 __all__ = [
     "CONFLICT_SUFFIX",

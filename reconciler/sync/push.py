@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.backends import RemoteShell
 from reconciler.errors import RemoteError, SyncError, SyncLimitError
 from reconciler.sync.diff import TransferPlan, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
@@ -28,6 +27,7 @@ from reconciler.sync.manifest import CHUNK, Entry, Manifest, last_push_record, s
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.records import PUSH_RECORD, write_record
 from reconciler.sync.remote import HelperSession
+from reconciler.transport.base import RemoteShell
 
 __all__ = ["MAX_REMOTE_ONLY", "MAX_REMOTE_ONLY_CHARS", "PushResult", "push", "read_remote_scan"]
 

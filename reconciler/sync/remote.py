@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from reconciler.backends import RemoteProcess, RemoteShell
 from reconciler.errors import RemoteError, SyncStalledError
 from reconciler.sync.helper_src import HELPER_SOURCE
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.watchdog import Watchdog
+from reconciler.transport.base import RemoteProcess, RemoteShell
 
 __all__ = ["MAX_FRAME", "FrameReader", "HelperSession", "encode_frame", "helper_command"]
 

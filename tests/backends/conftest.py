@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from reconciler.backends.ssh import generate_keypair
-from reconciler.backends.tls import Dialer
+from reconciler.transport.keys import generate_keypair
+from reconciler.transport.tls import Dialer
 
 FQDN = "box1.sbx.test"
 BUF = 256 * 1024

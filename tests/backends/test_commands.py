@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.backends.commands import CommandResult, build_script, run_command
-from reconciler.backends.ssh import SshShell
-from reconciler.backends.tls import Dialer
 from reconciler.errors import SpecError
+from reconciler.transport.base import CommandResult
+from reconciler.transport.commands import build_script, run_command
+from reconciler.transport.sshclient import SshShell
+from reconciler.transport.tls import Dialer
 
 from .conftest import FQDN, Sshd
 
@@ -240,7 +241,7 @@ class TestOverLocalShell:
     timeout there kills only the command's own process group, never the test runner."""
 
     def test_env_output_and_timeout_through_a_local_shell(self, tmp_path: Path) -> None:
-        from reconciler.backends.localshell import LocalShell
+        from reconciler.transport.local_shell import LocalShell
 
         local = LocalShell()
         try:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from reconciler.backends.retry import RetryPolicy, backoff_delays, call_with_retries
+from reconciler._util.retry import RetryPolicy, backoff_delays, call_with_retries
 from reconciler.errors import ApiError, RateLimitedError, SpecError, TransportError
 
 

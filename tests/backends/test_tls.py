@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from reconciler.backends.tls import Dialer, edge_address
 from reconciler.errors import TransportError
+from reconciler.transport.tls import Dialer, edge_address
 
 from .conftest import FQDN, CaFiles, TlsForwarder, dialer_to, free_port
 

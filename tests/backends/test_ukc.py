@@ -20,14 +20,14 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from reconciler.backends import CreateRequest, Service
-from reconciler.backends.retry import RetryPolicy
-from reconciler.backends.ukc import (
+from reconciler._util.retry import RetryPolicy
+from reconciler.cloud.api import (
     UkcApi,
     metro_base_url,
     normalize_base_url,
     parse_retry_after,
 )
+from reconciler.cloud.model import CreateRequest, Service
 from reconciler.errors import (
     AlreadyExistsError,
     ApiError,

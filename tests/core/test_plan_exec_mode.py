@@ -5,21 +5,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from reconciler import actions, planner, services
-from reconciler.backends import Instance
-from reconciler.cli import _plan_json, _render_plan
-from reconciler.status import StatusDoc
+from reconciler.cli.render import plan_json, render_plan
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import DesiredSession
+from reconciler.reconcile.plan import plan_sessions
+from reconciler.status.schema import StatusDoc
+from reconciler.transport import services
 from tests.core.test_planner import NOW, OWNER, converged_record, desired, instance, kinds
 
 
-def _plan(d: planner.DesiredSession, inst: Instance | None) -> actions.Plan:
+def _plan(d: DesiredSession, inst: Instance | None) -> actions.Plan:
     rec = converged_record(d, inst) if inst is not None else None
     doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
-    return planner.plan([d], {inst.name: inst} if inst else {}, doc, NOW, owner=OWNER)
+    return plan_sessions([d], {inst.name: inst} if inst else {}, doc, NOW, owner=OWNER)
 
 
-def _made_for(d: planner.DesiredSession, mode: str | None) -> Instance:
-    tags = d.tags if mode is None else (*d.tags, services.exec_tag(mode))
+def _made_for(d: DesiredSession, mode: str | None) -> Instance:
+    tags = d.tags if mode is None else (*d.tags, identity.exec_tag(mode))
     return instance(d, tags=tags)
 
 
@@ -75,9 +78,9 @@ def test_switching_exec_mode_replaces_the_instance_after_bringing_outputs_home()
 def test_plan_text_and_json_carry_the_warnings() -> None:
     d = desired(exec_mode="http")
     p = _plan(d, None)
-    text = _render_plan(p)
+    text = render_plan(p)
     assert any(line.startswith("warning: session hello: exec: http") for line in text)
-    assert _plan_json(p)["warnings"] == list(p.warnings)
+    assert plan_json(p)["warnings"] == list(p.warnings)
     quiet = replace(p, warnings=())
-    assert not [line for line in _render_plan(quiet) if line.startswith("warning")]
-    assert _plan_json(quiet)["warnings"] == []
+    assert not [line for line in render_plan(quiet) if line.startswith("warning")]
+    assert plan_json(quiet)["warnings"] == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from reconciler.backends import RemoteShell
-from reconciler.executor import ShellPool
+from reconciler.transport.base import RemoteShell
+from reconciler.transport.pool import ShellPool
 
 
 class FakeShell:

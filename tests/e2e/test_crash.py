@@ -509,7 +509,7 @@ def test_a_public_key_file_left_empty_by_a_kill_is_regenerated_before_the_create
     projects.append(tool)
     keys = tool.project / ".ukc" / "keys"
     keys.mkdir(parents=True, mode=0o700)
-    from reconciler.backends.ssh import generate_keypair
+    from reconciler.transport.keys import generate_keypair
 
     generate_keypair(keys / SESSION)
     (keys / f"{SESSION}.pub").write_text("")

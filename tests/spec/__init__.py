@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import SpecError
-from reconciler.spec import SpecSet, load_specs
+from reconciler.spec.loader import SpecSet, load_specs
 
 
 def write(path: Path, text: str | bytes) -> Path:

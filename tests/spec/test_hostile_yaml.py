@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.errors import SpecError
-from reconciler.spec import load_specs
+from reconciler.spec.loader import load_specs
 
 from . import write
 

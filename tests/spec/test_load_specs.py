@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import SpecError
-from reconciler.spec import (
-    DEFAULT_LOCAL_IMAGE,
-    load_spec_file,
-    load_specs,
-    resolve_secret_env,
-    spec_hash,
-)
+from reconciler.spec.loader import load_spec_file, load_specs
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE, resolve_secret_env, spec_hash
 
 from . import load_one, spec_error, write
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.durations import Duration
-from reconciler.spec import DEFAULT_LOCAL_IMAGE, CommandSpec, SessionSpec, SyncSpec
+from reconciler.spec.durations import Duration
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE, CommandSpec, SessionSpec, SyncSpec
 
 from . import load_one, spec_error
 

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.sizes import SizeError, format_size, parse_size
-from reconciler.spec import SyncSpec, spec_hash
-from reconciler.sync.options import (
+from reconciler.spec.defaults import (
     DEFAULT_BACK_MAX_BYTES,
     DEFAULT_BACK_MAX_FILES,
     DEFAULT_BACK_MAX_REFUSED,
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
 )
+from reconciler.spec.models import SyncSpec, spec_hash
+from reconciler.spec.sizes import SizeError, format_size, parse_size
 
 from . import load_one, spec_error
 

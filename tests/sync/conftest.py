@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.backends.localshell import LocalShell
 from reconciler.sync.options import SyncOptions
+from reconciler.transport.local_shell import LocalShell
 
 #: the system interpreter starts much faster than a pyenv shim; any python3 >= 3.7 works
 REMOTE_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from reconciler.backends.ssh import SshShell
-from reconciler.backends.tls import Dialer
 from reconciler.sync.engine import pull, push
 from reconciler.sync.options import SyncOptions
+from reconciler.transport.sshclient import SshShell
+from reconciler.transport.tls import Dialer
 from tests.backends.conftest import (  # noqa: F401 - fixtures used by name
     FQDN,
     Sshd,

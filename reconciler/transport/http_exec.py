@@ -32,10 +32,9 @@ from collections.abc import Callable, Mapping
 
 import httpx
 
-from reconciler.backends import RemoteShell
-from reconciler.backends.commands import CommandResult
-from reconciler.backends.tls import AddressMap, Dialer
 from reconciler.errors import RemoteError, SpecError, TransportError
+from reconciler.transport.base import CommandResult, RemoteShell
+from reconciler.transport.tls import AddressMap, Dialer
 
 __all__ = [
     "HttpExec",

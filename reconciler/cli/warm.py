@@ -42,8 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reconciler import warmclient
-from reconciler.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, recv_exact, run
+from reconciler.cli import warmclient
+from reconciler.cli.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, recv_exact, run
 
 __all__ = [
     "WARM_COMMANDS",
@@ -91,8 +91,8 @@ def socket_path(environ: dict[str, str] | os._Environ[str] | None = None) -> Pat
 def fingerprint() -> str:
     """Changes when ukc's code, the interpreter or an installed package changes."""
     h = hashlib.sha256(f"{sys.executable}\0{sys.version}".encode())
-    here = Path(__file__).resolve().parent
-    for path in sorted(here.rglob("*.py")):
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
         with contextlib.suppress(OSError):
             st = path.stat()
             h.update(f"{path}\0{st.st_mtime_ns}\0{st.st_size}\n".encode())
@@ -119,7 +119,7 @@ def spawn(path: Path, environ: dict[str, str] | os._Environ[str] | None = None) 
         log = os.open(path.with_suffix(".log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             subprocess.Popen(
-                [sys.executable, "-P", "-m", "reconciler.warm", "serve", str(path)],
+                [sys.executable, "-P", "-m", "reconciler.cli.warm", "serve", str(path)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,  # only the server's own failures; commands write to their caller
@@ -323,11 +323,11 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         os.environ.update({str(k): str(v) for k, v in dict(request["env"]).items()})
         argv = [str(a) for a in request["argv"]]
         sys.argv = ["ukc", *argv]
-        from reconciler import status  # loaded by the server already (_preload)
+        from reconciler.status import journal  # loaded by the server already (_preload)
 
         client = warmclient.peer_pid(conn)
         # the locks this command takes name its `ukc`: once that is gone, we are dying
-        status.set_client_pid(client if client > 0 else None)
+        journal.set_client_pid(client if client > 0 else None)
         conn.sendall(b"R" + struct.pack(">ii", os.getpid(), os.getppid()))
         if recv_exact(conn, 1) != b"G":
             os._exit(1)
@@ -345,11 +345,15 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         os._exit(code)
 
 
+#: the command line the child runs, named rather than imported: it imports this module
+_COMMANDS = "reconciler.cli.main"
+
+
 def _run_cli(argv: list[str]) -> int:
-    from reconciler.cli import main
+    import importlib
 
     try:
-        main(argv)
+        importlib.import_module(_COMMANDS).main(argv)
     except SystemExit as done:
         if done.code is None:
             return 0
@@ -406,21 +410,17 @@ def _rebind_streams(streams: dict[str, Any]) -> None:
 def _preload() -> None:
     """Import what commands use, and build what every command would build, once: each fork
     starts with it."""
-    import reconciler.applying
-    import reconciler.backends.ssh
-    import reconciler.cli
-    import reconciler.deleting
-    import reconciler.executor
-    import reconciler.local.daemon
-    import reconciler.metro
-    import reconciler.reporting
-    import reconciler.sync.engine  # noqa: F401
-    from reconciler.backends.ukc import UkcApi, verifying_context
+    import importlib
 
-    # why: a first client imports its lazy parts (httpcore, h11); the CA bundle is the
-    # remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may set, build their own)
-    UkcApi("http://127.0.0.1:9", None, metro="warm").close()
-    verifying_context(None, None)
+    import reconciler.cli.render
+    import reconciler.reconcile.execute
+    import reconciler.reconcile.loop
+    import reconciler.sync.engine
+    import reconciler.transport.sshclient  # noqa: F401
+    from reconciler.cloud import metros
+
+    importlib.import_module(_COMMANDS)
+    metros.warm_up()
 
 
 def serve(path: Path) -> None:
@@ -441,5 +441,5 @@ def serve(path: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "serve":
-        sys.exit("usage: python -m reconciler.warm serve SOCKET")
+        sys.exit("usage: python -m reconciler.cli.warm serve SOCKET")
     serve(Path(sys.argv[2]))

@@ -1,9 +1,14 @@
-"""The reconcile loop: observe → plan → execute, repeated until the plan is empty.
+"""The reconcile loop of one group (one status file): apply, plan, delete.
 
-Level-triggered: every round re-observes the cloud and the local trees, and the pure planner
-decides again from scratch; the executor only performs. A session that failed in this run is
-left alone for the remaining rounds (its sandbox is kept for inspection). The loop stops when a
-round plans nothing, or raises `ConvergenceError` after `max_rounds`.
+Apply is level-triggered: every round re-observes the cloud and the local trees, and the pure
+planner decides again from scratch; the executor only performs. A session that failed in this
+run is left alone for the remaining rounds (its sandbox is kept for inspection). The loop stops
+when a round plans nothing, or raises `ConvergenceError` after `max_rounds`.
+
+Delete observes first (one list per metro), deletes what still exists and is provably ours, and
+cleans the local side (private key, sync records) and records `Deleted`, so a delete
+interrupted half-way is finished by running it again. An instance under the session's name
+that is not provably ours is left alone, with the local side: the session fails instead.
 """
 
 from __future__ import annotations
@@ -11,19 +16,27 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from reconciler import actions, errors, observer, planner, status
-from reconciler.backends import Instance, RemoteShell
-from reconciler.executor import Executor, SessionOutcome, ShellPool
-from reconciler.interrupts import StopFlag
-from reconciler.metro import MetroRegistry
-from reconciler.reporting import Event, Reporter
+from reconciler import errors
+from reconciler.cloud.metros import MetroRegistry
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import Group, key_path_for
+from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile.execute import Executor, SessionOutcome
+from reconciler.reconcile.interrupts import StopFlag
+from reconciler.reconcile.observe import Observation, observe
+from reconciler.reconcile.plan import parse_time, plan_delete, plan_sessions
+from reconciler.status import journal
+from reconciler.status.schema import SessionStatus, StatusDoc
+from reconciler.transport.base import RemoteShell
+from reconciler.transport.pool import ShellPool
 
-__all__ = ["ApplyResult", "apply_group", "plan_group"]
+__all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
 
 
 @dataclass
@@ -35,25 +48,50 @@ class ApplyResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+def check_prune(
+    groups: Sequence[Group], *, prune: bool, allow_empty: bool, only: Collection[str]
+) -> None:
+    """Refuse a prune that would delete every session by accident (specs that declare none,
+    e.g. a wrong path), unless `allow_empty`, and a prune of a partial run (`only`), which
+    would take the sessions left out for removed ones."""
+    if prune and not allow_empty and all(not g.sessions for g in groups):
+        raise errors.UsageError(
+            "refusing to prune: the specs declare no session (pass --allow-empty to delete all)"
+        )
+    if prune and only:
+        raise errors.UsageError("--prune cannot be combined with --session")
+
+
 def plan_group(
-    group: observer.Group,
+    group: Group,
     *,
     metros: MetroRegistry,
     environ: Mapping[str, str],
     prune: bool = False,
     now: Callable[[], float] = time.time,
-) -> tuple[actions.Plan, observer.Observation]:
+) -> tuple[actions.Plan, Observation]:
     """What apply would do right now (reads only; takes no lock)."""
-    doc = status.load(group.status_path)
-    obs = observer.observe(group, doc, metros, environ)
-    plan = planner.plan(
+    doc = journal.load(group.status_path)
+    owner, salt = _identity(group, environ)
+    obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+    the_plan = plan_sessions(
         obs.desired, obs.instances, doc, now(), owner=obs.owner, prune=prune, claimed=obs.claimed
     )
-    return plan, obs
+    return the_plan, obs
+
+
+def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner, bytes]:
+    """This checkout as an owner, and the salt of its secret fingerprints (both created on
+    first use, here rather than in the read-only observer)."""
+    project = identity.project_id(group.base_dir, environ)
+    return (
+        identity.load_owner(group.state_dir, project, environ),
+        identity.load_salt(group.state_dir),
+    )
 
 
 def apply_group(
-    group: observer.Group,
+    group: Group,
     *,
     metros: MetroRegistry,
     reporter: Reporter,
@@ -77,23 +115,26 @@ def apply_group(
         contextlib.closing(kept) if shells is None else contextlib.nullcontext(),
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
-        status.lock(group.status_path, timeout_s=lock_timeout_s),
+        journal.lock(group.status_path, timeout_s=lock_timeout_s),
     ):
-        doc = status.load(group.status_path)
+        doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
         rounds = 0
-        obs: observer.Observation | None = None
+        obs: Observation | None = None
         ran: set[tuple[str, str]] = set()
         pending: set[str] = set()
         while True:
-            obs = observer.observe(
+            owner, salt = _identity(group, environ)
+            obs = observe(
                 group,
                 doc,
                 metros,
                 environ,
+                owner=owner,
+                salt=salt,
                 only=only,
                 on_tree_changed=_prefetcher(group, doc, metros, kept),
             )
@@ -101,7 +142,7 @@ def apply_group(
             for name, why in obs.halted.items():
                 failed.setdefault(name, why)
             desired = [d for d in obs.desired if d.name not in failed]
-            plan = planner.plan(
+            plan = plan_sessions(
                 desired,
                 obs.instances,
                 doc,
@@ -173,7 +214,7 @@ def apply_group(
 
 
 def _prefetcher(
-    group: observer.Group, doc: status.StatusDoc, metros: MetroRegistry, shells: ShellPool
+    group: Group, doc: StatusDoc, metros: MetroRegistry, shells: ShellPool
 ) -> Callable[[str, str, Instance], None]:
     """The observer's hint → a connection opened in the background for the push to come."""
 
@@ -185,11 +226,13 @@ def _prefetcher(
         if known is None or known.uuid != inst.uuid or not known.host_key or not inst.fqdn:
             return
         dialer = metros.get(metro).dialer
-        key_path = observer.key_path_for(group, session)
+        key_path = key_path_for(group, session)
         fqdn, host_key = inst.fqdn, known.host_key
 
         def opener() -> RemoteShell:
-            from reconciler.backends.ssh import SshShell  # paramiko: only when a push is coming
+            from reconciler.transport.sshclient import (
+                SshShell,  # paramiko: only when a push is coming
+            )
 
             return SshShell.connect(dialer, fqdn, key_path=key_path, expected_host_key=host_key)
 
@@ -199,9 +242,9 @@ def _prefetcher(
 
 
 def _finalize(
-    group: observer.Group,
-    doc: status.StatusDoc,
-    obs: observer.Observation,
+    group: Group,
+    doc: StatusDoc,
+    obs: Observation,
     failed: Mapping[str, str],
     reporter: Reporter,
     ran: set[tuple[str, str]],
@@ -209,10 +252,10 @@ def _finalize(
 ) -> None:
     """Record the converged state of every desired session; write only if something changed."""
     before = doc.model_dump(mode="json", exclude={"updated_at"})
-    now = status.utc_now()
+    now = journal.utc_now()
     for desired in obs.desired:
         name = desired.name
-        rec = doc.sessions.setdefault(name, status.SessionStatus())
+        rec = doc.sessions.setdefault(name, SessionStatus())
         rec.spec_hash = desired.spec_hash
         rec.observed_generation = desired.spec_hash
         rec.spec_file = str(obs.contexts[name].loaded.file)
@@ -222,7 +265,7 @@ def _finalize(
             rec.instance.state = inst.state
             rec.instance.fqdn = inst.fqdn
         if desired.ttl_s is not None and rec.created_at:
-            created = planner._parse_time(rec.created_at)
+            created = parse_time(rec.created_at)
             if created is not None:
                 rec.expires_at = time.strftime(
                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created + desired.ttl_s)
@@ -238,7 +281,7 @@ def _finalize(
             if rec.phase != "Failed":
                 rec.phase = "Failed"
                 rec.message = failed[name]
-                status.set_condition(rec, "Ready", "False", "Failed", failed[name], now)
+                journal.set_condition(rec, "Ready", "False", "Failed", failed[name], now)
             continue
         if rec.phase in ("Expired", "Deleted") and inst is None:
             continue
@@ -247,12 +290,60 @@ def _finalize(
             continue
         rec.phase = "Ready"
         rec.message = ""
-        status.set_condition(rec, "InstanceReady", "True", "Running", "", now)
-        status.set_condition(rec, "Synced", "True", "Synced", "", now)
-        status.set_condition(rec, "CommandsSucceeded", "True", "Succeeded", "", now)
-        status.set_condition(rec, "Ready", "True", "Converged", "", now)
+        journal.set_condition(rec, "InstanceReady", "True", "Running", "", now)
+        journal.set_condition(rec, "Synced", "True", "Synced", "", now)
+        journal.set_condition(rec, "CommandsSucceeded", "True", "Succeeded", "", now)
+        journal.set_condition(rec, "Ready", "True", "Converged", "", now)
         reporter.event(Event(name, "done", "ready"))
     after = doc.model_dump(mode="json", exclude={"updated_at"})
     if after != before or not group.status_path.exists():
         doc.sessions = dict(sorted(doc.sessions.items()))
-        status.save(group.status_path, doc)
+        journal.save(group.status_path, doc)
+
+
+def delete_group(
+    group: Group,
+    *,
+    metros: MetroRegistry,
+    reporter: Reporter,
+    environ: Mapping[str, str],
+    lock_timeout_s: float = 0.0,
+) -> bool:
+    """Delete every session of `group`; True when all are gone."""
+    with journal.lock(group.status_path, timeout_s=lock_timeout_s):
+        doc = journal.load(group.status_path)
+        owner, salt = _identity(group, environ)
+        obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+        triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
+        the_plan = plan_delete(triples, obs.instances, doc, obs.owner)
+        executor = Executor(
+            group=group,
+            doc=doc,
+            observation=obs,
+            metros=metros,
+            reporter=reporter,
+            doc_lock=threading.Lock(),
+        )
+        ok = True
+        for splan in the_plan.sessions:
+            if splan.refusal is not None:
+                ok = False
+                record = doc.sessions.setdefault(splan.session, SessionStatus())
+                record.phase = "Failed"
+                record.message = splan.refusal.reason
+                reporter.event(Event(splan.session, "failed", splan.refusal.reason))
+                continue
+            if splan.actions:
+                ok = executor.run_session(splan).ok and ok
+                if ok:
+                    reporter.event(Event(splan.session, "done", "deleted"))
+                continue
+            # Already gone in the cloud: finish the local half of the delete.
+            desired = next(d for d in obs.desired if d.name == splan.session)
+            gone = actions.DeleteInstance(
+                splan.session, desired.instance_name, desired.metro, "already gone"
+            )
+            executor.forget_local(gone)
+            reporter.event(Event(splan.session, "done", "already deleted"))
+        journal.save(group.status_path, doc)
+        return ok

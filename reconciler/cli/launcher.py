@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from reconciler import warmclient
+from reconciler.cli import warmclient
 
 TYPE_CHECKING = False  # why not typing's: see warmclient
 if TYPE_CHECKING:
@@ -34,9 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 sys.exit(code)
             from pathlib import Path
 
-            from reconciler import warm
+            from reconciler.cli import warm
 
             warm.spawn(Path(path))
-    from reconciler.cli import main as run_here
+    from reconciler.cli.main import main as run_here
 
     run_here(args)

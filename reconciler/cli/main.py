@@ -1,5 +1,5 @@
-"""`ukc`: the command line. Parses, builds the backends (composition root), calls the loop,
-renders. No logic of its own.
+"""`ukc`: the command line. Parses, builds the metro registry (composition root), calls the
+reconcile loop, renders. No policy of its own.
 
 Exit codes: 0 success (for `plan --detailed-exitcode`: nothing to do), 1 an action or a
 command failed, 2 invalid usage or spec (2 is also "changes pending" with
@@ -19,7 +19,11 @@ from typing import Any, TypeVar
 
 import click
 
-from reconciler import actions, errors, observer, spec, status
+from reconciler import errors
+from reconciler.cli.render import plan_json, render_plan, render_status
+from reconciler.reconcile.desired import Group, load_groups
+from reconciler.spec.loader import LoadedSession, load_specs
+from reconciler.status import journal
 
 __all__ = ["main"]
 
@@ -64,23 +68,13 @@ def _debug_option(fn: F) -> F:
     return click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
 
 
-def _load(paths: Sequence[Path], status_override: Path | None) -> list[observer.Group]:
-    specset = spec.load_specs(list(paths) or [Path(".")], os.environ)
-    groups = observer.group_sessions(specset.sessions)
-    if not groups:
-        # No sessions: still a group per given directory, so prune/status know where to look.
-        for p in list(paths) or [Path(".")]:
-            base = p if p.is_dir() else p.parent
-            groups.append(observer.Group(base.resolve(), []))
-    if status_override is not None:
-        for g in groups:
-            g.status_override = status_override
-    return groups
+def _load(paths: Sequence[Path], status_override: Path | None) -> list[Group]:
+    return load_groups(paths, os.environ, status_override)
 
 
-def _warn_short_secrets(sessions: Sequence[spec.LoadedSession]) -> None:
+def _warn_short_secrets(sessions: Sequence[LoadedSession]) -> None:
     """One stderr line per secret_env value too short to mask usefully (never the value)."""
-    from reconciler.redaction import short_secret_warnings
+    from reconciler.reconcile.redaction import short_secret_warnings
 
     pairs = {s.spec.name: tuple(s.spec.secret_env.items()) for s in sessions}
     for line in short_secret_warnings(pairs, os.environ):
@@ -88,17 +82,18 @@ def _warn_short_secrets(sessions: Sequence[spec.LoadedSession]) -> None:
 
 
 def _reporter(output: str) -> Any:
-    from reconciler import reporting
+    from reconciler.cli.render import LiveReporter, PlainReporter
+    from reconciler.reconcile.events import RecordingReporter
 
     if output == "json":
-        return reporting.RecordingReporter()
+        return RecordingReporter()
     if sys.stdout.isatty() and os.environ.get("TERM", "") not in ("", "dumb"):
-        return reporting.LiveReporter()
-    return reporting.PlainReporter()
+        return LiveReporter()
+    return PlainReporter()
 
 
 def _metros() -> Any:
-    from reconciler.metro import MetroRegistry
+    from reconciler.cloud.metros import MetroRegistry
 
     return MetroRegistry(os.environ)
 
@@ -115,81 +110,11 @@ def cli() -> None:
 @_guard
 def validate(paths: tuple[Path, ...], debug: bool) -> None:
     """Check spec files without contacting anything."""
-    specset = spec.load_specs(list(paths) or [Path(".")], os.environ)
+    specset = load_specs(list(paths) or [Path(".")], os.environ)
     _warn_short_secrets(specset.sessions)
     for loaded in specset.sessions:
         click.echo(f"ok  {loaded.spec.name}  ({loaded.file}:{loaded.line})")
     click.echo(f"{len(specset.sessions)} session(s) valid")
-
-
-def _render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
-    lines: list[str] = []
-    marks = {
-        actions.CreateInstance: "+",
-        actions.DeleteInstance: "-",
-        actions.StartInstance: "^",
-        actions.WaitReady: " ",
-        actions.SyncUp: "~",
-        actions.RunCommand: ">",
-        actions.SyncBack: "<",
-    }
-    for splan in plan.sessions:
-        if splan.refusal is not None:
-            lines.append(f"session {splan.session}: refused: {splan.refusal.reason}")
-            continue
-        if not splan.changes:
-            lines.append(f"session {splan.session}: up to date")
-            if verbose:
-                lines.extend(f"    = {n}" for n in splan.noops)
-            continue
-        lines.append(f"session {splan.session}:")
-        for act in splan.actions:
-            if isinstance(act, actions.WaitReady):
-                continue
-            lines.append(f"  {marks[type(act)]} {act.describe()}")
-        if verbose:
-            lines.extend(f"    = {n}" for n in splan.noops)
-    if plan.prunes:
-        lines.append("prune:")
-        lines.extend(f"  - {p.describe()}" for p in plan.prunes)
-    for refusal in plan.prune_refusals:
-        lines.append(f"prune of session {refusal.session}: refused: {refusal.reason}")
-    lines.extend(f"warning: {w}" for w in plan.warnings)
-    creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
-    runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
-    files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
-    deletes = sum(isinstance(a, actions.DeleteInstance) for s in plan.sessions for a in s.actions)
-    deletes += len(plan.prunes)
-    refused = len(plan.refusals)
-    if not plan.empty:
-        lines.append(
-            f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
-            f"{runs} command(s) to run."
-        )
-    elif not refused:
-        lines.append("No changes. Sessions match their specs.")
-    if refused:
-        lines.append(f"Refused: {refused} session(s) hold an instance ukc cannot prove it owns.")
-    return lines
-
-
-def _plan_json(plan: actions.Plan) -> dict[str, Any]:
-    def act(a: actions.Action) -> dict[str, Any]:
-        d = {k: v for k, v in a.__dict__.items()}
-        d["action"] = type(a).__name__
-        d["description"] = a.describe()
-        return d
-
-    return {
-        "empty": plan.empty,
-        "sessions": {
-            s.session: {"actions": [act(a) for a in s.changes], "noops": list(s.noops)}
-            for s in plan.sessions
-        },
-        "prunes": [act(p) for p in plan.prunes],
-        "refused": {r.session: r.reason for r in plan.refusals},
-        "warnings": list(plan.warnings),
-    }
 
 
 @cli.command()
@@ -213,7 +138,7 @@ def plan(
     debug: bool,
 ) -> None:
     """Show what apply would do, and why (files to send, commands to re-run)."""
-    from reconciler import applying
+    from reconciler.reconcile.loop import plan_group
 
     metros = _metros()
     try:
@@ -221,13 +146,13 @@ def plan(
         refused = False
         doc_out: dict[str, Any] = {}
         for group in _load(paths, status_path):
-            the_plan, _ = applying.plan_group(group, metros=metros, environ=os.environ, prune=prune)
+            the_plan, _ = plan_group(group, metros=metros, environ=os.environ, prune=prune)
             pending = pending or not the_plan.empty
             refused = refused or bool(the_plan.refusals)
             if output == "json":
-                doc_out[str(group.base_dir)] = _plan_json(the_plan)
+                doc_out[str(group.base_dir)] = plan_json(the_plan)
             else:
-                for line in _render_plan(the_plan, verbose):
+                for line in render_plan(the_plan, verbose):
                     click.echo(line)
         if output == "json":
             click.echo(json.dumps({"api_requests": metros.request_count(), **doc_out}, indent=2))
@@ -267,15 +192,10 @@ def apply(
     debug: bool,
 ) -> None:
     """Converge sessions to their specs: create, sync, run, bring back; write the status file."""
-    from reconciler import applying
+    from reconciler.reconcile.loop import apply_group, check_prune
 
     groups = _load(paths, status_path)
-    if prune and not allow_empty and all(not g.sessions for g in groups):
-        raise errors.UsageError(
-            "refusing to prune: the specs declare no session (pass --allow-empty to delete all)"
-        )
-    if prune and only:
-        raise errors.UsageError("--prune cannot be combined with --session")
+    check_prune(groups, prune=prune, allow_empty=allow_empty, only=only)
     _warn_short_secrets([s for g in groups for s in g.sessions])
     reporter = _reporter(output)
     metros = _metros()
@@ -283,7 +203,7 @@ def apply(
     summary: dict[str, Any] = {}
     try:
         for group in groups:
-            result = applying.apply_group(
+            result = apply_group(
                 group,
                 metros=metros,
                 reporter=reporter,
@@ -298,7 +218,7 @@ def apply(
                 "ok": result.ok,
                 "rounds": result.rounds,
                 "failed": result.failed,
-                "plan": _plan_json(result.plan),
+                "plan": plan_json(result.plan),
                 "status": str(group.status_path),
             }
         requests = metros.request_count()
@@ -327,25 +247,12 @@ def apply(
 def status_cmd(paths: tuple[Path, ...], output: str, status_path: Path | None, debug: bool) -> None:
     """Show the status file (what the last apply recorded)."""
     groups = _load(paths, status_path)
-    docs = {str(g.status_path): status.load(g.status_path) for g in groups}
+    docs = {str(g.status_path): journal.load(g.status_path) for g in groups}
     if output == "json":
         click.echo(json.dumps({p: d.model_dump(mode="json") for p, d in docs.items()}, indent=2))
         return
-    for path, doc in docs.items():
-        click.echo(f"{path}:")
-        if not doc.sessions:
-            click.echo("  (no sessions recorded)")
-        for name, rec in doc.sessions.items():
-            inst = rec.instance
-            where = f"{inst.name} {inst.state} {inst.fqdn or ''}".strip() if inst else "-"
-            click.echo(f"  {name:<20} {rec.phase:<10} {where}")
-            for cmd in rec.commands:
-                state = "skipped" if cmd.skipped else f"exit {cmd.exit_code}"
-                if cmd.timed_out:
-                    state = "timed out"
-                click.echo(f"      {cmd.name:<18} {state}")
-            if rec.message:
-                click.echo(f"      {rec.message}")
+    for line in render_status(docs):
+        click.echo(line)
 
 
 cli.add_command(status_cmd, name="status")
@@ -361,7 +268,7 @@ def delete(
     paths: tuple[Path, ...], status_path: Path | None, lock_timeout: float, debug: bool
 ) -> None:
     """Delete the sessions the given specs declare (instances, keys, sync records)."""
-    from reconciler import deleting
+    from reconciler.reconcile.loop import delete_group
 
     metros = _metros()
     reporter = _reporter("text")
@@ -369,7 +276,7 @@ def delete(
     try:
         for group in _load(paths, status_path):
             ok = (
-                deleting.delete_group(
+                delete_group(
                     group,
                     metros=metros,
                     reporter=reporter,
@@ -402,7 +309,7 @@ def watch(
     debug: bool,
 ) -> None:
     """Converge, then keep sessions in step while files and specs change (Ctrl-C stops)."""
-    from reconciler.watch import Watcher, WatchOptions
+    from reconciler.reconcile.watch import Watcher, WatchOptions
 
     metros = _metros()
     reporter = _reporter("text")
@@ -436,9 +343,9 @@ def local() -> None:
 @_guard
 def local_start() -> None:
     """Start the local metro daemon (if it is not running)."""
-    from reconciler.local import daemon
+    from reconciler.cloud import metros
 
-    info = daemon.ensure_running()
+    info = metros.start_local_metro()
     click.echo(f"local metro running: {info.api_url} (pid {info.pid}, state {info.state_dir})")
 
 
@@ -446,18 +353,19 @@ def local_start() -> None:
 @_guard
 def local_stop() -> None:
     """Stop the local metro and every sandbox it runs (instances are kept on disk)."""
-    from reconciler.local import daemon
+    from reconciler.cloud import metros
 
-    click.echo("local metro stopped" if daemon.stop() else "local metro was not running")
+    stopped = metros.stop_local_metro()
+    click.echo("local metro stopped" if stopped else "local metro was not running")
 
 
 @local.command("status")
 @_guard
 def local_status() -> None:
     """Say whether the local metro runs, and where."""
-    from reconciler.local import daemon
+    from reconciler.cloud import metros
 
-    info = daemon.status()
+    info = metros.local_metro_status()
     if info is None:
         click.echo("local metro: not running")
         sys.exit(3)
@@ -471,9 +379,9 @@ def local_status() -> None:
 @_guard
 def local_env(as_json: bool) -> None:
     """How a client outside ukc reaches the local metro (API URL, token, edge ports, CA)."""
-    from reconciler.local import daemon
+    from reconciler.cloud import metros
 
-    info = daemon.ensure_running()
+    info = metros.start_local_metro()
     data: dict[str, Any] = {
         "api_url": info.api_url,
         "token": info.token,
@@ -504,8 +412,8 @@ def warm() -> None:
 @_guard
 def warm_status() -> None:
     """Say whether a warm process serves this installation."""
-    from reconciler import warm as warm_process
-    from reconciler import warmclient
+    from reconciler.cli import warm as warm_process
+    from reconciler.cli import warmclient
 
     found, warning = warmclient.locate_socket()
     if warning:
@@ -527,7 +435,7 @@ def warm_status() -> None:
 @_guard
 def warm_stop() -> None:
     """Stop the warm process (commands it runs finish; the next command starts a new one)."""
-    from reconciler import warm as warm_process
+    from reconciler.cli import warm as warm_process
 
     path = warm_process.socket_path()
     stopped = path is not None and warm_process.request_stop(path)

@@ -11,12 +11,9 @@ every instance both ports.
 
 from __future__ import annotations
 
-from reconciler.backends import Service
+from reconciler.cloud.model import Service
 
-__all__ = ["EXEC_TAG", "exec_tag", "session_services"]
-
-#: tag key recording the exec mode an instance was created for (its service set)
-EXEC_TAG = "ukc.exec"
+__all__ = ["session_services"]
 
 _SSH = Service(2222, 2222, ("tls",))
 _EXEC_API = Service(443, 8080, ("tls", "http"))
@@ -25,7 +22,3 @@ _EXEC_API = Service(443, 8080, ("tls", "http"))
 def session_services(exec_mode: str) -> tuple[Service, ...]:
     """SSH for every session; the unauthenticated exec API only for `exec: http`."""
     return (_SSH, _EXEC_API) if exec_mode == "http" else (_SSH,)
-
-
-def exec_tag(exec_mode: str) -> str:
-    return f"{EXEC_TAG}={exec_mode}"

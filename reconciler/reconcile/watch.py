@@ -32,11 +32,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from reconciler import applying, deleting, errors, observer, spec
-from reconciler.executor import ShellPool
-from reconciler.metro import MetroRegistry
-from reconciler.reporting import Event, Reporter
+from reconciler import errors
+from reconciler.cloud.metros import MetroRegistry
+from reconciler.reconcile.desired import Group, group_sessions, sync_options_for
+from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile.loop import apply_group, delete_group
+from reconciler.spec.loader import load_specs
 from reconciler.sync.ignore import IgnoreRules, load_rules
+from reconciler.transport.pool import ShellPool
 
 __all__ = ["Coalescer", "WatchOptions", "Watcher"]
 
@@ -117,7 +120,7 @@ class _SessionPaths:
 
 @dataclass
 class _State:
-    groups: list[observer.Group] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
     sessions: dict[str, _SessionPaths] = field(default_factory=dict)
     spec_files: set[Path] = field(default_factory=set)
     spec_dirs: set[Path] = field(default_factory=set)
@@ -155,11 +158,11 @@ class Watcher:
     # -- setup ---------------------------------------------------------------------------
 
     def _load(self) -> None:
-        specset = spec.load_specs(list(self.options.paths), self.environ)
-        groups = observer.group_sessions(specset.sessions)
+        specset = load_specs(list(self.options.paths), self.environ)
+        groups = group_sessions(specset.sessions)
         state = _State(groups=groups)
         for loaded in specset.sessions:
-            opts = observer.sync_options_for(observer.Group(loaded.base_dir, [loaded]), loaded)
+            opts = sync_options_for(Group(loaded.base_dir, [loaded]), loaded)
             try:
                 rules = load_rules(opts)
             except errors.SyncHaltedError:
@@ -252,7 +255,7 @@ class Watcher:
                 only = names if sessions is None else names & sessions
                 if not only and not prune:
                     continue
-                result = applying.apply_group(
+                result = apply_group(
                     group,
                     metros=self.metros,
                     reporter=self.reporter,
@@ -373,7 +376,7 @@ class Watcher:
     def _down(self) -> None:
         for group in self._state.groups:
             try:
-                deleting.delete_group(
+                delete_group(
                     group,
                     metros=self.metros,
                     reporter=self.reporter,

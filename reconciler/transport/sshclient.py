@@ -8,8 +8,6 @@ booting sandbox produces (refused, reset, EOF, TLS handshake errors) until a dea
 Host keys: every session's sandbox is new, so there is nothing to pin in advance; the key is
 accepted on first use and its fingerprint kept on `shell.host_key_fingerprint` (the caller may
 store it and pass it back as `expected_host_key` to make a later mismatch an error).
-
-Also `generate_keypair`: the per-session ed25519 key, written 0600 from the first byte.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import base64
 import contextlib
 import hashlib
 import logging
-import os
 import random
 import socket
 import threading
@@ -27,22 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from reconciler.backends.tls import Dialer
 from reconciler.errors import (
     BackendError,
     RemoteError,
     SandboxNotReadyError,
     TransportError,
 )
+from reconciler.transport.tls import Dialer
 
 __all__ = [
     "START_TIMEOUT_S",
     "SshProcess",
     "SshShell",
-    "generate_keypair",
     "host_key_fingerprint",
     "wait_ssh_ready",
 ]
@@ -76,33 +70,6 @@ def _prefer_aead(transport: paramiko.Transport) -> None:
     offered = tuple(options.ciphers)
     first = tuple(c for c in _PREFERRED_CIPHERS if c in offered)
     options.ciphers = first + tuple(c for c in offered if c not in first)
-
-
-def generate_keypair(path: Path, comment: str | None = None) -> str:
-    """Write a new ed25519 private key (OpenSSH format, 0600) at `path`; return the public line.
-
-    The file is created with O_EXCL and mode 0600 in the same call, so it is never readable by
-    others, not even briefly; an existing file is an error (never overwrite a key silently).
-    """
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # why: a umask can only remove bits; make the mode exact
-        view = memoryview(private)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return f"{public.decode()} {comment or path.name}"
 
 
 class SshProcess:

@@ -1,5 +1,8 @@
 """Where a spec's `metro` points: API base URL, token, and how to reach instance FQDNs.
 
+The local metro (the emulator) is started from here, and only from here: the rest of the
+controller never imports it.
+
 Which token a metro may receive is decided by `endpoints.resolve`, here, for every
 connection: whoever named the metro cannot route the token elsewhere.
 
@@ -16,13 +19,26 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reconciler import endpoints, errors
-from reconciler.backends import CloudApi
-from reconciler.backends.tls import Dialer
-from reconciler.backends.ukc import UkcApi
+from reconciler import errors
+from reconciler.cloud.api import UkcApi
+from reconciler.cloud.model import CloudApi
+from reconciler.spec import endpoints
+from reconciler.transport.tls import Dialer
 
-__all__ = ["MetroConnection", "MetroRegistry", "metro_label"]
+if TYPE_CHECKING:
+    from reconciler.local.daemon import MetroInfo
+
+__all__ = [
+    "MetroConnection",
+    "MetroRegistry",
+    "local_metro_status",
+    "metro_label",
+    "start_local_metro",
+    "stop_local_metro",
+    "warm_up",
+]
 
 _CODE = re.compile(r"[a-z]{2,5}[0-9]?")
 
@@ -79,10 +95,9 @@ class MetroRegistry:
         return MetroConnection(label, api, Dialer(context), local=False, ssl_context=context)
 
     def _open_local(self) -> MetroConnection:
-        # The only import of the emulator from the controller side: start it on demand.
         from reconciler.local import daemon
 
-        info = daemon.ensure_running(self._local_state_dir)
+        info = start_local_metro(self._local_state_dir)
         context = ssl.create_default_context(cafile=str(info.ca_path))
         edge_host = info.edge_host
         state_dir = info.state_dir
@@ -110,3 +125,36 @@ class MetroRegistry:
 
     def request_count(self) -> int:
         return sum(int(getattr(c.api, "request_count", 0)) for c in self._conns.values())
+
+
+def start_local_metro(state_dir: Path | None = None) -> MetroInfo:
+    """The local metro's address and token, starting its daemon when none runs."""
+    from reconciler.local import daemon  # the emulator is loaded only when a metro needs it
+
+    return daemon.ensure_running(state_dir)
+
+
+def stop_local_metro(state_dir: Path | None = None) -> bool:
+    """Stop the local metro and its sandboxes; False when it was not running."""
+    from reconciler.local import daemon
+
+    return daemon.stop(state_dir)
+
+
+def local_metro_status(state_dir: Path | None = None) -> MetroInfo | None:
+    """The running local metro, or None."""
+    from reconciler.local import daemon
+
+    return daemon.status(state_dir)
+
+
+def warm_up() -> None:
+    """Load and build, once, what every command would (the warm process does it before it
+    forks its commands)."""
+    from reconciler.cloud.api import verifying_context
+    from reconciler.local import daemon  # noqa: F401
+
+    # why: a first client imports its lazy parts (httpcore, h11); the CA bundle is the
+    # remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may set, build their own)
+    UkcApi("http://127.0.0.1:9", None, metro="warm").close()
+    verifying_context(None, None)

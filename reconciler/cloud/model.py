@@ -1,15 +1,7 @@
-"""Narrow I/O interfaces between the controller and the world.
+"""What the controller knows of the cloud: instances, what a create sends, the API's shape.
 
-The controller talks to exactly two kinds of remote thing, through these Protocols only:
-
-* `CloudApi`: the UKC platform API of one metro (list / create / start / stop / delete / wait).
-  Implemented over httpx by `backends.ukc.UkcApi`; the local metro speaks the same wire protocol.
-* `RemoteShell`: a shell inside one sandbox that can start processes with streamed stdin,
-  stdout and stderr. Implemented over paramiko (through the TLS edge) by `backends.ssh`, and,
-  for tests, by `backends.localshell.LocalShell` which runs the same commands as local
-  subprocesses.
-
-Only modules under `reconciler/backends/` import httpx or paramiko.
+`CloudApi` is the platform API of one metro (list / create / start / stop / delete / wait),
+implemented over httpx by `cloud.api.UkcApi`; the local metro speaks the same wire protocol.
 """
 
 from __future__ import annotations
@@ -22,8 +14,6 @@ __all__ = [
     "CloudApi",
     "CreateRequest",
     "Instance",
-    "RemoteProcess",
-    "RemoteShell",
     "Service",
 ]
 
@@ -101,43 +91,5 @@ class CloudApi(Protocol):
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
         """Block until the instance is in `state`; raises `SandboxNotReadyError` at the deadline."""
         ...
-
-    def close(self) -> None: ...
-
-
-class RemoteProcess(Protocol):
-    """A process started in a sandbox, with its standard streams."""
-
-    def write(self, data: bytes) -> None:
-        """Send bytes to the process's stdin (blocks while the peer's window is full)."""
-        ...
-
-    def close_stdin(self) -> None: ...
-
-    def read(self, n: int = 65536) -> bytes:
-        """Read up to n bytes of stdout; b"" at EOF."""
-        ...
-
-    def read_stderr(self, n: int = 65536) -> bytes:
-        """Read up to n bytes of stderr; b"" at EOF."""
-        ...
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Exit status; raises TimeoutError when `timeout` lapses first."""
-        ...
-
-    def kill(self) -> None:
-        """Stop the process (closes the channel); safe to call twice."""
-        ...
-
-
-class RemoteShell(Protocol):
-    """A connection to one sandbox able to start processes.
-
-    `command` is a POSIX shell command line, run by `sh -c` on the remote side with the
-    login user's environment. The connection stays open across calls until `close()`.
-    """
-
-    def start(self, command: str) -> RemoteProcess: ...
 
     def close(self) -> None: ...

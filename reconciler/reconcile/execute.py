@@ -10,110 +10,39 @@ reused by sync, commands and sync-back.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import actions, errors, ownership, services, status
-from reconciler._util.atomic import write_atomic
-from reconciler.backends import CreateRequest, Instance, RemoteShell
-from reconciler.backends.commands import CommandResult
-from reconciler.interrupts import StopFlag
-from reconciler.metro import MetroConnection, MetroRegistry
-from reconciler.observer import Group, Observation, SessionContext
-from reconciler.redaction import OutputTail, Redactor
-from reconciler.reporting import Event, Reporter
+from reconciler import errors
+from reconciler.cloud.metros import MetroConnection, MetroRegistry
+from reconciler.cloud.model import CreateRequest, Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import Group, SessionContext
+from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile.interrupts import StopFlag
+from reconciler.reconcile.observe import Observation
+from reconciler.reconcile.redaction import OutputTail, Redactor
+from reconciler.status import journal
+from reconciler.status.schema import (
+    CommandRecord,
+    InstanceRecord,
+    SessionStatus,
+    StatusDoc,
+    SyncRecord,
+)
 from reconciler.sync import engine as sync_engine
+from reconciler.transport import services
+from reconciler.transport.base import CommandResult, RemoteShell
+from reconciler.transport.keys import ensure_keypair
+from reconciler.transport.pool import ShellPool
 
-__all__ = ["Executor", "SessionOutcome", "ShellPool"]
+__all__ = ["Executor", "SessionOutcome"]
 
 #: the original workflow's scale-to-zero: idle sessions cost nothing, memory kept (stateful)
 SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
-
-
-class ShellPool:
-    """Live SSH connections kept across passes and rounds, one per session and instance.
-
-    Also opens connections ahead of need (`prefetch`): the apply loop asks for one as soon as a
-    scan sees that a session's tree changed, so the handshake overlaps the rest of the scan and
-    the planning. A prefetched connection is only ever a faster way to the same connection the
-    executor would open; if it failed, `take` returns None and the executor connects (and
-    reports errors) itself.
-    """
-
-    def __init__(self) -> None:
-        self._shells: dict[str, tuple[str, RemoteShell]] = {}
-        self._pending: dict[str, tuple[str, threading.Thread, list[RemoteShell]]] = {}
-        self._lock = threading.Lock()
-
-    def prefetch(self, session: str, instance_uuid: str, opener: Callable[[], RemoteShell]) -> None:
-        """Start `opener()` in the background unless a connection is kept or on its way."""
-        with self._lock:
-            if session in self._shells or session in self._pending:
-                return
-            box: list[RemoteShell] = []
-
-            def open_one() -> None:
-                with contextlib.suppress(Exception):  # the executor's own attempt reports it
-                    box.append(opener())
-
-            thread = threading.Thread(target=open_one, name=f"prefetch-{session}", daemon=True)
-            self._pending[session] = (instance_uuid, thread, box)
-        thread.start()
-
-    def _settle(self, session: str) -> None:
-        """Wait for a prefetch of `session` and keep what it opened."""
-        with self._lock:
-            pending = self._pending.pop(session, None)
-        if pending is None:
-            return
-        uuid, thread, box = pending
-        thread.join()
-        if box:
-            self.keep(session, uuid, box[0])
-
-    def take(self, session: str, instance_uuid: str) -> RemoteShell | None:
-        """The kept connection if it belongs to this instance and is still alive."""
-        self._settle(session)
-        with self._lock:
-            item = self._shells.pop(session, None)
-        if item is None:
-            return None
-        uuid, shell = item
-        if uuid == instance_uuid and getattr(shell, "active", True):
-            return shell
-        with contextlib.suppress(Exception):
-            shell.close()
-        return None
-
-    def keep(self, session: str, instance_uuid: str, shell: RemoteShell) -> None:
-        with self._lock:
-            old = self._shells.pop(session, None)
-            self._shells[session] = (instance_uuid, shell)
-        if old is not None and old[1] is not shell:
-            with contextlib.suppress(Exception):
-                old[1].close()
-
-    def drop(self, session: str) -> None:
-        self._settle(session)
-        with self._lock:
-            item = self._shells.pop(session, None)
-        if item is not None:
-            with contextlib.suppress(Exception):
-                item[1].close()
-
-    def close(self) -> None:
-        for session in list(self._pending):
-            self._settle(session)
-        with self._lock:
-            items = list(self._shells.values())
-            self._shells.clear()
-        for _, shell in items:
-            with contextlib.suppress(Exception):
-                shell.close()
 
 
 @dataclass
@@ -141,7 +70,7 @@ class Executor:
         self,
         *,
         group: Group,
-        doc: status.StatusDoc,
+        doc: StatusDoc,
         observation: Observation,
         metros: MetroRegistry,
         reporter: Reporter,
@@ -171,13 +100,13 @@ class Executor:
 
     # -- journal ---------------------------------------------------------------------------
 
-    def _record(self, session: str) -> status.SessionStatus:
+    def _record(self, session: str) -> SessionStatus:
         with self.doc_lock:
-            return self.doc.sessions.setdefault(session, status.SessionStatus())
+            return self.doc.sessions.setdefault(session, SessionStatus())
 
     def save(self) -> None:
         with self.doc_lock:
-            status.save(self.group.status_path, self.doc)
+            journal.save(self.group.status_path, self.doc)
 
     def _say(self, session: str, kind: str, text: str, stream: str = "") -> None:
         self.reporter.event(Event(session, kind, text, stream))
@@ -224,12 +153,12 @@ class Executor:
 
     def _fail(self, name: str, message: str, err: errors.UkcError) -> None:
         rec = self._record(name)
-        now = status.utc_now()
+        now = journal.utc_now()
         with self.doc_lock:
             rec.phase = "Failed"
             rec.message = message
             reason = type(err).__name__.removesuffix("Error") or "Error"
-            status.set_condition(rec, "Ready", "False", reason, message, now)
+            journal.set_condition(rec, "Ready", "False", reason, message, now)
         self._say(name, "failed", message)
 
     def _dispatch(
@@ -281,16 +210,16 @@ class Executor:
             rec.metro = conn.label
             rec.spec_hash = ctx.desired.spec_hash
             rec.spec_file = str(ctx.loaded.file)
-            rec.instance = status.InstanceRecord(
+            rec.instance = InstanceRecord(
                 name=action.instance_name, uuid="", metro=conn.label, state="creating"
             )
-            rec.sync = status.SyncRecord()
+            rec.sync = SyncRecord()
         self.save()
         request = CreateRequest(
             name=action.instance_name,
             image=ctx.desired.image,
             env={"PUBKEY": public_key},
-            tags=(*ctx.desired.tags, services.exec_tag(ctx.desired.exec_mode)),
+            tags=(*ctx.desired.tags, identity.exec_tag(ctx.desired.exec_mode)),
             memory_mb=ctx.loaded.spec.memory_mb,
             services=services.session_services(ctx.desired.exec_mode),
             scale_to_zero=SESSION_SCALE_TO_ZERO,
@@ -305,7 +234,7 @@ class Executor:
             found = conn.api.get_instance(action.instance_name)
             if found is None:
                 raise
-            proof = ownership.prove(found, self.obs.owner, session, rec.instance)
+            proof = identity.prove(found, self.obs.owner, session, rec.instance)
             if not proof.ours:
                 raise errors.OwnershipError(proof.refusal(found)) from None
             self._say(session, "info", f"adopted existing instance {found.name}")
@@ -338,7 +267,7 @@ class Executor:
             host_key = (
                 rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
             )
-            rec.instance = status.InstanceRecord(
+            rec.instance = InstanceRecord(
                 name=inst.name,
                 uuid=inst.uuid,
                 fqdn=inst.fqdn,
@@ -373,13 +302,13 @@ class Executor:
         with self.doc_lock:
             if rec.instance is not None:
                 rec.instance.state = "deleted"
-            rec.sync = status.SyncRecord()
+            rec.sync = SyncRecord()
             if action.forget:
                 rec.phase = action.final_phase  # type: ignore[assignment]
                 rec.commands = []
                 rec.message = action.reason
-                status.set_condition(
-                    rec, "Ready", "False", action.final_phase, action.reason, status.utc_now()
+                journal.set_condition(
+                    rec, "Ready", "False", action.final_phase, action.reason, journal.utc_now()
                 )
         if action.forget:
             key = self.group.state_dir / "keys" / action.session
@@ -409,7 +338,7 @@ class Executor:
         if not inst.fqdn:
             raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
         # Imported here: paramiko costs ~0.15 s and a no-op apply never needs it.
-        from reconciler.backends import ssh as ssh_backend
+        from reconciler.transport import sshclient
 
         rec = self._record(ctx.desired.name)
         if rec.instance is None or rec.instance.uuid != inst.uuid:
@@ -419,7 +348,7 @@ class Executor:
         expected = (
             rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
         )
-        shell = ssh_backend.wait_ssh_ready(
+        shell = sshclient.wait_ssh_ready(
             conn.dialer,
             inst.fqdn,
             key_path=ctx.key_path,
@@ -465,26 +394,26 @@ class Executor:
         with self.doc_lock:
             # Outputs still owed from this same instance stay owed across a new push.
             owed = rec.sync.back_pending and rec.sync.instance_uuid == run.inst.uuid
-            rec.sync = status.SyncRecord(
+            rec.sync = SyncRecord(
                 digest=result.digest,
                 instance_uuid=run.inst.uuid,
                 start_count=run.inst.start_count,
                 files=ctx.desired.tree.files,
                 bytes=ctx.desired.tree.bytes,
-                last_synced_at=status.utc_now(),
+                last_synced_at=journal.utc_now(),
                 last_files_sent=result.files_sent,
                 last_bytes_sent=result.bytes_sent,
                 last_deleted=result.deleted,
                 remote_scanned=result.remote_scanned,
                 back_pending=owed,
             )
-            status.set_condition(
+            journal.set_condition(
                 rec,
                 "Synced",
                 "True",
                 "Synced",
                 f"{result.files_sent} file(s) sent, {result.deleted} deleted",
-                status.utc_now(),
+                journal.utc_now(),
             )
         self._say(
             ctx.desired.name,
@@ -526,12 +455,12 @@ class Executor:
 
             return feed
 
-        started = status.utc_now()
+        started = journal.utc_now()
         try:
             if ctx.loaded.spec.exec == "http":
                 result = self._run_http(action, ctx, conn, run, sink("stdout"), sink("stderr"))
             else:
-                from reconciler.backends import commands as remote_commands
+                from reconciler.transport import commands as remote_commands
 
                 assert run.shell is not None
                 result = remote_commands.run_command(
@@ -551,7 +480,7 @@ class Executor:
         rec = self._record(session)
         with self.doc_lock:
             previous = next((c for c in rec.commands if c.name == action.name), None)
-            record = status.CommandRecord(
+            record = CommandRecord(
                 name=action.name,
                 run=action.run,
                 exit_code=result.exit_code,
@@ -559,7 +488,7 @@ class Executor:
                 stdout=streams["stdout"][1].text(),
                 stderr=streams["stderr"][1].text(),
                 started_at=started,
-                finished_at=status.utc_now(),
+                finished_at=journal.utc_now(),
                 duration_s=round(result.duration_s, 3),
                 skipped=False,
                 input_hash=action.input_hash,
@@ -596,7 +525,7 @@ class Executor:
     ) -> CommandResult:
         """`exec: http`: the environment goes over SSH into a private file the command sources,
         so no value (secrets included) is in the unauthenticated request or any argv."""
-        from reconciler.backends import httpexec
+        from reconciler.transport import http_exec as httpexec
 
         assert run.inst is not None and run.inst.fqdn is not None and run.shell is not None
         env_file = httpexec.stage_env(run.shell, ctx.env) if ctx.env else None
@@ -674,31 +603,6 @@ class Executor:
                 f"sync-back of session {name!r} {stopped}; "
                 f"{result.files_written} file(s) brought back were kept, no deletions mirrored"
             )
-
-
-def ensure_keypair(path: Path) -> str:
-    """The session's public key line, generating the keypair (private 0600) on first use.
-
-    The key outlives a replacement of the instance and is removed only when the session is
-    deleted; an adopted instance (lost create answer) therefore still accepts it.
-    """
-    pub = path.with_name(path.name + ".pub")
-    if path.exists():
-        with contextlib.suppress(FileNotFoundError):
-            line = pub.read_text().strip()
-            # A kill between creating the .pub and writing it leaves it empty; the public half
-            # is written before any create sends it, so starting over strands no instance.
-            if line.startswith("ssh-ed25519 "):
-                return line
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a private key without its public half: start over
-    from reconciler.backends import ssh as ssh_backend
-
-    line = ssh_backend.generate_keypair(path, comment=f"ukc-{path.name}")
-    write_atomic(pub, (line + "\n").encode(), mode=0o644)
-    return line
 
 
 def _phase_of(action: actions.Action) -> str:

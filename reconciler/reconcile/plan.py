@@ -7,7 +7,7 @@ gathers the inputs; the executor performs the output.
 Ordering inside a session is fixed: (sync back before a replacement) → delete → create/start →
 wait ready → sync up → commands → sync back. Prunes come last, after every session converged.
 
-An instance under a session's name that `ownership.prove` does not prove ours is never
+An instance under a session's name that `identity.prove` does not prove ours is never
 replaced, deleted, adopted or used: the session gets a `Refusal` instead of actions.
 """
 
@@ -16,72 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 
-from reconciler import actions, naming, ownership, services
-from reconciler.backends import Instance
-from reconciler.status import SessionStatus, StatusDoc
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import CommandIntent, DesiredSession
+from reconciler.status.schema import SessionStatus, StatusDoc
 
-__all__ = [
-    "CommandIntent",
-    "DesiredSession",
-    "TreeState",
-    "command_input_hash",
-    "plan",
-    "plan_delete",
-]
+__all__ = ["command_input_hash", "parse_time", "plan_delete", "plan_sessions"]
 
 #: states in which the instance will serve us once woken or booted, without a start request
 _UP_STATES = frozenset({"running", "starting", "standby"})
 #: states from which a start request brings it back
 _DOWN_STATES = frozenset({"stopped", "stopping", "draining"})
-
-
-@dataclass(frozen=True)
-class TreeState:
-    """The local tree as the sync engine sees it (scanned by the observer)."""
-
-    digest: str
-    files: int
-    bytes: int
-    uploads: tuple[str, ...] = ()
-    upload_bytes: int = 0
-    deletes: tuple[str, ...] = ()
-    #: set when the tree cannot be synced (missing root, emptied root): nothing will be sent
-    halted: str | None = None
-
-
-@dataclass(frozen=True)
-class CommandIntent:
-    name: str
-    run: str
-    timeout_s: float
-
-
-@dataclass(frozen=True)
-class DesiredSession:
-    name: str
-    metro: str
-    instance_name: str
-    instance_hash: str
-    image: str
-    ttl_s: float | None
-    spec_hash: str
-    commands: tuple[CommandIntent, ...]
-    #: hash of env + secret values (salted by the caller): a change re-runs commands
-    env_fingerprint: str
-    tree: TreeState
-    back: tuple[str, ...] = ()
-    tags: tuple[str, ...] = field(default=())
-    #: (files, bytes) the last sync-back brought, for the plan's estimate
-    back_known: tuple[int, int] = (0, 0)
-    #: the session's private key is on disk (without it an existing instance is unreachable)
-    key_present: bool = True
-    #: `sync.back_delete`: sync-back mirrors remote deletions of files it brought back
-    back_delete: bool = False
-    #: `exec`: ssh, or http (the image's unauthenticated exec API on public port 443)
-    exec_mode: str = "ssh"
 
 
 def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
@@ -93,7 +40,7 @@ def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
 
-def _parse_time(value: str | None) -> float | None:
+def parse_time(value: str | None) -> float | None:
     if not value:
         return None
     try:
@@ -107,13 +54,13 @@ def _ttl_expired(
 ) -> bool:
     if desired.ttl_s is None:
         return False
-    created = _parse_time(inst.created_at)
+    created = parse_time(inst.created_at)
     if created is None and record is not None and record.instance is not None:
-        created = _parse_time(record.instance.created_at)
+        created = parse_time(record.instance.created_at)
     return created is not None and now >= created + desired.ttl_s
 
 
-def _refusal(session: str, inst: Instance, proof: ownership.Proof) -> actions.Refusal:
+def _refusal(session: str, inst: Instance, proof: identity.Proof) -> actions.Refusal:
     return actions.Refusal(session, inst.name, inst.metro, proof.refusal(inst))
 
 
@@ -122,14 +69,14 @@ def _plan_session(
     inst: Instance | None,
     record: SessionStatus | None,
     now: float,
-    owner: ownership.Owner,
+    owner: identity.Owner,
 ) -> actions.SessionPlan:
     name = desired.name
     acts: list[actions.Action] = []
     noops: list[str] = []
 
     if inst is not None:
-        proof = ownership.prove(inst, owner, name, record.instance if record else None)
+        proof = identity.prove(inst, owner, name, record.instance if record else None)
         if not proof.ours:
             refusal = _refusal(name, inst, proof)
             return actions.SessionPlan(name, (), (refusal.reason,), refusal)
@@ -316,9 +263,9 @@ def _plan_session(
 
 def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:
     """Why the instance must be replaced to match what is fixed at creation, or None."""
-    if naming.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
+    if identity.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
         return "image or memory changed"
-    made_for = naming.tag_value(inst.tags, services.EXEC_TAG)
+    made_for = identity.tag_value(inst.tags, identity.EXEC_TAG)
     if made_for is not None and made_for != desired.exec_mode:
         # why: the public ports follow the exec mode (443 only for http) and are fixed too
         return f"exec changed from {made_for} to {desired.exec_mode} (its public ports)"
@@ -334,7 +281,7 @@ def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
             "FQDN can run commands in it and read its files and env; use exec: ssh for "
             "anything private"
         ]
-    if inst is not None and naming.tag_value(inst.tags, services.EXEC_TAG) is None:
+    if inst is not None and identity.tag_value(inst.tags, identity.EXEC_TAG) is None:
         # An older ukc gave every instance port 443; replacing it silently would cost the
         # session its /workspace and a re-run of every command, so the user decides.
         return [
@@ -358,13 +305,13 @@ def _has_run(record: SessionStatus | None, inst: Instance) -> bool:
     )
 
 
-def plan(
+def plan_sessions(
     desired: Sequence[DesiredSession],
     observed: Mapping[str, Instance],
     status: StatusDoc,
     now: float,
     *,
-    owner: ownership.Owner,
+    owner: identity.Owner,
     prune: bool = False,
     claimed: Mapping[str, Instance] | None = None,
 ) -> actions.Plan:
@@ -390,7 +337,7 @@ def plan(
             record = inventory.get(session_name)
             if record is None or record.name != inst.name:
                 continue  # not in our inventory: another checkout's session, not ours to judge
-            proof = ownership.prove(inst, owner, session_name, record)
+            proof = identity.prove(inst, owner, session_name, record)
             if not proof.ours:
                 refused.append(_refusal(session_name, inst, proof))
                 continue
@@ -414,7 +361,7 @@ def plan_delete(
     names: Sequence[tuple[str, str, str]],
     observed: Mapping[str, Instance],
     status: StatusDoc,
-    owner: ownership.Owner,
+    owner: identity.Owner,
 ) -> actions.Plan:
     """Delete the sessions given as (session, instance name, metro) triples that still exist
     and are provably ours; the others are refused."""
@@ -425,7 +372,7 @@ def plan_delete(
             sessions.append(actions.SessionPlan(session, (), (f"instance {inst_name} is gone",)))
             continue
         record = status.sessions.get(session)
-        proof = ownership.prove(inst, owner, session, record.instance if record else None)
+        proof = identity.prove(inst, owner, session, record.instance if record else None)
         if not proof.ours:
             refusal = _refusal(session, inst, proof)
             sessions.append(actions.SessionPlan(session, (), (refusal.reason,), refusal))

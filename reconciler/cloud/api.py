@@ -32,8 +32,8 @@ from urllib.parse import quote
 
 import httpx
 
-from reconciler.backends import CreateRequest, Instance
-from reconciler.backends.retry import RetryPolicy, call_with_retries
+from reconciler._util.retry import RetryPolicy, call_with_retries
+from reconciler.cloud.model import CreateRequest, Instance
 from reconciler.errors import (
     AlreadyExistsError,
     ApiError,

@@ -22,13 +22,11 @@ import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
-from reconciler.backends import RemoteProcess, RemoteShell
 from reconciler.errors import SpecError
+from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell
 
 __all__ = [
-    "CommandResult",
     "build_script",
     "run_command",
 ]
@@ -48,17 +46,6 @@ _LAUNCH = (
     'echo "__UKC_KILL__ -$$" >&2; exec setsid sh -lc "$0"; '
     'else echo "__UKC_KILL__ $$" >&2; exec sh -lc "$0"; fi'
 )
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a command did. `exit_code` is None when it timed out (and was killed)."""
-
-    exit_code: int | None
-    timed_out: bool
-    stdout_tail: str
-    stderr_tail: str
-    duration_s: float
 
 
 def build_script(command: str, env: Mapping[str, str], cwd: str) -> bytes:
