@@ -414,6 +414,15 @@ class UkcApi:
                     for s in request.services
                 ]
             }
+        if request.plugins:
+            body["plugins"] = [
+                {
+                    "name": p.name,
+                    "image": p.image,
+                    **({"config": dict(p.config)} if p.config else {}),
+                }
+                for p in request.plugins
+            ]
         if request.scale_to_zero is not None:
             body["scale_to_zero"] = dict(request.scale_to_zero)
         return body

@@ -17,15 +17,15 @@ import re
 import ssl
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconciler import errors
 from reconciler.cloud.api import UkcApi
 from reconciler.cloud.model import CloudApi
+from reconciler.cloud.trust import Reach
 from reconciler.spec import endpoints
-from reconciler.transport.tls import Dialer
 
 if TYPE_CHECKING:
     from reconciler.local.daemon import MetroInfo
@@ -52,10 +52,9 @@ def metro_label(metro: str) -> str:
 class MetroConnection:
     label: str
     api: CloudApi
-    dialer: Dialer
+    #: how its instances' public ports are reached (the CA to trust, the address mapping)
+    reach: Reach
     local: bool
-    #: for `exec: http` — the CA to trust and where to connect for (fqdn, public port)
-    ssl_context: ssl.SSLContext = field(repr=False, default_factory=ssl.create_default_context)
 
 
 class MetroRegistry:
@@ -90,13 +89,10 @@ class MetroRegistry:
         token = self._environ.get(endpoint.token_var, "")
         if not token:
             raise errors.UsageError(f"metro {label!r} needs a token: set {endpoint.token_var}")
-        context = ssl.create_default_context()
         api = UkcApi(endpoint.base_url, token, metro=label)
-        return MetroConnection(label, api, Dialer(context), local=False, ssl_context=context)
+        return MetroConnection(label, api, Reach(ssl.create_default_context()), local=False)
 
     def _open_local(self) -> MetroConnection:
-        from reconciler.local import daemon
-
         info = start_local_metro(self._local_state_dir)
         context = ssl.create_default_context(cafile=str(info.ca_path))
         edge_host = info.edge_host
@@ -106,16 +102,14 @@ class MetroRegistry:
             ports = info.edge_ports
             if port not in ports:
                 # The edge opens ports lazily; re-read the daemon's current map once.
-                fresh = daemon.status(state_dir)
+                fresh = local_metro_status(state_dir)
                 ports = fresh.edge_ports if fresh is not None else ports
             if port not in ports:
                 raise errors.TransportError(f"local metro has no edge listener for port {port}")
             return edge_host, ports[port]
 
         api = UkcApi(info.api_url, info.token, metro="local")
-        return MetroConnection(
-            "local", api, Dialer(context, address), local=True, ssl_context=context
-        )
+        return MetroConnection("local", api, Reach(context, address), local=True)
 
     def close(self) -> None:
         with self._lock:

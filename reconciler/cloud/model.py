@@ -14,6 +14,7 @@ __all__ = [
     "CloudApi",
     "CreateRequest",
     "Instance",
+    "Plugin",
     "Service",
 ]
 
@@ -25,6 +26,16 @@ class Service:
     port: int
     destination_port: int
     handlers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A platform plugin loaded into an instance (e.g. the sandbox API, reached through the
+    metro's proxy)."""
+
+    name: str
+    image: str
+    config: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class CreateRequest:
     tags: Sequence[str]
     memory_mb: int | None = None
     services: Sequence[Service] = field(default_factory=tuple)
+    plugins: Sequence[Plugin] = field(default_factory=tuple)
     scale_to_zero: Mapping[str, object] | None = None
     autostart: bool = True
 

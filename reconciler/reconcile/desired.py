@@ -21,6 +21,8 @@ from reconciler.spec.models import resolve_secret_env, spec_hash
 from reconciler.status.journal import status_path_for
 from reconciler.sync import engine as sync_engine
 from reconciler.sync.options import SyncOptions
+from reconciler.transport import select
+from reconciler.transport.base import Credentials
 
 __all__ = [
     "CommandIntent",
@@ -29,10 +31,11 @@ __all__ = [
     "SessionContext",
     "TreeState",
     "build_session",
+    "credentials_for",
     "group_sessions",
-    "key_path_for",
     "load_groups",
     "sync_options_for",
+    "transport_of",
 ]
 
 
@@ -74,12 +77,17 @@ class DesiredSession:
     tags: tuple[str, ...] = field(default=())
     #: (files, bytes) the last sync-back brought, for the plan's estimate
     back_known: tuple[int, int] = (0, 0)
-    #: the session's private key is on disk (without it an existing instance is unreachable)
-    key_present: bool = True
     #: `sync.back_delete`: sync-back mirrors remote deletions of files it brought back
     back_delete: bool = False
-    #: `exec`: ssh, or http (the image's unauthenticated exec API on public port 443)
-    exec_mode: str = "ssh"
+    #: the transport (`exec`) the session's instance is made for and reached with
+    transport: str = "ssh"
+    #: the transport's credentials for the session are there (an existing instance accepts
+    #: only the ones it was created with: without them it is unreachable)
+    credentials_present: bool = True
+    #: what those credentials are called in messages ("ssh key")
+    credentials_noun: str = "credentials"
+    #: what the transport warns about (shown by plan and apply)
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -109,7 +117,7 @@ class SessionContext:
     loaded: LoadedSession
     desired: DesiredSession
     sync_options: SyncOptions
-    key_path: Path
+    credentials: Credentials
     env: dict[str, str] = field(repr=False)
     secret_values: tuple[str, ...] = field(repr=False)
     manifest: sync_engine.Manifest | None = field(default=None, repr=False)
@@ -159,8 +167,14 @@ def sync_options_for(group: Group, loaded: LoadedSession) -> SyncOptions:
     )
 
 
-def key_path_for(group: Group, session: str) -> Path:
-    return group.state_dir / "keys" / session
+def credentials_for(group: Group, session: str) -> Credentials:
+    """Where the session's transport keeps its secrets (`.ukc/keys/<session>`)."""
+    return Credentials(group.state_dir / "keys" / session)
+
+
+def transport_of(loaded: LoadedSession) -> str:
+    """The transport a session is reached with: the one its `exec` names."""
+    return loaded.spec.exec
 
 
 def build_session(
@@ -195,6 +209,8 @@ def build_session(
         halted = str(err)
         tree = TreeState(digest="", files=0, bytes=0, halted=halted)
     inst_hash = identity.instance_hash(s.image, s.memory_mb)
+    transport = select.kind_for(transport_of(loaded))
+    credentials = credentials_for(group, s.name)
     desired = DesiredSession(
         name=s.name,
         metro=metro_label(s.metro),
@@ -210,14 +226,16 @@ def build_session(
         tags=tuple(identity.owner_tags(owner.project, s.name, inst_hash, owner.id)),
         back_known=_back_known(opts),
         back_delete=opts.back_delete,
-        key_present=key_path_for(group, s.name).exists(),
-        exec_mode=s.exec,
+        transport=transport.name,
+        credentials_present=transport.credentials_present(credentials),
+        credentials_noun=transport.credentials_noun,
+        warnings=transport.warnings(s.name),
     )
     ctx = SessionContext(
         loaded=loaded,
         desired=desired,
         sync_options=opts,
-        key_path=key_path_for(group, s.name),
+        credentials=credentials,
         env=env,
         secret_values=tuple(v for v in secret_env.values() if v),
         manifest=manifest,

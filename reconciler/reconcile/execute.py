@@ -1,10 +1,11 @@
 """The executor: performs a session's planned actions, in order, and journals each one.
 
-It decides nothing: the plan says what and in which order; the executor talks to the backends
-(`CloudApi`, the SSH `RemoteShell`, the sync engine, the exec runners), records results in the
-status document after every step (so a kill at any point leaves an honest journal), and stops
-a session at its first failure. One SSH connection per session is opened at `WaitReady` and
-reused by sync, commands and sync-back.
+It decides nothing: the plan says what and in which order; the executor talks to the cloud
+(`CloudApi`), to the sandbox (the session's `Transport`, set up by the kind
+`transport.select` maps its `exec` to) and to the sync engine, records results in the status
+document after every step (so a kill at any point leaves an honest journal), and stops a
+session at its first failure. One connection per session is opened at `WaitReady` and reused
+by sync, commands and sync-back.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from reconciler import errors
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance
 from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, SessionContext
+from reconciler.reconcile.desired import Group, SessionContext, credentials_for
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
@@ -34,10 +35,9 @@ from reconciler.status.schema import (
     SyncRecord,
 )
 from reconciler.sync import engine as sync_engine
-from reconciler.transport import services
-from reconciler.transport.base import CommandResult, RemoteShell
-from reconciler.transport.keys import ensure_keypair
-from reconciler.transport.pool import ShellPool
+from reconciler.transport import select
+from reconciler.transport.base import RemoteShell, Target, Transport, TransportKind
+from reconciler.transport.pool import TransportPool
 
 __all__ = ["Executor", "SessionOutcome"]
 
@@ -59,8 +59,10 @@ class _Run:
     """Mutable per-session state during one execution."""
 
     inst: Instance | None
-    shell: RemoteShell | None = None
-    #: the shell came from the watch pool: it may have died while idle
+    #: the session's transport, chosen once from its `exec` (None for a session without spec)
+    kind: TransportKind | None = None
+    transport: Transport | None = None
+    #: the connection was kept from an earlier pass: it may have died while idle
     pooled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -79,7 +81,7 @@ class Executor:
         boot_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         ran: set[tuple[str, str]] | None = None,
-        shells: ShellPool | None = None,
+        pool: TransportPool | None = None,
         stop: StopFlag | None = None,
     ) -> None:
         self.group = group
@@ -93,8 +95,8 @@ class Executor:
         self.clock = clock
         #: (session, command) pairs that ran in this apply; the rest are reported as skipped
         self.ran = ran if ran is not None else set()
-        #: watch mode keeps one live connection per session across passes
-        self.shells = shells
+        #: connections kept across rounds and passes (one per session)
+        self.pool = pool
         #: set on Ctrl-C: no new action starts (the one in flight finishes and is journaled)
         self.stop = stop
 
@@ -118,6 +120,8 @@ class Executor:
         ctx = self.obs.contexts.get(name)
         # the planner acts only on an instance it proved ours (else the session is refused)
         run = _Run(inst=self.obs.claimed.get(name))
+        if ctx is not None:
+            run.kind = select.kind_for(ctx.desired.transport)
         outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
         redact = Redactor(ctx.secret_values if ctx is not None else ())
         try:
@@ -136,14 +140,14 @@ class Executor:
             outcome.error = redact(str(err))
             self._fail(name, outcome.error, err)
         finally:
-            if run.shell is not None:
-                if self.shells is not None and run.inst is not None and outcome.ok:
-                    self.shells.keep(name, run.inst.uuid, run.shell)
+            if run.transport is not None:
+                if self.pool is not None and run.inst is not None and outcome.ok:
+                    self.pool.keep(name, run.inst.uuid, run.transport)
                 else:
                     with contextlib.suppress(Exception):
-                        run.shell.close()
-                    if self.shells is not None:
-                        self.shells.drop(name)
+                        run.transport.close()
+                    if self.pool is not None:
+                        self.pool.drop(name)
             with self.doc_lock:
                 rec = self.doc.sessions.get(name)
                 if rec is not None and run.timings:
@@ -187,7 +191,7 @@ class Executor:
             self._sync_up(ctx, run)
         elif isinstance(action, actions.RunCommand):
             outcome.ran_commands += 1
-            self._run_command(action, ctx, conn, run, redact)
+            self._run_command(action, ctx, run, redact)
         elif isinstance(action, actions.SyncBack):
             self._sync_back(ctx, run, redact)
 
@@ -201,7 +205,8 @@ class Executor:
         run: _Run,
     ) -> None:
         session = action.session
-        public_key = ensure_keypair(ctx.key_path)
+        assert run.kind is not None
+        fields = run.kind.create_fields(ctx.credentials)
         rec = self._record(session)
         with self.doc_lock:
             # Journal the intent before the side effect: a lost answer is then adopted, not
@@ -218,10 +223,11 @@ class Executor:
         request = CreateRequest(
             name=action.instance_name,
             image=ctx.desired.image,
-            env={"PUBKEY": public_key},
-            tags=(*ctx.desired.tags, identity.exec_tag(ctx.desired.exec_mode)),
+            env=fields.env,
+            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport)),
             memory_mb=ctx.loaded.spec.memory_mb,
-            services=services.session_services(ctx.desired.exec_mode),
+            services=fields.services,
+            plugins=fields.plugins,
             scale_to_zero=SESSION_SCALE_TO_ZERO,
             autostart=True,
         )
@@ -264,9 +270,7 @@ class Executor:
     def _note_instance(self, session: str, inst: Instance) -> None:
         rec = self._record(session)
         with self.doc_lock:
-            host_key = (
-                rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
-            )
+            pin = rec.instance.pin if rec.instance and rec.instance.uuid == inst.uuid else None
             rec.instance = InstanceRecord(
                 name=inst.name,
                 uuid=inst.uuid,
@@ -275,7 +279,7 @@ class Executor:
                 state=inst.state,
                 created_at=inst.created_at,
                 start_count=inst.start_count,
-                host_key=host_key,
+                pin=pin,
             )
             rec.created_at = inst.created_at
         self.save()
@@ -289,15 +293,16 @@ class Executor:
                 "no uuid was proven ours"
             )
         conn = self.metros.get(action.metro)
-        if run.shell is not None:
-            run.shell.close()
-            run.shell = None
+        if run.transport is not None:
+            run.transport.close()
+            run.transport = None
         conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
         run.inst = None
         self.forget_local(action)
 
     def forget_local(self, action: actions.DeleteInstance) -> None:
-        """The local half of a delete: journal it, and with `forget` drop key and sync records."""
+        """The local half of a delete: journal it, and with `forget` drop the session's
+        credentials and sync records."""
         rec = self._record(action.session)
         with self.doc_lock:
             if rec.instance is not None:
@@ -311,10 +316,7 @@ class Executor:
                     rec, "Ready", "False", action.final_phase, action.reason, journal.utc_now()
                 )
         if action.forget:
-            key = self.group.state_dir / "keys" / action.session
-            for path in (key, key.with_name(key.name + ".pub")):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            credentials_for(self.group, action.session).forget()
             ctx = self.obs.contexts.get(action.session)
             if ctx is not None:
                 sync_engine.forget(ctx.sync_options)
@@ -322,46 +324,42 @@ class Executor:
                 _forget_sync_dir(self.group.state_dir / "sync" / action.session)
         self.save()
 
-    # -- shell work ------------------------------------------------------------------------
+    # -- work in the sandbox ---------------------------------------------------------------
 
     def _wait_ready(self, ctx: SessionContext, conn: MetroConnection, run: _Run) -> None:
-        if run.shell is not None:
+        if run.transport is not None:
             return
         inst = run.inst
-        if self.shells is not None and inst is not None:
-            run.shell = self.shells.take(ctx.desired.name, inst.uuid)
-            if run.shell is not None:
+        if self.pool is not None and inst is not None:
+            run.transport = self.pool.take(ctx.desired.name, inst.uuid)
+            if run.transport is not None:
                 run.pooled = True
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
         if not inst.fqdn:
             raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
-        # Imported here: paramiko costs ~0.15 s and a no-op apply never needs it.
-        from reconciler.transport import sshclient
-
+        assert run.kind is not None
         rec = self._record(ctx.desired.name)
         if rec.instance is None or rec.instance.uuid != inst.uuid:
-            # Adopted: a run killed between the create and its journal entry left only the
-            # intent (no uuid); the observed instance is the one we work on, so record it.
+            # A run killed between the create and its journal entry left only the intent (no
+            # uuid); the observed instance, which the planner proved ours, is the one we work
+            # on, so record it.
             self._note_instance(ctx.desired.name, inst)
-        expected = (
-            rec.instance.host_key if rec.instance and rec.instance.uuid == inst.uuid else None
-        )
-        shell = sshclient.wait_ssh_ready(
-            conn.dialer,
-            inst.fqdn,
-            key_path=ctx.key_path,
+        pin = rec.instance.pin if rec.instance and rec.instance.uuid == inst.uuid else None
+        transport = run.kind.connect(
+            Target(inst.name, inst.fqdn, conn.reach),
+            ctx.credentials,
+            pin=pin,
             deadline_s=self.ready_timeout_s,
-            expected_host_key=expected,
         )
-        run.shell = shell
+        run.transport = transport
         with self.doc_lock:
             if rec.instance is not None:
-                rec.instance.host_key = shell.host_key_fingerprint
+                rec.instance.pin = transport.pin
 
     def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
-        assert run.shell is not None and run.inst is not None
+        assert run.transport is not None and run.inst is not None
         inst = run.inst
 
         def push(shell: RemoteShell) -> sync_engine.PushResult:
@@ -370,15 +368,15 @@ class Executor:
             )
 
         try:
-            result = push(run.shell)
+            result = push(run.transport)
         except (errors.TransportError, errors.RemoteError):
             if not run.pooled:
                 raise
             # A kept connection can die while idle (edge restart, network): reconnect once.
             # A push is safe to repeat: an interrupted one made the sandbox forget its record.
             with contextlib.suppress(Exception):
-                run.shell.close()
-            run.shell, run.pooled = None, False
+                run.transport.close()
+            run.transport, run.pooled = None, False
             conn = self.metros.get(ctx.desired.metro)
             current = conn.api.get_instance(inst.name)
             if current is None or current.uuid != inst.uuid:
@@ -388,8 +386,8 @@ class Executor:
                     f"instance {inst.name} disappeared during the sync"
                 ) from None
             self._wait_ready(ctx, conn, run)
-            assert run.shell is not None
-            result = push(run.shell)
+            assert run.transport is not None
+            result = push(run.transport)
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             # Outputs still owed from this same instance stay owed across a new push.
@@ -427,7 +425,6 @@ class Executor:
         self,
         action: actions.RunCommand,
         ctx: SessionContext,
-        conn: MetroConnection,
         run: _Run,
         redact: Redactor,
     ) -> None:
@@ -457,21 +454,15 @@ class Executor:
 
         started = journal.utc_now()
         try:
-            if ctx.loaded.spec.exec == "http":
-                result = self._run_http(action, ctx, conn, run, sink("stdout"), sink("stderr"))
-            else:
-                from reconciler.transport import commands as remote_commands
-
-                assert run.shell is not None
-                result = remote_commands.run_command(
-                    run.shell,
-                    action.run,
-                    env=ctx.env,
-                    cwd="/workspace",
-                    timeout_s=action.timeout_s,
-                    on_stdout=sink("stdout"),
-                    on_stderr=sink("stderr"),
-                )
+            assert run.transport is not None
+            result = run.transport.run(
+                action.run,
+                env=ctx.env,
+                cwd="/workspace",
+                timeout_s=action.timeout_s,
+                on_stdout=sink("stdout"),
+                on_stderr=sink("stderr"),
+            )
         finally:
             for kind, (stream, _tail) in streams.items():
                 with locks[kind]:
@@ -514,42 +505,12 @@ class Executor:
             )
         self._say(session, "info", f"command {action.name!r} exited 0 in {result.duration_s:.2f}s")
 
-    def _run_http(
-        self,
-        action: actions.RunCommand,
-        ctx: SessionContext,
-        conn: MetroConnection,
-        run: _Run,
-        on_stdout: Callable[[bytes], None],
-        on_stderr: Callable[[bytes], None],
-    ) -> CommandResult:
-        """`exec: http`: the environment goes over SSH into a private file the command sources,
-        so no value (secrets included) is in the unauthenticated request or any argv."""
-        from reconciler.transport import http_exec as httpexec
-
-        assert run.inst is not None and run.inst.fqdn is not None and run.shell is not None
-        env_file = httpexec.stage_env(run.shell, ctx.env) if ctx.env else None
-        try:
-            return httpexec.HttpExec(conn.dialer, conn.ssl_context).run(
-                run.inst.fqdn,
-                action.run,
-                env={},
-                env_file=env_file,
-                cwd="/workspace",
-                timeout_s=action.timeout_s,
-                on_stdout=on_stdout,
-                on_stderr=on_stderr,
-            )
-        finally:
-            if env_file is not None:
-                httpexec.unstage_env(run.shell, env_file)
-
     def _sync_back(self, ctx: SessionContext, run: _Run, redact: Redactor) -> None:
-        assert run.shell is not None
+        assert run.transport is not None
         # the instance uuid (with the sandbox's boot id) says which sandbox a pulled file came
         # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
         uuid = run.inst.uuid if run.inst is not None else ""
-        result = sync_engine.pull(run.shell, ctx.sync_options, instance_uuid=uuid)
+        result = sync_engine.pull(run.transport, ctx.sync_options, instance_uuid=uuid)
         rec = self._record(ctx.desired.name)
         stopped = result.stopped or (
             f"stopped: the sandbox broke its stream ({result.aborted})" if result.aborted else ""

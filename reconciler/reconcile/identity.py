@@ -12,10 +12,10 @@ its own:
   under `UKC_SESSION_SECRET` (any checkout or CI runner with the secret, and nobody without
   it, computes the same id), else a random id kept in the checkout's `.ukc/owner`;
 * or, for an instance made by an older ukc (no owner tag): this checkout's status file
-  records that very uuid *and* a host key. A uuid alone is not enough: an older ukc journaled
-  the uuid of any instance it observed under its name before its first connection; a recorded
-  host key means this checkout's own private key opened that sandbox, which only the key its
-  creator gave it does.
+  records that very uuid *and* a pin (the host key of the first connection). A uuid alone is
+  not enough: an older ukc journaled the uuid of any instance it observed under its name before
+  its first connection; a recorded pin means this checkout's own credentials opened that
+  sandbox, which only the ones its creator gave it do.
 
 The delete that follows a proof names the instance by uuid, so an instance swapped in under
 the same name between observation and action is never the one deleted.
@@ -42,13 +42,12 @@ from reconciler.cloud.model import Instance
 from reconciler.status.schema import InstanceRecord
 
 __all__ = [
-    "EXEC_TAG",
     "OWNER_KEY",
     "OWNER_TAG",
     "SECRET_VAR",
+    "TRANSPORT_TAG",
     "Owner",
     "Proof",
-    "exec_tag",
     "instance_hash",
     "instance_name",
     "load_owner",
@@ -59,14 +58,15 @@ __all__ = [
     "prove",
     "session_from_tags",
     "tag_value",
+    "transport_tag",
 ]
 
 #: every instance ukc creates carries this bare tag
 OWNER_TAG = "ukc"
-#: tag key recording the exec mode an instance was created for (its service set, fixed at
-#: creation); an instance without it was made by an older ukc, which gave every instance both
-#: ports
-EXEC_TAG = "ukc.exec"
+#: tag key recording the transport (`exec`) an instance was created for: its public ports are
+#: fixed at creation. An instance without it was made by an older ukc, which gave every
+#: instance both ports (2222 and the exec API's 443)
+TRANSPORT_TAG = "ukc.exec"
 
 
 def project_id(status_dir: Path, environ: Mapping[str, str]) -> str:
@@ -100,8 +100,8 @@ def owner_tags(project: str, session: str, inst_hash: str, owner_id: str) -> lis
     ]
 
 
-def exec_tag(exec_mode: str) -> str:
-    return f"{EXEC_TAG}={exec_mode}"
+def transport_tag(transport: str) -> str:
+    return f"{TRANSPORT_TAG}={transport}"
 
 
 def tag_value(tags: Sequence[str], key: str) -> str | None:
@@ -194,12 +194,7 @@ def prove(inst: Instance, owner: Owner, session: str, record: InstanceRecord | N
             f"was removed), run ukc where it was made, or with the {SECRET_VAR} it was made "
             f"with, or delete it yourself; otherwise {rename}",
         )
-    if (
-        record is not None
-        and record.uuid == inst.uuid
-        and record.name == inst.name
-        and record.host_key
-    ):
+    if record is not None and record.uuid == inst.uuid and record.name == inst.name and record.pin:
         return Proof(True, "made by an older ukc: this checkout recorded its uuid and host key")
     return Proof(
         False,

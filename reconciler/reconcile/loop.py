@@ -25,7 +25,7 @@ from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, key_path_for
+from reconciler.reconcile.desired import Group, credentials_for
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
@@ -33,8 +33,9 @@ from reconciler.reconcile.observe import Observation, observe
 from reconciler.reconcile.plan import parse_time, plan_delete, plan_sessions
 from reconciler.status import journal
 from reconciler.status.schema import SessionStatus, StatusDoc
-from reconciler.transport.base import RemoteShell
-from reconciler.transport.pool import ShellPool
+from reconciler.transport import select
+from reconciler.transport.base import Target
+from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
 
@@ -105,14 +106,15 @@ def apply_group(
     raise_on_cap: bool = True,
     now: Callable[[], float] = time.time,
     only: set[str] | None = None,
-    shells: ShellPool | None = None,
+    pool: TransportPool | None = None,
 ) -> ApplyResult:
     """Converge every session of `group` (one status file) and write its status."""
     # One-shot applies get their own pool: connections opened ahead of need (see
-    # `ShellPool.prefetch`) or in one round serve the next round too, and all close at the end.
-    kept = shells if shells is not None else ShellPool()
+    # `TransportPool.prefetch`) or in one round serve the next round too, and all close at
+    # the end.
+    kept = pool if pool is not None else TransportPool()
     with (
-        contextlib.closing(kept) if shells is None else contextlib.nullcontext(),
+        contextlib.closing(kept) if pool is None else contextlib.nullcontext(),
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
@@ -178,13 +180,13 @@ def apply_group(
                 reporter=reporter,
                 doc_lock=doc_lock,
                 ran=ran,
-                shells=kept,
+                pool=kept,
                 stop=stop,
             )
             work = [s for s in plan.sessions if s.changes]
-            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as workers:
                 try:
-                    for outcome in pool.map(executor.run_session, work):
+                    for outcome in workers.map(executor.run_session, work):
                         prev = outcomes.get(outcome.session)
                         if prev is not None:
                             outcome.ran_commands += prev.ran_commands
@@ -214,29 +216,21 @@ def apply_group(
 
 
 def _prefetcher(
-    group: Group, doc: StatusDoc, metros: MetroRegistry, shells: ShellPool
-) -> Callable[[str, str, Instance], None]:
+    group: Group, doc: StatusDoc, metros: MetroRegistry, pool: TransportPool
+) -> Callable[[str, str, str, Instance], None]:
     """The observer's hint → a connection opened in the background for the push to come."""
 
-    def prefetch(session: str, metro: str, inst: Instance) -> None:
+    def prefetch(session: str, transport: str, metro: str, inst: Instance) -> None:
         rec = doc.sessions.get(session)
         known = rec.instance if rec is not None else None
-        # why only a known host key: a first connection records it, and that is the
-        # executor's job (it journals the instance it adopts at the same time)
-        if known is None or known.uuid != inst.uuid or not known.host_key or not inst.fqdn:
+        # why only a known pin: a first connection records it, and that is the executor's job
+        # (it journals the instance it adopts at the same time)
+        if known is None or known.uuid != inst.uuid or not known.pin or not inst.fqdn:
             return
-        dialer = metros.get(metro).dialer
-        key_path = key_path_for(group, session)
-        fqdn, host_key = inst.fqdn, known.host_key
-
-        def opener() -> RemoteShell:
-            from reconciler.transport.sshclient import (
-                SshShell,  # paramiko: only when a push is coming
-            )
-
-            return SshShell.connect(dialer, fqdn, key_path=key_path, expected_host_key=host_key)
-
-        shells.prefetch(session, inst.uuid, opener)
+        kind = select.kind_for(transport)
+        target = Target(inst.name, inst.fqdn, metros.get(metro).reach)
+        credentials, pin = credentials_for(group, session), known.pin
+        pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 
     return prefetch
 

@@ -16,7 +16,13 @@ from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import identity
-from reconciler.reconcile.desired import DesiredSession, Group, SessionContext, build_session
+from reconciler.reconcile.desired import (
+    DesiredSession,
+    Group,
+    SessionContext,
+    build_session,
+    transport_of,
+)
 from reconciler.status.schema import StatusDoc
 
 __all__ = ["Observation", "observe"]
@@ -46,11 +52,11 @@ def observe(
     only: set[str] | None = None,
     owner: identity.Owner,
     salt: bytes,
-    on_tree_changed: Callable[[str, str, Instance], None] | None = None,
+    on_tree_changed: Callable[[str, str, str, Instance], None] | None = None,
 ) -> Observation:
     """List owned instances (one list per metro in use), then scan the local trees.
 
-    `on_tree_changed(session, metro, instance)` is called while a session's tree is being
+    `on_tree_changed(session, transport, metro, instance)` is called while a session's tree is being
     scanned, as soon as it is seen to differ from the last push, when the session's instance is
     running: the apply loop opens the connection the push will need meanwhile. A hint only;
     nothing observed depends on it.
@@ -96,7 +102,9 @@ def observe(
             and mine.state == "running"
             and identity.prove(mine, owner, name, records.get(name)).ours
         ):
-            hint = functools.partial(on_tree_changed, name, metro_of[name], mine)
+            hint = functools.partial(
+                on_tree_changed, name, transport_of(loaded), metro_of[name], mine
+            )
         ctx, why = build_session(group, loaded, owner, environ, salt, hint)
         contexts[name] = ctx
         if why is not None:

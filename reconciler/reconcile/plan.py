@@ -111,24 +111,25 @@ def _plan_session(
         )
         return actions.SessionPlan(name, tuple(acts), ())
 
-    if inst is not None and not desired.key_present:
-        # Our private key is gone (e.g. `.ukc/` was deleted): the instance only accepts that
-        # key, so the only way back to a reachable sandbox is a new one with a new key.
+    if inst is not None and not desired.credentials_present:
+        # Our credentials are gone (e.g. `.ukc/` was deleted): the instance only accepts the
+        # ones it was made with, so the only way back to a reachable sandbox is a new one.
+        lost = desired.credentials_noun
         acts.append(
             actions.DeleteInstance(
                 name,
                 inst.name,
                 inst.metro or desired.metro,
-                "its ssh key is lost; replacing",
+                f"its {lost} is lost; replacing",
                 forget=False,
                 instance_uuid=inst.uuid,
             )
         )
         inst = None
         new_instance = True
-        reason_create = "replacing: the session's ssh key was lost"
+        reason_create = f"replacing: the session's {lost} was lost"
     elif inst is not None and (replace_why := _baked_change(desired, inst)) is not None:
-        # Image, memory or exec mode (the public ports) changed: those are fixed at creation.
+        # Image, memory or transport (the public ports) changed: those are fixed at creation.
         if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
             acts.append(actions.WaitReady(name, inst.name))
             acts.append(
@@ -265,23 +266,18 @@ def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:
     """Why the instance must be replaced to match what is fixed at creation, or None."""
     if identity.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
         return "image or memory changed"
-    made_for = identity.tag_value(inst.tags, identity.EXEC_TAG)
-    if made_for is not None and made_for != desired.exec_mode:
-        # why: the public ports follow the exec mode (443 only for http) and are fixed too
-        return f"exec changed from {made_for} to {desired.exec_mode} (its public ports)"
+    made_for = identity.tag_value(inst.tags, identity.TRANSPORT_TAG)
+    if made_for is not None and made_for != desired.transport:
+        # why: the public ports follow the transport and are fixed too
+        return f"exec changed from {made_for} to {desired.transport} (its public ports)"
     return None
 
 
 def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
     name = desired.name
-    if desired.exec_mode == "http":
-        return [
-            f"session {name}: exec: http runs commands through the image's unauthenticated "
-            "exec API on public port 443: on Unikraft Cloud anyone who knows the instance's "
-            "FQDN can run commands in it and read its files and env; use exec: ssh for "
-            "anything private"
-        ]
-    if inst is not None and identity.tag_value(inst.tags, identity.EXEC_TAG) is None:
+    if desired.warnings:
+        return list(desired.warnings)
+    if inst is not None and identity.tag_value(inst.tags, identity.TRANSPORT_TAG) is None:
         # An older ukc gave every instance port 443; replacing it silently would cost the
         # session its /workspace and a re-run of every command, so the user decides.
         return [

@@ -39,7 +39,7 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.loop import apply_group, delete_group
 from reconciler.spec.loader import load_specs
 from reconciler.sync.ignore import IgnoreRules, load_rules
-from reconciler.transport.pool import ShellPool
+from reconciler.transport.pool import TransportPool
 
 __all__ = ["Coalescer", "WatchOptions", "Watcher"]
 
@@ -144,7 +144,7 @@ class Watcher:
         self.environ = environ
         self.clock = clock
         self.coalescer = Coalescer(options.quiet_s, options.max_wait_s)
-        self.shells = ShellPool()
+        self.pool = TransportPool()
         self.passes = 0
         self._events: queue.Queue[Path | None] = queue.Queue()
         self._stop = threading.Event()
@@ -264,7 +264,7 @@ class Watcher:
                     concurrency=self.options.concurrency,
                     lock_timeout_s=60.0,
                     only=only if sessions is not None else None,
-                    shells=self.shells,
+                    pool=self.pool,
                     raise_on_cap=False,
                 )
                 ok = ok and result.ok
@@ -368,7 +368,7 @@ class Watcher:
                 with contextlib.suppress(Exception):
                     obs.stop()
                     obs.join(2)
-            self.shells.close()
+            self.pool.close()
             if self.options.down:
                 self._down()
         return 0 if self._last_ok else 1

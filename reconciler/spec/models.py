@@ -13,7 +13,7 @@ import json
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import (
     AfterValidator,
@@ -43,6 +43,7 @@ from reconciler.spec.sizes import SizeError, parse_size
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_LOCAL_IMAGE",
+    "EXEC_NAMES",
     "CommandSpec",
     "SessionSpec",
     "SpecDuration",
@@ -54,6 +55,9 @@ __all__ = [
     "spec_hash",
 ]
 
+#: the transports a session may choose (`exec`), each the module `reconciler.transport.<name>`:
+#: ssh, or http (the image's unauthenticated exec API on public port 443 runs the commands)
+EXEC_NAMES = ("ssh", "http")
 #: image used on the local metro when neither the spec nor $UKC_SANDBOX_IMAGE names one
 DEFAULT_LOCAL_IMAGE = "ukc/local-sandbox:latest"
 DEFAULT_COMMAND_TIMEOUT = Duration(30 * 60)
@@ -161,6 +165,13 @@ def _check_secret_source(value: str) -> str:
             f"{value} is ukc's own credential and cannot be forwarded into a sandbox; if the "
             "sandbox really needs it, export it under another name and name that"
         )
+    return value
+
+
+def _check_exec(value: str) -> str:
+    if value not in EXEC_NAMES:
+        *first, last = map(repr, EXEC_NAMES)
+        raise _fail(f"must be {', '.join(first)} or {last}, got {show(value)}")
     return value
 
 
@@ -314,7 +325,7 @@ class SessionSpec(BaseModel):
     )
     memory_mb: Annotated[int, Strict(), AfterValidator(_check_memory)] | None = None
     ttl: SpecDuration | None = None
-    exec: Literal["ssh", "http"] = "ssh"
+    exec: Annotated[str, Strict(), AfterValidator(_check_exec)] = "ssh"
 
     @field_validator("commands", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 __all__ = [
     "STATUS_VERSION",
@@ -43,7 +43,10 @@ class InstanceRecord(_Model):
     state: str = ""
     created_at: str | None = None
     start_count: int | None = None
-    host_key: str | None = None
+    #: what identified the sandbox on this checkout's first connection (for ssh: its host key
+    #: fingerprint); every later connection must present it. Status files of older versions
+    #: call it `host_key`
+    pin: str | None = Field(default=None, validation_alias=AliasChoices("pin", "host_key"))
 
 
 class SyncRecord(_Model):

@@ -1,8 +1,8 @@
-"""Run one session command in a sandbox: env over stdin, streamed output, timeout with kill.
+"""Run one session command over a `RemoteShell`: env over stdin, streamed output, timeout
+with kill. `ShellTransport` makes any `RemoteShell` a `Transport` that runs commands so.
 
-Fed by the executor (one call per declared command) with a `RemoteShell` (`backends.ssh`
-in production, `backends.localshell` in tests). Returns a `CommandResult` the status file
-records; it never raises for a non-zero exit or a timeout (that is the caller's policy).
+`run_command` returns a `CommandResult`; it never raises for a non-zero exit or a timeout
+(that is the caller's policy).
 
 Secrets: the environment holds `secret_env` values, so it never goes on a command line
 (where `ps` and `/proc/*/cmdline` would show it). The remote side runs a fixed bootstrap,
@@ -26,10 +26,7 @@ from collections.abc import Callable, Mapping
 from reconciler.errors import SpecError
 from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell
 
-__all__ = [
-    "build_script",
-    "run_command",
-]
+__all__ = ["ShellTransport", "build_script", "export_lines", "run_command"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MARKER_LINE = re.compile(rb"__UKC_KILL__ (-?)([0-9]{1,9})\n")
@@ -48,15 +45,22 @@ _LAUNCH = (
 )
 
 
-def build_script(command: str, env: Mapping[str, str], cwd: str) -> bytes:
-    """The stdin script: exports (POSIX-quoted), then the command launched in /workspace."""
+def export_lines(env: Mapping[str, str]) -> list[str]:
+    """`export NAME='value'` for each variable (POSIX-quoted; a name that is not a shell
+    variable name, or a NUL in a value, is a `SpecError`)."""
     lines = []
     for name, value in env.items():
         if not _ENV_NAME.fullmatch(name):
             raise SpecError(f"env name {name!r} is not a shell variable name", field="env")
         if "\0" in value:
             raise SpecError(f"env value of {name} contains a nul byte", field="env")
-        lines.append(f"export {name}={shlex.quote(value)}\n")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    return lines
+
+
+def build_script(command: str, env: Mapping[str, str], cwd: str) -> bytes:
+    """The stdin script: exports (POSIX-quoted), then the command launched in /workspace."""
+    lines = [line + "\n" for line in export_lines(env)]
     inner = f"cd {shlex.quote(cwd)} && {_LAUNCH}"
     lines.append(f"sh -c {shlex.quote(inner)} {shlex.quote(command)} </dev/null &\n")
     lines.append("wait $!\n")
@@ -233,3 +237,45 @@ def run_command(
         stderr_tail=err_tail.text(),
         duration_s=monotonic() - started,
     )
+
+
+class ShellTransport:
+    """A `Transport` over a `RemoteShell`: processes and commands both run through it."""
+
+    def __init__(self, kind: str, shell: RemoteShell, *, pin: str | None = None) -> None:
+        self.kind = kind
+        self.shell = shell
+        self.pin = pin
+
+    def __repr__(self) -> str:
+        return f"ShellTransport({self.kind!r}, {self.shell!r})"
+
+    @property
+    def active(self) -> bool:
+        return bool(getattr(self.shell, "active", True))
+
+    def start(self, command: str) -> RemoteProcess:
+        return self.shell.start(command)
+
+    def run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        timeout_s: float | None,
+        on_stdout: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+    ) -> CommandResult:
+        return run_command(
+            self.shell,
+            command,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
+    def close(self) -> None:
+        self.shell.close()

@@ -6,13 +6,13 @@ import contextlib
 import threading
 from collections.abc import Callable
 
-from reconciler.transport.base import RemoteShell
+from reconciler.transport.base import Transport
 
-__all__ = ["ShellPool"]
+__all__ = ["TransportPool"]
 
 
-class ShellPool:
-    """Live SSH connections kept across passes and rounds, one per session and instance.
+class TransportPool:
+    """Live connections kept across passes and rounds, one per session and instance.
 
     Also opens connections ahead of need (`prefetch`): the apply loop asks for one as soon as a
     scan sees that a session's tree changed, so the handshake overlaps the rest of the scan and
@@ -22,16 +22,16 @@ class ShellPool:
     """
 
     def __init__(self) -> None:
-        self._shells: dict[str, tuple[str, RemoteShell]] = {}
-        self._pending: dict[str, tuple[str, threading.Thread, list[RemoteShell]]] = {}
+        self._kept: dict[str, tuple[str, Transport]] = {}
+        self._pending: dict[str, tuple[str, threading.Thread, list[Transport]]] = {}
         self._lock = threading.Lock()
 
-    def prefetch(self, session: str, instance_uuid: str, opener: Callable[[], RemoteShell]) -> None:
+    def prefetch(self, session: str, instance_uuid: str, opener: Callable[[], Transport]) -> None:
         """Start `opener()` in the background unless a connection is kept or on its way."""
         with self._lock:
-            if session in self._shells or session in self._pending:
+            if session in self._kept or session in self._pending:
                 return
-            box: list[RemoteShell] = []
+            box: list[Transport] = []
 
             def open_one() -> None:
                 with contextlib.suppress(Exception):  # the executor's own attempt reports it
@@ -52,32 +52,32 @@ class ShellPool:
         if box:
             self.keep(session, uuid, box[0])
 
-    def take(self, session: str, instance_uuid: str) -> RemoteShell | None:
+    def take(self, session: str, instance_uuid: str) -> Transport | None:
         """The kept connection if it belongs to this instance and is still alive."""
         self._settle(session)
         with self._lock:
-            item = self._shells.pop(session, None)
+            item = self._kept.pop(session, None)
         if item is None:
             return None
-        uuid, shell = item
-        if uuid == instance_uuid and getattr(shell, "active", True):
-            return shell
+        uuid, transport = item
+        if uuid == instance_uuid and transport.active:
+            return transport
         with contextlib.suppress(Exception):
-            shell.close()
+            transport.close()
         return None
 
-    def keep(self, session: str, instance_uuid: str, shell: RemoteShell) -> None:
+    def keep(self, session: str, instance_uuid: str, transport: Transport) -> None:
         with self._lock:
-            old = self._shells.pop(session, None)
-            self._shells[session] = (instance_uuid, shell)
-        if old is not None and old[1] is not shell:
+            old = self._kept.pop(session, None)
+            self._kept[session] = (instance_uuid, transport)
+        if old is not None and old[1] is not transport:
             with contextlib.suppress(Exception):
                 old[1].close()
 
     def drop(self, session: str) -> None:
         self._settle(session)
         with self._lock:
-            item = self._shells.pop(session, None)
+            item = self._kept.pop(session, None)
         if item is not None:
             with contextlib.suppress(Exception):
                 item[1].close()
@@ -86,8 +86,8 @@ class ShellPool:
         for session in list(self._pending):
             self._settle(session)
         with self._lock:
-            items = list(self._shells.values())
-            self._shells.clear()
-        for _, shell in items:
+            items = list(self._kept.values())
+            self._kept.clear()
+        for _, transport in items:
             with contextlib.suppress(Exception):
-                shell.close()
+                transport.close()

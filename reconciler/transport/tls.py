@@ -1,12 +1,8 @@
 """TLS dialling of a sandbox's public ports, and the socketpair bridge paramiko needs.
 
-UKC publishes a sandbox's ports behind a TLS edge that routes by SNI (= the instance FQDN);
-the local metro does the same on 127.0.0.1 with its own CA. `Dialer` hides the only two
-differences: where to actually connect (`address(fqdn, public_port)`: identity for the real
-cloud, the metro's edge port for local FQDNs) and which CA to trust (the SSL context).
-
-Used by `backends.ssh` (SSH over TLS on 2222, through `open_bridged`) and by
-`backends.httpexec` (which reuses the context and the address mapping for httpx).
+A `Dialer` connects where a metro's `Reach` says an FQDN's public port is and verifies the
+certificate against the FQDN (SNI too) with the metro's CA. SSH runs over it (`open_bridged`);
+the HTTP exec client reuses its context and address mapping.
 
 Why the bridge: paramiko reads its socket from its transport thread while callers write from
 theirs, and an OpenSSL object must not be used by two threads at once; handing an SSLSocket
@@ -21,20 +17,12 @@ import selectors
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from reconciler.cloud.trust import AddressMap, Reach, same_address
 from reconciler.errors import TransportError
 
-__all__ = [
-    "AddressMap",
-    "BridgedSocket",
-    "Dialer",
-    "edge_address",
-]
-
-#: (fqdn, public port) → (host, port) to connect to
-AddressMap = Callable[[str, int], tuple[str, int]]
+__all__ = ["BridgedSocket", "Dialer"]
 
 _CHUNK = 256 * 1024
 #: stop reading a side while this much is queued for the other (back-pressure)
@@ -44,28 +32,17 @@ _JOIN_S = 5.0
 _POLL_S = 0.05
 
 
-def edge_address(edge_host: str, edge_ports: Mapping[int, int]) -> AddressMap:
-    """The local metro's mapping: every FQDN's public port P → edge_host:edge_ports[P]."""
-    ports = dict(edge_ports)
-
-    def address(fqdn: str, port: int) -> tuple[str, int]:
-        if port not in ports:
-            raise TransportError(f"local metro has no edge listener for {fqdn} port {port}")
-        return edge_host, ports[port]
-
-    return address
-
-
-def _identity(fqdn: str, port: int) -> tuple[str, int]:
-    return fqdn, port
-
-
 class Dialer:
     """Opens TLS connections to `fqdn:port` (SNI and certificate check against the fqdn)."""
 
     def __init__(self, ssl_context: ssl.SSLContext, address: AddressMap | None = None) -> None:
         self.ssl_context = ssl_context
-        self.address: AddressMap = address or _identity
+        self.address: AddressMap = address or same_address
+
+    @classmethod
+    def to(cls, reach: Reach) -> Dialer:
+        """A dialer for a metro's instances."""
+        return cls(reach.ssl_context, reach.address)
 
     @classmethod
     def with_ca(cls, ca_path: Path | str | None, address: AddressMap | None = None) -> Dialer:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pytest
 
 from reconciler.errors import RemoteError, SpecError, TransportError
-from reconciler.transport.http_exec import HttpExec, build_exec_cmd, stage_env, unstage_env
+from reconciler.transport.http import HttpExec, build_exec_cmd, stage_env, unstage_env
 from reconciler.transport.local_shell import LocalShell
 from reconciler.transport.tls import Dialer
 

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from reconciler.cloud.trust import edge_address
 from reconciler.errors import TransportError
-from reconciler.transport.tls import Dialer, edge_address
+from reconciler.transport.tls import Dialer
 
 from .conftest import FQDN, CaFiles, TlsForwarder, dialer_to, free_port
 

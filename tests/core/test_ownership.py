@@ -143,7 +143,7 @@ class TestPlannerRefusesWhatIsNotOurs:
         if change == "image changed":
             d = replace(d, image="img:2", instance_hash=identity.instance_hash("img:2", None))
         elif change == "key lost":
-            d = replace(d, key_present=False)
+            d = replace(d, credentials_present=False)
         elif change == "ttl expired":
             d = replace(d, ttl_s=60.0)
             inst = replace(inst, created_at="2020-01-01T00:00:00Z")
@@ -167,7 +167,7 @@ class TestPlannerRefusesWhatIsNotOurs:
         inst = legacy(d, created_at="2020-01-01T00:00:00Z")
         rec = converged_record(d, inst)
         assert rec.instance is not None
-        rec.instance.host_key = "SHA256:abc"
+        rec.instance.pin = "SHA256:abc"
         p = plan_session(d, inst, rec)
         assert p.refusal is None
         assert p.actions == (
@@ -190,7 +190,7 @@ class TestPlannerRefusesWhatIsNotOurs:
         if change == "image changed":
             d = replace(d, image="img:2", instance_hash=identity.instance_hash("img:2", None))
         elif change == "key lost":
-            d = replace(d, key_present=False)
+            d = replace(d, credentials_present=False)
         else:
             d = replace(d, ttl_s=60.0)
             inst = replace(inst, created_at="2020-01-01T00:00:00Z")

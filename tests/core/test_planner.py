@@ -40,6 +40,7 @@ def desired(**overrides: object) -> DesiredSession:
         tree=TreeState(digest="tree1", files=3, bytes=30),
         back=("out/",),
         tags=tuple(identity.owner_tags(PROJECT, "hello", INST_HASH, OWNER_ID)),
+        credentials_noun="ssh key",
     )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -227,7 +228,7 @@ class TestChanges:
         assert isinstance(delete, actions.DeleteInstance) and not delete.forget
 
     def test_a_lost_private_key_replaces_the_unreachable_instance(self) -> None:
-        d = desired(key_present=False)
+        d = desired(credentials_present=False)
         inst = instance(d)
         p = plan_one(d, inst, converged_record(d, inst))
         assert kinds(p)[:2] == ["DeleteInstance", "CreateInstance"]

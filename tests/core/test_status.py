@@ -168,3 +168,17 @@ def test_conditions_keep_their_transition_time_while_the_status_is_unchanged() -
     assert rec.conditions[0].last_transition_time == "t1"
     journal.set_condition(rec, "Ready", "False", "Failed", "boom", "t3")
     assert rec.conditions[0].last_transition_time == "t3"
+
+
+def test_an_older_status_files_host_key_is_read_as_the_pin_and_written_back_as_pin(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "status.json"
+    instance = {"name": "ukc-abcd1234-s", "uuid": "u-1", "host_key": "SHA256:abc"}
+    path.write_text(json.dumps({"version": 1, "sessions": {"s": {"instance": instance}}}))
+    doc = journal.load(path)
+    record = doc.sessions["s"].instance
+    assert record is not None and record.pin == "SHA256:abc"
+    journal.save(path, doc)
+    written = json.loads(path.read_text())["sessions"]["s"]["instance"]
+    assert written["pin"] == "SHA256:abc" and "host_key" not in written

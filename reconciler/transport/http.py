@@ -1,19 +1,21 @@
-"""`HttpExec`: run a session command through the image's `/exec` HTTP API (spec `exec: http`).
+"""The `http` transport: session commands through the image's `/exec` HTTP API (`exec: http`).
 
 The opt-in alternative to SSH for images that serve `POST /exec {"cmd": "..."}` on 8080,
-published on public port 443 with the `tls`+`http` handlers (ukc-api.md §12). The API is
+published on public port 443 with the `tls`+`http` handlers (docs/PLATFORM.md, "exec API").
+It is a composition: the `ssh` transport carries everything but the commands (the sync
+helper's byte streams, the staged environment), and `HttpExec` runs the commands. The API is
 unauthenticated and returns everything at the end, so output is not streamed: the callbacks
-get the whole output once. Used by the executor when a spec says `exec: http`.
+get the whole output once.
 
-It connects like `backends.tls.Dialer` (same address mapping and CA): httpx requests the
-mapped address with `sni_hostname` and `Host` set to the FQDN, so SNI routing and
+`HttpExec` connects like `transport.tls.Dialer` (same address mapping and CA): httpx requests
+the mapped address with `sni_hostname` and `Host` set to the FQDN, so SNI routing and
 certificate verification are against the FQDN, not against 127.0.0.1.
 
 Secrets: the API can only carry a command line (the image's server runs `sh -lc CMD`), so env
 values put into `cmd` would sit in the request to an unauthenticated server and on a command
-line in the sandbox. The executor therefore writes the environment over SSH into a private
-file in the sandbox (`stage_env`), and `cmd` only names that file: it is sourced and removed
-before the command starts (`unstage_env` removes it too if the request never ran).
+line in the sandbox. `HttpTransport.run` therefore writes the environment over SSH into a
+private file in the sandbox (`stage_env`), and `cmd` only names that file: it is sourced and
+removed before the command starts (`unstage_env` removes it too if the request never ran).
 Nothing on this side puts env values on any command line: the exports (or the staged file)
 run in the server's own shell, and only COMMAND is on the command line of `timeout`.
 Everything the server answers is untrusted: types are checked and sizes capped.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import secrets
 import shlex
 import ssl
@@ -32,34 +33,38 @@ from collections.abc import Callable, Mapping
 
 import httpx
 
-from reconciler.errors import RemoteError, SpecError, TransportError
-from reconciler.transport.base import CommandResult, RemoteShell
-from reconciler.transport.tls import AddressMap, Dialer
+from reconciler.cloud.model import Service
+from reconciler.cloud.trust import AddressMap
+from reconciler.errors import RemoteError, TransportError
+from reconciler.transport import ssh
+from reconciler.transport.base import (
+    CommandResult,
+    CreateFields,
+    Credentials,
+    RemoteProcess,
+    RemoteShell,
+    Target,
+    Transport,
+    TransportKind,
+)
+from reconciler.transport.commands import export_lines
+from reconciler.transport.tls import Dialer
 
 __all__ = [
+    "KIND",
     "HttpExec",
+    "HttpKind",
+    "HttpTransport",
     "build_exec_cmd",
     "stage_env",
     "unstage_env",
 ]
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MAX_BODY = 32 * 1024 * 1024
 _MAX_MESSAGE = 200
 #: GNU timeout's exit status when it had to stop the command
 _TIMEOUT_EXIT = 124
 _KILL_AFTER_S = 5
-
-
-def _exports(env: Mapping[str, str]) -> list[str]:
-    lines = []
-    for name, value in env.items():
-        if not _ENV_NAME.fullmatch(name):
-            raise SpecError(f"env name {name!r} is not a shell variable name", field="env")
-        if "\0" in value:
-            raise SpecError(f"env value of {name} contains a nul byte", field="env")
-        lines.append(f"export {name}={shlex.quote(value)}")
-    return lines
 
 
 def build_exec_cmd(
@@ -82,7 +87,7 @@ def build_exec_cmd(
         path = shlex.quote(env_file)
         parts.append(f"{{ . {path}; s=$?; rm -f {path}; [ $s -eq 0 ]; }}")
     parts.append(f"cd {shlex.quote(cwd)}")
-    parts.extend(_exports(env))
+    parts.extend(export_lines(env))
     if timeout_s is None:
         parts.append(f"({command})")
     else:
@@ -98,7 +103,7 @@ def stage_env(shell: RemoteShell, env: Mapping[str, str], timeout_s: float = 30.
 
     The values travel over the SSH channel's stdin, never on a command line.
     """
-    script = ("\n".join(_exports(env)) + "\n").encode()
+    script = ("\n".join(export_lines(env)) + "\n").encode()
     path = f"/tmp/ukc-env.{secrets.token_hex(8)}"
     # why noclobber: the file is created, never opened if something already has the name
     proc = shell.start(f"umask 077 && set -C && cat > {path}")
@@ -284,3 +289,96 @@ def _is_cert_error(err: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class HttpTransport:
+    """`ssh` for processes and the staged environment, the exec API for commands."""
+
+    kind = "http"
+
+    def __init__(self, inner: Transport, client: HttpExec, fqdn: str) -> None:
+        self._inner = inner
+        self._client = client
+        self._fqdn = fqdn
+
+    @property
+    def pin(self) -> str | None:
+        return self._inner.pin
+
+    @property
+    def active(self) -> bool:
+        return self._inner.active
+
+    def start(self, command: str) -> RemoteProcess:
+        return self._inner.start(command)
+
+    def run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        timeout_s: float | None,
+        on_stdout: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+    ) -> CommandResult:
+        """The environment goes over SSH into a private file the command sources, so no value
+        (secrets included) is in the unauthenticated request or any argv."""
+        env_file = stage_env(self._inner, env) if env else None
+        try:
+            return self._client.run(
+                self._fqdn,
+                command,
+                env={},
+                env_file=env_file,
+                cwd=cwd,
+                timeout_s=timeout_s,
+                on_stdout=on_stdout,
+                on_stderr=on_stderr,
+            )
+        finally:
+            if env_file is not None:
+                unstage_env(self._inner, env_file)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._client.close()
+
+
+class HttpKind:
+    """Sets up the `http` transport: the `ssh` transport's instance with the exec API's
+    public port 443 added."""
+
+    name = "http"
+    credentials_noun = ssh.KIND.credentials_noun
+    exec_api = Service(443, 8080, ("tls", "http"))
+
+    def warnings(self, session: str) -> tuple[str, ...]:
+        return (
+            f"session {session}: exec: http runs commands through the image's unauthenticated "
+            "exec API on public port 443: on Unikraft Cloud anyone who knows the instance's "
+            "FQDN can run commands in it and read its files and env; use exec: ssh for "
+            "anything private",
+        )
+
+    def credentials_present(self, credentials: Credentials) -> bool:
+        return ssh.KIND.credentials_present(credentials)
+
+    def create_fields(self, credentials: Credentials) -> CreateFields:
+        fields = ssh.KIND.create_fields(credentials)
+        return CreateFields(env=fields.env, services=(*fields.services, self.exec_api))
+
+    def connect(
+        self, target: Target, credentials: Credentials, *, pin: str | None, deadline_s: float
+    ) -> Transport:
+        inner = ssh.KIND.connect(target, credentials, pin=pin, deadline_s=deadline_s)
+        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.fqdn)
+
+    def reopen(self, target: Target, credentials: Credentials, *, pin: str) -> Transport:
+        inner = ssh.KIND.reopen(target, credentials, pin=pin)
+        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.fqdn)
+
+
+KIND: TransportKind = HttpKind()
