@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reconciler._util.atomic import sweep_dead_temps, temp_path
+from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cli import warmclient
 from reconciler.cli.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, recv_exact, run
 
@@ -134,14 +136,10 @@ def spawn(path: Path, environ: dict[str, str] | os._Environ[str] | None = None) 
 
 def wait_ready(path: Path, timeout_s: float = 60) -> dict[str, Any]:
     """Wait until the server at `path` answers; its status. TimeoutError if it does not."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = status(path)
-        if info is not None:
-            return info
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the warm process for {path} did not answer within {timeout_s} s")
-        time.sleep(0.05)
+    info = poll(lambda _: status(path), policy=RetryPolicy.every(0.05, deadline_s=timeout_s))
+    if info is None:
+        raise TimeoutError(f"the warm process for {path} did not answer within {timeout_s} s")
+    return info
 
 
 def start(environ: dict[str, str] | os._Environ[str] | None = None, timeout_s: float = 60) -> Path:
@@ -194,7 +192,7 @@ class _Server:
         self.print = fingerprint()
         self.idle_s = float(os.environ.get("UKC_WARM_IDLE_S") or IDLE_S)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_path(path)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         self.listener.bind(str(tmp))
@@ -202,6 +200,7 @@ class _Server:
         # why: a rename replaces an older server's socket atomically; that server notices its
         # path is gone and exits, while clients always find a listening socket
         os.replace(tmp, path)
+        sweep_dead_temps(path)  # sockets of servers killed before their rename
         self.inode = os.stat(path).st_ino
 
     def still_ours(self) -> bool:

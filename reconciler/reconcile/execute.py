@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import errors
+from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance
 from reconciler.reconcile import actions, identity
@@ -249,23 +250,32 @@ class Executor:
 
     def _await_up(self, conn: MetroConnection, name: str, session: str) -> Instance:
         """Until the instance runs (or sits in standby, which wakes on traffic)."""
-        deadline = self.clock() + self.boot_timeout_s
-        while True:
+        last = ["unknown"]
+
+        def probe(remaining: float) -> Instance | None:
             inst = conn.api.get_instance(name)
             if inst is None:
                 raise errors.NotFoundError(f"instance {name} vanished while starting")
             if inst.state in ("running", "standby"):
                 return inst
-            remaining = deadline - self.clock()
+            last[0] = inst.state
             if remaining <= 0:
-                raise errors.SandboxNotReadyError(
-                    f"instance {name} of session {session!r} is still {inst.state} after "
-                    f"{self.boot_timeout_s:.0f}s"
-                )
+                return None
             if inst.state == "stopped" and inst.start_count:
                 raise errors.RemoteError(f"instance {name} stopped while booting")
+            # the platform's own wait holds the request until the state is reached
             with contextlib.suppress(errors.SandboxNotReadyError):
                 conn.api.wait_instance(name, "running", min(remaining, 5.0))
+            return None
+
+        policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)
+        found = poll(probe, policy=policy, monotonic=self.clock)
+        if found is None:
+            raise errors.SandboxNotReadyError(
+                f"instance {name} of session {session!r} is still {last[0]} after "
+                f"{self.boot_timeout_s:.0f}s"
+            )
+        return found
 
     def _note_instance(self, session: str, inst: Instance) -> None:
         rec = self._record(session)

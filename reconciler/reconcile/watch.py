@@ -33,6 +33,7 @@ from types import FrameType
 from typing import Any
 
 from reconciler import errors
+from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.reconcile.desired import Group, group_sessions, sync_options_for
 from reconciler.reconcile.events import Event, Reporter
@@ -361,8 +362,7 @@ class Watcher:
                     self._start_pass(due)
         finally:
             # Let the running pass finish: it writes the status file and keeps sessions sane.
-            while self._busy.is_set():
-                time.sleep(0.02)
+            poll(lambda _: None if self._busy.is_set() else True, policy=RetryPolicy.every(0.02))
             if self._observer is not None:
                 obs = self._observer
                 with contextlib.suppress(Exception):

@@ -21,6 +21,9 @@ from typing import Literal
 from pydantic import ValidationError
 
 from reconciler import errors
+from reconciler._util.atomic import fsync_dir, temp_files, write_atomic
+from reconciler._util.pids import pid_alive
+from reconciler._util.retry import RetryPolicy, poll
 from reconciler.status.schema import STATUS_VERSION, Condition, SessionStatus, StatusDoc
 
 __all__ = [
@@ -64,34 +67,14 @@ def load(path: Path) -> StatusDoc:
     return StatusDoc()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(path: Path, doc: StatusDoc) -> None:
-    """Write atomically: temp + fsync + rename (+ directory fsync); keep one backup generation."""
+    """Write atomically (temp + fsync + rename + directory fsync); the previous generation
+    stays readable as `.bak` if this one is ever damaged."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc.updated_at = utc_now()
     data = json.dumps(doc.model_dump(mode="json"), indent=2, sort_keys=False).encode() + b"\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            # The previous generation stays readable if this one is ever damaged.
-            os.replace(path, path.with_name(path.name + ".bak"))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    write_atomic(path, data, mode=0o644, backup=path.with_name(path.name + ".bak"))
+    fsync_dir(path.parent)
 
 
 #: the `ukc` process this one runs a command for (set by the warm process's child): the
@@ -113,15 +96,7 @@ def set_client_pid(pid: int | None) -> None:
 def _holder_dying(holder: str) -> bool:
     """True when the lock's holder runs for a `ukc` that no longer exists."""
     found = _CLIENT_MARK.search(holder)
-    if found is None:
-        return False
-    try:
-        os.kill(int(found.group(1)), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, ValueError):
-        return False
-    return False
+    return found is not None and not pid_alive(int(found.group(1)))
 
 
 @contextlib.contextmanager
@@ -136,21 +111,24 @@ def lock(path: Path, *, timeout_s: float = 0.0, poll_s: float = 0.02) -> Iterato
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     started = time.monotonic()
+
+    def take(_: float) -> bool | None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            waited = time.monotonic() - started
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+            dying = waited < DYING_HOLDER_WAIT_S and _holder_dying(holder)
+            if waited >= timeout_s and not dying:
+                raise errors.LockedError(
+                    f"another ukc holds {lock_path} ({holder or 'holder unknown'}); "
+                    "wait for it or pass --lock-timeout SECONDS"
+                ) from None
+            return None
+
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                waited = time.monotonic() - started
-                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
-                dying = waited < DYING_HOLDER_WAIT_S and _holder_dying(holder)
-                if waited >= timeout_s and not dying:
-                    raise errors.LockedError(
-                        f"another ukc holds {lock_path} ({holder or 'holder unknown'}); "
-                        "wait for it or pass --lock-timeout SECONDS"
-                    ) from None
-                time.sleep(poll_s)
+        poll(take, policy=RetryPolicy.every(poll_s))
         client = f" (for ukc pid {_CLIENT_PID})" if _CLIENT_PID is not None else ""
         info = f"pid {os.getpid()}{client} on {socket.gethostname()} since {utc_now()}"
         os.ftruncate(fd, 0)
@@ -167,10 +145,9 @@ def _sweep_temps(path: Path) -> None:
     Only the lock holder writes the status file, so once we hold the lock every temp file
     beside it belongs to a writer that died: nobody else will ever rename it into place.
     """
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+    for stale in temp_files(path):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
 
 
 def utc_now() -> str:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import paramiko
 
+from reconciler._util.retry import RetryPolicy, call_with_retries
 from reconciler.errors import (
-    BackendError,
     RemoteError,
     SandboxNotReadyError,
     TransportError,
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 _WINDOW = 16 * 1024 * 1024
 _MAX_PACKET = 256 * 1024 - 1024
 # why: OpenSSH sshd caps packets at 256 KiB; we ask for a little less to leave room for headers
+#: waits between attempts while a sandbox boots or wakes: 0.2 s doubling to 2 s, each between
+#: half and all of that
+READY_POLICY = RetryPolicy(max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5)
 #: how long opening a channel and starting a process in it may take. why: paramiko waits for
 #: the answer to an exec request without any limit, and a sandbox owns the server it answers
 #: from (it can stop its sshd and serve port 2222 itself): a silent one would hang us there
@@ -273,33 +276,35 @@ def wait_ssh_ready(
     standby (the first connection is what wakes it), so they are retried with backoff.
     Authentication and host-key errors are not.
     """
-    rng = rng or random.Random()
     start = monotonic()
-    attempts = 0
-    last = "no attempt"
-    while True:
-        attempts += 1
+
+    def attempt() -> SshShell:
         remaining = deadline_s - (monotonic() - start)
-        try:
-            return SshShell.connect(
-                dialer,
-                fqdn,
-                key_path=key_path,
-                user=user,
-                port=port,
-                timeout=max(0.5, min(connect_timeout, remaining)),
-                expected_host_key=expected_host_key,
-            )
-        except BackendError as err:
-            if not err.retryable:
-                raise
-            last = str(err)
-        delay = rng.uniform(0.5, 1.0) * min(2.0, 0.1 * 2 ** min(attempts, 10))
-        elapsed = monotonic() - start
-        if elapsed + delay > deadline_s:
-            raise SandboxNotReadyError(
-                f"sandbox {fqdn} did not accept ssh within {deadline_s:g} s "
-                f"({attempts} attempts, last: {last})"
-            )
-        log.debug("ssh %s not ready (attempt %d): %s", fqdn, attempts, last)
-        sleep(delay)
+        return SshShell.connect(
+            dialer,
+            fqdn,
+            key_path=key_path,
+            user=user,
+            port=port,
+            timeout=max(0.5, min(connect_timeout, remaining)),
+            expected_host_key=expected_host_key,
+        )
+
+    def not_ready(last: Exception, attempts: int) -> Exception:
+        return SandboxNotReadyError(
+            f"sandbox {fqdn} did not accept ssh within {deadline_s:g} s "
+            f"({attempts} attempts, last: {last})"
+        )
+
+    def waiting(err: Exception, attempts: int, delay: float) -> None:
+        log.debug("ssh %s not ready (attempt %d): %s", fqdn, attempts, err)
+
+    return call_with_retries(
+        attempt,
+        policy=READY_POLICY.until(deadline_s),
+        sleep=sleep,
+        monotonic=monotonic,
+        rng=rng,
+        give_up=not_ready,
+        on_retry=waiting,
+    )
