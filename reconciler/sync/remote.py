@@ -47,16 +47,19 @@ _READ = 16 << 20
 _PROGRAM = Path(__file__).with_name("helper.py").read_bytes()
 #: The bootstrap: read the program (always sent), run its code object cached in the remote
 #: state dir under (program hash, interpreter version), else compile it and cache it.
-#: why: compiling ~20 KB costs ~5 ms at every start, and watch mode starts one per pass. The
+#: why: compiling ~30 KB costs ~5 ms at every start, and watch mode starts one per pass. The
 #: cache lives in the sandbox, as does the interpreter: a tampered cache is no new power, and
 #: whatever the helper says is untrusted anyway. argv: program length, state dir, program id,
 #: "w" to write the cache ("r" for pulls, which leave the sandbox as they found it).
+#: An interpreter older than the helper's floor is named, rather than failing on its syntax.
 #: Only a program read in full is run or cached. why: a client killed while sending it ends
 #: the stream early, and a program cut at a statement boundary still compiles; cached, that
 #: truncated program (which never reaches `main()`) answered nothing, forever, in that sandbox.
 _BOOT = "\n".join(
     [
         "import sys,os,marshal",
+        "if sys.version_info<(3,7):sys.exit('ukc sync helper needs python3 >= 3.7, not %d.%d'"
+        "%sys.version_info[:2])",
         "s=sys.stdin.buffer.read(int(sys.argv[1]))",
         "if len(s)!=int(sys.argv[1]):sys.exit('ukc sync helper: program cut short')",
         "p='%s/helper-%s-%x.bin'%(sys.argv[2],sys.argv[3],sys.hexversion)",
