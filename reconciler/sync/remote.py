@@ -51,6 +51,8 @@ _PROGRAM = Path(__file__).with_name("helper.py").read_bytes()
 #: cache lives in the sandbox, as does the interpreter: a tampered cache is no new power, and
 #: whatever the helper says is untrusted anyway. argv: program length, state dir, program id,
 #: "w" to write the cache ("r" for pulls, which leave the sandbox as they found it).
+#: Compiled with optimize=2: docstrings stay out of the cached code, so it loads as fast as
+#: before the helper had them (the helper has no `assert` to lose).
 #: An interpreter older than the helper's floor is named, rather than failing on its syntax.
 #: Only a program read in full is run or cached. why: a client killed while sending it ends
 #: the stream early, and a program cut at a statement boundary still compiles; cached, that
@@ -66,7 +68,7 @@ _BOOT = "\n".join(
         "try:",
         " with open(p,'rb') as f:c=marshal.loads(f.read())",
         "except Exception:",
-        " c=compile(s,'ukc-sync','exec')",
+        " c=compile(s,'ukc-sync','exec',optimize=2)",
         " try:",
         "  if sys.argv[4]=='w':",
         "   os.makedirs(sys.argv[2],0o700,exist_ok=True);t='%s.%d'%(p,os.getpid())",

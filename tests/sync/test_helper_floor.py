@@ -59,6 +59,13 @@ def test_the_helper_imports_only_the_standard_library_and_nothing_of_ours() -> N
     assert "reconciler" not in names
 
 
+def test_the_helper_has_no_assert_for_the_bootstrap_to_strip() -> None:
+    # the bootstrap compiles it with optimize=2, which drops asserts (and docstrings)
+    tree = ast.parse(_PROGRAM.decode("ascii"))
+    assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    assert "optimize=2" in _BOOT
+
+
 def test_the_program_sent_is_the_modules_file_in_ascii() -> None:
     assert Path(helper.__file__).read_bytes() == _PROGRAM
     _PROGRAM.decode("ascii")
