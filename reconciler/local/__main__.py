@@ -14,8 +14,8 @@ from pathlib import Path
 
 from reconciler.errors import UkcError
 from reconciler.local.daemon import default_state_dir, serve
-from reconciler.local.sandbox import DEFAULT_MAX_PIDS
-from reconciler.local.state import DEFAULT_APP_DOMAIN, MetroLimits
+from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS
+from reconciler.local.state.lifecycle import DEFAULT_APP_DOMAIN, MetroLimits
 
 __all__ = ["main"]
 

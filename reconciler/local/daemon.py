@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.errors import LocalMetroError
 
 if TYPE_CHECKING:
-    from reconciler.local.state import MetroLimits
+    from reconciler.local.state.lifecycle import MetroLimits
 
 __all__ = [
     "MetroInfo",
@@ -335,14 +335,14 @@ async def serve(
 
     from aiohttp import web
 
-    from reconciler.local.state import DEFAULT_APP_DOMAIN, Metro
+    from reconciler.local.state.lifecycle import DEFAULT_APP_DOMAIN, Metro
 
     app_domain = app_domain or DEFAULT_APP_DOMAIN
+    from reconciler.local.api.app import create_app
     from reconciler.local.ca import CertificateAuthority
     from reconciler.local.edge import Edge, Route
     from reconciler.local.faults import Faults
-    from reconciler.local.sandbox import DEFAULT_MAX_PIDS, SandboxRuntime
-    from reconciler.local.server import create_app
+    from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS, SandboxRuntime
 
     check_prerequisites()
     state_dir = state_dir.resolve()

@@ -23,10 +23,10 @@ import pytest
 from aiohttp import web
 
 from reconciler.local import daemon as metro_daemon
+from reconciler.local.api.app import create_app
 from reconciler.local.daemon import MetroInfo
 from reconciler.local.faults import Faults
-from reconciler.local.server import create_app
-from reconciler.local.state import Metro, MetroLimits
+from reconciler.local.state.lifecycle import Metro, MetroLimits
 
 T = TypeVar("T")
 

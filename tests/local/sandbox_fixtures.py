@@ -22,7 +22,7 @@ import pytest
 
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.runtime import SandboxRuntime
 
 T = TypeVar("T")
 

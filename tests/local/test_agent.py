@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.local.agent import _parse_signal
+from reconciler.local.sandbox.agent import _parse_signal
 from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]

@@ -643,7 +643,7 @@ class TestEdge:
 
 class TestInstanceQuota:
     def test_creating_beyond_max_instances_is_item_code_19(self, tmp_path: Any) -> None:
-        from reconciler.local.state import MetroLimits
+        from reconciler.local.state.lifecycle import MetroLimits
 
         m = InProcessMetro(tmp_path, MetroLimits(max_instances=2))
         try:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import LocalMetroError
-from reconciler.local.limits import Limiter
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.limits import Limiter
+from reconciler.local.sandbox.runtime import SandboxRuntime
 from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools, ssh_argv
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
@@ -275,7 +275,7 @@ class TestKilledDaemon:
     SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.runtime import SandboxRuntime
 
 async def main() -> None:
     rt = SandboxRuntime(Path(sys.argv[1]), lambda u, c, m: None)
@@ -334,7 +334,7 @@ import asyncio, sys
 from pathlib import Path
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.runtime import SandboxRuntime
 
 async def main() -> None:
     root = Path(sys.argv[1])

@@ -51,8 +51,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from reconciler.errors import LocalMetroError
-from reconciler.local.hostids import HostIds, IdRange
-from reconciler.local.limits import Cgroup, Limiter
+from reconciler.local.sandbox.hostids import HostIds, IdRange
+from reconciler.local.sandbox.limits import Cgroup, Limiter
 
 __all__ = ["DEFAULT_MAX_PIDS", "DEFAULT_MEMORY_MB", "SandboxRuntime"]
 

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from reconciler.errors import ApiError
 from reconciler.local.faults import Faults
-from reconciler.local.state import (
+from reconciler.local.state.lifecycle import (
     CODE_NOT_FOUND,
     CODE_TIMED_OUT,
     STATES,
