@@ -15,7 +15,8 @@ from pathlib import Path
 from reconciler.errors import UkcError
 from reconciler.local.daemon import default_state_dir, serve
 from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS
-from reconciler.local.state.lifecycle import DEFAULT_APP_DOMAIN, MetroLimits
+from reconciler.local.state.records import DEFAULT_APP_DOMAIN
+from reconciler.local.state.validation import MetroLimits
 
 __all__ = ["main"]
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from reconciler.errors import LocalMetroError
 
 if TYPE_CHECKING:
-    from reconciler.local.state.lifecycle import MetroLimits
+    from reconciler.local.state.validation import MetroLimits
 
 __all__ = [
     "MetroInfo",
@@ -335,7 +335,8 @@ async def serve(
 
     from aiohttp import web
 
-    from reconciler.local.state.lifecycle import DEFAULT_APP_DOMAIN, Metro
+    from reconciler.local.state.lifecycle import LocalMetro
+    from reconciler.local.state.records import DEFAULT_APP_DOMAIN
 
     app_domain = app_domain or DEFAULT_APP_DOMAIN
     from reconciler.local.api.app import create_app
@@ -352,7 +353,7 @@ async def serve(
         private_dir(state_dir / sub)
     token = load_or_create_token(state_dir)
     loop = asyncio.get_running_loop()
-    metro = Metro(state_dir, app_domain=app_domain, limits=limits)
+    metro = LocalMetro(state_dir, app_domain=app_domain, limits=limits)
     metro.bind_loop(loop)
     runtime = SandboxRuntime(
         state_dir, on_exit=metro.on_exit, max_pids=max_pids or DEFAULT_MAX_PIDS

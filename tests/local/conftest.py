@@ -26,7 +26,8 @@ from reconciler.local import daemon as metro_daemon
 from reconciler.local.api.app import create_app
 from reconciler.local.daemon import MetroInfo
 from reconciler.local.faults import Faults
-from reconciler.local.state.lifecycle import Metro, MetroLimits
+from reconciler.local.state.lifecycle import LocalMetro
+from reconciler.local.state.validation import MetroLimits
 
 T = TypeVar("T")
 
@@ -114,7 +115,7 @@ class FakeRuntime:
 
 
 class InProcessMetro:
-    """The API app over a Metro with a fake runtime, on a background loop thread."""
+    """The API app over a LocalMetro with a fake runtime, on a background loop thread."""
 
     token = "test-token"
 
@@ -125,7 +126,7 @@ class InProcessMetro:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.metro: Metro = self.call(self._make(limits))
+        self.metro: LocalMetro = self.call(self._make(limits))
         self.runtime.on_exit = self.metro.on_exit
         self._runner: web.AppRunner | None = None
         self.url = self.call(self._serve())
@@ -134,8 +135,8 @@ class InProcessMetro:
         fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
         return fut.result(timeout=30)
 
-    async def _make(self, limits: MetroLimits | None) -> Metro:
-        metro = Metro(self.state_dir, self.runtime, limits=limits, save_delay_s=0.01)
+    async def _make(self, limits: MetroLimits | None) -> LocalMetro:
+        metro = LocalMetro(self.state_dir, self.runtime, limits=limits, save_delay_s=0.01)
         metro.bind_loop(asyncio.get_running_loop())
         metro.load()
         await metro.resume()

@@ -643,7 +643,7 @@ class TestEdge:
 
 class TestInstanceQuota:
     def test_creating_beyond_max_instances_is_item_code_19(self, tmp_path: Any) -> None:
-        from reconciler.local.state.lifecycle import MetroLimits
+        from reconciler.local.state.validation import MetroLimits
 
         m = InProcessMetro(tmp_path, MetroLimits(max_instances=2))
         try:
@@ -659,7 +659,7 @@ class TestInstanceQuota:
 
 
 class TestEdgeRouting:
-    """What the edge asks the metro for each connection (`Metro.route_for`)."""
+    """What the edge asks the metro for each connection (`LocalMetro.route_for`)."""
 
     def test_a_standby_instance_is_woken_and_routed_to_its_destination_port(
         self, inproc: InProcessMetro
