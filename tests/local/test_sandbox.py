@@ -123,7 +123,7 @@ class TestIsolation:
             assert marker in out.stdout
             listing = str(_exec(harness, "one", "ps -e -o args")["stdout"])
             assert marker not in listing
-            assert "sshd" in listing and "agent.py" in listing
+            assert "sshd" in listing and "ukc-host/agent/" in listing
         finally:
             harness.ssh("two", f"pkill -f '{marker}' || true")
 
@@ -199,7 +199,7 @@ class TestLifecycle:
         agent = next(
             p
             for p in harness.runtime.pids(uuid)
-            if b"agent.py" in Path(f"/proc/{p}/cmdline").read_bytes()
+            if b"ukc-host/agent/" in Path(f"/proc/{p}/cmdline").read_bytes()
         )
         harness.exit_event.clear()
         os.kill(agent, signal.SIGKILL)

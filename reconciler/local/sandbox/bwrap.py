@@ -29,7 +29,8 @@ __all__ = [
 
 BWRAP = "/usr/bin/bwrap"
 PYTHON = "/usr/bin/python3"
-AGENT = Path(__file__).resolve().with_name("agent.py")
+#: the agent package, bound read-only into every sandbox as HOST_DIR/agent
+AGENT = Path(__file__).resolve().with_name("agent")
 HOST_DIR = "/run/ukc-host"  # read-only binds from the host: agent, host key
 STAGE = "/run"  # where the launcher of a root daemon stages what bwrap binds (launch.py)
 # why: what sshd's privilege separation needs (chroot, setuid/setgid to its unprivileged user)
@@ -57,12 +58,13 @@ BASE_ENV = {
 
 
 def host_files(inst: Path) -> dict[str, str]:
-    """The host files bound into the sandbox, by their name under the launcher's stage."""
+    """The host files (and the agent's directory) bound into the sandbox, by their name under
+    the launcher's stage."""
     return {
         "etc/passwd": str(inst / "passwd"),
         "etc/group": str(inst / "group"),
         "etc/shadow": str(inst / "shadow"),
-        "host/agent.py": str(AGENT),
+        "host/agent": str(AGENT),
         f"host/{HOST_KEY}": str(inst / HOST_KEY),
     }
 
@@ -126,7 +128,7 @@ def bwrap_options(
         "--dir", "/var/tmp",
         "--dir", "/var/empty",
         "--size", size, "--tmpfs", "/root",
-        "--ro-bind", sources["host/agent.py"], f"{HOST_DIR}/agent.py",
+        "--ro-bind", sources["host/agent"], f"{HOST_DIR}/agent",
         "--ro-bind", sources[f"host/{HOST_KEY}"], f"{HOST_DIR}/{HOST_KEY}",
         "--bind", sources["workspace"], "/workspace",
         "--chdir", "/workspace",
@@ -141,7 +143,7 @@ def bwrap_options(
         "--info-fd", str(fds["info"]),
     ]  # fmt: skip
     command = [
-        PYTHON, "-I", "-S", f"{HOST_DIR}/agent.py",
+        PYTHON, "-I", "-S", f"{HOST_DIR}/agent/__main__.py",
         "--status-fd", str(fds["status"]),
         "--plugin-fd", str(fds["plugin"]),
         "--relay-fd", str(fds["relay"]),

@@ -72,7 +72,8 @@ def _join_cgroups(procs: list[str]) -> None:
 
 
 def _stage(workspace: str, files: dict[str, str]) -> None:
-    """Private mount namespace; `STAGE/workspace` and `STAGE/<name>` bound from the host."""
+    """Private mount namespace; `STAGE/workspace` and `STAGE/<name>` (a file or a directory)
+    bound from the host."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare mount namespace")
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     _mount("ukc-stage", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
@@ -81,7 +82,10 @@ def _stage(workspace: str, files: dict[str, str]) -> None:
     for name, source in files.items():
         target = f"{STAGE}/{name}"
         os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        if os.path.isdir(source):
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         _mount(source, target, None, MS_BIND, None)
 
 
