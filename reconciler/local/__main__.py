@@ -1,6 +1,6 @@
 """Command line of the local metro daemon: `python -m reconciler.local serve --state-dir DIR`.
 
-Started detached by `local.daemon.ensure_running()`; runs `local.daemon.serve()` until shutdown.
+Started detached by `local.daemon.ensure_running()`; runs `serve.serve()` until shutdown.
 Failures print one line on stderr (which `ensure_running` reads back from daemon.log).
 """
 
@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 from reconciler.errors import UkcError
-from reconciler.local.daemon import default_state_dir, serve
+from reconciler.local.daemon import default_state_dir
 from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS
+from reconciler.local.serve import serve
 from reconciler.local.state.records import DEFAULT_APP_DOMAIN
 from reconciler.local.state.validation import MetroLimits
 

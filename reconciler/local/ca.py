@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from reconciler._util.atomic import write_atomic
 from reconciler.errors import LocalMetroError
 
 __all__ = ["CertificateAuthority"]
@@ -45,21 +46,13 @@ def _not_after(cert: x509.Certificate) -> datetime.datetime:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write a secret atomically with mode 0600 from the first byte on."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o644)
+    # why: readable by every client of the metro, whatever the daemon's umask
+    os.chmod(path, 0o644)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from reconciler.errors import LocalMetroError
+from reconciler.local._poll import apoll_until
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.peercred import loopback_peer_uid
 
@@ -293,14 +294,13 @@ class Edge:
     async def _connect(
         self, route: Route
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        deadline = time.monotonic() + WAKE_RETRY_S
-        while True:
+        async def attempt() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
             try:
                 return await self._runtime.open_connection(route.uuid, route.destination_port)
             except OSError:
-                if time.monotonic() >= deadline:
-                    return None
-            await asyncio.sleep(WAKE_RETRY_STEP_S)
+                return None
+
+        return await apoll_until(attempt, timeout_s=WAKE_RETRY_S, interval_s=WAKE_RETRY_STEP_S)
 
     async def _not_found(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer an HTTP 404 "Service not found" page, as the metro's HTTP front does."""
