@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from reconciler.local.sandbox.agent.commands import parse_signal
-from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools
+from tests.support.sandbox_harness import EdgeHarness, needs_metro_tools
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
 

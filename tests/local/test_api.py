@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.local.conftest import InProcessMetro, unique
+from tests.support.inproc_metro import InProcessMetro, unique
 
 SSH_GROUP = {"services": [{"port": 2222, "destination_port": 2222, "handlers": ["tls"]}]}
 

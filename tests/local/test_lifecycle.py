@@ -21,7 +21,7 @@ import pytest
 from reconciler.errors import LocalMetroError
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
-from tests.local.conftest import unique
+from tests.support.inproc_metro import unique
 from tests.support.sandboxes import sandbox_pids as processes_of
 
 

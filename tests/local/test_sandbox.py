@@ -20,7 +20,8 @@ import pytest
 from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.limits import Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
-from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools, ssh_argv
+from tests.support.sandbox_harness import EdgeHarness, needs_metro_tools
+from tests.support.workflow import ssh_argv
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
 

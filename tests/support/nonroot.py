@@ -18,7 +18,7 @@ from types import TracebackType
 
 import pytest
 
-from tests.local.sandbox_fixtures import ssh_argv
+from tests.support.workflow import ssh_argv
 
 __all__ = ["NonRootRuntime"]
 
