@@ -26,6 +26,7 @@ from reconciler.local.ca import CertificateAuthority
 from reconciler.local.daemon import check_prerequisites, private_dir
 from reconciler.local.edge import Edge, Route
 from reconciler.local.faults import Faults
+from reconciler.local.sandbox.pidns import become_subreaper
 from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS, SandboxRuntime
 from reconciler.local.state.lifecycle import LocalMetro
 from reconciler.local.state.records import DEFAULT_APP_DOMAIN
@@ -62,6 +63,10 @@ async def serve(
     """Run the metro until /_local/shutdown, SIGTERM or SIGINT."""
     app_domain = app_domain or DEFAULT_APP_DOMAIN
     check_prerequisites()
+    # why: a sandbox whose bwrap dies before its pid 1 leaves that pid 1 to be reaped; as a
+    # subreaper the daemon reaps it at once instead of the host's init, whenever that runs
+    if not become_subreaper():
+        print("sandboxes: not a child subreaper; host init reaps orphaned sandboxes", flush=True)
     state_dir = state_dir.resolve()
     private_dir(state_dir)
     # why: belt and braces under the private state dir; the workspaces are the sandboxes' files

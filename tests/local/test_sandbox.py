@@ -20,7 +20,7 @@ import pytest
 from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.limits import Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
-from tests.support.sandbox_harness import EdgeHarness, needs_metro_tools
+from tests.support.sandbox_harness import EdgeHarness, LoopThread, needs_metro_tools
 from tests.support.workflow import ssh_argv
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
@@ -325,6 +325,53 @@ class TestFreeze:
             harness.lt.run(harness.runtime.thaw(TWO))
         assert all(_state(p) != "T" for p in pids)
         assert harness.ssh("two", "echo awake").stdout == "awake\n"
+
+
+class TestNamespaceReuse:
+    """A destroyed sandbox's pid namespace number goes to the next namespace made; the
+    runtime must never take the processes of a sandbox booting then for the destroyed one's."""
+
+    SANDBOXES = 24
+    ROUNDS = 2
+
+    def test_sandboxes_booting_while_others_are_destroyed_are_not_killed(
+        self, tmp_path: Path
+    ) -> None:
+        exits: list[tuple[str, int, bool]] = []
+        lt = LoopThread()
+        rt = SandboxRuntime(tmp_path / "state", lambda u, c, m: exits.append((u, c, m)))
+
+        async def destroy_and_boot(old: list[str], new: list[str]) -> list[str]:
+            destroys = [asyncio.create_task(rt.destroy(u)) for u in old]
+            # why: the new namespaces are made while the destroys are still at work
+            await asyncio.sleep(0.3)
+            booted = await asyncio.gather(
+                *(rt.start(u, env={}) for u in new), return_exceptions=True
+            )
+            await asyncio.gather(*destroys)
+            await asyncio.sleep(0.5)
+            failed = [
+                f"{u}: {b}" for u, b in zip(new, booted, strict=True) if isinstance(b, Exception)
+            ]
+            return failed + [f"{u}: not running" for u in new if not rt.is_running(u)]
+
+        async def scenario() -> list[str]:
+            old = [f"reuse-0-{i:02d}-uuid" for i in range(self.SANDBOXES)]
+            await asyncio.gather(*(rt.start(u, env={}) for u in old))
+            failures: list[str] = []
+            for r in range(1, self.ROUNDS + 1):
+                new = [f"reuse-{r}-{i:02d}-uuid" for i in range(self.SANDBOXES)]
+                failures += await destroy_and_boot(old, new)
+                old = new
+            return failures
+
+        try:
+            failures = lt.run(scenario(), timeout=600)
+        finally:
+            lt.run(rt.close(), timeout=120)
+            lt.close()
+        assert failures == []
+        assert exits == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a throwaway user needs root")

@@ -1,9 +1,9 @@
 """One booted sandbox: its bwrap process, console, limits and pid namespace.
 
 `Box` is what the runtime keeps of a sandbox while it runs: the launcher process (which became
-the outer bwrap), the host pid of the sandbox's pid 1, its cgroup, and the console ring its
-output goes to. Killing a box kills the bwrap process group and the sandbox's pid 1; killing a
-pid namespace's init kills every process in it.
+the outer bwrap), the sandbox's pinned pid namespace (`pidns`), its cgroup, and the console
+ring its output goes to. Killing a box kills the bwrap process group and the sandbox's pid 1;
+killing a pid namespace's first process kills every process in it.
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import logging
 import os
 import re
 import signal
-import time
 from dataclasses import dataclass, field
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.limits import Cgroup
-from reconciler.local.sandbox.pidns import ns_members, pid_ns_of, proc_state
+from reconciler.local.sandbox.pidns import PidNamespace, proc_state
 
 __all__ = ["CONSOLE_MAX", "Box", "read_boot_id", "read_init_pid"]
 
@@ -40,7 +39,8 @@ class Box:
     cgroup: Cgroup | None = None
     boot_id: str = ""
     init_pid: int = 0
-    pid_ns: str = ""
+    #: pinned from the moment bwrap names the sandbox's pid 1 until the box is reaped
+    pid_ns: PidNamespace | None = None
     stopping: bool = False
     frozen: bool = False
     out_of_memory: bool = False
@@ -50,7 +50,7 @@ class Box:
     def adopt_init(self, pid: int) -> None:
         """bwrap named the host pid of the sandbox's pid 1."""
         self.init_pid = pid
-        self.pid_ns = pid_ns_of(pid)
+        self.pid_ns = PidNamespace.pin(pid, self.proc.pid)
 
     def start_console(self) -> None:
         self.console_task = asyncio.create_task(self._read_console())
@@ -119,12 +119,12 @@ class Box:
         await asyncio.to_thread(cgroup.remove)
 
     def signal_all(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
-        if self.init_pid:
-            # why: killing a pid namespace's init kills every process in it at once
+        if self.proc.returncode is None:
+            # why: only while bwrap is unreaped is its pid (its process group) surely its own
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.init_pid, sig)
+                os.killpg(self.proc.pid, sig)
+        if self.pid_ns is not None:
+            self.pid_ns.signal_init(sig)
 
     async def kill(self) -> None:
         """SIGKILL the bwrap process group and the sandbox's pid 1; wait until all are gone."""
@@ -135,29 +135,35 @@ class Box:
         await self.console_done()
 
     async def reap_namespace(self) -> None:
-        deadline = time.monotonic() + GONE_TIMEOUT_S
-        while True:
-            members = ns_members(self.pid_ns)
-            if not members:
-                return
-            for pid in members:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
-                log.warning("sandbox %s: pids %s survive SIGKILL", self.uuid, members)
-                return
-            await asyncio.sleep(0.01)
+        """Kill the sandbox's pid 1 (and so its namespace), wait for it, then let the
+        namespace go: not before, lest its number name the next sandbox's processes."""
+        ns, self.pid_ns = self.pid_ns, None
+        if ns is None:
+            return
+        try:
+            ns.signal_init(signal.SIGKILL)
+            if not await ns.wait_init_exit(GONE_TIMEOUT_S):
+                log.warning(
+                    "sandbox %s: pid %d survives SIGKILL for %.0f s",
+                    self.uuid,
+                    ns.init_pid,
+                    GONE_TIMEOUT_S,
+                )
+            ns.reap_init()
+        finally:
+            ns.release()
 
     def members(self) -> list[int]:
-        """Host pids of every process in the sandbox's pid namespace."""
-        return ns_members(self.pid_ns)
+        """Host pids of every process in the sandbox's pid namespace (a /proc walk)."""
+        return self.pid_ns.members() if self.pid_ns is not None else []
 
     async def freeze(self) -> None:
         """SIGSTOP every process of the sandbox (memory and sockets kept)."""
         self.frozen = True
         # why: a process may fork while we walk /proc; repeat until every member is stopped
         for _ in range(50):
-            pending = [p for p in self.members() if proc_state(p) not in ("T", "t", "Z", "X", "")]
+            members = await asyncio.to_thread(self.members)
+            pending = [p for p in members if proc_state(p) not in ("T", "t", "Z", "X", "")]
             if not pending:
                 return
             for pid in pending:
@@ -167,7 +173,7 @@ class Box:
         raise LocalMetroError(f"sandbox {self.uuid} could not be frozen: processes keep appearing")
 
     async def thaw(self) -> None:
-        for pid in self.members():
+        for pid in await asyncio.to_thread(self.members):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         self.frozen = False

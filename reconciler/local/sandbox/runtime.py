@@ -323,8 +323,8 @@ class SandboxRuntime:
                 box.boot_id = status_task.result()
             else:
                 status_task.cancel()
-                if not exit_task.done():
-                    await box.kill()
+                # why: also when bwrap is gone already: its pid 1 may be ours to reap
+                await box.kill()
                 code = proc.returncode
                 exit_task.cancel()
                 await box.console_done()
@@ -336,8 +336,7 @@ class SandboxRuntime:
             exit_task.cancel()
         except BaseException:
             box.stopping = True
-            if proc.returncode is None:
-                await box.kill()
+            await box.kill()
             await box.release_cgroup()
             self._boxes.pop(box.uuid, None)
             raise
