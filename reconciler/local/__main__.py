@@ -1,7 +1,7 @@
 """Command line of the local metro daemon: `python -m reconciler.local serve --state-dir DIR`.
 
-Started detached by `local.daemon.ensure_running()`; runs `serve.serve()` until shutdown.
-Failures print one line on stderr (which `ensure_running` reads back from daemon.log).
+Runs `serve.serve()` until shutdown. A failure prints one line on stderr (daemon.log, which
+`daemon.ensure_running` reads back).
 """
 
 from __future__ import annotations

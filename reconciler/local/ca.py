@@ -1,9 +1,9 @@
 """The local metro's own certificate authority.
 
-The daemon (`local/daemon.py`) loads or creates it once in its state directory; the TLS edge
-(`local/edge.py`) asks it for a server context whose leaf certificate covers `*.{app_domain}` and
-`{app_domain}`. Clients (the controller, `openssl s_client -CAfile`, `curl --cacert`) trust
-`cert_path` and nothing else, so the edge can be verified strictly although it is offline.
+Created once in the state directory; the TLS edge presents a leaf certificate it issued for
+`*.{app_domain}` and `{app_domain}`. Clients trust `cert_path` and nothing else
+(`openssl s_client -CAfile`, `curl --cacert`), so the edge can be verified strictly although
+it is offline.
 
 Files in the directory: `ca.pem` (public), `ca.key` (0600), `edge.pem` (leaf + CA chain) and
 `edge.key` (0600). The leaf is re-issued when the app domain changes or it nears expiry.
@@ -210,7 +210,7 @@ class CertificateAuthority:
         _write_public(self.leaf_cert_path, chain)
 
     def server_context(self) -> ssl.SSLContext:
-        """A fresh TLS 1.2+ server context presenting the leaf (callers may set `sni_callback`)."""
+        """A fresh TLS 1.2+ server context presenting the leaf (free to set `sni_callback` on)."""
         self._ensure_leaf()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -1,9 +1,9 @@
 """Finding, starting and stopping the local metro daemon of a state dir.
 
-The controller (and `ukc local start|stop|status|env`) calls `ensure_running()`, `stop()` and
-`status()`. They find the daemon through `metro.json` in the state dir and start it detached
-(`python -m reconciler.local serve`, its own session) when none answers, under an flock so two
-callers start one. This module is imported on every `ukc` run: standard library only.
+`ensure_running()`, `stop()` and `status()` find the daemon through `metro.json` in the state
+dir and start it detached (`python -m reconciler.local serve`, its own session) when none
+answers, under an flock so that two callers start one. Standard library only: this is the part
+of the emulator every `ukc` run loads.
 """
 
 from __future__ import annotations

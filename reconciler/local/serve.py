@@ -141,7 +141,7 @@ async def serve(
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     api_port = int(runner.addresses[0][1])
-    await open_ports(set(_DEFAULT_PORTS) | metro.public_ports())
+    await open_ports(set(_DEFAULT_PORTS) | metro.index.public_ports())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_event.set)
     await metro.resume()

@@ -458,7 +458,7 @@ class TestRestartPolicy:
 
 
 async def _save(m: InProcessMetro) -> None:
-    m.metro.save_now()
+    m.metro.store.save_now()
 
 
 SANDBOX_PLUGIN = [{"name": "sandbox", "image": "plugins/sandbox:latest"}]

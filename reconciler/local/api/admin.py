@@ -36,7 +36,7 @@ async def _faults(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise ApiError("faults body must be a JSON object", status=400)
     faults = request.app[FAULTS]
-    faults.apply(body, current_seq=request.app[METRO].last_seq)
+    faults.apply(body, current_seq=request.app[METRO].index.last_seq)
     return plain_response(request, faults.snapshot())
 
 

@@ -67,14 +67,14 @@ async def _list_instances(request: web.Request) -> web.Response:
         items: list[dict[str, Any]] = []
         for ref in refs:
             try:
-                items.append(_read_item(metro.lookup(ref), details, now))
+                items.append(_read_item(metro.index.lookup(ref), details, now))
             except ItemError as exc:
                 if exc.status == 400:
                     raise
                 items.append(error_item(ref, exc))
         return envelope_response(request, items=items)
     tags_raw = request.query.get("tags", "")
-    recs = metro.select(tags_raw.split(",") if tags_raw else [])
+    recs = metro.index.select(tags_raw.split(",") if tags_raw else [])
     if faults.list_lag_count:
         recs = [r for r in recs if not faults.hides(r.seq)]
         faults.list_answered()
@@ -109,7 +109,7 @@ async def _get_instance(request: web.Request) -> web.Response:
     metro = request.app[METRO]
     ref = {"uuid": request.match_info["uuid"]}
     try:
-        rec = metro.lookup(ref)
+        rec = metro.index.lookup(ref)
     except ItemError as exc:
         return envelope_response(request, items=[error_item(ref, exc)])
     details = bool_query(request, "details", True)
@@ -169,7 +169,7 @@ async def _batch(request: web.Request, op: _Op) -> web.Response:
 
     async def one(ref: Any) -> dict[str, Any]:
         try:
-            rec = metro.lookup(ref)
+            rec = metro.index.lookup(ref)
             extra = await op(rec, ref if isinstance(ref, dict) else {})
         except ItemError as exc:
             if exc.status is not None:

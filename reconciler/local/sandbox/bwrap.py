@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.files import HOST_KEY
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "STAGE",
     "bind_sources",
     "bwrap_options",
+    "check_host",
     "host_files",
 ]
 
@@ -55,6 +57,31 @@ BASE_ENV = {
     "LOGNAME": "root",
     "LANG": "C.UTF-8",
 }
+
+
+def _userns_disabled() -> str | None:
+    """The one-line fix when this kernel has user namespaces turned off, else None."""
+    try:
+        limit = Path("/proc/sys/user/max_user_namespaces").read_text().strip()
+    except OSError:
+        return None
+    if limit == "0":
+        return "sysctl -w user.max_user_namespaces=15000"
+    return None
+
+
+def check_host(bwrap: str, sshd: str) -> None:
+    """Refuse to start a sandbox where a tool is missing or user namespaces are off, naming
+    the fix."""
+    if not os.access(bwrap, os.X_OK):
+        raise LocalMetroError("bwrap not found: apt-get install -y bubblewrap")
+    if not os.access(sshd, os.X_OK):
+        raise LocalMetroError("sshd not found: apt-get install -y openssh-server")
+    if not os.access(PYTHON, os.X_OK):
+        raise LocalMetroError("/usr/bin/python3 not found: apt-get install -y python3")
+    fix = _userns_disabled()
+    if fix is not None:
+        raise LocalMetroError(f"sandboxes need user namespaces, which are off: {fix}")
 
 
 def host_files(inst: Path) -> dict[str, str]:

@@ -1,15 +1,16 @@
 """The first process of every local sandbox: joins its cgroups, gives up the host, execs bwrap.
 
-`local/sandbox.py` runs it as `python -I -S launch.py FD` (standard library only); FD carries
+Run as `python -I -S launch.py FD` (standard library only, as the daemon's interpreter); FD carries
 a JSON plan, and bubblewrap's options travel in another inherited pipe (`--args`), so no
 process's command line carries more than fd numbers and the agent's fixed command. Steps:
 
 1. join the sandbox's cgroups (so nothing of it ever runs outside its limits);
-2. root daemon only: in a private mount namespace, stage what bwrap binds (the workspace and a
-   few files) on a fresh tmpfs over `/run`, where the sandbox's unprivileged host uid can reach
-   it (the state dir itself stays 0700 root); have a helper create the sandbox's user
-   namespace as that uid, map its 65536 ids onto the host range (setgroups allowed, so sshd's
-   privilege separation works), and forbid user namespaces inside it; then drop to that uid;
+2. root daemon only: in a private mount namespace, stage what bwrap binds (the workspace, the
+   agent's directory and a few files) on a fresh tmpfs over `/run`, where the sandbox's
+   unprivileged host uid can reach it (the state dir itself stays 0700 root); have a helper
+   create the sandbox's user namespace as that uid, map its 65536 ids onto the host range
+   (setgroups allowed, so sshd's privilege separation works), and forbid user namespaces
+   inside it; then drop to that uid;
 3. exec bwrap (root daemon: `--userns` into that namespace).
 
 Errors are one line on stderr (the sandbox console) and exit code 125.

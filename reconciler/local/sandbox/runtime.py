@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -37,12 +36,13 @@ from reconciler.local.sandbox.box import Box, read_boot_id, read_init_pid
 from reconciler.local.sandbox.bwrap import (
     BASE_ENV,
     BWRAP,
-    PYTHON,
     bind_sources,
     bwrap_options,
+    check_host,
     host_files,
 )
 from reconciler.local.sandbox.files import prepare_instance_dir, prepare_workspace, remove_tree
+from reconciler.local.sandbox.handoff import listen_unix, pipe_with
 from reconciler.local.sandbox.hostids import HostIds, IdRange
 from reconciler.local.sandbox.layout import SandboxLayout
 from reconciler.local.sandbox.limits import Cgroup, Limiter
@@ -58,47 +58,6 @@ CONNECT_ACK_TIMEOUT_S = 10.0
 STREAM_LIMIT = 256 * 1024
 DEFAULT_MEMORY_MB = 128
 DEFAULT_MAX_PIDS = 512
-_PIPE_MAX = 60000
-
-
-def _pipe_with(data: bytes) -> int:
-    """The read end of a pipe that holds `data` and is closed for writing."""
-    if len(data) > _PIPE_MAX:
-        raise LocalMetroError(f"sandbox setup of {len(data)} bytes exceeds a pipe buffer")
-    r, w = os.pipe()
-    try:
-        os.write(w, data)
-    except OSError:
-        os.close(r)
-        raise
-    finally:
-        os.close(w)
-    return r
-
-
-def _listen(path: Path) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _userns_disabled() -> str | None:
-    """The one-line fix when this kernel has user namespaces turned off, else None."""
-    try:
-        limit = Path("/proc/sys/user/max_user_namespaces").read_text().strip()
-    except OSError:
-        return None
-    if limit == "0":
-        return "sysctl -w user.max_user_namespaces=15000"
-    return None
 
 
 class SandboxRuntime:
@@ -194,15 +153,7 @@ class SandboxRuntime:
             box = self._boxes.get(uuid)
             if box is not None and self.is_running(uuid):
                 return box.boot_id
-            if not os.access(self._bwrap, os.X_OK):
-                raise LocalMetroError("bwrap not found: apt-get install -y bubblewrap")
-            if not os.access(self._sshd, os.X_OK):
-                raise LocalMetroError("sshd not found: apt-get install -y openssh-server")
-            if not os.access(PYTHON, os.X_OK):
-                raise LocalMetroError("/usr/bin/python3 not found: apt-get install -y python3")
-            fix = _userns_disabled()
-            if fix is not None:
-                raise LocalMetroError(f"sandboxes need user namespaces, which are off: {fix}")
+            check_host(self._bwrap, self._sshd)
             started = time.monotonic()
             box, status_r, info_r = await self._launch(uuid, env, memory_mb)
             await self._await_ready(box, status_r, info_r, started)
@@ -232,15 +183,15 @@ class SandboxRuntime:
                     f"sandbox {uuid}: cannot set up its {limiter.mechanism} limits: {exc.strerror}"
                 ) from None
         self.layout.control_dir(uuid).mkdir(mode=0o700, exist_ok=True)
-        plugin = _listen(self.layout.plugin_socket(uuid))
-        relay = _listen(self.layout.relay_socket(uuid))
+        plugin = listen_unix(self.layout.plugin_socket(uuid))
+        relay = listen_unix(self.layout.relay_socket(uuid))
         status_r, status_w = os.pipe()
         info_r, info_w = os.pipe()
         owned = [status_r, status_w, info_r, info_w]
         try:
             # why: env values may be secrets, and `LD_PRELOAD` and friends must not reach the
             # host-side processes (a root launcher!): the env goes to the agent in a pipe
-            owned.append(_pipe_with(json.dumps({**BASE_ENV, **env}).encode()))
+            owned.append(pipe_with(json.dumps({**BASE_ENV, **env}).encode()))
             fds = {
                 "status": status_w,
                 "info": info_w,
@@ -257,7 +208,7 @@ class SandboxRuntime:
                 max_pids=self.max_pids,
                 rlimits=not limiter.uses_cgroups,
             )
-            owned.append(_pipe_with(b"".join(a.encode() + b"\0" for a in options)))
+            owned.append(pipe_with(b"".join(a.encode() + b"\0" for a in options)))
             plan = {
                 "bwrap": self._bwrap,
                 "args_fd": owned[-1],
@@ -268,7 +219,7 @@ class SandboxRuntime:
                 "workspace": str(ws),
                 "files": files,
             }
-            owned.append(_pipe_with(json.dumps(plan).encode()))
+            owned.append(pipe_with(json.dumps(plan).encode()))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", str(LAUNCHER), str(owned[-1]),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -400,7 +351,7 @@ class SandboxRuntime:
         """Remove what stopped sandboxes of instances not in `keep` left on disk.
 
         A delete whose teardown was cut short (the daemon stopped or was killed) leaves a
-        workspace no record names any more; the daemon calls this at start and at shutdown.
+        workspace no record names any more: pruned at the daemon's start and at its shutdown.
         """
         pruned = sorted(self.layout.known_uuids() - set(keep) - set(self._boxes))
         for uuid in pruned:
@@ -410,7 +361,7 @@ class SandboxRuntime:
         return pruned
 
     async def close(self) -> None:
-        """Stop every sandbox (the daemon calls this on shutdown)."""
+        """Stop every sandbox (the daemon's shutdown)."""
         await asyncio.gather(*(self.stop(u) for u in list(self._boxes)), return_exceptions=True)
         self.layout.remove_control_dirs()
 

@@ -11,17 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid as uuidlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.state.index import InstanceIndex
 from reconciler.local.state.policy import Activity, RestartBackoff, wants_restart
 from reconciler.local.state.records import (
-    CODE_ALREADY_EXISTS,
-    CODE_QUOTA,
     DEFAULT_APP_DOMAIN,
     STATES,
     STOP_CODE_OUT_OF_MEMORY,
@@ -31,47 +28,19 @@ from reconciler.local.state.records import (
     STOP_REASON_SCALE_TO_ZERO,
     STOP_REASON_USER,
     UP_STATES,
-    ItemError,
     LocalInstance,
     rfc3339,
 )
+from reconciler.local.state.sandboxes import Runtime
 from reconciler.local.state.store import InstanceStore
-from reconciler.local.state.validation import (
-    MetroLimits,
-    apply_update,
-    check_memory,
-    parse_create,
-)
+from reconciler.local.state.tasks import Transitions
+from reconciler.local.state.validation import MetroLimits, admit, apply_update
 
-__all__ = ["LocalMetro", "Runtime"]
+__all__ = ["LocalMetro"]
 
 _LOG_MAX = 65536
 _IDLE_TICK_S = 0.1
 _MAX_DRAIN_MS = 60000
-
-
-class Runtime(Protocol):
-    """What the metro needs from the sandbox runtime."""
-
-    async def start(self, uuid: str, *, env: dict[str, str], memory_mb: int) -> str: ...
-
-    async def stop(self, uuid: str) -> None: ...
-
-    async def freeze(self, uuid: str) -> None: ...
-
-    async def thaw(self, uuid: str) -> None: ...
-
-    async def destroy(self, uuid: str) -> None: ...
-
-    async def prune(self, keep: Iterable[str]) -> list[str]: ...
-
-    def is_running(self, uuid: str) -> bool: ...
-
-    def plugin_socket(self, uuid: str) -> Path: ...
-
-    def console(self, uuid: str) -> bytes: ...
-
-    async def close(self) -> None: ...
 
 
 class LocalMetro:
@@ -104,8 +73,7 @@ class LocalMetro:
         self._restarts = RestartBackoff()
         self._locks: dict[str, asyncio.Lock] = {}
         self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._teardowns: set[asyncio.Task[None]] = set()
+        self._transitions = Transitions()
         self._stopping_by_us: set[str] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,9 +94,6 @@ class LocalMetro:
         """Read instances.json (missing = empty metro)."""
         for rec in self.store.load():
             self.index.add(rec)
-
-    def save_now(self) -> None:
-        self.store.save_now()
 
     async def resume(self) -> None:
         """After `load()`: run again what was starting/running; start the idle monitor."""
@@ -152,34 +117,12 @@ class LocalMetro:
         workspace behind, so its teardown runs to the end.
         """
         self._closed = True
-        teardowns = [t for t in self._teardowns if not t.done()]
-        if teardowns:
-            await asyncio.wait(teardowns)
-        tasks = [t for t in self._tasks if not t.done()]
-        for t in [*tasks, self._monitor]:
-            if t is not None and not t.done():
-                t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self._transitions.close()
         await self.store.close()
 
-    # ---------------------------------------------------------------- lookups
-
-    @property
-    def last_seq(self) -> int:
-        """The sequence number of the newest instance."""
-        return self.index.last_seq
-
-    def lookup(self, ref: object) -> LocalInstance:
-        """Resolve a `{uuid}` / `{name}` reference; ItemError code 8 when absent."""
-        return self.index.lookup(ref)
-
-    def select(self, tags: Iterable[str]) -> list[LocalInstance]:
-        return self.index.select(tags)
-
-    def public_ports(self) -> set[int]:
-        return self.index.public_ports()
+    # ---------------------------------------------------------------- reads
 
     def console(self, rec: LocalInstance) -> bytes:
         """Lifecycle lines plus what the sandbox printed (agent + sshd stderr)."""
@@ -203,41 +146,8 @@ class LocalMetro:
 
     def create(self, body: object) -> LocalInstance:
         """Validate a create body and add the record (stopped, or starting with autostart)."""
-        req = parse_create(body)
-        check_memory(self.limits, req.memory_mb)
-        if len(self.index) >= self.limits.max_instances:
-            raise ItemError(
-                f"instance quota reached: {len(self.index)} of "
-                f"{self.limits.max_instances} instances",
-                code=CODE_QUOTA,
-            )
-        if self.index.name_taken(req.name):
-            raise ItemError(
-                f"instance name '{req.name}' is already taken", code=CODE_ALREADY_EXISTS
-            )
-        seq = self.index.next_seq()
-        rec = LocalInstance(
-            uuid=str(uuidlib.uuid4()),
-            name=req.name,
-            seq=seq,
-            created_at=time.time(),
-            image=req.image,
-            args=req.args,
-            env=req.env,
-            memory_mb=req.memory_mb,
-            vcpus=req.vcpus,
-            tags=req.tags,
-            features=req.features,
-            plugins=req.plugins,
-            restart_policy=req.restart_policy,
-            services=req.services,
-            scale_to_zero=req.scale_to_zero,
-            private_ip=f"10.0.{(seq >> 8) & 255}.{seq & 255}",
-        )
-        if req.group_name is not None:
-            rec.service_group_uuid = str(uuidlib.uuid4())
-            rec.service_group_name = req.group_name
-            rec.fqdn = f"{req.name}.{self.app_domain}"
+        req = admit(body, self.limits, self.index)
+        rec = req.to_instance(seq=self.index.next_seq(), app_domain=self.app_domain)
         self.index.add(rec)
         self._log(rec, f"created image {req.image}")
         self.store.mark_dirty()
@@ -271,7 +181,7 @@ class LocalMetro:
         was_frozen = rec.frozen and rec.state == "standby"
         self._set_state(rec, "starting")
         self._log(rec, f"start ({reason})")
-        self._spawn(self._boot(rec, was_frozen))
+        self._transitions.spawn(self._boot(rec, was_frozen))
 
     async def _boot(self, rec: LocalInstance, thaw: bool) -> None:
         runtime = self._require_runtime()
@@ -320,10 +230,12 @@ class LocalMetro:
             return prev
         if prev == "standby":
             # why: a standby sandbox holds frozen processes (stateful); they must go too
-            self._spawn(self._halt(rec, STOP_REASON_USER, 0, to_state="stopped"))
+            self._transitions.spawn(self._halt(rec, STOP_REASON_USER, 0, to_state="stopped"))
             return prev
         self._set_state(rec, "draining" if drain_timeout_ms > 0 else "stopping")
-        self._spawn(self._halt(rec, STOP_REASON_USER, drain_timeout_ms, to_state="stopped"))
+        self._transitions.spawn(
+            self._halt(rec, STOP_REASON_USER, drain_timeout_ms, to_state="stopped")
+        )
         return prev
 
     def suspend(self, rec: LocalInstance, *, drain_timeout_ms: int = 0) -> str:
@@ -333,7 +245,9 @@ class LocalMetro:
             return prev
         if drain_timeout_ms > 0:
             self._set_state(rec, "draining")
-        self._spawn(self._halt(rec, STOP_REASON_USER, drain_timeout_ms, to_state="standby"))
+        self._transitions.spawn(
+            self._halt(rec, STOP_REASON_USER, drain_timeout_ms, to_state="standby")
+        )
         return prev
 
     async def _halt(self, rec: LocalInstance, reason: int, drain_ms: int, *, to_state: str) -> None:
@@ -370,14 +284,7 @@ class LocalMetro:
         self._unindex(rec)
         self.store.mark_dirty()
         await self._notify()
-        return self._spawn_teardown(self._destroy_unindexed(rec))
-
-    def _spawn_teardown(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        """A task that removes an instance's sandbox; `close` waits for it, never cancels."""
-        task = self._spawn(coro)
-        self._teardowns.add(task)
-        task.add_done_callback(self._teardowns.discard)
-        return task
+        return self._transitions.spawn_teardown(self._destroy_unindexed(rec))
 
     async def _destroy_unindexed(self, rec: LocalInstance) -> None:
         runtime = self._require_runtime()
@@ -432,11 +339,11 @@ class LocalMetro:
         healthy_for = time.time() - (rec.started_at or time.time())
         self._set_state(rec, "stopped")
         if "delete-on-stop" in rec.features:
-            self._spawn_teardown(self._destroy_locked(rec))
+            self._transitions.spawn_teardown(self._destroy_locked(rec))
             return
         if wants_restart(rec.restart_policy, failed=out_of_memory or exit_code != 0):
             delay = self._restarts.next_delay(uuid, healthy_for)
-            self._spawn(self._restart_later(rec, delay))
+            self._transitions.spawn(self._restart_later(rec, delay))
 
     async def _restart_later(self, rec: LocalInstance, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -486,7 +393,9 @@ class LocalMetro:
             for rec in list(self.records.values()):
                 if self.activity.idle_due(rec):
                     self._log(rec, "scale-to-zero: idle for the cooldown")
-                    self._spawn(self._halt(rec, STOP_REASON_SCALE_TO_ZERO, 0, to_state="standby"))
+                    self._transitions.spawn(
+                        self._halt(rec, STOP_REASON_SCALE_TO_ZERO, 0, to_state="standby")
+                    )
 
     # ---------------------------------------------------------------- state changes
 
@@ -521,13 +430,4 @@ class LocalMetro:
         rec.state = state
         self._log(rec, f"state {state}")
         self.store.mark_dirty()
-        self._spawn(self._notify())
-
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        async def run() -> None:
-            await coro
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self._transitions.spawn(self._notify())

@@ -7,11 +7,14 @@ request is an `ItemError` with HTTP status 400 and item code 7; a quota an item 
 from __future__ import annotations
 
 import re
+import time
 import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.local.state.index import InstanceIndex
 from reconciler.local.state.records import (
+    CODE_ALREADY_EXISTS,
     CODE_INVALID,
     CODE_QUOTA,
     CODE_UNSUPPORTED,
@@ -20,7 +23,14 @@ from reconciler.local.state.records import (
     ServiceSpec,
 )
 
-__all__ = ["CreateRequest", "MetroLimits", "apply_update", "check_memory", "parse_create"]
+__all__ = [
+    "CreateRequest",
+    "MetroLimits",
+    "admit",
+    "apply_update",
+    "check_memory",
+    "parse_create",
+]
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PLUGIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
@@ -55,6 +65,33 @@ class CreateRequest:
     group_name: str | None
     scale_to_zero: dict[str, Any] | None
     autostart: bool
+
+    def to_instance(self, *, seq: int, app_domain: str) -> LocalInstance:
+        """The new instance: a fresh uuid, the private address of its sequence number, and the
+        FQDN `<name>.<app_domain>` when it has a service group."""
+        rec = LocalInstance(
+            uuid=str(uuidlib.uuid4()),
+            name=self.name,
+            seq=seq,
+            created_at=time.time(),
+            image=self.image,
+            args=self.args,
+            env=self.env,
+            memory_mb=self.memory_mb,
+            vcpus=self.vcpus,
+            tags=self.tags,
+            features=self.features,
+            plugins=self.plugins,
+            restart_policy=self.restart_policy,
+            services=self.services,
+            scale_to_zero=self.scale_to_zero,
+            private_ip=f"10.0.{(seq >> 8) & 255}.{seq & 255}",
+        )
+        if self.group_name is not None:
+            rec.service_group_uuid = str(uuidlib.uuid4())
+            rec.service_group_name = self.group_name
+            rec.fqdn = f"{self.name}.{app_domain}"
+        return rec
 
 
 def _bad(message: str) -> ItemError:
@@ -231,6 +268,20 @@ def parse_create(body: object) -> CreateRequest:
         scale_to_zero=s2z,
         autostart=autostart,
     )
+
+
+def admit(body: object, limits: MetroLimits, index: InstanceIndex) -> CreateRequest:
+    """A create body that is valid, within the quotas, and names a free instance name."""
+    req = parse_create(body)
+    check_memory(limits, req.memory_mb)
+    if len(index) >= limits.max_instances:
+        raise ItemError(
+            f"instance quota reached: {len(index)} of {limits.max_instances} instances",
+            code=CODE_QUOTA,
+        )
+    if index.name_taken(req.name):
+        raise ItemError(f"instance name '{req.name}' is already taken", code=CODE_ALREADY_EXISTS)
+    return req
 
 
 def apply_update(rec: LocalInstance, opts: dict[str, Any], limits: MetroLimits) -> None:
