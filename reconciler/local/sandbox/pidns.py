@@ -23,6 +23,7 @@ import ctypes
 import os
 import select
 import signal
+import threading
 
 from reconciler.local._poll import apoll_until
 
@@ -68,6 +69,8 @@ class PidNamespace:
         self.ident = (st.st_dev, st.st_ino)
         self.init_pid = init_pid
         self._pidfd = pidfd
+        # why: a /proc walk in a thread must not outlive the pin it compares against
+        self._walking = threading.Lock()
 
     @classmethod
     def pin(cls, init_pid: int, parent_pid: int, *, use_pidfd: bool = True) -> PidNamespace | None:
@@ -116,9 +119,10 @@ class PidNamespace:
 
     def members(self) -> list[int]:
         """Host pids of every process in the namespace: a walk of /proc, keep it off the loop."""
-        if self._nsfd is None:
-            return []
-        return [int(e) for e in os.listdir("/proc") if e.isdigit() and self.holds(int(e))]
+        with self._walking:
+            if self._nsfd is None:
+                return []
+            return [int(e) for e in os.listdir("/proc") if e.isdigit() and self.holds(int(e))]
 
     def signal_init(self, sig: int) -> None:
         """Send `sig` to the sandbox's pid 1 (SIGKILL there kills the whole namespace)."""
@@ -180,8 +184,9 @@ class PidNamespace:
 
     def release(self) -> None:
         """Let go of the namespace (its number may then be reused) and of the pidfd."""
-        for fd in (self._nsfd, self._pidfd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._nsfd = self._pidfd = None
+        with self._walking:
+            for fd in (self._nsfd, self._pidfd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._nsfd = self._pidfd = None
