@@ -266,7 +266,7 @@ def _kind(pid: int, root: int) -> str:
             cmd = f.read(4096)
     except OSError:
         return "gone"
-    if b"agent.py" in cmd:
+    if b"/run/ukc-host/agent/" in cmd:
         return "agent"
     if b"marshal" in cmd or b"ukc sync helper" in cmd:
         return "sync-helper"

@@ -46,8 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from treegen import gen_scale_tree, gen_tree
 from ukcenv import UkcEnv, session_status
 
-from tests.local.sandbox_fixtures import curl_argv, rsync_argv
-from tests.local.test_original_workflow import curl_api
+from tests.support.workflow import curl_api, curl_argv, rsync_argv
 
 DEFAULT_COMMAND = "mkdir -p out && find . -path ./out -prune -o -type f -print | wc -l > out/n"
 

@@ -82,7 +82,7 @@ def process_kind(frames: list[str]) -> str:
     head = next((f for f in reversed(frames) if f.startswith("process ")), frames[0])
     if "ukc-sync" in head or "marshal" in head or "exec(c)" in head:
         return "sync-helper"
-    if "agent.py" in head:
+    if "/run/ukc-host/agent/" in head:
         return "agent"
     if "reconciler.local" in head:
         return "daemon"

@@ -1,7 +1,7 @@
 """Command line of the local metro daemon: `python -m reconciler.local serve --state-dir DIR`.
 
-Started detached by `local.daemon.ensure_running()`; runs `local.daemon.serve()` until shutdown.
-Failures print one line on stderr (which `ensure_running` reads back from daemon.log).
+Runs `serve.serve()` until shutdown. A failure prints one line on stderr (daemon.log, which
+`daemon.ensure_running` reads back).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from reconciler.errors import UkcError
-from reconciler.local.daemon import default_state_dir, serve
-from reconciler.local.sandbox import DEFAULT_MAX_PIDS
-from reconciler.local.state import DEFAULT_APP_DOMAIN, MetroLimits
+from reconciler.local.daemon import default_state_dir
+from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS
+from reconciler.local.serve import serve
+from reconciler.local.state.records import DEFAULT_APP_DOMAIN
+from reconciler.local.state.validation import MetroLimits
 
 __all__ = ["main"]
 

@@ -1,9 +1,9 @@
 """The local metro's own certificate authority.
 
-The daemon (`local/daemon.py`) loads or creates it once in its state directory; the TLS edge
-(`local/edge.py`) asks it for a server context whose leaf certificate covers `*.{app_domain}` and
-`{app_domain}`. Clients (the controller, `openssl s_client -CAfile`, `curl --cacert`) trust
-`cert_path` and nothing else, so the edge can be verified strictly although it is offline.
+Created once in the state directory; the TLS edge presents a leaf certificate it issued for
+`*.{app_domain}` and `{app_domain}`. Clients trust `cert_path` and nothing else
+(`openssl s_client -CAfile`, `curl --cacert`), so the edge can be verified strictly although
+it is offline.
 
 Files in the directory: `ca.pem` (public), `ca.key` (0600), `edge.pem` (leaf + CA chain) and
 `edge.key` (0600). The leaf is re-issued when the app domain changes or it nears expiry.
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from reconciler._util.atomic import write_atomic
 from reconciler.errors import LocalMetroError
 
 __all__ = ["CertificateAuthority"]
@@ -45,21 +46,13 @@ def _not_after(cert: x509.Certificate) -> datetime.datetime:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write a secret atomically with mode 0600 from the first byte on."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, data, mode=0o644)
+    # why: readable by every client of the metro, whatever the daemon's umask
+    os.chmod(path, 0o644)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -217,7 +210,7 @@ class CertificateAuthority:
         _write_public(self.leaf_cert_path, chain)
 
     def server_context(self) -> ssl.SSLContext:
-        """A fresh TLS 1.2+ server context presenting the leaf (callers may set `sni_callback`)."""
+        """A fresh TLS 1.2+ server context presenting the leaf (free to set `sni_callback` on)."""
         self._ensure_leaf()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

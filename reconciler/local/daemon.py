@@ -1,11 +1,9 @@
-"""Lifecycle of the local metro daemon, and the composition it runs.
+"""Finding, starting and stopping the local metro daemon of a state dir.
 
-The controller (and `ukc local start|stop|status|env`) calls `ensure_running()`, `stop()` and
-`status()`; they find the daemon through `metro.json` in the state dir and start it detached
-(`python -m reconciler.local serve`) when needed, under an flock so two callers start one.
-`serve()` is what that process runs: the API server (`local.server`) over the instance state
-(`local.state`), the sandbox runtime (`local.sandbox`), the TLS edge (`local.edge`) and the CA
-(`local.ca`), with SIGTERM/SIGINT leading to a graceful shutdown.
+`ensure_running()`, `stop()` and `status()` find the daemon through `metro.json` in the state
+dir and start it detached (`python -m reconciler.local serve`, its own session) when none
+answers, under an flock so that two callers start one. Standard library only: this is the part
+of the emulator every `ukc` run loads.
 """
 
 from __future__ import annotations
@@ -14,39 +12,31 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import shutil
 import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from reconciler._util.pids import pid_alive
 from reconciler.errors import LocalMetroError
-
-if TYPE_CHECKING:
-    from reconciler.local.state import MetroLimits
+from reconciler.local._poll import poll_until
 
 __all__ = [
     "MetroInfo",
     "check_prerequisites",
     "default_state_dir",
     "ensure_running",
-    "load_or_create_token",
     "private_dir",
-    "serve",
     "status",
     "stop",
 ]
 
-EDGE_HOST = "127.0.0.1"
-_DEFAULT_PORTS = (2222, 443)
 _START_TIMEOUT_S = 20.0
 _STOP_TIMEOUT_S = 15.0
 
@@ -96,24 +86,6 @@ def check_prerequisites() -> None:
         )
 
 
-def load_or_create_token(state_dir: Path) -> str:
-    """The API bearer token, created once in `state_dir/token` (0600)."""
-    path = state_dir / "token"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if stat.S_IMODE(os.lstat(path).st_mode) & 0o077:
-            os.chmod(path, 0o600)
-        token = path.read_text().strip()
-        if not token:
-            raise LocalMetroError(f"token file {path} is empty") from None
-        return token
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    return token
-
-
 def private_dir(path: Path) -> None:
     """Create `path` (0700) or check it: a directory of ours that no other user can enter.
 
@@ -147,34 +119,21 @@ def _open_private(path: Path, flags: int) -> int:
     return fd
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _proc_state(pid: int) -> str:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return ""
+    # why: the command name may contain spaces and parentheses; the state follows the last ')'
+    return data[data.rfind(b")") + 2 :][:1].decode("ascii", "replace")
 
 
-# ------------------------------------------------------------------ client side
-
-
-def _pid_alive(pid: int) -> bool:
+def _daemon_alive(pid: int) -> bool:
+    """Whether the daemon process `pid` still runs (a zombie does not)."""
     # why: a daemon this process spawned becomes a zombie when it exits; reap it first
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    return pid_alive(pid) and _proc_state(pid) not in ("Z", "")
 
 
 def _is_metro_process(pid: int) -> bool:
@@ -221,7 +180,7 @@ def status(state_dir: Path | None = None) -> MetroInfo | None:
     """The running metro of `state_dir`, or None when none answers."""
     sd = state_dir or default_state_dir()
     info = _read_info(sd)
-    if info is None or not _pid_alive(info.pid):
+    if info is None or not _daemon_alive(info.pid):
         return None
     try:
         data = _request(info, "GET", "/_local/status")
@@ -268,17 +227,19 @@ def ensure_running(state_dir: Path | None = None) -> MetroInfo:
                 start_new_session=True,
                 close_fds=True,
             )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
+
+        def came_up() -> MetroInfo | None:
             if proc.poll() is not None:
                 line = _log_tail(log_path, offset)
                 raise LocalMetroError(
                     f"local metro exited with code {proc.returncode}: {line or 'no output'}"
                 )
-            info = _read_info(sd)
-            if info is not None and info.pid == proc.pid:
-                return info
-            time.sleep(0.01)
+            found = _read_info(sd)
+            return found if found is not None and found.pid == proc.pid else None
+
+        info = poll_until(came_up, timeout_s=_START_TIMEOUT_S, interval_s=0.01)
+        if info is not None:
+            return info
         line = _log_tail(log_path, offset)
         raise LocalMetroError(
             f"local metro pid {proc.pid} did not come up within {_START_TIMEOUT_S:.0f} s"
@@ -287,19 +248,17 @@ def ensure_running(state_dir: Path | None = None) -> MetroInfo:
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid):
-            return True
-        time.sleep(0.02)
-    return not _pid_alive(pid)
+    gone = poll_until(
+        lambda: True if not _daemon_alive(pid) else None, timeout_s=timeout, interval_s=0.02
+    )
+    return gone is not None
 
 
 def stop(state_dir: Path | None = None) -> bool:
     """Stop the metro of `state_dir`; False when none was running."""
     sd = (state_dir or default_state_dir()).resolve()
     info = _read_info(sd)
-    if info is None or not _pid_alive(info.pid) or not _is_metro_process(info.pid):
+    if info is None or not _daemon_alive(info.pid) or not _is_metro_process(info.pid):
         return False
     with contextlib.suppress(OSError, ValueError):
         _request(info, "POST", "/_local/shutdown")
@@ -315,124 +274,3 @@ def stop(state_dir: Path | None = None) -> bool:
     with contextlib.suppress(FileNotFoundError):
         (sd / "metro.json").unlink()
     return True
-
-
-# ------------------------------------------------------------------ daemon side
-
-
-async def serve(
-    state_dir: Path,
-    *,
-    port: int = 0,
-    app_domain: str | None = None,
-    limits: MetroLimits | None = None,
-    max_pids: int | None = None,
-) -> None:
-    """Run the metro until /_local/shutdown, SIGTERM or SIGINT."""
-    # Imported here, not at the top: the controller imports this module on every `ukc` run
-    # (to find or start the daemon) and must not pay for asyncio, aiohttp or the state machine.
-    import asyncio
-
-    from aiohttp import web
-
-    from reconciler.local.state import DEFAULT_APP_DOMAIN, Metro
-
-    app_domain = app_domain or DEFAULT_APP_DOMAIN
-    from reconciler.local.ca import CertificateAuthority
-    from reconciler.local.edge import Edge, Route
-    from reconciler.local.faults import Faults
-    from reconciler.local.sandbox import DEFAULT_MAX_PIDS, SandboxRuntime
-    from reconciler.local.server import create_app
-
-    check_prerequisites()
-    state_dir = state_dir.resolve()
-    private_dir(state_dir)
-    # why: belt and braces under the private state dir; the workspaces are the sandboxes' files
-    for sub in ("workspaces", "sandboxes"):
-        private_dir(state_dir / sub)
-    token = load_or_create_token(state_dir)
-    loop = asyncio.get_running_loop()
-    metro = Metro(state_dir, app_domain=app_domain, limits=limits)
-    metro.bind_loop(loop)
-    runtime = SandboxRuntime(
-        state_dir, on_exit=metro.on_exit, max_pids=max_pids or DEFAULT_MAX_PIDS
-    )
-    metro.runtime = runtime
-    ca = CertificateAuthority.load_or_create(state_dir, app_domain)
-    faults = Faults()
-    started_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-    async def resolve(fqdn: str, public_port: int) -> Route | None:
-        found = await metro.route_for(fqdn, public_port)
-        return None if found is None else Route(uuid=found[0], destination_port=found[1])
-
-    edge = Edge(
-        ca=ca,
-        runtime=runtime,
-        resolve=resolve,
-        on_activity=metro.on_activity,
-        should_drop=faults.take_edge_drop,
-        host=EDGE_HOST,
-    )
-    stop_event = asyncio.Event()
-    api_port = 0
-
-    def write_metro_json() -> None:
-        data = {
-            "pid": os.getpid(),
-            "api_url": f"http://127.0.0.1:{api_port}",
-            "ca": str(ca.cert_path),
-            "app_domain": app_domain,
-            "edge_host": EDGE_HOST,
-            "edge_ports": {str(k): v for k, v in sorted(edge.ports.items())},
-            "started_at": started_at,
-            "sandbox": sandbox_line,
-        }
-        _write_atomic(state_dir / "metro.json", json.dumps(data, indent=2) + "\n")
-
-    async def open_ports(ports: set[int]) -> None:
-        new = ports - set(edge.ports)
-        for p in sorted(new):
-            await edge.open_port(p)
-        if new and api_port:
-            write_metro_json()
-
-    metro.on_ports = open_ports
-    metro.load()
-    sandbox_line = runtime.describe()
-    print(f"sandboxes: {sandbox_line}", flush=True)
-    # why: a delete whose teardown a stop or a kill cut short left files no record names
-    await runtime.prune(metro.records)
-    app = create_app(
-        metro,
-        faults,
-        token,
-        shutdown=stop_event.set,
-        status_extra=lambda: {
-            "edge_ports": {str(k): v for k, v in edge.ports.items()},
-            "sandbox": sandbox_line,
-        },
-    )
-    # why: open waits (timeout -1) must not hold a shutdown for aiohttp's default 60 s
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    api_port = int(runner.addresses[0][1])
-    await open_ports(set(_DEFAULT_PORTS) | metro.public_ports())
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_event.set)
-    await metro.resume()
-    write_metro_json()
-    print(f"local metro listening on 127.0.0.1:{api_port} (pid {os.getpid()})", flush=True)
-    try:
-        await stop_event.wait()
-    finally:
-        print("local metro shutting down", flush=True)
-        await runner.cleanup()
-        await metro.close()
-        await edge.close()
-        await runtime.close()
-        await runtime.prune(metro.records)
-        with contextlib.suppress(FileNotFoundError):
-            (state_dir / "metro.json").unlink()

@@ -1,15 +1,14 @@
 """The local metro's TLS edge: one TLS listener per public port, routing by SNI.
 
-The daemon creates one `Edge` and opens 2222 and 443 at start (other public ports when a service
-group first declares them). Each accepted connection is TLS-terminated with the metro CA's leaf
-(`local/ca.py`); the SNI name and the public port are handed to the daemon's `resolve`, which
-answers a `Route` (instance uuid + destination port inside the sandbox) and wakes a standby
-instance on the way. The edge then opens a byte stream into the sandbox through
-`SandboxRuntime.open_connection` (`local/sandbox.py`) and pumps both ways, reporting
-connection starts and ends to `on_activity` for scale-to-zero.
+Ports 2222 and 443 open at start, other public ports when a service group first declares them.
+Each accepted connection is TLS-terminated with the metro CA's leaf; the SNI name and the
+public port go to `resolve`, which answers a `Route` (instance uuid + destination port inside
+the sandbox) and wakes a standby instance on the way. The edge then opens a byte stream into
+the sandbox through the runtime's `open_connection` and pumps both ways, reporting connection
+starts and ends to `on_activity` for scale-to-zero.
 
 The edge serves only the metro's owner: before any byte is read, the uid owning the client's
-socket (`local/peercred.py`) must be the daemon's own uid or root. Anyone else's connection is
+socket (`peercred`) must be the daemon's own uid or root. Anyone else's connection is
 closed unanswered (tls ports) or, on 443, answered with a short HTTP 403 once TLS is up; either
 way nothing reaches a sandbox, and the daemon log says who was refused. (Not client
 certificates: the kernel's answer needs nothing from the client, so the original workflow's
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from reconciler.errors import LocalMetroError
+from reconciler.local._poll import apoll_until
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.peercred import loopback_peer_uid
 
@@ -293,14 +293,13 @@ class Edge:
     async def _connect(
         self, route: Route
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        deadline = time.monotonic() + WAKE_RETRY_S
-        while True:
+        async def attempt() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
             try:
                 return await self._runtime.open_connection(route.uuid, route.destination_port)
             except OSError:
-                if time.monotonic() >= deadline:
-                    return None
-            await asyncio.sleep(WAKE_RETRY_STEP_S)
+                return None
+
+        return await apoll_until(attempt, timeout_s=WAKE_RETRY_S, interval_s=WAKE_RETRY_STEP_S)
 
     async def _not_found(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer an HTTP 404 "Service not found" page, as the metro's HTTP front does."""

@@ -1,9 +1,8 @@
 """Fault knobs of the local metro: injected 429s, 5xxs, latency, edge drops and list lag.
 
-Tests and the controller's resilience checks set them at runtime through
-`POST /_local/faults` (`local.server`); the server's middleware asks `take_api_fault()` on every
-`/v1/` request, the TLS edge asks `take_edge_drop()` on every accepted connection, and the list
-handler asks `hides()` / `list_answered()` to emulate an eventually consistent list.
+Set at runtime through `POST /_local/faults`. Every `/v1/` request takes its fault from
+`take_api_fault()`, every accepted edge connection asks `take_edge_drop()`, and a list answer
+consults `hides()` / `list_answered()` to emulate an eventually consistent list.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The client side of the remote sync helper: start it, frame requests, read answers.
 
-Who feeds it: `push` and `pull` give it a `RemoteShell` and `SyncOptions`. Who uses the other
-end: the helper program in `helper_src` (remote requirement: python3 >= 3.7, stdlib only, on
-the sandbox's PATH or at `SyncOptions.remote_python`). One remote process serves a whole push
-or pull: the program text goes over stdin after a one-line `python3 -c` bootstrap, so there
-are no per-file round trips. Writes are coalesced into ~1 MiB blocks because SSH channels are
-slow with small writes, and handed to the transport in 128 KiB pieces (see `_PIECE`).
+`push` and `pull` give it a `RemoteShell` and `SyncOptions`. The other end is the module
+`helper` (remote requirement: python3 >= 3.7, stdlib only, on the sandbox's PATH or at
+`SyncOptions.remote_python`). One remote process serves a whole push or pull: the module's
+text goes over stdin after a one-line `python3 -c` bootstrap, so there are no per-file round
+trips. Writes are coalesced into ~1 MiB blocks because SSH channels are slow with small
+writes, and handed to the transport in 128 KiB pieces (see `_PIECE`).
 
 The sandbox is untrusted, and it can replace the helper (or python3): every reply is read with
 a hard size cap small enough that parsing it costs a bounded amount of memory (JSON grows ~25x
@@ -22,10 +22,10 @@ import shlex
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from reconciler.errors import RemoteError, SyncStalledError
-from reconciler.sync.helper_src import HELPER_SOURCE
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.watchdog import Watchdog
 from reconciler.transport.base import RemoteProcess, RemoteShell
@@ -42,26 +42,33 @@ _FLUSH_AT = 1 << 20
 _PIECE = 128 << 10
 #: read size from the helper's output: the SSH channel window (16 MiB) bounds what is buffered
 _READ = 16 << 20
-_PROGRAM = HELPER_SOURCE.encode("ascii")
+#: the helper's program: the text of the module, read from the installed package (never
+#: imported here: it runs in the sandbox, where the bootstrap runs it as `__main__`)
+_PROGRAM = Path(__file__).with_name("helper.py").read_bytes()
 #: The bootstrap: read the program (always sent), run its code object cached in the remote
 #: state dir under (program hash, interpreter version), else compile it and cache it.
-#: why: compiling ~20 KB costs ~5 ms at every start, and watch mode starts one per pass. The
+#: why: compiling ~30 KB costs ~5 ms at every start, and watch mode starts one per pass. The
 #: cache lives in the sandbox, as does the interpreter: a tampered cache is no new power, and
 #: whatever the helper says is untrusted anyway. argv: program length, state dir, program id,
 #: "w" to write the cache ("r" for pulls, which leave the sandbox as they found it).
+#: Compiled with optimize=2: docstrings stay out of the cached code, so it loads as fast as
+#: before the helper had them (the helper has no `assert` to lose).
+#: An interpreter older than the helper's floor is named, rather than failing on its syntax.
 #: Only a program read in full is run or cached. why: a client killed while sending it ends
 #: the stream early, and a program cut at a statement boundary still compiles; cached, that
 #: truncated program (which never reaches `main()`) answered nothing, forever, in that sandbox.
 _BOOT = "\n".join(
     [
         "import sys,os,marshal",
+        "if sys.version_info<(3,7):sys.exit('ukc sync helper needs python3 >= 3.7, not %d.%d'"
+        "%sys.version_info[:2])",
         "s=sys.stdin.buffer.read(int(sys.argv[1]))",
         "if len(s)!=int(sys.argv[1]):sys.exit('ukc sync helper: program cut short')",
         "p='%s/helper-%s-%x.bin'%(sys.argv[2],sys.argv[3],sys.hexversion)",
         "try:",
         " with open(p,'rb') as f:c=marshal.loads(f.read())",
         "except Exception:",
-        " c=compile(s,'ukc-sync','exec')",
+        " c=compile(s,'ukc-sync','exec',optimize=2)",
         " try:",
         "  if sys.argv[4]=='w':",
         "   os.makedirs(sys.argv[2],0o700,exist_ok=True);t='%s.%d'%(p,os.getpid())",

@@ -3,32 +3,20 @@
 * `daemon`: one real metro daemon per test session (ensure_running in a tmp state dir, real
   bubblewrap sandboxes), stopped at the end. Tests delete what they create.
 * `api`: an httpx client with the daemon's bearer token.
-* `InProcessMetro`: the API app over a `Metro` with an injected runtime, served from a
-  background event loop — for behaviour a real sandbox cannot be made to show on demand
-  (a sandbox that crashes by itself, slow boots).
+* `inproc`: the API app over a `LocalMetro` with a fake runtime (`tests/support/inproc_metro`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import uuid as uuidlib
-from collections.abc import Callable, Coroutine, Iterable, Iterator
-from concurrent.futures import Future
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import httpx
 import pytest
-from aiohttp import web
 
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
-from reconciler.local.faults import Faults
-from reconciler.local.server import create_app
-from reconciler.local.state import Metro, MetroLimits
-
-T = TypeVar("T")
+from tests.support.inproc_metro import InProcessMetro
 
 
 @pytest.fixture(scope="session")
@@ -49,125 +37,6 @@ def api(daemon: MetroInfo) -> Iterator[httpx.Client]:
         timeout=60.0,
     ) as client:
         yield client
-
-
-def unique(prefix: str = "t") -> str:
-    """A fresh instance name (DNS label)."""
-    return f"{prefix}-{uuidlib.uuid4().hex[:10]}"
-
-
-class FakeRuntime:
-    """The runtime interface with no sandboxes behind it; `crash()` makes one exit by itself."""
-
-    def __init__(self, boot_delay_s: float = 0.02) -> None:
-        self.boot_delay_s = boot_delay_s
-        self.running: set[str] = set()
-        self.frozen: set[str] = set()
-        self.starts: list[str] = []
-        self.destroyed: list[str] = []
-        self.on_exit: Callable[[str, int, bool], None] = lambda u, c, m: None
-        self.fail_next_start = False
-
-    async def start(self, uuid: str, *, env: dict[str, str], memory_mb: int) -> str:
-        await asyncio.sleep(self.boot_delay_s)
-        if self.fail_next_start:
-            self.fail_next_start = False
-            from reconciler.errors import LocalMetroError
-
-            raise LocalMetroError(f"sandbox {uuid} did not boot")
-        self.running.add(uuid)
-        self.starts.append(uuid)
-        return uuidlib.uuid4().hex
-
-    async def stop(self, uuid: str) -> None:
-        self.running.discard(uuid)
-        self.frozen.discard(uuid)
-
-    async def freeze(self, uuid: str) -> None:
-        self.frozen.add(uuid)
-
-    async def thaw(self, uuid: str) -> None:
-        self.frozen.discard(uuid)
-
-    async def destroy(self, uuid: str) -> None:
-        await self.stop(uuid)
-        self.destroyed.append(uuid)
-
-    async def prune(self, keep: Iterable[str]) -> list[str]:
-        return []
-
-    def is_running(self, uuid: str) -> bool:
-        return uuid in self.running
-
-    def plugin_socket(self, uuid: str) -> Path:
-        return Path("/nonexistent") / uuid
-
-    def console(self, uuid: str) -> bytes:
-        return b"fake console\n" if uuid in self.running else b""
-
-    async def close(self) -> None:
-        self.running.clear()
-
-    def crash(self, uuid: str, code: int, out_of_memory: bool = False) -> None:
-        self.running.discard(uuid)
-        self.on_exit(uuid, code, out_of_memory)
-
-
-class InProcessMetro:
-    """The API app over a Metro with a fake runtime, on a background loop thread."""
-
-    token = "test-token"
-
-    def __init__(self, state_dir: Path, limits: MetroLimits | None = None) -> None:
-        self.state_dir = state_dir
-        self.runtime = FakeRuntime()
-        self.faults = Faults()
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.metro: Metro = self.call(self._make(limits))
-        self.runtime.on_exit = self.metro.on_exit
-        self._runner: web.AppRunner | None = None
-        self.url = self.call(self._serve())
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result(timeout=30)
-
-    async def _make(self, limits: MetroLimits | None) -> Metro:
-        metro = Metro(self.state_dir, self.runtime, limits=limits, save_delay_s=0.01)
-        metro.bind_loop(asyncio.get_running_loop())
-        metro.load()
-        await metro.resume()
-        return metro
-
-    async def _serve(self) -> str:
-        app = create_app(self.metro, self.faults, self.token, shutdown=lambda: None)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}"
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30.0
-        )
-
-    def crash(self, uuid: str, code: int, out_of_memory: bool = False) -> None:
-        self.loop.call_soon_threadsafe(self.runtime.crash, uuid, code, out_of_memory)
-
-    def close(self) -> None:
-        async def shutdown() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-            await self.metro.close()
-
-        self.call(shutdown())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The in-sandbox agent's sandbox plugin API (ukc-api.md §11), spoken over its unix socket."""
+"""The in-sandbox agent's sandbox plugin API , spoken over its unix socket."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.local.agent import _parse_signal
-from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools
+from reconciler.local.sandbox.agent.commands import parse_signal
+from tests.support.sandbox_harness import EdgeHarness, needs_metro_tools
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
 
@@ -247,8 +247,8 @@ class TestSignalNames:
         [(15, 15), ("15", 15), ("TERM", 15), ("SIGTERM", 15), ("int", 2), ("KILL", 9)],
     )
     def test_a_known_signal_is_parsed_to_its_number(self, value: object, number: int) -> None:
-        assert _parse_signal(value) == number
+        assert parse_signal(value) == number
 
     @pytest.mark.parametrize("value", ["BOGUS", "SIG_DFL", "", 0, 9999, True, None, 1.5])
     def test_anything_else_is_rejected(self, value: object) -> None:
-        assert _parse_signal(value) is None
+        assert parse_signal(value) is None

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.local.conftest import InProcessMetro, unique
+from tests.support.inproc_metro import InProcessMetro, unique
 
 SSH_GROUP = {"services": [{"port": 2222, "destination_port": 2222, "handlers": ["tls"]}]}
 
@@ -458,7 +458,7 @@ class TestRestartPolicy:
 
 
 async def _save(m: InProcessMetro) -> None:
-    m.metro.save_now()
+    m.metro.store.save_now()
 
 
 SANDBOX_PLUGIN = [{"name": "sandbox", "image": "plugins/sandbox:latest"}]
@@ -643,7 +643,7 @@ class TestEdge:
 
 class TestInstanceQuota:
     def test_creating_beyond_max_instances_is_item_code_19(self, tmp_path: Any) -> None:
-        from reconciler.local.state import MetroLimits
+        from reconciler.local.state.validation import MetroLimits
 
         m = InProcessMetro(tmp_path, MetroLimits(max_instances=2))
         try:
@@ -659,7 +659,7 @@ class TestInstanceQuota:
 
 
 class TestEdgeRouting:
-    """What the edge asks the metro for each connection (`Metro.route_for`)."""
+    """What the edge asks the metro for each connection (`LocalMetro.route_for`)."""
 
     def test_a_standby_instance_is_woken_and_routed_to_its_destination_port(
         self, inproc: InProcessMetro

@@ -16,7 +16,7 @@ import pytest
 
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Route
-from tests.local.sandbox_fixtures import APP_DOMAIN, EdgeHarness, needs_metro_tools
+from tests.support.sandbox_harness import APP_DOMAIN, EdgeHarness, needs_metro_tools
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
 

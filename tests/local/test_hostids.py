@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import LocalMetroError
-from reconciler.local.hostids import FIRST_ID, IDS_PER_INSTANCE, SLOTS, HostIds, IdRange
+from reconciler.local.sandbox.hostids import FIRST_ID, IDS_PER_INSTANCE, SLOTS, HostIds, IdRange
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ import pytest
 from reconciler.errors import LocalMetroError
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
-from tests.local.conftest import unique
+from reconciler.local.sandbox.pidns import proc_state
+from tests.support.inproc_metro import unique
+from tests.support.sandboxes import proc_ids
 from tests.support.sandboxes import sandbox_pids as processes_of
 
 
@@ -227,3 +229,34 @@ class TestSignals:
         assert metro_daemon.status(state_dir) is None
         saved = json.loads((state_dir / "instances.json").read_text())
         assert [i["name"] for i in saved["instances"]] == [name]
+
+
+def zombie_children(pid: int) -> list[int]:
+    """Children of `pid` that exited and were never reaped."""
+    return [
+        int(e)
+        for e in os.listdir("/proc")
+        if e.isdigit() and proc_ids(int(e)).get("PPid", [0])[0] == pid and proc_state(int(e)) == "Z"
+    ]
+
+
+class TestReaping:
+    def test_deleted_sandboxes_leave_no_zombie_in_the_daemon(self, state_dir: Path) -> None:
+        # why: the daemon is a child subreaper, so the pid 1 of a sandbox whose bwrap died
+        # first becomes its child; nothing else would ever reap it
+        info = metro_daemon.ensure_running(state_dir)
+        names = [unique() for _ in range(6)]
+        with client(info) as c:
+            for name in names:
+                r = c.post("/v1/instances", json={"name": name, "image": "x", "autostart": True,
+                                                  "timeout_s": 60})  # fmt: skip
+                assert r.json()["data"]["instances"][0]["state"] == "running", r.text
+            r = c.request(
+                "DELETE", "/v1/instances", json=[{"name": n, "timeout_s": 60} for n in names]
+            )
+            assert r.json()["status"] == "success", r.text
+        deadline = time.monotonic() + 10
+        while zombie_children(info.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert zombie_children(info.pid) == []
+        assert sandbox_pids(state_dir) == []

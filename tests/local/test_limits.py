@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.local.limits import Limiter, _cgroup_lines, _mounts, _own_dir
+from reconciler.local.sandbox.limits import Limiter, _cgroup_lines, _mounts, _own_dir
 
 V1_CGROUP = "8:pids:/\n4:memory:/process_api/abc\n0::/\n"
 

@@ -16,24 +16,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.local.daemon import MetroInfo
-from tests.local.conftest import unique
-from tests.local.sandbox_fixtures import curl_argv, make_key, rsync_argv
+from tests.support.inproc_metro import unique
+from tests.support.workflow import curl_api, curl_argv, make_key, rsync_argv
 
 pytestmark = pytest.mark.metro
-
-
-def curl_api(info: MetroInfo, method: str, path: str, body: object | None = None) -> dict:  # type: ignore[type-arg]
-    argv = [
-        "curl", "-sS", "--fail-with-body", "-X", method,
-        "-H", "Content-Type: application/json",
-        "-K", "-",  # the token goes through stdin, never argv
-    ]  # fmt: skip
-    if body is not None:
-        argv += ["--data", json.dumps(body)]
-    argv.append(f"{info.api_url}{path}")
-    config = f'header = "Authorization: Bearer {info.token}"\n'
-    proc = subprocess.run(argv, input=config, capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
 def test_the_original_scripts_work_unchanged_against_the_local_metro(

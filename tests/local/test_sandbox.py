@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import LocalMetroError
-from reconciler.local.limits import Limiter
-from reconciler.local.sandbox import SandboxRuntime
-from tests.local.sandbox_fixtures import EdgeHarness, needs_metro_tools, ssh_argv
+from reconciler.local.sandbox.limits import Limiter
+from reconciler.local.sandbox.runtime import SandboxRuntime
+from tests.support.sandbox_harness import EdgeHarness, LoopThread, needs_metro_tools
+from tests.support.workflow import ssh_argv
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
 
@@ -123,7 +124,7 @@ class TestIsolation:
             assert marker in out.stdout
             listing = str(_exec(harness, "one", "ps -e -o args")["stdout"])
             assert marker not in listing
-            assert "sshd" in listing and "agent.py" in listing
+            assert "sshd" in listing and "ukc-host/agent/" in listing
         finally:
             harness.ssh("two", f"pkill -f '{marker}' || true")
 
@@ -199,7 +200,7 @@ class TestLifecycle:
         agent = next(
             p
             for p in harness.runtime.pids(uuid)
-            if b"agent.py" in Path(f"/proc/{p}/cmdline").read_bytes()
+            if b"ukc-host/agent/" in Path(f"/proc/{p}/cmdline").read_bytes()
         )
         harness.exit_event.clear()
         os.kill(agent, signal.SIGKILL)
@@ -275,7 +276,7 @@ class TestKilledDaemon:
     SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.runtime import SandboxRuntime
 
 async def main() -> None:
     rt = SandboxRuntime(Path(sys.argv[1]), lambda u, c, m: None)
@@ -326,6 +327,53 @@ class TestFreeze:
         assert harness.ssh("two", "echo awake").stdout == "awake\n"
 
 
+class TestNamespaceReuse:
+    """A destroyed sandbox's pid namespace number goes to the next namespace made; the
+    runtime must never take the processes of a sandbox booting then for the destroyed one's."""
+
+    SANDBOXES = 24
+    ROUNDS = 2
+
+    def test_sandboxes_booting_while_others_are_destroyed_are_not_killed(
+        self, tmp_path: Path
+    ) -> None:
+        exits: list[tuple[str, int, bool]] = []
+        lt = LoopThread()
+        rt = SandboxRuntime(tmp_path / "state", lambda u, c, m: exits.append((u, c, m)))
+
+        async def destroy_and_boot(old: list[str], new: list[str]) -> list[str]:
+            destroys = [asyncio.create_task(rt.destroy(u)) for u in old]
+            # why: the new namespaces are made while the destroys are still at work
+            await asyncio.sleep(0.3)
+            booted = await asyncio.gather(
+                *(rt.start(u, env={}) for u in new), return_exceptions=True
+            )
+            await asyncio.gather(*destroys)
+            await asyncio.sleep(0.5)
+            failed = [
+                f"{u}: {b}" for u, b in zip(new, booted, strict=True) if isinstance(b, Exception)
+            ]
+            return failed + [f"{u}: not running" for u in new if not rt.is_running(u)]
+
+        async def scenario() -> list[str]:
+            old = [f"reuse-0-{i:02d}-uuid" for i in range(self.SANDBOXES)]
+            await asyncio.gather(*(rt.start(u, env={}) for u in old))
+            failures: list[str] = []
+            for r in range(1, self.ROUNDS + 1):
+                new = [f"reuse-{r}-{i:02d}-uuid" for i in range(self.SANDBOXES)]
+                failures += await destroy_and_boot(old, new)
+                old = new
+            return failures
+
+        try:
+            failures = lt.run(scenario(), timeout=600)
+        finally:
+            lt.run(rt.close(), timeout=120)
+            lt.close()
+        assert failures == []
+        assert exits == []
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating a throwaway user needs root")
 @pytest.mark.skipif(not shutil.which("useradd"), reason="needs useradd (passwd package)")
 class TestNonRootDaemon:
@@ -334,7 +382,7 @@ import asyncio, sys
 from pathlib import Path
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.runtime import SandboxRuntime
 
 async def main() -> None:
     root = Path(sys.argv[1])

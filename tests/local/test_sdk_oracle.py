@@ -16,7 +16,7 @@ import unikraft_cloud
 from unikraft_cloud import UnikraftCloud
 
 from reconciler.local.daemon import MetroInfo
-from tests.local.conftest import unique
+from tests.support.inproc_metro import unique
 
 T = TypeVar("T")
 SANDBOX_PLUGIN = [{"name": "sandbox", "image": "plugins/sandbox:latest"}]

@@ -25,10 +25,10 @@ import yaml
 
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
-from reconciler.local.sandbox import DEFAULT_MAX_PIDS
-from reconciler.local.state import STOP_CODE_OUT_OF_MEMORY, STOP_REASON_KERNEL
-from tests.local.sandbox_fixtures import needs_metro_tools
+from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS
+from reconciler.local.state.records import STOP_CODE_OUT_OF_MEMORY, STOP_REASON_KERNEL
 from tests.support.nonroot import NonRootRuntime
+from tests.support.sandbox_harness import needs_metro_tools
 from tests.support.sandboxes import cmdline, proc_ids, sandbox_pids
 from tests.support.ukc import Ukc
 from tests.support.users import run_as_other_user

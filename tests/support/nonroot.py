@@ -18,7 +18,7 @@ from types import TracebackType
 
 import pytest
 
-from tests.local.sandbox_fixtures import ssh_argv
+from tests.support.workflow import ssh_argv
 
 __all__ = ["NonRootRuntime"]
 
@@ -34,7 +34,7 @@ import asyncio, sys
 from pathlib import Path
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.runtime import SandboxRuntime
 
 async def main() -> None:
     root = Path(sys.argv[1])

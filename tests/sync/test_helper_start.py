@@ -10,12 +10,11 @@ import subprocess
 import pytest
 
 from reconciler.sync.engine import pull, push
-from reconciler.sync.helper_src import HELPER_SOURCE
-from reconciler.sync.remote import HelperSession
+from reconciler.sync.remote import _PROGRAM, HelperSession
 from tests.sync.conftest import REMOTE_PYTHON, Site, write
 
 #: the helper without its final `main()` call: definitions only, for probing
-BODY = HELPER_SOURCE.rsplit("\nmain()\n", 1)[0]
+BODY, _MAIN = _PROGRAM.decode("ascii").rsplit('\nif __name__ == "__main__":\n', 1)
 
 
 def probe(code: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -86,16 +85,20 @@ class TestCompiledCache:
         assert (site.remote / "b.txt").read_text() == "b"
         assert marshal.loads(cached.read_bytes()).co_filename == "ukc-sync"
 
-    @pytest.mark.parametrize("cut", ["nothing", "one byte", "a statement boundary"])
+    @pytest.mark.parametrize("cut", ["nothing", "the docstring", "a statement boundary"])
     def test_a_helper_whose_client_died_while_sending_the_program_caches_nothing(
         self, site: Site, cut: str
     ) -> None:
         # Regression (CI, crash test): a client killed before sending the program left an
         # empty program, which compiled, was cached, and made every later helper in that
         # sandbox exit 0 without a word. A program cut between two statements compiles too.
-        from reconciler.sync.remote import _PROGRAM, helper_command
+        from reconciler.sync.remote import helper_command
 
-        sent = {"nothing": 0, "one byte": 1}.get(cut, _PROGRAM.index(b"\ndef rd("))
+        sent = {
+            "nothing": 0,
+            "the docstring": _PROGRAM.index(b'"""\n', 3) + 4,
+            "a statement boundary": _PROGRAM.index(b"\nclass Helper"),
+        }[cut]
         compile(_PROGRAM[:sent], "cut", "exec")  # the danger: each cut is valid Python
         opts = site.opts()
         proc = site.shell.start(helper_command(opts))

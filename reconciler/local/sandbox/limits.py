@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from reconciler._util.pids import pid_alive
+from reconciler.local._poll import poll_until
 
 __all__ = ["Cgroup", "Limiter"]
 
 log = logging.getLogger(__name__)
 
-_REMOVE_TRIES = 250
+_REMOVE_TIMEOUT_S = 5.0
 _REMOVE_PAUSE_S = 0.02
 
 
@@ -83,16 +86,6 @@ def _own_dir(mount: _Mount, path: str) -> Path | None:
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -147,19 +140,26 @@ class Cgroup:
             os.close(self._oom_fd)
             self._oom_fd = None
         for d in self.dirs:
-            for _ in range(_REMOVE_TRIES):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        log.warning("cgroup %s: %s", d, exc.strerror)
-                        break
-                    time.sleep(_REMOVE_PAUSE_S)
-            else:
+            gone = poll_until(
+                functools.partial(_removed, d),
+                timeout_s=_REMOVE_TIMEOUT_S,
+                interval_s=_REMOVE_PAUSE_S,
+            )
+            if gone is None:
                 log.warning("cgroup %s still busy; left behind", d)
+
+
+def _removed(d: Path) -> bool | None:
+    """rmdir `d`; None while the kernel still counts exiting processes in it (EBUSY)."""
+    try:
+        d.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return None
+        log.warning("cgroup %s: %s", d, exc.strerror)
+    return True
 
 
 class Limiter:
@@ -318,7 +318,7 @@ class Limiter:
         for parent in set(self._parents.values()):
             for child in _children(parent):
                 pid = child.name.split("-")[1]
-                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                     with contextlib.suppress(OSError):
                         child.rmdir()
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler._util.atomic import write_atomic
 from reconciler.errors import LocalMetroError
 
 __all__ = ["FIRST_ID", "IDS_PER_INSTANCE", "REGISTRY", "SLOTS", "HostIds", "IdRange"]
@@ -91,13 +92,9 @@ class HostIds:
         return owner if _read_int(owner / _OWNER_FILE) == slot else None
 
     def _write(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        # why: not fsync'd (a claim is rewritten at every start of its sandbox); a claim lost
+        # in a crash is taken again by its owner or leaves the owner a fresh range
+        write_atomic(path, text.encode(), mode=0o600, durable=False)
 
     def claim(self, owner: Path) -> IdRange:
         """The range of the instance dir `owner` (created), claiming a free one the first time."""

@@ -1,10 +1,9 @@
-"""Helpers for tests that drive real sandboxes and the TLS edge without the daemon.
+"""Real sandboxes and the TLS edge without the daemon, for tests that drive them directly.
 
 `LoopThread` runs an asyncio loop in a background thread so a test can call blocking client
 tools (ssh, rsync, curl, openssl) while the runtime and the edge serve. `EdgeHarness` wires a
 `SandboxRuntime`, a `CertificateAuthority` and an `Edge` in a tmp state dir, with a table of
-routes. `ssh_argv` / `rsync_argv` / `curl_argv` build the original workflow's client command
-lines (ukc-api.md §12) so other tests (the workflow end to end) can reuse them.
+routes.
 """
 
 from __future__ import annotations
@@ -22,69 +21,20 @@ import pytest
 
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
-from reconciler.local.sandbox import SandboxRuntime
+from reconciler.local.sandbox.runtime import SandboxRuntime
+from tests.support.workflow import curl_argv, make_key, rsync_argv, ssh_argv
+
+__all__ = ["APP_DOMAIN", "EdgeHarness", "LoopThread", "needs_metro_tools"]
 
 T = TypeVar("T")
 
 APP_DOMAIN = "local.ukc.localhost"
-SSH_OPTS = [
-    "-o", "StrictHostKeyChecking=no",
-    "-o", "UserKnownHostsFile=/dev/null",
-    "-o", "LogLevel=ERROR",
-    "-o", "ConnectTimeout=10",
-    "-o", "BatchMode=yes",
-]  # fmt: skip
 
 needs_metro_tools = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("bwrap", "ssh", "openssl", "rsync", "curl"))
     or not Path("/usr/sbin/sshd").exists(),
     reason="needs bubblewrap, openssh-server/client, openssl, rsync and curl",
 )
-
-
-def proxy_command(edge_port: int, fqdn: str, ca: Path) -> str:
-    """The workflow's ProxyCommand, strict: SNI = FQDN, verified against the metro CA."""
-    return (
-        f"openssl s_client -quiet -verify_return_error -connect 127.0.0.1:{edge_port} "
-        f"-servername {fqdn} -CAfile {ca} 2>/dev/null"
-    )
-
-
-def ssh_argv(key: Path, edge_port: int, fqdn: str, ca: Path, *command: str) -> list[str]:
-    return [
-        "ssh", "-i", str(key), *SSH_OPTS,
-        "-o", f"ProxyCommand={proxy_command(edge_port, fqdn, ca)}",
-        f"root@{fqdn}", *command,
-    ]  # fmt: skip
-
-
-def rsync_argv(key: Path, edge_port: int, fqdn: str, ca: Path, src: str, dst: str) -> list[str]:
-    rsh = " ".join(
-        [
-            "ssh",
-            "-i",
-            str(key),
-            *SSH_OPTS,
-            "-o",
-            f"'ProxyCommand={proxy_command(edge_port, fqdn, ca)}'",
-        ]
-    )
-    return ["rsync", "-az", "--delete", "-e", rsh, src, dst]
-
-
-def curl_argv(ca: Path, edge_port: int, fqdn: str, path: str, *extra: str) -> list[str]:
-    return [
-        "curl", "-sS", "--max-time", "20", "--cacert", str(ca),
-        "--connect-to", f"{fqdn}:443:127.0.0.1:{edge_port}",
-        "-o", "-", "-w", "\n%{http_code}", *extra, f"https://{fqdn}{path}",
-    ]  # fmt: skip
-
-
-def make_key(directory: Path) -> Path:
-    key = directory / "id_ed25519"
-    if not key.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
 
 
 class LoopThread:

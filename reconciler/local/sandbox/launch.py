@@ -1,15 +1,16 @@
 """The first process of every local sandbox: joins its cgroups, gives up the host, execs bwrap.
 
-`local/sandbox.py` runs it as `python -I -S launch.py FD` (standard library only); FD carries
+Run as `python -I -S launch.py FD` (standard library only, as the daemon's interpreter); FD carries
 a JSON plan, and bubblewrap's options travel in another inherited pipe (`--args`), so no
 process's command line carries more than fd numbers and the agent's fixed command. Steps:
 
 1. join the sandbox's cgroups (so nothing of it ever runs outside its limits);
-2. root daemon only: in a private mount namespace, stage what bwrap binds (the workspace and a
-   few files) on a fresh tmpfs over `/run`, where the sandbox's unprivileged host uid can reach
-   it (the state dir itself stays 0700 root); have a helper create the sandbox's user
-   namespace as that uid, map its 65536 ids onto the host range (setgroups allowed, so sshd's
-   privilege separation works), and forbid user namespaces inside it; then drop to that uid;
+2. root daemon only: in a private mount namespace, stage what bwrap binds (the workspace, the
+   agent's directory and a few files) on a fresh tmpfs over `/run`, where the sandbox's
+   unprivileged host uid can reach it (the state dir itself stays 0700 root); have a helper
+   create the sandbox's user namespace as that uid, map its 65536 ids onto the host range
+   (setgroups allowed, so sshd's privilege separation works), and forbid user namespaces
+   inside it; then drop to that uid;
 3. exec bwrap (root daemon: `--userns` into that namespace).
 
 Errors are one line on stderr (the sandbox console) and exit code 125.
@@ -72,7 +73,8 @@ def _join_cgroups(procs: list[str]) -> None:
 
 
 def _stage(workspace: str, files: dict[str, str]) -> None:
-    """Private mount namespace; `STAGE/workspace` and `STAGE/<name>` bound from the host."""
+    """Private mount namespace; `STAGE/workspace` and `STAGE/<name>` (a file or a directory)
+    bound from the host."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare mount namespace")
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     _mount("ukc-stage", STAGE, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
@@ -81,7 +83,10 @@ def _stage(workspace: str, files: dict[str, str]) -> None:
     for name, source in files.items():
         target = f"{STAGE}/{name}"
         os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        if os.path.isdir(source):
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         _mount(source, target, None, MS_BIND, None)
 
 

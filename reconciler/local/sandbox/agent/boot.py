@@ -1,0 +1,190 @@
+"""The agent's start: limits, environment, boot id, servers, sshd, and the ready line.
+
+Runs as the sandbox's first process after bwrap's init. It reports `ready <boot id>` on the
+inherited status fd once sshd accepts on 2222, then lives as long as sshd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from http.server import ThreadingHTTPServer
+
+from .commands import Registry
+from .console import log, os_message
+from .execapi import ExecHandler
+from .httpd import TcpHTTPServer, UnixHTTPServer
+from .plugin import PluginHandler
+from .relay import serve_relay
+
+__all__ = ["main"]
+
+SSH_PORT = 2222
+EXEC_PORT = 8080
+RUN_DIR = "/run/ukc"
+READY_DEADLINE_S = 10.0
+
+SSHD_CONFIG = """\
+ListenAddress 127.0.0.1
+HostKey {host_key}
+AuthorizedKeysFile {run}/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+UsePAM no
+StrictModes no
+PidFile none
+PrintLastLog no
+PrintMotd no
+UseDNS no
+Subsystem sftp internal-sftp
+MaxStartups 100
+AcceptEnv none
+"""
+
+
+def _write(path: str, data: str, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def _listening(port: int) -> bool:
+    """Whether 127.0.0.1:`port` is in LISTEN state in this network namespace.
+
+    Reading /proc/net/tcp instead of connecting keeps sshd from logging a dropped connection
+    on every boot; a listening socket queues connections, so sshd is accepting from here on.
+    """
+    want = f"0100007F:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) > 3 and fields[1] == want and fields[3] == "0A":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _wait_accepting(port: int, sshd: subprocess.Popen[bytes], deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if sshd.poll() is not None:
+            return False
+        if _listening(port):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _load_env(fd: int) -> None:
+    """The instance env (a JSON object on `fd`) becomes this process's environment.
+
+    It comes through a pipe, not bwrap's environment, so nothing on the host side of the
+    sandbox ever runs with it (secret values, or an `LD_PRELOAD` aimed at the host).
+    """
+    with os.fdopen(fd, "rb") as f:
+        env = json.loads(f.read())
+    if not isinstance(env, dict):
+        raise ValueError("the env pipe must carry a JSON object")
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+
+
+def _limit(max_procs: int, max_data: int) -> None:
+    """The rlimit fallback (no usable cgroups): set before anything else of the sandbox runs.
+
+    Soft and hard alike: raising a hard limit needs CAP_SYS_RESOURCE in the host's user
+    namespace, which nothing in the sandbox has. RLIMIT_NPROC counts the processes of the
+    sandbox's user inside this user namespace only.
+    """
+    if max_procs:
+        resource.setrlimit(resource.RLIMIT_NPROC, (max_procs, max_procs))
+    if max_data:
+        # why: thread stacks count as data; the agent's many small threads need little
+        threading.stack_size(1024 * 1024)
+        resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ukc-agent")
+    ap.add_argument("--status-fd", type=int, required=True)
+    ap.add_argument("--plugin-fd", type=int, required=True)
+    ap.add_argument("--relay-fd", type=int, required=True)
+    ap.add_argument("--env-fd", type=int, required=True)
+    ap.add_argument("--host-key", required=True)
+    ap.add_argument("--max-procs", type=int, default=0)
+    ap.add_argument("--max-data", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.max_procs or args.max_data:
+        _limit(args.max_procs, args.max_data)
+
+    _load_env(args.env_fd)
+    boot_id = str(uuid.uuid4())
+    os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+    _write(f"{RUN_DIR}/boot_id", boot_id + "\n", 0o644)
+    # why: sshd reads the key as the sandbox user; the value never leaves this 0600 file
+    _write(f"{RUN_DIR}/authorized_keys", os.environ.get("PUBKEY", "").strip() + "\n", 0o600)
+    _write(
+        f"{RUN_DIR}/sshd_config",
+        SSHD_CONFIG.format(host_key=args.host_key, run=RUN_DIR),
+        0o644,
+    )
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+    plugin_sock = socket.socket(fileno=args.plugin_fd)
+    relay_sock = socket.socket(fileno=args.relay_fd)
+    plugin_handler = type("PluginHandler", (PluginHandler,), {"plugin": Registry()})
+    servers: list[ThreadingHTTPServer] = [UnixHTTPServer(plugin_sock, plugin_handler)]
+    try:
+        servers.append(TcpHTTPServer(("127.0.0.1", EXEC_PORT), ExecHandler))
+    except OSError as exc:
+        log(f"exec api cannot listen on {EXEC_PORT}: {exc.strerror}")
+        return 1
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=serve_relay, args=(relay_sock,), daemon=True).start()
+
+    sshd_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    try:
+        sshd = subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", f"{RUN_DIR}/sshd_config", "-p", str(SSH_PORT)],
+            env=sshd_env,
+            stdin=subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        log(f"sshd failed to start: {os_message(exc)}")
+        return 1
+
+    def _terminate(signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):
+            sshd.terminate()
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+
+    if not _wait_accepting(SSH_PORT, sshd, time.monotonic() + READY_DEADLINE_S):
+        log(f"sshd not accepting on {SSH_PORT} (exit code {sshd.poll()})")
+        sshd.kill()
+        return 1
+    with contextlib.suppress(OSError):
+        os.write(args.status_fd, f"ready {boot_id}\n".encode())
+        os.close(args.status_fd)
+    code = sshd.wait()
+    log(f"sshd exited with code {code}")
+    return 1 if code == 0 else (code if code > 0 else 128 - code)

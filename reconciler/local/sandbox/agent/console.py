@@ -1,0 +1,21 @@
+"""What the agent says: lines on the sandbox console and OS error texts."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["log", "os_message"]
+
+
+def log(message: str) -> None:
+    """One line on the sandbox console (the runtime keeps the last 64 KiB)."""
+    sys.stderr.write(f"agent: {message}\n")
+    sys.stderr.flush()
+
+
+def os_message(exc: OSError) -> str:
+    """Rust-style error text, as the real plugin reports it: `Is a directory (os error 21)`."""
+    if exc.errno is None:
+        return str(exc)
+    return f"{exc.strerror or os.strerror(exc.errno)} (os error {exc.errno})"

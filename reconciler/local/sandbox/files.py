@@ -1,0 +1,133 @@
+"""The host files a sandbox is given, and removing what it wrote.
+
+Each sandbox gets a persistent ssh host key and its own `/etc/passwd`, `group` and `shadow`
+(bound read-only over the host's), and a workspace it owns. A root daemon's sandbox owns its
+workspace through its host id range, so a workspace written under another range (or by an
+older daemon as host root) is handed over first. What a sandbox wrote is removed without
+following any symlink it planted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from reconciler._util.atomic import create_atomic, write_atomic
+from reconciler.local.sandbox.hostids import IdRange
+
+__all__ = ["HOST_KEY", "prepare_instance_dir", "prepare_workspace", "remove_tree"]
+
+HOST_KEY = "ssh_host_ed25519_key"
+_DEFAULT_SSHD_LINE = "sshd:x:65534:65534::/run/sshd:/usr/sbin/nologin"
+
+
+def _host_sshd_line() -> str:
+    """The host's `sshd` account line (the privilege separation user sshd looks up)."""
+    with contextlib.suppress(OSError), open("/etc/passwd") as f:
+        for line in f:
+            if line.startswith("sshd:"):
+                return line.strip()
+    return _DEFAULT_SSHD_LINE
+
+
+def prepare_instance_dir(inst: Path, ids: IdRange | None) -> None:
+    """Create `inst` with the sandbox's host key (kept across boots) and account files."""
+    inst.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = inst / HOST_KEY
+    if not key.exists():
+        pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        create_atomic(key, pem, mode=0o600)
+    if ids is not None:
+        # why: root of a sandbox is plain root in its own namespace
+        uid = gid = 0
+    else:
+        # why: an unprivileged sshd only authenticates its own uid, so `root` must be that
+        # uid; the login shell is sh, home /root
+        uid, gid = os.getuid(), os.getgid()
+    passwd = (
+        f"root:x:{uid}:{gid}:root:/root:/bin/sh\n{_host_sshd_line()}\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+    group = f"root:x:{gid}:\nnogroup:x:65534:\n"
+    shadow = "root:*:19000:0:99999:7:::\nsshd:*:19000:0:99999:7:::\n"
+    for fname, text, mode in (
+        ("passwd", passwd, 0o644),
+        ("group", group, 0o644),
+        ("shadow", shadow, 0o600),
+    ):
+        write_atomic(inst / fname, text.encode(), mode=mode, durable=False)
+    if ids is not None:
+        # why: sshd (root inside) must read these; host root's files are not its own
+        for fname in (HOST_KEY, "shadow"):
+            os.chown(inst / fname, ids.base, ids.base)
+
+
+def prepare_workspace(ws: Path, ids: IdRange | None) -> None:
+    """Create the workspace; under a host id range, make every entry in it the sandbox's."""
+    ws.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if ids is not None and os.lstat(ws).st_uid != ids.base:
+        _shift_owner(ws, ids)
+
+
+def _shift_owner(root: Path, ids: IdRange) -> None:
+    """Give every entry under `root` (and `root` last) to `ids`, keeping the inner id.
+
+    `root` goes last so an interrupted walk is redone at the next start.
+    """
+    for _top, dirs, files, dfd in os.fwalk(root, follow_symlinks=False):
+        for name in dirs + files:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                os.chown(
+                    name,
+                    ids.host_id(st.st_uid),
+                    ids.host_id(st.st_gid),
+                    dir_fd=dfd,
+                    follow_symlinks=False,
+                )
+    st = os.lstat(root)
+    os.chown(root, ids.host_id(st.st_uid), ids.host_id(st.st_gid), follow_symlinks=False)
+
+
+def _make_searchable(path: str) -> None:
+    """chmod 0700 the directory at `path` itself: never a symlink, never what one points to."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            # why: chmod through the fd's /proc link acts on exactly the inode opened above
+            os.chmod(f"/proc/self/fd/{fd}", 0o700)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a tree a sandbox wrote; symlinks in it are removed, never followed."""
+
+    def _fix(func: Callable[..., object], p: str, _exc: object) -> None:
+        # why: a sandbox may leave directories without write or search permission, which a
+        # non-root owner must chmod; a symlink planted there must not redirect that chmod
+        _make_searchable(os.path.dirname(p))
+        _make_searchable(p)
+        with contextlib.suppress(FileNotFoundError):
+            func(p)
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, onerror=_fix)

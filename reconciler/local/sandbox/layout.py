@@ -1,0 +1,94 @@
+"""Where a sandbox's host-side files and sockets live in the daemon's state dir.
+
+`workspaces/<uuid>/` is the sandbox's `/workspace` (kept across stop/start, removed by destroy);
+`sandboxes/<uuid>/` holds its ssh host key, generated account files and host id range. The
+listening sockets live in a host-only control dir, `run/<uuid>/` (or a short `/tmp/ukc-*` dir
+when the state dir is too deep for a unix socket path), which the sandbox never sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from reconciler.errors import LocalMetroError
+
+__all__ = ["UUID_RE", "SandboxLayout"]
+
+UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# why: unix socket paths are limited to 108 bytes; leave room for the file name
+_SOCK_PATH_MAX = 100
+
+
+class SandboxLayout:
+    """The paths of every sandbox of one state dir; a uuid that is not one is refused."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._run_base: Path | None = None
+
+    def check_uuid(self, uuid: str) -> None:
+        if not UUID_RE.match(uuid):
+            raise LocalMetroError(f"sandbox id {uuid[:80]!r} is not a valid instance uuid")
+
+    def workspace(self, uuid: str) -> Path:
+        """`state_dir/workspaces/<uuid>`: the host side of the sandbox's `/workspace`."""
+        self.check_uuid(uuid)
+        return self.state_dir / "workspaces" / uuid
+
+    def instance_dir(self, uuid: str) -> Path:
+        self.check_uuid(uuid)
+        return self.state_dir / "sandboxes" / uuid
+
+    def known_uuids(self) -> set[str]:
+        """Every uuid that has a workspace or an instance dir on disk."""
+        found: set[str] = set()
+        for sub in (self.state_dir / "workspaces", self.state_dir / "sandboxes"):
+            with contextlib.suppress(FileNotFoundError):
+                found |= {p.name for p in sub.iterdir() if UUID_RE.match(p.name)}
+        return found
+
+    def _control_base(self) -> Path:
+        if self._run_base is not None:
+            return self._run_base
+        base = self.state_dir / "run"
+        if len(str(base.absolute())) + 1 + 36 + len("/plugin.sock") > _SOCK_PATH_MAX:
+            digest = hashlib.sha256(str(self.state_dir.absolute()).encode()).hexdigest()[:10]
+            base = Path(tempfile.gettempdir()) / f"ukc-{os.getuid()}-{digest}"
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(base)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise LocalMetroError(
+                f"control dir {base} is not a directory owned by uid {os.getuid()}"
+            )
+        os.chmod(base, 0o700)
+        self._run_base = base.absolute()
+        return self._run_base
+
+    def control_dir(self, uuid: str) -> Path:
+        self.check_uuid(uuid)
+        return self._control_base() / uuid
+
+    def plugin_socket(self, uuid: str) -> Path:
+        """The unix socket on which the sandbox's plugin HTTP API answers."""
+        return self.control_dir(uuid) / "plugin.sock"
+
+    def relay_socket(self, uuid: str) -> Path:
+        """The unix socket through which the agent relays connections to ports inside."""
+        return self.control_dir(uuid) / "relay.sock"
+
+    def remove_control_dirs(self) -> None:
+        """Remove the empty control dirs stopped sandboxes left (and a /tmp fallback base)."""
+        base = self._run_base
+        if base is not None and base.is_dir():
+            for child in base.iterdir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+            with contextlib.suppress(OSError):
+                base.rmdir()
+            self._run_base = None

@@ -1,0 +1,411 @@
+"""Real sandboxes for the local metro: one bubblewrap sandbox per running instance.
+
+`SandboxRuntime` starts, stops, freezes and thaws, destroys and prunes the sandboxes of one
+daemon, and opens byte streams to ports inside them (what the TLS edge forwards to). Inside
+each sandbox runs the agent (sshd, exec API, plugin API, relay).
+
+A sandbox holds no host privilege. Every sandbox has its own user namespace and nothing in it
+has a capability over the host. A root daemon gives each instance a host id range of its own
+(`hostids`): `root` inside is an unprivileged host uid that owns the workspace and nothing
+else, with a few capabilities that only count inside, and no user namespaces inside. A
+non-root daemon runs sandboxes as its own uid with no capabilities at all. Memory and process
+limits come from `limits`; a sandbox killed for lack of memory is reported as such.
+
+Nothing host-visible names the instance: the runtime is never told the name, the hostname is
+the uuid, bubblewrap's arguments travel through a pipe, and the instance env (which may hold
+secrets, or `LD_PRELOAD`) reaches only the agent inside, through another pipe, never the
+environment of a process that runs on the host side. The runtime creates the listening
+sockets and hands them to the agent as inherited file descriptors, so nothing the sandbox
+writes can replace them; the only host path a sandbox writes is its `/workspace`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from reconciler.errors import LocalMetroError
+from reconciler.local.sandbox.box import Box, read_boot_id, read_init_pid
+from reconciler.local.sandbox.bwrap import (
+    BASE_ENV,
+    BWRAP,
+    bind_sources,
+    bwrap_options,
+    check_host,
+    host_files,
+)
+from reconciler.local.sandbox.files import prepare_instance_dir, prepare_workspace, remove_tree
+from reconciler.local.sandbox.handoff import listen_unix, pipe_with
+from reconciler.local.sandbox.hostids import HostIds, IdRange
+from reconciler.local.sandbox.layout import SandboxLayout
+from reconciler.local.sandbox.limits import Cgroup, Limiter
+
+__all__ = ["DEFAULT_MAX_PIDS", "DEFAULT_MEMORY_MB", "SandboxRuntime"]
+
+log = logging.getLogger(__name__)
+
+SSHD = "/usr/sbin/sshd"
+LAUNCHER = Path(__file__).resolve().with_name("launch.py")
+READY_TIMEOUT_S = 15.0
+CONNECT_ACK_TIMEOUT_S = 10.0
+STREAM_LIMIT = 256 * 1024
+DEFAULT_MEMORY_MB = 128
+DEFAULT_MAX_PIDS = 512
+
+
+class SandboxRuntime:
+    """Starts, stops, freezes and connects to the bubblewrap sandboxes of one daemon."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        on_exit: Callable[[str, int, bool], None],
+        *,
+        bwrap: str = BWRAP,
+        sshd: str = SSHD,
+        max_pids: int = DEFAULT_MAX_PIDS,
+        limiter: Limiter | None = None,
+        host_ids: HostIds | None = None,
+    ) -> None:
+        # why: bwrap/sshd paths are injectable so the "not installed" answers can be tested
+        self._bwrap = bwrap
+        self._sshd = sshd
+        self.state_dir = state_dir
+        self.layout = SandboxLayout(state_dir)
+        self.max_pids = max_pids
+        self._on_exit = on_exit
+        self._privileged = os.geteuid() == 0
+        self._ids = host_ids if host_ids is not None else HostIds() if self._privileged else None
+        self._limiter = limiter
+        self._boxes: dict[str, Box] = {}
+        self._consoles: dict[str, bytearray] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ---- queries
+
+    def workspace(self, uuid: str) -> Path:
+        """`state_dir/workspaces/<uuid>`: the host side of the sandbox's `/workspace`."""
+        return self.layout.workspace(uuid)
+
+    def plugin_socket(self, uuid: str) -> Path:
+        """The unix socket on which the sandbox's plugin HTTP API answers."""
+        return self.layout.plugin_socket(uuid)
+
+    @property
+    def limiter(self) -> Limiter:
+        if self._limiter is None:
+            self._limiter = Limiter.detect()
+        return self._limiter
+
+    def describe(self) -> str:
+        """One line: how sandboxes are isolated and limited (daemon log, `ukc local status`)."""
+        if self._privileged:
+            isolation = "user namespace, own host uid range per instance"
+        else:
+            isolation = f"user namespace, daemon uid {os.getuid()}, no capabilities"
+        return f"{isolation}; limits: {self.limiter.describe()}, at most {self.max_pids} tasks"
+
+    def is_running(self, uuid: str) -> bool:
+        box = self._boxes.get(uuid)
+        return box is not None and box.proc.returncode is None and not box.stopping
+
+    def boot_id(self, uuid: str) -> str | None:
+        """The boot id of the running sandbox, or None."""
+        box = self._boxes.get(uuid)
+        return box.boot_id if box is not None and self.is_running(uuid) else None
+
+    def console(self, uuid: str) -> bytes:
+        """Recent console output (agent and sshd stderr), at most 64 KiB, newest last."""
+        return bytes(self._consoles.get(uuid, b""))
+
+    def pids(self, uuid: str) -> list[int]:
+        """Host pids of every process of the sandbox (bwrap monitor included); for tests."""
+        box = self._boxes.get(uuid)
+        if box is None:
+            return []
+        members = box.members()
+        if box.proc.returncode is None:
+            members.append(box.proc.pid)
+        return sorted(set(members))
+
+    def is_frozen(self, uuid: str) -> bool:
+        box = self._boxes.get(uuid)
+        return box is not None and box.frozen
+
+    # ---- start
+
+    def _lock(self, uuid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uuid, asyncio.Lock())
+
+    async def start(
+        self, uuid: str, *, env: dict[str, str], memory_mb: int = DEFAULT_MEMORY_MB
+    ) -> str:
+        """Boot the sandbox; returns its boot id once sshd accepts on 2222 inside."""
+        self.layout.check_uuid(uuid)
+        async with self._lock(uuid):
+            box = self._boxes.get(uuid)
+            if box is not None and self.is_running(uuid):
+                return box.boot_id
+            check_host(self._bwrap, self._sshd)
+            started = time.monotonic()
+            box, status_r, info_r = await self._launch(uuid, env, memory_mb)
+            await self._await_ready(box, status_r, info_r, started)
+            return box.boot_id
+
+    def _prepare(self, uuid: str) -> tuple[IdRange | None, Path, Path]:
+        """The instance's id range (claimed the first time), workspace and instance dir."""
+        inst = self.layout.instance_dir(uuid)
+        ids = self._ids.claim(inst) if self._ids is not None else None
+        ws = self.layout.workspace(uuid)
+        prepare_workspace(ws, ids)
+        prepare_instance_dir(inst, ids)
+        return ids, ws, inst
+
+    async def _launch(self, uuid: str, env: dict[str, str], memory_mb: int) -> tuple[Box, int, int]:
+        """Start the launcher (which execs bwrap); the box and its status and info pipes."""
+        ids, ws, inst = await asyncio.to_thread(self._prepare, uuid)
+        files = host_files(inst)
+        sources = bind_sources(files, ws, staged=ids is not None)
+        limiter = self.limiter
+        cgroup: Cgroup | None = None
+        if limiter.uses_cgroups:
+            try:
+                cgroup = limiter.create(memory_mb * 1024 * 1024, self.max_pids)
+            except OSError as exc:
+                raise LocalMetroError(
+                    f"sandbox {uuid}: cannot set up its {limiter.mechanism} limits: {exc.strerror}"
+                ) from None
+        self.layout.control_dir(uuid).mkdir(mode=0o700, exist_ok=True)
+        plugin = listen_unix(self.layout.plugin_socket(uuid))
+        relay = listen_unix(self.layout.relay_socket(uuid))
+        status_r, status_w = os.pipe()
+        info_r, info_w = os.pipe()
+        owned = [status_r, status_w, info_r, info_w]
+        try:
+            # why: env values may be secrets, and `LD_PRELOAD` and friends must not reach the
+            # host-side processes (a root launcher!): the env goes to the agent in a pipe
+            owned.append(pipe_with(json.dumps({**BASE_ENV, **env}).encode()))
+            fds = {
+                "status": status_w,
+                "info": info_w,
+                "plugin": plugin.fileno(),
+                "relay": relay.fileno(),
+                "env": owned[-1],
+            }
+            options, command = bwrap_options(
+                uuid,
+                sources,
+                fds,
+                own_ids=ids is not None,
+                memory_mb=memory_mb,
+                max_pids=self.max_pids,
+                rlimits=not limiter.uses_cgroups,
+            )
+            owned.append(pipe_with(b"".join(a.encode() + b"\0" for a in options)))
+            plan = {
+                "bwrap": self._bwrap,
+                "args_fd": owned[-1],
+                "command": command,
+                "parent": os.getpid(),
+                "cgroup_procs": [str(p) for p in cgroup.procs] if cgroup else [],
+                "ids": {"base": ids.base, "count": ids.count} if ids else None,
+                "workspace": str(ws),
+                "files": files,
+            }
+            owned.append(pipe_with(json.dumps(plan).encode()))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(LAUNCHER), str(owned[-1]),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=dict(BASE_ENV),
+                pass_fds=(*fds.values(), owned[-2], owned[-1]),
+                start_new_session=True,
+                limit=STREAM_LIMIT,
+            )  # fmt: skip
+        except (OSError, LocalMetroError) as exc:
+            for fd in owned:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            plugin.close()
+            relay.close()
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.remove)
+            if isinstance(exc, LocalMetroError):
+                raise
+            raise LocalMetroError(
+                f"sandbox {uuid}: bwrap failed to start: {exc.strerror}"
+            ) from None
+        for fd in owned:
+            if fd not in (status_r, info_r):
+                os.close(fd)
+        plugin.close()
+        relay.close()
+        console = self._consoles[uuid] = bytearray()
+        box = self._boxes[uuid] = Box(uuid=uuid, proc=proc, console=console, cgroup=cgroup)
+        box.start_console()
+        return box, status_r, info_r
+
+    async def _await_ready(self, box: Box, status_r: int, info_r: int, started: float) -> None:
+        """Wait for the agent's ready line; kill the sandbox and raise when it does not come."""
+        proc = box.proc
+        try:
+            box.watch_memory()
+            info_task = asyncio.create_task(read_init_pid(info_r))
+            status_task = asyncio.create_task(read_boot_id(status_r))
+            exit_task = asyncio.create_task(proc.wait())
+            done, _ = await asyncio.wait(
+                {status_task, exit_task},
+                timeout=READY_TIMEOUT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            # why: bwrap reports its child's pid before that child runs the agent, so once the
+            # agent is ready (or bwrap is gone) the info pipe has its answer or its EOF
+            with contextlib.suppress(OSError, ValueError, TimeoutError):
+                box.adopt_init(await asyncio.wait_for(info_task, 5.0))
+            if status_task in done and status_task.result():
+                box.boot_id = status_task.result()
+            else:
+                status_task.cancel()
+                # why: also when bwrap is gone already: its pid 1 may be ours to reap
+                await box.kill()
+                code = proc.returncode
+                exit_task.cancel()
+                await box.console_done()
+                last = box.last_launch_error()
+                raise LocalMetroError(
+                    f"sandbox {box.uuid} not ready after {time.monotonic() - started:.1f} s "
+                    f"(exit code {code})" + (f": {last}" if last else "; see its console")
+                )
+            exit_task.cancel()
+        except BaseException:
+            box.stopping = True
+            await box.kill()
+            await box.release_cgroup()
+            self._boxes.pop(box.uuid, None)
+            raise
+        finally:
+            for fd in (status_r, info_r):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        box.watcher = asyncio.create_task(self._watch(box))
+        log.debug("sandbox %s booted in %.3f s", box.uuid, time.monotonic() - started)
+
+    async def _watch(self, box: Box) -> None:
+        code = await box.proc.wait()
+        if box.stopping:
+            return
+        # why: a sandbox that died on its own leaves stragglers only if bwrap's init survived
+        await box.reap_namespace()
+        out_of_memory = box.oom_killed()
+        await box.release_cgroup()
+        if self._boxes.get(box.uuid) is not box:
+            return  # why: a newer boot already replaced this one; its death is old news
+        del self._boxes[box.uuid]
+        try:
+            self._on_exit(box.uuid, code, out_of_memory)
+        except Exception:
+            log.exception("on_exit callback for sandbox %s failed", box.uuid)
+
+    # ---- stop, destroy, prune
+
+    async def stop(self, uuid: str) -> None:
+        """Kill the sandbox and every process in it; the workspace is kept."""
+        self.layout.check_uuid(uuid)
+        async with self._lock(uuid):
+            box = self._boxes.pop(uuid, None)
+            if box is None:
+                return
+            box.stopping = True
+            await box.kill()
+            if box.watcher is not None:
+                box.watcher.cancel()
+            await box.release_cgroup()
+            for sock in (self.layout.plugin_socket(uuid), self.layout.relay_socket(uuid)):
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
+
+    async def destroy(self, uuid: str) -> None:
+        """Stop the sandbox and remove its workspace, host key, id range and control dir."""
+        await self.stop(uuid)
+        async with self._lock(uuid):
+            await asyncio.to_thread(self._remove_files, uuid)
+            self._consoles.pop(uuid, None)
+        self._locks.pop(uuid, None)
+
+    def _remove_files(self, uuid: str) -> None:
+        inst = self.layout.instance_dir(uuid)
+        if self._ids is not None:
+            self._ids.release(inst)
+        for path in (self.layout.workspace(uuid), inst, self.layout.control_dir(uuid)):
+            remove_tree(path)
+
+    async def prune(self, keep: Iterable[str]) -> list[str]:
+        """Remove what stopped sandboxes of instances not in `keep` left on disk.
+
+        A delete whose teardown was cut short (the daemon stopped or was killed) leaves a
+        workspace no record names any more: pruned at the daemon's start and at its shutdown.
+        """
+        pruned = sorted(self.layout.known_uuids() - set(keep) - set(self._boxes))
+        for uuid in pruned:
+            async with self._lock(uuid):
+                await asyncio.to_thread(self._remove_files, uuid)
+            self._locks.pop(uuid, None)
+        return pruned
+
+    async def close(self) -> None:
+        """Stop every sandbox (the daemon's shutdown)."""
+        await asyncio.gather(*(self.stop(u) for u in list(self._boxes)), return_exceptions=True)
+        self.layout.remove_control_dirs()
+
+    # ---- freeze, thaw, connect
+
+    def _running_box(self, uuid: str) -> Box:
+        box = self._boxes.get(uuid)
+        if box is None or box.proc.returncode is not None:
+            raise LocalMetroError(f"sandbox {uuid} is not running")
+        return box
+
+    async def freeze(self, uuid: str) -> None:
+        """Stateful standby: SIGSTOP every process of the sandbox (memory and sockets kept)."""
+        await self._running_box(uuid).freeze()
+
+    async def thaw(self, uuid: str) -> None:
+        """Resume a frozen sandbox."""
+        await self._running_box(uuid).thaw()
+
+    async def open_connection(
+        self, uuid: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A byte stream to 127.0.0.1:`port` inside the sandbox; ConnectionRefusedError if down.
+
+        The agent's relay: send `PORT\\n`, get `OK\\n` once it reached the port inside.
+        """
+        if not self.is_running(uuid):
+            raise ConnectionRefusedError(f"sandbox {uuid} is not running")
+        try:
+            reader, writer = await asyncio.open_unix_connection(
+                str(self.layout.relay_socket(uuid)), limit=STREAM_LIMIT
+            )
+        except FileNotFoundError:
+            raise ConnectionRefusedError(f"sandbox {uuid} is not running") from None
+        try:
+            writer.write(f"{int(port)}\n".encode())
+            # why: exactly three bytes; whatever else the (untrusted) agent sends is not read here
+            ack = await asyncio.wait_for(reader.readexactly(3), CONNECT_ACK_TIMEOUT_S)
+        except asyncio.IncompleteReadError:
+            ack = b""
+        except BaseException:
+            writer.close()
+            raise
+        if ack != b"OK\n":
+            writer.close()
+            raise ConnectionRefusedError(f"port {port} of sandbox {uuid} refused the connection")
+        return reader, writer
