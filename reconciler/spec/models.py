@@ -378,16 +378,55 @@ class SessionSpec(BaseModel):
         return value
 
 
-#: `sync` fields that came after the first spec hashes were made (left out at their default)
-_SYNC_ADDED_LATER = (
-    "back_delete",
-    "back_max_bytes",
-    "back_max_files",
-    "back_max_refused",
-    "timeout",
-    "idle_timeout",
-)
-_SYNC_DEFAULTS = SyncSpec().model_dump(mode="json")
+#: the fields the first spec hashes were made of: always hashed. Any field added since is
+#: left out while it has its default, so a spec that does not use it keeps the hash it had
+#: (the hash decides whether an expired session may come back: upgrading ukc must not). New
+#: fields need nothing here; this list only ever shrinks if a field is removed.
+_FIRST_HASHED: dict[type[BaseModel], frozenset[str]] = {
+    SessionSpec: frozenset(
+        {
+            "name",
+            "image",
+            "metro",
+            "directory",
+            "commands",
+            "sync",
+            "env",
+            "secret_env",
+            "memory_mb",
+            "ttl",
+            "exec",
+        }
+    ),
+    SyncSpec: frozenset({"exclude", "back"}),
+    CommandSpec: frozenset({"name", "run", "timeout"}),
+}
+
+
+def _first_hashed(model: BaseModel) -> frozenset[str]:
+    for cls in type(model).__mro__:
+        if cls in _FIRST_HASHED:
+            return _FIRST_HASHED[cls]
+    return frozenset()
+
+
+def _canonical(model: BaseModel) -> dict[str, object]:
+    """The model as JSON values, without the later fields that still have their default."""
+    dumped = model.model_dump(mode="json")
+    first = _first_hashed(model)
+    out: dict[str, object] = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name not in first and not info.is_required():
+            if value == info.get_default(call_default_factory=True):
+                continue
+        if isinstance(value, BaseModel):
+            out[name] = _canonical(value)
+        elif isinstance(value, tuple) and all(isinstance(v, BaseModel) for v in value):
+            out[name] = [_canonical(v) for v in value]
+        else:
+            out[name] = dumped[name]
+    return out
 
 
 def spec_hash(spec: SessionSpec) -> str:
@@ -395,15 +434,9 @@ def spec_hash(spec: SessionSpec) -> str:
 
     Nothing secret is in it: `secret_env` only holds variable names.
     """
-    data = spec.model_dump(mode="json")
-    # why: a field added later is left out at its default, so upgrading ukc keeps every
-    # existing spec's hash (an expired session stays deleted until its spec really changes)
-    for name in _SYNC_ADDED_LATER:
-        if data["sync"][name] == _SYNC_DEFAULTS[name]:
-            del data["sync"][name]
-    if not spec.allow_directory_outside_spec_dir:
-        del data["allow_directory_outside_spec_dir"]
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(
+        _canonical(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
