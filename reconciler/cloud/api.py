@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from urllib.parse import quote
 
 import httpx
 
+from reconciler._util.names import is_metro_code
 from reconciler._util.retry import RetryPolicy, call_with_retries
 from reconciler.cloud.model import CreateRequest, Instance
 from reconciler.errors import (
@@ -55,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_METRO_CODE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 _MAX_MESSAGE = 200
 _MAX_RETRY_AFTER_S = 3600.0
 #: item error codes of the platform (ukc-api.md §3.1)
@@ -76,8 +75,8 @@ def metro_base_url(metro_code: str) -> str:
     """The API base URL of a metro code ("fra" → https://api.fra.unikraft.cloud); URLs pass."""
     if metro_code.startswith(("http://", "https://")):
         return normalize_base_url(metro_code)
-    if not _METRO_CODE.fullmatch(metro_code):
-        raise ValueError(f"metro code {metro_code!r} is not a lowercase label")
+    if not is_metro_code(metro_code):
+        raise ValueError(f"metro code {metro_code!r} is not a metro code")
     return f"https://api.{metro_code}.unikraft.cloud"
 
 

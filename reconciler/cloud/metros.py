@@ -13,7 +13,6 @@ token, the address an FQDN resolves to (the local edge) and the CA that signs it
 
 from __future__ import annotations
 
-import re
 import ssl
 import threading
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconciler import errors
+from reconciler._util.names import metro_kind
 from reconciler.cloud.api import UkcApi
 from reconciler.cloud.model import CloudApi
 from reconciler.cloud.trust import Reach
@@ -39,8 +39,6 @@ __all__ = [
     "stop_local_metro",
     "warm_up",
 ]
-
-_CODE = re.compile(r"[a-z]{2,5}[0-9]?")
 
 
 def metro_label(metro: str) -> str:
@@ -78,7 +76,7 @@ class MetroRegistry:
     def _open(self, label: str) -> MetroConnection:
         if label == "local":
             return self._open_local()
-        if not label.startswith(("http://", "https://")) and not _CODE.fullmatch(label):
+        if metro_kind(label) is None:
             raise errors.UsageError(f"metro {label!r} is neither 'local', a metro code nor a URL")
         # why: every connection passes the token routing rule here, whoever named the metro
         # (a spec file, the environment, or a status file from a checkout)

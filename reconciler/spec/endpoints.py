@@ -25,6 +25,8 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from reconciler._util.names import is_metro_code, official_metro_code
+
 __all__ = [
     "ALLOW_VAR",
     "CREDENTIAL_VARS",
@@ -45,8 +47,6 @@ METRO_VAR = "UKC_METRO"
 #: ukc's own credentials: a spec cannot forward them into a sandbox (`secret_env`)
 CREDENTIAL_VARS = frozenset({TOKEN_VAR, METRO_TOKEN_VAR, "UKC_SESSION_SECRET", "UKC_LOCAL_TOKEN"})
 
-_CODE = re.compile(r"[a-z]{2,5}[0-9]?")
-_OFFICIAL_HOST = re.compile(r"api\.([a-z][a-z0-9-]{0,30})\.unikraft\.cloud")
 #: host names we accept in a URL: plain DNS labels (no percent escapes, no backslashes, no
 #: unicode that another URL parser might read differently)
 _HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
@@ -156,7 +156,7 @@ def resolve(metro: str, environ: Mapping[str, str]) -> Endpoint:
     Raises `EndpointRefusedError` (reason and remedy, never a token value) when the metro may not
     be used from here.
     """
-    if _CODE.fullmatch(metro):
+    if is_metro_code(metro):
         return Endpoint(official_base_url(metro), TOKEN_VAR)
     url = _parse(metro)
     canonical = url.canonical
@@ -166,9 +166,9 @@ def resolve(metro: str, environ: Mapping[str, str]) -> Endpoint:
             "would cross the network in clear text; use https (plain http is only for a metro "
             "on a loopback address)"
         )
-    official = _OFFICIAL_HOST.fullmatch(url.host)
+    official = official_metro_code(url.host)
     if url.scheme == "https" and official and url.port in (None, 443) and not url.path:
-        return Endpoint(official_base_url(official.group(1)), TOKEN_VAR)
+        return Endpoint(official_base_url(official), TOKEN_VAR)
     allowed = _allowed(environ)
     listed = canonical in allowed
     if not listed and canonical != _chosen(environ):

@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from reconciler._util.names import is_dns_label, is_env_name, metro_kind
 from reconciler.errors import SpecError
 from reconciler.spec import endpoints
 from reconciler.spec.defaults import (
@@ -63,9 +64,6 @@ DEFAULT_LOCAL_IMAGE = "ukc/local-sandbox:latest"
 DEFAULT_COMMAND_TIMEOUT = Duration(30 * 60)
 MAX_NAME_LEN = 50  # the instance name adds "ukc-<project8>-" in front: 63 - 14 = 49, rounded
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
-_METRO_CODE = re.compile(r"[a-z]{2,5}[0-9]?")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _COMMAND_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -87,7 +85,7 @@ def show(value: object) -> str:
 def _check_session_name(value: str) -> str:
     if len(value) > MAX_NAME_LEN:
         raise _fail(f"name is {len(value)} characters, the limit is {MAX_NAME_LEN}")
-    if not _DNS_LABEL.fullmatch(value):
+    if not is_dns_label(value):
         raise _fail(
             f"must be a lowercase DNS label (a-z, 0-9 and '-', starting and ending with a "
             f"letter or digit), got {show(value)}"
@@ -119,9 +117,10 @@ def _check_image(value: str) -> str:
 
 
 def check_metro(value: str) -> str:
-    if value == "local" or _METRO_CODE.fullmatch(value):
+    kind = metro_kind(value)
+    if kind in ("local", "code"):
         return value
-    if value.startswith(("http://", "https://")):
+    if kind == "url":
         if re.search(r"[\s\x00-\x1f\x7f]", value):
             raise _fail(f"metro url contains spaces or control characters: {show(value)}")
         parts = urllib.parse.urlsplit(value)
@@ -145,7 +144,7 @@ def _check_directory(value: str) -> str:
 
 
 def _check_env_name(value: str) -> str:
-    if not _ENV_NAME.fullmatch(value):
+    if not is_env_name(value):
         raise _fail(f"{show(value)} is not a valid environment variable name")
     return value
 
@@ -153,7 +152,7 @@ def _check_env_name(value: str) -> str:
 def _check_secret_source(value: str) -> str:
     # why: a value that is not a variable name is most likely the secret itself, pasted in
     # the wrong place; it must not be echoed into an error message.
-    if not _ENV_NAME.fullmatch(value):
+    if not is_env_name(value):
         raise _fail(
             "must be the name of a controller environment variable holding the secret, "
             "not the secret itself (value not shown)"
@@ -417,9 +416,9 @@ def _canonical(model: BaseModel) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        if name not in first and not info.is_required():
-            if value == info.get_default(call_default_factory=True):
-                continue
+        added_later = name not in first and not info.is_required()
+        if added_later and value == info.get_default(call_default_factory=True):
+            continue
         if isinstance(value, BaseModel):
             out[name] = _canonical(value)
         elif isinstance(value, tuple) and all(isinstance(v, BaseModel) for v in value):

@@ -23,12 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from reconciler._util.names import is_env_name
 from reconciler.errors import SpecError
 from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell
 
 __all__ = ["ShellTransport", "build_script", "export_lines", "run_command"]
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MARKER_LINE = re.compile(rb"__UKC_KILL__ (-?)([0-9]{1,9})\n")
 _READ = 256 * 1024
 #: after the process exits, how long stray holders of stdout/stderr may keep them open
@@ -50,7 +50,7 @@ def export_lines(env: Mapping[str, str]) -> list[str]:
     variable name, or a NUL in a value, is a `SpecError`)."""
     lines = []
     for name, value in env.items():
-        if not _ENV_NAME.fullmatch(name):
+        if not is_env_name(name):
             raise SpecError(f"env name {name!r} is not a shell variable name", field="env")
         if "\0" in value:
             raise SpecError(f"env value of {name} contains a nul byte", field="env")
