@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ from reconciler.errors import BackendError, RateLimitedError
 
 __all__ = [
     "RetryPolicy",
+    "apoll",
     "backoff_delays",
     "call_with_retries",
     "default_is_retryable",
@@ -134,6 +135,28 @@ def call_with_retries(
             sleep(delay)
 
 
+class _PollClock:
+    """The deadline and the waits of one poll (shared by `poll` and `apoll`)."""
+
+    def __init__(
+        self, policy: RetryPolicy, monotonic: Callable[[], float], rng: random.Random | None
+    ) -> None:
+        self._policy = policy
+        self._monotonic = monotonic
+        self._start = monotonic()
+        self._delays = backoff_delays(policy, rng or random.Random())
+
+    def remaining(self) -> float:
+        return self._policy.deadline_s - (self._monotonic() - self._start)
+
+    def wait_after(self, remaining: float) -> float | None:
+        """How long to sleep before the next probe (never past the deadline); None: stop."""
+        delay = next(self._delays, None)
+        if remaining <= 0 or delay is None:
+            return None
+        return max(0.0, min(delay, self.remaining()))
+
+
 def poll(
     probe: Callable[[float], T | None],
     *,
@@ -148,16 +171,36 @@ def poll(
     A probe may wait itself (a long poll): with a zero interval nothing sleeps in between.
     Errors the probe raises end the poll.
     """
-    start = monotonic()
-    delays = backoff_delays(policy, rng or random.Random())
+    clock = _PollClock(policy, monotonic, rng)
     while True:
-        remaining = policy.deadline_s - (monotonic() - start)
+        remaining = clock.remaining()
         answer = probe(remaining)
         if answer is not None:
             return answer
-        delay = next(delays, None)
-        if remaining <= 0 or delay is None:
+        wait = clock.wait_after(remaining)
+        if wait is None:
             return None
-        left = policy.deadline_s - (monotonic() - start)
-        if delay > 0 and left > 0:
-            sleep(min(delay, left))
+        if wait > 0:
+            sleep(wait)
+
+
+async def apoll(
+    probe: Callable[[float], Awaitable[T | None]],
+    *,
+    policy: RetryPolicy,
+    monotonic: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> T | None:
+    """`poll` on an event loop: an awaitable probe, and the waits do not block the loop."""
+    import asyncio  # why here: most users of this module never run an event loop
+
+    clock = _PollClock(policy, monotonic, rng)
+    while True:
+        remaining = clock.remaining()
+        answer = await probe(remaining)
+        if answer is not None:
+            return answer
+        wait = clock.wait_after(remaining)
+        if wait is None:
+            return None
+        await asyncio.sleep(wait)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 
 import pytest
 
-from reconciler._util.retry import RetryPolicy, backoff_delays, call_with_retries, poll
+from reconciler._util.retry import RetryPolicy, apoll, backoff_delays, call_with_retries, poll
 from reconciler.errors import ApiError, RateLimitedError, SpecError, TransportError
 
 
@@ -266,3 +267,17 @@ class TestPoll:
         with pytest.raises(TransportError, match="gone"):
             poll(probe, policy=RetryPolicy.every(1.0), sleep=clock.sleep, monotonic=clock.monotonic)
         assert clock.sleeps == []
+
+    def test_an_event_loop_poll_gives_up_at_the_deadline_like_a_blocking_one(self) -> None:
+        clock = FakeClock()
+        asked: list[float] = []
+
+        async def probe(remaining: float) -> str | None:
+            asked.append(remaining)
+            clock.now += 0.75  # the awaited waits are real but tiny; the probe spends time
+            return None
+
+        policy = RetryPolicy.every(0.001, deadline_s=1.0)
+        got = asyncio.run(apoll(probe, policy=policy, monotonic=clock.monotonic))
+        assert got is None
+        assert asked == [1.0, 0.25, -0.5]  # the last one asked at the deadline
