@@ -280,7 +280,7 @@ class Executor:
     def _note_instance(self, session: str, inst: Instance) -> None:
         rec = self._record(session)
         with self.doc_lock:
-            pin = rec.instance.pin if rec.instance and rec.instance.uuid == inst.uuid else None
+            pin = identity.recorded_pin(rec.instance, inst)
             rec.instance = InstanceRecord(
                 name=inst.name,
                 uuid=inst.uuid,
@@ -356,11 +356,10 @@ class Executor:
             # uuid); the observed instance, which the planner proved ours, is the one we work
             # on, so record it.
             self._note_instance(ctx.desired.name, inst)
-        pin = rec.instance.pin if rec.instance and rec.instance.uuid == inst.uuid else None
         transport = run.kind.connect(
             Target(inst.name, inst.fqdn, conn.reach),
             ctx.credentials,
-            pin=pin,
+            pin=identity.recorded_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,
         )
         run.transport = transport

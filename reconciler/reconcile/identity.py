@@ -56,6 +56,7 @@ __all__ = [
     "owner_tags",
     "project_id",
     "prove",
+    "recorded_pin",
     "session_from_tags",
     "tag_value",
     "transport_tag",
@@ -167,6 +168,17 @@ def owner_values(tags: Sequence[str]) -> list[str]:
     return [t[len(prefix) :] for t in tags if t.startswith(prefix)]
 
 
+def recorded_pin(record: InstanceRecord | None, inst: Instance) -> str | None:
+    """The pin this checkout recorded for that very instance (same name and uuid), else None.
+
+    The one rule for carrying what was learnt about an instance forward: a pin never passes to
+    another instance under the same name (a replacement has a new identity to learn).
+    """
+    if record is not None and record.uuid == inst.uuid and record.name == inst.name:
+        return record.pin
+    return None
+
+
 def prove(inst: Instance, owner: Owner, session: str, record: InstanceRecord | None) -> Proof:
     """Whether `inst` is provably `session`'s instance of this checkout.
 
@@ -194,7 +206,7 @@ def prove(inst: Instance, owner: Owner, session: str, record: InstanceRecord | N
             f"was removed), run ukc where it was made, or with the {SECRET_VAR} it was made "
             f"with, or delete it yourself; otherwise {rename}",
         )
-    if record is not None and record.uuid == inst.uuid and record.name == inst.name and record.pin:
+    if recorded_pin(record, inst):
         return Proof(True, "made by an older ukc: this checkout recorded its uuid and host key")
     return Proof(
         False,

@@ -225,11 +225,12 @@ def _prefetcher(
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job
         # (it journals the instance it adopts at the same time)
-        if known is None or known.uuid != inst.uuid or not known.pin or not inst.fqdn:
+        pin = identity.recorded_pin(known, inst)
+        if not pin or not inst.fqdn:
             return
         kind = select.kind_for(transport)
         target = Target(inst.name, inst.fqdn, metros.get(metro).reach)
-        credentials, pin = credentials_for(group, session), known.pin
+        credentials = credentials_for(group, session)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 
     return prefetch

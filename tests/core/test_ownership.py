@@ -281,3 +281,13 @@ class TestPlanDelete:
         d = desired()
         p = plan_delete([(d.name, d.instance_name, "local")], {}, StatusDoc(), OWNER)
         assert p.sessions[0].actions == () and p.refusals == ()
+
+
+def test_a_recorded_pin_applies_only_to_the_very_instance_it_was_learnt_from() -> None:
+    d = desired()
+    inst = instance(d, uuid="u-1")
+    rec = record_for(inst, host_key="SHA256:first")
+    assert identity.recorded_pin(rec, inst) == "SHA256:first"
+    assert identity.recorded_pin(rec, replace(inst, uuid="u-2")) is None  # a replacement
+    assert identity.recorded_pin(rec, replace(inst, name="ukc-other-a")) is None
+    assert identity.recorded_pin(None, inst) is None
