@@ -414,11 +414,12 @@ def _preload() -> None:
     import reconciler.cli.render
     import reconciler.reconcile.execute
     import reconciler.reconcile.loop
-    import reconciler.sync.engine
-    import reconciler.transport.sshclient  # noqa: F401
+    import reconciler.sync.engine  # noqa: F401
     from reconciler.cloud import metros
+    from reconciler.transport import select
 
     importlib.import_module(_COMMANDS)
+    select.preload()
     metros.warm_up()
 
 

@@ -66,9 +66,11 @@ class StartInstance:
 class WaitReady:
     session: str
     instance_name: str
+    #: the transport it waits for (the session's `exec`)
+    transport: str
 
     def describe(self) -> str:
-        return f"wait until {self.instance_name} accepts ssh"
+        return f"wait until {self.instance_name} accepts {self.transport}"
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def _plan_session(
     elif inst is not None and (replace_why := _baked_change(desired, inst)) is not None:
         # Image, memory or transport (the public ports) changed: those are fixed at creation.
         if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
-            acts.append(actions.WaitReady(name, inst.name))
+            acts.append(actions.WaitReady(name, inst.name, desired.transport))
             acts.append(
                 actions.SyncBack(
                     name,
@@ -247,7 +247,7 @@ def _plan_session(
     if runs or back_owed:
         need_shell = True
     if need_shell:
-        acts.append(actions.WaitReady(name, desired.instance_name))
+        acts.append(actions.WaitReady(name, desired.instance_name, desired.transport))
     if sync_action is not None:
         acts.append(sync_action)
     acts.extend(runs)
@@ -283,7 +283,7 @@ def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
         return [
             f"session {name}: instance {inst.name} was created by an older ukc and still "
             "publishes port 443, the image's unauthenticated exec API; `ukc delete` then "
-            "`ukc apply` recreates it with SSH only"
+            f"`ukc apply` recreates it with only the ports exec: {desired.transport} needs"
         ]
     return []
 

@@ -22,9 +22,11 @@ from reconciler.transport.base import (
 from reconciler.transport.commands import ShellTransport
 from reconciler.transport.tls import Dialer
 
-__all__ = ["KIND", "SshKind"]
+__all__ = ["KIND", "PRELOAD", "SshKind"]
 
 SSH_PORT = 2222
+#: what `connect` loads late (see `transport.select.preload`)
+PRELOAD = ("reconciler.transport.sshclient",)
 
 
 class SshKind:

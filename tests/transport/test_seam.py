@@ -72,3 +72,21 @@ def test_a_shell_transport_runs_commands_and_carries_byte_streams(tmp_path: Path
         assert transport.active and transport.pin == "p" and transport.kind == "local"
     finally:
         transport.close()
+
+
+def test_the_warm_preload_loads_every_transports_late_modules_and_a_plain_import_does_not() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from reconciler.transport import select\n"
+        "before = 'paramiko' in sys.modules\n"
+        "select.preload()\n"
+        "print(before, 'reconciler.transport.sshclient' in sys.modules,"
+        " 'reconciler.transport.http' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["False", "True", "True"]
