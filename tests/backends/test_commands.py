@@ -15,8 +15,7 @@ from reconciler.transport.base import CommandResult
 from reconciler.transport.commands import build_script, run_command
 from reconciler.transport.sshclient import SshShell
 from reconciler.transport.tls import Dialer
-
-from .conftest import FQDN, Sshd
+from tests.support.tls_sshd import FQDN, Sshd
 
 SECRET = "s3cr3t-CANARY-91d2"
 
@@ -25,7 +24,7 @@ SECRET = "s3cr3t-CANARY-91d2"
 def shell(
     test_ca: object, ssh_front: object, sshd: Sshd, request: pytest.FixtureRequest
 ) -> Iterator[SshShell]:
-    from .conftest import dialer_to
+    from tests.support.tls_sshd import dialer_to
 
     dialer: Dialer = dialer_to(test_ca, ssh_front.port)  # type: ignore[arg-type,attr-defined]
     with SshShell.connect(dialer, FQDN, key_path=sshd.client_key, user=sshd.user) as sh:

@@ -16,8 +16,7 @@ from reconciler.errors import RemoteError, SpecError, TransportError
 from reconciler.transport.http import HttpExec, build_exec_cmd, stage_env, unstage_env
 from reconciler.transport.local_shell import LocalShell
 from reconciler.transport.tls import Dialer
-
-from .conftest import FQDN, CaFiles, TlsForwarder, dialer_to
+from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to
 
 
 class ExecHandler(BaseHTTPRequestHandler):

@@ -17,8 +17,7 @@ from reconciler.errors import RemoteError, SandboxNotReadyError
 from reconciler.transport.keys import generate_keypair
 from reconciler.transport.sshclient import SshShell, wait_ssh_ready
 from reconciler.transport.tls import Dialer
-
-from .conftest import FQDN, CaFiles, Sshd, TlsForwarder, dialer_to, free_port
+from tests.support.tls_sshd import FQDN, CaFiles, Sshd, TlsForwarder, dialer_to, free_port
 
 
 def connect(dialer: Dialer, sshd: Sshd, **kw: object) -> SshShell:

@@ -12,8 +12,7 @@ import pytest
 from reconciler.cloud.trust import edge_address
 from reconciler.errors import TransportError
 from reconciler.transport.tls import Dialer
-
-from .conftest import FQDN, CaFiles, TlsForwarder, dialer_to, free_port
+from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to, free_port
 
 
 class EchoServer:

@@ -11,7 +11,7 @@ from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import DesiredSession, TreeState
 from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc
-from tests.core.test_planner import (
+from tests.support.planning import (
     NOW,
     OWNER,
     OWNER_ID,

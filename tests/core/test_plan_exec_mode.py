@@ -14,7 +14,7 @@ from reconciler.reconcile.plan import plan_sessions
 from reconciler.status.schema import StatusDoc
 from reconciler.transport import select
 from reconciler.transport.base import Credentials
-from tests.core.test_planner import NOW, OWNER, converged_record, desired, instance, kinds
+from tests.support.planning import NOW, OWNER, converged_record, desired, instance, kinds
 
 
 def _plan(d: DesiredSession, inst: Instance | None) -> actions.Plan:

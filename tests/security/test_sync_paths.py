@@ -27,8 +27,8 @@ from reconciler.sync.remote import encode_frame
 from reconciler.transport.local_shell import LocalShell
 from tests.support.canary import Canaries, assert_nowhere
 from tests.support.hostile_helper import fake_python, run_in_child
+from tests.support.synctree import REMOTE_PYTHON
 from tests.support.ukc import Ukc
-from tests.sync.conftest import REMOTE_PYTHON
 
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA-canary-key\n"
 

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 
 from reconciler.errors import SpecError
 from reconciler.spec.loader import load_specs
-
-from . import write
+from tests.support.specfiles import write
 
 #: bombs, deep nesting and encodings fail in milliseconds; 1 s leaves room for a busy machine
 FAST_S = 1.0

@@ -18,8 +18,7 @@ from reconciler.spec.models import (
     resolve_secret_env,
     spec_hash,
 )
-
-from . import load_one, spec_error, write
+from tests.support.specfiles import load_one, spec_error, write
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,7 @@ from reconciler.spec.defaults import (
 )
 from reconciler.spec.models import SyncSpec, spec_hash
 from reconciler.spec.sizes import SizeError, format_size, parse_size
-
-from . import load_one, spec_error
+from tests.support.specfiles import load_one, spec_error
 
 #: the hash of `name: a` + `sync: {back: [out/]}` as computed by the ukc before these fields
 #: (and before back_delete) existed

@@ -15,7 +15,7 @@ from reconciler.errors import SyncHaltedError
 from reconciler.sync.engine import push
 from reconciler.sync.ignore import load_rules
 from reconciler.transport.local_shell import LocalShell
-from tests.sync.conftest import Site, snapshot
+from tests.support.synctree import Site, snapshot
 
 NAMES = ("a", "b", "c.tmp", "out", "d")
 EXCLUDE = ("*.tmp",)

@@ -1,9 +1,8 @@
-"""Fixtures for the backend tests: a throwaway CA, an asyncio TLS forwarder, a real sshd.
+"""A stand-in for a sandbox behind the TLS edge: a throwaway CA, an asyncio TLS forwarder, sshd.
 
 The forwarder stands in for the UKC / local-metro TLS edge: it terminates TLS with a
 certificate for `*.sbx.test` issued by a test CA and forwards plain TCP to a target port.
 sshd runs as the current user on 127.0.0.1 with its own host key and authorized_keys.
-Nothing here depends on files outside the repository.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import contextlib
 import datetime
 import ipaddress
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -23,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -51,7 +48,7 @@ class CaFiles:
         return ctx
 
 
-def _make_ca(directory: Path) -> CaFiles:
+def make_ca(directory: Path) -> CaFiles:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ukc test ca")])
@@ -205,16 +202,20 @@ class Sshd:
     user: str
 
 
-@pytest.fixture(scope="session")
-def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CaFiles:
-    return _make_ca(tmp_path_factory.mktemp("ca"))
+def current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
-        pytest.skip("openssh-server is not installed")
-    cfg = tmp_path_factory.mktemp("sshd")
+def dialer_to(ca: CaFiles, port: int) -> Dialer:
+    """A dialer that sends every FQDN to 127.0.0.1:port (like the local metro's edge)."""
+    return Dialer(ca.client_context(), lambda fqdn, public_port: ("127.0.0.1", port))
+
+
+@contextlib.contextmanager
+def running_sshd(cfg: Path) -> Iterator[Sshd]:
+    """sshd on 127.0.0.1 with its own host key, accepting one fresh client key; files in `cfg`."""
     host_key = cfg / "hostkey"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
     client_key = cfg / "clientkey"
@@ -236,30 +237,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     )
     try:
         wait_port(port)
-        yield Sshd(port, host_key, client_key, _user())
+        yield Sshd(port, host_key, client_key, current_user())
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _user() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.geteuid()).pw_name
-
-
-@pytest.fixture(scope="session")
-def ssh_front(test_ca: CaFiles, sshd: Sshd) -> Iterator[TlsForwarder]:
-    fwd = TlsForwarder(test_ca, sshd.port).start()
-    yield fwd
-    fwd.stop()
-
-
-def dialer_to(ca: CaFiles, port: int) -> Dialer:
-    """A dialer that sends every FQDN to 127.0.0.1:port (like the local metro's edge)."""
-    return Dialer(ca.client_context(), lambda fqdn, public_port: ("127.0.0.1", port))
-
-
-@pytest.fixture
-def dialer(test_ca: CaFiles, ssh_front: TlsForwarder) -> Dialer:
-    return dialer_to(test_ca, ssh_front.port)
