@@ -5,9 +5,8 @@ click before it does anything, which is most of an apply that sends ten files. T
 imports them once; each command is a `fork()` of it, so it starts with everything loaded and
 with no state from any other command (a fresh copy of a process that never ran one).
 
-Who uses it: `launcher` (the `ukc` entry point) asks it to run `apply`, `plan`, `status`,
-`delete` and `validate`, and starts it in the background when none answers. Opt out with
-`UKC_WARM=0`; `ukc warm status|stop` inspect and stop it.
+It runs `apply`, `plan`, `status`, `delete` and `validate`, and is started in the background
+when none answers. Opt out with `UKC_WARM=0`; `ukc warm status|stop` inspect and stop it.
 
 Protocol (a Unix socket in a private 0700 directory; both ends check the peer's uid):
   client → server: u32 length + JSON {argv, cwd, env, umask, streams}, with the client's
@@ -23,7 +22,7 @@ Protocol (a Unix socket in a private 0700 directory; both ends check the peer's 
       as the in-process command would have died with it.
   child → client: b"X" + i32 exit code, then it exits.
 The client half lives in `warmclient` (imported by every command, so it stays tiny); this
-module is the server, plus `ukc warm status|stop` and the start helpers benches and tests use.
+module is the server, `ukc warm status|stop`, and starting a server.
 """
 
 from __future__ import annotations

@@ -6,9 +6,8 @@ uses only what the interpreter has built in or `site` already loaded (`os`, `sys
 `socket`, `signal`, `json`, `pathlib`, `hashlib` and `typing` pull in enum, re, urllib and
 OpenSSL, ~35 ms together, while the warm process answers a no-op apply in ~30 ms.
 
-Who uses it: `launcher` (`worthy`, `locate_socket`, `run`), and `warm` (the server half, which
-shares `socket_path`, `connect`, `recv_exact`, `peer_uid` and the constants; the protocol is
-described there).
+The server half and the protocol are in `warm`; both halves share this module's constants
+and socket helpers.
 
 Where the socket lives: a private 0700 directory that is ours alone (`locate`); the first
 candidate that qualifies wins and every refused one is named in a warning line.

@@ -1,13 +1,13 @@
-"""`UkcApi`: the UKC platform API of one metro over httpx (implements `backends.CloudApi`).
+"""`UkcApi`: the UKC platform API of one metro over httpx (implements `cloud.model.CloudApi`).
 
-Fed by the controller (observe/act) with a base URL and a token; the local metro speaks the
-same wire protocol, so the only differences are the URL and the token. This module owns the
+The local metro speaks the same wire protocol, so the only differences are the base URL and
+the token. This module owns the
 wire facts: the JSON envelope, per-item errors inside a 200, pagination with an inclusive
 `from` cursor, GET/DELETE with JSON bodies, and the mapping of failures onto
-`reconciler.errors`. Retries (429/5xx/transport) happen inside each method through
-`backends.retry`; a create is never retried blindly: after a lost answer we look the name up,
-and an instance found there is reported as `AlreadyExistsError` (whether it is ours to adopt
-is the controller's ownership rule, not a wire fact).
+`reconciler.errors` (the facts are in docs/PLATFORM.md). Retries (429/5xx/transport) happen
+inside each method through `_util.retry`; a create is never retried blindly: after a lost
+answer we look the name up, and an instance found there is reported as `AlreadyExistsError`
+(whether it is ours to adopt is the controller's ownership rule, not a wire fact).
 
 The token lives only in this object's private attribute and the Authorization header; it never
 appears in `repr`, logs or exception text (server-sent text is scrubbed of it too).
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 200
 _MAX_RETRY_AFTER_S = 3600.0
-#: item error codes of the platform (ukc-api.md §3.1)
+#: item error codes of the platform (docs/PLATFORM.md, "The response envelope")
 _CODE_NOT_FOUND = 8
 _CODE_QUOTA = 19
 _CODE_ALREADY_EXISTS = 23
@@ -327,7 +327,8 @@ class UkcApi:
         base = "/v1/instances?details=true&count={count}"
         if tags:
             # why: the API wants one `tags` parameter, values percent-encoded, joined by a
-            # literal comma (ukc-api.md §6); httpx's params= would encode the comma too.
+            # literal comma (docs/PLATFORM.md, "Identifying and filtering"); httpx's params=
+            # would encode the comma too.
             base += "&tags=" + ",".join(quote(t, safe="") for t in tags)
         seen: set[str] = set()
         result: list[Instance] = []

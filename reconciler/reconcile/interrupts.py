@@ -3,13 +3,12 @@
 Why: Python runs signal handlers in the main thread, between bytecodes. While a worker holds
 the interpreter lock (an SSH handshake, a sync), the main thread learns of a SIGINT only when
 the worker lets go; on a busy machine that was long enough for the worker to finish its
-action and start the next one after Ctrl-C (the crash suite's SIGINT test caught it about
-once in eight runs under load). The interpreter's C-level handler writes the signal number to
-the wakeup fd at once, whatever thread receives it, so the action-boundary check reads it
-there instead of waiting for the main thread.
+action and start the next one after Ctrl-C. The interpreter's C-level handler writes the
+signal number to the wakeup fd at once, whatever thread receives it, so the action-boundary
+check reads it there instead of waiting for the main thread.
 
-Who uses it: `applying` (creates and arms one per apply, `set()`s it on KeyboardInterrupt),
-`executor` (checks `is_set()` before each action).
+The apply loop arms one per apply and sets it on KeyboardInterrupt; the executor checks it
+before each action.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Push: make the sandbox's copy of the session directory equal the local tree.
 
-Who feeds it: `engine.push` (the executor's call) with a `RemoteShell`, `SyncOptions`, the
-instance uuid and optionally a manifest it already scanned. Who uses the result: the executor
-(counters go to status and to the no-change proof: `files_sent == 0`, `bytes_sent == 0`,
-`remote_scanned is False`).
+The result's counters prove a no-change push: `files_sent == 0`, `bytes_sent == 0`,
+`remote_scanned is False`.
 
 One helper process serves the whole push: hello (boot id + remote record) -> scan only when the
 record cannot be trusted -> batched uploads -> deletes last (skipped after any error) -> type

@@ -1,7 +1,7 @@
 """The `http` transport: session commands through the image's `/exec` HTTP API (`exec: http`).
 
 The opt-in alternative to SSH for images that serve `POST /exec {"cmd": "..."}` on 8080,
-published on public port 443 with the `tls`+`http` handlers (docs/PLATFORM.md, "exec API").
+published on public port 443 with the `tls`+`http` handlers (docs/PLATFORM.md, "The sandbox image").
 It is a composition: the `ssh` transport carries everything but the commands (the sync
 helper's byte streams, the staged environment), and `HttpExec` runs the commands. The API is
 unauthenticated and returns everything at the end, so output is not streamed: the callbacks

@@ -1,9 +1,8 @@
 """`LocalShell`: a `RemoteShell` that runs commands as local subprocesses (`sh -c`).
 
-Who feeds it: tests and benchmarks that want the sync engine (or anything else speaking to a
-sandbox through `RemoteShell`) without SSH. Who uses it: `tests/sync/`, `bench/`, and other
-engineers' tests. The command line is run exactly as the SSH backend would run it remotely,
-so the same remote programs are exercised; only the transport differs.
+For running the sync engine (or anything else that speaks to a sandbox through `RemoteShell`)
+against this machine. The command line is run exactly as the SSH transport would run it
+remotely, so the same remote programs are exercised; only the transport differs.
 """
 
 from __future__ import annotations
