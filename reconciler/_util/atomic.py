@@ -1,9 +1,9 @@
 """Small files written whole or not at all, and the temp files of killed writers swept away.
 
-A writer writes
-`.NAME.PID.tmp` beside the target, then renames it into place; a writer killed in between leaves
-its temp file behind, which the next writer removes once that pid is gone. (The status file has
-its own sweep: only the lock holder writes it, so it removes every temp file it finds.)
+A writer writes `.NAME.PID.tmp` beside the target, then renames it into place; a writer killed
+in between leaves its temp file behind, which the next writer removes once that pid is gone.
+(The status file has its own sweep: only the lock holder writes it, so it removes every temp
+file it finds.)
 """
 
 from __future__ import annotations
@@ -61,6 +61,15 @@ def sweep_dead_temps(path: Path) -> None:
                 stale.unlink()
 
 
+def _write_temp(tmp: Path, data: bytes, mode: int, *, durable: bool) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        if durable:
+            os.fsync(fh.fileno())
+
+
 def write_atomic(
     path: Path,
     data: bytes,
@@ -76,12 +85,7 @@ def write_atomic(
     """
     tmp = temp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
+        _write_temp(tmp, data, mode, durable=durable)
         if backup is not None and path.exists():
             os.replace(path, backup)
         os.replace(tmp, path)
@@ -97,11 +101,7 @@ def create_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
     a later one changes nothing. True when this call created it."""
     tmp = temp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_temp(tmp, data, mode, durable=True)
         try:
             os.link(tmp, path)  # why link, not rename: it fails instead of replacing
         except FileExistsError:
