@@ -17,7 +17,7 @@ from reconciler import errors
 from reconciler.cloud.metros import metro_label
 from reconciler.reconcile import identity
 from reconciler.spec.loader import LoadedSession, load_specs
-from reconciler.spec.models import resolve_secret_env, spec_hash
+from reconciler.spec.models import DEFAULT_EXEC, resolve_secret_env, spec_hash
 from reconciler.status.journal import status_path_for
 from reconciler.sync import engine as sync_engine
 from reconciler.sync.options import SyncOptions
@@ -80,7 +80,7 @@ class DesiredSession:
     #: `sync.back_delete`: sync-back mirrors remote deletions of files it brought back
     back_delete: bool = False
     #: the transport (`exec`) the session's instance is made for and reached with
-    transport: str = "ssh"
+    transport: str = DEFAULT_EXEC
     #: the transport's credentials for the session are there (an existing instance accepts
     #: only the ones it was created with: without them it is unreachable)
     credentials_present: bool = True

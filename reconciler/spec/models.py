@@ -43,6 +43,7 @@ from reconciler.spec.sizes import SizeError, parse_size
 
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_EXEC",
     "DEFAULT_LOCAL_IMAGE",
     "EXEC_NAMES",
     "CommandSpec",
@@ -59,6 +60,8 @@ __all__ = [
 #: the transports a session may choose (`exec`), each the module `reconciler.transport.<name>`:
 #: ssh, or http (the image's unauthenticated exec API on public port 443 runs the commands)
 EXEC_NAMES = ("ssh", "http")
+#: the transport of a spec that names none
+DEFAULT_EXEC = "ssh"
 #: image used on the local metro when neither the spec nor $UKC_SANDBOX_IMAGE names one
 DEFAULT_LOCAL_IMAGE = "ukc/local-sandbox:latest"
 DEFAULT_COMMAND_TIMEOUT = Duration(30 * 60)
@@ -324,7 +327,7 @@ class SessionSpec(BaseModel):
     )
     memory_mb: Annotated[int, Strict(), AfterValidator(_check_memory)] | None = None
     ttl: SpecDuration | None = None
-    exec: Annotated[str, Strict(), AfterValidator(_check_exec)] = "ssh"
+    exec: Annotated[str, Strict(), AfterValidator(_check_exec)] = DEFAULT_EXEC
 
     @field_validator("commands", mode="before")
     @classmethod
