@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import reconciler as reconciler_pkg
-from reconciler import warm
+from reconciler.cli import warm
 from reconciler.local import daemon
 
 

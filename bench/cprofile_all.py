@@ -53,7 +53,7 @@ def main() -> None:
         raise SystemExit(__doc__)
     out = Path(sys.argv[1])
     args = sys.argv[3:]
-    from reconciler.cli import main as cli_main
+    from reconciler.cli.main import main as cli_main
 
     threading.setprofile(_start_in_thread)
     main_prof = cProfile.Profile()

@@ -29,10 +29,12 @@ from pathlib import Path
 
 import httpx
 
-from reconciler.backends.ssh import SshShell, generate_keypair
-from reconciler.backends.tls import Dialer, edge_address
+from reconciler.cloud.trust import edge_address
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
+from reconciler.transport.keys import generate_keypair
+from reconciler.transport.sshclient import SshShell
+from reconciler.transport.tls import Dialer
 
 
 def _ssh_figures(info: MetroInfo, fqdn: str, key: Path) -> tuple[float, float]:

@@ -48,7 +48,7 @@ def redactor_alone(mb: int) -> None:
 
     measure("per chunk, raw values only (before)", per_chunk)
     try:
-        from reconciler.redaction import Redactor
+        from reconciler.reconcile.redaction import Redactor
     except ImportError:
         return
     measure("streaming, 1 secret", Redactor(values[:1]).stream().feed)

@@ -5,8 +5,8 @@
     .venv/bin/python bench/session_bench.py [--runs 3] [--tree baseline|small|scale]
                                             [--command 'CMD']
 
-The original workflow (ukc-api.md §12), each step with its real client tool, as
-`tests/local/test_original_workflow.py` runs it against the local metro:
+The original workflow (docs/PLATFORM.md, "The original workflow"), each step with its real
+client tool, as `tests/local/test_original_workflow.py` runs it against the local metro:
   create   `GET /v1/instances` (is the name free?), `ssh-keygen`, `POST /v1/instances` with
            the workflow's body (env.PUBKEY, 2222/tls and 443/tls+http, scale-to-zero) — curl
   wait     `GET /v1/instances/wait` until running — curl (the scripts themselves retry the

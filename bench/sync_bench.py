@@ -41,12 +41,13 @@ from sync_local_bench import peak_rss_kib
 from treegen import gen_tree, modify_tree
 
 import reconciler as reconciler_pkg
-from reconciler import warm
-from reconciler.backends import ssh as ssh_backend
-from reconciler.backends.tls import Dialer, edge_address
+from reconciler.cli import warm
+from reconciler.cloud.trust import edge_address
 from reconciler.local import daemon
 from reconciler.sync import engine
 from reconciler.sync.options import SyncOptions
+from reconciler.transport import sshclient as ssh_backend
+from reconciler.transport.tls import Dialer
 
 SERVICES = {"services": [{"port": 2222, "destination_port": 2222, "handlers": ["tls"]}]}
 S2Z = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from treegen import gen_tree, modify_tree  # the baseline tree, shared by every bench
 
-from reconciler.backends.localshell import LocalShell
 from reconciler.sync.engine import SyncOptions, pull, push
+from reconciler.transport.local_shell import LocalShell
 
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
@@ -62,7 +62,7 @@ def opts_for(w: Path, src: Path, name: str) -> SyncOptions:
 ONESHOT = """
 import sys
 from pathlib import Path
-from reconciler.backends.localshell import LocalShell
+from reconciler.transport.local_shell import LocalShell
 from reconciler.sync.engine import SyncOptions, push
 o = SyncOptions(local_root=Path(sys.argv[1]), state_dir=Path(sys.argv[2]),
                 remote_root=sys.argv[3], remote_state_dir=sys.argv[4],

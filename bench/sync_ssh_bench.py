@@ -34,9 +34,10 @@ sys.path.insert(0, str(HERE))
 from sync_local_bench import PY, timed
 from treegen import gen_tree, modify_tree
 
-from reconciler.backends.ssh import SshShell, generate_keypair
-from reconciler.backends.tls import Dialer
 from reconciler.sync.engine import SyncOptions, pull, push
+from reconciler.transport.keys import generate_keypair
+from reconciler.transport.sshclient import SshShell
+from reconciler.transport.tls import Dialer
 
 FQDN = "localhost"
 
@@ -223,8 +224,8 @@ def main() -> None:
             modify_tree(src)
             oneshot = (
                 "import sys, ssl\nfrom pathlib import Path\n"
-                "from reconciler.backends.ssh import SshShell\n"
-                "from reconciler.backends.tls import Dialer\n"
+                "from reconciler.transport.sshclient import SshShell\n"
+                "from reconciler.transport.tls import Dialer\n"
                 "from reconciler.sync.engine import SyncOptions, push\n"
                 f"ctx = ssl.create_default_context(cafile={str(w / 'tls' / 'tls.crt')!r})\n"
                 "ctx.check_hostname = False\n"

@@ -21,7 +21,7 @@ from procmeter import Measured, run_measured
 from sync_bench import Metro
 
 import reconciler as reconciler_pkg
-from reconciler import warm
+from reconciler.cli import warm
 from reconciler.local import daemon
 
 UKC = [sys.executable, "-m", "reconciler"]

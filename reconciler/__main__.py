@@ -1,5 +1,5 @@
 """`python -m reconciler` is `ukc`."""
 
-from reconciler.launcher import main
+from reconciler.cli.launcher import main
 
 main()

@@ -16,8 +16,8 @@ values, private keys). The CLI prints that line and maps the class to an exit co
     │   │   ├── AlreadyExistsError item code 23 / 409
     │   │   └── RateLimitedError  429 (retry_after seconds when the server said so)
     │   ├── TransportError        connection refused/reset, TLS, timeouts (retryable)
-    │   └── RemoteError           the sandbox side misbehaved (SSH exec, exec API)
-    ├── SandboxNotReadyError      SSH not accepting in time (also a TimeoutError)
+    │   └── RemoteError           the sandbox side misbehaved (a command channel, the exec API)
+    ├── SandboxNotReadyError      the sandbox did not accept its transport in time (a TimeoutError)
     ├── SyncError                 the sync engine refused or failed
     │   ├── SyncHaltedError       a safety guard tripped (missing/emptied root); nothing deleted
     │   ├── HostileEntryError     the sandbox sent a path we refuse to write
@@ -161,7 +161,7 @@ class RemoteError(BackendError):
 
 
 class SandboxNotReadyError(UkcError, TimeoutError):
-    """The sandbox did not accept SSH (or the exec API) within the readiness deadline."""
+    """The sandbox did not accept its transport's connection within the readiness deadline."""
 
 
 class SyncError(UkcError):

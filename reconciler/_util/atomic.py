@@ -1,9 +1,9 @@
 """Small files written whole or not at all, and the temp files of killed writers swept away.
 
-A writer writes
-`.NAME.PID.tmp` beside the target, then renames it into place; a writer killed in between leaves
-its temp file behind, which the next writer removes once that pid is gone. (The status file has
-its own sweep: only the lock holder writes it, so it removes every temp file it finds.)
+A writer writes `.NAME.PID.tmp` beside the target, then renames it into place; a writer killed
+in between leaves its temp file behind, which the next writer removes once that pid is gone.
+(The status file has its own sweep: only the lock holder writes it, so it removes every temp
+file it finds.)
 """
 
 from __future__ import annotations
@@ -14,11 +14,36 @@ from pathlib import Path
 
 from reconciler._util.pids import pid_alive
 
-__all__ = ["create_atomic", "sweep_dead_temps", "write_atomic", "writer_alive"]
+__all__ = [
+    "create_atomic",
+    "fsync_dir",
+    "sweep_dead_temps",
+    "temp_files",
+    "temp_path",
+    "write_atomic",
+    "writer_alive",
+]
 
 
-def _temp_for(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
+    """This process's temp name for `path`: `.NAME.PID.tmp` beside it."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def temp_files(path: Path) -> list[Path]:
+    """The temp files of `path`'s writers, live or dead."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        return list(path.parent.glob(f".{path.name}.*.tmp"))
+    return []
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the directory's entries (a rename into it) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def writer_alive(pid: str) -> bool:
@@ -29,24 +54,40 @@ def writer_alive(pid: str) -> bool:
 
 def sweep_dead_temps(path: Path) -> None:
     """Remove `path`'s temp files whose writer process no longer exists."""
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            pid = stale.name[len(path.name) + 2 : -len(".tmp")]
-            if pid.isdigit() and not writer_alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
+    for stale in temp_files(path):
+        pid = stale.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not writer_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
-    """Write `data` to `path` through a temp file and a rename (fsync'd unless not durable)."""
-    tmp = _temp_for(path)
+def _write_temp(tmp: Path, data: bytes, mode: int, *, durable: bool) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        if durable:
+            os.fsync(fh.fileno())
+
+
+def write_atomic(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o600,
+    durable: bool = True,
+    backup: Path | None = None,
+) -> None:
+    """Write `data` to `path` through a temp file and a rename (fsync'd unless not durable).
+
+    With `backup`, the file being replaced is kept there (renamed, once the new data is on
+    disk): a reader finds the previous generation if this one is ever damaged.
+    """
+    tmp = temp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
+        _write_temp(tmp, data, mode, durable=durable)
+        if backup is not None and path.exists():
+            os.replace(path, backup)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -58,13 +99,9 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
 def create_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> bool:
     """Like `write_atomic`, but only if `path` does not exist yet: the first writer wins and
     a later one changes nothing. True when this call created it."""
-    tmp = _temp_for(path)
+    tmp = temp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_temp(tmp, data, mode, durable=True)
         try:
             os.link(tmp, path)  # why link, not rename: it fails instead of replacing
         except FileExistsError:

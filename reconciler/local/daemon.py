@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from reconciler._util.pids import pid_alive
+from reconciler._util.retry import RetryPolicy, poll
 from reconciler.errors import LocalMetroError
-from reconciler.local._poll import poll_until
 
 __all__ = [
     "MetroInfo",
@@ -237,7 +237,9 @@ def ensure_running(state_dir: Path | None = None) -> MetroInfo:
             found = _read_info(sd)
             return found if found is not None and found.pid == proc.pid else None
 
-        info = poll_until(came_up, timeout_s=_START_TIMEOUT_S, interval_s=0.01)
+        info = poll(
+            lambda _: came_up(), policy=RetryPolicy.every(0.01, deadline_s=_START_TIMEOUT_S)
+        )
         if info is not None:
             return info
         line = _log_tail(log_path, offset)
@@ -248,8 +250,9 @@ def ensure_running(state_dir: Path | None = None) -> MetroInfo:
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
-    gone = poll_until(
-        lambda: True if not _daemon_alive(pid) else None, timeout_s=timeout, interval_s=0.02
+    gone = poll(
+        lambda _: True if not _daemon_alive(pid) else None,
+        policy=RetryPolicy.every(0.02, deadline_s=timeout),
     )
     return gone is not None
 

@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from reconciler._util.retry import RetryPolicy, apoll
 from reconciler.errors import LocalMetroError
-from reconciler.local._poll import apoll_until
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.peercred import loopback_peer_uid
 
@@ -299,7 +299,8 @@ class Edge:
             except OSError:
                 return None
 
-        return await apoll_until(attempt, timeout_s=WAKE_RETRY_S, interval_s=WAKE_RETRY_STEP_S)
+        polling = RetryPolicy.every(WAKE_RETRY_STEP_S, deadline_s=WAKE_RETRY_S)
+        return await apoll(lambda _: attempt(), policy=polling)
 
     async def _not_found(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer an HTTP 404 "Service not found" page, as the metro's HTTP front does."""

@@ -1,10 +1,9 @@
 """Mirroring remote deletions on sync-back (`sync.back_delete: true`), behind guards.
 
-Who feeds it: `pull`, once the whole stream ended and every pooled write finished, with what
-the pull saw (`Seen`: each path the sandbox announced, accepted or refused, and the helper's
-end frame `{"end": true, "errors": N, "missing": [back paths]}`), the pull record from before
-the pull and the new one being built. Who uses the result: `pull` (into `PullResult`), and so
-the executor (status, messages).
+It runs once a pull's whole stream ended and every pooled write finished, on what the pull saw
+(`Seen`: each path the sandbox announced, accepted or refused, and the helper's end frame
+`{"end": true, "errors": N, "missing": [back paths]}`), the pull record from before the pull
+and the new one being built.
 
 A local file is removed only when all of these hold; each one protects the user's files:
 1. the pull record says a pull wrote it: nothing else under the back paths is ever touched;

@@ -1,8 +1,7 @@
 """Diffing: local manifest vs the previous remote state -> `TransferPlan`. Pure.
 
-Who feeds it: `engine.plan_push` (previous = our last push record) and `push` (previous = the
-remote record when it is trusted, else a fresh remote scan). Who uses the plan: `push` executes
-it; `ukc plan` prints its counts. Safety rules live here so they are easy to test: a delete is
+`previous` is our last push record when planning, and the remote record (when it is trusted,
+else a fresh remote scan) when pushing. Safety rules live here so they are easy to test: a delete is
 only ever of a path present in `previous` and absent locally, never the root, never an excluded
 path, never a sync-back path or a directory holding one.
 """

@@ -1,8 +1,7 @@
-"""The sync engine's facade: the names the controller's executor and `ukc plan` call.
+"""The sync engine's facade: scan and plan locally, push, pull, forget a session's records.
 
-Who feeds it: the executor (a `RemoteShell` into the session's sandbox, `SyncOptions` from the
-spec and the session's state dir, the instance uuid). Who uses it: `executor`, `cli` (plan,
-delete), `watch` (`pulled_paths` to ignore files sync-back wrote).
+A push or pull runs over a `RemoteShell` into the session's sandbox (the byte streams of its
+transport), with the session's `SyncOptions` and the instance uuid that scopes the records.
 """
 
 from __future__ import annotations

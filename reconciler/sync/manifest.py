@@ -1,8 +1,7 @@
 """The local manifest: what the local tree holds, with a hash cache so unchanged files are
 never re-hashed.
 
-Who feeds it: the local directory (`SyncOptions.local_root`) and the ignore rules. Who uses it:
-`diff` (plans), `push` (what to send, what to record), `engine` (the facade). An entry is
+It covers the local root minus what the ignore rules exclude. An entry is
 `(type, size, mtime_ns, mode, ref)` with type "f" (regular file, ref = sha256 hex), "d"
 (directory, ref = "") or "l" (symlink, ref = the link target, never followed). Sockets, fifos
 and devices are not synced. The digest covers paths, types, sizes, modes and refs but not

@@ -1,34 +1,19 @@
-"""`SyncOptions`: everything the sync engine needs to know about one session's sync.
-
-Who feeds it: the controller's executor, from the spec (`directory`, `sync.exclude`,
-`sync.back`, `sync.back_delete`, the `sync` limits) and its own per-session state dir. Who uses
-it: every module of `reconciler.sync`.
-"""
+"""`SyncOptions`: everything the sync engine needs to know about one session's sync."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = [
-    "DEFAULT_BACK_MAX_BYTES",
-    "DEFAULT_BACK_MAX_FILES",
-    "DEFAULT_BACK_MAX_REFUSED",
-    "DEFAULT_IDLE_TIMEOUT_S",
-    "DEFAULT_TIMEOUT_S",
-    "SyncOptions",
-]
+from reconciler.spec.defaults import (
+    DEFAULT_BACK_MAX_BYTES,
+    DEFAULT_BACK_MAX_FILES,
+    DEFAULT_BACK_MAX_REFUSED,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+)
 
-#: what one sync-back may bring at most (`sync.back_max_bytes`, `sync.back_max_files`,
-#: `sync.back_max_refused`): far above what a session's outputs are by accident, low enough
-#: that a hostile sandbox cannot fill the disk, the inode table or our memory
-DEFAULT_BACK_MAX_BYTES = 16 << 30
-DEFAULT_BACK_MAX_FILES = 1_000_000
-DEFAULT_BACK_MAX_REFUSED = 10_000
-#: the longest one push or one sync-back may take (`sync.timeout`), and the longest the sync
-#: helper may stay silent, or not read, while we wait on it (`sync.idle_timeout`)
-DEFAULT_TIMEOUT_S = 3600.0
-DEFAULT_IDLE_TIMEOUT_S = 120.0
+__all__ = ["SyncOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)

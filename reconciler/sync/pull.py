@@ -1,9 +1,8 @@
 """Sync-back (pull): bring the declared `sync.back` paths from the sandbox into the local tree.
 
-Who feeds it: `engine.pull` (the executor) with a `RemoteShell` and `SyncOptions`; the other end
-is the helper's `pull` operation (see `helper_src`). Who uses the result: the executor (counts,
-conflicts, rejections and why it stopped go to status) and the watcher (`pulled_paths` are
-files we wrote, not user edits).
+The other end is the helper's `pull` operation (`sync.helper`). The result says what was
+written, refused, kept as a conflict and why it stopped; `pulled_paths` are files ukc wrote,
+not user edits.
 
 Everything the sandbox sends is untrusted: it can replace the helper, so every byte of the
 stream is adversarial. Each entry is validated before anything is written (`check_path`): no
@@ -54,7 +53,6 @@ from pathlib import Path
 from typing import Any, Never
 
 from reconciler._util.atomic import writer_alive
-from reconciler.backends import RemoteShell
 from reconciler.errors import HostileEntryError, SyncHaltedError
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
 from reconciler.sync.ignore import is_under
@@ -62,6 +60,7 @@ from reconciler.sync.manifest import CHUNK, hash_file
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.records import PULL_RECORD, read_record, write_record
 from reconciler.sync.remote import HelperSession
+from reconciler.transport.base import RemoteShell
 
 __all__ = [
     "CONFLICT_SUFFIX",
@@ -638,8 +637,8 @@ _RUN = (0, "")
 def _temp_name() -> str:
     """`.ukc-pull.PID.RANDOM`: the pid tells a later pull whether the writer is still alive.
 
-    RANDOM is drawn once per process, then counted (one urandom per file was 15 ms of a
-    2,000-file pull); a forked process (the warm process's commands) draws its own."""
+    RANDOM is drawn once per process, then counted (a urandom call per file is costly on large
+    pulls); a forked process (the warm process's commands) draws its own."""
     global _RUN
     pid = os.getpid()
     if _RUN[0] != pid:

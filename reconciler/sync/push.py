@@ -1,9 +1,7 @@
 """Push: make the sandbox's copy of the session directory equal the local tree.
 
-Who feeds it: `engine.push` (the executor's call) with a `RemoteShell`, `SyncOptions`, the
-instance uuid and optionally a manifest it already scanned. Who uses the result: the executor
-(counters go to status and to the no-change proof: `files_sent == 0`, `bytes_sent == 0`,
-`remote_scanned is False`).
+The result's counters prove a no-change push: `files_sent == 0`, `bytes_sent == 0`,
+`remote_scanned is False`.
 
 One helper process serves the whole push: hello (boot id + remote record) -> scan only when the
 record cannot be trusted -> batched uploads -> deletes last (skipped after any error) -> type
@@ -20,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.backends import RemoteShell
 from reconciler.errors import RemoteError, SyncError, SyncLimitError
 from reconciler.sync.diff import TransferPlan, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
@@ -28,6 +25,7 @@ from reconciler.sync.manifest import CHUNK, Entry, Manifest, last_push_record, s
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.records import PUSH_RECORD, write_record
 from reconciler.sync.remote import HelperSession
+from reconciler.transport.base import RemoteShell
 
 __all__ = ["MAX_REMOTE_ONLY", "MAX_REMOTE_ONLY_CHARS", "PushResult", "push", "read_remote_scan"]
 

@@ -1,9 +1,8 @@
 """Small JSON records kept in the controller's per-session sync state dir.
 
-Who feeds it: `manifest` (hash cache, push record), `pull` (pull record). Who uses it: the same
-modules, and `engine.forget`. Writes are atomic (`_util.atomic`: temp file in the same
-directory, fsync, rename) so a crash leaves either the old record or the new one, never a torn
-file, and a killed writer's temp file is swept by the next write.
+The hash cache, the push record and the pull record. Writes are atomic (`_util.atomic`: temp
+file in the same directory, fsync, rename) so a crash leaves either the old record or the new
+one, never a torn file, and a killed writer's temp file is swept by the next write.
 """
 
 from __future__ import annotations

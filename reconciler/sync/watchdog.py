@@ -1,9 +1,8 @@
 """`Watchdog`: ends a push or pull whose helper stalls, or that outlives its deadline.
 
-Who feeds it: `remote.HelperSession`, which stamps `since` around every blocking call on the
-helper's channel (starting it, reading its answers, writing its input) and reads `expired`
-when such a call fails. Who uses the verdict: `HelperSession` turns it into a
-`SyncStalledError` naming the session and the seconds.
+Every blocking call on the helper's channel (starting it, reading its answers, writing its
+input) is stamped with `since`; when such a call fails, `expired` says whether the watchdog
+ended it, and the session reports a `SyncStalledError` naming the seconds.
 
 why a thread rather than transport timeouts: each transport blocks in its own way (a paramiko
 channel waiting for window or data, a pipe in the kernel, a fake in a test), and a sandbox can

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.backends.commands import CommandResult, build_script, run_command
-from reconciler.backends.ssh import SshShell
-from reconciler.backends.tls import Dialer
 from reconciler.errors import SpecError
-
-from .conftest import FQDN, Sshd
+from reconciler.transport.base import CommandResult
+from reconciler.transport.commands import build_script, run_command
+from reconciler.transport.sshclient import SshShell
+from reconciler.transport.tls import Dialer
+from tests.support.tls_sshd import FQDN, Sshd
 
 SECRET = "s3cr3t-CANARY-91d2"
 
@@ -24,7 +24,7 @@ SECRET = "s3cr3t-CANARY-91d2"
 def shell(
     test_ca: object, ssh_front: object, sshd: Sshd, request: pytest.FixtureRequest
 ) -> Iterator[SshShell]:
-    from .conftest import dialer_to
+    from tests.support.tls_sshd import dialer_to
 
     dialer: Dialer = dialer_to(test_ca, ssh_front.port)  # type: ignore[arg-type,attr-defined]
     with SshShell.connect(dialer, FQDN, key_path=sshd.client_key, user=sshd.user) as sh:
@@ -240,7 +240,7 @@ class TestOverLocalShell:
     timeout there kills only the command's own process group, never the test runner."""
 
     def test_env_output_and_timeout_through_a_local_shell(self, tmp_path: Path) -> None:
-        from reconciler.backends.localshell import LocalShell
+        from reconciler.transport.local_shell import LocalShell
 
         local = LocalShell()
         try:

@@ -12,12 +12,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from reconciler.backends.httpexec import HttpExec, build_exec_cmd, stage_env, unstage_env
-from reconciler.backends.localshell import LocalShell
-from reconciler.backends.tls import Dialer
 from reconciler.errors import RemoteError, SpecError, TransportError
-
-from .conftest import FQDN, CaFiles, TlsForwarder, dialer_to
+from reconciler.transport.http import HttpExec, build_exec_cmd, stage_env, unstage_env
+from reconciler.transport.local_shell import LocalShell
+from reconciler.transport.tls import Dialer
+from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to
 
 
 class ExecHandler(BaseHTTPRequestHandler):

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.backends import CreateRequest, Service
-from reconciler.backends.commands import run_command
-from reconciler.backends.httpexec import HttpExec
-from reconciler.backends.ssh import generate_keypair, wait_ssh_ready
-from reconciler.backends.tls import Dialer, edge_address
-from reconciler.backends.ukc import UkcApi
+from reconciler.cloud.api import UkcApi
+from reconciler.cloud.model import CreateRequest, Service
+from reconciler.cloud.trust import edge_address
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
+from reconciler.transport.commands import run_command
+from reconciler.transport.http import HttpExec
+from reconciler.transport.keys import generate_keypair
+from reconciler.transport.sshclient import wait_ssh_ready
+from reconciler.transport.tls import Dialer
 
 pytestmark = pytest.mark.metro
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from reconciler.backends.ssh import SshShell, generate_keypair, wait_ssh_ready
-from reconciler.backends.tls import Dialer
 from reconciler.errors import RemoteError, SandboxNotReadyError
-
-from .conftest import FQDN, CaFiles, Sshd, TlsForwarder, dialer_to, free_port
+from reconciler.transport.keys import generate_keypair
+from reconciler.transport.sshclient import SshShell, wait_ssh_ready
+from reconciler.transport.tls import Dialer
+from tests.support.tls_sshd import FQDN, CaFiles, Sshd, TlsForwarder, dialer_to, free_port
 
 
 def connect(dialer: Dialer, sshd: Sshd, **kw: object) -> SshShell:

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from reconciler.backends.tls import Dialer, edge_address
+from reconciler.cloud.trust import edge_address
 from reconciler.errors import TransportError
-
-from .conftest import FQDN, CaFiles, TlsForwarder, dialer_to, free_port
+from reconciler.transport.tls import Dialer
+from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to, free_port
 
 
 class EchoServer:

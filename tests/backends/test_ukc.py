@@ -12,6 +12,7 @@ import logging
 import random
 import uuid as uuidlib
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -20,14 +21,14 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from reconciler.backends import CreateRequest, Service
-from reconciler.backends.retry import RetryPolicy
-from reconciler.backends.ukc import (
+from reconciler._util.retry import RetryPolicy
+from reconciler.cloud.api import (
     UkcApi,
     metro_base_url,
     normalize_base_url,
     parse_retry_after,
 )
+from reconciler.cloud.model import CreateRequest, Plugin, Service
 from reconciler.errors import (
     AlreadyExistsError,
     ApiError,
@@ -375,6 +376,24 @@ class TestCreate:
         assert got.fqdn == "s1.fra.unikraft.app"
         assert got.tags == tuple(OURS)
         assert got.state == "starting"
+
+    def test_plugins_are_sent_only_when_a_transport_asks_for_them(
+        self, api: UkcApi, fake: FakeUkc
+    ) -> None:
+        api.create_instance(request_for("s1"))
+        assert "plugins" not in json.loads(fake.requests[-1].content)
+        with_plugin = replace(
+            request_for("s2"),
+            services=(),
+            plugins=(Plugin("sandbox", "plugins/sandbox:latest", {"k": "v"}), Plugin("p", "i")),
+        )
+        api.create_instance(with_plugin)
+        body = json.loads(fake.requests[-1].content)
+        assert body["plugins"] == [
+            {"name": "sandbox", "image": "plugins/sandbox:latest", "config": {"k": "v"}},
+            {"name": "p", "image": "i"},
+        ]
+        assert "service_group" not in body
 
     def test_a_taken_name_raises_already_exists_without_retry(
         self, api: UkcApi, fake: FakeUkc, clock: Clock

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reconciler._util.atomic import sweep_dead_temps, write_atomic
 
 
@@ -49,3 +51,21 @@ def test_sweeping_ignores_names_that_carry_no_pid(tmp_path: Path) -> None:
 
 def test_sweeping_a_missing_directory_is_a_no_op(tmp_path: Path) -> None:
     sweep_dead_temps(tmp_path / "absent" / "salt")
+
+
+def test_a_write_with_a_backup_keeps_the_previous_generation_there(tmp_path: Path) -> None:
+    target, backup = tmp_path / "status.json", tmp_path / "status.json.bak"
+    write_atomic(target, b"first", backup=backup)
+    assert not backup.exists()  # nothing was replaced
+    write_atomic(target, b"second", backup=backup)
+    assert target.read_bytes() == b"second"
+    assert backup.read_bytes() == b"first"
+
+
+def test_a_write_that_fails_leaves_the_file_and_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "salt"
+    target.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        write_atomic(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["salt"]

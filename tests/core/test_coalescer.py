@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reconciler.watch import Coalescer
+from reconciler.reconcile.watch import Coalescer
 
 
 def test_the_first_event_after_idle_fires_at_once() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler import endpoints
-from reconciler.endpoints import EndpointRefusedError, resolve
+from reconciler.spec import endpoints
+from reconciler.spec.endpoints import EndpointRefusedError, resolve
 
 CLOUD = {"UKC_TOKEN": "t"}
 

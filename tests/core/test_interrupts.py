@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from reconciler.interrupts import StopFlag
+from reconciler.reconcile.interrupts import StopFlag
 
 
 @pytest.fixture

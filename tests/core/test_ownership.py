@@ -6,10 +6,12 @@ from dataclasses import replace
 
 import pytest
 
-from reconciler import actions, naming, ownership, planner
-from reconciler.backends import Instance
-from reconciler.status import InstanceRecord, SessionStatus, StatusDoc
-from tests.core.test_planner import (
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import DesiredSession, TreeState
+from reconciler.reconcile.plan import plan_delete, plan_sessions
+from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc
+from tests.support.planning import (
     NOW,
     OWNER,
     OWNER_ID,
@@ -22,13 +24,13 @@ from tests.core.test_planner import (
 THEIRS = "fedcba9876543210fedcba9876543210"
 
 
-def theirs(d: planner.DesiredSession, **overrides: object) -> Instance:
+def theirs(d: DesiredSession, **overrides: object) -> Instance:
     """The same name and session tags, made by another checkout (another owner id)."""
-    tags = tuple(naming.owner_tags(PROJECT, d.name, d.instance_hash, THEIRS))
+    tags = tuple(identity.owner_tags(PROJECT, d.name, d.instance_hash, THEIRS))
     return instance(d, uuid="u-theirs", tags=tags, **overrides)
 
 
-def legacy(d: planner.DesiredSession, **overrides: object) -> Instance:
+def legacy(d: DesiredSession, **overrides: object) -> Instance:
     """An instance an older ukc made: every tag but the owner tag."""
     tags = tuple(t for t in d.tags if not t.startswith("ukc.owner="))
     return instance(d, uuid="u-legacy", tags=tags, **overrides)
@@ -39,22 +41,22 @@ def record_for(inst: Instance, *, host_key: str | None = "SHA256:abc") -> Instan
 
 
 def plan_session(
-    d: planner.DesiredSession, inst: Instance | None, rec: SessionStatus | None
+    d: DesiredSession, inst: Instance | None, rec: SessionStatus | None
 ) -> actions.SessionPlan:
     doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
     observed = {inst.name: inst} if inst is not None else {}
-    return planner.plan([d], observed, doc, NOW, owner=OWNER).sessions[0]
+    return plan_sessions([d], observed, doc, NOW, owner=OWNER).sessions[0]
 
 
 class TestProve:
     def test_our_owner_tag_with_the_sessions_name_proves_ownership(self) -> None:
         d = desired()
-        assert ownership.prove(instance(d), OWNER, d.name, None).ours
+        assert identity.prove(instance(d), OWNER, d.name, None).ours
 
     def test_another_owner_id_is_not_ours_and_the_refusal_says_what_to_do(self) -> None:
         d = desired()
         inst = theirs(d)
-        proof = ownership.prove(inst, OWNER, d.name, record_for(inst))
+        proof = identity.prove(inst, OWNER, d.name, record_for(inst))
         assert not proof.ours
         text = proof.refusal(inst)
         assert inst.name in text and "u-theirs" in text and "metro local" in text
@@ -64,26 +66,26 @@ class TestProve:
         self,
     ) -> None:
         d = desired()
-        owner = ownership.Owner(PROJECT, "1" * 32, frozenset({"1" * 32, THEIRS}), "secret")
-        assert ownership.prove(theirs(d), owner, d.name, None).ours
+        owner = identity.Owner(PROJECT, "1" * 32, frozenset({"1" * 32, THEIRS}), "secret")
+        assert identity.prove(theirs(d), owner, d.name, None).ours
 
     def test_two_owner_tags_prove_nothing_unless_both_are_ours(self) -> None:
         d = desired()
         inst = instance(d, tags=(*d.tags, f"ukc.owner={THEIRS}"))
-        assert not ownership.prove(inst, OWNER, d.name, None).ours
+        assert not identity.prove(inst, OWNER, d.name, None).ours
 
     def test_a_name_other_than_the_sessions_is_never_ours(self) -> None:
         d = desired()
         inst = instance(d, name="ukc-abcd1234-other")
-        assert not ownership.prove(inst, OWNER, d.name, None).ours
+        assert not identity.prove(inst, OWNER, d.name, None).ours
 
     def test_our_owner_tag_on_another_sessions_instance_does_not_make_it_this_sessions(
         self,
     ) -> None:
         d = desired()
-        other = tuple(naming.owner_tags(PROJECT, "other", d.instance_hash, OWNER_ID))
+        other = tuple(identity.owner_tags(PROJECT, "other", d.instance_hash, OWNER_ID))
         inst = instance(d, tags=other)
-        assert not ownership.prove(inst, OWNER, d.name, None).ours
+        assert not identity.prove(inst, OWNER, d.name, None).ours
 
     @pytest.mark.parametrize(
         ("record", "ours"),
@@ -105,7 +107,7 @@ class TestProve:
             "another uuid": record_for(replace(inst, uuid="u-other")),
             "no record": None,
         }[record]
-        proof = ownership.prove(inst, OWNER, d.name, rec)
+        proof = identity.prove(inst, OWNER, d.name, rec)
         assert proof.ours is ours
         if not ours:
             assert "no ukc.owner tag" in proof.refusal(inst)
@@ -113,18 +115,18 @@ class TestProve:
 
 class TestOwnerIdFromSecret:
     def test_the_same_secret_and_project_give_the_same_id_anywhere(self) -> None:
-        a = ownership.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1234")
-        assert a == ownership.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1234")
-        assert len(a) == ownership.OWNER_ID_LEN and int(a, 16) >= 0
+        a = identity.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1234")
+        assert a == identity.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1234")
+        assert len(a) == identity.OWNER_ID_LEN and int(a, 16) >= 0
 
     def test_another_secret_or_project_gives_another_id(self) -> None:
-        a = ownership.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1234")
-        assert a != ownership.owner_id_from_secret("s3cret-s3cret-s3creT", "abcd1234")
-        assert a != ownership.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1235")
+        a = identity.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1234")
+        assert a != identity.owner_id_from_secret("s3cret-s3cret-s3creT", "abcd1234")
+        assert a != identity.owner_id_from_secret("s3cret-s3cret-s3cret", "abcd1235")
 
     def test_the_id_does_not_contain_the_secret(self) -> None:
         secret = "0123456789abcdef0123456789abcdef"
-        assert secret not in ownership.owner_id_from_secret(secret, "abcd1234")
+        assert secret not in identity.owner_id_from_secret(secret, "abcd1234")
 
 
 class TestPlannerRefusesWhatIsNotOurs:
@@ -139,14 +141,14 @@ class TestPlannerRefusesWhatIsNotOurs:
         inst = theirs(d)
         rec = converged_record(d, inst)
         if change == "image changed":
-            d = replace(d, image="img:2", instance_hash=naming.instance_hash("img:2", None))
+            d = replace(d, image="img:2", instance_hash=identity.instance_hash("img:2", None))
         elif change == "key lost":
-            d = replace(d, key_present=False)
+            d = replace(d, credentials_present=False)
         elif change == "ttl expired":
             d = replace(d, ttl_s=60.0)
             inst = replace(inst, created_at="2020-01-01T00:00:00Z")
         elif change == "files changed":
-            d = replace(d, tree=planner.TreeState("tree2", 3, 31, ("a.txt",), 11))
+            d = replace(d, tree=TreeState("tree2", 3, 31, ("a.txt",), 11))
         elif change == "stopped":
             inst = replace(inst, state="stopped")
         p = plan_session(d, inst, rec)
@@ -157,7 +159,7 @@ class TestPlannerRefusesWhatIsNotOurs:
     def test_a_refused_session_is_listed_among_the_plans_refusals(self) -> None:
         d = desired()
         inst = theirs(d)
-        plan = planner.plan([d], {inst.name: inst}, StatusDoc(), NOW, owner=OWNER)
+        plan = plan_sessions([d], {inst.name: inst}, StatusDoc(), NOW, owner=OWNER)
         assert [r.session for r in plan.refusals] == ["hello"]
 
     def test_an_older_ukcs_instance_this_checkout_connected_to_expires_normally(self) -> None:
@@ -165,7 +167,7 @@ class TestPlannerRefusesWhatIsNotOurs:
         inst = legacy(d, created_at="2020-01-01T00:00:00Z")
         rec = converged_record(d, inst)
         assert rec.instance is not None
-        rec.instance.host_key = "SHA256:abc"
+        rec.instance.pin = "SHA256:abc"
         p = plan_session(d, inst, rec)
         assert p.refusal is None
         assert p.actions == (
@@ -186,9 +188,9 @@ class TestPlannerRefusesWhatIsNotOurs:
         inst = instance(d, metro="fra")
         rec = converged_record(d, inst)
         if change == "image changed":
-            d = replace(d, image="img:2", instance_hash=naming.instance_hash("img:2", None))
+            d = replace(d, image="img:2", instance_hash=identity.instance_hash("img:2", None))
         elif change == "key lost":
-            d = replace(d, key_present=False)
+            d = replace(d, credentials_present=False)
         else:
             d = replace(d, ttl_s=60.0)
             inst = replace(inst, created_at="2020-01-01T00:00:00Z")
@@ -207,15 +209,15 @@ class TestPruneOwnership:
         )
 
     def _old(self, owner_id: str | None) -> Instance:
-        tags = naming.owner_tags(PROJECT, "old", "0" * 12, owner_id or "x")
+        tags = identity.owner_tags(PROJECT, "old", "0" * 12, owner_id or "x")
         if owner_id is None:
             tags = tags[:-1]
-        name = naming.instance_name(PROJECT, "old")
+        name = identity.instance_name(PROJECT, "old")
         return Instance("u-old", name, "running", tags=tuple(tags), metro="local")
 
     def test_an_inventoried_instance_of_another_owner_is_refused_not_pruned(self) -> None:
         old = self._old(THEIRS)
-        p = planner.plan(
+        p = plan_sessions(
             [desired()],
             {},
             self._inventory(old),
@@ -229,7 +231,7 @@ class TestPruneOwnership:
 
     def test_an_inventoried_instance_of_ours_is_pruned_by_uuid(self) -> None:
         old = self._old(OWNER_ID)
-        p = planner.plan(
+        p = plan_sessions(
             [desired()],
             {},
             self._inventory(old),
@@ -245,7 +247,7 @@ class TestPruneOwnership:
         self, host_key: str | None, pruned: bool
     ) -> None:
         old = self._old(None)
-        p = planner.plan(
+        p = plan_sessions(
             [desired()],
             {},
             self._inventory(old, host_key),
@@ -261,9 +263,7 @@ class TestPlanDelete:
     def test_our_instance_is_deleted_by_uuid(self) -> None:
         d = desired()
         inst = instance(d)
-        p = planner.plan_delete(
-            [(d.name, d.instance_name, "local")], {inst.name: inst}, StatusDoc(), OWNER
-        )
+        p = plan_delete([(d.name, d.instance_name, "local")], {inst.name: inst}, StatusDoc(), OWNER)
         (splan,) = p.sessions
         assert splan.actions == (
             actions.DeleteInstance("hello", inst.name, "local", "ukc delete", instance_uuid="u-1"),
@@ -272,14 +272,22 @@ class TestPlanDelete:
     def test_another_owners_instance_is_refused(self) -> None:
         d = desired()
         inst = theirs(d)
-        p = planner.plan_delete(
-            [(d.name, d.instance_name, "local")], {inst.name: inst}, StatusDoc(), OWNER
-        )
+        p = plan_delete([(d.name, d.instance_name, "local")], {inst.name: inst}, StatusDoc(), OWNER)
         (splan,) = p.sessions
         assert splan.actions == () and splan.refusal is not None
         assert p.refusals == (splan.refusal,)
 
     def test_a_gone_instance_is_a_no_op(self) -> None:
         d = desired()
-        p = planner.plan_delete([(d.name, d.instance_name, "local")], {}, StatusDoc(), OWNER)
+        p = plan_delete([(d.name, d.instance_name, "local")], {}, StatusDoc(), OWNER)
         assert p.sessions[0].actions == () and p.refusals == ()
+
+
+def test_a_recorded_pin_applies_only_to_the_very_instance_it_was_learnt_from() -> None:
+    d = desired()
+    inst = instance(d, uuid="u-1")
+    rec = record_for(inst, host_key="SHA256:first")
+    assert identity.recorded_pin(rec, inst) == "SHA256:first"
+    assert identity.recorded_pin(rec, replace(inst, uuid="u-2")) is None  # a replacement
+    assert identity.recorded_pin(rec, replace(inst, name="ukc-other-a")) is None
+    assert identity.recorded_pin(None, inst) is None

@@ -4,30 +4,43 @@ about, and the warnings `ukc plan` prints (pure planner and the CLI's rendering)
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
-from reconciler import actions, planner, services
-from reconciler.backends import Instance
-from reconciler.cli import _plan_json, _render_plan
-from reconciler.status import StatusDoc
-from tests.core.test_planner import NOW, OWNER, converged_record, desired, instance, kinds
+from reconciler.cli.render import plan_json, render_plan
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import DesiredSession
+from reconciler.reconcile.plan import plan_sessions
+from reconciler.status.schema import StatusDoc
+from reconciler.transport import select
+from reconciler.transport.base import Credentials
+from tests.support.planning import NOW, OWNER, converged_record, desired, instance, kinds
 
 
-def _plan(d: planner.DesiredSession, inst: Instance | None) -> actions.Plan:
+def _plan(d: DesiredSession, inst: Instance | None) -> actions.Plan:
     rec = converged_record(d, inst) if inst is not None else None
     doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
-    return planner.plan([d], {inst.name: inst} if inst else {}, doc, NOW, owner=OWNER)
+    return plan_sessions([d], {inst.name: inst} if inst else {}, doc, NOW, owner=OWNER)
 
 
-def _made_for(d: planner.DesiredSession, mode: str | None) -> Instance:
-    tags = d.tags if mode is None else (*d.tags, services.exec_tag(mode))
+def _made_for(d: DesiredSession, mode: str | None) -> Instance:
+    tags = d.tags if mode is None else (*d.tags, identity.transport_tag(mode))
     return instance(d, tags=tags)
 
 
-def test_only_http_sessions_declare_port_443() -> None:
-    assert [s.port for s in services.session_services("ssh")] == [2222]
-    assert [
-        (s.port, s.destination_port, s.handlers) for s in services.session_services("http")
-    ] == [
+def _on(transport: str) -> DesiredSession:
+    """The session as the desired state builds it for that `exec`."""
+    return desired(transport=transport, warnings=select.kind_for(transport).warnings("hello"))
+
+
+def _services(transport: str, tmp_path: Path) -> list[tuple[int, int, tuple[str, ...]]]:
+    fields = select.kind_for(transport).create_fields(Credentials(tmp_path / transport))
+    return [(s.port, s.destination_port, s.handlers) for s in fields.services]
+
+
+def test_only_http_sessions_declare_port_443(tmp_path: Path) -> None:
+    assert [port for port, _, _ in _services("ssh", tmp_path)] == [2222]
+    assert _services("http", tmp_path) == [
         (2222, 2222, ("tls",)),
         (443, 8080, ("tls", "http")),
     ]
@@ -49,7 +62,7 @@ def test_an_older_instance_with_port_443_is_kept_and_named_in_a_warning() -> Non
 
 
 def test_an_http_session_on_an_older_instance_keeps_it_it_has_port_443() -> None:
-    d = desired(exec_mode="http")
+    d = _on("http")
     p = _plan(d, _made_for(d, None))
     assert p.empty
     (warning,) = p.warnings
@@ -58,7 +71,7 @@ def test_an_http_session_on_an_older_instance_keeps_it_it_has_port_443() -> None
 
 def test_switching_exec_mode_replaces_the_instance_after_bringing_outputs_home() -> None:
     for old, new in (("ssh", "http"), ("http", "ssh")):
-        d = desired(exec_mode=new)
+        d = _on(new)
         p = _plan(d, _made_for(d, old))
         (session,) = p.sessions
         assert kinds(session)[:4] == ["WaitReady", "SyncBack", "DeleteInstance", "CreateInstance"]
@@ -73,11 +86,11 @@ def test_switching_exec_mode_replaces_the_instance_after_bringing_outputs_home()
 
 
 def test_plan_text_and_json_carry_the_warnings() -> None:
-    d = desired(exec_mode="http")
+    d = _on("http")
     p = _plan(d, None)
-    text = _render_plan(p)
+    text = render_plan(p)
     assert any(line.startswith("warning: session hello: exec: http") for line in text)
-    assert _plan_json(p)["warnings"] == list(p.warnings)
+    assert plan_json(p)["warnings"] == list(p.warnings)
     quiet = replace(p, warnings=())
-    assert not [line for line in _render_plan(quiet) if line.startswith("warning")]
-    assert _plan_json(quiet)["warnings"] == []
+    assert not [line for line in render_plan(quiet) if line.startswith("warning")]
+    assert plan_json(quiet)["warnings"] == []

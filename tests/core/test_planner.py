@@ -4,84 +4,26 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from reconciler import actions, naming, ownership, planner
-from reconciler.backends import Instance
-from reconciler.status import CommandRecord, InstanceRecord, SessionStatus, StatusDoc, SyncRecord
-
-NOW = 1_800_000_000.0
-PROJECT = "abcd1234"
-INST_HASH = naming.instance_hash("img:1", None)
-OWNER_ID = "0123456789abcdef0123456789abcdef"
-OWNER = ownership.Owner(PROJECT, OWNER_ID, frozenset({OWNER_ID}), "UKC_SESSION_SECRET")
-
-
-def desired(**overrides: object) -> planner.DesiredSession:
-    base = planner.DesiredSession(
-        name="hello",
-        metro="local",
-        instance_name=naming.instance_name(PROJECT, "hello"),
-        instance_hash=INST_HASH,
-        image="img:1",
-        ttl_s=None,
-        spec_hash="spec1",
-        commands=(
-            planner.CommandIntent("build", "make", 60.0),
-            planner.CommandIntent("test", "make test", 60.0),
-        ),
-        env_fingerprint="env1",
-        tree=planner.TreeState(digest="tree1", files=3, bytes=30),
-        back=("out/",),
-        tags=tuple(naming.owner_tags(PROJECT, "hello", INST_HASH, OWNER_ID)),
-    )
-    return replace(base, **overrides)  # type: ignore[arg-type]
-
-
-def instance(d: planner.DesiredSession, **overrides: object) -> Instance:
-    base = Instance(
-        uuid="u-1",
-        name=d.instance_name,
-        state="running",
-        fqdn="x.local",
-        tags=d.tags,
-        created_at="2027-01-15T08:00:00Z",
-        start_count=1,
-        metro="local",
-    )
-    return replace(base, **overrides)  # type: ignore[arg-type]
-
-
-def converged_record(d: planner.DesiredSession, inst: Instance) -> SessionStatus:
-    return SessionStatus(
-        phase="Ready",
-        spec_hash=d.spec_hash,
-        instance=InstanceRecord(name=inst.name, uuid=inst.uuid, start_count=inst.start_count),
-        sync=SyncRecord(
-            digest=d.tree.digest, instance_uuid=inst.uuid, start_count=inst.start_count
-        ),
-        commands=[
-            CommandRecord(
-                name=c.name,
-                run=c.run,
-                exit_code=0,
-                input_hash=planner.command_input_hash(d, c),
-                last_success_hash=planner.command_input_hash(d, c),
-                instance_uuid=inst.uuid,
-            )
-            for c in d.commands
-        ],
-    )
-
-
-def kinds(plan: actions.SessionPlan) -> list[str]:
-    return [type(a).__name__ for a in plan.actions]
-
-
-def plan_one(
-    d: planner.DesiredSession, inst: Instance | None, rec: SessionStatus | None
-) -> actions.SessionPlan:
-    doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
-    observed = {inst.name: inst} if inst is not None else {}
-    return planner.plan([d], observed, doc, NOW, owner=OWNER).sessions[0]
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import CommandIntent, DesiredSession, TreeState
+from reconciler.reconcile.plan import plan_sessions
+from reconciler.status.schema import (
+    InstanceRecord,
+    SessionStatus,
+    StatusDoc,
+)
+from tests.support.planning import (
+    NOW,
+    OWNER,
+    OWNER_ID,
+    PROJECT,
+    converged_record,
+    desired,
+    instance,
+    kinds,
+    plan_one,
+)
 
 
 class TestANewSession:
@@ -141,9 +83,7 @@ class TestChanges:
         rec = converged_record(d, inst)
         d2 = replace(
             d,
-            tree=planner.TreeState(
-                digest="tree2", files=3, bytes=31, uploads=("a.txt",), upload_bytes=11
-            ),
+            tree=TreeState(digest="tree2", files=3, bytes=31, uploads=("a.txt",), upload_bytes=11),
         )
         p = plan_one(d2, inst, rec)
         assert kinds(p) == ["WaitReady", "SyncUp", "RunCommand", "RunCommand", "SyncBack"]
@@ -157,7 +97,7 @@ class TestChanges:
         rec = converged_record(d, inst)
         d2 = replace(
             d,
-            commands=(d.commands[0], planner.CommandIntent("test", "make check", 60.0)),
+            commands=(d.commands[0], CommandIntent("test", "make check", 60.0)),
         )
         p = plan_one(d2, inst, rec)
         runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
@@ -167,7 +107,7 @@ class TestChanges:
     def test_once_a_command_reruns_the_later_ones_rerun_too(self) -> None:
         d = desired()
         inst = instance(d)
-        d2 = replace(d, commands=(planner.CommandIntent("build", "make all", 60.0), d.commands[1]))
+        d2 = replace(d, commands=(CommandIntent("build", "make all", 60.0), d.commands[1]))
         p = plan_one(d2, inst, converged_record(d, inst))
         runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
         assert [(r.name, r.reason) for r in runs] == [
@@ -213,7 +153,7 @@ class TestChanges:
         d = desired()
         inst = instance(d)
         rec = converged_record(d, inst)
-        new_hash = naming.instance_hash("img:2", None)
+        new_hash = identity.instance_hash("img:2", None)
         d2 = replace(d, image="img:2", instance_hash=new_hash)
         p = plan_one(d2, inst, rec)
         assert kinds(p)[:4] == ["WaitReady", "SyncBack", "DeleteInstance", "CreateInstance"]
@@ -221,7 +161,7 @@ class TestChanges:
         assert isinstance(delete, actions.DeleteInstance) and not delete.forget
 
     def test_a_lost_private_key_replaces_the_unreachable_instance(self) -> None:
-        d = desired(key_present=False)
+        d = desired(credentials_present=False)
         inst = instance(d)
         p = plan_one(d, inst, converged_record(d, inst))
         assert kinds(p)[:2] == ["DeleteInstance", "CreateInstance"]
@@ -229,7 +169,7 @@ class TestChanges:
         assert isinstance(create, actions.CreateInstance) and "key" in create.reason
 
     def test_a_halted_tree_plans_nothing_and_says_why(self) -> None:
-        d = desired(tree=planner.TreeState("", 0, 0, halted="directory ./work is missing"))
+        d = desired(tree=TreeState("", 0, 0, halted="directory ./work is missing"))
         p = plan_one(d, None, None)
         assert p.actions == ()
         assert p.noops == ("not syncing: directory ./work is missing",)
@@ -259,14 +199,14 @@ class TestTtl:
 
 
 class TestPrune:
-    def _world(self) -> tuple[planner.DesiredSession, Instance, StatusDoc]:
+    def _world(self) -> tuple[DesiredSession, Instance, StatusDoc]:
         d = desired()
-        gone_hash = naming.instance_hash("img:1", None)
+        gone_hash = identity.instance_hash("img:1", None)
         old = Instance(
             uuid="u-old",
-            name=naming.instance_name(PROJECT, "old"),
+            name=identity.instance_name(PROJECT, "old"),
             state="running",
-            tags=tuple(naming.owner_tags(PROJECT, "old", gone_hash, OWNER_ID)),
+            tags=tuple(identity.owner_tags(PROJECT, "old", gone_hash, OWNER_ID)),
             metro="local",
         )
         doc = StatusDoc(
@@ -281,14 +221,14 @@ class TestPrune:
 
     def test_prune_deletes_an_owned_inventoried_session_that_no_spec_declares(self) -> None:
         d, old, doc = self._world()
-        p = planner.plan(
+        p = plan_sessions(
             [d], {old.name: old}, doc, NOW, owner=OWNER, prune=True, claimed={"old": old}
         )
         assert [(x.instance_name, x.instance_uuid) for x in p.prunes] == [(old.name, "u-old")]
 
     def test_prune_never_deletes_what_is_not_in_the_inventory(self) -> None:
         d, old, _ = self._world()
-        p = planner.plan(
+        p = plan_sessions(
             [d], {old.name: old}, StatusDoc(), NOW, owner=OWNER, prune=True, claimed={"old": old}
         )
         assert p.prunes == ()
@@ -296,12 +236,12 @@ class TestPrune:
     def test_prune_never_deletes_an_instance_whose_name_differs_from_the_inventory(self) -> None:
         d, old, doc = self._world()
         other = replace(old, name="someone-else")
-        p = planner.plan([d], {}, doc, NOW, owner=OWNER, prune=True, claimed={"old": other})
+        p = plan_sessions([d], {}, doc, NOW, owner=OWNER, prune=True, claimed={"old": other})
         assert p.prunes == ()
 
     def test_without_prune_nothing_is_deleted(self) -> None:
         d, old, doc = self._world()
-        p = planner.plan(
+        p = plan_sessions(
             [d], {old.name: old}, doc, NOW, owner=OWNER, prune=False, claimed={"old": old}
         )
         assert p.prunes == ()
@@ -309,6 +249,6 @@ class TestPrune:
 
 def test_the_planner_is_deterministic_for_equal_inputs() -> None:
     d = desired()
-    a = planner.plan([d], {}, StatusDoc(), NOW, owner=OWNER)
-    b = planner.plan([d], {}, StatusDoc(), NOW, owner=OWNER)
+    a = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
+    b = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
     assert a == b

@@ -13,14 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.redaction import (
+from reconciler.cli.render import PlainReporter
+from reconciler.reconcile.events import Event
+from reconciler.reconcile.redaction import (
     MASK,
     OutputTail,
     Redactor,
     secret_forms,
     short_secret_warnings,
 )
-from reconciler.reporting import Event, PlainReporter
 
 SECRET = "s3cr3t-Value/with+odd=chars&é"
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from reconciler.reporting import Event, LiveReporter, PlainReporter
+from reconciler.cli.render import LiveReporter, PlainReporter
+from reconciler.reconcile.events import Event
 
 
 def test_plain_output_prefixes_every_line_with_its_session_and_joins_split_lines() -> None:

@@ -1,11 +1,11 @@
-"""`ShellPool`: kept connections, and connections opened ahead of need (`prefetch`)."""
+"""`TransportPool`: kept connections, and connections opened ahead of need (`prefetch`)."""
 
 from __future__ import annotations
 
 import threading
 
-from reconciler.backends import RemoteShell
-from reconciler.executor import ShellPool
+from reconciler.transport.base import Transport
+from reconciler.transport.pool import TransportPool
 
 
 class FakeShell:
@@ -22,18 +22,18 @@ class FakeShell:
         self.active = False
 
 
-def as_shell(shell: FakeShell) -> RemoteShell:
+def as_transport(shell: FakeShell) -> Transport:
     return shell  # type: ignore[return-value]
 
 
 def test_take_waits_for_a_prefetch_in_flight_and_returns_its_connection() -> None:
-    pool = ShellPool()
+    pool = TransportPool()
     gate = threading.Event()
     shell = FakeShell("prefetched")
 
-    def opener() -> RemoteShell:
+    def opener() -> Transport:
         gate.wait(5)
-        return as_shell(shell)
+        return as_transport(shell)
 
     pool.prefetch("s1", "uuid-1", opener)
     threading.Timer(0.05, gate.set).start()
@@ -42,9 +42,9 @@ def test_take_waits_for_a_prefetch_in_flight_and_returns_its_connection() -> Non
 
 
 def test_a_failed_prefetch_leaves_nothing_and_the_executor_connects_itself() -> None:
-    pool = ShellPool()
+    pool = TransportPool()
 
-    def opener() -> RemoteShell:
+    def opener() -> Transport:
         raise OSError("refused")
 
     pool.prefetch("s1", "uuid-1", opener)
@@ -52,26 +52,26 @@ def test_a_failed_prefetch_leaves_nothing_and_the_executor_connects_itself() -> 
 
 
 def test_a_prefetch_for_another_instance_is_closed_not_handed_out() -> None:
-    pool = ShellPool()
+    pool = TransportPool()
     old = FakeShell("old instance")
-    pool.prefetch("s1", "uuid-old", lambda: as_shell(old))
+    pool.prefetch("s1", "uuid-old", lambda: as_transport(old))
     assert pool.take("s1", "uuid-new") is None
     assert old.closed
 
 
 def test_no_second_connection_is_opened_while_one_is_kept_or_coming() -> None:
-    pool = ShellPool()
+    pool = TransportPool()
     opened: list[str] = []
 
-    def opener() -> RemoteShell:
+    def opener() -> Transport:
         opened.append("x")
-        return as_shell(FakeShell("x"))
+        return as_transport(FakeShell("x"))
 
-    pool.keep("kept", "u", as_shell(FakeShell("kept")))
+    pool.keep("kept", "u", as_transport(FakeShell("kept")))
     pool.prefetch("kept", "u", opener)
     gate = threading.Event()
 
-    def slow() -> RemoteShell:
+    def slow() -> Transport:
         gate.wait(5)
         return opener()
 
@@ -83,9 +83,9 @@ def test_no_second_connection_is_opened_while_one_is_kept_or_coming() -> None:
 
 
 def test_closing_the_pool_closes_prefetched_connections_nobody_took() -> None:
-    pool = ShellPool()
+    pool = TransportPool()
     shells = [FakeShell("a"), FakeShell("b")]
-    pool.prefetch("a", "u", lambda: as_shell(shells[0]))
-    pool.prefetch("b", "u", lambda: as_shell(shells[1]))
+    pool.prefetch("a", "u", lambda: as_transport(shells[0]))
+    pool.prefetch("b", "u", lambda: as_transport(shells[1]))
     pool.close()
     assert all(s.closed for s in shells)

@@ -11,23 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import errors, status
+from reconciler import errors
+from reconciler.status import journal, schema
 
 
-def doc_with(phase: str) -> status.StatusDoc:
-    return status.StatusDoc(sessions={"s": status.SessionStatus(phase=phase)})  # type: ignore[arg-type]
+def doc_with(phase: str) -> schema.StatusDoc:
+    return schema.StatusDoc(sessions={"s": schema.SessionStatus(phase=phase)})  # type: ignore[arg-type]
 
 
 def test_a_missing_file_reads_as_an_empty_document(tmp_path: Path) -> None:
-    doc = status.load(tmp_path / ".ukc" / "status.json")
-    assert doc.sessions == {} and doc.version == status.STATUS_VERSION
+    doc = journal.load(tmp_path / ".ukc" / "status.json")
+    assert doc.sessions == {} and doc.version == schema.STATUS_VERSION
 
 
 def test_save_then_load_round_trips_and_keeps_the_previous_generation(tmp_path: Path) -> None:
     path = tmp_path / ".ukc" / "status.json"
-    status.save(path, doc_with("Ready"))
-    status.save(path, doc_with("Failed"))
-    assert status.load(path).sessions["s"].phase == "Failed"
+    journal.save(path, doc_with("Ready"))
+    journal.save(path, doc_with("Failed"))
+    assert journal.load(path).sessions["s"].phase == "Failed"
     backup = json.loads(path.with_name("status.json.bak").read_text())
     assert backup["sessions"]["s"]["phase"] == "Ready"
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
@@ -35,35 +36,35 @@ def test_save_then_load_round_trips_and_keeps_the_previous_generation(tmp_path: 
 
 def test_a_corrupt_file_falls_back_to_the_backup_generation(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
-    status.save(path, doc_with("Ready"))
-    status.save(path, doc_with("Failed"))
+    journal.save(path, doc_with("Ready"))
+    journal.save(path, doc_with("Failed"))
     path.write_text('{"version": 1, "sessions": {"s": ')
-    assert status.load(path).sessions["s"].phase == "Ready"
+    assert journal.load(path).sessions["s"].phase == "Ready"
 
 
 def test_an_unreadable_file_without_backup_is_an_error_not_a_silent_reset(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     path.write_text("not json")
     with pytest.raises(errors.UsageError, match="unreadable"):
-        status.load(path)
+        journal.load(path)
 
 
 def test_a_newer_status_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     path.write_text(json.dumps({"version": 99, "sessions": {}}))
     with pytest.raises(errors.UsageError, match="version 99"):
-        status.load(path)
+        journal.load(path)
 
 
 def test_a_second_holder_of_the_lock_is_told_who_holds_it(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     with (
-        status.lock(path),
+        journal.lock(path),
         pytest.raises(errors.LockedError, match=f"pid {os.getpid()}"),
-        status.lock(path, timeout_s=0.05),
+        journal.lock(path, timeout_s=0.05),
     ):
         pass
-    with status.lock(path):  # released
+    with journal.lock(path):  # released
         pass
 
 
@@ -73,8 +74,8 @@ def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path: Path) -> None:
         f"""
         import os, time
         from pathlib import Path
-        from reconciler import status
-        with status.lock(Path({str(path)!r})):
+        from reconciler.status import journal
+        with journal.lock(Path({str(path)!r})):
             print("held", flush=True)
             time.sleep(60)
         """
@@ -83,7 +84,7 @@ def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path: Path) -> None:
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     proc.kill()
     proc.wait()
-    with status.lock(path, timeout_s=1.0):
+    with journal.lock(path, timeout_s=1.0):
         pass
 
 
@@ -93,9 +94,9 @@ def _holder(path: Path, client_pid: int, hold_s: float) -> subprocess.Popen[str]
         f"""
         import time
         from pathlib import Path
-        from reconciler import status
-        status.set_client_pid({client_pid})
-        with status.lock(Path({str(path)!r})):
+        from reconciler.status import journal
+        journal.set_client_pid({client_pid})
+        with journal.lock(Path({str(path)!r})):
             print("held", flush=True)
             time.sleep({hold_s})
         """
@@ -114,7 +115,7 @@ def test_a_holder_whose_ukc_is_gone_is_waited_for_not_reported(tmp_path: Path) -
     holder = _holder(path, gone.pid, 0.5)
     try:
         # it holds the lock now; with no --lock-timeout this would fail at once for a live one
-        with status.lock(path):
+        with journal.lock(path):
             pass
     finally:
         holder.kill()
@@ -127,7 +128,7 @@ def test_a_holder_whose_ukc_is_alive_is_reported_at_once(tmp_path: Path) -> None
     try:
         with (
             pytest.raises(errors.LockedError, match=f"for ukc pid {os.getpid()}"),
-            status.lock(path),
+            journal.lock(path),
         ):
             pass
     finally:
@@ -140,12 +141,12 @@ def test_a_kill_during_many_saves_never_leaves_an_unparseable_file(tmp_path: Pat
     code = textwrap.dedent(
         f"""
         from pathlib import Path
-        from reconciler import status
-        doc = status.StatusDoc()
+        from reconciler.status import journal
+        doc = schema.StatusDoc()
         for i in range(100000):
             n = i % 50 + 1
-            doc.sessions = {{f"s{{j}}": status.SessionStatus(message="x" * 200) for j in range(n)}}
-            status.save(Path({str(path)!r}), doc)
+            doc.sessions = {{f"s{{j}}": schema.SessionStatus(message="x" * 200) for j in range(n)}}
+            journal.save(Path({str(path)!r}), doc)
         """
     )
     for delay in (0.3, 0.45, 0.6):
@@ -156,14 +157,28 @@ def test_a_kill_during_many_saves_never_leaves_an_unparseable_file(tmp_path: Pat
             proc.kill()
             proc.wait()
         if path.exists():
-            status.load(path)  # parses (or falls back to a parseable backup)
+            journal.load(path)  # parses (or falls back to a parseable backup)
             json.loads(path.read_text())
 
 
 def test_conditions_keep_their_transition_time_while_the_status_is_unchanged() -> None:
-    rec = status.SessionStatus()
-    status.set_condition(rec, "Ready", "True", "Converged", "", "t1")
-    status.set_condition(rec, "Ready", "True", "Converged", "again", "t2")
+    rec = schema.SessionStatus()
+    journal.set_condition(rec, "Ready", "True", "Converged", "", "t1")
+    journal.set_condition(rec, "Ready", "True", "Converged", "again", "t2")
     assert rec.conditions[0].last_transition_time == "t1"
-    status.set_condition(rec, "Ready", "False", "Failed", "boom", "t3")
+    journal.set_condition(rec, "Ready", "False", "Failed", "boom", "t3")
     assert rec.conditions[0].last_transition_time == "t3"
+
+
+def test_an_older_status_files_host_key_is_read_as_the_pin_and_written_back_as_pin(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "status.json"
+    instance = {"name": "ukc-abcd1234-s", "uuid": "u-1", "host_key": "SHA256:abc"}
+    path.write_text(json.dumps({"version": 1, "sessions": {"s": {"instance": instance}}}))
+    doc = journal.load(path)
+    record = doc.sessions["s"].instance
+    assert record is not None and record.pin == "SHA256:abc"
+    journal.save(path, doc)
+    written = json.loads(path.read_text())["sessions"]["s"]["instance"]
+    assert written["pin"] == "SHA256:abc" and "host_key" not in written

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from reconciler import warm, warmclient
+from reconciler.cli import warm, warmclient
 
 SPEC = "name: hello\nimage: base:latest\ndirectory: .\n"
 
@@ -314,7 +314,7 @@ def test_a_module_in_the_callers_directory_never_shadows_a_library_in_the_warm_p
 
 
 def test_the_clients_request_encoding_is_what_json_dumps_writes() -> None:
-    from reconciler.warmclient import _dumps
+    from reconciler.cli.warmclient import _dumps
 
     request = {
         "op": "run",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import warm
+from reconciler.cli import warm
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
 from tests.support.ukc import Ukc

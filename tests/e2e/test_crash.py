@@ -1,7 +1,6 @@
 """Crash consistency of `ukc apply` / `ukc delete`: SIGKILL, SIGINT, racing appliers, lost answers.
 
-Reliability matrix rows 1-4, 8, 10 and 18 (docs: /work/shared/design/reliability.md §5), run end
-to end: `ukc` is a real process against the real local metro daemon, killed at seeded random
+Run end to end: `ukc` is a real process against the real local metro daemon, killed at seeded random
 instants; the next run must converge with no duplicate instance, no lost file and a parseable
 status, and the run after that must plan nothing. `UKC_CRASH_SEED` replays a failing seed;
 `UKC_CRASH_KILLS` sets the number of kill points (a soak: a few hundred).
@@ -509,7 +508,7 @@ def test_a_public_key_file_left_empty_by_a_kill_is_regenerated_before_the_create
     projects.append(tool)
     keys = tool.project / ".ukc" / "keys"
     keys.mkdir(parents=True, mode=0o700)
-    from reconciler.backends.ssh import generate_keypair
+    from reconciler.transport.keys import generate_keypair
 
     generate_keypair(keys / SESSION)
     (keys / f"{SESSION}.pub").write_text("")

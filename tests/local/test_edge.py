@@ -8,7 +8,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Route
 from tests.support.sandbox_harness import APP_DOMAIN, EdgeHarness, needs_metro_tools
+from tests.support.waiting import eventually
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
 
@@ -29,15 +29,6 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EdgeHarness]:
     h.start(ALPHA, "alpha")
     yield h
     h.close()
-
-
-def _poll(predicate: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class TestSsh:
@@ -120,10 +111,10 @@ class TestRouting:
         self, harness: EdgeHarness
     ) -> None:
         # why: the previous test's connection may still be closing on the edge side
-        assert _poll(lambda: sum(d for _, d in harness.activity) == 0)
+        assert eventually(lambda: sum(d for _, d in harness.activity) == 0, 5.0)
         before = len(harness.activity)
         harness.curl("alpha", "/exec", "-d", json.dumps({"cmd": "true"}))
-        assert _poll(lambda: len(harness.activity) >= before + 2)
+        assert eventually(lambda: len(harness.activity) >= before + 2, 5.0)
         assert harness.activity[before:] == [(ALPHA, 1), (ALPHA, -1)]
 
     def test_should_drop_closes_the_connection_before_any_tls(self, harness: EdgeHarness) -> None:
@@ -131,7 +122,7 @@ class TestRouting:
         try:
             with socket.create_connection(("127.0.0.1", harness.p443), timeout=5) as s:
                 s.sendall(b"\x16\x03\x01\x00\x05hello")
-                assert _poll(lambda: _closed(s))
+                assert eventually(lambda: _closed(s), 5.0)
         finally:
             harness.drop = False
 
@@ -184,7 +175,7 @@ class TestClose:
             with ctx.wrap_socket(raw, server_hostname=h.fqdn("closing")) as tls:
                 assert tls.recv(7) == b"SSH-2.0"
                 h.lt.run(h.edge.close())
-                assert _poll(lambda: _tls_closed(tls))
+                assert eventually(lambda: _tls_closed(tls), 5.0)
             assert h.edge.ports == {}
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", h.p2222), timeout=2).close()

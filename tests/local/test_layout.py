@@ -62,7 +62,7 @@ def test_the_daemon_handle_every_ukc_run_loads_stays_light() -> None:
     assert {n for n in names if top(n) == "reconciler"} <= {
         "reconciler.errors",
         "reconciler._util.pids",
-        "reconciler.local._poll",
+        "reconciler._util.retry",
     }
 
 

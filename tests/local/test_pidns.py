@@ -12,14 +12,14 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
 
 from reconciler.local.sandbox.pidns import PidNamespace, proc_state
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
 
@@ -65,14 +65,6 @@ def _kill(ns: Namespace) -> None:
     ns.bwrap.wait()
 
 
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    # why: a pid 1 orphaned by its bwrap is reaped by the host's init, which may be slow
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert condition()
-
-
 @contextmanager
 def namespaces() -> Iterator[list[Namespace]]:
     made: list[Namespace] = []
@@ -95,10 +87,12 @@ def test_a_namespace_made_after_the_pinned_one_died_is_never_taken_for_it(
         assert pinned is not None
         try:
             assert pinned.ident == old.link
-            _wait_until(lambda: len(pinned.members()) == 2)  # bwrap as pid 1, then sleep
+            assert eventually(
+                lambda: len(pinned.members()) == 2, 30.0
+            )  # bwrap as pid 1, then sleep
             assert old.init_pid in pinned.members()
             _kill(old)
-            _wait_until(lambda: pinned.members() == [])
+            assert eventually(lambda: pinned.members() == [], 30.0)
             # why: the kernel gives a freed namespace's number to the next one made; these are
             # the namespaces that would have got it, were it not pinned
             for _ in range(8):

@@ -21,6 +21,7 @@ from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.limits import Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
 from tests.support.sandbox_harness import EdgeHarness, LoopThread, needs_metro_tools
+from tests.support.waiting import eventually
 from tests.support.workflow import ssh_argv
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
@@ -61,15 +62,6 @@ def _state(pid: int) -> str:
 def _all_dead(pids: list[int]) -> bool:
     # why: killed sandbox processes may linger as zombies until the host's init reaps them
     return all(_state(p) in ("", "Z", "X") for p in pids)
-
-
-def _poll(predicate: object, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class TestBoot:
@@ -307,7 +299,7 @@ asyncio.run(main())
             finally:
                 proc.kill()
                 proc.wait()
-            assert _poll(lambda: _all_dead(pids))
+            assert eventually(lambda: _all_dead(pids), 5.0)
         finally:
             shutil.rmtree(state, ignore_errors=True)
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from reconciler import naming
 from reconciler.local.daemon import MetroInfo
-from reconciler.spec import DEFAULT_LOCAL_IMAGE
+from reconciler.reconcile import identity
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from tests.support.ukc import Ukc
 
 SPEC = "name: test\ncommands: ['echo hi > out.txt']\n"
@@ -39,8 +39,8 @@ class Checkouts:
         for tool in (self.a, self.b):
             tool.project.mkdir()
             tool.write_spec(SPEC)
-        self.project = naming.project_id(root, env)
-        self.name = naming.instance_name(self.project, "test")
+        self.project = identity.project_id(root, env)
+        self.name = identity.instance_name(self.project, "test")
 
     def instance(self, name: str | None = None) -> dict[str, Any] | None:
         wanted = name or self.name
@@ -148,7 +148,7 @@ def test_a_create_colliding_with_another_checkouts_new_instance_does_not_adopt_i
     # create finds the name taken: what a lost create answer looks like too
     with two.b.api() as client:
         client.post("/_local/faults", json={"list_lag": {"count": 1}})
-        tags = naming.owner_tags(two.project, "test", "0" * 12, secrets.token_hex(16))
+        tags = identity.owner_tags(two.project, "test", "0" * 12, secrets.token_hex(16))
         body = {
             "name": two.name,
             "image": DEFAULT_LOCAL_IMAGE,
@@ -170,7 +170,7 @@ def test_an_instance_without_an_owner_tag_that_we_never_recorded_is_left_alone(
     two: Checkouts,
 ) -> None:
     # what an older ukc in another checkout (or anyone picking the tags) leaves behind
-    tags = [t for t in naming.owner_tags(two.project, "test", "0" * 12, "x") if "owner" not in t]
+    tags = [t for t in identity.owner_tags(two.project, "test", "0" * 12, "x") if "owner" not in t]
     with two.b.api() as client:
         body = {"name": two.name, "image": DEFAULT_LOCAL_IMAGE, "env": {}, "tags": tags}
         client.post("/v1/instances", json=body)

@@ -14,8 +14,6 @@ import secrets
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from tests.support.sandbox_harness import needs_metro_tools
 from tests.support.sandboxes import cmdline, proc_ids, sandbox_pids
 from tests.support.ukc import Ukc
 from tests.support.users import run_as_other_user
+from tests.support.waiting import eventually
 
 pytestmark = [needs_metro_tools, pytest.mark.metro]
 
@@ -53,15 +52,6 @@ def command_output(record: dict[str, Any]) -> str:
     commands = record.get("commands") or []
     assert commands, f"the probe did not run: {json.dumps(record)[:2000]}"
     return str(commands[0].get("stdout") or "") + str(commands[0].get("stderr") or "")
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def instance(ukc: Ukc, uuid: str) -> dict[str, Any]:
@@ -175,7 +165,7 @@ except OSError as exc:
         )
         uuid = record["instance"]["uuid"]
         assert "allocated" not in command_output(record)
-        assert wait_for(lambda: instance(ukc, uuid)["state"] == "stopped", 30)
+        assert eventually(lambda: instance(ukc, uuid)["state"] == "stopped", 30, 0.1)
         item = instance(ukc, uuid)
         assert (item["stop_reason"], item["stop_code"]) == (
             STOP_REASON_KERNEL,
@@ -230,7 +220,7 @@ class TestNames:
                     for p in sandbox_pids(ukc.workspace(mine[0]["uuid"]))
                 )
 
-            assert wait_for(running_command, 90), "the session command never ran"
+            assert eventually(running_command, 90, 0.1), "the session command never ran"
             name = next(i["name"] for i in ukc.instances() if i["name"].endswith(session))
             scan = run_as_other_user(
                 ["/usr/bin/python3", "-c", SCAN], env={"NEEDLES": f"{session} {name}"}
@@ -294,7 +284,7 @@ class TestLeftovers:
                         if p.exists()]  # fmt: skip
 
             ukc.run("delete", "gone.yaml", check=0)
-            assert wait_for(lambda: not left(uuids["gone"]), 20), left(uuids["gone"])
+            assert eventually(lambda: not left(uuids["gone"]), 20, 0.1), left(uuids["gone"])
             # a delete answered just before the metro stops: its teardown must still finish
             ukc.run("delete", "stopped.yaml", check=0)
             ukc.run("local", "stop", check=0)

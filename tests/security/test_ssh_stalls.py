@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import paramiko
 import pytest
 
-from reconciler.backends.commands import CommandResult, run_command
-from reconciler.backends.ssh import SshShell
 from reconciler.errors import TransportError
+from reconciler.transport.base import CommandResult
+from reconciler.transport.commands import run_command
+from reconciler.transport.sshclient import SshShell
 
 
 class _Stalling(paramiko.ServerInterface):

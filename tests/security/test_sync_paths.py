@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.backends.localshell import LocalShell
 from reconciler.errors import SyncHaltedError
 from reconciler.sync.ignore import MAX_IGNORE_BYTES
 from reconciler.sync.manifest import scan_local
@@ -25,10 +24,11 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import pull
 from reconciler.sync.push import push
 from reconciler.sync.remote import encode_frame
+from reconciler.transport.local_shell import LocalShell
 from tests.support.canary import Canaries, assert_nowhere
 from tests.support.hostile_helper import fake_python, run_in_child
+from tests.support.synctree import REMOTE_PYTHON
 from tests.support.ukc import Ukc
-from tests.sync.conftest import REMOTE_PYTHON
 
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA-canary-key\n"
 

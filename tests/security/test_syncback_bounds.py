@@ -26,12 +26,12 @@ from typing import Any
 
 import pytest
 
-from reconciler.backends.localshell import LocalShell
 from reconciler.errors import RemoteError, SyncStalledError
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import pull, pull_record
 from reconciler.sync.push import push
 from reconciler.sync.records import PULL_RECORD, write_record
+from reconciler.transport.local_shell import LocalShell
 from tests.support.hostile_helper import fake_python, run_in_child
 from tests.support.ukc import Ukc
 

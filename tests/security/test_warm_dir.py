@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import warm
+from reconciler.cli import warm
 from tests.support.canary import Canaries, assert_nowhere
 from tests.support.users import need_other_user, run_as_other_user
 

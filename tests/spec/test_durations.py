@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reconciler.durations import (
+from reconciler.spec.durations import (
     MAX_DURATION_S,
     Duration,
     DurationError,

@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.errors import SpecError
-from reconciler.spec import load_specs
-
-from . import write
+from reconciler.spec.loader import load_specs
+from tests.support.specfiles import write
 
 #: bombs, deep nesting and encodings fail in milliseconds; 1 s leaves room for a busy machine
 FAST_S = 1.0

@@ -6,17 +6,19 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import Field
 
 from reconciler.errors import SpecError
-from reconciler.spec import (
+from reconciler.spec.loader import load_spec_file, load_specs
+from reconciler.spec.models import (
     DEFAULT_LOCAL_IMAGE,
-    load_spec_file,
-    load_specs,
+    CommandSpec,
+    SessionSpec,
+    SyncSpec,
     resolve_secret_env,
     spec_hash,
 )
-
-from . import load_one, spec_error, write
+from tests.support.specfiles import load_one, spec_error, write
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -180,6 +182,35 @@ class TestIdentity:
         assert spec_hash(session.spec) == (
             "d0dc9d802d524cd1e0cbf62a1001f0d69d028df73c1c0f60628f43dc4a1a333a"
         )
+
+    def test_a_field_added_later_leaves_the_hash_of_specs_that_do_not_use_it_unchanged(
+        self, tmp_path: Path
+    ) -> None:
+        # A future ukc with one more defaulted field at each level, declared the way every
+        # field is declared (nothing else to remember): existing specs keep their hash.
+        class LaterCommand(CommandSpec):
+            retries: int = 0
+
+        class LaterSync(SyncSpec):
+            compress: bool = False
+
+        class LaterSession(SessionSpec):
+            commands: tuple[LaterCommand, ...] = ()
+            sync: LaterSync = Field(default_factory=LaterSync)
+            cpus: int | None = None
+
+        text = "name: a\ncommands: [make, {name: t, run: test, timeout: 5m}]\n"
+        text += "sync: {back: [out/], timeout: 10m}\nenv: {X: '1'}\n"
+        (session,) = load_one(tmp_path, text)
+        data = session.spec.model_dump()
+        later = LaterSession.model_validate(data)
+        assert spec_hash(later) == spec_hash(session.spec)
+        for changed in (
+            {**data, "cpus": 2},
+            {**data, "sync": {**data["sync"], "compress": True}},
+            {**data, "commands": [{**data["commands"][0], "retries": 1}, data["commands"][1]]},
+        ):
+            assert spec_hash(LaterSession.model_validate(changed)) != spec_hash(session.spec)
 
     def test_secret_values_never_reach_the_hash(self, tmp_path: Path) -> None:
         (session,) = load_one(tmp_path, "name: a\nsecret_env: {TOKEN: MY_TOKEN}\n")

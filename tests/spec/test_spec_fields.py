@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.durations import Duration
-from reconciler.spec import DEFAULT_LOCAL_IMAGE, CommandSpec, SessionSpec, SyncSpec
-
-from . import load_one, spec_error
+from reconciler.spec.durations import Duration
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE, CommandSpec, SessionSpec, SyncSpec
+from tests.support.specfiles import load_one, spec_error
 
 # (yaml after "name: ok\n" on line 1, line, field, fragment of the message)
 REFUSALS: list[tuple[str, int, str, str]] = [

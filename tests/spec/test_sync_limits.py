@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.sizes import SizeError, format_size, parse_size
-from reconciler.spec import SyncSpec, spec_hash
-from reconciler.sync.options import (
+from reconciler.spec.defaults import (
     DEFAULT_BACK_MAX_BYTES,
     DEFAULT_BACK_MAX_FILES,
     DEFAULT_BACK_MAX_REFUSED,
     DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
 )
-
-from . import load_one, spec_error
+from reconciler.spec.models import SyncSpec, spec_hash
+from reconciler.spec.sizes import SizeError, format_size, parse_size
+from tests.support.specfiles import load_one, spec_error
 
 #: the hash of `name: a` + `sync: {back: [out/]}` as computed by the ukc before these fields
 #: (and before back_delete) existed

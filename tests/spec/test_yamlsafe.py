@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import SpecError
-from reconciler.yamlsafe import Limits, format_path, load_yaml_bytes, load_yaml_file
+from reconciler.spec.yamlsafe import Limits, format_path, load_yaml_bytes, load_yaml_file
 
 
 def load(text: str | bytes, limits: Limits | None = None) -> list[object]:

@@ -79,7 +79,7 @@ for name, value in args["limits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
 os.umask(args["umask"])
 from pathlib import Path
-from reconciler.backends.localshell import LocalShell
+from reconciler.transport.local_shell import LocalShell
 from reconciler.sync.options import SyncOptions
 from reconciler.sync import pull, push
 

@@ -19,7 +19,7 @@ from reconciler.errors import RemoteError
 from reconciler.sync import helper
 from reconciler.sync.engine import pull, push
 from reconciler.sync.remote import _BOOT, _PROGRAM
-from tests.sync.conftest import Site, write
+from tests.support.synctree import Site, write
 
 #: the oldest python3 a sandbox image may have
 FLOOR = (3, 7)

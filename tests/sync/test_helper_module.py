@@ -24,7 +24,7 @@ import pytest
 from reconciler.sync import helper
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.remote import _PROGRAM, MAX_FRAME, encode_frame, helper_command
-from tests.sync.conftest import REMOTE_PYTHON
+from tests.support.synctree import REMOTE_PYTHON
 
 
 def _umask() -> int:

@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.sync.engine import pull, push
 from reconciler.sync.remote import _PROGRAM, HelperSession
-from tests.sync.conftest import REMOTE_PYTHON, Site, write
+from tests.support.synctree import REMOTE_PYTHON, Site, write
 
 #: the helper without its final `main()` call: definitions only, for probing
 BODY, _MAIN = _PROGRAM.decode("ascii").rsplit('\nif __name__ == "__main__":\n', 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.backends.localshell import LocalShell
+from reconciler.transport.local_shell import LocalShell
 
 
 def test_stdin_stdout_stderr_and_the_exit_code_come_back() -> None:

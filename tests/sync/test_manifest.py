@@ -13,7 +13,7 @@ from reconciler.sync.diff import diff_manifests
 from reconciler.sync.engine import push
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import Entry, Manifest, last_push_record, scan_local
-from tests.sync.conftest import Site, write
+from tests.support.synctree import Site, write
 
 
 class TestHashCache:

@@ -1,6 +1,6 @@
 """The sync engine through the real transport: paramiko SSH behind a TLS front, to sshd.
 
-Uses the backend tests' throwaway CA, TLS forwarder and sshd (tests/backends/conftest.py).
+Uses the suite's throwaway CA, TLS forwarder and sshd (session fixtures).
 The "sandbox" paths are plain tmp dirs on this machine, reached through sshd.
 """
 
@@ -9,24 +9,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from reconciler.backends.ssh import SshShell
-from reconciler.backends.tls import Dialer
 from reconciler.sync.engine import pull, push
 from reconciler.sync.options import SyncOptions
-from tests.backends.conftest import (  # noqa: F401 - fixtures used by name
-    FQDN,
-    Sshd,
-    dialer,
-    ssh_front,
-    sshd,
-    test_ca,
-)
-from tests.sync.conftest import REMOTE_PYTHON, snapshot, write
+from reconciler.transport.sshclient import SshShell
+from reconciler.transport.tls import Dialer
+from tests.support.synctree import REMOTE_PYTHON, snapshot, write
+from tests.support.tls_sshd import FQDN, Sshd
 
 
 def test_push_then_no_change_then_pull_through_tls_and_ssh(
-    dialer: Dialer,  # noqa: F811
-    sshd: Sshd,  # noqa: F811
+    dialer: Dialer,
+    sshd: Sshd,
     tmp_path: Path,
 ) -> None:
     local, remote = tmp_path / "local", tmp_path / "remote"

@@ -11,11 +11,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.backends.localshell import LocalShell
 from reconciler.errors import SyncHaltedError
 from reconciler.sync.engine import push
 from reconciler.sync.ignore import load_rules
-from tests.sync.conftest import Site, snapshot
+from reconciler.transport.local_shell import LocalShell
+from tests.support.synctree import Site, snapshot
 
 NAMES = ("a", "b", "c.tmp", "out", "d")
 EXCLUDE = ("*.tmp",)

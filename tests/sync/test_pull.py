@@ -21,7 +21,7 @@ from reconciler.sync.engine import PullResult, plan_pull, pull, pulled_paths
 from reconciler.sync.pull import CONFLICT_SUFFIX, pull_record
 from reconciler.sync.records import PULL_RECORD, write_record
 from reconciler.sync.remote import encode_frame
-from tests.sync.conftest import Site, snapshot, write
+from tests.support.synctree import Site, snapshot, write
 
 
 class CraftedProcess:

@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
 from reconciler.sync.engine import forget, plan_push, pull, push, scan_local
-from tests.sync.conftest import Site, snapshot, write
+from tests.support.synctree import Site, snapshot, write
 
 
 def seed(site: Site) -> None:

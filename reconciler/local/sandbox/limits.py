@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler._util.pids import pid_alive
-from reconciler.local._poll import poll_until
+from reconciler._util.retry import RetryPolicy, poll
 
 __all__ = ["Cgroup", "Limiter"]
 
@@ -140,16 +140,15 @@ class Cgroup:
             os.close(self._oom_fd)
             self._oom_fd = None
         for d in self.dirs:
-            gone = poll_until(
+            gone = poll(
                 functools.partial(_removed, d),
-                timeout_s=_REMOVE_TIMEOUT_S,
-                interval_s=_REMOVE_PAUSE_S,
+                policy=RetryPolicy.every(_REMOVE_PAUSE_S, deadline_s=_REMOVE_TIMEOUT_S),
             )
             if gone is None:
                 log.warning("cgroup %s still busy; left behind", d)
 
 
-def _removed(d: Path) -> bool | None:
+def _removed(d: Path, _remaining_s: float) -> bool | None:
     """rmdir `d`; None while the kernel still counts exiting processes in it (EBUSY)."""
     try:
         d.rmdir()

@@ -25,7 +25,7 @@ import select
 import signal
 import threading
 
-from reconciler.local._poll import apoll_until
+from reconciler._util.retry import RetryPolicy, apoll
 
 __all__ = ["PidNamespace", "become_subreaper", "proc_state"]
 
@@ -148,7 +148,8 @@ class PidNamespace:
             async def gone() -> bool | None:
                 return True if await asyncio.to_thread(self.init_exited) else None
 
-            return await apoll_until(gone, timeout_s=timeout_s, interval_s=0.01) is not None
+            polling = RetryPolicy.every(0.01, deadline_s=timeout_s)
+            return await apoll(lambda _: gone(), policy=polling) is not None
         if self.init_exited():
             return True
         loop = asyncio.get_running_loop()

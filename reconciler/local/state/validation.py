@@ -12,6 +12,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler._util.names import is_dns_label
 from reconciler.local.state.index import InstanceIndex
 from reconciler.local.state.records import (
     CODE_ALREADY_EXISTS,
@@ -32,7 +33,6 @@ __all__ = [
     "parse_create",
 ]
 
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PLUGIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 _DEFAULT_COOLDOWN_MS = 1000
 
@@ -200,7 +200,7 @@ def parse_create(body: object) -> CreateRequest:
     name = body.get("name")
     if name is None:
         name = f"instance-{uuidlib.uuid4().hex[:8]}"
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not is_dns_label(name):
         raise _bad(f"instance name {name!r} is not a valid DNS label")
     image = body.get("image")
     if isinstance(image, dict):

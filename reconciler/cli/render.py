@@ -1,0 +1,200 @@
+"""What the command line shows: plans, the status file, and live progress of apply and watch.
+
+`PlainReporter` prints one line per event, `[session]` prefixed, for pipes and CI logs;
+`LiveReporter` redraws a per-session table on a TTY with command output streamed above it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from reconciler.reconcile import actions
+from reconciler.reconcile.events import Event
+from reconciler.status.schema import StatusDoc
+
+__all__ = ["LiveReporter", "PlainReporter", "plan_json", "render_plan", "render_status"]
+
+
+class PlainReporter:
+    """One line per event; command output lines prefixed with the session name."""
+
+    def __init__(self, out: TextIO | None = None, *, quiet: bool = False) -> None:
+        self._out = out or sys.stdout
+        self._quiet = quiet
+        self._lock = threading.Lock()
+        self._partial: dict[tuple[str, str], str] = {}
+
+    def event(self, event: Event) -> None:
+        with self._lock:
+            if event.kind == "output":
+                key = (event.session, event.stream)
+                text = self._partial.pop(key, "") + event.text
+                *lines, rest = text.split("\n")
+                if rest:
+                    self._partial[key] = rest
+                for line in lines:
+                    mark = "|" if event.stream == "stdout" else "!"
+                    self._out.write(f"[{event.session}] {mark} {line}\n")
+            elif not self._quiet or event.kind in ("failed",):
+                self._out.write(f"[{event.session}] {event.text}\n")
+            self._out.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            for (session, stream), rest in self._partial.items():
+                mark = "|" if stream == "stdout" else "!"
+                self._out.write(f"[{session}] {mark} {rest}\n")
+            self._partial.clear()
+            self._out.flush()
+
+
+@dataclass
+class _Row:
+    state: str = "waiting"
+    detail: str = ""
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+
+class LiveReporter:
+    """A live per-session table at the bottom of a TTY; finished lines scroll above it."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self._out = out or sys.stdout
+        self._rows: dict[str, _Row] = {}
+        self._drawn = 0
+        self._lock = threading.Lock()
+        self._plain = PlainReporter(self._out)
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self._out.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._drawn = 0
+
+    def _draw(self) -> None:
+        width = shutil.get_terminal_size((100, 20)).columns
+        now = time.monotonic()
+        for name, row in self._rows.items():
+            took = (row.ended or now) - row.started
+            line = f"  {name:<20} {row.state:<10} {took:6.1f}s  {row.detail}"
+            self._out.write(line[: width - 1] + "\n")
+        self._drawn = len(self._rows)
+        self._out.flush()
+
+    def event(self, event: Event) -> None:
+        with self._lock:
+            row = self._rows.setdefault(event.session, _Row())
+            self._clear()
+            if event.kind == "action":
+                row.state, row.detail = "working", event.text
+            elif event.kind == "done":
+                row.state, row.detail, row.ended = "ready", event.text, time.monotonic()
+            elif event.kind == "failed":
+                row.state, row.detail, row.ended = "FAILED", event.text, time.monotonic()
+            if event.kind in ("output", "failed", "done", "info", "session"):
+                self._plain.event(event)
+            self._draw()
+
+    def close(self) -> None:
+        with self._lock:
+            self._clear()
+            self._plain.close()
+            self._draw()
+
+
+def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
+    lines: list[str] = []
+    marks = {
+        actions.CreateInstance: "+",
+        actions.DeleteInstance: "-",
+        actions.StartInstance: "^",
+        actions.WaitReady: " ",
+        actions.SyncUp: "~",
+        actions.RunCommand: ">",
+        actions.SyncBack: "<",
+    }
+    for splan in plan.sessions:
+        if splan.refusal is not None:
+            lines.append(f"session {splan.session}: refused: {splan.refusal.reason}")
+            continue
+        if not splan.changes:
+            lines.append(f"session {splan.session}: up to date")
+            if verbose:
+                lines.extend(f"    = {n}" for n in splan.noops)
+            continue
+        lines.append(f"session {splan.session}:")
+        for act in splan.actions:
+            if isinstance(act, actions.WaitReady):
+                continue
+            lines.append(f"  {marks[type(act)]} {act.describe()}")
+        if verbose:
+            lines.extend(f"    = {n}" for n in splan.noops)
+    if plan.prunes:
+        lines.append("prune:")
+        lines.extend(f"  - {p.describe()}" for p in plan.prunes)
+    for refusal in plan.prune_refusals:
+        lines.append(f"prune of session {refusal.session}: refused: {refusal.reason}")
+    lines.extend(f"warning: {w}" for w in plan.warnings)
+    creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
+    runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
+    files = sum(a.files for s in plan.sessions for a in s.actions if isinstance(a, actions.SyncUp))
+    deletes = sum(isinstance(a, actions.DeleteInstance) for s in plan.sessions for a in s.actions)
+    deletes += len(plan.prunes)
+    refused = len(plan.refusals)
+    if not plan.empty:
+        lines.append(
+            f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
+            f"{runs} command(s) to run."
+        )
+    elif not refused:
+        lines.append("No changes. Sessions match their specs.")
+    if refused:
+        lines.append(f"Refused: {refused} session(s) hold an instance ukc cannot prove it owns.")
+    return lines
+
+
+def plan_json(plan: actions.Plan) -> dict[str, Any]:
+    def act(a: actions.Action) -> dict[str, Any]:
+        d = {k: v for k, v in a.__dict__.items()}
+        d["action"] = type(a).__name__
+        d["description"] = a.describe()
+        return d
+
+    return {
+        "empty": plan.empty,
+        "sessions": {
+            s.session: {"actions": [act(a) for a in s.changes], "noops": list(s.noops)}
+            for s in plan.sessions
+        },
+        "prunes": [act(p) for p in plan.prunes],
+        "refused": {r.session: r.reason for r in plan.refusals},
+        "warnings": list(plan.warnings),
+    }
+
+
+def render_status(docs: Mapping[str, StatusDoc]) -> list[str]:
+    """The status files' sessions, one line each, with their commands below."""
+    lines: list[str] = []
+    for path, doc in docs.items():
+        lines.append(f"{path}:")
+        if not doc.sessions:
+            lines.append("  (no sessions recorded)")
+        for name, rec in doc.sessions.items():
+            inst = rec.instance
+            where = f"{inst.name} {inst.state} {inst.fqdn or ''}".strip() if inst else "-"
+            lines.append(f"  {name:<20} {rec.phase:<10} {where}")
+            for cmd in rec.commands:
+                state = "skipped" if cmd.skipped else f"exit {cmd.exit_code}"
+                if cmd.timed_out:
+                    state = "timed out"
+                lines.append(f"      {cmd.name:<18} {state}")
+            if rec.message:
+                lines.append(f"      {rec.message}")
+
+    return lines

@@ -1,0 +1,107 @@
+"""What the controller knows of the cloud: instances, what a create sends, the API's shape.
+
+`CloudApi` is the platform API of one metro (list / create / start / stop / delete / wait),
+implemented over httpx by `cloud.api.UkcApi`; the local metro speaks the same wire protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "CloudApi",
+    "CreateRequest",
+    "Instance",
+    "Plugin",
+    "Service",
+]
+
+
+@dataclass(frozen=True)
+class Service:
+    """One public port of an instance's service group."""
+
+    port: int
+    destination_port: int
+    handlers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A platform plugin loaded into an instance (e.g. the sandbox API, reached through the
+    metro's proxy)."""
+
+    name: str
+    image: str
+    config: Mapping[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class Instance:
+    """An instance as observed through the API (already parsed tolerantly from the wire).
+
+    `state` is kept as the raw string the API sent: unknown states must not crash us.
+    `start_count` and `started_at` together identify one boot as far as the API can tell.
+    """
+
+    uuid: str
+    name: str
+    state: str
+    fqdn: str | None = None
+    tags: tuple[str, ...] = ()
+    image: str | None = None
+    memory_mb: int | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    start_count: int | None = None
+    metro: str = ""
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """Everything `ukc` sends when it creates a session instance."""
+
+    name: str
+    image: str
+    env: Mapping[str, str]
+    tags: Sequence[str]
+    memory_mb: int | None = None
+    services: Sequence[Service] = field(default_factory=tuple)
+    plugins: Sequence[Plugin] = field(default_factory=tuple)
+    scale_to_zero: Mapping[str, object] | None = None
+    autostart: bool = True
+
+
+class CloudApi(Protocol):
+    """The platform API of one metro. Every method is one logical operation (retries inside)."""
+
+    #: the metro label results are tagged with (e.g. "local", "fra", or a URL)
+    metro: str
+
+    def list_instances(self, tags: Sequence[str]) -> list[Instance]:
+        """All instances carrying every tag in `tags`, across all pages."""
+        ...
+
+    def get_instance(self, name: str) -> Instance | None:
+        """One instance by name, or None when it does not exist."""
+        ...
+
+    def create_instance(self, request: CreateRequest) -> Instance:
+        """Create; raises `AlreadyExistsError` when the name is taken."""
+        ...
+
+    def start_instance(self, name: str) -> None: ...
+
+    def stop_instance(self, name: str) -> None: ...
+
+    def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
+        """Delete (exactly the instance `uuid` when given); False when it was already gone."""
+        ...
+
+    def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
+        """Block until the instance is in `state`; raises `SandboxNotReadyError` at the deadline."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The reconcile loop: desired state, observation, the pure planner, actions and their execution."""

@@ -1,0 +1,190 @@
+"""Actions: what the planner decides and the executor performs, as frozen values.
+
+Each action names its session and says *why* it exists (`reason`), so `ukc plan` can print a
+plan that explains itself and tests can compare plans with literals. The executor performs
+them in the order the plan gives and never invents or reorders any.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Action",
+    "CreateInstance",
+    "DeleteInstance",
+    "Plan",
+    "Refusal",
+    "RunCommand",
+    "SessionPlan",
+    "StartInstance",
+    "SyncBack",
+    "SyncUp",
+    "WaitReady",
+]
+
+
+@dataclass(frozen=True)
+class CreateInstance:
+    session: str
+    instance_name: str
+    metro: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"create instance {self.instance_name} on metro {self.metro} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class DeleteInstance:
+    session: str
+    instance_name: str
+    metro: str
+    reason: str
+    #: the session is going away for good (delete/prune/ttl): drop its key and sync records
+    forget: bool = True
+    #: phase recorded afterwards
+    final_phase: str = "Deleted"
+    #: the uuid ownership was proven for: the delete names exactly this instance
+    instance_uuid: str = ""
+
+    def describe(self) -> str:
+        return f"delete instance {self.instance_name} on metro {self.metro} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class StartInstance:
+    session: str
+    instance_name: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"start instance {self.instance_name} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class WaitReady:
+    session: str
+    instance_name: str
+    #: the transport it waits for (the session's `exec`)
+    transport: str
+
+    def describe(self) -> str:
+        return f"wait until {self.instance_name} accepts {self.transport}"
+
+
+@dataclass(frozen=True)
+class SyncUp:
+    session: str
+    files: int
+    bytes: int
+    deletes: int
+    full: bool
+    reason: str
+    sample: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        what = f"send {self.files} file(s) ({_size(self.bytes)}), delete {self.deletes}"
+        if self.full:
+            what = f"full sync: up to {self.files} file(s) ({_size(self.bytes)}), remote scanned"
+        shown = ""
+        if self.sample:
+            more = self.files - len(self.sample) if not self.full else 0
+            shown = ": " + ", ".join(self.sample) + (f" and {more} more" if more > 0 else "")
+        return f"{what} ({self.reason}){shown}"
+
+
+@dataclass(frozen=True)
+class RunCommand:
+    session: str
+    index: int
+    name: str
+    run: str
+    timeout_s: float
+    input_hash: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"run command {self.name!r} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class SyncBack:
+    session: str
+    paths: tuple[str, ...]
+    reason: str
+    #: what the last sync-back brought (the exact list is only known once the sandbox answers)
+    last_files: int = 0
+    last_bytes: int = 0
+    #: `sync.back_delete`: files it brought back that the sandbox deleted are removed here
+    mirror_deletes: bool = False
+
+    def describe(self) -> str:
+        last = ""
+        if self.last_files:
+            last = f"; last time {self.last_files} file(s), {_size(self.last_bytes)}"
+        mirror = "; mirrors deletions of files it brought back" if self.mirror_deletes else ""
+        return f"bring back {', '.join(self.paths)} ({self.reason}{last}{mirror})"
+
+
+Action = (
+    CreateInstance | DeleteInstance | StartInstance | WaitReady | SyncUp | RunCommand | SyncBack
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An instance in a session's way that ukc cannot prove it owns: the session fails."""
+
+    session: str
+    instance_name: str
+    metro: str
+    reason: str
+
+    def describe(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """The ordered actions for one session plus human no-op reasons for what is already right."""
+
+    session: str
+    actions: tuple[Action, ...] = ()
+    noops: tuple[str, ...] = ()
+    #: set when nothing may be done for the session (then `actions` is empty)
+    refusal: Refusal | None = None
+
+    @property
+    def changes(self) -> tuple[Action, ...]:
+        """Actions that change something (waiting for readiness alone is not a change)."""
+        return tuple(a for a in self.actions if not isinstance(a, WaitReady))
+
+
+@dataclass(frozen=True)
+class Plan:
+    sessions: tuple[SessionPlan, ...] = ()
+    prunes: tuple[DeleteInstance, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+    #: prunes refused because ownership could not be proven
+    prune_refusals: tuple[Refusal, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.prunes and all(not s.changes for s in self.sessions)
+
+    @property
+    def refusals(self) -> tuple[Refusal, ...]:
+        """Every refusal, of sessions and of prunes."""
+        own = tuple(s.refusal for s in self.sessions if s.refusal is not None)
+        return own + self.prune_refusals
+
+
+def _size(n: int) -> str:
+    step = 1024.0
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < step or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= step
+    return f"{n} B"

@@ -1,0 +1,250 @@
+"""The desired state: what the specs declare, as values the pure planner compares.
+
+`build_session` turns one `LoadedSession` plus a scan of its local tree into a
+`DesiredSession` (what the planner sees) and a `SessionContext` (what the executor needs,
+secrets included). Sessions that share one status file form a `Group`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler import errors
+from reconciler.cloud.metros import metro_label
+from reconciler.reconcile import identity
+from reconciler.spec.loader import LoadedSession, load_specs
+from reconciler.spec.models import DEFAULT_EXEC, resolve_secret_env, spec_hash
+from reconciler.status.journal import status_path_for
+from reconciler.sync import engine as sync_engine
+from reconciler.sync.options import SyncOptions
+from reconciler.transport import select
+from reconciler.transport.base import Credentials
+
+__all__ = [
+    "CommandIntent",
+    "DesiredSession",
+    "Group",
+    "SessionContext",
+    "TreeState",
+    "build_session",
+    "credentials_for",
+    "group_sessions",
+    "load_groups",
+    "sync_options_for",
+    "transport_of",
+]
+
+
+@dataclass(frozen=True)
+class TreeState:
+    """The local tree as the sync engine sees it (scanned by the observer)."""
+
+    digest: str
+    files: int
+    bytes: int
+    uploads: tuple[str, ...] = ()
+    upload_bytes: int = 0
+    deletes: tuple[str, ...] = ()
+    #: set when the tree cannot be synced (missing root, emptied root): nothing will be sent
+    halted: str | None = None
+
+
+@dataclass(frozen=True)
+class CommandIntent:
+    name: str
+    run: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class DesiredSession:
+    name: str
+    metro: str
+    instance_name: str
+    instance_hash: str
+    image: str
+    ttl_s: float | None
+    spec_hash: str
+    commands: tuple[CommandIntent, ...]
+    #: hash of env + secret values (salted by the caller): a change re-runs commands
+    env_fingerprint: str
+    tree: TreeState
+    back: tuple[str, ...] = ()
+    tags: tuple[str, ...] = field(default=())
+    #: (files, bytes) the last sync-back brought, for the plan's estimate
+    back_known: tuple[int, int] = (0, 0)
+    #: `sync.back_delete`: sync-back mirrors remote deletions of files it brought back
+    back_delete: bool = False
+    #: the transport (`exec`) the session's instance is made for and reached with
+    transport: str = DEFAULT_EXEC
+    #: the transport's credentials for the session are there (an existing instance accepts
+    #: only the ones it was created with: without them it is unreachable)
+    credentials_present: bool = True
+    #: what those credentials are called in messages ("ssh key")
+    credentials_noun: str = "credentials"
+    #: what the transport warns about (shown by plan and apply)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class Group:
+    """Sessions that share one status file (one spec directory)."""
+
+    base_dir: Path
+    sessions: list[LoadedSession]
+    #: `--status PATH` overrides where the status file lives (keys and records stay in .ukc/)
+    status_override: Path | None = None
+
+    @property
+    def status_path(self) -> Path:
+        if self.status_override is not None:
+            return self.status_override
+        return status_path_for(self.base_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base_dir / ".ukc"
+
+
+@dataclass
+class SessionContext:
+    """What the executor needs to act for one session (holds secret values: never print it)."""
+
+    loaded: LoadedSession
+    desired: DesiredSession
+    sync_options: SyncOptions
+    credentials: Credentials
+    env: dict[str, str] = field(repr=False)
+    secret_values: tuple[str, ...] = field(repr=False)
+    manifest: sync_engine.Manifest | None = field(default=None, repr=False)
+
+
+def group_sessions(loaded: Iterable[LoadedSession]) -> list[Group]:
+    groups: dict[Path, Group] = {}
+    for item in loaded:
+        groups.setdefault(item.base_dir, Group(item.base_dir, [])).sessions.append(item)
+    return list(groups.values())
+
+
+def load_groups(
+    paths: Sequence[Path], environ: Mapping[str, str], status_override: Path | None = None
+) -> list[Group]:
+    """The sessions of the spec files or directories in `paths`, by status file.
+
+    With no session at all, still a group per given directory, so prune and status know
+    where to look.
+    """
+    targets = list(paths) or [Path(".")]
+    groups = group_sessions(load_specs(targets, environ).sessions)
+    if not groups:
+        for p in targets:
+            base = p if p.is_dir() else p.parent
+            groups.append(Group(base.resolve(), []))
+    if status_override is not None:
+        for g in groups:
+            g.status_override = status_override
+    return groups
+
+
+def sync_options_for(group: Group, loaded: LoadedSession) -> SyncOptions:
+    s = loaded.spec
+    return SyncOptions(
+        local_root=loaded.directory,
+        exclude=tuple(s.sync.exclude),
+        back=tuple(s.sync.back),
+        back_delete=s.sync.back_delete,
+        state_dir=group.state_dir / "sync" / s.name,
+        session=s.name,
+        back_max_bytes=s.sync.back_max_bytes,
+        back_max_files=s.sync.back_max_files,
+        back_max_refused=s.sync.back_max_refused,
+        timeout_s=float(s.sync.timeout),
+        idle_timeout_s=float(s.sync.idle_timeout),
+    )
+
+
+def credentials_for(group: Group, session: str) -> Credentials:
+    """Where the session's transport keeps its secrets (`.ukc/keys/<session>`)."""
+    return Credentials(group.state_dir / "keys" / session)
+
+
+def transport_of(loaded: LoadedSession) -> str:
+    """The transport a session is reached with: the one its `exec` names."""
+    return loaded.spec.exec
+
+
+def build_session(
+    group: Group,
+    loaded: LoadedSession,
+    owner: identity.Owner,
+    environ: Mapping[str, str],
+    salt: bytes,
+    on_change: Callable[[], None] | None = None,
+) -> tuple[SessionContext, str | None]:
+    s = loaded.spec
+    secret_env = resolve_secret_env(s, environ)
+    env = {**dict(s.env), **secret_env}
+    fingerprint = hashlib.sha256(
+        salt + json.dumps([sorted(s.env.items()), sorted(secret_env.items())]).encode()
+    ).hexdigest()[:32]
+    opts = sync_options_for(group, loaded)
+    halted: str | None = None
+    manifest = None
+    try:
+        manifest = sync_engine.scan_local(opts, on_change=on_change)
+        transfer = sync_engine.plan_push(manifest, opts)
+        tree = TreeState(
+            digest=manifest.digest,
+            files=manifest.file_count,
+            bytes=manifest.total_bytes,
+            uploads=tuple(transfer.uploads),
+            upload_bytes=transfer.upload_bytes,
+            deletes=tuple(transfer.deletes),
+        )
+    except errors.SyncHaltedError as err:
+        halted = str(err)
+        tree = TreeState(digest="", files=0, bytes=0, halted=halted)
+    inst_hash = identity.instance_hash(s.image, s.memory_mb)
+    transport = select.kind_for(transport_of(loaded))
+    credentials = credentials_for(group, s.name)
+    desired = DesiredSession(
+        name=s.name,
+        metro=metro_label(s.metro),
+        instance_name=identity.instance_name(owner.project, s.name),
+        instance_hash=inst_hash,
+        image=s.image,
+        ttl_s=float(s.ttl) if s.ttl is not None else None,
+        spec_hash=spec_hash(s),
+        commands=tuple(CommandIntent(c.name, c.run, float(c.timeout)) for c in s.commands),
+        env_fingerprint=fingerprint,
+        tree=tree,
+        back=tuple(s.sync.back),
+        tags=tuple(identity.owner_tags(owner.project, s.name, inst_hash, owner.id)),
+        back_known=_back_known(opts),
+        back_delete=opts.back_delete,
+        transport=transport.name,
+        credentials_present=transport.credentials_present(credentials),
+        credentials_noun=transport.credentials_noun,
+        warnings=transport.warnings(s.name),
+    )
+    ctx = SessionContext(
+        loaded=loaded,
+        desired=desired,
+        sync_options=opts,
+        credentials=credentials,
+        env=env,
+        secret_values=tuple(v for v in secret_env.values() if v),
+        manifest=manifest,
+    )
+    return ctx, halted
+
+
+def _back_known(opts: SyncOptions) -> tuple[int, int]:
+    if not opts.back:
+        return (0, 0)
+    known = sync_engine.plan_pull(opts)
+    return (known.known_files, known.known_bytes)

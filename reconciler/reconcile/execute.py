@@ -1,0 +1,595 @@
+"""The executor: performs a session's planned actions, in order, and journals each one.
+
+It decides nothing: the plan says what and in which order; the executor talks to the cloud
+(`CloudApi`), to the sandbox (the session's `Transport`, set up by the kind
+`transport.select` maps its `exec` to) and to the sync engine, records results in the status
+document after every step (so a kill at any point leaves an honest journal), and stops a
+session at its first failure. One connection per session is opened at `WaitReady` and reused
+by sync, commands and sync-back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler import errors
+from reconciler._util.retry import RetryPolicy, poll
+from reconciler.cloud.metros import MetroConnection, MetroRegistry
+from reconciler.cloud.model import CreateRequest, Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import Group, SessionContext, credentials_for
+from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile.interrupts import StopFlag
+from reconciler.reconcile.observe import Observation
+from reconciler.reconcile.redaction import OutputTail, Redactor
+from reconciler.status import journal
+from reconciler.status.schema import (
+    CommandRecord,
+    InstanceRecord,
+    SessionStatus,
+    StatusDoc,
+    SyncRecord,
+)
+from reconciler.sync import engine as sync_engine
+from reconciler.transport import select
+from reconciler.transport.base import RemoteShell, Target, Transport, TransportKind
+from reconciler.transport.pool import TransportPool
+
+__all__ = ["Executor", "SessionOutcome"]
+
+#: the original workflow's scale-to-zero: idle sessions cost nothing, memory kept (stateful)
+SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
+
+
+@dataclass
+class SessionOutcome:
+    session: str
+    ok: bool
+    error: str = ""
+    ran_commands: int = 0
+    changed: bool = False
+
+
+@dataclass
+class _Run:
+    """Mutable per-session state during one execution."""
+
+    inst: Instance | None
+    #: the session's transport, chosen once from its `exec` (None for a session without spec)
+    kind: TransportKind | None = None
+    transport: Transport | None = None
+    #: the connection was kept from an earlier pass: it may have died while idle
+    pooled: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        group: Group,
+        doc: StatusDoc,
+        observation: Observation,
+        metros: MetroRegistry,
+        reporter: Reporter,
+        doc_lock: threading.Lock,
+        ready_timeout_s: float = 60.0,
+        boot_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        ran: set[tuple[str, str]] | None = None,
+        pool: TransportPool | None = None,
+        stop: StopFlag | None = None,
+    ) -> None:
+        self.group = group
+        self.doc = doc
+        self.obs = observation
+        self.metros = metros
+        self.reporter = reporter
+        self.doc_lock = doc_lock
+        self.ready_timeout_s = ready_timeout_s
+        self.boot_timeout_s = boot_timeout_s
+        self.clock = clock
+        #: (session, command) pairs that ran in this apply; the rest are reported as skipped
+        self.ran = ran if ran is not None else set()
+        #: connections kept across rounds and passes (one per session)
+        self.pool = pool
+        #: set on Ctrl-C: no new action starts (the one in flight finishes and is journaled)
+        self.stop = stop
+
+    # -- journal ---------------------------------------------------------------------------
+
+    def _record(self, session: str) -> SessionStatus:
+        with self.doc_lock:
+            return self.doc.sessions.setdefault(session, SessionStatus())
+
+    def save(self) -> None:
+        with self.doc_lock:
+            journal.save(self.group.status_path, self.doc)
+
+    def _say(self, session: str, kind: str, text: str, stream: str = "") -> None:
+        self.reporter.event(Event(session, kind, text, stream))
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def run_session(self, splan: actions.SessionPlan) -> SessionOutcome:
+        name = splan.session
+        ctx = self.obs.contexts.get(name)
+        # the planner acts only on an instance it proved ours (else the session is refused)
+        run = _Run(inst=self.obs.claimed.get(name))
+        if ctx is not None:
+            run.kind = select.kind_for(ctx.desired.transport)
+        outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
+        redact = Redactor(ctx.secret_values if ctx is not None else ())
+        try:
+            for action in splan.actions:
+                if self.stop is not None and self.stop.is_set():
+                    outcome.ok = False
+                    outcome.error = f"interrupted before: {action.describe()}"
+                    break
+                self._say(name, "action", action.describe())
+                started = self.clock()
+                self._dispatch(action, ctx, run, redact, outcome)
+                phase = _phase_of(action)
+                run.timings[phase] = run.timings.get(phase, 0.0) + self.clock() - started
+        except errors.UkcError as err:
+            outcome.ok = False
+            outcome.error = redact(str(err))
+            self._fail(name, outcome.error, err)
+        finally:
+            if run.transport is not None:
+                if self.pool is not None and run.inst is not None and outcome.ok:
+                    self.pool.keep(name, run.inst.uuid, run.transport)
+                else:
+                    with contextlib.suppress(Exception):
+                        run.transport.close()
+                    if self.pool is not None:
+                        self.pool.drop(name)
+            with self.doc_lock:
+                rec = self.doc.sessions.get(name)
+                if rec is not None and run.timings:
+                    rec.timings = {k: round(v, 3) for k, v in run.timings.items()}
+            self.save()
+        return outcome
+
+    def _fail(self, name: str, message: str, err: errors.UkcError) -> None:
+        rec = self._record(name)
+        now = journal.utc_now()
+        with self.doc_lock:
+            rec.phase = "Failed"
+            rec.message = message
+            reason = type(err).__name__.removesuffix("Error") or "Error"
+            journal.set_condition(rec, "Ready", "False", reason, message, now)
+        self._say(name, "failed", message)
+
+    def _dispatch(
+        self,
+        action: actions.Action,
+        ctx: SessionContext | None,
+        run: _Run,
+        redact: Redactor,
+        outcome: SessionOutcome,
+    ) -> None:
+        if isinstance(action, actions.DeleteInstance):
+            self._delete(action, ctx, run)
+            return
+        if ctx is None:
+            raise errors.UsageError(f"session {action.session!r} has no spec in this run")
+        conn = self.metros.get(ctx.desired.metro)
+        if isinstance(action, actions.CreateInstance):
+            self._create(action, ctx, conn, run)
+        elif isinstance(action, actions.StartInstance):
+            conn.api.start_instance(action.instance_name)
+            run.inst = self._await_up(conn, action.instance_name, action.session)
+            self._note_instance(action.session, run.inst)
+        elif isinstance(action, actions.WaitReady):
+            self._wait_ready(ctx, conn, run)
+        elif isinstance(action, actions.SyncUp):
+            self._sync_up(ctx, run)
+        elif isinstance(action, actions.RunCommand):
+            outcome.ran_commands += 1
+            self._run_command(action, ctx, run, redact)
+        elif isinstance(action, actions.SyncBack):
+            self._sync_back(ctx, run, redact)
+
+    # -- instance lifecycle ----------------------------------------------------------------
+
+    def _create(
+        self,
+        action: actions.CreateInstance,
+        ctx: SessionContext,
+        conn: MetroConnection,
+        run: _Run,
+    ) -> None:
+        session = action.session
+        assert run.kind is not None
+        fields = run.kind.create_fields(ctx.credentials)
+        rec = self._record(session)
+        with self.doc_lock:
+            # Journal the intent before the side effect: a lost answer is then adopted, not
+            # duplicated (the name is deterministic).
+            rec.phase = "Progressing"
+            rec.metro = conn.label
+            rec.spec_hash = ctx.desired.spec_hash
+            rec.spec_file = str(ctx.loaded.file)
+            rec.instance = InstanceRecord(
+                name=action.instance_name, uuid="", metro=conn.label, state="creating"
+            )
+            rec.sync = SyncRecord()
+        self.save()
+        request = CreateRequest(
+            name=action.instance_name,
+            image=ctx.desired.image,
+            env=fields.env,
+            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport)),
+            memory_mb=ctx.loaded.spec.memory_mb,
+            services=fields.services,
+            plugins=fields.plugins,
+            scale_to_zero=SESSION_SCALE_TO_ZERO,
+            autostart=True,
+        )
+        try:
+            conn.api.create_instance(request)
+        except errors.AlreadyExistsError:
+            # A create whose answer was lost made it, or someone else holds the name: adopt
+            # only what the ownership rule proves ours (the intent journaled above has no
+            # uuid, so only the owner tag can prove it).
+            found = conn.api.get_instance(action.instance_name)
+            if found is None:
+                raise
+            proof = identity.prove(found, self.obs.owner, session, rec.instance)
+            if not proof.ours:
+                raise errors.OwnershipError(proof.refusal(found)) from None
+            self._say(session, "info", f"adopted existing instance {found.name}")
+        run.inst = self._await_up(conn, action.instance_name, session)
+        self._note_instance(session, run.inst)
+
+    def _await_up(self, conn: MetroConnection, name: str, session: str) -> Instance:
+        """Until the instance runs (or sits in standby, which wakes on traffic)."""
+        last = ["unknown"]
+
+        def probe(remaining: float) -> Instance | None:
+            inst = conn.api.get_instance(name)
+            if inst is None:
+                raise errors.NotFoundError(f"instance {name} vanished while starting")
+            if inst.state in ("running", "standby"):
+                return inst
+            last[0] = inst.state
+            if remaining <= 0:
+                return None
+            if inst.state == "stopped" and inst.start_count:
+                raise errors.RemoteError(f"instance {name} stopped while booting")
+            # the platform's own wait holds the request until the state is reached
+            with contextlib.suppress(errors.SandboxNotReadyError):
+                conn.api.wait_instance(name, "running", min(remaining, 5.0))
+            return None
+
+        policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)
+        found = poll(probe, policy=policy, monotonic=self.clock)
+        if found is None:
+            raise errors.SandboxNotReadyError(
+                f"instance {name} of session {session!r} is still {last[0]} after "
+                f"{self.boot_timeout_s:.0f}s"
+            )
+        return found
+
+    def _note_instance(self, session: str, inst: Instance) -> None:
+        rec = self._record(session)
+        with self.doc_lock:
+            pin = identity.recorded_pin(rec.instance, inst)
+            rec.instance = InstanceRecord(
+                name=inst.name,
+                uuid=inst.uuid,
+                fqdn=inst.fqdn,
+                metro=inst.metro or rec.metro,
+                state=inst.state,
+                created_at=inst.created_at,
+                start_count=inst.start_count,
+                pin=pin,
+            )
+            rec.created_at = inst.created_at
+        self.save()
+
+    def _delete(
+        self, action: actions.DeleteInstance, ctx: SessionContext | None, run: _Run
+    ) -> None:
+        if not action.instance_uuid:
+            raise errors.OwnershipError(
+                f"not deleting instance {action.instance_name} on metro {action.metro}: "
+                "no uuid was proven ours"
+            )
+        conn = self.metros.get(action.metro)
+        if run.transport is not None:
+            run.transport.close()
+            run.transport = None
+        conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
+        run.inst = None
+        self.forget_local(action)
+
+    def forget_local(self, action: actions.DeleteInstance) -> None:
+        """The local half of a delete: journal it, and with `forget` drop the session's
+        credentials and sync records."""
+        rec = self._record(action.session)
+        with self.doc_lock:
+            if rec.instance is not None:
+                rec.instance.state = "deleted"
+            rec.sync = SyncRecord()
+            if action.forget:
+                rec.phase = action.final_phase  # type: ignore[assignment]
+                rec.commands = []
+                rec.message = action.reason
+                journal.set_condition(
+                    rec, "Ready", "False", action.final_phase, action.reason, journal.utc_now()
+                )
+        if action.forget:
+            credentials_for(self.group, action.session).forget()
+            ctx = self.obs.contexts.get(action.session)
+            if ctx is not None:
+                sync_engine.forget(ctx.sync_options)
+            else:
+                _forget_sync_dir(self.group.state_dir / "sync" / action.session)
+        self.save()
+
+    # -- work in the sandbox ---------------------------------------------------------------
+
+    def _wait_ready(self, ctx: SessionContext, conn: MetroConnection, run: _Run) -> None:
+        if run.transport is not None:
+            return
+        inst = run.inst
+        if self.pool is not None and inst is not None:
+            run.transport = self.pool.take(ctx.desired.name, inst.uuid)
+            if run.transport is not None:
+                run.pooled = True
+                return
+        if inst is None:
+            raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
+        if not inst.fqdn:
+            raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
+        assert run.kind is not None
+        rec = self._record(ctx.desired.name)
+        if rec.instance is None or rec.instance.uuid != inst.uuid:
+            # A run killed between the create and its journal entry left only the intent (no
+            # uuid); the observed instance, which the planner proved ours, is the one we work
+            # on, so record it.
+            self._note_instance(ctx.desired.name, inst)
+        transport = run.kind.connect(
+            Target(inst.name, inst.fqdn, conn.reach),
+            ctx.credentials,
+            pin=identity.recorded_pin(rec.instance, inst),
+            deadline_s=self.ready_timeout_s,
+        )
+        run.transport = transport
+        with self.doc_lock:
+            if rec.instance is not None:
+                rec.instance.pin = transport.pin
+
+    def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
+        assert run.transport is not None and run.inst is not None
+        inst = run.inst
+
+        def push(shell: RemoteShell) -> sync_engine.PushResult:
+            return sync_engine.push(
+                shell, ctx.sync_options, instance_uuid=inst.uuid, local=ctx.manifest
+            )
+
+        try:
+            result = push(run.transport)
+        except (errors.TransportError, errors.RemoteError):
+            if not run.pooled:
+                raise
+            # A kept connection can die while idle (edge restart, network): reconnect once.
+            # A push is safe to repeat: an interrupted one made the sandbox forget its record.
+            with contextlib.suppress(Exception):
+                run.transport.close()
+            run.transport, run.pooled = None, False
+            conn = self.metros.get(ctx.desired.metro)
+            current = conn.api.get_instance(inst.name)
+            if current is None or current.uuid != inst.uuid:
+                # Deleted or replaced behind our back: do not wait a readiness deadline for
+                # a sandbox that is gone; the next pass re-observes and recreates it.
+                raise errors.NotFoundError(
+                    f"instance {inst.name} disappeared during the sync"
+                ) from None
+            self._wait_ready(ctx, conn, run)
+            assert run.transport is not None
+            result = push(run.transport)
+        rec = self._record(ctx.desired.name)
+        with self.doc_lock:
+            # Outputs still owed from this same instance stay owed across a new push.
+            owed = rec.sync.back_pending and rec.sync.instance_uuid == run.inst.uuid
+            rec.sync = SyncRecord(
+                digest=result.digest,
+                instance_uuid=run.inst.uuid,
+                start_count=run.inst.start_count,
+                files=ctx.desired.tree.files,
+                bytes=ctx.desired.tree.bytes,
+                last_synced_at=journal.utc_now(),
+                last_files_sent=result.files_sent,
+                last_bytes_sent=result.bytes_sent,
+                last_deleted=result.deleted,
+                remote_scanned=result.remote_scanned,
+                back_pending=owed,
+            )
+            journal.set_condition(
+                rec,
+                "Synced",
+                "True",
+                "Synced",
+                f"{result.files_sent} file(s) sent, {result.deleted} deleted",
+                journal.utc_now(),
+            )
+        self._say(
+            ctx.desired.name,
+            "info",
+            f"synced: {result.files_sent} file(s) sent ({result.bytes_sent} bytes), "
+            f"{result.deleted} deleted" + (", remote scanned" if result.remote_scanned else ""),
+        )
+        self.save()
+
+    def _run_command(
+        self,
+        action: actions.RunCommand,
+        ctx: SessionContext,
+        run: _Run,
+        redact: Redactor,
+    ) -> None:
+        session = action.session
+        assert run.inst is not None
+
+        # one redacting stream per output stream: a secret split over several writes is
+        # still masked whole; the stored tails are cut from what was shown
+        streams = {kind: (redact.stream(), OutputTail()) for kind in ("stdout", "stderr")}
+        # why a lock per stream: a reader thread that outlived the command must not show its
+        # last piece after (or interleaved with) what closing the stream shows
+        locks = {kind: threading.Lock() for kind in streams}
+
+        def show(kind: str, text: str) -> None:
+            if text:
+                streams[kind][1].add(text)
+                self._say(session, "output", text, kind)
+
+        def sink(kind: str) -> Callable[[bytes], None]:
+            stream = streams[kind][0]
+
+            def feed(data: bytes) -> None:
+                with locks[kind]:
+                    show(kind, stream.feed(data))
+
+            return feed
+
+        started = journal.utc_now()
+        try:
+            assert run.transport is not None
+            result = run.transport.run(
+                action.run,
+                env=ctx.env,
+                cwd="/workspace",
+                timeout_s=action.timeout_s,
+                on_stdout=sink("stdout"),
+                on_stderr=sink("stderr"),
+            )
+        finally:
+            for kind, (stream, _tail) in streams.items():
+                with locks[kind]:
+                    show(kind, stream.close())
+        ok = result.exit_code == 0 and not result.timed_out
+        rec = self._record(session)
+        with self.doc_lock:
+            previous = next((c for c in rec.commands if c.name == action.name), None)
+            record = CommandRecord(
+                name=action.name,
+                run=action.run,
+                exit_code=result.exit_code,
+                timed_out=result.timed_out,
+                stdout=streams["stdout"][1].text(),
+                stderr=streams["stderr"][1].text(),
+                started_at=started,
+                finished_at=journal.utc_now(),
+                duration_s=round(result.duration_s, 3),
+                skipped=False,
+                input_hash=action.input_hash,
+                instance_uuid=run.inst.uuid if ok else (previous.instance_uuid if previous else ""),
+                last_success_hash=action.input_hash
+                if ok
+                else (previous.last_success_hash if previous else ""),
+            )
+            rec.commands = [c for c in rec.commands if c.name != action.name] + [record]
+            # Journaled with the command: if the sync-back never completes, the next plan owes it.
+            rec.sync.back_pending = bool(ctx.desired.back)
+            self.ran.add((session, action.name))
+        self.save()
+        if not ok:
+            what = (
+                f"timed out after {action.timeout_s:.0f}s"
+                if result.timed_out
+                else f"exited {result.exit_code}"
+            )
+            raise errors.CommandFailedError(
+                f"command {action.name!r} of session {session!r} {what}",
+                exit_code=result.exit_code,
+            )
+        self._say(session, "info", f"command {action.name!r} exited 0 in {result.duration_s:.2f}s")
+
+    def _sync_back(self, ctx: SessionContext, run: _Run, redact: Redactor) -> None:
+        assert run.transport is not None
+        # the instance uuid (with the sandbox's boot id) says which sandbox a pulled file came
+        # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
+        uuid = run.inst.uuid if run.inst is not None else ""
+        result = sync_engine.pull(run.transport, ctx.sync_options, instance_uuid=uuid)
+        rec = self._record(ctx.desired.name)
+        stopped = result.stopped or (
+            f"stopped: the sandbox broke its stream ({result.aborted})" if result.aborted else ""
+        )
+        stopped = redact(stopped)
+        # file names come from the sandbox, which knows the secrets: masked like its output
+        rejected = [redact(r) for r in result.rejected]
+        if result.refused > len(rejected):
+            rejected.append(f"... and {result.refused - len(rejected)} more refused")
+        listed = 100  # status lists stay small whatever the sandbox sends
+        conflicts = [redact(c) for c in result.conflicts[:listed]]
+        if len(result.conflicts) > listed:
+            conflicts.append(f"... and {len(result.conflicts) - listed} more conflicts")
+        deleted = [redact(d) for d in result.deleted]
+        kept = [redact(k) for k in result.kept]
+        skipped = [redact(w) for w in result.deletes_skipped]
+        with self.doc_lock:
+            rec.sync.pulled_files = result.files_written
+            rec.sync.conflicts = conflicts
+            rec.sync.rejected = rejected
+            rec.sync.pulled_deleted = len(deleted)
+            rec.sync.deletes_kept = kept
+            rec.sync.deletes_skipped = skipped
+            rec.sync.back_stopped = stopped
+            # stopped early: the outputs are still owed (the next pull resumes: files already
+            # home are not sent again)
+            rec.sync.back_pending = bool(stopped)
+        name = ctx.desired.name
+        for conflict in conflicts:
+            self._say(name, "info", f"conflict kept beside local file: {conflict}")
+        for line in rejected:
+            self._say(name, "info", f"refused from sandbox: {line}")
+        listed = 20  # a bulk removal is summed up, not listed line by line
+        for path in deleted[:listed]:
+            self._say(name, "info", f"removed here, deleted in the sandbox: {path}")
+        if len(deleted) > listed:
+            self._say(name, "info", f"... and {len(deleted) - listed} more removed")
+        for item in kept:
+            self._say(name, "info", f"kept: {item}")
+        for why in skipped:
+            self._say(name, "info", f"deletions not mirrored: {why}")
+        removed = f", removed {len(result.deleted)}" if ctx.sync_options.back_delete else ""
+        self._say(
+            name,
+            "info",
+            f"brought back {result.files_written} file(s) ({result.bytes_written} bytes){removed}",
+        )
+        self.save()
+        if stopped:
+            raise errors.SyncLimitError(
+                f"sync-back of session {name!r} {stopped}; "
+                f"{result.files_written} file(s) brought back were kept, no deletions mirrored"
+            )
+
+
+def _phase_of(action: actions.Action) -> str:
+    if isinstance(action, actions.CreateInstance | actions.StartInstance):
+        return "create_s"
+    if isinstance(action, actions.WaitReady):
+        return "ready_s"
+    if isinstance(action, actions.SyncUp):
+        return "sync_s"
+    if isinstance(action, actions.RunCommand):
+        return "commands_s"
+    if isinstance(action, actions.SyncBack):
+        return "syncback_s"
+    return "delete_s"
+
+
+def _forget_sync_dir(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,344 @@
+"""The reconcile loop of one group (one status file): apply, plan, delete.
+
+Apply is level-triggered: every round re-observes the cloud and the local trees, and the pure
+planner decides again from scratch; the executor only performs. A session that failed in this
+run is left alone for the remaining rounds (its sandbox is kept for inspection). The loop stops
+when a round plans nothing, or raises `ConvergenceError` after `max_rounds`.
+
+Delete observes first (one list per metro), deletes what still exists and is provably ours, and
+cleans the local side (private key, sync records) and records `Deleted`, so a delete
+interrupted half-way is finished by running it again. An instance under the session's name
+that is not provably ours is left alone, with the local side: the session fails instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Set as AbstractSet
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from reconciler import errors
+from reconciler.cloud.metros import MetroRegistry
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import Group, credentials_for
+from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile.execute import Executor, SessionOutcome
+from reconciler.reconcile.interrupts import StopFlag
+from reconciler.reconcile.observe import Observation, observe
+from reconciler.reconcile.plan import parse_time, plan_delete, plan_sessions
+from reconciler.status import journal
+from reconciler.status.schema import SessionStatus, StatusDoc
+from reconciler.transport import select
+from reconciler.transport.base import Target
+from reconciler.transport.pool import TransportPool
+
+__all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
+
+
+@dataclass
+class ApplyResult:
+    ok: bool
+    plan: actions.Plan
+    rounds: int
+    outcomes: dict[str, SessionOutcome] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def check_prune(
+    groups: Sequence[Group], *, prune: bool, allow_empty: bool, only: Collection[str]
+) -> None:
+    """Refuse a prune that would delete every session by accident (specs that declare none,
+    e.g. a wrong path), unless `allow_empty`, and a prune of a partial run (`only`), which
+    would take the sessions left out for removed ones."""
+    if prune and not allow_empty and all(not g.sessions for g in groups):
+        raise errors.UsageError(
+            "refusing to prune: the specs declare no session (pass --allow-empty to delete all)"
+        )
+    if prune and only:
+        raise errors.UsageError("--prune cannot be combined with --session")
+
+
+def plan_group(
+    group: Group,
+    *,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    prune: bool = False,
+    now: Callable[[], float] = time.time,
+) -> tuple[actions.Plan, Observation]:
+    """What apply would do right now (reads only; takes no lock)."""
+    doc = journal.load(group.status_path)
+    owner, salt = _identity(group, environ)
+    obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+    the_plan = plan_sessions(
+        obs.desired, obs.instances, doc, now(), owner=obs.owner, prune=prune, claimed=obs.claimed
+    )
+    return the_plan, obs
+
+
+def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner, bytes]:
+    """This checkout as an owner, and the salt of its secret fingerprints (both created on
+    first use, here rather than in the read-only observer)."""
+    project = identity.project_id(group.base_dir, environ)
+    return (
+        identity.load_owner(group.state_dir, project, environ),
+        identity.load_salt(group.state_dir),
+    )
+
+
+def apply_group(
+    group: Group,
+    *,
+    metros: MetroRegistry,
+    reporter: Reporter,
+    environ: Mapping[str, str],
+    prune: bool = False,
+    concurrency: int = 8,
+    lock_timeout_s: float = 0.0,
+    max_rounds: int = 3,
+    #: watch mode: files still changing after the cap end this pass quietly (the watcher has
+    #: them pending and runs another pass); one-shot apply reports it as an error
+    raise_on_cap: bool = True,
+    now: Callable[[], float] = time.time,
+    only: set[str] | None = None,
+    pool: TransportPool | None = None,
+) -> ApplyResult:
+    """Converge every session of `group` (one status file) and write its status."""
+    # One-shot applies get their own pool: connections opened ahead of need (see
+    # `TransportPool.prefetch`) or in one round serve the next round too, and all close at
+    # the end.
+    kept = pool if pool is not None else TransportPool()
+    with (
+        contextlib.closing(kept) if pool is None else contextlib.nullcontext(),
+        # the main thread's SIGINT reaches workers' action boundaries at once
+        StopFlag() as stop,
+        journal.lock(group.status_path, timeout_s=lock_timeout_s),
+    ):
+        doc = journal.load(group.status_path)
+        doc_lock = threading.Lock()
+        failed: dict[str, str] = {}
+        outcomes: dict[str, SessionOutcome] = {}
+        first_plan: actions.Plan | None = None
+        rounds = 0
+        obs: Observation | None = None
+        ran: set[tuple[str, str]] = set()
+        pending: set[str] = set()
+        while True:
+            owner, salt = _identity(group, environ)
+            obs = observe(
+                group,
+                doc,
+                metros,
+                environ,
+                owner=owner,
+                salt=salt,
+                only=only,
+                on_tree_changed=_prefetcher(group, doc, metros, kept),
+            )
+            doc.project = obs.project
+            for name, why in obs.halted.items():
+                failed.setdefault(name, why)
+            desired = [d for d in obs.desired if d.name not in failed]
+            plan = plan_sessions(
+                desired,
+                obs.instances,
+                doc,
+                now(),
+                owner=obs.owner,
+                prune=prune and not failed,
+                claimed=obs.claimed,
+            )
+            if first_plan is None:
+                first_plan = plan
+            for refusal in plan.refusals:
+                if refusal.session not in failed:
+                    failed[refusal.session] = refusal.reason
+                    reporter.event(Event(refusal.session, "failed", refusal.reason))
+            if plan.empty:
+                break
+            rounds += 1
+            if rounds > max_rounds:
+                if not raise_on_cap:
+                    rounds = max_rounds
+                    pending = {sp.session for sp in plan.sessions if sp.changes}
+                    break
+                raise errors.ConvergenceError(
+                    f"apply still had work after {max_rounds} rounds: "
+                    + "; ".join(a.describe() for s in plan.sessions for a in s.changes)[:300],
+                    rounds=max_rounds,
+                )
+            executor = Executor(
+                group=group,
+                doc=doc,
+                observation=obs,
+                metros=metros,
+                reporter=reporter,
+                doc_lock=doc_lock,
+                ran=ran,
+                pool=kept,
+                stop=stop,
+            )
+            work = [s for s in plan.sessions if s.changes]
+            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as workers:
+                try:
+                    for outcome in workers.map(executor.run_session, work):
+                        prev = outcomes.get(outcome.session)
+                        if prev is not None:
+                            outcome.ran_commands += prev.ran_commands
+                        outcomes[outcome.session] = outcome
+                        if not outcome.ok:
+                            failed[outcome.session] = outcome.error
+                except KeyboardInterrupt:
+                    # Ctrl-C reaches only this thread; the workers would otherwise carry on
+                    # through every remaining action (sync deletes, commands) while the pool
+                    # shuts down. They stop at their next action boundary instead (the flag
+                    # usually knows already: see StopFlag).
+                    stop.set()
+                    raise
+            if plan.prunes and not failed:
+                for prune_action in plan.prunes:
+                    pruned = executor.run_session(
+                        actions.SessionPlan(prune_action.session, (prune_action,))
+                    )
+                    outcomes[pruned.session] = pruned
+                    if not pruned.ok:
+                        failed[pruned.session] = pruned.error
+        assert obs is not None and first_plan is not None
+        _finalize(group, doc, obs, failed, reporter, ran, pending)
+        return ApplyResult(
+            ok=not failed, plan=first_plan, rounds=rounds, outcomes=outcomes, failed=failed
+        )
+
+
+def _prefetcher(
+    group: Group, doc: StatusDoc, metros: MetroRegistry, pool: TransportPool
+) -> Callable[[str, str, str, Instance], None]:
+    """The observer's hint → a connection opened in the background for the push to come."""
+
+    def prefetch(session: str, transport: str, metro: str, inst: Instance) -> None:
+        rec = doc.sessions.get(session)
+        known = rec.instance if rec is not None else None
+        # why only a known pin: a first connection records it, and that is the executor's job
+        # (it journals the instance it adopts at the same time)
+        pin = identity.recorded_pin(known, inst)
+        if not pin or not inst.fqdn:
+            return
+        kind = select.kind_for(transport)
+        target = Target(inst.name, inst.fqdn, metros.get(metro).reach)
+        credentials = credentials_for(group, session)
+        pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
+
+    return prefetch
+
+
+def _finalize(
+    group: Group,
+    doc: StatusDoc,
+    obs: Observation,
+    failed: Mapping[str, str],
+    reporter: Reporter,
+    ran: set[tuple[str, str]],
+    pending: AbstractSet[str] = frozenset(),
+) -> None:
+    """Record the converged state of every desired session; write only if something changed."""
+    before = doc.model_dump(mode="json", exclude={"updated_at"})
+    now = journal.utc_now()
+    for desired in obs.desired:
+        name = desired.name
+        rec = doc.sessions.setdefault(name, SessionStatus())
+        rec.spec_hash = desired.spec_hash
+        rec.observed_generation = desired.spec_hash
+        rec.spec_file = str(obs.contexts[name].loaded.file)
+        rec.metro = desired.metro
+        inst = obs.instances.get(desired.instance_name)
+        if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
+            rec.instance.state = inst.state
+            rec.instance.fqdn = inst.fqdn
+        if desired.ttl_s is not None and rec.created_at:
+            created = parse_time(rec.created_at)
+            if created is not None:
+                rec.expires_at = time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created + desired.ttl_s)
+                )
+        wanted = {c.name for c in desired.commands}
+        for cmd in rec.commands:
+            cmd.skipped = (name, cmd.name) not in ran
+        order = {c.name: i for i, c in enumerate(desired.commands)}
+        rec.commands = sorted(
+            (c for c in rec.commands if c.name in wanted), key=lambda c: order[c.name]
+        )
+        if name in failed:
+            if rec.phase != "Failed":
+                rec.phase = "Failed"
+                rec.message = failed[name]
+                journal.set_condition(rec, "Ready", "False", "Failed", failed[name], now)
+            continue
+        if rec.phase in ("Expired", "Deleted") and inst is None:
+            continue
+        if name in pending:
+            rec.phase = "Progressing"  # still changing; the next pass carries on
+            continue
+        rec.phase = "Ready"
+        rec.message = ""
+        journal.set_condition(rec, "InstanceReady", "True", "Running", "", now)
+        journal.set_condition(rec, "Synced", "True", "Synced", "", now)
+        journal.set_condition(rec, "CommandsSucceeded", "True", "Succeeded", "", now)
+        journal.set_condition(rec, "Ready", "True", "Converged", "", now)
+        reporter.event(Event(name, "done", "ready"))
+    after = doc.model_dump(mode="json", exclude={"updated_at"})
+    if after != before or not group.status_path.exists():
+        doc.sessions = dict(sorted(doc.sessions.items()))
+        journal.save(group.status_path, doc)
+
+
+def delete_group(
+    group: Group,
+    *,
+    metros: MetroRegistry,
+    reporter: Reporter,
+    environ: Mapping[str, str],
+    lock_timeout_s: float = 0.0,
+) -> bool:
+    """Delete every session of `group`; True when all are gone."""
+    with journal.lock(group.status_path, timeout_s=lock_timeout_s):
+        doc = journal.load(group.status_path)
+        owner, salt = _identity(group, environ)
+        obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+        triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
+        the_plan = plan_delete(triples, obs.instances, doc, obs.owner)
+        executor = Executor(
+            group=group,
+            doc=doc,
+            observation=obs,
+            metros=metros,
+            reporter=reporter,
+            doc_lock=threading.Lock(),
+        )
+        ok = True
+        for splan in the_plan.sessions:
+            if splan.refusal is not None:
+                ok = False
+                record = doc.sessions.setdefault(splan.session, SessionStatus())
+                record.phase = "Failed"
+                record.message = splan.refusal.reason
+                reporter.event(Event(splan.session, "failed", splan.refusal.reason))
+                continue
+            if splan.actions:
+                ok = executor.run_session(splan).ok and ok
+                if ok:
+                    reporter.event(Event(splan.session, "done", "deleted"))
+                continue
+            # Already gone in the cloud: finish the local half of the delete.
+            desired = next(d for d in obs.desired if d.name == splan.session)
+            gone = actions.DeleteInstance(
+                splan.session, desired.instance_name, desired.metro, "already gone"
+            )
+            executor.forget_local(gone)
+            reporter.event(Event(splan.session, "done", "already deleted"))
+        journal.save(group.status_path, doc)
+        return ok

@@ -1,0 +1,380 @@
+"""The planner: desired sessions + observed instances + the status journal → a Plan.
+
+PURE: no I/O, no clock, no randomness, no environment. Everything it needs arrives as values
+(`now` included), so equal inputs give equal plans and every case is a table test. The observer
+gathers the inputs; the executor performs the output.
+
+Ordering inside a session is fixed: (sync back before a replacement) → delete → create/start →
+wait ready → sync up → commands → sync back. Prunes come last, after every session converged.
+
+An instance under a session's name that `identity.prove` does not prove ours is never
+replaced, deleted, adopted or used: the session gets a `Refusal` instead of actions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import actions, identity
+from reconciler.reconcile.desired import CommandIntent, DesiredSession
+from reconciler.status.schema import SessionStatus, StatusDoc
+
+__all__ = ["command_input_hash", "parse_time", "plan_delete", "plan_sessions"]
+
+#: states in which the instance will serve us once woken or booted, without a start request
+_UP_STATES = frozenset({"running", "starting", "standby"})
+#: states from which a start request brings it back
+_DOWN_STATES = frozenset({"stopped", "stopping", "draining"})
+
+
+def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
+    """What a command's result depends on: the synced tree, the command, its env, the image."""
+    canon = json.dumps(
+        [session.tree.digest, session.image, session.env_fingerprint, command.name, command.run],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _ttl_expired(
+    desired: DesiredSession, inst: Instance, record: SessionStatus | None, now: float
+) -> bool:
+    if desired.ttl_s is None:
+        return False
+    created = parse_time(inst.created_at)
+    if created is None and record is not None and record.instance is not None:
+        created = parse_time(record.instance.created_at)
+    return created is not None and now >= created + desired.ttl_s
+
+
+def _refusal(session: str, inst: Instance, proof: identity.Proof) -> actions.Refusal:
+    return actions.Refusal(session, inst.name, inst.metro, proof.refusal(inst))
+
+
+def _plan_session(
+    desired: DesiredSession,
+    inst: Instance | None,
+    record: SessionStatus | None,
+    now: float,
+    owner: identity.Owner,
+) -> actions.SessionPlan:
+    name = desired.name
+    acts: list[actions.Action] = []
+    noops: list[str] = []
+
+    if inst is not None:
+        proof = identity.prove(inst, owner, name, record.instance if record else None)
+        if not proof.ours:
+            refusal = _refusal(name, inst, proof)
+            return actions.SessionPlan(name, (), (refusal.reason,), refusal)
+
+    if desired.tree.halted is not None:
+        # Commands must never run against a tree we could not sync; the session fails instead.
+        return actions.SessionPlan(name, (), (f"not syncing: {desired.tree.halted}",))
+
+    # An expired session stays deleted until its spec changes (TTL is a promise about money).
+    if (
+        inst is None
+        and record is not None
+        and record.phase == "Expired"
+        and record.spec_hash == desired.spec_hash
+    ):
+        return actions.SessionPlan(
+            name, (), (f"session {name!r} expired (ttl); change the spec or run `ukc delete`",)
+        )
+
+    new_instance = False
+    if inst is not None and _ttl_expired(desired, inst, record, now):
+        acts.append(
+            actions.DeleteInstance(
+                name,
+                inst.name,
+                inst.metro or desired.metro,
+                f"ttl of {desired.ttl_s:.0f}s expired",
+                forget=True,
+                final_phase="Expired",
+                instance_uuid=inst.uuid,
+            )
+        )
+        return actions.SessionPlan(name, tuple(acts), ())
+
+    if inst is not None and not desired.credentials_present:
+        # Our credentials are gone (e.g. `.ukc/` was deleted): the instance only accepts the
+        # ones it was made with, so the only way back to a reachable sandbox is a new one.
+        lost = desired.credentials_noun
+        acts.append(
+            actions.DeleteInstance(
+                name,
+                inst.name,
+                inst.metro or desired.metro,
+                f"its {lost} is lost; replacing",
+                forget=False,
+                instance_uuid=inst.uuid,
+            )
+        )
+        inst = None
+        new_instance = True
+        reason_create = f"replacing: the session's {lost} was lost"
+    elif inst is not None and (replace_why := _baked_change(desired, inst)) is not None:
+        # Image, memory or transport (the public ports) changed: those are fixed at creation.
+        if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
+            acts.append(actions.WaitReady(name, inst.name, desired.transport))
+            acts.append(
+                actions.SyncBack(
+                    name,
+                    desired.back,
+                    "outputs come home before the replacement",
+                    mirror_deletes=desired.back_delete,
+                )
+            )
+        acts.append(
+            actions.DeleteInstance(
+                name,
+                inst.name,
+                inst.metro or desired.metro,
+                replace_why,
+                forget=False,
+                instance_uuid=inst.uuid,
+            )
+        )
+        inst = None
+        new_instance = True
+        reason_create = f"replacing: {replace_why}"
+    else:
+        reason_create = "no instance"
+        if record is not None and record.instance is not None and record.phase != "Deleted":
+            reason_create = "instance deleted out of band"
+
+    if inst is None:
+        acts.append(
+            actions.CreateInstance(name, desired.instance_name, desired.metro, reason_create)
+        )
+        new_instance = True
+    elif inst.state in _DOWN_STATES:
+        acts.append(actions.StartInstance(name, inst.name, f"instance is {inst.state}"))
+    elif inst.state in _UP_STATES:
+        noops.append(f"instance {inst.name} is {inst.state}")
+    else:
+        # Unknown or transitional state we cannot act on (template, checkpoint, deleted, ...).
+        noops.append(f"instance {inst.name} is in state {inst.state!r}; waiting for it")
+
+    # --- sync up -------------------------------------------------------------------------
+    tree = desired.tree
+    sync = record.sync if record is not None else None
+    uuid = inst.uuid if inst is not None else ""
+    same_boot = (
+        not new_instance
+        and inst is not None
+        and sync is not None
+        and sync.instance_uuid == inst.uuid
+        and sync.start_count == inst.start_count
+        and inst.state not in _DOWN_STATES
+    )
+    need_shell = False
+    sync_action: actions.SyncUp | None = None
+    if not same_boot:
+        why = "new instance"
+        if not new_instance and sync is not None and sync.instance_uuid == uuid:
+            why = "instance restarted since the last sync"
+        sync_action = actions.SyncUp(
+            name, tree.files, tree.bytes, 0, True, why, tree.uploads[:5] if tree.uploads else ()
+        )
+    elif sync is not None and sync.digest != tree.digest:
+        sync_action = actions.SyncUp(
+            name,
+            len(tree.uploads),
+            tree.upload_bytes,
+            len(tree.deletes),
+            False,
+            "local files changed",
+            (tree.uploads + tree.deletes)[:5],
+        )
+    else:
+        noops.append(f"files in sync ({tree.files} file(s))")
+
+    # --- commands ------------------------------------------------------------------------
+    runs: list[actions.RunCommand] = []
+    rerun_rest = False
+    previous = {c.name: c for c in record.commands} if record is not None else {}
+    for index, cmd in enumerate(desired.commands):
+        input_hash = command_input_hash(desired, cmd)
+        last = previous.get(cmd.name)
+        reason = ""
+        if rerun_rest:
+            reason = "an earlier command re-ran"
+        elif new_instance or last is None:
+            reason = "new instance" if new_instance else "never ran"
+        elif last.instance_uuid != uuid:
+            reason = "never ran on this instance"
+        elif last.last_success_hash != input_hash:
+            reason = "last run failed" if last.exit_code not in (0, None) else _changed(last, cmd)
+            if last.last_success_hash == "" and last.exit_code is None:
+                reason = "never succeeded"
+        if reason:
+            rerun_rest = True
+            runs.append(
+                actions.RunCommand(
+                    name, index, cmd.name, cmd.run, cmd.timeout_s, input_hash, reason
+                )
+            )
+        else:
+            noops.append(f"command {cmd.name!r} unchanged since its last success")
+
+    # A sync-back interrupted after its commands succeeded (kill, lost connection) is owed:
+    # the commands are skipped next time, so nothing else would bring their outputs home.
+    back_owed = (
+        bool(desired.back)
+        and not new_instance
+        and sync is not None
+        and sync.back_pending
+        and sync.instance_uuid == uuid
+    )
+    if sync_action is not None:
+        need_shell = True
+    if runs or back_owed:
+        need_shell = True
+    if need_shell:
+        acts.append(actions.WaitReady(name, desired.instance_name, desired.transport))
+    if sync_action is not None:
+        acts.append(sync_action)
+    acts.extend(runs)
+    if (runs or back_owed) and desired.back:
+        files, size = desired.back_known
+        why = "commands ran" if runs else "the last sync-back did not finish"
+        acts.append(
+            actions.SyncBack(
+                name, desired.back, why, files, size, mirror_deletes=desired.back_delete
+            )
+        )
+    return actions.SessionPlan(name, tuple(acts), tuple(noops))
+
+
+def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:
+    """Why the instance must be replaced to match what is fixed at creation, or None."""
+    if identity.tag_value(inst.tags, "ukc.spec") != desired.instance_hash:
+        return "image or memory changed"
+    made_for = identity.tag_value(inst.tags, identity.TRANSPORT_TAG)
+    if made_for is not None and made_for != desired.transport:
+        # why: the public ports follow the transport and are fixed too
+        return f"exec changed from {made_for} to {desired.transport} (its public ports)"
+    return None
+
+
+def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
+    name = desired.name
+    if desired.warnings:
+        return list(desired.warnings)
+    if inst is not None and identity.tag_value(inst.tags, identity.TRANSPORT_TAG) is None:
+        # An older ukc gave every instance port 443; replacing it silently would cost the
+        # session its /workspace and a re-run of every command, so the user decides.
+        return [
+            f"session {name}: instance {inst.name} was created by an older ukc and still "
+            "publishes port 443, the image's unauthenticated exec API; `ukc delete` then "
+            f"`ukc apply` recreates it with only the ports exec: {desired.transport} needs"
+        ]
+    return []
+
+
+def _changed(last: object, cmd: CommandIntent) -> str:
+    run = getattr(last, "run", None)
+    if run is not None and run != cmd.run:
+        return "command changed"
+    return "inputs changed (files, env or image)"
+
+
+def _has_run(record: SessionStatus | None, inst: Instance) -> bool:
+    return record is not None and any(
+        c.instance_uuid == inst.uuid and not c.skipped for c in record.commands
+    )
+
+
+def plan_sessions(
+    desired: Sequence[DesiredSession],
+    observed: Mapping[str, Instance],
+    status: StatusDoc,
+    now: float,
+    *,
+    owner: identity.Owner,
+    prune: bool = False,
+    claimed: Mapping[str, Instance] | None = None,
+) -> actions.Plan:
+    """Plan every desired session; with `prune`, also delete our instances no spec declares.
+
+    `observed` maps instance name → instance for every instance carrying the project's tags.
+    `claimed` maps session name → instance for those (the session their tags name). A prune
+    needs the session in the status inventory under that instance name *and* a proof of
+    ownership; an inventoried one without proof is refused, not deleted.
+    """
+    sessions = tuple(
+        _plan_session(d, observed.get(d.instance_name), status.sessions.get(d.name), now, owner)
+        for d in desired
+    )
+    prunes: list[actions.DeleteInstance] = []
+    refused: list[actions.Refusal] = []
+    if prune and claimed is not None:
+        wanted = {d.name for d in desired}
+        inventory = status.inventory()
+        for session_name, inst in sorted(claimed.items()):
+            if session_name in wanted:
+                continue
+            record = inventory.get(session_name)
+            if record is None or record.name != inst.name:
+                continue  # not in our inventory: another checkout's session, not ours to judge
+            proof = identity.prove(inst, owner, session_name, record)
+            if not proof.ours:
+                refused.append(_refusal(session_name, inst, proof))
+                continue
+            prunes.append(
+                actions.DeleteInstance(
+                    session_name,
+                    inst.name,
+                    inst.metro,
+                    "no spec declares this session (prune)",
+                    instance_uuid=inst.uuid,
+                )
+            )
+    warnings: list[str] = []
+    for d, splan in zip(desired, sessions, strict=True):
+        replaced = any(isinstance(a, actions.DeleteInstance) for a in splan.actions)
+        warnings += _warnings(d, None if replaced else observed.get(d.instance_name))
+    return actions.Plan(sessions, tuple(prunes), tuple(warnings), prune_refusals=tuple(refused))
+
+
+def plan_delete(
+    names: Sequence[tuple[str, str, str]],
+    observed: Mapping[str, Instance],
+    status: StatusDoc,
+    owner: identity.Owner,
+) -> actions.Plan:
+    """Delete the sessions given as (session, instance name, metro) triples that still exist
+    and are provably ours; the others are refused."""
+    sessions = []
+    for session, inst_name, metro in names:
+        inst = observed.get(inst_name)
+        if inst is None:
+            sessions.append(actions.SessionPlan(session, (), (f"instance {inst_name} is gone",)))
+            continue
+        record = status.sessions.get(session)
+        proof = identity.prove(inst, owner, session, record.instance if record else None)
+        if not proof.ours:
+            refusal = _refusal(session, inst, proof)
+            sessions.append(actions.SessionPlan(session, (), (refusal.reason,), refusal))
+            continue
+        delete = actions.DeleteInstance(
+            session, inst_name, inst.metro or metro, "ukc delete", instance_uuid=inst.uuid
+        )
+        sessions.append(actions.SessionPlan(session, (delete,)))
+    return actions.Plan(tuple(sessions))

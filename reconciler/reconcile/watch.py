@@ -1,0 +1,403 @@
+"""`ukc watch`: keep sessions converged while files and specs change.
+
+Events are only wake-ups (level-triggered): a file event marks its session dirty in the
+`Coalescer`; when the session is due, one pass of the ordinary apply loop re-observes, re-plans
+and converges it. Nothing in an event is trusted or replayed.
+
+Timing: a session that was idle fires at once on its first event (leading edge, so one saved
+file reaches the sandbox in milliseconds); further events wait for a quiet window (150 ms) and
+at most `max_wait_s` (so a constant stream of writes still syncs). One pass runs at a time
+(the pass handles every due session together, concurrently inside), so a session never has
+two passes in flight, and changes that arrive during a pass make exactly one follow-up pass.
+
+Our own writes never wake us: `.ukc/` (status, records) and the declared `sync.back` paths
+(where sync-back writes) are outputs, not inputs, and are ignored by construction; so are
+paths the session's exclude rules drop. A periodic resync (default 30 s) catches drift (an
+instance deleted, stopped, restarted or asleep) and enforces TTLs.
+
+Only this module imports watchdog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from reconciler import errors
+from reconciler._util.retry import RetryPolicy, poll
+from reconciler.cloud.metros import MetroRegistry
+from reconciler.reconcile.desired import Group, group_sessions, sync_options_for
+from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile.loop import apply_group, delete_group
+from reconciler.spec.loader import load_specs
+from reconciler.sync.ignore import IgnoreRules, load_rules
+from reconciler.transport.pool import TransportPool
+
+__all__ = ["Coalescer", "WatchOptions", "Watcher"]
+
+#: quiet window after the leading edge: editors write temp + rename, tools write bursts
+QUIET_S = 0.15
+#: a constant stream of writes still syncs at least this often
+MAX_WAIT_S = 2.0
+
+
+class Coalescer:
+    """Turns a stream of (key, time) notes into due keys. Pure: time is passed in."""
+
+    def __init__(self, quiet_s: float = QUIET_S, max_wait_s: float = MAX_WAIT_S) -> None:
+        self.quiet_s = quiet_s
+        self.max_wait_s = max_wait_s
+        self._first: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._immediate: set[str] = set()
+        self._fired: dict[str, float] = {}
+
+    def note(self, key: str, now: float) -> None:
+        if key not in self._first:
+            self._first[key] = now
+            fired = self._fired.get(key)
+            if fired is None or now - fired >= self.quiet_s:
+                # Idle until now: fire on the leading edge.
+                self._immediate.add(key)
+        self._last[key] = now
+
+    def pending(self) -> set[str]:
+        return set(self._first)
+
+    def due(self, now: float) -> set[str]:
+        """Keys to act on now; they are forgotten until noted again."""
+        ready = {
+            k
+            for k in self._first
+            if k in self._immediate
+            or now - self._last[k] >= self.quiet_s
+            or now - self._first[k] >= self.max_wait_s
+        }
+        for k in ready:
+            self._first.pop(k, None)
+            self._last.pop(k, None)
+            self._immediate.discard(k)
+            self._fired[k] = now
+        return ready
+
+    def next_deadline(self) -> float | None:
+        """When the next key becomes due (None when nothing is pending)."""
+        if not self._first:
+            return None
+        if self._immediate:
+            return 0.0
+        return min(
+            min(self._last[k] + self.quiet_s, self._first[k] + self.max_wait_s) for k in self._first
+        )
+
+
+@dataclass
+class WatchOptions:
+    paths: Sequence[Path]
+    prune: bool = False
+    down: bool = False
+    resync_s: float = 30.0
+    concurrency: int = 8
+    quiet_s: float = QUIET_S
+    max_wait_s: float = MAX_WAIT_S
+
+
+@dataclass
+class _SessionPaths:
+    name: str
+    root: Path
+    back: tuple[str, ...]
+    matcher: Callable[[str, bool], bool]
+
+
+@dataclass
+class _State:
+    groups: list[Group] = field(default_factory=list)
+    sessions: dict[str, _SessionPaths] = field(default_factory=dict)
+    spec_files: set[Path] = field(default_factory=set)
+    spec_dirs: set[Path] = field(default_factory=set)
+
+
+class Watcher:
+    """The watch loop. `run()` blocks until `stop()` (or a signal) and returns an exit code."""
+
+    def __init__(
+        self,
+        options: WatchOptions,
+        *,
+        metros: MetroRegistry,
+        reporter: Reporter,
+        environ: Mapping[str, str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.metros = metros
+        self.reporter = reporter
+        self.environ = environ
+        self.clock = clock
+        self.coalescer = Coalescer(options.quiet_s, options.max_wait_s)
+        self.pool = TransportPool()
+        self.passes = 0
+        self._events: queue.Queue[Path | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._busy = threading.Event()
+        self._spec_dirty = False
+        self._state = _State()
+        self._observer: Any = None
+        self._scheduled: set[Path] = set()
+        self._last_ok = True
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        specset = load_specs(list(self.options.paths), self.environ)
+        groups = group_sessions(specset.sessions)
+        state = _State(groups=groups)
+        for loaded in specset.sessions:
+            opts = sync_options_for(Group(loaded.base_dir, [loaded]), loaded)
+            try:
+                rules = load_rules(opts)
+            except errors.SyncHaltedError:
+                # an unreadable .ukcignore: the pass reports it; watch with the spec's rules
+                rules = IgnoreRules(opts.exclude, opts.back_paths())
+            state.sessions[loaded.spec.name] = _SessionPaths(
+                loaded.spec.name, loaded.directory, opts.back_paths(), rules.excluded
+            )
+            state.spec_files.add(loaded.file.resolve())
+        for p in self.options.paths:
+            rp = p.resolve()
+            state.spec_dirs.add(rp if rp.is_dir() else rp.parent)
+            if rp.is_file():
+                state.spec_files.add(rp)
+        self._state = state
+
+    def _schedule(self) -> None:
+        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        events = self._events
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                if event.event_type in ("opened", "closed_no_write"):
+                    return
+                if event.is_directory and event.event_type == "modified":
+                    # A directory's mtime moves whenever an entry inside it changes; the entry's
+                    # own event already says what changed (and sync-back temp files would
+                    # otherwise wake us through their parent).
+                    return
+                for raw in (event.src_path, getattr(event, "dest_path", "")):
+                    if raw:
+                        path = raw.decode() if isinstance(raw, bytes) else raw
+                        events.put(Path(path))
+
+        if self._observer is None:
+            obs = Observer()
+            obs.start()
+            self._observer = obs
+        obs = self._observer
+        handler = Handler()
+        wanted: dict[Path, bool] = {d: False for d in self._state.spec_dirs}
+        for s in self._state.sessions.values():
+            if s.root.is_dir():
+                wanted[s.root.resolve()] = True
+        for directory, recursive in wanted.items():
+            if directory in self._scheduled:
+                continue
+            with contextlib.suppress(OSError):
+                obs.schedule(handler, str(directory), recursive=recursive)
+                self._scheduled.add(directory)
+
+    # -- classification ------------------------------------------------------------------
+
+    def classify(self, path: Path) -> set[str]:
+        """Sessions a changed path wakes (and notes spec changes). Pure apart from the state."""
+        resolved = Path(os.path.abspath(path))
+        woken: set[str] = set()
+        if resolved in self._state.spec_files or (
+            resolved.suffix in (".yaml", ".yml") and resolved.parent in self._state.spec_dirs
+        ):
+            self._spec_dirty = True
+        for s in self._state.sessions.values():
+            root = Path(os.path.abspath(s.root))
+            try:
+                rel = resolved.relative_to(root).as_posix()
+            except ValueError:
+                continue
+            if rel == ".":
+                woken.add(s.name)
+                continue
+            if rel == ".ukc" or rel.startswith(".ukc/"):
+                continue
+            if any(rel == b or rel.startswith(b + "/") for b in s.back):
+                continue  # sync-back writes here: outputs never trigger a pass
+            is_dir = resolved.is_dir()
+            if s.matcher(rel, is_dir):
+                continue
+            woken.add(s.name)
+        return woken
+
+    # -- passes --------------------------------------------------------------------------
+
+    def _pass(self, sessions: set[str] | None, prune: bool) -> None:
+        ok = True
+        try:
+            for group in self._state.groups:
+                names = {s.spec.name for s in group.sessions}
+                only = names if sessions is None else names & sessions
+                if not only and not prune:
+                    continue
+                result = apply_group(
+                    group,
+                    metros=self.metros,
+                    reporter=self.reporter,
+                    environ=self.environ,
+                    prune=prune and sessions is None,
+                    concurrency=self.options.concurrency,
+                    lock_timeout_s=60.0,
+                    only=only if sessions is not None else None,
+                    pool=self.pool,
+                    raise_on_cap=False,
+                )
+                ok = ok and result.ok
+        except errors.UkcError as err:
+            ok = False
+            self.reporter.event(Event("watch", "failed", str(err)))
+        finally:
+            self.passes += 1
+            self._last_ok = ok
+            which = "all" if sessions is None else ",".join(sorted(sessions))
+            self.reporter.event(
+                Event(
+                    "watch",
+                    "info",
+                    f"pass {self.passes} done ({which}): {'ok' if ok else 'failed'}",
+                )
+            )
+            self._busy.clear()
+            self._events.put(None)  # wake the loop: pending changes may be due
+
+    def _start_pass(self, sessions: set[str] | None, prune: bool = False) -> None:
+        self._busy.set()
+        threading.Thread(
+            target=self._pass, args=(sessions, prune), name="ukc-pass", daemon=True
+        ).start()
+
+    def _reload_specs(self) -> bool:
+        self._spec_dirty = False
+        before = set(self._state.sessions)
+        try:
+            self._load()
+        except errors.UkcError as err:
+            self.reporter.event(Event("watch", "failed", f"spec not reloaded: {err}"))
+            return False
+        self._schedule()
+        after = set(self._state.sessions)
+        for name in sorted(after - before):
+            self.reporter.event(Event(name, "info", "new session in the specs"))
+        for name in sorted(before - after):
+            what = "deleting (--prune)" if self.options.prune else "kept (no --prune)"
+            self.reporter.event(Event(name, "info", f"session removed from the specs: {what}"))
+        return True
+
+    # -- main loop -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._events.put(None)
+
+    def run(self) -> int:
+        self._load()
+        self._schedule()
+        self.reporter.event(Event("watch", "info", "converging before watching"))
+        self._start_pass(None, prune=self.options.prune)
+        next_resync = self.clock() + self.options.resync_s
+        try:
+            while not self._stop.is_set():
+                now = self.clock()
+                deadline = self.coalescer.next_deadline()
+                wait = next_resync - now
+                if deadline is not None:
+                    wait = min(wait, max(0.0, deadline - now))
+                try:
+                    item = self._events.get(timeout=max(0.0, wait))
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    for name in self.classify(item):
+                        self.coalescer.note(name, self.clock())
+                    # Drain what else arrived, so a burst is noted before anything fires.
+                    while True:
+                        try:
+                            more = self._events.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is not None:
+                            for name in self.classify(more):
+                                self.coalescer.note(name, self.clock())
+                if self._busy.is_set() or self._stop.is_set():
+                    continue
+                now = self.clock()
+                if self._spec_dirty:
+                    if self._reload_specs():
+                        self._start_pass(None, prune=self.options.prune)
+                        next_resync = now + self.options.resync_s
+                    continue
+                if now >= next_resync:
+                    self.coalescer.due(now + self.options.max_wait_s)  # the resync covers them
+                    self._start_pass(None, prune=self.options.prune)
+                    next_resync = now + self.options.resync_s
+                    continue
+                due = self.coalescer.due(now)
+                if due:
+                    self._start_pass(due)
+        finally:
+            # Let the running pass finish: it writes the status file and keeps sessions sane.
+            poll(lambda _: None if self._busy.is_set() else True, policy=RetryPolicy.every(0.02))
+            if self._observer is not None:
+                obs = self._observer
+                with contextlib.suppress(Exception):
+                    obs.stop()
+                    obs.join(2)
+            self.pool.close()
+            if self.options.down:
+                self._down()
+        return 0 if self._last_ok else 1
+
+    def _down(self) -> None:
+        for group in self._state.groups:
+            try:
+                delete_group(
+                    group,
+                    metros=self.metros,
+                    reporter=self.reporter,
+                    environ=self.environ,
+                    lock_timeout_s=60.0,
+                )
+            except errors.UkcError as err:
+                self.reporter.event(Event("watch", "failed", f"--down: {err}"))
+
+    def install_signal_handlers(self) -> None:
+        """First Ctrl-C/SIGTERM: stop after the running pass. Second: exit at once."""
+        hits = {"n": 0}
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            hits["n"] += 1
+            if hits["n"] > 1:
+                os._exit(130)
+            self.reporter.event(
+                Event("watch", "info", "stopping: finishing the running pass (Ctrl-C again quits)")
+            )
+            self.stop()
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)

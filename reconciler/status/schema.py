@@ -1,0 +1,133 @@
+"""The status file's models: the contract other tools read, and the controller's journal.
+
+`.ukc/status.json` in the spec's directory records, per session, the phase, the instance, every
+command's last result, conditions and timings, plus what the planner needs to stay idempotent:
+the digest of the last synced tree and the input hash of each command's last *successful* run.
+It is a cache and a journal, never the source of truth about instances: every pass re-observes
+the cloud. Nothing secret is ever stored here (command output tails are redacted before they
+arrive).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+__all__ = [
+    "STATUS_VERSION",
+    "CommandRecord",
+    "Condition",
+    "InstanceRecord",
+    "Phase",
+    "SessionStatus",
+    "StatusDoc",
+    "SyncRecord",
+]
+
+STATUS_VERSION = 1
+
+Phase = Literal["Pending", "Progressing", "Ready", "Failed", "Deleted", "Expired"]
+
+
+class _Model(BaseModel):
+    # Tolerant on read: a newer ukc may add fields; we keep the ones we know.
+    model_config = ConfigDict(extra="ignore")
+
+
+class InstanceRecord(_Model):
+    name: str
+    uuid: str
+    fqdn: str | None = None
+    metro: str = ""
+    state: str = ""
+    created_at: str | None = None
+    start_count: int | None = None
+    #: what identified the sandbox on this checkout's first connection (for ssh: its host key
+    #: fingerprint); every later connection must present it. Status files of older versions
+    #: call it `host_key`
+    pin: str | None = Field(default=None, validation_alias=AliasChoices("pin", "host_key"))
+
+
+class SyncRecord(_Model):
+    digest: str = ""
+    instance_uuid: str = ""
+    start_count: int | None = None
+    files: int = 0
+    bytes: int = 0
+    last_synced_at: str | None = None
+    last_files_sent: int = 0
+    last_bytes_sent: int = 0
+    last_deleted: int = 0
+    remote_scanned: bool = False
+    pulled_files: int = 0
+    conflicts: list[str] = Field(default_factory=list)
+    rejected: list[str] = Field(default_factory=list)
+    #: `sync.back_delete`: local files removed because the sandbox deleted them, files kept
+    #: because they changed here, and why deletions were not mirrored (last sync-back)
+    pulled_deleted: int = 0
+    deletes_kept: list[str] = Field(default_factory=list)
+    deletes_skipped: list[str] = Field(default_factory=list)
+    #: commands ran since the last completed sync-back: their outputs are not home yet
+    back_pending: bool = False
+    #: why the last sync-back stopped before the end of the sandbox's listing (a
+    #: `sync.back_max_*` cap with its numbers, a full disk, a broken stream); "" when it did not
+    back_stopped: str = ""
+
+
+class CommandRecord(_Model):
+    name: str
+    run: str
+    exit_code: int | None = None
+    timed_out: bool = False
+    stdout: str = ""
+    stderr: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    duration_s: float | None = None
+    skipped: bool = False
+    input_hash: str = ""
+    #: the instance the last successful run happened on (a new instance re-runs everything)
+    instance_uuid: str = ""
+    #: input hash of the last run that exited 0 (what skipping compares against)
+    last_success_hash: str = ""
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+
+
+class SessionStatus(_Model):
+    phase: Phase = "Pending"
+    spec_hash: str = ""
+    observed_generation: str = ""
+    spec_file: str = ""
+    metro: str = ""
+    instance: InstanceRecord | None = None
+    sync: SyncRecord = Field(default_factory=SyncRecord)
+    commands: list[CommandRecord] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    timings: dict[str, float] = Field(default_factory=dict)
+    created_at: str | None = None
+    expires_at: str | None = None
+    last_applied_at: str | None = None
+    message: str = ""
+
+
+class StatusDoc(_Model):
+    version: int = STATUS_VERSION
+    project: str = ""
+    updated_at: str | None = None
+    sessions: dict[str, SessionStatus] = Field(default_factory=dict)
+
+    def inventory(self) -> dict[str, InstanceRecord]:
+        """Sessions whose instance we created and have not deleted: the prune inventory."""
+        return {
+            name: s.instance
+            for name, s in self.sessions.items()
+            if s.instance is not None and s.phase not in ("Deleted", "Expired")
+        }

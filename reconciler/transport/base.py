@@ -1,0 +1,188 @@
+"""The transport seam: what the controller and the sync engine need from a way into a sandbox.
+
+* `RemoteShell` starts processes with streamed stdin, stdout and stderr (`RemoteProcess`):
+  the byte streams the sync engine's helper runs over.
+* `Transport` is one live connection to one sandbox: a `RemoteShell` that also runs a
+  session command (streamed output, exit code, timeout with kill) and says what pins the
+  sandbox's identity (an SSH host key).
+* `TransportKind` is how one kind of transport is set up: what an instance must be created
+  with (env, public ports, plugins), the session's credentials, and connecting once the
+  instance runs. `transport.select` maps a session's `exec` to its kind; nothing else in the
+  controller knows which kinds exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from reconciler.cloud.model import Plugin, Service
+from reconciler.cloud.trust import Reach
+
+__all__ = [
+    "CommandResult",
+    "CreateFields",
+    "Credentials",
+    "RemoteProcess",
+    "RemoteShell",
+    "Target",
+    "Transport",
+    "TransportKind",
+]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command did. `exit_code` is None when it timed out (and was killed)."""
+
+    exit_code: int | None
+    timed_out: bool
+    stdout_tail: str
+    stderr_tail: str
+    duration_s: float
+
+
+class RemoteProcess(Protocol):
+    """A process started in a sandbox, with its standard streams."""
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the process's stdin (blocks while the peer's window is full)."""
+        ...
+
+    def close_stdin(self) -> None: ...
+
+    def read(self, n: int = 65536) -> bytes:
+        """Read up to n bytes of stdout; b"" at EOF."""
+        ...
+
+    def read_stderr(self, n: int = 65536) -> bytes:
+        """Read up to n bytes of stderr; b"" at EOF."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Exit status; raises TimeoutError when `timeout` lapses first."""
+        ...
+
+    def kill(self) -> None:
+        """Stop the process (closes the channel); safe to call twice."""
+        ...
+
+
+class RemoteShell(Protocol):
+    """A connection to one sandbox able to start processes.
+
+    `command` is a POSIX shell command line, run by `sh -c` on the remote side with the
+    login user's environment. The connection stays open across calls until `close()`.
+    """
+
+    def start(self, command: str) -> RemoteProcess: ...
+
+    def close(self) -> None: ...
+
+
+class Transport(RemoteShell, Protocol):
+    """One live connection to one sandbox (`start` gives the byte streams of `RemoteShell`)."""
+
+    @property
+    def kind(self) -> str:
+        """The name of the transport that opened it."""
+        ...
+
+    @property
+    def pin(self) -> str | None:
+        """What identifies the sandbox's end of this connection (an SSH host key
+        fingerprint): recorded in the status file, and required of every later connection
+        to the same instance."""
+        ...
+
+    @property
+    def active(self) -> bool:
+        """False once the connection is known to be dead (a kept one may die while idle)."""
+        ...
+
+    def run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        timeout_s: float | None,
+        on_stdout: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+    ) -> CommandResult:
+        """Run a session command (`sh -lc` in `cwd`, with `env`) and stream its output as it
+        comes; at `timeout_s` the command and its children are killed. A non-zero exit or a
+        timeout is a result; a broken connection raises a `BackendError`."""
+        ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """The instance a transport connects to: its public name, and how its metro is reached."""
+
+    instance: str
+    fqdn: str
+    reach: Reach
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where a transport keeps one session's secrets: the file `path`, and files beside it
+    named `<path>.<suffix>`. They outlive a replacement of the instance and go with the
+    session (`forget`)."""
+
+    path: Path
+
+    def forget(self) -> None:
+        """Remove them all (the session is deleted)."""
+        for found in (self.path, *self.path.parent.glob(f"{self.path.name}.*")):
+            with contextlib.suppress(FileNotFoundError):
+                found.unlink()
+
+
+@dataclass(frozen=True)
+class CreateFields:
+    """What a transport needs an instance to be created with."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    services: tuple[Service, ...] = ()
+    plugins: tuple[Plugin, ...] = ()
+
+
+class TransportKind(Protocol):
+    """How one kind of transport is set up; `transport.select` registers each one."""
+
+    #: the value of the spec's `exec` that selects it (and of the instance's `ukc.exec` tag)
+    name: str
+    #: what the session loses with its credentials, for messages ("ssh key")
+    credentials_noun: str
+
+    def warnings(self, session: str) -> tuple[str, ...]:
+        """What `ukc plan` and `apply` warn about a session using this transport."""
+        ...
+
+    def credentials_present(self, credentials: Credentials) -> bool:
+        """Whether the session's credentials are there (an existing instance only accepts
+        the ones it was created with: without them it is replaced)."""
+        ...
+
+    def create_fields(self, credentials: Credentials) -> CreateFields:
+        """The fields a new instance needs, creating the session's credentials first if
+        there are none."""
+        ...
+
+    def connect(
+        self, target: Target, credentials: Credentials, *, pin: str | None, deadline_s: float
+    ) -> Transport:
+        """A connection as soon as the sandbox accepts one, retrying what a booting or waking
+        sandbox answers; `SandboxNotReadyError` at the deadline. With `pin`, a sandbox that
+        does not present it is an error."""
+        ...
+
+    def reopen(self, target: Target, credentials: Credentials, *, pin: str) -> Transport:
+        """One attempt at a new connection to a sandbox that answered before (the connection
+        pool opens one ahead of need); errors are not retried."""
+        ...

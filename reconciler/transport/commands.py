@@ -1,0 +1,281 @@
+"""Run one session command over a `RemoteShell`: env over stdin, streamed output, timeout
+with kill. `ShellTransport` makes any `RemoteShell` a `Transport` that runs commands so.
+
+`run_command` returns a `CommandResult`; it never raises for a non-zero exit or a timeout
+(that is the caller's policy).
+
+Secrets: the environment holds `secret_env` values, so it never goes on a command line
+(where `ps` and `/proc/*/cmdline` would show it). The remote side runs a fixed bootstrap,
+`sh -c 'eval "$(head -c N)"'`, and reads a script of `export K='v'` lines from stdin.
+
+Timeouts: the script is written from its own thread (a sandbox that never reads its input
+cannot block us before the timeout is armed); it starts the command in its own session
+(`setsid`, when the sandbox has it) and first reports the id to kill on a marker line on
+stderr; on timeout we kill that whole process group from a second channel (TERM, then KILL),
+so no grandchild survives.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from reconciler._util.names import is_env_name
+from reconciler.errors import SpecError
+from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell
+
+__all__ = ["ShellTransport", "build_script", "export_lines", "run_command"]
+
+_MARKER_LINE = re.compile(rb"__UKC_KILL__ (-?)([0-9]{1,9})\n")
+_READ = 256 * 1024
+#: after the process exits, how long stray holders of stdout/stderr may keep them open
+_DRAIN_S = 5.0
+_KILL_WAIT_S = 10.0
+
+# why: the command runs in the background of the bootstrap shell so it is never a process
+# group leader, which lets `setsid` (util-linux) make it one without forking; `$$` is then
+# both its pid and the id of its new process group.
+_LAUNCH = (
+    "if command -v setsid >/dev/null 2>&1; then "
+    'echo "__UKC_KILL__ -$$" >&2; exec setsid sh -lc "$0"; '
+    'else echo "__UKC_KILL__ $$" >&2; exec sh -lc "$0"; fi'
+)
+
+
+def export_lines(env: Mapping[str, str]) -> list[str]:
+    """`export NAME='value'` for each variable (POSIX-quoted; a name that is not a shell
+    variable name, or a NUL in a value, is a `SpecError`)."""
+    lines = []
+    for name, value in env.items():
+        if not is_env_name(name):
+            raise SpecError(f"env name {name!r} is not a shell variable name", field="env")
+        if "\0" in value:
+            raise SpecError(f"env value of {name} contains a nul byte", field="env")
+        lines.append(f"export {name}={shlex.quote(value)}")
+    return lines
+
+
+def build_script(command: str, env: Mapping[str, str], cwd: str) -> bytes:
+    """The stdin script: exports (POSIX-quoted), then the command launched in /workspace."""
+    lines = [line + "\n" for line in export_lines(env)]
+    inner = f"cd {shlex.quote(cwd)} && {_LAUNCH}"
+    lines.append(f"sh -c {shlex.quote(inner)} {shlex.quote(command)} </dev/null &\n")
+    lines.append("wait $!\n")
+    return "".join(lines).encode()
+
+
+class _Tail:
+    """The last `limit` bytes of a stream."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > 2 * self.limit:
+            del self.buf[: len(self.buf) - self.limit]
+
+    def text(self) -> str:
+        return bytes(self.buf[-self.limit :] if self.limit else b"").decode(errors="replace")
+
+
+class _Reader(threading.Thread):
+    """Drains one stream as data arrives; on stderr, strips our kill marker line first."""
+
+    def __init__(
+        self,
+        read: Callable[[int], bytes],
+        sink: Callable[[bytes], None],
+        tail: _Tail,
+        *,
+        marker: bool,
+    ) -> None:
+        super().__init__(name="ukc-cmd-reader", daemon=True)
+        self._read = read
+        self._sink = sink
+        self._tail = tail
+        self._marker = marker
+        self.kill_target: str | None = None
+        self.marker_seen = threading.Event()
+        #: the first exception a callback raised (re-raised by run_command)
+        self.error: BaseException | None = None
+
+    def _deliver(self, data: bytes) -> None:
+        if not data:
+            return
+        self._tail.add(data)
+        if self.error is None:
+            try:
+                self._sink(data)
+            except Exception as err:
+                # why: keep draining even so; a stalled stream would block the process.
+                self.error = err
+
+    def run(self) -> None:
+        head = b""
+        try:
+            while True:
+                data = self._read(_READ)
+                eof = not data
+                if self._marker:
+                    head += data
+                    if not eof and b"\n" not in head and len(head) < 64:
+                        continue
+                    self._marker = False
+                    match = _MARKER_LINE.match(head)
+                    if match and int(match.group(2)) > 1:
+                        self.kill_target = match.group(1).decode() + match.group(2).decode()
+                        head = head[match.end() :]
+                    self.marker_seen.set()
+                    data, head = head, b""
+                self._deliver(data)
+                if eof:
+                    break
+        except Exception:
+            # why: the channel broke or we closed it (timeout, stray pipe holder); the exit
+            # status tells the caller what happened, the tails hold what arrived.
+            pass
+        finally:
+            self.marker_seen.set()
+
+
+def _kill_group(shell: RemoteShell, target: str) -> None:
+    """TERM the process (group), give it 2 s, then KILL; from a separate channel."""
+    script = (
+        # why: no "--": dash's kill builtin takes a negative pid right after the signal
+        # but refuses "--"; bash accepts both forms.
+        f"kill -TERM {target} 2>/dev/null || exit 0; i=0; "
+        f"while [ $i -lt 10 ] && kill -0 {target} 2>/dev/null; do sleep 0.2; i=$((i+1)); done; "
+        f"kill -KILL {target} 2>/dev/null; exit 0"
+    )
+    killer: RemoteProcess = shell.start(script)
+    try:
+        killer.close_stdin()
+        killer.wait(_KILL_WAIT_S)
+    except TimeoutError:
+        pass
+    finally:
+        killer.kill()
+
+
+def _join(
+    a: threading.Thread, b: threading.Thread, deadline: float, now: Callable[[], float]
+) -> None:
+    for thread in (a, b):
+        thread.join(max(0.0, deadline - now()))
+
+
+def run_command(
+    shell: RemoteShell,
+    command: str,
+    *,
+    env: Mapping[str, str],
+    cwd: str = "/workspace",
+    timeout_s: float | None,
+    on_stdout: Callable[[bytes], None],
+    on_stderr: Callable[[bytes], None],
+    tail_bytes: int = 64 * 1024,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> CommandResult:
+    """Run `command` via `sh -lc` in `cwd` with `env`; stream output; kill at `timeout_s`.
+
+    `on_stdout` / `on_stderr` are called from two reader threads as data arrives (each
+    stream in order; the two streams concurrently).
+    """
+    script = build_script(command, env, cwd)
+    started = monotonic()
+    proc = shell.start(f"sh -c 'eval \"$(head -c {len(script)})\"'")
+    out_tail, err_tail = _Tail(tail_bytes), _Tail(tail_bytes)
+    out = _Reader(proc.read, on_stdout, out_tail, marker=False)
+    err = _Reader(proc.read_stderr, on_stderr, err_tail, marker=True)
+    out.start()
+    err.start()
+    timed_out = False
+    exit_code: int | None = None
+    # why a thread: the script goes through the channel's window, and a sandbox that never
+    # reads its input would block this write before the timeout below is even armed
+    fed: list[BaseException] = []
+
+    def feed() -> None:
+        try:
+            proc.write(script)
+            proc.close_stdin()
+        except Exception as exc:
+            fed.append(exc)
+
+    feeder = threading.Thread(target=feed, name="ukc-cmd-stdin", daemon=True)
+    try:
+        feeder.start()
+        try:
+            remaining = None if timeout_s is None else max(0.0, timeout_s - (monotonic() - started))
+            exit_code = proc.wait(remaining)
+        except TimeoutError:
+            timed_out = True
+            err.marker_seen.wait(2.0)
+            if err.kill_target is not None:
+                _kill_group(shell, err.kill_target)
+            proc.kill()
+        _join(out, err, monotonic() + _DRAIN_S, monotonic)
+    finally:
+        # why: closing the channel ends readers stuck on a stray holder of stdout/stderr.
+        proc.kill()
+        _join(out, err, monotonic() + _DRAIN_S, monotonic)
+    feeder.join(_DRAIN_S)
+    if fed and not timed_out:
+        raise fed[0]
+    for reader in (out, err):
+        if reader.error is not None and not timed_out:
+            raise reader.error
+    return CommandResult(
+        exit_code=None if timed_out else exit_code,
+        timed_out=timed_out,
+        stdout_tail=out_tail.text(),
+        stderr_tail=err_tail.text(),
+        duration_s=monotonic() - started,
+    )
+
+
+class ShellTransport:
+    """A `Transport` over a `RemoteShell`: processes and commands both run through it."""
+
+    def __init__(self, kind: str, shell: RemoteShell, *, pin: str | None = None) -> None:
+        self.kind = kind
+        self.shell = shell
+        self.pin = pin
+
+    def __repr__(self) -> str:
+        return f"ShellTransport({self.kind!r}, {self.shell!r})"
+
+    @property
+    def active(self) -> bool:
+        return bool(getattr(self.shell, "active", True))
+
+    def start(self, command: str) -> RemoteProcess:
+        return self.shell.start(command)
+
+    def run(
+        self,
+        command: str,
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        timeout_s: float | None,
+        on_stdout: Callable[[bytes], None],
+        on_stderr: Callable[[bytes], None],
+    ) -> CommandResult:
+        return run_command(
+            self.shell,
+            command,
+            env=env,
+            cwd=cwd,
+            timeout_s=timeout_s,
+            on_stdout=on_stdout,
+            on_stderr=on_stderr,
+        )
+
+    def close(self) -> None:
+        self.shell.close()

@@ -1,0 +1,67 @@
+"""A session's SSH key pair: ed25519, the private half 0600 from its first byte.
+
+The key outlives a replacement of the instance and is removed only when the session is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from reconciler._util.atomic import write_atomic
+
+__all__ = ["ensure_keypair", "generate_keypair"]
+
+
+def generate_keypair(path: Path, comment: str | None = None) -> str:
+    """Write a new ed25519 private key (OpenSSH format, 0600) at `path`; return the public line.
+
+    The file is created with O_EXCL and mode 0600 in the same call, so it is never readable by
+    others, not even briefly; an existing file is an error (never overwrite a key silently).
+    """
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # why: a umask can only remove bits; make the mode exact
+        view = memoryview(private)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return f"{public.decode()} {comment or path.name}"
+
+
+def ensure_keypair(path: Path) -> str:
+    """The session's public key line, generating the keypair (private 0600) on first use.
+
+    The key outlives a replacement of the instance and is removed only when the session is
+    deleted; an adopted instance (lost create answer) therefore still accepts it.
+    """
+    pub = path.with_name(path.name + ".pub")
+    if path.exists():
+        with contextlib.suppress(FileNotFoundError):
+            line = pub.read_text().strip()
+            # A kill between creating the .pub and writing it leaves it empty; the public half
+            # is written before any create sends it, so starting over strands no instance.
+            if line.startswith("ssh-ed25519 "):
+                return line
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a private key without its public half: start over
+    line = generate_keypair(path, comment=f"ukc-{path.name}")
+    write_atomic(pub, (line + "\n").encode(), mode=0o644)
+    return line

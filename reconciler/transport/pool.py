@@ -1,0 +1,93 @@
+"""Connections into sandboxes kept across passes and rounds, and opened ahead of need."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+
+from reconciler.transport.base import Transport
+
+__all__ = ["TransportPool"]
+
+
+class TransportPool:
+    """Live connections kept across passes and rounds, one per session and instance.
+
+    Also opens connections ahead of need (`prefetch`): the apply loop asks for one as soon as a
+    scan sees that a session's tree changed, so the handshake overlaps the rest of the scan and
+    the planning. A prefetched connection is only ever a faster way to the same connection the
+    executor would open; if it failed, `take` returns None and the executor connects (and
+    reports errors) itself.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[str, tuple[str, Transport]] = {}
+        self._pending: dict[str, tuple[str, threading.Thread, list[Transport]]] = {}
+        self._lock = threading.Lock()
+
+    def prefetch(self, session: str, instance_uuid: str, opener: Callable[[], Transport]) -> None:
+        """Start `opener()` in the background unless a connection is kept or on its way."""
+        with self._lock:
+            if session in self._kept or session in self._pending:
+                return
+            box: list[Transport] = []
+
+            def open_one() -> None:
+                with contextlib.suppress(Exception):  # the executor's own attempt reports it
+                    box.append(opener())
+
+            thread = threading.Thread(target=open_one, name=f"prefetch-{session}", daemon=True)
+            self._pending[session] = (instance_uuid, thread, box)
+        thread.start()
+
+    def _settle(self, session: str) -> None:
+        """Wait for a prefetch of `session` and keep what it opened."""
+        with self._lock:
+            pending = self._pending.pop(session, None)
+        if pending is None:
+            return
+        uuid, thread, box = pending
+        thread.join()
+        if box:
+            self.keep(session, uuid, box[0])
+
+    def take(self, session: str, instance_uuid: str) -> Transport | None:
+        """The kept connection if it belongs to this instance and is still alive."""
+        self._settle(session)
+        with self._lock:
+            item = self._kept.pop(session, None)
+        if item is None:
+            return None
+        uuid, transport = item
+        if uuid == instance_uuid and transport.active:
+            return transport
+        with contextlib.suppress(Exception):
+            transport.close()
+        return None
+
+    def keep(self, session: str, instance_uuid: str, transport: Transport) -> None:
+        with self._lock:
+            old = self._kept.pop(session, None)
+            self._kept[session] = (instance_uuid, transport)
+        if old is not None and old[1] is not transport:
+            with contextlib.suppress(Exception):
+                old[1].close()
+
+    def drop(self, session: str) -> None:
+        self._settle(session)
+        with self._lock:
+            item = self._kept.pop(session, None)
+        if item is not None:
+            with contextlib.suppress(Exception):
+                item[1].close()
+
+    def close(self) -> None:
+        for session in list(self._pending):
+            self._settle(session)
+        with self._lock:
+            items = list(self._kept.values())
+            self._kept.clear()
+        for _, transport in items:
+            with contextlib.suppress(Exception):
+                transport.close()

@@ -1,0 +1,310 @@
+"""`SshShell`: a `RemoteShell` over paramiko, reached through the sandbox's TLS edge on 2222.
+
+The controller (and the sync engine) get a shell from `wait_ssh_ready` once an instance is
+running: it dials `Dialer.open_bridged(fqdn, 2222)` and retries the failures a waking or
+booting sandbox produces (refused, reset, EOF, TLS handshake errors) until a deadline.
+`start(command)` opens one exec channel per process with large windows for throughput.
+
+Host keys: every session's sandbox is new, so there is nothing to pin in advance; the key is
+accepted on first use and its fingerprint kept on `shell.host_key_fingerprint` (the caller may
+store it and pass it back as `expected_host_key` to make a later mismatch an error).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paramiko
+
+from reconciler._util.retry import RetryPolicy, call_with_retries
+from reconciler.errors import (
+    RemoteError,
+    SandboxNotReadyError,
+    TransportError,
+)
+from reconciler.transport.tls import Dialer
+
+__all__ = [
+    "START_TIMEOUT_S",
+    "SshProcess",
+    "SshShell",
+    "host_key_fingerprint",
+    "wait_ssh_ready",
+]
+
+log = logging.getLogger(__name__)
+
+#: channel window and packet sizes: paramiko's defaults (2 MiB / 32 KiB) cap bulk throughput
+_WINDOW = 16 * 1024 * 1024
+_MAX_PACKET = 256 * 1024 - 1024
+# why: OpenSSH sshd caps packets at 256 KiB; we ask for a little less to leave room for headers
+#: waits between attempts while a sandbox boots or wakes: 0.2 s doubling to 2 s, each between
+#: half and all of that
+READY_POLICY = RetryPolicy(max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5)
+#: how long opening a channel and starting a process in it may take. why: paramiko waits for
+#: the answer to an exec request without any limit, and a sandbox owns the server it answers
+#: from (it can stop its sshd and serve port 2222 itself): a silent one would hang us there
+START_TIMEOUT_S = 60.0
+
+
+def host_key_fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style fingerprint: "SHA256:" + unpadded base64 of the key blob's sha256."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+#: AES-GCM does encryption and integrity in one pass: measured 106–138 vs 93–129 MiB/s on
+#: push and 195–218 vs 137–152 MiB/s on pull against aes128-ctr + HMAC through the edge
+_PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def _prefer_aead(transport: paramiko.Transport) -> None:
+    """Offer the AEAD ciphers first; the server still picks among what both support."""
+    options = transport.get_security_options()
+    offered = tuple(options.ciphers)
+    first = tuple(c for c in _PREFERRED_CIPHERS if c in offered)
+    options.ciphers = first + tuple(c for c in offered if c not in first)
+
+
+class SshProcess:
+    """One exec channel: the `RemoteProcess` of `SshShell.start`."""
+
+    def __init__(self, channel: paramiko.Channel, shell: SshShell) -> None:
+        self._channel = channel
+        self._shell = shell
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._channel.sendall(data)
+        except (OSError, paramiko.SSHException) as err:
+            raise RemoteError(f"ssh {self._shell.fqdn}: stdin write failed ({err})") from None
+        self.bytes_out += len(data)
+        self._shell.bytes_out += len(data)
+
+    def close_stdin(self) -> None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self._channel.shutdown_write()
+
+    def read(self, n: int = 65536) -> bytes:
+        data = self._channel.recv(n)
+        self.bytes_in += len(data)
+        self._shell.bytes_in += len(data)
+        return data
+
+    def read_stderr(self, n: int = 65536) -> bytes:
+        data = self._channel.recv_stderr(n)
+        self.bytes_in += len(data)
+        self._shell.bytes_in += len(data)
+        return data
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._channel.status_event.wait(timeout):
+            raise TimeoutError(f"ssh {self._shell.fqdn}: process still running after {timeout} s")
+        return self._channel.recv_exit_status()
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self._channel.close()
+
+
+class SshShell:
+    """An authenticated SSH connection to one sandbox (a `RemoteShell`)."""
+
+    #: seconds `start` may take before it gives up (`START_TIMEOUT_S`)
+    start_timeout_s: float = START_TIMEOUT_S
+
+    def __init__(
+        self,
+        transport: paramiko.Transport,
+        sock: socket.socket,
+        *,
+        fqdn: str,
+        host_key_fingerprint: str,
+    ) -> None:
+        self._transport = transport
+        self._sock = sock
+        self.fqdn = fqdn
+        self.host_key_fingerprint = host_key_fingerprint
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SshShell(fqdn={self.fqdn!r}, host_key={self.host_key_fingerprint!r})"
+
+    @classmethod
+    def connect(
+        cls,
+        dialer: Dialer,
+        fqdn: str,
+        *,
+        key_path: Path,
+        user: str = "root",
+        port: int = 2222,
+        timeout: float = 10,
+        keepalive_s: int = 15,
+        expected_host_key: str | None = None,
+    ) -> SshShell:
+        """Dial, negotiate, check the host key, authenticate with `key_path`."""
+        try:
+            pkey = paramiko.PKey.from_path(key_path)
+        except (OSError, paramiko.SSHException, ValueError) as err:
+            # why: never echo the key material; the path and the class are enough
+            raise RemoteError(
+                f"ssh key {key_path} unreadable ({type(err).__name__})", retryable=False
+            ) from None
+        sock = dialer.open_bridged(fqdn, port, timeout)
+        transport = paramiko.Transport(
+            sock, default_window_size=_WINDOW, default_max_packet_size=_MAX_PACKET
+        )
+        _prefer_aead(transport)
+        transport.banner_timeout = timeout
+        transport.handshake_timeout = timeout
+        transport.auth_timeout = timeout
+        try:
+            try:
+                transport.start_client(timeout=timeout)
+            except (paramiko.SSHException, EOFError, OSError) as err:
+                raise TransportError(
+                    f"ssh {fqdn}:{port}: handshake failed ({type(err).__name__}: {err})"
+                ) from None
+            fingerprint = host_key_fingerprint(transport.get_remote_server_key())
+            if expected_host_key is not None and fingerprint != expected_host_key:
+                raise RemoteError(
+                    f"ssh {fqdn}: host key {fingerprint} differs from the expected "
+                    f"{expected_host_key}",
+                    retryable=False,
+                )
+            try:
+                transport.auth_publickey(user, pkey)
+            except paramiko.AuthenticationException:
+                raise RemoteError(
+                    f"ssh {fqdn}: public key of {key_path.name} rejected for user {user}",
+                    retryable=False,
+                ) from None
+            except (paramiko.SSHException, EOFError, OSError) as err:
+                raise TransportError(
+                    f"ssh {fqdn}:{port}: authentication interrupted ({type(err).__name__})"
+                ) from None
+        except BaseException:
+            transport.close()
+            sock.close()
+            raise
+        transport.set_keepalive(keepalive_s)
+        return cls(transport, sock, fqdn=fqdn, host_key_fingerprint=fingerprint)
+
+    def start(self, command: str) -> SshProcess:
+        """Run `command` (a shell command line) in a fresh exec channel."""
+        limit = self.start_timeout_s
+        try:
+            channel = self._transport.open_session(
+                window_size=_WINDOW, max_packet_size=_MAX_PACKET, timeout=limit
+            )
+        except (paramiko.SSHException, EOFError, OSError) as err:
+            raise TransportError(f"ssh {self.fqdn}: cannot start a process ({err})") from None
+        # closing the channel is what ends paramiko's unbounded wait for the exec answer
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            channel.close()
+
+        timer = threading.Timer(limit, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            channel.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as err:
+            channel.close()
+            if expired.is_set():
+                raise TransportError(
+                    f"ssh {self.fqdn}: the sandbox did not start a process within {limit:g} s"
+                ) from None
+            raise TransportError(f"ssh {self.fqdn}: cannot start a process ({err})") from None
+        finally:
+            timer.cancel()
+        return SshProcess(channel, self)
+
+    @property
+    def active(self) -> bool:
+        return self._transport.is_active()
+
+    def close(self) -> None:
+        with self._lock:
+            self._transport.close()
+            # why: wait for paramiko's reader thread, then for the bridge pump (sock.close
+            # joins it), so no thread still touches a file descriptor number after we return.
+            if self._transport is not threading.current_thread():
+                self._transport.join(5.0)
+            self._sock.close()
+
+    def __enter__(self) -> SshShell:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_ssh_ready(
+    dialer: Dialer,
+    fqdn: str,
+    *,
+    key_path: Path,
+    deadline_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+    user: str = "root",
+    port: int = 2222,
+    expected_host_key: str | None = None,
+    connect_timeout: float = 10.0,
+    rng: random.Random | None = None,
+) -> SshShell:
+    """Connect as soon as the sandbox accepts SSH; `SandboxNotReadyError` at the deadline.
+
+    Refused, reset, EOF and TLS errors are expected while a sandbox boots or wakes from
+    standby (the first connection is what wakes it), so they are retried with backoff.
+    Authentication and host-key errors are not.
+    """
+    start = monotonic()
+
+    def attempt() -> SshShell:
+        remaining = deadline_s - (monotonic() - start)
+        return SshShell.connect(
+            dialer,
+            fqdn,
+            key_path=key_path,
+            user=user,
+            port=port,
+            timeout=max(0.5, min(connect_timeout, remaining)),
+            expected_host_key=expected_host_key,
+        )
+
+    def not_ready(last: Exception, attempts: int) -> Exception:
+        return SandboxNotReadyError(
+            f"sandbox {fqdn} did not accept ssh within {deadline_s:g} s "
+            f"({attempts} attempts, last: {last})"
+        )
+
+    def waiting(err: Exception, attempts: int, delay: float) -> None:
+        log.debug("ssh %s not ready (attempt %d): %s", fqdn, attempts, err)
+
+    return call_with_retries(
+        attempt,
+        policy=READY_POLICY.until(deadline_s),
+        sleep=sleep,
+        monotonic=monotonic,
+        rng=rng,
+        give_up=not_ready,
+        on_retry=waiting,
+    )

@@ -1,0 +1,81 @@
+"""A sync test world: a local tree and a "sandbox" tree on this machine (a `LocalShell`), and
+snapshots of trees to compare."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler.sync.options import SyncOptions
+from reconciler.transport.local_shell import LocalShell
+
+#: the system interpreter starts much faster than a pyenv shim; any python3 >= 3.7 works
+REMOTE_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+@dataclass
+class Site:
+    """One test world: a local root, a "sandbox" root and state dirs, all under `base`."""
+
+    base: Path
+    local: Path
+    remote: Path
+    state: Path
+    remote_state: Path
+    boot: Path
+    shell: LocalShell
+
+    def opts(self, **kw: object) -> SyncOptions:
+        args: dict[str, object] = {
+            "local_root": self.local,
+            "state_dir": self.state,
+            "remote_root": str(self.remote),
+            "remote_state_dir": str(self.remote_state),
+            "boot_id_paths": (str(self.boot),),
+            "remote_python": REMOTE_PYTHON,
+        }
+        args.update(kw)
+        return SyncOptions(**args)  # type: ignore[arg-type]
+
+    def reboot(self, boot_id: str) -> None:
+        """A new boot: fresh boot id, and /run (the remote record) is gone as on a real one."""
+        self.boot.write_text(boot_id + "\n")
+        shutil.rmtree(self.remote_state, ignore_errors=True)
+
+
+def snapshot(root: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, tuple[object, ...]]:
+    """Everything under `root` (not following links): path -> (kind, mode, content hash/target)."""
+    out: dict[str, tuple[object, ...]] = {}
+    skip_s = {str(p) for p in skip}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip_s]
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            if p in skip_s:
+                continue
+            rel = os.path.relpath(p, root)
+            st = os.lstat(p)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", mode)
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    out[rel] = ("f", mode, hashlib.sha256(f.read()).hexdigest(), st.st_mtime_ns)
+            else:
+                out[rel] = ("o", stat.S_IFMT(st.st_mode))
+    return out
+
+
+def write(path: Path, data: bytes | str, mode: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    if mode is not None:
+        path.chmod(mode)
+    return path

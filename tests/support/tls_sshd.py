@@ -1,0 +1,243 @@
+"""A stand-in for a sandbox behind the TLS edge: a throwaway CA, an asyncio TLS forwarder, sshd.
+
+The forwarder stands in for the UKC / local-metro TLS edge: it terminates TLS with a
+certificate for `*.sbx.test` issued by a test CA and forwards plain TCP to a target port.
+sshd runs as the current user on 127.0.0.1 with its own host key and authorized_keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from reconciler.transport.keys import generate_keypair
+from reconciler.transport.tls import Dialer
+
+FQDN = "box1.sbx.test"
+BUF = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CaFiles:
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_path))
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.cert_path), str(self.key_path))
+        return ctx
+
+
+def make_ca(directory: Path) -> CaFiles:
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ukc test ca")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "*.sbx.test")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("*.sbx.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = (
+        directory / "ca.pem",
+        directory / "tls.crt",
+        directory / "tls.key",
+    )
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return CaFiles(ca_path, cert_path, key_path)
+
+
+class TlsForwarder:
+    """TLS on 127.0.0.1:port → plain TCP to 127.0.0.1:target, in a background event loop."""
+
+    def __init__(self, ca: CaFiles, target_port: int, port: int = 0) -> None:
+        self._ctx = ca.server_context()
+        self.target_port = target_port
+        self.port = port
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+
+    def start(self) -> TlsForwarder:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+        return self
+
+    async def _listen(self) -> asyncio.Server:
+        server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.port, ssl=self._ctx, reuse_address=True
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        return server
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(BUF):
+                    dst.write(data)
+                    await dst.drain()
+                if dst.can_write_eof():
+                    dst.write_eof()
+            except (OSError, ssl.SSLError):
+                pass
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        for w in (writer, up_writer):
+            with contextlib.suppress(OSError, ssl.SSLError):
+                w.close()
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, deadline_s: float = 10.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"port {port} not accepting after {deadline_s} s")
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    host_key_path: Path
+    client_key: Path
+    user: str
+
+
+def current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def dialer_to(ca: CaFiles, port: int) -> Dialer:
+    """A dialer that sends every FQDN to 127.0.0.1:port (like the local metro's edge)."""
+    return Dialer(ca.client_context(), lambda fqdn, public_port: ("127.0.0.1", port))
+
+
+@contextlib.contextmanager
+def running_sshd(cfg: Path) -> Iterator[Sshd]:
+    """sshd on 127.0.0.1 with its own host key, accepting one fresh client key; files in `cfg`."""
+    host_key = cfg / "hostkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    client_key = cfg / "clientkey"
+    (cfg / "authorized_keys").write_text(generate_keypair(client_key, "test-client") + "\n")
+    port = free_port()
+    conf = cfg / "sshd.conf"
+    conf.write_text(
+        f"ListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {cfg}/authorized_keys\n"
+        "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile none\n"
+        "MaxStartups 100\nMaxSessions 50\nLogLevel ERROR\nPrintLastLog no\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf), "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(cfg / "sshd.log", "wb"),  # noqa: SIM115 - kept open for the process
+    )
+    try:
+        wait_port(port)
+        yield Sshd(port, host_key, client_key, current_user())
+    finally:
+        proc.terminate()
+        proc.wait(10)
