@@ -2,8 +2,8 @@
 reconcile loop, renders. No policy of its own.
 
 Exit codes: 0 success (for `plan --detailed-exitcode`: nothing to do), 1 an action or a
-command failed, 2 invalid usage or spec (2 is also "changes pending" with
-`--detailed-exitcode`, as in Terraform).
+command failed (for `plan`: would fail), 2 invalid usage or spec (with `--detailed-exitcode`:
+changes pending, and every error is 1, as in Terraform), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Also plan deleting owned sessions no spec declares.")
 @click.option(
-    "--detailed-exitcode", is_flag=True, help="Exit 0 when nothing to do, 2 when changes."
+    "--detailed-exitcode",
+    is_flag=True,
+    help="Exit 0 when nothing to do, 1 on an error, 2 when changes are pending.",
 )
 @click.option("--output", type=click.Choice(["text", "json"]), default="text")
 @click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
@@ -247,7 +249,12 @@ def apply(
             summary[str(group.base_dir)] = {
                 "ok": result.ok,
                 "rounds": result.rounds,
-                "failed": result.failed,
+                "failed": {
+                    k: v
+                    for k, v in result.failed.items()
+                    if not (k in result.outcomes and result.outcomes[k].interrupted)
+                },
+                "interrupted": sorted(k for k, o in result.outcomes.items() if o.interrupted),
                 "plan": plan_json(result.plan),
                 "status": str(group.status_path),
             }

@@ -151,6 +151,9 @@ def _kill_group(shell: RemoteShell, target: str, grace_s: float = 2.0) -> None:
     """TERM the process (group), give it `grace_s`, then KILL; from a separate channel."""
     ticks = max(1, round(grace_s / 0.2))
     script = (
+        # why: the kill must outlive our connection (a second Ctrl-C quits at once), and
+        # sshd hangs up the session of a channel it closes
+        "trap '' HUP PIPE; "
         # why: no "--": dash's kill builtin takes a negative pid right after the signal
         # but refuses "--"; bash accepts both forms.
         f"kill -TERM {target} 2>/dev/null || exit 0; i=0; "
