@@ -32,7 +32,7 @@ from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe
 from reconciler.reconcile.plan import parse_time, plan_delete, plan_sessions
 from reconciler.status import journal
-from reconciler.status.schema import SessionStatus, StatusDoc
+from reconciler.status.schema import Interruption, SessionStatus, StatusDoc
 from reconciler.transport import select
 from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
@@ -115,14 +115,17 @@ def apply_group(
     # `TransportPool.prefetch`) or in one round serve the next round too, and all close at
     # the end.
     kept = pool if pool is not None else TransportPool()
+    unfinished = _UnfinishedOnInterrupt(group)
     with (
         contextlib.closing(kept) if pool is None else contextlib.nullcontext(),
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        unfinished,
     ):
         doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
+        unfinished.doc, unfinished.doc_lock = doc, doc_lock
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
@@ -186,6 +189,7 @@ def apply_group(
                 stop=stop,
             )
             work = [s for s in plan.sessions if s.changes]
+            unfinished.in_flight = executor.in_flight
             finished = _run_sessions(executor, work, concurrency, stop, reporter)
             for outcome in finished:
                 prev = outcomes.get(outcome.session)
@@ -216,6 +220,42 @@ def apply_group(
             failed=failed,
             interrupted=stop.is_set(),
         )
+
+
+class _UnfinishedOnInterrupt:
+    """A Ctrl-C that ends apply outside the workers' wait (observing, planning, a prune, or a
+    second Ctrl-C): a session left `Progressing` (a create in flight) is journaled
+    `Interrupted`, never left in a phase that says work goes on."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.doc: StatusDoc | None = None
+        self.doc_lock = threading.Lock()
+        #: the running executor's actions in flight (a second Ctrl-C leaves them behind)
+        self.in_flight: Mapping[str, actions.Action] = {}
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if self.doc is None or kind is None or not issubclass(kind, KeyboardInterrupt):
+            return
+        now = journal.utc_now()
+        # why suppress: after a second Ctrl-C a worker may still write the document
+        with contextlib.suppress(Exception), self.doc_lock:
+            for session, action in self.in_flight.items():
+                rec = self.doc.sessions.setdefault(session, SessionStatus())
+                rec.phase = "Interrupted"
+                rec.message = f"quit during {action.describe()}"
+                rec.interruption = Interruption(at=now, during=action.describe())
+                journal.set_condition(rec, "Ready", "False", "Interrupted", rec.message, now)
+            for rec in self.doc.sessions.values():
+                if rec.phase == "Progressing":
+                    rec.phase = "Interrupted"
+                    rec.message = "interrupted"
+                    rec.interruption = Interruption(at=now)
+                    journal.set_condition(rec, "Ready", "False", "Interrupted", "interrupted", now)
+            journal.save(self.group.status_path, self.doc)
 
 
 def _run_sessions(
@@ -261,7 +301,7 @@ def _run_sessions(
         return [f.result() for f in futures]
     except KeyboardInterrupt:
         reporter.event(Event("ukc", "interrupt", "interrupt: quitting now (second Ctrl-C)"))
-        raise
+        raise  # journaled on the way out (`_UnfinishedOnInterrupt`)
 
 
 def _say_interrupt(executor: Executor, reporter: Reporter) -> None:
