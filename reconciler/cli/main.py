@@ -133,6 +133,7 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
 @cli.command()
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Also plan deleting owned sessions no spec declares.")
+@click.option("--allow-empty", is_flag=True, help="Allow --prune with no sessions declared.")
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
@@ -146,6 +147,7 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
 def plan(
     paths: tuple[Path, ...],
     prune: bool,
+    allow_empty: bool,
     detailed_exitcode: bool,
     output: str,
     status_path: Path | None,
@@ -155,7 +157,7 @@ def plan(
     """Show what apply would do, and why (files to send, commands to re-run), and what it
     would fail on."""
     try:
-        pending, failing = _plan(paths, prune, output, status_path, verbose)
+        pending, failing = _plan(paths, prune, allow_empty, output, status_path, verbose)
     except errors.UkcError as err:
         if not detailed_exitcode:
             raise
@@ -169,17 +171,25 @@ def plan(
 
 
 def _plan(
-    paths: tuple[Path, ...], prune: bool, output: str, status_path: Path | None, verbose: bool
+    paths: tuple[Path, ...],
+    prune: bool,
+    allow_empty: bool,
+    output: str,
+    status_path: Path | None,
+    verbose: bool,
 ) -> tuple[bool, bool]:
     """Show the plans; (changes pending, a session apply would fail)."""
-    from reconciler.reconcile.loop import plan_group
+    from reconciler.reconcile.loop import check_prune, plan_group
 
+    groups = _load(paths, status_path)
+    # apply refuses such a prune before doing anything: so does its plan
+    check_prune(groups, prune=prune, allow_empty=allow_empty, only=())
     metros = _metros()
     try:
         pending = False
         failing = False
         doc_out: dict[str, Any] = {}
-        for group in _load(paths, status_path):
+        for group in groups:
             the_plan, _ = plan_group(group, metros=metros, environ=os.environ, prune=prune)
             pending = pending or not the_plan.empty
             failing = failing or bool(the_plan.errors)

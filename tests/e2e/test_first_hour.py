@@ -153,3 +153,12 @@ def test_a_missing_secret_blocks_only_the_commands_that_need_it(ukc: Ukc) -> Non
     ukc.run("delete", "session.yaml", check=0)
     assert session(ukc, "keyed")["phase"] == "Deleted"
     assert not [i for i in ukc.instances() if i["name"].endswith("-keyed")]
+
+
+def test_plan_refuses_a_prune_of_an_empty_spec_set_as_apply_does(ukc: Ukc) -> None:
+    (ukc.project / "specs").mkdir()
+    apply = ukc.run("apply", "--prune", "specs")
+    plan = ukc.run("plan", "--prune", "--detailed-exitcode", "specs")
+    assert apply.returncode == 2 and "refusing to prune" in apply.stderr
+    assert plan.returncode == 1, plan.stdout + plan.stderr
+    assert "refusing to prune" in plan.stderr
