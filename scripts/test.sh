@@ -7,4 +7,4 @@ scripts/setup.sh
 .venv/bin/ruff format --check reconciler tests bench
 .venv/bin/mypy reconciler
 # Each test run gets its own local-metro state dir (the fixtures set UKC_LOCAL_STATE_DIR).
-exec .venv/bin/pytest -q -p no:cacheprovider "$@"
+exec .venv/bin/pytest -q -rfE -p no:cacheprovider "$@"

@@ -27,6 +27,7 @@ from reconciler.local.daemon import MetroInfo
 from tests.support.canary import Canaries, assert_nowhere
 from tests.support.ukc import Ukc
 from tests.support.users import OTHER_USER, need_other_user, run_as_other_user
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.metro
 
@@ -249,11 +250,19 @@ for pid in os.listdir("/proc"):
 def test_another_user_finds_no_secret_in_any_process_on_the_host(
     victim: Victim, canaries: Canaries
 ) -> None:
-    # while the command runs (with the secret in its environment inside the sandbox)
-    out = run_as_other_user(["/usr/bin/python3", "-c", SCAN_PROCESSES], timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "sleep\x000.1" in out.stdout  # the scan did see the victim's command running
-    assert_nowhere(canaries, texts=[out.stdout])
+    # while the command runs (with the secret in its environment inside the sandbox); the
+    # controller says "run command" a moment before the sandbox starts it, so scan until the
+    # scan does see the victim's command running, and every scan must be clean
+    scans: list[str] = []
+
+    def scan_sees_the_command() -> bool:
+        out = run_as_other_user(["/usr/bin/python3", "-c", SCAN_PROCESSES], timeout=120)
+        assert out.returncode == 0, out.stderr
+        scans.append(out.stdout)
+        return "sleep\x000.1" in out.stdout
+
+    assert eventually(scan_sees_the_command, timeout_s=60, interval_s=0.5), scans[-1][-2000:]
+    assert_nowhere(canaries, texts=scans)
     _assert_nothing_planted(victim)
 
 
