@@ -89,15 +89,19 @@ class LiveReporter:
 
     def event(self, event: Event) -> None:
         with self._lock:
-            row = self._rows.setdefault(event.session, _Row())
             self._clear()
+            if event.kind == "interrupt":  # a line above the table, no row of its own
+                self._plain.event(event)
+                self._draw()
+                return
+            row = self._rows.setdefault(event.session, _Row())
             if event.kind == "action":
                 row.state, row.detail = "working", event.text
             elif event.kind == "done":
                 row.state, row.detail, row.ended = "ready", event.text, time.monotonic()
             elif event.kind == "failed":
                 row.state, row.detail, row.ended = "FAILED", event.text, time.monotonic()
-            if event.kind in ("output", "failed", "done", "info", "session", "interrupt"):
+            if event.kind in ("output", "failed", "done", "info", "session"):
                 self._plain.event(event)
             self._draw()
 

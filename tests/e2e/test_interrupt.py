@@ -128,12 +128,15 @@ def test_ctrl_c_in_apply_stops_the_remote_command_and_records_interrupted(
     assert "run command 'slow' (last run was interrupted)" in plan.stdout, plan.stdout
 
 
-def test_a_second_ctrl_c_quits_at_once_while_the_command_ignores_the_first(ukc: Ukc) -> None:
-    token = f"{21 + os.getpid() % 1000 / 1000:.4f}"
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_a_second_ctrl_c_quits_at_once_while_the_command_ignores_the_first(
+    ukc: Ukc, warm: bool
+) -> None:
+    token = f"{21 + os.getpid() % 1000 / 1000 + (0.0001 if warm else 0.0002):.4f}"
     (ukc.project / "work").mkdir()
     # the command ignores SIGTERM: only the kill after the grace period would end it
     ukc.write_spec(spec(token, trap="trap '' TERM; "))
-    apply = Apply(ukc, ukc.env())
+    apply = Apply(ukc, ukc.env() | ({} if warm else {"UKC_WARM": "0"}))
     try:
         apply.wait_for("| started", 120)
         apply.proc.send_signal(signal.SIGINT)
