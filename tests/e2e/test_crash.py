@@ -265,16 +265,22 @@ def test_apply_killed_at_random_instants_converges_on_the_next_run_with_one_inst
     delays = [begin + (end - begin) * (i + rng.random()) / kills for i in range(kills)]
     killed = 0
     for i, delay in enumerate(delays):
-        tool = new_project(metro, tmp_path / f"k{i:02d}", random.Random(SEED + i))
-        projects.append(tool)
-        run = start(tool, "apply", "session.yaml", tag="killed")
-        killed += signal_after(run, delay, signal.SIGKILL)
-        run.proc.wait()
+        # A run that finished before its kill point (the shared machine got faster than during
+        # the measured run) is tried again on a fresh project with an earlier kill point.
+        for attempt in range(3):
+            tool = new_project(metro, tmp_path / f"k{i:02d}-{attempt}", random.Random(SEED + i))
+            projects.append(tool)
+            run = start(tool, "apply", "session.yaml", tag="killed")
+            hit = signal_after(run, delay, signal.SIGKILL)
+            run.proc.wait()
+            if hit:
+                break
+            delay *= 0.7
+        killed += hit
         again = start(tool, "apply", "session.yaml", tag="rerun")
         assert finish(again) == 0, f"kill at {delay:.3f}s: {again.stderr()}"
         assert_converged(tool)
         assert_plans_nothing(tool)
-    # A kill point near the end can miss a run that went faster than the measured one.
     assert killed >= kills * 3 // 4, f"only {killed} of {kills} runs were actually killed"
 
 
