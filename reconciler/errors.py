@@ -194,6 +194,12 @@ class CommandFailedError(UkcError):
         self.command_exit_code = exit_code
 
 
+class StoppedByUserError(UkcError):
+    """Ctrl-C stopped the work: a command in flight was stopped, nothing new started."""
+
+    exit_code = 130
+
+
 class LocalMetroError(UkcError):
     """The embedded local metro could not be started or did not answer."""
 

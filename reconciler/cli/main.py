@@ -2,8 +2,8 @@
 reconcile loop, renders. No policy of its own.
 
 Exit codes: 0 success (for `plan --detailed-exitcode`: nothing to do), 1 an action or a
-command failed, 2 invalid usage or spec (2 is also "changes pending" with
-`--detailed-exitcode`, as in Terraform).
+command failed (for `plan`: would fail), 2 invalid usage or spec (with `--detailed-exitcode`:
+changes pending, and every error is 1, as in Terraform), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -81,6 +81,18 @@ def _warn_short_secrets(sessions: Sequence[LoadedSession]) -> None:
         click.echo(line, err=True)
 
 
+def _warn_missing_secrets(sessions: Sequence[LoadedSession]) -> None:
+    """One stderr line per secret_env entry whose controller variable is unset: only the
+    commands need it, so it is no spec error, but apply fails when a command must run."""
+    from reconciler.reconcile.desired import secret_missing_message
+    from reconciler.spec.models import missing_secret_env
+
+    for loaded in sessions:
+        for sandbox_name, controller in missing_secret_env(loaded.spec, os.environ):
+            where = secret_missing_message(loaded, sandbox_name, controller)
+            click.echo(f"warning: {where}; apply needs it to run the session's commands", err=True)
+
+
 def _reporter(output: str) -> Any:
     from reconciler.cli.render import LiveReporter, PlainReporter
     from reconciler.reconcile.events import RecordingReporter
@@ -112,6 +124,7 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
     """Check spec files without contacting anything."""
     specset = load_specs(list(paths) or [Path(".")], os.environ)
     _warn_short_secrets(specset.sessions)
+    _warn_missing_secrets(specset.sessions)
     for loaded in specset.sessions:
         click.echo(f"ok  {loaded.spec.name}  ({loaded.file}:{loaded.line})")
     click.echo(f"{len(specset.sessions)} session(s) valid")
@@ -120,8 +133,11 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
 @cli.command()
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Also plan deleting owned sessions no spec declares.")
+@click.option("--allow-empty", is_flag=True, help="Allow --prune with no sessions declared.")
 @click.option(
-    "--detailed-exitcode", is_flag=True, help="Exit 0 when nothing to do, 2 when changes."
+    "--detailed-exitcode",
+    is_flag=True,
+    help="Exit 0 when nothing to do, 1 on an error, 2 when changes are pending.",
 )
 @click.option("--output", type=click.Choice(["text", "json"]), default="text")
 @click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
@@ -131,24 +147,52 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
 def plan(
     paths: tuple[Path, ...],
     prune: bool,
+    allow_empty: bool,
     detailed_exitcode: bool,
     output: str,
     status_path: Path | None,
     verbose: bool,
     debug: bool,
 ) -> None:
-    """Show what apply would do, and why (files to send, commands to re-run)."""
-    from reconciler.reconcile.loop import plan_group
+    """Show what apply would do, and why (files to send, commands to re-run), and what it
+    would fail on."""
+    try:
+        pending, failing = _plan(paths, prune, allow_empty, output, status_path, verbose)
+    except errors.UkcError as err:
+        if not detailed_exitcode:
+            raise
+        # why: with --detailed-exitcode, 2 means "changes pending"; an error must not read so
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    if failing:
+        sys.exit(1)  # apply would fail those sessions: say so before it is run
+    if detailed_exitcode and pending:
+        sys.exit(2)
 
+
+def _plan(
+    paths: tuple[Path, ...],
+    prune: bool,
+    allow_empty: bool,
+    output: str,
+    status_path: Path | None,
+    verbose: bool,
+) -> tuple[bool, bool]:
+    """Show the plans; (changes pending, a session apply would fail)."""
+    from reconciler.reconcile.loop import check_prune, plan_group
+
+    groups = _load(paths, status_path)
+    # apply refuses such a prune before doing anything: so does its plan
+    check_prune(groups, prune=prune, allow_empty=allow_empty, only=())
     metros = _metros()
     try:
         pending = False
-        refused = False
+        failing = False
         doc_out: dict[str, Any] = {}
-        for group in _load(paths, status_path):
+        for group in groups:
             the_plan, _ = plan_group(group, metros=metros, environ=os.environ, prune=prune)
             pending = pending or not the_plan.empty
-            refused = refused or bool(the_plan.refusals)
+            failing = failing or bool(the_plan.errors)
             if output == "json":
                 doc_out[str(group.base_dir)] = plan_json(the_plan)
             else:
@@ -158,10 +202,7 @@ def plan(
             click.echo(json.dumps({"api_requests": metros.request_count(), **doc_out}, indent=2))
     finally:
         metros.close()
-    if refused:
-        sys.exit(1)  # apply would fail those sessions: say so before it is run
-    if detailed_exitcode and pending:
-        sys.exit(2)
+    return pending, failing
 
 
 @cli.command()
@@ -200,6 +241,7 @@ def apply(
     reporter = _reporter(output)
     metros = _metros()
     ok = True
+    interrupted = False
     summary: dict[str, Any] = {}
     try:
         for group in groups:
@@ -217,23 +259,41 @@ def apply(
             summary[str(group.base_dir)] = {
                 "ok": result.ok,
                 "rounds": result.rounds,
-                "failed": result.failed,
+                "failed": {
+                    k: v
+                    for k, v in result.failed.items()
+                    if not (k in result.outcomes and result.outcomes[k].interrupted)
+                },
+                "interrupted": sorted(k for k, o in result.outcomes.items() if o.interrupted),
                 "plan": plan_json(result.plan),
                 "status": str(group.status_path),
             }
+            if result.interrupted:
+                interrupted = True
+                break  # Ctrl-C: no other group starts
         requests = metros.request_count()
     finally:
         reporter.close()
         metros.close()
     if output == "json":
-        click.echo(json.dumps({"ok": ok, "api_requests": requests, "groups": summary}, indent=2))
+        click.echo(
+            json.dumps(
+                {"ok": ok, "interrupted": interrupted, "api_requests": requests, "groups": summary},
+                indent=2,
+            )
+        )
     else:
         for item in summary.values():
             for warning in item["plan"]["warnings"]:
                 click.echo(f"warning: {warning}", err=True)
+            for name in item["plan"]["orphans"]:
+                click.echo(f"note: session {name}: not declared (use --prune to delete)", err=True)
             for name, why in item["failed"].items():
                 click.echo(f"[{name}] FAILED: {why}", err=True)
             click.echo(f"status: {item['status']}")
+    if interrupted:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
     if not ok:
         sys.exit(1)
 

@@ -89,8 +89,12 @@ class LiveReporter:
 
     def event(self, event: Event) -> None:
         with self._lock:
-            row = self._rows.setdefault(event.session, _Row())
             self._clear()
+            if event.kind == "interrupt":  # a line above the table, no row of its own
+                self._plain.event(event)
+                self._draw()
+                return
+            row = self._rows.setdefault(event.session, _Row())
             if event.kind == "action":
                 row.state, row.detail = "working", event.text
             elif event.kind == "done":
@@ -123,6 +127,11 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
         if splan.refusal is not None:
             lines.append(f"session {splan.session}: refused: {splan.refusal.reason}")
             continue
+        if splan.error:
+            lines.append(f"session {splan.session}: error: {splan.error}")
+            if verbose:
+                lines.extend(f"    = {n}" for n in splan.noops)
+            continue
         if not splan.changes:
             lines.append(f"session {splan.session}: up to date")
             if verbose:
@@ -140,6 +149,10 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
         lines.extend(f"  - {p.describe()}" for p in plan.prunes)
     for refusal in plan.prune_refusals:
         lines.append(f"prune of session {refusal.session}: refused: {refusal.reason}")
+    for session, instance in plan.orphans:
+        lines.append(
+            f"session {session}: not declared (use --prune to delete); instance {instance}"
+        )
     lines.extend(f"warning: {w}" for w in plan.warnings)
     creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)
     runs = sum(isinstance(a, actions.RunCommand) for s in plan.sessions for a in s.actions)
@@ -147,13 +160,16 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     deletes = sum(isinstance(a, actions.DeleteInstance) for s in plan.sessions for a in s.actions)
     deletes += len(plan.prunes)
     refused = len(plan.refusals)
+    failing = len(plan.errors) - refused
     if not plan.empty:
         lines.append(
             f"Plan: {creates} to create, {deletes} to delete, {files} file(s) to send, "
             f"{runs} command(s) to run."
         )
-    elif not refused:
+    elif not refused and not failing:
         lines.append("No changes. Sessions match their specs.")
+    if failing:
+        lines.append(f"Errors: apply would fail {failing} session(s) (see above).")
     if refused:
         lines.append(f"Refused: {refused} session(s) hold an instance ukc cannot prove it owns.")
     return lines
@@ -174,6 +190,8 @@ def plan_json(plan: actions.Plan) -> dict[str, Any]:
         },
         "prunes": [act(p) for p in plan.prunes],
         "refused": {r.session: r.reason for r in plan.refusals},
+        "errors": {k: v for k, v in plan.errors.items()},
+        "orphans": {session: instance for session, instance in plan.orphans},
         "warnings": list(plan.warnings),
     }
 
@@ -193,6 +211,8 @@ def render_status(docs: Mapping[str, StatusDoc]) -> list[str]:
                 state = "skipped" if cmd.skipped else f"exit {cmd.exit_code}"
                 if cmd.timed_out:
                     state = "timed out"
+                if cmd.interrupted:
+                    state = "interrupted"
                 lines.append(f"      {cmd.name:<18} {state}")
             if rec.message:
                 lines.append(f"      {rec.message}")

@@ -103,6 +103,8 @@ class RunCommand:
     timeout_s: float
     input_hash: str
     reason: str
+    #: the input hash without secret values (judges the command when a secret is unset)
+    public_hash: str = ""
 
     def describe(self) -> str:
         return f"run command {self.name!r} ({self.reason})"
@@ -118,6 +120,9 @@ class SyncBack:
     last_bytes: int = 0
     #: `sync.back_delete`: files it brought back that the sandbox deleted are removed here
     mirror_deletes: bool = False
+    #: performed even when a command before it failed or timed out (the outputs of a failed
+    #: run matter most); the commands after the failed one are still skipped
+    always: bool = False
 
     def describe(self) -> str:
         last = ""
@@ -154,6 +159,9 @@ class SessionPlan:
     noops: tuple[str, ...] = ()
     #: set when nothing may be done for the session (then `actions` is empty)
     refusal: Refusal | None = None
+    #: why apply would fail this session, known before trying (a missing directory, an
+    #: unset secret a command needs); then `actions` is empty
+    error: str = ""
 
     @property
     def changes(self) -> tuple[Action, ...]:
@@ -168,10 +176,20 @@ class Plan:
     warnings: tuple[str, ...] = field(default=())
     #: prunes refused because ownership could not be proven
     prune_refusals: tuple[Refusal, ...] = ()
+    #: sessions we own (in the status inventory, instance observed) that no spec declares,
+    #: as (session, instance name), when not pruning: `--prune` would delete them
+    orphans: tuple[tuple[str, str], ...] = ()
 
     @property
     def empty(self) -> bool:
         return not self.prunes and all(not s.changes for s in self.sessions)
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """Every session apply would fail, with why: refusals and known errors."""
+        found = {r.session: r.reason for r in self.refusals}
+        found.update({s.session: s.error for s in self.sessions if s.error})
+        return found
 
     @property
     def refusals(self) -> tuple[Refusal, ...]:

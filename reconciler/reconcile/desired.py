@@ -17,7 +17,7 @@ from reconciler import errors
 from reconciler.cloud.metros import metro_label
 from reconciler.reconcile import identity
 from reconciler.spec.loader import LoadedSession, load_specs
-from reconciler.spec.models import DEFAULT_EXEC, resolve_secret_env, spec_hash
+from reconciler.spec.models import DEFAULT_EXEC, missing_secret_env, spec_hash
 from reconciler.status.journal import status_path_for
 from reconciler.sync import engine as sync_engine
 from reconciler.sync.options import SyncOptions
@@ -34,6 +34,7 @@ __all__ = [
     "credentials_for",
     "group_sessions",
     "load_groups",
+    "secret_missing_message",
     "sync_options_for",
     "transport_of",
 ]
@@ -73,6 +74,12 @@ class DesiredSession:
     #: hash of env + secret values (salted by the caller): a change re-runs commands
     env_fingerprint: str
     tree: TreeState
+    #: the same without the secret values (their names only): what commands are judged by
+    #: when a secret's controller variable is not set
+    public_fingerprint: str = ""
+    #: `file:line: field: why` of each secret_env entry whose controller variable is not
+    #: set (only an action that passes secrets, a command, needs it)
+    secrets_missing: tuple[str, ...] = ()
     back: tuple[str, ...] = ()
     tags: tuple[str, ...] = field(default=())
     #: (files, bytes) the last sync-back brought, for the plan's estimate
@@ -186,10 +193,14 @@ def build_session(
     on_change: Callable[[], None] | None = None,
 ) -> tuple[SessionContext, str | None]:
     s = loaded.spec
-    secret_env = resolve_secret_env(s, environ)
+    missing = missing_secret_env(s, environ)
+    secret_env = {k: environ[v] for k, v in s.secret_env.items() if (k, v) not in missing}
     env = {**dict(s.env), **secret_env}
     fingerprint = hashlib.sha256(
         salt + json.dumps([sorted(s.env.items()), sorted(secret_env.items())]).encode()
+    ).hexdigest()[:32]
+    public = hashlib.sha256(
+        salt + json.dumps([sorted(s.env.items()), sorted(s.secret_env.items())]).encode()
     ).hexdigest()[:32]
     opts = sync_options_for(group, loaded)
     halted: str | None = None
@@ -220,8 +231,10 @@ def build_session(
         ttl_s=float(s.ttl) if s.ttl is not None else None,
         spec_hash=spec_hash(s),
         commands=tuple(CommandIntent(c.name, c.run, float(c.timeout)) for c in s.commands),
-        env_fingerprint=fingerprint,
+        env_fingerprint="" if missing else fingerprint,
         tree=tree,
+        public_fingerprint=public,
+        secrets_missing=tuple(secret_missing_message(loaded, k, v) for k, v in missing),
         back=tuple(s.sync.back),
         tags=tuple(identity.owner_tags(owner.project, s.name, inst_hash, owner.id)),
         back_known=_back_known(opts),
@@ -241,6 +254,14 @@ def build_session(
         manifest=manifest,
     )
     return ctx, halted
+
+
+def secret_missing_message(loaded: LoadedSession, sandbox_name: str, controller: str) -> str:
+    """Where and which: never a value (there is none)."""
+    return (
+        f"{loaded.where_of('secret_env', sandbox_name)}: controller environment variable "
+        f"{controller} is not set"
+    )
 
 
 def _back_known(opts: SyncOptions) -> tuple[int, int]:

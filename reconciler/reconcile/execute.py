@@ -29,8 +29,10 @@ from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
 from reconciler.status import journal
 from reconciler.status.schema import (
+    BackFrom,
     CommandRecord,
     InstanceRecord,
+    Interruption,
     SessionStatus,
     StatusDoc,
     SyncRecord,
@@ -53,6 +55,8 @@ class SessionOutcome:
     error: str = ""
     ran_commands: int = 0
     changed: bool = False
+    #: stopped by Ctrl-C (recorded as phase `Interrupted`, not `Failed`)
+    interrupted: bool = False
 
 
 @dataclass
@@ -66,6 +70,8 @@ class _Run:
     #: the connection was kept from an earlier pass: it may have died while idle
     pooled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    #: the last command run in this execution (what a sync-back's files come from)
+    last_command: CommandRecord | None = None
 
 
 class Executor:
@@ -98,8 +104,11 @@ class Executor:
         self.ran = ran if ran is not None else set()
         #: connections kept across rounds and passes (one per session)
         self.pool = pool
-        #: set on Ctrl-C: no new action starts (the one in flight finishes and is journaled)
+        #: set on Ctrl-C: no new action starts; a command in flight is stopped, any other
+        #: action finishes and is journaled
         self.stop = stop
+        #: the action each session is performing now (what Ctrl-C interrupts)
+        self.in_flight: dict[str, actions.Action] = {}
 
     # -- journal ---------------------------------------------------------------------------
 
@@ -125,17 +134,48 @@ class Executor:
             run.kind = select.kind_for(ctx.desired.transport)
         outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
         redact = Redactor(ctx.secret_values if ctx is not None else ())
+        done: list[actions.Action] = []
+        # a command that failed: the actions after it are skipped except a sync-back marked
+        # `always`, then the failure is raised
+        failure: errors.CommandFailedError | None = None
         try:
-            for action in splan.actions:
+            for index, action in enumerate(splan.actions):
                 if self.stop is not None and self.stop.is_set():
-                    outcome.ok = False
-                    outcome.error = f"interrupted before: {action.describe()}"
+                    self._interrupted(name, outcome, None, done, splan.actions[index:])
                     break
+                if failure is not None and not (
+                    isinstance(action, actions.SyncBack) and action.always
+                ):
+                    continue
                 self._say(name, "action", action.describe())
                 started = self.clock()
-                self._dispatch(action, ctx, run, redact, outcome)
-                phase = _phase_of(action)
-                run.timings[phase] = run.timings.get(phase, 0.0) + self.clock() - started
+                with self.doc_lock:
+                    self.in_flight[name] = action
+                try:
+                    self._dispatch(action, ctx, run, redact, outcome)
+                except errors.StoppedByUserError:
+                    self._interrupted(name, outcome, action, done, splan.actions[index + 1 :])
+                    break
+                except errors.CommandFailedError as err:
+                    if failure is not None:
+                        raise
+                    failure = err
+                except errors.UkcError as err:
+                    if failure is None:
+                        raise
+                    # the command's failure stays the session's error; the sync-back's joins it
+                    raise errors.CommandFailedError(
+                        f"{failure}; bringing its outputs back failed too: {err}",
+                        exit_code=failure.command_exit_code,
+                    ) from err
+                finally:
+                    with self.doc_lock:
+                        self.in_flight.pop(name, None)
+                    phase = _phase_of(action)
+                    run.timings[phase] = run.timings.get(phase, 0.0) + self.clock() - started
+                done.append(action)
+            if failure is not None and not outcome.interrupted:
+                raise failure
         except errors.UkcError as err:
             outcome.ok = False
             outcome.error = redact(str(err))
@@ -155,6 +195,33 @@ class Executor:
                     rec.timings = {k: round(v, 3) for k, v in run.timings.items()}
             self.save()
         return outcome
+
+    def _interrupted(
+        self,
+        name: str,
+        outcome: SessionOutcome,
+        during: actions.Action | None,
+        done: list[actions.Action],
+        not_done: tuple[actions.Action, ...],
+    ) -> None:
+        """Journal what Ctrl-C stopped: the action in flight, what finished, what did not."""
+        what = during.describe() if during is not None else "between two actions"
+        outcome.ok = False
+        outcome.interrupted = True
+        outcome.error = f"interrupted during {what}" if during is not None else "interrupted"
+        rec = self._record(name)
+        now = journal.utc_now()
+        with self.doc_lock:
+            rec.phase = "Interrupted"
+            rec.message = outcome.error
+            rec.interruption = Interruption(
+                at=now,
+                during=during.describe() if during is not None else "",
+                finished=[a.describe() for a in done if not isinstance(a, actions.WaitReady)],
+                not_done=[a.describe() for a in not_done if not isinstance(a, actions.WaitReady)],
+            )
+            journal.set_condition(rec, "Ready", "False", "Interrupted", outcome.error, now)
+        self._say(name, "failed", outcome.error)
 
     def _fail(self, name: str, message: str, err: errors.UkcError) -> None:
         rec = self._record(name)
@@ -413,6 +480,7 @@ class Executor:
                 last_deleted=result.deleted,
                 remote_scanned=result.remote_scanned,
                 back_pending=owed,
+                back_from=rec.sync.back_from,
             )
             journal.set_condition(
                 rec,
@@ -471,6 +539,7 @@ class Executor:
                 timeout_s=action.timeout_s,
                 on_stdout=sink("stdout"),
                 on_stderr=sink("stderr"),
+                stop=self.stop.is_set if self.stop is not None else None,
             )
         finally:
             for kind, (stream, _tail) in streams.items():
@@ -485,6 +554,7 @@ class Executor:
                 run=action.run,
                 exit_code=result.exit_code,
                 timed_out=result.timed_out,
+                interrupted=result.interrupted,
                 stdout=streams["stdout"][1].text(),
                 stderr=streams["stderr"][1].text(),
                 started_at=started,
@@ -496,12 +566,20 @@ class Executor:
                 last_success_hash=action.input_hash
                 if ok
                 else (previous.last_success_hash if previous else ""),
+                last_success_public_hash=action.public_hash
+                if ok
+                else (previous.last_success_public_hash if previous else ""),
             )
             rec.commands = [c for c in rec.commands if c.name != action.name] + [record]
             # Journaled with the command: if the sync-back never completes, the next plan owes it.
             rec.sync.back_pending = bool(ctx.desired.back)
             self.ran.add((session, action.name))
+        run.last_command = record
         self.save()
+        if result.interrupted:
+            raise errors.StoppedByUserError(
+                f"command {action.name!r} of session {session!r} was stopped (Ctrl-C)"
+            )
         if not ok:
             what = (
                 f"timed out after {action.timeout_s:.0f}s"
@@ -544,6 +622,14 @@ class Executor:
             rec.sync.deletes_kept = kept
             rec.sync.deletes_skipped = skipped
             rec.sync.back_stopped = stopped
+            last = run.last_command
+            if last is not None:
+                rec.sync.back_from = BackFrom(
+                    command=last.name,
+                    exit_code=last.exit_code,
+                    timed_out=last.timed_out,
+                    finished_at=last.finished_at,
+                )
             # stopped early: the outputs are still owed (the next pull resumes: files already
             # home are not sent again)
             rec.sync.back_pending = bool(stopped)

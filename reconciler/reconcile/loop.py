@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from reconciler import errors
@@ -32,7 +32,7 @@ from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe
 from reconciler.reconcile.plan import parse_time, plan_delete, plan_sessions
 from reconciler.status import journal
-from reconciler.status.schema import SessionStatus, StatusDoc
+from reconciler.status.schema import Interruption, SessionStatus, StatusDoc
 from reconciler.transport import select
 from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
@@ -47,6 +47,8 @@ class ApplyResult:
     rounds: int
     outcomes: dict[str, SessionOutcome] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    #: Ctrl-C stopped it (the interrupted sessions are recorded `Interrupted`)
+    interrupted: bool = False
 
 
 def check_prune(
@@ -113,14 +115,17 @@ def apply_group(
     # `TransportPool.prefetch`) or in one round serve the next round too, and all close at
     # the end.
     kept = pool if pool is not None else TransportPool()
+    unfinished = _UnfinishedOnInterrupt(group)
     with (
         contextlib.closing(kept) if pool is None else contextlib.nullcontext(),
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        unfinished,
     ):
         doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
+        unfinished.doc, unfinished.doc_lock = doc, doc_lock
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
@@ -128,6 +133,7 @@ def apply_group(
         obs: Observation | None = None
         ran: set[tuple[str, str]] = set()
         pending: set[str] = set()
+        interrupted: set[str] = set()
         while True:
             owner, salt = _identity(group, environ)
             obs = observe(
@@ -141,8 +147,6 @@ def apply_group(
                 on_tree_changed=_prefetcher(group, doc, metros, kept),
             )
             doc.project = obs.project
-            for name, why in obs.halted.items():
-                failed.setdefault(name, why)
             desired = [d for d in obs.desired if d.name not in failed]
             plan = plan_sessions(
                 desired,
@@ -155,10 +159,11 @@ def apply_group(
             )
             if first_plan is None:
                 first_plan = plan
-            for refusal in plan.refusals:
-                if refusal.session not in failed:
-                    failed[refusal.session] = refusal.reason
-                    reporter.event(Event(refusal.session, "failed", refusal.reason))
+            # what the plan already knows apply would fail on (the verdict `ukc plan` gives)
+            for session_name, why in plan.errors.items():
+                if session_name not in failed:
+                    failed[session_name] = why
+                    reporter.event(Event(session_name, "failed", why))
             if plan.empty:
                 break
             rounds += 1
@@ -184,22 +189,19 @@ def apply_group(
                 stop=stop,
             )
             work = [s for s in plan.sessions if s.changes]
-            with ThreadPoolExecutor(max_workers=max(1, concurrency)) as workers:
-                try:
-                    for outcome in workers.map(executor.run_session, work):
-                        prev = outcomes.get(outcome.session)
-                        if prev is not None:
-                            outcome.ran_commands += prev.ran_commands
-                        outcomes[outcome.session] = outcome
-                        if not outcome.ok:
-                            failed[outcome.session] = outcome.error
-                except KeyboardInterrupt:
-                    # Ctrl-C reaches only this thread; the workers would otherwise carry on
-                    # through every remaining action (sync deletes, commands) while the pool
-                    # shuts down. They stop at their next action boundary instead (the flag
-                    # usually knows already: see StopFlag).
-                    stop.set()
-                    raise
+            unfinished.in_flight = executor.in_flight
+            finished = _run_sessions(executor, work, concurrency, stop, reporter)
+            for outcome in finished:
+                prev = outcomes.get(outcome.session)
+                if prev is not None:
+                    outcome.ran_commands += prev.ran_commands
+                outcomes[outcome.session] = outcome
+                if outcome.interrupted:
+                    interrupted.add(outcome.session)
+                if not outcome.ok:
+                    failed[outcome.session] = outcome.error
+            if stop.is_set():
+                break
             if plan.prunes and not failed:
                 for prune_action in plan.prunes:
                     pruned = executor.run_session(
@@ -209,10 +211,111 @@ def apply_group(
                     if not pruned.ok:
                         failed[pruned.session] = pruned.error
         assert obs is not None and first_plan is not None
-        _finalize(group, doc, obs, failed, reporter, ran, pending)
+        _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted)
         return ApplyResult(
-            ok=not failed, plan=first_plan, rounds=rounds, outcomes=outcomes, failed=failed
+            ok=not failed,
+            plan=first_plan,
+            rounds=rounds,
+            outcomes=outcomes,
+            failed=failed,
+            interrupted=stop.is_set(),
         )
+
+
+class _UnfinishedOnInterrupt:
+    """A Ctrl-C that ends apply outside the workers' wait (observing, planning, a prune, or a
+    second Ctrl-C): a session left `Progressing` (a create in flight) is journaled
+    `Interrupted`, never left in a phase that says work goes on."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.doc: StatusDoc | None = None
+        self.doc_lock = threading.Lock()
+        #: the running executor's actions in flight (a second Ctrl-C leaves them behind)
+        self.in_flight: Mapping[str, actions.Action] = {}
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if self.doc is None or kind is None or not issubclass(kind, KeyboardInterrupt):
+            return
+        now = journal.utc_now()
+        # why suppress: after a second Ctrl-C a worker may still write the document
+        with contextlib.suppress(Exception), self.doc_lock:
+            for session, action in self.in_flight.items():
+                rec = self.doc.sessions.setdefault(session, SessionStatus())
+                rec.phase = "Interrupted"
+                rec.message = f"quit during {action.describe()}"
+                rec.interruption = Interruption(at=now, during=action.describe())
+                journal.set_condition(rec, "Ready", "False", "Interrupted", rec.message, now)
+            for rec in self.doc.sessions.values():
+                if rec.phase == "Progressing":
+                    rec.phase = "Interrupted"
+                    rec.message = "interrupted"
+                    rec.interruption = Interruption(at=now)
+                    journal.set_condition(rec, "Ready", "False", "Interrupted", "interrupted", now)
+            journal.save(self.group.status_path, self.doc)
+
+
+def _run_sessions(
+    executor: Executor,
+    work: Sequence[actions.SessionPlan],
+    concurrency: int,
+    stop: StopFlag,
+    reporter: Reporter,
+) -> list[SessionOutcome]:
+    """Run the sessions' plans on up to `concurrency` worker threads; their outcomes in order.
+
+    Ctrl-C reaches only the main thread, waiting here: it says at once what it stops, sets
+    `stop` (a command in flight is stopped: signal, grace period, kill; no new action starts)
+    and waits for the workers to journal it. A second Ctrl-C propagates at once: the workers
+    are daemon threads, so nothing waits for them on the way out.
+    """
+    futures: list[Future[SessionOutcome]] = [Future() for _ in work]
+    queue = list(zip(work, futures, strict=True))
+    queue.reverse()
+    take = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with take:
+                if not queue:
+                    return
+                splan, future = queue.pop()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(executor.run_session(splan))
+            except BaseException as err:  # handed to the waiting main thread
+                future.set_exception(err)
+
+    for _ in range(min(max(1, concurrency), len(work))):
+        threading.Thread(target=worker, name="ukc-session", daemon=True).start()
+    try:
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:
+        stop.set()
+        _say_interrupt(executor, reporter)
+    try:
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:
+        reporter.event(Event("ukc", "interrupt", "interrupt: quitting now (second Ctrl-C)"))
+        raise  # journaled on the way out (`_UnfinishedOnInterrupt`)
+
+
+def _say_interrupt(executor: Executor, reporter: Reporter) -> None:
+    with executor.doc_lock:
+        in_flight = dict(executor.in_flight)
+    if not in_flight:
+        reporter.event(Event("ukc", "interrupt", "interrupt: stopping (Ctrl-C again to quit now)"))
+    for session, action in sorted(in_flight.items()):
+        if isinstance(action, actions.RunCommand):
+            what = f"stopping command {action.name!r} in session {session}"
+        else:
+            what = f"finishing {action.describe()} in session {session}, then stopping"
+        text = f"interrupt: {what}… (Ctrl-C again to quit now)"
+        reporter.event(Event(session, "interrupt", text))
 
 
 def _prefetcher(
@@ -244,6 +347,7 @@ def _finalize(
     reporter: Reporter,
     ran: set[tuple[str, str]],
     pending: AbstractSet[str] = frozenset(),
+    interrupted: AbstractSet[str] = frozenset(),
 ) -> None:
     """Record the converged state of every desired session; write only if something changed."""
     before = doc.model_dump(mode="json", exclude={"updated_at"})
@@ -272,6 +376,8 @@ def _finalize(
         rec.commands = sorted(
             (c for c in rec.commands if c.name in wanted), key=lambda c: order[c.name]
         )
+        if name in interrupted:
+            continue  # the executor journaled what was stopped (phase Interrupted)
         if name in failed:
             if rec.phase != "Failed":
                 rec.phase = "Failed"
@@ -285,6 +391,7 @@ def _finalize(
             continue
         rec.phase = "Ready"
         rec.message = ""
+        rec.interruption = None
         journal.set_condition(rec, "InstanceReady", "True", "Running", "", now)
         journal.set_condition(rec, "Synced", "True", "Synced", "", now)
         journal.set_condition(rec, "CommandsSucceeded", "True", "Succeeded", "", now)

@@ -21,9 +21,15 @@ from datetime import datetime
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import CommandIntent, DesiredSession
-from reconciler.status.schema import SessionStatus, StatusDoc
+from reconciler.status.schema import CommandRecord, SessionStatus, StatusDoc
 
-__all__ = ["command_input_hash", "parse_time", "plan_delete", "plan_sessions"]
+__all__ = [
+    "command_input_hash",
+    "command_public_hash",
+    "parse_time",
+    "plan_delete",
+    "plan_sessions",
+]
 
 #: states in which the instance will serve us once woken or booted, without a start request
 _UP_STATES = frozenset({"running", "starting", "standby"})
@@ -35,6 +41,15 @@ def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
     """What a command's result depends on: the synced tree, the command, its env, the image."""
     canon = json.dumps(
         [session.tree.digest, session.image, session.env_fingerprint, command.name, command.run],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canon.encode()).hexdigest()[:32]
+
+
+def command_public_hash(session: DesiredSession, command: CommandIntent) -> str:
+    """The same without secret values (only their names): what can be judged without them."""
+    canon = json.dumps(
+        [session.tree.digest, session.image, session.public_fingerprint, command.name, command.run],
         separators=(",", ":"),
     )
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
@@ -83,7 +98,8 @@ def _plan_session(
 
     if desired.tree.halted is not None:
         # Commands must never run against a tree we could not sync; the session fails instead.
-        return actions.SessionPlan(name, (), (f"not syncing: {desired.tree.halted}",))
+        why = f"not syncing: {desired.tree.halted}"
+        return actions.SessionPlan(name, (), (why,), error=why)
 
     # An expired session stays deleted until its spec changes (TTL is a promise about money).
     if (
@@ -209,29 +225,44 @@ def _plan_session(
     runs: list[actions.RunCommand] = []
     rerun_rest = False
     previous = {c.name: c for c in record.commands} if record is not None else {}
+    # without a secret's value only the rest of a command's inputs can be compared
+    blind = bool(desired.secrets_missing)
     for index, cmd in enumerate(desired.commands):
         input_hash = command_input_hash(desired, cmd)
+        public_hash = command_public_hash(desired, cmd)
         last = previous.get(cmd.name)
         reason = ""
         if rerun_rest:
             reason = "an earlier command re-ran"
         elif new_instance or last is None:
             reason = "new instance" if new_instance else "never ran"
+        elif (failed := _last_run_failed(last)) is not None:
+            reason = failed
         elif last.instance_uuid != uuid:
             reason = "never ran on this instance"
-        elif last.last_success_hash != input_hash:
-            reason = "last run failed" if last.exit_code not in (0, None) else _changed(last, cmd)
+        elif blind and last.last_success_public_hash != public_hash:
+            reason = _changed(last, cmd) if last.last_success_public_hash else "may have changed"
+        elif not blind and last.last_success_hash != input_hash:
+            reason = _changed(last, cmd)
             if last.last_success_hash == "" and last.exit_code is None:
                 reason = "never succeeded"
         if reason:
             rerun_rest = True
             runs.append(
                 actions.RunCommand(
-                    name, index, cmd.name, cmd.run, cmd.timeout_s, input_hash, reason
+                    name, index, cmd.name, cmd.run, cmd.timeout_s, input_hash, reason, public_hash
                 )
             )
         else:
             noops.append(f"command {cmd.name!r} unchanged since its last success")
+    if runs and blind:
+        # apply would fail at the first command: say so now, at the spec's line
+        first = runs[0]
+        why = (
+            f"{'; '.join(desired.secrets_missing)}; command {first.name!r} must run "
+            f"({first.reason}) and needs it"
+        )
+        return actions.SessionPlan(name, (), tuple(noops), error=why)
 
     # A sync-back interrupted after its commands succeeded (kill, lost connection) is owed:
     # the commands are skipped next time, so nothing else would bring their outputs home.
@@ -256,7 +287,13 @@ def _plan_session(
         why = "commands ran" if runs else "the last sync-back did not finish"
         acts.append(
             actions.SyncBack(
-                name, desired.back, why, files, size, mirror_deletes=desired.back_delete
+                name,
+                desired.back,
+                why,
+                files,
+                size,
+                mirror_deletes=desired.back_delete,
+                always=bool(runs),
             )
         )
     return actions.SessionPlan(name, tuple(acts), tuple(noops))
@@ -286,6 +323,17 @@ def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
             f"`ukc apply` recreates it with only the ports exec: {desired.transport} needs"
         ]
     return []
+
+
+def _last_run_failed(last: CommandRecord) -> str | None:
+    """Why the command's last run did not succeed, or None."""
+    if last.interrupted:
+        return "last run was interrupted"
+    if last.timed_out:
+        return "last run timed out"
+    if last.exit_code not in (0, None):
+        return "last run failed"
+    return None
 
 
 def _changed(last: object, cmd: CommandIntent) -> str:
@@ -324,7 +372,8 @@ def plan_sessions(
     )
     prunes: list[actions.DeleteInstance] = []
     refused: list[actions.Refusal] = []
-    if prune and claimed is not None:
+    orphans: list[tuple[str, str]] = []
+    if claimed is not None:
         wanted = {d.name for d in desired}
         inventory = status.inventory()
         for session_name, inst in sorted(claimed.items()):
@@ -333,6 +382,9 @@ def plan_sessions(
             record = inventory.get(session_name)
             if record is None or record.name != inst.name:
                 continue  # not in our inventory: another checkout's session, not ours to judge
+            if not prune:
+                orphans.append((session_name, inst.name))
+                continue
             proof = identity.prove(inst, owner, session_name, record)
             if not proof.ours:
                 refused.append(_refusal(session_name, inst, proof))
@@ -350,7 +402,13 @@ def plan_sessions(
     for d, splan in zip(desired, sessions, strict=True):
         replaced = any(isinstance(a, actions.DeleteInstance) for a in splan.actions)
         warnings += _warnings(d, None if replaced else observed.get(d.instance_name))
-    return actions.Plan(sessions, tuple(prunes), tuple(warnings), prune_refusals=tuple(refused))
+    return actions.Plan(
+        sessions,
+        tuple(prunes),
+        tuple(warnings),
+        prune_refusals=tuple(refused),
+        orphans=tuple(orphans),
+    )
 
 
 def plan_delete(

@@ -13,6 +13,7 @@ import datetime
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,10 @@ class LoadedSession:
     base_dir: Path
     #: `spec.directory` resolved against the spec file's directory (may not exist yet)
     directory: Path
+    #: line of each field path of the document, for problems found after loading
+    lines: Mapping[FieldPath, int] = dataclass_field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def name(self) -> str:
@@ -57,6 +62,13 @@ class LoadedSession:
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}"
+
+    def where_of(self, *path: str | int) -> str:
+        """`file:line: field` of a field (or of its nearest ancestor present in the file)."""
+        key = tuple(path)
+        while key and key not in self.lines:
+            key = key[:-1]
+        return f"{self.file}:{self.lines.get(key, self.line)}: {format_path(path)}"
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,14 @@ def load_spec_file(
             )
             continue
         sessions.append(
-            LoadedSession(spec=spec, file=file, line=doc.line, base_dir=base, directory=directory)
+            LoadedSession(
+                spec=spec,
+                file=file,
+                line=doc.line,
+                base_dir=base,
+                directory=directory,
+                lines=doc.lines,
+            )
         )
     if problems:
         raise _combine(problems, source)

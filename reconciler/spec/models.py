@@ -52,6 +52,7 @@ __all__ = [
     "SpecSize",
     "SyncSpec",
     "check_metro",
+    "missing_secret_env",
     "resolve_secret_env",
     "show",
     "spec_hash",
@@ -440,6 +441,12 @@ def spec_hash(spec: SessionSpec) -> str:
         _canonical(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def missing_secret_env(spec: SessionSpec, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(sandbox name, controller name) of each `secret_env` entry whose controller variable
+    is not set: only the actions that pass secrets need them (commands)."""
+    return [(k, v) for k, v in spec.secret_env.items() if environ.get(v) is None]
 
 
 def resolve_secret_env(spec: SessionSpec, environ: Mapping[str, str]) -> dict[str, str]:

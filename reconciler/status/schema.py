@@ -16,9 +16,11 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 __all__ = [
     "STATUS_VERSION",
+    "BackFrom",
     "CommandRecord",
     "Condition",
     "InstanceRecord",
+    "Interruption",
     "Phase",
     "SessionStatus",
     "StatusDoc",
@@ -27,7 +29,7 @@ __all__ = [
 
 STATUS_VERSION = 1
 
-Phase = Literal["Pending", "Progressing", "Ready", "Failed", "Deleted", "Expired"]
+Phase = Literal["Pending", "Progressing", "Ready", "Failed", "Interrupted", "Deleted", "Expired"]
 
 
 class _Model(BaseModel):
@@ -47,6 +49,15 @@ class InstanceRecord(_Model):
     #: fingerprint); every later connection must present it. Status files of older versions
     #: call it `host_key`
     pin: str | None = Field(default=None, validation_alias=AliasChoices("pin", "host_key"))
+
+
+class BackFrom(_Model):
+    """The command run whose outputs the last sync-back brought home (it may have failed)."""
+
+    command: str
+    exit_code: int | None = None
+    timed_out: bool = False
+    finished_at: str | None = None
 
 
 class SyncRecord(_Model):
@@ -73,6 +84,9 @@ class SyncRecord(_Model):
     #: why the last sync-back stopped before the end of the sandbox's listing (a
     #: `sync.back_max_*` cap with its numbers, a full disk, a broken stream); "" when it did not
     back_stopped: str = ""
+    #: which command run the files of the last sync-back come from (None: no command ran
+    #: before it in that apply, e.g. a sync-back still owed from an earlier one)
+    back_from: BackFrom | None = None
 
 
 class CommandRecord(_Model):
@@ -86,11 +100,15 @@ class CommandRecord(_Model):
     finished_at: str | None = None
     duration_s: float | None = None
     skipped: bool = False
+    #: stopped by Ctrl-C before it finished (then `exit_code` is None)
+    interrupted: bool = False
     input_hash: str = ""
     #: the instance the last successful run happened on (a new instance re-runs everything)
     instance_uuid: str = ""
     #: input hash of the last run that exited 0 (what skipping compares against)
     last_success_hash: str = ""
+    #: the same without secret values (compared when a secret's variable is not set)
+    last_success_public_hash: str = ""
 
 
 class Condition(_Model):
@@ -99,6 +117,16 @@ class Condition(_Model):
     reason: str
     message: str = ""
     last_transition_time: str
+
+
+class Interruption(_Model):
+    """What an apply stopped by Ctrl-C was doing, had done and had still to do."""
+
+    at: str
+    #: the action in flight when it came ("" when it came between two actions)
+    during: str = ""
+    finished: list[str] = Field(default_factory=list)
+    not_done: list[str] = Field(default_factory=list)
 
 
 class SessionStatus(_Model):
@@ -116,6 +144,8 @@ class SessionStatus(_Model):
     expires_at: str | None = None
     last_applied_at: str | None = None
     message: str = ""
+    #: set with phase `Interrupted`; cleared by the next apply that gets the session Ready
+    interruption: Interruption | None = None
 
 
 class StatusDoc(_Model):

@@ -36,13 +36,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CommandResult:
-    """What a command did. `exit_code` is None when it timed out (and was killed)."""
+    """What a command did. `exit_code` is None when it timed out or was interrupted (and was
+    stopped)."""
 
     exit_code: int | None
     timed_out: bool
     stdout_tail: str
     stderr_tail: str
     duration_s: float
+    #: stopped because `stop()` said so (Ctrl-C), not by its timeout
+    interrupted: bool = False
 
 
 class RemoteProcess(Protocol):
@@ -112,10 +115,12 @@ class Transport(RemoteShell, Protocol):
         timeout_s: float | None,
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
+        stop: Callable[[], bool] | None = None,
     ) -> CommandResult:
         """Run a session command (`sh -lc` in `cwd`, with `env`) and stream its output as it
-        comes; at `timeout_s` the command and its children are killed. A non-zero exit or a
-        timeout is a result; a broken connection raises a `BackendError`."""
+        comes; at `timeout_s`, or as soon as `stop()` is true (polled), the command and its
+        children are signalled, given a grace period, then killed. A non-zero exit, a timeout
+        or a stop is a result; a broken connection raises a `BackendError`."""
         ...
 
 

@@ -34,6 +34,10 @@ _READ = 256 * 1024
 #: after the process exits, how long stray holders of stdout/stderr may keep them open
 _DRAIN_S = 5.0
 _KILL_WAIT_S = 10.0
+#: how often a running command checks `stop`, and how long a stopped one may clean up
+#: before it is killed (a test runner writing its report on SIGTERM)
+_STOP_POLL_S = 0.2
+STOP_GRACE_S = 5.0
 
 # why: the command runs in the background of the bootstrap shell so it is never a process
 # group leader, which lets `setsid` (util-linux) make it one without forking; `$$` is then
@@ -143,19 +147,23 @@ class _Reader(threading.Thread):
             self.marker_seen.set()
 
 
-def _kill_group(shell: RemoteShell, target: str) -> None:
-    """TERM the process (group), give it 2 s, then KILL; from a separate channel."""
+def _kill_group(shell: RemoteShell, target: str, grace_s: float = 2.0) -> None:
+    """TERM the process (group), give it `grace_s`, then KILL; from a separate channel."""
+    ticks = max(1, round(grace_s / 0.2))
     script = (
+        # why: the kill must outlive our connection (a second Ctrl-C quits at once), and
+        # sshd hangs up the session of a channel it closes
+        "trap '' HUP PIPE; "
         # why: no "--": dash's kill builtin takes a negative pid right after the signal
         # but refuses "--"; bash accepts both forms.
         f"kill -TERM {target} 2>/dev/null || exit 0; i=0; "
-        f"while [ $i -lt 10 ] && kill -0 {target} 2>/dev/null; do sleep 0.2; i=$((i+1)); done; "
-        f"kill -KILL {target} 2>/dev/null; exit 0"
+        f"while [ $i -lt {ticks} ] && kill -0 {target} 2>/dev/null; do sleep 0.2; "
+        f"i=$((i+1)); done; kill -KILL {target} 2>/dev/null; exit 0"
     )
     killer: RemoteProcess = shell.start(script)
     try:
         killer.close_stdin()
-        killer.wait(_KILL_WAIT_S)
+        killer.wait(_KILL_WAIT_S + grace_s)
     except TimeoutError:
         pass
     finally:
@@ -180,8 +188,10 @@ def run_command(
     on_stderr: Callable[[bytes], None],
     tail_bytes: int = 64 * 1024,
     monotonic: Callable[[], float] = time.monotonic,
+    stop: Callable[[], bool] | None = None,
 ) -> CommandResult:
-    """Run `command` via `sh -lc` in `cwd` with `env`; stream output; kill at `timeout_s`.
+    """Run `command` via `sh -lc` in `cwd` with `env`; stream output; kill at `timeout_s`,
+    or once `stop()` is true (TERM, `STOP_GRACE_S`, KILL).
 
     `on_stdout` / `on_stderr` are called from two reader threads as data arrives (each
     stream in order; the two streams concurrently).
@@ -195,6 +205,7 @@ def run_command(
     out.start()
     err.start()
     timed_out = False
+    interrupted = False
     exit_code: int | None = None
     # why a thread: the script goes through the channel's window, and a sandbox that never
     # reads its input would block this write before the timeout below is even armed
@@ -210,32 +221,46 @@ def run_command(
     feeder = threading.Thread(target=feed, name="ukc-cmd-stdin", daemon=True)
     try:
         feeder.start()
-        try:
-            remaining = None if timeout_s is None else max(0.0, timeout_s - (monotonic() - started))
-            exit_code = proc.wait(remaining)
-        except TimeoutError:
-            timed_out = True
+        deadline = None if timeout_s is None else started + timeout_s
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - monotonic())
+            step = remaining
+            if stop is not None:
+                step = _STOP_POLL_S if remaining is None else min(remaining, _STOP_POLL_S)
+            try:
+                exit_code = proc.wait(step)
+                break
+            except TimeoutError:
+                if stop is not None and stop():
+                    interrupted = True
+                elif deadline is None or monotonic() < deadline:
+                    continue
+                else:
+                    timed_out = True
             err.marker_seen.wait(2.0)
             if err.kill_target is not None:
-                _kill_group(shell, err.kill_target)
+                _kill_group(shell, err.kill_target, STOP_GRACE_S if interrupted else 2.0)
             proc.kill()
+            break
         _join(out, err, monotonic() + _DRAIN_S, monotonic)
     finally:
         # why: closing the channel ends readers stuck on a stray holder of stdout/stderr.
         proc.kill()
         _join(out, err, monotonic() + _DRAIN_S, monotonic)
     feeder.join(_DRAIN_S)
-    if fed and not timed_out:
+    stopped = timed_out or interrupted
+    if fed and not stopped:
         raise fed[0]
     for reader in (out, err):
-        if reader.error is not None and not timed_out:
+        if reader.error is not None and not stopped:
             raise reader.error
     return CommandResult(
-        exit_code=None if timed_out else exit_code,
+        exit_code=None if stopped else exit_code,
         timed_out=timed_out,
         stdout_tail=out_tail.text(),
         stderr_tail=err_tail.text(),
         duration_s=monotonic() - started,
+        interrupted=interrupted,
     )
 
 
@@ -266,6 +291,7 @@ class ShellTransport:
         timeout_s: float | None,
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
+        stop: Callable[[], bool] | None = None,
     ) -> CommandResult:
         return run_command(
             self.shell,
@@ -275,6 +301,7 @@ class ShellTransport:
             timeout_s=timeout_s,
             on_stdout=on_stdout,
             on_stderr=on_stderr,
+            stop=stop,
         )
 
     def close(self) -> None:

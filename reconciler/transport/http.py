@@ -321,9 +321,12 @@ class HttpTransport:
         timeout_s: float | None,
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
+        stop: Callable[[], bool] | None = None,
     ) -> CommandResult:
         """The environment goes over SSH into a private file the command sources, so no value
-        (secrets included) is in the unauthenticated request or any argv."""
+        (secrets included) is in the unauthenticated request or any argv. The exec API holds
+        the request for the whole run and offers no way to stop it: `stop` is not polled (the
+        command runs to its end or its timeout; Ctrl-C stops the apply after it)."""
         env_file = stage_env(self._inner, env) if env else None
         try:
             return self._client.run(

@@ -242,9 +242,12 @@ def test_secret_values_reach_the_command_but_never_the_status_or_the_terminal(uk
             assert canary.encode() not in path.read_bytes(), path
 
 
-def test_a_missing_secret_variable_is_a_one_line_spec_error(ukc: Ukc) -> None:
+def test_a_missing_secret_variable_fails_the_session_in_one_line_naming_file_and_line(
+    ukc: Ukc,
+) -> None:
     make_project(ukc, SPEC + "secret_env:\n  TOKEN: E2E_NOT_SET_ANYWHERE\n")
-    proc = ukc.run("apply", "session.yaml", check=2)
+    proc = ukc.run("apply", "session.yaml", check=1)
+    assert "session.yaml:14: secret_env.TOKEN" in proc.stderr
     assert "E2E_NOT_SET_ANYWHERE" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
