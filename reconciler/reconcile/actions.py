@@ -81,16 +81,20 @@ class SyncUp:
     deletes: int
     full: bool
     reason: str
+    #: some of the files to send, and some of the files to delete in the sandbox
     sample: tuple[str, ...] = ()
+    deleted_sample: tuple[str, ...] = ()
 
     def describe(self) -> str:
         what = f"send {self.files} file(s) ({_size(self.bytes)}), delete {self.deletes}"
         if self.full:
             what = f"full sync: up to {self.files} file(s) ({_size(self.bytes)}), remote scanned"
         shown = ""
-        if self.sample:
-            more = self.files - len(self.sample) if not self.full else 0
-            shown = ": " + ", ".join(self.sample) + (f" and {more} more" if more > 0 else "")
+        listed = self.sample + self.deleted_sample
+        if listed:
+            total = self.files + self.deletes
+            more = total - len(listed) if not self.full else 0
+            shown = ": " + ", ".join(listed) + (f" and {more} more" if more > 0 else "")
         return f"{what} ({self.reason}){shown}"
 
 
