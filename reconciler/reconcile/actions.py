@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from reconciler.spec.models import DEFAULT_SHELL
+
 __all__ = [
     "Action",
     "CreateInstance",
@@ -105,6 +107,10 @@ class RunCommand:
     reason: str
     #: the input hash without secret values (judges the command when a secret is unset)
     public_hash: str = ""
+    #: the shell it runs under
+    shell: str = DEFAULT_SHELL
+    #: digest of the files it runs with (its `inputs`, else the whole synced tree)
+    inputs_digest: str = ""
 
     def describe(self) -> str:
         return f"run command {self.name!r} ({self.reason})"

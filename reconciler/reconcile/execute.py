@@ -561,6 +561,7 @@ class Executor:
                 on_stdout=sink("stdout"),
                 on_stderr=sink("stderr"),
                 stop=self.stop.is_set if self.stop is not None else None,
+                shell=action.shell,
             )
         finally:
             for kind, (stream, _tail) in streams.items():
@@ -583,6 +584,8 @@ class Executor:
                 duration_s=round(result.duration_s, 3),
                 skipped=False,
                 input_hash=action.input_hash,
+                inputs_digest=action.inputs_digest,
+                shell=action.shell,
                 instance_uuid=run.inst.uuid if ok else (previous.instance_uuid if previous else ""),
                 last_success_hash=action.input_hash
                 if ok

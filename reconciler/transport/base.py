@@ -116,8 +116,9 @@ class Transport(RemoteShell, Protocol):
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
         stop: Callable[[], bool] | None = None,
+        shell: str = "sh",
     ) -> CommandResult:
-        """Run a session command (`sh -lc` in `cwd`, with `env`) and stream its output as it
+        """Run a session command (`shell -lc` in `cwd`, with `env`) and stream its output as it
         comes; at `timeout_s`, or as soon as `stop()` is true (polled), the command and its
         children are signalled, given a grace period, then killed. A non-zero exit, a timeout
         or a stop is a result; a broken connection raises a `BackendError`."""
