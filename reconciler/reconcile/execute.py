@@ -32,6 +32,7 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
+from reconciler.spec.sizes import human_size
 from reconciler.status import journal
 from reconciler.status.schema import (
     BackFrom,
@@ -514,7 +515,7 @@ class Executor:
         self._say(
             ctx.desired.name,
             "info",
-            f"synced: {result.files_sent} file(s) sent ({result.bytes_sent} bytes), "
+            f"synced: {result.files_sent} file(s) sent ({human_size(result.bytes_sent)}), "
             f"{result.deleted} deleted" + (", remote scanned" if result.remote_scanned else ""),
         )
         self.save()
@@ -675,7 +676,8 @@ class Executor:
         self._say(
             name,
             "info",
-            f"brought back {result.files_written} file(s) ({result.bytes_written} bytes){removed}",
+            f"brought back {result.files_written} file(s) ({human_size(result.bytes_written)})"
+            f"{removed}",
         )
         self.save()
         if stopped:

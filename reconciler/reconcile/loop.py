@@ -351,7 +351,7 @@ def _finalize(
     pending: AbstractSet[str] = frozenset(),
     interrupted: AbstractSet[str] = frozenset(),
 ) -> None:
-    """Record the converged state of every desired session; write only if something changed."""
+    """Record the converged state of every desired session (and when this apply ran)."""
     before = doc.model_dump(mode="json", exclude={"updated_at"})
     now = journal.utc_now()
     for desired in obs.desired:
@@ -361,6 +361,7 @@ def _finalize(
         rec.observed_generation = desired.spec_hash
         rec.spec_file = str(obs.contexts[name].loaded.file)
         rec.metro = desired.metro
+        rec.last_applied_at = now
         inst = obs.instances.get(desired.instance_name)
         if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
             rec.instance.state = inst.state
