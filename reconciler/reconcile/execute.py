@@ -316,7 +316,8 @@ class Executor:
             memory_mb=ctx.loaded.spec.memory_mb,
             services=fields.services,
             plugins=fields.plugins,
-            scale_to_zero=SESSION_SCALE_TO_ZERO,
+            # the platform scales to zero only an instance with a service group
+            scale_to_zero=SESSION_SCALE_TO_ZERO if fields.services else None,
             autostart=True,
         )
         try:
@@ -436,8 +437,6 @@ class Executor:
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
-        if not inst.fqdn:
-            raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
         assert run.kind is not None
         rec = self._record(ctx.desired.name)
         if rec.instance is None or rec.instance.uuid != inst.uuid:
@@ -446,7 +445,7 @@ class Executor:
             # on, so record it.
             self._note_instance(ctx.desired.name, inst)
         transport = run.kind.connect(
-            Target(inst.name, inst.fqdn, conn.reach),
+            Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
             run.credentials or ctx.credentials,
             pin=identity.recorded_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,

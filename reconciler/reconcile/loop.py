@@ -331,10 +331,11 @@ def _prefetcher(
         # why only a known pin: a first connection records it, and that is the executor's job
         # (it journals the instance it adopts at the same time)
         pin = identity.recorded_pin(known, inst)
-        if not pin or not inst.fqdn:
+        if not pin:
             return
         kind = select.kind_for(transport)
-        target = Target(inst.name, inst.fqdn, metros.get(metro).reach)
+        conn = metros.get(metro)
+        target = Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api)
         credentials = instance_credentials(group, session, owner, inst)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 

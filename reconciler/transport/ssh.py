@@ -54,7 +54,7 @@ class SshKind:
             _public_key(credentials)  # this runner's copy of the derived key
         shell = sshclient.wait_ssh_ready(
             Dialer.to(target.reach),
-            target.fqdn,
+            target.public_name(),
             key_path=credentials.path,
             deadline_s=deadline_s,
             expected_host_key=pin,
@@ -67,7 +67,10 @@ class SshKind:
         if credentials.seed is not None:
             _public_key(credentials)  # this runner's copy of the derived key
         shell = sshclient.SshShell.connect(
-            Dialer.to(target.reach), target.fqdn, key_path=credentials.path, expected_host_key=pin
+            Dialer.to(target.reach),
+            target.public_name(),
+            key_path=credentials.path,
+            expected_host_key=pin,
         )
         return ShellTransport(self.name, shell, pin=shell.host_key_fingerprint)
 
