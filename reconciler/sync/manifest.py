@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -74,7 +74,12 @@ class Manifest:
 
     @cached_property
     def digest(self) -> str:
-        return _hex(sum(content_hash(p, e) for p, e in self.entries.items()))
+        return self.digest_of(self.entries)
+
+    def digest_of(self, paths: Iterable[str]) -> str:
+        """The digest of the part of the tree at `paths` (each one an entry)."""
+        entries = self.entries
+        return _hex(sum(content_hash(p, entries[p]) for p in paths))
 
     @cached_property
     def mtimes(self) -> str:
