@@ -28,6 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from reconciler._util.gcpause import gc_paused
 from reconciler.errors import SyncHaltedError
 from reconciler.sync import journal
 from reconciler.sync.entry import DIGEST_MOD, Entry, content_hash, mtime_hash
@@ -397,7 +398,8 @@ def scan_local(
     changes = feed_for(state_dir)
     only = changes.take() if changes is not None else None
     try:
-        manifest, basis = _scan(opts, rules, on_change, changes, only)
+        with gc_paused():
+            manifest, basis = _scan(opts, rules, on_change, changes, only)
     except BaseException:
         if changes is not None:
             changes.note_all()  # what it took was not looked at
