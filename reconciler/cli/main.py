@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -307,7 +308,8 @@ def apply(
 def status_cmd(paths: tuple[Path, ...], output: str, status_path: Path | None, debug: bool) -> None:
     """Show the status file (what the last apply recorded)."""
     groups = _load(paths, status_path)
-    docs = {str(g.status_path): journal.load(g.status_path) for g in groups}
+    # read-only: a session whose ttl passed shows as Expired; apply or watch deletes it
+    docs = {str(g.status_path): journal.load(g.status_path).as_of(time.time()) for g in groups}
     if output == "json":
         click.echo(json.dumps({p: d.model_dump(mode="json") for p, d in docs.items()}, indent=2))
         return
