@@ -27,6 +27,7 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
+from reconciler.spec.sizes import human_size
 from reconciler.status import journal
 from reconciler.status.schema import (
     BackFrom,
@@ -296,7 +297,8 @@ class Executor:
             memory_mb=ctx.loaded.spec.memory_mb,
             services=fields.services,
             plugins=fields.plugins,
-            scale_to_zero=SESSION_SCALE_TO_ZERO,
+            # the platform scales to zero only an instance with a service group
+            scale_to_zero=SESSION_SCALE_TO_ZERO if fields.services else None,
             autostart=True,
         )
         try:
@@ -414,8 +416,6 @@ class Executor:
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
-        if not inst.fqdn:
-            raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
         assert run.kind is not None
         rec = self._record(ctx.desired.name)
         if rec.instance is None or rec.instance.uuid != inst.uuid:
@@ -424,7 +424,7 @@ class Executor:
             # on, so record it.
             self._note_instance(ctx.desired.name, inst)
         transport = run.kind.connect(
-            Target(inst.name, inst.fqdn, conn.reach),
+            Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
             ctx.credentials,
             pin=identity.recorded_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,
@@ -493,7 +493,7 @@ class Executor:
         self._say(
             ctx.desired.name,
             "info",
-            f"synced: {result.files_sent} file(s) sent ({result.bytes_sent} bytes), "
+            f"synced: {result.files_sent} file(s) sent ({human_size(result.bytes_sent)}), "
             f"{result.deleted} deleted" + (", remote scanned" if result.remote_scanned else ""),
         )
         self.save()
@@ -654,7 +654,8 @@ class Executor:
         self._say(
             name,
             "info",
-            f"brought back {result.files_written} file(s) ({result.bytes_written} bytes){removed}",
+            f"brought back {result.files_written} file(s) ({human_size(result.bytes_written)})"
+            f"{removed}",
         )
         self.save()
         if stopped:

@@ -335,10 +335,11 @@ def _prefetcher(
         # why only a known pin: a first connection records it, and that is the executor's job
         # (it journals the instance it adopts at the same time)
         pin = identity.recorded_pin(known, inst)
-        if not pin or not inst.fqdn:
+        if not pin:
             return
         kind = select.kind_for(transport)
-        target = Target(inst.name, inst.fqdn, metros.get(metro).reach)
+        conn = metros.get(metro)
+        target = Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api)
         credentials = credentials_for(group, session)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 
@@ -355,7 +356,7 @@ def _finalize(
     pending: AbstractSet[str] = frozenset(),
     interrupted: AbstractSet[str] = frozenset(),
 ) -> None:
-    """Record the converged state of every desired session; write only if something changed."""
+    """Record the converged state of every desired session (and when this apply ran)."""
     before = doc.model_dump(mode="json", exclude={"updated_at"})
     now = journal.utc_now()
     for desired in obs.desired:
@@ -365,6 +366,7 @@ def _finalize(
         rec.observed_generation = desired.spec_hash
         rec.spec_file = str(obs.contexts[name].loaded.file)
         rec.metro = desired.metro
+        rec.last_applied_at = now
         inst = obs.instances.get(desired.instance_name)
         if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
             rec.instance.state = inst.state

@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from reconciler._util.names import is_dns_label, is_env_name, metro_kind
+from reconciler._util.names import is_dns_label, is_env_name, metro_kind, unknown_metro_message
 from reconciler.errors import SpecError
 from reconciler.spec import endpoints
 from reconciler.spec.defaults import (
@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 #: the transports a session may choose (`exec`), each the module `reconciler.transport.<name>`:
-#: ssh, or http (the image's unauthenticated exec API on public port 443 runs the commands)
-EXEC_NAMES = ("ssh", "http")
+#: ssh, http (the image's unauthenticated exec API on public port 443 runs the commands), or
+#: plugin (the platform's token-authenticated sandbox plugin API: no public port at all)
+EXEC_NAMES = ("ssh", "http", "plugin")
 #: the transport of a spec that names none
 DEFAULT_EXEC = "ssh"
 #: image used on the local metro when neither the spec nor $UKC_SANDBOX_IMAGE names one
@@ -144,6 +145,9 @@ def check_metro(value: str) -> str:
         if parts.query or parts.fragment:
             raise _fail(f"metro url must not have a query or fragment: {show(value)}")
         return value
+    unknown = unknown_metro_message(value)
+    if unknown is not None:
+        raise _fail(unknown)
     raise _fail(f"must be 'local', a metro code like 'fra', or an http(s) url, got {show(value)}")
 
 

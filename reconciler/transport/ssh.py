@@ -56,7 +56,7 @@ class SshKind:
 
         shell = sshclient.wait_ssh_ready(
             Dialer.to(target.reach),
-            target.fqdn,
+            target.public_name(),
             key_path=credentials.path,
             deadline_s=deadline_s,
             expected_host_key=pin,
@@ -67,7 +67,10 @@ class SshKind:
         from reconciler.transport import sshclient
 
         shell = sshclient.SshShell.connect(
-            Dialer.to(target.reach), target.fqdn, key_path=credentials.path, expected_host_key=pin
+            Dialer.to(target.reach),
+            target.public_name(),
+            key_path=credentials.path,
+            expected_host_key=pin,
         )
         return ShellTransport(self.name, shell, pin=shell.host_key_fingerprint)
 
