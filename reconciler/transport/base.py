@@ -148,9 +148,12 @@ class Target:
 class Credentials:
     """Where a transport keeps one session's secrets: the file `path`, and files beside it
     named `<path>.<suffix>`. They outlive a replacement of the instance and go with the
-    session (`forget`)."""
+    session (`forget`). With `seed`, the transport derives them from it instead of making
+    random ones (every runner that holds the project's secret derives the same), and the
+    files are only a copy of what the seed gives."""
 
     path: Path
+    seed: bytes | None = field(default=None, repr=False, compare=False)
 
     def forget(self) -> None:
         """Remove them all (the session is deleted)."""
