@@ -70,6 +70,19 @@ def _write_temp(tmp: Path, data: bytes, mode: int, *, durable: bool) -> None:
             os.fsync(fh.fileno())
 
 
+def _keep_generation(path: Path, backup: Path) -> None:
+    """Make `backup` a second name of `path`'s current file. Why a link and not a rename:
+    renaming `path` away would leave readers a moment with no file at all."""
+    staged = temp_path(backup)
+    with contextlib.suppress(FileNotFoundError):
+        staged.unlink()
+    try:
+        os.link(path, staged)
+    except FileNotFoundError:
+        return
+    os.replace(staged, backup)
+
+
 def write_atomic(
     path: Path,
     data: bytes,
@@ -80,20 +93,23 @@ def write_atomic(
 ) -> None:
     """Write `data` to `path` through a temp file and a rename (fsync'd unless not durable).
 
-    With `backup`, the file being replaced is kept there (renamed, once the new data is on
-    disk): a reader finds the previous generation if this one is ever damaged.
+    With `backup`, the file being replaced is kept there (once the new data is on disk): a
+    reader finds the previous generation if this one is ever damaged, and never finds `path`
+    missing.
     """
     tmp = temp_path(path)
     try:
         _write_temp(tmp, data, mode, durable=durable)
-        if backup is not None and path.exists():
-            os.replace(path, backup)
+        if backup is not None:
+            _keep_generation(path, backup)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     sweep_dead_temps(path)
+    if backup is not None:
+        sweep_dead_temps(backup)
 
 
 def create_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> bool:

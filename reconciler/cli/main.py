@@ -3,7 +3,9 @@ reconcile loop, renders. No policy of its own.
 
 Exit codes: 0 success (for `plan --detailed-exitcode`: nothing to do), 1 an action or a
 command failed (for `plan`: would fail), 2 invalid usage or spec (with `--detailed-exitcode`:
-changes pending, and every error is 1, as in Terraform), 130 interrupted (Ctrl-C).
+changes pending, and every error is 1, as in Terraform), 3 `status --exit-code`: a session is
+not Ready yet (pending, in progress, interrupted, expired), 130 interrupted (Ctrl-C). `ukc
+exec` and `ukc ssh CMD` exit with the remote command's code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import functools
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,7 +23,14 @@ from typing import Any, TypeVar
 import click
 
 from reconciler import errors
-from reconciler.cli.render import plan_json, render_plan, render_status
+from reconciler.cli.render import (
+    StatusRow,
+    plan_json,
+    render_plan,
+    render_status,
+    status_exit_code,
+    status_json,
+)
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.spec.loader import LoadedSession, load_specs
 from reconciler.status import journal
@@ -29,9 +39,36 @@ __all__ = ["main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: `-h` everywhere; help wraps at up to 100 columns rather than 80
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
 _paths_arg = click.argument(
     "paths", nargs=-1, type=click.Path(path_type=Path, exists=False, dir_okay=True)
 )
+
+ENVIRONMENT_HELP = """\b
+Environment:
+  UKC_TOKEN            token of a remote metro (sent only to https://api.<metro>.unikraft.cloud)
+  UKC_METRO            default metro of specs without one: local, a code (fra) or a URL
+  UKC_SANDBOX_IMAGE    default image of specs without one
+  UKC_PROJECT          stable project id (CI: checkout paths differ)
+  UKC_SESSION_SECRET   shared owner secret (>= 16 chars): every holder owns the instances
+  UKC_METRO_TOKEN      token for the metro URL your environment names, instead of UKC_TOKEN
+  UKC_METRO_ALLOW      metro URLs spec files may name (comma or space separated)
+  UKC_LOCAL_STATE_DIR  where the local metro keeps its state
+  UKC_LOCAL_MAX_PIDS   task limit of each local sandbox (default 512)
+  UKC_WARM=0           no warm process (UKC_WARM_DIR, UKC_WARM_IDLE_S tune it)
+  UKC_DEBUG=1          tracebacks on errors (as --debug)"""
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    success
+  1    an action or a command failed (plan: apply would fail; status --exit-code: a
+       session is Failed)
+  2    invalid usage or spec (plan --detailed-exitcode: changes pending; errors are 1)
+  3    status --exit-code: a session is pending, in progress, interrupted or expired
+  130  interrupted (Ctrl-C)
+  ukc exec and ukc ssh CMD exit with the remote command's code."""
 
 
 def _guard(fn: F) -> F:
@@ -65,11 +102,90 @@ def _guard(fn: F) -> F:
 
 
 def _debug_option(fn: F) -> F:
-    return click.option("--debug", is_flag=True, help="Show tracebacks.")(fn)
+    return click.option("--debug", is_flag=True, help="Show the traceback of an error.")(fn)
+
+
+def _output_option(fn: F) -> F:
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="text for people, json for scripts.",
+    )(fn)
+
+
+def _status_option(fn: F) -> F:
+    return click.option(
+        "--status",
+        "status_path",
+        type=click.Path(path_type=Path),
+        default=None,
+        metavar="FILE",
+        help="The status file to use instead of .ukc/status.json beside the specs.",
+    )(fn)
+
+
+def _lock_timeout_option(fn: F) -> F:
+    return click.option(
+        "--lock-timeout",
+        type=float,
+        default=0.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="How long to wait when another ukc holds the status file's lock.",
+    )(fn)
+
+
+def _concurrency_option(fn: F) -> F:
+    return click.option(
+        "--concurrency",
+        type=click.IntRange(1, 64),
+        default=8,
+        show_default=True,
+        help="Sessions worked on at the same time.",
+    )(fn)
+
+
+def _session_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--session",
+        "only",
+        multiple=True,
+        metavar="NAME",
+        help=help_text + " Repeatable; a name no spec declares is an error.",
+    )
 
 
 def _load(paths: Sequence[Path], status_override: Path | None) -> list[Group]:
     return load_groups(paths, os.environ, status_override)
+
+
+def _require_sessions(groups: Sequence[Group], paths: Sequence[Path]) -> None:
+    """An empty spec set is a mistake (a wrong path, a file without `name:`): said, before
+    anything is created (no `.ukc/` appears)."""
+    if any(g.sessions for g in groups):
+        return
+    where = ", ".join(str(p) for p in paths) or "the current directory"
+    raise errors.UsageError(
+        f"no session specs in {where}: expected *.yaml or *.yml files with a session (name: ...)"
+    )
+
+
+def _check_sessions(only: Sequence[str], known: Sequence[str]) -> None:
+    """`--session NAME` must name a session: a typo would otherwise do nothing, silently."""
+    missing = [name for name in only if name not in known]
+    if missing:
+        listed = ", ".join(sorted(set(known))) or "none"
+        raise errors.UsageError(
+            f"no session {', '.join(repr(m) for m in missing)} in the given specs "
+            f"(known sessions: {listed})"
+        )
+
+
+def _declared(groups: Sequence[Group]) -> list[str]:
+    return [s.spec.name for g in groups for s in g.sessions]
 
 
 def _warn_short_secrets(sessions: Sequence[LoadedSession]) -> None:
@@ -110,19 +226,55 @@ def _metros() -> Any:
     return MetroRegistry(os.environ)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings=_CONTEXT,
+    epilog="\n\n".join(
+        [
+            """\b
+Examples:
+  ukc apply specs/hello.yaml      create, sync, run the commands, bring outputs back
+  ukc plan --detailed-exitcode    what apply would do (CI: 2 = changes pending)
+  ukc status --exit-code          what the last apply recorded (CI: 0 = all Ready)
+  ukc ssh hello                   a shell in session hello
+  ukc exec hello -- make test     one command in session hello, its exit code
+  ukc delete specs/hello.yaml     remove the session""",
+            ENVIRONMENT_HELP,
+            EXIT_CODES_HELP,
+            "Every command has --help with its options and examples.",
+        ]
+    ),
+)
 @click.version_option(package_name="ukc")
 def cli() -> None:
-    """Declarative Unikraft Cloud sandbox sessions."""
+    """Declarative Unikraft Cloud sandbox sessions.
+
+    Describe sessions in YAML (image, metro, a local directory, commands); `ukc apply` makes
+    the cloud match: it creates or adopts the instance, syncs the directory into /workspace,
+    runs the commands that need to run, brings the declared outputs home and writes a status
+    file. Without a UKC account everything runs on the local metro, an offline emulator.
+    """
 
 
-@cli.command()
+@cli.command(
+    short_help="Check spec files offline.",
+    epilog="""\b
+Examples:
+  ukc validate                  every spec in the current directory
+  ukc validate specs/ a.yaml""",
+)
 @_paths_arg
 @_debug_option
 @_guard
 def validate(paths: tuple[Path, ...], debug: bool) -> None:
-    """Check spec files without contacting anything."""
+    """Check spec files without contacting anything: fields, names, paths, metros; warns of
+    secret_env variables that are not set. An empty spec set is an error (exit 2).
+
+    PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
+    directory.
+    """
     specset = load_specs(list(paths) or [Path(".")], os.environ)
+    if not specset.sessions:
+        _require_sessions([], paths)
     _warn_short_secrets(specset.sessions)
     _warn_missing_secrets(specset.sessions)
     for loaded in specset.sessions:
@@ -130,17 +282,27 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
     click.echo(f"{len(specset.sessions)} session(s) valid")
 
 
-@cli.command()
+@cli.command(
+    short_help="Show what apply would do, and why.",
+    epilog="""\b
+Examples:
+  ukc plan                        the specs in the current directory
+  ukc plan specs/ --prune         also the deletions --prune would make
+  ukc plan -o json | jq .         machine-readable
+  ukc plan --detailed-exitcode    0 nothing to do, 1 error, 2 changes pending""",
+)
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Also plan deleting owned sessions no spec declares.")
-@click.option("--allow-empty", is_flag=True, help="Allow --prune with no sessions declared.")
+@click.option(
+    "--allow-empty", is_flag=True, help="Allow --prune when the specs declare no session."
+)
 @click.option(
     "--detailed-exitcode",
     is_flag=True,
     help="Exit 0 when nothing to do, 1 on an error, 2 when changes are pending.",
 )
-@click.option("--output", type=click.Choice(["text", "json"]), default="text")
-@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
+@_output_option
+@_status_option
 @click.option("-v", "--verbose", is_flag=True, help="Also show why unchanged things are fine.")
 @_debug_option
 @_guard
@@ -154,8 +316,12 @@ def plan(
     verbose: bool,
     debug: bool,
 ) -> None:
-    """Show what apply would do, and why (files to send, commands to re-run), and what it
-    would fail on."""
+    """Show what apply would do, and why (files to send, commands to re-run), what it would
+    fail on (exit 1), and sessions ukc owns that no spec declares. Reads only.
+
+    PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
+    directory.
+    """
     try:
         pending, failing = _plan(paths, prune, allow_empty, output, status_path, verbose)
     except errors.UkcError as err:
@@ -184,6 +350,8 @@ def _plan(
     groups = _load(paths, status_path)
     # apply refuses such a prune before doing anything: so does its plan
     check_prune(groups, prune=prune, allow_empty=allow_empty, only=())
+    if not prune:
+        _require_sessions(groups, paths)
     metros = _metros()
     try:
         pending = False
@@ -205,20 +373,30 @@ def _plan(
     return pending, failing
 
 
-@cli.command()
+@cli.command(
+    short_help="Converge sessions to their specs.",
+    epilog="""\b
+Examples:
+  ukc apply specs/hello.yaml           one spec file
+  ukc apply specs/ --prune             also delete owned sessions no spec declares
+  ukc apply --session web --session db
+                                       only these two sessions of the current directory
+  ukc apply -o json > result.json      a machine-readable summary
+
+Ctrl-C stops the command in flight (SIGTERM, 5 s, SIGKILL) and records phase Interrupted;
+a second Ctrl-C quits at once. Exit codes: 0 converged, 1 a session failed, 2 invalid usage
+or spec, 130 interrupted.""",
+)
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Delete owned sessions that no spec declares.")
-@click.option("--allow-empty", is_flag=True, help="Allow --prune with no sessions declared.")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True)
-@click.option("--output", type=click.Choice(["text", "json"]), default="text")
-@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
 @click.option(
-    "--lock-timeout",
-    type=float,
-    default=0.0,
-    help="Seconds to wait for another applier's lock.",
+    "--allow-empty", is_flag=True, help="Allow --prune when the specs declare no session."
 )
-@click.option("--session", "only", multiple=True, help="Only these sessions (partial run).")
+@_concurrency_option
+@_output_option
+@_status_option
+@_lock_timeout_option
+@_session_option("Only this session (a partial run; not with --prune).")
 @_debug_option
 @_guard
 def apply(
@@ -232,11 +410,19 @@ def apply(
     only: tuple[str, ...],
     debug: bool,
 ) -> None:
-    """Converge sessions to their specs: create, sync, run, bring back; write the status file."""
+    """Converge sessions to their specs: create or adopt the instance, sync the directory,
+    run the commands that need to, bring the declared outputs back, write the status file.
+
+    PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
+    directory.
+    """
     from reconciler.reconcile.loop import apply_group, check_prune
 
     groups = _load(paths, status_path)
     check_prune(groups, prune=prune, allow_empty=allow_empty, only=only)
+    if not prune:
+        _require_sessions(groups, paths)
+    _check_sessions(only, _declared(groups))
     _warn_short_secrets([s for g in groups for s in g.sessions])
     reporter = _reporter(output)
     metros = _metros()
@@ -245,6 +431,8 @@ def apply(
     summary: dict[str, Any] = {}
     try:
         for group in groups:
+            if only and not any(s.spec.name in only for s in group.sessions):
+                continue  # a partial run leaves other spec directories untouched
             result = apply_group(
                 group,
                 metros=metros,
@@ -298,43 +486,128 @@ def apply(
         sys.exit(1)
 
 
-@cli.command()
+def _status_rows(
+    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str]
+) -> list[StatusRow]:
+    """The sessions the given specs declare (a spec file: only its own), plus, for a
+    directory given whole, the sessions its status file remembers that no spec declares."""
+    given_dirs = {p.resolve() for p in (paths or [Path(".")]) if p.is_dir()}
+    rows: list[StatusRow] = []
+    for group in groups:
+        doc = journal.load(group.status_path)
+        where = str(group.status_path)
+        declared = [s.spec.name for s in group.sessions]
+        rows.extend(StatusRow(n, where, doc.sessions.get(n)) for n in declared)
+        if group.base_dir.resolve() in given_dirs:
+            rows.extend(
+                StatusRow(n, where, rec, declared=False)
+                for n, rec in doc.sessions.items()
+                if n not in declared and rec.phase != "Deleted"
+            )
+    _check_sessions(only, [r.name for r in rows])
+    return [r for r in rows if not only or r.name in only]
+
+
+@cli.command(
+    "status",
+    short_help="Show what the last apply recorded.",
+    epilog="""\b
+Columns: NAME, PHASE (Pending, Progressing, Ready, Failed, Interrupted, Deleted, Expired),
+AGE (of the instance), TTL LEFT (until the session's ttl expires), LAST APPLY, INSTANCE;
+each session's commands below it.
+
+\b
+Examples:
+  ukc status                           the sessions of the current directory
+  ukc status calc.yaml --session calc  one session
+  ukc status --exit-code               CI: 0 all Ready, 1 one Failed, 3 one not Ready yet
+  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'""",
+)
 @_paths_arg
-@click.option("--output", type=click.Choice(["text", "json"]), default="text")
-@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
+@_output_option
+@_status_option
+@_session_option("Only this session.")
+@click.option(
+    "--exit-code",
+    is_flag=True,
+    help="Exit 0 when every session shown is Ready, 1 when one is Failed, 3 when one is "
+    "pending, in progress, interrupted, expired or never applied.",
+)
 @_debug_option
 @_guard
-def status_cmd(paths: tuple[Path, ...], output: str, status_path: Path | None, debug: bool) -> None:
-    """Show the status file (what the last apply recorded)."""
+def status_cmd(
+    paths: tuple[Path, ...],
+    output: str,
+    status_path: Path | None,
+    only: tuple[str, ...],
+    exit_code: bool,
+    debug: bool,
+) -> None:
+    """Show the sessions the given specs declare as the status file recorded them (reads
+    only; nothing is contacted).
+
+    PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
+    directory. A spec file shows its own sessions; a directory also shows sessions its status
+    file remembers that no spec declares any more.
+    """
     groups = _load(paths, status_path)
-    docs = {str(g.status_path): journal.load(g.status_path) for g in groups}
+    if not any(g.status_path.exists() for g in groups):
+        _require_sessions(groups, paths)
+    rows = _status_rows(groups, paths, only)
+    now = time.time()
     if output == "json":
-        click.echo(json.dumps({p: d.model_dump(mode="json") for p, d in docs.items()}, indent=2))
-        return
-    for line in render_status(docs):
-        click.echo(line)
+        click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
+    else:
+        for line in render_status(rows, now):
+            click.echo(line)
+    if exit_code:
+        sys.exit(status_exit_code(rows))
 
 
-cli.add_command(status_cmd, name="status")
-
-
-@cli.command()
+@cli.command(
+    short_help="Delete the sessions the specs declare.",
+    epilog="""\b
+Examples:
+  ukc delete specs/hello.yaml     the session of one spec file
+  ukc delete --session web        one session of the current directory""",
+)
 @_paths_arg
-@click.option("--status", "status_path", type=click.Path(path_type=Path), default=None)
-@click.option("--lock-timeout", type=float, default=0.0)
+@_status_option
+@_lock_timeout_option
+@_session_option("Only this session.")
 @_debug_option
 @_guard
 def delete(
-    paths: tuple[Path, ...], status_path: Path | None, lock_timeout: float, debug: bool
+    paths: tuple[Path, ...],
+    status_path: Path | None,
+    lock_timeout: float,
+    only: tuple[str, ...],
+    debug: bool,
 ) -> None:
-    """Delete the sessions the given specs declare (instances, keys, sync records)."""
+    """Delete the sessions the given specs declare: their instances, keys and sync records
+    (only instances ukc proves it owns). No secret is needed.
+
+    PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
+    directory.
+    """
     from reconciler.reconcile.loop import delete_group
 
+    groups = _load(paths, status_path)
+    _require_sessions(groups, paths)
+    _check_sessions(only, _declared(groups))
     metros = _metros()
     reporter = _reporter("text")
     ok = True
     try:
-        for group in _load(paths, status_path):
+        for group in groups:
+            if only:
+                group = Group(
+                    group.base_dir,
+                    [s for s in group.sessions if s.spec.name in only],
+                    group.status_override,
+                )
+                if not group.sessions:
+                    continue
             ok = (
                 delete_group(
                     group,
@@ -352,12 +625,25 @@ def delete(
         sys.exit(1)
 
 
-@cli.command()
+@cli.command(
+    short_help="Converge, then follow edits of files and specs.",
+    epilog="""\b
+Examples:
+  ukc watch                       the specs in the current directory
+  ukc watch specs/ --down         delete the sessions when watch stops (Ctrl-C)""",
+)
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Delete sessions removed from the specs.")
 @click.option("--down", is_flag=True, help="Delete the sessions when watch exits.")
-@click.option("--resync", type=float, default=30.0, show_default=True, help="Seconds.")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=8, show_default=True)
+@click.option(
+    "--resync",
+    type=float,
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often to re-observe every session, edits or not (drift, TTLs).",
+)
+@_concurrency_option
 @_debug_option
 @_guard
 def watch(
@@ -368,7 +654,12 @@ def watch(
     concurrency: int,
     debug: bool,
 ) -> None:
-    """Converge, then keep sessions in step while files and specs change (Ctrl-C stops)."""
+    """Converge, then keep sessions in step while files and specs change: an edit reaches
+    the sandbox in well under a second. Ctrl-C stops.
+
+    PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
+    directory.
+    """
     from reconciler.reconcile.watch import Watcher, WatchOptions
 
     metros = _metros()
@@ -394,12 +685,12 @@ def watch(
     sys.exit(code)
 
 
-@cli.group()
+@cli.group(short_help="The local metro daemon: start, stop, status, env.")
 def local() -> None:
     """Manage the embedded local metro (an offline UKC emulator)."""
 
 
-@local.command("start")
+@local.command("start", short_help="Start the local metro daemon.")
 @_guard
 def local_start() -> None:
     """Start the local metro daemon (if it is not running)."""
@@ -409,7 +700,7 @@ def local_start() -> None:
     click.echo(f"local metro running: {info.api_url} (pid {info.pid}, state {info.state_dir})")
 
 
-@local.command("stop")
+@local.command("stop", short_help="Stop the local metro and its sandboxes.")
 @_guard
 def local_stop() -> None:
     """Stop the local metro and every sandbox it runs (instances are kept on disk)."""
@@ -419,7 +710,7 @@ def local_stop() -> None:
     click.echo("local metro stopped" if stopped else "local metro was not running")
 
 
-@local.command("status")
+@local.command("status", short_help="Say whether the local metro runs (3: not).")
 @_guard
 def local_status() -> None:
     """Say whether the local metro runs, and where."""
@@ -443,7 +734,7 @@ def local_status() -> None:
         click.echo(f"behaviour (docs/local-metro.md): {knobs}")
 
 
-@local.command("env")
+@local.command("env", short_help="How tools outside ukc reach the local metro.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
 @_guard
 def local_env(as_json: bool) -> None:
@@ -472,12 +763,12 @@ def local_env(as_json: bool) -> None:
         click.echo(f"# public port {port} -> {addr} (TLS, SNI = instance fqdn)")
 
 
-@cli.group()
+@cli.group(short_help="The warm process: status, stop.")
 def warm() -> None:
     """The warm process that runs short commands without import costs (UKC_WARM=0: off)."""
 
 
-@warm.command("status")
+@warm.command("status", short_help="Say whether a warm process runs (3: not).")
 @_guard
 def warm_status() -> None:
     """Say whether a warm process serves this installation."""
@@ -500,7 +791,7 @@ def warm_status() -> None:
     )
 
 
-@warm.command("stop")
+@warm.command("stop", short_help="Stop the warm process.")
 @_guard
 def warm_stop() -> None:
     """Stop the warm process (commands it runs finish; the next command starts a new one)."""

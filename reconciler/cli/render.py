@@ -10,15 +10,28 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
-from reconciler.status.schema import StatusDoc
+from reconciler.reconcile.plan import parse_time
+from reconciler.status.schema import SessionStatus
 
-__all__ = ["LiveReporter", "PlainReporter", "plan_json", "render_plan", "render_status"]
+__all__ = [
+    "STATUS_COLUMNS",
+    "LiveReporter",
+    "PlainReporter",
+    "StatusRow",
+    "plan_json",
+    "render_plan",
+    "render_status",
+    "render_table",
+    "span",
+    "status_exit_code",
+    "status_json",
+]
 
 
 class PlainReporter:
@@ -196,25 +209,143 @@ def plan_json(plan: actions.Plan) -> dict[str, Any]:
     }
 
 
-def render_status(docs: Mapping[str, StatusDoc]) -> list[str]:
-    """The status files' sessions, one line each, with their commands below."""
-    lines: list[str] = []
-    for path, doc in docs.items():
-        lines.append(f"{path}:")
-        if not doc.sessions:
-            lines.append("  (no sessions recorded)")
-        for name, rec in doc.sessions.items():
-            inst = rec.instance
-            where = f"{inst.name} {inst.state} {inst.fqdn or ''}".strip() if inst else "-"
-            lines.append(f"  {name:<20} {rec.phase:<10} {where}")
-            for cmd in rec.commands:
-                state = "skipped" if cmd.skipped else f"exit {cmd.exit_code}"
-                if cmd.timed_out:
-                    state = "timed out"
-                if cmd.interrupted:
-                    state = "interrupted"
-                lines.append(f"      {cmd.name:<18} {state}")
-            if rec.message:
-                lines.append(f"      {rec.message}")
+@dataclass(frozen=True)
+class StatusRow:
+    """One session `ukc status` shows: its record (None: never applied) and where it is kept."""
 
-    return lines
+    name: str
+    status_file: str
+    record: SessionStatus | None
+    #: a spec among the given paths declares it (False: only the status file remembers it)
+    declared: bool = True
+
+
+#: `ukc status --exit-code`: every session Ready, one Failed, the rest (pending or unknown)
+STATUS_EXIT_READY, STATUS_EXIT_FAILED, STATUS_EXIT_PENDING = 0, 1, 3
+
+
+def status_exit_code(rows: Sequence[StatusRow]) -> int:
+    """0 when every session shown is Ready, 1 when one is Failed, else 3 (one is Pending,
+    Progressing, Interrupted, Expired, Deleted or was never applied)."""
+    phases = [row.record.phase if row.record is not None else "Pending" for row in rows]
+    if "Failed" in phases:
+        return STATUS_EXIT_FAILED
+    if all(phase == "Ready" for phase in phases):
+        return STATUS_EXIT_READY
+    return STATUS_EXIT_PENDING
+
+
+def span(seconds: float) -> str:
+    """A duration in at most two units: 42s, 12m, 3h05m, 2d04h."""
+    total = int(max(seconds, 0))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m"
+    return f"{secs}s"
+
+
+def _age(created_at: str | None, now: float) -> str:
+    created = parse_time(created_at)
+    return "-" if created is None else span(now - created)
+
+
+def _ttl_left(rec: SessionStatus, now: float) -> str:
+    expires = parse_time(rec.expires_at)
+    if expires is None:
+        return "-"
+    return "expired" if now >= expires else span(expires - now)
+
+
+def _created_at(rec: SessionStatus) -> str | None:
+    return rec.created_at or (rec.instance.created_at if rec.instance else None)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell, two spaces apart; the last one unpadded."""
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    out = []
+    for r in (header, *rows):
+        cells = [str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=False)]
+        out.append("  ".join([*cells, str(r[-1])]).rstrip())
+    return out
+
+
+STATUS_COLUMNS = ("NAME", "PHASE", "AGE", "TTL LEFT", "LAST APPLY", "INSTANCE")
+
+
+def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
+    """A table of the sessions (with column headers), then each session's commands and
+    message; AGE is the instance's, LAST APPLY how long ago apply last converged it."""
+    table: list[tuple[str, ...]] = []
+    for row in rows:
+        rec = row.record
+        if rec is None:
+            table.append((row.name, "Pending", "-", "-", "never", "-"))
+            continue
+        inst = rec.instance
+        where = (
+            f"{inst.name} ({inst.state})" if inst and inst.state else (inst.name if inst else "-")
+        )
+        last = parse_time(rec.last_applied_at)
+        table.append(
+            (
+                row.name,
+                rec.phase if row.declared else f"{rec.phase} (not declared)",
+                _age(_created_at(rec), now),
+                _ttl_left(rec, now),
+                "never" if last is None else f"{span(now - last)} ago",
+                where,
+            )
+        )
+    if not rows:
+        return ["no sessions"]
+    header, *lines = render_table(STATUS_COLUMNS, table)
+    out = [header]
+    for line, row in zip(lines, rows, strict=True):
+        out.append(line)
+        if row.record is None:
+            continue
+        for cmd in row.record.commands:
+            state = "skipped" if cmd.skipped else f"exit {cmd.exit_code}"
+            if cmd.timed_out:
+                state = "timed out"
+            if cmd.interrupted:
+                state = "interrupted"
+            out.append(f"    {cmd.name:<18} {state}")
+        if row.record.message:
+            out.append(f"    {row.record.message}")
+    return out
+
+
+def status_json(rows: Sequence[StatusRow], now: float) -> dict[str, Any]:
+    """`ukc status -o json`: a stable document (its `version` changes only when a field
+    changes meaning or goes away). `age_s` and `ttl_left_s` are seconds at `now` (null when
+    unknown; `ttl_left_s` negative once expired)."""
+    sessions = []
+    for row in rows:
+        rec = row.record
+        created = parse_time(_created_at(rec)) if rec is not None else None
+        expires = parse_time(rec.expires_at) if rec is not None else None
+        body = rec.model_dump(mode="json") if rec is not None else {"phase": "Pending"}
+        sessions.append(
+            {
+                **body,
+                "name": row.name,
+                "status_file": row.status_file,
+                "declared": row.declared,
+                "age_s": None if created is None else int(now - created),
+                "ttl_left_s": None if expires is None else int(expires - now),
+            }
+        )
+    return {
+        "version": 1,
+        "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "exit_code": status_exit_code(rows),
+        "sessions": sessions,
+    }

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconciler import errors
-from reconciler._util.names import metro_kind
+from reconciler._util.names import metro_kind, unknown_metro_message
 from reconciler.cloud.api import UkcApi
 from reconciler.cloud.model import CloudApi
 from reconciler.cloud.trust import Reach
@@ -77,6 +77,9 @@ class MetroRegistry:
         if label == "local":
             return self._open_local()
         if metro_kind(label) is None:
+            unknown = unknown_metro_message(label)
+            if unknown is not None:
+                raise errors.UsageError(unknown)
             raise errors.UsageError(f"metro {label!r} is neither 'local', a metro code nor a URL")
         # why: every connection passes the token routing rule here, whoever named the metro
         # (a spec file, the environment, or a status file from a checkout)

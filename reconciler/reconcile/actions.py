@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from reconciler.spec.models import DEFAULT_SHELL
+from reconciler.spec.sizes import human_size
+
 __all__ = [
     "Action",
     "CreateInstance",
@@ -84,9 +87,10 @@ class SyncUp:
     sample: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        what = f"send {self.files} file(s) ({_size(self.bytes)}), delete {self.deletes}"
+        what = f"send {self.files} file(s) ({human_size(self.bytes)}), delete {self.deletes}"
         if self.full:
-            what = f"full sync: up to {self.files} file(s) ({_size(self.bytes)}), remote scanned"
+            size = human_size(self.bytes)
+            what = f"full sync: up to {self.files} file(s) ({size}), remote scanned"
         shown = ""
         if self.sample:
             more = self.files - len(self.sample) if not self.full else 0
@@ -105,6 +109,10 @@ class RunCommand:
     reason: str
     #: the input hash without secret values (judges the command when a secret is unset)
     public_hash: str = ""
+    #: the shell it runs under
+    shell: str = DEFAULT_SHELL
+    #: digest of the files it runs with (its `inputs`, else the whole synced tree)
+    inputs_digest: str = ""
 
     def describe(self) -> str:
         return f"run command {self.name!r} ({self.reason})"
@@ -127,7 +135,7 @@ class SyncBack:
     def describe(self) -> str:
         last = ""
         if self.last_files:
-            last = f"; last time {self.last_files} file(s), {_size(self.last_bytes)}"
+            last = f"; last time {self.last_files} file(s), {human_size(self.last_bytes)}"
         mirror = "; mirrors deletions of files it brought back" if self.mirror_deletes else ""
         return f"bring back {', '.join(self.paths)} ({self.reason}{last}{mirror})"
 
@@ -196,13 +204,3 @@ class Plan:
         """Every refusal, of sessions and of prunes."""
         own = tuple(s.refusal for s in self.sessions if s.refusal is not None)
         return own + self.prune_refusals
-
-
-def _size(n: int) -> str:
-    step = 1024.0
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < step or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= step
-    return f"{n} B"

@@ -15,11 +15,19 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler.cloud.metros import metro_label
-from reconciler.reconcile import identity
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import identity, sessionkeys
 from reconciler.spec.loader import LoadedSession, load_specs
-from reconciler.spec.models import DEFAULT_EXEC, missing_secret_env, spec_hash
+from reconciler.spec.models import (
+    DEFAULT_EXEC,
+    DEFAULT_SHELL,
+    SessionSpec,
+    missing_secret_env,
+    spec_hash,
+)
 from reconciler.status.journal import status_path_for
 from reconciler.sync import engine as sync_engine
+from reconciler.sync.ignore import matcher
 from reconciler.sync.options import SyncOptions
 from reconciler.transport import select
 from reconciler.transport.base import Credentials
@@ -31,8 +39,10 @@ __all__ = [
     "SessionContext",
     "TreeState",
     "build_session",
+    "command_intents",
     "credentials_for",
     "group_sessions",
+    "instance_credentials",
     "load_groups",
     "secret_missing_message",
     "sync_options_for",
@@ -59,6 +69,14 @@ class CommandIntent:
     name: str
     run: str
     timeout_s: float
+    #: its `inputs` patterns; None: every synced file is an input
+    inputs: tuple[str, ...] | None = None
+    #: the shell it runs under
+    shell: str = DEFAULT_SHELL
+    #: digest of the synced files its `inputs` match ("" without `inputs`)
+    inputs_digest: str = ""
+    #: those of its inputs about to be sent or deleted (what changed since the last push)
+    inputs_changed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,9 +192,25 @@ def sync_options_for(group: Group, loaded: LoadedSession) -> SyncOptions:
     )
 
 
-def credentials_for(group: Group, session: str) -> Credentials:
-    """Where the session's transport keeps its secrets (`.ukc/keys/<session>`)."""
-    return Credentials(group.state_dir / "keys" / session)
+def credentials_for(
+    group: Group, session: str, key_root: bytes | None = None, nonce: str | None = None
+) -> Credentials:
+    """Where the session's transport keeps its secrets (`.ukc/keys/<session>`); with the
+    project's key root (`UKC_SESSION_SECRET`) and the instance's key nonce, also the seed
+    they are derived from (see `sessionkeys`)."""
+    path = group.state_dir / "keys" / session
+    if key_root is None or nonce is None:
+        return Credentials(path)
+    return Credentials(path, seed=sessionkeys.seed(key_root, session, nonce))
+
+
+def instance_credentials(
+    group: Group, session: str, owner: identity.Owner, inst: Instance | None
+) -> Credentials:
+    """The credentials that open `inst` (derived when it carries a key nonce and this runner
+    holds the secret; else this checkout's own key file)."""
+    nonce = sessionkeys.nonce_of(inst.tags) if inst is not None else None
+    return credentials_for(group, session, owner.key_root, nonce)
 
 
 def transport_of(loaded: LoadedSession) -> str:
@@ -191,7 +225,10 @@ def build_session(
     environ: Mapping[str, str],
     salt: bytes,
     on_change: Callable[[], None] | None = None,
+    instance: Instance | None = None,
 ) -> tuple[SessionContext, str | None]:
+    """`instance` is the one observed under the session's name (a claim: the planner proves
+    it ours before anything uses it); its key nonce says which derived key opens it."""
     s = loaded.spec
     missing = missing_secret_env(s, environ)
     secret_env = {k: environ[v] for k, v in s.secret_env.items() if (k, v) not in missing}
@@ -205,6 +242,7 @@ def build_session(
     opts = sync_options_for(group, loaded)
     halted: str | None = None
     manifest = None
+    pending: tuple[str, ...] = ()
     try:
         manifest = sync_engine.scan_local(opts, on_change=on_change)
         transfer = sync_engine.plan_push(manifest, opts)
@@ -216,12 +254,13 @@ def build_session(
             upload_bytes=transfer.upload_bytes,
             deletes=tuple(transfer.deletes),
         )
+        pending = tree.uploads + tree.deletes
     except errors.SyncHaltedError as err:
         halted = str(err)
         tree = TreeState(digest="", files=0, bytes=0, halted=halted)
     inst_hash = identity.instance_hash(s.image, s.memory_mb)
     transport = select.kind_for(transport_of(loaded))
-    credentials = credentials_for(group, s.name)
+    credentials = instance_credentials(group, s.name, owner, instance)
     desired = DesiredSession(
         name=s.name,
         metro=metro_label(s.metro),
@@ -230,7 +269,7 @@ def build_session(
         image=s.image,
         ttl_s=float(s.ttl) if s.ttl is not None else None,
         spec_hash=spec_hash(s),
-        commands=tuple(CommandIntent(c.name, c.run, float(c.timeout)) for c in s.commands),
+        commands=command_intents(s, manifest, pending),
         env_fingerprint="" if missing else fingerprint,
         tree=tree,
         public_fingerprint=public,
@@ -254,6 +293,36 @@ def build_session(
         manifest=manifest,
     )
     return ctx, halted
+
+
+def command_intents(
+    spec: SessionSpec, manifest: sync_engine.Manifest | None, pending: Sequence[str]
+) -> tuple[CommandIntent, ...]:
+    """The spec's commands with the digest of the synced files each one's `inputs` match
+    (`manifest`: the scanned tree; None when it could not be scanned) and which of the
+    `pending` paths (about to be sent or deleted) those are."""
+    intents = []
+    for c in spec.commands:
+        digest = ""
+        changed: tuple[str, ...] = ()
+        if c.inputs is not None and manifest is not None:
+            match = matcher(c.inputs)
+            digest = manifest.digest_of(
+                p for p, e in manifest.entries.items() if e.type != "d" and match(p)
+            )
+            changed = tuple(p for p in pending if match(p))
+        intents.append(
+            CommandIntent(
+                c.name,
+                c.run,
+                float(c.timeout),
+                inputs=c.inputs,
+                shell=c.shell or spec.shell,
+                inputs_digest=digest,
+                inputs_changed=changed,
+            )
+        )
+    return tuple(intents)
 
 
 def secret_missing_message(loaded: LoadedSession, sandbox_name: str, controller: str) -> str:

@@ -22,13 +22,19 @@ from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance
-from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, SessionContext, credentials_for
+from reconciler.reconcile import actions, identity, sessionkeys
+from reconciler.reconcile.desired import (
+    Group,
+    SessionContext,
+    credentials_for,
+    instance_credentials,
+)
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
 from reconciler.spec.models import DEFAULT_MEMORY_MB
+from reconciler.spec.sizes import human_size
 from reconciler.status import journal
 from reconciler.status.schema import (
     BackFrom,
@@ -41,7 +47,13 @@ from reconciler.status.schema import (
 )
 from reconciler.sync import engine as sync_engine
 from reconciler.transport import select
-from reconciler.transport.base import RemoteShell, Target, Transport, TransportKind
+from reconciler.transport.base import (
+    Credentials,
+    RemoteShell,
+    Target,
+    Transport,
+    TransportKind,
+)
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["Executor", "SessionOutcome"]
@@ -69,6 +81,8 @@ class _Run:
     #: the session's transport, chosen once from its `exec` (None for a session without spec)
     kind: TransportKind | None = None
     transport: Transport | None = None
+    #: what opens the instance (a create derives new ones from a new key nonce)
+    credentials: Credentials | None = None
     #: the connection was kept from an earlier pass: it may have died while idle
     pooled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
@@ -142,6 +156,7 @@ class Executor:
         run = _Run(inst=self.obs.claimed.get(name))
         if ctx is not None:
             run.kind = select.kind_for(ctx.desired.transport)
+            run.credentials = ctx.credentials
         outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
         redact = Redactor(ctx.secret_values if ctx is not None else ())
         done: list[actions.Action] = []
@@ -285,7 +300,12 @@ class Executor:
     ) -> None:
         session = action.session
         assert run.kind is not None
-        fields = run.kind.create_fields(ctx.credentials)
+        owner = self.obs.owner
+        # with the project's secret, a new instance gets a key of its own, derived from a new
+        # nonce its tag carries: every runner with the secret derives it again
+        nonce = sessionkeys.new_nonce() if owner.key_root is not None else None
+        key_tags = (sessionkeys.key_tag(nonce),) if nonce is not None else ()
+        fields = run.kind.create_fields(credentials_for(self.group, session, owner.key_root, nonce))
         rec = self._record(session)
         with self.doc_lock:
             # Journal the intent before the side effect: a lost answer is then adopted, not
@@ -303,16 +323,19 @@ class Executor:
             name=action.instance_name,
             image=ctx.desired.image,
             env=fields.env,
-            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport)),
+            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport), *key_tags),
             # why: UKC's own default (128 MiB) holds little: /workspace lives in memory
             memory_mb=ctx.loaded.spec.memory_mb or DEFAULT_MEMORY_MB,
             services=fields.services,
             plugins=fields.plugins,
-            scale_to_zero=SESSION_SCALE_TO_ZERO,
+            # the platform scales to zero only an instance with a service group
+            scale_to_zero=SESSION_SCALE_TO_ZERO if fields.services else None,
             autostart=True,
         )
         self._create_when_free(conn, request, session, rec.instance)
         run.inst = self._await_up(conn, action.instance_name, session, before=None)
+        # an adopted instance (a lost create answer of an earlier run) carries its own nonce
+        run.credentials = instance_credentials(self.group, session, owner, run.inst)
         self._note_instance(session, run.inst)
 
     def _create_when_free(
@@ -478,8 +501,6 @@ class Executor:
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
-        if not inst.fqdn:
-            raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
         assert run.kind is not None
         rec = self._record(ctx.desired.name)
         if (
@@ -492,8 +513,8 @@ class Executor:
             # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
         transport = run.kind.connect(
-            Target(inst.name, inst.fqdn, conn.reach),
-            ctx.credentials,
+            Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
+            run.credentials or ctx.credentials,
             pin=identity.boot_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,
         )
@@ -561,7 +582,7 @@ class Executor:
         self._say(
             ctx.desired.name,
             "info",
-            f"synced: {result.files_sent} file(s) sent ({result.bytes_sent} bytes), "
+            f"synced: {result.files_sent} file(s) sent ({human_size(result.bytes_sent)}), "
             f"{result.deleted} deleted" + (", remote scanned" if result.remote_scanned else ""),
         )
         self.save()
@@ -608,6 +629,7 @@ class Executor:
                 on_stdout=sink("stdout"),
                 on_stderr=sink("stderr"),
                 stop=self.stop.is_set if self.stop is not None else None,
+                shell=action.shell,
             )
         finally:
             for kind, (stream, _tail) in streams.items():
@@ -630,6 +652,8 @@ class Executor:
                 duration_s=round(result.duration_s, 3),
                 skipped=False,
                 input_hash=action.input_hash,
+                inputs_digest=action.inputs_digest,
+                shell=action.shell,
                 instance_uuid=run.inst.uuid if ok else (previous.instance_uuid if previous else ""),
                 start_count=run.inst.start_count
                 if ok
@@ -722,7 +746,8 @@ class Executor:
         self._say(
             name,
             "info",
-            f"brought back {result.files_written} file(s) ({result.bytes_written} bytes){removed}",
+            f"brought back {result.files_written} file(s) ({human_size(result.bytes_written)})"
+            f"{removed}",
         )
         self.save()
         if stopped:

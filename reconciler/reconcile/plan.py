@@ -21,6 +21,7 @@ from datetime import datetime
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import CommandIntent, DesiredSession
+from reconciler.spec.models import DEFAULT_SHELL
 from reconciler.status.schema import CommandRecord, SessionStatus, StatusDoc
 
 __all__ = [
@@ -37,22 +38,35 @@ _UP_STATES = frozenset({"running", "starting", "standby"})
 _DOWN_STATES = frozenset({"stopped", "stopping", "draining"})
 
 
+def _definition(session: DesiredSession, command: CommandIntent, env: str) -> list[object]:
+    """What a command's result depends on, `env` standing for its environment."""
+    files = session.tree.digest if command.inputs is None else command.inputs_digest
+    canon: list[object] = [files, session.image, env, command.name, command.run]
+    # why only when set: a command without them keeps the hash it had before they existed,
+    # so upgrading ukc re-runs nothing
+    extra: dict[str, object] = {}
+    if command.inputs is not None:
+        extra["inputs"] = list(command.inputs)
+    if command.shell != DEFAULT_SHELL:
+        extra["shell"] = command.shell
+    if extra:
+        canon.append(extra)
+    return canon
+
+
+def _digest(canon: list[object]) -> str:
+    return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
 def command_input_hash(session: DesiredSession, command: CommandIntent) -> str:
-    """What a command's result depends on: the synced tree, the command, its env, the image."""
-    canon = json.dumps(
-        [session.tree.digest, session.image, session.env_fingerprint, command.name, command.run],
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canon.encode()).hexdigest()[:32]
+    """What a command's result depends on: its inputs (the synced tree, or the files its
+    `inputs` match), the command (text, shell, inputs patterns), its env, the image."""
+    return _digest(_definition(session, command, session.env_fingerprint))
 
 
 def command_public_hash(session: DesiredSession, command: CommandIntent) -> str:
     """The same without secret values (only their names): what can be judged without them."""
-    canon = json.dumps(
-        [session.tree.digest, session.image, session.public_fingerprint, command.name, command.run],
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canon.encode()).hexdigest()[:32]
+    return _digest(_definition(session, command, session.public_fingerprint))
 
 
 def parse_time(value: str | None) -> float | None:
@@ -249,10 +263,22 @@ def _plan_session(
             if last.last_success_hash == "" and last.exit_code is None:
                 reason = "never succeeded"
         if reason:
+            # why every later command too: a command may read what an earlier one wrote in
+            # /workspace, and those outputs are no one's declared inputs; skipping a later
+            # command after an earlier one changed its outputs would keep a stale result
             rerun_rest = True
             runs.append(
                 actions.RunCommand(
-                    name, index, cmd.name, cmd.run, cmd.timeout_s, input_hash, reason, public_hash
+                    name,
+                    index,
+                    cmd.name,
+                    cmd.run,
+                    cmd.timeout_s,
+                    input_hash,
+                    reason,
+                    public_hash,
+                    shell=cmd.shell,
+                    inputs_digest=_ran_with(desired, cmd),
                 )
             )
         else:
@@ -338,11 +364,25 @@ def _last_run_failed(last: CommandRecord) -> str | None:
     return None
 
 
-def _changed(last: object, cmd: CommandIntent) -> str:
-    run = getattr(last, "run", None)
-    if run is not None and run != cmd.run:
+def _ran_with(desired: DesiredSession, cmd: CommandIntent) -> str:
+    """The digest of the files a command runs with (the whole tree without `inputs`)."""
+    return desired.tree.digest if cmd.inputs is None else cmd.inputs_digest
+
+
+def _changed(last: CommandRecord, cmd: CommandIntent) -> str:
+    if last.run != cmd.run:
         return "command changed"
-    return "inputs changed (files, env or image)"
+    if last.shell != cmd.shell:
+        return f"shell changed from {last.shell} to {cmd.shell}"
+    if cmd.inputs is None:
+        return "inputs changed (files, env or image)"
+    if cmd.inputs_changed:
+        shown = ", ".join(cmd.inputs_changed[:5])
+        more = len(cmd.inputs_changed) - 5
+        return f"inputs changed: {shown}" + (f" and {more} more" if more > 0 else "")
+    if last.inputs_digest and last.inputs_digest != cmd.inputs_digest:
+        return "inputs changed"
+    return "env, image or inputs patterns changed"
 
 
 def _cold_boot(last: CommandRecord, inst: Instance | None) -> str | None:

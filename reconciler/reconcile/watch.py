@@ -151,6 +151,8 @@ class Watcher:
         self._stop = threading.Event()
         self._busy = threading.Event()
         self._spec_dirty = False
+        #: the last spec reload failed: the next good one says so (clears the header)
+        self._reload_failed = False
         self._state = _State()
         self._observer: Any = None
         self._scheduled: set[Path] = set()
@@ -298,8 +300,14 @@ class Watcher:
         try:
             self._load()
         except errors.UkcError as err:
+            self._reload_failed = True
             self.reporter.event(Event("watch", "failed", f"spec not reloaded: {err}"))
             return False
+        if self._reload_failed:
+            # why: the header keeps the last event of its row; a fixed spec must replace the
+            # "FAILED ... spec not reloaded" there, not only scroll past it
+            self._reload_failed = False
+            self.reporter.event(Event("watch", "done", "specs valid again: reloaded"))
         self._schedule()
         after = set(self._state.sessions)
         for name in sorted(after - before):

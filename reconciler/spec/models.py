@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Annotated
 
+import pathspec
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from reconciler._util.names import is_dns_label, is_env_name, metro_kind
+from reconciler._util.names import is_dns_label, is_env_name, metro_kind, unknown_metro_message
 from reconciler.errors import SpecError
 from reconciler.spec import endpoints
 from reconciler.spec.defaults import (
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_EXEC",
     "DEFAULT_LOCAL_IMAGE",
     "DEFAULT_MEMORY_MB",
+    "DEFAULT_SHELL",
     "EXEC_NAMES",
     "CommandSpec",
     "SessionSpec",
@@ -60,8 +62,9 @@ __all__ = [
 ]
 
 #: the transports a session may choose (`exec`), each the module `reconciler.transport.<name>`:
-#: ssh, or http (the image's unauthenticated exec API on public port 443 runs the commands)
-EXEC_NAMES = ("ssh", "http")
+#: ssh, http (the image's unauthenticated exec API on public port 443 runs the commands), or
+#: plugin (the platform's token-authenticated sandbox plugin API: no public port at all)
+EXEC_NAMES = ("ssh", "http", "plugin")
 #: the transport of a spec that names none
 DEFAULT_EXEC = "ssh"
 #: memory an instance is created with when the spec gives no `memory_mb` (the original
@@ -70,10 +73,16 @@ DEFAULT_MEMORY_MB = 4096
 #: image used on the local metro when neither the spec nor $UKC_SANDBOX_IMAGE names one
 DEFAULT_LOCAL_IMAGE = "ukc/local-sandbox:latest"
 DEFAULT_COMMAND_TIMEOUT = Duration(30 * 60)
+#: the shell commands run under (`shell`); POSIX `sh`, which is dash on Debian images
+DEFAULT_SHELL = "sh"
 MAX_NAME_LEN = 50  # the instance name adds "ukc-<project8>-" in front: 63 - 14 = 49, rounded
 
 _COMMAND_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# why so narrow: the shell's name is spliced into the launch line in the sandbox; a bare
+# name (looked up in PATH) or an absolute path of plain characters needs no quoting at all
+_SHELL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_SHELL_PATH = re.compile(r"(/[A-Za-z0-9._+-]{1,64}){1,16}")
 
 
 def _fail(message: str, *, at: Sequence[str | int] = ()) -> PydanticCustomError:
@@ -140,6 +149,9 @@ def check_metro(value: str) -> str:
         if parts.query or parts.fragment:
             raise _fail(f"metro url must not have a query or fragment: {show(value)}")
         return value
+    unknown = unknown_metro_message(value)
+    if unknown is not None:
+        raise _fail(unknown)
     raise _fail(f"must be 'local', a metro code like 'fra', or an http(s) url, got {show(value)}")
 
 
@@ -179,6 +191,32 @@ def _check_exec(value: str) -> str:
     if value not in EXEC_NAMES:
         *first, last = map(repr, EXEC_NAMES)
         raise _fail(f"must be {', '.join(first)} or {last}, got {show(value)}")
+    return value
+
+
+def _check_shell(value: str) -> str:
+    if _SHELL_NAME.fullmatch(value) or (
+        _SHELL_PATH.fullmatch(value) and ".." not in value.split("/") and len(value) <= 256
+    ):
+        return value
+    raise _fail(
+        "must be a shell's name (bash, sh, zsh; letters, digits, '.', '_', '+', '-') or its "
+        f"absolute path (/bin/bash), without spaces or arguments, got {show(value)}"
+    )
+
+
+def _check_input(value: str) -> str:
+    if not value.strip():
+        raise _fail("input pattern is empty")
+    if _CONTROL.search(value):
+        raise _fail(f"input pattern contains control characters: {show(value)}")
+    if ".." in value.lstrip("!").split("/"):
+        # why: patterns match paths inside `directory`; one reaching out matches nothing
+        raise _fail(f"input pattern must not contain '..', got {show(value)}")
+    try:
+        pathspec.GitIgnoreSpec.from_lines([value])
+    except (ValueError, TypeError) as exc:
+        raise _fail(f"not a gitignore pattern ({exc}): {show(value)}") from None
     return value
 
 
@@ -269,14 +307,23 @@ _EnvName = Annotated[str, Strict(), AfterValidator(_check_env_name)]
 _EnvValue = Annotated[str, Strict(), AfterValidator(_check_env_value)]
 
 
+_Shell = Annotated[str, Strict(), AfterValidator(_check_shell)]
+
+
 class CommandSpec(BaseModel):
-    """One command, run by `sh -c` in /workspace; in YAML a plain string or a mapping."""
+    """One command, run by `SHELL -lc` in /workspace; in YAML a plain string or a mapping."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, Strict(), AfterValidator(_check_command_name)]
     run: Annotated[str, Strict(), AfterValidator(_check_run)]
     timeout: SpecDuration = DEFAULT_COMMAND_TIMEOUT
+    #: gitignore patterns naming the synced files the command depends on: it re-runs only
+    #: when one of those changed (or its own definition, env or image). None: every synced
+    #: file is an input; []: none is (it runs again only when its definition changes)
+    inputs: tuple[Annotated[str, Strict(), AfterValidator(_check_input)], ...] | None = None
+    #: the shell it runs under; None: the session's
+    shell: _Shell | None = None
 
 
 class SyncSpec(BaseModel):
@@ -333,6 +380,8 @@ class SessionSpec(BaseModel):
     memory_mb: Annotated[int, Strict(), AfterValidator(_check_memory)] | None = None
     ttl: SpecDuration | None = None
     exec: Annotated[str, Strict(), AfterValidator(_check_exec)] = DEFAULT_EXEC
+    #: the shell every command runs under unless it names its own
+    shell: _Shell = DEFAULT_SHELL
 
     @field_validator("commands", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_SIZE", "SizeError", "format_size", "parse_size"]
+__all__ = ["MAX_SIZE", "SizeError", "format_size", "human_size", "parse_size"]
 
 _UNITS: dict[str, int] = {
     "B": 1,
@@ -82,6 +82,17 @@ def format_size(count: int) -> str:
         if count >= scale and count % scale == 0:
             return f"{count // scale}{unit}"
     return f"{count}B"
+
+
+def human_size(count: int) -> str:
+    """A size for people, in one style everywhere (IEC units): 900 -> "900 B",
+    157300293 -> "150.0 MiB"."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def _show(value: str) -> str:

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from reconciler.spec.models import DEFAULT_SHELL
+
 __all__ = [
     "STATUS_VERSION",
     "BackFrom",
@@ -103,6 +105,10 @@ class CommandRecord(_Model):
     #: stopped by Ctrl-C before it finished (then `exit_code` is None)
     interrupted: bool = False
     input_hash: str = ""
+    #: digest of the synced files it ran with: those its `inputs` match, else the whole tree
+    inputs_digest: str = ""
+    #: the shell it ran under (older status files: always sh)
+    shell: str = DEFAULT_SHELL
     #: the instance the last successful run happened on (a new instance re-runs everything)
     instance_uuid: str = ""
     #: and its boot (`start_count`): a cold boot starts with an empty /workspace (it lives in

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import pathspec
@@ -26,7 +26,15 @@ import pathspec
 from reconciler.errors import SyncHaltedError
 from reconciler.sync.options import SyncOptions
 
-__all__ = ["IGNORE_FILE", "MAX_IGNORE_BYTES", "IgnoreRules", "is_state", "is_under", "load_rules"]
+__all__ = [
+    "IGNORE_FILE",
+    "MAX_IGNORE_BYTES",
+    "IgnoreRules",
+    "is_state",
+    "is_under",
+    "load_rules",
+    "matcher",
+]
 
 IGNORE_FILE = ".ukcignore"
 MAX_IGNORE_BYTES = 1 << 20
@@ -55,6 +63,12 @@ def is_under(rel: str, roots: Collection[str]) -> bool:
             return True
         i = rel.find("/", i + 1)
     return False
+
+
+def matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """A test of relative "/"-separated paths against gitignore-style `patterns` (a later
+    `!pattern` takes back what an earlier one matched, as in .gitignore)."""
+    return pathspec.GitIgnoreSpec.from_lines(list(patterns)).match_file
 
 
 class IgnoreRules:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -64,8 +64,12 @@ class Manifest:
 
     @cached_property
     def digest(self) -> str:
+        return self.digest_of(self.entries)
+
+    def digest_of(self, paths: Iterable[str]) -> str:
+        """The digest of the part of the tree at `paths` (each one an entry)."""
         h = hashlib.sha256()
-        for path in sorted(self.entries):
+        for path in sorted(paths):
             e = self.entries[path]
             line = f"{path}\0{e.type}\0{e.size}\0{e.mode:o}\0{e.ref}\n"
             h.update(line.encode("utf-8", "surrogateescape"))

@@ -39,14 +39,17 @@ _KILL_WAIT_S = 10.0
 _STOP_POLL_S = 0.2
 STOP_GRACE_S = 5.0
 
+
 # why: the command runs in the background of the bootstrap shell so it is never a process
 # group leader, which lets `setsid` (util-linux) make it one without forking; `$$` is then
 # both its pid and the id of its new process group.
-_LAUNCH = (
-    "if command -v setsid >/dev/null 2>&1; then "
-    'echo "__UKC_KILL__ -$$" >&2; exec setsid sh -lc "$0"; '
-    'else echo "__UKC_KILL__ $$" >&2; exec sh -lc "$0"; fi'
-)
+def _launch(shell: str) -> str:
+    sh = shlex.quote(shell)
+    return (
+        "if command -v setsid >/dev/null 2>&1; then "
+        f'echo "__UKC_KILL__ -$$" >&2; exec setsid {sh} -lc "$0"; '
+        f'else echo "__UKC_KILL__ $$" >&2; exec {sh} -lc "$0"; fi'
+    )
 
 
 def export_lines(env: Mapping[str, str]) -> list[str]:
@@ -62,10 +65,11 @@ def export_lines(env: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def build_script(command: str, env: Mapping[str, str], cwd: str) -> bytes:
-    """The stdin script: exports (POSIX-quoted), then the command launched in /workspace."""
+def build_script(command: str, env: Mapping[str, str], cwd: str, shell: str = "sh") -> bytes:
+    """The stdin script: exports (POSIX-quoted), then the command launched in /workspace
+    by `shell -lc`."""
     lines = [line + "\n" for line in export_lines(env)]
-    inner = f"cd {shlex.quote(cwd)} && {_LAUNCH}"
+    inner = f"cd {shlex.quote(cwd)} && {_launch(shell)}"
     lines.append(f"sh -c {shlex.quote(inner)} {shlex.quote(command)} </dev/null &\n")
     lines.append("wait $!\n")
     return "".join(lines).encode()
@@ -189,14 +193,15 @@ def run_command(
     tail_bytes: int = 64 * 1024,
     monotonic: Callable[[], float] = time.monotonic,
     stop: Callable[[], bool] | None = None,
+    shell_name: str = "sh",
 ) -> CommandResult:
-    """Run `command` via `sh -lc` in `cwd` with `env`; stream output; kill at `timeout_s`,
+    """Run `command` via `shell_name -lc` in `cwd` with `env`; stream output; kill at `timeout_s`,
     or once `stop()` is true (TERM, `STOP_GRACE_S`, KILL).
 
     `on_stdout` / `on_stderr` are called from two reader threads as data arrives (each
     stream in order; the two streams concurrently).
     """
-    script = build_script(command, env, cwd)
+    script = build_script(command, env, cwd, shell_name)
     started = monotonic()
     proc = shell.start(f"sh -c 'eval \"$(head -c {len(script)})\"'")
     out_tail, err_tail = _Tail(tail_bytes), _Tail(tail_bytes)
@@ -292,6 +297,7 @@ class ShellTransport:
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
         stop: Callable[[], bool] | None = None,
+        shell: str = "sh",
     ) -> CommandResult:
         return run_command(
             self.shell,
@@ -302,6 +308,7 @@ class ShellTransport:
             on_stdout=on_stdout,
             on_stderr=on_stderr,
             stop=stop,
+            shell_name=shell,
         )
 
     def close(self) -> None:

@@ -74,8 +74,10 @@ def build_exec_cmd(
     timeout_s: float | None,
     *,
     env_file: str | None = None,
+    shell: str = "sh",
 ) -> str:
-    """`cd CWD && export K='v' && ... && (COMMAND)`, COMMAND under `timeout` when one is given.
+    """`cd CWD && export K='v' && ... && (COMMAND)`, COMMAND under `timeout` when one is given
+    (and under `shell -c` when it is another shell than the server's `sh`).
 
     The exports run in the server's own shell (builtins: no process, no argv); only COMMAND
     goes on the command line of `timeout` and its `sh -c`. With `env_file` (see `stage_env`),
@@ -88,13 +90,14 @@ def build_exec_cmd(
         parts.append(f"{{ . {path}; s=$?; rm -f {path}; [ $s -eq 0 ]; }}")
     parts.append(f"cd {shlex.quote(cwd)}")
     parts.extend(export_lines(env))
+    sh = shlex.quote(shell)
     if timeout_s is None:
-        parts.append(f"({command})")
+        parts.append(f"({command})" if shell == "sh" else f"{sh} -c {shlex.quote(command)}")
     else:
         # why: the HTTP API cannot cancel a command; GNU timeout kills its process group.
         seconds = max(1, math.ceil(timeout_s))
         inner = shlex.quote(f"({command})")
-        parts.append(f"exec timeout -k {_KILL_AFTER_S} {seconds} sh -c {inner}")
+        parts.append(f"exec timeout -k {_KILL_AFTER_S} {seconds} {sh} -c {inner}")
     return " && ".join(parts)
 
 
@@ -198,9 +201,10 @@ class HttpExec:
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
         tail_bytes: int = 64 * 1024,
+        shell: str = "sh",
     ) -> CommandResult:
         """Run `command`; a non-zero exit is a result, a broken API a `RemoteError`."""
-        cmd = build_exec_cmd(command, env, cwd, timeout_s, env_file=env_file)
+        cmd = build_exec_cmd(command, env, cwd, timeout_s, env_file=env_file, shell=shell)
         host, port = self.address(fqdn, self.port)
         url = f"https://{host}:{port}/exec"
         # why: the server holds the request for the whole run; allow the kill grace on top.
@@ -322,6 +326,7 @@ class HttpTransport:
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
         stop: Callable[[], bool] | None = None,
+        shell: str = "sh",
     ) -> CommandResult:
         """The environment goes over SSH into a private file the command sources, so no value
         (secrets included) is in the unauthenticated request or any argv. The exec API holds
@@ -338,6 +343,7 @@ class HttpTransport:
                 timeout_s=timeout_s,
                 on_stdout=on_stdout,
                 on_stderr=on_stderr,
+                shell=shell,
             )
         finally:
             if env_file is not None:
@@ -377,11 +383,11 @@ class HttpKind:
         self, target: Target, credentials: Credentials, *, pin: str | None, deadline_s: float
     ) -> Transport:
         inner = ssh.KIND.connect(target, credentials, pin=pin, deadline_s=deadline_s)
-        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.fqdn)
+        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.public_name())
 
     def reopen(self, target: Target, credentials: Credentials, *, pin: str) -> Transport:
         inner = ssh.KIND.reopen(target, credentials, pin=pin)
-        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.fqdn)
+        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.public_name())
 
 
 KIND: TransportKind = HttpKind()

@@ -254,3 +254,19 @@ class TestOverLocalShell:
             assert not any("sleep 3119" in c for c in host_cmdlines())
         finally:
             local.close()
+
+    def test_the_shell_runs_the_command_and_its_name_is_never_shell_code(
+        self, tmp_path: Path
+    ) -> None:
+        from reconciler.transport.local_shell import LocalShell
+
+        local = LocalShell()
+        try:
+            bash = run(local, "echo ${BASH_VERSION:+bash}", cwd=str(tmp_path), shell_name="bash")  # type: ignore[arg-type]
+            assert (bash.exit_code, bash.stdout_tail) == (0, "bash\n")
+            # the spec refuses such a name; the launch line quotes it all the same
+            hostile = run(local, "true", cwd=str(tmp_path), shell_name="sh; touch pwned; sh")  # type: ignore[arg-type]
+            assert hostile.exit_code != 0
+            assert not (tmp_path / "pwned").exists()
+        finally:
+            local.close()

@@ -62,6 +62,42 @@ def test_a_write_with_a_backup_keeps_the_previous_generation_there(tmp_path: Pat
     assert backup.read_bytes() == b"first"
 
 
+def test_a_reader_never_finds_the_file_missing_while_it_is_replaced_with_a_backup(
+    tmp_path: Path,
+) -> None:
+    target, backup = tmp_path / "status.json", tmp_path / "status.json.bak"
+    write_atomic(target, b"0", backup=backup, durable=False)
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "path, misses, reads = sys.argv[1], 0, 0\n"
+            "import os\n"
+            "while not os.path.exists(path + '.stop'):\n"
+            "    reads += 1\n"
+            "    try:\n"
+            "        open(path, 'rb').close()\n"
+            "    except FileNotFoundError:\n"
+            "        misses += 1\n"
+            "print(reads, misses)\n",
+            str(target),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for generation in range(1, 3000):
+            write_atomic(target, str(generation).encode(), backup=backup, durable=False)
+    finally:
+        (tmp_path / "status.json.stop").touch()
+        out, _ = reader.communicate(timeout=30)
+    reads, misses = (int(n) for n in out.split())
+    assert reads > 0
+    assert misses == 0, f"{misses} of {reads} reads found no status file"
+    assert backup.read_bytes() == b"2998"
+
+
 def test_a_write_that_fails_leaves_the_file_and_no_temp_file(tmp_path: Path) -> None:
     target = tmp_path / "salt"
     target.write_bytes(b"old")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from reconciler._util.names import (
+    KNOWN_METRO_CODES,
     is_dns_label,
     is_env_name,
     is_metro_code,
     metro_kind,
     official_metro_code,
+    unknown_metro_message,
 )
 from reconciler.cloud.api import metro_base_url
 from reconciler.errors import SpecError
@@ -92,3 +94,26 @@ def test_the_local_metro_refuses_instance_names_that_are_not(name: str) -> None:
 
     with pytest.raises(ItemError, match="not a valid DNS label"):
         parse_create({"name": name, "image": "img"})
+
+
+@pytest.mark.parametrize("word", ["mars", "xyz", "abc1"])
+def test_a_word_shaped_like_a_metro_code_that_is_none_is_an_unknown_metro(word: str) -> None:
+    assert not is_metro_code(word) and metro_kind(word) is None
+    message = unknown_metro_message(word)
+    assert message is not None and f"unknown metro {word!r}" in message
+    assert all(code in message for code in KNOWN_METRO_CODES)
+    with pytest.raises(endpoints.EndpointRefusedError):
+        endpoints.resolve(f"https://api.{word}.unikraft.cloud", {})
+
+
+def test_every_known_metro_code_is_a_code_and_no_unknown_one() -> None:
+    for code in KNOWN_METRO_CODES:
+        assert is_metro_code(code) and unknown_metro_message(code) is None
+
+
+def test_the_metro_registry_names_an_unknown_metro_before_asking_for_a_token() -> None:
+    from reconciler.cloud.metros import MetroRegistry
+    from reconciler.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown metro 'mars': known metro codes are fra"):
+        MetroRegistry({}).get("mars")

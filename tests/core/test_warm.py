@@ -180,7 +180,7 @@ def test_a_client_that_never_says_go_gets_nothing_run(
     project.mkdir()
     request = {
         "op": "run",
-        "argv": ["apply"],
+        "argv": ["apply", "--prune", "--allow-empty"],
         "cwd": str(project),
         "env": warm_env,
         "umask": 0o022,
@@ -199,9 +199,10 @@ def test_a_client_that_never_says_go_gets_nothing_run(
         assert sock.recv(1) == b"R"  # then the child's pid, and it waits for b"G"
     os.close(null)
     time.sleep(0.5)
-    # `apply` in an empty directory writes .ukc/status.json: it never started
+    # `apply --prune --allow-empty` in an empty directory writes .ukc/status.json: it never
+    # started
     assert not (project / ".ukc").exists()
-    done = ukc(warm_env, project, "apply")
+    done = ukc(warm_env, project, "apply", "--prune", "--allow-empty")
     assert done.returncode == 0 and (project / ".ukc" / "status.json").exists()
 
 

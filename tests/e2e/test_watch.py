@@ -253,3 +253,14 @@ def test_an_edit_after_the_instance_was_stopped_behind_our_back_still_arrives(
     w.wait_for(lambda: copy.read_text() == "after stop\n", timeout=60)
     uuid = status(project)["sessions"]["live"]["instance"]["uuid"]
     assert (project.workspace(uuid) / "input.txt").read_text() == "after stop\n"
+
+
+def test_a_fixed_spec_clears_the_failure_the_broken_one_put_in_the_header(
+    project: Ukc, watch: Callable[..., WatchProcess]
+) -> None:
+    w = watch("session.yaml")
+    w.wait_for(lambda: ready(project))
+    project.write_spec(SPEC + "bogus: 1\n")
+    w.wait_for(lambda: "spec not reloaded" in w.output())
+    project.write_spec(SPEC)
+    w.wait_for(lambda: "[watch] specs valid again: reloaded" in w.output())

@@ -88,6 +88,25 @@ class TestBoot:
     def test_the_console_holds_sshd_output(self, harness: EdgeHarness) -> None:
         assert b"Server listening on 127.0.0.1 port 2222" in harness.runtime.console(ONE)
 
+    @pytest.mark.skipif(os.geteuid() != 0, reason="replacing a host /etc file needs root")
+    def test_a_host_account_change_leaves_the_sandboxs_own_accounts_and_login_alone(
+        self, harness: EdgeHarness
+    ) -> None:
+        before = harness.ssh("one", "cat /etc/passwd /etc/shadow")
+        assert before.returncode == 0, before.stderr
+        # what useradd, userdel and passwd do to the host's files: a new copy renamed over
+        # each (the content stays the same here, so the host notices nothing)
+        for name in ("passwd", "group", "shadow"):
+            live = Path("/etc") / name
+            staged = live.with_name(f"{name}.ukc-test-{os.getpid()}")
+            shutil.copy2(live, staged)
+            stat = live.stat()
+            os.chown(staged, stat.st_uid, stat.st_gid)
+            os.replace(staged, live)
+        after = harness.ssh("one", "cat /etc/passwd /etc/shadow")
+        assert after.returncode == 0, after.stderr
+        assert after.stdout == before.stdout
+
     def test_a_missing_bwrap_names_the_debian_package(self, tmp_path: Path) -> None:
         rt = SandboxRuntime(tmp_path, lambda u, c, m: None, bwrap=str(tmp_path / "no-bwrap"))
         with pytest.raises(

@@ -1,6 +1,6 @@
 """What bubblewrap is told: the sandbox's mounts, namespaces and capabilities, and the agent.
 
-Every sandbox sees the host's `/usr` and `/etc` read-only (its own account files over them),
+Every sandbox sees the host's `/usr` and `/etc` read-only (its own account files in them),
 size-bounded private `/tmp` `/run` `/var` `/root`, its workspace at `/workspace`, and
 `/run/ukc-host` (the agent and its host key, read-only). It has its own user, mount, pid, net,
 ipc, uts and cgroup namespaces, and dies with the daemon. The options travel through a pipe
@@ -110,6 +110,33 @@ def bind_sources(files: dict[str, str], workspace: Path, *, staged: bool) -> dic
     return {**files, "workspace": str(workspace)}
 
 
+#: the sandbox's own account files, in place of the host's
+OWN_ETC = ("passwd", "group", "shadow")
+# why at the top: a relative link in the host's /etc (fonts/conf.d → ../../../usr/...)
+# resolves the same from any directory one level below /
+HOST_ETC = "/.host-etc"
+
+
+def _etc_options(sources: dict[str, str]) -> list[str]:
+    """`/etc` as the host's, read-only, with the sandbox's own account files.
+
+    Why not the host's `/etc` with files bound over it: a mount on a host file goes away when
+    the host replaces that file (useradd renames a new `/etc/passwd` into place), and the
+    sandbox then sees the host's accounts, where root's login is locked. So the host's `/etc`
+    is bound aside and the sandbox's `/etc` is a directory of links into it.
+    """
+    args = ["--ro-bind", "/etc", HOST_ETC, "--dir", "/etc"]
+    for name in sorted(os.listdir("/etc")):
+        if name in OWN_ETC:
+            continue
+        host = os.path.join("/etc", name)
+        target = os.readlink(host) if os.path.islink(host) else f"{HOST_ETC}/{name}"
+        args += ["--symlink", target, f"/etc/{name}"]
+    for name in OWN_ETC:
+        args += ["--ro-bind", sources[f"etc/{name}"], f"/etc/{name}"]
+    return args
+
+
 def bwrap_options(
     uuid: str,
     sources: dict[str, str],
@@ -144,11 +171,8 @@ def bwrap_options(
     ]  # fmt: skip
     if os.path.isdir("/usr/lib64"):
         args += ["--symlink", "usr/lib64", "/lib64"]
+    args += _etc_options(sources)
     args += [
-        "--ro-bind", "/etc", "/etc",
-        "--ro-bind", sources["etc/passwd"], "/etc/passwd",
-        "--ro-bind", sources["etc/group"], "/etc/group",
-        "--ro-bind", sources["etc/shadow"], "/etc/shadow",
         "--dev", "/dev",
         "--proc", "/proc",
         "--size", size, "--tmpfs", "/tmp",
