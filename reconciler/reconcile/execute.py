@@ -19,9 +19,10 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
+from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance
-from reconciler.reconcile import actions, identity, sessionkeys
+from reconciler.reconcile import actions, identity, rebuild, sessionkeys
 from reconciler.reconcile.desired import (
     Group,
     SessionContext,
@@ -32,8 +33,9 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
+from reconciler.spec.models import DEFAULT_MEMORY_MB
 from reconciler.spec.sizes import human_size
-from reconciler.status import journal
+from reconciler.status import journal, sandboxjournal
 from reconciler.status.schema import (
     BackFrom,
     CommandRecord,
@@ -86,6 +88,8 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
     #: the last command run in this execution (what a sync-back's files come from)
     last_command: CommandRecord | None = None
+    #: the sandbox's journal was removed before this execution's first change in it
+    journal_cleared: bool = False
 
 
 class Executor:
@@ -100,7 +104,9 @@ class Executor:
         doc_lock: threading.Lock,
         ready_timeout_s: float = 60.0,
         boot_timeout_s: float = 60.0,
+        name_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
         ran: set[tuple[str, str]] | None = None,
         pool: TransportPool | None = None,
         stop: StopFlag | None = None,
@@ -113,7 +119,13 @@ class Executor:
         self.doc_lock = doc_lock
         self.ready_timeout_s = ready_timeout_s
         self.boot_timeout_s = boot_timeout_s
+        #: how long a create waits for a name an instance being deleted still holds
+        self.name_timeout_s = name_timeout_s
         self.clock = clock
+        self.sleep = sleep
+        #: uuids deleted in this apply: an instance still answering under such a uuid is on
+        #: its way out, never one to adopt
+        self.deleted: set[str] = set()
         #: (session, command) pairs that ran in this apply; the rest are reported as skipped
         self.ran = ran if ran is not None else set()
         #: connections kept across rounds and passes (one per session)
@@ -196,6 +208,12 @@ class Executor:
             outcome.error = redact(str(err))
             self._fail(name, outcome.error, err)
         finally:
+            with self.doc_lock:
+                rec = self.doc.sessions.get(name)
+                if rec is not None and run.timings:
+                    rec.timings = {k: round(v, 3) for k, v in run.timings.items()}
+            if splan.changes and not outcome.interrupted:
+                self._leave_journal(name, run)
             if run.transport is not None:
                 if self.pool is not None and run.inst is not None and outcome.ok:
                     self.pool.keep(name, run.inst.uuid, run.transport)
@@ -204,10 +222,6 @@ class Executor:
                         run.transport.close()
                     if self.pool is not None:
                         self.pool.drop(name)
-            with self.doc_lock:
-                rec = self.doc.sessions.get(name)
-                if rec is not None and run.timings:
-                    rec.timings = {k: round(v, 3) for k, v in run.timings.items()}
             self.save()
         return outcome
 
@@ -265,18 +279,46 @@ class Executor:
         if isinstance(action, actions.CreateInstance):
             self._create(action, ctx, conn, run)
         elif isinstance(action, actions.StartInstance):
+            before = run.inst
             conn.api.start_instance(action.instance_name)
-            run.inst = self._await_up(conn, action.instance_name, action.session)
+            run.inst = self._await_up(conn, action.instance_name, action.session, before=before)
             self._note_instance(action.session, run.inst)
         elif isinstance(action, actions.WaitReady):
             self._wait_ready(ctx, conn, run)
         elif isinstance(action, actions.SyncUp):
+            self._clear_journal(run)
             self._sync_up(ctx, run)
         elif isinstance(action, actions.RunCommand):
             outcome.ran_commands += 1
+            self._clear_journal(run)
             self._run_command(action, ctx, run, redact)
         elif isinstance(action, actions.SyncBack):
             self._sync_back(ctx, run, redact)
+
+    # -- the sandbox's journal (with UKC_SESSION_SECRET: see `reconcile.rebuild`) -----------
+
+    def _clear_journal(self, run: _Run) -> None:
+        if self.obs.owner.key_root is None or run.journal_cleared or run.transport is None:
+            return
+        rebuild.clear_journal(run.transport)
+        run.journal_cleared = True
+
+    def _leave_journal(self, name: str, run: _Run) -> None:
+        key_root = self.obs.owner.key_root
+        if key_root is None or run.transport is None or run.inst is None:
+            return
+        with self.doc_lock:
+            rec = self.doc.sessions.get(name)
+            if rec is None or rec.instance is None or rec.instance.uuid != run.inst.uuid:
+                return
+            rec.journal_seq += 1
+            record = rec.model_copy(deep=True)
+        binding = sandboxjournal.Binding(self.obs.owner.project, name, run.inst.uuid)
+        try:
+            rebuild.leave_journal(run.transport, key_root, binding, record)
+        except (errors.UkcError, ValueError) as err:
+            # why not a failure: without a journal the next runner redoes the work, no more
+            self._say(name, "info", f"journal not left in the sandbox: {err}")
 
     # -- instance lifecycle ----------------------------------------------------------------
 
@@ -313,33 +355,71 @@ class Executor:
             image=ctx.desired.image,
             env=fields.env,
             tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport), *key_tags),
-            memory_mb=ctx.loaded.spec.memory_mb,
+            # why: UKC's own default (128 MiB) holds little: /workspace lives in memory
+            memory_mb=ctx.loaded.spec.memory_mb or DEFAULT_MEMORY_MB,
             services=fields.services,
             plugins=fields.plugins,
             # the platform scales to zero only an instance with a service group
             scale_to_zero=SESSION_SCALE_TO_ZERO if fields.services else None,
             autostart=True,
         )
-        try:
-            conn.api.create_instance(request)
-        except errors.AlreadyExistsError:
-            # A create whose answer was lost made it, or someone else holds the name: adopt
-            # only what the ownership rule proves ours (the intent journaled above has no
-            # uuid, so only the owner tag can prove it).
-            found = conn.api.get_instance(action.instance_name)
-            if found is None:
-                raise
-            proof = identity.prove(found, self.obs.owner, session, rec.instance)
-            if not proof.ours:
-                raise errors.OwnershipError(proof.refusal(found)) from None
-            self._say(session, "info", f"adopted existing instance {found.name}")
-        run.inst = self._await_up(conn, action.instance_name, session)
+        self._create_when_free(conn, request, session, rec.instance)
+        run.inst = self._await_up(conn, action.instance_name, session, before=None)
         # an adopted instance (a lost create answer of an earlier run) carries its own nonce
         run.credentials = instance_credentials(self.group, session, owner, run.inst)
         self._note_instance(session, run.inst)
 
-    def _await_up(self, conn: MetroConnection, name: str, session: str) -> Instance:
-        """Until the instance runs (or sits in standby, which wakes on traffic)."""
+    def _create_when_free(
+        self,
+        conn: MetroConnection,
+        request: CreateRequest,
+        session: str,
+        intent: InstanceRecord | None,
+    ) -> None:
+        """Create; while the name is still held by an instance on its way out (deletes are
+        asynchronous: a replaced or retained one), wait for it and try again."""
+        name = request.name
+        held_by = [""]
+
+        def attempt(remaining: float) -> bool | None:
+            try:
+                conn.api.create_instance(request)
+                return True
+            except errors.AlreadyExistsError:
+                found = conn.api.get_instance(name)
+                if found is None or found.uuid in self.deleted:
+                    # The name is held by an instance being deleted (or retained as
+                    # `deleted`): never adopt it; its name comes free shortly.
+                    held_by[0] = found.uuid if found is not None else "a deleted instance"
+                    if remaining <= 0:
+                        raise errors.AlreadyExistsError(
+                            f"instance {name} of session {session!r}: the name is still taken "
+                            f"by {held_by[0]} after {self.name_timeout_s:.0f}s of waiting for "
+                            "its delete to finish"
+                        ) from None
+                    return None
+                # A create whose answer was lost made it, or someone else holds the name:
+                # adopt only what the ownership rule proves ours (the intent journaled
+                # before has no uuid, so only the owner tag can prove it).
+                proof = identity.prove(found, self.obs.owner, session, intent)
+                if not proof.ours:
+                    raise errors.OwnershipError(proof.refusal(found)) from None
+                self._say(session, "info", f"adopted existing instance {found.name}")
+                return True
+
+        policy = RetryPolicy(
+            max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5, deadline_s=self.name_timeout_s
+        )
+        poll(attempt, policy=policy, monotonic=self.clock, sleep=self.sleep)
+
+    def _await_up(
+        self, conn: MetroConnection, name: str, session: str, *, before: Instance | None
+    ) -> Instance:
+        """Until the instance runs (or sits in standby, which wakes on traffic).
+
+        A stop the platform reports for this boot (a missing image, out of memory, a crash)
+        ends the wait at once with its decoded reason; `before` is the instance as it was
+        before a start request (its old stop is not this boot's)."""
         last = ["unknown"]
 
         def probe(remaining: float) -> Instance | None:
@@ -349,13 +429,18 @@ class Executor:
             if inst.state in ("running", "standby"):
                 return inst
             last[0] = inst.state
+            if inst.state == "stopped" and _stopped_since(inst, before):
+                info = stops.decode(inst.stop_reason, inst.stop_code, inst.exit_code)
+                if info.failed or inst.start_count:
+                    raise errors.BootFailedError(
+                        f"instance {name} of session {session!r} stopped while booting: "
+                        f"{info.text}; started {inst.start_count or 0} time(s)"
+                    )
             if remaining <= 0:
                 return None
-            if inst.state == "stopped" and inst.start_count:
-                raise errors.RemoteError(f"instance {name} stopped while booting")
             # the platform's own wait holds the request until the state is reached
             with contextlib.suppress(errors.SandboxNotReadyError):
-                conn.api.wait_instance(name, "running", min(remaining, 5.0))
+                conn.api.wait_instance(name, "running", min(remaining, 2.0))
             return None
 
         policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)
@@ -370,7 +455,15 @@ class Executor:
     def _note_instance(self, session: str, inst: Instance) -> None:
         rec = self._record(session)
         with self.doc_lock:
-            pin = identity.recorded_pin(rec.instance, inst)
+            pin = identity.boot_pin(rec.instance, inst)
+            if pin is None and identity.recorded_pin(rec.instance, inst) is not None:
+                self._say(
+                    session,
+                    "info",
+                    f"warning: instance {inst.name} booted again (start count "
+                    f"{rec.instance.start_count if rec.instance else '?'} -> {inst.start_count}): "
+                    "its host key is learned anew",
+                )
             rec.instance = InstanceRecord(
                 name=inst.name,
                 uuid=inst.uuid,
@@ -397,6 +490,8 @@ class Executor:
             run.transport.close()
             run.transport = None
         conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
+        with self.doc_lock:
+            self.deleted.add(action.instance_uuid)
         run.inst = None
         self.forget_local(action)
 
@@ -439,15 +534,19 @@ class Executor:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
         assert run.kind is not None
         rec = self._record(ctx.desired.name)
-        if rec.instance is None or rec.instance.uuid != inst.uuid:
+        if (
+            rec.instance is None
+            or rec.instance.uuid != inst.uuid
+            or rec.instance.start_count != inst.start_count
+        ):
             # A run killed between the create and its journal entry left only the intent (no
             # uuid); the observed instance, which the planner proved ours, is the one we work
-            # on, so record it.
+            # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
         transport = run.kind.connect(
             Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
             run.credentials or ctx.credentials,
-            pin=identity.recorded_pin(rec.instance, inst),
+            pin=identity.boot_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,
         )
         run.transport = transport
@@ -587,6 +686,9 @@ class Executor:
                 inputs_digest=action.inputs_digest,
                 shell=action.shell,
                 instance_uuid=run.inst.uuid if ok else (previous.instance_uuid if previous else ""),
+                start_count=run.inst.start_count
+                if ok
+                else (previous.start_count if previous else None),
                 last_success_hash=action.input_hash
                 if ok
                 else (previous.last_success_hash if previous else ""),
@@ -684,6 +786,18 @@ class Executor:
                 f"sync-back of session {name!r} {stopped}; "
                 f"{result.files_written} file(s) brought back were kept, no deletions mirrored"
             )
+
+
+def _stopped_since(inst: Instance, before: Instance | None) -> bool:
+    """Whether `inst`'s stop happened after `before` was observed (None: a new instance, so
+    any stop is this boot's)."""
+    if before is None or before.uuid != inst.uuid:
+        return True
+    return (inst.stopped_at, inst.start_count, inst.stop_reason) != (
+        before.stopped_at,
+        before.start_count,
+        before.stop_reason,
+    )
 
 
 def _phase_of(action: actions.Action) -> str:

@@ -24,15 +24,21 @@ from dataclasses import dataclass, field
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, instance_credentials
-from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile import actions, identity, rebuild
+from reconciler.reconcile.desired import DesiredSession, Group, instance_credentials
+from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe
-from reconciler.reconcile.plan import parse_time, plan_delete, plan_sessions
+from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.status import journal
-from reconciler.status.schema import Interruption, SessionStatus, StatusDoc
+from reconciler.status.schema import (
+    Interruption,
+    SessionStatus,
+    StatusDoc,
+    format_time,
+    parse_time,
+)
 from reconciler.transport import select
 from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
@@ -77,10 +83,30 @@ def plan_group(
     doc = journal.load(group.status_path)
     owner, salt = _identity(group, environ)
     obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
-    the_plan = plan_sessions(
-        obs.desired, obs.instances, doc, now(), owner=obs.owner, prune=prune, claimed=obs.claimed
-    )
+
+    the_plan = _plan(obs.desired, obs, doc, now(), prune=prune)
+    wanted = rebuild.worth_reading(the_plan, obs, doc, set())
+    if wanted:
+        # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
+        # not written; apply does that)
+        with contextlib.closing(TransportPool()) as pool:
+            quiet = RecordingReporter()
+            if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
+                the_plan = _plan(obs.desired, obs, doc, now(), prune=prune)
     return the_plan, obs
+
+
+def _plan(
+    desired: Sequence[DesiredSession],
+    obs: Observation,
+    doc: StatusDoc,
+    at: float,
+    *,
+    prune: bool,
+) -> actions.Plan:
+    return plan_sessions(
+        desired, obs.instances, doc, at, owner=obs.owner, prune=prune, claimed=obs.claimed
+    )
 
 
 def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner, bytes]:
@@ -130,6 +156,8 @@ def apply_group(
         rounds = 0
         obs: Observation | None = None
         ran: set[tuple[str, str]] = set()
+        #: sessions whose sandbox journal was read in this run (once is enough)
+        journals_read: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
         while True:
@@ -146,15 +174,15 @@ def apply_group(
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
-            plan = plan_sessions(
-                desired,
-                obs.instances,
-                doc,
-                now(),
-                owner=obs.owner,
-                prune=prune and not failed,
-                claimed=obs.claimed,
-            )
+
+            plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
+            wanted = rebuild.worth_reading(plan, obs, doc, journals_read)
+            if wanted:
+                journals_read.update(wanted)
+                if rebuild.consult(
+                    wanted, obs=obs, doc=doc, metros=metros, pool=kept, reporter=reporter
+                ):
+                    plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
             if first_plan is None:
                 first_plan = plan
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)
@@ -330,7 +358,7 @@ def _prefetcher(
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job
         # (it journals the instance it adopts at the same time)
-        pin = identity.recorded_pin(known, inst)
+        pin = identity.boot_pin(known, inst)
         if not pin:
             return
         kind = select.kind_for(transport)
@@ -367,12 +395,11 @@ def _finalize(
         if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
             rec.instance.state = inst.state
             rec.instance.fqdn = inst.fqdn
-        if desired.ttl_s is not None and rec.created_at:
-            created = parse_time(rec.created_at)
-            if created is not None:
-                rec.expires_at = time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created + desired.ttl_s)
-                )
+        created = parse_time(rec.created_at)
+        if desired.ttl_s is not None and created is not None:
+            rec.expires_at = format_time(created + desired.ttl_s)
+        elif rec.phase != "Expired":
+            rec.expires_at = None  # the spec dropped its ttl
         wanted = {c.name for c in desired.commands}
         for cmd in rec.commands:
             cmd.skipped = (name, cmd.name) not in ran
