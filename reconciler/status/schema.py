@@ -25,6 +25,7 @@ __all__ = [
     "Interruption",
     "Phase",
     "SessionStatus",
+    "SourceRecord",
     "StatusDoc",
     "SyncRecord",
 ]
@@ -154,11 +155,31 @@ class SessionStatus(_Model):
     interruption: Interruption | None = None
 
 
+class SourceRecord(_Model):
+    """The git revision the sessions were last applied from (`ukc follow`)."""
+
+    #: the repository: a path, or a URL without any credentials it carried
+    url: str
+    ref: str
+    #: the specs' directory or file inside the repository ("" for its root)
+    path: str = ""
+    revision: str
+    applied_at: str | None = None
+
+
 class StatusDoc(_Model):
     version: int = STATUS_VERSION
     project: str = ""
     updated_at: str | None = None
     sessions: dict[str, SessionStatus] = Field(default_factory=dict)
+    #: set by `ukc follow`: the revision applied last, and the last one tried (with why it
+    #: failed, "" when it did not): a broken revision shows here while `source` keeps the
+    #: last good one
+    source: SourceRecord | None = None
+    last_applied_revision: str = ""
+    last_attempted_revision: str = ""
+    last_attempted_at: str | None = None
+    last_attempt_error: str = ""
 
     def inventory(self) -> dict[str, InstanceRecord]:
         """Sessions whose instance we created and have not deleted: the prune inventory."""
