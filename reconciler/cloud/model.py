@@ -12,6 +12,7 @@ from typing import Protocol
 
 __all__ = [
     "CloudApi",
+    "ConsoleLog",
     "CreateRequest",
     "Instance",
     "Plugin",
@@ -74,6 +75,17 @@ class CreateRequest:
     autostart: bool = True
 
 
+@dataclass(frozen=True)
+class ConsoleLog:
+    """A slice of an instance's console output (the guest's stdout, stderr and kernel lines):
+    bytes `start`..`end` of the `available_end` the platform keeps."""
+
+    data: bytes
+    start: int
+    end: int
+    available_end: int
+
+
 class CloudApi(Protocol):
     """The platform API of one metro. Every method is one logical operation (retries inside)."""
 
@@ -102,6 +114,11 @@ class CloudApi(Protocol):
 
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
         """Block until the instance is in `state`; raises `SandboxNotReadyError` at the deadline."""
+        ...
+
+    def instance_log(self, uuid: str, *, offset: int, limit: int | None = None) -> ConsoleLog:
+        """The console of exactly the instance `uuid`, from byte `offset` (negative: that far
+        from the end), at most `limit` bytes."""
         ...
 
     def close(self) -> None: ...

@@ -43,6 +43,7 @@ __all__ = [
     "group_sessions",
     "load_groups",
     "secret_missing_message",
+    "session_env",
     "sync_options_for",
     "transport_of",
 ]
@@ -209,9 +210,7 @@ def build_session(
     on_change: Callable[[], None] | None = None,
 ) -> tuple[SessionContext, str | None]:
     s = loaded.spec
-    missing = missing_secret_env(s, environ)
-    secret_env = {k: environ[v] for k, v in s.secret_env.items() if (k, v) not in missing}
-    env = {**dict(s.env), **secret_env}
+    env, secret_env, missing = session_env(s, environ)
     fingerprint = hashlib.sha256(
         salt + json.dumps([sorted(s.env.items()), sorted(secret_env.items())]).encode()
     ).hexdigest()[:32]
@@ -302,6 +301,17 @@ def command_intents(
             )
         )
     return tuple(intents)
+
+
+def session_env(
+    spec: SessionSpec, environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str], list[tuple[str, str]]]:
+    """The environment the session's commands run with (`env`, then the `secret_env` values
+    the controller has), its secret part, and the `secret_env` entries whose controller
+    variable is not set."""
+    missing = missing_secret_env(spec, environ)
+    secret_env = {k: environ[v] for k, v in spec.secret_env.items() if (k, v) not in missing}
+    return {**dict(spec.env), **secret_env}, secret_env, missing
 
 
 def secret_missing_message(loaded: LoadedSession, sandbox_name: str, controller: str) -> str:
