@@ -292,7 +292,8 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
 Examples:
   ukc plan                        the specs in the current directory
   ukc plan specs/ --prune         also the deletions --prune would make
-  ukc plan -o json | jq .         machine-readable
+  ukc plan -o json | jq .         machine-readable (schema: ukc schema plan)
+  ukc plan -o markdown > plan.md  a pull-request comment
   ukc plan --detailed-exitcode    0 nothing to do, 1 error, 2 changes pending""",
 )
 @_paths_arg
@@ -305,7 +306,15 @@ Examples:
     is_flag=True,
     help="Exit 0 when nothing to do, 1 on an error, 2 when changes are pending.",
 )
-@_output_option
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["text", "json", "markdown"]),
+    default="text",
+    show_default=True,
+    help="text for people; json: the versioned plan document (`ukc schema plan`); "
+    "markdown: a pull-request comment.",
+)
 @_status_option
 @click.option("-v", "--verbose", is_flag=True, help="Also show why unchanged things are fine.")
 @_debug_option
@@ -349,6 +358,7 @@ def _plan(
     verbose: bool,
 ) -> tuple[bool, bool]:
     """Show the plans; (changes pending, a session apply would fail)."""
+    from reconciler.cli.plan_output import PlannedGroup, build_document, render_markdown
     from reconciler.reconcile.loop import check_prune, plan_group
 
     groups = _load(paths, status_path)
@@ -360,21 +370,45 @@ def _plan(
     try:
         pending = False
         failing = False
-        doc_out: dict[str, Any] = {}
+        planned: list[PlannedGroup] = []
         for group in groups:
             the_plan, _ = plan_group(group, metros=metros, environ=os.environ, prune=prune)
             pending = pending or not the_plan.empty
             failing = failing or bool(the_plan.errors)
-            if output == "json":
-                doc_out[str(group.base_dir)] = plan_json(the_plan)
-            else:
+            planned.append(PlannedGroup(group.base_dir, group.status_path, prune, the_plan))
+            if output == "text":
                 for line in render_plan(the_plan, verbose):
                     click.echo(line)
-        if output == "json":
-            click.echo(json.dumps({"api_requests": metros.request_count(), **doc_out}, indent=2))
+        if output != "text":
+            doc = build_document(planned, metros.request_count())
+            if output == "json":
+                click.echo(doc.model_dump_json(indent=2))
+            else:
+                click.echo(render_markdown(doc), nl=False)
     finally:
         metros.close()
     return pending, failing
+
+
+@cli.command(
+    short_help="Print the JSON Schema of a spec or of a plan.",
+    epilog="""\b
+Examples:
+  ukc schema > session.schema.json    for editors: first line of a spec file
+                                      # yaml-language-server: $schema=session.schema.json
+  ukc schema plan                     the document `ukc plan -o json` prints""",
+)
+@click.argument("what", type=click.Choice(["session", "plan"]), default="session")
+def schema(what: str) -> None:
+    """Print a JSON Schema: of a session spec document (for editors), or of `plan --output json`."""
+    if what == "plan":
+        from reconciler.cli.plan_output import plan_schema
+
+        click.echo(json.dumps(plan_schema(), indent=2))
+        return
+    from reconciler.spec.schema import session_schema
+
+    click.echo(json.dumps(session_schema(), indent=2))
 
 
 @cli.command(

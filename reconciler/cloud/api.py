@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import random
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +36,7 @@ import httpx
 
 from reconciler._util.names import is_metro_code
 from reconciler._util.retry import RetryPolicy, call_with_retries
-from reconciler.cloud.model import ConsoleLog, CreateRequest, Instance
+from reconciler.cloud.model import ConsoleLog, CreateRequest, Instance, PluginReply
 from reconciler.errors import (
     AlreadyExistsError,
     ApiError,
@@ -63,6 +64,11 @@ _MAX_RETRY_AFTER_S = 3600.0
 _CODE_NOT_FOUND = 8
 _CODE_QUOTA = 19
 _CODE_ALREADY_EXISTS = 23
+#: an instance uuid, a plugin name, and a plugin path (segments of safe characters, no dot
+#: segments): a path made of the sandbox's answers must stay under its instance's plugin route
+_UUID = re.compile(r"[0-9A-Za-z-]{1,64}")
+_PLUGIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_PLUGIN_PATH = re.compile(r"[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*")
 
 
 def normalize_base_url(url: str) -> str:
@@ -581,6 +587,63 @@ class UkcApi:
 
         result: Instance = self._retrying(attempt)
         return result
+
+    def plugin_request(
+        self,
+        uuid: str,
+        plugin: str,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+        max_bytes: int,
+    ) -> PluginReply:
+        if not (
+            _UUID.fullmatch(uuid)
+            and _PLUGIN_NAME.fullmatch(plugin)
+            and _PLUGIN_PATH.fullmatch(path)
+        ):
+            raise ValueError(f"plugin request {plugin}/{path!r} of {uuid!r} is not a plugin route")
+        sent: dict[str, str] = dict(headers or {})
+        content: bytes | None = None
+        if body is not None:
+            content = json.dumps(body).encode()
+            sent["content-type"] = "application/json"
+        if self._token:
+            sent["authorization"] = f"Bearer {self._token}"
+        self.request_count += 1
+        prefix = f"ukc api {self.metro}: plugin {plugin} {path.split('/', 1)[0]}"
+        try:
+            with self._client.stream(
+                method,
+                f"/v1/instances/{uuid}/plugins/{plugin}/{path}",
+                content=content,
+                headers=sent,
+                timeout=httpx.Timeout(timeout_s, connect=10.0),
+            ) as response:
+                if response.status_code in (401, 403):
+                    raise AuthError(
+                        f"{prefix}: http {response.status_code}, the token was rejected",
+                        status=response.status_code,
+                    )
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        raise TransportError(
+                            f"{prefix}: answer over {max_bytes} bytes", retryable=False
+                        )
+                return PluginReply(
+                    response.status_code, bytes(data), response.headers.get("content-range")
+                )
+        except httpx.TimeoutException as err:
+            raise TransportError(f"{prefix}: timed out ({type(err).__name__})") from None
+        except httpx.TransportError as err:
+            raise TransportError(
+                f"{prefix}: connection failed ({type(err).__name__}: {self._scrub(str(err))})"
+            ) from None
 
     def close(self) -> None:
         self._client.close()

@@ -1,7 +1,8 @@
 """What the controller knows of the cloud: instances, what a create sends, the API's shape.
 
-`CloudApi` is the platform API of one metro (list / create / start / stop / delete / wait),
-implemented over httpx by `cloud.api.UkcApi`; the local metro speaks the same wire protocol.
+`CloudApi` is the platform API of one metro (list / create / start / stop / delete / wait, and
+requests to an instance's plugin), implemented over httpx by `cloud.api.UkcApi`; the local
+metro speaks the same wire protocol.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "CreateRequest",
     "Instance",
     "Plugin",
+    "PluginReply",
     "Service",
 ]
 
@@ -86,6 +88,16 @@ class ConsoleLog:
     available_end: int
 
 
+@dataclass(frozen=True)
+class PluginReply:
+    """A plugin's answer, as it came: the HTTP status, the body (at most the bytes asked for)
+    and the `Content-Range` header. Everything in it is the sandbox's and untrusted."""
+
+    status: int
+    body: bytes
+    content_range: str | None = None
+
+
 class CloudApi(Protocol):
     """The platform API of one metro. Every method is one logical operation (retries inside)."""
 
@@ -119,6 +131,24 @@ class CloudApi(Protocol):
     def instance_log(self, uuid: str, *, offset: int, limit: int | None = None) -> ConsoleLog:
         """The console of exactly the instance `uuid`, from byte `offset` (negative: that far
         from the end), at most `limit` bytes."""
+        ...
+
+    def plugin_request(
+        self,
+        uuid: str,
+        plugin: str,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 30.0,
+        max_bytes: int,
+    ) -> PluginReply:
+        """One request to `/v1/instances/{uuid}/plugins/{plugin}/{path}` (no retry: a plugin
+        request need not be idempotent). Any HTTP status is a reply, except a refused token
+        (`AuthError`); a broken connection, a timeout or a body over `max_bytes` is a
+        `TransportError`."""
         ...
 
     def close(self) -> None: ...

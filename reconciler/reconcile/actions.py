@@ -84,7 +84,9 @@ class SyncUp:
     deletes: int
     full: bool
     reason: str
+    #: some of the files to send, and some of the files to delete in the sandbox
     sample: tuple[str, ...] = ()
+    deleted_sample: tuple[str, ...] = ()
 
     def describe(self) -> str:
         what = f"send {self.files} file(s) ({human_size(self.bytes)}), delete {self.deletes}"
@@ -92,9 +94,11 @@ class SyncUp:
             size = human_size(self.bytes)
             what = f"full sync: up to {self.files} file(s) ({size}), remote scanned"
         shown = ""
-        if self.sample:
-            more = self.files - len(self.sample) if not self.full else 0
-            shown = ": " + ", ".join(self.sample) + (f" and {more} more" if more > 0 else "")
+        listed = self.sample + self.deleted_sample
+        if listed:
+            total = self.files + self.deletes
+            more = total - len(listed) if not self.full else 0
+            shown = ": " + ", ".join(listed) + (f" and {more} more" if more > 0 else "")
         return f"{what} ({self.reason}){shown}"
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler.cloud.metros import metro_label
-from reconciler.reconcile import identity
+from reconciler.cloud.model import Instance
+from reconciler.reconcile import identity, sessionkeys
 from reconciler.spec.loader import LoadedSession, load_specs
 from reconciler.spec.models import (
     DEFAULT_EXEC,
@@ -41,6 +42,7 @@ __all__ = [
     "command_intents",
     "credentials_for",
     "group_sessions",
+    "instance_credentials",
     "load_groups",
     "secret_missing_message",
     "session_env",
@@ -191,9 +193,25 @@ def sync_options_for(group: Group, loaded: LoadedSession) -> SyncOptions:
     )
 
 
-def credentials_for(group: Group, session: str) -> Credentials:
-    """Where the session's transport keeps its secrets (`.ukc/keys/<session>`)."""
-    return Credentials(group.state_dir / "keys" / session)
+def credentials_for(
+    group: Group, session: str, key_root: bytes | None = None, nonce: str | None = None
+) -> Credentials:
+    """Where the session's transport keeps its secrets (`.ukc/keys/<session>`); with the
+    project's key root (`UKC_SESSION_SECRET`) and the instance's key nonce, also the seed
+    they are derived from (see `sessionkeys`)."""
+    path = group.state_dir / "keys" / session
+    if key_root is None or nonce is None:
+        return Credentials(path)
+    return Credentials(path, seed=sessionkeys.seed(key_root, session, nonce))
+
+
+def instance_credentials(
+    group: Group, session: str, owner: identity.Owner, inst: Instance | None
+) -> Credentials:
+    """The credentials that open `inst` (derived when it carries a key nonce and this runner
+    holds the secret; else this checkout's own key file)."""
+    nonce = sessionkeys.nonce_of(inst.tags) if inst is not None else None
+    return credentials_for(group, session, owner.key_root, nonce)
 
 
 def transport_of(loaded: LoadedSession) -> str:
@@ -208,7 +226,10 @@ def build_session(
     environ: Mapping[str, str],
     salt: bytes,
     on_change: Callable[[], None] | None = None,
+    instance: Instance | None = None,
 ) -> tuple[SessionContext, str | None]:
+    """`instance` is the one observed under the session's name (a claim: the planner proves
+    it ours before anything uses it); its key nonce says which derived key opens it."""
     s = loaded.spec
     env, secret_env, missing = session_env(s, environ)
     fingerprint = hashlib.sha256(
@@ -238,7 +259,7 @@ def build_session(
         tree = TreeState(digest="", files=0, bytes=0, halted=halted)
     inst_hash = identity.instance_hash(s.image, s.memory_mb)
     transport = select.kind_for(transport_of(loaded))
-    credentials = credentials_for(group, s.name)
+    credentials = instance_credentials(group, s.name, owner, instance)
     desired = DesiredSession(
         name=s.name,
         metro=metro_label(s.metro),

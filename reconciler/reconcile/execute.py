@@ -21,8 +21,13 @@ from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance
-from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, SessionContext, credentials_for
+from reconciler.reconcile import actions, identity, sessionkeys
+from reconciler.reconcile.desired import (
+    Group,
+    SessionContext,
+    credentials_for,
+    instance_credentials,
+)
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
@@ -40,7 +45,13 @@ from reconciler.status.schema import (
 )
 from reconciler.sync import engine as sync_engine
 from reconciler.transport import select
-from reconciler.transport.base import RemoteShell, Target, Transport, TransportKind
+from reconciler.transport.base import (
+    Credentials,
+    RemoteShell,
+    Target,
+    Transport,
+    TransportKind,
+)
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["Executor", "SessionOutcome"]
@@ -68,6 +79,8 @@ class _Run:
     #: the session's transport, chosen once from its `exec` (None for a session without spec)
     kind: TransportKind | None = None
     transport: Transport | None = None
+    #: what opens the instance (a create derives new ones from a new key nonce)
+    credentials: Credentials | None = None
     #: the connection was kept from an earlier pass: it may have died while idle
     pooled: bool = False
     timings: dict[str, float] = field(default_factory=dict)
@@ -133,6 +146,7 @@ class Executor:
         run = _Run(inst=self.obs.claimed.get(name))
         if ctx is not None:
             run.kind = select.kind_for(ctx.desired.transport)
+            run.credentials = ctx.credentials
         outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
         redact = Redactor(ctx.secret_values if ctx is not None else ())
         done: list[actions.Action] = []
@@ -275,7 +289,12 @@ class Executor:
     ) -> None:
         session = action.session
         assert run.kind is not None
-        fields = run.kind.create_fields(ctx.credentials)
+        owner = self.obs.owner
+        # with the project's secret, a new instance gets a key of its own, derived from a new
+        # nonce its tag carries: every runner with the secret derives it again
+        nonce = sessionkeys.new_nonce() if owner.key_root is not None else None
+        key_tags = (sessionkeys.key_tag(nonce),) if nonce is not None else ()
+        fields = run.kind.create_fields(credentials_for(self.group, session, owner.key_root, nonce))
         rec = self._record(session)
         with self.doc_lock:
             # Journal the intent before the side effect: a lost answer is then adopted, not
@@ -293,11 +312,12 @@ class Executor:
             name=action.instance_name,
             image=ctx.desired.image,
             env=fields.env,
-            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport)),
+            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport), *key_tags),
             memory_mb=ctx.loaded.spec.memory_mb,
             services=fields.services,
             plugins=fields.plugins,
-            scale_to_zero=SESSION_SCALE_TO_ZERO,
+            # the platform scales to zero only an instance with a service group
+            scale_to_zero=SESSION_SCALE_TO_ZERO if fields.services else None,
             autostart=True,
         )
         try:
@@ -314,6 +334,8 @@ class Executor:
                 raise errors.OwnershipError(proof.refusal(found)) from None
             self._say(session, "info", f"adopted existing instance {found.name}")
         run.inst = self._await_up(conn, action.instance_name, session)
+        # an adopted instance (a lost create answer of an earlier run) carries its own nonce
+        run.credentials = instance_credentials(self.group, session, owner, run.inst)
         self._note_instance(session, run.inst)
 
     def _await_up(self, conn: MetroConnection, name: str, session: str) -> Instance:
@@ -415,8 +437,6 @@ class Executor:
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
-        if not inst.fqdn:
-            raise errors.RemoteError(f"instance {inst.name} has no public fqdn")
         assert run.kind is not None
         rec = self._record(ctx.desired.name)
         if rec.instance is None or rec.instance.uuid != inst.uuid:
@@ -425,8 +445,8 @@ class Executor:
             # on, so record it.
             self._note_instance(ctx.desired.name, inst)
         transport = run.kind.connect(
-            Target(inst.name, inst.fqdn, conn.reach),
-            ctx.credentials,
+            Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
+            run.credentials or ctx.credentials,
             pin=identity.recorded_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,
         )

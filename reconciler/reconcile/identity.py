@@ -33,12 +33,13 @@ import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.cloud.model import Instance
+from reconciler.reconcile import sessionkeys
 from reconciler.status.schema import InstanceRecord
 
 __all__ = [
@@ -138,6 +139,8 @@ class Owner:
     accepted: frozenset[str]
     #: where the id comes from, for messages: `UKC_SESSION_SECRET` or the owner file
     source: str
+    #: with `UKC_SESSION_SECRET`: what session keys are derived from (`sessionkeys`)
+    key_root: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -217,13 +220,18 @@ def prove(inst: Instance, owner: Owner, session: str, record: InstanceRecord | N
     )
 
 
-def load_salt(state_dir: Path) -> bytes:
+def load_salt(state_dir: Path, owner: Owner | None = None) -> bytes:
     """A per-project random salt, so hashes of secret values in the status file reveal nothing.
+
+    With `UKC_SESSION_SECRET` the salt is derived from it instead (and nothing is written):
+    every runner then judges commands by the same input hashes.
 
     Written through a temp file and a rename: a kill mid-write never leaves a short salt behind
     (a short one is replaced; that only makes commands with secrets run once more). A writer
     killed before its rename left no salt, so the next call writes one and sweeps its temp file.
     """
+    if owner is not None and owner.key_root is not None:
+        return hmac.new(owner.key_root, b"ukc.salt", hashlib.sha256).digest()
     path = state_dir / "salt"
     try:
         value = path.read_bytes()
@@ -257,7 +265,8 @@ def load_owner(state_dir: Path, project: str, environ: Mapping[str, str]) -> Own
             )
         primary = owner_id_from_secret(secret, project)
         accepted = {primary} | ({earlier} if earlier else set())
-        return Owner(project, primary, frozenset(accepted), SECRET_VAR)
+        root = sessionkeys.key_root(secret, project)
+        return Owner(project, primary, frozenset(accepted), SECRET_VAR, key_root=root)
     if earlier is None:
         state_dir.mkdir(parents=True, exist_ok=True)
         fresh = secrets.token_hex(OWNER_ID_LEN // 2)

@@ -25,7 +25,7 @@ from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, credentials_for
+from reconciler.reconcile.desired import Group, instance_credentials
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
@@ -87,10 +87,8 @@ def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner,
     """This checkout as an owner, and the salt of its secret fingerprints (both created on
     first use, here rather than in the read-only observer)."""
     project = identity.project_id(group.base_dir, environ)
-    return (
-        identity.load_owner(group.state_dir, project, environ),
-        identity.load_salt(group.state_dir),
-    )
+    owner = identity.load_owner(group.state_dir, project, environ)
+    return owner, identity.load_salt(group.state_dir, owner)
 
 
 def apply_group(
@@ -144,7 +142,7 @@ def apply_group(
                 owner=owner,
                 salt=salt,
                 only=only,
-                on_tree_changed=_prefetcher(group, doc, metros, kept),
+                on_tree_changed=_prefetcher(group, doc, metros, kept, owner),
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
@@ -319,7 +317,11 @@ def _say_interrupt(executor: Executor, reporter: Reporter) -> None:
 
 
 def _prefetcher(
-    group: Group, doc: StatusDoc, metros: MetroRegistry, pool: TransportPool
+    group: Group,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    pool: TransportPool,
+    owner: identity.Owner,
 ) -> Callable[[str, str, str, Instance], None]:
     """The observer's hint → a connection opened in the background for the push to come."""
 
@@ -329,11 +331,12 @@ def _prefetcher(
         # why only a known pin: a first connection records it, and that is the executor's job
         # (it journals the instance it adopts at the same time)
         pin = identity.recorded_pin(known, inst)
-        if not pin or not inst.fqdn:
+        if not pin:
             return
         kind = select.kind_for(transport)
-        target = Target(inst.name, inst.fqdn, metros.get(metro).reach)
-        credentials = credentials_for(group, session)
+        conn = metros.get(metro)
+        target = Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api)
+        credentials = instance_credentials(group, session, owner, inst)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 
     return prefetch

@@ -105,7 +105,8 @@ def observe(
             hint = functools.partial(
                 on_tree_changed, name, transport_of(loaded), metro_of[name], mine
             )
-        ctx, why = build_session(group, loaded, owner, environ, salt, hint)
+        named = instances.get(identity.instance_name(project, name))
+        ctx, why = build_session(group, loaded, owner, environ, salt, hint, named)
         contexts[name] = ctx
         if why is not None:
             halted[name] = why

@@ -230,7 +230,8 @@ def _plan_session(
             len(tree.deletes),
             False,
             "local files changed",
-            (tree.uploads + tree.deletes)[:5],
+            tree.uploads[:5],
+            tree.deletes[:5],
         )
     else:
         noops.append(f"files in sync ({tree.files} file(s))")

@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 #: the transports a session may choose (`exec`), each the module `reconciler.transport.<name>`:
-#: ssh, or http (the image's unauthenticated exec API on public port 443 runs the commands)
-EXEC_NAMES = ("ssh", "http")
+#: ssh, http (the image's unauthenticated exec API on public port 443 runs the commands), or
+#: plugin (the platform's token-authenticated sandbox plugin API: no public port at all)
+EXEC_NAMES = ("ssh", "http", "plugin")
 #: the transport of a spec that names none
 DEFAULT_EXEC = "ssh"
 #: image used on the local metro when neither the spec nor $UKC_SANDBOX_IMAGE names one

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from reconciler.cloud.model import Plugin, Service
+from reconciler.cloud.model import CloudApi, Plugin, Service
 from reconciler.cloud.trust import Reach
+from reconciler.errors import RemoteError
 
 __all__ = [
     "CommandResult",
@@ -177,20 +178,32 @@ class Transport(RemoteShell, Protocol):
 
 @dataclass(frozen=True)
 class Target:
-    """The instance a transport connects to: its public name, and how its metro is reached."""
+    """The instance a transport connects to: its name, its public name (None without a service
+    group), how its metro is reached, its uuid and its metro's API."""
 
     instance: str
-    fqdn: str
+    fqdn: str | None
     reach: Reach
+    uuid: str = ""
+    api: CloudApi | None = field(default=None, repr=False)
+
+    def public_name(self) -> str:
+        """The FQDN, for a transport that reaches the instance through its public ports."""
+        if not self.fqdn:
+            raise RemoteError(f"instance {self.instance} has no public fqdn")
+        return self.fqdn
 
 
 @dataclass(frozen=True)
 class Credentials:
     """Where a transport keeps one session's secrets: the file `path`, and files beside it
     named `<path>.<suffix>`. They outlive a replacement of the instance and go with the
-    session (`forget`)."""
+    session (`forget`). With `seed`, the transport derives them from it instead of making
+    random ones (every runner that holds the project's secret derives the same), and the
+    files are only a copy of what the seed gives."""
 
     path: Path
+    seed: bytes | None = field(default=None, repr=False, compare=False)
 
     def forget(self) -> None:
         """Remove them all (the session is deleted)."""

@@ -389,11 +389,11 @@ class HttpKind:
         self, target: Target, credentials: Credentials, *, pin: str | None, deadline_s: float
     ) -> Transport:
         inner = ssh.KIND.connect(target, credentials, pin=pin, deadline_s=deadline_s)
-        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.fqdn)
+        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.public_name())
 
     def reopen(self, target: Target, credentials: Credentials, *, pin: str) -> Transport:
         inner = ssh.KIND.reopen(target, credentials, pin=pin)
-        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.fqdn)
+        return HttpTransport(inner, HttpExec(Dialer.to(target.reach)), target.public_name())
 
 
 KIND: TransportKind = HttpKind()

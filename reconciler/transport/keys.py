@@ -1,6 +1,7 @@
 """A session's SSH key pair: ed25519, the private half 0600 from its first byte.
 
-The key outlives a replacement of the instance and is removed only when the session is deleted.
+A random key outlives a replacement of the instance and is removed only when the session is
+deleted. A key derived from a seed is rewritten whenever the seed changes (a new instance).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from reconciler._util.atomic import write_atomic
 
-__all__ = ["ensure_keypair", "generate_keypair"]
+__all__ = ["ensure_derived_keypair", "ensure_keypair", "generate_keypair"]
 
 
 def generate_keypair(path: Path, comment: str | None = None) -> str:
@@ -63,5 +64,33 @@ def ensure_keypair(path: Path) -> str:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()  # a private key without its public half: start over
     line = generate_keypair(path, comment=f"ukc-{path.name}")
+    write_atomic(pub, (line + "\n").encode(), mode=0o644)
+    return line
+
+
+def ensure_derived_keypair(path: Path, seed: bytes, comment: str | None = None) -> str:
+    """The public key line of the ed25519 key whose seed is `seed`, written at `path` (0600)
+    and `path.pub` unless they already hold it (another seed's key is replaced)."""
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    line = f"{public.decode()} {comment or f'ukc-{path.name}'}"
+    pub = path.with_name(path.name + ".pub")
+    with contextlib.suppress(FileNotFoundError):
+        if path.exists() and pub.read_text().strip() == line:
+            return line
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    # why the private half first: a kill between the two leaves a .pub that does not match,
+    # so the next call writes both again
+    with contextlib.suppress(FileNotFoundError):
+        pub.unlink()
+    write_atomic(path, private, mode=0o600)
     write_atomic(pub, (line + "\n").encode(), mode=0o644)
     return line

@@ -40,23 +40,21 @@ class SshKind:
         return ()
 
     def credentials_present(self, credentials: Credentials) -> bool:
-        return credentials.path.exists()
+        return credentials.seed is not None or credentials.path.exists()
 
     def create_fields(self, credentials: Credentials) -> CreateFields:
-        from reconciler.transport.keys import ensure_keypair
-
-        return CreateFields(
-            env={"PUBKEY": ensure_keypair(credentials.path)}, services=self.services
-        )
+        return CreateFields(env={"PUBKEY": _public_key(credentials)}, services=self.services)
 
     def connect(
         self, target: Target, credentials: Credentials, *, pin: str | None, deadline_s: float
     ) -> Transport:
         from reconciler.transport import sshclient
 
+        if credentials.seed is not None:
+            _public_key(credentials)  # this runner's copy of the derived key
         shell = sshclient.wait_ssh_ready(
             Dialer.to(target.reach),
-            target.fqdn,
+            target.public_name(),
             key_path=credentials.path,
             deadline_s=deadline_s,
             expected_host_key=pin,
@@ -66,10 +64,25 @@ class SshKind:
     def reopen(self, target: Target, credentials: Credentials, *, pin: str) -> Transport:
         from reconciler.transport import sshclient
 
+        if credentials.seed is not None:
+            _public_key(credentials)  # this runner's copy of the derived key
         shell = sshclient.SshShell.connect(
-            Dialer.to(target.reach), target.fqdn, key_path=credentials.path, expected_host_key=pin
+            Dialer.to(target.reach),
+            target.public_name(),
+            key_path=credentials.path,
+            expected_host_key=pin,
         )
         return ShellTransport(self.name, shell, pin=shell.host_key_fingerprint)
+
+
+def _public_key(credentials: Credentials) -> str:
+    """The session's public key line; its private half in `credentials.path` (derived from
+    the seed when there is one, else random and made on first use)."""
+    from reconciler.transport.keys import ensure_derived_keypair, ensure_keypair
+
+    if credentials.seed is not None:
+        return ensure_derived_keypair(credentials.path, credentials.seed)
+    return ensure_keypair(credentials.path)
 
 
 KIND: TransportKind = SshKind()

@@ -59,3 +59,15 @@ def test_the_first_writer_of_a_file_created_atomically_wins(tmp_path: Path) -> N
     assert not create_atomic(path, b"second\n")
     assert path.read_bytes() == b"first\n"
     assert [p.name for p in tmp_path.iterdir()] == ["owner"]
+
+
+def test_with_a_secret_every_checkout_salts_fingerprints_alike_and_writes_no_salt(
+    tmp_path: Path,
+) -> None:
+    env = {"UKC_SESSION_SECRET": SECRET}
+    a = identity.load_salt(tmp_path / "a", identity.load_owner(tmp_path / "a", "abcd1234", env))
+    b = identity.load_salt(tmp_path / "b", identity.load_owner(tmp_path / "b", "abcd1234", env))
+    assert a == b and len(a) == 32 and not (tmp_path / "a").exists()
+    other = identity.load_owner(tmp_path / "c", "abcd1234", {"UKC_SESSION_SECRET": SECRET + "2"})
+    assert identity.load_salt(tmp_path / "c", other) != a
+    assert identity.load_salt(tmp_path / "d") != identity.load_salt(tmp_path / "e")

@@ -275,18 +275,33 @@ def test_a_second_applier_on_the_same_status_file_is_told_who_holds_the_lock(ukc
         os.close(fd)
 
 
-def test_a_lost_ukc_directory_replaces_the_unreachable_instance_and_converges(ukc: Ukc) -> None:
+def test_a_lost_key_replaces_the_unreachable_instance_and_converges(ukc: Ukc) -> None:
     import shutil
 
-    # the project's secret proves ownership without `.ukc/` (without it, see tests/security)
-    ukc.extra_env["UKC_SESSION_SECRET"] = "e2e-secret-0123456789abcdef"
     make_project(ukc)
     ukc.run("apply", "session.yaml", check=0)
     old = session(ukc)["instance"]
-    shutil.rmtree(ukc.project / ".ukc")
+    shutil.rmtree(ukc.project / ".ukc" / "keys")
     plan = ukc.run("plan", "session.yaml").stdout
     assert "ssh key" in plan
     ukc.run("apply", "session.yaml", check=0)
     new = session(ukc)["instance"]
     assert new["uuid"] != old["uuid"] and session(ukc)["phase"] == "Ready"
     assert [i["name"] for i in ukc.instances()].count(new["name"]) == 1
+    assert "ssh key" in plan
+
+
+def test_with_the_project_secret_a_lost_ukc_directory_keeps_the_instance(ukc: Ukc) -> None:
+    import shutil
+
+    # the project's secret proves ownership and derives the key without `.ukc/`
+    ukc.extra_env["UKC_SESSION_SECRET"] = "e2e-secret-0123456789abcdef"
+    make_project(ukc)
+    ukc.run("apply", "session.yaml", check=0)
+    old = session(ukc)["instance"]
+    shutil.rmtree(ukc.project / ".ukc")
+    plan = ukc.run("plan", "session.yaml").stdout
+    assert "ssh key" not in plan and "create instance" not in plan
+    ukc.run("apply", "session.yaml", check=0)
+    assert session(ukc)["instance"]["uuid"] == old["uuid"]
+    assert session(ukc)["phase"] == "Ready"

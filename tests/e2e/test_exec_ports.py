@@ -81,9 +81,11 @@ def test_an_instance_made_by_an_older_ukc_keeps_serving_its_ssh_session_with_a_w
     assert _ports(_instance(ukc)) == [2222, 443]
 
     plan = json.loads(ukc.run("plan", ".", "--output", "json", check=0).stdout)
-    (group,) = [v for k, v in plan.items() if k != "api_requests"]
-    kinds = [a["action"] for a in group["sessions"]["ports"]["actions"]]
-    assert "DeleteInstance" not in kinds and "CreateInstance" not in kinds
+    (group,) = plan["groups"]
+    (entry,) = group["sessions"]
+    kinds = [a["type"] for a in entry["actions"]]
+    assert entry["name"] == "ports" and entry["verdict"] == "update"
+    assert "delete_instance" not in kinds and "create_instance" not in kinds
     (warning,) = group["warnings"]
     assert f"{inst['name']} was created by an older ukc" in warning
 
@@ -118,5 +120,5 @@ def test_switching_to_exec_http_replaces_the_instance_with_one_that_publishes_44
 def test_plan_of_an_ssh_session_warns_about_nothing(ukc: Ukc) -> None:
     _project(ukc)
     out = ukc.run("plan", ".", "--output", "json", check=0)
-    (group,) = [v for k, v in json.loads(out.stdout).items() if k != "api_requests"]
+    (group,) = json.loads(out.stdout)["groups"]
     assert group["warnings"] == []

@@ -108,8 +108,8 @@ def test_plan_lists_sessions_no_spec_declares_without_prune(ukc: Ukc) -> None:
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "session gone: not declared (use --prune to delete)" in plan.stdout, plan.stdout
     data = json.loads(ukc.run("plan", "--output", "json", "session.yaml", check=0).stdout)
-    (group,) = (v for k, v in data.items() if k != "api_requests")
-    assert list(group["orphans"]) == ["gone"]
+    (group,) = data["groups"]
+    assert [o["session"] for o in group["orphans"]] == ["gone"]
     pruned = ukc.run("plan", "--prune", "session.yaml", check=0)
     assert "not declared" not in pruned.stdout and "prune" in pruned.stdout
 

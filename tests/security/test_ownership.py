@@ -256,12 +256,33 @@ def test_checkouts_sharing_the_session_secret_are_both_owners(two: Checkouts) ->
     two.a.extra_env["UKC_SESSION_SECRET"] = secret
     two.b.extra_env["UKC_SESSION_SECRET"] = secret
     before = first_checkout_applied(two)
-    # b has no .ukc/ at all (a fresh CI runner): its key is not the instance's, so it would
-    # replace it, and it may
-    plan = two.b.run("plan", "session.yaml", check=0).stdout
-    assert f"delete instance {two.name}" in plan and "ssh key is lost" in plan
+    assert any(t.startswith("ukc.key=") for t in before["tags"])
+    # b has no .ukc/ at all (a fresh CI runner): it derives the instance's key from the secret
+    plan = two.b.run("plan", "session.yaml").stdout
+    assert f"delete instance {two.name}" not in plan and "create instance" not in plan
+    two.b.run("apply", "session.yaml", check=0)
+    assert_untouched(two, before)
     two.b.run("delete", "session.yaml", check=0)
     assert before["uuid"] and two.instance() is None
+
+
+@pytest.mark.parametrize("b_secret", ["another", "none"])
+def test_a_checkout_without_the_session_secret_can_neither_use_nor_delete_the_instance(
+    two: Checkouts, b_secret: str
+) -> None:
+    two.a.extra_env["UKC_SESSION_SECRET"] = secrets.token_hex(16)
+    if b_secret == "another":
+        two.b.extra_env["UKC_SESSION_SECRET"] = secrets.token_hex(16)
+    before = first_checkout_applied(two)
+    for verb in ("apply", "delete"):
+        proc = two.b.run(verb, "session.yaml")
+        assert_refused(proc, two, before["uuid"])
+        output = proc.stdout + proc.stderr
+        assert "another owner" in output and "UKC_SESSION_SECRET" in output
+    assert_untouched(two, before)
+    # nor is a key of that instance left on b's side to try
+    keys = two.b.project / ".ukc" / "keys"
+    assert not keys.exists() or not any(keys.iterdir())
 
 
 def test_a_short_session_secret_is_refused_without_being_shown(two: Checkouts) -> None:

@@ -119,7 +119,7 @@ REFUSALS: list[tuple[str, int, str, str]] = [
     ("name: ok\nttl: 2 hours", 2, "ttl", "invalid duration"),
     ("name: ok\nttl: 1:30", 2, "ttl", "YAML 1.1 meaning"),
     # exec
-    ("name: ok\nexec: bash", 2, "exec", "must be 'ssh' or 'http', got 'bash'"),
+    ("name: ok\nexec: bash", 2, "exec", "must be 'ssh', 'http' or 'plugin', got 'bash'"),
     ("name: ok\nexec: no", 2, "exec", "got a boolean (false)"),
     # unknown keys and the document itself
     ("name: ok\nimages: x", 2, "images", "did you mean 'image'"),

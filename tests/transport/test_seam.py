@@ -24,7 +24,7 @@ def test_every_exec_a_spec_accepts_is_a_registered_transport_of_that_name() -> N
 
 
 def test_an_exec_no_transport_is_registered_for_is_refused_naming_the_known_ones() -> None:
-    with pytest.raises(UsageError, match=r"exec 'carrier-pigeon' .*\(ssh, http\)"):
+    with pytest.raises(UsageError, match=r"exec 'carrier-pigeon' .*\(ssh, http, plugin\)"):
         select.kind_for("carrier-pigeon")
 
 

@@ -1,0 +1,419 @@
+"""The `plugin` transport: commands and sync through the platform's sandbox plugin API.
+
+The instance is created with the `sandbox` plugin and no service group: it publishes no port,
+so nothing of it is on the edge and there is no key to keep. Every request goes to the
+metro's API, `/v1/instances/{uuid}/plugins/sandbox/...`, with the metro's bearer token, which
+only `CloudApi` holds (never a command line, a log line, the status file or an error text).
+
+A process (`RemoteShell.start`) is one plugin command: stdin goes in base64 pieces, stdout and
+stderr are read from the command's logs by byte range, waits go in slices under the proxy's
+60 s cut (docs/PLATFORM.md, "The sandbox plugin API"). Session commands run over those
+processes exactly as over SSH (`commands.ShellTransport`): the environment goes over stdin,
+never in the request's `env`, which the plugin hands back to anyone who reads the command.
+
+The pin is the instance uuid: the API routes by it, and the sandbox has nothing else of its
+own to show. Everything the plugin answers is the sandbox's: a command id is checked before it
+becomes part of a path, every answer is read up to a bound, JSON types are checked, and its
+texts are cut to printable characters.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from reconciler.cloud.model import CloudApi, Plugin, PluginReply
+from reconciler.errors import (
+    AuthError,
+    RemoteError,
+    SandboxNotReadyError,
+    TransportError,
+)
+from reconciler.transport.base import (
+    CreateFields,
+    Credentials,
+    RemoteProcess,
+    Target,
+    Transport,
+    TransportKind,
+)
+from reconciler.transport.commands import ShellTransport
+
+__all__ = ["KIND", "PluginKind", "PluginProcess", "PluginShell"]
+
+PLUGIN_NAME = "sandbox"
+PLUGIN_IMAGE = "plugins/sandbox:latest"
+#: a command id as the plugin makes them (a uuid); anything else never reaches a path
+_COMMAND_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,15})-([0-9]{1,15})/([0-9]{1,15})")
+#: the largest JSON answer read (a command's description, an error)
+_MAX_JSON = 64 * 1024
+#: stdout/stderr bytes asked for per log request
+_LOG_CHUNK = 1024 * 1024
+#: stdin bytes per request: base64 of it stays well under the plugin's 2 MiB body
+_STDIN_CHUNK = 1024 * 1024
+#: a wait slice, under the proxy's 60 s cut
+_WAIT_SLICE_S = 30.0
+_REQUEST_S = 30.0
+#: a stdin write waits while the process does not read (the proxy cuts it at 60 s)
+_STDIN_S = 65.0
+#: empty log polls back off from the first to the last delay
+_POLL_FIRST_S = 0.001
+_POLL_MAX_S = 0.05
+#: failed polls in a row (the proxy answering 502/503/504) before the process counts as lost
+_MAX_FAILURES = 3
+_READY_FIRST_S = 0.05
+_READY_MAX_S = 1.0
+_MAX_MESSAGE = 200
+#: the answers of a sandbox still booting (the route is not there yet, nothing to forward to)
+_NOT_READY = (404, 502, 503, 504)
+
+
+def _text(raw: object) -> str:
+    """Sandbox-sent text for a message: printable, one line, bounded."""
+    if not isinstance(raw, str):
+        return ""
+    return "".join(c if c.isprintable() else "?" for c in raw)[:_MAX_MESSAGE]
+
+
+def _envelope(reply: PluginReply) -> Mapping[str, object]:
+    try:
+        decoded: object = json.loads(reply.body) if reply.body.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        decoded = {}
+    return decoded if isinstance(decoded, Mapping) else {}
+
+
+def _failure(what: str, reply: PluginReply) -> RemoteError:
+    message = _text(_envelope(reply).get("message"))
+    detail = f"http {reply.status}" + (f" ({message})" if message else "")
+    return RemoteError(f"{what}: {detail}", retryable=reply.status in _NOT_READY)
+
+
+class _Route:
+    """Requests to one instance's sandbox plugin, through its metro's API."""
+
+    def __init__(self, api: CloudApi, uuid: str, instance: str) -> None:
+        self.api = api
+        self.uuid = uuid
+        self.instance = instance
+        #: False once a request failed to get any answer
+        self.active = True
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = _REQUEST_S,
+        max_bytes: int = _MAX_JSON,
+    ) -> PluginReply:
+        try:
+            return self.api.plugin_request(
+                self.uuid,
+                PLUGIN_NAME,
+                method,
+                path,
+                body=body,
+                headers=headers,
+                timeout_s=timeout_s,
+                max_bytes=max_bytes,
+            )
+        except TransportError:
+            self.active = False
+            raise
+
+    def data(self, what: str, method: str, path: str, body: object = None) -> object:
+        """The `data` of a 2xx JSON answer; a `RemoteError` for any other."""
+        reply = self.request(method, path, body)
+        if not 200 <= reply.status < 300:
+            raise _failure(f"plugin {self.instance}: {what}", reply)
+        return _envelope(reply).get("data")
+
+
+class PluginProcess:
+    """A process in the sandbox: one plugin command with its stdin and its logs."""
+
+    def __init__(self, route: _Route, command_id: str) -> None:
+        self._route = route
+        self._id = command_id
+        self._where = f"plugin {route.instance}: command {command_id[:8]}"
+        self._offsets = {"stdout": 0, "stderr": 0}
+        self._buffers = {"stdout": bytearray(), "stderr": bytearray()}
+        self._locks = {"stdout": threading.Lock(), "stderr": threading.Lock()}
+        self._exit: int | None = None
+        self._stdin_closed = False
+        self._killed = threading.Event()
+        self._kill_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"PluginProcess({self._where!r})"
+
+    # -- stdin
+
+    def write(self, data: bytes) -> None:
+        for start in range(0, len(data), _STDIN_CHUNK):
+            self._stdin(data[start : start + _STDIN_CHUNK], eof=False)
+
+    def close_stdin(self) -> None:
+        if not self._stdin_closed:
+            self._stdin_closed = True
+            self._stdin(b"", eof=True)
+
+    def _stdin(self, data: bytes, *, eof: bool) -> None:
+        if self._killed.is_set():
+            raise BrokenPipeError(f"{self._where}: stopped")
+        reply = self._route.request(
+            "POST",
+            f"commands/{self._id}/stdin",
+            {"data": base64.b64encode(data).decode(), "eof": eof},
+            timeout_s=_STDIN_S,
+        )
+        if reply.status == 410 or (reply.status == 400 and self._finished()):
+            # its input is closed: the process has ended (or is ending)
+            raise BrokenPipeError(f"{self._where}: its input is closed")
+        if not 200 <= reply.status < 300:
+            raise _failure(f"{self._where}: stdin", reply)
+
+    # -- stdout, stderr
+
+    def read(self, n: int = 65536) -> bytes:
+        return self._read("stdout", n)
+
+    def read_stderr(self, n: int = 65536) -> bytes:
+        return self._read("stderr", n)
+
+    def _read(self, stream: str, n: int) -> bytes:
+        with self._locks[stream]:
+            buf = self._buffers[stream]
+            if not buf:
+                buf += self._fetch(stream)
+            out = bytes(buf[:n])
+            del buf[:n]
+            return out
+
+    def _fetch(self, stream: str) -> bytes:
+        """The next bytes of `stream` (b"" at its end), polling while the process runs."""
+        delay = _POLL_FIRST_S
+        failures = 0
+        while not self._killed.is_set():
+            # why check first: output comes before the exit is known, so a poll after seeing
+            # the exit that finds nothing new has seen everything
+            finished = self._exit is not None
+            offset = self._offsets[stream]
+            reply = self._route.request(
+                "GET",
+                f"commands/{self._id}/logs/raw/{stream}",
+                headers={"range": f"bytes={offset}-{offset + _LOG_CHUNK - 1}"},
+                max_bytes=_LOG_CHUNK,
+            )
+            if reply.status == 206:
+                data = self._ranged(reply, offset)
+                if data:
+                    self._offsets[stream] = offset + len(data)
+                    return data
+            elif reply.status in (404, 410):
+                return b""  # the command or its logs are gone
+            elif reply.status != 416:
+                failures += 1
+                if failures >= _MAX_FAILURES or reply.status not in _NOT_READY:
+                    raise _failure(f"{self._where}: {stream}", reply)
+            else:
+                failures = 0
+                if finished:
+                    return b""
+                if self._finished():
+                    continue
+            self._killed.wait(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+        return b""
+
+    def _ranged(self, reply: PluginReply, offset: int) -> bytes:
+        """The bytes of a 206 answer, checked against the range asked for."""
+        match = _CONTENT_RANGE.fullmatch((reply.content_range or "").strip())
+        if (
+            match is None
+            or int(match.group(1)) != offset
+            or int(match.group(2)) - offset + 1 != len(reply.body)
+        ):
+            raise RemoteError(f"{self._where}: logs answered another range than asked")
+        return reply.body
+
+    # -- exit
+
+    def _finished(self) -> bool:
+        return self._exit_code() is not None
+
+    def _exit_code(self) -> int | None:
+        """The exit status once the process has exited (asks the plugin unless known)."""
+        if self._exit is None:
+            data = self._route.data(self._where, "GET", f"commands/{self._id}")
+            code = data.get("exitcode") if isinstance(data, Mapping) else None
+            if isinstance(code, int) and not isinstance(code, bool):
+                # a signal's death comes as minus its number: report it as a shell does
+                self._exit = code if code >= 0 else 128 + min(-code, 127)
+        return self._exit
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failures = 0
+        while (code := self._exit) is None:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                if (code := self._exit_code()) is not None:
+                    break
+                raise TimeoutError(f"{self._where}: still running after {timeout} s")
+            step = _WAIT_SLICE_S if remaining is None else min(remaining, _WAIT_SLICE_S)
+            reply = self._route.request(
+                "POST",
+                f"commands/{self._id}/wait_timeout",
+                {"timeout_s": round(step, 3)},
+                timeout_s=step + 10.0,
+            )
+            if 200 <= reply.status < 300:
+                if not self._finished():
+                    raise RemoteError(f"{self._where}: waited, yet it reports no exit code")
+            elif reply.status == 408:
+                failures = 0
+            elif reply.status == 404 and self._killed.is_set():
+                raise RemoteError(f"{self._where}: stopped")
+            else:
+                failures += 1
+                if failures >= _MAX_FAILURES or reply.status not in _NOT_READY:
+                    raise _failure(f"{self._where}: wait", reply)
+        return code
+
+    def kill(self) -> None:
+        """Stop its process group if it runs, and let the plugin forget it."""
+        with self._kill_lock:
+            if self._killed.is_set():
+                return
+            self._killed.set()
+        try:
+            if self._exit is None:
+                self._route.request("POST", f"commands/{self._id}/signal", {"signal": "KILL"})
+                # closes its pipes: a stray holder of them no longer keeps it alive
+                self._route.request("DELETE", f"commands/{self._id}/logs")
+                self._route.request(
+                    "POST", f"commands/{self._id}/wait_timeout", {"timeout_s": 2.0}, timeout_s=12
+                )
+            self._route.request("DELETE", f"commands/{self._id}")
+        except (TransportError, AuthError):
+            pass  # the connection is gone; the sandbox's command ends with its stdin
+
+
+class PluginShell:
+    """A `RemoteShell` over the sandbox plugin of one instance."""
+
+    def __init__(self, route: _Route) -> None:
+        self._route = route
+
+    def __repr__(self) -> str:
+        return f"PluginShell({self._route.instance!r})"
+
+    @property
+    def active(self) -> bool:
+        return self._route.active
+
+    def probe(self) -> None:
+        """One readiness probe (`GET /commands`); a `RemoteError` while the plugin is not up."""
+        data = self._route.data("ready", "GET", "commands")
+        if not isinstance(data, Mapping) or not isinstance(data.get("commands"), list):
+            raise RemoteError(f"plugin {self._route.instance}: ready: not a command list")
+
+    def start(self, command: str) -> RemoteProcess:
+        data = self._route.data("start a command", "POST", "commands", {"cmd": command})
+        command_id = data.get("uuid") if isinstance(data, Mapping) else None
+        if not isinstance(command_id, str) or not _COMMAND_ID.fullmatch(command_id):
+            raise RemoteError(
+                f"plugin {self._route.instance}: start a command: "
+                f"answered an id that is not a uuid ({_text(command_id)!r})"
+            )
+        return PluginProcess(self._route, command_id)
+
+    def close(self) -> None:
+        self._route.active = False
+
+
+def _route(target: Target) -> _Route:
+    if target.api is None or not target.uuid:
+        raise RemoteError(f"instance {target.instance}: the plugin transport needs its uuid")
+    return _Route(target.api, target.uuid, target.instance)
+
+
+def _pin(target: Target) -> str:
+    return f"uuid:{target.uuid}"
+
+
+def _check_pin(target: Target, pin: str | None) -> None:
+    if pin is not None and pin != _pin(target):
+        raise RemoteError(
+            f"instance {target.instance} is not the sandbox recorded for it ({pin}), refusing"
+        )
+
+
+class PluginKind:
+    """Sets up the `plugin` transport."""
+
+    name = "plugin"
+    credentials_noun = "plugin access"
+    plugins: tuple[Plugin, ...] = (Plugin(PLUGIN_NAME, PLUGIN_IMAGE),)
+
+    def __init__(
+        self,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sleep = sleep
+        self._monotonic = monotonic
+
+    def warnings(self, session: str) -> tuple[str, ...]:
+        return ()
+
+    def credentials_present(self, credentials: Credentials) -> bool:
+        return True  # the metro's token is the only credential
+
+    def create_fields(self, credentials: Credentials) -> CreateFields:
+        return CreateFields(plugins=self.plugins)
+
+    def connect(
+        self, target: Target, credentials: Credentials, *, pin: str | None, deadline_s: float
+    ) -> Transport:
+        _check_pin(target, pin)
+        shell = PluginShell(_route(target))
+        deadline = self._monotonic() + deadline_s
+        delay = _READY_FIRST_S
+        while True:
+            try:
+                shell.probe()
+                break
+            except (RemoteError, TransportError) as err:
+                left = deadline - self._monotonic()
+                if not err.retryable or left <= 0:
+                    if not err.retryable:
+                        raise
+                    raise SandboxNotReadyError(
+                        f"plugin of instance {target.instance} not ready after "
+                        f"{deadline_s:.0f}s: {err}"
+                    ) from None
+                self._sleep(min(delay, left))
+                delay = min(delay * 2, _READY_MAX_S)
+        return ShellTransport(self.name, shell, pin=_pin(target))
+
+    def reopen(self, target: Target, credentials: Credentials, *, pin: str) -> Transport:
+        _check_pin(target, pin)
+        shell = PluginShell(_route(target))
+        shell.probe()
+        return ShellTransport(self.name, shell, pin=_pin(target))
+
+
+KIND: TransportKind = PluginKind()

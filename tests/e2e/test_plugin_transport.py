@@ -1,0 +1,186 @@
+"""`exec: plugin` end to end on the local metro: commands and sync through the sandbox plugin
+API, the same cases an SSH session passes, an instance with no public port, and no key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.ukc import Ukc
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.metro
+
+SPEC = """\
+name: plug
+directory: ./work
+exec: plugin
+commands:
+  - name: build
+    run: mkdir -p out && tr a-z A-Z < input.txt > out/upper.txt && echo built
+  - name: count
+    run: wc -c < input.txt > out/count.txt; echo counted >&2
+sync:
+  exclude: ["*.tmp"]
+  back: ["out/"]
+"""
+
+
+def _project(ukc: Ukc, spec: str = SPEC) -> None:
+    work = ukc.project / "work"
+    (work / "lib").mkdir(parents=True)
+    (work / "input.txt").write_text("hello world\n")
+    (work / "lib" / "a.txt").write_text("library\n")
+    (work / "scratch.tmp").write_text("never sent\n")
+    ukc.write_spec(spec)
+
+
+def _session(ukc: Ukc) -> dict[str, Any]:
+    return ukc.status()["sessions"]["plug"]  # type: ignore[no-any-return]
+
+
+def _instance(ukc: Ukc) -> dict[str, Any]:
+    (inst,) = [i for i in ukc.instances() if i["name"].endswith("-plug")]
+    return inst
+
+
+def _plugin_commands(ukc: Ukc, uuid: str) -> list[dict[str, Any]]:
+    """What the plugin tells anyone holding the token about the commands it ran."""
+    base = f"/v1/instances/{uuid}/plugins/sandbox"
+    with ukc.api() as client:
+        ids = client.get(f"{base}/commands").json()["data"]["commands"]
+        return [client.get(f"{base}/commands/{cid}").json()["data"] for cid in ids]
+
+
+def test_a_plugin_session_creates_syncs_runs_and_brings_back_with_no_port_and_no_key(
+    ukc: Ukc,
+) -> None:
+    _project(ukc)
+    proc = ukc.run("apply", "session.yaml", check=0)
+    assert "built" in proc.stdout and "counted" in proc.stdout
+    rec = _session(ukc)
+    assert rec["phase"] == "Ready"
+    assert [(c["name"], c["exit_code"]) for c in rec["commands"]] == [("build", 0), ("count", 0)]
+    inst = rec["instance"]
+    assert inst["fqdn"] is None and inst["pin"] == f"uuid:{inst['uuid']}"
+    assert (ukc.project / "work" / "out" / "upper.txt").read_text() == "HELLO WORLD\n"
+    assert (ukc.project / "work" / "out" / "count.txt").read_text().strip() == "12"
+    ws = ukc.workspace(inst["uuid"])
+    assert (ws / "lib" / "a.txt").read_text() == "library\n"
+    assert not (ws / "scratch.tmp").exists()
+    # nothing on the edge: no service group, only the sandbox plugin; no key was made
+    wire = _instance(ukc)
+    assert not (wire.get("service_group") or {}).get("services")
+    assert [p["name"] for p in wire["plugins"]] == ["sandbox"]
+    assert "ukc.exec=plugin" in wire["tags"]
+    assert not (ukc.project / ".ukc" / "keys").exists() or not any(
+        (ukc.project / ".ukc" / "keys").iterdir()
+    )
+
+
+def test_a_second_plugin_apply_plans_nothing_and_a_changed_file_goes_alone(ukc: Ukc) -> None:
+    _project(ukc)
+    ukc.run("apply", "session.yaml", check=0)
+    first = _session(ukc)
+    plan = ukc.run("plan", "session.yaml", "--detailed-exitcode", check=0).stdout
+    assert plan.strip().endswith("No changes. Sessions match their specs.")
+    out = json.loads(ukc.run("apply", "session.yaml", "--output", "json", check=0).stdout)
+    assert next(iter(out["groups"].values()))["plan"]["empty"] is True
+    (ukc.project / "work" / "input.txt").write_text("changed text\n")
+    ukc.run("apply", "session.yaml", check=0)
+    rec = _session(ukc)
+    assert rec["instance"]["uuid"] == first["instance"]["uuid"]
+    assert rec["sync"]["last_files_sent"] == 1 and rec["sync"]["remote_scanned"] is False
+    assert (ukc.project / "work" / "out" / "upper.txt").read_text() == "CHANGED TEXT\n"
+
+
+def test_a_failed_and_a_timed_out_plugin_command_are_recorded_and_the_outputs_still_come_home(
+    ukc: Ukc,
+) -> None:
+    marker = f"{os.getpid() % 1000 + 4000}.25"
+    _project(
+        ukc,
+        SPEC.replace(
+            "  - name: count\n",
+            "  - name: boom\n    run: echo broken pipe dream >&2; exit 3\n  - name: count\n",
+        ),
+    )
+    proc = ukc.run("apply", "session.yaml", check=1)
+    assert "boom" in proc.stderr and "exited 3" in proc.stderr
+    rec = _session(ukc)
+    by_name = {c["name"]: c for c in rec["commands"]}
+    assert rec["phase"] == "Failed" and by_name["boom"]["exit_code"] == 3
+    assert "broken pipe dream" in by_name["boom"]["stderr"]
+    assert (ukc.project / "work" / "out" / "upper.txt").read_text() == "HELLO WORLD\n"
+
+    ukc.write_spec(
+        SPEC.replace(
+            "  - name: count\n",
+            f"  - name: slow\n    run: echo started; sleep {marker} & sleep {marker}\n"
+            "    timeout: 2s\n  - name: count\n",
+        )
+    )
+    proc = ukc.run("apply", "session.yaml", check=1)
+    assert "timed out after 2s" in proc.stderr
+    slow = {c["name"]: c for c in _session(ukc)["commands"]}["slow"]
+    assert slow["timed_out"] is True and slow["exit_code"] is None
+    assert "started" in slow["stdout"]
+
+    # the command and the child it left in the background are gone
+    def gone() -> bool:
+        found = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True)
+        return found.returncode == 1
+
+    assert eventually(gone, timeout_s=10)
+
+
+def test_secrets_and_the_metro_token_reach_no_status_no_terminal_and_no_plugin_record(
+    ukc: Ukc,
+) -> None:
+    canary = "canary-plug1n-secret-9c1d"
+    _project(
+        ukc,
+        SPEC.replace("sync:\n", "secret_env:\n  TOKEN: E2E_CANARY\nsync:\n").replace(
+            "wc -c < input.txt > out/count.txt",
+            'echo "$TOKEN" | wc -c > out/count.txt; echo "token is $TOKEN"',
+        ),
+    )
+    ukc.extra_env["E2E_CANARY"] = canary
+    proc = ukc.run("apply", "session.yaml", check=0)
+    assert (ukc.project / "work" / "out" / "count.txt").read_text().strip() == str(len(canary) + 1)
+    token = ukc.metro.token
+    for needle in (canary, token):
+        assert needle not in proc.stdout + proc.stderr
+        for path in (ukc.project / ".ukc").rglob("*"):
+            if path.is_file():
+                assert needle.encode() not in path.read_bytes(), path
+    # the environment went over stdin, never into what the plugin keeps and hands back
+    uuid = _session(ukc)["instance"]["uuid"]
+    for command in _plugin_commands(ukc, uuid):
+        assert canary not in json.dumps(command) and token not in json.dumps(command)
+
+
+def test_the_plugin_route_refuses_a_request_without_the_metro_token(ukc: Ukc) -> None:
+    _project(ukc)
+    ukc.run("apply", "session.yaml", check=0)
+    uuid = _session(ukc)["instance"]["uuid"]
+    before = _plugin_commands(ukc, uuid)
+    url = f"{ukc.metro.api_url}/v1/instances/{uuid}/plugins/sandbox/commands"
+    body = {"cmd": "touch /workspace/pwned"}
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": "Basic x"}):
+        assert httpx.post(url, json=body, headers=headers, timeout=30).status_code == 401
+    assert _plugin_commands(ukc, uuid) == before
+    assert not (ukc.workspace(uuid) / "pwned").exists()
+
+
+def test_delete_removes_a_plugin_sessions_instance(ukc: Ukc) -> None:
+    _project(ukc)
+    ukc.run("apply", "session.yaml", check=0)
+    name = _session(ukc)["instance"]["name"]
+    ukc.run("delete", "session.yaml", check=0)
+    assert name not in [i["name"] for i in ukc.instances()]
