@@ -525,14 +525,15 @@ def apply(
 
 
 def _status_rows(
-    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str]
+    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str], now: float
 ) -> list[StatusRow]:
     """The sessions the given specs declare (a spec file: only its own), plus, for a
-    directory given whole, the sessions its status file remembers that no spec declares."""
+    directory given whole, the sessions its status file remembers that no spec declares;
+    as of `now` (a session whose ttl passed shows as Expired: apply or watch deletes it)."""
     given_dirs = {p.resolve() for p in (paths or [Path(".")]) if p.is_dir()}
     rows: list[StatusRow] = []
     for group in groups:
-        doc = journal.load(group.status_path)
+        doc = journal.load(group.status_path).as_of(now)
         where = str(group.status_path)
         declared = [s.spec.name for s in group.sessions]
         rows.extend(StatusRow(n, where, doc.sessions.get(n)) for n in declared)
@@ -591,8 +592,8 @@ def status_cmd(
     groups = _load(paths, status_path)
     if not any(g.status_path.exists() for g in groups):
         _require_sessions(groups, paths)
-    rows = _status_rows(groups, paths, only)
     now = time.time()
+    rows = _status_rows(groups, paths, only, now)
     if output == "json":
         click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
     else:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reconciler.sync.ignore import IgnoreRules
-from reconciler.sync.manifest import Manifest
+from reconciler.sync.manifest import Basis, Manifest
 
-__all__ = ["TransferPlan", "diff_manifests"]
+__all__ = ["TransferPlan", "changes_of", "diff_manifests"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,14 @@ def diff_manifests(
         upload_bytes=upload_bytes,
         reason=reason,
     )
+
+
+def changes_of(
+    local: Manifest, basis: Basis, rules: IgnoreRules, *, reason: str = ""
+) -> tuple[Manifest, TransferPlan]:
+    """The plan from `basis`'s state to `local` when only `basis.old`'s paths changed: the
+    diff of those paths alone (a path's action depends on its own two entries only), and the
+    part of the previous state it was judged against."""
+    previous = Manifest({p: e for p, e in basis.old.items() if e is not None})
+    mine = {p: local.entries[p] for p in basis.old if p in local.entries}
+    return previous, diff_manifests(Manifest(mine), previous, rules, reason=reason)

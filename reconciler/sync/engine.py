@@ -9,9 +9,9 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 
-from reconciler.sync.diff import TransferPlan, diff_manifests
+from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import load_rules
-from reconciler.sync.manifest import Manifest, last_push_record, scan_local
+from reconciler.sync.manifest import Manifest, last_push_record, push_meta, scan_local
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.push import PushResult, push
@@ -40,10 +40,19 @@ def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:
     remote record) or more (a rebooted sandbox forces a scan).
     """
     rules = load_rules(opts)
+    meta = push_meta(opts)
+    if meta is None:
+        return diff_manifests(local, Manifest({}), rules, reason="no push record: full upload")
+    reason = "against the last push record"
+    key = (meta["digest"], meta["mtimes"])
+    if key == local.key:
+        return TransferPlan(reason=reason)
+    if local.basis is not None and local.basis.key == key:
+        return changes_of(local, local.basis, rules, reason=reason)[1]
     last = last_push_record(opts)
     if last is None:
         return diff_manifests(local, Manifest({}), rules, reason="no push record: full upload")
-    return diff_manifests(local, last[0], rules, reason="against the last push record")
+    return diff_manifests(local, last[0], rules, reason=reason)
 
 
 @dataclass(frozen=True)

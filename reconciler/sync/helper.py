@@ -713,11 +713,13 @@ class Helper:
             os.makedirs(self.state, mode=0o700, exist_ok=True)
             rec = dict(rec)
             rec["root"] = self.root
-            entries = rec.pop("entries", {})
-            # the manifest beside the small record: hello reads only the record
+            writes = [(self.record_path(), rec)]
+            if "entries" in rec:
+                # a manifest beside the small record (older clients send one): hello reads
+                # only the record
+                writes.insert(0, (self.record_path()[:-5] + ".manifest.json", rec.pop("entries")))
             # no fsync: both live on tmpfs (/run), and a lost record only forces a scan
-            manifest = self.record_path()[:-5] + ".manifest.json"
-            for path, obj in ((manifest, entries), (self.record_path(), rec)):
+            for path, obj in writes:
                 tmp = path + ".tmp." + str(os.getpid())
                 with open(tmp, "wb") as f:
                     f.write(JDUMPS(obj).encode("ascii"))

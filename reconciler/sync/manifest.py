@@ -1,11 +1,20 @@
-"""The local manifest: what the local tree holds, with a hash cache so unchanged files are
-never re-hashed.
+"""The local manifest: what the local tree holds, scanned against an index so that unchanged
+files are never re-hashed and an unchanged tree costs one stat per path.
 
 It covers the local root minus what the ignore rules exclude. An entry is
 `(type, size, mtime_ns, mode, ref)` with type "f" (regular file, ref = sha256 hex), "d"
 (directory, ref = "") or "l" (symlink, ref = the link target, never followed). Sockets, fifos
 and devices are not synced. The digest covers paths, types, sizes, modes and refs but not
-mtimes, so it identifies content, and the remote can hold the same digest for the same tree.
+mtimes, so it identifies content, and the remote can hold the same digest for the same tree;
+`mtimes` covers the files' mtimes. Both are sums of per-entry hashes (`entry`), so a scan
+moves them by what changed.
+
+The index (`index.jnl`, a `journal`) is the last scan: every entry, each file's inode, and
+the digests, counts and bytes of that state. A file whose inode, size and mtime match its
+index entry keeps the entry (and its sha256); a scan that finds nothing changed writes
+nothing, and one that finds a change appends it. The push record (`push.jnl`) is the manifest
+of our last push with the same metadata: when it equals the index a scan started from, what
+to push is exactly what the scan found changed (`Manifest.basis`).
 """
 
 from __future__ import annotations
@@ -17,50 +26,51 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from reconciler.errors import SyncHaltedError
+from reconciler.sync import journal
+from reconciler.sync.entry import DIGEST_MOD, Entry, content_hash, mtime_hash
 from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.records import HASH_CACHE, PUSH_RECORD, read_record, write_record
+from reconciler.sync.records import INDEX, PUSH_RECORD, drop_legacy
 
 __all__ = [
     "CHUNK",
+    "Basis",
     "Entry",
     "Manifest",
     "hash_file",
     "last_push_record",
+    "push_meta",
+    "record_push",
     "scan_local",
 ]
 
 #: read/write chunk size everywhere in the engine (the issue caps it at 1 MiB)
 CHUNK = 1 << 20
 
+#: what a state's metadata holds besides what a push adds
+_META_KEYS = ("digest", "mtimes", "files", "bytes")
 
-class Entry(NamedTuple):
-    """One path of a manifest."""
 
-    type: str  # "f" | "d" | "l"
-    size: int
-    mtime_ns: int
-    mode: int  # permission bits only (stat.S_IMODE)
-    ref: str  # sha256 hex for files, link target for links, "" for dirs
+@dataclass(frozen=True)
+class Basis:
+    """The index state a scan started from (its `(digest, mtimes)`) and the entries there of
+    the paths the scan found changed (None: the path was not there)."""
 
-    def same_content(self, other: Entry) -> bool:
-        """Equal as far as the digest is concerned (mtime ignored)."""
-        return (self.type, self.size, self.mode, self.ref) == (
-            other.type,
-            other.size,
-            other.mode,
-            other.ref,
-        )
+    key: tuple[str, str]
+    old: Mapping[str, Entry | None]
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """A tree: relative "/"-separated path -> `Entry` (the root itself is not an entry)."""
+    """A tree: relative "/"-separated path -> `Entry` (the root itself is not an entry).
+
+    `entries` is never modified once a manifest holds it (records share it)."""
 
     entries: Mapping[str, Entry] = field(default_factory=dict)
+    basis: Basis | None = field(default=None, compare=False, repr=False)
 
     @cached_property
     def digest(self) -> str:
@@ -68,12 +78,12 @@ class Manifest:
 
     def digest_of(self, paths: Iterable[str]) -> str:
         """The digest of the part of the tree at `paths` (each one an entry)."""
-        h = hashlib.sha256()
-        for path in sorted(paths):
-            e = self.entries[path]
-            line = f"{path}\0{e.type}\0{e.size}\0{e.mode:o}\0{e.ref}\n"
-            h.update(line.encode("utf-8", "surrogateescape"))
-        return h.hexdigest()
+        entries = self.entries
+        return _hex(sum(content_hash(p, entries[p]) for p in paths))
+
+    @cached_property
+    def mtimes(self) -> str:
+        return _hex(sum(mtime_hash(p, e) for p, e in self.entries.items()))
 
     @cached_property
     def total_bytes(self) -> int:
@@ -82,6 +92,28 @@ class Manifest:
     @cached_property
     def file_count(self) -> int:
         return sum(1 for e in self.entries.values() if e.type == "f")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What a record must match for a push of this tree to have nothing to do."""
+        return (self.digest, self.mtimes)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "mtimes": self.mtimes,
+            "files": self.file_count,
+            "bytes": self.total_bytes,
+        }
+
+    def _preset(self, meta: Mapping[str, Any]) -> None:
+        """Take digests and counts a record vouches for (they are cached properties)."""
+        self.__dict__.update(
+            digest=meta["digest"],
+            mtimes=meta["mtimes"],
+            file_count=meta["files"],
+            total_bytes=meta["bytes"],
+        )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -101,6 +133,20 @@ class Manifest:
         return cls(entries)
 
 
+def _hex(value: int) -> str:
+    return format(value % DIGEST_MOD, "064x")
+
+
+def _valid_meta(meta: Mapping[str, Any] | None) -> bool:
+    return (
+        meta is not None
+        and isinstance(meta.get("digest"), str)
+        and isinstance(meta.get("mtimes"), str)
+        and type(meta.get("files")) is int
+        and type(meta.get("bytes")) is int
+    )
+
+
 def hash_file(fd: int) -> str:
     """sha256 of an open file, read in chunks (never the whole file in memory)."""
     h = hashlib.sha256()
@@ -111,10 +157,18 @@ def hash_file(fd: int) -> str:
         h.update(chunk)
 
 
-#: parsed push records by path, with the (inode, size, mtime) they were parsed from: one apply
-#: reads the same record up to three times (plan, push, the converged pass), ~3 ms each
-_RECORDS: dict[Path, tuple[tuple[int, int, int], tuple[Manifest, dict[str, Any]]]] = {}
-_RECORDS_MAX = 64
+def push_meta(opts: SyncOptions) -> dict[str, Any] | None:
+    """Our last push's metadata (digest, mtimes, files, bytes, instance_uuid, boot_id) without
+    reading its entries, or None when we never pushed (or the record is unusable)."""
+    meta = journal.read_meta(Path(opts.state_dir) / PUSH_RECORD)
+    if meta is None:
+        j = journal.load(Path(opts.state_dir) / PUSH_RECORD)
+        meta = j.meta if j.exists else None
+    return meta if _valid_meta(meta) else None
+
+
+#: the manifest built on a loaded push record (a write installs new entries and metadata)
+_PUSHED: dict[Path, tuple[Manifest, tuple[Manifest, dict[str, Any]]]] = {}
 
 
 def last_push_record(opts: SyncOptions) -> tuple[Manifest, dict[str, Any]] | None:
@@ -123,26 +177,33 @@ def last_push_record(opts: SyncOptions) -> tuple[Manifest, dict[str, Any]] | Non
     Callers must not modify what they get: it may be shared with the next caller.
     """
     path = Path(opts.state_dir) / PUSH_RECORD
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    j = journal.load(path)
+    if not j.exists or not _valid_meta(j.meta):
         return None
-    key = (st.st_ino, st.st_size, st.st_mtime_ns)
-    hit = _RECORDS.get(path)
-    if hit is not None and hit[0] == key:
+    hit = _PUSHED.get(path)
+    if hit is not None and hit[0].entries is j.entries and hit[1][1] is j.meta:
         return hit[1]
-    data = read_record(opts.state_dir, PUSH_RECORD)
-    if data is None or not isinstance(data.get("entries"), dict):
-        return None
-    try:
-        parsed = Manifest.from_json(data["entries"]), data
-    except (TypeError, ValueError):
-        return None
-    if len(_RECORDS) >= _RECORDS_MAX:
-        _RECORDS.clear()
-    # why the key is safe: records are replaced by rename (a new inode), never rewritten in place
-    _RECORDS[path] = (key, parsed)
-    return parsed
+    manifest = Manifest(j.entries)
+    manifest._preset(j.meta)
+    if len(_PUSHED) >= 64:
+        _PUSHED.clear()
+    found = (manifest, j.meta)
+    _PUSHED[path] = (manifest, found)
+    return found
+
+
+def record_push(
+    opts: SyncOptions, local: Manifest, instance_uuid: str, boot_id: str, *, delta: bool
+) -> None:
+    """`local` is what the sandbox now holds. `delta`: the push record was `local.basis`'s
+    state, so only the paths the scan found changed are written."""
+    j = journal.load(Path(opts.state_dir) / PUSH_RECORD)
+    meta = {**local.meta(), "instance_uuid": instance_uuid, "boot_id": boot_id}
+    basis = local.basis
+    changed = None
+    if delta and basis is not None and (j.meta.get("digest"), j.meta.get("mtimes")) == basis.key:
+        changed = basis.old.keys()
+    j.write(local.entries, {}, meta, changed)
 
 
 def scan_local(
@@ -151,16 +212,17 @@ def scan_local(
     *,
     on_change: Callable[[], None] | None = None,
 ) -> Manifest:
-    """Walk the local root and build its manifest, hashing only files the cache cannot vouch for.
+    """Walk the local root and build its manifest, hashing only files the index cannot vouch
+    for.
 
     Raises `SyncHaltedError` when the root is missing (or not a directory), or when it is empty
     while our last push record had files: both look like an accident (unmounted volume,
     `rm -rf` in the wrong window) and a push would delete the sandbox's copy.
 
     `on_change` is called once, as soon as an entry is seen that differs from our last push
-    record (new, other type, size or mtime) or when the walk ends with entries missing: a hint
-    that a push is coming, which lets the caller open its connection while the walk goes on.
-    It decides nothing; the manifest does.
+    (new, other type, size or mtime), or when the walk ends with entries missing: a hint that a
+    push is coming, which lets the caller open its connection while the walk goes on. It
+    decides nothing; the manifest does.
     """
     root = Path(opts.local_root)
     try:
@@ -172,33 +234,38 @@ def scan_local(
     if not stat.S_ISDIR(st.st_mode):
         raise SyncHaltedError(f"local root {root} is not a directory; nothing was sent or deleted")
     rules = rules if rules is not None else load_rules(opts)
-    cache_data = read_record(opts.state_dir, HASH_CACHE) or {}
-    raw_cache = cache_data.get("files", {})
-    cache: dict[str, Any] = raw_cache if isinstance(raw_cache, dict) else {}
-    new_cache: dict[str, list[Any]] = {}
-    entries: dict[str, Entry] = {}
-    hashed = 0
-    last = last_push_record(opts) if on_change is not None else None
-    pushed: Mapping[str, Entry] = last[0].entries if last is not None else {}
+    state_dir = Path(opts.state_dir)
+    index = journal.load(state_dir / INDEX)
+    trusted = index.exists and _valid_meta(index.meta)
+    old: Mapping[str, Entry] = index.entries if index.exists else {}
+    old_inos: Mapping[str, int] = index.inos if index.exists else {}
+    pushed = push_meta(opts) if on_change is not None else None
     hint = on_change
+    if on_change is not None and (
+        not trusted
+        or pushed is None
+        or pushed["digest"] != index.meta["digest"]
+        or pushed["mtimes"] != index.meta["mtimes"]
+    ):
+        hint = None
+        on_change()  # the index is not what we pushed: a push is coming whatever the walk finds
+    entries: dict[str, Entry] = {}
+    inos: dict[str, int] = {}
+    changed: list[str] = []
+    added = 0
 
-    def changed(rel: str, mode: int, size: int, mtime_ns: int) -> None:
-        nonlocal hint
-        was = pushed.get(rel)
-        if stat.S_ISDIR(mode):
-            news = was is None or was.type != "d"  # a directory's mtime moves with its files
-        elif stat.S_ISREG(mode) or stat.S_ISLNK(mode):
-            kind = "f" if stat.S_ISREG(mode) else "l"
-            news = was is None or (was.type, was.size, was.mtime_ns) != (kind, size, mtime_ns)
-        else:
-            news = False  # sockets, fifos, devices are never synced
+    def note(rel: str, e: Entry, was: Entry | None) -> None:
+        nonlocal hint, added
+        changed.append(rel)
+        if was is None:
+            added += 1
         call = hint
-        if news and call is not None:
+        # a directory's mtime moves with its files: only a new directory is news
+        if call is not None and (e.type != "d" or was is None or was.type != "d"):
             hint = None
             call()
 
     def walk(dir_path: str, rel_dir: str) -> None:
-        nonlocal hashed
         try:
             it = os.scandir(dir_path)
         except (FileNotFoundError, NotADirectoryError):
@@ -212,58 +279,107 @@ def scan_local(
             except FileNotFoundError:
                 continue
             mode = cst.st_mode
-            is_dir = stat.S_ISDIR(mode)
-            if rules.excluded(rel, is_dir):
-                continue
-            if hint is not None:
-                changed(rel, mode, cst.st_size, cst.st_mtime_ns)
-            if is_dir:
-                entries[rel] = Entry("d", 0, cst.st_mtime_ns, stat.S_IMODE(mode), "")
+            if stat.S_ISREG(mode):
+                if rules.excluded(rel, False):
+                    continue
+                was = old.get(rel)
+                perm = mode & 0o7777
+                if (
+                    was is not None
+                    and was.mtime_ns == cst.st_mtime_ns
+                    and was.size == cst.st_size
+                    and was.type == "f"
+                    and old_inos.get(rel) == cst.st_ino
+                ):
+                    e = was if was.mode == perm else was._replace(mode=perm)
+                    entries[rel] = e
+                    inos[rel] = cst.st_ino
+                    if e is not was:
+                        note(rel, e, was)
+                    continue
+                try:
+                    fd = os.open(child.path, os.O_RDONLY | os.O_NOFOLLOW)
+                except OSError:
+                    continue
+                try:
+                    fst = os.fstat(fd)
+                    digest = hash_file(fd)
+                finally:
+                    os.close(fd)
+                e = Entry("f", fst.st_size, fst.st_mtime_ns, perm, digest)
+                entries[rel] = e
+                inos[rel] = fst.st_ino
+                note(rel, e, was)
+            elif stat.S_ISDIR(mode):
+                if rules.excluded(rel, True):
+                    continue
+                was = old.get(rel)
+                e = Entry("d", 0, cst.st_mtime_ns, mode & 0o7777, "")
+                if e == was:
+                    e = was
+                else:
+                    note(rel, e, was)
+                entries[rel] = e
                 walk(child.path, rel)
             elif stat.S_ISLNK(mode):
+                if rules.excluded(rel, False):
+                    continue
                 try:
                     target = os.readlink(child.path)
                 except OSError:
                     continue
-                entries[rel] = Entry("l", len(target), cst.st_mtime_ns, 0o777, target)
-            elif stat.S_ISREG(mode):
-                key = [cst.st_ino, cst.st_size, cst.st_mtime_ns]
-                cached = cache.get(rel)
-                if isinstance(cached, list) and len(cached) == 4 and cached[:3] == key:
-                    digest = str(cached[3])
+                was = old.get(rel)
+                e = Entry("l", len(target), cst.st_mtime_ns, 0o777, target)
+                if e == was:
+                    e = was
                 else:
-                    try:
-                        fd = os.open(child.path, os.O_RDONLY | os.O_NOFOLLOW)
-                    except OSError:
-                        continue
-                    try:
-                        fst = os.fstat(fd)
-                        digest = hash_file(fd)
-                    finally:
-                        os.close(fd)
-                    hashed += 1
-                    key = [fst.st_ino, fst.st_size, fst.st_mtime_ns]
-                    cst_size, cst_mtime = fst.st_size, fst.st_mtime_ns
-                    entries[rel] = Entry("f", cst_size, cst_mtime, stat.S_IMODE(mode), digest)
-                    new_cache[rel] = [*key, digest]
-                    continue
-                entries[rel] = Entry("f", cst.st_size, cst.st_mtime_ns, stat.S_IMODE(mode), digest)
-                new_cache[rel] = [*key, digest]
+                    note(rel, e, was)
+                entries[rel] = e
             # sockets, fifos and devices are not part of a source tree: skipped
 
     walk(str(root), "")
-    if hint is not None and last is not None and any(p not in entries for p in pushed):
-        hint()  # deletions only
-    manifest = Manifest(entries)
+    if len(entries) - added != len(old):
+        gone = [p for p in old if p not in entries]
+        changed.extend(gone)
+        if gone and hint is not None:
+            hint()  # deletions only
     if not entries:
-        last = last_push_record(opts)
-        if last is not None and last[0].file_count > 0:
-            n = last[0].file_count
+        last = pushed if pushed is not None else push_meta(opts)
+        if last is not None and last["files"] > 0:
+            n = last["files"]
             raise SyncHaltedError(
                 f"local root {root} is empty but the last push had {n} files; refusing to "
                 f"delete {n} files in the sandbox: restore the directory, or drop the session "
                 "(`ukc delete`) and re-create it"
             )
-    if hashed or set(new_cache) != set(cache):
-        write_record(opts.state_dir, HASH_CACHE, {"version": 1, "files": new_cache}, durable=False)
+    if not trusted:
+        manifest = Manifest(entries)
+        index.write(entries, inos, manifest.meta(), None)
+        drop_legacy(state_dir)
+        return manifest
+    meta = index.meta
+    prior = {p: old.get(p) for p in changed}
+    manifest = Manifest(entries, Basis((meta["digest"], meta["mtimes"]), prior))
+    if not changed:
+        manifest._preset(meta)
+        return manifest
+    digest, mtimes = int(meta["digest"], 16), int(meta["mtimes"], 16)
+    files, size = meta["files"], meta["bytes"]
+    for p, was in prior.items():
+        now = entries.get(p)
+        if was is not None:
+            digest -= content_hash(p, was)
+            mtimes -= mtime_hash(p, was)
+            if was.type == "f":
+                files -= 1
+                size -= was.size
+        if now is not None:
+            digest += content_hash(p, now)
+            mtimes += mtime_hash(p, now)
+            if now.type == "f":
+                files += 1
+                size += now.size
+    new_meta = {"digest": _hex(digest), "mtimes": _hex(mtimes), "files": files, "bytes": size}
+    manifest._preset(new_meta)
+    index.write(entries, inos, new_meta, changed)
     return manifest

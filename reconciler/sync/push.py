@@ -19,11 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import RemoteError, SyncError, SyncLimitError
-from reconciler.sync.diff import TransferPlan, diff_manifests
+from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
-from reconciler.sync.manifest import CHUNK, Entry, Manifest, last_push_record, scan_local
+from reconciler.sync.manifest import (
+    CHUNK,
+    Entry,
+    Manifest,
+    last_push_record,
+    push_meta,
+    record_push,
+    scan_local,
+)
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.records import PUSH_RECORD, write_record
 from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
@@ -260,32 +267,46 @@ def push(
         s.flush()
         if local is None:
             local = scan_local(opts, rules)
-        last = last_push_record(opts)
+        last = push_meta(opts)
         hello = s.reader.frame(1 << 16)
         if not isinstance(hello, dict):
             raise RemoteError("sync helper answered hello with a non-object frame")
         boot_id = str(hello.get("boot_id", ""))[:128]
         fresh = last is not None and _record_matches(
-            hello.get("record"), boot_id, instance_uuid, last[1].get("digest", ""), opts
+            hello.get("record"), boot_id, instance_uuid, last["digest"], opts
         )
         scanned = not fresh
+        basis = local.basis
+        delta = False
         if scanned:
             want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
             s.send({"op": "scan", "want": want, "flush": True})
             s.flush()
             previous = read_remote_scan(s, local, rules)
-            reason = "remote scanned (no trusted remote record)"
+            plan = diff_manifests(
+                local, previous, rules, reason="remote scanned (no trusted remote record)"
+            )
         else:
             assert last is not None
-            previous = last[0]
             reason = "remote record matches our last push"
-        plan = diff_manifests(local, previous, rules, reason=reason)
+            if (last["digest"], last["mtimes"]) == local.key:
+                previous, plan = local, TransferPlan(reason=reason)
+            elif basis is not None and basis.key == (last["digest"], last["mtimes"]):
+                # the record is the state the scan started from: only what it found changed
+                previous, plan = changes_of(local, basis, rules, reason=reason)
+                delta = True
+            else:
+                pushed = last_push_record(opts)
+                if pushed is None:
+                    raise SyncError(f"push to {opts.remote_root}: our push record vanished")
+                previous = pushed[0]
+                plan = diff_manifests(local, previous, rules, reason=reason)
         result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
         if plan.empty and not scanned:
             return result  # our record already describes this tree
         deleted = _apply(s, plan, local, previous, opts, rules, instance_uuid, boot_id, result)
     result.deleted = deleted
-    _write_local_record(opts, local, instance_uuid, boot_id)
+    record_push(opts, local, instance_uuid, boot_id, delta=delta)
     return result
 
 
@@ -347,13 +368,8 @@ def _apply(
             for path in plan.uploads:
                 if is_under(path, replaced):
                     sender.upload(path)
-    record = {
-        "version": 1,
-        "boot_id": boot_id,
-        "uuid": instance_uuid,
-        "digest": local.digest,
-        "entries": local.to_json(),
-    }
+    # the record names the tree, not its entries: the sandbox never needs our manifest
+    record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
     # one round trip: the helper records the new manifest only if it saw no error
     reply = s.call({"op": "finish", "record": None if sender.errors else record})
     errors = sender.errors + [str(x) for x in reply.get("errors", [])][:50]
@@ -362,17 +378,3 @@ def _apply(
         first = errors[0] if errors else "manifest not recorded"
         raise SyncError(f"push to {opts.remote_root}: {len(errors)} errors ({first})")
     return deleted
-
-
-def _write_local_record(
-    opts: SyncOptions, local: Manifest, instance_uuid: str, boot_id: str
-) -> None:
-    data: dict[str, Any] = {
-        "version": 1,
-        "digest": local.digest,
-        "instance_uuid": instance_uuid,
-        "boot_id": boot_id,
-        "entries": local.to_json(),
-    }
-    # no fsync: a lost or torn record reads as "none", which only forces a remote scan
-    write_record(opts.state_dir, PUSH_RECORD, data, durable=False)

@@ -1,23 +1,35 @@
-"""Small JSON records kept in the controller's per-session sync state dir.
+"""Small JSON records kept in the controller's per-session sync state dir, and the names of
+all of them.
 
-The hash cache, the push record and the pull record. Writes are atomic (`_util.atomic`: temp
-file in the same directory, fsync, rename) so a crash leaves either the old record or the new
-one, never a torn file, and a killed writer's temp file is swept by the next write.
+The pull record is one of these; the index and the push record are journals (`journal`).
+Writes are atomic (`_util.atomic`: temp file in the same directory, fsync, rename) so a crash
+leaves either the old record or the new one, never a torn file, and a killed writer's temp
+file is swept by the next write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 from reconciler._util.atomic import write_atomic
 
-__all__ = ["HASH_CACHE", "PULL_RECORD", "PUSH_RECORD", "read_record", "write_record"]
+__all__ = ["INDEX", "PULL_RECORD", "PUSH_RECORD", "drop_legacy", "read_record", "write_record"]
 
-PUSH_RECORD = "push.json"
+PUSH_RECORD = "push.jnl"
 PULL_RECORD = "pull.json"
-HASH_CACHE = "hashcache.json"
+INDEX = "index.jnl"
+#: the whole-manifest records the journals replaced
+_LEGACY = ("push.json", "hashcache.json")
+
+
+def drop_legacy(state_dir: Path) -> None:
+    """Remove records of an older ukc that nothing reads any more (12 MB each at 100k files)."""
+    for name in _LEGACY:
+        with contextlib.suppress(OSError):
+            (Path(state_dir) / name).unlink()
 
 
 def read_record(state_dir: Path, name: str) -> dict[str, Any] | None:

@@ -61,6 +61,7 @@ _STDIN_CHUNK = 1024 * 1024
 #: a wait slice, under the proxy's 60 s cut
 _WAIT_SLICE_S = 30.0
 _REQUEST_S = 30.0
+_KILL_S = 5.0
 #: a stdin write waits while the process does not read (the proxy cuts it at 60 s)
 _STDIN_S = 65.0
 #: empty log polls back off from the first to the last delay
@@ -292,22 +293,40 @@ class PluginProcess:
         return code
 
     def kill(self) -> None:
-        """Stop its process group if it runs, and let the plugin forget it."""
+        """Stop its process group if it runs, and let the plugin forget it (its logs live in
+        the sandbox's memory until then)."""
         with self._kill_lock:
             if self._killed.is_set():
                 return
             self._killed.set()
+        if not self._route.active:
+            return  # no connection: the sandbox's command ends with its stdin
+        path = f"commands/{self._id}"
         try:
             if self._exit is None:
-                self._route.request("POST", f"commands/{self._id}/signal", {"signal": "KILL"})
+                self._route.request("POST", f"{path}/signal", {"signal": "KILL"}, timeout_s=_KILL_S)
                 # closes its pipes: a stray holder of them no longer keeps it alive
-                self._route.request("DELETE", f"commands/{self._id}/logs")
+                self._route.request("DELETE", f"{path}/logs", timeout_s=_KILL_S)
                 self._route.request(
-                    "POST", f"commands/{self._id}/wait_timeout", {"timeout_s": 2.0}, timeout_s=12
+                    "POST", f"{path}/wait_timeout", {"timeout_s": 2.0}, timeout_s=_KILL_S + 2
                 )
-            self._route.request("DELETE", f"commands/{self._id}")
+            self._route.request("DELETE", path, timeout_s=_KILL_S)
         except (TransportError, AuthError):
-            pass  # the connection is gone; the sandbox's command ends with its stdin
+            pass
+
+    def forget_if_done(self) -> bool:
+        """Let the plugin forget it if it has exited and no one is reading it; True if so."""
+        if self._exit is None or self._killed.is_set():
+            return self._killed.is_set()
+        locks = [lock for lock in self._locks.values() if lock.acquire(blocking=False)]
+        try:
+            if len(locks) < len(self._locks):
+                return False
+            self.kill()
+            return True
+        finally:
+            for lock in locks:
+                lock.release()
 
 
 class PluginShell:
@@ -315,6 +334,9 @@ class PluginShell:
 
     def __init__(self, route: _Route) -> None:
         self._route = route
+        self._lock = threading.Lock()
+        #: processes the plugin still keeps (with their logs, in the sandbox's memory)
+        self._procs: list[PluginProcess] = []
 
     def __repr__(self) -> str:
         return f"PluginShell({self._route.instance!r})"
@@ -330,6 +352,8 @@ class PluginShell:
             raise RemoteError(f"plugin {self._route.instance}: ready: not a command list")
 
     def start(self, command: str) -> RemoteProcess:
+        with self._lock:
+            self._procs = [p for p in self._procs if not p.forget_if_done()]
         data = self._route.data("start a command", "POST", "commands", {"cmd": command})
         command_id = data.get("uuid") if isinstance(data, Mapping) else None
         if not isinstance(command_id, str) or not _COMMAND_ID.fullmatch(command_id):
@@ -337,9 +361,17 @@ class PluginShell:
                 f"plugin {self._route.instance}: start a command: "
                 f"answered an id that is not a uuid ({_text(command_id)!r})"
             )
-        return PluginProcess(self._route, command_id)
+        proc = PluginProcess(self._route, command_id)
+        with self._lock:
+            self._procs.append(proc)
+        return proc
 
     def close(self) -> None:
+        """Stop what still runs and let the plugin forget every process started here."""
+        with self._lock:
+            procs, self._procs = self._procs, []
+        for proc in procs:
+            proc.kill()
         self._route.active = False
 
 

@@ -139,6 +139,35 @@ def test_stdin_goes_in_pieces_each_under_the_plugins_body_limit() -> None:
     assert max(len(json.dumps(body)) for body in sent) < 2 * 1024 * 1024
 
 
+def test_a_session_commands_environment_goes_over_stdin_never_into_the_plugins_request() -> None:
+    fake = FakePlugin()
+    canary = "canary-env-over-stdin-61b2"
+    result = _connect(fake).run(
+        "echo hi",
+        env={"TOKEN": canary},
+        cwd="/workspace",
+        timeout_s=30,
+        on_stdout=lambda b: None,
+        on_stderr=lambda b: None,
+    )
+    assert result.exit_code == 0
+    assert canary.encode() in bytes(fake.stdin)  # the command gets it, from its stdin
+    (start,) = [body for method, path, body in fake.requests if path == "commands" and body]
+    assert canary not in json.dumps(start) and set(start) == {"cmd"}
+
+
+def test_a_finished_process_is_forgotten_by_the_plugin_at_the_next_start_or_the_close() -> None:
+    fake = FakePlugin()
+    shell = _connect(fake).shell
+    first = shell.start("true")
+    assert first.wait(5) == 0
+    shell.start("true")
+    assert ("DELETE", f"commands/{COMMAND}") in [(m, p) for m, p, _ in fake.requests]
+    before = len(fake.requests)
+    shell.close()
+    assert ("DELETE", f"commands/{COMMAND}") in [(m, p) for m, p, _ in fake.requests[before:]]
+
+
 def test_a_command_id_that_is_not_a_uuid_never_becomes_part_of_a_request_path() -> None:
     fake = FakePlugin()
     fake.command_id = "../../../../v1/instances/victim"

@@ -207,36 +207,37 @@ class PluginHandler(FileRoutes):
         if command.logs_deleted:
             self._send(410, b"")
             return
-        with command.lock:
-            data = bytes(command.out if stream == "stdout" else command.err)
-        total = len(data)
         header = self.headers.get("Range")
+        m = None if header is None else re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+        # why copy only the range under the lock: the log may be hundreds of MiB, read in
+        # pieces; a whole copy per piece would cost the sandbox's memory many times over
+        with command.lock:
+            buf = command.out if stream == "stdout" else command.err
+            total = len(buf)
+            whole = bytes(buf) if header is None else b""
+            start: int
+            end: int
+            if header is None or m is None or (m.group(1) == "" and m.group(2) == ""):
+                ok = False
+                start = end = 0
+            elif m.group(1) == "":
+                suffix = int(m.group(2))
+                start, end = max(0, total - suffix), total - 1
+                ok = suffix > 0 and total > 0
+            else:
+                start = int(m.group(1))
+                end = int(m.group(2)) if m.group(2) else total - 1
+                end = min(end, total - 1)
+                ok = start < total and start <= end
+            data = bytes(buf[start : end + 1]) if ok else b""
         if header is None:
-            self._send(200, data, "application/octet-stream")
+            self._send(200, whole, "application/octet-stream")
             return
-        m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
-        start: int
-        end: int
-        if m is None or (m.group(1) == "" and m.group(2) == ""):
-            self._send(416, b"", "application/octet-stream", {"Content-Range": f"bytes */{total}"})
-            return
-        if m.group(1) == "":
-            suffix = int(m.group(2))
-            start, end = max(0, total - suffix), total - 1
-            ok = suffix > 0 and total > 0
-        else:
-            start = int(m.group(1))
-            end = int(m.group(2)) if m.group(2) else total - 1
-            end = min(end, total - 1)
-            ok = start < total and start <= end
         if not ok:
             self._send(416, b"", "application/octet-stream", {"Content-Range": f"bytes */{total}"})
             return
         self._send(
-            206,
-            data[start : end + 1],
-            "application/octet-stream",
-            {"Content-Range": f"bytes {start}-{end}/{total}"},
+            206, data, "application/octet-stream", {"Content-Range": f"bytes {start}-{end}/{total}"}
         )
 
     def _stdin(self, command: Command, body: Any) -> None:

@@ -1,0 +1,45 @@
+"""One path of a manifest, and the order-free hashes its digests are sums of."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+__all__ = ["DIGEST_MOD", "Entry", "content_hash", "mtime_hash"]
+
+#: digests are sums of per-entry sha256 values modulo this: one changed entry moves a digest
+#: by its old and new hash, so a scan that finds one change needs no pass over the tree
+DIGEST_MOD = 1 << 256
+
+
+class Entry(NamedTuple):
+    """One path of a manifest."""
+
+    type: str  # "f" | "d" | "l"
+    size: int
+    mtime_ns: int
+    mode: int  # permission bits only (stat.S_IMODE)
+    ref: str  # sha256 hex for files, link target for links, "" for dirs
+
+    def same_content(self, other: Entry) -> bool:
+        """Equal as far as the digest is concerned (mtime ignored)."""
+        return (self.type, self.size, self.mode, self.ref) == (
+            other.type,
+            other.size,
+            other.mode,
+            other.ref,
+        )
+
+
+def content_hash(path: str, e: Entry) -> int:
+    """What `path` adds to a manifest's digest: its type, size, mode and ref (not its mtime)."""
+    line = f"{path}\0{e.type}\0{e.size}\0{e.mode:o}\0{e.ref}\n"
+    return int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest())
+
+
+def mtime_hash(path: str, e: Entry) -> int:
+    """What `path` adds to a manifest's mtime digest (files only: pushes set file mtimes)."""
+    if e.type != "f":
+        return 0
+    line = f"{path}\0{e.mtime_ns}\n"
+    return int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest())

@@ -1,0 +1,273 @@
+"""Per-session records kept as append-only journals: the whole state once, then deltas.
+
+A journal file holds JSON lines. The first line sets the whole state (`"reset"`); each later
+line is a delta: entries set, entries removed, and the state's metadata after it. One changed
+file costs one short appended line instead of rewriting a record of every path (12 MB at
+100,000 files). Once the deltas outgrow the state, the next write compacts: the whole state,
+written atomically under a new inode.
+
+Every line carries a sequence number. A line that does not parse (a writer killed
+mid-append) or breaks the sequence (two writers at once) ends the journal there: what precedes
+it is a state one writer wrote whole, with the metadata of that same state, and the next write
+compacts. A lost or cut journal only costs time (a re-hash, a remote scan), never a wrong
+answer, because entries are only trusted together with the metadata written beside them.
+
+Loaded journals are kept in-process by path with the inode and the length read: a later load
+reads only what was appended since, so a watch that scans on every edit parses the record once.
+States are never modified in place: a write installs new dicts (the scan's own), so a
+`Manifest` built on a state stays what it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler._util.atomic import write_atomic
+from reconciler.sync.entry import Entry
+
+__all__ = ["Journal", "load", "read_meta"]
+
+#: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
+_GROWTH = 1
+_SLACK = 256 << 10
+#: a metadata line is looked for in this many bytes at the end of the file
+_TAIL = 64 << 10
+_CACHE_MAX = 64
+
+
+@dataclass
+class Journal:
+    """One journal's state as last read or written by this process."""
+
+    path: Path
+    entries: Mapping[str, Entry] = field(default_factory=dict)
+    #: inode numbers by path (the hash index: an entry is trusted only for the same inode)
+    inos: Mapping[str, int] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    seq: int = -1
+    #: the file as read: its inode and the bytes consumed (None: no file)
+    ino: int | None = None
+    length: int = 0
+    #: bytes of the last compacted state: deltas may grow to about as much
+    base: int = 0
+    #: the file ended in a line that did not parse or broke the sequence
+    broken: bool = False
+
+    @property
+    def exists(self) -> bool:
+        return self.ino is not None and self.seq >= 0
+
+    def write(
+        self,
+        entries: Mapping[str, Entry],
+        inos: Mapping[str, int],
+        meta: dict[str, Any],
+        changed: Collection[str] | None,
+    ) -> None:
+        """Make `entries`/`inos`/`meta` the journal's state (they are kept, not copied).
+
+        `changed`: the paths whose entry (or inode) differs from the current state, which makes
+        the write one appended line; None (or a journal that cannot take an append) rewrites
+        the whole state.
+        """
+        line = b""
+        if changed is not None and self.exists and not self.broken:
+            sets = {p: entries[p] for p in changed if p in entries}
+            delta: dict[str, Any] = {"seq": self.seq + 1, "meta": meta}
+            if sets:
+                delta["set"] = sets
+                delta["ino"] = {p: inos[p] for p in sets if p in inos}
+            gone = [p for p in changed if p not in entries]
+            if gone:
+                delta["del"] = gone
+            line = _line(delta)
+            if self.length + len(line) > _GROWTH * self.base + _SLACK or not self._append(line):
+                line = b""
+        if not line:
+            self._compact(entries, inos, meta)
+        else:
+            self.seq += 1
+        self.entries, self.inos, self.meta = entries, inos, meta
+        _remember(self)
+
+    def _append(self, line: bytes) -> bool:
+        """Append one line if the file is still the one we read, to its end; else False."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != self.ino or st.st_size != self.length:
+                return False  # another writer: a compaction makes one consistent state
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        self.length += len(line)
+        return True
+
+    def _compact(
+        self, entries: Mapping[str, Entry], inos: Mapping[str, int], meta: dict[str, Any]
+    ) -> None:
+        head = _line({"seq": 0, "reset": True, "set": entries, "ino": inos})
+        tail = _line({"seq": 1, "meta": meta})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # no fsync: a lost or torn journal reads as "none", which only costs time
+        write_atomic(self.path, head + tail, durable=False)
+        st = os.stat(self.path)
+        self.ino, self.length, self.base, self.seq, self.broken = (
+            st.st_ino,
+            len(head) + len(tail),
+            len(head),
+            1,
+            False,
+        )
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    # ASCII (non-UTF-8 names travel as \udcXX escapes), one object per line
+    return json.dumps(obj, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+_CACHE: dict[Path, Journal] = {}
+
+
+def _remember(j: Journal) -> None:
+    if j.path not in _CACHE and len(_CACHE) >= _CACHE_MAX:
+        _CACHE.clear()
+    _CACHE[j.path] = j
+
+
+def _entries(raw: object) -> dict[str, Entry] | None:
+    """JSON `{path: [type, size, mtime_ns, mode, ref]}` as entries; None when malformed."""
+    if not isinstance(raw, dict):
+        return None
+    for v in raw.values():
+        if not (
+            type(v) is list
+            and len(v) == 5
+            and type(v[0]) is str
+            and type(v[1]) is int
+            and type(v[2]) is int
+            and type(v[3]) is int
+            and type(v[4]) is str
+        ):
+            return None
+    return dict(zip(raw.keys(), map(Entry._make, raw.values()), strict=True))
+
+
+def _apply(j: Journal, data: bytes, start: int) -> None:
+    """Apply the complete lines of `data` (read from offset `start`) to `j`."""
+    entries: dict[str, Entry] | None = None
+    inos: dict[str, int] | None = None
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break  # an append in progress (or cut): read again next time
+        try:
+            obj = json.loads(data[pos:end].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            obj = None
+        # a reset is the first line, and only the first
+        ok = (
+            isinstance(obj, dict)
+            and obj.get("seq") == j.seq + 1
+            and (obj.get("reset") is True) == (j.seq < 0)
+        )
+        sets = _entries(obj.get("set", {})) if ok and obj is not None else None
+        raw_ino = obj.get("ino", {}) if ok and obj is not None else None
+        gone = obj.get("del", []) if ok and obj is not None else None
+        if (
+            obj is None
+            or sets is None
+            or not isinstance(raw_ino, dict)
+            or not all(type(v) is int for v in raw_ino.values())
+            or not isinstance(gone, list)
+            or not isinstance(obj.get("meta", {}), dict)
+        ):
+            j.broken = True
+            break
+        if obj.get("reset") is True:
+            entries, inos = sets, dict(raw_ino)
+            j.base = end + 1 - pos
+        else:
+            if entries is None:
+                entries, inos = dict(j.entries), dict(j.inos)
+            assert inos is not None
+            entries.update(sets)
+            inos.update(raw_ino)
+            for p in gone:
+                if isinstance(p, str):
+                    entries.pop(p, None)
+                    inos.pop(p, None)
+        if "meta" in obj:
+            j.meta = dict(obj["meta"])
+        j.seq += 1
+        pos = end + 1
+    if entries is not None and inos is not None:
+        j.entries, j.inos = entries, inos
+    j.length = start + pos
+
+
+def load(path: Path) -> Journal:
+    """The journal at `path` (an empty one when there is none), reading only what was
+    appended since this process last read or wrote it."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return Journal(path)
+    except OSError:
+        return Journal(path, broken=True)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        j = _CACHE.get(path)
+        if j is not None and j.ino == st.st_ino and j.length <= st.st_size and not j.broken:
+            if j.length == st.st_size:
+                return j
+            f.seek(j.length)
+            j = Journal(path, j.entries, j.inos, dict(j.meta), j.seq, j.ino, j.length, j.base)
+        else:
+            j = Journal(path, ino=st.st_ino)
+        _apply(j, f.read(), j.length)
+    if j.seq < 0:
+        j.ino = None if not j.broken else j.ino
+    _remember(j)
+    return j
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The journal's current metadata without reading its entries (the last line holds it);
+    None when there is no journal, or when it can only be had by reading it all."""
+    path = Path(path)
+    j = _CACHE.get(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if j is not None and j.ino == st.st_ino and j.length == st.st_size and not j.broken:
+            return j.meta if j.exists else None
+        start = max(0, st.st_size - _TAIL)
+        f.seek(start)
+        tail = f.read()
+    if not tail.endswith(b"\n"):
+        return None
+    cut = tail.rfind(b"\n", 0, len(tail) - 1)
+    if cut < 0 and start > 0:
+        return None
+    try:
+        obj = json.loads(tail[cut + 1 : -1].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return dict(meta) if isinstance(meta, dict) else None

@@ -1,0 +1,228 @@
+"""The index and the push record as journals: deltas appended, cut or forked journals trusted
+only as far as one writer wrote them, digests moved by what changed."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from reconciler.sync import journal
+from reconciler.sync.diff import diff_manifests
+from reconciler.sync.engine import plan_push, push
+from reconciler.sync.entry import Entry
+from reconciler.sync.ignore import load_rules
+from reconciler.sync.manifest import Manifest, last_push_record, scan_local
+from reconciler.sync.records import INDEX, PUSH_RECORD
+from tests.support.synctree import Site, snapshot, write
+
+
+def _forget_cache() -> None:
+    """What a new process sees: only the files."""
+    journal._CACHE.clear()
+
+
+def _tree(site: Site, n: int = 40) -> None:
+    for i in range(n):
+        write(site.local / f"d{i % 4}" / f"f{i:03d}.txt", f"content {i}")
+
+
+class TestIndex:
+    def test_one_changed_file_appends_one_short_line_to_the_index(self, site: Site) -> None:
+        _tree(site, 200)
+        scan_local(site.opts())
+        path = site.state / INDEX
+        before = path.stat()
+        write(site.local / "d1" / "f001.txt", "new content")
+        scan_local(site.opts())
+        after = path.stat()
+        assert after.st_ino == before.st_ino  # appended, not replaced
+        assert 0 < after.st_size - before.st_size < 600
+        assert len(path.read_bytes().splitlines()) == 3
+
+    def test_an_unchanged_tree_writes_nothing(self, site: Site) -> None:
+        _tree(site)
+        scan_local(site.opts())
+        before = (site.state / INDEX).stat()
+        _forget_cache()
+        scan_local(site.opts())
+        after = (site.state / INDEX).stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        )
+
+    def test_a_new_process_is_not_rehashing_what_the_index_holds(self, site: Site) -> None:
+        p = write(site.local / "a.txt", "aaaa")
+        first = scan_local(site.opts()).entries["a.txt"].ref
+        st = p.stat()
+        # same inode, size and mtime but other bytes: only a re-hash could notice
+        with open(p, "r+b") as f:
+            f.write(b"bbbb")
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _forget_cache()
+        assert scan_local(site.opts()).entries["a.txt"].ref == first
+
+    def test_a_file_replaced_by_another_inode_is_rehashed(self, site: Site) -> None:
+        p = write(site.local / "a.txt", "aaaa")
+        first = scan_local(site.opts()).entries["a.txt"]
+        other = write(site.local / "b.tmp", "bbbb")
+        os.utime(other, ns=(first.mtime_ns, first.mtime_ns))
+        os.replace(other, p)
+        assert scan_local(site.opts()).entries["a.txt"].ref != first.ref
+
+    def test_digests_moved_by_the_changes_equal_digests_of_the_whole_tree(self, site: Site) -> None:
+        rng = random.Random(7)
+        _tree(site, 60)
+        os.symlink("d0", site.local / "link")
+        for step in range(12):
+            files = sorted(p for p in site.local.rglob("*") if p.is_file())
+            for _ in range(rng.randint(1, 4)):
+                victim = rng.choice(files)
+                what = rng.random()
+                if what < 0.3:
+                    victim.unlink(missing_ok=True)
+                elif what < 0.5:
+                    victim.chmod(0o600 if rng.random() < 0.5 else 0o644)
+                elif what < 0.7:
+                    write(site.local / f"new{step}" / f"x{rng.randint(0, 99)}", "new")
+                else:
+                    write(victim, f"edit {step} {rng.random()}")
+            if step % 3 == 0:
+                _forget_cache()
+            got = scan_local(site.opts())
+            whole = Manifest(dict(got.entries))
+            assert (got.digest, got.mtimes, got.file_count, got.total_bytes) == (
+                whole.digest,
+                whole.mtimes,
+                whole.file_count,
+                whole.total_bytes,
+            )
+
+    def test_a_cut_last_line_is_ignored_and_the_next_write_compacts(self, site: Site) -> None:
+        _tree(site)
+        scan_local(site.opts())
+        write(site.local / "d0" / "f000.txt", "changed once")
+        scan_local(site.opts())
+        path = site.state / INDEX
+        data = path.read_bytes()
+        path.write_bytes(data[:-5])  # a writer killed mid-append
+        _forget_cache()
+        j = journal.load(path)
+        assert j.exists
+        # the state before the cut line: the entry of the changed file is the old one
+        assert j.entries["d0/f000.txt"].size == len("content 0")
+        got = scan_local(site.opts())
+        assert got.entries["d0/f000.txt"].size == len("changed once")
+        assert got.digest == Manifest(dict(got.entries)).digest
+        _forget_cache()
+        again = journal.load(path)
+        assert not again.broken and len(path.read_bytes().splitlines()) == 2
+
+    def test_two_writers_at_once_leave_a_journal_trusted_only_up_to_the_fork(
+        self, site: Site
+    ) -> None:
+        path = site.state / "x.jnl"
+        a = journal.load(path)
+        a.write({"p": Entry("f", 1, 1, 0o644, "r1")}, {}, {"n": 1}, None)
+        _forget_cache()
+        b = journal.load(path)
+        _forget_cache()
+        c = journal.load(path)
+        b.write({"p": Entry("f", 2, 2, 0o644, "r2")}, {}, {"n": 2}, ["p"])
+        # c still believes the file ends where b started: its append is refused, it compacts
+        c.write({"p": Entry("f", 3, 3, 0o644, "r3")}, {}, {"n": 3}, ["p"])
+        _forget_cache()
+        last = journal.load(path)
+        assert (last.entries["p"].size, last.meta) == (3, {"n": 3})
+        # the same fork written by hand: the second line with the same number ends the journal
+        lines = path.read_bytes().splitlines(keepends=True)
+        fork = lines[-1].replace(b'"n":3', b'"n":4')
+        path.write_bytes(b"".join(lines) + fork)
+        _forget_cache()
+        forked = journal.load(path)
+        assert forked.broken and forked.meta == {"n": 3}
+
+    def test_a_journal_that_does_not_start_with_a_whole_state_is_no_journal(
+        self, site: Site
+    ) -> None:
+        path = site.state / "x.jnl"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b'{"seq":0,"set":{"p":["f",1,1,420,"r"]},"meta":{"n":1}}\n')
+        j = journal.load(path)
+        assert not j.exists and j.broken
+
+    def test_malformed_entries_end_the_journal(self, site: Site) -> None:
+        path = site.state / "x.jnl"
+        a = journal.load(path)
+        a.write({"p": Entry("f", 1, 1, 0o644, "r1")}, {}, {"n": 1}, None)
+        with open(path, "ab") as f:
+            f.write(b'{"seq":2,"set":{"q":["f","big",1,420,"r"]},"meta":{"n":2}}\n')
+        _forget_cache()
+        j = journal.load(path)
+        assert j.broken and "q" not in j.entries and j.meta == {"n": 1}
+
+
+class TestPushRecord:
+    def test_a_one_file_push_appends_to_the_record_and_plans_from_the_scan_alone(
+        self, site: Site
+    ) -> None:
+        _tree(site, 100)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        record = site.state / PUSH_RECORD
+        before = record.stat()
+        write(site.local / "d2" / "f002.txt", "edited")
+        (site.local / "d3" / "f003.txt").unlink()
+        local = scan_local(site.opts())
+        assert local.basis is not None and set(local.basis.old) >= {"d2/f002.txt", "d3/f003.txt"}
+        plan = plan_push(local, site.opts())
+        pushed = last_push_record(site.opts())
+        assert pushed is not None
+        full = diff_manifests(local, pushed[0], load_rules(site.opts()))
+        assert (plan.uploads, plan.deletes, plan.metas) == (full.uploads, full.deletes, full.metas)
+        assert plan.uploads == ("d2/f002.txt",) and plan.deletes == ("d3/f003.txt",)
+        result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
+        assert (result.files_sent, result.deleted, result.remote_scanned) == (1, 1, False)
+        after = record.stat()
+        assert after.st_ino == before.st_ino and after.st_size - before.st_size < 1000
+        assert snapshot(site.remote) == snapshot(site.local)
+        _forget_cache()
+        again = last_push_record(site.opts())
+        assert again is not None and again[0].entries == local.entries
+
+    def test_the_sandbox_gets_the_trees_name_not_its_entries(self, site: Site) -> None:
+        _tree(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert not (site.remote_state / "record.manifest.json").exists()
+        names = {p.name for p in site.remote_state.iterdir()}
+        assert "record.json" in names
+
+    def test_a_lost_push_record_forces_a_remote_scan_not_a_blind_push(self, site: Site) -> None:
+        _tree(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        (site.state / PUSH_RECORD).unlink()
+        _forget_cache()
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.remote_scanned and result.files_sent == 0
+
+    def test_an_unchanged_tree_plans_nothing_without_reading_the_records_entries(
+        self, site: Site
+    ) -> None:
+        _tree(site)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        _forget_cache()
+        record = site.state / PUSH_RECORD
+        # the entries line made unreadable: only the metadata (the last line) may be read
+        lines = record.read_bytes().splitlines(keepends=True)
+        record.write_bytes(b"x" * (len(lines[0]) - 1) + b"\n" + b"".join(lines[1:]))
+        _forget_cache()
+        local = scan_local(site.opts())
+        assert plan_push(local, site.opts()).empty
+        assert push(site.shell, site.opts(), instance_uuid="u1", local=local).files_sent == 0
+
+
+def test_records_live_under_the_state_dir_only(site: Site) -> None:
+    _tree(site, 5)
+    push(site.shell, site.opts(), instance_uuid="u1")
+    assert {p.name for p in Path(site.state).iterdir()} == {INDEX, PUSH_RECORD}
