@@ -1091,6 +1091,15 @@ def local_status() -> None:
     click.echo(f"local metro: running, pid {info.pid}, api {info.api_url}, state {info.state_dir}")
     if info.sandbox:
         click.echo(f"sandboxes: {info.sandbox}")
+    report = metros.local_metro_report(info)
+    images = report.get("images")
+    if isinstance(images, dict):
+        for image, what in images.items():
+            click.echo(f"image {image}: {what}")
+    behaviour = report.get("behaviour")
+    if isinstance(behaviour, dict):
+        knobs = ", ".join(f"{k}={json.dumps(v)}" for k, v in behaviour.items())
+        click.echo(f"behaviour (docs/local-metro.md): {knobs}")
 
 
 @local.command("env", short_help="How tools outside ukc reach the local metro.")

@@ -336,7 +336,7 @@ def _prefetcher(
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job
         # (it journals the instance it adopts at the same time)
-        pin = identity.recorded_pin(known, inst)
+        pin = identity.boot_pin(known, inst)
         if not pin:
             return
         kind = select.kind_for(transport)

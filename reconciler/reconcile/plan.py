@@ -260,6 +260,8 @@ def _plan_session(
             reason = failed
         elif last.instance_uuid != uuid:
             reason = "never ran on this instance"
+        elif (cold := _cold_boot(last, inst)) is not None:
+            reason = cold
         elif blind and last.last_success_public_hash != public_hash:
             reason = _changed(last, cmd) if last.last_success_public_hash else "may have changed"
         elif not blind and last.last_success_hash != input_hash:
@@ -387,6 +389,22 @@ def _changed(last: CommandRecord, cmd: CommandIntent) -> str:
     if last.inputs_digest and last.inputs_digest != cmd.inputs_digest:
         return "inputs changed"
     return "env, image or inputs patterns changed"
+
+
+def _cold_boot(last: CommandRecord, inst: Instance | None) -> str | None:
+    """Why the command's outputs in /workspace are gone although it ran on this instance:
+    /workspace lives in the instance's memory, and a cold boot starts from the image."""
+    if inst is None:
+        return None
+    if inst.state in _DOWN_STATES:
+        return f"instance is {inst.state}: its boot starts with an empty /workspace"
+    if (
+        last.start_count is not None
+        and inst.start_count is not None
+        and last.start_count != inst.start_count
+    ):
+        return "instance booted again since this ran: /workspace starts empty"
+    return None
 
 
 def _has_run(record: SessionStatus | None, inst: Instance) -> bool:

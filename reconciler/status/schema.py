@@ -130,6 +130,9 @@ class CommandRecord(_Model):
     shell: str = DEFAULT_SHELL
     #: the instance the last successful run happened on (a new instance re-runs everything)
     instance_uuid: str = ""
+    #: and its boot (`start_count`): a cold boot starts with an empty /workspace (it lives in
+    #: memory), so what the command made is gone
+    start_count: int | None = None
     #: input hash of the last run that exited 0 (what skipping compares against)
     last_success_hash: str = ""
     #: the same without secret values (compared when a secret's variable is not set)
