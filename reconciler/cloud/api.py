@@ -539,6 +539,16 @@ class UkcApi:
         result: bool = self._retrying(attempt)
         return result
 
+    def set_tags(self, name: str, *, uuid: str, tags: Sequence[str]) -> None:
+        what = f"update the tags of instance {name}"
+        body = [{"uuid": uuid, "prop": "tags", "op": "set", "value": list(tags)}]
+
+        def attempt() -> None:
+            env = _Envelope(self._send("PATCH", "/v1/instances", what, body=body), "instances")
+            self._check(what, env)
+
+        self._retrying(attempt)
+
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
         what = f"wait instance {name}"
         deadline = self._monotonic() + timeout_s
