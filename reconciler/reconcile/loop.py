@@ -25,7 +25,12 @@ from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity, lease, rebuild
-from reconciler.reconcile.desired import DesiredSession, Group, instance_credentials
+from reconciler.reconcile.desired import (
+    DesiredSession,
+    Group,
+    instance_credentials,
+    sync_options_for,
+)
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
@@ -40,6 +45,7 @@ from reconciler.status.schema import (
     format_time,
     parse_time,
 )
+from reconciler.sync import feed as sync_feed
 from reconciler.transport import select
 from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
@@ -146,6 +152,12 @@ def apply_group(
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        # the converged round re-stats only what changed during the first (not the tree)
+        sync_feed.tracking(
+            sync_options_for(group, s).state_dir
+            for s in group.sessions
+            if only is None or s.spec.name in only
+        ),
         # released after the sessions' phases are journaled, before the status file's lock
         contextlib.ExitStack() as leases,
         unfinished,

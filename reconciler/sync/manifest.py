@@ -221,8 +221,11 @@ class _Scan:
         hint: Callable[[], None] | None,
         *,
         incremental: bool,
+        changes: ChangeFeed | None = None,
     ) -> None:
         self.root = root
+        #: watches the directories it lists, when the feed has inotify
+        self.watch = changes.watch if changes is not None and changes.inotify else None
         self.rules = rules
         self.hint = hint
         if incremental:
@@ -249,6 +252,8 @@ class _Scan:
             call()
 
     def walk(self, dir_path: str, rel_dir: str) -> None:
+        if self.watch is not None:
+            self.watch(dir_path, rel_dir)  # before the listing: nothing falls between
         try:
             it = os.scandir(dir_path)
         except (FileNotFoundError, NotADirectoryError):
@@ -448,7 +453,7 @@ def _scan(
         and changes.basis is index.entries
         and IGNORE_FILE not in only
     )
-    scan = _Scan(str(root), rules, old, old_inos, hint, incremental=incremental)
+    scan = _Scan(str(root), rules, old, old_inos, hint, incremental=incremental, changes=changes)
     if incremental:
         assert only is not None
         # and their directories, whose mtimes moved; parents first: a new directory is
