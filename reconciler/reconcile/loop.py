@@ -154,7 +154,7 @@ def apply_group(
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
         # the converged round re-stats only what changed during the first (not the tree)
         sync_feed.tracking(
-            sync_options_for(group, s).state_dir
+            (sync_options_for(group, s).state_dir, s.directory)
             for s in group.sessions
             if only is None or s.spec.name in only
         ),

@@ -9,6 +9,7 @@ instance limit reached): `Inotify.open()` returns None and scans walk, as they a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -30,6 +31,7 @@ IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
 IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
+IN_ISDIR = 0x40000000
 IN_ONLYDIR = 0x01000000
 IN_DONT_FOLLOW = 0x02000000
 IN_EXCL_UNLINK = 0x04000000
@@ -60,6 +62,8 @@ class Sink(Protocol):
 
     def note_all(self) -> None: ...
 
+    def note_dir(self, rel: str) -> None: ...
+
 
 class Inotify:
     """One inotify instance: watches by directory, events delivered to each watch's sink."""
@@ -67,7 +71,8 @@ class Inotify:
     def __init__(self, fd: int, libc: ctypes.CDLL) -> None:
         self._fd = fd
         self._libc = libc
-        self._lock = threading.Lock()
+        # reentrant: a sink may add watches while events are delivered (a new directory)
+        self._lock = threading.RLock()
         #: watch descriptor -> (the directory's path relative to its tree, sink) pairs
         self._sinks: dict[int, list[tuple[str, Sink]]] = {}
 
@@ -104,6 +109,10 @@ class Inotify:
                     continue
                 del self._sinks[wd]
                 self._libc.inotify_rm_watch(self._fd, wd)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
     def pump(self) -> None:
         """Deliver every event queued so far (never blocks)."""
@@ -143,6 +152,8 @@ class Inotify:
                         sink.note(rel_dir)
                     else:
                         sink.note_all()  # the root itself moved or went away
+                elif mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                    sink.note_dir(f"{rel_dir}/{name}" if rel_dir else name)
                 else:
                     sink.note(f"{rel_dir}/{name}" if rel_dir else name)
 
