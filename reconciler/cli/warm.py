@@ -286,6 +286,7 @@ class _Server:
             "idle_s": round(time.monotonic() - self.last, 1),
             "commands": self.served,
             "fresh": fingerprint() == self.print,
+            "trees_kept": len(self.keeper.trees) if self.keeper is not None else 0,
         }
         payload = json.dumps(answer).encode()
         with contextlib.suppress(OSError):
