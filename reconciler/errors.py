@@ -16,7 +16,10 @@ values, private keys). The CLI prints that line and maps the class to an exit co
     │   │   ├── AlreadyExistsError item code 23 / 409
     │   │   └── RateLimitedError  429 (retry_after seconds when the server said so)
     │   ├── TransportError        connection refused/reset, TLS, timeouts (retryable)
+    │   ├── BootFailedError       the instance stopped while booting (stop reason and code named)
     │   └── RemoteError           the sandbox side misbehaved (a command channel, the exec API)
+    │       ├── KeyRejectedError  the sandbox still refused our key after the boot grace period
+    │       └── MissingToolError  the image lacks a program ukc needs inside it (named)
     ├── SandboxNotReadyError      the sandbox did not accept its transport in time (a TimeoutError)
     ├── SyncError                 the sync engine refused or failed
     │   ├── SyncHaltedError       a safety guard tripped (missing/emptied root); nothing deleted
@@ -35,11 +38,14 @@ __all__ = [
     "ApiError",
     "AuthError",
     "BackendError",
+    "BootFailedError",
     "CommandFailedError",
     "ConvergenceError",
     "HostileEntryError",
+    "KeyRejectedError",
     "LocalMetroError",
     "LockedError",
+    "MissingToolError",
     "NotFoundError",
     "OwnershipError",
     "RateLimitedError",
@@ -156,8 +162,25 @@ class TransportError(BackendError):
     retryable = True
 
 
+class BootFailedError(BackendError):
+    """The instance stopped before it ran (a missing image, out of memory, a crash): what the
+    platform's stop reason and code say, instead of waiting out a boot deadline."""
+
+
 class RemoteError(BackendError):
     """The sandbox side failed or sent something we do not accept."""
+
+
+class KeyRejectedError(RemoteError):
+    """The sandbox refused the session's key for longer than a booting sshd may need."""
+
+
+class MissingToolError(RemoteError):
+    """The sandbox's image lacks a program ukc needs inside it; `tool` names it."""
+
+    def __init__(self, message: str, *, tool: str) -> None:
+        super().__init__(message, retryable=False)
+        self.tool = tool
 
 
 class SandboxNotReadyError(UkcError, TimeoutError):

@@ -521,14 +521,15 @@ def apply(
 
 
 def _status_rows(
-    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str]
+    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str], now: float
 ) -> list[StatusRow]:
     """The sessions the given specs declare (a spec file: only its own), plus, for a
-    directory given whole, the sessions its status file remembers that no spec declares."""
+    directory given whole, the sessions its status file remembers that no spec declares;
+    as of `now` (a session whose ttl passed shows as Expired: apply or watch deletes it)."""
     given_dirs = {p.resolve() for p in (paths or [Path(".")]) if p.is_dir()}
     rows: list[StatusRow] = []
     for group in groups:
-        doc = journal.load(group.status_path)
+        doc = journal.load(group.status_path).as_of(now)
         where = str(group.status_path)
         declared = [s.spec.name for s in group.sessions]
         rows.extend(StatusRow(n, where, doc.sessions.get(n)) for n in declared)
@@ -587,8 +588,8 @@ def status_cmd(
     groups = _load(paths, status_path)
     if not any(g.status_path.exists() for g in groups):
         _require_sessions(groups, paths)
-    rows = _status_rows(groups, paths, only)
     now = time.time()
+    rows = _status_rows(groups, paths, only, now)
     if output == "json":
         click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
     else:
@@ -757,6 +758,15 @@ def local_status() -> None:
     click.echo(f"local metro: running, pid {info.pid}, api {info.api_url}, state {info.state_dir}")
     if info.sandbox:
         click.echo(f"sandboxes: {info.sandbox}")
+    report = metros.local_metro_report(info)
+    images = report.get("images")
+    if isinstance(images, dict):
+        for image, what in images.items():
+            click.echo(f"image {image}: {what}")
+    behaviour = report.get("behaviour")
+    if isinstance(behaviour, dict):
+        knobs = ", ".join(f"{k}={json.dumps(v)}" for k, v in behaviour.items())
+        click.echo(f"behaviour (docs/local-metro.md): {knobs}")
 
 
 @local.command("env", short_help="How tools outside ukc reach the local metro.")

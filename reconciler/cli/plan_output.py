@@ -122,6 +122,9 @@ class SessionEntry(_Out):
     actions: list[Action]
     #: why what is already right is right ("command 'build' unchanged since its last success")
     unchanged: list[str]
+    #: set when the session's ttl has passed: apply deletes it (verdict delete), or it was
+    #: deleted and stays so until its spec changes; says how to renew it
+    expired: str | None = None
 
 
 class PruneEntry(_Out):
@@ -288,6 +291,7 @@ def _group(item: PlannedGroup) -> GroupPlan:
                 error=(splan.refusal.reason if splan.refusal else splan.error) or None,
                 actions=acts,
                 unchanged=list(splan.noops) if not splan.refusal else [],
+                expired=splan.expired or None,
             )
         )
     return GroupPlan(

@@ -145,12 +145,16 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
             if verbose:
                 lines.extend(f"    = {n}" for n in splan.noops)
             continue
-        if not splan.changes:
+        if splan.expired:
+            lines.append(f"session {splan.session}: Expired: {splan.expired}")
+        elif not splan.changes:
             lines.append(f"session {splan.session}: up to date")
+        if not splan.changes:
             if verbose:
                 lines.extend(f"    = {n}" for n in splan.noops)
             continue
-        lines.append(f"session {splan.session}:")
+        if not splan.expired:
+            lines.append(f"session {splan.session}:")
         for act in splan.actions:
             if isinstance(act, actions.WaitReady):
                 continue
@@ -198,7 +202,11 @@ def plan_json(plan: actions.Plan) -> dict[str, Any]:
     return {
         "empty": plan.empty,
         "sessions": {
-            s.session: {"actions": [act(a) for a in s.changes], "noops": list(s.noops)}
+            s.session: {
+                "actions": [act(a) for a in s.changes],
+                "noops": list(s.noops),
+                **({"expired": s.expired} if s.expired else {}),
+            }
             for s in plan.sessions
         },
         "prunes": [act(p) for p in plan.prunes],

@@ -62,6 +62,11 @@ _MAX_RETRY_AFTER_S = 3600.0
 _CODE_NOT_FOUND = 8
 _CODE_QUOTA = 19
 _CODE_ALREADY_EXISTS = 23
+#: a deleted instance an account retains is listed in this state until `retained_until`; it
+#: is gone for every purpose of ours
+DELETED = "deleted"
+#: how long a DELETE may block until the instance is gone (the platform's `timeout_s`)
+DELETE_TIMEOUT_S = 30
 #: an instance uuid, a plugin name, and a plugin path (segments of safe characters, no dot
 #: segments): a path made of the sandbox's answers must stay under its instance's plugin route
 _UUID = re.compile(r"[0-9A-Za-z-]{1,64}")
@@ -143,6 +148,10 @@ def parse_instance(item: Mapping[str, Any], metro: str) -> Instance | None:
         started_at=_str_or_none(item.get("started_at")),
         start_count=_int_or_none(item.get("start_count")),
         metro=metro,
+        stop_reason=_int_or_none(item.get("stop_reason")),
+        stop_code=_int_or_none(item.get("stop_code")),
+        exit_code=_int_or_none(item.get("exit_code")),
+        stopped_at=_str_or_none(item.get("stopped_at")),
     )
 
 
@@ -365,6 +374,8 @@ class UkcApi:
                 if inst.uuid in seen:
                     continue
                 seen.add(inst.uuid)
+                if inst.state == DELETED:
+                    continue
                 # why: filter again locally; never act on an instance lacking our tags even
                 # if a server ignored the filter.
                 if wanted.issubset(inst.tags):
@@ -391,7 +402,7 @@ class UkcApi:
             return None
         for item in env.items:
             inst = parse_instance(item, self.metro)
-            if inst is not None and inst.name == name:
+            if inst is not None and inst.name == name and inst.state != DELETED:
                 return inst
         return None
 
@@ -451,7 +462,15 @@ class UkcApi:
                     code=_CODE_ALREADY_EXISTS,
                 )
             env = _Envelope(self._send("POST", "/v1/instances", what, body=body), "instances")
-            self._check(what, env)
+            first = env.items[0] if env.items else {}
+            if not (
+                first.get("status") == "error"
+                and first.get("state") == "stopped"
+                and _int_or_none(first.get("error")) is None
+            ):
+                # why not for that one: an instance that stopped during its boot (a missing
+                # image) was created; its stop reason is read next, not a create failure
+                self._check(what, env)
             inst = parse_instance(env.items[0], self.metro) if env.items else None
             if inst is None:
                 raise ApiError(f"ukc api {self.metro}: {what}: answer lacks uuid or name")
@@ -489,13 +508,25 @@ class UkcApi:
     def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
         """Delete by name, or exactly the instance `uuid` (then `name` is for messages)."""
         what = f"delete instance {name}"
-        ref = {"uuid": uuid} if uuid else {"name": name}
+        ref: dict[str, object] = {"uuid": uuid} if uuid else {"name": name}
+        # why: without `dont_retain` an account with retention keeps the instance (and maybe
+        # its name) in state `deleted`; `timeout_s` has the platform answer once it is gone
+        ref.update(timeout_s=DELETE_TIMEOUT_S, dont_retain=True)
         attempts = 0
 
         def attempt() -> bool:
             nonlocal attempts
             attempts += 1
-            env = _Envelope(self._send("DELETE", "/v1/instances", what, body=[ref]), "instances")
+            env = _Envelope(
+                self._send(
+                    "DELETE",
+                    "/v1/instances",
+                    what,
+                    body=[ref],
+                    read_timeout=DELETE_TIMEOUT_S + 10.0,
+                ),
+                "instances",
+            )
             try:
                 self._check(what, env)
             except NotFoundError:

@@ -143,6 +143,25 @@ def local_metro_status(state_dir: Path | None = None) -> MetroInfo | None:
     return daemon.status(state_dir)
 
 
+def local_metro_report(info: MetroInfo) -> dict[str, object]:
+    """What the running local metro says of itself (`/_local/status`): its images, its
+    behaviour, its instances by state; {} when it does not answer."""
+    import httpx
+
+    try:
+        with httpx.Client(
+            base_url=info.api_url,
+            headers={"Authorization": f"Bearer {info.token}"},
+            timeout=5.0,
+        ) as client:
+            answer = client.get("/_local/status")
+            body = answer.json() if answer.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
+    data = body.get("data") if isinstance(body, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
 def warm_up() -> None:
     """Load and build, once, what every command would (the warm process does it before it
     forks its commands)."""

@@ -59,6 +59,11 @@ class Instance:
     started_at: str | None = None
     start_count: int | None = None
     metro: str = ""
+    #: why it last stopped (`cloud.stops.decode` reads them); None when the platform says nothing
+    stop_reason: int | None = None
+    stop_code: int | None = None
+    exit_code: int | None = None
+    stopped_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class CloudApi(Protocol):
         ...
 
     def get_instance(self, name: str) -> Instance | None:
-        """One instance by name, or None when it does not exist."""
+        """One instance by name, or None when it does not exist (or is deleted, retained)."""
         ...
 
     def create_instance(self, request: CreateRequest) -> Instance:
@@ -109,7 +114,9 @@ class CloudApi(Protocol):
     def stop_instance(self, name: str) -> None: ...
 
     def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
-        """Delete (exactly the instance `uuid` when given); False when it was already gone."""
+        """Delete (exactly the instance `uuid` when given) without retention, waiting a while
+        for it to be gone; False when it was already gone. The name may still be taken for
+        a moment after it returns (deletes are asynchronous)."""
         ...
 
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.errors import LocalMetroError
+from reconciler.local import behaviour
 from reconciler.local.api.app import create_app
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.daemon import check_prerequisites, private_dir
@@ -74,7 +75,9 @@ async def serve(
         private_dir(state_dir / sub)
     token = load_or_create_token(state_dir)
     loop = asyncio.get_running_loop()
-    metro = LocalMetro(state_dir, app_domain=app_domain, limits=limits)
+    metro = LocalMetro(
+        state_dir, app_domain=app_domain, limits=limits, behaviour=behaviour.from_env(os.environ)
+    )
     metro.bind_loop(loop)
     runtime = SandboxRuntime(
         state_dir, on_exit=metro.on_exit, max_pids=max_pids or DEFAULT_MAX_PIDS

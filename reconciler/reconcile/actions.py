@@ -174,6 +174,9 @@ class SessionPlan:
     #: why apply would fail this session, known before trying (a missing directory, an
     #: unset secret a command needs); then `actions` is empty
     error: str = ""
+    #: set when the session's ttl has passed (it is deleted, or apply deletes it): what
+    #: happens and how to renew it
+    expired: str = ""
 
     @property
     def changes(self) -> tuple[Action, ...]:

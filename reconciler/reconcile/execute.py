@@ -19,6 +19,7 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
+from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance
 from reconciler.reconcile import actions, identity, sessionkeys
@@ -32,6 +33,7 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
+from reconciler.spec.models import DEFAULT_MEMORY_MB
 from reconciler.spec.sizes import human_size
 from reconciler.status import journal
 from reconciler.status.schema import (
@@ -100,7 +102,9 @@ class Executor:
         doc_lock: threading.Lock,
         ready_timeout_s: float = 60.0,
         boot_timeout_s: float = 60.0,
+        name_timeout_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
         ran: set[tuple[str, str]] | None = None,
         pool: TransportPool | None = None,
         stop: StopFlag | None = None,
@@ -113,7 +117,13 @@ class Executor:
         self.doc_lock = doc_lock
         self.ready_timeout_s = ready_timeout_s
         self.boot_timeout_s = boot_timeout_s
+        #: how long a create waits for a name an instance being deleted still holds
+        self.name_timeout_s = name_timeout_s
         self.clock = clock
+        self.sleep = sleep
+        #: uuids deleted in this apply: an instance still answering under such a uuid is on
+        #: its way out, never one to adopt
+        self.deleted: set[str] = set()
         #: (session, command) pairs that ran in this apply; the rest are reported as skipped
         self.ran = ran if ran is not None else set()
         #: connections kept across rounds and passes (one per session)
@@ -265,8 +275,9 @@ class Executor:
         if isinstance(action, actions.CreateInstance):
             self._create(action, ctx, conn, run)
         elif isinstance(action, actions.StartInstance):
+            before = run.inst
             conn.api.start_instance(action.instance_name)
-            run.inst = self._await_up(conn, action.instance_name, action.session)
+            run.inst = self._await_up(conn, action.instance_name, action.session, before=before)
             self._note_instance(action.session, run.inst)
         elif isinstance(action, actions.WaitReady):
             self._wait_ready(ctx, conn, run)
@@ -313,33 +324,71 @@ class Executor:
             image=ctx.desired.image,
             env=fields.env,
             tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport), *key_tags),
-            memory_mb=ctx.loaded.spec.memory_mb,
+            # why: UKC's own default (128 MiB) holds little: /workspace lives in memory
+            memory_mb=ctx.loaded.spec.memory_mb or DEFAULT_MEMORY_MB,
             services=fields.services,
             plugins=fields.plugins,
             # the platform scales to zero only an instance with a service group
             scale_to_zero=SESSION_SCALE_TO_ZERO if fields.services else None,
             autostart=True,
         )
-        try:
-            conn.api.create_instance(request)
-        except errors.AlreadyExistsError:
-            # A create whose answer was lost made it, or someone else holds the name: adopt
-            # only what the ownership rule proves ours (the intent journaled above has no
-            # uuid, so only the owner tag can prove it).
-            found = conn.api.get_instance(action.instance_name)
-            if found is None:
-                raise
-            proof = identity.prove(found, self.obs.owner, session, rec.instance)
-            if not proof.ours:
-                raise errors.OwnershipError(proof.refusal(found)) from None
-            self._say(session, "info", f"adopted existing instance {found.name}")
-        run.inst = self._await_up(conn, action.instance_name, session)
+        self._create_when_free(conn, request, session, rec.instance)
+        run.inst = self._await_up(conn, action.instance_name, session, before=None)
         # an adopted instance (a lost create answer of an earlier run) carries its own nonce
         run.credentials = instance_credentials(self.group, session, owner, run.inst)
         self._note_instance(session, run.inst)
 
-    def _await_up(self, conn: MetroConnection, name: str, session: str) -> Instance:
-        """Until the instance runs (or sits in standby, which wakes on traffic)."""
+    def _create_when_free(
+        self,
+        conn: MetroConnection,
+        request: CreateRequest,
+        session: str,
+        intent: InstanceRecord | None,
+    ) -> None:
+        """Create; while the name is still held by an instance on its way out (deletes are
+        asynchronous: a replaced or retained one), wait for it and try again."""
+        name = request.name
+        held_by = [""]
+
+        def attempt(remaining: float) -> bool | None:
+            try:
+                conn.api.create_instance(request)
+                return True
+            except errors.AlreadyExistsError:
+                found = conn.api.get_instance(name)
+                if found is None or found.uuid in self.deleted:
+                    # The name is held by an instance being deleted (or retained as
+                    # `deleted`): never adopt it; its name comes free shortly.
+                    held_by[0] = found.uuid if found is not None else "a deleted instance"
+                    if remaining <= 0:
+                        raise errors.AlreadyExistsError(
+                            f"instance {name} of session {session!r}: the name is still taken "
+                            f"by {held_by[0]} after {self.name_timeout_s:.0f}s of waiting for "
+                            "its delete to finish"
+                        ) from None
+                    return None
+                # A create whose answer was lost made it, or someone else holds the name:
+                # adopt only what the ownership rule proves ours (the intent journaled
+                # before has no uuid, so only the owner tag can prove it).
+                proof = identity.prove(found, self.obs.owner, session, intent)
+                if not proof.ours:
+                    raise errors.OwnershipError(proof.refusal(found)) from None
+                self._say(session, "info", f"adopted existing instance {found.name}")
+                return True
+
+        policy = RetryPolicy(
+            max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5, deadline_s=self.name_timeout_s
+        )
+        poll(attempt, policy=policy, monotonic=self.clock, sleep=self.sleep)
+
+    def _await_up(
+        self, conn: MetroConnection, name: str, session: str, *, before: Instance | None
+    ) -> Instance:
+        """Until the instance runs (or sits in standby, which wakes on traffic).
+
+        A stop the platform reports for this boot (a missing image, out of memory, a crash)
+        ends the wait at once with its decoded reason; `before` is the instance as it was
+        before a start request (its old stop is not this boot's)."""
         last = ["unknown"]
 
         def probe(remaining: float) -> Instance | None:
@@ -349,13 +398,18 @@ class Executor:
             if inst.state in ("running", "standby"):
                 return inst
             last[0] = inst.state
+            if inst.state == "stopped" and _stopped_since(inst, before):
+                info = stops.decode(inst.stop_reason, inst.stop_code, inst.exit_code)
+                if info.failed or inst.start_count:
+                    raise errors.BootFailedError(
+                        f"instance {name} of session {session!r} stopped while booting: "
+                        f"{info.text}; started {inst.start_count or 0} time(s)"
+                    )
             if remaining <= 0:
                 return None
-            if inst.state == "stopped" and inst.start_count:
-                raise errors.RemoteError(f"instance {name} stopped while booting")
             # the platform's own wait holds the request until the state is reached
             with contextlib.suppress(errors.SandboxNotReadyError):
-                conn.api.wait_instance(name, "running", min(remaining, 5.0))
+                conn.api.wait_instance(name, "running", min(remaining, 2.0))
             return None
 
         policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)
@@ -370,7 +424,15 @@ class Executor:
     def _note_instance(self, session: str, inst: Instance) -> None:
         rec = self._record(session)
         with self.doc_lock:
-            pin = identity.recorded_pin(rec.instance, inst)
+            pin = identity.boot_pin(rec.instance, inst)
+            if pin is None and identity.recorded_pin(rec.instance, inst) is not None:
+                self._say(
+                    session,
+                    "info",
+                    f"warning: instance {inst.name} booted again (start count "
+                    f"{rec.instance.start_count if rec.instance else '?'} -> {inst.start_count}): "
+                    "its host key is learned anew",
+                )
             rec.instance = InstanceRecord(
                 name=inst.name,
                 uuid=inst.uuid,
@@ -397,6 +459,8 @@ class Executor:
             run.transport.close()
             run.transport = None
         conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
+        with self.doc_lock:
+            self.deleted.add(action.instance_uuid)
         run.inst = None
         self.forget_local(action)
 
@@ -439,15 +503,19 @@ class Executor:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
         assert run.kind is not None
         rec = self._record(ctx.desired.name)
-        if rec.instance is None or rec.instance.uuid != inst.uuid:
+        if (
+            rec.instance is None
+            or rec.instance.uuid != inst.uuid
+            or rec.instance.start_count != inst.start_count
+        ):
             # A run killed between the create and its journal entry left only the intent (no
             # uuid); the observed instance, which the planner proved ours, is the one we work
-            # on, so record it.
+            # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
         transport = run.kind.connect(
             Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
             run.credentials or ctx.credentials,
-            pin=identity.recorded_pin(rec.instance, inst),
+            pin=identity.boot_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,
         )
         run.transport = transport
@@ -587,6 +655,9 @@ class Executor:
                 inputs_digest=action.inputs_digest,
                 shell=action.shell,
                 instance_uuid=run.inst.uuid if ok else (previous.instance_uuid if previous else ""),
+                start_count=run.inst.start_count
+                if ok
+                else (previous.start_count if previous else None),
                 last_success_hash=action.input_hash
                 if ok
                 else (previous.last_success_hash if previous else ""),
@@ -684,6 +755,18 @@ class Executor:
                 f"sync-back of session {name!r} {stopped}; "
                 f"{result.files_written} file(s) brought back were kept, no deletions mirrored"
             )
+
+
+def _stopped_since(inst: Instance, before: Instance | None) -> bool:
+    """Whether `inst`'s stop happened after `before` was observed (None: a new instance, so
+    any stop is this boot's)."""
+    if before is None or before.uuid != inst.uuid:
+        return True
+    return (inst.stopped_at, inst.start_count, inst.stop_reason) != (
+        before.stopped_at,
+        before.start_count,
+        before.stop_reason,
+    )
 
 
 def _phase_of(action: actions.Action) -> str:

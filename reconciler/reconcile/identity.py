@@ -49,6 +49,7 @@ __all__ = [
     "TRANSPORT_TAG",
     "Owner",
     "Proof",
+    "boot_pin",
     "instance_hash",
     "instance_name",
     "load_owner",
@@ -180,6 +181,25 @@ def recorded_pin(record: InstanceRecord | None, inst: Instance) -> str | None:
     if record is not None and record.uuid == inst.uuid and record.name == inst.name:
         return record.pin
     return None
+
+
+def boot_pin(record: InstanceRecord | None, inst: Instance) -> str | None:
+    """The recorded pin to hold `inst`'s sandbox to: that of the same instance *and boot*.
+
+    A cold boot (the platform counts it in `start_count`) may come with new host keys, so a
+    pin is carried only while the platform shows the same boot; when either count is
+    unknown the instance's pin stands (`recorded_pin`).
+    """
+    pin = recorded_pin(record, inst)
+    if pin is None or record is None:
+        return None
+    if (
+        record.start_count is not None
+        and inst.start_count is not None
+        and record.start_count != inst.start_count
+    ):
+        return None
+    return pin
 
 
 def prove(inst: Instance, owner: Owner, session: str, record: InstanceRecord | None) -> Proof:

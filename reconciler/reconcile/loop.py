@@ -30,9 +30,15 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe
-from reconciler.reconcile.plan import parse_time, plan_delete, plan_sessions
+from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.status import journal
-from reconciler.status.schema import Interruption, SessionStatus, StatusDoc
+from reconciler.status.schema import (
+    Interruption,
+    SessionStatus,
+    StatusDoc,
+    format_time,
+    parse_time,
+)
 from reconciler.transport import select
 from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
@@ -330,7 +336,7 @@ def _prefetcher(
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job
         # (it journals the instance it adopts at the same time)
-        pin = identity.recorded_pin(known, inst)
+        pin = identity.boot_pin(known, inst)
         if not pin:
             return
         kind = select.kind_for(transport)
@@ -367,12 +373,11 @@ def _finalize(
         if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
             rec.instance.state = inst.state
             rec.instance.fqdn = inst.fqdn
-        if desired.ttl_s is not None and rec.created_at:
-            created = parse_time(rec.created_at)
-            if created is not None:
-                rec.expires_at = time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created + desired.ttl_s)
-                )
+        created = parse_time(rec.created_at)
+        if desired.ttl_s is not None and created is not None:
+            rec.expires_at = format_time(created + desired.ttl_s)
+        elif rec.phase != "Expired":
+            rec.expires_at = None  # the spec dropped its ttl
         wanted = {c.name for c in desired.commands}
         for cmd in rec.commands:
             cmd.skipped = (name, cmd.name) not in ran

@@ -16,13 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import CommandIntent, DesiredSession
+from reconciler.spec.durations import format_duration
 from reconciler.spec.models import DEFAULT_SHELL
-from reconciler.status.schema import CommandRecord, SessionStatus, StatusDoc
+from reconciler.status.schema import (
+    CommandRecord,
+    SessionStatus,
+    StatusDoc,
+    format_time,
+    parse_time,
+)
 
 __all__ = [
     "command_input_hash",
@@ -69,24 +75,17 @@ def command_public_hash(session: DesiredSession, command: CommandIntent) -> str:
     return _digest(_definition(session, command, session.public_fingerprint))
 
 
-def parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def _ttl_expired(
-    desired: DesiredSession, inst: Instance, record: SessionStatus | None, now: float
-) -> bool:
+def _expires_at(
+    desired: DesiredSession, inst: Instance, record: SessionStatus | None
+) -> float | None:
+    """When the session's ttl passes: `ttl` after its instance was created (None: no ttl,
+    or no creation time known)."""
     if desired.ttl_s is None:
-        return False
+        return None
     created = parse_time(inst.created_at)
     if created is None and record is not None and record.instance is not None:
         created = parse_time(record.instance.created_at)
-    return created is not None and now >= created + desired.ttl_s
+    return None if created is None else created + desired.ttl_s
 
 
 def _refusal(session: str, inst: Instance, proof: identity.Proof) -> actions.Refusal:
@@ -122,24 +121,30 @@ def _plan_session(
         and record.phase == "Expired"
         and record.spec_hash == desired.spec_hash
     ):
-        return actions.SessionPlan(
-            name, (), (f"session {name!r} expired (ttl); change the spec or run `ukc delete`",)
-        )
+        why = f"session {name!r} expired (ttl); change the spec or run `ukc delete`"
+        renew = "deleted when its ttl passed; change the spec (e.g. raise `ttl`) to bring it back"
+        return actions.SessionPlan(name, (), (why,), expired=renew)
 
     new_instance = False
-    if inst is not None and _ttl_expired(desired, inst, record, now):
+    expires = _expires_at(desired, inst, record) if inst is not None else None
+    if inst is not None and expires is not None and now >= expires:
+        ttl = format_duration(int(desired.ttl_s or 0))
         acts.append(
             actions.DeleteInstance(
                 name,
                 inst.name,
                 inst.metro or desired.metro,
-                f"ttl of {desired.ttl_s:.0f}s expired",
+                f"ttl of {ttl} expired at {format_time(expires)}",
                 forget=True,
                 final_phase="Expired",
                 instance_uuid=inst.uuid,
             )
         )
-        return actions.SessionPlan(name, tuple(acts), ())
+        renew = (
+            f"its ttl of {ttl} passed at {format_time(expires)}; apply deletes it (raise `ttl` "
+            "in the spec to keep it)"
+        )
+        return actions.SessionPlan(name, tuple(acts), (), expired=renew)
 
     if inst is not None and not desired.credentials_present:
         # Our credentials are gone (e.g. `.ukc/` was deleted): the instance only accepts the
@@ -255,6 +260,8 @@ def _plan_session(
             reason = failed
         elif last.instance_uuid != uuid:
             reason = "never ran on this instance"
+        elif (cold := _cold_boot(last, inst)) is not None:
+            reason = cold
         elif blind and last.last_success_public_hash != public_hash:
             reason = _changed(last, cmd) if last.last_success_public_hash else "may have changed"
         elif not blind and last.last_success_hash != input_hash:
@@ -382,6 +389,22 @@ def _changed(last: CommandRecord, cmd: CommandIntent) -> str:
     if last.inputs_digest and last.inputs_digest != cmd.inputs_digest:
         return "inputs changed"
     return "env, image or inputs patterns changed"
+
+
+def _cold_boot(last: CommandRecord, inst: Instance | None) -> str | None:
+    """Why the command's outputs in /workspace are gone although it ran on this instance:
+    /workspace lives in the instance's memory, and a cold boot starts from the image."""
+    if inst is None:
+        return None
+    if inst.state in _DOWN_STATES:
+        return f"instance is {inst.state}: its boot starts with an empty /workspace"
+    if (
+        last.start_count is not None
+        and inst.start_count is not None
+        and last.start_count != inst.start_count
+    ):
+        return "instance booted again since this ran: /workspace starts empty"
+    return None
 
 
 def _has_run(record: SessionStatus | None, inst: Instance) -> bool:

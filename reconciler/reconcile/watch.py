@@ -13,7 +13,9 @@ two passes in flight, and changes that arrive during a pass make exactly one fol
 Our own writes never wake us: `.ukc/` (status, records) and the declared `sync.back` paths
 (where sync-back writes) are outputs, not inputs, and are ignored by construction; so are
 paths the session's exclude rules drop. A periodic resync (default 30 s) catches drift (an
-instance deleted, stopped, restarted or asleep) and enforces TTLs.
+instance deleted, stopped, restarted or asleep). A session with a `ttl` gets a timer: at its
+`expires_at` (from the status file, rewritten by every pass) a pass of that session runs, and
+the planner, given the wall clock, deletes it.
 
 Only this module imports watchdog.
 """
@@ -26,7 +28,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -39,10 +41,12 @@ from reconciler.reconcile.desired import Group, group_sessions, sync_options_for
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.loop import apply_group, delete_group
 from reconciler.spec.loader import load_specs
+from reconciler.status import journal
+from reconciler.status.schema import StatusDoc, parse_time
 from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.transport.pool import TransportPool
 
-__all__ = ["Coalescer", "WatchOptions", "Watcher"]
+__all__ = ["Coalescer", "WatchOptions", "Watcher", "expiries"]
 
 #: quiet window after the leading edge: editors write temp + rename, tools write bursts
 QUIET_S = 0.15
@@ -100,6 +104,22 @@ class Coalescer:
         )
 
 
+def expiries(docs: Iterable[StatusDoc], names: Collection[str]) -> dict[str, float]:
+    """When each of the `names` whose instance still exists reaches its ttl (wall clock)."""
+    found: dict[str, float] = {}
+    for doc in docs:
+        for name, rec in doc.sessions.items():
+            at = parse_time(rec.expires_at)
+            if (
+                name in names
+                and at is not None
+                and rec.instance is not None
+                and rec.phase not in ("Deleted", "Expired")
+            ):
+                found[name] = at
+    return found
+
+
 @dataclass
 class WatchOptions:
     paths: Sequence[Path]
@@ -138,12 +158,20 @@ class Watcher:
         reporter: Reporter,
         environ: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.options = options
         self.metros = metros
         self.reporter = reporter
         self.environ = environ
         self.clock = clock
+        #: the wall clock: ttl expiry times are wall times (and the planner is given it)
+        self.wall = wall
+        #: session → when its ttl passes (wall clock), as the last pass left the status file
+        self._expiry: dict[str, float] = {}
+        #: (session, expiry) pairs whose timer fired: once each, so a platform clock behind
+        #: ours cannot make a loop of passes (the periodic resync deletes it then)
+        self._expiry_fired: set[tuple[str, float]] = set()
         self.coalescer = Coalescer(options.quiet_s, options.max_wait_s)
         self.pool = TransportPool()
         self.passes = 0
@@ -269,12 +297,14 @@ class Watcher:
                     only=only if sessions is not None else None,
                     pool=self.pool,
                     raise_on_cap=False,
+                    now=self.wall,
                 )
                 ok = ok and result.ok
         except errors.UkcError as err:
             ok = False
             self.reporter.event(Event("watch", "failed", str(err)))
         finally:
+            self._read_expiries()
             self.passes += 1
             self._last_ok = ok
             which = "all" if sessions is None else ",".join(sorted(sessions))
@@ -287,6 +317,29 @@ class Watcher:
             )
             self._busy.clear()
             self._events.put(None)  # wake the loop: pending changes may be due
+
+    def _read_expiries(self) -> None:
+        try:
+            docs = [journal.load(g.status_path) for g in self._state.groups]
+        except errors.UkcError:
+            return  # an unreadable status file: the next pass reports it
+        self._expiry = expiries(docs, set(self._state.sessions))
+
+    def _expiry_wait(self, wall_now: float) -> float | None:
+        """Seconds until the next ttl timer fires (None: no timer)."""
+        waits = [
+            at - wall_now for n, at in self._expiry.items() if (n, at) not in self._expiry_fired
+        ]
+        return max(0.0, min(waits)) if waits else None
+
+    def _expired_now(self, wall_now: float) -> set[str]:
+        due = {
+            (n, at)
+            for n, at in self._expiry.items()
+            if wall_now >= at and (n, at) not in self._expiry_fired
+        }
+        self._expiry_fired |= due
+        return {n for n, _ in due}
 
     def _start_pass(self, sessions: set[str] | None, prune: bool = False) -> None:
         self._busy.set()
@@ -336,6 +389,10 @@ class Watcher:
                 wait = next_resync - now
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - now))
+                # (during a pass the timer waits: the pass's end wakes this loop)
+                expiry = None if self._busy.is_set() else self._expiry_wait(self.wall())
+                if expiry is not None:
+                    wait = min(wait, expiry)
                 try:
                     item = self._events.get(timeout=max(0.0, wait))
                 except queue.Empty:
@@ -365,7 +422,10 @@ class Watcher:
                     self._start_pass(None, prune=self.options.prune)
                     next_resync = now + self.options.resync_s
                     continue
-                due = self.coalescer.due(now)
+                expired = self._expired_now(self.wall())
+                for name in sorted(expired):
+                    self.reporter.event(Event(name, "info", "ttl passed: deleting the session"))
+                due = self.coalescer.due(now) | expired
                 if due:
                     self._start_pass(due)
         finally:

@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_EXEC",
     "DEFAULT_LOCAL_IMAGE",
+    "DEFAULT_MEMORY_MB",
     "DEFAULT_SHELL",
     "EXEC_NAMES",
     "CommandSpec",
@@ -66,6 +67,9 @@ __all__ = [
 EXEC_NAMES = ("ssh", "http", "plugin")
 #: the transport of a spec that names none
 DEFAULT_EXEC = "ssh"
+#: memory an instance is created with when the spec gives no `memory_mb` (the original
+#: workflow's; /workspace lives in the instance's memory, UKC's own default is 128)
+DEFAULT_MEMORY_MB = 4096
 #: image used on the local metro when neither the spec nor $UKC_SANDBOX_IMAGE names one
 DEFAULT_LOCAL_IMAGE = "ukc/local-sandbox:latest"
 DEFAULT_COMMAND_TIMEOUT = Duration(30 * 60)

@@ -10,6 +10,7 @@ arrive).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -27,11 +28,29 @@ __all__ = [
     "SessionStatus",
     "StatusDoc",
     "SyncRecord",
+    "format_time",
+    "parse_time",
 ]
 
 STATUS_VERSION = 1
 
 Phase = Literal["Pending", "Progressing", "Ready", "Failed", "Interrupted", "Deleted", "Expired"]
+
+
+def parse_time(value: str | None) -> float | None:
+    """An ISO 8601 time of a status file or the platform as a POSIX timestamp (None if
+    absent or unreadable)."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def format_time(timestamp: float) -> str:
+    """A POSIX timestamp as the status file writes times (UTC, seconds)."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Model(BaseModel):
@@ -111,6 +130,9 @@ class CommandRecord(_Model):
     shell: str = DEFAULT_SHELL
     #: the instance the last successful run happened on (a new instance re-runs everything)
     instance_uuid: str = ""
+    #: and its boot (`start_count`): a cold boot starts with an empty /workspace (it lives in
+    #: memory), so what the command made is gone
+    start_count: int | None = None
     #: input hash of the last run that exited 0 (what skipping compares against)
     last_success_hash: str = ""
     #: the same without secret values (compared when a secret's variable is not set)
@@ -153,12 +175,36 @@ class SessionStatus(_Model):
     #: set with phase `Interrupted`; cleared by the next apply that gets the session Ready
     interruption: Interruption | None = None
 
+    def expired(self, now: float) -> bool:
+        """Its ttl passed (`expires_at` <= `now`) while its instance still exists: the next
+        `ukc apply`, or a running `ukc watch`, deletes it."""
+        at = parse_time(self.expires_at)
+        return (
+            at is not None
+            and now >= at
+            and self.instance is not None
+            and self.phase not in ("Deleted", "Expired")
+        )
+
 
 class StatusDoc(_Model):
     version: int = STATUS_VERSION
     project: str = ""
     updated_at: str | None = None
     sessions: dict[str, SessionStatus] = Field(default_factory=dict)
+
+    def as_of(self, now: float) -> StatusDoc:
+        """The document as `ukc status` shows it at `now` (nothing is written): a session whose
+        ttl passed is `Expired`, with what deletes it."""
+        shown = self.model_copy(deep=True)
+        for rec in shown.sessions.values():
+            if rec.expired(now):
+                rec.phase = "Expired"
+                rec.message = (
+                    f"ttl passed at {rec.expires_at}; `ukc apply` (or a running `ukc watch`) "
+                    "deletes it; raise `ttl` in the spec to keep it"
+                )
+        return shown
 
     def inventory(self) -> dict[str, InstanceRecord]:
         """Sessions whose instance we created and have not deleted: the prune inventory."""

@@ -27,6 +27,7 @@ import paramiko
 
 from reconciler._util.retry import RetryPolicy, call_with_retries
 from reconciler.errors import (
+    KeyRejectedError,
     RemoteError,
     SandboxNotReadyError,
     TransportError,
@@ -34,6 +35,7 @@ from reconciler.errors import (
 from reconciler.transport.tls import Dialer
 
 __all__ = [
+    "AUTH_GRACE_S",
     "START_TIMEOUT_S",
     "SshProcess",
     "SshShell",
@@ -54,6 +56,10 @@ READY_POLICY = RetryPolicy(max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5)
 #: the answer to an exec request without any limit, and a sandbox owns the server it answers
 #: from (it can stop its sshd and serve port 2222 itself): a silent one would hang us there
 START_TIMEOUT_S = 60.0
+#: how long a rejected key is taken for a sandbox still booting. why: on UKC `running` means
+#: the app reached its entry point; the image's sshd may install the key from `PUBKEY` a
+#: moment later, so a first refusal is not yet a verdict on the key
+AUTH_GRACE_S = 20.0
 
 
 def host_key_fingerprint(key: paramiko.PKey) -> str:
@@ -189,7 +195,7 @@ class SshShell:
             try:
                 transport.auth_publickey(user, pkey)
             except paramiko.AuthenticationException:
-                raise RemoteError(
+                raise KeyRejectedError(
                     f"ssh {fqdn}: public key of {key_path.name} rejected for user {user}",
                     retryable=False,
                 ) from None
@@ -269,28 +275,42 @@ def wait_ssh_ready(
     expected_host_key: str | None = None,
     connect_timeout: float = 10.0,
     rng: random.Random | None = None,
+    auth_grace_s: float = AUTH_GRACE_S,
 ) -> SshShell:
     """Connect as soon as the sandbox accepts SSH; `SandboxNotReadyError` at the deadline.
 
     Refused, reset, EOF and TLS errors are expected while a sandbox boots or wakes from
-    standby (the first connection is what wakes it), so they are retried with backoff.
-    Authentication and host-key errors are not.
+    standby (the first connection is what wakes it), so they are retried with backoff. A
+    rejected key is retried for `auth_grace_s` from the first attempt (sshd may be up before
+    the image installed the key), then it is a `KeyRejectedError`; host-key errors never are.
     """
     start = monotonic()
 
     def attempt() -> SshShell:
         remaining = deadline_s - (monotonic() - start)
-        return SshShell.connect(
-            dialer,
-            fqdn,
-            key_path=key_path,
-            user=user,
-            port=port,
-            timeout=max(0.5, min(connect_timeout, remaining)),
-            expected_host_key=expected_host_key,
-        )
+        try:
+            return SshShell.connect(
+                dialer,
+                fqdn,
+                key_path=key_path,
+                user=user,
+                port=port,
+                timeout=max(0.5, min(connect_timeout, remaining)),
+                expected_host_key=expected_host_key,
+            )
+        except KeyRejectedError as err:
+            waited = monotonic() - start
+            if waited < auth_grace_s:
+                raise KeyRejectedError(str(err), retryable=True) from None
+            raise KeyRejectedError(
+                f"{err}, still {waited:.0f} s after the first attempt", retryable=False
+            ) from None
 
     def not_ready(last: Exception, attempts: int) -> Exception:
+        if isinstance(last, KeyRejectedError):
+            return KeyRejectedError(
+                f"{last}, still after {deadline_s:g} s ({attempts} attempts)", retryable=False
+            )
         return SandboxNotReadyError(
             f"sandbox {fqdn} did not accept ssh within {deadline_s:g} s "
             f"({attempts} attempts, last: {last})"

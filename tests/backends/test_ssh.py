@@ -13,7 +13,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from reconciler.errors import RemoteError, SandboxNotReadyError
+from reconciler.errors import KeyRejectedError, RemoteError, SandboxNotReadyError
 from reconciler.transport.keys import generate_keypair
 from reconciler.transport.sshclient import SshShell, wait_ssh_ready
 from reconciler.transport.tls import Dialer
@@ -197,3 +197,49 @@ class TestWaitReady:
             assert fwd.connections >= 2
         finally:
             fwd.stop()
+
+
+class TestKeyGrace:
+    def test_a_key_installed_after_sshd_listens_is_waited_for(
+        self, dialer: Dialer, sshd: Sshd, tmp_path: Path
+    ) -> None:
+        late_key = tmp_path / "late"
+        line = generate_keypair(late_key, "late")
+        authorized = sshd.client_key.parent / "authorized_keys"
+        before = authorized.read_text()
+        timer = threading.Timer(1.0, lambda: authorized.write_text(before + line + "\n"))
+        timer.start()
+        try:
+            started = time.monotonic()
+            with wait_ssh_ready(
+                dialer, FQDN, key_path=late_key, user=sshd.user, deadline_s=20
+            ) as shell:
+                assert time.monotonic() - started >= 0.9
+                assert run(shell, "echo in")[1] == b"in\n"
+        finally:
+            timer.join()
+            authorized.write_text(before)
+
+    def test_a_key_still_rejected_after_the_grace_is_a_key_rejected_error(
+        self, dialer: Dialer, sshd: Sshd, tmp_path: Path
+    ) -> None:
+        generate_keypair(tmp_path / "stranger")
+        now = [0.0]
+
+        def sleep(s: float) -> None:
+            now[0] += s
+
+        with pytest.raises(KeyRejectedError, match="public key of stranger rejected") as err:
+            wait_ssh_ready(
+                dialer,
+                FQDN,
+                key_path=tmp_path / "stranger",
+                user=sshd.user,
+                deadline_s=60,
+                auth_grace_s=5,
+                sleep=sleep,
+                monotonic=lambda: now[0],
+            )
+        assert err.value.retryable is False
+        assert 5 <= now[0] < 10, "rejected keys were retried past the grace, or not at all"
+        assert "still" in str(err.value)

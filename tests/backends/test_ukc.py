@@ -587,12 +587,17 @@ class TestActions:
         assert api.delete_instance("s1") is True
         assert api.delete_instance("s1") is False
         assert fake.requests[0].method == "DELETE"
-        assert json.loads(fake.requests[0].content) == [{"name": "s1"}]
+        # no retention, and the platform answers once it is gone
+        assert json.loads(fake.requests[0].content) == [
+            {"name": "s1", "timeout_s": 30, "dont_retain": True}
+        ]
 
     def test_a_delete_by_uuid_names_only_the_uuid(self, api: UkcApi, fake: FakeUkc) -> None:
         inst = fake.add("s1", OURS)
         assert api.delete_instance("s1", uuid=inst["uuid"]) is True
-        assert json.loads(fake.requests[0].content) == [{"uuid": inst["uuid"]}]
+        assert json.loads(fake.requests[0].content) == [
+            {"uuid": inst["uuid"], "timeout_s": 30, "dont_retain": True}
+        ]
         assert fake.instances == []
 
     def test_a_delete_by_uuid_leaves_a_new_instance_of_the_same_name_alone(
@@ -638,3 +643,33 @@ class TestWait:
         fake.add("s1", OURS, state="starting")
         with pytest.raises(SandboxNotReadyError, match=r"instance s1 not running after 5 s"):
             api.wait_instance("s1", "running", 5)
+
+
+class TestPlatformRealism:
+    def test_a_retained_deleted_instance_is_absent_from_lists_and_gets(
+        self, api: UkcApi, fake: FakeUkc
+    ) -> None:
+        fake.add("s1", OURS, state="deleted")
+        fake.add("s2", OURS)
+        assert [i.name for i in api.list_instances(OURS)] == ["s2"]
+        assert api.get_instance("s1") is None
+
+    def test_stop_reason_code_and_exit_code_are_read(self, api: UkcApi, fake: FakeUkc) -> None:
+        inst = fake.add("s1", OURS, state="stopped")
+        inst.update(stop_reason=4, stop_code=1, start_count=0, stopped_at="2026-01-01T00:00:02Z")
+        got = api.get_instance("s1")
+        assert got is not None
+        assert (got.stop_reason, got.stop_code, got.exit_code, got.start_count) == (4, 1, None, 0)
+        assert got.stopped_at == "2026-01-01T00:00:02Z"
+
+    def test_a_create_whose_boot_stopped_at_once_is_a_created_instance(
+        self, api: UkcApi, fake: FakeUkc
+    ) -> None:
+        fake.fault(
+            "POST /v1/instances",
+            lambda r: ok(
+                [{"status": "error", "uuid": "u-9", "name": "s1", "state": "stopped"}], "error"
+            ),
+        )
+        got = api.create_instance(request_for("s1"))
+        assert (got.uuid, got.state) == ("u-9", "stopped")

@@ -175,7 +175,7 @@ class TestPlannerRefusesWhatIsNotOurs:
                 "hello",
                 inst.name,
                 "local",
-                "ttl of 60s expired",
+                "ttl of 1m expired at 2020-01-01T00:01:00Z",
                 forget=True,
                 final_phase="Expired",
                 instance_uuid="u-legacy",

@@ -139,15 +139,33 @@ class TestChanges:
         sync = p.actions[2]
         assert isinstance(sync, actions.SyncUp) and sync.full
 
-    def test_a_restarted_instance_is_fully_resynced_but_commands_are_kept(self) -> None:
+    def test_a_cold_booted_instance_is_fully_resynced_and_its_commands_run_again(self) -> None:
         d = desired()
         inst = instance(d)
         rec = converged_record(d, inst)
         p = plan_one(d, replace(inst, start_count=2), rec)
-        assert kinds(p) == ["WaitReady", "SyncUp"]
+        assert kinds(p) == ["WaitReady", "SyncUp", "RunCommand", "RunCommand", "SyncBack"]
         sync = p.actions[1]
         assert isinstance(sync, actions.SyncUp)
         assert sync.reason == "instance restarted since the last sync"
+        runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
+        assert runs[0].reason == "instance booted again since this ran: /workspace starts empty"
+
+    def test_a_stopped_instance_runs_its_commands_again_after_the_start(self) -> None:
+        d = desired()
+        inst = instance(d, state="stopped")
+        p = plan_one(d, inst, converged_record(d, inst))
+        runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
+        assert runs[0].reason == "instance is stopped: its boot starts with an empty /workspace"
+
+    def test_a_record_from_before_boots_were_recorded_keeps_its_commands(self) -> None:
+        d = desired()
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        for command in rec.commands:
+            command.start_count = None
+        p = plan_one(d, replace(inst, start_count=2), rec)
+        assert kinds(p) == ["WaitReady", "SyncUp"]
 
     def test_a_new_image_replaces_the_instance_after_bringing_outputs_home(self) -> None:
         d = desired()

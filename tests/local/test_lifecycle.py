@@ -210,6 +210,9 @@ class TestLeftovers:
         assert "user namespace" in line
         assert any(m in line for m in ("cgroup v2", "cgroup v1", "rlimit"))
         assert "at most 512 tasks" in line
+        images = [ln.split(":", 1)[0] for ln in out.splitlines() if ln.startswith("image ")]
+        assert images == ["image ukc/local-sandbox", "image ukc/local-minimal"]
+        assert any(ln.startswith("behaviour (docs/local-metro.md): ") for ln in out.splitlines())
 
 
 class TestSignals:

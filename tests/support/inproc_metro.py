@@ -20,6 +20,7 @@ from aiohttp import web
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.api.app import create_app
+from reconciler.local.behaviour import BootOptions
 from reconciler.local.faults import Faults
 from reconciler.local.state.lifecycle import LocalMetro
 from reconciler.local.state.validation import MetroLimits
@@ -46,7 +47,9 @@ class FakeRuntime:
         self.on_exit: Callable[[str, int, bool], None] = lambda u, c, m: None
         self.fail_next_start = False
 
-    async def start(self, uuid: str, *, env: dict[str, str], memory_mb: int) -> str:
+    async def start(
+        self, uuid: str, *, env: dict[str, str], memory_mb: int, boot: BootOptions
+    ) -> str:
         await asyncio.sleep(self.boot_delay_s)
         if self.fail_next_start:
             self.fail_next_start = False

@@ -75,6 +75,7 @@ def converged_record(d: DesiredSession, inst: Instance) -> SessionStatus:
                 input_hash=command_input_hash(d, c),
                 last_success_hash=command_input_hash(d, c),
                 instance_uuid=inst.uuid,
+                start_count=inst.start_count,
             )
             for c in d.commands
         ],

@@ -1,4 +1,4 @@
-"""The local metro's own routes under `/_local/`: status, fault knobs, shutdown."""
+"""The local metro's own routes under `/_local/`: status, fault knobs, behaviour, shutdown."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from aiohttp import web
 from reconciler.errors import ApiError
 from reconciler.local.api.envelope import json_body, plain_response
 from reconciler.local.api.keys import FAULTS, METRO, SHUTDOWN, STATUS_EXTRA
+from reconciler.local.behaviour import LOCAL_IMAGES
 
 __all__ = ["add_routes"]
 
@@ -26,6 +27,8 @@ async def _status(request: web.Request) -> web.Response:
         "states": states,
         "app_domain": metro.app_domain,
         "faults": request.app[FAULTS].snapshot(),
+        "behaviour": metro.behaviour.to_json(),
+        "images": dict(LOCAL_IMAGES),
     }
     data.update(request.app[STATUS_EXTRA]())
     return plain_response(request, data)
@@ -40,6 +43,16 @@ async def _faults(request: web.Request) -> web.Response:
     return plain_response(request, faults.snapshot())
 
 
+async def _behaviour(request: web.Request) -> web.Response:
+    metro = request.app[METRO]
+    if request.method == "POST":
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError("behaviour body must be a JSON object", status=400)
+        metro.behaviour = metro.behaviour.updated(body)
+    return plain_response(request, metro.behaviour.to_json())
+
+
 async def _shutdown(request: web.Request) -> web.Response:
     # why: answer first, then stop — the caller waits for the process to exit
     asyncio.get_running_loop().call_later(0.05, request.app[SHUTDOWN])
@@ -49,4 +62,6 @@ async def _shutdown(request: web.Request) -> web.Response:
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/_local/status", _status)
     router.add_post("/_local/faults", _faults)
+    router.add_get("/_local/behaviour", _behaviour)
+    router.add_post("/_local/behaviour", _behaviour)
     router.add_post("/_local/shutdown", _shutdown)

@@ -263,7 +263,7 @@ async def _delete(request: web.Request) -> web.Response:
 
     async def op(rec: LocalInstance, opts: dict[str, Any]) -> dict[str, Any]:
         prev = rec.state
-        task = await metro.delete(rec)
+        task = await metro.delete(rec, dont_retain=opts.get("dont_retain") is True)
         timeout = parse_timeout(opts.get("timeout_s"), 0.0)
         if timeout != 0.0:
             # why: shield so a lapsed wait does not cancel the teardown itself

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from reconciler.errors import LocalMetroError
+from reconciler.local.behaviour import BootOptions
 from reconciler.local.sandbox.files import HOST_KEY
 
 __all__ = [
@@ -145,6 +146,7 @@ def bwrap_options(
     memory_mb: int,
     max_pids: int,
     rlimits: bool,
+    boot: BootOptions | None = None,
 ) -> tuple[list[str], list[str]]:
     """bwrap's options (they go through `--args`) and the agent's command line.
 
@@ -201,6 +203,11 @@ def bwrap_options(
         "--env-fd", str(fds["env"]),
         "--host-key", f"{HOST_DIR}/{HOST_KEY}",
     ]  # fmt: skip
+    if boot is not None and (boot.ssh_delay_s or boot.key_delay_s):
+        command += [
+            "--ssh-delay", f"{boot.ssh_delay_s:g}",
+            "--key-delay", f"{boot.key_delay_s:g}",
+        ]  # fmt: skip
     if rlimits:
         command += [
             "--max-procs", str(max_pids),

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from reconciler.errors import LocalMetroError
+from reconciler.local.behaviour import BootOptions
 from reconciler.local.sandbox.box import Box, read_boot_id, read_init_pid
 from reconciler.local.sandbox.bwrap import (
     BASE_ENV,
@@ -41,7 +42,12 @@ from reconciler.local.sandbox.bwrap import (
     check_host,
     host_files,
 )
-from reconciler.local.sandbox.files import prepare_instance_dir, prepare_workspace, remove_tree
+from reconciler.local.sandbox.files import (
+    HOST_KEY,
+    prepare_instance_dir,
+    prepare_workspace,
+    remove_tree,
+)
 from reconciler.local.sandbox.handoff import listen_unix, pipe_with
 from reconciler.local.sandbox.hostids import HostIds, IdRange
 from reconciler.local.sandbox.layout import SandboxLayout
@@ -145,9 +151,16 @@ class SandboxRuntime:
         return self._locks.setdefault(uuid, asyncio.Lock())
 
     async def start(
-        self, uuid: str, *, env: dict[str, str], memory_mb: int = DEFAULT_MEMORY_MB
+        self,
+        uuid: str,
+        *,
+        env: dict[str, str],
+        memory_mb: int = DEFAULT_MEMORY_MB,
+        boot: BootOptions | None = None,
     ) -> str:
-        """Boot the sandbox; returns its boot id once sshd accepts on 2222 inside."""
+        """Boot the sandbox; returns its boot id once the agent is up (and sshd accepts on
+        2222 inside, unless `boot` delays sshd past the boot as on UKC)."""
+        boot = boot or BootOptions()
         self.layout.check_uuid(uuid)
         async with self._lock(uuid):
             box = self._boxes.get(uuid)
@@ -155,7 +168,11 @@ class SandboxRuntime:
                 return box.boot_id
             check_host(self._bwrap, self._sshd)
             started = time.monotonic()
-            box, status_r, info_r = await self._launch(uuid, env, memory_mb)
+            if boot.fresh_host_key:
+                # a cold boot starts from the image: its sshd makes new host keys
+                with contextlib.suppress(FileNotFoundError):
+                    (self.layout.instance_dir(uuid) / HOST_KEY).unlink()
+            box, status_r, info_r = await self._launch(uuid, env, memory_mb, boot)
             await self._await_ready(box, status_r, info_r, started)
             return box.boot_id
 
@@ -168,7 +185,9 @@ class SandboxRuntime:
         prepare_instance_dir(inst, ids)
         return ids, ws, inst
 
-    async def _launch(self, uuid: str, env: dict[str, str], memory_mb: int) -> tuple[Box, int, int]:
+    async def _launch(
+        self, uuid: str, env: dict[str, str], memory_mb: int, boot: BootOptions
+    ) -> tuple[Box, int, int]:
         """Start the launcher (which execs bwrap); the box and its status and info pipes."""
         ids, ws, inst = await asyncio.to_thread(self._prepare, uuid)
         files = host_files(inst)
@@ -207,6 +226,7 @@ class SandboxRuntime:
                 memory_mb=memory_mb,
                 max_pids=self.max_pids,
                 rlimits=not limiter.uses_cgroups,
+                boot=boot,
             )
             owned.append(pipe_with(b"".join(a.encode() + b"\0" for a in options)))
             plan = {

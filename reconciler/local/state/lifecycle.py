@@ -16,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import LocalMetroError
+from reconciler.local.behaviour import DEFAULT_PRESET, PRESETS, Behaviour
 from reconciler.local.state.index import InstanceIndex
 from reconciler.local.state.policy import Activity, RestartBackoff, wants_restart
 from reconciler.local.state.records import (
     DEFAULT_APP_DOMAIN,
     STATES,
+    STOP_CODE_NOMEDIUM,
     STOP_CODE_OUT_OF_MEMORY,
     STOP_REASON_APP_EXIT,
     STOP_REASON_KERNEL,
     STOP_REASON_PLATFORM,
+    STOP_REASON_PLATFORM_ONLY,
     STOP_REASON_SCALE_TO_ZERO,
     STOP_REASON_USER,
     UP_STATES,
@@ -59,8 +62,11 @@ class LocalMetro:
         limits: MetroLimits | None = None,
         on_ports: Callable[[set[int]], Awaitable[None]] | None = None,
         save_delay_s: float = 0.2,
+        behaviour: Behaviour | None = None,
     ) -> None:
         self.state_dir = state_dir
+        #: how hard the metro is (`local.behaviour`); changed at runtime by the admin API
+        self.behaviour = behaviour or PRESETS[DEFAULT_PRESET]
         self.runtime: Runtime | None = runtime
         self.app_domain = app_domain
         self.limits = limits or MetroLimits()
@@ -93,6 +99,8 @@ class LocalMetro:
     def load(self) -> None:
         """Read instances.json (missing = empty metro)."""
         for rec in self.store.load():
+            if rec.state == "deleted":
+                continue  # torn down already; its files are pruned at start
             self.index.add(rec)
 
     async def resume(self) -> None:
@@ -188,11 +196,24 @@ class LocalMetro:
         async with self._lock(rec.uuid):
             if rec.state != "starting" or rec.uuid not in self.index:
                 return
+            if not thaw and not self.behaviour.image_known(rec.image):
+                # as UKC: the image cannot be pulled, no kernel ever runs
+                self._log(rec, f"boot failed: image {rec.image} not found (NOMEDIUM)")
+                rec.stop_reason = STOP_REASON_PLATFORM_ONLY
+                rec.stop_code = STOP_CODE_NOMEDIUM
+                rec.exit_code = None
+                self._set_state(rec, "stopped")
+                return
             try:
                 if thaw:
                     await runtime.thaw(rec.uuid)
                 else:
-                    await runtime.start(rec.uuid, env=dict(rec.env), memory_mb=rec.memory_mb)
+                    await runtime.start(
+                        rec.uuid,
+                        env=dict(rec.env),
+                        memory_mb=rec.memory_mb,
+                        boot=self.behaviour.boot_options(),
+                    )
             except Exception as exc:  # any runtime failure ends this boot as a platform stop
                 self._log(rec, f"boot failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
                 rec.stop_reason = STOP_REASON_PLATFORM
@@ -255,7 +276,7 @@ class LocalMetro:
         if drain_ms > 0:
             await asyncio.sleep(min(drain_ms, _MAX_DRAIN_MS) / 1000)
         async with self._lock(rec.uuid):
-            if rec.uuid not in self.index:
+            if rec.uuid not in self.index or rec.state == "deleted":
                 return
             self._stopping_by_us.add(rec.uuid)
             try:
@@ -279,12 +300,50 @@ class LocalMetro:
 
     # ---------------------------------------------------------------- delete
 
-    async def delete(self, rec: LocalInstance) -> asyncio.Task[None]:
-        """Force-stop and remove; the record disappears at once, the sandbox when the task ends."""
-        self._unindex(rec)
-        self.store.mark_dirty()
+    async def delete(self, rec: LocalInstance, *, dont_retain: bool = False) -> asyncio.Task[None]:
+        """Force-stop and remove. Kind: the record disappears at once, the sandbox when the
+        task ends. Realistic (`delete_hold_s`, `retention_s`): the record stays in state
+        `deleted`, name taken, while the sandbox is torn down and for the hold; then it is
+        retained (unless `dont_retain`). The task ends when the name is free or retained."""
+        hold = self.behaviour.delete_hold_s
+        retain = 0.0 if dont_retain else self.behaviour.retention_s
+        if rec.state == "deleted":
+            # deleted again: only `dont_retain` changes anything (the retention ends)
+            if dont_retain and rec.retained_until is not None:
+                rec.retained_until = min(rec.retained_until, time.time() + hold)
+            return self._transitions.spawn(self._release_at(rec))
+        if hold <= 0 and retain <= 0:
+            self._unindex(rec)
+            self.store.mark_dirty()
+            await self._notify()
+            return self._transitions.spawn_teardown(self._destroy_unindexed(rec))
+        self.activity.forget(rec.uuid)
+        rec.retained_until = time.time() + hold + retain
+        self._set_state(rec, "deleted")
         await self._notify()
-        return self._transitions.spawn_teardown(self._destroy_unindexed(rec))
+        torn_down = self._transitions.spawn_teardown(self._destroy_unindexed(rec))
+        held_until = time.time() + hold
+
+        async def free_name() -> None:
+            await asyncio.shield(torn_down)
+            if retain > 0:
+                await asyncio.sleep(max(0.0, held_until - time.time()))
+            else:
+                await self.wait_for(lambda: rec.uuid not in self.index, None)
+
+        self._transitions.spawn(self._release_at(rec))
+        return self._transitions.spawn(free_name())
+
+    async def _release_at(self, rec: LocalInstance) -> None:
+        """Drop a `deleted` record when its retention ends."""
+        while rec.state == "deleted" and rec.uuid in self.index:
+            left = (rec.retained_until or 0.0) - time.time()
+            if left <= 0:
+                self._unindex(rec)
+                self.store.mark_dirty()
+                await self._notify()
+                return
+            await asyncio.sleep(min(left, 1.0))
 
     async def _destroy_unindexed(self, rec: LocalInstance) -> None:
         runtime = self._require_runtime()
@@ -364,7 +423,7 @@ class LocalMetro:
         return (
             await self.wait_for(
                 lambda: (
-                    rec.state == "running" or rec.uuid not in self.index or rec.state == "stopped"
+                    rec.state in ("running", "stopped", "deleted") or rec.uuid not in self.index
                 ),
                 timeout_s,
             )

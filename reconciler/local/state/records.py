@@ -22,10 +22,12 @@ __all__ = [
     "CODE_UNSUPPORTED",
     "DEFAULT_APP_DOMAIN",
     "STATES",
+    "STOP_CODE_NOMEDIUM",
     "STOP_CODE_OUT_OF_MEMORY",
     "STOP_REASON_APP_EXIT",
     "STOP_REASON_KERNEL",
     "STOP_REASON_PLATFORM",
+    "STOP_REASON_PLATFORM_ONLY",
     "STOP_REASON_SCALE_TO_ZERO",
     "STOP_REASON_USER",
     "UP_STATES",
@@ -55,6 +57,10 @@ STOP_REASON_USER = 15
 STOP_REASON_SCALE_TO_ZERO = 39
 STOP_REASON_APP_EXIT = 3
 STOP_REASON_PLATFORM = 7
+# why: a boot the platform itself gave up on before any kernel ran (the image could not be
+# pulled) sets only the P bit; its stop_code is a platform code
+STOP_REASON_PLATFORM_ONLY = 4
+STOP_CODE_NOMEDIUM = 1
 # why: an instance that runs out of memory is stopped by its own (guest) kernel, not by the
 # user, the platform or its app: only the K bit (kernel exited, stop_code valid) is set, the
 # value UKC documents as a kernel crash; exit_code stays unset as the app never exited
@@ -116,6 +122,8 @@ class LocalInstance:
     exit_code: int | None = None
     frozen: bool = False
     log: str = ""
+    #: when a `deleted` record (torn down, name still taken) leaves the metro
+    retained_until: float | None = None
 
     @property
     def has_sandbox_plugin(self) -> bool:
@@ -189,6 +197,8 @@ class LocalInstance:
             out["stop_code"] = self.stop_code
         if self.scale_to_zero is not None:
             out["scale_to_zero"] = dict(self.scale_to_zero)
+        if self.state == "deleted" and self.retained_until is not None:
+            out["retained_until"] = rfc3339(self.retained_until)
         group = self.service_group_wire()
         if group is not None:
             out["service_group"] = group

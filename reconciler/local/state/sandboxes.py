@@ -6,13 +6,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from reconciler.local.behaviour import BootOptions
+
 __all__ = ["Runtime"]
 
 
 class Runtime(Protocol):
     """What the metro needs from the sandbox runtime."""
 
-    async def start(self, uuid: str, *, env: dict[str, str], memory_mb: int) -> str: ...
+    async def start(
+        self, uuid: str, *, env: dict[str, str], memory_mb: int, boot: BootOptions
+    ) -> str: ...
 
     async def stop(self, uuid: str) -> None: ...
 

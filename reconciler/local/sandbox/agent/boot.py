@@ -1,7 +1,8 @@
 """The agent's start: limits, environment, boot id, servers, sshd, and the ready line.
 
 Runs as the sandbox's first process after bwrap's init. It reports `ready <boot id>` on the
-inherited status fd once sshd accepts on 2222, then lives as long as sshd.
+inherited status fd once sshd accepts on 2222 (or, with `--ssh-delay`/`--key-delay`, first,
+as UKC reports `running` before the image's sshd is up), then lives as long as sshd.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-key", required=True)
     ap.add_argument("--max-procs", type=int, default=0)
     ap.add_argument("--max-data", type=int, default=0)
+    # as on UKC, where `running` means the app reached its entry point: sshd listens this
+    # long after the ready line, and the key from PUBKEY is installed this long after that
+    ap.add_argument("--ssh-delay", type=float, default=0.0)
+    ap.add_argument("--key-delay", type=float, default=0.0)
     args = ap.parse_args(argv)
     if args.max_procs or args.max_data:
         _limit(args.max_procs, args.max_data)
@@ -137,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
     _write(f"{RUN_DIR}/boot_id", boot_id + "\n", 0o644)
     # why: sshd reads the key as the sandbox user; the value never leaves this 0600 file
-    _write(f"{RUN_DIR}/authorized_keys", os.environ.get("PUBKEY", "").strip() + "\n", 0o600)
+    key_line = os.environ.get("PUBKEY", "").strip() + "\n"
+    _write(f"{RUN_DIR}/authorized_keys", "" if args.key_delay > 0 else key_line, 0o600)
     _write(
         f"{RUN_DIR}/sshd_config",
         SSHD_CONFIG.format(host_key=args.host_key, run=RUN_DIR),
@@ -159,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=srv.serve_forever, daemon=True).start()
     threading.Thread(target=serve_relay, args=(relay_sock,), daemon=True).start()
 
+    late = args.ssh_delay > 0 or args.key_delay > 0
+    if late:
+        _ready(args.status_fd, boot_id)
+        time.sleep(args.ssh_delay)
     sshd_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     try:
         sshd = subprocess.Popen(
@@ -182,9 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         log(f"sshd not accepting on {SSH_PORT} (exit code {sshd.poll()})")
         sshd.kill()
         return 1
-    with contextlib.suppress(OSError):
-        os.write(args.status_fd, f"ready {boot_id}\n".encode())
-        os.close(args.status_fd)
+    if late:
+        time.sleep(args.key_delay)
+        _write(f"{RUN_DIR}/authorized_keys", key_line, 0o600)
+    else:
+        _ready(args.status_fd, boot_id)
     code = sshd.wait()
     log(f"sshd exited with code {code}")
     return 1 if code == 0 else (code if code > 0 else 128 - code)
+
+
+def _ready(status_fd: int, boot_id: str) -> None:
+    """Tell the runtime the sandbox is up (then the metro says `running`)."""
+    with contextlib.suppress(OSError):
+        os.write(status_fd, f"ready {boot_id}\n".encode())
+        os.close(status_fd)

@@ -1,0 +1,137 @@
+"""`ukc apply` survives what the real platform does and a kind emulator hid: asynchronous
+deletes, retained `deleted` instances, a missing image, an sshd that is up after `running`
+and takes the key later, and a cold boot with new host keys and an empty /workspace."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from reconciler.spec.models import DEFAULT_MEMORY_MB
+from tests.support.ukc import Ukc
+
+pytestmark = pytest.mark.metro
+
+SPEC = """\
+name: tough
+directory: ./work
+{extra}commands:
+  - name: stamp
+    run: mkdir -p out && cat input.txt > out/result.txt && echo run >> /workspace/runs.txt
+sync:
+  back: ["out/"]
+"""
+
+
+@pytest.fixture
+def tough(ukc: Ukc) -> Iterator[Ukc]:
+    (ukc.project / "work").mkdir()
+    (ukc.project / "work" / "input.txt").write_text("data\n")
+    ukc.write_spec(SPEC.format(extra=""))
+    yield ukc
+    behave(ukc, {"preset": "kind"})
+
+
+def behave(ukc: Ukc, body: dict[str, Any]) -> None:
+    with ukc.api() as client:
+        client.post("/_local/behaviour", json=body).raise_for_status()
+
+
+def session(ukc: Ukc) -> dict[str, Any]:
+    return ukc.status()["sessions"]["tough"]  # type: ignore[no-any-return]
+
+
+def instance(ukc: Ukc, uuid: str) -> dict[str, Any] | None:
+    with ukc.api() as client:
+        items = client.get(f"/v1/instances/{uuid}").json()["data"]["instances"]
+    return items[0] if items and items[0].get("status") == "success" else None
+
+
+def test_an_instance_is_created_with_the_original_workflows_memory(tough: Ukc) -> None:
+    tough.run("apply", "session.yaml", check=0)
+    found = instance(tough, session(tough)["instance"]["uuid"])
+    assert found is not None and found["memory_mb"] == DEFAULT_MEMORY_MB == 4096
+
+
+def test_a_replace_waits_for_the_name_and_never_adopts_the_instance_being_deleted(
+    tough: Ukc,
+) -> None:
+    behave(tough, {"delete_hold_s": 2.0, "retention_s": 60.0})
+    tough.run("apply", "session.yaml", check=0)
+    old = session(tough)["instance"]["uuid"]
+    # memory is fixed at creation: the instance is replaced (delete + create, same name)
+    tough.write_spec(SPEC.format(extra="memory_mb: 512\n"))
+    tough.run("apply", "session.yaml", check=0)
+    new = session(tough)["instance"]
+    assert new["uuid"] != old
+    assert session(tough)["phase"] == "Ready"
+    found = instance(tough, new["uuid"])
+    assert found is not None and found["state"] == "running" and found["memory_mb"] == 512
+    # the old one was deleted without retention (`dont_retain`): it is gone, not retained
+    assert instance(tough, old) is None
+
+
+def test_an_instance_deleted_out_of_band_and_retained_is_absent_and_its_name_awaited(
+    tough: Ukc,
+) -> None:
+    behave(tough, {"delete_hold_s": 0.5, "retention_s": 4.0})
+    tough.run("apply", "session.yaml", check=0)
+    old = session(tough)["instance"]
+    with tough.api() as client:
+        # deleted by someone else, on an account that retains deleted instances
+        client.request("DELETE", "/v1/instances", json=[{"uuid": old["uuid"]}]).raise_for_status()
+    retained = instance(tough, old["uuid"])
+    assert retained is not None and retained["state"] == "deleted"
+    started = time.monotonic()
+    proc = tough.run("apply", "session.yaml", check=0)
+    assert time.monotonic() - started >= 2.0, "the name was free before the retention ended?"
+    assert "adopted" not in proc.stdout + proc.stderr
+    new = session(tough)["instance"]["uuid"]
+    assert new != old["uuid"] and session(tough)["phase"] == "Ready"
+    assert (tough.project / "work" / "out" / "result.txt").read_text() == "data\n"
+
+
+def test_a_missing_image_fails_within_seconds_with_the_platforms_stop_code(tough: Ukc) -> None:
+    behave(tough, {"known_images_only": True})
+    tough.write_spec(SPEC.format(extra="image: nobody/no-such-image:1\n"))
+    started = time.monotonic()
+    proc = tough.run("apply", "session.yaml")
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert took < 20, f"apply waited {took:.0f} s for an image that does not exist"
+    assert "NOMEDIUM" in proc.stderr and "image not found" in proc.stderr, proc.stderr
+    ready = next(c for c in session(tough)["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "BootFailed" and "NOMEDIUM" in ready["message"]
+
+
+def test_an_sshd_that_listens_late_and_takes_the_key_later_is_waited_for(tough: Ukc) -> None:
+    behave(tough, {"ssh_delay_s": 1.0, "key_delay_s": 3.0})
+    tough.run("apply", "session.yaml", check=0)
+    assert session(tough)["phase"] == "Ready"
+    assert (tough.project / "work" / "out" / "result.txt").read_text() == "data\n"
+
+
+def test_a_cold_boot_relearns_the_host_key_and_runs_the_commands_again(tough: Ukc) -> None:
+    behave(tough, {"host_keys_per_boot": True})
+    tough.run("apply", "session.yaml", check=0)
+    first = session(tough)
+    pin = first["instance"]["pin"]
+    with tough.api() as client:
+        client.put("/v1/instances/stop", json=[{"uuid": first["instance"]["uuid"]}])
+        client.request(
+            "GET",
+            "/v1/instances/wait",
+            json=[{"uuid": first["instance"]["uuid"], "state": "stopped", "timeout_s": 30}],
+        )
+    proc = tough.run("apply", "session.yaml", check=0)
+    after = session(tough)
+    assert after["instance"]["uuid"] == first["instance"]["uuid"]
+    assert after["instance"]["start_count"] == first["instance"]["start_count"] + 1
+    assert after["instance"]["pin"] != pin
+    assert "host key is learned anew" in proc.stdout + proc.stderr
+    stamp = next(c for c in after["commands"] if c["name"] == "stamp")
+    assert stamp["started_at"] != next(c for c in first["commands"])["started_at"]
+    assert stamp["start_count"] == after["instance"]["start_count"]
