@@ -502,6 +502,8 @@ def render_markdown(doc: PlanDocument) -> str:
             lines.append("")
             if s.error is not None:
                 lines += [f"- {_text(s.error)}", ""]
+            if s.expired is not None:
+                lines += [f"- Expired: {_text(s.expired)}", ""]
             lines.extend(f"- {_action_line(a)}" for a in s.actions)
             if s.actions:
                 lines.append("")

@@ -302,15 +302,21 @@ def command_intents(
     (`manifest`: the scanned tree; None when it could not be scanned) and which of the
     `pending` paths (about to be sent or deleted) those are."""
     intents = []
+    # why: matching costs ~3 us a path (0.3 s for 100,000 files); commands often share inputs
+    seen: dict[tuple[str, ...], tuple[str, tuple[str, ...]]] = {}
     for c in spec.commands:
         digest = ""
         changed: tuple[str, ...] = ()
         if c.inputs is not None and manifest is not None:
-            match = matcher(c.inputs)
-            digest = manifest.digest_of(
-                p for p, e in manifest.entries.items() if e.type != "d" and match(p)
-            )
-            changed = tuple(p for p in pending if match(p))
+            if c.inputs not in seen:
+                match = matcher(c.inputs)
+                seen[c.inputs] = (
+                    manifest.digest_of(
+                        p for p, e in manifest.entries.items() if e.type != "d" and match(p)
+                    ),
+                    tuple(p for p in pending if match(p)),
+                )
+            digest, changed = seen[c.inputs]
         intents.append(
             CommandIntent(
                 c.name,

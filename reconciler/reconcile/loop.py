@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, instance_credentials
-from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile import actions, identity, rebuild
+from reconciler.reconcile.desired import DesiredSession, Group, instance_credentials
+from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe
@@ -83,10 +83,30 @@ def plan_group(
     doc = journal.load(group.status_path)
     owner, salt = _identity(group, environ)
     obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
-    the_plan = plan_sessions(
-        obs.desired, obs.instances, doc, now(), owner=obs.owner, prune=prune, claimed=obs.claimed
-    )
+
+    the_plan = _plan(obs.desired, obs, doc, now(), prune=prune)
+    wanted = rebuild.worth_reading(the_plan, obs, doc, set())
+    if wanted:
+        # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
+        # not written; apply does that)
+        with contextlib.closing(TransportPool()) as pool:
+            quiet = RecordingReporter()
+            if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
+                the_plan = _plan(obs.desired, obs, doc, now(), prune=prune)
     return the_plan, obs
+
+
+def _plan(
+    desired: Sequence[DesiredSession],
+    obs: Observation,
+    doc: StatusDoc,
+    at: float,
+    *,
+    prune: bool,
+) -> actions.Plan:
+    return plan_sessions(
+        desired, obs.instances, doc, at, owner=obs.owner, prune=prune, claimed=obs.claimed
+    )
 
 
 def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner, bytes]:
@@ -136,6 +156,8 @@ def apply_group(
         rounds = 0
         obs: Observation | None = None
         ran: set[tuple[str, str]] = set()
+        #: sessions whose sandbox journal was read in this run (once is enough)
+        journals_read: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
         while True:
@@ -152,15 +174,15 @@ def apply_group(
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
-            plan = plan_sessions(
-                desired,
-                obs.instances,
-                doc,
-                now(),
-                owner=obs.owner,
-                prune=prune and not failed,
-                claimed=obs.claimed,
-            )
+
+            plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
+            wanted = rebuild.worth_reading(plan, obs, doc, journals_read)
+            if wanted:
+                journals_read.update(wanted)
+                if rebuild.consult(
+                    wanted, obs=obs, doc=doc, metros=metros, pool=kept, reporter=reporter
+                ):
+                    plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
             if first_plan is None:
                 first_plan = plan
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)

@@ -174,6 +174,9 @@ class SessionStatus(_Model):
     message: str = ""
     #: set with phase `Interrupted`; cleared by the next apply that gets the session Ready
     interruption: Interruption | None = None
+    #: how many times a runner left this record in the sandbox's journal (with
+    #: `UKC_SESSION_SECRET`): a journal with a higher count is newer than this record
+    journal_seq: int = 0
 
     def expired(self, now: float) -> bool:
         """Its ttl passed (`expires_at` <= `now`) while its instance still exists: the next

@@ -4,7 +4,9 @@ a value (the clock given to the planner), so every case is a table test."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+from reconciler.cli.plan_output import PlannedGroup, build_document, render_markdown
 from reconciler.cli.render import plan_json, render_plan
 from reconciler.reconcile import actions
 from reconciler.reconcile.plan import plan_sessions
@@ -62,6 +64,15 @@ class TestThePlanner:
         assert lines[1].startswith("  - delete instance ")
         assert lines[-1].startswith("Plan: 0 to create, 1 to delete")
         assert plan_json(_plan(T0 + 7300))["sessions"]["hello"]["expired"]
+
+    def test_the_json_and_markdown_plans_say_the_session_expired(self) -> None:
+        group = PlannedGroup(Path("s"), Path("s/.ukc/status.json"), False, _plan(T0 + 7300))
+        doc = build_document([group], 0)
+        (entry,) = doc.groups[0].sessions
+        assert entry.verdict == "delete" and entry.expired and "passed at" in entry.expired
+        assert "- Expired: its ttl of 2h passed at" in render_markdown(doc)
+        fresh = PlannedGroup(Path("s"), Path("s/.ukc/status.json"), False, _plan(T0))
+        assert build_document([fresh], 0).groups[0].sessions[0].expired is None
 
 
 def _record(phase: str = "Ready", expires_at: str | None = "2027-01-15T08:00:00Z") -> SessionStatus:

@@ -1,0 +1,166 @@
+"""Stateless apply: a runner without the first one's `.ukc/` (a CI runner, a fresh clone) with
+the same `UKC_PROJECT` and `UKC_SESSION_SECRET` finds everything it needs in the cloud and in
+the sandbox, and does nothing the first runner already did."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.local.daemon import MetroInfo
+from reconciler.status import sandboxjournal
+from tests.support.ukc import Ukc
+
+pytestmark = pytest.mark.metro
+
+SPEC = """\
+name: demo
+directory: ./work
+commands:
+  - name: build
+    run: mkdir -p out && tr a-z A-Z < input.txt > out/upper.txt && echo ran >> /tmp/runs
+  - name: count
+    run: wc -c < input.txt > out/count.txt && echo ran >> /tmp/runs
+sync:
+  back: ["out/"]
+"""
+
+
+class Runners:
+    def __init__(self, metro: MetroInfo, root: Path) -> None:
+        env = {
+            "UKC_PROJECT": "stateless-" + secrets.token_hex(4),
+            "UKC_SESSION_SECRET": secrets.token_hex(16),
+        }
+        self.a = Ukc(root / "a", metro, dict(env))
+        self.b = Ukc(root / "b", metro, dict(env))
+        work = self.a.project / "work"
+        (work / "lib").mkdir(parents=True)
+        (work / "input.txt").write_text("hello world\n")
+        (work / "lib" / "a.txt").write_text("library\n")
+        self.a.write_spec(SPEC)
+
+    def clone(self) -> None:
+        """b: a fresh clone of a's checkout (the sources only: no `.ukc/`, no outputs)."""
+        shutil.copytree(
+            self.a.project, self.b.project, ignore=shutil.ignore_patterns(".ukc", "out")
+        )
+
+    def instance(self) -> dict[str, Any]:
+        name = self.a.status()["sessions"]["demo"]["instance"]["name"]
+        found = [i for i in self.a.instances() if i["name"] == name]
+        assert len(found) == 1
+        return found[0]
+
+    def journal(self) -> Path:
+        uuid = self.instance()["uuid"]
+        return self.a.workspace(uuid) / sandboxjournal.JOURNAL_PATH.removeprefix("/workspace/")
+
+    def cleanup(self) -> None:
+        with self.a.api() as client:
+            project = next((p for p in (self.a.project / ".ukc",) if p.exists()), None)
+            if project is None:
+                return
+            names = [
+                s["instance"]["name"]
+                for s in self.a.status()["sessions"].values()
+                if s.get("instance")
+            ]
+            if names:
+                client.request("DELETE", "/v1/instances", json=[{"name": n} for n in names])
+
+
+@pytest.fixture
+def runners(metro: MetroInfo, tmp_path: Path) -> Any:
+    both = Runners(metro, tmp_path)
+    yield both
+    both.cleanup()
+
+
+def comparable(status: dict[str, Any]) -> dict[str, Any]:
+    """The status without times and the checkout's own paths."""
+    status = json.loads(json.dumps(status))
+    status.pop("updated_at", None)
+    for rec in status["sessions"].values():
+        rec.pop("spec_file", None)
+        rec.pop("last_applied_at", None)
+        for cond in rec["conditions"]:
+            cond.pop("last_transition_time", None)
+    return status
+
+
+def flat(value: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{path}.{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{path}[{i}]").items()}
+    return {path: value}
+
+
+def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """Each field where two status files differ, apart from times and the checkout's paths."""
+    left, right = flat(comparable(mine)), flat(comparable(theirs))
+    return [
+        f"{key}: {left.get(key)!r} != {right.get(key)!r}"
+        for key in sorted(left.keys() | right.keys())
+        if left.get(key) != right.get(key)
+    ]
+
+
+def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
+    runners: Runners,
+) -> None:
+    a, b = runners.a, runners.b
+    a.run("apply", "session.yaml", check=0)
+    a.run("apply", "session.yaml", check=0)  # a's own no-op apply: the status b must match
+    before = runners.instance()
+    workspace = a.workspace(before["uuid"])
+    remote = {p.name: p.stat().st_mtime_ns for p in workspace.rglob("*") if p.is_file()}
+    journal = runners.journal().read_bytes()
+    runners.clone()
+
+    b.run("plan", "--detailed-exitcode", "session.yaml", check=0)
+    proc = b.run("apply", "session.yaml", check=0)
+    assert "synced" not in proc.stdout and "exited 0" not in proc.stdout, proc.stdout
+    assert runners.instance()["uuid"] == before["uuid"]
+    assert differences(b.status(), a.status()) == []
+    # no file sent, no command run, the journal as a left it
+    after = {p.name: p.stat().st_mtime_ns for p in workspace.rglob("*") if p.is_file()}
+    assert after == remote
+    assert runners.journal().read_bytes() == journal
+
+    # a spec edit committed and applied from b is current for a once a has the commit
+    for tool in (a, b):
+        (tool.project / "work" / "input.txt").write_text("hello again\n")
+    b.run("apply", "session.yaml", check=0)
+    assert (b.project / "work" / "out" / "upper.txt").read_text() == "HELLO AGAIN\n"
+    a.run("plan", "--detailed-exitcode", "session.yaml", check=0)
+    proc = a.run("apply", "session.yaml", check=0)
+    assert "exited 0" not in proc.stdout and "synced" not in proc.stdout, proc.stdout
+
+
+def test_a_journal_the_sandbox_forged_is_ignored_and_the_work_is_done_again(
+    runners: Runners,
+) -> None:
+    a, b = runners.a, runners.b
+    a.write_spec(SPEC.replace("wc -c < input.txt", "exit 3; wc -c < input.txt"))
+    a.run("apply", "session.yaml", check=1)
+    path = runners.journal()
+    body = json.loads(path.read_bytes())
+    # what a sandbox would write to have its failed command taken for a success
+    for cmd in body["record"]["commands"]:
+        cmd["exit_code"] = 0
+        cmd["last_success_hash"] = cmd["input_hash"]
+        cmd["instance_uuid"] = body["instance"]
+    body["record"]["phase"] = "Ready"
+    path.write_text(json.dumps(body))
+    runners.clone()
+    proc = b.run("apply", "session.yaml", check=1)
+    assert "journal in the sandbox ignored: its seal does not match" in proc.stdout
+    count = b.status()["sessions"]["demo"]["commands"][1]
+    assert count["name"] == "count" and count["exit_code"] == 3 and not count["skipped"]
