@@ -10,14 +10,18 @@ exec` and `ukc ssh CMD` exit with the remote command's code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -718,6 +722,335 @@ def watch(
         reporter.close()
         metros.close()
     sys.exit(code)
+
+
+def _file_option(fn: F) -> F:
+    return click.option(
+        "-f",
+        "--file",
+        "files",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        metavar="PATH",
+        help="Spec file or directory declaring the session (repeatable; default: the "
+        "current directory).",
+    )(fn)
+
+
+def _session_group(files: Sequence[Path], name: str) -> Group:
+    """The group (status file) of the session `name` among the specs in `files`."""
+    groups = _load(list(files), None)
+    _require_sessions(groups, files)
+    for group in groups:
+        if any(s.spec.name == name for s in group.sessions):
+            return group
+    _check_sessions([name], _declared(groups))
+    raise AssertionError("unreachable: _check_sessions raised")
+
+
+def _write_fd(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(stop: threading.Event, what: str) -> Iterator[None]:
+    """Ctrl-C sets `stop` (the command in flight is stopped: TERM, grace, KILL) and says so;
+    a second one quits at once."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo(f"interrupt: stopping {what}… (Ctrl-C again to quit now)", err=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@cli.command(
+    short_help="A shell (or a command) in a session's sandbox.",
+    epilog="""\b
+Examples:
+  ukc ssh hello                       an interactive login shell in /workspace
+  ukc ssh -f specs/ hello             the session declared under specs/
+  ukc ssh hello -- uname -a           one command (no terminal unless -t)
+  ukc ssh hello < script.sh           a script on stdin
+
+It connects as apply does: through the metro's TLS edge with the session's key
+(.ukc/keys/NAME), and only to the instance the status file records, presenting the host key
+recorded there (a changed key is refused: `ukc apply` replaces a lost instance). The shell
+gets the login environment, not the session's env (ukc exec has it). Exit code: the remote
+shell's or command's.""",
+)
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_file_option
+@click.option("-t", "--tty", is_flag=True, help="A pseudo-terminal for COMMAND too (as ssh -t).")
+@_debug_option
+@_guard
+def ssh(
+    name: str, command: tuple[str, ...], files: tuple[Path, ...], tty: bool, debug: bool
+) -> None:
+    """Open a shell, or run COMMAND, in session NAME's sandbox over SSH through the TLS
+    edge, with the session's key and pinned host key. With no COMMAND and a terminal, an
+    interactive login shell in /workspace (keys, Ctrl-C and window size go to the sandbox);
+    `exit` or Ctrl-D ends it."""
+    from reconciler.cli.terminal import StdioTerminal
+    from reconciler.reconcile import access
+
+    group = _session_group(files, name)
+    metros = _metros()
+    try:
+        reached = access.reach(group, name, metros, os.environ)
+        transport = access.connect(reached)
+        try:
+            terminal = StdioTerminal()
+            size = terminal.size() if (tty or not command) else None
+            line = access.LOGIN_SHELL
+            if command:
+                line = "cd /workspace 2>/dev/null; " + access.command_line(command)
+            process = transport.start_terminal(line, term=terminal.term(), size=size)
+            with terminal.raw() if size is not None else contextlib.nullcontext():
+                code = access.interact(process, terminal)
+        finally:
+            transport.close()
+    finally:
+        metros.close()
+    sys.exit(code)
+
+
+@cli.command(
+    "exec",
+    short_help="Run one command in a session, exit with its code.",
+    epilog="""\b
+Examples:
+  ukc exec hello -- make test             its output as it comes, its exit code
+  ukc exec hello -- 'make && make test'   one argument: a shell command line
+  ukc exec -f specs/ hello -- ls -la out  several: exactly those arguments
+  ukc exec hello --timeout 60 -- ./slow   stopped after 60 s (exit 124)
+
+The command runs in /workspace under the session's shell, with its env and the secret_env
+values this environment has (sent on the command's stdin, never on a command line); secret
+values in its output are masked (***). It is not recorded in the status file and does not
+sync files: `ukc apply` does. Ctrl-C stops it (TERM, 5 s, KILL; exit 130).""",
+)
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_file_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Stop the command after this long (TERM, then KILL); exit 124.",
+)
+@_debug_option
+@_guard
+def exec_cmd(
+    name: str,
+    command: tuple[str, ...],
+    files: tuple[Path, ...],
+    timeout: float | None,
+    debug: bool,
+) -> None:
+    """Run COMMAND once in session NAME's sandbox, as apply runs the session's commands
+    (same directory, shell, environment, redaction) but unrecorded; exit with its code."""
+    from reconciler.reconcile import access
+
+    line = access.command_line(command)
+    group = _session_group(files, name)
+    metros = _metros()
+    stop = threading.Event()
+    try:
+        reached = access.reach(group, name, metros, os.environ)
+        transport = access.connect(reached)
+        try:
+            with _ctrl_c_stops(stop, f"the command in session {name}"):
+                code = access.exec_command(
+                    reached,
+                    transport,
+                    line,
+                    os.environ,
+                    out=_write_fd(1),
+                    err=_write_fd(2),
+                    warn=lambda message: click.echo(f"warning: {message}", err=True),
+                    stop=stop.is_set,
+                    timeout_s=timeout,
+                )
+        finally:
+            transport.close()
+    finally:
+        metros.close()
+    sys.exit(code)
+
+
+@cli.command(
+    short_help="A session's console log and its commands' last output.",
+    epilog="""\b
+Examples:
+  ukc logs hello                  the console, then the last output of each command
+  ukc logs hello --lines 50       the console's last 50 lines
+  ukc logs hello -F               follow the console (Ctrl-C stops)
+  ukc logs hello --no-commands    the console only
+
+The console is the sandbox's (its services' output, boot messages) as the platform API
+keeps it; the commands' output is what the last apply recorded (the status file keeps the
+last 64 KiB of each stream). Control characters are shown escaped (the sandbox writes
+them); secret values are masked.""",
+)
+@click.argument("name")
+@_file_option
+@click.option(
+    "--lines",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Only the console's last N lines.",
+)
+@click.option(
+    "-F", "--follow", is_flag=True, help="Keep printing the console as it grows (Ctrl-C stops)."
+)
+@click.option("--no-commands", is_flag=True, help="Leave out the commands' recorded output.")
+@_debug_option
+@_guard
+def logs(
+    name: str,
+    files: tuple[Path, ...],
+    lines: int | None,
+    follow: bool,
+    no_commands: bool,
+    debug: bool,
+) -> None:
+    """Show session NAME's console log (through the UKC API), then the last output of its
+    commands from the status file."""
+    from reconciler.cli.render import printable
+    from reconciler.reconcile import access
+    from reconciler.reconcile.desired import session_env
+    from reconciler.reconcile.redaction import Redactor
+
+    group = _session_group(files, name)
+    metros = _metros()
+    try:
+        reached = access.reach(group, name, metros, os.environ)
+        _, secrets, _ = session_env(reached.loaded.spec, os.environ)
+        redact = Redactor(v for v in secrets.values() if v)
+        tail = None if lines is None else max(64 * 1024, lines * 512)
+        console = access.console_log(reached, tail_bytes=tail)
+        text = console.data.decode(errors="replace")
+        if lines is not None:
+            text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
+        inst = reached.instance
+        click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
+        click.echo(printable(redact(text)), nl=False)
+        if not no_commands:
+            for cmd in access.last_outputs(reached.record):
+                state = f"exit {cmd.exit_code}"
+                if cmd.timed_out:
+                    state = "timed out"
+                if cmd.interrupted:
+                    state = "interrupted"
+                when = f", finished {cmd.finished_at}" if cmd.finished_at else ""
+                click.echo(f"== command {cmd.name} ({state}{when}) ==")
+                for label, body in (("stdout", cmd.stdout), ("stderr", cmd.stderr)):
+                    if body:
+                        click.echo(f"-- {label} --")
+                        click.echo(printable(redact(body)), nl=not body.endswith("\n"))
+        if follow:
+            click.echo("== following the console (Ctrl-C stops) ==")
+            stop = threading.Event()
+
+            def quit_following(signum: int, frame: FrameType | None) -> None:
+                stop.set()
+
+            previous = signal.signal(signal.SIGINT, quit_following)
+            try:
+                for chunk in access.follow_log(reached, console.available_end, stop=stop.is_set):
+                    click.echo(printable(redact(chunk.decode(errors="replace"))), nl=False)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+    finally:
+        metros.close()
+
+
+@cli.command(
+    "ls",
+    short_help="The sessions on a metro, across projects.",
+    epilog="""\b
+Examples:
+  ukc ls                          the local metro (or $UKC_METRO)
+  ukc ls --metro fra -o json      a UKC metro, machine-readable
+
+Every instance ukc made on the metro, whatever its project, as its tags describe it:
+NAME (the session), PROJECT (`(here)`: this directory's), STATE, AGE, OURS (`yes` when its
+owner tag proves it is this checkout's or UKC_SESSION_SECRET's), INSTANCE. Tags are claims:
+only OURS is a proof.""",
+)
+@click.option(
+    "--metro",
+    default=None,
+    help="The metro to list: local, a code (fra) or a URL. Default: $UKC_METRO, else local.",
+)
+@_output_option
+@_debug_option
+@_guard
+def ls(metro: str | None, output: str, debug: bool) -> None:
+    """List the sessions ukc made on a metro, across projects: NAME PROJECT STATE AGE."""
+    from reconciler.cli.render import render_table, span
+    from reconciler.reconcile import access, identity
+    from reconciler.reconcile.plan import parse_time
+
+    chosen = metro or os.environ.get("UKC_METRO") or "local"
+    here = Group(Path(".").resolve(), [])
+    here_project = identity.project_id(here.base_dir, os.environ)
+    metros = _metros()
+    try:
+        found = access.list_sessions(metros.get(chosen), os.environ, here)
+    finally:
+        metros.close()
+    now = time.time()
+    rows: list[dict[str, Any]] = []
+    for item in found:
+        created = parse_time(item.instance.created_at)
+        rows.append(
+            {
+                "name": item.session,
+                "project": item.project,
+                "here": item.project == here_project,
+                "state": item.instance.state,
+                "age_s": None if created is None else int(now - created),
+                "ours": item.ours,
+                "instance": item.instance.name,
+                "uuid": item.instance.uuid,
+                "metro": chosen,
+            }
+        )
+    if output == "json":
+        click.echo(json.dumps({"version": 1, "metro": chosen, "sessions": rows}, indent=2))
+        return
+    if not rows:
+        click.echo(f"no ukc sessions on metro {chosen}")
+        return
+    table = [
+        (
+            r["name"],
+            r["project"] + (" (here)" if r["here"] else ""),
+            r["state"],
+            "-" if r["age_s"] is None else span(r["age_s"]),
+            "yes" if r["ours"] else "no",
+            r["instance"],
+        )
+        for r in rows
+    ]
+    for line in render_table(("NAME", "PROJECT", "STATE", "AGE", "OURS", "INSTANCE"), table):
+        click.echo(line)
 
 
 @cli.group(short_help="The local metro daemon: start, stop, status, env.")

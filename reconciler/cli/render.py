@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import threading
@@ -25,6 +26,7 @@ __all__ = [
     "PlainReporter",
     "StatusRow",
     "plan_json",
+    "printable",
     "render_plan",
     "render_status",
     "render_table",
@@ -357,3 +359,12 @@ def status_json(rows: Sequence[StatusRow], now: float) -> dict[str, Any]:
         "exit_code": status_exit_code(rows),
         "sessions": sessions,
     }
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Sandbox text made safe for a terminal: control characters but newline and tab (escape
+    sequences that could retitle, recolour or rewrite the user's screen) shown escaped."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r\n", "\n"))

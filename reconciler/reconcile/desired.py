@@ -45,6 +45,7 @@ __all__ = [
     "instance_credentials",
     "load_groups",
     "secret_missing_message",
+    "session_env",
     "sync_options_for",
     "transport_of",
 ]
@@ -230,9 +231,7 @@ def build_session(
     """`instance` is the one observed under the session's name (a claim: the planner proves
     it ours before anything uses it); its key nonce says which derived key opens it."""
     s = loaded.spec
-    missing = missing_secret_env(s, environ)
-    secret_env = {k: environ[v] for k, v in s.secret_env.items() if (k, v) not in missing}
-    env = {**dict(s.env), **secret_env}
+    env, secret_env, missing = session_env(s, environ)
     fingerprint = hashlib.sha256(
         salt + json.dumps([sorted(s.env.items()), sorted(secret_env.items())]).encode()
     ).hexdigest()[:32]
@@ -329,6 +328,17 @@ def command_intents(
             )
         )
     return tuple(intents)
+
+
+def session_env(
+    spec: SessionSpec, environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str], list[tuple[str, str]]]:
+    """The environment the session's commands run with (`env`, then the `secret_env` values
+    the controller has), its secret part, and the `secret_env` entries whose controller
+    variable is not set."""
+    missing = missing_secret_env(spec, environ)
+    secret_env = {k: environ[v] for k, v in spec.secret_env.items() if (k, v) not in missing}
+    return {**dict(spec.env), **secret_env}, secret_env, missing
 
 
 def secret_missing_message(loaded: LoadedSession, sandbox_name: str, controller: str) -> str:
