@@ -665,6 +665,131 @@ def delete(
 
 
 @cli.command(
+    short_help="Follow a git repository: apply each new revision of its specs.",
+    epilog="""\b
+Examples:
+  ukc follow https://github.com/me/infra --path specs --prune
+                                  every minute: a new commit on main is applied
+  ukc follow . --ref release --once
+                                  one check (for cron); exit 1 when it did not apply
+  ukc follow REPO --suspend       pause a running follower (--resume to continue)
+
+The status file beside the specs in the checkout records `source` (url, ref, revision,
+applied_at), `last_applied_revision` and `last_attempted_revision`. A revision whose specs
+do not load applies and prunes nothing. SIGINT/SIGTERM stop it (an apply in flight stops as
+on Ctrl-C).""",
+)
+@click.argument("repo")
+@click.option("--ref", default="main", show_default=True, help="The branch or tag to follow.")
+@click.option(
+    "--path",
+    "spec_path",
+    default="",
+    metavar="PATH",
+    help="The specs' directory or file inside the repository (default: its root).",
+)
+@click.option(
+    "--interval",
+    default="1m",
+    show_default=True,
+    metavar="DURATION",
+    help="How often to check the ref (90s, 5m, 1h).",
+)
+@click.option("--once", is_flag=True, help="Check once and exit (cron, CI).")
+@click.option("--prune", is_flag=True, help="Delete sessions a revision no longer declares.")
+@click.option(
+    "--allow-empty", is_flag=True, help="Allow --prune when a revision declares no session."
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Where the follower keeps its repository and checkout "
+    "(default: $XDG_STATE_HOME/ukc/follow/<source>).",
+)
+@click.option("--suspend", is_flag=True, help="Mark the follower suspended, then exit.")
+@click.option("--resume", is_flag=True, help="Remove the suspend mark, then exit.")
+@_concurrency_option
+@_lock_timeout_option
+@_debug_option
+@_guard
+def follow(
+    repo: str,
+    ref: str,
+    spec_path: str,
+    interval: str,
+    once: bool,
+    prune: bool,
+    allow_empty: bool,
+    state_dir: Path | None,
+    suspend: bool,
+    resume: bool,
+    concurrency: int,
+    lock_timeout: float,
+    debug: bool,
+) -> None:
+    """Apply each new revision of a git repository's specs (validate, plan, apply), at an
+    interval, recording the revision in the status file."""
+    from reconciler.reconcile import follow as following
+    from reconciler.spec.durations import DurationError, parse_duration
+    from reconciler.spec.gitsource import GitSource, check_ref, source_key
+
+    if suspend and resume:
+        raise errors.UsageError("--suspend and --resume exclude each other")
+    path = following.check_spec_path(spec_path)
+    check_ref(ref)
+    try:
+        every = float(parse_duration(interval))
+    except DurationError as err:
+        raise errors.UsageError(f"--interval: {err}") from None
+    if state_dir is None:
+        home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        state_dir = Path(home) / "ukc" / "follow" / source_key(repo, ref, path)
+    if suspend:
+        following.suspend(state_dir, "ukc follow --suspend")
+        click.echo(f"suspended: {state_dir}")
+        return
+    if resume:
+        found = following.resume(state_dir)
+        click.echo(f"resumed: {state_dir}" if found else f"was not suspended: {state_dir}")
+        return
+    source = GitSource(repo, ref, state_dir, environ=os.environ)
+    metros = _metros()
+    reporter = _reporter("text")
+    follower = following.Follower(
+        source,
+        following.FollowOptions(
+            path=path,
+            interval_s=every,
+            prune=prune,
+            allow_empty=allow_empty,
+            concurrency=concurrency,
+            lock_timeout_s=lock_timeout,
+        ),
+        metros=metros,
+        reporter=reporter,
+        environ=os.environ,
+    )
+    follower.install_signal_handlers()
+    reporter.event(
+        _follow_event(f"following {source.url} {ref}{' ' + path if path else ''} in {state_dir}")
+    )
+    try:
+        code = follower.run(once=once)
+    finally:
+        reporter.close()
+        metros.close()
+    sys.exit(code)
+
+
+def _follow_event(text: str) -> Any:
+    from reconciler.reconcile.events import Event
+
+    return Event("follow", "info", text)
+
+
+@cli.command(
     short_help="Converge, then follow edits of files and specs.",
     epilog="""\b
 Examples:

@@ -26,6 +26,7 @@ __all__ = [
     "Interruption",
     "Phase",
     "SessionStatus",
+    "SourceRecord",
     "StatusDoc",
     "SyncRecord",
     "format_time",
@@ -190,11 +191,31 @@ class SessionStatus(_Model):
         )
 
 
+class SourceRecord(_Model):
+    """The git revision the sessions were last applied from (`ukc follow`)."""
+
+    #: the repository: a path, or a URL without any credentials it carried
+    url: str
+    ref: str
+    #: the specs' directory or file inside the repository ("" for its root)
+    path: str = ""
+    revision: str
+    applied_at: str | None = None
+
+
 class StatusDoc(_Model):
     version: int = STATUS_VERSION
     project: str = ""
     updated_at: str | None = None
     sessions: dict[str, SessionStatus] = Field(default_factory=dict)
+    #: set by `ukc follow`: the revision applied last, and the last one tried (with why it
+    #: failed, "" when it did not): a broken revision shows here while `source` keeps the
+    #: last good one
+    source: SourceRecord | None = None
+    last_applied_revision: str = ""
+    last_attempted_revision: str = ""
+    last_attempted_at: str | None = None
+    last_attempt_error: str = ""
 
     def as_of(self, now: float) -> StatusDoc:
         """The document as `ukc status` shows it at `now` (nothing is written): a session whose
