@@ -1114,9 +1114,9 @@ Examples:
   ukc ls --metro fra -o json      a UKC metro, machine-readable
 
 Every instance ukc made on the metro, whatever its project, as its tags describe it:
-NAME (the session), PROJECT (`(here)`: this directory's), STATE, AGE, OURS (`yes` when its
-owner tag proves it is this checkout's or UKC_SESSION_SECRET's), INSTANCE. Tags are claims:
-only OURS is a proof.""",
+NAME (the session), PROJECT (`(here)`: this directory's), STATE, AGE, TTL LEFT (by the ttl
+it was created with), OURS (`yes` when its owner tag proves it is this checkout's or
+UKC_SESSION_SECRET's), INSTANCE. Tags are claims: only OURS is a proof.""",
 )
 @click.option(
     "--metro",
@@ -1127,7 +1127,8 @@ only OURS is a proof.""",
 @_debug_option
 @_guard
 def ls(metro: str | None, output: str, debug: bool) -> None:
-    """List the sessions ukc made on a metro, across projects: NAME PROJECT STATE AGE."""
+    """List the sessions ukc made on a metro, across projects: NAME PROJECT STATE AGE
+    TTL LEFT."""
     from reconciler.cli.render import render_table, span
     from reconciler.reconcile import access, identity
     from reconciler.reconcile.plan import parse_time
@@ -1144,6 +1145,9 @@ def ls(metro: str | None, output: str, debug: bool) -> None:
     rows: list[dict[str, Any]] = []
     for item in found:
         created = parse_time(item.instance.created_at)
+        ttl_left = None
+        if created is not None and item.ttl_s is not None:
+            ttl_left = int(created + item.ttl_s - now)
         rows.append(
             {
                 "name": item.session,
@@ -1151,6 +1155,7 @@ def ls(metro: str | None, output: str, debug: bool) -> None:
                 "here": item.project == here_project,
                 "state": item.instance.state,
                 "age_s": None if created is None else int(now - created),
+                "ttl_left_s": ttl_left,
                 "ours": item.ours,
                 "instance": item.instance.name,
                 "uuid": item.instance.uuid,
@@ -1169,13 +1174,23 @@ def ls(metro: str | None, output: str, debug: bool) -> None:
             r["project"] + (" (here)" if r["here"] else ""),
             r["state"],
             "-" if r["age_s"] is None else span(r["age_s"]),
+            _ttl_left(r["ttl_left_s"]),
             "yes" if r["ours"] else "no",
             r["instance"],
         )
         for r in rows
     ]
-    for line in render_table(("NAME", "PROJECT", "STATE", "AGE", "OURS", "INSTANCE"), table):
+    header = ("NAME", "PROJECT", "STATE", "AGE", "TTL LEFT", "OURS", "INSTANCE")
+    for line in render_table(header, table):
         click.echo(line)
+
+
+def _ttl_left(seconds: int | None) -> str:
+    from reconciler.cli.render import span
+
+    if seconds is None:
+        return "-"
+    return "expired" if seconds <= 0 else span(seconds)
 
 
 @cli.group(short_help="The local metro daemon: start, stop, status, env.")

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.reconcile import actions
+from reconciler.spec.sizes import human_size
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
@@ -391,15 +392,6 @@ def _fence(text: str, info: str = "") -> list[str]:
     return [f"{fence}{info}", *body.splitlines(), fence]
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover - the loop always returns
-
-
 _VERDICT_TEXT = {
     "create": "create",
     "replace": "**replace**",
@@ -419,7 +411,7 @@ def _headline(doc: PlanDocument) -> str:
     if doc.changes_pending:
         parts.append(
             f"{s.create} to create, {s.replace} to replace, {s.delete + s.prune_deletes} to "
-            f"delete, {s.files_to_send} file(s) to send ({_size(s.bytes_to_send)}), "
+            f"delete, {s.files_to_send} file(s) to send ({human_size(s.bytes_to_send)}), "
             f"{s.commands_to_run} command(s) to run"
         )
     elif doc.ok:
@@ -435,9 +427,11 @@ def _action_line(act: Action) -> str:
     if isinstance(act, StartAction):
         return f"start instance {_code(act.instance)} — {_text(act.reason)}"
     if isinstance(act, SendFilesAction):
-        what = f"send {act.files} file(s) ({_size(act.bytes)}), delete {act.deletes} remotely"
+        what = f"send {act.files} file(s) ({human_size(act.bytes)}), delete {act.deletes} remotely"
         if act.full_scan:
-            what = f"full sync: up to {act.files} file(s) ({_size(act.bytes)}), sandbox scanned"
+            what = (
+                f"full sync: up to {act.files} file(s) ({human_size(act.bytes)}), sandbox scanned"
+            )
         return f"{what} — {_text(act.reason)}"
     if isinstance(act, RunCommandAction):
         return f"run command {_code(act.command)} — {_text(act.reason)}"

@@ -28,7 +28,7 @@ from reconciler.cloud.model import ConsoleLog, Instance
 from reconciler.reconcile import identity
 from reconciler.reconcile.desired import (
     Group,
-    credentials_for,
+    instance_credentials,
     secret_missing_message,
     session_env,
     transport_of,
@@ -72,7 +72,8 @@ class Reached:
     record: SessionStatus
     instance: Instance
     connection: MetroConnection
-    #: the host key the status file recorded for this very instance
+    owner: identity.Owner
+    #: the host key the status file recorded for this very instance and boot
     pin: str
 
     @property
@@ -107,11 +108,15 @@ def reach(group: Group, session: str, metros: MetroRegistry, environ: Mapping[st
     proof = identity.prove(instance, owner, session, record.instance)
     if not proof.ours:
         raise errors.OwnershipError(proof.refusal(instance))
-    pin = identity.recorded_pin(record.instance, instance)
+    pin = identity.boot_pin(record.instance, instance)
     if not pin:
+        why = "has no host key recorded for"
+        if identity.recorded_pin(record.instance, instance):
+            # a cold boot may bring new host keys: apply learns them, never a shell
+            why = "recorded the host key of an earlier boot of"
         raise errors.UsageError(
-            f"session {session!r}: this checkout has no host key recorded for instance "
-            f"{instance.name} (uuid {instance.uuid}): run `ukc apply {loaded.file}` first"
+            f"session {session!r}: this checkout {why} instance {instance.name} "
+            f"(uuid {instance.uuid}): run `ukc apply {loaded.file}` first"
         )
     if instance.state in ("stopped", "stopping", "draining"):
         raise errors.UsageError(
@@ -120,7 +125,7 @@ def reach(group: Group, session: str, metros: MetroRegistry, environ: Mapping[st
         )
     if not instance.fqdn:
         raise errors.UsageError(f"session {session!r}: instance {instance.name} has no address")
-    return Reached(group, loaded, record, instance, connection, pin)
+    return Reached(group, loaded, record, instance, connection, owner, pin)
 
 
 def connect(reached: Reached, *, deadline_s: float = CONNECT_DEADLINE_S) -> Transport:
@@ -129,7 +134,7 @@ def connect(reached: Reached, *, deadline_s: float = CONNECT_DEADLINE_S) -> Tran
     kind = select.kind_for(transport_of(reached.loaded))
     assert reached.instance.fqdn is not None  # checked by `reach`
     target = Target(reached.instance.name, reached.instance.fqdn, reached.connection.reach)
-    credentials = credentials_for(reached.group, reached.name)
+    credentials = instance_credentials(reached.group, reached.name, reached.owner, reached.instance)
     if not kind.credentials_present(credentials):
         raise errors.UsageError(
             f"session {reached.name!r}: its {kind.credentials_noun} is missing "
@@ -282,6 +287,8 @@ class ListedSession:
     instance: Instance
     #: the owner id in its tags proves this checkout (or UKC_SESSION_SECRET) owns it
     ours: bool
+    #: the `ttl` it was created with (seconds), from its tags
+    ttl_s: int | None = None
 
 
 def list_sessions(
@@ -308,5 +315,5 @@ def list_sessions(
         if local is not None and local[0] == project:
             accepted |= local[1]
         ours = bool(owners) and all(v in accepted for v in owners)
-        found.append(ListedSession(session, project, inst, ours))
+        found.append(ListedSession(session, project, inst, ours, identity.ttl_from_tags(inst.tags)))
     return sorted(found, key=lambda s: (s.project, s.session, s.instance.name))

@@ -354,7 +354,12 @@ class Executor:
             name=action.instance_name,
             image=ctx.desired.image,
             env=fields.env,
-            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport), *key_tags),
+            tags=(
+                *ctx.desired.tags,
+                identity.transport_tag(ctx.desired.transport),
+                *key_tags,
+                *(() if ctx.desired.ttl_s is None else (identity.ttl_tag(ctx.desired.ttl_s),)),
+            ),
             # why: UKC's own default (128 MiB) holds little: /workspace lives in memory
             memory_mb=ctx.loaded.spec.memory_mb or DEFAULT_MEMORY_MB,
             services=fields.services,

@@ -62,6 +62,8 @@ __all__ = [
     "session_from_tags",
     "tag_value",
     "transport_tag",
+    "ttl_from_tags",
+    "ttl_tag",
 ]
 
 #: every instance ukc creates carries this bare tag
@@ -70,6 +72,9 @@ OWNER_TAG = "ukc"
 #: fixed at creation. An instance without it was made by an older ukc, which gave every
 #: instance both ports (2222 and the exec API's 443)
 TRANSPORT_TAG = "ukc.exec"
+#: tag key recording the session's `ttl` (seconds) when the instance was created: what
+#: `ukc ls` shows of sessions whose specs it cannot see (apply goes by the spec's ttl)
+TTL_TAG = "ukc.ttl"
 
 
 def project_id(status_dir: Path, environ: Mapping[str, str]) -> str:
@@ -105,6 +110,16 @@ def owner_tags(project: str, session: str, inst_hash: str, owner_id: str) -> lis
 
 def transport_tag(transport: str) -> str:
     return f"{TRANSPORT_TAG}={transport}"
+
+
+def ttl_tag(ttl_s: float) -> str:
+    return f"{TTL_TAG}={int(ttl_s)}"
+
+
+def ttl_from_tags(tags: Sequence[str]) -> int | None:
+    """The `ttl` (seconds) an instance was created with, or None (no ttl, an older ukc)."""
+    value = tag_value(tags, TTL_TAG)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def tag_value(tags: Sequence[str], key: str) -> str | None:

@@ -142,3 +142,11 @@ def test_plain_console_lines_pass_unchanged_and_crlf_reads_as_a_newline() -> Non
     assert printable("Server listening on port 2222.\r\n\tok\n") == (
         "Server listening on port 2222.\n\tok\n"
     )
+
+
+def test_the_ttl_tag_reads_back_and_a_garbled_one_is_no_ttl() -> None:
+    from reconciler.reconcile import identity
+
+    assert identity.ttl_from_tags(("ukc", identity.ttl_tag(7200.0))) == 7200
+    assert identity.ttl_from_tags(("ukc", "ukc.ttl=-5", "ukc.ttl=2h")) is None
+    assert identity.ttl_from_tags(("ukc",)) is None

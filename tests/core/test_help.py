@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from reconciler.cli.main import cli
 
 #: the commands a user works with day to day: each shows examples
-EVERYDAY = ("apply", "plan", "status", "delete", "validate", "watch")
+EVERYDAY = ("apply", "plan", "status", "delete", "validate", "watch", "ssh", "exec", "logs", "ls")
 
 
 def commands(group: click.Group = cli, prefix: str = "") -> Iterator[tuple[str, click.Command]]:

@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ SECRET = "s3cret-value-for-exec-4f1c"
 SPEC = """\
 name: box
 directory: ./work
+ttl: 2h
 env: {GREETING: hello}
 secret_env: {API_KEY: H11_EXEC_SECRET}
 commands:
@@ -173,9 +175,57 @@ def test_ls_lists_sessions_across_projects_with_this_directorys_marked_ours(
         mine = [s for s in doc["sessions"] if s["here"]]
         theirs = [s for s in doc["sessions"] if s["name"] == "box" and not s["here"]]
         assert [(s["name"], s["ours"], s["state"]) for s in mine] == [("box", True, "running")]
+        assert 7000 < mine[0]["ttl_left_s"] <= 7200, "the ttl it was created with, counting down"
         assert any(not s["ours"] for s in theirs), "another checkout's session is not ours"
         text = box.run("ls", check=0).stdout.splitlines()
-        assert text[0].split() == ["NAME", "PROJECT", "STATE", "AGE", "OURS", "INSTANCE"]
-        assert any("(here)" in line and " yes " in line for line in text[1:])
+        assert text[0].split() == [
+            "NAME",
+            "PROJECT",
+            "STATE",
+            "AGE",
+            "TTL",
+            "LEFT",
+            "OURS",
+            "INSTANCE",
+        ]
+        assert any("(here)" in line and " 1h5" in line and " yes " in line for line in text[1:])
     finally:
         other.run("delete", "session.yaml", check=0)
+
+
+def test_logs_follow_prints_what_the_console_gains_until_ctrl_c(box: Ukc) -> None:
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "logs", "box", "-F", "--no-commands"],
+        cwd=box.project,
+        env=box.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3.0)  # past the first read of the console
+        box.run("exec", "box", "--", "true", check=0)  # its sshd logs a new login
+        time.sleep(3.0)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
+    _, _, followed = out.partition("== following the console (Ctrl-C stops) ==\n")
+    assert "Accepted publickey for root" in followed, out
+
+
+def test_a_runner_with_the_project_secret_reaches_the_session_after_its_own_apply(
+    ukc: Ukc, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    env = {"UKC_PROJECT": f"reach-{os.getpid()}-{time.time_ns()}", "UKC_SESSION_SECRET": "f" * 32}
+    ukc.extra_env.update(env)
+    (ukc.project / "work").mkdir()
+    ukc.write_spec("name: shared\ndirectory: ./work\ncommands: ['hostname > /tmp/h']\n")
+    ukc.run("apply", "session.yaml", check=0)
+    first = ukc.run("exec", "shared", "--", "cat /tmp/h", check=0).stdout
+    clone = Ukc(tmp_path_factory.mktemp("clone"), ukc.metro, dict(env))
+    (clone.project / "work").mkdir()
+    clone.write_spec("name: shared\ndirectory: ./work\ncommands: ['hostname > /tmp/h']\n")
+    assert "run `ukc apply session.yaml` first" in clone.run("exec", "shared", "--", "true").stderr
+    clone.run("apply", "session.yaml", check=0)
+    assert clone.run("exec", "shared", "--", "cat /tmp/h", check=0).stdout == first
