@@ -138,7 +138,8 @@ def _lock_timeout_option(fn: F) -> F:
         default=0.0,
         show_default=True,
         metavar="SECONDS",
-        help="How long to wait when another ukc holds the status file's lock.",
+        help="How long to wait when another ukc holds the status file's lock (or, with "
+        "UKC_PROJECT, the project's lease).",
     )(fn)
 
 

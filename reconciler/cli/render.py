@@ -105,7 +105,7 @@ class LiveReporter:
     def event(self, event: Event) -> None:
         with self._lock:
             self._clear()
-            if event.kind == "interrupt":  # a line above the table, no row of its own
+            if event.kind in ("interrupt", "notice"):  # a line above the table, no row
                 self._plain.event(event)
                 self._draw()
                 return

@@ -545,6 +545,16 @@ class UkcApi:
         result: bool = self._retrying(attempt)
         return result
 
+    def set_tags(self, name: str, *, uuid: str, tags: Sequence[str]) -> None:
+        what = f"update the tags of instance {name}"
+        body = [{"uuid": uuid, "prop": "tags", "op": "set", "value": list(tags)}]
+
+        def attempt() -> None:
+            env = _Envelope(self._send("PATCH", "/v1/instances", what, body=body), "instances")
+            self._check(what, env)
+
+        self._retrying(attempt)
+
     def instance_log(self, uuid: str, *, offset: int, limit: int | None = None) -> ConsoleLog:
         what = f"console log of instance {uuid}"
         ref: dict[str, object] = {"uuid": uuid, "offset": offset}

@@ -131,6 +131,11 @@ class CloudApi(Protocol):
         a moment after it returns (deletes are asynchronous)."""
         ...
 
+    def set_tags(self, name: str, *, uuid: str, tags: Sequence[str]) -> None:
+        """Replace the tags of exactly the instance `uuid` (`name` is for messages); raises
+        `NotFoundError` when it is gone. The platform takes it for stopped instances."""
+        ...
+
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
         """Block until the instance is in `state`; raises `SandboxNotReadyError` at the deadline."""
         ...

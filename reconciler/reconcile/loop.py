@@ -23,15 +23,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from reconciler import errors
-from reconciler.cloud.metros import MetroRegistry
+from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, identity, rebuild
+from reconciler.reconcile import actions, identity, lease, rebuild
 from reconciler.reconcile.desired import DesiredSession, Group, instance_credentials
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe
 from reconciler.reconcile.plan import plan_delete, plan_sessions
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
 from reconciler.status.schema import (
     Interruption,
@@ -146,11 +147,14 @@ def apply_group(
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        # released after the sessions' phases are journaled, before the status file's lock
+        contextlib.ExitStack() as leases,
         unfinished,
     ):
         doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
+        _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
@@ -247,6 +251,52 @@ def apply_group(
             failed=failed,
             interrupted=stop.is_set(),
         )
+
+
+def _take_leases(
+    held: contextlib.ExitStack,
+    group: Group,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    reporter: Reporter,
+    timeout_s: float,
+    stop: Callable[[], None],
+) -> None:
+    """With `UKC_PROJECT`, the project's lease on every metro this apply may act on (in one
+    order, so two runners never hold one each and wait for the other's)."""
+    if not environ.get("UKC_PROJECT", "").strip():
+        return
+    owner, _salt = _identity(group, environ)
+    images: dict[str, str] = {}
+    for loaded in group.sessions:
+        images.setdefault(metro_label(loaded.spec.metro), loaded.spec.image)
+    fallback = environ.get("UKC_SANDBOX_IMAGE", "")
+    for record in doc.inventory().values():
+        if record.metro:
+            local = DEFAULT_LOCAL_IMAGE if record.metro == "local" else ""
+            images.setdefault(record.metro, fallback or local)
+
+    def notice(text: str) -> None:
+        reporter.event(Event("ukc", "notice", f"lease: {text}"))
+
+    def lost(text: str) -> None:
+        reporter.event(Event("ukc", "interrupt", f"stopping: {text}; no new action starts"))
+        stop()
+
+    for metro, image in sorted(images.items()):
+        if not image:
+            continue  # a metro only the inventory names, and no image to make a lease of
+        one = lease.Lease(
+            metros.get(metro).api,
+            project=owner.project,
+            owner=owner,
+            image=image,
+            on_wait=notice,
+            on_lost=lost,
+        )
+        one.acquire(timeout_s)
+        held.enter_context(one)
 
 
 class _UnfinishedOnInterrupt:
@@ -446,8 +496,13 @@ def delete_group(
     lock_timeout_s: float = 0.0,
 ) -> bool:
     """Delete every session of `group`; True when all are gone."""
-    with journal.lock(group.status_path, timeout_s=lock_timeout_s):
+    with (
+        journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        contextlib.ExitStack() as leases,
+    ):
         doc = journal.load(group.status_path)
+        # why nothing on a lost lease: deletes are one request each, by proven uuid
+        _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]

@@ -164,3 +164,58 @@ def test_a_journal_the_sandbox_forged_is_ignored_and_the_work_is_done_again(
     assert "journal in the sandbox ignored: its seal does not match" in proc.stdout
     count = b.status()["sessions"]["demo"]["commands"][1]
     assert count["name"] == "count" and count["exit_code"] == 3 and not count["skipped"]
+
+
+RACE_SPEC = """\
+name: demo
+env:
+  GEN: "{gen}"
+commands:
+  - name: mark
+    run: echo "ran $GEN" >> runs.log
+"""
+
+
+def test_two_runners_racing_never_both_act_and_the_loser_names_the_holder(
+    runners: Runners,
+) -> None:
+    import random
+    import re
+    import subprocess
+    import sys
+    import time
+
+    a, b = runners.a, runners.b
+    a.write_spec(RACE_SPEC.format(gen=0))
+    a.run("apply", "session.yaml", check=0)
+    runners.clone()
+    uuid = runners.instance()["uuid"]
+    log = a.workspace(uuid) / "runs.log"
+    rng = random.Random(13)
+    for gen in range(1, 21):
+        for tool in (a, b):
+            tool.write_spec(RACE_SPEC.format(gen=gen))
+        first, second = (a, b) if gen % 2 else (b, a)
+        procs = []
+        for tool in (first, second):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
+                    cwd=tool.project,
+                    env=tool.env(),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            time.sleep(rng.uniform(0, 0.05))
+        results = [(p.wait(timeout=180), *p.communicate()) for p in procs]
+        codes = sorted(code for code, _out, _err in results)
+        assert codes in ([0, 1], [0, 0]), results
+        for code, out, err in results:
+            if code == 1:
+                assert re.search(r"being applied by \S+:pid\d+:[0-9a-f]{6}", err), (out, err)
+        assert log.read_text().splitlines().count(f"ran {gen}") == 1, (gen, results)
+    names = [i["name"] for i in a.instances()]
+    assert names.count(runners.instance()["name"]) == 1
+    assert not [n for n in names if n.startswith("ukc-lease-")]
