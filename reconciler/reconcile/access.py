@@ -33,10 +33,12 @@ from reconciler.reconcile.desired import (
     session_env,
     transport_of,
 )
+from reconciler.reconcile.plan import parse_time
 from reconciler.reconcile.redaction import Redactor
+from reconciler.spec.durations import format_duration
 from reconciler.spec.loader import LoadedSession
 from reconciler.status import journal
-from reconciler.status.schema import CommandRecord, SessionStatus
+from reconciler.status.schema import CommandRecord, SessionStatus, format_time
 from reconciler.transport import select
 from reconciler.transport.base import Target, Terminal, TerminalProcess, Transport
 
@@ -81,7 +83,24 @@ class Reached:
         return self.loaded.spec.name
 
 
-def reach(group: Group, session: str, metros: MetroRegistry, environ: Mapping[str, str]) -> Reached:
+def _expires_at(loaded: LoadedSession, inst: Instance, record: SessionStatus) -> float | None:
+    """When the session's `ttl` passes (None: no ttl, or no creation time known)."""
+    if loaded.spec.ttl is None:
+        return None
+    created = parse_time(inst.created_at)
+    if created is None and record.instance is not None:
+        created = parse_time(record.instance.created_at)
+    return None if created is None else created + float(loaded.spec.ttl)
+
+
+def reach(
+    group: Group,
+    session: str,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    *,
+    now: Callable[[], float] = time.time,
+) -> Reached:
     """The session's instance, proven ours and with its pinned host key; an error naming
     what is missing (never applied, deleted, not ours, no pin) and what to run."""
     loaded = next((s for s in group.sessions if s.spec.name == session), None)
@@ -117,6 +136,13 @@ def reach(group: Group, session: str, metros: MetroRegistry, environ: Mapping[st
         raise errors.UsageError(
             f"session {session!r}: this checkout {why} instance {instance.name} "
             f"(uuid {instance.uuid}): run `ukc apply {loaded.file}` first"
+        )
+    ttl = _expires_at(loaded, instance, record)
+    if ttl is not None and now() >= ttl:
+        raise errors.UsageError(
+            f"session {session!r} expired at {format_time(ttl)} (ttl "
+            f"{format_duration(int(loaded.spec.ttl or 0))}): `ukc apply {loaded.file}` deletes "
+            "it; raise `ttl` in the spec to keep it"
         )
     if instance.state in ("stopped", "stopping", "draining"):
         raise errors.UsageError(

@@ -20,14 +20,16 @@ States are never modified in place: a write installs new dicts (the scan's own),
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reconciler._util.atomic import write_atomic
+from reconciler._util.gcpause import gc_paused
 from reconciler.sync.entry import Entry
 
 __all__ = ["Journal", "load", "read_meta"]
@@ -81,7 +83,7 @@ class Journal:
             delta: dict[str, Any] = {"seq": self.seq + 1, "meta": meta}
             if sets:
                 delta["set"] = sets
-                delta["ino"] = {p: inos[p] for p in sets if p in inos}
+                delta["ino"] = [inos.get(p, 0) for p in sets]
             gone = [p for p in changed if p not in entries]
             if gone:
                 delta["del"] = gone
@@ -116,7 +118,9 @@ class Journal:
     def _compact(
         self, entries: Mapping[str, Entry], inos: Mapping[str, int], meta: dict[str, Any]
     ) -> None:
-        head = _line({"seq": 0, "reset": True, "set": entries, "ino": inos})
+        # inodes as a list in the order of the entries: a path is written (and parsed) once
+        ino_list = [inos.get(p, 0) for p in entries]
+        head = _line({"seq": 0, "reset": True, "set": entries, "ino": ino_list})
         tail = _line({"seq": 1, "meta": meta})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # no fsync: a lost or torn journal reads as "none", which only costs time
@@ -137,6 +141,8 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 _CACHE: dict[Path, Journal] = {}
+#: list -> Entry without a Python frame per entry (`_entries` checked the lists' shape)
+_ENTRY: Callable[[list[Any]], Entry] = functools.partial(tuple.__new__, Entry)
 
 
 def _remember(j: Journal) -> None:
@@ -160,7 +166,7 @@ def _entries(raw: object) -> dict[str, Entry] | None:
             and type(v[4]) is str
         ):
             return None
-    return dict(zip(raw.keys(), map(Entry._make, raw.values()), strict=True))
+    return dict(zip(raw.keys(), map(_ENTRY, raw.values()), strict=True))
 
 
 def _apply(j: Journal, data: bytes, start: int) -> None:
@@ -183,27 +189,30 @@ def _apply(j: Journal, data: bytes, start: int) -> None:
             and (obj.get("reset") is True) == (j.seq < 0)
         )
         sets = _entries(obj.get("set", {})) if ok and obj is not None else None
-        raw_ino = obj.get("ino", {}) if ok and obj is not None else None
+        raw_ino = obj.get("ino", []) if ok and obj is not None else None
         gone = obj.get("del", []) if ok and obj is not None else None
         if (
             obj is None
             or sets is None
-            or not isinstance(raw_ino, dict)
-            or not all(type(v) is int for v in raw_ino.values())
+            or not isinstance(raw_ino, list)
+            or len(raw_ino) != len(sets)
+            or not all(type(v) is int for v in raw_ino)
             or not isinstance(gone, list)
             or not isinstance(obj.get("meta", {}), dict)
         ):
             j.broken = True
             break
+        # 0: no inode recorded (directories and links of the push record)
+        got_inos = {p: n for p, n in zip(sets, raw_ino, strict=True) if n}
         if obj.get("reset") is True:
-            entries, inos = sets, dict(raw_ino)
+            entries, inos = sets, got_inos
             j.base = end + 1 - pos
         else:
             if entries is None:
                 entries, inos = dict(j.entries), dict(j.inos)
             assert inos is not None
             entries.update(sets)
-            inos.update(raw_ino)
+            inos.update(got_inos)
             for p in gone:
                 if isinstance(p, str):
                     entries.pop(p, None)
@@ -237,7 +246,8 @@ def load(path: Path) -> Journal:
             j = Journal(path, j.entries, j.inos, dict(j.meta), j.seq, j.ino, j.length, j.base)
         else:
             j = Journal(path, ino=st.st_ino)
-        _apply(j, f.read(), j.length)
+        with gc_paused():
+            _apply(j, f.read(), j.length)
     if j.seq < 0:
         j.ino = None if not j.broken else j.ino
     _remember(j)

@@ -58,6 +58,8 @@ _MAX_JSON = 64 * 1024
 _LOG_CHUNK = 1024 * 1024
 #: stdin bytes per request: base64 of it stays well under the plugin's 2 MiB body
 _STDIN_CHUNK = 1024 * 1024
+#: stdin bytes a writer may be ahead of what was sent
+_STDIN_BUFFER = 4 * _STDIN_CHUNK
 #: a wait slice, under the proxy's 60 s cut
 _WAIT_SLICE_S = 30.0
 _REQUEST_S = 30.0
@@ -67,6 +69,7 @@ _STDIN_S = 65.0
 #: empty log polls back off from the first to the last delay
 _POLL_FIRST_S = 0.001
 _POLL_MAX_S = 0.05
+_POLLS_BEFORE_EXIT_CHECK = 3
 #: failed polls in a row (the proxy answering 502/503/504) before the process counts as lost
 _MAX_FAILURES = 3
 _READY_FIRST_S = 0.05
@@ -140,6 +143,90 @@ class _Route:
         return _envelope(reply).get("data")
 
 
+class _StdinSender:
+    """Sends what is written to a process's stdin from a thread of its own, joining what
+    accumulates while a request is under way into the next one (up to `_STDIN_CHUNK`): a
+    writer goes on while its bytes travel, and many small writes cost few requests. A writer
+    waits while `_STDIN_BUFFER` bytes are still to go (the process is not reading); a failed
+    request is raised to the next `write` or `close`."""
+
+    def __init__(self, send: Callable[[bytes, bool], None], where: str) -> None:
+        self._send = send
+        self._where = where
+        self._cond = threading.Condition()
+        self._buf = bytearray()
+        self._eof = False
+        self._eof_sent = False
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopped or self._eof:
+            raise BrokenPipeError(f"{self._where}: its input is closed")
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ukc-plugin-stdin", daemon=True)
+            self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._check()
+            while len(self._buf) >= _STDIN_BUFFER:
+                self._cond.wait()
+                self._check()
+            self._buf += data
+            self._ensure_thread()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Send the end of input once everything before it went; wait until it did."""
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            if self._eof or self._stopped:
+                return
+            self._eof = True
+            self._ensure_thread()
+            self._cond.notify_all()
+            while not self._eof_sent and self._error is None and not self._stopped:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._eof and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                chunk = bytes(self._buf[:_STDIN_CHUNK])
+                del self._buf[:_STDIN_CHUNK]
+                eof = self._eof and not self._buf
+                self._cond.notify_all()
+            try:
+                self._send(chunk, eof)
+            except BaseException as err:  # why: the writer raises it; this thread just ends
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._eof_sent = eof
+                self._cond.notify_all()
+                if eof:
+                    return
+
+
 class PluginProcess:
     """A process in the sandbox: one plugin command with its stdin and its logs."""
 
@@ -151,9 +238,9 @@ class PluginProcess:
         self._buffers = {"stdout": bytearray(), "stderr": bytearray()}
         self._locks = {"stdout": threading.Lock(), "stderr": threading.Lock()}
         self._exit: int | None = None
-        self._stdin_closed = False
         self._killed = threading.Event()
         self._kill_lock = threading.Lock()
+        self._sender = _StdinSender(self._stdin, self._where)
 
     def __repr__(self) -> str:
         return f"PluginProcess({self._where!r})"
@@ -161,15 +248,12 @@ class PluginProcess:
     # -- stdin
 
     def write(self, data: bytes) -> None:
-        for start in range(0, len(data), _STDIN_CHUNK):
-            self._stdin(data[start : start + _STDIN_CHUNK], eof=False)
+        self._sender.write(data)
 
     def close_stdin(self) -> None:
-        if not self._stdin_closed:
-            self._stdin_closed = True
-            self._stdin(b"", eof=True)
+        self._sender.close()
 
-    def _stdin(self, data: bytes, *, eof: bool) -> None:
+    def _stdin(self, data: bytes, eof: bool) -> None:
         if self._killed.is_set():
             raise BrokenPipeError(f"{self._where}: stopped")
         reply = self._route.request(
@@ -205,6 +289,7 @@ class PluginProcess:
         """The next bytes of `stream` (b"" at its end), polling while the process runs."""
         delay = _POLL_FIRST_S
         failures = 0
+        empty = 0
         while not self._killed.is_set():
             # why check first: output comes before the exit is known, so a poll after seeing
             # the exit that finds nothing new has seen everything
@@ -231,7 +316,9 @@ class PluginProcess:
                 failures = 0
                 if finished:
                     return b""
-                if self._finished():
+                empty += 1
+                # why not at once: while a process runs, most empty polls precede its output
+                if empty >= _POLLS_BEFORE_EXIT_CHECK and self._finished():
                     continue
             self._killed.wait(delay)
             delay = min(delay * 2, _POLL_MAX_S)
@@ -299,6 +386,7 @@ class PluginProcess:
             if self._killed.is_set():
                 return
             self._killed.set()
+        self._sender.stop()
         if not self._route.active:
             return  # no connection: the sandbox's command ends with its stdin
         path = f"commands/{self._id}"

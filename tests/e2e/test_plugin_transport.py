@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import ssl
 import subprocess
+import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from reconciler.cloud.api import UkcApi
+from reconciler.cloud.model import CreateRequest
+from reconciler.cloud.trust import Reach
+from reconciler.local.daemon import MetroInfo
+from reconciler.transport import plugin
+from reconciler.transport.base import Credentials, Target
 from tests.support.ukc import Ukc
 from tests.support.waiting import eventually
 
@@ -182,3 +192,55 @@ def test_delete_removes_a_plugin_sessions_instance(ukc: Ukc) -> None:
     name = _session(ukc)["instance"]["name"]
     ukc.run("delete", "session.yaml", check=0)
     assert name not in [i["name"] for i in ukc.instances()]
+
+
+def test_a_plugin_process_carries_binary_streams_both_ways_waits_and_is_killed(
+    metro: MetroInfo,
+) -> None:
+    api = UkcApi(metro.api_url, metro.token, metro="local")
+    name = f"plugin-streams-{os.getpid()}"
+    inst = api.create_instance(
+        CreateRequest(
+            name, "ukc/local-sandbox:latest", {}, ["ukc-test"], plugins=plugin.KIND.plugins
+        )
+    )
+    try:
+        target = Target(name, None, Reach(ssl.create_default_context()), inst.uuid, api)
+        transport = plugin.KIND.connect(target, Credentials(Path("/x")), pin=None, deadline_s=60)
+        data = random.Random(7).randbytes(5 * 1024 * 1024 + 13)
+        proc = transport.start("cat; printf done >&2")
+        sizes = [1, 100, 65536, 3 * 1024 * 1024, 1024 * 1024]
+
+        def feed() -> None:
+            at = 0
+            for size in sizes * 4:
+                proc.write(data[at : at + size])
+                at += size
+            proc.write(data[at:])
+            proc.close_stdin()
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        got = b"".join(iter(lambda: proc.read(1 << 20), b""))
+        feeder.join()
+        assert got == data
+        assert proc.read_stderr() == b"done" and proc.wait(30) == 0
+
+        sleeper = transport.start("sleep 60")
+        with pytest.raises(TimeoutError):
+            sleeper.wait(0.3)
+        sleeper.kill()
+        assert sleeper.read() == b""
+        transport.close()
+        with ukc_client(metro) as client:
+            base = f"/v1/instances/{inst.uuid}/plugins/sandbox/commands"
+            assert client.get(base).json()["data"]["commands"] == []
+    finally:
+        api.delete_instance(name, uuid=inst.uuid)
+        api.close()
+
+
+def ukc_client(metro: MetroInfo) -> httpx.Client:
+    return httpx.Client(
+        base_url=metro.api_url, headers={"Authorization": f"Bearer {metro.token}"}, timeout=30
+    )

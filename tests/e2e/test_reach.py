@@ -229,3 +229,18 @@ def test_a_runner_with_the_project_secret_reaches_the_session_after_its_own_appl
     assert "run `ukc apply session.yaml` first" in clone.run("exec", "shared", "--", "true").stderr
     clone.run("apply", "session.yaml", check=0)
     assert clone.run("exec", "shared", "--", "cat /tmp/h", check=0).stdout == first
+
+
+def test_a_session_past_its_ttl_is_not_reached_and_the_error_says_how_to_keep_it(
+    ukc: Ukc,
+) -> None:
+    (ukc.project / "work").mkdir()
+    ukc.write_spec("name: brief\ndirectory: ./work\nttl: 6s\n")
+    ukc.run("apply", "session.yaml", check=0)
+    ukc.run("exec", "brief", "--", "true", check=0)
+    time.sleep(6.5)
+    proc = ukc.run("exec", "brief", "--", "touch /workspace/late")
+    assert proc.returncode == 2 and "session 'brief' expired at" in proc.stderr
+    assert "raise `ttl` in the spec to keep it" in proc.stderr
+    uuid = ukc.status()["sessions"]["brief"]["instance"]["uuid"]
+    assert not (ukc.workspace(uuid) / "late").exists()
