@@ -595,11 +595,25 @@ def status_cmd(
         _require_sessions(groups, paths)
     now = time.time()
     rows = _status_rows(groups, paths, only, now)
+    from reconciler.cli.render import render_source, source_json
+
+    followed = {
+        str(g.status_path): doc
+        for g in groups
+        if g.status_path.exists() and source_json(doc := journal.load(g.status_path))
+    }
     if output == "json":
-        click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
+        data = status_json(rows, now)
+        if followed:
+            # what `ukc follow` recorded, per status file
+            data["sources"] = {p: source_json(d) for p, d in followed.items()}
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         for line in render_status(rows, now):
             click.echo(line)
+        for doc in followed.values():
+            for line in render_source(doc, now):
+                click.echo(line)
     if exit_code:
         sys.exit(status_exit_code(rows))
 

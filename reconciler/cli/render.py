@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
-from reconciler.status.schema import SessionStatus
+from reconciler.status.schema import SessionStatus, StatusDoc
 
 __all__ = [
     "STATUS_COLUMNS",
@@ -28,8 +28,10 @@ __all__ = [
     "plan_json",
     "printable",
     "render_plan",
+    "render_source",
     "render_status",
     "render_table",
+    "source_json",
     "span",
     "status_exit_code",
     "status_json",
@@ -368,3 +370,40 @@ def printable(text: str) -> str:
     """Sandbox text made safe for a terminal: control characters but newline and tab (escape
     sequences that could retitle, recolour or rewrite the user's screen) shown escaped."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r\n", "\n"))
+
+
+def _ago(value: str | None, now: float) -> str:
+    at = parse_time(value)
+    return "at an unknown time" if at is None else f"{span(now - at)} ago"
+
+
+def render_source(doc: StatusDoc, now: float) -> list[str]:
+    """The git revision `ukc follow` applied last, and a later attempt that failed."""
+    lines: list[str] = []
+    src = doc.source
+    if src is not None:
+        where = f" {src.path}" if src.path else ""
+        lines.append(
+            f"source: {src.url} {src.ref}{where} at {src.revision[:12]}, "
+            f"applied {_ago(src.applied_at, now)}"
+        )
+    attempted = doc.last_attempted_revision
+    if attempted and (attempted != doc.last_applied_revision or doc.last_attempt_error):
+        why = doc.last_attempt_error or "not finished"
+        lines.append(
+            f"last attempt: {attempted[:12]} {_ago(doc.last_attempted_at, now)}, not applied: {why}"
+        )
+    return lines
+
+
+def source_json(doc: StatusDoc) -> dict[str, Any] | None:
+    """What `ukc follow` recorded in a status file, or None when it never ran there."""
+    if doc.source is None and not doc.last_attempted_revision:
+        return None
+    return {
+        "source": doc.source.model_dump(mode="json") if doc.source is not None else None,
+        "last_applied_revision": doc.last_applied_revision,
+        "last_attempted_revision": doc.last_attempted_revision,
+        "last_attempted_at": doc.last_attempted_at,
+        "last_attempt_error": doc.last_attempt_error,
+    }
