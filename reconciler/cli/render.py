@@ -238,6 +238,8 @@ def status_exit_code(rows: Sequence[StatusRow]) -> int:
     """0 when every session shown is Ready, 1 when one is Failed, else 3 (one is Pending,
     Progressing, Interrupted, Expired, Deleted or was never applied)."""
     phases = [row.record.phase if row.record is not None else "Pending" for row in rows]
+    if not phases:
+        return STATUS_EXIT_PENDING  # nothing known is not "all Ready"
     if "Failed" in phases:
         return STATUS_EXIT_FAILED
     if all(phase == "Ready" for phase in phases):

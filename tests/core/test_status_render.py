@@ -93,6 +93,7 @@ def test_a_session_only_the_status_file_remembers_says_it_is_not_declared() -> N
         (["Ready", None], 3),
         (["Interrupted"], 3),
         (["Expired"], 3),
+        ([], 3),
     ],
 )
 def test_the_exit_code_is_0_all_ready_1_one_failed_3_one_not_ready_yet(
