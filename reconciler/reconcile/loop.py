@@ -14,6 +14,7 @@ that is not provably ours is left alone, with the local side: the session fails 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -450,7 +451,9 @@ def _finalize(
             rec.instance.fqdn = inst.fqdn
         created = parse_time(rec.created_at)
         if desired.ttl_s is not None and created is not None:
-            rec.expires_at = format_time(created + desired.ttl_s)
+            # why up to the second: a time written earlier than the real expiry would fire
+            # watch's timer before the planner sees the session expired
+            rec.expires_at = format_time(math.ceil(created + desired.ttl_s))
         elif rec.phase != "Expired":
             rec.expires_at = None  # the spec dropped its ttl
         wanted = {c.name for c in desired.commands}

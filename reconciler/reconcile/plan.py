@@ -109,11 +109,6 @@ def _plan_session(
             refusal = _refusal(name, inst, proof)
             return actions.SessionPlan(name, (), (refusal.reason,), refusal)
 
-    if desired.tree.halted is not None:
-        # Commands must never run against a tree we could not sync; the session fails instead.
-        why = f"not syncing: {desired.tree.halted}"
-        return actions.SessionPlan(name, (), (why,), error=why)
-
     # An expired session stays deleted until its spec changes (TTL is a promise about money).
     if (
         inst is None
@@ -145,6 +140,12 @@ def _plan_session(
             "in the spec to keep it)"
         )
         return actions.SessionPlan(name, tuple(acts), (), expired=renew)
+
+    if desired.tree.halted is not None:
+        # Commands must never run against a tree we could not sync; the session fails instead
+        # (after the ttl: an expired session is deleted whatever its tree)
+        why = f"not syncing: {desired.tree.halted}"
+        return actions.SessionPlan(name, (), (why,), error=why)
 
     if inst is not None and not desired.credentials_present:
         # Our credentials are gone (e.g. `.ukc/` was deleted): the instance only accepts the

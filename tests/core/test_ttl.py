@@ -9,6 +9,7 @@ from pathlib import Path
 from reconciler.cli.plan_output import PlannedGroup, build_document, render_markdown
 from reconciler.cli.render import plan_json, render_plan
 from reconciler.reconcile import actions
+from reconciler.reconcile.desired import TreeState
 from reconciler.reconcile.plan import plan_sessions
 from reconciler.reconcile.watch import expiries
 from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc, parse_time
@@ -40,6 +41,15 @@ class TestThePlanner:
         assert delete.reason == "ttl of 2h expired at 2027-01-15T08:00:00Z"
         assert delete.final_phase == "Expired"
         assert "apply deletes it" in splan.expired and "raise `ttl`" in splan.expired
+
+    def test_an_expired_session_is_deleted_even_when_its_tree_cannot_be_synced(self) -> None:
+        d = desired(ttl_s=60.0, tree=TreeState("", 0, 0, halted="directory ./work is missing"))
+        inst = instance(d, created_at=CREATED)
+        doc = StatusDoc(sessions={d.name: converged_record(d, inst)})
+        (splan,) = plan_sessions([d], {inst.name: inst}, doc, T0 + 61, owner=OWNER).sessions
+        assert kinds(splan) == ["DeleteInstance"] and not splan.error
+        (early,) = plan_sessions([d], {inst.name: inst}, doc, T0 + 59, owner=OWNER).sessions
+        assert early.error.startswith("not syncing")
 
     def test_raising_the_ttl_before_apply_deletes_it_renews_the_session(self) -> None:
         (splan,) = _plan(T0 + 7300, ttl_s=4 * 3600.0).sessions
