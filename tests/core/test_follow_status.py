@@ -43,8 +43,8 @@ def test_a_later_revision_that_did_not_apply_is_named_with_why() -> None:
         "applied, nothing pruned: x"
     )
     data = source_json(doc)
-    assert data is not None and data["last_attempted_revision"] == BAD
-    assert data["source"]["revision"] == GOOD
+    assert data is not None and data.last_attempted_revision == BAD
+    assert data.source is not None and data.source.revision == GOOD
 
 
 def test_a_status_file_ukc_follow_never_wrote_shows_nothing() -> None:
