@@ -219,3 +219,60 @@ def test_two_runners_racing_never_both_act_and_the_loser_names_the_holder(
     names = [i["name"] for i in a.instances()]
     assert names.count(runners.instance()["name"]) == 1
     assert not [n for n in names if n.startswith("ukc-lease-")]
+
+
+def test_a_runner_whose_create_finds_the_instance_made_adopts_it_with_its_own_key(
+    runners: Runners, tmp_path: Path
+) -> None:
+    # what a runner killed right after its create leaves behind: the instance with its own
+    # nonce; b's list does not show it yet (the list lags), so b creates, finds the name
+    # taken and adopts the instance, and must reach it with the key of *its* nonce
+    from reconciler.cloud.api import UkcApi
+    from reconciler.cloud.model import CreateRequest
+    from reconciler.reconcile import identity, sessionkeys
+    from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
+    from reconciler.transport import ssh
+    from reconciler.transport.keys import ensure_derived_keypair
+
+    b = runners.b
+    runners.clone()
+    env = b.extra_env
+    project = identity.project_id(b.project, env)
+    secret = env["UKC_SESSION_SECRET"]
+    nonce = sessionkeys.new_nonce()
+    seed = sessionkeys.seed(sessionkeys.key_root(secret, project), "demo", nonce)
+    pub = ensure_derived_keypair(tmp_path / "elsewhere", seed)
+    tags = [
+        *identity.owner_tags(
+            project,
+            "demo",
+            identity.instance_hash(DEFAULT_LOCAL_IMAGE, None),
+            identity.owner_id_from_secret(secret, project),
+        ),
+        identity.transport_tag("ssh"),
+        sessionkeys.key_tag(nonce),
+    ]
+    metro = b.metro
+    with b.api() as client:
+        client.post("/_local/faults", json={"list_lag": {"count": 1}}).raise_for_status()
+    try:
+        with UkcApi(metro.api_url, metro.token, metro="local") as api:
+            made = api.create_instance(
+                CreateRequest(
+                    name=identity.instance_name(project, "demo"),
+                    image=DEFAULT_LOCAL_IMAGE,
+                    env={"PUBKEY": pub},
+                    tags=tags,
+                    services=ssh.KIND.services,
+                )
+            )
+        proc = b.run("apply", "session.yaml")
+    finally:
+        with b.api() as client:
+            client.post("/_local/faults", json={"reset": True}).raise_for_status()
+        with b.api() as client:
+            client.request("DELETE", "/v1/instances", json=[{"uuid": made.uuid}])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "adopted existing instance" in proc.stdout
+    assert b.status()["sessions"]["demo"]["instance"]["uuid"] == made.uuid
+    assert b.status()["sessions"]["demo"]["phase"] == "Ready"
