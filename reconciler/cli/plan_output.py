@@ -451,7 +451,7 @@ def _details(entry: SessionEntry) -> list[str]:
             ):
                 if not paths:
                     continue
-                some = " (some of them)" if total > len(paths) or act.full_scan else ""
+                some = " (some of them)" if total > len(paths) else ""
                 body += [f"{title}{some}:", ""]
                 body.extend(f"- {_code(path)}" for path in paths)
                 body.append("")

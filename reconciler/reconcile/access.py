@@ -31,6 +31,7 @@ from reconciler.reconcile.desired import (
     instance_credentials,
     secret_missing_message,
     session_env,
+    target_for,
     transport_of,
 )
 from reconciler.reconcile.plan import parse_time
@@ -40,7 +41,7 @@ from reconciler.spec.loader import LoadedSession
 from reconciler.status import journal
 from reconciler.status.schema import CommandRecord, SessionStatus, format_time
 from reconciler.transport import select
-from reconciler.transport.base import Target, Terminal, TerminalProcess, Transport
+from reconciler.transport.base import Terminal, TerminalProcess, Transport
 
 __all__ = [
     "CONNECT_DEADLINE_S",
@@ -149,8 +150,6 @@ def reach(
             f"session {session!r}: instance {instance.name} is {instance.state}: run "
             f"`ukc apply {loaded.file}` to start it"
         )
-    if not instance.fqdn:
-        raise errors.UsageError(f"session {session!r}: instance {instance.name} has no address")
     return Reached(group, loaded, record, instance, connection, owner, pin)
 
 
@@ -158,8 +157,7 @@ def connect(reached: Reached, *, deadline_s: float = CONNECT_DEADLINE_S) -> Tran
     """A connection to the session's sandbox over its own transport, with the pinned host
     key required (a sandbox presenting another is refused)."""
     kind = select.kind_for(transport_of(reached.loaded))
-    assert reached.instance.fqdn is not None  # checked by `reach`
-    target = Target(reached.instance.name, reached.instance.fqdn, reached.connection.reach)
+    target = target_for(reached.instance, reached.connection)
     credentials = instance_credentials(reached.group, reached.name, reached.owner, reached.instance)
     if not kind.credentials_present(credentials):
         raise errors.UsageError(

@@ -28,6 +28,7 @@ from reconciler.reconcile.desired import (
     SessionContext,
     credentials_for,
     instance_credentials,
+    target_for,
 )
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
@@ -50,7 +51,6 @@ from reconciler.transport import select
 from reconciler.transport.base import (
     Credentials,
     RemoteShell,
-    Target,
     Transport,
     TransportKind,
 )
@@ -549,7 +549,7 @@ class Executor:
             # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
         transport = run.kind.connect(
-            Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
+            target_for(inst, conn),
             run.credentials or ctx.credentials,
             pin=identity.boot_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,

@@ -25,7 +25,12 @@ from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity, lease, rebuild
-from reconciler.reconcile.desired import DesiredSession, Group, instance_credentials
+from reconciler.reconcile.desired import (
+    DesiredSession,
+    Group,
+    instance_credentials,
+    target_for,
+)
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
@@ -41,7 +46,6 @@ from reconciler.status.schema import (
     parse_time,
 )
 from reconciler.transport import select
-from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
@@ -412,8 +416,7 @@ def _prefetcher(
         if not pin:
             return
         kind = select.kind_for(transport)
-        conn = metros.get(metro)
-        target = Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api)
+        target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 

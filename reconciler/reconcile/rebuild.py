@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.reconcile import actions, identity, sessionkeys
+from reconciler.reconcile.desired import target_for
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.observe import Observation
 from reconciler.status import sandboxjournal
 from reconciler.status.schema import SessionStatus, StatusDoc
 from reconciler.transport import select
-from reconciler.transport.base import Target, Transport
+from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["clear_journal", "consult", "leave_journal", "worth_reading"]
@@ -91,7 +92,7 @@ def consult(
                 kind = select.kind_for(ctx.desired.transport)
                 conn = metros.get(ctx.desired.metro)
                 transport = kind.connect(
-                    Target(inst.name, inst.fqdn or "", conn.reach, inst.uuid, conn.api),
+                    target_for(inst, conn),
                     ctx.credentials,
                     pin=identity.recorded_pin(known, inst),
                     deadline_s=CONNECT_TIMEOUT_S,

@@ -32,12 +32,14 @@ from reconciler.errors import (
     RemoteError,
     SandboxNotReadyError,
     TransportError,
+    UsageError,
 )
 from reconciler.transport.base import (
     CreateFields,
     Credentials,
     RemoteProcess,
     Target,
+    TerminalProcess,
     Transport,
     TransportKind,
 )
@@ -244,6 +246,9 @@ class PluginProcess:
 
     def __repr__(self) -> str:
         return f"PluginProcess({self._where!r})"
+
+    def resize(self, cols: int, rows: int) -> None:
+        pass  # plain pipes: no window to size
 
     # -- stdin
 
@@ -453,6 +458,19 @@ class PluginShell:
         with self._lock:
             self._procs.append(proc)
         return proc
+
+    def start_terminal(
+        self, command: str, *, term: str, size: tuple[int, int] | None
+    ) -> TerminalProcess:
+        """`command` for a user, on plain pipes: the plugin API has no pseudo-terminal."""
+        if size is not None:
+            raise UsageError(
+                f"the plugin transport of {self._route.instance} offers no terminal: run "
+                "`ukc exec` for a command, or `ukc ssh` with input that is not a terminal"
+            )
+        process = self.start(command)
+        assert isinstance(process, PluginProcess)
+        return process
 
     def close(self) -> None:
         """Stop what still runs and let the plugin forget every process started here."""

@@ -8,6 +8,7 @@ import os
 import random
 import ssl
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,25 @@ def ukc_client(metro: MetroInfo) -> httpx.Client:
     return httpx.Client(
         base_url=metro.api_url, headers={"Authorization": f"Bearer {metro.token}"}, timeout=30
     )
+
+
+def test_exec_ssh_on_pipes_and_logs_reach_a_plugin_session(ukc: Ukc) -> None:
+    _project(ukc, SPEC.replace("sync:\n", "secret_env: {API_KEY: PLUG_EXEC_SECRET}\nsync:\n"))
+    secret = "s3cret-plug-exec-77d0"
+    ukc.extra_env["PLUG_EXEC_SECRET"] = secret
+    ukc.run("apply", "session.yaml", check=0)
+    proc = ukc.run("exec", "plug", "--", 'echo "key $API_KEY"; cat input.txt; exit 5')
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "key ***\nhello world\n" and secret not in proc.stdout + proc.stderr
+    script = subprocess.run(
+        [sys.executable, "-m", "reconciler", "ssh", "plug"],
+        cwd=ukc.project,
+        env=ukc.env(),
+        input="pwd\nexit 4\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert script.returncode == 4 and script.stdout.strip().endswith("/workspace"), script.stderr
+    logs = ukc.run("logs", "plug", check=0).stdout
+    assert "== command build (exit 0" in logs and "built" in logs
