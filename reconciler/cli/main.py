@@ -32,8 +32,8 @@ from reconciler.cli.render import (
     plan_json,
     render_plan,
     render_status,
+    status_document,
     status_exit_code,
-    status_json,
 )
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.spec.loader import LoadedSession, load_specs
@@ -392,16 +392,23 @@ def _plan(
 
 
 @cli.command(
-    short_help="Print the JSON Schema of a spec or of a plan.",
+    short_help="Print the JSON Schema of a spec, a plan or a status.",
     epilog="""\b
 Examples:
   ukc schema > session.schema.json    for editors: first line of a spec file
                                       # yaml-language-server: $schema=session.schema.json
-  ukc schema plan                     the document `ukc plan -o json` prints""",
+  ukc schema plan                     the document `ukc plan -o json` prints
+  ukc schema status                   the document `ukc status -o json` prints""",
 )
-@click.argument("what", type=click.Choice(["session", "plan"]), default="session")
+@click.argument("what", type=click.Choice(["session", "plan", "status"]), default="session")
 def schema(what: str) -> None:
-    """Print a JSON Schema: of a session spec document (for editors), or of `plan --output json`."""
+    """Print a JSON Schema: of a session spec document (for editors), of `plan --output json`
+    or of `status --output json`."""
+    if what == "status":
+        from reconciler.cli.render import status_schema
+
+        click.echo(json.dumps(status_schema(), indent=2))
+        return
     if what == "plan":
         from reconciler.cli.plan_output import plan_schema
 
@@ -561,7 +568,8 @@ Examples:
   ukc status                           the sessions of the current directory
   ukc status calc.yaml --session calc  one session
   ukc status --exit-code               CI: 0 all Ready, 1 one Failed, 3 one not Ready yet
-  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'""",
+  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'
+                                       (schema: ukc schema status)""",
 )
 @_paths_arg
 @_output_option
@@ -596,7 +604,7 @@ def status_cmd(
     now = time.time()
     rows = _status_rows(groups, paths, only, now)
     if output == "json":
-        click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
+        click.echo(status_document(rows, now).model_dump_json(indent=2))
     else:
         for line in render_status(rows, now):
             click.echo(line)
