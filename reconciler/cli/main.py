@@ -182,11 +182,15 @@ def _check_sessions(only: Sequence[str], known: Sequence[str]) -> None:
     """`--session NAME` must name a session: a typo would otherwise do nothing, silently."""
     missing = [name for name in only if name not in known]
     if missing:
-        listed = ", ".join(sorted(set(known))) or "none"
-        raise errors.UsageError(
-            f"no session {', '.join(repr(m) for m in missing)} in the given specs "
-            f"(known sessions: {listed})"
-        )
+        raise _no_session(missing, known)
+
+
+def _no_session(missing: Sequence[str], known: Sequence[str]) -> errors.UsageError:
+    listed = ", ".join(sorted(set(known))) or "none"
+    return errors.UsageError(
+        f"no session {', '.join(repr(m) for m in missing)} in the given specs "
+        f"(known sessions: {listed})"
+    )
 
 
 def _declared(groups: Sequence[Group]) -> list[str]:
@@ -878,8 +882,7 @@ def _session_group(files: Sequence[Path], name: str) -> Group:
     for group in groups:
         if any(s.spec.name == name for s in group.sessions):
             return group
-    _check_sessions([name], _declared(groups))
-    raise AssertionError("unreachable: _check_sessions raised")
+    raise _no_session([name], _declared(groups))
 
 
 def _write_fd(fd: int) -> Callable[[bytes], None]:
