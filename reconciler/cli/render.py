@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
-from reconciler.status.schema import SessionStatus, SourceRecord, StatusDoc
+from reconciler.status.schema import RevisionRecord, SessionStatus, SourceRecord, StatusDoc
 
 __all__ = [
     "STATUS_COLUMNS",
@@ -368,6 +368,8 @@ class FollowedSource(BaseModel):
     last_attempted_at: str | None
     #: why the last attempted revision was not applied ("" when it was)
     last_attempt_error: str
+    #: the revisions tried, oldest first
+    revisions: list[RevisionRecord]
 
 
 class StatusDocument(BaseModel):
@@ -461,4 +463,5 @@ def source_json(doc: StatusDoc) -> FollowedSource | None:
         last_attempted_revision=doc.last_attempted_revision,
         last_attempted_at=doc.last_attempted_at,
         last_attempt_error=doc.last_attempt_error,
+        revisions=list(doc.revisions),
     )
