@@ -32,8 +32,8 @@ from reconciler.cli.render import (
     plan_json,
     render_plan,
     render_status,
+    status_document,
     status_exit_code,
-    status_json,
 )
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.spec.loader import LoadedSession, load_specs
@@ -182,11 +182,15 @@ def _check_sessions(only: Sequence[str], known: Sequence[str]) -> None:
     """`--session NAME` must name a session: a typo would otherwise do nothing, silently."""
     missing = [name for name in only if name not in known]
     if missing:
-        listed = ", ".join(sorted(set(known))) or "none"
-        raise errors.UsageError(
-            f"no session {', '.join(repr(m) for m in missing)} in the given specs "
-            f"(known sessions: {listed})"
-        )
+        raise _no_session(missing, known)
+
+
+def _no_session(missing: Sequence[str], known: Sequence[str]) -> errors.UsageError:
+    listed = ", ".join(sorted(set(known))) or "none"
+    return errors.UsageError(
+        f"no session {', '.join(repr(m) for m in missing)} in the given specs "
+        f"(known sessions: {listed})"
+    )
 
 
 def _declared(groups: Sequence[Group]) -> list[str]:
@@ -392,16 +396,23 @@ def _plan(
 
 
 @cli.command(
-    short_help="Print the JSON Schema of a spec or of a plan.",
+    short_help="Print the JSON Schema of a spec, a plan or a status.",
     epilog="""\b
 Examples:
   ukc schema > session.schema.json    for editors: first line of a spec file
                                       # yaml-language-server: $schema=session.schema.json
-  ukc schema plan                     the document `ukc plan -o json` prints""",
+  ukc schema plan                     the document `ukc plan -o json` prints
+  ukc schema status                   the document `ukc status -o json` prints""",
 )
-@click.argument("what", type=click.Choice(["session", "plan"]), default="session")
+@click.argument("what", type=click.Choice(["session", "plan", "status"]), default="session")
 def schema(what: str) -> None:
-    """Print a JSON Schema: of a session spec document (for editors), or of `plan --output json`."""
+    """Print a JSON Schema: of a session spec document (for editors), of `plan --output json`
+    or of `status --output json`."""
+    if what == "status":
+        from reconciler.cli.render import status_schema
+
+        click.echo(json.dumps(status_schema(), indent=2))
+        return
     if what == "plan":
         from reconciler.cli.plan_output import plan_schema
 
@@ -561,7 +572,8 @@ Examples:
   ukc status                           the sessions of the current directory
   ukc status calc.yaml --session calc  one session
   ukc status --exit-code               CI: 0 all Ready, 1 one Failed, 3 one not Ready yet
-  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'""",
+  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'
+                                       (schema: ukc schema status)""",
 )
 @_paths_arg
 @_output_option
@@ -595,11 +607,26 @@ def status_cmd(
         _require_sessions(groups, paths)
     now = time.time()
     rows = _status_rows(groups, paths, only, now)
+    from reconciler.cli.render import render_source, source_json
+
+    followed = {
+        str(g.status_path): doc
+        for g in groups
+        if g.status_path.exists() and source_json(doc := journal.load(g.status_path)) is not None
+    }
     if output == "json":
-        click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
+        document = status_document(rows, now)
+        for path, doc in followed.items():
+            found = source_json(doc)
+            if found is not None:
+                document.sources[path] = found
+        click.echo(document.model_dump_json(indent=2))
     else:
         for line in render_status(rows, now):
             click.echo(line)
+        for doc in followed.values():
+            for line in render_source(doc, now):
+                click.echo(line)
     if exit_code:
         sys.exit(status_exit_code(rows))
 
@@ -870,8 +897,7 @@ def _session_group(files: Sequence[Path], name: str) -> Group:
     for group in groups:
         if any(s.spec.name == name for s in group.sessions):
             return group
-    _check_sessions([name], _declared(groups))
-    raise AssertionError("unreachable: _check_sessions raised")
+    raise _no_session([name], _declared(groups))
 
 
 def _write_fd(fd: int) -> Callable[[bytes], None]:

@@ -120,15 +120,20 @@ def consult(
         if ours and rec is not None and found.journal_seq <= rec.journal_seq:
             pool.keep(name, inst.uuid, transport)
             continue
-        if (
-            found.instance is not None
-            and found.instance.pin
-            and found.instance.pin != (transport.pin)
-        ):
+        pinned = found.instance.pin if found.instance is not None else None
+        if pinned and pinned != transport.pin:
             # The sealed record names the sandbox's identity: a connection that saw another
             # one is not kept, and the executor's own connection is held to the record's pin.
             with contextlib.suppress(Exception):
                 transport.close()
+            reporter.event(
+                Event(
+                    name,
+                    "info",
+                    f"the sandbox presented host key {transport.pin}, its "
+                    f"journal records {pinned}: that connection is not used",
+                )
+            )
         else:
             if found.instance is not None:
                 found.instance.pin = transport.pin

@@ -10,6 +10,7 @@ arrive).
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -29,6 +30,7 @@ __all__ = [
     "SourceRecord",
     "StatusDoc",
     "SyncRecord",
+    "expiry_time",
     "format_time",
     "parse_time",
 ]
@@ -52,6 +54,12 @@ def parse_time(value: str | None) -> float | None:
 def format_time(timestamp: float) -> str:
     """A POSIX timestamp as the status file writes times (UTC, seconds)."""
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def expiry_time(created: float, ttl_s: float) -> str:
+    """`expires_at` of a session created at `created`: rounded up to the second, so a
+    timer set for it never fires before the planner (exact) sees the session expired."""
+    return format_time(math.ceil(created + ttl_s))
 
 
 class _Model(BaseModel):

@@ -125,8 +125,10 @@ def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
     runners.clone()
 
     b.run("plan", "--detailed-exitcode", "session.yaml", check=0)
-    proc = b.run("apply", "session.yaml", check=0)
-    assert "synced" not in proc.stdout and "exited 0" not in proc.stdout, proc.stdout
+    proc = b.run("apply", "--output", "json", "session.yaml", check=0)
+    (result,) = json.loads(proc.stdout)["groups"].values()
+    # no round of actions ran: no create, no replace, no file sent, no command run
+    assert result["ok"] and result["rounds"] == 0, result
     assert runners.instance()["uuid"] == before["uuid"]
     assert differences(b.status(), a.status()) == []
     # no file sent, no command run, the journal as a left it
