@@ -182,11 +182,15 @@ def _check_sessions(only: Sequence[str], known: Sequence[str]) -> None:
     """`--session NAME` must name a session: a typo would otherwise do nothing, silently."""
     missing = [name for name in only if name not in known]
     if missing:
-        listed = ", ".join(sorted(set(known))) or "none"
-        raise errors.UsageError(
-            f"no session {', '.join(repr(m) for m in missing)} in the given specs "
-            f"(known sessions: {listed})"
-        )
+        raise _no_session(missing, known)
+
+
+def _no_session(missing: Sequence[str], known: Sequence[str]) -> errors.UsageError:
+    listed = ", ".join(sorted(set(known))) or "none"
+    return errors.UsageError(
+        f"no session {', '.join(repr(m) for m in missing)} in the given specs "
+        f"(known sessions: {listed})"
+    )
 
 
 def _declared(groups: Sequence[Group]) -> list[str]:
@@ -603,11 +607,26 @@ def status_cmd(
         _require_sessions(groups, paths)
     now = time.time()
     rows = _status_rows(groups, paths, only, now)
+    from reconciler.cli.render import render_source, source_json
+
+    followed = {
+        str(g.status_path): doc
+        for g in groups
+        if g.status_path.exists() and source_json(doc := journal.load(g.status_path)) is not None
+    }
     if output == "json":
-        click.echo(status_document(rows, now).model_dump_json(indent=2))
+        document = status_document(rows, now)
+        for path, doc in followed.items():
+            found = source_json(doc)
+            if found is not None:
+                document.sources[path] = found
+        click.echo(document.model_dump_json(indent=2))
     else:
         for line in render_status(rows, now):
             click.echo(line)
+        for doc in followed.values():
+            for line in render_source(doc, now):
+                click.echo(line)
     if exit_code:
         sys.exit(status_exit_code(rows))
 
@@ -878,8 +897,7 @@ def _session_group(files: Sequence[Path], name: str) -> Group:
     for group in groups:
         if any(s.spec.name == name for s in group.sessions):
             return group
-    _check_sessions([name], _declared(groups))
-    raise AssertionError("unreachable: _check_sessions raised")
+    raise _no_session([name], _declared(groups))
 
 
 def _write_fd(fd: int) -> Callable[[bytes], None]:

@@ -244,3 +244,30 @@ def test_a_session_past_its_ttl_is_not_reached_and_the_error_says_how_to_keep_it
     assert "raise `ttl` in the spec to keep it" in proc.stderr
     uuid = ukc.status()["sessions"]["brief"]["instance"]["uuid"]
     assert not (ukc.workspace(uuid) / "late").exists()
+
+
+def test_ctrl_c_stops_the_command_exec_runs_with_a_signal_and_exits_130(box: Ukc) -> None:
+    running = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "exec",
+            "box",
+            "--",
+            "trap 'echo stopped > /workspace/stopped; exit 143' TERM; echo up; sleep 60 & wait",
+        ],
+        cwd=box.project,
+        env=box.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert running.stdout is not None
+    assert running.stdout.readline() == "up\n"
+    running.send_signal(signal.SIGINT)
+    _, err = running.communicate(timeout=60)
+    assert running.returncode == 130, err
+    assert "interrupt: stopping the command in session box" in err
+    uuid = box.status()["sessions"]["box"]["instance"]["uuid"]
+    assert (box.workspace(uuid) / "stopped").read_text() == "stopped\n"
