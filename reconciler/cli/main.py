@@ -607,11 +607,26 @@ def status_cmd(
         _require_sessions(groups, paths)
     now = time.time()
     rows = _status_rows(groups, paths, only, now)
+    from reconciler.cli.render import render_source, source_json
+
+    followed = {
+        str(g.status_path): doc
+        for g in groups
+        if g.status_path.exists() and source_json(doc := journal.load(g.status_path)) is not None
+    }
     if output == "json":
-        click.echo(status_document(rows, now).model_dump_json(indent=2))
+        document = status_document(rows, now)
+        for path, doc in followed.items():
+            found = source_json(doc)
+            if found is not None:
+                document.sources[path] = found
+        click.echo(document.model_dump_json(indent=2))
     else:
         for line in render_status(rows, now):
             click.echo(line)
+        for doc in followed.values():
+            for line in render_source(doc, now):
+                click.echo(line)
     if exit_code:
         sys.exit(status_exit_code(rows))
 

@@ -15,15 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
-from reconciler.status.schema import SessionStatus
+from reconciler.status.schema import RevisionRecord, SessionStatus, SourceRecord, StatusDoc
 
 __all__ = [
     "STATUS_COLUMNS",
+    "FollowedSource",
     "LiveReporter",
     "PlainReporter",
     "StatusDocument",
@@ -31,8 +32,10 @@ __all__ = [
     "plan_json",
     "printable",
     "render_plan",
+    "render_source",
     "render_status",
     "render_table",
+    "source_json",
     "span",
     "status_document",
     "status_exit_code",
@@ -355,6 +358,20 @@ class StatusEntry(SessionStatus):
     ttl_left_s: int | None
 
 
+class FollowedSource(BaseModel):
+    """What `ukc follow` recorded in one status file."""
+
+    #: the revision applied last (None: none applied yet)
+    source: SourceRecord | None
+    last_applied_revision: str
+    last_attempted_revision: str
+    last_attempted_at: str | None
+    #: why the last attempted revision was not applied ("" when it was)
+    last_attempt_error: str
+    #: the revisions tried, oldest first
+    revisions: list[RevisionRecord]
+
+
 class StatusDocument(BaseModel):
     """What `ukc status --output json` prints (`schema_version` changes only when a field
     changes meaning or goes away)."""
@@ -365,6 +382,8 @@ class StatusDocument(BaseModel):
     #: what `--exit-code` exits with: 0 all Ready, 1 one Failed, 3 one not Ready yet
     exit_code: int
     sessions: list[StatusEntry]
+    #: per status file `ukc follow` wrote to: the git revision applied and the last attempt
+    sources: dict[str, FollowedSource] = Field(default_factory=dict)
 
 
 def status_document(rows: Sequence[StatusRow], now: float) -> StatusDocument:
@@ -408,3 +427,41 @@ def printable(text: str) -> str:
     """Sandbox text made safe for a terminal: control characters but newline and tab (escape
     sequences that could retitle, recolour or rewrite the user's screen) shown escaped."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r\n", "\n"))
+
+
+def _ago(value: str | None, now: float) -> str:
+    at = parse_time(value)
+    return "at an unknown time" if at is None else f"{span(now - at)} ago"
+
+
+def render_source(doc: StatusDoc, now: float) -> list[str]:
+    """The git revision `ukc follow` applied last, and a later attempt that failed."""
+    lines: list[str] = []
+    src = doc.source
+    if src is not None:
+        where = f" {src.path}" if src.path else ""
+        lines.append(
+            f"source: {src.url} {src.ref}{where} at {src.revision[:12]}, "
+            f"applied {_ago(src.applied_at, now)}"
+        )
+    attempted = doc.last_attempted_revision
+    if attempted and (attempted != doc.last_applied_revision or doc.last_attempt_error):
+        why = doc.last_attempt_error or "not finished"
+        lines.append(
+            f"last attempt: {attempted[:12]} {_ago(doc.last_attempted_at, now)}, not applied: {why}"
+        )
+    return lines
+
+
+def source_json(doc: StatusDoc) -> FollowedSource | None:
+    """What `ukc follow` recorded in a status file, or None when it never ran there."""
+    if doc.source is None and not doc.last_attempted_revision:
+        return None
+    return FollowedSource(
+        source=doc.source,
+        last_applied_revision=doc.last_applied_revision,
+        last_attempted_revision=doc.last_attempted_revision,
+        last_attempted_at=doc.last_attempted_at,
+        last_attempt_error=doc.last_attempt_error,
+        revisions=list(doc.revisions),
+    )

@@ -14,7 +14,6 @@ that is not provably ours is left alone, with the local side: the session fails 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -43,7 +42,7 @@ from reconciler.status.schema import (
     Interruption,
     SessionStatus,
     StatusDoc,
-    format_time,
+    expiry_time,
     parse_time,
 )
 from reconciler.transport import select
@@ -451,9 +450,7 @@ def _finalize(
             rec.instance.fqdn = inst.fqdn
         created = parse_time(rec.created_at)
         if desired.ttl_s is not None and created is not None:
-            # why up to the second: a time written earlier than the real expiry would fire
-            # watch's timer before the planner sees the session expired
-            rec.expires_at = format_time(math.ceil(created + desired.ttl_s))
+            rec.expires_at = expiry_time(created, desired.ttl_s)
         elif rec.phase != "Expired":
             rec.expires_at = None  # the spec dropped its ttl
         wanted = {c.name for c in desired.commands}

@@ -114,6 +114,19 @@ def test_commits_that_add_change_break_and_remove_specs_are_followed_in_order(
     assert status["sessions"]["b"]["phase"] == "Ready"
     assert a_instance not in names(ukc) and b_instance in names(ukc)
     assert (follow.specs / "work" / "out" / "b.txt").read_text() == "three\n"
+    history = [(r["revision"], r["outcome"]) for r in status["revisions"]]
+    assert history == [
+        (added, "applied"),
+        (changed, "applied"),
+        (broken, "broken"),
+        (fixed, "applied"),
+    ]
+    assert "imgae" in status["revisions"][2]["error"]
+    shown = ukc.run("status", str(follow.specs), check=0).stdout
+    assert f"source: {repo.path} main specs at {fixed[:12]}, applied " in shown
+    recorded = json.loads(ukc.run("status", str(follow.specs), "-o", "json", check=0).stdout)
+    (source,) = recorded["sources"].values()
+    assert source["last_applied_revision"] == source["source"]["revision"] == fixed
 
 
 def test_a_suspended_follower_applies_nothing_until_resumed(follow: Follow, ukc: Ukc) -> None:

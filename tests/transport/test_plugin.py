@@ -69,6 +69,8 @@ class FakePlugin:
         max_bytes: int,
     ) -> PluginReply:
         assert (uuid, name) == (UUID, "sandbox")
+        if isinstance(body, bytes):
+            body = json.loads(body)
         self.requests.append((method, path, body))
         if path == "commands" and method == "GET":
             if self.booting:
@@ -282,10 +284,14 @@ def test_a_plugin_request_is_sent_to_the_instances_plugin_route_with_the_token()
         max_bytes=10,
     )
     assert reply == PluginReply(206, b"abc", "bytes 0-2/3")
-    (request,) = seen
+    request = seen[0]
     assert request.url.path == f"/v1/instances/{UUID}/plugins/sandbox/commands/x/logs/raw/stdout"
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert request.headers["range"] == "bytes=0-9"
+    # a body already encoded goes as it is
+    _api(handler).plugin_request(UUID, "sandbox", "POST", "x", body=b'{"a":1}', max_bytes=10)
+    assert seen[-1].content == b'{"a":1}'
+    assert seen[-1].headers["content-type"] == "application/json"
 
 
 @pytest.mark.parametrize(
