@@ -278,3 +278,32 @@ def test_a_runner_whose_create_finds_the_instance_made_adopts_it_with_its_own_ke
     assert "adopted existing instance" in proc.stdout
     assert b.status()["sessions"]["demo"]["instance"]["uuid"] == made.uuid
     assert b.status()["sessions"]["demo"]["phase"] == "Ready"
+
+
+def test_a_second_runner_waits_for_the_lease_then_finds_the_work_done(runners: Runners) -> None:
+    import subprocess
+    import sys
+    import time
+
+    a, b = runners.a, runners.b
+    slow = SPEC.replace("echo ran >> /tmp/runs", "sleep 3")
+    a.write_spec(slow)
+    runners.clone()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
+        cwd=a.project,
+        env=a.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(i["name"].startswith("ukc-lease-") for i in a.instances()):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    waited = b.run("apply", "--lock-timeout", "120", "session.yaml", check=0)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, out + err
+    assert "lease: waiting for " in waited.stdout and ":pid" in waited.stdout
+    # b found a's journal: nothing ran twice
+    assert "exited 0" not in waited.stdout and "synced" not in waited.stdout, waited.stdout
