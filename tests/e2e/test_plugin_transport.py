@@ -267,3 +267,31 @@ def test_exec_ssh_on_pipes_and_logs_reach_a_plugin_session(ukc: Ukc) -> None:
     assert script.returncode == 4 and script.stdout.strip().endswith("/workspace"), script.stderr
     logs = ukc.run("logs", "plug", check=0).stdout
     assert "== command build (exit 0" in logs and "built" in logs
+
+
+def test_what_a_plugin_sandbox_sends_back_is_checked_as_over_ssh(ukc: Ukc) -> None:
+    victim = ukc.project / "victim.txt"
+    victim.write_text("precious\n")
+    _project(
+        ukc,
+        f"""\
+name: plug
+directory: ./work
+exec: plugin
+commands:
+  - name: evil
+    run: |
+      mkdir -p out && echo ok > out/fine.txt
+      ln -s {victim} out/link-to-victim
+      ln -s /etc out/etc-dir
+      mkfifo out/pipe
+sync:
+  back: ["out/"]
+""",
+    )
+    proc = ukc.run("apply", "session.yaml", check=0)
+    out = ukc.project / "work" / "out"
+    assert (out / "fine.txt").read_text() == "ok\n" and victim.read_text() == "precious\n"
+    assert not (out / "link-to-victim").is_symlink() and not (out / "etc-dir").exists()
+    assert not (out / "pipe").exists()
+    assert len(_session(ukc)["sync"]["rejected"]) >= 3 and "refused from sandbox" in proc.stdout

@@ -136,6 +136,13 @@ def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
     assert after == remote
     assert runners.journal().read_bytes() == journal
 
+    # the secret itself is nowhere: not in either runner's state, the sandbox, or the output
+    secret = a.extra_env["UKC_SESSION_SECRET"].encode()
+    places = [*(a.project / ".ukc").rglob("*"), *(b.project / ".ukc").rglob("*")]
+    places += list(workspace.rglob("*"))
+    assert not [p for p in places if p.is_file() and secret in p.read_bytes()]
+    assert secret.decode() not in proc.stdout + proc.stderr
+
     # a spec edit committed and applied from b is current for a once a has the commit
     for tool in (a, b):
         (tool.project / "work" / "input.txt").write_text("hello again\n")
