@@ -175,7 +175,9 @@ def connect(reached: Reached, *, deadline_s: float = CONNECT_DEADLINE_S) -> Tran
     key required (a sandbox presenting another is refused)."""
     if reached.pin is None:
         raise errors.UsageError(f"session {reached.name!r}: no host key pinned to connect with")
-    kind = select.kind_for(transport_of(reached.loaded))
+    kind = select.kind_for(
+        identity.instance_transport(reached.instance, transport_of(reached.loaded))
+    )
     target = target_for(reached.instance, reached.connection)
     credentials = instance_credentials(reached.group, reached.name, reached.owner, reached.instance)
     if not kind.credentials_present(credentials):
