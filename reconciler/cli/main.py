@@ -1102,21 +1102,31 @@ def logs(
     from reconciler.reconcile.redaction import Redactor
 
     group = _session_group(files, name)
+    loaded, record = access.recorded(group, name)
+    _, secrets, _ = session_env(loaded.spec, os.environ)
+    redact = Redactor(v for v in secrets.values() if v)
     metros = _metros()
     try:
-        reached = access.reach(group, name, metros, os.environ)
-        _, secrets, _ = session_env(reached.loaded.spec, os.environ)
-        redact = Redactor(v for v in secrets.values() if v)
-        tail = None if lines is None else max(64 * 1024, lines * 512)
-        console = access.console_log(reached, tail_bytes=tail)
-        text = console.data.decode(errors="replace")
-        if lines is not None:
-            text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
-        inst = reached.instance
-        click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
-        click.echo(printable(redact(text)), nl=False)
+        try:
+            reached = access.reach(group, name, metros, os.environ, connecting=False)
+        except errors.UsageError as err:
+            if follow or no_commands:
+                raise
+            # the commands' output is in the status file even when the instance is gone
+            click.echo(f"warning: no console: {err}", err=True)
+            reached = None
+        console = None
+        if reached is not None:
+            tail = None if lines is None else max(64 * 1024, lines * 512)
+            console = access.console_log(reached, tail_bytes=tail)
+            text = console.data.decode(errors="replace")
+            if lines is not None:
+                text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
+            inst = reached.instance
+            click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
+            click.echo(printable(redact(text)), nl=False)
         if not no_commands:
-            for cmd in access.last_outputs(reached.record):
+            for cmd in access.last_outputs(record):
                 state = f"exit {cmd.exit_code}"
                 if cmd.timed_out:
                     state = "timed out"
@@ -1128,7 +1138,7 @@ def logs(
                     if body:
                         click.echo(f"-- {label} --")
                         click.echo(printable(redact(body)), nl=not body.endswith("\n"))
-        if follow:
+        if follow and reached is not None and console is not None:
             click.echo("== following the console (Ctrl-C stops) ==")
             stop = threading.Event()
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from reconciler.local.daemon import MetroInfo
+from reconciler.spec.models import EXEC_NAMES
 from reconciler.status import sandboxjournal
 from tests.support.ukc import Ukc
 
@@ -112,10 +113,12 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("transport", EXEC_NAMES)
 def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
-    runners: Runners,
+    runners: Runners, transport: str
 ) -> None:
     a, b = runners.a, runners.b
+    a.write_spec(SPEC + f"exec: {transport}\n")
     a.run("apply", "session.yaml", check=0)
     a.run("apply", "session.yaml", check=0)  # a's own no-op apply: the status b must match
     before = runners.instance()
