@@ -723,6 +723,14 @@ on Ctrl-C).""",
     metavar="DURATION",
     help="How often to check the ref (90s, 5m, 1h).",
 )
+@click.option(
+    "--resync",
+    default="10m",
+    show_default=True,
+    metavar="DURATION|off",
+    help="Apply the current revision again once this long passed since it last converged "
+    "(drift, ttls); off: only new revisions.",
+)
 @click.option("--once", is_flag=True, help="Check once and exit (cron, CI).")
 @click.option("--prune", is_flag=True, help="Delete sessions a revision no longer declares.")
 @click.option(
@@ -747,6 +755,7 @@ def follow(
     ref: str,
     spec_path: str,
     interval: str,
+    resync: str,
     once: bool,
     prune: bool,
     allow_empty: bool,
@@ -769,8 +778,9 @@ def follow(
     check_ref(ref)
     try:
         every = float(parse_duration(interval))
+        again = None if resync == "off" else float(parse_duration(resync))
     except DurationError as err:
-        raise errors.UsageError(f"--interval: {err}") from None
+        raise errors.UsageError(f"--interval/--resync: {err}") from None
     if state_dir is None:
         home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         state_dir = Path(home) / "ukc" / "follow" / source_key(repo, ref, path)
@@ -794,6 +804,7 @@ def follow(
             allow_empty=allow_empty,
             concurrency=concurrency,
             lock_timeout_s=lock_timeout,
+            resync_s=again,
         ),
         metros=metros,
         reporter=reporter,
