@@ -32,8 +32,8 @@ from reconciler.cli.render import (
     plan_json,
     render_plan,
     render_status,
+    status_document,
     status_exit_code,
-    status_json,
 )
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.spec.loader import LoadedSession, load_specs
@@ -52,13 +52,13 @@ _paths_arg = click.argument(
 
 ENVIRONMENT_HELP = """\b
 Environment:
-  UKC_TOKEN            token of a remote metro (sent only to https://api.<metro>.unikraft.cloud)
-  UKC_METRO            default metro of specs without one: local, a code (fra) or a URL
+  UKC_TOKEN            token of a remote metro (sent only to its official API)
+  UKC_METRO            default metro: local, a code (fra) or a URL
   UKC_SANDBOX_IMAGE    default image of specs without one
   UKC_PROJECT          stable project id (CI: checkout paths differ)
-  UKC_SESSION_SECRET   shared owner secret (>= 16 chars): every holder owns the instances
-  UKC_METRO_TOKEN      token for the metro URL your environment names, instead of UKC_TOKEN
-  UKC_METRO_ALLOW      metro URLs spec files may name (comma or space separated)
+  UKC_SESSION_SECRET   owner secret (>= 16 chars) shared by checkouts and CI
+  UKC_METRO_TOKEN      token for a metro URL you name (instead of UKC_TOKEN)
+  UKC_METRO_ALLOW      metro URLs spec files may name (comma, space separated)
   UKC_LOCAL_STATE_DIR  where the local metro keeps its state
   UKC_LOCAL_MAX_PIDS   task limit of each local sandbox (default 512)
   UKC_WARM=0           no warm process (UKC_WARM_DIR, UKC_WARM_IDLE_S tune it)
@@ -67,10 +67,11 @@ Environment:
 EXIT_CODES_HELP = """\b
 Exit codes:
   0    success
-  1    an action or a command failed (plan: apply would fail; status --exit-code: a
-       session is Failed)
-  2    invalid usage or spec (plan --detailed-exitcode: changes pending; errors are 1)
-  3    status --exit-code: a session is pending, in progress, interrupted or expired
+  1    an action or a command failed (plan: apply would fail;
+       status --exit-code: a session is Failed)
+  2    invalid usage or spec (plan --detailed-exitcode: changes
+       pending, and errors are 1)
+  3    status --exit-code: a session is not Ready yet
   130  interrupted (Ctrl-C)
   ukc exec and ukc ssh CMD exit with the remote command's code."""
 
@@ -182,11 +183,15 @@ def _check_sessions(only: Sequence[str], known: Sequence[str]) -> None:
     """`--session NAME` must name a session: a typo would otherwise do nothing, silently."""
     missing = [name for name in only if name not in known]
     if missing:
-        listed = ", ".join(sorted(set(known))) or "none"
-        raise errors.UsageError(
-            f"no session {', '.join(repr(m) for m in missing)} in the given specs "
-            f"(known sessions: {listed})"
-        )
+        raise _no_session(missing, known)
+
+
+def _no_session(missing: Sequence[str], known: Sequence[str]) -> errors.UsageError:
+    listed = ", ".join(sorted(set(known))) or "none"
+    return errors.UsageError(
+        f"no session {', '.join(repr(m) for m in missing)} in the given specs "
+        f"(known sessions: {listed})"
+    )
 
 
 def _declared(groups: Sequence[Group]) -> list[str]:
@@ -237,9 +242,9 @@ def _metros() -> Any:
         [
             """\b
 Examples:
-  ukc apply specs/hello.yaml      create, sync, run the commands, bring outputs back
-  ukc plan --detailed-exitcode    what apply would do (CI: 2 = changes pending)
-  ukc status --exit-code          what the last apply recorded (CI: 0 = all Ready)
+  ukc apply specs/hello.yaml      create, sync, run, bring outputs back
+  ukc plan --detailed-exitcode    what apply would do (2: changes pending)
+  ukc status --exit-code          what apply recorded (0: all Ready)
   ukc ssh hello                   a shell in session hello
   ukc exec hello -- make test     one command in session hello, its exit code
   ukc delete specs/hello.yaml     remove the session""",
@@ -339,6 +344,11 @@ def plan(
     try:
         pending, failing = _plan(paths, prune, allow_empty, output, status_path, verbose)
     except errors.UkcError as err:
+        if output == "markdown":
+            # the comment a pipeline posts says why there is no plan (stderr has it too)
+            from reconciler.cli.plan_output import render_error_markdown
+
+            click.echo(render_error_markdown(str(err)), nl=False)
         if not detailed_exitcode:
             raise
         # why: with --detailed-exitcode, 2 means "changes pending"; an error must not read so
@@ -392,16 +402,23 @@ def _plan(
 
 
 @cli.command(
-    short_help="Print the JSON Schema of a spec or of a plan.",
+    short_help="Print the JSON Schema of a spec, a plan or a status.",
     epilog="""\b
 Examples:
   ukc schema > session.schema.json    for editors: first line of a spec file
                                       # yaml-language-server: $schema=session.schema.json
-  ukc schema plan                     the document `ukc plan -o json` prints""",
+  ukc schema plan                     the document `ukc plan -o json` prints
+  ukc schema status                   the document `ukc status -o json` prints""",
 )
-@click.argument("what", type=click.Choice(["session", "plan"]), default="session")
+@click.argument("what", type=click.Choice(["session", "plan", "status"]), default="session")
 def schema(what: str) -> None:
-    """Print a JSON Schema: of a session spec document (for editors), or of `plan --output json`."""
+    """Print a JSON Schema: of a session spec document (for editors), of `plan --output json`
+    or of `status --output json`."""
+    if what == "status":
+        from reconciler.cli.render import status_schema
+
+        click.echo(json.dumps(status_schema(), indent=2))
+        return
     if what == "plan":
         from reconciler.cli.plan_output import plan_schema
 
@@ -417,9 +434,8 @@ def schema(what: str) -> None:
     epilog="""\b
 Examples:
   ukc apply specs/hello.yaml           one spec file
-  ukc apply specs/ --prune             also delete owned sessions no spec declares
-  ukc apply --session web --session db
-                                       only these two sessions of the current directory
+  ukc apply specs/ --prune             also delete sessions no spec declares
+  ukc apply --session web --session db only these two sessions
   ukc apply -o json > result.json      a machine-readable summary
 
 Ctrl-C stops the command in flight (SIGTERM, 5 s, SIGKILL) and records phase Interrupted;
@@ -552,16 +568,17 @@ def _status_rows(
     "status",
     short_help="Show what the last apply recorded.",
     epilog="""\b
-Columns: NAME, PHASE (Pending, Progressing, Ready, Failed, Interrupted, Deleted, Expired),
-AGE (of the instance), TTL LEFT (until the session's ttl expires), LAST APPLY, INSTANCE;
-each session's commands below it.
+Columns: NAME, PHASE (Pending, Progressing, Ready, Failed, Interrupted,
+Deleted, Expired), AGE (of the instance), TTL LEFT (until the session's
+ttl passes), LAST APPLY, INSTANCE; each session's commands below it.
 
 \b
 Examples:
   ukc status                           the sessions of the current directory
   ukc status calc.yaml --session calc  one session
-  ukc status --exit-code               CI: 0 all Ready, 1 one Failed, 3 one not Ready yet
-  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'""",
+  ukc status --exit-code               0 all Ready, 1 one Failed, 3 not yet
+  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'
+                                       (schema: ukc schema status)""",
 )
 @_paths_arg
 @_output_option
@@ -595,11 +612,26 @@ def status_cmd(
         _require_sessions(groups, paths)
     now = time.time()
     rows = _status_rows(groups, paths, only, now)
+    from reconciler.cli.render import render_source, source_json
+
+    followed = {
+        str(g.status_path): doc
+        for g in groups
+        if g.status_path.exists() and source_json(doc := journal.load(g.status_path)) is not None
+    }
     if output == "json":
-        click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
+        document = status_document(rows, now)
+        for path, doc in followed.items():
+            found = source_json(doc)
+            if found is not None:
+                document.sources[path] = found
+        click.echo(document.model_dump_json(indent=2))
     else:
         for line in render_status(rows, now):
             click.echo(line)
+        for doc in followed.values():
+            for line in render_source(doc, now):
+                click.echo(line)
     if exit_code:
         sys.exit(status_exit_code(rows))
 
@@ -696,6 +728,14 @@ on Ctrl-C).""",
     metavar="DURATION",
     help="How often to check the ref (90s, 5m, 1h).",
 )
+@click.option(
+    "--resync",
+    default="10m",
+    show_default=True,
+    metavar="DURATION|off",
+    help="Apply the current revision again once this long passed since it last converged "
+    "(drift, ttls); off: only new revisions.",
+)
 @click.option("--once", is_flag=True, help="Check once and exit (cron, CI).")
 @click.option("--prune", is_flag=True, help="Delete sessions a revision no longer declares.")
 @click.option(
@@ -720,6 +760,7 @@ def follow(
     ref: str,
     spec_path: str,
     interval: str,
+    resync: str,
     once: bool,
     prune: bool,
     allow_empty: bool,
@@ -742,8 +783,9 @@ def follow(
     check_ref(ref)
     try:
         every = float(parse_duration(interval))
+        again = None if resync == "off" else float(parse_duration(resync))
     except DurationError as err:
-        raise errors.UsageError(f"--interval: {err}") from None
+        raise errors.UsageError(f"--interval/--resync: {err}") from None
     if state_dir is None:
         home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         state_dir = Path(home) / "ukc" / "follow" / source_key(repo, ref, path)
@@ -767,6 +809,7 @@ def follow(
             allow_empty=allow_empty,
             concurrency=concurrency,
             lock_timeout_s=lock_timeout,
+            resync_s=again,
         ),
         metros=metros,
         reporter=reporter,
@@ -795,7 +838,7 @@ def _follow_event(text: str) -> Any:
     epilog="""\b
 Examples:
   ukc watch                       the specs in the current directory
-  ukc watch specs/ --down         delete the sessions when watch stops (Ctrl-C)""",
+  ukc watch specs/ --down         delete the sessions when watch stops""",
 )
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Delete sessions removed from the specs.")
@@ -827,6 +870,8 @@ def watch(
     """
     from reconciler.reconcile.watch import Watcher, WatchOptions
 
+    # an empty spec set is a wrong path, not something to follow: said before anything starts
+    _require_sessions(_load(paths, None), paths)
     metros = _metros()
     reporter = _reporter("text")
     watcher = Watcher(
@@ -870,8 +915,7 @@ def _session_group(files: Sequence[Path], name: str) -> Group:
     for group in groups:
         if any(s.spec.name == name for s in group.sessions):
             return group
-    _check_sessions([name], _declared(groups))
-    raise AssertionError("unreachable: _check_sessions raised")
+    raise _no_session([name], _declared(groups))
 
 
 def _write_fd(fd: int) -> Callable[[bytes], None]:
@@ -958,7 +1002,7 @@ def ssh(
     short_help="Run one command in a session, exit with its code.",
     epilog="""\b
 Examples:
-  ukc exec hello -- make test             its output as it comes, its exit code
+  ukc exec hello -- make test             output as it comes, its exit code
   ukc exec hello -- 'make && make test'   one argument: a shell command line
   ukc exec -f specs/ hello -- ls -la out  several: exactly those arguments
   ukc exec hello --timeout 60 -- ./slow   stopped after 60 s (exit 124)
@@ -1022,7 +1066,7 @@ def exec_cmd(
     short_help="A session's console log and its commands' last output.",
     epilog="""\b
 Examples:
-  ukc logs hello                  the console, then the last output of each command
+  ukc logs hello                  the console, then each command's last output
   ukc logs hello --lines 50       the console's last 50 lines
   ukc logs hello -F               follow the console (Ctrl-C stops)
   ukc logs hello --no-commands    the console only
@@ -1063,21 +1107,31 @@ def logs(
     from reconciler.reconcile.redaction import Redactor
 
     group = _session_group(files, name)
+    loaded, record = access.recorded(group, name)
+    _, secrets, _ = session_env(loaded.spec, os.environ)
+    redact = Redactor(v for v in secrets.values() if v)
     metros = _metros()
     try:
-        reached = access.reach(group, name, metros, os.environ)
-        _, secrets, _ = session_env(reached.loaded.spec, os.environ)
-        redact = Redactor(v for v in secrets.values() if v)
-        tail = None if lines is None else max(64 * 1024, lines * 512)
-        console = access.console_log(reached, tail_bytes=tail)
-        text = console.data.decode(errors="replace")
-        if lines is not None:
-            text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
-        inst = reached.instance
-        click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
-        click.echo(printable(redact(text)), nl=False)
+        try:
+            reached = access.reach(group, name, metros, os.environ, connecting=False)
+        except errors.UsageError as err:
+            if follow or no_commands:
+                raise
+            # the commands' output is in the status file even when the instance is gone
+            click.echo(f"warning: no console: {err}", err=True)
+            reached = None
+        console = None
+        if reached is not None:
+            tail = None if lines is None else max(64 * 1024, lines * 512)
+            console = access.console_log(reached, tail_bytes=tail)
+            text = console.data.decode(errors="replace")
+            if lines is not None:
+                text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
+            inst = reached.instance
+            click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
+            click.echo(printable(redact(text)), nl=False)
         if not no_commands:
-            for cmd in access.last_outputs(reached.record):
+            for cmd in access.last_outputs(record):
                 state = f"exit {cmd.exit_code}"
                 if cmd.timed_out:
                     state = "timed out"
@@ -1089,7 +1143,7 @@ def logs(
                     if body:
                         click.echo(f"-- {label} --")
                         click.echo(printable(redact(body)), nl=not body.endswith("\n"))
-        if follow:
+        if follow and reached is not None and console is not None:
             click.echo("== following the console (Ctrl-C stops) ==")
             stop = threading.Event()
 

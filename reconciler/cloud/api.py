@@ -650,7 +650,7 @@ class UkcApi:
         sent: dict[str, str] = dict(headers or {})
         content: bytes | None = None
         if body is not None:
-            content = json.dumps(body).encode()
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
             sent["content-type"] = "application/json"
         if self._token:
             sent["authorization"] = f"Bearer {self._token}"

@@ -158,9 +158,9 @@ class CloudApi(Protocol):
         max_bytes: int,
     ) -> PluginReply:
         """One request to `/v1/instances/{uuid}/plugins/{plugin}/{path}` (no retry: a plugin
-        request need not be idempotent). Any HTTP status is a reply, except a refused token
-        (`AuthError`); a broken connection, a timeout or a body over `max_bytes` is a
-        `TransportError`."""
+        request need not be idempotent), `body` a JSON value or its encoding as bytes. Any
+        HTTP status is a reply, except a refused token (`AuthError`); a broken connection, a
+        timeout or an answer over `max_bytes` is a `TransportError`."""
         ...
 
     def close(self) -> None: ...

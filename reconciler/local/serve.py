@@ -21,8 +21,8 @@ from aiohttp import web
 
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.errors import LocalMetroError
-from reconciler.local import behaviour
 from reconciler.local.api.app import create_app
+from reconciler.local.behaviour import from_env as behaviour_from_env
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.daemon import check_prerequisites, private_dir
 from reconciler.local.edge import Edge, Route
@@ -76,7 +76,7 @@ async def serve(
     token = load_or_create_token(state_dir)
     loop = asyncio.get_running_loop()
     metro = LocalMetro(
-        state_dir, app_domain=app_domain, limits=limits, behaviour=behaviour.from_env(os.environ)
+        state_dir, app_domain=app_domain, limits=limits, behaviour=behaviour_from_env(os.environ)
     )
     metro.bind_loop(loop)
     runtime = SandboxRuntime(

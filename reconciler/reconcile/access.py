@@ -31,14 +31,17 @@ from reconciler.reconcile.desired import (
     instance_credentials,
     secret_missing_message,
     session_env,
+    target_for,
     transport_of,
 )
+from reconciler.reconcile.plan import parse_time
 from reconciler.reconcile.redaction import Redactor
+from reconciler.spec.durations import format_duration
 from reconciler.spec.loader import LoadedSession
 from reconciler.status import journal
-from reconciler.status.schema import CommandRecord, SessionStatus
+from reconciler.status.schema import CommandRecord, SessionStatus, format_time
 from reconciler.transport import select
-from reconciler.transport.base import Target, Terminal, TerminalProcess, Transport
+from reconciler.transport.base import Terminal, TerminalProcess, Transport
 
 __all__ = [
     "CONNECT_DEADLINE_S",
@@ -53,6 +56,7 @@ __all__ = [
     "interact",
     "list_sessions",
     "reach",
+    "recorded",
 ]
 
 #: how long a connection may wait for a sandbox waking from standby
@@ -73,24 +77,55 @@ class Reached:
     instance: Instance
     connection: MetroConnection
     owner: identity.Owner
-    #: the host key the status file recorded for this very instance and boot
-    pin: str
+    #: the host key the status file recorded for this very instance and boot (None only
+    #: when reached without `connecting`)
+    pin: str | None
 
     @property
     def name(self) -> str:
         return self.loaded.spec.name
 
 
-def reach(group: Group, session: str, metros: MetroRegistry, environ: Mapping[str, str]) -> Reached:
-    """The session's instance, proven ours and with its pinned host key; an error naming
-    what is missing (never applied, deleted, not ours, no pin) and what to run."""
+def _expires_at(loaded: LoadedSession, inst: Instance, record: SessionStatus) -> float | None:
+    """When the session's `ttl` passes (None: no ttl, or no creation time known)."""
+    if loaded.spec.ttl is None:
+        return None
+    created = parse_time(inst.created_at)
+    if created is None and record.instance is not None:
+        created = parse_time(record.instance.created_at)
+    return None if created is None else created + float(loaded.spec.ttl)
+
+
+def recorded(group: Group, session: str) -> tuple[LoadedSession, SessionStatus]:
+    """The session's spec and what the status file records of it; an error when no spec
+    declares it or it was never applied here."""
     loaded = next((s for s in group.sessions if s.spec.name == session), None)
     if loaded is None:
         known = ", ".join(sorted(s.spec.name for s in group.sessions)) or "none"
         raise errors.UsageError(f"no session {session!r} in the specs (known sessions: {known})")
-    doc = journal.load(group.status_path)
-    record = doc.sessions.get(session)
-    if record is None or record.instance is None or record.phase == "Deleted":
+    record = journal.load(group.status_path).sessions.get(session)
+    if record is None:
+        raise errors.UsageError(
+            f"session {session!r} has no record in {group.status_path}: "
+            f"run `ukc apply {loaded.file}` first"
+        )
+    return loaded, record
+
+
+def reach(
+    group: Group,
+    session: str,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    *,
+    connecting: bool = True,
+    now: Callable[[], float] = time.time,
+) -> Reached:
+    """The session's instance, proven ours, and (`connecting`: to open a connection to it)
+    with the host key pinned for this boot, within its ttl, not stopped; an error naming
+    what is missing (never applied, deleted, not ours, no pin) and what to run."""
+    loaded, record = recorded(group, session)
+    if record.instance is None or record.phase == "Deleted":
         raise errors.UsageError(
             f"session {session!r} has no instance recorded in {group.status_path}: "
             f"run `ukc apply {loaded.file}` first"
@@ -109,6 +144,8 @@ def reach(group: Group, session: str, metros: MetroRegistry, environ: Mapping[st
     if not proof.ours:
         raise errors.OwnershipError(proof.refusal(instance))
     pin = identity.boot_pin(record.instance, instance)
+    if not connecting:
+        return Reached(group, loaded, record, instance, connection, owner, pin)
     if not pin:
         why = "has no host key recorded for"
         if identity.recorded_pin(record.instance, instance):
@@ -118,22 +155,30 @@ def reach(group: Group, session: str, metros: MetroRegistry, environ: Mapping[st
             f"session {session!r}: this checkout {why} instance {instance.name} "
             f"(uuid {instance.uuid}): run `ukc apply {loaded.file}` first"
         )
+    ttl = _expires_at(loaded, instance, record)
+    if ttl is not None and now() >= ttl:
+        raise errors.UsageError(
+            f"session {session!r} expired at {format_time(ttl)} (ttl "
+            f"{format_duration(int(loaded.spec.ttl or 0))}): `ukc apply {loaded.file}` deletes "
+            "it; raise `ttl` in the spec to keep it"
+        )
     if instance.state in ("stopped", "stopping", "draining"):
         raise errors.UsageError(
             f"session {session!r}: instance {instance.name} is {instance.state}: run "
             f"`ukc apply {loaded.file}` to start it"
         )
-    if not instance.fqdn:
-        raise errors.UsageError(f"session {session!r}: instance {instance.name} has no address")
     return Reached(group, loaded, record, instance, connection, owner, pin)
 
 
 def connect(reached: Reached, *, deadline_s: float = CONNECT_DEADLINE_S) -> Transport:
     """A connection to the session's sandbox over its own transport, with the pinned host
     key required (a sandbox presenting another is refused)."""
-    kind = select.kind_for(transport_of(reached.loaded))
-    assert reached.instance.fqdn is not None  # checked by `reach`
-    target = Target(reached.instance.name, reached.instance.fqdn, reached.connection.reach)
+    if reached.pin is None:
+        raise errors.UsageError(f"session {reached.name!r}: no host key pinned to connect with")
+    kind = select.kind_for(
+        identity.instance_transport(reached.instance, transport_of(reached.loaded))
+    )
+    target = target_for(reached.instance, reached.connection)
     credentials = instance_credentials(reached.group, reached.name, reached.owner, reached.instance)
     if not kind.credentials_present(credentials):
         raise errors.UsageError(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import errors
-from reconciler.cloud.metros import metro_label
+from reconciler.cloud.metros import MetroConnection, metro_label
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import identity, sessionkeys
 from reconciler.spec.loader import LoadedSession, load_specs
@@ -30,7 +30,7 @@ from reconciler.sync import engine as sync_engine
 from reconciler.sync.ignore import matcher
 from reconciler.sync.options import SyncOptions
 from reconciler.transport import select
-from reconciler.transport.base import Credentials
+from reconciler.transport.base import Credentials, Target
 
 __all__ = [
     "CommandIntent",
@@ -47,6 +47,7 @@ __all__ = [
     "secret_missing_message",
     "session_env",
     "sync_options_for",
+    "target_for",
     "transport_of",
 ]
 
@@ -193,6 +194,11 @@ def sync_options_for(group: Group, loaded: LoadedSession) -> SyncOptions:
     )
 
 
+def target_for(inst: Instance, conn: MetroConnection) -> Target:
+    """What a transport connects to: the instance, reached through its metro."""
+    return Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api)
+
+
 def credentials_for(
     group: Group, session: str, key_root: bytes | None = None, nonce: str | None = None
 ) -> Credentials:
@@ -274,7 +280,10 @@ def build_session(
         public_fingerprint=public,
         secrets_missing=tuple(secret_missing_message(loaded, k, v) for k, v in missing),
         back=tuple(s.sync.back),
-        tags=tuple(identity.owner_tags(owner.project, s.name, inst_hash, owner.id)),
+        tags=(
+            *identity.owner_tags(owner.project, s.name, inst_hash, owner.id),
+            *((identity.group_tag(owner.group),) if owner.group else ()),
+        ),
         back_known=_back_known(opts),
         back_delete=opts.back_delete,
         transport=transport.name,

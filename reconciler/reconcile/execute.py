@@ -28,6 +28,7 @@ from reconciler.reconcile.desired import (
     SessionContext,
     credentials_for,
     instance_credentials,
+    target_for,
 )
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
@@ -50,7 +51,6 @@ from reconciler.transport import select
 from reconciler.transport.base import (
     Credentials,
     RemoteShell,
-    Target,
     Transport,
     TransportKind,
 )
@@ -537,7 +537,7 @@ class Executor:
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
-        assert run.kind is not None
+        kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
         rec = self._record(ctx.desired.name)
         if (
             rec.instance is None
@@ -548,8 +548,8 @@ class Executor:
             # uuid); the observed instance, which the planner proved ours, is the one we work
             # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
-        transport = run.kind.connect(
-            Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
+        transport = kind.connect(
+            target_for(inst, conn),
             run.credentials or ctx.credentials,
             pin=identity.boot_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,

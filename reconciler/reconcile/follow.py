@@ -6,11 +6,14 @@ record it in the status file. A revision whose specs do not load (a parse error,
 that leaves the repository) applies nothing and prunes nothing: the sessions keep running
 as the last good revision left them, and the status file says which revision is broken and
 why. A revision that failed to apply (a command failed, the cloud refused) is tried again at
-the next check; a broken one only when the ref moves.
+the next check; a broken one only when the ref moves. With `resync_s`, the applied revision
+is applied again once that long passed since it last converged, as `ukc apply` would: a
+deleted instance comes back, ttls are enforced (no new entry in the revision history).
 
 The status file (`.ukc/status.json` beside the specs in the checkout) records `source` (url
 without credentials, ref, path, revision, applied_at), `last_applied_revision`,
-`last_attempted_revision`, `last_attempted_at` and `last_attempt_error`.
+`last_attempted_revision`, `last_attempted_at`, `last_attempt_error`, and `revisions` (the
+last 20 tried, oldest first, with how each ended).
 
 Suspend: a `suspended` file in the follower's state directory (`ukc follow --suspend`)
 stops checks, fetches included, until it is removed (`--resume`). A running follower sees
@@ -37,15 +40,17 @@ from reconciler.cloud.metros import MetroRegistry
 from reconciler.reconcile.desired import load_groups
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.loop import apply_group, check_prune
+from reconciler.reconcile.plan import parse_time
 from reconciler.spec.gitsource import GitSource, Revision
 from reconciler.status import journal
-from reconciler.status.schema import SourceRecord, StatusDoc
+from reconciler.status.schema import REVISION_HISTORY, RevisionRecord, SourceRecord, StatusDoc
 
 __all__ = ["Attempt", "FollowOptions", "Follower", "is_suspended", "resume", "suspend"]
 
 SUSPEND_FILE = "suspended"
 
 Outcome = Literal["applied", "current", "failed", "broken", "suspended", "unreachable"]
+RevisionOutcome = Literal["applying", "applied", "failed", "broken"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class FollowOptions:
     allow_empty: bool = False
     concurrency: int = 8
     lock_timeout_s: float = 0.0
+    #: re-apply the applied revision once this long passed since it last converged (drift,
+    #: ttls); None: only new revisions are applied
+    resync_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class Follower:
         environ: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
         self.options = options
@@ -119,6 +128,7 @@ class Follower:
         self.environ = environ
         self.clock = clock
         self._sleep = sleep
+        self._now = now
         # why a flag, not an Event: the signal handler sets it in the main thread, which
         # may be inside Event.wait's own bookkeeping
         self._stopping = False
@@ -165,25 +175,43 @@ class Follower:
             self._say(str(err), "failed")
             return Attempt("unreachable", message=str(err))
         status_path = self._status_path()
-        applied = journal.load(status_path).last_applied_revision if status_path.exists() else ""
-        if revision.sha == applied:
-            return Attempt("current", revision)
+        doc = journal.load(status_path) if status_path.exists() else StatusDoc()
+        if revision.sha == doc.last_applied_revision:
+            if not self._resync_due(doc):
+                return Attempt("current", revision)
+            return self._attempt(revision, resync=True)
         if revision.sha == self._broken:
             return Attempt("broken", revision, "specs did not load (unchanged)")
         return self._attempt(revision)
 
-    def _attempt(self, revision: Revision) -> Attempt:
-        self._say(f"revision {revision.short} of {self.source.ref}: applying")
+    def _resync_due(self, doc: StatusDoc) -> bool:
+        """The applied revision last converged `resync_s` ago or more (as the status file says,
+        so a follower run by cron resyncs as one that keeps running does)."""
+        if self.options.resync_s is None:
+            return False
+        if doc.last_attempted_revision != doc.last_applied_revision:
+            return True  # a later attempt failed and the ref went back: converge again
+        last = parse_time(doc.last_attempted_at)
+        return last is None or self._now() - last >= self.options.resync_s
+
+    def _attempt(self, revision: Revision, *, resync: bool = False) -> Attempt:
+        if resync:
+            self._say(f"revision {revision.short} of {self.source.ref}: current; resyncing")
+        else:
+            self._say(f"revision {revision.short} of {self.source.ref}: applying")
         try:
             self.source.checkout(revision)
         except errors.SourceError as err:
             self._say(str(err), "failed")
             return Attempt("unreachable", revision, str(err))
         status_path = self._status_path()
-        self._record(
-            status_path,
-            lambda doc: self._attempted(doc, revision, "not finished (being applied, or stopped)"),
-        )
+        if not resync:
+            self._record(
+                status_path,
+                lambda doc: self._attempted(
+                    doc, revision, "applying", "not finished (being applied, or stopped)"
+                ),
+            )
         try:
             target = self._spec_target()
             groups = load_groups([target], self.environ)
@@ -195,7 +223,7 @@ class Follower:
             self._broken = revision.sha
             why = f"specs of revision {revision.short} not applied, nothing pruned: {err}"
             self._say(why, "failed")
-            self._record(status_path, lambda doc: self._attempted(doc, revision, why))
+            self._record(status_path, lambda doc: self._attempted(doc, revision, "broken", why))
             return Attempt("broken", revision, why)
         failures: list[str] = []
         self._applying = True
@@ -222,19 +250,40 @@ class Follower:
         if failures:
             why = f"revision {revision.short} failed to apply: " + "; ".join(failures)[:2000]
             self._say(why, "failed")
-            self._record(status_path, lambda doc: self._attempted(doc, revision, why))
+            self._record(status_path, lambda doc: self._attempted(doc, revision, "failed", why))
             return Attempt("failed", revision, why)
+        if resync:
+            # converged again: when, without a new entry in the revision history
+            self._record(status_path, lambda doc: self._resynced(doc, revision))
+            self._say(f"revision {revision.short} resynced")
+            return Attempt("applied", revision)
         self._record(status_path, lambda doc: self._applied(doc, revision))
         self._say(f"revision {revision.short} applied")
         return Attempt("applied", revision)
 
-    def _attempted(self, doc: StatusDoc, revision: Revision, error: str) -> None:
+    def _attempted(
+        self, doc: StatusDoc, revision: Revision, outcome: RevisionOutcome, error: str = ""
+    ) -> None:
         doc.last_attempted_revision = revision.sha
         doc.last_attempted_at = journal.utc_now()
         doc.last_attempt_error = error
+        entry = RevisionRecord(
+            revision=revision.sha, at=doc.last_attempted_at, outcome=outcome, error=error
+        )
+        last = doc.revisions[-1] if doc.revisions else None
+        if last is not None and last.revision == revision.sha and last.outcome == "applying":
+            doc.revisions[-1] = entry  # how the attempt it opened ended
+        else:
+            doc.revisions.append(entry)
+        del doc.revisions[:-REVISION_HISTORY]
+
+    def _resynced(self, doc: StatusDoc, revision: Revision) -> None:
+        doc.last_attempted_revision = revision.sha
+        doc.last_attempted_at = journal.utc_now()
+        doc.last_attempt_error = ""
 
     def _applied(self, doc: StatusDoc, revision: Revision) -> None:
-        self._attempted(doc, revision, "")
+        self._attempted(doc, revision, "applied")
         doc.last_applied_revision = revision.sha
         doc.source = SourceRecord(
             url=self.source.url,
@@ -270,7 +319,13 @@ class Follower:
         with journal.lock(self.source.state_dir / "follow"):
             while True:
                 started = self.clock()
-                attempt = self.check()
+                try:
+                    attempt = self.check()
+                except errors.UkcError as err:
+                    # why: one bad check (a status file another ukc holds too long, one
+                    # unreadable) must not end an agent that is meant to keep running
+                    self._say(str(err), "failed")
+                    attempt = Attempt("failed", message=str(err))
                 if once:
                     return 0 if attempt.ok else 1
                 wait = max(0.0, self.options.interval_s - (self.clock() - started))

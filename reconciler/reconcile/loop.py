@@ -30,6 +30,7 @@ from reconciler.reconcile.desired import (
     Group,
     instance_credentials,
     sync_options_for,
+    target_for,
 )
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
@@ -42,12 +43,11 @@ from reconciler.status.schema import (
     Interruption,
     SessionStatus,
     StatusDoc,
-    format_time,
+    expiry_time,
     parse_time,
 )
 from reconciler.sync import feed as sync_feed
 from reconciler.transport import select
-from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
@@ -423,9 +423,8 @@ def _prefetcher(
         pin = identity.boot_pin(known, inst)
         if not pin:
             return
-        kind = select.kind_for(transport)
-        conn = metros.get(metro)
-        target = Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api)
+        kind = select.kind_for(identity.instance_transport(inst, transport))
+        target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 
@@ -459,7 +458,7 @@ def _finalize(
             rec.instance.fqdn = inst.fqdn
         created = parse_time(rec.created_at)
         if desired.ttl_s is not None and created is not None:
-            rec.expires_at = format_time(created + desired.ttl_s)
+            rec.expires_at = expiry_time(created, desired.ttl_s)
         elif rec.phase != "Expired":
             rec.expires_at = None  # the spec dropped its ttl
         wanted = {c.name for c in desired.commands}

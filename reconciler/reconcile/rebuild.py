@@ -22,12 +22,13 @@ from collections.abc import Sequence
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.reconcile import actions, identity, sessionkeys
+from reconciler.reconcile.desired import target_for
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.observe import Observation
 from reconciler.status import sandboxjournal
 from reconciler.status.schema import SessionStatus, StatusDoc
 from reconciler.transport import select
-from reconciler.transport.base import Target, Transport
+from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["clear_journal", "consult", "leave_journal", "worth_reading"]
@@ -88,10 +89,10 @@ def consult(
         transport = pool.take(name, inst.uuid)
         try:
             if transport is None:
-                kind = select.kind_for(ctx.desired.transport)
+                kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
                 conn = metros.get(ctx.desired.metro)
                 transport = kind.connect(
-                    Target(inst.name, inst.fqdn or "", conn.reach, inst.uuid, conn.api),
+                    target_for(inst, conn),
                     ctx.credentials,
                     pin=identity.recorded_pin(known, inst),
                     deadline_s=CONNECT_TIMEOUT_S,
@@ -119,15 +120,20 @@ def consult(
         if ours and rec is not None and found.journal_seq <= rec.journal_seq:
             pool.keep(name, inst.uuid, transport)
             continue
-        if (
-            found.instance is not None
-            and found.instance.pin
-            and found.instance.pin != (transport.pin)
-        ):
+        pinned = found.instance.pin if found.instance is not None else None
+        if pinned and pinned != transport.pin:
             # The sealed record names the sandbox's identity: a connection that saw another
             # one is not kept, and the executor's own connection is held to the record's pin.
             with contextlib.suppress(Exception):
                 transport.close()
+            reporter.event(
+                Event(
+                    name,
+                    "info",
+                    f"the sandbox presented host key {transport.pin}, its "
+                    f"journal records {pinned}: that connection is not used",
+                )
+            )
         else:
             if found.instance is not None:
                 found.instance.pin = transport.pin

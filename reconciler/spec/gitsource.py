@@ -19,7 +19,9 @@ git runs hardened, because the repository and its URL are data, not configuratio
   https, ssh; never `ext::`, which runs a command), a URL or ref that could be read as an
   option is refused, and `--` separates them from options;
 * credentials written into a URL (`https://user:token@host/...`) are never shown: the URL is
-  recorded and printed without them, and git's own messages are scrubbed of them.
+  recorded and printed without them, and git's own messages are scrubbed of them;
+* git's messages (which carry what a remote sends) reach the log and the status file with
+  their control characters escaped, so a remote cannot drive the user's terminal.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _CONFIG = (
 _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:")
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+#: what a remote may send in its messages ("remote: ...") that a terminal would obey
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: the longest one git call may take (a fetch of a large repository over a slow link)
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -134,9 +138,10 @@ class GitSource:
         self.repo = repo
         self.url = display_url(repo)
         self.ref = check_ref(ref)
-        self.state_dir = state_dir
-        self.git_dir = state_dir / "repo.git"
-        self.work_tree = state_dir / "checkout"
+        # why absolute: git runs with the state directory as its working directory
+        self.state_dir = state_dir.absolute()
+        self.git_dir = self.state_dir / "repo.git"
+        self.work_tree = self.state_dir / "checkout"
         self.timeout_s = timeout_s
         self._git = git
         self._secrets = _secrets_of(repo)
@@ -186,6 +191,7 @@ class GitSource:
         if proc.returncode != 0:
             lines = [ln for ln in self._scrub(proc.stderr).splitlines() if ln.strip()]
             why = "; ".join(lines[-3:])[:500] or f"git exited {proc.returncode}"
+            why = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", why)
             raise SourceError(f"{what}: {why}")
         return proc.stdout
 

@@ -150,3 +150,23 @@ def test_the_ttl_tag_reads_back_and_a_garbled_one_is_no_ttl() -> None:
     assert identity.ttl_from_tags(("ukc", identity.ttl_tag(7200.0))) == 7200
     assert identity.ttl_from_tags(("ukc", "ukc.ttl=-5", "ukc.ttl=2h")) is None
     assert identity.ttl_from_tags(("ukc",)) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "warm"),
+    [
+        (["exec", "box", "--", "make"], True),
+        (["logs", "box"], True),
+        (["ls"], True),
+        (["ssh", "box", "--", "uname", "-t"], True),
+        (["ssh", "box"], False),
+        (["ssh", "-t", "box", "--", "top"], False),
+        (["ssh", "box", "--help"], False),
+    ],
+)
+def test_a_shell_or_a_terminal_keeps_ssh_out_of_the_warm_process(
+    argv: list[str], warm: bool
+) -> None:
+    from reconciler.cli.warmclient import worthy
+
+    assert worthy(argv, {}) is warm

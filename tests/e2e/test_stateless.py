@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from reconciler.local.daemon import MetroInfo
+from reconciler.spec.models import EXEC_NAMES
 from reconciler.status import sandboxjournal
 from tests.support.ukc import Ukc
 
@@ -112,10 +113,12 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("transport", EXEC_NAMES)
 def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
-    runners: Runners,
+    runners: Runners, transport: str
 ) -> None:
     a, b = runners.a, runners.b
+    a.write_spec(SPEC + f"exec: {transport}\n")
     a.run("apply", "session.yaml", check=0)
     a.run("apply", "session.yaml", check=0)  # a's own no-op apply: the status b must match
     before = runners.instance()
@@ -125,14 +128,23 @@ def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
     runners.clone()
 
     b.run("plan", "--detailed-exitcode", "session.yaml", check=0)
-    proc = b.run("apply", "session.yaml", check=0)
-    assert "synced" not in proc.stdout and "exited 0" not in proc.stdout, proc.stdout
+    proc = b.run("apply", "--output", "json", "session.yaml", check=0)
+    (result,) = json.loads(proc.stdout)["groups"].values()
+    # no round of actions ran: no create, no replace, no file sent, no command run
+    assert result["ok"] and result["rounds"] == 0, result
     assert runners.instance()["uuid"] == before["uuid"]
     assert differences(b.status(), a.status()) == []
     # no file sent, no command run, the journal as a left it
     after = {p.name: p.stat().st_mtime_ns for p in workspace.rglob("*") if p.is_file()}
     assert after == remote
     assert runners.journal().read_bytes() == journal
+
+    # the secret itself is nowhere: not in either runner's state, the sandbox, or the output
+    secret = a.extra_env["UKC_SESSION_SECRET"].encode()
+    places = [*(a.project / ".ukc").rglob("*"), *(b.project / ".ukc").rglob("*")]
+    places += list(workspace.rglob("*"))
+    assert not [p for p in places if p.is_file() and secret in p.read_bytes()]
+    assert secret.decode() not in proc.stdout + proc.stderr
 
     # a spec edit committed and applied from b is current for a once a has the commit
     for tool in (a, b):
@@ -219,3 +231,113 @@ def test_two_runners_racing_never_both_act_and_the_loser_names_the_holder(
     names = [i["name"] for i in a.instances()]
     assert names.count(runners.instance()["name"]) == 1
     assert not [n for n in names if n.startswith("ukc-lease-")]
+
+
+def test_a_runner_whose_create_finds_the_instance_made_adopts_it_with_its_own_key(
+    runners: Runners, tmp_path: Path
+) -> None:
+    # what a runner killed right after its create leaves behind: the instance with its own
+    # nonce; b's list does not show it yet (the list lags), so b creates, finds the name
+    # taken and adopts the instance, and must reach it with the key of *its* nonce
+    from reconciler.cloud.api import UkcApi
+    from reconciler.cloud.model import CreateRequest
+    from reconciler.reconcile import identity, sessionkeys
+    from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
+    from reconciler.transport import ssh
+    from reconciler.transport.keys import ensure_derived_keypair
+
+    b = runners.b
+    runners.clone()
+    env = b.extra_env
+    project = identity.project_id(b.project, env)
+    secret = env["UKC_SESSION_SECRET"]
+    nonce = sessionkeys.new_nonce()
+    seed = sessionkeys.seed(sessionkeys.key_root(secret, project), "demo", nonce)
+    pub = ensure_derived_keypair(tmp_path / "elsewhere", seed)
+    tags = [
+        *identity.owner_tags(
+            project,
+            "demo",
+            identity.instance_hash(DEFAULT_LOCAL_IMAGE, None),
+            identity.owner_id_from_secret(secret, project),
+        ),
+        identity.transport_tag("ssh"),
+        sessionkeys.key_tag(nonce),
+    ]
+    metro = b.metro
+    with b.api() as client:
+        client.post("/_local/faults", json={"list_lag": {"count": 1}}).raise_for_status()
+    try:
+        with UkcApi(metro.api_url, metro.token, metro="local") as api:
+            made = api.create_instance(
+                CreateRequest(
+                    name=identity.instance_name(project, "demo"),
+                    image=DEFAULT_LOCAL_IMAGE,
+                    env={"PUBKEY": pub},
+                    tags=tags,
+                    services=ssh.KIND.services,
+                )
+            )
+        proc = b.run("apply", "session.yaml")
+    finally:
+        with b.api() as client:
+            client.post("/_local/faults", json={"reset": True}).raise_for_status()
+        with b.api() as client:
+            client.request("DELETE", "/v1/instances", json=[{"uuid": made.uuid}])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "adopted existing instance" in proc.stdout
+    assert b.status()["sessions"]["demo"]["instance"]["uuid"] == made.uuid
+    assert b.status()["sessions"]["demo"]["phase"] == "Ready"
+
+
+def test_a_second_runner_waits_for_the_lease_then_finds_the_work_done(runners: Runners) -> None:
+    import subprocess
+    import sys
+    import time
+
+    a, b = runners.a, runners.b
+    slow = SPEC.replace("echo ran >> /tmp/runs", "sleep 3")
+    a.write_spec(slow)
+    runners.clone()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
+        cwd=a.project,
+        env=a.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(i["name"].startswith("ukc-lease-") for i in a.instances()):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    waited = b.run("apply", "--lock-timeout", "120", "session.yaml", check=0)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, out + err
+    assert "lease: waiting for " in waited.stdout and ":pid" in waited.stdout
+    # b found a's journal: nothing ran twice
+    assert "exited 0" not in waited.stdout and "synced" not in waited.stdout, waited.stdout
+
+
+def test_a_fresh_clone_prunes_a_removed_session_of_its_spec_directory_only(
+    runners: Runners,
+) -> None:
+    a, b = runners.a, runners.b
+    (a.project / ".git").mkdir()  # a repository: spec directories are named by their path in it
+    a.write_spec(SPEC + "---\nname: extra\n")
+    other = a.project / "other"
+    other.mkdir()
+    (other / "session.yaml").write_text("name: third\n")
+    a.run("apply", "session.yaml", check=0)
+    a.run("apply", "other/session.yaml", check=0)
+    runners.clone()
+    b.write_spec(SPEC)  # the commit that removes session `extra`
+    proc = b.run("plan", "session.yaml", check=0)
+    assert "extra" in proc.stdout and "--prune" in proc.stdout, proc.stdout
+    b.run("apply", "--prune", "session.yaml", check=0)
+    project = a.status()["project"]
+    mine = {i["name"] for i in a.instances() if f"ukc.project={project}" in i["tags"]}
+    assert {n.rsplit("-", 1)[-1] for n in mine} == {"demo", "third"}, mine
+    # a's other spec directory is its own: b's prune of this one left it alone
+    with a.api() as client:
+        client.request("DELETE", "/v1/instances", json=[{"name": n} for n in mine])

@@ -146,3 +146,35 @@ def test_credentials_in_a_url_are_never_shown(tmp_path: Path, auth_server: int) 
     assert "s3cr3t-t0ken" not in str(info.value) and "ukc-user" not in str(info.value)
     assert display_url("ssh://git@host/x.git") == "ssh://host/x.git"
     assert source_key(url, "main", "") == source_key(src.url, "main", "")
+
+
+def test_what_a_remote_prints_reaches_the_message_without_terminal_controls(
+    tmp_path: Path,
+) -> None:
+    fake = tmp_path / "git"
+    fake.write_text(
+        "#!/bin/sh\nprintf 'remote: \\033]0;pwned\\007\\033[2J ok\\nfatal: gone\\n' >&2\nexit 128\n"
+    )
+    fake.chmod(0o755)
+    src = GitSource("https://h/x", "main", tmp_path / "state", environ={}, git=str(fake))
+    with pytest.raises(errors.SourceError) as info:
+        src.fetch()
+    text = str(info.value)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "remote: \\x1b]0;pwned\\x07\\x1b[2J ok; fatal: gone" in text
+
+
+def test_a_relative_state_directory_is_taken_from_where_ukc_runs(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sha = repo.commit("one", {"a.yaml": "name: a\n"})
+    monkeypatch.chdir(tmp_path)
+    src = GitSource(str(repo.path), "main", Path("rel-state"), environ={"PATH": "/usr/bin:/bin"})
+    assert src.fetch().sha == sha
+    assert (tmp_path / "rel-state" / "repo.git" / "HEAD").exists()
+
+
+def test_a_file_url_is_fetched_as_a_url_and_recorded_as_given(repo: Repo, tmp_path: Path) -> None:
+    sha = repo.commit("one", {"a.yaml": "name: a\n"})
+    src = source(f"file://{repo.path}", tmp_path)
+    assert src.url == f"file://{repo.path}" and src.fetch().sha == sha
