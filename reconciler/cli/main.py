@@ -536,20 +536,17 @@ def apply(
         sys.exit(1)
 
 
-def _status_rows(
-    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str], now: float
-) -> list[StatusRow]:
+def _status_rows(groups: Sequence[Group], only: Sequence[str], now: float) -> list[StatusRow]:
     """The sessions the given specs declare (a spec file: only its own), plus, for a
     directory given whole, the sessions its status file remembers that no spec declares;
     as of `now` (a session whose ttl passed shows as Expired: apply or watch deletes it)."""
-    given_dirs = {p.resolve() for p in (paths or [Path(".")]) if p.is_dir()}
     rows: list[StatusRow] = []
     for group in groups:
         doc = journal.load(group.status_path).as_of(now)
         where = str(group.status_path)
         declared = [s.spec.name for s in group.sessions]
         rows.extend(StatusRow(n, where, doc.sessions.get(n)) for n in declared)
-        if group.base_dir.resolve() in given_dirs:
+        if group.only_files is None:
             rows.extend(
                 StatusRow(n, where, rec, declared=False)
                 for n, rec in doc.sessions.items()
@@ -606,7 +603,7 @@ def status_cmd(
     if not any(g.status_path.exists() for g in groups):
         _require_sessions(groups, paths)
     now = time.time()
-    rows = _status_rows(groups, paths, only, now)
+    rows = _status_rows(groups, only, now)
     from reconciler.cli.render import render_source, source_json
 
     followed = {
