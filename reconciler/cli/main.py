@@ -851,6 +851,8 @@ def watch(
     """
     from reconciler.reconcile.watch import Watcher, WatchOptions
 
+    # an empty spec set is a wrong path, not something to follow: said before anything starts
+    _require_sessions(_load(paths, None), paths)
     metros = _metros()
     reporter = _reporter("text")
     watcher = Watcher(

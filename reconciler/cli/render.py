@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
-from reconciler.status.schema import SessionStatus, SourceRecord, StatusDoc
+from reconciler.status.schema import RevisionRecord, SessionStatus, SourceRecord, StatusDoc
 
 __all__ = [
     "STATUS_COLUMNS",
@@ -300,7 +300,8 @@ STATUS_COLUMNS = ("NAME", "PHASE", "AGE", "TTL LEFT", "LAST APPLY", "INSTANCE")
 
 def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
     """A table of the sessions (with column headers), then each session's commands and
-    message; AGE is the instance's, LAST APPLY how long ago apply last converged it."""
+    message; AGE is the instance's, LAST APPLY how long ago apply last converged it; a
+    STATUS FILE column when the sessions come from more than one."""
     table: list[tuple[str, ...]] = []
     for row in rows:
         rec = row.record
@@ -324,7 +325,12 @@ def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
         )
     if not rows:
         return ["no sessions"]
-    header, *lines = render_table(STATUS_COLUMNS, table)
+    columns: tuple[str, ...] = STATUS_COLUMNS
+    if len({row.status_file for row in rows}) > 1:
+        # sessions of several spec directories: same names may recur, say which is which
+        columns = (*columns, "STATUS FILE")
+        table = [(*cells, row.status_file) for cells, row in zip(table, rows, strict=True)]
+    header, *lines = render_table(columns, table)
     out = [header]
     for line, row in zip(lines, rows, strict=True):
         out.append(line)
@@ -368,6 +374,8 @@ class FollowedSource(BaseModel):
     last_attempted_at: str | None
     #: why the last attempted revision was not applied ("" when it was)
     last_attempt_error: str
+    #: the revisions tried, oldest first
+    revisions: list[RevisionRecord]
 
 
 class StatusDocument(BaseModel):
@@ -461,4 +469,5 @@ def source_json(doc: StatusDoc) -> FollowedSource | None:
         last_attempted_revision=doc.last_attempted_revision,
         last_attempted_at=doc.last_attempted_at,
         last_attempt_error=doc.last_attempt_error,
+        revisions=list(doc.revisions),
     )

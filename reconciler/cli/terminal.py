@@ -46,7 +46,8 @@ class StdioTerminal:
             self._resized.set()
 
         previous = signal.signal(signal.SIGWINCH, winch)
-        tty.setraw(self._in)
+        # why TCSANOW: the default (TCSAFLUSH) drops what the user typed while we connected
+        tty.setraw(self._in, termios.TCSANOW)
         try:
             yield
         finally:

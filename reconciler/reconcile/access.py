@@ -156,7 +156,9 @@ def reach(
 def connect(reached: Reached, *, deadline_s: float = CONNECT_DEADLINE_S) -> Transport:
     """A connection to the session's sandbox over its own transport, with the pinned host
     key required (a sandbox presenting another is refused)."""
-    kind = select.kind_for(transport_of(reached.loaded))
+    kind = select.kind_for(
+        identity.instance_transport(reached.instance, transport_of(reached.loaded))
+    )
     target = target_for(reached.instance, reached.connection)
     credentials = instance_credentials(reached.group, reached.name, reached.owner, reached.instance)
     if not kind.credentials_present(credentials):

@@ -537,7 +537,7 @@ class Executor:
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
-        assert run.kind is not None
+        kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
         rec = self._record(ctx.desired.name)
         if (
             rec.instance is None
@@ -548,7 +548,7 @@ class Executor:
             # uuid); the observed instance, which the planner proved ours, is the one we work
             # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
-        transport = run.kind.connect(
+        transport = kind.connect(
             target_for(inst, conn),
             run.credentials or ctx.credentials,
             pin=identity.boot_pin(rec.instance, inst),

@@ -10,7 +10,8 @@ the next check; a broken one only when the ref moves.
 
 The status file (`.ukc/status.json` beside the specs in the checkout) records `source` (url
 without credentials, ref, path, revision, applied_at), `last_applied_revision`,
-`last_attempted_revision`, `last_attempted_at` and `last_attempt_error`.
+`last_attempted_revision`, `last_attempted_at`, `last_attempt_error`, and `revisions` (the
+last 20 tried, oldest first, with how each ended).
 
 Suspend: a `suspended` file in the follower's state directory (`ukc follow --suspend`)
 stops checks, fetches included, until it is removed (`--resume`). A running follower sees
@@ -39,13 +40,14 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.loop import apply_group, check_prune
 from reconciler.spec.gitsource import GitSource, Revision
 from reconciler.status import journal
-from reconciler.status.schema import SourceRecord, StatusDoc
+from reconciler.status.schema import REVISION_HISTORY, RevisionRecord, SourceRecord, StatusDoc
 
 __all__ = ["Attempt", "FollowOptions", "Follower", "is_suspended", "resume", "suspend"]
 
 SUSPEND_FILE = "suspended"
 
 Outcome = Literal["applied", "current", "failed", "broken", "suspended", "unreachable"]
+RevisionOutcome = Literal["applying", "applied", "failed", "broken"]
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,9 @@ class Follower:
         status_path = self._status_path()
         self._record(
             status_path,
-            lambda doc: self._attempted(doc, revision, "not finished (being applied, or stopped)"),
+            lambda doc: self._attempted(
+                doc, revision, "applying", "not finished (being applied, or stopped)"
+            ),
         )
         try:
             target = self._spec_target()
@@ -195,7 +199,7 @@ class Follower:
             self._broken = revision.sha
             why = f"specs of revision {revision.short} not applied, nothing pruned: {err}"
             self._say(why, "failed")
-            self._record(status_path, lambda doc: self._attempted(doc, revision, why))
+            self._record(status_path, lambda doc: self._attempted(doc, revision, "broken", why))
             return Attempt("broken", revision, why)
         failures: list[str] = []
         self._applying = True
@@ -222,19 +226,30 @@ class Follower:
         if failures:
             why = f"revision {revision.short} failed to apply: " + "; ".join(failures)[:2000]
             self._say(why, "failed")
-            self._record(status_path, lambda doc: self._attempted(doc, revision, why))
+            self._record(status_path, lambda doc: self._attempted(doc, revision, "failed", why))
             return Attempt("failed", revision, why)
         self._record(status_path, lambda doc: self._applied(doc, revision))
         self._say(f"revision {revision.short} applied")
         return Attempt("applied", revision)
 
-    def _attempted(self, doc: StatusDoc, revision: Revision, error: str) -> None:
+    def _attempted(
+        self, doc: StatusDoc, revision: Revision, outcome: RevisionOutcome, error: str = ""
+    ) -> None:
         doc.last_attempted_revision = revision.sha
         doc.last_attempted_at = journal.utc_now()
         doc.last_attempt_error = error
+        entry = RevisionRecord(
+            revision=revision.sha, at=doc.last_attempted_at, outcome=outcome, error=error
+        )
+        last = doc.revisions[-1] if doc.revisions else None
+        if last is not None and last.revision == revision.sha and last.outcome == "applying":
+            doc.revisions[-1] = entry  # how the attempt it opened ended
+        else:
+            doc.revisions.append(entry)
+        del doc.revisions[:-REVISION_HISTORY]
 
     def _applied(self, doc: StatusDoc, revision: Revision) -> None:
-        self._attempted(doc, revision, "")
+        self._attempted(doc, revision, "applied")
         doc.last_applied_revision = revision.sha
         doc.source = SourceRecord(
             url=self.source.url,

@@ -40,6 +40,7 @@ from reconciler import errors
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import sessionkeys
+from reconciler.spec.models import EXEC_NAMES
 from reconciler.status.schema import InstanceRecord
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "boot_pin",
     "instance_hash",
     "instance_name",
+    "instance_transport",
     "load_owner",
     "load_salt",
     "owner_id_from_secret",
@@ -110,6 +112,14 @@ def owner_tags(project: str, session: str, inst_hash: str, owner_id: str) -> lis
 
 def transport_tag(transport: str) -> str:
     return f"{TRANSPORT_TAG}={transport}"
+
+
+def instance_transport(inst: Instance, desired: str) -> str:
+    """The transport that reaches `inst`: the one it was made for (its `ukc.exec` tag), which
+    stays until it is replaced, even when the spec now asks for another (its outputs still
+    come home through it first); `desired` for an older ukc's instance without the tag."""
+    made_for = tag_value(inst.tags, TRANSPORT_TAG)
+    return made_for if made_for in EXEC_NAMES else desired
 
 
 def ttl_tag(ttl_s: float) -> str:

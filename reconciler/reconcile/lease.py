@@ -1,9 +1,10 @@
 """A lease per project and metro: two runners (CI pipelines) never act on one project at once.
 
 The platform has no lock API, but it guarantees that instance names are unique. So the lease
-is an instance: `ukc-lease-<project>`, created stopped (it never boots: no sandbox, no running
-cost), tagged with who holds it (`ukc.holder`) until when (`ukc.expires`, unix seconds) and
-the owner id (`ukc.owner`). Whoever creates it holds it; a runner that finds it taken waits
+is an instance: `ukc-lease-<project>`, created stopped with a session's image (it never
+boots: no sandbox, no running cost), tagged with who holds it (`ukc.holder`) until when
+(`ukc.expires`, unix seconds) and the owner id (`ukc.owner`). Whoever creates it holds it; a
+runner that finds it taken waits
 for it (`--lock-timeout`) or fails at once naming the holder and the expiry. The holder
 renews it every `RENEW_S` (its tags get a new expiry) and deletes it, by uuid, when done.
 A lease whose holder died expires after `TTL_S` and is then taken over: deleted by its uuid
@@ -41,8 +42,6 @@ RENEW_S = 40.0
 LEASE_TAG = "ukc.lease"
 HOLDER_TAG = "ukc.holder"
 EXPIRES_TAG = "ukc.expires"
-#: the smallest instance the platform takes: it is never started anyway
-LEASE_MEMORY_MB = 16
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9\-+_.:]")
 
 
@@ -105,7 +104,8 @@ class Lease:
                 image=self.image,
                 env={},
                 tags=self._tags(expires),
-                memory_mb=LEASE_MEMORY_MB,
+                # why no memory_mb: it never runs, and the platform's smallest size is a
+                # quota setting; its default always fits
                 autostart=False,
             )
             try:

@@ -434,7 +434,7 @@ def _prefetcher(
         pin = identity.boot_pin(known, inst)
         if not pin:
             return
-        kind = select.kind_for(transport)
+        kind = select.kind_for(identity.instance_transport(inst, transport))
         target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))

@@ -89,7 +89,7 @@ def consult(
         transport = pool.take(name, inst.uuid)
         try:
             if transport is None:
-                kind = select.kind_for(ctx.desired.transport)
+                kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
                 conn = metros.get(ctx.desired.metro)
                 transport = kind.connect(
                     target_for(inst, conn),

@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from reconciler.spec.models import DEFAULT_SHELL
 
 __all__ = [
+    "REVISION_HISTORY",
     "STATUS_VERSION",
     "BackFrom",
     "CommandRecord",
@@ -26,6 +27,7 @@ __all__ = [
     "InstanceRecord",
     "Interruption",
     "Phase",
+    "RevisionRecord",
     "SessionStatus",
     "SourceRecord",
     "StatusDoc",
@@ -211,6 +213,21 @@ class SourceRecord(_Model):
     applied_at: str | None = None
 
 
+class RevisionRecord(_Model):
+    """One revision `ukc follow` tried, and how it ended."""
+
+    revision: str
+    at: str
+    #: applying (not finished: being applied, or the follower stopped), applied, failed (it
+    #: is tried again), broken (its specs did not load: nothing applied, nothing pruned)
+    outcome: Literal["applying", "applied", "failed", "broken"]
+    error: str = ""
+
+
+#: how many tried revisions the status file keeps
+REVISION_HISTORY = 20
+
+
 class StatusDoc(_Model):
     version: int = STATUS_VERSION
     project: str = ""
@@ -224,6 +241,8 @@ class StatusDoc(_Model):
     last_attempted_revision: str = ""
     last_attempted_at: str | None = None
     last_attempt_error: str = ""
+    #: the revisions `ukc follow` tried, oldest first (the last `REVISION_HISTORY`)
+    revisions: list[RevisionRecord] = Field(default_factory=list)
 
     def as_of(self, now: float) -> StatusDoc:
         """The document as `ukc status` shows it at `now` (nothing is written): a session whose

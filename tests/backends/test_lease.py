@@ -143,3 +143,22 @@ def test_of_twenty_pairs_racing_for_the_lease_exactly_one_of_each_holds_it(api: 
         inst = api.get_instance(lease.lease_name(PROJECT))
         assert inst is not None
         api.delete_instance(inst.name, uuid=inst.uuid)
+
+
+def test_a_holder_renews_while_it_works_and_deletes_its_lease_when_done(api: UkcApi) -> None:
+    now = [1_000_000.0]
+    held = make(api, "ci-a:pid1:aaaaaa", clock=lambda: now[0], renew_s=0.05)
+    held.acquire()
+    now[0] += 40
+    wanted = str(int(now[0] + lease.TTL_S))
+    with held:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            inst = api.get_instance(lease.lease_name(PROJECT))
+            assert inst is not None
+            if identity.tag_value(inst.tags, lease.EXPIRES_TAG) == wanted:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the lease was not renewed")
+    assert api.get_instance(lease.lease_name(PROJECT)) is None

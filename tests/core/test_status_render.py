@@ -77,6 +77,16 @@ def test_a_session_past_its_ttl_reads_expired_and_one_without_ttl_a_dash() -> No
     assert lines[2].split()[:5] == ["plain", "Ready", "10s", "-", "never"]
 
 
+def test_sessions_of_two_status_files_say_which_file_each_comes_from() -> None:
+    rows = [
+        StatusRow("web", "a/.ukc/status.json", None),
+        StatusRow("web", "b/.ukc/status.json", None),
+    ]
+    lines = render_status(rows, NOW)
+    assert lines[0].split()[-2:] == ["STATUS", "FILE"]
+    assert lines[1].endswith("a/.ukc/status.json") and lines[2].endswith("b/.ukc/status.json")
+
+
 def test_a_session_never_applied_reads_pending_and_never() -> None:
     lines = render_status([StatusRow("new", "s.json", None)], NOW)
     assert lines[1].split() == ["new", "Pending", "-", "-", "never", "-"]

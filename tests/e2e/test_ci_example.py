@@ -53,10 +53,11 @@ def test_the_pipeline_plans_on_pull_requests_and_applies_with_prune_on_main() ->
 
 
 class Runner:
-    """Runs a job's ukc steps as GitHub's runner would: bash -eo pipefail, the workflow's env."""
+    """Runs a job's ukc steps as GitHub's runner would: bash -eo pipefail, the workflow's env,
+    each job in a fresh checkout of the repository (no `.ukc/` from an earlier job)."""
 
-    def __init__(self, ukc: Ukc, workspace: Path) -> None:
-        self.workspace = workspace
+    def __init__(self, ukc: Ukc) -> None:
+        self.root = ukc.project
         flow_env = {k: str(v) for k, v in workflow()["env"].items() if "${{" not in str(v)}
         self.env = {
             **ukc.env(),
@@ -68,8 +69,13 @@ class Runner:
         }
         self.env.pop("UKC_TOKEN", None)
 
-    def job(self, name: str) -> dict[str, str]:
-        outputs = self.workspace / f"outputs-{name}"
+    def checkout(self, label: str) -> Path:
+        workspace = self.root / label
+        shutil.copytree(ROOT / "specs", workspace / "specs")
+        return workspace
+
+    def job(self, name: str, workspace: Path) -> dict[str, str]:
+        outputs = workspace / "github-output"
         outputs.write_text("")
         ran = 0
         for step in workflow()["jobs"][name]["steps"]:
@@ -77,7 +83,7 @@ class Runner:
                 continue
             proc = subprocess.run(
                 ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
-                cwd=self.workspace,
+                cwd=workspace,
                 env={**self.env, "GITHUB_OUTPUT": str(outputs)},
                 capture_output=True,
                 text=True,
@@ -89,35 +95,36 @@ class Runner:
         return dict(line.split("=", 1) for line in outputs.read_text().splitlines() if "=" in line)
 
 
-def test_the_example_pipeline_runs_against_the_local_metro(ukc: Ukc) -> None:
-    workspace = ukc.project
-    shutil.copytree(ROOT / "specs", workspace / "specs")
-    runner = Runner(ukc, workspace)
+def test_the_example_pipeline_runs_on_fresh_runners_against_the_local_metro(ukc: Ukc) -> None:
+    runner = Runner(ukc)
     plan_schema = json.loads((ROOT / "docs" / "plan.schema.json").read_text())
+    first_pr = runner.checkout("pull-request-1")
+    main = runner.checkout("main")
     try:
-        outputs = runner.job("plan")
-        assert outputs == {"exit": "0"}
-        comment = (workspace / "plan.md").read_text()
+        assert runner.job("plan", first_pr) == {"exit": "0"}
+        comment = (first_pr / "plan.md").read_text()
         assert comment.startswith("**ukc plan:** 3 to create, 0 to replace, 0 to delete")
         for name in ("hello", "calc-test", "calc-stats"):
             assert f"| `{name}` | create |" in comment
-        doc = json.loads((workspace / "plan.json").read_text())
+        doc = json.loads((first_pr / "plan.json").read_text())
         jsonschema.validate(doc, plan_schema, cls=jsonschema.Draft202012Validator)
         assert doc["changes_pending"] and doc["summary"]["create"] == 3
 
-        runner.job("apply")
-        result = json.loads((workspace / "apply.json").read_text())
-        assert result["ok"] is True
-        status = json.loads((workspace / "specs" / ".ukc" / "status.json").read_text())
+        runner.job("apply", main)
+        assert json.loads((main / "apply.json").read_text())["ok"] is True
+        status = json.loads((main / "specs" / ".ukc" / "status.json").read_text())
         assert {s["phase"] for s in status["sessions"].values()} == {"Ready"}
 
-        runner.job("plan")
-        assert (workspace / "plan.md").read_text().startswith("**ukc plan:** no changes")
-        assert json.loads((workspace / "plan.json").read_text())["changes_pending"] is False
+        # the next pull request, on another fresh runner, sees the sessions as current
+        second_pr = runner.checkout("pull-request-2")
+        assert runner.job("plan", second_pr) == {"exit": "0"}
+        comment = (second_pr / "plan.md").read_text()
+        assert comment.startswith("**ukc plan:** no changes"), comment
+        assert json.loads((second_pr / "plan.json").read_text())["changes_pending"] is False
     finally:
         subprocess.run(
             [str(VENV_BIN / "ukc"), "delete", "specs/"],
-            cwd=workspace,
+            cwd=main,
             env=runner.env,
             capture_output=True,
         )

@@ -7,6 +7,9 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +59,17 @@ class Follow:
 
 
 @pytest.fixture
-def follow(ukc: Ukc, tmp_path: Path) -> Follow:
-    repo = Repo(tmp_path / "repo")
-    return Follow(ukc, repo)
+def follow(ukc: Ukc, tmp_path: Path) -> Iterator[Follow]:
+    following = Follow(ukc, Repo(tmp_path / "repo"))
+    yield following
+    # leave nothing running: the instances the followed specs made
+    status_file = following.specs / ".ukc" / "status.json"
+    if status_file.exists():
+        recorded = json.loads(status_file.read_text())["sessions"].values()
+        doomed = [{"name": s["instance"]["name"]} for s in recorded if s.get("instance")]
+        if doomed:
+            with ukc.api() as client:
+                client.request("DELETE", "/v1/instances", json=doomed)
 
 
 def names(ukc: Ukc) -> set[str]:
@@ -114,6 +125,14 @@ def test_commits_that_add_change_break_and_remove_specs_are_followed_in_order(
     assert status["sessions"]["b"]["phase"] == "Ready"
     assert a_instance not in names(ukc) and b_instance in names(ukc)
     assert (follow.specs / "work" / "out" / "b.txt").read_text() == "three\n"
+    history = [(r["revision"], r["outcome"]) for r in status["revisions"]]
+    assert history == [
+        (added, "applied"),
+        (changed, "applied"),
+        (broken, "broken"),
+        (fixed, "applied"),
+    ]
+    assert "imgae" in status["revisions"][2]["error"]
     shown = ukc.run("status", str(follow.specs), check=0).stdout
     assert f"source: {repo.path} main specs at {fixed[:12]}, applied " in shown
     recorded = json.loads(ukc.run("status", str(follow.specs), "-o", "json", check=0).stdout)
@@ -188,3 +207,45 @@ def test_a_revision_that_removes_every_spec_prunes_nothing_without_allow_empty(
     assert "refusing to prune" in out.stdout
     assert instance in names(ukc)
     assert follow.status()["last_attempted_revision"] == emptied
+
+
+def test_sigterm_during_an_apply_stops_its_command_and_records_the_revision_unapplied(
+    follow: Follow, ukc: Ukc
+) -> None:
+    slow = (
+        "name: slow\ndirectory: ./work\ncommands:\n"
+        "  - name: wait\n    run: echo started; sleep 120; echo finished\n"
+    )
+    sha = follow.repo.commit("add", {"specs/work/in.txt": "x\n", "specs/slow.yaml": slow})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", *follow.args("--interval", "1s")],
+        cwd=ukc.project,
+        env=ukc.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        assert eventually(lambda: any("started" in ln for ln in lines), 120, 0.1), lines
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        took = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert took < 30, f"the command was not stopped ({took:.0f} s)"
+    assert "finished" not in out
+    status = follow.status()
+    assert status["sessions"]["slow"]["phase"] == "Interrupted"
+    assert status["last_applied_revision"] == ""
+    assert status["revisions"][-1]["revision"] == sha
+    assert status["revisions"][-1]["outcome"] == "failed"
+    assert "interrupted" in status["revisions"][-1]["error"]

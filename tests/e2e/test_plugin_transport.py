@@ -267,3 +267,55 @@ def test_exec_ssh_on_pipes_and_logs_reach_a_plugin_session(ukc: Ukc) -> None:
     assert script.returncode == 4 and script.stdout.strip().endswith("/workspace"), script.stderr
     logs = ukc.run("logs", "plug", check=0).stdout
     assert "== command build (exit 0" in logs and "built" in logs
+
+
+def test_what_a_plugin_sandbox_sends_back_is_checked_as_over_ssh(ukc: Ukc) -> None:
+    victim = ukc.project / "victim.txt"
+    victim.write_text("precious\n")
+    _project(
+        ukc,
+        f"""\
+name: plug
+directory: ./work
+exec: plugin
+commands:
+  - name: evil
+    run: |
+      mkdir -p out && echo ok > out/fine.txt
+      ln -s {victim} out/link-to-victim
+      ln -s /etc out/etc-dir
+      mkfifo out/pipe
+sync:
+  back: ["out/"]
+""",
+    )
+    proc = ukc.run("apply", "session.yaml", check=0)
+    out = ukc.project / "work" / "out"
+    assert (out / "fine.txt").read_text() == "ok\n" and victim.read_text() == "precious\n"
+    assert not (out / "link-to-victim").is_symlink() and not (out / "etc-dir").exists()
+    assert not (out / "pipe").exists()
+    assert len(_session(ukc)["sync"]["rejected"]) >= 3 and "refused from sandbox" in proc.stdout
+
+
+def test_switching_between_ssh_and_plugin_brings_outputs_home_through_the_old_transport(
+    ukc: Ukc,
+) -> None:
+    _project(ukc, SPEC.replace("exec: plugin\n", ""))
+    ukc.run("apply", "session.yaml", check=0)
+    ssh_uuid = _session(ukc)["instance"]["uuid"]
+    assert [s["port"] for s in _instance(ukc)["service_group"]["services"]] == [2222]
+    ukc.write_spec(SPEC)
+    planned = ukc.run("plan", "session.yaml", check=0).stdout
+    assert "exec changed from ssh to plugin" in planned
+    assert "outputs come home before the replacement" in planned
+    ukc.run("apply", "session.yaml", check=0)
+    rec = _session(ukc)
+    assert rec["instance"]["uuid"] != ssh_uuid and rec["phase"] == "Ready"
+    assert not (_instance(ukc).get("service_group") or {}).get("services")
+    assert (ukc.project / "work" / "out" / "upper.txt").read_text() == "HELLO WORLD\n"
+    ukc.write_spec(SPEC.replace("exec: plugin\n", ""))
+    ukc.run("apply", "session.yaml", check=0)
+    assert _session(ukc)["instance"]["uuid"] != rec["instance"]["uuid"]
+    assert (
+        _session(ukc)["instance"]["pin"].startswith("SHA256:") or _session(ukc)["phase"] == "Ready"
+    )

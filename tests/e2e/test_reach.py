@@ -10,12 +10,15 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from datetime import datetime
 
 import pytest
 
 from tests.support.cmdlines import CmdlineWatch
 from tests.support.ukc import Ukc
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.metro
 
@@ -44,8 +47,8 @@ def box(ukc: Ukc) -> Ukc:
 
 
 def on_terminal(ukc: Ukc, *args: str, keys: list[bytes], timeout: float = 60) -> tuple[int, bytes]:
-    """Run `ukc` on a pseudo-terminal, type `keys` (one chunk a second apart): its exit code
-    and everything the terminal showed."""
+    """Run `ukc` on a pseudo-terminal, type `keys` once it shows something (one chunk a second
+    apart): its exit code and everything the terminal showed."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: becomes ukc on the terminal
         os.chdir(ukc.project)
@@ -53,8 +56,10 @@ def on_terminal(ukc: Ukc, *args: str, keys: list[bytes], timeout: float = 60) ->
     shown = b""
     deadline = time.monotonic() + timeout
     pending = list(keys)
-    next_key = time.monotonic() + 2.0
+    next_key = time.monotonic() + 10.0  # or as soon as the shell said something
     while time.monotonic() < deadline:
+        if shown and len(pending) == len(keys):
+            next_key = min(next_key, time.monotonic() + 0.5)
         if pending and time.monotonic() >= next_key:
             os.write(fd, pending.pop(0))
             next_key = time.monotonic() + 1.0
@@ -202,16 +207,27 @@ def test_logs_follow_prints_what_the_console_gains_until_ctrl_c(box: Ukc) -> Non
         stderr=subprocess.PIPE,
         text=True,
     )
+    shown: list[str] = []
+    assert follower.stdout is not None
+    reader = threading.Thread(target=lambda: shown.extend(follower.stdout or ()), daemon=True)
+    reader.start()
+    header = "== following the console (Ctrl-C stops) ==\n"
+
+    def followed() -> str:
+        return "".join(shown).partition(header)[2]
+
     try:
-        time.sleep(3.0)  # past the first read of the console
+        assert eventually(lambda: header in "".join(shown), 60), "".join(shown)
+        before = followed().count("Accepted publickey for root")
         box.run("exec", "box", "--", "true", check=0)  # its sshd logs a new login
-        time.sleep(3.0)
+        assert eventually(lambda: followed().count("Accepted publickey for root") > before, 60), (
+            "".join(shown)
+        )
     finally:
         follower.send_signal(signal.SIGINT)
-        out, err = follower.communicate(timeout=30)
-    assert follower.returncode == 0, err
-    _, _, followed = out.partition("== following the console (Ctrl-C stops) ==\n")
-    assert "Accepted publickey for root" in followed, out
+        follower.wait(timeout=30)
+        reader.join(5)
+    assert follower.returncode == 0, follower.stderr.read() if follower.stderr else ""
 
 
 def test_a_runner_with_the_project_secret_reaches_the_session_after_its_own_apply(
@@ -235,10 +251,11 @@ def test_a_session_past_its_ttl_is_not_reached_and_the_error_says_how_to_keep_it
     ukc: Ukc,
 ) -> None:
     (ukc.project / "work").mkdir()
-    ukc.write_spec("name: brief\ndirectory: ./work\nttl: 6s\n")
+    ukc.write_spec("name: brief\ndirectory: ./work\nttl: 10s\n")
     ukc.run("apply", "session.yaml", check=0)
-    ukc.run("exec", "brief", "--", "true", check=0)
-    time.sleep(6.5)
+    created = ukc.status()["sessions"]["brief"]["instance"]["created_at"]
+    expiry = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp() + 10
+    time.sleep(max(0.0, expiry - time.time()) + 0.5)
     proc = ukc.run("exec", "brief", "--", "touch /workspace/late")
     assert proc.returncode == 2 and "session 'brief' expired at" in proc.stderr
     assert "raise `ttl` in the spec to keep it" in proc.stderr

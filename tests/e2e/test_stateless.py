@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from reconciler.local.daemon import MetroInfo
+from reconciler.spec.models import EXEC_NAMES
 from reconciler.status import sandboxjournal
 from tests.support.ukc import Ukc
 
@@ -112,10 +113,12 @@ def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("transport", EXEC_NAMES)
 def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
-    runners: Runners,
+    runners: Runners, transport: str
 ) -> None:
     a, b = runners.a, runners.b
+    a.write_spec(SPEC + f"exec: {transport}\n")
     a.run("apply", "session.yaml", check=0)
     a.run("apply", "session.yaml", check=0)  # a's own no-op apply: the status b must match
     before = runners.instance()
@@ -135,6 +138,13 @@ def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
     after = {p.name: p.stat().st_mtime_ns for p in workspace.rglob("*") if p.is_file()}
     assert after == remote
     assert runners.journal().read_bytes() == journal
+
+    # the secret itself is nowhere: not in either runner's state, the sandbox, or the output
+    secret = a.extra_env["UKC_SESSION_SECRET"].encode()
+    places = [*(a.project / ".ukc").rglob("*"), *(b.project / ".ukc").rglob("*")]
+    places += list(workspace.rglob("*"))
+    assert not [p for p in places if p.is_file() and secret in p.read_bytes()]
+    assert secret.decode() not in proc.stdout + proc.stderr
 
     # a spec edit committed and applied from b is current for a once a has the commit
     for tool in (a, b):
@@ -278,3 +288,32 @@ def test_a_runner_whose_create_finds_the_instance_made_adopts_it_with_its_own_ke
     assert "adopted existing instance" in proc.stdout
     assert b.status()["sessions"]["demo"]["instance"]["uuid"] == made.uuid
     assert b.status()["sessions"]["demo"]["phase"] == "Ready"
+
+
+def test_a_second_runner_waits_for_the_lease_then_finds_the_work_done(runners: Runners) -> None:
+    import subprocess
+    import sys
+    import time
+
+    a, b = runners.a, runners.b
+    slow = SPEC.replace("echo ran >> /tmp/runs", "sleep 3")
+    a.write_spec(slow)
+    runners.clone()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
+        cwd=a.project,
+        env=a.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not any(i["name"].startswith("ukc-lease-") for i in a.instances()):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    waited = b.run("apply", "--lock-timeout", "120", "session.yaml", check=0)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, out + err
+    assert "lease: waiting for " in waited.stdout and ":pid" in waited.stdout
+    # b found a's journal: nothing ran twice
+    assert "exited 0" not in waited.stdout and "synced" not in waited.stdout, waited.stdout

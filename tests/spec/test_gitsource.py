@@ -172,3 +172,9 @@ def test_a_relative_state_directory_is_taken_from_where_ukc_runs(
     src = GitSource(str(repo.path), "main", Path("rel-state"), environ={"PATH": "/usr/bin:/bin"})
     assert src.fetch().sha == sha
     assert (tmp_path / "rel-state" / "repo.git" / "HEAD").exists()
+
+
+def test_a_file_url_is_fetched_as_a_url_and_recorded_as_given(repo: Repo, tmp_path: Path) -> None:
+    sha = repo.commit("one", {"a.yaml": "name: a\n"})
+    src = source(f"file://{repo.path}", tmp_path)
+    assert src.url == f"file://{repo.path}" and src.fetch().sha == sha
