@@ -720,6 +720,14 @@ on Ctrl-C).""",
     metavar="DURATION",
     help="How often to check the ref (90s, 5m, 1h).",
 )
+@click.option(
+    "--resync",
+    default="10m",
+    show_default=True,
+    metavar="DURATION|off",
+    help="Apply the current revision again once this long passed since it last converged "
+    "(drift, ttls); off: only new revisions.",
+)
 @click.option("--once", is_flag=True, help="Check once and exit (cron, CI).")
 @click.option("--prune", is_flag=True, help="Delete sessions a revision no longer declares.")
 @click.option(
@@ -744,6 +752,7 @@ def follow(
     ref: str,
     spec_path: str,
     interval: str,
+    resync: str,
     once: bool,
     prune: bool,
     allow_empty: bool,
@@ -766,8 +775,9 @@ def follow(
     check_ref(ref)
     try:
         every = float(parse_duration(interval))
+        again = None if resync == "off" else float(parse_duration(resync))
     except DurationError as err:
-        raise errors.UsageError(f"--interval: {err}") from None
+        raise errors.UsageError(f"--interval/--resync: {err}") from None
     if state_dir is None:
         home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         state_dir = Path(home) / "ukc" / "follow" / source_key(repo, ref, path)
@@ -791,6 +801,7 @@ def follow(
             allow_empty=allow_empty,
             concurrency=concurrency,
             lock_timeout_s=lock_timeout,
+            resync_s=again,
         ),
         metros=metros,
         reporter=reporter,
@@ -1088,21 +1099,31 @@ def logs(
     from reconciler.reconcile.redaction import Redactor
 
     group = _session_group(files, name)
+    loaded, record = access.recorded(group, name)
+    _, secrets, _ = session_env(loaded.spec, os.environ)
+    redact = Redactor(v for v in secrets.values() if v)
     metros = _metros()
     try:
-        reached = access.reach(group, name, metros, os.environ)
-        _, secrets, _ = session_env(reached.loaded.spec, os.environ)
-        redact = Redactor(v for v in secrets.values() if v)
-        tail = None if lines is None else max(64 * 1024, lines * 512)
-        console = access.console_log(reached, tail_bytes=tail)
-        text = console.data.decode(errors="replace")
-        if lines is not None:
-            text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
-        inst = reached.instance
-        click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
-        click.echo(printable(redact(text)), nl=False)
+        try:
+            reached = access.reach(group, name, metros, os.environ, connecting=False)
+        except errors.UsageError as err:
+            if follow or no_commands:
+                raise
+            # the commands' output is in the status file even when the instance is gone
+            click.echo(f"warning: no console: {err}", err=True)
+            reached = None
+        console = None
+        if reached is not None:
+            tail = None if lines is None else max(64 * 1024, lines * 512)
+            console = access.console_log(reached, tail_bytes=tail)
+            text = console.data.decode(errors="replace")
+            if lines is not None:
+                text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
+            inst = reached.instance
+            click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
+            click.echo(printable(redact(text)), nl=False)
         if not no_commands:
-            for cmd in access.last_outputs(reached.record):
+            for cmd in access.last_outputs(record):
                 state = f"exit {cmd.exit_code}"
                 if cmd.timed_out:
                     state = "timed out"
@@ -1114,7 +1135,7 @@ def logs(
                     if body:
                         click.echo(f"-- {label} --")
                         click.echo(printable(redact(body)), nl=not body.endswith("\n"))
-        if follow:
+        if follow and reached is not None and console is not None:
             click.echo("== following the console (Ctrl-C stops) ==")
             stop = threading.Event()
 

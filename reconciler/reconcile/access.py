@@ -56,6 +56,7 @@ __all__ = [
     "interact",
     "list_sessions",
     "reach",
+    "recorded",
 ]
 
 #: how long a connection may wait for a sandbox waking from standby
@@ -76,8 +77,9 @@ class Reached:
     instance: Instance
     connection: MetroConnection
     owner: identity.Owner
-    #: the host key the status file recorded for this very instance and boot
-    pin: str
+    #: the host key the status file recorded for this very instance and boot (None only
+    #: when reached without `connecting`)
+    pin: str | None
 
     @property
     def name(self) -> str:
@@ -94,23 +96,36 @@ def _expires_at(loaded: LoadedSession, inst: Instance, record: SessionStatus) ->
     return None if created is None else created + float(loaded.spec.ttl)
 
 
+def recorded(group: Group, session: str) -> tuple[LoadedSession, SessionStatus]:
+    """The session's spec and what the status file records of it; an error when no spec
+    declares it or it was never applied here."""
+    loaded = next((s for s in group.sessions if s.spec.name == session), None)
+    if loaded is None:
+        known = ", ".join(sorted(s.spec.name for s in group.sessions)) or "none"
+        raise errors.UsageError(f"no session {session!r} in the specs (known sessions: {known})")
+    record = journal.load(group.status_path).sessions.get(session)
+    if record is None:
+        raise errors.UsageError(
+            f"session {session!r} has no record in {group.status_path}: "
+            f"run `ukc apply {loaded.file}` first"
+        )
+    return loaded, record
+
+
 def reach(
     group: Group,
     session: str,
     metros: MetroRegistry,
     environ: Mapping[str, str],
     *,
+    connecting: bool = True,
     now: Callable[[], float] = time.time,
 ) -> Reached:
-    """The session's instance, proven ours and with its pinned host key; an error naming
+    """The session's instance, proven ours, and (`connecting`: to open a connection to it)
+    with the host key pinned for this boot, within its ttl, not stopped; an error naming
     what is missing (never applied, deleted, not ours, no pin) and what to run."""
-    loaded = next((s for s in group.sessions if s.spec.name == session), None)
-    if loaded is None:
-        known = ", ".join(sorted(s.spec.name for s in group.sessions)) or "none"
-        raise errors.UsageError(f"no session {session!r} in the specs (known sessions: {known})")
-    doc = journal.load(group.status_path)
-    record = doc.sessions.get(session)
-    if record is None or record.instance is None or record.phase == "Deleted":
+    loaded, record = recorded(group, session)
+    if record.instance is None or record.phase == "Deleted":
         raise errors.UsageError(
             f"session {session!r} has no instance recorded in {group.status_path}: "
             f"run `ukc apply {loaded.file}` first"
@@ -129,6 +144,8 @@ def reach(
     if not proof.ours:
         raise errors.OwnershipError(proof.refusal(instance))
     pin = identity.boot_pin(record.instance, instance)
+    if not connecting:
+        return Reached(group, loaded, record, instance, connection, owner, pin)
     if not pin:
         why = "has no host key recorded for"
         if identity.recorded_pin(record.instance, instance):
@@ -156,6 +173,8 @@ def reach(
 def connect(reached: Reached, *, deadline_s: float = CONNECT_DEADLINE_S) -> Transport:
     """A connection to the session's sandbox over its own transport, with the pinned host
     key required (a sandbox presenting another is refused)."""
+    if reached.pin is None:
+        raise errors.UsageError(f"session {reached.name!r}: no host key pinned to connect with")
     kind = select.kind_for(
         identity.instance_transport(reached.instance, transport_of(reached.loaded))
     )

@@ -6,7 +6,9 @@ record it in the status file. A revision whose specs do not load (a parse error,
 that leaves the repository) applies nothing and prunes nothing: the sessions keep running
 as the last good revision left them, and the status file says which revision is broken and
 why. A revision that failed to apply (a command failed, the cloud refused) is tried again at
-the next check; a broken one only when the ref moves.
+the next check; a broken one only when the ref moves. With `resync_s`, the applied revision
+is applied again once that long passed since it last converged, as `ukc apply` would: a
+deleted instance comes back, ttls are enforced (no new entry in the revision history).
 
 The status file (`.ukc/status.json` beside the specs in the checkout) records `source` (url
 without credentials, ref, path, revision, applied_at), `last_applied_revision`,
@@ -38,6 +40,7 @@ from reconciler.cloud.metros import MetroRegistry
 from reconciler.reconcile.desired import load_groups
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.loop import apply_group, check_prune
+from reconciler.reconcile.plan import parse_time
 from reconciler.spec.gitsource import GitSource, Revision
 from reconciler.status import journal
 from reconciler.status.schema import REVISION_HISTORY, RevisionRecord, SourceRecord, StatusDoc
@@ -59,6 +62,9 @@ class FollowOptions:
     allow_empty: bool = False
     concurrency: int = 8
     lock_timeout_s: float = 0.0
+    #: re-apply the applied revision once this long passed since it last converged (drift,
+    #: ttls); None: only new revisions are applied
+    resync_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class Follower:
         environ: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.source = source
         self.options = options
@@ -121,6 +128,7 @@ class Follower:
         self.environ = environ
         self.clock = clock
         self._sleep = sleep
+        self._now = now
         # why a flag, not an Event: the signal handler sets it in the main thread, which
         # may be inside Event.wait's own bookkeeping
         self._stopping = False
@@ -167,27 +175,43 @@ class Follower:
             self._say(str(err), "failed")
             return Attempt("unreachable", message=str(err))
         status_path = self._status_path()
-        applied = journal.load(status_path).last_applied_revision if status_path.exists() else ""
-        if revision.sha == applied:
-            return Attempt("current", revision)
+        doc = journal.load(status_path) if status_path.exists() else StatusDoc()
+        if revision.sha == doc.last_applied_revision:
+            if not self._resync_due(doc):
+                return Attempt("current", revision)
+            return self._attempt(revision, resync=True)
         if revision.sha == self._broken:
             return Attempt("broken", revision, "specs did not load (unchanged)")
         return self._attempt(revision)
 
-    def _attempt(self, revision: Revision) -> Attempt:
-        self._say(f"revision {revision.short} of {self.source.ref}: applying")
+    def _resync_due(self, doc: StatusDoc) -> bool:
+        """The applied revision last converged `resync_s` ago or more (as the status file says,
+        so a follower run by cron resyncs as one that keeps running does)."""
+        if self.options.resync_s is None:
+            return False
+        if doc.last_attempted_revision != doc.last_applied_revision:
+            return True  # a later attempt failed and the ref went back: converge again
+        last = parse_time(doc.last_attempted_at)
+        return last is None or self._now() - last >= self.options.resync_s
+
+    def _attempt(self, revision: Revision, *, resync: bool = False) -> Attempt:
+        if resync:
+            self._say(f"revision {revision.short} of {self.source.ref}: current; resyncing")
+        else:
+            self._say(f"revision {revision.short} of {self.source.ref}: applying")
         try:
             self.source.checkout(revision)
         except errors.SourceError as err:
             self._say(str(err), "failed")
             return Attempt("unreachable", revision, str(err))
         status_path = self._status_path()
-        self._record(
-            status_path,
-            lambda doc: self._attempted(
-                doc, revision, "applying", "not finished (being applied, or stopped)"
-            ),
-        )
+        if not resync:
+            self._record(
+                status_path,
+                lambda doc: self._attempted(
+                    doc, revision, "applying", "not finished (being applied, or stopped)"
+                ),
+            )
         try:
             target = self._spec_target()
             groups = load_groups([target], self.environ)
@@ -228,6 +252,11 @@ class Follower:
             self._say(why, "failed")
             self._record(status_path, lambda doc: self._attempted(doc, revision, "failed", why))
             return Attempt("failed", revision, why)
+        if resync:
+            # converged again: when, without a new entry in the revision history
+            self._record(status_path, lambda doc: self._resynced(doc, revision))
+            self._say(f"revision {revision.short} resynced")
+            return Attempt("applied", revision)
         self._record(status_path, lambda doc: self._applied(doc, revision))
         self._say(f"revision {revision.short} applied")
         return Attempt("applied", revision)
@@ -247,6 +276,11 @@ class Follower:
         else:
             doc.revisions.append(entry)
         del doc.revisions[:-REVISION_HISTORY]
+
+    def _resynced(self, doc: StatusDoc, revision: Revision) -> None:
+        doc.last_attempted_revision = revision.sha
+        doc.last_attempted_at = journal.utc_now()
+        doc.last_attempt_error = ""
 
     def _applied(self, doc: StatusDoc, revision: Revision) -> None:
         self._attempted(doc, revision, "applied")

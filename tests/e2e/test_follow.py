@@ -249,3 +249,25 @@ def test_sigterm_during_an_apply_stops_its_command_and_records_the_revision_unap
     assert status["revisions"][-1]["revision"] == sha
     assert status["revisions"][-1]["outcome"] == "failed"
     assert "interrupted" in status["revisions"][-1]["error"]
+
+
+def test_the_applied_revision_is_applied_again_at_resync_and_a_deleted_instance_returns(
+    follow: Follow, ukc: Ukc
+) -> None:
+    sha = follow.repo.commit("add", {"specs/work/in.txt": "x\n", "specs/a.yaml": spec("a", "one")})
+    follow.once()
+    instance = follow.status()["sessions"]["a"]["instance"]["name"]
+    with ukc.api() as client:
+        client.request("DELETE", "/v1/instances", json=[{"name": instance}])
+    assert eventually(lambda: instance not in names(ukc), 30, 0.2)
+
+    quiet = follow.once("--resync", "off")
+    assert "resyncing" not in quiet.stdout and instance not in names(ukc)
+    time.sleep(1.1)
+    out = follow.once("--resync", "1s")
+    assert f"revision {sha[:12]} of main: current; resyncing" in out.stdout
+    assert instance in names(ukc)
+    status = follow.status()
+    assert [(r["revision"], r["outcome"]) for r in status["revisions"]] == [(sha, "applied")]
+    assert status["last_attempted_at"] >= status["source"]["applied_at"]
+    assert "resyncing" not in follow.once().stdout, "the default resync waits 10 minutes"

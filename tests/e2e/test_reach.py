@@ -288,3 +288,17 @@ def test_ctrl_c_stops_the_command_exec_runs_with_a_signal_and_exits_130(box: Ukc
     assert "interrupt: stopping the command in session box" in err
     uuid = box.status()["sessions"]["box"]["instance"]["uuid"]
     assert (box.workspace(uuid) / "stopped").read_text() == "stopped\n"
+
+
+def test_logs_of_a_session_whose_instance_is_gone_still_shows_its_commands_output(
+    box: Ukc,
+) -> None:
+    name = box.status()["sessions"]["box"]["instance"]["name"]
+    with box.api() as client:
+        client.request("DELETE", "/v1/instances", json=[{"name": name}])
+    proc = box.run("logs", "box", check=0)
+    assert "warning: no console: session 'box': instance" in proc.stderr
+    assert "gone from metro local" in proc.stderr
+    assert "== command build (exit 0" in proc.stdout and "from the spec dir" in proc.stdout
+    gone = box.run("exec", "box", "--", "true")
+    assert gone.returncode == 2 and "run `ukc apply session.yaml` to create it again" in gone.stderr
