@@ -319,7 +319,13 @@ class Follower:
         with journal.lock(self.source.state_dir / "follow"):
             while True:
                 started = self.clock()
-                attempt = self.check()
+                try:
+                    attempt = self.check()
+                except errors.UkcError as err:
+                    # why: one bad check (a status file another ukc holds too long, one
+                    # unreadable) must not end an agent that is meant to keep running
+                    self._say(str(err), "failed")
+                    attempt = Attempt("failed", message=str(err))
                 if once:
                     return 0 if attempt.ok else 1
                 wait = max(0.0, self.options.interval_s - (self.clock() - started))
