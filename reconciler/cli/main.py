@@ -52,13 +52,13 @@ _paths_arg = click.argument(
 
 ENVIRONMENT_HELP = """\b
 Environment:
-  UKC_TOKEN            token of a remote metro (sent only to https://api.<metro>.unikraft.cloud)
-  UKC_METRO            default metro of specs without one: local, a code (fra) or a URL
+  UKC_TOKEN            token of a remote metro (sent only to its official API)
+  UKC_METRO            default metro: local, a code (fra) or a URL
   UKC_SANDBOX_IMAGE    default image of specs without one
   UKC_PROJECT          stable project id (CI: checkout paths differ)
-  UKC_SESSION_SECRET   shared owner secret (>= 16 chars): every holder owns the instances
-  UKC_METRO_TOKEN      token for the metro URL your environment names, instead of UKC_TOKEN
-  UKC_METRO_ALLOW      metro URLs spec files may name (comma or space separated)
+  UKC_SESSION_SECRET   owner secret (>= 16 chars) shared by checkouts and CI
+  UKC_METRO_TOKEN      token for a metro URL you name (instead of UKC_TOKEN)
+  UKC_METRO_ALLOW      metro URLs spec files may name (comma, space separated)
   UKC_LOCAL_STATE_DIR  where the local metro keeps its state
   UKC_LOCAL_MAX_PIDS   task limit of each local sandbox (default 512)
   UKC_WARM=0           no warm process (UKC_WARM_DIR, UKC_WARM_IDLE_S tune it)
@@ -67,10 +67,11 @@ Environment:
 EXIT_CODES_HELP = """\b
 Exit codes:
   0    success
-  1    an action or a command failed (plan: apply would fail; status --exit-code: a
-       session is Failed)
-  2    invalid usage or spec (plan --detailed-exitcode: changes pending; errors are 1)
-  3    status --exit-code: a session is pending, in progress, interrupted or expired
+  1    an action or a command failed (plan: apply would fail;
+       status --exit-code: a session is Failed)
+  2    invalid usage or spec (plan --detailed-exitcode: changes
+       pending, and errors are 1)
+  3    status --exit-code: a session is not Ready yet
   130  interrupted (Ctrl-C)
   ukc exec and ukc ssh CMD exit with the remote command's code."""
 
@@ -241,9 +242,9 @@ def _metros() -> Any:
         [
             """\b
 Examples:
-  ukc apply specs/hello.yaml      create, sync, run the commands, bring outputs back
-  ukc plan --detailed-exitcode    what apply would do (CI: 2 = changes pending)
-  ukc status --exit-code          what the last apply recorded (CI: 0 = all Ready)
+  ukc apply specs/hello.yaml      create, sync, run, bring outputs back
+  ukc plan --detailed-exitcode    what apply would do (2: changes pending)
+  ukc status --exit-code          what apply recorded (0: all Ready)
   ukc ssh hello                   a shell in session hello
   ukc exec hello -- make test     one command in session hello, its exit code
   ukc delete specs/hello.yaml     remove the session""",
@@ -428,9 +429,8 @@ def schema(what: str) -> None:
     epilog="""\b
 Examples:
   ukc apply specs/hello.yaml           one spec file
-  ukc apply specs/ --prune             also delete owned sessions no spec declares
-  ukc apply --session web --session db
-                                       only these two sessions of the current directory
+  ukc apply specs/ --prune             also delete sessions no spec declares
+  ukc apply --session web --session db only these two sessions
   ukc apply -o json > result.json      a machine-readable summary
 
 Ctrl-C stops the command in flight (SIGTERM, 5 s, SIGKILL) and records phase Interrupted;
@@ -563,15 +563,15 @@ def _status_rows(
     "status",
     short_help="Show what the last apply recorded.",
     epilog="""\b
-Columns: NAME, PHASE (Pending, Progressing, Ready, Failed, Interrupted, Deleted, Expired),
-AGE (of the instance), TTL LEFT (until the session's ttl expires), LAST APPLY, INSTANCE;
-each session's commands below it.
+Columns: NAME, PHASE (Pending, Progressing, Ready, Failed, Interrupted,
+Deleted, Expired), AGE (of the instance), TTL LEFT (until the session's
+ttl passes), LAST APPLY, INSTANCE; each session's commands below it.
 
 \b
 Examples:
   ukc status                           the sessions of the current directory
   ukc status calc.yaml --session calc  one session
-  ukc status --exit-code               CI: 0 all Ready, 1 one Failed, 3 one not Ready yet
+  ukc status --exit-code               0 all Ready, 1 one Failed, 3 not yet
   ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'
                                        (schema: ukc schema status)""",
 )
@@ -833,7 +833,7 @@ def _follow_event(text: str) -> Any:
     epilog="""\b
 Examples:
   ukc watch                       the specs in the current directory
-  ukc watch specs/ --down         delete the sessions when watch stops (Ctrl-C)""",
+  ukc watch specs/ --down         delete the sessions when watch stops""",
 )
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Delete sessions removed from the specs.")
@@ -997,7 +997,7 @@ def ssh(
     short_help="Run one command in a session, exit with its code.",
     epilog="""\b
 Examples:
-  ukc exec hello -- make test             its output as it comes, its exit code
+  ukc exec hello -- make test             output as it comes, its exit code
   ukc exec hello -- 'make && make test'   one argument: a shell command line
   ukc exec -f specs/ hello -- ls -la out  several: exactly those arguments
   ukc exec hello --timeout 60 -- ./slow   stopped after 60 s (exit 124)
@@ -1061,7 +1061,7 @@ def exec_cmd(
     short_help="A session's console log and its commands' last output.",
     epilog="""\b
 Examples:
-  ukc logs hello                  the console, then the last output of each command
+  ukc logs hello                  the console, then each command's last output
   ukc logs hello --lines 50       the console's last 50 lines
   ukc logs hello -F               follow the console (Ctrl-C stops)
   ukc logs hello --no-commands    the console only

@@ -280,7 +280,10 @@ def build_session(
         public_fingerprint=public,
         secrets_missing=tuple(secret_missing_message(loaded, k, v) for k, v in missing),
         back=tuple(s.sync.back),
-        tags=tuple(identity.owner_tags(owner.project, s.name, inst_hash, owner.id)),
+        tags=(
+            *identity.owner_tags(owner.project, s.name, inst_hash, owner.id),
+            *((identity.group_tag(owner.group),) if owner.group else ()),
+        ),
         back_known=_back_known(opts),
         back_delete=opts.back_delete,
         transport=transport.name,

@@ -44,6 +44,7 @@ from reconciler.spec.models import EXEC_NAMES
 from reconciler.status.schema import InstanceRecord
 
 __all__ = [
+    "GROUP_TAG",
     "OWNER_KEY",
     "OWNER_TAG",
     "SECRET_VAR",
@@ -51,6 +52,8 @@ __all__ = [
     "Owner",
     "Proof",
     "boot_pin",
+    "group_id",
+    "group_tag",
     "instance_hash",
     "instance_name",
     "instance_transport",
@@ -110,6 +113,25 @@ def owner_tags(project: str, session: str, inst_hash: str, owner_id: str) -> lis
     ]
 
 
+#: tag key naming the spec directory (its path inside the repository) an instance was made for
+GROUP_TAG = "ukc.group"
+
+
+def group_id(base_dir: Path) -> str | None:
+    """12 hex naming a spec directory by its path inside its git repository (the same in every
+    clone), or None outside a repository (no stateless prune there)."""
+    real = Path(os.path.realpath(base_dir))
+    for root in (real, *real.parents):
+        if (root / ".git").exists():
+            rel = real.relative_to(root).as_posix()
+            return hashlib.sha256(f"ukc.group:{rel}".encode()).hexdigest()[:12]
+    return None
+
+
+def group_tag(group: str) -> str:
+    return f"{GROUP_TAG}={group}"
+
+
 def transport_tag(transport: str) -> str:
     return f"{TRANSPORT_TAG}={transport}"
 
@@ -167,6 +189,10 @@ class Owner:
     source: str
     #: with `UKC_SESSION_SECRET`: what session keys are derived from (`sessionkeys`)
     key_root: bytes | None = field(default=None, repr=False, compare=False)
+    #: with `UKC_SESSION_SECRET`, in a repository: this spec directory's group id
+    #: (`group_id`), tagged on its instances so a fresh runner knows which ones a prune may
+    #: delete without this checkout's inventory
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -311,7 +337,14 @@ def load_owner(state_dir: Path, project: str, environ: Mapping[str, str]) -> Own
         primary = owner_id_from_secret(secret, project)
         accepted = {primary} | ({earlier} if earlier else set())
         root = sessionkeys.key_root(secret, project)
-        return Owner(project, primary, frozenset(accepted), SECRET_VAR, key_root=root)
+        return Owner(
+            project,
+            primary,
+            frozenset(accepted),
+            SECRET_VAR,
+            key_root=root,
+            group=group_id(state_dir.parent),
+        )
     if earlier is None:
         state_dir.mkdir(parents=True, exist_ok=True)
         fresh = secrets.token_hex(OWNER_ID_LEN // 2)

@@ -428,7 +428,8 @@ def plan_sessions(
 
     `observed` maps instance name → instance for every instance carrying the project's tags.
     `claimed` maps session name → instance for those (the session their tags name). A prune
-    needs the session in the status inventory under that instance name *and* a proof of
+    needs the session in the status inventory under that instance name (or, with the
+    project's secret, the instance tagged with this spec directory's group) *and* a proof of
     ownership; an inventoried one without proof is refused, not deleted.
     """
     sessions = tuple(
@@ -445,12 +446,18 @@ def plan_sessions(
             if session_name in wanted:
                 continue
             record = inventory.get(session_name)
-            if record is None or record.name != inst.name:
+            listed = record is not None and record.name == inst.name
+            # With the project's secret, the group tag of this spec directory stands in for
+            # the inventory a fresh runner lacks; the proof below still decides.
+            grouped = owner.group is not None and (
+                identity.tag_value(inst.tags, identity.GROUP_TAG) == owner.group
+            )
+            if not (listed or grouped):
                 continue  # not in our inventory: another checkout's session, not ours to judge
             if not prune:
                 orphans.append((session_name, inst.name))
                 continue
-            proof = identity.prove(inst, owner, session_name, record)
+            proof = identity.prove(inst, owner, session_name, record if listed else None)
             if not proof.ours:
                 refused.append(_refusal(session_name, inst, proof))
                 continue

@@ -317,3 +317,27 @@ def test_a_second_runner_waits_for_the_lease_then_finds_the_work_done(runners: R
     assert "lease: waiting for " in waited.stdout and ":pid" in waited.stdout
     # b found a's journal: nothing ran twice
     assert "exited 0" not in waited.stdout and "synced" not in waited.stdout, waited.stdout
+
+
+def test_a_fresh_clone_prunes_a_removed_session_of_its_spec_directory_only(
+    runners: Runners,
+) -> None:
+    a, b = runners.a, runners.b
+    (a.project / ".git").mkdir()  # a repository: spec directories are named by their path in it
+    a.write_spec(SPEC + "---\nname: extra\n")
+    other = a.project / "other"
+    other.mkdir()
+    (other / "session.yaml").write_text("name: third\n")
+    a.run("apply", "session.yaml", check=0)
+    a.run("apply", "other/session.yaml", check=0)
+    runners.clone()
+    b.write_spec(SPEC)  # the commit that removes session `extra`
+    proc = b.run("plan", "session.yaml", check=0)
+    assert "extra" in proc.stdout and "--prune" in proc.stdout, proc.stdout
+    b.run("apply", "--prune", "session.yaml", check=0)
+    project = a.status()["project"]
+    mine = {i["name"] for i in a.instances() if f"ukc.project={project}" in i["tags"]}
+    assert {n.rsplit("-", 1)[-1] for n in mine} == {"demo", "third"}, mine
+    # a's other spec directory is its own: b's prune of this one left it alone
+    with a.api() as client:
+        client.request("DELETE", "/v1/instances", json=[{"name": n} for n in mine])
