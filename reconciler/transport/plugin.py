@@ -111,6 +111,24 @@ class _Route:
         self.instance = instance
         #: False once a request failed to get any answer
         self.active = True
+        #: requests that let the plugin forget an ended process, still under way
+        self._cleanups: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def in_background(self, work: Callable[[], None]) -> None:
+        """Run `work` (clean-up requests) without making the caller wait for it."""
+        thread = threading.Thread(target=work, name="ukc-plugin-cleanup", daemon=True)
+        with self._lock:
+            self._cleanups = [t for t in self._cleanups if t.is_alive()]
+            self._cleanups.append(thread)
+        thread.start()
+
+    def settle(self) -> None:
+        """Wait (bounded) for the clean-ups under way."""
+        with self._lock:
+            cleanups, self._cleanups = self._cleanups, []
+        for thread in cleanups:
+            thread.join(_KILL_S)
 
     def request(
         self,
@@ -396,6 +414,14 @@ class PluginProcess:
         self._sender.stop()
         if not self._route.active:
             return  # no connection: the sandbox's command ends with its stdin
+        if self._exit is not None:
+            # why in the background: an ended command's record costs the sandbox memory, not
+            # the caller time (the next command need not wait for it)
+            self._route.in_background(self._forget)
+            return
+        self._forget()
+
+    def _forget(self) -> None:
         path = f"commands/{self._id}"
         try:
             if self._exit is None:
@@ -480,6 +506,7 @@ class PluginShell:
             procs, self._procs = self._procs, []
         for proc in procs:
             proc.kill()
+        self._route.settle()
         self._route.active = False
 
 

@@ -169,11 +169,11 @@ def test_a_finished_process_is_forgotten_by_the_plugin_at_the_next_start_or_the_
     shell = _connect(fake).shell
     first = shell.start("true")
     assert first.wait(5) == 0
-    shell.start("true")
-    assert ("DELETE", f"commands/{COMMAND}") in [(m, p) for m, p, _ in fake.requests]
-    before = len(fake.requests)
+    second = shell.start("true")
+    assert second.wait(5) == 0
     shell.close()
-    assert ("DELETE", f"commands/{COMMAND}") in [(m, p) for m, p, _ in fake.requests[before:]]
+    deletes = [(m, p) for m, p, _ in fake.requests if m == "DELETE"]
+    assert deletes == [("DELETE", f"commands/{COMMAND}")] * 2
 
 
 def test_a_command_id_that_is_not_a_uuid_never_becomes_part_of_a_request_path() -> None:
