@@ -344,6 +344,11 @@ def plan(
     try:
         pending, failing = _plan(paths, prune, allow_empty, output, status_path, verbose)
     except errors.UkcError as err:
+        if output == "markdown":
+            # the comment a pipeline posts says why there is no plan (stderr has it too)
+            from reconciler.cli.plan_output import render_error_markdown
+
+            click.echo(render_error_markdown(str(err)), nl=False)
         if not detailed_exitcode:
             raise
         # why: with --detailed-exitcode, 2 means "changes pending"; an error must not read so

@@ -30,6 +30,7 @@ __all__ = [
     "PlanDocument",
     "build_document",
     "plan_schema",
+    "render_error_markdown",
     "render_markdown",
 ]
 
@@ -523,3 +524,11 @@ def render_markdown(doc: PlanDocument) -> str:
             lines.append("")
     lines.append(f"<sub>ukc plan, schema version {doc.schema_version}</sub>")
     return "\n".join(lines) + "\n"
+
+
+def render_error_markdown(message: str) -> str:
+    """The comment when there is no plan (a spec that does not load, an unreachable metro)."""
+    return (
+        f"**ukc plan: failed**, no plan was made: {_text(message)}\n\n"
+        f"<sub>ukc plan, schema version {PLAN_SCHEMA_VERSION}</sub>\n"
+    )
