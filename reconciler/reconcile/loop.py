@@ -29,6 +29,7 @@ from reconciler.reconcile.desired import (
     DesiredSession,
     Group,
     instance_credentials,
+    sync_options_for,
     target_for,
 )
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
@@ -45,6 +46,7 @@ from reconciler.status.schema import (
     expiry_time,
     parse_time,
 )
+from reconciler.sync import feed as sync_feed
 from reconciler.transport import select
 from reconciler.transport.pool import TransportPool
 
@@ -150,6 +152,12 @@ def apply_group(
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        # the converged round re-stats only what changed during the first (not the tree)
+        sync_feed.tracking(
+            (sync_options_for(group, s).state_dir, s.directory)
+            for s in group.sessions
+            if only is None or s.spec.name in only
+        ),
         # released after the sessions' phases are journaled, before the status file's lock
         contextlib.ExitStack() as leases,
         unfinished,
@@ -188,7 +196,13 @@ def apply_group(
             if wanted:
                 journals_read.update(wanted)
                 if rebuild.consult(
-                    wanted, obs=obs, doc=doc, metros=metros, pool=kept, reporter=reporter
+                    wanted,
+                    obs=obs,
+                    doc=doc,
+                    metros=metros,
+                    pool=kept,
+                    reporter=reporter,
+                    concurrency=concurrency,
                 ):
                     plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
             if first_plan is None:

@@ -64,6 +64,11 @@ class Journal:
     def exists(self) -> bool:
         return self.ino is not None and self.seq >= 0
 
+    @property
+    def ident(self) -> list[int] | None:
+        """The file as read or written (inode, length): another state has another."""
+        return [self.ino, self.length] if self.exists and self.ino is not None else None
+
     def write(
         self,
         entries: Mapping[str, Entry],

@@ -221,8 +221,11 @@ class _Scan:
         hint: Callable[[], None] | None,
         *,
         incremental: bool,
+        changes: ChangeFeed | None = None,
     ) -> None:
         self.root = root
+        #: watches the directories it lists, when the feed has inotify
+        self.watch = changes.watch if changes is not None and changes.inotify else None
         self.rules = rules
         self.hint = hint
         if incremental:
@@ -237,6 +240,8 @@ class _Scan:
         self.changed: list[str] = []
         self.added = 0
         self.seen: set[str] = set()
+        #: directories to walk afresh whatever the index says
+        self.forced: set[str] = set()
 
     def note(self, rel: str, e: Entry | None, was: Entry | None) -> None:
         self.changed.append(rel)
@@ -249,6 +254,8 @@ class _Scan:
             call()
 
     def walk(self, dir_path: str, rel_dir: str) -> None:
+        if self.watch is not None:
+            self.watch(dir_path, rel_dir)  # before the listing: nothing falls between
         try:
             it = os.scandir(dir_path)
         except (FileNotFoundError, NotADirectoryError):
@@ -307,7 +314,12 @@ class _Scan:
             e = Entry("d", 0, cst.st_mtime_ns, mode & 0o7777, "")
             # another inode: a directory moved or made in its place, whose old children no
             # event names (a revisit walks it afresh)
-            fresh = was is None or was.type != "d" or self.prev_inos.get(rel) != cst.st_ino
+            fresh = (
+                was is None
+                or was.type != "d"
+                or self.prev_inos.get(rel) != cst.st_ino
+                or rel in self.forced
+            )
             if not descend and fresh and was is not None:
                 self.drop_under(rel)
             if e == was and not fresh:
@@ -394,18 +406,16 @@ def scan_local(
     push is coming, which lets the caller open its connection while the walk goes on. It
     decides nothing; the manifest does.
     """
-    state_dir = Path(opts.state_dir)
-    changes = feed_for(state_dir)
-    only = changes.take() if changes is not None else None
+    changes = feed_for(Path(opts.state_dir))
     try:
         with gc_paused():
-            manifest, basis = _scan(opts, rules, on_change, changes, only)
+            manifest, index = _scan(opts, rules, on_change, changes)
     except BaseException:
         if changes is not None:
             changes.note_all()  # what it took was not looked at
         raise
     if changes is not None:
-        changes.basis = basis
+        changes.settle(index.entries, index.ident)
     return manifest
 
 
@@ -414,8 +424,7 @@ def _scan(
     rules: IgnoreRules | None,
     on_change: Callable[[], None] | None,
     changes: ChangeFeed | None,
-    only: set[str] | None,
-) -> tuple[Manifest, object]:
+) -> tuple[Manifest, journal.Journal]:
     root = Path(opts.local_root)
     try:
         st = os.stat(root)
@@ -441,19 +450,16 @@ def _scan(
     ):
         hint = None
         on_change()  # the index is not what we pushed: a push is coming whatever the walk finds
-    incremental = (
-        trusted
-        and only is not None
-        and changes is not None
-        and changes.basis is index.entries
-        and IGNORE_FILE not in only
-    )
-    scan = _Scan(str(root), rules, old, old_inos, hint, incremental=incremental)
+    only = changes.take(index.entries, index.ident) if changes is not None else None
+    incremental = trusted and only is not None and IGNORE_FILE not in only
+    scan = _Scan(str(root), rules, old, old_inos, hint, incremental=incremental, changes=changes)
     if incremental:
         assert only is not None
         # and their directories, whose mtimes moved; parents first: a new directory is
-        # walked whole, and its children are then current
-        targets = only | {p.rpartition("/")[0] for p in only if "/" in p}
+        # walked whole, and its children are then current; "dir/" asks for a walk afresh
+        scan.forced = {p[:-1] for p in only if p.endswith("/")}
+        named = {p.rstrip("/") for p in only}
+        targets = named | {p.rpartition("/")[0] for p in named if "/" in p}
         for rel in sorted(targets, key=lambda p: (p.count("/"), p)):
             scan.revisit(rel)
     else:
@@ -477,7 +483,7 @@ def _scan(
         manifest = Manifest(entries)
         index.write(entries, inos, manifest.meta(), None)
         drop_legacy(state_dir)
-        return manifest, index.entries
+        return manifest, index
     meta = index.meta
     prior = {p: old.get(p) for p in changed}
     key = (meta["digest"], meta["mtimes"])
@@ -485,7 +491,7 @@ def _scan(
         # nothing changed: the index's own state (a walk's equal copy is dropped)
         manifest = Manifest(old, Basis(key, {}))
         manifest._preset(meta)
-        return manifest, index.entries
+        return manifest, index
     manifest = Manifest(entries, Basis(key, prior))
     digest, mtimes = int(meta["digest"], 16), int(meta["mtimes"], 16)
     files, size = meta["files"], meta["bytes"]
@@ -506,4 +512,4 @@ def _scan(
     new_meta = {"digest": _hex(digest), "mtimes": _hex(mtimes), "files": files, "bytes": size}
     manifest._preset(new_meta)
     index.write(entries, inos, new_meta, list(prior))
-    return manifest, index.entries
+    return manifest, index
