@@ -196,7 +196,13 @@ def apply_group(
             if wanted:
                 journals_read.update(wanted)
                 if rebuild.consult(
-                    wanted, obs=obs, doc=doc, metros=metros, pool=kept, reporter=reporter
+                    wanted,
+                    obs=obs,
+                    doc=doc,
+                    metros=metros,
+                    pool=kept,
+                    reporter=reporter,
+                    concurrency=concurrency,
                 ):
                     plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
             if first_plan is None:
