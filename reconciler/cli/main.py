@@ -775,7 +775,7 @@ def follow(
     interval, recording the revision in the status file."""
     from reconciler.reconcile import follow as following
     from reconciler.spec.durations import DurationError, parse_duration
-    from reconciler.spec.gitsource import GitSource, check_ref, source_key
+    from reconciler.spec.gitsource import GitSource, check_ref, is_url, source_key
 
     if suspend and resume:
         raise errors.UsageError("--suspend and --resume exclude each other")
@@ -788,7 +788,9 @@ def follow(
         raise errors.UsageError(f"--interval/--resync: {err}") from None
     if state_dir is None:
         home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        state_dir = Path(home) / "ukc" / "follow" / source_key(repo, ref, path)
+        # a local repository by its real path: `.` here and its full path elsewhere agree
+        named = repo if is_url(repo) else str(Path(repo).resolve())
+        state_dir = Path(home) / "ukc" / "follow" / source_key(named, ref, path)
     if suspend:
         following.suspend(state_dir, "ukc follow --suspend")
         click.echo(f"suspended: {state_dir}")
