@@ -541,20 +541,17 @@ def apply(
         sys.exit(1)
 
 
-def _status_rows(
-    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str], now: float
-) -> list[StatusRow]:
+def _status_rows(groups: Sequence[Group], only: Sequence[str], now: float) -> list[StatusRow]:
     """The sessions the given specs declare (a spec file: only its own), plus, for a
     directory given whole, the sessions its status file remembers that no spec declares;
     as of `now` (a session whose ttl passed shows as Expired: apply or watch deletes it)."""
-    given_dirs = {p.resolve() for p in (paths or [Path(".")]) if p.is_dir()}
     rows: list[StatusRow] = []
     for group in groups:
         doc = journal.load(group.status_path).as_of(now)
         where = str(group.status_path)
         declared = [s.spec.name for s in group.sessions]
         rows.extend(StatusRow(n, where, doc.sessions.get(n)) for n in declared)
-        if group.base_dir.resolve() in given_dirs:
+        if group.only_files is None:
             rows.extend(
                 StatusRow(n, where, rec, declared=False)
                 for n, rec in doc.sessions.items()
@@ -611,7 +608,7 @@ def status_cmd(
     if not any(g.status_path.exists() for g in groups):
         _require_sessions(groups, paths)
     now = time.time()
-    rows = _status_rows(groups, paths, only, now)
+    rows = _status_rows(groups, only, now)
     from reconciler.cli.render import render_source, source_json
 
     followed = {
@@ -775,7 +772,7 @@ def follow(
     interval, recording the revision in the status file."""
     from reconciler.reconcile import follow as following
     from reconciler.spec.durations import DurationError, parse_duration
-    from reconciler.spec.gitsource import GitSource, check_ref, source_key
+    from reconciler.spec.gitsource import GitSource, check_ref, is_url, source_key
 
     if suspend and resume:
         raise errors.UsageError("--suspend and --resume exclude each other")
@@ -788,7 +785,9 @@ def follow(
         raise errors.UsageError(f"--interval/--resync: {err}") from None
     if state_dir is None:
         home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        state_dir = Path(home) / "ukc" / "follow" / source_key(repo, ref, path)
+        # a local repository by its real path: `.` here and its full path elsewhere agree
+        named = repo if is_url(repo) else str(Path(repo).resolve())
+        state_dir = Path(home) / "ukc" / "follow" / source_key(named, ref, path)
     if suspend:
         following.suspend(state_dir, "ukc follow --suspend")
         click.echo(f"suspended: {state_dir}")

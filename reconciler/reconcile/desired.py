@@ -125,6 +125,9 @@ class Group:
     sessions: list[LoadedSession]
     #: `--status PATH` overrides where the status file lives (keys and records stay in .ukc/)
     status_override: Path | None = None
+    #: the names of the spec files given, when the directory was not given whole: the
+    #: directory's other spec files may declare the status file's other sessions
+    only_files: frozenset[str] | None = None
 
     @property
     def status_path(self) -> Path:
@@ -171,6 +174,10 @@ def load_groups(
         for p in targets:
             base = p if p.is_dir() else p.parent
             groups.append(Group(base.resolve(), []))
+    whole = {p.resolve() for p in targets if p.is_dir()}
+    for g in groups:
+        if g.base_dir.resolve() not in whole:
+            g.only_files = frozenset(s.file.name for s in g.sessions)
     if status_override is not None:
         for g in groups:
             g.status_override = status_override

@@ -45,7 +45,15 @@ from reconciler.spec.gitsource import GitSource, Revision
 from reconciler.status import journal
 from reconciler.status.schema import REVISION_HISTORY, RevisionRecord, SourceRecord, StatusDoc
 
-__all__ = ["Attempt", "FollowOptions", "Follower", "is_suspended", "resume", "suspend"]
+__all__ = [
+    "Attempt",
+    "FollowOptions",
+    "Follower",
+    "check_spec_path",
+    "is_suspended",
+    "resume",
+    "suspend",
+]
 
 SUSPEND_FILE = "suspended"
 

@@ -91,7 +91,7 @@ def plan_group(
     owner, salt = _identity(group, environ)
     obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
 
-    the_plan = _plan(obs.desired, obs, doc, now(), prune=prune)
+    the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     wanted = rebuild.worth_reading(the_plan, obs, doc, set())
     if wanted:
         # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
@@ -99,7 +99,9 @@ def plan_group(
         with contextlib.closing(TransportPool()) as pool:
             quiet = RecordingReporter()
             if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
-                the_plan = _plan(obs.desired, obs, doc, now(), prune=prune)
+                the_plan = _plan(
+                    obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files
+                )
     return the_plan, obs
 
 
@@ -110,9 +112,17 @@ def _plan(
     at: float,
     *,
     prune: bool,
+    only_files: frozenset[str] | None,
 ) -> actions.Plan:
     return plan_sessions(
-        desired, obs.instances, doc, at, owner=obs.owner, prune=prune, claimed=obs.claimed
+        desired,
+        obs.instances,
+        doc,
+        at,
+        owner=obs.owner,
+        prune=prune,
+        claimed=obs.claimed,
+        only_files=only_files,
     )
 
 
@@ -191,14 +201,29 @@ def apply_group(
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
 
-            plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
+            plan = _plan(
+                desired, obs, doc, now(), prune=prune and not failed, only_files=group.only_files
+            )
             wanted = rebuild.worth_reading(plan, obs, doc, journals_read)
             if wanted:
                 journals_read.update(wanted)
                 if rebuild.consult(
-                    wanted, obs=obs, doc=doc, metros=metros, pool=kept, reporter=reporter
+                    wanted,
+                    obs=obs,
+                    doc=doc,
+                    metros=metros,
+                    pool=kept,
+                    reporter=reporter,
+                    concurrency=concurrency,
                 ):
-                    plan = _plan(desired, obs, doc, now(), prune=prune and not failed)
+                    plan = _plan(
+                        desired,
+                        obs,
+                        doc,
+                        now(),
+                        prune=prune and not failed,
+                        only_files=group.only_files,
+                    )
             if first_plan is None:
                 first_plan = plan
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)

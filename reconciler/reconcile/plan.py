@@ -414,6 +414,12 @@ def _has_run(record: SessionStatus | None, inst: Instance) -> bool:
     )
 
 
+def _declared_elsewhere(record: SessionStatus | None, only_files: frozenset[str] | None) -> bool:
+    if only_files is None or record is None or not record.spec_file:
+        return False
+    return record.spec_file.rpartition("/")[2] not in only_files
+
+
 def plan_sessions(
     desired: Sequence[DesiredSession],
     observed: Mapping[str, Instance],
@@ -423,6 +429,7 @@ def plan_sessions(
     owner: identity.Owner,
     prune: bool = False,
     claimed: Mapping[str, Instance] | None = None,
+    only_files: frozenset[str] | None = None,
 ) -> actions.Plan:
     """Plan every desired session; with `prune`, also delete our instances no spec declares.
 
@@ -430,7 +437,9 @@ def plan_sessions(
     `claimed` maps session name → instance for those (the session their tags name). A prune
     needs the session in the status inventory under that instance name (or, with the
     project's secret, the instance tagged with this spec directory's group) *and* a proof of
-    ownership; an inventoried one without proof is refused, not deleted.
+    ownership; an inventoried one without proof is refused, not deleted. With `only_files`
+    (the names of the spec files given, not their whole directory), a session another spec
+    file declared when it was last applied is not reported as an orphan.
     """
     sessions = tuple(
         _plan_session(d, observed.get(d.instance_name), status.sessions.get(d.name), now, owner)
@@ -455,7 +464,8 @@ def plan_sessions(
             if not (listed or grouped):
                 continue  # not in our inventory: another checkout's session, not ours to judge
             if not prune:
-                orphans.append((session_name, inst.name))
+                if not _declared_elsewhere(status.sessions.get(session_name), only_files):
+                    orphans.append((session_name, inst.name))
                 continue
             proof = identity.prove(inst, owner, session_name, record if listed else None)
             if not proof.ours:

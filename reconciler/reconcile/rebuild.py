@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
@@ -74,74 +75,100 @@ def consult(
     metros: MetroRegistry,
     pool: TransportPool,
     reporter: Reporter,
+    concurrency: int = 8,
 ) -> list[str]:
-    """Read the journals of `names`; put each one newer than the local record into `doc`.
-    The sessions whose record was replaced (plan them again). Connections stay in `pool`."""
+    """Read the journals of `names` (up to `concurrency` at once); put each one newer than the
+    local record into `doc`. The sessions whose record was replaced (plan them again).
+    Connections stay in `pool`."""
+    lock = threading.Lock()
+
+    def one(name: str) -> bool:
+        return _consult_one(
+            name, obs=obs, doc=doc, metros=metros, pool=pool, reporter=reporter, lock=lock
+        )
+
+    if len(names) <= 1 or concurrency <= 1:
+        done = [one(name) for name in names]
+    else:
+        with ThreadPoolExecutor(min(concurrency, len(names)), "ukc-journal") as workers:
+            done = list(workers.map(one, names))
+    return [name for name, replaced in zip(names, done, strict=True) if replaced]
+
+
+def _consult_one(
+    name: str,
+    *,
+    obs: Observation,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    pool: TransportPool,
+    reporter: Reporter,
+    lock: threading.Lock,
+) -> bool:
     key_root = obs.owner.key_root
     assert key_root is not None
     key = sandboxjournal.journal_key(key_root)
-    replaced = []
-    for name in names:
-        ctx = obs.contexts[name]
-        inst = obs.instances[ctx.desired.instance_name]
+    ctx = obs.contexts[name]
+    inst = obs.instances[ctx.desired.instance_name]
+    with lock:
         rec = doc.sessions.get(name)
-        known = rec.instance if rec is not None else None
-        transport = pool.take(name, inst.uuid)
-        try:
-            if transport is None:
-                kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
-                conn = metros.get(ctx.desired.metro)
-                transport = kind.connect(
-                    target_for(inst, conn),
-                    ctx.credentials,
-                    pin=identity.recorded_pin(known, inst),
-                    deadline_s=CONNECT_TIMEOUT_S,
-                )
-            data = _exchange(
-                transport,
-                f"cat {sandboxjournal.JOURNAL_PATH} 2>/dev/null; true",
-                None,
-                limit=sandboxjournal.MAX_JOURNAL_BYTES,
+    known = rec.instance if rec is not None else None
+    transport = pool.take(name, inst.uuid)
+    try:
+        if transport is None:
+            kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
+            conn = metros.get(ctx.desired.metro)
+            transport = kind.connect(
+                target_for(inst, conn),
+                ctx.credentials,
+                pin=identity.recorded_pin(known, inst),
+                deadline_s=CONNECT_TIMEOUT_S,
             )
-        except errors.UkcError as err:
-            if transport is not None:
-                with contextlib.suppress(Exception):
-                    transport.close()
-            reporter.event(Event(name, "info", f"journal not read: {err}"))
-            continue
-        binding = sandboxjournal.Binding(obs.owner.project, name, inst.uuid)
-        found, why = sandboxjournal.decode(key, binding, data) if data else (None, "")
-        if found is None:
-            if why:
-                reporter.event(Event(name, "info", f"journal in the sandbox ignored: {why}"))
-            pool.keep(name, inst.uuid, transport)
-            continue
-        ours = rec is not None and known is not None and known.uuid == inst.uuid
-        if ours and rec is not None and found.journal_seq <= rec.journal_seq:
-            pool.keep(name, inst.uuid, transport)
-            continue
-        pinned = found.instance.pin if found.instance is not None else None
-        if pinned and pinned != transport.pin:
-            # The sealed record names the sandbox's identity: a connection that saw another
-            # one is not kept, and the executor's own connection is held to the record's pin.
+        data = _exchange(
+            transport,
+            f"cat {sandboxjournal.JOURNAL_PATH} 2>/dev/null; true",
+            None,
+            limit=sandboxjournal.MAX_JOURNAL_BYTES,
+        )
+    except errors.UkcError as err:
+        if transport is not None:
             with contextlib.suppress(Exception):
                 transport.close()
-            reporter.event(
-                Event(
-                    name,
-                    "info",
-                    f"the sandbox presented host key {transport.pin}, its "
-                    f"journal records {pinned}: that connection is not used",
-                )
+        reporter.event(Event(name, "info", f"journal not read: {err}"))
+        return False
+    binding = sandboxjournal.Binding(obs.owner.project, name, inst.uuid)
+    found, why = sandboxjournal.decode(key, binding, data) if data else (None, "")
+    if found is None:
+        if why:
+            reporter.event(Event(name, "info", f"journal in the sandbox ignored: {why}"))
+        pool.keep(name, inst.uuid, transport)
+        return False
+    ours = rec is not None and known is not None and known.uuid == inst.uuid
+    if ours and rec is not None and found.journal_seq <= rec.journal_seq:
+        pool.keep(name, inst.uuid, transport)
+        return False
+    pinned = found.instance.pin if found.instance is not None else None
+    if pinned and pinned != transport.pin:
+        # The sealed record names the sandbox's identity: a connection that saw another one
+        # is not kept, and the executor's own connection is held to the record's pin.
+        with contextlib.suppress(Exception):
+            transport.close()
+        reporter.event(
+            Event(
+                name,
+                "info",
+                f"the sandbox presented host key {transport.pin}, its journal records "
+                f"{pinned}: that connection is not used",
             )
-        else:
-            if found.instance is not None:
-                found.instance.pin = transport.pin
-            pool.keep(name, inst.uuid, transport)
+        )
+    else:
+        if found.instance is not None:
+            found.instance.pin = transport.pin
+        pool.keep(name, inst.uuid, transport)
+    with lock:
         doc.sessions[name] = found
-        replaced.append(name)
-        reporter.event(Event(name, "info", "status rebuilt from the sandbox's journal"))
-    return replaced
+    reporter.event(Event(name, "info", "status rebuilt from the sandbox's journal"))
+    return True
 
 
 def leave_journal(

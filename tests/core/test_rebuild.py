@@ -145,3 +145,39 @@ def test_a_journal_is_read_only_where_the_record_may_be_behind() -> None:
     # nor where no key nonce says the journal is a secret holder's, or the sandbox is down
     assert rebuild.worth_reading(idle, world(instance(desired())), StatusDoc(), set()) == []
     assert rebuild.worth_reading(idle, world(tagged(state="stopped")), StatusDoc(), set()) == []
+
+
+def test_the_journals_of_many_sessions_are_read_at_once() -> None:
+    import threading
+
+    names = ["s1", "s2", "s3"]
+    together = threading.Barrier(len(names), timeout=10)
+    pool = TransportPool()
+    contexts, instances = {}, {}
+    for name in names:
+        d = desired(name=name, instance_name=identity.instance_name(PROJECT, name))
+        inst = instance(d, uuid=f"u-{name}", tags=(*d.tags, sessionkeys.key_tag(NONCE)))
+        contexts[name] = SimpleNamespace(desired=d, credentials=None)
+        instances[inst.name] = inst
+        binding = sandboxjournal.Binding(PROJECT, name, inst.uuid)
+        journal = sandboxjournal.encode(
+            sandboxjournal.journal_key(ROOT), binding, written_by_another_runner(inst, "p")
+        )
+
+        class Slow(_Transport):
+            def start(self, command: str) -> _Proc:
+                together.wait()  # every session's read has begun before any ends
+                return super().start(command)
+
+        pool.keep(name, inst.uuid, Slow(journal, "p"))  # type: ignore[arg-type]
+    obs = SimpleNamespace(owner=OWNER, contexts=contexts, instances=instances)
+    doc = StatusDoc()
+    replaced = rebuild.consult(
+        names,
+        obs=obs,
+        doc=doc,
+        metros=None,  # type: ignore[arg-type]
+        pool=pool,
+        reporter=RecordingReporter(),
+    )
+    assert replaced == names and sorted(doc.sessions) == names

@@ -4,6 +4,7 @@ followed in order, a broken one prunes nothing, suspend holds it, SIGTERM stops 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -271,3 +272,16 @@ def test_the_applied_revision_is_applied_again_at_resync_and_a_deleted_instance_
     assert [(r["revision"], r["outcome"]) for r in status["revisions"]] == [(sha, "applied")]
     assert status["last_attempted_at"] >= status["source"]["applied_at"]
     assert "resyncing" not in follow.once().stdout, "the default resync waits 10 minutes"
+
+
+def test_the_default_state_directory_names_a_local_repository_by_its_real_path(
+    follow: Follow, ukc: Ukc
+) -> None:
+    follow.repo.commit("add", {"specs/a.yaml": "name: a\n"})
+    env = {"XDG_STATE_HOME": str(ukc.project / "xdg")}
+    ukc.extra_env.update(env)
+    relative = os.path.relpath(follow.repo.path, ukc.project)
+    said = ukc.run("follow", relative, "--path", "specs", "--suspend", check=0).stdout
+    again = ukc.run("follow", str(follow.repo.path), "--path", "specs", "--resume", check=0)
+    assert said.split(": ", 1)[1] == again.stdout.split(": ", 1)[1]
+    assert again.stdout.startswith("resumed: ")
