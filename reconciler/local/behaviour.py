@@ -145,7 +145,7 @@ PRESETS: dict[str, Behaviour] = {
     ),
 }
 
-DEFAULT_PRESET = "kind"
+DEFAULT_PRESET = "realistic"
 
 
 def from_env(environ: Mapping[str, str]) -> Behaviour:

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.errors import LocalMetroError
-from reconciler.local import behaviour
+from reconciler.local.behaviour import from_env as behaviour_from_env
 from reconciler.local.api.app import create_app
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.daemon import check_prerequisites, private_dir
@@ -76,7 +76,7 @@ async def serve(
     token = load_or_create_token(state_dir)
     loop = asyncio.get_running_loop()
     metro = LocalMetro(
-        state_dir, app_domain=app_domain, limits=limits, behaviour=behaviour.from_env(os.environ)
+        state_dir, app_domain=app_domain, limits=limits, behaviour=behaviour_from_env(os.environ)
     )
     metro.bind_loop(loop)
     runtime = SandboxRuntime(
@@ -98,6 +98,7 @@ async def serve(
         on_activity=metro.on_activity,
         should_drop=faults.take_edge_drop,
         host=EDGE_HOST,
+        gateway_timeout=lambda: metro.behaviour.gateway_timeout_s,
     )
     stop_event = asyncio.Event()
     api_port = 0
