@@ -21,8 +21,8 @@ from aiohttp import web
 
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.errors import LocalMetroError
-from reconciler.local.behaviour import from_env as behaviour_from_env
 from reconciler.local.api.app import create_app
+from reconciler.local.behaviour import from_env as behaviour_from_env
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.daemon import check_prerequisites, private_dir
 from reconciler.local.edge import Edge, Route

@@ -212,7 +212,7 @@ class LocalMetro:
                         rec.uuid,
                         env=dict(rec.env),
                         memory_mb=rec.memory_mb,
-                        boot=self.behaviour.boot_options(),
+                        boot=self.behaviour.boot_options(rec.image),
                     )
             except Exception as exc:  # any runtime failure ends this boot as a platform stop
                 self._log(rec, f"boot failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
