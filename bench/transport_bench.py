@@ -14,7 +14,7 @@ first. Figures, from the wall clock and the status file's phase timings:
   full sync   its `sync_s` (the whole tree to a new instance)
   exec        the median `duration_s` of 10 commands `true`
   sync-back   its `syncback_s` (a command wrote 40 files x 512 KiB into out/)
-  output      MB/s of a command printing OUTPUT_MB through `ukc apply`
+  output      the `duration_s` of a command printing OUTPUT_MB through `ukc apply`
   edit sync   `sync_s` of an apply after one file changed
 Prints the medians and ratio = plugin / ssh (below 1: the plugin transport is faster).
 """
@@ -76,7 +76,7 @@ def one_side(
         env.ukc(["apply", "s.yaml"], proj)
         rec = session_status(proj, "tb")
         (dur,) = [c["duration_s"] for c in rec["commands"] if c["name"] == "loud"]
-        out["output"] = output_mb / dur
+        out["output"] = dur
 
         edited = next(p for p in sorted((proj / "tree").rglob("*")) if p.is_file())
         edited.write_bytes(edited.read_bytes() + b"edit\n")
@@ -113,9 +113,8 @@ def main() -> None:
         for figure in FIGURES:
             ssh = statistics.median(r[figure] for r in results["ssh"])
             plug = statistics.median(r[figure] for r in results["plugin"])
-            unit = "MB/s" if figure == "output" else "s"
             ratio = plug / ssh if ssh else float("nan")
-            print(f"{figure:<11} {ssh:>8.3f}{unit:<2} {plug:>8.3f}{unit:<2} {ratio:>10.2f}x")
+            print(f"{figure:<11} {ssh:>9.3f}s {plug:>9.3f}s {ratio:>10.2f}x")
     finally:
         env.close()
         if not os.environ.get("BENCH_KEEP"):

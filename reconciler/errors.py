@@ -28,6 +28,7 @@ values, private keys). The CLI prints that line and maps the class to an exit co
     │   └── SyncLimitError        a sync-back stopped at one of its `sync.back_max_*` caps
     ├── CommandFailedError        a session command exited non-zero or timed out
     ├── LocalMetroError           the embedded local metro could not start or answer
+    ├── SourceError               the followed git repository could not be fetched or read
     └── ConvergenceError          apply did not converge within its round cap
 """
 
@@ -51,6 +52,7 @@ __all__ = [
     "RateLimitedError",
     "RemoteError",
     "SandboxNotReadyError",
+    "SourceError",
     "SpecError",
     "SyncError",
     "SyncHaltedError",
@@ -225,6 +227,11 @@ class StoppedByUserError(UkcError):
 
 class LocalMetroError(UkcError):
     """The embedded local metro could not be started or did not answer."""
+
+
+class SourceError(UkcError):
+    """The followed git repository could not be fetched or checked out (never names the
+    credentials a URL carries)."""
 
 
 class ConvergenceError(UkcError):

@@ -10,14 +10,18 @@ exec` and `ukc ssh CMD` exit with the remote command's code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeVar
 
 import click
@@ -28,8 +32,8 @@ from reconciler.cli.render import (
     plan_json,
     render_plan,
     render_status,
+    status_document,
     status_exit_code,
-    status_json,
 )
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.spec.loader import LoadedSession, load_specs
@@ -48,13 +52,13 @@ _paths_arg = click.argument(
 
 ENVIRONMENT_HELP = """\b
 Environment:
-  UKC_TOKEN            token of a remote metro (sent only to https://api.<metro>.unikraft.cloud)
-  UKC_METRO            default metro of specs without one: local, a code (fra) or a URL
+  UKC_TOKEN            token of a remote metro (sent only to its official API)
+  UKC_METRO            default metro: local, a code (fra) or a URL
   UKC_SANDBOX_IMAGE    default image of specs without one
   UKC_PROJECT          stable project id (CI: checkout paths differ)
-  UKC_SESSION_SECRET   shared owner secret (>= 16 chars): every holder owns the instances
-  UKC_METRO_TOKEN      token for the metro URL your environment names, instead of UKC_TOKEN
-  UKC_METRO_ALLOW      metro URLs spec files may name (comma or space separated)
+  UKC_SESSION_SECRET   owner secret (>= 16 chars) shared by checkouts and CI
+  UKC_METRO_TOKEN      token for a metro URL you name (instead of UKC_TOKEN)
+  UKC_METRO_ALLOW      metro URLs spec files may name (comma, space separated)
   UKC_LOCAL_STATE_DIR  where the local metro keeps its state
   UKC_LOCAL_MAX_PIDS   task limit of each local sandbox (default 512)
   UKC_WARM=0           no warm process (UKC_WARM_DIR, UKC_WARM_IDLE_S tune it)
@@ -63,10 +67,11 @@ Environment:
 EXIT_CODES_HELP = """\b
 Exit codes:
   0    success
-  1    an action or a command failed (plan: apply would fail; status --exit-code: a
-       session is Failed)
-  2    invalid usage or spec (plan --detailed-exitcode: changes pending; errors are 1)
-  3    status --exit-code: a session is pending, in progress, interrupted or expired
+  1    an action or a command failed (plan: apply would fail;
+       status --exit-code: a session is Failed)
+  2    invalid usage or spec (plan --detailed-exitcode: changes
+       pending, and errors are 1)
+  3    status --exit-code: a session is not Ready yet
   130  interrupted (Ctrl-C)
   ukc exec and ukc ssh CMD exit with the remote command's code."""
 
@@ -134,7 +139,8 @@ def _lock_timeout_option(fn: F) -> F:
         default=0.0,
         show_default=True,
         metavar="SECONDS",
-        help="How long to wait when another ukc holds the status file's lock.",
+        help="How long to wait when another ukc holds the status file's lock (or, with "
+        "UKC_PROJECT, the project's lease).",
     )(fn)
 
 
@@ -177,11 +183,15 @@ def _check_sessions(only: Sequence[str], known: Sequence[str]) -> None:
     """`--session NAME` must name a session: a typo would otherwise do nothing, silently."""
     missing = [name for name in only if name not in known]
     if missing:
-        listed = ", ".join(sorted(set(known))) or "none"
-        raise errors.UsageError(
-            f"no session {', '.join(repr(m) for m in missing)} in the given specs "
-            f"(known sessions: {listed})"
-        )
+        raise _no_session(missing, known)
+
+
+def _no_session(missing: Sequence[str], known: Sequence[str]) -> errors.UsageError:
+    listed = ", ".join(sorted(set(known))) or "none"
+    return errors.UsageError(
+        f"no session {', '.join(repr(m) for m in missing)} in the given specs "
+        f"(known sessions: {listed})"
+    )
 
 
 def _declared(groups: Sequence[Group]) -> list[str]:
@@ -232,9 +242,9 @@ def _metros() -> Any:
         [
             """\b
 Examples:
-  ukc apply specs/hello.yaml      create, sync, run the commands, bring outputs back
-  ukc plan --detailed-exitcode    what apply would do (CI: 2 = changes pending)
-  ukc status --exit-code          what the last apply recorded (CI: 0 = all Ready)
+  ukc apply specs/hello.yaml      create, sync, run, bring outputs back
+  ukc plan --detailed-exitcode    what apply would do (2: changes pending)
+  ukc status --exit-code          what apply recorded (0: all Ready)
   ukc ssh hello                   a shell in session hello
   ukc exec hello -- make test     one command in session hello, its exit code
   ukc delete specs/hello.yaml     remove the session""",
@@ -334,6 +344,11 @@ def plan(
     try:
         pending, failing = _plan(paths, prune, allow_empty, output, status_path, verbose)
     except errors.UkcError as err:
+        if output == "markdown":
+            # the comment a pipeline posts says why there is no plan (stderr has it too)
+            from reconciler.cli.plan_output import render_error_markdown
+
+            click.echo(render_error_markdown(str(err)), nl=False)
         if not detailed_exitcode:
             raise
         # why: with --detailed-exitcode, 2 means "changes pending"; an error must not read so
@@ -387,16 +402,23 @@ def _plan(
 
 
 @cli.command(
-    short_help="Print the JSON Schema of a spec or of a plan.",
+    short_help="Print the JSON Schema of a spec, a plan or a status.",
     epilog="""\b
 Examples:
   ukc schema > session.schema.json    for editors: first line of a spec file
                                       # yaml-language-server: $schema=session.schema.json
-  ukc schema plan                     the document `ukc plan -o json` prints""",
+  ukc schema plan                     the document `ukc plan -o json` prints
+  ukc schema status                   the document `ukc status -o json` prints""",
 )
-@click.argument("what", type=click.Choice(["session", "plan"]), default="session")
+@click.argument("what", type=click.Choice(["session", "plan", "status"]), default="session")
 def schema(what: str) -> None:
-    """Print a JSON Schema: of a session spec document (for editors), or of `plan --output json`."""
+    """Print a JSON Schema: of a session spec document (for editors), of `plan --output json`
+    or of `status --output json`."""
+    if what == "status":
+        from reconciler.cli.render import status_schema
+
+        click.echo(json.dumps(status_schema(), indent=2))
+        return
     if what == "plan":
         from reconciler.cli.plan_output import plan_schema
 
@@ -412,9 +434,8 @@ def schema(what: str) -> None:
     epilog="""\b
 Examples:
   ukc apply specs/hello.yaml           one spec file
-  ukc apply specs/ --prune             also delete owned sessions no spec declares
-  ukc apply --session web --session db
-                                       only these two sessions of the current directory
+  ukc apply specs/ --prune             also delete sessions no spec declares
+  ukc apply --session web --session db only these two sessions
   ukc apply -o json > result.json      a machine-readable summary
 
 Ctrl-C stops the command in flight (SIGTERM, 5 s, SIGKILL) and records phase Interrupted;
@@ -520,20 +541,17 @@ def apply(
         sys.exit(1)
 
 
-def _status_rows(
-    groups: Sequence[Group], paths: Sequence[Path], only: Sequence[str], now: float
-) -> list[StatusRow]:
+def _status_rows(groups: Sequence[Group], only: Sequence[str], now: float) -> list[StatusRow]:
     """The sessions the given specs declare (a spec file: only its own), plus, for a
     directory given whole, the sessions its status file remembers that no spec declares;
     as of `now` (a session whose ttl passed shows as Expired: apply or watch deletes it)."""
-    given_dirs = {p.resolve() for p in (paths or [Path(".")]) if p.is_dir()}
     rows: list[StatusRow] = []
     for group in groups:
         doc = journal.load(group.status_path).as_of(now)
         where = str(group.status_path)
         declared = [s.spec.name for s in group.sessions]
         rows.extend(StatusRow(n, where, doc.sessions.get(n)) for n in declared)
-        if group.base_dir.resolve() in given_dirs:
+        if group.only_files is None:
             rows.extend(
                 StatusRow(n, where, rec, declared=False)
                 for n, rec in doc.sessions.items()
@@ -547,16 +565,17 @@ def _status_rows(
     "status",
     short_help="Show what the last apply recorded.",
     epilog="""\b
-Columns: NAME, PHASE (Pending, Progressing, Ready, Failed, Interrupted, Deleted, Expired),
-AGE (of the instance), TTL LEFT (until the session's ttl expires), LAST APPLY, INSTANCE;
-each session's commands below it.
+Columns: NAME, PHASE (Pending, Progressing, Ready, Failed, Interrupted,
+Deleted, Expired), AGE (of the instance), TTL LEFT (until the session's
+ttl passes), LAST APPLY, INSTANCE; each session's commands below it.
 
 \b
 Examples:
   ukc status                           the sessions of the current directory
   ukc status calc.yaml --session calc  one session
-  ukc status --exit-code               CI: 0 all Ready, 1 one Failed, 3 one not Ready yet
-  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'""",
+  ukc status --exit-code               0 all Ready, 1 one Failed, 3 not yet
+  ukc status -o json | jq '.sessions[] | {name, phase, ttl_left_s}'
+                                       (schema: ukc schema status)""",
 )
 @_paths_arg
 @_output_option
@@ -589,12 +608,27 @@ def status_cmd(
     if not any(g.status_path.exists() for g in groups):
         _require_sessions(groups, paths)
     now = time.time()
-    rows = _status_rows(groups, paths, only, now)
+    rows = _status_rows(groups, only, now)
+    from reconciler.cli.render import render_source, source_json
+
+    followed = {
+        str(g.status_path): doc
+        for g in groups
+        if g.status_path.exists() and source_json(doc := journal.load(g.status_path)) is not None
+    }
     if output == "json":
-        click.echo(json.dumps(status_json(rows, now), indent=2, sort_keys=True))
+        document = status_document(rows, now)
+        for path, doc in followed.items():
+            found = source_json(doc)
+            if found is not None:
+                document.sources[path] = found
+        click.echo(document.model_dump_json(indent=2))
     else:
         for line in render_status(rows, now):
             click.echo(line)
+        for doc in followed.values():
+            for line in render_source(doc, now):
+                click.echo(line)
     if exit_code:
         sys.exit(status_exit_code(rows))
 
@@ -661,11 +695,149 @@ def delete(
 
 
 @cli.command(
+    short_help="Follow a git repository: apply each new revision of its specs.",
+    epilog="""\b
+Examples:
+  ukc follow https://github.com/me/infra --path specs --prune
+                                  every minute: a new commit on main is applied
+  ukc follow . --ref release --once
+                                  one check (for cron); exit 1 when it did not apply
+  ukc follow REPO --suspend       pause a running follower (--resume to continue)
+
+The status file beside the specs in the checkout records `source` (url, ref, revision,
+applied_at), `last_applied_revision` and `last_attempted_revision`. A revision whose specs
+do not load applies and prunes nothing. SIGINT/SIGTERM stop it (an apply in flight stops as
+on Ctrl-C).""",
+)
+@click.argument("repo")
+@click.option("--ref", default="main", show_default=True, help="The branch or tag to follow.")
+@click.option(
+    "--path",
+    "spec_path",
+    default="",
+    metavar="PATH",
+    help="The specs' directory or file inside the repository (default: its root).",
+)
+@click.option(
+    "--interval",
+    default="1m",
+    show_default=True,
+    metavar="DURATION",
+    help="How often to check the ref (90s, 5m, 1h).",
+)
+@click.option(
+    "--resync",
+    default="10m",
+    show_default=True,
+    metavar="DURATION|off",
+    help="Apply the current revision again once this long passed since it last converged "
+    "(drift, ttls); off: only new revisions.",
+)
+@click.option("--once", is_flag=True, help="Check once and exit (cron, CI).")
+@click.option("--prune", is_flag=True, help="Delete sessions a revision no longer declares.")
+@click.option(
+    "--allow-empty", is_flag=True, help="Allow --prune when a revision declares no session."
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Where the follower keeps its repository and checkout "
+    "(default: $XDG_STATE_HOME/ukc/follow/<source>).",
+)
+@click.option("--suspend", is_flag=True, help="Mark the follower suspended, then exit.")
+@click.option("--resume", is_flag=True, help="Remove the suspend mark, then exit.")
+@_concurrency_option
+@_lock_timeout_option
+@_debug_option
+@_guard
+def follow(
+    repo: str,
+    ref: str,
+    spec_path: str,
+    interval: str,
+    resync: str,
+    once: bool,
+    prune: bool,
+    allow_empty: bool,
+    state_dir: Path | None,
+    suspend: bool,
+    resume: bool,
+    concurrency: int,
+    lock_timeout: float,
+    debug: bool,
+) -> None:
+    """Apply each new revision of a git repository's specs (validate, plan, apply), at an
+    interval, recording the revision in the status file."""
+    from reconciler.reconcile import follow as following
+    from reconciler.spec.durations import DurationError, parse_duration
+    from reconciler.spec.gitsource import GitSource, check_ref, is_url, source_key
+
+    if suspend and resume:
+        raise errors.UsageError("--suspend and --resume exclude each other")
+    path = following.check_spec_path(spec_path)
+    check_ref(ref)
+    try:
+        every = float(parse_duration(interval))
+        again = None if resync == "off" else float(parse_duration(resync))
+    except DurationError as err:
+        raise errors.UsageError(f"--interval/--resync: {err}") from None
+    if state_dir is None:
+        home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        # a local repository by its real path: `.` here and its full path elsewhere agree
+        named = repo if is_url(repo) else str(Path(repo).resolve())
+        state_dir = Path(home) / "ukc" / "follow" / source_key(named, ref, path)
+    if suspend:
+        following.suspend(state_dir, "ukc follow --suspend")
+        click.echo(f"suspended: {state_dir}")
+        return
+    if resume:
+        found = following.resume(state_dir)
+        click.echo(f"resumed: {state_dir}" if found else f"was not suspended: {state_dir}")
+        return
+    source = GitSource(repo, ref, state_dir, environ=os.environ)
+    metros = _metros()
+    reporter = _reporter("text")
+    follower = following.Follower(
+        source,
+        following.FollowOptions(
+            path=path,
+            interval_s=every,
+            prune=prune,
+            allow_empty=allow_empty,
+            concurrency=concurrency,
+            lock_timeout_s=lock_timeout,
+            resync_s=again,
+        ),
+        metros=metros,
+        reporter=reporter,
+        environ=os.environ,
+    )
+    follower.install_signal_handlers()
+    reporter.event(
+        _follow_event(f"following {source.url} {ref}{' ' + path if path else ''} in {state_dir}")
+    )
+    try:
+        code = follower.run(once=once)
+    finally:
+        reporter.close()
+        metros.close()
+    sys.exit(code)
+
+
+def _follow_event(text: str) -> Any:
+    from reconciler.reconcile.events import Event
+
+    return Event("follow", "info", text)
+
+
+@cli.command(
     short_help="Converge, then follow edits of files and specs.",
     epilog="""\b
 Examples:
   ukc watch                       the specs in the current directory
-  ukc watch specs/ --down         delete the sessions when watch stops (Ctrl-C)""",
+  ukc watch specs/ --down         delete the sessions when watch stops""",
 )
 @_paths_arg
 @click.option("--prune", is_flag=True, help="Delete sessions removed from the specs.")
@@ -697,6 +869,8 @@ def watch(
     """
     from reconciler.reconcile.watch import Watcher, WatchOptions
 
+    # an empty spec set is a wrong path, not something to follow: said before anything starts
+    _require_sessions(_load(paths, None), paths)
     metros = _metros()
     reporter = _reporter("text")
     watcher = Watcher(
@@ -718,6 +892,359 @@ def watch(
         reporter.close()
         metros.close()
     sys.exit(code)
+
+
+def _file_option(fn: F) -> F:
+    return click.option(
+        "-f",
+        "--file",
+        "files",
+        multiple=True,
+        type=click.Path(path_type=Path),
+        metavar="PATH",
+        help="Spec file or directory declaring the session (repeatable; default: the "
+        "current directory).",
+    )(fn)
+
+
+def _session_group(files: Sequence[Path], name: str) -> Group:
+    """The group (status file) of the session `name` among the specs in `files`."""
+    groups = _load(list(files), None)
+    _require_sessions(groups, files)
+    for group in groups:
+        if any(s.spec.name == name for s in group.sessions):
+            return group
+    raise _no_session([name], _declared(groups))
+
+
+def _write_fd(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops(stop: threading.Event, what: str) -> Iterator[None]:
+    """Ctrl-C sets `stop` (the command in flight is stopped: TERM, grace, KILL) and says so;
+    a second one quits at once."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        click.echo(f"interrupt: stopping {what}… (Ctrl-C again to quit now)", err=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@cli.command(
+    short_help="A shell (or a command) in a session's sandbox.",
+    epilog="""\b
+Examples:
+  ukc ssh hello                       an interactive login shell in /workspace
+  ukc ssh -f specs/ hello             the session declared under specs/
+  ukc ssh hello -- uname -a           one command (no terminal unless -t)
+  ukc ssh hello < script.sh           a script on stdin
+
+It connects as apply does: through the metro's TLS edge with the session's key
+(.ukc/keys/NAME), and only to the instance the status file records, presenting the host key
+recorded there (a changed key is refused: `ukc apply` replaces a lost instance). The shell
+gets the login environment, not the session's env (ukc exec has it). Exit code: the remote
+shell's or command's.""",
+)
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_file_option
+@click.option("-t", "--tty", is_flag=True, help="A pseudo-terminal for COMMAND too (as ssh -t).")
+@_debug_option
+@_guard
+def ssh(
+    name: str, command: tuple[str, ...], files: tuple[Path, ...], tty: bool, debug: bool
+) -> None:
+    """Open a shell, or run COMMAND, in session NAME's sandbox over SSH through the TLS
+    edge, with the session's key and pinned host key. With no COMMAND and a terminal, an
+    interactive login shell in /workspace (keys, Ctrl-C and window size go to the sandbox);
+    `exit` or Ctrl-D ends it."""
+    from reconciler.cli.terminal import StdioTerminal
+    from reconciler.reconcile import access
+
+    group = _session_group(files, name)
+    metros = _metros()
+    try:
+        reached = access.reach(group, name, metros, os.environ)
+        transport = access.connect(reached)
+        try:
+            terminal = StdioTerminal()
+            size = terminal.size() if (tty or not command) else None
+            line = access.LOGIN_SHELL
+            if command:
+                line = "cd /workspace 2>/dev/null; " + access.command_line(command)
+            process = transport.start_terminal(line, term=terminal.term(), size=size)
+            with terminal.raw() if size is not None else contextlib.nullcontext():
+                code = access.interact(process, terminal)
+        finally:
+            transport.close()
+    finally:
+        metros.close()
+    sys.exit(code)
+
+
+@cli.command(
+    "exec",
+    short_help="Run one command in a session, exit with its code.",
+    epilog="""\b
+Examples:
+  ukc exec hello -- make test             output as it comes, its exit code
+  ukc exec hello -- 'make && make test'   one argument: a shell command line
+  ukc exec -f specs/ hello -- ls -la out  several: exactly those arguments
+  ukc exec hello --timeout 60 -- ./slow   stopped after 60 s (exit 124)
+
+The command runs in /workspace under the session's shell, with its env and the secret_env
+values this environment has (sent on the command's stdin, never on a command line); secret
+values in its output are masked (***). It is not recorded in the status file and does not
+sync files: `ukc apply` does. Ctrl-C stops it (TERM, 5 s, KILL; exit 130).""",
+)
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_file_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Stop the command after this long (TERM, then KILL); exit 124.",
+)
+@_debug_option
+@_guard
+def exec_cmd(
+    name: str,
+    command: tuple[str, ...],
+    files: tuple[Path, ...],
+    timeout: float | None,
+    debug: bool,
+) -> None:
+    """Run COMMAND once in session NAME's sandbox, as apply runs the session's commands
+    (same directory, shell, environment, redaction) but unrecorded; exit with its code."""
+    from reconciler.reconcile import access
+
+    line = access.command_line(command)
+    group = _session_group(files, name)
+    metros = _metros()
+    stop = threading.Event()
+    try:
+        reached = access.reach(group, name, metros, os.environ)
+        transport = access.connect(reached)
+        try:
+            with _ctrl_c_stops(stop, f"the command in session {name}"):
+                code = access.exec_command(
+                    reached,
+                    transport,
+                    line,
+                    os.environ,
+                    out=_write_fd(1),
+                    err=_write_fd(2),
+                    warn=lambda message: click.echo(f"warning: {message}", err=True),
+                    stop=stop.is_set,
+                    timeout_s=timeout,
+                )
+        finally:
+            transport.close()
+    finally:
+        metros.close()
+    sys.exit(code)
+
+
+@cli.command(
+    short_help="A session's console log and its commands' last output.",
+    epilog="""\b
+Examples:
+  ukc logs hello                  the console, then each command's last output
+  ukc logs hello --lines 50       the console's last 50 lines
+  ukc logs hello -F               follow the console (Ctrl-C stops)
+  ukc logs hello --no-commands    the console only
+
+The console is the sandbox's (its services' output, boot messages) as the platform API
+keeps it; the commands' output is what the last apply recorded (the status file keeps the
+last 64 KiB of each stream). Control characters are shown escaped (the sandbox writes
+them); secret values are masked.""",
+)
+@click.argument("name")
+@_file_option
+@click.option(
+    "--lines",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Only the console's last N lines.",
+)
+@click.option(
+    "-F", "--follow", is_flag=True, help="Keep printing the console as it grows (Ctrl-C stops)."
+)
+@click.option("--no-commands", is_flag=True, help="Leave out the commands' recorded output.")
+@_debug_option
+@_guard
+def logs(
+    name: str,
+    files: tuple[Path, ...],
+    lines: int | None,
+    follow: bool,
+    no_commands: bool,
+    debug: bool,
+) -> None:
+    """Show session NAME's console log (through the UKC API), then the last output of its
+    commands from the status file."""
+    from reconciler.cli.render import printable
+    from reconciler.reconcile import access
+    from reconciler.reconcile.desired import session_env
+    from reconciler.reconcile.redaction import Redactor
+
+    group = _session_group(files, name)
+    loaded, record = access.recorded(group, name)
+    _, secrets, _ = session_env(loaded.spec, os.environ)
+    redact = Redactor(v for v in secrets.values() if v)
+    metros = _metros()
+    try:
+        try:
+            reached = access.reach(group, name, metros, os.environ, connecting=False)
+        except errors.UsageError as err:
+            if follow or no_commands:
+                raise
+            # the commands' output is in the status file even when the instance is gone
+            click.echo(f"warning: no console: {err}", err=True)
+            reached = None
+        console = None
+        if reached is not None:
+            tail = None if lines is None else max(64 * 1024, lines * 512)
+            console = access.console_log(reached, tail_bytes=tail)
+            text = console.data.decode(errors="replace")
+            if lines is not None:
+                text = "\n".join(text.rstrip("\n").split("\n")[-lines:]) + "\n"
+            inst = reached.instance
+            click.echo(f"== console of {inst.name} (uuid {inst.uuid}, {inst.state}) ==")
+            click.echo(printable(redact(text)), nl=False)
+        if not no_commands:
+            for cmd in access.last_outputs(record):
+                state = f"exit {cmd.exit_code}"
+                if cmd.timed_out:
+                    state = "timed out"
+                if cmd.interrupted:
+                    state = "interrupted"
+                when = f", finished {cmd.finished_at}" if cmd.finished_at else ""
+                click.echo(f"== command {cmd.name} ({state}{when}) ==")
+                for label, body in (("stdout", cmd.stdout), ("stderr", cmd.stderr)):
+                    if body:
+                        click.echo(f"-- {label} --")
+                        click.echo(printable(redact(body)), nl=not body.endswith("\n"))
+        if follow and reached is not None and console is not None:
+            click.echo("== following the console (Ctrl-C stops) ==")
+            stop = threading.Event()
+
+            def quit_following(signum: int, frame: FrameType | None) -> None:
+                stop.set()
+
+            previous = signal.signal(signal.SIGINT, quit_following)
+            try:
+                for chunk in access.follow_log(reached, console.available_end, stop=stop.is_set):
+                    click.echo(printable(redact(chunk.decode(errors="replace"))), nl=False)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+    finally:
+        metros.close()
+
+
+@cli.command(
+    "ls",
+    short_help="The sessions on a metro, across projects.",
+    epilog="""\b
+Examples:
+  ukc ls                          the local metro (or $UKC_METRO)
+  ukc ls --metro fra -o json      a UKC metro, machine-readable
+
+Every instance ukc made on the metro, whatever its project, as its tags describe it:
+NAME (the session), PROJECT (`(here)`: this directory's), STATE, AGE, TTL LEFT (by the ttl
+it was created with), OURS (`yes` when its owner tag proves it is this checkout's or
+UKC_SESSION_SECRET's), INSTANCE. Tags are claims: only OURS is a proof.""",
+)
+@click.option(
+    "--metro",
+    default=None,
+    help="The metro to list: local, a code (fra) or a URL. Default: $UKC_METRO, else local.",
+)
+@_output_option
+@_debug_option
+@_guard
+def ls(metro: str | None, output: str, debug: bool) -> None:
+    """List the sessions ukc made on a metro, across projects: NAME PROJECT STATE AGE
+    TTL LEFT."""
+    from reconciler.cli.render import render_table, span
+    from reconciler.reconcile import access, identity
+    from reconciler.reconcile.plan import parse_time
+
+    chosen = metro or os.environ.get("UKC_METRO") or "local"
+    here = Group(Path(".").resolve(), [])
+    here_project = identity.project_id(here.base_dir, os.environ)
+    metros = _metros()
+    try:
+        found = access.list_sessions(metros.get(chosen), os.environ, here)
+    finally:
+        metros.close()
+    now = time.time()
+    rows: list[dict[str, Any]] = []
+    for item in found:
+        created = parse_time(item.instance.created_at)
+        ttl_left = None
+        if created is not None and item.ttl_s is not None:
+            ttl_left = int(created + item.ttl_s - now)
+        rows.append(
+            {
+                "name": item.session,
+                "project": item.project,
+                "here": item.project == here_project,
+                "state": item.instance.state,
+                "age_s": None if created is None else int(now - created),
+                "ttl_left_s": ttl_left,
+                "ours": item.ours,
+                "instance": item.instance.name,
+                "uuid": item.instance.uuid,
+                "metro": chosen,
+            }
+        )
+    if output == "json":
+        click.echo(json.dumps({"version": 1, "metro": chosen, "sessions": rows}, indent=2))
+        return
+    if not rows:
+        click.echo(f"no ukc sessions on metro {chosen}")
+        return
+    table = [
+        (
+            r["name"],
+            r["project"] + (" (here)" if r["here"] else ""),
+            r["state"],
+            "-" if r["age_s"] is None else span(r["age_s"]),
+            _ttl_left(r["ttl_left_s"]),
+            "yes" if r["ours"] else "no",
+            r["instance"],
+        )
+        for r in rows
+    ]
+    header = ("NAME", "PROJECT", "STATE", "AGE", "TTL LEFT", "OURS", "INSTANCE")
+    for line in render_table(header, table):
+        click.echo(line)
+
+
+def _ttl_left(seconds: int | None) -> str:
+    from reconciler.cli.render import span
+
+    if seconds is None:
+        return "-"
+    return "expired" if seconds <= 0 else span(seconds)
 
 
 @cli.group(short_help="The local metro daemon: start, stop, status, env.")

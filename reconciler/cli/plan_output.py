@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.reconcile import actions
+from reconciler.spec.sizes import human_size
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
@@ -29,6 +30,7 @@ __all__ = [
     "PlanDocument",
     "build_document",
     "plan_schema",
+    "render_error_markdown",
     "render_markdown",
 ]
 
@@ -391,15 +393,6 @@ def _fence(text: str, info: str = "") -> list[str]:
     return [f"{fence}{info}", *body.splitlines(), fence]
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover - the loop always returns
-
-
 _VERDICT_TEXT = {
     "create": "create",
     "replace": "**replace**",
@@ -419,7 +412,7 @@ def _headline(doc: PlanDocument) -> str:
     if doc.changes_pending:
         parts.append(
             f"{s.create} to create, {s.replace} to replace, {s.delete + s.prune_deletes} to "
-            f"delete, {s.files_to_send} file(s) to send ({_size(s.bytes_to_send)}), "
+            f"delete, {s.files_to_send} file(s) to send ({human_size(s.bytes_to_send)}), "
             f"{s.commands_to_run} command(s) to run"
         )
     elif doc.ok:
@@ -435,9 +428,11 @@ def _action_line(act: Action) -> str:
     if isinstance(act, StartAction):
         return f"start instance {_code(act.instance)} — {_text(act.reason)}"
     if isinstance(act, SendFilesAction):
-        what = f"send {act.files} file(s) ({_size(act.bytes)}), delete {act.deletes} remotely"
+        what = f"send {act.files} file(s) ({human_size(act.bytes)}), delete {act.deletes} remotely"
         if act.full_scan:
-            what = f"full sync: up to {act.files} file(s) ({_size(act.bytes)}), sandbox scanned"
+            what = (
+                f"full sync: up to {act.files} file(s) ({human_size(act.bytes)}), sandbox scanned"
+            )
         return f"{what} — {_text(act.reason)}"
     if isinstance(act, RunCommandAction):
         return f"run command {_code(act.command)} — {_text(act.reason)}"
@@ -457,7 +452,7 @@ def _details(entry: SessionEntry) -> list[str]:
             ):
                 if not paths:
                     continue
-                some = " (some of them)" if total > len(paths) or act.full_scan else ""
+                some = " (some of them)" if total > len(paths) else ""
                 body += [f"{title}{some}:", ""]
                 body.extend(f"- {_code(path)}" for path in paths)
                 body.append("")
@@ -502,6 +497,8 @@ def render_markdown(doc: PlanDocument) -> str:
             lines.append("")
             if s.error is not None:
                 lines += [f"- {_text(s.error)}", ""]
+            if s.expired is not None:
+                lines += [f"- Expired: {_text(s.expired)}", ""]
             lines.extend(f"- {_action_line(a)}" for a in s.actions)
             if s.actions:
                 lines.append("")
@@ -527,3 +524,11 @@ def render_markdown(doc: PlanDocument) -> str:
             lines.append("")
     lines.append(f"<sub>ukc plan, schema version {doc.schema_version}</sub>")
     return "\n".join(lines) + "\n"
+
+
+def render_error_markdown(message: str) -> str:
+    """The comment when there is no plan (a spec that does not load, an unreachable metro)."""
+    return (
+        f"**ukc plan: failed**, no plan was made: {_text(message)}\n\n"
+        f"<sub>ukc plan, schema version {PLAN_SCHEMA_VERSION}</sub>\n"
+    )

@@ -6,31 +6,40 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
+
+from pydantic import BaseModel, Field
 
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
-from reconciler.status.schema import SessionStatus
+from reconciler.status.schema import RevisionRecord, SessionStatus, SourceRecord, StatusDoc
 
 __all__ = [
     "STATUS_COLUMNS",
+    "FollowedSource",
     "LiveReporter",
     "PlainReporter",
+    "StatusDocument",
     "StatusRow",
     "plan_json",
+    "printable",
     "render_plan",
+    "render_source",
     "render_status",
     "render_table",
+    "source_json",
     "span",
+    "status_document",
     "status_exit_code",
-    "status_json",
+    "status_schema",
 ]
 
 
@@ -103,7 +112,7 @@ class LiveReporter:
     def event(self, event: Event) -> None:
         with self._lock:
             self._clear()
-            if event.kind == "interrupt":  # a line above the table, no row of its own
+            if event.kind in ("interrupt", "notice"):  # a line above the table, no row
                 self._plain.event(event)
                 self._draw()
                 return
@@ -236,6 +245,8 @@ def status_exit_code(rows: Sequence[StatusRow]) -> int:
     """0 when every session shown is Ready, 1 when one is Failed, else 3 (one is Pending,
     Progressing, Interrupted, Expired, Deleted or was never applied)."""
     phases = [row.record.phase if row.record is not None else "Pending" for row in rows]
+    if not phases:
+        return STATUS_EXIT_PENDING  # nothing known is not "all Ready"
     if "Failed" in phases:
         return STATUS_EXIT_FAILED
     if all(phase == "Ready" for phase in phases):
@@ -289,7 +300,8 @@ STATUS_COLUMNS = ("NAME", "PHASE", "AGE", "TTL LEFT", "LAST APPLY", "INSTANCE")
 
 def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
     """A table of the sessions (with column headers), then each session's commands and
-    message; AGE is the instance's, LAST APPLY how long ago apply last converged it."""
+    message; AGE is the instance's, LAST APPLY how long ago apply last converged it; a
+    STATUS FILE column when the sessions come from more than one."""
     table: list[tuple[str, ...]] = []
     for row in rows:
         rec = row.record
@@ -313,7 +325,12 @@ def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
         )
     if not rows:
         return ["no sessions"]
-    header, *lines = render_table(STATUS_COLUMNS, table)
+    columns: tuple[str, ...] = STATUS_COLUMNS
+    if len({row.status_file for row in rows}) > 1:
+        # sessions of several spec directories: same names may recur, say which is which
+        columns = (*columns, "STATUS FILE")
+        table = [(*cells, row.status_file) for cells, row in zip(table, rows, strict=True)]
+    header, *lines = render_table(columns, table)
     out = [header]
     for line, row in zip(lines, rows, strict=True):
         out.append(line)
@@ -331,29 +348,126 @@ def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
     return out
 
 
-def status_json(rows: Sequence[StatusRow], now: float) -> dict[str, Any]:
-    """`ukc status -o json`: a stable document (its `version` changes only when a field
-    changes meaning or goes away). `age_s` and `ttl_left_s` are seconds at `now` (null when
-    unknown; `ttl_left_s` negative once expired)."""
-    sessions = []
+STATUS_SCHEMA_VERSION: Literal[1] = 1
+
+
+class StatusEntry(SessionStatus):
+    """One session of `ukc status -o json`: its status-file record, and where it stands now."""
+
+    name: str
+    status_file: str
+    #: a spec among the given paths declares it (False: only the status file remembers it)
+    declared: bool
+    #: seconds since its instance was created (None: no instance known)
+    age_s: int | None
+    #: seconds until its ttl passes, negative once passed (None: no ttl)
+    ttl_left_s: int | None
+
+
+class FollowedSource(BaseModel):
+    """What `ukc follow` recorded in one status file."""
+
+    #: the revision applied last (None: none applied yet)
+    source: SourceRecord | None
+    last_applied_revision: str
+    last_attempted_revision: str
+    last_attempted_at: str | None
+    #: why the last attempted revision was not applied ("" when it was)
+    last_attempt_error: str
+    #: the revisions tried, oldest first
+    revisions: list[RevisionRecord]
+
+
+class StatusDocument(BaseModel):
+    """What `ukc status --output json` prints (`schema_version` changes only when a field
+    changes meaning or goes away)."""
+
+    schema_version: Literal[1] = STATUS_SCHEMA_VERSION
+    #: when it was read (UTC)
+    now: str
+    #: what `--exit-code` exits with: 0 all Ready, 1 one Failed, 3 one not Ready yet
+    exit_code: int
+    sessions: list[StatusEntry]
+    #: per status file `ukc follow` wrote to: the git revision applied and the last attempt
+    sources: dict[str, FollowedSource] = Field(default_factory=dict)
+
+
+def status_document(rows: Sequence[StatusRow], now: float) -> StatusDocument:
+    """`ukc status -o json` (ages at `now`)."""
+    entries = []
     for row in rows:
-        rec = row.record
-        created = parse_time(_created_at(rec)) if rec is not None else None
-        expires = parse_time(rec.expires_at) if rec is not None else None
-        body = rec.model_dump(mode="json") if rec is not None else {"phase": "Pending"}
-        sessions.append(
-            {
-                **body,
-                "name": row.name,
-                "status_file": row.status_file,
-                "declared": row.declared,
-                "age_s": None if created is None else int(now - created),
-                "ttl_left_s": None if expires is None else int(expires - now),
-            }
+        rec = row.record if row.record is not None else SessionStatus()
+        created = parse_time(_created_at(rec))
+        expires = parse_time(rec.expires_at)
+        entries.append(
+            StatusEntry(
+                **rec.model_dump(),
+                name=row.name,
+                status_file=row.status_file,
+                declared=row.declared,
+                age_s=None if created is None else int(now - created),
+                ttl_left_s=None if expires is None else int(expires - now),
+            )
         )
+    return StatusDocument(
+        now=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        exit_code=status_exit_code(rows),
+        sessions=entries,
+    )
+
+
+def status_schema() -> dict[str, Any]:
+    """The JSON Schema of `StatusDocument` (committed as docs/status.schema.json)."""
+    schema = StatusDocument.model_json_schema()
     return {
-        "version": 1,
-        "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        "exit_code": status_exit_code(rows),
-        "sessions": sessions,
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "ukc status",
+        **{k: v for k, v in schema.items() if k != "title"},
     }
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Sandbox text made safe for a terminal: control characters but newline and tab (escape
+    sequences that could retitle, recolour or rewrite the user's screen) shown escaped."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r\n", "\n"))
+
+
+def _ago(value: str | None, now: float) -> str:
+    at = parse_time(value)
+    return "at an unknown time" if at is None else f"{span(now - at)} ago"
+
+
+def render_source(doc: StatusDoc, now: float) -> list[str]:
+    """The git revision `ukc follow` applied last, and a later attempt that failed."""
+    lines: list[str] = []
+    src = doc.source
+    if src is not None:
+        where = f" {src.path}" if src.path else ""
+        lines.append(
+            f"source: {src.url} {src.ref}{where} at {src.revision[:12]}, "
+            f"applied {_ago(src.applied_at, now)}"
+        )
+    attempted = doc.last_attempted_revision
+    if attempted and (attempted != doc.last_applied_revision or doc.last_attempt_error):
+        why = doc.last_attempt_error or "not finished"
+        lines.append(
+            f"last attempt: {attempted[:12]} {_ago(doc.last_attempted_at, now)}, not applied: {why}"
+        )
+    return lines
+
+
+def source_json(doc: StatusDoc) -> FollowedSource | None:
+    """What `ukc follow` recorded in a status file, or None when it never ran there."""
+    if doc.source is None and not doc.last_attempted_revision:
+        return None
+    return FollowedSource(
+        source=doc.source,
+        last_applied_revision=doc.last_applied_revision,
+        last_attempted_revision=doc.last_attempted_revision,
+        last_attempted_at=doc.last_attempted_at,
+        last_attempt_error=doc.last_attempt_error,
+        revisions=list(doc.revisions),
+    )

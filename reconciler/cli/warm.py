@@ -45,6 +45,9 @@ from reconciler._util.atomic import sweep_dead_temps, temp_path
 from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cli import warmclient
 from reconciler.cli.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, recv_exact, run
+from reconciler.sync import feed as sync_feed
+from reconciler.sync.inotify import Inotify
+from reconciler.sync.keeper import TreeKeeper
 
 __all__ = [
     "WARM_COMMANDS",
@@ -201,6 +204,9 @@ class _Server:
         os.replace(tmp, path)
         sweep_dead_temps(path)  # sockets of servers killed before their rename
         self.inode = os.stat(path).st_ino
+        # the trees its commands scanned, kept watched until the next command scans them
+        ino = Inotify.open()
+        self.keeper = TreeKeeper(ino) if ino is not None else None
 
     def still_ours(self) -> bool:
         try:
@@ -209,11 +215,15 @@ class _Server:
             return False
 
     def loop(self) -> None:
-        self.listener.settimeout(min(60.0, self.idle_s))
+        # why every second with trees kept: the kernel queues 16,384 events, then drops them
+        # (the next scan then walks)
+        self.listener.settimeout(min(60.0, self.idle_s, 1.0 if self.keeper else 60.0))
         while True:
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
+                if self.keeper is not None:
+                    self.keeper.pump()
                 if time.monotonic() - self.last > self.idle_s or not self.still_ours():
                     return
                 continue
@@ -241,6 +251,13 @@ class _Server:
             _close_all(fds)
             return True
         op = request.get("op") if isinstance(request, dict) else None
+        if op in ("tree-take", "tree-done"):
+            _close_all(fds)
+            answer = self.keeper.request(request) if self.keeper is not None else {}
+            payload = json.dumps(answer).encode("utf-8", "surrogateescape")
+            with contextlib.suppress(OSError):
+                conn.sendall(struct.pack(">I", len(payload)) + payload)
+            return True
         if op != "run":
             _close_all(fds)
             return self.admin(conn, str(op))
@@ -254,6 +271,9 @@ class _Server:
         pid = os.fork()
         if pid == 0:
             self.listener.close()
+            if self.keeper is not None:
+                self.keeper.inotify.close()  # the server's: a command asks, never reads it
+                sync_feed.use_keeper(_KeeperClient(self.path))
             _child(conn, fds, request)  # never returns
         self.served += 1
         _close_all(fds)
@@ -266,6 +286,7 @@ class _Server:
             "idle_s": round(time.monotonic() - self.last, 1),
             "commands": self.served,
             "fresh": fingerprint() == self.print,
+            "trees_kept": len(self.keeper.trees) if self.keeper is not None else 0,
         }
         payload = json.dumps(answer).encode()
         with contextlib.suppress(OSError):
@@ -277,6 +298,51 @@ class _Server:
             with contextlib.suppress(OSError):
                 self.path.unlink()
         self.listener.close()
+
+
+class _KeeperClient:
+    """A command's way to the server's `TreeKeeper` (one short connection per question)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        sock = warmclient.connect(str(self.path))
+        if sock is None:
+            raise OSError("no warm process")
+        try:
+            sock.settimeout(HANDSHAKE_S)
+            payload = json.dumps(request).encode("utf-8", "surrogateescape")
+            sock.sendall(struct.pack(">I", len(payload)) + payload)
+            n = struct.unpack(">I", recv_exact(sock, 4))[0]
+            if n > _MAX_ANSWER:
+                raise OSError("answer too long")
+            answer = json.loads(recv_exact(sock, n).decode("utf-8", "surrogateescape"))
+        except (EOFError, ValueError, struct.error) as exc:
+            raise OSError(str(exc)) from None
+        finally:
+            sock.close()
+        if not isinstance(answer, dict):
+            raise OSError("malformed answer")
+        return answer
+
+    def take(
+        self, state_dir: str, root: str, ident: list[int] | None
+    ) -> tuple[int, set[str] | None]:
+        got = self._call({"op": "tree-take", "state_dir": state_dir, "root": root, "ident": ident})
+        token, paths = got.get("token"), got.get("paths")
+        if type(token) is not int:
+            raise OSError("malformed answer")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            return token, None
+        return token, set(paths)
+
+    def done(self, state_dir: str, token: int, ident: list[int] | None) -> None:
+        self._call({"op": "tree-done", "state_dir": state_dir, "token": token, "ident": ident})
+
+
+#: the keeper's answers name changed paths (at most `keeper.MAX_PENDING` of them)
+_MAX_ANSWER = 64 << 20
 
 
 def _recv_with_fds(conn: socket.socket) -> tuple[bytes, list[int]]:

@@ -44,8 +44,10 @@ __all__ = [
     "worthy",
 ]
 
-#: the commands worth a warm start (short ones); `watch` and `local` run in-process
-WARM_COMMANDS = frozenset({"apply", "plan", "status", "delete", "validate"})
+#: the commands worth a warm start (short ones); `watch`, `local` and `ssh` run in-process,
+#: but `ssh NAME -- CMD` without -t (see `worthy`): a shell drives its terminal (raw mode, and
+#: window changes reach only the terminal's foreground process group)
+WARM_COMMANDS = frozenset({"apply", "plan", "status", "delete", "validate", "exec", "logs", "ls"})
 #: signals a client passes on to its command
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 HANDSHAKE_S = 5.0
@@ -54,7 +56,13 @@ HANDSHAKE_S = 5.0
 def worthy(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> bool:
     """Whether `ukc argv` should go to the warm process (short commands, not opted out)."""
     env = os.environ if environ is None else environ
-    if env.get("UKC_WARM", "1") == "0" or not argv or argv[0] not in WARM_COMMANDS:
+    if env.get("UKC_WARM", "1") == "0" or not argv:
+        return False
+    if argv[0] == "ssh":
+        # a command without a terminal is as short as `exec`; a shell or -t drives a terminal
+        ahead = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+        return "--" in argv and not any(a in ("-t", "--tty", "-h", "--help") for a in ahead)
+    if argv[0] not in WARM_COMMANDS:
         return False
     return not any(a in ("-h", "--help") for a in argv[1:])
 

@@ -15,6 +15,8 @@ appears in `repr`, logs or exception text (server-sent text is scrubbed of it to
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import functools
 import json
@@ -34,7 +36,7 @@ import httpx
 
 from reconciler._util.names import is_metro_code
 from reconciler._util.retry import RetryPolicy, call_with_retries
-from reconciler.cloud.model import CreateRequest, Instance, PluginReply
+from reconciler.cloud.model import ConsoleLog, CreateRequest, Instance, PluginReply
 from reconciler.errors import (
     AlreadyExistsError,
     ApiError,
@@ -113,6 +115,10 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
 
 
 def _int_or_none(value: object) -> int | None:
@@ -539,6 +545,44 @@ class UkcApi:
         result: bool = self._retrying(attempt)
         return result
 
+    def set_tags(self, name: str, *, uuid: str, tags: Sequence[str]) -> None:
+        what = f"update the tags of instance {name}"
+        body = [{"uuid": uuid, "prop": "tags", "op": "set", "value": list(tags)}]
+
+        def attempt() -> None:
+            env = _Envelope(self._send("PATCH", "/v1/instances", what, body=body), "instances")
+            self._check(what, env)
+
+        self._retrying(attempt)
+
+    def instance_log(self, uuid: str, *, offset: int, limit: int | None = None) -> ConsoleLog:
+        what = f"console log of instance {uuid}"
+        ref: dict[str, object] = {"uuid": uuid, "offset": offset}
+        if limit is not None:
+            ref["limit"] = limit
+
+        def attempt() -> ConsoleLog:
+            env = _Envelope(self._send("GET", "/v1/instances/log", what, body=[ref]), "instances")
+            self._check(what, env)
+            if not env.items:
+                raise NotFoundError(f"ukc api {self.metro}: {what}: not found", status=404)
+            item = env.items[0]
+            raw = item.get("output")
+            try:
+                data = base64.b64decode(raw, validate=True) if isinstance(raw, str) else b""
+            except (ValueError, binascii.Error):
+                raise ApiError(f"ukc api {self.metro}: {what}: output is not base64") from None
+            shown = _mapping(item.get("range"))
+            kept = _mapping(item.get("available"))
+            start = _int_or_none(shown.get("start")) or 0
+            end = _int_or_none(shown.get("end"))
+            available = _int_or_none(kept.get("end"))
+            end = start + len(data) if end is None else end
+            return ConsoleLog(data, start, end, end if available is None else available)
+
+        result: ConsoleLog = self._retrying(attempt)
+        return result
+
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
         what = f"wait instance {name}"
         deadline = self._monotonic() + timeout_s
@@ -606,7 +650,7 @@ class UkcApi:
         sent: dict[str, str] = dict(headers or {})
         content: bytes | None = None
         if body is not None:
-            content = json.dumps(body).encode()
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
             sent["content-type"] = "application/json"
         if self._token:
             sent["authorization"] = f"Bearer {self._token}"

@@ -13,6 +13,7 @@ from typing import Protocol
 
 __all__ = [
     "CloudApi",
+    "ConsoleLog",
     "CreateRequest",
     "Instance",
     "Plugin",
@@ -82,6 +83,17 @@ class CreateRequest:
 
 
 @dataclass(frozen=True)
+class ConsoleLog:
+    """A slice of an instance's console output (the guest's stdout, stderr and kernel lines):
+    bytes `start`..`end` of the `available_end` the platform keeps."""
+
+    data: bytes
+    start: int
+    end: int
+    available_end: int
+
+
+@dataclass(frozen=True)
 class PluginReply:
     """A plugin's answer, as it came: the HTTP status, the body (at most the bytes asked for)
     and the `Content-Range` header. Everything in it is the sandbox's and untrusted."""
@@ -119,8 +131,18 @@ class CloudApi(Protocol):
         a moment after it returns (deletes are asynchronous)."""
         ...
 
+    def set_tags(self, name: str, *, uuid: str, tags: Sequence[str]) -> None:
+        """Replace the tags of exactly the instance `uuid` (`name` is for messages); raises
+        `NotFoundError` when it is gone. The platform takes it for stopped instances."""
+        ...
+
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
         """Block until the instance is in `state`; raises `SandboxNotReadyError` at the deadline."""
+        ...
+
+    def instance_log(self, uuid: str, *, offset: int, limit: int | None = None) -> ConsoleLog:
+        """The console of exactly the instance `uuid`, from byte `offset` (negative: that far
+        from the end), at most `limit` bytes."""
         ...
 
     def plugin_request(
@@ -136,9 +158,9 @@ class CloudApi(Protocol):
         max_bytes: int,
     ) -> PluginReply:
         """One request to `/v1/instances/{uuid}/plugins/{plugin}/{path}` (no retry: a plugin
-        request need not be idempotent). Any HTTP status is a reply, except a refused token
-        (`AuthError`); a broken connection, a timeout or a body over `max_bytes` is a
-        `TransportError`."""
+        request need not be idempotent), `body` a JSON value or its encoding as bytes. Any
+        HTTP status is a reply, except a refused token (`AuthError`); a broken connection, a
+        timeout or an answer over `max_bytes` is a `TransportError`."""
         ...
 
     def close(self) -> None: ...

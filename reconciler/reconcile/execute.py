@@ -22,12 +22,13 @@ from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance
-from reconciler.reconcile import actions, identity, sessionkeys
+from reconciler.reconcile import actions, identity, rebuild, sessionkeys
 from reconciler.reconcile.desired import (
     Group,
     SessionContext,
     credentials_for,
     instance_credentials,
+    target_for,
 )
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
@@ -35,7 +36,7 @@ from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
 from reconciler.spec.models import DEFAULT_MEMORY_MB
 from reconciler.spec.sizes import human_size
-from reconciler.status import journal
+from reconciler.status import journal, sandboxjournal
 from reconciler.status.schema import (
     BackFrom,
     CommandRecord,
@@ -50,7 +51,6 @@ from reconciler.transport import select
 from reconciler.transport.base import (
     Credentials,
     RemoteShell,
-    Target,
     Transport,
     TransportKind,
 )
@@ -88,6 +88,8 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
     #: the last command run in this execution (what a sync-back's files come from)
     last_command: CommandRecord | None = None
+    #: the sandbox's journal was removed before this execution's first change in it
+    journal_cleared: bool = False
 
 
 class Executor:
@@ -206,6 +208,12 @@ class Executor:
             outcome.error = redact(str(err))
             self._fail(name, outcome.error, err)
         finally:
+            with self.doc_lock:
+                rec = self.doc.sessions.get(name)
+                if rec is not None and run.timings:
+                    rec.timings = {k: round(v, 3) for k, v in run.timings.items()}
+            if splan.changes and not outcome.interrupted:
+                self._leave_journal(name, run)
             if run.transport is not None:
                 if self.pool is not None and run.inst is not None and outcome.ok:
                     self.pool.keep(name, run.inst.uuid, run.transport)
@@ -214,10 +222,6 @@ class Executor:
                         run.transport.close()
                     if self.pool is not None:
                         self.pool.drop(name)
-            with self.doc_lock:
-                rec = self.doc.sessions.get(name)
-                if rec is not None and run.timings:
-                    rec.timings = {k: round(v, 3) for k, v in run.timings.items()}
             self.save()
         return outcome
 
@@ -282,12 +286,39 @@ class Executor:
         elif isinstance(action, actions.WaitReady):
             self._wait_ready(ctx, conn, run)
         elif isinstance(action, actions.SyncUp):
+            self._clear_journal(run)
             self._sync_up(ctx, run)
         elif isinstance(action, actions.RunCommand):
             outcome.ran_commands += 1
+            self._clear_journal(run)
             self._run_command(action, ctx, run, redact)
         elif isinstance(action, actions.SyncBack):
             self._sync_back(ctx, run, redact)
+
+    # -- the sandbox's journal (with UKC_SESSION_SECRET: see `reconcile.rebuild`) -----------
+
+    def _clear_journal(self, run: _Run) -> None:
+        if self.obs.owner.key_root is None or run.journal_cleared or run.transport is None:
+            return
+        rebuild.clear_journal(run.transport)
+        run.journal_cleared = True
+
+    def _leave_journal(self, name: str, run: _Run) -> None:
+        key_root = self.obs.owner.key_root
+        if key_root is None or run.transport is None or run.inst is None:
+            return
+        with self.doc_lock:
+            rec = self.doc.sessions.get(name)
+            if rec is None or rec.instance is None or rec.instance.uuid != run.inst.uuid:
+                return
+            rec.journal_seq += 1
+            record = rec.model_copy(deep=True)
+        binding = sandboxjournal.Binding(self.obs.owner.project, name, run.inst.uuid)
+        try:
+            rebuild.leave_journal(run.transport, key_root, binding, record)
+        except (errors.UkcError, ValueError) as err:
+            # why not a failure: without a journal the next runner redoes the work, no more
+            self._say(name, "info", f"journal not left in the sandbox: {err}")
 
     # -- instance lifecycle ----------------------------------------------------------------
 
@@ -323,7 +354,12 @@ class Executor:
             name=action.instance_name,
             image=ctx.desired.image,
             env=fields.env,
-            tags=(*ctx.desired.tags, identity.transport_tag(ctx.desired.transport), *key_tags),
+            tags=(
+                *ctx.desired.tags,
+                identity.transport_tag(ctx.desired.transport),
+                *key_tags,
+                *(() if ctx.desired.ttl_s is None else (identity.ttl_tag(ctx.desired.ttl_s),)),
+            ),
             # why: UKC's own default (128 MiB) holds little: /workspace lives in memory
             memory_mb=ctx.loaded.spec.memory_mb or DEFAULT_MEMORY_MB,
             services=fields.services,
@@ -501,7 +537,7 @@ class Executor:
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
-        assert run.kind is not None
+        kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
         rec = self._record(ctx.desired.name)
         if (
             rec.instance is None
@@ -512,8 +548,8 @@ class Executor:
             # uuid); the observed instance, which the planner proved ours, is the one we work
             # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
-        transport = run.kind.connect(
-            Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api),
+        transport = kind.connect(
+            target_for(inst, conn),
             run.credentials or ctx.credentials,
             pin=identity.boot_pin(rec.instance, inst),
             deadline_s=self.ready_timeout_s,

@@ -40,9 +40,11 @@ from reconciler import errors
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import sessionkeys
+from reconciler.spec.models import EXEC_NAMES
 from reconciler.status.schema import InstanceRecord
 
 __all__ = [
+    "GROUP_TAG",
     "OWNER_KEY",
     "OWNER_TAG",
     "SECRET_VAR",
@@ -50,8 +52,11 @@ __all__ = [
     "Owner",
     "Proof",
     "boot_pin",
+    "group_id",
+    "group_tag",
     "instance_hash",
     "instance_name",
+    "instance_transport",
     "load_owner",
     "load_salt",
     "owner_id_from_secret",
@@ -62,6 +67,8 @@ __all__ = [
     "session_from_tags",
     "tag_value",
     "transport_tag",
+    "ttl_from_tags",
+    "ttl_tag",
 ]
 
 #: every instance ukc creates carries this bare tag
@@ -70,6 +77,9 @@ OWNER_TAG = "ukc"
 #: fixed at creation. An instance without it was made by an older ukc, which gave every
 #: instance both ports (2222 and the exec API's 443)
 TRANSPORT_TAG = "ukc.exec"
+#: tag key recording the session's `ttl` (seconds) when the instance was created: what
+#: `ukc ls` shows of sessions whose specs it cannot see (apply goes by the spec's ttl)
+TTL_TAG = "ukc.ttl"
 
 
 def project_id(status_dir: Path, environ: Mapping[str, str]) -> str:
@@ -103,8 +113,45 @@ def owner_tags(project: str, session: str, inst_hash: str, owner_id: str) -> lis
     ]
 
 
+#: tag key naming the spec directory (its path inside the repository) an instance was made for
+GROUP_TAG = "ukc.group"
+
+
+def group_id(base_dir: Path) -> str | None:
+    """12 hex naming a spec directory by its path inside its git repository (the same in every
+    clone), or None outside a repository (no stateless prune there)."""
+    real = Path(os.path.realpath(base_dir))
+    for root in (real, *real.parents):
+        if (root / ".git").exists():
+            rel = real.relative_to(root).as_posix()
+            return hashlib.sha256(f"ukc.group:{rel}".encode()).hexdigest()[:12]
+    return None
+
+
+def group_tag(group: str) -> str:
+    return f"{GROUP_TAG}={group}"
+
+
 def transport_tag(transport: str) -> str:
     return f"{TRANSPORT_TAG}={transport}"
+
+
+def instance_transport(inst: Instance, desired: str) -> str:
+    """The transport that reaches `inst`: the one it was made for (its `ukc.exec` tag), which
+    stays until it is replaced, even when the spec now asks for another (its outputs still
+    come home through it first); `desired` for an older ukc's instance without the tag."""
+    made_for = tag_value(inst.tags, TRANSPORT_TAG)
+    return made_for if made_for in EXEC_NAMES else desired
+
+
+def ttl_tag(ttl_s: float) -> str:
+    return f"{TTL_TAG}={int(ttl_s)}"
+
+
+def ttl_from_tags(tags: Sequence[str]) -> int | None:
+    """The `ttl` (seconds) an instance was created with, or None (no ttl, an older ukc)."""
+    value = tag_value(tags, TTL_TAG)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def tag_value(tags: Sequence[str], key: str) -> str | None:
@@ -142,6 +189,10 @@ class Owner:
     source: str
     #: with `UKC_SESSION_SECRET`: what session keys are derived from (`sessionkeys`)
     key_root: bytes | None = field(default=None, repr=False, compare=False)
+    #: with `UKC_SESSION_SECRET`, in a repository: this spec directory's group id
+    #: (`group_id`), tagged on its instances so a fresh runner knows which ones a prune may
+    #: delete without this checkout's inventory
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +337,14 @@ def load_owner(state_dir: Path, project: str, environ: Mapping[str, str]) -> Own
         primary = owner_id_from_secret(secret, project)
         accepted = {primary} | ({earlier} if earlier else set())
         root = sessionkeys.key_root(secret, project)
-        return Owner(project, primary, frozenset(accepted), SECRET_VAR, key_root=root)
+        return Owner(
+            project,
+            primary,
+            frozenset(accepted),
+            SECRET_VAR,
+            key_root=root,
+            group=group_id(state_dir.parent),
+        )
     if earlier is None:
         state_dir.mkdir(parents=True, exist_ok=True)
         fresh = secrets.token_hex(OWNER_ID_LEN // 2)

@@ -22,25 +22,32 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from reconciler import errors
-from reconciler.cloud.metros import MetroRegistry
+from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, identity
-from reconciler.reconcile.desired import Group, instance_credentials
-from reconciler.reconcile.events import Event, Reporter
+from reconciler.reconcile import actions, identity, lease, rebuild
+from reconciler.reconcile.desired import (
+    DesiredSession,
+    Group,
+    instance_credentials,
+    sync_options_for,
+    target_for,
+)
+from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe
 from reconciler.reconcile.plan import plan_delete, plan_sessions
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
 from reconciler.status.schema import (
     Interruption,
     SessionStatus,
     StatusDoc,
-    format_time,
+    expiry_time,
     parse_time,
 )
+from reconciler.sync import feed as sync_feed
 from reconciler.transport import select
-from reconciler.transport.base import Target
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
@@ -83,10 +90,40 @@ def plan_group(
     doc = journal.load(group.status_path)
     owner, salt = _identity(group, environ)
     obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
-    the_plan = plan_sessions(
-        obs.desired, obs.instances, doc, now(), owner=obs.owner, prune=prune, claimed=obs.claimed
-    )
+
+    the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    wanted = rebuild.worth_reading(the_plan, obs, doc, set())
+    if wanted:
+        # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
+        # not written; apply does that)
+        with contextlib.closing(TransportPool()) as pool:
+            quiet = RecordingReporter()
+            if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
+                the_plan = _plan(
+                    obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files
+                )
     return the_plan, obs
+
+
+def _plan(
+    desired: Sequence[DesiredSession],
+    obs: Observation,
+    doc: StatusDoc,
+    at: float,
+    *,
+    prune: bool,
+    only_files: frozenset[str] | None,
+) -> actions.Plan:
+    return plan_sessions(
+        desired,
+        obs.instances,
+        doc,
+        at,
+        owner=obs.owner,
+        prune=prune,
+        claimed=obs.claimed,
+        only_files=only_files,
+    )
 
 
 def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner, bytes]:
@@ -125,17 +162,28 @@ def apply_group(
         # the main thread's SIGINT reaches workers' action boundaries at once
         StopFlag() as stop,
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        # the converged round re-stats only what changed during the first (not the tree)
+        sync_feed.tracking(
+            (sync_options_for(group, s).state_dir, s.directory)
+            for s in group.sessions
+            if only is None or s.spec.name in only
+        ),
+        # released after the sessions' phases are journaled, before the status file's lock
+        contextlib.ExitStack() as leases,
         unfinished,
     ):
         doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
+        _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
         rounds = 0
         obs: Observation | None = None
         ran: set[tuple[str, str]] = set()
+        #: sessions whose sandbox journal was read in this run (once is enough)
+        journals_read: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
         while True:
@@ -152,15 +200,30 @@ def apply_group(
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
-            plan = plan_sessions(
-                desired,
-                obs.instances,
-                doc,
-                now(),
-                owner=obs.owner,
-                prune=prune and not failed,
-                claimed=obs.claimed,
+
+            plan = _plan(
+                desired, obs, doc, now(), prune=prune and not failed, only_files=group.only_files
             )
+            wanted = rebuild.worth_reading(plan, obs, doc, journals_read)
+            if wanted:
+                journals_read.update(wanted)
+                if rebuild.consult(
+                    wanted,
+                    obs=obs,
+                    doc=doc,
+                    metros=metros,
+                    pool=kept,
+                    reporter=reporter,
+                    concurrency=concurrency,
+                ):
+                    plan = _plan(
+                        desired,
+                        obs,
+                        doc,
+                        now(),
+                        prune=prune and not failed,
+                        only_files=group.only_files,
+                    )
             if first_plan is None:
                 first_plan = plan
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)
@@ -224,6 +287,52 @@ def apply_group(
             failed=failed,
             interrupted=stop.is_set(),
         )
+
+
+def _take_leases(
+    held: contextlib.ExitStack,
+    group: Group,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    reporter: Reporter,
+    timeout_s: float,
+    stop: Callable[[], None],
+) -> None:
+    """With `UKC_PROJECT`, the project's lease on every metro this apply may act on (in one
+    order, so two runners never hold one each and wait for the other's)."""
+    if not environ.get("UKC_PROJECT", "").strip():
+        return
+    owner, _salt = _identity(group, environ)
+    images: dict[str, str] = {}
+    for loaded in group.sessions:
+        images.setdefault(metro_label(loaded.spec.metro), loaded.spec.image)
+    fallback = environ.get("UKC_SANDBOX_IMAGE", "")
+    for record in doc.inventory().values():
+        if record.metro:
+            local = DEFAULT_LOCAL_IMAGE if record.metro == "local" else ""
+            images.setdefault(record.metro, fallback or local)
+
+    def notice(text: str) -> None:
+        reporter.event(Event("ukc", "notice", f"lease: {text}"))
+
+    def lost(text: str) -> None:
+        reporter.event(Event("ukc", "interrupt", f"stopping: {text}; no new action starts"))
+        stop()
+
+    for metro, image in sorted(images.items()):
+        if not image:
+            continue  # a metro only the inventory names, and no image to make a lease of
+        one = lease.Lease(
+            metros.get(metro).api,
+            project=owner.project,
+            owner=owner,
+            image=image,
+            on_wait=notice,
+            on_lost=lost,
+        )
+        one.acquire(timeout_s)
+        held.enter_context(one)
 
 
 class _UnfinishedOnInterrupt:
@@ -339,9 +448,8 @@ def _prefetcher(
         pin = identity.boot_pin(known, inst)
         if not pin:
             return
-        kind = select.kind_for(transport)
-        conn = metros.get(metro)
-        target = Target(inst.name, inst.fqdn, conn.reach, inst.uuid, conn.api)
+        kind = select.kind_for(identity.instance_transport(inst, transport))
+        target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
         pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
 
@@ -375,7 +483,7 @@ def _finalize(
             rec.instance.fqdn = inst.fqdn
         created = parse_time(rec.created_at)
         if desired.ttl_s is not None and created is not None:
-            rec.expires_at = format_time(created + desired.ttl_s)
+            rec.expires_at = expiry_time(created, desired.ttl_s)
         elif rec.phase != "Expired":
             rec.expires_at = None  # the spec dropped its ttl
         wanted = {c.name for c in desired.commands}
@@ -421,8 +529,13 @@ def delete_group(
     lock_timeout_s: float = 0.0,
 ) -> bool:
     """Delete every session of `group`; True when all are gone."""
-    with journal.lock(group.status_path, timeout_s=lock_timeout_s):
+    with (
+        journal.lock(group.status_path, timeout_s=lock_timeout_s),
+        contextlib.ExitStack() as leases,
+    ):
         doc = journal.load(group.status_path)
+        # why nothing on a lost lease: deletes are one request each, by proven uuid
+        _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]

@@ -109,11 +109,6 @@ def _plan_session(
             refusal = _refusal(name, inst, proof)
             return actions.SessionPlan(name, (), (refusal.reason,), refusal)
 
-    if desired.tree.halted is not None:
-        # Commands must never run against a tree we could not sync; the session fails instead.
-        why = f"not syncing: {desired.tree.halted}"
-        return actions.SessionPlan(name, (), (why,), error=why)
-
     # An expired session stays deleted until its spec changes (TTL is a promise about money).
     if (
         inst is None
@@ -145,6 +140,12 @@ def _plan_session(
             "in the spec to keep it)"
         )
         return actions.SessionPlan(name, tuple(acts), (), expired=renew)
+
+    if desired.tree.halted is not None:
+        # Commands must never run against a tree we could not sync; the session fails instead
+        # (after the ttl: an expired session is deleted whatever its tree)
+        why = f"not syncing: {desired.tree.halted}"
+        return actions.SessionPlan(name, (), (why,), error=why)
 
     if inst is not None and not desired.credentials_present:
         # Our credentials are gone (e.g. `.ukc/` was deleted): the instance only accepts the
@@ -413,6 +414,12 @@ def _has_run(record: SessionStatus | None, inst: Instance) -> bool:
     )
 
 
+def _declared_elsewhere(record: SessionStatus | None, only_files: frozenset[str] | None) -> bool:
+    if only_files is None or record is None or not record.spec_file:
+        return False
+    return record.spec_file.rpartition("/")[2] not in only_files
+
+
 def plan_sessions(
     desired: Sequence[DesiredSession],
     observed: Mapping[str, Instance],
@@ -422,13 +429,17 @@ def plan_sessions(
     owner: identity.Owner,
     prune: bool = False,
     claimed: Mapping[str, Instance] | None = None,
+    only_files: frozenset[str] | None = None,
 ) -> actions.Plan:
     """Plan every desired session; with `prune`, also delete our instances no spec declares.
 
     `observed` maps instance name → instance for every instance carrying the project's tags.
     `claimed` maps session name → instance for those (the session their tags name). A prune
-    needs the session in the status inventory under that instance name *and* a proof of
-    ownership; an inventoried one without proof is refused, not deleted.
+    needs the session in the status inventory under that instance name (or, with the
+    project's secret, the instance tagged with this spec directory's group) *and* a proof of
+    ownership; an inventoried one without proof is refused, not deleted. With `only_files`
+    (the names of the spec files given, not their whole directory), a session another spec
+    file declared when it was last applied is not reported as an orphan.
     """
     sessions = tuple(
         _plan_session(d, observed.get(d.instance_name), status.sessions.get(d.name), now, owner)
@@ -444,12 +455,19 @@ def plan_sessions(
             if session_name in wanted:
                 continue
             record = inventory.get(session_name)
-            if record is None or record.name != inst.name:
+            listed = record is not None and record.name == inst.name
+            # With the project's secret, the group tag of this spec directory stands in for
+            # the inventory a fresh runner lacks; the proof below still decides.
+            grouped = owner.group is not None and (
+                identity.tag_value(inst.tags, identity.GROUP_TAG) == owner.group
+            )
+            if not (listed or grouped):
                 continue  # not in our inventory: another checkout's session, not ours to judge
             if not prune:
-                orphans.append((session_name, inst.name))
+                if not _declared_elsewhere(status.sessions.get(session_name), only_files):
+                    orphans.append((session_name, inst.name))
                 continue
-            proof = identity.prove(inst, owner, session_name, record)
+            proof = identity.prove(inst, owner, session_name, record if listed else None)
             if not proof.ours:
                 refused.append(_refusal(session_name, inst, proof))
                 continue

@@ -43,6 +43,8 @@ from reconciler.reconcile.loop import apply_group, delete_group
 from reconciler.spec.loader import load_specs
 from reconciler.status import journal
 from reconciler.status.schema import StatusDoc, parse_time
+from reconciler.sync import feed
+from reconciler.sync.feed import ChangeFeed
 from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.transport.pool import TransportPool
 
@@ -137,6 +139,9 @@ class _SessionPaths:
     root: Path
     back: tuple[str, ...]
     matcher: Callable[[str, bool], bool]
+    #: where the paths this session's events name go: its scans re-stat only those
+    changes: ChangeFeed | None = None
+    state_dir: Path | None = None
 
 
 @dataclass
@@ -199,8 +204,15 @@ class Watcher:
             except errors.SyncHaltedError:
                 # an unreadable .ukcignore: the pass reports it; watch with the spec's rules
                 rules = IgnoreRules(opts.exclude, opts.back_paths())
+            changes = feed.attach(opts.state_dir)
+            changes.note_all()  # (re)loaded specs: the rules may differ, look at everything
             state.sessions[loaded.spec.name] = _SessionPaths(
-                loaded.spec.name, loaded.directory, opts.back_paths(), rules.excluded
+                loaded.spec.name,
+                loaded.directory,
+                opts.back_paths(),
+                rules.excluded,
+                changes,
+                opts.state_dir,
             )
             state.spec_files.add(loaded.file.resolve())
         for p in self.options.paths:
@@ -265,6 +277,8 @@ class Watcher:
                 continue
             if rel == ".":
                 woken.add(s.name)
+                if s.changes is not None:
+                    s.changes.note_all()
                 continue
             if rel == ".ukc" or rel.startswith(".ukc/"):
                 continue
@@ -274,6 +288,8 @@ class Watcher:
             if s.matcher(rel, is_dir):
                 continue
             woken.add(s.name)
+            if s.changes is not None:
+                s.changes.note(rel)
         return woken
 
     # -- passes --------------------------------------------------------------------------
@@ -419,6 +435,9 @@ class Watcher:
                     continue
                 if now >= next_resync:
                     self.coalescer.due(now + self.options.max_wait_s)  # the resync covers them
+                    for s in self._state.sessions.values():
+                        if s.changes is not None:
+                            s.changes.note_all()  # the resync walks: events may have been lost
                     self._start_pass(None, prune=self.options.prune)
                     next_resync = now + self.options.resync_s
                     continue
@@ -437,6 +456,9 @@ class Watcher:
                     obs.stop()
                     obs.join(2)
             self.pool.close()
+            for s in self._state.sessions.values():
+                if s.state_dir is not None:
+                    feed.detach(s.state_dir)
             if self.options.down:
                 self._down()
         return 0 if self._last_ok else 1

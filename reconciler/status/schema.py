@@ -10,6 +10,7 @@ arrive).
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -18,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from reconciler.spec.models import DEFAULT_SHELL
 
 __all__ = [
+    "REVISION_HISTORY",
     "STATUS_VERSION",
     "BackFrom",
     "CommandRecord",
@@ -25,9 +27,12 @@ __all__ = [
     "InstanceRecord",
     "Interruption",
     "Phase",
+    "RevisionRecord",
     "SessionStatus",
+    "SourceRecord",
     "StatusDoc",
     "SyncRecord",
+    "expiry_time",
     "format_time",
     "parse_time",
 ]
@@ -51,6 +56,12 @@ def parse_time(value: str | None) -> float | None:
 def format_time(timestamp: float) -> str:
     """A POSIX timestamp as the status file writes times (UTC, seconds)."""
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def expiry_time(created: float, ttl_s: float) -> str:
+    """`expires_at` of a session created at `created`: rounded up to the second, so a
+    timer set for it never fires before the planner (exact) sees the session expired."""
+    return format_time(math.ceil(created + ttl_s))
 
 
 class _Model(BaseModel):
@@ -174,6 +185,9 @@ class SessionStatus(_Model):
     message: str = ""
     #: set with phase `Interrupted`; cleared by the next apply that gets the session Ready
     interruption: Interruption | None = None
+    #: how many times a runner left this record in the sandbox's journal (with
+    #: `UKC_SESSION_SECRET`): a journal with a higher count is newer than this record
+    journal_seq: int = 0
 
     def expired(self, now: float) -> bool:
         """Its ttl passed (`expires_at` <= `now`) while its instance still exists: the next
@@ -187,11 +201,48 @@ class SessionStatus(_Model):
         )
 
 
+class SourceRecord(_Model):
+    """The git revision the sessions were last applied from (`ukc follow`)."""
+
+    #: the repository: a path, or a URL without any credentials it carried
+    url: str
+    ref: str
+    #: the specs' directory or file inside the repository ("" for its root)
+    path: str = ""
+    revision: str
+    applied_at: str | None = None
+
+
+class RevisionRecord(_Model):
+    """One revision `ukc follow` tried, and how it ended."""
+
+    revision: str
+    at: str
+    #: applying (not finished: being applied, or the follower stopped), applied, failed (it
+    #: is tried again), broken (its specs did not load: nothing applied, nothing pruned)
+    outcome: Literal["applying", "applied", "failed", "broken"]
+    error: str = ""
+
+
+#: how many tried revisions the status file keeps
+REVISION_HISTORY = 20
+
+
 class StatusDoc(_Model):
     version: int = STATUS_VERSION
     project: str = ""
     updated_at: str | None = None
     sessions: dict[str, SessionStatus] = Field(default_factory=dict)
+    #: set by `ukc follow`: the revision applied last, and the last one tried (with why it
+    #: failed, "" when it did not): a broken revision shows here while `source` keeps the
+    #: last good one
+    source: SourceRecord | None = None
+    last_applied_revision: str = ""
+    last_attempted_revision: str = ""
+    last_attempted_at: str | None = None
+    last_attempt_error: str = ""
+    #: the revisions `ukc follow` tried, oldest first (the last `REVISION_HISTORY`)
+    revisions: list[RevisionRecord] = Field(default_factory=list)
 
     def as_of(self, now: float) -> StatusDoc:
         """The document as `ukc status` shows it at `now` (nothing is written): a session whose

@@ -20,17 +20,19 @@ States are never modified in place: a write installs new dicts (the scan's own),
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reconciler._util.atomic import write_atomic
+from reconciler._util.gcpause import gc_paused
 from reconciler.sync.entry import Entry
 
-__all__ = ["Journal", "load", "read_meta"]
+__all__ = ["Journal", "Snapshot", "load", "peek", "read_meta"]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
 _GROWTH = 1
@@ -62,6 +64,11 @@ class Journal:
     def exists(self) -> bool:
         return self.ino is not None and self.seq >= 0
 
+    @property
+    def ident(self) -> list[int] | None:
+        """The file as read or written (inode, length): another state has another."""
+        return [self.ino, self.length] if self.exists and self.ino is not None else None
+
     def write(
         self,
         entries: Mapping[str, Entry],
@@ -78,10 +85,10 @@ class Journal:
         line = b""
         if changed is not None and self.exists and not self.broken:
             sets = {p: entries[p] for p in changed if p in entries}
-            delta: dict[str, Any] = {"seq": self.seq + 1, "meta": meta}
+            delta: dict[str, Any] = {"seq": self.seq + 1, "meta": meta, "base": self.base}
             if sets:
                 delta["set"] = sets
-                delta["ino"] = {p: inos[p] for p in sets if p in inos}
+                delta["ino"] = [inos.get(p, 0) for p in sets]
             gone = [p for p in changed if p not in entries]
             if gone:
                 delta["del"] = gone
@@ -116,8 +123,11 @@ class Journal:
     def _compact(
         self, entries: Mapping[str, Entry], inos: Mapping[str, int], meta: dict[str, Any]
     ) -> None:
-        head = _line({"seq": 0, "reset": True, "set": entries, "ino": inos})
-        tail = _line({"seq": 1, "meta": meta})
+        # inodes as a list in the order of the entries: a path is written (and parsed) once
+        ino_list = [inos.get(p, 0) for p in entries]
+        whole = entries if isinstance(entries, dict) else dict(entries)
+        head = _line({"seq": 0, "reset": True, "set": whole, "ino": ino_list})
+        tail = _line({"seq": 1, "meta": meta, "base": len(head)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # no fsync: a lost or torn journal reads as "none", which only costs time
         write_atomic(self.path, head + tail, durable=False)
@@ -137,6 +147,8 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 _CACHE: dict[Path, Journal] = {}
+#: list -> Entry without a Python frame per entry (`_entries` checked the lists' shape)
+_ENTRY: Callable[[list[Any]], Entry] = functools.partial(tuple.__new__, Entry)
 
 
 def _remember(j: Journal) -> None:
@@ -160,7 +172,7 @@ def _entries(raw: object) -> dict[str, Entry] | None:
             and type(v[4]) is str
         ):
             return None
-    return dict(zip(raw.keys(), map(Entry._make, raw.values()), strict=True))
+    return dict(zip(raw.keys(), map(_ENTRY, raw.values()), strict=True))
 
 
 def _apply(j: Journal, data: bytes, start: int) -> None:
@@ -183,27 +195,30 @@ def _apply(j: Journal, data: bytes, start: int) -> None:
             and (obj.get("reset") is True) == (j.seq < 0)
         )
         sets = _entries(obj.get("set", {})) if ok and obj is not None else None
-        raw_ino = obj.get("ino", {}) if ok and obj is not None else None
+        raw_ino = obj.get("ino", []) if ok and obj is not None else None
         gone = obj.get("del", []) if ok and obj is not None else None
         if (
             obj is None
             or sets is None
-            or not isinstance(raw_ino, dict)
-            or not all(type(v) is int for v in raw_ino.values())
+            or not isinstance(raw_ino, list)
+            or len(raw_ino) != len(sets)
+            or not all(type(v) is int for v in raw_ino)
             or not isinstance(gone, list)
             or not isinstance(obj.get("meta", {}), dict)
         ):
             j.broken = True
             break
+        # 0: no inode recorded (directories and links of the push record)
+        got_inos = {p: n for p, n in zip(sets, raw_ino, strict=True) if n}
         if obj.get("reset") is True:
-            entries, inos = sets, dict(raw_ino)
+            entries, inos = sets, got_inos
             j.base = end + 1 - pos
         else:
             if entries is None:
                 entries, inos = dict(j.entries), dict(j.inos)
             assert inos is not None
             entries.update(sets)
-            inos.update(raw_ino)
+            inos.update(got_inos)
             for p in gone:
                 if isinstance(p, str):
                     entries.pop(p, None)
@@ -237,11 +252,113 @@ def load(path: Path) -> Journal:
             j = Journal(path, j.entries, j.inos, dict(j.meta), j.seq, j.ino, j.length, j.base)
         else:
             j = Journal(path, ino=st.st_ino)
-        _apply(j, f.read(), j.length)
+        with gc_paused():
+            _apply(j, f.read(), j.length)
     if j.seq < 0:
         j.ino = None if not j.broken else j.ino
     _remember(j)
     return j
+
+
+class Snapshot(Mapping[str, Entry]):
+    """A journal's bytes as read at one moment (inode, length), its metadata, and its entries
+    parsed only if someone asks for them: an unchanged tree needs only the metadata."""
+
+    def __init__(self, path: Path, ino: int, data: bytes, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.ident = [ino, len(data)]
+        self.meta = meta
+        self._data: bytes | None = data
+        self._entries: Mapping[str, Entry] | None = None
+
+    def _load(self) -> Mapping[str, Entry]:
+        if self._entries is None:
+            j = Journal(self.path, ino=self.ident[0])
+            with gc_paused():
+                _apply(j, self._data or b"", 0)
+            self._entries, self._data = (j.entries if j.exists else {}), None
+            if j.exists and not j.broken and j.length == self.ident[1]:
+                _remember(j)
+        return self._entries
+
+    def __getitem__(self, key: str) -> Entry:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+def peek(path: Path) -> Snapshot | None:
+    """The journal's bytes and metadata, its entries left unparsed; None when there is none
+    (or its last line is not a metadata line)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        ino = os.fstat(f.fileno()).st_ino
+        data = f.read()
+    if not data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n", 0, len(data) - 1)
+    try:
+        obj = json.loads(data[cut + 1 : -1].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return Snapshot(path, ino, data, dict(meta)) if isinstance(meta, dict) else None
+
+
+def append(
+    path: Path,
+    sets: Mapping[str, Entry],
+    gone: Collection[str],
+    meta: dict[str, Any],
+    expect: Callable[[dict[str, Any]], bool],
+) -> bool:
+    """Append one delta to the journal at `path` without reading its entries, if its current
+    metadata passes `expect` and the deltas may still grow; False (nothing written) otherwise:
+    the caller then writes the whole state."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - _TAIL)
+        tail = os.pread(fd, size - start, start)
+        cut = tail.rfind(b"\n", 0, len(tail) - 1)
+        if not tail.endswith(b"\n") or (cut < 0 and start > 0):
+            return False
+        try:
+            last = json.loads(tail[cut + 1 : -1].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if not isinstance(last, dict) or not isinstance(last.get("meta"), dict):
+            return False
+        seq, base = last.get("seq"), last.get("base")
+        if type(seq) is not int or type(base) is not int or not expect(last["meta"]):
+            return False
+        delta: dict[str, Any] = {"seq": seq + 1, "meta": meta, "base": base}
+        if sets:
+            delta["set"] = dict(sets)
+            delta["ino"] = [0] * len(sets)
+        if gone:
+            delta["del"] = list(gone)
+        line = _line(delta)
+        if size + len(line) > _GROWTH * base + _SLACK or os.fstat(fd).st_size != size:
+            return False
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        return True
+    finally:
+        os.close(fd)
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:

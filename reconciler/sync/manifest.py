@@ -28,10 +28,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from reconciler._util.gcpause import gc_paused
 from reconciler.errors import SyncHaltedError
 from reconciler.sync import journal
 from reconciler.sync.entry import DIGEST_MOD, Entry, content_hash, mtime_hash
-from reconciler.sync.ignore import IgnoreRules, load_rules
+from reconciler.sync.feed import ChangeFeed, feed_for
+from reconciler.sync.ignore import IGNORE_FILE, IgnoreRules, load_rules
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.records import INDEX, PUSH_RECORD, drop_legacy
 
@@ -137,6 +139,11 @@ def _hex(value: int) -> str:
     return format(value % DIGEST_MOD, "064x")
 
 
+def _valid(meta: Mapping[str, Any]) -> bool:
+    """Metadata of a tree that is not empty (an empty one is checked against the guard)."""
+    return _valid_meta(meta) and meta["files"] > 0
+
+
 def _valid_meta(meta: Mapping[str, Any] | None) -> bool:
     return (
         meta is not None
@@ -197,13 +204,199 @@ def record_push(
 ) -> None:
     """`local` is what the sandbox now holds. `delta`: the push record was `local.basis`'s
     state, so only the paths the scan found changed are written."""
-    j = journal.load(Path(opts.state_dir) / PUSH_RECORD)
+    path = Path(opts.state_dir) / PUSH_RECORD
     meta = {**local.meta(), "instance_uuid": instance_uuid, "boot_id": boot_id}
     basis = local.basis
-    changed = None
-    if delta and basis is not None and (j.meta.get("digest"), j.meta.get("mtimes")) == basis.key:
-        changed = basis.old.keys()
-    j.write(local.entries, {}, meta, changed)
+    if delta and basis is not None:
+        mine = local.entries
+        sets = {p: mine[p] for p in basis.old if p in mine}
+        gone = [p for p in basis.old if p not in mine]
+        # never parsed: the record is only appended to (100,000 entries cost 60 MB parsed)
+        if journal.append(
+            path, sets, gone, meta, lambda m: (m.get("digest"), m.get("mtimes")) == basis.key
+        ):
+            return
+    journal.load(path).write(local.entries, {}, meta, None)
+
+
+class _Scan:
+    """One scan: entries found so far, the paths whose entry (or inode) differs from the index,
+    and the change hint still to give."""
+
+    def __init__(
+        self,
+        root: str,
+        rules: IgnoreRules,
+        prev: Mapping[str, Entry],
+        prev_inos: Mapping[str, int],
+        hint: Callable[[], None] | None,
+        *,
+        incremental: bool,
+        changes: ChangeFeed | None = None,
+    ) -> None:
+        self.root = root
+        #: watches the directories it lists, when the feed has inotify
+        self.watch = changes.watch if changes is not None and changes.inotify else None
+        self.rules = rules
+        self.hint = hint
+        if incremental:
+            # a copy of the index, changed in place; compared against itself
+            self.entries: dict[str, Entry] = dict(prev)
+            self.inos: dict[str, int] = dict(prev_inos)
+            self.prev: Mapping[str, Entry] = self.entries
+            self.prev_inos: Mapping[str, int] = self.inos
+        else:
+            self.entries, self.inos = {}, {}
+            self.prev, self.prev_inos = prev, prev_inos
+        self.changed: list[str] = []
+        self.added = 0
+        self.seen: set[str] = set()
+        #: directories to walk afresh whatever the index says
+        self.forced: set[str] = set()
+
+    def note(self, rel: str, e: Entry | None, was: Entry | None) -> None:
+        self.changed.append(rel)
+        if was is None:
+            self.added += 1
+        call = self.hint
+        # a directory's mtime moves with its files: only a new directory is news
+        if call is not None and (e is None or e.type != "d" or was is None or was.type != "d"):
+            self.hint = None
+            call()
+
+    def walk(self, dir_path: str, rel_dir: str) -> None:
+        if self.watch is not None:
+            self.watch(dir_path, rel_dir)  # before the listing: nothing falls between
+        try:
+            it = os.scandir(dir_path)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # vanished while walking: the next pass sees it
+        with it:
+            children = sorted(it, key=lambda d: d.name)
+        for child in children:
+            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            try:
+                cst = child.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            self.visit(rel, child.path, cst, descend=True)
+
+    def visit(self, rel: str, path: str, cst: os.stat_result, *, descend: bool) -> bool:
+        """Record the entry at `rel` (walking into a directory when `descend`, or when it is
+        new); False when it is not part of the manifest (excluded, vanished, not a file,
+        directory or link)."""
+        mode = cst.st_mode
+        if stat.S_ISREG(mode):
+            if self.rules.excluded(rel, False):
+                return False
+            was = self.prev.get(rel)
+            perm = mode & 0o7777
+            if (
+                was is not None
+                and was.mtime_ns == cst.st_mtime_ns
+                and was.size == cst.st_size
+                and was.type == "f"
+                and self.prev_inos.get(rel) == cst.st_ino
+            ):
+                e = was if was.mode == perm else was._replace(mode=perm)
+                self.entries[rel] = e
+                self.inos[rel] = cst.st_ino
+                if e is not was:
+                    self.note(rel, e, was)
+                return True
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                return False
+            try:
+                fst = os.fstat(fd)
+                digest = hash_file(fd)
+            finally:
+                os.close(fd)
+            e = Entry("f", fst.st_size, fst.st_mtime_ns, perm, digest)
+            self.entries[rel] = e
+            self.inos[rel] = fst.st_ino
+            self.note(rel, e, was)
+            return True
+        if stat.S_ISDIR(mode):
+            if self.rules.excluded(rel, True):
+                return False
+            was = self.prev.get(rel)
+            e = Entry("d", 0, cst.st_mtime_ns, mode & 0o7777, "")
+            # another inode: a directory moved or made in its place, whose old children no
+            # event names (a revisit walks it afresh)
+            fresh = (
+                was is None
+                or was.type != "d"
+                or self.prev_inos.get(rel) != cst.st_ino
+                or rel in self.forced
+            )
+            if not descend and fresh and was is not None:
+                self.drop_under(rel)
+            if e == was and not fresh:
+                e = was
+            else:
+                self.note(rel, e, was)
+            self.entries[rel] = e
+            self.inos[rel] = cst.st_ino
+            if descend or fresh:
+                self.walk(path, rel)
+            return True
+        if stat.S_ISLNK(mode):
+            if self.rules.excluded(rel, False):
+                return False
+            try:
+                target = os.readlink(path)
+            except OSError:
+                return False
+            was = self.prev.get(rel)
+            e = Entry("l", len(target), cst.st_mtime_ns, 0o777, target)
+            if e == was:
+                e = was
+            else:
+                self.note(rel, e, was)
+            self.entries[rel] = e
+            return True
+        return False  # sockets, fifos and devices are not part of a source tree
+
+    def revisit(self, rel: str) -> None:
+        """Bring the entry at `rel` (and what is under it) up to date, parents first."""
+        if rel in self.seen:
+            return
+        self.seen.add(rel)
+        parent = rel.rpartition("/")[0]
+        if parent and parent not in self.entries:
+            self.revisit(parent)
+        up = self.entries.get(parent) if parent else None
+        if parent and (up is None or up.type != "d"):
+            self.drop(rel)  # under a path that is not a synced directory
+            return
+        path = os.path.join(self.root, rel)
+        try:
+            cst = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self.drop(rel)
+            return
+        was = self.entries.get(rel)
+        if was is not None and was.type == "d" and not stat.S_ISDIR(cst.st_mode):
+            self.drop_under(rel)
+        if not self.visit(rel, path, cst, descend=False):
+            self.drop(rel)
+
+    def drop(self, rel: str) -> None:
+        was = self.entries.pop(rel, None)
+        self.inos.pop(rel, None)
+        if was is not None:
+            self.note(rel, None, was)
+            if was.type == "d":
+                self.drop_under(rel)
+
+    def drop_under(self, rel: str) -> None:
+        prefix = rel + "/"
+        for p in [p for p in self.entries if p.startswith(prefix)]:
+            self.entries.pop(p)
+            self.inos.pop(p, None)
+            self.changed.append(p)
 
 
 def scan_local(
@@ -213,7 +406,7 @@ def scan_local(
     on_change: Callable[[], None] | None = None,
 ) -> Manifest:
     """Walk the local root and build its manifest, hashing only files the index cannot vouch
-    for.
+    for; with a `feed` attached for the session, re-stat only the paths it noted.
 
     Raises `SyncHaltedError` when the root is missing (or not a directory), or when it is empty
     while our last push record had files: both look like an accident (unmounted volume,
@@ -224,6 +417,43 @@ def scan_local(
     push is coming, which lets the caller open its connection while the walk goes on. It
     decides nothing; the manifest does.
     """
+    changes = feed_for(Path(opts.state_dir))
+    try:
+        with gc_paused():
+            manifest, (basis, ident) = _scan(opts, rules, on_change, changes)
+    except BaseException:
+        if changes is not None:
+            changes.note_all()  # what it took was not looked at
+        raise
+    if changes is not None:
+        changes.settle(basis, ident)
+    return manifest
+
+
+def _unchanged(
+    opts: SyncOptions, index: journal.Snapshot, on_change: Callable[[], None] | None
+) -> Manifest:
+    """The tree is the index's (its keeper saw nothing change): its metadata is the
+    manifest's, and its entries are parsed only if someone reads them."""
+    meta = index.meta
+    if on_change is not None:
+        pushed = push_meta(opts)
+        if pushed is None or (pushed["digest"], pushed["mtimes"]) != (
+            meta["digest"],
+            meta["mtimes"],
+        ):
+            on_change()
+    manifest = Manifest(index, Basis((meta["digest"], meta["mtimes"]), {}))
+    manifest._preset(meta)
+    return manifest
+
+
+def _scan(
+    opts: SyncOptions,
+    rules: IgnoreRules | None,
+    on_change: Callable[[], None] | None,
+    changes: ChangeFeed | None,
+) -> tuple[Manifest, tuple[object, list[int] | None]]:
     root = Path(opts.local_root)
     try:
         st = os.stat(root)
@@ -235,7 +465,19 @@ def scan_local(
         raise SyncHaltedError(f"local root {root} is not a directory; nothing was sent or deleted")
     rules = rules if rules is not None else load_rules(opts)
     state_dir = Path(opts.state_dir)
-    index = journal.load(state_dir / INDEX)
+    only: set[str] | None = None
+    if changes is not None and changes.keeper is not None:
+        # the keeper vouches for an index by its bytes: ask before reading them all
+        peeked = journal.peek(state_dir / INDEX)
+        only = changes.take(None, peeked.ident if peeked is not None else None)
+        if only == set() and peeked is not None and _valid(peeked.meta):
+            return _unchanged(opts, peeked, on_change), (peeked, peeked.ident)
+        index = journal.load(state_dir / INDEX)
+        if peeked is None or index.ident != peeked.ident:
+            only = None  # not the index it vouched for
+    else:
+        index = journal.load(state_dir / INDEX)
+        only = changes.take(index.entries, index.ident) if changes is not None else None
     trusted = index.exists and _valid_meta(index.meta)
     old: Mapping[str, Entry] = index.entries if index.exists else {}
     old_inos: Mapping[str, int] = index.inos if index.exists else {}
@@ -249,100 +491,25 @@ def scan_local(
     ):
         hint = None
         on_change()  # the index is not what we pushed: a push is coming whatever the walk finds
-    entries: dict[str, Entry] = {}
-    inos: dict[str, int] = {}
-    changed: list[str] = []
-    added = 0
-
-    def note(rel: str, e: Entry, was: Entry | None) -> None:
-        nonlocal hint, added
-        changed.append(rel)
-        if was is None:
-            added += 1
-        call = hint
-        # a directory's mtime moves with its files: only a new directory is news
-        if call is not None and (e.type != "d" or was is None or was.type != "d"):
-            hint = None
-            call()
-
-    def walk(dir_path: str, rel_dir: str) -> None:
-        try:
-            it = os.scandir(dir_path)
-        except (FileNotFoundError, NotADirectoryError):
-            return  # vanished while walking: the next pass sees it
-        with it:
-            children = sorted(it, key=lambda d: d.name)
-        for child in children:
-            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
-            try:
-                cst = child.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            mode = cst.st_mode
-            if stat.S_ISREG(mode):
-                if rules.excluded(rel, False):
-                    continue
-                was = old.get(rel)
-                perm = mode & 0o7777
-                if (
-                    was is not None
-                    and was.mtime_ns == cst.st_mtime_ns
-                    and was.size == cst.st_size
-                    and was.type == "f"
-                    and old_inos.get(rel) == cst.st_ino
-                ):
-                    e = was if was.mode == perm else was._replace(mode=perm)
-                    entries[rel] = e
-                    inos[rel] = cst.st_ino
-                    if e is not was:
-                        note(rel, e, was)
-                    continue
-                try:
-                    fd = os.open(child.path, os.O_RDONLY | os.O_NOFOLLOW)
-                except OSError:
-                    continue
-                try:
-                    fst = os.fstat(fd)
-                    digest = hash_file(fd)
-                finally:
-                    os.close(fd)
-                e = Entry("f", fst.st_size, fst.st_mtime_ns, perm, digest)
-                entries[rel] = e
-                inos[rel] = fst.st_ino
-                note(rel, e, was)
-            elif stat.S_ISDIR(mode):
-                if rules.excluded(rel, True):
-                    continue
-                was = old.get(rel)
-                e = Entry("d", 0, cst.st_mtime_ns, mode & 0o7777, "")
-                if e == was:
-                    e = was
-                else:
-                    note(rel, e, was)
-                entries[rel] = e
-                walk(child.path, rel)
-            elif stat.S_ISLNK(mode):
-                if rules.excluded(rel, False):
-                    continue
-                try:
-                    target = os.readlink(child.path)
-                except OSError:
-                    continue
-                was = old.get(rel)
-                e = Entry("l", len(target), cst.st_mtime_ns, 0o777, target)
-                if e == was:
-                    e = was
-                else:
-                    note(rel, e, was)
-                entries[rel] = e
-            # sockets, fifos and devices are not part of a source tree: skipped
-
-    walk(str(root), "")
-    if len(entries) - added != len(old):
-        gone = [p for p in old if p not in entries]
-        changed.extend(gone)
-        if gone and hint is not None:
-            hint()  # deletions only
+    incremental = trusted and only is not None and IGNORE_FILE not in only
+    scan = _Scan(str(root), rules, old, old_inos, hint, incremental=incremental, changes=changes)
+    if incremental:
+        assert only is not None
+        # and their directories, whose mtimes moved; parents first: a new directory is
+        # walked whole, and its children are then current; "dir/" asks for a walk afresh
+        scan.forced = {p[:-1] for p in only if p.endswith("/")}
+        named = {p.rstrip("/") for p in only}
+        targets = named | {p.rpartition("/")[0] for p in named if "/" in p}
+        for rel in sorted(targets, key=lambda p: (p.count("/"), p)):
+            scan.revisit(rel)
+    else:
+        scan.walk(str(root), "")
+        if len(scan.entries) - scan.added != len(old):
+            gone = [p for p in old if p not in scan.entries]
+            scan.changed.extend(gone)
+            if gone and scan.hint is not None:
+                scan.hint()  # deletions only
+    entries, inos, changed = scan.entries, scan.inos, scan.changed
     if not entries:
         last = pushed if pushed is not None else push_meta(opts)
         if last is not None and last["files"] > 0:
@@ -356,13 +523,16 @@ def scan_local(
         manifest = Manifest(entries)
         index.write(entries, inos, manifest.meta(), None)
         drop_legacy(state_dir)
-        return manifest
+        return manifest, (index.entries, index.ident)
     meta = index.meta
     prior = {p: old.get(p) for p in changed}
-    manifest = Manifest(entries, Basis((meta["digest"], meta["mtimes"]), prior))
-    if not changed:
+    key = (meta["digest"], meta["mtimes"])
+    if not prior:
+        # nothing changed: the index's own state (a walk's equal copy is dropped)
+        manifest = Manifest(old, Basis(key, {}))
         manifest._preset(meta)
-        return manifest
+        return manifest, (index.entries, index.ident)
+    manifest = Manifest(entries, Basis(key, prior))
     digest, mtimes = int(meta["digest"], 16), int(meta["mtimes"], 16)
     files, size = meta["files"], meta["bytes"]
     for p, was in prior.items():
@@ -381,5 +551,5 @@ def scan_local(
                 size += now.size
     new_meta = {"digest": _hex(digest), "mtimes": _hex(mtimes), "files": files, "bytes": size}
     manifest._preset(new_meta)
-    index.write(entries, inos, new_meta, changed)
-    return manifest
+    index.write(entries, inos, new_meta, list(prior))
+    return manifest, (index.entries, index.ident)

@@ -5,6 +5,9 @@
 * `Transport` is one live connection to one sandbox: a `RemoteShell` that also runs a
   session command (streamed output, exit code, timeout with kill) and says what pins the
   sandbox's identity (an SSH host key).
+* `Terminal` is the user's end of an interactive session (`ukc ssh`): the controller's
+  terminal, or a test's script of keystrokes; `TerminalProcess` the sandbox's end (a process
+  on a pseudo-terminal, or on plain pipes when the user's end is no terminal).
 * `TransportKind` is how one kind of transport is set up: what an instance must be created
   with (env, public ports, plugins), the session's credentials, and connecting once the
   instance runs. `transport.select` maps a session's `exec` to its kind; nothing else in the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +34,8 @@ __all__ = [
     "RemoteProcess",
     "RemoteShell",
     "Target",
+    "Terminal",
+    "TerminalProcess",
     "Transport",
     "TransportKind",
 ]
@@ -72,6 +78,43 @@ class RemoteProcess(Protocol):
 
     def kill(self) -> None:
         """Stop the process (closes the channel); safe to call twice."""
+        ...
+
+
+class TerminalProcess(RemoteProcess, Protocol):
+    """A process the user drives: its output may be a pseudo-terminal's (stderr merged)."""
+
+    def resize(self, cols: int, rows: int) -> None:
+        """The user's window changed size (ignored without a pseudo-terminal)."""
+        ...
+
+
+class Terminal(Protocol):
+    """The user's end of an interactive session. A terminal (`size` not None) is put in raw
+    mode while the session runs, so every key, Ctrl-C included, goes to the sandbox."""
+
+    def size(self) -> tuple[int, int] | None:
+        """(columns, rows) of a terminal; None when input or output is not one."""
+        ...
+
+    def term(self) -> str:
+        """The terminal type to announce (`$TERM`)."""
+        ...
+
+    def raw(self) -> AbstractContextManager[None]:
+        """Raw mode for the session's duration, restored on exit (a no-op on no terminal)."""
+        ...
+
+    def read(self, timeout_s: float) -> bytes | None:
+        """Input bytes; b"" at end of input; None when none came within `timeout_s`."""
+        ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def write_err(self, data: bytes) -> None: ...
+
+    def resized(self) -> bool:
+        """True once after each change of the window's size."""
         ...
 
 
@@ -123,6 +166,13 @@ class Transport(RemoteShell, Protocol):
         comes; at `timeout_s`, or as soon as `stop()` is true (polled), the command and its
         children are signalled, given a grace period, then killed. A non-zero exit, a timeout
         or a stop is a result; a broken connection raises a `BackendError`."""
+        ...
+
+    def start_terminal(
+        self, command: str, *, term: str, size: tuple[int, int] | None
+    ) -> TerminalProcess:
+        """Start `command` (a shell command line) for a user: on a pseudo-terminal of
+        `size` (columns, rows) announcing `term`, or on plain pipes when `size` is None."""
         ...
 
 

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from reconciler._util.names import is_env_name
-from reconciler.errors import SpecError
-from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell
+from reconciler.errors import SpecError, UsageError
+from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell, TerminalProcess
 
 __all__ = ["ShellTransport", "build_script", "export_lines", "run_command"]
 
@@ -310,6 +310,15 @@ class ShellTransport:
             stop=stop,
             shell_name=shell,
         )
+
+    def start_terminal(
+        self, command: str, *, term: str, size: tuple[int, int] | None
+    ) -> TerminalProcess:
+        starter = getattr(self.shell, "start_terminal", None)
+        if starter is None:
+            raise UsageError(f"the {self.kind} transport offers no terminal")
+        process: TerminalProcess = starter(command, term=term, size=size)
+        return process
 
     def close(self) -> None:
         self.shell.close()

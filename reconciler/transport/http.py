@@ -44,6 +44,7 @@ from reconciler.transport.base import (
     RemoteProcess,
     RemoteShell,
     Target,
+    TerminalProcess,
     Transport,
     TransportKind,
 )
@@ -315,6 +316,11 @@ class HttpTransport:
 
     def start(self, command: str) -> RemoteProcess:
         return self._inner.start(command)
+
+    def start_terminal(
+        self, command: str, *, term: str, size: tuple[int, int] | None
+    ) -> TerminalProcess:
+        return self._inner.start_terminal(command, term=term, size=size)
 
     def run(
         self,

@@ -32,12 +32,14 @@ from reconciler.errors import (
     RemoteError,
     SandboxNotReadyError,
     TransportError,
+    UsageError,
 )
 from reconciler.transport.base import (
     CreateFields,
     Credentials,
     RemoteProcess,
     Target,
+    TerminalProcess,
     Transport,
     TransportKind,
 )
@@ -58,6 +60,8 @@ _MAX_JSON = 64 * 1024
 _LOG_CHUNK = 1024 * 1024
 #: stdin bytes per request: base64 of it stays well under the plugin's 2 MiB body
 _STDIN_CHUNK = 1024 * 1024
+#: stdin bytes a writer may be ahead of what was sent
+_STDIN_BUFFER = 4 * _STDIN_CHUNK
 #: a wait slice, under the proxy's 60 s cut
 _WAIT_SLICE_S = 30.0
 _REQUEST_S = 30.0
@@ -67,6 +71,7 @@ _STDIN_S = 65.0
 #: empty log polls back off from the first to the last delay
 _POLL_FIRST_S = 0.001
 _POLL_MAX_S = 0.05
+_POLLS_BEFORE_EXIT_CHECK = 3
 #: failed polls in a row (the proxy answering 502/503/504) before the process counts as lost
 _MAX_FAILURES = 3
 _READY_FIRST_S = 0.05
@@ -106,6 +111,24 @@ class _Route:
         self.instance = instance
         #: False once a request failed to get any answer
         self.active = True
+        #: requests that let the plugin forget an ended process, still under way
+        self._cleanups: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def in_background(self, work: Callable[[], None]) -> None:
+        """Run `work` (clean-up requests) without making the caller wait for it."""
+        thread = threading.Thread(target=work, name="ukc-plugin-cleanup", daemon=True)
+        with self._lock:
+            self._cleanups = [t for t in self._cleanups if t.is_alive()]
+            self._cleanups.append(thread)
+        thread.start()
+
+    def settle(self) -> None:
+        """Wait (bounded) for the clean-ups under way."""
+        with self._lock:
+            cleanups, self._cleanups = self._cleanups, []
+        for thread in cleanups:
+            thread.join(_KILL_S)
 
     def request(
         self,
@@ -140,6 +163,90 @@ class _Route:
         return _envelope(reply).get("data")
 
 
+class _StdinSender:
+    """Sends what is written to a process's stdin from a thread of its own, joining what
+    accumulates while a request is under way into the next one (up to `_STDIN_CHUNK`): a
+    writer goes on while its bytes travel, and many small writes cost few requests. A writer
+    waits while `_STDIN_BUFFER` bytes are still to go (the process is not reading); a failed
+    request is raised to the next `write` or `close`."""
+
+    def __init__(self, send: Callable[[bytes, bool], None], where: str) -> None:
+        self._send = send
+        self._where = where
+        self._cond = threading.Condition()
+        self._buf = bytearray()
+        self._eof = False
+        self._eof_sent = False
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopped or self._eof:
+            raise BrokenPipeError(f"{self._where}: its input is closed")
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ukc-plugin-stdin", daemon=True)
+            self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._check()
+            while len(self._buf) >= _STDIN_BUFFER:
+                self._cond.wait()
+                self._check()
+            self._buf += data
+            self._ensure_thread()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Send the end of input once everything before it went; wait until it did."""
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            if self._eof or self._stopped:
+                return
+            self._eof = True
+            self._ensure_thread()
+            self._cond.notify_all()
+            while not self._eof_sent and self._error is None and not self._stopped:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._eof and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                chunk = bytes(self._buf[:_STDIN_CHUNK])
+                del self._buf[:_STDIN_CHUNK]
+                eof = self._eof and not self._buf
+                self._cond.notify_all()
+            try:
+                self._send(chunk, eof)
+            except BaseException as err:  # why: the writer raises it; this thread just ends
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._eof_sent = eof
+                self._cond.notify_all()
+                if eof:
+                    return
+
+
 class PluginProcess:
     """A process in the sandbox: one plugin command with its stdin and its logs."""
 
@@ -151,33 +258,33 @@ class PluginProcess:
         self._buffers = {"stdout": bytearray(), "stderr": bytearray()}
         self._locks = {"stdout": threading.Lock(), "stderr": threading.Lock()}
         self._exit: int | None = None
-        self._stdin_closed = False
         self._killed = threading.Event()
+        #: set once it exited or was killed: a reader waiting for output polls at once
+        self._ended = threading.Event()
         self._kill_lock = threading.Lock()
+        self._sender = _StdinSender(self._stdin, self._where)
 
     def __repr__(self) -> str:
         return f"PluginProcess({self._where!r})"
 
+    def resize(self, cols: int, rows: int) -> None:
+        pass  # plain pipes: no window to size
+
     # -- stdin
 
     def write(self, data: bytes) -> None:
-        for start in range(0, len(data), _STDIN_CHUNK):
-            self._stdin(data[start : start + _STDIN_CHUNK], eof=False)
+        self._sender.write(data)
 
     def close_stdin(self) -> None:
-        if not self._stdin_closed:
-            self._stdin_closed = True
-            self._stdin(b"", eof=True)
+        self._sender.close()
 
-    def _stdin(self, data: bytes, *, eof: bool) -> None:
+    def _stdin(self, data: bytes, eof: bool) -> None:
         if self._killed.is_set():
             raise BrokenPipeError(f"{self._where}: stopped")
-        reply = self._route.request(
-            "POST",
-            f"commands/{self._id}/stdin",
-            {"data": base64.b64encode(data).decode(), "eof": eof},
-            timeout_s=_STDIN_S,
-        )
+        # why by hand: base64 needs no JSON escaping, and encoding a MiB of it as a JSON
+        # string costs three times the base64 itself
+        body = b'{"data":"%s","eof":%s}' % (base64.b64encode(data), b"true" if eof else b"false")
+        reply = self._route.request("POST", f"commands/{self._id}/stdin", body, timeout_s=_STDIN_S)
         if reply.status == 410 or (reply.status == 400 and self._finished()):
             # its input is closed: the process has ended (or is ending)
             raise BrokenPipeError(f"{self._where}: its input is closed")
@@ -205,6 +312,7 @@ class PluginProcess:
         """The next bytes of `stream` (b"" at its end), polling while the process runs."""
         delay = _POLL_FIRST_S
         failures = 0
+        empty = 0
         while not self._killed.is_set():
             # why check first: output comes before the exit is known, so a poll after seeing
             # the exit that finds nothing new has seen everything
@@ -231,9 +339,11 @@ class PluginProcess:
                 failures = 0
                 if finished:
                     return b""
-                if self._finished():
+                empty += 1
+                # why not at once: while a process runs, most empty polls precede its output
+                if empty >= _POLLS_BEFORE_EXIT_CHECK and self._finished():
                     continue
-            self._killed.wait(delay)
+            self._ended.wait(delay)
             delay = min(delay * 2, _POLL_MAX_S)
         return b""
 
@@ -261,6 +371,7 @@ class PluginProcess:
             if isinstance(code, int) and not isinstance(code, bool):
                 # a signal's death comes as minus its number: report it as a shell does
                 self._exit = code if code >= 0 else 128 + min(-code, 127)
+                self._ended.set()
         return self._exit
 
     def wait(self, timeout: float | None = None) -> int:
@@ -299,8 +410,18 @@ class PluginProcess:
             if self._killed.is_set():
                 return
             self._killed.set()
+            self._ended.set()
+        self._sender.stop()
         if not self._route.active:
             return  # no connection: the sandbox's command ends with its stdin
+        if self._exit is not None:
+            # why in the background: an ended command's record costs the sandbox memory, not
+            # the caller time (the next command need not wait for it)
+            self._route.in_background(self._forget)
+            return
+        self._forget()
+
+    def _forget(self) -> None:
         path = f"commands/{self._id}"
         try:
             if self._exit is None:
@@ -366,12 +487,26 @@ class PluginShell:
             self._procs.append(proc)
         return proc
 
+    def start_terminal(
+        self, command: str, *, term: str, size: tuple[int, int] | None
+    ) -> TerminalProcess:
+        """`command` for a user, on plain pipes: the plugin API has no pseudo-terminal."""
+        if size is not None:
+            raise UsageError(
+                f"the plugin transport of {self._route.instance} offers no terminal: run "
+                "`ukc exec` for a command, or `ukc ssh` with input that is not a terminal"
+            )
+        process = self.start(command)
+        assert isinstance(process, PluginProcess)
+        return process
+
     def close(self) -> None:
         """Stop what still runs and let the plugin forget every process started here."""
         with self._lock:
             procs, self._procs = self._procs, []
         for proc in procs:
             proc.kill()
+        self._route.settle()
         self._route.active = False
 
 

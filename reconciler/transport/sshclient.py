@@ -84,9 +84,10 @@ def _prefer_aead(transport: paramiko.Transport) -> None:
 class SshProcess:
     """One exec channel: the `RemoteProcess` of `SshShell.start`."""
 
-    def __init__(self, channel: paramiko.Channel, shell: SshShell) -> None:
+    def __init__(self, channel: paramiko.Channel, shell: SshShell, *, pty: bool = False) -> None:
         self._channel = channel
         self._shell = shell
+        self._pty = pty
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -122,6 +123,11 @@ class SshProcess:
     def kill(self) -> None:
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             self._channel.close()
+
+    def resize(self, cols: int, rows: int) -> None:
+        if self._pty:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                self._channel.resize_pty(width=cols, height=rows)
 
 
 class SshShell:
@@ -227,6 +233,16 @@ class SshShell:
 
     def start(self, command: str) -> SshProcess:
         """Run `command` (a shell command line) in a fresh exec channel."""
+        return self._start(command, None)
+
+    def start_terminal(
+        self, command: str, *, term: str, size: tuple[int, int] | None
+    ) -> SshProcess:
+        """Run `command` for a user: on a pseudo-terminal of `size` (columns, rows), or on
+        plain pipes when `size` is None."""
+        return self._start(command, None if size is None else (term, *size))
+
+    def _start(self, command: str, pty: tuple[str, int, int] | None) -> SshProcess:
         limit = self.start_timeout_s
         try:
             channel = self._transport.open_session(
@@ -245,6 +261,9 @@ class SshShell:
         timer.daemon = True
         timer.start()
         try:
+            if pty is not None:
+                term, cols, rows = pty
+                channel.get_pty(term=term, width=cols, height=rows)
             channel.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as err:
             channel.close()
@@ -255,7 +274,7 @@ class SshShell:
             raise TransportError(f"ssh {self.fqdn}: cannot start a process ({err})") from None
         finally:
             timer.cancel()
-        return SshProcess(channel, self)
+        return SshProcess(channel, self, pty=pty is not None)
 
     @property
     def active(self) -> bool:

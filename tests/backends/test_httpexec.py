@@ -113,6 +113,12 @@ class TestRun:
         with pytest.raises(SpecError):
             build_exec_cmd("true", {"A-B": "x"}, "/", None)
 
+    def test_another_shell_gets_the_command_as_one_quoted_argument(self) -> None:
+        cmd = build_exec_cmd("echo ${PIPESTATUS[0]}", {}, "/workspace", None, shell="bash")
+        assert cmd == "cd /workspace && bash -c 'echo ${PIPESTATUS[0]}'"
+        timed = build_exec_cmd("true", {}, "/w", 5, shell="/bin/zsh")
+        assert timed.endswith("exec timeout -k 5 5 /bin/zsh -c '(true)'"), timed
+
     def test_a_timeout_stops_the_command_and_reports_timed_out(self, http_exec: HttpExec) -> None:
         result = http_exec.run(FQDN, "sleep 30; echo late", {}, cwd="/tmp", timeout_s=1)
         assert result.timed_out is True

@@ -3,7 +3,10 @@ examples, the environment and the exit codes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 import pytest
@@ -12,7 +15,7 @@ from click.testing import CliRunner
 from reconciler.cli.main import cli
 
 #: the commands a user works with day to day: each shows examples
-EVERYDAY = ("apply", "plan", "status", "delete", "validate", "watch")
+EVERYDAY = ("apply", "plan", "status", "delete", "validate", "watch", "ssh", "exec", "logs", "ls")
 
 
 def commands(group: click.Group = cli, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
@@ -63,3 +66,18 @@ def test_o_is_short_for_output_wherever_there_is_an_output(
     for param in command.params:
         if isinstance(param, click.Option) and "--output" in param.opts:
             assert "-o" in param.opts, name
+
+
+def test_the_readme_shows_the_help_texts_ukc_prints() -> None:
+    root = Path(__file__).resolve().parents[2]
+    check = subprocess.run(
+        [sys.executable, str(root / "scripts" / "readme_help.py"), "--check"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, (
+        "README.md's help texts are stale: run .venv/bin/python scripts/readme_help.py\n"
+        + check.stderr
+    )

@@ -291,3 +291,14 @@ def test_a_recorded_pin_applies_only_to_the_very_instance_it_was_learnt_from() -
     assert identity.recorded_pin(rec, replace(inst, uuid="u-2")) is None  # a replacement
     assert identity.recorded_pin(rec, replace(inst, name="ukc-other-a")) is None
     assert identity.recorded_pin(None, inst) is None
+
+
+def test_an_instance_is_reached_by_the_transport_it_was_made_for_until_it_is_replaced() -> None:
+    def made_for(*tags: str) -> Instance:
+        return Instance(uuid="u-1", name="ukc-p-s", state="running", tags=tags)
+
+    assert identity.instance_transport(made_for("ukc.exec=ssh"), "plugin") == "ssh"
+    assert identity.instance_transport(made_for("ukc.exec=plugin"), "ssh") == "plugin"
+    # an older ukc's instance (no tag), or a tag no transport answers to: the spec's
+    assert identity.instance_transport(made_for(), "plugin") == "plugin"
+    assert identity.instance_transport(made_for("ukc.exec=pigeon"), "ssh") == "ssh"

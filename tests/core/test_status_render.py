@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from reconciler.cli.render import (
@@ -15,14 +17,16 @@ from reconciler.cli.render import (
     StatusRow,
     render_status,
     span,
+    status_document,
     status_exit_code,
-    status_json,
+    status_schema,
 )
 from reconciler.reconcile.events import Event
 from reconciler.spec.sizes import human_size
 from reconciler.status.schema import CommandRecord, InstanceRecord, SessionStatus
 
 NOW = 1_800_000_000.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def stamp(seconds_ago: float) -> str:
@@ -73,6 +77,16 @@ def test_a_session_past_its_ttl_reads_expired_and_one_without_ttl_a_dash() -> No
     assert lines[2].split()[:5] == ["plain", "Ready", "10s", "-", "never"]
 
 
+def test_sessions_of_two_status_files_say_which_file_each_comes_from() -> None:
+    rows = [
+        StatusRow("web", "a/.ukc/status.json", None),
+        StatusRow("web", "b/.ukc/status.json", None),
+    ]
+    lines = render_status(rows, NOW)
+    assert lines[0].split()[-2:] == ["STATUS", "FILE"]
+    assert lines[1].endswith("a/.ukc/status.json") and lines[2].endswith("b/.ukc/status.json")
+
+
 def test_a_session_never_applied_reads_pending_and_never() -> None:
     lines = render_status([StatusRow("new", "s.json", None)], NOW)
     assert lines[1].split() == ["new", "Pending", "-", "-", "never", "-"]
@@ -93,6 +107,7 @@ def test_a_session_only_the_status_file_remembers_says_it_is_not_declared() -> N
         (["Ready", None], 3),
         (["Interrupted"], 3),
         (["Expired"], 3),
+        ([], 3),
     ],
 )
 def test_the_exit_code_is_0_all_ready_1_one_failed_3_one_not_ready_yet(
@@ -106,8 +121,8 @@ def test_the_exit_code_is_0_all_ready_1_one_failed_3_one_not_ready_yet(
 
 def test_the_json_document_carries_ages_in_seconds_and_its_own_version() -> None:
     rows = [StatusRow("calc", "s.json", ready_session()), StatusRow("new", "s.json", None)]
-    doc = status_json(rows, NOW)
-    assert doc["version"] == 1 and doc["exit_code"] == 3
+    doc = json.loads(status_document(rows, NOW).model_dump_json())
+    assert doc["schema_version"] == 1 and doc["exit_code"] == 3
     calc, new = doc["sessions"]
     assert (calc["name"], calc["phase"], calc["age_s"], calc["ttl_left_s"]) == (
         "calc",
@@ -116,6 +131,7 @@ def test_the_json_document_carries_ages_in_seconds_and_its_own_version() -> None
         3300,
     )
     assert calc["last_applied_at"] == stamp(30) and calc["status_file"] == "s.json"
+    assert calc["instance"]["name"] == "ukc-p-calc" and calc["commands"][0]["exit_code"] == 0
     assert (new["name"], new["phase"], new["age_s"], new["ttl_left_s"]) == (
         "new",
         "Pending",
@@ -123,7 +139,20 @@ def test_the_json_document_carries_ages_in_seconds_and_its_own_version() -> None
         None,
     )
     # the same state gives the same bytes
-    assert json.dumps(doc, sort_keys=True) == json.dumps(status_json(rows, NOW), sort_keys=True)
+    assert (
+        status_document(rows, NOW).model_dump_json() == status_document(rows, NOW).model_dump_json()
+    )
+
+
+def test_the_json_document_is_valid_against_the_committed_schema() -> None:
+    committed = json.loads((ROOT / "docs" / "status.schema.json").read_text())
+    assert committed == status_schema(), "regenerate: ukc schema status > docs/status.schema.json"
+    jsonschema.Draft202012Validator.check_schema(committed)
+    rows = [StatusRow("calc", "s.json", ready_session()), StatusRow("new", "s.json", None)]
+    doc = json.loads(status_document(rows, NOW).model_dump_json())
+    jsonschema.validate(doc, committed, cls=jsonschema.Draft202012Validator)
+    doc["sessions"][0]["phase"] = "Sleeping"
+    assert list(jsonschema.Draft202012Validator(committed).iter_errors(doc))
 
 
 @pytest.mark.parametrize(

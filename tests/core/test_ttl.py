@@ -4,12 +4,23 @@ a value (the clock given to the planner), so every case is a table test."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+from reconciler.cli.plan_output import PlannedGroup, build_document, render_markdown
 from reconciler.cli.render import plan_json, render_plan
 from reconciler.reconcile import actions
+from reconciler.reconcile.desired import TreeState
+from reconciler.reconcile.events import RecordingReporter
 from reconciler.reconcile.plan import plan_sessions
-from reconciler.reconcile.watch import expiries
-from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc, parse_time
+from reconciler.reconcile.watch import Watcher, WatchOptions, expiries
+from reconciler.status.schema import (
+    InstanceRecord,
+    SessionStatus,
+    StatusDoc,
+    expiry_time,
+    format_time,
+    parse_time,
+)
 from tests.support.planning import OWNER, converged_record, desired, instance, kinds
 
 CREATED = "2027-01-15T06:00:00Z"
@@ -39,6 +50,15 @@ class TestThePlanner:
         assert delete.final_phase == "Expired"
         assert "apply deletes it" in splan.expired and "raise `ttl`" in splan.expired
 
+    def test_an_expired_session_is_deleted_even_when_its_tree_cannot_be_synced(self) -> None:
+        d = desired(ttl_s=60.0, tree=TreeState("", 0, 0, halted="directory ./work is missing"))
+        inst = instance(d, created_at=CREATED)
+        doc = StatusDoc(sessions={d.name: converged_record(d, inst)})
+        (splan,) = plan_sessions([d], {inst.name: inst}, doc, T0 + 61, owner=OWNER).sessions
+        assert kinds(splan) == ["DeleteInstance"] and not splan.error
+        (early,) = plan_sessions([d], {inst.name: inst}, doc, T0 + 59, owner=OWNER).sessions
+        assert early.error.startswith("not syncing")
+
     def test_raising_the_ttl_before_apply_deletes_it_renews_the_session(self) -> None:
         (splan,) = _plan(T0 + 7300, ttl_s=4 * 3600.0).sessions
         assert splan.actions == () and splan.expired == ""
@@ -62,6 +82,15 @@ class TestThePlanner:
         assert lines[1].startswith("  - delete instance ")
         assert lines[-1].startswith("Plan: 0 to create, 1 to delete")
         assert plan_json(_plan(T0 + 7300))["sessions"]["hello"]["expired"]
+
+    def test_the_json_and_markdown_plans_say_the_session_expired(self) -> None:
+        group = PlannedGroup(Path("s"), Path("s/.ukc/status.json"), False, _plan(T0 + 7300))
+        doc = build_document([group], 0)
+        (entry,) = doc.groups[0].sessions
+        assert entry.verdict == "delete" and entry.expired and "passed at" in entry.expired
+        assert "- Expired: its ttl of 2h passed at" in render_markdown(doc)
+        fresh = PlannedGroup(Path("s"), Path("s/.ukc/status.json"), False, _plan(T0))
+        assert build_document([fresh], 0).groups[0].sessions[0].expired is None
 
 
 def _record(phase: str = "Ready", expires_at: str | None = "2027-01-15T08:00:00Z") -> SessionStatus:
@@ -102,3 +131,26 @@ class TestTheWatchTimer:
             }
         )
         assert expiries([doc], {"a", "gone", "deleted", "forever"}) == {"a": T0 + 7200}
+
+    def test_each_expiry_fires_once_and_a_renewed_one_fires_again(self) -> None:
+        w = Watcher(
+            WatchOptions(paths=[]),
+            metros=None,  # type: ignore[arg-type]
+            reporter=RecordingReporter(),
+            environ={},
+        )
+        w._expiry = {"a": 100.0}
+        assert w._expiry_wait(90.0) == 10.0
+        assert w._expired_now(99.0) == set()
+        assert w._expired_now(100.0) == {"a"}
+        # a platform clock behind ours may leave it undeleted: no loop of passes, the
+        # periodic resync takes over
+        assert w._expired_now(200.0) == set() and w._expiry_wait(200.0) is None
+        w._expiry = {"a": 300.0}  # the spec raised its ttl
+        assert w._expiry_wait(200.0) == 100.0 and w._expired_now(300.0) == {"a"}
+
+    def test_expires_at_is_rounded_up_so_the_timer_never_fires_before_the_planner_sees_it(
+        self,
+    ) -> None:
+        assert expiry_time(T0 + 0.7, 4.0) == format_time(T0 + 5)
+        assert expiry_time(T0, 4.0) == format_time(T0 + 4)

@@ -80,7 +80,7 @@ def test_a_session_option_naming_no_session_is_an_error_naming_the_known_ones(
     assert not (ukc.project / ".ukc").exists()
 
 
-@pytest.mark.parametrize("command", ["apply", "plan", "status", "delete", "validate"])
+@pytest.mark.parametrize("command", ["apply", "plan", "status", "delete", "validate", "watch"])
 def test_an_empty_spec_directory_is_an_error_and_creates_nothing(ukc: Ukc, command: str) -> None:
     (ukc.project / "specs").mkdir()
     proc = ukc.run(command, "specs")

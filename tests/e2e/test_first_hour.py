@@ -114,6 +114,27 @@ def test_plan_lists_sessions_no_spec_declares_without_prune(ukc: Ukc) -> None:
     assert "not declared" not in pruned.stdout and "prune" in pruned.stdout
 
 
+def test_plan_and_apply_of_one_spec_file_do_not_call_its_neighbours_sessions_undeclared(
+    ukc: Ukc,
+) -> None:
+    (ukc.project / "work").mkdir()
+    ukc.write_spec("name: calc\ndirectory: ./work\n", "calc.yaml")
+    ukc.write_spec("name: web\ndirectory: ./work\n---\nname: gone\ndirectory: ./work\n", "web.yaml")
+    ukc.run("apply", "calc.yaml", check=0)
+    ukc.run("apply", "web.yaml", check=0)
+    ukc.write_spec("name: web\ndirectory: ./work\n", "web.yaml")
+
+    plan = ukc.run("plan", "web.yaml", check=0)
+    assert "session calc: not declared" not in plan.stdout, plan.stdout
+    assert "session gone: not declared (use --prune to delete)" in plan.stdout, plan.stdout
+    apply = ukc.run("apply", "calc.yaml", check=0)
+    assert "not declared" not in apply.stderr, apply.stderr
+    # the directory given whole: every session its spec files do not declare
+    whole = ukc.run("plan", check=0)
+    assert "session gone: not declared" in whole.stdout, whole.stdout
+    assert "session calc: not declared" not in whole.stdout, whole.stdout
+
+
 SECRET_SPEC = """\
 name: keyed
 directory: ./work

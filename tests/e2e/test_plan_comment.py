@@ -45,3 +45,11 @@ def test_the_plan_comment_and_document_follow_an_apply_and_a_file_change(ukc: Uk
     assert changed.returncode == 2, changed.stderr
     assert "| `site` | update | 1 | 1 |" in changed.stdout
     assert "run command `build` — inputs changed (files, env or image)" in changed.stdout
+
+
+def test_a_spec_that_does_not_load_gives_a_comment_that_says_why(ukc: Ukc) -> None:
+    ukc.write_spec("name: site\nimgae: typo\n")
+    out = ukc.run("plan", "session.yaml", "--output", "markdown", check=2)
+    assert out.stdout.startswith("**ukc plan: failed**, no plan was made: ")
+    assert "imgae" in out.stdout and "unknown field" in out.stdout
+    assert "imgae" in out.stderr

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import ssl
 import subprocess
+import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from reconciler.cloud.api import UkcApi
+from reconciler.cloud.model import CreateRequest
+from reconciler.cloud.trust import Reach
+from reconciler.local.daemon import MetroInfo
+from reconciler.transport import plugin
+from reconciler.transport.base import Credentials, Target
 from tests.support.ukc import Ukc
 from tests.support.waiting import eventually
 
@@ -182,3 +193,129 @@ def test_delete_removes_a_plugin_sessions_instance(ukc: Ukc) -> None:
     name = _session(ukc)["instance"]["name"]
     ukc.run("delete", "session.yaml", check=0)
     assert name not in [i["name"] for i in ukc.instances()]
+
+
+def test_a_plugin_process_carries_binary_streams_both_ways_waits_and_is_killed(
+    metro: MetroInfo,
+) -> None:
+    api = UkcApi(metro.api_url, metro.token, metro="local")
+    name = f"plugin-streams-{os.getpid()}"
+    inst = api.create_instance(
+        CreateRequest(
+            name, "ukc/local-sandbox:latest", {}, ["ukc-test"], plugins=plugin.KIND.plugins
+        )
+    )
+    try:
+        target = Target(name, None, Reach(ssl.create_default_context()), inst.uuid, api)
+        transport = plugin.KIND.connect(target, Credentials(Path("/x")), pin=None, deadline_s=60)
+        data = random.Random(7).randbytes(5 * 1024 * 1024 + 13)
+        proc = transport.start("cat; printf done >&2")
+        sizes = [1, 100, 65536, 3 * 1024 * 1024, 1024 * 1024]
+
+        def feed() -> None:
+            at = 0
+            for size in sizes * 4:
+                proc.write(data[at : at + size])
+                at += size
+            proc.write(data[at:])
+            proc.close_stdin()
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        got = b"".join(iter(lambda: proc.read(1 << 20), b""))
+        feeder.join()
+        assert got == data
+        assert proc.read_stderr() == b"done" and proc.wait(30) == 0
+
+        sleeper = transport.start("sleep 60")
+        with pytest.raises(TimeoutError):
+            sleeper.wait(0.3)
+        sleeper.kill()
+        assert sleeper.read() == b""
+        transport.close()
+        with ukc_client(metro) as client:
+            base = f"/v1/instances/{inst.uuid}/plugins/sandbox/commands"
+            assert client.get(base).json()["data"]["commands"] == []
+    finally:
+        api.delete_instance(name, uuid=inst.uuid)
+        api.close()
+
+
+def ukc_client(metro: MetroInfo) -> httpx.Client:
+    return httpx.Client(
+        base_url=metro.api_url, headers={"Authorization": f"Bearer {metro.token}"}, timeout=30
+    )
+
+
+def test_exec_ssh_on_pipes_and_logs_reach_a_plugin_session(ukc: Ukc) -> None:
+    _project(ukc, SPEC.replace("sync:\n", "secret_env: {API_KEY: PLUG_EXEC_SECRET}\nsync:\n"))
+    secret = "s3cret-plug-exec-77d0"
+    ukc.extra_env["PLUG_EXEC_SECRET"] = secret
+    ukc.run("apply", "session.yaml", check=0)
+    proc = ukc.run("exec", "plug", "--", 'echo "key $API_KEY"; cat input.txt; exit 5')
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout == "key ***\nhello world\n" and secret not in proc.stdout + proc.stderr
+    script = subprocess.run(
+        [sys.executable, "-m", "reconciler", "ssh", "plug"],
+        cwd=ukc.project,
+        env=ukc.env(),
+        input="pwd\nexit 4\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert script.returncode == 4 and script.stdout.strip().endswith("/workspace"), script.stderr
+    logs = ukc.run("logs", "plug", check=0).stdout
+    assert "== command build (exit 0" in logs and "built" in logs
+
+
+def test_what_a_plugin_sandbox_sends_back_is_checked_as_over_ssh(ukc: Ukc) -> None:
+    victim = ukc.project / "victim.txt"
+    victim.write_text("precious\n")
+    _project(
+        ukc,
+        f"""\
+name: plug
+directory: ./work
+exec: plugin
+commands:
+  - name: evil
+    run: |
+      mkdir -p out && echo ok > out/fine.txt
+      ln -s {victim} out/link-to-victim
+      ln -s /etc out/etc-dir
+      mkfifo out/pipe
+sync:
+  back: ["out/"]
+""",
+    )
+    proc = ukc.run("apply", "session.yaml", check=0)
+    out = ukc.project / "work" / "out"
+    assert (out / "fine.txt").read_text() == "ok\n" and victim.read_text() == "precious\n"
+    assert not (out / "link-to-victim").is_symlink() and not (out / "etc-dir").exists()
+    assert not (out / "pipe").exists()
+    assert len(_session(ukc)["sync"]["rejected"]) >= 3 and "refused from sandbox" in proc.stdout
+
+
+def test_switching_between_ssh_and_plugin_brings_outputs_home_through_the_old_transport(
+    ukc: Ukc,
+) -> None:
+    _project(ukc, SPEC.replace("exec: plugin\n", ""))
+    ukc.run("apply", "session.yaml", check=0)
+    ssh_uuid = _session(ukc)["instance"]["uuid"]
+    assert [s["port"] for s in _instance(ukc)["service_group"]["services"]] == [2222]
+    ukc.write_spec(SPEC)
+    planned = ukc.run("plan", "session.yaml", check=0).stdout
+    assert "exec changed from ssh to plugin" in planned
+    assert "outputs come home before the replacement" in planned
+    ukc.run("apply", "session.yaml", check=0)
+    rec = _session(ukc)
+    assert rec["instance"]["uuid"] != ssh_uuid and rec["phase"] == "Ready"
+    assert not (_instance(ukc).get("service_group") or {}).get("services")
+    assert (ukc.project / "work" / "out" / "upper.txt").read_text() == "HELLO WORLD\n"
+    ukc.write_spec(SPEC.replace("exec: plugin\n", ""))
+    ukc.run("apply", "session.yaml", check=0)
+    assert _session(ukc)["instance"]["uuid"] != rec["instance"]["uuid"]
+    assert (
+        _session(ukc)["instance"]["pin"].startswith("SHA256:") or _session(ukc)["phase"] == "Ready"
+    )

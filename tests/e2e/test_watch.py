@@ -141,6 +141,21 @@ def test_an_edit_is_synced_and_the_command_reruns(
     assert (project.workspace(uuid) / "input.txt").read_text() == "v2\n"
 
 
+def test_an_edit_reaches_a_plugin_session_and_its_command_reruns(
+    project: Ukc, watch: Callable[..., WatchProcess]
+) -> None:
+    project.write_spec(SPEC + "exec: plugin\n")
+    w = watch("session.yaml")
+    w.wait_for(lambda: ready(project) and w.passes() >= 1)
+    copy = project.project / "work" / "out" / "copy.txt"
+    assert copy.read_text() == "v1\n"
+    (project.project / "work" / "input.txt").write_text("v2\n")
+    w.wait_for(lambda: copy.exists() and copy.read_text() == "v2\n", timeout=30)
+    rec = status(project)["sessions"]["live"]
+    assert rec["instance"]["fqdn"] is None
+    assert (project.workspace(rec["instance"]["uuid"]) / "input.txt").read_text() == "v2\n"
+
+
 def test_a_burst_of_500_writes_makes_one_or_two_passes(
     project: Ukc, watch: Callable[..., WatchProcess]
 ) -> None:

@@ -21,13 +21,12 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.support.canary import Canaries, assert_nowhere
+from tests.support.cmdlines import CmdlineWatch
 from tests.support.ukc import Ukc
 
 #: the sandbox prints the value of SECRET (from the controller's CANARY_SECRET)
@@ -62,38 +61,6 @@ def command(name: str, run: str, timeout: str = "") -> str:
 
 def session(name: str, *commands: str, extra: str = "") -> str:
     return f"name: {name}\ndirectory: ./work\n{SECRET_ENV}{extra}commands:\n" + "".join(commands)
-
-
-class CmdlineWatch:
-    """Reads every host process's argv, over and over, while commands run."""
-
-    def __init__(self) -> None:
-        self.seen: set[bytes] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._scan, daemon=True)
-
-    def _scan(self) -> None:
-        while not self._stop.is_set():
-            for entry in os.scandir("/proc"):
-                if entry.name.isdigit():
-                    try:
-                        with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                            self.seen.add(f.read())
-                    except OSError:
-                        continue
-            time.sleep(0.02)
-
-    @contextmanager
-    def running(self) -> Iterator[CmdlineWatch]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            self._thread.join(10)
-
-    def saw(self, marker: str) -> bool:
-        return any(marker.encode() in argv for argv in self.seen)
 
 
 def on_terminal(ukc: Ukc, *args: str, timeout: float = 240) -> tuple[int, str]:

@@ -52,6 +52,9 @@ class FakePlugin:
         self.failing: tuple[int, str] | None = None
         #: bytes a log answer adds before what was asked for (a wrong range)
         self.range_shift = 0
+        #: the command runs until its input ends (as `sh` reading a script does)
+        self.reads_stdin = False
+        self.stdin_ended = False
 
     def plugin_request(
         self,
@@ -66,6 +69,8 @@ class FakePlugin:
         max_bytes: int,
     ) -> PluginReply:
         assert (uuid, name) == (UUID, "sandbox")
+        if isinstance(body, bytes):
+            body = json.loads(body)
         self.requests.append((method, path, body))
         if path == "commands" and method == "GET":
             if self.booting:
@@ -80,6 +85,7 @@ class FakePlugin:
         if rest == "/stdin":
             assert isinstance(body, dict)
             self.stdin += base64.b64decode(body["data"])
+            self.stdin_ended = self.stdin_ended or body["eof"]
             return _json(200)
         if rest.startswith("/logs/raw/"):
             data = self.stdout if rest.endswith("stdout") else self.stderr
@@ -90,10 +96,11 @@ class FakePlugin:
             last = min(last, len(data) - 1)
             first += self.range_shift
             return PluginReply(206, data[first : last + 1], f"bytes {first}-{last}/{len(data)}")
+        running = self.reads_stdin and not self.stdin_ended
         if rest == "/wait_timeout":
-            return _json(200)
+            return _json(408) if running else _json(200)
         if rest == "":
-            return _json(200, {"uuid": COMMAND, "exitcode": self.exitcode})
+            return _json(200, {"uuid": COMMAND, "exitcode": None if running else self.exitcode})
         return _json(200)
 
     def paths(self) -> list[str]:
@@ -127,7 +134,7 @@ def test_a_process_reads_all_its_output_then_its_end_and_its_exit_status() -> No
     assert proc.wait(5) == 128 + 15  # a signal's death reads as a shell reports it
 
 
-def test_stdin_goes_in_pieces_each_under_the_plugins_body_limit() -> None:
+def test_stdin_goes_in_pieces_each_under_the_plugins_body_limit_the_end_with_the_last() -> None:
     fake = FakePlugin()
     proc = _connect(fake).start("cat")
     data = bytes(range(256)) * (5 * 4096 + 17)
@@ -135,12 +142,13 @@ def test_stdin_goes_in_pieces_each_under_the_plugins_body_limit() -> None:
     proc.close_stdin()
     assert bytes(fake.stdin) == data
     sent = [body for method, path, body in fake.requests if path.endswith("/stdin")]
-    assert len(sent) > 5 and sent[-1] == {"data": "", "eof": True}
+    assert len(sent) > 5 and [body["eof"] for body in sent] == [False] * (len(sent) - 1) + [True]
     assert max(len(json.dumps(body)) for body in sent) < 2 * 1024 * 1024
 
 
 def test_a_session_commands_environment_goes_over_stdin_never_into_the_plugins_request() -> None:
     fake = FakePlugin()
+    fake.reads_stdin = True
     canary = "canary-env-over-stdin-61b2"
     result = _connect(fake).run(
         "echo hi",
@@ -161,11 +169,11 @@ def test_a_finished_process_is_forgotten_by_the_plugin_at_the_next_start_or_the_
     shell = _connect(fake).shell
     first = shell.start("true")
     assert first.wait(5) == 0
-    shell.start("true")
-    assert ("DELETE", f"commands/{COMMAND}") in [(m, p) for m, p, _ in fake.requests]
-    before = len(fake.requests)
+    second = shell.start("true")
+    assert second.wait(5) == 0
     shell.close()
-    assert ("DELETE", f"commands/{COMMAND}") in [(m, p) for m, p, _ in fake.requests[before:]]
+    deletes = [(m, p) for m, p, _ in fake.requests if m == "DELETE"]
+    assert deletes == [("DELETE", f"commands/{COMMAND}")] * 2
 
 
 def test_a_command_id_that_is_not_a_uuid_never_becomes_part_of_a_request_path() -> None:
@@ -276,10 +284,14 @@ def test_a_plugin_request_is_sent_to_the_instances_plugin_route_with_the_token()
         max_bytes=10,
     )
     assert reply == PluginReply(206, b"abc", "bytes 0-2/3")
-    (request,) = seen
+    request = seen[0]
     assert request.url.path == f"/v1/instances/{UUID}/plugins/sandbox/commands/x/logs/raw/stdout"
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     assert request.headers["range"] == "bytes=0-9"
+    # a body already encoded goes as it is
+    _api(handler).plugin_request(UUID, "sandbox", "POST", "x", body=b'{"a":1}', max_bytes=10)
+    assert seen[-1].content == b'{"a":1}'
+    assert seen[-1].headers["content-type"] == "application/json"
 
 
 @pytest.mark.parametrize(

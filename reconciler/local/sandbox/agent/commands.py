@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -16,6 +18,9 @@ __all__ = ["MAX_LOG", "Command", "Registry", "parse_signal"]
 # why: output is kept in memory for the log endpoints; a runaway command must not exhaust the
 # host, so each stream keeps its first 256 MiB (the rest is read and dropped)
 MAX_LOG = 256 * 1024 * 1024
+#: the size asked for a command's stdin pipe (the default unprivileged maximum)
+STDIN_PIPE_BYTES = 1024 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named since Python 3.10
 
 
 def parse_signal(value: object) -> int | None:
@@ -66,6 +71,11 @@ class Command:
             start_new_session=True,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
+        if self.proc.stdin is not None:
+            # why: a stdin request is answered once its bytes are in the pipe; with room for
+            # a whole request there, the next one travels while the command reads this one
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self.proc.stdin.fileno(), _F_SETPIPE_SZ, STDIN_PIPE_BYTES)
         self._readers = [
             threading.Thread(target=self._read, args=(self.proc.stdout, self.out), daemon=True),
             threading.Thread(target=self._read, args=(self.proc.stderr, self.err), daemon=True),

@@ -1,0 +1,66 @@
+"""Applies through the warm process, which keeps the tree watched between them: whatever
+changed in between reaches the sandbox, and nothing else is looked at."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli import warm
+from tests.support.synctree import snapshot
+from tests.support.ukc import Ukc
+
+pytestmark = pytest.mark.metro
+
+SPEC = """\
+name: kept
+directory: ./work
+"""
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def test_changes_between_warm_applies_all_reach_the_sandbox(ukc: Ukc) -> None:
+    work = ukc.project / "work"
+    for i in range(30):
+        p = work / f"d{i % 3}" / f"f{i}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"content {i}\n")
+    ukc.write_spec(SPEC)
+    assert "UKC_WARM" not in ukc.env()
+    ukc.run("apply", "session.yaml", check=0)
+    ws = ukc.workspace(ukc.status()["sessions"]["kept"]["instance"]["uuid"])
+    edits = [
+        lambda: (work / "d0" / "f0.txt").write_text("edited\n"),
+        lambda: (work / "d1" / "f1.txt").unlink(),
+        lambda: (work / "d2").rename(work / "renamed"),
+        lambda: (
+            (work / "new" / "deep").mkdir(parents=True),
+            (work / "new/deep/x.txt").write_text("x"),
+        ),
+        lambda: (
+            shutil.rmtree(work / "renamed"),
+            (work / "renamed").mkdir(),
+            (work / "renamed/y").write_text("y"),
+        ),
+        lambda: os.chmod(work / "d0" / "f3.txt", 0o600),
+    ]
+    for edit in edits:
+        edit()
+        ukc.run("apply", "session.yaml", check=0)
+        assert _files(ws) == _files(work)
+    assert snapshot(ws) == snapshot(work)
+    # the warm process (the suite's) kept the tree watched for the applies
+    path = warm.socket_path(ukc.env())
+    assert path is not None
+    answer = warm.status(path)
+    assert answer is not None and answer["trees_kept"] >= 1

@@ -1,0 +1,159 @@
+"""A tree keeper (the warm process between commands) tells a command's scan what changed since
+the index it vouches for, and nothing when it cannot vouch."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from reconciler.sync import feed, journal
+from reconciler.sync.engine import push
+from reconciler.sync.inotify import Inotify
+from reconciler.sync.keeper import TreeKeeper
+from reconciler.sync.manifest import Manifest, scan_local
+from reconciler.sync.records import INDEX, PUSH_RECORD
+from tests.support.synctree import Site, write
+
+
+@pytest.fixture
+def keeper() -> Iterator[TreeKeeper]:
+    ino = Inotify.open()
+    if ino is None:
+        pytest.skip("no inotify here")
+    k = TreeKeeper(ino)
+    feed.use_keeper(k)
+    yield k
+    feed.use_keeper(None)
+    ino.close()
+
+
+def _command_scan(site: Site, **kw: object) -> Manifest:
+    """A scan as one command runs it: a process of its own (nothing cached), tracked."""
+    journal._CACHE.clear()
+    with feed.tracking([(site.opts(**kw).state_dir, site.local)]):
+        return scan_local(site.opts(**kw))
+
+
+def _ident(site: Site) -> list[int]:
+    j = journal.load(site.state / INDEX)
+    assert j.ident is not None
+    return j.ident
+
+
+def test_the_keeper_names_what_changed_between_commands(site: Site, keeper: TreeKeeper) -> None:
+    write(site.local / "a.txt", "a")
+    write(site.local / "d" / "b.txt", "b")
+    _command_scan(site)  # the first: everything, and the tree watched from before it
+    write(site.local / "d" / "b.txt", "b changed")
+    token, paths = keeper.take(str(site.state), str(site.local), _ident(site))
+    assert paths == {"d/b.txt"}
+    keeper.done(str(site.state), token, _ident(site))
+
+
+def test_another_index_than_the_one_vouched_for_gets_everything(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    _command_scan(site)
+    ident = _ident(site)
+    _, paths = keeper.take(str(site.state), str(site.local), [ident[0], ident[1] + 1])
+    assert paths is None
+
+
+def test_paths_taken_by_a_command_that_died_are_named_again(site: Site, keeper: TreeKeeper) -> None:
+    write(site.local / "a.txt", "a")
+    _command_scan(site)
+    write(site.local / "a.txt", "a changed")
+    keeper.take(str(site.state), str(site.local), _ident(site))  # and never `done`
+    write(site.local / "b.txt", "b")
+    _, paths = keeper.take(str(site.state), str(site.local), _ident(site))
+    assert paths is None  # a scan may be running: which index stands is not known
+    # a command that does finish makes the next answer exact again
+    got = _command_scan(site)
+    assert got.entries["a.txt"].size == len("a changed") and "b.txt" in got.entries
+
+
+def test_a_new_directory_is_walked_afresh(site: Site, keeper: TreeKeeper) -> None:
+    write(site.local / "a.txt", "a")
+    _command_scan(site)
+    write(site.local / "new" / "deep" / "x.txt", "x")
+    keeper.pump()  # the keeper sees the directory and watches it
+    write(site.local / "new" / "deep" / "y.txt", "y")
+    got = _command_scan(site)
+    assert {"new/deep/x.txt", "new/deep/y.txt"} <= set(got.entries)
+
+
+def test_a_command_scan_after_no_change_looks_at_nothing(site: Site, keeper: TreeKeeper) -> None:
+    write(site.local / "a.txt", "a")
+    _command_scan(site)
+    token, paths = keeper.take(str(site.state), str(site.local), _ident(site))
+    assert paths == set()
+    keeper.done(str(site.state), token, _ident(site))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_keeper_narrowed_scans_equal_full_walks(site: Site, keeper: TreeKeeper, seed: int) -> None:
+    rng = random.Random(seed)
+    for i in range(40):
+        write(site.local / f"d{i % 4}" / f"s{i % 3}" / f"f{i}.txt", f"content {i}")
+    _command_scan(site)
+    for step in range(12):
+        files = sorted(p for p in site.local.rglob("*") if p.is_file())
+        dirs = sorted(p for p in site.local.rglob("*") if p.is_dir())
+        for _ in range(rng.randint(1, 4)):
+            what = rng.random()
+            if what < 0.3 and files:
+                write(rng.choice(files), f"edit {step} {rng.random()}")
+            elif what < 0.45 and files:
+                rng.choice(files).unlink(missing_ok=True)
+            elif what < 0.6 and dirs:
+                d = rng.choice(dirs)
+                if d.exists():
+                    d.rename(site.local / f"moved{step}{rng.randint(0, 999)}")
+            elif what < 0.7 and dirs:
+                shutil.rmtree(rng.choice(dirs), ignore_errors=True)
+            else:
+                d = site.local / f"new{step}" / "deep"
+                write(d / f"n{rng.randint(0, 9)}", "n")
+                if rng.random() < 0.5:
+                    keeper.pump()
+                    write(d / "later.txt", "written once the keeper watched it")
+        got = _command_scan(site)
+        whole = scan_local(site.opts(state_dir=site.base / f"full-{step}"))
+        assert dict(got.entries) == dict(whole.entries), f"step {step}"
+        assert got.digest == Manifest(dict(whole.entries)).digest
+
+
+def test_an_unchanged_tree_is_answered_from_the_index_without_parsing_it(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    write(site.local / "d" / "b.txt", "b")
+    first = _command_scan(site)
+    _command_scan(site)  # the keeper now vouches for this index
+    again = _command_scan(site)
+    entries = again.entries
+    assert isinstance(entries, journal.Snapshot) and entries._entries is None
+    assert again.digest == first.digest and again.file_count == 2
+    assert dict(entries) == dict(first.entries)  # parsed when asked for
+
+
+def test_a_push_after_an_unchanged_scan_appends_to_its_record(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    _command_scan(site)
+    _command_scan(site)
+    write(site.local / "a.txt", "a changed")
+    local = _command_scan(site)
+    record = site.state / PUSH_RECORD
+    before = record.stat()
+    result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
+    assert result.files_sent == 1 and not result.remote_scanned
+    after = record.stat()
+    assert after.st_ino == before.st_ino and after.st_size > before.st_size
+    assert (site.remote / "a.txt").read_text() == "a changed"
