@@ -34,7 +34,8 @@ class ChangeFeed:
     ) -> None:
         self._lock = threading.Lock()
         self._paths: set[str] = set()
-        self._all = True
+        # a feed of its own knows nothing before its first scan; a keeper may know already
+        self._all = keeper is None
         #: the index state the last scan through this feed left (compared by identity)
         self.basis: object | None = None
         self.inotify = inotify

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
 from reconciler.sync.entry import Entry
 
-__all__ = ["Journal", "load", "read_meta"]
+__all__ = ["Journal", "Snapshot", "load", "peek", "read_meta"]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
 _GROWTH = 1
@@ -85,7 +85,7 @@ class Journal:
         line = b""
         if changed is not None and self.exists and not self.broken:
             sets = {p: entries[p] for p in changed if p in entries}
-            delta: dict[str, Any] = {"seq": self.seq + 1, "meta": meta}
+            delta: dict[str, Any] = {"seq": self.seq + 1, "meta": meta, "base": self.base}
             if sets:
                 delta["set"] = sets
                 delta["ino"] = [inos.get(p, 0) for p in sets]
@@ -125,8 +125,9 @@ class Journal:
     ) -> None:
         # inodes as a list in the order of the entries: a path is written (and parsed) once
         ino_list = [inos.get(p, 0) for p in entries]
-        head = _line({"seq": 0, "reset": True, "set": entries, "ino": ino_list})
-        tail = _line({"seq": 1, "meta": meta})
+        whole = entries if isinstance(entries, dict) else dict(entries)
+        head = _line({"seq": 0, "reset": True, "set": whole, "ino": ino_list})
+        tail = _line({"seq": 1, "meta": meta, "base": len(head)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # no fsync: a lost or torn journal reads as "none", which only costs time
         write_atomic(self.path, head + tail, durable=False)
@@ -257,6 +258,107 @@ def load(path: Path) -> Journal:
         j.ino = None if not j.broken else j.ino
     _remember(j)
     return j
+
+
+class Snapshot(Mapping[str, Entry]):
+    """A journal's bytes as read at one moment (inode, length), its metadata, and its entries
+    parsed only if someone asks for them: an unchanged tree needs only the metadata."""
+
+    def __init__(self, path: Path, ino: int, data: bytes, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.ident = [ino, len(data)]
+        self.meta = meta
+        self._data: bytes | None = data
+        self._entries: Mapping[str, Entry] | None = None
+
+    def _load(self) -> Mapping[str, Entry]:
+        if self._entries is None:
+            j = Journal(self.path, ino=self.ident[0])
+            with gc_paused():
+                _apply(j, self._data or b"", 0)
+            self._entries, self._data = (j.entries if j.exists else {}), None
+            if j.exists and not j.broken and j.length == self.ident[1]:
+                _remember(j)
+        return self._entries
+
+    def __getitem__(self, key: str) -> Entry:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+def peek(path: Path) -> Snapshot | None:
+    """The journal's bytes and metadata, its entries left unparsed; None when there is none
+    (or its last line is not a metadata line)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        ino = os.fstat(f.fileno()).st_ino
+        data = f.read()
+    if not data.endswith(b"\n"):
+        return None
+    cut = data.rfind(b"\n", 0, len(data) - 1)
+    try:
+        obj = json.loads(data[cut + 1 : -1].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return Snapshot(path, ino, data, dict(meta)) if isinstance(meta, dict) else None
+
+
+def append(
+    path: Path,
+    sets: Mapping[str, Entry],
+    gone: Collection[str],
+    meta: dict[str, Any],
+    expect: Callable[[dict[str, Any]], bool],
+) -> bool:
+    """Append one delta to the journal at `path` without reading its entries, if its current
+    metadata passes `expect` and the deltas may still grow; False (nothing written) otherwise:
+    the caller then writes the whole state."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - _TAIL)
+        tail = os.pread(fd, size - start, start)
+        cut = tail.rfind(b"\n", 0, len(tail) - 1)
+        if not tail.endswith(b"\n") or (cut < 0 and start > 0):
+            return False
+        try:
+            last = json.loads(tail[cut + 1 : -1].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return False
+        if not isinstance(last, dict) or not isinstance(last.get("meta"), dict):
+            return False
+        seq, base = last.get("seq"), last.get("base")
+        if type(seq) is not int or type(base) is not int or not expect(last["meta"]):
+            return False
+        delta: dict[str, Any] = {"seq": seq + 1, "meta": meta, "base": base}
+        if sets:
+            delta["set"] = dict(sets)
+            delta["ino"] = [0] * len(sets)
+        if gone:
+            delta["del"] = list(gone)
+        line = _line(delta)
+        if size + len(line) > _GROWTH * base + _SLACK or os.fstat(fd).st_size != size:
+            return False
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        return True
+    finally:
+        os.close(fd)
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 import pytest
 
 from reconciler.sync import feed, journal
+from reconciler.sync.engine import push
 from reconciler.sync.inotify import Inotify
 from reconciler.sync.keeper import TreeKeeper
 from reconciler.sync.manifest import Manifest, scan_local
-from reconciler.sync.records import INDEX
+from reconciler.sync.records import INDEX, PUSH_RECORD
 from tests.support.synctree import Site, write
 
 
@@ -124,3 +125,35 @@ def test_keeper_narrowed_scans_equal_full_walks(site: Site, keeper: TreeKeeper, 
         whole = scan_local(site.opts(state_dir=site.base / f"full-{step}"))
         assert dict(got.entries) == dict(whole.entries), f"step {step}"
         assert got.digest == Manifest(dict(whole.entries)).digest
+
+
+def test_an_unchanged_tree_is_answered_from_the_index_without_parsing_it(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    write(site.local / "d" / "b.txt", "b")
+    first = _command_scan(site)
+    _command_scan(site)  # the keeper now vouches for this index
+    again = _command_scan(site)
+    entries = again.entries
+    assert isinstance(entries, journal.Snapshot) and entries._entries is None
+    assert again.digest == first.digest and again.file_count == 2
+    assert dict(entries) == dict(first.entries)  # parsed when asked for
+
+
+def test_a_push_after_an_unchanged_scan_appends_to_its_record(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    _command_scan(site)
+    _command_scan(site)
+    write(site.local / "a.txt", "a changed")
+    local = _command_scan(site)
+    record = site.state / PUSH_RECORD
+    before = record.stat()
+    result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
+    assert result.files_sent == 1 and not result.remote_scanned
+    after = record.stat()
+    assert after.st_ino == before.st_ino and after.st_size > before.st_size
+    assert (site.remote / "a.txt").read_text() == "a changed"
