@@ -208,8 +208,10 @@ def ukc_side(
 
         phase("initial")
         phase("nochange")
-        edit_one(tree, files, k, "ukc")
+        rel, body = edit_one(tree, files, k, "ukc")
         phase("onefile")
+        if (remote / rel).read_bytes() != body:
+            raise SystemExit(f"one-file apply did not bring {rel} to the sandbox")
         if not a.no_watch:
             out.update(watch_phase(env, proj, tree, files, remote, a))
         if not a.no_back:
