@@ -44,7 +44,7 @@ import reconciler as reconciler_pkg
 from reconciler.cli import warm
 from reconciler.cloud.trust import edge_address
 from reconciler.local import daemon
-from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE, DEFAULT_MEMORY_MB
 from reconciler.sync import engine
 from reconciler.sync.options import SyncOptions
 from reconciler.transport import sshclient as ssh_backend
@@ -67,6 +67,8 @@ class Metro:
         body = {
             "name": name,
             "image": DEFAULT_LOCAL_IMAGE,
+            # ukc's default, the original workflow's: /workspace lives in this memory
+            "memory_mb": DEFAULT_MEMORY_MB,
             "env": {"PUBKEY": pubkey},
             "service_group": SERVICES,
             "scale_to_zero": S2Z,
