@@ -40,8 +40,8 @@ def run_doctor(
 ) -> dict[str, object]:
     """Probe `metro`, print one line per check, write the JSON report; the report document."""
     from reconciler.cloud.metros import MetroRegistry, local_metro_status
-    from reconciler.doctor.probe import Budgets, Probe
-    from reconciler.doctor.report import render_lines
+    from reconciler.reconcile.doctor import Budgets, Probe
+    from reconciler.reconcile.doctor_report import render_lines
 
     secrets = [environ.get(v, "") for v in _TOKEN_VARS]
     metros = MetroRegistry(environ)

@@ -20,9 +20,10 @@ from typing import Protocol, runtime_checkable
 from reconciler import errors
 from reconciler.cloud.model import CloudApi, CreateRequest, Instance
 from reconciler.cloud.trust import Reach
-from reconciler.doctor.report import Figure, Redactor, Result, report_document
 from reconciler.reconcile import identity
-from reconciler.transport.base import Credentials
+from reconciler.reconcile.doctor_report import Figure, Redactor, Result, report_document
+from reconciler.transport.base import Credentials, RemoteShell, Target
+from reconciler.transport.select import edge_handshake, kind_for
 
 __all__ = ["CHECKS", "Budgets", "Pageable", "Probe"]
 
@@ -84,7 +85,7 @@ class _Run:
     tags: list[str]
     inst: Instance | None = None
     running_at: float | None = None
-    shell: object | None = None
+    shell: RemoteShell | None = None
     deleted_at: float | None = None
     extra_uuids: list[str] = field(default_factory=list)
 
@@ -214,10 +215,8 @@ class Probe:
         return self.results[-1]
 
     def _create(self, credentials: Credentials) -> Result:
-        from reconciler.transport.ssh import KIND
-
         with self._check("create") as out:
-            fields = KIND.create_fields(credentials)
+            fields = kind_for("ssh").create_fields(credentials)
             request = CreateRequest(
                 name=self.run.name,
                 image=self.image,
@@ -307,23 +306,15 @@ class Probe:
         return self.results[-1]
 
     def _ssh(self, credentials: Credentials) -> Result:
-        from reconciler.transport import sshclient
-        from reconciler.transport.tls import Dialer
-
         with self._check("ssh") as out:
             assert self.run.inst is not None and self.run.inst.fqdn
             budget = self.budgets.ssh_s
+            target = Target(
+                self.run.name, self.run.inst.fqdn, self.reach, self.run.inst.uuid, self.api
+            )
             t0 = self.clock()
             try:
-                shell = sshclient.wait_ssh_ready(
-                    Dialer.to(self.reach),
-                    self.run.inst.fqdn,
-                    key_path=credentials.path,
-                    deadline_s=budget,
-                    auth_grace_s=budget,
-                    sleep=self.sleep,
-                    monotonic=self.clock,
-                )
+                shell = kind_for("ssh").connect(target, credentials, pin=None, deadline_s=budget)
             except (errors.SandboxNotReadyError, errors.RemoteError, errors.TransportError) as e:
                 out.append(
                     Result(
@@ -348,11 +339,9 @@ class Probe:
         return self.results[-1]
 
     def _tools(self) -> Result:
-        from reconciler.transport.sshclient import SshShell
-
         with self._check("tools") as out:
             shell = self.run.shell
-            assert isinstance(shell, SshShell)
+            assert shell is not None
             script = "; ".join(
                 f"if command -v {t} >/dev/null 2>&1; then echo {t}=yes; else echo {t}=no; fi"
                 for t in TOOLS
@@ -378,18 +367,15 @@ class Probe:
         return self.results[-1]
 
     def _edge_tls(self) -> Result:
-        from reconciler.transport.tls import Dialer
-
         with self._check("edge_tls") as out:
             assert self.run.inst is not None and self.run.inst.fqdn
-            dialer = Dialer.to(self.reach)
             deadline = self.clock() + self.budgets.edge_s
             attempts = 0
             while True:
                 attempts += 1
                 t0 = self.clock()
                 try:
-                    tls = dialer.connect(self.run.inst.fqdn, _SSH_PORT, timeout=5.0)
+                    version = edge_handshake(self.reach, self.run.inst.fqdn, _SSH_PORT, 5.0)
                 except errors.TransportError as err:
                     if err.retryable and self.clock() < deadline:
                         self.sleep(0.2)
@@ -406,9 +392,6 @@ class Probe:
                     )
                     break
                 ms = round((self.clock() - t0) * 1000)
-                version = tls.version() or "unknown"
-                with contextlib.suppress(OSError):
-                    tls.close()
                 out.append(
                     Result(
                         "edge_tls",
@@ -619,10 +602,9 @@ class Probe:
 
     def _close_shell(self) -> None:
         shell, self.run.shell = self.run.shell, None
-        close = getattr(shell, "close", None)
-        if callable(close):
-            with contextlib.suppress(Exception):
-                close()
+        if shell is not None:
+            with contextlib.suppress(errors.UkcError, OSError):
+                shell.close()
 
     def _cleanup(self) -> None:
         """Delete whatever the probe made that still stands (errors are the metro's; the
