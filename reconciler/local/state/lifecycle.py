@@ -154,7 +154,7 @@ class LocalMetro:
 
     def create(self, body: object) -> LocalInstance:
         """Validate a create body and add the record (stopped, or starting with autostart)."""
-        req = admit(body, self.limits, self.index)
+        req = admit(body, self.limits, self.index, tag_rules=self.behaviour.tag_rules)
         rec = req.to_instance(seq=self.index.next_seq(), app_domain=self.app_domain)
         self.index.add(rec)
         self._log(rec, f"created image {req.image}")
@@ -174,7 +174,7 @@ class LocalMetro:
 
     def update(self, rec: LocalInstance, opts: dict[str, Any]) -> None:
         """Apply one PATCH operation to the record."""
-        apply_update(rec, opts, self.limits)
+        apply_update(rec, opts, self.limits, tag_rules=self.behaviour.tag_rules)
         self.store.mark_dirty()
 
     # ---------------------------------------------------------------- start / stop
@@ -212,7 +212,7 @@ class LocalMetro:
                         rec.uuid,
                         env=dict(rec.env),
                         memory_mb=rec.memory_mb,
-                        boot=self.behaviour.boot_options(),
+                        boot=self.behaviour.boot_options(rec.image),
                     )
             except Exception as exc:  # any runtime failure ends this boot as a platform stop
                 self._log(rec, f"boot failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
