@@ -1159,6 +1159,9 @@ def logs(
         metros.close()
 
 
+LS_COLUMNS = ("NAME", "PROJECT", "STATE", "AGE", "TTL LEFT", "OURS", "INSTANCE")
+
+
 @cli.command(
     "ls",
     short_help="The sessions on a metro, across projects.",
@@ -1182,7 +1185,7 @@ UKC_SESSION_SECRET's), INSTANCE. Tags are claims: only OURS is a proof.""",
 @_guard
 def ls(metro: str | None, output: str, debug: bool) -> None:
     """List the sessions ukc made on a metro, across projects: NAME PROJECT STATE AGE
-    TTL LEFT."""
+    TTL LEFT OURS INSTANCE."""
     from reconciler.cli.render import render_table, span
     from reconciler.reconcile import access, identity
     from reconciler.reconcile.plan import parse_time
@@ -1234,8 +1237,7 @@ def ls(metro: str | None, output: str, debug: bool) -> None:
         )
         for r in rows
     ]
-    header = ("NAME", "PROJECT", "STATE", "AGE", "TTL LEFT", "OURS", "INSTANCE")
-    for line in render_table(header, table):
+    for line in render_table(LS_COLUMNS, table):
         click.echo(line)
 
 

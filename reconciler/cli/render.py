@@ -20,7 +20,14 @@ from pydantic import BaseModel, Field
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
-from reconciler.status.schema import RevisionRecord, SessionStatus, SourceRecord, StatusDoc
+from reconciler.status.schema import (
+    BackFrom,
+    CommandRecord,
+    RevisionRecord,
+    SessionStatus,
+    SourceRecord,
+    StatusDoc,
+)
 
 __all__ = [
     "STATUS_COLUMNS",
@@ -295,6 +302,26 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
     return out
 
 
+def _command_state(cmd: CommandRecord) -> str:
+    """How the command's last run ended; for one this apply did not run, said as such (its
+    result is an earlier run's)."""
+    if cmd.interrupted:
+        state = "interrupted"
+    elif cmd.timed_out:
+        state = "timed out"
+    elif cmd.exit_code is not None:
+        state = f"exit {cmd.exit_code}"
+    else:
+        return "skipped (never ran)" if cmd.skipped else "no exit code"
+    return f"skipped (last run: {state})" if cmd.skipped else state
+
+
+def _how(back: BackFrom) -> str:
+    if back.timed_out:
+        return "timed out"
+    return "no exit code" if back.exit_code is None else f"exit {back.exit_code}"
+
+
 STATUS_COLUMNS = ("NAME", "PHASE", "AGE", "TTL LEFT", "LAST APPLY", "INSTANCE")
 
 
@@ -337,12 +364,12 @@ def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
         if row.record is None:
             continue
         for cmd in row.record.commands:
-            state = "skipped" if cmd.skipped else f"exit {cmd.exit_code}"
-            if cmd.timed_out:
-                state = "timed out"
-            if cmd.interrupted:
-                state = "interrupted"
-            out.append(f"    {cmd.name:<18} {state}")
+            out.append(f"    {cmd.name:<18} {_command_state(cmd)}")
+        back = row.record.sync.back_from
+        if back is not None:
+            # why: after a failed run, whether a report at home is this run's is the question
+            how = f"{_how(back)}), {_ago(back.finished_at, now)}"
+            out.append(f"    outputs brought home from command {back.command!r} ({how}")
         if row.record.message:
             out.append(f"    {row.record.message}")
     return out

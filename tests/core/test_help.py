@@ -81,3 +81,16 @@ def test_the_readme_shows_the_help_texts_ukc_prints() -> None:
         "README.md's help texts are stale: run .venv/bin/python scripts/readme_help.py\n"
         + check.stderr
     )
+
+
+def test_the_readme_and_the_help_of_ukc_ls_and_ukc_status_name_the_columns_they_print() -> None:
+    from reconciler.cli.main import LS_COLUMNS
+    from reconciler.cli.render import STATUS_COLUMNS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for command, columns in (("ls", LS_COLUMNS), ("status", STATUS_COLUMNS)):
+        assert f"`{' '.join(columns)}`" in readme, (command, columns)
+        shown = " ".join(help_of(command).split())
+        assert all(c in shown for c in columns), (command, shown)
+        order = [shown.index(c) for c in columns]
+        assert order == sorted(order), (command, "columns out of order in --help")

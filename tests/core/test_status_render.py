@@ -23,7 +23,7 @@ from reconciler.cli.render import (
 )
 from reconciler.reconcile.events import Event
 from reconciler.spec.sizes import human_size
-from reconciler.status.schema import CommandRecord, InstanceRecord, SessionStatus
+from reconciler.status.schema import BackFrom, CommandRecord, InstanceRecord, SessionStatus
 
 NOW = 1_800_000_000.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,3 +205,28 @@ def test_the_live_header_drops_a_failure_once_the_same_row_is_done_again() -> No
     live.event(Event("watch", "done", "specs valid again: reloaded"))
     assert "FAILED" not in screen.last_table_row("watch")
     assert "specs valid again" in screen.last_table_row("watch")
+
+
+def test_status_says_from_which_command_run_the_outputs_brought_home_come() -> None:
+    failed = ready_session().model_copy(update={"phase": "Failed"})
+    failed.sync.back_from = BackFrom(command="test", exit_code=1, finished_at=stamp(90))
+    lines = render_status([StatusRow("calc", "s.json", failed)], NOW)
+    assert "    outputs brought home from command 'test' (exit 1), 1m ago" in lines, lines
+    failed.sync.back_from = BackFrom(command="test", timed_out=True, finished_at=stamp(5))
+    lines = render_status([StatusRow("calc", "s.json", failed)], NOW)
+    assert "    outputs brought home from command 'test' (timed out), 5s ago" in lines, lines
+
+
+def test_a_command_this_apply_did_not_run_still_shows_how_its_last_run_ended() -> None:
+    rec = ready_session()
+    rec.commands = [
+        CommandRecord(name="test", run="pytest", exit_code=0, skipped=True),
+        CommandRecord(name="slow", run="sleep 9", timed_out=True, skipped=True),
+        CommandRecord(name="never", run="true", skipped=True),
+    ]
+    lines = render_status([StatusRow("calc", "s.json", rec)], NOW)
+    assert [line.split(None, 1) for line in lines[2:]] == [
+        ["test", "skipped (last run: exit 0)"],
+        ["slow", "skipped (last run: timed out)"],
+        ["never", "skipped (never ran)"],
+    ]

@@ -89,6 +89,12 @@ def test_ssh_gives_an_interactive_shell_in_the_workspace_and_its_exit_code(box: 
     assert b"/dev/pts/" in shown, "the shell runs on a pseudo-terminal"
 
 
+def test_an_interactive_ssh_login_shows_no_error_about_login_records(box: Ukc) -> None:
+    code, shown = on_terminal(box, "ssh", "box", keys=[b"exit 0\r"])
+    assert code == 0, shown
+    assert b"lastlog" not in shown and b"No such file" not in shown, shown
+
+
 def test_ssh_runs_a_command_or_a_script_from_stdin_and_passes_their_exit_codes(
     box: Ukc,
 ) -> None:

@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+    # why: sshd records each login in /var/log/lastlog, as an image's sshd can; the
+    # sandbox's /var starts empty, and without the file every interactive login prints an error
+    with contextlib.suppress(OSError):
+        os.makedirs("/var/log", mode=0o755, exist_ok=True)
+        os.close(os.open("/var/log/lastlog", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
 
     plugin_sock = socket.socket(fileno=args.plugin_fd)
     relay_sock = socket.socket(fileno=args.relay_fd)
