@@ -20,6 +20,7 @@ from reconciler.errors import ApiError
 __all__ = [
     "ENV_VAR",
     "LOCAL_IMAGES",
+    "MINIMAL_IMAGE",
     "PRESETS",
     "Behaviour",
     "BootOptions",
@@ -27,11 +28,13 @@ __all__ = [
 ]
 
 ENV_VAR = "UKC_LOCAL_BEHAVIOUR"
+#: the image with the original workflow's contract and no python3
+MINIMAL_IMAGE = "ukc/local-minimal:latest"
 
 #: the images the local metro has (`ukc local status` lists them)
 LOCAL_IMAGES = {
     "ukc/local-sandbox:latest": "the host's /usr: python3, sshd, rsync, tar, coreutils, /exec",
-    "ukc/local-minimal:latest": (
+    MINIMAL_IMAGE: (
         "the original workflow's contract without python3: sshd, rsync, tar, sh, coreutils, /exec"
     ),
 }
@@ -70,12 +73,13 @@ class Behaviour:
     def image_known(self, image: str) -> bool:
         return not self.known_images_only or image in LOCAL_IMAGES or image in self.extra_images
 
-    def boot_options(self) -> BootOptions:
+    def boot_options(self, image: str) -> BootOptions:
         return BootOptions(
             ssh_delay_s=self.ssh_delay_s,
             key_delay_s=self.key_delay_s,
             fresh_host_key=self.host_keys_per_boot,
             workspace_in_memory=self.workspace_in_memory,
+            no_python=image == MINIMAL_IMAGE,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -128,6 +132,8 @@ class BootOptions:
     key_delay_s: float = 0.0
     fresh_host_key: bool = False
     workspace_in_memory: bool = False
+    #: the minimal image: no python3 on the sandbox's PATH (the agent keeps its own)
+    no_python: bool = False
 
 
 PRESETS: dict[str, Behaviour] = {
@@ -145,7 +151,7 @@ PRESETS: dict[str, Behaviour] = {
     ),
 }
 
-DEFAULT_PRESET = "kind"
+DEFAULT_PRESET = "realistic"
 
 
 def from_env(environ: Mapping[str, str]) -> Behaviour:

@@ -95,6 +95,42 @@ async def _pump(
             _close(writer)
 
 
+GATEWAY_TIMEOUT_BODY = b"<html><body><h1>504 Gateway Time-out</h1></body></html>\n"
+
+
+async def _gateway_pump(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cutoff_s: float
+) -> None:
+    """The HTTP gateway's copy of the sandbox's answer: silent for `cutoff_s`, the request is
+    cut (a 504 when nothing was answered yet), as UKC's gateway does; the sandbox side may
+    still be working."""
+    answered = False
+    try:
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(BUF), cutoff_s)
+            except TimeoutError:
+                if not answered:
+                    head = (
+                        "HTTP/1.1 504 Gateway Time-out\r\nContent-Type: text/html\r\n"
+                        f"Content-Length: {len(GATEWAY_TIMEOUT_BODY)}\r\n"
+                        "Connection: close\r\n\r\n"
+                    ).encode()
+                    writer.write(head + GATEWAY_TIMEOUT_BODY)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer.drain(), 2.0)
+                break
+            if not data:
+                break
+            answered = True
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, ssl.SSLError, OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        _close(writer)
+
+
 def _who(uid: int | None) -> str:
     if uid is None:
         return "an unknown local user (its socket was not found)"
@@ -119,6 +155,7 @@ class Edge:
         owner_uid: int | None = None,
         peer_uid: Callable[[tuple[str, int], tuple[str, int]], int | None] = loopback_peer_uid,
         refusal_log_every_s: float = REFUSAL_LOG_EVERY_S,
+        gateway_timeout: Callable[[], float] = lambda: 0.0,
     ) -> None:
         #: the only users served: the daemon's own uid (or `owner_uid`) and root
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
@@ -129,6 +166,8 @@ class Edge:
         self._resolve = resolve
         self._on_activity = on_activity
         self._should_drop = should_drop
+        #: seconds the HTTP gateway (443) waits for the sandbox's next bytes; 0: forever
+        self._gateway_timeout = gateway_timeout
         self._host = host
         self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         self._ctx = ca.server_context()
@@ -225,7 +264,11 @@ class Edge:
         try:
             to_sandbox = asyncio.create_task(_pump(reader, up_writer, True))
             # why: the sandbox side ending (sshd exit, HTTP close) ends the whole connection
-            await _pump(up_reader, writer, False)
+            cutoff = self._gateway_timeout() if public_port == 443 else 0.0
+            if cutoff > 0:
+                await _gateway_pump(up_reader, writer, cutoff)
+            else:
+                await _pump(up_reader, writer, False)
             to_sandbox.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await to_sandbox

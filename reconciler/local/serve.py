@@ -98,6 +98,7 @@ async def serve(
         on_activity=metro.on_activity,
         should_drop=faults.take_edge_drop,
         host=EDGE_HOST,
+        gateway_timeout=lambda: metro.behaviour.gateway_timeout_s,
     )
     stop_event = asyncio.Event()
     api_port = 0

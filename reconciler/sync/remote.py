@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reconciler.errors import RemoteError, SyncStalledError
+from reconciler.errors import MissingToolError, RemoteError, SyncStalledError
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.watchdog import Watchdog
 from reconciler.transport.base import RemoteProcess, RemoteShell
@@ -223,10 +223,13 @@ class HelperSession:
             code = self.proc.wait(timeout=5)
         except TimeoutError:
             return "it has not exited after 5 s"
-        if code == 127:
-            raise RemoteError(
-                f"sandbox has no {self.opts.remote_python} (the sync helper needs python3 >= "
-                "3.7); exit 127"
+        if code in (126, 127):
+            # 127: not found, 126: found but not runnable (the shell's two answers)
+            raise MissingToolError(
+                f"the sandbox's image has no usable {self.opts.remote_python} (exit {code}), "
+                "which ukc's sync helper needs (python3 >= 3.7): use an image with python3 "
+                "(on the local metro ukc/local-sandbox:latest)",
+                tool=self.opts.remote_python,
             )
         if code != 0:
             raise RemoteError(f"sync helper in sandbox exited with code {code}: {self._stderr()}")

@@ -191,7 +191,15 @@ class SshShell:
                 raise TransportError(
                     f"ssh {fqdn}:{port}: handshake failed ({type(err).__name__}: {err})"
                 ) from None
-            fingerprint = host_key_fingerprint(transport.get_remote_server_key())
+            try:
+                server_key = transport.get_remote_server_key()
+            except paramiko.SSHException as err:
+                # why: a server that hangs up right after the key exchange (an sshd still
+                # starting, one over its start-up limit) leaves no session to ask
+                raise TransportError(
+                    f"ssh {fqdn}:{port}: closed after the handshake ({err})"
+                ) from None
+            fingerprint = host_key_fingerprint(server_key)
             if expected_host_key is not None and fingerprint != expected_host_key:
                 raise RemoteError(
                     f"ssh {fqdn}: host key {fingerprint} differs from the expected "
@@ -200,7 +208,14 @@ class SshShell:
                 )
             try:
                 transport.auth_publickey(user, pkey)
-            except paramiko.AuthenticationException:
+            except paramiko.AuthenticationException as err:
+                if not transport.is_active() or "timeout" in str(err).lower():
+                    # why: paramiko reports a server that hung up, or never answered, during
+                    # authentication as a failed one; that is a sandbox still starting, not
+                    # a verdict on the key
+                    raise TransportError(
+                        f"ssh {fqdn}:{port}: no answer to the authentication"
+                    ) from None
                 raise KeyRejectedError(
                     f"ssh {fqdn}: public key of {key_path.name} rejected for user {user}",
                     retryable=False,

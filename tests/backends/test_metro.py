@@ -52,7 +52,7 @@ def test_create_wait_ssh_run_exec_list_and_delete_on_the_local_metro(
         inst = api.create_instance(
             CreateRequest(
                 name=name,
-                image="ukc/sandbox:latest",
+                image="ukc/local-sandbox:latest",
                 env={"PUBKEY": pub},
                 tags=tags,
                 memory_mb=256,

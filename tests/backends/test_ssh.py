@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import socket
 import stat
 import subprocess
 import threading
@@ -243,3 +245,64 @@ class TestKeyGrace:
         assert err.value.retryable is False
         assert 5 <= now[0] < 10, "rejected keys were retried past the grace, or not at all"
         assert "still" in str(err.value)
+
+
+class TestHangUpAfterKex:
+    def test_a_server_that_hangs_up_right_after_the_key_exchange_is_retried_not_a_crash(
+        self, test_ca: CaFiles, tmp_path: Path
+    ) -> None:
+        """An sshd still starting (or over its start-up limit) may end the session right
+        after the key exchange: that is a booting sandbox, never an unmapped paramiko error."""
+        host_key = paramiko.RSAKey.generate(2048)
+
+        class Silent(paramiko.ServerInterface):
+            """Never answers an authentication: it hangs up first."""
+
+            def get_allowed_auths(self, username: str) -> str:
+                time.sleep(1.0)
+                return "publickey"
+
+            def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+                time.sleep(1.0)
+                return paramiko.AUTH_FAILED
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        stop = threading.Event()
+
+        def serve() -> None:
+            listener.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                t = paramiko.Transport(conn)
+                t.add_server_key(host_key)
+                with contextlib.suppress(Exception):
+                    t.start_server(server=Silent())
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                t.close()
+                conn.close()
+
+        client_key = tmp_path / "client"
+        generate_keypair(client_key)
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        front = TlsForwarder(test_ca, listener.getsockname()[1]).start()
+        try:
+            with pytest.raises(SandboxNotReadyError):
+                wait_ssh_ready(
+                    dialer_to(test_ca, front.port),
+                    FQDN,
+                    key_path=client_key,
+                    deadline_s=4,
+                    auth_grace_s=0,
+                    connect_timeout=0.5,
+                )
+            assert front.connections >= 3
+        finally:
+            stop.set()
+            server.join(5)
+            front.stop()
+            listener.close()

@@ -44,7 +44,9 @@ def _older_ukcs_instance(ukc: Ukc, like: dict[str, Any]) -> str:
     `ukc.exec` tag, and both 2222 and 443."""
     pubkey = (ukc.project / ".ukc" / "keys" / "ports.pub").read_text().strip()
     with ukc.api() as api:
-        api.request("DELETE", "/v1/instances", json=[{"name": like["name"], "timeout_s": 30}])
+        # without retention, so the name comes free (the DELETE answers once it has)
+        gone = [{"name": like["name"], "timeout_s": 30, "dont_retain": True}]
+        api.request("DELETE", "/v1/instances", json=gone)
         deadline = time.monotonic() + 60
         while like["name"] in [i["name"] for i in ukc.instances()]:
             assert time.monotonic() < deadline

@@ -32,7 +32,7 @@ def tough(ukc: Ukc) -> Iterator[Ukc]:
     (ukc.project / "work" / "input.txt").write_text("data\n")
     ukc.write_spec(SPEC.format(extra=""))
     yield ukc
-    behave(ukc, {"preset": "kind"})
+    behave(ukc, {"preset": "realistic"})
 
 
 def behave(ukc: Ukc, body: dict[str, Any]) -> None:
@@ -136,3 +136,14 @@ def test_a_cold_boot_relearns_the_host_key_and_runs_the_commands_again(tough: Uk
     # why not started_at: both runs can fall in the same second
     assert next(c for c in first["commands"])["start_count"] == first["instance"]["start_count"]
     assert stamp["start_count"] == after["instance"]["start_count"]
+
+
+def test_an_image_without_python3_fails_naming_the_missing_tool(tough: Ukc) -> None:
+    tough.write_spec(SPEC.format(extra="image: ukc/local-minimal:latest\n"))
+    started = time.monotonic()
+    proc = tough.run("apply", "session.yaml")
+    assert proc.returncode == 1, proc.stderr
+    assert time.monotonic() - started < 60
+    assert "has no usable python3" in proc.stderr, proc.stderr
+    ready = next(c for c in session(tough)["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "MissingTool"

@@ -21,7 +21,7 @@ SSH_GROUP = {"services": [{"port": 2222, "destination_port": 2222, "handlers": [
 
 def create(api: httpx.Client, **body: Any) -> dict[str, Any]:
     body.setdefault("name", unique())
-    body.setdefault("image", "debian:bookworm")
+    body.setdefault("image", "ukc/local-sandbox:latest")
     body.setdefault("autostart", False)
     r = api.post("/v1/instances", json=body)
     assert r.status_code == 200, r.text
@@ -79,7 +79,9 @@ class TestAuthAndEnvelope:
     def test_a_taken_name_is_item_code_23(self, api: httpx.Client) -> None:
         item = create(api)
         try:
-            r = api.post("/v1/instances", json={"name": item["name"], "image": "x"})
+            r = api.post(
+                "/v1/instances", json={"name": item["name"], "image": "ukc/local-sandbox:latest"}
+            )
             assert r.status_code == 200
             assert r.json()["data"]["instances"][0]["error"] == 23
         finally:
@@ -111,7 +113,11 @@ class TestCreateValidation:
     ) -> None:
         r = api.post(
             "/v1/instances",
-            json={"name": unique(), "image": "x", "service_group": {"services": services}},
+            json={
+                "name": unique(),
+                "image": "ukc/local-sandbox:latest",
+                "service_group": {"services": services},
+            },
         )
         assert r.status_code == 400
         assert r.json()["status"] == "error"
@@ -120,7 +126,12 @@ class TestCreateValidation:
     def test_timeout_without_autostart_is_refused_with_400(self, api: httpx.Client) -> None:
         r = api.post(
             "/v1/instances",
-            json={"name": unique(), "image": "x", "autostart": False, "timeout_s": 5},
+            json={
+                "name": unique(),
+                "image": "ukc/local-sandbox:latest",
+                "autostart": False,
+                "timeout_s": 5,
+            },
         )
         assert r.status_code == 400
 
@@ -129,7 +140,7 @@ class TestCreateValidation:
             "/v1/instances",
             json={
                 "name": unique(),
-                "image": "x",
+                "image": "ukc/local-sandbox:latest",
                 "features": ["delete-on-stop"],
                 "restart_policy": "always",
             },
@@ -139,7 +150,11 @@ class TestCreateValidation:
     def test_scale_to_zero_needs_a_service_group(self, api: httpx.Client) -> None:
         r = api.post(
             "/v1/instances",
-            json={"name": unique(), "image": "x", "scale_to_zero": {"policy": "on"}},
+            json={
+                "name": unique(),
+                "image": "ukc/local-sandbox:latest",
+                "scale_to_zero": {"policy": "on"},
+            },
         )
         assert r.status_code == 400
 
@@ -148,7 +163,7 @@ class TestCreateValidation:
             "/v1/instances",
             json={
                 "name": unique(),
-                "image": "x",
+                "image": "ukc/local-sandbox:latest",
                 "service_group": SSH_GROUP,
                 "scale_to_zero": {"policy": "on", "cooldown_time_ms": 500, "notify_time_ms": 800},
             },
@@ -159,7 +174,10 @@ class TestCreateValidation:
     def test_memory_outside_the_quota_is_item_code_19(
         self, api: httpx.Client, memory_mb: int
     ) -> None:
-        r = api.post("/v1/instances", json={"name": unique(), "image": "x", "memory_mb": memory_mb})
+        r = api.post(
+            "/v1/instances",
+            json={"name": unique(), "image": "ukc/local-sandbox:latest", "memory_mb": memory_mb},
+        )
         body = r.json()
         assert r.status_code == 200
         assert body["status"] == "error"
@@ -306,7 +324,9 @@ class TestWaitsAndDeletes:
 
     def test_a_deleted_instance_is_gone_from_reads(self, api: httpx.Client) -> None:
         item = create(api)
-        r = api.request("DELETE", "/v1/instances", json=[{"name": item["name"], "timeout_s": 5}])
+        # without retention: a retained one would be listed as `deleted` (test_behaviour.py)
+        body = [{"name": item["name"], "timeout_s": 5, "dont_retain": True}]
+        r = api.request("DELETE", "/v1/instances", json=body)
         assert r.json()["data"]["instances"][0]["previous_state"] == "stopped"
         assert get(api, item["name"])["error"] == 8
 
@@ -441,7 +461,12 @@ class TestRestartPolicy:
         with inproc.client() as c:
             r = c.post(
                 "/v1/instances",
-                json={"name": unique(), "image": "x", "autostart": True, "timeout_s": 5},
+                json={
+                    "name": unique(),
+                    "image": "ukc/local-sandbox:latest",
+                    "autostart": True,
+                    "timeout_s": 5,
+                },
             )
             item = r.json()["data"]["instances"][0]
             assert item["status"] == "error"
@@ -650,7 +675,9 @@ class TestInstanceQuota:
             with m.client() as c:
                 create(c)
                 create(c)
-                r = c.post("/v1/instances", json={"name": unique(), "image": "x"})
+                r = c.post(
+                    "/v1/instances", json={"name": unique(), "image": "ukc/local-sandbox:latest"}
+                )
                 item = r.json()["data"]["instances"][0]
                 assert item["error"] == 19
                 assert "2 of 2" in item["message"]

@@ -3,6 +3,10 @@ record, a missing image that stops with the platform's code, and the behaviour k
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import subprocess
 import time
 from typing import Any
 
@@ -11,7 +15,10 @@ import pytest
 
 from reconciler.errors import ApiError
 from reconciler.local import behaviour
+from reconciler.local import daemon as metro_daemon
+from reconciler.local.daemon import MetroInfo
 from tests.support.inproc_metro import InProcessMetro, unique
+from tests.support.workflow import curl_argv
 
 
 def create(client: httpx.Client, name: str, image: str = "ukc/local-sandbox:latest") -> str:
@@ -108,3 +115,130 @@ def test_the_environment_names_a_preset_or_overrides_knobs() -> None:
     assert tuned.ssh_delay_s == 2.0 and tuned.known_images_only
     with pytest.raises(ApiError, match="UKC_LOCAL_BEHAVIOUR"):
         behaviour.from_env({"UKC_LOCAL_BEHAVIOUR": "cruel"})
+
+
+def test_tags_are_held_to_ukcs_rules(inproc: InProcessMetro) -> None:
+    with inproc.client() as c:
+        behave(c, {"preset": "realistic"})
+
+        def made(tags: list[str]) -> int:
+            body = {"name": unique(), "image": "ukc/local-sandbox:latest", "tags": tags}
+            return c.post("/v1/instances", json=body).status_code
+
+        assert made([f"t{i}" for i in range(16)] + []) == 200
+        assert made([f"t{i}" for i in range(17)]) == 400
+        assert made(["a" * 256, "k=v", "x.y:z+1_-"]) == 200
+        assert made(["a" * 257]) == 400
+        assert made(["has space"]) == 400
+        assert made(["slash/no"]) == 400
+        behave(c, {"tag_rules": False})
+        assert made(["has space"]) == 200
+
+
+def _running(api: httpx.Client, **body: Any) -> dict[str, Any]:
+    body = {
+        "name": unique(),
+        "image": "ukc/local-sandbox:latest",
+        "autostart": True,
+        "timeout_s": 30,
+        **body,
+    }
+    item = api.post("/v1/instances", json=body).json()["data"]["instances"][0]
+    assert item["state"] == "running", item
+    return item  # type: ignore[no-any-return]
+
+
+def _cycle(api: httpx.Client, uuid: str) -> None:
+    """Stop, then start again: a cold boot."""
+    api.put("/v1/instances/stop", json=[{"uuid": uuid}])
+    api.request(
+        "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "stopped", "timeout_s": 30}]
+    )
+    api.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 30}])
+
+
+def test_workspace_lives_in_memory_bounded_by_memory_mb_and_empty_after_a_cold_boot(
+    daemon: MetroInfo, api: httpx.Client
+) -> None:
+    item = _running(api, memory_mb=64)
+    ws = daemon.state_dir / "workspaces" / item["uuid"]
+    try:
+        (ws / "kept.txt").write_text("in memory\n")
+        if os.geteuid() == 0:
+            # a root daemon mounts a tmpfs of memory_mb: writing past it fails
+            assert os.path.ismount(ws)
+            with pytest.raises(OSError) as err, open(ws / "big.bin", "wb") as f:
+                for _ in range(80):
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            assert err.value.errno == errno.ENOSPC
+        _cycle(api, item["uuid"])
+        assert list(ws.iterdir()) == [], "a cold boot kept files a RAM /workspace loses"
+    finally:
+        api.request("DELETE", "/v1/instances", json=[{"uuid": item["uuid"], "dont_retain": True}])
+
+
+def test_a_cold_boot_brings_new_host_keys(daemon: MetroInfo, api: httpx.Client) -> None:
+    item = _running(api)
+    key = daemon.state_dir / "sandboxes" / item["uuid"] / "ssh_host_ed25519_key"
+    try:
+        before = key.read_bytes()
+        _cycle(api, item["uuid"])
+        assert key.read_bytes() != before
+    finally:
+        api.request("DELETE", "/v1/instances", json=[{"uuid": item["uuid"], "dont_retain": True}])
+
+
+def test_the_http_gateway_cuts_a_silent_request_with_a_504_after_its_timeout(
+    daemon: MetroInfo, api: httpx.Client
+) -> None:
+    services = [{"port": 443, "destination_port": 8080, "handlers": ["tls", "http"]}]
+    item = _running(api, service_group={"services": services})
+    fqdn = item["service_group"]["domains"][0]["fqdn"]
+    edge = metro_daemon.status(daemon.state_dir)
+    assert edge is not None
+    behave(api, {"gateway_timeout_s": 1.0})
+    try:
+        argv = curl_argv(
+            daemon.ca_path, edge.edge_ports[443], fqdn, "/exec", "-X", "POST",
+            "--data", json.dumps({"cmd": "sleep 4; echo late"}),
+        )  # fmt: skip
+        started = time.monotonic()
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        took = time.monotonic() - started
+        assert out.rpartition("\n")[2] == "504", out
+        assert took < 3.5, f"the gateway held the request {took:.1f} s"
+        behave(api, {"gateway_timeout_s": 0})
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        assert out.rpartition("\n")[2] == "200" and "late" in out, out
+    finally:
+        behave(api, {"preset": "realistic"})
+        api.request("DELETE", "/v1/instances", json=[{"uuid": item["uuid"], "dont_retain": True}])
+
+
+def test_the_minimal_image_has_sshd_rsync_tar_and_a_shell_but_no_python3(
+    daemon: MetroInfo, api: httpx.Client
+) -> None:
+    services = [{"port": 443, "destination_port": 8080, "handlers": ["tls", "http"]}]
+    item = _running(api, image=behaviour.MINIMAL_IMAGE, service_group={"services": services})
+    fqdn = item["service_group"]["domains"][0]["fqdn"]
+    edge = metro_daemon.status(daemon.state_dir)
+    assert edge is not None
+    probe = (
+        "python3 -c 1; echo python3=$?; for t in sshd rsync tar sh timeout; do "
+        "command -v $t >/dev/null && echo $t=yes; done"
+    )
+    try:
+        argv = curl_argv(
+            daemon.ca_path, edge.edge_ports[443], fqdn, "/exec", "-X", "POST",
+            "--data", json.dumps({"cmd": probe}),
+        )  # fmt: skip
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        body, _, code = out.rpartition("\n")
+        assert code == "200", out
+        stdout = json.loads(body)["stdout"]
+        assert "python3=126" in stdout or "python3=127" in stdout, stdout
+        for tool in ("sshd", "rsync", "tar", "sh", "timeout"):
+            assert f"{tool}=yes" in stdout, stdout
+    finally:
+        api.request("DELETE", "/v1/instances", json=[{"uuid": item["uuid"], "dont_retain": True}])

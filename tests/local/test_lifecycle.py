@@ -26,6 +26,8 @@ from tests.support.inproc_metro import unique
 from tests.support.sandboxes import proc_ids
 from tests.support.sandboxes import sandbox_pids as processes_of
 
+IMAGE = "ukc/local-sandbox:latest"
+
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
@@ -121,7 +123,12 @@ class TestStopAndPersistence:
         with client(info) as c:
             r = c.post(
                 "/v1/instances",
-                json={"name": unique(), "image": "x", "autostart": True, "timeout_s": 30},
+                json={
+                    "name": unique(),
+                    "image": "ukc/local-sandbox:latest",
+                    "autostart": True,
+                    "timeout_s": 30,
+                },
             )
             assert r.json()["data"]["instances"][0]["state"] == "running"
         assert sandbox_pids(state_dir)
@@ -135,23 +142,34 @@ class TestStopAndPersistence:
             os.kill(info.pid, 0)
 
     def test_instances_and_workspace_files_survive_a_restart_and_running_ones_run_again(
-        self, state_dir: Path
+        self, state_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        # kind: files kept on disk across a metro restart are that preset's promise; the
+        # realistic metro keeps /workspace in memory (test_behaviour.py checks it is lost)
+        monkeypatch.setenv("UKC_LOCAL_BEHAVIOUR", "kind")
         info = metro_daemon.ensure_running(state_dir)
         runner, idle = unique("run"), unique("idle")
         with client(info) as c:
             r = c.post(
                 "/v1/instances",
-                json={"name": runner, "image": "x", "autostart": True, "timeout_s": 30},
+                json={
+                    "name": runner,
+                    "image": "ukc/local-sandbox:latest",
+                    "autostart": True,
+                    "timeout_s": 30,
+                },
             )
             uid = r.json()["data"]["instances"][0]["uuid"]
-            c.post("/v1/instances", json={"name": idle, "image": "x", "autostart": False})
+            c.post(
+                "/v1/instances",
+                json={"name": idle, "image": "ukc/local-sandbox:latest", "autostart": False},
+            )
             sleeper = unique("sleep")
             c.post(
                 "/v1/instances",
                 json={
                     "name": sleeper,
-                    "image": "x",
+                    "image": "ukc/local-sandbox:latest",
                     "autostart": True,
                     "timeout_s": 30,
                     "service_group": {
@@ -189,8 +207,8 @@ class TestLeftovers:
             (state_dir / sub / orphan / "left.txt").write_text("orphaned")
         info = metro_daemon.ensure_running(state_dir)
         with client(info) as c:
-            r = c.post("/v1/instances", json={"name": unique(), "image": "x", "autostart": True,
-                                              "timeout_s": 30})  # fmt: skip
+            body = {"name": unique(), "image": IMAGE, "autostart": True, "timeout_s": 30}
+            r = c.post("/v1/instances", json=body)
             kept = r.json()["data"]["instances"][0]["uuid"]
         assert not (state_dir / "workspaces" / orphan).exists()
         assert not (state_dir / "sandboxes" / orphan).exists()
@@ -222,7 +240,10 @@ class TestSignals:
         info = metro_daemon.ensure_running(state_dir)
         name = unique()
         with client(info) as c:
-            c.post("/v1/instances", json={"name": name, "image": "x", "autostart": False})
+            c.post(
+                "/v1/instances",
+                json={"name": name, "image": "ukc/local-sandbox:latest", "autostart": False},
+            )
         os.kill(info.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         # metro.json goes last, after instances.json was written and the sandboxes stopped
@@ -251,8 +272,8 @@ class TestReaping:
         names = [unique() for _ in range(6)]
         with client(info) as c:
             for name in names:
-                r = c.post("/v1/instances", json={"name": name, "image": "x", "autostart": True,
-                                                  "timeout_s": 60})  # fmt: skip
+                body = {"name": name, "image": IMAGE, "autostart": True, "timeout_s": 60}
+                r = c.post("/v1/instances", json=body)
                 assert r.json()["data"]["instances"][0]["state"] == "running", r.text
             r = c.request(
                 "DELETE", "/v1/instances", json=[{"name": n, "timeout_s": 60} for n in names]

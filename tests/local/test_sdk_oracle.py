@@ -36,7 +36,11 @@ class TestLifecycle:
 
         async def body(ukc: UnikraftCloud) -> tuple[Any, Any, Any]:
             inst = await ukc.instances.create(
-                name=name, image="debian:bookworm", memory_mb=256, autostart=True, timeout_s=30
+                name=name,
+                image="ukc/local-sandbox:latest",
+                memory_mb=256,
+                autostart=True,
+                timeout_s=30,
             )
             by_name = await ukc.instances.get(name=name)
             by_uuid = await ukc.instances.get(uuid=inst.uuid)
@@ -56,7 +60,7 @@ class TestLifecycle:
             seen: list[str] = []
             await ukc.instances.create(
                 name=name,
-                image="debian:bookworm",
+                image="ukc/local-sandbox:latest",
                 autostart=True,
                 timeout_s=30,
                 service_group={
@@ -154,7 +158,12 @@ class TestListing:
             everything = [i.name async for i in ukc.instances.list()]
             tagged = [i.name async for i in ukc.instances.list(tags=[mark, "k=v"], page_size=50)]
             await ukc.instances.delete([{"name": n} for n in names])
-            after = [i.name async for i in ukc.instances.list(tags=[mark])]
+            # deleted instances the account retains are listed in state `deleted`
+            after = [
+                i.name
+                async for i in ukc.instances.list(tags=[mark])
+                if getattr(i.state, "value", i.state) != "deleted"
+            ]
             return everything, tagged, after
 
         everything, tagged, after = run(daemon, body)
@@ -173,7 +182,7 @@ class TestSandboxPlugin:
         async def body(ukc: UnikraftCloud) -> tuple[Any, bytes]:
             inst = await ukc.instances.create(
                 name=name,
-                image="debian:bookworm",
+                image="ukc/local-sandbox:latest",
                 autostart=True,
                 timeout_s=30,
                 plugins=SANDBOX_PLUGIN,

@@ -309,7 +309,7 @@ class TestInstanceEnv:
             name = f"envprobe-{secrets.token_hex(4)}"
             body = {
                 "name": name,
-                "image": "x",
+                "image": "ukc/local-sandbox:latest",
                 "env": env,
                 "plugins": [{"name": "sandbox"}],
                 "autostart": True,

@@ -70,9 +70,11 @@ class Ukc:
         )
 
     def instances(self) -> list[dict[str, Any]]:
+        """The metro's instances, without the deleted ones it still retains (state
+        `deleted`: their name may be taken a while, they are gone for everything else)."""
         with self.api() as client:
             body = client.get("/v1/instances", params={"details": "true"}).json()
-        return list(body["data"]["instances"])
+        return [i for i in body["data"]["instances"] if i.get("state") != "deleted"]
 
     def workspace(self, uuid: str) -> Path:
         return self.metro.state_dir / "workspaces" / uuid

@@ -23,7 +23,8 @@ async def _status(request: web.Request) -> web.Response:
         states[rec.state] = states.get(rec.state, 0) + 1
     data: dict[str, Any] = {
         "pid": os.getpid(),
-        "instances": len(metro.records),
+        # live ones: a deleted instance the metro still retains is only in `states`
+        "instances": sum(1 for r in metro.records.values() if r.state != "deleted"),
         "states": states,
         "app_domain": metro.app_domain,
         "faults": request.app[FAULTS].snapshot(),

@@ -219,6 +219,16 @@ def bwrap_options(
         "--env-fd", str(fds["env"]),
         "--host-key", f"{HOST_DIR}/{HOST_KEY}",
     ]  # fmt: skip
+    python = PYTHON
+    if boot is not None and boot.no_python:
+        # the minimal image has no python3: every interpreter on the PATH reads as a file
+        # that cannot run, and the agent runs its own copy from the host dir
+        python = f"{HOST_DIR}/python3"
+        args += ["--ro-bind", os.path.realpath(PYTHON), python]
+        for entry in sorted(os.listdir("/usr/bin")):
+            if entry.startswith("python") and not os.path.islink(f"/usr/bin/{entry}"):
+                args += ["--ro-bind", "/dev/null", f"/usr/bin/{entry}"]
+    command[0] = python
     if boot is not None and (boot.ssh_delay_s or boot.key_delay_s):
         command += [
             "--ssh-delay", f"{boot.ssh_delay_s:g}",

@@ -10,6 +10,7 @@ following any symlink it planted.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import stat
@@ -22,7 +23,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from reconciler._util.atomic import create_atomic, write_atomic
 from reconciler.local.sandbox.hostids import IdRange
 
-__all__ = ["HOST_KEY", "prepare_instance_dir", "prepare_workspace", "remove_tree"]
+__all__ = [
+    "HOST_KEY",
+    "drop_memory_workspace",
+    "prepare_instance_dir",
+    "prepare_workspace",
+    "remove_tree",
+    "reset_memory_workspace",
+]
 
 HOST_KEY = "ssh_host_ed25519_key"
 _DEFAULT_SSHD_LINE = "sshd:x:65534:65534::/run/sshd:/usr/sbin/nologin"
@@ -131,3 +139,39 @@ def remove_tree(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path, onerror=_fix)
+
+
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MNT_DETACH = 2
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def drop_memory_workspace(ws: Path) -> None:
+    """What a stop does to a workspace held in memory: its files are gone (a tmpfs is
+    detached; without one, the directory is emptied)."""
+    if os.path.ismount(ws):
+        if _libc().umount2(str(ws).encode(), _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"umount {ws}: {os.strerror(err)}")
+    elif ws.is_dir():
+        remove_tree(ws)
+
+
+def reset_memory_workspace(ws: Path, size_bytes: int) -> None:
+    """An empty workspace for a cold boot, as UKC's /workspace lives in the instance's RAM.
+
+    A root daemon mounts a tmpfs of `size_bytes` there (writes beyond it fail with ENOSPC, and
+    its pages count against the sandbox's memory cgroup); other daemons only empty it.
+    """
+    drop_memory_workspace(ws)
+    ws.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return
+    data = f"size={size_bytes},mode=0755".encode()
+    if _libc().mount(b"tmpfs", str(ws).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount tmpfs on {ws}: {os.strerror(err)}")

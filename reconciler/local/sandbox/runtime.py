@@ -45,9 +45,11 @@ from reconciler.local.sandbox.bwrap import (
 )
 from reconciler.local.sandbox.files import (
     HOST_KEY,
+    drop_memory_workspace,
     prepare_instance_dir,
     prepare_workspace,
     remove_tree,
+    reset_memory_workspace,
 )
 from reconciler.local.sandbox.handoff import listen_unix, pipe_with
 from reconciler.local.sandbox.hostids import HostIds, IdRange
@@ -94,6 +96,8 @@ class SandboxRuntime:
         self._boxes: dict[str, Box] = {}
         self._consoles: dict[str, bytearray] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: sandboxes whose /workspace lives in memory: a stop loses it
+        self._in_memory: set[str] = set()
 
     # ---- queries
 
@@ -173,6 +177,15 @@ class SandboxRuntime:
                 return box.boot_id
             check_host(self._bwrap, self._sshd)
             started = time.monotonic()
+            on_volume = any(m.at == WORKSPACE for m in volumes or [])
+            # why: a volume at /workspace takes the place of the memory store, as on UKC
+            if boot.workspace_in_memory and not on_volume:
+                await asyncio.to_thread(
+                    reset_memory_workspace, self.layout.workspace(uuid), memory_mb << 20
+                )
+                self._in_memory.add(uuid)
+            else:
+                self._in_memory.discard(uuid)
             if boot.fresh_host_key:
                 # a cold boot starts from the image: its sshd makes new host keys
                 with contextlib.suppress(FileNotFoundError):
@@ -370,6 +383,9 @@ class SandboxRuntime:
             for sock in (self.layout.plugin_socket(uuid), self.layout.relay_socket(uuid)):
                 with contextlib.suppress(FileNotFoundError):
                     sock.unlink()
+            if uuid in self._in_memory:
+                self._in_memory.discard(uuid)
+                await asyncio.to_thread(drop_memory_workspace, self.layout.workspace(uuid))
 
     async def destroy(self, uuid: str) -> None:
         """Stop the sandbox and remove its workspace, host key, id range and control dir."""
@@ -383,6 +399,8 @@ class SandboxRuntime:
         inst = self.layout.instance_dir(uuid)
         if self._ids is not None:
             self._ids.release(inst)
+        # a tmpfs a killed daemon left mounted there goes first
+        drop_memory_workspace(self.layout.workspace(uuid))
         for path in (self.layout.workspace(uuid), inst, self.layout.control_dir(uuid)):
             remove_tree(path)
 

@@ -175,7 +175,7 @@ class LocalMetro:
 
     def create(self, body: object) -> LocalInstance:
         """Validate a create body and add the record (stopped, or starting with autostart)."""
-        req = admit(body, self.limits, self.index)
+        req = admit(body, self.limits, self.index, tag_rules=self.behaviour.tag_rules)
         vols = self.volumes.resolve_for(req.volumes, req.name)
         rec = req.to_instance(seq=self.index.next_seq(), app_domain=self.app_domain)
         self.volumes.attach(vols, req.volumes, rec.uuid, rec.name)
@@ -198,7 +198,7 @@ class LocalMetro:
 
     def update(self, rec: LocalInstance, opts: dict[str, Any]) -> None:
         """Apply one PATCH operation to the record."""
-        apply_update(rec, opts, self.limits)
+        apply_update(rec, opts, self.limits, tag_rules=self.behaviour.tag_rules)
         self.store.mark_dirty()
 
     # ---------------------------------------------------------------- start / stop
@@ -236,7 +236,7 @@ class LocalMetro:
                         rec.uuid,
                         env=dict(rec.env),
                         memory_mb=rec.memory_mb,
-                        boot=self.behaviour.boot_options(),
+                        boot=self.behaviour.boot_options(rec.image),
                         volumes=self._mounts(rec),
                     )
             except Exception as exc:  # any runtime failure ends this boot as a platform stop

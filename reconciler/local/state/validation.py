@@ -274,9 +274,28 @@ def parse_create(body: object) -> CreateRequest:
     )
 
 
-def admit(body: object, limits: MetroLimits, index: InstanceIndex) -> CreateRequest:
+#: UKC's tag rules: at most 16 tags per instance, each 1..256 of these characters
+MAX_TAGS = 16
+_TAG = re.compile(r"[A-Za-z0-9\-+_.:=]{1,256}")
+
+
+def check_tags(tags: list[str]) -> None:
+    """Refuse tags UKC refuses (400), naming the first offender."""
+    if len(tags) > MAX_TAGS:
+        raise _bad(f"an instance carries at most {MAX_TAGS} tags, got {len(tags)}")
+    for tag in tags:
+        if not _TAG.fullmatch(tag):
+            shown = tag[:40] + ("..." if len(tag) > 40 else "")
+            raise _bad(f"tag {shown!r} is not 1 to 256 characters of letters, digits and -+_.:=")
+
+
+def admit(
+    body: object, limits: MetroLimits, index: InstanceIndex, *, tag_rules: bool = False
+) -> CreateRequest:
     """A create body that is valid, within the quotas, and names a free instance name."""
     req = parse_create(body)
+    if tag_rules:
+        check_tags(req.tags)
     check_memory(limits, req.memory_mb)
     if len(index) >= limits.max_instances:
         raise ItemError(
@@ -288,7 +307,9 @@ def admit(body: object, limits: MetroLimits, index: InstanceIndex) -> CreateRequ
     return req
 
 
-def apply_update(rec: LocalInstance, opts: dict[str, Any], limits: MetroLimits) -> None:
+def apply_update(
+    rec: LocalInstance, opts: dict[str, Any], limits: MetroLimits, *, tag_rules: bool = False
+) -> None:
     """Apply one PATCH operation (`prop`, `op`, `value`) to `rec`; ItemError when unsupported."""
     prop, kind, value = opts.get("prop"), opts.get("op"), opts.get("value")
     if prop == "env" and kind in ("set", "add") and isinstance(value, dict):
@@ -307,11 +328,14 @@ def apply_update(rec: LocalInstance, opts: dict[str, Any], limits: MetroLimits) 
         vals = value if isinstance(value, list) else ([] if value is None else [value])
         vals = [str(v) for v in vals]
         if kind == "set":
-            rec.tags = vals
+            tags = vals
         elif kind == "add":
-            rec.tags += [v for v in vals if v not in rec.tags]
+            tags = rec.tags + [v for v in vals if v not in rec.tags]
         else:
-            rec.tags = [t for t in rec.tags if t not in vals]
+            tags = [t for t in rec.tags if t not in vals]
+        if tag_rules:
+            check_tags(tags)
+        rec.tags = tags
     else:
         raise ItemError(
             f"update of {prop!r} with op {kind!r} is not supported", code=CODE_UNSUPPORTED
