@@ -7,10 +7,14 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from reconciler import errors
+
+if TYPE_CHECKING:
+    from reconciler.reconcile.doctor import Budgets
 
 __all__ = ["doctor", "run_doctor"]
 
@@ -36,11 +40,11 @@ def run_doctor(
     *,
     report: Path | None,
     echo: bool = True,
-    budgets: object = None,
+    budgets: Budgets | None = None,
 ) -> dict[str, object]:
     """Probe `metro`, print one line per check, write the JSON report; the report document."""
     from reconciler.cloud.metros import MetroRegistry, local_metro_status
-    from reconciler.reconcile.doctor import Budgets, Probe
+    from reconciler.reconcile.doctor import Probe
     from reconciler.reconcile.doctor_report import render_lines
 
     secrets = [environ.get(v, "") for v in _TOKEN_VARS]
@@ -54,7 +58,7 @@ def run_doctor(
             conn.api,
             conn.reach,
             image=image,
-            budgets=budgets if isinstance(budgets, Budgets) else None,
+            budgets=budgets,
         )
         results = probe.execute()
     finally:

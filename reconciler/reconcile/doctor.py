@@ -191,7 +191,9 @@ class Probe:
         box: list[Result] = []
         try:
             yield box
-        except errors.UkcError as err:
+        except (errors.UkcError, OSError, TimeoutError) as err:
+            # why OSError and TimeoutError too: a sandbox's stream may break or stall; that is
+            # the check's verdict, not the end of the probe (its instance must still go)
             box[:] = [Result(name, "FAIL", "failed", {"error_kind": type(err).__name__}, str(err))]
         if not box:
             box.append(Result(name, "FAIL", "the check gave no verdict"))

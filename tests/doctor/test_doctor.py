@@ -132,6 +132,37 @@ def test_the_command_prints_a_line_per_check_and_writes_a_report_without_identit
     assert metro.token not in report.read_text() + done.stdout
 
 
+def test_the_command_exits_1_on_a_failed_check_and_its_report_says_which(
+    metro: MetroInfo, tmp_path: Path
+) -> None:
+    knobs(metro, "/_local/behaviour", {"preset": "realistic"})
+    report = tmp_path / "doctor.json"
+    env = {**os.environ, "UKC_LOCAL_STATE_DIR": str(metro.state_dir), "UKC_WARM": "0"}
+    env.pop("UKC_METRO", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "doctor",
+            "--image",
+            "ukc/local-minimal:latest",
+            "--report",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL  tools" in done.stdout and "python3 no" in done.stdout
+    document = json.loads(report.read_text())
+    assert document["failed"] == 1
+    assert [c["name"] for c in document["checks"] if c["result"] == "FAIL"] == ["tools"]
+
+
 def test_a_refused_token_fails_auth_and_probes_nothing_else(
     metro: MetroInfo, conn: MetroConnection
 ) -> None:
