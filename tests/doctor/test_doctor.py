@@ -306,3 +306,37 @@ def test_the_report_names_no_token_fqdn_or_uuid_even_when_the_metro_echoes_them(
             assert value not in text, value
         assert "<redacted>" in text
     assert_clean(metro)
+
+
+def test_a_delete_that_answers_before_the_name_is_free_fails_name_free(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    knobs(metro, "/_local/behaviour", {"delete_timeout_honoured": False, "delete_hold_s": 2.0})
+    found = probe(conn.api, conn.reach, budgets=Budgets(boot_s=20.0, ssh_s=10.0, name_free_s=0.5))
+    assert found["delete"].outcome == "PASS"
+    name_free = found["name_free"]
+    assert name_free.outcome == "FAIL", name_free
+    assert name_free.figures["taken_s"] >= 0.5 and name_free.figures["tries"] > 1
+    assert_clean(metro)
+
+
+def test_the_time_the_name_stays_taken_is_measured_when_it_is_within_the_budget(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    knobs(metro, "/_local/behaviour", {"delete_timeout_honoured": False, "delete_hold_s": 1.0})
+    found = probe(conn.api, conn.reach)
+    name_free = found["name_free"]
+    assert name_free.outcome == "PASS", name_free
+    assert 0.5 <= name_free.figures["taken_s"] < FAST.name_free_s
+    assert_clean(metro)
+
+
+def test_an_image_without_python3_fails_the_tools_check_and_says_what_it_has(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    found = probe(conn.api, conn.reach, image="ukc/local-minimal:latest")
+    tools = found["tools"]
+    assert tools.outcome == "FAIL", tools
+    assert tools.figures == {"python3": False, "rsync": True, "tar": True}
+    assert found["ssh"].outcome == "PASS"
+    assert_clean(metro)
