@@ -20,6 +20,7 @@ from reconciler.reconcile import identity, sessionkeys
 from reconciler.spec.loader import LoadedSession, load_specs
 from reconciler.spec.models import (
     DEFAULT_EXEC,
+    DEFAULT_MEMORY_MB,
     DEFAULT_SHELL,
     SessionSpec,
     missing_secret_env,
@@ -115,6 +116,8 @@ class DesiredSession:
     credentials_noun: str = "credentials"
     #: what the transport warns about (shown by plan and apply)
     warnings: tuple[str, ...] = ()
+    #: the memory the instance gets (its /workspace lives in it on UKC); None: unknown
+    memory_mb: int | None = None
 
 
 @dataclass
@@ -297,6 +300,7 @@ def build_session(
         credentials_present=transport.credentials_present(credentials),
         credentials_noun=transport.credentials_noun,
         warnings=transport.warnings(s.name),
+        memory_mb=s.memory_mb or DEFAULT_MEMORY_MB,
     )
     ctx = SessionContext(
         loaded=loaded,

@@ -33,6 +33,7 @@ from reconciler.status.schema import (
 __all__ = [
     "command_input_hash",
     "command_public_hash",
+    "memory_warning",
     "parse_time",
     "plan_delete",
     "plan_sessions",
@@ -345,8 +346,31 @@ def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:
     return None
 
 
+#: the share of an instance's memory its synced files may fill before plan warns: the rest is
+#: for the commands, the sandbox's own processes and what the commands write
+MEMORY_SHARE = 0.5
+
+
+def memory_warning(desired: DesiredSession) -> str | None:
+    """A warning when the tree fills too much of the memory /workspace lives in, else None."""
+    if desired.memory_mb is None or desired.tree.halted is not None:
+        return None
+    limit = desired.memory_mb * MEMORY_SHARE * (1 << 20)
+    if desired.tree.bytes <= limit:
+        return None
+    return (
+        f"session {desired.name}: its files ({desired.tree.bytes / (1 << 20):.0f} MiB) fill "
+        f"more than {MEMORY_SHARE:.0%} of the instance's memory_mb {desired.memory_mb}, and "
+        "/workspace lives in that memory: the sync or the commands may run out of it; "
+        "raise memory_mb or exclude files"
+    )
+
+
 def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
     name = desired.name
+    memory = memory_warning(desired)
+    if memory is not None:
+        return [*desired.warnings, memory]
     if desired.warnings:
         return list(desired.warnings)
     if inst is not None and identity.tag_value(inst.tags, identity.TRANSPORT_TAG) is None:

@@ -270,3 +270,18 @@ def test_the_planner_is_deterministic_for_equal_inputs() -> None:
     a = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
     b = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
     assert a == b
+
+
+class TestMemory:
+    def test_a_tree_filling_more_than_half_the_memory_is_warned_about(self) -> None:
+        d = desired(memory_mb=64, tree=TreeState(digest="t", files=1, bytes=40 << 20))
+        plan = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
+        assert any(
+            "40 MiB" in w and "memory_mb 64" in w and "/workspace lives in that memory" in w
+            for w in plan.warnings
+        ), plan.warnings
+
+    def test_a_tree_that_fits_gets_no_warning(self) -> None:
+        d = desired(memory_mb=64, tree=TreeState(digest="t", files=1, bytes=30 << 20))
+        plan = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
+        assert not any("memory" in w for w in plan.warnings)
