@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
-import functools
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ import httpx
 from reconciler._util.names import is_metro_code
 from reconciler._util.retry import RetryPolicy, call_with_retries
 from reconciler.cloud.model import ConsoleLog, CreateRequest, Instance, PluginReply
+from reconciler.cloud.trust import remote_trust, verifying_context
 from reconciler.errors import (
     AlreadyExistsError,
     ApiError,
@@ -179,23 +179,6 @@ class _Envelope:
         return [i for i in self.items if i.get("status") == "error"]
 
 
-@functools.cache
-def verifying_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
-    """The CA-verifying context httpx would build for `verify=True` (SSL_CERT_FILE, else
-    SSL_CERT_DIR, else certifi's bundle), built once per process and trust source.
-
-    why: loading the bundle costs ~35 ms per client; the warm process builds it once and every
-    command forked from it inherits it (a context is configuration, safe to share).
-    """
-    if cafile:
-        return ssl.create_default_context(cafile=cafile)
-    if capath:
-        return ssl.create_default_context(capath=capath)
-    import certifi  # httpx's own dependency, where its default bundle comes from
-
-    return ssl.create_default_context(cafile=certifi.where())
-
-
 class UkcApi:
     """The platform API of one metro; every public method is one logical operation."""
 
@@ -224,15 +207,15 @@ class UkcApi:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._page_size = page_size
+        self._transport = transport
         if verify is True and self.base_url.lower().startswith("http://"):
             # why: httpx builds a verifying context (certifi's ~150 CA certificates, ~35 ms) even
             # for a plain-HTTP base URL such as the local metro's; with redirects off it is never
             # used. An empty one that trusts nothing fails closed if it ever were.
             verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         elif verify is True:
-            verify = verifying_context(
-                os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
-            )
+            verify, _ = remote_trust(os.environ)
+        self._verify = verify
         self._client = httpx.Client(
             base_url=self.base_url,
             transport=transport,
@@ -240,6 +223,20 @@ class UkcApi:
             follow_redirects=False,
             timeout=httpx.Timeout(30.0, connect=10.0),
             headers={"accept": "application/json", "user-agent": "ukc-reconciler"},
+        )
+
+    def paged(self, page_size: int) -> UkcApi:
+        """Another client of the same metro and token that lists `page_size` per page."""
+        return UkcApi(
+            self.base_url,
+            self._token,
+            metro=self.metro,
+            transport=self._transport,
+            retry=self._retry,
+            sleep=self._sleep,
+            monotonic=self._monotonic,
+            page_size=page_size,
+            verify=self._verify,
         )
 
     def __repr__(self) -> str:

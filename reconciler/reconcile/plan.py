@@ -254,10 +254,12 @@ def _plan_session(
         public_hash = command_public_hash(desired, cmd)
         last = previous.get(cmd.name)
         reason = ""
-        if rerun_rest:
+        if new_instance:
+            reason = "new instance"
+        elif rerun_rest:
             reason = "an earlier command re-ran"
-        elif new_instance or last is None:
-            reason = "new instance" if new_instance else "never ran"
+        elif last is None:
+            reason = "never ran"
         elif (failed := _last_run_failed(last)) is not None:
             reason = failed
         elif last.instance_uuid != uuid:

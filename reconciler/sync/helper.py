@@ -1,4 +1,6 @@
-"""The remote sync helper: the program that runs in the sandbox, one process per push or pull.
+"""The remote sync helper: the program that runs in the sandbox, one process per push or pull
+(a push's helper may be kept for the next push over the same connection: each hello starts
+afresh).
 
 This file is not imported by the controller: `remote` reads its text and sends it over the
 process's stdin after a short `python3 -c` bootstrap, which runs it as `__main__`. So it must
@@ -350,6 +352,13 @@ class Helper:
     # -- push
 
     def op_hello(self, req: Msg) -> None:
+        # a kept helper's next push: what the last one left (directory fds, whose paths a
+        # command may have moved since, counters, errors) is not this one's
+        self.drop_dirs()
+        if self.rootfd >= 0:
+            os.close(self.rootfd)
+            self.rootfd = -1
+        self.errors, self.nerr, self.written, self.nbytes = [], 0, 0, 0
         root = req["root"]
         self.root = root
         self.nthreads = min(int(req.get("threads", 0)), MAX_THREADS)

@@ -92,7 +92,9 @@ class TreeKeeper:
         self.pump()
         token = next(self._tokens)
         kept = self.trees.get(state_dir)
-        if kept is None or kept.root != root:
+        # "everything" may mean watches were lost (the root replaced, a queue overflow, a
+        # refused watch): start over, watching the tree as it is now
+        if kept is None or kept.root != root or kept.everything:
             if kept is not None:
                 self.inotify.forget(kept)
             kept = _Kept(root, keeper=self)
@@ -106,7 +108,7 @@ class TreeKeeper:
             kept.inflight[token] = set()
             return token, None
         answer: set[str] | None
-        if kept.everything or ident is None or kept.ident != ident:
+        if ident is None or kept.ident != ident:
             answer = None
         else:
             answer = set(kept.pending)

@@ -249,65 +249,99 @@ def push(
     rules = rules if rules is not None else load_rules(opts)
     if not Path(opts.local_root).is_dir():
         scan_local(opts, rules)  # raises the missing-root guard before any remote contact
-    with HelperSession(shell, opts) as s:
-        # hello goes out first: the remote interpreter starts (tens of ms over TLS-SSH) while
-        # we scan the local tree and read our last record; freshness is judged here after
-        s.send(
-            {
-                "op": "hello",
-                "root": opts.remote_root,
-                "state_dir": opts.remote_state_dir,
-                "boot_paths": list(opts.boot_id_paths),
-                "uuid": instance_uuid,
-                "digest": "-",
-                "threads": opts.write_threads,
-                "flush": True,
-            }
-        )
-        s.flush()
+    s, kept = HelperSession.for_push(shell, opts)
+    try:
+        hello: Any = None
+        _send_hello(s, opts, instance_uuid)
+        if kept:
+            try:
+                hello = s.reader.frame(1 << 16)
+            except (RemoteError, OSError):
+                # the kept helper is gone (its channel closed while idle): start one
+                s.close(abort=True)
+                s, kept = HelperSession(shell, opts), False
+                _send_hello(s, opts, instance_uuid)
+        # a new helper's interpreter starts (tens of ms over TLS-SSH) while we scan the local
+        # tree and read our last record; freshness is judged here after
         if local is None:
             local = scan_local(opts, rules)
         last = push_meta(opts)
-        hello = s.reader.frame(1 << 16)
-        if not isinstance(hello, dict):
-            raise RemoteError("sync helper answered hello with a non-object frame")
-        boot_id = str(hello.get("boot_id", ""))[:128]
-        fresh = last is not None and _record_matches(
-            hello.get("record"), boot_id, instance_uuid, last["digest"], opts
-        )
-        scanned = not fresh
-        basis = local.basis
-        delta = False
-        if scanned:
-            want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
-            s.send({"op": "scan", "want": want, "flush": True})
-            s.flush()
-            previous = read_remote_scan(s, local, rules)
-            plan = diff_manifests(
-                local, previous, rules, reason="remote scanned (no trusted remote record)"
-            )
-        else:
-            assert last is not None
-            reason = "remote record matches our last push"
-            if (last["digest"], last["mtimes"]) == local.key:
-                previous, plan = local, TransferPlan(reason=reason)
-            elif basis is not None and basis.key == (last["digest"], last["mtimes"]):
-                # the record is the state the scan started from: only what it found changed
-                previous, plan = changes_of(local, basis, rules, reason=reason)
-                delta = True
-            else:
-                pushed = last_push_record(opts)
-                if pushed is None:
-                    raise SyncError(f"push to {opts.remote_root}: our push record vanished")
-                previous = pushed[0]
-                plan = diff_manifests(local, previous, rules, reason=reason)
-        result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
-        if plan.empty and not scanned:
-            return result  # our record already describes this tree
-        deleted = _apply(s, plan, local, previous, opts, rules, instance_uuid, boot_id, result)
-    result.deleted = deleted
-    record_push(opts, local, instance_uuid, boot_id, delta=delta)
+        if hello is None:
+            hello = s.reader.frame(1 << 16)
+        result, delta, changed = _push(s, opts, rules, local, last, hello, instance_uuid)
+    except BaseException:
+        s.close(abort=True)
+        raise
+    s.park()
+    if changed:
+        record_push(opts, local, instance_uuid, result.boot_id, delta=delta)
     return result
+
+
+def _send_hello(s: HelperSession, opts: SyncOptions, instance_uuid: str) -> None:
+    s.send(
+        {
+            "op": "hello",
+            "root": opts.remote_root,
+            "state_dir": opts.remote_state_dir,
+            "boot_paths": list(opts.boot_id_paths),
+            "uuid": instance_uuid,
+            "digest": "-",
+            "threads": opts.write_threads,
+            "flush": True,
+        }
+    )
+    s.flush()
+
+
+def _push(
+    s: HelperSession,
+    opts: SyncOptions,
+    rules: IgnoreRules,
+    local: Manifest,
+    last: dict[str, Any] | None,
+    hello: Any,
+    instance_uuid: str,
+) -> tuple[PushResult, bool, bool]:
+    """The push after hello: (result, whether the record takes a delta, whether anything was
+    done that the record must show)."""
+    if not isinstance(hello, dict):
+        raise RemoteError("sync helper answered hello with a non-object frame")
+    boot_id = str(hello.get("boot_id", ""))[:128]
+    fresh = last is not None and _record_matches(
+        hello.get("record"), boot_id, instance_uuid, last["digest"], opts
+    )
+    scanned = not fresh
+    basis = local.basis
+    delta = False
+    if scanned:
+        want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
+        s.send({"op": "scan", "want": want, "flush": True})
+        s.flush()
+        previous = read_remote_scan(s, local, rules)
+        plan = diff_manifests(
+            local, previous, rules, reason="remote scanned (no trusted remote record)"
+        )
+    else:
+        assert last is not None
+        reason = "remote record matches our last push"
+        if (last["digest"], last["mtimes"]) == local.key:
+            previous, plan = local, TransferPlan(reason=reason)
+        elif basis is not None and basis.key == (last["digest"], last["mtimes"]):
+            # the record is the state the scan started from: only what it found changed
+            previous, plan = changes_of(local, basis, rules, reason=reason)
+            delta = True
+        else:
+            pushed = last_push_record(opts)
+            if pushed is None:
+                raise SyncError(f"push to {opts.remote_root}: our push record vanished")
+            previous = pushed[0]
+            plan = diff_manifests(local, previous, rules, reason=reason)
+    result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
+    if plan.empty and not scanned:
+        return result, delta, False  # our record already describes this tree
+    result.deleted = _apply(s, plan, local, previous, opts, rules, instance_uuid, boot_id, result)
+    return result, delta, True
 
 
 def _record_matches(

@@ -16,11 +16,14 @@ the push or pull outlives `timeout_s`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shlex
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,6 +167,11 @@ class FrameReader:
             raise RemoteError(f"sync helper sent a malformed {n}-byte frame") from exc
 
 
+#: helpers kept running after a push, by the shell (connection) they run over
+_PARKED: weakref.WeakKeyDictionary[RemoteShell, HelperSession] = weakref.WeakKeyDictionary()
+_PARKED_LOCK = threading.Lock()
+
+
 class HelperSession:
     """One running helper process. Use as a context manager; `close()` ends it."""
 
@@ -171,19 +179,8 @@ class HelperSession:
         self.opts = opts
         self._shell = shell
         self._proc: RemoteProcess | None = None
-        what = "sync-back" if read_only else "push"
-        self.watchdog = Watchdog(
-            name=f"{what} of session {opts.session!r}" if opts.session else what,
-            after=(
-                "files brought back so far are kept, no deletions mirrored"
-                if read_only
-                else "nothing more is sent or deleted"
-            ),
-            idle_s=opts.idle_timeout_s,
-            total_s=opts.timeout_s,
-            kill=self._kill,
-            escalate=shell.close,
-        )
+        self._read_only = read_only
+        self.watchdog = self._watchdog()
         dog = self.watchdog
         dog.since = time.monotonic()
         try:
@@ -200,6 +197,59 @@ class HelperSession:
         self.reader = FrameReader(self.proc, on_eof=self._died, watchdog=dog)
         self._closed = False
         self._out += _PROGRAM
+
+    def _watchdog(self) -> Watchdog:
+        opts = self.opts
+        what = "sync-back" if self._read_only else "push"
+        return Watchdog(
+            name=f"{what} of session {opts.session!r}" if opts.session else what,
+            after=(
+                "files brought back so far are kept, no deletions mirrored"
+                if self._read_only
+                else "nothing more is sent or deleted"
+            ),
+            idle_s=opts.idle_timeout_s,
+            total_s=opts.timeout_s,
+            kill=self._kill,
+            escalate=self._shell.close,
+        )
+
+    @classmethod
+    def for_push(cls, shell: RemoteShell, opts: SyncOptions) -> tuple[HelperSession, bool]:
+        """A helper for a push over `shell`: the one the last push over it left running (a
+        watch pushes every edit over one connection; starting a helper is most of a one-file
+        push), else a new one. True when it is a kept one: its first answer may be "gone"."""
+        with _PARKED_LOCK:
+            kept = _PARKED.pop(shell, None)
+        if kept is not None:
+            if kept.opts == opts and kept._alive():
+                kept.watchdog = kept._watchdog()
+                kept.reader._watchdog = kept.watchdog
+                kept._closed = False
+                return kept, True
+            kept.close(abort=True)
+        return cls(shell, opts), False
+
+    def _alive(self) -> bool:
+        try:
+            self.proc.wait(timeout=0)
+        except TimeoutError:
+            return True
+        except Exception:
+            return False
+        return False
+
+    def park(self) -> None:
+        """Keep the helper running for the next push over the same shell (a helper left from
+        before is ended); it ends with the connection."""
+        self.flush()
+        self.watchdog.stop()
+        self._closed = True
+        with _PARKED_LOCK:
+            old = _PARKED.get(self._shell)
+            _PARKED[self._shell] = self
+        if old is not None and old is not self:
+            old.close(abort=True)
 
     def _kill(self) -> None:
         """The watchdog's way out: end the helper (or the connection, while it starts)."""
@@ -296,13 +346,15 @@ class HelperSession:
         return reply
 
     def close(self, *, abort: bool = False) -> None:
+        if abort:  # a kept (parked) helper too
+            self._closed = True
+            self.watchdog.stop()
+            with contextlib.suppress(Exception):
+                self.proc.kill()
+            return
         if self._closed:
             return
         self._closed = True
-        if abort:
-            self.watchdog.stop()
-            self.proc.kill()
-            return
         try:
             self.flush()
             self.proc.close_stdin()

@@ -44,6 +44,11 @@ class TestANewSession:
         sync = p.actions[2]
         assert isinstance(sync, actions.SyncUp) and sync.full and sync.files == 3
 
+    def test_every_command_of_a_new_instance_runs_because_the_instance_is_new(self) -> None:
+        p = plan_one(desired(), None, None)
+        reasons = [a.reason for a in p.actions if isinstance(a, actions.RunCommand)]
+        assert reasons == ["new instance", "new instance"], "nothing re-ran on a new instance"
+
     def test_an_instance_deleted_out_of_band_is_recreated_with_that_reason(self) -> None:
         d = desired()
         rec = converged_record(d, instance(d))

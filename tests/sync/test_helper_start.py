@@ -11,6 +11,7 @@ import pytest
 
 from reconciler.sync.engine import pull, push
 from reconciler.sync.remote import _PROGRAM, HelperSession
+from reconciler.transport.local_shell import LocalShell
 from tests.support.synctree import REMOTE_PYTHON, Site, write
 
 #: the helper without its final `main()` call: definitions only, for probing
@@ -80,7 +81,8 @@ class TestCompiledCache:
         (cached,) = site.remote_state.glob("helper-*.bin")
         cached.write_bytes(b"\x00garbage")
         write(site.local / "b.txt", "b")
-        result = push(site.shell, site.opts(), instance_uuid="u1")
+        # another connection: the first push's helper is kept for the next push over its own
+        result = push(LocalShell(), site.opts(), instance_uuid="u1")
         assert result.files_sent == 1
         assert (site.remote / "b.txt").read_text() == "b"
         assert marshal.loads(cached.read_bytes()).co_filename == "ukc-sync"

@@ -157,3 +157,20 @@ def test_a_push_after_an_unchanged_scan_appends_to_its_record(
     after = record.stat()
     assert after.st_ino == before.st_ino and after.st_size > before.st_size
     assert (site.remote / "a.txt").read_text() == "a changed"
+
+
+def test_a_root_replaced_between_commands_is_watched_anew(site: Site, keeper: TreeKeeper) -> None:
+    write(site.local / "a.txt", "a")
+    _command_scan(site)
+    # the directory is replaced by another one under the same name (the watches were on the
+    # old one)
+    other = site.base / "other"
+    write(other / "a.txt", "a")
+    write(other / "sub" / "b.txt", "b")
+    shutil.rmtree(site.local)
+    other.rename(site.local)
+    _command_scan(site)  # a walk: the keeper heard the root go
+    _command_scan(site)
+    write(site.local / "sub" / "b.txt", "b changed")
+    got = _command_scan(site)
+    assert got.entries["sub/b.txt"].size == len("b changed")

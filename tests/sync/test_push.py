@@ -285,3 +285,34 @@ class TestWriteThreads:
         result = pull(site.shell, opts)
         assert result.files_written == 80
         assert snapshot(site.local / "out") == snapshot(site.remote / "out")
+
+
+class TestKeptHelper:
+    def test_pushes_over_one_connection_share_one_helper(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        started = len(site.shell.started)
+        for i in range(3):
+            write(site.local / f"b{i}.txt", "b")
+            assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
+        assert len(site.shell.started) == started
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_kept_helper_that_died_is_replaced(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        site.shell._procs[-1].kill()
+        write(site.local / "b.txt", "b")
+        assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_kept_helper_writes_where_the_paths_lead_now(self, site: Site) -> None:
+        write(site.local / "d" / "a.txt", "old")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        # a command moved the directory away and made another in its place
+        (site.remote / "d").rename(site.remote / "e")
+        (site.remote / "d").mkdir()
+        write(site.local / "d" / "a.txt", "new")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert (site.remote / "d" / "a.txt").read_text() == "new"
+        assert (site.remote / "e" / "a.txt").read_text() == "old"
