@@ -35,7 +35,13 @@ import httpx
 
 from reconciler._util.names import is_metro_code
 from reconciler._util.retry import RetryPolicy, call_with_retries
-from reconciler.cloud.model import ConsoleLog, CreateRequest, Instance, PluginReply
+from reconciler.cloud.model import (
+    ConsoleLog,
+    CreateRequest,
+    Instance,
+    PluginReply,
+    Volume,
+)
 from reconciler.cloud.trust import remote_trust, verifying_context
 from reconciler.errors import (
     AlreadyExistsError,
@@ -158,6 +164,33 @@ def parse_instance(item: Mapping[str, Any], metro: str) -> Instance | None:
         stop_code=_int_or_none(item.get("stop_code")),
         exit_code=_int_or_none(item.get("exit_code")),
         stopped_at=_str_or_none(item.get("stopped_at")),
+    )
+
+
+def parse_volume(item: Mapping[str, Any], metro: str) -> Volume | None:
+    """A `Volume` from one wire item, tolerantly; None when it lacks a name or uuid."""
+    uuid = _str_or_none(item.get("uuid"))
+    name = _str_or_none(item.get("name"))
+    if not uuid or not name:
+        return None
+    raw_tags = item.get("tags")
+    tags = tuple(t for t in raw_tags if isinstance(t, str)) if isinstance(raw_tags, list) else ()
+    raw_attached = item.get("attached_to")
+    attached: list[str] = []
+    if isinstance(raw_attached, list):
+        for ref in raw_attached:
+            if isinstance(ref, Mapping):
+                who = _str_or_none(ref.get("name")) or _str_or_none(ref.get("uuid"))
+                if who:
+                    attached.append(who)
+    return Volume(
+        uuid=uuid,
+        name=name,
+        tags=tags,
+        state=_str_or_none(item.get("state")) or "unknown",
+        size_mb=_int_or_none(item.get("size_mb")),
+        attached_to=tuple(attached),
+        metro=metro,
     )
 
 
@@ -445,6 +478,13 @@ class UkcApi:
             ]
         if request.scale_to_zero is not None:
             body["scale_to_zero"] = dict(request.scale_to_zero)
+        if request.volumes:
+            # why no name: a volume created in the create call is the instance's and goes
+            # with it; the platform names it (a name of ours could still be taken by the
+            # previous instance's volume while its delete completes)
+            body["volumes"] = [
+                {"at": v.at, "size_mb": v.size_mb, "tags": list(v.tags)} for v in request.volumes
+            ]
         return body
 
     def create_instance(self, request: CreateRequest) -> Instance:
@@ -538,6 +578,42 @@ class UkcApi:
             if not env.items:
                 return attempts > 1
             return True
+
+        result: bool = self._retrying(attempt)
+        return result
+
+    def list_volumes(self, tags: Sequence[str]) -> list[Volume]:
+        """Every volume carrying every tag (one page: an account has few volumes)."""
+        wanted = set(tags)
+        path = "/v1/volumes?details=true"
+        if tags:
+            path += "&tags=" + ",".join(quote(t, safe="") for t in tags)
+
+        def attempt() -> _Envelope:
+            return _Envelope(self._send("GET", path, "list volumes"), "volumes")
+
+        env: _Envelope = self._retrying(attempt)
+        self._check("list volumes", env)
+        found = (parse_volume(item, self.metro) for item in env.items)
+        # why: filter again locally; never act on a volume lacking our tags
+        return [v for v in found if v is not None and wanted.issubset(v.tags)]
+
+    def delete_volume(self, name: str, *, uuid: str) -> bool:
+        what = f"delete volume {name}"
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            env = _Envelope(
+                self._send("DELETE", "/v1/volumes", what, body=[{"uuid": uuid}]), "volumes"
+            )
+            try:
+                self._check(what, env)
+            except NotFoundError:
+                # why: after a lost answer the retry finds it gone: our delete did it
+                return attempts > 1
+            return bool(env.items) or attempts > 1
 
         result: bool = self._retrying(attempt)
         return result

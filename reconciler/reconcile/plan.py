@@ -22,6 +22,7 @@ from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import CommandIntent, DesiredSession
 from reconciler.spec.durations import format_duration
 from reconciler.spec.models import DEFAULT_SHELL
+from reconciler.spec.sizes import human_size
 from reconciler.status.schema import (
     CommandRecord,
     SessionStatus,
@@ -348,31 +349,37 @@ def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:
     return None
 
 
-#: the share of an instance's memory its synced files may fill before plan warns: the rest is
-#: for the commands, the sandbox's own processes and what the commands write
-MEMORY_SHARE = 0.5
+#: memory kept free beside the tree in a /workspace held in memory: the kernel, the sync
+#: helper, the shell and what the commands themselves use or write
+MEMORY_MARGIN_MB = 256
+#: ... and a quarter of the tree more, for what the commands write next to it (builds)
+MEMORY_MARGIN_SHARE = 0.25
 
 
 def memory_warning(desired: DesiredSession) -> str | None:
-    """A warning when the tree fills too much of the memory /workspace lives in, else None."""
-    if desired.memory_mb is None or desired.tree.halted is not None:
+    """Why the synced tree will not fit a `/workspace` held in the instance's memory, or None
+    (it fits, or the session has a volume)."""
+    if desired.volume_mb is not None or desired.tree.halted is not None:
         return None
-    limit = desired.memory_mb * MEMORY_SHARE * (1 << 20)
-    if desired.tree.bytes <= limit:
+    need = desired.tree.bytes * (1 + MEMORY_MARGIN_SHARE) + MEMORY_MARGIN_MB * (1 << 20)
+    if need <= desired.memory_mb * (1 << 20):
         return None
     return (
-        f"session {desired.name}: its files ({desired.tree.bytes / (1 << 20):.0f} MiB) fill "
-        f"more than {MEMORY_SHARE:.0%} of the instance's memory_mb {desired.memory_mb}, and "
-        "/workspace lives in that memory: the sync or the commands may run out of it; "
-        "raise memory_mb or exclude files"
+        f"session {desired.name}: its synced tree ({human_size(desired.tree.bytes)}) plus a "
+        f"margin for the commands needs about {human_size(int(need))}, more than memory_mb "
+        f"{desired.memory_mb}; without a volume /workspace lives in the instance's memory "
+        "(the sync or a command may run out of it): raise memory_mb, or give /workspace a "
+        "volume (`workspace: {volume: 8GiB}`)"
     )
 
 
 def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
-    name = desired.name
     memory = memory_warning(desired)
-    if memory is not None:
-        return [*desired.warnings, memory]
+    return _other_warnings(desired, inst) + ([memory] if memory else [])
+
+
+def _other_warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
+    name = desired.name
     if desired.warnings:
         return list(desired.warnings)
     if inst is not None and identity.tag_value(inst.tags, identity.TRANSPORT_TAG) is None:

@@ -277,16 +277,28 @@ def test_the_planner_is_deterministic_for_equal_inputs() -> None:
     assert a == b
 
 
-class TestMemory:
-    def test_a_tree_filling_more_than_half_the_memory_is_warned_about(self) -> None:
-        d = desired(memory_mb=64, tree=TreeState(digest="t", files=1, bytes=40 << 20))
-        plan = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
-        assert any(
-            "40 MiB" in w and "memory_mb 64" in w and "/workspace lives in that memory" in w
-            for w in plan.warnings
-        ), plan.warnings
+class TestWorkspaceInMemory:
+    def test_a_tree_that_with_its_margin_does_not_fit_memory_mb_is_warned_about(self) -> None:
+        d = desired(tree=TreeState(digest="t", files=9, bytes=3900 << 20), memory_mb=4096)
+        p = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
+        [warning] = p.warnings
+        assert "session hello" in warning and "memory_mb 4096" in warning
+        assert "workspace: {volume:" in warning
 
-    def test_a_tree_that_fits_gets_no_warning(self) -> None:
-        d = desired(memory_mb=64, tree=TreeState(digest="t", files=1, bytes=30 << 20))
-        plan = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
-        assert not any("memory" in w for w in plan.warnings)
+    def test_a_tree_that_fits_with_its_margin_is_not_warned_about(self) -> None:
+        d = desired(tree=TreeState(digest="t", files=9, bytes=3000 << 20), memory_mb=4096)
+        assert plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER).warnings == ()
+
+    def test_a_session_whose_workspace_is_on_a_volume_is_not_warned_about(self) -> None:
+        d = desired(
+            tree=TreeState(digest="t", files=9, bytes=3900 << 20), memory_mb=4096, volume_mb=8192
+        )
+        assert plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER).warnings == ()
+
+    def test_the_instance_hash_of_a_volume_less_session_is_the_one_from_before_volumes(
+        self,
+    ) -> None:
+        # why: a changed hash would replace every existing instance after an upgrade
+        assert identity.instance_hash("img:1", None) == identity.instance_hash("img:1", None, None)
+        assert identity.instance_hash("img:1", 512) == "f732379b82e4"  # as before volumes
+        assert identity.instance_hash("img:1", None, 2048) != identity.instance_hash("img:1", None)
