@@ -65,7 +65,7 @@ class Metro:
     def create(self, name: str, pubkey: str) -> dict[str, Any]:
         body = {
             "name": name,
-            "image": "bench/sandbox:latest",
+            "image": "ukc/local-sandbox:latest",
             "env": {"PUBKEY": pubkey},
             "service_group": SERVICES,
             "scale_to_zero": S2Z,
