@@ -91,7 +91,7 @@ def main() -> int:
                 name = f"bench-{uuid.uuid4().hex[:8]}"
                 body = {
                     "name": name,
-                    "image": "debian:bookworm",
+                    "image": "ukc/local-sandbox:latest",
                     "autostart": True,
                     "env": {"PUBKEY": generate_keypair(key)},
                     "service_group": {

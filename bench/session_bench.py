@@ -72,7 +72,7 @@ def original_side(env: UkcEnv, tree: Path, k: int, command: str) -> dict[str, fl
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     body = {
         "name": name,
-        "image": "myorg/sandbox-image:latest",
+        "image": "ukc/local-minimal:latest",
         "memory_mb": 4096,
         "env": {"PUBKEY": key.with_suffix(".pub").read_text().strip()},
         "service_group": {

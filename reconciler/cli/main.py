@@ -1366,6 +1366,15 @@ def warm_stop() -> None:
     click.echo("warm process stopped" if stopped else "warm process was not running")
 
 
+def _add_doctor() -> None:
+    from reconciler.cli.doctor import doctor
+
+    cli.add_command(doctor)
+
+
+_add_doctor()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     # why: paramiko imports `invoke` (with unittest.mock and asyncio, ~28 ms of every apply that
     # syncs) only to run ssh_config "Match exec" lines, which ukc never reads. Only this

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
-import functools
 import json
 import logging
 import math
@@ -36,7 +35,14 @@ import httpx
 
 from reconciler._util.names import is_metro_code
 from reconciler._util.retry import RetryPolicy, call_with_retries
-from reconciler.cloud.model import ConsoleLog, CreateRequest, Instance, PluginReply
+from reconciler.cloud.model import (
+    ConsoleLog,
+    CreateRequest,
+    Instance,
+    PluginReply,
+    Volume,
+)
+from reconciler.cloud.trust import remote_trust, verifying_context
 from reconciler.errors import (
     AlreadyExistsError,
     ApiError,
@@ -161,6 +167,33 @@ def parse_instance(item: Mapping[str, Any], metro: str) -> Instance | None:
     )
 
 
+def parse_volume(item: Mapping[str, Any], metro: str) -> Volume | None:
+    """A `Volume` from one wire item, tolerantly; None when it lacks a name or uuid."""
+    uuid = _str_or_none(item.get("uuid"))
+    name = _str_or_none(item.get("name"))
+    if not uuid or not name:
+        return None
+    raw_tags = item.get("tags")
+    tags = tuple(t for t in raw_tags if isinstance(t, str)) if isinstance(raw_tags, list) else ()
+    raw_attached = item.get("attached_to")
+    attached: list[str] = []
+    if isinstance(raw_attached, list):
+        for ref in raw_attached:
+            if isinstance(ref, Mapping):
+                who = _str_or_none(ref.get("name")) or _str_or_none(ref.get("uuid"))
+                if who:
+                    attached.append(who)
+    return Volume(
+        uuid=uuid,
+        name=name,
+        tags=tags,
+        state=_str_or_none(item.get("state")) or "unknown",
+        size_mb=_int_or_none(item.get("size_mb")),
+        attached_to=tuple(attached),
+        metro=metro,
+    )
+
+
 class _Envelope:
     """A parsed 2xx answer: envelope status/message and the items of one list."""
 
@@ -177,23 +210,6 @@ class _Envelope:
 
     def failed_items(self) -> list[Mapping[str, Any]]:
         return [i for i in self.items if i.get("status") == "error"]
-
-
-@functools.cache
-def verifying_context(cafile: str | None, capath: str | None) -> ssl.SSLContext:
-    """The CA-verifying context httpx would build for `verify=True` (SSL_CERT_FILE, else
-    SSL_CERT_DIR, else certifi's bundle), built once per process and trust source.
-
-    why: loading the bundle costs ~35 ms per client; the warm process builds it once and every
-    command forked from it inherits it (a context is configuration, safe to share).
-    """
-    if cafile:
-        return ssl.create_default_context(cafile=cafile)
-    if capath:
-        return ssl.create_default_context(capath=capath)
-    import certifi  # httpx's own dependency, where its default bundle comes from
-
-    return ssl.create_default_context(cafile=certifi.where())
 
 
 class UkcApi:
@@ -224,15 +240,15 @@ class UkcApi:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._page_size = page_size
+        self._transport = transport
         if verify is True and self.base_url.lower().startswith("http://"):
             # why: httpx builds a verifying context (certifi's ~150 CA certificates, ~35 ms) even
             # for a plain-HTTP base URL such as the local metro's; with redirects off it is never
             # used. An empty one that trusts nothing fails closed if it ever were.
             verify = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         elif verify is True:
-            verify = verifying_context(
-                os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None
-            )
+            verify, _ = remote_trust(os.environ)
+        self._verify = verify
         self._client = httpx.Client(
             base_url=self.base_url,
             transport=transport,
@@ -240,6 +256,20 @@ class UkcApi:
             follow_redirects=False,
             timeout=httpx.Timeout(30.0, connect=10.0),
             headers={"accept": "application/json", "user-agent": "ukc-reconciler"},
+        )
+
+    def paged(self, page_size: int) -> UkcApi:
+        """Another client of the same metro and token that lists `page_size` per page."""
+        return UkcApi(
+            self.base_url,
+            self._token,
+            metro=self.metro,
+            transport=self._transport,
+            retry=self._retry,
+            sleep=self._sleep,
+            monotonic=self._monotonic,
+            page_size=page_size,
+            verify=self._verify,
         )
 
     def __repr__(self) -> str:
@@ -448,6 +478,13 @@ class UkcApi:
             ]
         if request.scale_to_zero is not None:
             body["scale_to_zero"] = dict(request.scale_to_zero)
+        if request.volumes:
+            # why no name: a volume created in the create call is the instance's and goes
+            # with it; the platform names it (a name of ours could still be taken by the
+            # previous instance's volume while its delete completes)
+            body["volumes"] = [
+                {"at": v.at, "size_mb": v.size_mb, "tags": list(v.tags)} for v in request.volumes
+            ]
         return body
 
     def create_instance(self, request: CreateRequest) -> Instance:
@@ -541,6 +578,42 @@ class UkcApi:
             if not env.items:
                 return attempts > 1
             return True
+
+        result: bool = self._retrying(attempt)
+        return result
+
+    def list_volumes(self, tags: Sequence[str]) -> list[Volume]:
+        """Every volume carrying every tag (one page: an account has few volumes)."""
+        wanted = set(tags)
+        path = "/v1/volumes?details=true"
+        if tags:
+            path += "&tags=" + ",".join(quote(t, safe="") for t in tags)
+
+        def attempt() -> _Envelope:
+            return _Envelope(self._send("GET", path, "list volumes"), "volumes")
+
+        env: _Envelope = self._retrying(attempt)
+        self._check("list volumes", env)
+        found = (parse_volume(item, self.metro) for item in env.items)
+        # why: filter again locally; never act on a volume lacking our tags
+        return [v for v in found if v is not None and wanted.issubset(v.tags)]
+
+    def delete_volume(self, name: str, *, uuid: str) -> bool:
+        what = f"delete volume {name}"
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            env = _Envelope(
+                self._send("DELETE", "/v1/volumes", what, body=[{"uuid": uuid}]), "volumes"
+            )
+            try:
+                self._check(what, env)
+            except NotFoundError:
+                # why: after a lost answer the retry finds it gone: our delete did it
+                return attempts > 1
+            return bool(env.items) or attempts > 1
 
         result: bool = self._retrying(attempt)
         return result

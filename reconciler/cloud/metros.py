@@ -24,7 +24,7 @@ from reconciler import errors
 from reconciler._util.names import metro_kind, unknown_metro_message
 from reconciler.cloud.api import UkcApi
 from reconciler.cloud.model import CloudApi
-from reconciler.cloud.trust import Reach
+from reconciler.cloud.trust import Reach, remote_trust
 from reconciler.spec import endpoints
 
 if TYPE_CHECKING:
@@ -90,8 +90,10 @@ class MetroRegistry:
         token = self._environ.get(endpoint.token_var, "")
         if not token:
             raise errors.UsageError(f"metro {label!r} needs a token: set {endpoint.token_var}")
-        api = UkcApi(endpoint.base_url, token, metro=label)
-        return MetroConnection(label, api, Reach(ssl.create_default_context()), local=False)
+        # why one context: the API and the edge trust the same store (`trust.remote_trust`)
+        context, store = remote_trust(self._environ)
+        api = UkcApi(endpoint.base_url, token, metro=label, verify=context)
+        return MetroConnection(label, api, Reach(context, trust_store=store), local=False)
 
     def _open_local(self) -> MetroConnection:
         info = start_local_metro(self._local_state_dir)
@@ -110,7 +112,9 @@ class MetroRegistry:
             return edge_host, ports[port]
 
         api = UkcApi(info.api_url, info.token, metro="local")
-        return MetroConnection("local", api, Reach(context, address), local=True)
+        return MetroConnection(
+            "local", api, Reach(context, address, trust_store="local metro CA"), local=True
+        )
 
     def close(self) -> None:
         with self._lock:

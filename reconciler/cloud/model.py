@@ -1,8 +1,8 @@
 """What the controller knows of the cloud: instances, what a create sends, the API's shape.
 
-`CloudApi` is the platform API of one metro (list / create / start / stop / delete / wait, and
-requests to an instance's plugin), implemented over httpx by `cloud.api.UkcApi`; the local
-metro speaks the same wire protocol.
+`CloudApi` is the platform API of one metro (list / create / start / stop / delete / wait,
+volumes, and requests to an instance's plugin), implemented over httpx by `cloud.api.UkcApi`;
+the local metro speaks the same wire protocol.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ __all__ = [
     "Plugin",
     "PluginReply",
     "Service",
+    "Volume",
+    "VolumeMount",
 ]
 
 
@@ -68,6 +70,29 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    """A new volume created with the instance (deleted with it) and where it is mounted."""
+
+    at: str
+    size_mb: int
+    tags: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume as observed through the API (parsed tolerantly)."""
+
+    uuid: str
+    name: str
+    tags: tuple[str, ...] = ()
+    state: str = ""
+    size_mb: int | None = None
+    #: names (or uuids, when the platform gives no name) of the instances it is attached to
+    attached_to: tuple[str, ...] = ()
+    metro: str = ""
+
+
+@dataclass(frozen=True)
 class CreateRequest:
     """Everything `ukc` sends when it creates a session instance."""
 
@@ -80,6 +105,7 @@ class CreateRequest:
     plugins: Sequence[Plugin] = field(default_factory=tuple)
     scale_to_zero: Mapping[str, object] | None = None
     autostart: bool = True
+    volumes: Sequence[VolumeMount] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -138,6 +164,15 @@ class CloudApi(Protocol):
 
     def wait_instance(self, name: str, state: str, timeout_s: float) -> Instance:
         """Block until the instance is in `state`; raises `SandboxNotReadyError` at the deadline."""
+        ...
+
+    def list_volumes(self, tags: Sequence[str]) -> list[Volume]:
+        """All volumes carrying every tag in `tags`."""
+        ...
+
+    def delete_volume(self, name: str, *, uuid: str) -> bool:
+        """Delete exactly the volume `uuid` (`name` is for messages); False when it was
+        already gone. Raises `ApiError` when the platform refuses (e.g. still attached)."""
         ...
 
     def instance_log(self, uuid: str, *, offset: int, limit: int | None = None) -> ConsoleLog:

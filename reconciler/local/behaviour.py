@@ -50,6 +50,9 @@ class Behaviour:
     #: then an account with retention keeps the `deleted` record (name taken) this much
     #: longer, unless the DELETE said `dont_retain`
     retention_s: float = 30.0
+    #: a DELETE's `timeout_s` holds its answer until the name is free (false: it answers at
+    #: once, as a platform that ignores the field would; the name stays taken after it)
+    delete_timeout_honoured: bool = True
     #: sshd listens this long after the instance is `running` (the app reached its entry
     #: point; sshd is the app's child)
     ssh_delay_s: float = 0.3

@@ -129,6 +129,7 @@ async def serve(
     print(f"sandboxes: {sandbox_line}", flush=True)
     # why: a delete whose teardown a stop or a kill cut short left files no record names
     await runtime.prune(metro.records)
+    await metro.prune_volumes()
     app = create_app(
         metro,
         faults,

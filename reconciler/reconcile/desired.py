@@ -20,6 +20,7 @@ from reconciler.reconcile import identity, sessionkeys
 from reconciler.spec.loader import LoadedSession, load_specs
 from reconciler.spec.models import (
     DEFAULT_EXEC,
+    DEFAULT_MEMORY_MB,
     DEFAULT_SHELL,
     SessionSpec,
     missing_secret_env,
@@ -115,6 +116,10 @@ class DesiredSession:
     credentials_noun: str = "credentials"
     #: what the transport warns about (shown by plan and apply)
     warnings: tuple[str, ...] = ()
+    #: the memory the instance is created with (MiB)
+    memory_mb: int = DEFAULT_MEMORY_MB
+    #: the size of the volume `/workspace` lives on (MiB); None: it lives in `memory_mb`
+    volume_mb: int | None = None
 
 
 @dataclass
@@ -270,7 +275,7 @@ def build_session(
     except errors.SyncHaltedError as err:
         halted = str(err)
         tree = TreeState(digest="", files=0, bytes=0, halted=halted)
-    inst_hash = identity.instance_hash(s.image, s.memory_mb)
+    inst_hash = identity.instance_hash(s.image, s.memory_mb, s.workspace.volume_mb)
     transport = select.kind_for(transport_of(loaded))
     credentials = instance_credentials(group, s.name, owner, instance)
     desired = DesiredSession(
@@ -297,6 +302,8 @@ def build_session(
         credentials_present=transport.credentials_present(credentials),
         credentials_noun=transport.credentials_noun,
         warnings=transport.warnings(s.name),
+        memory_mb=s.memory_mb or DEFAULT_MEMORY_MB,
+        volume_mb=s.workspace.volume_mb,
     )
     ctx = SessionContext(
         loaded=loaded,

@@ -21,7 +21,7 @@ from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
-from reconciler.cloud.model import CreateRequest, Instance
+from reconciler.cloud.model import CreateRequest, Instance, VolumeMount
 from reconciler.reconcile import actions, identity, rebuild, sessionkeys
 from reconciler.reconcile.desired import (
     Group,
@@ -34,7 +34,6 @@ from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation
 from reconciler.reconcile.redaction import OutputTail, Redactor
-from reconciler.spec.models import DEFAULT_MEMORY_MB
 from reconciler.spec.sizes import human_size
 from reconciler.status import journal, sandboxjournal
 from reconciler.status.schema import (
@@ -361,12 +360,17 @@ class Executor:
                 *(() if ctx.desired.ttl_s is None else (identity.ttl_tag(ctx.desired.ttl_s),)),
             ),
             # why: UKC's own default (128 MiB) holds little: /workspace lives in memory
-            memory_mb=ctx.loaded.spec.memory_mb or DEFAULT_MEMORY_MB,
+            memory_mb=ctx.desired.memory_mb,
             services=fields.services,
             plugins=fields.plugins,
             # the platform scales to zero only an instance with a service group
             scale_to_zero=SESSION_SCALE_TO_ZERO if fields.services else None,
             autostart=True,
+            volumes=(
+                ()
+                if ctx.desired.volume_mb is None
+                else (VolumeMount("/workspace", ctx.desired.volume_mb, tuple(ctx.desired.tags)),)
+            ),
         )
         self._create_when_free(conn, request, session, rec.instance)
         run.inst = self._await_up(conn, action.instance_name, session, before=None)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.atomic import create_atomic, write_atomic
-from reconciler.cloud.model import Instance
+from reconciler.cloud.model import Instance, Volume
 from reconciler.reconcile import sessionkeys
 from reconciler.spec.models import EXEC_NAMES
 from reconciler.status.schema import InstanceRecord
@@ -69,6 +69,7 @@ __all__ = [
     "transport_tag",
     "ttl_from_tags",
     "ttl_tag",
+    "volume_is_ours",
 ]
 
 #: every instance ukc creates carries this bare tag
@@ -97,9 +98,14 @@ def instance_name(project: str, session: str) -> str:
     return f"ukc-{project}-{session}"
 
 
-def instance_hash(image: str, memory_mb: int | None) -> str:
+def instance_hash(image: str, memory_mb: int | None, volume_mb: int | None = None) -> str:
     """Hash of the fields that are baked into an instance at creation: a change means replace."""
-    canon = json.dumps({"image": image, "memory_mb": memory_mb}, sort_keys=True)
+    fields: dict[str, object] = {"image": image, "memory_mb": memory_mb}
+    # why only when set: an instance without a volume keeps the hash it had before volumes
+    # existed, so upgrading ukc replaces nothing
+    if volume_mb is not None:
+        fields["workspace_volume_mb"] = volume_mb
+    canon = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
@@ -288,6 +294,18 @@ def prove(inst: Instance, owner: Owner, session: str, record: InstanceRecord | N
         "checkout's status file does not record its uuid and host key",
         "if it is yours, delete it yourself (UKC console or API) and apply again; "
         f"otherwise {rename}",
+    )
+
+
+def volume_is_ours(volume: Volume, owner: Owner, session: str) -> bool:
+    """Whether `volume` is provably `session`'s of this checkout: it carries ukc's tags for the
+    session and only owner ids of ours (no fallback for untagged ones: ukc always tagged the
+    volumes it made)."""
+    values = owner_values(volume.tags)
+    return (
+        session_from_tags(volume.tags, owner.project) == session
+        and bool(values)
+        and all(v in owner.accepted for v in values)
     )
 
 

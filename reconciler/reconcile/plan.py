@@ -22,6 +22,7 @@ from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import CommandIntent, DesiredSession
 from reconciler.spec.durations import format_duration
 from reconciler.spec.models import DEFAULT_SHELL
+from reconciler.spec.sizes import human_size
 from reconciler.status.schema import (
     CommandRecord,
     SessionStatus,
@@ -33,6 +34,7 @@ from reconciler.status.schema import (
 __all__ = [
     "command_input_hash",
     "command_public_hash",
+    "memory_warning",
     "parse_time",
     "plan_delete",
     "plan_sessions",
@@ -253,10 +255,12 @@ def _plan_session(
         public_hash = command_public_hash(desired, cmd)
         last = previous.get(cmd.name)
         reason = ""
-        if rerun_rest:
+        if new_instance:
+            reason = "new instance"
+        elif rerun_rest:
             reason = "an earlier command re-ran"
-        elif new_instance or last is None:
-            reason = "new instance" if new_instance else "never ran"
+        elif last is None:
+            reason = "never ran"
         elif (failed := _last_run_failed(last)) is not None:
             reason = failed
         elif last.instance_uuid != uuid:
@@ -345,7 +349,36 @@ def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:
     return None
 
 
+#: memory kept free beside the tree in a /workspace held in memory: the kernel, the sync
+#: helper, the shell and what the commands themselves use or write
+MEMORY_MARGIN_MB = 256
+#: ... and a quarter of the tree more, for what the commands write next to it (builds)
+MEMORY_MARGIN_SHARE = 0.25
+
+
+def memory_warning(desired: DesiredSession) -> str | None:
+    """Why the synced tree will not fit a `/workspace` held in the instance's memory, or None
+    (it fits, or the session has a volume)."""
+    if desired.volume_mb is not None or desired.tree.halted is not None:
+        return None
+    need = desired.tree.bytes * (1 + MEMORY_MARGIN_SHARE) + MEMORY_MARGIN_MB * (1 << 20)
+    if need <= desired.memory_mb * (1 << 20):
+        return None
+    return (
+        f"session {desired.name}: its synced tree ({human_size(desired.tree.bytes)}) plus a "
+        f"margin for the commands needs about {human_size(int(need))}, more than memory_mb "
+        f"{desired.memory_mb}; without a volume /workspace lives in the instance's memory "
+        "(the sync or a command may run out of it): raise memory_mb, or give /workspace a "
+        "volume (`workspace: {volume: 8GiB}`)"
+    )
+
+
 def _warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
+    memory = memory_warning(desired)
+    return _other_warnings(desired, inst) + ([memory] if memory else [])
+
+
+def _other_warnings(desired: DesiredSession, inst: Instance | None) -> list[str]:
     name = desired.name
     if desired.warnings:
         return list(desired.warnings)

@@ -484,9 +484,10 @@ class Watcher:
             hits["n"] += 1
             if hits["n"] > 1:
                 os._exit(130)
-            self.reporter.event(
-                Event("watch", "info", "stopping: finishing the running pass (Ctrl-C again quits)")
-            )
+            said = "stopping"
+            if self._busy.is_set():
+                said += ": finishing the running pass (Ctrl-C again quits)"
+            self.reporter.event(Event("watch", "info", said))
             self.stop()
 
         signal.signal(signal.SIGINT, handler)

@@ -54,6 +54,7 @@ __all__ = [
     "SpecDuration",
     "SpecSize",
     "SyncSpec",
+    "WorkspaceSpec",
     "check_metro",
     "missing_secret_env",
     "resolve_secret_env",
@@ -355,6 +356,37 @@ class SyncSpec(BaseModel):
         return () if value is None else value
 
 
+#: the bounds of a `/workspace` volume (whole MiB on the platform)
+MIN_VOLUME_MB = 1
+MAX_VOLUME_MB = 65536
+
+
+def _check_volume(value: int) -> int:
+    mib = -(-value // (1 << 20))
+    if not MIN_VOLUME_MB <= mib <= MAX_VOLUME_MB:
+        raise _fail(f"must be from 1MiB to {MAX_VOLUME_MB // 1024}GiB, got {value} bytes")
+    return value
+
+
+class WorkspaceSpec(BaseModel):
+    """Where the session's `/workspace` lives.
+
+    Without a volume it lives in the instance's memory (as on UKC): it shares `memory_mb`
+    with everything the commands use and is empty again after a cold boot. `volume` (a size:
+    "2GiB") gives it a volume of its own instead, created with the instance and deleted with
+    it, that keeps its files across stop/start.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    volume: Annotated[SpecSize, AfterValidator(_check_volume)] | None = None
+
+    @property
+    def volume_mb(self) -> int | None:
+        """The volume's size in whole MiB (rounded up), or None without one."""
+        return None if self.volume is None else -(-self.volume // (1 << 20))
+
+
 class SessionSpec(BaseModel):
     """One session as declared by the user.
 
@@ -382,6 +414,7 @@ class SessionSpec(BaseModel):
     exec: Annotated[str, Strict(), AfterValidator(_check_exec)] = DEFAULT_EXEC
     #: the shell every command runs under unless it names its own
     shell: _Shell = DEFAULT_SHELL
+    workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec)
 
     @field_validator("commands", mode="before")
     @classmethod
@@ -417,7 +450,7 @@ class SessionSpec(BaseModel):
             seen[command.name] = index
         return value
 
-    @field_validator("sync", "env", "secret_env", mode="before")
+    @field_validator("sync", "env", "secret_env", "workspace", mode="before")
     @classmethod
     def _null_is_empty(cls, value: object) -> object:
         if value is None:

@@ -249,7 +249,16 @@ class HttpExec:
             if isinstance(decoded, Mapping) and isinstance(decoded.get("error"), str):
                 message = self._scrub(decoded["error"], env)
             detail = f"http {status}" + (f": {message}" if message else "")
-            if status in (502, 503, 504):
+            if status == 504:
+                # why not retried: the platform's HTTP gateway cuts a request whose answer
+                # takes longer than 60 s while the command goes on running in the sandbox
+                raise RemoteError(
+                    f"{where}: {detail}: the platform's HTTP gateway cut the request (it "
+                    "waits 60 s for an answer); the command may still be running in the "
+                    "sandbox; use exec: ssh for commands that run longer",
+                    retryable=False,
+                )
+            if status in (502, 503):
                 raise TransportError(f"{where}: {detail}")
             raise RemoteError(f"{where}: {detail}", retryable=False)
         if not isinstance(decoded, Mapping):

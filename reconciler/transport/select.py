@@ -14,11 +14,12 @@ from __future__ import annotations
 import importlib
 from typing import cast
 
+from reconciler.cloud.trust import Reach
 from reconciler.errors import UsageError
 from reconciler.spec.models import EXEC_NAMES
 from reconciler.transport.base import TransportKind
 
-__all__ = ["kind_for", "preload"]
+__all__ = ["edge_handshake", "kind_for", "preload"]
 
 
 def kind_for(name: str) -> TransportKind:
@@ -37,3 +38,16 @@ def preload() -> None:
         module = importlib.import_module(f"{__package__}.{name}")
         for late in getattr(module, "PRELOAD", ()):
             importlib.import_module(late)
+
+
+def edge_handshake(reach: Reach, fqdn: str, port: int, timeout_s: float) -> str:
+    """One TLS handshake with an instance's public port as every transport dials it (SNI and
+    the certificate checked against the fqdn with the metro's trust store), then closed: the
+    TLS version; `TransportError` when it fails."""
+    from reconciler.transport.tls import Dialer
+
+    tls = Dialer.to(reach).connect(fqdn, port, timeout_s)
+    try:
+        return tls.version() or "unknown"
+    finally:
+        tls.close()

@@ -174,6 +174,14 @@ class TestHostileOrBrokenServer:
         with pytest.raises(RemoteError, match=match):
             http_exec.run(FQDN, "true", {})
 
+    def test_a_gateway_timeout_says_the_command_may_still_run_and_is_not_retried(
+        self, http_exec: HttpExec
+    ) -> None:
+        ExecHandler.canned.append((504, b"<html>504 Gateway Time-out</html>"))
+        with pytest.raises(RemoteError, match="gateway cut the request") as err:
+            http_exec.run(FQDN, "sleep 100", {})
+        assert err.value.retryable is False and "exec: ssh" in str(err.value)
+
     def test_an_error_message_never_echoes_a_secret_value(self, http_exec: HttpExec) -> None:
         ExecHandler.canned.append((500, b'{"error": "cannot run export K=hunter2-secret"}'))
         with pytest.raises(RemoteError) as err:

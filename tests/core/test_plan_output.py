@@ -167,7 +167,7 @@ EXPECTED_MARKDOWN = (
 - create instance `ukc-abcd1234-hello` on `local` — no instance
 - full sync: up to 3 file(s) (2.9 KiB), sandbox scanned — new instance
 - run command `build` — new instance
-- run command `test` — an earlier command re-ran
+- run command `test` — new instance
 - bring back `out/` — commands ran
 
 <details><summary>files and commands</summary>

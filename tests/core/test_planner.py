@@ -44,6 +44,11 @@ class TestANewSession:
         sync = p.actions[2]
         assert isinstance(sync, actions.SyncUp) and sync.full and sync.files == 3
 
+    def test_every_command_of_a_new_instance_runs_because_the_instance_is_new(self) -> None:
+        p = plan_one(desired(), None, None)
+        reasons = [a.reason for a in p.actions if isinstance(a, actions.RunCommand)]
+        assert reasons == ["new instance", "new instance"], "nothing re-ran on a new instance"
+
     def test_an_instance_deleted_out_of_band_is_recreated_with_that_reason(self) -> None:
         d = desired()
         rec = converged_record(d, instance(d))
@@ -270,3 +275,30 @@ def test_the_planner_is_deterministic_for_equal_inputs() -> None:
     a = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
     b = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
     assert a == b
+
+
+class TestWorkspaceInMemory:
+    def test_a_tree_that_with_its_margin_does_not_fit_memory_mb_is_warned_about(self) -> None:
+        d = desired(tree=TreeState(digest="t", files=9, bytes=3900 << 20), memory_mb=4096)
+        p = plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER)
+        [warning] = p.warnings
+        assert "session hello" in warning and "memory_mb 4096" in warning
+        assert "workspace: {volume:" in warning
+
+    def test_a_tree_that_fits_with_its_margin_is_not_warned_about(self) -> None:
+        d = desired(tree=TreeState(digest="t", files=9, bytes=3000 << 20), memory_mb=4096)
+        assert plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER).warnings == ()
+
+    def test_a_session_whose_workspace_is_on_a_volume_is_not_warned_about(self) -> None:
+        d = desired(
+            tree=TreeState(digest="t", files=9, bytes=3900 << 20), memory_mb=4096, volume_mb=8192
+        )
+        assert plan_sessions([d], {}, StatusDoc(), NOW, owner=OWNER).warnings == ()
+
+    def test_the_instance_hash_of_a_volume_less_session_is_the_one_from_before_volumes(
+        self,
+    ) -> None:
+        # why: a changed hash would replace every existing instance after an upgrade
+        assert identity.instance_hash("img:1", None) == identity.instance_hash("img:1", None, None)
+        assert identity.instance_hash("img:1", 512) == "f732379b82e4"  # as before volumes
+        assert identity.instance_hash("img:1", None, 2048) != identity.instance_hash("img:1", None)

@@ -147,3 +147,67 @@ def test_an_image_without_python3_fails_naming_the_missing_tool(tough: Ukc) -> N
     assert "has no usable python3" in proc.stderr, proc.stderr
     ready = next(c for c in session(tough)["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "MissingTool"
+
+
+COUNTING = """\
+name: tough
+directory: ./work
+{extra}commands:
+  - name: count
+    run: mkdir -p out && echo run >> out/runs.txt
+sync:
+  back: ["out/"]
+"""
+
+
+def volumes(ukc: Ukc) -> list[dict[str, Any]]:
+    with ukc.api() as client:
+        return client.get("/v1/volumes").json()["data"]["volumes"]  # type: ignore[no-any-return]
+
+
+def cold_boot(ukc: Ukc, uuid: str) -> None:
+    with ukc.api() as client:
+        client.put("/v1/instances/stop", json=[{"uuid": uuid}])
+        client.request(
+            "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "stopped", "timeout_s": 30}]
+        )
+
+
+def test_a_session_with_a_volume_keeps_its_workspace_across_a_cold_boot_and_delete_removes_it(
+    tough: Ukc,
+) -> None:
+    tough.write_spec(COUNTING.format(extra="workspace:\n  volume: 64MiB\n"))
+    tough.run("apply", "session.yaml", check=0)
+    first = session(tough)["instance"]
+    found = instance(tough, first["uuid"])
+    assert found is not None
+    [mount] = found["volumes"]
+    assert mount["at"] == "/workspace"
+    [vol] = [v for v in volumes(tough) if v["uuid"] == mount["uuid"]]
+    assert vol["size_mb"] == 64
+    assert "ukc.session=tough" in vol["tags"]
+    on_host = tough.metro.state_dir / "volumes" / vol["uuid"]
+    assert (on_host / "out" / "runs.txt").read_text() == "run\n"
+    cold_boot(tough, first["uuid"])
+    tough.run("apply", "session.yaml", check=0)
+    after = session(tough)["instance"]
+    assert after["uuid"] == first["uuid"]
+    assert after["start_count"] == first["start_count"] + 1
+    # the cold boot kept the volume's files: the command's second run appended to them
+    assert (tough.project / "work" / "out" / "runs.txt").read_text() == "run\nrun\n"
+    tough.run("delete", "session.yaml", check=0)
+    deadline = time.monotonic() + 30
+    while any(v["uuid"] == vol["uuid"] for v in volumes(tough)):
+        assert time.monotonic() < deadline, "the session's volume outlived ukc delete"
+        time.sleep(0.1)
+    assert not on_host.exists()
+
+
+def test_a_session_without_a_volume_loses_its_workspace_in_a_cold_boot(tough: Ukc) -> None:
+    tough.write_spec(COUNTING.format(extra=""))
+    tough.run("apply", "session.yaml", check=0)
+    first = session(tough)["instance"]
+    assert instance(tough, first["uuid"])["volumes"] == []  # type: ignore[index]
+    cold_boot(tough, first["uuid"])
+    tough.run("apply", "session.yaml", check=0)
+    assert (tough.project / "work" / "out" / "runs.txt").read_text() == "run\n"

@@ -242,6 +242,16 @@ def test_ctrl_c_leaves_a_valid_status_and_the_session_running(
     assert os.path.exists(project.project / ".ukc" / "keys" / "live")
 
 
+def test_ctrl_c_while_idle_says_it_stops_without_claiming_a_pass_runs(
+    project: Ukc, watch: Callable[..., WatchProcess]
+) -> None:
+    w = watch("session.yaml")
+    w.settle()
+    assert w.stop() == 0, w.output()
+    assert "[watch] stopping" in w.output()
+    assert "finishing the running pass" not in w.output(), w.output()
+
+
 def test_down_deletes_the_sessions_on_exit(
     project: Ukc, watch: Callable[..., WatchProcess]
 ) -> None:

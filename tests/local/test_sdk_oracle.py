@@ -200,3 +200,30 @@ class TestSandboxPlugin:
         assert result.stdout == b"hello\n"
         assert result.stderr == b"oops\n"
         assert data == b"\x00\x01payload"
+
+
+class TestVolumes:
+    def test_a_volume_is_created_attached_at_create_read_and_deleted_through_the_sdk(
+        self, daemon: MetroInfo
+    ) -> None:
+        vol_name, name = unique("sdkvol"), unique("sdk")
+
+        async def body(ukc: UnikraftCloud) -> tuple[Any, Any, Any]:
+            made = await ukc.volumes.create(name=vol_name, size_mb=32)
+            inst = await ukc.instances.create(
+                name=name,
+                image="ukc/local-sandbox:latest",
+                volumes=[{"name": vol_name, "at": "/workspace"}, {"size_mb": 8, "at": "/data"}],
+            )
+            attached = await ukc.volumes.get(name=vol_name)
+            await ukc.instances.get(name=name).delete(timeout_seconds=10)
+            await ukc.volumes.get(name=vol_name).delete()
+            listed = [v async for v in ukc.volumes.list()]
+            return made, inst, (attached, listed)
+
+        made, inst, (attached, listed) = run(daemon, body)
+        assert made.size_mb == 32
+        assert made.persistent is True
+        assert [v.at for v in inst.volumes] == ["/workspace", "/data"]
+        assert attached.attached_to[0].name == name
+        assert vol_name not in [v.name for v in listed]

@@ -113,6 +113,12 @@ REFUSALS: list[tuple[str, int, str, str]] = [
     ("name: ok\nmemory_mb: 1024.0", 2, "memory_mb", "expected a whole number"),
     ("name: ok\nmemory_mb: true", 2, "memory_mb", "expected a whole number, got a boolean"),
     ("name: ok\nmemory_mb: 0755", 2, "memory_mb", "YAML 1.1 meaning"),
+    # workspace
+    ("name: ok\nworkspace: {volume: 100GiB}", 2, "workspace.volume", "from 1MiB to 64GiB"),
+    ("name: ok\nworkspace: {volume: 2 apples}", 2, "workspace.volume", "invalid size"),
+    ("name: ok\nworkspace: {volume: true}", 2, "workspace.volume", "got a boolean"),
+    ("name: ok\nworkspace: {size: 2GiB}", 2, "workspace.size", "unknown field 'size'"),
+    ("name: ok\nworkspace: 2GiB", 2, "workspace", "expected a mapping"),
     # ttl
     ("name: ok\nttl: 0", 2, "ttl", "positive"),
     ("name: ok\nttl: -5", 2, "ttl", "positive"),

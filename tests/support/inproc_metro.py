@@ -22,6 +22,7 @@ from reconciler.errors import LocalMetroError
 from reconciler.local.api.app import create_app
 from reconciler.local.behaviour import BootOptions
 from reconciler.local.faults import Faults
+from reconciler.local.sandbox.layout import Mount
 from reconciler.local.state.lifecycle import LocalMetro
 from reconciler.local.state.validation import MetroLimits
 
@@ -46,11 +47,21 @@ class FakeRuntime:
         self.destroyed: list[str] = []
         self.on_exit: Callable[[str, int, bool], None] = lambda u, c, m: None
         self.fail_next_start = False
+        #: the volumes each sandbox was last started with
+        self.mounts: dict[str, list[Mount]] = {}
+        self.removed_volumes: list[Path] = []
 
     async def start(
-        self, uuid: str, *, env: dict[str, str], memory_mb: int, boot: BootOptions
+        self,
+        uuid: str,
+        *,
+        env: dict[str, str],
+        memory_mb: int,
+        boot: BootOptions,
+        volumes: list[Mount] | None = None,
     ) -> str:
         await asyncio.sleep(self.boot_delay_s)
+        self.mounts[uuid] = list(volumes or [])
         if self.fail_next_start:
             self.fail_next_start = False
             raise LocalMetroError(f"sandbox {uuid} did not boot")
@@ -74,6 +85,9 @@ class FakeRuntime:
 
     async def prune(self, keep: Iterable[str]) -> list[str]:
         return []
+
+    async def remove_volume(self, source: Path) -> None:
+        self.removed_volumes.append(source)
 
     def is_running(self, uuid: str) -> bool:
         return uuid in self.running

@@ -265,7 +265,7 @@ async def _delete(request: web.Request) -> web.Response:
         prev = rec.state
         task = await metro.delete(rec, dont_retain=opts.get("dont_retain") is True)
         timeout = parse_timeout(opts.get("timeout_s"), 0.0)
-        if timeout != 0.0:
+        if timeout != 0.0 and metro.behaviour.delete_timeout_honoured:
             # why: shield so a lapsed wait does not cancel the teardown itself
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)

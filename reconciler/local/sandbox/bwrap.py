@@ -97,6 +97,11 @@ def host_files(inst: Path) -> dict[str, str]:
     }
 
 
+def volume_source(at: str) -> str:
+    """The name under which the host directory of the volume mounted at `at` is bound."""
+    return "volume" + at.replace("/", "_")
+
+
 def bind_sources(files: dict[str, str], workspace: Path, *, staged: bool) -> dict[str, str]:
     """Where bwrap finds each bound file and the workspace.
 
@@ -147,12 +152,15 @@ def bwrap_options(
     max_pids: int,
     rlimits: bool,
     boot: BootOptions | None = None,
+    mounts: list[tuple[str, bool]] | None = None,
 ) -> tuple[list[str], list[str]]:
     """bwrap's options (they go through `--args`) and the agent's command line.
 
     `own_ids`: the sandbox has a host id range of its own (root daemon) and the launcher hands
     bwrap the user namespace it made; else bwrap makes one and the sandbox is the daemon's uid.
     `rlimits`: no cgroup limits the sandbox, so the agent sets rlimits itself.
+    `mounts`: the volumes, as (mount point, read-only); the host directory of each but one at
+    `/workspace` (which is `sources["workspace"]`) is among `sources` under `volume_source`.
     """
     # why: tmpfs lives in memory; bound it even where no cgroup charges it to the sandbox
     size = str(memory_mb * 1024 * 1024)
@@ -184,6 +192,14 @@ def bwrap_options(
         "--ro-bind", sources["host/agent"], f"{HOST_DIR}/agent",
         "--ro-bind", sources[f"host/{HOST_KEY}"], f"{HOST_DIR}/{HOST_KEY}",
         "--bind", sources["workspace"], "/workspace",
+    ]  # fmt: skip
+    # why shortest first: a volume mounted inside another one must go on top of it
+    for at, readonly in sorted(mounts or [], key=lambda m: len(m[0])):
+        if at == "/workspace":
+            args += ["--remount-ro", at] if readonly else []
+            continue
+        args += ["--ro-bind" if readonly else "--bind", sources[volume_source(at)], at]
+    args += [
         "--chdir", "/workspace",
         "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
         "--unshare-cgroup-try",

@@ -1,6 +1,8 @@
 """Where a sandbox's host-side files and sockets live in the daemon's state dir.
 
 `workspaces/<uuid>/` is the sandbox's `/workspace` (kept across stop/start, removed by destroy);
+`volumes/<volume uuid>/` a volume's files, mounted into the sandbox of the instance it is
+attached to (a volume at `/workspace` takes the workspace's place);
 `sandboxes/<uuid>/` holds its ssh host key, generated account files and host id range. The
 listening sockets live in a host-only control dir, `run/<uuid>/` (or a short `/tmp/ukc-*` dir
 when the state dir is too deep for a unix socket path), which the sandbox never sees.
@@ -14,15 +16,26 @@ import os
 import re
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.errors import LocalMetroError
 
-__all__ = ["UUID_RE", "SandboxLayout"]
+__all__ = ["UUID_RE", "WORKSPACE", "Mount", "SandboxLayout"]
 
 UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # why: unix socket paths are limited to 108 bytes; leave room for the file name
 _SOCK_PATH_MAX = 100
+WORKSPACE = "/workspace"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A volume's host directory and where the sandbox sees it."""
+
+    source: Path
+    at: str
+    readonly: bool = False
 
 
 class SandboxLayout:
@@ -40,6 +53,11 @@ class SandboxLayout:
         """`state_dir/workspaces/<uuid>`: the host side of the sandbox's `/workspace`."""
         self.check_uuid(uuid)
         return self.state_dir / "workspaces" / uuid
+
+    def volume(self, uuid: str) -> Path:
+        """`state_dir/volumes/<uuid>`: the host directory holding a volume's files."""
+        self.check_uuid(uuid)
+        return self.state_dir / "volumes" / uuid
 
     def instance_dir(self, uuid: str) -> Path:
         self.check_uuid(uuid)

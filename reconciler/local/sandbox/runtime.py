@@ -41,6 +41,7 @@ from reconciler.local.sandbox.bwrap import (
     bwrap_options,
     check_host,
     host_files,
+    volume_source,
 )
 from reconciler.local.sandbox.files import (
     HOST_KEY,
@@ -52,7 +53,7 @@ from reconciler.local.sandbox.files import (
 )
 from reconciler.local.sandbox.handoff import listen_unix, pipe_with
 from reconciler.local.sandbox.hostids import HostIds, IdRange
-from reconciler.local.sandbox.layout import SandboxLayout
+from reconciler.local.sandbox.layout import WORKSPACE, Mount, SandboxLayout
 from reconciler.local.sandbox.limits import Cgroup, Limiter
 
 __all__ = ["DEFAULT_MAX_PIDS", "DEFAULT_MEMORY_MB", "SandboxRuntime"]
@@ -161,9 +162,13 @@ class SandboxRuntime:
         env: dict[str, str],
         memory_mb: int = DEFAULT_MEMORY_MB,
         boot: BootOptions | None = None,
+        volumes: list[Mount] | None = None,
     ) -> str:
         """Boot the sandbox; returns its boot id once the agent is up (and sshd accepts on
-        2222 inside, unless `boot` delays sshd past the boot as on UKC)."""
+        2222 inside, unless `boot` delays sshd past the boot as on UKC).
+
+        `volumes`: host directories mounted inside; one at `/workspace` takes the place of
+        the instance's own workspace."""
         boot = boot or BootOptions()
         self.layout.check_uuid(uuid)
         async with self._lock(uuid):
@@ -172,7 +177,9 @@ class SandboxRuntime:
                 return box.boot_id
             check_host(self._bwrap, self._sshd)
             started = time.monotonic()
-            if boot.workspace_in_memory:
+            on_volume = any(m.at == WORKSPACE for m in volumes or [])
+            # why: a volume at /workspace takes the place of the memory store, as on UKC
+            if boot.workspace_in_memory and not on_volume:
                 await asyncio.to_thread(
                     reset_memory_workspace, self.layout.workspace(uuid), memory_mb << 20
                 )
@@ -183,25 +190,38 @@ class SandboxRuntime:
                 # a cold boot starts from the image: its sshd makes new host keys
                 with contextlib.suppress(FileNotFoundError):
                     (self.layout.instance_dir(uuid) / HOST_KEY).unlink()
-            box, status_r, info_r = await self._launch(uuid, env, memory_mb, boot)
+            box, status_r, info_r = await self._launch(uuid, env, memory_mb, boot, volumes or [])
             await self._await_ready(box, status_r, info_r, started)
             return box.boot_id
 
-    def _prepare(self, uuid: str) -> tuple[IdRange | None, Path, Path]:
-        """The instance's id range (claimed the first time), workspace and instance dir."""
+    def _prepare(self, uuid: str, volumes: list[Mount]) -> tuple[IdRange | None, Path, Path]:
+        """The instance's id range (claimed the first time), workspace and instance dir; the
+        volumes' directories made the sandbox's."""
         inst = self.layout.instance_dir(uuid)
         ids = self._ids.claim(inst) if self._ids is not None else None
         ws = self.layout.workspace(uuid)
-        prepare_workspace(ws, ids)
+        for mount in volumes:
+            prepare_workspace(mount.source, ids)
+            if mount.at == WORKSPACE:
+                ws = mount.source
+        if ws == self.layout.workspace(uuid):
+            prepare_workspace(ws, ids)
         prepare_instance_dir(inst, ids)
         return ids, ws, inst
 
     async def _launch(
-        self, uuid: str, env: dict[str, str], memory_mb: int, boot: BootOptions
+        self,
+        uuid: str,
+        env: dict[str, str],
+        memory_mb: int,
+        boot: BootOptions,
+        volumes: list[Mount],
     ) -> tuple[Box, int, int]:
         """Start the launcher (which execs bwrap); the box and its status and info pipes."""
-        ids, ws, inst = await asyncio.to_thread(self._prepare, uuid)
+        ids, ws, inst = await asyncio.to_thread(self._prepare, uuid, volumes)
         files = host_files(inst)
+        others = [m for m in volumes if m.at != WORKSPACE]
+        files.update({volume_source(m.at): str(m.source) for m in others})
         sources = bind_sources(files, ws, staged=ids is not None)
         limiter = self.limiter
         cgroup: Cgroup | None = None
@@ -238,6 +258,7 @@ class SandboxRuntime:
                 max_pids=self.max_pids,
                 rlimits=not limiter.uses_cgroups,
                 boot=boot,
+                mounts=[(m.at, m.readonly) for m in volumes],
             )
             owned.append(pipe_with(b"".join(a.encode() + b"\0" for a in options)))
             plan = {
@@ -445,3 +466,7 @@ class SandboxRuntime:
             writer.close()
             raise ConnectionRefusedError(f"port {port} of sandbox {uuid} refused the connection")
         return reader, writer
+
+    async def remove_volume(self, source: Path) -> None:
+        """Remove a deleted volume's directory (what a sandbox wrote there is never followed)."""
+        await asyncio.to_thread(remove_tree, source)

@@ -17,6 +17,7 @@ from typing import Any
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.behaviour import DEFAULT_PRESET, PRESETS, Behaviour
+from reconciler.local.sandbox.layout import Mount, SandboxLayout
 from reconciler.local.state.index import InstanceIndex
 from reconciler.local.state.policy import Activity, RestartBackoff, wants_restart
 from reconciler.local.state.records import (
@@ -32,12 +33,14 @@ from reconciler.local.state.records import (
     STOP_REASON_USER,
     UP_STATES,
     LocalInstance,
+    LocalVolume,
     rfc3339,
 )
 from reconciler.local.state.sandboxes import Runtime
 from reconciler.local.state.store import InstanceStore
 from reconciler.local.state.tasks import Transitions
 from reconciler.local.state.validation import MetroLimits, admit, apply_update
+from reconciler.local.state.volumes import VolumeIndex
 
 __all__ = ["LocalMetro"]
 
@@ -72,6 +75,8 @@ class LocalMetro:
         self.limits = limits or MetroLimits()
         self.on_ports = on_ports
         self.index = InstanceIndex()
+        self.volumes = VolumeIndex(state_dir)
+        self._layout = SandboxLayout(state_dir)
         self.store = InstanceStore(
             state_dir, lambda: self.index.records.values(), save_delay_s=save_delay_s
         )
@@ -102,6 +107,22 @@ class LocalMetro:
             if rec.state == "deleted":
                 continue  # torn down already; its files are pruned at start
             self.index.add(rec)
+        self.volumes.load()
+        # why: an instance whose delete the daemon did not see to its end lets go of its
+        # volumes now (the directories of inline ones are removed by `prune_volumes`)
+        for uuid in {v.attached_to for v in self.volumes.records.values()} - set(self.records):
+            if uuid is not None:
+                self.volumes.release(uuid)
+
+    async def prune_volumes(self) -> None:
+        """Remove volume directories no volume names (an inline volume whose instance went
+        while the daemon was down)."""
+        base = self.state_dir / "volumes"
+        if self.runtime is None or not base.is_dir():
+            return
+        for path in base.iterdir():
+            if path.name not in self.volumes.records:
+                await self.runtime.remove_volume(path)
 
     async def resume(self) -> None:
         """After `load()`: run again what was starting/running; start the idle monitor."""
@@ -155,7 +176,10 @@ class LocalMetro:
     def create(self, body: object) -> LocalInstance:
         """Validate a create body and add the record (stopped, or starting with autostart)."""
         req = admit(body, self.limits, self.index, tag_rules=self.behaviour.tag_rules)
+        vols = self.volumes.resolve_for(req.volumes, req.name)
         rec = req.to_instance(seq=self.index.next_seq(), app_domain=self.app_domain)
+        self.volumes.attach(vols, req.volumes, rec.uuid, rec.name)
+        rec.volumes = [v.mount() for v in vols]
         self.index.add(rec)
         self._log(rec, f"created image {req.image}")
         self.store.mark_dirty()
@@ -213,6 +237,7 @@ class LocalMetro:
                         env=dict(rec.env),
                         memory_mb=rec.memory_mb,
                         boot=self.behaviour.boot_options(rec.image),
+                        volumes=self._mounts(rec),
                     )
             except Exception as exc:  # any runtime failure ends this boot as a platform stop
                 self._log(rec, f"boot failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
@@ -230,6 +255,12 @@ class LocalMetro:
             rec.stop_code = None
             rec.exit_code = None
             self._set_state(rec, "running")
+
+    def _mounts(self, rec: LocalInstance) -> list[Mount]:
+        return [
+            Mount(self._layout.volume(v.uuid), v.at or "", v.readonly)
+            for v in self.volumes.attached(rec.uuid)
+        ]
 
     def start(self, rec: LocalInstance) -> str:
         """PUT start: no-op unless stopped/standby. Returns the previous state."""
@@ -334,6 +365,11 @@ class LocalMetro:
         self._transitions.spawn(self._release_at(rec))
         return self._transitions.spawn(free_name())
 
+    async def delete_volume(self, vol: LocalVolume) -> None:
+        """Drop an unattached volume and remove its files."""
+        self.volumes.remove(vol)
+        await self._require_runtime().remove_volume(self._layout.volume(vol.uuid))
+
     async def _release_at(self, rec: LocalInstance) -> None:
         """Drop a `deleted` record when its retention ends."""
         while rec.state == "deleted" and rec.uuid in self.index:
@@ -350,6 +386,9 @@ class LocalMetro:
         self._stopping_by_us.add(rec.uuid)
         try:
             await runtime.destroy(rec.uuid)
+            # why after the sandbox is gone: nothing writes to its volumes any more
+            for vol in self.volumes.release(rec.uuid):
+                await runtime.remove_volume(self._layout.volume(vol.uuid))
         except Exception as exc:  # nothing left to report to: the record is already gone
             self._log(rec, f"destroy error: {exc}")
         finally:

@@ -15,6 +15,7 @@ from reconciler.errors import ApiError
 
 __all__ = [
     "CODE_ALREADY_EXISTS",
+    "CODE_CANNOT_BE_USED",
     "CODE_INVALID",
     "CODE_NOT_FOUND",
     "CODE_QUOTA",
@@ -33,6 +34,7 @@ __all__ = [
     "UP_STATES",
     "ItemError",
     "LocalInstance",
+    "LocalVolume",
     "ServiceSpec",
     "rfc3339",
 ]
@@ -51,6 +53,7 @@ CODE_NOT_FOUND = 8
 CODE_TIMED_OUT = 12
 CODE_QUOTA = 19
 CODE_ALREADY_EXISTS = 23
+CODE_CANNOT_BE_USED = 24
 
 # stop_reason bitmask values
 STOP_REASON_USER = 15
@@ -124,6 +127,8 @@ class LocalInstance:
     log: str = ""
     #: when a `deleted` record (torn down, name still taken) leaves the metro
     retained_until: float | None = None
+    #: the attached volumes as the read shows them: `{uuid, name, at, readonly}`
+    volumes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def has_sandbox_plugin(self) -> bool:
@@ -182,7 +187,7 @@ class LocalInstance:
             "tags": list(self.tags),
             "features": list(self.features),
             "plugins": [dict(p) for p in self.plugins],
-            "volumes": [],
+            "volumes": [dict(v) for v in self.volumes],
             "services": [f"tcp:{s.port}" for s in self.services],
         }
         if self.started_at is not None:
@@ -216,5 +221,63 @@ class LocalInstance:
             ServiceSpec(int(s["port"]), int(s["destination_port"]), tuple(s["handlers"]))
             for s in data.get("services", [])
         ]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class LocalVolume:
+    """One volume of the local metro: a host directory, attached to at most one instance.
+
+    `persistent` is False for a volume created inline in an instance create: it goes with
+    that instance, as on UKC.
+    """
+
+    uuid: str
+    name: str
+    size_mb: int
+    created_at: float
+    tags: list[str] = field(default_factory=list)
+    persistent: bool = True
+    attached_to: str | None = None
+    attached_name: str | None = None
+    at: str | None = None
+    readonly: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "name": self.name}
+
+    def mount(self) -> dict[str, Any]:
+        """The entry of the instance read's `volumes` list."""
+        return {"uuid": self.uuid, "name": self.name, "at": self.at, "readonly": self.readonly}
+
+    def to_wire(self, *, mounted: bool) -> dict[str, Any]:
+        """The detailed read shape; `mounted`: its instance runs now."""
+        out: dict[str, Any] = {
+            "uuid": self.uuid,
+            "name": self.name,
+            "created_at": rfc3339(self.created_at),
+            "state": "available" if self.attached_to is None else "idle",
+            "size_mb": self.size_mb,
+            "persistent": self.persistent,
+            "attached_to": [],
+            "mounted_by": [],
+            "tags": list(self.tags),
+            "filesystem": "virtiofs",
+            "access_mode": "rwo",
+        }
+        if self.attached_to is not None:
+            ref = {"uuid": self.attached_to, "name": self.attached_name}
+            out["attached_to"] = [ref]
+            if mounted:
+                out["state"] = "mounted"
+                out["mounted_by"] = [{**ref, "readonly": self.readonly}]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LocalVolume:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})

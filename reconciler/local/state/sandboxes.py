@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from reconciler.local.behaviour import BootOptions
+from reconciler.local.sandbox.layout import Mount
 
 __all__ = ["Runtime"]
 
@@ -15,8 +16,16 @@ class Runtime(Protocol):
     """What the metro needs from the sandbox runtime."""
 
     async def start(
-        self, uuid: str, *, env: dict[str, str], memory_mb: int, boot: BootOptions
+        self,
+        uuid: str,
+        *,
+        env: dict[str, str],
+        memory_mb: int,
+        boot: BootOptions,
+        volumes: list[Mount] | None = None,
     ) -> str: ...
+
+    async def remove_volume(self, source: Path) -> None: ...
 
     async def stop(self, uuid: str) -> None: ...
 

@@ -23,6 +23,7 @@ from reconciler.local.state.records import (
     LocalInstance,
     ServiceSpec,
 )
+from reconciler.local.state.volumes import VolumeAttach, parse_attach
 
 __all__ = [
     "CreateRequest",
@@ -65,6 +66,8 @@ class CreateRequest:
     group_name: str | None
     scale_to_zero: dict[str, Any] | None
     autostart: bool
+    #: the volumes to attach (existing ones by reference, or new ones)
+    volumes: list[VolumeAttach]
 
     def to_instance(self, *, seq: int, app_domain: str) -> LocalInstance:
         """The new instance: a fresh uuid, the private address of its sequence number, and the
@@ -267,6 +270,7 @@ def parse_create(body: object) -> CreateRequest:
         group_name=None if group is None else str(group.get("name") or f"{name}-group"),
         scale_to_zero=s2z,
         autostart=autostart,
+        volumes=parse_attach(body.get("volumes")),
     )
 
 
