@@ -48,6 +48,7 @@ from reconciler.spec.models import DEFAULT_LOCAL_IMAGE, DEFAULT_MEMORY_MB
 from reconciler.sync import engine
 from reconciler.sync.options import SyncOptions
 from reconciler.transport import sshclient as ssh_backend
+from reconciler.transport.keys import generate_keypair
 from reconciler.transport.tls import Dialer
 
 SERVICES = {"services": [{"port": 2222, "destination_port": 2222, "handlers": ["tls"]}]}
@@ -124,6 +125,19 @@ def wait_rsync_ready(metro: Metro, key: Path, fqdn: str, timeout_s: float = 60) 
         time.sleep(0.1)
 
 
+def wait_engine_ready(metro: Metro, fqdn: str, key: Path, timeout_s: float = 60) -> None:
+    """Untimed: until the sandbox takes the key (sshd and the key come after `running`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=key).close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def one_run(
     metro: Metro, work: Path, env: dict[str, str], k: int, cleanup: list[Any]
 ) -> dict[str, float]:
@@ -168,7 +182,7 @@ def engine_initial(metro: Metro, tree: Path, work: Path, cleanup: list[Any]) -> 
     (what `ukc watch` or a long-lived client pays for an initial sync)."""
     work.mkdir(parents=True)
     key = work / "key"
-    pub = ssh_backend.generate_keypair(key)
+    pub = generate_keypair(key)
     name = f"engine-bench-{work.name}-{os.getpid()}"
     inst = metro.create(name, pub)
     cleanup.append(lambda: metro.delete(name))
@@ -176,6 +190,7 @@ def engine_initial(metro: Metro, tree: Path, work: Path, cleanup: list[Any]) -> 
     opts = SyncOptions(local_root=tree, state_dir=work / "state")
     os.sync()
     t0 = time.perf_counter()
+    wait_engine_ready(metro, fqdn, key)
     shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=key)
     try:
         engine.push(shell, opts, instance_uuid=inst["uuid"])
@@ -262,12 +277,13 @@ def rss_child(state: Path, work: Path) -> None:
     for i in range(200):
         (tree / f"small{i:03d}.txt").write_text("x" * 4096)
     key = work / "key"
-    pub = ssh_backend.generate_keypair(key)
+    pub = generate_keypair(key)
     name = f"rss-bench-{os.getpid()}"
     inst = metro.create(name, pub)
     fqdn = inst["service_group"]["domains"][0]["fqdn"]
     before = peak_rss_kib()
     t0 = time.perf_counter()
+    wait_engine_ready(metro, fqdn, key)
     shell = ssh_backend.SshShell.connect(metro.dialer(), fqdn, key_path=key)
     try:
         res = engine.push(
