@@ -37,6 +37,8 @@ __all__ = ["Journal", "Snapshot", "load", "peek", "read_meta"]
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
 _GROWTH = 1
 _SLACK = 256 << 10
+#: entries per line of a compacted state
+_CHUNK = 2000
 #: a metadata line is looked for in this many bytes at the end of the file
 _TAIL = 64 << 10
 _CACHE_MAX = 64
@@ -123,20 +125,31 @@ class Journal:
     def _compact(
         self, entries: Mapping[str, Entry], inos: Mapping[str, int], meta: dict[str, Any]
     ) -> None:
-        # inodes as a list in the order of the entries: a path is written (and parsed) once
-        ino_list = [inos.get(p, 0) for p in entries]
-        whole = entries if isinstance(entries, dict) else dict(entries)
-        head = _line({"seq": 0, "reset": True, "set": whole, "ino": ino_list})
-        tail = _line({"seq": 1, "meta": meta, "base": len(head)})
+        # the state in lines of `_CHUNK` entries (the first one the reset): writing and
+        # reading it never holds the whole state as one JSON text and its parse at once;
+        # inodes as a list in the order of the entries (a path is written and parsed once)
+        lines: list[bytes] = []
+        paths = list(entries)
+        for start in range(0, max(len(paths), 1), _CHUNK):
+            part = paths[start : start + _CHUNK]
+            line: dict[str, Any] = {"seq": len(lines)}
+            if not lines:
+                line["reset"] = True
+            line["set"] = {p: entries[p] for p in part}
+            line["ino"] = [inos.get(p, 0) for p in part]
+            lines.append(_line(line))
+        base = sum(len(x) for x in lines)
+        lines.append(_line({"seq": len(lines), "meta": meta, "base": base}))
+        data = b"".join(lines)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # no fsync: a lost or torn journal reads as "none", which only costs time
-        write_atomic(self.path, head + tail, durable=False)
+        write_atomic(self.path, data, durable=False)
         st = os.stat(self.path)
         self.ino, self.length, self.base, self.seq, self.broken = (
             st.st_ino,
-            len(head) + len(tail),
-            len(head),
-            1,
+            len(data),
+            base,
+            len(lines) - 1,
             False,
         )
 
@@ -212,7 +225,7 @@ def _apply(j: Journal, data: bytes, start: int) -> None:
         got_inos = {p: n for p, n in zip(sets, raw_ino, strict=True) if n}
         if obj.get("reset") is True:
             entries, inos = sets, got_inos
-            j.base = end + 1 - pos
+            j.base = end + 1 - pos  # (a later line may name the whole compaction's size)
         else:
             if entries is None:
                 entries, inos = dict(j.entries), dict(j.inos)
@@ -223,6 +236,8 @@ def _apply(j: Journal, data: bytes, start: int) -> None:
                 if isinstance(p, str):
                     entries.pop(p, None)
                     inos.pop(p, None)
+        if type(obj.get("base")) is int:
+            j.base = obj["base"]
         if "meta" in obj:
             j.meta = dict(obj["meta"])
         j.seq += 1

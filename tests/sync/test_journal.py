@@ -226,3 +226,18 @@ def test_records_live_under_the_state_dir_only(site: Site) -> None:
     _tree(site, 5)
     push(site.shell, site.opts(), instance_uuid="u1")
     assert {p.name for p in Path(site.state).iterdir()} == {INDEX, PUSH_RECORD}
+
+
+def test_a_big_state_is_written_in_lines_and_read_back_whole(site: Site) -> None:
+    path = site.state / "big.jnl"
+    entries = {f"d/f{i:05d}": Entry("f", i, i, 0o644, f"r{i}") for i in range(5001)}
+    inos = {p: 1000 + i for i, p in enumerate(entries)}
+    j = journal.load(path)
+    j.write(entries, inos, {"n": 1}, None)
+    assert len(path.read_bytes().splitlines()) == 4  # three lines of entries, the metadata
+    _forget_cache()
+    back = journal.load(path)
+    assert dict(back.entries) == entries and dict(back.inos) == inos
+    assert back.meta == {"n": 1} and not back.broken
+    back.write({**entries, "d/new": Entry("f", 1, 1, 0o644, "x")}, inos, {"n": 2}, ["d/new"])
+    assert len(path.read_bytes().splitlines()) == 5  # appended, not rewritten
