@@ -91,6 +91,8 @@ class _Run:
     running_at: float | None = None
     shell: Transport | None = None
     deleted_at: float | None = None
+    #: the delete check saw the instance gone (else the cleanup deletes it again)
+    gone: bool = False
     extra_uuids: list[str] = field(default_factory=list)
 
 
@@ -609,6 +611,7 @@ class Probe:
             ms = round((self.run.deleted_at - t0) * 1000)
             after = self.api.get_instance(self.run.name)
             if gone and (after is None or after.uuid != self.run.inst.uuid):
+                self.run.gone = True
                 out.append(Result("delete", "PASS", f"deleted in {ms} ms", {"delete_ms": ms}))
             else:
                 out.append(
@@ -684,7 +687,7 @@ class Probe:
         self._close_shell()
         inst = self.run.inst
         uuids = list(self.run.extra_uuids)
-        if inst is not None and self.run.deleted_at is None:
+        if inst is not None and not self.run.gone:
             uuids.insert(0, inst.uuid)
         for uuid in uuids:
             with contextlib.suppress(errors.UkcError):
