@@ -211,3 +211,24 @@ def test_a_session_without_a_volume_loses_its_workspace_in_a_cold_boot(tough: Uk
     cold_boot(tough, first["uuid"])
     tough.run("apply", "session.yaml", check=0)
     assert (tough.project / "work" / "out" / "runs.txt").read_text() == "run\n"
+
+
+def test_delete_also_removes_a_kept_volume_of_the_session_and_never_anothers(
+    tough: Ukc,
+) -> None:
+    tough.run("apply", "session.yaml", check=0)
+    found = instance(tough, session(tough)["instance"]["uuid"])
+    assert found is not None
+    ours = [t for t in found["tags"] if t.startswith(("ukc", "ukc."))]
+    foreign = [t for t in ours if not t.startswith("ukc.owner=")] + ["ukc.owner=" + "f" * 32]
+    with tough.api() as client:
+        # as a platform that kept the volume (persistent) or a create half done would leave it
+        for name, tags in (("kept-ws", ours), ("planted-ws", foreign)):
+            r = client.post("/v1/volumes", json={"name": name, "size_mb": 8, "tags": tags})
+            assert r.json()["status"] == "success", r.text
+    tough.run("delete", "session.yaml", check=0)
+    left = {v["name"] for v in volumes(tough)}
+    assert "kept-ws" not in left
+    assert "planted-ws" in left
+    with tough.api() as client:
+        client.request("DELETE", "/v1/volumes", json=[{"name": "planted-ws"}])
