@@ -104,11 +104,12 @@ Examples:
 )
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
 def doctor(metro: str | None, image: str | None, report: Path | None, debug: bool) -> None:
-    """Create one tiny instance the way a session's is made (service group, tags), read what
-    ukc relies on (states, FQDN, waits, tag filter, pages), reach it through the TLS edge and
-    over ssh, look for python3, rsync and tar, delete it and time how long its name stays
-    taken. One line per assumption: PASS, FAIL or SKIP with its figures; exit 1 on a FAIL
-    (docs/PLATFORM.md, "Verified or assumed")."""
+    """Create one tiny instance the way a session's is made (service group, tags,
+    scale-to-zero), read what ukc relies on (states, FQDN, waits, tag filter, pages), reach it
+    through the TLS edge and over ssh, look for python3, rsync and tar, let it scale to zero
+    and wake it, delete it and time how long its name stays taken. One line per assumption:
+    PASS, FAIL or SKIP with its figures; exit 1 on a FAIL (docs/PLATFORM.md, "Verified or
+    assumed")."""
     chosen = metro or os.environ.get("UKC_METRO") or "local"
     picked = image or os.environ.get(_IMAGE_VAR) or _DEFAULT_IMAGE
     try:

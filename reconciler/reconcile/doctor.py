@@ -22,7 +22,8 @@ from reconciler.cloud.model import CloudApi, CreateRequest, Instance
 from reconciler.cloud.trust import Reach
 from reconciler.reconcile import identity
 from reconciler.reconcile.doctor_report import Figure, Redactor, Result, report_document
-from reconciler.transport.base import Credentials, RemoteShell, Target
+from reconciler.reconcile.execute import SESSION_SCALE_TO_ZERO
+from reconciler.transport.base import Credentials, Target, Transport
 from reconciler.transport.select import edge_handshake, kind_for
 
 __all__ = ["CHECKS", "Budgets", "Pageable", "Probe"]
@@ -74,6 +75,9 @@ class Budgets:
     name_free_s: float = 60.0
     #: a TLS handshake through the edge, retried while the sandbox wakes
     edge_s: float = 10.0
+    #: idle until the instance scales to zero (the session's cooldown plus the platform's
+    #: reaction); 0 skips the wake check
+    wake_s: float = 30.0
 
 
 @dataclass
@@ -85,7 +89,7 @@ class _Run:
     tags: list[str]
     inst: Instance | None = None
     running_at: float | None = None
-    shell: RemoteShell | None = None
+    shell: Transport | None = None
     deleted_at: float | None = None
     extra_uuids: list[str] = field(default_factory=list)
 
@@ -177,8 +181,10 @@ class Probe:
         if self._fqdn().outcome == "PASS":
             if self._ssh(credentials).outcome == "PASS":
                 self._tools()
-            self._edge_tls()
-        self._add(Result("wake", "SKIP", "not probed: the doctor's instance never idles"))
+                self._edge_tls()
+                self._wake(credentials)
+            else:
+                self._edge_tls()
         self._wait()
         self._tag_filter()
         self._pagination()
@@ -225,6 +231,7 @@ class Probe:
                 env=dict(fields.env),
                 tags=self.run.tags,
                 services=fields.services,
+                scale_to_zero=SESSION_SCALE_TO_ZERO,
             )
             t0 = self.clock()
             inst = self.api.create_instance(request)
@@ -367,6 +374,64 @@ class Probe:
                     Result("tools", "FAIL", f"{listed}: the sync helper needs python3", figures)
                 )
         return self.results[-1]
+
+    def _wake(self, credentials: Credentials) -> Result:
+        with self._check("wake") as out:
+            out.append(self._woken(credentials))
+        return self.results[-1]
+
+    def _woken(self, credentials: Credentials) -> Result:
+        """Left idle, the instance scales to zero (`standby`, stateful as a session's is); the
+        next ssh connection wakes it, and it still presents the host key it had."""
+        budget = self.budgets.wake_s
+        shell = self.run.shell
+        assert self.run.inst is not None and self.run.inst.fqdn and shell is not None
+        if budget <= 0:
+            return Result("wake", "SKIP", "not probed (no wake budget)")
+        pin = shell.pin
+        self._close_shell()
+        t0 = self.clock()
+        state = "unknown"
+        while self.clock() - t0 < budget:
+            inst = self.api.get_instance(self.run.name)
+            state = inst.state if inst is not None else "absent"
+            if state != "running":
+                break
+            self.sleep(0.2)
+        idle_s = round(self.clock() - t0, 2)
+        figures: dict[str, Figure] = {"idle_s": idle_s, "idle_state": state}
+        if state != "standby":
+            return Result(
+                "wake",
+                "FAIL",
+                f"idle {idle_s} s with scale-to-zero on, the instance was {state}, not standby",
+                figures,
+            )
+        target = Target(self.run.name, self.run.inst.fqdn, self.reach, self.run.inst.uuid, self.api)
+        t1 = self.clock()
+        try:
+            self.run.shell = kind_for("ssh").connect(
+                target, credentials, pin=pin, deadline_s=self.budgets.ssh_s
+            )
+        except (errors.SandboxNotReadyError, errors.RemoteError, errors.TransportError) as e:
+            figures["error_kind"] = type(e).__name__
+            changed = "differs from the expected" in str(e)
+            return Result(
+                "wake",
+                "FAIL",
+                f"standby after {idle_s} s idle; ssh did not wake it with the same host key "
+                f"({'host key changed' if changed else 'no connection'})",
+                figures,
+                str(e),
+            )
+        wake_s = round(self.clock() - t1, 2)
+        figures["wake_s"] = wake_s
+        return Result(
+            "wake",
+            "PASS",
+            f"standby after {idle_s} s idle; ssh woke it in {wake_s} s, host key kept",
+            figures,
+        )
 
     def _edge_tls(self) -> Result:
         with self._check("edge_tls") as out:

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 from reconciler.cloud.api import UkcApi
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
-from reconciler.cloud.model import CloudApi, Instance
+from reconciler.cloud.model import CloudApi, CreateRequest, Instance
 from reconciler.cloud.trust import Reach
 from reconciler.errors import ApiError, SandboxNotReadyError
 from reconciler.local import daemon as metro_daemon
@@ -27,7 +28,8 @@ from reconciler.reconcile.doctor import CHECKS, Budgets, Probe
 from reconciler.reconcile.doctor_report import Result
 
 IMAGE = "ukc/local-sandbox:latest"
-FAST = Budgets(boot_s=20.0, ssh_s=10.0, name_free_s=10.0, edge_s=2.0)
+#: short waits, and no wake (its idle wait is the session's cooldown, seconds)
+FAST = Budgets(boot_s=20.0, ssh_s=10.0, name_free_s=10.0, edge_s=2.0, wake_s=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +100,15 @@ class Wrapped:
 
 
 def test_every_assumption_holds_on_the_local_metro(metro: MetroInfo, conn: MetroConnection) -> None:
-    found = probe(conn.api, conn.reach)
-    skipped = {"quotas", "wake"}
+    found = probe(conn.api, conn.reach, budgets=replace(FAST, wake_s=30.0))
+    skipped = {"quotas"}
     assert {n: o for n, o in outcomes(found).items() if n not in skipped} == {
         n: "PASS" for n in CHECKS if n not in skipped
     }, {n: (r.summary, r.error) for n, r in found.items()}
     assert found["states"].figures["states"] in ("starting > running", "running")
     assert found["edge_tls"].figures["trust_store"] == "local metro CA"
     assert isinstance(found["ssh"].figures["after_running_s"], float)
+    assert found["wake"].figures["idle_state"] == "standby"
     assert_clean(metro)
 
 
@@ -370,4 +373,26 @@ def test_an_image_without_python3_fails_the_tools_check_and_says_what_it_has(
     assert tools.outcome == "FAIL", tools
     assert tools.figures == {"python3": False, "rsync": True, "tar": True}
     assert found["ssh"].outcome == "PASS"
+    assert_clean(metro)
+
+
+class StatelessStandby(Wrapped):
+    """A platform that scales to zero without keeping memory, whatever `stateful` says: its
+    wake is a cold boot."""
+
+    def create_instance(self, request: CreateRequest) -> Instance:
+        if request.scale_to_zero is not None:
+            request = replace(request, scale_to_zero={**request.scale_to_zero, "stateful": False})
+        return self.inner.create_instance(request)
+
+
+def test_a_wake_that_is_a_cold_boot_fails_the_wake_check(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    found = probe(StatelessStandby(conn.api), conn.reach, budgets=replace(FAST, wake_s=30.0))
+    wake = found["wake"]
+    assert wake.figures["idle_state"] == "standby"
+    assert wake.outcome == "FAIL", wake
+    assert "host key changed" in wake.summary
     assert_clean(metro)
