@@ -58,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procmeter import rss_of
-from sync_bench import describe_fs, rsync_cmd, timed
+from sync_bench import describe_fs, rsync_cmd, timed, wait_rsync_ready
 from treegen import edit_one, gen_scale_tree, scale_files
 from ukcenv import UKC, UkcEnv, session_status
 
@@ -81,6 +81,7 @@ def rsync_side(
     def rsync(src: str, to: str) -> float:
         return timed(rsync_cmd(env.metro, key, fqdn, src, to))
 
+    wait_rsync_ready(env.metro, key, fqdn)
     out["rsync_initial_s"] = rsync(f"{tree}/", dst)
     out["rsync_nochange_s"] = rsync(f"{tree}/", dst)
     edit_one(tree, files, k, "rsync")
@@ -208,8 +209,10 @@ def ukc_side(
 
         phase("initial")
         phase("nochange")
-        edit_one(tree, files, k, "ukc")
+        rel, body = edit_one(tree, files, k, "ukc")
         phase("onefile")
+        if (remote / rel).read_bytes() != body:
+            raise SystemExit(f"one-file apply did not bring {rel} to the sandbox")
         if not a.no_watch:
             out.update(watch_phase(env, proj, tree, files, remote, a))
         if not a.no_back:

@@ -44,6 +44,7 @@ import reconciler as reconciler_pkg
 from reconciler.cli import warm
 from reconciler.cloud.trust import edge_address
 from reconciler.local import daemon
+from reconciler.spec.models import DEFAULT_LOCAL_IMAGE, DEFAULT_MEMORY_MB
 from reconciler.sync import engine
 from reconciler.sync.options import SyncOptions
 from reconciler.transport import sshclient as ssh_backend
@@ -65,7 +66,9 @@ class Metro:
     def create(self, name: str, pubkey: str) -> dict[str, Any]:
         body = {
             "name": name,
-            "image": "ukc/local-sandbox:latest",
+            "image": DEFAULT_LOCAL_IMAGE,
+            # ukc's default, the original workflow's: /workspace lives in this memory
+            "memory_mb": DEFAULT_MEMORY_MB,
             "env": {"PUBKEY": pubkey},
             "service_group": SERVICES,
             "scale_to_zero": S2Z,
@@ -109,6 +112,18 @@ def rsync_cmd(metro: Metro, key: Path, fqdn: str, src: str, dst: str) -> list[st
     return ["rsync", "-az", "--delete", "-e", ssh, src, dst]
 
 
+def wait_rsync_ready(metro: Metro, key: Path, fqdn: str, timeout_s: float = 60) -> None:
+    """Untimed: until rsync can list /workspace. The metro behaves like UKC: `running` comes
+    before sshd listens and before the key is installed (the original workflow retries too)."""
+    deadline = time.monotonic() + timeout_s
+    argv = rsync_cmd(metro, key, fqdn, f"root@{fqdn}:/workspace/", "")[:-1]
+    argv.insert(1, "--list-only")
+    while subprocess.run(argv, capture_output=True).returncode != 0:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"rsync could not reach {fqdn} in {timeout_s:g} s")
+        time.sleep(0.1)
+
+
 def one_run(
     metro: Metro, work: Path, env: dict[str, str], k: int, cleanup: list[Any]
 ) -> dict[str, float]:
@@ -135,6 +150,7 @@ def rsync_side(
     inst = metro.create(name, key.with_suffix(".pub").read_text().strip())
     fqdn = inst["service_group"]["domains"][0]["fqdn"]
     dst = f"root@{fqdn}:/workspace/"
+    wait_rsync_ready(metro, key, fqdn)
     out["rsync_initial_s"] = timed(rsync_cmd(metro, key, fqdn, f"{src}/", dst))
     out["rsync_nochange_s"] = timed(rsync_cmd(metro, key, fqdn, f"{src}/", dst))
     modify_tree(src)

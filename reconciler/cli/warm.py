@@ -38,6 +38,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,9 +328,17 @@ class _KeeperClient:
         return answer
 
     def take(
-        self, state_dir: str, root: str, ident: list[int] | None
+        self, state_dir: str, root: str, ident: list[int] | None, skip: Sequence[str] = ()
     ) -> tuple[int, set[str] | None]:
-        got = self._call({"op": "tree-take", "state_dir": state_dir, "root": root, "ident": ident})
+        got = self._call(
+            {
+                "op": "tree-take",
+                "state_dir": state_dir,
+                "root": root,
+                "ident": ident,
+                "skip": list(skip),
+            }
+        )
         token, paths = got.get("token"), got.get("paths")
         if type(token) is not int:
             raise OSError("malformed answer")

@@ -164,9 +164,9 @@ def apply_group(
         journal.lock(group.status_path, timeout_s=lock_timeout_s),
         # the converged round re-stats only what changed during the first (not the tree)
         sync_feed.tracking(
-            (sync_options_for(group, s).state_dir, s.directory)
-            for s in group.sessions
-            if only is None or s.spec.name in only
+            (o.state_dir, o.local_root, o.back_paths())
+            for o in (sync_options_for(group, s) for s in group.sessions)
+            if only is None or o.session in only
         ),
         # released after the sessions' phases are journaled, before the status file's lock
         contextlib.ExitStack() as leases,

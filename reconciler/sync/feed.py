@@ -30,7 +30,7 @@ class ChangeFeed:
     def __init__(
         self,
         inotify: Inotify | None = None,
-        keeper: tuple[Keeper, str, str] | None = None,
+        keeper: tuple[Keeper, str, str, tuple[str, ...]] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._paths: set[str] = set()
@@ -39,7 +39,7 @@ class ChangeFeed:
         #: the index state the last scan through this feed left (compared by identity)
         self.basis: object | None = None
         self.inotify = inotify
-        #: (keeper, state dir, root) and the token of the scan in progress
+        #: (keeper, state dir, root, paths never scanned) and the token of the scan in progress
         self.keeper = keeper
         self._token: int | None = None
 
@@ -74,9 +74,9 @@ class ChangeFeed:
             paths, everything = self._paths, self._all
             self._paths, self._all = set(), False
         if self.keeper is not None:
-            keeper, state_dir, root = self.keeper
+            keeper, state_dir, root, skip = self.keeper
             try:
-                self._token, kept = keeper.take(state_dir, root, ident)
+                self._token, kept = keeper.take(state_dir, root, ident, skip)
             except OSError:
                 self._token, kept = None, None  # the keeper is gone: walk
             return None if kept is None or everything else kept | paths
@@ -88,7 +88,7 @@ class ChangeFeed:
         """The scan ended and left the index `basis` (`ident`: its inode and length)."""
         self.basis = basis
         if self.keeper is not None and self._token is not None:
-            keeper, state_dir, _root = self.keeper
+            keeper, state_dir, _root, _skip = self.keeper
             token, self._token = self._token, None
             with contextlib.suppress(OSError):
                 keeper.done(state_dir, token, ident)
@@ -124,8 +124,9 @@ def use_keeper(keeper: Keeper | None) -> None:
 
 
 @contextlib.contextmanager
-def tracking(sessions: Iterable[tuple[Path, Path]]) -> Iterator[None]:
-    """For the block, scans of these sessions (state dir, local root) re-stat only what
+def tracking(sessions: Iterable[tuple[Path, Path, tuple[str, ...]]]) -> Iterator[None]:
+    """For the block, scans of these sessions (state dir, local root, the sync-back paths
+    under it, which no scan enters) re-stat only what
     changed since the previous scan: told by the keeper (`use_keeper`), else watched by the
     scans themselves (inotify) from the first scan on (an apply's converged round). Sessions
     that already have a feed (a running `ukc watch`) keep it."""
@@ -134,10 +135,10 @@ def tracking(sessions: Iterable[tuple[Path, Path]]) -> Iterator[None]:
     mine: list[tuple[Path, ChangeFeed]] = []
     if keeper is not None or ino is not None:
         with _LOCK:
-            for d, root in sessions:
+            for d, root, skip in sessions:
                 d = Path(d)
                 if d not in _FEEDS:
-                    kept = (keeper, str(d), str(root)) if keeper is not None else None
+                    kept = (keeper, str(d), str(root), skip) if keeper is not None else None
                     _FEEDS[d] = ChangeFeed(ino, kept)
                     mine.append((d, _FEEDS[d]))
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,9 +36,11 @@ class Keeper(Protocol):
     """What a scan asks (a client of a `TreeKeeper`, possibly in another process)."""
 
     def take(
-        self, state_dir: str, root: str, ident: list[int] | None
+        self, state_dir: str, root: str, ident: list[int] | None, skip: Sequence[str] = ()
     ) -> tuple[int, set[str] | None]:
-        """(token, changed paths since the index `ident`, or None: anything may have)."""
+        """`skip`: paths under the root that are never scanned (sync-back paths: a sync-back
+        writes there, and its events would only bury the ones that matter). Returns
+        (token, changed paths since the index `ident`, or None: anything may have)."""
         ...
 
     def done(self, state_dir: str, token: int, ident: list[int] | None) -> None:
@@ -56,8 +59,11 @@ class _Kept:
     dirs: int = 0
     keeper: TreeKeeper | None = None
 
+    #: paths never scanned: not watched, their events dropped
+    skip: tuple[str, ...] = ()
+
     def note(self, rel: str) -> None:
-        if self.everything:
+        if self.everything or self.skipped(rel):
             return
         self.pending.add(rel)
         if len(self.pending) > MAX_PENDING:
@@ -67,9 +73,12 @@ class _Kept:
         self.everything = True
         self.pending.clear()
 
+    def skipped(self, rel: str) -> bool:
+        return any(rel == p or rel.startswith(p + "/") for p in self.skip)
+
     def note_dir(self, rel: str) -> None:
         """A directory appeared: watch what is under it, and have it walked afresh."""
-        if self.keeper is not None and not self.everything:
+        if self.keeper is not None and not self.everything and not self.skipped(rel):
             self.keeper.watch_tree(self, os.path.join(self.root, rel), rel)
             self.note(rel + "/")
 
@@ -87,17 +96,18 @@ class TreeKeeper:
         self.inotify.pump()
 
     def take(
-        self, state_dir: str, root: str, ident: list[int] | None
+        self, state_dir: str, root: str, ident: list[int] | None, skip: Sequence[str] = ()
     ) -> tuple[int, set[str] | None]:
         self.pump()
+        skip = tuple(skip)
         token = next(self._tokens)
         kept = self.trees.get(state_dir)
         # "everything" may mean watches were lost (the root replaced, a queue overflow, a
         # refused watch): start over, watching the tree as it is now
-        if kept is None or kept.root != root or kept.everything:
+        if kept is None or kept.root != root or kept.everything or kept.skip != skip:
             if kept is not None:
                 self.inotify.forget(kept)
-            kept = _Kept(root, keeper=self)
+            kept = _Kept(root, keeper=self, skip=skip)
             self.trees[state_dir] = kept
             kept.everything = False
             # watched before the scan that follows lists anything: nothing falls between
@@ -135,7 +145,9 @@ class TreeKeeper:
         state_dir, op = str(req.get("state_dir", "")), req.get("op")
         ident = _ident(req.get("ident"))
         if op == "tree-take":
-            token, paths = self.take(state_dir, str(req.get("root", "")), ident)
+            raw = req.get("skip")
+            skip = [p for p in raw if isinstance(p, str)] if isinstance(raw, list) else []
+            token, paths = self.take(state_dir, str(req.get("root", "")), ident, skip)
             return {"token": token, "paths": None if paths is None else sorted(paths)}
         given = req.get("token")
         if op == "tree-done" and type(given) is int:
@@ -148,6 +160,8 @@ class TreeKeeper:
         stack = [(path, rel)]
         while stack:
             p, r = stack.pop()
+            if r and kept.skipped(r):
+                continue
             kept.dirs += 1
             if kept.dirs > MAX_DIRS or not self.inotify.watch(p, r, kept):
                 kept.note_all()

@@ -33,7 +33,8 @@ def keeper() -> Iterator[TreeKeeper]:
 def _command_scan(site: Site, **kw: object) -> Manifest:
     """A scan as one command runs it: a process of its own (nothing cached), tracked."""
     journal._CACHE.clear()
-    with feed.tracking([(site.opts(**kw).state_dir, site.local)]):
+    opts = site.opts(**kw)
+    with feed.tracking([(opts.state_dir, site.local, opts.back_paths())]):
         return scan_local(site.opts(**kw))
 
 
@@ -174,3 +175,18 @@ def test_a_root_replaced_between_commands_is_watched_anew(site: Site, keeper: Tr
     write(site.local / "sub" / "b.txt", "b changed")
     got = _command_scan(site)
     assert got.entries["sub/b.txt"].size == len("b changed")
+
+
+def test_what_a_sync_back_writes_is_neither_watched_nor_named(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    _command_scan(site, back=("out/",))
+    _command_scan(site, back=("out/",))
+    for i in range(50):
+        write(site.local / "out" / f"d{i % 5}" / f"f{i}.txt", "output")
+    write(site.local / "a.txt", "a changed")
+    ident = _ident(site)
+    token, paths = keeper.take(str(site.state), str(site.local), ident, ("out",))
+    assert paths == {"a.txt"}
+    keeper.done(str(site.state), token, ident)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(shared() is None, reason="no inotify here")
 def test_events_after_a_tracked_scan_name_the_changed_paths(site: Site) -> None:
     write(site.local / "a.txt", "a")
     write(site.local / "d" / "b.txt", "b")
-    with feed.tracking([(site.state, site.local)]):
+    with feed.tracking([(site.state, site.local, ())]):
         scan_local(site.opts())
         write(site.local / "d" / "b.txt", "b changed")
         (site.local / "a.txt").unlink()
@@ -31,7 +31,7 @@ def test_events_after_a_tracked_scan_name_the_changed_paths(site: Site) -> None:
 
 def test_a_tracked_scan_after_no_change_looks_at_nothing(site: Site) -> None:
     write(site.local / "a.txt", "a")
-    with feed.tracking([(site.state, site.local)]):
+    with feed.tracking([(site.state, site.local, ())]):
         first = scan_local(site.opts())
         again = scan_local(site.opts())
         assert again.entries is first.entries
@@ -39,7 +39,7 @@ def test_a_tracked_scan_after_no_change_looks_at_nothing(site: Site) -> None:
 
 def test_the_root_going_away_means_everything(site: Site) -> None:
     write(site.local / "a.txt", "a")
-    with feed.tracking([(site.state, site.local)]):
+    with feed.tracking([(site.state, site.local, ())]):
         scan_local(site.opts())
         shutil.rmtree(site.local)
         changes = feed.feed_for(site.state)
@@ -49,7 +49,7 @@ def test_the_root_going_away_means_everything(site: Site) -> None:
 def test_a_session_with_a_feed_keeps_it(site: Site) -> None:
     mine = feed.attach(site.state)
     try:
-        with feed.tracking([(site.state, site.local)]):
+        with feed.tracking([(site.state, site.local, ())]):
             assert feed.feed_for(site.state) is mine
         assert feed.feed_for(site.state) is mine
     finally:
@@ -61,7 +61,7 @@ def test_tracked_scans_equal_full_walks_whatever_changed(site: Site, seed: int) 
     rng = random.Random(seed)
     for i in range(40):
         write(site.local / f"d{i % 4}" / f"s{i % 3}" / f"f{i}.txt", f"content {i}")
-    with feed.tracking([(site.state, site.local)]):
+    with feed.tracking([(site.state, site.local, ())]):
         scan_local(site.opts())
         for step in range(12):
             files = sorted(p for p in site.local.rglob("*") if p.is_file())
