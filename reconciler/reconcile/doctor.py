@@ -103,6 +103,7 @@ class Probe:
         reach: Reach,
         *,
         image: str,
+        memory_mb: int | None = None,
         budgets: Budgets | None = None,
         on_result: Callable[[Result], None] = lambda r: None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -111,6 +112,7 @@ class Probe:
         self.api = api
         self.reach = reach
         self.image = image
+        self.memory_mb = memory_mb
         self.budgets = budgets or Budgets()
         self.on_result = on_result
         self.clock = monotonic
@@ -232,6 +234,7 @@ class Probe:
                 tags=self.run.tags,
                 services=fields.services,
                 scale_to_zero=SESSION_SCALE_TO_ZERO,
+                memory_mb=self.memory_mb,
             )
             t0 = self.clock()
             inst = self.api.create_instance(request)
@@ -275,6 +278,8 @@ class Probe:
             known = len(in_order) == len(seen) and in_order == sorted(
                 in_order, key=BOOT_ORDER.index
             )
+            if inst is not None and inst.memory_mb is not None:
+                figures["memory_mb"] = inst.memory_mb
             if inst is not None and seen[-1] == "running" and known:
                 self.run.inst = inst
                 self.run.running_at = self.clock()

@@ -166,6 +166,21 @@ def test_the_command_exits_1_on_a_failed_check_and_its_report_says_which(
     assert [c["name"] for c in document["checks"] if c["result"] == "FAIL"] == ["tools"]
 
 
+def test_on_a_remote_metro_the_image_must_be_named_before_anything_is_created() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "UKC_SANDBOX_IMAGE"}
+    env |= {"UKC_WARM": "0", "UKC_TOKEN": "t" * 30}
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler", "doctor", "--metro", "fra"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--image or $UKC_SANDBOX_IMAGE" in done.stderr and "t" * 30 not in done.stderr
+
+
 def test_a_refused_token_fails_auth_and_probes_nothing_else(
     metro: MetroInfo, conn: MetroConnection
 ) -> None:
