@@ -265,7 +265,9 @@ def _plan_session(
             reason = failed
         elif last.instance_uuid != uuid:
             reason = "never ran on this instance"
-        elif (cold := _cold_boot(last, inst)) is not None:
+        elif desired.volume_mb is None and (cold := _cold_boot(last, inst)) is not None:
+            # why only without a volume: a volume at /workspace keeps the outputs across
+            # a cold boot (the instance was made with it: the volume is in its hash)
             reason = cold
         elif blind and last.last_success_public_hash != public_hash:
             reason = _changed(last, cmd) if last.last_success_public_hash else "may have changed"

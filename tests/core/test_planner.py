@@ -165,6 +165,18 @@ class TestChanges:
         runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
         assert runs[0].reason == "instance is stopped: its boot starts with an empty /workspace"
 
+    def test_a_cold_boot_of_a_session_whose_workspace_is_a_volume_keeps_its_commands(
+        self,
+    ) -> None:
+        d = desired(volume_mb=2048)
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        for state, count in (("running", 2), ("stopped", 1)):
+            p = plan_one(d, replace(inst, state=state, start_count=count), rec)
+            assert not [a for a in p.actions if isinstance(a, actions.RunCommand)], state
+            # the files are still checked against the tree after the boot
+            assert "SyncUp" in kinds(p)
+
     def test_a_record_from_before_boots_were_recorded_keeps_its_commands(self) -> None:
         d = desired()
         inst = instance(d)
