@@ -18,9 +18,8 @@ if TYPE_CHECKING:
 
 __all__ = ["doctor", "run_doctor"]
 
-#: what the probe boots when no image is named (the image a spec without one gets)
+#: the image a spec without one gets: $UKC_SANDBOX_IMAGE, on the local metro its own image
 _IMAGE_VAR = "UKC_SANDBOX_IMAGE"
-_DEFAULT_IMAGE = "ukc/local-sandbox:latest"
 _TOKEN_VARS = ("UKC_TOKEN", "UKC_METRO_TOKEN")
 
 
@@ -41,6 +40,7 @@ def run_doctor(
     report: Path | None,
     echo: bool = True,
     budgets: Budgets | None = None,
+    memory_mb: int | None = None,
 ) -> dict[str, object]:
     """Probe `metro`, print one line per check, write the JSON report; the report document."""
     from reconciler.cloud.metros import MetroRegistry, local_metro_status
@@ -58,6 +58,7 @@ def run_doctor(
             conn.api,
             conn.reach,
             image=image,
+            memory_mb=memory_mb,
             budgets=budgets,
         )
         results = probe.execute()
@@ -93,7 +94,13 @@ Examples:
 @click.option(
     "--image",
     default=None,
-    help=f"The image to boot. Default: ${_IMAGE_VAR}, else {_DEFAULT_IMAGE}.",
+    help=f"The image to boot. Default: ${_IMAGE_VAR}, else on the local metro its own image.",
+)
+@click.option(
+    "--memory-mb",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Memory of the instance. Default: the platform's (the smallest instance).",
 )
 @click.option(
     "--report",
@@ -103,7 +110,9 @@ Examples:
     help="Write the JSON report here (no token, FQDN or uuid: safe to share).",
 )
 @click.option("--debug", is_flag=True, help="Show the traceback of an error.")
-def doctor(metro: str | None, image: str | None, report: Path | None, debug: bool) -> None:
+def doctor(
+    metro: str | None, image: str | None, memory_mb: int | None, report: Path | None, debug: bool
+) -> None:
     """Create one tiny instance the way a session's is made (service group, tags,
     scale-to-zero), read what ukc relies on (states, FQDN, waits, tag filter, pages), reach it
     through the TLS edge and over ssh, look for python3, rsync and tar, let it scale to zero
@@ -111,9 +120,19 @@ def doctor(metro: str | None, image: str | None, report: Path | None, debug: boo
     PASS, FAIL or SKIP with its figures; exit 1 on a FAIL (docs/PLATFORM.md, "Verified or
     assumed")."""
     chosen = metro or os.environ.get("UKC_METRO") or "local"
-    picked = image or os.environ.get(_IMAGE_VAR) or _DEFAULT_IMAGE
+    from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
+
+    picked = image or os.environ.get(_IMAGE_VAR) or ""
+    if not picked and chosen != "local":
+        click.echo(
+            f"error: name the image to probe on metro {chosen}: --image or ${_IMAGE_VAR}",
+            err=True,
+        )
+        sys.exit(2)
     try:
-        document = run_doctor(chosen, picked, os.environ, report=report)
+        document = run_doctor(
+            chosen, picked or DEFAULT_LOCAL_IMAGE, os.environ, report=report, memory_mb=memory_mb
+        )
     except errors.UkcError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)

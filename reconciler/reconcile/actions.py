@@ -50,9 +50,13 @@ class DeleteInstance:
     final_phase: str = "Deleted"
     #: the uuid ownership was proven for: the delete names exactly this instance
     instance_uuid: str = ""
+    #: (uuid, name) of the session's volumes proven ours, deleted after the instance (one
+    #: created with it normally goes with it; this also takes what the platform kept)
+    volumes: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> str:
-        return f"delete instance {self.instance_name} on metro {self.metro} ({self.reason})"
+        also = f" and {len(self.volumes)} volume(s) of the session" if self.volumes else ""
+        return f"delete instance {self.instance_name}{also} on metro {self.metro} ({self.reason})"
 
 
 @dataclass(frozen=True)

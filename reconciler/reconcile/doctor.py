@@ -91,6 +91,8 @@ class _Run:
     running_at: float | None = None
     shell: Transport | None = None
     deleted_at: float | None = None
+    #: the delete check saw the instance gone (else the cleanup deletes it again)
+    gone: bool = False
     extra_uuids: list[str] = field(default_factory=list)
 
 
@@ -103,6 +105,7 @@ class Probe:
         reach: Reach,
         *,
         image: str,
+        memory_mb: int | None = None,
         budgets: Budgets | None = None,
         on_result: Callable[[Result], None] = lambda r: None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -111,6 +114,7 @@ class Probe:
         self.api = api
         self.reach = reach
         self.image = image
+        self.memory_mb = memory_mb
         self.budgets = budgets or Budgets()
         self.on_result = on_result
         self.clock = monotonic
@@ -232,6 +236,7 @@ class Probe:
                 tags=self.run.tags,
                 services=fields.services,
                 scale_to_zero=SESSION_SCALE_TO_ZERO,
+                memory_mb=self.memory_mb,
             )
             t0 = self.clock()
             inst = self.api.create_instance(request)
@@ -275,6 +280,8 @@ class Probe:
             known = len(in_order) == len(seen) and in_order == sorted(
                 in_order, key=BOOT_ORDER.index
             )
+            if inst is not None and inst.memory_mb is not None:
+                figures["memory_mb"] = inst.memory_mb
             if inst is not None and seen[-1] == "running" and known:
                 self.run.inst = inst
                 self.run.running_at = self.clock()
@@ -604,6 +611,7 @@ class Probe:
             ms = round((self.run.deleted_at - t0) * 1000)
             after = self.api.get_instance(self.run.name)
             if gone and (after is None or after.uuid != self.run.inst.uuid):
+                self.run.gone = True
                 out.append(Result("delete", "PASS", f"deleted in {ms} ms", {"delete_ms": ms}))
             else:
                 out.append(
@@ -679,7 +687,7 @@ class Probe:
         self._close_shell()
         inst = self.run.inst
         uuids = list(self.run.extra_uuids)
-        if inst is not None and self.run.deleted_at is None:
+        if inst is not None and not self.run.gone:
             uuids.insert(0, inst.uuid)
         for uuid in uuids:
             with contextlib.suppress(errors.UkcError):

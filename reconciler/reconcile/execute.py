@@ -57,6 +57,11 @@ from reconciler.transport.pool import TransportPool
 
 __all__ = ["Executor", "SessionOutcome"]
 
+#: how long a delete waits for the session's volume to come free of the instance being deleted
+VOLUME_DETACH_WAIT_S = 30.0
+#: the platform's item code for a volume still attached ("cannot be used")
+CODE_CANNOT_BE_USED = 24
+
 #: the original workflow's scale-to-zero: idle sessions cost nothing, memory kept (stateful)
 SESSION_SCALE_TO_ZERO = {"policy": "on", "stateful": True, "cooldown_time_ms": 5000}
 
@@ -501,8 +506,25 @@ class Executor:
         conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
         with self.doc_lock:
             self.deleted.add(action.instance_uuid)
+        for uuid, name in action.volumes:
+            self._delete_volume(conn, uuid, name)
         run.inst = None
         self.forget_local(action)
+
+    def _delete_volume(self, conn: MetroConnection, uuid: str, name: str) -> None:
+        """Delete a volume the planner proved ours; one still attached to the instance whose
+        (asynchronous) delete is ending is tried again for a while."""
+        deadline = time.monotonic() + VOLUME_DETACH_WAIT_S
+        while True:
+            try:
+                conn.api.delete_volume(name, uuid=uuid)
+                return
+            except errors.NotFoundError:
+                return
+            except errors.ApiError as err:
+                if err.code != CODE_CANNOT_BE_USED or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
 
     def forget_local(self, action: actions.DeleteInstance) -> None:
         """The local half of a delete: journal it, and with `forget` drop the session's

@@ -35,7 +35,7 @@ from reconciler.reconcile.desired import (
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
-from reconciler.reconcile.observe import Observation, observe
+from reconciler.reconcile.observe import Observation, observe, observe_volumes
 from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
@@ -539,7 +539,8 @@ def delete_group(
         owner, salt = _identity(group, environ)
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
-        the_plan = plan_delete(triples, obs.instances, doc, obs.owner)
+        vols = observe_volumes(metros, obs.project, (d.metro for d in obs.desired))
+        the_plan = plan_delete(triples, obs.instances, doc, obs.owner, vols)
         executor = Executor(
             group=group,
             doc=doc,

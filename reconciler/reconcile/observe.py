@@ -9,12 +9,12 @@ Everything the pure planner needs comes out of here as plain values.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
-from reconciler.cloud.model import Instance
+from reconciler.cloud.model import Instance, Volume
 from reconciler.reconcile import identity
 from reconciler.reconcile.desired import (
     DesiredSession,
@@ -25,7 +25,7 @@ from reconciler.reconcile.desired import (
 )
 from reconciler.status.schema import StatusDoc
 
-__all__ = ["Observation", "observe"]
+__all__ = ["Observation", "observe", "observe_volumes"]
 
 
 @dataclass
@@ -119,3 +119,17 @@ def observe(
         claimed=claimed,
         halted=halted,
     )
+
+
+def observe_volumes(
+    metros: MetroRegistry, project: str, labels: Iterable[str]
+) -> dict[str, list[Volume]]:
+    """The volumes carrying the project's tags on each metro in `labels`, by the session
+    their tags claim (claims, not proofs)."""
+    found: dict[str, list[Volume]] = {}
+    for metro in sorted(set(labels)):
+        for vol in metros.get(metro).api.list_volumes([f"ukc.project={project}"]):
+            session = identity.session_from_tags(vol.tags, project)
+            if session is not None:
+                found.setdefault(session, []).append(vol)
+    return found

@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
-from reconciler.cloud.model import Instance
+from reconciler.cloud.model import Instance, Volume
 from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import CommandIntent, DesiredSession
 from reconciler.spec.durations import format_duration
@@ -265,7 +265,9 @@ def _plan_session(
             reason = failed
         elif last.instance_uuid != uuid:
             reason = "never ran on this instance"
-        elif (cold := _cold_boot(last, inst)) is not None:
+        elif desired.volume_mb is None and (cold := _cold_boot(last, inst)) is not None:
+            # why only without a volume: a volume at /workspace keeps the outputs across
+            # a cold boot (the instance was made with it: the volume is in its hash)
             reason = cold
         elif blind and last.last_success_public_hash != public_hash:
             reason = _changed(last, cmd) if last.last_success_public_hash else "may have changed"
@@ -531,9 +533,11 @@ def plan_delete(
     observed: Mapping[str, Instance],
     status: StatusDoc,
     owner: identity.Owner,
+    volumes: Mapping[str, Sequence[Volume]] | None = None,
 ) -> actions.Plan:
     """Delete the sessions given as (session, instance name, metro) triples that still exist
-    and are provably ours; the others are refused."""
+    and are provably ours; the others are refused. `volumes`: the volumes claiming each
+    session; those provably ours go with its instance, the others are left alone."""
     sessions = []
     for session, inst_name, metro in names:
         inst = observed.get(inst_name)
@@ -546,8 +550,22 @@ def plan_delete(
             refusal = _refusal(session, inst, proof)
             sessions.append(actions.SessionPlan(session, (), (refusal.reason,), refusal))
             continue
-        delete = actions.DeleteInstance(
-            session, inst_name, inst.metro or metro, "ukc delete", instance_uuid=inst.uuid
+        claimed = (volumes or {}).get(session, ())
+        mine = tuple(
+            (v.uuid, v.name) for v in claimed if identity.volume_is_ours(v, owner, session)
         )
-        sessions.append(actions.SessionPlan(session, (delete,)))
+        notes = tuple(
+            f"volume {v.name} claims session {session} but is not provably ours: left alone"
+            for v in claimed
+            if (v.uuid, v.name) not in mine
+        )
+        delete = actions.DeleteInstance(
+            session,
+            inst_name,
+            inst.metro or metro,
+            "ukc delete",
+            instance_uuid=inst.uuid,
+            volumes=mine,
+        )
+        sessions.append(actions.SessionPlan(session, (delete,), notes))
     return actions.Plan(tuple(sessions))

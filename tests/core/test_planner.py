@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from reconciler.cloud.model import Instance
+import pytest
+
+from reconciler.cloud.model import Instance, Volume
 from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import CommandIntent, DesiredSession, TreeState
-from reconciler.reconcile.plan import plan_sessions
+from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.status.schema import (
     InstanceRecord,
     SessionStatus,
@@ -163,6 +165,18 @@ class TestChanges:
         runs = [a for a in p.actions if isinstance(a, actions.RunCommand)]
         assert runs[0].reason == "instance is stopped: its boot starts with an empty /workspace"
 
+    def test_a_cold_boot_of_a_session_whose_workspace_is_a_volume_keeps_its_commands(
+        self,
+    ) -> None:
+        d = desired(volume_mb=2048)
+        inst = instance(d)
+        rec = converged_record(d, inst)
+        for state, count in (("running", 2), ("stopped", 1)):
+            p = plan_one(d, replace(inst, state=state, start_count=count), rec)
+            assert not [a for a in p.actions if isinstance(a, actions.RunCommand)], state
+            # the files are still checked against the tree after the boot
+            assert "SyncUp" in kinds(p)
+
     def test_a_record_from_before_boots_were_recorded_keeps_its_commands(self) -> None:
         d = desired()
         inst = instance(d)
@@ -302,3 +316,51 @@ class TestWorkspaceInMemory:
         assert identity.instance_hash("img:1", None) == identity.instance_hash("img:1", None, None)
         assert identity.instance_hash("img:1", 512) == "f732379b82e4"  # as before volumes
         assert identity.instance_hash("img:1", None, 2048) != identity.instance_hash("img:1", None)
+
+
+class TestDeleteWithVolumes:
+    def _world(self) -> tuple[DesiredSession, Instance, StatusDoc]:
+        d = desired()
+        inst = instance(d)
+        return d, inst, StatusDoc(sessions={d.name: converged_record(d, inst)})
+
+    def test_the_sessions_volumes_proven_ours_go_with_its_instance(self) -> None:
+        d, inst, doc = self._world()
+        ours = Volume("v-1", "ws-1", tags=d.tags, metro="local")
+        p = plan_delete(
+            [(d.name, d.instance_name, "local")], {inst.name: inst}, doc, OWNER, {d.name: [ours]}
+        )
+        [delete] = p.sessions[0].actions
+        assert isinstance(delete, actions.DeleteInstance)
+        assert delete.volumes == (("v-1", "ws-1"),)
+        assert "and 1 volume(s)" in delete.describe()
+
+    @pytest.mark.parametrize(
+        "tags",
+        [
+            # another checkout's (or an attacker's) volume claiming the session
+            ("ukc", f"ukc.project={PROJECT}", "ukc.session=hello", "ukc.owner=" + "f" * 32),
+            # ours and someone else's owner tag: not provably ours
+            (
+                "ukc",
+                f"ukc.project={PROJECT}",
+                "ukc.session=hello",
+                f"ukc.owner={OWNER_ID}",
+                "ukc.owner=" + "f" * 32,
+            ),
+            # no owner tag at all
+            ("ukc", f"ukc.project={PROJECT}", "ukc.session=hello"),
+            # our owner tag on another session's volume
+            ("ukc", f"ukc.project={PROJECT}", "ukc.session=other", f"ukc.owner={OWNER_ID}"),
+        ],
+    )
+    def test_a_volume_not_provably_the_sessions_is_left_alone(self, tags: tuple[str, ...]) -> None:
+        d, inst, doc = self._world()
+        theirs = Volume("v-2", "not-mine", tags=tags, metro="local")
+        p = plan_delete(
+            [(d.name, d.instance_name, "local")], {inst.name: inst}, doc, OWNER, {d.name: [theirs]}
+        )
+        [delete] = p.sessions[0].actions
+        assert isinstance(delete, actions.DeleteInstance)
+        assert delete.volumes == ()
+        assert any("not-mine" in n and "left alone" in n for n in p.sessions[0].noops)

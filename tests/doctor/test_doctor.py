@@ -166,6 +166,21 @@ def test_the_command_exits_1_on_a_failed_check_and_its_report_says_which(
     assert [c["name"] for c in document["checks"] if c["result"] == "FAIL"] == ["tools"]
 
 
+def test_on_a_remote_metro_the_image_must_be_named_before_anything_is_created() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "UKC_SANDBOX_IMAGE"}
+    env |= {"UKC_WARM": "0", "UKC_TOKEN": "t" * 30}
+    done = subprocess.run(
+        [sys.executable, "-m", "reconciler", "doctor", "--metro", "fra"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--image or $UKC_SANDBOX_IMAGE" in done.stderr and "t" * 30 not in done.stderr
+
+
 def test_a_refused_token_fails_auth_and_probes_nothing_else(
     metro: MetroInfo, conn: MetroConnection
 ) -> None:
@@ -395,4 +410,40 @@ def test_a_wake_that_is_a_cold_boot_fails_the_wake_check(
     assert wake.figures["idle_state"] == "standby"
     assert wake.outcome == "FAIL", wake
     assert "host key changed" in wake.summary
+    assert_clean(metro)
+
+
+def test_a_create_the_metro_refuses_fails_create_and_probes_nothing_more(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    # more memory than the metro's quota allows (item code 19)
+    results = Probe(conn.api, conn.reach, image=IMAGE, memory_mb=10**7, budgets=FAST).execute()
+    found = {r.name: r for r in results}
+    assert found["auth"].outcome == "PASS"
+    assert found["create"].outcome == "FAIL", found["create"]
+    assert "quota" in (found["create"].error or "")
+    assert {found[n].outcome for n in CHECKS[CHECKS.index("states") :]} == {"SKIP"}
+    assert_clean(metro)
+
+
+class DeafDelete(Wrapped):
+    """A platform whose first DELETE answers success and deletes nothing."""
+
+    ignored = 0
+
+    def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
+        if not self.ignored:
+            self.ignored += 1
+            return True
+        return self.inner.delete_instance(name, uuid=uuid)
+
+
+def test_a_delete_that_leaves_the_instance_live_fails_delete_and_the_cleanup_still_deletes_it(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    found = probe(DeafDelete(conn.api), conn.reach)
+    assert found["delete"].outcome == "FAIL", found["delete"]
+    assert "still reads as live" in found["delete"].summary
+    assert found["name_free"].outcome == "SKIP"
     assert_clean(metro)

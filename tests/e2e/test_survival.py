@@ -189,12 +189,17 @@ def test_a_session_with_a_volume_keeps_its_workspace_across_a_cold_boot_and_dele
     on_host = tough.metro.state_dir / "volumes" / vol["uuid"]
     assert (on_host / "out" / "runs.txt").read_text() == "run\n"
     cold_boot(tough, first["uuid"])
+    # the stop dropped nothing: the files are on the volume, not in the instance's memory
+    assert (on_host / "out" / "runs.txt").read_text() == "run\n"
     tough.run("apply", "session.yaml", check=0)
-    after = session(tough)["instance"]
-    assert after["uuid"] == first["uuid"]
-    assert after["start_count"] == first["start_count"] + 1
-    # the cold boot kept the volume's files: the command's second run appended to them
-    assert (tough.project / "work" / "out" / "runs.txt").read_text() == "run\nrun\n"
+    after = session(tough)
+    assert after["instance"]["uuid"] == first["uuid"]
+    assert after["instance"]["start_count"] == first["start_count"] + 1
+    # its outputs survived the cold boot, so the command is not run again
+    [count] = after["commands"]
+    assert count["start_count"] == first["start_count"]
+    assert (on_host / "out" / "runs.txt").read_text() == "run\n"
+    assert (on_host / "input.txt").read_text() == "data\n"
     tough.run("delete", "session.yaml", check=0)
     deadline = time.monotonic() + 30
     while any(v["uuid"] == vol["uuid"] for v in volumes(tough)):
@@ -209,5 +214,31 @@ def test_a_session_without_a_volume_loses_its_workspace_in_a_cold_boot(tough: Uk
     first = session(tough)["instance"]
     assert instance(tough, first["uuid"])["volumes"] == []  # type: ignore[index]
     cold_boot(tough, first["uuid"])
+    assert not (tough.workspace(first["uuid"]) / "out" / "runs.txt").exists()
     tough.run("apply", "session.yaml", check=0)
+    after = session(tough)
+    [count] = after["commands"]
+    # the outputs went with the memory: the command ran again, on the new boot
+    assert count["start_count"] == after["instance"]["start_count"] == first["start_count"] + 1
     assert (tough.project / "work" / "out" / "runs.txt").read_text() == "run\n"
+
+
+def test_delete_also_removes_a_kept_volume_of_the_session_and_never_anothers(
+    tough: Ukc,
+) -> None:
+    tough.run("apply", "session.yaml", check=0)
+    found = instance(tough, session(tough)["instance"]["uuid"])
+    assert found is not None
+    ours = [t for t in found["tags"] if t.startswith(("ukc", "ukc."))]
+    foreign = [t for t in ours if not t.startswith("ukc.owner=")] + ["ukc.owner=" + "f" * 32]
+    with tough.api() as client:
+        # as a platform that kept the volume (persistent) or a create half done would leave it
+        for name, tags in (("kept-ws", ours), ("planted-ws", foreign)):
+            r = client.post("/v1/volumes", json={"name": name, "size_mb": 8, "tags": tags})
+            assert r.json()["status"] == "success", r.text
+    tough.run("delete", "session.yaml", check=0)
+    left = {v["name"] for v in volumes(tough)}
+    assert "kept-ws" not in left
+    assert "planted-ws" in left
+    with tough.api() as client:
+        client.request("DELETE", "/v1/volumes", json=[{"name": "planted-ws"}])

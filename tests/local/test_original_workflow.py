@@ -60,7 +60,8 @@ def test_the_original_scripts_work_unchanged_against_the_local_metro(
     # workflow's "connection refused: retry after a few seconds" says).
     src = tmp_path / "session"
     (src / "pkg").mkdir(parents=True)
-    (src / "pkg" / "main.py").write_text("print('hi from the sandbox')\n")
+    # why a shell script: the minimal image, like a standard Debian one, has no python3
+    (src / "pkg" / "main.sh").write_text("echo 'hi from the sandbox'\n")
     (src / "data.txt").write_text("1 2 3\n")
     argv = rsync_argv(key, p2222, fqdn, ca, f"{src}/", f"root@{fqdn}:/workspace/")
     for _ in range(20):
@@ -82,7 +83,7 @@ def test_the_original_scripts_work_unchanged_against_the_local_metro(
         body, _, code = out.rpartition("\n")
         return json.loads(body), int(code)
 
-    body, code = exec_("cd /workspace && ls && python3 pkg/main.py > out.txt && cat out.txt")
+    body, code = exec_("cd /workspace && ls && sh pkg/main.sh > out.txt && cat out.txt")
     assert code == 200 and body["code"] == 0
     assert body["stdout"] == "pkg\nhi from the sandbox\n"
     body, code = exec_("echo oops >&2; exit 7")

@@ -98,7 +98,7 @@ def test_a_push_a_delta_push_and_a_pull_work_under_each_supported_python(
     assert os.readlink(site.remote / "link") == "src/a.txt"
     # the remote record is lost: the next push scans, and sends the big file as changed blocks
     site.reboot("boot-2")
-    changed = big[:100] + b"X" + big[101:]
+    changed = big[:100] + bytes([big[100] ^ 0xFF]) + big[101:]  # a byte that surely differs
     write(site.local / "big.bin", changed)
     second = push(site.shell, opts, instance_uuid="u1")
     assert second.remote_scanned
