@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from reconciler.errors import ApiError
 from reconciler.local.api.keys import STARTED
+from reconciler.local.state.records import ItemError
 
 __all__ = [
     "bool_query",
@@ -101,6 +103,32 @@ async def json_body(request: web.Request) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise ApiError(f"request body is not valid JSON: {exc}", status=400) from None
+
+
+async def named_refs(request: web.Request) -> list[object]:
+    """What a list request names: `?uuid=` and `?name=` queries, then a JSON list body."""
+    refs: list[object] = [{"uuid": u} for u in request.query.getall("uuid", [])]
+    refs.extend({"name": n} for n in request.query.getall("name", []))
+    body = await json_body(request)
+    if isinstance(body, list):
+        refs.extend(body)
+    return refs
+
+
+def answer_refs(
+    refs: list[object], read: Callable[[object], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One item per reference: what `read` makes of it, or its error item. A malformed
+    reference (400) fails the whole request, as on UKC."""
+    items: list[dict[str, Any]] = []
+    for ref in refs:
+        try:
+            items.append(read(ref))
+        except ItemError as exc:
+            if exc.status == 400:
+                raise
+            items.append(error_item(ref, exc))
+    return items
 
 
 async def list_body(request: web.Request) -> list[Any]:

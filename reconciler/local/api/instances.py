@@ -19,11 +19,13 @@ from aiohttp import web
 
 from reconciler.errors import ApiError
 from reconciler.local.api.envelope import (
+    answer_refs,
     bool_query,
     envelope_response,
     error_item,
     json_body,
     list_body,
+    named_refs,
     parse_timeout,
 )
 from reconciler.local.api.keys import FAULTS, METRO
@@ -58,20 +60,9 @@ async def _list_instances(request: web.Request) -> web.Response:
     faults = request.app[FAULTS]
     now = time.time()
     details = bool_query(request, "details", True)
-    refs: list[object] = [{"uuid": u} for u in request.query.getall("uuid", [])]
-    refs.extend({"name": n} for n in request.query.getall("name", []))
-    body = await json_body(request)
-    if isinstance(body, list):
-        refs.extend(body)
+    refs = await named_refs(request)
     if refs:
-        items: list[dict[str, Any]] = []
-        for ref in refs:
-            try:
-                items.append(_read_item(metro.index.lookup(ref), details, now))
-            except ItemError as exc:
-                if exc.status == 400:
-                    raise
-                items.append(error_item(ref, exc))
+        items = answer_refs(refs, lambda ref: _read_item(metro.index.lookup(ref), details, now))
         return envelope_response(request, items=items)
     tags_raw = request.query.get("tags", "")
     recs = metro.index.select(tags_raw.split(",") if tags_raw else [])

@@ -11,11 +11,13 @@ from typing import Any
 from aiohttp import web
 
 from reconciler.local.api.envelope import (
+    answer_refs,
     bool_query,
     envelope_response,
     error_item,
     json_body,
     list_body,
+    named_refs,
 )
 from reconciler.local.api.keys import METRO
 from reconciler.local.state.lifecycle import LocalMetro
@@ -35,20 +37,9 @@ def _item(metro: LocalMetro, vol: LocalVolume, details: bool) -> dict[str, Any]:
 async def _list(request: web.Request) -> web.Response:
     metro = request.app[METRO]
     details = bool_query(request, "details", True)
-    refs: list[object] = [{"uuid": u} for u in request.query.getall("uuid", [])]
-    refs.extend({"name": n} for n in request.query.getall("name", []))
-    body = await json_body(request)
-    if isinstance(body, list):
-        refs.extend(body)
+    refs = await named_refs(request)
     if refs:
-        items: list[dict[str, Any]] = []
-        for ref in refs:
-            try:
-                items.append(_item(metro, metro.volumes.lookup(ref), details))
-            except ItemError as exc:
-                if exc.status == 400:
-                    raise
-                items.append(error_item(ref, exc))
+        items = answer_refs(refs, lambda ref: _item(metro, metro.volumes.lookup(ref), details))
         return envelope_response(request, items=items, key=_KEY)
     tags_raw = request.query.get("tags", "")
     vols = metro.volumes.select(tags_raw.split(",") if tags_raw else [])
