@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +81,32 @@ def write(path: Path, data: bytes | str, mode: int | None = None) -> Path:
     if mode is not None:
         path.chmod(mode)
     return path
+
+
+def edit_at_random(
+    root: Path,
+    rng: random.Random,
+    step: int,
+    on_new_dir: Callable[[Path], None] | None = None,
+) -> None:
+    """One to four random edits of the tree under `root`: change, delete, move or remove a
+    directory, or create files in a new deep one (then `on_new_dir(that directory)`)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    dirs = sorted(p for p in root.rglob("*") if p.is_dir())
+    for _ in range(rng.randint(1, 4)):
+        what = rng.random()
+        if what < 0.3 and files:
+            write(rng.choice(files), f"edit {step} {rng.random()}")
+        elif what < 0.45 and files:
+            rng.choice(files).unlink(missing_ok=True)
+        elif what < 0.6 and dirs:
+            d = rng.choice(dirs)
+            if d.exists():
+                d.rename(root / f"moved{step}{rng.randint(0, 999)}")
+        elif what < 0.7 and dirs:
+            shutil.rmtree(rng.choice(dirs), ignore_errors=True)
+        else:
+            d = root / f"new{step}" / "deep"
+            write(d / f"n{rng.randint(0, 9)}", "n")
+            if on_new_dir is not None:
+                on_new_dir(d)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from reconciler.sync.inotify import Inotify
 from reconciler.sync.keeper import TreeKeeper
 from reconciler.sync.manifest import Manifest, scan_local
 from reconciler.sync.records import INDEX, PUSH_RECORD
-from tests.support.synctree import Site, write
+from tests.support.synctree import Site, edit_at_random, write
 
 
 @pytest.fixture
@@ -101,27 +102,14 @@ def test_keeper_narrowed_scans_equal_full_walks(site: Site, keeper: TreeKeeper, 
     for i in range(40):
         write(site.local / f"d{i % 4}" / f"s{i % 3}" / f"f{i}.txt", f"content {i}")
     _command_scan(site)
+
+    def later(d: Path) -> None:
+        if rng.random() < 0.5:
+            keeper.pump()
+            write(d / "later.txt", "written once the keeper watched it")
+
     for step in range(12):
-        files = sorted(p for p in site.local.rglob("*") if p.is_file())
-        dirs = sorted(p for p in site.local.rglob("*") if p.is_dir())
-        for _ in range(rng.randint(1, 4)):
-            what = rng.random()
-            if what < 0.3 and files:
-                write(rng.choice(files), f"edit {step} {rng.random()}")
-            elif what < 0.45 and files:
-                rng.choice(files).unlink(missing_ok=True)
-            elif what < 0.6 and dirs:
-                d = rng.choice(dirs)
-                if d.exists():
-                    d.rename(site.local / f"moved{step}{rng.randint(0, 999)}")
-            elif what < 0.7 and dirs:
-                shutil.rmtree(rng.choice(dirs), ignore_errors=True)
-            else:
-                d = site.local / f"new{step}" / "deep"
-                write(d / f"n{rng.randint(0, 9)}", "n")
-                if rng.random() < 0.5:
-                    keeper.pump()
-                    write(d / "later.txt", "written once the keeper watched it")
+        edit_at_random(site.local, rng, step, later)
         got = _command_scan(site)
         whole = scan_local(site.opts(state_dir=site.base / f"full-{step}"))
         assert dict(got.entries) == dict(whole.entries), f"step {step}"

@@ -11,7 +11,7 @@ import pytest
 from reconciler.sync import feed
 from reconciler.sync.inotify import shared
 from reconciler.sync.manifest import Manifest, scan_local
-from tests.support.synctree import Site, write
+from tests.support.synctree import Site, edit_at_random, write
 
 pytestmark = pytest.mark.skipif(shared() is None, reason="no inotify here")
 
@@ -64,22 +64,7 @@ def test_tracked_scans_equal_full_walks_whatever_changed(site: Site, seed: int) 
     with feed.tracking([(site.state, site.local, ())]):
         scan_local(site.opts())
         for step in range(12):
-            files = sorted(p for p in site.local.rglob("*") if p.is_file())
-            dirs = sorted(p for p in site.local.rglob("*") if p.is_dir())
-            for _ in range(rng.randint(1, 4)):
-                what = rng.random()
-                if what < 0.3 and files:
-                    write(rng.choice(files), f"edit {step} {rng.random()}")
-                elif what < 0.45 and files:
-                    rng.choice(files).unlink(missing_ok=True)
-                elif what < 0.6 and dirs:
-                    d = rng.choice(dirs)
-                    if d.exists():
-                        d.rename(site.local / f"moved{step}{rng.randint(0, 999)}")
-                elif what < 0.7 and dirs:
-                    shutil.rmtree(rng.choice(dirs), ignore_errors=True)
-                else:
-                    write(site.local / f"new{step}" / "deep" / f"n{rng.randint(0, 9)}", "n")
+            edit_at_random(site.local, rng, step)
             got = scan_local(site.opts())
             whole = scan_local(site.opts(state_dir=site.base / f"full-{step}"))
             assert dict(got.entries) == dict(whole.entries), f"step {step}"
