@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Never
 
 from reconciler._util.atomic import writer_alive
+from reconciler._util.text import one_line
 from reconciler.errors import HostileEntryError, SyncHaltedError
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
 from reconciler.sync.ignore import is_under
@@ -162,8 +163,7 @@ def check_path(path: object, back: Collection[str]) -> str | None:
 
 def _safe_label(path: object) -> str:
     """A printable, bounded form of an untrusted path for reports."""
-    text = path[:300] if isinstance(path, str) else repr(path)[:300]
-    return "".join(c if c.isprintable() else "?" for c in text)
+    return one_line(path if isinstance(path, str) else repr(path), 300)
 
 
 def _why(exc: OSError) -> str:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from reconciler._util.text import one_line
 from reconciler.errors import MissingToolError, RemoteError, SyncStalledError
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.watchdog import Watchdog
@@ -294,7 +295,7 @@ class HelperSession:
         lines = raw.decode("utf-8", "replace").strip().splitlines()
         last = lines[-1] if lines else ""
         # untrusted text: printable only, bounded
-        return "".join(c if c.isprintable() else "?" for c in last)[:200]
+        return one_line(last, 200)
 
     def send(self, obj: Any) -> None:
         self._out += encode_frame(obj)

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from reconciler._util.text import one_line
 from reconciler.cloud.model import CloudApi, Plugin, PluginReply
 from reconciler.errors import (
     AuthError,
@@ -85,7 +86,7 @@ def _text(raw: object) -> str:
     """Sandbox-sent text for a message: printable, one line, bounded."""
     if not isinstance(raw, str):
         return ""
-    return "".join(c if c.isprintable() else "?" for c in raw)[:_MAX_MESSAGE]
+    return one_line(raw, _MAX_MESSAGE)
 
 
 def _envelope(reply: PluginReply) -> Mapping[str, object]:
