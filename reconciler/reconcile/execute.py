@@ -456,9 +456,12 @@ class Executor:
                     )
             if remaining <= 0:
                 return None
-            # the platform's own wait holds the request until the state is reached
+            # the platform's own wait holds the request until the state is reached; its
+            # answer is a full read of the instance, so a running one is not read again
             with contextlib.suppress(errors.SandboxNotReadyError):
-                conn.api.wait_instance(name, "running", min(remaining, 2.0))
+                waited = conn.api.wait_instance(name, "running", min(remaining, 2.0))
+                if waited.state in ("running", "standby"):
+                    return waited
             return None
 
         policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)
