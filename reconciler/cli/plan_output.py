@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler._util.text import escape_controls
 from reconciler.reconcile import actions
 from reconciler.spec.sizes import human_size
 
@@ -348,8 +349,6 @@ def build_document(groups: Sequence[PlannedGroup], api_requests: int) -> PlanDoc
 
 # --- markdown -------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u0085\u2028\u2029]")
-
 
 def _code(text: str, *, cell: bool = False) -> str:
     """`text` as one inline code span: markdown, HTML, mentions and links inside are inert.
@@ -359,7 +358,7 @@ def _code(text: str, *, cell: bool = False) -> str:
     become visible escapes (a line break would end a list item or a table row). In a table
     `cell`, `|` is escaped: GitHub splits cells on it even inside code.
     """
-    flat = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    flat = escape_controls(text, keep="\n\t")
     flat = flat.replace("\n", "\\n").replace("\t", " ")
     if cell:
         flat = flat.replace("|", "\\|")
@@ -380,7 +379,7 @@ def _text(text: str) -> str:
     inert markdown: every character that can start markup backslash-escaped (any ASCII
     punctuation may be), line breaks and control characters made visible, and a word joiner
     after `@`, so nothing in it becomes markup, HTML, a link or a mention."""
-    flat = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    flat = escape_controls(text, keep="\n\t")
     flat = flat.replace("\n", " ").replace("\t", " ")
     return _MARKUP.sub(r"\\\1", flat).replace("@", "@\u2060")
 
@@ -389,7 +388,7 @@ def _fence(text: str, info: str = "") -> list[str]:
     """`text` as a fenced code block whose fence no line inside can close."""
     longest = max((len(run) for run in re.findall(r"`{3,}|~{3,}", text)), default=0)
     fence = "`" * max(3, longest + 1)
-    body = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    body = escape_controls(text, keep="\n\t")
     return [f"{fence}{info}", *body.splitlines(), fence]
 
 

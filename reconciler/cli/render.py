@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, Field
 
+from reconciler._util.text import escape_controls
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
@@ -453,13 +453,10 @@ def status_schema() -> dict[str, Any]:
     }
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
-
-
 def printable(text: str) -> str:
     """Sandbox text made safe for a terminal: control characters but newline and tab (escape
     sequences that could retitle, recolour or rewrite the user's screen) shown escaped."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r\n", "\n"))
+    return escape_controls(text.replace("\r\n", "\n"), keep="\n\t")
 
 
 def _ago(value: str | None, now: float) -> str:
