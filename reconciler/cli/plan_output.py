@@ -28,8 +28,10 @@ from reconciler.spec.sizes import human_size
 __all__ = [
     "PLAN_SCHEMA_VERSION",
     "GroupPlan",
+    "OutputModel",
     "PlanDocument",
     "build_document",
+    "group_plan",
     "plan_schema",
     "render_error_markdown",
     "render_markdown",
@@ -38,11 +40,13 @@ __all__ = [
 PLAN_SCHEMA_VERSION: Literal[1] = 1
 
 
-class _Out(BaseModel):
+class OutputModel(BaseModel):
+    """A document ukc prints: strict, immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CreateAction(_Out):
+class CreateAction(OutputModel):
     type: Literal["create_instance"] = "create_instance"
     instance: str
     metro: str
@@ -50,7 +54,7 @@ class CreateAction(_Out):
     description: str
 
 
-class DeleteAction(_Out):
+class DeleteAction(OutputModel):
     type: Literal["delete_instance"] = "delete_instance"
     instance: str
     metro: str
@@ -60,14 +64,14 @@ class DeleteAction(_Out):
     description: str
 
 
-class StartAction(_Out):
+class StartAction(OutputModel):
     type: Literal["start_instance"] = "start_instance"
     instance: str
     reason: str
     description: str
 
 
-class SendFilesAction(_Out):
+class SendFilesAction(OutputModel):
     type: Literal["send_files"] = "send_files"
     files: int
     bytes: int
@@ -82,7 +86,7 @@ class SendFilesAction(_Out):
     description: str
 
 
-class RunCommandAction(_Out):
+class RunCommandAction(OutputModel):
     type: Literal["run_command"] = "run_command"
     command: str
     run: str
@@ -91,7 +95,7 @@ class RunCommandAction(_Out):
     description: str
 
 
-class BringBackAction(_Out):
+class BringBackAction(OutputModel):
     type: Literal["bring_back"] = "bring_back"
     paths: list[str]
     #: what the last sync-back brought (the exact list is known once the sandbox answers)
@@ -115,7 +119,7 @@ Action = Annotated[
 Verdict = Literal["create", "replace", "update", "delete", "up_to_date", "error", "refused"]
 
 
-class SessionEntry(_Out):
+class SessionEntry(OutputModel):
     name: str
     #: create: no instance yet; replace: the instance is deleted and made anew; update:
     #: files, commands or a start on the same instance; delete: it goes (ttl); error: apply
@@ -130,25 +134,25 @@ class SessionEntry(_Out):
     expired: str | None = None
 
 
-class PruneEntry(_Out):
+class PruneEntry(OutputModel):
     session: str
     instance: str
     metro: str
     reason: str
 
 
-class RefusedPrune(_Out):
+class RefusedPrune(OutputModel):
     session: str
     instance: str
     reason: str
 
 
-class Orphan(_Out):
+class Orphan(OutputModel):
     session: str
     instance: str
 
 
-class GroupPlan(_Out):
+class GroupPlan(OutputModel):
     """The sessions of one status file (one spec directory)."""
 
     directory: str
@@ -163,7 +167,7 @@ class GroupPlan(_Out):
     warnings: list[str]
 
 
-class Summary(_Out):
+class Summary(OutputModel):
     sessions: int
     create: int
     replace: int
@@ -179,7 +183,7 @@ class Summary(_Out):
     orphans: int
 
 
-class PlanDocument(_Out):
+class PlanDocument(OutputModel):
     """What `ukc plan --output json` prints."""
 
     schema_version: Literal[1] = PLAN_SCHEMA_VERSION
@@ -282,7 +286,8 @@ def _shown(path: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
-def _group(item: PlannedGroup) -> GroupPlan:
+def group_plan(item: PlannedGroup) -> GroupPlan:
+    """One group's plan as the versioned document shows it (also inside apply's)."""
     plan = item.plan
     sessions = []
     for splan in plan.sessions:
@@ -316,7 +321,7 @@ def _group(item: PlannedGroup) -> GroupPlan:
 
 
 def build_document(groups: Sequence[PlannedGroup], api_requests: int) -> PlanDocument:
-    out = [_group(g) for g in groups]
+    out = [group_plan(g) for g in groups]
     sessions = [s for g in out for s in g.sessions]
     acts = [a for s in sessions for a in s.actions]
 

@@ -36,7 +36,6 @@ __all__ = [
     "PlainReporter",
     "StatusDocument",
     "StatusRow",
-    "plan_json",
     "printable",
     "render_plan",
     "render_source",
@@ -206,31 +205,6 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     if refused:
         lines.append(f"Refused: {refused} session(s) hold an instance ukc cannot prove it owns.")
     return lines
-
-
-def plan_json(plan: actions.Plan) -> dict[str, Any]:
-    def act(a: actions.Action) -> dict[str, Any]:
-        d = {k: v for k, v in a.__dict__.items()}
-        d["action"] = type(a).__name__
-        d["description"] = a.describe()
-        return d
-
-    return {
-        "empty": plan.empty,
-        "sessions": {
-            s.session: {
-                "actions": [act(a) for a in s.changes],
-                "noops": list(s.noops),
-                **({"expired": s.expired} if s.expired else {}),
-            }
-            for s in plan.sessions
-        },
-        "prunes": [act(p) for p in plan.prunes],
-        "refused": {r.session: r.reason for r in plan.refusals},
-        "errors": {k: v for k, v in plan.errors.items()},
-        "orphans": {session: instance for session, instance in plan.orphans},
-        "warnings": list(plan.warnings),
-    }
 
 
 @dataclass(frozen=True)

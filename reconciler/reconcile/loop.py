@@ -89,7 +89,15 @@ def plan_group(
     """What apply would do right now (reads only; takes no lock)."""
     doc = journal.load(group.status_path)
     owner, salt = _identity(group, environ)
-    obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+    # the warm process's keeper says what changed since the last scan (no walk of the tree)
+    with sync_feed.tracking(
+        (
+            (o.state_dir, o.local_root, o.back_paths())
+            for o in (sync_options_for(group, s) for s in group.sessions)
+        ),
+        watch=False,
+    ):
+        obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
 
     the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     wanted = rebuild.worth_reading(the_plan, obs, doc, set())

@@ -17,6 +17,7 @@ from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.sync.manifest import Manifest, last_push_record, push_meta, scan_local
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
+from reconciler.sync.pullrecord import pull_meta
 from reconciler.sync.push import PushResult
 from reconciler.transport.base import RemoteShell
 
@@ -97,14 +98,18 @@ class PullPlan:
 
 
 def plan_pull(opts: SyncOptions) -> PullPlan:
-    """The declared sync-back paths and the size of what the last pull brought back."""
-    record = pull_record(opts)
+    """The declared sync-back paths and the size of what the last pull brought back (from
+    the record's metadata line when it has one: its entries are not read)."""
+    meta = pull_meta(opts.state_dir)
+    if meta is not None:
+        files, size = meta["files"], meta["bytes"]
+    else:
+        entries = pull_record(opts).entries
+        files, size = len(entries), sum(e.size for e in entries.values())
     return PullPlan(
         back=opts.back_paths(),
-        known_files=len(record),
-        known_bytes=sum(
-            v[0] for v in record.values() if isinstance(v, list) and v and type(v[0]) is int
-        ),
+        known_files=files,
+        known_bytes=size,
         mirrors_deletes=opts.back_delete and bool(opts.back_paths()),
     )
 
