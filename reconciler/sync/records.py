@@ -16,10 +16,12 @@ from typing import Any
 
 from reconciler._util.atomic import write_atomic
 
-__all__ = ["INDEX", "PUSH_RECORD", "drop_legacy", "read_record", "write_record"]
+__all__ = ["INDEX", "PUSH_RECORD", "TOOLS", "drop_legacy", "read_record", "write_record"]
 
 PUSH_RECORD = "push.jnl"
 INDEX = "index.jnl"
+#: which sync path the session's instance takes (`capability`)
+TOOLS = "tools.json"
 #: the whole-manifest records the journals replaced
 _LEGACY = ("push.json", "hashcache.json")
 
