@@ -950,8 +950,8 @@ Examples:
 It connects as apply does: through the metro's TLS edge with the session's key
 (.ukc/keys/NAME), and only to the instance the status file records, presenting the host key
 recorded there (a changed key is refused: `ukc apply` replaces a lost instance). The shell
-gets the login environment, not the session's env (ukc exec has it). Exit code: the remote
-shell's or command's.""",
+gets the login environment, not the session's env (ukc exec has it). Ctrl-C of a COMMAND
+without -t stops it (TERM, 5 s, KILL; exit 130). Exit code: the remote shell's or command's.""",
 )
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -966,8 +966,11 @@ def ssh(
     edge, with the session's key and pinned host key. With no COMMAND and a terminal, an
     interactive login shell in /workspace (keys, Ctrl-C and window size go to the sandbox);
     `exit` or Ctrl-D ends it."""
+    from secrets import token_hex
+
     from reconciler.cli.terminal import StdioTerminal
     from reconciler.reconcile import access
+    from reconciler.transport.commands import STOP_GRACE_S, kill_group
 
     group = _session_group(files, name)
     metros = _metros()
@@ -977,12 +980,27 @@ def ssh(
         try:
             terminal = StdioTerminal()
             size = terminal.size() if (tty or not command) else None
-            line = access.LOGIN_SHELL
-            if command:
+            if not command:
+                line = access.LOGIN_SHELL
+            elif size is not None:  # on a terminal, Ctrl-C goes to the sandbox as a key
                 line = "cd /workspace 2>/dev/null; " + access.command_line(command)
+            else:
+                line, target = access.stoppable(access.command_line(command), token_hex(8))
             process = transport.start_terminal(line, term=terminal.term(), size=size)
-            with terminal.raw() if size is not None else contextlib.nullcontext():
+            if size is not None:
+                with terminal.raw():
+                    code = access.interact(process, terminal)
+            elif not command:
                 code = access.interact(process, terminal)
+            else:
+                stop = threading.Event()
+                with _ctrl_c_stops(stop, f"the command in session {name}"):
+                    code = access.interact(
+                        process,
+                        terminal,
+                        stop=stop.is_set,
+                        on_stop=lambda: kill_group(transport, target, STOP_GRACE_S),
+                    )
         finally:
             transport.close()
     finally:
