@@ -11,8 +11,10 @@ drive a `Helper` in-process.
 
 Protocol (one process per push or pull, many operations): the client sends frames
 `u32be length + JSON`; `put` is followed by exactly `size` raw bytes and one trailer byte
-(1 = commit, 0 = discard); `patch` (a big file already there) is followed by only its
-changed fixed-size blocks and the trailer, and is checked against the file's sha256.
+(1 = commit, 0 = discard); `puts` names many small files (`files`: [path, size, mode,
+mtime_ns] each), whose bytes and trailers follow one after the other, as for a `put` each;
+`patch` (a big file already there) is followed by only its changed fixed-size blocks and the
+trailer, and is checked against the file's sha256.
 The helper answers only operations that need an answer (hello, scan, blocks, sync, remove,
 finish, pull) with frames of the same shape, each small (the client caps them at 1 MiB):
 `scan` answers with `{"scan": [[path, type, size, mtime_ns, mode, ref], ...]}` batches and a
@@ -220,10 +222,13 @@ class Helper:
         #: remote deletions only after a pull that listed and read everything
         self.pull_errors = 0
         self.pull_missing: list[str] = []
+        #: what the client last pulled (`op_have`): files unchanged since are not resent
+        self.have: Msg = {}
         self.ops: dict[str, Callable[[Msg], None]] = {
             "hello": self.op_hello,
             "scan": self.op_scan,
             "put": self.op_put,
+            "puts": self.op_puts,
             "mkdir": self.op_mkdir,
             "link": self.op_link,
             "meta": self.op_meta,
@@ -231,6 +236,7 @@ class Helper:
             "sync": self.op_sync,
             "finish": self.op_finish,
             "unrecord": self.op_unrecord,
+            "have": self.op_have,
             "pull": self.op_pull,
             "blocks": self.op_blocks,
             "patch": self.op_patch,
@@ -263,7 +269,7 @@ class Helper:
             req = self.recv()
             if req is None:
                 break
-            if req["op"] not in ("put", "mkdir", "link", "meta"):
+            if req["op"] not in ("put", "puts", "mkdir", "link", "meta"):
                 self.drain()
             self.ops[req["op"]](req)
             if req.get("flush"):
@@ -533,6 +539,12 @@ class Helper:
             if fd is not None:
                 os.close(fd)
             unlink_quiet(tmp, pfd)
+
+    def op_puts(self, req: Msg) -> None:
+        """A batch of small files: `files` names each one's [path, size, mode, mtime_ns];
+        their bytes and trailers follow in that order, as after one `put` each."""
+        for path, size, mode, mtime_ns in req["files"]:
+            self.op_put({"path": path, "size": size, "mode": mode, "mtime_ns": mtime_ns})
 
     def op_blocks(self, req: Msg) -> None:
         """Per-block digests of existing remote files, for delta uploads of big files: for each
@@ -850,8 +862,13 @@ class Helper:
                 continue
             self.pull_entry(dfd, name, rel + "/" + name, st, have)
 
+    def op_have(self, req: Msg) -> None:
+        """Part of what the client last pulled (path -> [size, mtime_ns]), sent in parts
+        before the pull so that no frame holds all of it."""
+        self.have.update(req.get("have") or {})
+
     def op_pull(self, req: Msg) -> None:
-        have = req.get("have") or {}
+        have = req.get("have") or self.have
         self.pull_errors = 0
         self.pull_missing = []
         for back in req["back"]:

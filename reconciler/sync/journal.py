@@ -26,13 +26,13 @@ import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
 from reconciler.sync.entry import Entry
 
-__all__ = ["Journal", "Snapshot", "load", "peek", "read_meta"]
+__all__ = ["Journal", "Snapshot", "derive", "load", "peek", "read_meta"]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
 _GROWTH = 1
@@ -42,6 +42,8 @@ _CHUNK = 2000
 #: a metadata line is looked for in this many bytes at the end of the file
 _TAIL = 64 << 10
 _CACHE_MAX = 64
+#: bytes per read when a journal is copied
+_COPY = 1 << 20
 
 
 @dataclass
@@ -85,7 +87,12 @@ class Journal:
         the whole state.
         """
         line = b""
-        if changed is not None and self.exists and not self.broken:
+        if (
+            changed is not None
+            and self.exists
+            and not self.broken
+            and self.length + _least_bytes(changed) <= _GROWTH * self.base + _SLACK
+        ):
             sets = {p: entries[p] for p in changed if p in entries}
             delta: dict[str, Any] = {"seq": self.seq + 1, "meta": meta, "base": self.base}
             if sets:
@@ -128,30 +135,40 @@ class Journal:
         # the state in lines of `_CHUNK` entries (the first one the reset): writing and
         # reading it never holds the whole state as one JSON text and its parse at once;
         # inodes as a list in the order of the entries (a path is written and parsed once)
-        lines: list[bytes] = []
         paths = list(entries)
-        for start in range(0, max(len(paths), 1), _CHUNK):
-            part = paths[start : start + _CHUNK]
-            line: dict[str, Any] = {"seq": len(lines)}
-            if not lines:
-                line["reset"] = True
-            line["set"] = {p: entries[p] for p in part}
-            line["ino"] = [inos.get(p, 0) for p in part]
-            lines.append(_line(line))
-        base = sum(len(x) for x in lines)
-        lines.append(_line({"seq": len(lines), "meta": meta, "base": base}))
-        data = b"".join(lines)
+        written = [0, 0, 0]  # lines, bytes, bytes of the entries (the base)
+
+        def lines() -> Iterator[bytes]:
+            # each line is encoded as it is written: never 12 MB of lines at once
+            for start in range(0, max(len(paths), 1), _CHUNK):
+                part = paths[start : start + _CHUNK]
+                line: dict[str, Any] = {"seq": written[0]}
+                if not written[0]:
+                    line["reset"] = True
+                line["set"] = {p: entries[p] for p in part}
+                line["ino"] = [inos.get(p, 0) for p in part]
+                data = _line(line)
+                written[0] += 1
+                written[1] += len(data)
+                yield data
+            written[2] = written[1]
+            data = _line({"seq": written[0], "meta": meta, "base": written[2]})
+            written[0] += 1
+            written[1] += len(data)
+            yield data
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # no fsync: a lost or torn journal reads as "none", which only costs time
-        write_atomic(self.path, data, durable=False)
+        write_atomic(self.path, lines(), durable=False)
         st = os.stat(self.path)
-        self.ino, self.length, self.base, self.seq, self.broken = (
-            st.st_ino,
-            len(data),
-            base,
-            len(lines) - 1,
-            False,
-        )
+        self.ino, self.length, self.base = st.st_ino, written[1], written[2]
+        self.seq, self.broken = written[0] - 1, False
+
+
+def _least_bytes(paths: Collection[str]) -> int:
+    """The fewest bytes a delta naming `paths` can take (each one quoted, with a separator):
+    a delta that cannot fit is never encoded (100,000 new entries are a 12 MB line)."""
+    return sum(map(len, paths)) + 3 * len(paths)
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -330,14 +347,15 @@ def peek(path: Path) -> Snapshot | None:
 
 def append(
     path: Path,
-    sets: Mapping[str, Entry],
-    gone: Collection[str],
+    entries: Mapping[str, Entry],
+    changed: Collection[str],
     meta: dict[str, Any],
     expect: Callable[[dict[str, Any]], bool],
 ) -> bool:
-    """Append one delta to the journal at `path` without reading its entries, if its current
-    metadata passes `expect` and the deltas may still grow; False (nothing written) otherwise:
-    the caller then writes the whole state."""
+    """Append one delta (the `changed` paths: their entries in `entries`, or removed) to the
+    journal at `path` without reading its entries, if its current metadata passes `expect`
+    and the deltas may still grow; False (nothing written) otherwise: the caller then writes
+    the whole state."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW)
@@ -359,12 +377,16 @@ def append(
         seq, base = last.get("seq"), last.get("base")
         if type(seq) is not int or type(base) is not int or not expect(last["meta"]):
             return False
+        if size + _least_bytes(changed) > _GROWTH * base + _SLACK:
+            return False
+        sets = {p: entries[p] for p in changed if p in entries}
+        gone = [p for p in changed if p not in entries]
         delta: dict[str, Any] = {"seq": seq + 1, "meta": meta, "base": base}
         if sets:
-            delta["set"] = dict(sets)
+            delta["set"] = sets
             delta["ino"] = [0] * len(sets)
         if gone:
-            delta["del"] = list(gone)
+            delta["del"] = gone
         line = _line(delta)
         if size + len(line) > _GROWTH * base + _SLACK or os.fstat(fd).st_size != size:
             return False
@@ -403,3 +425,49 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         return None
     meta = obj.get("meta") if isinstance(obj, dict) else None
     return dict(meta) if isinstance(meta, dict) else None
+
+
+class _CutShortError(Exception):
+    """The journal being copied ended before the state it was read as."""
+
+
+def derive(source: Path, path: Path, entries: Mapping[str, Entry], meta: dict[str, Any]) -> bool:
+    """Make the journal at `path` hold `entries` with `meta` by copying the bytes of the
+    journal at `source`, when this process last read or wrote that one as exactly `entries`
+    (and it has not been replaced since), plus one metadata line; False (nothing written)
+    otherwise. Why: the push record is most often the index's state, and encoding 100,000
+    entries a second time is the bulk of recording an initial push."""
+    j = _CACHE.get(Path(source))
+    if j is None or j.entries is not entries or not j.exists or j.broken or j.ino is None:
+        return False
+    try:
+        fd = os.open(j.path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    tail = _line({"seq": j.seq + 1, "meta": meta, "base": j.base})
+    copied = [0]
+
+    def parts(f: BinaryIO) -> Iterator[bytes]:
+        # in chunks: the index is 12 MB at 100,000 entries
+        while copied[0] < j.length:
+            data = f.read(min(_COPY, j.length - copied[0]))
+            if not data:
+                raise _CutShortError  # the temp file is removed, nothing replaced
+            copied[0] += len(data)
+            yield data
+        yield tail
+
+    path = Path(path)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_ino != j.ino or st.st_size < j.length:
+            return False
+        # writers append or replace whole: the first `length` bytes are still that state
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_atomic(path, parts(f), durable=False)
+        except _CutShortError:
+            return False
+    ino = os.stat(path).st_ino
+    _remember(Journal(path, j.entries, j.inos, meta, j.seq + 1, ino, j.length + len(tail), j.base))
+    return True

@@ -154,9 +154,17 @@ def _valid_meta(meta: Mapping[str, Any] | None) -> bool:
     )
 
 
-def hash_file(fd: int) -> str:
-    """sha256 of an open file, read in chunks (never the whole file in memory)."""
+def hash_file(fd: int, size: int = -1) -> str:
+    """sha256 of an open file, read in chunks (never the whole file in memory). `size`: what
+    fstat said, for a small file read in one call (one more byte asked: the end is seen without
+    a second read)."""
     h = hashlib.sha256()
+    if 0 <= size < CHUNK:
+        data = os.read(fd, size + 1)
+        h.update(data)
+        if len(data) == size:
+            return h.hexdigest()
+        # it grew, or the read came short: read on to the end
     while True:
         chunk = os.read(fd, CHUNK)
         if not chunk:
@@ -208,14 +216,21 @@ def record_push(
     meta = {**local.meta(), "instance_uuid": instance_uuid, "boot_id": boot_id}
     basis = local.basis
     if delta and basis is not None:
-        mine = local.entries
-        sets = {p: mine[p] for p in basis.old if p in mine}
-        gone = [p for p in basis.old if p not in mine]
+        key = basis.key
         # never parsed: the record is only appended to (100,000 entries cost 60 MB parsed)
-        if journal.append(
-            path, sets, gone, meta, lambda m: (m.get("digest"), m.get("mtimes")) == basis.key
-        ):
+        appended = journal.append(
+            path,
+            local.entries,
+            basis.old.keys(),
+            meta,
+            lambda m: (m.get("digest"), m.get("mtimes")) == key,
+        )
+        if appended:
             return
+    # the index holds the same entries (most often): its bytes are the record's, not a
+    # second encoding of every entry
+    if journal.derive(Path(opts.state_dir) / INDEX, path, local.entries, meta):
+        return
     journal.load(path).write(local.entries, {}, meta, None)
 
 
@@ -310,7 +325,7 @@ class _Scan:
                 return False
             try:
                 fst = os.fstat(fd)
-                digest = hash_file(fd)
+                digest = hash_file(fd, fst.st_size)
             finally:
                 os.close(fd)
             e = Entry("f", fst.st_size, fst.st_mtime_ns, perm, digest)
