@@ -31,6 +31,8 @@ class Site:
     remote_state: Path
     boot: Path
     shell: LocalShell
+    #: the sandbox's python3 (one that is not there: a sandbox without python3)
+    remote_python: str = REMOTE_PYTHON
 
     def opts(self, **kw: object) -> SyncOptions:
         args: dict[str, object] = {
@@ -39,7 +41,7 @@ class Site:
             "remote_root": str(self.remote),
             "remote_state_dir": str(self.remote_state),
             "boot_id_paths": (str(self.boot),),
-            "remote_python": REMOTE_PYTHON,
+            "remote_python": self.remote_python,
         }
         args.update(kw)
         return SyncOptions(**args)  # type: ignore[arg-type]
