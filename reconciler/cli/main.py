@@ -29,7 +29,6 @@ import click
 from reconciler import errors
 from reconciler.cli.render import (
     StatusRow,
-    plan_json,
     render_plan,
     render_status,
     status_document,
@@ -408,12 +407,15 @@ Examples:
   ukc schema > session.schema.json    for editors: first line of a spec file
                                       # yaml-language-server: $schema=session.schema.json
   ukc schema plan                     the document `ukc plan -o json` prints
+  ukc schema apply                    the document `ukc apply -o json` prints
   ukc schema status                   the document `ukc status -o json` prints""",
 )
-@click.argument("what", type=click.Choice(["session", "plan", "status"]), default="session")
+@click.argument(
+    "what", type=click.Choice(["session", "plan", "apply", "status"]), default="session"
+)
 def schema(what: str) -> None:
-    """Print a JSON Schema: of a session spec document (for editors), of `plan --output json`
-    or of `status --output json`."""
+    """Print a JSON Schema: of a session spec document (for editors), of `plan --output json`,
+    `apply --output json` or `status --output json`."""
     if what == "status":
         from reconciler.cli.render import status_schema
 
@@ -423,6 +425,11 @@ def schema(what: str) -> None:
         from reconciler.cli.plan_output import plan_schema
 
         click.echo(json.dumps(plan_schema(), indent=2))
+        return
+    if what == "apply":
+        from reconciler.cli.apply_output import apply_schema
+
+        click.echo(json.dumps(apply_schema(), indent=2))
         return
     from reconciler.spec.schema import session_schema
 
@@ -436,7 +443,7 @@ Examples:
   ukc apply specs/hello.yaml           one spec file
   ukc apply specs/ --prune             also delete sessions no spec declares
   ukc apply --session web --session db only these two sessions
-  ukc apply -o json > result.json      a machine-readable summary
+  ukc apply -o json > result.json      a machine-readable summary (ukc schema apply)
 
 Ctrl-C stops the command in flight (SIGTERM, 5 s, SIGKILL) and records phase Interrupted;
 a second Ctrl-C quits at once. Exit codes: 0 converged, 1 a session failed, 2 invalid usage
@@ -471,6 +478,7 @@ def apply(
     PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
     directory.
     """
+    from reconciler.cli.apply_output import AppliedGroup, build_apply
     from reconciler.reconcile.loop import apply_group, check_prune
 
     groups = _load(paths, status_path)
@@ -481,9 +489,8 @@ def apply(
     _warn_short_secrets([s for g in groups for s in g.sessions])
     reporter = _reporter(output)
     metros = _metros()
-    ok = True
     interrupted = False
-    summary: dict[str, Any] = {}
+    applied: list[AppliedGroup] = []
     try:
         for group in groups:
             if only and not any(s.spec.name in only for s in group.sessions):
@@ -498,19 +505,7 @@ def apply(
                 lock_timeout_s=lock_timeout,
                 only=set(only) or None,
             )
-            ok = ok and result.ok
-            summary[str(group.base_dir)] = {
-                "ok": result.ok,
-                "rounds": result.rounds,
-                "failed": {
-                    k: v
-                    for k, v in result.failed.items()
-                    if not (k in result.outcomes and result.outcomes[k].interrupted)
-                },
-                "interrupted": sorted(k for k, o in result.outcomes.items() if o.interrupted),
-                "plan": plan_json(result.plan),
-                "status": str(group.status_path),
-            }
+            applied.append(AppliedGroup(group.base_dir, group.status_path, prune, result))
             if result.interrupted:
                 interrupted = True
                 break  # Ctrl-C: no other group starts
@@ -518,26 +513,25 @@ def apply(
     finally:
         reporter.close()
         metros.close()
+    doc = build_apply(applied, interrupted=interrupted, api_requests=requests)
     if output == "json":
-        click.echo(
-            json.dumps(
-                {"ok": ok, "interrupted": interrupted, "api_requests": requests, "groups": summary},
-                indent=2,
-            )
-        )
+        click.echo(doc.model_dump_json(indent=2))
     else:
-        for item in summary.values():
-            for warning in item["plan"]["warnings"]:
+        for item in doc.groups:
+            for warning in item.plan.warnings:
                 click.echo(f"warning: {warning}", err=True)
-            for name in item["plan"]["orphans"]:
-                click.echo(f"note: session {name}: not declared (use --prune to delete)", err=True)
-            for name, why in item["failed"].items():
+            for orphan in item.plan.orphans:
+                click.echo(
+                    f"note: session {orphan.session}: not declared (use --prune to delete)",
+                    err=True,
+                )
+            for name, why in item.failed.items():
                 click.echo(f"[{name}] FAILED: {why}", err=True)
-            click.echo(f"status: {item['status']}")
+            click.echo(f"status: {item.status_file}")
     if interrupted:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    if not ok:
+    if not doc.ok:
         sys.exit(1)
 
 
@@ -956,8 +950,8 @@ Examples:
 It connects as apply does: through the metro's TLS edge with the session's key
 (.ukc/keys/NAME), and only to the instance the status file records, presenting the host key
 recorded there (a changed key is refused: `ukc apply` replaces a lost instance). The shell
-gets the login environment, not the session's env (ukc exec has it). Exit code: the remote
-shell's or command's.""",
+gets the login environment, not the session's env (ukc exec has it). Ctrl-C of a COMMAND
+without -t stops it (TERM, 5 s, KILL; exit 130). Exit code: the remote shell's or command's.""",
 )
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -972,8 +966,11 @@ def ssh(
     edge, with the session's key and pinned host key. With no COMMAND and a terminal, an
     interactive login shell in /workspace (keys, Ctrl-C and window size go to the sandbox);
     `exit` or Ctrl-D ends it."""
+    from secrets import token_hex
+
     from reconciler.cli.terminal import StdioTerminal
     from reconciler.reconcile import access
+    from reconciler.transport.commands import STOP_GRACE_S, kill_group
 
     group = _session_group(files, name)
     metros = _metros()
@@ -983,12 +980,27 @@ def ssh(
         try:
             terminal = StdioTerminal()
             size = terminal.size() if (tty or not command) else None
-            line = access.LOGIN_SHELL
-            if command:
+            if not command:
+                line = access.LOGIN_SHELL
+            elif size is not None:  # on a terminal, Ctrl-C goes to the sandbox as a key
                 line = "cd /workspace 2>/dev/null; " + access.command_line(command)
+            else:
+                line, target = access.stoppable(access.command_line(command), token_hex(8))
             process = transport.start_terminal(line, term=terminal.term(), size=size)
-            with terminal.raw() if size is not None else contextlib.nullcontext():
+            if size is not None:
+                with terminal.raw():
+                    code = access.interact(process, terminal)
+            elif not command:
                 code = access.interact(process, terminal)
+            else:
+                stop = threading.Event()
+                with _ctrl_c_stops(stop, f"the command in session {name}"):
+                    code = access.interact(
+                        process,
+                        terminal,
+                        stop=stop.is_set,
+                        on_stop=lambda: kill_group(transport, target, STOP_GRACE_S),
+                    )
         finally:
             transport.close()
     finally:

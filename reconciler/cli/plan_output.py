@@ -21,14 +21,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler._util.text import escape_controls
 from reconciler.reconcile import actions
 from reconciler.spec.sizes import human_size
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
     "GroupPlan",
+    "OutputModel",
     "PlanDocument",
     "build_document",
+    "group_plan",
     "plan_schema",
     "render_error_markdown",
     "render_markdown",
@@ -37,11 +40,13 @@ __all__ = [
 PLAN_SCHEMA_VERSION: Literal[1] = 1
 
 
-class _Out(BaseModel):
+class OutputModel(BaseModel):
+    """A document ukc prints: strict, immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CreateAction(_Out):
+class CreateAction(OutputModel):
     type: Literal["create_instance"] = "create_instance"
     instance: str
     metro: str
@@ -49,7 +54,7 @@ class CreateAction(_Out):
     description: str
 
 
-class DeleteAction(_Out):
+class DeleteAction(OutputModel):
     type: Literal["delete_instance"] = "delete_instance"
     instance: str
     metro: str
@@ -59,14 +64,14 @@ class DeleteAction(_Out):
     description: str
 
 
-class StartAction(_Out):
+class StartAction(OutputModel):
     type: Literal["start_instance"] = "start_instance"
     instance: str
     reason: str
     description: str
 
 
-class SendFilesAction(_Out):
+class SendFilesAction(OutputModel):
     type: Literal["send_files"] = "send_files"
     files: int
     bytes: int
@@ -81,7 +86,7 @@ class SendFilesAction(_Out):
     description: str
 
 
-class RunCommandAction(_Out):
+class RunCommandAction(OutputModel):
     type: Literal["run_command"] = "run_command"
     command: str
     run: str
@@ -90,7 +95,7 @@ class RunCommandAction(_Out):
     description: str
 
 
-class BringBackAction(_Out):
+class BringBackAction(OutputModel):
     type: Literal["bring_back"] = "bring_back"
     paths: list[str]
     #: what the last sync-back brought (the exact list is known once the sandbox answers)
@@ -114,7 +119,7 @@ Action = Annotated[
 Verdict = Literal["create", "replace", "update", "delete", "up_to_date", "error", "refused"]
 
 
-class SessionEntry(_Out):
+class SessionEntry(OutputModel):
     name: str
     #: create: no instance yet; replace: the instance is deleted and made anew; update:
     #: files, commands or a start on the same instance; delete: it goes (ttl); error: apply
@@ -129,25 +134,25 @@ class SessionEntry(_Out):
     expired: str | None = None
 
 
-class PruneEntry(_Out):
+class PruneEntry(OutputModel):
     session: str
     instance: str
     metro: str
     reason: str
 
 
-class RefusedPrune(_Out):
+class RefusedPrune(OutputModel):
     session: str
     instance: str
     reason: str
 
 
-class Orphan(_Out):
+class Orphan(OutputModel):
     session: str
     instance: str
 
 
-class GroupPlan(_Out):
+class GroupPlan(OutputModel):
     """The sessions of one status file (one spec directory)."""
 
     directory: str
@@ -162,7 +167,7 @@ class GroupPlan(_Out):
     warnings: list[str]
 
 
-class Summary(_Out):
+class Summary(OutputModel):
     sessions: int
     create: int
     replace: int
@@ -178,7 +183,7 @@ class Summary(_Out):
     orphans: int
 
 
-class PlanDocument(_Out):
+class PlanDocument(OutputModel):
     """What `ukc plan --output json` prints."""
 
     schema_version: Literal[1] = PLAN_SCHEMA_VERSION
@@ -281,7 +286,8 @@ def _shown(path: Path) -> str:
     return str(path) if rel.startswith("..") else rel
 
 
-def _group(item: PlannedGroup) -> GroupPlan:
+def group_plan(item: PlannedGroup) -> GroupPlan:
+    """One group's plan as the versioned document shows it (also inside apply's)."""
     plan = item.plan
     sessions = []
     for splan in plan.sessions:
@@ -315,7 +321,7 @@ def _group(item: PlannedGroup) -> GroupPlan:
 
 
 def build_document(groups: Sequence[PlannedGroup], api_requests: int) -> PlanDocument:
-    out = [_group(g) for g in groups]
+    out = [group_plan(g) for g in groups]
     sessions = [s for g in out for s in g.sessions]
     acts = [a for s in sessions for a in s.actions]
 
@@ -348,8 +354,6 @@ def build_document(groups: Sequence[PlannedGroup], api_requests: int) -> PlanDoc
 
 # --- markdown -------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u0085\u2028\u2029]")
-
 
 def _code(text: str, *, cell: bool = False) -> str:
     """`text` as one inline code span: markdown, HTML, mentions and links inside are inert.
@@ -359,7 +363,7 @@ def _code(text: str, *, cell: bool = False) -> str:
     become visible escapes (a line break would end a list item or a table row). In a table
     `cell`, `|` is escaped: GitHub splits cells on it even inside code.
     """
-    flat = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    flat = escape_controls(text, keep="\n\t")
     flat = flat.replace("\n", "\\n").replace("\t", " ")
     if cell:
         flat = flat.replace("|", "\\|")
@@ -380,7 +384,7 @@ def _text(text: str) -> str:
     inert markdown: every character that can start markup backslash-escaped (any ASCII
     punctuation may be), line breaks and control characters made visible, and a word joiner
     after `@`, so nothing in it becomes markup, HTML, a link or a mention."""
-    flat = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    flat = escape_controls(text, keep="\n\t")
     flat = flat.replace("\n", " ").replace("\t", " ")
     return _MARKUP.sub(r"\\\1", flat).replace("@", "@\u2060")
 
@@ -389,7 +393,7 @@ def _fence(text: str, info: str = "") -> list[str]:
     """`text` as a fenced code block whose fence no line inside can close."""
     longest = max((len(run) for run in re.findall(r"`{3,}|~{3,}", text)), default=0)
     fence = "`" * max(3, longest + 1)
-    body = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    body = escape_controls(text, keep="\n\t")
     return [f"{fence}{info}", *body.splitlines(), fence]
 
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, Field
 
+from reconciler._util.text import escape_controls
 from reconciler.reconcile import actions
 from reconciler.reconcile.events import Event
 from reconciler.reconcile.plan import parse_time
@@ -36,7 +36,6 @@ __all__ = [
     "PlainReporter",
     "StatusDocument",
     "StatusRow",
-    "plan_json",
     "printable",
     "render_plan",
     "render_source",
@@ -206,31 +205,6 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     if refused:
         lines.append(f"Refused: {refused} session(s) hold an instance ukc cannot prove it owns.")
     return lines
-
-
-def plan_json(plan: actions.Plan) -> dict[str, Any]:
-    def act(a: actions.Action) -> dict[str, Any]:
-        d = {k: v for k, v in a.__dict__.items()}
-        d["action"] = type(a).__name__
-        d["description"] = a.describe()
-        return d
-
-    return {
-        "empty": plan.empty,
-        "sessions": {
-            s.session: {
-                "actions": [act(a) for a in s.changes],
-                "noops": list(s.noops),
-                **({"expired": s.expired} if s.expired else {}),
-            }
-            for s in plan.sessions
-        },
-        "prunes": [act(p) for p in plan.prunes],
-        "refused": {r.session: r.reason for r in plan.refusals},
-        "errors": {k: v for k, v in plan.errors.items()},
-        "orphans": {session: instance for session, instance in plan.orphans},
-        "warnings": list(plan.warnings),
-    }
 
 
 @dataclass(frozen=True)
@@ -453,13 +427,10 @@ def status_schema() -> dict[str, Any]:
     }
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
-
-
 def printable(text: str) -> str:
     """Sandbox text made safe for a terminal: control characters but newline and tab (escape
     sequences that could retitle, recolour or rewrite the user's screen) shown escaped."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r\n", "\n"))
+    return escape_controls(text.replace("\r\n", "\n"), keep="\n\t")
 
 
 def _ago(value: str | None, now: float) -> str:

@@ -42,6 +42,7 @@ from reconciler.cloud.model import (
     PluginReply,
     Volume,
 )
+from reconciler.cloud.quotas import Quota
 from reconciler.cloud.trust import remote_trust, verifying_context
 from reconciler.errors import (
     AlreadyExistsError,
@@ -149,6 +150,7 @@ def parse_instance(item: Mapping[str, Any], metro: str) -> Instance | None:
     raw_tags = item.get("tags")
     tags = tuple(t for t in raw_tags if isinstance(t, str)) if isinstance(raw_tags, list) else ()
     return Instance(
+        autokill_ms=_autokill_ms(item),
         uuid=uuid,
         name=name,
         state=_str_or_none(item.get("state")) or "unknown",
@@ -165,6 +167,18 @@ def parse_instance(item: Mapping[str, Any], metro: str) -> Instance | None:
         exit_code=_int_or_none(item.get("exit_code")),
         stopped_at=_str_or_none(item.get("stopped_at")),
     )
+
+
+def _autokill_ms(item: Mapping[str, Any]) -> int | None:
+    """The read's autokill `time_ms`: 0 for an explicit none (null, or no `time_ms`), None
+    when the read has no `autokill` at all (the platform did not say)."""
+    if "autokill" not in item:
+        return None
+    raw = item.get("autokill")
+    if not isinstance(raw, Mapping):
+        return 0
+    value = _int_or_none(raw.get("time_ms"))
+    return max(value, 0) if value is not None else 0
 
 
 def parse_volume(item: Mapping[str, Any], metro: str) -> Volume | None:
@@ -478,6 +492,8 @@ class UkcApi:
             ]
         if request.scale_to_zero is not None:
             body["scale_to_zero"] = dict(request.scale_to_zero)
+        if request.autokill_ms:
+            body["autokill"] = {"time_ms": request.autokill_ms}
         if request.volumes:
             # why no name: a volume created in the create call is the instance's and goes
             # with it; the platform names it (a name of ours could still be taken by the
@@ -530,6 +546,9 @@ class UkcApi:
                 started_at=inst.started_at,
                 start_count=inst.start_count,
                 metro=self.metro,
+                autokill_ms=inst.autokill_ms
+                if inst.autokill_ms is not None
+                else (request.autokill_ms or 0),
             )
 
         result: Instance = self._retrying(attempt)
@@ -547,6 +566,32 @@ class UkcApi:
 
     def stop_instance(self, name: str) -> None:
         self._batch("PUT", "/v1/instances/stop", name, f"stop instance {name}")
+
+    def suspend_instance(self, name: str) -> None:
+        self._batch("PUT", "/v1/instances/suspend", name, f"suspend instance {name}")
+
+    def set_autokill(self, name: str, *, uuid: str, time_ms: int) -> None:
+        what = f"set the autokill of instance {name}"
+        body = [{"uuid": uuid, "prop": "autokill", "op": "set", "value": {"time_ms": time_ms}}]
+
+        def attempt() -> None:
+            env = _Envelope(self._send("PATCH", "/v1/instances", what, body=body), "instances")
+            self._check(what, env)
+
+        self._retrying(attempt)
+
+    def get_quotas(self) -> Quota:
+        what = "read the account's quota"
+
+        def attempt() -> Quota:
+            env = _Envelope(self._send("GET", "/v1/users/quotas", what), "quotas")
+            self._check(what, env)
+            if not env.items:
+                raise ApiError(f"ukc api {self.metro}: {what}: the answer holds no quota")
+            return Quota.model_validate(dict(env.items[0]))
+
+        result: Quota = self._retrying(attempt)
+        return result
 
     def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
         """Delete by name, or exactly the instance `uuid` (then `name` is for messages)."""

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from reconciler.cloud.quotas import Quota
+
 __all__ = [
     "CloudApi",
     "ConsoleLog",
@@ -67,6 +69,8 @@ class Instance:
     stop_code: int | None = None
     exit_code: int | None = None
     stopped_at: str | None = None
+    #: its autokill `time_ms` as the read says it (0: none); None when the read says nothing
+    autokill_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,8 @@ class CreateRequest:
     scale_to_zero: Mapping[str, object] | None = None
     autostart: bool = True
     volumes: Sequence[VolumeMount] = field(default_factory=tuple)
+    #: the platform deletes the instance once it has been stopped this long (None: never)
+    autokill_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,20 @@ class CloudApi(Protocol):
     def start_instance(self, name: str) -> None: ...
 
     def stop_instance(self, name: str) -> None: ...
+
+    def suspend_instance(self, name: str) -> None:
+        """Suspend (`PUT /v1/instances/suspend`): the instance goes to `standby`, costing no
+        live quota; a start brings it back."""
+        ...
+
+    def set_autokill(self, name: str, *, uuid: str, time_ms: int) -> None:
+        """Set the autokill `time_ms` of exactly the instance `uuid` (0: never)."""
+        ...
+
+    def get_quotas(self) -> Quota:
+        """The account's quota (`GET /v1/users/quotas`); raises `ApiError` when the answer
+        holds none."""
+        ...
 
     def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
         """Delete (exactly the instance `uuid` when given) without retention, waiting a while

@@ -72,6 +72,15 @@ class Behaviour:
     #: tags are checked as UKC does (at most 16, each at most 256 characters of
     #: `[A-Za-z0-9-+_.:=]`)
     tag_rules: bool = True
+    #: autokill (`{time_ms}`: delete after being stopped this long) also counts the time an
+    #: instance sits in `standby` (suspended or scaled to zero); false: only `stopped` counts
+    autokill_counts_standby: bool = True
+    #: a manual suspend keeps the sandbox's memory (frozen), whatever its scale-to-zero says;
+    #: false: it is a stop, and the wake a cold boot
+    suspend_keeps_memory: bool = True
+    #: traffic (the edge, the plugin proxy) wakes a manually suspended instance as it wakes a
+    #: scaled-to-zero one; false: only a start request does
+    suspend_woken_by_traffic: bool = False
 
     def image_known(self, image: str) -> bool:
         return not self.known_images_only or image in LOCAL_IMAGES or image in self.extra_images
@@ -151,6 +160,8 @@ PRESETS: dict[str, Behaviour] = {
         workspace_in_memory=False,
         gateway_timeout_s=0.0,
         tag_rules=False,
+        autokill_counts_standby=False,
+        suspend_woken_by_traffic=True,
     ),
 }
 

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler._util.text import escape_controls
 from reconciler.errors import SourceError, UsageError
 
 __all__ = ["GitSource", "Revision", "check_ref", "display_url", "is_url", "source_key"]
@@ -56,7 +57,6 @@ _SCP_LIKE = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:")
 _REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
 _SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 #: what a remote may send in its messages ("remote: ...") that a terminal would obey
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: the longest one git call may take (a fetch of a large repository over a slow link)
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -191,7 +191,7 @@ class GitSource:
         if proc.returncode != 0:
             lines = [ln for ln in self._scrub(proc.stderr).splitlines() if ln.strip()]
             why = "; ".join(lines[-3:])[:500] or f"git exited {proc.returncode}"
-            why = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", why)
+            why = escape_controls(why)
             raise SourceError(f"{what}: {why}")
         return proc.stdout
 

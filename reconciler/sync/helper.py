@@ -11,8 +11,10 @@ drive a `Helper` in-process.
 
 Protocol (one process per push or pull, many operations): the client sends frames
 `u32be length + JSON`; `put` is followed by exactly `size` raw bytes and one trailer byte
-(1 = commit, 0 = discard); `patch` (a big file already there) is followed by only its
-changed fixed-size blocks and the trailer, and is checked against the file's sha256.
+(1 = commit, 0 = discard); `puts` names many small files (`files`: [path, size, mode,
+mtime_ns] each), whose bytes and trailers follow one after the other, as for a `put` each;
+`patch` (a big file already there) is followed by only its changed fixed-size blocks and the
+trailer, and is checked against the file's sha256.
 The helper answers only operations that need an answer (hello, scan, blocks, sync, remove,
 finish, pull) with frames of the same shape, each small (the client caps them at 1 MiB):
 `scan` answers with `{"scan": [[path, type, size, mtime_ns, mode, ref], ...]}` batches and a
@@ -224,6 +226,7 @@ class Helper:
             "hello": self.op_hello,
             "scan": self.op_scan,
             "put": self.op_put,
+            "puts": self.op_puts,
             "mkdir": self.op_mkdir,
             "link": self.op_link,
             "meta": self.op_meta,
@@ -263,7 +266,7 @@ class Helper:
             req = self.recv()
             if req is None:
                 break
-            if req["op"] not in ("put", "mkdir", "link", "meta"):
+            if req["op"] not in ("put", "puts", "mkdir", "link", "meta"):
                 self.drain()
             self.ops[req["op"]](req)
             if req.get("flush"):
@@ -533,6 +536,12 @@ class Helper:
             if fd is not None:
                 os.close(fd)
             unlink_quiet(tmp, pfd)
+
+    def op_puts(self, req: Msg) -> None:
+        """A batch of small files: `files` names each one's [path, size, mode, mtime_ns];
+        their bytes and trailers follow in that order, as after one `put` each."""
+        for path, size, mode, mtime_ns in req["files"]:
+            self.op_put({"path": path, "size": size, "mode": mode, "mtime_ns": mtime_ns})
 
     def op_blocks(self, req: Msg) -> None:
         """Per-block digests of existing remote files, for delta uploads of big files: for each

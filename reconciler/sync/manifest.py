@@ -208,14 +208,21 @@ def record_push(
     meta = {**local.meta(), "instance_uuid": instance_uuid, "boot_id": boot_id}
     basis = local.basis
     if delta and basis is not None:
-        mine = local.entries
-        sets = {p: mine[p] for p in basis.old if p in mine}
-        gone = [p for p in basis.old if p not in mine]
+        key = basis.key
         # never parsed: the record is only appended to (100,000 entries cost 60 MB parsed)
-        if journal.append(
-            path, sets, gone, meta, lambda m: (m.get("digest"), m.get("mtimes")) == basis.key
-        ):
+        appended = journal.append(
+            path,
+            local.entries,
+            basis.old.keys(),
+            meta,
+            lambda m: (m.get("digest"), m.get("mtimes")) == key,
+        )
+        if appended:
             return
+    # the index holds the same entries (most often): its bytes are the record's, not a
+    # second encoding of every entry
+    if journal.derive(Path(opts.state_dir) / INDEX, path, local.entries, meta):
+        return
     journal.load(path).write(local.entries, {}, meta, None)
 
 

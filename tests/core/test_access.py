@@ -138,6 +138,15 @@ def test_sandbox_text_reaches_the_terminal_with_its_control_characters_escaped(
     assert shown.startswith("before ") and shown.endswith(" after\n")
 
 
+def test_sandbox_text_cannot_reorder_what_the_terminal_shows_with_bidi_controls() -> None:
+    # "Trojan Source": an override makes `rm -rf /tmp/x` display as something else
+    shown = printable("ok \u202erm -rf /\u202c \u2066x\u2069 \u2028 end\n")
+    assert not any(
+        c in shown for c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028"
+    )
+    assert "\\u202e" in shown and shown.endswith(" end\n")
+
+
 def test_plain_console_lines_pass_unchanged_and_crlf_reads_as_a_newline() -> None:
     assert printable("Server listening on port 2222.\r\n\tok\n") == (
         "Server listening on port 2222.\n\tok\n"

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from reconciler.cli.render import plan_json, render_plan
+from reconciler.cli.plan_output import GroupPlan, PlannedGroup, group_plan
+from reconciler.cli.render import render_plan
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity
 from reconciler.reconcile.desired import DesiredSession
@@ -90,7 +91,11 @@ def test_plan_text_and_json_carry_the_warnings() -> None:
     p = _plan(d, None)
     text = render_plan(p)
     assert any(line.startswith("warning: session hello: exec: http") for line in text)
-    assert plan_json(p)["warnings"] == list(p.warnings)
+    assert _json(p).warnings == list(p.warnings)
     quiet = replace(p, warnings=())
     assert not [line for line in render_plan(quiet) if line.startswith("warning")]
-    assert plan_json(quiet)["warnings"] == []
+    assert _json(quiet).warnings == []
+
+
+def _json(p: actions.Plan) -> GroupPlan:
+    return group_plan(PlannedGroup(Path("s"), Path("s/.ukc/status.json"), False, p))

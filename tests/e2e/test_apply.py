@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tests.support.ukc import Ukc
@@ -70,7 +72,9 @@ def test_apply_creates_syncs_runs_brings_back_and_writes_a_ready_status(ukc: Ukc
 
 def test_a_second_apply_plans_nothing_and_does_nothing(ukc: Ukc) -> None:
     make_project(ukc)
-    ukc.run("apply", "session.yaml", check=0)
+    made = json.loads(ukc.run("apply", "session.yaml", "--output", "json", check=0).stdout)
+    assert made["groups"][0]["changes_made"] is True and made["groups"][0]["rounds"] >= 1
+    assert [s["verdict"] for s in made["groups"][0]["plan"]["sessions"]] == ["create"]
     first = session(ukc)
     assert (
         ukc.run("plan", "session.yaml", "--detailed-exitcode", check=0)
@@ -78,8 +82,12 @@ def test_a_second_apply_plans_nothing_and_does_nothing(ukc: Ukc) -> None:
         .endswith("No changes. Sessions match their specs.")
     )
     out = json.loads(ukc.run("apply", "session.yaml", "--output", "json", check=0).stdout)
-    group = next(iter(out["groups"].values()))
-    assert group["plan"]["empty"] is True and group["rounds"] == 0
+    schema = json.loads((Path(__file__).parents[2] / "docs" / "apply.schema.json").read_text())
+    jsonschema.validate(out, schema, cls=jsonschema.Draft202012Validator)
+    group = out["groups"][0]
+    assert group["changes_made"] is False and group["rounds"] == 0 and out["ok"] is True
+    # the plan inside has the shape of `ukc plan --output json`'s groups
+    assert [s["verdict"] for s in group["plan"]["sessions"]] == ["up_to_date"]
     second = session(ukc)
     assert second["instance"]["uuid"] == first["instance"]["uuid"]
     assert [c["skipped"] for c in second["commands"]] == [True, True]

@@ -129,7 +129,7 @@ def test_a_fresh_clone_with_the_secret_plans_nothing_and_applies_as_a_no_op(
 
     b.run("plan", "--detailed-exitcode", "session.yaml", check=0)
     proc = b.run("apply", "--output", "json", "session.yaml", check=0)
-    (result,) = json.loads(proc.stdout)["groups"].values()
+    (result,) = json.loads(proc.stdout)["groups"]
     # no round of actions ran: no create, no replace, no file sent, no command run
     assert result["ok"] and result["rounds"] == 0, result
     assert runners.instance()["uuid"] == before["uuid"]

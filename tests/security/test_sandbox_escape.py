@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from reconciler.local import daemon as metro_daemon
+from reconciler.local.behaviour import BootOptions
 from reconciler.local.daemon import MetroInfo
 from reconciler.local.sandbox.runtime import DEFAULT_MAX_PIDS
 from reconciler.local.state.records import STOP_CODE_OUT_OF_MEMORY, STOP_REASON_KERNEL
@@ -246,6 +247,22 @@ class TestNonRootDaemon:
             }, out.stdout  # fmt: skip
             assert "NESTED" not in out.stdout
             assert out.stdout.splitlines()[-1] == str(daemon.uid)
+
+    def test_a_non_root_daemons_sandbox_cannot_write_more_than_memory_mb_into_its_workspace(
+        self, tmp_path: Path
+    ) -> None:
+        # the attacker fills /workspace, which lives in RAM on UKC (memory_mb bounds it)
+        boot = BootOptions(workspace_in_memory=True)
+        with NonRootRuntime(tmp_path, boot=boot, memory_mb=32) as daemon:
+            out = daemon.ssh(
+                "dd if=/dev/zero of=/workspace/fill bs=1M count=64 2>&1; echo dd=$?; "
+                "du -sm /workspace/fill"
+            )
+            assert "No space left on device" in out.stdout, out.stdout + out.stderr
+            assert "dd=0" not in out.stdout
+            assert int(out.stdout.splitlines()[-1].split()[0]) <= 32, out.stdout
+            # and nothing of it reached the host's disk
+            assert not daemon.workspace.exists() or list(daemon.workspace.iterdir()) == []
 
 
 class TestLeftovers:

@@ -14,13 +14,15 @@ import jsonschema
 import pytest
 import yaml
 
+from reconciler.cli.apply_output import apply_schema
 from reconciler.cli.plan_output import plan_schema
 from reconciler.spec.schema import session_schema
 from tests.support.specfiles import load_one, spec_error
 
 ROOT = Path(__file__).resolve().parents[2]
 REGENERATE = (
-    "regenerate: ukc schema > docs/session.schema.json; ukc schema plan > docs/plan.schema.json"
+    "regenerate: ukc schema > docs/session.schema.json; ukc schema plan > docs/plan.schema.json;"
+    " ukc schema apply > docs/apply.schema.json"
 )
 
 
@@ -42,10 +44,16 @@ def test_the_committed_schemas_are_the_ones_the_models_generate() -> None:
     assert committed == session_schema(), REGENERATE
     committed_plan = json.loads((ROOT / "docs" / "plan.schema.json").read_text())
     assert committed_plan == plan_schema(), REGENERATE
+    committed_apply = json.loads((ROOT / "docs" / "apply.schema.json").read_text())
+    assert committed_apply == apply_schema(), REGENERATE
 
 
 def test_ukc_schema_prints_the_committed_files() -> None:
-    for args, name in (((), "session.schema.json"), (("plan",), "plan.schema.json")):
+    for args, name in (
+        ((), "session.schema.json"),
+        (("plan",), "plan.schema.json"),
+        (("apply",), "apply.schema.json"),
+    ):
         out = subprocess.run(
             [sys.executable, "-m", "reconciler", "schema", *args],
             capture_output=True,

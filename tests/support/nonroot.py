@@ -7,6 +7,8 @@ leaving the context stops everything and removes the user and its files.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pwd
 import secrets
@@ -18,6 +20,7 @@ from types import TracebackType
 
 import pytest
 
+from reconciler.local.behaviour import BootOptions
 from tests.support.workflow import ssh_argv
 
 __all__ = ["NonRootRuntime"]
@@ -30,8 +33,9 @@ UUID = "nonroot-uuid"
 FQDN = "nonroot.local.ukc.localhost"
 
 SCRIPT = """
-import asyncio, sys
+import asyncio, json, sys
 from pathlib import Path
+from reconciler.local.behaviour import BootOptions
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
 from reconciler.local.sandbox.runtime import SandboxRuntime
@@ -45,7 +49,8 @@ async def main() -> None:
     edge = Edge(ca=ca, runtime=rt, resolve=resolve, on_activity=lambda u, d: None,
                 should_drop=lambda: False)
     port = await edge.open_port(2222)
-    await rt.start(sys.argv[3], env={"PUBKEY": sys.argv[2]})
+    boot = BootOptions(**json.loads(sys.argv[4]))
+    await rt.start(sys.argv[3], env={"PUBKEY": sys.argv[2]}, memory_mb=int(sys.argv[5]), boot=boot)
     print(port, ca.cert_path, flush=True)
     loop = asyncio.get_running_loop()
     while (line := await loop.run_in_executor(None, sys.stdin.readline)).strip() == "destroy":
@@ -59,9 +64,10 @@ asyncio.run(main())
 
 
 class NonRootRuntime:
-    """Context manager: one sandbox of a runtime run by a fresh unprivileged user."""
+    """Context manager: one sandbox of a runtime run by a fresh unprivileged user, booted
+    with `boot` (the kind metro's, unless given) and `memory_mb`."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, boot: BootOptions | None = None, memory_mb: int = 128) -> None:
         if os.geteuid() != 0:
             pytest.skip("creating a throwaway user needs root")
         if shutil.which("useradd") is None or shutil.which("runuser") is None:
@@ -74,6 +80,8 @@ class NonRootRuntime:
         self.port = 0
         self.ca = Path()
         self.uid = -1
+        self.boot = boot or BootOptions()
+        self.memory_mb = memory_mb
 
     @property
     def workspace(self) -> Path:
@@ -91,7 +99,10 @@ class NonRootRuntime:
         script.write_text(SCRIPT)
         pub = self.key.with_suffix(".pub").read_text().strip()
         self.proc = subprocess.Popen(
-            ["runuser", "-u", self.user, "--", PYTHON, str(script), str(self.root), pub, UUID],
+            [
+                "runuser", "-u", self.user, "--", PYTHON, str(script), str(self.root), pub, UUID,
+                json.dumps(dataclasses.asdict(self.boot)), str(self.memory_mb),
+            ],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, cwd=str(REPO), env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)},
         )  # fmt: skip

@@ -241,3 +241,31 @@ def test_a_big_state_is_written_in_lines_and_read_back_whole(site: Site) -> None
     assert back.meta == {"n": 1} and not back.broken
     back.write({**entries, "d/new": Entry("f", 1, 1, 0o644, "x")}, inos, {"n": 2}, ["d/new"])
     assert len(path.read_bytes().splitlines()) == 5  # appended, not rewritten
+
+
+def test_the_record_of_a_whole_push_is_the_index_bytes_and_one_metadata_line(
+    site: Site,
+) -> None:
+    _tree(site, 50)
+    push(site.shell, site.opts(), instance_uuid="u1")
+    index = (site.state / INDEX).read_bytes()
+    record = (site.state / PUSH_RECORD).read_bytes()
+    assert record.startswith(index) and record.count(b"\n") == index.count(b"\n") + 1
+    _forget_cache()
+    pushed = last_push_record(site.opts())
+    assert pushed is not None
+    assert dict(pushed[0].entries) == dict(scan_local(site.opts()).entries)
+    assert pushed[1]["instance_uuid"] == "u1" and pushed[1]["files"] == 50
+
+
+def test_a_journal_is_not_derived_from_one_another_writer_replaced(site: Site) -> None:
+    src, dst = site.state / "a.jnl", site.state / "b.jnl"
+    entries = {"x": Entry("f", 1, 1, 0o644, "r")}
+    journal.load(src).write(entries, {}, {"n": 1}, None)
+    other = site.state / "other.jnl"
+    journal.load(other).write({"y": Entry("f", 2, 2, 0o644, "s")}, {}, {"n": 2}, None)
+    os.replace(other, src)  # another process compacted it: the bytes are not `entries`
+    assert not journal.derive(src, dst, entries, {"n": 3})
+    assert not dst.exists()
+    journal.load(src)  # read afresh: now the cache holds what the file holds
+    assert not journal.derive(src, dst, entries, {"n": 3})  # other entries

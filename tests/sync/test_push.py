@@ -316,3 +316,35 @@ class TestKeptHelper:
         push(site.shell, site.opts(), instance_uuid="u1")
         assert (site.remote / "d" / "a.txt").read_text() == "new"
         assert (site.remote / "e" / "a.txt").read_text() == "old"
+
+
+class TestBatches:
+    def test_many_small_files_arrive_in_batches_with_their_modes_and_mtimes(
+        self, site: Site
+    ) -> None:
+        for i in range(1300):  # more than two batches' worth of files
+            write(
+                site.local / f"d{i % 7}/f{i}.txt", f"{i}" * (i % 50), (0o600, 0o644, 0o755)[i % 3]
+            )
+        write(site.local / "d1/big.bin", os.urandom(300_000))  # between batches, alone
+        os.symlink("f1.txt", site.local / "d1/link")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.files_sent == 1301
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_file_changed_after_the_scan_is_discarded_and_the_rest_of_its_batch_lands(
+        self, site: Site
+    ) -> None:
+        for i in range(20):
+            write(site.local / f"f{i:02}.txt", f"first {i}")
+        local = scan_local(site.opts())
+        write(site.local / "f07.txt", "second, and longer")
+        (site.local / "f12.txt").unlink()
+        with pytest.raises(SyncError, match=r"2 errors \(f07.txt: changed while it was being sent"):
+            push(site.shell, site.opts(), instance_uuid="u1", local=local)
+        landed = sorted(p.name for p in site.remote.iterdir() if not p.name.startswith("."))
+        assert landed == [f"f{i:02}.txt" for i in range(20) if i not in (7, 12)]
+        assert (site.remote / "f06.txt").read_text() == "first 6"
+        # the next push (a fresh scan) repairs it
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert tree(site.remote) == tree(site.local)

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from reconciler.errors import ApiError
-from reconciler.local.api import admin, instances, plugins, volumes
+from reconciler.local.api import admin, instances, plugins, quotas, volumes
 from reconciler.local.api.envelope import envelope_response
 from reconciler.local.api.keys import (
     FAULTS,
@@ -104,5 +104,6 @@ def create_app(
     plugins.add_routes(app.router)
     instances.add_routes(app.router)
     volumes.add_routes(app.router)
+    quotas.add_routes(app.router)
     admin.add_routes(app.router)
     return app

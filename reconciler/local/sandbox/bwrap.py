@@ -153,6 +153,7 @@ def bwrap_options(
     rlimits: bool,
     boot: BootOptions | None = None,
     mounts: list[tuple[str, bool]] | None = None,
+    workspace_tmpfs: bool = False,
 ) -> tuple[list[str], list[str]]:
     """bwrap's options (they go through `--args`) and the agent's command line.
 
@@ -161,6 +162,9 @@ def bwrap_options(
     `rlimits`: no cgroup limits the sandbox, so the agent sets rlimits itself.
     `mounts`: the volumes, as (mount point, read-only); the host directory of each but one at
     `/workspace` (which is `sources["workspace"]`) is among `sources` under `volume_source`.
+    `workspace_tmpfs`: `/workspace` is a tmpfs of `memory_mb` that bwrap makes inside the
+    sandbox (a daemon that cannot mount one on the host: its files live as long as the
+    sandbox, as RAM does on UKC) instead of the bound host directory.
     """
     # why: tmpfs lives in memory; bound it even where no cgroup charges it to the sandbox
     size = str(memory_mb * 1024 * 1024)
@@ -191,8 +195,11 @@ def bwrap_options(
         "--size", size, "--tmpfs", "/root",
         "--ro-bind", sources["host/agent"], f"{HOST_DIR}/agent",
         "--ro-bind", sources[f"host/{HOST_KEY}"], f"{HOST_DIR}/{HOST_KEY}",
-        "--bind", sources["workspace"], "/workspace",
     ]  # fmt: skip
+    if workspace_tmpfs:
+        args += ["--size", size, "--tmpfs", "/workspace"]
+    else:
+        args += ["--bind", sources["workspace"], "/workspace"]
     # why shortest first: a volume mounted inside another one must go on top of it
     for at, readonly in sorted(mounts or [], key=lambda m: len(m[0])):
         if at == "/workspace":

@@ -165,7 +165,8 @@ def reset_memory_workspace(ws: Path, size_bytes: int) -> None:
     """An empty workspace for a cold boot, as UKC's /workspace lives in the instance's RAM.
 
     A root daemon mounts a tmpfs of `size_bytes` there (writes beyond it fail with ENOSPC, and
-    its pages count against the sandbox's memory cgroup); other daemons only empty it.
+    its pages count against the sandbox's memory cgroup); another daemon only empties it, and
+    bwrap mounts the sandbox's tmpfs of that size inside (`bwrap_options(workspace_tmpfs=)`).
     """
     drop_memory_workspace(ws)
     ws.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -259,6 +259,8 @@ class SandboxRuntime:
                 rlimits=not limiter.uses_cgroups,
                 boot=boot,
                 mounts=[(m.at, m.readonly) for m in volumes],
+                # why: a root daemon mounted the tmpfs on the host side (reset_memory_workspace)
+                workspace_tmpfs=uuid in self._in_memory and not self._privileged,
             )
             owned.append(pipe_with(b"".join(a.encode() + b"\0" for a in options)))
             plan = {

@@ -20,6 +20,7 @@ from reconciler.local.behaviour import DEFAULT_PRESET, PRESETS, Behaviour
 from reconciler.local.sandbox.layout import Mount, SandboxLayout
 from reconciler.local.state.index import InstanceIndex
 from reconciler.local.state.policy import Activity, RestartBackoff, wants_restart
+from reconciler.local.state.quotas import check_live_memory
 from reconciler.local.state.records import (
     DEFAULT_APP_DOMAIN,
     STATES,
@@ -211,6 +212,7 @@ class LocalMetro:
     def _begin_start(self, rec: LocalInstance, *, reason: str) -> None:
         """Enter `starting` now and boot (or thaw) in a task."""
         was_frozen = rec.frozen and rec.state == "standby"
+        rec.suspended = False
         self._set_state(rec, "starting")
         self._log(rec, f"start ({reason})")
         self._transitions.spawn(self._boot(rec, was_frozen))
@@ -266,13 +268,19 @@ class LocalMetro:
         """PUT start: no-op unless stopped/standby. Returns the previous state."""
         prev = rec.state
         if prev in ("stopped", "standby"):
+            check_live_memory(self.records.values(), rec.memory_mb, self.limits.max_live_memory_mb)
             self._restarts.reset(rec.uuid)
             self._begin_start(rec, reason="user start")
         return prev
 
+    def wakes_on_traffic(self, rec: LocalInstance) -> bool:
+        """Whether traffic wakes this standby instance: a scaled-to-zero one always, a
+        suspended one as the behaviour says (else only a start request does)."""
+        return not rec.suspended or self.behaviour.suspend_woken_by_traffic
+
     def wake(self, rec: LocalInstance) -> None:
         """Traffic or a plugin request reached a standby instance."""
-        if rec.state == "standby":
+        if rec.state == "standby" and self.wakes_on_traffic(rec):
             self._begin_start(rec, reason="woken by traffic")
 
     def stop(self, rec: LocalInstance, *, drain_timeout_ms: int = 0) -> str:
@@ -298,11 +306,13 @@ class LocalMetro:
         if drain_timeout_ms > 0:
             self._set_state(rec, "draining")
         self._transitions.spawn(
-            self._halt(rec, STOP_REASON_USER, drain_timeout_ms, to_state="standby")
+            self._halt(rec, STOP_REASON_USER, drain_timeout_ms, to_state="standby", manual=True)
         )
         return prev
 
-    async def _halt(self, rec: LocalInstance, reason: int, drain_ms: int, *, to_state: str) -> None:
+    async def _halt(
+        self, rec: LocalInstance, reason: int, drain_ms: int, *, to_state: str, manual: bool = False
+    ) -> None:
         runtime = self._require_runtime()
         if drain_ms > 0:
             await asyncio.sleep(min(drain_ms, _MAX_DRAIN_MS) / 1000)
@@ -310,8 +320,10 @@ class LocalMetro:
             if rec.uuid not in self.index or rec.state == "deleted":
                 return
             self._stopping_by_us.add(rec.uuid)
+            # a user's suspend snapshots the instance whatever its scale-to-zero says
+            keep = rec.stateful_standby or (manual and self.behaviour.suspend_keeps_memory)
             try:
-                if to_state == "standby" and rec.stateful_standby and rec.state != "standby":
+                if to_state == "standby" and keep and rec.state != "standby":
                     await runtime.freeze(rec.uuid)
                     rec.frozen = True
                 else:
@@ -325,6 +337,7 @@ class LocalMetro:
                 self._stopping_by_us.discard(rec.uuid)
             rec.stop_reason = reason
             rec.stop_code = None
+            rec.suspended = manual and to_state == "standby"
             self._set_state(rec, to_state)
             if to_state == "stopped" and "delete-on-stop" in rec.features:
                 await self._destroy_locked(rec)
@@ -457,7 +470,10 @@ class LocalMetro:
             self.activity.report(uuid, delta)
 
     async def ensure_running(self, rec: LocalInstance, timeout_s: float) -> bool:
-        """Wake a standby instance and wait until it runs; False when it does not in time."""
+        """Wake a standby instance and wait until it runs; False when it does not in time
+        (or traffic does not wake it: a suspended instance waits for a start request)."""
+        if rec.state == "standby" and not self.wakes_on_traffic(rec):
+            return False
         self.wake(rec)
         return (
             await self.wait_for(
@@ -485,10 +501,26 @@ class LocalMetro:
             return None
         return rec.uuid, destination_port
 
+    def autokill_due(self, rec: LocalInstance, now: float) -> bool:
+        """Whether the platform deletes `rec` now: down (`stopped`, and `standby` when the
+        behaviour counts it) for its autokill `time_ms`."""
+        if rec.autokill_ms <= 0:
+            return False
+        down = rec.state == "stopped" or (
+            rec.state == "standby" and self.behaviour.autokill_counts_standby
+        )
+        since = rec.down_since if rec.down_since is not None else rec.created_at
+        return down and (now - since) * 1000 >= rec.autokill_ms
+
     async def _idle_monitor(self) -> None:
         while True:
             await asyncio.sleep(_IDLE_TICK_S)
+            now = time.time()
             for rec in list(self.records.values()):
+                if rec.uuid in self.index and self.autokill_due(rec, now):
+                    self._log(rec, f"autokill: {rec.state} for {rec.autokill_ms} ms, deleting")
+                    await self.delete(rec)
+                    continue
                 if self.activity.idle_due(rec):
                     self._log(rec, "scale-to-zero: idle for the cooldown")
                     self._transitions.spawn(
@@ -517,6 +549,8 @@ class LocalMetro:
         assert state in STATES, state
         now = time.time()
         was_up = rec.state in UP_STATES
+        if state in ("stopped", "standby") and rec.state not in ("stopped", "standby"):
+            rec.down_since = now
         if state == "running":
             rec.started_at = now
             self.activity.touch(rec.uuid)

@@ -129,6 +129,12 @@ class LocalInstance:
     retained_until: float | None = None
     #: the attached volumes as the read shows them: `{uuid, name, at, readonly}`
     volumes: list[dict[str, Any]] = field(default_factory=list)
+    #: autokill `time_ms`: deleted once stopped this long (0: never)
+    autokill_ms: int = 0
+    #: when it last went down (`stopped` or `standby`); what autokill counts from
+    down_since: float | None = None
+    #: in `standby` by a user's suspend (not by scale-to-zero)
+    suspended: bool = False
 
     @property
     def has_sandbox_plugin(self) -> bool:
@@ -189,6 +195,7 @@ class LocalInstance:
             "plugins": [dict(p) for p in self.plugins],
             "volumes": [dict(v) for v in self.volumes],
             "services": [f"tcp:{s.port}" for s in self.services],
+            "autokill": {"time_ms": self.autokill_ms},
         }
         if self.started_at is not None:
             out["started_at"] = rfc3339(self.started_at)

@@ -14,6 +14,7 @@ from typing import Any
 
 from reconciler._util.names import is_dns_label
 from reconciler.local.state.index import InstanceIndex
+from reconciler.local.state.quotas import check_live_memory
 from reconciler.local.state.records import (
     CODE_ALREADY_EXISTS,
     CODE_INVALID,
@@ -31,6 +32,7 @@ __all__ = [
     "admit",
     "apply_update",
     "check_memory",
+    "parse_autokill",
     "parse_create",
 ]
 
@@ -45,6 +47,9 @@ class MetroLimits:
     min_memory_mb: int = 16
     max_memory_mb: int = 8192
     max_instances: int = 5000
+    #: the memory of all live instances together (a boot past it is refused); a local
+    #: account's is large: 64 sessions of the default 4096 MiB fit
+    max_live_memory_mb: int = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class CreateRequest:
     autostart: bool
     #: the volumes to attach (existing ones by reference, or new ones)
     volumes: list[VolumeAttach]
+    #: autokill `time_ms` (0: never)
+    autokill_ms: int = 0
 
     def to_instance(self, *, seq: int, app_domain: str) -> LocalInstance:
         """The new instance: a fresh uuid, the private address of its sequence number, and the
@@ -89,6 +96,7 @@ class CreateRequest:
             services=self.services,
             scale_to_zero=self.scale_to_zero,
             private_ip=f"10.0.{(seq >> 8) & 255}.{seq & 255}",
+            autokill_ms=self.autokill_ms,
         )
         if self.group_name is not None:
             rec.service_group_uuid = str(uuidlib.uuid4())
@@ -189,6 +197,27 @@ def _scale_to_zero(raw: object, *, has_group: bool, features: list[str]) -> dict
     }
 
 
+def parse_autokill(raw: object) -> int:
+    """The `time_ms` of an `autokill` object (0: never); `num_requests` is not emulated."""
+    if raw is None:
+        return 0
+    if not isinstance(raw, dict):
+        raise _bad("autokill must be an object")
+    unknown = sorted(set(raw) - {"time_ms", "num_requests"})
+    if unknown:
+        raise _bad(f"autokill has unknown fields: {', '.join(unknown)}")
+    time_ms = raw.get("time_ms", 0)
+    if time_ms is None:
+        time_ms = 0
+    if not isinstance(time_ms, int) or isinstance(time_ms, bool) or time_ms < 0:
+        raise _bad(f"autokill.time_ms must be a whole number >= 0, got {time_ms!r}")
+    if raw.get("num_requests") not in (None, 0):
+        raise ItemError(
+            "autokill.num_requests is not emulated by the local metro", code=CODE_UNSUPPORTED
+        )
+    return time_ms
+
+
 def _string_list(body: dict[str, Any], key: str) -> list[str]:
     value = body.get(key, []) or []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -271,6 +300,7 @@ def parse_create(body: object) -> CreateRequest:
         scale_to_zero=s2z,
         autostart=autostart,
         volumes=parse_attach(body.get("volumes")),
+        autokill_ms=parse_autokill(body.get("autokill")),
     )
 
 
@@ -304,6 +334,8 @@ def admit(
         )
     if index.name_taken(req.name):
         raise ItemError(f"instance name '{req.name}' is already taken", code=CODE_ALREADY_EXISTS)
+    if req.autostart:
+        check_live_memory(index.records.values(), req.memory_mb, limits.max_live_memory_mb)
     return req
 
 
@@ -324,6 +356,9 @@ def apply_update(
     elif prop == "memory_mb" and kind == "set" and isinstance(value, int):
         check_memory(limits, value)
         rec.memory_mb = value
+    elif prop == "autokill" and kind == "set":
+        # why in any state: it is bookkeeping of the platform's, not of the guest [inferred]
+        rec.autokill_ms = parse_autokill(value)
     elif prop == "tags" and kind in ("set", "add", "del"):
         vals = value if isinstance(value, list) else ([] if value is None else [value])
         vals = [str(v) for v in vals]
