@@ -56,6 +56,7 @@ from reconciler._util.atomic import writer_alive
 from reconciler._util.text import one_line
 from reconciler.errors import HostileEntryError, MissingToolError, SyncHaltedError
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
+from reconciler.sync.capability import is_missing_interpreter, record_tools, recorded_tools
 from reconciler.sync.ignore import is_under
 from reconciler.sync.manifest import CHUNK, hash_file
 from reconciler.sync.options import SyncOptions
@@ -717,8 +718,9 @@ def pull(
     `instance_uuid` names the sandbox read: with the boot id the sandbox reports, it is the
     source of what this pull brings; without it no remote deletion is ever mirrored.
     `helper`: True reads through the python helper, False through the sandbox's own find
-    and tar (`tarpull`: an image without python3); None tries the helper and takes tar when
-    the sandbox cannot run python3.
+    and tar (`tarpull`: an image without python3); None takes what `capability` recorded for
+    the instance, else tries the helper and takes tar (and records it) when the sandbox
+    cannot run python3.
     """
     back = opts.back_paths()
     for b in back:
@@ -729,12 +731,19 @@ def pull(
     try:
         if not back:
             return PullResult()
-        if helper is not False:
+        known = recorded_tools(opts, instance_uuid) if helper is None else None
+        if helper is True or (helper is None and known != "shell"):
             try:
-                return _pull_helper(shell, opts, tree, back, instance_uuid)
+                result = _pull_helper(shell, opts, tree, back, instance_uuid)
             except MissingToolError as exc:
-                if helper is True or exc.tool != opts.remote_python:
+                if helper is True or not is_missing_interpreter(exc, opts):
                     raise
+                # learnt from the helper's own failure (as a push learns it): shell from now on
+                record_tools(opts, instance_uuid, "shell")
+            else:
+                if helper is None:
+                    record_tools(opts, instance_uuid, "python")
+                return result
         # why here: tarpull builds on this module's judge and writer
         from reconciler.sync.tarpull import pull_tar
 
