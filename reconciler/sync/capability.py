@@ -23,7 +23,7 @@ from typing import Literal
 
 from reconciler.errors import MissingToolError, RemoteError
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.records import read_record, write_record
+from reconciler.sync.records import TOOLS, read_record, write_record
 from reconciler.transport.base import RemoteShell
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: the record's name in the session's sync state dir
-RECORD = "tools.json"
+RECORD = TOOLS
 
 #: "python": the helper runs; "shell": sh + coreutils + findutils + tar (no usable python3)
 Tools = Literal["python", "shell"]

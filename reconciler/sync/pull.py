@@ -60,7 +60,7 @@ from reconciler.sync.capability import is_missing_interpreter, record_tools, rec
 from reconciler.sync.ignore import is_under
 from reconciler.sync.manifest import CHUNK, hash_file
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.records import PULL_RECORD, read_record, write_record
+from reconciler.sync.pullrecord import PullRecord, load_pull_record, save_pull_record
 from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
@@ -172,12 +172,10 @@ def _why(exc: OSError) -> str:
     return (exc.strerror or f"error {exc.errno}").lower()
 
 
-def pull_record(opts: SyncOptions) -> dict[str, list[Any]]:
+def pull_record(opts: SyncOptions) -> PullRecord:
     """Our last pull record: path -> [size, mtime_ns, sha256, source] of each file pull
     wrote; source ("instance-uuid/boot-id") is absent in an older ukc's entries."""
-    data = read_record(opts.state_dir, PULL_RECORD) or {}
-    files = data.get("files")
-    return files if isinstance(files, dict) else {}
+    return load_pull_record(opts.state_dir)
 
 
 def pulled_paths(opts: SyncOptions) -> set[Path]:
@@ -308,7 +306,7 @@ class _Puller:
         self.back = opts.back_paths()
         self.back_set = frozenset(self.back)  # checked for every entry (see is_under)
         self.record = pull_record(opts)
-        self.new_record: dict[str, list[Any]] = dict(self.record)
+        self.new_record = self.record.copy()
         self.result = PullResult()
         #: every path the sandbox announced (refused ones too: they exist over there), and
         #: local write failures: what deletions are judged by (paths kept only when they are)
@@ -360,9 +358,9 @@ class _Puller:
             label = _safe_label(path)
             self.stop(f"stopped: the local disk is full ({_why(exc)}) while writing {label}")
 
-    def entry_record(self, size: object, mtime: object, sha: object) -> list[Any]:
-        """A record entry for a file this sandbox has, tagged with its source when known."""
-        return [size, mtime, sha, self.seen.source] if self.seen.source else [size, mtime, sha]
+    def keep(self, path: str, size: int, mtime: int, sha: str) -> None:
+        """Record a file this sandbox has, tagged with its source when known."""
+        self.new_record.put(path, size, mtime, sha, self.seen.source)
 
     def finish(self) -> None:
         """Wait for every pooled write."""
@@ -460,10 +458,10 @@ class _Puller:
             return self.result.stopped is None
         if not has_data:
             self.result.unchanged += 1
-            rec = self.record.get(path)
-            if isinstance(rec, list) and len(rec) >= 3:
+            was = self.record.entries.get(path)
+            if was is not None:
                 # seen unchanged in this sandbox: from now on it is this sandbox's file
-                self.new_record[path] = self.entry_record(rec[0], rec[1], rec[2])
+                self.keep(path, was.size, was.mtime_ns, was.ref)
             return self.result.stopped is None
         return self.file(path, size, local_mode(mode), mtime) and self.result.stopped is None
 
@@ -606,13 +604,13 @@ class _Puller:
             return
         if st is not None:
             local_sha = self._local_sha(pfd, name, st)
-            rec = self.record.get(path)
+            was = self.record.entries.get(path)
             if local_sha == sha:
                 _unlink_quiet(tmp, pfd)  # same content already here
-                self.new_record[path] = self.entry_record(size, mtime, sha)
+                self.keep(path, size, mtime, sha)
                 self.result.unchanged += 1
                 return
-            ours = isinstance(rec, list) and len(rec) >= 3 and local_sha == rec[2]
+            ours = was is not None and local_sha == was.ref
             if not ours:
                 beside = name + CONFLICT_SUFFIX
                 if len(beside.encode("utf-8", "surrogateescape")) > 255:
@@ -626,11 +624,11 @@ class _Puller:
                 os.replace(tmp, beside, src_dir_fd=pfd, dst_dir_fd=pfd)
                 # recorded as the sandbox's version: reported once, not on every pull; no
                 # source: the file in place is the user's, not one this pull brought
-                self.new_record[path] = [size, mtime, sha]
+                self.new_record.put(path, size, mtime, sha)
                 self.result.conflicts.append(path)
                 return
         os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        self.new_record[path] = self.entry_record(size, mtime, sha)
+        self.keep(path, size, mtime, sha)
         self.result.files_written += 1
         self.result.bytes_written += size
         self.result.written.append(path)
@@ -696,13 +694,21 @@ def _unlink_quiet(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _have(record: dict[str, list[Any]]) -> dict[str, list[int]]:
-    """What we last pulled, as the sandbox had it: unchanged remote files are not resent."""
-    have: dict[str, list[int]] = {}
-    for path, rec in record.items():
-        if isinstance(rec, list) and len(rec) >= 3 and all(type(v) is int for v in rec[:2]):
-            have[path] = [rec[0], rec[1]]
-    return have
+#: entries of the pull record per `have` frame
+_HAVE_CHUNK = 2000
+
+
+def _send_have(s: HelperSession, record: PullRecord) -> None:
+    """What we last pulled, as the sandbox had it (unchanged remote files are not resent), in
+    frames of `_HAVE_CHUNK` entries: never the whole record as one JSON text."""
+    part: dict[str, list[int]] = {}
+    for path, e in record.entries.items():
+        part[path] = [e.size, e.mtime_ns]
+        if len(part) >= _HAVE_CHUNK:
+            s.send({"op": "have", "have": part})
+            part = {}
+    if part:
+        s.send({"op": "have", "have": part})
 
 
 def pull(
@@ -768,7 +774,8 @@ def _pull_helper(
                 "digest": "-",
             }
         )
-        s.send({"op": "pull", "back": list(back), "have": _have(record), "flush": True})
+        _send_have(s, record)
+        s.send({"op": "pull", "back": list(back), "flush": True})
         s.flush()
         hello = s.reader.frame(_HEADER_LIMIT)
         boot = hello.get("boot_id") if isinstance(hello, dict) else None
@@ -806,6 +813,7 @@ def _conclude(opts: SyncOptions, tree: _Tree, back: tuple[str, ...], puller: _Pu
     return result
 
 
-def _save_record(opts: SyncOptions, files: dict[str, list[Any]]) -> None:
-    # no fsync: a lost record makes the next pull compare contents instead (safe)
-    write_record(opts.state_dir, PULL_RECORD, {"version": 1, "files": files}, durable=False)
+def _save_record(opts: SyncOptions, record: PullRecord) -> None:
+    # no fsync (the journal's writes): a lost record makes the next pull compare contents
+    # instead (safe)
+    save_pull_record(opts.state_dir, record)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,24 +61,51 @@ MAX_REMOTE_ONLY_CHARS = 64 << 20
 _REMOTE_ONLY = {t: Entry(t, 0, 0, 0, "") for t in ("f", "d", "l", "o")}
 
 
-def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> Manifest:
-    """The sandbox's tree from the helper's streamed scan, checked entry by entry.
+class RemoteScan:
+    """A remote scan's entries, checked and kept with bounded memory whatever the sandbox
+    sends: a path of the local tree keeps one entry however often it is repeated, excluded
+    paths are dropped, and other paths (deletion candidates) stop at `MAX_REMOTE_ONLY` /
+    `MAX_REMOTE_ONLY_CHARS`. The helper's frames and the shell path's `find` output both
+    end here."""
 
-    Memory stays bounded whatever the helper sends: frames are small, a path of the local
-    tree keeps one entry however often it is repeated, excluded paths are dropped, and
-    other paths (deletion candidates) stop at `MAX_REMOTE_ONLY` / `MAX_REMOTE_ONLY_CHARS`.
-    """
-    mine = local.entries
-    entries: dict[str, Entry] = {}
-    others = 0
-    chars = 0
+    def __init__(self, local: Manifest, rules: IgnoreRules, opts: SyncOptions) -> None:
+        self._mine = local.entries
+        self._rules = rules
+        self._opts = opts
+        self.entries: dict[str, Entry] = {}
+        self._others = 0
+        self._chars = 0
+
+    def add(self, path: str, kind: str, size: int, mtime_ns: int, mode: int, ref: str) -> None:
+        entries = self.entries
+        if path in self._mine:
+            entries[path] = Entry(kind, size, mtime_ns, mode, ref)
+            return
+        if path in entries or not self._rules.deletable(path, kind == "d"):
+            return
+        self._others += 1
+        self._chars += len(path)
+        if self._others > MAX_REMOTE_ONLY or self._chars > MAX_REMOTE_ONLY_CHARS:
+            raise SyncLimitError(
+                f"push to {self._opts.remote_root}: the sandbox lists {self._others} paths "
+                f"({self._chars} characters) that are not in the local tree, more than a push "
+                f"may delete ({MAX_REMOTE_ONLY} paths, {MAX_REMOTE_ONLY_CHARS} characters); "
+                "stopped before any change (exclude them with sync.exclude or .ukcignore)"
+            )
+        entries[path] = _REMOTE_ONLY[kind]
+
+
+def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> Manifest:
+    """The sandbox's tree from the helper's streamed scan, checked entry by entry
+    (`RemoteScan` bounds what is kept)."""
+    kept = RemoteScan(local, rules, s.opts)
     while True:
         frame = s.reader.frame()
         batch = frame.get("scan") if isinstance(frame, dict) else None
         if not isinstance(batch, list):
             if isinstance(frame, dict) and frame.get("scan_end") is True:
-                return Manifest(entries)
-            raise RemoteError(f"sync helper sent a malformed scan frame ({len(entries)} read)")
+                return Manifest(kept.entries)
+            raise RemoteError(f"sync helper sent a malformed scan frame ({len(kept.entries)} read)")
         for item in batch:
             ok = (
                 isinstance(item, list)
@@ -89,23 +117,10 @@ def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> M
                 and isinstance(item[5], str)
             )
             if not ok:
-                raise RemoteError(f"sync helper sent a malformed scan entry ({len(entries)} read)")
-            path = item[0]
-            if path in mine:
-                entries[path] = Entry(item[1], item[2], item[3], item[4], item[5])
-                continue
-            if path in entries or not rules.deletable(path, item[1] == "d"):
-                continue
-            others += 1
-            chars += len(path)
-            if others > MAX_REMOTE_ONLY or chars > MAX_REMOTE_ONLY_CHARS:
-                raise SyncLimitError(
-                    f"push to {s.opts.remote_root}: the sandbox lists {others} paths "
-                    f"({chars} characters) that are not in the local tree, more than a push may "
-                    f"delete ({MAX_REMOTE_ONLY} paths, {MAX_REMOTE_ONLY_CHARS} characters); "
-                    "stopped before any change (exclude them with sync.exclude or .ukcignore)"
+                raise RemoteError(
+                    f"sync helper sent a malformed scan entry ({len(kept.entries)} read)"
                 )
-            entries[path] = _REMOTE_ONLY[item[1]]
+            kept.add(item[0], item[1], item[2], item[3], item[4], item[5])
 
 
 #: files at least this big that the remote already has are sent as changed blocks only
@@ -376,40 +391,61 @@ def _push(
     if not isinstance(hello, dict):
         raise RemoteError("sync helper answered hello with a non-object frame")
     boot_id = str(hello.get("boot_id", ""))[:128]
-    fresh = last is not None and _record_matches(
-        hello.get("record"), boot_id, instance_uuid, last["digest"], opts
-    )
-    scanned = not fresh
-    basis = local.basis
-    delta = False
-    if scanned:
-        want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
+
+    def scan(want: dict[str, list[int]]) -> Manifest:
         s.send({"op": "scan", "want": want, "flush": True})
         s.flush()
-        previous = read_remote_scan(s, local, rules)
-        plan = diff_manifests(
-            local, previous, rules, reason="remote scanned (no trusted remote record)"
-        )
-    else:
-        assert last is not None
-        reason = "remote record matches our last push"
-        if (last["digest"], last["mtimes"]) == local.key:
-            previous, plan = local, TransferPlan(reason=reason)
-        elif basis is not None and basis.key == (last["digest"], last["mtimes"]):
-            # the record is the state the scan started from: only what it found changed
-            previous, plan = changes_of(local, basis, rules, reason=reason)
-            delta = True
-        else:
-            pushed = last_push_record(opts)
-            if pushed is None:
-                raise SyncError(f"push to {opts.remote_root}: our push record vanished")
-            previous = pushed[0]
-            plan = diff_manifests(local, previous, rules, reason=reason)
+        return read_remote_scan(s, local, rules)
+
+    previous, plan, delta, scanned = judge(
+        opts, rules, local, last, hello.get("record"), boot_id, instance_uuid, scan
+    )
     result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
     if plan.empty and not scanned:
         return result, delta, False  # our record already describes this tree
     result.deleted = _apply(s, plan, local, previous, opts, rules, instance_uuid, boot_id, result)
     return result, delta, True
+
+
+def judge(
+    opts: SyncOptions,
+    rules: IgnoreRules,
+    local: Manifest,
+    last: dict[str, Any] | None,
+    record: Any,
+    boot_id: str,
+    instance_uuid: str,
+    scan: Callable[[dict[str, list[int]]], Manifest],
+) -> tuple[Manifest, TransferPlan, bool, bool]:
+    """What the remote holds and the plan to make it `local`: (previous, plan, whether the
+    push record takes a delta, whether the remote was scanned). The remote's `record` (what
+    it says our last push left, in this boot) is trusted when it matches our own; otherwise
+    `scan` (given the local files' sizes and mtimes: equal remote ones are hashed) is called.
+    Both sync paths decide here."""
+    fresh = last is not None and _record_matches(
+        record, boot_id, instance_uuid, last["digest"], opts
+    )
+    if not fresh:
+        want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
+        previous = scan(want)
+        plan = diff_manifests(
+            local, previous, rules, reason="remote scanned (no trusted remote record)"
+        )
+        return previous, plan, False, True
+    assert last is not None
+    reason = "remote record matches our last push"
+    basis = local.basis
+    if (last["digest"], last["mtimes"]) == local.key:
+        return local, TransferPlan(reason=reason), False, False
+    if basis is not None and basis.key == (last["digest"], last["mtimes"]):
+        # the record is the state the scan started from: only what it found changed
+        previous, plan = changes_of(local, basis, rules, reason=reason)
+        return previous, plan, True, False
+    pushed = last_push_record(opts)
+    if pushed is None:
+        raise SyncError(f"push to {opts.remote_root}: our push record vanished")
+    previous = pushed[0]
+    return previous, diff_manifests(local, previous, rules, reason=reason), False, False
 
 
 def _record_matches(

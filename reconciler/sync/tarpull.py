@@ -42,7 +42,6 @@ from reconciler.sync.pull import (
     _PATH_MAX,
     PullResult,
     _conclude,
-    _have,
     _Puller,
     _safe_label,
     _save_record,
@@ -341,7 +340,6 @@ class _TarPuller(_Puller):
 
     def __init__(self, opts: SyncOptions, tree: _Tree, source: str) -> None:
         super().__init__(None, opts, tree, source)
-        self.have = _have(self.record)
         #: changed files, in listing order: asked of tar
         self.wanted: list[_Want] = []
         self.tar: TarReader | None = None
@@ -366,7 +364,8 @@ class _TarPuller(_Puller):
             "mode": _int(mode, 8),
             "mtime_ns": ns,
         }
-        if kind == "f" and self.have.get(path) == [n, ns]:
+        was = self.record.entries.get(path) if kind == "f" else None
+        if was is not None and (was.size, was.mtime_ns) == (n, ns):
             hdr["unchanged"] = True
         return hdr
 

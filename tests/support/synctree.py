@@ -31,7 +31,7 @@ class Site:
     remote_state: Path
     boot: Path
     shell: LocalShell
-    #: the sandbox's python3 (one that is not there: a sandbox without python3)
+    #: the sandbox's interpreter: one that does not exist gives a sandbox without python3
     remote_python: str = REMOTE_PYTHON
 
     def opts(self, **kw: object) -> SyncOptions:

@@ -20,7 +20,8 @@ import pytest
 
 from reconciler.sync.engine import PullResult, plan_pull, pull, pulled_paths
 from reconciler.sync.pull import CONFLICT_SUFFIX, pull_record
-from reconciler.sync.records import PULL_RECORD, write_record
+from reconciler.sync.pullrecord import PULL_JOURNAL, PULL_LEGACY
+from reconciler.sync.records import write_record
 from reconciler.sync.remote import encode_frame
 from tests.support.synctree import Site, snapshot, write
 
@@ -541,7 +542,8 @@ class TestBackDelete:
         mirrored(world)
         # an older ukc wrote [size, mtime_ns, sha256]: where it came from is unknown
         old = {p: rec[:3] for p, rec in pull_record(world.opts()).items()}
-        write_record(world.state, PULL_RECORD, {"version": 1, "files": old})
+        (world.state / PULL_JOURNAL).unlink()
+        write_record(world.state, PULL_LEGACY, {"version": 1, "files": old})
         (world.remote / "out/b.txt").unlink()
         result = mirrored(world)
         assert result.deleted == []
