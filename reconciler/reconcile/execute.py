@@ -22,7 +22,7 @@ from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance, VolumeMount
-from reconciler.reconcile import actions, identity, rebuild, sessionkeys
+from reconciler.reconcile import actions, bootmark, identity, rebuild, sessionkeys
 from reconciler.reconcile.desired import (
     Group,
     SessionContext,
@@ -560,6 +560,7 @@ class Executor:
             run.transport = self.pool.take(ctx.desired.name, inst.uuid)
             if run.transport is not None:
                 run.pooled = True
+                self._mark_boot(ctx.desired.name, run)
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
@@ -584,6 +585,30 @@ class Executor:
         with self.doc_lock:
             if rec.instance is not None:
                 rec.instance.pin = transport.pin
+        self._mark_boot(ctx.desired.name, run)
+
+    def _mark_boot(self, session: str, run: _Run) -> None:
+        """Leave the boot marker on the first connection of a boot (`reconcile/bootmark.py`).
+        Best effort: without one, a later `start_count` change reads as a cold boot."""
+        inst, rec = run.inst, self._record(session)
+        known = rec.instance
+        if (
+            run.transport is None
+            or inst is None
+            or known is None
+            or known.boot_mark
+            or known.uuid != inst.uuid
+            or known.start_count != inst.start_count
+        ):
+            return
+        token = bootmark.new_token()
+        try:
+            bootmark.leave_mark(run.transport, token)
+        except errors.UkcError as err:
+            self._say(session, "info", f"boot marker not left: {err}")
+            return
+        with self.doc_lock:
+            known.boot_mark = token
 
     def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
         assert run.transport is not None and run.inst is not None

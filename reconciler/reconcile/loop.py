@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, identity, lease, rebuild
+from reconciler.reconcile import actions, bootmark, identity, lease, rebuild
 from reconciler.reconcile.desired import (
     DesiredSession,
     Group,
@@ -98,19 +98,34 @@ def plan_group(
         watch=False,
     ):
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+    woken = bootmark.worth_checking(obs, doc, set())
+    with contextlib.closing(TransportPool()) as pool:
+        if woken:
+            bootmark.check(
+                woken, obs=obs, doc=doc, metros=metros, pool=pool, reporter=RecordingReporter()
+            )
+        return _plan_read_only(group, obs, doc, metros, pool, prune=prune, now=now), obs
 
+
+def _plan_read_only(
+    group: Group,
+    obs: Observation,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    pool: TransportPool,
+    *,
+    prune: bool,
+    now: Callable[[], float],
+) -> actions.Plan:
     the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     wanted = rebuild.worth_reading(the_plan, obs, doc, set())
     if wanted:
         # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
         # not written; apply does that)
-        with contextlib.closing(TransportPool()) as pool:
-            quiet = RecordingReporter()
-            if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
-                the_plan = _plan(
-                    obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files
-                )
-    return the_plan, obs
+        quiet = RecordingReporter()
+        if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
+            the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    return the_plan
 
 
 def _plan(
@@ -192,6 +207,8 @@ def apply_group(
         ran: set[tuple[str, str]] = set()
         #: sessions whose sandbox journal was read in this run (once is enough)
         journals_read: set[str] = set()
+        #: sessions whose boot marker was read in this run (once is enough)
+        marks_read: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
         while True:
@@ -208,6 +225,18 @@ def apply_group(
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
+            woken = bootmark.worth_checking(obs, doc, marks_read)
+            if woken:
+                marks_read.update(woken)
+                bootmark.check(
+                    woken,
+                    obs=obs,
+                    doc=doc,
+                    metros=metros,
+                    pool=kept,
+                    reporter=reporter,
+                    concurrency=concurrency,
+                )
 
             plan = _plan(
                 desired, obs, doc, now(), prune=prune and not failed, only_files=group.only_files

@@ -251,7 +251,7 @@ class LocalMetro:
             if rec.state != "starting" or rec.uuid not in self.index:
                 return
             rec.frozen = False
-            if not thaw:
+            if not thaw or self.behaviour.wake_moves_start_count:
                 rec.start_count += 1
             rec.stop_reason = None
             rec.stop_code = None
