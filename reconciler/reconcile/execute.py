@@ -114,6 +114,7 @@ class Executor:
         ran: set[tuple[str, str]] | None = None,
         pool: TransportPool | None = None,
         stop: StopFlag | None = None,
+        committer: journal.Committer | None = None,
     ) -> None:
         self.group = group
         self.doc = doc
@@ -121,6 +122,9 @@ class Executor:
         self.metros = metros
         self.reporter = reporter
         self.doc_lock = doc_lock
+        #: the status file's writes (shared by every worker: saves in flight together are
+        #: written once)
+        self.committer = committer or journal.Committer(group.status_path, doc, doc_lock)
         self.ready_timeout_s = ready_timeout_s
         self.boot_timeout_s = boot_timeout_s
         #: how long a create waits for a name an instance being deleted still holds
@@ -147,8 +151,8 @@ class Executor:
             return self.doc.sessions.setdefault(session, SessionStatus())
 
     def save(self) -> None:
-        with self.doc_lock:
-            journal.save(self.group.status_path, self.doc)
+        """Make this session's journaled changes durable (not under `doc_lock`)."""
+        self.committer.save()
 
     def _say(self, session: str, kind: str, text: str, stream: str = "") -> None:
         self.reporter.event(Event(session, kind, text, stream))
@@ -452,9 +456,12 @@ class Executor:
                     )
             if remaining <= 0:
                 return None
-            # the platform's own wait holds the request until the state is reached
+            # the platform's own wait holds the request until the state is reached; its
+            # answer is a full read of the instance, so a running one is not read again
             with contextlib.suppress(errors.SandboxNotReadyError):
-                conn.api.wait_instance(name, "running", min(remaining, 2.0))
+                waited = conn.api.wait_instance(name, "running", min(remaining, 2.0))
+                if waited.state in ("running", "standby"):
+                    return waited
             return None
 
         policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)

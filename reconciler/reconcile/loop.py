@@ -197,7 +197,9 @@ def apply_group(
     ):
         doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
+        committer = journal.Committer(group.status_path, doc, doc_lock)
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
+        unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
@@ -291,6 +293,7 @@ def apply_group(
                 ran=ran,
                 pool=kept,
                 stop=stop,
+                committer=committer,
             )
             work = [s for s in plan.sessions if s.changes]
             unfinished.in_flight = executor.in_flight
@@ -381,6 +384,7 @@ class _UnfinishedOnInterrupt:
         self.group = group
         self.doc: StatusDoc | None = None
         self.doc_lock = threading.Lock()
+        self.committer: journal.Committer | None = None
         #: the running executor's actions in flight (a second Ctrl-C leaves them behind)
         self.in_flight: Mapping[str, actions.Action] = {}
 
@@ -388,11 +392,16 @@ class _UnfinishedOnInterrupt:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        if self.doc is None or kind is None or not issubclass(kind, KeyboardInterrupt):
+        if self.committer is None or kind is None or not issubclass(kind, KeyboardInterrupt):
             return
-        now = journal.utc_now()
         # why suppress: after a second Ctrl-C a worker may still write the document
-        with contextlib.suppress(Exception), self.doc_lock:
+        with contextlib.suppress(Exception):
+            self._journal(journal.utc_now())
+            self.committer.save()
+
+    def _journal(self, now: str) -> None:
+        assert self.doc is not None
+        with self.doc_lock:
             for session, action in self.in_flight.items():
                 rec = self.doc.sessions.setdefault(session, SessionStatus())
                 rec.phase = "Interrupted"
@@ -405,7 +414,6 @@ class _UnfinishedOnInterrupt:
                     rec.message = "interrupted"
                     rec.interruption = Interruption(at=now)
                     journal.set_condition(rec, "Ready", "False", "Interrupted", "interrupted", now)
-            journal.save(self.group.status_path, self.doc)
 
 
 def _run_sessions(

@@ -356,3 +356,24 @@ class TestBatches:
         # the next push (a fresh scan) repairs it
         push(site.shell, site.opts(), instance_uuid="u1")
         assert tree(site.remote) == tree(site.local)
+
+
+def test_edited_big_files_among_small_ones_send_changed_blocks_and_every_small_file(
+    site: Site,
+) -> None:
+    bigs = [write(site.local / f"big{i}.bin", os.urandom(2 << 20)) for i in range(3)]
+    for i in range(40):
+        write(site.local / f"small/{i}.txt", f"small {i}")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    for n, big in enumerate(bigs):
+        with open(big, "r+b") as f:
+            f.seek((n + 1) * (1 << 19))
+            f.write(b"edited")
+    for i in range(0, 40, 4):
+        write(site.local / f"small/{i}.txt", f"small {i} edited")
+    write(site.local / "small/new.txt", "new")
+    result = push(site.shell, site.opts(), instance_uuid="u1")
+    assert result.files_sent == 3 + 10 + 1
+    small = sum(len(f"small {i} edited") for i in range(0, 40, 4)) + len("new")
+    assert result.bytes_sent == 3 * 65536 + small
+    assert snapshot(site.remote) == snapshot(site.local)
