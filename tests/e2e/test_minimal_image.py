@@ -5,12 +5,15 @@ python3: sync (shell+tar), commands, sync-back, a no-change apply, `ukc watch`, 
 from __future__ import annotations
 
 import json
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from reconciler.local.daemon import MetroInfo
 from tests.support.ukc import Ukc
 from tests.support.watching import WatchProcess
 
@@ -116,3 +119,40 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         return ""
+
+
+def test_commands_over_the_exec_server_work_too(mini: Ukc) -> None:
+    mini.write_spec(SPEC + "exec: http\n")
+    proc = mini.run("apply", "session.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert out(mini, "n.txt").strip() == "10"
+
+
+def test_a_fresh_runner_with_the_session_secret_finds_the_work_done(
+    metro: MetroInfo, tmp_path: Path
+) -> None:
+    env = {
+        "UKC_PROJECT": "mini-" + secrets.token_hex(4),
+        "UKC_SESSION_SECRET": secrets.token_hex(16),
+    }
+    first, fresh = Ukc(tmp_path / "a", metro, dict(env)), Ukc(tmp_path / "b", metro, dict(env))
+    d = first.project / "d"
+    d.mkdir(parents=True)
+    (d / "a.txt").write_text("hello\n")
+    (d / "b.txt").write_text("bye\n")
+    first.write_spec(SPEC)
+    try:
+        first.run("apply", "session.yaml", check=0)
+        shutil.copytree(first.project, fresh.project, ignore=shutil.ignore_patterns(".ukc", "out"))
+        proc = fresh.run("apply", "session.yaml", check=0)
+        assert "status rebuilt from the sandbox's journal" in proc.stdout, proc.stdout
+        assert "run command" not in proc.stdout and "synced" not in proc.stdout, proc.stdout
+        # no push record of its own: an edit scans the remote, whose other files hash equal
+        (fresh.project / "d" / "a.txt").write_text("hello from b\n")
+        proc = fresh.run("apply", "session.yaml", check=0)
+        assert "synced: 1 file(s) sent (13 B), 0 deleted" in proc.stdout, proc.stdout
+        assert (fresh.project / "d" / "out" / "n.txt").read_text().strip() == "17"
+    finally:
+        names = [s["instance"]["name"] for s in first.status()["sessions"].values()]
+        with first.api() as client:
+            client.request("DELETE", "/v1/instances", json=[{"name": n} for n in names])
