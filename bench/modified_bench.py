@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--no-back", action="store_true")
     a = ap.parse_args()
+    # a TERM (a bench stopped by hand) still deletes the sandboxes and stops the metro
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="ukc-modified-bench-"))
     env = UkcEnv(work)
     print(f"# rounds={a.rounds} load_before={os.getloadavg()[0]:.2f}")
@@ -118,6 +121,7 @@ def main() -> None:
             keyp = proj / ".ukc" / "keys" / "bench"
             top = tuple(sorted(p.name + ("/" if p.is_dir() else "") for p in tree.iterdir()))
             backs = work / "backs"
+            backs.mkdir()
 
             def ukc_back(r: int) -> float:
                 dest = backs / f"ukc{r}"
