@@ -65,6 +65,7 @@ MAX_FIELD = 4096
 _MAX_DONE = 4096
 #: paths per command line of the operations script (argv stays far below ARG_MAX)
 _ARGS_PER_CALL = 500
+_CHARS_PER_CALL = 64 << 10
 _BLOCK = 512
 _RECORD = 20 * _BLOCK
 
@@ -384,13 +385,16 @@ def _staged(path: str) -> str:
 
 
 def _calls(head: str, words: Iterable[str], tail: str = "") -> Iterator[str]:
-    """`head WORDS... tail` lines, at most `_ARGS_PER_CALL` words each."""
+    """`head WORDS... tail` lines, at most `_ARGS_PER_CALL` words and `_CHARS_PER_CALL`
+    characters of them each (a program's arguments stay far below ARG_MAX)."""
     batch: list[str] = []
+    size = 0
     for w in words:
-        batch.append(w)
-        if len(batch) >= _ARGS_PER_CALL:
+        if batch and (len(batch) >= _ARGS_PER_CALL or size + len(w) > _CHARS_PER_CALL):
             yield f"{head} {' '.join(batch)}{tail}"
-            batch = []
+            batch, size = [], 0
+        batch.append(w)
+        size += len(w) + 1
     if batch:
         yield f"{head} {' '.join(batch)}{tail}"
 
