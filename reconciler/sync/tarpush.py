@@ -369,9 +369,11 @@ def apply_command(opts: SyncOptions) -> str:
         f"S=./{STAGE}; "
         'rm -rf -- "$S" && mkdir -- "$S" || exit 91; '
         'tar -x -p --no-same-owner -f - -C "$S" 2>"$S/.err"; t=$?; '
-        'if [ "$t" -ne 0 ]; then head -c 2048 -- "$S/.err" >&2; rm -rf -- "$S"; exit "$t"; fi; '
+        # tar's first real complaint (not its note on the pax charset field, nor its last line)
+        'if [ "$t" -ne 0 ]; then grep -v -e "extended header" -e "Exiting with failure" '
+        '-- "$S/.err" | head -n 1 | head -c 1024 >&2; rm -rf -- "$S"; exit "$t"; fi; '
         'sh "$S/ops" 2>"$S/.err"; c=$?; '
-        'head -c 2048 -- "$S/.err" >&2; rm -rf -- "$S"; exit "$c"'
+        'head -n 1 -- "$S/.err" | head -c 1024 >&2; rm -rf -- "$S"; exit "$c"'
     )
 
 
