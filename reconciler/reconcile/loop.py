@@ -52,6 +52,10 @@ from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
 
+#: the most session threads one round starts (`--concurrency`'s own maximum): the sessions
+#: beyond the concurrency wait for a slot, or for their instance to boot
+SESSION_THREADS_MAX = 64
+
 
 @dataclass
 class ApplyResult:
@@ -307,6 +311,7 @@ def apply_group(
                 pool=kept,
                 stop=stop,
                 committer=committer,
+                slots=threading.BoundedSemaphore(max(1, concurrency)),
             )
             work = [s for s in plan.sessions if s.changes]
             unfinished.in_flight = executor.in_flight
@@ -461,7 +466,10 @@ def _run_sessions(
             except BaseException as err:  # handed to the waiting main thread
                 future.set_exception(err)
 
-    for _ in range(min(max(1, concurrency), len(work))):
+    # why more threads than the concurrency: a session waiting for its instance to boot gives
+    # its slot (`Executor.slots`) to the next; the slots, not the threads, bound the work
+    threads = max(1, concurrency) if executor.slots is None else SESSION_THREADS_MAX
+    for _ in range(min(threads, len(work))):
         threading.Thread(target=worker, name="ukc-session", daemon=True).start()
     try:
         return [f.result() for f in futures]

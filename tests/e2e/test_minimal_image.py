@@ -156,3 +156,20 @@ def test_a_fresh_runner_with_the_session_secret_finds_the_work_done(
         names = [s["instance"]["name"] for s in first.status()["sessions"].values()]
         with first.api() as client:
             client.request("DELETE", "/v1/instances", json=[{"name": n} for n in names])
+
+
+def test_a_cold_boot_that_lost_the_workspace_is_synced_and_run_again(mini: Ukc) -> None:
+    mini.run("apply", "session.yaml", check=0)
+    uuid = session(mini)["instance"]["uuid"]
+    with mini.api() as client:
+        client.put("/v1/instances/stop", json=[{"uuid": uuid}])
+        client.request(
+            "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "stopped", "timeout_s": 30}]
+        )
+    (mini.project / "d" / "out" / "n.txt").unlink()
+    proc = mini.run("apply", "session.yaml", check=0)
+    # /workspace lived in memory: the new boot's record is gone, the scan finds it empty
+    assert "synced: 3 file(s) sent" in proc.stdout and "remote scanned" in proc.stdout, proc.stdout
+    assert "run command 'count'" in proc.stdout, proc.stdout
+    assert out(mini, "n.txt").strip() == "10"
+    assert session(mini)["instance"]["uuid"] == uuid

@@ -180,3 +180,23 @@ class TestSwappedLinks:
         with pytest.raises(SyncError, match="a symbolic link"):
             push(world.shell, world.opts(), instance_uuid="u1")
         world.outside_untouched()
+
+
+def test_a_tar_that_fails_is_named_by_its_first_complaint_and_changes_nothing(
+    world: World,
+) -> None:
+    push(world.shell, world.opts(), instance_uuid="u1")
+    before = snapshot(world.root)
+    world.hostile(
+        "tar",
+        "cat >/dev/null\n"
+        "echo \"tar: x: Ignoring unknown extended header keyword 'hdrcharset'\" >&2\n"
+        "echo 'tar: a.txt: Cannot write: No space left on device' >&2\n"
+        "echo 'tar: Exiting with failure status due to previous errors' >&2\n"
+        "exit 2\n",
+    )
+    write(world.local / "a.txt", "changed")
+    with pytest.raises(RemoteError, match="Cannot write: No space left on device"):
+        push(world.shell, world.opts(), instance_uuid="u1")
+    assert snapshot(world.root) == before
+    assert not (world.sandbox / "run" / "record.json").exists()  # the next push scans
