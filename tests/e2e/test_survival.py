@@ -256,9 +256,13 @@ def wake_statefully(ukc: Ukc, uuid: str) -> None:
         )
 
 
-def test_a_stateful_wake_that_moves_start_count_neither_resyncs_nor_reruns(tough: Ukc) -> None:
+@pytest.mark.parametrize("image", ["", "ukc/local-minimal:latest"])
+def test_a_stateful_wake_that_moves_start_count_neither_resyncs_nor_reruns(
+    tough: Ukc, image: str
+) -> None:
+    # the marker is POSIX sh only: it works on an image without python3 too
     behave(tough, {"wake_moves_start_count": True})
-    tough.write_spec(COUNTING.format(extra=""))
+    tough.write_spec(COUNTING.format(extra=f"image: {image}\n" if image else ""))
     tough.run("apply", "session.yaml", check=0)
     first = session(tough)
     uuid = first["instance"]["uuid"]
