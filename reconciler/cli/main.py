@@ -22,21 +22,18 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from reconciler import errors
-from reconciler.cli.render import (
-    StatusRow,
-    render_plan,
-    render_status,
-    status_document,
-    status_exit_code,
-)
-from reconciler.reconcile.desired import Group, load_groups
-from reconciler.spec.loader import LoadedSession, load_specs
-from reconciler.status import journal
+
+if TYPE_CHECKING:
+    # why only for types: each command imports what it runs, so `ukc --help`, `ukc local`
+    # and a command run without the warm process pay for no other command's modules
+    from reconciler.cli.render import StatusRow
+    from reconciler.reconcile.desired import Group
+    from reconciler.spec.loader import LoadedSession
 
 __all__ = ["main"]
 
@@ -149,7 +146,8 @@ def _concurrency_option(fn: F) -> F:
         type=click.IntRange(1, 64),
         default=8,
         show_default=True,
-        help="Sessions worked on at the same time.",
+        help="Sessions worked on at the same time (one waiting for its sandbox to boot lets "
+        "the next one start).",
     )(fn)
 
 
@@ -164,6 +162,8 @@ def _session_option(help_text: str) -> Callable[[F], F]:
 
 
 def _load(paths: Sequence[Path], status_override: Path | None) -> list[Group]:
+    from reconciler.reconcile.desired import load_groups
+
     return load_groups(paths, os.environ, status_override)
 
 
@@ -281,6 +281,8 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
     PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
     directory.
     """
+    from reconciler.spec.loader import load_specs
+
     specset = load_specs(list(paths) or [Path(".")], os.environ)
     if not specset.sessions:
         _require_sessions([], paths)
@@ -369,6 +371,7 @@ def _plan(
 ) -> tuple[bool, bool]:
     """Show the plans; (changes pending, a session apply would fail)."""
     from reconciler.cli.plan_output import PlannedGroup, build_document, render_markdown
+    from reconciler.cli.render import render_plan
     from reconciler.reconcile.loop import check_prune, plan_group
 
     groups = _load(paths, status_path)
@@ -539,6 +542,9 @@ def _status_rows(groups: Sequence[Group], only: Sequence[str], now: float) -> li
     """The sessions the given specs declare (a spec file: only its own), plus, for a
     directory given whole, the sessions its status file remembers that no spec declares;
     as of `now` (a session whose ttl passed shows as Expired: apply or watch deletes it)."""
+    from reconciler.cli.render import StatusRow
+    from reconciler.status import journal
+
     rows: list[StatusRow] = []
     for group in groups:
         doc = journal.load(group.status_path).as_of(now)
@@ -603,7 +609,14 @@ def status_cmd(
         _require_sessions(groups, paths)
     now = time.time()
     rows = _status_rows(groups, only, now)
-    from reconciler.cli.render import render_source, source_json
+    from reconciler.cli.render import (
+        render_source,
+        render_status,
+        source_json,
+        status_document,
+        status_exit_code,
+    )
+    from reconciler.status import journal
 
     followed = {
         str(g.status_path): doc
@@ -653,6 +666,7 @@ def delete(
     PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
     directory.
     """
+    from reconciler.reconcile.desired import Group
     from reconciler.reconcile.loop import delete_group
 
     groups = _load(paths, status_path)
@@ -1200,6 +1214,7 @@ def ls(metro: str | None, output: str, debug: bool) -> None:
     TTL LEFT OURS INSTANCE."""
     from reconciler.cli.render import render_table, span
     from reconciler.reconcile import access, identity
+    from reconciler.reconcile.desired import Group
     from reconciler.reconcile.plan import parse_time
 
     chosen = metro or os.environ.get("UKC_METRO") or "local"

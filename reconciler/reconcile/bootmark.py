@@ -38,7 +38,15 @@ from reconciler.status.schema import SessionStatus, StatusDoc
 from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
-__all__ = ["MARK_PATH", "carry_over", "check", "leave_mark", "new_token", "worth_checking"]
+__all__ = [
+    "MARK_PATH",
+    "carry_over",
+    "check",
+    "leave_mark",
+    "new_token",
+    "read_mark",
+    "worth_checking",
+]
 
 #: in the root filesystem, which lives in memory like /workspace: a cold boot starts
 #: without it, a stateful wake keeps it (and, unlike /workspace, no volume outlives a boot)
@@ -60,6 +68,15 @@ def leave_mark(transport: Transport, token: str) -> None:
         transport, f"printf '%s\\n' {token} > {MARK_PATH}.tmp && mv -f {MARK_PATH}.tmp {MARK_PATH}",
         None, limit=_MAX_ANSWER,
     )  # fmt: skip
+
+
+def read_mark(transport: Transport) -> str:
+    """The sandbox's boot marker ("" when there is none); what the sandbox says is bounded."""
+    data = rebuild.exchange(
+        transport, f"cat {MARK_PATH} 2>/dev/null; true", None, limit=_MAX_ANSWER
+    )
+    found = data.decode("ascii", errors="replace").strip()
+    return found if _TOKEN.match(found) else ""
 
 
 def worth_checking(obs: Observation, doc: StatusDoc, done: set[str]) -> list[str]:
@@ -146,16 +163,14 @@ def _check_one(
         if transport is None:
             # held to the recorded pin: a sandbox with another host key is not the same boot
             transport = rebuild.connect(ctx, inst, known, metros)
-        data = rebuild.exchange(
-            transport, f"cat {MARK_PATH} 2>/dev/null; true", None, limit=_MAX_ANSWER
-        )
+        found = read_mark(transport)
     except errors.UkcError as err:
         if transport is not None:
             with contextlib.suppress(Exception):
                 transport.close()
         reporter.event(Event(name, "info", f"{moved}; boot marker not read ({err}): a cold boot"))
         return False
-    if data.decode("ascii", errors="replace").strip() != known.boot_mark:
+    if found != known.boot_mark:
         with contextlib.suppress(Exception):
             transport.close()
         reporter.event(Event(name, "info", f"{moved}; boot marker gone: a cold boot"))

@@ -52,6 +52,10 @@ from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
 
+#: the most session threads one round starts (`--concurrency`'s own maximum): the sessions
+#: beyond the concurrency wait for a slot, or for their instance to boot
+SESSION_THREADS_MAX = 64
+
 
 @dataclass
 class ApplyResult:
@@ -98,13 +102,34 @@ def plan_group(
         watch=False,
     ):
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
-    woken = bootmark.worth_checking(obs, doc, set())
     with contextlib.closing(TransportPool()) as pool:
-        if woken:
-            bootmark.check(
-                woken, obs=obs, doc=doc, metros=metros, pool=pool, reporter=RecordingReporter()
-            )
+        _read_boot_marks(obs, doc, metros, pool, RecordingReporter(), set())
         return _plan_read_only(group, obs, doc, metros, pool, prune=prune, now=now), obs
+
+
+def _read_boot_marks(
+    obs: Observation,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    pool: TransportPool,
+    reporter: Reporter,
+    done: set[str],
+    concurrency: int = 8,
+) -> None:
+    """Before planning: whether the sandboxes whose `start_count` moved still run the boot
+    their records marked (`bootmark`); read once per session and run."""
+    woken = bootmark.worth_checking(obs, doc, done)
+    if woken:
+        done.update(woken)
+        bootmark.check(
+            woken,
+            obs=obs,
+            doc=doc,
+            metros=metros,
+            pool=pool,
+            reporter=reporter,
+            concurrency=concurrency,
+        )
 
 
 def _plan_read_only(
@@ -124,6 +149,8 @@ def _plan_read_only(
         # not written; apply does that)
         quiet = RecordingReporter()
         if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
+            # a record from a journal may mark an earlier boot than the platform shows
+            _read_boot_marks(obs, doc, metros, pool, quiet, set())
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     return the_plan
 
@@ -197,7 +224,9 @@ def apply_group(
     ):
         doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
+        committer = journal.Committer(group.status_path, doc, doc_lock)
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
+        unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
@@ -225,19 +254,7 @@ def apply_group(
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
-            woken = bootmark.worth_checking(obs, doc, marks_read)
-            if woken:
-                marks_read.update(woken)
-                bootmark.check(
-                    woken,
-                    obs=obs,
-                    doc=doc,
-                    metros=metros,
-                    pool=kept,
-                    reporter=reporter,
-                    concurrency=concurrency,
-                )
-
+            _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
             plan = _plan(
                 desired, obs, doc, now(), prune=prune and not failed, only_files=group.only_files
             )
@@ -253,6 +270,8 @@ def apply_group(
                     reporter=reporter,
                     concurrency=concurrency,
                 ):
+                    # a record from a journal may mark an earlier boot than the platform shows
+                    _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
                     plan = _plan(
                         desired,
                         obs,
@@ -291,6 +310,8 @@ def apply_group(
                 ran=ran,
                 pool=kept,
                 stop=stop,
+                committer=committer,
+                slots=threading.BoundedSemaphore(max(1, concurrency)),
             )
             work = [s for s in plan.sessions if s.changes]
             unfinished.in_flight = executor.in_flight
@@ -381,6 +402,7 @@ class _UnfinishedOnInterrupt:
         self.group = group
         self.doc: StatusDoc | None = None
         self.doc_lock = threading.Lock()
+        self.committer: journal.Committer | None = None
         #: the running executor's actions in flight (a second Ctrl-C leaves them behind)
         self.in_flight: Mapping[str, actions.Action] = {}
 
@@ -388,11 +410,16 @@ class _UnfinishedOnInterrupt:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        if self.doc is None or kind is None or not issubclass(kind, KeyboardInterrupt):
+        if self.committer is None or kind is None or not issubclass(kind, KeyboardInterrupt):
             return
-        now = journal.utc_now()
         # why suppress: after a second Ctrl-C a worker may still write the document
-        with contextlib.suppress(Exception), self.doc_lock:
+        with contextlib.suppress(Exception):
+            self._journal(journal.utc_now())
+            self.committer.save()
+
+    def _journal(self, now: str) -> None:
+        assert self.doc is not None
+        with self.doc_lock:
             for session, action in self.in_flight.items():
                 rec = self.doc.sessions.setdefault(session, SessionStatus())
                 rec.phase = "Interrupted"
@@ -405,7 +432,6 @@ class _UnfinishedOnInterrupt:
                     rec.message = "interrupted"
                     rec.interruption = Interruption(at=now)
                     journal.set_condition(rec, "Ready", "False", "Interrupted", "interrupted", now)
-            journal.save(self.group.status_path, self.doc)
 
 
 def _run_sessions(
@@ -440,7 +466,10 @@ def _run_sessions(
             except BaseException as err:  # handed to the waiting main thread
                 future.set_exception(err)
 
-    for _ in range(min(max(1, concurrency), len(work))):
+    # why more threads than the concurrency: a session waiting for its instance to boot gives
+    # its slot (`Executor.slots`) to the next; the slots, not the threads, bound the work
+    threads = max(1, concurrency) if executor.slots is None else SESSION_THREADS_MAX
+    for _ in range(min(threads, len(work))):
         threading.Thread(target=worker, name="ukc-session", daemon=True).start()
     try:
         return [f.result() for f in futures]

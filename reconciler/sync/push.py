@@ -135,6 +135,19 @@ BATCH_FILES = 512
 BATCH_BYTES = 1 << 20
 
 
+#: block digests of remote files read after the small files went out only up to this many
+#: bytes (well inside an SSH channel's window: the helper must never block writing them)
+_DEFERRED_DIGESTS = 256 << 10
+
+
+def _digests(fd: int, size: int) -> bytes:
+    """The 8-byte digests of the file's `BLOCK`-sized blocks, concatenated."""
+    out = []
+    for i in range((size + BLOCK - 1) // BLOCK):
+        out.append(hashlib.sha1(os.pread(fd, BLOCK, i * BLOCK)).digest()[:8])
+    return b"".join(out)
+
+
 class _Sender:
     """Streams the plan's operations into one helper session."""
 
@@ -152,12 +165,20 @@ class _Sender:
         self.errors: list[str] = []
         #: path -> the remote file's 8-byte block digests, concatenated
         self.remote_blocks: dict[str, bytes] = {}
+        #: block digests asked for and not read yet (path, most blocks), and ours meanwhile
+        self.awaiting: list[tuple[str, int]] = []
+        self.local_blocks: dict[str, bytes] = {}
         #: small files waiting for their batch, and their bytes
         self.batch: list[tuple[str, Entry]] = []
         self.batch_bytes = 0
 
     def prepare_delta(self, paths: tuple[str, ...]) -> None:
-        """Ask (one round trip) for the block digests of big files the remote already has."""
+        """Ask (one request) for the block digests of big files the remote already has.
+
+        The answer is read when first needed (`await_blocks`): meanwhile this side digests its
+        own copies and the small files go out, instead of both sides waiting in turn. Only
+        while the answer fits in the channel's window (`_DEFERRED_DIGESTS`): a helper blocked
+        writing it would stop reading what we send."""
         wanted: list[tuple[str, int]] = []
         for path in paths:
             mine, theirs = self.local.entries[path], self.previous.entries.get(path)
@@ -175,6 +196,18 @@ class _Sender:
             }
         )
         self.s.flush()
+        self.awaiting = wanted
+        if 8 * sum(n for _, n in wanted) > _DEFERRED_DIGESTS:
+            self.await_blocks()
+            return
+        for path, _ in wanted:
+            digests = self._local_digests(path)
+            if digests is not None:
+                self.local_blocks[path] = digests
+
+    def await_blocks(self) -> None:
+        """Read the block digests asked for (before anything else is read from the helper)."""
+        wanted, self.awaiting = self.awaiting, []
         for path, most in wanted:
             head = self.s.reader.frame(1 << 10)
             n = head.get("n") if isinstance(head, dict) else None
@@ -183,6 +216,27 @@ class _Sender:
             if n >= 0:
                 # raw digests: bounded by what we asked for, never parsed into objects
                 self.remote_blocks[path] = self.s.reader.exact(8 * n)
+
+    def _local_digests(self, path: str) -> bytes | None:
+        """The block digests of our copy while it is still the scanned one, else None (then
+        `_put` digests what it reads)."""
+        e = self.local.entries[path]
+        try:
+            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (
+                e.size,
+                e.mtime_ns,
+            ):
+                return None
+            return _digests(fd, e.size)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def upload(self, path: str) -> None:
         e = self.local.entries[path]
@@ -264,7 +318,14 @@ class _Sender:
             intact = (
                 stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
             )
-            blocks = self._changed_blocks(fd, e, self.remote_blocks.get(path)) if intact else None
+            self.await_blocks()
+            remote = self.remote_blocks.get(path)
+            blocks = None
+            if intact and remote is not None:
+                mine = self.local_blocks.pop(path, None)
+                if mine is None:
+                    mine = _digests(fd, e.size)
+                blocks = self._changed_blocks(mine, e, remote)
             if blocks is not None:
                 header = {"op": "patch", "bs": BLOCK, "send": blocks, "sha256": e.ref}
                 spans = [(i * BLOCK, min(BLOCK, e.size - i * BLOCK)) for i in blocks]
@@ -299,15 +360,15 @@ class _Sender:
             self.errors.append(f"{path}: changed while it was being sent")
 
     @staticmethod
-    def _changed_blocks(fd: int, e: Entry, remote: bytes | None) -> list[int] | None:
+    def _changed_blocks(mine: bytes, e: Entry, remote: bytes | None) -> list[int] | None:
         """Indices of the blocks to send, or None when a whole upload is cheaper."""
         if remote is None:
             return None
-        changed = []
-        for i in range((e.size + BLOCK - 1) // BLOCK):
-            block = os.pread(fd, BLOCK, i * BLOCK)
-            if hashlib.sha1(block).digest()[:8] != remote[i * 8 : i * 8 + 8]:
-                changed.append(i)
+        changed = [
+            i
+            for i in range((e.size + BLOCK - 1) // BLOCK)
+            if mine[i * 8 : i * 8 + 8] != remote[i * 8 : i * 8 + 8]
+        ]
         if len(changed) * BLOCK * 2 > e.size:
             return None
         return changed
@@ -315,6 +376,7 @@ class _Sender:
     def barrier(self) -> list[str]:
         """Wait for the helper to apply everything so far; all errors (ours and its)."""
         self.send_batch()
+        self.await_blocks()
         reply = self.s.call({"op": "sync"})
         remote = [str(x) for x in reply.get("errors", [])][:50]
         return self.errors + remote
@@ -398,7 +460,15 @@ def _push(
         return read_remote_scan(s, local, rules)
 
     previous, plan, delta, scanned = judge(
-        opts, rules, local, last, hello.get("record"), boot_id, instance_uuid, scan
+        opts,
+        rules,
+        local,
+        last,
+        hello.get("record"),
+        boot_id,
+        instance_uuid,
+        scan,
+        remote_empty=hello.get("empty") is True,
     )
     result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
     if plan.empty and not scanned:
@@ -416,22 +486,28 @@ def judge(
     boot_id: str,
     instance_uuid: str,
     scan: Callable[[dict[str, list[int]]], Manifest],
+    *,
+    remote_empty: bool = False,
 ) -> tuple[Manifest, TransferPlan, bool, bool]:
     """What the remote holds and the plan to make it `local`: (previous, plan, whether the
     push record takes a delta, whether the remote was scanned). The remote's `record` (what
     it says our last push left, in this boot) is trusted when it matches our own; otherwise
-    `scan` (given the local files' sizes and mtimes: equal remote ones are hashed) is called.
+    `scan` (given the local files' sizes and mtimes: equal remote ones are hashed) is called,
+    unless the remote said its root is empty (`remote_empty`), which is what a scan would list.
     Both sync paths decide here."""
     fresh = last is not None and _record_matches(
         record, boot_id, instance_uuid, last["digest"], opts
     )
     if not fresh:
-        want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
-        previous = scan(want)
-        plan = diff_manifests(
-            local, previous, rules, reason="remote scanned (no trusted remote record)"
-        )
-        return previous, plan, False, True
+        if remote_empty:
+            # a first push: no sizes and mtimes of every file sent (4 MB of JSON and ~15 MB
+            # of lists at 100,000 files) for a walk of nothing. Said by the sandbox, like a
+            # scan: a sandbox that lies only keeps files of its own, as a lying scan could
+            previous, why = Manifest({}), "remote root empty (no trusted remote record)"
+        else:
+            want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
+            previous, why = scan(want), "remote scanned (no trusted remote record)"
+        return previous, diff_manifests(local, previous, rules, reason=why), False, True
     assert last is not None
     reason = "remote record matches our last push"
     basis = local.basis
@@ -509,6 +585,7 @@ def _apply(
     sender.send_batch()
     # the record names the tree, not its entries: the sandbox never needs our manifest
     record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
+    sender.await_blocks()
     # one round trip: the helper records the new manifest only if it saw no error
     reply = s.call({"op": "finish", "record": None if sender.errors else record})
     errors = sender.errors + [str(x) for x in reply.get("errors", [])][:50]

@@ -109,6 +109,25 @@ def test_every_assumption_holds_on_the_local_metro(metro: MetroInfo, conn: Metro
     assert found["edge_tls"].figures["trust_store"] == "local metro CA"
     assert isinstance(found["ssh"].figures["after_running_s"], float)
     assert found["wake"].figures["idle_state"] == "standby"
+    # the realistic metro moves start_count on a stateful wake; memory (the marker) is kept
+    assert found["wake"].figures["start_count_moved"] is True
+    assert found["wake"].figures["memory_kept"] is True
+    assert "start_count 1 -> 2" in found["wake"].summary
+    assert_clean(metro)
+
+
+def test_the_wake_check_reports_a_start_count_that_a_wake_leaves_alone(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    knobs(metro, "/_local/behaviour", {"preset": "realistic", "wake_moves_start_count": False})
+    try:
+        found = probe(conn.api, conn.reach, budgets=replace(FAST, wake_s=30.0))
+    finally:
+        knobs(metro, "/_local/behaviour", {"preset": "realistic"})
+    wake = found["wake"]
+    assert wake.outcome == "PASS", wake
+    assert wake.figures["start_count_moved"] is False
+    assert "start_count kept (1)" in wake.summary
     assert_clean(metro)
 
 
@@ -149,7 +168,7 @@ def test_the_command_exits_1_on_a_failed_check_and_its_report_says_which(
             "reconciler",
             "doctor",
             "--image",
-            "ukc/local-minimal:latest",
+            "nobody/no-such-image:1",
             "--report",
             str(report),
         ],
@@ -160,10 +179,10 @@ def test_the_command_exits_1_on_a_failed_check_and_its_report_says_which(
         check=False,
     )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "FAIL  tools" in done.stdout and "python3 no" in done.stdout
+    assert "FAIL  states" in done.stdout, done.stdout
     document = json.loads(report.read_text())
     assert document["failed"] == 1
-    assert [c["name"] for c in document["checks"] if c["result"] == "FAIL"] == ["tools"]
+    assert [c["name"] for c in document["checks"] if c["result"] == "FAIL"] == ["states"]
 
 
 def test_on_a_remote_metro_the_image_must_be_named_before_anything_is_created() -> None:
@@ -380,13 +399,20 @@ def test_the_time_the_name_stays_taken_is_measured_when_it_is_within_the_budget(
     assert_clean(metro)
 
 
-def test_an_image_without_python3_fails_the_tools_check_and_says_what_it_has(
+def test_an_image_without_python3_passes_the_tools_check_over_the_shell_path(
     metro: MetroInfo, conn: MetroConnection
 ) -> None:
     found = probe(conn.api, conn.reach, image="ukc/local-minimal:latest")
     tools = found["tools"]
-    assert tools.outcome == "FAIL", tools
-    assert tools.figures == {"python3": False, "rsync": True, "tar": True}
+    assert tools.outcome == "PASS", tools
+    assert "sync path shell+tar" in tools.summary
+    assert tools.figures == {
+        "python3": False,
+        "rsync": True,
+        "tar": True,
+        "find": True,
+        "sha256sum": True,
+    }
     assert found["ssh"].outcome == "PASS"
     assert_clean(metro)
 
@@ -410,6 +436,22 @@ def test_a_wake_that_is_a_cold_boot_fails_the_wake_check(
     assert wake.figures["idle_state"] == "standby"
     assert wake.outcome == "FAIL", wake
     assert "host key changed" in wake.summary
+    assert_clean(metro)
+
+
+def test_a_wake_that_loses_memory_but_keeps_the_host_key_fails_the_wake_check(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    knobs(metro, "/_local/behaviour", {"preset": "realistic", "host_keys_per_boot": False})
+    try:
+        found = probe(StatelessStandby(conn.api), conn.reach, budgets=replace(FAST, wake_s=30.0))
+    finally:
+        knobs(metro, "/_local/behaviour", {"preset": "realistic"})
+    wake = found["wake"]
+    assert wake.outcome == "FAIL", wake
+    assert wake.figures["memory_kept"] is False
+    assert "boot marker left in memory is gone" in wake.summary
     assert_clean(metro)
 
 

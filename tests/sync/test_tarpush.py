@@ -3,7 +3,6 @@ over the shell path, and what is its own (fallback, round trips, staging, atomic
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -15,27 +14,29 @@ from reconciler.sync.capability import recorded_tools
 from reconciler.sync.engine import push
 from reconciler.sync.tarpush import STAGE
 from tests.support.synctree import Site, snapshot, write
-from tests.sync import test_push as python_path
 
 
-@pytest.fixture
-def site(site: Site) -> Site:
-    """The same world, with a sandbox whose python3 does not exist."""
-    return dataclasses.replace(site, remote_python="ukc-no-such-python3")
+def seed(site: Site) -> None:
+    write(site.local / "main.py", "print('hi')\n", 0o644)
+    write(site.local / "bin/run.sh", "#!/bin/sh\necho run\n", 0o755)
+    write(site.local / "data/deep/blob.bin", os.urandom(300_000), 0o600)
+    os.symlink("../main.py", site.local / "bin/main-link")
 
 
-class TestInitialPushOverShell(python_path.TestInitialPush):
-    def test_one_remote_process_serves_the_whole_push(self, site: Site) -> None:
-        # the shell path's own count: the failed helper start, hello, scan (no hashes: the
-        # sandbox is empty) and one tar stream
-        python_path.seed(site)
+SHELL = pytest.mark.parametrize("site", ["shell"], indirect=True)
+
+
+@SHELL
+class TestRoundTrips:
+    def test_a_first_push_is_a_failed_helper_start_hello_scan_and_one_tar_stream(
+        self, site: Site
+    ) -> None:
+        seed(site)
         push(site.shell, site.opts(), instance_uuid="u1")
-        assert len(site.shell.started) == 4
+        assert len(site.shell.started) == 4  # no hashes: the sandbox held nothing
 
-
-class TestNoChangeOverShell(python_path.TestNoChange):
     def test_a_no_change_push_is_one_small_command(self, site: Site) -> None:
-        python_path.seed(site)
+        seed(site)
         push(site.shell, site.opts(), instance_uuid="u1")
         started = len(site.shell.started)
         again = push(site.shell, site.opts(), instance_uuid="u1")
@@ -43,25 +44,10 @@ class TestNoChangeOverShell(python_path.TestNoChange):
         assert len(site.shell.started) == started + 1  # hello only: no helper start, no scan
 
 
-class TestRemoteIdentityOverShell(python_path.TestRemoteIdentity):
-    pass
-
-
-class TestDeletesOverShell(python_path.TestDeletes):
-    pass
-
-
-class TestGuardsOverShell(python_path.TestGuards):
-    pass
-
-
-class TestTypeSwapsOverShell(python_path.TestTypeSwaps):
-    pass
-
-
+@SHELL
 class TestPathSelection:
     def test_a_sandbox_without_python3_is_synced_and_the_finding_recorded(self, site: Site) -> None:
-        python_path.seed(site)
+        seed(site)
         push(site.shell, site.opts(), instance_uuid="u1")
         assert snapshot(site.remote) == snapshot(site.local)
         assert recorded_tools(site.opts(), "u1") == "shell"
@@ -69,34 +55,8 @@ class TestPathSelection:
         push(site.shell, site.opts(), instance_uuid="u1")
         assert not any("-E -S -c" in cmd for cmd in site.shell.started[4:])  # no helper again
 
-    def test_a_sandbox_with_python3_records_the_helper_path(self, tmp_path: Path) -> None:
-        from tests.sync.conftest import site as _  # noqa: F401  (the python world)
 
-        local = tmp_path / "l"
-        local.mkdir()
-        write(local / "a.txt", "a")
-        from reconciler.transport.local_shell import LocalShell
-        from tests.support.synctree import REMOTE_PYTHON
-
-        shell = LocalShell()
-        world = Site(
-            base=tmp_path,
-            local=local,
-            remote=tmp_path / "r",
-            state=tmp_path / "s",
-            remote_state=tmp_path / "rs",
-            boot=tmp_path / "boot",
-            shell=shell,
-            remote_python=REMOTE_PYTHON,
-        )
-        world.boot.write_text("b1\n")
-        try:
-            push(shell, world.opts(), instance_uuid="u1")
-        finally:
-            shell.close()
-        assert recorded_tools(world.opts(), "u1") == "python"
-
-
+@SHELL
 class TestShellOwnGuarantees:
     def test_a_file_that_changes_while_it_is_sent_leaves_the_old_version_whole(
         self, site: Site
@@ -160,3 +120,27 @@ class TestShellOwnGuarantees:
         write(site.local / "d" / "new\nline", "edited")
         push(site.shell, site.opts(), instance_uuid="u1")
         assert snapshot(site.remote) == snapshot(site.local)
+
+
+def test_a_sandbox_with_python3_records_the_helper_path(site: Site) -> None:
+    write(site.local / "a.txt", "a")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    assert recorded_tools(site.opts(), "u1") == "python"
+
+
+@SHELL
+def test_hundreds_of_paths_near_path_max_are_synced_and_deleted(
+    site: Site,
+) -> None:
+    # 600 paths of ~3,900 characters in one directory: the operations script splits its
+    # rm and mv calls (at most 500 paths and 64 KiB of them each)
+    deep = "/".join(["p" * 240] * 16)
+    for i in range(600):
+        write(site.local / deep / f"f{i:03d}", "x")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    assert snapshot(site.remote) == snapshot(site.local)
+    shutil.rmtree(site.local / ("p" * 240))
+    write(site.local / "keep.txt", "k")
+    result = push(site.shell, site.opts(), instance_uuid="u1")
+    assert result.deleted == 600 + 16
+    assert snapshot(site.remote) == snapshot(site.local)

@@ -260,7 +260,7 @@ class LocalMetro:
 
     def _mounts(self, rec: LocalInstance) -> list[Mount]:
         return [
-            Mount(self._layout.volume(v.uuid), v.at or "", v.readonly)
+            Mount(self._layout.volume(v.uuid), v.at or "", v.readonly, v.size_mb)
             for v in self.volumes.attached(rec.uuid)
         ]
 
