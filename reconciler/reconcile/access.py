@@ -167,6 +167,16 @@ def reach(
             f"session {session!r}: instance {instance.name} is {instance.state}: run "
             f"`ukc apply {loaded.file}` to start it"
         )
+    if instance.state == "standby":
+        # why a start: an apply leaves the instance suspended, and a suspended instance may
+        # not wake on traffic as a scaled-to-zero one does; a start wakes either
+        connection.api.start_instance(name)
+        instance = connection.api.wait_instance(name, "running", CONNECT_DEADLINE_S)
+        if identity.boot_pin(record.instance, instance) is None:
+            raise errors.UsageError(
+                f"session {session!r}: instance {instance.name} woke with a cold boot (new "
+                f"host keys, an empty /workspace): run `ukc apply {loaded.file}` first"
+            )
     return Reached(group, loaded, record, instance, connection, owner, pin)
 
 

@@ -14,17 +14,18 @@ that is not provably ours is left alone, with the local side: the session fails 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, identity, lease, rebuild
+from reconciler.reconcile import actions, identity, lease, quota, rebuild
 from reconciler.reconcile.desired import (
     DesiredSession,
     Group,
@@ -35,7 +36,7 @@ from reconciler.reconcile.desired import (
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
-from reconciler.reconcile.observe import Observation, observe, observe_volumes
+from reconciler.reconcile.observe import Observation, observe, observe_quotas, observe_volumes
 from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
@@ -92,6 +93,10 @@ def plan_group(
     obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
 
     the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
+    if shortfalls or unread:
+        notes = tuple(f"apply would refuse: {why}" for why in shortfalls) + tuple(unread)
+        the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + notes)
     wanted = rebuild.worth_reading(the_plan, obs, doc, set())
     if wanted:
         # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
@@ -126,6 +131,27 @@ def _plan(
     )
 
 
+def _quota_shortfalls(
+    plan: actions.Plan,
+    desired: Sequence[DesiredSession],
+    obs: Observation,
+    metros: MetroRegistry,
+) -> tuple[list[str], list[str]]:
+    """Why what `plan` creates or wakes does not fit the account's quota (per metro), and a
+    warning per metro whose quota could not be read. Reads the quota only of metros the plan
+    takes something of."""
+    wanted = quota.needs(plan, desired, obs.instances)
+    if not wanted:
+        return [], []
+    found, unread = observe_quotas(metros, wanted)
+    shortfalls = [
+        why
+        for metro, need in sorted(wanted.items())
+        if metro in found and (why := quota.shortfall(metro, need, found[metro])) is not None
+    ]
+    return shortfalls, unread
+
+
 def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner, bytes]:
     """This checkout as an owner, and the salt of its secret fingerprints (both created on
     first use, here rather than in the read-only observer)."""
@@ -150,6 +176,9 @@ def apply_group(
     now: Callable[[], float] = time.time,
     only: set[str] | None = None,
     pool: TransportPool | None = None,
+    #: a one-shot apply: once every session converged, suspend the instances of sessions
+    #: that ask for it (`suspend`); `watch` never does (it is about to work on them again)
+    suspend_idle: bool = False,
 ) -> ApplyResult:
     """Converge every session of `group` (one status file) and write its status."""
     # One-shot applies get their own pool: connections opened ahead of need (see
@@ -186,6 +215,7 @@ def apply_group(
         journals_read: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
+        converged: actions.Plan | None = None
         while True:
             owner, salt = _identity(group, environ)
             obs = observe(
@@ -225,6 +255,18 @@ def apply_group(
                         only_files=group.only_files,
                     )
             if first_plan is None:
+                # before anything is created: a fan-out the quota cannot hold fails whole,
+                # rather than half-made with the rest refused one by one
+                shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+                for text in unread:
+                    reporter.event(Event("ukc", "notice", f"warning: {text}"))
+                if shortfalls:
+                    raise errors.QuotaError(
+                        "refusing to apply: "
+                        + "; ".join(shortfalls)
+                        + ". Nothing was created: delete sessions (`ukc delete`), lower "
+                        "`memory_mb`, apply fewer at a time (`--session`), or raise the quota"
+                    )
                 first_plan = plan
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)
             for session_name, why in plan.errors.items():
@@ -232,6 +274,7 @@ def apply_group(
                     failed[session_name] = why
                     reporter.event(Event(session_name, "failed", why))
             if plan.empty:
+                converged = plan
                 break
             rounds += 1
             if rounds > max_rounds:
@@ -278,7 +321,11 @@ def apply_group(
                     if not pruned.ok:
                         failed[pruned.session] = pruned.error
         assert obs is not None and first_plan is not None
-        _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted)
+        suspended: set[str] = set()
+        if suspend_idle and converged is not None and not stop.is_set():
+            todo = [s for s in converged.suspends if s.session not in failed]
+            suspended = _suspend(todo, metros, kept, reporter, concurrency)
+        _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted, suspended)
         return ApplyResult(
             ok=not failed,
             plan=first_plan,
@@ -431,6 +478,36 @@ def _say_interrupt(executor: Executor, reporter: Reporter) -> None:
         reporter.event(Event(session, "interrupt", text))
 
 
+def _suspend(
+    todo: Sequence[actions.SuspendInstance],
+    metros: MetroRegistry,
+    pool: TransportPool,
+    reporter: Reporter,
+    concurrency: int,
+) -> set[str]:
+    """Suspend the instances of converged sessions (one request each, `concurrency` at a
+    time); the sessions whose suspend was accepted. A refused one is a warning: the work is
+    done, the instance only stays up (scale-to-zero may still put it to standby)."""
+
+    def one(item: actions.SuspendInstance) -> str | None:
+        # the connection of this apply is to a sandbox about to sleep
+        pool.drop(item.session)
+        try:
+            metros.get(item.metro).api.suspend_instance(item.instance_name)
+        except errors.UkcError as err:
+            text = f"warning: instance {item.instance_name} not suspended (it stays up): {err}"
+            reporter.event(Event(item.session, "info", text))
+            return None
+        text = f"suspended instance {item.instance_name}: idle until the next apply with work"
+        reporter.event(Event(item.session, "info", text))
+        return item.session
+
+    if not todo:
+        return set()
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(todo)))) as workers:
+        return {s for s in workers.map(one, todo) if s is not None}
+
+
 def _prefetcher(
     group: Group,
     doc: StatusDoc,
@@ -465,6 +542,7 @@ def _finalize(
     ran: set[tuple[str, str]],
     pending: AbstractSet[str] = frozenset(),
     interrupted: AbstractSet[str] = frozenset(),
+    suspended: AbstractSet[str] = frozenset(),
 ) -> None:
     """Record the converged state of every desired session (and when this apply ran)."""
     before = doc.model_dump(mode="json", exclude={"updated_at"})
@@ -479,7 +557,7 @@ def _finalize(
         rec.last_applied_at = now
         inst = obs.instances.get(desired.instance_name)
         if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
-            rec.instance.state = inst.state
+            rec.instance.state = "standby" if name in suspended else inst.state
             rec.instance.fqdn = inst.fqdn
         created = parse_time(rec.created_at)
         if desired.ttl_s is not None and created is not None:

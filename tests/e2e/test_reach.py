@@ -257,7 +257,8 @@ def test_a_session_past_its_ttl_is_not_reached_and_the_error_says_how_to_keep_it
     ukc: Ukc,
 ) -> None:
     (ukc.project / "work").mkdir()
-    ukc.write_spec("name: brief\ndirectory: ./work\nttl: 10s\n")
+    # autokill off: the platform would reclaim the idle instance once down for the ttl
+    ukc.write_spec("name: brief\ndirectory: ./work\nttl: 10s\nautokill: off\n")
     ukc.run("apply", "session.yaml", check=0)
     created = ukc.status()["sessions"]["brief"]["instance"]["created_at"]
     expiry = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp() + 10
