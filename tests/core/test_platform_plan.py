@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from reconciler.cloud.quotas import Quota
-from reconciler.reconcile import actions, identity, quota
+from reconciler.errors import ApiError
+from reconciler.reconcile import actions, identity, loop, quota
 from reconciler.reconcile.desired import DesiredSession, TreeState
 from reconciler.reconcile.plan import plan_sessions
 from reconciler.spec.models import SessionSpec
@@ -241,3 +243,52 @@ class TestReclaimedAfterTheTtl:
         rec = converged_record(d, inst)
         rec.instance.created_at = format_time(NOW - 60)  # type: ignore[union-attr]
         assert "CreateInstance" in kinds(plan_one(d, None, rec))
+
+
+class _QuotaApi:
+    """The one call the quota check makes, answering or failing as told."""
+
+    def __init__(self, answer: Quota | Exception) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def get_quotas(self) -> Quota:
+        self.calls += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class _Metros:
+    def __init__(self, api: _QuotaApi) -> None:
+        self.api = api
+
+    def get(self, label: str) -> SimpleNamespace:
+        return SimpleNamespace(api=self.api, label=label)
+
+
+class TestTheQuotaRead:
+    def _check(self, api: _QuotaApi, n: int = 3) -> tuple[list[str], list[str]]:
+        ds = [named(f"s{i}") for i in range(n)]
+        plan = plan_sessions(ds, {}, StatusDoc(), NOW, owner=OWNER)
+        obs = SimpleNamespace(instances={})
+        return loop._quota_shortfalls(plan, ds, obs, _Metros(api))  # type: ignore[arg-type]
+
+    def test_an_unreadable_quota_is_a_warning_not_a_refusal(self) -> None:
+        api = _QuotaApi(ApiError("ukc api local: read the account's quota: http 404", status=404))
+        shortfalls, unread = self._check(api)
+        assert shortfalls == []
+        assert unread == [
+            "the quota of metro local was not checked: ukc api local: read the account's "
+            "quota: http 404"
+        ]
+
+    def test_a_quota_that_cannot_hold_the_fan_out_is_a_refusal(self) -> None:
+        api = _QuotaApi(_quota(instances=(9, 10)))
+        shortfalls, unread = self._check(api)
+        assert unread == [] and len(shortfalls) == 1 and "3 instance(s), 1 left" in shortfalls[0]
+
+    def test_a_plan_that_creates_nothing_reads_no_quota(self) -> None:
+        api = _QuotaApi(_quota(instances=(10, 10)))
+        assert self._check(api, n=0) == ([], [])
+        assert api.calls == 0
