@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from reconciler._util.pids import pid_alive
@@ -62,7 +62,7 @@ def sweep_dead_temps(path: Path) -> None:
                 stale.unlink()
 
 
-def _write_temp(tmp: Path, data: bytes | Sequence[bytes], mode: int, *, durable: bool) -> None:
+def _write_temp(tmp: Path, data: bytes | Iterable[bytes], mode: int, *, durable: bool) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as fh:
         if isinstance(data, bytes):
@@ -90,14 +90,14 @@ def _keep_generation(path: Path, backup: Path) -> None:
 
 def write_atomic(
     path: Path,
-    data: bytes | Sequence[bytes],
+    data: bytes | Iterable[bytes],
     *,
     mode: int = 0o600,
     durable: bool = True,
     backup: Path | None = None,
 ) -> None:
     """Write `data` (bytes, or parts written one after the other: a big file need not be
-    joined in memory first) to `path` through a temp file and a rename (fsync'd unless not
+    whole in memory at once) to `path` through a temp file and a rename (fsync'd unless not
     durable).
 
     With `backup`, the file being replaced is kept there (once the new data is on disk): a

@@ -22,21 +22,18 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from reconciler import errors
-from reconciler.cli.render import (
-    StatusRow,
-    render_plan,
-    render_status,
-    status_document,
-    status_exit_code,
-)
-from reconciler.reconcile.desired import Group, load_groups
-from reconciler.spec.loader import LoadedSession, load_specs
-from reconciler.status import journal
+
+if TYPE_CHECKING:
+    # why only for types: each command imports what it runs, so `ukc --help`, `ukc local`
+    # and a command run without the warm process pay for no other command's modules
+    from reconciler.cli.render import StatusRow
+    from reconciler.reconcile.desired import Group
+    from reconciler.spec.loader import LoadedSession
 
 __all__ = ["main"]
 
@@ -164,6 +161,8 @@ def _session_option(help_text: str) -> Callable[[F], F]:
 
 
 def _load(paths: Sequence[Path], status_override: Path | None) -> list[Group]:
+    from reconciler.reconcile.desired import load_groups
+
     return load_groups(paths, os.environ, status_override)
 
 
@@ -281,6 +280,8 @@ def validate(paths: tuple[Path, ...], debug: bool) -> None:
     PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
     directory.
     """
+    from reconciler.spec.loader import load_specs
+
     specset = load_specs(list(paths) or [Path(".")], os.environ)
     if not specset.sessions:
         _require_sessions([], paths)
@@ -369,6 +370,7 @@ def _plan(
 ) -> tuple[bool, bool]:
     """Show the plans; (changes pending, a session apply would fail)."""
     from reconciler.cli.plan_output import PlannedGroup, build_document, render_markdown
+    from reconciler.cli.render import render_plan
     from reconciler.reconcile.loop import check_prune, plan_group
 
     groups = _load(paths, status_path)
@@ -540,6 +542,9 @@ def _status_rows(groups: Sequence[Group], only: Sequence[str], now: float) -> li
     """The sessions the given specs declare (a spec file: only its own), plus, for a
     directory given whole, the sessions its status file remembers that no spec declares;
     as of `now` (a session whose ttl passed shows as Expired: apply or watch deletes it)."""
+    from reconciler.cli.render import StatusRow
+    from reconciler.status import journal
+
     rows: list[StatusRow] = []
     for group in groups:
         doc = journal.load(group.status_path).as_of(now)
@@ -604,7 +609,14 @@ def status_cmd(
         _require_sessions(groups, paths)
     now = time.time()
     rows = _status_rows(groups, only, now)
-    from reconciler.cli.render import render_source, source_json
+    from reconciler.cli.render import (
+        render_source,
+        render_status,
+        source_json,
+        status_document,
+        status_exit_code,
+    )
+    from reconciler.status import journal
 
     followed = {
         str(g.status_path): doc
@@ -654,6 +666,7 @@ def delete(
     PATHS are spec files or directories (their *.yaml and *.yml files); default: the current
     directory.
     """
+    from reconciler.reconcile.desired import Group
     from reconciler.reconcile.loop import delete_group
 
     groups = _load(paths, status_path)
@@ -951,8 +964,8 @@ Examples:
 It connects as apply does: through the metro's TLS edge with the session's key
 (.ukc/keys/NAME), and only to the instance the status file records, presenting the host key
 recorded there (a changed key is refused: `ukc apply` replaces a lost instance). The shell
-gets the login environment, not the session's env (ukc exec has it). Exit code: the remote
-shell's or command's.""",
+gets the login environment, not the session's env (ukc exec has it). Ctrl-C of a COMMAND
+without -t stops it (TERM, 5 s, KILL; exit 130). Exit code: the remote shell's or command's.""",
 )
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -967,8 +980,11 @@ def ssh(
     edge, with the session's key and pinned host key. With no COMMAND and a terminal, an
     interactive login shell in /workspace (keys, Ctrl-C and window size go to the sandbox);
     `exit` or Ctrl-D ends it."""
+    from secrets import token_hex
+
     from reconciler.cli.terminal import StdioTerminal
     from reconciler.reconcile import access
+    from reconciler.transport.commands import STOP_GRACE_S, kill_group
 
     group = _session_group(files, name)
     metros = _metros()
@@ -978,12 +994,27 @@ def ssh(
         try:
             terminal = StdioTerminal()
             size = terminal.size() if (tty or not command) else None
-            line = access.LOGIN_SHELL
-            if command:
+            if not command:
+                line = access.LOGIN_SHELL
+            elif size is not None:  # on a terminal, Ctrl-C goes to the sandbox as a key
                 line = "cd /workspace 2>/dev/null; " + access.command_line(command)
+            else:
+                line, target = access.stoppable(access.command_line(command), token_hex(8))
             process = transport.start_terminal(line, term=terminal.term(), size=size)
-            with terminal.raw() if size is not None else contextlib.nullcontext():
+            if size is not None:
+                with terminal.raw():
+                    code = access.interact(process, terminal)
+            elif not command:
                 code = access.interact(process, terminal)
+            else:
+                stop = threading.Event()
+                with _ctrl_c_stops(stop, f"the command in session {name}"):
+                    code = access.interact(
+                        process,
+                        terminal,
+                        stop=stop.is_set,
+                        on_stop=lambda: kill_group(transport, target, STOP_GRACE_S),
+                    )
         finally:
             transport.close()
     finally:
@@ -1183,6 +1214,7 @@ def ls(metro: str | None, output: str, debug: bool) -> None:
     TTL LEFT OURS INSTANCE."""
     from reconciler.cli.render import render_table, span
     from reconciler.reconcile import access, identity
+    from reconciler.reconcile.desired import Group
     from reconciler.reconcile.plan import parse_time
 
     chosen = metro or os.environ.get("UKC_METRO") or "local"

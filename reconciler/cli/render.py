@@ -140,6 +140,13 @@ class LiveReporter:
             self._draw()
 
 
+def _verbose_notes(splan: actions.SessionPlan) -> tuple[str, ...]:
+    """What `plan -v` adds under a session: why unchanged things are fine, and the sync
+    path."""
+    path = (f"sync path: {splan.sync_path}",) if splan.sync_path else ()
+    return (*splan.noops, *path)
+
+
 def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     lines: list[str] = []
     marks = {
@@ -167,7 +174,7 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
             lines.append(f"session {splan.session}: up to date")
         if not splan.changes:
             if verbose:
-                lines.extend(f"    = {n}" for n in splan.noops)
+                lines.extend(f"    = {n}" for n in _verbose_notes(splan))
             continue
         if not splan.expired:
             lines.append(f"session {splan.session}:")
@@ -176,7 +183,7 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
                 continue
             lines.append(f"  {marks[type(act)]} {act.describe()}")
         if verbose:
-            lines.extend(f"    = {n}" for n in splan.noops)
+            lines.extend(f"    = {n}" for n in _verbose_notes(splan))
     if plan.prunes:
         lines.append("prune:")
         lines.extend(f"  - {p.describe()}" for p in plan.prunes)

@@ -288,6 +288,9 @@ class _Server:
             "commands": self.served,
             "fresh": fingerprint() == self.print,
             "trees_kept": len(self.keeper.trees) if self.keeper is not None else 0,
+            # scans told what changed, and scans that had to walk
+            "scans_named": self.keeper.named if self.keeper is not None else 0,
+            "scans_walked": self.keeper.everything if self.keeper is not None else 0,
         }
         payload = json.dumps(answer).encode()
         with contextlib.suppress(OSError):

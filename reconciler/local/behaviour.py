@@ -72,6 +72,9 @@ class Behaviour:
     #: tags are checked as UKC does (at most 16, each at most 256 characters of
     #: `[A-Za-z0-9-+_.:=]`)
     tag_rules: bool = True
+    #: a stateful standby wake counts as a start (`start_count` moves although memory, and
+    #: with it /workspace, is kept): unverified on UKC, so the harder case
+    wake_moves_start_count: bool = True
     #: autokill (`{time_ms}`: delete after being stopped this long) also counts the time an
     #: instance sits in `standby` (suspended or scaled to zero); false: only `stopped` counts
     autokill_counts_standby: bool = True
@@ -160,6 +163,7 @@ PRESETS: dict[str, Behaviour] = {
         workspace_in_memory=False,
         gateway_timeout_s=0.0,
         tag_rules=False,
+        wake_moves_start_count=False,
         autokill_counts_standby=False,
         suspend_woken_by_traffic=True,
     ),

@@ -57,6 +57,7 @@ __all__ = [
     "list_sessions",
     "reach",
     "recorded",
+    "stoppable",
 ]
 
 #: how long a connection may wait for a sandbox waking from standby
@@ -255,10 +256,33 @@ def exec_command(
     return result.exit_code if result.exit_code is not None else 1
 
 
-def interact(process: TerminalProcess, terminal: Terminal, *, poll_s: float = 0.05) -> int:
+def stoppable(command: str, token: str) -> tuple[str, str]:
+    """`command` (run in /workspace) wrapped so that another channel can stop it, and the
+    `kill_group` target that does. why: closing the channel of a command that has no
+    terminal does not stop it (sshd only closes its pipes), so without this a Ctrl-C of
+    `ukc ssh NAME -- CMD` would leave it running. The shell records its process group (sshd
+    makes each session's command a session leader) or, if it leads none, its pid."""
+    path = f"/tmp/.ukc-stop-{token}"
+    line = (
+        f"trap 'rm -f {path}; exit 143' TERM; "
+        f"p=$$; kill -0 -$p 2>/dev/null && p=-$p; echo $p > {path}; "
+        f"(cd /workspace 2>/dev/null; {command}\n); c=$?; rm -f {path}; exit $c"
+    )
+    return line, f'"$(cat {path} 2>/dev/null)"'
+
+
+def interact(
+    process: TerminalProcess,
+    terminal: Terminal,
+    *,
+    poll_s: float = 0.05,
+    stop: Callable[[], bool] | None = None,
+    on_stop: Callable[[], None] | None = None,
+) -> int:
     """Relay a user's terminal and a sandbox process until the process exits: input to its
     stdin (end of input closes it), its stdout and stderr to the terminal, window size
-    changes to its pseudo-terminal; its exit status."""
+    changes to its pseudo-terminal; its exit status. Once `stop()` is true, `on_stop()`
+    stops the process and the status is `INTERRUPTED_EXIT`."""
 
     def pump(read: Callable[[int], bytes], write: Callable[[bytes], None]) -> None:
         with contextlib.suppress(Exception):  # the channel closed: the process is over
@@ -287,6 +311,12 @@ def interact(process: TerminalProcess, terminal: Terminal, *, poll_s: float = 0.
                     process.write(data)
                 except errors.UkcError:
                     reading = False  # the process no longer reads: its exit follows
+        if stop is not None and stop():
+            if on_stop is not None:
+                on_stop()
+            process.kill()
+            code = INTERRUPTED_EXIT
+            break
         try:
             code = process.wait(0.0 if reading else poll_s)
             break

@@ -231,6 +231,9 @@ class SessionPlan:
     #: set when the session's ttl has passed (it is deleted, or apply deletes it): what
     #: happens and how to renew it
     expired: str = ""
+    #: how sync reaches into the sandbox ("python helper", "shell+tar", "not known until
+    #: first contact"), from what an earlier contact recorded; "" when not judged
+    sync_path: str = ""
 
     @property
     def changes(self) -> tuple[Action, ...]:

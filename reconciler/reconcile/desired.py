@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from reconciler import errors
@@ -27,7 +27,9 @@ from reconciler.spec.models import (
     spec_hash,
 )
 from reconciler.status.journal import status_path_for
+from reconciler.sync import capability
 from reconciler.sync import engine as sync_engine
+from reconciler.sync.capability import Tools
 from reconciler.sync.ignore import matcher
 from reconciler.sync.options import SyncOptions
 from reconciler.transport import select
@@ -65,6 +67,8 @@ class TreeState:
     deletes: tuple[str, ...] = ()
     #: set when the tree cannot be synced (missing root, emptied root): nothing will be sent
     halted: str | None = None
+    #: the sync path an earlier contact found, and for which instance uuid (`sync.capability`)
+    tools: tuple[str, Tools] | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,7 @@ def build_session(
             deletes=tuple(transfer.deletes),
         )
         pending = tree.uploads + tree.deletes
+        tree = replace(tree, tools=capability.recorded(opts))
     except errors.SyncHaltedError as err:
         halted = str(err)
         tree = TreeState(digest="", files=0, bytes=0, halted=halted)

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 from reconciler import errors
 from reconciler.cloud.model import CloudApi, CreateRequest, Instance
 from reconciler.cloud.trust import Reach
-from reconciler.reconcile import identity
+from reconciler.reconcile import bootmark, identity
 from reconciler.reconcile.doctor_report import Figure, Redactor, Result, report_document
 from reconciler.reconcile.execute import SESSION_SCALE_TO_ZERO
 from reconciler.transport.base import Credentials, Target, Transport
@@ -422,19 +422,26 @@ class Probe:
 
     def _woken(self, credentials: Credentials) -> Result:
         """Left idle, the instance scales to zero (`standby`, stateful as a session's is); the
-        next ssh connection wakes it, and it still presents the host key it had."""
+        next ssh connection wakes it, and it still presents the host key it had and holds the
+        boot marker left before (memory kept). Whether `start_count` moved is measured: ukc
+        does not trust it across a wake (`bootmark`), so either way passes."""
         budget = self.budgets.wake_s
         shell = self.run.shell
         assert self.run.inst is not None and self.run.inst.fqdn and shell is not None
         if budget <= 0:
             return Result("wake", "SKIP", "not probed (no wake budget)")
         pin = shell.pin
+        token = bootmark.new_token()
+        bootmark.leave_mark(shell, token)
         self._close_shell()
         t0 = self.clock()
         state = "unknown"
+        count_before: int | None = None
         while self.clock() - t0 < budget:
             inst = self.api.get_instance(self.run.name)
             state = inst.state if inst is not None else "absent"
+            if inst is not None and count_before is None:
+                count_before = inst.start_count
             if state != "running":
                 break
             self.sleep(0.2)
@@ -466,10 +473,32 @@ class Probe:
             )
         wake_s = round(self.clock() - t1, 2)
         figures["wake_s"] = wake_s
+        kept = bootmark.read_mark(self.run.shell) == token
+        figures["memory_kept"] = kept
+        woken = self.api.get_instance(self.run.name)
+        count_after = woken.start_count if woken is not None else None
+        if count_before is not None and count_after is not None:
+            figures["start_count_moved"] = count_after != count_before
+            counted = (
+                f"start_count {count_before} -> {count_after}"
+                if count_after != count_before
+                else f"start_count kept ({count_after})"
+            )
+        else:
+            counted = "start_count not reported"
+        if not kept:
+            return Result(
+                "wake",
+                "FAIL",
+                f"standby after {idle_s} s idle; ssh woke it in {wake_s} s with the same host "
+                f"key, but the boot marker left in memory is gone (memory not kept); {counted}",
+                figures,
+            )
         return Result(
             "wake",
             "PASS",
-            f"standby after {idle_s} s idle; ssh woke it in {wake_s} s, host key kept",
+            f"standby after {idle_s} s idle; ssh woke it in {wake_s} s, host key and memory "
+            f"kept; {counted}",
             figures,
         )
 

@@ -22,7 +22,7 @@ from reconciler._util.retry import RetryPolicy, poll
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance, VolumeMount
-from reconciler.reconcile import actions, identity, rebuild, sessionkeys
+from reconciler.reconcile import actions, bootmark, identity, rebuild, sessionkeys
 from reconciler.reconcile.desired import (
     Group,
     SessionContext,
@@ -114,6 +114,7 @@ class Executor:
         ran: set[tuple[str, str]] | None = None,
         pool: TransportPool | None = None,
         stop: StopFlag | None = None,
+        committer: journal.Committer | None = None,
     ) -> None:
         self.group = group
         self.doc = doc
@@ -121,6 +122,9 @@ class Executor:
         self.metros = metros
         self.reporter = reporter
         self.doc_lock = doc_lock
+        #: the status file's writes (shared by every worker: saves in flight together are
+        #: written once)
+        self.committer = committer or journal.Committer(group.status_path, doc, doc_lock)
         self.ready_timeout_s = ready_timeout_s
         self.boot_timeout_s = boot_timeout_s
         #: how long a create waits for a name an instance being deleted still holds
@@ -147,8 +151,8 @@ class Executor:
             return self.doc.sessions.setdefault(session, SessionStatus())
 
     def save(self) -> None:
-        with self.doc_lock:
-            journal.save(self.group.status_path, self.doc)
+        """Make this session's journaled changes durable (not under `doc_lock`)."""
+        self.committer.save()
 
     def _say(self, session: str, kind: str, text: str, stream: str = "") -> None:
         self.reporter.event(Event(session, kind, text, stream))
@@ -491,9 +495,12 @@ class Executor:
                     )
             if remaining <= 0:
                 return None
-            # the platform's own wait holds the request until the state is reached
+            # the platform's own wait holds the request until the state is reached; its
+            # answer is a full read of the instance, so a running one is not read again
             with contextlib.suppress(errors.SandboxNotReadyError):
-                conn.api.wait_instance(name, "running", min(remaining, 2.0))
+                waited = conn.api.wait_instance(name, "running", min(remaining, 2.0))
+                if waited.state in ("running", "standby"):
+                    return waited
             return None
 
         policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)
@@ -599,6 +606,7 @@ class Executor:
             run.transport = self.pool.take(ctx.desired.name, inst.uuid)
             if run.transport is not None:
                 run.pooled = True
+                self._mark_boot(ctx.desired.name, run)
                 return
         if inst is None:
             raise errors.NotFoundError(f"session {ctx.desired.name!r} has no instance to reach")
@@ -623,6 +631,30 @@ class Executor:
         with self.doc_lock:
             if rec.instance is not None:
                 rec.instance.pin = transport.pin
+        self._mark_boot(ctx.desired.name, run)
+
+    def _mark_boot(self, session: str, run: _Run) -> None:
+        """Leave the boot marker on the first connection of a boot (`reconcile/bootmark.py`).
+        Best effort: without one, a later `start_count` change reads as a cold boot."""
+        inst, rec = run.inst, self._record(session)
+        known = rec.instance
+        if (
+            run.transport is None
+            or inst is None
+            or known is None
+            or known.boot_mark
+            or known.uuid != inst.uuid
+            or known.start_count != inst.start_count
+        ):
+            return
+        token = bootmark.new_token()
+        try:
+            bootmark.leave_mark(run.transport, token)
+        except errors.UkcError as err:
+            self._say(session, "info", f"boot marker not left: {err}")
+            return
+        with self.doc_lock:
+            known.boot_mark = token
 
     def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
         assert run.transport is not None and run.inst is not None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, identity, lease, quota, rebuild
+from reconciler.reconcile import actions, bootmark, identity, lease, quota, rebuild
 from reconciler.reconcile.desired import (
     DesiredSession,
     Group,
@@ -90,8 +90,34 @@ def plan_group(
     """What apply would do right now (reads only; takes no lock)."""
     doc = journal.load(group.status_path)
     owner, salt = _identity(group, environ)
-    obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+    # the warm process's keeper says what changed since the last scan (no walk of the tree)
+    with sync_feed.tracking(
+        (
+            (o.state_dir, o.local_root, o.back_paths())
+            for o in (sync_options_for(group, s) for s in group.sessions)
+        ),
+        watch=False,
+    ):
+        obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+    woken = bootmark.worth_checking(obs, doc, set())
+    with contextlib.closing(TransportPool()) as pool:
+        if woken:
+            bootmark.check(
+                woken, obs=obs, doc=doc, metros=metros, pool=pool, reporter=RecordingReporter()
+            )
+        return _plan_read_only(group, obs, doc, metros, pool, prune=prune, now=now), obs
 
+
+def _plan_read_only(
+    group: Group,
+    obs: Observation,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    pool: TransportPool,
+    *,
+    prune: bool,
+    now: Callable[[], float],
+) -> actions.Plan:
     the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
     if shortfalls or unread:
@@ -101,13 +127,10 @@ def plan_group(
     if wanted:
         # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
         # not written; apply does that)
-        with contextlib.closing(TransportPool()) as pool:
-            quiet = RecordingReporter()
-            if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
-                the_plan = _plan(
-                    obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files
-                )
-    return the_plan, obs
+        quiet = RecordingReporter()
+        if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
+            the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    return the_plan
 
 
 def _plan(
@@ -203,7 +226,9 @@ def apply_group(
     ):
         doc = journal.load(group.status_path)
         doc_lock = threading.Lock()
+        committer = journal.Committer(group.status_path, doc, doc_lock)
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
+        unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
@@ -213,6 +238,8 @@ def apply_group(
         ran: set[tuple[str, str]] = set()
         #: sessions whose sandbox journal was read in this run (once is enough)
         journals_read: set[str] = set()
+        #: sessions whose boot marker was read in this run (once is enough)
+        marks_read: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
         converged: actions.Plan | None = None
@@ -230,6 +257,18 @@ def apply_group(
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
+            woken = bootmark.worth_checking(obs, doc, marks_read)
+            if woken:
+                marks_read.update(woken)
+                bootmark.check(
+                    woken,
+                    obs=obs,
+                    doc=doc,
+                    metros=metros,
+                    pool=kept,
+                    reporter=reporter,
+                    concurrency=concurrency,
+                )
 
             plan = _plan(
                 desired, obs, doc, now(), prune=prune and not failed, only_files=group.only_files
@@ -297,6 +336,7 @@ def apply_group(
                 ran=ran,
                 pool=kept,
                 stop=stop,
+                committer=committer,
             )
             work = [s for s in plan.sessions if s.changes]
             unfinished.in_flight = executor.in_flight
@@ -391,6 +431,7 @@ class _UnfinishedOnInterrupt:
         self.group = group
         self.doc: StatusDoc | None = None
         self.doc_lock = threading.Lock()
+        self.committer: journal.Committer | None = None
         #: the running executor's actions in flight (a second Ctrl-C leaves them behind)
         self.in_flight: Mapping[str, actions.Action] = {}
 
@@ -398,11 +439,16 @@ class _UnfinishedOnInterrupt:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        if self.doc is None or kind is None or not issubclass(kind, KeyboardInterrupt):
+        if self.committer is None or kind is None or not issubclass(kind, KeyboardInterrupt):
             return
-        now = journal.utc_now()
         # why suppress: after a second Ctrl-C a worker may still write the document
-        with contextlib.suppress(Exception), self.doc_lock:
+        with contextlib.suppress(Exception):
+            self._journal(journal.utc_now())
+            self.committer.save()
+
+    def _journal(self, now: str) -> None:
+        assert self.doc is not None
+        with self.doc_lock:
             for session, action in self.in_flight.items():
                 rec = self.doc.sessions.setdefault(session, SessionStatus())
                 rec.phase = "Interrupted"
@@ -415,7 +461,6 @@ class _UnfinishedOnInterrupt:
                     rec.message = "interrupted"
                     rec.interruption = Interruption(at=now)
                     journal.set_condition(rec, "Ready", "False", "Interrupted", "interrupted", now)
-            journal.save(self.group.status_path, self.doc)
 
 
 def _run_sessions(

@@ -30,6 +30,7 @@ from reconciler.status.schema import (
     format_time,
     parse_time,
 )
+from reconciler.sync.capability import describe
 
 __all__ = [
     "command_input_hash",
@@ -305,6 +306,9 @@ def _plan_session(
         )
     else:
         noops.append(f"files in sync ({tree.files} file(s))")
+    # which way sync reaches in: a fact recorded at an earlier contact with this instance
+    found = tree.tools[1] if tree.tools and uuid and tree.tools[0] == uuid else None
+    sync_path = describe(None if new_instance else found)
 
     # --- commands ------------------------------------------------------------------------
     runs: list[actions.RunCommand] = []
@@ -365,7 +369,7 @@ def _plan_session(
             f"{'; '.join(desired.secrets_missing)}; command {first.name!r} must run "
             f"({first.reason}) and needs it"
         )
-        return actions.SessionPlan(name, (), tuple(noops), error=why)
+        return actions.SessionPlan(name, (), tuple(noops), error=why, sync_path=sync_path)
 
     # A sync-back interrupted after its commands succeeded (kill, lost connection) is owed:
     # the commands are skipped next time, so nothing else would bring their outputs home.
@@ -400,7 +404,7 @@ def _plan_session(
                 always=bool(runs),
             )
         )
-    return actions.SessionPlan(name, tuple(acts), tuple(noops))
+    return actions.SessionPlan(name, tuple(acts), tuple(noops), sync_path=sync_path)
 
 
 def _baked_change(desired: DesiredSession, inst: Instance) -> str | None:

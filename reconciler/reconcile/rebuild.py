@@ -22,17 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry
+from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity, sessionkeys
-from reconciler.reconcile.desired import target_for
+from reconciler.reconcile.desired import SessionContext, target_for
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.observe import Observation
 from reconciler.status import sandboxjournal
-from reconciler.status.schema import SessionStatus, StatusDoc
+from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc
 from reconciler.transport import select
 from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
-__all__ = ["clear_journal", "consult", "leave_journal", "worth_reading"]
+__all__ = ["clear_journal", "connect", "consult", "exchange", "leave_journal", "worth_reading"]
 
 #: the longest one journal read or write may take (the sandbox may stall it)
 EXCHANGE_TIMEOUT_S = 30.0
@@ -116,15 +117,8 @@ def _consult_one(
     transport = pool.take(name, inst.uuid)
     try:
         if transport is None:
-            kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
-            conn = metros.get(ctx.desired.metro)
-            transport = kind.connect(
-                target_for(inst, conn),
-                ctx.credentials,
-                pin=identity.recorded_pin(known, inst),
-                deadline_s=CONNECT_TIMEOUT_S,
-            )
-        data = _exchange(
+            transport = connect(ctx, inst, known, metros)
+        data = exchange(
             transport,
             f"cat {sandboxjournal.JOURNAL_PATH} 2>/dev/null; true",
             None,
@@ -171,13 +165,27 @@ def _consult_one(
     return True
 
 
+def connect(
+    ctx: SessionContext, inst: Instance, known: InstanceRecord | None, metros: MetroRegistry
+) -> Transport:
+    """A connection to `inst`'s sandbox for a read before planning, held to the pin this
+    checkout recorded for that instance (a new identity is not learnt here)."""
+    kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
+    return kind.connect(
+        target_for(inst, metros.get(ctx.desired.metro)),
+        ctx.credentials,
+        pin=identity.recorded_pin(known, inst),
+        deadline_s=CONNECT_TIMEOUT_S,
+    )
+
+
 def leave_journal(
     transport: Transport, key_root: bytes, binding: sandboxjournal.Binding, record: SessionStatus
 ) -> None:
     """Write `record` (its `journal_seq` already advanced) as the sandbox's journal."""
     data = sandboxjournal.encode(sandboxjournal.journal_key(key_root), binding, record)
     where = sandboxjournal.JOURNAL_DIR
-    _exchange(
+    exchange(
         transport,
         f"mkdir -p {where} && cat > {where}/.journal.tmp && "
         f"mv -f {where}/.journal.tmp {sandboxjournal.JOURNAL_PATH}",
@@ -188,10 +196,10 @@ def leave_journal(
 
 def clear_journal(transport: Transport) -> None:
     """Remove the journal before the sandbox changes (see the module's docstring)."""
-    _exchange(transport, f"rm -f {sandboxjournal.JOURNAL_PATH}", None, limit=4096)
+    exchange(transport, f"rm -f {sandboxjournal.JOURNAL_PATH}", None, limit=4096)
 
 
-def _exchange(
+def exchange(
     transport: Transport,
     command: str,
     data: bytes | None,
@@ -231,11 +239,11 @@ def _exchange(
             raise stalled from None
         if isinstance(err, errors.UkcError):
             raise
-        raise errors.RemoteError(f"the journal exchange broke ({type(err).__name__})") from None
+        raise errors.RemoteError(f"the exchange broke ({type(err).__name__})") from None
     finally:
         cutoff.cancel()
     if fired.is_set():
         raise stalled
     if code != 0:
-        raise errors.RemoteError(f"journal command exited {code}")
+        raise errors.RemoteError(f"the command exited {code}")
     return bytes(out)

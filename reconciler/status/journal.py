@@ -13,12 +13,14 @@ import json
 import os
 import re
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from reconciler import errors
 from reconciler._util.atomic import fsync_dir, temp_files, write_atomic
@@ -27,6 +29,8 @@ from reconciler._util.retry import RetryPolicy, poll
 from reconciler.status.schema import STATUS_VERSION, Condition, SessionStatus, StatusDoc
 
 __all__ = [
+    "Committer",
+    "encode",
     "load",
     "lock",
     "save",
@@ -67,14 +71,91 @@ def load(path: Path) -> StatusDoc:
     return StatusDoc()
 
 
+def encode(doc: StatusDoc) -> bytes:
+    """The document as the status file holds it (stamped `updated_at` now).
+
+    pydantic's own encoder (10x the standard library's indenting one); a string it cannot
+    encode as UTF-8 (a lone surrogate of an undecodable file name) takes the standard
+    library's, which escapes it."""
+    doc.updated_at = utc_now()
+    try:
+        return doc.model_dump_json(indent=2).encode() + b"\n"
+    except PydanticSerializationError:
+        return json.dumps(doc.model_dump(mode="json"), indent=2).encode() + b"\n"
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data, mode=0o644, backup=path.with_name(path.name + ".bak"))
+    fsync_dir(path.parent)
+
+
 def save(path: Path, doc: StatusDoc) -> None:
     """Write atomically (temp + fsync + rename + directory fsync); the previous generation
     stays readable as `.bak` if this one is ever damaged."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc.updated_at = utc_now()
-    data = json.dumps(doc.model_dump(mode="json"), indent=2, sort_keys=False).encode() + b"\n"
-    write_atomic(path, data, mode=0o644, backup=path.with_name(path.name + ".bak"))
-    fsync_dir(path.parent)
+    _write(path, encode(doc))
+
+
+class Committer:
+    """Durable saves of one status document that worker threads change under `doc_lock`.
+
+    `save()` returns once a write holding every change made before the call is durable (as
+    `save` does), but saves that arrive while a write is in flight share the next write
+    (a group commit), and the document is locked only while it is encoded, never during the
+    write and its fsyncs. Why: with one whole-document save per action under the workers'
+    lock, 50 sessions made ~250 writes of a document of up to 50 sessions, one at a time.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        doc: StatusDoc,
+        doc_lock: threading.Lock,
+        *,
+        write: Callable[[Path, bytes], None] = _write,
+    ) -> None:
+        self.path = path
+        self.doc = doc
+        self.doc_lock = doc_lock
+        self._write = write
+        self._cond = threading.Condition()
+        #: saves asked for so far, and how many of them a finished write covers
+        self._asked = 0
+        self._covered = 0
+        self._writing = False
+        #: the writes made (tests and benches count them)
+        self.writes = 0
+
+    def save(self) -> None:
+        """Make every change to the document made before this call durable. Never call it
+        holding `doc_lock`."""
+        with self._cond:
+            self._asked += 1
+            mine = self._asked
+            while self._covered < mine:
+                if not self._writing:
+                    break
+                self._cond.wait()
+            else:
+                return
+            self._writing = True
+            # every save asked for by now changed the document before asking: the snapshot
+            # taken next holds those changes
+            covers = self._asked
+        written = False
+        try:
+            with self.doc_lock:
+                data = encode(self.doc)
+            self._write(self.path, data)
+            written = True
+        finally:
+            # a failed write covers nothing: a waiter then writes (and fails) itself
+            with self._cond:
+                self._writing = False
+                if written:
+                    self._covered = max(self._covered, covers)
+                    self.writes += 1
+                self._cond.notify_all()
 
 
 #: the `ukc` process this one runs a command for (set by the warm process's child): the

@@ -81,6 +81,9 @@ class InstanceRecord(_Model):
     #: fingerprint); every later connection must present it. Status files of older versions
     #: call it `host_key`
     pin: str | None = Field(default=None, validation_alias=AliasChoices("pin", "host_key"))
+    #: the token ukc left in the sandbox's memory on its first connection of this boot
+    #: (`reconcile/bootmark.py`): found again under another `start_count`, the boot is the same
+    boot_mark: str = ""
 
 
 class BackFrom(_Model):

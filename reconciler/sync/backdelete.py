@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,8 +109,8 @@ class DeleteOutcome:
 def mirror_deletes(
     tree: DirLookup,
     back: tuple[str, ...],
-    record: dict[str, Any],
-    new_record: dict[str, Any],
+    record: Mapping[str, list[Any]],
+    new_record: MutableMapping[str, list[Any]],
     seen: Seen,
 ) -> DeleteOutcome:
     """Remove the local files the guards allow; drops them (and vanished ones) from
@@ -190,7 +191,7 @@ def _missing(seen: Seen, back: tuple[str, ...], out: DeleteOutcome) -> set[str] 
 
 def _halted_roots(
     back: tuple[str, ...],
-    record: dict[str, Any],
+    record: Mapping[str, list[Any]],
     seen: Seen,
     missing: set[str],
     out: DeleteOutcome,

@@ -23,7 +23,7 @@ from typing import Literal
 
 from reconciler.errors import MissingToolError, RemoteError
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.records import read_record, write_record
+from reconciler.sync.records import TOOLS, read_record, write_record
 from reconciler.transport.base import RemoteShell
 
 __all__ = [
@@ -33,12 +33,13 @@ __all__ = [
     "is_missing_interpreter",
     "probe_tools",
     "record_tools",
+    "recorded",
     "recorded_tools",
     "remote_tools",
 ]
 
 #: the record's name in the session's sync state dir
-RECORD = "tools.json"
+RECORD = TOOLS
 
 #: "python": the helper runs; "shell": sh + coreutils + findutils + tar (no usable python3)
 Tools = Literal["python", "shell"]
@@ -54,20 +55,29 @@ def describe(tools: Tools | None) -> str:
     return _WORDS[tools] if tools is not None else "not known until first contact"
 
 
+def recorded(opts: SyncOptions) -> tuple[str, Tools] | None:
+    """(instance uuid, sync path) as the session's record holds it, or None. The planner
+    compares the uuid with the instance it observes (a pure judgement)."""
+    rec = read_record(opts.state_dir, RECORD)
+    if rec is None:
+        return None
+    uuid, tools = rec.get("uuid"), rec.get("tools")
+    if not isinstance(uuid, str) or not uuid:
+        return None
+    if tools == "python":
+        return uuid, "python"
+    if tools == "shell":
+        return uuid, "shell"
+    return None
+
+
 def recorded_tools(opts: SyncOptions, instance_uuid: str) -> Tools | None:
     """What an earlier contact found for this instance, or None (no contact yet, another
     instance, an unreadable record). Reads one small file; no remote I/O."""
-    if not instance_uuid:
+    rec = recorded(opts)
+    if not instance_uuid or rec is None or rec[0] != instance_uuid:
         return None
-    rec = read_record(opts.state_dir, RECORD)
-    if rec is None or rec.get("uuid") != instance_uuid:
-        return None
-    tools = rec.get("tools")
-    if tools == "python":
-        return "python"
-    if tools == "shell":
-        return "shell"
-    return None
+    return rec[1]
 
 
 def record_tools(opts: SyncOptions, instance_uuid: str, tools: Tools) -> None:

@@ -9,12 +9,17 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 
+from reconciler.sync import push as python_push
+from reconciler.sync import tarpush
+from reconciler.sync.capability import is_missing_interpreter, record_tools, recorded_tools
 from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
-from reconciler.sync.ignore import load_rules
+from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.sync.manifest import Manifest, last_push_record, push_meta, scan_local
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
-from reconciler.sync.push import PushResult, push
+from reconciler.sync.pullrecord import pull_meta
+from reconciler.sync.push import PushResult
+from reconciler.transport.base import RemoteShell
 
 __all__ = [
     "Manifest",
@@ -31,6 +36,32 @@ __all__ = [
     "push",
     "scan_local",
 ]
+
+
+def push(
+    shell: RemoteShell,
+    opts: SyncOptions,
+    *,
+    instance_uuid: str,
+    local: Manifest | None = None,
+    rules: IgnoreRules | None = None,
+) -> PushResult:
+    """Sync the local tree to the sandbox over the path its image allows (`capability`):
+    the python helper, or shell+tar once the instance is known to have no usable python3
+    (learned from the helper's own failure to start, then recorded)."""
+    if recorded_tools(opts, instance_uuid) == "shell":
+        return tarpush.push(shell, opts, instance_uuid=instance_uuid, local=local, rules=rules)
+    try:
+        result = python_push.push(
+            shell, opts, instance_uuid=instance_uuid, local=local, rules=rules
+        )
+    except Exception as exc:
+        if not is_missing_interpreter(exc, opts):
+            raise
+        record_tools(opts, instance_uuid, "shell")
+        return tarpush.push(shell, opts, instance_uuid=instance_uuid, local=local, rules=rules)
+    record_tools(opts, instance_uuid, "python")
+    return result
 
 
 def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:
@@ -67,14 +98,18 @@ class PullPlan:
 
 
 def plan_pull(opts: SyncOptions) -> PullPlan:
-    """The declared sync-back paths and the size of what the last pull brought back."""
-    record = pull_record(opts)
+    """The declared sync-back paths and the size of what the last pull brought back (from
+    the record's metadata line when it has one: its entries are not read)."""
+    meta = pull_meta(opts.state_dir)
+    if meta is not None:
+        files, size = meta["files"], meta["bytes"]
+    else:
+        entries = pull_record(opts).entries
+        files, size = len(entries), sum(e.size for e in entries.values())
     return PullPlan(
         back=opts.back_paths(),
-        known_files=len(record),
-        known_bytes=sum(
-            v[0] for v in record.values() if isinstance(v, list) and v and type(v[0]) is int
-        ),
+        known_files=files,
+        known_bytes=size,
         mirrors_deletes=opts.back_delete and bool(opts.back_paths()),
     )
 

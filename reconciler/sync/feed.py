@@ -124,14 +124,17 @@ def use_keeper(keeper: Keeper | None) -> None:
 
 
 @contextlib.contextmanager
-def tracking(sessions: Iterable[tuple[Path, Path, tuple[str, ...]]]) -> Iterator[None]:
+def tracking(
+    sessions: Iterable[tuple[Path, Path, tuple[str, ...]]], *, watch: bool = True
+) -> Iterator[None]:
     """For the block, scans of these sessions (state dir, local root, the sync-back paths
     under it, which no scan enters) re-stat only what
-    changed since the previous scan: told by the keeper (`use_keeper`), else watched by the
-    scans themselves (inotify) from the first scan on (an apply's converged round). Sessions
-    that already have a feed (a running `ukc watch`) keep it."""
+    changed since the previous scan: told by the keeper (`use_keeper`), else (`watch`) watched
+    by the scans themselves (inotify) from the first scan on (an apply's converged round; a
+    block that scans once, `ukc plan`, gains nothing from that). Sessions that already have a
+    feed (a running `ukc watch`) keep it."""
     keeper = _KEEPER[0] if _KEEPER else None
-    ino = inotify.shared() if keeper is None else None
+    ino = inotify.shared() if keeper is None and watch else None
     mine: list[tuple[Path, ChangeFeed]] = []
     if keeper is not None or ino is not None:
         with _LOCK:

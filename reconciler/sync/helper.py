@@ -222,6 +222,8 @@ class Helper:
         #: remote deletions only after a pull that listed and read everything
         self.pull_errors = 0
         self.pull_missing: list[str] = []
+        #: what the client last pulled (`op_have`): files unchanged since are not resent
+        self.have: Msg = {}
         self.ops: dict[str, Callable[[Msg], None]] = {
             "hello": self.op_hello,
             "scan": self.op_scan,
@@ -234,6 +236,7 @@ class Helper:
             "sync": self.op_sync,
             "finish": self.op_finish,
             "unrecord": self.op_unrecord,
+            "have": self.op_have,
             "pull": self.op_pull,
             "blocks": self.op_blocks,
             "patch": self.op_patch,
@@ -859,8 +862,13 @@ class Helper:
                 continue
             self.pull_entry(dfd, name, rel + "/" + name, st, have)
 
+    def op_have(self, req: Msg) -> None:
+        """Part of what the client last pulled (path -> [size, mtime_ns]), sent in parts
+        before the pull so that no frame holds all of it."""
+        self.have.update(req.get("have") or {})
+
     def op_pull(self, req: Msg) -> None:
-        have = req.get("have") or {}
+        have = req.get("have") or self.have
         self.pull_errors = 0
         self.pull_missing = []
         for back in req["back"]:

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
@@ -42,6 +42,8 @@ _CHUNK = 2000
 #: a metadata line is looked for in this many bytes at the end of the file
 _TAIL = 64 << 10
 _CACHE_MAX = 64
+#: bytes per read when a journal is copied
+_COPY = 1 << 20
 
 
 @dataclass
@@ -133,30 +135,34 @@ class Journal:
         # the state in lines of `_CHUNK` entries (the first one the reset): writing and
         # reading it never holds the whole state as one JSON text and its parse at once;
         # inodes as a list in the order of the entries (a path is written and parsed once)
-        lines: list[bytes] = []
         paths = list(entries)
-        for start in range(0, max(len(paths), 1), _CHUNK):
-            part = paths[start : start + _CHUNK]
-            line: dict[str, Any] = {"seq": len(lines)}
-            if not lines:
-                line["reset"] = True
-            line["set"] = {p: entries[p] for p in part}
-            line["ino"] = [inos.get(p, 0) for p in part]
-            lines.append(_line(line))
-        base = sum(len(x) for x in lines)
-        lines.append(_line({"seq": len(lines), "meta": meta, "base": base}))
+        written = [0, 0, 0]  # lines, bytes, bytes of the entries (the base)
+
+        def lines() -> Iterator[bytes]:
+            # each line is encoded as it is written: never 12 MB of lines at once
+            for start in range(0, max(len(paths), 1), _CHUNK):
+                part = paths[start : start + _CHUNK]
+                line: dict[str, Any] = {"seq": written[0]}
+                if not written[0]:
+                    line["reset"] = True
+                line["set"] = {p: entries[p] for p in part}
+                line["ino"] = [inos.get(p, 0) for p in part]
+                data = _line(line)
+                written[0] += 1
+                written[1] += len(data)
+                yield data
+            written[2] = written[1]
+            data = _line({"seq": written[0], "meta": meta, "base": written[2]})
+            written[0] += 1
+            written[1] += len(data)
+            yield data
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # no fsync: a lost or torn journal reads as "none", which only costs time; the lines
-        # are written one by one (never joined: a second copy of 12 MB at 100,000 entries)
-        write_atomic(self.path, lines, durable=False)
+        # no fsync: a lost or torn journal reads as "none", which only costs time
+        write_atomic(self.path, lines(), durable=False)
         st = os.stat(self.path)
-        self.ino, self.length, self.base, self.seq, self.broken = (
-            st.st_ino,
-            sum(len(x) for x in lines),
-            base,
-            len(lines) - 1,
-            False,
-        )
+        self.ino, self.length, self.base = st.st_ino, written[1], written[2]
+        self.seq, self.broken = written[0] - 1, False
 
 
 def _least_bytes(paths: Collection[str]) -> int:
@@ -421,6 +427,10 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     return dict(meta) if isinstance(meta, dict) else None
 
 
+class _CutShortError(Exception):
+    """The journal being copied ended before the state it was read as."""
+
+
 def derive(source: Path, path: Path, entries: Mapping[str, Entry], meta: dict[str, Any]) -> bool:
     """Make the journal at `path` hold `entries` with `meta` by copying the bytes of the
     journal at `source`, when this process last read or wrote that one as exactly `entries`
@@ -434,18 +444,30 @@ def derive(source: Path, path: Path, entries: Mapping[str, Entry], meta: dict[st
         fd = os.open(j.path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return False
+    tail = _line({"seq": j.seq + 1, "meta": meta, "base": j.base})
+    copied = [0]
+
+    def parts(f: BinaryIO) -> Iterator[bytes]:
+        # in chunks: the index is 12 MB at 100,000 entries
+        while copied[0] < j.length:
+            data = f.read(min(_COPY, j.length - copied[0]))
+            if not data:
+                raise _CutShortError  # the temp file is removed, nothing replaced
+            copied[0] += len(data)
+            yield data
+        yield tail
+
+    path = Path(path)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if st.st_ino != j.ino or st.st_size < j.length:
             return False
         # writers append or replace whole: the first `length` bytes are still that state
-        data = f.read(j.length)
-    if len(data) != j.length:
-        return False
-    tail = _line({"seq": j.seq + 1, "meta": meta, "base": j.base})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, [data, tail], durable=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_atomic(path, parts(f), durable=False)
+        except _CutShortError:
+            return False
     ino = os.stat(path).st_ino
-    _remember(Journal(path, j.entries, j.inos, meta, j.seq + 1, ino, len(data) + len(tail), j.base))
+    _remember(Journal(path, j.entries, j.inos, meta, j.seq + 1, ino, j.length + len(tail), j.base))
     return True

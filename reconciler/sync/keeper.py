@@ -91,6 +91,9 @@ class TreeKeeper:
         self.inotify = inotify
         self.trees: dict[str, _Kept] = {}
         self._tokens = itertools.count(1)
+        #: scans answered with the paths changed (no walk), and with "everything"
+        self.named = 0
+        self.everything = 0
 
     def pump(self) -> None:
         self.inotify.pump()
@@ -114,13 +117,17 @@ class TreeKeeper:
             if not self.watch_tree(kept, root, ""):
                 self.inotify.forget(kept)
                 del self.trees[state_dir]
+                self.everything += 1
                 return token, None
             kept.inflight[token] = set()
+            self.everything += 1
             return token, None
         answer: set[str] | None
         if ident is None or kept.ident != ident:
             answer = None
+            self.everything += 1
         else:
+            self.named += 1
             answer = set(kept.pending)
             for earlier in kept.inflight.values():
                 answer |= earlier  # taken by a scan that never said it was done

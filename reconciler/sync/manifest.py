@@ -154,9 +154,17 @@ def _valid_meta(meta: Mapping[str, Any] | None) -> bool:
     )
 
 
-def hash_file(fd: int) -> str:
-    """sha256 of an open file, read in chunks (never the whole file in memory)."""
+def hash_file(fd: int, size: int = -1) -> str:
+    """sha256 of an open file, read in chunks (never the whole file in memory). `size`: what
+    fstat said, for a small file read in one call (one more byte asked: the end is seen without
+    a second read)."""
     h = hashlib.sha256()
+    if 0 <= size < CHUNK:
+        data = os.read(fd, size + 1)
+        h.update(data)
+        if len(data) == size:
+            return h.hexdigest()
+        # it grew, or the read came short: read on to the end
     while True:
         chunk = os.read(fd, CHUNK)
         if not chunk:
@@ -317,7 +325,7 @@ class _Scan:
                 return False
             try:
                 fst = os.fstat(fd)
-                digest = hash_file(fd)
+                digest = hash_file(fd, fst.st_size)
             finally:
                 os.close(fd)
             e = Entry("f", fst.st_size, fst.st_mtime_ns, perm, digest)

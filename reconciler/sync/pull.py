@@ -54,12 +54,13 @@ from typing import Any, Never
 
 from reconciler._util.atomic import writer_alive
 from reconciler._util.text import one_line
-from reconciler.errors import HostileEntryError, SyncHaltedError
+from reconciler.errors import HostileEntryError, MissingToolError, SyncHaltedError
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
+from reconciler.sync.capability import is_missing_interpreter, record_tools, recorded_tools
 from reconciler.sync.ignore import is_under
 from reconciler.sync.manifest import CHUNK, hash_file
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.records import PULL_RECORD, read_record, write_record
+from reconciler.sync.pullrecord import PullRecord, load_pull_record, save_pull_record
 from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
@@ -171,12 +172,10 @@ def _why(exc: OSError) -> str:
     return (exc.strerror or f"error {exc.errno}").lower()
 
 
-def pull_record(opts: SyncOptions) -> dict[str, list[Any]]:
+def pull_record(opts: SyncOptions) -> PullRecord:
     """Our last pull record: path -> [size, mtime_ns, sha256, source] of each file pull
     wrote; source ("instance-uuid/boot-id") is absent in an older ukc's entries."""
-    data = read_record(opts.state_dir, PULL_RECORD) or {}
-    files = data.get("files")
-    return files if isinstance(files, dict) else {}
+    return load_pull_record(opts.state_dir)
 
 
 def pulled_paths(opts: SyncOptions) -> set[Path]:
@@ -295,14 +294,19 @@ class _Tree:
 
 
 class _Puller:
-    def __init__(self, s: HelperSession, opts: SyncOptions, tree: _Tree, source: str) -> None:
+    """One pull's judge and writer. `entry` takes the helper's headers; the file data comes
+    through `next_chunk` (the helper's framing here; `tarpull` reads a tar stream instead)."""
+
+    def __init__(
+        self, s: HelperSession | None, opts: SyncOptions, tree: _Tree, source: str
+    ) -> None:
         self.s = s
         self.opts = opts
         self.tree = tree
         self.back = opts.back_paths()
         self.back_set = frozenset(self.back)  # checked for every entry (see is_under)
         self.record = pull_record(opts)
-        self.new_record: dict[str, list[Any]] = dict(self.record)
+        self.new_record = self.record.copy()
         self.result = PullResult()
         #: every path the sandbox announced (refused ones too: they exist over there), and
         #: local write failures: what deletions are judged by (paths kept only when they are)
@@ -354,25 +358,35 @@ class _Puller:
             label = _safe_label(path)
             self.stop(f"stopped: the local disk is full ({_why(exc)}) while writing {label}")
 
-    def entry_record(self, size: object, mtime: object, sha: object) -> list[Any]:
-        """A record entry for a file this sandbox has, tagged with its source when known."""
-        return [size, mtime, sha, self.seen.source] if self.seen.source else [size, mtime, sha]
+    def keep(self, path: str, size: int, mtime: int, sha: str) -> None:
+        """Record a file this sandbox has, tagged with its source when known."""
+        self.new_record.put(path, size, mtime, sha, self.seen.source)
 
     def finish(self) -> None:
         """Wait for every pooled write."""
         self.pool.shutdown(wait=True)
 
+    def next_chunk(self, total: int, size: int) -> bytes | None:
+        """The next piece of the current file's data (`total` of `size` came so far): b""
+        after the last, None when the sandbox sends more than `size`."""
+        assert self.s is not None
+        n = self.s.reader.u32()
+        if n == 0:
+            return b""
+        if n > CHUNK or total + n > size:
+            return None
+        return self.s.reader.exact(n)
+
     def drain(self, limit: int) -> int:
         """Read and discard one file's chunks; returns the byte count (-1 when over `limit`)."""
         total = 0
         while True:
-            n = self.s.reader.u32()
-            if n == 0:
-                return total
-            if n > CHUNK or total + n > limit:
+            chunk = self.next_chunk(total, limit)
+            if chunk is None:
                 return -1
-            self.s.reader.exact(n)
-            total += n
+            if not chunk:
+                return total
+            total += len(chunk)
 
     def skip(self, path: object, size: int) -> bool:
         """Skip a file's data after a refusal; False when it sends more than announced."""
@@ -440,21 +454,25 @@ class _Puller:
             return (not has_data or self.skip(path, size)) and self.result.stopped is None
         assert isinstance(path, str)
         if kind == "d":
-            try:
-                self.tree.dir(path, 0o700 | (mode & 0o055))
-            except HostileEntryError as exc:
-                self.reject(path, str(exc))
-            except OSError as exc:
-                self.write_failed(path, exc)
+            self.directory(path, mode)
             return self.result.stopped is None
         if not has_data:
             self.result.unchanged += 1
-            rec = self.record.get(path)
-            if isinstance(rec, list) and len(rec) >= 3:
+            was = self.record.entries.get(path)
+            if was is not None:
                 # seen unchanged in this sandbox: from now on it is this sandbox's file
-                self.new_record[path] = self.entry_record(rec[0], rec[1], rec[2])
+                self.keep(path, was.size, was.mtime_ns, was.ref)
             return self.result.stopped is None
         return self.file(path, size, local_mode(mode), mtime) and self.result.stopped is None
+
+    def directory(self, path: str, mode: int) -> None:
+        """Make the directory `path` (its sandbox `mode` filtered), or say why not."""
+        try:
+            self.tree.dir(path, 0o700 | (mode & 0o055))
+        except HostileEntryError as exc:
+            self.reject(path, str(exc))
+        except OSError as exc:
+            self.write_failed(path, exc)
 
     def file(self, path: str, size: int, mode: int, mtime: int) -> bool:
         parent, _, name = path.rpartition("/")
@@ -479,15 +497,14 @@ class _Puller:
         failed: OSError | None = None
         try:
             while True:
-                n = self.s.reader.u32()
-                if n == 0:
-                    break
-                if n > CHUNK or total + n > size:
+                chunk = self.next_chunk(total, size)
+                if chunk is None:
                     self.reject(path, f"more than the announced {size} bytes")
                     self.result.aborted = f"{_safe_label(path)}: more data than announced"
                     return False
-                chunk = self.s.reader.exact(n)
-                total += n
+                if not chunk:
+                    break
+                total += len(chunk)
                 if failed is not None:
                     continue  # keep the stream in step; the file is lost already
                 h.update(chunk)
@@ -521,14 +538,14 @@ class _Puller:
         """Receive a small file whole (bounded by its announced size), write it on the pool."""
         data = bytearray()
         while True:
-            n = self.s.reader.u32()
-            if n == 0:
-                break
-            if n > CHUNK or len(data) + n > size:
+            chunk = self.next_chunk(len(data), size)
+            if chunk is None:
                 self.reject(path, f"more than the announced {size} bytes")
                 self.result.aborted = f"{_safe_label(path)}: more data than announced"
                 return False
-            data += self.s.reader.exact(n)
+            if not chunk:
+                break
+            data += chunk
         if len(data) != size:
             self.reject(path, f"sent {len(data)} of the announced {size} bytes")
             return True
@@ -587,13 +604,13 @@ class _Puller:
             return
         if st is not None:
             local_sha = self._local_sha(pfd, name, st)
-            rec = self.record.get(path)
+            was = self.record.entries.get(path)
             if local_sha == sha:
                 _unlink_quiet(tmp, pfd)  # same content already here
-                self.new_record[path] = self.entry_record(size, mtime, sha)
+                self.keep(path, size, mtime, sha)
                 self.result.unchanged += 1
                 return
-            ours = isinstance(rec, list) and len(rec) >= 3 and local_sha == rec[2]
+            ours = was is not None and local_sha == was.ref
             if not ours:
                 beside = name + CONFLICT_SUFFIX
                 if len(beside.encode("utf-8", "surrogateescape")) > 255:
@@ -607,11 +624,11 @@ class _Puller:
                 os.replace(tmp, beside, src_dir_fd=pfd, dst_dir_fd=pfd)
                 # recorded as the sandbox's version: reported once, not on every pull; no
                 # source: the file in place is the user's, not one this pull brought
-                self.new_record[path] = [size, mtime, sha]
+                self.new_record.put(path, size, mtime, sha)
                 self.result.conflicts.append(path)
                 return
         os.replace(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
-        self.new_record[path] = self.entry_record(size, mtime, sha)
+        self.keep(path, size, mtime, sha)
         self.result.files_written += 1
         self.result.bytes_written += size
         self.result.written.append(path)
@@ -677,21 +694,39 @@ def _unlink_quiet(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _have(record: dict[str, list[Any]]) -> dict[str, list[int]]:
-    """What we last pulled, as the sandbox had it: unchanged remote files are not resent."""
-    have: dict[str, list[int]] = {}
-    for path, rec in record.items():
-        if isinstance(rec, list) and len(rec) >= 3 and all(type(v) is int for v in rec[:2]):
-            have[path] = [rec[0], rec[1]]
-    return have
+#: entries of the pull record per `have` frame
+_HAVE_CHUNK = 2000
 
 
-def pull(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str = "") -> PullResult:
+def _send_have(s: HelperSession, record: PullRecord) -> None:
+    """What we last pulled, as the sandbox had it (unchanged remote files are not resent), in
+    frames of `_HAVE_CHUNK` entries: never the whole record as one JSON text."""
+    part: dict[str, list[int]] = {}
+    for path, e in record.entries.items():
+        part[path] = [e.size, e.mtime_ns]
+        if len(part) >= _HAVE_CHUNK:
+            s.send({"op": "have", "have": part})
+            part = {}
+    if part:
+        s.send({"op": "have", "have": part})
+
+
+def pull(
+    shell: RemoteShell,
+    opts: SyncOptions,
+    *,
+    instance_uuid: str = "",
+    helper: bool | None = None,
+) -> PullResult:
     """Bring the declared back paths home. Raises `SyncHaltedError` when the root is missing,
-    `SyncStalledError` when the helper stalls or the pull outlives `opts.timeout_s`.
+    `SyncStalledError` when the sandbox stalls or the pull outlives `opts.timeout_s`.
 
-    `instance_uuid` names the sandbox read: with the boot id the helper reports, it is the
+    `instance_uuid` names the sandbox read: with the boot id the sandbox reports, it is the
     source of what this pull brings; without it no remote deletion is ever mirrored.
+    `helper`: True reads through the python helper, False through the sandbox's own find
+    and tar (`tarpull`: an image without python3); None takes what `capability` recorded for
+    the instance, else tries the helper and takes tar (and records it) when the sandbox
+    cannot run python3.
     """
     back = opts.back_paths()
     for b in back:
@@ -702,54 +737,83 @@ def pull(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str = "") -> P
     try:
         if not back:
             return PullResult()
-        record = pull_record(opts)
-        # read-only: a pull leaves nothing behind in the sandbox (not even the helper cache)
-        with HelperSession(shell, opts, read_only=True) as s:
-            s.send(
-                {
-                    "op": "hello",
-                    "root": opts.remote_root,
-                    "state_dir": opts.remote_state_dir,
-                    "boot_paths": list(opts.boot_id_paths),
-                    "uuid": "",
-                    "digest": "-",
-                }
-            )
-            s.send({"op": "pull", "back": list(back), "have": _have(record), "flush": True})
-            s.flush()
-            hello = s.reader.frame(_HEADER_LIMIT)
-            boot = hello.get("boot_id") if isinstance(hello, dict) else None
-            puller = _Puller(s, opts, tree, source_id(instance_uuid, boot))
+        known = recorded_tools(opts, instance_uuid) if helper is None else None
+        if helper is True or (helper is None and known != "shell"):
             try:
-                while True:
-                    hdr = s.reader.frame(_HEADER_LIMIT)
-                    if isinstance(hdr, dict) and hdr.get("end") is True:
-                        puller.seen.end = hdr
-                        break
-                    if not puller.entry(hdr):
-                        s.close(abort=True)
-                        break
-            except BaseException:
-                # a stalled or broken stream: what was written is ours all the same
-                puller.finish()
-                _save_record(opts, puller.new_record)
-                raise
-            puller.finish()
-            result = puller.result
-            puller.seen.aborted = result.aborted
-            puller.seen.stopped = result.stopped
-            if opts.back_delete:
-                # only now: the stream ended and every pooled write finished
-                outcome = mirror_deletes(tree, back, puller.record, puller.new_record, puller.seen)
-                result.deleted = outcome.deleted
-                result.kept = outcome.kept
-                result.deletes_skipped = outcome.skipped
-            _save_record(opts, puller.new_record)
-        return result
+                result = _pull_helper(shell, opts, tree, back, instance_uuid)
+            except MissingToolError as exc:
+                if helper is True or not is_missing_interpreter(exc, opts):
+                    raise
+                # learnt from the helper's own failure (as a push learns it): shell from now on
+                record_tools(opts, instance_uuid, "shell")
+            else:
+                if helper is None:
+                    record_tools(opts, instance_uuid, "python")
+                return result
+        # why here: tarpull builds on this module's judge and writer
+        from reconciler.sync.tarpull import pull_tar
+
+        return pull_tar(shell, opts, tree, back, instance_uuid)
     finally:
         tree.close()
 
 
-def _save_record(opts: SyncOptions, files: dict[str, list[Any]]) -> None:
-    # no fsync: a lost record makes the next pull compare contents instead (safe)
-    write_record(opts.state_dir, PULL_RECORD, {"version": 1, "files": files}, durable=False)
+def _pull_helper(
+    shell: RemoteShell, opts: SyncOptions, tree: _Tree, back: tuple[str, ...], uuid: str
+) -> PullResult:
+    record = pull_record(opts)
+    # read-only: a pull leaves nothing behind in the sandbox (not even the helper cache)
+    with HelperSession(shell, opts, read_only=True) as s:
+        s.send(
+            {
+                "op": "hello",
+                "root": opts.remote_root,
+                "state_dir": opts.remote_state_dir,
+                "boot_paths": list(opts.boot_id_paths),
+                "uuid": "",
+                "digest": "-",
+            }
+        )
+        _send_have(s, record)
+        s.send({"op": "pull", "back": list(back), "flush": True})
+        s.flush()
+        hello = s.reader.frame(_HEADER_LIMIT)
+        boot = hello.get("boot_id") if isinstance(hello, dict) else None
+        puller = _Puller(s, opts, tree, source_id(uuid, boot))
+        try:
+            while True:
+                hdr = s.reader.frame(_HEADER_LIMIT)
+                if isinstance(hdr, dict) and hdr.get("end") is True:
+                    puller.seen.end = hdr
+                    break
+                if not puller.entry(hdr):
+                    s.close(abort=True)
+                    break
+        except BaseException:
+            # a stalled or broken stream: what was written is ours all the same
+            puller.finish()
+            _save_record(opts, puller.new_record)
+            raise
+        return _conclude(opts, tree, back, puller)
+
+
+def _conclude(opts: SyncOptions, tree: _Tree, back: tuple[str, ...], puller: _Puller) -> PullResult:
+    """After a pull's stream: wait for its writes, mirror deletions, save the record."""
+    puller.finish()
+    result = puller.result
+    puller.seen.aborted = result.aborted
+    puller.seen.stopped = result.stopped
+    if opts.back_delete:
+        # only now: the stream ended and every pooled write finished
+        outcome = mirror_deletes(tree, back, puller.record, puller.new_record, puller.seen)
+        result.deleted = outcome.deleted
+        result.kept = outcome.kept
+        result.deletes_skipped = outcome.skipped
+    _save_record(opts, puller.new_record)
+    return result
+
+
+def _save_record(opts: SyncOptions, record: PullRecord) -> None:
+    # no fsync (the journal's writes): a lost record makes the next pull compare contents
+    # instead (safe)
+    save_pull_record(opts.state_dir, record)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,24 +61,51 @@ MAX_REMOTE_ONLY_CHARS = 64 << 20
 _REMOTE_ONLY = {t: Entry(t, 0, 0, 0, "") for t in ("f", "d", "l", "o")}
 
 
-def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> Manifest:
-    """The sandbox's tree from the helper's streamed scan, checked entry by entry.
+class RemoteScan:
+    """A remote scan's entries, checked and kept with bounded memory whatever the sandbox
+    sends: a path of the local tree keeps one entry however often it is repeated, excluded
+    paths are dropped, and other paths (deletion candidates) stop at `MAX_REMOTE_ONLY` /
+    `MAX_REMOTE_ONLY_CHARS`. The helper's frames and the shell path's `find` output both
+    end here."""
 
-    Memory stays bounded whatever the helper sends: frames are small, a path of the local
-    tree keeps one entry however often it is repeated, excluded paths are dropped, and
-    other paths (deletion candidates) stop at `MAX_REMOTE_ONLY` / `MAX_REMOTE_ONLY_CHARS`.
-    """
-    mine = local.entries
-    entries: dict[str, Entry] = {}
-    others = 0
-    chars = 0
+    def __init__(self, local: Manifest, rules: IgnoreRules, opts: SyncOptions) -> None:
+        self._mine = local.entries
+        self._rules = rules
+        self._opts = opts
+        self.entries: dict[str, Entry] = {}
+        self._others = 0
+        self._chars = 0
+
+    def add(self, path: str, kind: str, size: int, mtime_ns: int, mode: int, ref: str) -> None:
+        entries = self.entries
+        if path in self._mine:
+            entries[path] = Entry(kind, size, mtime_ns, mode, ref)
+            return
+        if path in entries or not self._rules.deletable(path, kind == "d"):
+            return
+        self._others += 1
+        self._chars += len(path)
+        if self._others > MAX_REMOTE_ONLY or self._chars > MAX_REMOTE_ONLY_CHARS:
+            raise SyncLimitError(
+                f"push to {self._opts.remote_root}: the sandbox lists {self._others} paths "
+                f"({self._chars} characters) that are not in the local tree, more than a push "
+                f"may delete ({MAX_REMOTE_ONLY} paths, {MAX_REMOTE_ONLY_CHARS} characters); "
+                "stopped before any change (exclude them with sync.exclude or .ukcignore)"
+            )
+        entries[path] = _REMOTE_ONLY[kind]
+
+
+def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> Manifest:
+    """The sandbox's tree from the helper's streamed scan, checked entry by entry
+    (`RemoteScan` bounds what is kept)."""
+    kept = RemoteScan(local, rules, s.opts)
     while True:
         frame = s.reader.frame()
         batch = frame.get("scan") if isinstance(frame, dict) else None
         if not isinstance(batch, list):
             if isinstance(frame, dict) and frame.get("scan_end") is True:
-                return Manifest(entries)
-            raise RemoteError(f"sync helper sent a malformed scan frame ({len(entries)} read)")
+                return Manifest(kept.entries)
+            raise RemoteError(f"sync helper sent a malformed scan frame ({len(kept.entries)} read)")
         for item in batch:
             ok = (
                 isinstance(item, list)
@@ -89,23 +117,10 @@ def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> M
                 and isinstance(item[5], str)
             )
             if not ok:
-                raise RemoteError(f"sync helper sent a malformed scan entry ({len(entries)} read)")
-            path = item[0]
-            if path in mine:
-                entries[path] = Entry(item[1], item[2], item[3], item[4], item[5])
-                continue
-            if path in entries or not rules.deletable(path, item[1] == "d"):
-                continue
-            others += 1
-            chars += len(path)
-            if others > MAX_REMOTE_ONLY or chars > MAX_REMOTE_ONLY_CHARS:
-                raise SyncLimitError(
-                    f"push to {s.opts.remote_root}: the sandbox lists {others} paths "
-                    f"({chars} characters) that are not in the local tree, more than a push may "
-                    f"delete ({MAX_REMOTE_ONLY} paths, {MAX_REMOTE_ONLY_CHARS} characters); "
-                    "stopped before any change (exclude them with sync.exclude or .ukcignore)"
+                raise RemoteError(
+                    f"sync helper sent a malformed scan entry ({len(kept.entries)} read)"
                 )
-            entries[path] = _REMOTE_ONLY[item[1]]
+            kept.add(item[0], item[1], item[2], item[3], item[4], item[5])
 
 
 #: files at least this big that the remote already has are sent as changed blocks only
@@ -118,6 +133,19 @@ BLOCK = 1 << 16
 BATCH_FILE = 256 << 10
 BATCH_FILES = 512
 BATCH_BYTES = 1 << 20
+
+
+#: block digests of remote files read after the small files went out only up to this many
+#: bytes (well inside an SSH channel's window: the helper must never block writing them)
+_DEFERRED_DIGESTS = 256 << 10
+
+
+def _digests(fd: int, size: int) -> bytes:
+    """The 8-byte digests of the file's `BLOCK`-sized blocks, concatenated."""
+    out = []
+    for i in range((size + BLOCK - 1) // BLOCK):
+        out.append(hashlib.sha1(os.pread(fd, BLOCK, i * BLOCK)).digest()[:8])
+    return b"".join(out)
 
 
 class _Sender:
@@ -137,12 +165,20 @@ class _Sender:
         self.errors: list[str] = []
         #: path -> the remote file's 8-byte block digests, concatenated
         self.remote_blocks: dict[str, bytes] = {}
+        #: block digests asked for and not read yet (path, most blocks), and ours meanwhile
+        self.awaiting: list[tuple[str, int]] = []
+        self.local_blocks: dict[str, bytes] = {}
         #: small files waiting for their batch, and their bytes
         self.batch: list[tuple[str, Entry]] = []
         self.batch_bytes = 0
 
     def prepare_delta(self, paths: tuple[str, ...]) -> None:
-        """Ask (one round trip) for the block digests of big files the remote already has."""
+        """Ask (one request) for the block digests of big files the remote already has.
+
+        The answer is read when first needed (`await_blocks`): meanwhile this side digests its
+        own copies and the small files go out, instead of both sides waiting in turn. Only
+        while the answer fits in the channel's window (`_DEFERRED_DIGESTS`): a helper blocked
+        writing it would stop reading what we send."""
         wanted: list[tuple[str, int]] = []
         for path in paths:
             mine, theirs = self.local.entries[path], self.previous.entries.get(path)
@@ -160,6 +196,18 @@ class _Sender:
             }
         )
         self.s.flush()
+        self.awaiting = wanted
+        if 8 * sum(n for _, n in wanted) > _DEFERRED_DIGESTS:
+            self.await_blocks()
+            return
+        for path, _ in wanted:
+            digests = self._local_digests(path)
+            if digests is not None:
+                self.local_blocks[path] = digests
+
+    def await_blocks(self) -> None:
+        """Read the block digests asked for (before anything else is read from the helper)."""
+        wanted, self.awaiting = self.awaiting, []
         for path, most in wanted:
             head = self.s.reader.frame(1 << 10)
             n = head.get("n") if isinstance(head, dict) else None
@@ -168,6 +216,27 @@ class _Sender:
             if n >= 0:
                 # raw digests: bounded by what we asked for, never parsed into objects
                 self.remote_blocks[path] = self.s.reader.exact(8 * n)
+
+    def _local_digests(self, path: str) -> bytes | None:
+        """The block digests of our copy while it is still the scanned one, else None (then
+        `_put` digests what it reads)."""
+        e = self.local.entries[path]
+        try:
+            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != (
+                e.size,
+                e.mtime_ns,
+            ):
+                return None
+            return _digests(fd, e.size)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def upload(self, path: str) -> None:
         e = self.local.entries[path]
@@ -249,7 +318,14 @@ class _Sender:
             intact = (
                 stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
             )
-            blocks = self._changed_blocks(fd, e, self.remote_blocks.get(path)) if intact else None
+            self.await_blocks()
+            remote = self.remote_blocks.get(path)
+            blocks = None
+            if intact and remote is not None:
+                mine = self.local_blocks.pop(path, None)
+                if mine is None:
+                    mine = _digests(fd, e.size)
+                blocks = self._changed_blocks(mine, e, remote)
             if blocks is not None:
                 header = {"op": "patch", "bs": BLOCK, "send": blocks, "sha256": e.ref}
                 spans = [(i * BLOCK, min(BLOCK, e.size - i * BLOCK)) for i in blocks]
@@ -284,15 +360,15 @@ class _Sender:
             self.errors.append(f"{path}: changed while it was being sent")
 
     @staticmethod
-    def _changed_blocks(fd: int, e: Entry, remote: bytes | None) -> list[int] | None:
+    def _changed_blocks(mine: bytes, e: Entry, remote: bytes | None) -> list[int] | None:
         """Indices of the blocks to send, or None when a whole upload is cheaper."""
         if remote is None:
             return None
-        changed = []
-        for i in range((e.size + BLOCK - 1) // BLOCK):
-            block = os.pread(fd, BLOCK, i * BLOCK)
-            if hashlib.sha1(block).digest()[:8] != remote[i * 8 : i * 8 + 8]:
-                changed.append(i)
+        changed = [
+            i
+            for i in range((e.size + BLOCK - 1) // BLOCK)
+            if mine[i * 8 : i * 8 + 8] != remote[i * 8 : i * 8 + 8]
+        ]
         if len(changed) * BLOCK * 2 > e.size:
             return None
         return changed
@@ -300,6 +376,7 @@ class _Sender:
     def barrier(self) -> list[str]:
         """Wait for the helper to apply everything so far; all errors (ours and its)."""
         self.send_batch()
+        self.await_blocks()
         reply = self.s.call({"op": "sync"})
         remote = [str(x) for x in reply.get("errors", [])][:50]
         return self.errors + remote
@@ -376,40 +453,61 @@ def _push(
     if not isinstance(hello, dict):
         raise RemoteError("sync helper answered hello with a non-object frame")
     boot_id = str(hello.get("boot_id", ""))[:128]
-    fresh = last is not None and _record_matches(
-        hello.get("record"), boot_id, instance_uuid, last["digest"], opts
-    )
-    scanned = not fresh
-    basis = local.basis
-    delta = False
-    if scanned:
-        want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
+
+    def scan(want: dict[str, list[int]]) -> Manifest:
         s.send({"op": "scan", "want": want, "flush": True})
         s.flush()
-        previous = read_remote_scan(s, local, rules)
-        plan = diff_manifests(
-            local, previous, rules, reason="remote scanned (no trusted remote record)"
-        )
-    else:
-        assert last is not None
-        reason = "remote record matches our last push"
-        if (last["digest"], last["mtimes"]) == local.key:
-            previous, plan = local, TransferPlan(reason=reason)
-        elif basis is not None and basis.key == (last["digest"], last["mtimes"]):
-            # the record is the state the scan started from: only what it found changed
-            previous, plan = changes_of(local, basis, rules, reason=reason)
-            delta = True
-        else:
-            pushed = last_push_record(opts)
-            if pushed is None:
-                raise SyncError(f"push to {opts.remote_root}: our push record vanished")
-            previous = pushed[0]
-            plan = diff_manifests(local, previous, rules, reason=reason)
+        return read_remote_scan(s, local, rules)
+
+    previous, plan, delta, scanned = judge(
+        opts, rules, local, last, hello.get("record"), boot_id, instance_uuid, scan
+    )
     result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
     if plan.empty and not scanned:
         return result, delta, False  # our record already describes this tree
     result.deleted = _apply(s, plan, local, previous, opts, rules, instance_uuid, boot_id, result)
     return result, delta, True
+
+
+def judge(
+    opts: SyncOptions,
+    rules: IgnoreRules,
+    local: Manifest,
+    last: dict[str, Any] | None,
+    record: Any,
+    boot_id: str,
+    instance_uuid: str,
+    scan: Callable[[dict[str, list[int]]], Manifest],
+) -> tuple[Manifest, TransferPlan, bool, bool]:
+    """What the remote holds and the plan to make it `local`: (previous, plan, whether the
+    push record takes a delta, whether the remote was scanned). The remote's `record` (what
+    it says our last push left, in this boot) is trusted when it matches our own; otherwise
+    `scan` (given the local files' sizes and mtimes: equal remote ones are hashed) is called.
+    Both sync paths decide here."""
+    fresh = last is not None and _record_matches(
+        record, boot_id, instance_uuid, last["digest"], opts
+    )
+    if not fresh:
+        want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
+        previous = scan(want)
+        plan = diff_manifests(
+            local, previous, rules, reason="remote scanned (no trusted remote record)"
+        )
+        return previous, plan, False, True
+    assert last is not None
+    reason = "remote record matches our last push"
+    basis = local.basis
+    if (last["digest"], last["mtimes"]) == local.key:
+        return local, TransferPlan(reason=reason), False, False
+    if basis is not None and basis.key == (last["digest"], last["mtimes"]):
+        # the record is the state the scan started from: only what it found changed
+        previous, plan = changes_of(local, basis, rules, reason=reason)
+        return previous, plan, True, False
+    pushed = last_push_record(opts)
+    if pushed is None:
+        raise SyncError(f"push to {opts.remote_root}: our push record vanished")
+    previous = pushed[0]
+    return previous, diff_manifests(local, previous, rules, reason=reason), False, False
 
 
 def _record_matches(
@@ -473,6 +571,7 @@ def _apply(
     sender.send_batch()
     # the record names the tree, not its entries: the sandbox never needs our manifest
     record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
+    sender.await_blocks()
     # one round trip: the helper records the new manifest only if it saw no error
     reply = s.call({"op": "finish", "record": None if sender.errors else record})
     errors = sender.errors + [str(x) for x in reply.get("errors", [])][:50]

@@ -1,7 +1,7 @@
 """Small JSON records kept in the controller's per-session sync state dir, and the names of
 all of them.
 
-The pull record is one of these; the index and the push record are journals (`journal`).
+The index, the push record and the pull record are journals (`journal`, `pullrecord`).
 Writes are atomic (`_util.atomic`: temp file in the same directory, fsync, rename) so a crash
 leaves either the old record or the new one, never a torn file, and a killed writer's temp
 file is swept by the next write.
@@ -16,11 +16,12 @@ from typing import Any
 
 from reconciler._util.atomic import write_atomic
 
-__all__ = ["INDEX", "PULL_RECORD", "PUSH_RECORD", "drop_legacy", "read_record", "write_record"]
+__all__ = ["INDEX", "PUSH_RECORD", "TOOLS", "drop_legacy", "read_record", "write_record"]
 
 PUSH_RECORD = "push.jnl"
-PULL_RECORD = "pull.json"
 INDEX = "index.jnl"
+#: which sync path the session's instance takes (`capability`)
+TOOLS = "tools.json"
 #: the whole-manifest records the journals replaced
 _LEGACY = ("push.json", "hashcache.json")
 

@@ -117,25 +117,40 @@ class FrameReader:
         self._on_eof = on_eof
         self._watchdog = watchdog
 
+    def _read(self, n: int) -> bytes:
+        dog = self._watchdog
+        # why so much: paramiko keeps received data in an array and moves what is left
+        # to its front after every partial read (up to the 16 MiB window each time); a
+        # read that takes all of it moves nothing (0.13 s of a 60 MB pull)
+        if dog is None:
+            return self._proc.read(max(n, _READ))
+        dog.waiting_for = "answer"
+        dog.since = time.monotonic()
+        try:
+            return self._proc.read(max(n, _READ))
+        except Exception:
+            if dog.expired is not None:
+                raise SyncStalledError(dog.expired) from None
+            raise
+        finally:
+            dog.since = 0.0
+
+    def some(self) -> bytes:
+        """What is buffered, else the next read; b"" at the end of the output (a stream of
+        unframed bytes, such as a shell command's: the caller bounds what it keeps)."""
+        if self._buf:
+            out = bytes(self._buf)
+            self._buf.clear()
+            return out
+        chunk = self._read(0)
+        if not chunk and self._watchdog is not None and self._watchdog.expired is not None:
+            raise SyncStalledError(self._watchdog.expired)
+        return chunk
+
     def _fill(self, n: int) -> None:
         dog = self._watchdog
         while len(self._buf) < n:
-            # why so much: paramiko keeps received data in an array and moves what is left
-            # to its front after every partial read (up to the 16 MiB window each time); a
-            # read that takes all of it moves nothing (0.13 s of a 60 MB pull)
-            if dog is None:
-                chunk = self._proc.read(max(n - len(self._buf), _READ))
-            else:
-                dog.waiting_for = "answer"
-                dog.since = time.monotonic()
-                try:
-                    chunk = self._proc.read(max(n - len(self._buf), _READ))
-                except Exception:
-                    if dog.expired is not None:
-                        raise SyncStalledError(dog.expired) from None
-                    raise
-                finally:
-                    dog.since = 0.0
+            chunk = self._read(n - len(self._buf))
             if not chunk:
                 if dog is not None and dog.expired is not None:
                     raise SyncStalledError(dog.expired)
@@ -176,16 +191,30 @@ _PARKED_LOCK = threading.Lock()
 class HelperSession:
     """One running helper process. Use as a context manager; `close()` ends it."""
 
-    def __init__(self, shell: RemoteShell, opts: SyncOptions, *, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        shell: RemoteShell,
+        opts: SyncOptions,
+        *,
+        read_only: bool = False,
+        command: str | None = None,
+        tool: str | None = None,
+    ) -> None:
+        """`command`: run this shell command instead of the python helper (the shell+tar
+        path: the same watchdog, bounded reads and coalesced writes), `tool` the program it
+        needs (named when the shell answers 126/127)."""
         self.opts = opts
         self._shell = shell
         self._proc: RemoteProcess | None = None
         self._read_only = read_only
+        self._tool = tool if command is not None and tool else opts.remote_python
         self.watchdog = self._watchdog()
         dog = self.watchdog
         dog.since = time.monotonic()
         try:
-            self._proc = shell.start(helper_command(opts, cache=not read_only))
+            self._proc = shell.start(
+                command if command is not None else helper_command(opts, cache=not read_only)
+            )
         except Exception:
             dog.stop()
             if dog.expired is not None:
@@ -197,7 +226,8 @@ class HelperSession:
         self._out = bytearray()
         self.reader = FrameReader(self.proc, on_eof=self._died, watchdog=dog)
         self._closed = False
-        self._out += _PROGRAM
+        if command is None:
+            self._out += _PROGRAM
 
     def _watchdog(self) -> Watchdog:
         opts = self.opts
@@ -274,6 +304,12 @@ class HelperSession:
             code = self.proc.wait(timeout=5)
         except TimeoutError:
             return "it has not exited after 5 s"
+        if code in (126, 127) and self._tool != self.opts.remote_python:
+            raise MissingToolError(
+                f"the sandbox's image has no usable {self._tool} (exit {code}), which ukc's "
+                "shell+tar sync needs (with sh, coreutils, GNU find and GNU tar)",
+                tool=self._tool,
+            )
         if code in (126, 127):
             # 127: not found, 126: found but not runnable (the shell's two answers)
             raise MissingToolError(
@@ -286,6 +322,15 @@ class HelperSession:
             raise RemoteError(f"sync helper in sandbox exited with code {code}: {self._stderr()}")
         err = self._stderr()
         return "it exited with status 0" + (f": {err}" if err else "")
+
+    def exit_reason(self) -> str:
+        """How the process ended, for a caller that read its output to the end: raises for a
+        failed exit (a `MissingToolError` for 126/127), else a few words."""
+        return self._died()
+
+    def stderr_line(self) -> str:
+        """The last line of its stderr's first 4 KiB (printable, bounded: untrusted text)."""
+        return self._stderr()
 
     def _stderr(self) -> str:
         try:

@@ -27,7 +27,7 @@ from reconciler._util.names import is_env_name
 from reconciler.errors import SpecError, UsageError
 from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell, TerminalProcess
 
-__all__ = ["ShellTransport", "build_script", "export_lines", "run_command"]
+__all__ = ["ShellTransport", "build_script", "export_lines", "kill_group", "run_command"]
 
 _MARKER_LINE = re.compile(rb"__UKC_KILL__ (-?)([0-9]{1,9})\n")
 _READ = 256 * 1024
@@ -151,8 +151,9 @@ class _Reader(threading.Thread):
             self.marker_seen.set()
 
 
-def _kill_group(shell: RemoteShell, target: str, grace_s: float = 2.0) -> None:
-    """TERM the process (group), give it `grace_s`, then KILL; from a separate channel."""
+def kill_group(shell: RemoteShell, target: str, grace_s: float = 2.0) -> None:
+    """TERM the process (group) `target` (a pid, `-pgid`, or shell text giving one), give it
+    `grace_s`, then KILL; from a separate channel."""
     ticks = max(1, round(grace_s / 0.2))
     script = (
         # why: the kill must outlive our connection (a second Ctrl-C quits at once), and
@@ -244,7 +245,7 @@ def run_command(
                     timed_out = True
             err.marker_seen.wait(2.0)
             if err.kill_target is not None:
-                _kill_group(shell, err.kill_target, STOP_GRACE_S if interrupted else 2.0)
+                kill_group(shell, err.kill_target, STOP_GRACE_S if interrupted else 2.0)
             proc.kill()
             break
         _join(out, err, monotonic() + _DRAIN_S, monotonic)

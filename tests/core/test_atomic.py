@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,18 @@ def test_a_write_that_fails_leaves_the_file_and_no_temp_file(tmp_path: Path) -> 
         write_atomic(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["salt"]
+
+
+def test_content_written_in_parts_is_whole_or_not_there_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "journal"
+    write_atomic(target, (bytes([i]) * 1000 for i in range(3)), durable=False)
+    assert target.read_bytes() == b"\x00" * 1000 + b"\x01" * 1000 + b"\x02" * 1000
+
+    def parts_then_failure() -> Iterator[bytes]:
+        yield b"new"
+        raise OSError("the source ended early")
+
+    with pytest.raises(OSError, match="ended early"):
+        write_atomic(target, parts_then_failure(), durable=False)
+    assert target.read_bytes()[:3] == b"\x00\x00\x00"  # the old file, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal"]

@@ -164,12 +164,12 @@ class _Shell:
 def test_a_sandbox_that_answers_without_end_is_cut_off_at_the_limit() -> None:
     proc = _Proc([b"x" * 65536] * 100)
     with pytest.raises(errors.RemoteError, match="more than 1000 bytes"):
-        rebuild._exchange(_Shell(proc), "cat journal", None, limit=1000)  # type: ignore[arg-type]
+        rebuild.exchange(_Shell(proc), "cat journal", None, limit=1000)  # type: ignore[arg-type]
     assert proc.killed
 
 
 def test_a_sandbox_that_never_answers_is_cut_off_at_the_deadline() -> None:
     proc = _Proc([], stall=True)
     with pytest.raises(errors.RemoteError, match=r"did not answer within 0\.2s"):
-        rebuild._exchange(_Shell(proc), "cat", None, limit=10, timeout_s=0.2)  # type: ignore[arg-type]
+        rebuild.exchange(_Shell(proc), "cat", None, limit=10, timeout_s=0.2)  # type: ignore[arg-type]
     assert proc.killed

@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,3 +185,102 @@ def test_an_older_status_files_host_key_is_read_as_the_pin_and_written_back_as_p
     journal.save(path, doc)
     written = json.loads(path.read_text())["sessions"]["s"]["instance"]
     assert written["pin"] == "SHA256:abc" and "host_key" not in written
+
+
+class _HeldWrites:
+    """A status file write that the test lets through one at a time, recording each."""
+
+    def __init__(self) -> None:
+        self.written: list[dict[str, Any]] = []
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.fail_next = False
+
+    def __call__(self, path: Path, data: bytes) -> None:
+        self.entered.release()
+        self.release.acquire()
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError(28, "No space left on device")
+        self.written.append(json.loads(data))
+
+
+def _change_and_save(committer: journal.Committer, name: str, seen: dict[str, bool]) -> None:
+    with committer.doc_lock:
+        committer.doc.sessions[name] = schema.SessionStatus(phase="Progressing")
+    committer.save()
+    # save returned: a write already made holds this change
+    seen[name] = any(name in w["sessions"] for w in writes_of(committer))
+
+
+def writes_of(committer: journal.Committer) -> list[dict[str, Any]]:
+    held = committer._write
+    assert isinstance(held, _HeldWrites)
+    return held.written
+
+
+def test_saves_asked_for_during_a_write_share_the_next_write_and_return_once_it_holds_them(
+    tmp_path: Path,
+) -> None:
+    held = _HeldWrites()
+    committer = journal.Committer(
+        tmp_path / "status.json", schema.StatusDoc(), threading.Lock(), write=held
+    )
+    seen: dict[str, bool] = {}
+    first = threading.Thread(target=_change_and_save, args=(committer, "s0", seen))
+    first.start()
+    assert held.entered.acquire(timeout=10)  # s0's write is in flight
+    others = [
+        threading.Thread(target=_change_and_save, args=(committer, f"s{i}", seen))
+        for i in range(1, 11)
+    ]
+    for t in others:
+        t.start()
+    time.sleep(0.2)  # every other save has asked and waits
+    assert seen == {}
+    held.release.release()  # s0's write lands
+    assert held.entered.acquire(timeout=10)  # one write for the ten that waited
+    held.release.release()
+    for t in (first, *others):
+        t.join(10)
+    assert committer.writes == 2
+    assert seen == {f"s{i}": True for i in range(11)}
+    assert set(held.written[-1]["sessions"]) == {f"s{i}" for i in range(11)}
+
+
+def test_a_failed_write_covers_nothing_and_the_next_save_writes_the_change(
+    tmp_path: Path,
+) -> None:
+    held = _HeldWrites()
+    committer = journal.Committer(
+        tmp_path / "status.json", schema.StatusDoc(), threading.Lock(), write=held
+    )
+    held.fail_next = True
+    held.release.release()
+    with pytest.raises(OSError, match="No space"):
+        _change_and_save(committer, "s0", {})
+    assert committer.writes == 0 and held.written == []
+    seen: dict[str, bool] = {}
+    held.release.release()
+    _change_and_save(committer, "s1", seen)
+    assert seen == {"s1": True}
+    assert set(held.written[0]["sessions"]) == {"s0", "s1"}
+
+
+def test_the_status_file_is_written_when_a_message_holds_an_undecodable_name(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "status.json"
+    doc = schema.StatusDoc(sessions={"s": schema.SessionStatus(message="refused: x\udcff.txt")})
+    journal.save(path, doc)
+    assert journal.load(path).sessions["s"].message == "refused: x\udcff.txt"
+
+
+def test_the_status_file_is_written_as_the_indented_json_of_the_document(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    doc = doc_with("Ready")
+    doc.sessions["s"].message = "é ✓"
+    journal.save(path, doc)
+    text = path.read_text(encoding="utf-8")
+    assert json.loads(text) == doc.model_dump(mode="json")
+    assert text == json.dumps(doc.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"

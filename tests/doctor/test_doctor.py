@@ -110,6 +110,25 @@ def test_every_assumption_holds_on_the_local_metro(metro: MetroInfo, conn: Metro
     assert found["edge_tls"].figures["trust_store"] == "local metro CA"
     assert isinstance(found["ssh"].figures["after_running_s"], float)
     assert found["wake"].figures["idle_state"] == "standby"
+    # the realistic metro moves start_count on a stateful wake; memory (the marker) is kept
+    assert found["wake"].figures["start_count_moved"] is True
+    assert found["wake"].figures["memory_kept"] is True
+    assert "start_count 1 -> 2" in found["wake"].summary
+    assert_clean(metro)
+
+
+def test_the_wake_check_reports_a_start_count_that_a_wake_leaves_alone(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    knobs(metro, "/_local/behaviour", {"preset": "realistic", "wake_moves_start_count": False})
+    try:
+        found = probe(conn.api, conn.reach, budgets=replace(FAST, wake_s=30.0))
+    finally:
+        knobs(metro, "/_local/behaviour", {"preset": "realistic"})
+    wake = found["wake"]
+    assert wake.outcome == "PASS", wake
+    assert wake.figures["start_count_moved"] is False
+    assert "start_count kept (1)" in wake.summary
     assert_clean(metro)
 
 
@@ -411,6 +430,22 @@ def test_a_wake_that_is_a_cold_boot_fails_the_wake_check(
     assert wake.figures["idle_state"] == "standby"
     assert wake.outcome == "FAIL", wake
     assert "host key changed" in wake.summary
+    assert_clean(metro)
+
+
+def test_a_wake_that_loses_memory_but_keeps_the_host_key_fails_the_wake_check(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    knobs(metro, "/_local/behaviour", {"preset": "realistic", "host_keys_per_boot": False})
+    try:
+        found = probe(StatelessStandby(conn.api), conn.reach, budgets=replace(FAST, wake_s=30.0))
+    finally:
+        knobs(metro, "/_local/behaviour", {"preset": "realistic"})
+    wake = found["wake"]
+    assert wake.outcome == "FAIL", wake
+    assert wake.figures["memory_kept"] is False
+    assert "boot marker left in memory is gone" in wake.summary
     assert_clean(metro)
 
 

@@ -298,6 +298,39 @@ def test_ctrl_c_stops_the_command_exec_runs_with_a_signal_and_exits_130(box: Ukc
     assert (box.workspace(uuid) / "stopped").read_text() == "stopped\n"
 
 
+def test_ctrl_c_stops_a_command_ssh_runs_without_a_terminal_and_exits_130(box: Ukc) -> None:
+    # without a terminal, closing the channel does not stop the remote command: sshd only
+    # closes its pipes, and a silent command would keep running in the sandbox
+    running = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "ssh",
+            "box",
+            "--",
+            "trap 'echo stopped > /workspace/ssh-stopped; exit 143' TERM; echo up; sleep 60 & wait",
+        ],
+        cwd=box.project,
+        env=box.env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert running.stdout is not None
+    assert running.stdout.readline() == "up\n"
+    running.send_signal(signal.SIGINT)
+    _, err = running.communicate(timeout=60)
+    assert running.returncode == 130, err
+    assert "interrupt: stopping the command in session box" in err
+    uuid = box.status()["sessions"]["box"]["instance"]["uuid"]
+    assert (box.workspace(uuid) / "ssh-stopped").read_text() == "stopped\n"
+    # the shell and its sleep are gone, and the pid record with them
+    left = box.run("exec", "box", "--", "ls /tmp/.ukc-stop-* 2>/dev/null | wc -l").stdout
+    assert left.strip() == "0"
+
+
 def test_logs_of_a_session_whose_instance_is_gone_still_shows_its_commands_output(
     box: Ukc,
 ) -> None:

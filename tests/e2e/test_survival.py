@@ -243,3 +243,67 @@ def test_delete_also_removes_a_kept_volume_of_the_session_and_never_anothers(
     assert "planted-ws" in left
     with tough.api() as client:
         client.request("DELETE", "/v1/volumes", json=[{"name": "planted-ws"}])
+
+
+def wake_statefully(ukc: Ukc, uuid: str) -> None:
+    """Suspend the instance (a session's standby is stateful: memory kept), then wake it."""
+    with ukc.api() as client:
+        client.put("/v1/instances/suspend", json=[{"uuid": uuid}]).raise_for_status()
+        client.request(
+            "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "standby", "timeout_s": 30}]
+        )
+        client.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 30}])
+        client.request(
+            "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "running", "timeout_s": 30}]
+        )
+
+
+def test_a_stateful_wake_that_moves_start_count_neither_resyncs_nor_reruns(tough: Ukc) -> None:
+    behave(tough, {"wake_moves_start_count": True})
+    tough.write_spec(COUNTING.format(extra=""))
+    tough.run("apply", "session.yaml", check=0)
+    first = session(tough)
+    uuid = first["instance"]["uuid"]
+    wake_statefully(tough, uuid)
+    woken = instance(tough, uuid)
+    assert woken is not None and woken["start_count"] == first["instance"]["start_count"] + 1
+    plan = tough.run("plan", "session.yaml")
+    assert "sync" not in plan.stdout.lower() and "count" not in plan.stdout, plan.stdout
+    proc = tough.run("apply", "session.yaml", check=0)
+    assert "boot marker intact" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    after = session(tough)
+    # memory was kept: the command's output is still there and it did not run again
+    assert (tough.workspace(uuid) / "out" / "runs.txt").read_text() == "run\n"
+    assert after["commands"][0]["started_at"] == first["commands"][0]["started_at"]
+    assert after["sync"]["last_synced_at"] == first["sync"]["last_synced_at"]
+    # the record now names the boot the platform counts, and the host key was not relearnt
+    assert after["instance"]["start_count"] == woken["start_count"]
+    assert after["sync"]["start_count"] == woken["start_count"]
+    assert after["instance"]["pin"] == first["instance"]["pin"]
+    assert "learned anew" not in proc.stdout + proc.stderr
+
+
+def test_a_cold_boot_behind_ukcs_back_is_seen_from_inside_and_resyncs_and_reruns(
+    tough: Ukc,
+) -> None:
+    # the same host key after the cold boot: only the marker can tell it from a wake
+    behave(tough, {"host_keys_per_boot": False})
+    tough.write_spec(COUNTING.format(extra=""))
+    tough.run("apply", "session.yaml", check=0)
+    first = session(tough)
+    uuid = first["instance"]["uuid"]
+    cold_boot(tough, uuid)
+    with tough.api() as client:
+        client.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 30}])
+    proc = tough.run("apply", "session.yaml", check=0)
+    assert "boot marker gone" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    after = session(tough)
+    [count] = after["commands"]
+    assert (
+        count["start_count"]
+        == after["instance"]["start_count"]
+        == first["instance"]["start_count"] + 1
+    )
+    assert after["sync"]["remote_scanned"] is True
+    assert (tough.workspace(uuid) / "input.txt").read_text() == "data\n"
+    assert (tough.workspace(uuid) / "out" / "runs.txt").read_text() == "run\n"

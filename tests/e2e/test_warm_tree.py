@@ -64,3 +64,33 @@ def test_changes_between_warm_applies_all_reach_the_sandbox(ukc: Ukc) -> None:
     assert path is not None
     answer = warm.status(path)
     assert answer is not None and answer["trees_kept"] >= 1
+
+
+def test_plan_through_the_warm_process_is_told_what_changed_instead_of_walking(
+    ukc: Ukc,
+) -> None:
+    work = ukc.project / "work"
+    for i in range(20):
+        p = work / f"d{i % 2}" / f"f{i}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"content {i}\n")
+    ukc.write_spec(SPEC)
+    ukc.run("apply", "session.yaml", check=0)
+    path = warm.socket_path(ukc.env())
+    assert path is not None
+    (work / "d1" / "f3.txt").write_text("edited\n")
+    before = warm.status(path)
+    assert before is not None
+    plan = ukc.run("plan", "session.yaml", "--detailed-exitcode", check=2).stdout
+    assert "send 1 file(s)" in plan and "d1/f3.txt" in plan
+    after = warm.status(path)
+    assert after is not None
+    assert after["scans_named"] == before["scans_named"] + 1
+    assert after["scans_walked"] == before["scans_walked"]
+    # and the apply after it is told the same (the plan's scan left an index it vouches for)
+    ukc.run("apply", "session.yaml", check=0)
+    assert _files(ukc.workspace(ukc.status()["sessions"]["kept"]["instance"]["uuid"])) == (
+        _files(work)
+    )
+    last = warm.status(path)
+    assert last is not None and last["scans_walked"] == after["scans_walked"]

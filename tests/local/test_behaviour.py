@@ -242,3 +242,40 @@ def test_the_minimal_image_has_sshd_rsync_tar_and_a_shell_but_no_python3(
             assert f"{tool}=yes" in stdout, stdout
     finally:
         api.request("DELETE", "/v1/instances", json=[{"uuid": item["uuid"], "dont_retain": True}])
+
+
+def _wake_once(api: httpx.Client, uuid: str) -> dict[str, Any]:
+    """Suspend (stateful: frozen, memory kept), then start again: a stateful standby wake."""
+    api.put("/v1/instances/suspend", json=[{"uuid": uuid}]).raise_for_status()
+    api.request(
+        "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "standby", "timeout_s": 30}]
+    )
+    api.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 30}]).raise_for_status()
+    api.request(
+        "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "running", "timeout_s": 30}]
+    )
+    return get(api, uuid)
+
+
+@pytest.mark.parametrize("moves", [True, False])
+def test_a_stateful_wake_keeps_the_workspace_and_moves_start_count_only_when_told(
+    daemon: MetroInfo, api: httpx.Client, moves: bool
+) -> None:
+    behave(api, {"wake_moves_start_count": moves})
+    services = [{"port": 2222, "destination_port": 2222, "handlers": ["tls"]}]
+    item = _running(
+        api,
+        service_group={"services": services},
+        scale_to_zero={"policy": "on", "stateful": True, "cooldown_time_ms": 600_000},
+    )
+    ws = daemon.state_dir / "workspaces" / item["uuid"]
+    try:
+        (ws / "kept.txt").write_text("in memory\n")
+        before = get(api, item["uuid"])["start_count"]
+        woken = _wake_once(api, item["uuid"])
+        assert woken["state"] == "running"
+        assert woken["start_count"] == before + (1 if moves else 0)
+        assert (ws / "kept.txt").read_text() == "in memory\n", "a stateful wake lost memory"
+    finally:
+        behave(api, {"preset": "realistic"})
+        api.request("DELETE", "/v1/instances", json=[{"uuid": item["uuid"], "dont_retain": True}])

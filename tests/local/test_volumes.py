@@ -6,6 +6,7 @@ volume keeps across a cold boot, in real sandboxes of the session's daemon.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
+from reconciler.local.sandbox import volumefs
 from tests.support.inproc_metro import InProcessMetro, unique
 
 IMAGE = "ukc/local-sandbox:latest"
@@ -303,3 +306,60 @@ class TestVolumesInSandboxes:
         r = api.request("DELETE", f"/v1/volumes/{vol['uuid']}")
         assert r.json()["status"] == "success", r.text
         assert not kept.exists()
+
+
+def fill(api: httpx.Client, uuid: str, path: str, mib: int) -> tuple[int, str]:
+    """Append 1 MiB at a time to `path` in the sandbox; the MiB written before a write failed
+    (or `mib`) and the failure's text."""
+    chunk = "x" * (1 << 20)
+    for done in range(mib):
+        body = {"path": path, "append": True, "encoding": "utf-8", "data": chunk}
+        w = plugin(api, uuid, "/fs/write", body)
+        if w.status_code != 200:
+            return done, w.text
+    return mib, ""
+
+
+@pytest.mark.skipif(not volumefs.bounded(), reason="size bounds need a root daemon and mkfs.ext4")
+def test_writes_past_a_volumes_size_fail_and_its_files_survive_a_daemon_restart(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "metro"
+    info = metro_daemon.ensure_running(state)
+
+    def client(info: MetroInfo) -> httpx.Client:
+        auth = {"Authorization": f"Bearer {info.token}"}
+        return httpx.Client(base_url=info.api_url, headers=auth, timeout=60.0)
+
+    try:
+        with client(info) as api:
+            vol = new_volume(api, size_mb=8)
+            name = unique()
+            r = create(
+                api,
+                name=name,
+                plugins=SANDBOX_PLUGIN,
+                volumes=[{"name": vol["name"], "at": "/data"}],
+                autostart=True,
+                timeout_s=30,
+            )
+            uuid = r.json()["data"]["instances"][0]["uuid"]
+            keep = {"path": "/data/kept.txt", "append": False, "encoding": "utf-8", "data": "k"}
+            assert plugin(api, uuid, "/fs/write", keep).status_code == 200
+            # the attacker fills the volume: the host's disk is not the limit, size_mb is
+            written, why = fill(api, uuid, "/data/fill", 16)
+            assert written < 8, f"{written} MiB went into an 8 MiB volume"
+            assert "No space left on device" in why, why
+        assert metro_daemon.stop(state)
+        assert not os.path.ismount(state / "volumes" / vol["uuid"])
+        info = metro_daemon.ensure_running(state)
+        with client(info) as api:
+            wait_state(api, name, "running")
+            got = plugin(api, uuid, "/fs/read_raw", {"path": "/data/kept.txt"})
+            assert got.content == b"k", got.text
+            delete_instance(api, name)
+            api.request("DELETE", f"/v1/volumes/{vol['uuid']}").raise_for_status()
+        assert not (state / "volumes" / vol["uuid"]).exists()
+        assert not (state / "volume-images" / f"{vol['uuid']}.ext4").exists()
+    finally:
+        metro_daemon.stop(state)

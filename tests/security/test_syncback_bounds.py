@@ -29,8 +29,9 @@ import pytest
 from reconciler.errors import RemoteError, SyncStalledError
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import pull, pull_record
+from reconciler.sync.pullrecord import PULL_LEGACY
 from reconciler.sync.push import push
-from reconciler.sync.records import PULL_RECORD, write_record
+from reconciler.sync.records import write_record
 from reconciler.transport.local_shell import LocalShell
 from tests.support.hostile_helper import fake_python, run_in_child
 from tests.support.ukc import Ukc
@@ -97,7 +98,7 @@ def _previously_pulled(attack: Attack) -> None:
     sha = hashlib.sha256(b"pulled before").hexdigest()
     write_record(
         attack.state,
-        PULL_RECORD,
+        PULL_LEGACY,
         {"version": 1, "files": {"out/old.txt": [13, MTIME, sha, "i-1/b"]}},
     )
 

@@ -13,11 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from reconciler.sync.options import SyncOptions
 from reconciler.transport.local_shell import LocalShell
 
 #: the system interpreter starts much faster than a pyenv shim; any python3 >= 3.7 works
 REMOTE_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+#: an interpreter no sandbox has: a sandbox "without python3"
+NO_PYTHON = "ukc-no-such-python3"
+#: run a sync test over both paths: the python helper and shell+tar (a sandbox without python3)
+BOTH_PATHS = pytest.mark.parametrize("site", ["python", "shell"], indirect=True)
 
 
 @dataclass
@@ -31,6 +37,8 @@ class Site:
     remote_state: Path
     boot: Path
     shell: LocalShell
+    #: the sandbox's interpreter: one that does not exist gives a sandbox without python3
+    remote_python: str = REMOTE_PYTHON
 
     def opts(self, **kw: object) -> SyncOptions:
         args: dict[str, object] = {
@@ -39,7 +47,7 @@ class Site:
             "remote_root": str(self.remote),
             "remote_state_dir": str(self.remote_state),
             "boot_id_paths": (str(self.boot),),
-            "remote_python": REMOTE_PYTHON,
+            "remote_python": self.remote_python,
         }
         args.update(kw)
         return SyncOptions(**args)  # type: ignore[arg-type]

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from reconciler.transport.local_shell import LocalShell
-from tests.support.synctree import Site
+from tests.support.synctree import NO_PYTHON, Site
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
+def site(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """A test world; parametrized "shell" (`synctree.BOTH_PATHS`), its sandbox has no
+    python3, so sync takes the shell+tar path."""
     local = tmp_path / "local"
     remote = tmp_path / "sandbox" / "workspace"
     local.mkdir()
@@ -20,6 +22,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     boot = tmp_path / "sandbox" / "boot_id"
     boot.write_text("boot-1\n")
     shell = LocalShell()
+    extra = {"remote_python": NO_PYTHON} if getattr(request, "param", "python") == "shell" else {}
     yield Site(
         base=tmp_path,
         local=local,
@@ -28,5 +31,6 @@ def site(tmp_path: Path) -> Iterator[Site]:
         remote_state=tmp_path / "sandbox" / "run" / "ukc-sync",
         boot=boot,
         shell=shell,
+        **extra,  # type: ignore[arg-type]
     )
     shell.close()

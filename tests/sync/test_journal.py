@@ -13,7 +13,7 @@ from reconciler.sync.engine import plan_push, push
 from reconciler.sync.entry import Entry
 from reconciler.sync.ignore import load_rules
 from reconciler.sync.manifest import Manifest, last_push_record, scan_local
-from reconciler.sync.records import INDEX, PUSH_RECORD
+from reconciler.sync.records import INDEX, PUSH_RECORD, TOOLS
 from tests.support.synctree import Site, snapshot, write
 
 
@@ -225,7 +225,7 @@ class TestPushRecord:
 def test_records_live_under_the_state_dir_only(site: Site) -> None:
     _tree(site, 5)
     push(site.shell, site.opts(), instance_uuid="u1")
-    assert {p.name for p in Path(site.state).iterdir()} == {INDEX, PUSH_RECORD}
+    assert {p.name for p in Path(site.state).iterdir()} == {INDEX, PUSH_RECORD, TOOLS}
 
 
 def test_a_big_state_is_written_in_lines_and_read_back_whole(site: Site) -> None:

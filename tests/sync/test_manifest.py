@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -12,7 +13,14 @@ from hypothesis import strategies as st
 from reconciler.sync.diff import diff_manifests
 from reconciler.sync.engine import push
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
-from reconciler.sync.manifest import Entry, Manifest, last_push_record, scan_local
+from reconciler.sync.manifest import (
+    CHUNK,
+    Entry,
+    Manifest,
+    hash_file,
+    last_push_record,
+    scan_local,
+)
 from tests.support.synctree import Site, write
 
 
@@ -235,3 +243,17 @@ def test_is_under_agrees_with_the_plain_prefix_rule(rel: str, roots: list[str]) 
     expected = any(rel == r or rel.startswith(r + "/") for r in roots)
     assert is_under(rel, roots) is expected
     assert is_under(rel, frozenset(roots)) is expected
+
+
+def test_a_file_hashed_with_its_size_hashes_like_one_read_to_the_end(tmp_path: Path) -> None:
+    for size in (0, 1, 1000, CHUNK - 1, CHUNK, CHUNK + 1):
+        data = os.urandom(size)
+        p = tmp_path / f"f{size}"
+        p.write_bytes(data)
+        # the size fstat gave, one that is stale (the file grew since), none
+        for hint in (size, max(size - 7, 0), -1):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                assert hash_file(fd, hint) == hashlib.sha256(data).hexdigest(), (size, hint)
+            finally:
+                os.close(fd)

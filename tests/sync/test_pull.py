@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -19,7 +20,8 @@ import pytest
 
 from reconciler.sync.engine import PullResult, plan_pull, pull, pulled_paths
 from reconciler.sync.pull import CONFLICT_SUFFIX, pull_record
-from reconciler.sync.records import PULL_RECORD, write_record
+from reconciler.sync.pullrecord import PULL_JOURNAL, PULL_LEGACY
+from reconciler.sync.records import write_record
 from reconciler.sync.remote import encode_frame
 from tests.support.synctree import Site, snapshot, write
 
@@ -98,14 +100,38 @@ def crafted(*entries: bytes, end: object = None) -> CraftedShell:
     )
 
 
-@pytest.fixture
-def world(site: Site) -> Site:
+#: how a sandbox is read: its python3 runs the helper, or (an image without python3) its own
+#: find and tar send what the helper would (`sync.tarpull`)
+TOOLS = ["python helper", "find and tar"]
+
+
+@pytest.fixture(params=TOOLS)
+def bare(site: Site, request: pytest.FixtureRequest) -> Site:
+    """The site, read one way or the other (a python3 that is not there: find and tar)."""
+    if request.param == "python helper":
+        return site
+    return dataclasses.replace(site, remote_python=str(site.base / "sandbox/no-python3"))
+
+
+def _furnish(site: Site) -> Site:
     """A local root with user files, and an `outside` area a hostile pull must not touch."""
     write(site.local / "src/main.py", "print('mine')\n")
     write(site.local / "out/.keep", "")
     write(site.base / "outside/target.txt", "precious")
     (site.base / "outside/dir").mkdir()
     return site
+
+
+@pytest.fixture
+def world(bare: Site) -> Site:
+    """A furnished site, read both ways."""
+    return _furnish(bare)
+
+
+@pytest.fixture
+def crafted_world(site: Site) -> Site:
+    """A furnished site for crafted helper streams (the helper's protocol only)."""
+    return _furnish(site)
 
 
 def outside_state(site: Site) -> dict[str, tuple[object, ...]]:
@@ -343,7 +369,10 @@ CRAFTED_CASES: dict[str, tuple[bytes, str]] = {
 
 
 @pytest.mark.parametrize("case", list(CRAFTED_CASES))
-def test_a_crafted_hostile_entry_is_rejected_with_its_reason(world: Site, case: str) -> None:
+def test_a_crafted_hostile_entry_is_rejected_with_its_reason(
+    crafted_world: Site, case: str
+) -> None:
+    world = crafted_world
     entry, reason = CRAFTED_CASES[case]
     shell = crafted(entry, file_entry("out/fine.txt", b"ok"))
     before = outside_state(world)
@@ -356,7 +385,8 @@ def test_a_crafted_hostile_entry_is_rejected_with_its_reason(world: Site, case: 
     assert sorted(os.listdir(world.local / "out")) == [".keep", "fine.txt"]
 
 
-def test_more_data_than_announced_abandons_the_stream(world: Site) -> None:
+def test_more_data_than_announced_abandons_the_stream(crafted_world: Site) -> None:
+    world = crafted_world
     big = file_entry("out/huge", b"", size=10, chunks=[b"y" * (1 << 20), b"y" * (1 << 20)])
     shell = crafted(big, file_entry("out/after.txt", b"never"))
     result = pull(shell, world.opts(back=BACK))
@@ -365,14 +395,16 @@ def test_more_data_than_announced_abandons_the_stream(world: Site) -> None:
     assert sorted(os.listdir(world.local / "out")) == [".keep"]
 
 
-def test_a_malformed_header_abandons_the_stream(world: Site) -> None:
+def test_a_malformed_header_abandons_the_stream(crafted_world: Site) -> None:
+    world = crafted_world
     shell = crafted(encode_frame(["not", "a", "header"]), file_entry("out/after.txt", b"x"))
     result = pull(shell, world.opts(back=BACK))
     assert result.aborted == "sandbox sent a non-object header"
     assert not (world.local / "out/after.txt").exists()
 
 
-def test_a_crafted_file_under_a_rejected_symlink_stays_inside_the_root(world: Site) -> None:
+def test_a_crafted_file_under_a_rejected_symlink_stays_inside_the_root(crafted_world: Site) -> None:
+    world = crafted_world
     shell = crafted(other_entry("out/lnk", "l"), file_entry("out/lnk/passwd", b"root::0:0"))
     before = outside_state(world)
     result = pull(shell, world.opts(back=BACK))
@@ -381,19 +413,22 @@ def test_a_crafted_file_under_a_rejected_symlink_stays_inside_the_root(world: Si
     assert len(result.rejected) == 1
 
 
-def test_hostile_reasons_are_printable(world: Site) -> None:
+def test_hostile_reasons_are_printable(crafted_world: Site) -> None:
+    world = crafted_world
     shell = crafted(file_entry("out/\x1b]0;title\x07", b"x"))
     result = pull(shell, world.opts(back=BACK))
     assert all(r.isprintable() for r in result.rejected)
 
 
-def test_pull_without_back_paths_starts_nothing(world: Site) -> None:
+def test_pull_without_back_paths_starts_nothing(crafted_world: Site) -> None:
+    world = crafted_world
     shell = crafted()
     assert pull(shell, world.opts()).files_written == 0
     assert shell.procs == []
 
 
-def test_a_missing_local_root_halts_the_pull(world: Site, tmp_path: Path) -> None:
+def test_a_missing_local_root_halts_the_pull(crafted_world: Site, tmp_path: Path) -> None:
+    world = crafted_world
     from reconciler.errors import SyncHaltedError
 
     with pytest.raises(SyncHaltedError, match="is missing"):
@@ -507,7 +542,8 @@ class TestBackDelete:
         mirrored(world)
         # an older ukc wrote [size, mtime_ns, sha256]: where it came from is unknown
         old = {p: rec[:3] for p, rec in pull_record(world.opts()).items()}
-        write_record(world.state, PULL_RECORD, {"version": 1, "files": old})
+        (world.state / PULL_JOURNAL).unlink()
+        write_record(world.state, PULL_LEGACY, {"version": 1, "files": old})
         (world.remote / "out/b.txt").unlink()
         result = mirrored(world)
         assert result.deleted == []
@@ -537,7 +573,8 @@ class TestBackDelete:
         else:
             assert result.deletes_skipped == []
 
-    def test_back_delete_deletes_nothing_after_an_aborted_stream(self, world: Site) -> None:
+    def test_back_delete_deletes_nothing_after_an_aborted_stream(self, crafted_world: Site) -> None:
+        world = crafted_world
         crafted_abc(world)
         result = pulled_crafted(
             world,
@@ -550,7 +587,8 @@ class TestBackDelete:
         assert (world.local / "out/b.txt").read_bytes() == b"b"
         assert result.deletes_skipped == ["the stream was abandoned: no remote deletions mirrored"]
 
-    def test_a_clean_crafted_stream_mirrors_its_deletions(self, world: Site) -> None:
+    def test_a_clean_crafted_stream_mirrors_its_deletions(self, crafted_world: Site) -> None:
+        world = crafted_world
         # the control for the crafted guards below: the same stream with a clean end deletes
         crafted_abc(world)
         result = pulled_crafted(world, dir_entry("out"), file_entry("out/a.txt", b"a"))
@@ -570,8 +608,9 @@ class TestBackDelete:
         ],
     )
     def test_back_delete_deletes_nothing_when_the_sandbox_reports_an_error_or_garbles_it(
-        self, world: Site, end: dict[str, object], why: str
+        self, crafted_world: Site, end: dict[str, object], why: str
     ) -> None:
+        world = crafted_world
         crafted_abc(world)
         result = pulled_crafted(world, dir_entry("out"), file_entry("out/a.txt", b"a"), end=end)
         assert result.deleted == []
@@ -636,8 +675,9 @@ class TestBackDelete:
         assert result.deletes_skipped[0].startswith(f"out/ {state}")
 
     def test_back_delete_removes_a_single_file_back_path_the_sandbox_deleted(
-        self, site: Site
+        self, bare: Site
     ) -> None:
+        site = bare
         back = ("report.txt",)
         write(site.remote / "report.txt", "r")
         mirrored(site, back=back)
@@ -648,8 +688,9 @@ class TestBackDelete:
         assert site.local.is_dir() and os.listdir(site.local) == []
 
     def test_back_delete_keeps_a_single_file_back_path_not_reported_missing(
-        self, world: Site
+        self, crafted_world: Site
     ) -> None:
+        world = crafted_world
         opts = world.opts(back=("report.txt",), back_delete=True)
         pull(crafted(file_entry("report.txt", b"r"), end=CLEAN_END), opts, instance_uuid=UUID)
         result = pull(crafted(end=CLEAN_END), opts, instance_uuid=UUID)
@@ -660,8 +701,9 @@ class TestBackDelete:
         assert pull(crafted(end=reported), opts, instance_uuid=UUID).deleted == ["report.txt"]
 
     def test_back_delete_counts_a_refused_entry_as_present_and_still_mirrors_the_rest(
-        self, world: Site
+        self, crafted_world: Site
     ) -> None:
+        world = crafted_world
         crafted_abc(world)
         result = pulled_crafted(
             world,
@@ -740,7 +782,8 @@ class TestBackDelete:
         assert os.listdir(world.local / "out/z") == ["mine.txt"]
         assert (world.local / "out/a.txt").exists()
 
-    def test_back_delete_never_removes_the_back_directory_itself(self, site: Site) -> None:
+    def test_back_delete_never_removes_the_back_directory_itself(self, bare: Site) -> None:
+        site = bare
         write(site.remote / "out/a.txt", "a")
         mirrored(site)
         (site.remote / "out/a.txt").unlink()

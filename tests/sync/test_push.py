@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
 from reconciler.sync.engine import forget, plan_push, pull, push, scan_local
-from tests.support.synctree import Site, snapshot, write
+from tests.support.synctree import BOTH_PATHS, Site, snapshot, write
 
 
 def seed(site: Site) -> None:
@@ -27,6 +27,7 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
 
 
 class TestInitialPush:
+    @BOTH_PATHS
     def test_the_remote_equals_the_local_tree_with_modes_links_and_mtimes(self, site: Site) -> None:
         seed(site)
         result = push(site.shell, site.opts(), instance_uuid="u1")
@@ -35,6 +36,7 @@ class TestInitialPush:
         assert result.bytes_sent == scan_local(site.opts()).total_bytes
         assert result.remote_scanned is True
 
+    @BOTH_PATHS
     def test_modes_a_umask_would_strip_and_set_id_bits_arrive_exactly(self, site: Site) -> None:
         # the helper creates files with their final mode and skips fchmod when the umask keeps
         # every bit; these are the modes where it must not skip it
@@ -49,6 +51,7 @@ class TestInitialPush:
             os.umask(old)
         assert snapshot(site.remote) == snapshot(site.local)
 
+    @BOTH_PATHS
     def test_a_link_escaping_the_root_is_sent_as_a_link_not_followed(self, site: Site) -> None:
         seed(site)
         push(site.shell, site.opts(), instance_uuid="u1")
@@ -60,6 +63,7 @@ class TestInitialPush:
         assert len(site.shell.started) == 1
 
 
+@BOTH_PATHS
 class TestNoChange:
     def test_a_second_push_sends_nothing_and_does_not_walk_the_remote(self, site: Site) -> None:
         seed(site)
@@ -88,6 +92,7 @@ class TestNoChange:
         assert snapshot(site.remote) == snapshot(site.local)
 
 
+@BOTH_PATHS
 class TestRemoteIdentity:
     def test_a_new_boot_forces_a_scan_that_repairs_a_tampered_remote(self, site: Site) -> None:
         seed(site)
@@ -143,6 +148,7 @@ class TestRemoteIdentity:
         assert len(plan.uploads) == len(scan_local(site.opts()).entries)
 
 
+@BOTH_PATHS
 class TestDeletes:
     def test_a_local_delete_is_propagated_after_the_uploads(self, site: Site) -> None:
         seed(site)
@@ -189,6 +195,7 @@ class TestDeletes:
         assert tree(site.remote) == tree(site.local)
 
 
+@BOTH_PATHS
 class TestGuards:
     def test_a_missing_local_root_halts_before_anything_is_sent(self, site: Site) -> None:
         seed(site)
@@ -224,6 +231,7 @@ class TestGuards:
             push(site.shell, site.opts(), instance_uuid="u1")
 
 
+@BOTH_PATHS
 class TestTypeSwaps:
     def test_file_dir_and_link_swaps_converge(self, site: Site) -> None:
         write(site.local / "a", "file a")
@@ -348,3 +356,24 @@ class TestBatches:
         # the next push (a fresh scan) repairs it
         push(site.shell, site.opts(), instance_uuid="u1")
         assert tree(site.remote) == tree(site.local)
+
+
+def test_edited_big_files_among_small_ones_send_changed_blocks_and_every_small_file(
+    site: Site,
+) -> None:
+    bigs = [write(site.local / f"big{i}.bin", os.urandom(2 << 20)) for i in range(3)]
+    for i in range(40):
+        write(site.local / f"small/{i}.txt", f"small {i}")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    for n, big in enumerate(bigs):
+        with open(big, "r+b") as f:
+            f.seek((n + 1) * (1 << 19))
+            f.write(b"edited")
+    for i in range(0, 40, 4):
+        write(site.local / f"small/{i}.txt", f"small {i} edited")
+    write(site.local / "small/new.txt", "new")
+    result = push(site.shell, site.opts(), instance_uuid="u1")
+    assert result.files_sent == 3 + 10 + 1
+    small = sum(len(f"small {i} edited") for i in range(0, 40, 4)) + len("new")
+    assert result.bytes_sent == 3 * 65536 + small
+    assert snapshot(site.remote) == snapshot(site.local)

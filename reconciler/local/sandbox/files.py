@@ -30,6 +30,7 @@ __all__ = [
     "prepare_workspace",
     "remove_tree",
     "reset_memory_workspace",
+    "unmount",
 ]
 
 HOST_KEY = "ssh_host_ed25519_key"
@@ -150,13 +151,18 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+def unmount(path: Path) -> None:
+    """Detach what is mounted at `path` (lazily: a dying sandbox may still hold it)."""
+    if _libc().umount2(str(path).encode(), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+
 def drop_memory_workspace(ws: Path) -> None:
     """What a stop does to a workspace held in memory: its files are gone (a tmpfs is
     detached; without one, the directory is emptied)."""
     if os.path.ismount(ws):
-        if _libc().umount2(str(ws).encode(), _MNT_DETACH) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"umount {ws}: {os.strerror(err)}")
+        unmount(ws)
     elif ws.is_dir():
         remove_tree(ws)
 

@@ -36,6 +36,8 @@ class Mount:
     source: Path
     at: str
     readonly: bool = False
+    #: the volume's size: where the daemon can, its files live on a filesystem this big
+    size_mb: int | None = None
 
 
 class SandboxLayout:
@@ -58,6 +60,12 @@ class SandboxLayout:
         """`state_dir/volumes/<uuid>`: the host directory holding a volume's files."""
         self.check_uuid(uuid)
         return self.state_dir / "volumes" / uuid
+
+    def volume_image(self, uuid: str) -> Path:
+        """`state_dir/volume-images/<uuid>.ext4`: the filesystem image of a size-bounded
+        volume (root daemon), mounted at its directory."""
+        self.check_uuid(uuid)
+        return self.state_dir / "volume-images" / f"{uuid}.ext4"
 
     def instance_dir(self, uuid: str) -> Path:
         self.check_uuid(uuid)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.behaviour import BootOptions
+from reconciler.local.sandbox import volumefs
 from reconciler.local.sandbox.box import Box, read_boot_id, read_init_pid
 from reconciler.local.sandbox.bwrap import (
     BASE_ENV,
@@ -201,6 +202,11 @@ class SandboxRuntime:
         ids = self._ids.claim(inst) if self._ids is not None else None
         ws = self.layout.workspace(uuid)
         for mount in volumes:
+            if mount.size_mb:
+                # why before the hand-over: the files the sandbox owns are those in the image
+                volumefs.mount_volume(
+                    mount.source, self.layout.volume_image(mount.source.name), mount.size_mb
+                )
             prepare_workspace(mount.source, ids)
             if mount.at == WORKSPACE:
                 ws = mount.source
@@ -420,9 +426,19 @@ class SandboxRuntime:
         return pruned
 
     async def close(self) -> None:
-        """Stop every sandbox (the daemon's shutdown)."""
+        """Stop every sandbox (the daemon's shutdown) and unmount the volumes' filesystems."""
         await asyncio.gather(*(self.stop(u) for u in list(self._boxes)), return_exceptions=True)
         self.layout.remove_control_dirs()
+        await asyncio.to_thread(self._unmount_volumes)
+
+    def _unmount_volumes(self) -> None:
+        base = self.state_dir / "volumes"
+        with contextlib.suppress(FileNotFoundError):
+            for source in base.iterdir():
+                try:
+                    volumefs.unmount_volume(source)
+                except OSError as exc:
+                    log.warning("volume %s: %s", source.name, exc.strerror)
 
     # ---- freeze, thaw, connect
 
@@ -470,5 +486,12 @@ class SandboxRuntime:
         return reader, writer
 
     async def remove_volume(self, source: Path) -> None:
-        """Remove a deleted volume's directory (what a sandbox wrote there is never followed)."""
-        await asyncio.to_thread(remove_tree, source)
+        """Remove a deleted volume's directory (what a sandbox wrote there is never followed)
+        and its filesystem image."""
+        await asyncio.to_thread(self._remove_volume, source)
+
+    def _remove_volume(self, source: Path) -> None:
+        volumefs.unmount_volume(source)
+        remove_tree(source)
+        with contextlib.suppress(LocalMetroError):  # not a volume's name: it has no image
+            volumefs.remove_image(self.layout.volume_image(source.name))

@@ -251,7 +251,7 @@ class LocalMetro:
             if rec.state != "starting" or rec.uuid not in self.index:
                 return
             rec.frozen = False
-            if not thaw:
+            if not thaw or self.behaviour.wake_moves_start_count:
                 rec.start_count += 1
             rec.stop_reason = None
             rec.stop_code = None
@@ -260,7 +260,7 @@ class LocalMetro:
 
     def _mounts(self, rec: LocalInstance) -> list[Mount]:
         return [
-            Mount(self._layout.volume(v.uuid), v.at or "", v.readonly)
+            Mount(self._layout.volume(v.uuid), v.at or "", v.readonly, v.size_mb)
             for v in self.volumes.attached(rec.uuid)
         ]
 
