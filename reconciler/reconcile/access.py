@@ -36,6 +36,7 @@ from reconciler.reconcile.desired import (
 )
 from reconciler.reconcile.plan import parse_time
 from reconciler.reconcile.redaction import Redactor
+from reconciler.reconcile.wake import wake
 from reconciler.spec.durations import format_duration
 from reconciler.spec.loader import LoadedSession
 from reconciler.status import journal
@@ -169,10 +170,8 @@ def reach(
             f"`ukc apply {loaded.file}` to start it"
         )
     if instance.state == "standby":
-        # why a start: an apply leaves the instance suspended, and a suspended instance may
-        # not wake on traffic as a scaled-to-zero one does; a start wakes either
-        connection.api.start_instance(name)
-        instance = connection.api.wait_instance(name, "running", CONNECT_DEADLINE_S)
+        # an apply leaves the instance suspended, which traffic may not wake
+        instance = wake(connection.api, instance, CONNECT_DEADLINE_S)
         if identity.boot_pin(record.instance, instance) is None:
             raise errors.UsageError(
                 f"session {session!r}: instance {instance.name} woke with a cold boot (new "

@@ -119,18 +119,44 @@ def _plan_read_only(
     now: Callable[[], float],
 ) -> actions.Plan:
     the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
-    shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
-    if shortfalls or unread:
-        notes = tuple(f"apply would refuse: {why}" for why in shortfalls) + tuple(unread)
-        the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + notes)
     wanted = rebuild.worth_reading(the_plan, obs, doc, set())
     if wanted:
         # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
         # not written; apply does that)
         quiet = RecordingReporter()
         if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
+            _check_marks(obs, doc, metros, pool, quiet, set())
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
+    if shortfalls or unread:
+        notes = tuple(f"apply would refuse: {why}" for why in shortfalls) + tuple(unread)
+        the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + notes)
     return the_plan
+
+
+def _check_marks(
+    obs: Observation,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    pool: TransportPool,
+    reporter: Reporter,
+    done: set[str],
+    concurrency: int = 8,
+) -> None:
+    """Read the boot marker of the sandboxes whose records (just taken from their journals)
+    name another boot count than the platform shows: a stateful wake is not a cold boot."""
+    woken = bootmark.worth_checking(obs, doc, done)
+    if woken:
+        done.update(woken)
+        bootmark.check(
+            woken,
+            obs=obs,
+            doc=doc,
+            metros=metros,
+            pool=pool,
+            reporter=reporter,
+            concurrency=concurrency,
+        )
 
 
 def _plan(
@@ -240,6 +266,9 @@ def apply_group(
         journals_read: set[str] = set()
         #: sessions whose boot marker was read in this run (once is enough)
         marks_read: set[str] = set()
+        #: ... and read again once the record came from the sandbox's journal (another
+        #: runner's record names its own marker and count)
+        marks_read_after_journal: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
         converged: actions.Plan | None = None
@@ -285,6 +314,9 @@ def apply_group(
                     reporter=reporter,
                     concurrency=concurrency,
                 ):
+                    _check_marks(
+                        obs, doc, metros, kept, reporter, marks_read_after_journal, concurrency
+                    )
                     plan = _plan(
                         desired,
                         obs,
