@@ -145,7 +145,15 @@ def reach(
     proof = identity.prove(instance, owner, session, record.instance)
     if not proof.ours:
         raise errors.OwnershipError(proof.refusal(instance))
+    if connecting and instance.state == "standby":
+        # an apply leaves the instance suspended, which traffic may not wake
+        instance = wake(connection.api, instance, CONNECT_DEADLINE_S)
     pin = identity.boot_pin(record.instance, instance)
+    if pin is None and instance.state == "running":
+        # a wake may move `start_count` without being a cold boot (an apply leaves the
+        # instance suspended): the sandbox is held to the host key recorded for the instance,
+        # so a stateful wake is reached and a cold boot's new key is refused
+        pin = identity.recorded_pin(record.instance, instance)
     if not connecting:
         return Reached(group, loaded, record, instance, connection, owner, pin)
     if not pin:
@@ -169,14 +177,6 @@ def reach(
             f"session {session!r}: instance {instance.name} is {instance.state}: run "
             f"`ukc apply {loaded.file}` to start it"
         )
-    if instance.state == "standby":
-        # an apply leaves the instance suspended, which traffic may not wake
-        instance = wake(connection.api, instance, CONNECT_DEADLINE_S)
-        if identity.boot_pin(record.instance, instance) is None:
-            raise errors.UsageError(
-                f"session {session!r}: instance {instance.name} woke with a cold boot (new "
-                f"host keys, an empty /workspace): run `ukc apply {loaded.file}` first"
-            )
     return Reached(group, loaded, record, instance, connection, owner, pin)
 
 

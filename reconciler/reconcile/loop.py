@@ -38,6 +38,7 @@ from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import Observation, observe, observe_quotas, observe_volumes
 from reconciler.reconcile.plan import plan_delete, plan_sessions
+from reconciler.reconcile.wake import wake
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
 from reconciler.status.schema import (
@@ -326,8 +327,8 @@ def apply_group(
                         only_files=group.only_files,
                     )
             if first_plan is None:
-                # before anything is created: a fan-out the quota cannot hold fails whole,
-                # rather than half-made with the rest refused one by one
+                # before anything is created or woken: a fan-out the quota cannot hold fails
+                # whole, rather than half-made with the rest refused one by one
                 shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
                 for text in unread:
                     reporter.event(Event("ukc", "notice", f"warning: {text}"))
@@ -339,6 +340,17 @@ def apply_group(
                         "`memory_mb`, apply fewer at a time (`--session`), or raise the quota"
                     )
                 first_plan = plan
+            if _wake_for_work(plan, obs, metros, reporter, concurrency):
+                # a wake may move `start_count`: the marker says whether memory was kept
+                _check_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
+                plan = _plan(
+                    desired,
+                    obs,
+                    doc,
+                    now(),
+                    prune=prune and not failed,
+                    only_files=group.only_files,
+                )
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)
             for session_name, why in plan.errors.items():
                 if session_name not in failed:
@@ -553,6 +565,49 @@ def _say_interrupt(executor: Executor, reporter: Reporter) -> None:
             what = f"finishing {action.describe()} in session {session}, then stopping"
         text = f"interrupt: {what}… (Ctrl-C again to quit now)"
         reporter.event(Event(session, "interrupt", text))
+
+
+def _wake_for_work(
+    plan: actions.Plan,
+    obs: Observation,
+    metros: MetroRegistry,
+    reporter: Reporter,
+    concurrency: int,
+) -> bool:
+    """Wake the instances in standby the plan has work for (a start, then until they run),
+    before it is made again: then the planner sees the instance as it woke (a stateful wake
+    that moved `start_count` is told from a cold boot by its boot marker, not mid-action).
+    `obs` is updated with what woke; True when one did."""
+    todo = [
+        (splan.session, act.instance_name)
+        for splan in plan.sessions
+        for act in splan.actions
+        if isinstance(act, actions.WaitReady) and act.wake
+    ]
+
+    def one(item: tuple[str, str]) -> tuple[str, Instance] | None:
+        session, name = item
+        inst = obs.instances.get(name)
+        ctx = obs.contexts.get(session)
+        if inst is None or ctx is None:
+            return None
+        try:
+            woken = wake(metros.get(ctx.desired.metro).api, inst)
+        except errors.UkcError as err:
+            # the executor tries again when it gets there (and fails the session then)
+            reporter.event(Event(session, "info", f"instance {name} not woken yet: {err}"))
+            return None
+        reporter.event(Event(session, "info", f"woke instance {name} from standby"))
+        return session, woken
+
+    if not todo:
+        return False
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(todo)))) as workers:
+        woke = [w for w in workers.map(one, todo) if w is not None]
+    for session, inst in woke:
+        obs.instances[inst.name] = inst
+        obs.claimed[session] = inst
+    return bool(woke)
 
 
 def _suspend(
