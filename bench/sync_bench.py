@@ -64,10 +64,10 @@ class Metro:
             timeout=60,
         )
 
-    def create(self, name: str, pubkey: str) -> dict[str, Any]:
+    def create(self, name: str, pubkey: str, image: str = DEFAULT_LOCAL_IMAGE) -> dict[str, Any]:
         body = {
             "name": name,
-            "image": DEFAULT_LOCAL_IMAGE,
+            "image": image,
             # ukc's default, the original workflow's: /workspace lives in this memory
             "memory_mb": DEFAULT_MEMORY_MB,
             "env": {"PUBKEY": pubkey},

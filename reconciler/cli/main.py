@@ -146,7 +146,8 @@ def _concurrency_option(fn: F) -> F:
         type=click.IntRange(1, 64),
         default=8,
         show_default=True,
-        help="Sessions worked on at the same time.",
+        help="Sessions worked on at the same time (one waiting for its sandbox to boot lets "
+        "the next one start).",
     )(fn)
 
 

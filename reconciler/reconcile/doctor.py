@@ -49,8 +49,11 @@ CHECKS = (
 BOOT_ORDER = ("stopped", "starting", "running")
 #: what `ukc apply` checks a fan-out against (`reconcile.quota`)
 QUOTA_FIGURES = ("instances", "live_memory_mb", "volumes")
-#: the tools `ukc` looks for in an image; python3 runs the sync helper
-TOOLS = ("python3", "rsync", "tar")
+#: the tools `ukc` looks for in an image: python3 runs the sync helper; without it sync takes
+#: shell+tar, which needs tar, find and sha256sum (`sync/capability.py`)
+TOOLS = ("python3", "rsync", "tar", "find", "sha256sum")
+#: what the shell+tar sync path needs besides sh and coreutils' head, mv, rm
+SHELL_PATH_TOOLS = ("tar", "find", "sha256sum")
 _POLL_S = 0.05
 _SSH_PORT = 2222
 
@@ -408,10 +411,17 @@ class Probe:
             listed = ", ".join(f"{t} {'yes' if ok else 'no'}" for t, ok in have.items())
             figures: dict[str, float | int | bool | str] = dict(have)
             if have["python3"]:
-                out.append(Result("tools", "PASS", listed, figures))
+                out.append(Result("tools", "PASS", f"{listed}: sync path python helper", figures))
+            elif all(have[t] for t in SHELL_PATH_TOOLS):
+                out.append(Result("tools", "PASS", f"{listed}: sync path shell+tar", figures))
             else:
                 out.append(
-                    Result("tools", "FAIL", f"{listed}: the sync helper needs python3", figures)
+                    Result(
+                        "tools",
+                        "FAIL",
+                        f"{listed}: sync needs python3, or {' + '.join(SHELL_PATH_TOOLS)}",
+                        figures,
+                    )
                 )
         return self.results[-1]
 

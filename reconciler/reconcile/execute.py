@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +115,7 @@ class Executor:
         pool: TransportPool | None = None,
         stop: StopFlag | None = None,
         committer: journal.Committer | None = None,
+        slots: threading.Semaphore | None = None,
     ) -> None:
         self.group = group
         self.doc = doc
@@ -125,6 +126,10 @@ class Executor:
         #: the status file's writes (shared by every worker: saves in flight together are
         #: written once)
         self.committer = committer or journal.Committer(group.status_path, doc, doc_lock)
+        #: the `--concurrency` sessions worked on at once: a session holds one while it runs,
+        #: and gives it up while it only waits on the platform (its instance booting, its
+        #: sshd not answering yet), so that wait does not keep the next session from starting
+        self.slots = slots
         self.ready_timeout_s = ready_timeout_s
         self.boot_timeout_s = boot_timeout_s
         #: how long a create waits for a name an instance being deleted still holds
@@ -160,6 +165,24 @@ class Executor:
     # -- sessions --------------------------------------------------------------------------
 
     def run_session(self, splan: actions.SessionPlan) -> SessionOutcome:
+        if self.slots is None:
+            return self._run_session(splan)
+        with self.slots:
+            return self._run_session(splan)
+
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """The session's slot given up while it waits on the platform (and taken again)."""
+        if self.slots is None:
+            yield
+            return
+        self.slots.release()
+        try:
+            yield
+        finally:
+            self.slots.acquire()
+
+    def _run_session(self, splan: actions.SessionPlan) -> SessionOutcome:
         name = splan.session
         ctx = self.obs.contexts.get(name)
         # the planner acts only on an instance it proved ours (else the session is refused)
@@ -504,7 +527,8 @@ class Executor:
             return None
 
         policy = RetryPolicy.every(0.0, deadline_s=self.boot_timeout_s)
-        found = poll(probe, policy=policy, monotonic=self.clock)
+        with self._waiting():
+            found = poll(probe, policy=policy, monotonic=self.clock)
         if found is None:
             raise errors.SandboxNotReadyError(
                 f"instance {name} of session {session!r} is still {last[0]} after "
@@ -621,12 +645,13 @@ class Executor:
             # uuid); the observed instance, which the planner proved ours, is the one we work
             # on, so record it. A new boot is recorded too (its host key is learned anew).
             self._note_instance(ctx.desired.name, inst)
-        transport = kind.connect(
-            target_for(inst, conn),
-            run.credentials or ctx.credentials,
-            pin=identity.boot_pin(rec.instance, inst),
-            deadline_s=self.ready_timeout_s,
-        )
+        with self._waiting():
+            transport = kind.connect(
+                target_for(inst, conn),
+                run.credentials or ctx.credentials,
+                pin=identity.boot_pin(rec.instance, inst),
+                deadline_s=self.ready_timeout_s,
+            )
         run.transport = transport
         with self.doc_lock:
             if rec.instance is not None:

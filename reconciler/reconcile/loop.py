@@ -54,6 +54,10 @@ from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
 
+#: the most session threads one round starts (`--concurrency`'s own maximum): the sessions
+#: beyond the concurrency wait for a slot, or for their instance to boot
+SESSION_THREADS_MAX = 64
+
 
 @dataclass
 class ApplyResult:
@@ -100,13 +104,34 @@ def plan_group(
         watch=False,
     ):
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
-    woken = bootmark.worth_checking(obs, doc, set())
     with contextlib.closing(TransportPool()) as pool:
-        if woken:
-            bootmark.check(
-                woken, obs=obs, doc=doc, metros=metros, pool=pool, reporter=RecordingReporter()
-            )
+        _read_boot_marks(obs, doc, metros, pool, RecordingReporter(), set())
         return _plan_read_only(group, obs, doc, metros, pool, prune=prune, now=now), obs
+
+
+def _read_boot_marks(
+    obs: Observation,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    pool: TransportPool,
+    reporter: Reporter,
+    done: set[str],
+    concurrency: int = 8,
+) -> None:
+    """Before planning: whether the sandboxes whose `start_count` moved still run the boot
+    their records marked (`bootmark`); read once per session and run."""
+    woken = bootmark.worth_checking(obs, doc, done)
+    if woken:
+        done.update(woken)
+        bootmark.check(
+            woken,
+            obs=obs,
+            doc=doc,
+            metros=metros,
+            pool=pool,
+            reporter=reporter,
+            concurrency=concurrency,
+        )
 
 
 def _plan_read_only(
@@ -126,38 +151,14 @@ def _plan_read_only(
         # not written; apply does that)
         quiet = RecordingReporter()
         if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
-            _check_marks(obs, doc, metros, pool, quiet, set())
+            # a record from a journal may mark an earlier boot than the platform shows
+            _read_boot_marks(obs, doc, metros, pool, quiet, set())
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
     if shortfalls or unread:
         notes = tuple(f"apply would refuse: {why}" for why in shortfalls) + tuple(unread)
         the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + notes)
     return the_plan
-
-
-def _check_marks(
-    obs: Observation,
-    doc: StatusDoc,
-    metros: MetroRegistry,
-    pool: TransportPool,
-    reporter: Reporter,
-    done: set[str],
-    concurrency: int = 8,
-) -> None:
-    """Read the boot marker of the sandboxes whose records (just taken from their journals)
-    name another boot count than the platform shows: a stateful wake is not a cold boot."""
-    woken = bootmark.worth_checking(obs, doc, done)
-    if woken:
-        done.update(woken)
-        bootmark.check(
-            woken,
-            obs=obs,
-            doc=doc,
-            metros=metros,
-            pool=pool,
-            reporter=reporter,
-            concurrency=concurrency,
-        )
 
 
 def _plan(
@@ -287,19 +288,7 @@ def apply_group(
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
-            woken = bootmark.worth_checking(obs, doc, marks_read)
-            if woken:
-                marks_read.update(woken)
-                bootmark.check(
-                    woken,
-                    obs=obs,
-                    doc=doc,
-                    metros=metros,
-                    pool=kept,
-                    reporter=reporter,
-                    concurrency=concurrency,
-                )
-
+            _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
             plan = _plan(
                 desired, obs, doc, now(), prune=prune and not failed, only_files=group.only_files
             )
@@ -315,7 +304,9 @@ def apply_group(
                     reporter=reporter,
                     concurrency=concurrency,
                 ):
-                    _check_marks(
+                    # a record from a journal may mark an earlier boot than the platform
+                    # shows; read again even if this runner's own record was read before
+                    _read_boot_marks(
                         obs, doc, metros, kept, reporter, marks_read_after_journal, concurrency
                     )
                     plan = _plan(
@@ -342,7 +333,7 @@ def apply_group(
                 first_plan = plan
             if _wake_for_work(plan, obs, metros, reporter, concurrency):
                 # a wake may move `start_count`: the marker says whether memory was kept
-                _check_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
+                _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
                 plan = _plan(
                     desired,
                     obs,
@@ -381,6 +372,7 @@ def apply_group(
                 pool=kept,
                 stop=stop,
                 committer=committer,
+                slots=threading.BoundedSemaphore(max(1, concurrency)),
             )
             work = [s for s in plan.sessions if s.changes]
             unfinished.in_flight = executor.in_flight
@@ -539,7 +531,10 @@ def _run_sessions(
             except BaseException as err:  # handed to the waiting main thread
                 future.set_exception(err)
 
-    for _ in range(min(max(1, concurrency), len(work))):
+    # why more threads than the concurrency: a session waiting for its instance to boot gives
+    # its slot (`Executor.slots`) to the next; the slots, not the threads, bound the work
+    threads = max(1, concurrency) if executor.slots is None else SESSION_THREADS_MAX
+    for _ in range(min(threads, len(work))):
         threading.Thread(target=worker, name="ukc-session", daemon=True).start()
     try:
         return [f.result() for f in futures]

@@ -391,7 +391,18 @@ class Helper:
         ident = None
         if isinstance(rec, dict):
             ident = {k: rec.get(k) for k in ("boot_id", "uuid", "digest", "root")}
-        self.send({"boot_id": boot, "fresh": fresh, "has_record": rec is not None, "record": ident})
+        # an empty root (a first push): the client then needs no scan of it
+        with os.scandir(self.rootfd) as it:
+            empty = next(it, None) is None
+        self.send(
+            {
+                "boot_id": boot,
+                "fresh": fresh,
+                "has_record": rec is not None,
+                "record": ident,
+                "empty": empty,
+            }
+        )
 
     def op_scan(self, req: Msg) -> None:
         """Stream the tree in batches: each frame stays far below the client's cap, and a long

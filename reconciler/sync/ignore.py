@@ -16,6 +16,8 @@ send it into the sandbox. `.ukcignore` is read only as a regular file of at most
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import stat
 from collections.abc import Callable, Collection, Iterable
@@ -84,6 +86,13 @@ class IgnoreRules:
         self._only_ukc = not any(
             line.strip() and not line.startswith("#") for line in self.patterns
         )
+
+    @property
+    def key(self) -> str:
+        """Names this rule set: an index scanned under other rules holds other paths (one
+        that became excluded, none under one that no longer is)."""
+        text = json.dumps([self.patterns, self.back], ensure_ascii=True)
+        return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
 
     def excluded(self, rel: str, is_dir: bool) -> bool:
         """True when the path (relative, "/"-separated) is excluded or a sync-back path."""

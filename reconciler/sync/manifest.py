@@ -479,13 +479,19 @@ def _scan(
     if not stat.S_ISDIR(st.st_mode):
         raise SyncHaltedError(f"local root {root} is not a directory; nothing was sent or deleted")
     rules = rules if rules is not None else load_rules(opts)
+    rules_key = rules.key
     state_dir = Path(opts.state_dir)
     only: set[str] | None = None
     if changes is not None and changes.keeper is not None:
         # the keeper vouches for an index by its bytes: ask before reading them all
         peeked = journal.peek(state_dir / INDEX)
         only = changes.take(None, peeked.ident if peeked is not None else None)
-        if only == set() and peeked is not None and _valid(peeked.meta):
+        if (
+            only == set()
+            and peeked is not None
+            and _valid(peeked.meta)
+            and peeked.meta.get("rules") == rules_key
+        ):
             return _unchanged(opts, peeked, on_change), (peeked, peeked.ident)
         index = journal.load(state_dir / INDEX)
         if peeked is None or index.ident != peeked.ident:
@@ -493,6 +499,10 @@ def _scan(
     else:
         index = journal.load(state_dir / INDEX)
         only = changes.take(index.entries, index.ident) if changes is not None else None
+    if index.meta.get("rules") != rules_key:
+        # scanned under other rules (`sync.exclude`, `sync.back`, `.ukcignore`): paths no
+        # longer excluded were never listed, so what changed since is not enough: walk
+        only = None
     trusted = index.exists and _valid_meta(index.meta)
     old: Mapping[str, Entry] = index.entries if index.exists else {}
     old_inos: Mapping[str, int] = index.inos if index.exists else {}
@@ -536,7 +546,7 @@ def _scan(
             )
     if not trusted:
         manifest = Manifest(entries)
-        index.write(entries, inos, manifest.meta(), None)
+        index.write(entries, inos, {**manifest.meta(), "rules": rules_key}, None)
         drop_legacy(state_dir)
         return manifest, (index.entries, index.ident)
     meta = index.meta
@@ -546,6 +556,9 @@ def _scan(
         # nothing changed: the index's own state (a walk's equal copy is dropped)
         manifest = Manifest(old, Basis(key, {}))
         manifest._preset(meta)
+        if meta.get("rules") != rules_key:
+            # the walk under these rules found the same tree: say so (no walk next time)
+            index.write(old, old_inos, {**meta, "rules": rules_key}, [])
         return manifest, (index.entries, index.ident)
     manifest = Manifest(entries, Basis(key, prior))
     digest, mtimes = int(meta["digest"], 16), int(meta["mtimes"], 16)
@@ -564,7 +577,13 @@ def _scan(
             if now.type == "f":
                 files += 1
                 size += now.size
-    new_meta = {"digest": _hex(digest), "mtimes": _hex(mtimes), "files": files, "bytes": size}
+    new_meta = {
+        "digest": _hex(digest),
+        "mtimes": _hex(mtimes),
+        "files": files,
+        "bytes": size,
+        "rules": rules_key,
+    }
     manifest._preset(new_meta)
     index.write(entries, inos, new_meta, list(prior))
     return manifest, (index.entries, index.ident)

@@ -370,7 +370,9 @@ class HelperSession:
         except Exception as exc:
             if dog.expired is not None:
                 raise SyncStalledError(dog.expired) from None
-            if not isinstance(exc, OSError):
+            # why RemoteError too: the SSH transport reports a closed channel as one, and a
+            # helper whose interpreter is missing closes it before reading its program
+            if not isinstance(exc, (OSError, RemoteError)):
                 raise
             self._died()
             raise RemoteError("sync helper in sandbox stopped reading its input") from exc

@@ -65,6 +65,7 @@ MAX_FIELD = 4096
 _MAX_DONE = 4096
 #: paths per command line of the operations script (argv stays far below ARG_MAX)
 _ARGS_PER_CALL = 500
+_CHARS_PER_CALL = 64 << 10
 _BLOCK = 512
 _RECORD = 20 * _BLOCK
 
@@ -368,9 +369,11 @@ def apply_command(opts: SyncOptions) -> str:
         f"S=./{STAGE}; "
         'rm -rf -- "$S" && mkdir -- "$S" || exit 91; '
         'tar -x -p --no-same-owner -f - -C "$S" 2>"$S/.err"; t=$?; '
-        'if [ "$t" -ne 0 ]; then head -c 2048 -- "$S/.err" >&2; rm -rf -- "$S"; exit "$t"; fi; '
+        # tar's first real complaint (not its note on the pax charset field, nor its last line)
+        'if [ "$t" -ne 0 ]; then grep -v -e "extended header" -e "Exiting with failure" '
+        '-- "$S/.err" | head -n 1 | head -c 1024 >&2; rm -rf -- "$S"; exit "$t"; fi; '
         'sh "$S/ops" 2>"$S/.err"; c=$?; '
-        'head -c 2048 -- "$S/.err" >&2; rm -rf -- "$S"; exit "$c"'
+        'head -n 1 -- "$S/.err" | head -c 1024 >&2; rm -rf -- "$S"; exit "$c"'
     )
 
 
@@ -384,13 +387,16 @@ def _staged(path: str) -> str:
 
 
 def _calls(head: str, words: Iterable[str], tail: str = "") -> Iterator[str]:
-    """`head WORDS... tail` lines, at most `_ARGS_PER_CALL` words each."""
+    """`head WORDS... tail` lines, at most `_ARGS_PER_CALL` words and `_CHARS_PER_CALL`
+    characters of them each (a program's arguments stay far below ARG_MAX)."""
     batch: list[str] = []
+    size = 0
     for w in words:
-        batch.append(w)
-        if len(batch) >= _ARGS_PER_CALL:
+        if batch and (len(batch) >= _ARGS_PER_CALL or size + len(w) > _CHARS_PER_CALL):
             yield f"{head} {' '.join(batch)}{tail}"
-            batch = []
+            batch, size = [], 0
+        batch.append(w)
+        size += len(w) + 1
     if batch:
         yield f"{head} {' '.join(batch)}{tail}"
 

@@ -169,7 +169,7 @@ def test_the_command_exits_1_on_a_failed_check_and_its_report_says_which(
             "reconciler",
             "doctor",
             "--image",
-            "ukc/local-minimal:latest",
+            "nobody/no-such-image:1",
             "--report",
             str(report),
         ],
@@ -180,10 +180,10 @@ def test_the_command_exits_1_on_a_failed_check_and_its_report_says_which(
         check=False,
     )
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "FAIL  tools" in done.stdout and "python3 no" in done.stdout
+    assert "FAIL  states" in done.stdout, done.stdout
     document = json.loads(report.read_text())
     assert document["failed"] == 1
-    assert [c["name"] for c in document["checks"] if c["result"] == "FAIL"] == ["tools"]
+    assert [c["name"] for c in document["checks"] if c["result"] == "FAIL"] == ["states"]
 
 
 def test_on_a_remote_metro_the_image_must_be_named_before_anything_is_created() -> None:
@@ -400,13 +400,20 @@ def test_the_time_the_name_stays_taken_is_measured_when_it_is_within_the_budget(
     assert_clean(metro)
 
 
-def test_an_image_without_python3_fails_the_tools_check_and_says_what_it_has(
+def test_an_image_without_python3_passes_the_tools_check_over_the_shell_path(
     metro: MetroInfo, conn: MetroConnection
 ) -> None:
     found = probe(conn.api, conn.reach, image="ukc/local-minimal:latest")
     tools = found["tools"]
-    assert tools.outcome == "FAIL", tools
-    assert tools.figures == {"python3": False, "rsync": True, "tar": True}
+    assert tools.outcome == "PASS", tools
+    assert "sync path shell+tar" in tools.summary
+    assert tools.figures == {
+        "python3": False,
+        "rsync": True,
+        "tar": True,
+        "find": True,
+        "sha256sum": True,
+    }
     assert found["ssh"].outcome == "PASS"
     assert_clean(metro)
 

@@ -350,3 +350,26 @@ def test_a_fresh_clone_prunes_a_removed_session_of_its_spec_directory_only(
     # a's other spec directory is its own: b's prune of this one left it alone
     with a.api() as client:
         client.request("DELETE", "/v1/instances", json=[{"name": n} for n in mine])
+
+
+def test_a_fresh_clone_after_a_stateful_wake_that_moved_start_count_applies_as_a_no_op(
+    runners: Runners,
+) -> None:
+    a, b = runners.a, runners.b
+    a.run("apply", "session.yaml", check=0)
+    uuid = runners.instance()["uuid"]
+    before = runners.instance()["start_count"]
+    with a.api() as client:
+        client.put("/v1/instances/suspend", json=[{"uuid": uuid}]).raise_for_status()
+        client.request(
+            "GET", "/v1/instances/wait", json=[{"uuid": uuid, "state": "standby", "timeout_s": 30}]
+        )
+        client.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 30}])
+    # the realistic metro counts a stateful wake as a start
+    assert runners.instance()["start_count"] == before + 1
+    runners.clone()
+    proc = b.run("apply", "--output", "json", "session.yaml", check=0)
+    (result,) = json.loads(proc.stdout)["groups"]
+    # the journal names the boot before the wake; the marker in memory says it is the same
+    assert result["ok"] and result["rounds"] == 0, result
+    assert b.status()["sessions"]["demo"]["instance"]["start_count"] == before + 1

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import base64
+import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from reconciler.local.sandbox.agent import boot
 from reconciler.local.sandbox.agent.commands import parse_signal
 from tests.support.sandbox_harness import EdgeHarness, needs_metro_tools
 
@@ -252,3 +258,32 @@ class TestSignalNames:
     @pytest.mark.parametrize("value", ["BOGUS", "SIG_DFL", "", 0, 9999, True, None, 1.5])
     def test_anything_else_is_rejected(self, value: object) -> None:
         assert parse_signal(value) is None
+
+
+def test_the_agents_start_imports_no_http_server_until_an_api_is_called() -> None:
+    # why it matters: http.server (with email, ssl, http.client) was half of every sandbox's
+    # start; the APIs listen from boot and load it at their first connection
+    agent_dir = Path(boot.__file__).parent
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import agent.boot; "
+        "print(sorted(m for m in ('http.server', 'email', 'ssl', 'typing') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe, str(agent_dir.parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_exec_api_answers_its_first_connection_made_the_moment_it_listens() -> None:
+    listener = boot.tcp_listener(0)
+    port = listener.getsockname()[1]
+    server = threading.Thread(
+        target=boot._serve_when_asked, args=(listener, boot._exec_server), daemon=True
+    )
+    server.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert conn.recv(100).startswith(b"HTTP/1.1 404")

@@ -82,3 +82,53 @@ def test_only_the_interpreters_own_absence_selects_the_shell_path(site: Site) ->
     assert is_missing_interpreter(MissingToolError("x", tool=opts.remote_python), opts)
     assert not is_missing_interpreter(MissingToolError("x", tool="tar"), opts)
     assert not is_missing_interpreter(RemoteError("x"), opts)
+
+
+class _GoneProcess:
+    """A sandbox process that already exited with `code`: its stdin is a closed channel,
+    reported as the SSH transport reports one (a `RemoteError`, not an `OSError`)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def write(self, data: bytes) -> None:
+        raise RemoteError("ssh sandbox: stdin write failed (Socket is closed)")
+
+    def close_stdin(self) -> None:
+        pass
+
+    def read(self, n: int = 65536) -> bytes:
+        return b""
+
+    def read_stderr(self, n: int = 65536) -> bytes:
+        return b""
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.code
+
+    def kill(self) -> None:
+        pass
+
+
+class _GoneShell:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def start(self, command: str) -> _GoneProcess:
+        return _GoneProcess(self.code)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_helper_whose_channel_closed_before_its_program_was_read_is_still_named(
+    site: Site,
+) -> None:
+    # over SSH the shell's 126 can close the channel while the program is still being sent
+    from reconciler.sync.remote import HelperSession
+
+    session = HelperSession(_GoneShell(126), site.opts())
+    with pytest.raises(MissingToolError) as caught:
+        session.flush()
+    assert is_missing_interpreter(caught.value, site.opts())
+    session.close(abort=True)

@@ -178,3 +178,25 @@ def test_what_a_sync_back_writes_is_neither_watched_nor_named(
     token, paths = keeper.take(str(site.state), str(site.local), ident, ("out",))
     assert paths == {"a.txt"}
     keeper.done(str(site.state), token, ident)
+
+
+def test_a_path_no_longer_excluded_is_found_though_nothing_changed_on_disk(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    write(site.local / "logs/b.log", "b")
+    assert "logs/b.log" not in _command_scan(site, exclude=("*.log",))
+    assert "logs/b.log" in _command_scan(site)
+    # and excluded again: gone from the manifest (a push would then leave it alone)
+    assert "logs/b.log" not in _command_scan(site, exclude=("*.log",))
+    # the rules unchanged since: the keeper's answer stands again (no walk needed)
+    assert "logs/b.log" not in _command_scan(site, exclude=("*.log",))
+
+
+def test_a_new_sync_back_path_leaves_the_manifest_though_nothing_changed_on_disk(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "src/a.txt", "a")
+    write(site.local / "out/old.txt", "from an earlier run")
+    assert "out/old.txt" in _command_scan(site)
+    assert "out/old.txt" not in _command_scan(site, back=("out/",))

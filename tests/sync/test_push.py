@@ -377,3 +377,23 @@ def test_edited_big_files_among_small_ones_send_changed_blocks_and_every_small_f
     small = sum(len(f"small {i} edited") for i in range(0, 40, 4)) + len("new")
     assert result.bytes_sent == 3 * 65536 + small
     assert snapshot(site.remote) == snapshot(site.local)
+
+
+class TestFirstPush:
+    def test_an_empty_sandbox_is_not_scanned_and_gets_the_whole_tree(self, site: Site) -> None:
+        seed(site)
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.plan is not None and result.plan.reason.startswith("remote root empty")
+        assert result.remote_scanned is True  # what it holds is known, not trusted from a record
+        assert tree(site.remote) == tree(site.local)
+
+    def test_a_sandbox_holding_files_without_our_record_is_scanned_and_mirrored(
+        self, site: Site
+    ) -> None:
+        seed(site)
+        write(site.remote / "main.py", "older content")
+        write(site.remote / "stale.txt", "only in the sandbox")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.plan is not None and result.plan.reason.startswith("remote scanned")
+        assert not (site.remote / "stale.txt").exists()
+        assert tree(site.remote) == tree(site.local)

@@ -126,3 +126,21 @@ def test_a_sandbox_with_python3_records_the_helper_path(site: Site) -> None:
     write(site.local / "a.txt", "a")
     push(site.shell, site.opts(), instance_uuid="u1")
     assert recorded_tools(site.opts(), "u1") == "python"
+
+
+@SHELL
+def test_hundreds_of_paths_near_path_max_are_synced_and_deleted(
+    site: Site,
+) -> None:
+    # 600 paths of ~3,900 characters in one directory: the operations script splits its
+    # rm and mv calls (at most 500 paths and 64 KiB of them each)
+    deep = "/".join(["p" * 240] * 16)
+    for i in range(600):
+        write(site.local / deep / f"f{i:03d}", "x")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    assert snapshot(site.remote) == snapshot(site.local)
+    shutil.rmtree(site.local / ("p" * 240))
+    write(site.local / "keep.txt", "k")
+    result = push(site.shell, site.opts(), instance_uuid="u1")
+    assert result.deleted == 600 + 16
+    assert snapshot(site.remote) == snapshot(site.local)

@@ -58,8 +58,13 @@ def _make_image(image: Path, size_mb: int) -> None:
     with open(partial, "wb") as f:
         f.truncate(size_mb * _MIB)  # sparse: the host's disk holds only what is written
     # why -m 0: the sandbox's root is no root of the host's filesystem, so blocks reserved
-    # for root would only shrink the volume; no root_owner: the runtime hands it over
-    _run([MKFS, "-q", "-F", "-m", "0", str(partial)], f"mkfs.ext4 for volume image {image.name}")
+    # for root would only shrink the volume; why lazy: a fresh sparse file reads as zeros
+    # already, so zeroing the journal and inode tables (516 MiB of host disk for a 64 GiB
+    # volume) buys nothing; no root_owner: the runtime hands the volume over
+    _run(
+        [MKFS, "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(partial)],
+        f"mkfs.ext4 for volume image {image.name}",
+    )
     os.replace(partial, image)
 
 
@@ -78,7 +83,8 @@ def mount_volume(source: Path, image: Path, size_mb: int) -> bool:
             return False
         _make_image(image, size_mb)
     _run(
-        [MOUNT, "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(source)],
+        # why noinit_itable: no background zeroing of inode tables that read as zeros
+        [MOUNT, "-t", "ext4", "-o", "loop,nosuid,nodev,noinit_itable", str(image), str(source)],
         f"mount volume image {image.name}",
     )
     if fresh:

@@ -12,20 +12,21 @@ import contextlib
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
 import threading
 import time
 import uuid
-from http.server import ThreadingHTTPServer
+from collections.abc import Callable
 
-from .commands import Registry
 from .console import log, os_message
-from .execapi import ExecHandler
-from .httpd import TcpHTTPServer, UnixHTTPServer
-from .plugin import PluginHandler
 from .relay import serve_relay
+
+TYPE_CHECKING = False  # why not typing's: importing typing is ~10% of the agent's start
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 __all__ = ["main"]
 
@@ -89,6 +90,50 @@ def _wait_accepting(port: int, sshd: subprocess.Popen[bytes], deadline: float) -
             return True
         time.sleep(0.005)
     return False
+
+
+def tcp_listener(port: int) -> socket.socket:
+    """127.0.0.1:`port`, listening (with socketserver's backlog and address reuse)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(5)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _plugin_server(sock: socket.socket) -> ThreadingHTTPServer:
+    from .commands import Registry
+    from .httpd import UnixHTTPServer
+    from .plugin import PluginHandler
+
+    handler = type("PluginHandler", (PluginHandler,), {"plugin": Registry()})
+    return UnixHTTPServer(sock, handler)
+
+
+def _exec_server(sock: socket.socket) -> ThreadingHTTPServer:
+    from .execapi import ExecHandler
+    from .httpd import TcpHTTPServer
+
+    return TcpHTTPServer(sock, ExecHandler)
+
+
+def _serve_when_asked(
+    sock: socket.socket, server: Callable[[socket.socket], ThreadingHTTPServer]
+) -> None:
+    """Serve an HTTP API on its listening socket from its first connection on.
+
+    Why not from boot: http.server (with email, ssl and http.client) is most of the agent's
+    start (~30 ms of CPU per sandbox), and most sandboxes never call either API; the socket
+    listens from boot all the same, so a client sees no difference but the first answer's
+    import. The thread is started at boot, so a sandbox that later runs out of processes
+    still gets its servers.
+    """
+    select.select([sock], [], [])
+    server(sock).serve_forever()
 
 
 def _load_env(fd: int) -> None:
@@ -159,15 +204,13 @@ def main(argv: list[str] | None = None) -> int:
 
     plugin_sock = socket.socket(fileno=args.plugin_fd)
     relay_sock = socket.socket(fileno=args.relay_fd)
-    plugin_handler = type("PluginHandler", (PluginHandler,), {"plugin": Registry()})
-    servers: list[ThreadingHTTPServer] = [UnixHTTPServer(plugin_sock, plugin_handler)]
     try:
-        servers.append(TcpHTTPServer(("127.0.0.1", EXEC_PORT), ExecHandler))
+        exec_sock = tcp_listener(EXEC_PORT)
     except OSError as exc:
         log(f"exec api cannot listen on {EXEC_PORT}: {exc.strerror}")
         return 1
-    for srv in servers:
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    for sock, server in ((plugin_sock, _plugin_server), (exec_sock, _exec_server)):
+        threading.Thread(target=_serve_when_asked, args=(sock, server), daemon=True).start()
     threading.Thread(target=serve_relay, args=(relay_sock,), daemon=True).start()
 
     late = args.ssh_delay > 0 or args.key_delay > 0

@@ -97,5 +97,11 @@ class UnixHTTPServer(ThreadingHTTPServer):
 
 
 class TcpHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer on an already listening TCP socket (bound at boot, `tcp_listener`)."""
+
     daemon_threads = True
-    allow_reuse_address = True
+
+    def __init__(self, sock: socket.socket, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(sock.getsockname(), handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
