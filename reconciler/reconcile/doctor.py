@@ -47,6 +47,8 @@ CHECKS = (
 )
 #: the states a booting instance may pass through, in their order
 BOOT_ORDER = ("stopped", "starting", "running")
+#: what `ukc apply` checks a fan-out against (`reconcile.quota`)
+QUOTA_FIGURES = ("instances", "live_memory_mb", "volumes")
 #: the tools `ukc` looks for in an image: python3 runs the sync helper; without it sync takes
 #: shell+tar, which needs tar, find and sha256sum (`sync/capability.py`)
 TOOLS = ("python3", "rsync", "tar", "find", "sha256sum")
@@ -180,7 +182,7 @@ class Probe:
     def _all(self, credentials: Credentials) -> None:
         if self._auth().outcome == "FAIL":
             return
-        self._add(Result("quotas", "SKIP", "ukc reads no quota yet; nothing to compare"))
+        self._quotas()
         if self._create(credentials).outcome == "FAIL":
             return
         if self._states().outcome == "FAIL":
@@ -227,6 +229,37 @@ class Probe:
                     {"list_ms": ms, "listed": len(found)},
                 )
             )
+        return self.results[-1]
+
+    def _quotas(self) -> Result:
+        """The quota answer holds what `ukc apply` checks a fan-out against: used and hard
+        instances, live memory and volumes, each used within its hard limit."""
+        with self._check("quotas") as out:
+            t0 = self.clock()
+            quota = self.api.get_quotas()
+            ms = round((self.clock() - t0) * 1000)
+            figures: dict[str, Figure] = {"read_ms": ms}
+            missing: list[str] = []
+            over: list[str] = []
+            for name in QUOTA_FIGURES:
+                used = getattr(quota.used, name)
+                hard = getattr(quota.hard, name)
+                if used is None or hard is None:
+                    missing.append(name)
+                    continue
+                figures[f"{name}_left"] = max(hard - used, 0)
+                if used > hard:
+                    over.append(f"{name} {used} of {hard}")
+            if missing or over:
+                why = []
+                if missing:
+                    why.append(f"used/hard missing for {', '.join(missing)}")
+                if over:
+                    why.append(f"used beyond hard: {', '.join(over)}")
+                out.append(Result("quotas", "FAIL", "; ".join(why), figures))
+            else:
+                left = ", ".join(f"{n} {figures[n + '_left']}" for n in QUOTA_FIGURES)
+                out.append(Result("quotas", "PASS", f"read in {ms} ms; left: {left}", figures))
         return self.results[-1]
 
     def _create(self, credentials: Credentials) -> Result:

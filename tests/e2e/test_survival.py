@@ -71,7 +71,8 @@ def test_a_replace_waits_for_the_name_and_never_adopts_the_instance_being_delete
     assert new["uuid"] != old
     assert session(tough)["phase"] == "Ready"
     found = instance(tough, new["uuid"])
-    assert found is not None and found["state"] == "running" and found["memory_mb"] == 512
+    # a converged apply leaves it suspended (`suspend: true`)
+    assert found is not None and found["state"] == "standby" and found["memory_mb"] == 512
     # the old one was deleted without retention (`dont_retain`): it is gone, not retained
     assert instance(tough, old) is None
 
