@@ -47,6 +47,8 @@ CHECKS = (
 )
 #: the states a booting instance may pass through, in their order
 BOOT_ORDER = ("stopped", "starting", "running")
+#: the probe instance's autokill: as long as its ttl tag (a killed doctor leaves nothing)
+DOCTOR_AUTOKILL_MS = 600_000
 #: what `ukc apply` checks a fan-out against (`reconcile.quota`)
 QUOTA_FIGURES = ("instances", "live_memory_mb", "volumes")
 #: the tools `ukc` looks for in an image: python3 runs the sync helper; without it sync takes
@@ -273,6 +275,8 @@ class Probe:
                 services=fields.services,
                 scale_to_zero=SESSION_SCALE_TO_ZERO,
                 memory_mb=self.memory_mb,
+                # as a session's: the platform reclaims it should the doctor be killed
+                autokill_ms=DOCTOR_AUTOKILL_MS,
             )
             t0 = self.clock()
             inst = self.api.create_instance(request)
@@ -282,7 +286,7 @@ class Probe:
                 Result(
                     "create",
                     "PASS",
-                    f"created with the session's service group (2222/tls) and "
+                    f"created with the session's service group (2222/tls), autokill and "
                     f"{len(self.run.tags)} tags in {ms} ms, answer state {inst.state}",
                     {"create_ms": ms, "answer_state": inst.state, "tags_sent": len(self.run.tags)},
                 )

@@ -525,3 +525,26 @@ def test_a_metro_without_the_quota_route_fails_the_quotas_check_naming_the_error
     assert found["quotas"].outcome == "FAIL" and "404" in (found["quotas"].error or "")
     assert found["delete"].outcome == "PASS"
     assert_clean(metro)
+
+
+class Recording(Wrapped):
+    """The real API, remembering what the probe asked to create."""
+
+    def __init__(self, api: UkcApi) -> None:
+        super().__init__(api)
+        self.created: list[CreateRequest] = []
+
+    def create_instance(self, request: CreateRequest) -> Instance:
+        self.created.append(request)
+        return self.inner.create_instance(request)
+
+
+def test_the_probe_instance_carries_autokill_so_a_killed_doctor_leaves_nothing_for_long(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    api = Recording(conn.api)
+    found = probe(api, conn.reach)
+    assert found["create"].outcome == "PASS"
+    assert [r.autokill_ms for r in api.created][:1] == [600_000]
+    assert_clean(metro)
