@@ -49,6 +49,7 @@ __all__ = [
     "MissingToolError",
     "NotFoundError",
     "OwnershipError",
+    "QuotaError",
     "RateLimitedError",
     "RemoteError",
     "SandboxNotReadyError",
@@ -232,6 +233,11 @@ class LocalMetroError(UkcError):
 class SourceError(UkcError):
     """The followed git repository could not be fetched or checked out (never names the
     credentials a URL carries)."""
+
+
+class QuotaError(UkcError):
+    """What an apply would create exceeds what the account's quota leaves (checked before
+    anything is created); names the figures."""
 
 
 class ConvergenceError(UkcError):

@@ -507,6 +507,7 @@ def apply(
                 concurrency=concurrency,
                 lock_timeout_s=lock_timeout,
                 only=set(only) or None,
+                suspend_idle=True,
             )
             applied.append(AppliedGroup(group.base_dir, group.status_path, prune, result))
             if result.interrupted:

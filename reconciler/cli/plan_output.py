@@ -71,6 +71,15 @@ class StartAction(OutputModel):
     description: str
 
 
+class SetAutokillAction(OutputModel):
+    type: Literal["set_autokill"] = "set_autokill"
+    instance: str
+    #: the platform deletes the instance once down this long (0: never)
+    time_ms: int
+    reason: str
+    description: str
+
+
 class SendFilesAction(OutputModel):
     type: Literal["send_files"] = "send_files"
     files: int
@@ -110,6 +119,7 @@ Action = Annotated[
     CreateAction
     | DeleteAction
     | StartAction
+    | SetAutokillAction
     | SendFilesAction
     | RunCommandAction
     | BringBackAction,
@@ -165,6 +175,9 @@ class GroupPlan(OutputModel):
     #: sessions ukc owns that no spec declares, without `--prune` (left alone)
     orphans: list[Orphan]
     warnings: list[str]
+    #: the instances `ukc apply` suspends once every session converged (their spec's
+    #: `suspend`: memory kept; the next apply with work wakes them)
+    suspend_after: list[str] = Field(default_factory=list)
 
 
 class Summary(OutputModel):
@@ -233,6 +246,10 @@ def _action(act: actions.Action) -> Action | None:
         )
     if isinstance(act, actions.StartInstance):
         return StartAction(instance=act.instance_name, reason=act.reason, description=text)
+    if isinstance(act, actions.SetAutokill):
+        return SetAutokillAction(
+            instance=act.instance_name, time_ms=act.time_ms, reason=act.reason, description=text
+        )
     if isinstance(act, actions.SyncUp):
         return SendFilesAction(
             files=act.files,
@@ -317,6 +334,7 @@ def group_plan(item: PlannedGroup) -> GroupPlan:
         ],
         orphans=[Orphan(session=s, instance=i) for s, i in plan.orphans],
         warnings=list(plan.warnings),
+        suspend_after=[s.instance_name for s in plan.suspends],
     )
 
 
@@ -431,6 +449,8 @@ def _action_line(act: Action) -> str:
         return f"delete instance {_code(act.instance)} — {_text(act.reason)}"
     if isinstance(act, StartAction):
         return f"start instance {_code(act.instance)} — {_text(act.reason)}"
+    if isinstance(act, SetAutokillAction):
+        return f"set autokill of instance {_code(act.instance)} — {_text(act.reason)}"
     if isinstance(act, SendFilesAction):
         what = f"send {act.files} file(s) ({human_size(act.bytes)}), delete {act.deletes} remotely"
         if act.full_scan:

@@ -153,6 +153,7 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
         actions.CreateInstance: "+",
         actions.DeleteInstance: "-",
         actions.StartInstance: "^",
+        actions.SetAutokill: "*",
         actions.WaitReady: " ",
         actions.SyncUp: "~",
         actions.RunCommand: ">",
@@ -191,6 +192,15 @@ def render_plan(plan: actions.Plan, verbose: bool = False) -> list[str]:
     for session, instance in plan.orphans:
         lines.append(
             f"session {session}: not declared (use --prune to delete); instance {instance}"
+        )
+    if plan.suspends:
+        shown = ", ".join(s.session for s in plan.suspends[:5])
+        more = len(plan.suspends) - 5
+        lines.append(
+            f"then: suspend {len(plan.suspends)} instance(s) once converged ({shown}"
+            + (f" and {more} more" if more > 0 else "")
+            + "; `suspend: true`: memory kept, idle they cost nothing, the next apply with "
+            "work wakes them; `ukc watch` keeps them up)"
         )
     lines.extend(f"warning: {w}" for w in plan.warnings)
     creates = sum(isinstance(a, actions.CreateInstance) for s in plan.sessions for a in s.actions)

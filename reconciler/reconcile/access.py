@@ -36,6 +36,7 @@ from reconciler.reconcile.desired import (
 )
 from reconciler.reconcile.plan import parse_time
 from reconciler.reconcile.redaction import Redactor
+from reconciler.reconcile.wake import wake
 from reconciler.spec.durations import format_duration
 from reconciler.spec.loader import LoadedSession
 from reconciler.status import journal
@@ -144,7 +145,15 @@ def reach(
     proof = identity.prove(instance, owner, session, record.instance)
     if not proof.ours:
         raise errors.OwnershipError(proof.refusal(instance))
+    if connecting and instance.state == "standby":
+        # an apply leaves the instance suspended, which traffic may not wake
+        instance = wake(connection.api, instance, CONNECT_DEADLINE_S)
     pin = identity.boot_pin(record.instance, instance)
+    if pin is None and instance.state == "running":
+        # a wake may move `start_count` without being a cold boot (an apply leaves the
+        # instance suspended): the sandbox is held to the host key recorded for the instance,
+        # so a stateful wake is reached and a cold boot's new key is refused
+        pin = identity.recorded_pin(record.instance, instance)
     if not connecting:
         return Reached(group, loaded, record, instance, connection, owner, pin)
     if not pin:

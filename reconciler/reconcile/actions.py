@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from reconciler.spec.durations import format_duration
 from reconciler.spec.models import DEFAULT_SHELL
 from reconciler.spec.sizes import human_size
 
@@ -20,7 +21,9 @@ __all__ = [
     "Refusal",
     "RunCommand",
     "SessionPlan",
+    "SetAutokill",
     "StartInstance",
+    "SuspendInstance",
     "SyncBack",
     "SyncUp",
     "WaitReady",
@@ -75,9 +78,49 @@ class WaitReady:
     instance_name: str
     #: the transport it waits for (the session's `exec`)
     transport: str
+    #: the instance is in standby (suspended, or scaled to zero): a start request wakes it
+    #: first (a suspended one may not wake on traffic)
+    wake: bool = False
 
     def describe(self) -> str:
-        return f"wait until {self.instance_name} accepts {self.transport}"
+        woken = ", waking it from standby" if self.wake else ""
+        return f"wait until {self.instance_name} accepts {self.transport}{woken}"
+
+
+def autokill_text(time_ms: int | None) -> str:
+    """An autokill time as people read it ("1d", "off")."""
+    return format_duration(time_ms // 1000) if time_ms else "off"
+
+
+@dataclass(frozen=True)
+class SetAutokill:
+    """The platform's autokill of an existing instance follows the spec (`PATCH`)."""
+
+    session: str
+    instance_name: str
+    instance_uuid: str
+    #: 0: off
+    time_ms: int
+    reason: str
+
+    def describe(self) -> str:
+        to = autokill_text(self.time_ms)
+        return f"set autokill of instance {self.instance_name} to {to} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class SuspendInstance:
+    """After a one-shot apply converged: the session's instance is suspended (`suspend`)."""
+
+    session: str
+    instance_name: str
+    metro: str
+
+    def describe(self) -> str:
+        return (
+            f"suspend instance {self.instance_name} once converged (memory kept; idle it "
+            "costs nothing, the next apply with work wakes it)"
+        )
 
 
 @dataclass(frozen=True)
@@ -149,7 +192,14 @@ class SyncBack:
 
 
 Action = (
-    CreateInstance | DeleteInstance | StartInstance | WaitReady | SyncUp | RunCommand | SyncBack
+    CreateInstance
+    | DeleteInstance
+    | StartInstance
+    | SetAutokill
+    | WaitReady
+    | SyncUp
+    | RunCommand
+    | SyncBack
 )
 
 
@@ -201,6 +251,9 @@ class Plan:
     #: sessions we own (in the status inventory, instance observed) that no spec declares,
     #: as (session, instance name), when not pruning: `--prune` would delete them
     orphans: tuple[tuple[str, str], ...] = ()
+    #: the instances a one-shot apply suspends once every session converged (`suspend`);
+    #: not changes: a plan of nothing else is empty
+    suspends: tuple[SuspendInstance, ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -124,6 +124,10 @@ class DesiredSession:
     memory_mb: int = DEFAULT_MEMORY_MB
     #: the size of the volume `/workspace` lives on (MiB); None: it lives in `memory_mb`
     volume_mb: int | None = None
+    #: the platform deletes the instance once down this long (ms); None: never (`autokill`)
+    autokill_ms: int | None = None
+    #: a converged one-shot apply suspends the instance (`suspend`)
+    suspend: bool = False
 
 
 @dataclass
@@ -309,6 +313,8 @@ def build_session(
         warnings=transport.warnings(s.name),
         memory_mb=s.memory_mb or DEFAULT_MEMORY_MB,
         volume_mb=s.workspace.volume_mb,
+        autokill_ms=None if s.autokill_s is None else s.autokill_s * 1000,
+        suspend=s.suspend,
     )
     ctx = SessionContext(
         loaded=loaded,

@@ -47,6 +47,10 @@ CHECKS = (
 )
 #: the states a booting instance may pass through, in their order
 BOOT_ORDER = ("stopped", "starting", "running")
+#: the probe instance's autokill: as long as its ttl tag (a killed doctor leaves nothing)
+DOCTOR_AUTOKILL_MS = 600_000
+#: what `ukc apply` checks a fan-out against (`reconcile.quota`)
+QUOTA_FIGURES = ("instances", "live_memory_mb", "volumes")
 #: the tools `ukc` looks for in an image: python3 runs the sync helper; without it sync takes
 #: shell+tar, which needs tar, find and sha256sum (`sync/capability.py`)
 TOOLS = ("python3", "rsync", "tar", "find", "sha256sum")
@@ -180,7 +184,7 @@ class Probe:
     def _all(self, credentials: Credentials) -> None:
         if self._auth().outcome == "FAIL":
             return
-        self._add(Result("quotas", "SKIP", "ukc reads no quota yet; nothing to compare"))
+        self._quotas()
         if self._create(credentials).outcome == "FAIL":
             return
         if self._states().outcome == "FAIL":
@@ -229,6 +233,37 @@ class Probe:
             )
         return self.results[-1]
 
+    def _quotas(self) -> Result:
+        """The quota answer holds what `ukc apply` checks a fan-out against: used and hard
+        instances, live memory and volumes, each used within its hard limit."""
+        with self._check("quotas") as out:
+            t0 = self.clock()
+            quota = self.api.get_quotas()
+            ms = round((self.clock() - t0) * 1000)
+            figures: dict[str, Figure] = {"read_ms": ms}
+            missing: list[str] = []
+            over: list[str] = []
+            for name in QUOTA_FIGURES:
+                used = getattr(quota.used, name)
+                hard = getattr(quota.hard, name)
+                if used is None or hard is None:
+                    missing.append(name)
+                    continue
+                figures[f"{name}_left"] = max(hard - used, 0)
+                if used > hard:
+                    over.append(f"{name} {used} of {hard}")
+            if missing or over:
+                why = []
+                if missing:
+                    why.append(f"used/hard missing for {', '.join(missing)}")
+                if over:
+                    why.append(f"used beyond hard: {', '.join(over)}")
+                out.append(Result("quotas", "FAIL", "; ".join(why), figures))
+            else:
+                left = ", ".join(f"{n} {figures[n + '_left']}" for n in QUOTA_FIGURES)
+                out.append(Result("quotas", "PASS", f"read in {ms} ms; left: {left}", figures))
+        return self.results[-1]
+
     def _create(self, credentials: Credentials) -> Result:
         with self._check("create") as out:
             fields = kind_for("ssh").create_fields(credentials)
@@ -240,6 +275,8 @@ class Probe:
                 services=fields.services,
                 scale_to_zero=SESSION_SCALE_TO_ZERO,
                 memory_mb=self.memory_mb,
+                # as a session's: the platform reclaims it should the doctor be killed
+                autokill_ms=DOCTOR_AUTOKILL_MS,
             )
             t0 = self.clock()
             inst = self.api.create_instance(request)
@@ -249,7 +286,7 @@ class Probe:
                 Result(
                     "create",
                     "PASS",
-                    f"created with the session's service group (2222/tls) and "
+                    f"created with the session's service group (2222/tls), autokill and "
                     f"{len(self.run.tags)} tags in {ms} ms, answer state {inst.state}",
                     {"create_ms": ms, "answer_state": inst.state, "tags_sent": len(self.run.tags)},
                 )

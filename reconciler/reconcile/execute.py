@@ -314,7 +314,11 @@ class Executor:
             conn.api.start_instance(action.instance_name)
             run.inst = self._await_up(conn, action.instance_name, action.session, before=before)
             self._note_instance(action.session, run.inst)
+        elif isinstance(action, actions.SetAutokill):
+            self._set_autokill(action, conn)
         elif isinstance(action, actions.WaitReady):
+            if action.wake and run.transport is None:
+                self._wake(action, conn, run)
             self._wait_ready(ctx, conn, run)
         elif isinstance(action, actions.SyncUp):
             self._clear_journal(run)
@@ -325,6 +329,28 @@ class Executor:
             self._run_command(action, ctx, run, redact)
         elif isinstance(action, actions.SyncBack):
             self._sync_back(ctx, run, redact)
+
+    def _set_autokill(self, action: actions.SetAutokill, conn: MetroConnection) -> None:
+        try:
+            conn.api.set_autokill(
+                action.instance_name, uuid=action.instance_uuid, time_ms=action.time_ms
+            )
+        except errors.ApiError as err:
+            # why not a failure: the platform may take updates of stopped instances only;
+            # the session's work does not depend on it, and the next apply tries again
+            self._say(action.session, "info", f"warning: autokill not changed: {err}")
+
+    def _wake(self, action: actions.WaitReady, conn: MetroConnection, run: _Run) -> None:
+        """A start request for an instance in standby (a suspended one may not wake on
+        traffic), then until it runs."""
+        before = run.inst
+        if self.pool is not None:
+            # a connection kept from before the suspend is to a sandbox that slept since
+            self.pool.drop(action.session)
+        conn.api.start_instance(action.instance_name)
+        run.inst = self._await_up(
+            conn, action.instance_name, action.session, before=before, running=True
+        )
 
     # -- the sandbox's journal (with UKC_SESSION_SECRET: see `reconcile.rebuild`) -----------
 
@@ -380,6 +406,11 @@ class Executor:
                 name=action.instance_name, uuid="", metro=conn.label, state="creating"
             )
             rec.sync = SyncRecord()
+            # why kept: an instance made anew says why in the status (e.g. the platform's
+            # autokill reclaimed the last one)
+            journal.set_condition(
+                rec, "InstanceCreated", "True", "Created", action.reason, journal.utc_now()
+            )
         self.save()
         request = CreateRequest(
             name=action.instance_name,
@@ -403,6 +434,8 @@ class Executor:
                 if ctx.desired.volume_mb is None
                 else (VolumeMount("/workspace", ctx.desired.volume_mb, tuple(ctx.desired.tags)),)
             ),
+            # the platform reclaims the instance even when no ukc runs again
+            autokill_ms=ctx.desired.autokill_ms,
         )
         self._create_when_free(conn, request, session, rec.instance)
         run.inst = self._await_up(conn, action.instance_name, session, before=None)
@@ -454,9 +487,15 @@ class Executor:
         poll(attempt, policy=policy, monotonic=self.clock, sleep=self.sleep)
 
     def _await_up(
-        self, conn: MetroConnection, name: str, session: str, *, before: Instance | None
+        self,
+        conn: MetroConnection,
+        name: str,
+        session: str,
+        *,
+        before: Instance | None,
+        running: bool = False,
     ) -> Instance:
-        """Until the instance runs (or sits in standby, which wakes on traffic).
+        """Until the instance runs (or, unless `running`, sits in standby: traffic wakes it).
 
         A stop the platform reports for this boot (a missing image, out of memory, a crash)
         ends the wait at once with its decoded reason; `before` is the instance as it was
@@ -467,7 +506,7 @@ class Executor:
             inst = conn.api.get_instance(name)
             if inst is None:
                 raise errors.NotFoundError(f"instance {name} vanished while starting")
-            if inst.state in ("running", "standby"):
+            if inst.state == "running" or (inst.state == "standby" and not running):
                 return inst
             last[0] = inst.state
             if inst.state == "stopped" and _stopped_since(inst, before):
@@ -889,7 +928,7 @@ def _stopped_since(inst: Instance, before: Instance | None) -> bool:
 
 
 def _phase_of(action: actions.Action) -> str:
-    if isinstance(action, actions.CreateInstance | actions.StartInstance):
+    if isinstance(action, actions.CreateInstance | actions.StartInstance | actions.SetAutokill):
         return "create_s"
     if isinstance(action, actions.WaitReady):
         return "ready_s"

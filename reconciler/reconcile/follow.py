@@ -246,6 +246,8 @@ class Follower:
                         prune=self.options.prune,
                         concurrency=self.options.concurrency,
                         lock_timeout_s=self.options.lock_timeout_s,
+                        # between revisions nothing runs: idle instances cost nothing
+                        suspend_idle=True,
                     )
                 except errors.UkcError as err:
                     failures.append(str(err))

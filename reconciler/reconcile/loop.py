@@ -14,17 +14,18 @@ that is not provably ours is left alone, with the local side: the session fails 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
-from reconciler.reconcile import actions, bootmark, identity, lease, rebuild
+from reconciler.reconcile import actions, bootmark, identity, lease, quota, rebuild
 from reconciler.reconcile.desired import (
     DesiredSession,
     Group,
@@ -35,8 +36,9 @@ from reconciler.reconcile.desired import (
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
-from reconciler.reconcile.observe import Observation, observe, observe_volumes
+from reconciler.reconcile.observe import Observation, observe, observe_quotas, observe_volumes
 from reconciler.reconcile.plan import plan_delete, plan_sessions
+from reconciler.reconcile.wake import wake
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
 from reconciler.status.schema import (
@@ -152,6 +154,10 @@ def _plan_read_only(
             # a record from a journal may mark an earlier boot than the platform shows
             _read_boot_marks(obs, doc, metros, pool, quiet, set())
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
+    if shortfalls or unread:
+        notes = tuple(f"apply would refuse: {why}" for why in shortfalls) + tuple(unread)
+        the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + notes)
     return the_plan
 
 
@@ -174,6 +180,27 @@ def _plan(
         claimed=obs.claimed,
         only_files=only_files,
     )
+
+
+def _quota_shortfalls(
+    plan: actions.Plan,
+    desired: Sequence[DesiredSession],
+    obs: Observation,
+    metros: MetroRegistry,
+) -> tuple[list[str], list[str]]:
+    """Why what `plan` creates or wakes does not fit the account's quota (per metro), and a
+    warning per metro whose quota could not be read. Reads the quota only of metros the plan
+    takes something of."""
+    wanted = quota.needs(plan, desired, obs.instances)
+    if not wanted:
+        return [], []
+    found, unread = observe_quotas(metros, wanted)
+    shortfalls = [
+        why
+        for metro, need in sorted(wanted.items())
+        if metro in found and (why := quota.shortfall(metro, need, found[metro])) is not None
+    ]
+    return shortfalls, unread
 
 
 def _identity(group: Group, environ: Mapping[str, str]) -> tuple[identity.Owner, bytes]:
@@ -200,6 +227,9 @@ def apply_group(
     now: Callable[[], float] = time.time,
     only: set[str] | None = None,
     pool: TransportPool | None = None,
+    #: a one-shot apply: once every session converged, suspend the instances of sessions
+    #: that ask for it (`suspend`); `watch` never does (it is about to work on them again)
+    suspend_idle: bool = False,
 ) -> ApplyResult:
     """Converge every session of `group` (one status file) and write its status."""
     # One-shot applies get their own pool: connections opened ahead of need (see
@@ -238,8 +268,12 @@ def apply_group(
         journals_read: set[str] = set()
         #: sessions whose boot marker was read in this run (once is enough)
         marks_read: set[str] = set()
+        #: ... and read again once the record came from the sandbox's journal (another
+        #: runner's record names its own marker and count)
+        marks_read_after_journal: set[str] = set()
         pending: set[str] = set()
         interrupted: set[str] = set()
+        converged: actions.Plan | None = None
         while True:
             owner, salt = _identity(group, environ)
             obs = observe(
@@ -270,8 +304,11 @@ def apply_group(
                     reporter=reporter,
                     concurrency=concurrency,
                 ):
-                    # a record from a journal may mark an earlier boot than the platform shows
-                    _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
+                    # a record from a journal may mark an earlier boot than the platform
+                    # shows; read again even if this runner's own record was read before
+                    _read_boot_marks(
+                        obs, doc, metros, kept, reporter, marks_read_after_journal, concurrency
+                    )
                     plan = _plan(
                         desired,
                         obs,
@@ -281,13 +318,37 @@ def apply_group(
                         only_files=group.only_files,
                     )
             if first_plan is None:
+                # before anything is created or woken: a fan-out the quota cannot hold fails
+                # whole, rather than half-made with the rest refused one by one
+                shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+                for text in unread:
+                    reporter.event(Event("ukc", "notice", f"warning: {text}"))
+                if shortfalls:
+                    raise errors.QuotaError(
+                        "refusing to apply: "
+                        + "; ".join(shortfalls)
+                        + ". Nothing was created: delete sessions (`ukc delete`), lower "
+                        "`memory_mb`, apply fewer at a time (`--session`), or raise the quota"
+                    )
                 first_plan = plan
+            if _wake_for_work(plan, obs, metros, reporter, concurrency):
+                # a wake may move `start_count`: the marker says whether memory was kept
+                _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
+                plan = _plan(
+                    desired,
+                    obs,
+                    doc,
+                    now(),
+                    prune=prune and not failed,
+                    only_files=group.only_files,
+                )
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)
             for session_name, why in plan.errors.items():
                 if session_name not in failed:
                     failed[session_name] = why
                     reporter.event(Event(session_name, "failed", why))
             if plan.empty:
+                converged = plan
                 break
             rounds += 1
             if rounds > max_rounds:
@@ -336,7 +397,11 @@ def apply_group(
                     if not pruned.ok:
                         failed[pruned.session] = pruned.error
         assert obs is not None and first_plan is not None
-        _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted)
+        suspended: set[str] = set()
+        if suspend_idle and converged is not None and not stop.is_set():
+            todo = [s for s in converged.suspends if s.session not in failed]
+            suspended = _suspend(todo, metros, kept, reporter, concurrency)
+        _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted, suspended)
         return ApplyResult(
             ok=not failed,
             plan=first_plan,
@@ -497,6 +562,79 @@ def _say_interrupt(executor: Executor, reporter: Reporter) -> None:
         reporter.event(Event(session, "interrupt", text))
 
 
+def _wake_for_work(
+    plan: actions.Plan,
+    obs: Observation,
+    metros: MetroRegistry,
+    reporter: Reporter,
+    concurrency: int,
+) -> bool:
+    """Wake the instances in standby the plan has work for (a start, then until they run),
+    before it is made again: then the planner sees the instance as it woke (a stateful wake
+    that moved `start_count` is told from a cold boot by its boot marker, not mid-action).
+    `obs` is updated with what woke; True when one did."""
+    todo = [
+        (splan.session, act.instance_name)
+        for splan in plan.sessions
+        for act in splan.actions
+        if isinstance(act, actions.WaitReady) and act.wake
+    ]
+
+    def one(item: tuple[str, str]) -> tuple[str, Instance] | None:
+        session, name = item
+        inst = obs.instances.get(name)
+        ctx = obs.contexts.get(session)
+        if inst is None or ctx is None:
+            return None
+        try:
+            woken = wake(metros.get(ctx.desired.metro).api, inst)
+        except errors.UkcError as err:
+            # the executor tries again when it gets there (and fails the session then)
+            reporter.event(Event(session, "info", f"instance {name} not woken yet: {err}"))
+            return None
+        reporter.event(Event(session, "info", f"woke instance {name} from standby"))
+        return session, woken
+
+    if not todo:
+        return False
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(todo)))) as workers:
+        woke = [w for w in workers.map(one, todo) if w is not None]
+    for session, inst in woke:
+        obs.instances[inst.name] = inst
+        obs.claimed[session] = inst
+    return bool(woke)
+
+
+def _suspend(
+    todo: Sequence[actions.SuspendInstance],
+    metros: MetroRegistry,
+    pool: TransportPool,
+    reporter: Reporter,
+    concurrency: int,
+) -> set[str]:
+    """Suspend the instances of converged sessions (one request each, `concurrency` at a
+    time); the sessions whose suspend was accepted. A refused one is a warning: the work is
+    done, the instance only stays up (scale-to-zero may still put it to standby)."""
+
+    def one(item: actions.SuspendInstance) -> str | None:
+        # the connection of this apply is to a sandbox about to sleep
+        pool.drop(item.session)
+        try:
+            metros.get(item.metro).api.suspend_instance(item.instance_name)
+        except errors.UkcError as err:
+            text = f"warning: instance {item.instance_name} not suspended (it stays up): {err}"
+            reporter.event(Event(item.session, "info", text))
+            return None
+        text = f"suspended instance {item.instance_name}: idle until the next apply with work"
+        reporter.event(Event(item.session, "info", text))
+        return item.session
+
+    if not todo:
+        return set()
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(todo)))) as workers:
+        return {s for s in workers.map(one, todo) if s is not None}
+
+
 def _prefetcher(
     group: Group,
     doc: StatusDoc,
@@ -531,6 +669,7 @@ def _finalize(
     ran: set[tuple[str, str]],
     pending: AbstractSet[str] = frozenset(),
     interrupted: AbstractSet[str] = frozenset(),
+    suspended: AbstractSet[str] = frozenset(),
 ) -> None:
     """Record the converged state of every desired session (and when this apply ran)."""
     before = doc.model_dump(mode="json", exclude={"updated_at"})
@@ -545,7 +684,7 @@ def _finalize(
         rec.last_applied_at = now
         inst = obs.instances.get(desired.instance_name)
         if inst is not None and rec.instance is not None and rec.instance.uuid == inst.uuid:
-            rec.instance.state = inst.state
+            rec.instance.state = "standby" if name in suspended else inst.state
             rec.instance.fqdn = inst.fqdn
         created = parse_time(rec.created_at)
         if desired.ttl_s is not None and created is not None:

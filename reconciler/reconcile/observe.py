@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from reconciler import errors
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance, Volume
+from reconciler.cloud.quotas import Quota
 from reconciler.reconcile import identity
 from reconciler.reconcile.desired import (
     DesiredSession,
@@ -25,7 +26,7 @@ from reconciler.reconcile.desired import (
 )
 from reconciler.status.schema import StatusDoc
 
-__all__ = ["Observation", "observe", "observe_volumes"]
+__all__ = ["Observation", "observe", "observe_quotas", "observe_volumes"]
 
 
 @dataclass
@@ -133,3 +134,18 @@ def observe_volumes(
             if session is not None:
                 found.setdefault(session, []).append(vol)
     return found
+
+
+def observe_quotas(
+    metros: MetroRegistry, labels: Iterable[str]
+) -> tuple[dict[str, Quota], list[str]]:
+    """The account's quota on each metro in `labels`, and a warning for each metro whose
+    quota could not be read (a missing or unreadable answer never stops an apply)."""
+    found: dict[str, Quota] = {}
+    warnings: list[str] = []
+    for metro in sorted(set(labels)):
+        try:
+            found[metro] = metros.get(metro).api.get_quotas()
+        except errors.UkcError as err:
+            warnings.append(f"the quota of metro {metro} was not checked: {err}")
+    return found, warnings

@@ -91,6 +91,39 @@ def _expires_at(
     return None if created is None else created + desired.ttl_s
 
 
+def _expired_while_gone(
+    desired: DesiredSession, inst: Instance | None, record: SessionStatus | None, now: float
+) -> actions.SessionPlan | None:
+    """A session whose instance is gone (the platform's autokill reclaims an idle one) and
+    whose ttl has passed by the record: it is expired, not made anew. The delete names the
+    recorded uuid (the one ukc made), so it touches nothing else; its local half records
+    `Expired` and drops the key and sync records."""
+    if inst is not None or record is None or record.instance is None or desired.ttl_s is None:
+        return None
+    if record.phase in ("Deleted", "Expired") or not record.instance.uuid:
+        return None
+    created = parse_time(record.instance.created_at) or parse_time(record.created_at)
+    if created is None or now < created + desired.ttl_s:
+        return None
+    ttl = format_duration(int(desired.ttl_s))
+    when = format_time(created + desired.ttl_s)
+    delete = actions.DeleteInstance(
+        desired.name,
+        record.instance.name,
+        record.instance.metro or desired.metro,
+        f"ttl of {ttl} expired at {when}; its instance is already gone (reclaimed by the "
+        "platform's autokill, or deleted)",
+        forget=True,
+        final_phase="Expired",
+        instance_uuid=record.instance.uuid,
+    )
+    renew = (
+        f"its ttl of {ttl} passed at {when} and its instance is gone; apply records it "
+        "expired (raise `ttl` in the spec to bring it back)"
+    )
+    return actions.SessionPlan(desired.name, (delete,), (), expired=renew)
+
+
 def _refusal(session: str, inst: Instance, proof: identity.Proof) -> actions.Refusal:
     return actions.Refusal(session, inst.name, inst.metro, proof.refusal(inst))
 
@@ -122,6 +155,10 @@ def _plan_session(
         why = f"session {name!r} expired (ttl); change the spec or run `ukc delete`"
         renew = "deleted when its ttl passed; change the spec (e.g. raise `ttl`) to bring it back"
         return actions.SessionPlan(name, (), (why,), expired=renew)
+
+    gone = _expired_while_gone(desired, inst, record, now)
+    if gone is not None:
+        return gone
 
     new_instance = False
     expires = _expires_at(desired, inst, record) if inst is not None else None
@@ -170,7 +207,9 @@ def _plan_session(
     elif inst is not None and (replace_why := _baked_change(desired, inst)) is not None:
         # Image, memory or transport (the public ports) changed: those are fixed at creation.
         if desired.back and inst.state in _UP_STATES and _has_run(record, inst):
-            acts.append(actions.WaitReady(name, inst.name, desired.transport))
+            acts.append(
+                actions.WaitReady(name, inst.name, desired.transport, wake=inst.state == "standby")
+            )
             acts.append(
                 actions.SyncBack(
                     name,
@@ -196,6 +235,14 @@ def _plan_session(
         reason_create = "no instance"
         if record is not None and record.instance is not None and record.phase != "Deleted":
             reason_create = "instance deleted out of band"
+            if desired.autokill_ms:
+                # why both: the platform deletes what autokill reclaims without a trace ukc
+                # can read; either way the session is made anew
+                after = actions.autokill_text(desired.autokill_ms)
+                reason_create = (
+                    "instance gone: deleted out of band, or reclaimed by the platform "
+                    f"(autokill: deleted once down for {after})"
+                )
 
     if inst is None:
         acts.append(
@@ -209,6 +256,21 @@ def _plan_session(
     else:
         # Unknown or transitional state we cannot act on (template, checkpoint, deleted, ...).
         noops.append(f"instance {inst.name} is in state {inst.state!r}; waiting for it")
+    if inst is not None and not new_instance:
+        wanted = desired.autokill_ms or 0
+        if inst.autokill_ms is not None and inst.autokill_ms != wanted:
+            # why only when the read says: a platform that does not echo autokill would have
+            # it set again on every apply
+            acts.append(
+                actions.SetAutokill(
+                    name,
+                    inst.name,
+                    inst.uuid,
+                    wanted,
+                    f"it is {actions.autokill_text(inst.autokill_ms)}, the spec says "
+                    f"{actions.autokill_text(wanted)}",
+                )
+            )
 
     # --- sync up -------------------------------------------------------------------------
     tree = desired.tree
@@ -323,7 +385,8 @@ def _plan_session(
     if runs or back_owed:
         need_shell = True
     if need_shell:
-        acts.append(actions.WaitReady(name, desired.instance_name, desired.transport))
+        asleep = not new_instance and inst is not None and inst.state == "standby"
+        acts.append(actions.WaitReady(name, desired.instance_name, desired.transport, wake=asleep))
     if sync_action is not None:
         acts.append(sync_action)
     acts.extend(runs)
@@ -529,7 +592,29 @@ def plan_sessions(
         tuple(warnings),
         prune_refusals=tuple(refused),
         orphans=tuple(orphans),
+        suspends=_suspends(desired, sessions, observed),
     )
+
+
+#: the states a suspend request puts to standby
+_SUSPENDABLE = frozenset({"running", "starting"})
+
+
+def _suspends(
+    desired: Sequence[DesiredSession],
+    sessions: Sequence[actions.SessionPlan],
+    observed: Mapping[str, Instance],
+) -> tuple[actions.SuspendInstance, ...]:
+    """The instances left running once the plan is done, of sessions that ask for `suspend`:
+    those the plan works on (it boots or wakes them) and those up now."""
+    out = []
+    for d, splan in zip(desired, sessions, strict=True):
+        if not d.suspend or splan.error or splan.refusal is not None or splan.expired:
+            continue
+        inst = observed.get(d.instance_name)
+        if splan.changes or (inst is not None and inst.state in _SUSPENDABLE):
+            out.append(actions.SuspendInstance(d.name, d.instance_name, d.metro))
+    return tuple(out)
 
 
 def plan_delete(

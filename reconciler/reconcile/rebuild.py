@@ -27,6 +27,7 @@ from reconciler.reconcile import actions, identity, sessionkeys
 from reconciler.reconcile.desired import SessionContext, target_for
 from reconciler.reconcile.events import Event, Reporter
 from reconciler.reconcile.observe import Observation
+from reconciler.reconcile.wake import wake
 from reconciler.status import sandboxjournal
 from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc
 from reconciler.transport import select
@@ -169,10 +170,13 @@ def connect(
     ctx: SessionContext, inst: Instance, known: InstanceRecord | None, metros: MetroRegistry
 ) -> Transport:
     """A connection to `inst`'s sandbox for a read before planning, held to the pin this
-    checkout recorded for that instance (a new identity is not learnt here)."""
+    checkout recorded for that instance (a new identity is not learnt here). An instance in
+    standby is woken first (a suspended one may not wake on traffic)."""
     kind = select.kind_for(identity.instance_transport(inst, ctx.desired.transport))
+    conn = metros.get(ctx.desired.metro)
+    inst = wake(conn.api, inst)
     return kind.connect(
-        target_for(inst, metros.get(ctx.desired.metro)),
+        target_for(inst, conn),
         ctx.credentials,
         pin=identity.recorded_pin(known, inst),
         deadline_s=CONNECT_TIMEOUT_S,

@@ -43,6 +43,8 @@ from reconciler.spec.durations import Duration, DurationError, parse_duration
 from reconciler.spec.sizes import SizeError, parse_size
 
 __all__ = [
+    "AUTOKILL_OFF",
+    "DEFAULT_AUTOKILL",
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_EXEC",
     "DEFAULT_LOCAL_IMAGE",
@@ -287,6 +289,32 @@ SpecSize = Annotated[
     PlainSerializer(int, return_type=int),
 ]
 
+#: `autokill` of a spec that names none (and has no shorter `ttl`): the platform deletes an
+#: instance that has been down (stopped, or idle in standby) a whole day
+DEFAULT_AUTOKILL = Duration(24 * 3600)
+#: the word that turns autokill off (YAML 1.1 also reads a bare `off` as false)
+AUTOKILL_OFF = "off"
+
+
+def _to_autokill(value: object) -> Duration | str:
+    if value is False or value == AUTOKILL_OFF:
+        return AUTOKILL_OFF
+    if value is True:
+        raise _fail("must be a duration ('1d', '30m') or off, got true")
+    return _to_duration(value)
+
+
+def _show_autokill(value: Duration | str) -> int | str:
+    return value if isinstance(value, str) else int(value)
+
+
+#: `autokill`: a duration (serialized as seconds) or "off".
+SpecAutokill = Annotated[
+    Duration | str,
+    PlainValidator(_to_autokill, json_schema_input_type=str | int | bool),
+    PlainSerializer(_show_autokill, return_type=int | str),
+]
+
 #: counts users write (sync caps): whole numbers up to a billion
 _MAX_COUNT = 1_000_000_000
 
@@ -415,6 +443,25 @@ class SessionSpec(BaseModel):
     #: the shell every command runs under unless it names its own
     shell: _Shell = DEFAULT_SHELL
     workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec)
+    #: the platform deletes the instance once it has been down (stopped, or idle in
+    #: standby) this long, even when no ukc ever runs again; unset: `ttl` when shorter, else
+    #: a day; `off`: never (then only `ttl` and `ukc delete` end it)
+    autokill: SpecAutokill | None = None
+    #: a one-shot `ukc apply` that converged suspends the instance (its memory, and so an
+    #: in-memory /workspace, kept): idle it costs nothing, and the next apply with work wakes
+    #: it. false: it stays up (scale-to-zero still puts a session with a public port to
+    #: standby after its cooldown; one with `exec: plugin` runs until deleted)
+    suspend: Annotated[bool, Strict()] = True
+
+    @property
+    def autokill_s(self) -> int | None:
+        """The autokill time the instance is created with (seconds), None when off."""
+        if self.autokill == AUTOKILL_OFF:
+            return None
+        if isinstance(self.autokill, int):
+            return int(self.autokill)
+        default = int(DEFAULT_AUTOKILL)
+        return min(int(self.ttl), default) if self.ttl is not None else default
 
     @field_validator("commands", mode="before")
     @classmethod

@@ -253,7 +253,9 @@ class TarReader:
     def _check(block: bytes) -> None:
         want = _number(block[148:156], "checksum")
         unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+        if want == unsigned:
+            return
         # some writers summed signed bytes
         signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
-        if want not in (unsigned, signed):
+        if want != signed:
             raise HostileEntryError("tar header checksum does not match (not a tar stream?)")

@@ -137,6 +137,7 @@ def test_every_action_the_planner_makes_has_a_json_shape_except_waiting() -> Non
         actions.CreateInstance: actions.CreateInstance("s", "i", "local", "r"),
         actions.DeleteInstance: actions.DeleteInstance("s", "i", "local", "r"),
         actions.StartInstance: actions.StartInstance("s", "i", "r"),
+        actions.SetAutokill: actions.SetAutokill("s", "i", "u", 60_000, "r"),
         actions.WaitReady: actions.WaitReady("s", "i", "ssh"),
         actions.SyncUp: actions.SyncUp("s", 1, 2, 0, False, "r"),
         actions.RunCommand: actions.RunCommand("s", 0, "n", "true", 1.0, "h", "r"),

@@ -20,6 +20,7 @@ import pytest
 from reconciler.cloud.api import UkcApi
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CloudApi, CreateRequest, Instance
+from reconciler.cloud.quotas import Quota
 from reconciler.cloud.trust import Reach
 from reconciler.errors import ApiError, SandboxNotReadyError
 from reconciler.local import daemon as metro_daemon
@@ -101,10 +102,10 @@ class Wrapped:
 
 def test_every_assumption_holds_on_the_local_metro(metro: MetroInfo, conn: MetroConnection) -> None:
     found = probe(conn.api, conn.reach, budgets=replace(FAST, wake_s=30.0))
-    skipped = {"quotas"}
-    assert {n: o for n, o in outcomes(found).items() if n not in skipped} == {
-        n: "PASS" for n in CHECKS if n not in skipped
-    }, {n: (r.summary, r.error) for n, r in found.items()}
+    assert outcomes(found) == {n: "PASS" for n in CHECKS}, {
+        n: (r.summary, r.error) for n, r in found.items()
+    }
+    assert isinstance(found["quotas"].figures["instances_left"], int)
     assert found["states"].figures["states"] in ("starting > running", "running")
     assert found["edge_tls"].figures["trust_store"] == "local metro CA"
     assert isinstance(found["ssh"].figures["after_running_s"], float)
@@ -488,4 +489,62 @@ def test_a_delete_that_leaves_the_instance_live_fails_delete_and_the_cleanup_sti
     assert found["delete"].outcome == "FAIL", found["delete"]
     assert "still reads as live" in found["delete"].summary
     assert found["name_free"].outcome == "SKIP"
+    assert_clean(metro)
+
+
+class SilentQuota(Wrapped):
+    """A platform whose quota answer says nothing of what is used."""
+
+    def get_quotas(self) -> Quota:
+        return Quota.model_validate({"hard": {"instances": 10, "volumes": 5}})
+
+
+class NoQuotaRoute(Wrapped):
+    """A platform without `GET /v1/users/quotas`."""
+
+    def get_quotas(self) -> Quota:
+        raise ApiError("ukc api local: read the account's quota: http 404", status=404)
+
+
+def test_a_quota_answer_without_the_figures_ukc_checks_fails_the_quotas_check(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    found = probe(SilentQuota(conn.api), conn.reach)
+    assert found["quotas"].outcome == "FAIL"
+    assert "used/hard missing for instances, live_memory_mb, volumes" in found["quotas"].summary
+    assert found["create"].outcome == "PASS", "the probe goes on"
+    assert_clean(metro)
+
+
+def test_a_metro_without_the_quota_route_fails_the_quotas_check_naming_the_error(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    found = probe(NoQuotaRoute(conn.api), conn.reach)
+    assert found["quotas"].outcome == "FAIL" and "404" in (found["quotas"].error or "")
+    assert found["delete"].outcome == "PASS"
+    assert_clean(metro)
+
+
+class Recording(Wrapped):
+    """The real API, remembering what the probe asked to create."""
+
+    def __init__(self, api: UkcApi) -> None:
+        super().__init__(api)
+        self.created: list[CreateRequest] = []
+
+    def create_instance(self, request: CreateRequest) -> Instance:
+        self.created.append(request)
+        return self.inner.create_instance(request)
+
+
+def test_the_probe_instance_carries_autokill_so_a_killed_doctor_leaves_nothing_for_long(
+    metro: MetroInfo, conn: MetroConnection
+) -> None:
+    assert isinstance(conn.api, UkcApi)
+    api = Recording(conn.api)
+    found = probe(api, conn.reach)
+    assert found["create"].outcome == "PASS"
+    assert [r.autokill_ms for r in api.created][:1] == [600_000]
     assert_clean(metro)

@@ -165,7 +165,8 @@ def test_an_instance_deleted_out_of_band_is_recreated_and_fully_resynced(ukc: Uk
     with ukc.api() as client:
         client.request("DELETE", "/v1/instances", json=[{"name": old["name"]}])
     plan = ukc.run("plan", "session.yaml").stdout
-    assert "instance deleted out of band" in plan
+    # the platform's autokill may also have reclaimed it: the plan says both
+    assert "deleted out of band" in plan
     ukc.run("apply", "session.yaml", check=0)
     new = session(ukc)["instance"]
     assert new["uuid"] != old["uuid"] and new["name"] == old["name"]

@@ -64,6 +64,9 @@ def _plugin_commands(ukc: Ukc, uuid: str) -> list[dict[str, Any]]:
     """What the plugin tells anyone holding the token about the commands it ran."""
     base = f"/v1/instances/{uuid}/plugins/sandbox"
     with ukc.api() as client:
+        # an apply leaves the instance suspended: started first, as the vendor's SDK has
+        # users do before the plugin is used again (a no-op on a running instance)
+        client.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 30}])
         ids = client.get(f"{base}/commands").json()["data"]["commands"]
         return [client.get(f"{base}/commands/{cid}").json()["data"] for cid in ids]
 

@@ -185,7 +185,8 @@ def test_ls_lists_sessions_across_projects_with_this_directorys_marked_ours(
         doc = json.loads(box.run("ls", "-o", "json", check=0).stdout)
         mine = [s for s in doc["sessions"] if s["here"]]
         theirs = [s for s in doc["sessions"] if s["name"] == "box" and not s["here"]]
-        assert [(s["name"], s["ours"], s["state"]) for s in mine] == [("box", True, "running")]
+        # a converged apply leaves the instance suspended (`suspend: true`)
+        assert [(s["name"], s["ours"], s["state"]) for s in mine] == [("box", True, "standby")]
         assert 7000 < mine[0]["ttl_left_s"] <= 7200, "the ttl it was created with, counting down"
         assert any(not s["ours"] for s in theirs), "another checkout's session is not ours"
         text = box.run("ls", check=0).stdout.splitlines()
@@ -257,7 +258,8 @@ def test_a_session_past_its_ttl_is_not_reached_and_the_error_says_how_to_keep_it
     ukc: Ukc,
 ) -> None:
     (ukc.project / "work").mkdir()
-    ukc.write_spec("name: brief\ndirectory: ./work\nttl: 10s\n")
+    # autokill off: the platform would reclaim the idle instance once down for the ttl
+    ukc.write_spec("name: brief\ndirectory: ./work\nttl: 10s\nautokill: off\n")
     ukc.run("apply", "session.yaml", check=0)
     created = ukc.status()["sessions"]["brief"]["instance"]["created_at"]
     expiry = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp() + 10

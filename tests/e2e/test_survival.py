@@ -4,6 +4,8 @@ and takes the key later, and a cold boot with new host keys and an empty /worksp
 
 from __future__ import annotations
 
+import json
+import stat
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -69,7 +71,8 @@ def test_a_replace_waits_for_the_name_and_never_adopts_the_instance_being_delete
     assert new["uuid"] != old
     assert session(tough)["phase"] == "Ready"
     found = instance(tough, new["uuid"])
-    assert found is not None and found["state"] == "running" and found["memory_mb"] == 512
+    # a converged apply leaves it suspended (`suspend: true`)
+    assert found is not None and found["state"] == "standby" and found["memory_mb"] == 512
     # the old one was deleted without retention (`dont_retain`): it is gone, not retained
     assert instance(tough, old) is None
 
@@ -136,6 +139,52 @@ def test_a_cold_boot_relearns_the_host_key_and_runs_the_commands_again(tough: Uk
     # why not started_at: both runs can fall in the same second
     assert next(c for c in first["commands"])["start_count"] == first["instance"]["start_count"]
     assert stamp["start_count"] == after["instance"]["start_count"]
+
+
+MINIMAL = """\
+name: tough
+directory: ./work
+image: ukc/local-minimal:latest
+commands:
+  - name: make
+    run: {run}
+sync:
+  back: ["out/"]
+  back_delete: true
+"""
+
+
+def test_an_image_without_python3_brings_its_outputs_back_through_find_and_tar(
+    tough: Ukc,
+) -> None:
+    # the original workflow's image: sh, coreutils, findutils, tar, no python3
+    make = (
+        "mkdir -p out/sub && cat input.txt > out/result.txt && printf '#!/bin/sh\\n' > "
+        "out/sub/run.sh && chmod 0777 out/sub/run.sh && echo bye > out/old.txt && "
+        "ln -s /etc/passwd out/link"
+    )
+    tough.write_spec(MINIMAL.format(run=json.dumps(make)))
+    first = tough.run("apply", "session.yaml", check=0)
+    out = tough.project / "work" / "out"
+    assert (out / "result.txt").read_text() == "data\n"
+    assert (out / "sub/run.sh").read_text() == "#!/bin/sh\n"
+    assert stat.S_IMODE((out / "sub/run.sh").stat().st_mode) == 0o755
+    assert (out / "old.txt").read_text() == "bye\n"
+    assert not (out / "link").exists() and not (out / "link").is_symlink()
+    assert "refused from sandbox: out/link: symlink (never followed or written)" in (
+        first.stdout + first.stderr
+    )
+    # the sandbox changes one output and deletes another: the change comes back, the
+    # deletion is mirrored (the file came from this sandbox), the rest is not sent again
+    again = "rm out/old.txt && echo v2 > out/result.txt"
+    tough.write_spec(MINIMAL.format(run=json.dumps(again)))
+    second = tough.run("apply", "session.yaml", check=0)
+    assert (out / "result.txt").read_text() == "v2\n"
+    assert not (out / "old.txt").exists()
+    assert (out / "sub/run.sh").exists()
+    text = second.stdout + second.stderr
+    assert "brought back 1 file(s)" in text, text
+    assert "removed here, deleted in the sandbox: out/old.txt" in text, text
 
 
 def test_an_image_without_python3_converges_over_the_shell_path(tough: Ukc) -> None:

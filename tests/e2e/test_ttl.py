@@ -14,11 +14,14 @@ from tests.support.ukc import Ukc
 
 pytestmark = pytest.mark.metro
 
+# why autokill off: these pin down ukc's own ttl; by default the platform's autokill would
+# also reclaim the idle (suspended) instance once down for the ttl (tests/e2e/test_platform_use)
 SPEC = """\
 name: short
 directory: ./work
 commands: ["echo hi"]
 ttl: {ttl}
+autokill: off
 """
 
 

@@ -106,7 +106,9 @@ class TestSuspend:
             assert get(c, uuid)["state"] == "standby", "traffic does not wake a suspended one"
             c.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 5}]).raise_for_status()
             assert get(c, uuid)["state"] == "running"
-            assert get(c, uuid)["start_count"] == 1, "a thaw is not a boot"
+            assert uuid not in inproc.runtime.frozen and inproc.runtime.starts == [uuid], (
+                "the start thawed the sandbox; it did not boot it again"
+            )
 
     def test_traffic_wakes_a_suspended_instance_when_the_behaviour_says_so(
         self, inproc: InProcessMetro

@@ -12,11 +12,14 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import paramiko
 import pytest
 
-from reconciler.errors import TransportError
+from reconciler.errors import SyncStalledError, TransportError
+from reconciler.sync.options import SyncOptions
+from reconciler.sync.pull import pull
 from reconciler.transport.base import CommandResult
 from reconciler.transport.commands import run_command
 from reconciler.transport.sshclient import SshShell
@@ -130,3 +133,21 @@ def test_a_command_whose_peer_never_reads_its_input_still_times_out(deaf_peer: P
     )
     assert isinstance(outcome, CommandResult), outcome
     assert (outcome.timed_out, outcome.exit_code) == (True, None)
+
+
+@pytest.mark.parametrize("helper", [True, False], ids=["python helper", "find and tar"])
+def test_a_sync_back_over_a_peer_that_never_answers_is_stopped_by_its_watchdog(
+    deaf_peer: Peer, tmp_path: Path, helper: bool
+) -> None:
+    opts = SyncOptions(
+        local_root=tmp_path,
+        state_dir=tmp_path / ".state",
+        back=("out/",),
+        session="deaf",
+        idle_timeout_s=2.0,
+    )
+    outcome = _within(lambda: pull(deaf_peer.shell, opts, helper=helper))
+    assert isinstance(outcome, SyncStalledError), outcome
+    assert str(outcome).startswith(
+        "sync-back of session 'deaf': the sync helper in the sandbox did not answer for 2 s"
+    )

@@ -602,15 +602,20 @@ def _cap_spec(command: str, extra: str = "") -> str:
         """
 
 
+@pytest.mark.parametrize(
+    "image",
+    ["", "image: ukc/local-minimal:latest"],
+    ids=["python helper", "find and tar (no python3)"],
+)
 def test_a_real_sandboxs_outputs_stop_at_the_spec_cap_and_land_without_group_write(
-    ukc: Ukc,
+    ukc: Ukc, image: str
 ) -> None:
     command = (
         "mkdir -p out && printf '#!/bin/sh\\necho hi\\n' > out/a-run.sh && "
         "chmod 0777 out/a-run.sh && printf x > out/b-shared && chmod 0666 out/b-shared && "
         "head -c 3000000 /dev/zero > out/z-big.bin"
     )
-    ukc.write_spec(_cap_spec(command))
+    ukc.write_spec(_cap_spec(command, image))
     # the common umask of users with a group of their own: it would keep a group write bit
     old = os.umask(0o002)
     try:

@@ -129,12 +129,14 @@ def run_in_child(
     uuid: str = "",
     timeout: float = 300,
     wrap: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run `pull` or `push` with `SyncOptions(**opts)` (paths as strings) in a child process
     under `limits` (resource names -> soft = hard value, e.g. {"RLIMIT_NOFILE": 256}).
 
     Returns {"result": {...}} or {"error": "Type: message"}, with "before_mib" and "peak_mib"
-    (the child's peak RSS before and after). `wrap` prefixes the command (e.g. `unshare`)."""
+    (the child's peak RSS before and after). `wrap` prefixes the command (e.g. `unshare`);
+    `env` adds to the child's environment (its "sandbox" commands inherit it: a PATH)."""
     root = Path(__file__).resolve().parents[2]
     arg = json.dumps(
         {"kind": kind, "opts": opts, "limits": limits or {}, "umask": umask, "uuid": uuid}
@@ -145,7 +147,7 @@ def run_in_child(
         text=True,
         timeout=timeout,
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(root)},
     )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
