@@ -502,11 +502,14 @@ class Executor:
         before a start request (its old stop is not this boot's)."""
         last = ["unknown"]
 
+        def up(inst: Instance) -> bool:
+            return inst.state == "running" or (inst.state == "standby" and not running)
+
         def probe(remaining: float) -> Instance | None:
             inst = conn.api.get_instance(name)
             if inst is None:
                 raise errors.NotFoundError(f"instance {name} vanished while starting")
-            if inst.state == "running" or (inst.state == "standby" and not running):
+            if up(inst):
                 return inst
             last[0] = inst.state
             if inst.state == "stopped" and _stopped_since(inst, before):
@@ -522,7 +525,7 @@ class Executor:
             # answer is a full read of the instance, so a running one is not read again
             with contextlib.suppress(errors.SandboxNotReadyError):
                 waited = conn.api.wait_instance(name, "running", min(remaining, 2.0))
-                if waited.state in ("running", "standby"):
+                if up(waited):
                     return waited
             return None
 
