@@ -61,6 +61,11 @@ class UkcEnv:
         env = dict(self.env, **(extra_env or {}))
         if cold:
             env["UKC_WARM"] = "0"
+        else:
+            # why asked each time: a warm process whose code changed (any edit of the tree it
+            # runs from) is replaced by a new one, whose children the old pid would miss
+            info = warm.status(self.warm_socket) or {}
+            self.warm_pid = int(info.get("pid", 0)) or self.warm_pid
         return run_measured(
             [*UKC, *args],
             cwd=cwd,
