@@ -120,7 +120,7 @@ class Committer:
         self._write = write
         self._cond = threading.Condition()
         #: saves asked for so far, and how many of them a finished write covers
-        self._asked = 0
+        self.asked = 0
         self._covered = 0
         self._writing = False
         #: the writes made (tests and benches count them)
@@ -130,8 +130,8 @@ class Committer:
         """Make every change to the document made before this call durable. Never call it
         holding `doc_lock`."""
         with self._cond:
-            self._asked += 1
-            mine = self._asked
+            self.asked += 1
+            mine = self.asked
             while self._covered < mine:
                 if not self._writing:
                     break
@@ -141,7 +141,7 @@ class Committer:
             self._writing = True
             # every save asked for by now changed the document before asking: the snapshot
             # taken next holds those changes
-            covers = self._asked
+            covers = self.asked
         written = False
         try:
             with self.doc_lock:

@@ -236,7 +236,9 @@ def test_saves_asked_for_during_a_write_share_the_next_write_and_return_once_it_
     ]
     for t in others:
         t.start()
-    time.sleep(0.2)  # every other save has asked and waits
+    deadline = time.monotonic() + 30
+    while committer.asked < 11 and time.monotonic() < deadline:  # every other save has asked
+        time.sleep(0.01)
     assert seen == {}
     held.release.release()  # s0's write lands
     assert held.entered.acquire(timeout=10)  # one write for the ten that waited
