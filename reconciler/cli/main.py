@@ -985,7 +985,7 @@ def ssh(
 
     from reconciler.cli.terminal import StdioTerminal
     from reconciler.reconcile import access
-    from reconciler.transport.commands import STOP_GRACE_S, kill_group
+    from reconciler.transport.base import STOP_GRACE_S, kill_group
 
     group = _session_group(files, name)
     metros = _metros()

@@ -28,6 +28,7 @@ from reconciler.cloud.trust import Reach
 from reconciler.errors import RemoteError
 
 __all__ = [
+    "STOP_GRACE_S",
     "CommandResult",
     "CreateFields",
     "Credentials",
@@ -38,6 +39,7 @@ __all__ = [
     "TerminalProcess",
     "Transport",
     "TransportKind",
+    "kill_group",
 ]
 
 
@@ -255,3 +257,33 @@ class TransportKind(Protocol):
         """One attempt at a new connection to a sandbox that answered before (the connection
         pool opens one ahead of need); errors are not retried."""
         ...
+
+
+#: how long a stopped command may clean up before it is killed (a test runner writing its
+#: report on SIGTERM)
+STOP_GRACE_S = 5.0
+_KILL_WAIT_S = 10.0
+
+
+def kill_group(shell: RemoteShell, target: str, grace_s: float = 2.0) -> None:
+    """TERM the process (group) `target` (a pid, `-pgid`, or shell text giving one), give it
+    `grace_s`, then KILL; from a separate channel."""
+    ticks = max(1, round(grace_s / 0.2))
+    script = (
+        # why: the kill must outlive our connection (a second Ctrl-C quits at once), and
+        # sshd hangs up the session of a channel it closes
+        "trap '' HUP PIPE; "
+        # why: no "--": dash's kill builtin takes a negative pid right after the signal
+        # but refuses "--"; bash accepts both forms.
+        f"kill -TERM {target} 2>/dev/null || exit 0; i=0; "
+        f"while [ $i -lt {ticks} ] && kill -0 {target} 2>/dev/null; do sleep 0.2; "
+        f"i=$((i+1)); done; kill -KILL {target} 2>/dev/null; exit 0"
+    )
+    killer: RemoteProcess = shell.start(script)
+    try:
+        killer.close_stdin()
+        killer.wait(_KILL_WAIT_S + grace_s)
+    except TimeoutError:
+        pass
+    finally:
+        killer.kill()

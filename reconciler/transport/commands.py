@@ -25,19 +25,23 @@ from collections.abc import Callable, Mapping
 
 from reconciler._util.names import is_env_name
 from reconciler.errors import SpecError, UsageError
-from reconciler.transport.base import CommandResult, RemoteProcess, RemoteShell, TerminalProcess
+from reconciler.transport.base import (
+    STOP_GRACE_S,
+    CommandResult,
+    RemoteProcess,
+    RemoteShell,
+    TerminalProcess,
+    kill_group,
+)
 
-__all__ = ["ShellTransport", "build_script", "export_lines", "kill_group", "run_command"]
+__all__ = ["ShellTransport", "build_script", "export_lines", "run_command"]
 
 _MARKER_LINE = re.compile(rb"__UKC_KILL__ (-?)([0-9]{1,9})\n")
 _READ = 256 * 1024
 #: after the process exits, how long stray holders of stdout/stderr may keep them open
 _DRAIN_S = 5.0
-_KILL_WAIT_S = 10.0
-#: how often a running command checks `stop`, and how long a stopped one may clean up
-#: before it is killed (a test runner writing its report on SIGTERM)
+#: how often a running command checks `stop`
 _STOP_POLL_S = 0.2
-STOP_GRACE_S = 5.0
 
 
 # why: the command runs in the background of the bootstrap shell so it is never a process
@@ -149,30 +153,6 @@ class _Reader(threading.Thread):
             pass
         finally:
             self.marker_seen.set()
-
-
-def kill_group(shell: RemoteShell, target: str, grace_s: float = 2.0) -> None:
-    """TERM the process (group) `target` (a pid, `-pgid`, or shell text giving one), give it
-    `grace_s`, then KILL; from a separate channel."""
-    ticks = max(1, round(grace_s / 0.2))
-    script = (
-        # why: the kill must outlive our connection (a second Ctrl-C quits at once), and
-        # sshd hangs up the session of a channel it closes
-        "trap '' HUP PIPE; "
-        # why: no "--": dash's kill builtin takes a negative pid right after the signal
-        # but refuses "--"; bash accepts both forms.
-        f"kill -TERM {target} 2>/dev/null || exit 0; i=0; "
-        f"while [ $i -lt {ticks} ] && kill -0 {target} 2>/dev/null; do sleep 0.2; "
-        f"i=$((i+1)); done; kill -KILL {target} 2>/dev/null; exit 0"
-    )
-    killer: RemoteProcess = shell.start(script)
-    try:
-        killer.close_stdin()
-        killer.wait(_KILL_WAIT_S + grace_s)
-    except TimeoutError:
-        pass
-    finally:
-        killer.kill()
 
 
 def _join(
