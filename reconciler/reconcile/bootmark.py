@@ -26,9 +26,9 @@ import re
 import secrets
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from reconciler import errors
+from reconciler._util.fanout import those_where
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import rebuild
@@ -133,12 +133,7 @@ def check(
         return _check_one(name, obs=obs, doc=doc, metros=metros, pool=pool, reporter=reporter,
                           lock=lock)  # fmt: skip
 
-    if len(names) <= 1 or concurrency <= 1:
-        kept = [one(name) for name in names]
-    else:
-        with ThreadPoolExecutor(min(concurrency, len(names)), "ukc-bootmark") as workers:
-            kept = list(workers.map(one, names))
-    return [name for name, ok in zip(names, kept, strict=True) if ok]
+    return those_where(names, one, concurrency=concurrency, name="ukc-bootmark")
 
 
 def _check_one(

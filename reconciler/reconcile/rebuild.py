@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from reconciler import errors
+from reconciler._util.fanout import those_where
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, identity, sessionkeys
@@ -89,12 +89,7 @@ def consult(
             name, obs=obs, doc=doc, metros=metros, pool=pool, reporter=reporter, lock=lock
         )
 
-    if len(names) <= 1 or concurrency <= 1:
-        done = [one(name) for name in names]
-    else:
-        with ThreadPoolExecutor(min(concurrency, len(names)), "ukc-journal") as workers:
-            done = list(workers.map(one, names))
-    return [name for name, replaced in zip(names, done, strict=True) if replaced]
+    return those_where(names, one, concurrency=concurrency, name="ukc-journal")
 
 
 def _consult_one(
