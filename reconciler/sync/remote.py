@@ -124,16 +124,8 @@ class FrameReader:
         # read that takes all of it moves nothing (0.13 s of a 60 MB pull)
         if dog is None:
             return self._proc.read(max(n, _READ))
-        dog.waiting_for = "answer"
-        dog.since = time.monotonic()
-        try:
+        with dog.call():
             return self._proc.read(max(n, _READ))
-        except Exception:
-            if dog.expired is not None:
-                raise SyncStalledError(dog.expired) from None
-            raise
-        finally:
-            dog.since = 0.0
 
     def some(self) -> bytes:
         """What is buffered, else the next read; b"" at the end of the output (a stream of
@@ -210,18 +202,14 @@ class HelperSession:
         self._tool = tool if command is not None and tool else opts.remote_python
         self.watchdog = self._watchdog()
         dog = self.watchdog
-        dog.since = time.monotonic()
         try:
-            self._proc = shell.start(
-                command if command is not None else helper_command(opts, cache=not read_only)
-            )
+            with dog.call():
+                self._proc = shell.start(
+                    command if command is not None else helper_command(opts, cache=not read_only)
+                )
         except Exception:
             dog.stop()
-            if dog.expired is not None:
-                raise SyncStalledError(dog.expired) from None
             raise
-        finally:
-            dog.since = 0.0
         self.proc: RemoteProcess = self._proc
         self._out = bytearray()
         self.reader = FrameReader(self.proc, on_eof=self._died, watchdog=dog)

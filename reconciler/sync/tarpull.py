@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import shlex
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,15 +195,8 @@ class _Remote:
         """Start `command` (ending the process before it); its output's reader."""
         self.abort()
         dog = self.watchdog
-        dog.since = time.monotonic()
-        try:
+        with dog.call():
             self._proc = self._shell.start(command)
-        except Exception:
-            if dog.expired is not None:
-                raise SyncStalledError(dog.expired) from None
-            raise
-        finally:
-            dog.since = 0.0
         return _Reader(self._proc, on_eof=self._died, watchdog=dog)
 
     def _kill(self) -> None:
@@ -235,16 +227,8 @@ class _Remote:
         tail = reader.drop_buffered()
         dog = self.watchdog
         while tail <= _TAIL_LIMIT:
-            dog.waiting_for = "answer"
-            dog.since = time.monotonic()
-            try:
+            with dog.call():
                 chunk = self.proc.read(1 << 16)
-            except Exception:
-                if dog.expired is not None:
-                    raise SyncStalledError(dog.expired) from None
-                raise
-            finally:
-                dog.since = 0.0
             if not chunk:
                 break
             tail += len(chunk)

@@ -13,9 +13,12 @@ session also enforces the overall deadline. The blocking calls pay one clock rea
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from reconciler.errors import SyncStalledError
 
 __all__ = ["Watchdog"]
 
@@ -62,6 +65,21 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @contextlib.contextmanager
+    def call(self, waiting_for: str = "answer") -> Iterator[None]:
+        """One blocking call on the helper's channel, stamped while it runs; when it fails
+        because the watchdog ended it, a `SyncStalledError` saying why."""
+        self.waiting_for = waiting_for
+        self.since = time.monotonic()
+        try:
+            yield
+        except Exception:
+            if self.expired is not None:
+                raise SyncStalledError(self.expired) from None
+            raise
+        finally:
+            self.since = 0.0
 
     def _run(self) -> None:
         while True:
