@@ -99,7 +99,9 @@ def main() -> None:
         proj = work / "ukc"
         tree = proj / "tree"
         gen_tree(tree)
-        (proj / "s.yaml").write_text("name: bench\ndirectory: ./tree\n")
+        # suspend: false: the bench reaches the sandbox over ssh between applies, and it
+        # measures the sync, not a wake (rsync's sandbox is up throughout)
+        (proj / "s.yaml").write_text("name: bench\ndirectory: ./tree\nsuspend: false\n")
         env.ukc(["apply", "s.yaml"], proj)
         cleanup.append(lambda: env.ukc(["delete", "s.yaml"], proj, check=False))
         env.ukc(["apply", "s.yaml"], proj)
