@@ -145,7 +145,8 @@ except OSError as exc:
     def test_a_fork_bomb_is_stopped_by_the_task_limit_and_the_host_survives(self, ukc: Ukc) -> None:
         (ukc.project / "work").mkdir()
         (ukc.project / "work" / "bomb.py").write_text(self.BOMB)
-        record = probe(ukc, "python3 bomb.py", memory_mb=2048)
+        # suspend: false: the instance must still be running after the bomb, not asleep
+        record = probe(ukc, "python3 bomb.py", memory_mb=2048, suspend=False)
         out = command_output(record)
         assert "refused after" in out, out
         forked = int(out.split("refused after", 1)[1].split()[0])
