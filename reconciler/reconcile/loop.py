@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from reconciler import errors
+from reconciler._util.fanout import each
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, bootmark, identity, lease, quota, rebuild
@@ -289,9 +290,21 @@ def apply_group(
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
             _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
-            plan = _plan(
-                desired, obs, doc, now(), prune=prune and not failed, only_files=group.only_files
-            )
+
+            def replan(
+                desired: Sequence[DesiredSession] = desired, obs: Observation = obs
+            ) -> actions.Plan:
+                """The plan of this round's observation, as the records now stand."""
+                return _plan(
+                    desired,
+                    obs,
+                    doc,
+                    now(),
+                    prune=prune and not failed,
+                    only_files=group.only_files,
+                )
+
+            plan = replan()
             wanted = rebuild.worth_reading(plan, obs, doc, journals_read)
             if wanted:
                 journals_read.update(wanted)
@@ -309,14 +322,7 @@ def apply_group(
                     _read_boot_marks(
                         obs, doc, metros, kept, reporter, marks_read_after_journal, concurrency
                     )
-                    plan = _plan(
-                        desired,
-                        obs,
-                        doc,
-                        now(),
-                        prune=prune and not failed,
-                        only_files=group.only_files,
-                    )
+                    plan = replan()
             if first_plan is None:
                 # before anything is created or woken: a fan-out the quota cannot hold fails
                 # whole, rather than half-made with the rest refused one by one
@@ -334,14 +340,7 @@ def apply_group(
             if _wake_for_work(plan, obs, metros, reporter, concurrency):
                 # a wake may move `start_count`: the marker says whether memory was kept
                 _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
-                plan = _plan(
-                    desired,
-                    obs,
-                    doc,
-                    now(),
-                    prune=prune and not failed,
-                    only_files=group.only_files,
-                )
+                plan = replan()
             # what the plan already knows apply would fail on (the verdict `ukc plan` gives)
             for session_name, why in plan.errors.items():
                 if session_name not in failed:
@@ -595,10 +594,7 @@ def _wake_for_work(
         reporter.event(Event(session, "info", f"woke instance {name} from standby"))
         return session, woken
 
-    if not todo:
-        return False
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(todo)))) as workers:
-        woke = [w for w in workers.map(one, todo) if w is not None]
+    woke = [w for w in each(todo, one, concurrency=concurrency, name="ukc-wake") if w]
     for session, inst in woke:
         obs.instances[inst.name] = inst
         obs.claimed[session] = inst
@@ -629,10 +625,7 @@ def _suspend(
         reporter.event(Event(item.session, "info", text))
         return item.session
 
-    if not todo:
-        return set()
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(todo)))) as workers:
-        return {s for s in workers.map(one, todo) if s is not None}
+    return {s for s in each(todo, one, concurrency=concurrency, name="ukc-suspend") if s}
 
 
 def _prefetcher(
