@@ -271,45 +271,18 @@ def test_a_session_past_its_ttl_is_not_reached_and_the_error_says_how_to_keep_it
     assert not (ukc.workspace(uuid) / "late").exists()
 
 
-def test_ctrl_c_stops_the_command_exec_runs_with_a_signal_and_exits_130(box: Ukc) -> None:
+def interrupted(box: Ukc, verb: str, marker: str) -> tuple[int, str, str]:
+    """`ukc VERB box -- CMD` (no terminal) interrupted by Ctrl-C once CMD is up: its exit code,
+    its stderr, and what CMD's TERM trap left in /workspace/MARKER."""
     running = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "reconciler",
-            "exec",
+            verb,
             "box",
             "--",
-            "trap 'echo stopped > /workspace/stopped; exit 143' TERM; echo up; sleep 60 & wait",
-        ],
-        cwd=box.project,
-        env=box.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert running.stdout is not None
-    assert running.stdout.readline() == "up\n"
-    running.send_signal(signal.SIGINT)
-    _, err = running.communicate(timeout=60)
-    assert running.returncode == 130, err
-    assert "interrupt: stopping the command in session box" in err
-    uuid = box.status()["sessions"]["box"]["instance"]["uuid"]
-    assert (box.workspace(uuid) / "stopped").read_text() == "stopped\n"
-
-
-def test_ctrl_c_stops_a_command_ssh_runs_without_a_terminal_and_exits_130(box: Ukc) -> None:
-    # without a terminal, closing the channel does not stop the remote command: sshd only
-    # closes its pipes, and a silent command would keep running in the sandbox
-    running = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reconciler",
-            "ssh",
-            "box",
-            "--",
-            "trap 'echo stopped > /workspace/ssh-stopped; exit 143' TERM; echo up; sleep 60 & wait",
+            f"trap 'echo stopped > /workspace/{marker}; exit 143' TERM; echo up; sleep 60 & wait",
         ],
         cwd=box.project,
         env=box.env(),
@@ -322,10 +295,25 @@ def test_ctrl_c_stops_a_command_ssh_runs_without_a_terminal_and_exits_130(box: U
     assert running.stdout.readline() == "up\n"
     running.send_signal(signal.SIGINT)
     _, err = running.communicate(timeout=60)
-    assert running.returncode == 130, err
-    assert "interrupt: stopping the command in session box" in err
     uuid = box.status()["sessions"]["box"]["instance"]["uuid"]
-    assert (box.workspace(uuid) / "ssh-stopped").read_text() == "stopped\n"
+    left = box.workspace(uuid) / marker
+    return running.returncode, err, left.read_text() if left.exists() else ""
+
+
+def test_ctrl_c_stops_the_command_exec_runs_with_a_signal_and_exits_130(box: Ukc) -> None:
+    code, err, trapped = interrupted(box, "exec", "stopped")
+    assert code == 130, err
+    assert "interrupt: stopping the command in session box" in err
+    assert trapped == "stopped\n"
+
+
+def test_ctrl_c_stops_a_command_ssh_runs_without_a_terminal_and_exits_130(box: Ukc) -> None:
+    # without a terminal, closing the channel does not stop the remote command: sshd only
+    # closes its pipes, and a silent command would keep running in the sandbox
+    code, err, trapped = interrupted(box, "ssh", "ssh-stopped")
+    assert code == 130, err
+    assert "interrupt: stopping the command in session box" in err
+    assert trapped == "stopped\n"
     # the shell and its sleep are gone, and the pid record with them
     left = box.run("exec", "box", "--", "ls /tmp/.ukc-stop-* 2>/dev/null | wc -l").stdout
     assert left.strip() == "0"
