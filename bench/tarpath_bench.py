@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sync_bench import Metro, rsync_cmd, timed, wait_engine_ready, wait_rsync_ready
+from threeway import report, rotated_run
 from treegen import gen_tree, modify_tree
 
 from reconciler.local import daemon
@@ -126,23 +126,8 @@ def main() -> None:
                 lambda c, k=k: engine_side(metro, work / f"tar{k}", MINIMAL_IMAGE, "tar", c),
                 lambda c, k=k: rsync_side(metro, work / f"rs{k}", c),
             ]
-            shift = k % len(sides)  # each side goes first in one run of three
-            row: dict[str, float] = {}
-            for side in sides[shift:] + sides[:shift]:
-                cleanup: list[Any] = []
-                row.update(side(cleanup))
-                for step in cleanup:
-                    step()
-            runs.append(row)
-        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        print(f"# runs={a.runs} nproc={os.cpu_count()} tree=2000x1-16KiB+5x8MiB")
-        for key in sorted(med):
-            print(f"{key}={med[key]:.3f}" if key.endswith("_s") else f"{key}={int(med[key])}")
-        for phase in PHASES:
-            tar, py, rs = (med[f"{s}_{phase}_s"] for s in ("tar", "python", "rsync"))
-            print(f"ratio_{phase}_tar_to_python={tar / py:.2f}")
-            print(f"ratio_{phase}_tar_to_rsync={tar / rs:.2f}")
-            print(f"ratio_{phase}_python_to_rsync={py / rs:.2f}")
+            runs.append(rotated_run(sides, k))
+        report(runs, f"# runs={a.runs} nproc={os.cpu_count()} tree=2000x1-16KiB+5x8MiB", PHASES)
     finally:
         daemon.stop(state)
         shutil.rmtree(work, ignore_errors=True)
