@@ -25,12 +25,14 @@ from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
     READ_FLAGS,
+    Basis,
     Entry,
     Manifest,
     last_push_record,
     push_meta,
     record_push,
     scan_local,
+    since_push,
 )
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.remote import HelperSession
@@ -448,9 +450,9 @@ def _push(
     last: dict[str, Any] | None,
     hello: Any,
     instance_uuid: str,
-) -> tuple[PushResult, bool, bool]:
-    """The push after hello: (result, whether the record takes a delta, whether anything was
-    done that the record must show)."""
+) -> tuple[PushResult, Basis | None, bool]:
+    """The push after hello: (result, the state the record takes a delta from, whether
+    anything was done that the record must show)."""
     if not isinstance(hello, dict):
         raise RemoteError("sync helper answered hello with a non-object frame")
     boot_id = str(hello.get("boot_id", ""))[:128]
@@ -489,13 +491,14 @@ def judge(
     scan: Callable[[dict[str, list[int]]], Manifest],
     *,
     remote_empty: bool = False,
-) -> tuple[Manifest, TransferPlan, bool, bool]:
-    """What the remote holds and the plan to make it `local`: (previous, plan, whether the
-    push record takes a delta, whether the remote was scanned). The remote's `record` (what
-    it says our last push left, in this boot) is trusted when it matches our own; otherwise
-    `scan` (given the local files' sizes and mtimes: equal remote ones are hashed) is called,
-    unless the remote said its root is empty (`remote_empty`), which is what a scan would list.
-    Both sync paths decide here."""
+) -> tuple[Manifest, TransferPlan, Basis | None, bool]:
+    """What the remote holds and the plan to make it `local`: (previous, plan, the state the
+    push record takes a delta from (None: written whole), whether the remote was scanned).
+    The remote's `record` (what it says our last push left, in this boot) is trusted when it
+    matches our own; otherwise `scan` (given the local files' sizes and mtimes: equal remote
+    ones are hashed) is called, unless the remote said its root is empty (`remote_empty`),
+    which is what a scan would list. Trusted, only what changed since our last push is
+    compared when the scans since tell it (`since_push`). Both sync paths decide here."""
     fresh = last is not None and _record_matches(
         record, boot_id, instance_uuid, last["digest"], opts
     )
@@ -508,21 +511,21 @@ def judge(
         else:
             want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
             previous, why = scan(want), "remote scanned (no trusted remote record)"
-        return previous, diff_manifests(local, previous, rules, reason=why), False, True
+        return previous, diff_manifests(local, previous, rules, reason=why), None, True
     assert last is not None
     reason = "remote record matches our last push"
-    basis = local.basis
     if (last["digest"], last["mtimes"]) == local.key:
-        return local, TransferPlan(reason=reason), False, False
-    if basis is not None and basis.key == (last["digest"], last["mtimes"]):
-        # the record is the state the scan started from: only what it found changed
+        return local, TransferPlan(reason=reason), None, False
+    basis = since_push(opts, local, last)
+    if basis is not None:
+        # only the paths that changed since our last push (as the index's scans found them)
         previous, plan = changes_of(local, basis, rules, reason=reason)
-        return previous, plan, True, False
+        return previous, plan, basis, False
     pushed = last_push_record(opts)
     if pushed is None:
         raise SyncError(f"push to {opts.remote_root}: our push record vanished")
     previous = pushed[0]
-    return previous, diff_manifests(local, previous, rules, reason=reason), False, False
+    return previous, diff_manifests(local, previous, rules, reason=reason), None, False
 
 
 def _record_matches(
