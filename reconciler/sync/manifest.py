@@ -39,6 +39,7 @@ from reconciler.sync.records import INDEX, PUSH_RECORD, drop_legacy
 
 __all__ = [
     "CHUNK",
+    "READ_FLAGS",
     "Basis",
     "Entry",
     "Manifest",
@@ -51,6 +52,11 @@ __all__ = [
 
 #: read/write chunk size everywhere in the engine (the issue caps it at 1 MiB)
 CHUNK = 1 << 20
+
+#: how the scan and both pushes open a local file to read it. O_NONBLOCK: a fifo put in a
+#: file's place after it was listed would block the open until some writer came; with it the
+#: open returns, and the fstat that follows refuses anything but a regular file
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 
 #: what a state's metadata holds besides what a push adds
 _META_KEYS = ("digest", "mtimes", "files", "bytes")
@@ -288,8 +294,17 @@ class _Scan:
             return  # vanished while walking: the next pass sees it
         with it:
             children = sorted(it, key=lambda d: d.name)
+        prev = self.prev
         for child in children:
             rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            # a new file (as listed): the fstat after its open is its stat, no lstat first;
+            # one that is no longer a regular file (or gone) is looked at as any other path
+            if (
+                rel not in prev
+                and child.is_file(follow_symlinks=False)
+                and (self.rules.excluded(rel, False) or self.hash_in(rel, child.path, None))
+            ):
+                continue
             try:
                 cst = child.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -319,20 +334,7 @@ class _Scan:
                 if e is not was:
                     self.note(rel, e, was)
                 return True
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                return False
-            try:
-                fst = os.fstat(fd)
-                digest = hash_file(fd, fst.st_size)
-            finally:
-                os.close(fd)
-            e = Entry("f", fst.st_size, fst.st_mtime_ns, perm, digest)
-            self.entries[rel] = e
-            self.inos[rel] = fst.st_ino
-            self.note(rel, e, was)
-            return True
+            return self.hash_in(rel, path, was)
         if stat.S_ISDIR(mode):
             if self.rules.excluded(rel, True):
                 return False
@@ -373,6 +375,26 @@ class _Scan:
             self.entries[rel] = e
             return True
         return False  # sockets, fifos and devices are not part of a source tree
+
+    def hash_in(self, rel: str, path: str, was: Entry | None) -> bool:
+        """Record the regular file at `path` with its sha256; False when what is there now is
+        not one (a fifo is refused by its fstat, never read) or cannot be opened."""
+        try:
+            fd = os.open(path, READ_FLAGS)
+        except OSError:
+            return False
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode):
+                return False
+            digest = hash_file(fd, fst.st_size)
+        finally:
+            os.close(fd)
+        e = Entry("f", fst.st_size, fst.st_mtime_ns, fst.st_mode & 0o7777, digest)
+        self.entries[rel] = e
+        self.inos[rel] = fst.st_ino
+        self.note(rel, e, was)
+        return True
 
     def revisit(self, rel: str) -> None:
         """Bring the entry at `rel` (and what is under it) up to date, parents first."""

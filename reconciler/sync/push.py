@@ -24,6 +24,7 @@ from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
+    READ_FLAGS,
     Entry,
     Manifest,
     last_push_record,
@@ -222,7 +223,7 @@ class _Sender:
         `_put` digests what it reads)."""
         e = self.local.entries[path]
         try:
-            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError:
             return None
         try:
@@ -292,7 +293,7 @@ class _Sender:
         One read and one fstat after it: a write before or during the read moves the mtime
         that fstat then sees (a write after it does not matter: the bytes are read)."""
         try:
-            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError as exc:
             self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
             return None
@@ -309,7 +310,7 @@ class _Sender:
 
     def _put(self, path: str, e: Entry) -> None:
         try:
-            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError as exc:
             self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
             return
