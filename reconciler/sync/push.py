@@ -183,9 +183,13 @@ class _Sender:
         while the answer fits in the channel's window (`_DEFERRED_DIGESTS`): a helper blocked
         writing it would stop reading what we send."""
         wanted: list[tuple[str, int]] = []
+        entries, previous = self.local.entries, self.previous.entries
         for path in paths:
-            mine, theirs = self.local.entries[path], self.previous.entries.get(path)
-            if mine.type == "f" and mine.size >= DELTA_MIN and theirs and theirs.type == "f":
+            mine = entries[path]
+            if mine.size < DELTA_MIN or mine.type != "f":
+                continue  # most files, looked at first: one lookup each
+            theirs = previous.get(path)
+            if theirs is not None and theirs.type == "f":
                 wanted.append((path, (mine.size + BLOCK - 1) // BLOCK))
         if not wanted:
             return
@@ -559,9 +563,10 @@ def _apply(
     sender.prepare_delta(plan.uploads)
     s.send({"op": "unrecord"})
     replaced = frozenset(plan.replaces)
-    for path in plan.uploads:
-        if not is_under(path, replaced):
-            sender.upload(path)
+    # paths under a type swap wait for its removal (no swap: every upload goes now)
+    now = [p for p in plan.uploads if not is_under(p, replaced)] if replaced else plan.uploads
+    for path in now:
+        sender.upload(path)
     for path in plan.metas:
         sender.meta(path)
     deleted = 0
