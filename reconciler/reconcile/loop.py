@@ -49,8 +49,10 @@ from reconciler.status.schema import (
     expiry_time,
     parse_time,
 )
+from reconciler.sync import engine as sync_engine
 from reconciler.sync import feed as sync_feed
 from reconciler.transport import select
+from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
@@ -682,7 +684,20 @@ def _prefetcher(
         kind = select.kind_for(identity.instance_transport(inst, transport))
         target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
-        pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
+        loaded = next((s for s in group.sessions if s.spec.name == session), None)
+
+        def opener() -> Transport:
+            opened = kind.reopen(target, credentials, pin=pin)
+            if loaded is not None:
+                # the helper the push will use starts meanwhile too (a hint: the push
+                # starts its own if this one failed or died)
+                with contextlib.suppress(Exception):
+                    sync_engine.prestart(
+                        opened, sync_options_for(group, loaded), instance_uuid=inst.uuid
+                    )
+            return opened
+
+        pool.prefetch(session, inst.uuid, opener)
 
     return prefetch
 

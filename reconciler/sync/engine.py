@@ -37,6 +37,7 @@ __all__ = [
     "forget",
     "plan_pull",
     "plan_push",
+    "prestart",
     "pull",
     "pulled_paths",
     "push",
@@ -68,6 +69,15 @@ def push(
         return tarpush.push(shell, opts, instance_uuid=instance_uuid, local=local, rules=rules)
     record_tools(opts, instance_uuid, "python")
     return result
+
+
+def prestart(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:
+    """Start the helper a push over `shell` would start and keep it for that push, on a
+    connection opened ahead of one (the scan saw a change): the push's first question is
+    then answered without waiting for an interpreter to start. Nothing on the shell+tar
+    path (it starts no helper)."""
+    if recorded_tools(opts, instance_uuid) != "shell":
+        python_push.prestart(shell, opts)
 
 
 def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:

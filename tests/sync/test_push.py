@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
-from reconciler.sync.engine import forget, plan_push, pull, push, scan_local
+from reconciler.sync.engine import forget, plan_push, prestart, pull, push, scan_local
 from tests.support.synctree import BOTH_PATHS, Site, snapshot, write
 
 
@@ -305,6 +305,29 @@ class TestKeptHelper:
             assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
         assert len(site.shell.started) == started
         assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_helper_started_ahead_of_a_push_serves_that_push(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        prestart(site.shell, site.opts(), instance_uuid="u1")
+        assert len(site.shell.started) == 1
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.files_sent == 1 and len(site.shell.started) == 1
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_helper_started_ahead_that_died_is_replaced_by_the_push(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        prestart(site.shell, site.opts(), instance_uuid="u1")
+        site.shell._procs[-1].kill()
+        assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    @pytest.mark.parametrize("site", ["shell"], indirect=True)
+    def test_nothing_is_started_ahead_on_a_sandbox_known_to_lack_python(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        push(site.shell, site.opts(), instance_uuid="u1")  # learns and records: no python3
+        started = len(site.shell.started)
+        prestart(site.shell, site.opts(), instance_uuid="u1")
+        assert len(site.shell.started) == started
 
     def test_a_kept_helper_that_died_is_replaced(self, site: Site) -> None:
         write(site.local / "a.txt", "a")
