@@ -26,12 +26,14 @@ from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
     READ_FLAGS,
+    Basis,
     Entry,
     Manifest,
     last_push_record,
     push_meta,
     record_push,
     scan_local,
+    since_push,
 )
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.remote import HelperSession
@@ -149,7 +151,7 @@ class _Sender:
         local: Manifest,
         root: Path,
         previous: Manifest,
-        known: dict[str, bytes] | None = None,
+        state_dir: Path,
     ) -> None:
         self.s = session
         self.local = local
@@ -165,9 +167,10 @@ class _Sender:
         #: block digests asked for and not read yet (path, most blocks), and ours meanwhile
         self.awaiting: list[tuple[str, int]] = []
         self.local_blocks: dict[str, bytes] = {}
-        #: content sha256 -> block digests: remembered from earlier pushes (`blockdigests`),
-        #: and learned in this one (of what was sent intact)
-        self.known = known or {}
+        #: content sha256 -> block digests: remembered from earlier pushes (`blockdigests`,
+        #: read once this push sends a big file), and learned in this one (sent intact)
+        self.state_dir = state_dir
+        self.known: dict[str, bytes] | None = None
         self.learned: dict[str, bytes] = {}
         #: paths whose remote digests are remembered ones, not the sandbox's answer; and those
         #: sent as patches on that belief, which the helper may ask for again (`settle`)
@@ -185,15 +188,22 @@ class _Sender:
         while the answer fits in the channel's window (`_DEFERRED_DIGESTS`): a helper blocked
         writing it would stop reading what we send."""
         wanted: list[tuple[str, int]] = []
+        entries, previous = self.local.entries, self.previous.entries
         for path in paths:
-            mine, theirs = self.local.entries[path], self.previous.entries.get(path)
-            if mine.type == "f" and mine.size >= DELTA_MIN and theirs and theirs.type == "f":
-                known = self.known.get(theirs.ref) if theirs.ref else None
-                if known is not None and len(known) == 8 * block_count(theirs.size):
-                    self.remote_blocks[path] = known
-                    self.remembered.add(path)
-                else:
-                    wanted.append((path, block_count(mine.size)))
+            mine = entries[path]
+            if mine.size < DELTA_MIN or mine.type != "f":
+                continue  # most files, looked at first: one lookup each
+            if self.known is None:
+                self.known = blockdigests.load(self.state_dir)
+            theirs = previous.get(path)
+            if theirs is None or theirs.type != "f":
+                continue
+            known = self.known.get(theirs.ref) if theirs.ref else None
+            if known is not None and len(known) == 8 * block_count(theirs.size):
+                self.remote_blocks[path] = known
+                self.remembered.add(path)
+            else:
+                wanted.append((path, block_count(mine.size)))
         if not wanted:
             return
         self.s.send(
@@ -496,9 +506,9 @@ def _push(
     last: dict[str, Any] | None,
     hello: Any,
     instance_uuid: str,
-) -> tuple[PushResult, bool, bool]:
-    """The push after hello: (result, whether the record takes a delta, whether anything was
-    done that the record must show)."""
+) -> tuple[PushResult, Basis | None, bool]:
+    """The push after hello: (result, the state the record takes a delta from, whether
+    anything was done that the record must show)."""
     if not isinstance(hello, dict):
         raise RemoteError("sync helper answered hello with a non-object frame")
     boot_id = str(hello.get("boot_id", ""))[:128]
@@ -537,13 +547,14 @@ def judge(
     scan: Callable[[dict[str, list[int]]], Manifest],
     *,
     remote_empty: bool = False,
-) -> tuple[Manifest, TransferPlan, bool, bool]:
-    """What the remote holds and the plan to make it `local`: (previous, plan, whether the
-    push record takes a delta, whether the remote was scanned). The remote's `record` (what
-    it says our last push left, in this boot) is trusted when it matches our own; otherwise
-    `scan` (given the local files' sizes and mtimes: equal remote ones are hashed) is called,
-    unless the remote said its root is empty (`remote_empty`), which is what a scan would list.
-    Both sync paths decide here."""
+) -> tuple[Manifest, TransferPlan, Basis | None, bool]:
+    """What the remote holds and the plan to make it `local`: (previous, plan, the state the
+    push record takes a delta from (None: written whole), whether the remote was scanned).
+    The remote's `record` (what it says our last push left, in this boot) is trusted when it
+    matches our own; otherwise `scan` (given the local files' sizes and mtimes: equal remote
+    ones are hashed) is called, unless the remote said its root is empty (`remote_empty`),
+    which is what a scan would list. Trusted, only what changed since our last push is
+    compared when the scans since tell it (`since_push`). Both sync paths decide here."""
     fresh = last is not None and _record_matches(
         record, boot_id, instance_uuid, last["digest"], opts
     )
@@ -556,21 +567,21 @@ def judge(
         else:
             want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
             previous, why = scan(want), "remote scanned (no trusted remote record)"
-        return previous, diff_manifests(local, previous, rules, reason=why), False, True
+        return previous, diff_manifests(local, previous, rules, reason=why), None, True
     assert last is not None
     reason = "remote record matches our last push"
-    basis = local.basis
     if (last["digest"], last["mtimes"]) == local.key:
-        return local, TransferPlan(reason=reason), False, False
-    if basis is not None and basis.key == (last["digest"], last["mtimes"]):
-        # the record is the state the scan started from: only what it found changed
+        return local, TransferPlan(reason=reason), None, False
+    basis = since_push(opts, local, last)
+    if basis is not None:
+        # only the paths that changed since our last push (as the index's scans found them)
         previous, plan = changes_of(local, basis, rules, reason=reason)
-        return previous, plan, True, False
+        return previous, plan, basis, False
     pushed = last_push_record(opts)
     if pushed is None:
         raise SyncError(f"push to {opts.remote_root}: our push record vanished")
     previous = pushed[0]
-    return previous, diff_manifests(local, previous, rules, reason=reason), False, False
+    return previous, diff_manifests(local, previous, rules, reason=reason), None, False
 
 
 def _record_matches(
@@ -600,20 +611,14 @@ def _apply(
     result: PushResult,
 ) -> int:
     root = Path(opts.local_root)
-    big = [
-        p
-        for p in plan.uploads
-        if local.entries[p].type == "f" and local.entries[p].size >= DELTA_MIN
-    ]
-    # read only when a big file is sent: remembered digests serve its next edit
-    known = blockdigests.load(Path(opts.state_dir)) if big else {}
-    sender = _Sender(s, local, root, previous, known)
+    sender = _Sender(s, local, root, previous, Path(opts.state_dir))
     sender.prepare_delta(plan.uploads)
     s.send({"op": "unrecord"})
     replaced = frozenset(plan.replaces)
-    for path in plan.uploads:
-        if not is_under(path, replaced):
-            sender.upload(path)
+    # paths under a type swap wait for its removal (no swap: every upload goes now)
+    now = [p for p in plan.uploads if not is_under(p, replaced)] if replaced else plan.uploads
+    for path in now:
+        sender.upload(path)
     for path in plan.metas:
         sender.meta(path)
     deleted = 0
@@ -649,7 +654,7 @@ def _apply(
     if errors or reply.get("recorded") is not True:
         first = errors[0] if errors else "manifest not recorded"
         raise SyncError(f"push to {opts.remote_root}: {len(errors)} errors ({first})")
-    if big:
+    if sender.known is not None:  # a big file was sent: remember its digests
         keep = (e.ref for e in local.entries.values() if e.type == "f" and e.size >= DELTA_MIN)
-        blockdigests.save(Path(opts.state_dir), known, sender.learned, keep)
+        blockdigests.save(Path(opts.state_dir), sender.known, sender.learned, keep)
     return deleted
