@@ -44,6 +44,9 @@ class Observation:
     claimed: dict[str, Instance]
     #: sessions whose tree cannot be synced, with the reason
     halted: dict[str, str]
+    #: uuids of instances still listed that this checkout's status records as deleted: on
+    #: their way out (a delete does not wait for the name), never claimed by a session
+    dying: frozenset[str] = frozenset()
 
 
 def observe(
@@ -69,6 +72,14 @@ def observe(
 
     used = {metro_label(loaded.spec.metro) for loaded in wanted}
     recorded = {r.metro: name for name, r in doc.inventory().items() if r.metro}
+    # why: a platform may still list an instance being deleted in another state than
+    # `deleted` (it is force-stopped first); our own record of the delete says what it is
+    deleted = {
+        rec.instance.uuid
+        for rec in doc.sessions.values()
+        if rec.instance is not None and rec.instance.uuid and rec.instance.state == "deleted"
+    }
+    dying: set[str] = set()
     instances: dict[str, Instance] = {}
     claimed: dict[str, Instance] = {}
     metro_of: dict[str, str] = {}
@@ -88,6 +99,9 @@ def observe(
             session = identity.session_from_tags(inst.tags, project)
             if session is None:
                 continue  # not even claimed by a session of this project
+            if inst.uuid in deleted:
+                dying.add(inst.uuid)
+                continue
             instances[inst.name] = inst
             claimed[session] = inst
             metro_of[session] = metro
@@ -126,6 +140,7 @@ def observe(
         instances=instances,
         claimed=claimed,
         halted=halted,
+        dying=frozenset(dying),
     )
 
 
