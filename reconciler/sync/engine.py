@@ -25,6 +25,7 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.pullrecord import pull_meta
 from reconciler.sync.push import PushResult
+from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
 __all__ = [
@@ -37,11 +38,11 @@ __all__ = [
     "forget",
     "plan_pull",
     "plan_push",
-    "prestart",
     "pull",
     "pulled_paths",
     "push",
     "scan_local",
+    "start_ahead",
 ]
 
 
@@ -71,13 +72,12 @@ def push(
     return result
 
 
-def prestart(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:
-    """Start the helper a push over `shell` would start and keep it for that push, on a
-    connection opened ahead of one (the scan saw a change): the push's first question is
-    then answered without waiting for an interpreter to start. Nothing on the shell+tar
-    path (it starts no helper)."""
+def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:
+    """Start the python helper of a push still to come over `shell` (a connection opened
+    ahead of need), unless the instance is known to have no python3 (the tar path then
+    needs nothing started)."""
     if recorded_tools(opts, instance_uuid) != "shell":
-        python_push.prestart(shell, opts)
+        HelperSession.start_ahead(shell, opts)
 
 
 def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:

@@ -43,7 +43,6 @@ __all__ = [
     "MAX_REMOTE_ONLY",
     "MAX_REMOTE_ONLY_CHARS",
     "PushResult",
-    "prestart",
     "push",
     "read_remote_scan",
 ]
@@ -487,13 +486,6 @@ def push(
     if changed:
         record_push(opts, local, instance_uuid, result.boot_id, delta=delta)
     return result
-
-
-def prestart(shell: RemoteShell, opts: SyncOptions) -> None:
-    """Start the helper the next push over `shell` would start and keep it for that push
-    (`HelperSession.park`); a kept one is left as it is. The push replaces one that died."""
-    s, _ = HelperSession.for_push(shell, opts)
-    s.park()
 
 
 def _send_hello(s: HelperSession, opts: SyncOptions, instance_uuid: str) -> None:
