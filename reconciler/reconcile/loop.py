@@ -512,6 +512,10 @@ def _run_sessions(
     and waits for the workers to journal it. A second Ctrl-C propagates at once: the workers
     are daemon threads, so nothing waits for them on the way out.
     """
+    if len(work) == 1 and threading.current_thread() is not threading.main_thread():
+        # no Ctrl-C arrives on this thread (a watch pass): nothing to wait for a worker with,
+        # and a thread start is a scheduling delay before an edit's push on a loaded machine
+        return [executor.run_session(work[0])]
     futures: list[Future[SessionOutcome]] = [Future() for _ in work]
     queue = list(zip(work, futures, strict=True))
     queue.reverse()
