@@ -49,6 +49,7 @@ from reconciler.status.schema import (
     expiry_time,
     parse_time,
 )
+from reconciler.sync import engine as sync_engine
 from reconciler.sync import feed as sync_feed
 from reconciler.transport import select
 from reconciler.transport.pool import TransportPool
@@ -259,6 +260,7 @@ def apply_group(
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
         unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
+        _greet(leases, group, kept, only)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
@@ -630,6 +632,24 @@ def _suspend(
         return item.session
 
     return {s for s in each(todo, one, concurrency=concurrency, name="ukc-suspend") if s}
+
+
+def _greet(
+    exits: contextlib.ExitStack, group: Group, pool: TransportPool, only: set[str] | None
+) -> None:
+    """Say hello now to the sync helpers the last pushes left running on kept connections
+    (a watch's next pass): the answers travel while this pass observes and plans. Answers no
+    push read are read when `exits` closes (before the status lock is released)."""
+    for loaded in group.sessions:
+        if only is not None and loaded.spec.name not in only:
+            continue
+        held = pool.peek(loaded.spec.name)
+        if held is None:
+            continue
+        uuid, shell = held
+        with contextlib.suppress(errors.UkcError, OSError):
+            if sync_engine.greet(shell, sync_options_for(group, loaded), uuid):
+                exits.callback(sync_engine.ungreet, shell)
 
 
 def _prefetcher(
