@@ -576,7 +576,13 @@ class Executor:
         if run.transport is not None:
             run.transport.close()
             run.transport = None
-        conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
+        # why a final delete (`ukc delete`, prune, ttl) does not wait for the name to come
+        # free: nothing of this run needs it again, and a later create waits for it there,
+        # never adopting the instance on its way out (`_create_when_free`); a replace waits,
+        # its create follows at once
+        conn.api.delete_instance(
+            action.instance_name, uuid=action.instance_uuid, wait=not action.forget
+        )
         with self.doc_lock:
             self.deleted.add(action.instance_uuid)
         for uuid, name in action.volumes:

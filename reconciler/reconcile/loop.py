@@ -148,19 +148,42 @@ def _plan_read_only(
 ) -> actions.Plan:
     the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     wanted = rebuild.worth_reading(the_plan, obs, doc, set())
+    asleep: list[actions.SuspendInstance] = []
     if wanted:
         # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
         # not written; apply does that)
         quiet = RecordingReporter()
+        asleep = _asleep(wanted, obs)
         if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
             # a record from a journal may mark an earlier boot than the platform shows
             _read_boot_marks(obs, doc, metros, pool, quiet, set())
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    if asleep:
+        # reading a journal woke them; a plan changes nothing, so they go back to sleep
+        put_back = _suspend(asleep, metros, pool, RecordingReporter(), concurrency=8)
+        awake = tuple(
+            f"instance {s.instance_name} was woken to read its journal and could not be "
+            "suspended again: it stays up until the next apply"
+            for s in asleep
+            if s.session not in put_back
+        )
+        the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + awake)
     shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
     if shortfalls or unread:
         notes = tuple(f"apply would refuse: {why}" for why in shortfalls) + tuple(unread)
         the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + notes)
     return the_plan
+
+
+def _asleep(sessions: Sequence[str], obs: Observation) -> list[actions.SuspendInstance]:
+    """The suspends that put `sessions`' instances in standby back to sleep once read."""
+    found = []
+    for name in sessions:
+        ctx = obs.contexts.get(name)
+        inst = obs.instances.get(ctx.desired.instance_name) if ctx is not None else None
+        if ctx is not None and inst is not None and inst.state == "standby":
+            found.append(actions.SuspendInstance(name, inst.name, ctx.desired.metro))
+    return found
 
 
 def _plan(
@@ -277,6 +300,8 @@ def apply_group(
         pending: set[str] = set()
         interrupted: set[str] = set()
         converged: actions.Plan | None = None
+        #: instances in standby woken only to read their journal
+        journal_woken: list[actions.SuspendInstance] = []
         while True:
             owner, salt = _identity(group, environ)
             obs = observe(
@@ -310,6 +335,7 @@ def apply_group(
             wanted = rebuild.worth_reading(plan, obs, doc, journals_read)
             if wanted:
                 journals_read.update(wanted)
+                journal_woken += _asleep(wanted, obs)
                 if rebuild.consult(
                     wanted,
                     obs=obs,
@@ -401,6 +427,14 @@ def apply_group(
         suspended: set[str] = set()
         if suspend_idle and converged is not None and not stop.is_set():
             todo = [s for s in converged.suspends if s.session not in failed]
+            # woken to read a journal, then nothing to do: back to sleep whatever `suspend` says
+            todo += [
+                s
+                for s in journal_woken
+                if s.session not in failed
+                and s.session not in outcomes
+                and all(t.session != s.session for t in todo)
+            ]
             suspended = _suspend(todo, metros, kept, reporter, concurrency)
         _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted, suspended)
         return ApplyResult(

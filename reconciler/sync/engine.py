@@ -14,7 +14,13 @@ from reconciler.sync import tarpush
 from reconciler.sync.capability import is_missing_interpreter, record_tools, recorded_tools
 from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, load_rules
-from reconciler.sync.manifest import Manifest, last_push_record, push_meta, scan_local
+from reconciler.sync.manifest import (
+    Manifest,
+    last_push_record,
+    push_meta,
+    scan_local,
+    since_push,
+)
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.pullrecord import pull_meta
@@ -92,8 +98,9 @@ def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:
     key = (meta["digest"], meta["mtimes"])
     if key == local.key:
         return TransferPlan(reason=reason)
-    if local.basis is not None and local.basis.key == key:
-        return changes_of(local, local.basis, rules, reason=reason)[1]
+    basis = since_push(opts, local, meta)
+    if basis is not None:
+        return changes_of(local, basis, rules, reason=reason)[1]
     last = last_push_record(opts)
     if last is None:
         return diff_manifests(local, Manifest({}), rules, reason="no push record: full upload")

@@ -590,52 +590,60 @@ class Helper:
                 self.out.write(out)
 
     def op_patch(self, req: Msg) -> None:
-        """A new version of an existing file: old content + the changed blocks, verified by
-        sha256."""
+        """A new version of an existing file, built in one pass: the old file's unchanged
+        blocks and the changed ones that follow the request (`send`, ascending) are written to
+        a temp file in order and hashed on the way; the temp replaces the file only when that
+        sha256 is the one asked for (a reader sees the old file or the new one, never a mix)."""
+        import hashlib
+
         path, size, bs, idxs = req["path"], req["size"], req["bs"], req["send"]
-        fd = src = pfd = tmp = None
+        h = hashlib.sha256()
+        fd = src = pfd = tmp = failed = None
         try:
             parent, name = split(path)
             pfd = self.open_dir(parent, False)
-            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=pfd)
+            # O_NONBLOCK: a fifo planted under the name must not stall the open
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=pfd)
+            if not stat.S_ISREG(os.fstat(src).st_mode):
+                raise OSError("not a regular file")
             tmp = TMP + name[:100] + "." + str(os.getpid())
-            unlink_quiet(tmp, pfd)
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            fd = os.open(tmp, flags, 0o600, dir_fd=pfd)
-            left = size
-            while left > 0:
-                b = os.read(src, min(CHUNK, left))
-                if not b:
-                    break
-                write_all(fd, b)
-                left -= len(b)
-            os.ftruncate(fd, size)
+            fd = create_temp(tmp, pfd, 0o600)
         except Exception as exc:
-            self.err(path, exc)
-            if fd is not None:
-                os.close(fd)
-                fd = None
-        finally:
-            if src is not None:
-                os.close(src)
+            failed = exc
+        pos = 0
         for i in idxs:
-            b = self.rd(min(bs, size - i * bs))
-            if fd is not None:
-                view = memoryview(b)
-                off = i * bs
-                while view:
-                    n = os.pwrite(fd, view, off)
-                    view, off = view[n:], off + n
+            off = i * bs
+            if failed is None and off < pos:
+                failed = OSError("patch blocks out of order")
+            if failed is None:
+                try:
+                    self.copy_hashed(src, fd, h, pos, off)
+                except Exception as exc:
+                    failed = exc
+            b = self.rd(min(bs, size - off)) if off < size else b""
+            if failed is None and fd is not None:
+                try:
+                    h.update(b)
+                    write_all(fd, b)
+                except Exception as exc:
+                    failed = exc
+            pos = off + len(b)
+        if failed is None:
+            try:
+                self.copy_hashed(src, fd, h, pos, size)
+            except Exception as exc:
+                failed = exc
+        if src is not None:
+            os.close(src)
         ok = self.rd(1) == b"\x01"
-        if fd is None or tmp is None or pfd is None:
-            if tmp is not None and pfd is not None:
-                unlink_quiet(tmp, pfd)
-            return
         try:
+            if failed is not None:
+                raise failed
+            if fd is None or tmp is None or pfd is None:
+                raise OSError("no temp file")
             if not ok:
                 raise OSError("file changed while it was being sent")
-            os.lseek(fd, 0, 0)
-            if file_sha(fd) != req["sha256"]:
+            if h.hexdigest() != req["sha256"]:
                 raise OSError("patched content does not match its sha256")
             os.fchmod(fd, req["mode"] & 0o7777)
             os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
@@ -645,11 +653,26 @@ class Helper:
             self.written += 1
             self.nbytes += sum(min(bs, size - i * bs) for i in idxs)
         except Exception as exc:
-            if ok:
+            if ok or failed is not None:
                 self.err(path, exc)
             if fd is not None:
                 os.close(fd)
-            unlink_quiet(tmp, pfd)
+            if tmp is not None and pfd is not None:
+                unlink_quiet(tmp, pfd)
+
+    @staticmethod
+    def copy_hashed(src: int | None, fd: int | None, h: Any, start: int, end: int) -> None:
+        """Append the old file's bytes [start, end) to `fd` (zeros past its end), hashed."""
+        if src is None or fd is None:
+            raise OSError("no file to patch")
+        while start < end:
+            n = min(CHUNK, end - start)
+            b = os.pread(src, n, start)
+            if not b:
+                b = bytes(n)
+            h.update(b)
+            write_all(fd, b)
+            start += len(b)
 
     def op_mkdir(self, req: Msg) -> None:
         path = req["path"]

@@ -24,12 +24,15 @@ from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
+    READ_FLAGS,
+    Basis,
     Entry,
     Manifest,
     last_push_record,
     push_meta,
     record_push,
     scan_local,
+    since_push,
 )
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.remote import HelperSession
@@ -188,9 +191,13 @@ class _Sender:
         while the answer fits in the channel's window (`_DEFERRED_DIGESTS`): a helper blocked
         writing it would stop reading what we send."""
         wanted: list[tuple[str, int]] = []
+        entries, previous = self.local.entries, self.previous.entries
         for path in paths:
-            mine, theirs = self.local.entries[path], self.previous.entries.get(path)
-            if mine.type == "f" and mine.size >= DELTA_MIN and theirs and theirs.type == "f":
+            mine = entries[path]
+            if mine.size < DELTA_MIN or mine.type != "f":
+                continue  # most files, looked at first: one lookup each
+            theirs = previous.get(path)
+            if theirs is not None and theirs.type == "f":
                 wanted.append((path, (mine.size + BLOCK - 1) // BLOCK))
         if not wanted:
             return
@@ -230,7 +237,7 @@ class _Sender:
         `_put` digests what it reads)."""
         e = self.local.entries[path]
         try:
-            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError:
             return None
         try:
@@ -300,7 +307,7 @@ class _Sender:
         One read and one fstat after it: a write before or during the read moves the mtime
         that fstat then sees (a write after it does not matter: the bytes are read)."""
         try:
-            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError as exc:
             self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
             return None
@@ -317,7 +324,7 @@ class _Sender:
 
     def _put(self, path: str, e: Entry) -> None:
         try:
-            fd = os.open(self.prefix + path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError as exc:
             self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
             return
@@ -471,9 +478,9 @@ def _push(
     last: dict[str, Any] | None,
     hello: Any,
     instance_uuid: str,
-) -> tuple[PushResult, bool, bool]:
-    """The push after hello: (result, whether the record takes a delta, whether anything was
-    done that the record must show)."""
+) -> tuple[PushResult, Basis | None, bool]:
+    """The push after hello: (result, the state the record takes a delta from, whether
+    anything was done that the record must show)."""
     if not isinstance(hello, dict):
         raise RemoteError("sync helper answered hello with a non-object frame")
     boot_id = str(hello.get("boot_id", ""))[:128]
@@ -512,13 +519,14 @@ def judge(
     scan: Callable[[dict[str, list[int]]], Manifest],
     *,
     remote_empty: bool = False,
-) -> tuple[Manifest, TransferPlan, bool, bool]:
-    """What the remote holds and the plan to make it `local`: (previous, plan, whether the
-    push record takes a delta, whether the remote was scanned). The remote's `record` (what
-    it says our last push left, in this boot) is trusted when it matches our own; otherwise
-    `scan` (given the local files' sizes and mtimes: equal remote ones are hashed) is called,
-    unless the remote said its root is empty (`remote_empty`), which is what a scan would list.
-    Both sync paths decide here."""
+) -> tuple[Manifest, TransferPlan, Basis | None, bool]:
+    """What the remote holds and the plan to make it `local`: (previous, plan, the state the
+    push record takes a delta from (None: written whole), whether the remote was scanned).
+    The remote's `record` (what it says our last push left, in this boot) is trusted when it
+    matches our own; otherwise `scan` (given the local files' sizes and mtimes: equal remote
+    ones are hashed) is called, unless the remote said its root is empty (`remote_empty`),
+    which is what a scan would list. Trusted, only what changed since our last push is
+    compared when the scans since tell it (`since_push`). Both sync paths decide here."""
     fresh = last is not None and _record_matches(
         record, boot_id, instance_uuid, last["digest"], opts
     )
@@ -531,21 +539,21 @@ def judge(
         else:
             want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
             previous, why = scan(want), "remote scanned (no trusted remote record)"
-        return previous, diff_manifests(local, previous, rules, reason=why), False, True
+        return previous, diff_manifests(local, previous, rules, reason=why), None, True
     assert last is not None
     reason = "remote record matches our last push"
-    basis = local.basis
     if (last["digest"], last["mtimes"]) == local.key:
-        return local, TransferPlan(reason=reason), False, False
-    if basis is not None and basis.key == (last["digest"], last["mtimes"]):
-        # the record is the state the scan started from: only what it found changed
+        return local, TransferPlan(reason=reason), None, False
+    basis = since_push(opts, local, last)
+    if basis is not None:
+        # only the paths that changed since our last push (as the index's scans found them)
         previous, plan = changes_of(local, basis, rules, reason=reason)
-        return previous, plan, True, False
+        return previous, plan, basis, False
     pushed = last_push_record(opts)
     if pushed is None:
         raise SyncError(f"push to {opts.remote_root}: our push record vanished")
     previous = pushed[0]
-    return previous, diff_manifests(local, previous, rules, reason=reason), False, False
+    return previous, diff_manifests(local, previous, rules, reason=reason), None, False
 
 
 def _record_matches(
@@ -579,9 +587,10 @@ def _apply(
     sender.prepare_delta(plan.uploads)
     s.send({"op": "unrecord"})
     replaced = frozenset(plan.replaces)
-    for path in plan.uploads:
-        if not is_under(path, replaced):
-            sender.upload(path)
+    # paths under a type swap wait for its removal (no swap: every upload goes now)
+    now = [p for p in plan.uploads if not is_under(p, replaced)] if replaced else plan.uploads
+    for path in now:
+        sender.upload(path)
     for path in plan.metas:
         sender.meta(path)
     deleted = 0
