@@ -44,6 +44,9 @@ class Observation:
     claimed: dict[str, Instance]
     #: sessions whose tree cannot be synced, with the reason
     halted: dict[str, str]
+    #: uuids of instances still listed that this checkout's status records as deleted: on
+    #: their way out (a delete does not wait for the name), never claimed by a session
+    dying: frozenset[str] = frozenset()
 
 
 def observe(
@@ -96,7 +99,7 @@ def observe(
                 halted[name] = why
     finally:
         listing.wait()
-    instances, claimed, _metro_of = listing.result()
+    instances, claimed, _metro_of, dying = listing.result()
     return Observation(
         project=project,
         owner=owner,
@@ -105,7 +108,13 @@ def observe(
         instances=instances,
         claimed=claimed,
         halted=halted,
+        dying=dying,
     )
+
+
+#: what the list found: instances by name, by the session they claim, the metro of each
+#: session, and the uuids of instances on their way out
+_Found = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], frozenset[str]]
 
 
 class _Listing:
@@ -124,8 +133,15 @@ class _Listing:
         self._project = project
         self._used = {metro_label(loaded.spec.metro) for loaded in wanted}
         self._recorded = {r.metro: name for name, r in doc.inventory().items() if r.metro}
+        # why: a platform may still list an instance being deleted in another state than
+        # `deleted` (it is force-stopped first); our own record of the delete says what it is
+        self._deleted = {
+            rec.instance.uuid
+            for rec in doc.sessions.values()
+            if rec.instance is not None and rec.instance.uuid and rec.instance.state == "deleted"
+        }
         self._done = threading.Event()
-        self._found: tuple[dict[str, Instance], dict[str, Instance], dict[str, str]] | None = None
+        self._found: _Found | None = None
         self._error: BaseException | None = None
         self._hints: list[_Hint] = []
 
@@ -143,7 +159,8 @@ class _Listing:
         for hint in self._hints:
             hint.listed()
 
-    def _list(self) -> tuple[dict[str, Instance], dict[str, Instance], dict[str, str]]:
+    def _list(self) -> _Found:
+        dying: set[str] = set()
         instances: dict[str, Instance] = {}
         claimed: dict[str, Instance] = {}
         metro_of: dict[str, str] = {}
@@ -163,15 +180,18 @@ class _Listing:
                 session = identity.session_from_tags(inst.tags, self._project)
                 if session is None:
                     continue  # not even claimed by a session of this project
+                if inst.uuid in self._deleted:
+                    dying.add(inst.uuid)
+                    continue
                 instances[inst.name] = inst
                 claimed[session] = inst
                 metro_of[session] = metro
-        return instances, claimed, metro_of
+        return instances, claimed, metro_of, frozenset(dying)
 
     def wait(self) -> None:
         self._done.wait()
 
-    def result(self) -> tuple[dict[str, Instance], dict[str, Instance], dict[str, str]]:
+    def result(self) -> _Found:
         """What the list found (waits for it); the list's error if it failed."""
         self._done.wait()
         if self._error is not None:
@@ -227,7 +247,7 @@ class _Hint:
                 return
             self._given = True
         name = self._loaded.spec.name
-        _instances, claimed, metro_of = self._listing.result()
+        _instances, claimed, metro_of, _dying = self._listing.result()
         mine = claimed.get(name)
         if (
             mine is not None
