@@ -23,10 +23,12 @@ from reconciler.reconcile.desired import (
     Group,
     SessionContext,
     build_session,
+    sync_options_for,
     transport_of,
 )
 from reconciler.spec.loader import LoadedSession
 from reconciler.status.schema import StatusDoc
+from reconciler.sync.options import SyncOptions
 
 __all__ = ["Observation", "observe", "observe_quotas", "observe_volumes"]
 
@@ -58,23 +60,24 @@ def observe(
     only: set[str] | None = None,
     owner: identity.Owner,
     salt: bytes,
-    on_tree_changed: Callable[[str, str, str, Instance], None] | None = None,
+    on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned.
 
     why at once: the list is a round trip to the platform and the scan local work; one after
     the other they were most of the time from an edit to its push (`ukc watch`).
 
-    `on_tree_changed(session, transport, metro, instance)` is called as soon as a session's
-    tree is seen to differ from the last push and the list shows its instance running (whichever
-    of the two comes last): the apply loop opens the connection the push will need meanwhile.
-    A hint only; nothing observed depends on it.
+    `on_tree_changed(session, transport, metro, instance, sync options)` is called as soon as
+    a session's tree is seen to differ from the last push and the list shows its instance
+    running (whichever of the two comes last): the apply loop opens the connection the push
+    will need meanwhile (and starts its sync helper). A hint only; nothing observed depends
+    on it.
     """
     project = owner.project
     wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
     listing = _Listing(group, doc, metros, project, wanted)
     hints = {
-        loaded.spec.name: _Hint(loaded, owner, doc, listing, on_tree_changed)
+        loaded.spec.name: _Hint(group, loaded, owner, doc, listing, on_tree_changed)
         for loaded in wanted
         if on_tree_changed is not None
     }
@@ -212,17 +215,19 @@ class _Hint:
 
     def __init__(
         self,
+        group: Group,
         loaded: LoadedSession,
         owner: identity.Owner,
         doc: StatusDoc,
         listing: _Listing,
-        on_tree_changed: Callable[[str, str, str, Instance], None] | None,
+        on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None,
     ) -> None:
         self._loaded = loaded
         self._owner = owner
         self._record = doc.sessions.get(loaded.spec.name)
         self._listing = listing
         self._call = on_tree_changed
+        self._opts = sync_options_for(group, loaded)
         self._lock = threading.Lock()
         self._seen = False
         self._given = False
@@ -256,7 +261,7 @@ class _Hint:
                 mine, self._owner, name, self._record.instance if self._record else None
             ).ours
         ):
-            self._call(name, transport_of(self._loaded), metro_of[name], mine)
+            self._call(name, transport_of(self._loaded), metro_of[name], mine, self._opts)
 
 
 def observe_volumes(
