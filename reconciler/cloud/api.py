@@ -593,13 +593,14 @@ class UkcApi:
         result: Quota = self._retrying(attempt)
         return result
 
-    def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
-        """Delete by name, or exactly the instance `uuid` (then `name` is for messages)."""
+    def delete_instance(self, name: str, *, uuid: str | None = None, wait: bool = True) -> bool:
+        """Delete by name, or exactly the instance `uuid` (then `name` is for messages);
+        `wait=False` has the platform answer at once, while the name is still taken."""
         what = f"delete instance {name}"
         ref: dict[str, object] = {"uuid": uuid} if uuid else {"name": name}
         # why: without `dont_retain` an account with retention keeps the instance (and maybe
         # its name) in state `deleted`; `timeout_s` has the platform answer once it is gone
-        ref.update(timeout_s=DELETE_TIMEOUT_S, dont_retain=True)
+        ref.update(timeout_s=DELETE_TIMEOUT_S if wait else 0, dont_retain=True)
         attempts = 0
 
         def attempt() -> bool:

@@ -171,10 +171,11 @@ class CloudApi(Protocol):
         holds none."""
         ...
 
-    def delete_instance(self, name: str, *, uuid: str | None = None) -> bool:
+    def delete_instance(self, name: str, *, uuid: str | None = None, wait: bool = True) -> bool:
         """Delete (exactly the instance `uuid` when given) without retention, waiting a while
-        for it to be gone; False when it was already gone. The name may still be taken for
-        a moment after it returns (deletes are asynchronous)."""
+        for it to be gone unless not `wait`; False when it was already gone. The name may
+        still be taken after it returns (deletes are asynchronous): for a while when it did
+        not wait, for a moment when it did."""
         ...
 
     def set_tags(self, name: str, *, uuid: str, tags: Sequence[str]) -> None:

@@ -461,9 +461,10 @@ class Executor:
                 return True
             except errors.AlreadyExistsError:
                 found = conn.api.get_instance(name)
-                if found is None or found.uuid in self.deleted:
+                if found is None or found.uuid in self.deleted or found.uuid in self.obs.dying:
                     # The name is held by an instance being deleted (or retained as
-                    # `deleted`): never adopt it; its name comes free shortly.
+                    # `deleted`), by this run or an earlier one (`ukc delete` does not wait
+                    # for the name): never adopt it; its name comes free shortly.
                     held_by[0] = found.uuid if found is not None else "a deleted instance"
                     if remaining <= 0:
                         raise errors.AlreadyExistsError(
@@ -481,8 +482,10 @@ class Executor:
                 self._say(session, "info", f"adopted existing instance {found.name}")
                 return True
 
+        # why capped at 1 s: after a delete that did not wait, the name comes free within a
+        # second or two; a longer wait is mostly time after it came free
         policy = RetryPolicy(
-            max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5, deadline_s=self.name_timeout_s
+            max_attempts=None, base_s=0.1, cap_s=1.0, jitter=0.5, deadline_s=self.name_timeout_s
         )
         poll(attempt, policy=policy, monotonic=self.clock, sleep=self.sleep)
 
@@ -576,7 +579,13 @@ class Executor:
         if run.transport is not None:
             run.transport.close()
             run.transport = None
-        conn.api.delete_instance(action.instance_name, uuid=action.instance_uuid)
+        # why a final delete (`ukc delete`, prune, ttl) does not wait for the name to come
+        # free: nothing of this run needs it again, and a later create waits for it there,
+        # never adopting the instance on its way out (`_create_when_free`); a replace waits,
+        # its create follows at once
+        conn.api.delete_instance(
+            action.instance_name, uuid=action.instance_uuid, wait=not action.forget
+        )
         with self.doc_lock:
             self.deleted.add(action.instance_uuid)
         for uuid, name in action.volumes:

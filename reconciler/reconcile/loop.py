@@ -49,8 +49,11 @@ from reconciler.status.schema import (
     expiry_time,
     parse_time,
 )
+from reconciler.sync import engine as sync_engine
 from reconciler.sync import feed as sync_feed
+from reconciler.sync.options import SyncOptions
 from reconciler.transport import select
+from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
@@ -147,19 +150,42 @@ def _plan_read_only(
 ) -> actions.Plan:
     the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     wanted = rebuild.worth_reading(the_plan, obs, doc, set())
+    asleep: list[actions.SuspendInstance] = []
     if wanted:
         # a fresh runner's plan: what the sandboxes' journals say ran (the status file is
         # not written; apply does that)
         quiet = RecordingReporter()
+        asleep = _asleep(wanted, obs)
         if rebuild.consult(wanted, obs=obs, doc=doc, metros=metros, pool=pool, reporter=quiet):
             # a record from a journal may mark an earlier boot than the platform shows
             _read_boot_marks(obs, doc, metros, pool, quiet, set())
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
+    if asleep:
+        # reading a journal woke them; a plan changes nothing, so they go back to sleep
+        put_back = _suspend(asleep, metros, pool, RecordingReporter(), concurrency=8)
+        awake = tuple(
+            f"instance {s.instance_name} was woken to read its journal and could not be "
+            "suspended again: it stays up until the next apply"
+            for s in asleep
+            if s.session not in put_back
+        )
+        the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + awake)
     shortfalls, unread = _quota_shortfalls(the_plan, obs.desired, obs, metros)
     if shortfalls or unread:
         notes = tuple(f"apply would refuse: {why}" for why in shortfalls) + tuple(unread)
         the_plan = dataclasses.replace(the_plan, warnings=the_plan.warnings + notes)
     return the_plan
+
+
+def _asleep(sessions: Sequence[str], obs: Observation) -> list[actions.SuspendInstance]:
+    """The suspends that put `sessions`' instances in standby back to sleep once read."""
+    found = []
+    for name in sessions:
+        ctx = obs.contexts.get(name)
+        inst = obs.instances.get(ctx.desired.instance_name) if ctx is not None else None
+        if ctx is not None and inst is not None and inst.state == "standby":
+            found.append(actions.SuspendInstance(name, inst.name, ctx.desired.metro))
+    return found
 
 
 def _plan(
@@ -259,6 +285,7 @@ def apply_group(
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
         unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
+        _greet(leases, group, kept, only)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
@@ -275,6 +302,8 @@ def apply_group(
         pending: set[str] = set()
         interrupted: set[str] = set()
         converged: actions.Plan | None = None
+        #: instances in standby woken only to read their journal
+        journal_woken: list[actions.SuspendInstance] = []
         while True:
             owner, salt = _identity(group, environ)
             obs = observe(
@@ -308,6 +337,7 @@ def apply_group(
             wanted = rebuild.worth_reading(plan, obs, doc, journals_read)
             if wanted:
                 journals_read.update(wanted)
+                journal_woken += _asleep(wanted, obs)
                 if rebuild.consult(
                     wanted,
                     obs=obs,
@@ -399,6 +429,14 @@ def apply_group(
         suspended: set[str] = set()
         if suspend_idle and converged is not None and not stop.is_set():
             todo = [s for s in converged.suspends if s.session not in failed]
+            # woken to read a journal, then nothing to do: back to sleep whatever `suspend` says
+            todo += [
+                s
+                for s in journal_woken
+                if s.session not in failed
+                and s.session not in outcomes
+                and all(t.session != s.session for t in todo)
+            ]
             suspended = _suspend(todo, metros, kept, reporter, concurrency)
         _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted, suspended)
         return ApplyResult(
@@ -512,6 +550,10 @@ def _run_sessions(
     and waits for the workers to journal it. A second Ctrl-C propagates at once: the workers
     are daemon threads, so nothing waits for them on the way out.
     """
+    if len(work) == 1 and threading.current_thread() is not threading.main_thread():
+        # no Ctrl-C arrives on this thread (a watch pass): nothing to wait for a worker with,
+        # and a thread start is a scheduling delay before an edit's push on a loaded machine
+        return [executor.run_session(work[0])]
     futures: list[Future[SessionOutcome]] = [Future() for _ in work]
     queue = list(zip(work, futures, strict=True))
     queue.reverse()
@@ -628,16 +670,37 @@ def _suspend(
     return {s for s in each(todo, one, concurrency=concurrency, name="ukc-suspend") if s}
 
 
+def _greet(
+    exits: contextlib.ExitStack, group: Group, pool: TransportPool, only: set[str] | None
+) -> None:
+    """Say hello now to the sync helpers the last pushes left running on kept connections
+    (a watch's next pass): the answers travel while this pass observes and plans. Answers no
+    push read are read when `exits` closes (before the status lock is released)."""
+    for loaded in group.sessions:
+        if only is not None and loaded.spec.name not in only:
+            continue
+        held = pool.peek(loaded.spec.name)
+        if held is None:
+            continue
+        uuid, shell = held
+        with contextlib.suppress(errors.UkcError, OSError):
+            if sync_engine.greet(shell, sync_options_for(group, loaded), uuid):
+                exits.callback(sync_engine.ungreet, shell)
+
+
 def _prefetcher(
     group: Group,
     doc: StatusDoc,
     metros: MetroRegistry,
     pool: TransportPool,
     owner: identity.Owner,
-) -> Callable[[str, str, str, Instance], None]:
-    """The observer's hint → a connection opened in the background for the push to come."""
+) -> Callable[[str, str, str, Instance, SyncOptions], None]:
+    """The observer's hint → a connection opened in the background for the push to come, its
+    sync helper started over it."""
 
-    def prefetch(session: str, transport: str, metro: str, inst: Instance) -> None:
+    def prefetch(
+        session: str, transport: str, metro: str, inst: Instance, opts: SyncOptions
+    ) -> None:
         rec = doc.sessions.get(session)
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job
@@ -648,7 +711,14 @@ def _prefetcher(
         kind = select.kind_for(identity.instance_transport(inst, transport))
         target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
-        pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
+
+        def opener() -> Transport:
+            conn = kind.reopen(target, credentials, pin=pin)
+            # the push's helper starts in the sandbox while this side scans and plans
+            sync_engine.start_ahead(conn, opts, instance_uuid=inst.uuid)
+            return conn
+
+        pool.prefetch(session, inst.uuid, opener)
 
     return prefetch
 

@@ -113,6 +113,13 @@ def _consult_one(
     transport = pool.take(name, inst.uuid)
     try:
         if transport is None:
+            woken = wake(metros.get(ctx.desired.metro).api, inst)
+            if woken is not inst:
+                # the plan made next sees the instance as it runs now (its `start_count`)
+                with lock:
+                    obs.instances[woken.name] = woken
+                    obs.claimed[name] = woken
+                inst = woken
             transport = connect(ctx, inst, known, metros)
         data = exchange(
             transport,

@@ -14,11 +14,18 @@ from reconciler.sync import tarpush
 from reconciler.sync.capability import is_missing_interpreter, record_tools, recorded_tools
 from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, load_rules
-from reconciler.sync.manifest import Manifest, last_push_record, push_meta, scan_local
+from reconciler.sync.manifest import (
+    Manifest,
+    last_push_record,
+    push_meta,
+    scan_local,
+    since_push,
+)
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.pullrecord import pull_meta
 from reconciler.sync.push import PushResult
+from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
 __all__ = [
@@ -29,13 +36,28 @@ __all__ = [
     "SyncOptions",
     "TransferPlan",
     "forget",
+    "greet",
     "plan_pull",
     "plan_push",
     "pull",
     "pulled_paths",
     "push",
     "scan_local",
+    "start_ahead",
+    "ungreet",
 ]
+
+
+def greet(shell: RemoteShell, opts: SyncOptions, instance_uuid: str) -> bool:
+    """Start the next push's first round trip now, if the last push over `shell` left its
+    helper running (`push.greet`); True: call `ungreet(shell)` when the pushes are done."""
+    if recorded_tools(opts, instance_uuid) == "shell":
+        return False
+    return python_push.greet(shell, opts, instance_uuid)
+
+
+def ungreet(shell: RemoteShell) -> None:
+    python_push.ungreet(shell)
 
 
 def push(
@@ -64,6 +86,14 @@ def push(
     return result
 
 
+def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:
+    """Start the python helper of a push still to come over `shell` (a connection opened
+    ahead of need), unless the instance is known to have no python3 (the tar path then
+    needs nothing started)."""
+    if recorded_tools(opts, instance_uuid) != "shell":
+        HelperSession.start_ahead(shell, opts)
+
+
 def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:
     """What a push would do, judged against our last push record only (no remote I/O).
 
@@ -78,8 +108,9 @@ def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:
     key = (meta["digest"], meta["mtimes"])
     if key == local.key:
         return TransferPlan(reason=reason)
-    if local.basis is not None and local.basis.key == key:
-        return changes_of(local, local.basis, rules, reason=reason)[1]
+    basis = since_push(opts, local, meta)
+    if basis is not None:
+        return changes_of(local, basis, rules, reason=reason)[1]
     last = last_push_record(opts)
     if last is None:
         return diff_manifests(local, Manifest({}), rules, reason="no push record: full upload")

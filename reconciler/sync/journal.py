@@ -32,7 +32,16 @@ from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
 from reconciler.sync.entry import Entry
 
-__all__ = ["Journal", "Snapshot", "derive", "load", "peek", "read_meta", "release"]
+__all__ = [
+    "Journal",
+    "Snapshot",
+    "changes_since",
+    "derive",
+    "load",
+    "peek",
+    "read_meta",
+    "release",
+]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
 _GROWTH = 1
@@ -79,13 +88,15 @@ class Journal:
         inos: Mapping[str, int],
         meta: dict[str, Any],
         changed: Collection[str] | None,
+        was: Mapping[str, Entry | None] | None = None,
     ) -> None:
         """Make `entries`/`inos`/`meta` the journal's state (they are kept, not copied).
 
         `changed`: the paths whose entry (or inode) differs from the current state, which makes
         the write one appended line; None (or a journal that cannot take an append) rewrites
-        the whole state.
-        """
+        the whole state. `was`: the changed paths' entries in the current state (None: not
+        there), kept in the line, so that what changed since any earlier line can be told
+        from the lines after it (`changes_since`)."""
         line = b""
         if (
             changed is not None
@@ -101,6 +112,8 @@ class Journal:
             gone = [p for p in changed if p not in entries]
             if gone:
                 delta["del"] = gone
+            if was is not None:
+                delta["was"] = {p: was.get(p) for p in changed}
             line = _line(delta)
             if self.length + len(line) > _GROWTH * self.base + _SLACK or not self._append(line):
                 line = b""
@@ -435,6 +448,65 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         return None
     meta = obj.get("meta") if isinstance(obj, dict) else None
     return dict(meta) if isinstance(meta, dict) else None
+
+
+def changes_since(
+    path: Path, at: list[int], upto: list[int], expect: Callable[[dict[str, Any]], bool]
+) -> dict[str, Entry | None] | None:
+    """The paths the journal at `path` changed between two of its positions (inode, length)
+    and their entries at the first one (None: not there then), read from the lines between
+    them alone; None when that cannot be told: another file, a line there without the
+    entries it replaced (`Journal.write`'s `was`), or the state at `at` is not one
+    `expect` accepts (its metadata line is checked: a reused inode is another state)."""
+    ino, start, end = at[0], at[1], upto[1]
+    if upto[0] != ino or not 0 < start <= end:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_ino != ino or st.st_size < end:
+            return None
+        head = os.pread(fd, min(start, _TAIL), start - min(start, _TAIL))
+        data = os.pread(fd, end - start, start) if end > start else b""
+    finally:
+        os.close(fd)
+    cut = head.rfind(b"\n", 0, len(head) - 1)
+    if not head.endswith(b"\n") or (cut < 0 and len(head) < start):
+        return None
+    try:
+        last = json.loads(head[cut + 1 : -1].decode("ascii"))
+        lines = [json.loads(line.decode("ascii")) for line in data.splitlines()]
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(last, dict) or not isinstance(last.get("meta"), dict):
+        return None
+    seq = last.get("seq")
+    if type(seq) is not int or not expect(last["meta"]) or (data and not data.endswith(b"\n")):
+        return None
+    old: dict[str, Entry | None] = {}
+    for obj in lines:
+        seq += 1
+        if not isinstance(obj, dict) or obj.get("seq") != seq or obj.get("reset"):
+            return None
+        was, sets, gone = obj.get("was"), obj.get("set", {}), obj.get("del", [])
+        if not (isinstance(was, dict) and isinstance(sets, dict) and isinstance(gone, list)):
+            return None
+        if not all(p in was for p in sets) or not all(type(p) is str and p in was for p in gone):
+            return None
+        for p, raw in was.items():
+            if p in old:
+                continue  # an earlier line named it: its entry then is the one kept
+            if raw is None:
+                old[p] = None
+                continue
+            got = _entries({p: raw})
+            if got is None:
+                return None
+            old[p] = got[p]
+    return old
 
 
 class _CutShortError(Exception):

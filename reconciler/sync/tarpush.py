@@ -41,6 +41,7 @@ from reconciler.sync.diff import TransferPlan
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
+    READ_FLAGS,
     Entry,
     Manifest,
     push_meta,
@@ -583,7 +584,7 @@ def _send_file(t: _TarStream, root: Path, path: str, e: Entry) -> tuple[bool, bo
     """(sent, intact, bytes): a file that cannot be opened is not sent; one that changed
     while it was read is sent padded to its announced size, and its staged copy dropped."""
     try:
-        fd = os.open(root / path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(root / path, READ_FLAGS)  # a fifo in its place must not block
     except OSError:
         return False, False, 0
     try:

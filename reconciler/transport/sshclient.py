@@ -49,9 +49,16 @@ log = logging.getLogger(__name__)
 _WINDOW = 16 * 1024 * 1024
 _MAX_PACKET = 256 * 1024 - 1024
 # why: OpenSSH sshd caps packets at 256 KiB; we ask for a little less to leave room for headers
-#: waits between attempts while a sandbox boots or wakes: 0.2 s doubling to 2 s, each between
-#: half and all of that
-READY_POLICY = RetryPolicy(max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5)
+#: waits between connection attempts while a sandbox boots or wakes: 0.1 s doubling to 2 s,
+#: each between half and all of that
+READY_POLICY = RetryPolicy(max_attempts=None, base_s=0.1, cap_s=2.0, jitter=0.5)
+#: a key rejected while the sandbox may still be installing it is tried again on the same
+#: connection, this often and this many times, before the connection is given up. why: a
+#: retry there costs sshd one read of its authorized keys, where a new connection costs a
+#: process, a TLS and an SSH handshake; and fewer rejections than OpenSSH's MaxAuthTries (6)
+#: never get the connection cut (nor counted against the source as a failed login)
+KEY_RETRY_STEP_S = 0.1
+KEY_RETRIES = 4
 #: how long opening a channel and starting a process in it may take. why: paramiko waits for
 #: the answer to an exec request without any limit, and a sandbox owns the server it answers
 #: from (it can stop its sshd and serve port 2222 itself): a silent one would hang us there
@@ -167,8 +174,11 @@ class SshShell:
         timeout: float = 10,
         keepalive_s: int = 15,
         expected_host_key: str | None = None,
+        key_retries: int = 0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> SshShell:
-        """Dial, negotiate, check the host key, authenticate with `key_path`."""
+        """Dial, negotiate, check the host key, authenticate with `key_path`; a rejected key
+        is tried `key_retries` more times on this connection (`KEY_RETRY_STEP_S` apart)."""
         try:
             pkey = paramiko.PKey.from_path(key_path)
         except (OSError, paramiko.SSHException, ValueError) as err:
@@ -206,24 +216,15 @@ class SshShell:
                     f"{expected_host_key}",
                     retryable=False,
                 )
-            try:
-                transport.auth_publickey(user, pkey)
-            except paramiko.AuthenticationException as err:
-                if not transport.is_active() or "timeout" in str(err).lower():
-                    # why: paramiko reports a server that hung up, or never answered, during
-                    # authentication as a failed one; that is a sandbox still starting, not
-                    # a verdict on the key
-                    raise TransportError(
-                        f"ssh {fqdn}:{port}: no answer to the authentication"
-                    ) from None
-                raise KeyRejectedError(
-                    f"ssh {fqdn}: public key of {key_path.name} rejected for user {user}",
-                    retryable=False,
-                ) from None
-            except (paramiko.SSHException, EOFError, OSError) as err:
-                raise TransportError(
-                    f"ssh {fqdn}:{port}: authentication interrupted ({type(err).__name__})"
-                ) from None
+            for retry in range(key_retries + 1):
+                if _authenticated(transport, user, pkey, fqdn, port):
+                    break
+                if retry == key_retries:
+                    raise KeyRejectedError(
+                        f"ssh {fqdn}: public key of {key_path.name} rejected for user {user}",
+                        retryable=False,
+                    )
+                sleep(KEY_RETRY_STEP_S)
         except BaseException:
             transport.close()
             sock.close()
@@ -296,6 +297,31 @@ class SshShell:
         self.close()
 
 
+def _authenticated(
+    transport: paramiko.Transport,
+    user: str,
+    pkey: paramiko.PKey,
+    fqdn: str,
+    port: int,
+) -> bool:
+    """One public-key authentication: True when accepted, False when the key was rejected;
+    `TransportError` when the server hung up or never answered."""
+    try:
+        transport.auth_publickey(user, pkey)
+    except paramiko.AuthenticationException as err:
+        if not transport.is_active() or "timeout" in str(err).lower():
+            # why: paramiko reports a server that hung up, or never answered, during
+            # authentication as a failed one; that is a sandbox still starting, not a verdict
+            # on the key
+            raise TransportError(f"ssh {fqdn}:{port}: no answer to the authentication") from None
+        return False
+    except (paramiko.SSHException, EOFError, OSError) as err:
+        raise TransportError(
+            f"ssh {fqdn}:{port}: authentication interrupted ({type(err).__name__})"
+        ) from None
+    return True
+
+
 def wait_ssh_ready(
     dialer: Dialer,
     fqdn: str,
@@ -322,6 +348,8 @@ def wait_ssh_ready(
 
     def attempt() -> SshShell:
         remaining = deadline_s - (monotonic() - start)
+        # a rejection within the grace is retried on the connection (cheaper than a new one)
+        within = min(remaining, auth_grace_s - (monotonic() - start))
         try:
             return SshShell.connect(
                 dialer,
@@ -331,6 +359,8 @@ def wait_ssh_ready(
                 port=port,
                 timeout=max(0.5, min(connect_timeout, remaining)),
                 expected_host_key=expected_host_key,
+                key_retries=max(0, min(KEY_RETRIES, int(within / KEY_RETRY_STEP_S))),
+                sleep=sleep,
             )
         except KeyRejectedError as err:
             waited = monotonic() - start

@@ -222,6 +222,40 @@ class TestKeyGrace:
             timer.join()
             authorized.write_text(before)
 
+    def test_a_key_installed_while_connected_is_accepted_on_that_same_connection(
+        self, test_ca: CaFiles, sshd: Sshd, tmp_path: Path
+    ) -> None:
+        """A rejection while the image may still be installing the key is tried again on the
+        connection it came on: no new sshd process, TLS and SSH handshake per try."""
+        late_key = tmp_path / "late"
+        line = generate_keypair(late_key, "late")
+        authorized = sshd.client_key.parent / "authorized_keys"
+        before = authorized.read_text()
+        fwd = TlsForwarder(test_ca, sshd.port).start()
+        waits: list[float] = []
+
+        def sleep(s: float) -> None:
+            if not waits:  # the first wait follows the first rejection: install the key now
+                authorized.write_text(before + line + "\n")
+            waits.append(s)
+            time.sleep(s)
+
+        try:
+            with wait_ssh_ready(
+                dialer_to(test_ca, fwd.port),
+                FQDN,
+                key_path=late_key,
+                user=sshd.user,
+                deadline_s=20,
+                sleep=sleep,
+            ) as shell:
+                assert run(shell, "echo in")[1] == b"in\n"
+            assert waits, "the key was accepted at once: nothing was retried"
+            assert fwd.connections == 1, f"{fwd.connections} connections for one late key"
+        finally:
+            authorized.write_text(before)
+            fwd.stop()
+
     def test_a_key_still_rejected_after_the_grace_is_a_key_rejected_error(
         self, dialer: Dialer, sshd: Sshd, tmp_path: Path
     ) -> None:

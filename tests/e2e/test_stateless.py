@@ -373,3 +373,20 @@ def test_a_fresh_clone_after_a_stateful_wake_that_moved_start_count_applies_as_a
     # the journal names the boot before the wake; the marker in memory says it is the same
     assert result["ok"] and result["rounds"] == 0, result
     assert b.status()["sessions"]["demo"]["instance"]["start_count"] == before + 1
+
+
+def test_a_fresh_clones_plan_leaves_a_suspended_instance_suspended_after_reading_its_journal(
+    runners: Runners,
+) -> None:
+    a, b = runners.a, runners.b
+    a.run("apply", "session.yaml", check=0)
+    assert runners.instance()["state"] == "standby"
+    runners.clone()
+    # reading the journal needs the sandbox up; a plan changes nothing, so it puts it back
+    proc = b.run("plan", "--detailed-exitcode", "session.yaml", check=0)
+    assert runners.instance()["state"] == "standby", proc.stdout + proc.stderr
+    # what the plan read is what the apply finds: nothing to do, and it stays asleep
+    proc = b.run("apply", "--output", "json", "session.yaml", check=0)
+    (result,) = json.loads(proc.stdout)["groups"]
+    assert result["ok"] and result["rounds"] == 0, result
+    assert runners.instance()["state"] == "standby"

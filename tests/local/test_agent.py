@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import marshal
+import os
 import socket
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from reconciler.local.sandbox.agent import boot
+from reconciler.local.sandbox import launch
+from reconciler.local.sandbox.agent import boot, envpipe, options
 from reconciler.local.sandbox.agent.commands import parse_signal
 from tests.support.sandbox_harness import EdgeHarness, needs_metro_tools
 
@@ -266,7 +269,8 @@ def test_the_agents_start_imports_no_http_server_until_an_api_is_called() -> Non
     agent_dir = Path(boot.__file__).parent
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import agent.boot; "
-        "print(sorted(m for m in ('http.server', 'email', 'ssl', 'typing') if m in sys.modules))"
+        "print(sorted(m for m in ('http.server', 'email', 'ssl', 'typing', 'argparse', 'json', "
+        "'re', 'subprocess', 'uuid') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-I", "-S", "-c", probe, str(agent_dir.parent)],
@@ -287,3 +291,135 @@ def test_the_exec_api_answers_its_first_connection_made_the_moment_it_listens() 
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
         conn.sendall(b"GET /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         assert conn.recv(100).startswith(b"HTTP/1.1 404")
+
+
+def test_the_launcher_imports_neither_json_nor_typing_nor_signal() -> None:
+    # why it matters: the launcher starts once per sandbox boot, its imports were most of it
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import launch; "
+        "print(sorted(m for m in ('json', 're', 'typing', 'signal', 'enum') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", probe, str(Path(launch.__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_plan_that_is_not_a_marshalled_dict_fails_the_launch_with_code_125_and_one_line() -> None:
+    for junk in (b"{not marshal", b"", marshal.dumps(["a", "list"])):
+        r, w = os.pipe()
+        os.write(w, junk)
+        os.close(w)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-S", launch.__file__, str(r)],
+                capture_output=True,
+                text=True,
+                pass_fds=(r,),
+                timeout=30,
+            )
+        finally:
+            os.close(r)
+        assert done.returncode == launch.EXIT_LAUNCH_FAILED, junk
+        assert done.stderr.startswith("launch: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+class TestOptions:
+    def test_the_runtimes_options_are_read_with_their_types_and_defaults(self) -> None:
+        fds = ["--status-fd", "3", "--plugin-fd", "4", "--relay-fd", "5", "--env-fd", "6"]
+        opts = options.parse(
+            [*fds, "--host-key", "/run/ukc-host/k", "--ssh-delay", "0.3", "--max-procs", "512"]
+        )
+        assert (opts.status_fd, opts.plugin_fd, opts.relay_fd, opts.env_fd) == (3, 4, 5, 6)
+        assert (opts.host_key, opts.ssh_delay, opts.max_procs) == ("/run/ukc-host/k", 0.3, 512)
+        assert (opts.key_delay, opts.max_data) == (0.0, 0)
+
+    @pytest.mark.parametrize(
+        ("argv", "says"),
+        [
+            (["--bogus", "1"], "unknown or repeated option '--bogus'"),
+            (["--status-fd", "3", "--status-fd", "4"], "unknown or repeated option '--status-fd'"),
+            (["--status-fd"], "option --status-fd needs a value"),
+            (["--status-fd", "three"], "option --status-fd: 'three' is not int"),
+            (["--status-fd", "3"], "missing --plugin-fd, --relay-fd, --env-fd, --host-key"),
+        ],
+    )
+    def test_a_wrong_command_line_is_refused_naming_the_option(
+        self, argv: list[str], says: str
+    ) -> None:
+        with pytest.raises(ValueError) as err:
+            options.parse(argv)
+        assert str(err.value) == says
+
+    def test_the_agent_given_a_wrong_command_line_exits_2_saying_why_on_the_console(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert boot.main(["--bogus", "1"]) == 2
+        assert (
+            capsys.readouterr().err
+            == "agent: bad arguments: unknown or repeated option '--bogus'\n"
+        )
+
+
+class TestEnvPipe:
+    def test_an_env_goes_through_the_pipe_unchanged(self) -> None:
+        env = {
+            "PUBKEY": "ssh-ed25519 AAAA k",
+            "EMPTY": "",
+            "UNI": "h\u00e9 \u2603 a=b\nc",
+            "RAW": "\udcff",
+        }
+        assert envpipe.decode(envpipe.encode(env)) == env
+
+    @pytest.mark.parametrize(
+        "env", [{"A=B": "x"}, {"": "x"}, {"A\0B": "x"}, {"A": "x\0LD_PRELOAD\0/evil.so"}]
+    )
+    def test_a_name_or_value_no_environment_can_hold_is_refused(self, env: dict[str, str]) -> None:
+        with pytest.raises(ValueError, match="env variable"):
+            envpipe.encode(env)
+
+    @pytest.mark.parametrize("data", [b"A\0", b"A\0x", b"A\0x\0B\0"])
+    def test_a_pipe_that_is_not_whole_pairs_is_refused(self, data: bytes) -> None:
+        with pytest.raises(ValueError, match="key, value pairs"):
+            envpipe.decode(data)
+
+
+def test_a_program_the_agent_starts_gets_default_signals_and_none_of_its_descriptors(
+    tmp_path: Path,
+) -> None:
+    # as subprocess.Popen gave sshd: SIGPIPE and SIGXFSZ back to default, no fd beyond 2
+    out = tmp_path / "out"
+    probe = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); from agent.boot import Child; "
+        "r, w = os.pipe(); os.set_inheritable(r, True); os.set_inheritable(w, True); "
+        "c = Child(['/bin/sh', '-c', 'grep SigIgn /proc/self/status; ls /proc/self/fd; "
+        "read x; echo stdin=$x'], {'PATH': '/bin'}); print(c.wait())"
+    )
+    with out.open("w") as sink:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", probe, str(Path(boot.__file__).parent.parent)],
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 0, done.stderr
+    lines = out.read_text().split("\n")
+    ignored = int(lines[0].split()[1], 16)
+    assert not ignored & (1 << (13 - 1)) and not ignored & (1 << (25 - 1))  # SIGPIPE, SIGXFSZ
+    # fds 0-2 and the one ls opens to list them; stdin is /dev/null (read finds nothing)
+    assert sorted(int(x) for x in lines[1:5]) == [0, 1, 2, 3]
+    assert lines[5:] == ["stdin=", "0", ""]
+
+
+def test_the_boot_id_is_a_random_version_4_uuid() -> None:
+    import uuid
+
+    ids = {boot.boot_id() for _ in range(100)}
+    assert len(ids) == 100
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4

@@ -121,6 +121,14 @@ class TestBoot:
         ):
             asyncio.run(rt.start("x-uuid", env={}))
 
+    def test_an_env_name_no_environment_can_hold_fails_the_start_naming_it(
+        self, tmp_path: Path
+    ) -> None:
+        rt = SandboxRuntime(tmp_path, lambda u, c, m: None)
+        with pytest.raises(LocalMetroError, match=r"^sandbox x-uuid: env variable 'A=B'"):
+            asyncio.run(rt.start("x-uuid", env={"A=B": "1"}))
+        assert not rt.is_running("x-uuid")
+
     def test_a_path_like_uuid_is_refused(self, tmp_path: Path) -> None:
         rt = SandboxRuntime(tmp_path, lambda u, c, m: None)
         with pytest.raises(LocalMetroError, match="not a valid instance uuid"):

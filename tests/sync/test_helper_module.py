@@ -368,6 +368,35 @@ def test_a_patch_whose_result_does_not_match_its_sha256_changes_nothing(box: Box
     assert box.temps() == []
 
 
+@pytest.mark.parametrize("belief", ["other mtime", "other size", "other content"])
+def test_a_patch_made_for_another_old_file_is_asked_for_again_and_blocks_the_record(
+    box: Box, belief: str
+) -> None:
+    (box.root / "f").write_bytes(OLD)
+    os.utime(box.root / "f", ns=(5, 5))
+    base = {"other mtime": [12, 6], "other size": [13, 5], "other content": [12, 5]}[belief]
+    header, data = patch("f", b"aaaaXXXXcccc", [1])
+    if belief == "other content":
+        header["sha256"] = hashlib.sha256(b"what the client thought").hexdigest()
+    header.update(base=base, redo=True)
+    finish = {"op": "finish", "record": {"boot_id": "boot-1", "uuid": "u1", "digest": "d"}}
+    whole = put("f", b"aaaaXXXXcccc")
+    _, answers = box.serve(header, data, SYNC, finish, *whole, finish)
+    assert answers.frame() == {
+        "errors": [],
+        "error_count": 0,
+        "written": 0,
+        "bytes": 0,
+        "redo": ["f"],
+    }
+    first = answers.frame()
+    assert (first["redo"], first["recorded"]) == (["f"], False)
+    second = answers.frame()
+    assert ("redo" in second, second["recorded"], second["errors"]) == (False, True, [])
+    assert (box.root / "f").read_bytes() == b"aaaaXXXXcccc"
+    assert box.temps() == []
+
+
 def test_a_discarded_patch_changes_nothing_and_is_no_error(box: Box) -> None:
     (box.root / "f").write_bytes(OLD)
     _, answers = box.serve(*patch("f", b"aaaaXXXXcccc", [1], commit=False), SYNC)
@@ -376,13 +405,81 @@ def test_a_discarded_patch_changes_nothing_and_is_no_error(box: Box) -> None:
     assert box.temps() == []
 
 
-@pytest.mark.parametrize("plant", ["missing", "symlink", "symlinked parent", "bad path"])
+def _blocks_patch(old: bytes, new: bytes, bs: int) -> tuple[list[int], bytes]:
+    """The blocks of `new` that differ from `old` at the same offsets, and their bytes."""
+    n = (len(new) + bs - 1) // bs
+    send = [i for i in range(n) if new[i * bs : (i + 1) * bs] != old[i * bs : (i + 1) * bs]]
+    return send, b"".join(new[i * bs : (i + 1) * bs] for i in send)
+
+
+@pytest.mark.parametrize("shape", ["first and last", "middle", "grown", "shrunk", "same"])
+def test_a_patch_of_a_file_over_many_chunks_has_the_new_content_and_its_sha256(
+    box: Box, shape: str
+) -> None:
+    bs = 1 << 16
+    old = os.urandom(2 * helper.CHUNK + 3 * bs + 100)  # chunks, blocks and a partial block
+    new = bytearray(old)
+    if shape == "first and last":
+        new[:10] = b"x" * 10
+        new[-5:] = b"y" * 5
+    elif shape == "middle":
+        new[helper.CHUNK - 7 : helper.CHUNK + bs + 9] = os.urandom(bs + 16)  # across a chunk
+    elif shape == "grown":
+        new[5 * bs : 5 * bs + 1] = b"z"
+        new += os.urandom(helper.CHUNK + 77)
+    elif shape == "shrunk":
+        new[bs : bs + 2] = b"zz"
+        del new[helper.CHUNK + 5 :]
+    new = bytearray(new)
+    send, data = _blocks_patch(old, bytes(new), bs)
+    (box.root / "f").write_bytes(old)
+    header = {
+        "op": "patch",
+        "path": "f",
+        "size": len(new),
+        "bs": bs,
+        "send": send,
+        "sha256": hashlib.sha256(new).hexdigest(),
+        "mode": 0o600,
+        "mtime_ns": 10**18,
+    }
+    _, answers = box.serve(header, data + b"\x01", SYNC)
+    reply = answers.frame()
+    assert reply["error_count"] == 0, reply
+    assert (reply["written"], reply["bytes"]) == (1, len(data))
+    got = (box.root / "f").read_bytes()
+    assert hashlib.sha256(got).hexdigest() == header["sha256"]
+    assert got == new
+    assert box.temps() == []
+
+
+def test_a_patch_whose_blocks_come_out_of_order_leaves_the_old_file_and_the_stream_in_step(
+    box: Box,
+) -> None:
+    (box.root / "f").write_bytes(OLD)
+    new = b"XXXXbbbbYYYY"
+    header, _ = patch("f", new, [2, 0])
+    _, answers = box.serve(header, b"YYYYXXXX\x01", *put("after", b"ok"), SYNC)
+    reply = answers.frame()
+    assert reply["errors"] == ["f: patch blocks out of order"]
+    assert (box.root / "f").read_bytes() == OLD
+    assert (box.root / "after").read_bytes() == b"ok"
+    assert box.temps() == []
+
+
+@pytest.mark.parametrize(
+    "plant", ["missing", "symlink", "symlinked parent", "bad path", "fifo", "directory"]
+)
 def test_a_patch_of_a_file_it_cannot_open_safely_is_an_error_and_the_stream_goes_on(
     box: Box, plant: str
 ) -> None:
     path = {"symlinked parent": "sub/secret", "bad path": "../secret"}.get(plant, "f")
     if plant == "symlink":
         (box.root / "f").symlink_to(box.outside / "secret")
+    if plant == "fifo":
+        os.mkfifo(box.root / "f")  # nobody writes it: an open that waits would never return
+    if plant == "directory":
+        (box.root / "f").mkdir()
     if plant == "symlinked parent":
         (box.root / "sub").symlink_to(box.outside)
     before = box.outside_state()
@@ -613,13 +710,11 @@ def test_a_push_with_errors_writes_no_record_and_unrecord_forgets_it(box: Box) -
     _, answers = box.serve(*put("../x", b""), {"op": "finish", "record": {"a": 1}})
     reply = answers.frame()
     assert (reply["recorded"], reply["error_count"]) == (False, 1)
-    assert not (box.state / "record.json").exists()
     _, answers = box.serve({"op": "finish", "record": None})
     assert answers.frame()["recorded"] is False
     _, answers = box.serve({"op": "finish", "record": {"a": 1}})
     assert answers.frame()["recorded"] is True
     box.serve({"op": "unrecord"}, {"op": "unrecord"})  # the second finds nothing: no error
-    assert not (box.state / "record.json").exists()
 
 
 def test_the_write_pool_is_at_most_sixteen_threads(box: Box) -> None:

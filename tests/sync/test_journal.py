@@ -3,8 +3,10 @@ only as far as one writer wrote them, digests moved by what changed."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 from reconciler.sync import journal
@@ -14,7 +16,7 @@ from reconciler.sync.entry import Entry
 from reconciler.sync.ignore import load_rules
 from reconciler.sync.manifest import Manifest, last_push_record, scan_local
 from reconciler.sync.records import INDEX, PUSH_RECORD, TOOLS
-from tests.support.synctree import Site, snapshot, write
+from tests.support.synctree import BOTH_PATHS, Site, snapshot, write
 
 
 def _forget_cache() -> None:
@@ -220,6 +222,85 @@ class TestPushRecord:
         local = scan_local(site.opts())
         assert plan_push(local, site.opts()).empty
         assert push(site.shell, site.opts(), instance_uuid="u1", local=local).files_sent == 0
+
+
+class TestScansBetweenPushes:
+    """A scan that is not followed by a push (`ukc plan`, a watch pass that found nothing to
+    send yet) moves the index past the state our last push recorded."""
+
+    @staticmethod
+    def _record_entries_unreadable(site: Site) -> None:
+        # only the metadata (the last line) may be read: reading the entries breaks
+        record = site.state / PUSH_RECORD
+        lines = record.read_bytes().splitlines(keepends=True)
+        record.write_bytes(b"x" * (len(lines[0]) - 1) + b"\n" + b"".join(lines[1:]))
+        _forget_cache()
+
+    @BOTH_PATHS
+    def test_a_push_after_scans_since_the_last_one_sends_what_they_found_changed(
+        self, site: Site
+    ) -> None:
+        _tree(site, 60)
+        write(site.local / "swap" / "x.txt", "a file under a directory")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        write(site.local / "d1" / "f001.txt", "edited once")
+        write(site.local / "d2" / "f002.txt", "edited, then put back")
+        assert plan_push(scan_local(site.opts()), site.opts()).uploads == (
+            "d1/f001.txt",
+            "d2/f002.txt",
+        )
+        write(site.local / "d1" / "f001.txt", "edited twice")
+        write(site.local / "d2" / "f002.txt", "content 2")  # its pushed content, a new mtime
+        (site.local / "d3" / "f003.txt").unlink()
+        write(site.local / "new.txt", "new")
+        shutil.rmtree(site.local / "swap")
+        write(site.local / "swap", "a file where the directory was")
+        local = scan_local(site.opts())
+        result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
+        assert result.plan is not None and not result.remote_scanned
+        assert result.plan.uploads == ("d1/f001.txt", "new.txt", "swap")
+        assert result.plan.metas == ("d2/f002.txt",)
+        assert result.plan.deletes == ("d3/f003.txt", "swap/x.txt")
+        assert result.plan.replaces == ("swap",)
+        assert snapshot(site.remote) == snapshot(site.local)
+        _forget_cache()
+        pushed = last_push_record(site.opts())
+        assert pushed is not None and pushed[0].entries == local.entries
+
+    def test_the_push_record_entries_are_not_read_when_the_index_tells_what_changed_since(
+        self, site: Site
+    ) -> None:
+        _tree(site, 60)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        write(site.local / "d1" / "f001.txt", "edited")
+        scan_local(site.opts())  # `ukc plan`: the index moves on, no push
+        write(site.local / "d2" / "f002.txt", "edited too")
+        self._record_entries_unreadable(site)
+        local = scan_local(site.opts())
+        assert plan_push(local, site.opts()).uploads == ("d1/f001.txt", "d2/f002.txt")
+        result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
+        assert (result.files_sent, result.remote_scanned) == (2, False)
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_an_index_line_without_the_entries_it_replaced_makes_the_push_compare_whole_records(
+        self, site: Site
+    ) -> None:
+        _tree(site, 60)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        write(site.local / "d1" / "f001.txt", "edited")
+        scan_local(site.opts())
+        index = site.state / INDEX
+        lines = index.read_bytes().splitlines(keepends=True)
+        last = json.loads(lines[-1])
+        del last["was"]  # as an older ukc wrote it
+        index.write_bytes(b"".join(lines[:-1]) + json.dumps(last).encode() + b"\n")
+        _forget_cache()
+        write(site.local / "d2" / "f002.txt", "edited too")
+        local = scan_local(site.opts())
+        result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
+        assert result.plan is not None
+        assert result.plan.uploads == ("d1/f001.txt", "d2/f002.txt")
+        assert snapshot(site.remote) == snapshot(site.local)
 
 
 def test_records_live_under_the_state_dir_only(site: Site) -> None:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import marshal
 import os
 import sys
 import time
@@ -34,6 +34,7 @@ from pathlib import Path
 from reconciler.errors import LocalMetroError
 from reconciler.local.behaviour import BootOptions
 from reconciler.local.sandbox import volumefs
+from reconciler.local.sandbox.agent import envpipe
 from reconciler.local.sandbox.box import Box, read_boot_id, read_init_pid
 from reconciler.local.sandbox.bwrap import (
     BASE_ENV,
@@ -68,6 +69,13 @@ CONNECT_ACK_TIMEOUT_S = 10.0
 STREAM_LIMIT = 256 * 1024
 DEFAULT_MEMORY_MB = 128
 DEFAULT_MAX_PIDS = 512
+
+
+def _env_bytes(uuid: str, env: dict[str, str]) -> bytes:
+    try:
+        return envpipe.encode(env)
+    except ValueError as exc:
+        raise LocalMetroError(f"sandbox {uuid}: {exc}") from None
 
 
 class SandboxRuntime:
@@ -247,7 +255,7 @@ class SandboxRuntime:
         try:
             # why: env values may be secrets, and `LD_PRELOAD` and friends must not reach the
             # host-side processes (a root launcher!): the env goes to the agent in a pipe
-            owned.append(pipe_with(json.dumps({**BASE_ENV, **env}).encode()))
+            owned.append(pipe_with(_env_bytes(uuid, {**BASE_ENV, **env})))
             fds = {
                 "status": status_w,
                 "info": info_w,
@@ -279,7 +287,7 @@ class SandboxRuntime:
                 "workspace": str(ws),
                 "files": files,
             }
-            owned.append(pipe_with(json.dumps(plan).encode()))
+            owned.append(pipe_with(marshal.dumps(plan)))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-S", str(LAUNCHER), str(owned[-1]),
                 stdin=asyncio.subprocess.DEVNULL,

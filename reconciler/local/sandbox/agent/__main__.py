@@ -15,4 +15,4 @@ if __name__ == "__main__":
         boot = importlib.import_module(os.path.basename(here) + ".boot")
     finally:
         del sys.path[0]
-    sys.exit(boot.main())
+    sys.exit(boot.main(sys.argv[1:]))

@@ -7,25 +7,25 @@ as UKC reports `running` before the image's sshd is up), then lives as long as s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import resource
 import select
 import signal
 import socket
-import subprocess
 import threading
 import time
-import uuid
-from collections.abc import Callable
 
+from . import envpipe, options
 from .console import log, os_message
 from .relay import serve_relay
 
-TYPE_CHECKING = False  # why not typing's: importing typing is ~10% of the agent's start
+# why not typing's, and why no argparse, json, subprocess or uuid here: every sandbox boot
+# pays the agent's imports (argparse, json and subprocess pull in re, gettext, locale,
+# selectors; uuid pulls in platform): they were two thirds of its start
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from http.server import ThreadingHTTPServer
 
 __all__ = ["main"]
@@ -82,7 +82,56 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _wait_accepting(port: int, sshd: subprocess.Popen[bytes], deadline: float) -> bool:
+class Child:
+    """A program the agent started (sshd): its pid, and its exit code once reaped."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        # why: whatever descriptors the agent inherited (the status pipe, the plugin and relay
+        # sockets) stay the agent's; the child gets stdin from /dev/null and the console
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+        self.returncode: int | None = None
+        self.pid = os.posix_spawn(
+            argv[0],
+            argv,
+            env,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+            # why: Python ignores these two; a program and its children expect the default
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        )
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
+def boot_id() -> str:
+    """A random (version 4) UUID, as `uuid.uuid4()` writes it."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _wait_accepting(port: int, sshd: Child, deadline: float) -> bool:
     while time.monotonic() < deadline:
         if sshd.poll() is not None:
             return False
@@ -137,17 +186,15 @@ def _serve_when_asked(
 
 
 def _load_env(fd: int) -> None:
-    """The instance env (a JSON object on `fd`) becomes this process's environment.
+    """The instance env (`envpipe` pairs on `fd`) becomes this process's environment.
 
     It comes through a pipe, not bwrap's environment, so nothing on the host side of the
     sandbox ever runs with it (secret values, or an `LD_PRELOAD` aimed at the host).
     """
     with os.fdopen(fd, "rb") as f:
-        env = json.loads(f.read())
-    if not isinstance(env, dict):
-        raise ValueError("the env pipe must carry a JSON object")
+        env = envpipe.decode(f.read())
     os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in env.items()})
+    os.environ.update(env)
 
 
 def _limit(max_procs: int, max_data: int) -> None:
@@ -165,27 +212,19 @@ def _limit(max_procs: int, max_data: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ukc-agent")
-    ap.add_argument("--status-fd", type=int, required=True)
-    ap.add_argument("--plugin-fd", type=int, required=True)
-    ap.add_argument("--relay-fd", type=int, required=True)
-    ap.add_argument("--env-fd", type=int, required=True)
-    ap.add_argument("--host-key", required=True)
-    ap.add_argument("--max-procs", type=int, default=0)
-    ap.add_argument("--max-data", type=int, default=0)
-    # as on UKC, where `running` means the app reached its entry point: sshd listens this
-    # long after the ready line, and the key from PUBKEY is installed this long after that
-    ap.add_argument("--ssh-delay", type=float, default=0.0)
-    ap.add_argument("--key-delay", type=float, default=0.0)
-    args = ap.parse_args(argv)
+def main(argv: list[str]) -> int:
+    try:
+        args = options.parse(argv)
+    except ValueError as exc:
+        log(f"bad arguments: {exc}")
+        return 2
     if args.max_procs or args.max_data:
         _limit(args.max_procs, args.max_data)
 
     _load_env(args.env_fd)
-    boot_id = str(uuid.uuid4())
+    boot = boot_id()
     os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
-    _write(f"{RUN_DIR}/boot_id", boot_id + "\n", 0o644)
+    _write(f"{RUN_DIR}/boot_id", boot + "\n", 0o644)
     # why: sshd reads the key as the sandbox user; the value never leaves this 0600 file
     key_line = os.environ.get("PUBKEY", "").strip() + "\n"
     _write(f"{RUN_DIR}/authorized_keys", "" if args.key_delay > 0 else key_line, 0o600)
@@ -215,22 +254,20 @@ def main(argv: list[str] | None = None) -> int:
 
     late = args.ssh_delay > 0 or args.key_delay > 0
     if late:
-        _ready(args.status_fd, boot_id)
+        _ready(args.status_fd, boot)
         time.sleep(args.ssh_delay)
     sshd_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     try:
-        sshd = subprocess.Popen(
+        sshd = Child(
             ["/usr/sbin/sshd", "-D", "-e", "-f", f"{RUN_DIR}/sshd_config", "-p", str(SSH_PORT)],
-            env=sshd_env,
-            stdin=subprocess.DEVNULL,
+            sshd_env,
         )
     except OSError as exc:
         log(f"sshd failed to start: {os_message(exc)}")
         return 1
 
     def _terminate(signum: int, _frame: object) -> None:
-        with contextlib.suppress(OSError):
-            sshd.terminate()
+        sshd.signal(signal.SIGTERM)
         os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -238,20 +275,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if not _wait_accepting(SSH_PORT, sshd, time.monotonic() + READY_DEADLINE_S):
         log(f"sshd not accepting on {SSH_PORT} (exit code {sshd.poll()})")
-        sshd.kill()
+        sshd.signal(signal.SIGKILL)
         return 1
     if late:
         time.sleep(args.key_delay)
         _write(f"{RUN_DIR}/authorized_keys", key_line, 0o600)
     else:
-        _ready(args.status_fd, boot_id)
+        _ready(args.status_fd, boot)
     code = sshd.wait()
     log(f"sshd exited with code {code}")
     return 1 if code == 0 else (code if code > 0 else 128 - code)
 
 
-def _ready(status_fd: int, boot_id: str) -> None:
+def _ready(status_fd: int, boot: str) -> None:
     """Tell the runtime the sandbox is up (then the metro says `running`)."""
     with contextlib.suppress(OSError):
-        os.write(status_fd, f"ready {boot_id}\n".encode())
+        os.write(status_fd, f"ready {boot}\n".encode())
         os.close(status_fd)
