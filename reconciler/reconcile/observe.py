@@ -57,8 +57,10 @@ def observe(
     owner: identity.Owner,
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance], None] | None = None,
+    scan: bool = True,
 ) -> Observation:
-    """List owned instances (one list per metro in use), then scan the local trees.
+    """List owned instances (one list per metro in use), then scan the local trees (not
+    without `scan`: a delete reads nothing of them).
 
     `on_tree_changed(session, transport, metro, instance)` is called while a session's tree is being
     scanned, as soon as it is seen to differ from the last push, when the session's instance is
@@ -121,7 +123,7 @@ def observe(
                 on_tree_changed, name, transport_of(loaded), metro_of[name], mine
             )
         named = instances.get(identity.instance_name(project, name))
-        ctx, why = build_session(group, loaded, owner, environ, salt, hint, named)
+        ctx, why = build_session(group, loaded, owner, environ, salt, hint, named, scan=scan)
         contexts[name] = ctx
         if why is not None:
             halted[name] = why
