@@ -49,8 +49,11 @@ from reconciler.status.schema import (
     expiry_time,
     parse_time,
 )
+from reconciler.sync import engine as sync_engine
 from reconciler.sync import feed as sync_feed
+from reconciler.sync.options import SyncOptions
 from reconciler.transport import select
+from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
 __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_group"]
@@ -668,10 +671,13 @@ def _prefetcher(
     metros: MetroRegistry,
     pool: TransportPool,
     owner: identity.Owner,
-) -> Callable[[str, str, str, Instance], None]:
-    """The observer's hint → a connection opened in the background for the push to come."""
+) -> Callable[[str, str, str, Instance, SyncOptions], None]:
+    """The observer's hint → a connection opened in the background for the push to come, its
+    sync helper started over it."""
 
-    def prefetch(session: str, transport: str, metro: str, inst: Instance) -> None:
+    def prefetch(
+        session: str, transport: str, metro: str, inst: Instance, opts: SyncOptions
+    ) -> None:
         rec = doc.sessions.get(session)
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job
@@ -682,7 +688,14 @@ def _prefetcher(
         kind = select.kind_for(identity.instance_transport(inst, transport))
         target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
-        pool.prefetch(session, inst.uuid, lambda: kind.reopen(target, credentials, pin=pin))
+
+        def opener() -> Transport:
+            conn = kind.reopen(target, credentials, pin=pin)
+            # the push's helper starts in the sandbox while this side scans and plans
+            sync_engine.start_ahead(conn, opts, instance_uuid=inst.uuid)
+            return conn
+
+        pool.prefetch(session, inst.uuid, opener)
 
     return prefetch
 

@@ -22,9 +22,11 @@ from reconciler.reconcile.desired import (
     Group,
     SessionContext,
     build_session,
+    sync_options_for,
     transport_of,
 )
 from reconciler.status.schema import StatusDoc
+from reconciler.sync.options import SyncOptions
 
 __all__ = ["Observation", "observe", "observe_quotas", "observe_volumes"]
 
@@ -56,16 +58,16 @@ def observe(
     only: set[str] | None = None,
     owner: identity.Owner,
     salt: bytes,
-    on_tree_changed: Callable[[str, str, str, Instance], None] | None = None,
+    on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
     scan: bool = True,
 ) -> Observation:
     """List owned instances (one list per metro in use), then scan the local trees (not
     without `scan`: a delete reads nothing of them).
 
-    `on_tree_changed(session, transport, metro, instance)` is called while a session's tree is being
-    scanned, as soon as it is seen to differ from the last push, when the session's instance is
-    running: the apply loop opens the connection the push will need meanwhile. A hint only;
-    nothing observed depends on it.
+    `on_tree_changed(session, transport, metro, instance, sync options)` is called while a
+    session's tree is being scanned, as soon as it is seen to differ from the last push, when
+    the session's instance is running: the apply loop opens the connection the push will need
+    meanwhile (and starts its sync helper). A hint only; nothing observed depends on it.
     """
     project = owner.project
     wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
@@ -120,7 +122,12 @@ def observe(
             and identity.prove(mine, owner, name, records.get(name)).ours
         ):
             hint = functools.partial(
-                on_tree_changed, name, transport_of(loaded), metro_of[name], mine
+                on_tree_changed,
+                name,
+                transport_of(loaded),
+                metro_of[name],
+                mine,
+                sync_options_for(group, loaded),
             )
         named = instances.get(identity.instance_name(project, name))
         ctx, why = build_session(group, loaded, owner, environ, salt, hint, named, scan=scan)

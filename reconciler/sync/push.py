@@ -39,7 +39,13 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
-__all__ = ["MAX_REMOTE_ONLY", "MAX_REMOTE_ONLY_CHARS", "PushResult", "push", "read_remote_scan"]
+__all__ = [
+    "MAX_REMOTE_ONLY",
+    "MAX_REMOTE_ONLY_CHARS",
+    "PushResult",
+    "push",
+    "read_remote_scan",
+]
 
 
 @dataclass

@@ -249,6 +249,15 @@ class HelperSession:
             kept.close(abort=True)
         return cls(shell, opts), False
 
+    @classmethod
+    def start_ahead(cls, shell: RemoteShell, opts: SyncOptions) -> None:
+        """Start a helper for a push still to come and park it: its interpreter starts (tens
+        of ms in the sandbox) while the controller scans and plans, and `for_push` finds it
+        running. A helper that fails to start is only a lost head start: `for_push` finds it
+        dead and starts its own, whose failure says why."""
+        with contextlib.suppress(Exception):
+            cls(shell, opts).park()
+
     def _alive(self) -> bool:
         try:
             self.proc.wait(timeout=0)

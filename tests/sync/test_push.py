@@ -12,10 +12,10 @@ import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
 from reconciler.sync import blockdigests
-from reconciler.sync.engine import forget, plan_push, pull, push, scan_local
+from reconciler.sync.engine import forget, plan_push, pull, push, scan_local, start_ahead
 from reconciler.transport.base import RemoteProcess
 from reconciler.transport.local_shell import LocalShell
-from tests.support.synctree import BOTH_PATHS, Site, snapshot, write
+from tests.support.synctree import BOTH_PATHS, NO_PYTHON, Site, snapshot, write
 
 
 def seed(site: Site) -> None:
@@ -436,6 +436,33 @@ class TestKeptHelper:
         push(site.shell, site.opts(), instance_uuid="u1")
         assert (site.remote / "d" / "a.txt").read_text() == "new"
         assert (site.remote / "e" / "a.txt").read_text() == "old"
+
+
+class TestStartedAhead:
+    def test_a_helper_started_ahead_over_a_connection_serves_the_push_that_follows(
+        self, site: Site
+    ) -> None:
+        write(site.local / "a.txt", "a")
+        start_ahead(site.shell, site.opts(), instance_uuid="u1")
+        assert len(site.shell.started) == 1  # running before the push asks for it
+        assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
+        assert len(site.shell.started) == 1
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    @BOTH_PATHS
+    def test_a_sandbox_without_python3_still_syncs_over_the_tar_path_after_a_start_ahead(
+        self, site: Site
+    ) -> None:
+        write(site.local / "a.txt", "a")
+        for i in range(2):  # before the path is known, then once it is recorded
+            write(site.local / f"b{i}.txt", "b")
+            start_ahead(site.shell, site.opts(), instance_uuid="u1")
+            push(site.shell, site.opts(), instance_uuid="u1")
+            assert snapshot(site.remote) == snapshot(site.local)
+        if site.remote_python == NO_PYTHON:
+            started = len(site.shell.started)
+            start_ahead(site.shell, site.opts(), instance_uuid="u1")
+            assert len(site.shell.started) == started  # known to have no python3: nothing
 
 
 class TestBatches:
