@@ -252,11 +252,12 @@ def build_session(
     environ: Mapping[str, str],
     salt: bytes,
     on_change: Callable[[], None] | None = None,
-    instance: Instance | None = None,
+    instance: Callable[[], Instance | None] = lambda: None,
     scan: bool = True,
 ) -> tuple[SessionContext, str | None]:
-    """`instance` is the one observed under the session's name (a claim: the planner proves
-    it ours before anything uses it); its key nonce says which derived key opens it.
+    """`instance()` is the one observed under the session's name (a claim: the planner proves
+    it ours before anything uses it); its key nonce says which derived key opens it. Asked
+    for after the scan: the observer lists the instances while the tree is scanned.
     Without `scan` the local tree is not read (a delete needs nothing of it): no manifest,
     an empty tree state."""
     s = loaded.spec
@@ -291,7 +292,7 @@ def build_session(
         tree = TreeState(digest="", files=0, bytes=0, halted=halted)
     inst_hash = identity.instance_hash(s.image, s.memory_mb, s.workspace.volume_mb)
     transport = select.kind_for(transport_of(loaded))
-    credentials = instance_credentials(group, s.name, owner, instance)
+    credentials = instance_credentials(group, s.name, owner, instance())
     desired = DesiredSession(
         name=s.name,
         metro=metro_label(s.metro),
