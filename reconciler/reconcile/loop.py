@@ -805,7 +805,9 @@ def delete_group(
         # why nothing on a lost lease: deletes are one request each, by proven uuid
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
-        obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+        # why no scan: a delete needs the sessions' names, not their trees (a big tree took
+        # most of a `ukc delete`)
+        obs = observe(group, doc, metros, environ, owner=owner, salt=salt, scan=False)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
         vols = observe_volumes(metros, obs.project, (d.metro for d in obs.desired))
         the_plan = plan_delete(triples, obs.instances, doc, obs.owner, vols)

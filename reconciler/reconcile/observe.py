@@ -61,8 +61,10 @@ def observe(
     owner: identity.Owner,
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
+    scan: bool = True,
 ) -> Observation:
-    """List owned instances (one list per metro in use) while the local trees are scanned.
+    """List owned instances (one list per metro in use) while the local trees are scanned
+    (not without `scan`: a delete reads nothing of them).
 
     why at once: the list is a round trip to the platform and the scan local work; one after
     the other they were most of the time from an edit to its push (`ukc watch`).
@@ -96,6 +98,7 @@ def observe(
                 salt,
                 hint.changed if hint is not None else None,
                 functools.partial(listing.named, identity.instance_name(project, name)),
+                scan=scan,
             )
             contexts[name] = ctx
             if why is not None:
