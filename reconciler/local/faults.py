@@ -1,8 +1,10 @@
-"""Fault knobs of the local metro: injected 429s, 5xxs, latency, edge drops and list lag.
+"""Fault knobs of the local metro: injected 429s, 5xxs, latency, edge drops, list lag and
+instances being deleted read as live.
 
 Set at runtime through `POST /_local/faults`. Every `/v1/` request takes its fault from
-`take_api_fault()`, every accepted edge connection asks `take_edge_drop()`, and a list answer
-consults `hides()` / `list_answered()` to emulate an eventually consistent list.
+`take_api_fault()`, every accepted edge connection asks `take_edge_drop()`, a list answer
+consults `hides()` / `list_answered()` to emulate an eventually consistent list, and an
+instance read passes its items through `show_deleting_live()`.
 """
 
 from __future__ import annotations
@@ -45,10 +47,19 @@ class Faults:
         self.list_lag_count = 0
         # instances created with a sequence number above this are hidden while the lag lasts
         self.list_lag_after_seq: int | None = None
+        self.deleting_live_count = 0
 
     def apply(self, body: dict[str, Any], *, current_seq: int) -> None:
         """Apply a `/_local/faults` body; unknown knobs are refused (a typo must not pass)."""
-        known = {"rate_limit", "server_error", "latency_ms", "drop_edge", "list_lag", "reset"}
+        known = {
+            "rate_limit",
+            "server_error",
+            "latency_ms",
+            "drop_edge",
+            "list_lag",
+            "deleting_live",
+            "reset",
+        }
         unknown = sorted(set(body) - known)
         if unknown:
             raise ApiError(f"unknown fault knobs: {', '.join(unknown)}", status=400)
@@ -73,6 +84,11 @@ class Faults:
             self.list_lag_count = _count((body["list_lag"] or {}).get("count", 1), "list_lag")
             self.list_lag_after_seq = current_seq if self.list_lag_count else None
 
+        if "deleting_live" in body:
+            self.deleting_live_count = _count(
+                (body["deleting_live"] or {}).get("count", 1), "deleting_live.count"
+            )
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "rate_limit": {"count": self.rate_limit_count, "retry_after": self.retry_after},
@@ -83,6 +99,7 @@ class Faults:
             "latency_ms": self.latency_ms,
             "drop_edge": {"count": self.drop_edge_count},
             "list_lag": {"count": self.list_lag_count},
+            "deleting_live": {"count": self.deleting_live_count},
         }
 
     def take_api_fault(self) -> ApiFault | None:
@@ -116,3 +133,14 @@ class Faults:
             self.list_lag_count -= 1
             if self.list_lag_count == 0:
                 self.list_lag_after_seq = None
+
+    def show_deleting_live(self, items: list[dict[str, Any]]) -> None:
+        """While the knob lasts (one count per read answer), an instance being deleted reads
+        as `stopping`, as a platform that force-stops it first may report it, not `deleted`."""
+        if self.deleting_live_count <= 0:
+            return
+        self.deleting_live_count -= 1
+        for item in items:
+            if item.get("state") == "deleted":
+                item["state"] = "stopping"
+                item.pop("retained_until", None)

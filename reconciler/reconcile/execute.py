@@ -461,9 +461,10 @@ class Executor:
                 return True
             except errors.AlreadyExistsError:
                 found = conn.api.get_instance(name)
-                if found is None or found.uuid in self.deleted:
+                if found is None or found.uuid in self.deleted or found.uuid in self.obs.dying:
                     # The name is held by an instance being deleted (or retained as
-                    # `deleted`): never adopt it; its name comes free shortly.
+                    # `deleted`), by this run or an earlier one (`ukc delete` does not wait
+                    # for the name): never adopt it; its name comes free shortly.
                     held_by[0] = found.uuid if found is not None else "a deleted instance"
                     if remaining <= 0:
                         raise errors.AlreadyExistsError(
@@ -481,8 +482,10 @@ class Executor:
                 self._say(session, "info", f"adopted existing instance {found.name}")
                 return True
 
+        # why capped at 1 s: after a delete that did not wait, the name comes free within a
+        # second or two; a longer wait is mostly time after it came free
         policy = RetryPolicy(
-            max_attempts=None, base_s=0.2, cap_s=2.0, jitter=0.5, deadline_s=self.name_timeout_s
+            max_attempts=None, base_s=0.1, cap_s=1.0, jitter=0.5, deadline_s=self.name_timeout_s
         )
         poll(attempt, policy=policy, monotonic=self.clock, sleep=self.sleep)
 
@@ -720,6 +723,9 @@ class Executor:
             self._wait_ready(ctx, conn, run)
             assert run.transport is not None
             result = push(run.transport)
+        # the scanned tree was for this push only (a later round scans again): not kept
+        # alive through the commands and the sync-back (100,000 entries are ~60 MB)
+        ctx.manifest = None
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             # Outputs still owed from this same instance stay owed across a new push.
@@ -859,6 +865,9 @@ class Executor:
         # the instance uuid (with the sandbox's boot id) says which sandbox a pulled file came
         # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
         uuid = run.inst.uuid if run.inst is not None else ""
+        # a pull never reads the scanned tree: freed before the pull's record and writes take
+        # their share (a push later in this round scans again, told by the keeper or a feed)
+        ctx.manifest = None
         result = sync_engine.pull(run.transport, ctx.sync_options, instance_uuid=uuid)
         rec = self._record(ctx.desired.name)
         stopped = result.stopped or (

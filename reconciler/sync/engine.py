@@ -25,6 +25,7 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.pullrecord import pull_meta
 from reconciler.sync.push import PushResult
+from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
 __all__ = [
@@ -35,13 +36,28 @@ __all__ = [
     "SyncOptions",
     "TransferPlan",
     "forget",
+    "greet",
     "plan_pull",
     "plan_push",
     "pull",
     "pulled_paths",
     "push",
     "scan_local",
+    "start_ahead",
+    "ungreet",
 ]
+
+
+def greet(shell: RemoteShell, opts: SyncOptions, instance_uuid: str) -> bool:
+    """Start the next push's first round trip now, if the last push over `shell` left its
+    helper running (`push.greet`); True: call `ungreet(shell)` when the pushes are done."""
+    if recorded_tools(opts, instance_uuid) == "shell":
+        return False
+    return python_push.greet(shell, opts, instance_uuid)
+
+
+def ungreet(shell: RemoteShell) -> None:
+    python_push.ungreet(shell)
 
 
 def push(
@@ -68,6 +84,14 @@ def push(
         return tarpush.push(shell, opts, instance_uuid=instance_uuid, local=local, rules=rules)
     record_tools(opts, instance_uuid, "python")
     return result
+
+
+def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:
+    """Start the python helper of a push still to come over `shell` (a connection opened
+    ahead of need), unless the instance is known to have no python3 (the tar path then
+    needs nothing started)."""
+    if recorded_tools(opts, instance_uuid) != "shell":
+        HelperSession.start_ahead(shell, opts)
 
 
 def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:

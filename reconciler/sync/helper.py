@@ -77,6 +77,10 @@ TMP = ".ukc-tmp."
 F_SETPIPE_SZ = 1031
 
 
+class MismatchError(OSError):
+    """A patch's old file or result is not what the client believed (it may ask again)."""
+
+
 def _json_codec() -> tuple[Callable[[str], Any], Callable[[Any], str]]:
     """loads/dumps from the C module `_json` directly: `import json` pulls in `re` and `enum`
     (~6 ms, paid on every push, pull and watch pass); the plain module is the fallback."""
@@ -222,6 +226,9 @@ class Helper:
         #: remote deletions only after a pull that listed and read everything
         self.pull_errors = 0
         self.pull_missing: list[str] = []
+        #: patched files the client may send whole instead (its belief about our copy did not
+        #: hold): until one lands, nothing is recorded
+        self.redo: set[str] = set()
         #: what the client last pulled (`op_have`): files unchanged since are not resent
         self.have: Msg = {}
         self.ops: dict[str, Callable[[Msg], None]] = {
@@ -365,6 +372,7 @@ class Helper:
             os.close(self.rootfd)
             self.rootfd = -1
         self.errors, self.nerr, self.written, self.nbytes = [], 0, 0, 0
+        self.redo = set()
         root = req["root"]
         self.root = root
         self.nthreads = min(int(req.get("threads", 0)), MAX_THREADS)
@@ -488,6 +496,7 @@ class Helper:
             with self.lock:
                 self.written += 1
                 self.nbytes += len(data)
+                self.redo.discard(path)
         except Exception as exc:
             self.err(path, exc)
             unlink_quiet(tmp, pfd)
@@ -544,6 +553,7 @@ class Helper:
             os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
             self.written += 1
             self.nbytes += size
+            self.redo.discard(path)
         except Exception as exc:
             if ok:
                 self.err(path, exc)
@@ -593,7 +603,11 @@ class Helper:
         """A new version of an existing file, built in one pass: the old file's unchanged
         blocks and the changed ones that follow the request (`send`, ascending) are written to
         a temp file in order and hashed on the way; the temp replaces the file only when that
-        sha256 is the one asked for (a reader sees the old file or the new one, never a mix)."""
+        sha256 is the one asked for (a reader sees the old file or the new one, never a mix).
+
+        With `base` ([size, mtime_ns]) the old file must be that one. With `redo`, an old file
+        or result that is not what the client believed is noted for the client to send whole
+        (`redo` in the counts), not an error."""
         import hashlib
 
         path, size, bs, idxs = req["path"], req["size"], req["bs"], req["send"]
@@ -604,8 +618,12 @@ class Helper:
             pfd = self.open_dir(parent, False)
             # O_NONBLOCK: a fifo planted under the name must not stall the open
             src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=pfd)
-            if not stat.S_ISREG(os.fstat(src).st_mode):
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError("not a regular file")
+            base = req.get("base")
+            if base is not None and [st.st_size, st.st_mtime_ns] != base:
+                raise MismatchError("not the file the patch was made for")
             tmp = TMP + name[:100] + "." + str(os.getpid())
             fd = create_temp(tmp, pfd, 0o600)
         except Exception as exc:
@@ -644,7 +662,7 @@ class Helper:
             if not ok:
                 raise OSError("file changed while it was being sent")
             if h.hexdigest() != req["sha256"]:
-                raise OSError("patched content does not match its sha256")
+                raise MismatchError("patched content does not match its sha256")
             os.fchmod(fd, req["mode"] & 0o7777)
             os.utime(fd, ns=(req["mtime_ns"], req["mtime_ns"]))
             os.close(fd)
@@ -653,7 +671,9 @@ class Helper:
             self.written += 1
             self.nbytes += sum(min(bs, size - i * bs) for i in idxs)
         except Exception as exc:
-            if ok or failed is not None:
+            if isinstance(exc, MismatchError) and req.get("redo"):
+                self.redo.add(path)
+            elif ok or failed is not None:
                 self.err(path, exc)
             if fd is not None:
                 os.close(fd)
@@ -750,12 +770,16 @@ class Helper:
         self.send({"removed": removed, "kept": kept[:10]})
 
     def counts(self) -> Msg:
-        return {
+        out: Msg = {
             "errors": self.errors,
             "error_count": self.nerr,
             "written": self.written,
             "bytes": self.nbytes,
         }
+        if self.redo:
+            # bounded like the errors: the client sends these, asks again, and gets the rest
+            out["redo"] = sorted(self.redo)[:MAX_ERRORS]
+        return out
 
     def op_sync(self, req: Msg) -> None:
         self.send(self.counts())
@@ -764,7 +788,7 @@ class Helper:
         """Report the errors so far; write the record only when there were none."""
         rec = req.get("record")
         recorded = False
-        if rec is not None and self.nerr == 0:
+        if rec is not None and self.nerr == 0 and not self.redo:
             os.makedirs(self.state, mode=0o700, exist_ok=True)
             rec = dict(rec)
             rec["root"] = self.root

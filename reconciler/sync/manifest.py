@@ -59,6 +59,10 @@ CHUNK = 1 << 20
 #: open returns, and the fstat that follows refuses anything but a regular file
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 
+#: one int object per value below 4096, shared by the entries' modes and small sizes (28
+#: bytes each, 5.6 MB at 100,000 small files; Python shares only up to 256)
+_SHARED: dict[int, int] = {i: i for i in range(4096)}
+
 #: what a state's metadata holds besides what a push adds
 _META_KEYS = ("digest", "mtimes", "files", "bytes")
 
@@ -375,7 +379,7 @@ class _Scan:
             if self.rules.excluded(rel, True):
                 return False
             was = self.prev.get(rel)
-            e = Entry("d", 0, cst.st_mtime_ns, mode & 0o7777, "")
+            e = Entry("d", 0, cst.st_mtime_ns, _SHARED[mode & 0o7777], "")
             # another inode: a directory moved or made in its place, whose old children no
             # event names (a revisit walks it afresh)
             fresh = (
@@ -426,7 +430,14 @@ class _Scan:
             digest = hash_file(fd, fst.st_size)
         finally:
             os.close(fd)
-        e = Entry("f", fst.st_size, fst.st_mtime_ns, fst.st_mode & 0o7777, digest)
+        size = fst.st_size
+        e = Entry(
+            "f",
+            _SHARED.get(size, size),
+            fst.st_mtime_ns,
+            _SHARED[fst.st_mode & 0o7777],
+            digest,
+        )
         self.entries[rel] = e
         self.inos[rel] = fst.st_ino
         self.note(rel, e, was)

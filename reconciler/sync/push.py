@@ -11,7 +11,6 @@ so an interrupted push forces a full scan next time instead of trusting a half-a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.errors import RemoteError, SyncError, SyncLimitError
+from reconciler.sync import blockdigests
+from reconciler.sync.blockdigests import BLOCK, block_count
 from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
@@ -38,7 +39,15 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
-__all__ = ["MAX_REMOTE_ONLY", "MAX_REMOTE_ONLY_CHARS", "PushResult", "push", "read_remote_scan"]
+__all__ = [
+    "MAX_REMOTE_ONLY",
+    "MAX_REMOTE_ONLY_CHARS",
+    "PushResult",
+    "greet",
+    "push",
+    "read_remote_scan",
+    "ungreet",
+]
 
 
 @dataclass
@@ -128,8 +137,6 @@ def read_remote_scan(s: HelperSession, local: Manifest, rules: IgnoreRules) -> M
 
 #: files at least this big that the remote already has are sent as changed blocks only
 DELTA_MIN = 1 << 20
-#: block size of delta uploads (fixed offsets: in-place edits and appends, not insertions)
-BLOCK = 1 << 16
 #: files up to this size go in batches: one `puts` frame names up to `BATCH_FILES` files of
 #: up to `BATCH_BYTES` together, their contents follow. why: at 100,000 small files a frame,
 #: a JSON encode and decode and two fstat calls per file were most of an initial push
@@ -143,19 +150,16 @@ BATCH_BYTES = 1 << 20
 _DEFERRED_DIGESTS = 256 << 10
 
 
-def _digests(fd: int, size: int) -> bytes:
-    """The 8-byte digests of the file's `BLOCK`-sized blocks, concatenated."""
-    out = []
-    for i in range((size + BLOCK - 1) // BLOCK):
-        out.append(hashlib.sha1(os.pread(fd, BLOCK, i * BLOCK)).digest()[:8])
-    return b"".join(out)
-
-
 class _Sender:
     """Streams the plan's operations into one helper session."""
 
     def __init__(
-        self, session: HelperSession, local: Manifest, root: Path, previous: Manifest
+        self,
+        session: HelperSession,
+        local: Manifest,
+        root: Path,
+        previous: Manifest,
+        state_dir: Path,
     ) -> None:
         self.s = session
         self.local = local
@@ -171,6 +175,15 @@ class _Sender:
         #: block digests asked for and not read yet (path, most blocks), and ours meanwhile
         self.awaiting: list[tuple[str, int]] = []
         self.local_blocks: dict[str, bytes] = {}
+        #: content sha256 -> block digests: remembered from earlier pushes (`blockdigests`,
+        #: read once this push sends a big file), and learned in this one (sent intact)
+        self.state_dir = state_dir
+        self.known: dict[str, bytes] | None = None
+        self.learned: dict[str, bytes] = {}
+        #: paths whose remote digests are remembered ones, not the sandbox's answer; and those
+        #: sent as patches on that belief, which the helper may ask for again (`settle`)
+        self.remembered: set[str] = set()
+        self.redo_ok: set[str] = set()
         #: small files waiting for their batch, and their bytes
         self.batch: list[tuple[str, Entry]] = []
         self.batch_bytes = 0
@@ -188,9 +201,17 @@ class _Sender:
             mine = entries[path]
             if mine.size < DELTA_MIN or mine.type != "f":
                 continue  # most files, looked at first: one lookup each
+            if self.known is None:
+                self.known = blockdigests.load(self.state_dir)
             theirs = previous.get(path)
-            if theirs is not None and theirs.type == "f":
-                wanted.append((path, (mine.size + BLOCK - 1) // BLOCK))
+            if theirs is None or theirs.type != "f":
+                continue
+            known = self.known.get(theirs.ref) if theirs.ref else None
+            if known is not None and len(known) == 8 * block_count(theirs.size):
+                self.remote_blocks[path] = known
+                self.remembered.add(path)
+            else:
+                wanted.append((path, block_count(mine.size)))
         if not wanted:
             return
         self.s.send(
@@ -239,7 +260,7 @@ class _Sender:
                 e.mtime_ns,
             ):
                 return None
-            return _digests(fd, e.size)
+            return blockdigests.digests(fd, e.size)
         except OSError:
             return None
         finally:
@@ -328,17 +349,28 @@ class _Sender:
             self.await_blocks()
             remote = self.remote_blocks.get(path)
             blocks = None
+            mine = None
             if intact and remote is not None:
                 mine = self.local_blocks.pop(path, None)
                 if mine is None:
-                    mine = _digests(fd, e.size)
+                    mine = blockdigests.digests(fd, e.size)
                 blocks = self._changed_blocks(mine, e, remote)
+            digester = None
+            header: dict[str, Any]
             if blocks is not None:
                 header = {"op": "patch", "bs": BLOCK, "send": blocks, "sha256": e.ref}
                 spans = [(i * BLOCK, min(BLOCK, e.size - i * BLOCK)) for i in blocks]
+                if path in self.remembered:
+                    # the helper checks the belief (size, mtime, then the result's sha256)
+                    # and asks again instead of failing when it does not hold
+                    theirs = self.previous.entries[path]
+                    header.update(base=[theirs.size, theirs.mtime_ns], redo=True)
+                    self.redo_ok.add(path)
             else:
                 header = {"op": "put"}
                 spans = [(0, e.size)]
+                if e.size >= DELTA_MIN and mine is None:
+                    digester = blockdigests.Digester()  # for the next edit of this file
             header.update(path=path, size=e.size, mode=e.mode, mtime_ns=e.mtime_ns)
             self.s.send(header)
             sent = 0
@@ -350,6 +382,8 @@ class _Sender:
                         # changed under us: keep the stream in step, then tell the helper to discard
                         intact = False
                         chunk = bytes(n)
+                    elif digester is not None:
+                        digester.feed(chunk)
                     self.s.send_raw(chunk)
                     offset += n
                     length -= n
@@ -363,6 +397,9 @@ class _Sender:
         if intact:
             self.files += 1
             self.bytes += sent
+            learned = digester.result() if digester is not None else mine
+            if learned is not None and e.ref:
+                self.learned[e.ref] = learned
         else:
             self.errors.append(f"{path}: changed while it was being sent")
 
@@ -384,9 +421,32 @@ class _Sender:
         """Wait for the helper to apply everything so far; all errors (ours and its)."""
         self.send_batch()
         self.await_blocks()
-        reply = self.s.call({"op": "sync"})
+        reply = self.settle({"op": "sync"})
         remote = [str(x) for x in reply.get("errors", [])][:50]
         return self.errors + remote
+
+    def settle(self, req: dict[str, Any]) -> Any:
+        """`req`'s answer once everything sent has landed: files the helper could not patch
+        from remembered digests (the sandbox's copy was not the one we remember) are sent
+        whole and `req` asked again. Each such file at most once, and only files that were
+        sent so: what the sandbox names is checked, never followed."""
+        while True:
+            reply = self.s.call(req)
+            redo = reply.get("redo") if isinstance(reply, dict) else None
+            if not redo or reply.get("errors"):
+                return reply
+            if not isinstance(redo, list) or not all(
+                isinstance(p, str) and p in self.redo_ok for p in redo
+            ):
+                raise RemoteError(
+                    f"sync helper asks again for {len(redo) if isinstance(redo, list) else '?'} "
+                    "files that were not sent as patches from remembered digests"
+                )
+            for path in redo:
+                self.redo_ok.discard(path)
+                self.remembered.discard(path)
+                self.remote_blocks.pop(path, None)
+                self._put(path, self.local.entries[path])
 
 
 def push(
@@ -404,7 +464,9 @@ def push(
     s, kept = HelperSession.for_push(shell, opts)
     try:
         hello: Any = None
-        _send_hello(s, opts, instance_uuid)
+        if not (kept and s.greeted):
+            _send_hello(s, opts, instance_uuid)
+        s.greeted = False  # the answer read next is this push's
         if kept:
             try:
                 hello = s.reader.frame(1 << 16)
@@ -430,19 +492,33 @@ def push(
     return result
 
 
+def greet(shell: RemoteShell, opts: SyncOptions, instance_uuid: str) -> bool:
+    """Say hello ahead of a push over `shell` to the helper the last push left there (a
+    watch's pass does it when it starts, under the status lock: the answer's round trip then
+    overlaps the pass's observation). True: the caller must `ungreet(shell)` once the pass's
+    pushes are done (it reads an answer no push read)."""
+    return HelperSession.greet(shell, opts, _hello(opts, instance_uuid))
+
+
+def ungreet(shell: RemoteShell) -> None:
+    HelperSession.ungreet(shell)
+
+
+def _hello(opts: SyncOptions, instance_uuid: str) -> dict[str, Any]:
+    return {
+        "op": "hello",
+        "root": opts.remote_root,
+        "state_dir": opts.remote_state_dir,
+        "boot_paths": list(opts.boot_id_paths),
+        "uuid": instance_uuid,
+        "digest": "-",
+        "threads": opts.write_threads,
+        "flush": True,
+    }
+
+
 def _send_hello(s: HelperSession, opts: SyncOptions, instance_uuid: str) -> None:
-    s.send(
-        {
-            "op": "hello",
-            "root": opts.remote_root,
-            "state_dir": opts.remote_state_dir,
-            "boot_paths": list(opts.boot_id_paths),
-            "uuid": instance_uuid,
-            "digest": "-",
-            "threads": opts.write_threads,
-            "flush": True,
-        }
-    )
+    s.send(_hello(opts, instance_uuid))
     s.flush()
 
 
@@ -559,7 +635,7 @@ def _apply(
     result: PushResult,
 ) -> int:
     root = Path(opts.local_root)
-    sender = _Sender(s, local, root, previous)
+    sender = _Sender(s, local, root, previous, Path(opts.state_dir))
     sender.prepare_delta(plan.uploads)
     s.send({"op": "unrecord"})
     replaced = frozenset(plan.replaces)
@@ -596,10 +672,13 @@ def _apply(
     record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
     sender.await_blocks()
     # one round trip: the helper records the new manifest only if it saw no error
-    reply = s.call({"op": "finish", "record": None if sender.errors else record})
+    reply = sender.settle({"op": "finish", "record": None if sender.errors else record})
     errors = sender.errors + [str(x) for x in reply.get("errors", [])][:50]
     result.files_sent, result.bytes_sent = sender.files, sender.bytes
     if errors or reply.get("recorded") is not True:
         first = errors[0] if errors else "manifest not recorded"
         raise SyncError(f"push to {opts.remote_root}: {len(errors)} errors ({first})")
+    if sender.known is not None:  # a big file was sent: remember its digests
+        keep = (e.ref for e in local.entries.values() if e.type == "f" and e.size >= DELTA_MIN)
+        blockdigests.save(Path(opts.state_dir), sender.known, sender.learned, keep)
     return deleted

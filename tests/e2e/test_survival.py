@@ -124,6 +124,34 @@ def test_ukc_delete_answers_before_the_name_is_free_and_an_apply_right_after_ado
     assert instance(tough, old) is None
 
 
+def test_an_apply_right_after_ukc_delete_never_takes_the_dying_instance_even_read_as_live(
+    tough: Ukc,
+) -> None:
+    """A platform may report an instance being deleted as `stopping` (force-stopped first),
+    not `deleted`: this checkout's record of the delete still says it is on its way out."""
+    behave(tough, {"delete_hold_s": 2.0})
+    tough.run("apply", "session.yaml", check=0)
+    old = session(tough)["instance"]["uuid"]
+    tough.run("delete", "session.yaml", check=0)
+    with tough.api() as client:
+        client.post("/_local/faults", json={"deleting_live": {"count": 1000}}).raise_for_status()
+    try:
+        dying = instance(tough, old)
+        assert dying is not None and dying["state"] == "stopping", dying
+        proc = tough.run("apply", "session.yaml", check=0)
+    finally:
+        with tough.api() as client:
+            client.post("/_local/faults", json={"reset": True}).raise_for_status()
+    said = proc.stdout + proc.stderr
+    assert "adopted" not in said and "delete instance" not in said, said
+    assert "start instance" not in said and "create instance" in said, said
+    new = session(tough)["instance"]["uuid"]
+    assert new != old and session(tough)["phase"] == "Ready"
+    [stamp] = session(tough)["commands"]
+    assert stamp["instance_uuid"] == new and stamp["exit_code"] == 0
+    assert instance(tough, old) is None
+
+
 def test_a_missing_image_fails_within_seconds_with_the_platforms_stop_code(tough: Ukc) -> None:
     behave(tough, {"known_images_only": True})
     tough.write_spec(SPEC.format(extra="image: nobody/no-such-image:1\n"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
-from reconciler.sync.engine import forget, plan_push, pull, push, scan_local
-from tests.support.synctree import BOTH_PATHS, Site, snapshot, write
+from reconciler.sync import blockdigests
+from reconciler.sync.engine import forget, plan_push, pull, push, scan_local, start_ahead
+from reconciler.transport.base import RemoteProcess
+from reconciler.transport.local_shell import LocalShell
+from tests.support.synctree import BOTH_PATHS, NO_PYTHON, Site, snapshot, write
 
 
 def seed(site: Site) -> None:
@@ -280,6 +284,114 @@ class TestDeltaUploads:
         assert snapshot(site.remote) == snapshot(site.local)
 
 
+class _Tapped:
+    """A shell whose processes' input is kept: what the client asked the helper for."""
+
+    def __init__(self, shell: LocalShell) -> None:
+        self.shell = shell
+        self.sent = bytearray()
+
+    def start(self, command: str) -> RemoteProcess:
+        proc = self.shell.start(command)
+        sent = self.sent
+        write = proc.write
+
+        def tapped(data: bytes) -> None:
+            sent.extend(data)
+            write(data)
+
+        proc.write = tapped  # type: ignore[method-assign]
+        return proc
+
+    def close(self) -> None:
+        self.shell.close()
+
+
+def _edit(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+class TestRememberedDigests:
+    def test_an_edited_big_file_is_patched_without_asking_the_sandbox_for_its_digests(
+        self, site: Site
+    ) -> None:
+        big = write(site.local / "big.bin", os.urandom(3 << 20))
+        push(site.shell, site.opts(), instance_uuid="u1")
+        for round_ in range(2):  # remembered from the whole upload, then from the patch
+            _edit(big, (1 + round_) << 20, b"edit %d" % round_)
+            tapped = _Tapped(site.shell)
+            result = push(tapped, site.opts(), instance_uuid="u1")  # type: ignore[arg-type]
+            assert b'"op":"blocks"' not in tapped.sent
+            assert b'"op":"patch"' in tapped.sent
+            assert (result.files_sent, result.bytes_sent) == (1, 65536)
+            assert snapshot(site.remote) == snapshot(site.local)
+
+    @pytest.mark.parametrize("keep_mtime", [False, True])
+    def test_a_big_file_changed_in_the_sandbox_since_our_push_is_sent_whole_in_the_same_push(
+        self, site: Site, keep_mtime: bool
+    ) -> None:
+        big = write(site.local / "big.bin", os.urandom(3 << 20))
+        write(site.local / "small.txt", "s")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        remote = site.remote / "big.bin"
+        st = remote.stat()
+        _edit(remote, 100, b"CHANGED IN THE SANDBOX")  # our record still says it is ours
+        if keep_mtime:  # only the patched result's sha256 can tell
+            os.utime(remote, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _edit(big, 2 << 20, b"local edit")
+        write(site.local / "gone-soon.txt", "x")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.files_sent == 3  # the patch that did not fit, then the whole file
+        assert snapshot(site.remote) == snapshot(site.local)
+        (site.local / "gone-soon.txt").unlink()  # a barrier before deletes asks the same way
+        _edit(remote, 100, b"AND AGAIN")
+        _edit(big, 2 << 20, b"local again")
+        result = push(site.shell, site.opts(), instance_uuid="u1")
+        assert result.deleted == 1
+        assert snapshot(site.remote) == snapshot(site.local)
+        again = push(site.shell, site.opts(), instance_uuid="u1")
+        assert (again.files_sent, again.remote_scanned) == (0, False)
+
+    @pytest.mark.parametrize("damage", ["wrong digests", "garbled", "other block size"])
+    def test_remembered_digests_that_are_wrong_cost_bytes_never_a_wrong_file(
+        self, site: Site, damage: str
+    ) -> None:
+        big = write(site.local / "big.bin", os.urandom(2 << 20))
+        push(site.shell, site.opts(), instance_uuid="u1")
+        memory = site.state / blockdigests.FILE
+        doc = json.loads(memory.read_text())
+        if damage == "wrong digests":  # well formed: every block looks unchanged
+            sha = hashlib.sha256(big.read_bytes()).hexdigest()
+            _edit(big, 1 << 20, b"edit")
+            with open(big, "rb") as f:
+                doc["files"][sha] = blockdigests.digests(f.fileno(), big.stat().st_size).hex()
+            memory.write_text(json.dumps(doc))
+        else:
+            memory.write_text("{not json" if damage == "garbled" else json.dumps({**doc, "bs": 7}))
+            _edit(big, 1 << 20, b"edit")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_only_the_digests_of_the_trees_big_files_are_remembered_and_kept(
+        self, site: Site
+    ) -> None:
+        write(site.local / "a.bin", os.urandom(2 << 20))
+        write(site.local / "b.bin", os.urandom(1 << 20))
+        write(site.local / "small.bin", os.urandom(100_000))
+        push(site.shell, site.opts(), instance_uuid="u1")
+        shas = {
+            p: hashlib.sha256((site.local / p).read_bytes()).hexdigest() for p in ("a.bin", "b.bin")
+        }
+        assert set(blockdigests.load(site.state)) == set(shas.values())
+        (site.local / "a.bin").unlink()
+        _edit(site.local / "b.bin", 0, b"edit")  # the next push that sends a big file prunes
+        push(site.shell, site.opts(), instance_uuid="u1")
+        b_now = hashlib.sha256((site.local / "b.bin").read_bytes()).hexdigest()
+        assert set(blockdigests.load(site.state)) == {b_now}
+
+
 class TestWriteThreads:
     def test_pooled_writes_give_the_same_trees_both_ways(self, site: Site) -> None:
         for i in range(120):
@@ -324,6 +436,33 @@ class TestKeptHelper:
         push(site.shell, site.opts(), instance_uuid="u1")
         assert (site.remote / "d" / "a.txt").read_text() == "new"
         assert (site.remote / "e" / "a.txt").read_text() == "old"
+
+
+class TestStartedAhead:
+    def test_a_helper_started_ahead_over_a_connection_serves_the_push_that_follows(
+        self, site: Site
+    ) -> None:
+        write(site.local / "a.txt", "a")
+        start_ahead(site.shell, site.opts(), instance_uuid="u1")
+        assert len(site.shell.started) == 1  # running before the push asks for it
+        assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
+        assert len(site.shell.started) == 1
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    @BOTH_PATHS
+    def test_a_sandbox_without_python3_still_syncs_over_the_tar_path_after_a_start_ahead(
+        self, site: Site
+    ) -> None:
+        write(site.local / "a.txt", "a")
+        for i in range(2):  # before the path is known, then once it is recorded
+            write(site.local / f"b{i}.txt", "b")
+            start_ahead(site.shell, site.opts(), instance_uuid="u1")
+            push(site.shell, site.opts(), instance_uuid="u1")
+            assert snapshot(site.remote) == snapshot(site.local)
+        if site.remote_python == NO_PYTHON:
+            started = len(site.shell.started)
+            start_ahead(site.shell, site.opts(), instance_uuid="u1")
+            assert len(site.shell.started) == started  # known to have no python3: nothing
 
 
 class TestBatches:

@@ -63,6 +63,7 @@ async def _list_instances(request: web.Request) -> web.Response:
     refs = await named_refs(request)
     if refs:
         items = answer_refs(refs, lambda ref: _read_item(metro.index.lookup(ref), details, now))
+        faults.show_deleting_live(items)
         return envelope_response(request, items=items)
     tags_raw = request.query.get("tags", "")
     recs = metro.index.select(tags_raw.split(",") if tags_raw else [])
@@ -93,6 +94,7 @@ async def _list_instances(request: web.Request) -> web.Response:
         if count > 0:
             recs = recs[:count]
     out = [r.to_wire(now) for r in recs] if details else [r.identity() for r in recs]
+    faults.show_deleting_live(out)
     return envelope_response(request, items=out)
 
 
@@ -104,7 +106,9 @@ async def _get_instance(request: web.Request) -> web.Response:
     except ItemError as exc:
         return envelope_response(request, items=[error_item(ref, exc)])
     details = bool_query(request, "details", True)
-    return envelope_response(request, items=[_read_item(rec, details, time.time())])
+    items = [_read_item(rec, details, time.time())]
+    request.app[FAULTS].show_deleting_live(items)
+    return envelope_response(request, items=items)
 
 
 async def _create_instance(request: web.Request) -> web.Response:
