@@ -32,7 +32,16 @@ from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
 from reconciler.sync.entry import Entry
 
-__all__ = ["Journal", "Snapshot", "changes_since", "derive", "load", "peek", "read_meta"]
+__all__ = [
+    "Journal",
+    "Snapshot",
+    "changes_since",
+    "derive",
+    "load",
+    "peek",
+    "read_meta",
+    "release",
+]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
 _GROWTH = 1
@@ -189,6 +198,16 @@ def _remember(j: Journal) -> None:
     if j.path not in _CACHE and len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
     _CACHE[j.path] = j
+
+
+def release(keep: Path, held: Collection[object] = ()) -> None:
+    """Forget every loaded state but `keep`'s and those whose entries are in `held` (someone
+    compares them by identity): what only this cache holds is freed (a 100,000-entry index
+    is ~60 MB). The next load of a forgotten journal reads it whole."""
+    ids = {id(x) for x in held}
+    for path, j in list(_CACHE.items()):
+        if path != Path(keep) and id(j.entries) not in ids:
+            del _CACHE[path]
 
 
 def _entries(raw: object) -> dict[str, Entry] | None:
