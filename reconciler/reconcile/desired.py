@@ -252,10 +252,14 @@ def build_session(
     environ: Mapping[str, str],
     salt: bytes,
     on_change: Callable[[], None] | None = None,
-    instance: Instance | None = None,
+    instance: Callable[[], Instance | None] = lambda: None,
+    scan: bool = True,
 ) -> tuple[SessionContext, str | None]:
-    """`instance` is the one observed under the session's name (a claim: the planner proves
-    it ours before anything uses it); its key nonce says which derived key opens it."""
+    """`instance()` is the one observed under the session's name (a claim: the planner proves
+    it ours before anything uses it); its key nonce says which derived key opens it. Asked
+    for after the scan: the observer lists the instances while the tree is scanned.
+    Without `scan` the local tree is not read (a delete needs nothing of it): no manifest,
+    an empty tree state."""
     s = loaded.spec
     env, secret_env, missing = session_env(s, environ)
     fingerprint = hashlib.sha256(
@@ -268,25 +272,27 @@ def build_session(
     halted: str | None = None
     manifest = None
     pending: tuple[str, ...] = ()
+    tree = TreeState(digest="", files=0, bytes=0)
     try:
-        manifest = sync_engine.scan_local(opts, on_change=on_change)
-        transfer = sync_engine.plan_push(manifest, opts)
-        tree = TreeState(
-            digest=manifest.digest,
-            files=manifest.file_count,
-            bytes=manifest.total_bytes,
-            uploads=tuple(transfer.uploads),
-            upload_bytes=transfer.upload_bytes,
-            deletes=tuple(transfer.deletes),
-        )
-        pending = tree.uploads + tree.deletes
-        tree = replace(tree, tools=capability.recorded(opts))
+        if scan:
+            manifest = sync_engine.scan_local(opts, on_change=on_change)
+            transfer = sync_engine.plan_push(manifest, opts)
+            tree = TreeState(
+                digest=manifest.digest,
+                files=manifest.file_count,
+                bytes=manifest.total_bytes,
+                uploads=tuple(transfer.uploads),
+                upload_bytes=transfer.upload_bytes,
+                deletes=tuple(transfer.deletes),
+            )
+            pending = tree.uploads + tree.deletes
+            tree = replace(tree, tools=capability.recorded(opts))
     except errors.SyncHaltedError as err:
         halted = str(err)
         tree = TreeState(digest="", files=0, bytes=0, halted=halted)
     inst_hash = identity.instance_hash(s.image, s.memory_mb, s.workspace.volume_mb)
     transport = select.kind_for(transport_of(loaded))
-    credentials = instance_credentials(group, s.name, owner, instance)
+    credentials = instance_credentials(group, s.name, owner, instance())
     desired = DesiredSession(
         name=s.name,
         metro=metro_label(s.metro),

@@ -723,6 +723,9 @@ class Executor:
             self._wait_ready(ctx, conn, run)
             assert run.transport is not None
             result = push(run.transport)
+        # the scanned tree was for this push only (a later round scans again): not kept
+        # alive through the commands and the sync-back (100,000 entries are ~60 MB)
+        ctx.manifest = None
         rec = self._record(ctx.desired.name)
         with self.doc_lock:
             # Outputs still owed from this same instance stay owed across a new push.
@@ -862,6 +865,9 @@ class Executor:
         # the instance uuid (with the sandbox's boot id) says which sandbox a pulled file came
         # from: only deletions in that same sandbox are mirrored (`sync.back_delete`)
         uuid = run.inst.uuid if run.inst is not None else ""
+        # a pull never reads the scanned tree: freed before the pull's record and writes take
+        # their share (a push later in this round scans again, told by the keeper or a feed)
+        ctx.manifest = None
         result = sync_engine.pull(run.transport, ctx.sync_options, instance_uuid=uuid)
         rec = self._record(ctx.desired.name)
         stopped = result.stopped or (

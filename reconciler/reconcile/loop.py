@@ -285,6 +285,7 @@ def apply_group(
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
         unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
+        _greet(leases, group, kept, only)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
@@ -549,6 +550,10 @@ def _run_sessions(
     and waits for the workers to journal it. A second Ctrl-C propagates at once: the workers
     are daemon threads, so nothing waits for them on the way out.
     """
+    if len(work) == 1 and threading.current_thread() is not threading.main_thread():
+        # no Ctrl-C arrives on this thread (a watch pass): nothing to wait for a worker with,
+        # and a thread start is a scheduling delay before an edit's push on a loaded machine
+        return [executor.run_session(work[0])]
     futures: list[Future[SessionOutcome]] = [Future() for _ in work]
     queue = list(zip(work, futures, strict=True))
     queue.reverse()
@@ -663,6 +668,24 @@ def _suspend(
         return item.session
 
     return {s for s in each(todo, one, concurrency=concurrency, name="ukc-suspend") if s}
+
+
+def _greet(
+    exits: contextlib.ExitStack, group: Group, pool: TransportPool, only: set[str] | None
+) -> None:
+    """Say hello now to the sync helpers the last pushes left running on kept connections
+    (a watch's next pass): the answers travel while this pass observes and plans. Answers no
+    push read are read when `exits` closes (before the status lock is released)."""
+    for loaded in group.sessions:
+        if only is not None and loaded.spec.name not in only:
+            continue
+        held = pool.peek(loaded.spec.name)
+        if held is None:
+            continue
+        uuid, shell = held
+        with contextlib.suppress(errors.UkcError, OSError):
+            if sync_engine.greet(shell, sync_options_for(group, loaded), uuid):
+                exits.callback(sync_engine.ungreet, shell)
 
 
 def _prefetcher(
@@ -782,7 +805,9 @@ def delete_group(
         # why nothing on a lost lease: deletes are one request each, by proven uuid
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
-        obs = observe(group, doc, metros, environ, owner=owner, salt=salt)
+        # why no scan: a delete needs the sessions' names, not their trees (a big tree took
+        # most of a `ukc delete`)
+        obs = observe(group, doc, metros, environ, owner=owner, salt=salt, scan=False)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
         vols = observe_volumes(metros, obs.project, (d.metro for d in obs.desired))
         the_plan = plan_delete(triples, obs.instances, doc, obs.owner, vols)

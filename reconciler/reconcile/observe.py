@@ -9,6 +9,7 @@ Everything the pure planner needs comes out of here as plain values.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from reconciler.reconcile.desired import (
     sync_options_for,
     transport_of,
 )
+from reconciler.spec.loader import LoadedSession
 from reconciler.status.schema import StatusDoc
 from reconciler.sync.options import SyncOptions
 
@@ -59,79 +61,51 @@ def observe(
     owner: identity.Owner,
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
+    scan: bool = True,
 ) -> Observation:
-    """List owned instances (one list per metro in use), then scan the local trees.
+    """List owned instances (one list per metro in use) while the local trees are scanned
+    (not without `scan`: a delete reads nothing of them).
 
-    `on_tree_changed(session, transport, metro, instance, sync options)` is called while a
-    session's tree is being scanned, as soon as it is seen to differ from the last push, when
-    the session's instance is running: the apply loop opens the connection the push will need
-    meanwhile (and starts its sync helper). A hint only; nothing observed depends on it.
+    why at once: the list is a round trip to the platform and the scan local work; one after
+    the other they were most of the time from an edit to its push (`ukc watch`).
+
+    `on_tree_changed(session, transport, metro, instance, sync options)` is called as soon as
+    a session's tree is seen to differ from the last push and the list shows its instance
+    running (whichever of the two comes last): the apply loop opens the connection the push
+    will need meanwhile (and starts its sync helper). A hint only; nothing observed depends
+    on it.
     """
     project = owner.project
     wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
-
-    used = {metro_label(loaded.spec.metro) for loaded in wanted}
-    recorded = {r.metro: name for name, r in doc.inventory().items() if r.metro}
-    # why: a platform may still list an instance being deleted in another state than
-    # `deleted` (it is force-stopped first); our own record of the delete says what it is
-    deleted = {
-        rec.instance.uuid
-        for rec in doc.sessions.values()
-        if rec.instance is not None and rec.instance.uuid and rec.instance.state == "deleted"
+    listing = _Listing(group, doc, metros, project, wanted)
+    hints = {
+        loaded.spec.name: _Hint(group, loaded, owner, doc, listing, on_tree_changed)
+        for loaded in wanted
+        if on_tree_changed is not None
     }
-    dying: set[str] = set()
-    instances: dict[str, Instance] = {}
-    claimed: dict[str, Instance] = {}
-    metro_of: dict[str, str] = {}
-    for metro in sorted(used | set(recorded)):
-        try:
-            conn = metros.get(metro)
-        except errors.UsageError as err:
-            if metro in used:
-                raise
-            # why: a status file comes with the checkout; it names a metro, it does not
-            # choose where the token goes
-            raise errors.UsageError(
-                f"{group.status_path}: session {recorded[metro]!r} was recorded on a metro "
-                f"ukc will not use: {err}"
-            ) from None
-        for inst in conn.api.list_instances([f"ukc.project={project}"]):
-            session = identity.session_from_tags(inst.tags, project)
-            if session is None:
-                continue  # not even claimed by a session of this project
-            if inst.uuid in deleted:
-                dying.add(inst.uuid)
-                continue
-            instances[inst.name] = inst
-            claimed[session] = inst
-            metro_of[session] = metro
-
-    records = {name: rec.instance for name, rec in doc.sessions.items()}
+    listing.start(list(hints.values()))
     contexts: dict[str, SessionContext] = {}
     halted: dict[str, str] = {}
-    for loaded in wanted:
-        name = loaded.spec.name
-        hint = None
-        mine = claimed.get(name)
-        if (
-            on_tree_changed is not None
-            and mine is not None
-            and mine.state == "running"
-            and identity.prove(mine, owner, name, records.get(name)).ours
-        ):
-            hint = functools.partial(
-                on_tree_changed,
-                name,
-                transport_of(loaded),
-                metro_of[name],
-                mine,
-                sync_options_for(group, loaded),
+    try:
+        for loaded in wanted:
+            name = loaded.spec.name
+            hint = hints.get(name)
+            ctx, why = build_session(
+                group,
+                loaded,
+                owner,
+                environ,
+                salt,
+                hint.changed if hint is not None else None,
+                functools.partial(listing.named, identity.instance_name(project, name)),
+                scan=scan,
             )
-        named = instances.get(identity.instance_name(project, name))
-        ctx, why = build_session(group, loaded, owner, environ, salt, hint, named)
-        contexts[name] = ctx
-        if why is not None:
-            halted[name] = why
+            contexts[name] = ctx
+            if why is not None:
+                halted[name] = why
+    finally:
+        listing.wait()
+    instances, claimed, _metro_of, dying = listing.result()
     return Observation(
         project=project,
         owner=owner,
@@ -140,8 +114,157 @@ def observe(
         instances=instances,
         claimed=claimed,
         halted=halted,
-        dying=frozenset(dying),
+        dying=dying,
     )
+
+
+#: what the list found: instances by name, by the session they claim, the metro of each
+#: session, and the uuids of instances on their way out
+_Found = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], frozenset[str]]
+
+
+class _Listing:
+    """The instances of every metro the group uses, listed on a thread of its own."""
+
+    def __init__(
+        self,
+        group: Group,
+        doc: StatusDoc,
+        metros: MetroRegistry,
+        project: str,
+        wanted: list[LoadedSession],
+    ) -> None:
+        self._group = group
+        self._metros = metros
+        self._project = project
+        self._used = {metro_label(loaded.spec.metro) for loaded in wanted}
+        self._recorded = {r.metro: name for name, r in doc.inventory().items() if r.metro}
+        # why: a platform may still list an instance being deleted in another state than
+        # `deleted` (it is force-stopped first); our own record of the delete says what it is
+        self._deleted = {
+            rec.instance.uuid
+            for rec in doc.sessions.values()
+            if rec.instance is not None and rec.instance.uuid and rec.instance.state == "deleted"
+        }
+        self._done = threading.Event()
+        self._found: _Found | None = None
+        self._error: BaseException | None = None
+        self._hints: list[_Hint] = []
+
+    def start(self, hints: list[_Hint]) -> None:
+        self._hints = hints
+        threading.Thread(target=self._run, name="ukc-list", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._found = self._list()
+        except BaseException as err:  # handed to the observing thread
+            self._error = err
+        finally:
+            self._done.set()
+        for hint in self._hints:
+            hint.listed()
+
+    def _list(self) -> _Found:
+        dying: set[str] = set()
+        instances: dict[str, Instance] = {}
+        claimed: dict[str, Instance] = {}
+        metro_of: dict[str, str] = {}
+        for metro in sorted(self._used | set(self._recorded)):
+            try:
+                conn = self._metros.get(metro)
+            except errors.UsageError as err:
+                if metro in self._used:
+                    raise
+                # why: a status file comes with the checkout; it names a metro, it does not
+                # choose where the token goes
+                raise errors.UsageError(
+                    f"{self._group.status_path}: session {self._recorded[metro]!r} was "
+                    f"recorded on a metro ukc will not use: {err}"
+                ) from None
+            for inst in conn.api.list_instances([f"ukc.project={self._project}"]):
+                session = identity.session_from_tags(inst.tags, self._project)
+                if session is None:
+                    continue  # not even claimed by a session of this project
+                if inst.uuid in self._deleted:
+                    dying.add(inst.uuid)
+                    continue
+                instances[inst.name] = inst
+                claimed[session] = inst
+                metro_of[session] = metro
+        return instances, claimed, metro_of, frozenset(dying)
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def result(self) -> _Found:
+        """What the list found (waits for it); the list's error if it failed."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._found is not None
+        return self._found
+
+    def finished(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def named(self, instance_name: str) -> Instance | None:
+        return self.result()[0].get(instance_name)
+
+
+class _Hint:
+    """One session's "tree changed" hint: given to the apply loop once the scan saw a change
+    and the list showed the session's instance running and ours, whichever came last."""
+
+    def __init__(
+        self,
+        group: Group,
+        loaded: LoadedSession,
+        owner: identity.Owner,
+        doc: StatusDoc,
+        listing: _Listing,
+        on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None,
+    ) -> None:
+        self._loaded = loaded
+        self._owner = owner
+        self._record = doc.sessions.get(loaded.spec.name)
+        self._listing = listing
+        self._call = on_tree_changed
+        self._opts = sync_options_for(group, loaded)
+        self._lock = threading.Lock()
+        self._seen = False
+        self._given = False
+
+    def changed(self) -> None:
+        """The scan saw the tree differ (called on the scanning thread)."""
+        with self._lock:
+            self._seen = True
+        if self._listing.finished():
+            self._give()
+
+    def listed(self) -> None:
+        """The list ended (called on the listing's thread)."""
+        with self._lock:
+            seen = self._seen
+        if seen and self._listing.finished():
+            self._give()
+
+    def _give(self) -> None:
+        with self._lock:
+            if self._given or self._call is None:
+                return
+            self._given = True
+        name = self._loaded.spec.name
+        _instances, claimed, metro_of, _dying = self._listing.result()
+        mine = claimed.get(name)
+        if (
+            mine is not None
+            and mine.state == "running"
+            and identity.prove(
+                mine, self._owner, name, self._record.instance if self._record else None
+            ).ours
+        ):
+            self._call(name, transport_of(self._loaded), metro_of[name], mine, self._opts)
 
 
 def observe_volumes(

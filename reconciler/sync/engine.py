@@ -36,6 +36,7 @@ __all__ = [
     "SyncOptions",
     "TransferPlan",
     "forget",
+    "greet",
     "plan_pull",
     "plan_push",
     "pull",
@@ -43,7 +44,20 @@ __all__ = [
     "push",
     "scan_local",
     "start_ahead",
+    "ungreet",
 ]
+
+
+def greet(shell: RemoteShell, opts: SyncOptions, instance_uuid: str) -> bool:
+    """Start the next push's first round trip now, if the last push over `shell` left its
+    helper running (`push.greet`); True: call `ungreet(shell)` when the pushes are done."""
+    if recorded_tools(opts, instance_uuid) == "shell":
+        return False
+    return python_push.greet(shell, opts, instance_uuid)
+
+
+def ungreet(shell: RemoteShell) -> None:
+    python_push.ungreet(shell)
 
 
 def push(

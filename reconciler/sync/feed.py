@@ -18,7 +18,7 @@ from reconciler.sync import inotify
 from reconciler.sync.inotify import Inotify
 from reconciler.sync.keeper import Keeper
 
-__all__ = ["ChangeFeed", "attach", "detach", "feed_for", "tracking", "use_keeper"]
+__all__ = ["ChangeFeed", "attach", "bases", "detach", "feed_for", "tracking", "use_keeper"]
 
 
 class ChangeFeed:
@@ -86,7 +86,9 @@ class ChangeFeed:
 
     def settle(self, basis: object, ident: list[int] | None) -> None:
         """The scan ended and left the index `basis` (`ident`: its inode and length)."""
-        self.basis = basis
+        # a keeper is asked by `ident`: holding the state would only keep 100,000 index
+        # entries alive after the scan (through a sync-back, say) for nothing
+        self.basis = basis if self.keeper is None else None
         if self.keeper is not None and self._token is not None:
             keeper, state_dir, _root, _skip = self.keeper
             token, self._token = self._token, None
@@ -112,6 +114,12 @@ def detach(state_dir: Path) -> None:
 def feed_for(state_dir: Path) -> ChangeFeed | None:
     with _LOCK:
         return _FEEDS.get(Path(state_dir))
+
+
+def bases() -> list[object]:
+    """The index states the feeds compare the next scan's index with (kept loaded)."""
+    with _LOCK:
+        return [f.basis for f in _FEEDS.values() if f.basis is not None]
 
 
 _KEEPER: list[Keeper] = []

@@ -30,9 +30,18 @@ from typing import Any, BinaryIO
 
 from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
-from reconciler.sync.entry import Entry
+from reconciler.sync.entry import SHARED_INTS, Entry
 
-__all__ = ["Journal", "Snapshot", "changes_since", "derive", "load", "peek", "read_meta"]
+__all__ = [
+    "Journal",
+    "Snapshot",
+    "changes_since",
+    "derive",
+    "load",
+    "peek",
+    "read_meta",
+    "release",
+]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
 _GROWTH = 1
@@ -191,10 +200,21 @@ def _remember(j: Journal) -> None:
     _CACHE[j.path] = j
 
 
+def release(keep: Path, held: Collection[object] = ()) -> None:
+    """Forget every loaded state but `keep`'s and those whose entries are in `held` (someone
+    compares them by identity): what only this cache holds is freed (a 100,000-entry index
+    is ~60 MB). The next load of a forgotten journal reads it whole."""
+    ids = {id(x) for x in held}
+    for path, j in list(_CACHE.items()):
+        if path != Path(keep) and id(j.entries) not in ids:
+            del _CACHE[path]
+
+
 def _entries(raw: object) -> dict[str, Entry] | None:
     """JSON `{path: [type, size, mtime_ns, mode, ref]}` as entries; None when malformed."""
     if not isinstance(raw, dict):
         return None
+    shared = SHARED_INTS.get
     for v in raw.values():
         if not (
             type(v) is list
@@ -206,6 +226,9 @@ def _entries(raw: object) -> dict[str, Entry] | None:
             and type(v[4]) is str
         ):
             return None
+        # sizes and modes below 4096 as shared objects (the parser makes one per number)
+        v[1] = shared(v[1], v[1])
+        v[3] = shared(v[3], v[3])
     return dict(zip(raw.keys(), map(_ENTRY, raw.values()), strict=True))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from reconciler._util.gcpause import gc_paused
 from reconciler.errors import SyncHaltedError
 from reconciler.sync import journal
-from reconciler.sync.entry import DIGEST_MOD, Entry, content_hash, mtime_hash
+from reconciler.sync.entry import DIGEST_MOD, SHARED_INTS, Entry, content_hash, mtime_hash
 from reconciler.sync.feed import ChangeFeed, feed_for
 from reconciler.sync.ignore import IGNORE_FILE, IgnoreRules, load_rules
 from reconciler.sync.options import SyncOptions
@@ -375,7 +375,7 @@ class _Scan:
             if self.rules.excluded(rel, True):
                 return False
             was = self.prev.get(rel)
-            e = Entry("d", 0, cst.st_mtime_ns, mode & 0o7777, "")
+            e = Entry("d", 0, cst.st_mtime_ns, SHARED_INTS[mode & 0o7777], "")
             # another inode: a directory moved or made in its place, whose old children no
             # event names (a revisit walks it afresh)
             fresh = (
@@ -426,7 +426,14 @@ class _Scan:
             digest = hash_file(fd, fst.st_size)
         finally:
             os.close(fd)
-        e = Entry("f", fst.st_size, fst.st_mtime_ns, fst.st_mode & 0o7777, digest)
+        size = fst.st_size
+        e = Entry(
+            "f",
+            SHARED_INTS.get(size, size),
+            fst.st_mtime_ns,
+            SHARED_INTS[fst.st_mode & 0o7777],
+            digest,
+        )
         self.entries[rel] = e
         self.inos[rel] = fst.st_ino
         self.note(rel, e, was)

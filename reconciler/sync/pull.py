@@ -55,12 +55,14 @@ from typing import Any, Never
 from reconciler._util.atomic import writer_alive
 from reconciler._util.text import one_line
 from reconciler.errors import HostileEntryError, MissingToolError, SyncHaltedError
+from reconciler.sync import feed as sync_feed
+from reconciler.sync import journal
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
 from reconciler.sync.capability import is_missing_interpreter, record_tools, recorded_tools
 from reconciler.sync.ignore import is_under
 from reconciler.sync.manifest import CHUNK, hash_file
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.pullrecord import PullRecord, load_pull_record, save_pull_record
+from reconciler.sync.pullrecord import PULL_JOURNAL, PullRecord, load_pull_record, save_pull_record
 from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
@@ -733,6 +735,10 @@ def pull(
         reason = check_path(b, back)
         if reason is not None:
             raise HostileEntryError(f"sync.back path {_safe_label(b)} refused: {reason}")
+    # the records the scan and the push loaded are not needed here: freed before this pull's
+    # own record and writes take their share (a feed's index stays: its next scan compares
+    # it by identity; the keeper compares the file, and the next scan reads it if it must)
+    journal.release(Path(opts.state_dir) / PULL_JOURNAL, sync_feed.bases())
     tree = _Tree(Path(opts.local_root))
     try:
         if not back:

@@ -39,7 +39,15 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.remote import HelperSession
 from reconciler.transport.base import RemoteShell
 
-__all__ = ["MAX_REMOTE_ONLY", "MAX_REMOTE_ONLY_CHARS", "PushResult", "push", "read_remote_scan"]
+__all__ = [
+    "MAX_REMOTE_ONLY",
+    "MAX_REMOTE_ONLY_CHARS",
+    "PushResult",
+    "greet",
+    "push",
+    "read_remote_scan",
+    "ungreet",
+]
 
 
 @dataclass
@@ -456,7 +464,9 @@ def push(
     s, kept = HelperSession.for_push(shell, opts)
     try:
         hello: Any = None
-        _send_hello(s, opts, instance_uuid)
+        if not (kept and s.greeted):
+            _send_hello(s, opts, instance_uuid)
+        s.greeted = False  # the answer read next is this push's
         if kept:
             try:
                 hello = s.reader.frame(1 << 16)
@@ -482,19 +492,33 @@ def push(
     return result
 
 
+def greet(shell: RemoteShell, opts: SyncOptions, instance_uuid: str) -> bool:
+    """Say hello ahead of a push over `shell` to the helper the last push left there (a
+    watch's pass does it when it starts, under the status lock: the answer's round trip then
+    overlaps the pass's observation). True: the caller must `ungreet(shell)` once the pass's
+    pushes are done (it reads an answer no push read)."""
+    return HelperSession.greet(shell, opts, _hello(opts, instance_uuid))
+
+
+def ungreet(shell: RemoteShell) -> None:
+    HelperSession.ungreet(shell)
+
+
+def _hello(opts: SyncOptions, instance_uuid: str) -> dict[str, Any]:
+    return {
+        "op": "hello",
+        "root": opts.remote_root,
+        "state_dir": opts.remote_state_dir,
+        "boot_paths": list(opts.boot_id_paths),
+        "uuid": instance_uuid,
+        "digest": "-",
+        "threads": opts.write_threads,
+        "flush": True,
+    }
+
+
 def _send_hello(s: HelperSession, opts: SyncOptions, instance_uuid: str) -> None:
-    s.send(
-        {
-            "op": "hello",
-            "root": opts.remote_root,
-            "state_dir": opts.remote_state_dir,
-            "boot_paths": list(opts.boot_id_paths),
-            "uuid": instance_uuid,
-            "digest": "-",
-            "threads": opts.write_threads,
-            "flush": True,
-        }
-    )
+    s.send(_hello(opts, instance_uuid))
     s.flush()
 
 

@@ -214,6 +214,8 @@ class HelperSession:
         self._out = bytearray()
         self.reader = FrameReader(self.proc, on_eof=self._died, watchdog=dog)
         self._closed = False
+        #: a hello sent ahead of the push that reads its answer (`greet`), answer not read yet
+        self.greeted = False
         if command is None:
             self._out += _PROGRAM
 
@@ -248,6 +250,48 @@ class HelperSession:
                 return kept, True
             kept.close(abort=True)
         return cls(shell, opts), False
+
+    @staticmethod
+    def greet(shell: RemoteShell, opts: SyncOptions, hello: Any) -> bool:
+        """Send `hello` now to the helper parked on `shell`, if one is (and was not greeted):
+        its answer travels while the caller does other work, and the next push over `shell`
+        reads it instead of asking (`greeted`). Whoever greets reads the answer if no push
+        came (`ungreet`), before anything else may change the sandbox."""
+        with _PARKED_LOCK:
+            kept = _PARKED.get(shell)
+            if kept is None or kept.greeted or kept.opts != opts:
+                return False
+            kept.greeted = True
+        try:
+            kept.send(hello)
+            kept.flush()
+        except Exception:
+            # its channel is gone: the push starts a helper (and reports what it must)
+            with _PARKED_LOCK:
+                if _PARKED.get(shell) is kept:
+                    del _PARKED[shell]
+            kept.close(abort=True)
+            return False
+        return True
+
+    @staticmethod
+    def ungreet(shell: RemoteShell) -> None:
+        """Read (and drop) the answer to a `greet` no push read: a later push must ask again,
+        since the sandbox may change meanwhile. A helper that does not answer is ended."""
+        with _PARKED_LOCK:
+            kept = _PARKED.get(shell)
+            if kept is None or not kept.greeted:
+                return
+            del _PARKED[shell]
+        kept.watchdog = kept._watchdog()
+        kept.reader._watchdog = kept.watchdog
+        try:
+            kept.reader.frame(1 << 16)
+        except Exception:
+            kept.close(abort=True)
+            return
+        kept.greeted = False
+        kept.park()
 
     @classmethod
     def start_ahead(cls, shell: RemoteShell, opts: SyncOptions) -> None:

@@ -66,6 +66,12 @@ class TransportPool:
             transport.close()
         return None
 
+    def peek(self, session: str) -> tuple[str, Transport] | None:
+        """The kept connection of `session` and its instance, left in the pool (a prefetch
+        still on its way is not waited for)."""
+        with self._lock:
+            return self._kept.get(session)
+
     def keep(self, session: str, instance_uuid: str, transport: Transport) -> None:
         with self._lock:
             old = self._kept.pop(session, None)

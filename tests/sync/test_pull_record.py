@@ -144,3 +144,31 @@ def test_sources_no_entry_names_are_dropped_from_the_record(site: Site) -> None:
     meta = rec.meta()
     assert meta["sources"] == ["new/boot"]
     assert rec["out/a.txt"][3] == rec["out/b.txt"][3] == "new/boot"
+
+
+def test_a_pull_forgets_the_index_the_scan_loaded_unless_a_feed_compares_it(site: Site) -> None:
+    from reconciler.sync import feed, journal
+    from reconciler.sync.engine import scan_local
+    from reconciler.sync.records import INDEX
+
+    for i in range(30):
+        write(site.local / f"src/f{i}.txt", f"local {i}")
+    write(site.remote / "out/r.txt", "result")
+    opts = site.opts(back=BACK)
+    scan_local(opts)
+    index = journal.load(site.state / INDEX)
+    assert journal.load(site.state / INDEX) is index  # loaded once, kept
+    pulled(site)
+    again = journal.load(site.state / INDEX)
+    assert again is not index  # read again: the pull did not keep the scan's state alive
+    assert dict(again.entries) == dict(index.entries)
+
+    # a feed that compares the next scan's index by identity keeps it loaded
+    feed.attach(site.state)
+    try:
+        scan_local(opts)
+        kept = journal.load(site.state / INDEX)
+        pulled(site)
+        assert journal.load(site.state / INDEX) is kept
+    finally:
+        feed.detach(site.state)
