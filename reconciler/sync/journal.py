@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
-from reconciler.sync.entry import Entry
+from reconciler.sync.entry import SHARED_INTS, Entry
 
 __all__ = [
     "Journal",
@@ -255,6 +255,7 @@ def _entries(raw: object) -> dict[str, Entry] | None:
     """JSON `{path: [type, size, mtime_ns, mode, ref]}` as entries; None when malformed."""
     if not isinstance(raw, dict):
         return None
+    shared = SHARED_INTS.get
     for v in raw.values():
         if not (
             type(v) is list
@@ -266,6 +267,9 @@ def _entries(raw: object) -> dict[str, Entry] | None:
             and type(v[4]) is str
         ):
             return None
+        # sizes and modes below 4096 as shared objects (the parser makes one per number)
+        v[1] = shared(v[1], v[1])
+        v[3] = shared(v[3], v[3])
     return dict(zip(raw.keys(), map(_ENTRY, raw.values()), strict=True))
 
 

@@ -423,3 +423,57 @@ def test_the_boot_id_is_a_random_version_4_uuid() -> None:
     for text in ids:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class TestSshdReady:
+    def test_sshds_ready_message_ends_the_wait_for_it_to_listen(self, tmp_path: Path) -> None:
+        path = str(tmp_path / "notify")
+        notify = boot.notify_socket(path)
+        assert notify is not None
+        send = (
+            "import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+            "s.sendto(b'READY=1\\nSTATUS=up', sys.argv[1]); import time; time.sleep(5)"
+        )
+        child = boot.Child([sys.executable, "-c", send, path], {})
+        try:
+            started = time.monotonic()
+            assert boot._wait_accepting(_unused_port(), child, started + 10, notify)
+            assert time.monotonic() - started < 4  # the message, not the child's exit
+        finally:
+            child.signal(9)
+            child.wait()
+            notify.close()
+
+    def test_a_ready_message_from_another_process_than_sshd_is_not_taken(
+        self, tmp_path: Path
+    ) -> None:
+        path = str(tmp_path / "notify")
+        notify = boot.notify_socket(path)
+        assert notify is not None
+        child = boot.Child(["/bin/sleep", "5"], {})
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as other:
+                other.sendto(b"READY=1", path)
+            assert not boot._wait_accepting(_unused_port(), child, time.monotonic() + 0.5, notify)
+        finally:
+            child.signal(9)
+            child.wait()
+            notify.close()
+
+    def test_without_a_ready_message_a_listening_port_ends_the_wait(self) -> None:
+        child = boot.Child(["/bin/sleep", "5"], {})
+        try:
+            with socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                port = listener.getsockname()[1]
+                assert boot._wait_accepting(port, child, time.monotonic() + 5, None)
+        finally:
+            child.signal(9)
+            child.wait()

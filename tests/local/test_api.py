@@ -387,6 +387,26 @@ class TestFaults:
             api.post("/_local/faults", json={"reset": True})
             delete(api, item["name"])
 
+    def test_deleting_live_shows_an_instance_being_deleted_as_stopping_to_the_next_reads(
+        self, inproc: InProcessMetro
+    ) -> None:
+        with inproc.client() as api:
+            # held `deleted` (name taken) for a while after the DELETE answers
+            api.post("/_local/behaviour", json={"delete_hold_s": 5.0}).raise_for_status()
+            mark = unique("dying")
+            item = create(api, tags=[mark])
+            delete(api, item["name"])
+            assert get(api, item["name"])["state"] == "deleted"
+            api.post("/_local/faults", json={"deleting_live": {"count": 2}}).raise_for_status()
+
+            def listed() -> list[str]:
+                r = api.get(f"/v1/instances?tags={mark}")
+                return [i["state"] for i in r.json()["data"]["instances"]]
+
+            assert get(api, item["name"])["state"] == "stopping"
+            assert listed() == ["stopping"]
+            assert listed() == ["deleted"]  # the knob counted down
+
 
 class TestRestartPolicy:
     """A sandbox that exits by itself (injected runtime)."""

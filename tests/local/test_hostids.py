@@ -52,6 +52,18 @@ def test_a_released_or_orphaned_range_is_given_to_the_next_instance(
     assert c.slot not in (a.slot, b.slot)
 
 
+def test_a_new_instance_takes_a_range_no_claim_names_before_a_stale_one(
+    ids: HostIds, tmp_path: Path
+) -> None:
+    a = ids.claim(tmp_path / "a")
+    shutil.rmtree(tmp_path / "a")  # slot a.slot: a stale claim
+    fresh = ids.claim(tmp_path / "b")
+    assert fresh.slot != a.slot
+    # once no slot is left unnamed, the stale one is the next instance's
+    ids.claim(tmp_path / "c")
+    assert ids.claim(tmp_path / "d") == a
+
+
 def test_when_every_range_is_held_the_claim_is_refused_with_the_numbers(
     ids: HostIds, tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from reconciler.errors import LocalMetroError
@@ -179,26 +180,58 @@ class Box:
         self.frozen = False
 
 
-async def read_init_pid(fd: int) -> int:
-    """The host pid of the sandbox's pid 1, from bwrap's --info-fd JSON."""
+async def _read_pipe(fd: int, done: Callable[[bytes], bool], limit: int) -> bytes:
+    """What the pipe `fd` holds until `done(bytes so far)`, EOF or `limit` bytes.
+
+    Read on the event loop (the read end made non-blocking), not in a worker thread: a thread
+    blocked on a booting sandbox's pipe is one of the default executor's few (cpu count + 4)
+    held for the whole boot, and with a few sandboxes booting at once every other boot, file
+    preparation and teardown waited for one, so the sandboxes booted a few at a time.
+    """
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
     buf = b""
-    while len(buf) < 4096:
-        chunk = await asyncio.to_thread(os.read, fd, 4096)
+    while not done(buf) and len(buf) < limit:
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def wake(fut: asyncio.Future[None] = readable) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+        try:
+            chunk = os.read(fd, limit - len(buf))
+        except BlockingIOError:
+            continue
         if not chunk:
             break
         buf += chunk
-        with contextlib.suppress(ValueError):
-            return int(json.loads(buf)["child-pid"])
-    raise ValueError("no child pid")
+    return buf
+
+
+def _child_pid(buf: bytes) -> int | None:
+    try:
+        return int(json.loads(buf)["child-pid"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def read_init_pid(fd: int) -> int:
+    """The host pid of the sandbox's pid 1, from bwrap's --info-fd JSON."""
+    pid = _child_pid(await _read_pipe(fd, lambda buf: _child_pid(buf) is not None, 4096))
+    if pid is None:
+        raise ValueError("no child pid")
+    return pid
 
 
 async def read_boot_id(fd: int) -> str:
     """The boot id from the agent's `ready <boot id>` line ('' if the pipe closed)."""
-    buf = b""
-    while b"\n" not in buf and len(buf) < 256:
-        chunk = await asyncio.to_thread(os.read, fd, 256)
-        if not chunk:
-            return ""
-        buf += chunk
+    buf = await _read_pipe(fd, lambda buf: b"\n" in buf, 256)
+    if b"\n" not in buf:
+        return ""
     m = _BOOT_RE.match(buf.split(b"\n", 1)[0].decode("ascii", "replace"))
     return m.group(1) if m else ""

@@ -324,10 +324,12 @@ class SandboxRuntime:
     async def _await_ready(self, box: Box, status_r: int, info_r: int, started: float) -> None:
         """Wait for the agent's ready line; kill the sandbox and raise when it does not come."""
         proc = box.proc
+        readers: list[asyncio.Task[object]] = []
         try:
             box.watch_memory()
             info_task = asyncio.create_task(read_init_pid(info_r))
             status_task = asyncio.create_task(read_boot_id(status_r))
+            readers += [info_task, status_task]
             exit_task = asyncio.create_task(proc.wait())
             done, _ = await asyncio.wait(
                 {status_task, exit_task},
@@ -360,6 +362,11 @@ class SandboxRuntime:
             self._boxes.pop(box.uuid, None)
             raise
         finally:
+            # why: the readers watch the pipes on the loop; each must be gone from its selector
+            # before the fd is closed (the number is reused at once)
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
             for fd in (status_r, info_r):
                 with contextlib.suppress(OSError):
                     os.close(fd)
