@@ -189,7 +189,8 @@ def test_a_record_changed_in_more_than_one_part_is_written_from_its_parts_and_re
 
     rec = loaded.copy()
     for i in range(4500):  # more than two parts: most of it is held encoded
-        rec.put(f"out/old{i % 3000}.txt" if i < 3000 else f"out/new{i}.txt", i, 2, "b" * 64, "new/b")
+        name = f"out/old{i}.txt" if i < 3000 else f"out/new{i}.txt"
+        rec.put(name, i, 2, "b" * 64, "new/b")
     assert rec.spooled
     rec.pop("out/keep.txt", None)  # as a mirrored deletion drops it
     save_pull_record(tmp_path, rec)
