@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,10 +37,12 @@ __all__ = [
     "Snapshot",
     "changes_since",
     "derive",
+    "entries_of",
     "load",
     "peek",
     "read_meta",
     "release",
+    "rewrite",
 ]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
@@ -208,6 +210,45 @@ def release(keep: Path, held: Collection[object] = ()) -> None:
     for path, j in list(_CACHE.items()):
         if path != Path(keep) and id(j.entries) not in ids:
             del _CACHE[path]
+
+
+def rewrite(path: Path, parts: Iterable[Mapping[str, Entry]], meta: dict[str, Any]) -> None:
+    """Make the journal at `path` the state that `parts` set one after the other (a later
+    part's entry replaces an earlier one's), with `meta`, written atomically in lines of at
+    most `_CHUNK` entries as the parts come: the whole state is never in memory. No inodes.
+    The state is not kept loaded (the next `load` reads it)."""
+    path = Path(path)
+    _CACHE.pop(path, None)
+    written = [0, 0]  # lines, bytes
+
+    def lines() -> Iterator[bytes]:
+        for part in parts:
+            paths = list(part)
+            for start in range(0, len(paths), _CHUNK):
+                cut = paths[start : start + _CHUNK]
+                line: dict[str, Any] = {"seq": written[0]}
+                if not written[0]:
+                    line["reset"] = True
+                line["set"] = {p: part[p] for p in cut}
+                line["ino"] = [0] * len(cut)
+                data = _line(line)
+                written[0] += 1
+                written[1] += len(data)
+                yield data
+        first = {"reset": True} if not written[0] else {}
+        yield _line({"seq": written[0], **first, "meta": meta, "base": written[1]})
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # no fsync: a lost or torn journal reads as "none", which only costs time
+    write_atomic(path, lines(), durable=False)
+
+
+def entries_of(text: bytes) -> dict[str, Entry] | None:
+    """Entries encoded as JSON `{path: [type, size, mtime_ns, mode, ref]}` (None: malformed)."""
+    try:
+        return _entries(json.loads(text))
+    except ValueError:
+        return None
 
 
 def _entries(raw: object) -> dict[str, Entry] | None:
