@@ -6,6 +6,11 @@ file costs one short appended line instead of rewriting a record of every path (
 100,000 files). Once the deltas outgrow the state, the next write compacts: the whole state,
 written atomically under a new inode.
 
+A delta line may also keep the entries it replaced (`was`): what changed between two
+positions of one journal, and how it was at the first, is then read from the lines between
+them alone (`changes_since`; the index's lines do, so a push after scans that no push
+followed compares only what they changed).
+
 Every line carries a sequence number. A line that does not parse (a writer killed
 mid-append) or breaks the sequence (two writers at once) ends the journal there: what precedes
 it is a state one writer wrote whole, with the metadata of that same state, and the next write
