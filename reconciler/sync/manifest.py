@@ -14,7 +14,9 @@ the digests, counts and bytes of that state. A file whose inode, size and mtime 
 index entry keeps the entry (and its sha256); a scan that finds nothing changed writes
 nothing, and one that finds a change appends it. The push record (`push.jnl`) is the manifest
 of our last push with the same metadata: when it equals the index a scan started from, what
-to push is exactly what the scan found changed (`Manifest.basis`).
+to push is exactly what the scan found changed (`Manifest.basis`). It also names the index
+position it pushed: after scans that no push followed, the index lines since that position
+(each keeps the entries it replaced) tell the same (`since_push`).
 """
 
 from __future__ import annotations
