@@ -6,7 +6,8 @@ boots: no sandbox, no running cost), tagged with who holds it (`ukc.holder`) unt
 (`ukc.expires`, unix seconds) and the owner id (`ukc.owner`). Whoever creates it holds it; a
 runner that finds it taken waits
 for it (`--lock-timeout`) or fails at once naming the holder and the expiry. The holder
-renews it every `RENEW_S` (its tags get a new expiry) and deletes it, by uuid, when done.
+renews it every `RENEW_S` (its tags get a new expiry) and, when done, marks it expired and
+deletes it by uuid (not waiting for the name: the next runner waits for it).
 A lease whose holder died expires after `TTL_S` and is then taken over: deleted by its uuid
 (so a lease a third runner made meanwhile is never the one deleted) and created anew. A lease
 of another owner (no proof it is ours) is never deleted: the runner fails naming it.
@@ -39,6 +40,10 @@ __all__ = ["RENEW_S", "TTL_S", "Lease", "holder_id", "lease_name"]
 
 TTL_S = 120.0
 RENEW_S = 40.0
+#: a released lease's name stays taken while the platform deletes it (a release does not wait
+#: for it): a runner polls this often, up to this long, whatever its lock timeout
+NAME_POLL_S = 0.1
+NAME_WAIT_S = 60.0
 LEASE_TAG = "ukc.lease"
 HOLDER_TAG = "ukc.holder"
 EXPIRES_TAG = "ukc.expires"
@@ -96,6 +101,7 @@ class Lease:
 
     def acquire(self, timeout_s: float = 0.0) -> None:
         deadline = self.monotonic() + timeout_s
+        freed_by = self.monotonic() + NAME_WAIT_S
         waiting = False
         while True:
             expires = self.clock() + self.ttl_s
@@ -117,7 +123,15 @@ class Lease:
                 return
             found = self.api.get_instance(self.name)
             if found is None:
-                continue  # released (or taken over) between our create and our look
+                # released (or taken over) between our create and our look, or the name is
+                # held by a released lease the platform is still deleting: nobody holds it
+                if self.monotonic() >= freed_by:
+                    raise errors.LockedError(
+                        f"lease instance {self.name} on metro {self.api.metro}: the name is "
+                        f"still taken by a deleted lease after {NAME_WAIT_S:.0f}s"
+                    )
+                self.sleep(NAME_POLL_S)
+                continue
             if _value(found.tags, HOLDER_TAG) == self.holder:
                 # our own create, whose answer was lost and retried
                 self.uuid, self.expires = found.uuid, expires
@@ -189,7 +203,11 @@ class Lease:
             self._renewer.join(timeout=5.0)
         if self.uuid:
             with contextlib.suppress(errors.UkcError):
-                self.api.delete_instance(self.name, uuid=self.uuid)
+                # why expired first: the delete does not wait for the name, and a platform may
+                # read a lease being deleted as still there; an expired one is taken over
+                self.api.set_tags(self.name, uuid=self.uuid, tags=self._tags(0.0))
+            with contextlib.suppress(errors.UkcError):
+                self.api.delete_instance(self.name, uuid=self.uuid, wait=False)
             self.uuid = ""
 
     def __enter__(self) -> Lease:

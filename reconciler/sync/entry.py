@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 from typing import NamedTuple
 
-__all__ = ["DIGEST_MOD", "Entry", "content_hash", "mtime_hash"]
+__all__ = ["DIGEST_MOD", "SHARED_INTS", "Entry", "content_hash", "mtime_hash"]
 
 #: digests are sums of per-entry sha256 values modulo this: one changed entry moves a digest
 #: by its old and new hash, so a scan that finds one change needs no pass over the tree
 DIGEST_MOD = 1 << 256
+
+#: one int object per value below 4096, for entries' modes and small sizes to share (28 bytes
+#: each, 5.6 MB at 100,000 small files; Python shares only up to 256)
+SHARED_INTS: dict[int, int] = {i: i for i in range(4096)}
 
 
 class Entry(NamedTuple):

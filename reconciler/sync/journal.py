@@ -6,6 +6,11 @@ file costs one short appended line instead of rewriting a record of every path (
 100,000 files). Once the deltas outgrow the state, the next write compacts: the whole state,
 written atomically under a new inode.
 
+A delta line may also keep the entries it replaced (`was`): what changed between two
+positions of one journal, and how it was at the first, is then read from the lines between
+them alone (`changes_since`; the index's lines do, so a push after scans that no push
+followed compares only what they changed).
+
 Every line carries a sequence number. A line that does not parse (a writer killed
 mid-append) or breaks the sequence (two writers at once) ends the journal there: what precedes
 it is a state one writer wrote whole, with the metadata of that same state, and the next write
@@ -23,24 +28,26 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from reconciler._util.atomic import write_atomic
 from reconciler._util.gcpause import gc_paused
-from reconciler.sync.entry import Entry
+from reconciler.sync.entry import SHARED_INTS, Entry
 
 __all__ = [
     "Journal",
     "Snapshot",
     "changes_since",
     "derive",
+    "entries_of",
     "load",
     "peek",
     "read_meta",
     "release",
+    "rewrite",
 ]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
@@ -210,10 +217,50 @@ def release(keep: Path, held: Collection[object] = ()) -> None:
             del _CACHE[path]
 
 
+def rewrite(path: Path, parts: Iterable[Mapping[str, Entry]], meta: dict[str, Any]) -> None:
+    """Make the journal at `path` the state that `parts` set one after the other (a later
+    part's entry replaces an earlier one's), with `meta`, written atomically in lines of at
+    most `_CHUNK` entries as the parts come: the whole state is never in memory. No inodes.
+    The state is not kept loaded (the next `load` reads it)."""
+    path = Path(path)
+    _CACHE.pop(path, None)
+    written = [0, 0]  # lines, bytes
+
+    def lines() -> Iterator[bytes]:
+        for part in parts:
+            paths = list(part)
+            for start in range(0, len(paths), _CHUNK):
+                cut = paths[start : start + _CHUNK]
+                line: dict[str, Any] = {"seq": written[0]}
+                if not written[0]:
+                    line["reset"] = True
+                line["set"] = {p: part[p] for p in cut}
+                line["ino"] = [0] * len(cut)
+                data = _line(line)
+                written[0] += 1
+                written[1] += len(data)
+                yield data
+        first = {"reset": True} if not written[0] else {}
+        yield _line({"seq": written[0], **first, "meta": meta, "base": written[1]})
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # no fsync: a lost or torn journal reads as "none", which only costs time
+    write_atomic(path, lines(), durable=False)
+
+
+def entries_of(text: bytes) -> dict[str, Entry] | None:
+    """Entries encoded as JSON `{path: [type, size, mtime_ns, mode, ref]}` (None: malformed)."""
+    try:
+        return _entries(json.loads(text))
+    except ValueError:
+        return None
+
+
 def _entries(raw: object) -> dict[str, Entry] | None:
     """JSON `{path: [type, size, mtime_ns, mode, ref]}` as entries; None when malformed."""
     if not isinstance(raw, dict):
         return None
+    shared = SHARED_INTS.get
     for v in raw.values():
         if not (
             type(v) is list
@@ -225,6 +272,9 @@ def _entries(raw: object) -> dict[str, Entry] | None:
             and type(v[4]) is str
         ):
             return None
+        # sizes and modes below 4096 as shared objects (the parser makes one per number)
+        v[1] = shared(v[1], v[1])
+        v[3] = shared(v[3], v[3])
     return dict(zip(raw.keys(), map(_ENTRY, raw.values()), strict=True))
 
 
@@ -434,6 +484,11 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         st = os.fstat(f.fileno())
         if j is not None and j.ino == st.st_ino and j.length == st.st_size and not j.broken:
             return j.meta if j.exists else None
+        seen = _METAS.get(path)
+        if seen is not None and seen[0] == (st.st_ino, st.st_size):
+            # why: a watch pass asks for the push record's metadata three times; the file
+            # only grows by appends or is replaced whole (a new inode), as `_CACHE` assumes
+            return dict(seen[1])
         start = max(0, st.st_size - _TAIL)
         f.seek(start)
         tail = f.read()
@@ -447,7 +502,16 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, ValueError):
         return None
     meta = obj.get("meta") if isinstance(obj, dict) else None
-    return dict(meta) if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    if len(_METAS) >= _CACHE_MAX:
+        _METAS.clear()
+    _METAS[path] = ((st.st_ino, st.st_size), dict(meta))
+    return dict(meta)
+
+
+#: the metadata `read_meta` last read from each journal's tail, by its (inode, length)
+_METAS: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
 
 
 def changes_since(

@@ -14,7 +14,9 @@ the digests, counts and bytes of that state. A file whose inode, size and mtime 
 index entry keeps the entry (and its sha256); a scan that finds nothing changed writes
 nothing, and one that finds a change appends it. The push record (`push.jnl`) is the manifest
 of our last push with the same metadata: when it equals the index a scan started from, what
-to push is exactly what the scan found changed (`Manifest.basis`).
+to push is exactly what the scan found changed (`Manifest.basis`). It also names the index
+position it pushed: after scans that no push followed, the index lines since that position
+(each keeps the entries it replaced) tell the same (`since_push`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 from reconciler._util.gcpause import gc_paused
 from reconciler.errors import SyncHaltedError
 from reconciler.sync import journal
-from reconciler.sync.entry import DIGEST_MOD, Entry, content_hash, mtime_hash
+from reconciler.sync.entry import DIGEST_MOD, SHARED_INTS, Entry, content_hash, mtime_hash
 from reconciler.sync.feed import ChangeFeed, feed_for
 from reconciler.sync.ignore import IGNORE_FILE, IgnoreRules, load_rules
 from reconciler.sync.options import SyncOptions
@@ -58,10 +60,6 @@ CHUNK = 1 << 20
 #: file's place after it was listed would block the open until some writer came; with it the
 #: open returns, and the fstat that follows refuses anything but a regular file
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-
-#: one int object per value below 4096, shared by the entries' modes and small sizes (28
-#: bytes each, 5.6 MB at 100,000 small files; Python shares only up to 256)
-_SHARED: dict[int, int] = {i: i for i in range(4096)}
 
 #: what a state's metadata holds besides what a push adds
 _META_KEYS = ("digest", "mtimes", "files", "bytes")
@@ -379,7 +377,7 @@ class _Scan:
             if self.rules.excluded(rel, True):
                 return False
             was = self.prev.get(rel)
-            e = Entry("d", 0, cst.st_mtime_ns, _SHARED[mode & 0o7777], "")
+            e = Entry("d", 0, cst.st_mtime_ns, SHARED_INTS[mode & 0o7777], "")
             # another inode: a directory moved or made in its place, whose old children no
             # event names (a revisit walks it afresh)
             fresh = (
@@ -433,9 +431,9 @@ class _Scan:
         size = fst.st_size
         e = Entry(
             "f",
-            _SHARED.get(size, size),
+            SHARED_INTS.get(size, size),
             fst.st_mtime_ns,
-            _SHARED[fst.st_mode & 0o7777],
+            SHARED_INTS[fst.st_mode & 0o7777],
             digest,
         )
         self.entries[rel] = e

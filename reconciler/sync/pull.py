@@ -106,6 +106,7 @@ class PullResult:
     bytes_written: int = 0
     conflicts: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    #: the first files written (`files_written` counts them all)
     written: list[str] = field(default_factory=list)
     unchanged: int = 0
     #: why the stream was abandoned part-way (a hostile or broken sandbox), else None
@@ -633,7 +634,8 @@ class _Puller:
         self.keep(path, size, mtime, sha)
         self.result.files_written += 1
         self.result.bytes_written += size
-        self.result.written.append(path)
+        if len(self.result.written) < _LISTED:
+            self.result.written.append(path)
 
     def _local_sha(self, pfd: int, name: str, st: os.stat_result) -> str | None:
         """Content hash of the local file (None for a symlink or anything not regular)."""

@@ -15,6 +15,8 @@ source]); it is read when there is no journal, and the first save replaces it.
 from __future__ import annotations
 
 import contextlib
+import json
+from collections import Counter
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -31,28 +33,59 @@ PULL_LEGACY = "pull.json"
 _VERSION = 2
 
 
+#: changes held as entries before they are encoded into the spool (one journal line's worth)
+_SPOOL = 2000
+
+
 class PullRecord(MutableMapping[str, list[Any]]):
     """path -> [size, mtime_ns, sha256(, source)] over compact entries.
 
     The entries it was loaded with are never modified (the journal's state, shared with its
-    cache): the first change copies them. `changed` names the paths set or removed since.
+    cache). Changes are held as entries up to `_SPOOL` of them, then encoded (one JSON text
+    per `_SPOOL` entries): a pull that brings 100,000 files does not keep 100,000 paths,
+    digests and tuples alive (nor the heap they fragment); the save writes the state from the
+    loaded entries and the encoded parts, one part at a time (`journal.rewrite`). Reading a
+    changed record as a mapping decodes it whole (tests, rare callers).
     """
 
     def __init__(self, entries: Mapping[str, Entry], sources: list[str]) -> None:
         self._base = entries
-        self._own: dict[str, Entry] | None = None
+        self._recent: dict[str, Entry] = {}
+        #: encoded earlier changes: JSON texts of at most `_SPOOL` entries, oldest first
+        self._spool: list[bytes] = []
+        self._removed: set[str] = set()
         self.sources = list(sources)
         self._numbers = {s: i + 1 for i, s in enumerate(self.sources)}
-        self.changed: set[str] = set()
+        # the state's counts, kept as changes come (`meta` without decoding the spool)
+        self._files = len(entries)
+        self._bytes = sum(e.size for e in entries.values())
+        #: loaded entries per source number still in the state; numbers a change used
+        self._uses = Counter(e.mode for e in entries.values())
+        self._new_modes: set[int] = set()
+        self._view: dict[str, Entry] | None = None
+
+    @property
+    def changed(self) -> set[str]:
+        """The paths set or removed since loading that are not encoded yet."""
+        return set(self._recent) | self._removed
+
+    @property
+    def spooled(self) -> bool:
+        return bool(self._spool)
 
     @property
     def entries(self) -> Mapping[str, Entry]:
-        return self._own if self._own is not None else self._base
-
-    def _mine(self) -> dict[str, Entry]:
-        if self._own is None:
-            self._own = dict(self._base)
-        return self._own
+        if not (self._recent or self._spool or self._removed):
+            return self._base
+        if self._view is None:
+            view = dict(self._base)
+            for text in self._spool:
+                view.update(journal.entries_of(text) or {})
+            view.update(self._recent)
+            for p in self._removed:
+                view.pop(p, None)
+            self._view = view
+        return self._view
 
     def copy(self) -> PullRecord:
         """A record to change while this one stays as it was."""
@@ -62,6 +95,13 @@ class PullRecord(MutableMapping[str, list[Any]]):
         n = e.mode
         return self.sources[n - 1] if 0 < n <= len(self.sources) else ""
 
+    def _current(self, path: str) -> Entry | None:
+        """The entry of `path` as far as known without decoding the spool."""
+        e = self._recent.get(path)
+        if e is None and path not in self._removed:
+            e = self._base.get(path)
+        return e
+
     def put(self, path: str, size: int, mtime_ns: int, sha: str, source: str = "") -> None:
         n = 0
         if source:
@@ -70,9 +110,25 @@ class PullRecord(MutableMapping[str, list[Any]]):
                 self.sources.append(source)
                 n = self._numbers[source] = len(self.sources)
         e = Entry("f", size, mtime_ns, n, sha)
-        if self.entries.get(path) != e:
-            self._mine()[path] = e
-            self.changed.add(path)
+        was = self._current(path)
+        if was == e:
+            return
+        self._view = None
+        if was is None:
+            # (a path sent twice by a sandbox, its first copy spooled, is counted twice: the
+            # counts are for `ukc plan`, the entries are right)
+            self._files += 1
+            self._bytes += size
+        else:
+            self._bytes += size - was.size
+            if path not in self._recent:
+                self._uses[was.mode] -= 1  # a loaded entry replaced
+        self._new_modes.add(n)
+        self._removed.discard(path)
+        self._recent[path] = e
+        if len(self._recent) >= _SPOOL:
+            self._spool.append(_encode(self._recent))
+            self._recent = {}
 
     def __getitem__(self, path: str) -> list[Any]:
         e = self.entries[path]
@@ -84,8 +140,27 @@ class PullRecord(MutableMapping[str, list[Any]]):
         self.put(path, rec[0], rec[1], rec[2], source)
 
     def __delitem__(self, path: str) -> None:
-        del self._mine()[path]
-        self.changed.add(path)
+        if not self.forget(path):
+            raise KeyError(path)
+
+    def pop(self, path: str, *default: Any) -> Any:
+        """Remove `path` (its value is not returned: the spool is not decoded for it)."""
+        if not self.forget(path) and not default:
+            raise KeyError(path)
+        return default[0] if default else None
+
+    def forget(self, path: str) -> bool:
+        """Remove `path` from the record; False when it was not known (before the spool)."""
+        was = self._current(path)
+        if was is None:
+            return False
+        self._view = None
+        self._files -= 1
+        self._bytes -= was.size
+        if self._recent.pop(path, None) is None:
+            self._uses[was.mode] -= 1
+        self._removed.add(path)
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -96,27 +171,67 @@ class PullRecord(MutableMapping[str, list[Any]]):
     def __contains__(self, path: object) -> bool:
         return path in self.entries
 
+    def _renumbering(self) -> dict[int, int]:
+        """Old -> new source numbers once the sources no entry names are dropped."""
+        if self._spool:
+            used = {n for n, k in self._uses.items() if n and k > 0} | (self._new_modes - {0})
+        else:
+            used = {e.mode for e in self.entries.values() if e.mode}
+        return {old: new + 1 for new, old in enumerate(sorted(used))}
+
     def meta(self) -> dict[str, Any]:
-        """The metadata saved with the entries: sources in use, file count and bytes."""
-        entries = self.entries
-        used = sorted({e.mode for e in entries.values() if e.mode})
-        if len(used) < len(self.sources):
+        """The metadata saved with the entries: sources in use, file count and bytes (a
+        record that spooled drops unused sources when it is written: `save_pull_record`)."""
+        renumber = self._renumbering()
+        if len(renumber) < len(self.sources) and not self._spool:
             # drop the sources no entry names any more (renumbering the entries that do)
-            renumber = {old: new + 1 for new, old in enumerate(used)}
-            mine = self._mine()
-            for p, e in mine.items():
+            for p, e in list(self.entries.items()):
                 if e.mode and renumber[e.mode] != e.mode:
-                    mine[p] = e._replace(mode=renumber[e.mode])
-                    self.changed.add(p)
-            self.sources = [self.sources[n - 1] for n in used]
+                    self._recent[p] = e._replace(mode=renumber[e.mode])
+            self._view = None
+        sources = [self.sources[old - 1] for old in sorted(renumber)]
+        if not self._spool:
+            self.sources = sources
             self._numbers = {s: i + 1 for i, s in enumerate(self.sources)}
-            entries = mine
+            entries = self.entries
+            return {
+                "version": _VERSION,
+                "sources": list(sources),
+                "files": len(entries),
+                "bytes": sum(e.size for e in entries.values()),
+            }
         return {
             "version": _VERSION,
-            "sources": list(self.sources),
-            "files": len(entries),
-            "bytes": sum(e.size for e in entries.values()),
+            "sources": sources,
+            "files": self._files,
+            "bytes": self._bytes,
         }
+
+    def parts(self) -> Iterator[Mapping[str, Entry]]:
+        """The state as parts to write one after the other (a later one's entry replaces an
+        earlier one's): the loaded entries but those removed, then the changes, each part
+        decoded when its turn comes, sources renumbered as `meta` says."""
+        renumber = self._renumbering()
+        removed = self._removed
+        base = self._base
+
+        def fix(part: Mapping[str, Entry]) -> dict[str, Entry]:
+            return {
+                p: e._replace(mode=renumber.get(e.mode, 0)) if e.mode else e
+                for p, e in part.items()
+                if p not in removed
+            }
+
+        paths = list(base)
+        for start in range(0, len(paths), _SPOOL):
+            yield fix({p: base[p] for p in paths[start : start + _SPOOL]})
+        for text in self._spool:
+            yield fix(journal.entries_of(text) or {})
+        yield fix(self._recent)
+
+
+def _encode(entries: Mapping[str, Entry]) -> bytes:
+    return json.dumps(entries, separators=(",", ":")).encode("ascii")
 
 
 def _sources(meta: Mapping[str, Any]) -> list[str] | None:
@@ -160,17 +275,21 @@ def _legacy(state_dir: Path) -> PullRecord:
 
 def save_pull_record(state_dir: Path, rec: PullRecord) -> None:
     """Make `rec` the record: one appended line with what changed, or (no journal yet, or the
-    deltas outgrew the state) the whole state, written atomically."""
+    deltas outgrew the state) the whole state, written atomically; a record whose changes
+    were spooled is written whole from its parts, never held whole in memory."""
     state_dir = Path(state_dir)
     path = state_dir / PULL_JOURNAL
     j = journal.load(path)
-    meta = rec.meta()
-    current = _sources(j.meta) if j.exists else None
-    if current is not None and not rec.changed and j.meta == meta:
-        return
-    # appended only onto the state `rec` was built on (same sources numbering)
-    changed = rec.changed if current is not None and j.entries is rec._base else None
-    j.write(rec.entries, {}, meta, changed)
+    if rec.spooled:
+        journal.rewrite(path, rec.parts(), rec.meta())
+    else:
+        meta = rec.meta()
+        current = _sources(j.meta) if j.exists else None
+        if current is not None and not rec.changed and j.meta == meta:
+            return
+        # appended only onto the state `rec` was built on (same sources numbering)
+        changed = rec.changed if current is not None and j.entries is rec._base else None
+        j.write(rec.entries, {}, meta, changed)
     with contextlib.suppress(OSError):
         (state_dir / PULL_LEGACY).unlink()
 

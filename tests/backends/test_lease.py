@@ -162,3 +162,70 @@ def test_a_holder_renews_while_it_works_and_deletes_its_lease_when_done(api: Ukc
         else:
             raise AssertionError("the lease was not renewed")
     assert api.get_instance(lease.lease_name(PROJECT)) is None
+
+
+class CountingCreates:
+    """The API, counting create requests (how hard a waiting runner polls)."""
+
+    def __init__(self, inner: UkcApi) -> None:
+        self.inner = inner
+        self.creates = 0
+
+    def create_instance(self, request: object) -> object:
+        self.creates += 1
+        return self.inner.create_instance(request)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def lease_state(metro: InProcessMetro) -> str:
+    with metro.client() as client:
+        items = client.get("/v1/instances", params={"name": lease.lease_name(PROJECT)}).json()
+    return str(items["data"]["instances"][0].get("state"))
+
+
+def test_a_runner_right_after_a_release_gets_the_lease_without_a_lock_timeout_polling_gently(
+    tmp_path: Path,
+) -> None:
+    metro = InProcessMetro(tmp_path)
+    try:
+        with UkcApi(metro.url, metro.token, metro="local") as api:
+            first = make(api, "ci-a:pid1:aaaaaa")
+            first.acquire()
+            first.release()
+            # the release did not wait: its lease still holds the name while it is deleted
+            assert lease_state(metro) == "deleted"
+            counting = CountingCreates(api)
+            second = make(counting, "ci-b:pid2:bbbbbb")  # type: ignore[arg-type]
+            second.acquire()  # no lock timeout: nobody holds the lease
+            assert second.uuid and second.uuid != first.uuid
+            # one create per poll while the name comes free, not a busy loop
+            hold = metro.metro.behaviour.delete_hold_s
+            assert counting.creates <= hold / lease.NAME_POLL_S + 5, counting.creates
+            second.release()
+    finally:
+        metro.close()
+
+
+def test_a_released_lease_the_platform_still_reads_as_there_is_taken_over_not_waited_for(
+    tmp_path: Path,
+) -> None:
+    metro = InProcessMetro(tmp_path)
+    try:
+        with UkcApi(metro.url, metro.token, metro="local") as api:
+            first = make(api, "ci-a:pid1:aaaaaa")
+            first.acquire()
+            first.release()
+            # a platform that reads an instance being deleted as still stopping
+            metro.faults.deleting_live_count = 1000
+            assert lease_state(metro) == "stopping"
+            said: list[str] = []
+            second = make(api, "ci-b:pid2:bbbbbb", on_wait=said.append)
+            second.acquire()  # no lock timeout: the released lease says it expired
+            assert second.uuid and second.uuid != first.uuid
+            assert said and "taking over the expired lease of ci-a:pid1:aaaaaa" in said[0]
+            metro.faults.reset()
+            second.release()
+    finally:
+        metro.close()

@@ -328,3 +328,21 @@ def test_the_clients_request_encoding_is_what_json_dumps_writes() -> None:
     }
     assert _dumps(request) == json.dumps(request, separators=(",", ":"))
     assert json.loads(_dumps(request)) == request
+
+
+def test_the_warm_process_has_the_output_models_of_apply_and_plan_built_before_any_command() -> (
+    None
+):
+    # every command is a fork of the server: what the server imported, no command imports again
+    probe = (
+        "import sys\n"
+        "from reconciler.cli import warm\n"
+        "before = 'reconciler.cli.apply_output' in sys.modules\n"
+        "warm._preload()\n"
+        "print(before, 'reconciler.cli.apply_output' in sys.modules,"
+        " 'reconciler.cli.plan_output' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["False", "True", "True"]

@@ -282,6 +282,27 @@ class TestScansBetweenPushes:
         assert (result.files_sent, result.remote_scanned) == (2, False)
         assert snapshot(site.remote) == snapshot(site.local)
 
+    def test_a_record_naming_an_index_position_of_another_state_is_not_believed(
+        self, site: Site
+    ) -> None:
+        _tree(site, 60)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        record = site.state / PUSH_RECORD
+        first = json.loads(record.read_bytes().splitlines()[-1])["meta"]["index"]
+        write(site.local / "d1" / "f001.txt", "edited and pushed")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        write(site.local / "d2" / "f002.txt", "edited, not pushed yet")
+        scan_local(site.opts())
+        # the record now names the position of the first push's state (a reused inode, a
+        # restored file): the index lines since then would also name d1/f001.txt
+        lines = record.read_bytes().splitlines(keepends=True)
+        last = json.loads(lines[-1])
+        last["meta"]["index"] = first
+        record.write_bytes(b"".join(lines[:-1]) + json.dumps(last).encode() + b"\n")
+        _forget_cache()
+        local = scan_local(site.opts())
+        assert plan_push(local, site.opts()).uploads == ("d2/f002.txt",)
+
     def test_an_index_line_without_the_entries_it_replaced_makes_the_push_compare_whole_records(
         self, site: Site
     ) -> None:

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.errors import SyncHaltedError
-from reconciler.sync.engine import push
+from reconciler.sync.diff import diff_manifests
+from reconciler.sync.engine import plan_push, push, scan_local
 from reconciler.sync.ignore import load_rules
+from reconciler.sync.manifest import last_push_record
 from reconciler.transport.local_shell import LocalShell
 from tests.support.synctree import Site, snapshot
 
@@ -130,5 +132,54 @@ def test_after_each_push_the_remote_mirrors_the_local_tree(
                 again = push(shell, opts, instance_uuid="u")
                 assert (again.bytes_sent, again.remote_scanned) == (0, False)
             assert snapshot(base, skip=ours) == outside_before
+        finally:
+            shell.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(trees(), trees()), min_size=2, max_size=3))
+def test_scans_between_pushes_plan_what_the_whole_push_record_would(
+    steps: list[tuple[dict[str, tuple[object, ...]], dict[str, tuple[object, ...]]]],
+) -> None:
+    """Each step: a tree scanned without a push (`ukc plan`), then another tree pushed. The
+    plan read from the index lines since the last push equals the diff against the whole
+    push record, and the push makes the remote mirror the local tree."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        (base / "sandbox/workspace").mkdir(parents=True)
+        (base / "sandbox/boot_id").write_text("boot-1")
+        shell = LocalShell()
+        site = Site(
+            base,
+            base / "local",
+            base / "sandbox/workspace",
+            base / "state",
+            base / "sandbox/run/ukc-sync",
+            base / "sandbox/boot_id",
+            shell,
+        )
+        opts = site.opts(exclude=EXCLUDE, back=BACK)
+        rules = load_rules(opts)
+        try:
+            for between, pushed_tree in steps:
+                for tree in (between, pushed_tree):
+                    realize(site.local, tree)
+                    try:
+                        local = scan_local(opts)
+                    except SyncHaltedError:
+                        break  # the emptied-root guard: no plan, no push
+                    plan = plan_push(local, opts)
+                    record = last_push_record(opts)
+                    if record is not None:
+                        whole = diff_manifests(local, record[0], rules)
+                        assert (plan.uploads, plan.metas, plan.deletes, plan.replaces) == (
+                            whole.uploads,
+                            whole.metas,
+                            whole.deletes,
+                            whole.replaces,
+                        )
+                else:
+                    push(shell, opts, instance_uuid="u", local=local)
+                    assert visible(site, site.remote) == visible(site, site.local)
         finally:
             shell.close()

@@ -172,3 +172,35 @@ def test_a_pull_forgets_the_index_the_scan_loaded_unless_a_feed_compares_it(site
         assert journal.load(site.state / INDEX) is kept
     finally:
         feed.detach(site.state)
+
+
+def test_a_record_changed_in_more_than_one_part_is_written_from_its_parts_and_reads_back_whole(
+    tmp_path: Path,
+) -> None:
+    from reconciler.sync.pullrecord import load_pull_record, save_pull_record
+
+    first = PullRecord({}, [])
+    for i in range(3000):
+        first.put(f"out/old{i}.txt", i, 1, "a" * 64, "old/boot")
+    first.put("out/keep.txt", 5, 1, "k" * 64, "other/boot")
+    save_pull_record(tmp_path, first)
+    loaded = load_pull_record(tmp_path)
+    assert len(loaded) == 3001
+
+    rec = loaded.copy()
+    for i in range(4500):  # more than two parts: most of it is held encoded
+        name = f"out/old{i}.txt" if i < 3000 else f"out/new{i}.txt"
+        rec.put(name, i, 2, "b" * 64, "new/b")
+    assert rec.spooled
+    rec.pop("out/keep.txt", None)  # as a mirrored deletion drops it
+    save_pull_record(tmp_path, rec)
+
+    back = load_pull_record(tmp_path)
+    assert len(back) == 4500
+    assert "out/keep.txt" not in back
+    assert back["out/old7.txt"] == [7, 2, "b" * 64, "new/b"]
+    assert back["out/new4499.txt"] == [4499, 2, "b" * 64, "new/b"]
+    last = lines(tmp_path / PULL_JOURNAL)[-1]["meta"]
+    # the two sources no entry names any more are gone; counts match the state
+    assert last["sources"] == ["new/b"]
+    assert (last["files"], last["bytes"]) == (4500, sum(range(4500)))
