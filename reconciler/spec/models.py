@@ -570,10 +570,21 @@ def spec_hash(spec: SessionSpec) -> str:
 
     Nothing secret is in it: `secret_env` only holds variable names.
     """
+    # why remembered: specs are frozen, and a watch re-plans the same loaded spec every pass
+    known = _HASHED.get(id(spec))
+    if known is not None and known[0] is spec:
+        return known[1]
     canonical = json.dumps(
         _canonical(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    if len(_HASHED) >= 256:
+        _HASHED.clear()
+    _HASHED[id(spec)] = (spec, digest)  # the spec is held: its id is not reused meanwhile
+    return digest
+
+
+_HASHED: dict[int, tuple[SessionSpec, str]] = {}
 
 
 def missing_secret_env(spec: SessionSpec, environ: Mapping[str, str]) -> list[tuple[str, str]]:

@@ -484,6 +484,11 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         st = os.fstat(f.fileno())
         if j is not None and j.ino == st.st_ino and j.length == st.st_size and not j.broken:
             return j.meta if j.exists else None
+        seen = _METAS.get(path)
+        if seen is not None and seen[0] == (st.st_ino, st.st_size):
+            # why: a watch pass asks for the push record's metadata three times; the file
+            # only grows by appends or is replaced whole (a new inode), as `_CACHE` assumes
+            return dict(seen[1])
         start = max(0, st.st_size - _TAIL)
         f.seek(start)
         tail = f.read()
@@ -497,7 +502,16 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, ValueError):
         return None
     meta = obj.get("meta") if isinstance(obj, dict) else None
-    return dict(meta) if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    if len(_METAS) >= _CACHE_MAX:
+        _METAS.clear()
+    _METAS[path] = ((st.st_ino, st.st_size), dict(meta))
+    return dict(meta)
+
+
+#: the metadata `read_meta` last read from each journal's tail, by its (inode, length)
+_METAS: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
 
 
 def changes_since(

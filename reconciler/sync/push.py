@@ -433,8 +433,8 @@ class _Sender:
         while True:
             reply = self.s.call(req)
             redo = reply.get("redo") if isinstance(reply, dict) else None
-            if not redo or reply.get("errors"):
-                return reply
+            if not redo or reply.get("errors") or self.errors:
+                return reply  # errors (a resent file that changed meanwhile too): the caller stops
             if not isinstance(redo, list) or not all(
                 isinstance(p, str) and p in self.redo_ok for p in redo
             ):
