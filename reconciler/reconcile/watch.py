@@ -6,9 +6,10 @@ and converges it. Nothing in an event is trusted or replayed.
 
 Timing: a session that was idle fires at once on its first event (leading edge, so one saved
 file reaches the sandbox in milliseconds), unless that event says a file is still being
-written (created or modified, its close not seen yet): then it fires at the close, or after
-`OPEN_GRACE_S` (20 ms) for a file held open. why: the first event of `open(O_TRUNC)` + write
-comes before the bytes; a pass that caught the empty file waited a quiet window for the next.
+written (created or modified, its close not seen yet, and still empty when the event is read):
+then it fires at the close, or after `OPEN_GRACE_S` (20 ms) for a file held open. why: the
+first event of `open(O_TRUNC)` + write comes before the bytes; a pass that caught the empty
+file waited a quiet window for the next.
 Further events wait for a quiet window (150 ms) and at most `max_wait_s` (so a constant stream
 of writes still syncs). One pass runs at a time
 (the pass handles every due session together, concurrently inside), so a session never has
@@ -328,6 +329,13 @@ class Watcher:
         return woken
 
     def _note(self, path: Path, writing: bool) -> None:
+        if writing:
+            # still being written only if it is still empty (the truncation or create came,
+            # its bytes not yet): one that already holds them is sent at once, not at its close
+            try:
+                writing = os.lstat(path).st_size == 0
+            except OSError:
+                writing = False
         for name in self.classify(path):
             self.coalescer.note(name, self.clock(), str(path), writing=writing)
 

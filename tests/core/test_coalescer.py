@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from reconciler.reconcile.watch import Coalescer
+from reconciler.reconcile.events import RecordingReporter
+from reconciler.reconcile.watch import Coalescer, Watcher, WatchOptions, _SessionPaths
 
 
 def test_the_first_event_after_idle_fires_at_once() -> None:
@@ -87,3 +90,27 @@ def test_one_file_still_open_holds_the_leading_edge_until_it_closes() -> None:
     assert c.due(10.001) == set()
     c.note("a", 10.002, "/t/two.txt", writing=False)
     assert c.due(10.002) == {"a"}
+
+
+def test_an_edit_whose_bytes_are_there_fires_at_once_and_an_emptied_file_waits_for_its_close(
+    tmp_path: Path,
+) -> None:
+    now = [10.0]
+    w = Watcher(
+        WatchOptions(paths=[]),
+        metros=None,  # type: ignore[arg-type]
+        reporter=RecordingReporter(),
+        environ={},
+        clock=lambda: now[0],
+    )
+    w._state.sessions["s"] = _SessionPaths("s", tmp_path, (), lambda rel, is_dir: False)
+    f = tmp_path / "f.txt"
+    f.write_text("new bytes")
+    w._note(f, True)  # the truncation's event, read once the bytes were written
+    assert w.coalescer.due(now[0]) == {"s"}
+    now[0] = 11.0
+    f.write_text("")  # truncated, its bytes not written yet
+    w._note(f, True)
+    assert w.coalescer.due(now[0]) == set()
+    w._note(f, False)  # closed
+    assert w.coalescer.due(now[0]) == {"s"}
