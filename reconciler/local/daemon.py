@@ -219,8 +219,13 @@ def ensure_running(state_dir: Path | None = None) -> MetroInfo:
         log_path = sd / "daemon.log"
         with os.fdopen(_open_private(log_path, os.O_WRONLY | os.O_APPEND), "ab") as log:
             offset = log.tell()
+            # why -P and cwd /: `-m` puts the working directory first on sys.path, so a
+            # `reconciler` directory where ukc was run (a cloned repository's) would be what
+            # the daemon imports and runs, as root; and a detached daemon keeps no user's
+            # directory busy
             proc = subprocess.Popen(
-                [sys.executable, "-m", "reconciler.local", "serve", "--state-dir", str(sd)],
+                [sys.executable, "-P", "-m", "reconciler.local", "serve", "--state-dir", str(sd)],
+                cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from reconciler.reconcile.watch import Coalescer
 
 
@@ -51,3 +53,37 @@ def test_sessions_are_coalesced_independently() -> None:
 
 def test_nothing_pending_means_no_deadline() -> None:
     assert Coalescer().next_deadline() is None
+
+
+def test_a_file_still_being_written_fires_at_its_close_not_at_its_first_event() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/f.txt", writing=True)  # the truncation of open(O_TRUNC)
+    assert c.due(10.0) == set()
+    c.note("a", 10.001, "/t/f.txt", writing=False)  # closed: the bytes are there
+    assert c.due(10.001) == {"a"}
+
+
+def test_a_write_that_closes_in_the_same_burst_fires_at_once() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/f.txt", writing=True)
+    c.note("a", 10.0, "/t/f.txt", writing=True)
+    c.note("a", 10.0, "/t/f.txt", writing=False)
+    assert c.due(10.0) == {"a"}
+
+
+def test_a_file_held_open_fires_after_the_grace_not_after_a_quiet_window() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/app.log", writing=True)
+    assert c.due(10.01) == set()
+    assert c.next_deadline() == pytest.approx(10.02)
+    assert c.due(10.021) == {"a"}
+
+
+def test_one_file_still_open_holds_the_leading_edge_until_it_closes() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/one.txt", writing=True)
+    c.note("a", 10.0, "/t/two.txt", writing=True)
+    c.note("a", 10.001, "/t/one.txt", writing=False)
+    assert c.due(10.001) == set()
+    c.note("a", 10.002, "/t/two.txt", writing=False)
+    assert c.due(10.002) == {"a"}
