@@ -5,8 +5,13 @@ Events are only wake-ups (level-triggered): a file event marks its session dirty
 and converges it. Nothing in an event is trusted or replayed.
 
 Timing: a session that was idle fires at once on its first event (leading edge, so one saved
-file reaches the sandbox in milliseconds); further events wait for a quiet window (150 ms) and
-at most `max_wait_s` (so a constant stream of writes still syncs). One pass runs at a time
+file reaches the sandbox in milliseconds), unless that event says a file is still being
+written (created or modified, its close not seen yet, and still empty when the event is read):
+then it fires at the close, or after `OPEN_GRACE_S` (20 ms) for a file held open. why: the
+first event of `open(O_TRUNC)` + write comes before the bytes; a pass that caught the empty
+file waited a quiet window for the next.
+Further events wait for a quiet window (150 ms) and at most `max_wait_s` (so a constant stream
+of writes still syncs). One pass runs at a time
 (the pass handles every due session together, concurrently inside), so a session never has
 two passes in flight, and changes that arrive during a pass make exactly one follow-up pass.
 
@@ -54,20 +59,38 @@ __all__ = ["Coalescer", "WatchOptions", "Watcher", "expiries"]
 QUIET_S = 0.15
 #: a constant stream of writes still syncs at least this often
 MAX_WAIT_S = 2.0
+#: the leading edge waits at most this long for a file being written to be closed: its first
+#: event (the truncation of `open(O_TRUNC)`, a create) comes before its bytes
+OPEN_GRACE_S = 0.02
 
 
 class Coalescer:
     """Turns a stream of (key, time) notes into due keys. Pure: time is passed in."""
 
-    def __init__(self, quiet_s: float = QUIET_S, max_wait_s: float = MAX_WAIT_S) -> None:
+    def __init__(
+        self,
+        quiet_s: float = QUIET_S,
+        max_wait_s: float = MAX_WAIT_S,
+        open_grace_s: float = OPEN_GRACE_S,
+    ) -> None:
         self.quiet_s = quiet_s
         self.max_wait_s = max_wait_s
+        self.open_grace_s = open_grace_s
         self._first: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self._immediate: set[str] = set()
         self._fired: dict[str, float] = {}
+        #: key -> paths whose last event says they are still being written (not closed yet)
+        self._writing: dict[str, set[str]] = {}
 
-    def note(self, key: str, now: float) -> None:
+    def note(self, key: str, now: float, path: str = "", *, writing: bool = False) -> None:
+        """`writing`: the event says `path` is being written (created or modified, not yet
+        closed); a later note of the same path without it says the write ended."""
+        if path:
+            if writing:
+                self._writing.setdefault(key, set()).add(path)
+            elif key in self._writing:
+                self._writing[key].discard(path)
         if key not in self._first:
             self._first[key] = now
             fired = self._fired.get(key)
@@ -84,7 +107,7 @@ class Coalescer:
         ready = {
             k
             for k in self._first
-            if k in self._immediate
+            if (k in self._immediate and self._settled(k, now))
             or now - self._last[k] >= self.quiet_s
             or now - self._first[k] >= self.max_wait_s
         }
@@ -92,17 +115,26 @@ class Coalescer:
             self._first.pop(k, None)
             self._last.pop(k, None)
             self._immediate.discard(k)
+            self._writing.pop(k, None)
             self._fired[k] = now
         return ready
+
+    def _settled(self, key: str, now: float) -> bool:
+        """The leading edge may fire: no file of `key` is still being written, or the grace
+        for its close has passed (a file held open is sent as it is, then again later)."""
+        return not self._writing.get(key) or now - self._first[key] >= self.open_grace_s
 
     def next_deadline(self) -> float | None:
         """When the next key becomes due (None when nothing is pending)."""
         if not self._first:
             return None
-        if self._immediate:
-            return 0.0
         return min(
-            min(self._last[k] + self.quiet_s, self._first[k] + self.max_wait_s) for k in self._first
+            (
+                self._first[k] + (0.0 if not self._writing.get(k) else self.open_grace_s)
+                if k in self._immediate
+                else min(self._last[k] + self.quiet_s, self._first[k] + self.max_wait_s)
+            )
+            for k in self._first
         )
 
 
@@ -180,7 +212,8 @@ class Watcher:
         self.coalescer = Coalescer(options.quiet_s, options.max_wait_s)
         self.pool = TransportPool()
         self.passes = 0
-        self._events: queue.Queue[Path | None] = queue.Queue()
+        #: changed paths, each with whether its event says it is still being written
+        self._events: queue.Queue[tuple[Path, bool] | None] = queue.Queue()
         self._stop = threading.Event()
         self._busy = threading.Event()
         self._spec_dirty = False
@@ -237,10 +270,13 @@ class Watcher:
                     # own event already says what changed (and sync-back temp files would
                     # otherwise wake us through their parent).
                     return
+                # a file created or modified is being written until its "closed" event (a
+                # write opened with O_TRUNC is empty at its first event)
+                writing = not event.is_directory and event.event_type in ("created", "modified")
                 for raw in (event.src_path, getattr(event, "dest_path", "")):
                     if raw:
                         path = raw.decode() if isinstance(raw, bytes) else raw
-                        events.put(Path(path))
+                        events.put((Path(path), writing))
 
         if self._observer is None:
             obs = Observer()
@@ -291,6 +327,17 @@ class Watcher:
             if s.changes is not None:
                 s.changes.note(rel)
         return woken
+
+    def _note(self, path: Path, writing: bool) -> None:
+        if writing:
+            # still being written only if it is still empty (the truncation or create came,
+            # its bytes not yet): one that already holds them is sent at once, not at its close
+            try:
+                writing = os.lstat(path).st_size == 0
+            except OSError:
+                writing = False
+        for name in self.classify(path):
+            self.coalescer.note(name, self.clock(), str(path), writing=writing)
 
     # -- passes --------------------------------------------------------------------------
 
@@ -414,8 +461,7 @@ class Watcher:
                 except queue.Empty:
                     item = None
                 if item is not None:
-                    for name in self.classify(item):
-                        self.coalescer.note(name, self.clock())
+                    self._note(*item)
                     # Drain what else arrived, so a burst is noted before anything fires.
                     while True:
                         try:
@@ -423,8 +469,7 @@ class Watcher:
                         except queue.Empty:
                             break
                         if more is not None:
-                            for name in self.classify(more):
-                                self.coalescer.note(name, self.clock())
+                            self._note(*more)
                 if self._busy.is_set() or self._stop.is_set():
                     continue
                 now = self.clock()

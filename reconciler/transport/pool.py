@@ -38,8 +38,11 @@ class TransportPool:
                     box.append(opener())
 
             thread = threading.Thread(target=open_one, name=f"prefetch-{session}", daemon=True)
+            # started before another thread can see it pending: a `take` that pops it
+            # between the two would join a thread not yet started (RuntimeError: seen as an
+            # "internal error" of `ukc apply` under load)
+            thread.start()
             self._pending[session] = (instance_uuid, thread, box)
-        thread.start()
 
     def _settle(self, session: str) -> None:
         """Wait for a prefetch of `session` and keep what it opened."""

@@ -348,7 +348,9 @@ def wait_ssh_ready(
 
     def attempt() -> SshShell:
         remaining = deadline_s - (monotonic() - start)
-        # a rejection within the grace is retried on the connection (cheaper than a new one)
+        # a rejection within the grace is retried on the connection (cheaper than a new one);
+        # none past it, so a server that cuts the connection after fewer rejections than ours
+        # still ends in a rejected key
         within = min(remaining, auth_grace_s - (monotonic() - start))
         try:
             return SshShell.connect(

@@ -19,7 +19,15 @@ from reconciler.errors import KeyRejectedError, RemoteError, SandboxNotReadyErro
 from reconciler.transport.keys import generate_keypair
 from reconciler.transport.sshclient import SshShell, wait_ssh_ready
 from reconciler.transport.tls import Dialer
-from tests.support.tls_sshd import FQDN, CaFiles, Sshd, TlsForwarder, dialer_to, free_port
+from tests.support.tls_sshd import (
+    FQDN,
+    CaFiles,
+    Sshd,
+    TlsForwarder,
+    dialer_to,
+    free_port,
+    running_sshd,
+)
 
 
 def connect(dialer: Dialer, sshd: Sshd, **kw: object) -> SshShell:
@@ -279,6 +287,37 @@ class TestKeyGrace:
         assert err.value.retryable is False
         assert 5 <= now[0] < 10, "rejected keys were retried past the grace, or not at all"
         assert "still" in str(err.value)
+
+    def test_a_server_allowing_fewer_key_tries_than_ours_still_ends_in_a_key_rejection(
+        self, test_ca: CaFiles, tmp_path: Path
+    ) -> None:
+        """An image's sshd may cut the connection after fewer rejections than ukc retries on
+        it: that is still a rejected key (after the grace), not a sandbox that never came up."""
+        generate_keypair(tmp_path / "stranger")
+        (tmp_path / "strict").mkdir()
+        now = [0.0]
+
+        def sleep(s: float) -> None:
+            now[0] += s
+
+        with running_sshd(tmp_path / "strict", extra_config="MaxAuthTries 2\n") as strict:
+            fwd = TlsForwarder(test_ca, strict.port).start()
+            try:
+                with pytest.raises(KeyRejectedError, match="public key of stranger") as err:
+                    wait_ssh_ready(
+                        dialer_to(test_ca, fwd.port),
+                        FQDN,
+                        key_path=tmp_path / "stranger",
+                        user=strict.user,
+                        deadline_s=60,
+                        auth_grace_s=5,
+                        sleep=sleep,
+                        monotonic=lambda: now[0],
+                    )
+            finally:
+                fwd.stop()
+        assert err.value.retryable is False
+        assert 5 <= now[0] < 10, "rejections were taken for a sandbox still starting"
 
 
 class TestHangUpAfterKex:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from reconciler.reconcile.watch import Coalescer
+from pathlib import Path
+
+import pytest
+
+from reconciler.reconcile.events import RecordingReporter
+from reconciler.reconcile.watch import Coalescer, Watcher, WatchOptions, _SessionPaths
 
 
 def test_the_first_event_after_idle_fires_at_once() -> None:
@@ -51,3 +56,61 @@ def test_sessions_are_coalesced_independently() -> None:
 
 def test_nothing_pending_means_no_deadline() -> None:
     assert Coalescer().next_deadline() is None
+
+
+def test_a_file_still_being_written_fires_at_its_close_not_at_its_first_event() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/f.txt", writing=True)  # the truncation of open(O_TRUNC)
+    assert c.due(10.0) == set()
+    c.note("a", 10.001, "/t/f.txt", writing=False)  # closed: the bytes are there
+    assert c.due(10.001) == {"a"}
+
+
+def test_a_write_that_closes_in_the_same_burst_fires_at_once() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/f.txt", writing=True)
+    c.note("a", 10.0, "/t/f.txt", writing=True)
+    c.note("a", 10.0, "/t/f.txt", writing=False)
+    assert c.due(10.0) == {"a"}
+
+
+def test_a_file_held_open_fires_after_the_grace_not_after_a_quiet_window() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/app.log", writing=True)
+    assert c.due(10.01) == set()
+    assert c.next_deadline() == pytest.approx(10.02)
+    assert c.due(10.021) == {"a"}
+
+
+def test_one_file_still_open_holds_the_leading_edge_until_it_closes() -> None:
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0, open_grace_s=0.02)
+    c.note("a", 10.0, "/t/one.txt", writing=True)
+    c.note("a", 10.0, "/t/two.txt", writing=True)
+    c.note("a", 10.001, "/t/one.txt", writing=False)
+    assert c.due(10.001) == set()
+    c.note("a", 10.002, "/t/two.txt", writing=False)
+    assert c.due(10.002) == {"a"}
+
+
+def test_an_edit_whose_bytes_are_there_fires_at_once_and_an_emptied_file_waits_for_its_close(
+    tmp_path: Path,
+) -> None:
+    now = [10.0]
+    w = Watcher(
+        WatchOptions(paths=[]),
+        metros=None,  # type: ignore[arg-type]
+        reporter=RecordingReporter(),
+        environ={},
+        clock=lambda: now[0],
+    )
+    w._state.sessions["s"] = _SessionPaths("s", tmp_path, (), lambda rel, is_dir: False)
+    f = tmp_path / "f.txt"
+    f.write_text("new bytes")
+    w._note(f, True)  # the truncation's event, read once the bytes were written
+    assert w.coalescer.due(now[0]) == {"s"}
+    now[0] = 11.0
+    f.write_text("")  # truncated, its bytes not written yet
+    w._note(f, True)
+    assert w.coalescer.due(now[0]) == set()
+    w._note(f, False)  # closed
+    assert w.coalescer.due(now[0]) == {"s"}

@@ -214,8 +214,9 @@ def dialer_to(ca: CaFiles, port: int) -> Dialer:
 
 
 @contextlib.contextmanager
-def running_sshd(cfg: Path) -> Iterator[Sshd]:
-    """sshd on 127.0.0.1 with its own host key, accepting one fresh client key; files in `cfg`."""
+def running_sshd(cfg: Path, extra_config: str = "") -> Iterator[Sshd]:
+    """sshd on 127.0.0.1 with its own host key, accepting one fresh client key; files in `cfg`
+    (`extra_config`: more sshd_config lines)."""
     host_key = cfg / "hostkey"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
     client_key = cfg / "clientkey"
@@ -226,7 +227,7 @@ def running_sshd(cfg: Path) -> Iterator[Sshd]:
         f"ListenAddress 127.0.0.1\nHostKey {host_key}\nAuthorizedKeysFile {cfg}/authorized_keys\n"
         "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\nPidFile none\n"
-        "MaxStartups 100\nMaxSessions 50\nLogLevel ERROR\nPrintLastLog no\n"
+        "MaxStartups 100\nMaxSessions 50\nLogLevel ERROR\nPrintLastLog no\n" + extra_config
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
