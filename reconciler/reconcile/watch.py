@@ -216,6 +216,9 @@ class Watcher:
         self._events: queue.Queue[tuple[Path, bool] | None] = queue.Queue()
         self._stop = threading.Event()
         self._busy = threading.Event()
+        #: the passes to run, in order, and the thread that runs them (None: ends it)
+        self._passes: queue.Queue[tuple[set[str] | None, bool] | None] = queue.Queue()
+        self._passer: threading.Thread | None = None
         self._spec_dirty = False
         #: the last spec reload failed: the next good one says so (clears the header)
         self._reload_failed = False
@@ -406,9 +409,19 @@ class Watcher:
 
     def _start_pass(self, sessions: set[str] | None, prune: bool = False) -> None:
         self._busy.set()
-        threading.Thread(
-            target=self._pass, args=(sessions, prune), name="ukc-pass", daemon=True
-        ).start()
+        if self._passer is None:
+            # one thread runs every pass: waking it is cheaper than starting a thread, a
+            # scheduling delay on every edit's way to its sandbox on a loaded machine
+            self._passer = threading.Thread(target=self._run_passes, name="ukc-pass", daemon=True)
+            self._passer.start()
+        self._passes.put((sessions, prune))
+
+    def _run_passes(self) -> None:
+        while True:
+            job = self._passes.get()
+            if job is None:
+                return
+            self._pass(*job)
 
     def _reload_specs(self) -> bool:
         self._spec_dirty = False
@@ -495,6 +508,7 @@ class Watcher:
         finally:
             # Let the running pass finish: it writes the status file and keeps sessions sane.
             poll(lambda _: None if self._busy.is_set() else True, policy=RetryPolicy.every(0.02))
+            self._passes.put(None)
             if self._observer is not None:
                 obs = self._observer
                 with contextlib.suppress(Exception):
