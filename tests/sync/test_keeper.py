@@ -200,3 +200,28 @@ def test_a_new_sync_back_path_leaves_the_manifest_though_nothing_changed_on_disk
     write(site.local / "out/old.txt", "from an earlier run")
     assert "out/old.txt" in _command_scan(site)
     assert "out/old.txt" not in _command_scan(site, back=("out/",))
+
+
+def test_a_pull_after_a_keeper_told_scan_leaves_the_index_unloaded_and_the_next_scan_told(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    from reconciler.sync.engine import pull
+
+    for i in range(20):
+        write(site.local / "src" / f"f{i}.txt", f"local {i}")
+    write(site.remote / "out" / "r.txt", "result")
+    opts = site.opts(back=("out/",))
+    journal._CACHE.clear()
+    with feed.tracking([(opts.state_dir, site.local, opts.back_paths())]):
+        scan_local(opts)
+        assert feed.bases() == []  # the keeper compares the file, not a state held here
+        assert (site.state / INDEX) in journal._CACHE
+        pull(site.shell, opts, instance_uuid="3f1c9a2e-0002")
+        # the scan's 100,000 entries (here 20) are not carried through the pull
+        assert (site.state / INDEX) not in journal._CACHE
+        write(site.local / "src" / "f3.txt", "changed")
+        named, walked = keeper.named, keeper.everything
+        after = scan_local(opts)
+    assert (keeper.named, keeper.everything) == (named + 1, walked)  # told, no walk
+    assert after.entries["src/f3.txt"].size == len("changed")
+    assert (site.local / "out" / "r.txt").read_text() == "result"
