@@ -103,8 +103,11 @@ def observe(
             contexts[name] = ctx
             if why is not None:
                 halted[name] = why
-    finally:
+    except KeyboardInterrupt:
+        raise  # not held up by a list that may never answer: it ends with the process
+    except BaseException:
         listing.wait()
+        raise
     instances, claimed, _metro_of, dying = listing.result()
     return Observation(
         project=project,
