@@ -134,3 +134,23 @@ def edit_one(root: Path, files: list[str], k: int, tag: str = "") -> tuple[str, 
     with open(root / rel, "wb") as f:
         f.write(body)
     return rel, body
+
+
+def edit_and_wait(tree: Path, remote: Path, k: int, files: int, label: str = "") -> float:
+    """Write edit `k` into `tree`; milliseconds until its bytes are in the sandbox's copy
+    (`remote`): the content itself, not an acknowledgement."""
+    name = f"f{k % files:04d}.txt"
+    content = f"edit {k} {time.time()}\n".encode()
+    t0 = time.perf_counter()
+    (tree / name).write_bytes(content)
+    target = remote / name
+    while True:
+        try:
+            if target.read_bytes() == content:
+                break
+        except FileNotFoundError:
+            pass
+        if time.perf_counter() - t0 > 10:
+            raise SystemExit(f"{label}edit {k} did not arrive within 10 s")
+        time.sleep(0.001)
+    return (time.perf_counter() - t0) * 1000

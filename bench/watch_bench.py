@@ -27,6 +27,9 @@ from pathlib import Path
 import reconciler as reconciler_pkg
 from reconciler.local import daemon
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from treegen import edit_and_wait
+
 
 def main() -> None:
     # Byte-compile ukc as `pip install` would: with PYTHONDONTWRITEBYTECODE set (as on these
@@ -73,21 +76,7 @@ def main() -> None:
         time.sleep(1.0)
         latencies = []
         for k in range(a.edits):
-            name = f"f{k % a.files:04d}.txt"
-            content = f"edit {k} {time.time()}\n".encode()
-            t0 = time.perf_counter()
-            (tree / name).write_bytes(content)
-            target = remote / name
-            while True:
-                try:
-                    if target.read_bytes() == content:
-                        break
-                except FileNotFoundError:
-                    pass
-                if time.perf_counter() - t0 > 10:
-                    raise SystemExit(f"edit {k} did not arrive within 10 s")
-                time.sleep(0.001)
-            latencies.append((time.perf_counter() - t0) * 1000)
+            latencies.append(edit_and_wait(tree, remote, k, a.files))
             time.sleep(0.3)
         latencies.sort()
         p95 = latencies[max(0, round(0.95 * len(latencies)) - 1)]

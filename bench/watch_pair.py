@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from treegen import edit_and_wait
+
 _DAEMON = "from pathlib import Path; from reconciler.local import daemon; "
 
 
@@ -82,21 +85,8 @@ def _wait_ready(side: dict[str, Any]) -> None:
 
 
 def _edit(side: dict[str, Any], k: int, files: int) -> None:
-    name = f"f{k % files:04d}.txt"
-    content = f"edit {k} {time.time()}\n".encode()
-    t0 = time.perf_counter()
-    (side["tree"] / name).write_bytes(content)
-    target = side["remote"] / name
-    while True:
-        try:
-            if target.read_bytes() == content:
-                break
-        except FileNotFoundError:
-            pass
-        if time.perf_counter() - t0 > 10:
-            raise SystemExit(f"side {side['label']}: edit {k} did not arrive within 10 s")
-        time.sleep(0.001)
-    side["lat"].append((time.perf_counter() - t0) * 1000)
+    label = f"side {side['label']}: "
+    side["lat"].append(edit_and_wait(side["tree"], side["remote"], k, files, label))
 
 
 def _p95(values: list[float]) -> float:
