@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -154,3 +156,19 @@ def edit_and_wait(tree: Path, remote: Path, k: int, files: int, label: str = "")
             raise SystemExit(f"{label}edit {k} did not arrive within 10 s")
         time.sleep(0.001)
     return (time.perf_counter() - t0) * 1000
+
+
+def start_watch(home: Path, files: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`ukc watch` of a session `live` over `files` small files in `home`/tree."""
+    tree = home / "tree"
+    tree.mkdir(parents=True)
+    for i in range(files):
+        (tree / f"f{i:04d}.txt").write_text(f"file {i}\n" * 50)
+    (home / "s.yaml").write_text("name: live\ndirectory: ./tree\n")
+    return subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "watch", "s.yaml"],
+        cwd=home,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

@@ -28,7 +28,7 @@ import reconciler as reconciler_pkg
 from reconciler.local import daemon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from treegen import edit_and_wait
+from treegen import edit_and_wait, start_watch
 
 
 def main() -> None:
@@ -47,17 +47,7 @@ def main() -> None:
     try:
         info = daemon.ensure_running(state)
         tree = work / "tree"
-        tree.mkdir()
-        for i in range(a.files):
-            (tree / f"f{i:04d}.txt").write_text(f"file {i}\n" * 50)
-        (work / "s.yaml").write_text("name: live\ndirectory: ./tree\n")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "watch", "s.yaml"],
-            cwd=work,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = start_watch(work, a.files, env)
         status = work / ".ukc" / "status.json"
         deadline = time.monotonic() + 60
         uuid = ""

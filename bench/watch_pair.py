@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from treegen import edit_and_wait
+from treegen import edit_and_wait, start_watch
 
 _DAEMON = "from pathlib import Path; from reconciler.local import daemon; "
 
@@ -45,17 +45,7 @@ def _side(label: str, checkout: str, files: int, work: Path) -> dict[str, Any]:
     )
     home = work / label
     tree = home / "tree"
-    tree.mkdir(parents=True)
-    for i in range(files):
-        (tree / f"f{i:04d}.txt").write_text(f"file {i}\n" * 50)
-    (home / "s.yaml").write_text("name: live\ndirectory: ./tree\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "reconciler", "watch", "s.yaml"],
-        cwd=home,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_watch(home, files, env)
     workspaces = Path(out.stdout.strip().splitlines()[-1]) / "workspaces"
     return {
         "label": label,

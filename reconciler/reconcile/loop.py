@@ -638,8 +638,7 @@ def _wake_for_work(
 
     woke = [w for w in each(todo, one, concurrency=concurrency, name="ukc-wake") if w]
     for session, inst in woke:
-        obs.instances[inst.name] = inst
-        obs.claimed[session] = inst
+        obs.woke(session, inst)
     return bool(woke)
 
 

@@ -50,6 +50,11 @@ class Observation:
     #: their way out (a delete does not wait for the name), never claimed by a session
     dying: frozenset[str] = frozenset()
 
+    def woke(self, session: str, inst: Instance) -> None:
+        """`session`'s instance as it runs once woken: what the next plan sees."""
+        self.instances[inst.name] = inst
+        self.claimed[session] = inst
+
 
 def observe(
     group: Group,

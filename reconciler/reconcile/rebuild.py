@@ -117,8 +117,7 @@ def _consult_one(
             if woken is not inst:
                 # the plan made next sees the instance as it runs now (its `start_count`)
                 with lock:
-                    obs.instances[woken.name] = woken
-                    obs.claimed[name] = woken
+                    obs.woke(name, woken)
                 inst = woken
             transport = connect(ctx, inst, known, metros)
         data = exchange(

@@ -81,6 +81,21 @@ def visible(site: Site, root: Path) -> dict[str, tuple[object, ...]]:
     return out
 
 
+def sandbox_site(base: Path) -> Site:
+    """A sandbox's workspace and boot id under `base`, reached through a local shell."""
+    (base / "sandbox/workspace").mkdir(parents=True)
+    (base / "sandbox/boot_id").write_text("boot-1")
+    return Site(
+        base,
+        base / "local",
+        base / "sandbox/workspace",
+        base / "state",
+        base / "sandbox/run/ukc-sync",
+        base / "sandbox/boot_id",
+        LocalShell(),
+    )
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     first=trees(),
@@ -96,20 +111,10 @@ def test_after_each_push_the_remote_mirrors_the_local_tree(
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        (base / "sandbox/workspace").mkdir(parents=True)
-        (base / "sandbox/boot_id").write_text("boot-1")
         (base / "outside").mkdir()
         (base / "outside/sentinel").write_text("keep")
-        shell = LocalShell()
-        site = Site(
-            base,
-            base / "local",
-            base / "sandbox/workspace",
-            base / "state",
-            base / "sandbox/run/ukc-sync",
-            base / "sandbox/boot_id",
-            shell,
-        )
+        site = sandbox_site(base)
+        shell = site.shell
         opts = site.opts(exclude=EXCLUDE, back=BACK)
         ours = (site.local, site.remote, site.state, site.remote_state.parent, site.boot)
         outside_before = snapshot(base, skip=ours)
@@ -146,18 +151,8 @@ def test_scans_between_pushes_plan_what_the_whole_push_record_would(
     push record, and the push makes the remote mirror the local tree."""
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        (base / "sandbox/workspace").mkdir(parents=True)
-        (base / "sandbox/boot_id").write_text("boot-1")
-        shell = LocalShell()
-        site = Site(
-            base,
-            base / "local",
-            base / "sandbox/workspace",
-            base / "state",
-            base / "sandbox/run/ukc-sync",
-            base / "sandbox/boot_id",
-            shell,
-        )
+        site = sandbox_site(base)
+        shell = site.shell
         opts = site.opts(exclude=EXCLUDE, back=BACK)
         rules = load_rules(opts)
         try:
