@@ -69,6 +69,9 @@ class TreeState:
     halted: str | None = None
     #: the sync path an earlier contact found, and for which instance uuid (`sync.capability`)
     tools: tuple[str, Tools] | None = None
+    #: False: not scanned yet (an observation made while the tree is scanned); `halted` then
+    #: says what can be told without a walk
+    scanned: bool = True
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def build_session(
     it ours before anything uses it); its key nonce says which derived key opens it. Asked
     for after the scan: the observer lists the instances while the tree is scanned.
     Without `scan` the local tree is not read (a delete needs nothing of it): no manifest,
-    an empty tree state."""
+    an empty tree state marked not scanned."""
     s = loaded.spec
     env, secret_env, missing = session_env(s, environ)
     fingerprint = hashlib.sha256(
@@ -272,7 +275,7 @@ def build_session(
     halted: str | None = None
     manifest = None
     pending: tuple[str, ...] = ()
-    tree = TreeState(digest="", files=0, bytes=0)
+    tree = TreeState(digest="", files=0, bytes=0, scanned=scan)
     try:
         if scan:
             manifest = sync_engine.scan_local(opts, on_change=on_change)
