@@ -315,6 +315,8 @@ def apply_group(
                 salt=salt,
                 only=only,
                 on_tree_changed=_prefetcher(group, doc, metros, kept, owner),
+                # the push reads new files once, hashing what it sends
+                defer=True,
             )
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]

@@ -67,6 +67,7 @@ def observe(
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
     scan: bool = True,
+    defer: bool = False,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned
     (not without `scan`: a delete reads nothing of them).
@@ -79,6 +80,9 @@ def observe(
     running (whichever of the two comes last): the apply loop opens the connection the push
     will need meanwhile (and starts its sync helper). A hint only; nothing observed depends
     on it.
+
+    `defer`: new files are listed, not read (`build_session`): for an apply, whose push
+    reads them anyway.
     """
     project = owner.project
     wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
@@ -104,6 +108,7 @@ def observe(
                 hint.changed if hint is not None else None,
                 functools.partial(listing.named, identity.instance_name(project, name)),
                 scan=scan,
+                defer=defer,
             )
             contexts[name] = ctx
             if why is not None:
