@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from reconciler import errors
+from reconciler._util.threads import KeptThreads
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance, Volume
 from reconciler.cloud.quotas import Quota
@@ -161,7 +162,7 @@ class _Listing:
 
     def start(self, hints: list[_Hint]) -> None:
         self._hints = hints
-        threading.Thread(target=self._run, name="ukc-list", daemon=True).start()
+        _LIST_THREADS.run(self._run)
 
     def _run(self) -> None:
         try:
@@ -218,6 +219,11 @@ class _Listing:
 
     def named(self, instance_name: str) -> Instance | None:
         return self.result()[0].get(instance_name)
+
+
+#: the lists' threads: a watch lists on every pass, and a thread started per list was a
+#: scheduling delay on every edit's way to its sandbox on a loaded machine
+_LIST_THREADS = KeptThreads("ukc-list")
 
 
 class _Hint:
