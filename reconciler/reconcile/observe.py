@@ -31,7 +31,14 @@ from reconciler.spec.loader import LoadedSession
 from reconciler.status.schema import StatusDoc
 from reconciler.sync.options import SyncOptions
 
-__all__ = ["Observation", "observe", "observe_quotas", "observe_volumes"]
+__all__ = [
+    "Listing",
+    "Observation",
+    "observe",
+    "observe_quotas",
+    "observe_volumes",
+    "start_listing",
+]
 
 
 @dataclass
@@ -68,6 +75,7 @@ def observe(
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
     scan: bool = True,
+    listing: Listing | None = None,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned
     (not without `scan`: a delete reads nothing of them).
@@ -80,16 +88,20 @@ def observe(
     running (whichever of the two comes last): the apply loop opens the connection the push
     will need meanwhile (and starts its sync helper). A hint only; nothing observed depends
     on it.
+
+    `listing`: the list of this observation, started by `start_listing` with the same
+    arguments (the caller started it as soon as it held the status lock).
     """
     project = owner.project
-    wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
-    listing = _Listing(group, doc, metros, project, wanted)
+    wanted = _wanted(group, only)
+    if listing is None:
+        listing = start_listing(group, doc, metros, project, only)
     hints = {
         loaded.spec.name: _Hint(group, loaded, owner, doc, listing, on_tree_changed)
         for loaded in wanted
         if on_tree_changed is not None
     }
-    listing.start(list(hints.values()))
+    listing.tell(list(hints.values()))
     contexts: dict[str, SessionContext] = {}
     halted: dict[str, str] = {}
     try:
@@ -127,12 +139,25 @@ def observe(
     )
 
 
+def start_listing(
+    group: Group, doc: StatusDoc, metros: MetroRegistry, project: str, only: set[str] | None
+) -> Listing:
+    """Start listing the instances an `observe` of the same arguments would list."""
+    listing = Listing(group, doc, metros, project, _wanted(group, only))
+    listing.start()
+    return listing
+
+
+def _wanted(group: Group, only: set[str] | None) -> list[LoadedSession]:
+    return [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
+
+
 #: what the list found: instances by name, by the session they claim, the metro of each
 #: session, and the uuids of instances on their way out
 _Found = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], frozenset[str]]
 
 
-class _Listing:
+class Listing:
     """The instances of every metro the group uses, listed on a thread of its own."""
 
     def __init__(
@@ -159,10 +184,16 @@ class _Listing:
         self._found: _Found | None = None
         self._error: BaseException | None = None
         self._hints: list[_Hint] = []
+        self._hints_lock = threading.Lock()
 
-    def start(self, hints: list[_Hint]) -> None:
-        self._hints = hints
+    def start(self) -> None:
         _LIST_THREADS.run(self._run)
+
+    def tell(self, hints: list[_Hint]) -> None:
+        """Tell `hints` when the list ends (one told after it ended learns it when its scan
+        sees a change: `_Hint.changed`)."""
+        with self._hints_lock:
+            self._hints = hints
 
     def _run(self) -> None:
         try:
@@ -171,7 +202,9 @@ class _Listing:
             self._error = err
         finally:
             self._done.set()
-        for hint in self._hints:
+        with self._hints_lock:
+            hints = self._hints
+        for hint in hints:
             hint.listed()
 
     def _list(self) -> _Found:
@@ -236,7 +269,7 @@ class _Hint:
         loaded: LoadedSession,
         owner: identity.Owner,
         doc: StatusDoc,
-        listing: _Listing,
+        listing: Listing,
         on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None,
     ) -> None:
         self._loaded = loaded
