@@ -281,6 +281,28 @@ def test_the_agents_start_imports_no_http_server_until_an_api_is_called() -> Non
     assert out.strip() == "[]"
 
 
+def test_the_agents_start_imports_neither_socket_signal_threading_nor_contextlib() -> None:
+    # why it matters: with them (and the enum, functools and collections they load) the
+    # agent's imports were ~60% of its CPU to the ready line, paid by every sandbox boot
+    main = Path(boot.__file__).with_name("__main__.py")
+    # -X importtime names every module the run imports (on stderr), entry point included
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", str(main), "--bogus", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2  # the agent ran: its bad arguments were refused
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "agent.boot" in imported
+    heavy = {"socket", "signal", "threading", "contextlib", "enum", "functools", "collections"}
+    assert not heavy & imported, sorted(heavy & imported)
+
+
 def test_the_exec_api_answers_its_first_connection_made_the_moment_it_listens() -> None:
     listener = boot.tcp_listener(0)
     port = listener.getsockname()[1]

@@ -10,6 +10,7 @@ ipc, uts and cgroup namespaces, and dies with the daemon. The options travel thr
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from reconciler.errors import LocalMetroError
@@ -122,6 +123,37 @@ OWN_ETC = ("passwd", "group", "shadow")
 HOST_ETC = "/.host-etc"
 
 
+#: the last listing of the host's /etc: (its dir's device, inode, mtime) and the options
+_etc_seen: tuple[tuple[int, int, int], list[str]] | None = None
+#: a listing is kept only once the directory has been unchanged this long. why: an mtime
+#: moves in coarse clock ticks, so a change in the tick of the listing could keep its mtime
+_ETC_SETTLED_NS = 2_000_000_000
+
+
+def _etc_links(etc: str) -> list[str]:
+    """`--symlink` options for every entry of the host's `etc` but the sandbox's own files.
+
+    Why kept between boots: every sandbox boot listed and lstat'ed the whole of /etc (~200
+    entries). An entry added, removed, renamed or re-linked changes the directory's mtime,
+    so a listing is reused only while that (and the directory itself) is unchanged.
+    """
+    global _etc_seen
+    st = os.stat(etc)
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    if _etc_seen is not None and _etc_seen[0] == key:
+        return _etc_seen[1]
+    out: list[str] = []
+    for name in sorted(os.listdir(etc)):
+        if name in OWN_ETC:
+            continue
+        host = os.path.join(etc, name)
+        target = os.readlink(host) if os.path.islink(host) else f"{HOST_ETC}/{name}"
+        out += ["--symlink", target, f"/etc/{name}"]
+    if time.time_ns() - st.st_mtime_ns > _ETC_SETTLED_NS:
+        _etc_seen = (key, out)
+    return out
+
+
 def _etc_options(sources: dict[str, str]) -> list[str]:
     """`/etc` as the host's, read-only, with the sandbox's own account files.
 
@@ -130,13 +162,7 @@ def _etc_options(sources: dict[str, str]) -> list[str]:
     sandbox then sees the host's accounts, where root's login is locked. So the host's `/etc`
     is bound aside and the sandbox's `/etc` is a directory of links into it.
     """
-    args = ["--ro-bind", "/etc", HOST_ETC, "--dir", "/etc"]
-    for name in sorted(os.listdir("/etc")):
-        if name in OWN_ETC:
-            continue
-        host = os.path.join("/etc", name)
-        target = os.readlink(host) if os.path.islink(host) else f"{HOST_ETC}/{name}"
-        args += ["--symlink", target, f"/etc/{name}"]
+    args = ["--ro-bind", "/etc", HOST_ETC, "--dir", "/etc", *_etc_links("/etc")]
     for name in OWN_ETC:
         args += ["--ro-bind", sources[f"etc/{name}"], f"/etc/{name}"]
     return args

@@ -278,7 +278,8 @@ class VolumeIndex:
             vol.attached_to, vol.attached_name = uuid, name
             vol.at, vol.readonly = want.at, want.readonly
             self._add(vol)
-        self.save()
+        if vols:  # why: most creates attach nothing; a durable write per create held the loop
+            self.save()
 
     def attached(self, uuid: str) -> list[LocalVolume]:
         return [v for v in self.records.values() if v.attached_to == uuid]
@@ -287,14 +288,16 @@ class VolumeIndex:
         """Detach every volume of a deleted instance; the non-persistent ones are dropped and
         returned (their directories are the caller's to remove)."""
         gone: list[LocalVolume] = []
-        for vol in self.attached(uuid):
+        attached = self.attached(uuid)
+        for vol in attached:
             vol.attached_to = vol.attached_name = vol.at = None
             vol.readonly = False
             if not vol.persistent:
                 self.records.pop(vol.uuid, None)
                 self._by_name.pop(vol.name, None)
                 gone.append(vol)
-        self.save()
+        if attached:
+            self.save()
         return gone
 
     def check_deletable(self, vol: LocalVolume) -> None:

@@ -7,27 +7,32 @@ as UKC reports `running` before the image's sshd is up), then lives as long as s
 
 from __future__ import annotations
 
-import contextlib
+import _socket
+import _thread
 import os
 import resource
 import select
-import signal
-import socket
 import sys
-import threading
 import time
 
 from . import envpipe, options
-from .console import log, os_message
-from .relay import serve_relay
+from .console import log, os_message, suppress
+from .relay import serve_relay, spawn
 
 # why not typing's, and why no argparse, json, subprocess or uuid here: every sandbox boot
 # pays the agent's imports (argparse, json and subprocess pull in re, gettext, locale,
-# selectors; uuid pulls in platform): they were two thirds of its start
+# selectors; uuid pulls in platform): they were two thirds of its start. Why _socket,
+# _signal and _thread, and no contextlib: socket and signal load enum, threading and
+# contextlib load functools and collections; with them the imports were still 60% of the
+# agent's CPU to its ready line
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal  # the same functions and numbers as the built-in module
+    import socket
     from collections.abc import Callable
     from http.server import ThreadingHTTPServer
+else:
+    import _signal
 
 __all__ = ["main"]
 
@@ -93,7 +98,7 @@ class Child:
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd > 2:
-                with contextlib.suppress(OSError):
+                with suppress(OSError):
                     os.set_inheritable(fd, False)
         self.returncode: int | None = None
         self.pid = os.posix_spawn(
@@ -102,7 +107,7 @@ class Child:
             env,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
             # why: Python ignores these two; a program and its children expect the default
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),
         )
 
     def poll(self) -> int | None:
@@ -120,7 +125,7 @@ class Child:
 
     def signal(self, sig: int) -> None:
         if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
+            with suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
 
@@ -133,37 +138,37 @@ def boot_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def notify_socket(path: str) -> socket.socket | None:
+def notify_socket(path: str) -> _socket.socket | None:
     """A datagram socket at `path` for sshd's `READY=1` (sd_notify; None if it cannot bind).
 
     Why: Debian's sshd says when it listens; polling /proc/net/tcp to find out cost the most
     of the agent's CPU after its imports (reading that file walks the kernel's whole TCP
     hash table, every network namespace's, and the agent read it every 5 ms).
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
     try:
-        with contextlib.suppress(FileNotFoundError):
+        with suppress(FileNotFoundError):
             os.unlink(path)
         sock.bind(path)
         # why: the kernel then attaches each sender's pid, so only sshd's message counts
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_PASSCRED, 1)
     except OSError:
         sock.close()
         return None
     return sock
 
 
-def _said_ready(notify: socket.socket, pid: int) -> bool:
+def _said_ready(notify: _socket.socket, pid: int) -> bool:
     """Whether the datagram waiting on `notify` is `READY=1` from process `pid`."""
     try:
-        data, ancillary, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+        data, ancillary, _, _ = notify.recvmsg(4096, _socket.CMSG_SPACE(12))
     except OSError:
         return False
     sender = next(
         (
             int.from_bytes(cdata[:4], sys.byteorder)
             for level, kind, cdata in ancillary
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(cdata) >= 4
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_CREDENTIALS and len(cdata) >= 4
         ),
         0,
     )
@@ -171,7 +176,7 @@ def _said_ready(notify: socket.socket, pid: int) -> bool:
 
 
 def _wait_accepting(
-    port: int, sshd: Child, deadline: float, notify: socket.socket | None = None
+    port: int, sshd: Child, deadline: float, notify: _socket.socket | None = None
 ) -> bool:
     """Wait until sshd listens on `port`: its `READY=1` on `notify`, or (an sshd that does
     not say) LISTEN in /proc/net/tcp, checked every 50 ms."""
@@ -189,11 +194,11 @@ def _wait_accepting(
     return False
 
 
-def tcp_listener(port: int) -> socket.socket:
+def tcp_listener(port: int) -> _socket.socket:
     """127.0.0.1:`port`, listening (with socketserver's backlog and address reuse)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         sock.listen(5)
     except OSError:
@@ -219,7 +224,7 @@ def _exec_server(sock: socket.socket) -> ThreadingHTTPServer:
 
 
 def _serve_when_asked(
-    sock: socket.socket, server: Callable[[socket.socket], ThreadingHTTPServer]
+    sock: _socket.socket, server: Callable[[socket.socket], ThreadingHTTPServer]
 ) -> None:
     """Serve an HTTP API on its listening socket from its first connection on.
 
@@ -230,7 +235,10 @@ def _serve_when_asked(
     still gets its servers.
     """
     select.select([sock], [], [])
-    server(sock).serve_forever()
+    import socket
+
+    # why: socketserver wants the socket module's class (its accept returns one)
+    server(socket.socket(fileno=sock.detach())).serve_forever()
 
 
 def _load_env(fd: int) -> None:
@@ -256,7 +264,7 @@ def _limit(max_procs: int, max_data: int) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (max_procs, max_procs))
     if max_data:
         # why: thread stacks count as data; the agent's many small threads need little
-        threading.stack_size(1024 * 1024)
+        _thread.stack_size(1024 * 1024)
         resource.setrlimit(resource.RLIMIT_DATA, (max_data, max_data))
 
 
@@ -285,20 +293,20 @@ def main(argv: list[str]) -> int:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     # why: sshd records each login in /var/log/lastlog, as an image's sshd can; the
     # sandbox's /var starts empty, and without the file every interactive login prints an error
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         os.makedirs("/var/log", mode=0o755, exist_ok=True)
         os.close(os.open("/var/log/lastlog", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
 
-    plugin_sock = socket.socket(fileno=args.plugin_fd)
-    relay_sock = socket.socket(fileno=args.relay_fd)
+    plugin_sock = _socket.socket(fileno=args.plugin_fd)
+    relay_sock = _socket.socket(fileno=args.relay_fd)
     try:
         exec_sock = tcp_listener(EXEC_PORT)
     except OSError as exc:
         log(f"exec api cannot listen on {EXEC_PORT}: {exc.strerror}")
         return 1
     for sock, server in ((plugin_sock, _plugin_server), (exec_sock, _exec_server)):
-        threading.Thread(target=_serve_when_asked, args=(sock, server), daemon=True).start()
-    threading.Thread(target=serve_relay, args=(relay_sock,), daemon=True).start()
+        spawn(_serve_when_asked, sock, server)
+    spawn(serve_relay, relay_sock)
 
     late = args.ssh_delay > 0 or args.key_delay > 0
     if late:
@@ -318,20 +326,20 @@ def main(argv: list[str]) -> int:
         return 1
 
     def _terminate(signum: int, _frame: object) -> None:
-        sshd.signal(signal.SIGTERM)
+        sshd.signal(_signal.SIGTERM)
         os._exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
+    _signal.signal(_signal.SIGTERM, _terminate)
+    _signal.signal(_signal.SIGINT, _terminate)
 
     accepting = _wait_accepting(SSH_PORT, sshd, time.monotonic() + READY_DEADLINE_S, notify)
     if notify is not None:
         notify.close()
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             os.unlink(SSHD_NOTIFY)
     if not accepting:
         log(f"sshd not accepting on {SSH_PORT} (exit code {sshd.poll()})")
-        sshd.signal(signal.SIGKILL)
+        sshd.signal(_signal.SIGKILL)
         return 1
     if late:
         time.sleep(args.key_delay)
@@ -345,6 +353,6 @@ def main(argv: list[str]) -> int:
 
 def _ready(status_fd: int, boot: str) -> None:
     """Tell the runtime the sandbox is up (then the metro says `running`)."""
-    with contextlib.suppress(OSError):
+    with suppress(OSError):
         os.write(status_fd, f"ready {boot}\n".encode())
         os.close(status_fd)

@@ -7,26 +7,47 @@ ways, zero-copy with splice where the kernel allows.
 
 from __future__ import annotations
 
-import contextlib
+import _socket
+import _thread
 import errno
 import fcntl
 import os
-import socket
-import threading
 import time
 
-from .console import log
+from .console import log, suppress
 
-__all__ = ["serve_relay"]
+# why _socket and _thread, not socket and threading: every sandbox boot starts the relay, and
+# socket (with enum, selectors) and threading (with functools, collections) were half of the
+# agent's start; the relay needs nothing they add
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["accept", "serve_relay", "spawn"]
 
 PUMP_BUF = 256 * 1024
 _F_SETPIPE_SZ = 1031
 # why: never SPLICE_F_MORE, it corks the socket like MSG_MORE and delays every small packet
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1)
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
+_TCP_QUICKACK = getattr(_socket, "TCP_QUICKACK", 12)
 
 
-def _ack_now(sock: socket.socket) -> None:
+def spawn(target: Callable[..., object], *args: object) -> _thread.LockType:
+    """Run `target(*args)` on a new thread; the lock it returns is released when it ends."""
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def run() -> None:
+        try:
+            target(*args)
+        finally:
+            done.release()
+
+    _thread.start_new_thread(run, ())
+    return done
+
+
+def _ack_now(sock: _socket.socket) -> None:
     """Acknowledge what was just read from sshd at once (Linux leaves quick-ACK mode by itself).
 
     why: sshd leaves Nagle on for sessions without a pty, and its answers come in pairs of small
@@ -34,17 +55,17 @@ def _ack_now(sock: socket.socket) -> None:
     waited for our delayed ACK, 40 ms on every first channel of a connection. A real edge is
     not a loopback peer with a 40 ms ACK timer; this relay is ours, so it must not add that.
     """
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+    if sock.family in (_socket.AF_INET, _socket.AF_INET6):
+        with suppress(OSError):
+            sock.setsockopt(_socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
-def _splice_all(src: socket.socket, dst: socket.socket) -> bool:
+def _splice_all(src: _socket.socket, dst: _socket.socket) -> bool:
     """Zero-copy src → dst through a pipe until EOF; False if splice is unusable here."""
     rfd, wfd = os.pipe()
     moved = False
     try:
-        with contextlib.suppress(OSError):
+        with suppress(OSError):
             fcntl.fcntl(wfd, _F_SETPIPE_SZ, 1024 * 1024)
         while True:
             try:
@@ -64,7 +85,7 @@ def _splice_all(src: socket.socket, dst: socket.socket) -> bool:
         os.close(wfd)
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(src: _socket.socket, dst: _socket.socket) -> None:
     """Copy src → dst until EOF; splice where the kernel allows, else 256 KiB recv/send."""
     clean = False
     try:
@@ -80,17 +101,29 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
         pass
     finally:
         if clean:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+            with suppress(OSError):
+                dst.shutdown(_socket.SHUT_WR)
         else:
             # why: a reset on one side must also unblock the thread pumping the other way
             for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+                with suppress(OSError):
+                    s.shutdown(_socket.SHUT_RDWR)
 
 
-def _relay_one(client: socket.socket) -> None:
-    upstream: socket.socket | None = None
+def _connect_inside(port: int) -> _socket.socket:
+    """A TCP connection to 127.0.0.1:`port` (5 s to connect), as `socket.create_connection`."""
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5.0)
+        sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _relay_one(client: _socket.socket) -> None:
+    upstream: _socket.socket | None = None
     try:
         client.settimeout(5.0)
         line = b""
@@ -103,17 +136,16 @@ def _relay_one(client: socket.socket) -> None:
         if not text.isdigit() or not 0 < int(text) < 65536:
             return
         try:
-            upstream = socket.create_connection(("127.0.0.1", int(text)), timeout=5.0)
+            upstream = _connect_inside(int(text))
         except OSError:
             return  # refused inside: the client sees EOF at once
         client.settimeout(None)
         upstream.settimeout(None)
-        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        upstream.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         client.sendall(b"OK\n")
-        back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-        back.start()
+        back = spawn(_pump, upstream, client)
         _pump(client, upstream)
-        back.join()
+        back.acquire()
     except OSError:
         pass
     finally:
@@ -122,12 +154,18 @@ def _relay_one(client: socket.socket) -> None:
         client.close()
 
 
-def serve_relay(listener: socket.socket) -> None:
+def accept(listener: _socket.socket) -> _socket.socket:
+    """The next connection on `listener` (blocking, as `socket.socket.accept` gives it)."""
+    fd, _ = listener._accept()  # type: ignore[attr-defined]  # (not in the stubs)
+    return _socket.socket(listener.family, listener.type, listener.proto, fd)
+
+
+def serve_relay(listener: _socket.socket) -> None:
     while True:
         try:
-            client, _ = listener.accept()
+            client = accept(listener)
         except OSError as exc:
             log(f"relay accept failed: {exc.strerror}")
             time.sleep(0.05)
             continue
-        threading.Thread(target=_relay_one, args=(client,), daemon=True).start()
+        spawn(_relay_one, client)
