@@ -24,7 +24,11 @@ def test_jobs_one_after_another_run_on_one_kept_thread() -> None:
 def test_a_job_still_running_does_not_hold_up_the_next() -> None:
     kept = KeptThreads("test-kept")
     release = threading.Event()
-    kept.run(lambda: None if release.wait(10) else None)
+
+    def held() -> None:
+        release.wait(10)
+
+    kept.run(held)
     second = threading.Event()
     kept.run(second.set)
     try:
