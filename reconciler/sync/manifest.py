@@ -55,6 +55,7 @@ __all__ = [
     "Manifest",
     "commit",
     "hash_file",
+    "hash_listed",
     "hash_pending",
     "last_push_record",
     "push_meta",
@@ -768,37 +769,49 @@ def _moved(
 
 
 def resolve(
-    local: Manifest, found: Mapping[str, Entry | None], inos: Mapping[str, int] = {}
+    local: Manifest,
+    found: Mapping[str, Entry | None],
+    inos: Mapping[str, int] = {},
+    *,
+    partial: bool = False,
 ) -> Manifest:
     """`local` with its pending files as they were read and sent: `found` gives each one's
     entry (sha256 of the bytes sent, the stat they were read under), or None when it
     vanished before it was opened (then it is not part of the tree); `inos` the inodes read
     that are not the listed ones. The index is still to be written (`commit`). Raises
-    `SyncError` when a pending file is not in `found`."""
+    `SyncError` when a pending file is not in `found`, unless `partial` (those stay
+    pending)."""
     d = local.deferred
     if d is None or not d.pending:
         return local
-    missing = [p for p in d.pending if p not in found]
-    if missing:
-        raise SyncError(f"{len(missing)} new files were neither sent nor found gone ({missing[0]})")
+    left = frozenset(p for p in d.pending if p not in found)
+    if left and not partial:
+        raise SyncError(f"{len(left)} new files were neither sent nor found gone ({min(left)})")
+    done = [p for p in d.pending if p in found]
     entries = dict(local.entries)
-    gone = [p for p in d.pending if found[p] is None]
+    gone = [p for p in done if found[p] is None]
     new_inos = d.inos
     if gone or inos:
         new_inos = {**d.inos, **inos}
         for p in gone:
             new_inos.pop(p, None)
-    for p in d.pending:
+    for p in done:
         e = found[p]
         if e is None:
             del entries[p]
         else:
             entries[p] = e
-    later = Deferred(d.index, new_inos, d.prior, d.meta, d.rules_key, frozenset(), d.feed)
+    later = Deferred(d.index, new_inos, d.prior, d.meta, d.rules_key, left, d.feed)
     if d.prior is None:
         return Manifest(entries, deferred=later)
     manifest = Manifest(entries, local.basis, deferred=later)
-    manifest._preset(_moved(d.meta, d.prior, entries))
+    moved = _moved(d.meta, d.prior, entries, content=not left)
+    if left:
+        manifest.__dict__.update(
+            mtimes=moved["mtimes"], file_count=moved["files"], total_bytes=moved["bytes"]
+        )
+    else:
+        manifest._preset(moved)
     return manifest
 
 
@@ -837,10 +850,16 @@ def hash_pending(opts: SyncOptions, local: Manifest) -> Manifest:
     push that sends what the manifest says (the shell path) rather than what it reads."""
     if local.deferred is None:
         return local
+    return commit(opts, hash_listed(opts, local, local.pending))
+
+
+def hash_listed(opts: SyncOptions, local: Manifest, paths: Iterable[str]) -> Manifest:
+    """`local` with the listed (pending) files at `paths` read and hashed now (one that is
+    gone is left out of the tree); the others stay pending."""
     found: dict[str, Entry | None] = {}
     inos: dict[str, int] = {}
     root = os.path.join(opts.local_root, "")
-    for rel in local.pending:
+    for rel in paths:
         listed = local.entries[rel]
         try:
             fd = os.open(root + rel, READ_FLAGS)
@@ -859,4 +878,4 @@ def hash_pending(opts: SyncOptions, local: Manifest) -> Manifest:
         # the listing's mtime when it moved since: the next scan reads the file again
         found[rel] = Entry("f", fst.st_size, listed.mtime_ns, fst.st_mode & 0o7777, digest)
         inos[rel] = fst.st_ino
-    return commit(opts, resolve(local, found, inos))
+    return resolve(local, found, inos, partial=True)

@@ -32,6 +32,7 @@ from reconciler.sync.manifest import (
     Entry,
     Manifest,
     commit,
+    hash_listed,
     last_push_record,
     push_meta,
     record_push,
@@ -663,7 +664,7 @@ def _push(
         s.flush()
         return read_remote_scan(s, local, rules)
 
-    previous, plan, delta, scanned = judge(
+    previous, plan, delta, scanned, local = judge(
         opts,
         rules,
         local,
@@ -695,9 +696,10 @@ def judge(
     scan: Callable[[dict[str, list[int]]], Manifest],
     *,
     remote_empty: bool = False,
-) -> tuple[Manifest, TransferPlan, Basis | None, bool]:
+) -> tuple[Manifest, TransferPlan, Basis | None, bool, Manifest]:
     """What the remote holds and the plan to make it `local`: (previous, plan, the state the
-    push record takes a delta from (None: written whole), whether the remote was scanned).
+    push record takes a delta from (None: written whole), whether the remote was scanned,
+    `local` with the listed files the scanned sandbox may already hold read and hashed).
     The remote's `record` (what it says our last push left, in this boot) is trusted when it
     matches our own; otherwise `scan` (given the local files' sizes and mtimes: equal remote
     ones are hashed) is called, unless the remote said its root is empty (`remote_empty`),
@@ -713,29 +715,37 @@ def judge(
             # scan: a sandbox that lies only keeps files of its own, as a lying scan could
             previous, why = Manifest({}), "remote root empty (no trusted remote record)"
         else:
-            # a file not read yet is sent whatever the sandbox holds: nothing to hash there
-            pending = local.pending
-            want = {
-                p: [e.size, e.mtime_ns]
-                for p, e in local.entries.items()
-                if e.type == "f" and p not in pending
-            }
+            want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
             previous, why = scan(want), "remote scanned (no trusted remote record)"
-        return previous, diff_manifests(local, previous, rules, reason=why), None, True
+            if local.pending:
+                # listed files the sandbox holds with their size and mtime (a push that was
+                # cut short): read here, so that only those that differ are sent
+                theirs = previous.entries
+                same = [
+                    p
+                    for p in local.pending
+                    if (t := theirs.get(p)) is not None
+                    and t.type == "f"
+                    and t.ref
+                    and (t.size, t.mtime_ns) == (local.entries[p].size, local.entries[p].mtime_ns)
+                ]
+                if same:
+                    local = hash_listed(opts, local, same)
+        return previous, diff_manifests(local, previous, rules, reason=why), None, True, local
     assert last is not None
     reason = "remote record matches our last push"
     if (last["digest"], last["mtimes"]) == local.key:
-        return local, TransferPlan(reason=reason), None, False
+        return local, TransferPlan(reason=reason), None, False, local
     basis = since_push(opts, local, last)
     if basis is not None:
         # only the paths that changed since our last push (as the index's scans found them)
         previous, plan = changes_of(local, basis, rules, reason=reason)
-        return previous, plan, basis, False
+        return previous, plan, basis, False, local
     pushed = last_push_record(opts)
     if pushed is None:
         raise SyncError(f"push to {opts.remote_root}: our push record vanished")
     previous = pushed[0]
-    return previous, diff_manifests(local, previous, rules, reason=reason), None, False
+    return previous, diff_manifests(local, previous, rules, reason=reason), None, False, local
 
 
 def _record_matches(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,23 @@ def test_a_listed_scan_through_a_feed_makes_the_next_scan_walk_until_a_push_wrot
         # the push wrote the index and settled the feed: the next scan sees the same tree
         assert scan_local(site.opts()).digest == pushed.digest
     assert snapshot(site.remote) == snapshot(site.local)
+
+
+def test_listed_files_a_cut_short_push_left_in_the_sandbox_are_not_sent_again(
+    site: Site,
+) -> None:
+    write(site.local / "old.txt", "old")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    new_files(site, 10)
+    for i in range(6):  # what a push cut short had sent: same bytes, size and mtime
+        rel = f"d{i % 3}/f{i}.txt"
+        (site.remote / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(site.local / rel, site.remote / rel)
+    shutil.rmtree(site.remote_state)  # it never recorded: the sandbox is scanned
+    result = push(
+        site.shell, site.opts(), instance_uuid="u1", local=scan_local(site.opts(), defer=True)
+    )
+    assert result.remote_scanned is True
+    assert result.files_sent == 5  # four small files and big.bin
+    assert snapshot(site.remote) == snapshot(site.local)
+    assert result.digest == scan_local(site.opts()).digest
