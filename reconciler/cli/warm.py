@@ -20,7 +20,9 @@ Protocol (a Unix socket in a private 0700 directory; both ends check the peer's 
       a SIGINT before the next action starts); without pidfds, one byte per signal, which the
       child raises on itself. EOF means the client died, and the child kills itself at once,
       as the in-process command would have died with it.
-  child → client: b"X" + i32 exit code, then it exits.
+  child → client: b"X" + i32 exit code, then it exits — unless its command kept an SSH
+      connection for the next commands (`transport.links`): it then closes the client's
+      streams and stays behind as that connection's lender until it is idle.
 The client half lives in `warmclient` (imported by every command, so it stays tiny); this
 module is the server, `ukc warm status|stop`, and starting a server.
 """
@@ -49,6 +51,7 @@ from reconciler.cli.warmclient import FORWARDED, HANDSHAKE_S, WARM_COMMANDS, rec
 from reconciler.sync import feed as sync_feed
 from reconciler.sync.inotify import Inotify
 from reconciler.sync.keeper import TreeKeeper
+from reconciler.transport import links
 
 __all__ = [
     "WARM_COMMANDS",
@@ -275,7 +278,7 @@ class _Server:
             if self.keeper is not None:
                 self.keeper.inotify.close()  # the server's: a command asks, never reads it
                 sync_feed.use_keeper(_KeeperClient(self.path))
-            _child(conn, fds, request)  # never returns
+            _child(conn, fds, request, str(self.path.parent))  # never returns
         self.served += 1
         _close_all(fds)
         return True
@@ -380,9 +383,13 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
-    """In the forked child: become the client's command, run it, report its exit code."""
+def _child(conn: socket.socket, fds: list[int], request: dict[str, Any], directory: str) -> None:
+    """In the forked child: become the client's command, run it, report its exit code, then
+    lend the connections it kept (if any) until they are idle."""
+    import threading
+
     code = 1
+    detached = threading.Event()
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -408,7 +415,9 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         if recv_exact(conn, 1) != b"G":
             os._exit(1)
         conn.settimeout(None)
-        _watch_client(conn)
+        _watch_client(conn, detached)
+        # with the client's environment (UKC_LINK_IDLE_S), which the server never had
+        links.enable(directory)
         code = _run_cli(argv)
     except BaseException:  # the client runs it itself if it never got b"R"
         code = 1
@@ -416,9 +425,29 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
+        lender = links.lender()
+        lending = lender is not None and lender.holding > 0
+        if lending:
+            # the client's streams are closed first: a caller reading our output to its
+            # end (a pipe) must not wait for the lender
+            _detach_streams()
+            detached.set()  # the client exiting now is no reason to die
         with contextlib.suppress(OSError):
             conn.sendall(b"X" + struct.pack(">i", code))
+        if lending and lender is not None:
+            conn.close()
+            with contextlib.suppress(BaseException):
+                lender.serve()
         os._exit(code)
+
+
+def _detach_streams() -> None:
+    """Point fds 0-2 at /dev/null (the client's terminal or pipes are let go)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+    os.close(null)
 
 
 #: the command line the child runs, named rather than imported: it imports this module
@@ -440,8 +469,9 @@ def _run_cli(argv: list[str]) -> int:
     return 0
 
 
-def _watch_client(conn: socket.socket) -> None:
-    """A thread that raises the client's signals here, and ends us if the client dies."""
+def _watch_client(conn: socket.socket, detached: Any) -> None:
+    """A thread that raises the client's signals here, and ends us if the client dies (not
+    once `detached` is set: the command is over, and we only lend its connections)."""
     import threading
 
     allowed = {int(s) for s in FORWARDED}
@@ -453,7 +483,8 @@ def _watch_client(conn: socket.socket) -> None:
             except OSError:
                 data = b""
             if not data:
-                os.kill(os.getpid(), signal.SIGKILL)
+                if not detached.is_set():
+                    os.kill(os.getpid(), signal.SIGKILL)
                 return
             for signum in data:
                 if signum in allowed:

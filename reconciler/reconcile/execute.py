@@ -46,7 +46,7 @@ from reconciler.status.schema import (
     SyncRecord,
 )
 from reconciler.sync import engine as sync_engine
-from reconciler.transport import select
+from reconciler.transport import links, select
 from reconciler.transport.base import (
     Credentials,
     RemoteShell,
@@ -247,7 +247,7 @@ class Executor:
                 self._leave_journal(name, run)
             if run.transport is not None:
                 if self.pool is not None and run.inst is not None and outcome.ok:
-                    self.pool.keep(name, run.inst.uuid, run.transport)
+                    self.pool.keep(name, run.inst.uuid, run.transport, self._link(name, run, ctx))
                 else:
                     with contextlib.suppress(Exception):
                         run.transport.close()
@@ -340,6 +340,23 @@ class Executor:
             # the session's work does not depend on it, and the next apply tries again
             self._say(action.session, "info", f"warning: autokill not changed: {err}")
 
+    def _link(self, session: str, run: _Run, ctx: SessionContext | None) -> links.LinkKey | None:
+        """What makes `run`'s connection the same one for a later command (`links`); None
+        outside a command forked by the warm process."""
+        creds = run.credentials or (ctx.credentials if ctx is not None else None)
+        if links.lender() is None or creds is None or run.inst is None or run.transport is None:
+            return None
+        return links.key_for(
+            session=session,
+            status_path=self.group.status_path,
+            uuid=run.inst.uuid,
+            start_count=run.inst.start_count,
+            pin=run.transport.pin,
+            key_path=creds.path,
+            fqdn=run.inst.fqdn,
+            kind=run.transport.kind,
+        )
+
     def _wake(self, action: actions.WaitReady, conn: MetroConnection, run: _Run) -> None:
         """A start request for an instance in standby (a suspended one may not wake on
         traffic), then until it runs."""
@@ -347,6 +364,7 @@ class Executor:
         if self.pool is not None:
             # a connection kept from before the suspend is to a sandbox that slept since
             self.pool.drop(action.session)
+        links.drop_session(self.group.status_path, action.session)
         conn.api.start_instance(action.instance_name)
         run.inst = self._await_up(
             conn, action.instance_name, action.session, before=before, running=True
@@ -579,6 +597,8 @@ class Executor:
         if run.transport is not None:
             run.transport.close()
             run.transport = None
+        # a command kept a connection to it: gone before the instance is
+        links.drop_session(self.group.status_path, action.session)
         # why a final delete (`ukc delete`, prune, ttl) does not wait for the name to come
         # free: nothing of this run needs it again, and a later create waits for it there,
         # never adopting the instance on its way out (`_create_when_free`); a replace waits,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.fanout import each
@@ -52,7 +53,7 @@ from reconciler.status.schema import (
 from reconciler.sync import engine as sync_engine
 from reconciler.sync import feed as sync_feed
 from reconciler.sync.options import SyncOptions
-from reconciler.transport import select
+from reconciler.transport import links, select
 from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
 
@@ -162,7 +163,9 @@ def _plan_read_only(
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     if asleep:
         # reading a journal woke them; a plan changes nothing, so they go back to sleep
-        put_back = _suspend(asleep, metros, pool, RecordingReporter(), concurrency=8)
+        put_back = _suspend(
+            asleep, metros, pool, RecordingReporter(), concurrency=8, status_path=group.status_path
+        )
         awake = tuple(
             f"instance {s.instance_name} was woken to read its journal and could not be "
             "suspended again: it stays up until the next apply"
@@ -437,7 +440,7 @@ def apply_group(
                 and s.session not in outcomes
                 and all(t.session != s.session for t in todo)
             ]
-            suspended = _suspend(todo, metros, kept, reporter, concurrency)
+            suspended = _suspend(todo, metros, kept, reporter, concurrency, group.status_path)
         _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted, suspended)
         return ApplyResult(
             ok=not failed,
@@ -648,14 +651,17 @@ def _suspend(
     pool: TransportPool,
     reporter: Reporter,
     concurrency: int,
+    status_path: Path,
 ) -> set[str]:
     """Suspend the instances of converged sessions (one request each, `concurrency` at a
     time); the sessions whose suspend was accepted. A refused one is a warning: the work is
     done, the instance only stays up (scale-to-zero may still put it to standby)."""
 
     def one(item: actions.SuspendInstance) -> str | None:
-        # the connection of this apply is to a sandbox about to sleep
+        # the connection of this apply is to a sandbox about to sleep, and any an earlier
+        # command kept: a connection left open would keep it up
         pool.drop(item.session)
+        links.drop_session(status_path, item.session)
         try:
             metros.get(item.metro).api.suspend_instance(item.instance_name)
         except errors.UkcError as err:
@@ -711,13 +717,25 @@ def _prefetcher(
         target = target_for(inst, metros.get(metro))
         credentials = instance_credentials(group, session, owner, inst)
 
+        link = links.key_for(
+            session=session,
+            status_path=group.status_path,
+            uuid=inst.uuid,
+            start_count=inst.start_count,
+            pin=pin,
+            key_path=credentials.path,
+            fqdn=inst.fqdn,
+            kind=kind.name,
+        )
+
         def opener() -> Transport:
-            conn = kind.reopen(target, credentials, pin=pin)
+            # the connection an earlier command kept (the warm process's), else a new one
+            conn = links.borrow(link) or kind.reopen(target, credentials, pin=pin)
             # the push's helper starts in the sandbox while this side scans and plans
             sync_engine.start_ahead(conn, opts, instance_uuid=inst.uuid)
             return conn
 
-        pool.prefetch(session, inst.uuid, opener)
+        pool.prefetch(session, inst.uuid, opener, link if links.lender() else None)
 
     return prefetch
 

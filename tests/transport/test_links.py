@@ -1,0 +1,197 @@
+"""Connections a finished command keeps for the next ones (`transport.links`), over a local
+shell standing in for an SSH connection: what is relayed, and who may borrow what."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import TransportError
+from reconciler.transport import links
+from reconciler.transport.commands import ShellTransport
+from reconciler.transport.local_shell import LocalShell
+
+
+class Closable(LocalShell):
+    """A local shell that says whether it was closed (as an SSH connection would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = threading.Event()
+
+    @property
+    def active(self) -> bool:
+        return not self.closed.is_set()
+
+    def close(self) -> None:
+        self.closed.set()
+        super().close()
+
+
+@pytest.fixture
+def place() -> Iterator[Path]:
+    # short, as the warm process's directory is (a Unix socket's path has 107 bytes)
+    directory = Path(tempfile.mkdtemp(prefix="ukc-links-"))
+    links.enable(str(directory), idle_s=30.0)
+    try:
+        yield directory
+    finally:
+        links.enable(None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def a_key(tmp_path: Path, **changes: object) -> links.LinkKey:
+    key_file = tmp_path / "key"
+    if not key_file.exists():
+        key_file.write_bytes(b"private key bytes")
+    key = links.key_for(
+        session="web",
+        status_path=tmp_path / ".ukc" / "status.json",
+        uuid="11111111-1111-1111-1111-111111111111",
+        start_count=1,
+        pin="SHA256:pinned",
+        key_path=key_file,
+        fqdn="web.local",
+        kind="ssh",
+    )
+    assert key is not None
+    return dataclasses.replace(key, **changes)  # type: ignore[arg-type]
+
+
+def lend(key: links.LinkKey) -> tuple[Closable, threading.Thread]:
+    shell = Closable()
+    lender = links.lender()
+    assert lender is not None
+    assert links.hand_over(ShellTransport("ssh", shell, pin=key.pin), key)
+    serving = threading.Thread(target=lender.serve, daemon=True)
+    serving.start()
+    return shell, serving
+
+
+def test_a_process_started_on_a_borrowed_connection_gets_its_stdin_output_and_exit_code_relayed(
+    place: Path, tmp_path: Path
+) -> None:
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    borrowed = links.borrow(key)
+    assert borrowed is not None and borrowed.pin == key.pin
+    process = borrowed.start("cat; echo oops >&2; exit 7")
+    payload = os.urandom(3 << 20)  # more than a frame, and than one socket buffer
+    writer = threading.Thread(target=lambda: (process.write(payload), process.close_stdin()))
+    writer.start()
+    out = bytearray()
+    while chunk := process.read():
+        out += chunk
+    writer.join()
+    err = bytearray()
+    while chunk := process.read_stderr():
+        err += chunk
+    assert bytes(out) == payload
+    assert bytes(err) == b"oops\n"
+    assert process.wait(10) == 7
+    assert shell.started == ["cat; echo oops >&2; exit 7"]  # it ran on the lent connection
+
+
+def test_a_borrower_naming_another_session_instance_host_key_or_key_file_is_refused(
+    place: Path, tmp_path: Path
+) -> None:
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    others = [
+        a_key(tmp_path, session="api"),
+        a_key(tmp_path, status_path=str(tmp_path / "other" / "status.json")),
+        # the instance replaced under the same name: another uuid, another boot, host key
+        a_key(tmp_path, uuid="22222222-2222-2222-2222-222222222222"),
+        a_key(tmp_path, start_count=2),
+        a_key(tmp_path, pin="SHA256:another"),
+        a_key(tmp_path, key_digest="0" * 64),
+    ]
+    for other in others:
+        assert links.borrow(other) is None
+        # asked at the lender's own socket (as a child that guessed its name would)
+        path = os.path.join(place, key.name())
+        for op in ("hello", "start", "discard"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            sock.connect(path)
+            request = {"op": op, "key": dataclasses.asdict(other), "command": "touch pwned"}
+            payload = json.dumps(request).encode()
+            sock.sendall(struct.pack(">I", len(payload)) + payload)
+            assert sock.recv(1) == b"-"
+            sock.close()
+    assert shell.started == []
+    assert not shell.closed.is_set()
+    assert links.borrow(key) is not None  # its own session still gets it
+
+
+def test_dropping_a_session_ends_its_kept_connection_at_once(place: Path, tmp_path: Path) -> None:
+    key = a_key(tmp_path)
+    other = a_key(tmp_path, session="api")
+    shell, serving = lend(key)
+    other_shell = Closable()
+    lender = links.lender()
+    assert lender is not None
+    assert links.hand_over(ShellTransport("ssh", other_shell, pin=other.pin), other)
+    links.drop_session(key.status_path, "web")
+    assert shell.closed.wait(5)
+    assert links.borrow(key) is None
+    assert not other_shell.closed.is_set()  # another session's stays
+    assert links.borrow(other) is not None
+    links.drop_session(other.status_path, "api")
+    serving.join(5)
+    assert not serving.is_alive()  # nothing held: the lender is done
+    assert os.listdir(place) == []
+
+
+def test_a_kept_connection_nobody_borrows_is_closed_after_its_idle_time(
+    place: Path, tmp_path: Path
+) -> None:
+    links.enable(str(place), idle_s=0.3)
+    key = a_key(tmp_path)
+    started = time.monotonic()
+    shell, serving = lend(key)
+    serving.join(10)
+    assert not serving.is_alive()
+    assert shell.closed.is_set()
+    assert time.monotonic() - started >= 0.3
+    assert links.borrow(key) is None
+
+
+def test_a_borrower_that_failed_gives_the_connection_up_and_one_that_converged_keeps_it(
+    place: Path, tmp_path: Path
+) -> None:
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    converged = links.borrow(key)
+    assert converged is not None
+    assert converged.start("true").wait(10) == 0
+    assert links.hand_over(converged, key)  # the pool's end of a command: released
+    assert not shell.closed.is_set()
+    failed = links.borrow(key)
+    assert failed is not None
+    failed.close()  # after an error: the lender's connection goes too
+    assert shell.closed.wait(5)
+    with pytest.raises(TransportError):
+        failed.start("true")
+    assert links.borrow(key) is None
+
+
+def test_nothing_is_kept_outside_a_command_of_the_warm_process(tmp_path: Path) -> None:
+    links.enable(None)
+    key = a_key(tmp_path)
+    assert not links.hand_over(ShellTransport("ssh", Closable(), pin=key.pin), key)
+    assert links.borrow(key) is None
+    links.enable(str(tmp_path), idle_s=0)  # UKC_LINK_IDLE_S=0
+    assert links.lender() is None
+    assert links.borrow(key) is None
