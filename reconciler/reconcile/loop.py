@@ -38,7 +38,14 @@ from reconciler.reconcile.desired import (
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome
 from reconciler.reconcile.interrupts import StopFlag
-from reconciler.reconcile.observe import Observation, observe, observe_quotas, observe_volumes
+from reconciler.reconcile.observe import (
+    Listing,
+    Observation,
+    observe,
+    observe_quotas,
+    observe_volumes,
+    start_listing,
+)
 from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.reconcile.wake import wake
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
@@ -288,6 +295,10 @@ def apply_group(
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
         unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
+        owner, salt = _identity(group, environ)
+        # the first round's list and the kept helpers' hellos travel at once, as soon as the
+        # lock (and leases) are held: a watch pass waits for both before its push
+        listing: Listing | None = start_listing(group, doc, metros, owner.project, only)
         _greet(leases, group, kept, only)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
@@ -308,7 +319,8 @@ def apply_group(
         #: instances in standby woken only to read their journal
         journal_woken: list[actions.SuspendInstance] = []
         while True:
-            owner, salt = _identity(group, environ)
+            if listing is None:
+                owner, salt = _identity(group, environ)
             obs = observe(
                 group,
                 doc,
@@ -318,7 +330,11 @@ def apply_group(
                 salt=salt,
                 only=only,
                 on_tree_changed=_prefetcher(group, doc, metros, kept, owner),
+                # the push reads new files once, hashing what it sends
+                defer=True,
+                listing=listing,
             )
+            listing = None
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
             _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
