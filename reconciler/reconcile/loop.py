@@ -39,11 +39,13 @@ from reconciler.reconcile.events import Event, RecordingReporter, Reporter
 from reconciler.reconcile.execute import Executor, SessionOutcome, Worked
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import (
+    Listing,
     Observation,
     observe,
     observe_quotas,
     observe_volumes,
     scan_ahead,
+    start_listing,
 )
 from reconciler.reconcile.plan import plan_delete, plan_sessions
 from reconciler.reconcile.wake import wake
@@ -294,6 +296,10 @@ def apply_group(
         unfinished.doc, unfinished.doc_lock = doc, doc_lock
         unfinished.committer = committer
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, stop.set)
+        owner, salt = _identity(group, environ)
+        # the first round's list and the kept helpers' hellos travel at once, as soon as the
+        # lock (and leases) are held: a watch pass waits for both before its push
+        listing: Listing | None = start_listing(group, doc, metros, owner.project, only)
         _greet(leases, group, kept, only)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
@@ -332,8 +338,10 @@ def apply_group(
                 only=only,
                 now=now,
                 unfinished=unfinished,
+                listing=listing,
             )
             if early is not None:
+                listing = None  # the first round lists again: the instances were made since
                 obs, first_plan, finished = early
                 for outcome in finished:
                     outcomes[outcome.session] = outcome
@@ -348,7 +356,8 @@ def apply_group(
                     unfinished.journal(journal.utc_now())
         while not (stop.is_set() and first_plan is not None):
             # (a Ctrl-C while instances were made ahead: no round starts)
-            owner, salt = _identity(group, environ)
+            if listing is None:
+                owner, salt = _identity(group, environ)
             obs = observe(
                 group,
                 doc,
@@ -358,7 +367,11 @@ def apply_group(
                 salt=salt,
                 only=only,
                 on_tree_changed=_prefetcher(group, doc, metros, kept, owner),
+                # the push reads new files once, hashing what it sends
+                defer=True,
+                listing=listing,
             )
+            listing = None
             doc.project = obs.project
             desired = [d for d in obs.desired if d.name not in failed]
             _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
@@ -608,16 +621,27 @@ def _create_ahead(
     only: set[str] | None,
     now: Callable[[], float],
     unfinished: _UnfinishedOnInterrupt,
+    listing: Listing | None,
 ) -> tuple[Observation, actions.Plan, list[SessionOutcome]] | None:
     """The apply's first look, before the trees are scanned: a session whose instance is
     missing needs it made whatever its tree holds, so it is created and waited for (its boot,
     sshd's start and the key's install) on the session threads while this thread scans the
     trees. None when the look plans nothing; else that observation and plan (only the
     sessions worked on) and their outcomes. The first round observes again, instances and
-    trees (re-statting only what changed since this scan), and plans the rest."""
+    trees (re-statting only what changed since this scan), and plans the rest; with the
+    same `listing` (the list started for it) when this look made nothing."""
     owner, salt = _identity(group, environ)
     obs = observe(
-        group, doc, metros, environ, owner=owner, salt=salt, only=only, scan=False, glance=True
+        group,
+        doc,
+        metros,
+        environ,
+        owner=owner,
+        salt=salt,
+        only=only,
+        scan=False,
+        glance=True,
+        listing=listing,
     )
     plan = _plan(obs.desired, obs, doc, now(), prune=False, only_files=group.only_files)
     work = [s for s in plan.sessions if s.changes]
