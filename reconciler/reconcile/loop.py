@@ -330,6 +330,8 @@ def apply_group(
                 salt=salt,
                 only=only,
                 on_tree_changed=_prefetcher(group, doc, metros, kept, owner),
+                # the push reads new files once, hashing what it sends
+                defer=True,
                 listing=listing,
             )
             listing = None

@@ -75,6 +75,7 @@ def observe(
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
     scan: bool = True,
+    defer: bool = False,
     listing: Listing | None = None,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned
@@ -88,6 +89,9 @@ def observe(
     running (whichever of the two comes last): the apply loop opens the connection the push
     will need meanwhile (and starts its sync helper). A hint only; nothing observed depends
     on it.
+
+    `defer`: new files are listed, not read (`build_session`): for an apply, whose push
+    reads them anyway.
 
     `listing`: the list of this observation, started by `start_listing` with the same
     arguments (the caller started it as soon as it held the status lock).
@@ -117,6 +121,7 @@ def observe(
                 hint.changed if hint is not None else None,
                 functools.partial(listing.named, identity.instance_name(project, name)),
                 scan=scan,
+                defer=defer,
             )
             contexts[name] = ctx
             if why is not None:
