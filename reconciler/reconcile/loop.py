@@ -882,6 +882,8 @@ def _prefetcher(
     def prefetch(
         session: str, transport: str, metro: str, inst: Instance, opts: SyncOptions
     ) -> None:
+        if pool.peek(session) is not None:
+            return  # a connection is kept (a watch's next pass): the same answer, sooner
         rec = doc.sessions.get(session)
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job
