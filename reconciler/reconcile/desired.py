@@ -69,6 +69,9 @@ class TreeState:
     halted: str | None = None
     #: the sync path an earlier contact found, and for which instance uuid (`sync.capability`)
     tools: tuple[str, Tools] | None = None
+    #: False: not scanned yet (an observation made while the tree is scanned); `halted` then
+    #: says what can be told without a walk
+    scanned: bool = True
 
 
 @dataclass(frozen=True)
@@ -254,12 +257,16 @@ def build_session(
     on_change: Callable[[], None] | None = None,
     instance: Callable[[], Instance | None] = lambda: None,
     scan: bool = True,
+    defer: bool = False,
 ) -> tuple[SessionContext, str | None]:
     """`instance()` is the one observed under the session's name (a claim: the planner proves
     it ours before anything uses it); its key nonce says which derived key opens it. Asked
     for after the scan: the observer lists the instances while the tree is scanned.
     Without `scan` the local tree is not read (a delete needs nothing of it): no manifest,
-    an empty tree state."""
+    an empty tree state marked not scanned. With `defer` (an apply, which pushes what it plans
+    to) new files of a session without commands are listed, not read: the tree's digest is then
+    `PENDING_DIGEST` (no record holds it: a push is planned), and the push hashes what it
+    sends. why not with commands: they are keyed by the tree's digest when planned."""
     s = loaded.spec
     env, secret_env, missing = session_env(s, environ)
     fingerprint = hashlib.sha256(
@@ -272,10 +279,12 @@ def build_session(
     halted: str | None = None
     manifest = None
     pending: tuple[str, ...] = ()
-    tree = TreeState(digest="", files=0, bytes=0)
+    tree = TreeState(digest="", files=0, bytes=0, scanned=scan)
     try:
         if scan:
-            manifest = sync_engine.scan_local(opts, on_change=on_change)
+            manifest = sync_engine.scan_local(
+                opts, on_change=on_change, defer=defer and not s.commands
+            )
             transfer = sync_engine.plan_push(manifest, opts)
             tree = TreeState(
                 digest=manifest.digest,

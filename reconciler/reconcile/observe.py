@@ -8,12 +8,18 @@ Everything the pure planner needs comes out of here as plain values.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from reconciler import errors
+from reconciler._util.threads import KeptThreads
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance, Volume
 from reconciler.cloud.quotas import Quota
@@ -28,9 +34,20 @@ from reconciler.reconcile.desired import (
 )
 from reconciler.spec.loader import LoadedSession
 from reconciler.status.schema import StatusDoc
+from reconciler.sync import engine as sync_engine
+from reconciler.sync.ignore import load_rules
+from reconciler.sync.manifest import push_meta
 from reconciler.sync.options import SyncOptions
 
-__all__ = ["Observation", "observe", "observe_quotas", "observe_volumes"]
+__all__ = [
+    "Listing",
+    "Observation",
+    "observe",
+    "observe_quotas",
+    "observe_volumes",
+    "scan_ahead",
+    "start_listing",
+]
 
 
 @dataclass
@@ -67,9 +84,13 @@ def observe(
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
     scan: bool = True,
+    glance: bool = False,
+    defer: bool = False,
+    listing: Listing | None = None,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned
-    (not without `scan`: a delete reads nothing of them).
+    (not without `scan`: a delete reads nothing of them; with `glance`, the trees are only
+    looked at for what a scan could halt on, `TreeState.halted`).
 
     why at once: the list is a round trip to the platform and the scan local work; one after
     the other they were most of the time from an edit to its push (`ukc watch`).
@@ -79,16 +100,23 @@ def observe(
     running (whichever of the two comes last): the apply loop opens the connection the push
     will need meanwhile (and starts its sync helper). A hint only; nothing observed depends
     on it.
+
+    `defer`: new files are listed, not read (`build_session`): for an apply, whose push
+    reads them anyway.
+
+    `listing`: the list of this observation, started by `start_listing` with the same
+    arguments (the caller started it as soon as it held the status lock).
     """
     project = owner.project
-    wanted = [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
-    listing = _Listing(group, doc, metros, project, wanted)
+    wanted = _wanted(group, only)
+    if listing is None:
+        listing = start_listing(group, doc, metros, project, only)
     hints = {
         loaded.spec.name: _Hint(group, loaded, owner, doc, listing, on_tree_changed)
         for loaded in wanted
         if on_tree_changed is not None
     }
-    listing.start(list(hints.values()))
+    listing.tell(list(hints.values()))
     contexts: dict[str, SessionContext] = {}
     halted: dict[str, str] = {}
     try:
@@ -104,7 +132,13 @@ def observe(
                 hint.changed if hint is not None else None,
                 functools.partial(listing.named, identity.instance_name(project, name)),
                 scan=scan,
+                defer=defer,
             )
+            if glance and not scan:
+                why = _halt_in_sight(ctx.sync_options)
+                if why is not None:
+                    tree = dataclasses.replace(ctx.desired.tree, halted=why)
+                    ctx.desired = dataclasses.replace(ctx.desired, tree=tree)
             contexts[name] = ctx
             if why is not None:
                 halted[name] = why
@@ -127,12 +161,64 @@ def observe(
     )
 
 
+def scan_ahead(group: Group, only: set[str] | None = None) -> None:
+    """Scan the sessions' trees for an observation to come, whose own scan then re-stats
+    only what changed since (the apply's change feeds). Reads only (the index is appended
+    to); a scan that fails is that observation's to report: it scans again."""
+    for loaded in group.sessions:
+        if only is None or loaded.spec.name in only:
+            with contextlib.suppress(Exception):
+                sync_engine.scan_local(sync_options_for(group, loaded))
+
+
+def _halt_in_sight(opts: SyncOptions) -> str | None:
+    """What a scan of the tree would halt on, as far as it shows without a walk: a missing
+    root, an unusable `.ukcignore`, or a root whose top shows nothing to sync while our last
+    push had files (the scan's emptied-root guard; only a walk tells). None: nothing in sight
+    (the scan may still find something, and its observation plans again)."""
+    root = Path(opts.local_root)
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            return f"local root {root} is not a directory; nothing was sent or deleted"
+        rules = load_rules(opts)
+        last = push_meta(opts)
+        if last is None or not last["files"]:
+            return None
+        with os.scandir(root) as entries:
+            for entry in entries:
+                kind = entry.is_dir(follow_symlinks=False)
+                if (kind or entry.is_file(follow_symlinks=False) or entry.is_symlink()) and not (
+                    rules.excluded(entry.name, kind)
+                ):
+                    return None
+    except FileNotFoundError:
+        return f"local root {root} is missing; nothing was sent or deleted"
+    except errors.SyncHaltedError as err:
+        return str(err)
+    except OSError as err:
+        return f"local root {root} cannot be read ({err.strerror})"
+    return f"local root {root} shows nothing to sync while the last push had files"
+
+
+def start_listing(
+    group: Group, doc: StatusDoc, metros: MetroRegistry, project: str, only: set[str] | None
+) -> Listing:
+    """Start listing the instances an `observe` of the same arguments would list."""
+    listing = Listing(group, doc, metros, project, _wanted(group, only))
+    listing.start()
+    return listing
+
+
+def _wanted(group: Group, only: set[str] | None) -> list[LoadedSession]:
+    return [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
+
+
 #: what the list found: instances by name, by the session they claim, the metro of each
 #: session, and the uuids of instances on their way out
 _Found = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], frozenset[str]]
 
 
-class _Listing:
+class Listing:
     """The instances of every metro the group uses, listed on a thread of its own."""
 
     def __init__(
@@ -163,10 +249,16 @@ class _Listing:
         self._found: _Found | None = None
         self._error: BaseException | None = None
         self._hints: list[_Hint] = []
+        self._hints_lock = threading.Lock()
 
-    def start(self, hints: list[_Hint]) -> None:
-        self._hints = hints
-        threading.Thread(target=self._run, name="ukc-list", daemon=True).start()
+    def start(self) -> None:
+        _LIST_THREADS.run(self._run)
+
+    def tell(self, hints: list[_Hint]) -> None:
+        """Tell `hints` when the list ends (one told after it ended learns it when its scan
+        sees a change: `_Hint.changed`)."""
+        with self._hints_lock:
+            self._hints = hints
 
     def _run(self) -> None:
         try:
@@ -176,7 +268,9 @@ class _Listing:
         finally:
             self._done.set()
         try:
-            for hint in self._hints:
+            with self._hints_lock:
+                hints = self._hints
+            for hint in hints:
                 hint.listed()
         finally:
             self._hinted.set()
@@ -232,6 +326,11 @@ class _Listing:
         return self.result()[0].get(instance_name)
 
 
+#: the lists' threads: a watch lists on every pass, and a thread started per list was a
+#: scheduling delay on every edit's way to its sandbox on a loaded machine
+_LIST_THREADS = KeptThreads("ukc-list")
+
+
 class _Hint:
     """One session's "tree changed" hint: given to the apply loop once the scan saw a change
     and the list showed the session's instance running and ours, whichever came last."""
@@ -242,7 +341,7 @@ class _Hint:
         loaded: LoadedSession,
         owner: identity.Owner,
         doc: StatusDoc,
-        listing: _Listing,
+        listing: Listing,
         on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None,
     ) -> None:
         self._loaded = loaded

@@ -259,8 +259,35 @@ class Watcher:
         self._state = state
 
     def _schedule(self) -> None:
-        from watchdog.events import FileSystemEvent, FileSystemEventHandler
+        from watchdog.events import (
+            DirCreatedEvent,
+            DirDeletedEvent,
+            DirModifiedEvent,
+            DirMovedEvent,
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileModifiedEvent,
+            FileMovedEvent,
+            FileSystemEvent,
+            FileSystemEventHandler,
+        )
         from watchdog.observers import Observer
+
+        # why not opens and closes without a write: they change nothing, and asked for, the
+        # kernel queues one for every read in the tree (a build's, a pass's own hashing and
+        # sending), each waking the event thread while a pass runs
+        wanted_events: list[type[FileSystemEvent]] = [
+            FileCreatedEvent,
+            DirCreatedEvent,
+            FileDeletedEvent,
+            DirDeletedEvent,
+            FileMovedEvent,
+            DirMovedEvent,
+            FileModifiedEvent,
+            DirModifiedEvent,
+            FileClosedEvent,
+        ]
 
         events = self._events
 
@@ -295,7 +322,9 @@ class Watcher:
             if directory in self._scheduled:
                 continue
             with contextlib.suppress(OSError):
-                obs.schedule(handler, str(directory), recursive=recursive)
+                obs.schedule(
+                    handler, str(directory), recursive=recursive, event_filter=wanted_events
+                )
                 self._scheduled.add(directory)
 
     # -- classification ------------------------------------------------------------------

@@ -166,6 +166,8 @@ _CLIENT_PID: int | None = None
 #: socket, then kills it); an immediate re-run must not fail on that holder
 DYING_HOLDER_WAIT_S = 5.0
 _CLIENT_MARK = re.compile(r"\(for ukc pid (\d+)\)")
+#: the lock file's holder text, padded to this length
+_HOLDER_BYTES = 256
 
 
 def set_client_pid(pid: int | None) -> None:
@@ -199,7 +201,7 @@ def lock(path: Path, *, timeout_s: float = 0.0, poll_s: float = 0.02) -> Iterato
             return True
         except BlockingIOError:
             waited = time.monotonic() - started
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+            holder = os.pread(fd, _HOLDER_BYTES, 0).decode("utf-8", "replace").strip()
             dying = waited < DYING_HOLDER_WAIT_S and _holder_dying(holder)
             if waited >= timeout_s and not dying:
                 raise errors.LockedError(
@@ -212,8 +214,10 @@ def lock(path: Path, *, timeout_s: float = 0.0, poll_s: float = 0.02) -> Iterato
         poll(take, policy=RetryPolicy.every(poll_s))
         client = f" (for ukc pid {_CLIENT_PID})" if _CLIENT_PID is not None else ""
         info = f"pid {os.getpid()}{client} on {socket.gethostname()} since {utc_now()}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
+        # why in place, padded, never truncated: ext4 flushes a file truncated to zero when it
+        # is closed (a disk write per watch pass, slow on a busy disk); a loser reads the
+        # first `_HOLDER_BYTES` and strips the padding
+        os.pwrite(fd, info.encode()[:_HOLDER_BYTES].ljust(_HOLDER_BYTES), 0)
         _sweep_temps(path)
         yield
     finally:

@@ -71,6 +71,24 @@ def test_a_second_holder_of_the_lock_is_told_who_holds_it(tmp_path: Path) -> Non
         pass
 
 
+def test_the_lock_names_its_holder_in_place_without_truncating_the_lock_file(
+    tmp_path: Path,
+) -> None:
+    # ext4 flushes a file truncated to zero when it is closed: a disk write per watch pass
+    path = tmp_path / "status.json"
+    lock_file = tmp_path / "status.lock"
+    lock_file.write_text("x" * 400)  # a longer text an earlier holder left
+    with journal.lock(path):
+        assert lock_file.stat().st_size == 400
+        with (
+            pytest.raises(errors.LockedError) as told,
+            journal.lock(path, timeout_s=0.05),
+        ):
+            pass
+    said = str(told.value)
+    assert f"(pid {os.getpid()} on " in said and "xxxx" not in said
+
+
 def test_the_lock_of_a_killed_holder_is_free_at_once(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     code = textwrap.dedent(
