@@ -69,6 +69,9 @@ class TreeState:
     halted: str | None = None
     #: the sync path an earlier contact found, and for which instance uuid (`sync.capability`)
     tools: tuple[str, Tools] | None = None
+    #: False: not scanned yet (an observation made while the tree is scanned); `halted` then
+    #: says what can be told without a walk
+    scanned: bool = True
 
 
 @dataclass(frozen=True)
@@ -260,8 +263,8 @@ def build_session(
     it ours before anything uses it); its key nonce says which derived key opens it. Asked
     for after the scan: the observer lists the instances while the tree is scanned.
     Without `scan` the local tree is not read (a delete needs nothing of it): no manifest,
-    an empty tree state. With `defer` (an apply, which pushes what it plans to) new files of
-    a session without commands are listed, not read: the tree's digest is then
+    an empty tree state marked not scanned. With `defer` (an apply, which pushes what it plans
+    to) new files of a session without commands are listed, not read: the tree's digest is then
     `PENDING_DIGEST` (no record holds it: a push is planned), and the push hashes what it
     sends. why not with commands: they are keyed by the tree's digest when planned."""
     s = loaded.spec
@@ -276,7 +279,7 @@ def build_session(
     halted: str | None = None
     manifest = None
     pending: tuple[str, ...] = ()
-    tree = TreeState(digest="", files=0, bytes=0)
+    tree = TreeState(digest="", files=0, bytes=0, scanned=scan)
     try:
         if scan:
             manifest = sync_engine.scan_local(

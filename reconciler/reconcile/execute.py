@@ -55,7 +55,7 @@ from reconciler.transport.base import (
 )
 from reconciler.transport.pool import TransportPool
 
-__all__ = ["Executor", "SessionOutcome"]
+__all__ = ["Executor", "SessionOutcome", "Worked"]
 
 #: how long a delete waits for the session's volume to come free of the instance being deleted
 VOLUME_DETACH_WAIT_S = 30.0
@@ -75,6 +75,18 @@ class SessionOutcome:
     changed: bool = False
     #: stopped by Ctrl-C (recorded as phase `Interrupted`, not `Failed`)
     interrupted: bool = False
+
+
+@dataclass
+class Worked:
+    """What one session's executors did in one apply (its passes run by one executor each:
+    instances made ahead, then the rounds): what its record's timings and interruption
+    report."""
+
+    #: seconds per phase (`_phase_of`)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: the actions finished, in order
+    done: list[actions.Action] = field(default_factory=list)
 
 
 @dataclass
@@ -116,6 +128,7 @@ class Executor:
         stop: StopFlag | None = None,
         committer: journal.Committer | None = None,
         slots: threading.Semaphore | None = None,
+        worked: dict[str, Worked] | None = None,
     ) -> None:
         self.group = group
         self.doc = doc
@@ -148,6 +161,8 @@ class Executor:
         self.stop = stop
         #: the action each session is performing now (what Ctrl-C interrupts)
         self.in_flight: dict[str, actions.Action] = {}
+        #: what each session's executors did in this apply (shared with the others)
+        self.worked = worked if worked is not None else {}
 
     # -- journal ---------------------------------------------------------------------------
 
@@ -186,13 +201,14 @@ class Executor:
         name = splan.session
         ctx = self.obs.contexts.get(name)
         # the planner acts only on an instance it proved ours (else the session is refused)
-        run = _Run(inst=self.obs.claimed.get(name))
+        worked = self.worked.setdefault(name, Worked())
+        run = _Run(inst=self.obs.claimed.get(name), timings=worked.timings)
         if ctx is not None:
             run.kind = select.kind_for(ctx.desired.transport)
             run.credentials = ctx.credentials
         outcome = SessionOutcome(name, ok=True, changed=bool(splan.changes))
         redact = Redactor(ctx.secret_values if ctx is not None else ())
-        done: list[actions.Action] = []
+        done = worked.done
         # a command that failed: the actions after it are skipped except a sync-back marked
         # `always`, then the failure is raised
         failure: errors.CommandFailedError | None = None

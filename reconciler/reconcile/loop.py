@@ -36,7 +36,7 @@ from reconciler.reconcile.desired import (
     target_for,
 )
 from reconciler.reconcile.events import Event, RecordingReporter, Reporter
-from reconciler.reconcile.execute import Executor, SessionOutcome
+from reconciler.reconcile.execute import Executor, SessionOutcome, Worked
 from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import (
     Listing,
@@ -44,6 +44,7 @@ from reconciler.reconcile.observe import (
     observe,
     observe_quotas,
     observe_volumes,
+    scan_ahead,
     start_listing,
 )
 from reconciler.reconcile.plan import plan_delete, plan_sessions
@@ -306,6 +307,8 @@ def apply_group(
         rounds = 0
         obs: Observation | None = None
         ran: set[tuple[str, str]] = set()
+        #: what each session's executors did in this apply (its record reports all of it)
+        worked: dict[str, Worked] = {}
         #: sessions whose sandbox journal was read in this run (once is enough)
         journals_read: set[str] = set()
         #: sessions whose boot marker was read in this run (once is enough)
@@ -318,7 +321,41 @@ def apply_group(
         converged: actions.Plan | None = None
         #: instances in standby woken only to read their journal
         journal_woken: list[actions.SuspendInstance] = []
-        while True:
+        if _worth_a_glance(group, doc, only):
+            early = _create_ahead(
+                group,
+                doc,
+                metros,
+                environ,
+                reporter,
+                pool=kept,
+                stop=stop,
+                committer=committer,
+                doc_lock=doc_lock,
+                ran=ran,
+                worked=worked,
+                concurrency=concurrency,
+                only=only,
+                now=now,
+                unfinished=unfinished,
+                listing=listing,
+            )
+            if early is not None:
+                listing = None  # the first round lists again: the instances were made since
+                obs, first_plan, finished = early
+                for outcome in finished:
+                    outcomes[outcome.session] = outcome
+                    # the journal in a sandbox made by this run is this run's own
+                    journals_read.add(outcome.session)
+                    if outcome.interrupted or stop.is_set():
+                        interrupted.add(outcome.session)
+                    elif not outcome.ok:
+                        failed[outcome.session] = outcome.error
+                if stop.is_set():
+                    # made and up, never synced: not left in a phase that says work goes on
+                    unfinished.journal(journal.utc_now())
+        while not (stop.is_set() and first_plan is not None):
+            # (a Ctrl-C while instances were made ahead: no round starts)
             if listing is None:
                 owner, salt = _identity(group, environ)
             obs = observe(
@@ -372,20 +409,10 @@ def apply_group(
                         obs, doc, metros, kept, reporter, marks_read_after_journal, concurrency
                     )
                     plan = replan()
-            if first_plan is None:
-                # before anything is created or woken: a fan-out the quota cannot hold fails
-                # whole, rather than half-made with the rest refused one by one
-                shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
-                for text in unread:
-                    reporter.event(Event("ukc", "notice", f"warning: {text}"))
-                if shortfalls:
-                    raise errors.QuotaError(
-                        "refusing to apply: "
-                        + "; ".join(shortfalls)
-                        + ". Nothing was created: delete sessions (`ukc delete`), lower "
-                        "`memory_mb`, apply fewer at a time (`--session`), or raise the quota"
-                    )
-                first_plan = plan
+            if rounds == 0:
+                _check_quota(plan, desired, obs, metros, reporter)
+                # with instances made ahead: those creates, then what this round planned
+                first_plan = plan if first_plan is None else _joined(first_plan, plan)
             if _wake_for_work(plan, obs, metros, reporter, concurrency):
                 # a wake may move `start_count`: the marker says whether memory was kept
                 _read_boot_marks(obs, doc, metros, kept, reporter, marks_read, concurrency)
@@ -421,6 +448,7 @@ def apply_group(
                 stop=stop,
                 committer=committer,
                 slots=threading.BoundedSemaphore(max(1, concurrency)),
+                worked=worked,
             )
             work = [s for s in plan.sessions if s.changes]
             unfinished.in_flight = executor.in_flight
@@ -535,10 +563,12 @@ class _UnfinishedOnInterrupt:
             return
         # why suppress: after a second Ctrl-C a worker may still write the document
         with contextlib.suppress(Exception):
-            self._journal(journal.utc_now())
+            self.journal(journal.utc_now())
             self.committer.save()
 
-    def _journal(self, now: str) -> None:
+    def journal(self, now: str) -> None:
+        """The actions in flight and the sessions left `Progressing`, journaled as interrupted
+        (in the document; the caller saves it)."""
         assert self.doc is not None
         with self.doc_lock:
             for session, action in self.in_flight.items():
@@ -555,21 +585,149 @@ class _UnfinishedOnInterrupt:
                     journal.set_condition(rec, "Ready", "False", "Interrupted", "interrupted", now)
 
 
+def _worth_a_glance(group: Group, doc: StatusDoc, only: set[str] | None) -> bool:
+    """Whether a session may lack its instance, by the records (a first apply, a deleted
+    session): then the apply looks before the trees are scanned (`_create_ahead`). why by the
+    records: that look is one more list, not worth it where every instance is known."""
+    for loaded in group.sessions:
+        name = loaded.spec.name
+        if only is not None and name not in only:
+            continue
+        rec = doc.sessions.get(name)
+        if (
+            rec is None
+            or rec.instance is None
+            or rec.instance.state == "deleted"
+            or rec.phase in ("Deleted", "Expired")
+        ):
+            return True
+    return False
+
+
+def _create_ahead(
+    group: Group,
+    doc: StatusDoc,
+    metros: MetroRegistry,
+    environ: Mapping[str, str],
+    reporter: Reporter,
+    *,
+    pool: TransportPool,
+    stop: StopFlag,
+    committer: journal.Committer,
+    doc_lock: threading.Lock,
+    ran: set[tuple[str, str]],
+    worked: dict[str, Worked],
+    concurrency: int,
+    only: set[str] | None,
+    now: Callable[[], float],
+    unfinished: _UnfinishedOnInterrupt,
+    listing: Listing | None,
+) -> tuple[Observation, actions.Plan, list[SessionOutcome]] | None:
+    """The apply's first look, before the trees are scanned: a session whose instance is
+    missing needs it made whatever its tree holds, so it is created and waited for (its boot,
+    sshd's start and the key's install) on the session threads while this thread scans the
+    trees. None when the look plans nothing; else that observation and plan (only the
+    sessions worked on) and their outcomes. The first round observes again, instances and
+    trees (re-statting only what changed since this scan), and plans the rest; with the
+    same `listing` (the list started for it) when this look made nothing."""
+    owner, salt = _identity(group, environ)
+    obs = observe(
+        group,
+        doc,
+        metros,
+        environ,
+        owner=owner,
+        salt=salt,
+        only=only,
+        scan=False,
+        glance=True,
+        listing=listing,
+    )
+    plan = _plan(obs.desired, obs, doc, now(), prune=False, only_files=group.only_files)
+    work = [s for s in plan.sessions if s.changes]
+    if not work:
+        return None
+    names = {s.session for s in work}
+    desired = [d for d in obs.desired if d.name in names]
+    _check_quota(plan, desired, obs, metros, reporter)
+    executor = Executor(
+        group=group,
+        doc=doc,
+        observation=obs,
+        metros=metros,
+        reporter=reporter,
+        doc_lock=doc_lock,
+        ran=ran,
+        pool=pool,
+        stop=stop,
+        committer=committer,
+        slots=threading.BoundedSemaphore(max(1, concurrency)),
+        worked=worked,
+    )
+    unfinished.in_flight = executor.in_flight
+    finished = _run_sessions(
+        executor, work, concurrency, stop, reporter, meanwhile=lambda: scan_ahead(group, only)
+    )
+    obs.desired = desired
+    return obs, dataclasses.replace(plan, sessions=tuple(work)), finished
+
+
+def _joined(ahead: actions.Plan, plan: actions.Plan) -> actions.Plan:
+    """What apply did: the creates made ahead, then the first round's plan (its wait for the
+    same instance said once)."""
+    early = {s.session: s for s in ahead.sessions}
+    sessions = []
+    for splan in plan.sessions:
+        before = early.pop(splan.session, None)
+        if before is not None:
+            rest = tuple(a for a in splan.actions if not isinstance(a, actions.WaitReady))
+            splan = dataclasses.replace(splan, actions=before.actions + rest)
+        sessions.append(splan)
+    return dataclasses.replace(plan, sessions=(*early.values(), *sessions))
+
+
+def _check_quota(
+    plan: actions.Plan,
+    desired: Sequence[DesiredSession],
+    obs: Observation,
+    metros: MetroRegistry,
+    reporter: Reporter,
+) -> None:
+    """Before anything is created or woken: a fan-out the quota cannot hold fails whole,
+    rather than half-made with the rest refused one by one."""
+    shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+    for text in unread:
+        reporter.event(Event("ukc", "notice", f"warning: {text}"))
+    if shortfalls:
+        raise errors.QuotaError(
+            "refusing to apply: "
+            + "; ".join(shortfalls)
+            + ". Nothing was created: delete sessions (`ukc delete`), lower "
+            "`memory_mb`, apply fewer at a time (`--session`), or raise the quota"
+        )
+
+
 def _run_sessions(
     executor: Executor,
     work: Sequence[actions.SessionPlan],
     concurrency: int,
     stop: StopFlag,
     reporter: Reporter,
+    meanwhile: Callable[[], None] | None = None,
 ) -> list[SessionOutcome]:
     """Run the sessions' plans on up to `concurrency` worker threads; their outcomes in order.
+    `meanwhile` runs on this thread while they work.
 
     Ctrl-C reaches only the main thread, waiting here: it says at once what it stops, sets
     `stop` (a command in flight is stopped: signal, grace period, kill; no new action starts)
     and waits for the workers to journal it. A second Ctrl-C propagates at once: the workers
     are daemon threads, so nothing waits for them on the way out.
     """
-    if len(work) == 1 and threading.current_thread() is not threading.main_thread():
+    if (
+        len(work) == 1
+        and meanwhile is None
+        and threading.current_thread() is not threading.main_thread()
+    ):
         # no Ctrl-C arrives on this thread (a watch pass): nothing to wait for a worker with,
         # and a thread start is a scheduling delay before an edit's push on a loaded machine
         return [executor.run_session(work[0])]
@@ -597,6 +755,8 @@ def _run_sessions(
     for _ in range(min(threads, len(work))):
         threading.Thread(target=worker, name="ukc-session", daemon=True).start()
     try:
+        if meanwhile is not None:
+            meanwhile()
         return [f.result() for f in futures]
     except KeyboardInterrupt:
         stop.set()
@@ -722,6 +882,8 @@ def _prefetcher(
     def prefetch(
         session: str, transport: str, metro: str, inst: Instance, opts: SyncOptions
     ) -> None:
+        if pool.peek(session) is not None:
+            return  # a connection is kept (a watch's next pass): the same answer, sooner
         rec = doc.sessions.get(session)
         known = rec.instance if rec is not None else None
         # why only a known pin: a first connection records it, and that is the executor's job

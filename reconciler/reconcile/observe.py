@@ -8,10 +8,15 @@ Everything the pure planner needs comes out of here as plain values.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.threads import KeptThreads
@@ -29,6 +34,9 @@ from reconciler.reconcile.desired import (
 )
 from reconciler.spec.loader import LoadedSession
 from reconciler.status.schema import StatusDoc
+from reconciler.sync import engine as sync_engine
+from reconciler.sync.ignore import load_rules
+from reconciler.sync.manifest import push_meta
 from reconciler.sync.options import SyncOptions
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "observe",
     "observe_quotas",
     "observe_volumes",
+    "scan_ahead",
     "start_listing",
 ]
 
@@ -75,11 +84,13 @@ def observe(
     salt: bytes,
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
     scan: bool = True,
+    glance: bool = False,
     defer: bool = False,
     listing: Listing | None = None,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned
-    (not without `scan`: a delete reads nothing of them).
+    (not without `scan`: a delete reads nothing of them; with `glance`, the trees are only
+    looked at for what a scan could halt on, `TreeState.halted`).
 
     why at once: the list is a round trip to the platform and the scan local work; one after
     the other they were most of the time from an edit to its push (`ukc watch`).
@@ -123,6 +134,11 @@ def observe(
                 scan=scan,
                 defer=defer,
             )
+            if glance and not scan:
+                why = _halt_in_sight(ctx.sync_options)
+                if why is not None:
+                    tree = dataclasses.replace(ctx.desired.tree, halted=why)
+                    ctx.desired = dataclasses.replace(ctx.desired, tree=tree)
             contexts[name] = ctx
             if why is not None:
                 halted[name] = why
@@ -132,6 +148,7 @@ def observe(
         listing.wait()
         raise
     instances, claimed, _metro_of, dying = listing.result()
+    listing.hinted()
     return Observation(
         project=project,
         owner=owner,
@@ -142,6 +159,45 @@ def observe(
         halted=halted,
         dying=dying,
     )
+
+
+def scan_ahead(group: Group, only: set[str] | None = None) -> None:
+    """Scan the sessions' trees for an observation to come, whose own scan then re-stats
+    only what changed since (the apply's change feeds). Reads only (the index is appended
+    to); a scan that fails is that observation's to report: it scans again."""
+    for loaded in group.sessions:
+        if only is None or loaded.spec.name in only:
+            with contextlib.suppress(Exception):
+                sync_engine.scan_local(sync_options_for(group, loaded))
+
+
+def _halt_in_sight(opts: SyncOptions) -> str | None:
+    """What a scan of the tree would halt on, as far as it shows without a walk: a missing
+    root, an unusable `.ukcignore`, or a root whose top shows nothing to sync while our last
+    push had files (the scan's emptied-root guard; only a walk tells). None: nothing in sight
+    (the scan may still find something, and its observation plans again)."""
+    root = Path(opts.local_root)
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            return f"local root {root} is not a directory; nothing was sent or deleted"
+        rules = load_rules(opts)
+        last = push_meta(opts)
+        if last is None or not last["files"]:
+            return None
+        with os.scandir(root) as entries:
+            for entry in entries:
+                kind = entry.is_dir(follow_symlinks=False)
+                if (kind or entry.is_file(follow_symlinks=False) or entry.is_symlink()) and not (
+                    rules.excluded(entry.name, kind)
+                ):
+                    return None
+    except FileNotFoundError:
+        return f"local root {root} is missing; nothing was sent or deleted"
+    except errors.SyncHaltedError as err:
+        return str(err)
+    except OSError as err:
+        return f"local root {root} cannot be read ({err.strerror})"
+    return f"local root {root} shows nothing to sync while the last push had files"
 
 
 def start_listing(
@@ -186,6 +242,10 @@ class Listing:
             if rec.instance is not None and rec.instance.uuid and rec.instance.state == "deleted"
         }
         self._done = threading.Event()
+        #: set once every hint heard the list ended (a hint given after `observe` returned
+        #: would race the executor: it connects itself, then the hint's connection replaces
+        #: the one it used)
+        self._hinted = threading.Event()
         self._found: _Found | None = None
         self._error: BaseException | None = None
         self._hints: list[_Hint] = []
@@ -207,10 +267,13 @@ class Listing:
             self._error = err
         finally:
             self._done.set()
-        with self._hints_lock:
-            hints = self._hints
-        for hint in hints:
-            hint.listed()
+        try:
+            with self._hints_lock:
+                hints = self._hints
+            for hint in hints:
+                hint.listed()
+        finally:
+            self._hinted.set()
 
     def _list(self) -> _Found:
         dying: set[str] = set()
@@ -243,6 +306,10 @@ class Listing:
 
     def wait(self) -> None:
         self._done.wait()
+
+    def hinted(self) -> None:
+        """Wait until the hints the list's end gives were given."""
+        self._hinted.wait()
 
     def result(self) -> _Found:
         """What the list found (waits for it); the list's error if it failed."""

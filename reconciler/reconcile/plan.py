@@ -128,6 +128,49 @@ def _refusal(session: str, inst: Instance, proof: identity.Proof) -> actions.Ref
     return actions.Refusal(session, inst.name, inst.metro, proof.refusal(inst))
 
 
+def _create_reason(desired: DesiredSession, record: SessionStatus | None) -> str:
+    """Why the session's instance is made (none, or it went away without ukc)."""
+    if record is None or record.instance is None or record.phase == "Deleted":
+        return "no instance"
+    if desired.autokill_ms:
+        # why both: the platform deletes what autokill reclaims without a trace ukc can
+        # read; either way the session is made anew
+        after = actions.autokill_text(desired.autokill_ms)
+        return (
+            "instance gone: deleted out of band, or reclaimed by the platform "
+            f"(autokill: deleted once down for {after})"
+        )
+    return "instance deleted out of band"
+
+
+def _plan_unscanned(
+    desired: DesiredSession,
+    inst: Instance | None,
+    record: SessionStatus | None,
+    now: float,
+) -> actions.SessionPlan:
+    """A session seen before its tree was scanned (the apply's first look, taken while the
+    trees are scanned): only a missing instance is made and waited for, so its boot overlaps
+    the scan; everything else waits for the observation with the tree. Nothing is made for a
+    session that would not get one then (expired, a tree that may not sync, a command that
+    cannot run)."""
+    name = desired.name
+    later = ("waits for its tree's scan",)
+    if inst is not None or _expired_while_gone(desired, inst, record, now) is not None:
+        return actions.SessionPlan(name, (), later)
+    if record is not None and record.phase == "Expired" and record.spec_hash == desired.spec_hash:
+        return actions.SessionPlan(name, (), later)
+    if desired.tree.halted is not None:
+        return actions.SessionPlan(name, (), later, error=f"not syncing: {desired.tree.halted}")
+    if desired.secrets_missing and desired.commands:
+        return actions.SessionPlan(name, (), later)  # a new instance runs them all: refused
+    create = actions.CreateInstance(
+        name, desired.instance_name, desired.metro, _create_reason(desired, record)
+    )
+    wait = actions.WaitReady(name, desired.instance_name, desired.transport)
+    return actions.SessionPlan(name, (create, wait))
+
+
 def _plan_session(
     desired: DesiredSession,
     inst: Instance | None,
@@ -138,6 +181,8 @@ def _plan_session(
     name = desired.name
     acts: list[actions.Action] = []
     noops: list[str] = []
+    if not desired.tree.scanned:
+        return _plan_unscanned(desired, inst, record, now)
 
     if inst is not None:
         proof = identity.prove(inst, owner, name, record.instance if record else None)
@@ -232,17 +277,7 @@ def _plan_session(
         new_instance = True
         reason_create = f"replacing: {replace_why}"
     else:
-        reason_create = "no instance"
-        if record is not None and record.instance is not None and record.phase != "Deleted":
-            reason_create = "instance deleted out of band"
-            if desired.autokill_ms:
-                # why both: the platform deletes what autokill reclaims without a trace ukc
-                # can read; either way the session is made anew
-                after = actions.autokill_text(desired.autokill_ms)
-                reason_create = (
-                    "instance gone: deleted out of band, or reclaimed by the platform "
-                    f"(autokill: deleted once down for {after})"
-                )
+        reason_create = _create_reason(desired, record)
 
     if inst is None:
         acts.append(

@@ -774,13 +774,15 @@ def resolve(
     inos: Mapping[str, int] = {},
     *,
     partial: bool = False,
+    found_sum: int | None = None,
 ) -> Manifest:
     """`local` with its pending files as they were read and sent: `found` gives each one's
     entry (sha256 of the bytes sent, the stat they were read under), or None when it
     vanished before it was opened (then it is not part of the tree); `inos` the inodes read
     that are not the listed ones. The index is still to be written (`commit`). Raises
     `SyncError` when a pending file is not in `found`, unless `partial` (those stay
-    pending)."""
+    pending). `found_sum`: the sum of `content_hash` over `found`'s entries, when the caller
+    added it up meanwhile."""
     d = local.deferred
     if d is None or not d.pending:
         return local
@@ -803,7 +805,12 @@ def resolve(
             entries[p] = e
     later = Deferred(d.index, new_inos, d.prior, d.meta, d.rules_key, left, d.feed)
     if d.prior is None:
-        return Manifest(entries, deferred=later)
+        manifest = Manifest(entries, deferred=later)
+        if found_sum is not None and not left:
+            pending = d.pending
+            rest = sum(content_hash(p, e) for p, e in entries.items() if p not in pending)
+            manifest.__dict__["digest"] = _hex(rest + found_sum)
+        return manifest
     manifest = Manifest(entries, local.basis, deferred=later)
     moved = _moved(d.meta, d.prior, entries, content=not left)
     if left:

@@ -1,0 +1,67 @@
+"""A session planned before its tree was scanned (the apply's first look): only a missing
+instance is made and waited for; the rest waits for the observation with the tree."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from reconciler.reconcile import actions
+from reconciler.reconcile.desired import TreeState
+from reconciler.status.schema import InstanceRecord, SessionStatus
+from tests.support.planning import converged_record, desired, instance, kinds, plan_one
+
+UNSCANNED = TreeState(digest="", files=0, bytes=0, scanned=False)
+
+
+class TestBeforeTheTreeIsScanned:
+    def test_a_missing_instance_is_created_and_waited_for_and_nothing_else(self) -> None:
+        d = desired(tree=UNSCANNED)
+        p = plan_one(d, None, None)
+        assert kinds(p) == ["CreateInstance", "WaitReady"]
+        assert p.actions[0] == actions.CreateInstance(
+            "hello", d.instance_name, "local", "no instance"
+        )
+        assert p.actions[1] == actions.WaitReady("hello", d.instance_name, d.transport)
+
+    def test_an_instance_deleted_out_of_band_is_made_with_the_reason_the_full_plan_gives(
+        self,
+    ) -> None:
+        d = desired(tree=UNSCANNED)
+        rec = converged_record(replace(d, tree=TreeState("tree1", 3, 30)), instance(d))
+        create = plan_one(d, None, rec).actions[0]
+        full = plan_one(desired(), None, rec).actions[0]
+        assert create == full
+        assert isinstance(create, actions.CreateInstance)
+        assert create.reason == "instance deleted out of band"
+
+    def test_a_session_whose_instance_exists_is_left_to_the_plan_with_the_tree(self) -> None:
+        d = desired(tree=UNSCANNED)
+        for state in ("running", "standby", "stopped"):
+            p = plan_one(d, instance(d, state=state), None)
+            assert p.actions == () and not p.error, state
+
+    def test_a_tree_that_cannot_sync_gets_no_instance(self) -> None:
+        d = desired(tree=replace(UNSCANNED, halted="local root ./work is missing"))
+        p = plan_one(d, None, None)
+        assert p.actions == ()
+        assert "missing" in p.error
+
+    def test_a_session_whose_commands_lack_a_secret_gets_no_instance(self) -> None:
+        d = desired(tree=UNSCANNED, secrets_missing=("s.yaml:3: secret_env: TOKEN is not set",))
+        assert plan_one(d, None, None).actions == ()
+
+    def test_an_expired_session_gets_no_instance(self) -> None:
+        d = desired(tree=UNSCANNED, ttl_s=60.0)
+        expired = SessionStatus(phase="Expired", spec_hash=d.spec_hash)
+        assert plan_one(d, None, expired).actions == ()
+        # its ttl passed while its instance was gone: the full plan records it expired
+        gone = SessionStatus(
+            phase="Ready",
+            spec_hash=d.spec_hash,
+            created_at="2020-01-01T00:00:00Z",
+            instance=InstanceRecord(
+                name=d.instance_name, uuid="u-1", created_at="2020-01-01T00:00:00Z"
+            ),
+        )
+        assert plan_one(d, None, gone).actions == ()
+        assert kinds(plan_one(desired(ttl_s=60.0), None, gone)) == ["DeleteInstance"]

@@ -1,0 +1,155 @@
+"""A session without an instance gets it created while its tree is scanned: the boot, sshd's
+start and the key's install overlap the scan (an apply in this process, against the test
+metro; the scan is held by a keeper with a fault knob, so the order is forced, not timed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from reconciler.cloud.metros import MetroRegistry
+from reconciler.local.daemon import MetroInfo
+from reconciler.reconcile import identity
+from reconciler.reconcile.desired import Group, load_groups
+from reconciler.reconcile.events import RecordingReporter
+from reconciler.reconcile.loop import ApplyResult, apply_group, delete_group
+from reconciler.sync import feed as sync_feed
+from tests.support.ukc import Ukc
+from tests.support.waiting import eventually
+
+#: how long a held scan waits for the instance to be listed before it goes on regardless
+HOLD_S = 20.0
+
+
+class HeldScans:
+    """A keeper (what a scan asks what changed) that holds each scan until the metro lists
+    `instance`, then says "walk"; `listed` records, per scan, whether it was listed by then."""
+
+    def __init__(self, ukc: Ukc, instance: str) -> None:
+        self.ukc = ukc
+        self.instance = instance
+        self.listed: list[bool] = []
+
+    def _present(self) -> bool:
+        return any(i["name"] == self.instance for i in self.ukc.instances())
+
+    def take(
+        self, state_dir: str, root: str, ident: list[int] | None, skip: Sequence[str] = ()
+    ) -> tuple[int, set[str] | None]:
+        self.listed.append(eventually(self._present, HOLD_S, interval_s=0.05))
+        return 0, None
+
+    def done(self, state_dir: str, token: int, ident: list[int] | None) -> None:
+        return None
+
+
+@pytest.fixture
+def env(metro: MetroInfo) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
+    environ["UKC_LOCAL_STATE_DIR"] = str(metro.state_dir)
+    return environ
+
+
+@pytest.fixture
+def metros(env: dict[str, str], metro: MetroInfo) -> Iterator[MetroRegistry]:
+    registry = MetroRegistry(env, local_state_dir=metro.state_dir)
+    yield registry
+    registry.close()
+
+
+def _group(ukc: Ukc, env: dict[str, str]) -> Group:
+    tree = ukc.project / "work"
+    (tree / "src").mkdir(parents=True, exist_ok=True)
+    for i in range(20):
+        (tree / "src" / f"f{i}.txt").write_text(f"file {i}\n" * 50)
+    spec = ukc.write_spec(
+        """\
+        name: early
+        directory: ./work
+        commands: ["mkdir -p out && ls src | wc -l > out/n"]
+        sync:
+          back: [out/]
+        """
+    )
+    (tree / "out").mkdir(exist_ok=True)
+    return load_groups([spec], env)[0]
+
+
+def _apply(
+    group: Group, metros: MetroRegistry, env: dict[str, str], keeper: HeldScans
+) -> ApplyResult:
+    sync_feed.use_keeper(keeper)
+    try:
+        return apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+    finally:
+        sync_feed.use_keeper(None)
+
+
+def _instance_name(group: Group, env: dict[str, str]) -> str:
+    return identity.instance_name(identity.project_id(group.base_dir, env), "early")
+
+
+def test_the_create_request_reaches_the_metro_before_the_scan_of_the_tree_ends(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    group = _group(ukc, env)
+    keeper = HeldScans(ukc, _instance_name(group, env))
+    result = _apply(group, metros, env, keeper)
+    try:
+        assert result.ok, result.failed
+        assert keeper.listed[0], "the first scan of the tree ended before the create was sent"
+        assert (ukc.project / "work" / "out" / "n").read_text().strip() == "20"
+        rec = ukc.status()["sessions"]["early"]
+        assert rec["phase"] == "Ready"
+        # the apply's record covers its whole work, the create made ahead included
+        assert {"create_s", "ready_s", "sync_s", "commands_s", "syncback_s"} <= set(rec["timings"])
+        # what apply reports it did: made, waited for once, synced, run, brought back
+        kinds = [type(a).__name__ for a in result.plan.sessions[0].actions]
+        assert kinds == ["CreateInstance", "WaitReady", "SyncUp", "RunCommand", "SyncBack"]
+    finally:
+        delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+
+
+def test_an_emptied_tree_gets_no_instance_made_ahead_of_its_scan(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    """The scan refuses a root that is empty while the last push had files (it looks like an
+    accident); the look before the scan must not make an instance for it meanwhile."""
+    group = _group(ukc, env)
+    name = _instance_name(group, env)
+    assert apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env).ok
+    # the instance is gone and so is the status file (a fresh checkout keeps `.ukc/sync`)
+    with ukc.api() as client:
+        client.request("DELETE", "/v1/instances", json=[{"name": name}]).raise_for_status()
+    assert eventually(lambda: all(i["name"] != name for i in ukc.instances()), 30)
+    for status in (ukc.project / ".ukc").glob("status.json*"):
+        status.unlink()
+    for path in sorted((ukc.project / "work").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    result = apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+    assert not result.ok
+    assert "is empty but the last push had" in result.failed["early"], result.failed
+    assert all(i["name"] != name for i in ukc.instances()), "an instance was made for it"
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ("directory: ./nowhere\n", "nowhere is missing"),
+        ("directory: ./work\nsecret_env:\n  TOKEN: E2E_CREATE_AHEAD_NOT_SET\n", "is not set"),
+    ],
+    ids=["missing directory", "missing secret"],
+)
+def test_a_session_apply_refuses_before_trying_gets_no_instance_made_ahead(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry, extra: str, why: str
+) -> None:
+    (ukc.project / "work").mkdir()
+    spec = ukc.write_spec("name: early\ncommands: [echo hi]\n" + extra)
+    group = load_groups([spec], env)[0]
+    result = apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+    assert not result.ok
+    assert why in result.failed["early"], result.failed
+    name = _instance_name(group, env)
+    assert all(i["name"] != name for i in ukc.instances()), "an instance was made for it"
