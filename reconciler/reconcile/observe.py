@@ -148,6 +148,7 @@ def observe(
         listing.wait()
         raise
     instances, claimed, _metro_of, dying = listing.result()
+    listing.hinted()
     return Observation(
         project=project,
         owner=owner,
@@ -241,6 +242,10 @@ class Listing:
             if rec.instance is not None and rec.instance.uuid and rec.instance.state == "deleted"
         }
         self._done = threading.Event()
+        #: set once every hint heard the list ended (a hint given after `observe` returned
+        #: would race the executor: it connects itself, then the hint's connection replaces
+        #: the one it used)
+        self._hinted = threading.Event()
         self._found: _Found | None = None
         self._error: BaseException | None = None
         self._hints: list[_Hint] = []
@@ -262,10 +267,13 @@ class Listing:
             self._error = err
         finally:
             self._done.set()
-        with self._hints_lock:
-            hints = self._hints
-        for hint in hints:
-            hint.listed()
+        try:
+            with self._hints_lock:
+                hints = self._hints
+            for hint in hints:
+                hint.listed()
+        finally:
+            self._hinted.set()
 
     def _list(self) -> _Found:
         dying: set[str] = set()
@@ -298,6 +306,10 @@ class Listing:
 
     def wait(self) -> None:
         self._done.wait()
+
+    def hinted(self) -> None:
+        """Wait until the hints the list's end gives were given."""
+        self._hinted.wait()
 
     def result(self) -> _Found:
         """What the list found (waits for it); the list's error if it failed."""

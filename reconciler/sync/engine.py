@@ -26,8 +26,9 @@ from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.pullrecord import pull_meta
 from reconciler.sync.push import PushResult
-from reconciler.sync.remote import HelperSession
+from reconciler.sync.remote import HelperSession, helper_command
 from reconciler.transport.base import RemoteShell
+from reconciler.transport.links import RelayShell
 
 __all__ = [
     "Manifest",
@@ -97,6 +98,11 @@ def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) ->
     ahead of need), unless the instance is known to have no python3 (the tar path then
     needs nothing started)."""
     if recorded_tools(opts, instance_uuid) != "shell":
+        inner = getattr(shell, "shell", shell)
+        if isinstance(inner, RelayShell):
+            # a kept connection's lender starts the next one ahead too (`links`): the
+            # helper's bootstrap waits for its program, so it may be started early
+            inner.spare(helper_command(opts))
         HelperSession.start_ahead(shell, opts)
 
 

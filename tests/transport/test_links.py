@@ -21,6 +21,7 @@ from reconciler.errors import TransportError
 from reconciler.transport import links
 from reconciler.transport.commands import ShellTransport
 from reconciler.transport.local_shell import LocalShell
+from tests.support.users import need_other_user, run_as_other_user
 
 
 class Closable(LocalShell):
@@ -125,12 +126,14 @@ def test_a_borrower_naming_another_session_instance_host_key_or_key_file_is_refu
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(5)
             sock.connect(path)
-            request = {"op": op, "key": dataclasses.asdict(other), "command": "touch pwned"}
+            command = f"touch {tmp_path / 'pwned'}"
+            request = {"op": op, "key": dataclasses.asdict(other), "command": command}
             payload = json.dumps(request).encode()
             sock.sendall(struct.pack(">I", len(payload)) + payload)
             assert sock.recv(1) == b"-"
             sock.close()
     assert shell.started == []
+    assert not (tmp_path / "pwned").exists()
     assert not shell.closed.is_set()
     assert links.borrow(key) is not None  # its own session still gets it
 
@@ -195,3 +198,94 @@ def test_nothing_is_kept_outside_a_command_of_the_warm_process(tmp_path: Path) -
     links.enable(str(tmp_path), idle_s=0)  # UKC_LINK_IDLE_S=0
     assert links.lender() is None
     assert links.borrow(key) is None
+
+
+ATTACKER = """
+import json, socket, struct, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(5)
+sock.connect(sys.argv[1])
+payload = sys.argv[2].encode()
+try:
+    sock.sendall(struct.pack(">I", len(payload)) + payload)
+    print(repr(sock.recv(1)))
+except OSError as err:
+    print("error", err)
+"""
+
+
+def test_another_local_user_reaching_a_lenders_socket_gets_nothing_started(
+    place: Path, tmp_path: Path
+) -> None:
+    need_other_user()
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    # as if the private directory had been opened to everyone: the peer's uid still counts
+    place.chmod(0o755)
+    path = place / key.name()
+    path.chmod(0o777)
+    planted = tmp_path / "pwned"
+    command = f"touch {planted}"
+    request = {"op": "start", "key": dataclasses.asdict(key), "command": command}
+    got = run_as_other_user(["/usr/bin/python3", "-c", ATTACKER, str(path), json.dumps(request)])
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() in ("b''", "") or got.stdout.startswith("error"), got.stdout
+    assert shell.started == []
+    assert not planted.exists()
+    assert links.borrow(key) is not None  # still there for its own user
+
+
+def wait_started(shell: LocalShell, n: int, timeout: float = 10) -> bool:
+    """Whether `shell` has started `n` processes within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while len(shell.started) < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_command_that_waits_for_its_stdin_is_started_ahead_for_the_next_borrower(
+    place: Path, tmp_path: Path
+) -> None:
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    waits = "head -c 3; echo ' '$$"
+    outputs = []
+    for text in (b"one", b"two"):
+        borrowed = links.borrow(key)
+        assert borrowed is not None
+        relay = borrowed.shell  # type: ignore[attr-defined]
+        assert isinstance(relay, links.RelayShell)
+        relay.spare(waits)
+        process = borrowed.start(waits)
+        process.write(text)
+        out = bytearray()
+        while chunk := process.read():
+            out += chunk
+        assert process.wait(10) == 0
+        outputs.append(out.decode())
+        assert links.hand_over(borrowed, key)
+        # once it ended, the lender starts the next one, which waits for its stdin
+        assert wait_started(shell, len(outputs) + 1)
+    first, second = outputs
+    assert first.startswith("one ") and second.startswith("two ")
+    assert first.split()[1] != second.split()[1]  # two processes
+    assert shell.started == [waits, waits, waits]  # the second borrower's was the spare
+
+
+def test_a_command_not_marked_as_waiting_for_its_stdin_is_never_started_ahead(
+    place: Path, tmp_path: Path
+) -> None:
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    marker = tmp_path / "ran"
+    runs = f"echo x >> {marker}"
+    for _ in range(2):
+        borrowed = links.borrow(key)
+        assert borrowed is not None
+        assert borrowed.start(runs).wait(10) == 0
+        assert links.hand_over(borrowed, key)
+    time.sleep(0.3)
+    assert shell.started == [runs, runs]
+    assert marker.read_text() == "x\nx\n"  # run when asked, never ahead
