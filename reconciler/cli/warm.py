@@ -528,11 +528,14 @@ def _preload() -> None:
     import reconciler.reconcile.loop
     import reconciler.sync.engine  # noqa: F401
     from reconciler.cloud import metros
+    from reconciler.sync import remote
     from reconciler.transport import select
 
     importlib.import_module(_COMMANDS)
     select.preload()
     metros.warm_up()
+    # why: the sync helper's code object, compiled here once, is what every sandbox runs
+    remote.program()
 
 
 def serve(path: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from reconciler.sync import helper
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.remote import _PROGRAM, MAX_FRAME, encode_frame, helper_command
+from reconciler.sync.remote import _PROGRAM, MAX_FRAME, encode_frame, helper_command, program
 from tests.support.synctree import REMOTE_PYTHON
 
 
@@ -839,7 +839,7 @@ def test_a_disk_that_refuses_the_data_fails_each_file_and_the_stream_goes_on(box
     )
     (box.root / "p").write_bytes(OLD)
     grown = OLD + b"z" * (512 << 10)
-    stream = _PROGRAM + _frames(
+    stream = program().payload + _frames(
         box.hello(threads=2),
         *put("big", b"b" * (helper.SMALL + 1)),
         *put("small", b"s" * (512 << 10)),
