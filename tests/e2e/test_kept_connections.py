@@ -81,7 +81,9 @@ def test_a_suspended_instance_keeps_no_connection_open(ukc: Ukc) -> None:
     out = ukc.run("apply", "session.yaml", check=0).stdout
     assert "suspended instance" in out
     assert kept_sockets() - others == set()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 15
+    while ukc.instances()[0]["state"] != "standby" and time.monotonic() < deadline:
+        time.sleep(0.2)
     [inst] = ukc.instances()
     assert inst["state"] == "standby"  # no connection held it up, nor woke it
     apply_with_edit(ukc, tree, "b\n")  # woken for work: a new connection
