@@ -119,6 +119,19 @@ class Coalescer:
             self._fired[k] = now
         return ready
 
+    def flush(self, now: float) -> set[str]:
+        """Every pending key, due now (a pass covering every session is starting); they are
+        forgotten as `due` forgets them. why not `due` at a later time: it would record them
+        fired then, and an edit before that time would wait a quiet window, not fire at once."""
+        ready = set(self._first)
+        self._first.clear()
+        self._last.clear()
+        self._immediate.clear()
+        self._writing.clear()
+        for k in ready:
+            self._fired[k] = now
+        return ready
+
     def _settled(self, key: str, now: float) -> bool:
         """The leading edge may fire: no file of `key` is still being written, or the grace
         for its close has passed (a file held open is sent as it is, then again later)."""
@@ -521,7 +534,7 @@ class Watcher:
                         next_resync = now + self.options.resync_s
                     continue
                 if now >= next_resync:
-                    self.coalescer.due(now + self.options.max_wait_s)  # the resync covers them
+                    self.coalescer.flush(now)  # the resync covers them
                     for s in self._state.sessions.values():
                         if s.changes is not None:
                             s.changes.note_all()  # the resync walks: events may have been lost

@@ -322,6 +322,24 @@ def record_push(
     journal.load(path).write(local.entries, {}, meta, None)
 
 
+_EUID = os.geteuid()
+_GROUPS = frozenset((os.getegid(), *os.getgroups()))
+
+
+def _readable(st: os.stat_result) -> bool:
+    """Whether the mode bits let us read the file. why: a file the scan cannot open is not
+    part of the tree; one listed unread would be found unopenable only by the push, on every
+    apply (it never reaches the index): such files are opened by the scan, as before."""
+    if _EUID == 0:
+        return True
+    mode = st.st_mode
+    if st.st_uid == _EUID:
+        return bool(mode & stat.S_IRUSR)
+    if st.st_gid in _GROUPS:
+        return bool(mode & stat.S_IRGRP)
+    return bool(mode & stat.S_IROTH)
+
+
 class _Scan:
     """One scan: entries found so far, the paths whose entry (or inode) differs from the index,
     and the change hint still to give."""
@@ -421,7 +439,7 @@ class _Scan:
                 if e is not was:
                     self.note(rel, e, was)
                 return True
-            if was is None and self.defer:
+            if was is None and self.defer and _readable(cst):
                 e = Entry(
                     "f",
                     SHARED_INTS.get(cst.st_size, cst.st_size),

@@ -819,6 +819,7 @@ def _apply(
     if local.pending and not sender.errors:
         # the digest of what was sent is what the sandbox records
         local = resolve(local, sender.found, sender.inos, found_sum=sender.found_sum)
+        sender.found = {}  # its entries are the tree's now: not a second dict of 100,000
     # the record names the tree, not its entries: the sandbox never needs our manifest
     record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
     sender.await_blocks()

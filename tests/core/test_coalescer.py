@@ -114,3 +114,16 @@ def test_an_edit_whose_bytes_are_there_fires_at_once_and_an_emptied_file_waits_f
     assert w.coalescer.due(now[0]) == set()
     w._note(f, False)  # closed
     assert w.coalescer.due(now[0]) == {"s"}
+
+
+def test_a_resync_that_covered_a_pending_session_leaves_its_next_edit_on_the_leading_edge() -> None:
+    # the periodic resync takes every pending session along; an edit after it (once the quiet
+    # window since then passed) is sent at once, not after a quiet window
+    c = Coalescer(quiet_s=0.15, max_wait_s=2.0)
+    c.note("a", 10.0)
+    assert c.due(10.0) == {"a"}
+    c.note("a", 10.01)  # the write's close, after the leading edge fired
+    assert c.flush(10.05) == {"a"}
+    assert c.next_deadline() is None
+    c.note("a", 10.6)
+    assert c.due(10.6) == {"a"}
