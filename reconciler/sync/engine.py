@@ -28,7 +28,6 @@ from reconciler.sync.pullrecord import pull_meta
 from reconciler.sync.push import PushResult
 from reconciler.sync.remote import HelperSession, helper_command
 from reconciler.transport.base import RemoteShell
-from reconciler.transport.links import RelayShell
 
 __all__ = [
     "Manifest",
@@ -98,11 +97,12 @@ def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) ->
     ahead of need), unless the instance is known to have no python3 (the tar path then
     needs nothing started)."""
     if recorded_tools(opts, instance_uuid) != "shell":
-        inner = getattr(shell, "shell", shell)
-        if isinstance(inner, RelayShell):
-            # a kept connection's lender starts the next one ahead too (`links`): the
-            # helper's bootstrap waits for its program, so it may be started early
-            inner.spare(helper_command(opts))
+        # a kept connection's lender starts the next one ahead too (`RemoteShell.spare`,
+        # where a shell has it): the helper's bootstrap waits for its program, so it may be
+        # started early
+        spare = getattr(getattr(shell, "shell", shell), "spare", None)
+        if spare is not None:
+            spare(helper_command(opts))
         HelperSession.start_ahead(shell, opts)
 
 

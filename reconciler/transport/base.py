@@ -125,6 +125,8 @@ class RemoteShell(Protocol):
 
     `command` is a POSIX shell command line, run by `sh -c` on the remote side with the
     login user's environment. The connection stays open across calls until `close()`.
+    A shell may also offer `spare(command)`: `command` does nothing before it reads its
+    stdin, so the shell may start it ahead for a later `start` (a kept connection's lender).
     """
 
     def start(self, command: str) -> RemoteProcess: ...

@@ -115,7 +115,12 @@ def test_nothing_imports_the_command_line_but_itself_and_the_entry_point() -> No
 
 
 def test_outside_transport_only_the_seam_is_imported_never_a_transport_by_name() -> None:
-    seam = {"reconciler.transport.base", "reconciler.transport.select", "reconciler.transport.pool"}
+    seam = {
+        "reconciler.transport.base",
+        "reconciler.transport.select",
+        "reconciler.transport.pool",
+        "reconciler.transport.links",
+    }
     for module, path in MODULES.items():
         if stage(module) == "transport":
             continue
