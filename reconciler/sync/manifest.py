@@ -322,24 +322,6 @@ def record_push(
     journal.load(path).write(local.entries, {}, meta, None)
 
 
-_EUID = os.geteuid()
-_GROUPS = frozenset((os.getegid(), *os.getgroups()))
-
-
-def _readable(st: os.stat_result) -> bool:
-    """Whether the mode bits let us read the file. why: a file the scan cannot open is not
-    part of the tree; one listed unread would be found unopenable only by the push, on every
-    apply (it never reaches the index): such files are opened by the scan, as before."""
-    if _EUID == 0:
-        return True
-    mode = st.st_mode
-    if st.st_uid == _EUID:
-        return bool(mode & stat.S_IRUSR)
-    if st.st_gid in _GROUPS:
-        return bool(mode & stat.S_IRGRP)
-    return bool(mode & stat.S_IROTH)
-
-
 class _Scan:
     """One scan: entries found so far, the paths whose entry (or inode) differs from the index,
     and the change hint still to give."""
@@ -439,7 +421,7 @@ class _Scan:
                 if e is not was:
                     self.note(rel, e, was)
                 return True
-            if was is None and self.defer and _readable(cst):
+            if was is None and self.defer:
                 e = Entry(
                     "f",
                     SHARED_INTS.get(cst.st_size, cst.st_size),
@@ -792,15 +774,13 @@ def resolve(
     inos: Mapping[str, int] = {},
     *,
     partial: bool = False,
-    found_sum: int | None = None,
 ) -> Manifest:
     """`local` with its pending files as they were read and sent: `found` gives each one's
     entry (sha256 of the bytes sent, the stat they were read under), or None when it
     vanished before it was opened (then it is not part of the tree); `inos` the inodes read
     that are not the listed ones. The index is still to be written (`commit`). Raises
     `SyncError` when a pending file is not in `found`, unless `partial` (those stay
-    pending). `found_sum`: the sum of `content_hash` over `found`'s entries, when the caller
-    added it up meanwhile."""
+    pending)."""
     d = local.deferred
     if d is None or not d.pending:
         return local
@@ -823,12 +803,7 @@ def resolve(
             entries[p] = e
     later = Deferred(d.index, new_inos, d.prior, d.meta, d.rules_key, left, d.feed)
     if d.prior is None:
-        manifest = Manifest(entries, deferred=later)
-        if found_sum is not None and not left:
-            pending = d.pending
-            rest = sum(content_hash(p, e) for p, e in entries.items() if p not in pending)
-            manifest.__dict__["digest"] = _hex(rest + found_sum)
-        return manifest
+        return Manifest(entries, deferred=later)
     manifest = Manifest(entries, local.basis, deferred=later)
     moved = _moved(d.meta, d.prior, entries, content=not left)
     if left:

@@ -23,7 +23,7 @@ from reconciler.errors import RemoteError, SyncError, SyncLimitError
 from reconciler.sync import blockdigests
 from reconciler.sync.blockdigests import BLOCK, block_count
 from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
-from reconciler.sync.entry import SHARED_INTS, content_hash
+from reconciler.sync.entry import SHARED_INTS
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
@@ -200,9 +200,6 @@ class _Sender:
         #: inodes read that are not the listed ones (a file replaced since the listing)
         self.listed_inos = local.deferred.inos if local.deferred is not None else {}
         self.inos: dict[str, int] = {}
-        #: the sum of their digest hashes (`entry.content_hash`), added as each one is sent:
-        #: while the helper catches up rather than after the last file
-        self.found_sum = 0
 
     def prepare_delta(self, paths: tuple[str, ...]) -> None:
         """Ask (one request) for the block digests of big files the remote already has.
@@ -379,7 +376,6 @@ class _Sender:
             "f", SHARED_INTS.get(size, size), listed.mtime_ns, SHARED_INTS[st.st_mode & 0o7777], sha
         )
         self.found[path] = sent
-        self.found_sum += content_hash(path, sent)
         if self.listed_inos.get(path) != st.st_ino:
             self.inos[path] = st.st_ino
         return sent
@@ -548,15 +544,13 @@ class _Sender:
         remote = [str(x) for x in reply.get("errors", [])][:50]
         return self.errors + remote
 
-    def settle(self, req: dict[str, Any], meanwhile: Callable[[], None] | None = None) -> Any:
+    def settle(self, req: dict[str, Any]) -> Any:
         """`req`'s answer once everything sent has landed: files the helper could not patch
         from remembered digests (the sandbox's copy was not the one we remember) are sent
         whole and `req` asked again. Each such file at most once, and only files that were
-        sent so: what the sandbox names is checked, never followed. `meanwhile` runs once,
-        while the first answer is awaited."""
+        sent so: what the sandbox names is checked, never followed."""
         while True:
-            reply = self.s.call(req, meanwhile=meanwhile)
-            meanwhile = None
+            reply = self.s.call(req)
             redo = reply.get("redo") if isinstance(reply, dict) else None
             if not redo or reply.get("errors") or self.errors:
                 return reply  # errors (a resent file that changed meanwhile too): the caller stops
@@ -818,26 +812,12 @@ def _apply(
     sender.send_batch()
     if local.pending and not sender.errors:
         # the digest of what was sent is what the sandbox records
-        local = resolve(local, sender.found, sender.inos, found_sum=sender.found_sum)
-        sender.found = {}  # its entries are the tree's now: not a second dict of 100,000
+        local = resolve(local, sender.found, sender.inos)
     # the record names the tree, not its entries: the sandbox never needs our manifest
     record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
     sender.await_blocks()
-    written: list[Manifest] = []
-
-    def write_index() -> None:
-        # the index says what the local files held when read, whatever the sandbox answers:
-        # written while the helper writes the last files in flight
-        if local.deferred is not None and not local.pending:
-            written.append(commit(opts, local))
-
     # one round trip: the helper records the new manifest only if it saw no error
-    reply = sender.settle(
-        {"op": "finish", "record": None if sender.errors else record},
-        None if sender.errors else write_index,
-    )
-    if written:
-        local = written[0]
+    reply = sender.settle({"op": "finish", "record": None if sender.errors else record})
     errors = sender.errors + [str(x) for x in reply.get("errors", [])][:50]
     result.files_sent, result.bytes_sent = sender.files, sender.bytes
     if errors or reply.get("recorded") is not True:
