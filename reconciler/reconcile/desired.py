@@ -257,16 +257,12 @@ def build_session(
     on_change: Callable[[], None] | None = None,
     instance: Callable[[], Instance | None] = lambda: None,
     scan: bool = True,
-    defer: bool = False,
 ) -> tuple[SessionContext, str | None]:
     """`instance()` is the one observed under the session's name (a claim: the planner proves
     it ours before anything uses it); its key nonce says which derived key opens it. Asked
     for after the scan: the observer lists the instances while the tree is scanned.
     Without `scan` the local tree is not read (a delete needs nothing of it): no manifest,
-    an empty tree state marked not scanned. With `defer` (an apply, which pushes what it plans
-    to) new files of a session without commands are listed, not read: the tree's digest is then
-    `PENDING_DIGEST` (no record holds it: a push is planned), and the push hashes what it
-    sends. why not with commands: they are keyed by the tree's digest when planned."""
+    an empty tree state marked not scanned."""
     s = loaded.spec
     env, secret_env, missing = session_env(s, environ)
     fingerprint = hashlib.sha256(
@@ -282,9 +278,7 @@ def build_session(
     tree = TreeState(digest="", files=0, bytes=0, scanned=scan)
     try:
         if scan:
-            manifest = sync_engine.scan_local(
-                opts, on_change=on_change, defer=defer and not s.commands
-            )
+            manifest = sync_engine.scan_local(opts, on_change=on_change)
             transfer = sync_engine.plan_push(manifest, opts)
             tree = TreeState(
                 digest=manifest.digest,

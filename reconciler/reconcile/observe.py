@@ -85,7 +85,6 @@ def observe(
     on_tree_changed: Callable[[str, str, str, Instance, SyncOptions], None] | None = None,
     scan: bool = True,
     glance: bool = False,
-    defer: bool = False,
     listing: Listing | None = None,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned
@@ -100,9 +99,6 @@ def observe(
     running (whichever of the two comes last): the apply loop opens the connection the push
     will need meanwhile (and starts its sync helper). A hint only; nothing observed depends
     on it.
-
-    `defer`: new files are listed, not read (`build_session`): for an apply, whose push
-    reads them anyway.
 
     `listing`: the list of this observation, started by `start_listing` with the same
     arguments (the caller started it as soon as it held the status lock).
@@ -132,7 +128,6 @@ def observe(
                 hint.changed if hint is not None else None,
                 functools.partial(listing.named, identity.instance_name(project, name)),
                 scan=scan,
-                defer=defer,
             )
             if glance and not scan:
                 why = _halt_in_sight(ctx.sync_options)

@@ -16,7 +16,6 @@ from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
 from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.sync.manifest import (
     Manifest,
-    hash_pending,
     last_push_record,
     push_meta,
     scan_local,
@@ -71,11 +70,8 @@ def push(
 ) -> PushResult:
     """Sync the local tree to the sandbox over the path its image allows (`capability`):
     the python helper, or shell+tar once the instance is known to have no usable python3
-    (learned from the helper's own failure to start, then recorded). The shell path sends
-    what the manifest says: files a scan only listed are read and hashed first."""
+    (learned from the helper's own failure to start, then recorded)."""
     if recorded_tools(opts, instance_uuid) == "shell":
-        if local is not None:
-            local = hash_pending(opts, local)
         return tarpush.push(shell, opts, instance_uuid=instance_uuid, local=local, rules=rules)
     try:
         result = python_push.push(
@@ -85,8 +81,6 @@ def push(
         if not is_missing_interpreter(exc, opts):
             raise
         record_tools(opts, instance_uuid, "shell")
-        if local is not None:
-            local = hash_pending(opts, local)
         return tarpush.push(shell, opts, instance_uuid=instance_uuid, local=local, rules=rules)
     record_tools(opts, instance_uuid, "python")
     return result

@@ -42,10 +42,6 @@ class ChangeFeed:
         #: (keeper, state dir, root, paths never scanned) and the token of the scan in progress
         self.keeper = keeper
         self._token: int | None = None
-        #: the mark of a scan whose index is written later (`hold`), while no scan came after,
-        #: and its keeper token (answered by `release`, or as "not known" by `drop_held`)
-        self._held: object | None = None
-        self._held_token: int | None = None
 
     def watch(self, path: str, rel_dir: str) -> None:
         """Watch a directory the scan is about to list (see `inotify`)."""
@@ -74,7 +70,6 @@ class ChangeFeed:
         may have."""
         if self.inotify is not None:
             self.inotify.pump()
-        self.drop_held()  # a held scan's index, written later, would not be the latest
         with self._lock:
             paths, everything = self._paths, self._all
             self._paths, self._all = set(), False
@@ -99,32 +94,6 @@ class ChangeFeed:
             token, self._token = self._token, None
             with contextlib.suppress(OSError):
                 keeper.done(state_dir, token, ident)
-
-    def hold(self) -> object:
-        """The scan ended without writing its index (a push writes it: `release`). Until
-        then the next scan through this feed walks."""
-        self.basis = None
-        mark = object()
-        self._held, self._held_token, self._token = mark, self._token, None
-        return mark
-
-    def release(self, mark: object, basis: object, ident: list[int] | None) -> None:
-        """The index of the scan `hold` marked is written: `basis` (`ident`), unless another
-        scan came through this feed since (then the next scan walks)."""
-        if self._held is mark:
-            self._held, self._token, self._held_token = None, self._held_token, None
-            self.settle(basis, ident)
-
-    def drop_held(self) -> None:
-        """A held scan's index will not be written through this feed: a keeper is told
-        that no index it could vouch for stands (a token never answered would leave it
-        unsure of every later scan)."""
-        self._held = None
-        token, self._held_token = self._held_token, None
-        if self.keeper is not None and token is not None:
-            keeper, state_dir, _root, _skip = self.keeper
-            with contextlib.suppress(OSError):
-                keeper.done(state_dir, token, None)
 
 
 _FEEDS: dict[Path, ChangeFeed] = {}
@@ -191,6 +160,5 @@ def tracking(
                 if _FEEDS.get(d) is f:
                     del _FEEDS[d]
         for _d, f in mine:
-            f.drop_held()
             if f.inotify is not None:
                 f.inotify.forget(f)

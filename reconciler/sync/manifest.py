@@ -17,11 +17,6 @@ of our last push with the same metadata: when it equals the index a scan started
 to push is exactly what the scan found changed (`Manifest.basis`). It also names the index
 position it pushed: after scans that no push followed, the index lines since that position
 (each keeps the entries it replaced) tell the same (`since_push`).
-
-A scan asked to `defer` lists new files without reading them (ref `PENDING`): the push reads
-each one once, hashes what it sends (`resolve`), and only then is the index written
-(`commit`), so the index never holds an entry whose sha256 nobody computed, and the tree's
-digest is `PENDING_DIGEST` until then.
 """
 
 from __future__ import annotations
@@ -30,13 +25,13 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from reconciler._util.gcpause import gc_paused
-from reconciler.errors import SyncError, SyncHaltedError
+from reconciler.errors import SyncHaltedError
 from reconciler.sync import journal
 from reconciler.sync.entry import DIGEST_MOD, SHARED_INTS, Entry, content_hash, mtime_hash
 from reconciler.sync.feed import ChangeFeed, feed_for
@@ -46,21 +41,14 @@ from reconciler.sync.records import INDEX, PUSH_RECORD, drop_legacy
 
 __all__ = [
     "CHUNK",
-    "PENDING",
-    "PENDING_DIGEST",
     "READ_FLAGS",
     "Basis",
-    "Deferred",
     "Entry",
     "Manifest",
-    "commit",
     "hash_file",
-    "hash_listed",
-    "hash_pending",
     "last_push_record",
     "push_meta",
     "record_push",
-    "resolve",
     "scan_local",
     "since_push",
 ]
@@ -76,11 +64,6 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 #: what a state's metadata holds besides what a push adds
 _META_KEYS = ("digest", "mtimes", "files", "bytes")
 
-#: the ref of a file a deferring scan listed and nobody read yet
-PENDING = ""
-#: the digest of a tree with such files: no record ever holds it, so it never matches one
-PENDING_DIGEST = "pending"
-
 
 @dataclass(frozen=True)
 class Basis:
@@ -89,24 +72,6 @@ class Basis:
 
     key: tuple[str, str]
     old: Mapping[str, Entry | None]
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """The index write a deferring scan left to the push: the index as the scan loaded it,
-    the scanned inodes, and (when the index was trusted) the entries there of the changed
-    paths, from which the new metadata is a sum of differences."""
-
-    index: journal.Journal
-    inos: Mapping[str, int]
-    #: None: the index was not trusted (written whole)
-    prior: Mapping[str, Entry | None] | None
-    meta: Mapping[str, Any]
-    rules_key: Any
-    #: files listed, not read (their entries' ref is `PENDING`)
-    pending: frozenset[str]
-    #: the feed whose scan this was and its `hold` mark: settled once the index is written
-    feed: tuple[ChangeFeed, object] | None
 
 
 @dataclass(frozen=True)
@@ -121,18 +86,9 @@ class Manifest:
     #: them: a push record names it, and a later scan tells what changed since from the
     #: index's lines after it (`since_push`)
     at: list[int] | None = field(default=None, compare=False, repr=False)
-    #: set while the index this tree was scanned into is not written (a deferring scan)
-    deferred: Deferred | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def pending(self) -> frozenset[str]:
-        """Files listed and not read: their sha256 is computed by the push that sends them."""
-        return self.deferred.pending if self.deferred is not None else frozenset()
 
     @cached_property
     def digest(self) -> str:
-        if self.pending:
-            return PENDING_DIGEST
         return self.digest_of(self.entries)
 
     def digest_of(self, paths: Iterable[str]) -> str:
@@ -336,12 +292,8 @@ class _Scan:
         *,
         incremental: bool,
         changes: ChangeFeed | None = None,
-        defer: bool = False,
     ) -> None:
         self.root = root
-        #: new files are listed (lstat), not read: the push reads them once
-        self.defer = defer
-        self.pending: list[str] = []
         #: watches the directories it lists, when the feed has inotify
         self.watch = changes.watch if changes is not None and changes.inotify else None
         self.rules = rules
@@ -386,8 +338,7 @@ class _Scan:
             # a new file (as listed): the fstat after its open is its stat, no lstat first;
             # one that is no longer a regular file (or gone) is looked at as any other path
             if (
-                not self.defer
-                and rel not in prev
+                rel not in prev
                 and child.is_file(follow_symlinks=False)
                 and (self.rules.excluded(rel, False) or self.hash_in(rel, child.path, None))
             ):
@@ -420,19 +371,6 @@ class _Scan:
                 self.inos[rel] = cst.st_ino
                 if e is not was:
                     self.note(rel, e, was)
-                return True
-            if was is None and self.defer:
-                e = Entry(
-                    "f",
-                    SHARED_INTS.get(cst.st_size, cst.st_size),
-                    cst.st_mtime_ns,
-                    SHARED_INTS[perm],
-                    PENDING,
-                )
-                self.entries[rel] = e
-                self.inos[rel] = cst.st_ino
-                self.pending.append(rel)
-                self.note(rel, e, was)
                 return True
             return self.hash_in(rel, path, was)
         if stat.S_ISDIR(mode):
@@ -548,14 +486,9 @@ def scan_local(
     rules: IgnoreRules | None = None,
     *,
     on_change: Callable[[], None] | None = None,
-    defer: bool = False,
 ) -> Manifest:
     """Walk the local root and build its manifest, hashing only files the index cannot vouch
     for; with a `feed` attached for the session, re-stat only the paths it noted.
-
-    `defer`: new files are listed, not read (see the module's doc): the manifest's `pending`
-    names them, its digest is `PENDING_DIGEST`, and the index is written by `commit` once a
-    push has hashed what it sent (or `hash_pending` read them).
 
     Raises `SyncHaltedError` when the root is missing (or not a directory), or when it is empty
     while our last push record had files: both look like an accident (unmounted volume,
@@ -569,20 +502,11 @@ def scan_local(
     changes = feed_for(Path(opts.state_dir))
     try:
         with gc_paused():
-            manifest, (basis, ident) = _scan(opts, rules, on_change, changes, defer)
+            manifest, (basis, ident) = _scan(opts, rules, on_change, changes)
     except BaseException:
         if changes is not None:
             changes.note_all()  # what it took was not looked at
         raise
-    if manifest.deferred is not None:
-        if changes is not None:
-            # the index is not this scan's yet: settled by `commit`; until then the next
-            # scan through the feed walks
-            mark = changes.hold()
-            object.__setattr__(
-                manifest, "deferred", replace(manifest.deferred, feed=(changes, mark))
-            )
-        return manifest
     if changes is not None:
         changes.settle(basis, ident)
     if ident is not None:
@@ -613,7 +537,6 @@ def _scan(
     rules: IgnoreRules | None,
     on_change: Callable[[], None] | None,
     changes: ChangeFeed | None,
-    defer: bool = False,
 ) -> tuple[Manifest, tuple[object, list[int] | None]]:
     root = Path(opts.local_root)
     try:
@@ -663,19 +586,7 @@ def _scan(
         hint = None
         on_change()  # the index is not what we pushed: a push is coming whatever the walk finds
     incremental = trusted and only is not None and IGNORE_FILE not in only
-    if defer and not trusted and (pushed if on_change is not None else push_meta(opts)):
-        # an index lost after a push: the scan's hashes find the files the sandbox has
-        defer = False
-    scan = _Scan(
-        str(root),
-        rules,
-        old,
-        old_inos,
-        hint,
-        incremental=incremental,
-        changes=changes,
-        defer=defer,
-    )
+    scan = _Scan(str(root), rules, old, old_inos, hint, incremental=incremental, changes=changes)
     if incremental:
         assert only is not None
         # and their directories, whose mtimes moved; parents first: a new directory is
@@ -703,9 +614,6 @@ def _scan(
                 "(`ukc delete`) and re-create it"
             )
     if not trusted:
-        if scan.pending:
-            later = Deferred(index, inos, None, {}, rules_key, frozenset(scan.pending), None)
-            return Manifest(entries, deferred=later), (None, None)
         manifest = Manifest(entries)
         index.write(entries, inos, {**manifest.meta(), "rules": rules_key}, None)
         drop_legacy(state_dir)
@@ -721,161 +629,30 @@ def _scan(
             # the walk under these rules found the same tree: say so (no walk next time)
             index.write(old, old_inos, {**meta, "rules": rules_key}, [], {})
         return manifest, (index.entries, index.ident)
-    if scan.pending:
-        later = Deferred(index, inos, prior, meta, rules_key, frozenset(scan.pending), None)
-        manifest = Manifest(entries, Basis(key, prior), deferred=later)
-        # the counts and mtimes are known from the listing; the digest waits for the hashes
-        new_meta = _moved(meta, prior, entries, content=False)
-        manifest.__dict__.update(
-            mtimes=new_meta["mtimes"], file_count=new_meta["files"], total_bytes=new_meta["bytes"]
-        )
-        return manifest, (None, None)
     manifest = Manifest(entries, Basis(key, prior))
-    new_meta = {**_moved(meta, prior, entries), "rules": rules_key}
-    manifest._preset(new_meta)
-    index.write(entries, inos, new_meta, list(prior), prior)
-    return manifest, (index.entries, index.ident)
-
-
-def _moved(
-    meta: Mapping[str, Any],
-    prior: Mapping[str, Entry | None],
-    entries: Mapping[str, Entry],
-    *,
-    content: bool = True,
-) -> dict[str, Any]:
-    """`meta` (digests, counts) moved by the paths in `prior` from their entries there to
-    theirs in `entries` (absent: gone). Without `content` the digest is left as it was (the
-    files' sha256 are not known yet)."""
     digest, mtimes = int(meta["digest"], 16), int(meta["mtimes"], 16)
     files, size = meta["files"], meta["bytes"]
     for p, was in prior.items():
         now = entries.get(p)
         if was is not None:
-            if content:
-                digest -= content_hash(p, was)
+            digest -= content_hash(p, was)
             mtimes -= mtime_hash(p, was)
             if was.type == "f":
                 files -= 1
                 size -= was.size
         if now is not None:
-            if content:
-                digest += content_hash(p, now)
+            digest += content_hash(p, now)
             mtimes += mtime_hash(p, now)
             if now.type == "f":
                 files += 1
                 size += now.size
-    return {"digest": _hex(digest), "mtimes": _hex(mtimes), "files": files, "bytes": size}
-
-
-def resolve(
-    local: Manifest,
-    found: Mapping[str, Entry | None],
-    inos: Mapping[str, int] = {},
-    *,
-    partial: bool = False,
-) -> Manifest:
-    """`local` with its pending files as they were read and sent: `found` gives each one's
-    entry (sha256 of the bytes sent, the stat they were read under), or None when it
-    vanished before it was opened (then it is not part of the tree); `inos` the inodes read
-    that are not the listed ones. The index is still to be written (`commit`). Raises
-    `SyncError` when a pending file is not in `found`, unless `partial` (those stay
-    pending)."""
-    d = local.deferred
-    if d is None or not d.pending:
-        return local
-    left = frozenset(p for p in d.pending if p not in found)
-    if left and not partial:
-        raise SyncError(f"{len(left)} new files were neither sent nor found gone ({min(left)})")
-    done = [p for p in d.pending if p in found]
-    entries = dict(local.entries)
-    gone = [p for p in done if found[p] is None]
-    new_inos = d.inos
-    if gone or inos:
-        new_inos = {**d.inos, **inos}
-        for p in gone:
-            new_inos.pop(p, None)
-    for p in done:
-        e = found[p]
-        if e is None:
-            del entries[p]
-        else:
-            entries[p] = e
-    later = Deferred(d.index, new_inos, d.prior, d.meta, d.rules_key, left, d.feed)
-    if d.prior is None:
-        return Manifest(entries, deferred=later)
-    manifest = Manifest(entries, local.basis, deferred=later)
-    moved = _moved(d.meta, d.prior, entries, content=not left)
-    if left:
-        manifest.__dict__.update(
-            mtimes=moved["mtimes"], file_count=moved["files"], total_bytes=moved["bytes"]
-        )
-    else:
-        manifest._preset(moved)
-    return manifest
-
-
-def commit(opts: SyncOptions, local: Manifest) -> Manifest:
-    """Write the index a deferring scan left to the push (every file in `local` now has its
-    sha256: see `resolve`), and settle the scan's feed with it; `local` as a scan would
-    have returned it."""
-    d = local.deferred
-    if d is None:
-        return local
-    if d.pending:
-        raise SyncError(f"{len(d.pending)} new files were never read; the index stays as it was")
-    index = d.index
-    entries = local.entries
-    meta = {**local.meta(), "rules": d.rules_key}
-    if d.prior is None:
-        index.write(entries, d.inos, meta, None)
-        drop_legacy(Path(opts.state_dir))
-        manifest = Manifest(entries)
-    else:
-        # the paths this scan found changed, and those a resolved file dropped
-        changed = list(d.prior)
-        index.write(entries, d.inos, meta, changed, d.prior)
-        manifest = Manifest(entries, local.basis)
-    manifest._preset(meta)
-    if d.feed is not None:
-        feed, mark = d.feed
-        feed.release(mark, index.entries, index.ident)
-    if index.ident is not None:
-        object.__setattr__(manifest, "at", list(index.ident))
-    return manifest
-
-
-def hash_pending(opts: SyncOptions, local: Manifest) -> Manifest:
-    """Read and hash the files a deferring scan only listed, and write the index: for a
-    push that sends what the manifest says (the shell path) rather than what it reads."""
-    if local.deferred is None:
-        return local
-    return commit(opts, hash_listed(opts, local, local.pending))
-
-
-def hash_listed(opts: SyncOptions, local: Manifest, paths: Iterable[str]) -> Manifest:
-    """`local` with the listed (pending) files at `paths` read and hashed now (one that is
-    gone is left out of the tree); the others stay pending."""
-    found: dict[str, Entry | None] = {}
-    inos: dict[str, int] = {}
-    root = os.path.join(opts.local_root, "")
-    for rel in paths:
-        listed = local.entries[rel]
-        try:
-            fd = os.open(root + rel, READ_FLAGS)
-        except FileNotFoundError:
-            found[rel] = None
-            continue
-        except OSError as exc:
-            raise SyncError(f"{rel}: {exc.strerror or 'cannot open'}") from None
-        try:
-            fst = os.fstat(fd)
-            if not stat.S_ISREG(fst.st_mode):
-                raise SyncError(f"{rel}: no longer a regular file; nothing was sent")
-            digest = hash_file(fd, fst.st_size)
-        finally:
-            os.close(fd)
-        # the listing's mtime when it moved since: the next scan reads the file again
-        found[rel] = Entry("f", fst.st_size, listed.mtime_ns, fst.st_mode & 0o7777, digest)
-        inos[rel] = fst.st_ino
-    return resolve(local, found, inos, partial=True)
+    new_meta = {
+        "digest": _hex(digest),
+        "mtimes": _hex(mtimes),
+        "files": files,
+        "bytes": size,
+        "rules": rules_key,
+    }
+    manifest._preset(new_meta)
+    index.write(entries, inos, new_meta, list(prior), prior)
+    return manifest, (index.entries, index.ident)

@@ -11,7 +11,6 @@ so an interrupted push forces a full scan next time instead of trusting a half-a
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from reconciler.errors import RemoteError, SyncError, SyncLimitError
 from reconciler.sync import blockdigests
 from reconciler.sync.blockdigests import BLOCK, block_count
 from reconciler.sync.diff import TransferPlan, changes_of, diff_manifests
-from reconciler.sync.entry import SHARED_INTS
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
@@ -31,12 +29,9 @@ from reconciler.sync.manifest import (
     Basis,
     Entry,
     Manifest,
-    commit,
-    hash_listed,
     last_push_record,
     push_meta,
     record_push,
-    resolve,
     scan_local,
     since_push,
 )
@@ -192,14 +187,6 @@ class _Sender:
         #: small files waiting for their batch, and their bytes
         self.batch: list[tuple[str, Entry]] = []
         self.batch_bytes = 0
-        #: files the scan listed without reading (`Manifest.pending`): each is read once, here,
-        #: and `found` holds its entry as sent (sha256 of the bytes sent) and inode, or None
-        #: when it was gone before it was opened
-        self.pending = local.pending
-        self.found: dict[str, Entry | None] = {}
-        #: inodes read that are not the listed ones (a file replaced since the listing)
-        self.listed_inos = local.deferred.inos if local.deferred is not None else {}
-        self.inos: dict[str, int] = {}
 
     def prepare_delta(self, paths: tuple[str, ...]) -> None:
         """Ask (one request) for the block digests of big files the remote already has.
@@ -212,7 +199,7 @@ class _Sender:
         entries, previous = self.local.entries, self.previous.entries
         for path in paths:
             mine = entries[path]
-            if mine.size < DELTA_MIN or mine.type != "f" or path in self.pending:
+            if mine.size < DELTA_MIN or mine.type != "f":
                 continue  # most files, looked at first: one lookup each
             if self.known is None:
                 self.known = blockdigests.load(self.state_dir)
@@ -308,14 +295,6 @@ class _Sender:
         heads: list[list[Any]] = []
         parts: list[bytes] = []
         for path, e in self.batch:
-            if path in self.pending:
-                got = self._read_new(path, e)
-                if got is not None:
-                    heads.append([path, got[1].size, got[1].mode, got[1].mtime_ns])
-                    parts += (got[0], b"\x01")
-                    self.files += 1
-                    self.bytes += got[1].size
-                continue
             data = self._read_small(path, e)
             if data is None:
                 continue  # could not open it: the error is noted, the helper never hears of it
@@ -356,105 +335,7 @@ class _Sender:
             return data
         return b""
 
-    def _open_new(self, path: str) -> int | None:
-        """A listed file opened for its one read; None when it is gone (then it is not part
-        of the tree: `found`) or cannot be opened (error noted)."""
-        try:
-            return os.open(self.prefix + path, READ_FLAGS)
-        except FileNotFoundError:
-            self.found[path] = None
-            return None
-        except OSError as exc:
-            self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
-            return None
-
-    def _found(self, path: str, listed: Entry, st: os.stat_result, size: int, sha: str) -> Entry:
-        """The entry of a listed file as sent: its sha256 and length are those of the bytes
-        sent; its mtime the listing's, so that a file written since (a newer mtime) is read
-        again by the next scan, and the push after it sends it again."""
-        sent = Entry(
-            "f", SHARED_INTS.get(size, size), listed.mtime_ns, SHARED_INTS[st.st_mode & 0o7777], sha
-        )
-        self.found[path] = sent
-        if self.listed_inos.get(path) != st.st_ino:
-            self.inos[path] = st.st_ino
-        return sent
-
-    def _read_new(self, path: str, e: Entry) -> tuple[bytes, Entry] | None:
-        """A listed small file's bytes (at most one more than listed: one that grew is sent
-        cut and read again next time) and its entry as sent."""
-        fd = self._open_new(path)
-        if fd is None:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                self.errors.append(f"{path}: changed while it was being sent")
-                return None
-            data = os.read(fd, e.size + 1)
-        except OSError as exc:
-            self.errors.append(f"{path}: {exc.strerror or 'cannot read'}")
-            return None
-        finally:
-            os.close(fd)
-        return data, self._found(path, e, st, len(data), hashlib.sha256(data).hexdigest())
-
-    def _put_new(self, path: str, e: Entry) -> None:
-        """A listed big file sent whole, hashed as it is read."""
-        fd = self._open_new(path)
-        if fd is None:
-            return
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                self.errors.append(f"{path}: changed while it was being sent")
-                return
-            size = st.st_size
-            h = hashlib.sha256()
-            digester = None
-            if size >= DELTA_MIN:
-                digester = blockdigests.Digester()  # for the next edit of this file
-                if self.known is None:
-                    self.known = blockdigests.load(self.state_dir)
-            self.s.send(
-                {
-                    "op": "put",
-                    "path": path,
-                    "size": size,
-                    "mode": st.st_mode & 0o7777,
-                    "mtime_ns": e.mtime_ns,
-                }
-            )
-            offset, intact = 0, True
-            while offset < size:
-                n = min(CHUNK, size - offset)
-                chunk = os.pread(fd, n, offset) if intact else b""
-                if len(chunk) != n:
-                    # it shrank: keep the stream in step, then tell the helper to discard
-                    intact = False
-                    chunk = bytes(n)
-                else:
-                    h.update(chunk)
-                    if digester is not None:
-                        digester.feed(chunk)
-                self.s.send_raw(chunk)
-                offset += n
-            self.s.send_raw(b"\x01" if intact else b"\x00")
-        finally:
-            os.close(fd)
-        if not intact:
-            self.errors.append(f"{path}: changed while it was being sent")
-            return
-        sent = self._found(path, e, st, size, h.hexdigest())
-        self.files += 1
-        self.bytes += size
-        if digester is not None:
-            self.learned[sent.ref] = digester.result()
-
     def _put(self, path: str, e: Entry) -> None:
-        if path in self.pending:
-            self._put_new(path, e)
-            return
         try:
             fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError as exc:
@@ -601,14 +482,12 @@ def push(
         last = push_meta(opts)
         if hello is None:
             hello = s.reader.frame(1 << 16)
-        result, delta, changed, local = _push(s, opts, rules, local, last, hello, instance_uuid)
+        result, delta, changed = _push(s, opts, rules, local, last, hello, instance_uuid)
     except BaseException:
         s.close(abort=True)
         raise
     s.park()
     if changed:
-        # the index first: a push record always names a state the index held
-        local = commit(opts, local)
         record_push(opts, local, instance_uuid, result.boot_id, delta=delta)
     return result
 
@@ -651,10 +530,9 @@ def _push(
     last: dict[str, Any] | None,
     hello: Any,
     instance_uuid: str,
-) -> tuple[PushResult, Basis | None, bool, Manifest]:
+) -> tuple[PushResult, Basis | None, bool]:
     """The push after hello: (result, the state the record takes a delta from, whether
-    anything was done that the record must show, the tree as sent: `local` with its pending
-    files hashed as they were sent)."""
+    anything was done that the record must show)."""
     if not isinstance(hello, dict):
         raise RemoteError("sync helper answered hello with a non-object frame")
     boot_id = str(hello.get("boot_id", ""))[:128]
@@ -664,7 +542,7 @@ def _push(
         s.flush()
         return read_remote_scan(s, local, rules)
 
-    previous, plan, delta, scanned, local = judge(
+    previous, plan, delta, scanned = judge(
         opts,
         rules,
         local,
@@ -676,13 +554,10 @@ def _push(
         remote_empty=hello.get("empty") is True,
     )
     result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
-    if plan.empty and not scanned and not local.pending:
-        return result, delta, False, local  # our record already describes this tree
-    result.deleted, local = _apply(
-        s, plan, local, previous, opts, rules, instance_uuid, boot_id, result
-    )
-    result.digest = local.digest
-    return result, delta, True, local
+    if plan.empty and not scanned:
+        return result, delta, False  # our record already describes this tree
+    result.deleted = _apply(s, plan, local, previous, opts, rules, instance_uuid, boot_id, result)
+    return result, delta, True
 
 
 def judge(
@@ -696,10 +571,9 @@ def judge(
     scan: Callable[[dict[str, list[int]]], Manifest],
     *,
     remote_empty: bool = False,
-) -> tuple[Manifest, TransferPlan, Basis | None, bool, Manifest]:
+) -> tuple[Manifest, TransferPlan, Basis | None, bool]:
     """What the remote holds and the plan to make it `local`: (previous, plan, the state the
-    push record takes a delta from (None: written whole), whether the remote was scanned,
-    `local` with the listed files the scanned sandbox may already hold read and hashed).
+    push record takes a delta from (None: written whole), whether the remote was scanned).
     The remote's `record` (what it says our last push left, in this boot) is trusted when it
     matches our own; otherwise `scan` (given the local files' sizes and mtimes: equal remote
     ones are hashed) is called, unless the remote said its root is empty (`remote_empty`),
@@ -717,35 +591,21 @@ def judge(
         else:
             want = {p: [e.size, e.mtime_ns] for p, e in local.entries.items() if e.type == "f"}
             previous, why = scan(want), "remote scanned (no trusted remote record)"
-            if local.pending:
-                # listed files the sandbox holds with their size and mtime (a push that was
-                # cut short): read here, so that only those that differ are sent
-                theirs = previous.entries
-                same = [
-                    p
-                    for p in local.pending
-                    if (t := theirs.get(p)) is not None
-                    and t.type == "f"
-                    and t.ref
-                    and (t.size, t.mtime_ns) == (local.entries[p].size, local.entries[p].mtime_ns)
-                ]
-                if same:
-                    local = hash_listed(opts, local, same)
-        return previous, diff_manifests(local, previous, rules, reason=why), None, True, local
+        return previous, diff_manifests(local, previous, rules, reason=why), None, True
     assert last is not None
     reason = "remote record matches our last push"
     if (last["digest"], last["mtimes"]) == local.key:
-        return local, TransferPlan(reason=reason), None, False, local
+        return local, TransferPlan(reason=reason), None, False
     basis = since_push(opts, local, last)
     if basis is not None:
         # only the paths that changed since our last push (as the index's scans found them)
         previous, plan = changes_of(local, basis, rules, reason=reason)
-        return previous, plan, basis, False, local
+        return previous, plan, basis, False
     pushed = last_push_record(opts)
     if pushed is None:
         raise SyncError(f"push to {opts.remote_root}: our push record vanished")
     previous = pushed[0]
-    return previous, diff_manifests(local, previous, rules, reason=reason), None, False, local
+    return previous, diff_manifests(local, previous, rules, reason=reason), None, False
 
 
 def _record_matches(
@@ -773,9 +633,7 @@ def _apply(
     instance_uuid: str,
     boot_id: str,
     result: PushResult,
-) -> tuple[int, Manifest]:
-    """Send `plan`; (files deleted, the tree as sent: `local` with the files it only listed
-    hashed as they were read)."""
+) -> int:
     root = Path(opts.local_root)
     sender = _Sender(s, local, root, previous, Path(opts.state_dir))
     sender.prepare_delta(plan.uploads)
@@ -810,9 +668,6 @@ def _apply(
                 if is_under(path, replaced):
                     sender.upload(path)
     sender.send_batch()
-    if local.pending and not sender.errors:
-        # the digest of what was sent is what the sandbox records
-        local = resolve(local, sender.found, sender.inos)
     # the record names the tree, not its entries: the sandbox never needs our manifest
     record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
     sender.await_blocks()
@@ -826,4 +681,4 @@ def _apply(
     if sender.known is not None:  # a big file was sent: remember its digests
         keep = (e.ref for e in local.entries.values() if e.type == "f" and e.size >= DELTA_MIN)
         blockdigests.save(Path(opts.state_dir), sender.known, sender.learned, keep)
-    return deleted, local
+    return deleted

@@ -101,7 +101,7 @@ def push(
     def scan(want: dict[str, list[int]]) -> Manifest:
         return _scan(shell, opts, local, rules, want)
 
-    previous, plan, delta, scanned, _ = judge(
+    previous, plan, delta, scanned = judge(
         opts, rules, local, last, record, boot_id, instance_uuid, scan
     )
     result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)

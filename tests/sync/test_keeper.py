@@ -225,31 +225,3 @@ def test_a_pull_after_a_keeper_told_scan_leaves_the_index_unloaded_and_the_next_
     assert (keeper.named, keeper.everything) == (named + 1, walked)  # told, no walk
     assert after.entries["src/f3.txt"].size == len("changed")
     assert (site.local / "out" / "r.txt").read_text() == "result"
-
-
-def test_a_listing_scan_leaves_the_keeper_vouching_only_once_its_push_wrote_the_index(
-    site: Site, keeper: TreeKeeper
-) -> None:
-    write(site.local / "a.txt", "a")
-    _command_scan(site)
-    write(site.local / "new.txt", "new")
-    journal._CACHE.clear()
-    opts = site.opts()
-    with feed.tracking([(opts.state_dir, site.local, opts.back_paths())]):
-        listed = scan_local(opts, defer=True)
-        assert listed.pending == {"new.txt"}
-    # no push wrote its index: the keeper vouches for nothing, the next scan walks
-    token, paths = keeper.take(str(site.state), str(site.local), _ident(site))
-    assert paths is None
-    keeper.done(str(site.state), token, None)
-    again = _command_scan(site)
-    assert again.entries["new.txt"].ref != ""
-    write(site.local / "newer.txt", "newer")
-    journal._CACHE.clear()
-    with feed.tracking([(opts.state_dir, site.local, opts.back_paths())]):
-        pushed = push(site.shell, opts, instance_uuid="u1", local=scan_local(opts, defer=True))
-    # the push wrote the index and answered the keeper: it names what changed since
-    token, paths = keeper.take(str(site.state), str(site.local), _ident(site))
-    assert paths == set()
-    keeper.done(str(site.state), token, _ident(site))
-    assert _command_scan(site).digest == pushed.digest
