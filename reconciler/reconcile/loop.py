@@ -309,6 +309,26 @@ def apply_group(
         ran: set[tuple[str, str]] = set()
         #: what each session's executors did in this apply (its record reports all of it)
         worked: dict[str, Worked] = {}
+
+        def executor_for(seen: Observation) -> Executor:
+            """An executor of one pass (the instances made ahead, or a round) over what it
+            saw; what the passes share (the document, the kept connections, what ran and
+            what each session did) is this apply's."""
+            return Executor(
+                group=group,
+                doc=doc,
+                observation=seen,
+                metros=metros,
+                reporter=reporter,
+                doc_lock=doc_lock,
+                ran=ran,
+                pool=kept,
+                stop=stop,
+                committer=committer,
+                slots=threading.BoundedSemaphore(max(1, concurrency)),
+                worked=worked,
+            )
+
         #: sessions whose sandbox journal was read in this run (once is enough)
         journals_read: set[str] = set()
         #: sessions whose boot marker was read in this run (once is enough)
@@ -328,12 +348,8 @@ def apply_group(
                 metros,
                 environ,
                 reporter,
-                pool=kept,
+                executor_for=executor_for,
                 stop=stop,
-                committer=committer,
-                doc_lock=doc_lock,
-                ran=ran,
-                worked=worked,
                 concurrency=concurrency,
                 only=only,
                 now=now,
@@ -434,20 +450,7 @@ def apply_group(
                     + "; ".join(a.describe() for s in plan.sessions for a in s.changes)[:300],
                     rounds=max_rounds,
                 )
-            executor = Executor(
-                group=group,
-                doc=doc,
-                observation=obs,
-                metros=metros,
-                reporter=reporter,
-                doc_lock=doc_lock,
-                ran=ran,
-                pool=kept,
-                stop=stop,
-                committer=committer,
-                slots=threading.BoundedSemaphore(max(1, concurrency)),
-                worked=worked,
-            )
+            executor = executor_for(obs)
             work = [s for s in plan.sessions if s.changes]
             unfinished.in_flight = executor.in_flight
             finished = _run_sessions(executor, work, concurrency, stop, reporter)
@@ -609,12 +612,8 @@ def _create_ahead(
     environ: Mapping[str, str],
     reporter: Reporter,
     *,
-    pool: TransportPool,
+    executor_for: Callable[[Observation], Executor],
     stop: StopFlag,
-    committer: journal.Committer,
-    doc_lock: threading.Lock,
-    ran: set[tuple[str, str]],
-    worked: dict[str, Worked],
     concurrency: int,
     only: set[str] | None,
     now: Callable[[], float],
@@ -648,20 +647,7 @@ def _create_ahead(
     names = {s.session for s in work}
     desired = [d for d in obs.desired if d.name in names]
     _check_quota(plan, desired, obs, metros, reporter)
-    executor = Executor(
-        group=group,
-        doc=doc,
-        observation=obs,
-        metros=metros,
-        reporter=reporter,
-        doc_lock=doc_lock,
-        ran=ran,
-        pool=pool,
-        stop=stop,
-        committer=committer,
-        slots=threading.BoundedSemaphore(max(1, concurrency)),
-        worked=worked,
-    )
+    executor = executor_for(obs)
     unfinished.in_flight = executor.in_flight
     finished = _run_sessions(
         executor, work, concurrency, stop, reporter, meanwhile=lambda: scan_ahead(group, only)
