@@ -221,7 +221,8 @@ class Executor:
                     isinstance(action, actions.SyncBack) and action.always
                 ):
                     continue
-                self._say(name, "action", action.describe())
+                if not _waited_before(action, done):
+                    self._say(name, "action", action.describe())
                 started = self.clock()
                 with self.doc_lock:
                     self.in_flight[name] = action
@@ -999,3 +1000,11 @@ def _forget_sync_dir(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _waited_before(action: actions.Action, done: list[actions.Action]) -> bool:
+    """Whether `action` is a wait for an instance this apply already waited for (made ahead
+    of the scan, then a round): said once, as the apply's plan reports it."""
+    return isinstance(action, actions.WaitReady) and any(
+        isinstance(a, actions.WaitReady) and a.instance_name == action.instance_name for a in done
+    )

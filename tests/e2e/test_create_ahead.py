@@ -78,11 +78,17 @@ def _group(ukc: Ukc, env: dict[str, str]) -> Group:
 
 
 def _apply(
-    group: Group, metros: MetroRegistry, env: dict[str, str], keeper: HeldScans
+    group: Group,
+    metros: MetroRegistry,
+    env: dict[str, str],
+    keeper: HeldScans,
+    reporter: RecordingReporter | None = None,
 ) -> ApplyResult:
     sync_feed.use_keeper(keeper)
     try:
-        return apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+        return apply_group(
+            group, metros=metros, reporter=reporter or RecordingReporter(), environ=env
+        )
     finally:
         sync_feed.use_keeper(None)
 
@@ -96,10 +102,14 @@ def test_the_create_request_reaches_the_metro_before_the_scan_of_the_tree_ends(
 ) -> None:
     group = _group(ukc, env)
     keeper = HeldScans(ukc, _instance_name(group, env))
-    result = _apply(group, metros, env, keeper)
+    reporter = RecordingReporter()
+    result = _apply(group, metros, env, keeper, reporter)
     try:
         assert result.ok, result.failed
         assert keeper.listed[0], "the first scan of the tree ended before the create was sent"
+        # the user reads one wait for the instance, not one per pass
+        said = [e.text for e in reporter.events if e.kind == "action"]
+        assert sum(t.startswith("wait until") for t in said) == 1, said
         assert (ukc.project / "work" / "out" / "n").read_text().strip() == "20"
         rec = ukc.status()["sessions"]["early"]
         assert rec["phase"] == "Ready"
