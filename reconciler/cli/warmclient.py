@@ -21,6 +21,8 @@ import _struct
 import os
 import sys
 
+from reconciler._util.unixsock import peer_pid, peer_uid, recv_exact
+
 TYPE_CHECKING = False  # why not typing's: importing typing costs ~3 ms on every command
 if TYPE_CHECKING:
     import signal as _signal  # the same names, typed
@@ -173,31 +175,6 @@ def locate_socket(environ: Mapping[str, str] | None = None) -> tuple[str | None,
     # the host name: a home directory shared between machines holds one socket per machine
     key = _sha256_hex(f"{sys.executable}\0{sys.prefix}\0{here}\0{os.uname().nodename}".encode())
     return os.path.join(base, f"warm-{key[:12]}.sock"), warning
-
-
-def peer_uid(sock: _socket.socket) -> int:
-    return _peer(sock)[1]
-
-
-def peer_pid(sock: _socket.socket) -> int:
-    return _peer(sock)[0]
-
-
-def _peer(sock: _socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the process at the other end, as this process's namespace sees them."""
-    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-    pid, uid, _gid = _struct.unpack("3i", creds)
-    return int(pid), int(uid)
-
-
-def recv_exact(sock: _socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"peer closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def connect(path: str) -> _socket.socket | None:

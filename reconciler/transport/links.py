@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler._util.unixsock import peer_uid, recv_exact
 from reconciler.errors import RemoteError, TransportError
 from reconciler.transport.base import RemoteProcess, Transport
 
@@ -188,7 +189,7 @@ def borrow(key: LinkKey | None) -> Transport | None:
     try:
         sock = _ask(path, {"op": "hello", "key": asdict(key)})
         try:
-            ok = _recv_exact(sock, 1) == b"+"
+            ok = recv_exact(sock, 1) == b"+"
         finally:
             sock.close()
     except OSError:
@@ -210,7 +211,7 @@ def drop_session(status_path: Path | str, session: str) -> None:
         with contextlib.suppress(OSError, EOFError):
             sock = _ask(path, request)
             try:
-                _recv_exact(sock, 1)
+                recv_exact(sock, 1)
             finally:
                 sock.close()
 
@@ -218,17 +219,12 @@ def drop_session(status_path: Path | str, session: str) -> None:
 # -- wire ------------------------------------------------------------------------------------
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int(struct.unpack("3i", creds)[1])
-
-
 def _ask(path: str, request: dict[str, Any], timeout: float = _ASK_S) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(path)
-        if _peer_uid(sock) != os.getuid():
+        if peer_uid(sock) != os.getuid():
             raise OSError("a lender runs as another user")
         payload = json.dumps(request).encode()
         sock.sendall(struct.pack(">I", len(payload)) + payload)
@@ -238,22 +234,12 @@ def _ask(path: str, request: dict[str, Any], timeout: float = _ASK_S) -> socket.
     return sock
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("closed")
-        buf += chunk
-    return bytes(buf)
-
-
 def _recv_request(sock: socket.socket) -> dict[str, Any] | None:
     try:
-        n = struct.unpack(">I", _recv_exact(sock, 4))[0]
+        n = struct.unpack(">I", recv_exact(sock, 4))[0]
         if n > _MAX_REQUEST:
             return None
-        request = json.loads(_recv_exact(sock, n))
+        request = json.loads(recv_exact(sock, n))
     except (OSError, EOFError, ValueError, struct.error):
         return None
     return request if isinstance(request, dict) else None
@@ -277,8 +263,8 @@ class _Frames:
     def recv(self) -> tuple[bytes, bytes] | None:
         """The next frame; None at the end of the stream."""
         try:
-            kind, n = _HEAD.unpack(_recv_exact(self.sock, _HEAD.size))
-            return kind, _recv_exact(self.sock, n) if n else b""
+            kind, n = _HEAD.unpack(recv_exact(self.sock, _HEAD.size))
+            return kind, recv_exact(self.sock, n) if n else b""
         except (OSError, EOFError, struct.error):
             return None
 
@@ -422,7 +408,7 @@ class RelayShell:
             self.healthy = False
             raise TransportError(f"ssh {self.fqdn}: cannot start a process ({err})") from None
         try:
-            answer = _recv_exact(sock, 1)
+            answer = recv_exact(sock, 1)
         except (OSError, EOFError) as err:
             sock.close()
             self.healthy = False
@@ -446,7 +432,7 @@ class RelayShell:
         with contextlib.suppress(OSError, EOFError):
             sock = _ask(self._path, {"op": "discard", "key": asdict(self.key)})
             try:
-                _recv_exact(sock, 1)
+                recv_exact(sock, 1)
             finally:
                 sock.close()
 
@@ -563,7 +549,7 @@ class Lender:
     def _serve_one(self, conn: socket.socket, path: str) -> None:
         try:
             conn.settimeout(_ASK_S)
-            if _peer_uid(conn) != os.getuid():
+            if peer_uid(conn) != os.getuid():
                 return
             request = _recv_request(conn)
             if request is None:
