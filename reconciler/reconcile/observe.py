@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
-import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.threads import KeptThreads
@@ -35,8 +32,7 @@ from reconciler.reconcile.desired import (
 from reconciler.spec.loader import LoadedSession
 from reconciler.status.schema import StatusDoc
 from reconciler.sync import engine as sync_engine
-from reconciler.sync.ignore import load_rules
-from reconciler.sync.manifest import push_meta
+from reconciler.sync.manifest import halt_in_sight
 from reconciler.sync.options import SyncOptions
 
 __all__ = [
@@ -130,7 +126,7 @@ def observe(
                 scan=scan,
             )
             if glance and not scan:
-                why = _halt_in_sight(ctx.sync_options)
+                why = halt_in_sight(ctx.sync_options)
                 if why is not None:
                     tree = dataclasses.replace(ctx.desired.tree, halted=why)
                     ctx.desired = dataclasses.replace(ctx.desired, tree=tree)
@@ -164,35 +160,6 @@ def scan_ahead(group: Group, only: set[str] | None = None) -> None:
         if only is None or loaded.spec.name in only:
             with contextlib.suppress(Exception):
                 sync_engine.scan_local(sync_options_for(group, loaded))
-
-
-def _halt_in_sight(opts: SyncOptions) -> str | None:
-    """What a scan of the tree would halt on, as far as it shows without a walk: a missing
-    root, an unusable `.ukcignore`, or a root whose top shows nothing to sync while our last
-    push had files (the scan's emptied-root guard; only a walk tells). None: nothing in sight
-    (the scan may still find something, and its observation plans again)."""
-    root = Path(opts.local_root)
-    try:
-        if not stat.S_ISDIR(os.stat(root).st_mode):
-            return f"local root {root} is not a directory; nothing was sent or deleted"
-        rules = load_rules(opts)
-        last = push_meta(opts)
-        if last is None or not last["files"]:
-            return None
-        with os.scandir(root) as entries:
-            for entry in entries:
-                kind = entry.is_dir(follow_symlinks=False)
-                if (kind or entry.is_file(follow_symlinks=False) or entry.is_symlink()) and not (
-                    rules.excluded(entry.name, kind)
-                ):
-                    return None
-    except FileNotFoundError:
-        return f"local root {root} is missing; nothing was sent or deleted"
-    except errors.SyncHaltedError as err:
-        return str(err)
-    except OSError as err:
-        return f"local root {root} cannot be read ({err.strerror})"
-    return f"local root {root} shows nothing to sync while the last push had files"
 
 
 def start_listing(

@@ -45,6 +45,7 @@ __all__ = [
     "Basis",
     "Entry",
     "Manifest",
+    "halt_in_sight",
     "hash_file",
     "last_push_record",
     "push_meta",
@@ -532,13 +533,8 @@ def _unchanged(
     return manifest
 
 
-def _scan(
-    opts: SyncOptions,
-    rules: IgnoreRules | None,
-    on_change: Callable[[], None] | None,
-    changes: ChangeFeed | None,
-) -> tuple[Manifest, tuple[object, list[int] | None]]:
-    root = Path(opts.local_root)
+def _check_root(root: Path) -> None:
+    """`SyncHaltedError` unless `root` is a directory."""
     try:
         st = os.stat(root)
     except FileNotFoundError:
@@ -547,6 +543,42 @@ def _scan(
         ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise SyncHaltedError(f"local root {root} is not a directory; nothing was sent or deleted")
+
+
+def halt_in_sight(opts: SyncOptions) -> str | None:
+    """What a scan of the tree would halt on, as far as it shows without a walk: a missing
+    root, an unusable `.ukcignore`, or a root whose top shows nothing to sync while our last
+    push had files (the scan's emptied-root guard; only a walk tells). None: nothing in sight
+    (the scan may still find something)."""
+    root = Path(opts.local_root)
+    try:
+        _check_root(root)
+        rules = load_rules(opts)
+        last = push_meta(opts)
+        if last is None or not last["files"]:
+            return None
+        with os.scandir(root) as entries:
+            for entry in entries:
+                kind = entry.is_dir(follow_symlinks=False)
+                if (kind or entry.is_file(follow_symlinks=False) or entry.is_symlink()) and not (
+                    rules.excluded(entry.name, kind)
+                ):
+                    return None
+    except SyncHaltedError as err:
+        return str(err)
+    except OSError as err:
+        return f"local root {root} cannot be read ({err.strerror})"
+    return f"local root {root} shows nothing to sync while the last push had files"
+
+
+def _scan(
+    opts: SyncOptions,
+    rules: IgnoreRules | None,
+    on_change: Callable[[], None] | None,
+    changes: ChangeFeed | None,
+) -> tuple[Manifest, tuple[object, list[int] | None]]:
+    root = Path(opts.local_root)
+    _check_root(root)
     rules = rules if rules is not None else load_rules(opts)
     rules_key = rules.key
     state_dir = Path(opts.state_dir)
