@@ -27,12 +27,12 @@ read (anything but a vanished path), so the client knows whether the listing was
 before it mirrors deletions.
 
 Every write lands via a temp name in the same directory + rename, through directory fds
-opened with O_NOFOLLOW, so a symlink inside the tree is never followed.
+opened with O_NOFOLLOW (a symlink inside the tree is never followed); in a root empty at hello
+(a first push), a new small file is made under its final name with O_EXCL: one cut short lacks
+its mtime (set last), and the next push scans (no record) and resends it.
 
-Start cost matters (watch mode starts one helper per pass): no module that is slow to import
-is loaded up front (`json` pulls in `re` and `enum`, `typing` pulls in `re`, `threading`,
-`queue` and `hashlib` are imported where first needed), and type names exist for the type
-checker only.
+Start cost matters: slow imports (`json`, `typing`, `threading`, `queue`, `hashlib`) are
+avoided or made where first needed.
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ import stat
 import struct
 import sys
 
-# why not `typing.TYPE_CHECKING`: importing typing costs milliseconds at every start; type
-# checkers treat any name `TYPE_CHECKING` as true
+# why not `typing.TYPE_CHECKING`: importing typing costs ms at every start
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import queue
@@ -62,17 +61,19 @@ if TYPE_CHECKING:
 __all__ = ["Helper", "main"]
 
 CHUNK = 1 << 20
-#: files up to this size are written by the pool (when the client asks for threads)
+#: files up to this size are written by the pool (if asked)
 SMALL = 1 << 20
 #: a scan frame is sent once its worst-case encoded size reaches this
 SCAN_BATCH = 128 << 10
-#: errors kept for the answer (bounded: the answer carrying them must fit the client's cap)
+#: errors kept for the answer (which must fit the client's cap)
 MAX_ERRORS = 50
 MAX_ERROR_CHARS = 400
 #: directory fds kept open; past this, all are closed
 MAX_DIR_FDS = 256
 MAX_THREADS = 16
 DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+PUTS_AT_ONCE = 4 << 20
 TMP = ".ukc-tmp."
 F_SETPIPE_SZ = 1031
 
@@ -175,7 +176,7 @@ def protected(path: str, protect: list[str]) -> bool:
     return any(path == p or path.startswith(p + "/") or p.startswith(path + "/") for p in protect)
 
 
-def write_all(fd: int, b: bytes) -> None:
+def write_all(fd: int, b: bytes | memoryview) -> None:
     view = memoryview(b)
     while view:
         n = os.write(fd, view)
@@ -190,15 +191,13 @@ def unlink_quiet(name: str, dfd: int) -> None:
 
 
 def create_temp(tmp: str, pfd: int, mode: int) -> int:
-    """A new temp file created with the file's final permission bits, so that no fchmod is
-    needed unless the umask strips some (`Helper.finish_file`); a leftover of a killed helper
-    with our pid is replaced."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    """A new temp file with the final permission bits (no fchmod unless the umask strips
+    some); a leftover of a killed helper with our pid is replaced."""
     try:
-        return os.open(tmp, flags, mode & 0o777, dir_fd=pfd)
+        return os.open(tmp, NEW, mode & 0o777, dir_fd=pfd)
     except FileExistsError:
         unlink_quiet(tmp, pfd)
-        return os.open(tmp, flags, mode & 0o777, dir_fd=pfd)
+        return os.open(tmp, NEW, mode & 0o777, dir_fd=pfd)
 
 
 class Helper:
@@ -212,6 +211,7 @@ class Helper:
         self.root = ""
         self.rootfd = -1
         self.state = ""
+        self.direct = False
         self.errors: list[str] = []
         self.nerr = 0
         self.written = 0
@@ -226,8 +226,7 @@ class Helper:
         #: remote deletions only after a pull that listed and read everything
         self.pull_errors = 0
         self.pull_missing: list[str] = []
-        #: patched files the client may send whole instead (its belief about our copy did not
-        #: hold): until one lands, nothing is recorded
+        #: patched files the client may send whole instead: until then, nothing is recorded
         self.redo: set[str] = set()
         #: what the client last pulled (`op_have`): files unchanged since are not resent
         self.have: Msg = {}
@@ -271,7 +270,7 @@ class Helper:
         self.out.write(struct.pack(">I", len(data)) + data)
 
     def serve(self) -> None:
-        """Answer requests until the input ends; then wait for pooled writes and flush."""
+        """Answer requests until the input ends."""
         while True:
             req = self.recv()
             if req is None:
@@ -303,8 +302,7 @@ class Helper:
                 q.task_done()
 
     def submit(self, job: Job) -> None:
-        """Write a small file on a small thread pool: creating many files is kernel-bound,
-        and threads overlap it (the GIL is released in the syscalls)."""
+        """Write a small file on a thread pool (creating files is kernel-bound)."""
         if self.queue is None:
             import queue
             import threading  # only pooled writes need them (~2 ms at every start)
@@ -365,8 +363,7 @@ class Helper:
     # -- push
 
     def op_hello(self, req: Msg) -> None:
-        # a kept helper's next push: what the last one left (directory fds, whose paths a
-        # command may have moved since, counters, errors) is not this one's
+        # a kept helper's next push: nothing the last one left (dir fds, counters) is its
         self.drop_dirs()
         if self.rootfd >= 0:
             os.close(self.rootfd)
@@ -394,14 +391,14 @@ class Helper:
             and rec.get("digest") == req["digest"]
             and rec.get("root") == root
         )
-        # the record's identity too: a client that sent hello before reading its own last
-        # record (to overlap this process's start with its local work) judges freshness itself
+        # the record's identity too: a client may judge freshness itself
         ident = None
         if isinstance(rec, dict):
             ident = {k: rec.get(k) for k in ("boot_id", "uuid", "digest", "root")}
         # an empty root (a first push): the client then needs no scan of it
         with os.scandir(self.rootfd) as it:
             empty = next(it, None) is None
+        self.direct = empty
         self.send(
             {
                 "boot_id": boot,
@@ -564,8 +561,59 @@ class Helper:
     def op_puts(self, req: Msg) -> None:
         """A batch of small files: `files` names each one's [path, size, mode, mtime_ns];
         their bytes and trailers follow in that order, as after one `put` each."""
-        for path, size, mode, mtime_ns in req["files"]:
-            self.op_put({"path": path, "size": size, "mode": mode, "mtime_ns": mtime_ns})
+        files = req["files"]
+        sizes = [f[1] for f in files]
+        total = sum(sizes) + len(sizes)
+        if type(total) is not int or min(sizes, default=0) < 0:
+            raise ValueError("bad sizes")
+        if total > PUTS_AT_ONCE or self.nthreads:
+            for path, size, mode, mtime_ns in files:
+                self.op_put({"path": path, "size": size, "mode": mode, "mtime_ns": mtime_ns})
+            return
+        data = self.rd(total)
+        view = memoryview(data)
+        dirs, keep, pos, n = self.dirs, ~self.umask & 0o777, 0, 0
+        for path, size, mode, mtime_ns in files:
+            end = pos + size
+            ok, body, pos = data[end] == 1, view[pos:end], end + 1
+            parent, _, name = path.rpartition("/")
+            # a parent in `dirs` passed `split`
+            pfd = dirs.get(parent) if parent else self.rootfd
+            made = ""
+            try:
+                if pfd is None or name in ("", ".", ".."):
+                    parent, name = split(path)
+                    pfd = self.open_dir(parent, True)
+                if not ok:
+                    continue
+                fd = -1
+                if self.direct:
+                    try:
+                        fd = os.open(name, NEW, mode & 0o777, dir_fd=pfd)
+                        made = name
+                    except FileExistsError:
+                        pass
+                if fd < 0:
+                    made = TMP + name[:100] + "." + str(os.getpid())
+                    fd = create_temp(made, pfd, mode)
+                try:
+                    write_all(fd, body)
+                    mode &= 0o7777
+                    if mode != mode & keep:
+                        os.fchmod(fd, mode)
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+                finally:
+                    os.close(fd)
+                if made != name:
+                    os.rename(made, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+                n += 1
+                self.nbytes += size
+                self.redo.discard(path)
+            except Exception as exc:
+                self.err(path, exc)
+                if made and pfd is not None:
+                    unlink_quiet(made, pfd)
+        self.written += n
 
     def op_blocks(self, req: Msg) -> None:
         """Per-block digests of existing remote files, for delta uploads of big files: for each
@@ -946,10 +994,8 @@ class Helper:
 
 def main() -> None:
     """The helper process: serve stdin/stdout, then exit without the interpreter's teardown."""
-    # why: sshd writes what it receives into this pipe; at the default 64 KiB it is full
-    # whenever creating a file takes a moment, sshd stops reading and the client waits for the
-    # channel window. 1 MiB (the unprivileged limit) smooths that: ~20% off an initial push of
-    # 2,000 files. Not a pipe (a local test run), or an older kernel: nothing to do.
+    # why: at 64 KiB sshd stalls on this pipe whenever a file takes a moment to create; 1 MiB
+    # (the unprivileged limit): ~20% off a 2,000-file push
     try:
         import fcntl
 

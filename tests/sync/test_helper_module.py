@@ -882,3 +882,109 @@ def test_without_the_json_accelerator_the_helper_speaks_the_same_frames(box: Box
     assert answers.frame()["boot_id"] == "boot-1"
     assert answers.frame() == {"errors": [], "error_count": 0, "written": 1, "bytes": 1}
     assert answers.done
+
+
+# -- puts: a batch read at once; in a root empty at hello, new files made without a temp
+
+
+def puts(*files: tuple[str, bytes, bool]) -> list[Any]:
+    heads = [[p, len(d), 0o644, 10**18] for p, d, _ in files]
+    return [{"op": "puts", "files": heads}, b"".join(d + bytes([ok]) for _, d, ok in files)]
+
+
+def serve_after_hello(box: Box, plant: Any, *items: Any, inp: Any = None) -> tuple[Any, Any]:
+    """hello, then `plant()` (the sandbox acting between hello and the files), then `items`."""
+    data = b"".join(i if isinstance(i, bytes) else encode_frame(i) for i in (*items, SYNC))
+    h = helper.Helper(inp(data) if inp else io.BytesIO(data), io.BytesIO(), _umask())
+    h.op_hello(box.hello())
+    plant()
+    try:
+        h.serve()
+    finally:
+        h.drop_dirs()
+    answers = Answers(h.out.getvalue())  # type: ignore[attr-defined]
+    answers.frame()  # hello's
+    return h, answers.frame()
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_only_a_root_empty_at_hello_gets_new_files_without_a_temp(box: Box, empty: bool) -> None:
+    if not empty:
+        (box.root / "old").write_bytes(b"o")
+    h, reply = serve_after_hello(box, lambda: None, *puts(("a", b"1", True)))
+    assert h.direct is empty
+    assert reply["written"] == 1
+    assert (box.root / "a").read_bytes() == b"1"
+
+
+def test_puts_never_follow_a_symlink_planted_after_an_empty_roots_hello(box: Box) -> None:
+    def plant() -> None:
+        (box.root / "dangling").symlink_to(box.outside / "new")
+        (box.root / "x").symlink_to(box.outside / "secret")
+        (box.root / "sub").symlink_to(box.outside)
+
+    before = box.outside_state()
+    h, reply = serve_after_hello(
+        box,
+        plant,
+        *puts(
+            ("dangling", b"d", True), ("x", b"n", True), ("sub/z", b"z", True), ("ok", b"k", True)
+        ),
+    )
+    assert h.direct
+    assert reply["error_count"] == 1 and reply["errors"][0].startswith("sub/z: ")
+    assert box.outside_state() == before
+    assert not (box.outside / "new").exists()
+    for name, data in (("dangling", b"d"), ("x", b"n"), ("ok", b"k")):
+        assert not (box.root / name).is_symlink()
+        assert (box.root / name).read_bytes() == data
+    assert box.temps() == []
+
+
+@pytest.mark.parametrize("empty", [True, False])
+@pytest.mark.parametrize("path", ["", "../escape", "a/../../escape", "a/..", "a/.", "a/"])
+def test_puts_refuse_a_path_that_could_leave_the_root(box: Box, empty: bool, path: str) -> None:
+    if not empty:
+        (box.root / "old").write_bytes(b"o")
+    (box.root.parent / "a").mkdir()  # `a/..` opened as a parent would be the root's parent
+    _, reply = serve_after_hello(
+        box, lambda: None, *puts(("a/f", b"1", True), (path, b"e", True), ("after", b"ok", True))
+    )
+    assert reply["error_count"] == 1
+    assert reply["errors"] == [f"{path}: bad path"]
+    assert not (box.root.parent / "escape").exists()
+    assert sorted(p.name for p in box.root.parent.iterdir()) == ["a", "boot_id", "workspace"]
+    assert (box.root / "after").read_bytes() == b"ok"
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_a_discarded_file_in_puts_leaves_nothing_and_the_rest_lands(box: Box, empty: bool) -> None:
+    if not empty:
+        (box.root / "old").write_bytes(b"o")
+    _, reply = serve_after_hello(box, lambda: None, *puts(("gone", b"g", False), ("b", b"2", True)))
+    assert reply == {"errors": [], "error_count": 0, "written": 1, "bytes": 1}
+    assert not (box.root / "gone").exists()
+    assert box.temps() == []
+
+
+@pytest.mark.parametrize("size", [-1, 1.5, "1"])
+def test_a_puts_with_a_size_that_is_not_a_count_stops_the_helper(box: Box, size: Any) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        box.serve({"op": "puts", "files": [["a", 3, 0o644, 1], ["b", size, 0o644, 1]]}, b"xxx\x01")
+    assert not (box.root / "a").exists()
+
+
+def test_a_puts_batch_too_big_to_read_at_once_is_read_file_by_file(box: Box) -> None:
+    class Reads(io.BytesIO):
+        most = 0
+
+        def read(self, n: int | None = -1) -> bytes:
+            Reads.most = max(Reads.most, n or 0)
+            return super().read(n)
+
+    big = b"b" * (helper.PUTS_AT_ONCE // 2)
+    _, reply = serve_after_hello(
+        box, lambda: None, *puts(("a", big, True), ("b", big, True)), inp=Reads
+    )
+    assert reply["written"] == 2 and (box.root / "b").read_bytes() == big
+    assert Reads.most <= helper.CHUNK
