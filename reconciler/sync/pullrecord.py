@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from reconciler.sync import journal
 from reconciler.sync.entry import Entry
@@ -51,8 +53,10 @@ class PullRecord(MutableMapping[str, list[Any]]):
     def __init__(self, entries: Mapping[str, Entry], sources: list[str]) -> None:
         self._base = entries
         self._recent: dict[str, Entry] = {}
-        #: encoded earlier changes: JSON texts of at most `_SPOOL` entries, oldest first
-        self._spool: list[bytes] = []
+        #: encoded earlier changes: JSON texts of at most `_SPOOL` entries, oldest first, each
+        #: as (offset, length) in an unnamed temp file, or the text itself when none can be made
+        self._spool: list[tuple[int, int] | bytes] = []
+        self._spool_file: IO[bytes] | None = None
         self._removed: set[str] = set()
         self.sources = list(sources)
         self._numbers = {s: i + 1 for i, s in enumerate(self.sources)}
@@ -79,7 +83,7 @@ class PullRecord(MutableMapping[str, list[Any]]):
             return self._base
         if self._view is None:
             view = dict(self._base)
-            for text in self._spool:
+            for text in self._spooled():
                 view.update(journal.entries_of(text) or {})
             view.update(self._recent)
             for p in self._removed:
@@ -127,8 +131,35 @@ class PullRecord(MutableMapping[str, list[Any]]):
         self._removed.discard(path)
         self._recent[path] = e
         if len(self._recent) >= _SPOOL:
-            self._spool.append(_encode(self._recent))
+            self._spool_text(_encode(self._recent))
             self._recent = {}
+
+    def _spool_text(self, text: bytes) -> None:
+        """Keep encoded changes on disk: a pull of 100,000 files would hold ~10 MB of them
+        (the sync-back's peak RSS grew by that much to the end of the pull)."""
+        try:
+            f = self._spool_file
+            if f is None:
+                # open as long as the record lives; unnamed, so gone with its last fd
+                f = self._spool_file = tempfile.TemporaryFile()  # noqa: SIM115
+            at = f.seek(0, os.SEEK_END)
+            f.write(text)
+        except OSError:
+            self._spool.append(text)  # no room for a temp file: held here, as before
+            return
+        self._spool.append((at, len(text)))
+
+    def _spooled(self) -> Iterator[bytes]:
+        """The encoded changes, oldest first."""
+        for part in self._spool:
+            if isinstance(part, bytes):
+                yield part
+                continue
+            at, n = part
+            f = self._spool_file
+            assert f is not None
+            f.seek(at)
+            yield f.read(n)
 
     def __getitem__(self, path: str) -> list[Any]:
         e = self.entries[path]
@@ -225,7 +256,7 @@ class PullRecord(MutableMapping[str, list[Any]]):
         paths = list(base)
         for start in range(0, len(paths), _SPOOL):
             yield fix({p: base[p] for p in paths[start : start + _SPOOL]})
-        for text in self._spool:
+        for text in self._spooled():
             yield fix(journal.entries_of(text) or {})
         yield fix(self._recent)
 

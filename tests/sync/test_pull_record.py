@@ -204,3 +204,15 @@ def test_a_record_changed_in_more_than_one_part_is_written_from_its_parts_and_re
     # the two sources no entry names any more are gone; counts match the state
     assert last["sources"] == ["new/b"]
     assert (last["files"], last["bytes"]) == (4500, sum(range(4500)))
+
+
+def test_a_record_changed_in_more_than_one_part_keeps_the_encoded_parts_out_of_memory() -> None:
+    rec = PullRecord({}, [])
+    for i in range(4500):
+        rec.put(f"out/f{i}.txt", i, 2, "c" * 64, "new/b")
+    # two parts encoded, each named by where it lies in the temp file, not held as bytes
+    assert len(rec._spool) == 2
+    assert all(isinstance(part, tuple) for part in rec._spool)
+    assert len(rec) == 4500
+    assert rec["out/f0.txt"] == [0, 2, "c" * 64, "new/b"]
+    assert rec["out/f4499.txt"] == [4499, 2, "c" * 64, "new/b"]
