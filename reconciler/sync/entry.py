@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import NamedTuple
 
-__all__ = ["DIGEST_MOD", "SHARED_INTS", "Entry", "content_hash", "mtime_hash"]
+__all__ = ["DIGEST_MOD", "SHARED_INTS", "Entry", "content_hash", "hash_sums", "mtime_hash"]
 
 #: digests are sums of per-entry sha256 values modulo this: one changed entry moves a digest
 #: by its old and new hash, so a scan that finds one change needs no pass over the tree
@@ -47,3 +48,19 @@ def mtime_hash(path: str, e: Entry) -> int:
         return 0
     line = f"{path}\0{e.mtime_ns}\n"
     return int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest())
+
+
+def hash_sums(entries: Mapping[str, Entry]) -> tuple[int, int]:
+    """The sums of `content_hash` and of `mtime_hash` over `entries` (not reduced), in one
+    pass: the same lines as those two (a test holds them equal), without two calls and two
+    generator steps per entry (~0.2 s of a 100,000-file tree's digests)."""
+    sha256 = hashlib.sha256
+    from_bytes = int.from_bytes
+    digest = mtimes = 0
+    for path, (kind, size, mtime_ns, mode, ref) in entries.items():
+        line = f"{path}\0{kind}\0{size}\0{mode:o}\0{ref}\n"
+        digest += from_bytes(sha256(line.encode("utf-8", "surrogateescape")).digest())
+        if kind == "f":
+            line = f"{path}\0{mtime_ns}\n"
+            mtimes += from_bytes(sha256(line.encode("utf-8", "surrogateescape")).digest())
+    return digest, mtimes

@@ -33,7 +33,14 @@ from typing import Any
 from reconciler._util.gcpause import gc_paused
 from reconciler.errors import SyncHaltedError
 from reconciler.sync import journal
-from reconciler.sync.entry import DIGEST_MOD, SHARED_INTS, Entry, content_hash, mtime_hash
+from reconciler.sync.entry import (
+    DIGEST_MOD,
+    SHARED_INTS,
+    Entry,
+    content_hash,
+    hash_sums,
+    mtime_hash,
+)
 from reconciler.sync.feed import ChangeFeed, feed_for
 from reconciler.sync.ignore import IGNORE_FILE, IgnoreRules, load_rules
 from reconciler.sync.options import SyncOptions
@@ -90,7 +97,7 @@ class Manifest:
 
     @cached_property
     def digest(self) -> str:
-        return self.digest_of(self.entries)
+        return self._sums[0]
 
     def digest_of(self, paths: Iterable[str]) -> str:
         """The digest of the part of the tree at `paths` (each one an entry)."""
@@ -99,7 +106,13 @@ class Manifest:
 
     @cached_property
     def mtimes(self) -> str:
-        return _hex(sum(mtime_hash(p, e) for p, e in self.entries.items()))
+        return self._sums[1]
+
+    @cached_property
+    def _sums(self) -> tuple[str, str]:
+        """Both digests of the whole tree, from one pass (each is asked for with the other)."""
+        digest, mtimes = hash_sums(self.entries)
+        return _hex(digest), _hex(mtimes)
 
     @cached_property
     def total_bytes(self) -> int:

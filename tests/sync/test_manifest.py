@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.sync.diff import diff_manifests
+from reconciler.sync.entry import content_hash, mtime_hash
 from reconciler.sync.engine import push
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
@@ -89,6 +90,26 @@ class TestDigest:
             }
         )
         assert (m.total_bytes, m.file_count) == (7, 1)
+
+    def test_a_trees_digests_from_one_pass_are_its_entries_hashes_summed_as_records_hold_them(
+        self,
+    ) -> None:
+        entries = {
+            "d": Entry("d", 0, 5, 0o755, ""),
+            "d/f": Entry("f", 7, 123456789, 0o644, "ab" * 32),
+            "l": Entry("l", 3, 9, 0o777, "abc"),
+            "n\udcff\u00e9": Entry("f", 0, 1, 0o600, "cd" * 32),
+        }
+        m = Manifest(entries)
+        mod = 1 << 256
+        assert int(m.digest, 16) == sum(content_hash(p, e) for p, e in entries.items()) % mod
+        assert int(m.mtimes, 16) == sum(mtime_hash(p, e) for p, e in entries.items()) % mod
+        assert m.digest_of(entries) == m.digest
+        # what records written before the one pass hold for this tree
+        assert m.key == (
+            "e6b49bf2af652e0d42db72019b8c8bcedcbfb073c97491006bcfd776800ec0eb",
+            "bb07562a7e26f35bea40dcf7e6a367f659db21337e11072959ce7d9d19e95bd1",
+        )
 
 
 def _f(ref: str, mode: int = 0o644, mtime: int = 1) -> Entry:
