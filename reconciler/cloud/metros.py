@@ -169,10 +169,17 @@ def local_metro_report(info: MetroInfo) -> dict[str, object]:
 def warm_up() -> None:
     """Load and build, once, what every command would (the warm process does it before it
     forks its commands)."""
+    import httpx
+
     from reconciler.cloud.api import verifying_context
     from reconciler.local import daemon  # noqa: F401
 
-    # why: a first client imports its lazy parts (httpcore, h11); the CA bundle is the
-    # remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may set, build their own)
-    UkcApi("http://127.0.0.1:9", None, metro="warm").close()
+    # why a client built: httpx imports its transport (httpcore, h11: ~45 ms of CPU) when a
+    # client is built, and UkcApi builds one per thread at its first request, so every
+    # command paid it on its list's thread while its scan ran
+    httpx.Client(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)).close()
+    # a connect to a host given as text encodes it with the idna codec (imported on first use)
+    "127.0.0.1".encode("idna")
+    # the CA bundle is the remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may
+    # set, build their own)
     verifying_context(None, None)
