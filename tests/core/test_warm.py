@@ -348,9 +348,7 @@ def test_the_warm_process_has_the_output_models_of_apply_and_plan_built_before_a
     assert out.stdout.split() == ["False", "True", "True"]
 
 
-def test_the_warm_process_has_what_a_commands_first_api_request_loads_before_any_command() -> (
-    None
-):
+def test_the_warm_process_loads_what_a_first_api_request_would_before_any_command() -> None:
     # httpx loads httpcore, h11 and anyio when a client is made, and socket the idna codec at
     # a connect by name: ~20 ms of every apply's and delete's first request before the create
     lazy = ("httpcore", "h11", "anyio", "encodings.idna")
