@@ -174,12 +174,11 @@ def warm_up() -> None:
     from reconciler.cloud.api import verifying_context
     from reconciler.local import daemon  # noqa: F401
 
-    # why a client built: httpx imports its transport (httpcore, h11: ~45 ms of CPU) when a
-    # client is built, and UkcApi builds one per thread at its first request, so every
-    # command paid it on its list's thread while its scan ran
-    httpx.Client(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)).close()
-    # a connect to a host given as text encodes it with the idna codec (imported on first use)
-    "127.0.0.1".encode("idna")
+    # why a client: httpx imports its lazy parts (httpcore, h11, anyio: ~20 ms of a command's
+    # first request) when a client is made, and `UkcApi` makes its own at its first request;
     # the CA bundle is the remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may
     # set, build their own)
+    httpx.Client(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)).close()
     verifying_context(None, None)
+    # the codec a connect to a host by name loads (socket encodes the name with it)
+    "localhost".encode("idna")
