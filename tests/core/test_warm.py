@@ -375,7 +375,7 @@ def test_a_metro_request_after_the_warm_preload_imports_no_module() -> None:
         "from http.server import BaseHTTPRequestHandler, HTTPServer\n"
         "class H(BaseHTTPRequestHandler):\n"
         "    def do_GET(self):\n"
-        "        body = b'{\"status\": \"success\", \"data\": {\"instances\": []}}'\n"
+        '        body = b\'{"status": "success", "data": {"instances": []}}\'\n'
         "        self.send_response(200)\n"
         "        self.send_header('content-type', 'application/json')\n"
         "        self.send_header('content-length', str(len(body)))\n"
