@@ -165,6 +165,22 @@ def check_path(path: object, back: Collection[str]) -> str | None:
     return None
 
 
+def _plain_name(name: str) -> bool:
+    """True for a last component `check_path` accepts whatever accepted parent it is under
+    (no "/", no "." or "..", no control character or backslash, at most 255 bytes, not
+    `.ukc`, not a temp name); False says nothing (the whole path is then checked)."""
+    if not name or name in (".", "..", ".ukc") or name.startswith(_TMP):
+        return False
+    if "\\" in name or "/" in name or _CONTROL.search(name):
+        return False
+    if name.isascii():
+        return len(name) <= 255
+    try:
+        return len(name.encode("utf-8", "surrogateescape")) <= 255
+    except UnicodeEncodeError:
+        return False
+
+
 def _safe_label(path: object) -> str:
     """A printable, bounded form of an untrusted path for reports."""
     return one_line(path if isinstance(path, str) else repr(path), 300)
@@ -323,6 +339,9 @@ class _Puller:
         self.announced_bytes = 0
         self.entries = 0
         self.chars = 0
+        #: the last parent directory seen that is itself under a back path and whose entry
+        #: passed `check_path`: a sibling then needs only its name checked (`judge`)
+        self.passed_parent: str | None = None
         # why: creating files is kernel-bound and slow on some disks; small files are written
         # by a few threads (bounded: at most 32 files of <= 1 MiB held in memory). Reentrant:
         # `place` runs under it and may `reject` (a plain Lock hung the pull right there)
@@ -425,6 +444,20 @@ class _Puller:
             self.announced_bytes += size
         return None
 
+    def judge(self, path: object) -> str | None:
+        """`check_path(path, back)`, with only the name checked under the parent of the last
+        path accepted: that parent's components passed, it is under a back path (so is every
+        name in it), and a plain name adds nothing `check_path` refuses but the length."""
+        if isinstance(path, str) and len(path) <= _PATH_MAX:
+            parent, _, name = path.rpartition("/")
+            if parent == self.passed_parent and _plain_name(name):
+                return None
+            reason = check_path(path, self.back_set)
+            if reason is None and parent and is_under(parent, self.back_set):
+                self.passed_parent = parent
+            return reason
+        return check_path(path, self.back_set)
+
     def entry(self, hdr: Any) -> bool:
         """Handle one header (and its data); False when the stream must be abandoned."""
         if not isinstance(hdr, dict):
@@ -445,7 +478,7 @@ class _Puller:
         if over is not None:
             self.stop(over)
             return False
-        reason = check_path(path, self.back_set)
+        reason = self.judge(path)
         if reason is None and kind == "l":
             reason = "symlink (never followed or written)"
         if reason is None and kind == "o":
@@ -487,7 +520,7 @@ class _Puller:
         except OSError as exc:
             self.write_failed(path, exc)
             return self.skip(path, size)
-        if size <= _SMALL and self.threads > 0:
+        if size <= _SMALL:
             return self._small(path, pfd, name, size, mode, mtime)
         try:
             tmp, fd = _create_temp(pfd, mode)
@@ -538,19 +571,28 @@ class _Puller:
         return True
 
     def _small(self, path: str, pfd: int, name: str, size: int, mode: int, mtime: int) -> bool:
-        """Receive a small file whole (bounded by its announced size), write it on the pool."""
-        data = bytearray()
-        while True:
-            chunk = self.next_chunk(len(data), size)
-            if chunk is None:
-                self.reject(path, f"more than the announced {size} bytes")
-                self.result.aborted = f"{_safe_label(path)}: more data than announced"
-                return False
-            if not chunk:
-                break
-            data += chunk
+        """Receive a small file whole (bounded by its announced size), then write it (on the
+        pool when there is one)."""
+        chunk = self.next_chunk(0, size)
+        data = b"" if chunk is None else chunk
+        if chunk and len(chunk) < size:
+            more = bytearray(chunk)
+            while chunk:
+                chunk = self.next_chunk(len(more), size)
+                if chunk:
+                    more += chunk
+            data = bytes(more)
+        elif chunk:
+            chunk = self.next_chunk(size, size)  # the end of the file's data
+        if chunk is None:
+            self.reject(path, f"more than the announced {size} bytes")
+            self.result.aborted = f"{_safe_label(path)}: more data than announced"
+            return False
         if len(data) != size:
             self.reject(path, f"sent {len(data)} of the announced {size} bytes")
+            return True
+        if self.threads == 0:
+            self.write_data(path, pfd, name, data, mode, mtime)
             return True
         try:
             own = os.dup(pfd)  # the tree may close its fd before the pool gets to it
@@ -558,12 +600,22 @@ class _Puller:
             self.write_failed(path, exc)
             return True
         self.slots.acquire()
-        self.pool.submit(self._write_small, path, own, name, bytes(data), mode, mtime)
+        self.pool.submit(self._write_small, path, own, name, data, mode, mtime)
         return True
 
     def _write_small(
         self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int
     ) -> None:
+        try:
+            self.write_data(path, pfd, name, data, mode, mtime)
+        finally:
+            os.close(pfd)
+            self.slots.release()
+
+    def write_data(
+        self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int
+    ) -> None:
+        """Write a received file's whole content into a temp file, then put it in place."""
         tmp = ""
         try:
             tmp, fd = _create_temp(pfd, mode)
@@ -580,9 +632,6 @@ class _Puller:
             if tmp:
                 _unlink_quiet(tmp, pfd)
             self.write_failed(path, exc)
-        finally:
-            os.close(pfd)
-            self.slots.release()
 
     def place(
         self, path: str, pfd: int, name: str, tmp: str, size: int, mtime: int, sha: str
@@ -652,19 +701,25 @@ class _Puller:
 
 
 _NAMES = itertools.count()
-_RUN = (0, "")
+
+
+def _draw_run() -> None:
+    """The temp names' prefix, `.ukc-pull.PID.RANDOM`: drawn at import and in every forked
+    child (the warm process's commands), not per file (a getpid and a urandom call per file
+    are costly on large pulls)."""
+    global _RUN
+    _RUN = f"{_TMP}{os.getpid()}.{secrets.token_hex(6)}"
+
+
+_RUN = ""
+_draw_run()
+os.register_at_fork(after_in_child=_draw_run)
 
 
 def _temp_name() -> str:
-    """`.ukc-pull.PID.RANDOM`: the pid tells a later pull whether the writer is still alive.
-
-    RANDOM is drawn once per process, then counted (a urandom call per file is costly on large
-    pulls); a forked process (the warm process's commands) draws its own."""
-    global _RUN
-    pid = os.getpid()
-    if _RUN[0] != pid:
-        _RUN = (pid, secrets.token_hex(6))
-    return f"{_TMP}{pid}.{_RUN[1]}{next(_NAMES):x}"
+    """`.ukc-pull.PID.RANDOM` and a count: the pid tells a later pull whether the writer is
+    still alive."""
+    return f"{_RUN}{next(_NAMES):x}"
 
 
 def _create_temp(pfd: int, mode: int) -> tuple[str, int]:

@@ -385,6 +385,70 @@ def test_a_crafted_hostile_entry_is_rejected_with_its_reason(
     assert sorted(os.listdir(world.local / "out")) == [".keep", "fine.txt"]
 
 
+@pytest.mark.parametrize("case", list(CRAFTED_CASES))
+def test_a_crafted_hostile_entry_after_an_accepted_sibling_is_rejected_all_the_same(
+    crafted_world: Site, case: str
+) -> None:
+    # the parent of an accepted path has only its names checked from then on (`judge`)
+    world = crafted_world
+    entry, reason = CRAFTED_CASES[case]
+    shell = crafted(file_entry("out/fine.txt", b"ok"), entry, file_entry("out/more.txt", b"2"))
+    before = outside_state(world)
+    result = pull(shell, world.opts(back=BACK))
+    assert outside_state(world) == before
+    assert len(result.rejected) == 1 and reason in result.rejected[0], result.rejected
+    assert sorted(os.listdir(world.local / "out")) == [".keep", "fine.txt", "more.txt"]
+
+
+def test_a_sibling_of_a_single_file_back_path_is_refused_after_that_file(
+    crafted_world: Site,
+) -> None:
+    # the file's parent is not under a back path: its siblings are not either
+    world = crafted_world
+    shell = crafted(file_entry("out/a.txt", b"a"), file_entry("out/b.txt", b"b"))
+    result = pull(shell, world.opts(back=("out/a.txt",)))
+    assert result.files_written == 1 and (world.local / "out/a.txt").read_bytes() == b"a"
+    assert len(result.rejected) == 1 and "outside the declared" in result.rejected[0]
+    assert not (world.local / "out/b.txt").exists()
+
+
+def test_a_small_file_sent_in_several_chunks_is_written_whole(crafted_world: Site) -> None:
+    world = crafted_world
+    shell = crafted(file_entry("out/parts.txt", b"abcdef", chunks=[b"ab", b"cd", b"ef"]))
+    result = pull(shell, world.opts(back=BACK))
+    assert result.files_written == 1 and not result.rejected
+    assert (world.local / "out/parts.txt").read_bytes() == b"abcdef"
+
+
+def test_a_chunk_past_a_small_files_announced_size_abandons_the_stream(
+    crafted_world: Site,
+) -> None:
+    world = crafted_world
+    extra = file_entry("out/x", b"abc", chunks=[b"abc", b"d"])
+    shell = crafted(extra, file_entry("out/after.txt", b"never"))
+    result = pull(shell, world.opts(back=BACK))
+    assert result.aborted is not None and "more data than announced" in result.aborted
+    assert sorted(os.listdir(world.local / "out")) == [".keep"]
+
+
+def test_a_forked_process_names_its_temp_files_with_its_own_pid() -> None:
+    from reconciler.sync.pull import _temp_name
+
+    parent = _temp_name()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(w, _temp_name().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 200).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert parent.split(".")[2] == str(os.getpid())
+    assert child.split(".")[2] == str(pid)
+    assert child.split(".")[3][:12] != parent.split(".")[3][:12]
+
+
 def test_more_data_than_announced_abandons_the_stream(crafted_world: Site) -> None:
     world = crafted_world
     big = file_entry("out/huge", b"", size=10, chunks=[b"y" * (1 << 20), b"y" * (1 << 20)])
