@@ -169,10 +169,16 @@ def local_metro_report(info: MetroInfo) -> dict[str, object]:
 def warm_up() -> None:
     """Load and build, once, what every command would (the warm process does it before it
     forks its commands)."""
+    import httpx
+
     from reconciler.cloud.api import verifying_context
     from reconciler.local import daemon  # noqa: F401
 
-    # why: a first client imports its lazy parts (httpcore, h11); the CA bundle is the
-    # remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may set, build their own)
-    UkcApi("http://127.0.0.1:9", None, metro="warm").close()
+    # why a client: httpx imports its lazy parts (httpcore, h11, anyio: ~20 ms of a command's
+    # first request) when a client is made, and `UkcApi` makes its own at its first request;
+    # the CA bundle is the remote metros' (SSL_CERT_FILE/SSL_CERT_DIR, which a command may
+    # set, build their own)
+    httpx.Client(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)).close()
     verifying_context(None, None)
+    # the codec a connect to a host by name loads (socket encodes the name with it)
+    "localhost".encode("idna")

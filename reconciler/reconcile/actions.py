@@ -81,6 +81,9 @@ class WaitReady:
     #: the instance is in standby (suspended, or scaled to zero): a start request wakes it
     #: first (a suspended one may not wake on traffic)
     wake: bool = False
+    #: a push follows once the tree is scanned (an instance made ahead of the scan): the
+    #: sync helper may start as soon as the sandbox answers
+    push_follows: bool = False
 
     def describe(self) -> str:
         woken = ", waking it from standby" if self.wake else ""

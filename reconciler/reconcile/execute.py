@@ -336,7 +336,7 @@ class Executor:
         elif isinstance(action, actions.WaitReady):
             if action.wake and run.transport is None:
                 self._wake(action, conn, run)
-            self._wait_ready(ctx, conn, run)
+            self._wait_ready(ctx, conn, run, push_follows=action.push_follows)
         elif isinstance(action, actions.SyncUp):
             self._clear_journal(run)
             self._sync_up(ctx, run)
@@ -671,7 +671,9 @@ class Executor:
 
     # -- work in the sandbox ---------------------------------------------------------------
 
-    def _wait_ready(self, ctx: SessionContext, conn: MetroConnection, run: _Run) -> None:
+    def _wait_ready(
+        self, ctx: SessionContext, conn: MetroConnection, run: _Run, *, push_follows: bool = False
+    ) -> None:
         if run.transport is not None:
             return
         inst = run.inst
@@ -705,6 +707,10 @@ class Executor:
         with self.doc_lock:
             if rec.instance is not None:
                 rec.instance.pin = transport.pin
+        if push_follows:
+            # the helper's interpreter starts in the sandbox while the boot is marked and the
+            # next round observes and plans the push (it finds the helper running)
+            sync_engine.start_ahead(transport, ctx.sync_options, instance_uuid=inst.uuid)
         self._mark_boot(ctx.desired.name, run)
 
     def _mark_boot(self, session: str, run: _Run) -> None:

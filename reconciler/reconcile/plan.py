@@ -167,7 +167,8 @@ def _plan_unscanned(
     create = actions.CreateInstance(
         name, desired.instance_name, desired.metro, _create_reason(desired, record)
     )
-    wait = actions.WaitReady(name, desired.instance_name, desired.transport)
+    # a new instance is always pushed to (`_plan_session`)
+    wait = actions.WaitReady(name, desired.instance_name, desired.transport, push_follows=True)
     return actions.SessionPlan(name, (create, wait))
 
 

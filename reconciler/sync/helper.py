@@ -21,7 +21,9 @@ finish, pull) with frames of the same shape, each small (the client caps them at
 final `{"scan_end": true, "count": N}`; `blocks` with, per requested path, `{"n": N}` and N raw
 8-byte block digests (`{"n": -1}` when the file cannot be read), never more than asked for.
 `pull` answers with a stream of entry headers; each regular file header is followed by chunk
-frames (`u32be length + bytes`, a zero length ends the file), and a final
+frames (`u32be length + bytes`, a zero length ends the file); the small files of a directory
+come together instead, as `{"dir": rel, "files": [[name, size, mode, mtime_ns], ...]}` followed
+by their bytes one after the other (the sizes' sum); and a final
 `{"end": true, "errors": N, "missing": [back paths]}`: N counts entries it could not list or
 read (anything but a vanished path), so the client knows whether the listing was complete
 before it mirrors deletions.
@@ -74,6 +76,12 @@ MAX_THREADS = 16
 DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 PUTS_AT_ONCE = 4 << 20
+#: a pull sends files up to BATCH_FILE bytes in `files` frames, each sent once it reaches
+#: BATCH_BYTES, BATCH_FILES files or BATCH_CHARS characters of names
+BATCH_FILE = 64 << 10
+BATCH_BYTES = 1 << 20
+BATCH_FILES = 512
+BATCH_CHARS = 16 << 10
 TMP = ".ukc-tmp."
 F_SETPIPE_SZ = 1031
 
@@ -230,6 +238,11 @@ class Helper:
         self.redo: set[str] = set()
         #: what the client last pulled (`op_have`): files unchanged since are not resent
         self.have: Msg = {}
+        #: a pull's small files not sent yet (all in one directory): entries, bytes, sizes
+        self.batch: list[list[Any]] = []
+        self.blobs: list[bytes] = []
+        self.batch_bytes = 0
+        self.batch_chars = 0
         self.ops: dict[str, Callable[[Msg], None]] = {
             "hello": self.op_hello,
             "scan": self.op_scan,
@@ -871,8 +884,7 @@ class Helper:
             self.pull_errors += 1
 
     def emit_file(self, r: str, dfd: int, name: str, st: os.stat_result, have: Msg) -> None:
-        w = have.get(r)
-        if w and w[0] == st.st_size and w[1] == st.st_mtime_ns:
+        if self.same(have, r, st):
             self.send(
                 {
                     "path": r,
@@ -889,34 +901,86 @@ class Helper:
         except OSError as exc:
             self.pull_failed(exc)
             return
-        out = self.out
         try:
-            fst = os.fstat(fd)
-            self.send(
-                {
-                    "path": r,
-                    "type": "f",
-                    "size": fst.st_size,
-                    "mode": stat.S_IMODE(fst.st_mode),
-                    "mtime_ns": fst.st_mtime_ns,
-                }
-            )
-            left = fst.st_size
-            while left > 0:
-                try:
-                    b = os.read(fd, min(CHUNK, left))
-                except OSError as exc:
-                    # the file ends short (the client refuses it) and the stream stays framed
-                    self.pull_failed(exc)
-                    break
-                if not b:
-                    break
-                left -= len(b)
-                out.write(struct.pack(">I", len(b)))
-                out.write(b)
-            out.write(struct.pack(">I", 0))
+            self.stream(r, fd, os.fstat(fd))
         finally:
             os.close(fd)
+
+    @staticmethod
+    def same(have: Msg, r: str, st: os.stat_result) -> bool:
+        w = have.get(r)
+        if not w:
+            return False
+        return bool(w[0] == st.st_size and w[1] == st.st_mtime_ns)
+
+    def stream(self, r: str, fd: int, fst: os.stat_result) -> None:
+        out = self.out
+        self.send(
+            {
+                "path": r,
+                "type": "f",
+                "size": fst.st_size,
+                "mode": stat.S_IMODE(fst.st_mode),
+                "mtime_ns": fst.st_mtime_ns,
+            }
+        )
+        left = fst.st_size
+        while left > 0:
+            try:
+                b = os.read(fd, min(CHUNK, left))
+            except OSError as exc:
+                # the file ends short (the client refuses it) and the stream stays framed
+                self.pull_failed(exc)
+                break
+            if not b:
+                break
+            left -= len(b)
+            out.write(struct.pack(">I", len(b)))
+            out.write(b)
+        out.write(struct.pack(">I", 0))
+
+    def add_small(self, rel: str, dfd: int, name: str) -> None:
+        """Read a small file into the pending `files` frame (sent when full), or stream it
+        alone when it grew meanwhile."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        except OSError as exc:
+            self.pull_failed(exc)
+            return
+        try:
+            fst = os.fstat(fd)
+            if fst.st_size > BATCH_FILE:
+                self.send_batch(rel)
+                self.stream(rel + "/" + name, fd, fst)
+                return
+            data = os.read(fd, fst.st_size)
+            while len(data) < fst.st_size:
+                b = os.read(fd, fst.st_size - len(data))
+                if not b:
+                    break
+                data += b
+        except OSError as exc:
+            self.pull_failed(exc)
+            return
+        finally:
+            os.close(fd)
+        self.batch.append([name, len(data), stat.S_IMODE(fst.st_mode), fst.st_mtime_ns])
+        self.blobs.append(data)
+        self.batch_bytes += len(data)
+        self.batch_chars += len(name)
+        if (
+            self.batch_bytes >= BATCH_BYTES
+            or len(self.batch) >= BATCH_FILES
+            or self.batch_chars >= BATCH_CHARS
+        ):
+            self.send_batch(rel)
+
+    def send_batch(self, rel: str) -> None:
+        if self.batch:
+            self.send({"dir": rel, "files": self.batch})
+            self.out.write(b"".join(self.blobs))
+            self.batch, self.blobs = [], []
+            self.batch_bytes = self.batch_chars = 0
 
     def pull_entry(self, dfd: int, name: str, rel: str, st: os.stat_result, have: Msg) -> None:
         """Announce one entry (and stream it, or walk into it); never follows a link."""
@@ -960,13 +1024,21 @@ class Helper:
         except OSError as exc:
             self.pull_failed(exc)
             return
+        # the pending small files are sent before any entry sent alone: the stream keeps the
+        # names' order (a cap stops a pull at the same file either way)
         for name in names:
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             except OSError as exc:
                 self.pull_failed(exc)
                 continue
-            self.pull_entry(dfd, name, rel + "/" + name, st, have)
+            r = rel + "/" + name
+            if stat.S_ISREG(st.st_mode) and st.st_size <= BATCH_FILE and not self.same(have, r, st):
+                self.add_small(rel, dfd, name)
+                continue
+            self.send_batch(rel)
+            self.pull_entry(dfd, name, r, st, have)
+        self.send_batch(rel)
 
     def op_have(self, req: Msg) -> None:
         """Part of what the client last pulled (path -> [size, mtime_ns]), sent in parts

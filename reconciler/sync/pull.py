@@ -78,8 +78,12 @@ __all__ = [
 
 CONFLICT_SUFFIX = ".ukc-remote"
 _TMP = ".ukc-pull."
-#: a header names one path (at most 4096 characters, each up to 12 once JSON-escaped)
-_HEADER_LIMIT = 1 << 16
+#: a header names one path (at most 4096 characters, each up to 12 once JSON-escaped); a
+#: `files` frame up to `_BATCH_FILES` names (the helper sends ~16K characters of them)
+_HEADER_LIMIT = 1 << 18
+#: a `files` frame's bounds (the helper sends at most 512 files, ~1 MiB)
+_BATCH_FILES = 1024
+_BATCH_BYTES = 2 << 20
 _PATH_MAX = 4096
 #: C0 controls (NUL, newline, escape...), DEL and C1 controls: never in a name we write
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -163,6 +167,27 @@ def check_path(path: object, back: Collection[str]) -> str | None:
     if not is_under(path, back):
         return "outside the declared sync-back paths"
     return None
+
+
+def _plain_name(name: str) -> bool:
+    """True for a last component `check_path` accepts whatever accepted parent it is under
+    (no "/", no "." or "..", no control character or backslash, at most 255 bytes, not
+    `.ukc`, not a temp name); False says nothing (the whole path is then checked)."""
+    if not name or name in (".", "..", ".ukc") or name.startswith(_TMP):
+        return False
+    if "\\" in name or "/" in name or _CONTROL.search(name):
+        return False
+    if name.isascii():
+        return len(name) <= 255
+    try:
+        return len(name.encode("utf-8", "surrogateescape")) <= 255
+    except UnicodeEncodeError:
+        return False
+
+
+def _uint(v: object) -> bool:
+    """An int of a header (not a bool), 0 <= v < 2**63."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
 
 
 def _safe_label(path: object) -> str:
@@ -323,6 +348,9 @@ class _Puller:
         self.announced_bytes = 0
         self.entries = 0
         self.chars = 0
+        #: the last parent directory seen that is itself under a back path and whose entry
+        #: passed `check_path`: a sibling then needs only its name checked (`judge`)
+        self.passed_parent: str | None = None
         # why: creating files is kernel-bound and slow on some disks; small files are written
         # by a few threads (bounded: at most 32 files of <= 1 MiB held in memory). Reentrant:
         # `place` runs under it and may `reject` (a plain Lock hung the pull right there)
@@ -425,6 +453,20 @@ class _Puller:
             self.announced_bytes += size
         return None
 
+    def judge(self, path: object) -> str | None:
+        """`check_path(path, back)`, with only the name checked under the parent of the last
+        path accepted: that parent's components passed, it is under a back path (so is every
+        name in it), and a plain name adds nothing `check_path` refuses but the length."""
+        if isinstance(path, str) and len(path) <= _PATH_MAX:
+            parent, _, name = path.rpartition("/")
+            if parent == self.passed_parent and _plain_name(name):
+                return None
+            reason = check_path(path, self.back_set)
+            if reason is None and parent and is_under(parent, self.back_set):
+                self.passed_parent = parent
+            return reason
+        return check_path(path, self.back_set)
+
     def entry(self, hdr: Any) -> bool:
         """Handle one header (and its data); False when the stream must be abandoned."""
         if not isinstance(hdr, dict):
@@ -432,10 +474,7 @@ class _Puller:
             return False
         path, kind = hdr.get("path"), hdr.get("type")
         size, mode, mtime = hdr.get("size"), hdr.get("mode"), hdr.get("mtime_ns")
-        ints_ok = all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
-            for v in (size, mode, mtime)
-        )
+        ints_ok = _uint(size) and _uint(mode) and _uint(mtime)
         if kind not in ("f", "d", "l", "o") or not ints_ok:
             self.result.aborted = f"sandbox sent a malformed header for {_safe_label(path)}"
             return False
@@ -445,15 +484,7 @@ class _Puller:
         if over is not None:
             self.stop(over)
             return False
-        reason = check_path(path, self.back_set)
-        if reason is None and kind == "l":
-            reason = "symlink (never followed or written)"
-        if reason is None and kind == "o":
-            reason = "not a regular file or directory (fifo, socket or device)"
-        if self.keep_seen and isinstance(path, str) and len(path) <= _PATH_MAX:
-            self.seen.paths[path] = kind if reason is None else REFUSED
-        if reason is not None:
-            self.reject(path, reason)
+        if not self.admit(path, kind):
             return (not has_data or self.skip(path, size)) and self.result.stopped is None
         assert isinstance(path, str)
         if kind == "d":
@@ -468,6 +499,70 @@ class _Puller:
             return self.result.stopped is None
         return self.file(path, size, local_mode(mode), mtime) and self.result.stopped is None
 
+    def admit(self, path: object, kind: str) -> bool:
+        """Whether an entry may be written here (else it is refused with its reason); every
+        entry is seen (what deletions are judged by)."""
+        reason = self.judge(path)
+        if reason is None and kind == "l":
+            reason = "symlink (never followed or written)"
+        if reason is None and kind == "o":
+            reason = "not a regular file or directory (fifo, socket or device)"
+        if self.keep_seen and isinstance(path, str) and len(path) <= _PATH_MAX:
+            self.seen.paths[path] = kind if reason is None else REFUSED
+        if reason is not None:
+            self.reject(path, reason)
+            return False
+        return True
+
+    def files(self, hdr: dict[str, Any]) -> bool:
+        """A `files` frame: small files of one directory, their bytes after it one after the
+        other; False when the stream must be abandoned. The frame is checked whole before a
+        byte is read (at most `_BATCH_FILES` files, `_BATCH_BYTES` bytes), and each file is
+        counted against the caps as its own header would be: only the bytes of the files
+        within them are read."""
+        assert self.s is not None
+        rel, items = hdr.get("dir"), hdr.get("files")
+        if not (
+            isinstance(rel, str) and isinstance(items, list) and 0 < len(items) <= _BATCH_FILES
+        ):
+            self.result.aborted = f"sandbox sent a malformed files frame for {_safe_label(rel)}"
+            return False
+        total = 0
+        for it in items:
+            if not (isinstance(it, list) and len(it) == 4 and all(_uint(v) for v in it[1:])):
+                self.result.aborted = f"sandbox sent a malformed files frame for {_safe_label(rel)}"
+                return False
+            total += it[1]
+        if total > _BATCH_BYTES:
+            self.result.aborted = (
+                f"sandbox sent a files frame of {total} bytes (the limit is {_BATCH_BYTES})"
+            )
+            return False
+        paths: list[object] = []
+        take = 0
+        for name, size, _, _ in items:
+            path = rel + "/" + name if isinstance(name, str) else name
+            over = self.over_budget(path, True, size)
+            if over is not None:
+                self.stop(over)
+                break
+            paths.append(path)
+            take += size
+        data = self.s.reader.exact(take)
+        capped = self.result.stopped  # the files before a cap still come, as one by one
+        at = 0
+        for path, (_, size, mode, mtime) in zip(paths, items, strict=False):
+            at += size
+            if not self.admit(path, "f"):
+                continue
+            assert isinstance(path, str)
+            got = self.parent_fd(path)
+            if got is not None:
+                self.put_data(path, got[0], got[1], data[at - size : at], local_mode(mode), mtime)
+            if self.result.stopped is not capped:
+                return False
+        return len(paths) == len(items)
+
     def directory(self, path: str, mode: int) -> None:
         """Make the directory `path` (its sandbox `mode` filtered), or say why not."""
         try:
@@ -477,17 +572,24 @@ class _Puller:
         except OSError as exc:
             self.write_failed(path, exc)
 
-    def file(self, path: str, size: int, mode: int, mtime: int) -> bool:
+    def parent_fd(self, path: str) -> tuple[int, str] | None:
+        """The fd of `path`'s directory (made when missing) and its name, or None when it
+        cannot be had (the file is then refused or failed)."""
         parent, _, name = path.rpartition("/")
         try:
-            pfd = self.tree.dir(parent)
+            return self.tree.dir(parent), name
         except HostileEntryError as exc:
             self.reject(path, str(exc))
-            return self.skip(path, size)
         except OSError as exc:
             self.write_failed(path, exc)
+        return None
+
+    def file(self, path: str, size: int, mode: int, mtime: int) -> bool:
+        got = self.parent_fd(path)
+        if got is None:
             return self.skip(path, size)
-        if size <= _SMALL and self.threads > 0:
+        pfd, name = got
+        if size <= _SMALL:
             return self._small(path, pfd, name, size, mode, mtime)
         try:
             tmp, fd = _create_temp(pfd, mode)
@@ -538,32 +640,55 @@ class _Puller:
         return True
 
     def _small(self, path: str, pfd: int, name: str, size: int, mode: int, mtime: int) -> bool:
-        """Receive a small file whole (bounded by its announced size), write it on the pool."""
-        data = bytearray()
-        while True:
-            chunk = self.next_chunk(len(data), size)
-            if chunk is None:
-                self.reject(path, f"more than the announced {size} bytes")
-                self.result.aborted = f"{_safe_label(path)}: more data than announced"
-                return False
-            if not chunk:
-                break
-            data += chunk
+        """Receive a small file whole (bounded by its announced size), then write it (on the
+        pool when there is one)."""
+        chunk = self.next_chunk(0, size)
+        data = b"" if chunk is None else chunk
+        if chunk and len(chunk) < size:
+            more = bytearray(chunk)
+            while chunk:
+                chunk = self.next_chunk(len(more), size)
+                if chunk:
+                    more += chunk
+            data = bytes(more)
+        elif chunk:
+            chunk = self.next_chunk(size, size)  # the end of the file's data
+        if chunk is None:
+            self.reject(path, f"more than the announced {size} bytes")
+            self.result.aborted = f"{_safe_label(path)}: more data than announced"
+            return False
         if len(data) != size:
             self.reject(path, f"sent {len(data)} of the announced {size} bytes")
             return True
+        self.put_data(path, pfd, name, data, mode, mtime)
+        return True
+
+    def put_data(self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int) -> None:
+        """Write a received small file, here or on the pool when there is one."""
+        if self.threads == 0:
+            self.write_data(path, pfd, name, data, mode, mtime)
+            return
         try:
             own = os.dup(pfd)  # the tree may close its fd before the pool gets to it
         except OSError as exc:
             self.write_failed(path, exc)
-            return True
+            return
         self.slots.acquire()
-        self.pool.submit(self._write_small, path, own, name, bytes(data), mode, mtime)
-        return True
+        self.pool.submit(self._write_small, path, own, name, data, mode, mtime)
 
     def _write_small(
         self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int
     ) -> None:
+        try:
+            self.write_data(path, pfd, name, data, mode, mtime)
+        finally:
+            os.close(pfd)
+            self.slots.release()
+
+    def write_data(
+        self, path: str, pfd: int, name: str, data: bytes, mode: int, mtime: int
+    ) -> None:
+        """Write a received file's whole content into a temp file, then put it in place."""
         tmp = ""
         try:
             tmp, fd = _create_temp(pfd, mode)
@@ -580,9 +705,6 @@ class _Puller:
             if tmp:
                 _unlink_quiet(tmp, pfd)
             self.write_failed(path, exc)
-        finally:
-            os.close(pfd)
-            self.slots.release()
 
     def place(
         self, path: str, pfd: int, name: str, tmp: str, size: int, mtime: int, sha: str
@@ -652,19 +774,25 @@ class _Puller:
 
 
 _NAMES = itertools.count()
-_RUN = (0, "")
+
+
+def _draw_run() -> None:
+    """The temp names' prefix, `.ukc-pull.PID.RANDOM`: drawn at import and in every forked
+    child (the warm process's commands), not per file (a getpid and a urandom call per file
+    are costly on large pulls)."""
+    global _RUN
+    _RUN = f"{_TMP}{os.getpid()}.{secrets.token_hex(6)}"
+
+
+_RUN = ""
+_draw_run()
+os.register_at_fork(after_in_child=_draw_run)
 
 
 def _temp_name() -> str:
-    """`.ukc-pull.PID.RANDOM`: the pid tells a later pull whether the writer is still alive.
-
-    RANDOM is drawn once per process, then counted (a urandom call per file is costly on large
-    pulls); a forked process (the warm process's commands) draws its own."""
-    global _RUN
-    pid = os.getpid()
-    if _RUN[0] != pid:
-        _RUN = (pid, secrets.token_hex(6))
-    return f"{_TMP}{pid}.{_RUN[1]}{next(_NAMES):x}"
+    """`.ukc-pull.PID.RANDOM` and a count: the pid tells a later pull whether the writer is
+    still alive."""
+    return f"{_RUN}{next(_NAMES):x}"
 
 
 def _create_temp(pfd: int, mode: int) -> tuple[str, int]:
@@ -794,7 +922,11 @@ def _pull_helper(
                 if isinstance(hdr, dict) and hdr.get("end") is True:
                     puller.seen.end = hdr
                     break
-                if not puller.entry(hdr):
+                if isinstance(hdr, dict) and "files" in hdr:
+                    ok = puller.files(hdr)
+                else:
+                    ok = puller.entry(hdr)
+                if not ok:
                     s.close(abort=True)
                     break
         except BaseException:

@@ -80,7 +80,7 @@ _TAG_EXPR = (
 #: source and caches it. Unmarshalling our own bytes in the sandbox is safe; nothing the
 #: sandbox sends is ever unmarshalled here. The cache lives in the sandbox, as does the
 #: interpreter: a tampered cache is no new power, and whatever the helper says is untrusted
-#: anyway. argv: source length, state dir, program id,
+#: anyway. argv: compressed source length, state dir, program id,
 #: "w" to write the cache ("r" for pulls, which leave the sandbox as they found it), code
 #: length (0: none shipped), identity tag.
 #: Compiled with optimize=2: docstrings stay out of the code, so it loads as fast as before
@@ -91,7 +91,7 @@ _TAG_EXPR = (
 #: truncated program (which never reaches `main()`) answered nothing, forever, in that sandbox.
 _BOOT = "\n".join(
     [
-        "import sys,os,marshal",
+        "import sys,os,marshal,zlib",
         "if sys.version_info<(3,7):sys.exit('ukc sync helper needs python3 >= 3.7, not %d.%d'"
         "%sys.version_info[:2])",
         "a=sys.argv;n=int(a[1]);m=int(a[5]);s=sys.stdin.buffer.read(n+m)",
@@ -102,10 +102,10 @@ _BOOT = "\n".join(
         "except Exception:",
         " c=None",
         " if m and a[6]==" + _TAG_EXPR + ":",
-        "  try:import zlib;c=marshal.loads(zlib.decompress(s[n:]))",
+        "  try:c=marshal.loads(zlib.decompress(s[n:]))",
         "  except Exception:pass",
         " if c is None:",
-        "  c=compile(s[:n],'ukc-sync','exec',optimize=2)",
+        "  c=compile(zlib.decompress(s[:n]),'ukc-sync','exec',optimize=2)",
         "  try:",
         "   if a[4]=='w':",
         "    os.makedirs(a[2],0o700,exist_ok=True);t='%s.%d'%(p,os.getpid())",
@@ -126,18 +126,24 @@ class Program:
     """What a helper is sent: its source, and the code object compiled from it (marshalled
     and zlib-compressed; may be empty) for interpreters whose bytecode identity is `tag`.
 
-    why compressed: 52 KB marshalled, 22 KB compressed (0.4 ms to inflate), so the payload
-    stays under a pipe's 64 KiB: a sandbox that does not read its input (a stand-in in the
-    tests, a hostile one) still lets the whole program and the first request be written."""
+    Both are shipped zlib-compressed. why: the payload must stay under a pipe's 64 KiB, so
+    that a sandbox that does not read its input (a stand-in in the tests, a hostile one) still
+    lets the whole program and the first request be written; raw, the source (~36 KB) and
+    the code (52 KB marshalled, 22 KB compressed) left the helper a few bytes to grow."""
 
     source: bytes
     code: bytes = b""
     tag: str = ""
 
+    @functools.cached_property
+    def packed_source(self) -> bytes:
+        """The source as shipped (inflated by the bootstrap only when it has to compile)."""
+        return zlib.compress(self.source, 9)
+
     @property
     def payload(self) -> bytes:
         """The bytes the bootstrap reads from stdin, in order."""
-        return self.source + self.code
+        return self.packed_source + self.code
 
 
 @functools.cache
@@ -168,8 +174,8 @@ def helper_command(opts: SyncOptions, *, cache: bool = True, prog: Program | Non
     mode = "w" if cache else "r"
     tag = shlex.quote(prog.tag or "-")
     return (
-        f"exec {python} -E -S -c {shlex.quote(_BOOT)} {len(prog.source)} {state} {_PROGRAM_ID} "
-        f"{mode} {len(prog.code)} {tag}"
+        f"exec {python} -E -S -c {shlex.quote(_BOOT)} {len(prog.packed_source)} {state} "
+        f"{_PROGRAM_ID} {mode} {len(prog.code)} {tag}"
     )
 
 

@@ -21,7 +21,20 @@ class TestBeforeTheTreeIsScanned:
         assert p.actions[0] == actions.CreateInstance(
             "hello", d.instance_name, "local", "no instance"
         )
-        assert p.actions[1] == actions.WaitReady("hello", d.instance_name, d.transport)
+        assert p.actions[1] == actions.WaitReady(
+            "hello", d.instance_name, d.transport, push_follows=True
+        )
+
+    def test_the_wait_for_an_instance_made_ahead_says_a_push_follows_and_a_full_plans_does_not(
+        self,
+    ) -> None:
+        # the sync helper then starts as soon as the sandbox answers; in a full plan the push
+        # is the next action anyway
+        ahead = plan_one(desired(tree=UNSCANNED), None, None).actions[1]
+        assert isinstance(ahead, actions.WaitReady) and ahead.push_follows
+        full = plan_one(desired(), None, None)
+        waits = [a for a in full.actions if isinstance(a, actions.WaitReady)]
+        assert waits and not any(w.push_follows for w in waits)
 
     def test_an_instance_deleted_out_of_band_is_made_with_the_reason_the_full_plan_gives(
         self,

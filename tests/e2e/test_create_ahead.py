@@ -16,6 +16,7 @@ from reconciler.reconcile.desired import Group, load_groups
 from reconciler.reconcile.events import RecordingReporter
 from reconciler.reconcile.loop import ApplyResult, apply_group, delete_group
 from reconciler.sync import feed as sync_feed
+from reconciler.sync import remote
 from tests.support.ukc import Ukc
 from tests.support.waiting import eventually
 
@@ -118,6 +119,44 @@ def test_the_create_request_reaches_the_metro_before_the_scan_of_the_tree_ends(
         # what apply reports it did: made, waited for once, synced, run, brought back
         kinds = [type(a).__name__ for a in result.plan.sessions[0].actions]
         assert kinds == ["CreateInstance", "WaitReady", "SyncUp", "RunCommand", "SyncBack"]
+    finally:
+        delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+
+
+class HelperSeen(HeldScans):
+    """Also records, per scan, whether a sync helper of session `early` is already running
+    (parked over its connection, waiting for the push)."""
+
+    def __init__(self, ukc: Ukc, instance: str) -> None:
+        super().__init__(ukc, instance)
+        self.helper_running: list[bool] = []
+        self._before = self._parked()  # an earlier test's, over a connection now closed
+
+    @staticmethod
+    def _parked() -> set[int]:
+        with remote._PARKED_LOCK:
+            return {id(s) for s in remote._PARKED.values() if s.opts.session == "early"}
+
+    def take(
+        self, state_dir: str, root: str, ident: list[int] | None, skip: Sequence[str] = ()
+    ) -> tuple[int, set[str] | None]:
+        self.helper_running.append(bool(self._parked() - self._before))
+        return super().take(state_dir, root, ident, skip)
+
+
+def test_the_sync_helper_of_an_instance_made_ahead_runs_before_the_round_that_pushes_plans(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    """Its interpreter starts in the sandbox as soon as the key is accepted, while the boot
+    is marked and the first round observes and plans; the push finds it running."""
+    group = _group(ukc, env)
+    keeper = HelperSeen(ukc, _instance_name(group, env))
+    result = _apply(group, metros, env, keeper)
+    try:
+        assert result.ok, result.failed
+        # the scan made ahead (the instance booting), then the round's: the helper runs by then
+        assert keeper.helper_running[:2] == [False, True], keeper.helper_running
+        assert (ukc.project / "work" / "out" / "n").read_text().strip() == "20"
     finally:
         delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
 

@@ -138,3 +138,17 @@ def test_a_pid_whose_parent_is_not_the_namespaces_bwrap_is_not_pinned() -> None:
         pinned = PidNamespace.pin(ns.init_pid, ns.bwrap.pid)
         assert pinned is not None
         pinned.release()
+
+
+def test_members_looked_for_among_given_pids_are_those_of_them_in_the_namespace() -> None:
+    with namespaces() as made:
+        ns = _start_namespace()
+        made.append(ns)
+        pinned = PidNamespace.pin(ns.init_pid, ns.bwrap.pid)
+        assert pinned is not None
+        try:
+            # why: the sandbox's cgroup also holds its outer bwrap, which is not a member
+            among = [ns.bwrap.pid, ns.init_pid, os.getpid()]
+            assert pinned.members(among) == [ns.init_pid]
+        finally:
+            pinned.release()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -344,6 +345,28 @@ class TestFreeze:
             harness.lt.run(harness.runtime.thaw(TWO))
         assert all(_state(p) != "T" for p in pids)
         assert harness.ssh("two", "echo awake").stdout == "awake\n"
+
+    def test_freeze_stops_a_process_that_left_its_parent_as_a_walk_of_proc_finds_it(
+        self, harness: EdgeHarness
+    ) -> None:
+        # why: the members come from the sandbox's cgroup, not a walk of /proc; an orphan
+        # (reparented to the namespace's pid 1) must be among them all the same
+        _exec(harness, "two", "setsid sleep 300 >/dev/null 2>&1 < /dev/null &")
+        host_ns = os.stat("/proc/self/ns/pid").st_ino
+        namespaces = {os.stat(f"/proc/{p}/ns/pid").st_ino for p in harness.runtime.pids(TWO)}
+        (ns,) = namespaces - {host_ns}  # the bwrap monitor is in the host's
+        harness.lt.run(harness.runtime.freeze(TWO))
+        try:
+            inside = []
+            for entry in os.listdir("/proc"):
+                with contextlib.suppress(OSError):
+                    if entry.isdigit() and os.stat(f"/proc/{entry}/ns/pid").st_ino == ns:
+                        inside.append(int(entry))
+            running = [p for p in inside if _state(p) not in ("", "Z", "T")]
+            assert len(inside) >= 3 and running == []
+        finally:
+            harness.lt.run(harness.runtime.thaw(TWO))
+            _exec(harness, "two", "pkill -x sleep || true")
 
 
 class TestNamespaceReuse:

@@ -750,13 +750,23 @@ def test_a_pull_streams_the_back_paths_and_never_follows_a_link(box: Box) -> Non
     _, answers = box.serve(req)
     heads: dict[str, Any] = {}
     data: dict[str, bytes] = {}
+    batched: list[str] = []
     while "end" not in (head := answers.frame()):
+        if "files" in head:  # small files: names, then their bytes one after the other
+            for name, _, mode, mtime in head["files"]:
+                path = head["dir"] + "/" + name
+                heads[path] = {"path": path, "type": "f", "mode": mode, "mtime_ns": mtime}
+                batched.append(path)
+            for name, size, _, _ in head["files"]:
+                data[head["dir"] + "/" + name] = answers.raw(size)
+            continue
         heads[head["path"]] = head
         if head["type"] == "f" and not head.get("unchanged"):
             data[head["path"]] = answers.chunks()
     assert head == {"end": True, "errors": 0, "missing": ["nothing", "no/such"]}
     assert answers.done
     assert data == {"out/big": big, "out/d/small": b"s", "top": b"t"}
+    assert batched == ["out/d/small"]  # `top` is a back path itself; `big` is not small
     assert heads["out/same"]["unchanged"] is True
     assert {p: h["type"] for p, h in heads.items()} == {
         "out": "d",

@@ -385,6 +385,153 @@ def test_a_crafted_hostile_entry_is_rejected_with_its_reason(
     assert sorted(os.listdir(world.local / "out")) == [".keep", "fine.txt"]
 
 
+@pytest.mark.parametrize("case", list(CRAFTED_CASES))
+def test_a_crafted_hostile_entry_after_an_accepted_sibling_is_rejected_all_the_same(
+    crafted_world: Site, case: str
+) -> None:
+    # the parent of an accepted path has only its names checked from then on (`judge`)
+    world = crafted_world
+    entry, reason = CRAFTED_CASES[case]
+    shell = crafted(file_entry("out/fine.txt", b"ok"), entry, file_entry("out/more.txt", b"2"))
+    before = outside_state(world)
+    result = pull(shell, world.opts(back=BACK))
+    assert outside_state(world) == before
+    assert len(result.rejected) == 1 and reason in result.rejected[0], result.rejected
+    assert sorted(os.listdir(world.local / "out")) == [".keep", "fine.txt", "more.txt"]
+
+
+def test_a_sibling_of_a_single_file_back_path_is_refused_after_that_file(
+    crafted_world: Site,
+) -> None:
+    # the file's parent is not under a back path: its siblings are not either
+    world = crafted_world
+    shell = crafted(file_entry("out/a.txt", b"a"), file_entry("out/b.txt", b"b"))
+    result = pull(shell, world.opts(back=("out/a.txt",)))
+    assert result.files_written == 1 and (world.local / "out/a.txt").read_bytes() == b"a"
+    assert len(result.rejected) == 1 and "outside the declared" in result.rejected[0]
+    assert not (world.local / "out/b.txt").exists()
+
+
+def test_a_small_file_sent_in_several_chunks_is_written_whole(crafted_world: Site) -> None:
+    world = crafted_world
+    shell = crafted(file_entry("out/parts.txt", b"abcdef", chunks=[b"ab", b"cd", b"ef"]))
+    result = pull(shell, world.opts(back=BACK))
+    assert result.files_written == 1 and not result.rejected
+    assert (world.local / "out/parts.txt").read_bytes() == b"abcdef"
+
+
+def test_a_chunk_past_a_small_files_announced_size_abandons_the_stream(
+    crafted_world: Site,
+) -> None:
+    world = crafted_world
+    extra = file_entry("out/x", b"abc", chunks=[b"abc", b"d"])
+    shell = crafted(extra, file_entry("out/after.txt", b"never"))
+    result = pull(shell, world.opts(back=BACK))
+    assert result.aborted is not None and "more data than announced" in result.aborted
+    assert sorted(os.listdir(world.local / "out")) == [".keep"]
+
+
+def test_a_forked_process_names_its_temp_files_with_its_own_pid() -> None:
+    from reconciler.sync.pull import _temp_name
+
+    parent = _temp_name()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(w, _temp_name().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 200).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert parent.split(".")[2] == str(os.getpid())
+    assert child.split(".")[2] == str(pid)
+    assert child.split(".")[3][:12] != parent.split(".")[3][:12]
+
+
+def files_frame(rel: Any, files: list[tuple[Any, bytes]], items: Any = None) -> bytes:
+    """A `files` frame (small files of one directory) and their bytes."""
+    listed = [[n, len(d), 0o644, 1_600_000_000_000_000_000] for n, d in files]
+    return encode_frame({"dir": rel, "files": listed if items is None else items}) + b"".join(
+        d for _, d in files
+    )
+
+
+def test_the_small_files_of_a_files_frame_are_written(crafted_world: Site) -> None:
+    world = crafted_world
+    shell = crafted(files_frame("out", [("a.txt", b"a"), ("b.txt", b"bb"), ("c", b"")]))
+    result = pull(shell, world.opts(back=BACK))
+    assert result.files_written == 3 and not result.rejected and result.aborted is None
+    assert (world.local / "out/b.txt").read_bytes() == b"bb"
+    assert (world.local / "out/c").read_bytes() == b""
+
+
+HOSTILE_NAMES = ["..", "../../escape", "x/../../../etc/passwd", ".ukc", "", "a\\b", "n\x00", 7]
+
+
+def test_hostile_names_in_a_files_frame_are_refused_and_the_rest_written(
+    crafted_world: Site,
+) -> None:
+    world = crafted_world
+    files = [("fine.txt", b"ok")] + [(n, b"evil") for n in HOSTILE_NAMES] + [("more", b"2")]
+    before = outside_state(world)
+    result = pull(crafted(files_frame("out", files)), world.opts(back=BACK))
+    assert outside_state(world) == before
+    assert result.refused == len(HOSTILE_NAMES) and result.aborted is None, result.rejected
+    assert sorted(os.listdir(world.local / "out")) == [".keep", "fine.txt", "more"]
+
+
+@pytest.mark.parametrize(
+    "rel", ["..", "/etc", ".ukc", "elsewhere", "out/../..", ""], ids=lambda r: repr(r)
+)
+def test_a_files_frame_for_a_directory_outside_the_back_paths_writes_nothing(
+    crafted_world: Site, rel: str
+) -> None:
+    world = crafted_world
+    before = outside_state(world)
+    local_before = snapshot(world.local)
+    result = pull(crafted(files_frame(rel, [("passwd", b"x"), ("b", b"y")])), world.opts(back=BACK))
+    assert outside_state(world) == before and snapshot(world.local) == local_before
+    assert result.refused == 2 and result.files_written == 0
+
+
+MALFORMED_FILES = {
+    "files not a list": {"dir": "out", "files": "a"},
+    "no files": {"dir": "out", "files": []},
+    "dir not a string": {"dir": ["out"], "files": [["a", 1, 0o644, 1]]},
+    "short item": {"dir": "out", "files": [["a", 1, 0o644]]},
+    "negative size": {"dir": "out", "files": [["a", -1, 0o644, 1]]},
+    "bool size": {"dir": "out", "files": [["a", True, 0o644, 1]]},
+    "huge mtime": {"dir": "out", "files": [["a", 1, 0o644, 1 << 63]]},
+    "too many files": {"dir": "out", "files": [[f"f{i}", 0, 0o644, 1] for i in range(1025)]},
+    "over 2 MiB": {"dir": "out", "files": [["a", 1 << 20, 0o644, 1], ["b", (1 << 20) + 1, 0, 1]]},
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_FILES))
+def test_a_malformed_or_oversized_files_frame_abandons_the_stream_before_its_bytes(
+    crafted_world: Site, case: str
+) -> None:
+    world = crafted_world
+    shell = crafted(encode_frame(MALFORMED_FILES[case]), file_entry("out/after.txt", b"x"))
+    result = pull(shell, world.opts(back=BACK))
+    assert result.aborted is not None and "files frame" in result.aborted
+    assert shell.procs[0].killed
+    assert sorted(os.listdir(world.local / "out")) == [".keep"]
+
+
+def test_a_files_frame_counts_each_file_against_the_caps_before_its_bytes(
+    crafted_world: Site,
+) -> None:
+    world = crafted_world
+    files = [("a", b"a" * 100), ("b", b"b" * 100), ("c", b"c" * 100)]
+    shell = crafted(files_frame("out", files))
+    result = pull(shell, world.opts(back=BACK, back_max_bytes=250))
+    assert result.stopped is not None and "back_max_bytes = 250" in result.stopped
+    assert sorted(os.listdir(world.local / "out")) == [".keep", "a", "b"]
+    assert shell.procs[0].killed
+
+
 def test_more_data_than_announced_abandons_the_stream(crafted_world: Site) -> None:
     world = crafted_world
     big = file_entry("out/huge", b"", size=10, chunks=[b"y" * (1 << 20), b"y" * (1 << 20)])

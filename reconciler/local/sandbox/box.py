@@ -155,15 +155,28 @@ class Box:
             ns.release()
 
     def members(self) -> list[int]:
-        """Host pids of every process in the sandbox's pid namespace (a /proc walk)."""
-        return self.pid_ns.members() if self.pid_ns is not None else []
+        """Host pids of every process in the sandbox's pid namespace: those of its cgroup
+        that are in the namespace (its outer bwrap is not), else a walk of /proc."""
+        ns, cgroup = self.pid_ns, self.cgroup
+        if ns is None:
+            return []
+        return ns.members(cgroup.pids() if cgroup is not None else None)
+
+    async def _members(self) -> list[int]:
+        # why: a walk of /proc stats every process of the host (~5 ms with 50 sandboxes up,
+        # twice per suspend of each); a cgroup lists only the sandbox's, cheap on the loop
+        ns, cgroup = self.pid_ns, self.cgroup
+        among = cgroup.pids() if cgroup is not None else None
+        if ns is not None and among is not None:
+            return ns.members(among)
+        return await asyncio.to_thread(self.members)
 
     async def freeze(self) -> None:
         """SIGSTOP every process of the sandbox (memory and sockets kept)."""
         self.frozen = True
-        # why: a process may fork while we walk /proc; repeat until every member is stopped
+        # why: a process may fork while we list them; repeat until every member is stopped
         for _ in range(50):
-            members = await asyncio.to_thread(self.members)
+            members = await self._members()
             pending = [p for p in members if proc_state(p) not in ("T", "t", "Z", "X", "")]
             if not pending:
                 return
@@ -174,7 +187,7 @@ class Box:
         raise LocalMetroError(f"sandbox {self.uuid} could not be frozen: processes keep appearing")
 
     async def thaw(self) -> None:
-        for pid in await asyncio.to_thread(self.members):
+        for pid in await self._members():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         self.frozen = False

@@ -107,6 +107,18 @@ class Cgroup:
         """The eventfd `oom_eventfd` armed, if it did."""
         return self._oom_fd
 
+    def pids(self) -> list[int] | None:
+        """Every process in the cgroup (one `cgroup.procs` read); None when it cannot be read.
+
+        A sandbox's processes cannot leave it: they joined before bwrap ran, forks inherit it,
+        and nothing inside can write to a cgroup file of the host.
+        """
+        try:
+            text = (self.memory_dir / "cgroup.procs").read_text()
+        except OSError:
+            return None
+        return [int(p) for p in text.split()]
+
     def oom_kills(self) -> int:
         """How many processes the kernel killed for lack of memory in this cgroup."""
         name = "memory.events" if self.version == 2 else "memory.oom_control"

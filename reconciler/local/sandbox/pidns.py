@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Iterable
 
 from reconciler._util.retry import RetryPolicy, apoll
 
@@ -117,12 +118,16 @@ class PidNamespace:
             return False
         return (st.st_dev, st.st_ino) == self.ident
 
-    def members(self) -> list[int]:
-        """Host pids of every process in the namespace: a walk of /proc, keep it off the loop."""
+    def members(self, among: Iterable[int] | None = None) -> list[int]:
+        """Host pids of every process in the namespace, looked for `among` the given pids (a
+        set known to hold them all, such as the sandbox's cgroup), else in a walk of /proc
+        (one stat per host process: keep it off the loop)."""
         with self._walking:
             if self._nsfd is None:
                 return []
-            return [int(e) for e in os.listdir("/proc") if e.isdigit() and self.holds(int(e))]
+            if among is None:
+                among = (int(e) for e in os.listdir("/proc") if e.isdigit())
+            return [p for p in among if self.holds(p)]
 
     def signal_init(self, sig: int) -> None:
         """Send `sig` to the sandbox's pid 1 (SIGKILL there kills the whole namespace)."""
