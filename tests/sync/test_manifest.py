@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reconciler.sync.diff import diff_manifests
-from reconciler.sync.entry import content_hash, mtime_hash
 from reconciler.sync.engine import push
+from reconciler.sync.entry import content_hash, mtime_hash
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
