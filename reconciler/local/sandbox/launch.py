@@ -1,10 +1,11 @@
 """The first process of every local sandbox: joins its cgroups, gives up the host, execs bwrap.
 
-Run as `python -I -S launch.py FD` (standard library only, as the daemon's interpreter); FD
-carries the plan (`marshal`: the same interpreter writes and reads it, and unlike `json` it is
-built in: every sandbox boot pays this program's imports), and bubblewrap's options travel in
-another inherited pipe (`--args`), so no process's command line carries more than fd numbers
-and the agent's fixed command. Steps:
+The daemon runs it once as `python -I -S launch.py --serve SOCK DAEMON_PID`, the launch
+server (`serve`), which forks a child per sandbox that does what follows; `python -I -S
+launch.py FD` does it once, in this process. Standard library only, as the daemon's
+interpreter. The plan is `marshal`led (the same interpreter writes and reads it; built in,
+unlike `json`), and bubblewrap's options travel in an inherited pipe (`--args`), so no
+process's command line carries more than fd numbers and the agent's fixed command. Steps:
 
 1. join the sandbox's cgroups (so nothing of it ever runs outside its limits);
 2. root daemon only: in a private mount namespace, stage what bwrap binds (the workspace, the
