@@ -111,6 +111,32 @@ class TestDigest:
             "bb07562a7e26f35bea40dcf7e6a367f659db21337e11072959ce7d9d19e95bd1",
         )
 
+    def test_a_scan_that_changes_most_of_the_tree_moves_the_index_to_a_fresh_scans_digests(
+        self, site: Site
+    ) -> None:
+        write(site.local / "seed.txt", "seed\n")
+        write(site.local / "kept.txt", "kept")
+        write(site.local / "edited.txt", "old")
+        scan_local(site.opts())
+        (site.local / "seed.txt").unlink()
+        write(site.local / "edited.txt", "new bytes")
+        os.utime(site.local / "edited.txt", ns=(5, 5))
+        for i in range(40):
+            write(site.local / f"d{i % 4}" / f"f{i}.txt", "x" * i)
+        os.symlink("kept.txt", site.local / "link")
+        m = scan_local(site.opts())
+        assert m.basis is not None and len(m.basis.old) > len(m.entries) // 2
+        fresh = Manifest(dict(m.entries))
+        assert (m.key, m.file_count, m.total_bytes) == (
+            fresh.key,
+            fresh.file_count,
+            fresh.total_bytes,
+        )
+        # the index holds them too: a scan from it finds nothing changed
+        again = scan_local(site.opts())
+        assert again.basis is not None and not again.basis.old
+        assert again.meta() == fresh.meta()
+
 
 def _f(ref: str, mode: int = 0o644, mtime: int = 1) -> Entry:
     return Entry("f", len(ref), mtime, mode, ref)
