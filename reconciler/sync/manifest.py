@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -74,6 +75,7 @@ _new_entry: Callable[[tuple[str, int, int, int, str]], Entry] = functools.partia
     tuple.__new__, Entry
 )
 _SHARED = SHARED_INTS.get
+_NAME = operator.attrgetter("name")
 
 #: what a state's metadata holds besides what a push adds
 _META_KEYS = ("digest", "mtimes", "files", "bytes")
@@ -358,16 +360,18 @@ class _Scan:
         except (FileNotFoundError, NotADirectoryError):
             return  # vanished while walking: the next pass sees it
         with it:
-            children = sorted(it, key=lambda d: d.name)
+            children = sorted(it, key=_NAME)
         prev = self.prev
+        excluded, hash_in = self.rules.excluded, self.hash_in
+        prefix = f"{rel_dir}/" if rel_dir else ""
         for child in children:
-            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            rel = prefix + child.name
             # a new file (as listed): the fstat after its open is its stat, no lstat first;
             # one that is no longer a regular file (or gone) is looked at as any other path
             if (
                 rel not in prev
                 and child.is_file(follow_symlinks=False)
-                and (self.rules.excluded(rel, False) or self.hash_in(rel, child.path, None))
+                and (excluded(rel, False) or hash_in(rel, child.path, None))
             ):
                 continue
             try:
