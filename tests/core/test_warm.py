@@ -205,6 +205,31 @@ def test_the_code_watch_says_maybe_only_after_the_code_or_the_path_changed(
         ino.close()
 
 
+def test_a_warm_commands_client_leaves_with_its_exit_code_and_no_teardown(
+    warm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Nothing runs in the client after the command's exit code came (an atexit handler of a
+    `sitecustomize` stands for the interpreter's teardown: ~3.5 ms of every command)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    mark = tmp_path / "torn-down"
+    (site / "sitecustomize.py").write_text(
+        f"import atexit\natexit.register(lambda: open({str(mark)!r}, 'a').close())\n"
+    )
+    here = str(Path(warm.__file__).resolve().parents[2])  # this ukc, not another on the path
+    env = {**warm_env, "PYTHONPATH": os.pathsep.join([str(site), here])}
+    path, _ = start_server(env)
+    (tmp_path / "session.yaml").write_text(SPEC)
+    ok = ukc(env, tmp_path, "validate")
+    failed = ukc(env, tmp_path, "validate", "nowhere.yaml")
+    assert commands_run(path) == 2
+    assert ok.returncode == 0 and "1 session(s) valid" in ok.stdout
+    assert failed.returncode == 2, failed
+    assert not mark.exists()
+    done = ukc({**env, "UKC_WARM": "0"}, tmp_path, "validate")  # the teardown, for contrast
+    assert done.returncode == 0 and mark.exists()
+
+
 def test_a_socket_directory_others_can_enter_is_never_used(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
