@@ -29,6 +29,7 @@ module is the server, `ukc warm status|stop`, and starting a server.
 
 from __future__ import annotations
 
+import _socket
 import array
 import contextlib
 import gc
@@ -363,7 +364,7 @@ class _KeeperClient:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _send(self, request: dict[str, Any]) -> _socket.socket:
         sock = warmclient.connect(str(self.path))
         if sock is None:
             raise OSError("no warm process")
@@ -371,6 +372,14 @@ class _KeeperClient:
             sock.settimeout(HANDSHAKE_S)
             payload = json.dumps(request).encode("utf-8", "surrogateescape")
             sock.sendall(struct.pack(">I", len(payload)) + payload)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        sock = self._send(request)
+        try:
             n = struct.unpack(">I", recv_exact(sock, 4))[0]
             if n > _MAX_ANSWER:
                 raise OSError("answer too long")
@@ -403,7 +412,12 @@ class _KeeperClient:
         return token, set(paths)
 
     def done(self, state_dir: str, token: int, ident: list[int] | None) -> None:
-        self._call({"op": "tree-done", "state_dir": state_dir, "token": token, "ident": ident})
+        """Sent, not waited for (~1.5 ms of each scan): the server serves its connections
+        one at a time, in the order they came, so whatever this command (or the next) asks
+        after it is answered after it. A done that never arrives leaves the keeper naming
+        those paths again."""
+        request = {"op": "tree-done", "state_dir": state_dir, "token": token, "ident": ident}
+        self._send(request).close()
 
 
 #: the keeper's answers name changed paths (at most `keeper.MAX_PENDING` of them)
