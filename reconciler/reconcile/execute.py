@@ -646,8 +646,8 @@ class Executor:
             time.sleep(0.5)
 
     def forget_local(self, action: actions.DeleteInstance) -> None:
-        """The local half of a delete: journal it, and with `forget` drop the session's
-        credentials and sync records."""
+        """The local half of a delete: journal it (in the document: the caller saves it), and
+        with `forget` drop the session's credentials and sync records."""
         rec = self._record(action.session)
         with self.doc_lock:
             if rec.instance is not None:
@@ -667,7 +667,7 @@ class Executor:
                 sync_engine.forget(ctx.sync_options)
             else:
                 _forget_sync_dir(self.group.state_dir / "sync" / action.session)
-        self.save()
+        # not saved here: the caller writes the document once its session is done
 
     # -- work in the sandbox ---------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from reconciler import errors
 from reconciler._util.fanout import each
@@ -70,6 +71,8 @@ __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_gr
 #: the most session threads one round starts (`--concurrency`'s own maximum): the sessions
 #: beyond the concurrency wait for a slot, or for their instance to boot
 SESSION_THREADS_MAX = 64
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -984,12 +987,18 @@ def delete_group(
         # why nothing on a lost lease: deletes are one request each, by proven uuid
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
+        # the volumes are listed while the instances are: two round trips at once
+        volumes = _in_background(
+            lambda: observe_volumes(
+                metros, owner.project, (metro_label(s.spec.metro) for s in group.sessions)
+            ),
+            "ukc-volumes",
+        )
         # why no scan: a delete needs the sessions' names, not their trees (a big tree took
         # most of a `ukc delete`)
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt, scan=False)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
-        vols = observe_volumes(metros, obs.project, (d.metro for d in obs.desired))
-        the_plan = plan_delete(triples, obs.instances, doc, obs.owner, vols)
+        the_plan = plan_delete(triples, obs.instances, doc, obs.owner, volumes.result())
         executor = Executor(
             group=group,
             doc=doc,
@@ -999,6 +1008,9 @@ def delete_group(
             doc_lock=threading.Lock(),
         )
         ok = True
+        #: the document changed since the executor last wrote it (a session's run writes it
+        #: whole: the file is written once per delete, not once per step)
+        unsaved = False
         for splan in the_plan.sessions:
             if splan.refusal is not None:
                 ok = False
@@ -1006,9 +1018,11 @@ def delete_group(
                 record.phase = "Failed"
                 record.message = splan.refusal.reason
                 reporter.event(Event(splan.session, "failed", splan.refusal.reason))
+                unsaved = True
                 continue
             if splan.actions:
                 ok = executor.run_session(splan).ok and ok
+                unsaved = False
                 if ok:
                     reporter.event(Event(splan.session, "done", "deleted"))
                 continue
@@ -1018,6 +1032,22 @@ def delete_group(
                 splan.session, desired.instance_name, desired.metro, "already gone"
             )
             executor.forget_local(gone)
+            unsaved = True
             reporter.event(Event(splan.session, "done", "already deleted"))
-        journal.save(group.status_path, doc)
+        if unsaved:
+            journal.save(group.status_path, doc)
         return ok
+
+
+def _in_background(job: Callable[[], _T], name: str) -> Future[_T]:
+    """`job` run on a thread of its own; its result (or error) when asked."""
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(job())
+        except BaseException as err:  # handed to whoever asks for the result
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
