@@ -48,7 +48,7 @@ from reconciler.reconcile.observe import (
     scan_ahead,
     start_listing,
 )
-from reconciler.reconcile.plan import plan_delete, plan_sessions
+from reconciler.reconcile.plan import plan_delete, plan_sessions, recorded_without_instance
 from reconciler.reconcile.wake import wake
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
@@ -220,6 +220,7 @@ def _plan(
         prune=prune,
         claimed=obs.claimed,
         only_files=only_files,
+        listed=obs.listed,
     )
 
 
@@ -597,13 +598,7 @@ def _worth_a_glance(group: Group, doc: StatusDoc, only: set[str] | None) -> bool
         name = loaded.spec.name
         if only is not None and name not in only:
             continue
-        rec = doc.sessions.get(name)
-        if (
-            rec is None
-            or rec.instance is None
-            or rec.instance.state == "deleted"
-            or rec.phase in ("Deleted", "Expired")
-        ):
+        if recorded_without_instance(doc.sessions.get(name)):
             return True
     return False
 
@@ -629,7 +624,12 @@ def _create_ahead(
     trees. None when the look plans nothing; else that observation and plan (only the
     sessions worked on) and their outcomes. The first round observes again, instances and
     trees (re-statting only what changed since this scan), and plans the rest; with the
-    same `listing` (the list started for it) when this look made nothing."""
+    same `listing` (the list started for it) when this look made nothing.
+
+    why the look does not wait for the list: the create is the first step of the longest
+    path (boot, sshd, key); the records say which sessions have no instance, and a create
+    whose name is taken after all changes nothing and is left to the round's list
+    (`CreateInstance.unlisted`)."""
     owner, salt = _identity(group, environ)
     obs = observe(
         group,
@@ -642,6 +642,7 @@ def _create_ahead(
         scan=False,
         glance=True,
         listing=listing,
+        listed=False,
     )
     plan = _plan(obs.desired, obs, doc, now(), prune=False, only_files=group.only_files)
     work = [s for s in plan.sessions if s.changes]
@@ -655,7 +656,13 @@ def _create_ahead(
     finished = _run_sessions(
         executor, work, concurrency, stop, reporter, meanwhile=lambda: scan_ahead(group, only)
     )
-    obs.desired = desired
+    # a session whose instance existed after all did nothing here: the round plans it whole
+    left = {o.session for o in finished if o.deferred}
+    finished = [o for o in finished if o.session not in left]
+    work = [s for s in work if s.session not in left]
+    if not work:
+        return None
+    obs.desired = [d for d in desired if d.name not in left]
     return obs, dataclasses.replace(plan, sessions=tuple(work)), finished
 
 
