@@ -631,26 +631,38 @@ def _create_ahead(
     whose name is taken after all changes nothing and is left to the round's list
     (`CreateInstance.unlisted`)."""
     owner, salt = _identity(group, environ)
-    obs = observe(
-        group,
-        doc,
-        metros,
-        environ,
-        owner=owner,
-        salt=salt,
-        only=only,
-        scan=False,
-        glance=True,
-        listing=listing,
-        listed=False,
-    )
-    plan = _plan(obs.desired, obs, doc, now(), prune=False, only_files=group.only_files)
-    work = [s for s in plan.sessions if s.changes]
+
+    def look(listed: bool) -> tuple[Observation, actions.Plan, list[actions.SessionPlan]]:
+        seen = observe(
+            group,
+            doc,
+            metros,
+            environ,
+            owner=owner,
+            salt=salt,
+            only=only,
+            scan=False,
+            glance=True,
+            listing=listing,
+            listed=listed,
+        )
+        planned = _plan(seen.desired, seen, doc, now(), prune=False, only_files=group.only_files)
+        return seen, planned, [s for s in planned.sessions if s.changes]
+
+    obs, plan, work = look(listed=False)
     if not work:
         return None
-    names = {s.session for s in work}
-    desired = [d for d in obs.desired if d.name in names]
-    _check_quota(plan, desired, obs, metros, reporter)
+    desired = [d for d in obs.desired if d.name in {s.session for s in work}]
+    shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+    if shortfalls:
+        # the records' word counts a create for an instance that may exist (a lost status
+        # file): a refusal is the list's to make
+        obs, plan, work = look(listed=True)
+        if not work:
+            return None
+        desired = [d for d in obs.desired if d.name in {s.session for s in work}]
+        shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+    _refuse_short(shortfalls, unread, reporter)
     executor = executor_for(obs)
     unfinished.in_flight = executor.in_flight
     finished = _run_sessions(
@@ -689,7 +701,11 @@ def _check_quota(
 ) -> None:
     """Before anything is created or woken: a fan-out the quota cannot hold fails whole,
     rather than half-made with the rest refused one by one."""
-    shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+    _refuse_short(*_quota_shortfalls(plan, desired, obs, metros), reporter)
+
+
+def _refuse_short(shortfalls: list[str], unread: list[str], reporter: Reporter) -> None:
+    """Say which quotas were not read, and refuse the apply when a shortfall was found."""
     for text in unread:
         reporter.event(Event("ukc", "notice", f"warning: {text}"))
     if shortfalls:

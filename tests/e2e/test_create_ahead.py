@@ -297,3 +297,25 @@ def test_an_instance_of_ours_the_status_file_forgot_is_left_to_the_list_by_the_e
         assert all(c["type"] != "InstanceCreated" for c in rec["conditions"])
     finally:
         delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+
+
+def test_an_account_at_its_instance_quota_is_not_refused_for_an_instance_that_exists(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    """The records' word ("no instance": the status file was lost) would count a create the
+    quota cannot hold; the instance exists, so the list, not that word, decides the refusal."""
+    group = _group(ukc, env)
+    name = _instance_name(group, env)
+    assert apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env).ok
+    for status in (ukc.project / ".ukc").glob("status.json*"):
+        status.unlink()
+    with ukc.api() as client:
+        used = client.get("/v1/users/quotas").json()["data"]["quotas"][0]["used"]["instances"]
+        client.post("/_local/quotas", json={"instances": used}).raise_for_status()
+        try:
+            result = apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+            assert result.ok, result.failed
+            assert len([i for i in ukc.instances() if i["name"] == name]) == 1
+        finally:
+            client.post("/_local/quotas", json={"instances": 5000}).raise_for_status()
+            delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
