@@ -99,5 +99,9 @@ def changes_of(
     diff of those paths alone (a path's action depends on its own two entries only), and the
     part of the previous state it was judged against."""
     previous = Manifest({p: e for p, e in basis.old.items() if e is not None})
-    mine = {p: local.entries[p] for p in basis.old if p in local.entries}
+    entries = local.entries
+    if len(basis.old) >= len(entries) and basis.old.keys() >= entries.keys():
+        # every path changed (a first push over a seeded sandbox): no copy of 100,000 entries
+        return previous, diff_manifests(local, previous, rules, reason=reason)
+    mine = {p: entries[p] for p in basis.old if p in entries}
     return previous, diff_manifests(Manifest(mine), previous, rules, reason=reason)

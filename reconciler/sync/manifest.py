@@ -21,7 +21,9 @@ position it pushed: after scans that no push followed, the index lines since tha
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -39,7 +41,6 @@ from reconciler.sync.entry import (
     Entry,
     content_hash,
     hash_sums,
-    mtime_hash,
 )
 from reconciler.sync.feed import ChangeFeed, feed_for
 from reconciler.sync.ignore import IGNORE_FILE, IgnoreRules, load_rules
@@ -68,6 +69,13 @@ CHUNK = 1 << 20
 #: file's place after it was listed would block the open until some writer came; with it the
 #: open returns, and the fstat that follows refuses anything but a regular file
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+
+#: a tuple of the five fields as an `Entry`, without a Python frame (a scan makes one per file)
+_new_entry: Callable[[tuple[str, int, int, int, str]], Entry] = functools.partial(
+    tuple.__new__, Entry
+)
+_SHARED = SHARED_INTS.get
+_NAME = operator.attrgetter("name")
 
 #: what a state's metadata holds besides what a push adds
 _META_KEYS = ("digest", "mtimes", "files", "bytes")
@@ -110,8 +118,11 @@ class Manifest:
 
     @cached_property
     def _sums(self) -> tuple[str, str]:
-        """Both digests of the whole tree, from one pass (each is asked for with the other)."""
-        digest, mtimes = hash_sums(self.entries)
+        """Both digests of the whole tree, from one pass (each is asked for with the other),
+        which counts the files and their bytes on the way."""
+        digest, mtimes, files, size = hash_sums(self.entries.items())
+        self.__dict__.setdefault("file_count", files)
+        self.__dict__.setdefault("total_bytes", size)
         return _hex(digest), _hex(mtimes)
 
     @cached_property
@@ -185,13 +196,17 @@ def hash_file(fd: int, size: int = -1) -> str:
     """sha256 of an open file, read in chunks (never the whole file in memory). `size`: what
     fstat said, for a small file read in one call (one more byte asked: the end is seen without
     a second read)."""
-    h = hashlib.sha256()
     if 0 <= size < CHUNK:
         data = os.read(fd, size + 1)
-        h.update(data)
         if len(data) == size:
-            return h.hexdigest()
+            return hashlib.sha256(data).hexdigest()
         # it grew, or the read came short: read on to the end
+        return _hash_on(fd, hashlib.sha256(data))
+    return _hash_on(fd, hashlib.sha256())
+
+
+def _hash_on(fd: int, h: hashlib._Hash) -> str:
+    """`h` (a sha256) updated with the rest of the open file `fd`, as hex."""
     while True:
         chunk = os.read(fd, CHUNK)
         if not chunk:
@@ -345,16 +360,18 @@ class _Scan:
         except (FileNotFoundError, NotADirectoryError):
             return  # vanished while walking: the next pass sees it
         with it:
-            children = sorted(it, key=lambda d: d.name)
+            children = sorted(it, key=_NAME)
         prev = self.prev
+        excluded, hash_in = self.rules.excluded, self.hash_in
+        prefix = f"{rel_dir}/" if rel_dir else ""
         for child in children:
-            rel = f"{rel_dir}/{child.name}" if rel_dir else child.name
+            rel = prefix + child.name
             # a new file (as listed): the fstat after its open is its stat, no lstat first;
             # one that is no longer a regular file (or gone) is looked at as any other path
             if (
                 rel not in prev
                 and child.is_file(follow_symlinks=False)
-                and (self.rules.excluded(rel, False) or self.hash_in(rel, child.path, None))
+                and (excluded(rel, False) or hash_in(rel, child.path, None))
             ):
                 continue
             try:
@@ -431,6 +448,8 @@ class _Scan:
     def hash_in(self, rel: str, path: str, was: Entry | None) -> bool:
         """Record the regular file at `path` with its sha256; False when what is there now is
         not one (a fifo is refused by its fstat, never read) or cannot be opened."""
+        # once per new file (100,000 on a first scan): `hash_file`'s small read, the entry's
+        # tuple and `note`'s common case inline, with no call of their own
         try:
             fd = os.open(path, READ_FLAGS)
         except OSError:
@@ -439,20 +458,30 @@ class _Scan:
             fst = os.fstat(fd)
             if not stat.S_ISREG(fst.st_mode):
                 return False
-            digest = hash_file(fd, fst.st_size)
+            size = fst.st_size
+            if size < CHUNK:
+                data = os.read(fd, size + 1)
+                digest = (
+                    hashlib.sha256(data).hexdigest()
+                    if len(data) == size
+                    else _hash_on(fd, hashlib.sha256(data))
+                )
+            else:
+                digest = hash_file(fd, size)
         finally:
             os.close(fd)
-        size = fst.st_size
-        e = Entry(
-            "f",
-            SHARED_INTS.get(size, size),
-            fst.st_mtime_ns,
-            SHARED_INTS[fst.st_mode & 0o7777],
-            digest,
+        e = _new_entry(
+            ("f", _SHARED(size, size), fst.st_mtime_ns, SHARED_INTS[fst.st_mode & 0o7777], digest)
         )
         self.entries[rel] = e
         self.inos[rel] = fst.st_ino
-        self.note(rel, e, was)
+        self.changed.append(rel)
+        if was is None:
+            self.added += 1
+        call = self.hint
+        if call is not None:  # a file is news (see `note`)
+            self.hint = None
+            call()
         return True
 
     def revisit(self, rel: str) -> None:
@@ -509,9 +538,10 @@ def scan_local(
     `rm -rf` in the wrong window) and a push would delete the sandbox's copy.
 
     `on_change` is called once, as soon as an entry is seen that differs from our last push
-    (new, other type, size or mtime), or when the walk ends with entries missing: a hint that a
-    push is coming, which lets the caller open its connection while the walk goes on. It
-    decides nothing; the manifest does.
+    (new, other type, size or mtime), or when the walk ends with entries missing, or when the
+    tree's keeper names changed paths the rules do not exclude (before they are looked at): a
+    hint that a push is coming, which lets the caller open its connection while the walk goes
+    on. It decides nothing; the manifest does.
     """
     changes = feed_for(Path(opts.state_dir))
     try:
@@ -556,6 +586,32 @@ def _check_root(root: Path) -> None:
         ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise SyncHaltedError(f"local root {root} is not a directory; nothing was sent or deleted")
+
+
+def _in_sight(paths: Iterable[str], rules: IgnoreRules) -> bool:
+    """Whether one of a keeper's named `paths` may be part of the manifest: neither it nor a
+    directory above it is excluded (a keeper watches excluded directories too: `.git`)."""
+    above: dict[str, bool] = {}  # why: a named directory's thousands of paths share these
+    for named in paths:
+        rel = named.rstrip("/")
+        parts = rel.split("/")
+        hidden = False
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            out = above.get(parent)
+            if out is None:
+                out = above[parent] = rules.excluded(parent, True)
+            if out:
+                hidden = True
+                break
+        if hidden:
+            continue
+        if named.endswith("/"):
+            if not rules.excluded(rel, True):
+                return True
+        elif not (rules.excluded(rel, False) and rules.excluded(rel, True)):
+            return True
+    return False
 
 
 def halt_in_sight(opts: SyncOptions) -> str | None:
@@ -607,6 +663,13 @@ def _scan(
             and peeked.meta.get("rules") == rules_key
         ):
             return _unchanged(opts, peeked, on_change), (peeked, peeked.ident)
+        if on_change is not None and only and _in_sight(only, rules):
+            # why on the keeper's word: it comes before the index is loaded and a changed
+            # file hashed (~20 ms of a 2k tree): the push's connection and helper start
+            # meanwhile. A path named that turns out unchanged (made and removed, written
+            # back as it was) costs a helper start no push uses
+            on_change()
+            on_change = None
         index = journal.load(state_dir / INDEX)
         if peeked is None or index.ident != peeked.ident:
             only = None  # not the index it vouched for
@@ -675,27 +738,15 @@ def _scan(
             index.write(old, old_inos, {**meta, "rules": rules_key}, [], {})
         return manifest, (index.entries, index.ident)
     manifest = Manifest(entries, Basis(key, prior))
-    digest, mtimes = int(meta["digest"], 16), int(meta["mtimes"], 16)
-    files, size = meta["files"], meta["bytes"]
-    for p, was in prior.items():
-        now = entries.get(p)
-        if was is not None:
-            digest -= content_hash(p, was)
-            mtimes -= mtime_hash(p, was)
-            if was.type == "f":
-                files -= 1
-                size -= was.size
-        if now is not None:
-            digest += content_hash(p, now)
-            mtimes += mtime_hash(p, now)
-            if now.type == "f":
-                files += 1
-                size += now.size
+    # the index's sums moved by what changed: the old entries' hashes out, the new ones' in,
+    # each side summed in one pass (a first scan into a seeded index changes every path)
+    out = hash_sums((p, was) for p, was in prior.items() if was is not None)
+    got = hash_sums((p, entries[p]) for p in prior if p in entries)
     new_meta = {
-        "digest": _hex(digest),
-        "mtimes": _hex(mtimes),
-        "files": files,
-        "bytes": size,
+        "digest": _hex(int(meta["digest"], 16) - out[0] + got[0]),
+        "mtimes": _hex(int(meta["mtimes"], 16) - out[1] + got[1]),
+        "files": meta["files"] - out[2] + got[2],
+        "bytes": meta["bytes"] - out[3] + got[3],
         "rules": rules_key,
     }
     manifest._preset(new_meta)

@@ -10,12 +10,13 @@ import pathspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.sync.diff import diff_manifests
+from reconciler.sync.diff import changes_of, diff_manifests
 from reconciler.sync.engine import push
 from reconciler.sync.entry import content_hash, mtime_hash
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
     CHUNK,
+    Basis,
     Entry,
     Manifest,
     hash_file,
@@ -111,6 +112,32 @@ class TestDigest:
             "bb07562a7e26f35bea40dcf7e6a367f659db21337e11072959ce7d9d19e95bd1",
         )
 
+    def test_a_scan_that_changes_most_of_the_tree_moves_the_index_to_a_fresh_scans_digests(
+        self, site: Site
+    ) -> None:
+        write(site.local / "seed.txt", "seed\n")
+        write(site.local / "kept.txt", "kept")
+        write(site.local / "edited.txt", "old")
+        scan_local(site.opts())
+        (site.local / "seed.txt").unlink()
+        write(site.local / "edited.txt", "new bytes")
+        os.utime(site.local / "edited.txt", ns=(5, 5))
+        for i in range(40):
+            write(site.local / f"d{i % 4}" / f"f{i}.txt", "x" * i)
+        os.symlink("kept.txt", site.local / "link")
+        m = scan_local(site.opts())
+        assert m.basis is not None and len(m.basis.old) > len(m.entries) // 2
+        fresh = Manifest(dict(m.entries))
+        assert (m.key, m.file_count, m.total_bytes) == (
+            fresh.key,
+            fresh.file_count,
+            fresh.total_bytes,
+        )
+        # the index holds them too: a scan from it finds nothing changed
+        again = scan_local(site.opts())
+        assert again.basis is not None and not again.basis.old
+        assert again.meta() == fresh.meta()
+
 
 def _f(ref: str, mode: int = 0o644, mtime: int = 1) -> Entry:
     return Entry("f", len(ref), mtime, mode, ref)
@@ -162,6 +189,20 @@ class TestDiff:
         assert plan.metas == ("mode",)
         assert plan.replaces == ("link", "swap")
         assert plan.upload_bytes == 2 + 1
+
+    def test_a_basis_plans_its_paths_alone_whether_it_names_some_or_every_path(self) -> None:
+        d = Entry("d", 0, 0, 0o755, "")
+        local = Manifest({"d": d, "d/a": _f("a2"), "b": _f("b"), "c": _f("c")})
+        # every path changed (and one gone): the whole tree against what the basis held
+        every = Basis(("k", "m"), {"d": None, "d/a": _f("a1"), "b": None, "c": None, "z": _f("z")})
+        previous, plan = changes_of(local, every, self.rules)
+        assert previous.entries == {"d/a": _f("a1"), "z": _f("z")}
+        assert plan == diff_manifests(local, previous, self.rules)
+        assert (plan.uploads, plan.deletes) == (("b", "c", "d", "d/a"), ("z",))
+        # some paths: the others are neither uploaded nor compared
+        some = Basis(("k", "m"), {"d/a": _f("a1"), "z": _f("z")})
+        previous, plan = changes_of(local, some, self.rules)
+        assert (plan.uploads, plan.deletes) == (("d/a",), ("z",))
 
 
 def test_load_rules_without_a_ukcignore_uses_the_spec_only(tmp_path: Path) -> None:
