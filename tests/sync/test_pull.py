@@ -6,9 +6,9 @@ import dataclasses
 import hashlib
 import io
 import os
+import pickle
 import resource
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -475,6 +475,18 @@ class StallingShell(CraftedShell):
         return StallingProcess(self.stream, self.marker)
 
 
+_PULL_UNTIL_KILLED = """
+import pickle, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+from reconciler.sync.pull import pull
+from tests.sync.test_pull import StallingShell
+base = Path(sys.argv[1])
+opts = pickle.loads((base / "opts").read_bytes())
+pull(StallingShell((base / "stream").read_bytes(), base / "stalled"), opts)
+"""
+
+
 def test_a_pull_killed_in_the_middle_of_a_file_leaves_nothing_of_it_behind(
     crafted_world: Site,
 ) -> None:
@@ -488,21 +500,21 @@ def test_a_pull_killed_in_the_middle_of_a_file_leaves_nothing_of_it_behind(
         + struct.pack(">I", len(half))
         + half
     )
-    shell = StallingShell(stream, marker)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: pulls until it is killed
-        try:
-            pull(shell, world.opts(back=BACK))
-        finally:
-            os._exit(0)
+    (world.base / "stream").write_bytes(stream)
+    (world.base / "opts").write_bytes(pickle.dumps(world.opts(back=BACK)))
+    # a process of its own (not a fork of this threaded one), killed while it waits for bytes
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PULL_UNTIL_KILLED, str(world.base)],
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         deadline = time.monotonic() + 30
-        while not marker.exists() and time.monotonic() < deadline:
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert marker.exists()
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        child.kill()
+        child.wait()
     # the file's bytes went to an unnamed file: no temp name for a later pull to sweep
     assert sorted(os.listdir(world.local / "out")) == [".keep"]
 
