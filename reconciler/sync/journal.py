@@ -193,12 +193,7 @@ def _least_bytes(paths: Collection[str]) -> int:
 
 def _line(obj: dict[str, Any]) -> bytes:
     # ASCII (non-UTF-8 names travel as \udcXX escapes), one object per line
-    return _ENCODE(obj).encode("ascii") + b"\n"
-
-
-#: lines are trees of fresh dicts and lists around entries (never a cycle): no marker per
-#: container (~10% of encoding a 100,000-entry state)
-_ENCODE = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+    return json.dumps(obj, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 _CACHE: dict[Path, Journal] = {}
