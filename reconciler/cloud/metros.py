@@ -35,6 +35,7 @@ __all__ = [
     "MetroRegistry",
     "local_metro_status",
     "metro_label",
+    "running_local_metro",
     "start_local_metro",
     "stop_local_metro",
     "warm_up",
@@ -96,7 +97,9 @@ class MetroRegistry:
         return MetroConnection(label, api, Reach(context, trust_store=store), local=False)
 
     def _open_local(self) -> MetroConnection:
-        info = start_local_metro(self._local_state_dir)
+        info = running_local_metro(self._local_state_dir) or start_local_metro(
+            self._local_state_dir
+        )
         context = ssl.create_default_context(cafile=str(info.ca_path))
         edge_host = info.edge_host
         state_dir = info.state_dir
@@ -131,6 +134,13 @@ def start_local_metro(state_dir: Path | None = None) -> MetroInfo:
     from reconciler.local import daemon  # the emulator is loaded only when a metro needs it
 
     return daemon.ensure_running(state_dir)
+
+
+def running_local_metro(state_dir: Path | None = None) -> MetroInfo | None:
+    """The local metro whose daemon runs, as its own record says (nothing asked of it)."""
+    from reconciler.local import daemon
+
+    return daemon.running(state_dir)
 
 
 def stop_local_metro(state_dir: Path | None = None) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "default_state_dir",
     "ensure_running",
     "private_dir",
+    "running",
     "status",
     "stop",
 ]
@@ -145,6 +146,17 @@ def _is_metro_process(pid: int) -> bool:
     return b"reconciler.local" in cmdline and b"serve" in cmdline
 
 
+def _started_for(pid: int, state_dir: Path) -> bool:
+    """Whether `pid` is a metro daemon started for `state_dir` (as `ensure_running` starts
+    one): a stale metro.json's pid may since be another process, or another dir's metro."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    want = [b"reconciler.local", b"serve", b"--state-dir", os.fsencode(state_dir)]
+    return any(args[i : i + 4] == want for i in range(len(args) - 3))
+
+
 def _read_info(state_dir: Path) -> MetroInfo | None:
     try:
         raw = json.loads((state_dir / "metro.json").read_text())
@@ -187,6 +199,21 @@ def status(state_dir: Path | None = None) -> MetroInfo | None:
     except (OSError, ValueError):
         return None
     if data.get("data", {}).get("pid") != info.pid:
+        return None
+    return info
+
+
+def running(state_dir: Path | None = None) -> MetroInfo | None:
+    """The metro `state_dir`'s metro.json names while the daemon that wrote it runs, asked
+    nothing (`status` asks it; None here means: ask, or start one as `ensure_running` does).
+
+    why: the daemon writes metro.json once it listens, and it names its own pid; a live
+    process with that pid, started for this state dir, is that daemon (a request to it cost
+    a command 5-10 ms before its instance list could go)."""
+    sd = (state_dir or default_state_dir()).resolve()
+    private_dir(sd)
+    info = _read_info(sd)
+    if info is None or not _daemon_alive(info.pid) or not _started_for(info.pid, sd):
         return None
     return info
 

@@ -36,6 +36,9 @@ class CreateInstance:
     instance_name: str
     metro: str
     reason: str
+    #: planned from the records' word before the list answered (the apply's first look): a
+    #: name already taken is the list's to judge (the next round), never adopted here
+    unlisted: bool = False
 
     def describe(self) -> str:
         return f"create instance {self.instance_name} on metro {self.metro} ({self.reason})"

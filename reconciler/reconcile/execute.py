@@ -75,6 +75,8 @@ class SessionOutcome:
     changed: bool = False
     #: stopped by Ctrl-C (recorded as phase `Interrupted`, not `Failed`)
     interrupted: bool = False
+    #: an unlisted create found its name taken: nothing was done, the next round plans it
+    deferred: bool = False
 
 
 @dataclass
@@ -228,6 +230,10 @@ class Executor:
                     self.in_flight[name] = action
                 try:
                     self._dispatch(action, ctx, run, redact, outcome)
+                except _NameTakenError:
+                    outcome.deferred = True
+                    outcome.changed = False
+                    break
                 except errors.StoppedByUserError:
                     self._interrupted(name, outcome, action, done, splan.actions[index + 1 :])
                     break
@@ -429,6 +435,9 @@ class Executor:
         nonce = sessionkeys.new_nonce() if owner.key_root is not None else None
         key_tags = (sessionkeys.key_tag(nonce),) if nonce is not None else ()
         fields = run.kind.create_fields(credentials_for(self.group, session, owner.key_root, nonce))
+        with self.doc_lock:
+            kept = self.doc.sessions.get(session)
+            before = kept.model_copy(deep=True) if kept is not None else None
         rec = self._record(session)
         with self.doc_lock:
             # Journal the intent before the side effect: a lost answer is then adopted, not
@@ -472,7 +481,18 @@ class Executor:
             # the platform reclaims the instance even when no ukc runs again
             autokill_ms=ctx.desired.autokill_ms,
         )
-        self._create_when_free(conn, request, session, rec.instance)
+        try:
+            self._create_when_free(conn, request, session, rec.instance, unlisted=action.unlisted)
+        except _NameTakenError:
+            # nothing was made: the record goes back to what it said (saved as the session
+            # ends), and the next round's list says what the instance is
+            with self.doc_lock:
+                if before is None:
+                    self.doc.sessions.pop(session, None)
+                else:
+                    self.doc.sessions[session] = before
+            self._say(session, "info", f"instance {action.instance_name} exists: left to the list")
+            raise
         run.inst = self._await_up(conn, action.instance_name, session, before=None)
         # an adopted instance (a lost create answer of an earlier run) carries its own nonce
         run.credentials = instance_credentials(self.group, session, owner, run.inst)
@@ -484,9 +504,13 @@ class Executor:
         request: CreateRequest,
         session: str,
         intent: InstanceRecord | None,
+        *,
+        unlisted: bool = False,
     ) -> None:
         """Create; while the name is still held by an instance on its way out (deletes are
-        asynchronous: a replaced or retained one), wait for it and try again."""
+        asynchronous: a replaced or retained one), wait for it and try again. `unlisted`: a
+        name held by any other instance raises `_NameTakenError` (never adopted, never refused
+        here: the create was planned before the list answered, and the list judges it)."""
         name = request.name
         held_by = [""]
 
@@ -508,6 +532,8 @@ class Executor:
                             "its delete to finish"
                         ) from None
                     return None
+                if unlisted:
+                    raise _NameTakenError(name) from None
                 # A create whose answer was lost made it, or someone else holds the name:
                 # adopt only what the ownership rule proves ours (the intent journaled
                 # before has no uuid, so only the owner tag can prove it).
@@ -646,8 +672,8 @@ class Executor:
             time.sleep(0.5)
 
     def forget_local(self, action: actions.DeleteInstance) -> None:
-        """The local half of a delete: journal it, and with `forget` drop the session's
-        credentials and sync records."""
+        """The local half of a delete: journal it (in the document: the caller saves it), and
+        with `forget` drop the session's credentials and sync records."""
         rec = self._record(action.session)
         with self.doc_lock:
             if rec.instance is not None:
@@ -667,7 +693,7 @@ class Executor:
                 sync_engine.forget(ctx.sync_options)
             else:
                 _forget_sync_dir(self.group.state_dir / "sync" / action.session)
-        self.save()
+        # not saved here: the caller writes the document once its session is done
 
     # -- work in the sandbox ---------------------------------------------------------------
 
@@ -974,6 +1000,10 @@ class Executor:
                 f"sync-back of session {name!r} {stopped}; "
                 f"{result.files_written} file(s) brought back were kept, no deletions mirrored"
             )
+
+
+class _NameTakenError(Exception):
+    """An unlisted create found its name held by an instance not on its way out."""
 
 
 def _stopped_since(inst: Instance, before: Instance | None) -> bool:

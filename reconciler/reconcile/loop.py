@@ -22,6 +22,7 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from reconciler import errors
 from reconciler._util.fanout import each
@@ -47,7 +48,7 @@ from reconciler.reconcile.observe import (
     scan_ahead,
     start_listing,
 )
-from reconciler.reconcile.plan import plan_delete, plan_sessions
+from reconciler.reconcile.plan import plan_delete, plan_sessions, recorded_without_instance
 from reconciler.reconcile.wake import wake
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
@@ -70,6 +71,8 @@ __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_gr
 #: the most session threads one round starts (`--concurrency`'s own maximum): the sessions
 #: beyond the concurrency wait for a slot, or for their instance to boot
 SESSION_THREADS_MAX = 64
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -217,6 +220,7 @@ def _plan(
         prune=prune,
         claimed=obs.claimed,
         only_files=only_files,
+        listed=obs.listed,
     )
 
 
@@ -594,13 +598,7 @@ def _worth_a_glance(group: Group, doc: StatusDoc, only: set[str] | None) -> bool
         name = loaded.spec.name
         if only is not None and name not in only:
             continue
-        rec = doc.sessions.get(name)
-        if (
-            rec is None
-            or rec.instance is None
-            or rec.instance.state == "deleted"
-            or rec.phase in ("Deleted", "Expired")
-        ):
+        if recorded_without_instance(doc.sessions.get(name)):
             return True
     return False
 
@@ -626,33 +624,57 @@ def _create_ahead(
     trees. None when the look plans nothing; else that observation and plan (only the
     sessions worked on) and their outcomes. The first round observes again, instances and
     trees (re-statting only what changed since this scan), and plans the rest; with the
-    same `listing` (the list started for it) when this look made nothing."""
+    same `listing` (the list started for it) when this look made nothing.
+
+    why the look does not wait for the list: the create is the first step of the longest
+    path (boot, sshd, key); the records say which sessions have no instance, and a create
+    whose name is taken after all changes nothing and is left to the round's list
+    (`CreateInstance.unlisted`)."""
     owner, salt = _identity(group, environ)
-    obs = observe(
-        group,
-        doc,
-        metros,
-        environ,
-        owner=owner,
-        salt=salt,
-        only=only,
-        scan=False,
-        glance=True,
-        listing=listing,
-    )
-    plan = _plan(obs.desired, obs, doc, now(), prune=False, only_files=group.only_files)
-    work = [s for s in plan.sessions if s.changes]
+
+    def look(listed: bool) -> tuple[Observation, actions.Plan, list[actions.SessionPlan]]:
+        seen = observe(
+            group,
+            doc,
+            metros,
+            environ,
+            owner=owner,
+            salt=salt,
+            only=only,
+            scan=False,
+            glance=True,
+            listing=listing,
+            listed=listed,
+        )
+        planned = _plan(seen.desired, seen, doc, now(), prune=False, only_files=group.only_files)
+        return seen, planned, [s for s in planned.sessions if s.changes]
+
+    obs, plan, work = look(listed=False)
     if not work:
         return None
-    names = {s.session for s in work}
-    desired = [d for d in obs.desired if d.name in names]
-    _check_quota(plan, desired, obs, metros, reporter)
+    desired = [d for d in obs.desired if d.name in {s.session for s in work}]
+    shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+    if shortfalls:
+        # the records' word counts a create for an instance that may exist (a lost status
+        # file): a refusal is the list's to make
+        obs, plan, work = look(listed=True)
+        if not work:
+            return None
+        desired = [d for d in obs.desired if d.name in {s.session for s in work}]
+        shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+    _refuse_short(shortfalls, unread, reporter)
     executor = executor_for(obs)
     unfinished.in_flight = executor.in_flight
     finished = _run_sessions(
         executor, work, concurrency, stop, reporter, meanwhile=lambda: scan_ahead(group, only)
     )
-    obs.desired = desired
+    # a session whose instance existed after all did nothing here: the round plans it whole
+    left = {o.session for o in finished if o.deferred}
+    finished = [o for o in finished if o.session not in left]
+    work = [s for s in work if s.session not in left]
+    if not work:
+        return None
+    obs.desired = [d for d in desired if d.name not in left]
     return obs, dataclasses.replace(plan, sessions=tuple(work)), finished
 
 
@@ -679,7 +701,11 @@ def _check_quota(
 ) -> None:
     """Before anything is created or woken: a fan-out the quota cannot hold fails whole,
     rather than half-made with the rest refused one by one."""
-    shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
+    _refuse_short(*_quota_shortfalls(plan, desired, obs, metros), reporter)
+
+
+def _refuse_short(shortfalls: list[str], unread: list[str], reporter: Reporter) -> None:
+    """Say which quotas were not read, and refuse the apply when a shortfall was found."""
     for text in unread:
         reporter.event(Event("ukc", "notice", f"warning: {text}"))
     if shortfalls:
@@ -984,12 +1010,18 @@ def delete_group(
         # why nothing on a lost lease: deletes are one request each, by proven uuid
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
+        # the volumes are listed while the instances are: two round trips at once
+        volumes = _in_background(
+            lambda: observe_volumes(
+                metros, owner.project, (metro_label(s.spec.metro) for s in group.sessions)
+            ),
+            "ukc-volumes",
+        )
         # why no scan: a delete needs the sessions' names, not their trees (a big tree took
         # most of a `ukc delete`)
         obs = observe(group, doc, metros, environ, owner=owner, salt=salt, scan=False)
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
-        vols = observe_volumes(metros, obs.project, (d.metro for d in obs.desired))
-        the_plan = plan_delete(triples, obs.instances, doc, obs.owner, vols)
+        the_plan = plan_delete(triples, obs.instances, doc, obs.owner, volumes.result())
         executor = Executor(
             group=group,
             doc=doc,
@@ -999,6 +1031,9 @@ def delete_group(
             doc_lock=threading.Lock(),
         )
         ok = True
+        #: the document changed since the executor last wrote it (a session's run writes it
+        #: whole: the file is written once per delete, not once per step)
+        unsaved = False
         for splan in the_plan.sessions:
             if splan.refusal is not None:
                 ok = False
@@ -1006,9 +1041,11 @@ def delete_group(
                 record.phase = "Failed"
                 record.message = splan.refusal.reason
                 reporter.event(Event(splan.session, "failed", splan.refusal.reason))
+                unsaved = True
                 continue
             if splan.actions:
                 ok = executor.run_session(splan).ok and ok
+                unsaved = False
                 if ok:
                     reporter.event(Event(splan.session, "done", "deleted"))
                 continue
@@ -1018,6 +1055,22 @@ def delete_group(
                 splan.session, desired.instance_name, desired.metro, "already gone"
             )
             executor.forget_local(gone)
+            unsaved = True
             reporter.event(Event(splan.session, "done", "already deleted"))
-        journal.save(group.status_path, doc)
+        if unsaved:
+            journal.save(group.status_path, doc)
         return ok
+
+
+def _in_background(job: Callable[[], _T], name: str) -> Future[_T]:
+    """`job` run on a thread of its own; its result (or error) when asked."""
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(job())
+        except BaseException as err:  # handed to whoever asks for the result
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

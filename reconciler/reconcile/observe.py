@@ -62,6 +62,9 @@ class Observation:
     #: uuids of instances still listed that this checkout's status records as deleted: on
     #: their way out (a delete does not wait for the name), never claimed by a session
     dying: frozenset[str] = frozenset()
+    #: False: the list was not waited for (the apply's first look plans from the records'
+    #: word): no instance is known, and `dying` holds every uuid the records say was deleted
+    listed: bool = True
 
     def woke(self, session: str, inst: Instance) -> None:
         """`session`'s instance as it runs once woken: what the next plan sees."""
@@ -82,6 +85,7 @@ def observe(
     scan: bool = True,
     glance: bool = False,
     listing: Listing | None = None,
+    listed: bool = True,
 ) -> Observation:
     """List owned instances (one list per metro in use) while the local trees are scanned
     (not without `scan`: a delete reads nothing of them; with `glance`, the trees are only
@@ -98,6 +102,9 @@ def observe(
 
     `listing`: the list of this observation, started by `start_listing` with the same
     arguments (the caller started it as soon as it held the status lock).
+
+    Without `listed` the list is not waited for (it goes on for a later observation): the
+    sessions are built as if no instance were listed (`Observation.listed`).
     """
     project = owner.project
     wanted = _wanted(group, only)
@@ -122,7 +129,11 @@ def observe(
                 environ,
                 salt,
                 hint.changed if hint is not None else None,
-                functools.partial(listing.named, identity.instance_name(project, name)),
+                (
+                    functools.partial(listing.named, identity.instance_name(project, name))
+                    if listed
+                    else _unlisted
+                ),
                 scan=scan,
             )
             if glance and not scan:
@@ -138,6 +149,18 @@ def observe(
     except BaseException:
         listing.wait()
         raise
+    if not listed:
+        return Observation(
+            project=project,
+            owner=owner,
+            desired=[c.desired for c in contexts.values()],
+            contexts=contexts,
+            instances={},
+            claimed={},
+            halted=halted,
+            dying=listing.recorded_deleted,
+            listed=False,
+        )
     instances, claimed, _metro_of, dying = listing.result()
     listing.hinted()
     return Observation(
@@ -150,6 +173,10 @@ def observe(
         halted=halted,
         dying=dying,
     )
+
+
+def _unlisted() -> Instance | None:
+    return None
 
 
 def scan_ahead(group: Group, only: set[str] | None = None) -> None:
@@ -215,6 +242,11 @@ class Listing:
 
     def start(self) -> None:
         _LIST_THREADS.run(self._run)
+
+    @property
+    def recorded_deleted(self) -> frozenset[str]:
+        """The uuids the status file records as deleted (never adopted, listed or not)."""
+        return frozenset(self._deleted)
 
     def tell(self, hints: list[_Hint]) -> None:
         """Tell `hints` when the list ends (one told after it ended learns it when its scan

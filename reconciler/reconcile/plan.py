@@ -39,6 +39,7 @@ __all__ = [
     "parse_time",
     "plan_delete",
     "plan_sessions",
+    "recorded_without_instance",
 ]
 
 #: states in which the instance will serve us once woken or booted, without a start request
@@ -143,19 +144,36 @@ def _create_reason(desired: DesiredSession, record: SessionStatus | None) -> str
     return "instance deleted out of band"
 
 
+def recorded_without_instance(record: SessionStatus | None) -> bool:
+    """Whether the status file says the session has no instance (none made yet, deleted)."""
+    return (
+        record is None
+        or record.instance is None
+        or record.instance.state == "deleted"
+        or record.phase in ("Deleted", "Expired")
+    )
+
+
 def _plan_unscanned(
     desired: DesiredSession,
     inst: Instance | None,
     record: SessionStatus | None,
     now: float,
+    listed: bool = True,
 ) -> actions.SessionPlan:
     """A session seen before its tree was scanned (the apply's first look, taken while the
     trees are scanned): only a missing instance is made and waited for, so its boot overlaps
     the scan; everything else waits for the observation with the tree. Nothing is made for a
     session that would not get one then (expired, a tree that may not sync, a command that
-    cannot run)."""
+    cannot run).
+
+    Not `listed` (the look does not wait for the list): missing by the records' word, and the
+    create says so (`CreateInstance.unlisted`): a name found taken is left to the next
+    round's list."""
     name = desired.name
     later = ("waits for its tree's scan",)
+    if not listed and not recorded_without_instance(record):
+        return actions.SessionPlan(name, (), later)
     if inst is not None or _expired_while_gone(desired, inst, record, now) is not None:
         return actions.SessionPlan(name, (), later)
     if record is not None and record.phase == "Expired" and record.spec_hash == desired.spec_hash:
@@ -165,7 +183,11 @@ def _plan_unscanned(
     if desired.secrets_missing and desired.commands:
         return actions.SessionPlan(name, (), later)  # a new instance runs them all: refused
     create = actions.CreateInstance(
-        name, desired.instance_name, desired.metro, _create_reason(desired, record)
+        name,
+        desired.instance_name,
+        desired.metro,
+        _create_reason(desired, record),
+        unlisted=not listed,
     )
     # a new instance is always pushed to (`_plan_session`)
     wait = actions.WaitReady(name, desired.instance_name, desired.transport, push_follows=True)
@@ -178,12 +200,13 @@ def _plan_session(
     record: SessionStatus | None,
     now: float,
     owner: identity.Owner,
+    listed: bool = True,
 ) -> actions.SessionPlan:
     name = desired.name
     acts: list[actions.Action] = []
     noops: list[str] = []
-    if not desired.tree.scanned:
-        return _plan_unscanned(desired, inst, record, now)
+    if not desired.tree.scanned or not listed:
+        return _plan_unscanned(desired, inst, record, now, listed)
 
     if inst is not None:
         proof = identity.prove(inst, owner, name, record.instance if record else None)
@@ -568,6 +591,7 @@ def plan_sessions(
     prune: bool = False,
     claimed: Mapping[str, Instance] | None = None,
     only_files: frozenset[str] | None = None,
+    listed: bool = True,
 ) -> actions.Plan:
     """Plan every desired session; with `prune`, also delete our instances no spec declares.
 
@@ -578,9 +602,15 @@ def plan_sessions(
     ownership; an inventoried one without proof is refused, not deleted. With `only_files`
     (the names of the spec files given, not their whole directory), a session another spec
     file declared when it was last applied is not reported as an orphan.
+
+    Not `listed`: `observed` is not known yet (the apply's first look, planned from the
+    records' word while the list is in flight): only missing instances are made
+    (`_plan_unscanned`), nothing else is planned.
     """
     sessions = tuple(
-        _plan_session(d, observed.get(d.instance_name), status.sessions.get(d.name), now, owner)
+        _plan_session(
+            d, observed.get(d.instance_name), status.sessions.get(d.name), now, owner, listed
+        )
         for d in desired
     )
     prunes: list[actions.DeleteInstance] = []

@@ -6,9 +6,18 @@ from __future__ import annotations
 from dataclasses import replace
 
 from reconciler.reconcile import actions
-from reconciler.reconcile.desired import TreeState
-from reconciler.status.schema import InstanceRecord, SessionStatus
-from tests.support.planning import converged_record, desired, instance, kinds, plan_one
+from reconciler.reconcile.desired import DesiredSession, TreeState
+from reconciler.reconcile.plan import plan_sessions
+from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc
+from tests.support.planning import (
+    NOW,
+    OWNER,
+    converged_record,
+    desired,
+    instance,
+    kinds,
+    plan_one,
+)
 
 UNSCANNED = TreeState(digest="", files=0, bytes=0, scanned=False)
 
@@ -78,3 +87,47 @@ class TestBeforeTheTreeIsScanned:
         )
         assert plan_one(d, None, gone).actions == ()
         assert kinds(plan_one(desired(ttl_s=60.0), None, gone)) == ["DeleteInstance"]
+
+
+def _unlisted(d: DesiredSession, rec: SessionStatus | None) -> actions.SessionPlan:
+    """The first look's plan made before the list answered (from the records' word)."""
+    doc = StatusDoc(sessions={d.name: rec} if rec is not None else {})
+    return plan_sessions([d], {}, doc, NOW, owner=OWNER, listed=False).sessions[0]
+
+
+class TestBeforeTheListAnswers:
+    def test_a_session_the_records_give_no_instance_is_created_and_the_create_says_unlisted(
+        self,
+    ) -> None:
+        d = desired(tree=UNSCANNED)
+        deleted = SessionStatus(
+            phase="Deleted", instance=InstanceRecord(name=d.instance_name, uuid="u-1")
+        )
+        for rec in (None, SessionStatus(), deleted):
+            p = _unlisted(d, rec)
+            assert kinds(p) == ["CreateInstance", "WaitReady"]
+            create = p.actions[0]
+            assert isinstance(create, actions.CreateInstance) and create.unlisted
+        # a create planned from a list is judged by it: no flag
+        listed = plan_one(d, None, None).actions[0]
+        assert isinstance(listed, actions.CreateInstance) and not listed.unlisted
+
+    def test_a_session_whose_records_name_an_instance_is_left_to_the_list(self) -> None:
+        # the records may be stale (deleted out of band); the list says so, not this look
+        d = desired(tree=UNSCANNED)
+        rec = converged_record(replace(d, tree=TreeState("tree1", 3, 30)), instance(d))
+        assert _unlisted(d, rec).actions == ()
+        assert (
+            _unlisted(
+                d, SessionStatus(instance=InstanceRecord(name=d.instance_name, uuid="u-1"))
+            ).actions
+            == ()
+        )
+
+    def test_what_the_first_look_would_not_make_it_does_not_make_unlisted_either(self) -> None:
+        halted = desired(tree=replace(UNSCANNED, halted="local root ./work is missing"))
+        assert _unlisted(halted, None).actions == ()
+        d = desired(tree=UNSCANNED, ttl_s=60.0)
+        assert _unlisted(d, SessionStatus(phase="Expired", spec_hash=d.spec_hash)).actions == ()
+        scanned = desired()  # a scanned tree planned without a list: still only the create
+        assert kinds(_unlisted(scanned, None)) == ["CreateInstance", "WaitReady"]

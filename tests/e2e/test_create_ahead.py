@@ -4,12 +4,15 @@ metro; the scan is held by a keeper with a fault knob, so the order is forced, n
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
-from reconciler.cloud.metros import MetroRegistry
+from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.local.daemon import MetroInfo
 from reconciler.reconcile import identity
 from reconciler.reconcile.desired import Group, load_groups
@@ -202,3 +205,117 @@ def test_a_session_apply_refuses_before_trying_gets_no_instance_made_ahead(
     assert why in result.failed["early"], result.failed
     name = _instance_name(group, env)
     assert all(i["name"] != name for i in ukc.instances()), "an instance was made for it"
+
+
+class _ListAfterCreate:
+    """The metro's API, but an instance list answers only once a create was sent (or after
+    `HELD_LIST_S`); `overlapped` records, per list, which."""
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+        self.created = threading.Event()
+        self.overlapped: list[bool] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+    def create_instance(self, request: Any) -> Any:
+        self.created.set()
+        return self._api.create_instance(request)
+
+    def list_instances(self, tags: list[str]) -> Any:
+        self.overlapped.append(self.created.wait(HELD_LIST_S))
+        return self._api.list_instances(tags)
+
+
+class _HeldLists:
+    """A metro registry handing out `_ListAfterCreate` APIs."""
+
+    def __init__(self, inner: MetroRegistry) -> None:
+        self.inner = inner
+        self.apis: dict[str, _ListAfterCreate] = {}
+
+    def get(self, metro: str) -> MetroConnection:
+        conn = self.inner.get(metro)
+        api = self.apis.setdefault(conn.label, _ListAfterCreate(conn.api))
+        return dataclasses.replace(conn, api=api)
+
+
+#: how long a held list waits for the create before it answers anyway
+HELD_LIST_S = 5.0
+
+
+def test_the_create_is_sent_before_the_first_list_answers(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    """The records say the session has no instance: the create goes out with the apply's
+    first list, not after it (the create is the first step of the boot, sshd, key path)."""
+    group = _group(ukc, env)
+    held = _HeldLists(metros)
+    held_metros: Any = held
+    result = apply_group(group, metros=held_metros, reporter=RecordingReporter(), environ=env)
+    try:
+        assert result.ok, result.failed
+        assert held.apis["local"].overlapped[0], "the first list answered before the create"
+        assert (ukc.project / "work" / "out" / "n").read_text().strip() == "20"
+    finally:
+        delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+
+
+def test_an_instance_of_ours_the_status_file_forgot_is_left_to_the_list_by_the_early_create(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    """The records say "no instance" but one of ours exists, stopped: the create made before
+    the list finds the name taken and adopts nothing (a stopped instance adopted as a new
+    boot would fail the session); the round's list starts it. One instance, and no record
+    of a create."""
+    group = _group(ukc, env)
+    name = _instance_name(group, env)
+    assert apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env).ok
+    uuid = ukc.status()["sessions"]["early"]["instance"]["uuid"]
+    with ukc.api() as client:
+        client.put("/v1/instances/stop", json=[{"uuid": uuid}]).raise_for_status()
+        client.request(
+            "GET",
+            "/v1/instances/wait",
+            json=[{"uuid": uuid, "state": "stopped", "timeout_s": 30}],
+        )
+    for status in (ukc.project / ".ukc").glob("status.json*"):
+        status.unlink()
+    reporter = RecordingReporter()
+    result = apply_group(group, metros=metros, reporter=reporter, environ=env)
+    try:
+        assert result.ok, result.failed
+        assert [i["uuid"] for i in ukc.instances() if i["name"] == name] == [uuid]
+        said = [e.text for e in reporter.events]
+        assert any(t.endswith("exists: left to the list") for t in said), said
+        assert not any("adopted" in t for t in said), said
+        kinds = [type(a).__name__ for a in result.plan.sessions[0].actions]
+        assert "CreateInstance" not in kinds and "StartInstance" in kinds, kinds
+        rec = ukc.status()["sessions"]["early"]
+        assert rec["phase"] == "Ready" and rec["instance"]["uuid"] == uuid
+        assert all(c["type"] != "InstanceCreated" for c in rec["conditions"])
+    finally:
+        delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+
+
+def test_an_account_at_its_instance_quota_is_not_refused_for_an_instance_that_exists(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    """The records' word ("no instance": the status file was lost) would count a create the
+    quota cannot hold; the instance exists, so the list, not that word, decides the refusal."""
+    group = _group(ukc, env)
+    name = _instance_name(group, env)
+    assert apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env).ok
+    for status in (ukc.project / ".ukc").glob("status.json*"):
+        status.unlink()
+    with ukc.api() as client:
+        used = client.get("/v1/users/quotas").json()["data"]["quotas"][0]["used"]["instances"]
+        client.post("/_local/quotas", json={"instances": used}).raise_for_status()
+        try:
+            result = apply_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+            assert result.ok, result.failed
+            assert len([i for i in ukc.instances() if i["name"] == name]) == 1
+        finally:
+            client.post("/_local/quotas", json={"instances": 5000}).raise_for_status()
+            delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)

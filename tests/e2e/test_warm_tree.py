@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.cli import warm
+from reconciler.sync.records import PUSH_RECORD
 from tests.support.synctree import snapshot
 from tests.support.ukc import Ukc
 
@@ -94,3 +95,36 @@ def test_plan_through_the_warm_process_is_told_what_changed_instead_of_walking(
     )
     last = warm.status(path)
     assert last is not None and last["scans_walked"] == after["scans_walked"]
+
+
+def test_a_path_named_between_warm_applies_but_unchanged_pushes_nothing_and_the_next_edit_arrives(
+    ukc: Ukc,
+) -> None:
+    """The keeper's word starts the push's connection and helper before the scan looks (a
+    running instance: `suspend: false`); when the path turns out unchanged, that helper is a
+    head start no push uses, and the next apply's push runs as ever."""
+    work = ukc.project / "work"
+    for i in range(10):
+        p = work / f"d{i % 2}" / f"f{i}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"content {i}\n")
+    ukc.write_spec(SPEC + "suspend: false\n")
+    ukc.run("apply", "session.yaml", check=0)
+    ukc.run("apply", "session.yaml", check=0)  # the keeper now vouches for the index
+    ws = ukc.workspace(ukc.status()["sessions"]["kept"]["instance"]["uuid"])
+    record = ukc.project / ".ukc" / "sync" / "kept" / PUSH_RECORD
+    pushed = record.stat()
+    path = work / "d1" / "f3.txt"
+    st = path.stat()
+    path.write_text("content 3\n")  # written back as it was
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (work / "d0" / "scratch.tmp").write_text("gone before the apply")
+    (work / "d0" / "scratch.tmp").unlink()
+    ukc.run("apply", "session.yaml", check=0)
+    again = record.stat()
+    assert (again.st_ino, again.st_size) == (pushed.st_ino, pushed.st_size), "it pushed"
+    ukc.run("plan", "session.yaml", "--detailed-exitcode", check=0)
+    (work / "d0" / "f4.txt").write_text("edited\n")
+    ukc.run("apply", "session.yaml", check=0)
+    assert _files(ws) == _files(work)
+    assert snapshot(ws) == snapshot(work)

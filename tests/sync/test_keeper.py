@@ -3,6 +3,7 @@ the index it vouches for, and nothing when it cannot vouch."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -225,3 +226,54 @@ def test_a_pull_after_a_keeper_told_scan_leaves_the_index_unloaded_and_the_next_
     assert (keeper.named, keeper.everything) == (named + 1, walked)  # told, no walk
     assert after.entries["src/f3.txt"].size == len("changed")
     assert (site.local / "out" / "r.txt").read_text() == "result"
+
+
+def _hints_of_a_command_scan(site: Site, **kw: object) -> tuple[int, Manifest]:
+    """A command's scan (as `_command_scan`) and the change hints it gave."""
+    journal._CACHE.clear()
+    opts = site.opts(**kw)
+    calls: list[int] = []
+    with feed.tracking([(opts.state_dir, site.local, opts.back_paths())]):
+        local = scan_local(opts, on_change=lambda: calls.append(1))
+    return len(calls), local
+
+
+def _pushed_and_kept(site: Site, **kw: object) -> Manifest:
+    push(site.shell, site.opts(**kw), instance_uuid="u1")
+    _command_scan(site, **kw)
+    return _command_scan(site, **kw)  # the keeper now vouches for this index
+
+
+def test_a_path_the_keeper_names_gives_the_hint_before_it_is_looked_at(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    """The push's connection opens on the keeper's word, not once the file is hashed; a path
+    named that turns out unchanged costs that head start and nothing else."""
+    write(site.local / "a.txt", "a")
+    write(site.local / "d" / "b.txt", "b")
+    before = _pushed_and_kept(site)
+    path = site.local / "d" / "b.txt"
+    st = path.stat()
+    path.write_text("b")  # written back as it was: named, not changed
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    hints, local = _hints_of_a_command_scan(site)
+    assert hints == 1
+    assert local.key == before.key
+    assert dict(local.entries) == dict(before.entries)
+
+
+def test_paths_the_keeper_names_under_an_excluded_directory_give_no_hint(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    write(site.local / "a.txt", "a")
+    write(site.local / "build" / "x" / "o.bin", "o")
+    write(site.local / "notes.log", "n")
+    _pushed_and_kept(site, exclude=("build/", "*.log"))
+    write(site.local / "build" / "x" / "o.bin", "o changed")
+    write(site.local / "build" / "new.bin", "new")
+    write(site.local / "notes.log", "more")
+    hints, _ = _hints_of_a_command_scan(site, exclude=("build/", "*.log"))
+    assert hints == 0
+    write(site.local / "a.txt", "a changed")
+    hints, local = _hints_of_a_command_scan(site, exclude=("build/", "*.log"))
+    assert hints == 1 and local.entries["a.txt"].size == len("a changed")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from reconciler.errors import LocalMetroError
+from reconciler.local.sandbox.forkserver import Launched
 from reconciler.local.sandbox.limits import Cgroup
 from reconciler.local.sandbox.pidns import PidNamespace, proc_state
 
@@ -34,7 +35,7 @@ _BOOT_RE = re.compile(r"^ready ([0-9a-f-]{36})$")
 @dataclass
 class Box:
     uuid: str
-    proc: asyncio.subprocess.Process
+    proc: Launched
     #: the console ring (agent and sshd stderr), kept by the runtime after the box is gone
     console: bytearray
     cgroup: Cgroup | None = None
@@ -121,9 +122,9 @@ class Box:
 
     def signal_all(self, sig: int) -> None:
         if self.proc.returncode is None:
-            # why: only while bwrap is unreaped is its pid (its process group) surely its own
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)
+            # why: the launch server signals its group only while bwrap is unreaped (its pid
+            # surely its own then)
+            self.proc.killpg(sig)
         if self.pid_ns is not None:
             self.pid_ns.signal_init(sig)
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import marshal
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -53,6 +51,7 @@ from reconciler.local.sandbox.files import (
     remove_tree,
     reset_memory_workspace,
 )
+from reconciler.local.sandbox.forkserver import LaunchServer
 from reconciler.local.sandbox.handoff import listen_unix, pipe_with
 from reconciler.local.sandbox.hostids import HostIds, IdRange
 from reconciler.local.sandbox.layout import WORKSPACE, Mount, SandboxLayout
@@ -63,7 +62,6 @@ __all__ = ["DEFAULT_MAX_PIDS", "DEFAULT_MEMORY_MB", "SandboxRuntime"]
 log = logging.getLogger(__name__)
 
 SSHD = "/usr/sbin/sshd"
-LAUNCHER = Path(__file__).resolve().with_name("launch.py")
 READY_TIMEOUT_S = 15.0
 CONNECT_ACK_TIMEOUT_S = 10.0
 STREAM_LIMIT = 256 * 1024
@@ -103,6 +101,7 @@ class SandboxRuntime:
         self._ids = host_ids if host_ids is not None else HostIds() if self._privileged else None
         self._limiter = limiter
         self._boxes: dict[str, Box] = {}
+        self._launcher = LaunchServer(dict(BASE_ENV))
         self._consoles: dict[str, bytearray] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         #: sandboxes whose /workspace lives in memory: a stop loses it
@@ -154,6 +153,10 @@ class SandboxRuntime:
         if box.proc.returncode is None:
             members.append(box.proc.pid)
         return sorted(set(members))
+
+    def launch_server_pid(self) -> int | None:
+        """The pid of the process that forks every sandbox's launcher; for tests."""
+        return self._launcher.pid
 
     def is_frozen(self, uuid: str) -> bool:
         box = self._boxes.get(uuid)
@@ -287,17 +290,8 @@ class SandboxRuntime:
                 "workspace": str(ws),
                 "files": files,
             }
-            owned.append(pipe_with(marshal.dumps(plan)))
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", str(LAUNCHER), str(owned[-1]),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=dict(BASE_ENV),
-                pass_fds=(*fds.values(), owned[-2], owned[-1]),
-                start_new_session=True,
-                limit=STREAM_LIMIT,
-            )  # fmt: skip
+            passed = (*fds.values(), owned[-1])
+            proc = await self._launcher.launch(plan, {fd: fd for fd in passed})
         except (OSError, LocalMetroError) as exc:
             for fd in owned:
                 with contextlib.suppress(OSError):
@@ -443,6 +437,7 @@ class SandboxRuntime:
     async def close(self) -> None:
         """Stop every sandbox (the daemon's shutdown) and unmount the volumes' filesystems."""
         await asyncio.gather(*(self.stop(u) for u in list(self._boxes)), return_exceptions=True)
+        await self._launcher.close()
         self.layout.remove_control_dirs()
         await asyncio.to_thread(self._unmount_volumes)
 
