@@ -21,7 +21,6 @@ position it pushed: after scans that no push followed, the index lines since tha
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import operator
@@ -54,7 +53,6 @@ __all__ = [
     "Basis",
     "Entry",
     "Manifest",
-    "Opener",
     "halt_in_sight",
     "hash_file",
     "last_push_record",
@@ -71,30 +69,6 @@ CHUNK = 1 << 20
 #: file's place after it was listed would block the open until some writer came; with it the
 #: open returns, and the fstat that follows refuses anything but a regular file
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-
-#: how the scan opens a file it hashes: also without updating its access time. Reading a file
-#: written since it was last read writes its inode (relatime), ~1.4 us a file on ext4, and a
-#: sync tool's reads are not the user's. Refused (EPERM) on a file someone else owns, unless
-#: we may change its owner's attributes (root): the scan then opens as `READ_FLAGS` does
-SCAN_FLAGS = READ_FLAGS | getattr(os, "O_NOATIME", 0)
-
-
-class Opener:
-    """Opens files to read (`SCAN_FLAGS`), for one scan or push: after the first file that
-    refuses O_NOATIME, as `READ_FLAGS` (a tree someone else owns refuses it for every file)."""
-
-    def __init__(self) -> None:
-        self.flags = SCAN_FLAGS
-
-    def open(self, path: str) -> int:
-        try:
-            return os.open(path, self.flags)
-        except PermissionError as exc:
-            if exc.errno != errno.EPERM or self.flags == READ_FLAGS:
-                raise
-            self.flags = READ_FLAGS
-            return os.open(path, READ_FLAGS)
-
 
 #: a tuple of the five fields as an `Entry`, without a Python frame (a scan makes one per file)
 _new_entry: Callable[[tuple[str, int, int, int, str]], Entry] = functools.partial(
@@ -364,7 +338,6 @@ class _Scan:
             self.prev, self.prev_inos = prev, prev_inos
         self.changed: list[str] = []
         self.added = 0
-        self.open = Opener().open
         self.seen: set[str] = set()
         #: directories to walk afresh whatever the index says
         self.forced: set[str] = set()
@@ -478,7 +451,7 @@ class _Scan:
         # once per new file (100,000 on a first scan): `hash_file`'s small read, the entry's
         # tuple and `note`'s common case inline, with no call of their own
         try:
-            fd = self.open(path)
+            fd = os.open(path, READ_FLAGS)
         except OSError:
             return False
         try:

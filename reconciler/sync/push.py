@@ -29,7 +29,6 @@ from reconciler.sync.manifest import (
     Basis,
     Entry,
     Manifest,
-    Opener,
     last_push_record,
     push_meta,
     record_push,
@@ -167,8 +166,6 @@ class _Sender:
         self.root = root
         #: joined by string concatenation (a `Path` join per file cost more than its read)
         self.prefix = os.path.join(root, "")
-        #: small files' opens: no access time written (each file was just read by the scan)
-        self.open = Opener().open
         self.previous = previous
         self.files = 0
         self.bytes = 0
@@ -323,7 +320,7 @@ class _Sender:
         One read and one fstat after it: a write before or during the read moves the mtime
         that fstat then sees (a write after it does not matter: the bytes are read)."""
         try:
-            fd = self.open(self.prefix + path)
+            fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError as exc:
             self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
             return None

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pathspec
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reconciler
 from reconciler.sync.diff import changes_of, diff_manifests
 from reconciler.sync.engine import push
 from reconciler.sync.entry import content_hash, mtime_hash
@@ -43,56 +37,12 @@ class TestHashCache:
         os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
         assert scan_local(site.opts()).entries["a.txt"].ref == first
 
-    def test_a_scan_leaves_the_access_times_of_the_files_it_hashes_as_they_were(
-        self, site: Site
-    ) -> None:
-        p = write(site.local / "a.txt", "aaaa")
-        # read since written would update it (relatime): an access time older than the mtime
-        os.utime(p, ns=(10**9, p.stat().st_mtime_ns))
-        assert scan_local(site.opts()).entries["a.txt"].ref == hashlib.sha256(b"aaaa").hexdigest()
-        assert p.stat().st_atime_ns == 10**9
-
     def test_a_changed_mtime_causes_a_rehash(self, site: Site) -> None:
         p = write(site.local / "a.txt", "aaaa")
         first = scan_local(site.opts()).entries["a.txt"].ref
         p.write_text("bbbb")
         os.utime(p, ns=(1, 1))
         assert scan_local(site.opts()).entries["a.txt"].ref != first
-
-
-_SETPRIV = shutil.which("setpriv")
-
-
-@pytest.mark.skipif(
-    os.geteuid() != 0 or _SETPRIV is None, reason="needs root and setpriv to drop CAP_FOWNER"
-)
-def test_files_someone_else_owns_are_hashed_though_they_refuse_o_noatime(tmp_path: Path) -> None:
-    tree, state = tmp_path / "tree", tmp_path / "state"
-    data = {"mine.txt": b"mine", "theirs/a.txt": b"a" * 100, "theirs/b.txt": b"b"}
-    for rel, body in data.items():
-        write(tree / rel, body.decode())
-    for rel in ("theirs/a.txt", "theirs/b.txt"):
-        os.chown(tree / rel, 65534, 65534)
-    # root without CAP_FOWNER: O_NOATIME on a file it does not own is refused with EPERM
-    code = (
-        "import json, sys\n"
-        "from pathlib import Path\n"
-        "from reconciler.sync.manifest import scan_local\n"
-        "from reconciler.sync.options import SyncOptions\n"
-        "m = scan_local(SyncOptions(local_root=Path(sys.argv[1]), state_dir=Path(sys.argv[2])))\n"
-        "print(json.dumps({p: e.ref for p, e in m.entries.items() if e.type == 'f'}))\n"
-    )
-    assert _SETPRIV is not None
-    out = subprocess.run(
-        [_SETPRIV, "--bounding-set", "-fowner", sys.executable, "-c", code, str(tree), str(state)],
-        env={**os.environ, "PYTHONPATH": str(Path(reconciler.__file__).parents[1])},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert json.loads(out.stdout) == {
-        rel: hashlib.sha256(body).hexdigest() for rel, body in data.items()
-    }
 
 
 class TestIgnoreRules:

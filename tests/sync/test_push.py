@@ -40,19 +40,6 @@ class TestInitialPush:
         assert result.bytes_sent == scan_local(site.opts()).total_bytes
         assert result.remote_scanned is True
 
-    def test_a_push_leaves_the_access_times_of_the_files_it_sends_as_they_were(
-        self, site: Site
-    ) -> None:
-        # (the helper's path; shell+tar reads as any reader would)
-        p = write(site.local / "a.txt", "aaaa")
-        local = scan_local(site.opts())
-        # read since written would update it (relatime): an access time older than the mtime
-        os.utime(p, ns=(10**9, p.stat().st_mtime_ns))
-        result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
-        assert result.files_sent == 1
-        assert (site.remote / "a.txt").read_bytes() == b"aaaa"
-        assert p.stat().st_atime_ns == 10**9
-
     @BOTH_PATHS
     def test_modes_a_umask_would_strip_and_set_id_bits_arrive_exactly(self, site: Site) -> None:
         # the helper creates files with their final mode and skips fchmod when the umask keeps
