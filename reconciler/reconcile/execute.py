@@ -626,7 +626,10 @@ class Executor:
                 pin=pin,
             )
             rec.created_at = inst.created_at
-        self.save()
+        # not a write of its own: the session's next save holds it (its command's, or the
+        # one that closes its run). why: nothing irreversible depends on it before then (a
+        # run killed in between finds the instance by name: the create's intent is on disk),
+        # and in a fan-out each write is of every session's record
 
     def _delete(
         self, action: actions.DeleteInstance, ctx: SessionContext | None, run: _Run
@@ -827,7 +830,9 @@ class Executor:
             f"synced: {result.files_sent} file(s) sent ({human_size(result.bytes_sent)}), "
             f"{result.deleted} deleted" + (", remote scanned" if result.remote_scanned else ""),
         )
-        self.save()
+        # not a write of its own: the session's next save holds it (a command's record, on
+        # disk before anything after the command; or the one that closes the run); a run
+        # killed before then pushes again, which is safe to repeat
 
     def _run_command(
         self,
