@@ -108,6 +108,9 @@ class _Run:
     last_command: CommandRecord | None = None
     #: the sandbox's journal was removed before this execution's first change in it
     journal_cleared: bool = False
+    #: what an action did is journaled in the document but not yet on disk: written before
+    #: the session's next action, or by the save that closes its run
+    unsaved: bool = False
 
 
 class Executor:
@@ -223,6 +226,10 @@ class Executor:
                     isinstance(action, actions.SyncBack) and action.always
                 ):
                     continue
+                if run.unsaved:
+                    # what the last action did is on disk before the next one acts
+                    self.save()
+                    run.unsaved = False
                 if not _waited_before(action, done):
                     self._say(name, "action", action.describe())
                 started = self.clock()
@@ -917,7 +924,9 @@ class Executor:
             rec.sync.back_pending = bool(ctx.desired.back)
             self.ran.add((session, action.name))
         run.last_command = record
-        self.save()
+        # on disk before the session's next action (a sync-back, the next command), or with
+        # the save that closes the run: one write, not two, after a session's last command
+        run.unsaved = True
         if result.interrupted:
             raise errors.StoppedByUserError(
                 f"command {action.name!r} of session {session!r} was stopped (Ctrl-C)"
@@ -999,7 +1008,7 @@ class Executor:
             f"brought back {result.files_written} file(s) ({human_size(result.bytes_written)})"
             f"{removed}",
         )
-        self.save()
+        run.unsaved = True  # written as the command's record is
         if stopped:
             raise errors.SyncLimitError(
                 f"sync-back of session {name!r} {stopped}; "
