@@ -1,4 +1,5 @@
-"""`KeptThreads`: daemon threads kept to run short jobs one after another.
+"""`KeptThreads`: daemon threads kept to run short jobs one after another; `background`: one
+job on a thread of its own, its result asked for later; `together`: two jobs at once.
 
 why: starting a thread waits until the new thread runs, a scheduling delay of a millisecond or
 more on a loaded machine; a job handed to a thread kept idle starts without that wait. A job
@@ -12,8 +13,37 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
 
-__all__ = ["KeptThreads"]
+__all__ = ["KeptThreads", "background", "together"]
+
+_T = TypeVar("_T")
+
+
+def background(job: Callable[[], _T], name: str) -> Future[_T]:
+    """`job` run on a daemon thread of its own; its result (or its error) when asked."""
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(job())
+        except BaseException as err:  # handed to whoever asks for the result
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def together(aside: Callable[[], object], here: Callable[[], object], name: str) -> None:
+    """Run `aside` on a thread of its own while `here` runs on this one; return when both
+    ended (the error of `here` first, else that of `aside`). Why: two round trips to the same
+    peer (two channels of one connection) that need nothing of each other."""
+    other = background(aside, name)
+    try:
+        here()
+    finally:
+        other.result()
 
 
 class KeptThreads:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
+from reconciler._util.threads import together
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance, VolumeMount
@@ -743,11 +744,17 @@ class Executor:
         with self.doc_lock:
             if rec.instance is not None:
                 rec.instance.pin = transport.pin
-        if push_follows:
-            # the helper's interpreter starts in the sandbox while the boot is marked and the
-            # next round observes and plans the push (it finds the helper running)
-            sync_engine.start_ahead(transport, ctx.sync_options, instance_uuid=inst.uuid)
-        self._mark_boot(ctx.desired.name, run)
+        if not push_follows:
+            self._mark_boot(ctx.desired.name, run)
+            return
+        # the helper's interpreter starts in the sandbox while the boot is marked (the two on
+        # channels of their own, at once) and the next round observes and plans the push (it
+        # finds the helper running)
+        together(
+            lambda: sync_engine.start_ahead(transport, ctx.sync_options, instance_uuid=inst.uuid),
+            lambda: self._mark_boot(ctx.desired.name, run),
+            "ukc-helper-ahead",
+        )
 
     def _mark_boot(self, session: str, run: _Run) -> None:
         """Leave the boot marker on the first connection of a boot (`reconcile/bootmark.py`).

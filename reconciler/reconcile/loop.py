@@ -22,10 +22,10 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from reconciler import errors
 from reconciler._util.fanout import each
+from reconciler._util.threads import background
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, bootmark, identity, lease, quota, rebuild
@@ -71,8 +71,6 @@ __all__ = ["ApplyResult", "apply_group", "check_prune", "delete_group", "plan_gr
 #: the most session threads one round starts (`--concurrency`'s own maximum): the sessions
 #: beyond the concurrency wait for a slot, or for their instance to boot
 SESSION_THREADS_MAX = 64
-
-_T = TypeVar("_T")
 
 
 @dataclass
@@ -1011,7 +1009,7 @@ def delete_group(
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
         # the volumes are listed while the instances are: two round trips at once
-        volumes = _in_background(
+        volumes = background(
             lambda: observe_volumes(
                 metros, owner.project, (metro_label(s.spec.metro) for s in group.sessions)
             ),
@@ -1060,17 +1058,3 @@ def delete_group(
         if unsaved:
             journal.save(group.status_path, doc)
         return ok
-
-
-def _in_background(job: Callable[[], _T], name: str) -> Future[_T]:
-    """`job` run on a thread of its own; its result (or error) when asked."""
-    future: Future[_T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(job())
-        except BaseException as err:  # handed to whoever asks for the result
-            future.set_exception(err)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future

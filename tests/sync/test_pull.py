@@ -8,10 +8,12 @@ import io
 import os
 import resource
 import shutil
+import signal
 import stat
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -447,6 +449,86 @@ def test_a_forked_process_names_its_temp_files_with_its_own_pid() -> None:
     assert parent.split(".")[2] == str(os.getpid())
     assert child.split(".")[2] == str(pid)
     assert child.split(".")[3][:12] != parent.split(".")[3][:12]
+
+
+class StallingProcess(CraftedProcess):
+    """A crafted helper that, once its stream is read, says so (`marker`) and stalls."""
+
+    def __init__(self, stream: bytes, marker: Path) -> None:
+        super().__init__(stream)
+        self.marker = marker
+
+    def read(self, n: int = 65536) -> bytes:
+        data = super().read(n)
+        if not data:
+            self.marker.write_text("stalled")
+            time.sleep(60)
+        return data
+
+
+class StallingShell(CraftedShell):
+    def __init__(self, stream: bytes, marker: Path) -> None:
+        super().__init__(stream)
+        self.marker = marker
+
+    def start(self, command: str) -> StallingProcess:
+        return StallingProcess(self.stream, self.marker)
+
+
+def test_a_pull_killed_in_the_middle_of_a_file_leaves_nothing_of_it_behind(
+    crafted_world: Site,
+) -> None:
+    world = crafted_world
+    marker = world.base / "stalled"
+    hdr = {"path": "out/big.bin", "type": "f", "size": 3 << 20, "mode": 0o644, "mtime_ns": 1}
+    half = b"x" * 65536
+    stream = (
+        encode_frame({"boot_id": "b", "fresh": False, "has_record": False})
+        + encode_frame(hdr)
+        + struct.pack(">I", len(half))
+        + half
+    )
+    shell = StallingShell(stream, marker)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: pulls until it is killed
+        try:
+            pull(shell, world.opts(back=BACK))
+        finally:
+            os._exit(0)
+    try:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marker.exists()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    # the file's bytes went to an unnamed file: no temp name for a later pull to sweep
+    assert sorted(os.listdir(world.local / "out")) == [".keep"]
+
+
+def test_a_file_is_written_through_a_temp_name_where_it_cannot_be_unnamed(
+    crafted_world: Site,
+) -> None:
+    from reconciler.sync.pull import _TMP, _Puller, _Tree
+
+    world = crafted_world
+    tree = _Tree(world.local)
+    try:
+        puller = _Puller(None, world.opts(back=BACK), tree, "")
+        pfd = tree.dir("out")
+        for unnamed, name in ((True, "a.txt"), (False, "b.txt")):
+            puller.unnamed = unnamed  # False: a filesystem without O_TMPFILE
+            puller.write_data(f"out/{name}", pfd, name, b"data", 0o644, 1)
+        assert not puller.result.rejected and puller.result.files_written == 2
+        tmp, fd = puller.create_temp(pfd, 0o644)
+        os.close(fd)
+        assert tmp.startswith(_TMP)
+        os.unlink(tmp, dir_fd=pfd)
+    finally:
+        tree.close()
+    assert sorted(os.listdir(world.local / "out")) == [".keep", "a.txt", "b.txt"]
+    assert (world.local / "out/b.txt").read_bytes() == b"data"
 
 
 def files_frame(rel: Any, files: list[tuple[Any, bytes]], items: Any = None) -> bytes:
