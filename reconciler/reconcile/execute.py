@@ -109,6 +109,9 @@ class _Run:
     last_command: CommandRecord | None = None
     #: the sandbox's journal was removed before this execution's first change in it
     journal_cleared: bool = False
+    #: what an action did is journaled in the document but not yet on disk: written before
+    #: the session's next action, or by the save that closes its run
+    unsaved: bool = False
 
 
 class Executor:
@@ -224,6 +227,10 @@ class Executor:
                     isinstance(action, actions.SyncBack) and action.always
                 ):
                     continue
+                if run.unsaved:
+                    # what the last action did is on disk before the next one acts
+                    self.save()
+                    run.unsaved = False
                 if not _waited_before(action, done):
                     self._say(name, "action", action.describe())
                 started = self.clock()
@@ -627,7 +634,10 @@ class Executor:
                 pin=pin,
             )
             rec.created_at = inst.created_at
-        self.save()
+        # not a write of its own: the session's next save holds it (its command's, or the
+        # one that closes its run). why: nothing irreversible depends on it before then (a
+        # run killed in between finds the instance by name: the create's intent is on disk),
+        # and in a fan-out each write is of every session's record
 
     def _delete(
         self, action: actions.DeleteInstance, ctx: SessionContext | None, run: _Run
@@ -834,7 +844,9 @@ class Executor:
             f"synced: {result.files_sent} file(s) sent ({human_size(result.bytes_sent)}), "
             f"{result.deleted} deleted" + (", remote scanned" if result.remote_scanned else ""),
         )
-        self.save()
+        # not a write of its own: the session's next save holds it (a command's record, on
+        # disk before anything after the command; or the one that closes the run); a run
+        # killed before then pushes again, which is safe to repeat
 
     def _run_command(
         self,
@@ -919,7 +931,9 @@ class Executor:
             rec.sync.back_pending = bool(ctx.desired.back)
             self.ran.add((session, action.name))
         run.last_command = record
-        self.save()
+        # on disk before the session's next action (a sync-back, the next command), or with
+        # the save that closes the run: one write, not two, after a session's last command
+        run.unsaved = True
         if result.interrupted:
             raise errors.StoppedByUserError(
                 f"command {action.name!r} of session {session!r} was stopped (Ctrl-C)"
@@ -1001,7 +1015,7 @@ class Executor:
             f"brought back {result.files_written} file(s) ({human_size(result.bytes_written)})"
             f"{removed}",
         )
-        self.save()
+        run.unsaved = True  # written as the command's record is
         if stopped:
             raise errors.SyncLimitError(
                 f"sync-back of session {name!r} {stopped}; "
