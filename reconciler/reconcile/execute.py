@@ -442,7 +442,9 @@ class Executor:
         # nonce its tag carries: every runner with the secret derives it again
         nonce = sessionkeys.new_nonce() if owner.key_root is not None else None
         key_tags = (sessionkeys.key_tag(nonce),) if nonce is not None else ()
-        fields = run.kind.create_fields(credentials_for(self.group, session, owner.key_root, nonce))
+        creds = credentials_for(self.group, session, owner.key_root, nonce)
+        had_key = creds.path.exists()
+        fields = run.kind.create_fields(creds)
         with self.doc_lock:
             kept = self.doc.sessions.get(session)
             before = kept.model_copy(deep=True) if kept is not None else None
@@ -499,6 +501,10 @@ class Executor:
                     self.doc.sessions.pop(session, None)
                 else:
                     self.doc.sessions[session] = before
+            if not had_key:
+                # a key made for an instance that was never made opens nothing: a checkout
+                # that is refused the name keeps no key to try against it
+                creds.forget()
             self._say(session, "info", f"instance {action.instance_name} exists: left to the list")
             raise
         run.inst = self._await_up(conn, action.instance_name, session, before=None)
