@@ -48,6 +48,10 @@ def sleeping(token: str) -> bool:
     return False
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Apply:
     """`ukc apply` as a background process whose output lines arrive with their time."""
 
@@ -59,6 +63,9 @@ class Apply:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # a Ctrl-C at a terminal reaches a foreground apply, which never inherits an ignored
+            # SIGINT (a runner started in the background, `cmd &`, passes one on)
+            preexec_fn=_sigint_default,
         )
         self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
         self.seen: list[str] = []
