@@ -137,22 +137,24 @@ def _daemon_alive(pid: int) -> bool:
     return pid_alive(pid) and _proc_state(pid) not in ("Z", "")
 
 
+def _cmdline(pid: int) -> list[bytes]:
+    """`pid`'s argv ([] when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def _is_metro_process(pid: int) -> bool:
     # why: a stale metro.json may name a pid the kernel has since given to someone else
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    cmdline = b"\0".join(_cmdline(pid))
     return b"reconciler.local" in cmdline and b"serve" in cmdline
 
 
 def _started_for(pid: int, state_dir: Path) -> bool:
     """Whether `pid` is a metro daemon started for `state_dir` (as `ensure_running` starts
     one): a stale metro.json's pid may since be another process, or another dir's metro."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    args = _cmdline(pid)
     want = [b"reconciler.local", b"serve", b"--state-dir", os.fsencode(state_dir)]
     return any(args[i : i + 4] == want for i in range(len(args) - 3))
 
