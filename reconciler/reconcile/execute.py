@@ -11,6 +11,7 @@ by sync, commands and sync-back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
-from reconciler._util.threads import together
+from reconciler._util.threads import background, together
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance, VolumeMount
@@ -886,6 +887,21 @@ class Executor:
             return feed
 
         started = journal.utc_now()
+        # the sync-back's helper starts (on a channel of its own) while the command runs; it
+        # reads nothing of the sandbox before the pull asks
+        ahead = (
+            background(
+                functools.partial(
+                    sync_engine.start_pull_ahead,
+                    run.transport,
+                    ctx.sync_options,
+                    instance_uuid=run.inst.uuid,
+                ),
+                "ukc-pull-ahead",
+            )
+            if action.pull_follows and run.transport is not None
+            else None
+        )
         try:
             assert run.transport is not None
             result = run.transport.run(
@@ -902,6 +918,8 @@ class Executor:
             for kind, (stream, _tail) in streams.items():
                 with locks[kind]:
                     show(kind, stream.close())
+            if ahead is not None:
+                ahead.result()  # parked before the pull looks (it never raises)
         ok = result.exit_code == 0 and not result.timed_out
         rec = self._record(session)
         with self.doc_lock:
