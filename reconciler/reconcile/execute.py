@@ -15,6 +15,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,8 @@ class _Run:
     #: what an action did is journaled in the document but not yet on disk: written before
     #: the session's next action, or by the save that closes its run
     unsaved: bool = False
+    #: the sync-back's helper, being started while the last command ran: parked once done
+    pull_ahead: Future[None] | None = None
 
 
 class Executor:
@@ -887,9 +890,9 @@ class Executor:
             return feed
 
         started = journal.utc_now()
-        # the sync-back's helper starts (on a channel of its own) while the command runs; it
-        # reads nothing of the sandbox before the pull asks
-        ahead = (
+        # the sync-back's helper starts (on a channel of its own) while the command runs and
+        # its record is saved; it reads nothing of the sandbox before the pull asks
+        run.pull_ahead = (
             background(
                 functools.partial(
                     sync_engine.start_pull_ahead,
@@ -918,8 +921,6 @@ class Executor:
             for kind, (stream, _tail) in streams.items():
                 with locks[kind]:
                     show(kind, stream.close())
-            if ahead is not None:
-                ahead.result()  # parked before the pull looks (it never raises)
         ok = result.exit_code == 0 and not result.timed_out
         rec = self._record(session)
         with self.doc_lock:
@@ -982,6 +983,9 @@ class Executor:
         # a pull never reads the scanned tree: freed before the pull's record and writes take
         # their share (a push later in this round scans again, told by the keeper or a feed)
         ctx.manifest = None
+        if run.pull_ahead is not None:
+            run.pull_ahead.result()  # parked before the pull looks (it never raises)
+            run.pull_ahead = None
         result = sync_engine.pull(run.transport, ctx.sync_options, instance_uuid=uuid)
         rec = self._record(ctx.desired.name)
         stopped = result.stopped or (
