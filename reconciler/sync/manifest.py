@@ -555,13 +555,13 @@ def scan_local(
     changes = feed_for(Path(opts.state_dir))
     try:
         with gc_paused():
-            manifest, (basis, ident) = _scan(opts, rules, on_change, changes)
+            manifest, ident = _scan(opts, rules, on_change, changes)
     except BaseException:
         if changes is not None:
             changes.note_all()  # what it took was not looked at
         raise
     if changes is not None:
-        changes.settle(basis, ident)
+        changes.settle(ident)
     if ident is not None:
         object.__setattr__(manifest, "at", list(ident))
     return manifest
@@ -677,7 +677,7 @@ def _scan(
     rules: IgnoreRules | None,
     on_change: Callable[[], None] | None,
     changes: ChangeFeed | None,
-) -> tuple[Manifest, tuple[object, list[int] | None]]:
+) -> tuple[Manifest, list[int] | None]:
     root = Path(opts.local_root)
     _check_root(root)
     rules = rules if rules is not None else load_rules(opts)
@@ -687,14 +687,14 @@ def _scan(
     if changes is not None and changes.keeper is not None:
         # the keeper vouches for an index by its bytes: ask before reading them all
         peeked = journal.peek(state_dir / INDEX)
-        only = changes.take(None, peeked.ident if peeked is not None else None)
+        only = changes.take(peeked.ident if peeked is not None else None)
         if (
             only == set()
             and peeked is not None
             and _valid(peeked.meta)
             and peeked.meta.get("rules") == rules_key
         ):
-            return _unchanged(opts, peeked, on_change), (peeked, peeked.ident)
+            return _unchanged(opts, peeked, on_change), peeked.ident
         if on_change is not None and only and _in_sight(only, rules):
             # why on the keeper's word: it comes before the index is loaded and a changed
             # file hashed (~20 ms of a 2k tree): the push's connection and helper start
@@ -707,7 +707,7 @@ def _scan(
             only = None  # not the index it vouched for
     else:
         index = journal.load(state_dir / INDEX)
-        only = changes.take(index.entries, index.ident) if changes is not None else None
+        only = changes.take(index.ident) if changes is not None else None
     if index.meta.get("rules") != rules_key:
         # scanned under other rules (`sync.exclude`, `sync.back`, `.ukcignore`): paths no
         # longer excluded were never listed, so what changed since is not enough: walk
@@ -776,7 +776,7 @@ def _scan(
         manifest = Manifest(entries)
         index.write(entries, inos, {**manifest.meta(), "rules": rules_key}, None)
         drop_legacy(state_dir)
-        return manifest, (index.entries, index.ident)
+        return manifest, index.ident
     meta = index.meta
     prior = {p: old.get(p) for p in changed}
     key = (meta["digest"], meta["mtimes"])
@@ -787,7 +787,7 @@ def _scan(
         if meta.get("rules") != rules_key:
             # the walk under these rules found the same tree: say so (no walk next time)
             index.write(old, old_inos, {**meta, "rules": rules_key}, [], {})
-        return manifest, (index.entries, index.ident)
+        return manifest, index.ident
     manifest = Manifest(entries, Basis(key, prior))
     # the index's sums moved by what changed: the old entries' hashes out, the new ones' in,
     # each side summed in one pass (a first scan into a seeded index changes every path)
@@ -802,4 +802,4 @@ def _scan(
     }
     manifest._preset(new_meta)
     index.write(entries, inos, new_meta, list(prior), prior)
-    return manifest, (index.entries, index.ident)
+    return manifest, index.ident
