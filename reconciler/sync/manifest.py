@@ -366,15 +366,16 @@ class _Scan:
             return  # vanished while walking: the next pass sees it
         with it:
             children = sorted(it, key=_NAME)
-        prev = self.prev
+        prev, prev_inos, unlisted = self.prev, self.prev_inos, self.unlisted
         excluded, hash_in = self.rules.excluded, self.hash_in
         prefix = f"{rel_dir}/" if rel_dir else ""
         for child in children:
             rel = prefix + child.name
+            was = prev.get(rel)
             # a new file (as listed): the fstat after its open is its stat, no lstat first;
             # one that is no longer a regular file (or gone) is looked at as any other path
             if (
-                rel not in prev
+                was is None
                 and child.is_file(follow_symlinks=False)
                 and (excluded(rel, False) or hash_in(rel, child.path, None))
             ):
@@ -383,8 +384,22 @@ class _Scan:
                 cst = child.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if self.visit(rel, child.path, cst, descend=True) and self.unlisted is not None:
-                self.unlisted.discard(rel)
+            if unlisted is None:
+                self.visit(rel, child.path, cst, descend=True)
+                continue
+            # a walk over the index: an unchanged file (most of them) keeps its entry without
+            # a call of its own (`visit`'s first case, inline)
+            if (
+                was is not None
+                and was.mtime_ns == cst.st_mtime_ns
+                and was.size == cst.st_size
+                and was.type == "f"
+                and stat.S_ISREG(cst.st_mode)
+                and was.mode == cst.st_mode & 0o7777
+                and prev_inos.get(rel) == cst.st_ino
+                and not excluded(rel, False)
+            ) or self.visit(rel, child.path, cst, descend=True):
+                unlisted.discard(rel)
 
     def visit(self, rel: str, path: str, cst: os.stat_result, *, descend: bool) -> bool:
         """Record the entry at `rel` (walking into a directory when `descend`, or when it is
