@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import stat
@@ -158,7 +159,10 @@ _MS_NODEV = 4
 _MNT_DETACH = 2
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    # why kept: a new handle looks each function up again (dlsym through every library the
+    # daemon loaded, with the GIL held: 41 us a call here, idle; 0.3 us kept)
     return ctypes.CDLL(None, use_errno=True)
 
 
