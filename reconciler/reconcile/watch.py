@@ -22,7 +22,8 @@ instance deleted, stopped, restarted or asleep). A session with a `ttl` gets a t
 `expires_at` (from the status file, rewritten by every pass) a pass of that session runs, and
 the planner, given the wall clock, deletes it.
 
-Only this module imports watchdog.
+The trees are watched through inotify directly (`sync.inotify.Trees`); only where there is
+none, through the `watchdog` package, and only this module imports it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from reconciler.reconcile.loop import apply_group, delete_group
 from reconciler.spec.loader import load_specs
 from reconciler.status import journal
 from reconciler.status.schema import StatusDoc, parse_time
-from reconciler.sync import feed
+from reconciler.sync import feed, inotify
 from reconciler.sync.feed import ChangeFeed
 from reconciler.sync.ignore import IgnoreRules, load_rules
 from reconciler.transport.pool import TransportPool
@@ -237,6 +238,10 @@ class Watcher:
         self._reload_failed = False
         self._state = _State()
         self._observer: Any = None
+        #: the trees watched through inotify directly (`watchdog` only where there is none)
+        self._native = True
+        self._trees: inotify.Trees | None = None
+        self._overflowed = threading.Event()
         self._scheduled: set[Path] = set()
         self._last_ok = True
 
@@ -272,6 +277,23 @@ class Watcher:
         self._state = state
 
     def _schedule(self) -> None:
+        if self._native and self._trees is None:
+            events = self._events
+            self._trees = inotify.Trees.open(
+                lambda path, writing: events.put((Path(path), writing)), self._lost
+            )
+        if self._trees is None:
+            self._schedule_watchdog()
+            return
+        for directory, recursive in self._wanted().items():
+            if directory not in self._scheduled:
+                # a refused watch (the limit) is the same as watchdog's: that tree syncs at
+                # the periodic resync
+                self._trees.add(str(directory), recursive)
+                self._scheduled.add(directory)
+
+    def _schedule_watchdog(self) -> None:
+        """Where there is no inotify: the `watchdog` package's observer."""
         from watchdog.events import (
             DirCreatedEvent,
             DirDeletedEvent,
@@ -327,11 +349,7 @@ class Watcher:
             self._observer = obs
         obs = self._observer
         handler = Handler()
-        wanted: dict[Path, bool] = {d: False for d in self._state.spec_dirs}
-        for s in self._state.sessions.values():
-            if s.root.is_dir():
-                wanted[s.root.resolve()] = True
-        for directory, recursive in wanted.items():
+        for directory, recursive in self._wanted().items():
             if directory in self._scheduled:
                 continue
             with contextlib.suppress(OSError):
@@ -339,6 +357,28 @@ class Watcher:
                     handler, str(directory), recursive=recursive, event_filter=wanted_events
                 )
                 self._scheduled.add(directory)
+
+    def _wanted(self) -> dict[Path, bool]:
+        """The directories to watch, each with whether its subdirectories are watched too."""
+        wanted: dict[Path, bool] = {d: False for d in self._state.spec_dirs}
+        for s in self._state.sessions.values():
+            if s.root.is_dir():
+                wanted[s.root.resolve()] = True
+        return wanted
+
+    def _lost(self) -> None:
+        """Events were lost (the kernel's queue overflowed): anything may have changed."""
+        self._overflowed.set()
+        self._events.put(None)
+
+    def _recover_lost_events(self) -> None:
+        """After `_lost`: every tree walks, and the specs are read again (a spec edit may be
+        among what was lost), in the pass the reload starts."""
+        self._overflowed.clear()
+        self._spec_dirty = True
+        for s in self._state.sessions.values():
+            if s.changes is not None:
+                s.changes.note_all()
 
     # -- classification ------------------------------------------------------------------
 
@@ -525,6 +565,8 @@ class Watcher:
                             break
                         if more is not None:
                             self._note(*more)
+                if self._overflowed.is_set():
+                    self._recover_lost_events()
                 if self._busy.is_set() or self._stop.is_set():
                     continue
                 now = self.clock()
@@ -551,6 +593,8 @@ class Watcher:
             # Let the running pass finish: it writes the status file and keeps sessions sane.
             poll(lambda _: None if self._busy.is_set() else True, policy=RetryPolicy.every(0.02))
             self._passes.put(None)
+            if self._trees is not None:
+                self._trees.stop()
             if self._observer is not None:
                 obs = self._observer
                 with contextlib.suppress(Exception):
