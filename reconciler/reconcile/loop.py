@@ -61,7 +61,9 @@ from reconciler.status.schema import (
 )
 from reconciler.sync import engine as sync_engine
 from reconciler.sync import feed as sync_feed
+from reconciler.sync.capability import recorded_tools
 from reconciler.sync.options import SyncOptions
+from reconciler.sync.remote import helper_command
 from reconciler.transport import links, select
 from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
@@ -915,8 +917,11 @@ def _prefetcher(
         )
 
         def opener() -> Transport:
-            # the connection an earlier command kept (the warm process's), else a new one
-            conn = links.borrow(link) or kind.reopen(target, credentials, pin=pin)
+            # the connection an earlier command kept (the warm process's), asked for with the
+            # start of the helper the push will use, else a new one
+            conn = links.borrow(link, start=_helper_ahead(opts, inst.uuid)) or kind.reopen(
+                target, credentials, pin=pin
+            )
             # the push's helper starts in the sandbox while this side scans and plans
             sync_engine.start_ahead(conn, opts, instance_uuid=inst.uuid)
             return conn
@@ -924,6 +929,14 @@ def _prefetcher(
         pool.prefetch(session, inst.uuid, opener, link if links.lender() else None)
 
     return prefetch
+
+
+def _helper_ahead(opts: SyncOptions, instance_uuid: str) -> str | None:
+    """The command `sync_engine.start_ahead` starts first over a kept connection (it waits for
+    its program on stdin), or None when it starts none (no python3 in the sandbox)."""
+    if recorded_tools(opts, instance_uuid) == "shell":
+        return None
+    return helper_command(opts)
 
 
 def _finalize(
