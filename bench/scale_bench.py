@@ -2,7 +2,7 @@
 """ukc against rsync on a 100,000-file tree, side by side on local-metro sandboxes.
 
     .venv/bin/python bench/scale_bench.py [--files 100000] [--dirs 1000] [--runs 1]
-                                          [--edits 10] [--no-watch] [--no-back]
+                                          [--edits 10] [--no-watch] [--no-back] [--cold]
 
 Tree (`treegen.gen_scale_tree`, seeded): `--files` files of 0.2-2 KB in `--dirs` directories
 (100,000 in 1,000: ~110 MB of content, ~395 MB on disk). Generated once; both sides read the
@@ -27,6 +27,16 @@ Phases, per side (each run alternates which side goes first):
              `sync.back: [out/]`; the figure is the status file's `timings.syncback_s` (the
              SyncBack action alone, on the connection the command used); `ukc_back_apply_s`
              is that apply's wall time minus `timings.commands_s`.
+
+`--cold`: every one-shot `ukc apply` runs with `UKC_WARM=0` (a fresh interpreter that imports
+everything and has no keeper: the scan loads the index and walks the tree), and two more
+phases measure the first commands of a restarted warm process (stopped and started again,
+its keeper empty): `restart_nochange` (no change) and `restart_onefile` (one file rewritten),
+each beside rsync's no change / one file; and `stale_nochange`: a no-change apply when the
+warm process finds its code changed (a source file's mtime moved, as when a checkout is
+edited): the launcher runs that apply itself and starts a new warm process, which the RSS sum
+of the tree counts too (`_rss_max_mb`: the largest single process). The RSS of a `UKC_WARM=0`
+command is its own process's, imports included (~45-55 MB).
 
 Where: `--workdir` holds the tree, both sandboxes' workspaces and the sync-back copies.
 Creating 100,000 files is what initial and sync-back measure, and on a filesystem where many
@@ -61,6 +71,9 @@ from procmeter import rss_of
 from sync_bench import describe_fs, rsync_cmd, timed, wait_rsync_ready
 from treegen import edit_one, gen_scale_tree, scale_files
 from ukcenv import UKC, UkcEnv, session_status
+
+import reconciler
+from reconciler.cli import warm
 
 SESSION = "scale"
 
@@ -202,7 +215,7 @@ def ukc_side(
 
         def phase(name: str) -> None:
             os.sync()
-            m = env.ukc(["apply", "s.yaml"], proj)
+            m = env.ukc(["apply", "s.yaml"], proj, cold=a.cold)
             out[f"ukc_{name}_s"] = m.elapsed_s
             out[f"ukc_{name}_rss_mb"] = m.rss_peak_mb
             out[f"ukc_{name}_cpu_s"] = m.cpu_s
@@ -213,6 +226,26 @@ def ukc_side(
         phase("onefile")
         if (remote / rel).read_bytes() != body:
             raise SystemExit(f"one-file apply did not bring {rel} to the sandbox")
+        if a.cold:
+            for what in ("nochange", "onefile"):
+                restart_warm(env)
+                if what == "onefile":
+                    rel, body = edit_one(tree, files, k + 1, "restart")
+                os.sync()
+                m = env.ukc(["apply", "s.yaml"], proj)
+                out[f"ukc_restart_{what}_s"] = m.elapsed_s
+                out[f"ukc_restart_{what}_rss_mb"] = m.rss_peak_mb
+                out[f"ukc_restart_{what}_cpu_s"] = m.cpu_s
+            if (remote / rel).read_bytes() != body:
+                raise SystemExit(f"one-file apply did not bring {rel} to the sandbox")
+            # the warm process finds its code changed: the launcher runs the apply itself and
+            # starts a new warm process, whose imports the tree's RSS sum counts as well
+            os.utime(Path(reconciler.__file__))
+            m = env.ukc(["apply", "s.yaml"], proj)
+            out["ukc_stale_nochange_s"] = m.elapsed_s
+            out["ukc_stale_nochange_rss_mb"] = m.rss_peak_mb
+            out["ukc_stale_nochange_rss_max_mb"] = m.rss_max_kib / 1024
+            out["ukc_stale_nochange_cpu_s"] = m.cpu_s
         if not a.no_watch:
             out.update(watch_phase(env, proj, tree, files, remote, a))
         if not a.no_back:
@@ -222,7 +255,7 @@ def ukc_side(
                 "sync:\n  back: [out/]\n"
             )
             os.sync()
-            m = env.ukc(["apply", "s.yaml"], proj)
+            m = env.ukc(["apply", "s.yaml"], proj, cold=a.cold)
             rec = session_status(proj, SESSION)
             timings = rec.get("timings", {})
             out["ukc_back_s"] = float(timings.get("syncback_s", 0.0))
@@ -238,6 +271,16 @@ def ukc_side(
     return out
 
 
+def restart_warm(env: UkcEnv) -> None:
+    """Stop the warm process and start a new one (its keeper knows no tree yet)."""
+    warm.request_stop(env.warm_socket)
+    deadline = time.monotonic() + 30
+    while warm.status(env.warm_socket) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    env.warm_socket = warm.start(env.env)
+    env.warm_pid = int((warm.status(env.warm_socket) or {}).get("pid", 0)) or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=100_000)
@@ -246,6 +289,9 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=10, help="watch edits per run")
     ap.add_argument("--no-watch", action="store_true")
     ap.add_argument("--no-back", action="store_true")
+    ap.add_argument(
+        "--cold", action="store_true", help="one-shot applies with UKC_WARM=0, and restarts"
+    )
     ap.add_argument("--workdir", default=None, help="parent of the work dir (default $TMPDIR)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ukc-scale-bench-", dir=a.workdir))
@@ -282,10 +328,15 @@ def main() -> None:
         for what in ("initial", "nochange", "onefile", "back"):
             if f"rsync_{what}_s" in med and f"ukc_{what}_s" in med:
                 print(f"ratio_{what}={med[f'ukc_{what}_s'] / med[f'rsync_{what}_s']:.2f}")
+        for what in ("restart_nochange", "restart_onefile", "stale_nochange"):
+            if f"ukc_{what}_s" in med:
+                ratio = med[f"ukc_{what}_s"] / med[f"rsync_{what.split('_')[1]}_s"]
+                print(f"ratio_{what}={ratio:.2f}")
         if "ukc_watch_p50_s" in med:
             print(f"watch_p50_ms={med['ukc_watch_p50_s'] * 1000:.1f}")
             print(f"watch_p95_ms={med['ukc_watch_p95_s'] * 1000:.1f}")
-        rss = [v for key, v in med.items() if key.endswith("_rss_mb")]
+        # (the stale apply's sum counts the warm process it starts: see its _rss_max_mb)
+        rss = [v for key, v in med.items() if key.endswith("_rss_mb") and "stale" not in key]
         print(f"rss_peak_mb_max={max(rss):.1f}")
     finally:
         env.close()

@@ -170,6 +170,9 @@ class RunCommand:
     shell: str = DEFAULT_SHELL
     #: digest of the files it runs with (its `inputs`, else the whole synced tree)
     inputs_digest: str = ""
+    #: a sync-back follows it (the session's last command): the pull's helper may start
+    #: while it runs
+    pull_follows: bool = False
 
     def describe(self) -> str:
         return f"run command {self.name!r} ({self.reason})"

@@ -11,15 +11,17 @@ by sync, commands and sync-back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
-from reconciler._util.threads import together
+from reconciler._util.threads import background, together
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance, VolumeMount
@@ -112,6 +114,8 @@ class _Run:
     #: what an action did is journaled in the document but not yet on disk: written before
     #: the session's next action, or by the save that closes its run
     unsaved: bool = False
+    #: the sync-back's helper, being started while the last command ran: parked once done
+    pull_ahead: Future[None] | None = None
 
 
 class Executor:
@@ -886,6 +890,21 @@ class Executor:
             return feed
 
         started = journal.utc_now()
+        # the sync-back's helper starts (on a channel of its own) while the command runs and
+        # its record is saved; it reads nothing of the sandbox before the pull asks
+        run.pull_ahead = (
+            background(
+                functools.partial(
+                    sync_engine.start_pull_ahead,
+                    run.transport,
+                    ctx.sync_options,
+                    instance_uuid=run.inst.uuid,
+                ),
+                "ukc-pull-ahead",
+            )
+            if action.pull_follows and run.transport is not None
+            else None
+        )
         try:
             assert run.transport is not None
             result = run.transport.run(
@@ -964,6 +983,9 @@ class Executor:
         # a pull never reads the scanned tree: freed before the pull's record and writes take
         # their share (a push later in this round scans again, told by the keeper or a feed)
         ctx.manifest = None
+        if run.pull_ahead is not None:
+            run.pull_ahead.result()  # parked before the pull looks (it never raises)
+            run.pull_ahead = None
         result = sync_engine.pull(run.transport, ctx.sync_options, instance_uuid=uuid)
         rec = self._record(ctx.desired.name)
         stopped = result.stopped or (

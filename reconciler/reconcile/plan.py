@@ -13,6 +13,7 @@ replaced, deleted, adopted or used: the session gets a `Refusal` instead of acti
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -448,6 +449,9 @@ def _plan_session(
         acts.append(actions.WaitReady(name, desired.instance_name, desired.transport, wake=asleep))
     if sync_action is not None:
         acts.append(sync_action)
+    if runs and desired.back:
+        # the sync-back's helper starts while the last command runs
+        runs[-1] = dataclasses.replace(runs[-1], pull_follows=True)
     acts.extend(runs)
     if (runs or back_owed) and desired.back:
         files, size = desired.back_known

@@ -44,6 +44,7 @@ __all__ = [
     "push",
     "scan_local",
     "start_ahead",
+    "start_pull_ahead",
     "ungreet",
 ]
 
@@ -98,6 +99,13 @@ def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) ->
         if spare is not None:
             spare(helper_command(opts))
         HelperSession.start_ahead(shell, opts)
+
+
+def start_pull_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:
+    """Start the read-only python helper of a pull still to come over `shell` (while the
+    command before it runs), unless the instance is known to have no python3."""
+    if recorded_tools(opts, instance_uuid) != "shell":
+        HelperSession.start_pull_ahead(shell, opts)
 
 
 def plan_push(local: Manifest, opts: SyncOptions) -> TransferPlan:

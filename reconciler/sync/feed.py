@@ -2,7 +2,8 @@
 
 Whoever watches a session's tree (`ukc watch`) attaches a feed under the session's sync state
 dir and notes what changed; `scan_local` takes what a feed holds. A feed narrows a scan only
-when the index is the one the previous scan through it left (nothing else wrote it since);
+when the index is the one the previous scan through it left (nothing else wrote it since: the
+same file, inode and length; journals are only appended to or replaced whole);
 it starts out, and falls back to, "everything": a new feed, a scan that failed, the periodic
 resync, a changed ignore file. Events that arrive while a scan runs stay for the next one.
 """
@@ -36,8 +37,9 @@ class ChangeFeed:
         self._paths: set[str] = set()
         # a feed of its own knows nothing before its first scan; a keeper may know already
         self._all = keeper is None
-        #: the index state the last scan through this feed left (compared by identity)
-        self.basis: object | None = None
+        #: the index (inode, length) the last scan through this feed left. Not its state: a
+        #: feed holding 100,000 loaded entries kept them alive through a sync-back (~40 MB)
+        self.ident: list[int] | None = None
         self.inotify = inotify
         #: (keeper, state dir, root, paths never scanned) and the token of the scan in progress
         self.keeper = keeper
@@ -64,10 +66,9 @@ class ChangeFeed:
         """A directory appeared (the scan that finds it new walks it)."""
         self.note(rel)
 
-    def take(self, basis: object = None, ident: list[int] | None = None) -> set[str] | None:
-        """What changed since the last scan through this feed, if it left `basis` (the
-        loaded index's entries; `ident`: its inode and length, for a keeper); None: anything
-        may have."""
+    def take(self, ident: list[int] | None = None) -> set[str] | None:
+        """What changed since the last scan through this feed, if it left the index `ident`
+        (its inode and length); None: anything may have."""
         if self.inotify is not None:
             self.inotify.pump()
         with self._lock:
@@ -80,15 +81,13 @@ class ChangeFeed:
             except OSError:
                 self._token, kept = None, None  # the keeper is gone: walk
             return None if kept is None or everything else kept | paths
-        if everything or basis is None or self.basis is not basis:
+        if everything or ident is None or self.ident != ident:
             return None
         return paths
 
-    def settle(self, basis: object, ident: list[int] | None) -> None:
-        """The scan ended and left the index `basis` (`ident`: its inode and length)."""
-        # a keeper is asked by `ident`: holding the state would only keep 100,000 index
-        # entries alive after the scan (through a sync-back, say) for nothing
-        self.basis = basis if self.keeper is None else None
+    def settle(self, ident: list[int] | None) -> None:
+        """The scan ended and left the index `ident` (its inode and length)."""
+        self.ident = list(ident) if self.keeper is None and ident is not None else None
         if self.keeper is not None and self._token is not None:
             keeper, state_dir, _root, _skip = self.keeper
             token, self._token = self._token, None
@@ -117,9 +116,9 @@ def feed_for(state_dir: Path) -> ChangeFeed | None:
 
 
 def bases() -> list[object]:
-    """The index states the feeds compare the next scan's index with (kept loaded)."""
-    with _LOCK:
-        return [f.basis for f in _FEEDS.values() if f.basis is not None]
+    """The index states the feeds need kept loaded: none (a feed compares the index's file,
+    and the next scan reads it again if it was released)."""
+    return []
 
 
 _KEEPER: list[Keeper] = []

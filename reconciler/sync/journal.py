@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,17 +279,35 @@ def _entries(raw: object) -> dict[str, Entry] | None:
     return dict(zip(raw.keys(), map(_ENTRY, raw.values()), strict=True))
 
 
-def _apply(j: Journal, data: bytes, start: int) -> None:
-    """Apply the complete lines of `data` (read from offset `start`) to `j`."""
+def _lines(read: Callable[[int], bytes]) -> Iterator[bytes]:
+    """The complete lines (each with its newline) of what `read(n)` returns until it returns
+    b"", `_COPY` bytes at a time: a 12 MB journal is never one bytes object. A last line
+    without its newline (an append in progress, or cut) is not one."""
+    rest = b""
+    while True:
+        chunk = read(_COPY)
+        if not chunk:
+            return
+        data = rest + chunk if rest else chunk
+        pos = 0
+        while True:
+            end = data.find(b"\n", pos)
+            if end < 0:
+                break
+            yield data[pos : end + 1]
+            pos = end + 1
+        rest = data[pos:]
+
+
+def _apply(j: Journal, lines: Iterable[bytes], start: int) -> None:
+    """Apply complete `lines` (read from offset `start`) to `j`."""
     entries: dict[str, Entry] | None = None
     inos: dict[str, int] | None = None
     pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break  # an append in progress (or cut): read again next time
+    for data in lines:
+        end = len(data) - 1
         try:
-            obj = json.loads(data[pos:end].decode("ascii"))
+            obj = json.loads(data[:end].decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             obj = None
         # a reset is the first line, and only the first
@@ -315,13 +334,18 @@ def _apply(j: Journal, data: bytes, start: int) -> None:
         got_inos = {p: n for p, n in zip(sets, raw_ino, strict=True) if n}
         if obj.get("reset") is True:
             entries, inos = sets, got_inos
-            j.base = end + 1 - pos  # (a later line may name the whole compaction's size)
+            j.base = len(data)  # (a later line may name the whole compaction's size)
         else:
             if entries is None:
                 entries, inos = dict(j.entries), dict(j.inos)
             assert inos is not None
             entries.update(sets)
             inos.update(got_inos)
+            if len(got_inos) < len(sets):
+                # set without an inode (a directory turned into a link): none is kept
+                for p in sets:
+                    if p not in got_inos:
+                        inos.pop(p, None)
             for p in gone:
                 if isinstance(p, str):
                     entries.pop(p, None)
@@ -331,7 +355,7 @@ def _apply(j: Journal, data: bytes, start: int) -> None:
         if "meta" in obj:
             j.meta = dict(obj["meta"])
         j.seq += 1
-        pos = end + 1
+        pos += len(data)
     if entries is not None and inos is not None:
         j.entries, j.inos = entries, inos
     j.length = start + pos
@@ -358,7 +382,7 @@ def load(path: Path) -> Journal:
         else:
             j = Journal(path, ino=st.st_ino)
         with gc_paused():
-            _apply(j, f.read(), j.length)
+            _apply(j, _lines(f.read), j.length)
     if j.seq < 0:
         j.ino = None if not j.broken else j.ino
     _remember(j)
@@ -366,22 +390,38 @@ def load(path: Path) -> Journal:
 
 
 class Snapshot(Mapping[str, Entry]):
-    """A journal's bytes as read at one moment (inode, length), its metadata, and its entries
-    parsed only if someone asks for them: an unchanged tree needs only the metadata."""
+    """A journal as it was at one moment (inode, length), its metadata, and its entries
+    parsed only if someone asks for them: an unchanged tree needs only the metadata.
 
-    def __init__(self, path: Path, ino: int, data: bytes, meta: dict[str, Any]) -> None:
+    It holds the file open, not its bytes (12 MB at 100,000 entries): writers only append
+    to a journal or replace it whole under a new inode, so the first `length` bytes of the
+    open file stay that state."""
+
+    def __init__(self, path: Path, fd: int, ino: int, length: int, meta: dict[str, Any]) -> None:
         self.path = path
-        self.ident = [ino, len(data)]
+        self.ident = [ino, length]
         self.meta = meta
-        self._data: bytes | None = data
+        self._fd: int | None = fd
+        self._closer = weakref.finalize(self, os.close, fd)
         self._entries: Mapping[str, Entry] | None = None
 
     def _load(self) -> Mapping[str, Entry]:
         if self._entries is None:
             j = Journal(self.path, ino=self.ident[0])
+            fd, end, done = self._fd, self.ident[1], [0]
+
+            def read(n: int) -> bytes:
+                if fd is None or done[0] >= end:
+                    return b""
+                data = os.pread(fd, min(n, end - done[0]), done[0])
+                done[0] += len(data)
+                return data
+
             with gc_paused():
-                _apply(j, self._data or b"", 0)
-            self._entries, self._data = (j.entries if j.exists else {}), None
+                _apply(j, _lines(read), 0)
+            self._entries = j.entries if j.exists else {}
+            self._fd = None
+            self._closer()
             if j.exists and not j.broken and j.length == self.ident[1]:
                 _remember(j)
         return self._entries
@@ -397,25 +437,41 @@ class Snapshot(Mapping[str, Entry]):
 
 
 def peek(path: Path) -> Snapshot | None:
-    """The journal's bytes and metadata, its entries left unparsed; None when there is none
-    (or its last line is not a metadata line)."""
+    """The journal's metadata (from its last line), its entries left unread; None when there
+    is none (or its last line is not a metadata line)."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        ino = os.fstat(f.fileno()).st_ino
-        data = f.read()
-    if not data.endswith(b"\n"):
-        return None
-    cut = data.rfind(b"\n", 0, len(data) - 1)
     try:
-        obj = json.loads(data[cut + 1 : -1].decode("ascii"))
+        st = os.fstat(fd)
+        start = max(0, st.st_size - _TAIL)
+        tail = os.pread(fd, st.st_size - start, start)
+        meta = _last_meta(tail, start)
+        if meta is None:
+            os.close(fd)
+            return None
+        return Snapshot(path, fd, st.st_ino, start + len(tail), meta)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _last_meta(tail: bytes, start: int) -> dict[str, Any] | None:
+    """The metadata of the last line of `tail` (the end of a journal, from offset `start`);
+    None when the last line is cut, not whole in `tail`, or not a metadata line."""
+    if not tail.endswith(b"\n"):
+        return None
+    cut = tail.rfind(b"\n", 0, len(tail) - 1)
+    if cut < 0 and start > 0:
+        return None
+    try:
+        obj = json.loads(tail[cut + 1 : -1].decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         return None
     meta = obj.get("meta") if isinstance(obj, dict) else None
-    return Snapshot(path, ino, data, dict(meta)) if isinstance(meta, dict) else None
+    return dict(meta) if isinstance(meta, dict) else None
 
 
 def append(
@@ -492,17 +548,8 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         start = max(0, st.st_size - _TAIL)
         f.seek(start)
         tail = f.read()
-    if not tail.endswith(b"\n"):
-        return None
-    cut = tail.rfind(b"\n", 0, len(tail) - 1)
-    if cut < 0 and start > 0:
-        return None
-    try:
-        obj = json.loads(tail[cut + 1 : -1].decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    meta = obj.get("meta") if isinstance(obj, dict) else None
-    if not isinstance(meta, dict):
+    meta = _last_meta(tail, start)
+    if meta is None:
         return None
     if len(_METAS) >= _CACHE_MAX:
         _METAS.clear()

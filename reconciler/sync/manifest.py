@@ -321,6 +321,7 @@ class _Scan:
         *,
         incremental: bool,
         changes: ChangeFeed | None = None,
+        overlay: bool = False,
     ) -> None:
         self.root = root
         #: watches the directories it lists, when the feed has inotify
@@ -336,6 +337,10 @@ class _Scan:
         else:
             self.entries, self.inos = {}, {}
             self.prev, self.prev_inos = prev, prev_inos
+        #: a walk over a trusted index keeps only what differs from it in `entries`/`inos`
+        #: (a second 100,000-entry manifest and its paths and inodes are ~17 MB) and the
+        #: index's paths not listed yet (what is left when the walk ends is gone)
+        self.unlisted: set[str] | None = set(prev) if overlay else None
         self.changed: list[str] = []
         self.added = 0
         self.seen: set[str] = set()
@@ -361,15 +366,16 @@ class _Scan:
             return  # vanished while walking: the next pass sees it
         with it:
             children = sorted(it, key=_NAME)
-        prev = self.prev
+        prev, prev_inos, unlisted = self.prev, self.prev_inos, self.unlisted
         excluded, hash_in = self.rules.excluded, self.hash_in
         prefix = f"{rel_dir}/" if rel_dir else ""
         for child in children:
             rel = prefix + child.name
+            was = prev.get(rel)
             # a new file (as listed): the fstat after its open is its stat, no lstat first;
             # one that is no longer a regular file (or gone) is looked at as any other path
             if (
-                rel not in prev
+                was is None
                 and child.is_file(follow_symlinks=False)
                 and (excluded(rel, False) or hash_in(rel, child.path, None))
             ):
@@ -378,7 +384,22 @@ class _Scan:
                 cst = child.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            self.visit(rel, child.path, cst, descend=True)
+            if unlisted is None:
+                self.visit(rel, child.path, cst, descend=True)
+                continue
+            # a walk over the index: an unchanged file (most of them) keeps its entry without
+            # a call of its own (`visit`'s first case, inline)
+            if (
+                was is not None
+                and was.mtime_ns == cst.st_mtime_ns
+                and was.size == cst.st_size
+                and was.type == "f"
+                and stat.S_ISREG(cst.st_mode)
+                and was.mode == cst.st_mode & 0o7777
+                and prev_inos.get(rel) == cst.st_ino
+                and not excluded(rel, False)
+            ) or self.visit(rel, child.path, cst, descend=True):
+                unlisted.discard(rel)
 
     def visit(self, rel: str, path: str, cst: os.stat_result, *, descend: bool) -> bool:
         """Record the entry at `rel` (walking into a directory when `descend`, or when it is
@@ -398,8 +419,9 @@ class _Scan:
                 and self.prev_inos.get(rel) == cst.st_ino
             ):
                 e = was if was.mode == perm else was._replace(mode=perm)
-                self.entries[rel] = e
-                self.inos[rel] = cst.st_ino
+                if e is not was or self.unlisted is None:
+                    self.entries[rel] = e
+                    self.inos[rel] = cst.st_ino
                 if e is not was:
                     self.note(rel, e, was)
                 return True
@@ -423,8 +445,9 @@ class _Scan:
                 e = was
             else:
                 self.note(rel, e, was)
-            self.entries[rel] = e
-            self.inos[rel] = cst.st_ino
+            if e is not was or self.unlisted is None:
+                self.entries[rel] = e
+                self.inos[rel] = cst.st_ino
             if descend or fresh:
                 self.walk(path, rel)
             return True
@@ -441,7 +464,8 @@ class _Scan:
                 e = was
             else:
                 self.note(rel, e, was)
-            self.entries[rel] = e
+            if e is not was or self.unlisted is None:
+                self.entries[rel] = e
             return True
         return False  # sockets, fifos and devices are not part of a source tree
 
@@ -546,13 +570,13 @@ def scan_local(
     changes = feed_for(Path(opts.state_dir))
     try:
         with gc_paused():
-            manifest, (basis, ident) = _scan(opts, rules, on_change, changes)
+            manifest, ident = _scan(opts, rules, on_change, changes)
     except BaseException:
         if changes is not None:
             changes.note_all()  # what it took was not looked at
         raise
     if changes is not None:
-        changes.settle(basis, ident)
+        changes.settle(ident)
     if ident is not None:
         object.__setattr__(manifest, "at", list(ident))
     return manifest
@@ -640,12 +664,35 @@ def halt_in_sight(opts: SyncOptions) -> str | None:
     return f"local root {root} shows nothing to sync while the last push had files"
 
 
+def _overlaid(
+    old: Mapping[str, Entry],
+    old_inos: Mapping[str, int],
+    entries: Mapping[str, Entry],
+    inos: Mapping[str, int],
+    changed: list[str],
+) -> tuple[Mapping[str, Entry], Mapping[str, int]]:
+    """The index's state with what a walk found different (`entries`, `inos`: the changed
+    paths still there) put in, and the other `changed` paths taken out; the index's own
+    when nothing changed."""
+    if not changed:
+        return old, old_inos
+    full, full_inos = dict(old), dict(old_inos)
+    full.update(entries)
+    full_inos.update(inos)
+    for p in changed:
+        if p not in entries:
+            full.pop(p, None)
+        if p not in inos:
+            full_inos.pop(p, None)
+    return full, full_inos
+
+
 def _scan(
     opts: SyncOptions,
     rules: IgnoreRules | None,
     on_change: Callable[[], None] | None,
     changes: ChangeFeed | None,
-) -> tuple[Manifest, tuple[object, list[int] | None]]:
+) -> tuple[Manifest, list[int] | None]:
     root = Path(opts.local_root)
     _check_root(root)
     rules = rules if rules is not None else load_rules(opts)
@@ -655,14 +702,14 @@ def _scan(
     if changes is not None and changes.keeper is not None:
         # the keeper vouches for an index by its bytes: ask before reading them all
         peeked = journal.peek(state_dir / INDEX)
-        only = changes.take(None, peeked.ident if peeked is not None else None)
+        only = changes.take(peeked.ident if peeked is not None else None)
         if (
             only == set()
             and peeked is not None
             and _valid(peeked.meta)
             and peeked.meta.get("rules") == rules_key
         ):
-            return _unchanged(opts, peeked, on_change), (peeked, peeked.ident)
+            return _unchanged(opts, peeked, on_change), peeked.ident
         if on_change is not None and only and _in_sight(only, rules):
             # why on the keeper's word: it comes before the index is loaded and a changed
             # file hashed (~20 ms of a 2k tree): the push's connection and helper start
@@ -675,7 +722,7 @@ def _scan(
             only = None  # not the index it vouched for
     else:
         index = journal.load(state_dir / INDEX)
-        only = changes.take(index.entries, index.ident) if changes is not None else None
+        only = changes.take(index.ident) if changes is not None else None
     if index.meta.get("rules") != rules_key:
         # scanned under other rules (`sync.exclude`, `sync.back`, `.ukcignore`): paths no
         # longer excluded were never listed, so what changed since is not enough: walk
@@ -694,7 +741,16 @@ def _scan(
         hint = None
         on_change()  # the index is not what we pushed: a push is coming whatever the walk finds
     incremental = trusted and only is not None and IGNORE_FILE not in only
-    scan = _Scan(str(root), rules, old, old_inos, hint, incremental=incremental, changes=changes)
+    scan = _Scan(
+        str(root),
+        rules,
+        old,
+        old_inos,
+        hint,
+        incremental=incremental,
+        changes=changes,
+        overlay=trusted and not incremental,
+    )
     if incremental:
         assert only is not None
         # and their directories, whose mtimes moved; parents first: a new directory is
@@ -706,12 +762,22 @@ def _scan(
             scan.revisit(rel)
     else:
         scan.walk(str(root), "")
-        if len(scan.entries) - scan.added != len(old):
+        if scan.unlisted is not None:
+            gone = sorted(scan.unlisted)
+            scan.unlisted = None
+        elif len(scan.entries) - scan.added != len(old):
             gone = [p for p in old if p not in scan.entries]
-            scan.changed.extend(gone)
-            if gone and scan.hint is not None:
-                scan.hint()  # deletions only
-    entries, inos, changed = scan.entries, scan.inos, scan.changed
+        else:
+            gone = []
+        scan.changed.extend(gone)
+        if gone and scan.hint is not None:
+            scan.hint()  # deletions only
+    entries: Mapping[str, Entry] = scan.entries
+    inos: Mapping[str, int] = scan.inos
+    changed = scan.changed
+    if not incremental and trusted:
+        # the walk kept what differs from the index: the new state is the index's, changed
+        entries, inos = _overlaid(old, old_inos, entries, inos, changed)
     if not entries:
         last = pushed if pushed is not None else push_meta(opts)
         if last is not None and last["files"] > 0:
@@ -725,7 +791,7 @@ def _scan(
         manifest = Manifest(entries)
         index.write(entries, inos, {**manifest.meta(), "rules": rules_key}, None)
         drop_legacy(state_dir)
-        return manifest, (index.entries, index.ident)
+        return manifest, index.ident
     meta = index.meta
     prior = {p: old.get(p) for p in changed}
     key = (meta["digest"], meta["mtimes"])
@@ -736,7 +802,7 @@ def _scan(
         if meta.get("rules") != rules_key:
             # the walk under these rules found the same tree: say so (no walk next time)
             index.write(old, old_inos, {**meta, "rules": rules_key}, [], {})
-        return manifest, (index.entries, index.ident)
+        return manifest, index.ident
     manifest = Manifest(entries, Basis(key, prior))
     # the index's sums moved by what changed: the old entries' hashes out, the new ones' in,
     # each side summed in one pass (a first scan into a seeded index changes every path)
@@ -751,4 +817,4 @@ def _scan(
     }
     manifest._preset(new_meta)
     index.write(entries, inos, new_meta, list(prior), prior)
-    return manifest, (index.entries, index.ident)
+    return manifest, index.ident

@@ -56,7 +56,7 @@ from typing import Any, Never
 
 from reconciler._util.atomic import writer_alive
 from reconciler._util.text import one_line
-from reconciler.errors import HostileEntryError, MissingToolError, SyncHaltedError
+from reconciler.errors import HostileEntryError, MissingToolError, RemoteError, SyncHaltedError
 from reconciler.sync import feed as sync_feed
 from reconciler.sync import journal
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
@@ -939,22 +939,20 @@ def _pull_helper(
     shell: RemoteShell, opts: SyncOptions, tree: _Tree, back: tuple[str, ...], uuid: str
 ) -> PullResult:
     record = pull_record(opts)
-    # read-only: a pull leaves nothing behind in the sandbox (not even the helper cache)
-    with HelperSession(shell, opts, read_only=True) as s:
-        s.send(
-            {
-                "op": "hello",
-                "root": opts.remote_root,
-                "state_dir": opts.remote_state_dir,
-                "boot_paths": list(opts.boot_id_paths),
-                "uuid": "",
-                "digest": "-",
-            }
-        )
-        _send_have(s, record)
-        s.send({"op": "pull", "back": list(back), "flush": True})
-        s.flush()
-        hello = s.reader.frame(_HEADER_LIMIT)
+    # read-only: a pull leaves nothing behind in the sandbox (not even the helper cache); the
+    # one started while the command ran, if it did (`start_pull_ahead`)
+    s, kept = HelperSession.for_pull(shell, opts)
+    try:
+        hello = _ask(s, opts, record, back)
+    except (RemoteError, OSError):
+        if not kept:
+            raise
+        # the helper started ahead is gone (the command ended it): a new one, whose failure
+        # says why if it fails too
+        s.close(abort=True)
+        s = HelperSession(shell, opts, read_only=True)
+        hello = _ask(s, opts, record, back)
+    with s:
         boot = hello.get("boot_id") if isinstance(hello, dict) else None
         puller = _Puller(s, opts, tree, source_id(uuid, boot))
         try:
@@ -976,6 +974,29 @@ def _pull_helper(
             _save_record(opts, puller.new_record)
             raise
         return _conclude(opts, tree, back, puller)
+
+
+def _ask(s: HelperSession, opts: SyncOptions, record: PullRecord, back: tuple[str, ...]) -> Any:
+    """Send the pull's requests (hello, what we have, the back paths); its hello's answer.
+    The helper is ended if it does not answer."""
+    try:
+        s.send(
+            {
+                "op": "hello",
+                "root": opts.remote_root,
+                "state_dir": opts.remote_state_dir,
+                "boot_paths": list(opts.boot_id_paths),
+                "uuid": "",
+                "digest": "-",
+            }
+        )
+        _send_have(s, record)
+        s.send({"op": "pull", "back": list(back), "flush": True})
+        s.flush()
+        return s.reader.frame(_HEADER_LIMIT)
+    except BaseException:
+        s.close(abort=True)
+        raise
 
 
 def _conclude(opts: SyncOptions, tree: _Tree, back: tuple[str, ...], puller: _Puller) -> PullResult:

@@ -261,6 +261,9 @@ class FrameReader:
 
 #: helpers kept running after a push, by the shell (connection) they run over
 _PARKED: weakref.WeakKeyDictionary[RemoteShell, HelperSession] = weakref.WeakKeyDictionary()
+#: read-only helpers started ahead of a pull (`start_pull_ahead`), by shell: apart from the
+#: push's, since a pull's helper writes nothing in the sandbox (not even its cache)
+_PARKED_PULL: weakref.WeakKeyDictionary[RemoteShell, HelperSession] = weakref.WeakKeyDictionary()
 _PARKED_LOCK = threading.Lock()
 
 
@@ -328,12 +331,40 @@ class HelperSession:
             kept = _PARKED.pop(shell, None)
         if kept is not None:
             if kept.opts == opts and kept._alive():
-                kept.watchdog = kept._watchdog()
-                kept.reader._watchdog = kept.watchdog
-                kept._closed = False
+                kept._wake()
                 return kept, True
             kept.close(abort=True)
         return cls(shell, opts), False
+
+    @classmethod
+    def for_pull(cls, shell: RemoteShell, opts: SyncOptions) -> tuple[HelperSession, bool]:
+        """A read-only helper for a pull over `shell`: the one started ahead of it
+        (`start_pull_ahead`), else a new one. True when it is the one started ahead: it may
+        have died meanwhile (a command that ended the sandbox's processes), and then its first
+        answer never comes (the caller starts a new one)."""
+        with _PARKED_LOCK:
+            kept = _PARKED_PULL.pop(shell, None)
+        if kept is not None:
+            if kept.opts == opts and kept._alive():
+                kept._wake()
+                return kept, True
+            kept.close(abort=True)
+        return cls(shell, opts, read_only=True), False
+
+    @classmethod
+    def start_pull_ahead(cls, shell: RemoteShell, opts: SyncOptions) -> None:
+        """Start a read-only helper for a pull still to come (while the command before it
+        runs) and park it: `for_pull` finds its interpreter started. It reads nothing of the
+        sandbox before the pull's hello. A helper that fails to start is only a lost head
+        start, as for `start_ahead`."""
+        with contextlib.suppress(Exception):
+            cls(shell, opts, read_only=True).park()
+
+    def _wake(self) -> None:
+        """Back in use after `park`: a watchdog of its own for this push or pull."""
+        self.watchdog = self._watchdog()
+        self.reader._watchdog = self.watchdog
+        self._closed = False
 
     @staticmethod
     def greet(shell: RemoteShell, opts: SyncOptions, hello: Any) -> bool:
@@ -367,8 +398,7 @@ class HelperSession:
             if kept is None or not kept.greeted:
                 return
             del _PARKED[shell]
-        kept.watchdog = kept._watchdog()
-        kept.reader._watchdog = kept.watchdog
+        kept._wake()
         try:
             kept.reader.frame(1 << 16)
         except Exception:
@@ -396,14 +426,15 @@ class HelperSession:
         return False
 
     def park(self) -> None:
-        """Keep the helper running for the next push over the same shell (a helper left from
-        before is ended); it ends with the connection."""
+        """Keep the helper running for the next push (a read-only one: pull) over the same
+        shell (a helper left from before is ended); it ends with the connection."""
         self.flush()
         self.watchdog.stop()
         self._closed = True
+        slot = _PARKED_PULL if self._read_only else _PARKED
         with _PARKED_LOCK:
-            old = _PARKED.get(self._shell)
-            _PARKED[self._shell] = self
+            old = slot.get(self._shell)
+            slot[self._shell] = self
         if old is not None and old is not self:
             old.close(abort=True)
 

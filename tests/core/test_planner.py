@@ -46,6 +46,17 @@ class TestANewSession:
         sync = p.actions[2]
         assert isinstance(sync, actions.SyncUp) and sync.full and sync.files == 3
 
+    def test_only_the_last_command_before_a_sync_back_says_a_pull_follows(self) -> None:
+        d = desired()
+        runs = [a for a in plan_one(d, None, None).actions if isinstance(a, actions.RunCommand)]
+        assert [r.pull_follows for r in runs] == [False, True]
+        runs = [
+            a
+            for a in plan_one(replace(d, back=()), None, None).actions
+            if isinstance(a, actions.RunCommand)
+        ]
+        assert [r.pull_follows for r in runs] == [False, False]
+
     def test_every_command_of_a_new_instance_runs_because_the_instance_is_new(self) -> None:
         p = plan_one(desired(), None, None)
         reasons = [a.reason for a in p.actions if isinstance(a, actions.RunCommand)]

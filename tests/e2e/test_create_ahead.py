@@ -16,7 +16,7 @@ from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.local.daemon import MetroInfo
 from reconciler.reconcile import identity
 from reconciler.reconcile.desired import Group, load_groups
-from reconciler.reconcile.events import RecordingReporter
+from reconciler.reconcile.events import Event, RecordingReporter
 from reconciler.reconcile.loop import ApplyResult, apply_group, delete_group
 from reconciler.sync import feed as sync_feed
 from reconciler.sync import remote
@@ -63,16 +63,17 @@ def metros(env: dict[str, str], metro: MetroInfo) -> Iterator[MetroRegistry]:
     registry.close()
 
 
-def _group(ukc: Ukc, env: dict[str, str]) -> Group:
+def _group(ukc: Ukc, env: dict[str, str], then: str = "") -> Group:
+    """`then`: shell text the command runs after its work."""
     tree = ukc.project / "work"
     (tree / "src").mkdir(parents=True, exist_ok=True)
     for i in range(20):
         (tree / "src" / f"f{i}.txt").write_text(f"file {i}\n" * 50)
     spec = ukc.write_spec(
-        """\
+        f"""\
         name: early
         directory: ./work
-        commands: ["mkdir -p out && ls src | wc -l > out/n"]
+        commands: ["mkdir -p out && ls src | wc -l > out/n{then}"]
         sync:
           back: [out/]
         """
@@ -160,6 +161,43 @@ def test_the_sync_helper_of_an_instance_made_ahead_runs_before_the_round_that_pu
         # the scan made ahead (the instance booting), then the round's: the helper runs by then
         assert keeper.helper_running[:2] == [False, True], keeper.helper_running
         assert (ukc.project / "work" / "out" / "n").read_text().strip() == "20"
+    finally:
+        delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
+
+
+class PullHelperSeen(RecordingReporter):
+    """Records, at the command's first output (the command still running), whether a
+    read-only helper of session `early` is parked for the sync-back, waiting for it a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+        self._before = self._parked()  # an earlier test's, over a connection now closed
+
+    @staticmethod
+    def _parked() -> set[int]:
+        with remote._PARKED_LOCK:
+            return {id(s) for s in remote._PARKED_PULL.values() if s.opts.session == "early"}
+
+    def event(self, event: Event) -> None:
+        if event.kind == "output" and event.session == "early" and not self.seen:
+            self.seen.append(eventually(lambda: bool(self._parked() - self._before), 10.0))
+        super().event(event)
+
+
+def test_the_sync_backs_helper_starts_while_the_command_before_it_runs(
+    ukc: Ukc, env: dict[str, str], metros: MetroRegistry
+) -> None:
+    """The pull takes a helper whose interpreter started while the last command ran."""
+    group = _group(ukc, env, " && echo ran && sleep 1")
+    reporter = PullHelperSeen()
+    result = apply_group(group, metros=metros, reporter=reporter, environ=env)
+    try:
+        assert result.ok, result.failed
+        assert reporter.seen == [True]
+        assert (ukc.project / "work" / "out" / "n").read_text().strip() == "20"
+        # the pull took it: none is left parked
+        assert not reporter._parked() - reporter._before
     finally:
         delete_group(group, metros=metros, reporter=RecordingReporter(), environ=env)
 

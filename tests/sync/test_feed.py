@@ -14,6 +14,7 @@ from reconciler.errors import SyncHaltedError
 from reconciler.sync import feed, journal
 from reconciler.sync.feed import ChangeFeed
 from reconciler.sync.manifest import Manifest, scan_local
+from reconciler.sync.records import INDEX
 from tests.support.synctree import Site, write
 
 
@@ -26,6 +27,24 @@ def changes(site: Site) -> Iterator[ChangeFeed]:
 def _full(site: Site, n: int, **kw: object) -> Manifest:
     """What a walk of the whole tree finds, hashing everything (a state dir of its own)."""
     return scan_local(site.opts(state_dir=site.base / f"full-{n}", **kw))
+
+
+def test_a_feed_holds_no_index_and_still_narrows_the_scan_after_one_was_released(
+    site: Site, changes: ChangeFeed
+) -> None:
+    write(site.local / "a.txt", "a")
+    write(site.local / "b.txt", "b")
+    scan_local(site.opts())
+    # what a sync-back does before its pull: the index is freed (a feed holding the scan's
+    # state kept 100,000 entries alive through the pull)
+    journal.release(site.state / "pull.jnl", feed.bases())
+    assert site.state / INDEX not in journal._CACHE
+    write(site.local / "a.txt", "a changed")
+    write(site.local / "b.txt", "b changed")
+    changes.note("a.txt")
+    got = scan_local(site.opts())
+    assert got.entries["a.txt"].size == len("a changed")
+    assert got.entries["b.txt"].size == 1  # not noted: not looked at
 
 
 def test_a_scan_with_a_feed_looks_only_at_the_noted_paths(site: Site, changes: ChangeFeed) -> None:
@@ -68,7 +87,7 @@ def test_an_index_written_by_someone_else_makes_the_next_scan_walk(
     write(site.local / "b.txt", "b changed again")
     theirs = feed.attach(site.state)
     theirs.take()
-    theirs.basis = None  # what a watcher that never scanned holds
+    theirs.ident = None  # what a watcher that never scanned holds
     theirs.note("a.txt")
     got = scan_local(site.opts())
     assert got.entries["b.txt"].size == len("b changed again")

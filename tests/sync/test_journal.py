@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import tracemalloc
 from pathlib import Path
 
 from reconciler.sync import journal
@@ -371,3 +372,107 @@ def test_a_journal_is_not_derived_from_one_another_writer_replaced(site: Site) -
     assert not dst.exists()
     journal.load(src)  # read afresh: now the cache holds what the file holds
     assert not journal.derive(src, dst, entries, {"n": 3})  # other entries
+
+
+def _big_journal(path: Path, n: int) -> dict[str, Entry]:
+    entries = {
+        f"d{i % 100:03d}/f{i:06d}.txt": Entry("f", 1000 + i % 1000, 10**18 + i, 0o644, f"{i:064x}")
+        for i in range(n)
+    }
+    journal.load(path).write(entries, {p: 10**6 + i for i, p in enumerate(entries)}, {"n": 1}, None)
+    _forget_cache()
+    return entries
+
+
+def test_a_journal_is_read_in_pieces_not_whole(site: Site) -> None:
+    path = site.state / "big.jnl"
+    entries = _big_journal(path, 40_000)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        j = journal.load(path)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert dict(j.entries) == entries
+    # the file's bytes (5 MB here, 12 MB at 100,000 entries) are never held at once on top of
+    # the state they parse into (read whole: 1.2x the file above it); a piece, a line's parse
+    # and the dicts' growth are
+    assert peak - kept < 0.9 * size, (peak - kept, size)
+
+
+def test_a_peeked_journal_holds_its_file_open_not_its_bytes(site: Site) -> None:
+    path = site.state / "big.jnl"
+    entries = _big_journal(path, 20_000)
+    tracemalloc.start()
+    try:
+        snap = journal.peek(path)
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert snap is not None and snap.meta == {"n": 1}
+    assert kept < 256 << 10, kept  # the file is 2.5 MB
+    # the state it was peeked at, even after the journal is appended to and then replaced
+    ident = list(snap.ident)
+    j = journal.load(path)
+    j.write({**entries, "new": Entry("f", 1, 1, 0o644, "x")}, {}, {"n": 2}, ["new"])
+    journal.load(path).write({"other": Entry("f", 1, 1, 0o644, "y")}, {}, {"n": 3}, None)
+    assert snap.ident == ident and dict(snap) == entries
+
+
+def test_a_peeked_journal_is_none_when_its_last_line_is_cut(site: Site) -> None:
+    path = site.state / "big.jnl"
+    _big_journal(path, 10)
+    with open(path, "ab") as f:
+        f.write(b'{"seq":9,"meta":{')
+    assert journal.peek(path) is None
+
+
+class TestWalkOverAnIndex:
+    """A scan with no watcher to narrow it (a cold `ukc apply`, a restarted warm process)
+    walks the tree against the index it loaded."""
+
+    def test_it_keeps_no_second_manifest_of_an_unchanged_tree(self, site: Site) -> None:
+        for d in range(50):
+            (site.local / f"d{d:02d}").mkdir()
+            for i in range(100):
+                (site.local / f"d{d:02d}" / f"f{i:03d}.txt").write_bytes(b"x" * i)
+        scan_local(site.opts())
+        _forget_cache()
+        journal.load(site.state / INDEX)  # what the scan loads first, held by the cache
+        tracemalloc.start()
+        try:
+            local = scan_local(site.opts())
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(local) == 5050 and local.basis is not None and not local.basis.old
+        # the index's own paths and entries stand: the walk holds the ones not listed yet
+        # (~80 bytes each), not a copy of every path, entry and inode (~155 bytes each)
+        assert peak < 110 * 5050, peak
+
+    def test_it_finds_what_a_scan_without_an_index_finds(self, site: Site) -> None:
+        _tree(site, 40)
+        write(site.local / "gone" / "a" / "b.txt", "deep")
+        write(site.local / "tolink" / "c.txt", "c")
+        write(site.local / "todir", "file")
+        scan_local(site.opts())
+        _forget_cache()
+        os.remove(site.local / "d0" / "f000.txt")
+        shutil.rmtree(site.local / "gone")
+        shutil.rmtree(site.local / "tolink")
+        os.symlink("d1", site.local / "tolink")
+        os.remove(site.local / "todir")
+        write(site.local / "todir" / "x.txt", "now a directory")
+        os.chmod(site.local / "d1" / "f001.txt", 0o600)
+        write(site.local / "new" / "n.txt", "new")
+        walked = scan_local(site.opts())
+        fresh_state = site.base / "fresh-state"
+        fresh = scan_local(site.opts(state_dir=fresh_state))
+        assert dict(walked.entries) == dict(fresh.entries)
+        assert (walked.digest, walked.mtimes) == (fresh.digest, fresh.mtimes)
+        _forget_cache()
+        index, fresh_index = journal.load(site.state / INDEX), journal.load(fresh_state / INDEX)
+        assert dict(index.entries) == dict(fresh_index.entries)
+        assert dict(index.inos) == dict(fresh_index.inos)
+        assert index.meta == fresh_index.meta

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from reconciler.sync.engine import PullResult, plan_pull, pull, pulled_paths
+from reconciler.sync.engine import PullResult, plan_pull, pull, pulled_paths, start_pull_ahead
 from reconciler.sync.pull import CONFLICT_SUFFIX, pull_record
 from reconciler.sync.pullrecord import PULL_JOURNAL, PULL_LEGACY
 from reconciler.sync.records import write_record
 from reconciler.sync.remote import encode_frame
+from reconciler.transport.local_shell import LocalShell
 from tests.support.synctree import Site, snapshot, write
 
 
@@ -1032,3 +1033,69 @@ class TestBackDelete:
         result = mirrored(site)
         assert result.deleted == ["out/a.txt"]
         assert (site.local / "out").is_dir() and os.listdir(site.local / "out") == []
+
+
+class LateExitProcess:
+    """A process whose exit is learnt late, as an SSH channel's exit status may be: a look
+    that does not wait sees it running (everything else is the real process's)."""
+
+    def __init__(self, proc: Any) -> None:
+        self._proc = proc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._proc, name)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout == 0:
+            raise TimeoutError("no exit status yet")
+        code: int = self._proc.wait(timeout)
+        return code
+
+
+class LateExitShell(LocalShell):
+    def start(self, command: str) -> Any:
+        return LateExitProcess(super().start(command))
+
+
+class TestStartedAhead:
+    def test_a_helper_started_ahead_serves_the_pull_and_reads_what_the_command_wrote_after(
+        self, site: Site
+    ) -> None:
+        start_pull_ahead(site.shell, site.opts(back=BACK), instance_uuid="u1")
+        assert len(site.shell.started) == 1  # running while the command runs
+        write(site.remote / "out/report.txt", "written by the command meanwhile")
+        result = pull(site.shell, site.opts(back=BACK), instance_uuid="u1")
+        assert result.files_written == 1
+        assert len(site.shell.started) == 1
+        assert (site.local / "out/report.txt").read_text() == "written by the command meanwhile"
+        # read-only as any pull's: not even the helper's code cache is left in the sandbox
+        assert not site.remote_state.exists() or not list(site.remote_state.iterdir())
+
+    def test_a_helper_started_ahead_that_the_command_killed_is_replaced(self, site: Site) -> None:
+        start_pull_ahead(site.shell, site.opts(back=BACK), instance_uuid="u1")
+        site.shell._procs[-1].kill()
+        write(site.remote / "out/report.txt", "done")
+        assert pull(site.shell, site.opts(back=BACK), instance_uuid="u1").files_written == 1
+        assert len(site.shell.started) == 2
+
+    def test_a_helper_started_ahead_that_died_before_its_exit_was_known_is_replaced(
+        self, site: Site
+    ) -> None:
+        shell = LateExitShell()
+        try:
+            start_pull_ahead(shell, site.opts(back=BACK), instance_uuid="u1")
+            os.killpg(shell._procs[-1].pid, 9)
+            shell._procs[-1].wait(10)
+            write(site.remote / "out/report.txt", "done")
+            assert pull(shell, site.opts(back=BACK), instance_uuid="u1").files_written == 1
+            assert len(shell.started) == 2
+        finally:
+            shell.close()
+
+    def test_a_sandbox_known_to_have_no_python3_starts_nothing_ahead(self, site: Site) -> None:
+        s = dataclasses.replace(site, remote_python=str(site.base / "sandbox/no-python3"))
+        write(s.remote / "out/report.txt", "done")
+        assert pull(s.shell, s.opts(back=BACK), instance_uuid="u1").files_written == 1
+        started = len(s.shell.started)
+        start_pull_ahead(s.shell, s.opts(back=BACK), instance_uuid="u1")
+        assert len(s.shell.started) == started

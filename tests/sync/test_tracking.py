@@ -25,7 +25,7 @@ def test_events_after_a_tracked_scan_name_the_changed_paths(site: Site) -> None:
         (site.local / "a.txt").unlink()
         changes = feed.feed_for(site.state)
         assert changes is not None
-        assert changes.take(changes.basis) == {"d/b.txt", "a.txt"}
+        assert changes.take(changes.ident) == {"d/b.txt", "a.txt"}
     assert feed.feed_for(site.state) is None
 
 
@@ -43,7 +43,7 @@ def test_the_root_going_away_means_everything(site: Site) -> None:
         scan_local(site.opts())
         shutil.rmtree(site.local)
         changes = feed.feed_for(site.state)
-        assert changes is not None and changes.take(changes.basis) is None
+        assert changes is not None and changes.take(changes.ident) is None
 
 
 def test_a_session_with_a_feed_keeps_it(site: Site) -> None:
