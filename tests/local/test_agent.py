@@ -488,6 +488,45 @@ class TestSshdReady:
             child.wait()
             notify.close()
 
+    def test_while_sshd_may_still_say_it_is_ready_the_tcp_table_is_read_seldom(
+        self, tmp_path: Path
+    ) -> None:
+        notify = boot.notify_socket(str(tmp_path / "notify"))
+        assert notify is not None
+        looks: list[int] = []
+
+        def listening(port: int) -> bool:
+            looks.append(port)
+            return False
+
+        child = boot.Child(["/bin/sleep", "5"], {})
+        try:
+            window = boot.LISTEN_POLL_NOTIFIED_S * 1.5
+            assert not boot._wait_accepting(1, child, time.monotonic() + window, notify, listening)
+            # one look at the table in the window, not one every 50 ms
+            assert len(looks) == 1
+        finally:
+            child.signal(9)
+            child.wait()
+            notify.close()
+
+    def test_an_sshd_that_never_says_it_is_ready_is_still_found_listening(
+        self, tmp_path: Path
+    ) -> None:
+        notify = boot.notify_socket(str(tmp_path / "notify"))
+        assert notify is not None
+        child = boot.Child(["/bin/sleep", "5"], {})
+        try:
+            with socket.socket() as listener:
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                port = listener.getsockname()[1]
+                assert boot._wait_accepting(port, child, time.monotonic() + 5, notify)
+        finally:
+            child.signal(9)
+            child.wait()
+            notify.close()
+
     def test_without_a_ready_message_a_listening_port_ends_the_wait(self) -> None:
         child = boot.Child(["/bin/sleep", "5"], {})
         try:

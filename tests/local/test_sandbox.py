@@ -22,6 +22,7 @@ from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.limits import Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
 from tests.support.sandbox_harness import EdgeHarness, LoopThread, needs_metro_tools
+from tests.support.sandboxes import cmdline
 from tests.support.waiting import eventually
 from tests.support.workflow import ssh_argv
 
@@ -90,6 +91,39 @@ class TestBoot:
         assert b"Server listening on 127.0.0.1 port 2222" in harness.runtime.console(ONE)
 
     @pytest.mark.skipif(os.geteuid() != 0, reason="replacing a host /etc file needs root")
+    def test_an_ssh_connection_is_served_by_a_fork_of_sshd_not_a_new_exec_of_it(
+        self, harness: EdgeHarness
+    ) -> None:
+        # a fork keeps its parent's address layout; a re-exec'd sshd gets a new one
+        def text_base(pid: int) -> str:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            return next(line.split("-")[0] for line in maps if line.endswith("/usr/sbin/sshd"))
+
+        argv = ssh_argv(
+            harness.key, harness.p2222, harness.fqdn("one"), harness.ca.cert_path, "sleep 20"
+        )
+        conn = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+
+            def sshds() -> dict[str, int]:
+                found = {}
+                for pid in harness.runtime.pids(ONE):
+                    title = " ".join(cmdline(pid))  # sshd's titles, as ps shows them
+                    if title.startswith("sshd: /usr/sbin/sshd") and "[listener]" in title:
+                        found["listener"] = pid
+                    elif title == "sshd: root@notty":
+                        found["session"] = pid
+                return found
+
+            assert eventually(lambda: len(sshds()) == 2, 20, 0.05), [
+                cmdline(p) for p in harness.runtime.pids(ONE)
+            ]
+            found = sshds()
+            assert text_base(found["session"]) == text_base(found["listener"])
+        finally:
+            conn.kill()
+            conn.wait()
+
     def test_a_host_account_change_leaves_the_sandboxs_own_accounts_and_login_alone(
         self, harness: EdgeHarness
     ) -> None:

@@ -61,6 +61,30 @@ def instance(ukc: Ukc, uuid: str) -> dict[str, Any]:
     return item
 
 
+#: what `account_attack` prints when a step of it worked
+ACCOUNT_ATTACK_WINS = {
+    f"{word}-{name}"
+    for word in ("WROTE", "REMOUNTED", "CHMOD", "CHOWNED", "REPLACED", "UNMOUNTED")
+    for name in ("passwd", "group")
+}
+
+
+def account_attack(evil: str) -> str:
+    """Shell commands by which a sandbox tries to add the account `evil` to the `/etc/passwd`
+    and `/etc/group` it shares with every sandbox of its daemon; each step that works prints
+    a word of `ACCOUNT_ATTACK_WINS`."""
+    return " ".join(
+        f"echo '{evil}:x:0:0::/:/bin/sh' >> /etc/{f} && echo WROTE-{f}; "
+        f"mount -o remount,bind,rw /etc/{f} && echo REMOUNTED-{f}; "
+        f"chmod 0666 /etc/{f} && echo CHMOD-{f}; "
+        f"chown 0:0 /etc/{f} 2>/dev/null && echo CHOWNED-{f}; "
+        f"cp /etc/{f} /tmp/{f} && echo '{evil}:x:0:' >> /tmp/{f} && "
+        f"mv -f /tmp/{f} /etc/{f} && echo REPLACED-{f}; "
+        f"umount /etc/{f} && echo UNMOUNTED-{f}; "
+        for f in ("passwd", "group")
+    )
+
+
 class TestHostFiles:
     def test_a_sandbox_cannot_read_the_hosts_shadow_files_or_ssh_host_keys(self, ukc: Ukc) -> None:
         secrets_on_host = [Path("/etc/shadow"), Path("/etc/gshadow")]
@@ -107,6 +131,23 @@ class TestHostFiles:
         finally:
             for t in targets:
                 t.unlink(missing_ok=True)
+
+    def test_a_sandbox_root_cannot_change_the_passwd_and_group_every_sandbox_shares(
+        self, ukc: Ukc
+    ) -> None:
+        evil = f"evil{secrets.token_hex(4)}"
+        attack = account_attack(evil)
+        out = command_output(probe(ukc, attack + "id -u; true", name="attacker"))
+        assert "0" in out.splitlines(), out  # the attack ran as the sandbox's root
+        assert not ACCOUNT_ATTACK_WINS & set(out.split()), out
+        shared = ukc.metro.state_dir / "accounts"
+        for name in ("passwd", "group"):
+            st = (shared / name).stat()
+            assert evil not in (shared / name).read_text()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o644)
+        seen = command_output(probe(ukc, "cat /etc/passwd /etc/group", name="bystander"))
+        assert seen == (shared / "passwd").read_text() + (shared / "group").read_text()
+        assert evil not in seen
 
 
 class TestHostIdentity:
@@ -248,6 +289,24 @@ class TestNonRootDaemon:
             }, out.stdout  # fmt: skip
             assert "NESTED" not in out.stdout
             assert out.stdout.splitlines()[-1] == str(daemon.uid)
+
+    def test_a_non_root_daemons_sandbox_cannot_change_the_account_files_its_daemon_shares(
+        self, tmp_path: Path
+    ) -> None:
+        # why here too: these files are the sandbox's own uid's, so only the read-only
+        # binds stand between it and every other sandbox of its daemon
+        evil = f"evil{secrets.token_hex(4)}"
+        with NonRootRuntime(tmp_path) as daemon:
+            shared = daemon.root / "state" / "accounts"
+            before = {name: (shared / name).read_text() for name in ("passwd", "group")}
+            out = daemon.ssh(account_attack(evil) + "cat /etc/passwd /etc/group")
+            assert out.returncode == 0, out.stderr
+            assert not ACCOUNT_ATTACK_WINS & set(out.stdout.split()), out.stdout
+            assert evil not in out.stdout
+            for name in ("passwd", "group"):
+                st = (shared / name).stat()
+                assert (shared / name).read_text() == before[name]
+                assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (daemon.uid, 0o644)
 
     def test_a_non_root_daemons_sandbox_cannot_write_more_than_memory_mb_into_its_workspace(
         self, tmp_path: Path

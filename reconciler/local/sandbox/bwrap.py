@@ -86,12 +86,13 @@ def check_host(bwrap: str, sshd: str) -> None:
         raise LocalMetroError(f"sandboxes need user namespaces, which are off: {fix}")
 
 
-def host_files(inst: Path) -> dict[str, str]:
+def host_files(inst: Path, accounts: Path) -> dict[str, str]:
     """The host files (and the agent's directory) bound into the sandbox, by their name under
-    the launcher's stage."""
+    the launcher's stage: the instance's own from `inst`, the shared account files from
+    `accounts`."""
     return {
-        "etc/passwd": str(inst / "passwd"),
-        "etc/group": str(inst / "group"),
+        "etc/passwd": str(accounts / "passwd"),
+        "etc/group": str(accounts / "group"),
         "etc/shadow": str(inst / "shadow"),
         "host/agent": str(AGENT),
         f"host/{HOST_KEY}": str(inst / HOST_KEY),

@@ -3,7 +3,8 @@
 `workspaces/<uuid>/` is the sandbox's `/workspace` (kept across stop/start, removed by destroy);
 `volumes/<volume uuid>/` a volume's files, mounted into the sandbox of the instance it is
 attached to (a volume at `/workspace` takes the workspace's place);
-`sandboxes/<uuid>/` holds its ssh host key, generated account files and host id range. The
+`sandboxes/<uuid>/` holds its ssh host key, shadow file and host id range, `accounts/` the
+`passwd` and `group` every sandbox of the daemon is given. The
 listening sockets live in a host-only control dir, `run/<uuid>/` (or a short `/tmp/ukc-*` dir
 when the state dir is too deep for a unix socket path), which the sandbox never sees.
 """
@@ -70,6 +71,10 @@ class SandboxLayout:
     def instance_dir(self, uuid: str) -> Path:
         self.check_uuid(uuid)
         return self.state_dir / "sandboxes" / uuid
+
+    def accounts_dir(self) -> Path:
+        """`state_dir/accounts`: the `passwd` and `group` every sandbox is given."""
+        return self.state_dir / "accounts"
 
     def known_uuids(self) -> set[str]:
         """Every uuid that has a workspace or an instance dir on disk."""

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -46,6 +47,7 @@ from reconciler.local.sandbox.bwrap import (
 from reconciler.local.sandbox.files import (
     HOST_KEY,
     drop_memory_workspace,
+    prepare_accounts,
     prepare_instance_dir,
     prepare_workspace,
     remove_tree,
@@ -101,6 +103,9 @@ class SandboxRuntime:
         self._ids = host_ids if host_ids is not None else HostIds() if self._privileged else None
         self._limiter = limiter
         self._boxes: dict[str, Box] = {}
+        #: the shared account files are written once per runtime, by the first boot
+        self._accounts_lock = threading.Lock()
+        self._accounts_written = False
         self._launcher = LaunchServer(dict(BASE_ENV))
         self._consoles: dict[str, bytearray] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -209,6 +214,10 @@ class SandboxRuntime:
     def _prepare(self, uuid: str, volumes: list[Mount]) -> tuple[IdRange | None, Path, Path]:
         """The instance's id range (claimed the first time), workspace and instance dir; the
         volumes' directories made the sandbox's."""
+        with self._accounts_lock:
+            if not self._accounts_written:
+                prepare_accounts(self.layout.accounts_dir(), own_ids=self._ids is not None)
+                self._accounts_written = True
         inst = self.layout.instance_dir(uuid)
         ids = self._ids.claim(inst) if self._ids is not None else None
         ws = self.layout.workspace(uuid)
@@ -236,7 +245,7 @@ class SandboxRuntime:
     ) -> tuple[Box, int, int]:
         """Start the launcher (which execs bwrap); the box and its status and info pipes."""
         ids, ws, inst = await asyncio.to_thread(self._prepare, uuid, volumes)
-        files = host_files(inst)
+        files = host_files(inst, self.layout.accounts_dir())
         others = [m for m in volumes if m.at != WORKSPACE]
         files.update({volume_source(m.at): str(m.source) for m in others})
         sources = bind_sources(files, ws, staged=ids is not None)

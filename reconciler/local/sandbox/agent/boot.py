@@ -62,6 +62,18 @@ AcceptEnv none
 """
 
 
+# why -r (no re-exec of sshd for each connection): the re-exec gives each connection a fresh
+# address layout against an attacker who connects again and again; here only the metro's
+# owner reaches the edge (peercred) and the sandbox's network is its own, so it guards against
+# no one, and it was over a quarter of sshd's CPU per connection (an exec of sshd, linking
+# its ~25 libraries again: 43 -> 31 ms per connection of three exec channels, perf, 20
+# connections). OpenSSH 9.8 and later hand the connection to sshd-session and ignore -r
+# (they log that it is deprecated).
+SSHD_ARGV = [
+    "/usr/sbin/sshd", "-D", "-e", "-r", "-f", f"{RUN_DIR}/sshd_config", "-p", str(SSH_PORT)
+]  # fmt: skip
+
+
 def _write(path: str, data: str, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -175,11 +187,24 @@ def _said_ready(notify: _socket.socket, pid: int) -> bool:
     return sender == pid and b"READY=1" in data.split(b"\n")
 
 
+#: how often /proc/net/tcp is read while sshd may still say it is ready. why so seldom: each
+#: read walks the kernel's TCP table of every network namespace (~4 ms of a sandbox's CPU
+#: per boot in a 50-sandbox fan-out, at a read every 50 ms); an sshd that says it is ready
+#: never needs it, and one that does not is found listening within this
+LISTEN_POLL_NOTIFIED_S = 0.5
+
+
 def _wait_accepting(
-    port: int, sshd: Child, deadline: float, notify: _socket.socket | None = None
+    port: int,
+    sshd: Child,
+    deadline: float,
+    notify: _socket.socket | None = None,
+    listening: Callable[[int], bool] = _listening,
 ) -> bool:
     """Wait until sshd listens on `port`: its `READY=1` on `notify`, or (an sshd that does
-    not say) LISTEN in /proc/net/tcp, checked every 50 ms."""
+    not say) LISTEN in /proc/net/tcp, checked every 50 ms (every
+    `LISTEN_POLL_NOTIFIED_S` while `notify` may still get the message)."""
+    next_look = time.monotonic() + (LISTEN_POLL_NOTIFIED_S if notify is not None else 0)
     while time.monotonic() < deadline:
         if sshd.poll() is not None:
             return False
@@ -189,8 +214,12 @@ def _wait_accepting(
             if _said_ready(notify, sshd.pid):
                 return True
             continue
-        if _listening(port):
+        if notify is not None and time.monotonic() < next_look:
+            continue
+        if listening(port):
             return True
+        if notify is not None:
+            next_look = time.monotonic() + LISTEN_POLL_NOTIFIED_S
     return False
 
 
@@ -317,10 +346,7 @@ def main(argv: list[str]) -> int:
     if notify is not None:
         sshd_env["NOTIFY_SOCKET"] = SSHD_NOTIFY
     try:
-        sshd = Child(
-            ["/usr/sbin/sshd", "-D", "-e", "-f", f"{RUN_DIR}/sshd_config", "-p", str(SSH_PORT)],
-            sshd_env,
-        )
+        sshd = Child(SSHD_ARGV, sshd_env)
     except OSError as exc:
         log(f"sshd failed to start: {os_message(exc)}")
         return 1
