@@ -289,3 +289,52 @@ def test_a_command_not_marked_as_waiting_for_its_stdin_is_never_started_ahead(
     time.sleep(0.3)
     assert shell.started == [runs, runs]
     assert marker.read_text() == "x\nx\n"  # run when asked, never ahead
+
+
+def test_a_borrow_that_starts_a_waiting_command_asks_once_and_the_first_start_gets_it(
+    place: Path, tmp_path: Path
+) -> None:
+    # why: the borrow's hello and the helper's start were two round trips to the lender
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    waits = "head -c 3; echo ' '$$"
+    borrowed = links.borrow(key, start=waits)
+    assert borrowed is not None
+    assert shell.started == [waits]
+    # the lender is asked nothing more: with its socket gone, the start still gets the process
+    os.unlink(os.path.join(place, key.name()))
+    process = borrowed.start(waits)
+    process.write(b"one")
+    out = bytearray()
+    while chunk := process.read():
+        out += chunk
+    assert process.wait(10) == 0
+    assert out.decode().startswith("one ")
+    with pytest.raises(TransportError):
+        borrowed.start(waits)  # a second start asks the lender again
+
+
+def test_a_borrow_with_a_start_naming_another_key_starts_nothing(
+    place: Path, tmp_path: Path
+) -> None:
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    for other in (a_key(tmp_path, session="api"), a_key(tmp_path, start_count=2)):
+        assert links.borrow(other, start="head -c 3") is None
+    assert links.borrow(a_key(tmp_path, uuid="2" * 36), start="head -c 3") is None
+    assert shell.started == []
+
+
+def test_a_process_started_at_a_borrow_that_nobody_took_ends_with_the_command(
+    place: Path, tmp_path: Path
+) -> None:
+    key = a_key(tmp_path)
+    shell, _ = lend(key)
+    waits = "head -c 3; echo ' '$$"
+    borrowed = links.borrow(key, start=waits)
+    assert borrowed is not None
+    relay = borrowed.shell  # type: ignore[attr-defined]
+    first = relay._ready[waits]
+    assert links.hand_over(borrowed, key)
+    assert first.wait(10) is not None  # ended, not left waiting for its stdin
+    assert wait_started(shell, 2)  # and the lender keeps a spare for the next borrower
