@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/helper_write_bench.py [--files 100000] [--size 1024]
                                                  [--threads 4] [--rounds 2] [--dir /dev/shm]
+                                                 [--seeded]
 
 Drives `reconciler.sync.helper.Helper` in-process (no SSH, no client) with the byte stream a
 push sends: a hello, then `puts` batches of `--files` files of `--size` bytes in 100
@@ -10,6 +11,8 @@ directories, then a `sync`. Alternates `threads=0` (inline, the default) and `--
 (`SyncOptions.write_threads`) `--rounds` times, each into a fresh directory under `--dir`
 (tmpfs by default: the local metro's /workspace is a tmpfs). Prints wall and CPU seconds per
 round and the median ratio pool / inline. The machine may be shared: compare the ratio.
+`--seeded` puts one file in each root first, as the scale bench's session has: the helper then
+writes every file through a temp name and a rename (a root that is not empty at hello).
 """
 
 from __future__ import annotations
@@ -69,14 +72,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--seeded", action="store_true", help="a non-empty root (temp + rename)")
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="ukc-helper-write-", dir=a.dir))
     walls: dict[int, list[float]] = {0: [], a.threads: []}
-    print(f"# helper_write_bench files={a.files} size={a.size} load={os.getloadavg()[0]:.2f}")
+    print(
+        f"# helper_write_bench files={a.files} size={a.size} seeded={a.seeded} "
+        f"load={os.getloadavg()[0]:.2f}"
+    )
     try:
         for k in range(a.rounds):
             for threads in (0, a.threads):
                 root = str(base / f"r{k}t{threads}")
+                if a.seeded:
+                    os.mkdir(root)
+                    Path(root, "seed.txt").write_bytes(b"seed")
                 h = helper.Helper(
                     io.BytesIO(_stream(a.files, a.size, root, threads)), io.BytesIO(), 0o022
                 )
@@ -85,7 +95,7 @@ def main() -> None:
                 h.drain()
                 wall, cpu = time.perf_counter() - t0, _cpu() - c0
                 h.stop_pool()
-                if h.written != a.files or h.nerr:
+                if h.written != a.files or h.nerr or h.direct == a.seeded:
                     raise SystemExit(f"wrote {h.written} of {a.files} files, {h.nerr} errors")
                 walls[threads].append(wall)
                 print(f"round={k} threads={threads} wall_s={wall:.2f} cpu_s={cpu:.2f}", flush=True)

@@ -30,8 +30,9 @@ before it mirrors deletions.
 
 Every write lands via a temp name in the same directory + rename, through directory fds
 opened with O_NOFOLLOW (a symlink inside the tree is never followed); in a root empty at hello
-(a first push), a new small file is made under its final name with O_EXCL: one cut short lacks
-its mtime (set last), and the next push scans (no record) and resends it.
+(a first push) or a directory this push made (nothing in it was there to read), a new small file
+is made under its final name with O_EXCL: one cut short lacks its mtime (set last), and the next
+push scans (no record) and resends it.
 
 Start cost matters: slow imports (`json`, `typing`, `threading`, `queue`, `hashlib`) are
 avoided or made where first needed.
@@ -220,6 +221,8 @@ class Helper:
         self.rootfd = -1
         self.state = ""
         self.direct = False
+        #: directories this push made: their new files need no temp either (`op_puts`)
+        self.new_dirs: set[str] = set()
         self.errors: list[str] = []
         self.nerr = 0
         self.written = 0
@@ -364,6 +367,7 @@ class Helper:
             if not create:
                 raise
             os.mkdir(name, 0o755, dir_fd=pfd)
+            self.new_dirs.add(rel)
             fd = os.open(name, DFLAGS, dir_fd=pfd)
         if len(self.dirs) > MAX_DIR_FDS:
             self.drop_dirs()
@@ -383,6 +387,7 @@ class Helper:
             self.rootfd = -1
         self.errors, self.nerr, self.written, self.nbytes = [], 0, 0, 0
         self.redo = set()
+        self.new_dirs = set()
         root = req["root"]
         self.root = root
         self.nthreads = min(int(req.get("threads", 0)), MAX_THREADS)
@@ -586,6 +591,7 @@ class Helper:
         data = self.rd(total)
         view = memoryview(data)
         dirs, keep, pos, n = self.dirs, ~self.umask & 0o777, 0, 0
+        new_dirs, direct = self.new_dirs, self.direct
         for path, size, mode, mtime_ns in files:
             end = pos + size
             ok, body, pos = data[end] == 1, view[pos:end], end + 1
@@ -600,7 +606,7 @@ class Helper:
                 if not ok:
                     continue
                 fd = -1
-                if self.direct:
+                if direct or parent in new_dirs:
                     try:
                         fd = os.open(name, NEW, mode & 0o777, dir_fd=pfd)
                         made = name
@@ -762,6 +768,7 @@ class Helper:
             pfd = self.open_dir(parent, True)
             try:
                 os.mkdir(name, 0o700, dir_fd=pfd)
+                self.new_dirs.add(path)
             except FileExistsError:
                 pass
             fd = os.open(name, DFLAGS, dir_fd=pfd)

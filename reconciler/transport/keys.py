@@ -10,6 +10,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -45,6 +46,20 @@ def generate_keypair(path: Path, comment: str | None = None) -> str:
     return f"{public.decode()} {comment or path.name}"
 
 
+def _public_line(path: Path, comment: str) -> str | None:
+    """The public line of the ed25519 private key at `path`; None if there is none whole."""
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(key, Ed25519PrivateKey):
+        return None
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return f"{public.decode()} {comment}"
+
+
 def ensure_keypair(path: Path) -> str:
     """The session's public key line, generating the keypair (private 0600) on first use.
 
@@ -52,19 +67,26 @@ def ensure_keypair(path: Path) -> str:
     deleted; an adopted instance (lost create answer) therefore still accepts it.
     """
     pub = path.with_name(path.name + ".pub")
+    comment = f"ukc-{path.name}"
     if path.exists():
         with contextlib.suppress(FileNotFoundError):
             line = pub.read_text().strip()
-            # A kill between creating the .pub and writing it leaves it empty; the public half
-            # is written before any create sends it, so starting over strands no instance.
             if line.startswith("ssh-ed25519 "):
                 return line
+        # A .pub that is missing or empty (a kill or power loss while it was written) is
+        # derived again from the private key: that key, fsynced before this function first
+        # returned (so before any create sent its public half), is what an instance accepts.
+        # why: then the .pub needs no fsync of its own on every new session's create path
+        derived = _public_line(path, comment)
+        if derived is not None:
+            write_atomic(pub, (derived + "\n").encode(), mode=0o644, durable=False)
+            return derived
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a private key without its public half: start over
-    line = generate_keypair(path, comment=f"ukc-{path.name}")
-    write_atomic(pub, (line + "\n").encode(), mode=0o644)
+        path.unlink()  # a private key cut short by a kill: no create ever sent it; start over
+    line = generate_keypair(path, comment=comment)
+    write_atomic(pub, (line + "\n").encode(), mode=0o644, durable=False)
     return line
 
 

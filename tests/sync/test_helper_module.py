@@ -927,6 +927,106 @@ def test_only_a_root_empty_at_hello_gets_new_files_without_a_temp(box: Box, empt
     assert (box.root / "a").read_bytes() == b"1"
 
 
+def _temp_blocked(dirpath: Path) -> None:
+    """A directory where the helper's temp for `f` would go: a file written through a temp
+    there fails, one made under its own name does not."""
+    (dirpath / f"{helper.TMP}f.{os.getpid()}").mkdir(exist_ok=True)
+
+
+@pytest.mark.parametrize("how", ["mkdir", "parent of a file"])
+def test_new_files_in_a_directory_the_push_made_get_no_temp_in_a_root_that_was_not_empty(
+    box: Box, how: str
+) -> None:
+    (box.root / "old").mkdir()
+    _temp_blocked(box.root / "old")
+    made: list[Any] = [{"op": "mkdir", "path": "new", "mode": 0o755}] if how == "mkdir" else []
+
+    class Planting(io.BytesIO):
+        """Blocks the temp in `new` once the helper made it (before the files are read)."""
+
+        def read(self, n: int | None = -1) -> bytes:
+            if (box.root / "new").is_dir() and not (box.root / "new" / "f").exists():
+                _temp_blocked(box.root / "new")
+            return super().read(n)
+
+    items = [*made, *puts(("old/f", b"1", True)), *puts(("new/f", b"2", True))]
+    if how != "mkdir":
+        # the parent is made for the first file, then the second batch finds it made
+        items = [*puts(("old/f", b"1", True), ("new/g", b"0", True)), *puts(("new/f", b"2", True))]
+    h, reply = serve_after_hello(box, lambda: None, *items, inp=Planting)
+    assert not h.direct
+    assert (box.root / "new" / "f").read_bytes() == b"2"
+    # an old directory's new file still goes through a temp (blocked here: an error)
+    assert reply["error_count"] == 1 and reply["errors"][0].startswith("old/f: ")
+    assert not (box.root / "old" / "f").exists()
+
+
+def test_puts_into_a_directory_the_push_made_never_follow_a_symlink_planted_there(
+    box: Box,
+) -> None:
+    (box.root / "old").write_bytes(b"o")
+
+    class Planting(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            new = box.root / "new"
+            if new.is_dir() and not (new / "x").is_symlink() and not (new / "x").exists():
+                (new / "x").symlink_to(box.outside / "secret")
+                (new / "dangling").symlink_to(box.outside / "made")
+            return super().read(n)
+
+    before = box.outside_state()
+    _, reply = serve_after_hello(
+        box,
+        lambda: None,
+        {"op": "mkdir", "path": "new", "mode": 0o755},
+        *puts(("new/x", b"n", True), ("new/dangling", b"d", True), ("new/ok", b"k", True)),
+        inp=Planting,
+    )
+    assert reply["error_count"] == 0, reply
+    assert box.outside_state() == before
+    assert not (box.outside / "made").exists()
+    for name, data in (("x", b"n"), ("dangling", b"d"), ("ok", b"k")):
+        assert not (box.root / "new" / name).is_symlink()
+        assert (box.root / "new" / name).read_bytes() == data
+    assert box.temps() == []
+
+
+def test_a_kept_helpers_next_push_writes_through_temps_in_the_directories_the_last_one_made(
+    box: Box,
+) -> None:
+    (box.root / "old").write_bytes(b"o")
+    data = b"".join(
+        i if isinstance(i, bytes) else encode_frame(i)
+        for i in (
+            {"op": "mkdir", "path": "new", "mode": 0o755},
+            *puts(("new/a", b"1", True)),
+            SYNC,
+            box.hello(),
+            *puts(("new/f", b"2", True)),
+            SYNC,
+        )
+    )
+
+    class Planting(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            if (box.root / "new" / "a").exists():
+                _temp_blocked(box.root / "new")
+            return super().read(n)
+
+    h = helper.Helper(Planting(data), io.BytesIO(), _umask())
+    h.op_hello(box.hello())
+    try:
+        h.serve()
+    finally:
+        h.drop_dirs()
+    answers = Answers(h.out.getvalue())  # type: ignore[attr-defined]
+    answers.frame()
+    assert answers.frame()["written"] == 1
+    answers.frame()  # the second hello's
+    second = answers.frame()
+    assert second["error_count"] == 1 and second["errors"][0].startswith("new/f: ")
+
+
 def test_puts_never_follow_a_symlink_planted_after_an_empty_roots_hello(box: Box) -> None:
     def plant() -> None:
         (box.root / "dangling").symlink_to(box.outside / "new")
