@@ -294,33 +294,57 @@ class _Sender:
             return
         heads: list[list[Any]] = []
         parts: list[bytes] = []
-        for path, e in self.batch:
-            data = self._read_small(path, e)
-            if data is None:
-                continue  # could not open it: the error is noted, the helper never hears of it
-            heads.append([path, e.size, e.mode, e.mtime_ns])
-            if len(data) == e.size:
-                parts += (data, b"\x01")
-                self.files += 1
-                self.bytes += e.size
-            else:
-                # changed since the scan: keep the stream in step, tell the helper to discard
-                parts += (bytes(e.size), b"\x00")
-                self.errors.append(f"{path}: changed while it was being sent")
+        # why a directory fd: an open by name in it skips the walk of every path component
+        # (~0.35 us of ~9 a file here); one per directory of the batch (the paths come sorted)
+        at, dfd = None, -1
+        try:
+            for path, e in self.batch:
+                parent, _, name = path.rpartition("/")
+                if parent != at:
+                    if dfd >= 0:
+                        os.close(dfd)
+                    at, dfd = parent, -1
+                    dfd = self._open_dir(parent)
+                data = self._read_small(path, e, dfd, name)
+                if data is None:
+                    continue  # could not open it: the error is noted, the helper never hears of it
+                heads.append([path, e.size, e.mode, e.mtime_ns])
+                if len(data) == e.size:
+                    parts += (data, b"\x01")
+                    self.files += 1
+                    self.bytes += e.size
+                else:
+                    # changed since the scan: keep the stream in step, tell the helper to discard
+                    parts += (bytes(e.size), b"\x00")
+                    self.errors.append(f"{path}: changed while it was being sent")
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
         self.batch = []
         self.batch_bytes = 0
         if heads:
             self.s.send({"op": "puts", "files": heads})
             self.s.send_raw(b"".join(parts))
 
-    def _read_small(self, path: str, e: Entry) -> bytes | None:
+    def _open_dir(self, parent: str) -> int:
+        """An fd of the tree's directory `parent`, or -1 (its files are then opened by path,
+        which notes why they cannot be)."""
+        try:
+            return os.open(self.prefix + parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return -1
+
+    def _read_small(self, path: str, e: Entry, dfd: int = -1, name: str = "") -> bytes | None:
         """The file's bytes if it is still the scanned one (short bytes when it is not), or
-        None when it cannot be opened (error noted).
+        None when it cannot be opened (error noted). `name` in directory `dfd` is `path`.
 
         One read and one fstat after it: a write before or during the read moves the mtime
         that fstat then sees (a write after it does not matter: the bytes are read)."""
         try:
-            fd = os.open(self.prefix + path, READ_FLAGS)
+            if dfd >= 0:
+                fd = os.open(name, READ_FLAGS, dir_fd=dfd)
+            else:
+                fd = os.open(self.prefix + path, READ_FLAGS)
         except OSError as exc:
             self.errors.append(f"{path}: {exc.strerror or 'cannot open'}")
             return None

@@ -496,6 +496,23 @@ class TestBatches:
         push(site.shell, site.opts(), instance_uuid="u1")
         assert tree(site.remote) == tree(site.local)
 
+    def test_files_whose_directory_went_after_the_scan_are_errors_and_the_rest_lands(
+        self, site: Site
+    ) -> None:
+        for d in ("a", "b", "c"):
+            for i in range(3):
+                write(site.local / f"{d}/f{i}.txt", f"{d} {i}")
+        local = scan_local(site.opts())
+        shutil.rmtree(site.local / "b")
+        (site.local / "c/f1.txt").unlink()
+        with pytest.raises(SyncError, match=r"4 errors \(b/f0.txt: No such file"):
+            push(site.shell, site.opts(), instance_uuid="u1", local=local)
+        landed = sorted(
+            f"{p.parent.name}/{p.name}" for p in site.remote.glob("*/*") if p.name[0] != "."
+        )
+        assert landed == ["a/f0.txt", "a/f1.txt", "a/f2.txt", "c/f0.txt", "c/f2.txt"]
+        assert (site.remote / "c/f2.txt").read_text() == "c 2"
+
 
 def test_edited_big_files_among_small_ones_send_changed_blocks_and_every_small_file(
     site: Site,
