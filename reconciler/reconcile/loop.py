@@ -61,9 +61,7 @@ from reconciler.status.schema import (
 )
 from reconciler.sync import engine as sync_engine
 from reconciler.sync import feed as sync_feed
-from reconciler.sync.capability import recorded_tools
 from reconciler.sync.options import SyncOptions
-from reconciler.sync.remote import helper_command
 from reconciler.transport import links, select
 from reconciler.transport.base import Transport
 from reconciler.transport.pool import TransportPool
@@ -305,10 +303,6 @@ def apply_group(
         # lock (and leases) are held: a watch pass waits for both before its push
         listing: Listing | None = start_listing(group, doc, metros, owner.project, only)
         _greet(leases, group, kept, only)
-        # the hellos sent by the prefetches of this apply: read (if no push did) before the
-        # status lock is released, and none sent after
-        greetings = _Greetings()
-        leases.callback(greetings.close)
         failed: dict[str, str] = {}
         outcomes: dict[str, SessionOutcome] = {}
         first_plan: actions.Plan | None = None
@@ -390,7 +384,7 @@ def apply_group(
                 owner=owner,
                 salt=salt,
                 only=only,
-                on_tree_changed=_prefetcher(group, doc, metros, kept, owner, greetings),
+                on_tree_changed=_prefetcher(group, doc, metros, kept, owner),
                 listing=listing,
             )
             listing = None
@@ -883,43 +877,15 @@ def _greet(
                 exits.callback(sync_engine.ungreet, shell)
 
 
-class _Greetings:
-    """The push's first message (its hello), sent by a prefetch right after the helper it
-    started (`sync_engine.greet`): the answer travels while this side still scans and plans,
-    and the push reads it instead of asking. One the push did not read is read and dropped at
-    `close`, under the status lock, as `_greet`'s are: a later push must ask again."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._shells: list[Transport] = []
-        self._closed = False
-
-    def greet(self, shell: Transport, opts: SyncOptions, instance_uuid: str) -> None:
-        with self._lock:
-            if self._closed:
-                return  # the apply is ending: nobody would read the answer in time
-            with contextlib.suppress(errors.UkcError, OSError):
-                if sync_engine.greet(shell, opts, instance_uuid):
-                    self._shells.append(shell)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            shells, self._shells = self._shells, []
-        for shell in shells:
-            sync_engine.ungreet(shell)
-
-
 def _prefetcher(
     group: Group,
     doc: StatusDoc,
     metros: MetroRegistry,
     pool: TransportPool,
     owner: identity.Owner,
-    greetings: _Greetings,
 ) -> Callable[[str, str, str, Instance, SyncOptions], None]:
     """The observer's hint → a connection opened in the background for the push to come, its
-    sync helper started over it and greeted."""
+    sync helper started over it."""
 
     def prefetch(
         session: str, transport: str, metro: str, inst: Instance, opts: SyncOptions
@@ -949,27 +915,15 @@ def _prefetcher(
         )
 
         def opener() -> Transport:
-            # the connection an earlier command kept (the warm process's), asked for with the
-            # start of the helper the push will use, else a new one
-            conn = links.borrow(link, start=_helper_ahead(opts, inst.uuid)) or kind.reopen(
-                target, credentials, pin=pin
-            )
+            # the connection an earlier command kept (the warm process's), else a new one
+            conn = links.borrow(link) or kind.reopen(target, credentials, pin=pin)
             # the push's helper starts in the sandbox while this side scans and plans
             sync_engine.start_ahead(conn, opts, instance_uuid=inst.uuid)
-            greetings.greet(conn, opts, inst.uuid)
             return conn
 
         pool.prefetch(session, inst.uuid, opener, link if links.lender() else None)
 
     return prefetch
-
-
-def _helper_ahead(opts: SyncOptions, instance_uuid: str) -> str | None:
-    """The command `sync_engine.start_ahead` starts first over a kept connection (it waits for
-    its program on stdin), or None when it starts none (no python3 in the sandbox)."""
-    if recorded_tools(opts, instance_uuid) == "shell":
-        return None
-    return helper_command(opts)
 
 
 def _finalize(

@@ -177,28 +177,15 @@ def hand_over(transport: Transport, key: LinkKey | None) -> bool:
     return keeper.lend(key, transport)
 
 
-def borrow(key: LinkKey | None, *, start: str | None = None) -> Transport | None:
+def borrow(key: LinkKey | None) -> Transport | None:
     """A kept connection with exactly `key`, as a transport whose processes are relayed;
-    None when no lender holds one (the caller connects itself).
-
-    `start`: a command that does nothing before its stdin says so (`RelayShell.spare`), to
-    be started at once; the lender's answer to that start is the proof the hello would give
-    (the key is its own, the connection lives), one round trip instead of two, and the
-    transport's first `start` of that command gets the process."""
+    None when no lender holds one (the caller connects itself)."""
     directory = _directory()
     if key is None or directory is None:
         return None
     from reconciler.transport.commands import ShellTransport
 
     path = os.path.join(directory, key.name())
-    shell = RelayShell(path, key)
-    if start is not None:
-        shell.spare(start)
-        try:
-            shell._ready[start] = shell.start(start)
-        except TransportError:
-            return None
-        return ShellTransport(key.kind, shell, pin=key.pin)
     try:
         sock = _ask(path, {"op": "hello", "key": asdict(key)})
         try:
@@ -209,7 +196,7 @@ def borrow(key: LinkKey | None, *, start: str | None = None) -> Transport | None
         return None
     if not ok:
         return None
-    return ShellTransport(key.kind, shell, pin=key.pin)
+    return ShellTransport(key.kind, RelayShell(path, key), pin=key.pin)
 
 
 def drop_session(status_path: Path | str, session: str) -> None:
@@ -390,9 +377,6 @@ class RelayShell:
         self._open = True
         #: commands that wait for their stdin before doing anything (see the module's doc)
         self._spares: set[str] = set()
-        #: such commands started when the connection was borrowed (`borrow`), for the first
-        #: `start` of each
-        self._ready: dict[str, RemoteProcess] = {}
 
     def spare(self, command: str) -> None:
         """`command` does nothing before it reads its stdin: the lender may start it ahead
@@ -409,9 +393,6 @@ class RelayShell:
     def start(self, command: str) -> RemoteProcess:
         if not self.active:
             raise TransportError(f"ssh {self.fqdn}: the kept connection was given up")
-        ready = self._ready.pop(command, None)
-        if ready is not None:
-            return ready
         try:
             sock = _ask(
                 self._path,
@@ -442,11 +423,9 @@ class RelayShell:
     def release(self) -> None:
         """Done with it, as a command that converged is: the lender keeps it."""
         self._open = False
-        self._end_ready()
 
     def close(self) -> None:
         """Done with it after a failure: the lender drops the connection too."""
-        self._end_ready()
         if not self._open:
             return
         self._open = False
@@ -456,13 +435,6 @@ class RelayShell:
                 recv_exact(sock, 1)
             finally:
                 sock.close()
-
-    def _end_ready(self) -> None:
-        """Processes started at `borrow` that nobody took (their lender starts a spare)."""
-        ready, self._ready = self._ready, {}
-        for process in ready.values():
-            with contextlib.suppress(Exception):
-                process.kill()
 
 
 # -- the lender's side ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from reconciler.reconcile.desired import load_groups, sync_options_for
-from reconciler.reconcile.loop import _Greetings, _prefetcher
+from reconciler.reconcile.loop import _prefetcher
 from reconciler.status.schema import InstanceRecord, SessionStatus, StatusDoc
 from reconciler.transport.pool import TransportPool
 from tests.support.planning import OWNER, desired, instance
@@ -50,7 +50,7 @@ def test_a_hint_for_a_session_whose_connection_is_kept_asks_nothing_of_its_metro
     pool = TransportPool()
     kept: Any = _Kept()
     pool.keep("web", inst.uuid, kept)
-    hint = _prefetcher(group, doc, metros, pool, OWNER, _Greetings())
+    hint = _prefetcher(group, doc, metros, pool, OWNER)
     hint("web", "ssh", "local", inst, sync_options_for(group, loaded))
     assert asked == []
     assert pool.peek("web") == (inst.uuid, kept)
