@@ -665,17 +665,23 @@ def test_a_real_sandbox_that_stalls_its_helper_ends_the_apply_and_deletes_nothin
         text=True,
         check=True,
     ).stdout.strip()
+    # the plant comes before the last command: the sync-back's helper starts while the last
+    # command runs, so a helper planted by that command itself may come too late for it
     spec = """\
         name: stall
         commands:
           - name: make
             run: {command}
+          - name: last
+            run: {last}
         sync:
           back: [out/]
           back_delete: true
           idle_timeout: 3s
         """
-    ukc.write_spec(spec.format(command=json.dumps("mkdir -p out && echo v1 > out/r.txt")))
+    ukc.write_spec(
+        spec.format(command=json.dumps("mkdir -p out && echo v1 > out/r.txt"), last="'true'")
+    )
     ukc.run("apply", "session.yaml", check=0, timeout=600)
     assert (ukc.project / "out/r.txt").read_text() == "v1\n"
     # the sandbox deletes its output and plants a helper (the cached code the bootstrap
@@ -684,7 +690,7 @@ def test_a_real_sandbox_that_stalls_its_helper_ends_the_apply_and_deletes_nothin
         f"rm out/r.txt && echo {_stalling_helper_code()} | base64 -d > "
         f"/run/ukc-sync/helper-{_PROGRAM_ID}-{hexversion}.bin"
     )
-    ukc.write_spec(spec.format(command=json.dumps(plant)))
+    ukc.write_spec(spec.format(command=json.dumps(plant), last="'echo planted'"))
     t0 = time.monotonic()
     second = ukc.run("apply", "session.yaml", timeout=300)
     took = time.monotonic() - t0
