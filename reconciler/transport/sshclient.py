@@ -128,13 +128,19 @@ class SshProcess:
         return self._channel.recv_exit_status()
 
     def kill(self) -> None:
-        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-            self._channel.close()
+        _close_quietly(self._channel)
 
     def resize(self, cols: int, rows: int) -> None:
         if self._pty:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 self._channel.resize_pty(width=cols, height=rows)
+
+
+def _close_quietly(channel: paramiko.Channel) -> None:
+    # why: a close sends a message; on a connection that just died that write raises, and
+    # the channel is as closed as it will get
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        channel.close()
 
 
 class SshShell:
@@ -256,7 +262,7 @@ class SshShell:
 
         def expire() -> None:
             expired.set()
-            channel.close()
+            _close_quietly(channel)
 
         timer = threading.Timer(limit, expire)
         timer.daemon = True
@@ -267,7 +273,7 @@ class SshShell:
                 channel.get_pty(term=term, width=cols, height=rows)
             channel.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as err:
-            channel.close()
+            _close_quietly(channel)
             if expired.is_set():
                 raise TransportError(
                     f"ssh {self.fqdn}: the sandbox did not start a process within {limit:g} s"

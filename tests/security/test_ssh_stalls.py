@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +152,66 @@ def test_a_sync_back_over_a_peer_that_never_answers_is_stopped_by_its_watchdog(
     assert str(outcome).startswith(
         "sync-back of session 'deaf': the sync helper in the sandbox did not answer for 2 s"
     )
+
+
+class _DyingChannel:
+    """A channel whose exec answer never comes, on a connection that dies meanwhile: the exec
+    wait ends (with `fail`) only when the channel is closed, and the close itself raises, as
+    paramiko's does when it cannot send its message on a dead socket."""
+
+    def __init__(self, fail: BaseException | None) -> None:
+        self.fail = fail
+        self.closed = threading.Event()
+
+    def exec_command(self, command: str) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.closed.wait(30)
+        raise paramiko.SSHException("Channel closed.")
+
+    def close(self) -> None:
+        self.closed.set()
+        raise EOFError()
+
+
+class _DyingTransport:
+    def __init__(self, channel: _DyingChannel) -> None:
+        self.channel = channel
+
+    def open_session(self, **_: object) -> _DyingChannel:
+        return self.channel
+
+
+def _dying_shell(channel: _DyingChannel) -> SshShell:
+    shell = SshShell(
+        _DyingTransport(channel),  # type: ignore[arg-type]
+        socket.socket(),
+        fqdn="dying.test",
+        host_key_fingerprint="-",
+    )
+    shell.start_timeout_s = 0.5
+    return shell
+
+
+def test_a_start_whose_peer_dies_before_the_timeout_fails_cleanly_with_no_thread_traceback() -> (
+    None
+):
+    seen: list[BaseException | None] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: seen.append(args.exc_value)  # the timer's thread
+    try:
+        channel = _DyingChannel(fail=None)
+        outcome = _within(lambda: _dying_shell(channel).start("true"))
+        time.sleep(0.2)  # the timer's thread ends after the start returned
+    finally:
+        threading.excepthook = hook
+    assert isinstance(outcome, TransportError), outcome
+    assert str(outcome) == "ssh dying.test: the sandbox did not start a process within 0.5 s"
+    assert seen == []
+
+
+def test_a_start_refused_on_a_connection_that_died_is_a_transport_error() -> None:
+    channel = _DyingChannel(fail=EOFError())
+    outcome = _within(lambda: _dying_shell(channel).start("true"))
+    assert isinstance(outcome, TransportError), outcome
+    assert str(outcome).startswith("ssh dying.test: cannot start a process")
