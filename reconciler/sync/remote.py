@@ -267,6 +267,24 @@ _PARKED_PULL: weakref.WeakKeyDictionary[RemoteShell, HelperSession] = weakref.We
 _PARKED_LOCK = threading.Lock()
 
 
+def _take_parked(
+    slot: weakref.WeakKeyDictionary[RemoteShell, HelperSession],
+    shell: RemoteShell,
+    opts: SyncOptions,
+) -> HelperSession | None:
+    """The helper parked in `slot` for `shell`, woken, when it runs with `opts` and is alive;
+    else None (one that is not is ended)."""
+    with _PARKED_LOCK:
+        kept = slot.pop(shell, None)
+    if kept is None:
+        return None
+    if kept.opts == opts and kept._alive():
+        kept._wake()
+        return kept
+    kept.close(abort=True)
+    return None
+
+
 class HelperSession:
     """One running helper process. Use as a context manager; `close()` ends it."""
 
@@ -327,14 +345,8 @@ class HelperSession:
         """A helper for a push over `shell`: the one the last push over it left running (a
         watch pushes every edit over one connection; starting a helper is most of a one-file
         push), else a new one. True when it is a kept one: its first answer may be "gone"."""
-        with _PARKED_LOCK:
-            kept = _PARKED.pop(shell, None)
-        if kept is not None:
-            if kept.opts == opts and kept._alive():
-                kept._wake()
-                return kept, True
-            kept.close(abort=True)
-        return cls(shell, opts), False
+        kept = _take_parked(_PARKED, shell, opts)
+        return (kept, True) if kept is not None else (cls(shell, opts), False)
 
     @classmethod
     def for_pull(cls, shell: RemoteShell, opts: SyncOptions) -> tuple[HelperSession, bool]:
@@ -342,13 +354,9 @@ class HelperSession:
         (`start_pull_ahead`), else a new one. True when it is the one started ahead: it may
         have died meanwhile (a command that ended the sandbox's processes), and then its first
         answer never comes (the caller starts a new one)."""
-        with _PARKED_LOCK:
-            kept = _PARKED_PULL.pop(shell, None)
+        kept = _take_parked(_PARKED_PULL, shell, opts)
         if kept is not None:
-            if kept.opts == opts and kept._alive():
-                kept._wake()
-                return kept, True
-            kept.close(abort=True)
+            return kept, True
         return cls(shell, opts, read_only=True), False
 
     @classmethod
