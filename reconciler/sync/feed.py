@@ -19,7 +19,7 @@ from reconciler.sync import inotify
 from reconciler.sync.inotify import Inotify
 from reconciler.sync.keeper import Keeper
 
-__all__ = ["ChangeFeed", "attach", "bases", "detach", "feed_for", "tracking", "use_keeper"]
+__all__ = ["ChangeFeed", "attach", "detach", "feed_for", "tracking", "use_keeper"]
 
 
 class ChangeFeed:
@@ -113,12 +113,6 @@ def detach(state_dir: Path) -> None:
 def feed_for(state_dir: Path) -> ChangeFeed | None:
     with _LOCK:
         return _FEEDS.get(Path(state_dir))
-
-
-def bases() -> list[object]:
-    """The index states the feeds need kept loaded: none (a feed compares the index's file,
-    and the next scan reads it again if it was released)."""
-    return []
 
 
 _KEEPER: list[Keeper] = []

@@ -208,13 +208,11 @@ def _remember(j: Journal) -> None:
     _CACHE[j.path] = j
 
 
-def release(keep: Path, held: Collection[object] = ()) -> None:
-    """Forget every loaded state but `keep`'s and those whose entries are in `held` (someone
-    compares them by identity): what only this cache holds is freed (a 100,000-entry index
-    is ~60 MB). The next load of a forgotten journal reads it whole."""
-    ids = {id(x) for x in held}
-    for path, j in list(_CACHE.items()):
-        if path != Path(keep) and id(j.entries) not in ids:
+def release(keep: Path) -> None:
+    """Forget every loaded state but `keep`'s: what only this cache holds is freed (a
+    100,000-entry index is ~60 MB). The next load of a forgotten journal reads it whole."""
+    for path in list(_CACHE):
+        if path != Path(keep):
             del _CACHE[path]
 
 

@@ -57,7 +57,6 @@ from typing import Any, Never
 from reconciler._util.atomic import writer_alive
 from reconciler._util.text import one_line
 from reconciler.errors import HostileEntryError, MissingToolError, RemoteError, SyncHaltedError
-from reconciler.sync import feed as sync_feed
 from reconciler.sync import journal
 from reconciler.sync.backdelete import REFUSED, Seen, mirror_deletes, source_id
 from reconciler.sync.capability import is_missing_interpreter, record_tools, recorded_tools
@@ -907,9 +906,9 @@ def pull(
         if reason is not None:
             raise HostileEntryError(f"sync.back path {_safe_label(b)} refused: {reason}")
     # the records the scan and the push loaded are not needed here: freed before this pull's
-    # own record and writes take their share (a feed's index stays: its next scan compares
-    # it by identity; the keeper compares the file, and the next scan reads it if it must)
-    journal.release(Path(opts.state_dir) / PULL_JOURNAL, sync_feed.bases())
+    # own record and writes take their share (feeds and the keeper compare the index's file,
+    # and the next scan reads it again if it must)
+    journal.release(Path(opts.state_dir) / PULL_JOURNAL)
     tree = _Tree(Path(opts.local_root))
     try:
         if not back:
@@ -947,9 +946,8 @@ def _pull_helper(
     except (RemoteError, OSError):
         if not kept:
             raise
-        # the helper started ahead is gone (the command ended it): a new one, whose failure
-        # says why if it fails too
-        s.close(abort=True)
+        # the helper started ahead is gone (the command ended it; `_ask` closed it): a new
+        # one, whose failure says why if it fails too
         s = HelperSession(shell, opts, read_only=True)
         hello = _ask(s, opts, record, back)
     with s:

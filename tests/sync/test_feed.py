@@ -37,7 +37,7 @@ def test_a_feed_holds_no_index_and_still_narrows_the_scan_after_one_was_released
     scan_local(site.opts())
     # what a sync-back does before its pull: the index is freed (a feed holding the scan's
     # state kept 100,000 entries alive through the pull)
-    journal.release(site.state / "pull.jnl", feed.bases())
+    journal.release(site.state / "pull.jnl")
     assert site.state / INDEX not in journal._CACHE
     write(site.local / "a.txt", "a changed")
     write(site.local / "b.txt", "b changed")
