@@ -19,6 +19,14 @@ from reconciler._util.atomic import write_atomic
 __all__ = ["ensure_derived_keypair", "ensure_keypair", "generate_keypair"]
 
 
+def _line_of(key: Ed25519PrivateKey, comment: str) -> str:
+    """The OpenSSH public line of `key`."""
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return f"{public.decode()} {comment}"
+
+
 def generate_keypair(path: Path, comment: str | None = None) -> str:
     """Write a new ed25519 private key (OpenSSH format, 0600) at `path`; return the public line.
 
@@ -40,10 +48,7 @@ def generate_keypair(path: Path, comment: str | None = None) -> str:
         os.fsync(fd)
     finally:
         os.close(fd)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return f"{public.decode()} {comment or path.name}"
+    return _line_of(key, comment or path.name)
 
 
 def _public_line(path: Path, comment: str) -> str | None:
@@ -54,10 +59,7 @@ def _public_line(path: Path, comment: str) -> str | None:
         return None
     if not isinstance(key, Ed25519PrivateKey):
         return None
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return f"{public.decode()} {comment}"
+    return _line_of(key, comment)
 
 
 def ensure_keypair(path: Path) -> str:
@@ -94,10 +96,7 @@ def ensure_derived_keypair(path: Path, seed: bytes, comment: str | None = None) 
     """The public key line of the ed25519 key whose seed is `seed`, written at `path` (0600)
     and `path.pub` unless they already hold it (another seed's key is replaced)."""
     key = Ed25519PrivateKey.from_private_bytes(seed)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    line = f"{public.decode()} {comment or f'ukc-{path.name}'}"
+    line = _line_of(key, comment or f"ukc-{path.name}")
     pub = path.with_name(path.name + ".pub")
     with contextlib.suppress(FileNotFoundError):
         if path.exists() and pub.read_text().strip() == line:
