@@ -303,8 +303,7 @@ class _Sender:
                 if parent != at:
                     if dfd >= 0:
                         os.close(dfd)
-                    at, dfd = parent, -1
-                    dfd = self._open_dir(parent)
+                    at, dfd = parent, self._open_dir(parent)
                 data = self._read_small(path, e, dfd, name)
                 if data is None:
                     continue  # could not open it: the error is noted, the helper never hears of it
