@@ -41,6 +41,10 @@ class SyncOptions:
     #: threads that create small files (remote on push, local on pull); 0 = inline. Off by
     #: default: on the TLS-SSH path they lost to inline writes (GIL contention with paramiko)
     write_threads: int = 0
+    #: deflate what goes over the wire, both ways (`remote.ZLEVEL`), where a sample of it
+    #: shrinks (`sync.compress`; bench/link_bench.py: it pays on a slow link, and only costs
+    #: CPU on the local metro's loopback)
+    compress: bool = False
     #: the session's name, for messages
     session: str = ""
     #: per-pull caps: file data bytes the sandbox may send (announced sizes, checked before
