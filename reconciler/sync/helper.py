@@ -27,6 +27,10 @@ by their bytes one after the other (the sizes' sum); and a final
 `{"end": true, "errors": N, "missing": [back paths]}`: N counts entries it could not list or
 read (anything but a vanished path), so the client knows whether the listing was complete
 before it mirrors deletions.
+A hello with `z` (a deflate level; `sync.compress`) turns compression on for the rest of the
+process, both ways: the client's bytes after that hello and ours after its answer (which says
+`z`) are segments (`SEG`), raw or deflated as a sample of each says (`Packer`); each side
+inflates only as much as it reads (`Unpacker`).
 
 Every write lands via a temp name in the same directory + rename, through directory fds
 opened with O_NOFOLLOW (a symlink inside the tree is never followed); in a root empty at hello
