@@ -207,6 +207,7 @@ def sync_options_for(group: Group, loaded: LoadedSession) -> SyncOptions:
         exclude=tuple(s.sync.exclude),
         back=tuple(s.sync.back),
         back_delete=s.sync.back_delete,
+        compress=s.sync.compress,
         state_dir=group.state_dir / "sync" / s.name,
         session=s.name,
         back_max_bytes=s.sync.back_max_bytes,

@@ -377,6 +377,10 @@ class SyncSpec(BaseModel):
     #: the sandbox may stay silent (or not read) before the sync is stopped
     timeout: SpecDuration = Duration(int(DEFAULT_TIMEOUT_S))
     idle_timeout: SpecDuration = Duration(int(DEFAULT_IDLE_TIMEOUT_S))
+    #: deflate file content on the wire (content that does not shrink goes as it is): true
+    #: for pushes and sync-backs (pays on a slow link), false for neither; unset, sync-backs
+    #: only (see `SyncOptions.compress`)
+    compress: Annotated[bool, Strict()] | None = None
 
     @field_validator("exclude", "back", mode="before")
     @classmethod

@@ -27,6 +27,10 @@ by their bytes one after the other (the sizes' sum); and a final
 `{"end": true, "errors": N, "missing": [back paths]}`: N counts entries it could not list or
 read (anything but a vanished path), so the client knows whether the listing was complete
 before it mirrors deletions.
+A hello with `z` (a deflate level; `sync.compress`) turns compression on for the rest of the
+process, both ways: the client's bytes after that hello and ours after its answer (which says
+`z`) are segments (`SEG`), raw or deflated as a sample of each says (`Packer`); each side
+inflates only as much as it reads (`Unpacker`).
 
 Every write lands via a temp name in the same directory + rename, through directory fds
 opened with O_NOFOLLOW (a symlink inside the tree is never followed); in a root empty at hello
@@ -85,6 +89,23 @@ BATCH_FILES = 512
 BATCH_CHARS = 16 << 10
 TMP = ".ukc-tmp."
 F_SETPIPE_SZ = 1031
+#: once a hello asks for it (`z`: the deflate level), each side sends segments: a kind byte
+#: and a u32be length, then that many bytes, raw or the next part of one raw-deflate stream
+#: per direction (sync-flushed at each segment's end, so each inflates as it comes)
+SEG = struct.Struct(">BI")
+SEG_RAW = 0
+SEG_ZIP = 1
+#: a buffer is deflated when a sample of this many bytes from its middle shrinks to below
+#: PROBE_RATIO of its size (why a sample: deflating incompressible data costs ~25 ms a MiB)
+PROBE = 8 << 10
+PROBE_RATIO = 0.9
+#: buffers under this many bytes go raw (control frames: nothing to gain)
+PACK_MIN = 1 << 10
+#: an inflate gives at most this many bytes more than its reader asked for, whatever the
+#: segment holds (a small segment may inflate to gigabytes)
+INFLATE_STEP = 256 << 10
+#: the helper packs what it sends in parts of about this size
+OUT_PART = 256 << 10
 
 
 class MismatchError(OSError):
@@ -209,13 +230,166 @@ def create_temp(tmp: str, pfd: int, mode: int) -> int:
         return os.open(tmp, NEW, mode & 0o777, dir_fd=pfd)
 
 
+class Packer:
+    """Encodes what one side sends once compression is on (see `SEG`)."""
+
+    def __init__(self, level: int) -> None:
+        import zlib  # only when asked for: ~1 ms at every start
+
+        self.zlib = zlib
+        self.c = zlib.compressobj(level, zlib.DEFLATED, -15)
+
+    def worth(self, data: bytes | bytearray | memoryview) -> bool:
+        """Whether deflating `data` is likely to pay: a sample of it shrinks."""
+        n = len(data)
+        if n < PACK_MIN:
+            return False
+        at = (n - PROBE) // 2 if n > PROBE else 0
+        sample = data[at : at + PROBE]
+        return len(self.zlib.compress(sample, 1)) < PROBE_RATIO * len(sample)
+
+    def pack(
+        self, data: bytes | bytearray | memoryview, z: bool | None = None
+    ) -> tuple[list[bytes | bytearray | memoryview], bool]:
+        """(the segment's header and body, whether deflated): deflated when `z`, raw when
+        not, as `worth` says when None (a caller sending one file in parts passes the first
+        part's answer on)."""
+        if z is None:
+            z = self.worth(data)
+        if not z:
+            return [SEG.pack(SEG_RAW, len(data)), data], False
+        body = self.c.compress(data) + self.c.flush(self.zlib.Z_SYNC_FLUSH)
+        return [SEG.pack(SEG_ZIP, len(body)), body], True
+
+
+class Unpacker:
+    """Decodes segments (see `SEG`) fed as they arrive, in any pieces. What it inflates is
+    bounded by what its reader asks for (`take`), never by what a segment claims or holds:
+    the other side may be hostile (a sandbox's helper), and a few KiB of deflate inflate to
+    gigabytes."""
+
+    def __init__(self) -> None:
+        import zlib
+
+        self.zlib = zlib
+        self.d = zlib.decompressobj(-15)
+        self.data = b""
+        self.pos = 0
+        self.kind = SEG_RAW
+        #: bytes of the current segment not fed yet, and deflated bytes fed not inflated yet
+        self.left = 0
+        self.tail: bytes = b""
+
+    def feed(self, data: bytes) -> None:
+        """More bytes from the wire (`take` returned b"": what was fed is used up)."""
+        rest = self.data[self.pos :]
+        self.data = rest + data if rest else data
+        self.pos = 0
+
+    def take(self, want: int) -> bytes:
+        """Decoded bytes (at most max(`want`, INFLATE_STEP) inflated ones, or a raw
+        segment's part already fed); b"" when more must be fed. Raises ValueError on a
+        malformed stream (zlib.error on broken deflate data)."""
+        while True:
+            if self.tail:
+                out = self.d.decompress(self.tail, max(want, INFLATE_STEP))
+                self.tail = self.d.unconsumed_tail
+                if self.d.eof:
+                    raise ValueError("the deflate stream ended")
+                if out:
+                    return out
+                continue
+            data, pos = self.data, self.pos
+            if self.left:
+                if pos >= len(data):
+                    return b""
+                end = min(len(data), pos + self.left)
+                part = data[pos:end]
+                self.left -= end - pos
+                self.pos = end
+                if self.kind == SEG_RAW:
+                    return part
+                self.tail = part
+                continue
+            if len(data) - pos < SEG.size:
+                return b""
+            self.kind, self.left = SEG.unpack_from(data, pos)
+            self.pos = pos + SEG.size
+            if self.kind not in (SEG_RAW, SEG_ZIP):
+                raise ValueError("unknown segment kind")
+
+
+class Inflow:
+    """The helper's input once compression is on: reads as a binary file does."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        # why read1: one read of what is there (a pipe's), never a wait for a whole CHUNK
+        self.read1: Callable[[int], bytes] = raw.read1  # type: ignore[attr-defined]
+        self.unpacker = Unpacker()
+        self.buf = bytearray()
+
+    def read(self, n: int) -> bytes:
+        """`n` bytes, fewer only at the end of the input."""
+        buf, unpacker = self.buf, self.unpacker
+        while len(buf) < n:
+            out = unpacker.take(n - len(buf))
+            if out:
+                if not buf and len(out) == n:
+                    return out
+                buf += out
+                continue
+            more = self.read1(CHUNK)
+            if not more:
+                break
+            unpacker.feed(more)
+        with memoryview(buf) as view:
+            got = bytes(view[:n])
+        del buf[:n]
+        return got
+
+
+class Outflow:
+    """The helper's output once compression is on: written as a binary file is, packed in
+    parts of about OUT_PART bytes."""
+
+    def __init__(self, raw: BinaryIO, level: int) -> None:
+        self.raw = raw
+        self.packer = Packer(level)
+        self.buf = bytearray()
+
+    def write(self, b: bytes, z: bool | None = None) -> bool | None:
+        """Buffer `b`, or pack it now when big (`z` as for `Packer.pack`); returns the
+        decision taken for it, else `z`."""
+        if len(b) < OUT_PART:
+            self.buf += b
+            if len(self.buf) >= OUT_PART:
+                self.push()
+            return z
+        self.push()
+        parts, z = self.packer.pack(b, z)
+        for part in parts:
+            self.raw.write(part)
+        return z
+
+    def push(self) -> None:
+        if self.buf:
+            parts, _ = self.packer.pack(self.buf)
+            for part in parts:
+                self.raw.write(part)
+            self.buf = bytearray()
+
+    def flush(self) -> None:
+        self.push()
+        self.raw.flush()
+
+
 class Helper:
     """One helper session: requests from `inp`, answers to `out`, files under the root that
     `hello` names. `umask` is the process's (files are created through it)."""
 
     def __init__(self, inp: BinaryIO, out: BinaryIO, umask: int) -> None:
-        self.inp = inp
-        self.out = out
+        self.inp: BinaryIO | Inflow = inp
+        self.out: BinaryIO | Outflow = out
         self.umask = umask
         self.root = ""
         self.rootfd = -1
@@ -417,15 +591,25 @@ class Helper:
         with os.scandir(self.rootfd) as it:
             empty = next(it, None) is None
         self.direct = empty
-        self.send(
-            {
-                "boot_id": boot,
-                "fresh": fresh,
-                "has_record": rec is not None,
-                "record": ident,
-                "empty": empty,
-            }
-        )
+        answer: Msg = {
+            "boot_id": boot,
+            "fresh": fresh,
+            "has_record": rec is not None,
+            "record": ident,
+            "empty": empty,
+        }
+        level = req.get("z")
+        inp, out = self.inp, self.out
+        if type(level) is int and 1 <= level <= 9 and not isinstance(inp, Inflow):
+            # compression both ways from here on: the client's next byte is a segment, and
+            # ours after this answer (the client switches when it reads `z` in it)
+            answer["z"] = True
+            self.inp = Inflow(inp)
+            self.send(answer)
+            if not isinstance(out, Outflow):
+                self.out = Outflow(out, level)
+            return
+        self.send(answer)
 
     def op_scan(self, req: Msg) -> None:
         """Stream the tree in batches: each frame stays far below the client's cap, and a long
@@ -932,6 +1116,7 @@ class Helper:
             }
         )
         left = fst.st_size
+        z = None
         while left > 0:
             try:
                 b = os.read(fd, min(CHUNK, left))
@@ -943,7 +1128,10 @@ class Helper:
                 break
             left -= len(b)
             out.write(struct.pack(">I", len(b)))
-            out.write(b)
+            if isinstance(out, Outflow):
+                z = out.write(b, z)  # the first part's sample decides for the whole file
+            else:
+                out.write(b)
         out.write(struct.pack(">I", 0))
 
     def add_small(self, rel: str, dfd: int, name: str) -> None:

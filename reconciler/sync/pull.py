@@ -978,7 +978,7 @@ def _ask(s: HelperSession, opts: SyncOptions, record: PullRecord, back: tuple[st
     """Send the pull's requests (hello, what we have, the back paths); its hello's answer.
     The helper is ended if it does not answer."""
     try:
-        s.send(
+        s.hello(
             {
                 "op": "hello",
                 "root": opts.remote_root,
@@ -991,7 +991,7 @@ def _ask(s: HelperSession, opts: SyncOptions, record: PullRecord, back: tuple[st
         _send_have(s, record)
         s.send({"op": "pull", "back": list(back), "flush": True})
         s.flush()
-        return s.reader.frame(_HEADER_LIMIT)
+        return s.read_hello(_HEADER_LIMIT)
     except BaseException:
         s.close(abort=True)
         raise

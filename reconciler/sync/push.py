@@ -397,6 +397,7 @@ class _Sender:
             header.update(path=path, size=e.size, mode=e.mode, mtime_ns=e.mtime_ns)
             self.s.send(header)
             sent = 0
+            z = None  # deflated or not: the first part's sample decides for the whole file
             for offset, length in spans:
                 while length:
                     n = min(CHUNK, length)
@@ -407,7 +408,7 @@ class _Sender:
                         chunk = bytes(n)
                     elif digester is not None:
                         digester.feed(chunk)
-                    self.s.send_raw(chunk)
+                    z = self.s.send_raw(chunk, z)
                     offset += n
                     length -= n
                     sent += n
@@ -492,7 +493,7 @@ def push(
         s.greeted = False  # the answer read next is this push's
         if kept:
             try:
-                hello = s.reader.frame(1 << 16)
+                hello = s.read_hello(1 << 16)
             except (RemoteError, OSError):
                 # the kept helper is gone (its channel closed while idle): start one
                 s.close(abort=True)
@@ -504,7 +505,7 @@ def push(
             local = scan_local(opts, rules)
         last = push_meta(opts)
         if hello is None:
-            hello = s.reader.frame(1 << 16)
+            hello = s.read_hello(1 << 16)
         result, delta, changed = _push(s, opts, rules, local, last, hello, instance_uuid)
     except BaseException:
         s.close(abort=True)
@@ -541,7 +542,7 @@ def _hello(opts: SyncOptions, instance_uuid: str) -> dict[str, Any]:
 
 
 def _send_hello(s: HelperSession, opts: SyncOptions, instance_uuid: str) -> None:
-    s.send(_hello(opts, instance_uuid))
+    s.hello(_hello(opts, instance_uuid))
     s.flush()
 
 

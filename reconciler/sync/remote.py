@@ -36,6 +36,7 @@ from typing import Any
 
 from reconciler._util.text import one_line
 from reconciler.errors import MissingToolError, RemoteError, SyncStalledError
+from reconciler.sync.helper import Packer, Unpacker
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.watchdog import Watchdog
 from reconciler.transport.base import RemoteProcess, RemoteShell
@@ -55,6 +56,9 @@ __all__ = [
 #: JSON like `[{},{},...]` grows ~25x into Python objects; scans come in many frames
 MAX_FRAME = 1 << 20
 _FLUSH_AT = 1 << 20
+#: the deflate level of what we send when `SyncOptions.compress` (the helper's too): level 1
+#: took the 2k bench's text from 17.6 to 6.3 MB for 0.17 s of CPU, level 6 to 5.6 MB for 0.37 s
+ZLEVEL = 1
 #: largest single write to the transport. why: paramiko's sendall re-slices the rest of the
 #: buffer after every 32 KiB packet (quadratic copying), so large writes cost more client CPU
 _PIECE = 128 << 10
@@ -198,6 +202,34 @@ class FrameReader:
         self._buf = bytearray()
         self._on_eof = on_eof
         self._watchdog = watchdog
+        #: set once the helper said it compresses (`unpack`)
+        self._unpacker: Unpacker | None = None
+
+    def unpack(self) -> None:
+        """From now on the output is segments (`helper.SEG`): decoded, inflated only as far
+        as what is read asks for."""
+        if self._unpacker is None:
+            self._unpacker = Unpacker()
+            # what was read past the hello's answer is segments already
+            self._unpacker.feed(bytes(self._buf))
+            self._buf.clear()
+
+    def _more(self, want: int) -> bytes:
+        """The next bytes of the helper's output (b"" at its end), decoded."""
+        unpacker = self._unpacker
+        if unpacker is None:
+            return self._read(want)
+        while True:
+            try:
+                out = unpacker.take(want)
+            except (ValueError, zlib.error) as exc:
+                raise RemoteError("sync helper sent a malformed compressed stream") from exc
+            if out:
+                return out
+            raw = self._read(want)
+            if not raw:
+                return b""
+            unpacker.feed(raw)
 
     def _read(self, n: int) -> bytes:
         dog = self._watchdog
@@ -218,7 +250,7 @@ class FrameReader:
             out = bytes(self._buf)
             self._buf.clear()
             return out
-        chunk = self._read(0)
+        chunk = self._more(0)
         if not chunk and self._watchdog is not None and self._watchdog.expired is not None:
             raise SyncStalledError(self._watchdog.expired)
         return chunk
@@ -226,7 +258,7 @@ class FrameReader:
     def _fill(self, n: int) -> None:
         dog = self._watchdog
         while len(self._buf) < n:
-            chunk = self._read(n - len(self._buf))
+            chunk = self._more(n - len(self._buf))
             if not chunk:
                 if dog is not None and dog.expired is not None:
                     raise SyncStalledError(dog.expired)
@@ -317,6 +349,10 @@ class HelperSession:
             raise
         self.proc: RemoteProcess = self._proc
         self._out = bytearray()
+        #: set once our hello asked for compression: what follows the hello is packed, and
+        #: `_plain` bytes at the head of `_out` (the program and the hello) are not
+        self._packer: Packer | None = None
+        self._plain = 0
         self.reader = FrameReader(self.proc, on_eof=self._died, watchdog=dog)
         self._closed = False
         #: a hello sent ahead of the push that reads its answer (`greet`), answer not read yet
@@ -386,7 +422,7 @@ class HelperSession:
                 return False
             kept.greeted = True
         try:
-            kept.send(hello)
+            kept.hello(hello)
             kept.flush()
         except Exception:
             # its channel is gone: the push starts a helper (and reports what it must)
@@ -408,7 +444,7 @@ class HelperSession:
             del _PARKED[shell]
         kept._wake()
         try:
-            kept.reader.frame(1 << 16)
+            kept.read_hello(1 << 16)
         except Exception:
             kept.close(abort=True)
             return
@@ -511,14 +547,51 @@ class HelperSession:
         if len(self._out) >= _FLUSH_AT:
             self.flush()
 
-    def send_raw(self, data: bytes) -> None:
+    def hello(self, obj: dict[str, Any]) -> None:
+        """Send a hello. The first one asks for compression both ways when the options say
+        so; ours starts right after it, the helper's after its answer (`read_hello`)."""
+        wanted = self.opts.compress if self.opts.compress is not None else self._read_only
+        if not wanted or self._packer is not None:
+            self.send(obj)
+            return
+        self.send({**obj, "z": ZLEVEL})
+        self._plain = len(self._out)
+        self._packer = Packer(ZLEVEL)
+
+    def read_hello(self, limit: int) -> Any:
+        """The answer to a hello; the helper's output is segments after one that says `z`
+        (only if we asked: a stand-in that says so unasked is not believed)."""
+        answer = self.reader.frame(limit)
+        if self._packer is not None and isinstance(answer, dict) and answer.get("z") is True:
+            self.reader.unpack()
+        return answer
+
+    def send_raw(self, data: bytes, z: bool | None = None) -> bool | None:
+        """Send bytes as they are. `z`: whether they are worth deflating if sent now (None:
+        a sample says); returns the answer taken, else `z` (a file sent in parts passes its
+        first part's answer on)."""
         if len(data) >= _FLUSH_AT:
             self.flush()
+            return self._emit(data, z)
+        self._out += data
+        if len(self._out) >= _FLUSH_AT:
+            self.flush()
+        return z
+
+    def _emit(self, data: bytes | bytearray, z: bool | None = None) -> bool | None:
+        """Write `data` after what was written before, packed once compression is on."""
+        packer = self._packer
+        if packer is None or not data:
             self._write(data)
-        else:
-            self._out += data
-            if len(self._out) >= _FLUSH_AT:
-                self.flush()
+            return z
+        plain, self._plain = self._plain, 0
+        with memoryview(data) as view:
+            parts: list[Any] = [view[:plain]] if plain else []
+            if len(view) > plain:
+                got, z = packer.pack(view[plain:], z)
+                parts += got
+            self._write(b"".join(parts))
+        return z
 
     def _write(self, data: bytes | bytearray) -> None:
         dog = self.watchdog
@@ -545,7 +618,7 @@ class HelperSession:
 
     def flush(self) -> None:
         if self._out:
-            self._write(self._out)
+            self._emit(self._out)
             self._out.clear()
 
     def call(self, obj: Any, limit: int = MAX_FRAME) -> Any:

@@ -192,7 +192,7 @@ class TestIdentity:
             retries: int = 0
 
         class LaterSync(SyncSpec):
-            compress: bool = False
+            verify: bool = False
 
         class LaterSession(SessionSpec):
             commands: tuple[LaterCommand, ...] = ()
@@ -207,7 +207,7 @@ class TestIdentity:
         assert spec_hash(later) == spec_hash(session.spec)
         for changed in (
             {**data, "cpus": 2},
-            {**data, "sync": {**data["sync"], "compress": True}},
+            {**data, "sync": {**data["sync"], "verify": True}},
             {**data, "commands": [{**data["commands"][0], "retries": 1}, data["commands"][1]]},
         ):
             assert spec_hash(LaterSession.model_validate(changed)) != spec_hash(session.spec)
