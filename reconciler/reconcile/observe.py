@@ -179,14 +179,25 @@ def _unlisted() -> Instance | None:
     return None
 
 
-def scan_ahead(group: Group, only: set[str] | None = None) -> None:
+def scan_ahead(
+    group: Group, only: set[str] | None = None, *, until: Callable[[], bool] = lambda: False
+) -> None:
     """Scan the sessions' trees for an observation to come, whose own scan then re-stats
-    only what changed since (the apply's change feeds). Reads only (the index is appended
-    to); a scan that fails is that observation's to report: it scans again."""
+    only what changed since (the apply's change feeds); then, until `until()` (the sessions'
+    sandboxes answer), digest the big files their first push digests as it sends them.
+    Reads only (the index is appended to); a scan that fails is that observation's to
+    report: it scans again."""
+    scanned: list[tuple[SyncOptions, list[tuple[str, int, int]]]] = []
     for loaded in group.sessions:
         if only is None or loaded.spec.name in only:
+            opts = sync_options_for(group, loaded)
             with contextlib.suppress(Exception):
-                sync_engine.scan_local(sync_options_for(group, loaded))
+                # only the big files' names are kept, not the scanned tree
+                scanned.append((opts, sync_engine.big_files(sync_engine.scan_local(opts))))
+    for opts, files in scanned:
+        if files and not until():
+            with contextlib.suppress(Exception):
+                sync_engine.digest_ahead(opts, files, until)
 
 
 def start_listing(
