@@ -192,12 +192,17 @@ def scan_ahead(
         if only is None or loaded.spec.name in only:
             opts = sync_options_for(group, loaded)
             with contextlib.suppress(Exception):
-                # only the big files' names are kept, not the scanned tree
-                scanned.append((opts, sync_engine.big_files(sync_engine.scan_local(opts))))
-    for opts, files in scanned:
-        if files and not until():
-            with contextlib.suppress(Exception):
-                sync_engine.digest_ahead(opts, files, until)
+                scanned.append((opts, _big_files(sync_engine.scan_local(opts), until)))
+    with contextlib.suppress(Exception):
+        sync_engine.digest_ahead(scanned, until)
+
+
+def _big_files(
+    manifest: sync_engine.Manifest, until: Callable[[], bool]
+) -> list[tuple[str, int, int]]:
+    """The big files of a scanned tree (only their names are kept, not the tree); none when
+    the sandboxes answer already (a long scan)."""
+    return [] if until() else sync_engine.big_files(manifest)
 
 
 def start_listing(

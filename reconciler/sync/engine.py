@@ -105,11 +105,11 @@ def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) ->
 
 
 def digest_ahead(
-    opts: SyncOptions, files: list[tuple[str, int, int]], stop: Callable[[], bool]
+    trees: list[tuple[SyncOptions, list[tuple[str, int, int]]]], stop: Callable[[], bool]
 ) -> None:
-    """Digest now what the next push of `opts`'s tree digests as it sends these files (a
-    first push's big files, `push.big_files`), while the sandbox boots: see `push.digest_ahead`."""
-    python_push.digest_ahead(opts.local_root, files, stop)
+    """Digest now what the next pushes of these trees digest as they send these files (a
+    first push's big files, `big_files`), while the sandboxes boot: `push.digest_ahead`."""
+    python_push.digest_ahead(((opts.local_root, files) for opts, files in trees), stop)
 
 
 def start_pull_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:

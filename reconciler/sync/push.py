@@ -165,15 +165,22 @@ def big_files(local: Manifest) -> list[tuple[str, int, int]]:
 
 
 def digest_ahead(
-    root: Path, files: Iterable[tuple[str, int, int]], stop: Callable[[], bool]
+    trees: Iterable[tuple[Path, Iterable[tuple[str, int, int]]]], stop: Callable[[], bool]
 ) -> None:
-    """The block digests a push from `root` computes while it sends these files whole, now
-    (while the sandbox boots and this side waits): that push takes them (`_take_ahead`). A
-    file that is not the scanned one is skipped; `stop()` is asked between blocks (once the
-    push may begin, it digests the rest itself, as without this)."""
-    prefix = os.path.join(root, "")
+    """The block digests the next pushes from these roots compute while they send these files
+    whole, now (while the sandboxes boot and this side waits): the pushes take them
+    (`_take_ahead`). What an earlier call left is dropped. A file that is not the scanned one
+    is skipped; `stop()` is asked between blocks (once the pushes may begin, they digest the
+    rest themselves, as without this)."""
     with _AHEAD_LOCK:
-        _AHEAD.clear()  # only the latest tree's: a push takes what it sends
+        _AHEAD.clear()
+    for root, files in trees:
+        _digest_tree(os.path.join(root, ""), files, stop)
+
+
+def _digest_tree(
+    prefix: str, files: Iterable[tuple[str, int, int]], stop: Callable[[], bool]
+) -> None:
     for path, size, mtime_ns in files:
         try:
             fd = os.open(prefix + path, READ_FLAGS)

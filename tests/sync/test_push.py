@@ -421,7 +421,7 @@ class TestDigestedAhead:
         write(site.local / "small.txt", "s")
         files = big_files(scan_local(site.opts()))
         assert files == [("big.bin", 3 << 20, big.stat().st_mtime_ns)]
-        digest_ahead(site.opts(), files, lambda: False)
+        digest_ahead([(site.opts(), files)], lambda: False)
         assert list(self._ahead().values()) == [self._digests(big)]
         push(site.shell, site.opts(), instance_uuid="u1")
         assert self._ahead() == {}  # the push took them
@@ -433,7 +433,7 @@ class TestDigestedAhead:
         self, site: Site
     ) -> None:
         big = write(site.local / "big.bin", os.urandom(2 << 20))
-        digest_ahead(site.opts(), big_files(scan_local(site.opts())), lambda: False)
+        digest_ahead([(site.opts(), big_files(scan_local(site.opts())))], lambda: False)
         _edit(big, 1 << 20, b"edited after")
         os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000))
         push(site.shell, site.opts(), instance_uuid="u1")
@@ -449,7 +449,7 @@ class TestDigestedAhead:
             asked.append(1)
             return len(asked) > 2  # two blocks digested, then the push may begin
 
-        digest_ahead(site.opts(), big_files(scan_local(site.opts())), stop)
+        digest_ahead([(site.opts(), big_files(scan_local(site.opts())))], stop)
         assert self._ahead() == {}
         push(site.shell, site.opts(), instance_uuid="u1")
         assert snapshot(site.remote) == snapshot(site.local)
