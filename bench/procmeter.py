@@ -37,15 +37,23 @@ def _stat(pid: int) -> list[str] | None:
     return data[data.rfind(b")") + 2 :].decode("ascii", "replace").split()
 
 
-def _hwm_kib(pid: int) -> int:
+_SIGCHLD_BIT = 1 << 16  # signal 17 in a /proc status signal mask
+
+
+def _hwm_kib(pid: int) -> tuple[int, bool]:
+    """(VmHWM in KiB, whether the process ignores SIGCHLD: its children are auto-reaped and
+    never reach its cutime)."""
+    hwm, ign = 0, False
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1])
+                    hwm = int(line.split()[1])
+                elif line.startswith(b"SigIgn:"):
+                    ign = bool(int(line.split()[1], 16) & _SIGCHLD_BIT)
     except (OSError, ValueError):
         pass
-    return 0
+    return hwm, ign
 
 
 def _uptime_ticks() -> int:
@@ -91,8 +99,15 @@ def descendants(pid: int) -> set[int]:
 
 @dataclass
 class _Proc:
+    ppid: int = 0
     hwm_kib: int = 0
-    cpu_ticks: int = 0
+    #: utime + stime, and cutime + cstime (the children it reaped), at the last sample
+    own_ticks: int = 0
+    reaped_ticks: int = 0
+    #: it ignores SIGCHLD (what it forks is reaped by the kernel, not added to its cutime)
+    auto_reaps: bool = False
+    #: its /proc entry vanished: its parent reaped it
+    gone: bool = False
 
 
 @dataclass
@@ -146,15 +161,34 @@ class TreeMeter:
                 continue
             ppid, started = int(st[1]), int(st[19])
             if ppid in watched or (ppid == self.warm_pid and started >= self._t0):
-                self.procs[pid] = _Proc()
+                self.procs[pid] = _Proc(ppid=ppid)
 
     def _sample(self) -> None:
         for pid, proc in self.procs.items():
             st = _stat(pid)
-            if st is None or st[0] in ("Z", "X"):
-                continue  # gone: its last sample stands
-            proc.cpu_ticks = int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
-            proc.hwm_kib = max(proc.hwm_kib, _hwm_kib(pid))
+            if st is None:
+                proc.gone = True  # reaped: its last sample stands
+                continue
+            if st[0] in ("Z", "X"):
+                continue  # exited, not reaped yet: its last sample stands
+            proc.own_ticks = int(st[11]) + int(st[12])
+            proc.reaped_ticks = int(st[13]) + int(st[14])
+            hwm, proc.auto_reaps = _hwm_kib(pid)
+            proc.hwm_kib = max(proc.hwm_kib, hwm)
+
+    def cpu_ticks(self, exclude: int | None = None) -> int:
+        """CPU ticks of every process seen, each counted once (without `exclude`'s own and
+        reaped ticks, for a caller that has them exactly). A member reaped by a member that
+        waits for it is already in that parent's cutime (or in `exclude`'s), so its own
+        figures are not added again."""
+        total = 0
+        for pid, p in self.procs.items():
+            if pid != exclude:
+                total += p.own_ticks + p.reaped_ticks
+            parent = self.procs.get(p.ppid)
+            if p.gone and parent is not None and not parent.auto_reaps:
+                total -= p.own_ticks + p.reaped_ticks
+        return total
 
     def _loop(self) -> None:
         n = 0
@@ -225,9 +259,7 @@ def run_measured(
     meter.stop()
     # the root's CPU exactly (wait4, its reaped descendants included); the others' (the warm
     # child) from their last sample
-    root = meter.procs.pop(proc.pid)
-    cpu = usage.ru_utime + usage.ru_stime + sum(p.cpu_ticks for p in meter.procs.values()) / CLK_TCK
-    meter.procs[proc.pid] = root
+    cpu = usage.ru_utime + usage.ru_stime + meter.cpu_ticks(exclude=proc.pid) / CLK_TCK
     m = Measured(
         elapsed_s=elapsed,
         returncode=proc.returncode,

@@ -1,7 +1,7 @@
 """`SshShell`: a `RemoteShell` over paramiko, reached through the sandbox's TLS edge on 2222.
 
 The controller (and the sync engine) get a shell from `wait_ssh_ready` once an instance is
-running: it dials `Dialer.open_bridged(fqdn, 2222)` and retries the failures a waking or
+running: it dials `Dialer.open_stream(fqdn, 2222)` and retries the failures a waking or
 booting sandbox produces (refused, reset, EOF, TLS handshake errors) until a deadline.
 `start(command)` opens one exec channel per process with large windows for throughput.
 
@@ -32,7 +32,7 @@ from reconciler.errors import (
     SandboxNotReadyError,
     TransportError,
 )
-from reconciler.transport.tls import Dialer
+from reconciler.transport.tls import Dialer, TlsStream
 
 __all__ = [
     "AUTH_GRACE_S",
@@ -152,7 +152,7 @@ class SshShell:
     def __init__(
         self,
         transport: paramiko.Transport,
-        sock: socket.socket,
+        sock: socket.socket | TlsStream,
         *,
         fqdn: str,
         host_key_fingerprint: str,
@@ -192,9 +192,11 @@ class SshShell:
             raise RemoteError(
                 f"ssh key {key_path} unreadable ({type(err).__name__})", retryable=False
             ) from None
-        sock = dialer.open_bridged(fqdn, port, timeout)
+        sock = dialer.open_stream(fqdn, port, timeout)
         transport = paramiko.Transport(
-            sock, default_window_size=_WINDOW, default_max_packet_size=_MAX_PACKET
+            sock,  # type: ignore[arg-type]  # paramiko takes any socket-like object
+            default_window_size=_WINDOW,
+            default_max_packet_size=_MAX_PACKET,
         )
         _prefer_aead(transport)
         transport.banner_timeout = timeout
@@ -290,8 +292,8 @@ class SshShell:
     def close(self) -> None:
         with self._lock:
             self._transport.close()
-            # why: wait for paramiko's reader thread, then for the bridge pump (sock.close
-            # joins it), so no thread still touches a file descriptor number after we return.
+            # why: wait for paramiko's reader thread, and `sock.close` for any other thread
+            # inside a call on the socket, so none touches its fd number after we return.
             if self._transport is not threading.current_thread():
                 self._transport.join(5.0)
             self._sock.close()

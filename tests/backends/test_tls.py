@@ -1,4 +1,4 @@
-"""`Dialer` and the socketpair bridge against a real TLS forwarder on loopback."""
+"""`Dialer` and the TLS stream paramiko runs over, against a real TLS forwarder on loopback."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from reconciler.cloud.trust import edge_address
 from reconciler.errors import TransportError
-from reconciler.transport.tls import Dialer
+from reconciler.transport.tls import Dialer, TlsStream
 from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to, free_port
 
 
@@ -47,7 +47,7 @@ def echo_front(test_ca: CaFiles) -> Iterator[TlsForwarder]:
     echo.sock.close()
 
 
-def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+def roundtrip(sock: TlsStream, payload: bytes) -> bytes:
     """Send while reading back (an echo), until as many bytes came back or EOF."""
     got = bytearray()
 
@@ -98,35 +98,40 @@ class TestDialer:
             address("a.local.ukc.localhost", 8443)
 
 
-class TestBridge:
-    def test_bytes_cross_the_bridge_both_ways_intact(
+class TestStream:
+    def test_bytes_cross_the_stream_both_ways_intact(
         self, test_ca: CaFiles, echo_front: TlsForwarder
     ) -> None:
         payload = bytes(range(256)) * 20000  # ~5 MB
-        sock = dialer_to(test_ca, echo_front.port).open_bridged(FQDN, 2222, 5)
-        try:
+        with dialer_to(test_ca, echo_front.port).open_stream(FQDN, 2222, 5) as sock:
+            assert sock.server_hostname == FQDN
             assert roundtrip(sock, payload) == payload
-        finally:
-            sock.close()
 
-    def test_closing_joins_the_pump_so_no_thread_outlives_the_socket(
+    def test_the_stream_starts_no_thread_and_closing_releases_its_socket(
         self, test_ca: CaFiles, echo_front: TlsForwarder
     ) -> None:
+        def ours() -> set[threading.Thread]:
+            # the echo server's own thread per connection ends when it sees our close
+            return {t for t in threading.enumerate() if "_echo" not in t.name}
+
         dialer = dialer_to(test_ca, echo_front.port)
+        before = ours()
         for _ in range(10):
-            sock = dialer.open_bridged(FQDN, 2222, 5)
+            sock = dialer.open_stream(FQDN, 2222, 5)
             sock.sendall(b"x")
             assert sock.recv(1) == b"x"
+            raw = sock._raw
             sock.close()
-        assert not [t for t in threading.enumerate() if t.name == "tls-bridge"]
+            assert raw.fileno() == -1
+        assert ours() == before
 
-    def test_a_peer_that_goes_away_gives_eof_on_the_bridged_socket(
+    def test_a_peer_that_goes_away_gives_the_end_of_the_stream(
         self, test_ca: CaFiles, echo_front: TlsForwarder
     ) -> None:
         ca = test_ca
         fwd = TlsForwarder(ca, free_port()).start()  # its target refuses: the edge hangs up
         try:
-            sock = dialer_to(ca, fwd.port).open_bridged(FQDN, 2222, 5)
+            sock = dialer_to(ca, fwd.port).open_stream(FQDN, 2222, 5)
             sock.settimeout(10)
             assert sock.recv(10) == b""
             sock.close()
