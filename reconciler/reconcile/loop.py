@@ -664,7 +664,12 @@ def _create_ahead(
     executor = executor_for(obs)
     unfinished.in_flight = executor.in_flight
     finished = _run_sessions(
-        executor, work, concurrency, stop, reporter, meanwhile=lambda: scan_ahead(group, only)
+        executor,
+        work,
+        concurrency,
+        stop,
+        reporter,
+        meanwhile=lambda sessions_done: scan_ahead(group, only, until=sessions_done),
     )
     # a session whose instance existed after all did nothing here: the round plans it whole
     left = {o.session for o in finished if o.deferred}
@@ -721,10 +726,10 @@ def _run_sessions(
     concurrency: int,
     stop: StopFlag,
     reporter: Reporter,
-    meanwhile: Callable[[], None] | None = None,
+    meanwhile: Callable[[Callable[[], bool]], None] | None = None,
 ) -> list[SessionOutcome]:
     """Run the sessions' plans on up to `concurrency` worker threads; their outcomes in order.
-    `meanwhile` runs on this thread while they work.
+    `meanwhile(done)` runs on this thread while they work (`done()`: all of them ended).
 
     Ctrl-C reaches only the main thread, waiting here: it says at once what it stops, sets
     `stop` (a command in flight is stopped: signal, grace period, kill; no new action starts)
@@ -764,7 +769,7 @@ def _run_sessions(
         threading.Thread(target=worker, name="ukc-session", daemon=True).start()
     try:
         if meanwhile is not None:
-            meanwhile()
+            meanwhile(lambda: all(f.done() for f in futures))
         return [f.result() for f in futures]
     except KeyboardInterrupt:
         stop.set()

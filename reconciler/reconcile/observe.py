@@ -179,14 +179,30 @@ def _unlisted() -> Instance | None:
     return None
 
 
-def scan_ahead(group: Group, only: set[str] | None = None) -> None:
+def scan_ahead(
+    group: Group, only: set[str] | None = None, *, until: Callable[[], bool] = lambda: False
+) -> None:
     """Scan the sessions' trees for an observation to come, whose own scan then re-stats
-    only what changed since (the apply's change feeds). Reads only (the index is appended
-    to); a scan that fails is that observation's to report: it scans again."""
+    only what changed since (the apply's change feeds); then, until `until()` (the sessions'
+    sandboxes answer), digest the big files their first push digests as it sends them.
+    Reads only (the index is appended to); a scan that fails is that observation's to
+    report: it scans again."""
+    scanned: list[tuple[SyncOptions, list[tuple[str, int, int]]]] = []
     for loaded in group.sessions:
         if only is None or loaded.spec.name in only:
+            opts = sync_options_for(group, loaded)
             with contextlib.suppress(Exception):
-                sync_engine.scan_local(sync_options_for(group, loaded))
+                scanned.append((opts, _big_files(sync_engine.scan_local(opts), until)))
+    with contextlib.suppress(Exception):
+        sync_engine.digest_ahead(scanned, until)
+
+
+def _big_files(
+    manifest: sync_engine.Manifest, until: Callable[[], bool]
+) -> list[tuple[str, int, int]]:
+    """The big files of a scanned tree (only their names are kept, not the tree); none when
+    the sandboxes answer already (a long scan)."""
+    return [] if until() else sync_engine.big_files(manifest)
 
 
 def start_listing(

@@ -377,10 +377,9 @@ class SyncSpec(BaseModel):
     #: the sandbox may stay silent (or not read) before the sync is stopped
     timeout: SpecDuration = Duration(int(DEFAULT_TIMEOUT_S))
     idle_timeout: SpecDuration = Duration(int(DEFAULT_IDLE_TIMEOUT_S))
-    #: deflate file content on the wire (content that does not shrink goes as it is): true
-    #: for pushes and sync-backs (pays on a slow link), false for neither; unset, sync-backs
-    #: only (see `SyncOptions.compress`)
-    compress: Annotated[bool, Strict()] | None = None
+    #: deflate file content on the wire, pushes and sync-backs (content that does not shrink
+    #: goes as it is): pays on a slow link; off by default, as on a fast one it only costs CPU
+    compress: Annotated[bool, Strict()] = False
 
     @field_validator("exclude", "back", mode="before")
     @classmethod

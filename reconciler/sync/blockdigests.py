@@ -24,7 +24,7 @@ from pathlib import Path
 
 from reconciler._util.atomic import write_atomic
 
-__all__ = ["BLOCK", "FILE", "Digester", "block_count", "digests", "load", "save"]
+__all__ = ["BLOCK", "FILE", "Digester", "block_count", "digest_of", "digests", "load", "save"]
 
 #: block size of delta uploads (fixed offsets: in-place edits and appends, not insertions)
 BLOCK = 1 << 16
@@ -39,11 +39,16 @@ def block_count(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK
 
 
+def digest_of(block: bytes | memoryview) -> bytes:
+    """One block's 8-byte digest."""
+    return hashlib.sha1(block).digest()[:8]
+
+
 def digests(fd: int, size: int) -> bytes:
     """The 8-byte digests of the file's `BLOCK`-sized blocks, concatenated."""
     out = []
     for i in range(block_count(size)):
-        out.append(hashlib.sha1(os.pread(fd, BLOCK, i * BLOCK)).digest()[:8])
+        out.append(digest_of(os.pread(fd, BLOCK, i * BLOCK)))
     return b"".join(out)
 
 
@@ -58,11 +63,11 @@ class Digester:
         view = memoryview(self._carry + data if self._carry else data)
         whole = len(view) - len(view) % BLOCK
         for i in range(0, whole, BLOCK):
-            self._out.append(hashlib.sha1(view[i : i + BLOCK]).digest()[:8])
+            self._out.append(digest_of(view[i : i + BLOCK]))
         self._carry = bytes(view[whole:])
 
     def result(self) -> bytes:
-        tail = [hashlib.sha1(self._carry).digest()[:8]] if self._carry else []
+        tail = [digest_of(self._carry)] if self._carry else []
         return b"".join(self._out + tail)
 
 

@@ -7,6 +7,7 @@ transport), with the session's `SyncOptions` and the instance uuid that scopes t
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from reconciler.sync import push as python_push
@@ -24,7 +25,7 @@ from reconciler.sync.manifest import (
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.pullrecord import pull_meta
-from reconciler.sync.push import PushResult
+from reconciler.sync.push import PushResult, big_files
 from reconciler.sync.remote import HelperSession, helper_command
 from reconciler.transport.base import RemoteShell
 
@@ -35,6 +36,8 @@ __all__ = [
     "PushResult",
     "SyncOptions",
     "TransferPlan",
+    "big_files",
+    "digest_ahead",
     "forget",
     "greet",
     "plan_pull",
@@ -99,6 +102,14 @@ def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) ->
         if spare is not None:
             spare(helper_command(opts))
         HelperSession.start_ahead(shell, opts)
+
+
+def digest_ahead(
+    trees: list[tuple[SyncOptions, list[tuple[str, int, int]]]], stop: Callable[[], bool]
+) -> None:
+    """Digest now what the next pushes of these trees digest as they send these files (a
+    first push's big files, `big_files`), while the sandboxes boot: `push.digest_ahead`."""
+    python_push.digest_ahead(((opts.local_root, files) for opts, files in trees), stop)
 
 
 def start_pull_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:

@@ -42,11 +42,10 @@ class SyncOptions:
     #: default: on the TLS-SSH path they lost to inline writes (GIL contention with paramiko)
     write_threads: int = 0
     #: deflate what goes over the wire, both ways (`remote.ZLEVEL`), where a sample of it
-    #: shrinks (`sync.compress`): True for every push and sync-back, False for none, None for
-    #: sync-backs only. why that default: on the local metro's loopback a push loses to the
-    #: CPU that deflating costs on its own critical path, a sync-back (deflated by the
-    #: sandbox's helper) gains; on a slow link both gain (bench/link_bench.py)
-    compress: bool | None = None
+    #: shrinks (`sync.compress`). Off by default: it pays on a slow link (bench/link_bench.py:
+    #: 0.81x at 20-50 Mbit), and on the local metro's loopback it only costs CPU (a push
+    #: deflates on its own critical path; a sync-back gained ~8% before TlsStream, nothing since)
+    compress: bool = False
     #: the session's name, for messages
     session: str = ""
     #: per-pull caps: file data bytes the sandbox may send (announced sizes, checked before

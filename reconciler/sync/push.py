@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ __all__ = [
     "MAX_REMOTE_ONLY",
     "MAX_REMOTE_ONLY_CHARS",
     "PushResult",
+    "big_files",
+    "digest_ahead",
     "greet",
     "push",
     "read_remote_scan",
@@ -143,6 +146,71 @@ DELTA_MIN = 1 << 20
 BATCH_FILE = 256 << 10
 BATCH_FILES = 512
 BATCH_BYTES = 1 << 20
+
+
+#: block digests of big files computed ahead of their push (`digest_ahead`), by (file path,
+#: size, mtime_ns): a push that sends such a file whole takes them instead of digesting what
+#: it sends
+_AHEAD: dict[tuple[str, int, int], bytes] = {}
+_AHEAD_LOCK = threading.Lock()
+
+
+def big_files(local: Manifest) -> list[tuple[str, int, int]]:
+    """The files of `local` a first push digests while it sends them: path, size, mtime."""
+    return [
+        (path, e.size, e.mtime_ns)
+        for path, e in local.entries.items()
+        if e.type == "f" and e.size >= DELTA_MIN
+    ]
+
+
+def digest_ahead(
+    trees: Iterable[tuple[Path, Iterable[tuple[str, int, int]]]], stop: Callable[[], bool]
+) -> None:
+    """The block digests the next pushes from these roots compute while they send these files
+    whole, now (while the sandboxes boot and this side waits): the pushes take them
+    (`_take_ahead`). What an earlier call left is dropped. A file that is not the scanned one
+    is skipped; `stop()` is asked between blocks (once the pushes may begin, they digest the
+    rest themselves, as without this)."""
+    with _AHEAD_LOCK:
+        _AHEAD.clear()
+    for root, files in trees:
+        _digest_tree(os.path.join(root, ""), files, stop)
+
+
+def _digest_tree(
+    prefix: str, files: Iterable[tuple[str, int, int]], stop: Callable[[], bool]
+) -> None:
+    for path, size, mtime_ns in files:
+        try:
+            fd = os.open(prefix + path, READ_FLAGS)
+        except OSError:
+            continue
+        try:
+            if not _scanned(fd, size, mtime_ns):
+                continue
+            out = []
+            for i in range(block_count(size)):
+                if stop():
+                    return
+                out.append(blockdigests.digest_of(os.pread(fd, BLOCK, i * BLOCK)))
+            if _scanned(fd, size, mtime_ns):
+                with _AHEAD_LOCK:
+                    _AHEAD[(prefix + path, size, mtime_ns)] = b"".join(out)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+
+
+def _scanned(fd: int, size: int, mtime_ns: int) -> bool:
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
+
+
+def _take_ahead(file: str, size: int, mtime_ns: int) -> bytes | None:
+    with _AHEAD_LOCK:
+        return _AHEAD.pop((file, size, mtime_ns), None)
 
 
 #: block digests of remote files read after the small files went out only up to this many
@@ -393,7 +461,11 @@ class _Sender:
                 header = {"op": "put"}
                 spans = [(0, e.size)]
                 if e.size >= DELTA_MIN and mine is None:
-                    digester = blockdigests.Digester()  # for the next edit of this file
+                    # for the next edit of this file: digested while the sandbox booted, else
+                    # as it is sent
+                    mine = _take_ahead(self.prefix + path, e.size, e.mtime_ns) if intact else None
+                    if mine is None:
+                        digester = blockdigests.Digester()
             header.update(path=path, size=e.size, mode=e.mode, mtime_ns=e.mtime_ns)
             self.s.send(header)
             sent = 0

@@ -550,8 +550,7 @@ class HelperSession:
     def hello(self, obj: dict[str, Any]) -> None:
         """Send a hello. The first one asks for compression both ways when the options say
         so; ours starts right after it, the helper's after its answer (`read_hello`)."""
-        wanted = self.opts.compress if self.opts.compress is not None else self._read_only
-        if not wanted or self._packer is not None:
+        if not self.opts.compress or self._packer is not None:
             self.send(obj)
             return
         self.send({**obj, "z": ZLEVEL})

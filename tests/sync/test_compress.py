@@ -253,7 +253,7 @@ def test_a_compressed_push_and_pull_give_the_trees_a_plain_one_does_with_fewer_b
     assert got[True] < 0.5 * got[False], got
 
 
-def test_by_default_sync_backs_are_compressed_and_pushes_are_not(site: Site) -> None:
+def test_by_default_neither_pushes_nor_sync_backs_are_compressed(site: Site) -> None:
     for i in range(100):
         write(site.local / f"out/f{i}.txt", _text(4000, i))
     size = 100 * 4000
@@ -265,4 +265,4 @@ def test_by_default_sync_backs_are_compressed_and_pushes_are_not(site: Site) -> 
     opts = site.opts(local_root=home, state_dir=site.base / "pulled", back=("out/",))
     assert pull(shell, opts).files_written == 100  # type: ignore[arg-type]
     assert snapshot(home / "out") == snapshot(site.local / "out")
-    assert shell.counts["read"] < 0.5 * size
+    assert shell.counts["read"] > size

@@ -12,7 +12,17 @@ import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
 from reconciler.sync import blockdigests
-from reconciler.sync.engine import forget, plan_push, pull, push, scan_local, start_ahead
+from reconciler.sync import push as push_module
+from reconciler.sync.engine import (
+    big_files,
+    digest_ahead,
+    forget,
+    plan_push,
+    pull,
+    push,
+    scan_local,
+    start_ahead,
+)
 from reconciler.transport.base import RemoteProcess
 from reconciler.transport.local_shell import LocalShell
 from tests.support.synctree import BOTH_PATHS, NO_PYTHON, Site, snapshot, write
@@ -390,6 +400,59 @@ class TestRememberedDigests:
         push(site.shell, site.opts(), instance_uuid="u1")
         b_now = hashlib.sha256((site.local / "b.bin").read_bytes()).hexdigest()
         assert set(blockdigests.load(site.state)) == {b_now}
+
+
+class TestDigestedAhead:
+    """A first push digests its big files as it sends them (for the next edit's delta); the
+    same digests can be made while the sandbox boots, and the push then takes them."""
+
+    def _ahead(self) -> dict[tuple[str, int, int], bytes]:
+        with push_module._AHEAD_LOCK:
+            return dict(push_module._AHEAD)
+
+    def _digests(self, path: Path) -> bytes:
+        with open(path, "rb") as f:
+            return blockdigests.digests(f.fileno(), path.stat().st_size)
+
+    def test_a_first_pushs_big_files_digested_ahead_are_taken_and_remembered(
+        self, site: Site
+    ) -> None:
+        big = write(site.local / "big.bin", os.urandom(3 << 20))
+        write(site.local / "small.txt", "s")
+        files = big_files(scan_local(site.opts()))
+        assert files == [("big.bin", 3 << 20, big.stat().st_mtime_ns)]
+        digest_ahead([(site.opts(), files)], lambda: False)
+        assert list(self._ahead().values()) == [self._digests(big)]
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert self._ahead() == {}  # the push took them
+        sha = hashlib.sha256(big.read_bytes()).hexdigest()
+        assert blockdigests.load(site.state) == {sha: self._digests(big)}
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_big_file_changed_after_it_was_digested_ahead_is_digested_as_it_is_sent(
+        self, site: Site
+    ) -> None:
+        big = write(site.local / "big.bin", os.urandom(2 << 20))
+        digest_ahead([(site.opts(), big_files(scan_local(site.opts())))], lambda: False)
+        _edit(big, 1 << 20, b"edited after")
+        os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000))
+        push(site.shell, site.opts(), instance_uuid="u1")
+        sha = hashlib.sha256(big.read_bytes()).hexdigest()
+        assert blockdigests.load(site.state) == {sha: self._digests(big)}
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_digesting_ahead_stops_when_asked_and_keeps_nothing_half_done(self, site: Site) -> None:
+        write(site.local / "big.bin", os.urandom(3 << 20))
+        asked: list[int] = []
+
+        def stop() -> bool:
+            asked.append(1)
+            return len(asked) > 2  # two blocks digested, then the push may begin
+
+        digest_ahead([(site.opts(), big_files(scan_local(site.opts())))], stop)
+        assert self._ahead() == {}
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert snapshot(site.remote) == snapshot(site.local)
 
 
 class TestWriteThreads:

@@ -25,10 +25,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.behaviour import BootOptions
@@ -62,6 +65,7 @@ from reconciler.local.sandbox.limits import Cgroup, Limiter
 __all__ = ["DEFAULT_MAX_PIDS", "DEFAULT_MEMORY_MB", "SandboxRuntime"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SSHD = "/usr/sbin/sshd"
 READY_TIMEOUT_S = 15.0
@@ -69,6 +73,48 @@ CONNECT_ACK_TIMEOUT_S = 10.0
 STREAM_LIMIT = 256 * 1024
 DEFAULT_MEMORY_MB = 128
 DEFAULT_MAX_PIDS = 512
+
+
+@dataclass
+class _Prepared:
+    """What a boot's file work (`SandboxRuntime._prepare`) made for its launch."""
+
+    ids: IdRange | None
+    workspace: Path
+    files: dict[str, str]
+    sources: dict[str, str]
+    cgroup: Cgroup | None = None
+    plugin: socket.socket | None = None
+    relay: socket.socket | None = None
+
+    def discard(self) -> None:
+        """Undo it when the launch never happens (a failure, or the boot was cancelled)."""
+        for sock in (self.plugin, self.relay):
+            if sock is not None:
+                sock.close()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+async def _off_loop(work: Callable[[], _T], undo: Callable[[_T], None]) -> _T:
+    """`work()` in a worker thread; when the waiting task is cancelled, `undo` what it made
+    once it is done (a thread cannot be stopped, and what it made would be left behind)."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, work)
+
+    def late(done: asyncio.Future[_T]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            try:
+                # why a thread again: undoing is file work too (a cgroup's rmdir)
+                loop.run_in_executor(None, undo, done.result())
+            except RuntimeError:  # the loop is shutting down: no more threads
+                undo(done.result())
+
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(late)
+        raise
 
 
 def _env_bytes(uuid: str, env: dict[str, str]) -> bytes:
@@ -192,28 +238,36 @@ class SandboxRuntime:
             box = self._boxes.get(uuid)
             if box is not None and self.is_running(uuid):
                 return box.boot_id
-            check_host(self._bwrap, self._sshd)
             started = time.monotonic()
             on_volume = any(m.at == WORKSPACE for m in volumes or [])
             # why: a volume at /workspace takes the place of the memory store, as on UKC
             if boot.workspace_in_memory and not on_volume:
-                await asyncio.to_thread(
-                    reset_memory_workspace, self.layout.workspace(uuid), memory_mb << 20
-                )
                 self._in_memory.add(uuid)
             else:
                 self._in_memory.discard(uuid)
-            if boot.fresh_host_key:
-                # a cold boot starts from the image: its sshd makes new host keys
-                with contextlib.suppress(FileNotFoundError):
-                    (self.layout.instance_dir(uuid) / HOST_KEY).unlink()
             box, status_r, info_r = await self._launch(uuid, env, memory_mb, boot, volumes or [])
             await self._await_ready(box, status_r, info_r, started)
             return box.boot_id
 
-    def _prepare(self, uuid: str, volumes: list[Mount]) -> tuple[IdRange | None, Path, Path]:
-        """The instance's id range (claimed the first time), workspace and instance dir; the
-        volumes' directories made the sandbox's."""
+    def _prepare(
+        self, uuid: str, volumes: list[Mount], memory_mb: int, boot: BootOptions, limiter: Limiter
+    ) -> _Prepared:
+        """Everything of a boot that touches the file system, in one worker thread: the checks
+        of the host, the workspace (emptied for a cold boot), the id range (claimed the first
+        time), the instance dir, the volumes' directories made the sandbox's, the cgroup and
+        the plugin and relay sockets.
+
+        why not on the event loop: a mkdir, a bind of a unix socket or a cgroup write waits
+        for the file system (a journal commit, a directory lock) and for the GIL after it; in
+        a 50-sandbox fan-out those waits held the loop (every API answer, every byte through
+        the edge, every other boot's ready line) for 100-300 ms at a time."""
+        check_host(self._bwrap, self._sshd)
+        if uuid in self._in_memory:
+            reset_memory_workspace(self.layout.workspace(uuid), memory_mb << 20)
+        if boot.fresh_host_key:
+            # a cold boot starts from the image: its sshd makes new host keys
+            with contextlib.suppress(FileNotFoundError):
+                (self.layout.instance_dir(uuid) / HOST_KEY).unlink()
         with self._accounts_lock:
             if not self._accounts_written:
                 prepare_accounts(self.layout.accounts_dir(), own_ids=self._ids is not None)
@@ -233,7 +287,29 @@ class SandboxRuntime:
         if ws == self.layout.workspace(uuid):
             prepare_workspace(ws, ids)
         prepare_instance_dir(inst, ids)
-        return ids, ws, inst
+        files = host_files(inst, self.layout.accounts_dir())
+        files.update({volume_source(m.at): str(m.source) for m in volumes if m.at != WORKSPACE})
+        prepared = _Prepared(ids, ws, files, bind_sources(files, ws, staged=ids is not None))
+        try:
+            if limiter.uses_cgroups:
+                try:
+                    prepared.cgroup = limiter.create(memory_mb * 1024 * 1024, self.max_pids)
+                except OSError as exc:
+                    raise LocalMetroError(
+                        f"sandbox {uuid}: cannot set up its {limiter.mechanism} limits: "
+                        f"{exc.strerror}"
+                    ) from None
+                # why here: cgroup v1's out-of-memory eventfd is armed by writing a cgroup
+                # file (the box asks again on the loop and finds it made)
+                with contextlib.suppress(OSError):
+                    prepared.cgroup.oom_eventfd()
+            self.layout.control_dir(uuid).mkdir(mode=0o700, exist_ok=True)
+            prepared.plugin = listen_unix(self.layout.plugin_socket(uuid))
+            prepared.relay = listen_unix(self.layout.relay_socket(uuid))
+        except BaseException:
+            prepared.discard()
+            raise
+        return prepared
 
     async def _launch(
         self,
@@ -244,23 +320,13 @@ class SandboxRuntime:
         volumes: list[Mount],
     ) -> tuple[Box, int, int]:
         """Start the launcher (which execs bwrap); the box and its status and info pipes."""
-        ids, ws, inst = await asyncio.to_thread(self._prepare, uuid, volumes)
-        files = host_files(inst, self.layout.accounts_dir())
-        others = [m for m in volumes if m.at != WORKSPACE]
-        files.update({volume_source(m.at): str(m.source) for m in others})
-        sources = bind_sources(files, ws, staged=ids is not None)
         limiter = self.limiter
-        cgroup: Cgroup | None = None
-        if limiter.uses_cgroups:
-            try:
-                cgroup = limiter.create(memory_mb * 1024 * 1024, self.max_pids)
-            except OSError as exc:
-                raise LocalMetroError(
-                    f"sandbox {uuid}: cannot set up its {limiter.mechanism} limits: {exc.strerror}"
-                ) from None
-        self.layout.control_dir(uuid).mkdir(mode=0o700, exist_ok=True)
-        plugin = listen_unix(self.layout.plugin_socket(uuid))
-        relay = listen_unix(self.layout.relay_socket(uuid))
+        prepared = await _off_loop(
+            lambda: self._prepare(uuid, volumes, memory_mb, boot, limiter), _Prepared.discard
+        )
+        ids, files, cgroup = prepared.ids, prepared.files, prepared.cgroup
+        assert prepared.plugin is not None and prepared.relay is not None
+        plugin, relay = prepared.plugin, prepared.relay
         status_r, status_w = os.pipe()
         info_r, info_w = os.pipe()
         owned = [status_r, status_w, info_r, info_w]
@@ -277,7 +343,7 @@ class SandboxRuntime:
             }
             options, command = bwrap_options(
                 uuid,
-                sources,
+                prepared.sources,
                 fds,
                 own_ids=ids is not None,
                 memory_mb=memory_mb,
@@ -296,7 +362,7 @@ class SandboxRuntime:
                 "parent": os.getpid(),
                 "cgroup_procs": [str(p) for p in cgroup.procs] if cgroup else [],
                 "ids": {"base": ids.base, "count": ids.count} if ids else None,
-                "workspace": str(ws),
+                "workspace": str(prepared.workspace),
                 "files": files,
             }
             passed = (*fds.values(), owned[-1])
