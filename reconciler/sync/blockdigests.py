@@ -19,12 +19,22 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from reconciler._util.atomic import write_atomic
 
-__all__ = ["BLOCK", "FILE", "Digester", "block_count", "digest_of", "digests", "load", "save"]
+__all__ = [
+    "BLOCK",
+    "FILE",
+    "Digester",
+    "block_count",
+    "digest_of",
+    "digests",
+    "digests_until",
+    "load",
+    "save",
+]
 
 #: block size of delta uploads (fixed offsets: in-place edits and appends, not insertions)
 BLOCK = 1 << 16
@@ -46,8 +56,17 @@ def digest_of(block: bytes | memoryview) -> bytes:
 
 def digests(fd: int, size: int) -> bytes:
     """The 8-byte digests of the file's `BLOCK`-sized blocks, concatenated."""
+    out = digests_until(fd, size, lambda: False)
+    assert out is not None
+    return out
+
+
+def digests_until(fd: int, size: int, stop: Callable[[], bool]) -> bytes | None:
+    """`digests`, or None once `stop()` says so (asked before each block)."""
     out = []
     for i in range(block_count(size)):
+        if stop():
+            return None
         out.append(digest_of(os.pread(fd, BLOCK, i * BLOCK)))
     return b"".join(out)
 

@@ -189,14 +189,12 @@ def _digest_tree(
         try:
             if not _scanned(fd, size, mtime_ns):
                 continue
-            out = []
-            for i in range(block_count(size)):
-                if stop():
-                    return
-                out.append(blockdigests.digest_of(os.pread(fd, BLOCK, i * BLOCK)))
+            got = blockdigests.digests_until(fd, size, stop)
+            if got is None:
+                return
             if _scanned(fd, size, mtime_ns):
                 with _AHEAD_LOCK:
-                    _AHEAD[(prefix + path, size, mtime_ns)] = b"".join(out)
+                    _AHEAD[(prefix + path, size, mtime_ns)] = got
         except OSError:
             continue
         finally:
