@@ -176,7 +176,7 @@ class TreeMeter:
             hwm, proc.auto_reaps = _hwm_kib(pid)
             proc.hwm_kib = max(proc.hwm_kib, hwm)
 
-    def cpu_ticks(self, exclude: int | None = None) -> int:
+    def ticks_once(self, exclude: int | None = None) -> int:
         """CPU ticks of every process seen, each counted once (without `exclude`'s own and
         reaped ticks, for a caller that has them exactly). A member reaped by a member that
         waits for it is already in that parent's cutime (or in `exclude`'s), so its own
@@ -259,7 +259,7 @@ def run_measured(
     meter.stop()
     # the root's CPU exactly (wait4, its reaped descendants included); the others' (the warm
     # child) from their last sample
-    cpu = usage.ru_utime + usage.ru_stime + meter.cpu_ticks(exclude=proc.pid) / CLK_TCK
+    cpu = usage.ru_utime + usage.ru_stime + meter.ticks_once(exclude=proc.pid) / CLK_TCK
     m = Measured(
         elapsed_s=elapsed,
         returncode=proc.returncode,
