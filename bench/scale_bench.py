@@ -43,7 +43,11 @@ Creating 100,000 files is what initial and sync-back measure, and on a filesyste
 files were recently deleted (ext4 without a journal, e.g. a busy /tmp) inode allocation slows
 both tools by 2-5x, unevenly: use a fresh filesystem with room for ~500,000 inodes per run,
 e.g. `truncate -s 20G img; mkfs.ext4 -q -N 4000000 img; mount -o loop img /mnt/fs;
---workdir /mnt/fs` (the header names the filesystem).
+--workdir /mnt/fs` (the header names the filesystem). Even on a fresh filesystem both sides
+slow down with each run, as the runs before them leave trees behind: `--fresh-fs GB` (root
+only) gives every run its own new ext4 without a journal (the root's kind), loop-mounted
+from a sparse image of GB gigabytes in the work dir, holding that run's tree, metro, warm
+process and both sandboxes' workspaces; it is unmounted and removed after the run.
 
 Prints key=value lines: seconds (medians over runs), ratio_* = ukc / rsync, and for every ukc
 phase the peak RSS and CPU of the ukc process tree (`procmeter`: the launcher plus the child
@@ -54,6 +58,7 @@ process). The machine may be shared: compare ratios, not absolutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -63,6 +68,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,36 +299,28 @@ def main() -> None:
         "--cold", action="store_true", help="one-shot applies with UKC_WARM=0, and restarts"
     )
     ap.add_argument("--workdir", default=None, help="parent of the work dir (default $TMPDIR)")
+    ap.add_argument(
+        "--fresh-fs", type=int, default=0, metavar="GB", help="a new ext4 per run (root only)"
+    )
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ukc-scale-bench-", dir=a.workdir))
-    env = UkcEnv(work)
-    cleanup: list[Any] = []
     try:
-        master = work / "tree"
-        t0 = time.perf_counter()
-        size = gen_scale_tree(master, a.files, a.dirs)
-        gen_s = time.perf_counter() - t0
-        files = scale_files(master)
-        runs = []
-        for k in range(a.runs):
-            sides = ["rsync", "ukc"] if k % 2 == 0 else ["ukc", "rsync"]
-            got: dict[str, float] = {}
-            for side in sides:
-                if side == "rsync":
-                    got.update(rsync_side(env, master, files, work, k, a))
-                else:
-                    got.update(ukc_side(env, master, files, work, k, a, cleanup))
-            runs.append(got)
-            print(f"# run {k}: " + " ".join(f"{key}={v:.3f}" for key, v in got.items()))
-            sys.stdout.flush()
-        for step in cleanup:
-            step()
+        if a.fresh_fs:
+            runs, size, gen_s, fs = [], 0, 0.0, ""
+            for k in range(a.runs):
+                with fresh_fs(work / f"fs{k}", a.fresh_fs) as mnt:
+                    got, size, gen_s = runs_in(mnt, range(k, k + 1), a)
+                    fs = describe_fs(mnt)
+                runs += got
+        else:
+            runs, size, gen_s = runs_in(work, range(a.runs), a)
+            fs = describe_fs(work)
         med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         print(
             f"# scale_bench runs={a.runs} files={a.files} dirs={a.dirs} bytes={size} "
             f"gen_s={gen_s:.1f} nproc={os.cpu_count()} load={os.getloadavg()[0]:.2f}"
         )
-        print(f"# workdir={work} {describe_fs(work)}")
+        print(f"# workdir={work} {fs}" + (" (a fresh one per run)" if a.fresh_fs else ""))
         for key in sorted(med):
             print(f"{key}={med[key]:.3f}")
         for what in ("initial", "nochange", "onefile", "back"):
@@ -339,8 +337,83 @@ def main() -> None:
         rss = [v for key, v in med.items() if key.endswith("_rss_mb") and "stale" not in key]
         print(f"rss_peak_mb_max={max(rss):.1f}")
     finally:
-        env.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def runs_in(
+    work: Path, ks: range, a: argparse.Namespace
+) -> tuple[list[dict[str, float]], int, float]:
+    """Runs `ks` in `work`: one tree (seeded), one metro, one warm process for all of them."""
+    env = UkcEnv(work)
+    cleanup: list[Any] = []
+    try:
+        master = work / "tree"
+        t0 = time.perf_counter()
+        size = gen_scale_tree(master, a.files, a.dirs)
+        gen_s = time.perf_counter() - t0
+        files = scale_files(master)
+        runs = [sides(env, master, files, work, k, a, cleanup) for k in ks]
+        for step in cleanup:
+            step()
+        return runs, size, gen_s
+    finally:
+        env.close()
+
+
+@contextlib.contextmanager
+def fresh_fs(mnt: Path, gb: int) -> Iterator[Path]:
+    """A new ext4 without a journal (as the root here) at `mnt`, from a sparse image.
+
+    why `lazy_itable_init=0`: otherwise the kernel zeroes the inode tables in the background
+    after the mount, writing behind whichever side runs first.
+    """
+    img = mnt.with_suffix(".img")
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(gb << 30)
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-N",
+            "1000000",
+            "-E",
+            "lazy_itable_init=0",
+            str(img),
+        ],
+        check=True,
+    )
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        # lazily: a sandbox process the metro stopped may still be letting go of its cwd
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        img.unlink()
+
+
+def sides(
+    env: UkcEnv,
+    master: Path,
+    files: list[str],
+    work: Path,
+    k: int,
+    a: argparse.Namespace,
+    cleanup: list[Any],
+) -> dict[str, float]:
+    """Run `k`: both sides, the first one alternating with `k`."""
+    got: dict[str, float] = {}
+    for side in ["rsync", "ukc"] if k % 2 == 0 else ["ukc", "rsync"]:
+        if side == "rsync":
+            got.update(rsync_side(env, master, files, work, k, a))
+        else:
+            got.update(ukc_side(env, master, files, work, k, a, cleanup))
+    print(f"# run {k}: " + " ".join(f"{key}={v:.3f}" for key, v in got.items()))
+    sys.stdout.flush()
+    return got
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.fanout import each
-from reconciler._util.threads import background
 from reconciler.cloud.metros import MetroRegistry, metro_label
 from reconciler.cloud.model import Instance
 from reconciler.reconcile import actions, bootmark, identity, lease, quota, rebuild
@@ -1013,18 +1012,26 @@ def delete_group(
         # why nothing on a lost lease: deletes are one request each, by proven uuid
         _take_leases(leases, group, doc, metros, environ, reporter, lock_timeout_s, lambda: None)
         owner, salt = _identity(group, environ)
-        # the volumes are listed while the instances are: two round trips at once
-        volumes = background(
-            lambda: observe_volumes(
+        # the volumes are listed here while the list's thread lists the instances: two round
+        # trips at once, and the connection this thread opens for them is the one its deletes
+        # then use (a thread of their own was a third connection to the metro)
+        listing = start_listing(group, doc, metros, owner.project, None)
+        try:
+            volumes = observe_volumes(
                 metros, owner.project, (metro_label(s.spec.metro) for s in group.sessions)
-            ),
-            "ukc-volumes",
-        )
+            )
+        except KeyboardInterrupt:
+            raise  # as `observe`: not held up by a list that may never answer
+        except BaseException:
+            listing.wait()
+            raise
         # why no scan: a delete needs the sessions' names, not their trees (a big tree took
         # most of a `ukc delete`)
-        obs = observe(group, doc, metros, environ, owner=owner, salt=salt, scan=False)
+        obs = observe(
+            group, doc, metros, environ, owner=owner, salt=salt, scan=False, listing=listing
+        )
         triples = [(d.name, d.instance_name, d.metro) for d in obs.desired]
-        the_plan = plan_delete(triples, obs.instances, doc, obs.owner, volumes.result())
+        the_plan = plan_delete(triples, obs.instances, doc, obs.owner, volumes)
         executor = Executor(
             group=group,
             doc=doc,

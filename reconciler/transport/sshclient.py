@@ -54,10 +54,11 @@ _MAX_PACKET = 256 * 1024 - 1024
 #: each between half and all of that
 READY_POLICY = RetryPolicy(max_attempts=None, base_s=0.1, cap_s=2.0, jitter=0.5)
 #: a key rejected while the sandbox may still be installing it is tried again on the same
-#: connection, this often and this many times, before the connection is given up. why: a
-#: retry there costs sshd one read of its authorized keys, where a new connection costs a
-#: process, a TLS and an SSH handshake; and fewer rejections than OpenSSH's MaxAuthTries (6)
-#: never get the connection cut (nor counted against the source as a failed login)
+#: connection, this often (from one try's start to the next's) and this many times, before
+#: the connection is given up. why: a retry there costs sshd one read of its authorized keys,
+#: where a new connection costs a process, a TLS and an SSH handshake; and fewer rejections
+#: than OpenSSH's MaxAuthTries (6) never get the connection cut (nor counted against the
+#: source as a failed login)
 KEY_RETRY_STEP_S = 0.1
 KEY_RETRIES = 4
 #: how long opening a channel and starting a process in it may take. why: paramiko waits for
@@ -209,6 +210,7 @@ class SshShell:
         expected_host_key: str | None = None,
         key_retries: int = 0,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> SshShell:
         """Dial, negotiate, check the host key, authenticate with `key_path`; a rejected key
         is tried `key_retries` more times on this connection (`KEY_RETRY_STEP_S` apart)."""
@@ -251,15 +253,16 @@ class SshShell:
                     f"{expected_host_key}",
                     retryable=False,
                 )
-            for retry in range(key_retries + 1):
-                if _authenticated(transport, user, pkey, fqdn, port):
-                    break
-                if retry == key_retries:
-                    raise KeyRejectedError(
-                        f"ssh {fqdn}: public key of {key_path.name} rejected for user {user}",
-                        retryable=False,
-                    )
-                sleep(KEY_RETRY_STEP_S)
+            if not _accepted_on_a_grid(
+                lambda: _authenticated(transport, user, pkey, fqdn, port),
+                key_retries + 1,
+                sleep=sleep,
+                monotonic=monotonic,
+            ):
+                raise KeyRejectedError(
+                    f"ssh {fqdn}: public key of {key_path.name} rejected for user {user}",
+                    retryable=False,
+                )
         except BaseException:
             transport.close()
             sock.close()
@@ -332,6 +335,30 @@ class SshShell:
         self.close()
 
 
+def _accepted_on_a_grid(
+    attempt: Callable[[], bool],
+    tries: int,
+    *,
+    sleep: Callable[[float], None],
+    monotonic: Callable[[], float],
+) -> bool:
+    """Call `attempt` (one key try) up to `tries` times, each `KEY_RETRY_STEP_S` after the
+    previous one began, until it is accepted (True).
+
+    why from the start of a try, not from its answer: sshd answers a rejection only after
+    its failure delay (OpenSSH evens out the time of failed logins: ~5-10 ms, more over a
+    distant link); waiting a whole step after each answer put every try that much later
+    than the last, and the try that finds the key late by the sum.
+    """
+    first = monotonic()
+    for k in range(tries):
+        if k:
+            sleep(max(0.0, first + k * KEY_RETRY_STEP_S - monotonic()))
+        if attempt():
+            return True
+    return False
+
+
 def _authenticated(
     transport: paramiko.Transport,
     user: str,
@@ -398,6 +425,7 @@ def wait_ssh_ready(
                 expected_host_key=expected_host_key,
                 key_retries=max(0, min(KEY_RETRIES, int(within / KEY_RETRY_STEP_S))),
                 sleep=sleep,
+                monotonic=monotonic,
             )
         except KeyRejectedError as err:
             waited = monotonic() - start

@@ -17,7 +17,12 @@ import pytest
 
 from reconciler.errors import KeyRejectedError, RemoteError, SandboxNotReadyError
 from reconciler.transport.keys import generate_keypair
-from reconciler.transport.sshclient import SshShell, wait_ssh_ready
+from reconciler.transport.sshclient import (
+    KEY_RETRY_STEP_S,
+    SshShell,
+    _accepted_on_a_grid,
+    wait_ssh_ready,
+)
 from reconciler.transport.tls import Dialer
 from tests.support.tls_sshd import (
     FQDN,
@@ -318,6 +323,61 @@ class TestKeyGrace:
                 fwd.stop()
         assert err.value.retryable is False
         assert 5 <= now[0] < 10, "rejections were taken for a sandbox still starting"
+
+
+class FakeKeyedServer:
+    """A server whose key becomes valid at `valid_from` on a fake clock, each of whose
+    answers takes `answer_s` (sshd's failure delay); records when each try began."""
+
+    def __init__(self, valid_from: float, answer_s: float) -> None:
+        self.now = 0.0
+        self.valid_from = valid_from
+        self.answer_s = answer_s
+        self.began: list[float] = []
+
+    def sleep(self, s: float) -> None:
+        assert s >= 0
+        self.now += s
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def attempt(self) -> bool:
+        self.began.append(self.now)
+        valid = self.now >= self.valid_from
+        self.now += self.answer_s
+        return valid
+
+
+class TestKeyRetryGrid:
+    def test_a_key_valid_from_a_known_time_is_accepted_by_the_first_try_a_step_after_it(
+        self,
+    ) -> None:
+        """The tries keep their step from one start to the next: the answers' own time
+        (10 ms each here) does not push each later try further back."""
+        server = FakeKeyedServer(valid_from=0.25, answer_s=0.01)
+        assert _accepted_on_a_grid(
+            server.attempt, 5, sleep=server.sleep, monotonic=server.monotonic
+        )
+        assert server.began == pytest.approx([0.0, 0.1, 0.2, 0.3])
+        assert server.now == pytest.approx(0.31)
+
+    def test_tries_never_begin_closer_than_a_step_nor_more_often_than_allowed(self) -> None:
+        server = FakeKeyedServer(valid_from=99.0, answer_s=0.003)
+        assert not _accepted_on_a_grid(
+            server.attempt, 5, sleep=server.sleep, monotonic=server.monotonic
+        )
+        assert len(server.began) == 5
+        gaps = [b - a for a, b in zip(server.began, server.began[1:], strict=False)]
+        assert min(gaps) >= KEY_RETRY_STEP_S - 1e-9
+
+    def test_a_try_answered_later_than_a_step_is_followed_at_once(self) -> None:
+        """A slow answer (a distant sandbox) is no reason to wait a further step."""
+        server = FakeKeyedServer(valid_from=0.3, answer_s=0.15)
+        assert _accepted_on_a_grid(
+            server.attempt, 5, sleep=server.sleep, monotonic=server.monotonic
+        )
+        assert server.began == pytest.approx([0.0, 0.15, 0.3])
 
 
 class TestHangUpAfterKex:

@@ -1,5 +1,6 @@
 """`ukc delete` against a fake metro: the volumes are listed while the instances are (two
-round trips at once, not one after the other), and the status file is written once."""
+round trips at once, not one after the other) and on the thread that then deletes (one
+connection to the metro fewer), and the status file is written once."""
 
 from __future__ import annotations
 
@@ -30,16 +31,20 @@ class _Metro:
         self.volumes_asked = threading.Event()
         self.overlapped: bool | None = None
         self.deleted: list[str] = []
+        #: the threads that asked for the volumes and for each delete
+        self.asking: dict[str, threading.Thread] = {}
 
     def list_instances(self, tags: list[str]) -> list[Instance]:
         self.overlapped = self.volumes_asked.wait(OVERLAP_WAIT_S)
         return [self.inst] if self.inst is not None else []
 
     def list_volumes(self, tags: list[str]) -> list[Volume]:
+        self.asking["volumes"] = threading.current_thread()
         self.volumes_asked.set()
         return []
 
     def delete_instance(self, name: str, *, uuid: str, wait: bool) -> None:
+        self.asking["delete"] = threading.current_thread()
         self.deleted.append(uuid)
         self.inst = None
 
@@ -84,6 +89,14 @@ def test_a_delete_lists_the_volumes_while_the_instances_are_listed(tmp_path: Pat
     assert _delete(group, metro)
     assert metro.overlapped, "the instance list ended before the volume list began"
     assert metro.deleted == ["u-web"]
+
+
+def test_a_delete_asks_for_the_volumes_on_the_thread_that_then_deletes(tmp_path: Path) -> None:
+    """The api keeps a connection per thread: a thread of the volumes' own was one more
+    connection (a TLS handshake with the metro on both sides) for one request."""
+    group, metro = _setup(tmp_path, listed=True)
+    assert _delete(group, metro)
+    assert metro.asking["volumes"] is metro.asking["delete"]
 
 
 def test_a_delete_writes_the_status_file_once(tmp_path: Path) -> None:
