@@ -289,3 +289,49 @@ def test_a_command_not_marked_as_waiting_for_its_stdin_is_never_started_ahead(
     time.sleep(0.3)
     assert shell.started == [runs, runs]
     assert marker.read_text() == "x\nx\n"  # run when asked, never ahead
+
+
+def test_a_borrower_queues_megabytes_for_a_process_that_is_not_reading_yet(
+    place: Path, tmp_path: Path
+) -> None:
+    """The relay's socket takes a push's next frames while the lender is busy with the last:
+    at the default buffer (~200 KiB) the borrower waited for every frame."""
+    with open("/proc/sys/net/core/wmem_max") as f:
+        if int(f.read()) < links._SOCKET_BUFFER:
+            pytest.skip("this system caps socket buffers below the relay's")
+    key = a_key(tmp_path)
+    lend(key)
+    borrowed = links.borrow(key)
+    assert borrowed is not None
+    process = borrowed.start("sleep 3; wc -c")  # reads nothing for 3 s
+    queued = threading.Event()
+
+    def writer() -> None:
+        piece = bytes(128 << 10)
+        for _ in range(16):  # 2 MiB, as a push writes it
+            process.write(piece)
+        queued.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    assert queued.wait(2.5), "the borrower's writes waited for the process"
+    process.close_stdin()
+    out = bytearray()
+    while chunk := process.read():
+        out += chunk
+    assert out.strip() == b"2097152"
+    assert process.wait(10) == 0
+
+
+def test_a_frame_longer_than_a_chunk_is_relayed_whole(place: Path, tmp_path: Path) -> None:
+    key = a_key(tmp_path)
+    lend(key)
+    borrowed = links.borrow(key)
+    assert borrowed is not None
+    process = borrowed.start("wc -c")
+    process.write(bytes(3 * links._CHUNK + 7))  # one frame, read as it comes
+    process.close_stdin()
+    out = bytearray()
+    while chunk := process.read():
+        out += chunk
+    assert out.strip() == str(3 * links._CHUNK + 7).encode()
