@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -101,11 +102,37 @@ class SshProcess:
 
     def write(self, data: bytes) -> None:
         try:
-            self._channel.sendall(data)
+            self._send(data)
         except (OSError, paramiko.SSHException) as err:
             raise RemoteError(f"ssh {self._shell.fqdn}: stdin write failed ({err})") from None
         self.bytes_out += len(data)
         self._shell.bytes_out += len(data)
+
+    def _send(self, data: bytes) -> None:
+        """All of `data` into the channel. Over a `TlsStream`, as much as the channel's window
+        takes now goes out gathered (one TLS write and one socket send per few packets); a
+        shut window is waited for outside a gather (the held bytes may be what the peer needs
+        before it opens it again)."""
+        channel = self._channel
+        sock = self._shell._sock
+        if not isinstance(sock, TlsStream):
+            channel.sendall(data)
+            return
+        # a view: paramiko's sendall re-slices what is left after every 32 KiB packet, and it
+        # takes any buffer (its `asbytes` passes one through to the message's BytesIO)
+        view: Any = memoryview(data)
+        while view:
+            # only this thread takes from the window (one writer per process); others add
+            room = min(channel.out_window_size, len(view))
+            if room <= 0:
+                sent = channel.send(view)  # waits for the window, then one packet
+                if sent <= 0:
+                    raise OSError("channel closed")
+                view = view[sent:]
+                continue
+            with sock.gathered():
+                channel.sendall(view[:room])
+            view = view[room:]
 
     def close_stdin(self) -> None:
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):

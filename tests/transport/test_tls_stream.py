@@ -14,61 +14,15 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from reconciler.errors import TransportError
 from reconciler.transport.sshclient import SshProcess, SshShell
 from reconciler.transport.tls import Dialer, TlsStream
+from tests.support.tls_peer import TlsPeer, echo
 from tests.support.tls_sshd import FQDN, CaFiles, Sshd, dialer_to
-
-
-class TlsPeer:
-    """A TLS server on loopback, one thread per connection, doing `behaviour` with each
-    handshaken socket; records the SNI names it was asked for."""
-
-    def __init__(
-        self, ca: CaFiles, behaviour: Callable[[ssl.SSLSocket], None], *, handshake: bool = True
-    ) -> None:
-        self.names: list[str | None] = []
-        self._ctx = ca.server_context()
-        self._ctx.sni_callback = lambda sock, name, ctx: self.names.append(name)  # type: ignore[assignment,misc,unused-ignore]
-        self._behaviour = behaviour
-        self._handshake = handshake
-        self._conns: list[socket.socket] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        if not self._handshake:
-            return  # TCP accepted, not a byte of TLS ever answered
-        with contextlib.suppress(OSError):
-            tls = self._ctx.wrap_socket(conn, server_side=True)
-            self._conns.append(tls)
-            self._behaviour(tls)
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
-def echo(tls: ssl.SSLSocket) -> None:
-    with tls:
-        while data := tls.recv(1 << 20):
-            tls.sendall(data)
 
 
 def deaf(tls: ssl.SSLSocket) -> None:
