@@ -597,6 +597,33 @@ class UkcApi:
     def suspend_instance(self, name: str) -> None:
         self._batch("PUT", "/v1/instances/suspend", name, f"suspend instance {name}")
 
+    def suspend_instances(self, names: Sequence[str]) -> dict[str, ApiError]:
+        what = f"suspend {len(names)} instance(s)"
+        body = [{"name": name} for name in names]
+
+        def attempt() -> dict[str, ApiError]:
+            env = _Envelope(
+                self._send("PUT", "/v1/instances/suspend", what, body=body), "instances"
+            )
+            failed = env.failed_items()
+            if env.errors or (env.status == "error" and not failed):
+                raise ApiError(f"ukc api {self.metro}: {what}: failed ({self._scrub(env.message)})")
+            refused: dict[str, ApiError] = {}
+            for index, item in enumerate(env.items):
+                if item.get("status") != "error":
+                    continue
+                # an item names its instance; else the answer's order is the request's
+                name = _str_or_none(item.get("name"))
+                if name is None and len(env.items) == len(names):
+                    name = names[index]
+                if name is None or name not in names:
+                    raise self._item_error(what, item)  # refused, but which one is unknown
+                refused[name] = self._item_error(f"suspend instance {name}", item)
+            return refused
+
+        result: dict[str, ApiError] = self._retrying(attempt)
+        return result
+
     def set_autokill(self, name: str, *, uuid: str, time_ms: int) -> None:
         what = f"set the autokill of instance {name}"
         body = [{"uuid": uuid, "prop": "autokill", "op": "set", "value": {"time_ms": time_ms}}]

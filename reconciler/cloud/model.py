@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from reconciler.cloud.quotas import Quota
+from reconciler.errors import ApiError
 
 __all__ = [
     "CloudApi",
@@ -160,6 +161,12 @@ class CloudApi(Protocol):
     def suspend_instance(self, name: str) -> None:
         """Suspend (`PUT /v1/instances/suspend`): the instance goes to `standby`, costing no
         live quota; a start brings it back."""
+        ...
+
+    def suspend_instances(self, names: Sequence[str]) -> dict[str, ApiError]:
+        """Suspend every instance of `names` in one request (the platform takes a list); the
+        instances it refused, by name, with why (empty: all accepted). Raises when the whole
+        request failed."""
         ...
 
     def set_autokill(self, name: str, *, uuid: str, time_ms: int) -> None:

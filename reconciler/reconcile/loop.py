@@ -21,7 +21,6 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.fanout import each
@@ -48,6 +47,7 @@ from reconciler.reconcile.observe import (
     start_listing,
 )
 from reconciler.reconcile.plan import plan_delete, plan_sessions, recorded_without_instance
+from reconciler.reconcile.suspend import suspend_all
 from reconciler.reconcile.wake import wake
 from reconciler.spec.models import DEFAULT_LOCAL_IMAGE
 from reconciler.status import journal
@@ -171,7 +171,7 @@ def _plan_read_only(
             the_plan = _plan(obs.desired, obs, doc, now(), prune=prune, only_files=group.only_files)
     if asleep:
         # reading a journal woke them; a plan changes nothing, so they go back to sleep
-        put_back = _suspend(
+        put_back = suspend_all(
             asleep, metros, pool, RecordingReporter(), concurrency=8, status_path=group.status_path
         )
         awake = tuple(
@@ -486,7 +486,7 @@ def apply_group(
                 and s.session not in outcomes
                 and all(t.session != s.session for t in todo)
             ]
-            suspended = _suspend(todo, metros, kept, reporter, concurrency, group.status_path)
+            suspended = suspend_all(todo, metros, kept, reporter, concurrency, group.status_path)
         _finalize(group, doc, obs, failed, reporter, ran, pending, interrupted, suspended)
         return ApplyResult(
             ok=not failed,
@@ -831,36 +831,6 @@ def _wake_for_work(
     for session, inst in woke:
         obs.woke(session, inst)
     return bool(woke)
-
-
-def _suspend(
-    todo: Sequence[actions.SuspendInstance],
-    metros: MetroRegistry,
-    pool: TransportPool,
-    reporter: Reporter,
-    concurrency: int,
-    status_path: Path,
-) -> set[str]:
-    """Suspend the instances of converged sessions (one request each, `concurrency` at a
-    time); the sessions whose suspend was accepted. A refused one is a warning: the work is
-    done, the instance only stays up (scale-to-zero may still put it to standby)."""
-
-    def one(item: actions.SuspendInstance) -> str | None:
-        # the connection of this apply is to a sandbox about to sleep, and any an earlier
-        # command kept: a connection left open would keep it up
-        pool.drop(item.session)
-        links.drop_session(status_path, item.session)
-        try:
-            metros.get(item.metro).api.suspend_instance(item.instance_name)
-        except errors.UkcError as err:
-            text = f"warning: instance {item.instance_name} not suspended (it stays up): {err}"
-            reporter.event(Event(item.session, "info", text))
-            return None
-        text = f"suspended instance {item.instance_name}: idle until the next apply with work"
-        reporter.event(Event(item.session, "info", text))
-        return item.session
-
-    return {s for s in each(todo, one, concurrency=concurrency, name="ukc-suspend") if s}
 
 
 def _greet(
