@@ -131,11 +131,13 @@ class WindowedChannel:
         self.cv = threading.Condition()
         self.got = bytearray()
         self.held_while_waiting: list[int] = []
+        self.waiting = threading.Event()
 
     def _take(self, data: Any, wait: bool) -> int:
         with self.cv:
             if wait and self.out_window_size == 0:
                 self.held_while_waiting.append(self.stream._held_n)
+                self.waiting.set()
                 assert self.cv.wait_for(lambda: self.out_window_size > 0, 5)
             n = min(len(data), self.out_window_size, 32 * 1024)
             self.out_window_size -= n
@@ -168,11 +170,13 @@ def test_a_write_waits_for_a_shut_window_with_nothing_held(
     payload = random.Random(5).randbytes(300 * 1024)
 
     def opener() -> None:
-        # the window opens only once what was sent arrived (the peer's echo here)
-        read_exactly(s, 100 * 1024)
-        channel.open(100 * 1024)
-        read_exactly(s, 100 * 1024)
-        channel.open(100 * 1024)
+        # the window opens only once what was sent arrived (the peer's echo here) and the
+        # writer waits for it
+        for _ in range(2):
+            read_exactly(s, 100 * 1024)
+            assert channel.waiting.wait(5)
+            channel.waiting.clear()
+            channel.open(100 * 1024)
         read_exactly(s, 100 * 1024)
 
     thread = threading.Thread(target=opener)
@@ -181,7 +185,7 @@ def test_a_write_waits_for_a_shut_window_with_nothing_held(
     thread.join(10)
     assert not thread.is_alive()
     assert bytes(channel.got) == payload
-    assert channel.held_while_waiting and set(channel.held_while_waiting) == {0}
+    assert channel.held_while_waiting == [0, 0]
 
 
 def test_ssh_through_the_gathered_stream_moves_more_than_a_window_in_one_write(
