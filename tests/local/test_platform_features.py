@@ -110,6 +110,26 @@ class TestSuspend:
                 "the start thawed the sandbox; it did not boot it again"
             )
 
+    def test_a_suspend_sent_again_before_the_first_one_froze_keeps_the_memory(
+        self, inproc: InProcessMetro
+    ) -> None:
+        # as a client does when the first request's answer was lost and it retries
+        inproc.runtime.freeze_delay_s = 0.3
+        with inproc.client() as c:
+            uuid = create(c, unique(), service_group=SSH)["uuid"]
+            for _ in range(2):
+                c.put("/v1/instances/suspend", json=[{"uuid": uuid}]).raise_for_status()
+            deadline = time.monotonic() + 3
+            while get(c, uuid)["state"] != "standby" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)  # the second request's work, had it been started
+            assert get(c, uuid)["state"] == "standby"
+            assert uuid in inproc.runtime.frozen and uuid in inproc.runtime.running, (
+                "the second suspend stopped the frozen sandbox: its memory is gone"
+            )
+            c.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 5}]).raise_for_status()
+            assert inproc.runtime.starts == [uuid], "the start thawed it, not a new boot"
+
     def test_traffic_wakes_a_suspended_instance_when_the_behaviour_says_so(
         self, inproc: InProcessMetro
     ) -> None:

@@ -47,6 +47,8 @@ class FakeRuntime:
         self.destroyed: list[str] = []
         self.on_exit: Callable[[str, int, bool], None] = lambda u, c, m: None
         self.fail_next_start = False
+        #: how long a freeze takes (a real one waits for the cgroup's processes to stop)
+        self.freeze_delay_s = 0.0
         #: the volumes each sandbox was last started with
         self.mounts: dict[str, list[Mount]] = {}
         self.removed_volumes: list[Path] = []
@@ -74,6 +76,7 @@ class FakeRuntime:
         self.frozen.discard(uuid)
 
     async def freeze(self, uuid: str) -> None:
+        await asyncio.sleep(self.freeze_delay_s)
         self.frozen.add(uuid)
 
     async def thaw(self, uuid: str) -> None:

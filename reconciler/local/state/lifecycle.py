@@ -319,6 +319,11 @@ class LocalMetro:
         async with self._lock(rec.uuid):
             if rec.uuid not in self.index or rec.state == "deleted":
                 return
+            if to_state == "standby" and rec.state == "standby":
+                # a second suspend (a retry whose answer was lost) queued behind the first:
+                # its work is done, and stopping the sandbox now would lose what it froze
+                rec.suspended = rec.suspended or manual
+                return
             self._stopping_by_us.add(rec.uuid)
             # a user's suspend snapshots the instance whatever its scale-to-zero says
             keep = rec.stateful_standby or (manual and self.behaviour.suspend_keeps_memory)
