@@ -594,9 +594,6 @@ class UkcApi:
     def stop_instance(self, name: str) -> None:
         self._batch("PUT", "/v1/instances/stop", name, f"stop instance {name}")
 
-    def suspend_instance(self, name: str) -> None:
-        self._batch("PUT", "/v1/instances/suspend", name, f"suspend instance {name}")
-
     def suspend_instances(self, names: Sequence[str]) -> dict[str, ApiError]:
         what = f"suspend {len(names)} instance(s)"
         body = [{"name": name} for name in names]

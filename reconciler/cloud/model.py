@@ -158,15 +158,11 @@ class CloudApi(Protocol):
 
     def stop_instance(self, name: str) -> None: ...
 
-    def suspend_instance(self, name: str) -> None:
-        """Suspend (`PUT /v1/instances/suspend`): the instance goes to `standby`, costing no
-        live quota; a start brings it back."""
-        ...
-
     def suspend_instances(self, names: Sequence[str]) -> dict[str, ApiError]:
-        """Suspend every instance of `names` in one request (the platform takes a list); the
-        instances it refused, by name, with why (empty: all accepted). Raises when the whole
-        request failed."""
+        """Suspend (`PUT /v1/instances/suspend`) every instance of `names` in one request (the
+        platform takes a list): each goes to `standby`, costing no live quota; a start brings
+        it back. The instances it refused, by name, with why (empty: all accepted). Raises
+        when the whole request failed."""
         ...
 
     def set_autokill(self, name: str, *, uuid: str, time_ms: int) -> None:

@@ -1,5 +1,8 @@
 """`UkcApi`'s autokill, suspend and quota calls against the local metro's real API app (and a
-few hostile answers through a mock transport): what goes on the wire and how answers are read."""
+few hostile answers through a mock transport): what goes on the wire and how answers are read.
+A suspend names many instances in one request (the platform takes a list): an instance the
+platform refuses is refused alone; a refusal that cannot be told apart from the others fails
+the whole request."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import pytest
 
 from reconciler.cloud.api import UkcApi, parse_instance
 from reconciler.cloud.model import CreateRequest
-from reconciler.errors import ApiError
+from reconciler.errors import ApiError, NotFoundError
 from tests.support.inproc_metro import InProcessMetro, unique
 
 IMAGE = "ukc/local-sandbox:latest"
@@ -54,16 +57,36 @@ def test_set_autokill_patches_exactly_that_instance(metro: InProcessMetro) -> No
         assert read is not None and read.autokill_ms == 5000
 
 
-def test_suspend_puts_a_running_instance_in_standby(metro: InProcessMetro) -> None:
+def _until_standby(api: UkcApi, name: str) -> None:
+    deadline = time.monotonic() + 5
+    while (read := api.get_instance(name)) is not None and read.state != "standby":
+        assert time.monotonic() < deadline, f"{name} is {read.state}"
+        time.sleep(0.02)
+
+
+def test_one_request_suspends_every_instance_it_names(metro: InProcessMetro) -> None:
     with api_of(metro) as api:
-        name = unique()
+        names = [unique() for _ in range(3)]
+        for name in names:
+            api.create_instance(CreateRequest(name=name, image=IMAGE, env={}, tags=[]))
+        for name in names:
+            api.wait_instance(name, "running", 5)
+        before = api.request_count
+        assert api.suspend_instances(names) == {}
+        assert api.request_count == before + 1
+        for name in names:
+            _until_standby(api, name)
+
+
+def test_an_instance_the_platform_refuses_is_refused_alone(metro: InProcessMetro) -> None:
+    with api_of(metro) as api:
+        name, ghost = unique(), unique()
         api.create_instance(CreateRequest(name=name, image=IMAGE, env={}, tags=[]))
         api.wait_instance(name, "running", 5)
-        api.suspend_instance(name)
-        deadline = time.monotonic() + 3
-        while (read := api.get_instance(name)) is not None and read.state != "standby":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        refused = api.suspend_instances([ghost, name])
+        assert list(refused) == [ghost] and isinstance(refused[ghost], NotFoundError)
+        assert ghost in str(refused[ghost])
+        _until_standby(api, name)
 
 
 def test_the_quota_is_read_with_what_is_used_and_the_hard_limits(metro: InProcessMetro) -> None:
@@ -119,3 +142,36 @@ def test_a_read_without_autokill_says_nothing_and_a_null_one_says_none() -> None
     assert parse_instance({**base, "autokill": None}, "fra").autokill_ms == 0  # type: ignore[union-attr]
     garbled = {**base, "autokill": {"time_ms": "soon"}}
     assert parse_instance(garbled, "fra").autokill_ms == 0  # type: ignore[union-attr]
+
+
+def _suspend_answer(items: list[dict[str, Any]]) -> dict[str, Any]:
+    status = "error" if all(i.get("status") == "error" for i in items) else "partial_success"
+    return {"status": status, "data": {"instances": items}}
+
+
+def test_a_refusal_that_names_no_instance_is_placed_by_its_order() -> None:
+    items: list[dict[str, Any]] = [
+        {"status": "success", "name": "a", "state": "running"},
+        {"status": "error", "error": 3, "message": "busy"},
+    ]
+    with _answering(_suspend_answer(items)) as api:
+        refused = api.suspend_instances(["a", "b"])
+    assert list(refused) == ["b"] and "busy" in str(refused["b"])
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"status": "error", "error": 3, "message": "busy"}],
+        [{"status": "success", "name": "a"}, {"status": "error", "name": "c", "error": 3}],
+    ],
+    ids=["fewer items than asked, unnamed", "an instance not asked for"],
+)
+def test_a_refusal_that_cannot_be_placed_fails_the_whole_request(
+    items: list[dict[str, Any]],
+) -> None:
+    with (
+        _answering(_suspend_answer(items)) as api,
+        pytest.raises(ApiError, match="suspend 2 instance"),
+    ):
+        api.suspend_instances(["a", "b"])
