@@ -80,6 +80,9 @@ class SessionOutcome:
     interrupted: bool = False
     #: an unlisted create found its name taken: nothing was done, the next round plans it
     deferred: bool = False
+    #: the session's instance as the platform last answered for it in this run (a create's,
+    #: start's or wake's wait until it was up); None when it was not read
+    instance: Instance | None = None
 
 
 @dataclass
@@ -212,7 +215,8 @@ class Executor:
         ctx = self.obs.contexts.get(name)
         # the planner acts only on an instance it proved ours (else the session is refused)
         worked = self.worked.setdefault(name, Worked())
-        run = _Run(inst=self.obs.claimed.get(name), timings=worked.timings)
+        observed = self.obs.claimed.get(name)
+        run = _Run(inst=observed, timings=worked.timings)
         if ctx is not None:
             run.kind = select.kind_for(ctx.desired.transport)
             run.credentials = ctx.credentials
@@ -274,6 +278,8 @@ class Executor:
             outcome.error = redact(str(err))
             self._fail(name, outcome.error, err)
         finally:
+            if run.inst is not observed:
+                outcome.instance = run.inst
             with self.doc_lock:
                 rec = self.doc.sessions.get(name)
                 if rec is not None and run.timings:

@@ -40,6 +40,7 @@ from reconciler.reconcile.interrupts import StopFlag
 from reconciler.reconcile.observe import (
     Listing,
     Observation,
+    answered_listing,
     observe,
     observe_quotas,
     observe_volumes,
@@ -311,7 +312,7 @@ def apply_group(
         #: what each session's executors did in this apply (its record reports all of it)
         worked: dict[str, Worked] = {}
 
-        def executor_for(seen: Observation) -> Executor:
+        def executor_for(seen: Observation, slots: threading.Semaphore | None = None) -> Executor:
             """An executor of one pass (the instances made ahead, or a round) over what it
             saw; what the passes share (the document, the kept connections, what ran and
             what each session did) is this apply's."""
@@ -326,7 +327,7 @@ def apply_group(
                 pool=kept,
                 stop=stop,
                 committer=committer,
-                slots=threading.BoundedSemaphore(max(1, concurrency)),
+                slots=slots or threading.BoundedSemaphore(max(1, concurrency)),
                 worked=worked,
             )
 
@@ -342,6 +343,8 @@ def apply_group(
         converged: actions.Plan | None = None
         #: instances in standby woken only to read their journal
         journal_woken: list[actions.SuspendInstance] = []
+        #: sessions had their first round as soon as their instance made ahead was up
+        early_rounds = False
         if _worth_a_glance(group, doc, only):
             early = _create_ahead(
                 group,
@@ -356,10 +359,14 @@ def apply_group(
                 now=now,
                 unfinished=unfinished,
                 listing=listing,
+                owner=owner,
+                salt=salt,
+                doc_lock=doc_lock,
             )
             if early is not None:
                 listing = None  # the first round lists again: the instances were made since
-                obs, first_plan, finished = early
+                obs, first_plan, finished, firsts = early
+                early_rounds = bool(firsts)
                 for outcome in finished:
                     outcomes[outcome.session] = outcome
                     # the journal in a sandbox made by this run is this run's own
@@ -368,9 +375,22 @@ def apply_group(
                         interrupted.add(outcome.session)
                     elif not outcome.ok:
                         failed[outcome.session] = outcome.error
+                if firsts:
+                    first_plan = _joined(
+                        first_plan, actions.Plan(sessions=tuple(sp for sp, _o in firsts))
+                    )
+                for _splan, outcome in firsts:
+                    outcome.ran_commands += outcomes[outcome.session].ran_commands
+                    outcomes[outcome.session] = outcome
+                    if outcome.interrupted or stop.is_set():
+                        interrupted.add(outcome.session)
+                    elif not outcome.ok:
+                        failed[outcome.session] = outcome.error
                 if stop.is_set():
                     # made and up, never synced: not left in a phase that says work goes on
                     unfinished.journal(journal.utc_now())
+        #: the first round over every session (sessions may have had theirs ahead)
+        first_full = True
         while not (stop.is_set() and first_plan is not None):
             # (a Ctrl-C while instances were made ahead: no round starts)
             if listing is None:
@@ -424,7 +444,8 @@ def apply_group(
                         obs, doc, metros, kept, reporter, marks_read_after_journal, concurrency
                     )
                     plan = replan()
-            if rounds == 0:
+            if first_full:
+                first_full = False
                 _check_quota(plan, desired, obs, metros, reporter)
                 # with instances made ahead: those creates, then what this round planned
                 first_plan = plan if first_plan is None else _joined(first_plan, plan)
@@ -475,6 +496,8 @@ def apply_group(
                     if not pruned.ok:
                         failed[pruned.session] = pruned.error
         assert obs is not None and first_plan is not None
+        if early_rounds:
+            rounds = max(rounds, 1)  # the sessions' first rounds ran ahead of the others'
         suspended: set[str] = set()
         if suspend_idle and converged is not None and not stop.is_set():
             todo = [s for s in converged.suspends if s.session not in failed]
@@ -607,14 +630,25 @@ def _create_ahead(
     environ: Mapping[str, str],
     reporter: Reporter,
     *,
-    executor_for: Callable[[Observation], Executor],
+    executor_for: Callable[[Observation, threading.Semaphore | None], Executor],
     stop: StopFlag,
     concurrency: int,
     only: set[str] | None,
     now: Callable[[], float],
     unfinished: _UnfinishedOnInterrupt,
     listing: Listing | None,
-) -> tuple[Observation, actions.Plan, list[SessionOutcome]] | None:
+    owner: identity.Owner,
+    salt: bytes,
+    doc_lock: threading.Lock,
+) -> (
+    tuple[
+        Observation,
+        actions.Plan,
+        list[SessionOutcome],
+        list[tuple[actions.SessionPlan, SessionOutcome]],
+    ]
+    | None
+):
     """The apply's first look, before the trees are scanned: a session whose instance is
     missing needs it made whatever its tree holds, so it is created and waited for (its boot,
     sshd's start and the key's install) on the session threads while this thread scans the
@@ -627,7 +661,6 @@ def _create_ahead(
     path (boot, sshd, key); the records say which sessions have no instance, and a create
     whose name is taken after all changes nothing and is left to the round's list
     (`CreateInstance.unlisted`)."""
-    owner, salt = _identity(group, environ)
 
     def look(listed: bool) -> tuple[Observation, actions.Plan, list[actions.SessionPlan]]:
         seen = observe(
@@ -660,15 +693,72 @@ def _create_ahead(
         desired = [d for d in obs.desired if d.name in {s.session for s in work}]
         shortfalls, unread = _quota_shortfalls(plan, desired, obs, metros)
     _refuse_short(shortfalls, unread, reporter)
-    executor = executor_for(obs)
+    executor = executor_for(obs, None)
     unfinished.in_flight = executor.in_flight
+    scanned = threading.Event()
+    #: a session's first round began: the pushes digest what they send themselves
+    begun = threading.Event()
+
+    firsts: dict[str, tuple[actions.SessionPlan, SessionOutcome]] = {}
+
+    def first_round(made: SessionOutcome) -> None:
+        name, read = made.session, made.instance
+        if not made.ok or made.deferred or made.interrupted or read is None:
+            return
+        while not scanned.wait(0.05):
+            if stop.is_set():
+                return
+        if stop.is_set():
+            return
+        begun.set()
+        try:
+            with doc_lock:  # why: the list's records, read as the workers write them
+                listing = answered_listing(group, doc, metros, owner.project, name, read)
+            seen = observe(
+                group,
+                doc,
+                metros,
+                environ,
+                owner=owner,
+                salt=salt,
+                only={name},
+                listing=listing,
+            )
+            ctx = seen.contexts.get(name)
+            inst = seen.claimed.get(name)
+            if ctx is None or inst is None or inst.name != ctx.desired.instance_name:
+                return
+            with doc_lock:
+                if bootmark.worth_checking(seen, doc, set()):
+                    return
+                planned = plan_sessions(
+                    [ctx.desired],
+                    {inst.name: inst},
+                    doc,
+                    now(),
+                    owner=seen.owner,
+                    claimed={name: inst},
+                    only_files=group.only_files,
+                )
+            (splan,) = planned.sessions
+            if planned.errors or not splan.changes or not _early_work(splan):
+                return
+        except errors.UkcError:
+            return  # the round after looks again, and reports it
+        ex = executor_for(seen, executor.slots)
+        ex.in_flight = executor.in_flight
+        firsts[name] = (splan, ex.run_session(splan))
+
     finished = _run_sessions(
         executor,
         work,
         concurrency,
         stop,
         reporter,
-        meanwhile=lambda sessions_done: scan_ahead(group, only, until=sessions_done),
+        meanwhile=lambda sessions_done: scan_ahead(
+            group, only, until=lambda: begun.is_set() or sessions_done(), scanned=scanned.set
+        ),
+        then=first_round,
     )
     # a session whose instance existed after all did nothing here: the round plans it whole
     left = {o.session for o in finished if o.deferred}
@@ -677,7 +767,21 @@ def _create_ahead(
     if not work:
         return None
     obs.desired = [d for d in desired if d.name not in left]
-    return obs, dataclasses.replace(plan, sessions=tuple(work)), finished
+    return (
+        obs,
+        dataclasses.replace(plan, sessions=tuple(work)),
+        finished,
+        [firsts[s.session] for s in work if s.session in firsts],
+    )
+
+
+def _early_work(splan: actions.SessionPlan) -> bool:
+    """Work on an instance that is up, and nothing else."""
+    return all(
+        isinstance(a, (actions.SyncUp, actions.RunCommand, actions.SyncBack, actions.SetAutokill))
+        or (isinstance(a, actions.WaitReady) and not a.wake)
+        for a in splan.actions
+    )
 
 
 def _joined(ahead: actions.Plan, plan: actions.Plan) -> actions.Plan:
@@ -726,6 +830,7 @@ def _run_sessions(
     stop: StopFlag,
     reporter: Reporter,
     meanwhile: Callable[[Callable[[], bool]], None] | None = None,
+    then: Callable[[SessionOutcome], None] | None = None,
 ) -> list[SessionOutcome]:
     """Run the sessions' plans on up to `concurrency` worker threads; their outcomes in order.
     `meanwhile(done)` runs on this thread while they work (`done()`: all of them ended).
@@ -757,7 +862,10 @@ def _run_sessions(
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(executor.run_session(splan))
+                outcome = executor.run_session(splan)
+                if then is not None:
+                    then(outcome)
+                future.set_result(outcome)
             except BaseException as err:  # handed to the waiting main thread
                 future.set_exception(err)
 

@@ -38,6 +38,7 @@ from reconciler.sync.options import SyncOptions
 __all__ = [
     "Listing",
     "Observation",
+    "answered_listing",
     "observe",
     "observe_quotas",
     "observe_volumes",
@@ -180,21 +181,27 @@ def _unlisted() -> Instance | None:
 
 
 def scan_ahead(
-    group: Group, only: set[str] | None = None, *, until: Callable[[], bool] = lambda: False
+    group: Group,
+    only: set[str] | None = None,
+    *,
+    until: Callable[[], bool] = lambda: False,
+    scanned: Callable[[], None] = lambda: None,
 ) -> None:
     """Scan the sessions' trees for an observation to come, whose own scan then re-stats
     only what changed since (the apply's change feeds); then, until `until()` (the sessions'
     sandboxes answer), digest the big files their first push digests as it sends them.
     Reads only (the index is appended to); a scan that fails is that observation's to
-    report: it scans again."""
-    scanned: list[tuple[SyncOptions, list[tuple[str, int, int]]]] = []
+    report: it scans again. `scanned()` is called once every tree was scanned (before the
+    digests), whether or not the scans failed."""
+    found: list[tuple[SyncOptions, list[tuple[str, int, int]]]] = []
     for loaded in group.sessions:
         if only is None or loaded.spec.name in only:
             opts = sync_options_for(group, loaded)
             with contextlib.suppress(Exception):
-                scanned.append((opts, _big_files(sync_engine.scan_local(opts), until)))
+                found.append((opts, _big_files(sync_engine.scan_local(opts), until)))
+    scanned()
     with contextlib.suppress(Exception):
-        sync_engine.digest_ahead(scanned, until)
+        sync_engine.digest_ahead(found, until)
 
 
 def _big_files(
@@ -214,6 +221,17 @@ def start_listing(
     return listing
 
 
+def answered_listing(
+    group: Group, doc: StatusDoc, metros: MetroRegistry, project: str, session: str, read: Instance
+) -> Listing:
+    """The list an `observe` of `session` alone takes when `read` is what the platform just
+    answered for its instance (a wait until it was up): ended, and never sent."""
+    wanted = _wanted(group, {session})
+    listing = Listing(group, doc, metros, project, wanted)
+    listing.answered(metro_label(wanted[0].spec.metro), read)
+    return listing
+
+
 def _wanted(group: Group, only: set[str] | None) -> list[LoadedSession]:
     return [loaded for loaded in group.sessions if only is None or loaded.spec.name in only]
 
@@ -221,6 +239,8 @@ def _wanted(group: Group, only: set[str] | None) -> list[LoadedSession]:
 #: what the list found: instances by name, by the session they claim, the metro of each
 #: session, and the uuids of instances on their way out
 _Found = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], frozenset[str]]
+#: ... as it is being filled
+_Finding = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], set[str]]
 
 
 class Listing:
@@ -286,10 +306,7 @@ class Listing:
             self._hinted.set()
 
     def _list(self) -> _Found:
-        dying: set[str] = set()
-        instances: dict[str, Instance] = {}
-        claimed: dict[str, Instance] = {}
-        metro_of: dict[str, str] = {}
+        found: _Finding = ({}, {}, {}, set())
         for metro in sorted(self._used | set(self._recorded)):
             try:
                 conn = self._metros.get(metro)
@@ -302,17 +319,35 @@ class Listing:
                     f"{self._group.status_path}: session {self._recorded[metro]!r} was "
                     f"recorded on a metro ukc will not use: {err}"
                 ) from None
-            for inst in conn.api.list_instances([f"ukc.project={self._project}"]):
-                session = identity.session_from_tags(inst.tags, self._project)
-                if session is None:
-                    continue  # not even claimed by a session of this project
-                if inst.uuid in self._deleted:
-                    dying.add(inst.uuid)
-                    continue
-                instances[inst.name] = inst
-                claimed[session] = inst
-                metro_of[session] = metro
-        return instances, claimed, metro_of, frozenset(dying)
+            self._sort(conn.api.list_instances([f"ukc.project={self._project}"]), metro, found)
+        return found[0], found[1], found[2], frozenset(found[3])
+
+    def _sort(
+        self,
+        listed: Iterable[Instance],
+        metro: str,
+        found: _Finding,
+    ) -> None:
+        instances, claimed, metro_of, dying = found
+        for inst in listed:
+            session = identity.session_from_tags(inst.tags, self._project)
+            if session is None:
+                continue  # not even claimed by a session of this project
+            if inst.uuid in self._deleted:
+                dying.add(inst.uuid)
+                continue
+            instances[inst.name] = inst
+            claimed[session] = inst
+            metro_of[session] = metro
+
+    def answered(self, metro: str, read: Instance) -> None:
+        """End this list, unsent, with what a read of one instance on `metro` just found (the
+        look of one session whose instance was just waited for until up: no list request)."""
+        found: _Finding = ({}, {}, {}, set())
+        self._sort([read], metro, found)
+        self._found = found[0], found[1], found[2], frozenset(found[3])
+        self._done.set()
+        self._hinted.set()
 
     def wait(self) -> None:
         self._done.wait()
