@@ -310,6 +310,8 @@ def apply_group(
         ran: set[tuple[str, str]] = set()
         #: what each session's executors did in this apply (its record reports all of it)
         worked: dict[str, Worked] = {}
+        #: big files' block digests made while the sandboxes boot, taken by the pushes
+        ahead = sync_engine.DigestsAhead()
 
         def executor_for(seen: Observation) -> Executor:
             """An executor of one pass (the instances made ahead, or a round) over what it
@@ -328,6 +330,7 @@ def apply_group(
                 committer=committer,
                 slots=threading.BoundedSemaphore(max(1, concurrency)),
                 worked=worked,
+                ahead=ahead,
             )
 
         #: sessions whose sandbox journal was read in this run (once is enough)
@@ -668,7 +671,9 @@ def _create_ahead(
         concurrency,
         stop,
         reporter,
-        meanwhile=lambda sessions_done: scan_ahead(group, only, until=sessions_done),
+        meanwhile=lambda sessions_done: scan_ahead(
+            group, only, until=sessions_done, ahead=executor.ahead
+        ),
     )
     # a session whose instance existed after all did nothing here: the round plans it whole
     left = {o.session for o in finished if o.deferred}

@@ -180,11 +180,16 @@ def _unlisted() -> Instance | None:
 
 
 def scan_ahead(
-    group: Group, only: set[str] | None = None, *, until: Callable[[], bool] = lambda: False
+    group: Group,
+    only: set[str] | None = None,
+    *,
+    until: Callable[[], bool] = lambda: False,
+    ahead: sync_engine.DigestsAhead | None = None,
 ) -> None:
     """Scan the sessions' trees for an observation to come, whose own scan then re-stats
     only what changed since (the apply's change feeds); then, until `until()` (the sessions'
-    sandboxes answer), digest the big files their first push digests as it sends them.
+    sandboxes answer), digest into `ahead` the big files their first push digests as it
+    sends them (the pushes given `ahead` take them).
     Reads only (the index is appended to); a scan that fails is that observation's to
     report: it scans again."""
     scanned: list[tuple[SyncOptions, list[tuple[str, int, int]]]] = []
@@ -192,9 +197,12 @@ def scan_ahead(
         if only is None or loaded.spec.name in only:
             opts = sync_options_for(group, loaded)
             with contextlib.suppress(Exception):
-                scanned.append((opts, _big_files(sync_engine.scan_local(opts), until)))
-    with contextlib.suppress(Exception):
-        sync_engine.digest_ahead(scanned, until)
+                manifest = sync_engine.scan_local(opts)
+                if ahead is not None:
+                    scanned.append((opts, _big_files(manifest, until)))
+    if ahead is not None:
+        with contextlib.suppress(Exception):
+            sync_engine.digest_ahead(ahead, scanned, until)
 
 
 def _big_files(
