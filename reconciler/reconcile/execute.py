@@ -142,6 +142,7 @@ class Executor:
         committer: journal.Committer | None = None,
         slots: threading.Semaphore | None = None,
         worked: dict[str, Worked] | None = None,
+        ahead: sync_engine.DigestsAhead | None = None,
     ) -> None:
         self.group = group
         self.doc = doc
@@ -176,6 +177,8 @@ class Executor:
         self.in_flight: dict[str, actions.Action] = {}
         #: what each session's executors did in this apply (shared with the others)
         self.worked = worked if worked is not None else {}
+        #: big files' block digests made while this apply's sandboxes booted, for its pushes
+        self.ahead = ahead
 
     # -- journal ---------------------------------------------------------------------------
 
@@ -801,7 +804,11 @@ class Executor:
 
         def push(shell: RemoteShell) -> sync_engine.PushResult:
             return sync_engine.push(
-                shell, ctx.sync_options, instance_uuid=inst.uuid, local=ctx.manifest
+                shell,
+                ctx.sync_options,
+                instance_uuid=inst.uuid,
+                local=ctx.manifest,
+                ahead=self.ahead,
             )
 
         try:

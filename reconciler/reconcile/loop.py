@@ -311,6 +311,8 @@ def apply_group(
         ran: set[tuple[str, str]] = set()
         #: what each session's executors did in this apply (its record reports all of it)
         worked: dict[str, Worked] = {}
+        #: big files' block digests made while the sandboxes boot, taken by the pushes
+        ahead = sync_engine.DigestsAhead()
 
         def executor_for(seen: Observation, slots: threading.Semaphore | None = None) -> Executor:
             """An executor of one pass (the instances made ahead, or a round) over what it
@@ -329,6 +331,7 @@ def apply_group(
                 committer=committer,
                 slots=slots or threading.BoundedSemaphore(max(1, concurrency)),
                 worked=worked,
+                ahead=ahead,
             )
 
         #: sessions whose sandbox journal was read in this run (once is enough)
@@ -756,7 +759,11 @@ def _create_ahead(
         stop,
         reporter,
         meanwhile=lambda sessions_done: scan_ahead(
-            group, only, until=lambda: begun.is_set() or sessions_done(), scanned=scanned.set
+            group,
+            only,
+            until=lambda: begun.is_set() or sessions_done(),
+            ahead=executor.ahead,
+            scanned=scanned.set,
         ),
         then=first_round,
     )

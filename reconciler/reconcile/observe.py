@@ -185,11 +185,13 @@ def scan_ahead(
     only: set[str] | None = None,
     *,
     until: Callable[[], bool] = lambda: False,
+    ahead: sync_engine.DigestsAhead | None = None,
     scanned: Callable[[], None] = lambda: None,
 ) -> None:
     """Scan the sessions' trees for an observation to come, whose own scan then re-stats
     only what changed since (the apply's change feeds); then, until `until()` (the sessions'
-    sandboxes answer), digest the big files their first push digests as it sends them.
+    sandboxes answer), digest into `ahead` the big files their first push digests as it
+    sends them (the pushes given `ahead` take them).
     Reads only (the index is appended to); a scan that fails is that observation's to
     report: it scans again. `scanned()` is called once every tree was scanned (before the
     digests), whether or not the scans failed."""
@@ -198,10 +200,13 @@ def scan_ahead(
         if only is None or loaded.spec.name in only:
             opts = sync_options_for(group, loaded)
             with contextlib.suppress(Exception):
-                found.append((opts, _big_files(sync_engine.scan_local(opts), until)))
+                manifest = sync_engine.scan_local(opts)
+                if ahead is not None:
+                    found.append((opts, _big_files(manifest, until)))
     scanned()
-    with contextlib.suppress(Exception):
-        sync_engine.digest_ahead(found, until)
+    if ahead is not None:
+        with contextlib.suppress(Exception):
+            sync_engine.digest_ahead(ahead, found, until)
 
 
 def _big_files(

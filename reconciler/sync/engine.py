@@ -25,11 +25,12 @@ from reconciler.sync.manifest import (
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.pull import PullResult, pull, pull_record, pulled_paths
 from reconciler.sync.pullrecord import pull_meta
-from reconciler.sync.push import PushResult, big_files
+from reconciler.sync.push import DigestsAhead, PushResult, big_files
 from reconciler.sync.remote import HelperSession, helper_command
 from reconciler.transport.base import RemoteShell
 
 __all__ = [
+    "DigestsAhead",
     "Manifest",
     "PullPlan",
     "PullResult",
@@ -71,15 +72,17 @@ def push(
     instance_uuid: str,
     local: Manifest | None = None,
     rules: IgnoreRules | None = None,
+    ahead: DigestsAhead | None = None,
 ) -> PushResult:
     """Sync the local tree to the sandbox over the path its image allows (`capability`):
     the python helper, or shell+tar once the instance is known to have no usable python3
-    (learned from the helper's own failure to start, then recorded)."""
+    (learned from the helper's own failure to start, then recorded). `ahead`: big files'
+    block digests made while the sandbox booted (`digest_ahead`), for the python path."""
     if recorded_tools(opts, instance_uuid) == "shell":
         return tarpush.push(shell, opts, instance_uuid=instance_uuid, local=local, rules=rules)
     try:
         result = python_push.push(
-            shell, opts, instance_uuid=instance_uuid, local=local, rules=rules
+            shell, opts, instance_uuid=instance_uuid, local=local, rules=rules, ahead=ahead
         )
     except Exception as exc:
         if not is_missing_interpreter(exc, opts):
@@ -105,11 +108,14 @@ def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) ->
 
 
 def digest_ahead(
-    trees: list[tuple[SyncOptions, list[tuple[str, int, int]]]], stop: Callable[[], bool]
+    ahead: DigestsAhead,
+    trees: list[tuple[SyncOptions, list[tuple[str, int, int]]]],
+    stop: Callable[[], bool],
 ) -> None:
-    """Digest now what the next pushes of these trees digest as they send these files (a
-    first push's big files, `big_files`), while the sandboxes boot: `push.digest_ahead`."""
-    python_push.digest_ahead(((opts.local_root, files) for opts, files in trees), stop)
+    """Digest into `ahead` now what the next pushes of these trees digest as they send these
+    files (a first push's big files, `big_files`), while the sandboxes boot: the pushes given
+    `ahead` take them (`DigestsAhead.make`)."""
+    ahead.make(((opts.local_root, files) for opts, files in trees), stop)
 
 
 def start_pull_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:

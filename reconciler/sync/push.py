@@ -43,9 +43,9 @@ from reconciler.transport.base import RemoteShell
 __all__ = [
     "MAX_REMOTE_ONLY",
     "MAX_REMOTE_ONLY_CHARS",
+    "DigestsAhead",
     "PushResult",
     "big_files",
-    "digest_ahead",
     "greet",
     "push",
     "read_remote_scan",
@@ -148,13 +148,6 @@ BATCH_FILES = 512
 BATCH_BYTES = 1 << 20
 
 
-#: block digests of big files computed ahead of their push (`digest_ahead`), by (file path,
-#: size, mtime_ns): a push that sends such a file whole takes them instead of digesting what
-#: it sends
-_AHEAD: dict[tuple[str, int, int], bytes] = {}
-_AHEAD_LOCK = threading.Lock()
-
-
 def big_files(local: Manifest) -> list[tuple[str, int, int]]:
     """The files of `local` a first push digests while it sends them: path, size, mtime."""
     return [
@@ -164,51 +157,66 @@ def big_files(local: Manifest) -> list[tuple[str, int, int]]:
     ]
 
 
-def digest_ahead(
-    trees: Iterable[tuple[Path, Iterable[tuple[str, int, int]]]], stop: Callable[[], bool]
-) -> None:
-    """The block digests the next pushes from these roots compute while they send these files
-    whole, now (while the sandboxes boot and this side waits): the pushes take them
-    (`_take_ahead`). What an earlier call left is dropped. A file that is not the scanned one
-    is skipped; `stop()` is asked between blocks (once the pushes may begin, they digest the
-    rest themselves, as without this)."""
-    with _AHEAD_LOCK:
-        _AHEAD.clear()
-    for root, files in trees:
-        _digest_tree(os.path.join(root, ""), files, stop)
+class DigestsAhead:
+    """Block digests of big files computed ahead of their push (`make`), by (file path, size,
+    mtime_ns): a push that sends such a file whole takes them (`take`) instead of digesting
+    what it sends. One per apply: made while its sandboxes boot, taken by its pushes (threads
+    of their own, hence the lock)."""
 
+    def __init__(self) -> None:
+        self._got: dict[tuple[str, int, int], bytes] = {}
+        self._lock = threading.Lock()
 
-def _digest_tree(
-    prefix: str, files: Iterable[tuple[str, int, int]], stop: Callable[[], bool]
-) -> None:
-    for path, size, mtime_ns in files:
-        try:
-            fd = os.open(prefix + path, READ_FLAGS)
-        except OSError:
-            continue
-        try:
-            if not _scanned(fd, size, mtime_ns):
+    def make(
+        self,
+        trees: Iterable[tuple[Path, Iterable[tuple[str, int, int]]]],
+        stop: Callable[[], bool],
+    ) -> None:
+        """The block digests the next pushes from these roots compute while they send these
+        files whole, now (while the sandboxes boot and this side waits). What an earlier call
+        left is dropped. A file that is not the scanned one is skipped; `stop()` is asked
+        between blocks (once the pushes may begin, they digest the rest themselves, as
+        without this)."""
+        with self._lock:
+            self._got.clear()
+        for root, files in trees:
+            self._digest_tree(os.path.join(root, ""), files, stop)
+
+    def take(self, file: str, size: int, mtime_ns: int) -> bytes | None:
+        with self._lock:
+            return self._got.pop((file, size, mtime_ns), None)
+
+    def files(self) -> list[tuple[str, int, int]]:
+        """What is held now: (file path, size, mtime_ns) each."""
+        with self._lock:
+            return list(self._got)
+
+    def _digest_tree(
+        self, prefix: str, files: Iterable[tuple[str, int, int]], stop: Callable[[], bool]
+    ) -> None:
+        for path, size, mtime_ns in files:
+            try:
+                fd = os.open(prefix + path, READ_FLAGS)
+            except OSError:
                 continue
-            got = blockdigests.digests_until(fd, size, stop)
-            if got is None:
-                return
-            if _scanned(fd, size, mtime_ns):
-                with _AHEAD_LOCK:
-                    _AHEAD[(prefix + path, size, mtime_ns)] = got
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
+            try:
+                if not _scanned(fd, size, mtime_ns):
+                    continue
+                got = blockdigests.digests_until(fd, size, stop)
+                if got is None:
+                    return
+                if _scanned(fd, size, mtime_ns):
+                    with self._lock:
+                        self._got[(prefix + path, size, mtime_ns)] = got
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
 
 
 def _scanned(fd: int, size: int, mtime_ns: int) -> bool:
     st = os.fstat(fd)
     return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
-
-
-def _take_ahead(file: str, size: int, mtime_ns: int) -> bytes | None:
-    with _AHEAD_LOCK:
-        return _AHEAD.pop((file, size, mtime_ns), None)
 
 
 #: block digests of remote files read after the small files went out only up to this many
@@ -226,8 +234,10 @@ class _Sender:
         root: Path,
         previous: Manifest,
         state_dir: Path,
+        ahead: DigestsAhead | None = None,
     ) -> None:
         self.s = session
+        self.ahead = ahead
         self.local = local
         self.root = root
         #: joined by string concatenation (a `Path` join per file cost more than its read)
@@ -461,7 +471,8 @@ class _Sender:
                 if e.size >= DELTA_MIN and mine is None:
                     # for the next edit of this file: digested while the sandbox booted, else
                     # as it is sent
-                    mine = _take_ahead(self.prefix + path, e.size, e.mtime_ns) if intact else None
+                    if intact and self.ahead is not None:
+                        mine = self.ahead.take(self.prefix + path, e.size, e.mtime_ns)
                     if mine is None:
                         digester = blockdigests.Digester()
             header.update(path=path, size=e.size, mode=e.mode, mtime_ns=e.mtime_ns)
@@ -550,8 +561,10 @@ def push(
     instance_uuid: str,
     local: Manifest | None = None,
     rules: IgnoreRules | None = None,
+    ahead: DigestsAhead | None = None,
 ) -> PushResult:
-    """Sync the local tree to the sandbox. Raises `SyncHaltedError` (guards) or `SyncError`."""
+    """Sync the local tree to the sandbox. Raises `SyncHaltedError` (guards) or `SyncError`.
+    `ahead`: big files' block digests made ahead of this push (it takes those it uses)."""
     rules = rules if rules is not None else load_rules(opts)
     if not Path(opts.local_root).is_dir():
         scan_local(opts, rules)  # raises the missing-root guard before any remote contact
@@ -576,7 +589,7 @@ def push(
         last = push_meta(opts)
         if hello is None:
             hello = s.read_hello(1 << 16)
-        result, delta, changed = _push(s, opts, rules, local, last, hello, instance_uuid)
+        result, delta, changed = _push(s, opts, rules, local, last, hello, instance_uuid, ahead)
     except BaseException:
         s.close(abort=True)
         raise
@@ -624,6 +637,7 @@ def _push(
     last: dict[str, Any] | None,
     hello: Any,
     instance_uuid: str,
+    ahead: DigestsAhead | None = None,
 ) -> tuple[PushResult, Basis | None, bool]:
     """The push after hello: (result, the state the record takes a delta from, whether
     anything was done that the record must show)."""
@@ -650,7 +664,9 @@ def _push(
     result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
     if plan.empty and not scanned:
         return result, delta, False  # our record already describes this tree
-    result.deleted = _apply(s, plan, local, previous, opts, rules, instance_uuid, boot_id, result)
+    result.deleted = _apply(
+        s, plan, local, previous, opts, rules, instance_uuid, boot_id, result, ahead
+    )
     return result, delta, True
 
 
@@ -727,9 +743,10 @@ def _apply(
     instance_uuid: str,
     boot_id: str,
     result: PushResult,
+    ahead: DigestsAhead | None = None,
 ) -> int:
     root = Path(opts.local_root)
-    sender = _Sender(s, local, root, previous, Path(opts.state_dir))
+    sender = _Sender(s, local, root, previous, Path(opts.state_dir), ahead)
     sender.prepare_delta(plan.uploads)
     s.send({"op": "unrecord"})
     replaced = frozenset(plan.replaces)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.reconcile.observe import scan_ahead
-from reconciler.sync import push
+from reconciler.sync.engine import DigestsAhead
 
 
 def _group(tmp_path: Path) -> Group:
@@ -23,21 +23,22 @@ def _group(tmp_path: Path) -> Group:
     return group
 
 
-def _digested() -> list[str]:
-    with push._AHEAD_LOCK:
-        return sorted(Path(file).name for file, _size, _mtime in push._AHEAD)
+def _digested(ahead: DigestsAhead) -> list[str]:
+    return sorted(Path(file).name for file, _size, _mtime in ahead.files())
 
 
 def test_the_big_files_are_digested_while_the_sandboxes_do_not_answer_yet(
     tmp_path: Path,
 ) -> None:
-    scan_ahead(_group(tmp_path), until=lambda: False)
-    assert _digested() == ["big.bin"]
+    ahead = DigestsAhead()
+    scan_ahead(_group(tmp_path), until=lambda: False, ahead=ahead)
+    assert _digested(ahead) == ["big.bin"]
 
 
 def test_nothing_is_digested_once_the_sandboxes_answer(tmp_path: Path) -> None:
     group = _group(tmp_path)
-    scan_ahead(group, until=lambda: False)  # an earlier apply's digests are not kept
-    scan_ahead(group, until=lambda: True)
-    assert _digested() == []
+    ahead = DigestsAhead()
+    scan_ahead(group, until=lambda: False, ahead=ahead)  # an earlier pass's are not kept
+    scan_ahead(group, until=lambda: True, ahead=ahead)
+    assert _digested(ahead) == []
     assert any((tmp_path / ".ukc").rglob("index*"))  # the scan itself was made

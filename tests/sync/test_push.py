@@ -12,8 +12,8 @@ import pytest
 
 from reconciler.errors import SyncError, SyncHaltedError
 from reconciler.sync import blockdigests
-from reconciler.sync import push as push_module
 from reconciler.sync.engine import (
+    DigestsAhead,
     big_files,
     digest_ahead,
     forget,
@@ -404,11 +404,7 @@ class TestRememberedDigests:
 
 class TestDigestedAhead:
     """A first push digests its big files as it sends them (for the next edit's delta); the
-    same digests can be made while the sandbox boots, and the push then takes them."""
-
-    def _ahead(self) -> dict[tuple[str, int, int], bytes]:
-        with push_module._AHEAD_LOCK:
-            return dict(push_module._AHEAD)
+    same digests can be made while the sandbox boots, and the push given them takes them."""
 
     def _digests(self, path: Path) -> bytes:
         with open(path, "rb") as f:
@@ -421,22 +417,32 @@ class TestDigestedAhead:
         write(site.local / "small.txt", "s")
         files = big_files(scan_local(site.opts()))
         assert files == [("big.bin", 3 << 20, big.stat().st_mtime_ns)]
-        digest_ahead([(site.opts(), files)], lambda: False)
-        assert list(self._ahead().values()) == [self._digests(big)]
-        push(site.shell, site.opts(), instance_uuid="u1")
-        assert self._ahead() == {}  # the push took them
+        ahead = DigestsAhead()
+        digest_ahead(ahead, [(site.opts(), files)], lambda: False)
+        [held] = ahead.files()
+        assert held == (str(big), 3 << 20, big.stat().st_mtime_ns)
+        push(site.shell, site.opts(), instance_uuid="u1", ahead=ahead)
+        assert ahead.files() == []  # the push took them
         sha = hashlib.sha256(big.read_bytes()).hexdigest()
         assert blockdigests.load(site.state) == {sha: self._digests(big)}
         assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_a_push_not_given_the_digests_made_ahead_leaves_them(self, site: Site) -> None:
+        big = write(site.local / "big.bin", os.urandom(2 << 20))
+        ahead = DigestsAhead()
+        digest_ahead(ahead, [(site.opts(), big_files(scan_local(site.opts())))], lambda: False)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        assert [file for file, _, _ in ahead.files()] == [str(big)]
 
     def test_a_big_file_changed_after_it_was_digested_ahead_is_digested_as_it_is_sent(
         self, site: Site
     ) -> None:
         big = write(site.local / "big.bin", os.urandom(2 << 20))
-        digest_ahead([(site.opts(), big_files(scan_local(site.opts())))], lambda: False)
+        ahead = DigestsAhead()
+        digest_ahead(ahead, [(site.opts(), big_files(scan_local(site.opts())))], lambda: False)
         _edit(big, 1 << 20, b"edited after")
         os.utime(big, ns=(big.stat().st_atime_ns, big.stat().st_mtime_ns + 1_000_000))
-        push(site.shell, site.opts(), instance_uuid="u1")
+        push(site.shell, site.opts(), instance_uuid="u1", ahead=ahead)
         sha = hashlib.sha256(big.read_bytes()).hexdigest()
         assert blockdigests.load(site.state) == {sha: self._digests(big)}
         assert snapshot(site.remote) == snapshot(site.local)
@@ -449,10 +455,19 @@ class TestDigestedAhead:
             asked.append(1)
             return len(asked) > 2  # two blocks digested, then the push may begin
 
-        digest_ahead([(site.opts(), big_files(scan_local(site.opts())))], stop)
-        assert self._ahead() == {}
-        push(site.shell, site.opts(), instance_uuid="u1")
+        ahead = DigestsAhead()
+        digest_ahead(ahead, [(site.opts(), big_files(scan_local(site.opts())))], stop)
+        assert ahead.files() == []
+        push(site.shell, site.opts(), instance_uuid="u1", ahead=ahead)
         assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_digesting_again_drops_what_an_earlier_call_left(self, site: Site) -> None:
+        write(site.local / "big.bin", os.urandom(2 << 20))
+        ahead = DigestsAhead()
+        files = big_files(scan_local(site.opts()))
+        digest_ahead(ahead, [(site.opts(), files)], lambda: False)
+        digest_ahead(ahead, [(site.opts(), files)], lambda: True)
+        assert ahead.files() == []
 
 
 class TestWriteThreads:
