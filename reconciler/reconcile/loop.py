@@ -663,7 +663,15 @@ def _create_ahead(
     why the look does not wait for the list: the create is the first step of the longest
     path (boot, sshd, key); the records say which sessions have no instance, and a create
     whose name is taken after all changes nothing and is left to the round's list
-    (`CreateInstance.unlisted`)."""
+    (`CreateInstance.unlisted`).
+
+    Each session made and up has its first round at once, on its own thread, once the trees
+    are scanned (the last of the pairs returned: those plans and outcomes): it looks at its
+    tree again and at its instance as the platform answered its wait, is planned alone (the
+    pure planner), and runs only work on that instance (sync, commands). why: in a fan-out
+    the first instances are up a second before the last; their sync and commands ran only
+    once all were. Anything else its plan holds (a create, a wake, a refusal, a boot to
+    check) is left to the round over all sessions, which looks at everything again."""
 
     def look(listed: bool) -> tuple[Observation, actions.Plan, list[actions.SessionPlan]]:
         seen = observe(
@@ -749,6 +757,7 @@ def _create_ahead(
         except errors.UkcError:
             return  # the round after looks again, and reports it
         ex = executor_for(seen, executor.slots)
+        # one view of what is in flight, for Ctrl-C (`_say_interrupt`, `unfinished`)
         ex.in_flight = executor.in_flight
         firsts[name] = (splan, ex.run_session(splan))
 
