@@ -114,6 +114,11 @@ class LocalProcess:
         self.close_stdin()
         if self._popen.stdout is not None:
             self._popen.stdout.close()
+        # stderr once its drain has read the end (closing it under a blocked read could hand
+        # the descriptor's number to another file while the read still waits on it)
+        self._drain.join(timeout=1)
+        if self._popen.stderr is not None and not self._drain.is_alive():
+            self._popen.stderr.close()
 
 
 class LocalShell:

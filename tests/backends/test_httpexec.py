@@ -70,6 +70,7 @@ def exec_front(test_ca: CaFiles) -> Iterator[TlsForwarder]:
     yield fwd
     fwd.stop()
     server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ def front(test_ca: CaFiles) -> Iterator[TlsForwarder]:
     finally:
         fwd.stop()
         server.shutdown()
+        server.server_close()
 
 
 def environ_for(url: str, **extra: str) -> dict[str, str]:

@@ -131,6 +131,10 @@ class TlsForwarder:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        # what stop() ends: a handler's pipes not yet started when the loop stopped were
+        # garbage then ("coroutine never awaited"), its sockets unclosed
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     def start(self) -> TlsForwarder:
         self._thread.start()
@@ -146,11 +150,23 @@ class TlsForwarder:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self._writers.add(writer)
+        try:
+            await self._forward(reader, writer)
+        finally:
+            self._handlers.discard(task)
+            self._writers.discard(writer)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
-            writer.close()
+            await _closed(writer)
             return
+        self._writers.add(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -162,20 +178,38 @@ class TlsForwarder:
             except (OSError, ssl.SSLError):
                 pass
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        for w in (writer, up_writer):
-            with contextlib.suppress(OSError, ssl.SSLError):
-                w.close()
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._writers.discard(up_writer)
+            await _closed(writer)
+            await _closed(up_writer)
 
     def stop(self) -> None:
+        """Stop listening, cut every forwarded connection, let the handlers end, close the loop."""
+
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=5)
+            if self._server is not None:
+                await self._server.wait_closed()
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
 
 
 def free_port() -> int:
@@ -231,14 +265,17 @@ def running_sshd(cfg: Path, extra_config: str = "") -> Iterator[Sshd]:
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf), "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(cfg / "sshd.log", "wb"),  # noqa: SIM115 - kept open for the process
-    )
-    try:
-        wait_port(port)
-        yield Sshd(port, host_key, client_key, current_user())
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with (
+        open(cfg / "sshd.log", "wb") as log,
+        subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf), "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        ) as proc,
+    ):
+        try:
+            wait_port(port)
+            yield Sshd(port, host_key, client_key, current_user())
+        finally:
+            proc.terminate()
+            proc.wait(10)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from reconciler.transport.local_shell import LocalShell
@@ -46,3 +48,21 @@ def test_commands_started_are_counted() -> None:
     shell.start("true").wait(5)
     assert shell.started == ["true", "true"]
     shell.close()
+
+
+def test_a_killed_process_leaves_none_of_its_pipes_open_here() -> None:
+    """A shell that starts commands all day (the sync tests' stand-in for SSH) must not leak a
+    descriptor per command."""
+
+    def open_fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    shell = LocalShell()
+    before = open_fds()
+    for _ in range(5):
+        proc = shell.start("echo out; echo err >&2")
+        proc.close_stdin()
+        assert proc.wait(10) == 0
+        proc.kill()
+    shell.close()
+    assert open_fds() - before == set()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Coroutine
+from typing import Any
 
 __all__ = ["Transitions"]
 
@@ -21,16 +22,15 @@ class Transitions:
         self._tasks: set[asyncio.Task[None]] = set()
         self._teardowns: set[asyncio.Task[None]] = set()
 
-    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
-        async def run() -> None:
-            await coro
-
-        task = asyncio.get_running_loop().create_task(run())
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # the coroutine itself is the task: one cancelled before its first step is closed by
+        # the cancel (a wrapper around it would leave it never awaited)
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def spawn_teardown(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+    def spawn_teardown(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A task that `close` waits for and never cancels."""
         task = self.spawn(coro)
         self._teardowns.add(task)
