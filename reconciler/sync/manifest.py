@@ -27,6 +27,7 @@ import operator
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -346,6 +347,10 @@ class _Scan:
         self.seen: set[str] = set()
         #: directories to walk afresh whatever the index says
         self.forced: set[str] = set()
+        #: big files hashed on a thread beside the walk (`_hash_big`), entered here with no
+        #: sha256 yet: (path, the entry whose ref `finish` fills in, its hash to come)
+        self.hashing: list[tuple[str, Entry, Future[str]]] = []
+        self.hasher: ThreadPoolExecutor | None = None
 
     def note(self, rel: str, e: Entry | None, was: Entry | None) -> None:
         self.changed.append(rel)
@@ -491,12 +496,21 @@ class _Scan:
                     else _hash_on(fd, hashlib.sha256(data))
                 )
             else:
-                digest = hash_file(fd, size)
+                # why a thread: hashlib and the reads release the GIL, so a big file's
+                # sha256 (~5 ms per 8 MiB) runs on the other core while the walk goes on
+                if self.hasher is None:
+                    self.hasher = ThreadPoolExecutor(1, "ukc-scan-hash")
+                pending = self.hasher.submit(_hash_big, fd)
+                fd = -1  # the thread closes it
+                digest = ""
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         e = _new_entry(
             ("f", _SHARED(size, size), fst.st_mtime_ns, SHARED_INTS[fst.st_mode & 0o7777], digest)
         )
+        if not digest:
+            self.hashing.append((rel, e, pending))
         self.entries[rel] = e
         self.inos[rel] = fst.st_ino
         self.changed.append(rel)
@@ -507,6 +521,24 @@ class _Scan:
             self.hint = None
             call()
         return True
+
+    def finish(self) -> None:
+        """Wait for the big files' hashes and put them in their entries (those the walk did
+        not drop since). A read that failed on the thread raises here, as it would inline."""
+        try:
+            for rel, e, pending in self.hashing:
+                digest = pending.result()
+                if self.entries.get(rel) is e:
+                    self.entries[rel] = e._replace(ref=digest)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Stop hashing: the thread ends once its files are closed (none is left open)."""
+        if self.hasher is not None:
+            self.hasher.shutdown()
+            self.hasher = None
+        self.hashing = []
 
     def revisit(self, rel: str) -> None:
         """Bring the entry at `rel` (and what is under it) up to date, parents first."""
@@ -546,6 +578,14 @@ class _Scan:
             self.entries.pop(p)
             self.inos.pop(p, None)
             self.changed.append(p)
+
+
+def _hash_big(fd: int) -> str:
+    """sha256 of the open file (on the scan's hashing thread), which it then closes."""
+    try:
+        return hash_file(fd)
+    finally:
+        os.close(fd)
 
 
 def scan_local(
@@ -751,17 +791,23 @@ def _scan(
         changes=changes,
         overlay=trusted and not incremental,
     )
-    if incremental:
-        assert only is not None
-        # and their directories, whose mtimes moved; parents first: a new directory is
-        # walked whole, and its children are then current; "dir/" asks for a walk afresh
-        scan.forced = {p[:-1] for p in only if p.endswith("/")}
-        named = {p.rstrip("/") for p in only}
-        targets = named | {p.rpartition("/")[0] for p in named if "/" in p}
-        for rel in sorted(targets, key=lambda p: (p.count("/"), p)):
-            scan.revisit(rel)
-    else:
-        scan.walk(str(root), "")
+    try:
+        if incremental:
+            assert only is not None
+            # and their directories, whose mtimes moved; parents first: a new directory is
+            # walked whole, and its children are then current; "dir/" asks for a walk afresh
+            scan.forced = {p[:-1] for p in only if p.endswith("/")}
+            named = {p.rstrip("/") for p in only}
+            targets = named | {p.rpartition("/")[0] for p in named if "/" in p}
+            for rel in sorted(targets, key=lambda p: (p.count("/"), p)):
+                scan.revisit(rel)
+        else:
+            scan.walk(str(root), "")
+    except BaseException:
+        scan.abandon()
+        raise
+    scan.finish()
+    if not incremental:
         if scan.unlisted is not None:
             gone = sorted(scan.unlisted)
             scan.unlisted = None

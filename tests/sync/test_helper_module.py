@@ -1098,3 +1098,32 @@ def test_a_puts_batch_too_big_to_read_at_once_is_read_file_by_file(box: Box) -> 
     )
     assert reply["written"] == 2 and (box.root / "b").read_bytes() == big
     assert Reads.most <= helper.CHUNK
+
+
+@pytest.mark.parametrize("empty", [True, False])
+def test_a_puts_file_the_disk_takes_only_in_part_is_an_error_never_a_short_file(
+    box: Box, empty: bool
+) -> None:
+    # a write past the file size limit comes back short, the next one fails with EFBIG
+    # (SIGXFSZ ignored): the file is not kept cut, and the batch's other files land
+    opts = SyncOptions(
+        local_root=box.root,
+        state_dir=box.state,
+        remote_state_dir=str(box.state / "cache"),
+        remote_python=REMOTE_PYTHON,
+    )
+    if not empty:
+        (box.root / "old").write_bytes(b"o")
+    stream = program().payload + _frames(
+        box.hello(), *puts(("big", b"b" * 3000, True), ("fits", b"ok", True)), SYNC
+    )
+    command = f"trap '' XFSZ; ulimit -f 2; {helper_command(opts, cache=False)}"
+    out = subprocess.run(["sh", "-c", command], input=stream, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    answers = Answers(out.stdout)
+    answers.frame()  # hello's
+    reply = answers.frame()
+    assert [e.split(":")[0] for e in reply["errors"]] == ["big"]
+    assert "File too large" in reply["errors"][0]
+    assert (reply["written"], reply["bytes"]) == (1, 2)
+    assert sorted(p.name for p in box.root.iterdir()) == ["fits"] + ([] if empty else ["old"])
