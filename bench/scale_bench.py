@@ -54,7 +54,11 @@ filesystem the files made next would pay for every inode freed in the minute bef
 Prints key=value lines: seconds (medians over runs), ratio_* = ukc / rsync, and for every ukc
 phase the peak RSS and CPU of the ukc process tree (`procmeter`: the launcher plus the child
 the warm process forked for it, VmHWM sampled every 10 ms; `ukc watch` runs in its own
-process). The machine may be shared: compare ratios, not absolutes.
+process). The machine may be shared: compare ratios, not absolutes. The initial phase also
+prints each side's CPU: `rsync_initial_cpu_s` (rsync, ssh and openssl), and
+`*_initial_sandbox_cpu_s` (the metro's processes meanwhile: its TLS edge, the sandbox's relay,
+sshd and the receiver, whose own share is `*_initial_receiver_cpu_s`: rsync's server, ukc's
+sync helper); on two cores the sum of a side's CPU is its floor.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -75,7 +80,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procmeter import rss_of
+from procmeter import KindCpu, rss_of
 from sync_bench import describe_fs, rsync_cmd, timed, wait_rsync_ready
 from treegen import edit_one, gen_scale_tree, scale_files
 from ukcenv import UKC, UkcEnv, session_status
@@ -100,11 +105,15 @@ def rsync_side(
     dst = f"root@{fqdn}:/workspace/"
 
     def rsync(src: str, to: str) -> float:
-        os.sync()  # as before each ukc phase: neither side pays for the other's writeback
         return timed(rsync_cmd(env.metro, key, fqdn, src, to))
 
     wait_rsync_ready(env.metro, key, fqdn)
+    kinds = KindCpu(env.metro_pid)
+    cpu0 = _children_cpu_s()
     out["rsync_initial_s"] = rsync(f"{tree}/", dst)
+    # rsync, ssh and openssl, each reaped by its parent: all in the bench's children's time
+    out["rsync_initial_cpu_s"] = _children_cpu_s() - cpu0
+    out.update(_sandbox_cpu("rsync_initial", kinds.stop(), "command"))
     out["rsync_nochange_s"] = rsync(f"{tree}/", dst)
     edit_one(tree, files, k, "rsync")
     out["rsync_onefile_s"] = rsync(f"{tree}/", dst)
@@ -224,10 +233,13 @@ def ukc_side(
 
         def phase(name: str) -> None:
             os.sync()
+            kinds = KindCpu(env.metro_pid) if name == "initial" else None
             m = env.ukc(["apply", "s.yaml"], proj, cold=a.cold)
             out[f"ukc_{name}_s"] = m.elapsed_s
             out[f"ukc_{name}_rss_mb"] = m.rss_peak_mb
             out[f"ukc_{name}_cpu_s"] = m.cpu_s
+            if kinds is not None:
+                out.update(_sandbox_cpu(f"ukc_{name}", kinds.stop(), "sync-helper"))
 
         phase("initial")
         phase("nochange")
@@ -283,6 +295,20 @@ def ukc_side(
             os.rename(tree / "out", proj / "back-out")
         os.rename(tree, master)
     return out
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _sandbox_cpu(name: str, by_kind: dict[str, float], receiver: str) -> dict[str, float]:
+    """The metro's CPU during a phase (its TLS edge, the sandbox's relay, sshd and the
+    receiving process: all on the same cores as the client), and the receiver's share."""
+    return {
+        f"{name}_sandbox_cpu_s": sum(by_kind.values()),
+        f"{name}_receiver_cpu_s": by_kind.get(receiver, 0.0),
+    }
 
 
 def restart_warm(env: UkcEnv) -> None:

@@ -28,6 +28,7 @@ import os
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -352,17 +353,21 @@ class _Scan:
         #: directories to walk afresh whatever the index says
         self.forced: set[str] = set()
         #: a full walk lists new files (`defer`) and hashes them in batches, with a `hasher`
-        #: process once a batch is full (`share`); `finish` hashes what is left
+        #: process (`child`) once a batch is full (`share`); `finish` hashes what is left
         self.share = False
         self.queue: list[tuple[str, str]] = []
         self.sent: deque[list[tuple[str, str]]] = deque()
-        self.hasher: hasher.Hasher | None = None
+        self.child: hasher.Hasher | None = None
         self.started = False
         self.shared = 0  # files the hasher hashed
         #: the new files hashed in batches (by the hasher or here), and their share of the
         #: tree's digests (`hash_sums`'s four)
         self.summed: set[str] = set()
         self.sums = (0, 0, 0, 0)
+        #: big files hashed on a thread beside the walk (`_hash_big`), entered here with no
+        #: sha256 yet: (path, the entry whose ref `finish` fills in, its hash to come)
+        self.hashing: list[tuple[str, Entry, Future[str]]] = []
+        self.hasher: ThreadPoolExecutor | None = None
 
     def note(self, rel: str, e: Entry | None, was: Entry | None) -> None:
         self.changed.append(rel)
@@ -509,12 +514,21 @@ class _Scan:
                     else _hash_on(fd, hashlib.sha256(data))
                 )
             else:
-                digest = hash_file(fd, size)
+                # why a thread: hashlib and the reads release the GIL, so a big file's
+                # sha256 (~5 ms per 8 MiB) runs on the other core while the walk goes on
+                if self.hasher is None:
+                    self.hasher = ThreadPoolExecutor(1, "ukc-scan-hash")
+                pending = self.hasher.submit(_hash_big, fd)
+                fd = -1  # the thread closes it
+                digest = ""
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         e = _new_entry(
             ("f", _SHARED(size, size), fst.st_mtime_ns, SHARED_INTS[fst.st_mode & 0o7777], digest)
         )
+        if not digest:
+            self.hashing.append((rel, e, pending))
         self.entries[rel] = e
         self.inos[rel] = fst.st_ino
         self.changed.append(rel)
@@ -528,13 +542,9 @@ class _Scan:
 
     def defer(self, rel: str, path: str, was: Entry | None) -> bool:
         """List the new file at `path` to be hashed with its batch (`hash_in`'s place in a
-        full walk): news now (see `note`), its entry once hashed."""
+        full walk): news (see `note`) once the first one is hashed."""
         queue = self.queue
         queue.append((rel, path))
-        call = self.hint
-        if call is not None:
-            self.hint = None
-            call()
         if len(queue) >= _BATCH:
             self.dispatch()
         return True
@@ -542,10 +552,10 @@ class _Scan:
     def dispatch(self) -> None:
         """Hand the full batch to the hasher, or hash it here while the hasher has enough."""
         batch, self.queue = self.queue, []
-        h = self.hasher
+        h = self.child
         if h is None and not self.started:
             self.started = True  # a tree with a batch of new files: worth a second process
-            h = self.hasher = hasher.start(READ_FLAGS, CHUNK, os.path.join(self.root, ""))
+            h = self.child = hasher.start(READ_FLAGS, CHUNK, os.path.join(self.root, ""))
         if h is not None:
             sent = self.sent
             while sent and h.ready():
@@ -580,6 +590,10 @@ class _Scan:
             size_sum += size
         self.added += files
         self.shared += files
+        call = self.hint
+        if call is not None and files:  # a file is news (see `note`)
+            self.hint = None
+            call()
         d, m, f, b = self.sums
         self.sums = (d + answer.digest, m + answer.mtimes, f + files, b + size_sum)
 
@@ -597,10 +611,12 @@ class _Scan:
         """A listed new file, as `walk` looks at one: hashed (and summed, as the hasher's are:
         nothing is left to sum after the walk), or else looked at by its lstat."""
         if self.hash_in(rel, path, None):
-            d, m, f, b = self.sums
-            digest, mtimes, _, size = hash_sums(((rel, self.entries[rel]),))
-            self.sums = (d + digest, m + mtimes, f + 1, b + size)
-            self.summed.add(rel)
+            e = self.entries[rel]
+            if e.ref:  # a big file's sha256 comes later (`finish`): summed with the rest
+                d, m, f, b = self.sums
+                digest, mtimes, _, size = hash_sums(((rel, e),))
+                self.sums = (d + digest, m + mtimes, f + 1, b + size)
+                self.summed.add(rel)
             return
         try:
             cst = os.lstat(path)
@@ -609,23 +625,41 @@ class _Scan:
         if self.visit(rel, path, cst, descend=True) and self.unlisted is not None:
             self.unlisted.discard(rel)
 
-    def finish(self) -> None:
+    def finish_batches(self) -> None:
         """Hash what a full walk listed and has not hashed yet; the hasher is done."""
         self.share = False
         batch, self.queue = self.queue, []
         for rel, path in batch:  # while the hasher ends its own
             self.hash_here(rel, path)
-        h, sent = self.hasher, self.sent
+        h, sent = self.child, self.sent
         while sent:
             done = sent.popleft()
             self.absorb(done, h.take(len(done)) if h is not None else None)
-        self.close()
+        self.close_child()
 
-    def close(self) -> None:
-        h, self.hasher = self.hasher, None
+    def close_child(self) -> None:
+        h, self.child = self.child, None
         self.sent.clear()
         if h is not None:
             h.close()
+
+    def finish(self) -> None:
+        """Wait for the big files' hashes and put them in their entries (those the walk did
+        not drop since). A read that failed on the thread raises here, as it would inline."""
+        try:
+            for rel, e, pending in self.hashing:
+                digest = pending.result()
+                if self.entries.get(rel) is e:
+                    self.entries[rel] = e._replace(ref=digest)
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Stop hashing: the thread ends once its files are closed (none is left open)."""
+        if self.hasher is not None:
+            self.hasher.shutdown()
+            self.hasher = None
+        self.hashing = []
 
     def revisit(self, rel: str) -> None:
         """Bring the entry at `rel` (and what is under it) up to date, parents first."""
@@ -665,6 +699,14 @@ class _Scan:
             self.entries.pop(p)
             self.inos.pop(p, None)
             self.changed.append(p)
+
+
+def _hash_big(fd: int) -> str:
+    """sha256 of the open file (on the scan's hashing thread), which it then closes."""
+    try:
+        return hash_file(fd)
+    finally:
+        os.close(fd)
 
 
 def scan_local(
@@ -870,22 +912,27 @@ def _scan(
         changes=changes,
         overlay=trusted and not incremental,
     )
-    if incremental:
-        assert only is not None
-        # and their directories, whose mtimes moved; parents first: a new directory is
-        # walked whole, and its children are then current; "dir/" asks for a walk afresh
-        scan.forced = {p[:-1] for p in only if p.endswith("/")}
-        named = {p.rstrip("/") for p in only}
-        targets = named | {p.rpartition("/")[0] for p in named if "/" in p}
-        for rel in sorted(targets, key=lambda p: (p.count("/"), p)):
-            scan.revisit(rel)
-    else:
-        scan.share = True
-        try:
+    try:
+        if incremental:
+            assert only is not None
+            # and their directories, whose mtimes moved; parents first: a new directory is
+            # walked whole, and its children are then current; "dir/" asks for a walk afresh
+            scan.forced = {p[:-1] for p in only if p.endswith("/")}
+            named = {p.rstrip("/") for p in only}
+            targets = named | {p.rpartition("/")[0] for p in named if "/" in p}
+            for rel in sorted(targets, key=lambda p: (p.count("/"), p)):
+                scan.revisit(rel)
+        else:
+            scan.share = True
             scan.walk(str(root), "")
-            scan.finish()
-        finally:
-            scan.close()
+            scan.finish_batches()
+    except BaseException:
+        scan.abandon()
+        raise
+    finally:
+        scan.close_child()
+    scan.finish()
+    if not incremental:
         if scan.unlisted is not None:
             gone = sorted(scan.unlisted)
             scan.unlisted = None

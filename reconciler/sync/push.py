@@ -342,6 +342,12 @@ class _Sender:
         finally:
             os.close(fd)
 
+    def alone(self, path: str) -> bool:
+        """Whether `upload` sends this path's file alone (whole or as changed blocks), not in
+        a batch of small files (files with remote block digests are bigger than a batch's)."""
+        e = self.local.entries[path]
+        return e.type == "f" and e.size > BATCH_FILE
+
     def upload(self, path: str) -> None:
         e = self.local.entries[path]
         if e.type == "f" and e.size <= BATCH_FILE and path not in self.remote_blocks:
@@ -752,7 +758,17 @@ def _apply(
     replaced = frozenset(plan.replaces)
     # paths under a type swap wait for its removal (no swap: every upload goes now)
     now = [p for p in plan.uploads if not is_under(p, replaced)] if replaced else plan.uploads
+    # files sent alone (big ones) go after the rest: the sandbox's slow part, creating the
+    # small files one by one, then starts at once and goes on while the big files' bytes
+    # (the transport's slow part) follow; big files first left the two taking turns. Safe:
+    # no directory, link or file of the plan depends on a file being there before it
+    later = []
     for path in now:
+        if sender.alone(path):
+            later.append(path)
+        else:
+            sender.upload(path)
+    for path in later:
         sender.upload(path)
     for path in plan.metas:
         sender.meta(path)

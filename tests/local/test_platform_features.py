@@ -130,6 +130,27 @@ class TestSuspend:
             c.put("/v1/instances/start", json=[{"uuid": uuid, "timeout_s": 5}]).raise_for_status()
             assert inproc.runtime.starts == [uuid], "the start thawed it, not a new boot"
 
+    def test_a_suspend_of_many_instances_is_answered_before_they_are_frozen(
+        self, inproc: InProcessMetro
+    ) -> None:
+        # as on UKC, whose answer does not wait for the snapshot: here each freeze's first
+        # pass holds the metro's loop (listing and stopping the sandbox's processes)
+        inproc.runtime.freeze_block_s = 0.05
+        with inproc.client() as c:
+            uuids = [create(c, unique(), service_group=SSH)["uuid"] for _ in range(8)]
+            c.put("/v1/instances/suspend", json=[{"uuid": u} for u in uuids]).raise_for_status()
+            answered = time.monotonic()
+            deadline = answered + 5
+            while len(inproc.runtime.frozen) < len(uuids) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert set(uuids) <= inproc.runtime.frozen
+            assert answered < max(inproc.runtime.first_passes), (
+                "the answer waited until every sandbox's freeze had held the loop"
+            )
+            while any(get(c, u)["state"] != "standby" for u in uuids):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+
     def test_traffic_wakes_a_suspended_instance_when_the_behaviour_says_so(
         self, inproc: InProcessMetro
     ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid as uuidlib
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Future
@@ -49,6 +50,11 @@ class FakeRuntime:
         self.fail_next_start = False
         #: how long a freeze takes (a real one waits for the cgroup's processes to stop)
         self.freeze_delay_s = 0.0
+        #: how long a freeze holds the event loop before it first waits (a real one lists the
+        #: sandbox's processes and stops each one on the loop)
+        self.freeze_block_s = 0.0
+        #: when each freeze's first pass (its hold of the loop) ended, `time.monotonic()`
+        self.first_passes: list[float] = []
         #: the volumes each sandbox was last started with
         self.mounts: dict[str, list[Mount]] = {}
         self.removed_volumes: list[Path] = []
@@ -76,6 +82,8 @@ class FakeRuntime:
         self.frozen.discard(uuid)
 
     async def freeze(self, uuid: str) -> None:
+        time.sleep(self.freeze_block_s)
+        self.first_passes.append(time.monotonic())
         await asyncio.sleep(self.freeze_delay_s)
         self.frozen.add(uuid)
 

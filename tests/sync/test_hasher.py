@@ -71,7 +71,7 @@ class _Silent:
 
 def _walk(root: Path, fake: object) -> _Scan:
     scan = _Scan(str(root), IgnoreRules([], []), {}, {}, None, incremental=False)
-    scan.hasher, scan.started = fake, True  # type: ignore[assignment]
+    scan.child, scan.started = fake, True  # type: ignore[assignment]
     scan.share = True
     return scan
 
@@ -91,10 +91,11 @@ class TestSharedHashing:
         scan.share = True
         try:
             scan.walk(str(site.local), "")
+            scan.finish_batches()
             scan.finish()
         finally:
-            scan.close()
-        assert scan.shared > 0 and scan.hasher is None
+            scan.close_child()
+        assert scan.shared > 0 and scan.child is None
         assert scan.entries == _expected(site.local, rules)
         assert len(scan.changed) == len(scan.entries) == scan.added
         # and through scan_local: the same tree, its digests those of its entries
@@ -123,6 +124,7 @@ class TestSharedHashing:
             fake = _Silent(answer)
             scan = _walk(site.local, fake)
             scan.walk(str(site.local), "")
+            scan.finish_batches()
             scan.finish()
             assert fake.batches and scan.shared == 0
             assert scan.entries == _expected(site.local, IgnoreRules([], []))
@@ -140,6 +142,7 @@ class TestSharedHashing:
         write(now_dir / "inner.txt", "inside")
         now_fifo.unlink()
         os.mkfifo(now_fifo)
+        scan.finish_batches()
         scan.finish()
         got = scan.entries
         rel_dir = os.path.relpath(now_dir, site.local)

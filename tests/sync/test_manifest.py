@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pathspec
@@ -319,3 +320,67 @@ def test_a_file_hashed_with_its_size_hashes_like_one_read_to_the_end(tmp_path: P
                 assert hash_file(fd, hint) == hashlib.sha256(data).hexdigest(), (size, hint)
             finally:
                 os.close(fd)
+
+
+class TestBigFilesHashedBesideTheWalk:
+    """A big file's sha256 is made on a thread while the walk goes on (hashlib and the reads
+    release the GIL); the scan waits for it before the manifest is made."""
+
+    def _tree(self, site: Site) -> dict[str, bytes]:
+        files = {
+            "a/big0.bin": os.urandom(CHUNK),
+            "a/big1.bin": os.urandom(3 * CHUNK + 5),
+            "b/small.txt": b"small",
+            "c/big2.bin": os.urandom(2 * CHUNK),
+        }
+        for rel, data in files.items():
+            write(site.local / rel, data)
+        return files
+
+    def test_every_big_file_gets_its_sha256_on_a_first_scan_and_after_an_edit(
+        self, site: Site
+    ) -> None:
+        files = self._tree(site)
+        entries = scan_local(site.opts()).entries
+        for rel, data in files.items():
+            assert entries[rel].ref == hashlib.sha256(data).hexdigest(), rel
+        edited = os.urandom(2 * CHUNK + 1)
+        write(site.local / "a/big1.bin", edited)
+        again = scan_local(site.opts())
+        assert again.entries["a/big1.bin"].ref == hashlib.sha256(edited).hexdigest()
+        fresh = scan_local(site.opts(state_dir=site.state.parent / "fresh-state"))
+        assert again.digest == fresh.digest  # the index moved by the hashed file as a walk sees
+
+    def test_a_big_file_is_hashed_on_a_thread_while_the_walk_goes_on(self, site: Site) -> None:
+        write(site.local / "z.txt", "pushed")
+        push(site.shell, site.opts(), instance_uuid="u1")  # the index is what we pushed
+        write(site.local / "a.bin", os.urandom(4 * CHUNK))
+        write(site.local / "b.txt", "later in the walk")
+        seen: list[list[str]] = []
+
+        def hint() -> None:
+            seen.append([t.name for t in threading.enumerate()])
+
+        # the first change found is the big file: the hint comes right after it was handed on
+        scan_local(site.opts(), on_change=hint)
+        assert any(name.startswith("ukc-scan-hash") for name in seen[0])
+        assert not any(t.name.startswith("ukc-scan-hash") for t in threading.enumerate())
+
+    def test_a_scan_that_fails_while_a_big_file_is_hashed_leaves_no_file_open(
+        self, site: Site
+    ) -> None:
+        write(site.local / "z.txt", "pushed")
+        push(site.shell, site.opts(), instance_uuid="u1")
+        write(site.local / "a.bin", os.urandom(16 * CHUNK))
+        before = set(os.listdir("/proc/self/fd"))
+
+        def fail() -> None:
+            raise KeyboardInterrupt
+
+        try:
+            scan_local(site.opts(), on_change=fail)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("the hint's exception was swallowed")
+        assert set(os.listdir("/proc/self/fd")) <= before

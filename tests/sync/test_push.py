@@ -23,8 +23,9 @@ from reconciler.sync.engine import (
     scan_local,
     start_ahead,
 )
+from reconciler.sync.push import BATCH_FILE
 from reconciler.transport.base import RemoteProcess
-from reconciler.transport.local_shell import LocalShell
+from reconciler.transport.local_shell import LocalProcess, LocalShell
 from tests.support.synctree import BOTH_PATHS, NO_PYTHON, Site, snapshot, write
 
 
@@ -468,6 +469,44 @@ class TestDigestedAhead:
         digest_ahead(ahead, [(site.opts(), files)], lambda: False)
         digest_ahead(ahead, [(site.opts(), files)], lambda: True)
         assert ahead.files() == []
+
+
+class _RecordingProcess:
+    """A helper process whose input is kept: what the push sent, in order."""
+
+    def __init__(self, proc: LocalProcess, sent: bytearray) -> None:
+        self._proc = proc
+        self._sent = sent
+
+    def write(self, data: bytes) -> None:
+        self._sent += data
+        self._proc.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._proc, name)
+
+
+class _RecordingShell(LocalShell):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = bytearray()
+
+    def start(self, command: str) -> LocalProcess:
+        return _RecordingProcess(super().start(command), self.sent)  # type: ignore[return-value]
+
+
+def test_big_files_go_out_after_the_small_files_whatever_their_names(site: Site) -> None:
+    write(site.local / "a/big.bin", os.urandom(BATCH_FILE + 1))
+    for i in range(20):
+        write(site.local / f"b/f{i:02d}.txt", f"small {i}")
+    write(site.local / "c/big.bin", os.urandom(2 << 20))
+    shell = _RecordingShell()
+    push(shell, site.opts(), instance_uuid="u1")
+    sent = bytes(shell.sent)
+    last_small = sent.rindex(b"b/f19.txt")
+    assert sent.index(b'"a/big.bin"') > last_small
+    assert sent.index(b'"c/big.bin"') > last_small
+    assert snapshot(site.remote) == snapshot(site.local)
 
 
 class TestWriteThreads:

@@ -219,12 +219,22 @@ async def _stop(request: web.Request) -> web.Response:
 
 async def _suspend(request: web.Request) -> web.Response:
     metro = request.app[METRO]
+    # why: UKC answers a suspend without waiting for the snapshot; each freeze's first pass
+    # (the sandbox's processes listed and stopped, on this loop) ran before a batch's answer
+    # was written, ~1 ms per instance
+    answered = asyncio.Event()
 
     async def op(rec: LocalInstance, opts: dict[str, Any]) -> dict[str, Any]:
-        prev = metro.suspend(rec, drain_timeout_ms=max(_drain_ms(opts), 0))
+        prev = metro.suspend(rec, drain_timeout_ms=max(_drain_ms(opts), 0), after=answered)
         return {"state": rec.state, "previous_state": prev}
 
-    return await _batch(request, op)
+    try:
+        response = await _batch(request, op)
+        await response.prepare(request)
+        await response.write_eof()
+    finally:
+        answered.set()
+    return response
 
 
 async def _wait(request: web.Request) -> web.Response:

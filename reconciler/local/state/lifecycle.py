@@ -298,22 +298,41 @@ class LocalMetro:
         )
         return prev
 
-    def suspend(self, rec: LocalInstance, *, drain_timeout_ms: int = 0) -> str:
-        """PUT suspend: running → standby (frozen when stateful)."""
+    def suspend(
+        self, rec: LocalInstance, *, drain_timeout_ms: int = 0, after: asyncio.Event | None = None
+    ) -> str:
+        """PUT suspend: running → standby (frozen when stateful); the work begins once `after`
+        is set (the request's answer was written)."""
         prev = rec.state
         if prev not in ("running", "starting"):
             return prev
         if drain_timeout_ms > 0:
             self._set_state(rec, "draining")
         self._transitions.spawn(
-            self._halt(rec, STOP_REASON_USER, drain_timeout_ms, to_state="standby", manual=True)
+            self._halt(
+                rec,
+                STOP_REASON_USER,
+                drain_timeout_ms,
+                to_state="standby",
+                manual=True,
+                after=after,
+            )
         )
         return prev
 
     async def _halt(
-        self, rec: LocalInstance, reason: int, drain_ms: int, *, to_state: str, manual: bool = False
+        self,
+        rec: LocalInstance,
+        reason: int,
+        drain_ms: int,
+        *,
+        to_state: str,
+        manual: bool = False,
+        after: asyncio.Event | None = None,
     ) -> None:
         runtime = self._require_runtime()
+        if after is not None:
+            await after.wait()
         if drain_ms > 0:
             await asyncio.sleep(min(drain_ms, _MAX_DRAIN_MS) / 1000)
         async with self._lock(rec.uuid):
