@@ -26,6 +26,7 @@ import hashlib
 import operator
 import os
 import stat
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Any
 
 from reconciler._util.gcpause import gc_paused
 from reconciler.errors import SyncHaltedError
-from reconciler.sync import journal
+from reconciler.sync import hasher, journal
 from reconciler.sync.entry import (
     DIGEST_MOD,
     SHARED_INTS,
@@ -77,6 +78,10 @@ _new_entry: Callable[[tuple[str, int, int, int, str]], Entry] = functools.partia
 )
 _SHARED = SHARED_INTS.get
 _NAME = operator.attrgetter("name")
+#: new files listed per batch a full walk hashes (here or in its `hasher`); batches the
+#: hasher may hold at once (more: the walk hashes the batch itself)
+_BATCH = 256
+_AHEAD = 2
 
 #: what a state's metadata holds besides what a push adds
 _META_KEYS = ("digest", "mtimes", "files", "bytes")
@@ -347,6 +352,18 @@ class _Scan:
         self.seen: set[str] = set()
         #: directories to walk afresh whatever the index says
         self.forced: set[str] = set()
+        #: a full walk lists new files (`defer`) and hashes them in batches, with a `hasher`
+        #: process (`child`) once a batch is full (`share`); `finish` hashes what is left
+        self.share = False
+        self.queue: list[tuple[str, str]] = []
+        self.sent: deque[list[tuple[str, str]]] = deque()
+        self.child: hasher.Hasher | None = None
+        self.started = False
+        self.shared = 0  # files the hasher hashed
+        #: the new files hashed in batches (by the hasher or here), and their share of the
+        #: tree's digests (`hash_sums`'s four)
+        self.summed: set[str] = set()
+        self.sums = (0, 0, 0, 0)
         #: big files hashed on a thread beside the walk (`_hash_big`), entered here with no
         #: sha256 yet: (path, the entry whose ref `finish` fills in, its hash to come)
         self.hashing: list[tuple[str, Entry, Future[str]]] = []
@@ -372,7 +389,8 @@ class _Scan:
         with it:
             children = sorted(it, key=_NAME)
         prev, prev_inos, unlisted = self.prev, self.prev_inos, self.unlisted
-        excluded, hash_in = self.rules.excluded, self.hash_in
+        excluded = self.rules.excluded
+        hash_in = self.defer if self.share else self.hash_in
         prefix = f"{rel_dir}/" if rel_dir else ""
         for child in children:
             rel = prefix + child.name
@@ -521,6 +539,109 @@ class _Scan:
             self.hint = None
             call()
         return True
+
+    def defer(self, rel: str, path: str, was: Entry | None) -> bool:
+        """List the new file at `path` to be hashed with its batch (`hash_in`'s place in a
+        full walk): news (see `note`) once the first one is hashed."""
+        queue = self.queue
+        queue.append((rel, path))
+        if len(queue) >= _BATCH:
+            self.dispatch()
+        return True
+
+    def dispatch(self) -> None:
+        """Hand the full batch to the hasher, or hash it here while the hasher has enough."""
+        batch, self.queue = self.queue, []
+        h = self.child
+        if h is None and not self.started:
+            self.started = True  # a tree with a batch of new files: worth a second process
+            h = self.child = hasher.start(READ_FLAGS, CHUNK, os.path.join(self.root, ""))
+        if h is not None:
+            sent = self.sent
+            while sent and h.ready():
+                done = sent.popleft()
+                self.absorb(done, h.take(len(done)))
+            if len(sent) < _AHEAD and h.submit([rel for rel, _ in batch]):
+                sent.append(batch)
+                return
+        for rel, path in batch:
+            self.hash_here(rel, path)
+
+    def absorb(self, batch: list[tuple[str, str]], answer: hasher.Answer | None) -> None:
+        """Record a batch the hasher answered (None: it could not; hashed here)."""
+        if answer is None or len(answer.results) != len(batch):
+            for rel, path in batch:
+                self.hash_here(rel, path)
+            return
+        entries, inos, changed, summed = self.entries, self.inos, self.changed, self.summed
+        files = size_sum = 0
+        for (rel, path), r in zip(batch, answer.results, strict=True):
+            if r is None:
+                self.hash_here(rel, path)  # not a small regular file, or gone: looked at here
+                continue
+            size, mtime_ns, mode, ino, digest = r
+            entries[rel] = _new_entry(
+                ("f", _SHARED(size, size), mtime_ns, SHARED_INTS[mode & 0o7777], digest)
+            )
+            inos[rel] = ino
+            changed.append(rel)
+            summed.add(rel)
+            files += 1
+            size_sum += size
+        self.added += files
+        self.shared += files
+        call = self.hint
+        if call is not None and files:  # a file is news (see `note`)
+            self.hint = None
+            call()
+        d, m, f, b = self.sums
+        self.sums = (d + answer.digest, m + answer.mtimes, f + files, b + size_sum)
+
+    def sums_of(self, items: Iterable[tuple[str, Entry]]) -> tuple[int, int, int, int]:
+        """`hash_sums` of `items`, which name each path hashed in a batch once (their share is
+        summed already: a full walk never changes an entry it made)."""
+        summed = self.summed
+        if not summed:
+            return hash_sums(items)
+        digest, mtimes, files, size = hash_sums((p, e) for p, e in items if p not in summed)
+        d, m, f, b = self.sums
+        return digest + d, mtimes + m, files + f, size + b
+
+    def hash_here(self, rel: str, path: str) -> None:
+        """A listed new file, as `walk` looks at one: hashed (and summed, as the hasher's are:
+        nothing is left to sum after the walk), or else looked at by its lstat."""
+        if self.hash_in(rel, path, None):
+            e = self.entries[rel]
+            if e.ref:  # a big file's sha256 comes later (`finish`): summed with the rest
+                d, m, f, b = self.sums
+                digest, mtimes, _, size = hash_sums(((rel, e),))
+                self.sums = (d + digest, m + mtimes, f + 1, b + size)
+                self.summed.add(rel)
+            return
+        try:
+            cst = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if self.visit(rel, path, cst, descend=True) and self.unlisted is not None:
+            self.unlisted.discard(rel)
+
+    def finish_batches(self) -> None:
+        """Hash what a full walk listed and has not hashed yet; the hasher is done."""
+        self.share = False
+        batch, self.queue = self.queue, []
+        for rel, path in batch:  # while the hasher ends its own
+            self.hash_here(rel, path)
+        h, sent = self.child, self.sent
+        while sent:
+            done = sent.popleft()
+            self.absorb(done, h.take(len(done)) if h is not None else None)
+        self.close_child()
+
+    def close_child(self) -> None:
+        h, self.child = self.child, None
+        self.sent.clear()
+        if h is not None:
+            h.close()
 
     def finish(self) -> None:
         """Wait for the big files' hashes and put them in their entries (those the walk did
@@ -802,10 +923,14 @@ def _scan(
             for rel in sorted(targets, key=lambda p: (p.count("/"), p)):
                 scan.revisit(rel)
         else:
+            scan.share = True
             scan.walk(str(root), "")
+            scan.finish_batches()
     except BaseException:
         scan.abandon()
         raise
+    finally:
+        scan.close_child()
     scan.finish()
     if not incremental:
         if scan.unlisted is not None:
@@ -835,6 +960,10 @@ def _scan(
             )
     if not trusted:
         manifest = Manifest(entries)
+        digest, mtimes, files, size = scan.sums_of(entries.items())
+        manifest._preset(
+            {"digest": _hex(digest), "mtimes": _hex(mtimes), "files": files, "bytes": size}
+        )
         index.write(entries, inos, {**manifest.meta(), "rules": rules_key}, None)
         drop_legacy(state_dir)
         return manifest, index.ident
@@ -853,7 +982,7 @@ def _scan(
     # the index's sums moved by what changed: the old entries' hashes out, the new ones' in,
     # each side summed in one pass (a first scan into a seeded index changes every path)
     out = hash_sums((p, was) for p, was in prior.items() if was is not None)
-    got = hash_sums((p, entries[p]) for p in prior if p in entries)
+    got = scan.sums_of((p, entries[p]) for p in prior if p in entries)
     new_meta = {
         "digest": _hex(int(meta["digest"], 16) - out[0] + got[0]),
         "mtimes": _hex(int(meta["mtimes"], 16) - out[1] + got[1]),
