@@ -11,7 +11,7 @@ from pathlib import Path
 from reconciler.sync import hasher
 from reconciler.sync.entry import Entry, hash_sums
 from reconciler.sync.ignore import IgnoreRules, load_rules
-from reconciler.sync.manifest import CHUNK, READ_FLAGS, Manifest, _Scan, scan_local
+from reconciler.sync.manifest import CHUNK, HASHER_FROM, READ_FLAGS, Manifest, _Scan, scan_local
 from tests.support.synctree import Site, write
 
 
@@ -89,6 +89,7 @@ class TestSharedHashing:
         rules = load_rules(site.opts())
         scan = _Scan(str(site.local), rules, {}, {}, None, incremental=False)
         scan.share = True
+        scan.wait_batches = 0  # a hasher from the first full batch
         try:
             scan.walk(str(site.local), "")
             scan.finish_batches()
@@ -109,7 +110,7 @@ class TestSharedHashing:
         write(site.local / "seed.txt", "seed\n")
         scan_local(site.opts())
         (site.local / "seed.txt").unlink()
-        _many(site.local, 1200)
+        _many(site.local, HASHER_FROM + 300)
         m = scan_local(site.opts())
         assert m.basis is not None and len(m.basis.old) > 1200
         fresh = Manifest(dict(m.entries))
@@ -199,3 +200,16 @@ class TestHasherProcess:
         h.submit(["a.txt"])  # the pipe may still take it
         assert h.take(1) is None
         assert not h.submit(["a.txt"]) and h.proc is None
+
+
+def test_a_walk_of_fewer_new_files_than_a_hasher_pays_for_starts_none(site: Site) -> None:
+    _many(site.local, HASHER_FROM - 300)
+    scan = _Scan(str(site.local), IgnoreRules([], []), {}, {}, None, incremental=False)
+    scan.share = True
+    try:
+        scan.walk(str(site.local), "")
+        scan.finish_batches()
+    finally:
+        scan.close_child()
+    assert not scan.started and scan.shared == 0
+    assert scan.entries == _expected(site.local, IgnoreRules([], []))
