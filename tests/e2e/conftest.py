@@ -7,12 +7,14 @@ instance names) and talks to one metro daemon shared by the test session.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reconciler.cli import warm
+from reconciler.cloud.metros import MetroRegistry
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
 from tests.support.ukc import Ukc
@@ -35,6 +37,22 @@ def warm_process(warm_dir: Path) -> Path:
     path = warm.start()
     assert path.parent == warm_dir
     return path
+
+
+@pytest.fixture
+def env(metro: MetroInfo) -> dict[str, str]:
+    """The environment of an apply run in this process against the test metro."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
+    environ["UKC_LOCAL_STATE_DIR"] = str(metro.state_dir)
+    return environ
+
+
+@pytest.fixture
+def metros(env: dict[str, str], metro: MetroInfo) -> Iterator[MetroRegistry]:
+    """The metros such an apply reaches (`env`'s)."""
+    registry = MetroRegistry(env, local_state_dir=metro.state_dir)
+    yield registry
+    registry.close()
 
 
 @pytest.fixture

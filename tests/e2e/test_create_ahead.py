@@ -5,15 +5,13 @@ metro; the scan is held by a keeper with a fault knob, so the order is forced, n
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
-from reconciler.local.daemon import MetroInfo
 from reconciler.reconcile import identity
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.reconcile.events import Event, RecordingReporter
@@ -47,20 +45,6 @@ class HeldScans:
 
     def done(self, state_dir: str, token: int, ident: list[int] | None) -> None:
         return None
-
-
-@pytest.fixture
-def env(metro: MetroInfo) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
-    environ["UKC_LOCAL_STATE_DIR"] = str(metro.state_dir)
-    return environ
-
-
-@pytest.fixture
-def metros(env: dict[str, str], metro: MetroInfo) -> Iterator[MetroRegistry]:
-    registry = MetroRegistry(env, local_state_dir=metro.state_dir)
-    yield registry
-    registry.close()
 
 
 def _group(ukc: Ukc, env: dict[str, str], then: str = "") -> Group:

@@ -5,14 +5,11 @@ boot is held by a reporter, so the order is forced, not timed)."""
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Iterator
 
 import pytest
 
 from reconciler.cloud.metros import MetroRegistry
-from reconciler.local.daemon import MetroInfo
 from reconciler.reconcile.desired import Group, load_groups
 from reconciler.reconcile.events import Event, RecordingReporter
 from reconciler.reconcile.loop import apply_group, delete_group
@@ -22,20 +19,6 @@ pytestmark = pytest.mark.metro
 
 #: how long a held session waits for the other one before it goes on regardless
 HOLD_S = 20.0
-
-
-@pytest.fixture
-def env(metro: MetroInfo) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("UKC_")}
-    environ["UKC_LOCAL_STATE_DIR"] = str(metro.state_dir)
-    return environ
-
-
-@pytest.fixture
-def metros(env: dict[str, str], metro: MetroInfo) -> Iterator[MetroRegistry]:
-    registry = MetroRegistry(env, local_state_dir=metro.state_dir)
-    yield registry
-    registry.close()
 
 
 def _group(ukc: Ukc, env: dict[str, str], slow_image: str = "") -> Group:
