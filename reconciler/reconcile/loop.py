@@ -370,25 +370,27 @@ def apply_group(
                 listing = None  # the first round lists again: the instances were made since
                 obs, first_plan, finished, firsts = early
                 early_rounds = bool(firsts)
-                for outcome in finished:
+
+                def made_ahead(outcome: SessionOutcome) -> None:
+                    prev = outcomes.get(outcome.session)
+                    if prev is not None:  # its create's, before its first round
+                        outcome.ran_commands += prev.ran_commands
                     outcomes[outcome.session] = outcome
-                    # the journal in a sandbox made by this run is this run's own
-                    journals_read.add(outcome.session)
                     if outcome.interrupted or stop.is_set():
                         interrupted.add(outcome.session)
                     elif not outcome.ok:
                         failed[outcome.session] = outcome.error
+
+                for outcome in finished:
+                    # the journal in a sandbox made by this run is this run's own
+                    journals_read.add(outcome.session)
+                    made_ahead(outcome)
                 if firsts:
                     first_plan = _joined(
                         first_plan, actions.Plan(sessions=tuple(sp for sp, _o in firsts))
                     )
                 for _splan, outcome in firsts:
-                    outcome.ran_commands += outcomes[outcome.session].ran_commands
-                    outcomes[outcome.session] = outcome
-                    if outcome.interrupted or stop.is_set():
-                        interrupted.add(outcome.session)
-                    elif not outcome.ok:
-                        failed[outcome.session] = outcome.error
+                    made_ahead(outcome)
                 if stop.is_set():
                     # made and up, never synced: not left in a phase that says work goes on
                     unfinished.journal(journal.utc_now())

@@ -248,6 +248,11 @@ _Found = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], frozens
 _Finding = tuple[dict[str, Instance], dict[str, Instance], dict[str, str], set[str]]
 
 
+def _ended(found: _Finding) -> _Found:
+    instances, claimed, metro_of, dying = found
+    return instances, claimed, metro_of, frozenset(dying)
+
+
 class Listing:
     """The instances of every metro the group uses, listed on a thread of its own."""
 
@@ -325,7 +330,7 @@ class Listing:
                     f"recorded on a metro ukc will not use: {err}"
                 ) from None
             self._sort(conn.api.list_instances([f"ukc.project={self._project}"]), metro, found)
-        return found[0], found[1], found[2], frozenset(found[3])
+        return _ended(found)
 
     def _sort(
         self,
@@ -350,7 +355,7 @@ class Listing:
         look of one session whose instance was just waited for until up: no list request)."""
         found: _Finding = ({}, {}, {}, set())
         self._sort([read], metro, found)
-        self._found = found[0], found[1], found[2], frozenset(found[3])
+        self._found = _ended(found)
         self._done.set()
         self._hinted.set()
 
