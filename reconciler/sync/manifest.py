@@ -373,7 +373,8 @@ class _Scan:
         #: big files hashed on a thread beside the walk (`_hash_big`), entered here with no
         #: sha256 yet: (path, the entry whose ref `finish` fills in, its hash to come)
         self.hashing: list[tuple[str, Entry, Future[str]]] = []
-        self.hasher: ThreadPoolExecutor | None = None
+        #: that thread (the `hasher` process is `child`)
+        self.big_hashing: ThreadPoolExecutor | None = None
 
     def note(self, rel: str, e: Entry | None, was: Entry | None) -> None:
         self.changed.append(rel)
@@ -522,9 +523,9 @@ class _Scan:
             else:
                 # why a thread: hashlib and the reads release the GIL, so a big file's
                 # sha256 (~5 ms per 8 MiB) runs on the other core while the walk goes on
-                if self.hasher is None:
-                    self.hasher = ThreadPoolExecutor(1, "ukc-scan-hash")
-                pending = self.hasher.submit(_hash_big, fd)
+                if self.big_hashing is None:
+                    self.big_hashing = ThreadPoolExecutor(1, "ukc-scan-hash")
+                pending = self.big_hashing.submit(_hash_big, fd)
                 fd = -1  # the thread closes it
                 digest = ""
         finally:
@@ -620,7 +621,8 @@ class _Scan:
         nothing is left to sum after the walk), or else looked at by its lstat."""
         if self.hash_in(rel, path, None):
             e = self.entries[rel]
-            if e.ref:  # a big file's sha256 comes later (`finish`): summed with the rest
+            # (a big file's sha256 comes later, from `finish`: it is summed with the rest)
+            if e.ref:
                 d, m, f, b = self.sums
                 digest, mtimes, _, size = hash_sums(((rel, e),))
                 self.sums = (d + digest, m + mtimes, f + 1, b + size)
@@ -664,9 +666,9 @@ class _Scan:
 
     def abandon(self) -> None:
         """Stop hashing: the thread ends once its files are closed (none is left open)."""
-        if self.hasher is not None:
-            self.hasher.shutdown()
-            self.hasher = None
+        if self.big_hashing is not None:
+            self.big_hashing.shutdown()
+            self.big_hashing = None
         self.hashing = []
 
     def revisit(self, rel: str) -> None:
