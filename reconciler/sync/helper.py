@@ -790,6 +790,8 @@ class Helper:
                     if pfd is None or name in ("", ".", ".."):
                         parent, name = split(path)
                         pfd = self.open_dir(parent, True)
+                        # a full cache was dropped (its fds closed) for a new dict
+                        dirs = self.dirs
                     if not ok:
                         continue
                     fd = -1

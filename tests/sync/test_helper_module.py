@@ -1127,3 +1127,18 @@ def test_a_puts_file_the_disk_takes_only_in_part_is_an_error_never_a_short_file(
     assert "File too large" in reply["errors"][0]
     assert (reply["written"], reply["bytes"]) == (1, 2)
     assert sorted(p.name for p in box.root.iterdir()) == ["fits"] + ([] if empty else ["old"])
+
+
+def test_a_batch_that_comes_back_to_a_directory_after_the_fd_cache_was_dropped_lands_there(
+    box: Box,
+) -> None:
+    # "a" is opened, then more directories than the helper keeps fds of (its cache is closed
+    # and dropped), then "a" again: its old fd must not be used (EBADF, or the reused fd of
+    # another directory: a file written in the wrong place). A push in path order happened
+    # to re-open the same chain of directories into the same fd numbers; this order does not
+    many = [(f"d{i:03d}/f", b"x", True) for i in range(helper.MAX_DIR_FDS + 5)]
+    files = [("a/first", b"1", True), *many, ("a/second", b"2", True)]
+    _h, reply = serve_after_hello(box, lambda: None, *puts(*files))
+    assert reply.get("errors", []) == []
+    assert (box.root / "a" / "second").read_bytes() == b"2"
+    assert sorted(p.name for p in (box.root / "a").iterdir()) == ["first", "second"]
