@@ -60,21 +60,21 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-def leave_mark(transport: Transport, token: str) -> None:
-    """Write `token` as the sandbox's boot marker."""
+def leave_mark(transport: Transport, token: str, path: str = MARK_PATH) -> None:
+    """Write `token` as the sandbox's boot marker.
+
+    Why in place, with the shell's own `printf` (no temp file and `mv`): a marker cut short
+    or read while it is written is not a whole token, which reads as no marker (a cold boot,
+    the safe side), and the sandbox runs one program fewer on every new boot.
+    """
     if not _TOKEN.match(token):
         raise ValueError("a boot marker token is 32 lowercase hex digits")
-    rebuild.exchange(
-        transport, f"printf '%s\\n' {token} > {MARK_PATH}.tmp && mv -f {MARK_PATH}.tmp {MARK_PATH}",
-        None, limit=_MAX_ANSWER,
-    )  # fmt: skip
+    rebuild.exchange(transport, f"printf '%s\\n' {token} > {path}", None, limit=_MAX_ANSWER)
 
 
-def read_mark(transport: Transport) -> str:
+def read_mark(transport: Transport, path: str = MARK_PATH) -> str:
     """The sandbox's boot marker ("" when there is none); what the sandbox says is bounded."""
-    data = rebuild.exchange(
-        transport, f"cat {MARK_PATH} 2>/dev/null; true", None, limit=_MAX_ANSWER
-    )
+    data = rebuild.exchange(transport, f"cat {path} 2>/dev/null; true", None, limit=_MAX_ANSWER)
     found = data.decode("ascii", errors="replace").strip()
     return found if _TOKEN.match(found) else ""
 
