@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
+import shlex
 import threading
 from collections.abc import Sequence
 
@@ -69,12 +70,16 @@ def leave_mark(transport: Transport, token: str, path: str = MARK_PATH) -> None:
     """
     if not _TOKEN.match(token):
         raise ValueError("a boot marker token is 32 lowercase hex digits")
-    rebuild.exchange(transport, f"printf '%s\\n' {token} > {path}", None, limit=_MAX_ANSWER)
+    rebuild.exchange(
+        transport, f"printf '%s\\n' {token} > {shlex.quote(path)}", None, limit=_MAX_ANSWER
+    )
 
 
 def read_mark(transport: Transport, path: str = MARK_PATH) -> str:
     """The sandbox's boot marker ("" when there is none); what the sandbox says is bounded."""
-    data = rebuild.exchange(transport, f"cat {path} 2>/dev/null; true", None, limit=_MAX_ANSWER)
+    data = rebuild.exchange(
+        transport, f"cat {shlex.quote(path)} 2>/dev/null; true", None, limit=_MAX_ANSWER
+    )
     found = data.decode("ascii", errors="replace").strip()
     return found if _TOKEN.match(found) else ""
 

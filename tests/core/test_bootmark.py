@@ -49,3 +49,15 @@ def test_a_boot_marker_cut_short_reads_as_no_marker(tmp_path: Path) -> None:
         assert bootmark.read_mark(shell, str(mark)) == ""
     mark.write_text(token + "\n")
     assert bootmark.read_mark(shell, str(mark)) == token
+
+
+def test_a_boot_marker_path_is_one_word_to_the_shell_never_a_second_command(
+    tmp_path: Path,
+) -> None:
+    mark = tmp_path / "boot mark; touch planted"
+    shell = ShellTransport("local", LocalShell(cwd=tmp_path))
+    token = bootmark.new_token()
+    bootmark.leave_mark(shell, token, str(mark))
+    assert mark.read_text() == token + "\n"
+    assert bootmark.read_mark(shell, str(mark)) == token
+    assert not (tmp_path / "planted").exists()
