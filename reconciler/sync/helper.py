@@ -523,7 +523,9 @@ class Helper:
         self.drain()  # pooled jobs may still use these fds
         for fd in self.dirs.values():
             os.close(fd)
-        self.dirs = {}
+        # emptied in place: a loop holding the cache in a local (`op_puts`) then finds no
+        # closed fd in it
+        self.dirs.clear()
 
     def open_dir(self, rel: str, create: bool) -> int:
         """fd of directory `rel` under the root, walked component by component with
@@ -790,8 +792,6 @@ class Helper:
                     if pfd is None or name in ("", ".", ".."):
                         parent, name = split(path)
                         pfd = self.open_dir(parent, True)
-                        # a full cache was dropped (its fds closed) for a new dict
-                        dirs = self.dirs
                     if not ok:
                         continue
                     fd = -1
