@@ -560,11 +560,12 @@ class _Scan:
         """Hand the full batch to the hasher, or hash it here while the hasher has enough."""
         batch, self.queue = self.queue, []
         h = self.child
-        if h is None and not self.started and self.wait_batches > 0:
-            self.wait_batches -= 1
-        elif h is None and not self.started:
-            self.started = True  # a tree with many new files: worth a second process
-            h = self.child = hasher.start(READ_FLAGS, CHUNK, os.path.join(self.root, ""))
+        if h is None and not self.started:
+            if self.wait_batches > 0:
+                self.wait_batches -= 1
+            else:
+                self.started = True  # a tree with many new files: worth a second process
+                h = self.child = hasher.start(READ_FLAGS, CHUNK, os.path.join(self.root, ""))
         if h is not None:
             sent = self.sent
             while sent and h.ready():
