@@ -491,6 +491,9 @@ class Lender:
         self.idle_s = idle_s
         self._held: dict[str, _Held] = {}
         self._lock = threading.Lock()
+        #: requests being answered; `serve` returns only once they are (see there)
+        self._answering = 0
+        self._answered = threading.Condition(self._lock)
 
     @property
     def holding(self) -> int:
@@ -554,7 +557,11 @@ class Lender:
         return out
 
     def serve(self) -> None:
-        """Answer borrowers until nothing is held any more."""
+        """Answer borrowers until nothing is held any more and no request is being answered.
+
+        Why wait for the answers: the caller exits at once, and a drop that had taken the last
+        connection off the list was cut short there, before it closed the connection and
+        removed its socket (the next command found a socket nobody answered)."""
         with selectors.DefaultSelector() as sel:
             while True:
                 for held in self._expired(time.monotonic()):
@@ -564,6 +571,7 @@ class Lender:
                 with self._lock:
                     current = dict(self._held)
                 if not current:
+                    self._await_answers(_ASK_S)
                     return
                 registered = {k.fileobj for k in sel.get_map().values()}
                 for held in current.values():
@@ -572,9 +580,34 @@ class Lender:
                 for sk, _ in sel.select(timeout=min(1.0, self.idle_s)):
                     with contextlib.suppress(OSError):
                         conn, _ = sk.fileobj.accept()  # type: ignore[union-attr]
-                        threading.Thread(
-                            target=self._serve_one, args=(conn, str(sk.data)), daemon=True
-                        ).start()
+                        self._answer(conn, str(sk.data))
+
+    def _answer(self, conn: socket.socket, path: str) -> None:
+        """Answer `conn` on a thread of its own, counted until it is done."""
+        with self._lock:
+            self._answering += 1
+        try:
+            threading.Thread(target=self._serve_one, args=(conn, path), daemon=True).start()
+        except BaseException:
+            self._answered_one()
+            conn.close()
+            raise
+
+    def _answered_one(self) -> None:
+        with self._answered:
+            self._answering -= 1
+            self._answered.notify_all()
+
+    def _await_answers(self, timeout: float) -> None:
+        """Until no request is being answered, or `timeout` (a relay stuck on a borrower that
+        stopped reading: its connection is closed already, and the process's exit ends it)."""
+        deadline = time.monotonic() + timeout
+        with self._answered:
+            while self._answering > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._answered.wait(left)
 
     def _serve_one(self, conn: socket.socket, path: str) -> None:
         try:
@@ -607,6 +640,7 @@ class Lender:
             pass
         finally:
             conn.close()
+            self._answered_one()
 
     def _drop_session(self, status_path: str, session: str) -> None:
         with self._lock:

@@ -157,6 +157,38 @@ def test_dropping_a_session_ends_its_kept_connection_at_once(place: Path, tmp_pa
     assert os.listdir(place) == []
 
 
+class SlowToClose(Closable):
+    """An SSH connection whose close takes longer than the lender's idle wake-up (a
+    sandbox that is slow to answer the disconnect)."""
+
+    def close(self) -> None:
+        time.sleep(1.5)
+        super().close()
+
+
+def test_a_lender_is_done_only_once_a_connection_it_was_told_to_drop_is_closed_and_unlisted(
+    place: Path, tmp_path: Path
+) -> None:
+    # the warm process's child exits as soon as `serve` returns: a drop still on its way
+    # was cut short there, its socket left behind for the next command to find
+    key = a_key(tmp_path)
+    shell = SlowToClose()
+    lender = links.lender()
+    assert lender is not None
+    assert links.hand_over(ShellTransport("ssh", shell, pin=key.pin), key)
+    when_done: list[tuple[bool, list[str]]] = []
+
+    def serve_then_look() -> None:
+        lender.serve()
+        when_done.append((shell.closed.is_set(), os.listdir(place)))
+
+    serving = threading.Thread(target=serve_then_look, daemon=True)
+    serving.start()
+    links.drop_session(key.status_path, "web")
+    serving.join(10)
+    assert when_done == [(True, [])]
+
+
 def test_a_kept_connection_nobody_borrows_is_closed_after_its_idle_time(
     place: Path, tmp_path: Path
 ) -> None:
