@@ -6,13 +6,18 @@ with kill. `ShellTransport` makes any `RemoteShell` a `Transport` that runs comm
 
 Secrets: the environment holds `secret_env` values, so it never goes on a command line
 (where `ps` and `/proc/*/cmdline` would show it). The remote side runs a fixed bootstrap,
-`sh -c 'eval "$(head -c N)"'`, and reads a script of `export K='v'` lines from stdin.
+`exec sh -s` (`BOOTSTRAP`), and reads from stdin a script of `export K='v'` lines and the
+launch, all in one `{ ... }` group: the shell parses the whole group before it runs any of
+it, so a script cut short runs nothing.
 
 Timeouts: the script is written from its own thread (a sandbox that never reads its input
-cannot block us before the timeout is armed); it starts the command in its own session
-(`setsid`, when the sandbox has it) and first reports the id to kill on a marker line on
-stderr; on timeout we kill that whole process group from a second channel (TERM, then KILL),
-so no grandchild survives.
+cannot block us before the timeout is armed); it first reports the id to kill on a marker
+line on stderr; on timeout we kill that whole process group from a second channel (TERM,
+then KILL), so no grandchild survives. Where the channel's process already leads its own
+process group (sshd, the sandbox plugin and `LocalShell` start each one in a new session),
+the script starts the command as its child in that group: the login shell is the only
+program between the channel and the command. Elsewhere the command is moved into a session
+of its own (`setsid`, when the sandbox has it).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from reconciler.transport.base import (
     kill_group,
 )
 
-__all__ = ["ShellTransport", "build_script", "export_lines", "run_command"]
+__all__ = ["BOOTSTRAP", "ShellTransport", "build_script", "export_lines", "run_command"]
 
 _MARKER_LINE = re.compile(rb"__UKC_KILL__ (-?)([0-9]{1,9})\n")
 _READ = 256 * 1024
@@ -44,9 +49,15 @@ _DRAIN_S = 5.0
 _STOP_POLL_S = 0.2
 
 
-# why: the command runs in the background of the bootstrap shell so it is never a process
-# group leader, which lets `setsid` (util-linux) make it one without forking; `$$` is then
-# both its pid and the id of its new process group.
+#: the fixed command line of every session command: a shell that reads the script on stdin
+#: (`exec`: the channel's own process, so it leads the group its transport gave it)
+BOOTSTRAP = "exec sh -s"
+
+
+# why: where the channel's process leads no group of its own, the command runs in the
+# background of the bootstrap shell so it is never a process group leader, which lets `setsid`
+# (util-linux) make it one without forking; `$$` is then both its pid and the id of its new
+# process group.
 def _launch(shell: str) -> str:
     sh = shlex.quote(shell)
     return (
@@ -70,12 +81,22 @@ def export_lines(env: Mapping[str, str]) -> list[str]:
 
 
 def build_script(command: str, env: Mapping[str, str], cwd: str, shell: str = "sh") -> bytes:
-    """The stdin script: exports (POSIX-quoted), then the command launched in /workspace
-    by `shell -lc`."""
-    lines = [line + "\n" for line in export_lines(env)]
-    inner = f"cd {shlex.quote(cwd)} && {_launch(shell)}"
-    lines.append(f"sh -c {shlex.quote(inner)} {shlex.quote(command)} </dev/null &\n")
-    lines.append("wait $!\n")
+    """The stdin script for `BOOTSTRAP`: exports (POSIX-quoted), then the command launched in
+    `cwd` by `shell -lc`, the whole as one group (parsed whole before any of it runs)."""
+    lines = ["{\n"]
+    lines += [line + "\n" for line in export_lines(env)]
+    sh, cmd = shlex.quote(shell), shlex.quote(command)
+    lines.append(f"cd {shlex.quote(cwd)} || exit\n")
+    # why `kill -0 -$$`: a process group numbered with our pid exists only while we lead it
+    # (a pid is not reused while a group or session still bears it), so it asks "do we lead
+    # our group" without a program; the command then runs in the foreground (its death by
+    # a signal is an exit status, 128+n, as the other branch's `wait` makes it)
+    lines.append(
+        'if kill -0 "-$$" 2>/dev/null; then '
+        f'echo "__UKC_KILL__ -$$" >&2; {sh} -lc {cmd} </dev/null; '
+        f"else sh -c {shlex.quote(_launch(shell))} {cmd} </dev/null & wait $!; fi\n"
+    )
+    lines.append("exit\n}\n")
     return "".join(lines).encode()
 
 
@@ -184,7 +205,7 @@ def run_command(
     """
     script = build_script(command, env, cwd, shell_name)
     started = monotonic()
-    proc = shell.start(f"sh -c 'eval \"$(head -c {len(script)})\"'")
+    proc = shell.start(BOOTSTRAP)
     out_tail, err_tail = _Tail(tail_bytes), _Tail(tail_bytes)
     out = _Reader(proc.read, on_stdout, out_tail, marker=False)
     err = _Reader(proc.read_stderr, on_stderr, err_tail, marker=True)

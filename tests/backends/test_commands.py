@@ -12,7 +12,7 @@ import pytest
 
 from reconciler.errors import SpecError
 from reconciler.transport.base import CommandResult
-from reconciler.transport.commands import build_script, run_command
+from reconciler.transport.commands import BOOTSTRAP, build_script, run_command
 from reconciler.transport.sshclient import SshShell
 from reconciler.transport.tls import Dialer
 from tests.support.tls_sshd import FQDN, Sshd
@@ -270,3 +270,99 @@ class TestOverLocalShell:
             assert not (tmp_path / "pwned").exists()
         finally:
             local.close()
+
+
+class _Nested:
+    """A `RemoteShell` whose processes are the children of the process its channel starts,
+    so they lead no process group (as under a transport that gives none)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.started: list[object] = []
+
+    def start(self, command: str) -> object:
+        import shlex
+
+        proc = self.inner.start(f"sh -c {shlex.quote(command)}; exit $?")  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+
+class TestFewPrograms:
+    """The bootstrap runs the command with no program between the channel's shell and the
+    command's login shell: no `head` for the script, no `setsid` where the channel's process
+    already leads its own group (sshd, the plugin and `LocalShell` each start one so)."""
+
+    def test_a_command_needs_no_program_in_the_sandbox_but_its_shell(self, tmp_path: Path) -> None:
+        from reconciler.transport.local_shell import LocalShell
+
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "sh").symlink_to("/bin/sh")
+        local = LocalShell(env={"PATH": str(bin_dir)})
+        try:
+            result = run(local, "echo ran", env={"V": "1"}, cwd=str(tmp_path))  # type: ignore[arg-type]
+        finally:
+            local.close()
+        assert result.stdout_tail == "ran\n"
+
+    def test_a_command_runs_in_the_process_group_its_channel_already_leads(
+        self, tmp_path: Path
+    ) -> None:
+        from reconciler.transport.local_shell import LocalShell
+
+        local = LocalShell()
+        started: list[int] = []
+
+        class Recording:
+            def start(self, command: str) -> object:
+                proc = local.start(command)
+                started.append(proc.pid)
+                return proc
+
+        try:
+            result = run(Recording(), "ps -o pgid= -p $$", cwd=str(tmp_path))  # type: ignore[arg-type]
+        finally:
+            local.close()
+        assert result.exit_code == 0
+        assert int(result.stdout_tail) == started[0]
+
+    def test_where_the_channel_leads_no_group_a_timeout_still_kills_the_whole_command(
+        self, tmp_path: Path
+    ) -> None:
+        from reconciler.transport.local_shell import LocalShell
+
+        local = LocalShell()
+        try:
+            nested = _Nested(local)
+            ok = run(nested, 'printf %s "$V"; echo err >&2; exit 3', env={"V": "a b"})  # type: ignore[arg-type]
+            assert (ok.exit_code, ok.stdout_tail, ok.stderr_tail) == (3, "a b", "err\n")
+            slow = run(nested, "sleep 3121 & sleep 3122; echo after", timeout_s=0.5)  # type: ignore[arg-type]
+            assert slow.timed_out is True
+            assert "after" not in slow.stdout_tail
+            deadline = time.monotonic() + 10
+            while any("sleep 312" in c for c in host_cmdlines()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not any("sleep 312" in c for c in host_cmdlines())
+        finally:
+            local.close()
+
+    def test_a_script_cut_short_runs_nothing(self, tmp_path: Path) -> None:
+        from reconciler.transport.local_shell import LocalShell
+
+        script = build_script(f"touch {tmp_path}/ran", {"A": "x"}, str(tmp_path))
+        local = LocalShell()
+        try:
+            proc = local.start(BOOTSTRAP)
+            proc.write(script[: script.rindex(b"}")])
+            proc.close_stdin()
+            code = proc.wait(10)
+        finally:
+            local.close()
+        assert code != 0
+        assert not (tmp_path / "ran").exists()
+
+    def test_a_command_killed_by_a_signal_exits_with_128_plus_its_number(
+        self, shell: SshShell
+    ) -> None:
+        assert run(shell, "kill -9 $$").exit_code == 137
