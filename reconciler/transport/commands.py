@@ -90,9 +90,10 @@ def build_script(command: str, env: Mapping[str, str], cwd: str, shell: str = "s
     # why `kill -0 -$$`: a process group numbered with our pid exists only while we lead it
     # (a pid is not reused while a group or session still bears it), so it asks "do we lead
     # our group" without a program; the command then runs in the foreground (its death by
-    # a signal is an exit status, 128+n, as the other branch's `wait` makes it)
+    # a signal is an exit status, 128+n, as the other branch's `wait` makes it). Not as pid 1
+    # of a namespace: `kill -0 -1` asks about every other process, and -1 is no group.
     lines.append(
-        'if kill -0 "-$$" 2>/dev/null; then '
+        'if [ "$$" -gt 1 ] && kill -0 "-$$" 2>/dev/null; then '
         f'echo "__UKC_KILL__ -$$" >&2; {sh} -lc {cmd} </dev/null; '
         f"else sh -c {shlex.quote(_launch(shell))} {cmd} </dev/null & wait $!; fi\n"
     )

@@ -366,3 +366,28 @@ class TestFewPrograms:
         self, shell: SshShell
     ) -> None:
         assert run(shell, "kill -9 $$").exit_code == 137
+
+    def test_a_channel_whose_shell_is_its_pid_namespaces_first_process_still_names_a_group_to_kill(
+        self, tmp_path: Path
+    ) -> None:
+        import re
+        import shutil
+
+        from reconciler.transport.local_shell import LocalShell
+
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            pytest.skip("needs root and unshare for a pid namespace")
+        local = LocalShell()
+        try:
+            # another process in the namespace: `kill -0 -1` would find it
+            inner = f"sleep 30 & {BOOTSTRAP}"
+            proc = local.start(f"exec unshare --pid --fork --kill-child sh -c {inner!r}")
+            proc.write(build_script("echo ran", {}, str(tmp_path)))
+            proc.close_stdin()
+            assert proc.wait(10) == 0
+            err = proc.read_stderr(1 << 16)
+        finally:
+            local.close()
+        found = re.match(rb"__UKC_KILL__ -?([0-9]+)\n", err)
+        assert found is not None, err
+        assert int(found.group(1)) > 1  # a group or process of its own, never "every process"
