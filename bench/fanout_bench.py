@@ -17,7 +17,8 @@ Prints one line per (sessions, concurrency): the apply's wall seconds (time to c
 failures (count, exit code, the first error, and what the metro says of a failed instance:
 state, start_count, stop_reason, exit_code, the tail of its log), the ratio to one session at
 the same concurrency, the ukc process tree's CPU seconds (user + system, launcher + warm child;
-`procmeter`) and the metro daemon's (daemon + sandboxes, a before/after difference), the
+`procmeter`) and the metro's (daemon, sandboxes and every process they ran: `procmeter.TreeCpu`,
+a cgroup around the metro's tree where the bench runs as root, named on the first line), the
 mean per-session phase timings from the status file (create_s, ready_s, sync_s,
 commands_s), and peak RSS. Then `cpu_per_extra_session_s` = (CPU(N) - CPU(1)) / (N - 1) per
 concurrency. Medians over `--runs` (the one-session measurement, the ratios' denominator and
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procmeter import descendants, tree_cpu_s
+from procmeter import TreeCpu, descendants
 from ukcenv import UkcEnv
 
 PHASES = ("create_s", "ready_s", "sync_s", "commands_s")
@@ -95,14 +96,21 @@ def wait_sandboxes_gone(env: UkcEnv, baseline: int, timeout_s: float = 120) -> N
 
 
 def one(
-    env: UkcEnv, work: Path, n: int, conc: int, files: int, tag: str, settle_s: float = 0.0
+    env: UkcEnv,
+    metro: TreeCpu,
+    work: Path,
+    n: int,
+    conc: int,
+    files: int,
+    tag: str,
+    settle_s: float = 0.0,
 ) -> dict[str, Any]:
     proj = make_project(work / f"p-{tag}", n, files)
     baseline = sandbox_processes(env.metro_pid)
-    metro_cpu0 = tree_cpu_s(env.metro_pid)
+    metro_cpu0 = metro.seconds()
     os.sync()
     m = env.ukc(["apply", "--concurrency", str(conc), "specs.yaml"], proj, check=False)
-    metro_cpu = tree_cpu_s(env.metro_pid) - metro_cpu0
+    metro_cpu = metro.seconds() - metro_cpu0
     doc = json.loads((proj / ".ukc" / "status.json").read_text())
     sessions = doc.get("sessions", {})
     failed = {k: v for k, v in sessions.items() if v.get("phase") != "Ready"}
@@ -161,19 +169,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ukc-fanout-bench-"))
     env = UkcEnv(work)
     results: list[dict[str, Any]] = []
+    # the metro's processes from now on (the sandboxes' launch server, started at the first
+    # boot, is born inside)
+    metro = TreeCpu(env.metro_pid)
     try:
         # one session first, untimed: the metro's first boot pays one-off costs (CA, ports)
-        one(env, work, 1, 8, a.files, "warmup")
+        one(env, metro, work, 1, 8, a.files, "warmup")
         print(
             f"# fanout_bench nproc={os.cpu_count()} files/session={a.files} runs={a.runs} "
-            f"base_runs={a.base_runs}"
+            f"base_runs={a.base_runs} metro_cpu_by={metro.method}"
         )
         med: dict[tuple[int, int], dict[str, Any]] = {}
         for conc in concs:
             for n in counts:
                 runs = max(a.runs, a.base_runs) if n == 1 else a.runs
                 got = [
-                    one(env, work, n, conc, a.files, f"{n}-{conc}-{r}", a.settle)
+                    one(env, metro, work, n, conc, a.files, f"{n}-{conc}-{r}", a.settle)
                     for r in range(runs)
                 ]
                 results.extend(got)
@@ -216,6 +227,7 @@ def main() -> None:
             Path(a.json).write_text(json.dumps(results, indent=1))
     finally:
         env.close()
+        metro.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
