@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from reconciler.local import behaviour
 from reconciler.local import daemon as metro_daemon
 from reconciler.local.daemon import MetroInfo
 from tests.support.inproc_metro import InProcessMetro, unique
+from tests.support.waiting import eventually
 from tests.support.workflow import curl_argv
 
 
@@ -72,6 +74,34 @@ def test_a_retained_instance_stays_deleted_with_retained_until_unless_dont_retai
         assert retained["state"] == "deleted" and "retained_until" in retained
         listed = c.get("/v1/instances").json()["data"]["instances"]
         assert [i["state"] for i in listed if i["uuid"] == kept] == ["deleted"]
+
+
+def test_a_suspend_that_ends_after_a_delete_leaves_the_instance_deleted(
+    inproc: InProcessMetro,
+) -> None:
+    # as `ukc apply` then `ukc delete` do: the suspend is answered before the sandbox is
+    # frozen, and the delete comes while the freeze still runs
+    gate = inproc.runtime.freeze_gate = threading.Event()
+    with inproc.client() as c:
+        behave(c, {"delete_hold_s": 0.2, "retention_s": 0.0})
+        uuid = create(c, unique())
+        c.put("/v1/instances/suspend", json=[{"uuid": uuid}]).raise_for_status()
+        assert eventually(lambda: uuid in inproc.runtime.freezing, 10)
+        body = [{"uuid": uuid, "dont_retain": True, "timeout_s": 0}]
+        c.request("DELETE", "/v1/instances", json=body).raise_for_status()
+        assert get(c, uuid)["state"] == "deleted"
+        gate.set()
+        states: set[str] = set()
+
+        def gone() -> bool:
+            item = get(c, uuid)
+            if item.get("error") == 8:
+                return True
+            states.add(item["state"])
+            return False
+
+        assert eventually(gone, 10), f"the deleted instance stayed, states {states}"
+        assert states <= {"deleted"}, "the suspend's end brought a deleted instance back"
 
 
 def test_the_kind_preset_frees_the_name_at_once(inproc: InProcessMetro) -> None:

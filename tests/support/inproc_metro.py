@@ -55,6 +55,10 @@ class FakeRuntime:
         self.freeze_block_s = 0.0
         #: when each freeze's first pass (its hold of the loop) ended, `time.monotonic()`
         self.first_passes: list[float] = []
+        #: set: a freeze waits for it before it ends (what else the metro does meanwhile)
+        self.freeze_gate: threading.Event | None = None
+        #: the sandboxes whose freeze has begun
+        self.freezing: set[str] = set()
         #: the volumes each sandbox was last started with
         self.mounts: dict[str, list[Mount]] = {}
         self.removed_volumes: list[Path] = []
@@ -82,9 +86,12 @@ class FakeRuntime:
         self.frozen.discard(uuid)
 
     async def freeze(self, uuid: str) -> None:
+        self.freezing.add(uuid)
         time.sleep(self.freeze_block_s)
         self.first_passes.append(time.monotonic())
         await asyncio.sleep(self.freeze_delay_s)
+        if self.freeze_gate is not None:
+            await asyncio.to_thread(self.freeze_gate.wait, 30)
         self.frozen.add(uuid)
 
     async def thaw(self, uuid: str) -> None:

@@ -359,6 +359,11 @@ class LocalMetro:
                 self._log(rec, f"halt error: {exc}")
             finally:
                 self._stopping_by_us.discard(rec.uuid)
+            if rec.uuid not in self.index or rec.state == "deleted":
+                # why: a delete does not wait for this lock; one that came while the sandbox
+                # was stopped or frozen owns the record now (a `standby` set here brought it
+                # back: listed after `ukc delete`, never released)
+                return
             rec.stop_reason = reason
             rec.stop_code = None
             rec.suspended = manual and to_state == "standby"
