@@ -21,12 +21,8 @@ import pytest
 from reconciler.errors import TransportError
 from reconciler.transport.sshclient import SshProcess, SshShell
 from reconciler.transport.tls import Dialer, TlsStream
-from tests.support.tls_peer import TlsPeer, echo
+from tests.support.tls_peer import TlsPeer, deaf, echo
 from tests.support.tls_sshd import FQDN, CaFiles, Sshd, dialer_to
-
-
-def deaf(tls: ssl.SSLSocket) -> None:
-    time.sleep(30)  # never reads, never writes; closed by the fixture
 
 
 def says_goodbye(tls: ssl.SSLSocket) -> None:
