@@ -282,14 +282,22 @@ def test_a_command_sent_to_the_exec_api_is_on_no_host_command_line(
     assert owner.stdin is not None
     owner.stdin.write(body)
     owner.stdin.close()
-    time.sleep(1.5)
-    scan = run_as_other_user(["/usr/bin/python3", "-c", SCAN_PROCESSES], timeout=120)
+    # why scans until one sees it, not one after a fixed wait: the command may start late
+    scans: list[str] = []
+
+    def scan_sees_the_command_or_it_ended() -> bool:
+        out = run_as_other_user(["/usr/bin/python3", "-c", SCAN_PROCESSES], timeout=120)
+        assert out.returncode == 0, out.stderr
+        scans.append(out.stdout)
+        return "sleep\x004" in out.stdout or owner.poll() is not None
+
+    assert eventually(scan_sees_the_command_or_it_ended, timeout_s=60, interval_s=0.2)
     assert owner.stdout is not None
     answer = json.loads(owner.stdout.read())
     owner.wait(timeout=60)
     assert answer["stdout"] == f"{len(canaries.secret)}\n"  # it did run, with the secret
-    assert "sleep\x004" in scan.stdout  # the scan did see the command running
-    assert_nowhere(canaries, texts=[scan.stdout])
+    assert any("sleep\x004" in scan for scan in scans), "no scan saw the command running"
+    assert_nowhere(canaries, texts=scans)
     _assert_nothing_planted(victim)
 
 
