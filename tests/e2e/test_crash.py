@@ -8,6 +8,7 @@ status, and the run after that must plan nothing. `UKC_CRASH_SEED` replays a fai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +27,9 @@ from typing import Any
 import pytest
 
 from reconciler.local.daemon import MetroInfo
+from tests.support.sandboxes import cmdline, sandbox_pids
 from tests.support.ukc import Ukc
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.metro
 
@@ -284,12 +287,24 @@ def test_apply_killed_at_random_instants_converges_on_the_next_run_with_one_inst
     assert killed >= kills * 3 // 4, f"only {killed} of {kills} runs were actually killed"
 
 
+#: SPEC whose last command, once its outputs are written, waits for the test's go-ahead
+HELD_SPEC = SPEC.replace(
+    "&& sleep 0.2", "&& while [ ! -e /workspace/.go ]; do sleep 0.05; done; rm /workspace/.go"
+)
+
+
+def sync_helpers(workspace: Path) -> list[int]:
+    """The sandbox's sync helpers (`python3 -E -S`, the sandbox's agent runs `-I -S`)."""
+    return [p for p in sandbox_pids(workspace) if cmdline(p)[:3] == ["python3", "-E", "-S"]]
+
+
 def test_apply_killed_during_sync_back_brings_the_outputs_home_without_rerunning_commands(
     metro: MetroInfo, tmp_path: Path, projects: list[Ukc]
 ) -> None:
     # Regression (seed 20261126, kill point 9): the commands were journaled as succeeded, so
     # the next apply skipped them and, with them, the sync-back; the outputs never came home.
     tool = new_project(metro, tmp_path / "back", random.Random(SEED + 50))
+    tool.write_spec(HELD_SPEC)
     projects.append(tool)
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler", "apply", "session.yaml"],
@@ -300,6 +315,25 @@ def test_apply_killed_during_sync_back_brings_the_outputs_home_without_rerunning
         start_new_session=True,
     )
     assert proc.stdout is not None
+    # why held: a kill sent when "bring back out/" is read came after a pull of two small
+    # files had ended on a loaded machine. While the last command waits, the pull's helper
+    # (started ahead, beside the push's) is stopped: the sync-back that follows cannot end.
+    workspace: list[Path] = []
+
+    def held() -> bool:
+        try:
+            uuid = tool.status()["sessions"][SESSION]["instance"]["uuid"]
+        except (FileNotFoundError, KeyError, TypeError, ValueError):
+            return False
+        workspace[:] = [tool.workspace(uuid)]
+        return (workspace[0] / "out" / "sums.txt").exists()
+
+    assert eventually(held, 120), "the last command never wrote its outputs"
+    assert eventually(lambda: len(sync_helpers(workspace[0])) >= 2, 60), "no pull started ahead"
+    helpers = sync_helpers(workspace[0])
+    for pid in helpers:
+        os.kill(pid, signal.SIGSTOP)
+    (workspace[0] / ".go").touch()
     seen = []
     for line in proc.stdout:
         seen.append(line.decode(errors="replace"))
@@ -307,8 +341,11 @@ def test_apply_killed_during_sync_back_brings_the_outputs_home_without_rerunning
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait()
+    for pid in helpers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert "bring back out/" in seen[-1], "".join(seen)
-    assert not (tool.project / "work" / "out" / "sums.txt").exists(), "kill came too late"
+    assert not (tool.project / "work" / "out" / "sums.txt").exists(), "the pull was not held"
     out = json.loads(tool.run("apply", "session.yaml", "--output", "json", check=0).stdout)
     group = out["groups"][0]
     rec = assert_converged(tool)
