@@ -85,12 +85,14 @@ def test_a_suspend_that_ends_after_a_delete_leaves_the_instance_deleted(
     with inproc.client() as c:
         behave(c, {"delete_hold_s": 0.2, "retention_s": 0.0})
         uuid = create(c, unique())
-        c.put("/v1/instances/suspend", json=[{"uuid": uuid}]).raise_for_status()
-        assert eventually(lambda: uuid in inproc.runtime.freezing, 10)
-        body = [{"uuid": uuid, "dont_retain": True, "timeout_s": 0}]
-        c.request("DELETE", "/v1/instances", json=body).raise_for_status()
-        assert get(c, uuid)["state"] == "deleted"
-        gate.set()
+        try:
+            c.put("/v1/instances/suspend", json=[{"uuid": uuid}]).raise_for_status()
+            assert eventually(lambda: uuid in inproc.runtime.freezing, 10)
+            body = [{"uuid": uuid, "dont_retain": True, "timeout_s": 0}]
+            c.request("DELETE", "/v1/instances", json=body).raise_for_status()
+            assert get(c, uuid)["state"] == "deleted"
+        finally:
+            gate.set()
         states: set[str] = set()
 
         def gone() -> bool:
