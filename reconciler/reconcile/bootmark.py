@@ -44,6 +44,7 @@ __all__ = [
     "carry_over",
     "check",
     "leave_mark",
+    "mark_command",
     "new_token",
     "read_mark",
     "worth_checking",
@@ -61,8 +62,8 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-def leave_mark(transport: Transport, token: str, path: str = MARK_PATH) -> None:
-    """Write `token` as the sandbox's boot marker.
+def mark_command(token: str, path: str = MARK_PATH) -> str:
+    """The shell text that writes `token` as the sandbox's boot marker.
 
     Why in place, with the shell's own `printf` (no temp file and `mv`): a marker cut short
     or read while it is written is not a whole token, which reads as no marker (a cold boot,
@@ -70,9 +71,13 @@ def leave_mark(transport: Transport, token: str, path: str = MARK_PATH) -> None:
     """
     if not _TOKEN.match(token):
         raise ValueError("a boot marker token is 32 lowercase hex digits")
-    rebuild.exchange(
-        transport, f"printf '%s\\n' {token} > {shlex.quote(path)}", None, limit=_MAX_ANSWER
-    )
+    return f"printf '%s\\n' {token} > {shlex.quote(path)}"
+
+
+def leave_mark(transport: Transport, token: str, path: str = MARK_PATH) -> None:
+    """Write `token` as the sandbox's boot marker, on a channel of its own (a new boot's first
+    push carries it on its helper's instead: `Executor._connect`)."""
+    rebuild.exchange(transport, mark_command(token, path), None, limit=_MAX_ANSWER)
 
 
 def read_mark(transport: Transport, path: str = MARK_PATH) -> str:

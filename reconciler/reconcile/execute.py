@@ -21,7 +21,7 @@ from pathlib import Path
 
 from reconciler import errors
 from reconciler._util.retry import RetryPolicy, poll
-from reconciler._util.threads import background, together
+from reconciler._util.threads import background
 from reconciler.cloud import stops
 from reconciler.cloud.metros import MetroConnection, MetroRegistry
 from reconciler.cloud.model import CreateRequest, Instance, VolumeMount
@@ -766,20 +766,30 @@ class Executor:
         if not push_follows:
             self._mark_boot(ctx.desired.name, run)
             return
-        # the helper's interpreter starts in the sandbox while the boot is marked (the two on
-        # channels of their own, at once) and the next round observes and plans the push (it
-        # finds the helper running)
-        together(
-            lambda: sync_engine.start_ahead(transport, ctx.sync_options, instance_uuid=inst.uuid),
-            lambda: self._mark_boot(ctx.desired.name, run),
-            "ukc-helper-ahead",
+        # the helper's interpreter starts in the sandbox and the next round observes and plans
+        # the push (it finds the helper running); the helper's shell leaves the boot marker
+        # first, so a new boot's mark costs no channel of its own
+        session = ctx.desired.name
+        token = self._mark_due(session, run)
+        before = bootmark.mark_command(token) if token else ""
+        started = sync_engine.start_ahead(
+            transport, ctx.sync_options, instance_uuid=inst.uuid, before=before
         )
+        if token is None:
+            return
+        if not started:
+            self._mark_boot(session, run, token)
+            return
+        # why recorded unconfirmed: the shell runs the marker's write before the helper, and
+        # a token recorded that the sandbox lacks reads as a cold boot (the safe side)
+        known = self._record(session).instance
+        with self.doc_lock:
+            if known is not None:
+                known.boot_mark = token
 
-    def _mark_boot(self, session: str, run: _Run) -> None:
-        """Leave the boot marker on the first connection of a boot (`reconcile/bootmark.py`).
-        Best effort: without one, a later `start_count` change reads as a cold boot."""
-        inst, rec = run.inst, self._record(session)
-        known = rec.instance
+    def _mark_due(self, session: str, run: _Run) -> str | None:
+        """A new token when this connection is the first of a boot not marked yet, else None."""
+        inst, known = run.inst, self._record(session).instance
         if (
             run.transport is None
             or inst is None
@@ -788,15 +798,25 @@ class Executor:
             or known.uuid != inst.uuid
             or known.start_count != inst.start_count
         ):
+            return None
+        return bootmark.new_token()
+
+    def _mark_boot(self, session: str, run: _Run, token: str | None = None) -> None:
+        """Leave the boot marker on the first connection of a boot (`reconcile/bootmark.py`),
+        on a channel of its own. Best effort: without one, a later `start_count` change reads
+        as a cold boot."""
+        token = token or self._mark_due(session, run)
+        if token is None or run.transport is None:
             return
-        token = bootmark.new_token()
         try:
             bootmark.leave_mark(run.transport, token)
         except errors.UkcError as err:
             self._say(session, "info", f"boot marker not left: {err}")
             return
+        known = self._record(session).instance
         with self.doc_lock:
-            known.boot_mark = token
+            if known is not None:
+                known.boot_mark = token
 
     def _sync_up(self, ctx: SessionContext, run: _Run) -> None:
         assert run.transport is not None and run.inst is not None

@@ -93,18 +93,21 @@ def push(
     return result
 
 
-def start_ahead(shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str) -> None:
+def start_ahead(
+    shell: RemoteShell, opts: SyncOptions, *, instance_uuid: str, before: str = ""
+) -> bool:
     """Start the python helper of a push still to come over `shell` (a connection opened
     ahead of need), unless the instance is known to have no python3 (the tar path then
-    needs nothing started)."""
-    if recorded_tools(opts, instance_uuid) != "shell":
-        # a kept connection's lender starts the next one ahead too (`RemoteShell.spare`,
-        # where a shell has it): the helper's bootstrap waits for its program, so it may be
-        # started early
-        spare = getattr(getattr(shell, "shell", shell), "spare", None)
-        if spare is not None:
-            spare(helper_command(opts))
-        HelperSession.start_ahead(shell, opts)
+    needs nothing started). `before`: shell text its shell runs first, whatever comes of it
+    (`remote.helper_command`); True once that shell was started."""
+    if recorded_tools(opts, instance_uuid) == "shell":
+        return False
+    # a kept connection's lender starts the next one ahead too (`RemoteShell.spare`, where a
+    # shell has it): the helper's bootstrap waits for its program, so it may be started early
+    spare = getattr(getattr(shell, "shell", shell), "spare", None)
+    if spare is not None:
+        spare(helper_command(opts))
+    return HelperSession.start_ahead(shell, opts, before=before)
 
 
 def digest_ahead(

@@ -169,16 +169,20 @@ def bytecode_tag() -> str:
     )
 
 
-def helper_command(opts: SyncOptions, *, cache: bool = True, prog: Program | None = None) -> str:
+def helper_command(
+    opts: SyncOptions, *, cache: bool = True, prog: Program | None = None, before: str = ""
+) -> str:
     """The shell command that starts the helper; it then reads `prog.payload` (default: the
-    helper's `program()`) from stdin."""
+    helper's `program()`) from stdin. `before`: shell text the same shell runs first (its
+    failure and its messages do not stop the helper)."""
     prog = prog if prog is not None else program()
     python = shlex.quote(opts.remote_python)
     state = shlex.quote(opts.remote_state_dir)
     mode = "w" if cache else "r"
     tag = shlex.quote(prog.tag or "-")
+    first = f"{{ {before}; }} 2>/dev/null; " if before else ""
     return (
-        f"exec {python} -E -S -c {shlex.quote(_BOOT)} {len(prog.packed_source)} {state} "
+        f"{first}exec {python} -E -S -c {shlex.quote(_BOOT)} {len(prog.packed_source)} {state} "
         f"{_PROGRAM_ID} {mode} {len(prog.code)} {tag}"
     )
 
@@ -328,10 +332,12 @@ class HelperSession:
         read_only: bool = False,
         command: str | None = None,
         tool: str | None = None,
+        before: str = "",
     ) -> None:
         """`command`: run this shell command instead of the python helper (the shell+tar
         path: the same watchdog, bounded reads and coalesced writes), `tool` the program it
-        needs (named when the shell answers 126/127)."""
+        needs (named when the shell answers 126/127); `before`: shell text the helper's shell
+        runs first (`helper_command`)."""
         self.opts = opts
         self._shell = shell
         self._proc: RemoteProcess | None = None
@@ -342,7 +348,9 @@ class HelperSession:
         try:
             with dog.call():
                 self._proc = shell.start(
-                    command if command is not None else helper_command(opts, cache=not read_only)
+                    command
+                    if command is not None
+                    else helper_command(opts, cache=not read_only, before=before)
                 )
         except Exception:
             dog.stop()
@@ -452,13 +460,19 @@ class HelperSession:
         kept.park()
 
     @classmethod
-    def start_ahead(cls, shell: RemoteShell, opts: SyncOptions) -> None:
+    def start_ahead(cls, shell: RemoteShell, opts: SyncOptions, *, before: str = "") -> bool:
         """Start a helper for a push still to come and park it: its interpreter starts (tens
         of ms in the sandbox) while the controller scans and plans, and `for_push` finds it
         running. A helper that fails to start is only a lost head start: `for_push` finds it
-        dead and starts its own, whose failure says why."""
+        dead and starts its own, whose failure says why. True once its shell was started
+        (with `before` ahead of the helper)."""
+        try:
+            helper = cls(shell, opts, before=before)
+        except Exception:
+            return False
         with contextlib.suppress(Exception):
-            cls(shell, opts).park()
+            helper.park()
+        return True
 
     def _alive(self) -> bool:
         try:

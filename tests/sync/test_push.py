@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -564,6 +565,27 @@ class TestStartedAhead:
         assert len(site.shell.started) == 1  # running before the push asks for it
         assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
         assert len(site.shell.started) == 1
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_what_a_helper_started_ahead_is_given_to_run_first_runs_in_its_own_shell(
+        self, site: Site
+    ) -> None:
+        # why: a new boot's marker rides on the helper's start, no channel of its own
+        write(site.local / "a.txt", "a")
+        mark = site.remote.parent / "boot mark"
+        first = f"printf x > {shlex.quote(str(mark))}"
+        assert start_ahead(site.shell, site.opts(), instance_uuid="u1", before=first) is True
+        assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
+        assert len(site.shell.started) == 1
+        assert mark.read_text() == "x"
+        assert snapshot(site.remote) == snapshot(site.local)
+
+    def test_what_fails_before_a_helper_started_ahead_does_not_stop_it(self, site: Site) -> None:
+        write(site.local / "a.txt", "a")
+        first = "printf x > /nonexistent/dir/mark"
+        assert start_ahead(site.shell, site.opts(), instance_uuid="u1", before=first) is True
+        assert push(site.shell, site.opts(), instance_uuid="u1").files_sent == 1
+        assert len(site.shell.started) == 1  # the helper started ahead served the push
         assert snapshot(site.remote) == snapshot(site.local)
 
     @BOTH_PATHS
