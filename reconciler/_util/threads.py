@@ -1,5 +1,5 @@
 """`KeptThreads`: daemon threads kept to run short jobs one after another; `background`: one
-job on a thread of its own, its result asked for later; `together`: two jobs at once.
+job on a thread of its own, its result asked for later.
 
 why: starting a thread waits until the new thread runs, a scheduling delay of a millisecond or
 more on a loaded machine; a job handed to a thread kept idle starts without that wait. A job
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-__all__ = ["KeptThreads", "background", "together"]
+__all__ = ["KeptThreads", "background"]
 
 _T = TypeVar("_T")
 
@@ -33,17 +33,6 @@ def background(job: Callable[[], _T], name: str) -> Future[_T]:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return future
-
-
-def together(aside: Callable[[], object], here: Callable[[], object], name: str) -> None:
-    """Run `aside` on a thread of its own while `here` runs on this one; return when both
-    ended (the error of `here` first, else that of `aside`). Why: two round trips to the same
-    peer (two channels of one connection) that need nothing of each other."""
-    other = background(aside, name)
-    try:
-        here()
-    finally:
-        other.result()
 
 
 class KeptThreads:
