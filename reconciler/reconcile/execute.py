@@ -782,10 +782,7 @@ class Executor:
             return
         # why recorded unconfirmed: the shell runs the marker's write before the helper, and
         # a token recorded that the sandbox lacks reads as a cold boot (the safe side)
-        known = self._record(session).instance
-        with self.doc_lock:
-            if known is not None:
-                known.boot_mark = token
+        self._record_mark(session, token)
 
     def _mark_due(self, session: str, run: _Run) -> str | None:
         """A new token when this connection is the first of a boot not marked yet, else None."""
@@ -813,6 +810,9 @@ class Executor:
         except errors.UkcError as err:
             self._say(session, "info", f"boot marker not left: {err}")
             return
+        self._record_mark(session, token)
+
+    def _record_mark(self, session: str, token: str) -> None:
         known = self._record(session).instance
         with self.doc_lock:
             if known is not None:
