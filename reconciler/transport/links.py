@@ -601,13 +601,8 @@ class Lender:
     def _await_answers(self, timeout: float) -> None:
         """Until no request is being answered, or `timeout` (a relay stuck on a borrower that
         stopped reading: its connection is closed already, and the process's exit ends it)."""
-        deadline = time.monotonic() + timeout
         with self._answered:
-            while self._answering > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._answered.wait(left)
+            self._answered.wait_for(lambda: self._answering == 0, timeout)
 
     def _serve_one(self, conn: socket.socket, path: str) -> None:
         try:
