@@ -206,6 +206,7 @@ class Trees:
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._closed = False
 
     @classmethod
     def open(
@@ -217,7 +218,9 @@ class Trees:
 
     def add(self, root: str, recursive: bool) -> bool:
         """Watch `root` (and, `recursive`, every directory under it); False when a watch was
-        refused (the watch limit, say): events from there will not come."""
+        refused (the watch limit, say), or once stopped: events from there will not come."""
+        if self._stopped:
+            return False
         ok = self._watch(root, recursive)
         if recursive:
             ok = self._watch_below(root) and ok
@@ -261,16 +264,38 @@ class Trees:
             self._libc.inotify_rm_watch(self._fd, wd)
 
     def stop(self) -> None:
-        self._stopped = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(2)
-        for fd in (self._fd, self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Nothing is delivered once this returns, except by a delivery already under way;
+        the reader thread closes the descriptors on its way out. why: closed here while the
+        reader is still inside a delivery (a slow callback, a new directory's walk), their
+        numbers go to the next file opened, which the reader would then read from, or whose
+        inotify watches it would remove."""
+        with self._lock:
+            self._stopped = True
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
+        thread = self._thread
+        if thread is None:
+            self._close()
+        elif thread is not threading.current_thread():
+            thread.join(2)
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self._fd, self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _run(self) -> None:
+        try:
+            self._read()
+        finally:
+            self._close()
+
+    def _read(self) -> None:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -290,6 +315,8 @@ class Trees:
 
     def _handle(self, data: bytes) -> None:
         for wd, mask, name in _events(data):
+            if self._stopped:
+                return
             if mask & IN_Q_OVERFLOW:
                 self._overflow()
                 continue

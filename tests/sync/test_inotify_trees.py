@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,3 +106,48 @@ def test_a_stopped_watch_delivers_nothing_more(watched: tuple[Trees, _Seen, Path
     (root / "f.txt").write_text("x")
     assert seen.paths() == set()
     assert seen.lost == 0
+
+
+def test_a_watch_stopped_in_a_slow_delivery_delivers_nothing_more_and_leaves_the_next_inotify_alone(
+    tmp_path: Path,
+) -> None:
+    # A rename queues two events at once (moved from, moved to): the reader is held inside
+    # the first one's delivery while the watch is stopped. Its descriptors then must stay its
+    # own: closed by `stop`, their numbers go to the next inotify instance opened, and the
+    # reader's next step (watching the directory moved in) would add watches to that one.
+    root = tmp_path / "root"
+    (root / "old" / "deep").mkdir(parents=True)
+    entered, release = threading.Event(), threading.Event()
+    delivered: list[str] = []
+
+    def deliver(path: str, writing: bool) -> None:
+        delivered.append(path)
+        entered.set()
+        release.wait(10)
+
+    trees = Trees.open(deliver, lambda: None)
+    assert trees is not None
+    assert trees.add(str(root), True)
+    os.rename(root / "old", root / "moved")
+    assert entered.wait(5)
+    trees.stop()
+    stopped_with = list(delivered)
+    other = inotify._open()
+    assert other is not None
+    other_fd, libc = other
+    try:
+        assert libc.inotify_add_watch(other_fd, os.fsencode(tmp_path), inotify.MASK) >= 0
+        release.set()
+        deadline = time.monotonic() + 5
+        while any(t.name == "ukc-inotify" for t in threading.enumerate()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert delivered == stopped_with == [str(root / "old")]
+        (root / "moved" / "f.txt").write_text("x")
+        (root / "moved" / "deep" / "g.txt").write_text("x")
+        time.sleep(0.05)
+        with pytest.raises(BlockingIOError):
+            os.read(other_fd, 1 << 16)  # nothing but what it watches: tmp_path, unchanged
+    finally:
+        release.set()
+        os.close(other_fd)
