@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ukc against rsync on a 100,000-file tree, side by side on local-metro sandboxes.
 
-    .venv/bin/python bench/scale_bench.py [--files 100000] [--dirs 1000] [--runs 1]
+    .venv/bin/python bench/scale_bench.py [--files 100000] [--dirs 1000] [--runs 2]
                                           [--edits 10] [--no-watch] [--no-back] [--cold]
 
 Tree (`treegen.gen_scale_tree`, seeded): `--files` files of 0.2-2 KB in `--dirs` directories
@@ -14,7 +14,8 @@ beforehand through the API, not timed), a fresh process per call.
 ukc: the CLI as a user runs it (`ukc apply`, a fresh process forked by the warm process) on a
 session whose sandbox was created beforehand by an apply of a one-file tree (not timed).
 
-Phases, per side (each run alternates which side goes first):
+Phases, per side (each run alternates which side goes first; the second side pays for fresh
+memory, so keep --runs even):
   initial    the whole tree into an empty /workspace
   nochange   the same again
   onefile    one file rewritten (`treegen.edit_one`), then one `ukc apply` / one rsync
@@ -81,7 +82,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procmeter import KindCpu, rss_of
-from sync_bench import describe_fs, rsync_cmd, timed, wait_rsync_ready
+from sync_bench import EVEN_RUNS, describe_fs, rsync_cmd, timed, wait_rsync_ready
 from treegen import edit_one, gen_scale_tree, scale_files
 from ukcenv import UKC, UkcEnv, session_status
 
@@ -325,7 +326,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--dirs", type=int, default=1000)
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=2, help=EVEN_RUNS)
     ap.add_argument("--edits", type=int, default=10, help="watch edits per run")
     ap.add_argument("--no-watch", action="store_true")
     ap.add_argument("--no-back", action="store_true")

@@ -2,7 +2,7 @@
 """One whole session, end to end: the original workflow's scripts against `ukc apply` +
 `ukc delete`, on the same tree and command, side by side on the local metro.
 
-    .venv/bin/python bench/session_bench.py [--runs 3] [--tree baseline|small|scale]
+    .venv/bin/python bench/session_bench.py [--runs 4] [--tree baseline|small|scale]
                                             [--command 'CMD']
 
 The original workflow (docs/PLATFORM.md, "The original workflow"), each step with its real
@@ -44,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sync_bench import EVEN_RUNS
 from treegen import gen_scale_tree, gen_tree
 from ukcenv import UkcEnv, session_status
 
@@ -159,7 +160,7 @@ def ukc_side(env: UkcEnv, proj: Path, command: str) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=4, help=EVEN_RUNS)
     ap.add_argument("--tree", choices=("baseline", "small", "scale"), default="baseline")
     ap.add_argument("--files", type=int, default=100_000, help="for --tree scale")
     ap.add_argument("--command", default=DEFAULT_COMMAND)
