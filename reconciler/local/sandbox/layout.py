@@ -5,8 +5,9 @@
 attached to (a volume at `/workspace` takes the workspace's place);
 `sandboxes/<uuid>/` holds its ssh host key, shadow file and host id range, `accounts/` the
 `passwd` and `group` every sandbox of the daemon is given. The
-listening sockets live in a host-only control dir, `run/<uuid>/` (or a short `/tmp/ukc-*` dir
-when the state dir is too deep for a unix socket path), which the sandbox never sees.
+listening sockets live in a host-only control dir, `/dev/shm/ukc-*/<uuid>/` (else `run/<uuid>/`,
+or a short `/tmp/ukc-*` dir when the state dir is too deep for a unix socket path), which the
+sandbox never sees.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ __all__ = ["UUID_RE", "WORKSPACE", "Mount", "SandboxLayout"]
 UUID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # why: unix socket paths are limited to 108 bytes; leave room for the file name
 _SOCK_PATH_MAX = 100
+#: where the control dirs go first. why a memory file system: each boot binds two sockets
+#: there, and on a disk file system each is an inode allocated (and freed at the stop), ~20
+#: times the kernel work of one in memory (bench/PROFILE.md); the sockets are gone with the
+#: daemon anyway
+MEMORY_DIR = Path("/dev/shm")
 WORKSPACE = "/workspace"
 
 
@@ -44,8 +50,9 @@ class Mount:
 class SandboxLayout:
     """The paths of every sandbox of one state dir; a uuid that is not one is refused."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, memory_dir: Path = MEMORY_DIR) -> None:
         self.state_dir = state_dir
+        self._memory_dir = memory_dir
         self._run_base: Path | None = None
 
     def check_uuid(self, uuid: str) -> None:
@@ -87,18 +94,16 @@ class SandboxLayout:
     def _control_base(self) -> Path:
         if self._run_base is not None:
             return self._run_base
+        digest = hashlib.sha256(str(self.state_dir.absolute()).encode()).hexdigest()[:10]
+        if self._memory_dir.is_dir():
+            # why not an error when it is not ours: anyone may make that name in a shared dir
+            with contextlib.suppress(OSError, LocalMetroError):
+                self._run_base = _own_dir(self._memory_dir / f"ukc-{os.getuid()}-{digest}")
+                return self._run_base
         base = self.state_dir / "run"
         if len(str(base.absolute())) + 1 + 36 + len("/plugin.sock") > _SOCK_PATH_MAX:
-            digest = hashlib.sha256(str(self.state_dir.absolute()).encode()).hexdigest()[:10]
             base = Path(tempfile.gettempdir()) / f"ukc-{os.getuid()}-{digest}"
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(base)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-            raise LocalMetroError(
-                f"control dir {base} is not a directory owned by uid {os.getuid()}"
-            )
-        os.chmod(base, 0o700)
-        self._run_base = base.absolute()
+        self._run_base = _own_dir(base)
         return self._run_base
 
     def control_dir(self, uuid: str) -> Path:
@@ -123,3 +128,13 @@ class SandboxLayout:
             with contextlib.suppress(OSError):
                 base.rmdir()
             self._run_base = None
+
+
+def _own_dir(base: Path) -> Path:
+    """`base`, made if missing: a directory (not a symlink) of this uid, mode 0700."""
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise LocalMetroError(f"control dir {base} is not a directory owned by uid {os.getuid()}")
+    os.chmod(base, 0o700)
+    return base.absolute()
