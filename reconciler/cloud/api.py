@@ -264,6 +264,11 @@ class UkcApi:
         elif verify is True:
             verify, _ = remote_trust(os.environ)
         self._verify = verify
+        # why: a proxy named by the environment would read a plain-HTTP request whole, bearer
+        # token included, and a plain-HTTP metro is always one on this machine (the local
+        # metro, or one `UKC_METRO_ALLOW` names), which no proxy can reach; https keeps the
+        # environment's proxies (they tunnel TLS and see no token)
+        self._trust_env = not self.base_url.lower().startswith("http://")
         #: one client (and connection pool) per thread that asks; see `_client`
         self._clients: dict[threading.Thread, httpx.Client] = {}
         self._clients_lock = threading.Lock()
@@ -290,6 +295,7 @@ class UkcApi:
                 base_url=self.base_url,
                 transport=self._transport,
                 verify=self._verify,
+                trust_env=self._trust_env,
                 follow_redirects=False,
                 timeout=httpx.Timeout(30.0, connect=10.0),
                 headers={"accept": "application/json", "user-agent": "ukc-reconciler"},

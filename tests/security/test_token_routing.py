@@ -158,6 +158,34 @@ def test_the_environments_own_metro_gets_its_own_token_and_never_the_cloud_token
     assert_nowhere(canaries, texts=sent)
 
 
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+def test_a_proxy_the_environment_names_never_sees_a_plain_http_metros_token(
+    ukc: Ukc, canaries: Canaries, listener: RecordingMetro, variable: str
+) -> None:
+    # the attacker runs the proxy a shell profile or a CI image points at: a plain-HTTP
+    # request through it arrives whole, bearer token included, and the metro it names is on
+    # the victim's loopback, where no proxy can reach it anyway
+    proxy = RecordingMetro()
+    try:
+        ukc.extra_env.update(
+            {
+                "UKC_TOKEN": canaries.token,
+                "UKC_METRO": listener.url,
+                "UKC_METRO_TOKEN": canaries.secret,
+                variable: proxy.url,
+            }
+        )
+        ukc.write_spec("name: hello\nimage: me/box:1\n")
+        proc = ukc.run("plan", "session.yaml", check=0)
+        assert "create instance" in proc.stdout
+        assert proxy.requests == [], [r.path for r in proxy.requests]
+        assert listener.authorizations() and set(listener.authorizations()) == {
+            f"Bearer {canaries.secret}"
+        }
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("variable", ["UKC_TOKEN", "UKC_METRO_TOKEN", "UKC_SESSION_SECRET"])
 def test_a_spec_cannot_forward_ukcs_own_credentials_into_its_sandbox(
     ukc: Ukc, canaries: Canaries, variable: str
