@@ -167,6 +167,7 @@ def local_metro_report(info: MetroInfo) -> dict[str, object]:
             base_url=info.api_url,
             headers={"Authorization": f"Bearer {info.token}"},
             timeout=5.0,
+            trust_env=False,  # why: as `UkcApi` for a plain-HTTP metro, never via a proxy
         ) as client:
             answer = client.get("/_local/status")
             body = answer.json() if answer.status_code == 200 else {}

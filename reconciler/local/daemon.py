@@ -178,6 +178,11 @@ def _read_info(state_dir: Path) -> MetroInfo | None:
         return None
 
 
+#: why no proxy: one the environment names would get the request whole, bearer token
+#: included, and could not reach this machine's loopback anyway
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _request(info: MetroInfo, method: str, path: str, timeout: float = 3.0) -> dict[str, Any]:
     req = urllib.request.Request(
         info.api_url + path,
@@ -185,7 +190,7 @@ def _request(info: MetroInfo, method: str, path: str, timeout: float = 3.0) -> d
         headers={"Authorization": f"Bearer {info.token}", "Accept": "application/json"},
         data=b"" if method == "POST" else None,
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with _DIRECT.open(req, timeout=timeout) as resp:
         data = json.loads(resp.read() or b"{}")
     return data if isinstance(data, dict) else {}
 

@@ -232,6 +232,25 @@ class TestLeftovers:
         assert images == ["image ukc/local-sandbox", "image ukc/local-minimal"]
         assert any(ln.startswith("behaviour (docs/local-metro.md): ") for ln in out.splitlines())
 
+    def test_local_status_behind_a_proxy_sends_the_proxy_nothing(self, state_dir: Path) -> None:
+        # the proxy a shell profile or a CI image names would get the request whole, the
+        # local metro's bearer token included (it is plain HTTP on this machine's loopback)
+        from tests.support.listener import RecordingMetro
+
+        metro_daemon.ensure_running(state_dir)
+        proxy = RecordingMetro()
+        try:
+            env = {**os.environ, "UKC_LOCAL_STATE_DIR": str(state_dir)}
+            env.update({"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "ALL_PROXY": proxy.url})
+            out = subprocess.run(
+                [sys.executable, "-m", "reconciler", "local", "status"],
+                capture_output=True, text=True, env=env, timeout=60, check=True,
+            ).stdout  # fmt: skip
+            assert proxy.requests == [], [r.path for r in proxy.requests]
+            assert any(ln.startswith("image ukc/local-sandbox") for ln in out.splitlines()), out
+        finally:
+            proxy.close()
+
 
 class TestSignals:
     def test_sigterm_shuts_down_gracefully_and_persists(self, state_dir: Path) -> None:
