@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 import httpx
 
 from reconciler.cloud.model import Service
-from reconciler.cloud.trust import AddressMap
+from reconciler.cloud.trust import AddressMap, same_address
 from reconciler.errors import RemoteError, TransportError
 from reconciler.transport import ssh
 from reconciler.transport.base import (
@@ -171,12 +171,18 @@ class HttpExec:
             if isinstance(extra, ssl.SSLContext):
                 raise TypeError("HttpExec(context, ...) takes an address map second")
             context, address = config, extra
-        self.address: AddressMap = address or (lambda fqdn, p: (fqdn, p))
+        self.address: AddressMap = address or same_address
         self.port = port
         self._max_body = max_body_bytes
         self._connect_timeout = connect_timeout
         self._monotonic = monotonic
-        self._client = httpx.Client(verify=context, transport=transport, follow_redirects=False)
+        # why: an instance reached at another address than its name is the local metro's, on
+        # this machine's edge, which a proxy from the environment cannot reach (the ssh path
+        # dials it directly too); a cloud instance's edge keeps the environment's proxies
+        direct = self.address is not same_address
+        self._client = httpx.Client(
+            verify=context, transport=transport, follow_redirects=False, trust_env=not direct
+        )
 
     @classmethod
     def from_dialer(cls, dialer: Dialer, *, port: int = 443) -> HttpExec:

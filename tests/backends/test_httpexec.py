@@ -16,6 +16,7 @@ from reconciler.errors import RemoteError, SpecError, TransportError
 from reconciler.transport.http import HttpExec, build_exec_cmd, stage_env, unstage_env
 from reconciler.transport.local_shell import LocalShell
 from reconciler.transport.tls import Dialer
+from tests.support.listener import RecordingMetro
 from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to
 
 
@@ -107,6 +108,21 @@ class TestRun:
         dialer = dialer_to(test_ca, exec_front.port)
         with HttpExec(dialer, dialer.ssl_context) as client:
             assert client.run(FQDN, "echo hi", {}, cwd="/").stdout_tail == "hi\n"
+
+    def test_an_edge_on_this_machine_is_dialed_directly_whatever_proxy_the_environment_names(
+        self, test_ca: CaFiles, exec_front: TlsForwarder, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # the local metro's edge is on this machine's loopback: a proxy cannot reach it, and
+        # before this the command failed with ConnectError behind one
+        proxy = RecordingMetro()
+        try:
+            for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+                monkeypatch.setenv(variable, proxy.url)
+            with HttpExec.from_dialer(dialer_to(test_ca, exec_front.port)) as client:
+                assert client.run(FQDN, "echo hi", {}, cwd="/").stdout_tail == "hi\n"
+            assert proxy.requests == []
+        finally:
+            proxy.close()
 
     def test_the_cmd_has_the_documented_shape(self) -> None:
         cmd = build_exec_cmd("make test", {"A": "1 2"}, "/workspace", None)
