@@ -90,16 +90,42 @@ def _guard(fn: F) -> F:
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except BrokenPipeError as err:
+            if not _reader_gone():
+                _internal_error(err, debug)
+            # why: whoever read our output stopped reading (`ukc status | head -1`): end as a
+            # program SIGPIPE ended would, with nothing said; stdout goes to /dev/null so the
+            # interpreter's own flush at exit does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            sys.exit(128 + signal.SIGPIPE)
         except Exception as err:  # an internal bug: still one line, the traceback on demand
-            if debug:
-                traceback.print_exc()
-            click.echo(
-                f"internal error: {type(err).__name__}: {err} (run with --debug for details)",
-                err=True,
-            )
-            sys.exit(1)
+            _internal_error(err, debug)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _internal_error(err: Exception, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    click.echo(
+        f"internal error: {type(err).__name__}: {err} (run with --debug for details)", err=True
+    )
+    sys.exit(1)
+
+
+def _reader_gone() -> bool:
+    """Whether our stdout is a pipe nobody reads any more (a broken pipe to a sandbox or
+    a socket is an error to report, not this)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _debug_option(fn: F) -> F:

@@ -4,6 +4,8 @@ plan tells the truth before apply is run, and a missing secret blocks only what 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -183,3 +185,19 @@ def test_plan_refuses_a_prune_of_an_empty_spec_set_as_apply_does(ukc: Ukc) -> No
     assert apply.returncode == 2 and "refusing to prune" in apply.stderr
     assert plan.returncode == 1, plan.stdout + plan.stderr
     assert "refusing to prune" in plan.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(ukc: Ukc) -> None:
+    # `ukc validate . | head -1`: the reader went away, which is no internal error
+    ukc.write_spec("name: hello\nimage: me/box:1\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "validate", "session.yaml"],
+        cwd=ukc.project,
+        env=ukc.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before ukc writes its first line
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.decode()) == (141, "")
