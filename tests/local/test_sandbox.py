@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import LocalMetroError
+from reconciler.local.sandbox.layout import SandboxLayout
 from reconciler.local.sandbox.limits import Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
 from tests.support.sandbox_harness import EdgeHarness, LoopThread, needs_metro_tools
@@ -344,7 +345,6 @@ asyncio.run(main())
     def test_a_sigkilled_daemon_takes_its_sandboxes_with_it(self, tmp_path: Path) -> None:
         script = tmp_path / "daemon.py"
         script.write_text(self.SCRIPT)
-        # why: a short state dir keeps the killed daemon's sockets inside it, cleaned up below
         state = Path(tempfile.mkdtemp(prefix="ukc-killed-"))
         try:
             proc = subprocess.Popen(
@@ -363,6 +363,9 @@ asyncio.run(main())
                 proc.wait()
             assert eventually(lambda: _all_dead(pids), 5.0)
         finally:
+            # why the control dir too: the killed daemon left its sockets there, outside the
+            # state dir when a memory file system holds them
+            shutil.rmtree(SandboxLayout(state).control_dir("orphan-uuid").parent, True)
             shutil.rmtree(state, ignore_errors=True)
 
 
