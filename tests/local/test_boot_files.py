@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.hostids import HostIds
+from reconciler.local.sandbox.layout import SandboxLayout
 from reconciler.local.sandbox.limits import Cgroup, Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
 from tests.support.sandbox_harness import needs_metro_tools
@@ -19,6 +22,14 @@ from tests.support.sandbox_harness import needs_metro_tools
 pytestmark = [needs_metro_tools]
 
 UUID = "boot-files-uuid"
+
+
+@pytest.fixture(autouse=True)
+def _control_dir_dropped(tmp_path: Path) -> Iterator[None]:
+    """Remove the control dir a boot's file work made (outside tmp_path when a memory file
+    system holds it): these runtimes are never closed."""
+    yield
+    shutil.rmtree(SandboxLayout(tmp_path / "state").control_dir(UUID).parent, True)
 
 
 class SlowCgroups(Limiter):

@@ -145,15 +145,21 @@ class TestBoot:
 
     def test_a_missing_bwrap_names_the_debian_package(self, tmp_path: Path) -> None:
         rt = SandboxRuntime(tmp_path, lambda u, c, m: None, bwrap=str(tmp_path / "no-bwrap"))
-        with pytest.raises(
-            LocalMetroError, match=r"^bwrap not found: apt-get install -y bubblewrap$"
+        with (
+            _control_dirs_dropped(rt),
+            pytest.raises(
+                LocalMetroError, match=r"^bwrap not found: apt-get install -y bubblewrap$"
+            ),
         ):
             asyncio.run(rt.start("x-uuid", env={}))
 
     def test_a_missing_sshd_names_the_debian_package(self, tmp_path: Path) -> None:
         rt = SandboxRuntime(tmp_path, lambda u, c, m: None, sshd=str(tmp_path / "no-sshd"))
-        with pytest.raises(
-            LocalMetroError, match=r"^sshd not found: apt-get install -y openssh-server$"
+        with (
+            _control_dirs_dropped(rt),
+            pytest.raises(
+                LocalMetroError, match=r"^sshd not found: apt-get install -y openssh-server$"
+            ),
         ):
             asyncio.run(rt.start("x-uuid", env={}))
 
@@ -161,7 +167,10 @@ class TestBoot:
         self, tmp_path: Path
     ) -> None:
         rt = SandboxRuntime(tmp_path, lambda u, c, m: None)
-        with pytest.raises(LocalMetroError, match=r"^sandbox x-uuid: env variable 'A=B'"):
+        with (
+            _control_dirs_dropped(rt),
+            pytest.raises(LocalMetroError, match=r"^sandbox x-uuid: env variable 'A=B'"),
+        ):
             asyncio.run(rt.start("x-uuid", env={"A=B": "1"}))
         assert not rt.is_running("x-uuid")
 
@@ -521,3 +530,13 @@ asyncio.run(main())
         finally:
             subprocess.run(["userdel", user], check=False)
             shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _control_dirs_dropped(rt: SandboxRuntime) -> Iterator[None]:
+    """Remove the control dir a failed start left (a runtime never closed keeps it, outside
+    the test's tmp dir when a memory file system holds it)."""
+    try:
+        yield
+    finally:
+        shutil.rmtree(rt.layout.control_dir("x-uuid").parent, True)
