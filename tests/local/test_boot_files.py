@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from reconciler.local.sandbox.hostids import HostIds
 from reconciler.local.sandbox.layout import SandboxLayout
 from reconciler.local.sandbox.limits import Cgroup, Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
-from tests.support.sandbox_harness import needs_metro_tools
+from tests.support.sandbox_harness import drop_control_dirs, needs_metro_tools
 
 pytestmark = [needs_metro_tools]
 
@@ -26,10 +25,9 @@ UUID = "boot-files-uuid"
 
 @pytest.fixture(autouse=True)
 def _control_dir_dropped(tmp_path: Path) -> Iterator[None]:
-    """Remove the control dir a boot's file work made (outside tmp_path when a memory file
-    system holds it): these runtimes are never closed."""
+    """These runtimes are never closed: their boots' control dirs go here."""
     yield
-    shutil.rmtree(SandboxLayout(tmp_path / "state").control_dir(UUID).parent, True)
+    drop_control_dirs(SandboxLayout(tmp_path / "state"))
 
 
 class SlowCgroups(Limiter):

@@ -22,7 +22,12 @@ from reconciler.errors import LocalMetroError
 from reconciler.local.sandbox.layout import SandboxLayout
 from reconciler.local.sandbox.limits import Limiter
 from reconciler.local.sandbox.runtime import SandboxRuntime
-from tests.support.sandbox_harness import EdgeHarness, LoopThread, needs_metro_tools
+from tests.support.sandbox_harness import (
+    EdgeHarness,
+    LoopThread,
+    drop_control_dirs,
+    needs_metro_tools,
+)
 from tests.support.sandboxes import cmdline
 from tests.support.waiting import eventually
 from tests.support.workflow import ssh_argv
@@ -372,9 +377,7 @@ asyncio.run(main())
                 proc.wait()
             assert eventually(lambda: _all_dead(pids), 5.0)
         finally:
-            # why the control dir too: the killed daemon left its sockets there, outside the
-            # state dir when a memory file system holds them
-            shutil.rmtree(SandboxLayout(state).control_dir("orphan-uuid").parent, True)
+            drop_control_dirs(SandboxLayout(state))  # the killed daemon's sockets
             shutil.rmtree(state, ignore_errors=True)
 
 
@@ -534,9 +537,8 @@ asyncio.run(main())
 
 @contextlib.contextmanager
 def _control_dirs_dropped(rt: SandboxRuntime) -> Iterator[None]:
-    """Remove the control dir a failed start left (a runtime never closed keeps it, outside
-    the test's tmp dir when a memory file system holds it)."""
+    """The runtime of a failed start is never closed: its control dirs go here."""
     try:
         yield
     finally:
-        shutil.rmtree(rt.layout.control_dir("x-uuid").parent, True)
+        drop_control_dirs(rt.layout)

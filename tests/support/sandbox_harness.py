@@ -21,6 +21,7 @@ import pytest
 
 from reconciler.local.ca import CertificateAuthority
 from reconciler.local.edge import Edge, Route
+from reconciler.local.sandbox.layout import SandboxLayout
 from reconciler.local.sandbox.runtime import SandboxRuntime
 from tests.support.workflow import curl_argv, make_key, rsync_argv, ssh_argv
 
@@ -35,6 +36,13 @@ needs_metro_tools = pytest.mark.skipif(
     or not Path("/usr/sbin/sshd").exists(),
     reason="needs bubblewrap, openssh-server/client, openssl, rsync and curl",
 )
+
+
+def drop_control_dirs(layout: SandboxLayout) -> None:
+    """Remove a layout's control dirs whatever they hold: what a runtime never closed, or a
+    killed daemon, left there (outside the test's tmp dir when a memory file system holds
+    them)."""
+    shutil.rmtree(layout.control_dir("any-uuid").parent, ignore_errors=True)
 
 
 class LoopThread:
