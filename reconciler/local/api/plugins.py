@@ -2,7 +2,8 @@
 
 The agent answers on a unix socket the runtime made (`plugin_socket`). Like the real metro's
 proxy, a request wakes a standby instance, counts as traffic for scale-to-zero, carries at most
-2 MiB of body and is cut after 60 s (a 504 page, not an envelope).
+2 MiB of body and is cut after 60 s (a 504 page, not an envelope). The answer is passed on
+as it comes, never held whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ __all__ = ["PLUGIN_MAX_BODY", "add_routes", "close_sessions"]
 PLUGIN_TIMEOUT_S = 60.0
 PLUGIN_MAX_BODY = 2 * 1024 * 1024 + 65536
 _WAKE_TIMEOUT_S = 30.0
+#: how much of the sandbox's answer the daemon holds at a time
+_PIECE = 64 * 1024
 _GATEWAY_TIMEOUT = "<html><body><h1>504 Gateway Time-out</h1></body></html>"
 
 
@@ -78,23 +81,41 @@ async def _plugin(request: web.Request) -> web.StreamResponse:
             k: v for k, v in request.headers.items() if k.lower() in ("range", "content-type")
         }
         url = "http://sandbox/" + request.match_info["path"]
+        out: web.StreamResponse | None = None
         try:
             async with _session(request.app, socket).request(
                 request.method, url, params=request.query, data=body, headers=headers
             ) as resp:
-                payload = await resp.read()
+                # why streamed, a piece at a time: the answer comes from the sandbox (whoever
+                # holds the plugin socket there), and read whole it was held in this daemon's
+                # memory, outside the sandbox's limits: gigabytes from a 128 MiB sandbox
+                first = await resp.content.read(_PIECE)
                 out_headers = {}
                 if "Content-Range" in resp.headers:
                     out_headers["Content-Range"] = resp.headers["Content-Range"]
-                return web.Response(
-                    body=payload,
-                    status=resp.status,
-                    headers=out_headers,
-                    content_type=resp.content_type if payload else None,
-                )
+                if resp.content.at_eof():
+                    return web.Response(
+                        body=first,
+                        status=resp.status,
+                        headers=out_headers,
+                        content_type=resp.content_type if first else None,
+                    )
+                out = web.StreamResponse(status=resp.status, headers=out_headers)
+                out.content_type = resp.content_type
+                await out.prepare(request)
+                piece = first
+                while piece:
+                    await out.write(piece)
+                    piece = await resp.content.read(_PIECE)
+                await out.write_eof()
+                return out
         except TimeoutError:
+            if out is not None:
+                raise  # the answer began: cut it (no 504 page can follow its head)
             return web.Response(status=504, text=_GATEWAY_TIMEOUT, content_type="text/html")
         except (aiohttp.ClientConnectionError, OSError):
+            if out is not None:
+                raise
             return envelope_response(
                 request, http_status=503, message=f"plugin of instance {rec.name} is not answering"
             )
