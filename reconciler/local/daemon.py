@@ -88,13 +88,19 @@ def check_prerequisites() -> None:
 
 
 def private_dir(path: Path) -> None:
-    """Create `path` (0700) or check it: a directory of ours that no other user can enter.
+    """Create `path` (0700) or check it: a directory of ours that no other user can enter,
+    write, or swap for another (every directory above it is ours or root's, and writable by
+    nobody else unless sticky).
 
     The state dir holds the API token, the CA key and every sandbox's `/workspace`; another
     user who could enter it would read them no matter how the files inside are locked.
     """
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # why each missing parent 0700 too: made with the umask's mode (0775 under a umask
+        # of 002), the check of the directories above would refuse what ukc itself made
+        missing = [path, *(p for p in path.parents if not p.exists())]
+        for made in reversed(missing):
+            made.mkdir(exist_ok=True, mode=0o700)
         st = os.lstat(path)
     except PermissionError:
         raise LocalMetroError(
@@ -108,8 +114,40 @@ def private_dir(path: Path) -> None:
             f"local metro state dir {path} belongs to uid {st.st_uid}, not to you "
             f"(uid {os.getuid()}); set UKC_LOCAL_STATE_DIR to a directory of your own"
         )
+    # why refused, not made 0700: others may already have put files there (a metro.json
+    # naming their own metro), and it may be a shared one such as /tmp
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        raise LocalMetroError(
+            f"local metro state dir {path} can be written by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); "
+            "set UKC_LOCAL_STATE_DIR to a directory of your own"
+        )
+    _check_ancestors(path)
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
+
+
+def _check_ancestors(path: Path) -> None:
+    """Refuse a state dir below a directory another user owns or can write (not sticky).
+
+    why: whoever can rename entries above the state dir (a HOME another account owns, under
+    `sudo -E`) swaps it, after any check of it, for a directory holding their metro.json:
+    ukc then sends its requests, and the user's files, to their fake metro. A sticky
+    directory (/tmp) lets nobody else rename what is ours in it.
+    """
+    for parent in path.resolve().parents:
+        st = os.stat(parent)
+        if st.st_uid not in (0, os.getuid()):
+            raise LocalMetroError(
+                f"local metro state dir {path} is inside {parent}, which belongs to uid "
+                f"{st.st_uid}; set UKC_LOCAL_STATE_DIR to a directory of your own"
+            )
+        if stat.S_IMODE(st.st_mode) & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise LocalMetroError(
+                f"local metro state dir {path} is inside {parent}, which other users can "
+                f"write (mode {stat.S_IMODE(st.st_mode):o}); "
+                "set UKC_LOCAL_STATE_DIR to a directory of your own"
+            )
 
 
 def _open_private(path: Path, flags: int) -> int:
