@@ -68,18 +68,24 @@ class PlainReporter:
                     self._partial[key] = rest
                 for line in lines:
                     mark = "|" if event.stream == "stdout" else "!"
-                    self._out.write(f"[{event.session}] {mark} {line}\n")
+                    self._out.write(f"[{event.session}] {mark} {_output_line(line)}\n")
             elif not self._quiet or event.kind in ("failed",):
-                self._out.write(f"[{event.session}] {event.text}\n")
+                self._out.write(f"[{event.session}] {printable(event.text)}\n")
             self._out.flush()
 
     def close(self) -> None:
         with self._lock:
             for (session, stream), rest in self._partial.items():
                 mark = "|" if stream == "stdout" else "!"
-                self._out.write(f"[{session}] {mark} {rest}\n")
+                self._out.write(f"[{session}] {mark} {_output_line(rest)}\n")
             self._partial.clear()
             self._out.flush()
+
+
+def _output_line(line: str) -> str:
+    """A line of a sandbox command's output, made safe for the terminal (see `printable`);
+    a CR before its newline is the line's end, not a character to show."""
+    return escape_controls(line.removesuffix("\r"), keep="\t")
 
 
 @dataclass
@@ -123,12 +129,13 @@ class LiveReporter:
                 self._draw()
                 return
             row = self._rows.setdefault(event.session, _Row())
+            detail = escape_controls(event.text)
             if event.kind == "action":
-                row.state, row.detail = "working", event.text
+                row.state, row.detail = "working", detail
             elif event.kind == "done":
-                row.state, row.detail, row.ended = "ready", event.text, time.monotonic()
+                row.state, row.detail, row.ended = "ready", detail, time.monotonic()
             elif event.kind == "failed":
-                row.state, row.detail, row.ended = "FAILED", event.text, time.monotonic()
+                row.state, row.detail, row.ended = "FAILED", detail, time.monotonic()
             if event.kind in ("output", "failed", "done", "info", "session"):
                 self._plain.event(event)
             self._draw()
