@@ -508,6 +508,7 @@ def apply(
     directory.
     """
     from reconciler.cli.apply_output import AppliedGroup, build_apply
+    from reconciler.cli.render import printable
     from reconciler.reconcile.loop import apply_group, check_prune
 
     groups = _load(paths, status_path)
@@ -556,7 +557,7 @@ def apply(
                     err=True,
                 )
             for name, why in item.failed.items():
-                click.echo(f"[{name}] FAILED: {why}", err=True)
+                click.echo(f"[{name}] FAILED: {printable(why)}", err=True)
             click.echo(f"status: {item.status_file}")
     if interrupted:
         click.echo("interrupted", err=True)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 
 import httpx
 
+from reconciler._util.text import escape_controls
 from reconciler.cloud.model import Service
 from reconciler.cloud.trust import AddressMap, same_address
 from reconciler.errors import RemoteError, TransportError
@@ -194,7 +195,8 @@ class HttpExec:
         for value in env.values():
             if len(value) >= 4:
                 text = text.replace(value, "***")
-        return text
+        # why: the sandbox's text, bound for the terminal (the session's failure message)
+        return escape_controls(text)
 
     def run(
         self,

@@ -205,6 +205,20 @@ class TestHostileOrBrokenServer:
             http_exec.run(FQDN, "true", {"K": "hunter2-secret"})
         assert "hunter2-secret" not in str(err.value)
 
+    def test_an_error_message_cannot_carry_escape_sequences_to_the_terminal(
+        self, http_exec: HttpExec
+    ) -> None:
+        # the image's exec server is the sandbox's: its message becomes the session's failure,
+        # printed by apply (FAILED: ...) and by every later status (OSC 52 sets the clipboard)
+        ExecHandler.canned.append(
+            (500, b'{"error": "boom\\u001b]52;c;Y3VybCBldmlsIHwgc2g=\\u0007\\u001b[2J\\u202eend"}')
+        )
+        with pytest.raises(RemoteError) as err:
+            http_exec.run(FQDN, "true", {})
+        message = str(err.value)
+        assert "boom" in message and "end" in message
+        assert not any(c in message for c in "\x1b\x07\u202e"), repr(message)
+
     def test_an_oversized_answer_is_refused(
         self, test_ca: CaFiles, exec_front: TlsForwarder
     ) -> None:

@@ -6,6 +6,8 @@ follows, a bare CR rewrites the line it ends. Everything a command prints is the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.support.ukc import Ukc
@@ -36,3 +38,19 @@ def test_command_output_reaches_the_users_terminal_with_its_escape_sequences_sho
     assert r"[esc] | innocent\x0dREWRITTEN" in shown
     assert r"[esc] | f\u202eg" in shown
     assert "[esc] | tab\there\n" in shown
+
+
+def test_a_failure_message_in_a_checkouts_status_file_reaches_the_terminal_escaped(
+    ukc: Ukc,
+) -> None:
+    (ukc.project / "work").mkdir()
+    ukc.write_spec("name: esc\ndirectory: ./work\ncommands:\n  - name: fail\n    run: exit 3\n")
+    ukc.run("apply", "session.yaml", check=1)
+    # the status file is the checkout's: a pull request may bring its own
+    path = ukc.project / ".ukc" / "status.json"
+    doc = json.loads(path.read_text())
+    doc["sessions"]["esc"]["message"] = "x\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b[2Jy"
+    path.write_text(json.dumps(doc))
+    proc = ukc.run("status")
+    assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout)
+    assert r"x\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b[2Jy" in proc.stdout
