@@ -7,8 +7,10 @@ secrets included). Sessions that share one status file form a `Group`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -151,9 +153,44 @@ class Group:
             return self.status_override
         return status_path_for(self.base_dir)
 
+    def __post_init__(self) -> None:
+        check_state_links(self.base_dir / ".ukc")
+
     @property
     def state_dir(self) -> Path:
         return self.base_dir / ".ukc"
+
+
+def check_state_links(state_dir: Path) -> None:
+    """Refuse a checkout that brings a symlink in its `.ukc/`: the dir itself, or an entry of
+    it, of `keys/`, of `sync/` or of a session's sync dir (ukc makes no link there itself).
+
+    why: the checkout is untrusted (a pull request may commit `.ukc/keys -> /etc` and name a
+    session `passwd`), and ukc writes there as the user running it: keys (after a chmod 0700
+    of `keys/`), journals, records, the holder line at the start of `status.lock`; it removes
+    a deleted session's key and sync dir whole. Through a link, all of it happened wherever
+    the link pointed.
+    """
+    if state_dir.is_symlink():
+        _linked(state_dir)
+    dirs = [state_dir, state_dir / "keys", state_dir / "sync"]
+    with contextlib.suppress(OSError), os.scandir(state_dir / "sync") as sessions:
+        dirs += [Path(e.path) for e in sessions if e.is_dir(follow_symlinks=False)]
+    for path in dirs:
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        _linked(Path(entry.path))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+
+
+def _linked(path: Path) -> None:
+    raise errors.UsageError(
+        f"{path} is a symlink: ukc writes its keys and records in .ukc/ and never through a "
+        "link (a checkout may bring one pointing anywhere); remove it"
+    )
 
 
 @dataclass
