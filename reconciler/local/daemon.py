@@ -183,15 +183,16 @@ def _cmdline(pid: int) -> list[bytes]:
         return []
 
 
-def _is_metro_process(pid: int) -> bool:
-    # why: a stale metro.json may name a pid the kernel has since given to someone else
-    cmdline = b"\0".join(_cmdline(pid))
-    return b"reconciler.local" in cmdline and b"serve" in cmdline
-
-
 def _started_for(pid: int, state_dir: Path) -> bool:
-    """Whether `pid` is a metro daemon started for `state_dir` (as `ensure_running` starts
-    one): a stale metro.json's pid may since be another process, or another dir's metro."""
+    """Whether `pid` is a metro daemon of ours started for `state_dir` (as `ensure_running`
+    starts one): a stale metro.json's pid may since be another process, or another dir's
+    metro, or another user's process that took the pid and the port the record names (and
+    would be sent the token): a command line is anyone's to choose, the uid is not."""
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+    except OSError:
+        return False
     args = _cmdline(pid)
     want = [b"reconciler.local", b"serve", b"--state-dir", os.fsencode(state_dir)]
     return any(args[i : i + 4] == want for i in range(len(args) - 3))
@@ -235,9 +236,9 @@ def _request(info: MetroInfo, method: str, path: str, timeout: float = 3.0) -> d
 
 def status(state_dir: Path | None = None) -> MetroInfo | None:
     """The running metro of `state_dir`, or None when none answers."""
-    sd = state_dir or default_state_dir()
+    sd = (state_dir or default_state_dir()).resolve()
     info = _read_info(sd)
-    if info is None or not _daemon_alive(info.pid):
+    if info is None or not _daemon_alive(info.pid) or not _started_for(info.pid, sd):
         return None
     try:
         data = _request(info, "GET", "/_local/status")
@@ -338,11 +339,11 @@ def stop(state_dir: Path | None = None) -> bool:
     """Stop the metro of `state_dir`; False when none was running."""
     sd = (state_dir or default_state_dir()).resolve()
     info = _read_info(sd)
-    if info is None or not _daemon_alive(info.pid) or not _is_metro_process(info.pid):
+    if info is None or not _daemon_alive(info.pid) or not _started_for(info.pid, sd):
         return False
     with contextlib.suppress(OSError, ValueError):
         _request(info, "POST", "/_local/shutdown")
-    if not _wait_exit(info.pid, _STOP_TIMEOUT_S) and _is_metro_process(info.pid):
+    if not _wait_exit(info.pid, _STOP_TIMEOUT_S) and _started_for(info.pid, sd):
         with contextlib.suppress(ProcessLookupError):
             os.kill(info.pid, signal.SIGTERM)
         if not _wait_exit(info.pid, 5.0):
