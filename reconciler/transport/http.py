@@ -233,6 +233,11 @@ class HttpExec:
                 body = bytearray()
                 for chunk in response.iter_bytes():
                     body += chunk
+                    if read is not None and self._monotonic() - started > 2 * read:
+                        # why: each byte of a trickling answer resets the read timeout, so
+                        # the sandbox could hold the command (and its billed instance)
+                        # forever; twice the wait leaves a big answer room on a slow link
+                        raise httpx.ReadTimeout(f"answer not whole after {2 * read:.0f} s")
                     if len(body) > self._max_body:
                         raise RemoteError(
                             f"{where}: answer exceeds {self._max_body} bytes", retryable=False
