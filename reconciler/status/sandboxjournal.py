@@ -89,7 +89,7 @@ def decode(key: bytes, binding: Binding, data: bytes) -> tuple[SessionStatus | N
         return None, f"larger than {MAX_JOURNAL_BYTES} bytes"
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # why the last: deep nesting
         return None, "not JSON"
     if not isinstance(body, dict) or not isinstance(body.get("mac"), str):
         return None, "not a sealed journal"

@@ -291,7 +291,8 @@ class FrameReader:
             raise RemoteError(f"sync helper sent a {n}-byte frame; the limit is {limit}")
         try:
             return json.loads(self.exact(n).decode("ascii"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # why RecursionError: JSON nested deeper than the decoder's stack, as a sandbox sends it
             raise RemoteError(f"sync helper sent a malformed {n}-byte frame") from exc
 
 

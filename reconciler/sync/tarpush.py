@@ -187,7 +187,7 @@ def parse_hello(raw: bytes) -> tuple[str, Any]:
     if rest:
         try:
             record = json.loads(rest.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # why the last: deep nesting
             record = None
     return boot_id, record if isinstance(record, dict) else None
 

@@ -255,7 +255,7 @@ class HttpExec:
         duration = self._monotonic() - started
         try:
             decoded: object = json.loads(bytes(body))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # why the last: deep nesting
             decoded = None
         if status != 200:
             message = ""

@@ -92,7 +92,7 @@ def _text(raw: object) -> str:
 def _envelope(reply: PluginReply) -> Mapping[str, object]:
     try:
         decoded: object = json.loads(reply.body) if reply.body.strip() else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # why the last: deep nesting
         decoded = {}
     return decoded if isinstance(decoded, Mapping) else {}
 
