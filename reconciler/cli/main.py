@@ -397,7 +397,7 @@ def _plan(
 ) -> tuple[bool, bool]:
     """Show the plans; (changes pending, a session apply would fail)."""
     from reconciler.cli.plan_output import PlannedGroup, build_document, render_markdown
-    from reconciler.cli.render import render_plan
+    from reconciler.cli.render import printable, render_plan
     from reconciler.reconcile.loop import check_prune, plan_group
 
     groups = _load(paths, status_path)
@@ -417,7 +417,8 @@ def _plan(
             planned.append(PlannedGroup(group.base_dir, group.status_path, prune, the_plan))
             if output == "text":
                 for line in render_plan(the_plan, verbose):
-                    click.echo(line)
+                    # why escaped: file names are the checkout's (a pull request's)
+                    click.echo(printable(line))
         if output != "text":
             doc = build_document(planned, metros.request_count())
             if output == "json":

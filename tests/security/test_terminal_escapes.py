@@ -54,3 +54,13 @@ def test_a_failure_message_in_a_checkouts_status_file_reaches_the_terminal_escap
     proc = ukc.run("status")
     assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout)
     assert r"x\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b[2Jy" in proc.stdout
+
+
+def test_a_file_name_in_the_checkout_reaches_the_plans_terminal_output_escaped(ukc: Ukc) -> None:
+    work = ukc.project / "work"
+    work.mkdir()
+    (work / "f\x1b]0;TITLE\x07\x1b[2J.txt").write_text("a pull request's file\n")
+    ukc.write_spec("name: esc\ndirectory: ./work\n")
+    proc = ukc.run("plan", "session.yaml", check=0)
+    assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout)
+    assert r"f\x1b]0;TITLE\x07\x1b[2J.txt" in proc.stdout
