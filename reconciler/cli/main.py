@@ -639,6 +639,7 @@ def status_cmd(
     now = time.time()
     rows = _status_rows(groups, only, now)
     from reconciler.cli.render import (
+        printable,
         render_source,
         render_status,
         source_json,
@@ -660,11 +661,12 @@ def status_cmd(
                 document.sources[path] = found
         click.echo(document.model_dump_json(indent=2))
     else:
+        # why escaped: the status file is the checkout's (names, messages, what commands said)
         for line in render_status(rows, now):
-            click.echo(line)
+            click.echo(printable(line))
         for doc in followed.values():
             for line in render_source(doc, now):
-                click.echo(line)
+                click.echo(printable(line))
     if exit_code:
         sys.exit(status_exit_code(rows))
 

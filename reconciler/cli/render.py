@@ -369,8 +369,7 @@ def render_status(rows: Sequence[StatusRow], now: float) -> list[str]:
             how = f"{_how(back)}), {_ago(back.finished_at, now)}"
             out.append(f"    outputs brought home from command {back.command!r} ({how}")
         if row.record.message:
-            # why escaped: a failure may quote the sandbox, and the status file is the checkout's
-            out.append(f"    {printable(row.record.message)}")
+            out.append(f"    {row.record.message}")
     return out
 
 

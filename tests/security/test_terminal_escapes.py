@@ -40,7 +40,7 @@ def test_command_output_reaches_the_users_terminal_with_its_escape_sequences_sho
     assert "[esc] | tab\there\n" in shown
 
 
-def test_a_failure_message_in_a_checkouts_status_file_reaches_the_terminal_escaped(
+def test_a_checkouts_status_file_reaches_the_terminal_escaped(
     ukc: Ukc,
 ) -> None:
     (ukc.project / "work").mkdir()
@@ -50,10 +50,12 @@ def test_a_failure_message_in_a_checkouts_status_file_reaches_the_terminal_escap
     path = ukc.project / ".ukc" / "status.json"
     doc = json.loads(path.read_text())
     doc["sessions"]["esc"]["message"] = "x\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b[2Jy"
+    doc["sessions"]["esc"]["commands"][0]["name"] = "f\x1b]0;TITLE\x07"
     path.write_text(json.dumps(doc))
     proc = ukc.run("status")
     assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout)
     assert r"x\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x07\x1b[2Jy" in proc.stdout
+    assert r"f\x1b]0;TITLE\x07" in proc.stdout
 
 
 def test_a_file_name_in_the_checkout_reaches_the_plans_terminal_output_escaped(ukc: Ukc) -> None:
