@@ -1194,7 +1194,8 @@ def logs(
                 if cmd.interrupted:
                     state = "interrupted"
                 when = f", finished {cmd.finished_at}" if cmd.finished_at else ""
-                click.echo(f"== command {cmd.name} ({state}{when}) ==")
+                # why escaped: the status file is the checkout's, its names and times too
+                click.echo(printable(f"== command {cmd.name} ({state}{when}) =="))
                 for label, body in (("stdout", cmd.stdout), ("stderr", cmd.stderr)):
                     if body:
                         click.echo(f"-- {label} --")

@@ -66,3 +66,18 @@ def test_a_file_name_in_the_checkout_reaches_the_plans_terminal_output_escaped(u
     proc = ukc.run("plan", "session.yaml", check=0)
     assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout)
     assert r"f\x1b]0;TITLE\x07\x1b[2J.txt" in proc.stdout
+
+
+def test_a_command_name_in_a_checkouts_status_file_reaches_the_logs_output_escaped(
+    ukc: Ukc,
+) -> None:
+    (ukc.project / "work").mkdir()
+    ukc.write_spec("name: esc\ndirectory: ./work\ncommands:\n  - name: fail\n    run: exit 3\n")
+    ukc.run("apply", "session.yaml", check=1)
+    path = ukc.project / ".ukc" / "status.json"
+    doc = json.loads(path.read_text())
+    doc["sessions"]["esc"]["commands"][0]["name"] = "f\x1b]0;TITLE\x07"
+    path.write_text(json.dumps(doc))
+    proc = ukc.run("logs", "esc")
+    assert "\x1b" not in proc.stdout + proc.stderr, repr(proc.stdout + proc.stderr)
+    assert r"== command f\x1b]0;TITLE\x07 (exit 3" in proc.stdout, proc.stdout + proc.stderr
