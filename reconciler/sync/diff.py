@@ -15,6 +15,10 @@ from reconciler.sync.manifest import Basis, Manifest
 
 __all__ = ["TransferPlan", "changes_of", "diff_manifests"]
 
+#: changed paths whose entries are copied rather than the whole tree's length asked for (a
+#: probed tree's length is a parse of its whole index: `journal.probe`)
+_FEW = 4096
+
 
 @dataclass(frozen=True)
 class TransferPlan:
@@ -100,7 +104,11 @@ def changes_of(
     part of the previous state it was judged against."""
     previous = Manifest({p: e for p, e in basis.old.items() if e is not None})
     entries = local.entries
-    if len(basis.old) >= len(entries) and basis.old.keys() >= entries.keys():
+    if (
+        len(basis.old) > _FEW
+        and len(basis.old) >= len(entries)
+        and basis.old.keys() >= entries.keys()
+    ):
         # every path changed (a first push over a seeded sandbox): no copy of 100,000 entries
         return previous, diff_manifests(local, previous, rules, reason=reason)
     mine = {p: entries[p] for p in basis.old if p in entries}

@@ -27,7 +27,7 @@ import operator
 import os
 import stat
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -338,10 +338,15 @@ class _Scan:
         self.watch = changes.watch if changes is not None and changes.inotify else None
         self.rules = rules
         self.hint = hint
+        self.entries: MutableMapping[str, Entry]
+        self.inos: MutableMapping[str, int]
         if incremental:
-            # a copy of the index, changed in place; compared against itself
-            self.entries: dict[str, Entry] = dict(prev)
-            self.inos: dict[str, int] = dict(prev_inos)
+            # a copy of the index, changed in place; compared against itself. A probed index
+            # (`journal.probe`) is changed on top instead: a copy would parse it whole
+            if isinstance(prev, journal.Probed):
+                self.entries, self.inos = journal.Overlay(prev), journal.Overlay(prev_inos)
+            else:
+                self.entries, self.inos = dict(prev), dict(prev_inos)
             self.prev: Mapping[str, Entry] = self.entries
             self.prev_inos: Mapping[str, int] = self.inos
         else:
@@ -706,7 +711,13 @@ class _Scan:
 
     def drop_under(self, rel: str) -> None:
         prefix = rel + "/"
-        for p in [p for p in self.entries if p.startswith(prefix)]:
+        entries = self.entries
+        under = (
+            entries.under(prefix)
+            if isinstance(entries, journal.Overlay)
+            else [p for p in entries if p.startswith(prefix)]
+        )
+        for p in under:
             self.entries.pop(p)
             self.inos.pop(p, None)
             self.changed.append(p)
@@ -859,6 +870,32 @@ def _overlaid(
     return full, full_inos
 
 
+def _told_index(
+    state_dir: Path, peeked: journal.Snapshot | None, only: set[str] | None, rules_key: str
+) -> journal.Journal:
+    """The index a keeper's answer `only` is about. When the scan looks at those paths alone,
+    only their entries (and their directories', and all under a directory named "dir/") are
+    read from it (`journal.probe`): one changed file at 100,000 is otherwise ~200 ms of
+    parsing every entry. Else (or when the probe cannot tell) it is loaded whole."""
+    if (
+        only
+        and peeked is not None
+        and IGNORE_FILE not in only
+        and _valid_meta(peeked.meta)
+        and peeked.meta.get("rules") == rules_key
+    ):
+        named = {p.rstrip("/") for p in only}
+        paths = set(named)
+        for p in named:
+            while "/" in p:
+                p = p.rpartition("/")[0]
+                paths.add(p)
+        probed = journal.probe(peeked, paths, [p for p in only if p.endswith("/")])
+        if probed is not None:
+            return probed
+    return journal.load(state_dir / INDEX)
+
+
 def _scan(
     opts: SyncOptions,
     rules: IgnoreRules | None,
@@ -889,7 +926,7 @@ def _scan(
             # back as it was) costs a helper start no push uses
             on_change()
             on_change = None
-        index = journal.load(state_dir / INDEX)
+        index = _told_index(state_dir, peeked, only, rules_key)
         if peeked is None or index.ident != peeked.ident:
             only = None  # not the index it vouched for
     else:

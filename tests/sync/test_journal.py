@@ -476,3 +476,100 @@ class TestWalkOverAnIndex:
         assert dict(index.entries) == dict(fresh_index.entries)
         assert dict(index.inos) == dict(fresh_index.inos)
         assert index.meta == fresh_index.meta
+
+
+class TestProbe:
+    """A probe reads some paths' entries (and everything under some directories) from a
+    journal without parsing the rest: what it tells is what a whole load tells."""
+
+    NAMES = ("a.txt", 'q"uote', "back\\slash", "ü/x", "\udcff.bin", "d0/f1", "d0/f10", "d01/f1")
+
+    def _journal(self, path: Path, seed: int) -> dict[str, Entry]:
+        """A journal of compactions (several lines each: `_CHUNK` made small) and deltas,
+        entries set, replaced and removed; the state it ends in."""
+        rng = random.Random(seed)
+        names = [*self.NAMES, *(f"d{i % 3}/f{i}" for i in range(40))]
+        state: dict[str, Entry] = {}
+        inos: dict[str, int] = {}
+        for step in range(30):
+            changed = rng.sample(names, rng.randint(1, 6))
+            was = {p: state.get(p) for p in changed}
+            for p in changed:
+                if rng.random() < 0.3:
+                    state.pop(p, None)
+                    inos.pop(p, None)
+                else:
+                    state[p] = Entry("f", rng.randint(0, 9), step, 0o644, f"ref {p} {step}")
+                    if rng.random() < 0.8:
+                        inos[p] = rng.randint(1, 1 << 40)
+                    else:
+                        inos.pop(p, None)  # none recorded (0 on the line)
+            j = journal.load(path)
+            whole = step % 10 == 0 or not j.exists
+            j.write(dict(state), dict(inos), {"step": step}, None if whole else changed, was)
+        return state
+
+    def test_it_tells_what_a_whole_load_tells(self, site: Site) -> None:
+        path = site.state / "probe.jnl"
+        chunk = journal._CHUNK
+        journal._CHUNK = 7  # a compaction of several lines
+        try:
+            for seed in range(8):
+                path.unlink(missing_ok=True)
+                _forget_cache()
+                self._journal(path, seed)
+                _forget_cache()
+                full = journal.load(path)
+                rng = random.Random(seed)
+                for _ in range(10):
+                    paths = rng.sample([*self.NAMES, "d1/f4", "nowhere", "d0"], 4)
+                    under = rng.sample(["d0/", "d1/", "ü/", "none/"], 1)
+                    snap = journal.peek(path)
+                    assert snap is not None
+                    got = journal.probe(snap, paths, under)
+                    assert got is not None and got.ident == full.ident
+                    assert (got.meta, got.seq, got.base) == (full.meta, full.seq, full.base)
+                    for p in paths:
+                        assert got.entries.get(p) == full.entries.get(p), (seed, p)
+                        assert got.inos.get(p) == full.inos.get(p), (seed, p)
+                    for d in under:
+                        over = journal.Overlay(got.entries)
+                        assert sorted(over.under(d)) == sorted(
+                            p for p in full.entries if p.startswith(d)
+                        )
+                        for p in full.entries:
+                            if p.startswith(d):
+                                assert got.entries[p] == full.entries[p]
+                    assert isinstance(got.entries, journal.Probed)
+                    assert not got.entries.parsed
+                    # any other path: the whole state, parsed then
+                    assert dict(got.entries) == dict(full.entries)
+                    assert got.entries.parsed
+        finally:
+            journal._CHUNK = chunk
+
+    def test_a_probe_that_parses_a_broken_line_tells_nothing(self, site: Site) -> None:
+        path = site.state / "probe.jnl"
+        self._journal(path, 1)
+        snap = journal.peek(path)
+        assert snap is not None
+        lines = path.read_bytes().splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if b'"a.txt"' in line)
+        lines[at] = lines[at][:-2] + b"!\n"  # no longer JSON, the same length
+        path.write_bytes(b"".join(lines))
+        assert journal.probe(snap, ["a.txt"]) is None
+        assert journal.probe(snap, ["d9/none"]) is not None  # a line it never parses
+
+    def test_an_overlay_changes_its_copy_not_the_state_under_it(self) -> None:
+        base = {"a": 1, "b": 2, "c": 3}
+        over = journal.Overlay(base)
+        over["b"] = 20
+        del over["c"]
+        over["d"] = 4
+        over.pop("a")
+        over["c"] = 30
+        assert dict(over) == {"b": 20, "c": 30, "d": 4} and len(over) == 3 and over
+        assert base == {"a": 1, "b": 2, "c": 3}
+        assert "a" not in over and over.get("a") is None
+        del over["b"], over["c"], over["d"]
+        assert not over and dict(over) == {}

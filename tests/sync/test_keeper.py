@@ -276,3 +276,70 @@ def test_paths_the_keeper_names_under_an_excluded_directory_give_no_hint(
     write(site.local / "a.txt", "a changed")
     hints, local = _hints_of_a_command_scan(site, exclude=("build/", "*.log"))
     assert hints == 1 and local.entries["a.txt"].size == len("a changed")
+
+
+def _probed_base(entries: object) -> journal.Probed[object]:
+    """The probed index under a narrowed scan's entries (failing when they are not that)."""
+    assert isinstance(entries, journal.Overlay), type(entries)
+    base = entries.base
+    assert isinstance(base, journal.Probed), type(base)
+    return base
+
+
+def test_one_file_changed_between_commands_reads_only_its_entries_from_the_index(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    for i in range(60):
+        write(site.local / f"d{i % 3}" / f"f{i}.txt", f"content {i}")
+    push(site.shell, site.opts(), instance_uuid="u1")
+    _command_scan(site)
+    _command_scan(site)  # the keeper now vouches for this index
+    write(site.local / "d1" / "f4.txt", "changed")
+    local = _command_scan(site)
+    result = push(site.shell, site.opts(), instance_uuid="u1", local=local)
+    assert result.files_sent == 1 and not result.remote_scanned
+    assert (site.remote / "d1" / "f4.txt").read_text() == "changed"
+    # the scan, the plan and the push looked up the file and its directory, nothing else
+    assert not _probed_base(local.entries).parsed
+    whole = scan_local(site.opts(state_dir=site.base / "full"))
+    assert dict(local.entries) == dict(whole.entries)
+    assert local.digest == Manifest(dict(whole.entries)).digest
+    # and the next command's scan finds the index it left whole and right
+    write(site.local / "d2" / "f5.txt", "changed too")
+    again = _command_scan(site)
+    assert not _probed_base(again.entries).parsed
+    journal._CACHE.clear()
+    index = journal.load(site.state / INDEX)
+    assert dict(index.entries) == dict(again.entries)
+    assert index.inos == {p: os.lstat(site.local / p).st_ino for p in index.entries}
+
+
+def test_a_new_directory_between_commands_is_read_from_the_index_by_its_prefix(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    for i in range(30):
+        write(site.local / f"d{i % 3}" / f"f{i}.txt", f"content {i}")
+    _command_scan(site)
+    _command_scan(site)
+    write(site.local / "new" / "deep" / "x.txt", "x")
+    got = _command_scan(site)
+    assert not _probed_base(got.entries).parsed
+    assert {"new", "new/deep", "new/deep/x.txt"} <= set(got.entries)
+    # a directory removed and made again under the same name: its old paths are dropped
+    shutil.rmtree(site.local / "new")
+    write(site.local / "new" / "other.txt", "o")
+    got = _command_scan(site)
+    whole = scan_local(site.opts(state_dir=site.base / "full"))
+    assert dict(got.entries) == dict(whole.entries)
+
+
+def test_a_probe_of_many_paths_reads_the_index_whole(site: Site, keeper: TreeKeeper) -> None:
+    for i in range(journal.PROBE_MAX + 10):
+        write(site.local / f"f{i}.txt", f"content {i}")
+    _command_scan(site)
+    _command_scan(site)
+    for i in range(journal.PROBE_MAX + 10):
+        write(site.local / f"f{i}.txt", f"changed {i}")
+    got = _command_scan(site)
+    assert isinstance(got.entries, dict)
+    assert got.entries["f3.txt"].size == len("changed 3")
