@@ -8,7 +8,7 @@ path, never a sync-back path or a directory holding one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reconciler.sync.ignore import IgnoreRules
 from reconciler.sync.manifest import Basis, Manifest
@@ -18,6 +18,8 @@ __all__ = ["TransferPlan", "changes_of", "diff_manifests"]
 #: changed paths whose entries are copied rather than the whole tree's length asked for (a
 #: probed tree's length is a parse of its whole index: `journal.probe`)
 _FEW = 4096
+#: where `changes_of` keeps its answer on a manifest
+_MEMO = "_changes_of"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,15 @@ def changes_of(
 ) -> tuple[Manifest, TransferPlan]:
     """The plan from `basis`'s state to `local` when only `basis.old`'s paths changed: the
     diff of those paths alone (a path's action depends on its own two entries only), and the
-    part of the previous state it was judged against."""
+    part of the previous state it was judged against.
+
+    An apply asks twice of the same tree and basis, the plan and then the push (~35 ms each at
+    100,000 new paths, the second one with the sandbox waiting for its first upload): the
+    answer is kept on `local` for its basis and rules."""
+    memo = local.__dict__.get(_MEMO)
+    if memo is not None and memo[0] is basis and memo[1] == rules.key:
+        previous, plan = memo[2]
+        return previous, plan if plan.reason == reason else replace(plan, reason=reason)
     previous = Manifest({p: e for p, e in basis.old.items() if e is not None})
     entries = local.entries
     if (
@@ -110,6 +120,10 @@ def changes_of(
         and basis.old.keys() >= entries.keys()
     ):
         # every path changed (a first push over a seeded sandbox): no copy of 100,000 entries
-        return previous, diff_manifests(local, previous, rules, reason=reason)
-    mine = {p: entries[p] for p in basis.old if p in entries}
-    return previous, diff_manifests(Manifest(mine), previous, rules, reason=reason)
+        plan = diff_manifests(local, previous, rules, reason=reason)
+    else:
+        mine = {p: entries[p] for p in basis.old if p in entries}
+        plan = diff_manifests(Manifest(mine), previous, rules, reason=reason)
+    # (a manifest is frozen, and never changes once made: what it caches lives as long)
+    local.__dict__[_MEMO] = (basis, rules.key, (previous, plan))
+    return previous, plan

@@ -205,6 +205,23 @@ class TestDiff:
         previous, plan = changes_of(local, some, self.rules)
         assert (plan.uploads, plan.deletes) == (("d/a",), ("z",))
 
+    def test_the_plan_and_the_push_of_one_scanned_tree_share_one_diff(self) -> None:
+        """An apply plans a tree, then its push judges the same tree on the same basis: the
+        second answer is the first one (100,000 paths: ~35 ms the sandbox waits for)."""
+        local = Manifest({"a": _f("a2"), "b": _f("b")})
+        basis = Basis(("k", "m"), {"a": _f("a1"), "b": None})
+        previous, plan = changes_of(local, basis, self.rules, reason="against the record")
+        again, pushed = changes_of(local, basis, self.rules, reason="the remote's record")
+        assert again is previous and pushed.uploads is plan.uploads
+        assert (pushed.reason, plan.reason) == ("the remote's record", "against the record")
+        # another basis (a scan since), other rules, another tree: judged afresh
+        other = Basis(("k", "m"), {"a": _f("a1")})
+        assert changes_of(local, other, self.rules)[1].uploads == ("a",)
+        back = IgnoreRules(["*.tmp"], ["b"])
+        assert changes_of(local, basis, back)[0] is not previous
+        same = Manifest(dict(local.entries))
+        assert changes_of(same, basis, self.rules)[0] is not previous
+
 
 def test_load_rules_without_a_ukcignore_uses_the_spec_only(tmp_path: Path) -> None:
     from reconciler.sync.options import SyncOptions
