@@ -18,6 +18,7 @@ from reconciler._util.pids import pid_alive
 __all__ = [
     "create_atomic",
     "fsync_dir",
+    "install_staged",
     "sweep_dead_temps",
     "temp_files",
     "temp_path",
@@ -124,6 +125,31 @@ def write_atomic(
     sweep_dead_temps(path)
     if backup is not None:
         sweep_dead_temps(backup)
+
+
+def write_staged(path: Path, data: Iterable[bytes], *, mode: int = 0o600) -> Path:
+    """`write_atomic`'s first half, not durable: `data` in this process's temp file for `path`,
+    which the caller later installs (`install_staged`) or removes. Why: the bytes of a record
+    that may only replace `path` once something is confirmed are written while waiting."""
+    tmp = temp_path(path)
+    try:
+        _write_temp(tmp, data, mode, durable=False)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def install_staged(tmp: Path, path: Path) -> None:
+    """`write_atomic`'s second half: the temp file `write_staged` made becomes `path`."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    sweep_dead_temps(path)
 
 
 def create_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> bool:

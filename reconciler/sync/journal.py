@@ -25,6 +25,7 @@ States are never modified in place: a write installs new dicts (the scan's own),
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from reconciler._util.atomic import write_atomic
+from reconciler._util.atomic import install_staged, write_atomic, write_staged
 from reconciler._util.gcpause import gc_paused
 from reconciler.sync.entry import SHARED_INTS, Entry
 
@@ -45,15 +46,18 @@ __all__ = [
     "Overlay",
     "Probed",
     "Snapshot",
+    "Staged",
     "changes_since",
     "derive",
     "entries_of",
+    "fits",
     "load",
     "peek",
     "probe",
     "read_meta",
     "release",
     "rewrite",
+    "stage_derive",
 ]
 
 #: deltas may grow to this multiple of the compacted state (plus `_SLACK`) before a compaction
@@ -778,6 +782,25 @@ def append(
         os.close(fd)
 
 
+def fits(path: Path, changed: Collection[str]) -> bool:
+    """Whether `append` would likely take a delta naming `changed` (the journal is there, its
+    last line whole, and the deltas may grow by that much): a guess from its size and last
+    line; `append` itself decides."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - _TAIL)
+        last = _last_line(os.pread(fd, size - start, start), start)
+    finally:
+        os.close(fd)
+    base = last.get("base") if last is not None else None
+    return type(base) is int and size + _least_bytes(changed) <= _GROWTH * base + _SLACK
+
+
 def read_meta(path: Path) -> dict[str, Any] | None:
     """The journal's current metadata without reading its entries (the last line holds it);
     None when there is no journal, or when it can only be had by reading it all."""
@@ -881,13 +904,42 @@ def derive(source: Path, path: Path, entries: Mapping[str, Entry], meta: dict[st
     (and it has not been replaced since), plus one metadata line; False (nothing written)
     otherwise. Why: the push record is most often the index's state, and encoding 100,000
     entries a second time is the bulk of recording an initial push."""
+    staged = stage_derive(source, path, entries, meta)
+    if staged is None:
+        return False
+    staged.install()
+    return True
+
+
+class Staged:
+    """A journal's next state written beside it, not yet in its place (`install`)."""
+
+    def __init__(self, tmp: Path, after: Journal) -> None:
+        self.tmp = tmp
+        self.after = after
+
+    def install(self) -> None:
+        install_staged(self.tmp, self.after.path)
+        self.after.ino = os.stat(self.after.path).st_ino
+        _remember(self.after)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+def stage_derive(
+    source: Path, path: Path, entries: Mapping[str, Entry], meta: dict[str, Any]
+) -> Staged | None:
+    """`derive`'s bytes written beside `path`, to be installed later; None when `derive`
+    could not make them."""
     j = _CACHE.get(Path(source))
     if j is None or j.entries is not entries or not j.exists or j.broken or j.ino is None:
-        return False
+        return None
     try:
         fd = os.open(j.path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
-        return False
+        return None
     tail = _line({"seq": j.seq + 1, "meta": meta, "base": j.base})
     copied = [0]
 
@@ -905,13 +957,12 @@ def derive(source: Path, path: Path, entries: Mapping[str, Entry], meta: dict[st
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if st.st_ino != j.ino or st.st_size < j.length:
-            return False
+            return None
         # writers append or replace whole: the first `length` bytes are still that state
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            write_atomic(path, parts(f), durable=False)
+            tmp = write_staged(path, parts(f))
         except _CutShortError:
-            return False
-    ino = os.stat(path).st_ino
-    _remember(Journal(path, j.entries, j.inos, meta, j.seq + 1, ino, j.length + len(tail), j.base))
-    return True
+            return None
+    after = Journal(path, j.entries, j.inos, meta, j.seq + 1, None, j.length + len(tail), j.base)
+    return Staged(tmp, after)

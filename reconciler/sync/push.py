@@ -30,9 +30,9 @@ from reconciler.sync.manifest import (
     Basis,
     Entry,
     Manifest,
+    PushRecord,
     last_push_record,
     push_meta,
-    record_push,
     scan_local,
     since_push,
 )
@@ -536,13 +536,15 @@ class _Sender:
         remote = [str(x) for x in reply.get("errors", [])][:50]
         return self.errors + remote
 
-    def settle(self, req: dict[str, Any]) -> Any:
+    def settle(self, req: dict[str, Any], meanwhile: Callable[[], None] | None = None) -> Any:
         """`req`'s answer once everything sent has landed: files the helper could not patch
         from remembered digests (the sandbox's copy was not the one we remember) are sent
         whole and `req` asked again. Each such file at most once, and only files that were
-        sent so: what the sandbox names is checked, never followed."""
+        sent so: what the sandbox names is checked, never followed. `meanwhile` runs while
+        the first answer is awaited."""
         while True:
-            reply = self.s.call(req)
+            reply = self.s.call(req, meanwhile=meanwhile)
+            meanwhile = None
             redo = reply.get("redo") if isinstance(reply, dict) else None
             if not redo or reply.get("errors") or self.errors:
                 return reply  # errors (a resent file that changed meanwhile too): the caller stops
@@ -595,13 +597,13 @@ def push(
         last = push_meta(opts)
         if hello is None:
             hello = s.read_hello(1 << 16)
-        result, delta, changed = _push(s, opts, rules, local, last, hello, instance_uuid, ahead)
+        result, record = _push(s, opts, rules, local, last, hello, instance_uuid, ahead)
     except BaseException:
         s.close(abort=True)
         raise
     s.park()
-    if changed:
-        record_push(opts, local, instance_uuid, result.boot_id, delta=delta)
+    if record is not None:
+        record.write()
     return result
 
 
@@ -644,9 +646,9 @@ def _push(
     hello: Any,
     instance_uuid: str,
     ahead: DigestsAhead | None = None,
-) -> tuple[PushResult, Basis | None, bool]:
-    """The push after hello: (result, the state the record takes a delta from, whether
-    anything was done that the record must show)."""
+) -> tuple[PushResult, PushRecord | None]:
+    """The push after hello: (result, the record to write now that the sandbox holds the
+    tree; None when our record already describes it)."""
     if not isinstance(hello, dict):
         raise RemoteError("sync helper answered hello with a non-object frame")
     boot_id = str(hello.get("boot_id", ""))[:128]
@@ -669,11 +671,16 @@ def _push(
     )
     result = PushResult(0, 0, 0, scanned, boot_id, local.digest, plan)
     if plan.empty and not scanned:
-        return result, delta, False  # our record already describes this tree
-    result.deleted = _apply(
-        s, plan, local, previous, opts, rules, instance_uuid, boot_id, result, ahead
-    )
-    return result, delta, True
+        return result, None  # our record already describes this tree
+    record = PushRecord(opts, local, instance_uuid, boot_id, delta=delta)
+    try:
+        result.deleted = _apply(
+            s, plan, local, previous, opts, rules, instance_uuid, boot_id, result, ahead, record
+        )
+    except BaseException:
+        record.discard()
+        raise
+    return result, record
 
 
 def judge(
@@ -750,6 +757,7 @@ def _apply(
     boot_id: str,
     result: PushResult,
     ahead: DigestsAhead | None = None,
+    ours: PushRecord | None = None,
 ) -> int:
     root = Path(opts.local_root)
     sender = _Sender(s, local, root, previous, Path(opts.state_dir), ahead)
@@ -799,7 +807,10 @@ def _apply(
     record = {"version": 2, "boot_id": boot_id, "uuid": instance_uuid, "digest": local.digest}
     sender.await_blocks()
     # one round trip: the helper records the new manifest only if it saw no error
-    reply = sender.settle({"op": "finish", "record": None if sender.errors else record})
+    # our record's bytes are written while the helper drains (installed only once it said
+    # it recorded: a push that fails leaves our last record as it was)
+    stage = ours.stage if ours is not None and not sender.errors else None
+    reply = sender.settle({"op": "finish", "record": None if sender.errors else record}, stage)
     errors = sender.errors + [str(x) for x in reply.get("errors", [])][:50]
     result.files_sent, result.bytes_sent = sender.files, sender.bytes
     if errors or reply.get("recorded") is not True:

@@ -635,10 +635,15 @@ class HelperSession:
             self._emit(self._out)
             self._out.clear()
 
-    def call(self, obj: Any, limit: int = MAX_FRAME) -> Any:
-        """Send a request that has an answer, and return the answer."""
+    def call(
+        self, obj: Any, limit: int = MAX_FRAME, *, meanwhile: Callable[[], None] | None = None
+    ) -> Any:
+        """Send a request that has an answer, and return the answer; `meanwhile` runs once the
+        request is sent, before the answer is read."""
         self.send({**obj, "flush": True})
         self.flush()
+        if meanwhile is not None:
+            meanwhile()
         reply = self.reader.frame(limit)
         if not isinstance(reply, dict):
             raise RemoteError("sync helper answered with a non-object frame")

@@ -573,3 +573,62 @@ class TestProbe:
         assert "a" not in over and over.get("a") is None
         del over["b"], over["c"], over["d"]
         assert not over and dict(over) == {}
+
+
+class TestPushRecordAhead:
+    """A push of a new tree writes its record's bytes (a copy of the index) while the
+    sandbox's helper finishes; the record is in place only once the push is done."""
+
+    def test_a_staged_record_is_in_place_only_once_written(self, site: Site) -> None:
+        from reconciler._util.atomic import temp_files
+        from reconciler.sync.manifest import PushRecord
+
+        _tree(site, 30)
+        local = scan_local(site.opts())
+        path = site.state / PUSH_RECORD
+        rec = PushRecord(site.opts(), local, "u1", "boot-1", delta=None)
+        rec.stage()
+        assert not path.exists() and len(temp_files(path)) == 1
+        rec.write()
+        assert temp_files(path) == []
+        _forget_cache()
+        got = last_push_record(site.opts())
+        assert got is not None and dict(got[0].entries) == dict(local.entries)
+        assert (got[1]["instance_uuid"], got[1]["boot_id"]) == ("u1", "boot-1")
+        assert got[1]["digest"] == local.digest and got[1]["index"] == local.at
+
+    def test_a_staged_record_of_a_push_that_failed_leaves_the_last_record(self, site: Site) -> None:
+        from reconciler._util.atomic import temp_files
+        from reconciler.sync.manifest import PushRecord
+
+        _tree(site, 10)
+        push(site.shell, site.opts(), instance_uuid="u1")
+        path = site.state / PUSH_RECORD
+        before = path.read_bytes()
+        _tree(site, 40)
+        local = scan_local(site.opts())
+        rec = PushRecord(site.opts(), local, "u1", "boot-1", delta=None)
+        rec.stage()
+        assert len(temp_files(path)) == 1
+        rec.discard()
+        assert temp_files(path) == [] and path.read_bytes() == before
+
+    def test_a_record_that_cannot_be_written_ahead_is_written_after_the_push(
+        self, site: Site
+    ) -> None:
+        from reconciler._util.atomic import temp_path
+        from reconciler.sync.manifest import PushRecord
+
+        _tree(site, 20)
+        local = scan_local(site.opts())
+        path = site.state / PUSH_RECORD
+        blocker = temp_path(path)
+        blocker.mkdir(parents=True)  # where the bytes would go ahead: not a file
+        rec = PushRecord(site.opts(), local, "u1", "boot-1", delta=None)
+        rec.stage()  # while the sandbox's answer is awaited: no error, nothing written
+        assert not path.exists()
+        blocker.rmdir()
+        rec.write()
+        _forget_cache()
+        got = last_push_record(site.opts())
+        assert got is not None and dict(got[0].entries) == dict(local.entries)
