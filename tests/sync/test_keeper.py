@@ -343,3 +343,26 @@ def test_a_probe_of_many_paths_reads_the_index_whole(site: Site, keeper: TreeKee
     got = _command_scan(site)
     assert isinstance(got.entries, dict)
     assert got.entries["f3.txt"].size == len("changed 3")
+
+
+def test_a_tree_watched_by_its_link_counts_names_changes_at_every_depth(
+    site: Site, keeper: TreeKeeper
+) -> None:
+    """The keeper lists only directories whose link count says they hold directories: what
+    changes in the others (leaves at any depth, a directory made in a leaf) is named still."""
+    for a in range(3):
+        write(site.local / f"a{a}" / "top.txt", "t")
+        for b in range(3):
+            write(site.local / f"a{a}" / f"b{b}" / "mid.txt", "m")
+            for c in range(2):
+                write(site.local / f"a{a}" / f"b{b}" / f"c{c}" / "leaf.txt", "l")
+    _command_scan(site)
+    _command_scan(site)  # the keeper now vouches for this index
+    write(site.local / "a2" / "b1" / "c0" / "leaf.txt", "leaf changed")
+    write(site.local / "a0" / "b2" / "mid.txt", "mid changed")
+    write(site.local / "a1" / "b0" / "c1" / "new" / "x.txt", "in a new directory")
+    token, paths = keeper.take(str(site.state), str(site.local), _ident(site))
+    keeper.done(str(site.state), token, None)
+    assert paths is not None
+    assert {"a2/b1/c0/leaf.txt", "a0/b2/mid.txt"} <= paths
+    assert "a1/b0/c1/new/" in paths
