@@ -105,8 +105,8 @@ def changes_of(
     diff of those paths alone (a path's action depends on its own two entries only), and the
     part of the previous state it was judged against.
 
-    An apply asks twice of the same tree and basis, the plan and then the push (~35 ms each at
-    100,000 new paths, the second one with the sandbox waiting for its first upload): the
+    An apply asks twice of the same tree and basis, the plan and then the push (the second
+    time with the sandbox waiting for its first upload; bench/PROFILE.md, session 32): the
     answer is kept on `local` for its basis and rules."""
     memo = local.__dict__.get(_MEMO)
     if memo is not None and memo[0] is basis and memo[1] == rules.key:

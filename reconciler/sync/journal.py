@@ -489,8 +489,8 @@ def peek(path: Path) -> Snapshot | None:
 
 
 #: paths (and directories) a probe looks for at most: each is one more alternative of the
-#: pattern searched through the whole journal (12 MB at 100,000 entries; ~5 ms for a few,
-#: ~30 ms for 64, against ~200 ms for parsing it all)
+#: pattern searched through the whole journal: beyond a few dozen, parsing it all costs
+#: about as much (bench/PROFILE.md, session 32)
 PROBE_MAX = 64
 
 _V = TypeVar("_V")
@@ -615,9 +615,10 @@ class Overlay(MutableMapping[str, _V]):
 def probe(snap: Snapshot, paths: Collection[str], under: Collection[str] = ()) -> Journal | None:
     """The journal `snap` names, read for `paths` and for every path under the directories
     `under` (each ending in "/") only: the lines that name one of them are parsed, the others
-    only searched (a 100,000-entry state is 12 MB, ~200 ms to parse whole); any other path is
-    parsed with the whole state when first looked up. None: too many paths to be worth it, or
-    the lines parsed do not make a journal (`load` then tells what holds).
+    only searched (a 100,000-entry state is 12 MB: parsed whole, it was most of a one-file
+    apply); any other path is parsed with the whole state when first looked up. None: too
+    many paths to be worth it, or the lines parsed do not make a journal (`load` then tells
+    what holds).
 
     Why unparsed lines are trusted: a probe is made of a state a keeper vouched for by inode
     and length, and a scan tells a keeper only of a state it held whole, or probed and then

@@ -165,8 +165,8 @@ class TreeKeeper:
         """Watch `path` and every directory under it (not following links); False (and the
         tree marked "everything") when the kernel refused a watch or the tree is too big."""
         stack = [(path, rel)]
-        # why link counts: listing every directory to find the ones below costs ~70 ms at
-        # 100,000 files (before the first scan of a tree may begin). A directory's count is
+        # why link counts: listing every directory to find the ones below is most of watching
+        # a big tree (and the first scan of a tree waits for it). A directory's count is
         # 2 + its subdirectories where the filesystem keeps it so (ext4, xfs, tmpfs; others
         # say 1): a count of 2 is trusted once a listing of this tree agreed with its count
         counted: bool | None = None

@@ -936,8 +936,8 @@ def _told_index(
 ) -> journal.Journal:
     """The index a keeper's answer `only` is about. When the scan looks at those paths alone,
     only their entries (and their directories', and all under a directory named "dir/") are
-    read from it (`journal.probe`): one changed file at 100,000 is otherwise ~200 ms of
-    parsing every entry. Else (or when the probe cannot tell) it is loaded whole."""
+    read from it (`journal.probe`): one changed file at 100,000 is otherwise most of the
+    apply's time, parsing every entry. Else (or when the probe cannot tell) it is loaded whole."""
     if (
         only
         and peeked is not None
