@@ -168,8 +168,9 @@ class TreeKeeper:
         # why link counts: listing every directory to find the ones below is most of watching
         # a big tree (and the first scan of a tree waits for it). A directory's count is
         # 2 + its subdirectories where the filesystem keeps it so (ext4, xfs, tmpfs; others
-        # say 1): a count of 2 is trusted once a listing of this tree agreed with its count
-        counted: bool | None = None
+        # say 1): a count of 2 is trusted once a listing of this tree agreed with its count,
+        # per filesystem (a mount inside the tree may be one whose counts mean something else)
+        counted: dict[int, bool] = {}
         while stack:
             p, r = stack.pop()
             if r and kept.skipped(r):
@@ -180,8 +181,9 @@ class TreeKeeper:
                 return False
             try:
                 # read once watched: a subdirectory made after it has an event of its own
-                links = os.lstat(p).st_nlink if counted is not False else 0
-                if counted and links == 2:
+                st = os.lstat(p)
+                links, agreed = st.st_nlink, counted.get(st.st_dev)
+                if agreed and links == 2:
                     continue  # no subdirectory: nothing to list
                 found = 0
                 with os.scandir(p) as it:
@@ -189,8 +191,8 @@ class TreeKeeper:
                         if e.is_dir(follow_symlinks=False):
                             found += 1
                             stack.append((e.path, f"{r}/{e.name}" if r else e.name))
-                if counted is None and found:
-                    counted = links == 2 + found
+                if agreed is None and found:
+                    counted[st.st_dev] = links == 2 + found
             except OSError:
                 continue  # gone meanwhile: its parent's event names it
         return True
