@@ -112,28 +112,28 @@ def write_atomic(
     reader finds the previous generation if this one is ever damaged, and never finds `path`
     missing.
     """
-    tmp = temp_path(path)
-    try:
-        _write_temp(tmp, data, mode, durable=durable)
-        if backup is not None:
+    tmp = write_staged(path, data, mode=mode, durable=durable)
+    if backup is not None:
+        try:
             _keep_generation(path, backup)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    sweep_dead_temps(path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+    install_staged(tmp, path)
     if backup is not None:
         sweep_dead_temps(backup)
 
 
-def write_staged(path: Path, data: Iterable[bytes], *, mode: int = 0o600) -> Path:
-    """`write_atomic`'s first half, not durable: `data` in this process's temp file for `path`,
-    which the caller later installs (`install_staged`) or removes. Why: the bytes of a record
-    that may only replace `path` once something is confirmed are written while waiting."""
+def write_staged(
+    path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o600, durable: bool = False
+) -> Path:
+    """`write_atomic`'s first half: `data` in this process's temp file for `path`, which the
+    caller later installs (`install_staged`) or removes. Why: the bytes of a record that may
+    only replace `path` once something is confirmed are written while waiting."""
     tmp = temp_path(path)
     try:
-        _write_temp(tmp, data, mode, durable=False)
+        _write_temp(tmp, data, mode, durable=durable)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
