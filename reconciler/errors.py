@@ -35,6 +35,7 @@ values, private keys). The CLI prints that line and maps the class to an exit co
 from __future__ import annotations
 
 __all__ = [
+    "MALFORMED_JSON",
     "AlreadyExistsError",
     "ApiError",
     "AuthError",
@@ -63,6 +64,12 @@ __all__ = [
     "UkcError",
     "UsageError",
 ]
+
+
+#: what decoding JSON that a sandbox (or any peer not trusted) sent may raise: bad bytes or
+#: syntax (ValueError, UnicodeDecodeError among them), or nesting deeper than the decoder's
+#: stack (50 KB of "[" is enough), which must not end the whole run as an internal error
+MALFORMED_JSON = (ValueError, RecursionError)
 
 
 class UkcError(Exception):

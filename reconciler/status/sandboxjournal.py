@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from reconciler.errors import MALFORMED_JSON
 from reconciler.status.schema import SessionStatus
 
 __all__ = [
@@ -89,7 +90,7 @@ def decode(key: bytes, binding: Binding, data: bytes) -> tuple[SessionStatus | N
         return None, f"larger than {MAX_JOURNAL_BYTES} bytes"
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # why the last: deep nesting
+    except MALFORMED_JSON:
         return None, "not JSON"
     if not isinstance(body, dict) or not isinstance(body.get("mac"), str):
         return None, "not a sealed journal"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler._util.text import one_line
-from reconciler.errors import MissingToolError, RemoteError, SyncStalledError
+from reconciler.errors import MALFORMED_JSON, MissingToolError, RemoteError, SyncStalledError
 from reconciler.sync.helper import Packer, Unpacker
 from reconciler.sync.options import SyncOptions
 from reconciler.sync.watchdog import Watchdog
@@ -291,8 +291,7 @@ class FrameReader:
             raise RemoteError(f"sync helper sent a {n}-byte frame; the limit is {limit}")
         try:
             return json.loads(self.exact(n).decode("ascii"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            # why RecursionError: JSON nested deeper than the decoder's stack, as a sandbox sends it
+        except MALFORMED_JSON as exc:
             raise RemoteError(f"sync helper sent a malformed {n}-byte frame") from exc
 
 

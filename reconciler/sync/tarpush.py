@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler._util.text import one_line
-from reconciler.errors import RemoteError, SyncError
+from reconciler.errors import MALFORMED_JSON, RemoteError, SyncError
 from reconciler.sync.diff import TransferPlan
 from reconciler.sync.ignore import IgnoreRules, is_under, load_rules
 from reconciler.sync.manifest import (
@@ -187,7 +187,7 @@ def parse_hello(raw: bytes) -> tuple[str, Any]:
     if rest:
         try:
             record = json.loads(rest.decode("ascii"))
-        except (UnicodeDecodeError, ValueError, RecursionError):  # why the last: deep nesting
+        except MALFORMED_JSON:
             record = None
     return boot_id, record if isinstance(record, dict) else None
 

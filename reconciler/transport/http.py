@@ -36,7 +36,7 @@ import httpx
 from reconciler._util.text import escape_controls
 from reconciler.cloud.model import Service
 from reconciler.cloud.trust import AddressMap, same_address
-from reconciler.errors import RemoteError, TransportError
+from reconciler.errors import MALFORMED_JSON, RemoteError, TransportError
 from reconciler.transport import ssh
 from reconciler.transport.base import (
     CommandResult,
@@ -255,7 +255,7 @@ class HttpExec:
         duration = self._monotonic() - started
         try:
             decoded: object = json.loads(bytes(body))
-        except (ValueError, UnicodeDecodeError, RecursionError):  # why the last: deep nesting
+        except MALFORMED_JSON:
             decoded = None
         if status != 200:
             message = ""

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from reconciler._util.text import one_line
 from reconciler.cloud.model import CloudApi, Plugin, PluginReply
 from reconciler.errors import (
+    MALFORMED_JSON,
     AuthError,
     RemoteError,
     SandboxNotReadyError,
@@ -92,7 +93,7 @@ def _text(raw: object) -> str:
 def _envelope(reply: PluginReply) -> Mapping[str, object]:
     try:
         decoded: object = json.loads(reply.body) if reply.body.strip() else {}
-    except (ValueError, UnicodeDecodeError, RecursionError):  # why the last: deep nesting
+    except MALFORMED_JSON:
         decoded = {}
     return decoded if isinstance(decoded, Mapping) else {}
 
