@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.local import daemon as metro_daemon
+from tests.support.listener import RECORDING_HANDLER
 from tests.support.users import need_other_user
 from tests.support.waiting import eventually
 
@@ -31,35 +32,25 @@ pytestmark = pytest.mark.metro
 
 #: the attacker's listener on the dead daemon's port, run as `nobody` by the system python; it
 #: logs every request, and answers as a daemon would. argv[1]: where it says its port and pid
-LISTENER = r"""
+LISTENER = (
+    r"""
 import http.server, json, os, sys
 out = sys.argv[1]
+LOG = out + ".log"
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    def answer(self):
-        with open(out + ".log", "a") as f:
-            f.write(json.dumps([self.command, self.path, self.headers.get("Authorization")]) + "\n")
-        data = {"pid": os.getpid(), "instances": []}
-        body = json.dumps({"status": "success", "data": data}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = answer
-
-    def log_message(self, *args):
-        pass
-
-
+def data_for(path):
+    return {"pid": os.getpid(), "instances": []}
+"""
+    + RECORDING_HANDLER
+    + r"""
 server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
 with open(out + ".tmp", "w") as f:
     json.dump({"port": server.server_port, "pid": os.getpid()}, f)
 os.rename(out + ".tmp", out)
 server.serve_forever()
 """
+)
 
 
 @pytest.fixture

@@ -25,34 +25,23 @@ from pathlib import Path
 import pytest
 
 from reconciler.local import daemon as metro_daemon
+from tests.support.listener import RECORDING_HANDLER
 from tests.support.users import need_other_user
 from tests.support.waiting import eventually
 
 #: the attacker's fake metro, run as `nobody` by the system python; argv[1] is the shared dir,
 #: argv[2] its log of every request it got; argv[3:] the command line of a daemon for that dir
-FAKE_METRO = r"""
+FAKE_METRO = (
+    r"""
 import http.server, json, os, sys
-shared, log = sys.argv[1], sys.argv[2]
+shared, LOG = sys.argv[1], sys.argv[2]
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    def answer(self):
-        with open(log, "a") as f:
-            f.write(json.dumps([self.command, self.path, self.headers.get("Authorization")]) + "\n")
-        data = {"pid": os.getpid()} if self.path.startswith("/_local") else {"instances": []}
-        body = json.dumps({"status": "success", "data": data}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = answer
-
-    def log_message(self, *args):
-        pass
-
-
+def data_for(path):
+    return {"pid": os.getpid()} if path.startswith("/_local") else {"instances": []}
+"""
+    + RECORDING_HANDLER
+    + r"""
 server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
 with open(os.path.join(shared, "token"), "w") as f:
     f.write("mallorys-token\n")
@@ -68,6 +57,7 @@ with open(os.path.join(shared, "metro.json"), "w") as f:
     json.dump(info, f)
 server.serve_forever()
 """
+)
 
 SPEC = "name: victim\ndirectory: .\nenv:\n  WHERE: the users project\n"
 

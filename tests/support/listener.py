@@ -9,7 +9,29 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__all__ = ["Recorded", "RecordingMetro"]
+__all__ = ["RECORDING_HANDLER", "Recorded", "RecordingMetro"]
+
+
+#: the same, as source for a script that runs as another user (by the system python): it
+#: needs `LOG` (a file that gets one JSON line per request: method, path, Authorization) and
+#: `data_for(path)` (the `data` of the answer) defined before it, and http.server, json imported
+RECORDING_HANDLER = r"""
+class Handler(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        with open(LOG, "a") as f:
+            f.write(json.dumps([self.command, self.path, self.headers.get("Authorization")]) + "\n")
+        body = json.dumps({"status": "success", "data": data_for(self.path)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = answer
+
+    def log_message(self, *args):
+        pass
+"""
 
 
 @dataclass(frozen=True)
