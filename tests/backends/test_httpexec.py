@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar
 
 import pytest
@@ -17,7 +16,7 @@ from reconciler.transport.http import HttpExec, build_exec_cmd, stage_env, unsta
 from reconciler.transport.local_shell import LocalShell
 from reconciler.transport.tls import Dialer
 from tests.support.listener import RecordingMetro
-from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to
+from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to, https_front
 
 
 class ExecHandler(BaseHTTPRequestHandler):
@@ -65,13 +64,8 @@ class ExecHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def exec_front(test_ca: CaFiles) -> Iterator[TlsForwarder]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ExecHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    fwd = TlsForwarder(test_ca, server.server_address[1]).start()
-    yield fwd
-    fwd.stop()
-    server.shutdown()
-    server.server_close()
+    with https_front(test_ca, ExecHandler) as fwd:
+        yield fwd
 
 
 @pytest.fixture

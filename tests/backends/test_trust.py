@@ -5,7 +5,6 @@ so a CA that the API accepts is never refused by the edge, or the reverse."""
 from __future__ import annotations
 
 import http.server
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from reconciler.cloud.metros import MetroRegistry
 from reconciler.errors import TransportError
 from reconciler.transport.select import edge_handshake
-from tests.support.tls_sshd import CaFiles, TlsForwarder
+from tests.support.tls_sshd import CaFiles, TlsForwarder, https_front
 
 
 class _EmptyList(http.server.BaseHTTPRequestHandler):
@@ -32,16 +31,8 @@ class _EmptyList(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def front(test_ca: CaFiles) -> Iterator[TlsForwarder]:
     """An https metro signed by the test CA: an API and an edge on one TLS port."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EmptyList)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    fwd = TlsForwarder(test_ca, server.server_address[1]).start()
-    try:
+    with https_front(test_ca, _EmptyList) as fwd:
         yield fwd
-    finally:
-        fwd.stop()
-        server.shutdown()
-        server.server_close()
 
 
 def environ_for(url: str, **extra: str) -> dict[str, str]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from reconciler.transport.base import CommandResult
 from reconciler.transport.http import HttpExec
-from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to
+from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to, https_front
 
 
 class Trickle(BaseHTTPRequestHandler):
@@ -46,14 +46,9 @@ class Trickle(BaseHTTPRequestHandler):
 @pytest.fixture
 def trickling(test_ca: CaFiles) -> Iterator[TlsForwarder]:
     Trickle.stop.clear()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    fwd = TlsForwarder(test_ca, server.server_address[1]).start()
-    yield fwd
-    Trickle.stop.set()
-    fwd.stop()
-    server.shutdown()
-    server.server_close()
+    with https_front(test_ca, Trickle) as fwd:
+        yield fwd
+        Trickle.stop.set()  # (before the front stops: the handler's trickle ends)
 
 
 def test_an_answer_trickling_past_the_commands_timeout_ends_the_command_as_timed_out(

@@ -11,9 +11,8 @@ record in a tar push's hello.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from reconciler.transport import plugin
 from reconciler.transport.http import HttpExec
 from reconciler.transport.local_shell import LocalShell
 from tests.support.hostile_helper import fake_python
-from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to
+from tests.support.tls_sshd import FQDN, CaFiles, TlsForwarder, dialer_to, https_front
 
 DEEP = b"[" * 50_000
 
@@ -74,13 +73,8 @@ class Deep(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def deep_exec(test_ca: CaFiles) -> Iterator[TlsForwarder]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Deep)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    fwd = TlsForwarder(test_ca, server.server_address[1]).start()
-    yield fwd
-    fwd.stop()
-    server.shutdown()
-    server.server_close()
+    with https_front(test_ca, Deep) as fwd:
+        yield fwd
 
 
 def test_an_exec_servers_answer_nested_50000_deep_fails_the_command_not_the_run(

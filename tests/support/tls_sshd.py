@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from cryptography import x509
@@ -118,6 +119,21 @@ def make_ca(directory: Path) -> CaFiles:
     )
     key_path.chmod(0o600)
     return CaFiles(ca_path, cert_path, key_path)
+
+
+@contextlib.contextmanager
+def https_front(ca: CaFiles, handler: type[BaseHTTPRequestHandler]) -> Iterator[TlsForwarder]:
+    """`handler` served on a free port behind a `TlsForwarder` signed by `ca` (a metro's or an
+    exec server's front), until the block ends."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fwd = TlsForwarder(ca, server.server_address[1]).start()
+    try:
+        yield fwd
+    finally:
+        fwd.stop()
+        server.shutdown()
+        server.server_close()
 
 
 class TlsForwarder:
