@@ -251,8 +251,9 @@ class Watcher:
         specset = load_specs(list(self.options.paths), self.environ)
         groups = group_sessions(specset.sessions)
         state = _State(groups=groups)
+        group_of = {g.base_dir: g for g in groups}
         for loaded in specset.sessions:
-            opts = sync_options_for(Group(loaded.base_dir, [loaded]), loaded)
+            opts = sync_options_for(group_of[loaded.base_dir], loaded)
             try:
                 rules = load_rules(opts)
             except errors.SyncHaltedError:
